@@ -1,0 +1,157 @@
+"""Model configuration: the single source of architecture truth.
+
+`ModelConfig` holds every architecture field (defaults from the original project's
+newest README), round-trips through JSON, and validates itself: a bad value raises
+`HierarchosError` naming the field and why.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import HierarchosError
+
+CONFIG_VERSION = 1
+
+# Names the original projects (seed 000/002, AI-OS) use for the same fields.
+FIELD_ALIASES = {
+    "hidden_size": "context_dim",
+    "H_layers": "h_layers",
+    "L_layers": "l_layers",
+    "H_cycles": "h_cycles",
+    "halt_max_steps": "max_h_steps",
+    "L_cycles": "max_l_steps",
+    "l_cycles": "max_l_steps",
+}
+
+
+@dataclass
+class ModelConfig:
+    # vocabulary and widths
+    vocab_size: int = 50257
+    context_dim: int = 768
+    h_hidden: int = 768
+    l_hidden: int = 768
+    h_layers: int = 2
+    l_layers: int = 2
+    head_size: int = 64
+    ffn_mult: int = 4
+    # RWKV time mix: "rwkv7" (generalized delta rule)
+    time_mix: str = "rwkv7"
+    wkv_chunk_size: int = 32
+    # long-term memory (Titans)
+    persistent_dim: int = 128
+    ltm_slots: int = 1024
+    ltm_key_dim: int = 128
+    ltm_val_dim: int = 128
+    ltm_topk: int = 4
+    ltm_chunk: int = 64
+    ltm_write_threshold: float = 0.0
+    # hierarchical reasoning
+    h_cycles: int = 2
+    max_h_steps: int = 5
+    max_l_steps: int = 5
+    l_conv_atol: float = 1e-4
+    h_stride: int = 4
+    h_halt_thresh: float = 0.9
+    grad_steps: int = 1
+    commitment_threshold: float = 0.05
+    # input features
+    use_deepembed: bool = True
+    deepembed_per_block: bool = False
+    use_rosa: bool = True
+    rosa_window: int = 4096
+    # loss terms that belong to the model
+    z_loss_weight: float = 1e-4
+    # training-length hint (generation is not capped by it)
+    max_length: int = 1024
+
+    # ---- derived -------------------------------------------------------------
+    @property
+    def rosa_vocab(self) -> int:
+        """ROSA table rows: one per token plus the reserved 'no hint' id."""
+        return self.vocab_size + 1
+
+    @property
+    def rosa_none_id(self) -> int:
+        return self.vocab_size
+
+    # ---- validation ----------------------------------------------------------
+    def validate(self) -> "ModelConfig":
+        def bad(name: str, why: str) -> None:
+            raise HierarchosError(f"config field '{name}' = {getattr(self, name)!r}: {why}")
+
+        for name in ("vocab_size", "context_dim", "h_hidden", "l_hidden", "h_layers", "l_layers",
+                     "head_size", "ffn_mult", "wkv_chunk_size", "persistent_dim", "ltm_slots",
+                     "ltm_key_dim", "ltm_val_dim", "ltm_topk", "ltm_chunk", "h_cycles",
+                     "max_h_steps", "h_stride", "grad_steps", "rosa_window", "max_length"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                bad(name, "must be a positive integer")
+        if isinstance(self.max_l_steps, bool) or not isinstance(self.max_l_steps, int) or self.max_l_steps < 0:
+            bad("max_l_steps", "must be an integer >= 0 (0 = commit pass only)")
+        for name in ("context_dim", "h_hidden", "l_hidden"):
+            if getattr(self, name) % self.head_size:
+                bad(name, f"must be a multiple of head_size={self.head_size}")
+        if self.ltm_topk > self.ltm_slots:
+            bad("ltm_topk", f"cannot exceed ltm_slots={self.ltm_slots}")
+        if self.time_mix not in ("rwkv7",):
+            bad("time_mix", "must be 'rwkv7'")
+        for name in ("l_conv_atol", "ltm_write_threshold", "z_loss_weight", "commitment_threshold"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+                bad(name, "must be a finite number >= 0")
+        thresh = self.h_halt_thresh
+        if not isinstance(thresh, (int, float)) or isinstance(thresh, bool) or not (0.0 < thresh <= 1.0):
+            bad("h_halt_thresh", "must be in (0, 1]; 1.0 runs every pondering step")
+        for name in ("use_deepembed", "deepembed_per_block", "use_rosa"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, "must be true or false")
+        return self
+
+    # ---- JSON ------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps({"config_version": CONFIG_VERSION, **self.to_dict()}, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, where: str = "config") -> "ModelConfig":
+        if not isinstance(data, dict):
+            raise HierarchosError(f"{where}: expected a JSON object with model fields, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {}
+        for key, value in data.items():
+            name = FIELD_ALIASES.get(key, key)
+            if name in known:
+                values[name] = value
+            elif key not in ("config_version", "version", "training_history", "model_type"):
+                raise HierarchosError(
+                    f"{where}: unknown config field '{key}' (known fields: {', '.join(sorted(known))})")
+        return cls(**values).validate()
+
+    @classmethod
+    def from_json(cls, text: str, *, where: str = "config") -> "ModelConfig":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise HierarchosError(f"{where}: not valid JSON (line {exc.lineno}, column {exc.colno}): {exc.msg}") from None
+        return cls.from_dict(data, where=where)
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes).validate()
+
+
+def tiny_config(**overrides: Any) -> ModelConfig:
+    """A config small enough for CPU tests and the smoke demo (every feature on)."""
+    base = dict(vocab_size=64, context_dim=16, h_hidden=16, l_hidden=16, h_layers=1, l_layers=1,
+                head_size=8, persistent_dim=4, ltm_slots=8, ltm_key_dim=8, ltm_val_dim=8, ltm_topk=2,
+                ltm_chunk=4, h_cycles=2, max_h_steps=2, max_l_steps=2, h_stride=2, wkv_chunk_size=4,
+                rosa_window=64, max_length=64)
+    base.update(overrides)
+    return ModelConfig(**base).validate()

@@ -1,0 +1,181 @@
+"""Hierarchical reasoning: a manager stack (slow, plans) and a worker stack (fast, executes).
+
+Each pass runs over the whole sequence at once. One round (of `h_cycles`):
+  1. manager watch: H over all tokens on u_t + feedback from the worker's previous round at t-1;
+  2. pondering with ACT at plan points (every `h_stride`-th token): up to `max_h_steps` passes
+     of H over the plan points, each on its own shadow state; a plan point halts once its
+     accumulated halting probability reaches `h_halt_thresh` and is frozen in later passes;
+  3. plans reach tokens strictly after their plan point, LERPed within the stride;
+  4. worker: up to `max_l_steps` shadow passes refine a per-token drift (frozen once it
+     converges under `l_conv_atol`), then a commit pass gives the output and the real state.
+Only the last `grad_steps` passes of each loop carry gradients (HRM's one-step gradient).
+The halting rule and the freezing rule act identically for one call over T tokens and for
+T calls over one token, where halted/frozen work is skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .rwkv import RWKVStack
+
+
+def _grad(enabled: bool):
+    return contextlib.nullcontext() if enabled else torch.no_grad()
+
+
+def _add(totals: dict, name: str, value: torch.Tensor, count: float) -> None:
+    total, n = totals.get(name, (0.0, 0.0))
+    totals[name] = (total + value, n + count)
+
+
+class HierarchicalReasoner(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, hh, lh = cfg.context_dim, cfg.h_hidden, cfg.l_hidden
+        stack = dict(head_size=cfg.head_size, ffn_mult=cfg.ffn_mult, vocab_size=cfg.vocab_size,
+                     use_deepembed=cfg.use_deepembed, per_block_deepembed=cfg.deepembed_per_block,
+                     wkv_chunk=cfg.wkv_chunk_size)
+        self.manager = RWKVStack(hh, cfg.h_layers, **stack)
+        self.worker = RWKVStack(lh, cfg.l_layers, **stack)
+        self.h_input_proj = nn.Linear(d, hh)
+        self.l_feedback_proj = nn.Linear(d, hh, bias=False)
+        self.h_halt_proj = nn.Linear(hh, 1)
+        self.h_to_context = nn.Linear(hh, d)
+        self.l_input_proj = nn.Linear(2 * d, lh)
+        self.l_drift_proj = nn.Linear(lh, d)
+        self.l_to_out = nn.Linear(lh, d)
+        with torch.no_grad():
+            self.l_feedback_proj.weight.mul_(0.1)
+            self.l_drift_proj.weight.mul_(0.1)
+            self.h_halt_proj.bias.fill_(-1.0)
+
+    # ---- state -------------------------------------------------------------------------
+    def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> list[dict]:
+        cfg = self.cfg
+        zeros = lambda: torch.zeros(batch_size, cfg.context_dim, device=device, dtype=dtype)  # noqa: E731
+        return [{
+            "watch": self.manager.init_state(batch_size, device, dtype),
+            "ponder": [self.manager.init_state(batch_size, device, dtype) for _ in range(cfg.max_h_steps)],
+            "plan_prev": zeros(), "plan_last": zeros(),
+            "explore": [self.worker.init_state(batch_size, device, dtype) for _ in range(cfg.max_l_steps)],
+            "commit": self.worker.init_state(batch_size, device, dtype),
+            "last_out": zeros(),
+        } for _ in range(cfg.h_cycles)]
+
+    # ---- forward ------------------------------------------------------------------------
+    def forward(self, u, tokens, rounds: list[dict], pos0: int, *, h_cycles=None, max_h_steps=None,
+                max_l_steps=None, h_halt_thresh=None):
+        """u: (B, T, d) encoded inputs at global positions pos0..; returns (y, new rounds, totals)."""
+        cfg = self.cfg
+        n_cycles = min(h_cycles or cfg.h_cycles, cfg.h_cycles)
+        n_ponder = min(max_h_steps or cfg.max_h_steps, cfg.max_h_steps)
+        n_explore = cfg.max_l_steps if max_l_steps is None else min(max_l_steps, cfg.max_l_steps)
+        thresh = cfg.h_halt_thresh if h_halt_thresh is None else h_halt_thresh
+        totals: dict = {}
+        new_rounds = [dict(r) for r in rounds]
+        y_prev_round = None
+        for r in range(n_cycles):
+            grad_round = torch.is_grad_enabled() and r >= n_cycles - cfg.grad_steps
+            with _grad(grad_round):
+                feedback = None
+                if r > 0:  # worker output of the previous round at t-1
+                    feedback = torch.cat([rounds[r - 1]["last_out"][:, None], y_prev_round[:, :-1]], dim=1)
+                y, new_rounds[r] = self._round(u, tokens, rounds[r], feedback, pos0, n_ponder, n_explore,
+                                               thresh, totals)
+            y_prev_round = y
+        return y_prev_round, new_rounds, totals
+
+    def _round(self, u, tokens, rs, feedback, pos0, n_ponder, n_explore, thresh, totals):
+        cfg = self.cfg
+        B, T, _ = u.shape
+        new = dict(rs)
+        grad_on = torch.is_grad_enabled()
+
+        # 1. manager watch
+        h_in = self.h_input_proj(u)
+        if feedback is not None:
+            h_in = h_in + self.l_feedback_proj(feedback)
+        watch_out, new["watch"] = self.manager(h_in, tokens, rs["watch"])
+
+        # 2. pondering at plan points (global positions p with (p + 1) % stride == 0)
+        s = cfg.h_stride
+        first = (s - 1 - pos0) % s
+        plan_idx = torch.arange(first, max(first, T), s, device=u.device)
+        n_plan = plan_idx.numel()
+        plans = u.new_zeros(B, 0, cfg.context_dim)
+        if n_plan:
+            plans, new["ponder"] = self._ponder(watch_out[:, plan_idx], tokens[:, plan_idx], rs["ponder"],
+                                                n_ponder, thresh, grad_on, totals)
+
+        # 3. plans -> tokens: LERP between the two latest plans strictly before each token
+        plans_ext = torch.cat([rs["plan_prev"][:, None], rs["plan_last"][:, None], plans], dim=1)
+        g = torch.arange(pos0, pos0 + T, device=u.device)
+        before = torch.div(g, s, rounding_mode="floor")           # plan points < g since position 0
+        n_in_call = before - pos0 // s
+        alpha = ((g - (before * s - 1)).to(u.dtype) / s)[None, :, None]
+        context = plans_ext[:, n_in_call] + alpha * (plans_ext[:, n_in_call + 1] - plans_ext[:, n_in_call])
+        new["plan_prev"], new["plan_last"] = plans_ext[:, -2], plans_ext[:, -1]
+
+        # 4. worker: shadow exploration of the drift, then the commit pass
+        drift = torch.zeros_like(u)
+        frozen = torch.zeros(B, T, dtype=torch.bool, device=u.device)
+        explore = list(rs["explore"])
+        n_passes = n_explore + 1  # the commit pass is the last pass of the loop
+        worker_steps = u.new_zeros(())
+        for p in range(n_explore):
+            # frozen tokens write nothing: when every token is frozen (step form) the pass is skipped
+            if not (T == 1 and p > 0 and bool(frozen.all())):
+                worker_steps = worker_steps + (~frozen).sum()
+                with _grad(grad_on and p >= n_passes - cfg.grad_steps):
+                    z, explore[p] = self.worker(self.l_input_proj(torch.cat([u, context + drift], -1)), tokens,
+                                                rs["explore"][p], frozen if p > 0 else None)
+                step = torch.tanh(self.l_drift_proj(z)) * (~frozen)[..., None]
+                drift = drift + step
+                frozen = frozen | (step.abs().amax(-1) < cfg.l_conv_atol)
+            _add(totals, "commitment", F.relu(drift.pow(2).sum(-1) - cfg.commitment_threshold).sum(), B * T)
+        _add(totals, "worker_steps", worker_steps, float(B * T))
+        new["explore"] = explore
+        z, new["commit"] = self.worker(self.l_input_proj(torch.cat([u, context + drift], -1)), tokens, rs["commit"])
+        y = u + self.l_to_out(z)
+        new["last_out"] = y[:, -1]
+        return y, new
+
+    def _ponder(self, z, plan_tokens, states, n_ponder, thresh, grad_on, totals):
+        """ACT over plan points z (B, P, H): returns (plans (B, P, d), new pondering states)."""
+        B, P, _ = z.shape
+        states = list(states)
+        halted = torch.zeros(B, P, dtype=torch.bool, device=z.device)
+        remainder = z.new_ones(B, P)
+        mix = torch.zeros_like(z)
+        expected_steps = z.new_zeros(B, P)
+        halting_step = z.new_zeros(B, P)
+        injected = z  # the watch output is injected into every pass (HRM input injection)
+        refinement = torch.zeros_like(z)
+        for p in range(n_ponder):
+            if P == 1 and p > 0 and bool(halted.all()):
+                break  # halted plan points write nothing into later shadow states
+            with _grad(grad_on and p >= n_ponder - self.cfg.grad_steps):
+                pass_in = injected + refinement
+                z, states[p] = self.manager(pass_in, plan_tokens, states[p], halted if p > 0 else None)
+                refinement = z - pass_in
+            halt_prob = torch.sigmoid(self.h_halt_proj(z)).squeeze(-1).to(z.dtype)
+            active = ~halted
+            accumulated = 1.0 - remainder * (1.0 - halt_prob)
+            stop = active & ((accumulated >= thresh) if (thresh < 1.0 and p < n_ponder - 1) else
+                             torch.full_like(active, p == n_ponder - 1))
+            weight = torch.where(stop, remainder, halt_prob * remainder) * active
+            mix = mix + weight[..., None] * z
+            expected_steps = expected_steps + (p + 1) * weight
+            halting_step = torch.where(stop, torch.full_like(halting_step, p + 1), halting_step)
+            remainder = torch.where(active & ~stop, remainder * (1.0 - halt_prob), remainder)
+            halted = halted | stop
+        _add(totals, "ponder", expected_steps.sum(), float(B * P))
+        _add(totals, "manager_steps", halting_step.sum(), float(B * P))
+        return self.h_to_context(mix), states

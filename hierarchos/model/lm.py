@@ -1,0 +1,111 @@
+"""HierarchosLM: embeddings (+ROSA) -> long-term memory read -> encoder -> HRM -> tied head.
+
+`forward(tokens, state)` runs the parallel form over a whole sequence; `step(token, state)`
+consumes one token. Both carry the same fixed-size `HierarchosState` (plus ROSA's bounded
+automaton) and compute the same function: the tests hold them equal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .hrm import HierarchicalReasoner
+from .memory import LongTermMemory
+from .rosa import RosaAutomaton, rosa_hints
+from .state import HierarchosState
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor                       # (B, T, V) for forward, (B, V) for step
+    state: HierarchosState
+    totals: dict = field(default_factory=dict)  # name -> (sum, count) of auxiliary terms
+
+    @property
+    def aux(self) -> dict:
+        """Means of the auxiliary terms: ponder, commitment, z_loss, worker_steps, manager_steps."""
+        return {name: total / count for name, (total, count) in self.totals.items() if count}
+
+
+class HierarchosLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg.validate()
+        d = cfg.context_dim
+        self.embed = nn.Embedding(cfg.vocab_size, d)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        self.rosa_embed = None
+        if cfg.use_rosa:
+            self.rosa_embed = nn.Embedding(cfg.rosa_vocab, d)
+            nn.init.normal_(self.rosa_embed.weight, std=0.002)
+        self.memory = LongTermMemory(d, cfg.ltm_slots, cfg.ltm_key_dim, cfg.ltm_val_dim, cfg.ltm_topk,
+                                     cfg.ltm_chunk, cfg.ltm_write_threshold)
+        self.persistent = nn.Parameter(torch.randn(cfg.persistent_dim) * 0.02)
+        self.encoder = nn.Linear(d + cfg.ltm_val_dim + cfg.persistent_dim, d)
+        self.reasoner = HierarchicalReasoner(cfg)
+        self.out_norm = nn.LayerNorm(d)
+        self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.embed.weight  # tied
+
+    # ---- bookkeeping -----------------------------------------------------------------
+    def num_parameters(self, *, with_deepembed: bool = True) -> int:
+        seen, total = set(), 0
+        for name, p in self.named_parameters():
+            if id(p) in seen or (not with_deepembed and ".deepembed." in name):
+                continue
+            seen.add(id(p))
+            total += p.numel()
+        return total
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        self.reasoner.manager.gradient_checkpointing = enabled
+        self.reasoner.worker.gradient_checkpointing = enabled
+
+    def init_state(self, batch_size: int = 1, device=None, dtype=None) -> HierarchosState:
+        device = device if device is not None else self.embed.weight.device
+        dtype = dtype if dtype is not None else self.embed.weight.dtype
+        rosa = None
+        if self.cfg.use_rosa:
+            rosa = [RosaAutomaton(self.cfg.rosa_window, self.cfg.rosa_none_id) for _ in range(batch_size)]
+        return HierarchosState(
+            pos=0,
+            memory=self.memory.init_state(batch_size, self.cfg.context_dim, device, dtype),
+            rounds=self.reasoner.init_state(batch_size, device, dtype),
+            rosa=rosa,
+        )
+
+    # ---- forward --------------------------------------------------------------------------
+    def forward(self, tokens: torch.Tensor, state: HierarchosState | None = None, *,
+                rosa_hint_ids: torch.Tensor | None = None, **caps) -> ModelOutput:
+        """tokens: (B, T) ids. `rosa_hint_ids` may be precomputed (data pipeline); else the
+        state's automata are extended in place. `caps`: h_cycles, max_h_steps, max_l_steps,
+        h_halt_thresh (chat's reasoning modes; each at most the configured value)."""
+        B, T = tokens.shape
+        if state is None:
+            state = self.init_state(B)
+        e = self.embed(tokens)
+        rosa = state.rosa
+        if self.rosa_embed is not None:
+            if rosa_hint_ids is None:
+                rosa_hint_ids, rosa = rosa_hints(tokens, rosa, self.cfg.rosa_window, self.cfg.rosa_none_id)
+            e = e + self.rosa_embed(rosa_hint_ids)
+        reads, memory_state = self.memory(e, state.memory, state.pos)
+        persistent = self.persistent.to(e.dtype).expand(B, T, -1)
+        u = F.gelu(self.encoder(torch.cat([e, reads, persistent], dim=-1)))
+        y, rounds, totals = self.reasoner(u, tokens, state.rounds, state.pos, **caps)
+        logits = self.lm_head(self.out_norm(y))
+        z = torch.logsumexp(logits if logits.dtype == torch.float64 else logits.float(), dim=-1)
+        totals["z_loss"] = (z.pow(2).sum(), float(B * T))
+        new_state = HierarchosState(pos=state.pos + T, memory=memory_state, rounds=rounds, rosa=rosa)
+        return ModelOutput(logits=logits, state=new_state, totals=totals)
+
+    def step(self, token: torch.Tensor, state: HierarchosState | None = None, **caps) -> ModelOutput:
+        """Consume one token per row: token (B,) -> logits (B, V) and the next state."""
+        out = self.forward(token.view(-1, 1), state, **caps)
+        out.logits = out.logits[:, 0]
+        return out

@@ -1,0 +1,155 @@
+"""Titans-style long-term memory: slot keys and values, top-k reads, surprise-gated chunk writes.
+
+Reads are per token: top-k slots by q.K, softmax over the k scores, weighted values.
+Writes happen at global chunk boundaries (every `ltm_chunk` tokens): the surprise
+g = d/dV sum_t ||read(q_t) - W_v e_t||^2 is accumulated token by token (closed form,
+no autograd), then momentum and forgetting update the slots whose surprise norm exceeds
+`ltm_write_threshold`. Tokens of chunk c read the memory as it stood at the end of
+chunk c-1; the accumulators live in the state, so one call over T tokens equals T calls
+over one token. Per-slot metadata (write time, count, source) are buffers that chat
+commits into; reads can be filtered by source and time.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+
+class LongTermMemory(nn.Module):
+    def __init__(self, dim: int, slots: int, key_dim: int, val_dim: int, topk: int,
+                 chunk: int, write_threshold: float):
+        super().__init__()
+        self.slots, self.key_dim, self.val_dim, self.topk = slots, key_dim, val_dim, topk
+        self.chunk, self.write_threshold = chunk, write_threshold
+        self.keys = nn.Parameter(torch.randn(slots, key_dim) / key_dim ** 0.5)
+        self.values = nn.Parameter(torch.randn(slots, val_dim) * 0.02)
+        self.query = nn.Linear(dim, key_dim, bias=False)
+        self.target = nn.Linear(dim, val_dim, bias=False)
+        # data-dependent momentum (eta), step (theta) and forgetting (alpha) per chunk
+        self.write_gates = nn.Linear(dim, 3)
+        with torch.no_grad():
+            self.write_gates.weight.mul_(0.1)
+            self.write_gates.bias.copy_(torch.tensor([2.0, -2.0, -4.0]))
+        # metadata: unix time of the last write, number of writes, interned source id (-1: none)
+        self.register_buffer("slot_time", torch.zeros(slots, dtype=torch.float64))
+        self.register_buffer("slot_count", torch.zeros(slots, dtype=torch.int64))
+        self.register_buffer("slot_source", torch.full((slots,), -1, dtype=torch.int64))
+        self.source_names: list[str] = []
+
+    # ---- state ---------------------------------------------------------------
+    def init_state(self, batch_size: int, dim: int, device=None, dtype=torch.float32) -> dict:
+        z = lambda *shape: torch.zeros(*shape, device=device, dtype=dtype)  # noqa: E731
+        return {
+            "values": None,  # None: the learned values (materialized on first use, keeps the gradient link)
+            "momentum": z(batch_size, self.slots, self.val_dim),
+            "surprise": z(batch_size, self.slots, self.val_dim),   # accumulated g of the open chunk
+            "input_sum": z(batch_size, dim),                        # sum of e over the open chunk
+            "writes": z(batch_size, self.slots),                    # writes per slot since init
+        }
+
+    # ---- reading ---------------------------------------------------------------
+    def slot_mask(self, sources: list[str] | None = None, since: float | None = None) -> torch.Tensor | None:
+        """Bool (slots,) of slots a filtered read may use, or None for all."""
+        if sources is None and since is None:
+            return None
+        mask = torch.ones(self.slots, dtype=torch.bool, device=self.keys.device)
+        if sources is not None:
+            ids = [self.source_names.index(s) for s in sources if s in self.source_names]
+            mask &= torch.isin(self.slot_source, torch.tensor(ids, dtype=torch.int64, device=mask.device))
+        if since is not None:
+            mask &= self.slot_time >= since
+        return mask
+
+    def address(self, q: torch.Tensor, mask: torch.Tensor | None = None):
+        """Top-k slots of queries q (B, T, Dk): (attn (B, T, k), idx (B, T, k)). Independent of the values,
+        so a whole sequence is addressed at once even though values change at chunk boundaries."""
+        scores = q @ self.keys.to(q.dtype).t()  # (B, T, S)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        top_scores, idx = scores.topk(self.topk, dim=-1)
+        attn = torch.softmax(top_scores, dim=-1)
+        if mask is not None:
+            attn = torch.nan_to_num(attn)  # fewer allowed slots than k
+        return attn, idx
+
+    def gather(self, attn: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """Weighted sum of the addressed slots' values (B, S, Dv) -> (B, T, Dv)."""
+        B, T, K = idx.shape
+        picked = values.gather(1, idx.reshape(B, T * K, 1).expand(B, T * K, self.val_dim)).view(B, T, K, -1)
+        return (attn[..., None] * picked).sum(-2)
+
+    def read(self, q: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None = None):
+        """q: (B, T, Dk), values: (B, S, Dv) -> (read (B, T, Dv), attn (B, T, k), idx (B, T, k))."""
+        attn, idx = self.address(q, mask)
+        return self.gather(attn, idx, values), attn, idx
+
+    # ---- forward over a sequence -------------------------------------------------
+    def forward(self, e: torch.Tensor, state: dict, pos0: int):
+        """e: (B, T, D) memory inputs at global positions pos0.. -> (reads (B, T, Dv), new state)."""
+        B, T, _ = e.shape
+        values = state["values"]
+        if values is None:
+            values = self.values.to(e.dtype).unsqueeze(0).expand(B, -1, -1)
+        momentum, surprise, input_sum, writes = state["momentum"], state["surprise"], state["input_sum"], state["writes"]
+        attn_all, idx_all = self.address(self.query(e))
+        target_all = self.target(e)
+        reads = []
+        start = 0
+        while start < T:  # one iteration per memory chunk (>= ltm_chunk tokens except at the edges)
+            into_chunk = (pos0 + start) % self.chunk
+            stop = min(T, start + self.chunk - into_chunk)
+            attn, idx, target = attn_all[:, start:stop], idx_all[:, start:stop], target_all[:, start:stop]
+            read = self.gather(attn, idx, values)
+            reads.append(read)
+            # closed-form dl/dV of sum_t ||read_t - target_t||^2, scattered to the slots read
+            err = 2.0 * (read - target)                                   # (B, t, Dv)
+            contrib = (attn[..., None] * err[:, :, None, :]).reshape(B, -1, self.val_dim)
+            surprise = surprise.scatter_add(1, idx.reshape(B, -1, 1).expand_as(contrib), contrib)
+            input_sum = input_sum + e[:, start:stop].sum(1)
+            if into_chunk + (stop - start) == self.chunk:  # chunk complete: write
+                values, momentum, written = self._write(values, momentum, surprise, input_sum / self.chunk)
+                writes = writes + written.to(writes.dtype)
+                surprise, input_sum = torch.zeros_like(surprise), torch.zeros_like(input_sum)
+            start = stop
+        new_state = {"values": values, "momentum": momentum, "surprise": surprise,
+                     "input_sum": input_sum, "writes": writes}
+        return torch.cat(reads, dim=1), new_state
+
+    def _write(self, values, momentum, surprise, chunk_mean):
+        eta, theta, alpha = torch.sigmoid(self.write_gates(chunk_mean)).to(values.dtype).unbind(-1)  # (B,)
+        written = surprise.norm(dim=-1) > self.write_threshold                                      # (B, S)
+        new_momentum = eta[:, None, None] * momentum - theta[:, None, None] * surprise
+        new_values = (1.0 - alpha[:, None, None]) * values + new_momentum
+        keep = written[..., None]
+        return torch.where(keep, new_values, values), torch.where(keep, new_momentum, momentum), written
+
+    # ---- metadata --------------------------------------------------------------------
+    @torch.no_grad()
+    def commit(self, state: dict, source: str, now: float | None = None, row: int = 0) -> int:
+        """Copy one batch row's written values into the learned memory and stamp metadata.
+
+        Returns the number of slots written. Used by chat to make what it learned persistent.
+        """
+        if state["values"] is None:
+            return 0
+        written = state["writes"][row] > 0
+        count = int(written.sum())
+        if count == 0:
+            return 0
+        if source not in self.source_names:
+            self.source_names.append(source)
+        self.values.data[written] = state["values"][row][written].to(self.values.dtype)
+        self.slot_time[written] = time.time() if now is None else now
+        self.slot_count[written] += state["writes"][row][written].to(torch.int64)
+        self.slot_source[written] = self.source_names.index(source)
+        return count
+
+    def query_slots(self, e: torch.Tensor, sources=None, since=None):
+        """Slots a query embedding (B, T, D) reads, with attention weights: for chat's /memory."""
+        q = self.query(e)
+        _, attn, idx = self.read(q, self.values.unsqueeze(0).expand(e.shape[0], -1, -1),
+                                 self.slot_mask(sources, since))
+        return attn, idx

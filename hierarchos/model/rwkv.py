@@ -1,0 +1,203 @@
+"""RWKV "v8" block and stack: token shift, RWKV-7 time mix, SwiGLU channel mix, DeepEmbed gate.
+
+Every pass runs over a whole sequence at once (the recurrence goes through
+`hierarchos.ops.wkv7`) and carries a fixed-size state (two shift vectors and one
+matrix per head per block). A `frozen` mask implements the frozen-token rule used
+by the manager's pondering and the worker's shadow passes: a frozen token writes
+nothing into the state (w=1, a=0, k=0 for the recurrence, and the token shift skips
+it), so running a pass over a frozen token equals not running it at all.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..ops.wkv import wkv7
+
+# Low-rank widths of the data-dependent mixes (RWKV-6/7 style "LoRA" paths).
+MIX_RANK = 32
+DECAY_RANK = 64
+ICLR_RANK = 32
+# Number of token-shift targets of the time mix: receptance, decay, key, value, iclr, gate.
+N_MIX = 6
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    """The recurrence runs in float32 even under bf16/fp16 autocast (float64 stays float64)."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+def shift_tokens(x: torch.Tensor, prev: torch.Tensor, frozen: torch.Tensor | None):
+    """Previous-token features for every position, and the carried shift vector.
+
+    x: (B, T, C); prev: (B, C) the last live token before this call.
+    With a frozen mask (B, T) the previous token of t is the last *non-frozen* one.
+    """
+    if frozen is None:
+        return torch.cat([prev[:, None], x[:, :-1]], dim=1), x[:, -1]
+    B, T, C = x.shape
+    positions = torch.arange(T, device=x.device).expand(B, T)
+    live_upto = torch.where(frozen, torch.full_like(positions, -1), positions).cummax(dim=1).values
+    before = torch.cat([torch.full_like(live_upto[:, :1], -1), live_upto[:, :-1]], dim=1)
+    x_ext = torch.cat([prev[:, None], x], dim=1)  # index 0 holds the carried vector
+    shifted = x_ext.gather(1, (before + 1)[..., None].expand(B, T, C))
+    new_prev = x_ext.gather(1, (live_upto[:, -1:] + 1)[..., None].expand(B, 1, C))[:, 0]
+    return shifted, new_prev
+
+
+class TimeMix(nn.Module):
+    """RWKV-7 time mix: data-dependent token shift, decay, in-context rate, delta-rule state."""
+
+    def __init__(self, dim: int, head_size: int, layer_id: int, n_layers: int, wkv_chunk: int):
+        super().__init__()
+        self.dim, self.head_size, self.n_heads = dim, head_size, dim // head_size
+        self.wkv_chunk = wkv_chunk
+        depth = layer_id / max(1, n_layers - 1) if n_layers > 1 else 0.0
+        ramp = torch.arange(dim) / dim
+        mix_rank, decay_rank, iclr_rank = (min(r, dim) for r in (MIX_RANK, DECAY_RANK, ICLR_RANK))
+        # token-shift mixes
+        self.mix_base = nn.Parameter(1.0 - ramp.pow(1.0 - 0.5 * depth))
+        self.mix = nn.Parameter(torch.stack([1.0 - ramp.pow(0.3 + 0.5 * depth)] * N_MIX))
+        self.mix_down = nn.Parameter(torch.empty(dim, N_MIX * mix_rank).uniform_(-1e-2, 1e-2))
+        self.mix_up = nn.Parameter(torch.empty(N_MIX, mix_rank, dim).uniform_(-1e-2, 1e-2))
+        # decay: log w = -exp(-softplus(-(w0 + lora)) - 0.5), in (-e^-0.5, 0)
+        self.decay_base = nn.Parameter(-6.0 + 5.0 * ramp.pow(0.85 + depth))
+        self.decay_down = nn.Parameter(torch.empty(dim, decay_rank).uniform_(-1e-2, 1e-2))
+        self.decay_up = nn.Parameter(torch.empty(decay_rank, dim).uniform_(-1e-2, 1e-2))
+        # in-context learning rate
+        self.iclr_base = nn.Parameter(torch.zeros(dim))
+        self.iclr_down = nn.Parameter(torch.empty(dim, iclr_rank).uniform_(-1e-2, 1e-2))
+        self.iclr_up = nn.Parameter(torch.empty(iclr_rank, dim).uniform_(-1e-2, 1e-2))
+        self.removal_scale = nn.Parameter(torch.full((dim,), 0.85))  # kappa = normalize(k * this)
+        self.key_iclr_mix = nn.Parameter(torch.ones(dim))            # k <- k * (1 + (iclr - 1) * this)
+        self.bonus = nn.Parameter(torch.full((self.n_heads, head_size), 0.1))
+        self.receptance = nn.Linear(dim, dim, bias=False)
+        self.key = nn.Linear(dim, dim, bias=False)
+        self.value = nn.Linear(dim, dim, bias=False)
+        self.gate = nn.Linear(dim, dim, bias=False)
+        self.output = nn.Linear(dim, dim, bias=False)
+        self.norm = nn.GroupNorm(self.n_heads, dim, eps=64e-5)
+        for lin in (self.receptance, self.key, self.value, self.gate):
+            nn.init.uniform_(lin.weight, -0.5 / math.sqrt(dim), 0.5 / math.sqrt(dim))
+        nn.init.normal_(self.output.weight, std=0.1 / math.sqrt(dim))
+
+    def forward(self, x, shift_prev, wkv_state, frozen=None):
+        B, T, C = x.shape
+        H, N = self.n_heads, self.head_size
+        x_prev, new_shift = shift_tokens(x, shift_prev, frozen)
+        delta = x_prev - x
+        base = x + delta * self.mix_base
+        lora = torch.tanh(base @ self.mix_down).view(B, T, N_MIX, -1).permute(2, 0, 1, 3)  # (6, B, T, R)
+        lora = torch.einsum("mbtr,mrc->mbtc", lora, self.mix_up)
+        xr, xw, xk, xv, xa, xg = (x + delta * (self.mix[i] + lora[i]) for i in range(N_MIX))
+
+        r = self.receptance(xr)
+        k = self.key(xk)
+        v = self.value(xv)
+        g = torch.sigmoid(self.gate(xg))
+        decay_logit = self.decay_base + torch.tanh(xw @ self.decay_down) @ self.decay_up
+        log_w = -torch.exp(-F.softplus(-_f32(decay_logit)) - 0.5)
+        iclr = torch.sigmoid(self.iclr_base + (xa @ self.iclr_down) @ self.iclr_up)
+        kappa = F.normalize(_f32((k * self.removal_scale).view(B, T, H, N)), dim=-1)
+        k = k * (1 + (iclr - 1) * self.key_iclr_mix)
+
+        heads = lambda t: _f32(t.view(B, T, H, N))  # noqa: E731  (B, T, H, N)
+        r_h, k_h, v_h, iclr_h, log_w_h = heads(r), heads(k), heads(v), heads(iclr), log_w.view(B, T, H, N)
+        b_h = kappa * iclr_h
+        if frozen is not None:  # frozen-token rule: w=1, a=0, k=0 writes nothing
+            live = (~frozen)[:, :, None, None].to(r_h.dtype)
+            log_w_h, k_h, b_h = log_w_h * live, k_h * live, b_h * live
+        out, new_wkv = wkv7(r_h, log_w_h, k_h, v_h, -kappa, b_h, state=wkv_state, chunk_size=self.wkv_chunk)
+        out = out.to(x.dtype)
+        out = self.norm(out.reshape(B * T, C)).view(B, T, C)
+        bonus = ((r_h * k_h * self.bonus).sum(-1, keepdim=True) * v_h).reshape(B, T, C).to(x.dtype)
+        return self.output((out + bonus) * g), new_shift, new_wkv
+
+
+class ChannelMix(nn.Module):
+    """SwiGLU feed-forward on token-shifted input; hidden units gated by the DeepEmbed row of the token."""
+
+    def __init__(self, dim: int, ffn_dim: int, layer_id: int, n_layers: int):
+        super().__init__()
+        depth = layer_id / max(1, n_layers - 1) if n_layers > 1 else 0.0
+        self.mix = nn.Parameter(1.0 - (torch.arange(dim) / dim).pow(1.0 - 0.5 * depth))
+        self.gate = nn.Linear(dim, ffn_dim, bias=False)
+        self.up = nn.Linear(dim, ffn_dim, bias=False)
+        self.down = nn.Linear(ffn_dim, dim, bias=False)
+        nn.init.normal_(self.down.weight, std=0.1 / math.sqrt(ffn_dim))
+
+    def forward(self, x, shift_prev, deep_gate=None, frozen=None):
+        x_prev, new_shift = shift_tokens(x, shift_prev, frozen)
+        xk = x + (x_prev - x) * self.mix
+        hidden = F.silu(self.gate(xk)) * self.up(xk)
+        if deep_gate is not None:
+            hidden = hidden * deep_gate
+        return self.down(hidden), new_shift
+
+
+class RWKVBlock(nn.Module):
+    def __init__(self, dim, head_size, ffn_dim, layer_id, n_layers, wkv_chunk):
+        super().__init__()
+        self.ln_time = nn.LayerNorm(dim)
+        self.ln_channel = nn.LayerNorm(dim)
+        self.time_mix = TimeMix(dim, head_size, layer_id, n_layers, wkv_chunk)
+        self.channel_mix = ChannelMix(dim, ffn_dim, layer_id, n_layers)
+
+    def forward(self, x, tm_shift, wkv_state, cm_shift, deep_gate=None, frozen=None):
+        att, tm_shift, wkv_state = self.time_mix(self.ln_time(x), tm_shift, wkv_state, frozen)
+        x = x + att
+        ffn, cm_shift = self.channel_mix(self.ln_channel(x), cm_shift, deep_gate, frozen)
+        return x + ffn, tm_shift, wkv_state, cm_shift
+
+
+class RWKVStack(nn.Module):
+    """A stack of RWKV blocks with one DeepEmbed table (or one per block) and a stacked state.
+
+    State: dict with 'tm_shift' (L, B, C), 'wkv' (L, B, H, N, N) float32, 'cm_shift' (L, B, C).
+    """
+
+    def __init__(self, dim: int, n_layers: int, head_size: int, ffn_mult: int, vocab_size: int,
+                 use_deepembed: bool, per_block_deepembed: bool, wkv_chunk: int):
+        super().__init__()
+        self.dim, self.n_layers, self.head_size = dim, n_layers, head_size
+        ffn_dim = ffn_mult * dim
+        self.blocks = nn.ModuleList(
+            RWKVBlock(dim, head_size, ffn_dim, i, n_layers, wkv_chunk) for i in range(n_layers))
+        self.per_block_deepembed = per_block_deepembed
+        self.deepembed = None
+        if use_deepembed:
+            count = n_layers if per_block_deepembed else 1
+            self.deepembed = nn.ModuleList(nn.Embedding(vocab_size, ffn_dim) for _ in range(count))
+            for table in self.deepembed:
+                nn.init.ones_(table.weight)
+        self.gradient_checkpointing = False
+
+    def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> dict:
+        L, C, N = self.n_layers, self.dim, self.head_size
+        return {
+            "tm_shift": torch.zeros(L, batch_size, C, device=device, dtype=dtype),
+            "wkv": torch.zeros(L, batch_size, C // N, N, N, device=device,
+                               dtype=torch.float64 if dtype == torch.float64 else torch.float32),
+            "cm_shift": torch.zeros(L, batch_size, C, device=device, dtype=dtype),
+        }
+
+    def forward(self, x: torch.Tensor, tokens: torch.Tensor, state: dict, frozen: torch.Tensor | None = None):
+        """x: (B, T, C) inputs; tokens: (B, T) ids for DeepEmbed; frozen: (B, T) bool or None."""
+        tm, wkv, cm = [], [], []
+        shared_gate = self.deepembed[0](tokens) if self.deepembed is not None and not self.per_block_deepembed else None
+        for i, block in enumerate(self.blocks):
+            gate = shared_gate
+            if self.deepembed is not None and self.per_block_deepembed:
+                gate = self.deepembed[i](tokens)
+            args = (x, state["tm_shift"][i], state["wkv"][i], state["cm_shift"][i], gate, frozen)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x, s_tm, s_wkv, s_cm = checkpoint(block, *args, use_reentrant=False)
+            else:
+                x, s_tm, s_wkv, s_cm = block(*args)
+            tm.append(s_tm), wkv.append(s_wkv), cm.append(s_cm)
+        return x, {"tm_shift": torch.stack(tm), "wkv": torch.stack(wkv), "cm_shift": torch.stack(cm)}

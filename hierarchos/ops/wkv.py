@@ -1,0 +1,266 @@
+"""RWKV-7 "generalized delta rule" time mixing (WKV) as pure functions.
+
+Every path computes the same recurrence (below) in float32, or float64 for float64
+inputs, and returns `(o, final_state)`: a plain scan (the ground truth), a small-T
+step for generation, a chunk-parallel PyTorch version, and fla-core's CUDA kernel.
+
+Per batch b and head h the state S is an (N, N) matrix, S[i, j] with i a value channel
+and j a key channel. Inputs r, log_w, k, v, a, b have shape (B, T, H, N); for each t:
+
+    S_t = S_{t-1} * exp(log_w_t)[None, :] + (S_{t-1} @ a_t)[:, None] * b_t[None, :]
+          + v_t[:, None] * k_t[None, :]
+    o_t = S_t @ r_t
+
+that is S_t = S_{t-1} (diag(w_t) + a_t b_t^T) + v_t k_t^T. The model feeds
+a = -kappa, b = kappa * iclr and log_w in [-0.61, 0]. A token with log_w = 0, b = 0,
+k = 0 ("frozen") leaves S unchanged, whatever its r, v and a.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import HierarchosError
+
+IMPLS = ("auto", "reference", "recurrent", "chunked", "fla")
+ENV_IMPL = "HIERARCHOS_WKV_IMPL"
+MAX_CHUNK_SIZE = 64  # |log_w| <= 0.61 keeps exp(0.61 * 64) ~ 1e17 far below float32's max
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float64 when any input is float64, else float32 (bf16/fp16 are upcast)."""
+    return torch.float64 if any(x.dtype == torch.float64 for x in tensors) else torch.float32
+
+
+def _prepare(r, log_w, k, v, a, b, state):
+    """Check shapes, upcast the six inputs and make the initial state (zeros if None)."""
+    inputs = (r, log_w, k, v, a, b)
+    if r.dim() != 4 or any(x.shape != r.shape for x in inputs):
+        shapes = [tuple(x.shape) for x in inputs]
+        raise ValueError(f"wkv7: r, log_w, k, v, a, b must share one (B, T, H, N) shape, got {shapes}")
+    batch, _, heads, head_size = r.shape
+    dtype = _compute_dtype(*inputs)
+    inputs = tuple(x.to(dtype) for x in inputs)
+    if state is None:
+        state = r.new_zeros(batch, heads, head_size, head_size, dtype=dtype)
+    elif state.shape != (batch, heads, head_size, head_size):
+        raise ValueError(f"wkv7: state must be (B, H, N, N) = {(batch, heads, head_size, head_size)}, "
+                         f"got {tuple(state.shape)}")
+    else:
+        state = state.to(dtype)
+    return (*inputs, state)
+
+
+# ----------------------------------------------------------------------------- scans
+
+
+def wkv7_reference(r, log_w, k, v, a, b, state=None):
+    """Ground truth: the recurrence written term by term, one token at a time.
+
+    Returns o (B, T, H, N) and the final state (B, H, N, N), both in the compute dtype
+    (float64 for float64 inputs, else float32).
+    """
+    r, log_w, k, v, a, b, state = _prepare(r, log_w, k, v, a, b, state)
+    outputs = []
+    for t in range(r.shape[1]):
+        decay = torch.exp(log_w[:, t])                                  # (B, H, N) over keys j
+        state_a = torch.einsum("bhij,bhj->bhi", state, a[:, t])         # S_{t-1} a_t, before decay
+        state = (state * decay[:, :, None, :]
+                 + state_a[:, :, :, None] * b[:, t, :, None, :]
+                 + v[:, t, :, :, None] * k[:, t, :, None, :])
+        outputs.append(torch.einsum("bhij,bhj->bhi", state, r[:, t]))
+    o = torch.stack(outputs, dim=1) if outputs else r.new_zeros(r.shape)
+    return o, state
+
+
+def wkv7_recurrent_step(r, log_w, k, v, a, b, state=None):
+    """The scan for tiny T (generation, usually T == 1), batched over B and H.
+
+    Each step is one rank-2 update, S * w + [S a, v] @ [b; k], and one matrix-vector
+    product for the output. Same contract as `wkv7_reference`.
+    """
+    r, log_w, k, v, a, b, state = _prepare(r, log_w, k, v, a, b, state)
+    outputs = []
+    for t in range(r.shape[1]):
+        left = torch.cat([state @ a[:, t, :, :, None], v[:, t, :, :, None]], dim=-1)  # (B, H, N, 2)
+        right = torch.stack([b[:, t], k[:, t]], dim=-2)                                # (B, H, 2, N)
+        state = torch.baddbmm(
+            (state * torch.exp(log_w[:, t, :, None, :])).flatten(0, 1),
+            left.flatten(0, 1), right.flatten(0, 1),
+        ).view_as(state)
+        outputs.append((state @ r[:, t, :, :, None]).squeeze(-1))
+    o = torch.stack(outputs, dim=1) if outputs else r.new_zeros(r.shape)
+    return o, state
+
+
+# ----------------------------------------------------------------------------- chunked
+
+
+def wkv7_chunked(r, log_w, k, v, a, b, state=None, chunk_size=32):
+    """Chunk-parallel WKV-7 in plain PyTorch (CPU or GPU, differentiable by autograd).
+
+    T is padded with frozen tokens (all zeros) to n_chunks * C, C = chunk_size. Inside a
+    chunk, with g_t = exp(cl_t) and cl_t the inclusive cumulative sum of log_w, every
+    pairwise decay exp(cl_t - cl_s) is factored as exp(cl_t) * exp(-cl_s). This needs
+    |cl| <= C * max|log_w| to stay far from float32's exp overflow (about 88): with the
+    model's |log_w| <= 0.61 and C <= 64 that is at most ~39 (values up to ~1e17), so
+    chunk_size is capped at 64 and log_w must lie in [-0.61, 0] (not checked: a check
+    would synchronise the GPU).
+
+    With u_t = S_{t-1} a_t and S_0 the chunk's initial state, stacked as rows:
+        (I - L_ab) U = A_dec S_0^T + L_ak V            (strictly lower triangular L)
+        O            = R_dec S_0^T + M_rb U + M_rk V    (lower triangular M)
+        S_C          = S_0 diag(g_C) + U^T B_end + V^T K_end
+    where A_dec = a * g_{t-1}, R_dec = r * g_t, L_xy = tril(X_dec Y_inv^T, -1),
+    M_xy = tril(X_dec Y_inv^T), Y_inv = y / g_s, Y_end = y * g_C / g_s. U is linear in
+    S_0, so one triangular solve per chunk (for all chunks at once) gives the chunk
+    transition S_C = S_0 A_c + D_c and O = P S_0^T + Q. A loop over chunks then chains
+    the states, and all outputs follow in parallel from each chunk's S_0.
+
+    Returns o (B, T, H, N) and the true final state (B, H, N, N) in the compute dtype.
+    """
+    if not 1 <= chunk_size <= MAX_CHUNK_SIZE:
+        raise ValueError(f"wkv7_chunked: chunk_size must be in [1, {MAX_CHUNK_SIZE}], got {chunk_size}")
+    r, log_w, k, v, a, b, state = _prepare(r, log_w, k, v, a, b, state)
+    batch, seq_len, heads, head_size = r.shape
+    if seq_len == 0:
+        return r.new_zeros(r.shape), state
+    n_chunks = -(-seq_len // chunk_size)
+    pad = n_chunks * chunk_size - seq_len
+
+    def to_chunks(x):  # (B, T, H, N) -> (B, H, n_chunks, C, N), padded with frozen zeros
+        x = F.pad(x, (0, 0, 0, 0, 0, pad))
+        return x.view(batch, n_chunks, chunk_size, heads, head_size).permute(0, 3, 1, 2, 4)
+
+    r, log_w, k, v, a, b = (to_chunks(x) for x in (r, log_w, k, v, a, b))
+
+    cum_log = log_w.cumsum(dim=-2)                       # cl_t, inclusive
+    grow = torch.exp(-cum_log)                           # 1 / g_s
+    a_dec = a * torch.exp(cum_log - log_w)               # a_t * g_{t-1}
+    r_dec = r * torch.exp(cum_log)                       # r_t * g_t
+    b_inv, k_inv = b * grow, k * grow
+    to_end = torch.exp(cum_log[..., -1:, :] - cum_log)   # g_C / g_s, computed directly
+    b_end, k_end = b * to_end, k * to_end
+
+    L_ab = torch.tril(a_dec @ b_inv.transpose(-1, -2), diagonal=-1)   # (..., C, C)
+    L_ak = torch.tril(a_dec @ k_inv.transpose(-1, -2), diagonal=-1)
+    M_rb = torch.tril(r_dec @ b_inv.transpose(-1, -2))
+    M_rk = torch.tril(r_dec @ k_inv.transpose(-1, -2))
+
+    # U = W S_0^T + U_v: solve for both right-hand sides at once.
+    eye = torch.eye(chunk_size, dtype=r.dtype, device=r.device)
+    rhs = torch.cat([a_dec, L_ak @ v], dim=-1)                        # (..., C, 2N)
+    solved = torch.linalg.solve_triangular(eye - L_ab, rhs, upper=False, unitriangular=True)
+    W, U_v = solved.split(head_size, dim=-1)                           # (..., C, N) each
+
+    out_from_state = r_dec + M_rb @ W                                  # P: O = P S_0^T + Q
+    out_local = M_rb @ U_v + M_rk @ v                                  # Q
+    transition = torch.diag_embed(torch.exp(cum_log[..., -1, :])) + W.transpose(-1, -2) @ b_end  # A_c
+    injection = U_v.transpose(-1, -2) @ b_end + v.transpose(-1, -2) @ k_end                       # D_c
+
+    chunk_states = []                                                  # each chunk's S_0
+    for c in range(n_chunks):
+        chunk_states.append(state)
+        state = state @ transition[:, :, c] + injection[:, :, c]
+    start_states = torch.stack(chunk_states, dim=2)                    # (B, H, n_chunks, N, N)
+
+    o = out_from_state @ start_states.transpose(-1, -2) + out_local    # (B, H, n_chunks, C, N)
+    o = o.permute(0, 2, 3, 1, 4).reshape(batch, n_chunks * chunk_size, heads, head_size)
+    return o[:, :seq_len], state
+
+
+# ----------------------------------------------------------------------------- fla (CUDA)
+
+
+@functools.lru_cache(maxsize=1)
+def _fla_importable() -> bool:
+    try:
+        from fla.ops.generalized_delta_rule import chunk_dplr_delta_rule  # noqa: F401
+    except Exception:  # ImportError, or a broken triton install underneath
+        return False
+    return True
+
+
+def wkv7_fla(r, log_w, k, v, a, b, state=None):
+    """CUDA fast path through fla-core's chunked DPLR delta rule (Triton kernels).
+
+    fla's `chunk_dplr_delta_rule(q, k, v, a, b, gk, ...)` runs, per head,
+        S'_t = (diag(exp(gk_t)) + b_t a_t^T) S'_{t-1} + k_t v_t^T,   o_t = scale * S'_t^T q_t
+    on a (K, V) state S' (a first contracts with the state before decay), inputs laid out
+    (B, T, H, *). That is our recurrence with S' = S^T, q = r, gk = log_w, scale = 1.
+    fla computes in float32 here (float64 inputs are computed in float32 too); o and the
+    final state come back as float32.
+    """
+    if not _fla_importable():
+        raise HierarchosError("wkv7 impl 'fla' needs the fla-core package (pip install fla-core) "
+                              "and a working triton; use impl='chunked' instead")
+    if not r.is_cuda:
+        raise HierarchosError("wkv7 impl 'fla' runs on CUDA tensors only; use impl='chunked' on CPU")
+    from fla.ops.generalized_delta_rule import chunk_dplr_delta_rule
+
+    r, log_w, k, v, a, b, state = _prepare(r, log_w, k, v, a, b, state)
+    r, log_w, k, v, a, b, state = (x.float() for x in (r, log_w, k, v, a, b, state))
+    with warnings.catch_warnings():
+        # fla warns about float32 on some platforms and about T < H looking head-first;
+        # we ask for float32 on purpose and our layout is always (B, T, H, N).
+        warnings.filterwarnings("ignore", message=".*does not support float32.*")
+        warnings.filterwarnings("ignore", message=".*format mismatch.*")
+        o, final_state = chunk_dplr_delta_rule(
+            q=r, k=k, v=v, a=a, b=b, gk=log_w, scale=1.0,
+            initial_state=state.transpose(-1, -2).contiguous(),   # (B, H, K, V)
+            output_final_state=True,
+        )
+    return o.float(), final_state.float().transpose(-1, -2)
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
+def available_impls(device: torch.device | str | None = None) -> tuple[str, ...]:
+    """Implementations that can run now (on `device` when given): 'fla' needs CUDA + fla-core."""
+    names = ("reference", "recurrent", "chunked")
+    cuda_ok = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
+    return names + ("fla",) if cuda_ok and _fla_importable() else names
+
+
+def resolve_impl(impl: str, r: torch.Tensor) -> str:
+    """The implementation `wkv7` will run for input `r` (shape (B, T, H, N)).
+
+    impl='auto' is first replaced by $HIERARCHOS_WKV_IMPL when that is set; an explicit
+    impl wins over the variable. 'auto' then picks the recurrent step for T <= 2, fla
+    for CUDA tensors (not float64) when fla-core imports, and the chunked path otherwise.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"wkv7: unknown impl {impl!r}; expected one of {IMPLS}")
+    if impl == "auto":
+        impl = os.environ.get(ENV_IMPL, "").strip() or "auto"
+        if impl not in IMPLS:
+            raise HierarchosError(f"{ENV_IMPL}={impl!r} is not a wkv7 impl; use one of {', '.join(IMPLS)}")
+    if impl != "auto":
+        return impl
+    if r.shape[1] <= 2:
+        return "recurrent"
+    if r.is_cuda and r.dtype != torch.float64 and _fla_importable():
+        return "fla"
+    return "chunked"
+
+
+def wkv7(r, log_w, k, v, a, b, state=None, impl="auto", chunk_size=32):
+    """Run the WKV-7 recurrence with the chosen implementation (see `resolve_impl`).
+
+    Inputs (B, T, H, N), state (B, H, N, N) or None for zeros. Returns (o, final_state)
+    in float32 (float64 for float64 inputs); the caller casts back.
+    """
+    name = resolve_impl(impl, r)
+    if name == "chunked":
+        return wkv7_chunked(r, log_w, k, v, a, b, state, chunk_size=chunk_size)
+    run = {"reference": wkv7_reference, "recurrent": wkv7_recurrent_step, "fla": wkv7_fla}[name]
+    return run(r, log_w, k, v, a, b, state)

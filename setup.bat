@@ -1,0 +1,59 @@
+@echo off
+rem Set up hierarchos in the current Python environment (a venv is recommended).
+rem   setup.bat            install hierarchos and its dependencies (editable)
+rem   setup.bat --test     also install the test dependencies (pytest, hypothesis)
+rem   setup.bat --vulkan   also build the Vulkan backend of the C++ kernel (not available yet)
+rem Safe to run again. Uses %PYTHON% if set, else `python`.
+rem torch: an importable torch is kept as it is (CUDA users: install your CUDA build of torch
+rem first); otherwise %TORCH_SPEC% (default torch==2.13.0) is installed before everything else.
+setlocal EnableExtensions
+cd /d "%~dp0"
+
+set "WITH_TEST=0"
+set "WITH_VULKAN=0"
+:parse
+if "%~1"=="" goto parsed
+if /i "%~1"=="--test" (set "WITH_TEST=1" & shift & goto parse)
+if /i "%~1"=="--vulkan" (set "WITH_VULKAN=1" & shift & goto parse)
+if /i "%~1"=="--help" goto usage
+if /i "%~1"=="-h" goto usage
+echo setup.bat: unknown option '%~1' (known: --test, --vulkan, --help) 1>&2
+exit /b 2
+:usage
+echo usage: setup.bat [--test] [--vulkan]
+exit /b 0
+:parsed
+
+if not defined PYTHON set "PYTHON=python"
+"%PYTHON%" -c "import sys; sys.exit(sys.version_info < (3, 10))" >nul 2>&1
+if errorlevel 1 (
+  echo setup.bat: hierarchos needs Python 3.10 or newer as "%PYTHON%" 1>&2
+  exit /b 1
+)
+set "PIP=%PYTHON% -m pip install -q --disable-pip-version-check"
+"%PYTHON%" -c "import sys; print('python:', sys.executable, sys.version.split()[0])"
+
+rem ---- torch (first, so the rest sees it satisfied) -----------------------------
+if not defined TORCH_SPEC set "TORCH_SPEC=torch==2.13.0"
+"%PYTHON%" -c "import torch" >nul 2>&1
+if errorlevel 1 (
+  echo torch: not found, installing %TORCH_SPEC%
+  %PIP% "%TORCH_SPEC%" || exit /b 1
+)
+"%PYTHON%" -c "import torch; print('torch:', torch.__version__, '(CUDA ' + torch.version.cuda + ')' if torch.version.cuda else '(CPU build)')" || exit /b 1
+
+rem ---- hierarchos and its Python dependencies -----------------------------------
+set "TARGET=."
+if "%WITH_TEST%"=="1" set "TARGET=.[test]"
+echo hierarchos: pip install -e %TARGET%
+%PIP% -e "%TARGET%" || exit /b 1
+
+rem ---- C++ kernel (kernels\) ----------------------------------------------------
+rem KERNEL BUILD: a later issue builds the pybind11 extension `hierarchos_kernels` here
+rem (cmake -S kernels -B build\kernels && cmake --build build\kernels --config Release),
+rem and with --vulkan its GLSL shaders. Until then nothing is built and nothing needs it.
+echo kernel: not built yet (the C++ kernel is planned; nothing uses it yet)
+if "%WITH_VULKAN%"=="1" echo vulkan: not built yet: Vulkan backend comes with the kernel
+
+echo done. Try: %PYTHON% hierarchos_cli.py demo
+endlocal

@@ -1,0 +1,133 @@
+"""CLI plumbing: usage errors exit 2, HierarchosError becomes one stderr line (exit 2), --debug
+shows the traceback, Ctrl-C exits 130, global flags work before and after the subcommand."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import hierarchos.cli.demo as demo
+from hierarchos.cli import main
+from hierarchos.errors import HierarchosError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, code: str | None = None) -> subprocess.CompletedProcess:
+    """Run the real entry point (or `code`, a script ending in the same call) in a fresh process."""
+    command = [sys.executable, "-c", code] if code else [sys.executable, "hierarchos_cli.py"]
+    return subprocess.run([*command, *args], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.parametrize("args", [["nosuchcmd"], ["demo", "--no-such-flag"], ["demo", "--tokens", "many"],
+                                  ["--threads", "0", "demo"], ["demo", "--device", "tpu"]])
+def test_usage_errors_exit_2(args):
+    result = run_cli(*args)
+    assert result.returncode == 2, result
+    assert "usage:" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_no_command_prints_help_and_exits_2():
+    result = run_cli()
+    assert result.returncode == 2
+    assert "demo" in result.stderr
+
+
+def test_help_exits_0():
+    result = run_cli("demo", "--help")
+    assert result.returncode == 0
+    assert "--tokens" in result.stdout
+
+
+def _boom(args):
+    raise HierarchosError("data file 'x.jsonl' not found;\n  check --train-data")
+
+
+def test_user_error_is_one_line_exit_2(monkeypatch, capsys):
+    monkeypatch.setattr(demo, "run", _boom)
+    assert main(["demo"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == "error: data file 'x.jsonl' not found; check --train-data\n"
+    assert captured.out == ""
+
+
+@pytest.mark.parametrize("argv", [["--debug", "demo"], ["demo", "--debug"]])
+def test_debug_reraises(monkeypatch, argv):
+    monkeypatch.setattr(demo, "run", _boom)
+    with pytest.raises(HierarchosError, match="not found"):
+        main(argv)
+
+
+BOOM_SCRIPT = """
+import sys
+import hierarchos.cli.demo as demo
+from hierarchos.cli import main
+from hierarchos.errors import HierarchosError
+def boom(args):
+    raise HierarchosError("something the user can fix")
+demo.run = boom
+raise SystemExit(main(sys.argv[1:]))
+"""
+
+
+def test_error_in_a_real_process():
+    result = run_cli("demo", code=BOOM_SCRIPT)
+    assert result.returncode == 2
+    assert result.stderr == "error: something the user can fix\n"
+
+    result = run_cli("--debug", "demo", code=BOOM_SCRIPT)
+    assert result.returncode == 1
+    assert "Traceback (most recent call last)" in result.stderr
+    assert "HierarchosError: something the user can fix" in result.stderr
+
+
+def test_keyboard_interrupt_exits_130(monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "run", interrupted)
+    assert main(["demo"]) == 130
+    assert capsys.readouterr().err == "interrupted\n"
+
+
+def test_bugs_still_raise(monkeypatch):
+    def buggy(args):
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(demo, "run", buggy)
+    with pytest.raises(ValueError):
+        main(["demo"])
+
+
+@pytest.mark.parametrize("argv", [["--threads", "1", "demo"], ["demo", "--threads", "1"]])
+def test_threads_flag_before_or_after_command(monkeypatch, argv):
+    seen = {}
+
+    def record(args):
+        seen["threads"] = torch.get_num_threads()
+        seen["debug"] = args.debug
+        return 0
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(demo, "run", record)
+    try:
+        assert main(argv) == 0
+    finally:
+        torch.set_num_threads(before)
+    assert seen == {"threads": 1, "debug": False}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_demo_cuda_without_cuda_is_a_user_error(capsys):
+    assert main(["demo", "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --device cuda: no CUDA device") and err.count("\n") == 1
+
+
+def test_demo_negative_tokens_is_a_user_error(capsys):
+    assert main(["demo", "--tokens", "-1"]) == 2
+    assert "--tokens" in capsys.readouterr().err

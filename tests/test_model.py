@@ -1,0 +1,206 @@
+"""HierarchosLM guarantees (DESIGN.md 3.5): parallel == step, causality, gradients, fixed state size.
+
+Random inputs come from a fresh seed each run; the seed is in every assertion message.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from hierarchos.config import tiny_config
+from hierarchos.model import HierarchosLM
+from hierarchos.model.losses import LossWeights, lm_loss
+
+# Feature switches: every one appears on and off across these configs.
+FEATURES = {
+    "all_on": {},
+    "plain_v7": dict(use_rosa=False, use_deepembed=False),
+    "per_block_deepembed": dict(deepembed_per_block=True, l_layers=2),
+    "minimal": dict(h_cycles=1, max_h_steps=1, max_l_steps=0),
+    "one_cycle_no_worker_passes": dict(h_cycles=1, max_l_steps=0, max_h_steps=3),
+    "no_early_exit": dict(h_halt_thresh=1.0, l_conv_atol=0.0),
+    "deep": dict(h_cycles=3, max_h_steps=3, max_l_steps=3, grad_steps=2, h_stride=3, h_layers=2),
+    "stride1_no_rosa": dict(h_stride=1, use_rosa=False),
+    "big_memory_chunk": dict(ltm_chunk=16, ltm_write_threshold=0.05),
+}
+# Early exit on: thresholds low enough that some plan points halt and some tokens freeze.
+EARLY_EXIT = dict(h_halt_thresh=0.45, l_conv_atol=0.06, max_h_steps=3)
+
+
+def fresh_seed() -> int:
+    return random.SystemRandom().randrange(2**31)
+
+
+def build(dtype=torch.float64, seed=0, **overrides):
+    torch.manual_seed(seed)
+    cfg = tiny_config(**{**EARLY_EXIT, **overrides})
+    model = HierarchosLM(cfg).to(dtype)
+    # spread the drift and halting so early exit really happens at init
+    with torch.no_grad():
+        model.reasoner.l_drift_proj.weight.normal_(0, 0.3)
+        model.reasoner.h_halt_proj.weight.normal_(0, 0.5)
+        model.reasoner.h_halt_proj.bias.zero_()
+    return model.eval()
+
+
+def random_tokens(cfg, batch, length, seed):
+    g = torch.Generator().manual_seed(seed)
+    # a small alphabet so ROSA finds repeats
+    return torch.randint(0, min(cfg.vocab_size, 7), (batch, length), generator=g)
+
+
+def run_steps(model, tokens, **caps):
+    state = model.init_state(tokens.shape[0])
+    logits, totals = [], {}
+    for t in range(tokens.shape[1]):
+        out = model.step(tokens[:, t], state, **caps)
+        logits.append(out.logits)
+        state = out.state
+        for name, (total, count) in out.totals.items():
+            s, c = totals.get(name, (0.0, 0.0))
+            totals[name] = (s + total, c + count)
+    return torch.stack(logits, 1), totals, state
+
+
+def assert_states_close(a, b, rtol, atol, msg):
+    assert a.pos == b.pos, msg
+    sa, sb = dict(a.tensors()), dict(b.tensors())
+    assert sa.keys() == sb.keys(), msg
+    for name in sa:
+        torch.testing.assert_close(sa[name], sb[name], rtol=rtol, atol=atol, msg=lambda m: f"{msg} {name}: {m}")
+
+
+@pytest.mark.parametrize("feature", sorted(FEATURES))
+def test_parallel_equals_step_float64(feature):
+    seed = fresh_seed()
+    msg = f"seed={seed} feature={feature}"
+    model = build(seed=seed, **FEATURES[feature])
+    tokens = random_tokens(model.cfg, 2, 19, seed)
+    with torch.no_grad():
+        par = model(tokens)
+        step_logits, step_totals, step_state = run_steps(model, tokens)
+    torch.testing.assert_close(par.logits, step_logits, rtol=1e-9, atol=1e-9, msg=lambda m: f"{msg}: {m}")
+    assert par.totals.keys() == step_totals.keys(), msg
+    for name, (total, count) in par.totals.items():
+        assert count == step_totals[name][1], f"{msg} count of {name}"
+        torch.testing.assert_close(torch.as_tensor(total), torch.as_tensor(step_totals[name][0]),
+                                   rtol=1e-9, atol=1e-9, msg=lambda m: f"{msg} {name}: {m}")
+    assert_states_close(par.state, step_state, 1e-9, 1e-9, msg)
+
+
+def test_early_exit_and_memory_writes_really_happen():
+    """The parity tests above are only meaningful if halting, freezing and writes occur."""
+    seed = fresh_seed()
+    model = build(seed=seed)
+    cfg = model.cfg
+    tokens = random_tokens(cfg, 2, 24, seed)
+    with torch.no_grad():
+        out = model(tokens)
+    aux = out.aux
+    assert 1.0 <= float(aux["manager_steps"]) < cfg.max_h_steps, f"seed={seed} no plan point halted early: {aux}"
+    assert float(aux["worker_steps"]) < cfg.max_l_steps * cfg.h_cycles, f"seed={seed} no worker token froze: {aux}"
+    assert float(out.state.memory["writes"].sum()) > 0, f"seed={seed} no memory write"
+
+
+def test_parallel_equals_step_float32():
+    seed = fresh_seed()
+    model = build(dtype=torch.float32, seed=seed, l_conv_atol=0.0, h_halt_thresh=1.0)
+    tokens = random_tokens(model.cfg, 2, 17, seed)
+    with torch.no_grad():
+        par = model(tokens)
+        step_logits, _, step_state = run_steps(model, tokens)
+    rel = (par.logits - step_logits).norm() / par.logits.norm()
+    assert rel < 1e-4, f"seed={seed} relative error {rel}"
+
+
+def test_state_carry_across_calls():
+    """forward(x[:a]) then forward(x[a:]) with the carried state == forward(x)."""
+    seed = fresh_seed()
+    model = build(seed=seed)
+    tokens = random_tokens(model.cfg, 2, 23, seed)
+    split = random.Random(seed).randrange(1, 22)
+    with torch.no_grad():
+        whole = model(tokens)
+        first = model(tokens[:, :split])
+        second = model(tokens[:, split:], first.state)
+    torch.testing.assert_close(torch.cat([first.logits, second.logits], 1), whole.logits, rtol=1e-9, atol=1e-9,
+                               msg=lambda m: f"seed={seed} split={split}: {m}")
+    assert_states_close(second.state, whole.state, 1e-9, 1e-9, f"seed={seed} split={split}")
+
+
+@pytest.mark.parametrize("feature", sorted(FEATURES))
+def test_causality(feature):
+    seed = fresh_seed()
+    model = build(seed=seed, **FEATURES[feature])
+    tokens = random_tokens(model.cfg, 1, 20, seed)
+    j = random.Random(seed).randrange(1, 20)
+    changed = tokens.clone()
+    changed[0, j] = (changed[0, j] + 1 + random.Random(seed + 1).randrange(model.cfg.vocab_size - 1)) % model.cfg.vocab_size
+    with torch.no_grad():
+        a, b = model(tokens).logits, model(changed).logits
+    torch.testing.assert_close(a[:, :j], b[:, :j], rtol=0, atol=1e-12, msg=lambda m: f"seed={seed} j={j}: {m}")
+    assert not torch.allclose(a[:, j:], b[:, j:]), f"seed={seed} j={j}: the change had no effect at all"
+
+
+def test_every_parameter_gets_a_gradient():
+    seed = fresh_seed()
+    model = build(seed=seed, h_halt_thresh=0.9).train()
+    tokens = random_tokens(model.cfg, 2, 25, seed)
+    out = model(tokens[:, :-1])
+    loss, _ = lm_loss(out, tokens[:, 1:], model.cfg.z_loss_weight, LossWeights())
+    loss.backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing, f"seed={seed} parameters without gradient: {missing}"
+
+
+def test_state_size_independent_of_tokens_consumed():
+    seed = fresh_seed()
+    model = build(seed=seed)
+    cfg = model.cfg
+    tokens = random_tokens(cfg, 1, 3 * cfg.rosa_window, seed)
+    with torch.no_grad():
+        state = model.init_state(1)
+        state = model.step(tokens[:, 0], state).state
+        shapes, nbytes = state.shapes(), state.nbytes()
+        for t in range(1, tokens.shape[1]):
+            state = model.step(tokens[:, t], state).state
+            assert state.rosa[0].history_len <= 2 * cfg.rosa_window, f"seed={seed} ROSA history grew"
+    assert state.shapes() == shapes and state.nbytes() == nbytes, f"seed={seed} state grew"
+
+
+def test_training_reduces_loss_on_a_pattern():
+    seed = fresh_seed()
+    torch.manual_seed(seed)
+    model = HierarchosLM(tiny_config(h_cycles=1, max_h_steps=1, max_l_steps=1)).train()
+    data = torch.tensor([[1, 2, 3, 4, 5, 6] * 5])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(25):
+        out = model(data[:, :-1])
+        loss, parts = lm_loss(out, data[:, 1:], model.cfg.z_loss_weight)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(parts["ce"]))
+    assert losses[-1] < 0.6 * losses[0], f"seed={seed} loss did not fall: {losses}"
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    seed = fresh_seed()
+    model = build(seed=seed).train()
+    tokens = random_tokens(model.cfg, 2, 13, seed)
+
+    def grads():
+        model.zero_grad()
+        out = model(tokens[:, :-1])
+        lm_loss(out, tokens[:, 1:], model.cfg.z_loss_weight)[0].backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain = grads()
+    model.set_gradient_checkpointing(True)
+    ckpt = grads()
+    for name in plain:
+        torch.testing.assert_close(plain[name], ckpt[name], rtol=1e-9, atol=1e-12, msg=lambda m: f"seed={seed} {name}: {m}")

@@ -1,0 +1,287 @@
+"""WKV-7 parity tests: every implementation against the term-by-term reference scan.
+
+Random inputs follow the model's ranges (log_w in [-0.61, 0], a = -kappa,
+b = kappa * iclr) and come from a fresh seed each run, printed on failure.
+"""
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hierarchos.errors import HierarchosError
+from hierarchos.ops import wkv7
+from hierarchos.ops.wkv import (
+    ENV_IMPL,
+    available_impls,
+    resolve_impl,
+    wkv7_chunked,
+    wkv7_fla,
+    wkv7_recurrent_step,
+    wkv7_reference,
+)
+
+NAMES = ("r", "log_w", "k", "v", "a", "b")
+
+
+def fresh_seed() -> int:
+    return random.SystemRandom().randrange(2**31)
+
+
+def make_inputs(seed, B=2, T=20, H=2, N=8, dtype=torch.float64, device="cpu"):
+    """Six (B, T, H, N) inputs in the model's ranges and a nonzero initial state."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    def rand(*shape):
+        return torch.rand(*shape, generator=gen, dtype=torch.float64)
+
+    shape = (B, T, H, N)
+    log_w = -0.61 * rand(*shape)
+    kappa = F.normalize(randn(*shape), dim=-1)
+    iclr = rand(*shape)
+    inputs = {
+        "r": randn(*shape), "log_w": log_w, "k": 0.5 * randn(*shape), "v": randn(*shape),
+        "a": -kappa, "b": kappa * iclr,
+    }
+    state = 0.5 * randn(B, H, N, N)
+    to = dict(dtype=dtype, device=device)
+    return {n: x.to(**to) for n, x in inputs.items()}, state.to(**to)
+
+
+def rel_err(x, y):
+    return ((x.double() - y.double()).norm() / y.double().norm()).item()
+
+
+def freeze(inputs, mask):
+    """Make the tokens where mask (B, T) is True frozen: log_w = b = k = 0."""
+    out = dict(inputs)
+    for n in ("log_w", "b", "k"):
+        out[n] = inputs[n].masked_fill(mask[:, :, None, None], 0.0)
+    return out
+
+
+# ----------------------------------------------------------------------------- values
+
+
+@pytest.mark.parametrize("T, chunk_size", [(1, 16), (5, 16), (16, 16), (37, 16), (64, 32), (50, 8), (33, 64)])
+def test_chunked_matches_reference_float64(T, chunk_size):
+    seed = fresh_seed()
+    inputs, state = make_inputs(seed, T=T)
+    o_ref, s_ref = wkv7_reference(**inputs, state=state)
+    o, s = wkv7_chunked(**inputs, state=state, chunk_size=chunk_size)
+    assert o.dtype == s.dtype == torch.float64
+    torch.testing.assert_close(o, o_ref, rtol=1e-9, atol=1e-9, msg=lambda m: f"seed={seed} o: {m}")
+    torch.testing.assert_close(s, s_ref, rtol=1e-9, atol=1e-9, msg=lambda m: f"seed={seed} state: {m}")
+
+
+@pytest.mark.parametrize("T", [1, 2, 9])
+def test_recurrent_matches_reference_float64(T):
+    seed = fresh_seed()
+    inputs, state = make_inputs(seed, T=T)
+    o_ref, s_ref = wkv7_reference(**inputs, state=state)
+    o, s = wkv7_recurrent_step(**inputs, state=state)
+    torch.testing.assert_close(o, o_ref, rtol=1e-12, atol=1e-12, msg=lambda m: f"seed={seed} o: {m}")
+    torch.testing.assert_close(s, s_ref, rtol=1e-12, atol=1e-12, msg=lambda m: f"seed={seed} state: {m}")
+
+
+def test_zero_state_default():
+    seed = fresh_seed()
+    inputs, state = make_inputs(seed, T=7)
+    o_none, s_none = wkv7_chunked(**inputs, chunk_size=4)
+    o_zero, s_zero = wkv7_reference(**inputs, state=torch.zeros_like(state))
+    torch.testing.assert_close(o_none, o_zero, rtol=1e-9, atol=1e-9, msg=lambda m: f"seed={seed}: {m}")
+    torch.testing.assert_close(s_none, s_zero, rtol=1e-9, atol=1e-9, msg=lambda m: f"seed={seed}: {m}")
+
+
+@pytest.mark.parametrize("chunk_size", [16, 32, 64])
+def test_chunked_float32_close_to_float64_reference(chunk_size):
+    seed = fresh_seed()
+    inputs, state = make_inputs(seed, B=2, T=150, H=2, N=32)
+    o_ref, s_ref = wkv7_reference(**inputs, state=state)
+    inputs32 = {n: x.float() for n, x in inputs.items()}
+    o, s = wkv7_chunked(**inputs32, state=state.float(), chunk_size=chunk_size)
+    assert o.dtype == s.dtype == torch.float32
+    assert rel_err(o, o_ref) < 1e-4, f"seed={seed} o rel err {rel_err(o, o_ref)}"
+    assert rel_err(s, s_ref) < 1e-4, f"seed={seed} state rel err {rel_err(s, s_ref)}"
+
+
+def test_low_precision_inputs_are_upcast():
+    seed = fresh_seed()
+    inputs, state = make_inputs(seed, T=10)
+    bf16 = {n: x.bfloat16() for n, x in inputs.items()}
+    o_ref, s_ref = wkv7_reference(**{n: x.double() for n, x in bf16.items()})
+    for run in (wkv7_reference, wkv7_recurrent_step, wkv7_chunked):
+        o, s = run(**bf16)
+        assert o.dtype == s.dtype == torch.float32, run.__name__
+        assert rel_err(o, o_ref) < 1e-5, f"seed={seed} {run.__name__}"
+
+
+# ----------------------------------------------------------------------------- gradients
+
+
+def _grads(run, inputs, state, weight_o, weight_s):
+    leaves = {n: x.clone().requires_grad_(True) for n, x in inputs.items()}
+    state = state.clone().requires_grad_(True)
+    o, s = run(**leaves, state=state)
+    loss = (o * weight_o).sum() + (s * weight_s).sum()
+    return torch.autograd.grad(loss, [*leaves.values(), state])
+
+
+@pytest.mark.parametrize("T, chunk_size", [(23, 8), (32, 16), (3, 16)])
+def test_chunked_gradients_match_reference(T, chunk_size):
+    seed = fresh_seed()
+    inputs, state = make_inputs(seed, T=T)
+    gen = torch.Generator().manual_seed(seed + 1)
+    weight_o = torch.randn(inputs["r"].shape, generator=gen, dtype=torch.float64)
+    weight_s = torch.randn(state.shape, generator=gen, dtype=torch.float64)
+    ref = _grads(wkv7_reference, inputs, state, weight_o, weight_s)
+    got = _grads(lambda **kw: wkv7_chunked(**kw, chunk_size=chunk_size), inputs, state, weight_o, weight_s)
+    for name, g, g_ref in zip((*NAMES, "state"), got, ref):
+        torch.testing.assert_close(g, g_ref, rtol=1e-8, atol=1e-8, msg=lambda m: f"seed={seed} d{name}: {m}")
+
+
+def test_chunked_gradcheck():
+    seed = fresh_seed()
+    inputs, state = make_inputs(seed, B=1, T=5, H=1, N=3)
+    leaves = [x.clone().requires_grad_(True) for x in (*inputs.values(), state)]
+
+    def run(*xs):
+        return wkv7_chunked(*xs[:6], state=xs[6], chunk_size=2)
+
+    assert torch.autograd.gradcheck(run, leaves, eps=1e-6, atol=1e-6), f"seed={seed}"
+
+
+# ----------------------------------------------------------------------------- state carry and frozen tokens
+
+
+@pytest.mark.parametrize("run", [
+    lambda **kw: wkv7_chunked(**kw, chunk_size=8),
+    wkv7_recurrent_step,
+], ids=["chunked", "recurrent"])
+def test_state_carry_equals_one_call(run):
+    seed = fresh_seed()
+    T = 29
+    split = random.Random(seed).randrange(1, T)
+    inputs, state = make_inputs(seed, T=T)
+    o_all, s_all = run(**inputs, state=state)
+    o_first, s_mid = run(**{n: x[:, :split] for n, x in inputs.items()}, state=state)
+    o_second, s_end = run(**{n: x[:, split:] for n, x in inputs.items()}, state=s_mid)
+    msg = lambda m: f"seed={seed} split={split}: {m}"  # noqa: E731
+    torch.testing.assert_close(torch.cat([o_first, o_second], dim=1), o_all, rtol=1e-9, atol=1e-9, msg=msg)
+    torch.testing.assert_close(s_end, s_all, rtol=1e-9, atol=1e-9, msg=msg)
+
+
+@pytest.mark.parametrize("run", [
+    wkv7_reference,
+    wkv7_recurrent_step,
+    lambda **kw: wkv7_chunked(**kw, chunk_size=4),
+], ids=["reference", "recurrent", "chunked"])
+def test_frozen_tokens_leave_state_unchanged(run):
+    seed = fresh_seed()
+    inputs, state = make_inputs(seed, T=11)
+    frozen = freeze(inputs, torch.ones(2, 11, dtype=torch.bool))   # r, v, a stay random
+    _, s = run(**frozen, state=state)
+    torch.testing.assert_close(s, state, rtol=1e-12, atol=1e-12, msg=lambda m: f"seed={seed}: {m}")
+
+
+def test_interleaved_frozen_tokens_do_not_change_the_result():
+    seed = fresh_seed()
+    rng = random.Random(seed)
+    T, extra = 17, 13
+    inputs, state = make_inputs(seed, B=1, T=T + extra)
+    keep = sorted(rng.sample(range(T + extra), T))
+    mask = torch.ones(1, T + extra, dtype=torch.bool)
+    mask[0, keep] = False
+    interleaved = freeze(inputs, mask)
+    plain = {n: x[:, keep] for n, x in inputs.items()}
+    msg = lambda m: f"seed={seed}: {m}"  # noqa: E731
+    o_plain, s_plain = wkv7_reference(**plain, state=state)
+    for run in (wkv7_reference, lambda **kw: wkv7_chunked(**kw, chunk_size=8)):
+        o, s = run(**interleaved, state=state)
+        torch.testing.assert_close(s, s_plain, rtol=1e-9, atol=1e-9, msg=msg)
+        torch.testing.assert_close(o[:, keep], o_plain, rtol=1e-9, atol=1e-9, msg=msg)
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
+def test_dispatcher_on_cpu(monkeypatch):
+    monkeypatch.delenv(ENV_IMPL, raising=False)
+    seed = fresh_seed()
+    long_inputs, state = make_inputs(seed, T=12)
+    short_inputs, _ = make_inputs(seed, T=1)
+    assert resolve_impl("auto", long_inputs["r"]) == "chunked"
+    assert resolve_impl("auto", short_inputs["r"]) == "recurrent"
+    assert resolve_impl("reference", long_inputs["r"]) == "reference"
+    assert set(available_impls("cpu")) == {"reference", "recurrent", "chunked"}
+
+    o_ref, s_ref = wkv7_reference(**long_inputs, state=state)
+    for impl in ("auto", "reference", "recurrent", "chunked"):
+        o, s = wkv7(**long_inputs, state=state, impl=impl, chunk_size=8)
+        torch.testing.assert_close(o, o_ref, rtol=1e-9, atol=1e-9, msg=lambda m: f"seed={seed} {impl}: {m}")
+        torch.testing.assert_close(s, s_ref, rtol=1e-9, atol=1e-9, msg=lambda m: f"seed={seed} {impl}: {m}")
+
+    monkeypatch.setenv(ENV_IMPL, "reference")
+    assert resolve_impl("auto", long_inputs["r"]) == "reference"
+    assert resolve_impl("chunked", long_inputs["r"]) == "chunked"   # explicit impl wins
+    monkeypatch.setenv(ENV_IMPL, "fast-please")
+    with pytest.raises(HierarchosError):
+        resolve_impl("auto", long_inputs["r"])
+
+
+def test_bad_arguments_raise():
+    inputs, _ = make_inputs(fresh_seed(), T=4)
+    with pytest.raises(ValueError):
+        wkv7(**inputs, impl="cuda-magic")
+    with pytest.raises(ValueError):
+        wkv7_chunked(**inputs, chunk_size=0)
+    with pytest.raises(ValueError):
+        wkv7_chunked(**inputs, chunk_size=65)
+    with pytest.raises(ValueError):
+        wkv7_reference(**{**inputs, "k": inputs["k"][:, :3]})
+    if not torch.cuda.is_available():
+        with pytest.raises(HierarchosError):
+            wkv7(**inputs, impl="fla")
+
+
+# ----------------------------------------------------------------------------- CUDA
+
+
+def _fla_ready():
+    return torch.cuda.is_available() and "fla" in available_impls("cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_chunked_on_cuda_matches_reference():
+    seed = fresh_seed()
+    inputs, state = make_inputs(seed, B=2, T=100, H=4, N=64, dtype=torch.float32, device="cuda")
+    o_ref, s_ref = wkv7_reference(**{n: x.double() for n, x in inputs.items()}, state=state.double())
+    o, s = wkv7_chunked(**inputs, state=state)
+    assert rel_err(o, o_ref) < 1e-3, f"seed={seed} o rel err {rel_err(o, o_ref)}"   # TF32 matmuls allowed
+    assert rel_err(s, s_ref) < 1e-3, f"seed={seed} state rel err {rel_err(s, s_ref)}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _fla_ready(), reason="needs CUDA and fla-core")
+@pytest.mark.parametrize("T", [1, 63, 100])
+def test_fla_matches_reference(T):
+    seed = fresh_seed()
+    inputs, state = make_inputs(seed, B=2, T=T, H=4, N=64, dtype=torch.float32, device="cuda")
+    gen = torch.Generator().manual_seed(seed + 1)
+    weight_o = torch.randn(inputs["r"].shape, generator=gen).cuda()
+    weight_s = torch.randn(state.shape, generator=gen).cuda()
+    o_ref, s_ref = wkv7_reference(**inputs, state=state)
+    o, s = wkv7_fla(**inputs, state=state)
+    assert o.dtype == s.dtype == torch.float32
+    tol = 5e-3   # fla's Triton dots may run in TF32
+    assert rel_err(o, o_ref) < tol, f"seed={seed} o rel err {rel_err(o, o_ref)}"
+    assert rel_err(s, s_ref) < tol, f"seed={seed} state rel err {rel_err(s, s_ref)}"
+    ref = _grads(wkv7_reference, inputs, state, weight_o, weight_s)
+    got = _grads(wkv7_fla, inputs, state, weight_o, weight_s)
+    for name, g, g_ref in zip((*NAMES, "state"), got, ref):
+        assert rel_err(g, g_ref) < tol, f"seed={seed} d{name} rel err {rel_err(g, g_ref)}"
