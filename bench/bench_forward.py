@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import gc
 import json
 import os
 import platform
+import signal
 import statistics
 import sys
 import time
@@ -41,6 +43,7 @@ from hierarchos.config import ModelConfig, tiny_config  # noqa: E402
 from hierarchos.model.lm import HierarchosLM  # noqa: E402
 from hierarchos.model.losses import lm_loss  # noqa: E402
 from hierarchos.ops import wkv as wkv_ops  # noqa: E402
+from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 SIZES = {  # hierarchos shapes; GPT-2 is fitted to each
     "tiny": dict(vocab_size=4096, context_dim=128, h_hidden=128, l_hidden=128, h_layers=2, l_layers=2),
@@ -51,6 +54,7 @@ CONFIGS = {"minimal": dict(h_cycles=1, max_h_steps=1, max_l_steps=0), "default":
 REASONING = ("h_cycles", "max_h_steps", "max_l_steps", "h_stride", "h_halt_thresh", "grad_steps")
 PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense TFLOP/s
 TOL_CHUNKED, TOL_TF32 = 1e-4, 1e-3
+COMPILE_FAILED: set[str] = set()  # models whose compile failed once run eager afterwards
 
 
 def log(*a):
@@ -84,6 +88,8 @@ def mem_reset(dev):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
         return torch.cuda.memory_allocated(dev)
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back, so RSS growth is this row's
     with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current RSS
     return _proc_kib("VmRSS") * 1024
@@ -93,6 +99,29 @@ def mem_peak(dev, base):
     if dev.type == "cuda":
         return torch.cuda.max_memory_allocated(dev)  # absolute: weights + grads + activations
     return _proc_kib("VmHWM") * 1024 - base
+
+
+def first_line(exc):
+    """'Type: first line' of the innermost cause (torch.compile wraps the real error)."""
+    while (inner := exc.__cause__ or getattr(exc, "inner_exception", None)) is not None:
+        exc = inner
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:200]
+
+
+@contextlib.contextmanager
+def deadline(seconds):
+    """Raise TimeoutError after `seconds` (0: no limit); bounds a first compiled step."""
+    def expire(*_):
+        raise TimeoutError(f"first step exceeded {seconds:.0f} s")
+    old = signal.signal(signal.SIGALRM, expire) if seconds else None
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        if old is not None:
+            signal.signal(signal.SIGALRM, old)
 
 
 def sync(dev):
@@ -118,7 +147,6 @@ def fit_gpt2(target, V, P, prefer_d):
 
 
 def build_gpt2(V, P, L, d):
-    from transformers import GPT2Config, GPT2LMHeadModel
     cfg = GPT2Config(vocab_size=V, n_positions=P, n_embd=d, n_layer=L, n_head=max(1, d // 64), resid_pdrop=0.0,
                      embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, use_cache=False,
                      attn_implementation="sdpa")
@@ -149,13 +177,18 @@ def run_row(row, make_model, T, B, V, dev, args):
     times, error = [], None
     try:
         model = make_model().to(dev).train()
+        if not isinstance(model, HierarchosLM):
+            row["params"] = sum(p.numel() for p in model.parameters())  # the built model's own count
         if args.checkpointing:
             (model.set_gradient_checkpointing(True) if isinstance(model, HierarchosLM)
              else model.gradient_checkpointing_enable())
         fwd = model
-        if args.compile:
-            fwd = torch.compile(model)
-            row["compile"] = "on"
+        if args.compile == "both" or (args.compile == "gpt2" and not isinstance(model, HierarchosLM)):
+            if row["model"] in COMPILE_FAILED:
+                row["compile"] = "compile skipped: failed on an earlier row"
+            else:
+                fwd = torch.compile(model)
+                row["compile"] = "on"
 
         def step(i):
             x = batches[i % 2]
@@ -174,19 +207,23 @@ def run_row(row, make_model, T, B, V, dev, args):
             sync(dev)
             t0 = time.perf_counter()
             try:
-                out = step(i)
+                with deadline(args.max_seconds_per_row if i == 0 and fwd is not model else 0):
+                    out = step(i)
             except Exception as exc:  # noqa: BLE001 - torch.compile raises many kinds
                 if i or fwd is model or isinstance(exc, torch.cuda.OutOfMemoryError):
                     raise
-                row["compile"] = "compile failed: " + (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+                row["compile"] = "compile failed: " + first_line(exc)
+                row["compile_attempt_s"] = time.perf_counter() - t0
+                COMPILE_FAILED.add(row["model"])
                 log(f"  {row['model']} {row['config']}: {row['compile']} -> eager")
                 torch._dynamo.reset()
                 fwd = model
+                t_start = t0 = time.perf_counter()  # the row's budget restarts with the eager model
                 out = step(i)
             sync(dev)
             dt = time.perf_counter() - t0
             if i == 0:
-                first = row["first_step_ms"] = dt * 1e3
+                first, row["first_step_ms"] = dt, dt * 1e3
             if i >= args.warmup:
                 times.append(dt)
         if out is not None and getattr(out, "aux", None):
@@ -200,7 +237,7 @@ def run_row(row, make_model, T, B, V, dev, args):
     except torch.cuda.OutOfMemoryError:
         error = "oom"
     except Exception as exc:  # noqa: BLE001
-        error = "error: " + (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        error = "error: " + first_line(exc)
     if error:
         row["status"] = error
     row["peak_mem_mib"] = round(mem_peak(dev, base) / 2**20, 1)
@@ -213,3 +250,199 @@ def run_row(row, make_model, T, B, V, dev, args):
     del model, fwd, batches
     mem_reset(dev)
     return row
+
+
+# ----------------------------------------------------------------------------- parity preamble
+NAMES = ("r", "log_w", "k", "v", "a", "b")
+
+
+def rel(x, y):
+    return ((x.double() - y.double()).norm() / y.double().norm().clamp_min(1e-30)).item()
+
+
+def wkv_case(dev, B=2, T=200, H=4, N=64, seed=0):
+    """Inputs in the model's ranges: log_w in [-0.61, 0], a = -kappa, b = kappa * iclr."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (B, T, H, N)
+    kappa = F.normalize(torch.randn(shape, generator=g), dim=-1)
+    x = dict(r=torch.randn(shape, generator=g), log_w=-0.61 * torch.rand(shape, generator=g),
+             k=0.5 * torch.randn(shape, generator=g), v=torch.randn(shape, generator=g),
+             a=-kappa, b=kappa * torch.rand(shape, generator=g))
+    state = 0.5 * torch.randn(B, H, N, N, generator=g)
+    w_o, w_s = torch.randn(shape, generator=g), torch.randn(B, H, N, N, generator=g)
+    return {n: t.to(dev) for n, t in x.items()}, state.to(dev), w_o.to(dev), w_s.to(dev)
+
+
+def wkv_run(fn, x, state, w_o, w_s, dtype):
+    leaves = {n: t.to(dtype).requires_grad_() for n, t in x.items()}
+    s0 = state.to(dtype).requires_grad_()
+    o, s = fn(**leaves, state=s0)
+    ((o * w_o.to(o.dtype)).sum() + (s * w_s.to(s.dtype)).sum()).backward()
+    return o.detach(), s.detach(), [leaves[n].grad for n in NAMES] + [s0.grad]
+
+
+def parity_checks(dev):
+    """float32, TF32 off: WKV paths vs the float64 reference scan; tiny model parallel vs step."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    checks = []
+
+    def add(name, fn, tol):
+        try:
+            value, note = fn(), ""
+        except Exception as exc:  # noqa: BLE001 - report, do not crash
+            value, note = float("nan"), first_line(exc)
+        checks.append(dict(name=name, rel_err=value, tol=tol, ok=bool(value <= tol), note=note))
+        log(f"  check {name:<40} {value:9.2e}  tol {tol:.0e}  {'PASS' if value <= tol else 'FAIL'} {note}")
+
+    case = wkv_case(dev)
+    ref = wkv_run(wkv_ops.wkv7_reference, *case, torch.float64)
+    impls = [("chunked", wkv_ops.wkv7_chunked, TOL_CHUNKED)]
+    if hasattr(wkv_ops, "wkv7_fla") and "fla" in wkv_ops.available_impls(dev):
+        impls.append(("fla", wkv_ops.wkv7_fla, TOL_TF32))
+    for name, fn, tol in impls:
+        got = {}
+
+        def run(fn=fn, got=got):
+            got["r"] = wkv_run(fn, *case, torch.float32)
+            return rel(got["r"][0], ref[0])
+        add(f"wkv {name} o (B2 T200 H4 N64)", run, tol)
+        if "r" in got:
+            add(f"wkv {name} final state", lambda: rel(got["r"][1], ref[1]), tol)
+            add(f"wkv {name} grads (max of r,w,k,v,a,b,s0)",
+                lambda: max(rel(g, gr) for g, gr in zip(got["r"][2], ref[2])), tol)
+
+    def model_parity():
+        torch.manual_seed(0)
+        model = HierarchosLM(tiny_config(l_conv_atol=0.0, h_halt_thresh=1.0, head_size=64, context_dim=64,
+                                         h_hidden=64, l_hidden=64)).to(dev).float().eval()
+        tokens = torch.randint(0, 7, (2, 48), generator=torch.Generator().manual_seed(1)).to(dev)
+        with torch.no_grad():
+            par = model(tokens).logits
+            state, steps = model.init_state(2), []
+            for t in range(tokens.shape[1]):
+                out = model.step(tokens[:, t], state)
+                steps.append(out.logits)
+                state = out.state
+        return rel(par, torch.stack(steps, 1))
+    old = os.environ.pop(wkv_ops.ENV_IMPL, None)
+    for impl, _, tol in impls:  # the parallel form uses `impl` (T > 2); the step form the recurrent scan
+        os.environ[wkv_ops.ENV_IMPL] = impl
+        add(f"tiny model parallel==step (wkv {impl})", model_parity, tol)
+    os.environ.pop(wkv_ops.ENV_IMPL)
+    if old is not None:
+        os.environ[wkv_ops.ENV_IMPL] = old
+    return checks
+
+
+# ----------------------------------------------------------------------------- main
+def hier_counts(cfg):
+    with torch.device("meta"):
+        m = HierarchosLM(cfg)
+    return m.num_parameters(with_deepembed=False), m.num_parameters(with_deepembed=True)
+
+
+def fmt(v, spec, dash="-"):
+    return dash if v is None else format(v, spec)
+
+
+def print_table(info, matching, rows):
+    log("\n" + "=" * 118)
+    log(f"bench_forward | {info.get('gpu', 'CPU')} | CPU {info['cpu']} x{info['cpu_count']} | torch {info['torch']}"
+        f" | transformers {info['transformers']} | wkv {info['wkv_impls'][-1]}")
+    log(f"hierarchos {matching['size']}: {matching['hierarchos_params'] / 1e6:.2f}M w/o DeepEmbed "
+        f"({matching['hierarchos_params_with_deepembed'] / 1e6:.2f}M with) | GPT-2 n_layer={matching['n_layer']} "
+        f"n_embd={matching['n_embd']} n_pos={matching['n_positions']}: {matching['gpt2_params'] / 1e6:.2f}M "
+        f"({matching['gpt2_vs_hierarchos'] * 100 - 100:+.1f}%)")
+    log(f"{'model':<10} {'config':<15} {'T':>5} {'B':>3} {'params':>8} {'tok/s':>9} {'ms/step':>9} {'1st ms':>8} "
+        f"{'peakMiB':>8} {'TFLOP/s':>7} {'MFU':>5} {'ratio':>6}  status")
+    for r in rows:
+        log(f"{r['model']:<10} {r['config']:<15} {r['T']:>5} {r['batch']:>3} {r['params'] / 1e6:>7.2f}M "
+            f"{fmt(r.get('tokens_per_s'), '9.0f'):>9} {fmt(r.get('step_ms'), '9.1f'):>9} "
+            f"{fmt(r.get('first_step_ms'), '8.0f'):>8} {fmt(r.get('peak_mem_mib'), '8.0f'):>8} "
+            f"{fmt(r.get('tflops'), '7.3f'):>7} {fmt(r.get('mfu'), '5.1%'):>5} {fmt(r.get('ratio'), '6.3f'):>6}  "
+            f"{r['status']}{'' if r.get('compile') in (None, 'on') else ' [' + r['compile'] + ']'}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", choices=SIZES, default="125m")
+    ap.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 8192])
+    ap.add_argument("--configs", nargs="+", choices=CONFIGS, default=["minimal", "default"])
+    ap.add_argument("--no-rosa-for", nargs="*", choices=CONFIGS, default=["minimal"],
+                    help="configs that also get a use_rosa=False row")
+    ap.add_argument("--tokens-per-step", type=int, help="default 16384 on CUDA, 2048 on CPU")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    ap.add_argument("--compile", nargs="?", const="both", default="none", choices=("none", "gpt2", "both"),
+                    help="torch.compile GPT-2 and (both) hierarchos; a failed or over-long compile falls back to eager")
+    ap.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in both models")
+    ap.add_argument("--check", action=argparse.BooleanOptionalAction, default=None, help="default: on for CUDA")
+    ap.add_argument("--flops", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--max-seconds-per-row", type=float, default=120.0)
+    ap.add_argument("--json", help="default bench/results/forward_<device>.json")
+    args = ap.parse_args()
+    dev = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                       else "cpu")
+    tps = args.tokens_per_step or (16384 if dev.type == "cuda" else 2048)
+    info = machine_info(dev)
+    log(f"bench_forward: {' '.join(sys.argv[1:])}\nmachine: {json.dumps(info)}")
+    checks = parity_checks(dev) if (args.check if args.check is not None else dev.type == "cuda") else []
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(0)
+
+    V, P = SIZES[args.size]["vocab_size"], max(max(args.seq_lens), 1024)
+    n_hier, n_hier_de = hier_counts(hier_cfg(args.size, args.configs[0]))
+    L, d = fit_gpt2(n_hier, V, P, SIZES[args.size]["context_dim"])
+    n_gpt = gpt2_count(V, P, L, d)
+    matching = dict(size=args.size, hierarchos=SIZES[args.size], hierarchos_params=n_hier,
+                    hierarchos_params_with_deepembed=n_hier_de, n_layer=L, n_embd=d, n_head=max(1, d // 64),
+                    n_positions=P, gpt2_params=n_gpt, gpt2_vs_hierarchos=n_gpt / n_hier)
+    log(f"matching: {json.dumps(matching)}")
+    peak = next((v for k, v in PEAK_BF16.items() if k in info.get("gpu", "")), None)
+
+    rows = []
+    for T in args.seq_lens:
+        B = max(1, tps // T)
+        jobs = [(dict(model="gpt2", config=f"L{L}-d{d}", params=n_gpt), lambda: build_gpt2(V, P, L, d))]
+        for c in args.configs:
+            for rosa in (True, False) if c in args.no_rosa_for else (True,):
+                cfg = hier_cfg(args.size, c, rosa)
+                n, n_de = hier_counts(cfg)
+                jobs.append((dict(model="hierarchos", config=c + ("" if rosa else "-norosa"), params=n,
+                                  params_with_deepembed=n_de, reasoning={k: getattr(cfg, k) for k in REASONING}),
+                             lambda cfg=cfg: HierarchosLM(cfg)))
+        gpt_tps = None
+        for row, make in jobs:
+            log(f"-- {row['model']} {row['config']} T={T} B={B} ...")
+            run_row(row, make, T, B, V, dev, args)
+            gpt_tps = row.get("tokens_per_s") if row["model"] == "gpt2" else gpt_tps
+            if row.get("tokens_per_s") and gpt_tps:
+                row["ratio"] = row["tokens_per_s"] / gpt_tps
+            if peak and row.get("tflops"):
+                row["mfu"] = row["tflops"] * 1e12 / peak
+            log(f"   {row['status']}: {fmt(row.get('tokens_per_s'), '.0f')} tok/s, "
+                f"{fmt(row.get('step_ms'), '.1f')} ms/step, first {fmt(row.get('first_step_ms'), '.0f')} ms, "
+                f"peak {row['peak_mem_mib']:.0f} MiB {row.get('aux', '')}")
+            rows.append(row)
+
+    path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                     f"forward_{dev.type}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(dict(machine=info, argv=sys.argv[1:], args=vars(args), tokens_per_step=tps, matching=matching,
+                       checks=checks, rows=rows), f, indent=2, default=str)
+    if checks:
+        log("\nparity (float32, TF32 off): " + " | ".join(
+            f"{c['name']}: {c['rel_err']:.1e} {'PASS' if c['ok'] else 'FAIL'}" for c in checks))
+    print_table(info, matching, rows)
+    log(f"json: {path}")
+    failed = [c["name"] for c in checks if not c["ok"]]
+    if failed:
+        log(f"PARITY FAIL: {', '.join(failed)}")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

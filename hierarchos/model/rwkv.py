@@ -50,6 +50,22 @@ def shift_tokens(x: torch.Tensor, prev: torch.Tensor, frozen: torch.Tensor | Non
     return shifted, new_prev
 
 
+class HeadNorm(nn.Module):
+    """Group norm with one group per head, written out: CPU group_norm is slow on one token."""
+
+    def __init__(self, n_heads: int, head_size: int, eps: float = 64e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(n_heads * head_size))
+        self.bias = nn.Parameter(torch.zeros(n_heads * head_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, H, N) -> (B, T, H*N)
+        mean = x.mean(-1, keepdim=True)
+        var = (x - mean).pow(2).mean(-1, keepdim=True)
+        x = (x - mean) * torch.rsqrt(var + self.eps)
+        return x.flatten(2) * self.weight + self.bias
+
+
 class TimeMix(nn.Module):
     """RWKV-7 time mix: data-dependent token shift, decay, in-context rate, delta-rule state."""
 
@@ -81,7 +97,7 @@ class TimeMix(nn.Module):
         self.value = nn.Linear(dim, dim, bias=False)
         self.gate = nn.Linear(dim, dim, bias=False)
         self.output = nn.Linear(dim, dim, bias=False)
-        self.norm = nn.GroupNorm(self.n_heads, dim, eps=64e-5)
+        self.norm = HeadNorm(self.n_heads, head_size)
         for lin in (self.receptance, self.key, self.value, self.gate):
             nn.init.uniform_(lin.weight, -0.5 / math.sqrt(dim), 0.5 / math.sqrt(dim))
         nn.init.normal_(self.output.weight, std=0.1 / math.sqrt(dim))
@@ -114,7 +130,7 @@ class TimeMix(nn.Module):
             log_w_h, k_h, b_h = log_w_h * live, k_h * live, b_h * live
         out, new_wkv = wkv7(r_h, log_w_h, k_h, v_h, -kappa, b_h, state=wkv_state, chunk_size=self.wkv_chunk)
         out = out.to(x.dtype)
-        out = self.norm(out.reshape(B * T, C)).view(B, T, C)
+        out = self.norm(out.view(B, T, H, N))
         bonus = ((r_h * k_h * self.bonus).sum(-1, keepdim=True) * v_h).reshape(B, T, C).to(x.dtype)
         return self.output((out + bonus) * g), new_shift, new_wkv
 
