@@ -131,3 +131,11 @@ def test_demo_cuda_without_cuda_is_a_user_error(capsys):
 def test_demo_negative_tokens_is_a_user_error(capsys):
     assert main(["demo", "--tokens", "-1"]) == 2
     assert "--tokens" in capsys.readouterr().err
+
+
+def test_demo_runs_end_to_end(capsys):
+    """The README's main command: a real tiny model, parity check and generation."""
+    assert main(["demo", "--tokens", "3", "--seed", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "parallel vs step" in out and "greedy generation: 3 tokens" in out
+

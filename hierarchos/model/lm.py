@@ -28,7 +28,7 @@ class ModelOutput:
 
     @property
     def aux(self) -> dict:
-        """Means of the auxiliary terms: ponder, commitment, z_loss, worker_steps, manager_steps."""
+        """Means of the auxiliary terms: ponder, commitment, worker_steps, manager_steps."""
         return {name: total / count for name, (total, count) in self.totals.items() if count}
 
 
@@ -99,8 +99,6 @@ class HierarchosLM(nn.Module):
         u = F.gelu(self.encoder(torch.cat([e, reads, persistent], dim=-1)))
         y, rounds, totals = self.reasoner(u, tokens, state.rounds, state.pos, **caps)
         logits = self.lm_head(self.out_norm(y))
-        z = torch.logsumexp(logits if logits.dtype == torch.float64 else logits.float(), dim=-1)
-        totals["z_loss"] = (z.pow(2).sum(), float(B * T))
         new_state = HierarchosState(pos=state.pos + T, memory=memory_state, rounds=rounds, rosa=rosa)
         return ModelOutput(logits=logits, state=new_state, totals=totals)
 

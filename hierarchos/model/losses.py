@@ -1,9 +1,13 @@
-"""The training objective: cross-entropy plus the model's auxiliary terms.
+"""The training objective: cross-entropy plus the auxiliary terms.
 
-loss = CE + z_loss_weight * logsumexp^2 + ponder_weight * ponder_term + commitment_weight * commitment,
+loss = CE + z_loss_weight * mean(logsumexp^2) + ponder_weight * ponder_term + commitment_weight * commitment,
 where ponder_term is the expected number of pondering steps, its negation with
 `encourage_thinking` (reward thinking), or with `adaptive_ponder` the squared distance to a
 target that grows with the CE loss (harder text earns more thinking).
+
+CE and the z-loss share one log-partition and one fused backward (`cross_entropy_z`): the
+(B, T, vocab) logits are the largest tensor of a step, so each extra pass over them counts;
+`cross_entropy_z_reference` is the plain autograd version the tests compare it with.
 """
 
 from __future__ import annotations
@@ -23,15 +27,54 @@ class LossWeights:
     ponder_target_scale: float = 0.5
 
 
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float64 else x.float()
+
+
+class _CrossEntropyZ(torch.autograd.Function):
+    """(mean NLL over non-ignored targets, mean logsumexp^2 over all rows) of logits (N, V)."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, ignore_index):
+        wide = _wide(logits)
+        lse = torch.logsumexp(wide, dim=-1)                                  # (N,)
+        valid = targets != ignore_index
+        safe_targets = targets.clamp(min=0)
+        picked = wide.gather(-1, safe_targets[:, None])[:, 0]
+        n_valid = valid.sum().clamp(min=1)
+        ce = ((lse - picked) * valid).sum() / n_valid
+        ctx.save_for_backward(logits, safe_targets, lse, valid, n_valid)
+        return ce, lse.pow(2).mean()
+
+    @staticmethod
+    def backward(ctx, grad_ce, grad_z):
+        logits, targets, lse, valid, n_valid = ctx.saved_tensors
+        coef_ce = grad_ce * valid / n_valid                                  # (N,)
+        coef = coef_ce + grad_z * 2.0 * lse / lse.numel()
+        grad = _wide(logits) - lse[:, None]
+        grad = grad.exp_().mul_(coef[:, None])                              # softmax * coefficient
+        grad.scatter_add_(-1, targets[:, None], -coef_ce[:, None].to(grad.dtype))
+        return grad.to(logits.dtype), None, None
+
+
+def cross_entropy_z(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100):
+    """logits (..., V), targets (...) -> (cross-entropy, z-loss), one fused backward."""
+    return _CrossEntropyZ.apply(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index)
+
+
+def cross_entropy_z_reference(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100):
+    wide = _wide(logits.reshape(-1, logits.shape[-1]))
+    ce = F.cross_entropy(wide, targets.reshape(-1), ignore_index=ignore_index)
+    return ce, torch.logsumexp(wide, -1).pow(2).mean()
+
+
 def lm_loss(out, targets: torch.Tensor, z_loss_weight: float, weights: LossWeights | None = None,
             ignore_index: int = -100):
     """out: ModelOutput of a forward over (B, T); targets: (B, T) next-token ids.
 
-    Returns (loss, parts) with parts holding detached floats-as-tensors for logging."""
+    Returns (loss, parts) with parts holding detached tensors for logging."""
     weights = weights or LossWeights()
-    logits = out.logits
-    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                         ignore_index=ignore_index)
+    ce, z_loss = cross_entropy_z(out.logits, targets, ignore_index)
     aux = out.aux
     zero = ce.new_zeros(())
     ponder = aux.get("ponder", zero)
@@ -43,8 +86,7 @@ def lm_loss(out, targets: torch.Tensor, z_loss_weight: float, weights: LossWeigh
         ponder_term = (ponder - target).pow(2)
     else:
         ponder_term = ponder
-    loss = ce + z_loss_weight * aux.get("z_loss", zero) + weights.ponder * ponder_term \
-        + weights.commitment * commitment
-    parts = {"ce": ce.detach(), "ponder": torch.as_tensor(ponder).detach(),
+    loss = ce + z_loss_weight * z_loss + weights.ponder * ponder_term + weights.commitment * commitment
+    parts = {"ce": ce.detach(), "z_loss": z_loss.detach(), "ponder": torch.as_tensor(ponder).detach(),
              "commitment": torch.as_tensor(commitment).detach()}
     return loss, parts

@@ -95,25 +95,30 @@ class LongTermMemory(nn.Module):
             values = self.values.to(e.dtype).unsqueeze(0).expand(B, -1, -1)
         momentum, surprise, input_sum, writes = state["momentum"], state["surprise"], state["input_sum"], state["writes"]
         attn_all, idx_all = self.address(self.query(e))
-        target_all = self.target(e)
+        # segments end at global chunk boundaries; split (not slice in the loop) so that the
+        # backward is one concatenation instead of a full-size zero-filled gradient per chunk
+        first = min(T, self.chunk - pos0 % self.chunk)
+        sizes = [first] + [self.chunk] * ((T - first) // self.chunk)
+        if sum(sizes) < T:
+            sizes.append(T - sum(sizes))
+        segments = zip(attn_all.split(sizes, 1), idx_all.split(sizes, 1), self.target(e).split(sizes, 1),
+                       e.split(sizes, 1))
         reads = []
-        start = 0
-        while start < T:  # one iteration per memory chunk (>= ltm_chunk tokens except at the edges)
-            into_chunk = (pos0 + start) % self.chunk
-            stop = min(T, start + self.chunk - into_chunk)
-            attn, idx, target = attn_all[:, start:stop], idx_all[:, start:stop], target_all[:, start:stop]
+        filled = pos0 % self.chunk  # tokens already in the open chunk
+        for attn, idx, target, e_seg in segments:  # one iteration per memory chunk
             read = self.gather(attn, idx, values)
             reads.append(read)
             # closed-form dl/dV of sum_t ||read_t - target_t||^2, scattered to the slots read
             err = 2.0 * (read - target)                                   # (B, t, Dv)
             contrib = (attn[..., None] * err[:, :, None, :]).reshape(B, -1, self.val_dim)
             surprise = surprise.scatter_add(1, idx.reshape(B, -1, 1).expand_as(contrib), contrib)
-            input_sum = input_sum + e[:, start:stop].sum(1)
-            if into_chunk + (stop - start) == self.chunk:  # chunk complete: write
+            input_sum = input_sum + e_seg.sum(1)
+            filled += attn.shape[1]
+            if filled == self.chunk:  # chunk complete: write
                 values, momentum, written = self._write(values, momentum, surprise, input_sum / self.chunk)
                 writes = writes + written.to(writes.dtype)
                 surprise, input_sum = torch.zeros_like(surprise), torch.zeros_like(input_sum)
-            start = stop
+                filled = 0
         new_state = {"values": values, "momentum": momentum, "surprise": surprise,
                      "input_sum": input_sum, "writes": writes}
         return torch.cat(reads, dim=1), new_state

@@ -110,7 +110,8 @@ class TimeMix(nn.Module):
         base = x + delta * self.mix_base
         lora = torch.tanh(base @ self.mix_down).view(B, T, N_MIX, -1).permute(2, 0, 1, 3)  # (6, B, T, R)
         lora = torch.einsum("mbtr,mrc->mbtc", lora, self.mix_up)
-        xr, xw, xk, xv, xa, xg = (x + delta * (self.mix[i] + lora[i]) for i in range(N_MIX))
+        # one (6, B, T, C) tensor, then unbind: indexing it six times costs six zero-filled grads
+        xr, xw, xk, xv, xa, xg = (x + delta * (self.mix[:, None, None] + lora)).unbind(0)
 
         r = self.receptance(xr)
         k = self.key(xk)
