@@ -1,0 +1,1 @@
+"""Training: token streams, the trainer loop, schedule and optimizer."""

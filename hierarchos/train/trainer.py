@@ -1,0 +1,279 @@
+"""The training loop: truncated BPTT over token streams, AdamW + warmup/cosine, accumulation,
+clipping, mixed precision, NaN/Inf skipping, validation with bits per byte, checkpoints and
+exact resume.
+
+A micro-step reads window i of every stream; the recurrent state carries to the next window
+(`persist_state`), cut from the graph between windows and every `detach_every` tokens inside
+one. Every `accumulation_steps` micro-steps make one optimizer step. A non-finite loss or
+gradient skips that optimizer step entirely (reported, never written into the weights).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..model.losses import LossWeights, lm_loss
+from ..model.rosa import RosaAutomaton
+from .batches import TokenStreams
+from .schedule import build_optimizer, lr_at
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 3
+    batch_size: int = 4
+    accumulation_steps: int = 1
+    starting_lr: float = 1e-4
+    min_lr: float = 1e-6
+    warmup_steps: int | None = None          # default: 5% of the optimizer steps
+    disable_lr_schedule: bool = False
+    grad_clip: float = 1.0
+    weight_decay: float = 0.01
+    detach_every: int | None = None          # tokens; None = once per window
+    persist_state: bool = True
+    amp: bool | None = None                  # None = auto (CUDA only)
+    save_every: int = 0                      # optimizer steps between checkpoints (0 = each epoch)
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    seed: int = 0
+    loss: LossWeights = field(default_factory=LossWeights)
+
+
+class CosineSchedule:
+    """Holds the schedule's numbers; the rate itself is `lr_at(step, ...)`."""
+
+    def __init__(self, optimizer, total_steps: int, cfg: TrainConfig):
+        self.optimizer, self.total_steps = optimizer, total_steps
+        self.starting_lr, self.min_lr, self.disabled = cfg.starting_lr, cfg.min_lr, cfg.disable_lr_schedule
+        self.warmup_steps = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, total_steps // 20)
+
+    def apply(self, step: int) -> float:
+        lr = lr_at(step, self.total_steps, self.starting_lr, self.min_lr, self.warmup_steps, self.disabled)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def state_dict(self) -> dict:
+        return {k: getattr(self, k) for k in ("total_steps", "starting_lr", "min_lr", "disabled", "warmup_steps")}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+def bits_per_byte(nll_nats_sum: float, n_bytes: int) -> float:
+    return nll_nats_sum / max(1, n_bytes) / math.log(2)
+
+
+class Trainer:
+    def __init__(self, model, train_streams: TokenStreams, cfg: TrainConfig, device: torch.device,
+                 val_streams: TokenStreams | None = None, val_bytes: int = 0, log=print):
+        self.model, self.cfg, self.device, self.log = model, cfg, device, log
+        self.train_streams, self.val_streams, self.val_bytes = train_streams, val_streams, val_bytes
+        self.steps_per_epoch = len(train_streams)
+        per_epoch = -(-self.steps_per_epoch // cfg.accumulation_steps)  # windows end at epoch ends too
+        self.total_opt_steps = max(1, cfg.epochs * per_epoch)
+        self.optimizer = build_optimizer(model, cfg.starting_lr, cfg.weight_decay)
+        self.schedule = CosineSchedule(self.optimizer, self.total_opt_steps, cfg)
+        self.micro_step = 0          # global micro-step counter (data position)
+        self.opt_step = 0
+        self.skipped_steps = 0
+        self.best_val = float("inf")
+        self.state = None
+        use_amp = cfg.amp if cfg.amp is not None else device.type == "cuda"
+        self.amp_dtype = None
+        if use_amp and device.type == "cuda":
+            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+
+    # ---- pieces ------------------------------------------------------------------------
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _fresh_state(self):
+        return self.model.init_state(self.train_streams.streams.shape[0], device=self.device,
+                                     dtype=next(self.model.parameters()).dtype)
+
+    def rebuild_rosa(self, state, prefix: torch.Tensor):
+        """ROSA automata are CPU objects: on resume, replay the tokens each stream consumed."""
+        if state is not None and state.rosa is not None:
+            state.rosa = [RosaAutomaton(self.model.cfg.rosa_window, self.model.cfg.rosa_none_id)
+                          for _ in range(prefix.shape[0])]
+            for automaton, row in zip(state.rosa, prefix.tolist()):
+                automaton.extend(row)
+        return state
+
+    def _window_loss(self, inputs, targets):
+        """Forward + backward over one window, cut every `detach_every` tokens; returns (nll_sum, tokens, parts)."""
+        cfg = self.cfg
+        T = inputs.shape[1]
+        piece = cfg.detach_every or T
+        nll_sum, finite, parts = 0.0, True, {}
+        for start in range(0, T, piece):  # loop over pieces of >= detach_every tokens, not tokens
+            x, y = inputs[:, start:start + piece], targets[:, start:start + piece]
+            with self._autocast():
+                out = self.model(x, self.state)
+                loss, parts = lm_loss(out, y, self.model.cfg.z_loss_weight, cfg.loss)
+            self.state = out.state.detach() if cfg.persist_state else None
+            if not torch.isfinite(loss):
+                finite = False
+                continue
+            scaled = loss * (x.shape[1] / T) / cfg.accumulation_steps
+            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            nll_sum += float(parts["ce"]) * x.numel()
+        return nll_sum, inputs.numel(), parts, finite
+
+    def _optimizer_step(self) -> bool:
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                              self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf"))
+        if not torch.isfinite(norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler:
+                self.scaler.update()
+            return False
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return True
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        if self.val_streams is None or len(self.val_streams) == 0:
+            return {}
+        self.model.eval()
+        state, nll, count = None, 0.0, 0
+        for i in range(len(self.val_streams)):
+            x, y = self.val_streams.batch(i)
+            x, y = x.to(self.device), y.to(self.device)
+            with self._autocast():
+                out = self.model(x, state)
+                _, parts = lm_loss(out, y, 0.0)
+            state = out.state
+            nll += float(parts["ce"]) * y.numel()
+            count += y.numel()
+        self.model.train()
+        loss = nll / max(1, count)
+        return {"val_loss": loss, "val_bpb": bits_per_byte(nll, self.val_bytes) if self.val_bytes else None}
+
+    # ---- the loop ------------------------------------------------------------------------
+    def run(self, on_checkpoint=None, progress=None, stop_requested=lambda: False) -> dict:
+        """Train until the configured epochs are done, or until `stop_requested()` is true at an
+        optimizer-step boundary. `on_checkpoint(trainer, is_best, reason)` saves; `reason` is
+        'step', 'epoch' or 'interrupt'. Metrics go to `on_metrics`-style `self.log_metrics`."""
+        cfg, model = self.cfg, self.model
+        model.train()
+        window = self._new_window()
+        total_micro = cfg.epochs * self.steps_per_epoch
+        while self.micro_step < total_micro:
+            epoch, index = divmod(self.micro_step, self.steps_per_epoch)
+            if index == 0:
+                self.state = None  # each epoch starts the streams afresh
+            if window["micro"] == 0:
+                lr = self.schedule.apply(self.opt_step)
+            x, y = self.train_streams.batch(index)
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            nll, ntok, parts, finite = self._window_loss(x, y)
+            self.micro_step += 1
+            window["micro"] += 1
+            window["finite"] &= finite
+            window["nll"] += nll
+            window["tokens"] += ntok
+            window["ponder"] += float(parts.get("ponder", 0.0))
+            if progress is not None:
+                progress(1, nll / max(1, ntok), lr)
+            end_of_epoch = self.micro_step % self.steps_per_epoch == 0
+            if window["micro"] < cfg.accumulation_steps and not end_of_epoch:
+                continue
+            if not (window["finite"] and self._optimizer_step()):
+                self.optimizer.zero_grad(set_to_none=True)
+                self.skipped_steps += 1
+                self.log(f"warning: non-finite loss or gradient at step {self.opt_step}: "
+                         "step skipped, weights unchanged")
+            self.opt_step += 1
+            if self.opt_step % cfg.log_every == 0 or end_of_epoch:
+                elapsed = time.perf_counter() - window["start"]
+                record = {"step": self.opt_step, "epoch": epoch + 1, "lr": lr,
+                          "loss": window["nll"] / max(1, window["tokens"]),
+                          "ponder": window["ponder"] / max(1, window["micro"]),
+                          "tokens_per_s": window["tokens"] / max(elapsed, 1e-9),
+                          "skipped_steps": self.skipped_steps}
+                if end_of_epoch:
+                    record.update(self.evaluate())
+                self.log_metrics(record)
+            window = self._new_window() if window["micro"] >= cfg.accumulation_steps or end_of_epoch else window
+            save_now = end_of_epoch or (cfg.save_every and self.opt_step % cfg.save_every == 0)
+            if save_now and on_checkpoint is not None:
+                val = self.last_metrics.get("val_loss") if end_of_epoch else None
+                is_best = val is not None and val < self.best_val
+                if is_best:
+                    self.best_val = val
+                on_checkpoint(self, is_best, "epoch" if end_of_epoch else "step")
+            if stop_requested():
+                if on_checkpoint is not None and not save_now:
+                    on_checkpoint(self, False, "interrupt")
+                return {"stopped": True, "opt_step": self.opt_step}
+        return {"stopped": False, "opt_step": self.opt_step}
+
+    last_metrics: dict = {}
+
+    def log_metrics(self, record: dict) -> None:
+        """Replaced by the CLI to write metrics.jsonl and update the progress bar."""
+        self.last_metrics = record
+
+    @staticmethod
+    def _new_window() -> dict:
+        return {"micro": 0, "finite": True, "nll": 0.0, "tokens": 0, "ponder": 0.0, "start": time.perf_counter()}
+
+    # ---- resume -----------------------------------------------------------------------------
+    def trainer_state(self) -> dict:
+        return {"micro_step": self.micro_step, "opt_step": self.opt_step, "skipped_steps": self.skipped_steps,
+                "best_val": self.best_val if math.isfinite(self.best_val) else None,
+                "train_config": json.loads(json.dumps(asdict(self.cfg), default=str))}
+
+    def state_tensors(self) -> dict:
+        """The carried recurrent state, by name (saved with checkpoints for exact resume)."""
+        return {} if self.state is None else {name: t for name, t in self.state.tensors()}
+
+    def load_state_tensors(self, tensors: dict) -> None:
+        if not tensors:
+            self.state = None
+            return
+        state = self._fresh_state()
+        holders = dict(_holders(state))
+        for name, tensor in tensors.items():
+            container, key = holders[name]
+            container[key] = tensor.to(self.device)
+        state.pos = self.micro_step % self.steps_per_epoch * self.train_streams.chunk
+        self.state = self.rebuild_rosa(state, self.train_streams.prefix(self.micro_step % self.steps_per_epoch))
+
+    def load_trainer_state(self, state: dict) -> None:
+        self.micro_step, self.opt_step = int(state["micro_step"]), int(state["opt_step"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.best_val = state.get("best_val") or float("inf")
+
+
+def _holders(state):
+    """(name, (container, key)) for every tensor slot of a HierarchosState, names as in state.tensors()."""
+    def walk(tree, prefix):
+        items = tree.items() if isinstance(tree, dict) else enumerate(tree)
+        for key, value in items:
+            name = f"{prefix}.{key}" if prefix else str(key)
+            if isinstance(value, (dict, list)):
+                yield from walk(value, name)
+            else:
+                yield name, (tree, key)
+    yield from walk({"memory": state.memory, "rounds": state.rounds}, "")

@@ -1,0 +1,100 @@
+"""The trainer: loss falls, NaN steps are skipped without touching weights, and resuming from a
+snapshot (model, optimizer, schedule, step, carried stream state, ROSA replay) continues the same
+run: N+M steps == N steps, resume, M steps."""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import torch
+
+from hierarchos.config import tiny_config
+from hierarchos.model import HierarchosLM
+from hierarchos.train.batches import TokenStreams
+from hierarchos.train.schedule import lr_at
+from hierarchos.train.trainer import TrainConfig, Trainer
+
+
+def fresh_seed() -> int:
+    return random.SystemRandom().randrange(2**31)
+
+
+def make(seed, epochs=2, **cfg_overrides):
+    torch.manual_seed(seed)
+    model = HierarchosLM(tiny_config(vocab_size=32, **cfg_overrides))
+    g = torch.Generator().manual_seed(seed)
+    docs = [torch.randint(0, 8, (int(n),), generator=g).tolist() for n in torch.randint(20, 60, (6,), generator=g)]
+    streams = TokenStreams.from_documents(docs, eos_id=31, batch_size=2, chunk=12)
+    cfg = TrainConfig(epochs=epochs, batch_size=2, accumulation_steps=2, starting_lr=3e-3, min_lr=1e-4,
+                      warmup_steps=2, log_every=1)
+    return Trainer(model, streams, cfg, torch.device("cpu"), val_streams=streams, log=lambda *_: None)
+
+
+def snapshot(trainer):
+    return {"model": copy.deepcopy(trainer.model.state_dict()),
+            "optimizer": copy.deepcopy(trainer.optimizer.state_dict()),
+            "schedule": trainer.schedule.state_dict(),
+            "trainer": trainer.trainer_state(),
+            "stream_state": {k: v.clone() for k, v in trainer.state_tensors().items()}}
+
+
+def test_resume_equals_uninterrupted_run():
+    seed = fresh_seed()
+    straight = make(seed)
+    straight.run()
+
+    first = make(seed)
+    saved = {}
+
+    def on_checkpoint(t, is_best, reason):
+        if t.opt_step == 3 and not saved:
+            saved.update(snapshot(t))
+
+    first.run(on_checkpoint=on_checkpoint, stop_requested=lambda: first.opt_step >= 3)
+    assert saved, f"seed={seed}: no snapshot taken"
+
+    resumed = make(seed)
+    resumed.model.load_state_dict(saved["model"])
+    resumed.optimizer.load_state_dict(saved["optimizer"])
+    resumed.schedule.load_state_dict(saved["schedule"])
+    resumed.load_trainer_state(saved["trainer"])
+    resumed.load_state_tensors(saved["stream_state"])
+    resumed.run()
+    assert resumed.opt_step == straight.opt_step
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"seed={seed} {name}: {m}")
+
+
+def test_loss_falls_and_validation_reports():
+    seed = fresh_seed()
+    trainer = make(seed, epochs=4)
+    records = []
+    trainer.log_metrics = records.append
+    trainer.run()
+    assert records[-1]["loss"] < records[0]["loss"], f"seed={seed}: {records}"
+    assert "val_loss" in records[-1]
+
+
+def test_non_finite_loss_skips_the_step_and_keeps_weights():
+    seed = fresh_seed()
+    trainer = make(seed, epochs=1)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    with torch.no_grad():  # poison the output norm so every loss is NaN
+        trainer.model.out_norm.weight.fill_(float("nan"))
+    poisoned = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    logs = []
+    trainer.log = logs.append
+    trainer.run()
+    assert trainer.skipped_steps == trainer.opt_step > 0
+    assert any("skipped" in line for line in logs)
+    for name, value in trainer.model.state_dict().items():
+        assert torch.equal(value, poisoned[name]) or torch.isnan(value).all(), f"{name} changed"
+    assert before.keys() == poisoned.keys()
+
+
+def test_schedule_warmup_then_cosine():
+    assert lr_at(0, 100, 1.0, 0.1, 10) == 0.1
+    assert lr_at(9, 100, 1.0, 0.1, 10) == 1.0
+    assert abs(lr_at(100, 100, 1.0, 0.1, 10) - 0.1) < 1e-12
+    assert lr_at(50, 100, 1.0, 0.1, 10, disabled=True) == 1.0
