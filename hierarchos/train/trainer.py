@@ -76,6 +76,7 @@ class Trainer:
     def __init__(self, model, train_streams: TokenStreams, cfg: TrainConfig, device: torch.device,
                  val_streams: TokenStreams | None = None, val_bytes: int = 0, log=print):
         self.model, self.cfg, self.device, self.log = model, cfg, device, log
+        self.forward_model = model  # the DDP/FSDP wrapper when distributed (hierarchos.train.distributed)
         self.train_streams, self.val_streams, self.val_bytes = train_streams, val_streams, val_bytes
         self.steps_per_epoch = len(train_streams)
         per_epoch = -(-self.steps_per_epoch // cfg.accumulation_steps)  # windows end at epoch ends too
@@ -121,7 +122,7 @@ class Trainer:
         for start in range(0, T, piece):  # loop over pieces of >= detach_every tokens, not tokens
             x, y = inputs[:, start:start + piece], targets[:, start:start + piece]
             with self._autocast():
-                out = self.model(x, self.state)
+                out = self.forward_model(x, self.state)
                 loss, parts = lm_loss(out, y, self.model.cfg.z_loss_weight, cfg.loss)
             self.state = out.state.detach() if cfg.persist_state else None
             if not torch.isfinite(loss):
