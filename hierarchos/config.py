@@ -130,7 +130,7 @@ class ModelConfig:
             name = FIELD_ALIASES.get(key, key)
             if name in known:
                 values[name] = value
-            elif key not in ("config_version", "version", "training_history", "model_type"):
+            elif key not in ("config_version", "version", "training_history", "model_type", "hierarchos_version", "memory_sources", "extra_keys"):
                 raise HierarchosError(
                     f"{where}: unknown config field '{key}' (known fields: {', '.join(sorted(known))})")
         return cls(**values).validate()

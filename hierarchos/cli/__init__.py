@@ -16,6 +16,8 @@ from ..errors import HierarchosError
 
 # subcommand name -> module under hierarchos.cli (train, chat, quantize, ... arrive later)
 COMMANDS = {
+    "train": "train",
+    "ckpt-2-inf": "ckpt_2_inf",
     "demo": "demo",
 }
 

@@ -1,0 +1,276 @@
+"""`train`: train a model from scratch (or from --model-path weights) on local or Hugging Face data.
+
+Maps the flags onto ModelConfig / TrainConfig in one place, loads and tokenizes the data,
+runs the Trainer with a progress bar, writes checkpoints under OUT_DIR/checkpoints and the
+final model directory to OUT_DIR. Ctrl+C saves a resumable checkpoint and exits cleanly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from ..errors import HierarchosError
+
+HELP = "train a model (from scratch or from --model-path weights) on local or Hugging Face data"
+
+ARCH_FLAGS = ("context_dim", "persistent_dim", "ltm_slots", "ltm_key_dim", "ltm_val_dim", "ltm_topk",
+              "h_hidden", "l_hidden", "h_layers", "l_layers", "h_cycles", "max_h_steps", "max_l_steps",
+              "l_conv_atol", "h_stride", "h_halt_thresh", "grad_steps", "head_size", "vocab_size")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    data = p.add_argument_group("data")
+    data.add_argument("--train", metavar="PATH", help="local data file or folder (json/jsonl/txt/csv/parquet); "
+                      "default: the bundled Shakespeare corpus")
+    data.add_argument("--hf_dataset", "--hf-dataset", metavar="NAME_OR_PATH")
+    data.add_argument("--hf_dataset_config", "--hf-dataset-config")
+    data.add_argument("--hf_dataset_split", "--hf-dataset-split", default="train")
+    data.add_argument("--text_column", "--text-column")
+    data.add_argument("--prompt_column", "--prompt-column")
+    data.add_argument("--completion_column", "--completion-column")
+    data.add_argument("--kayla", action="store_true")
+    data.add_argument("--val", metavar="PATH", help="validation file (default: hold out --val-fraction)")
+    data.add_argument("--val-fraction", type=float, default=0.05)
+    data.add_argument("--max_length", "--max-length", type=int, default=None,
+                      help="tokens per training window (default 1024, or the loaded model's)")
+    data.add_argument("--training-chunk-size", type=int, default=None, help="alias of --max_length")
+    data.add_argument("--tokenizer-path", default=None, help="HF tokenizer dir or hub name, or byte | char | bpe:N")
+    model = p.add_argument_group("model")
+    model.add_argument("--model-path", help="start from this model directory's weights (fresh optimizer)")
+    model.add_argument("--out-dir", default="./hierarchos_model")
+    model.add_argument("--tiny", action="store_true", help="a tiny architecture for quick CPU runs")
+    for name in ARCH_FLAGS:
+        kind = float if name in ("l_conv_atol", "h_halt_thresh") else int
+        model.add_argument(f"--{name}", f"--{name.replace('_', '-')}", type=kind, default=None)
+    opt = p.add_argument_group("optimisation")
+    opt.add_argument("--epochs", type=int, default=3)
+    opt.add_argument("--batch_size", "--batch-size", type=int, default=4)
+    opt.add_argument("--accumulation-steps", type=int, default=1)
+    opt.add_argument("--starting-lr", type=float, default=1e-4)
+    opt.add_argument("--min-lr", type=float, default=1e-6)
+    opt.add_argument("--warmup-steps", type=int, default=None)
+    opt.add_argument("--disable-lr-schedule", action="store_true")
+    opt.add_argument("--grad-clip", type=float, default=1.0)
+    opt.add_argument("--weight-decay", type=float, default=0.01)
+    opt.add_argument("--ponder-loss-weight", type=float, default=0.01)
+    opt.add_argument("--commitment-loss-weight", type=float, default=0.5)
+    opt.add_argument("--commitment-threshold", type=float, default=None)
+    opt.add_argument("--encourage-thinking", action="store_true")
+    opt.add_argument("--adaptive-ponder", action="store_true")
+    opt.add_argument("--ponder-target-scale", type=float, default=0.5)
+    opt.add_argument("--detach-every-n-steps", type=int, default=None,
+                     help="cut the gradient every N tokens inside a window (default: once per window)")
+    opt.add_argument("--no-persist-state", dest="persist_state", action="store_false",
+                     help="start every window from a fresh state instead of carrying it")
+    opt.add_argument("--gradient-checkpointing", action="store_true")
+    opt.add_argument("--seed", type=int, default=0)
+    run = p.add_argument_group("run")
+    run.add_argument("--device", default="auto", help="auto | cpu | cuda | dml")
+    run.add_argument("--amp", action="store_true", default=None, help="mixed precision (auto on CUDA)")
+    run.add_argument("--no-amp", dest="amp", action="store_false")
+    run.add_argument("--save-every", type=int, default=0, help="optimizer steps between checkpoints (0: per epoch)")
+    run.add_argument("--keep-checkpoints", type=int, default=3)
+    run.add_argument("--resume-from-ckpt", metavar="PATH", help="checkpoint dir, or OUT_DIR/checkpoints")
+    run.add_argument("--log-every", type=int, default=10)
+    run.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+
+
+def pick_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise HierarchosError(f"--device cuda: this torch ({torch.__version__}) sees no CUDA device; "
+                                  "use --device cpu or install a CUDA build of torch")
+        return torch.device("cuda")
+    if name in ("dml", "directml"):
+        try:
+            import torch_directml  # noqa: F401
+        except ImportError:
+            raise HierarchosError("--device dml needs the torch-directml package (Windows): "
+                                  "pip install torch-directml, or use --device cpu") from None
+        return torch_directml.device()
+    raise HierarchosError(f"--device {name!r}: expected auto, cpu, cuda or dml")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..config import ModelConfig, tiny_config
+    from ..data import bundled_corpus_path
+    from ..data.sources import DataSpec, load_texts
+    from ..data.tokenizers import load_tokenizer
+    from ..io import load_checkpoint, load_model_dir, save_checkpoint, save_model_files
+    from ..model import HierarchosLM
+    from ..model.losses import LossWeights
+    from ..train.batches import TokenStreams
+    from ..train.trainer import TrainConfig, Trainer
+
+    if args.training_chunk_size and not args.max_length:
+        args.max_length = args.training_chunk_size
+    for flag in ("epochs", "batch_size", "accumulation_steps", "log_every", "keep_checkpoints"):
+        if getattr(args, flag) < 1:
+            raise HierarchosError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    device = pick_device(args.device)
+    torch.manual_seed(args.seed)
+    out_dir = Path(args.out_dir)
+
+    # ---- data and tokenizer ----
+    spec = DataSpec(train=args.train, hf_dataset=args.hf_dataset, hf_dataset_config=args.hf_dataset_config,
+                    hf_dataset_split=args.hf_dataset_split, text_column=args.text_column,
+                    prompt_column=args.prompt_column, completion_column=args.completion_column, kayla=args.kayla)
+    if spec.train is None and spec.hf_dataset is None:
+        spec.train = str(bundled_corpus_path())
+        print(f"data: no --train/--hf_dataset given; using the bundled corpus {spec.train}")
+    loaded = load_texts(spec)
+    base_meta = None
+    if args.model_path:
+        model, base_meta = load_model_dir(args.model_path)
+        tokenizer = load_tokenizer(args.tokenizer_path or args.model_path)
+    else:
+        tokenizer = load_tokenizer(args.tokenizer_path, loaded.texts)
+    docs = [tokenizer.encode(text) for text in loaded.texts]
+    val_docs, val_bytes = [], 0
+    if args.val:
+        val_texts = load_texts(DataSpec(train=args.val, text_column=args.text_column)).texts
+        val_docs = [tokenizer.encode(t) for t in val_texts]
+        val_bytes = sum(len(t.encode("utf-8")) for t in val_texts)
+    elif args.val_fraction > 0:
+        # hold out the tail of the token stream (not whole documents: a corpus may be a few long ones)
+        flat = [t for doc in docs for t in (*doc, tokenizer.eos_id)]
+        n_val = int(len(flat) * args.val_fraction)
+        if n_val >= 2:
+            val_docs, docs = [flat[-n_val:]], [flat[:-n_val]]
+            val_bytes = len(tokenizer.decode(flat[-n_val:]).encode("utf-8"))
+    # ---- model ----
+    if not args.model_path:
+        overrides = {name: getattr(args, name) for name in ARCH_FLAGS if getattr(args, name) is not None}
+        overrides["vocab_size"] = tokenizer.vocab_size
+        if args.max_length:
+            overrides["max_length"] = args.max_length
+        if args.commitment_threshold is not None:
+            overrides["commitment_threshold"] = args.commitment_threshold
+        cfg = tiny_config(**overrides) if args.tiny else ModelConfig(**overrides).validate()
+        model = HierarchosLM(cfg)
+    cfg = model.cfg
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise HierarchosError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "
+                              f"{cfg.vocab_size}; use the model's own tokenizer (--tokenizer-path {args.model_path})")
+    model.to(device)
+    if args.gradient_checkpointing:
+        model.set_gradient_checkpointing(True)
+    chunk = args.max_length or cfg.max_length
+    try:
+        train_streams = TokenStreams.from_documents(docs, tokenizer.eos_id, args.batch_size, chunk)
+    except ValueError as exc:
+        raise HierarchosError(f"training data: {exc}; use more data or a smaller --batch_size") from None
+    val_streams = None
+    if val_docs:
+        try:
+            val_streams = TokenStreams.from_documents(val_docs, tokenizer.eos_id, 1, chunk)
+        except ValueError:
+            val_streams = None
+
+    tcfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, accumulation_steps=args.accumulation_steps,
+                       starting_lr=args.starting_lr, min_lr=args.min_lr, warmup_steps=args.warmup_steps,
+                       disable_lr_schedule=args.disable_lr_schedule, grad_clip=args.grad_clip,
+                       weight_decay=args.weight_decay, detach_every=args.detach_every_n_steps,
+                       persist_state=args.persist_state, amp=args.amp, save_every=args.save_every,
+                       keep_checkpoints=args.keep_checkpoints, log_every=args.log_every, seed=args.seed,
+                       loss=LossWeights(ponder=args.ponder_loss_weight, commitment=args.commitment_loss_weight,
+                                        encourage_thinking=args.encourage_thinking,
+                                        adaptive_ponder=args.adaptive_ponder,
+                                        ponder_target_scale=args.ponder_target_scale))
+    trainer = Trainer(model, train_streams, tcfg, device, val_streams, val_bytes,
+                      log=lambda line: print(line, file=sys.stderr))
+    ckpt_root = out_dir / "checkpoints"
+    if args.resume_from_ckpt:
+        from safetensors.torch import load_file  # noqa: F401  (state tensors come back through io)
+
+        state = load_checkpoint(args.resume_from_ckpt, model, trainer.optimizer, trainer.schedule)
+        trainer.load_trainer_state(state)
+        trainer.load_state_tensors(state.get("_stream_state", {}))
+        print(f"resumed from {args.resume_from_ckpt} at step {trainer.opt_step}")
+
+    history = list((base_meta or {}).get("training_history", []) or [])
+    n_params, n_core = model.num_parameters(), model.num_parameters(with_deepembed=False)
+    print(f"model: {n_params:,} parameters ({n_core:,} without DeepEmbed tables) | device {device} | "
+          f"amp {trainer.amp_dtype} | vocab {cfg.vocab_size} ({tokenizer.name})")
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        print(f"gpu: {props.name}, {props.total_memory / 2**30:.1f} GiB, sm {props.major}.{props.minor}; "
+              f"TF32 on, cudnn.benchmark on")
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    print(f"data: {loaded.name} ({loaded.template}), {train_streams.num_tokens:,} training tokens in "
+          f"{args.batch_size} streams x {chunk}-token windows, {len(train_streams)} windows per epoch"
+          + (f", validation {val_streams.num_tokens:,} tokens" if val_streams else ""))
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(out_dir)  # beside the checkpoints from the start, for ckpt-2-inf and resumes
+    metrics_path = out_dir / "metrics.jsonl"
+    stop = {"flag": False}
+
+    def on_signal(signum, frame):  # noqa: ARG001
+        if stop["flag"]:
+            raise KeyboardInterrupt
+        stop["flag"] = True
+        print("\ninterrupt: saving a resumable checkpoint at the end of this step (Ctrl+C again to abort)",
+              file=sys.stderr)
+
+    previous_handler = signal.signal(signal.SIGINT, on_signal)
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=tcfg.epochs * len(train_streams), initial=trainer.micro_step, unit="win",
+               disable=False, dynamic_ncols=True, mininterval=1.0)
+
+    def progress(n, loss, lr):
+        bar.update(n)
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", refresh=False)
+
+    def log_metrics(record):
+        trainer.last_metrics = record
+        record = {**record, "time": time.time()}
+        with open(metrics_path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+        bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                        lr=f"{record['lr']:.2e}", ponder=f"{record['ponder']:.2f}", refresh=False)
+        if "val_loss" in record:
+            bpb = record.get("val_bpb")
+            bar.write(f"epoch {record['epoch']}: train loss {record['loss']:.4f}, val loss {record['val_loss']:.4f}"
+                      + (f", val {bpb:.3f} bits/byte" if bpb is not None else ""))
+
+    trainer.log_metrics = log_metrics
+
+    def on_checkpoint(t, is_best, reason):
+        state = t.trainer_state()
+        save_checkpoint(ckpt_root, t.opt_step, model, t.optimizer, t.schedule, state,
+                        keep=tcfg.keep_checkpoints, is_best=bool(is_best),
+                        extra_tensors={f"stream_state.{k}": v for k, v in t.state_tensors().items()})
+
+    stop_requested = lambda: stop["flag"] or (args.max_steps is not None and trainer.opt_step >= args.max_steps)  # noqa: E731
+    try:
+        result = trainer.run(on_checkpoint=on_checkpoint, progress=progress, stop_requested=stop_requested)
+    finally:
+        bar.close()
+        signal.signal(signal.SIGINT, previous_handler)
+    if result["stopped"] and stop["flag"]:
+        print(f"stopped at step {trainer.opt_step}; resume with --resume-from-ckpt {ckpt_root}")
+        return 0
+    history.append({"dataset": loaded.name, "template": loaded.template, "tokens": train_streams.num_tokens,
+                    "epochs": tcfg.epochs, "steps": trainer.opt_step,
+                    "date": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    save_model_files(out_dir, model, tokenizer, history=history, extra={"prompt_template": loaded.template})
+    print(f"saved model directory {out_dir} (model.safetensors, hierarchos_config.json, tokenizer)")
+    return 0
