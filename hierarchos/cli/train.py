@@ -35,6 +35,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     data.add_argument("--prompt_column", "--prompt-column")
     data.add_argument("--completion_column", "--completion-column")
     data.add_argument("--kayla", action="store_true")
+    data.add_argument("--pre_chunked_dataset", "--pre-chunked-dataset", action="store_true",
+                      help="--train is a pre-chunked JSONL (input_ids per line), read lazily")
+    data.add_argument("--pre_pt_dataset", "--pre-pt-dataset", action="store_true",
+                      help="--train is a folder of tensor chunk files + manifest.jsonl (scripts/dataset_chunk_create.py)")
+    data.add_argument("--auto-max-length", action="store_true",
+                      help="set --max_length from the longest record (rounded up to 16, at most 8192)")
     data.add_argument("--val", metavar="PATH", help="validation file (default: hold out --val-fraction)")
     data.add_argument("--val-fraction", type=float, default=0.05)
     data.add_argument("--max_length", "--max-length", type=int, default=None,
@@ -77,6 +83,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     run.add_argument("--save-every", type=int, default=0, help="optimizer steps between checkpoints (0: per epoch)")
     run.add_argument("--keep-checkpoints", type=int, default=3)
     run.add_argument("--resume-from-ckpt", metavar="PATH", help="checkpoint dir, or OUT_DIR/checkpoints")
+    run.add_argument("--override-scheduling", action="store_true",
+                     help="when resuming, use the new --starting-lr/--min-lr/schedule flags, not the checkpoint's")
+    run.add_argument("--reset-halt-bias", type=float, default=None, metavar="B",
+                     help="set the manager's halting bias to B after loading weights (e.g. -2.0)")
+    run.add_argument("--compile", action="store_true", help="torch.compile the model's forward")
+    run.add_argument("--force-compile", action="store_true", help="compile even where it is known to hang "
+                     "(Windows CPU)")
+    run.add_argument("--fsdp", action="store_true", help="under torchrun: shard with FSDP2 instead of DDP")
+    run.add_argument("--num_workers", "--num-workers", type=int, default=0,
+                     help="accepted for compatibility; token streams are built in memory")
     run.add_argument("--log-every", type=int, default=10)
     run.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
 
@@ -121,25 +137,53 @@ def run(args: argparse.Namespace) -> int:
     for flag in ("epochs", "batch_size", "accumulation_steps", "log_every", "keep_checkpoints"):
         if getattr(args, flag) < 1:
             raise HierarchosError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    from ..train.distributed import init_from_env, shard_rows, wrap_model
+
     device = pick_device(args.device)
+    dist_info = init_from_env(device.type)
+    if dist_info.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist_info.local_rank)
     torch.manual_seed(args.seed)
     out_dir = Path(args.out_dir)
+    main_rank = dist_info.is_main
 
     # ---- data and tokenizer ----
     spec = DataSpec(train=args.train, hf_dataset=args.hf_dataset, hf_dataset_config=args.hf_dataset_config,
                     hf_dataset_split=args.hf_dataset_split, text_column=args.text_column,
                     prompt_column=args.prompt_column, completion_column=args.completion_column, kayla=args.kayla)
+    pretokenized = args.pre_chunked_dataset or args.pre_pt_dataset
+    if args.pre_chunked_dataset and args.pre_pt_dataset:
+        raise HierarchosError("--pre_chunked_dataset and --pre_pt_dataset are mutually exclusive: pass one")
+    if pretokenized and (args.hf_dataset or not args.train):
+        raise HierarchosError("--pre_chunked_dataset/--pre_pt_dataset read the path given with --train "
+                              "(not --hf_dataset): pass --train PATH")
     if spec.train is None and spec.hf_dataset is None:
         spec.train = str(bundled_corpus_path())
         print(f"data: no --train/--hf_dataset given; using the bundled corpus {spec.train}")
-    loaded = load_texts(spec)
     base_meta = None
     if args.model_path:
         model, base_meta = load_model_dir(args.model_path)
-        tokenizer = load_tokenizer(args.tokenizer_path or args.model_path)
+    if pretokenized:
+        from types import SimpleNamespace
+
+        from ..data.chunked import iter_prechunked_jsonl, iter_pt_chunks
+
+        docs = list(iter_prechunked_jsonl(args.train) if args.pre_chunked_dataset else iter_pt_chunks(args.train))
+        tok_source = args.tokenizer_path or args.model_path or args.train
+        tokenizer = load_tokenizer(tok_source)
+        loaded = SimpleNamespace(name=Path(args.train).name, template="pretokenized", texts=[])
     else:
-        tokenizer = load_tokenizer(args.tokenizer_path, loaded.texts)
-    docs = [tokenizer.encode(text) for text in loaded.texts]
+        loaded = load_texts(spec)
+        if args.model_path:
+            tokenizer = load_tokenizer(args.tokenizer_path or args.model_path)
+        else:
+            tokenizer = load_tokenizer(args.tokenizer_path, loaded.texts)
+        docs = [tokenizer.encode(text) for text in loaded.texts]
+    if args.auto_max_length and not pretokenized:
+        from ..data.sources import auto_max_length
+
+        args.max_length = auto_max_length([len(d) + 1 for d in docs], cap=8192)
+        print(f"--auto-max-length: max_length = {args.max_length}")
     val_docs, val_bytes = [], 0
     if args.val:
         val_texts = load_texts(DataSpec(train=args.val, text_column=args.text_column)).texts
@@ -171,7 +215,9 @@ def run(args: argparse.Namespace) -> int:
         model.set_gradient_checkpointing(True)
     chunk = args.max_length or cfg.max_length
     try:
-        train_streams = TokenStreams.from_documents(docs, tokenizer.eos_id, args.batch_size, chunk)
+        train_streams = TokenStreams.from_documents(docs, tokenizer.eos_id, args.batch_size * dist_info.world_size,
+                                                    chunk)
+        train_streams.streams = shard_rows(train_streams.streams, dist_info)  # this rank's streams
     except ValueError as exc:
         raise HierarchosError(f"training data: {exc}; use more data or a smaller --batch_size") from None
     val_streams = None
@@ -193,15 +239,27 @@ def run(args: argparse.Namespace) -> int:
                                         ponder_target_scale=args.ponder_target_scale))
     trainer = Trainer(model, train_streams, tcfg, device, val_streams, val_bytes,
                       log=lambda line: print(line, file=sys.stderr))
+    trainer.forward_model = wrap_model(model, dist_info, device, fsdp=args.fsdp)
+    if args.compile or args.force_compile:
+        if sys.platform == "win32" and device.type == "cpu" and not args.force_compile:
+            print("compile: skipped on Windows CPU (known to hang); --force-compile overrides", file=sys.stderr)
+        else:
+            trainer.forward_model = torch.compile(trainer.forward_model, dynamic=True)
+            print("compile: torch.compile on (the first steps compile)")
     ckpt_root = out_dir / "checkpoints"
     if args.resume_from_ckpt:
         from safetensors.torch import load_file  # noqa: F401  (state tensors come back through io)
 
-        state = load_checkpoint(args.resume_from_ckpt, model, trainer.optimizer, trainer.schedule)
+        state = load_checkpoint(args.resume_from_ckpt, model, trainer.optimizer,
+                                None if args.override_scheduling else trainer.schedule)
         trainer.load_trainer_state(state)
         trainer.load_state_tensors(state.get("_stream_state", {}))
         print(f"resumed from {args.resume_from_ckpt} at step {trainer.opt_step}")
 
+    if args.reset_halt_bias is not None:
+        with torch.no_grad():
+            model.reasoner.h_halt_proj.bias.fill_(args.reset_halt_bias)
+        print(f"reset the manager's halting bias to {args.reset_halt_bias}")
     history = list((base_meta or {}).get("training_history", []) or [])
     n_params, n_core = model.num_parameters(), model.num_parameters(with_deepembed=False)
     print(f"model: {n_params:,} parameters ({n_core:,} without DeepEmbed tables) | device {device} | "
@@ -233,7 +291,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     bar = tqdm(total=tcfg.epochs * len(train_streams), initial=trainer.micro_step, unit="win",
-               disable=False, dynamic_ncols=True, mininterval=1.0)
+               disable=not main_rank, dynamic_ncols=True, mininterval=1.0)
 
     def progress(n, loss, lr):
         bar.update(n)
@@ -241,6 +299,8 @@ def run(args: argparse.Namespace) -> int:
 
     def log_metrics(record):
         trainer.last_metrics = record
+        if not main_rank:
+            return
         record = {**record, "time": time.time()}
         with open(metrics_path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
@@ -254,6 +314,8 @@ def run(args: argparse.Namespace) -> int:
     trainer.log_metrics = log_metrics
 
     def on_checkpoint(t, is_best, reason):
+        if not main_rank:
+            return
         state = t.trainer_state()
         save_checkpoint(ckpt_root, t.opt_step, model, t.optimizer, t.schedule, state,
                         keep=tcfg.keep_checkpoints, is_best=bool(is_best),
@@ -271,6 +333,8 @@ def run(args: argparse.Namespace) -> int:
     history.append({"dataset": loaded.name, "template": loaded.template, "tokens": train_streams.num_tokens,
                     "epochs": tcfg.epochs, "steps": trainer.opt_step,
                     "date": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    if not main_rank:
+        return 0
     save_model_files(out_dir, model, tokenizer, history=history, extra={"prompt_template": loaded.template})
     print(f"saved model directory {out_dir} (model.safetensors, hierarchos_config.json, tokenizer)")
     return 0

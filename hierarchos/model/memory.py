@@ -43,7 +43,9 @@ class LongTermMemory(nn.Module):
     def init_state(self, batch_size: int, dim: int, device=None, dtype=torch.float32) -> dict:
         z = lambda *shape: torch.zeros(*shape, device=device, dtype=dtype)  # noqa: E731
         return {
-            "values": None,  # None: the learned values (materialized on first use, keeps the gradient link)
+            # what writes changed, relative to the learned values: reads use values + delta, so the
+            # learned values get a gradient in every window, also after the state was detached
+            "delta": z(batch_size, self.slots, self.val_dim),
             "momentum": z(batch_size, self.slots, self.val_dim),
             "surprise": z(batch_size, self.slots, self.val_dim),   # accumulated g of the open chunk
             "input_sum": z(batch_size, dim),                        # sum of e over the open chunk
@@ -90,9 +92,8 @@ class LongTermMemory(nn.Module):
     def forward(self, e: torch.Tensor, state: dict, pos0: int):
         """e: (B, T, D) memory inputs at global positions pos0.. -> (reads (B, T, Dv), new state)."""
         B, T, _ = e.shape
-        values = state["values"]
-        if values is None:
-            values = self.values.to(e.dtype).unsqueeze(0).expand(B, -1, -1)
+        learned = self.values.to(e.dtype).unsqueeze(0)
+        values = learned + state["delta"]
         momentum, surprise, input_sum, writes = state["momentum"], state["surprise"], state["input_sum"], state["writes"]
         attn_all, idx_all = self.address(self.query(e))
         # segments end at global chunk boundaries; split (not slice in the loop) so that the
@@ -119,7 +120,7 @@ class LongTermMemory(nn.Module):
                 writes = writes + written.to(writes.dtype)
                 surprise, input_sum = torch.zeros_like(surprise), torch.zeros_like(input_sum)
                 filled = 0
-        new_state = {"values": values, "momentum": momentum, "surprise": surprise,
+        new_state = {"delta": values - learned, "momentum": momentum, "surprise": surprise,
                      "input_sum": input_sum, "writes": writes}
         return torch.cat(reads, dim=1), new_state
 
@@ -138,15 +139,13 @@ class LongTermMemory(nn.Module):
 
         Returns the number of slots written. Used by chat to make what it learned persistent.
         """
-        if state["values"] is None:
-            return 0
         written = state["writes"][row] > 0
         count = int(written.sum())
         if count == 0:
             return 0
         if source not in self.source_names:
             self.source_names.append(source)
-        self.values.data[written] = state["values"][row][written].to(self.values.dtype)
+        self.values.data[written] += state["delta"][row][written].to(self.values.dtype)
         self.slot_time[written] = time.time() if now is None else now
         self.slot_count[written] += state["writes"][row][written].to(torch.int64)
         self.slot_source[written] = self.source_names.index(source)

@@ -61,10 +61,10 @@ def wrap_model(model: torch.nn.Module, info: DistInfo, device: torch.device, fsd
         return fully_shard(model)
     from torch.nn.parallel import DistributedDataParallel
 
-    # configurations without worker shadow passes leave the drift head unused
-    unused = model.cfg.max_l_steps == 0
+    # a window may leave some parameters without a gradient (the drift head without worker
+    # shadow passes, the memory's write gates in a window with no write before a read)
     ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=unused)
+    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
 
 
 def all_reduce_mean(value: float, info: DistInfo) -> float:
