@@ -146,6 +146,10 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     out_dir = Path(args.out_dir)
     main_rank = dist_info.is_main
+    if not main_rank:  # one rank speaks for the run
+        import os
+
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
 
     # ---- data and tokenizer ----
     spec = DataSpec(train=args.train, hf_dataset=args.hf_dataset, hf_dataset_config=args.hf_dataset_config,
