@@ -442,7 +442,7 @@ def _rotate(root: Path, keep: int | None) -> None:
 
 def save_checkpoint(ckpt_root: str | os.PathLike, step: int, model: HierarchosLM, optimizer, scheduler,
                     trainer_state: dict, keep: int | None = 3, is_best: bool = False,
-                    extra_tensors: dict[str, torch.Tensor] | None = None) -> Path:
+                    extra_tensors: dict[str, torch.Tensor] | None = None, extra: dict | None = None) -> Path:
     """Write `ckpt_root/step-NNNNNNNN/` atomically, then point latest.json (and best.json) at it
     and rotate older step dirs beyond `keep` (None keeps all). RNG states are captured into
     trainer_state["rng"] unless the caller put them there. `extra_tensors` (e.g. the carried
@@ -458,7 +458,7 @@ def save_checkpoint(ckpt_root: str | os.PathLike, step: int, model: HierarchosLM
     scheduler_state = scheduler.state_dict() if scheduler is not None else None
     _check_plain(optimizer_state, "optimizer state")
     _check_plain(scheduler_state, "scheduler state")
-    config_text = _config_payload(model, trainer_state.get("training_history"), None)
+    config_text = _config_payload(model, trainer_state.get("training_history"), extra)
 
     name = f"step-{int(step):08d}"
     with atomic_dir(root / name) as tmp:

@@ -252,12 +252,11 @@ def run(args: argparse.Namespace) -> int:
             print("compile: torch.compile on (the first steps compile)")
     ckpt_root = out_dir / "checkpoints"
     if args.resume_from_ckpt:
-        from safetensors.torch import load_file  # noqa: F401  (state tensors come back through io)
-
         state = load_checkpoint(args.resume_from_ckpt, model, trainer.optimizer,
                                 None if args.override_scheduling else trainer.schedule)
         trainer.load_trainer_state(state)
         trainer.load_state_tensors(state.get("_stream_state", {}))
+        resumed_history = state.get("training_history")
         print(f"resumed from {args.resume_from_ckpt} at step {trainer.opt_step}")
 
     if args.reset_halt_bias is not None:
@@ -265,6 +264,11 @@ def run(args: argparse.Namespace) -> int:
             model.reasoner.h_halt_proj.bias.fill_(args.reset_halt_bias)
         print(f"reset the manager's halting bias to {args.reset_halt_bias}")
     history = list((base_meta or {}).get("training_history", []) or [])
+    if args.resume_from_ckpt and isinstance(resumed_history, list) and resumed_history:
+        history = resumed_history[:-1]  # the last entry is this run's, rewritten below
+    run_entry = {"dataset": loaded.name, "template": loaded.template, "tokens": train_streams.num_tokens,
+                 "epochs": tcfg.epochs, "steps": 0,
+                 "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     n_params, n_core = model.num_parameters(), model.num_parameters(with_deepembed=False)
     print(f"model: {n_params:,} parameters ({n_core:,} without DeepEmbed tables) | device {device} | "
           f"amp {trainer.amp_dtype} | vocab {cfg.vocab_size} ({tokenizer.name})")
@@ -320,10 +324,11 @@ def run(args: argparse.Namespace) -> int:
     def on_checkpoint(t, is_best, reason):
         if not main_rank:
             return
-        state = t.trainer_state()
+        state = {**t.trainer_state(), "training_history": history + [{**run_entry, "steps": t.opt_step}]}
         save_checkpoint(ckpt_root, t.opt_step, model, t.optimizer, t.schedule, state,
                         keep=tcfg.keep_checkpoints, is_best=bool(is_best),
-                        extra_tensors={f"stream_state.{k}": v for k, v in t.state_tensors().items()})
+                        extra_tensors={f"stream_state.{k}": v for k, v in t.state_tensors().items()},
+                        extra={"prompt_template": loaded.template})
 
     stop_requested = lambda: stop["flag"] or (args.max_steps is not None and trainer.opt_step >= args.max_steps)  # noqa: E731
     try:
@@ -334,9 +339,7 @@ def run(args: argparse.Namespace) -> int:
     if result["stopped"] and stop["flag"]:
         print(f"stopped at step {trainer.opt_step}; resume with --resume-from-ckpt {ckpt_root}")
         return 0
-    history.append({"dataset": loaded.name, "template": loaded.template, "tokens": train_streams.num_tokens,
-                    "epochs": tcfg.epochs, "steps": trainer.opt_step,
-                    "date": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    history.append({**run_entry, "steps": trainer.opt_step})
     if not main_rank:
         return 0
     save_model_files(out_dir, model, tokenizer, history=history, extra={"prompt_template": loaded.template})

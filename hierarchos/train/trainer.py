@@ -205,7 +205,8 @@ class Trainer:
                 self.log(f"warning: non-finite loss or gradient at step {self.opt_step}: "
                          "step skipped, weights unchanged")
             self.opt_step += 1
-            if self.opt_step % cfg.log_every == 0 or end_of_epoch:
+            stopping = stop_requested()
+            if self.opt_step % cfg.log_every == 0 or end_of_epoch or stopping:
                 elapsed = time.perf_counter() - window["start"]
                 record = {"step": self.opt_step, "epoch": epoch + 1, "lr": lr,
                           "loss": window["nll"] / max(1, window["tokens"]),
@@ -215,7 +216,7 @@ class Trainer:
                 if end_of_epoch:
                     record.update(self.evaluate())
                 self.log_metrics(record)
-            window = self._new_window() if window["micro"] >= cfg.accumulation_steps or end_of_epoch else window
+            window_done = window["micro"] >= cfg.accumulation_steps or end_of_epoch
             save_now = end_of_epoch or (cfg.save_every and self.opt_step % cfg.save_every == 0)
             if save_now and on_checkpoint is not None:
                 val = self.last_metrics.get("val_loss") if end_of_epoch else None
@@ -223,10 +224,12 @@ class Trainer:
                 if is_best:
                     self.best_val = val
                 on_checkpoint(self, is_best, "epoch" if end_of_epoch else "step")
-            if stop_requested():
+            if stopping:
                 if on_checkpoint is not None and not save_now:
                     on_checkpoint(self, False, "interrupt")
                 return {"stopped": True, "opt_step": self.opt_step}
+            if window_done:  # after any save, so checkpoint time does not count as training time
+                window = self._new_window()
         return {"stopped": False, "opt_step": self.opt_step}
 
     last_metrics: dict = {}

@@ -1,0 +1,367 @@
+"""End-to-end: drive the real CLI (`python hierarchos_cli.py ...`) on tiny data as a user would.
+
+train -> checkpoint -> SIGKILL -> resume -> ckpt-2-inf; resume equivalence (N+M steps == N steps,
+resume, M steps); every bad-input case of the data loader (exact `error:` line, exit code 2);
+offline --hf_dataset on a saved dataset folder; Alpaca records; Ctrl+C (SIGINT) saves a
+resumable checkpoint and exits 0. Every run is offline, on the CPU, with one torch thread.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hierarchos.data import sources
+
+REPO = Path(__file__).resolve().parents[1]
+WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly hex bold jumbos "
+         "and thou art more lovely than a summer day").split()
+# tiny model, byte tokenizer, 2 streams x 16-token windows: one optimizer step is ~0.1 s on a CPU
+TRAIN_FLAGS = ("--tiny", "--tokenizer-path", "byte", "--max_length", "16", "--batch_size", "2",
+               "--epochs", "1", "--starting-lr", "3e-3", "--log-every", "1", "--seed", "0", "--device", "cpu")
+
+
+@pytest.fixture(scope="module")
+def cli_env(tmp_path_factory):
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               HF_DATASETS_CACHE=str(tmp_path_factory.mktemp("hf_datasets_cache")),
+               OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return env
+
+
+def _command(args) -> list[str]:
+    return [sys.executable, "hierarchos_cli.py", "--threads", "1", *map(str, args)]
+
+
+def run_cli(env, *args, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(_command(args), cwd=REPO, env=env, stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def start_cli(env, log_dir: Path, *args) -> tuple[subprocess.Popen, Path, Path]:
+    """Start the CLI in the background; stdout/stderr go to files (tqdm would fill a pipe)."""
+    out, err = log_dir / "stdout.txt", log_dir / "stderr.txt"
+    with open(out, "w") as out_handle, open(err, "w") as err_handle:
+        proc = subprocess.Popen(_command(args), cwd=REPO, env=env, stdin=subprocess.DEVNULL,
+                                stdout=out_handle, stderr=err_handle)
+    return proc, out, err
+
+
+def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, \
+        f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr[-3000:]}"
+    assert "Traceback" not in result.stderr, result.stderr
+    return result
+
+
+def latest_step(ckpt_root: Path) -> int | None:
+    try:
+        return int(json.loads((ckpt_root / "latest.json").read_text())["step"])
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return None  # not written yet (the file is replaced atomically, so never partial)
+
+
+def wait_for_checkpoint(proc: subprocess.Popen, ckpt_root: Path, min_step: int, err: Path,
+                        timeout: float = 180) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        step = latest_step(ckpt_root)
+        if step is not None and step >= min_step:
+            return step
+        if proc.poll() is not None:
+            pytest.fail(f"training exited ({proc.returncode}) before a checkpoint at step >= {min_step}:\n"
+                        f"{err.read_text()[-3000:]}")
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail(f"no checkpoint at step >= {min_step} within {timeout} s")
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def sentences(n: int, words: int = 30, seed: int = 0) -> list[str]:
+    import random
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(words)) for _ in range(n)]
+
+
+@pytest.fixture
+def text_jsonl(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "train.jsonl", [{"text": s} for s in sentences(60)])
+
+
+def read_metrics(out_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def read_config(model_dir: Path) -> dict:
+    return json.loads((model_dir / "hierarchos_config.json").read_text())
+
+
+def assert_model_dir(model_dir: Path) -> None:
+    assert (model_dir / "model.safetensors").is_file()
+    assert (model_dir / "hierarchos_config.json").is_file()
+    assert (model_dir / "tokenizer.json").is_file() or (model_dir / "hierarchos_tokenizer.json").is_file(), \
+        sorted(p.name for p in model_dir.iterdir())
+
+
+# ---- 1. train -> checkpoint -> SIGKILL -> resume -> ckpt-2-inf -------------------------------------
+
+def test_train_kill_resume_ckpt_2_inf(cli_env, tmp_path, text_jsonl):
+    from hierarchos.io import load_model_dir
+
+    out = tmp_path / "run"
+    ckpt_root = out / "checkpoints"
+    # one epoch is ~290 windows: far longer than we let it run
+    proc, _, err = start_cli(cli_env, tmp_path, "train", *TRAIN_FLAGS, "--train", text_jsonl,
+                             "--out-dir", out, "--save-every", "2")
+    try:
+        wait_for_checkpoint(proc, ckpt_root, 2, err)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "model.safetensors").exists()  # killed: no final model directory yet
+    killed_at = latest_step(ckpt_root)
+    assert killed_at is not None and killed_at >= 2
+
+    resumed = ok(run_cli(cli_env, "train", *TRAIN_FLAGS, "--train", text_jsonl, "--out-dir", out,
+                         "--save-every", "2", "--resume-from-ckpt", ckpt_root, "--max-steps", killed_at + 3))
+    assert f"resumed from {ckpt_root} at step {killed_at}" in resumed.stdout, resumed.stdout
+    assert "saved model directory" in resumed.stdout, resumed.stdout
+    assert_model_dir(out)
+    assert latest_step(ckpt_root) == killed_at + 3
+
+    inf = tmp_path / "inf"
+    converted = ok(run_cli(cli_env, "ckpt-2-inf", "--ckpt-input", ckpt_root, "--inf-output", inf))
+    assert f"wrote model directory {inf}" in converted.stdout, converted.stdout
+    assert "no tokenizer found" not in converted.stdout
+    assert_model_dir(inf)
+    assert not (inf / "optimizer.pt").exists() and not (inf / "checkpoints").exists()
+
+    model, meta = load_model_dir(inf)
+    model.eval()
+    tokens = torch.tensor([list(b"the quick brown fox")])
+    with torch.no_grad():
+        logits = model(tokens).logits
+    assert logits.shape[:2] == tokens.shape and logits.shape[-1] == model.cfg.vocab_size
+    assert torch.isfinite(logits).all()
+    # the latest checkpoint is the final step: its weights are the run's final weights
+    final, converted_weights = load_file(str(out / "model.safetensors")), load_file(str(inf / "model.safetensors"))
+    assert final.keys() == converted_weights.keys()
+    for name in final:
+        torch.testing.assert_close(converted_weights[name], final[name], rtol=0, atol=0, msg=name)
+
+    metrics = read_metrics(out)
+    assert metrics, "metrics.jsonl is empty"
+    for record in metrics:
+        for key in ("step", "loss", "lr", "tokens_per_s"):
+            assert key in record, record
+        assert record["loss"] > 0 and record["lr"] > 0 and record["tokens_per_s"] > 0
+    assert max(r["step"] for r in metrics) == killed_at + 3
+
+    history = read_config(out)["training_history"]
+    assert history[-1]["dataset"] == text_jsonl.name
+    assert history[-1]["tokens"] > 1000 and history[-1]["steps"] == killed_at + 3
+
+
+# ---- 2. resume equivalence ---------------------------------------------------------------------------
+
+def test_resume_equals_straight_run(cli_env, tmp_path, text_jsonl):
+    n, m = 3, 3
+    flags = (*TRAIN_FLAGS, "--train", text_jsonl, "--save-every", "2")
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    ok(run_cli(cli_env, "train", *flags, "--out-dir", straight, "--max-steps", n + m))
+    ok(run_cli(cli_env, "train", *flags, "--out-dir", split, "--max-steps", n))
+    assert latest_step(split / "checkpoints") == n
+    resumed = ok(run_cli(cli_env, "train", *flags, "--out-dir", split, "--max-steps", n + m,
+                         "--resume-from-ckpt", split / "checkpoints"))
+    assert f"at step {n}" in resumed.stdout, resumed.stdout
+
+    a, b = load_file(str(straight / "model.safetensors")), load_file(str(split / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-7, msg=name)
+    # the resumed run continues the same loss curve
+    loss_a = {r["step"]: r["loss"] for r in read_metrics(straight)}
+    loss_b = {r["step"]: r["loss"] for r in read_metrics(split)}
+    assert sorted(loss_a) == sorted(loss_b) == list(range(1, n + m + 1))
+    for step in loss_a:
+        assert loss_b[step] == pytest.approx(loss_a[step], rel=1e-5), step
+
+
+# ---- 3. bad input: one `error:` line, exit code 2 ---------------------------------------------------
+
+def _bad_cases(root: Path) -> dict[str, tuple[list, str]]:
+    """name -> (train args, the exact message after 'error: ')."""
+    good = write_jsonl(root / "good.jsonl", [{"text": s, "source": "gen"} for s in sentences(4)])
+    missing = root / "missing.jsonl"
+    empty = root / "empty.jsonl"
+    empty.write_bytes(b"")
+    blank = root / "blank.txt"
+    blank.write_text("\n  \n\n", encoding="utf-8")
+    latin1 = root / "latin1.jsonl"
+    latin1_bytes = b'{"text": "fine"}\n{"text": "caf\xe9 au lait"}\n'
+    latin1.write_bytes(latin1_bytes)
+    try:
+        latin1_bytes.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        bad_offset = exc.start
+    malformed = root / "malformed.jsonl"
+    bad_line = '{"text": "three", }'
+    malformed.write_text(f'{{"text": "one"}}\n{{"text": "two"}}\n{bad_line}\n{{"text": "four"}}\n', encoding="utf-8")
+    try:
+        json.loads(bad_line)
+    except json.JSONDecodeError as exc:
+        detail = f"{exc.msg}: column {exc.colno}"
+    return {
+        "file_missing": (["--train", missing], sources.ERR_FILE_MISSING.format(path=missing)),
+        "file_empty": (["--train", empty], sources.ERR_FILE_EMPTY.format(path=empty)),
+        "file_blank": (["--train", blank], sources.ERR_FILE_EMPTY.format(path=blank)),
+        "not_utf8": (["--train", latin1], sources.ERR_NOT_UTF8.format(path=latin1, offset=bad_offset)),
+        "malformed_json": (["--train", malformed], sources.ERR_BAD_JSON.format(path=malformed, line=3, detail=detail)),
+        "missing_column": (["--train", good, "--text_column", "nosuch"],
+                           sources.ERR_MISSING_COLUMN.format(path=good, column="nosuch", columns="text, source")),
+        "train_and_hf": (["--train", good, "--hf_dataset", "some/dataset"], sources.ERR_TRAIN_AND_HF),
+        "text_and_prompt": (["--train", good, "--text_column", "text", "--prompt_column", "text",
+                             "--completion_column", "source"], sources.ERR_TEXT_AND_PROMPT),
+        "device_cuda": (["--train", good, "--device", "cuda"], None),
+        "device_dml": (["--train", good, "--device", "dml"], None),
+    }
+
+
+BAD_CASES = ("file_missing", "file_empty", "file_blank", "not_utf8", "malformed_json", "missing_column",
+             "train_and_hf", "text_and_prompt", "device_cuda", "device_dml")
+
+
+@pytest.fixture(scope="module")
+def bad_results(cli_env, tmp_path_factory):
+    """Run every bad-input case at once (each is a few seconds of imports) and collect the results."""
+    root = tmp_path_factory.mktemp("bad_input")
+    cases = _bad_cases(root)
+    assert set(cases) == set(BAD_CASES)
+    procs = {}
+    for name, (args, _) in cases.items():
+        device = [] if "--device" in args else ["--device", "cpu"]
+        procs[name] = subprocess.Popen(_command(["train", "--tiny", "--tokenizer-path", "byte", *device,
+                                                 "--out-dir", root / f"out_{name}", *args]),
+                                       cwd=REPO, env=cli_env, stdin=subprocess.DEVNULL,
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    results = {}
+    for name, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=240)
+        results[name] = (proc.returncode, stdout, stderr, cases[name][1])
+    return results
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_bad_input_is_one_error_line_exit_2(bad_results, case):
+    code, stdout, stderr, expected = bad_results[case]
+    assert code == 2, f"exit {code}\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    assert "Traceback" not in stderr, stderr
+    lines = stderr.splitlines()
+    error_lines = [line for line in lines if line.startswith("error: ")]
+    assert len(error_lines) == 1, stderr
+    assert lines == error_lines, f"stray stderr output besides the error line:\n{stderr}"
+    message = error_lines[0][len("error: "):]
+    if case == "device_cuda":
+        assert message.startswith("--device cuda:") and "CUDA" in message, message
+    elif case == "device_dml":
+        assert message.startswith("--device dml") and "torch-directml" in message, message
+    else:
+        assert message == expected
+
+
+# ---- 4. offline --hf_dataset on a saved dataset folder ----------------------------------------------
+
+def test_hf_dataset_from_local_folder(cli_env, tmp_path):
+    from datasets import Dataset
+
+    folder = tmp_path / "saved_dataset"
+    Dataset.from_dict({"text": sentences(30, seed=1), "id": list(range(30))}).save_to_disk(str(folder))
+    out = tmp_path / "run"
+    result = ok(run_cli(cli_env, "train", *TRAIN_FLAGS, "--hf_dataset", folder, "--out-dir", out,
+                        "--max-steps", "2"))
+    assert "(plain)" in result.stdout, result.stdout
+    assert_model_dir(out)
+    history = read_config(out)["training_history"][-1]
+    assert history["dataset"] == f"{folder}[train]" and history["steps"] == 2 and history["tokens"] > 0
+
+
+# ---- 5. Alpaca records -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def alpaca_run(cli_env, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    root = tmp_path_factory.mktemp("alpaca")
+    rows = [{"instruction": f"Say something about item {i}.", "input": "" if i % 2 else f"item {i}: a fox",
+             "output": s} for i, s in enumerate(sentences(20, words=12, seed=2))]
+    data = write_jsonl(root / "alpaca.jsonl", rows)
+    out = root / "run"
+    result = run_cli(cli_env, "train", *TRAIN_FLAGS, "--train", data, "--out-dir", out, "--max-steps", "2")
+    return out, result
+
+
+def test_alpaca_jsonl_records_template(alpaca_run):
+    out, result = alpaca_run
+    ok(result)
+    assert "(alpaca)" in result.stdout, result.stdout
+    config = read_config(out)
+    assert config["prompt_template"] == "alpaca"
+    assert config["training_history"][-1]["template"] == "alpaca"
+    assert config["training_history"][-1]["dataset"] == "alpaca.jsonl"
+
+
+def test_ckpt_2_inf_keeps_template_and_history(cli_env, alpaca_run, tmp_path):
+    out, result = alpaca_run
+    ok(result)
+    inf = tmp_path / "inf"
+    ok(run_cli(cli_env, "ckpt-2-inf", "--ckpt-input", out / "checkpoints", "--inf-output", inf))
+    config = read_config(inf)
+    assert config.get("prompt_template") == "alpaca", config.get("prompt_template")
+    history = config.get("training_history") or []
+    assert history and history[-1]["dataset"] == "alpaca.jsonl" and history[-1]["tokens"] > 0, history
+
+
+# ---- 6. Ctrl+C -----------------------------------------------------------------------------------------
+
+def test_sigint_saves_resumable_checkpoint_and_exits_0(cli_env, tmp_path, text_jsonl):
+    out = tmp_path / "run"
+    ckpt_root = out / "checkpoints"
+    flags = (*TRAIN_FLAGS, "--train", text_jsonl, "--out-dir", out, "--save-every", "2")
+    proc, stdout_path, err = start_cli(cli_env, tmp_path, "train", *flags)
+    try:
+        wait_for_checkpoint(proc, ckpt_root, 2, err)
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    stdout, stderr = stdout_path.read_text(), err.read_text()
+    assert code == 0, f"exit {code}\nstdout:\n{stdout}\nstderr:\n{stderr[-3000:]}"
+    assert "Traceback" not in stderr, stderr
+    match = re.search(r"stopped at step (\d+); resume with --resume-from-ckpt (\S+)", stdout)
+    assert match, stdout
+    stopped_at = int(match.group(1))
+    assert Path(match.group(2)) == ckpt_root
+    assert latest_step(ckpt_root) == stopped_at
+    assert not (out / "model.safetensors").exists()  # stopped, not finished: no final model yet
+
+    resumed = ok(run_cli(cli_env, "train", *flags, "--resume-from-ckpt", ckpt_root,
+                         "--max-steps", stopped_at + 1))
+    assert f"resumed from {ckpt_root} at step {stopped_at}" in resumed.stdout, resumed.stdout
+    assert_model_dir(out)
+    assert read_config(out)["training_history"][-1]["steps"] == stopped_at + 1
