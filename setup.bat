@@ -55,5 +55,5 @@ rem and with --vulkan its GLSL shaders. Until then nothing is built and nothing 
 echo kernel: not built yet (the C++ kernel is planned; nothing uses it yet)
 if "%WITH_VULKAN%"=="1" echo vulkan: not built yet: Vulkan backend comes with the kernel
 
-echo done. Try: %PYTHON% hierarchos_cli.py demo
+echo done. Try: %PYTHON% hierarchos_cli.py train --tiny --epochs 1 --out-dir runs\tiny  (then: demo --model-path runs\tiny)
 endlocal

@@ -54,4 +54,4 @@ if [ "$with_vulkan" = 1 ]; then
   echo "vulkan: not built yet: Vulkan backend comes with the kernel"
 fi
 
-echo "done. Try: $PY hierarchos_cli.py demo"
+echo "done. Try: $PY hierarchos_cli.py train --tiny --epochs 1 --out-dir runs/tiny  (then: demo --model-path runs/tiny)"

@@ -94,6 +94,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     run.add_argument("--num_workers", "--num-workers", type=int, default=0,
                      help="accepted for compatibility; token streams are built in memory")
     run.add_argument("--log-every", type=int, default=10)
+    run.add_argument("--eval-every-epoch", type=int, default=1, metavar="N",
+                     help="validate every N epochs (0: never)")
     run.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
 
 
@@ -237,6 +239,7 @@ def run(args: argparse.Namespace) -> int:
                        weight_decay=args.weight_decay, detach_every=args.detach_every_n_steps,
                        persist_state=args.persist_state, amp=args.amp, save_every=args.save_every,
                        keep_checkpoints=args.keep_checkpoints, log_every=args.log_every, seed=args.seed,
+                       eval_every_epoch=args.eval_every_epoch,
                        loss=LossWeights(ponder=args.ponder_loss_weight, commitment=args.commitment_loss_weight,
                                         encourage_thinking=args.encourage_thinking,
                                         adaptive_ponder=args.adaptive_ponder,
@@ -278,6 +281,7 @@ def run(args: argparse.Namespace) -> int:
               f"TF32 on, cudnn.benchmark on")
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
+        train_streams.streams = train_streams.streams.pin_memory()  # lets the per-step copies overlap
     print(f"data: {loaded.name} ({loaded.template}), {train_streams.num_tokens:,} training tokens in "
           f"{args.batch_size} streams x {chunk}-token windows, {len(train_streams)} windows per epoch"
           + (f", validation {val_streams.num_tokens:,} tokens" if val_streams else ""))
@@ -330,7 +334,20 @@ def run(args: argparse.Namespace) -> int:
                         extra_tensors={f"stream_state.{k}": v for k, v in t.state_tensors().items()},
                         extra={"prompt_template": loaded.template})
 
-    stop_requested = lambda: stop["flag"] or (args.max_steps is not None and trainer.opt_step >= args.max_steps)  # noqa: E731
+    interactive = sys.stdin is not None and sys.stdin.isatty() and main_rank
+
+    def stop_requested() -> bool:
+        if args.max_steps is not None and trainer.opt_step >= args.max_steps:
+            return True
+        if stop["flag"] and interactive:  # a person is there: ask (non-interactive runs just save and stop)
+            bar.clear()
+            answer = input("\ninterrupted: [p]ause (save a checkpoint and exit), [s]top without saving, "
+                           "or [c]ontinue? ").strip().lower()[:1]
+            if answer == "c":
+                stop["flag"] = False
+            elif answer == "s":
+                raise KeyboardInterrupt
+        return stop["flag"]
     try:
         result = trainer.run(on_checkpoint=on_checkpoint, progress=progress, stop_requested=stop_requested)
     finally:

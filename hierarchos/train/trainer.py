@@ -42,6 +42,7 @@ class TrainConfig:
     save_every: int = 0                      # optimizer steps between checkpoints (0 = each epoch)
     keep_checkpoints: int = 3
     log_every: int = 10
+    eval_every_epoch: int = 1                # validate every N epochs (0: never)
     seed: int = 0
     loss: LossWeights = field(default_factory=LossWeights)
 
@@ -213,7 +214,7 @@ class Trainer:
                           "ponder": window["ponder"] / max(1, window["micro"]),
                           "tokens_per_s": window["tokens"] / max(elapsed, 1e-9),
                           "skipped_steps": self.skipped_steps}
-                if end_of_epoch:
+                if end_of_epoch and cfg.eval_every_epoch and (epoch + 1) % cfg.eval_every_epoch == 0:
                     record.update(self.evaluate())
                 self.log_metrics(record)
             window_done = window["micro"] >= cfg.accumulation_steps or end_of_epoch
