@@ -1,0 +1,123 @@
+"""Generation benchmark: batch-1 tokens/s and resident memory after 1k / 8k / 32k tokens of context.
+
+The state is fixed-size, so tokens/s and memory must stay flat as the context grows. For each
+context length the prompt is consumed with the parallel prefill, then `--new-tokens` tokens are
+generated one `step` at a time; RSS (CPU) or allocated memory (CUDA) is read after each phase.
+Prints a table and writes JSON.
+
+    python bench/bench_generate.py --size small --contexts 1024 8192 32768
+    PYTHONPATH=. python bench/bench_generate.py --device cuda --size 125m
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from hierarchos.config import ModelConfig, tiny_config  # noqa: E402
+from hierarchos.model import HierarchosLM  # noqa: E402
+
+SIZES = {
+    "tiny": lambda: tiny_config(vocab_size=4096),
+    "small": lambda: ModelConfig(vocab_size=4096, context_dim=256, h_hidden=256, l_hidden=256, h_layers=2,
+                                 l_layers=2, ltm_slots=256, h_cycles=2, max_h_steps=2, max_l_steps=2),
+    "125m": lambda: ModelConfig(vocab_size=50257, context_dim=768, h_hidden=768, l_hidden=768, h_layers=4,
+                                l_layers=4),
+}
+
+
+def rss_mib() -> float:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def memory_mib(device) -> float:
+    return torch.cuda.memory_allocated() / 2**20 if device.type == "cuda" else rss_mib()
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def run(args) -> dict:
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    torch.manual_seed(0)
+    model = HierarchosLM(SIZES[args.size]()).to(device).eval()
+    cfg = model.cfg
+    rows = []
+    for context in args.contexts:
+        state = model.init_state(1, device=device)
+        prompt = torch.randint(0, cfg.vocab_size, (1, context), device=device)
+        start = time.perf_counter()
+        for piece in prompt.split(args.prefill_chunk, dim=1):  # prefill in pieces bounds activation memory
+            out = model(piece, state)
+            state = out.state
+        sync(device)
+        prefill_s = time.perf_counter() - start
+        after_prefill = memory_mib(device)
+        token = out.logits[:, -1].argmax(-1)
+        for _ in range(args.warmup):
+            out = model.step(token, state)
+            state, token = out.state, out.logits.argmax(-1)
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(args.new_tokens):
+            out = model.step(token, state)
+            state, token = out.state, out.logits.argmax(-1)
+        sync(device)
+        elapsed = time.perf_counter() - start
+        rows.append({"context": context, "prefill_tokens_per_s": context / prefill_s,
+                     "tokens_per_s": args.new_tokens / elapsed, "memory_after_prefill_mib": after_prefill,
+                     "memory_after_generation_mib": memory_mib(device), "state_bytes": state.nbytes(),
+                     "rosa_history": state.rosa[0].history_len if state.rosa else 0})
+        print(f"context {context:>6}: prefill {rows[-1]['prefill_tokens_per_s']:8.0f} tok/s | generate "
+              f"{rows[-1]['tokens_per_s']:7.1f} tok/s | memory {after_prefill:8.1f} -> "
+              f"{rows[-1]['memory_after_generation_mib']:8.1f} MiB | state {state.nbytes() / 2**20:.2f} MiB",
+              flush=True)
+    return {"machine": {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+                        "torch": torch.__version__, "device": str(device),
+                        "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None},
+            "size": args.size, "params": model.num_parameters(),
+            "params_without_deepembed": model.num_parameters(with_deepembed=False), "rows": rows}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", choices=SIZES, default="small")
+    ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 8192, 32768])
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--warmup", type=int, default=4)
+    ap.add_argument("--prefill-chunk", type=int, default=2048)
+    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    ap.add_argument("--json", default=None, help="default bench/results/generate_<device>.json")
+    args = ap.parse_args()
+    result = run(args)
+    print("\n| context | prefill tok/s | generate tok/s | memory after prefill MiB | after generation MiB | state MiB |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for r in result["rows"]:
+        print(f"| {r['context']} | {r['prefill_tokens_per_s']:.0f} | {r['tokens_per_s']:.1f} | "
+              f"{r['memory_after_prefill_mib']:.1f} | {r['memory_after_generation_mib']:.1f} | "
+              f"{r['state_bytes'] / 2**20:.2f} |")
+    path = Path(args.json or f"bench/results/generate_{result['machine']['device'].split(':')[0]}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    print(f"json: {path}")
+
+
+if __name__ == "__main__":
+    main()
