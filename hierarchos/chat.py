@@ -147,10 +147,14 @@ class ChatSession:
 
     def _hold_back(self, text: str) -> int:
         """Length of the longest tail of `text` that may start a stop string (not printed yet)."""
-        for n in range(min(len(text), max((len(s) for s in self.stop_strings), default=0)), 0, -1):
+        if not self.stop_strings:
+            return 0
+        held = 0
+        for n in range(min(len(text), max(len(s) for s in self.stop_strings)), 0, -1):
             if any(s.startswith(text[-n:]) for s in self.stop_strings):
-                return n
-        return 0
+                held = n
+                break
+        return len(text) - len(text[:len(text) - held].rstrip("\n"))  # and the newlines before it
 
     @torch.no_grad()
     def reply(self, user_text: str, on_text: Callable[[str], None] | None = None) -> tuple[str, list[int]]:
@@ -168,7 +172,7 @@ class ChatSession:
         self.turns += 1
         history, new_ids = list(prompt_ids), []
         decoder = self.tokenizer.decode_stream()
-        text, shown = "", 0
+        text, shown, cut = "", 0, -1
         self.interrupted = False
         for _ in range(cfg.max_new_tokens):
             if self.interrupted:
@@ -195,13 +199,15 @@ class ChatSession:
             if on_text is not None and visible > shown:
                 on_text(text[shown:visible])
                 shown = visible
-        else:
+        if cut < 0:
             text += decoder.flush()
+        if self.stop_strings:
+            text = text.rstrip("\n")
         if on_text is not None and len(text) > shown:
             on_text(text[shown:])
         stats.seconds = time.perf_counter() - start
         self.last = stats
-        return text.rstrip("\n") if self.stop_strings else text, prompt_ids + new_ids
+        return text, prompt_ids + new_ids
 
     def turn(self, user_text: str) -> str:
         """A full exchange: reply (streamed to `out`), then online learning when enabled."""

@@ -19,6 +19,7 @@ COMMANDS = {
     "train": "train",
     "ckpt-2-inf": "ckpt_2_inf",
     "demo": "demo",
+    "chat": "chat",
 }
 
 

@@ -1,0 +1,128 @@
+"""`chat`: talk to a trained model in the terminal, or script it through --prompt / piped stdin.
+
+Interactive: `>>> ` prompt with readline history, streamed replies, Ctrl+C stops a reply,
+Ctrl+D leaves. Scripted (--prompt, or stdin not a terminal): only reply text goes to stdout,
+everything else to stderr. Maps flags onto `hierarchos.chat.ChatSession`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from ..errors import HierarchosError
+
+HELP = "chat with a trained model (streaming REPL, reasoning modes, online learning into its memory)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-path", "--model_path", required=True, metavar="DIR", help="a model directory (from train)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | dml (default: auto)")
+    p.add_argument("--prompt", default=None, metavar="TEXT", help="answer this one turn and exit (reply on stdout)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    sampling = p.add_argument_group("sampling")
+    sampling.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default: 0.7)")
+    sampling.add_argument("--top-k", "--top_k", type=int, default=40)
+    sampling.add_argument("--top-p", "--top_p", type=float, default=0.9)
+    sampling.add_argument("--repetition-penalty", "--repetition_penalty", type=float, default=1.2)
+    sampling.add_argument("--max-new-tokens", "--max_new_tokens", type=int, default=512)
+    sampling.add_argument("--h-halt-thresh", "--h_halt_thresh", type=float, default=None,
+                          help="manager pondering early-exit threshold in normal mode (default: the model's, 0.9)")
+    learning = p.add_argument_group("online learning into the long-term memory")
+    learning.add_argument("--learn", action=argparse.BooleanOptionalAction, default=True,
+                          help="update the memory after surprising exchanges (default: on)")
+    learning.add_argument("--surprise-threshold", "--surprise_threshold", type=float, default=2.0, metavar="X",
+                          help="update only when the exchange's loss (nats/token) exceeds X (default: 2.0)")
+    learning.add_argument("--ltm_lr", "--ltm-lr", type=float, default=0.01, help="LTM learning rate (default: 0.01)")
+    learning.add_argument("--ltm-schedule-steps", "--ltm_schedule_steps", type=int, default=100,
+                          help="updates per cosine cycle of the LTM learning rate (default: 100)")
+    learning.add_argument("--ltm-schedule-min-lr", "--ltm_schedule_min_lr", type=float, default=1e-5)
+    learning.add_argument("--static-ltm-lr", "--static_ltm_lr", action="store_true",
+                          help="keep the LTM learning rate constant")
+    learning.add_argument("--ltm-lora-path", "--ltm_lora_path", metavar="FILE", default=None,
+                          help="memory delta file: loaded at start when it exists, written by /save and at exit "
+                               "(default: DIR/ltm_delta.safetensors, written by /save only)")
+
+
+def _check(args: argparse.Namespace) -> None:
+    if args.temperature < 0:
+        raise HierarchosError(f"--temperature must be >= 0, got {args.temperature}")
+    if args.top_k < 0:
+        raise HierarchosError(f"--top-k must be >= 0, got {args.top_k}")
+    if not 0 < args.top_p <= 1:
+        raise HierarchosError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.repetition_penalty <= 0:
+        raise HierarchosError(f"--repetition-penalty must be > 0, got {args.repetition_penalty}")
+    if args.max_new_tokens < 1:
+        raise HierarchosError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.h_halt_thresh is not None and not 0 < args.h_halt_thresh <= 1:
+        raise HierarchosError(f"--h-halt-thresh must be in (0, 1], got {args.h_halt_thresh}")
+    if args.ltm_lr < 0 or args.ltm_schedule_min_lr < 0 or args.ltm_schedule_steps < 1:
+        raise HierarchosError("--ltm_lr and --ltm-schedule-min-lr must be >= 0 and --ltm-schedule-steps >= 1")
+
+
+def _setup_readline():
+    try:
+        import readline
+    except ImportError:  # Windows without pyreadline: input() still works
+        return None
+    history = Path(os.environ.get("HIERARCHOS_HISTORY", Path.home() / ".hierarchos_history"))
+    try:
+        readline.read_history_file(history)
+    except OSError:
+        pass
+    readline.set_history_length(1000)
+    return lambda: readline.write_history_file(history)
+
+
+def run(args: argparse.Namespace) -> int:
+    _check(args)
+    from ..chat import ChatSession, LearnConfig
+    from ..data.tokenizers import load_tokenizer
+    from ..generate import SamplingConfig
+    from ..io import load_model_dir
+    from .train import pick_device
+
+    if not Path(args.model_path).is_dir():
+        raise HierarchosError(f"--model-path {args.model_path}: not a directory; pass a model directory from train")
+    device = pick_device(args.device)
+    model, meta = load_model_dir(args.model_path, device=device)
+    tokenizer = load_tokenizer(args.model_path)
+    template = meta.get("prompt_template") or "plain"
+    scripted = args.prompt is not None or not sys.stdin.isatty()
+    session = ChatSession(
+        model, tokenizer, template=template, model_dir=args.model_path, device=device,
+        sampling=SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
+                                seed=args.seed),
+        h_halt_thresh=args.h_halt_thresh,
+        learn=LearnConfig(enabled=args.learn, surprise_threshold=args.surprise_threshold, lr=args.ltm_lr,
+                          schedule_steps=args.ltm_schedule_steps, schedule_min_lr=args.ltm_schedule_min_lr,
+                          static_lr=args.static_ltm_lr),
+        delta_path=args.ltm_lora_path,
+        out=sys.stdout, info=sys.stderr if scripted else sys.stdout, log=sys.stderr)
+    if session.delta_path is not None and session.delta_path.exists():
+        session.load_delta(session.delta_path)
+        print(f"loaded memory delta {session.delta_path}", file=sys.stderr)
+
+    if args.prompt is not None:
+        session.turn(args.prompt)
+    elif scripted:
+        session.run_lines(sys.stdin)
+    else:
+        save_history = _setup_readline()
+        print(f"hierarchos chat: {args.model_path} ({model.num_parameters():,} parameters, {template} template, "
+              f"device {device}); /help for commands, Ctrl+D to leave", file=sys.stderr)
+        try:
+            session.run_interactive()
+        finally:
+            if save_history is not None:
+                try:
+                    save_history()
+                except OSError:
+                    pass
+    if args.ltm_lora_path and session.updates:
+        print(f"saved memory delta to {session.save_delta()}", file=sys.stderr)
+    return 0
