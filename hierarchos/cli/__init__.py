@@ -88,3 +88,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def script_entry(script_main) -> None:
+    """Entry for scripts/*.py: run `script_main()`, turning a HierarchosError into one line + exit 2."""
+    try:
+        sys.exit(script_main())
+    except HierarchosError as exc:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        sys.exit(exc.exit_code)
