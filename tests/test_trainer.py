@@ -98,3 +98,36 @@ def test_schedule_warmup_then_cosine():
     assert lr_at(9, 100, 1.0, 0.1, 10) == 1.0
     assert abs(lr_at(100, 100, 1.0, 0.1, 10) - 0.1) < 1e-12
     assert lr_at(50, 100, 1.0, 0.1, 10, disabled=True) == 1.0
+
+
+def test_lazy_row_adam_matches_adam_on_touched_rows_and_freezes_the_rest():
+    from hierarchos.train.schedule import LazyRowAdam
+
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    table = torch.randn(6, 3, generator=g)
+    lazy_p = torch.nn.Parameter(table.clone())
+    ref_p = torch.nn.Parameter(table.clone())
+    lazy = LazyRowAdam([lazy_p], lr=0.1, betas=(0.9, 0.95))
+    ref = torch.optim.Adam([ref_p], lr=0.1, betas=(0.9, 0.95), eps=1e-8)
+    for step in range(4):
+        grad = torch.randn(6, 3, generator=g)
+        grad[4:] = 0  # rows 4 and 5 never looked up
+        lazy_p.grad, ref_p.grad = grad.clone(), grad.clone()
+        lazy.step()
+        ref.step()
+    torch.testing.assert_close(lazy_p[:4], ref_p[:4], msg=lambda m: f"seed={seed}: {m}")
+    assert torch.equal(lazy_p[4:].detach(), table[4:]), f"seed={seed}: untouched rows moved"
+
+
+def test_deepembed_rows_no_batch_touched_stay_fixed():
+    seed = fresh_seed()
+    trainer = make(seed, epochs=1)
+    table = trainer.model.reasoner.worker.deepembed[0].weight
+    before = table.detach().clone()
+    trainer.run(stop_requested=lambda: trainer.opt_step >= 3)
+    seen = set(trainer.train_streams.streams[:, : 3 * 2 * trainer.train_streams.chunk + 1].flatten().tolist())
+    unseen = [row for row in range(table.shape[0]) if row not in seen]
+    assert unseen, "test data covers the whole vocabulary"
+    assert torch.equal(table.detach()[unseen], before[unseen]), f"seed={seed}"
+    assert not torch.equal(table.detach(), before), f"seed={seed}: no row moved at all"

@@ -23,15 +23,95 @@ def lr_at(step: int, total_steps: int, starting_lr: float, min_lr: float, warmup
     return min_lr + 0.5 * (starting_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
-def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW; no weight decay on vectors, norms, embeddings and memory tables."""
-    decay, no_decay, seen = [], [], set()
+class LazyRowAdam(torch.optim.Optimizer):
+    """Adam for lookup tables: only rows that received a gradient this step move, and their
+    moments and bias-correction counts advance per row (DESIGN 3.1: DeepEmbed tables are indexed,
+    so a row no batch touched must not drift on stale momentum as it would under AdamW).
+    Masks instead of row indices keep it free of host synchronisation on the GPU."""
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.95), eps: float = 1e-8):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                state = self.state[p]
+                if not state:
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                    state["row_steps"] = torch.zeros(p.shape[0], device=p.device, dtype=torch.float32)
+                touched = grad.reshape(grad.shape[0], -1).ne(0).any(-1)          # (rows,)
+                state["row_steps"].add_(touched.float())
+                mask = touched.view(-1, *([1] * (p.ndim - 1)))
+                m = torch.where(mask, state["exp_avg"] * beta1 + grad * (1 - beta1), state["exp_avg"])
+                v = torch.where(mask, state["exp_avg_sq"] * beta2 + grad * grad * (1 - beta2), state["exp_avg_sq"])
+                state["exp_avg"].copy_(m)
+                state["exp_avg_sq"].copy_(v)
+                steps = state["row_steps"].clamp(min=1).view_as(mask.float()) if p.ndim > 1 else state["row_steps"]
+                m_hat = m / (1 - beta1 ** steps)
+                v_hat = v / (1 - beta2 ** steps)
+                update = group["lr"] * m_hat / (v_hat.sqrt() + group["eps"])
+                p.sub_(torch.where(mask, update.to(p.dtype), torch.zeros_like(p)))
+
+
+class OptimizerSet:
+    """Several optimizers stepped as one (AdamW for dense weights, LazyRowAdam for tables);
+    exposes what the trainer, the schedule, GradScaler and checkpoints use."""
+
+    def __init__(self, *optimizers: torch.optim.Optimizer):
+        self.optimizers = [opt for opt in optimizers if opt.param_groups]
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [group for opt in self.optimizers for group in opt.param_groups]
+
+    @property
+    def state(self) -> dict:
+        return {k: v for opt in self.optimizers for k, v in opt.state.items()}
+
+    def step(self, closure=None) -> None:
+        for opt in self.optimizers:
+            opt.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {str(i): opt.state_dict() for i, opt in enumerate(self.optimizers)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if set(state) != {str(i) for i in range(len(self.optimizers))}:
+            raise ValueError(f"expected {len(self.optimizers)} optimizer states, found {sorted(state)}")
+        for i, opt in enumerate(self.optimizers):
+            opt.load_state_dict(state[str(i)])
+
+
+TABLE_PARTS = (".deepembed.", "rosa_embed")  # indexed lookup tables updated row-lazily
+
+
+def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> OptimizerSet:
+    """AdamW for dense weights (no decay on vectors, norms, the tied embedding and memory
+    tables); LazyRowAdam for the DeepEmbed and ROSA lookup tables."""
+    decay, no_decay, tables, seen = [], [], [], set()
     for name, param in model.named_parameters():
         if not param.requires_grad or id(param) in seen:
             continue
         seen.add(id(param))
-        table = any(part in name for part in ("embed", "deepembed", "memory.keys", "memory.values"))
+        if any(part in name for part in TABLE_PARTS):
+            tables.append(param)
+            continue
+        table = any(part in name for part in ("embed", "memory.keys", "memory.values"))
         (no_decay if param.ndim < 2 or table else decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     fused = all(p.is_cuda for p in decay + no_decay)
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=fused or None)
+    dense = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=fused or None)
+    optimizers = [dense]
+    if tables:
+        optimizers.append(LazyRowAdam(tables, lr=lr, betas=(0.9, 0.95)))
+    return OptimizerSet(*optimizers)
