@@ -25,7 +25,7 @@ import torch
 
 from .data.sources import format_prompt
 from .errors import HierarchosError
-from .generate import SamplingConfig, sample_next
+from .generate import SamplingConfig, generate
 from .io import atomic_write_bytes
 from .model.losses import lm_loss
 
@@ -164,29 +164,17 @@ class ChatSession:
             prompt_ids = [self.tokenizer.eos_id] + prompt_ids  # turns are separated like training docs
         if not prompt_ids:
             return "", []
-        caps, cfg = self.caps(), self.sampling
         stats = ReplyStats()
         start = time.perf_counter()
-        out = self.model(torch.tensor([prompt_ids], device=self.device), self.state, **caps)
-        logits, self.state = out.logits[0, -1], out.state
         self.turns += 1
-        history, new_ids = list(prompt_ids), []
         decoder = self.tokenizer.decode_stream()
         text, shown, cut = "", 0, -1
         self.interrupted = False
-        for _ in range(cfg.max_new_tokens):
-            if self.interrupted:
-                break
-            token = sample_next(logits, history, cfg, self.generator)
-            if token == self.tokenizer.eos_id:
-                new_ids.append(token)
-                break
-            new_ids.append(token)
-            history.append(token)
+
+        def on_token(token, step) -> bool:
+            nonlocal text, shown, cut
             text += decoder.push(token)
             cut = min((text.find(s) for s in self.stop_strings if s in text), default=-1)
-            step = self.model.step(torch.tensor([token], device=self.device), self.state, **caps)
-            logits, self.state = step.logits[0], step.state
             stats.tokens += 1
             for name, (total, count) in step.totals.items():
                 acc = stats.totals.setdefault(name, [0.0, 0.0])
@@ -194,11 +182,17 @@ class ChatSession:
                 acc[1] += float(count)
             if cut >= 0:
                 text = text[:cut]
-                break
+                return True
             visible = len(text) - self._hold_back(text)
             if on_text is not None and visible > shown:
                 on_text(text[shown:visible])
                 shown = visible
+            return False
+
+        new_ids, self.state = generate(self.model, prompt_ids, self.sampling, state=self.state,
+                                       eos_id=self.tokenizer.eos_id, on_token=on_token,
+                                       should_stop=lambda: self.interrupted, generator=self.generator,
+                                       keep_eos=True, **self.caps())
         if cut < 0:
             text += decoder.flush()
         if self.stop_strings:

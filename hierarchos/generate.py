@@ -48,16 +48,23 @@ def sample_next(logits: torch.Tensor, history: list[int], cfg: SamplingConfig,
 
 @torch.no_grad()
 def generate(model, prompt_ids: list[int], cfg: SamplingConfig, *, state=None, eos_id: int | None = None,
-             on_token: Callable[[int], None] | None = None, should_stop: Callable[[], bool] = lambda: False,
-             **caps):
-    """Returns (new token ids, final state). `caps` are the model's reasoning caps (chat modes)."""
+             on_token: Callable[[int, object], bool | None] | None = None,
+             should_stop: Callable[[], bool] = lambda: False, generator: torch.Generator | None = None,
+             keep_eos: bool = False, **caps):
+    """Prefill `prompt_ids` on `state`, then sample up to `max_new_tokens` with `step`.
+
+    `on_token(token, step_output)` runs after each token went through the model (its output
+    carries the per-token aux totals); returning True ends generation there. `should_stop()` is
+    checked before each token (Ctrl+C). With `keep_eos` a sampled EOS is appended to the returned
+    ids (not fed to the model). Returns (new token ids, final state). `caps`: reasoning caps."""
+    if not prompt_ids:
+        raise ValueError("generate needs at least one prompt token")
     device = next(model.parameters()).device
-    generator = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
+    if generator is None and cfg.seed is not None:
+        generator = torch.Generator().manual_seed(cfg.seed)
     if state is None:
         state = model.init_state(1, device=device)
     history = list(prompt_ids)
-    if not prompt_ids:
-        raise ValueError("generate needs at least one prompt token")
     out = model(torch.tensor([prompt_ids], device=device), state, **caps)
     logits, state = out.logits[0, -1], out.state
     new: list[int] = []
@@ -66,11 +73,13 @@ def generate(model, prompt_ids: list[int], cfg: SamplingConfig, *, state=None, e
             break
         token = sample_next(logits, history, cfg, generator)
         if eos_id is not None and token == eos_id:
+            if keep_eos:
+                new.append(token)
             break
         new.append(token)
         history.append(token)
-        if on_token is not None:
-            on_token(token)
         out = model.step(torch.tensor([token], device=device), state, **caps)
         logits, state = out.logits[0], out.state
+        if on_token is not None and on_token(token, out):
+            break
     return new, state

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import hierarchos.chat as chat_mod
+import hierarchos.generate as generate_mod
 from hierarchos.chat import ChatSession, LearnConfig, cosine_lr, parse_since
 from hierarchos.config import tiny_config
 from hierarchos.data.tokenizers import load_tokenizer
@@ -102,7 +103,7 @@ def test_state_size_fixed_over_200_tokens(model_dir):
 
 def test_stop_string_ends_reply_and_is_never_streamed(model_dir, monkeypatch):
     script = list("Sure.\n### Instruction:\nmore".encode())
-    monkeypatch.setattr(chat_mod, "sample_next", lambda *a, **k: script.pop(0))
+    monkeypatch.setattr(generate_mod, "sample_next", lambda *a, **k: script.pop(0))
     session, _, _ = _session(model_dir, template="alpaca", max_new=64)
     chunks = []
     text, _ = session.reply("hi", on_text=chunks.append)
@@ -119,7 +120,7 @@ def test_ctrl_c_stops_the_reply_and_keeps_the_session(model_dir, monkeypatch):
             signal.raise_signal(signal.SIGINT)
         return 65  # "A"
 
-    monkeypatch.setattr(chat_mod, "sample_next", fake_sample)
+    monkeypatch.setattr(generate_mod, "sample_next", fake_sample)
     session, out, info = _session(model_dir, max_new=50)
     session.turn("hi")
     assert out.getvalue() == "AAA\n"

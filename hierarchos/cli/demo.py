@@ -127,7 +127,7 @@ def _generate_from(args: argparse.Namespace, device) -> int:
     start = time.perf_counter()
     sys.stdout.write(prompt)
     new, _ = generate(model, tokenizer.encode(prompt), cfg, eos_id=tokenizer.eos_id,
-                      on_token=lambda t: (sys.stdout.write(decoder.push(t)), sys.stdout.flush()))
+                      on_token=lambda t, _out: (sys.stdout.write(decoder.push(t)), sys.stdout.flush()) and None)
     sys.stdout.write(decoder.flush() + "\n")
     elapsed = time.perf_counter() - start
     print(f"[{len(new)} tokens, {len(new) / max(elapsed, 1e-9):.1f} tokens/s]")
