@@ -126,8 +126,11 @@ def _generate_from(args: argparse.Namespace, device) -> int:
     decoder = tokenizer.decode_stream()
     start = time.perf_counter()
     sys.stdout.write(prompt)
-    new, _ = generate(model, tokenizer.encode(prompt), cfg, eos_id=tokenizer.eos_id,
-                      on_token=lambda t, _out: (sys.stdout.write(decoder.push(t)), sys.stdout.flush()) and None)
+    def show(token, _step_output) -> None:
+        sys.stdout.write(decoder.push(token))
+        sys.stdout.flush()
+
+    new, _ = generate(model, tokenizer.encode(prompt), cfg, eos_id=tokenizer.eos_id, on_token=show)
     sys.stdout.write(decoder.flush() + "\n")
     elapsed = time.perf_counter() - start
     print(f"[{len(new)} tokens, {len(new) / max(elapsed, 1e-9):.1f} tokens/s]")

@@ -303,19 +303,15 @@ def hub_offline_mode():
 
 
 def _load_hub(name: str, allow_network: bool = True) -> Tokenizer:
-    try:
-        return _wrap_transformers(_auto_tokenizer(name, local_files_only=True), name)
-    except HierarchosError:
-        raise
-    except Exception:
-        pass
-    if allow_network and hub_reachable():
+    for local_only in (True, False):  # the local cache first; the hub only when it answers
+        if not local_only and not (allow_network and hub_reachable()):
+            break
         try:
-            return _wrap_transformers(_auto_tokenizer(name, local_files_only=False), name)
+            return _wrap_transformers(_auto_tokenizer(name, local_files_only=local_only), name)
         except HierarchosError:
             raise
         except Exception:
-            pass
+            continue
     raise HierarchosError(ERR_HUB_NOT_CACHED.format(name=name))
 
 

@@ -89,6 +89,7 @@ class Trainer:
         self.skipped_steps = 0
         self.best_val = float("inf")
         self.state = None
+        self.last_metrics: dict = {}
         use_amp = cfg.amp if cfg.amp is not None else device.type == "cuda"
         self.amp_dtype = None
         if use_amp and device.type == "cuda":
@@ -232,8 +233,6 @@ class Trainer:
             if window_done:  # after any save, so checkpoint time does not count as training time
                 window = self._new_window()
         return {"stopped": False, "opt_step": self.opt_step}
-
-    last_metrics: dict = {}
 
     def log_metrics(self, record: dict) -> None:
         """Replaced by the CLI to write metrics.jsonl and update the progress bar."""
