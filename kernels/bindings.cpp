@@ -1,0 +1,192 @@
+// pybind11 module `hierarchos_kernels`: numpy in, numpy out, argument checks with the
+// same messages as the numpy reference (hierarchos/quant/formats.py), GIL released
+// around the heavy loops.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <string>
+
+#include "rosa.h"
+#include "runtime.h"
+
+namespace py = pybind11;
+using hk::QType;
+
+namespace {
+
+using FloatArray = py::array_t<float, py::array::c_style | py::array::forcecast>;
+using ByteArray = py::array_t<uint8_t, py::array::c_style>;
+using IdArray = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
+
+QType parse_qtype(const std::string &name) {
+    for (int i = 0; i < hk::kNumQTypes; ++i)
+        if (name == hk::qtype_name(static_cast<QType>(i))) return static_cast<QType>(i);
+    throw py::value_error("unknown qtype '" + name + "'; known: INT4, Q4_0, Q8_0, Q2_K");
+}
+
+int64_t row_bytes(QType t, int64_t cols) { return cols / hk::block_size(t) * hk::block_bytes(t); }
+
+void check_cols(QType t, int64_t rows, int64_t cols) {
+    const int need = hk::block_size(t);
+    if (cols <= 0 || cols % need)
+        throw py::value_error(std::string(hk::qtype_name(t)) + " needs the number of columns to be a positive multiple of " +
+                              std::to_string(need) + "; got a (" + std::to_string(rows) + ", " + std::to_string(cols) +
+                              ") matrix");
+}
+
+void check_data(const ByteArray &data, QType t, int64_t cols) {
+    if (data.ndim() != 2) throw py::value_error("quantized data must be a 2-D uint8 array");
+    check_cols(t, data.shape(0), cols);
+    if (data.shape(1) != row_bytes(t, cols))
+        throw py::value_error(std::string(hk::qtype_name(t)) + " rows of " + std::to_string(cols) + " columns take " +
+                              std::to_string(row_bytes(t, cols)) + " bytes, got " + std::to_string(data.shape(1)));
+}
+
+py::array_t<uint8_t> quantize(const FloatArray &w, const std::string &qtype) {
+    const QType t = parse_qtype(qtype);
+    if (w.ndim() != 2) throw py::value_error("quantize expects a 2-D matrix");
+    const int64_t rows = w.shape(0), cols = w.shape(1);
+    check_cols(t, rows, cols);
+    py::array_t<uint8_t> out({rows, row_bytes(t, cols)});
+    const float *src = w.data();
+    uint8_t *dst = out.mutable_data();
+    {
+        py::gil_scoped_release release;
+        hk::quantize(t, src, rows, cols, dst);
+    }
+    return out;
+}
+
+py::array_t<float> dequantize(const ByteArray &data, const std::string &qtype, int64_t cols) {
+    const QType t = parse_qtype(qtype);
+    check_data(data, t, cols);
+    const int64_t rows = data.shape(0);
+    py::array_t<float> out({rows, cols});
+    const uint8_t *src = data.data();
+    float *dst = out.mutable_data();
+    {
+        py::gil_scoped_release release;
+        hk::dequantize(t, src, rows, cols, dst);
+    }
+    return out;
+}
+
+py::array_t<float> dequantize_rows(const ByteArray &data, const std::string &qtype, int64_t cols, const IdArray &row_ids) {
+    const QType t = parse_qtype(qtype);
+    check_data(data, t, cols);
+    const int64_t n = row_ids.size(), table_rows = data.shape(0);
+    const int64_t *ids = row_ids.data();
+    for (int64_t i = 0; i < n; ++i)
+        if (ids[i] < 0 || ids[i] >= table_rows)
+            throw py::index_error("row id out of range for a table of " + std::to_string(table_rows) + " rows");
+    py::array_t<float> out({n, cols});
+    hk::dequantize_rows(t, data.data(), cols, ids, n, out.mutable_data());
+    return out;
+}
+
+py::array_t<float> matmul(const ByteArray &data, const std::string &qtype, int64_t cols, const FloatArray &x) {
+    const QType t = parse_qtype(qtype);
+    check_data(data, t, cols);
+    if (x.ndim() != 2 || x.shape(1) != cols)
+        throw py::value_error("x must be (N, " + std::to_string(cols) + "), got a " + std::to_string(x.ndim()) +
+                              "-D array" + (x.ndim() == 2 ? " of " + std::to_string(x.shape(1)) + " columns" : ""));
+    const int64_t rows = data.shape(0), n = x.shape(0);
+    py::array_t<float> out({n, rows});
+    const uint8_t *w = data.data();
+    const float *src = x.data();
+    float *dst = out.mutable_data();
+    if (n > 0) {
+        py::gil_scoped_release release;
+        hk::matmul(t, w, rows, cols, src, n, dst);
+    }
+    return out;
+}
+
+uint64_t stream_read(const ByteArray &buffer, int threads) {
+    const uint8_t *p = buffer.data();
+    const size_t bytes = static_cast<size_t>(buffer.size());
+    py::gil_scoped_release release;
+    return hk::stream_read_parallel(p, bytes, threads);
+}
+
+py::array_t<int64_t> rosa_extend(hk::RosaAutomaton &self, const IdArray &tokens) {
+    const int64_t n = tokens.size();
+    py::array_t<int64_t> hints(n);
+    const int64_t *src = tokens.data();
+    int64_t *dst = hints.mutable_data();
+    {
+        py::gil_scoped_release release;
+        self.extend(src, n, dst);
+    }
+    return hints;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(hierarchos_kernels, m) {
+    m.doc() = "hierarchos C++ kernel: quantized block formats, integer matmuls with run-time ISA dispatch, ROSA automaton";
+
+    m.attr("QTYPES") = py::make_tuple("INT4", "Q4_0", "Q8_0", "Q2_K");
+    m.def("block_size", [](const std::string &q) { return hk::block_size(parse_qtype(q)); }, py::arg("qtype"));
+    m.def("block_bytes", [](const std::string &q) { return hk::block_bytes(parse_qtype(q)); }, py::arg("qtype"));
+    m.def("quantize", &quantize, py::arg("w"), py::arg("qtype"),
+          "float32 (rows, cols) -> uint8 (rows, row_bytes), ggml-identical blocks (INT4: ours)");
+    m.def("dequantize", &dequantize, py::arg("data"), py::arg("qtype"), py::arg("cols"));
+    m.def("dequantize_rows", &dequantize_rows, py::arg("data"), py::arg("qtype"), py::arg("cols"), py::arg("row_ids"));
+    m.def("matmul", &matmul, py::arg("data"), py::arg("qtype"), py::arg("cols"), py::arg("x"),
+          "y = x @ W.T: x (N, cols) float32 -> (N, rows); activations quantized to Q8_0 (Q8_K for Q2_K)");
+
+    m.def("set_threads", &hk::set_threads, py::arg("n"), "n <= 0: one per hardware thread");
+    m.def("get_threads", &hk::get_threads);
+    m.def("set_isa", [](const std::string &name) {
+        try {
+            hk::set_isa(name);
+        } catch (const std::invalid_argument &e) {
+            throw py::value_error(e.what());
+        }
+    }, py::arg("name"));
+    m.def("get_isa", &hk::get_isa);
+    m.def("default_isa", &hk::default_isa);
+    m.def("available_isas", &hk::available_isas, "ISAs usable here, scalar first, best last");
+    m.def("cpu_features", [] {
+        py::dict out;
+        for (const auto &kv : hk::cpu_features()) out[py::str(kv.first)] = kv.second;
+        return out;
+    });
+    m.def("backend_name", [] { return std::string("cpp"); });
+    m.def("stream_read", &stream_read, py::arg("buffer"), py::arg("threads") = 0,
+          "read every byte of a uint8 array with `threads` threads (memory bandwidth probe); returns a checksum");
+
+    py::class_<hk::RosaAutomaton>(m, "RosaAutomaton")
+        .def(py::init([](int64_t window, int64_t none_id) {
+                 try {
+                     return hk::RosaAutomaton(window, none_id);
+                 } catch (const std::invalid_argument &e) {
+                     throw py::value_error(e.what());
+                 }
+             }),
+             py::arg("window"), py::arg("none_id"))
+        .def("extend", &rosa_extend, py::arg("tokens"), "append int64 tokens, return their hints (int64 array)")
+        .def("push", [](hk::RosaAutomaton &self, int64_t token) {
+            int64_t hint;
+            self.extend(&token, 1, &hint);
+            return hint;
+        }, py::arg("token"))
+        .def("copy", [](const hk::RosaAutomaton &self) { return hk::RosaAutomaton(self); })
+        .def_readwrite("num_tokens", &hk::RosaAutomaton::num_tokens)
+        .def_property_readonly("window", &hk::RosaAutomaton::window)
+        .def_property_readonly("none_id", &hk::RosaAutomaton::none_id)
+        .def_property_readonly("history_len", &hk::RosaAutomaton::history_len)
+        .def_property_readonly("num_states", &hk::RosaAutomaton::num_states)
+        .def(py::pickle(
+            [](const hk::RosaAutomaton &self) {
+                return py::make_tuple(self.window(), self.none_id(), self.num_tokens, self.history());
+            },
+            [](const py::tuple &state) {
+                if (state.size() != 4) throw py::value_error("bad RosaAutomaton state");
+                hk::RosaAutomaton automaton(state[0].cast<int64_t>(), state[1].cast<int64_t>());
+                automaton.restore(state[3].cast<std::vector<int64_t>>(), state[2].cast<int64_t>());
+                return automaton;
+            }));
+}

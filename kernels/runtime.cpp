@@ -1,0 +1,430 @@
+// Run time: which ISA the CPU supports (cpuid / hwcaps), a small persistent thread pool,
+// and the drivers that quantize activations once and split the matmul over output rows.
+#include "runtime.h"
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <mutex>
+#include <stdexcept>
+#include <thread>
+
+#if defined(__x86_64__) || defined(_M_X64) || defined(__i386__) || defined(_M_IX86)
+#define HK_X86 1
+#if defined(_MSC_VER)
+#include <intrin.h>
+#else
+#include <cpuid.h>
+#endif
+#include <immintrin.h>
+#endif
+#if defined(__aarch64__) && defined(__linux__)
+#include <sys/auxv.h>
+#ifndef HWCAP_ASIMDDP
+#define HWCAP_ASIMDDP (1 << 20)
+#endif
+#endif
+#if defined(__aarch64__) && defined(__APPLE__)
+#include <sys/sysctl.h>
+#endif
+
+namespace hk {
+
+// ---- CPU features --------------------------------------------------------------------
+
+namespace {
+
+struct Features {
+    bool avx2 = false, fma = false, f16c = false;
+    bool avx512f = false, avx512bw = false, avx512vl = false, avx512dq = false, avx512vnni = false;
+    bool neon = false, dotprod = false;
+};
+
+#if defined(HK_X86)
+void cpuid(int leaf, int sub, unsigned regs[4]) {
+#if defined(_MSC_VER)
+    int r[4];
+    __cpuidex(r, leaf, sub);
+    for (int i = 0; i < 4; ++i) regs[i] = static_cast<unsigned>(r[i]);
+#else
+    __cpuid_count(leaf, sub, regs[0], regs[1], regs[2], regs[3]);
+#endif
+}
+
+uint64_t xgetbv0() {
+#if defined(_MSC_VER)
+    return _xgetbv(0);
+#else
+    unsigned lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    return (static_cast<uint64_t>(hi) << 32) | lo;
+#endif
+}
+#endif
+
+Features detect() {
+    Features f;
+#if defined(HK_X86)
+    unsigned r[4];
+    cpuid(0, 0, r);
+    const unsigned max_leaf = r[0];
+    cpuid(1, 0, r);
+    const bool osxsave = (r[2] >> 27) & 1;
+    f.fma = (r[2] >> 12) & 1;
+    f.f16c = (r[2] >> 29) & 1;
+    const bool avx = (r[2] >> 28) & 1;
+    // The OS must save the wide registers (XCR0) or the instructions fault.
+    const uint64_t xcr0 = osxsave ? xgetbv0() : 0;
+    const bool ymm_state = (xcr0 & 0x6) == 0x6;
+    const bool zmm_state = (xcr0 & 0xE6) == 0xE6;
+    if (max_leaf >= 7) {
+        cpuid(7, 0, r);
+        f.avx2 = avx && ymm_state && ((r[1] >> 5) & 1);
+        f.avx512f = zmm_state && ((r[1] >> 16) & 1);
+        f.avx512dq = zmm_state && ((r[1] >> 17) & 1);
+        f.avx512bw = zmm_state && ((r[1] >> 30) & 1);
+        f.avx512vl = zmm_state && ((r[1] >> 31) & 1);
+        f.avx512vnni = zmm_state && ((r[2] >> 11) & 1);
+    }
+    f.fma = f.fma && ymm_state;
+    f.f16c = f.f16c && ymm_state;
+#elif defined(__aarch64__)
+    f.neon = true;
+#if defined(__linux__)
+    f.dotprod = (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0;
+#elif defined(__APPLE__)
+    int value = 0;
+    size_t size = sizeof(value);
+    f.dotprod = sysctlbyname("hw.optional.arm.FEAT_DotProd", &value, &size, nullptr, 0) == 0 && value;
+#endif
+#endif
+    return f;
+}
+
+const Features &features() {
+    static const Features f = detect();
+    return f;
+}
+
+// name -> kernels, best first; only ISAs compiled in and supported by this CPU.
+std::vector<const IsaKernels *> usable_isas() {
+    const Features &f = features();
+    std::vector<const IsaKernels *> out;
+    const bool avx2_ok = f.avx2 && f.fma && f.f16c;
+    const bool avx512_ok = avx2_ok && f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq;
+    if (avx512_ok && f.avx512vnni && avx512_vnni_kernels()) out.push_back(avx512_vnni_kernels());
+    if (avx512_ok && avx512_kernels()) out.push_back(avx512_kernels());
+    if (avx2_ok && avx2_kernels()) out.push_back(avx2_kernels());
+    if (f.neon && f.dotprod && neon_kernels()) out.push_back(neon_kernels());
+    out.push_back(scalar_kernels());
+    return out;
+}
+
+std::atomic<const IsaKernels *> g_isa{nullptr};
+
+const IsaKernels *current_isa() {
+    const IsaKernels *isa = g_isa.load(std::memory_order_acquire);
+    if (!isa) {
+        isa = usable_isas().front();
+        g_isa.store(isa, std::memory_order_release);
+    }
+    return isa;
+}
+
+}  // namespace
+
+std::vector<std::string> available_isas() {
+    std::vector<std::string> names;
+    for (const IsaKernels *isa : usable_isas()) names.emplace_back(isa->name);
+    std::reverse(names.begin(), names.end());  // scalar first, best last
+    return names;
+}
+
+std::string default_isa() { return usable_isas().front()->name; }
+
+void set_isa(const std::string &name) {
+    std::string known;
+    for (const IsaKernels *isa : usable_isas()) {
+        if (name == isa->name) {
+            g_isa.store(isa, std::memory_order_release);
+            return;
+        }
+        known += (known.empty() ? "" : ", ") + std::string(isa->name);
+    }
+    throw std::invalid_argument("ISA '" + name + "' is not available on this CPU/build (available: " + known + ")");
+}
+
+std::string get_isa() { return current_isa()->name; }
+
+std::vector<std::pair<std::string, bool>> cpu_features() {
+    const Features &f = features();
+    return {{"avx2", f.avx2},         {"fma", f.fma},           {"f16c", f.f16c},
+            {"avx512f", f.avx512f},   {"avx512bw", f.avx512bw}, {"avx512vl", f.avx512vl},
+            {"avx512dq", f.avx512dq}, {"avx512_vnni", f.avx512vnni},
+            {"neon", f.neon},         {"dotprod", f.dotprod}};
+}
+
+// ---- thread pool ---------------------------------------------------------------------
+
+namespace {
+
+inline void cpu_relax() {
+#if defined(HK_X86)
+    _mm_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+// Persistent workers plus the calling thread share one job's tasks through an atomic
+// counter. Workers spin briefly before sleeping: generation issues matvecs back to
+// back, and a futex wake per call would cost more than a small matvec.
+class ThreadPool {
+public:
+    explicit ThreadPool(int n_threads) {
+        for (int i = 1; i < n_threads; ++i) workers_.emplace_back([this] { worker_loop(); });
+    }
+    ~ThreadPool() {
+        {
+            std::lock_guard<std::mutex> lock(mutex_);
+            stopping_ = true;
+            generation_.fetch_add(1);
+        }
+        wake_.notify_all();
+        for (std::thread &t : workers_) t.join();
+    }
+    int size() const { return static_cast<int>(workers_.size()) + 1; }
+
+    // Runs fn(task) for task in [0, n_tasks), using at most `width` threads (caller included).
+    // Callers serialise (g_run_mutex): one job at a time.
+    void run(int64_t n_tasks, int width, const std::function<void(int64_t)> &fn) {
+        const int helpers = static_cast<int>(std::min<int64_t>({static_cast<int64_t>(workers_.size()),
+                                                                static_cast<int64_t>(width) - 1, n_tasks - 1}));
+        if (helpers <= 0) {
+            for (int64_t i = 0; i < n_tasks; ++i) fn(i);
+            return;
+        }
+        {
+            std::lock_guard<std::mutex> lock(mutex_);
+            job_ = &fn;
+            n_tasks_ = n_tasks;
+            next_.store(0);
+            helpers_wanted_ = helpers;
+            helpers_joined_ = 0;
+            pending_.store(helpers);
+            generation_.fetch_add(1, std::memory_order_release);
+        }
+        wake_.notify_all();
+        drain(fn);
+        {
+            // Helpers that have not woken yet are not waited for: the tasks are done.
+            std::lock_guard<std::mutex> lock(mutex_);
+            pending_.fetch_sub(helpers_wanted_ - helpers_joined_);
+            helpers_wanted_ = helpers_joined_;
+            job_ = nullptr;
+        }
+        while (pending_.load(std::memory_order_acquire) != 0) cpu_relax();
+    }
+
+private:
+    void drain(const std::function<void(int64_t)> &fn) {
+        for (int64_t i = next_.fetch_add(1); i < n_tasks_; i = next_.fetch_add(1)) fn(i);
+    }
+
+    void worker_loop() {
+        uint64_t seen = 0;
+        for (;;) {
+            // spin up to ~200 us for the next job, then sleep
+            const auto spin_until = std::chrono::steady_clock::now() + std::chrono::microseconds(200);
+            int polls = 0;
+            while (generation_.load(std::memory_order_acquire) == seen) {
+                cpu_relax();
+                if (++polls % 256 == 0 && std::chrono::steady_clock::now() > spin_until) {
+                    std::unique_lock<std::mutex> lock(mutex_);
+                    wake_.wait(lock, [&] { return generation_.load() != seen; });
+                    break;
+                }
+            }
+            const std::function<void(int64_t)> *job;
+            {
+                std::lock_guard<std::mutex> lock(mutex_);
+                seen = generation_.load();
+                if (stopping_) return;
+                if (!job_ || helpers_joined_ >= helpers_wanted_) continue;  // not needed for this job
+                ++helpers_joined_;
+                job = job_;
+            }
+            drain(*job);
+            pending_.fetch_sub(1, std::memory_order_acq_rel);
+        }
+    }
+
+    std::vector<std::thread> workers_;
+    std::mutex mutex_;
+    std::condition_variable wake_;
+    std::atomic<uint64_t> generation_{0};
+    std::atomic<int64_t> next_{0};
+    std::atomic<int> pending_{0};
+    const std::function<void(int64_t)> *job_ = nullptr;
+    int64_t n_tasks_ = 0;
+    int helpers_wanted_ = 0, helpers_joined_ = 0;
+    bool stopping_ = false;
+};
+
+std::mutex g_run_mutex;   // held for a whole parallel_for, and by set_threads
+std::mutex g_pool_mutex;
+ThreadPool *g_pool = nullptr;  // leaked at exit on purpose: joining threads during interpreter teardown can hang
+int g_threads = 0;
+
+int hardware_threads() {
+    const unsigned n = std::thread::hardware_concurrency();
+    return n ? static_cast<int>(n) : 1;
+}
+
+ThreadPool &pool() {
+    std::lock_guard<std::mutex> lock(g_pool_mutex);
+    if (!g_pool) {
+        if (g_threads <= 0) g_threads = hardware_threads();
+        g_pool = new ThreadPool(g_threads);
+    }
+    return *g_pool;
+}
+
+void parallel_for(int64_t n_tasks, const std::function<void(int64_t)> &fn, int width = 0) {
+    if (n_tasks <= 0) return;
+    std::lock_guard<std::mutex> serial(g_run_mutex);
+    ThreadPool &p = pool();
+    p.run(n_tasks, width > 0 ? width : p.size(), fn);
+}
+
+}  // namespace
+
+void set_threads(int n) {
+    std::lock_guard<std::mutex> serial(g_run_mutex);
+    std::lock_guard<std::mutex> lock(g_pool_mutex);
+    const int wanted = n > 0 ? n : hardware_threads();
+    if (g_pool && g_pool->size() == wanted) return;
+    delete g_pool;  // joins its workers; no job runs (we hold g_run_mutex)
+    g_pool = nullptr;
+    g_threads = wanted;
+}
+
+int get_threads() {
+    std::lock_guard<std::mutex> lock(g_pool_mutex);
+    return g_threads > 0 ? g_threads : hardware_threads();
+}
+
+// ---- whole-matrix operations ---------------------------------------------------------
+
+namespace {
+
+// Enough independent rows per task to amortise the task fetch, few enough tasks per
+// thread to balance: about 8 tasks per thread.
+int64_t rows_per_task(int64_t rows, int64_t work_per_row) {
+    const int64_t threads = get_threads();
+    int64_t chunk = (rows + threads * 8 - 1) / (threads * 8);
+    const int64_t min_rows = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(1, work_per_row));
+    chunk = std::max(chunk, min_rows);
+    return std::max<int64_t>(1, std::min(chunk, rows));
+}
+
+}  // namespace
+
+void quantize(QType t, const float *w, int64_t rows, int64_t cols, uint8_t *out) {
+    const int64_t rb = cols / block_size(t) * block_bytes(t);
+    const int64_t chunk = rows_per_task(rows, cols * (t == QType::Q2_K ? 64 : 1));
+    parallel_for((rows + chunk - 1) / chunk, [&](int64_t task) {
+        for (int64_t r = task * chunk; r < std::min(rows, (task + 1) * chunk); ++r)
+            quantize_row(t, w + r * cols, out + r * rb, cols);
+    });
+}
+
+void dequantize(QType t, const uint8_t *data, int64_t rows, int64_t cols, float *out) {
+    const int64_t rb = cols / block_size(t) * block_bytes(t);
+    const int64_t chunk = rows_per_task(rows, cols);
+    parallel_for((rows + chunk - 1) / chunk, [&](int64_t task) {
+        for (int64_t r = task * chunk; r < std::min(rows, (task + 1) * chunk); ++r)
+            dequantize_row(t, data + r * rb, out + r * cols, cols);
+    });
+}
+
+void dequantize_rows(QType t, const uint8_t *data, int64_t cols, const int64_t *ids, int64_t n, float *out) {
+    const int64_t rb = cols / block_size(t) * block_bytes(t);
+    for (int64_t i = 0; i < n; ++i) dequantize_row(t, data + ids[i] * rb, out + i * cols, cols);
+}
+
+void matmul(QType t, const uint8_t *data, int64_t rows, int64_t cols, const float *x, int64_t n, float *out) {
+    const IsaKernels *isa = current_isa();
+    const int64_t rb = cols / block_size(t) * block_bytes(t);
+    const int64_t n_blocks = cols / block_size(t);
+    // Activation scratch is per calling thread and reused: no allocation per matvec.
+    thread_local std::vector<int8_t> qs;
+    thread_local std::vector<float> d, d_lanes;
+    thread_local std::vector<int32_t> sums, corr;
+    thread_local std::vector<BlockQ8_K> q8k;
+
+    const int64_t act_rows_per_task = std::max<int64_t>(1, std::min<int64_t>(n, 16));
+    const int64_t act_tasks = (n + act_rows_per_task - 1) / act_rows_per_task;
+    ActQ8_0View view0{};
+    ActQ8_KView viewk{};
+    if (t == QType::Q2_K) {
+        q8k.resize(static_cast<size_t>(n * n_blocks));
+        parallel_for(act_tasks, [&](int64_t task) {
+            for (int64_t a = task * act_rows_per_task; a < std::min(n, (task + 1) * act_rows_per_task); ++a)
+                quantize_act_row_q8_k(x + a * cols, q8k.data() + a * n_blocks, cols);
+        }, n * cols >= (1 << 16) ? 0 : 1);
+        viewk = {q8k.data(), n_blocks};
+    } else {
+        const int offset = isa->corr_offset[static_cast<int>(t)];
+        qs.resize(static_cast<size_t>(n * cols));
+        d.resize(static_cast<size_t>(n * n_blocks));
+        sums.resize(static_cast<size_t>(n * n_blocks));
+        corr.assign(static_cast<size_t>(n * n_blocks * 8), 0);
+        d_lanes.resize(static_cast<size_t>(n * n_blocks * 8));
+        parallel_for(act_tasks, [&](int64_t task) {
+            for (int64_t a = task * act_rows_per_task; a < std::min(n, (task + 1) * act_rows_per_task); ++a) {
+                const int64_t first = a * n_blocks;
+                quantize_act_row_q8_0(x + a * cols, qs.data() + a * cols, d.data() + first, sums.data() + first, cols);
+                for (int64_t b = first; b < first + n_blocks; ++b) {
+                    corr[static_cast<size_t>(b * 8)] = -offset * sums[static_cast<size_t>(b)];
+                    for (int l = 0; l < 8; ++l) d_lanes[static_cast<size_t>(b * 8 + l)] = d[static_cast<size_t>(b)];
+                }
+            }
+        }, n * cols >= (1 << 16) ? 0 : 1);
+        view0 = {qs.data(), d.data(), corr.data(), d_lanes.data(), n_blocks};
+    }
+
+    // Tasks: (activation chunk, row chunk). Activation chunks of 64 rows keep the
+    // quantized activations of one chunk in L2 while a task streams its weight rows.
+    const int64_t act_chunk = 64;
+    const int64_t n_act_chunks = (n + act_chunk - 1) / act_chunk;
+    const int64_t row_chunk = rows_per_task(rows, cols * std::min<int64_t>(n, act_chunk) / 8);
+    const int64_t n_row_chunks = (rows + row_chunk - 1) / row_chunk;
+    parallel_for(n_act_chunks * n_row_chunks, [&](int64_t task) {
+        const int64_t ac = task / n_row_chunks, rc = task % n_row_chunks;
+        DotArgs args{data, rb, n_blocks,
+                     rc * row_chunk, std::min(rows, (rc + 1) * row_chunk),
+                     ac * act_chunk, std::min(n, (ac + 1) * act_chunk),
+                     out, rows};
+        if (t == QType::Q2_K) isa->dot_q2_k(args, viewk);
+        else isa->dot_q8_0(t, args, view0);
+    });
+}
+
+uint64_t stream_read_parallel(const uint8_t *p, size_t bytes, int threads) {
+    const int width = threads > 0 ? threads : get_threads();
+    const size_t chunk = ((bytes / static_cast<size_t>(width)) + 4095) & ~static_cast<size_t>(4095);
+    std::atomic<uint64_t> checksum{0};
+    parallel_for(width, [&](int64_t task) {
+        const size_t begin = std::min(bytes, static_cast<size_t>(task) * chunk);
+        const size_t end = std::min(bytes, begin + chunk);
+        checksum.fetch_add(stream_read(p + begin, end - begin));
+    }, width);
+    return checksum.load();
+}
+
+}  // namespace hk

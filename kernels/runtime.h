@@ -1,0 +1,33 @@
+// The kernel's entry points as the bindings see them: ISA choice, threads, and the
+// whole-matrix operations (quantize, dequantize, matmul) split over the thread pool.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "formats.h"
+
+namespace hk {
+
+std::vector<std::string> available_isas();    // best last is not implied; see default_isa()
+std::string default_isa();
+void set_isa(const std::string &name);        // throws std::invalid_argument when unavailable
+std::string get_isa();
+std::vector<std::pair<std::string, bool>> cpu_features();
+
+void set_threads(int n);  // n <= 0: hardware concurrency
+int get_threads();
+
+void quantize(QType t, const float *w, int64_t rows, int64_t cols, uint8_t *out);
+void dequantize(QType t, const uint8_t *data, int64_t rows, int64_t cols, float *out);
+void dequantize_rows(QType t, const uint8_t *data, int64_t cols, const int64_t *ids, int64_t n, float *out);
+// out (n, rows) = x (n, cols) @ W.T
+void matmul(QType t, const uint8_t *data, int64_t rows, int64_t cols, const float *x, int64_t n, float *out);
+
+// Read `bytes` from p with `threads` threads (<= 0: current setting); returns a checksum.
+uint64_t stream_read_parallel(const uint8_t *p, size_t bytes, int threads);
+
+}  // namespace hk
