@@ -18,16 +18,33 @@ Cost. Online suffix automaton construction (amortized O(1) transitions per token
 plus a walk up the suffix-link path of the new state to refresh each state's most
 recent end position: O(path length) per token, a few states on natural or random
 text, up to O(window) on degenerate input such as "aaaa...". Measured with
-`RosaAutomaton(window).extend` on T=1024 random tokens (fresh automaton per
+`PyRosaAutomaton(window).extend` on T=1024 random tokens (fresh automaton per
 sequence), one CPU core, CPython 3.11: vocab 50k ~2.6M tokens/s (window 1024) /
 ~1.7M (window 256, rebuilds); vocab 4 ~1.3M / ~0.8M; constant "aaaa..." ~0.1M.
+
+Backends. `RosaAutomaton` runs the C++ port in the `hierarchos_kernels` extension when
+it is built (same hints, same rebuild schedule; tests/test_kernel.py checks them equal)
+and this module's `PyRosaAutomaton`, the reference, otherwise. `backend="python"` or
+`HIERARCHOS_ROSA=python` selects the reference; `"cpp"` requires the extension.
 """
 
 from __future__ import annotations
 
+import importlib
+import os
 from collections.abc import Sequence
 
+import numpy as np
 import torch
+
+from ..errors import HierarchosError
+
+try:
+    _kernels = importlib.import_module("hierarchos.hierarchos_kernels")
+except ImportError:  # not built: the Python reference serves
+    _kernels = None
+
+ROSA_BACKENDS = ("auto", "cpp", "python")
 
 
 def history_start(num_consumed: int, window: int) -> int:
@@ -35,7 +52,7 @@ def history_start(num_consumed: int, window: int) -> int:
     return max(0, (num_consumed // window - 1) * window)
 
 
-class RosaAutomaton:
+class PyRosaAutomaton:
     """Suffix automaton over a bounded token history that returns one hint per pushed token.
 
     States are parallel plain lists (transitions dict, suffix link, longest length,
@@ -87,9 +104,9 @@ class RosaAutomaton:
                 self._rebuild()
         return hints
 
-    def copy(self) -> RosaAutomaton:
+    def copy(self) -> PyRosaAutomaton:
         """An independent deep copy."""
-        other = RosaAutomaton.__new__(RosaAutomaton)
+        other = PyRosaAutomaton.__new__(PyRosaAutomaton)
         other.window = self.window
         other.none_id = self.none_id
         other.num_tokens = self.num_tokens
@@ -151,6 +168,84 @@ class RosaAutomaton:
         self._last = last
 
 
+class RosaAutomaton:
+    """One stream's automaton, on the C++ port when built (see module doc), else the reference.
+
+    The same interface as `PyRosaAutomaton`; copies with `copy()`, pickles either way (the
+    C++ state pickles as its held history, from which it is rebuilt).
+    """
+
+    __slots__ = ("_impl",)
+
+    def __init__(self, window: int, none_id: int, backend: str | None = None):
+        backend = backend or os.environ.get("HIERARCHOS_ROSA") or "auto"
+        if backend not in ROSA_BACKENDS:
+            raise ValueError(f"ROSA backend must be one of {ROSA_BACKENDS}, got {backend!r}")
+        if backend == "cpp" and _kernels is None:
+            raise HierarchosError("ROSA backend 'cpp' needs the C++ kernel, which is not built; "
+                                  "build it with `bash setup.sh`")
+        if backend == "python" or _kernels is None:
+            self._impl = PyRosaAutomaton(window, none_id)
+        else:
+            self._impl = _kernels.RosaAutomaton(int(window), int(none_id))
+
+    @property
+    def backend(self) -> str:
+        return "python" if isinstance(self._impl, PyRosaAutomaton) else "cpp"
+
+    @property
+    def window(self) -> int:
+        return self._impl.window
+
+    @property
+    def none_id(self) -> int:
+        return self._impl.none_id
+
+    @property
+    def num_tokens(self) -> int:
+        return self._impl.num_tokens
+
+    @num_tokens.setter
+    def num_tokens(self, value: int) -> None:
+        self._impl.num_tokens = value
+
+    @property
+    def history_len(self) -> int:
+        return self._impl.history_len
+
+    @property
+    def num_states(self) -> int:
+        return self._impl.num_states
+
+    def push(self, token: int) -> int:
+        """Append one token and return its hint."""
+        return int(self._impl.push(token))
+
+    def extend(self, tokens: Sequence[int]) -> list[int]:
+        """Append tokens in order and return their hints."""
+        if isinstance(self._impl, PyRosaAutomaton):
+            return self._impl.extend(tokens)
+        return self._impl.extend(np.asarray(tokens, dtype=np.int64).reshape(-1)).tolist()
+
+    def extend_array(self, tokens: np.ndarray) -> np.ndarray:
+        """`extend` for an int64 array, returning an int64 array (no Python lists on the C++ path)."""
+        if isinstance(self._impl, PyRosaAutomaton):
+            return np.asarray(self._impl.extend(tokens.tolist()), dtype=np.int64)
+        return self._impl.extend(np.ascontiguousarray(tokens, dtype=np.int64))
+
+    def copy(self) -> RosaAutomaton:
+        """An independent deep copy."""
+        other = RosaAutomaton.__new__(RosaAutomaton)
+        other._impl = self._impl.copy()
+        return other
+
+    def __getstate__(self):
+        return self._impl
+
+    def __setstate__(self, impl) -> None:
+        self._impl = impl
+
+
 def rosa_hints(
     tokens: torch.Tensor,
     automata: list[RosaAutomaton] | None,
@@ -165,14 +260,18 @@ def rosa_hints(
     """
     if tokens.dim() != 2:
         raise ValueError(f"tokens must be (B, T), got shape {tuple(tokens.shape)}")
-    rows = tokens.tolist()
+    rows = tokens.detach().to("cpu", torch.long).numpy()
     if automata is None:
         automata = [RosaAutomaton(window, none_id) for _ in rows]
     if len(automata) != len(rows):
         raise ValueError(f"{len(automata)} automata for a batch of {len(rows)} rows")
-    hints = [automaton.extend(row) for automaton, row in zip(automata, rows)]
-    hint_tensor = torch.tensor(hints, dtype=torch.long).reshape(tokens.shape)
-    return hint_tensor.to(tokens.device), automata
+    hints = np.empty(rows.shape, dtype=np.int64)
+    for index, (automaton, row) in enumerate(zip(automata, rows)):
+        if isinstance(automaton, PyRosaAutomaton):
+            hints[index] = automaton.extend(row.tolist())
+        else:
+            hints[index] = automaton.extend_array(row)
+    return torch.from_numpy(hints).to(tokens.device), automata
 
 
 def rosa_hints_bruteforce(tokens: Sequence[int], none_id: int, window: int | None = None) -> list[int]:
