@@ -65,9 +65,11 @@ void dequantize_row(QType t, const void *in, float *y, int64_t n);
 // Q8_0, per activation row a and block b:
 //   qs[(a * n_blocks + b) * 32 + i]  codes
 //   d[a * n_blocks + b]              scale read back from its fp16 storage
-//   corr[(a * n_blocks + b) * 8]     int32 lanes: lane 0 = -offset * sum(codes), rest 0,
-//                                    for ISA paths that feed weights as unsigned codes
-//                                    (code + offset); offset is IsaKernels::corr_offset
+//   corr[(a * n_blocks + b) * 8 + l] int32: -offset * (sum of codes 4l..4l+3), for ISA
+//                                    paths that feed weights as unsigned codes (code +
+//                                    offset; offset is IsaKernels::corr_offset). Per lane,
+//                                    so each 4-element lane is exact before it turns float
+//                                    (one correction lane per block would cancel in float).
 //   d_lanes[(a * n_blocks + b) * 8]  d repeated 8 times (one 256-bit vector per block)
 struct ActQ8_0View {
     const int8_t *qs;

@@ -362,40 +362,50 @@ void matmul(QType t, const uint8_t *data, int64_t rows, int64_t cols, const floa
     const int64_t rb = cols / block_size(t) * block_bytes(t);
     const int64_t n_blocks = cols / block_size(t);
     // Activation scratch is per calling thread and reused: no allocation per matvec.
-    thread_local std::vector<int8_t> qs;
-    thread_local std::vector<float> d, d_lanes;
-    thread_local std::vector<int32_t> sums, corr;
-    thread_local std::vector<BlockQ8_K> q8k;
+    // The worker lambdas below get plain pointers: naming a thread_local inside them
+    // would refer to the worker's own (empty) instance.
+    thread_local std::vector<int8_t> qs_store;
+    thread_local std::vector<float> d_store, d_lanes_store;
+    thread_local std::vector<int32_t> sums_store, corr_store;
+    thread_local std::vector<BlockQ8_K> q8k_store;
 
     const int64_t act_rows_per_task = std::max<int64_t>(1, std::min<int64_t>(n, 16));
     const int64_t act_tasks = (n + act_rows_per_task - 1) / act_rows_per_task;
+    const int act_width = n * cols >= (1 << 16) ? 0 : 1;  // small activations: no thread hand-off
     ActQ8_0View view0{};
     ActQ8_KView viewk{};
     if (t == QType::Q2_K) {
-        q8k.resize(static_cast<size_t>(n * n_blocks));
-        parallel_for(act_tasks, [&](int64_t task) {
+        q8k_store.resize(static_cast<size_t>(n * n_blocks));
+        BlockQ8_K *q8k = q8k_store.data();
+        parallel_for(act_tasks, [=](int64_t task) {
             for (int64_t a = task * act_rows_per_task; a < std::min(n, (task + 1) * act_rows_per_task); ++a)
-                quantize_act_row_q8_k(x + a * cols, q8k.data() + a * n_blocks, cols);
-        }, n * cols >= (1 << 16) ? 0 : 1);
-        viewk = {q8k.data(), n_blocks};
+                quantize_act_row_q8_k(x + a * cols, q8k + a * n_blocks, cols);
+        }, act_width);
+        viewk = {q8k, n_blocks};
     } else {
         const int offset = isa->corr_offset[static_cast<int>(t)];
-        qs.resize(static_cast<size_t>(n * cols));
-        d.resize(static_cast<size_t>(n * n_blocks));
-        sums.resize(static_cast<size_t>(n * n_blocks));
-        corr.assign(static_cast<size_t>(n * n_blocks * 8), 0);
-        d_lanes.resize(static_cast<size_t>(n * n_blocks * 8));
-        parallel_for(act_tasks, [&](int64_t task) {
+        qs_store.resize(static_cast<size_t>(n * cols));
+        d_store.resize(static_cast<size_t>(n * n_blocks));
+        sums_store.resize(static_cast<size_t>(n * n_blocks));
+        corr_store.resize(static_cast<size_t>(n * n_blocks * 8));
+        d_lanes_store.resize(static_cast<size_t>(n * n_blocks * 8));
+        int8_t *qs = qs_store.data();
+        float *d = d_store.data(), *d_lanes = d_lanes_store.data();
+        int32_t *sums = sums_store.data(), *corr = corr_store.data();
+        parallel_for(act_tasks, [=](int64_t task) {
             for (int64_t a = task * act_rows_per_task; a < std::min(n, (task + 1) * act_rows_per_task); ++a) {
                 const int64_t first = a * n_blocks;
-                quantize_act_row_q8_0(x + a * cols, qs.data() + a * cols, d.data() + first, sums.data() + first, cols);
+                quantize_act_row_q8_0(x + a * cols, qs + a * cols, d + first, sums + first, cols);
                 for (int64_t b = first; b < first + n_blocks; ++b) {
-                    corr[static_cast<size_t>(b * 8)] = -offset * sums[static_cast<size_t>(b)];
-                    for (int l = 0; l < 8; ++l) d_lanes[static_cast<size_t>(b * 8 + l)] = d[static_cast<size_t>(b)];
+                    const int8_t *codes = qs + b * QK;
+                    for (int l = 0; l < 8; ++l) {
+                        corr[b * 8 + l] = -offset * (codes[4 * l] + codes[4 * l + 1] + codes[4 * l + 2] + codes[4 * l + 3]);
+                        d_lanes[b * 8 + l] = d[b];
+                    }
                 }
             }
-        }, n * cols >= (1 << 16) ? 0 : 1);
-        view0 = {qs.data(), d.data(), corr.data(), d_lanes.data(), n_blocks};
+        }, act_width);
+        view0 = {qs, d, corr, d_lanes, n_blocks};
     }
 
     // Tasks: (activation chunk, row chunk). Activation chunks of 64 rows keep the
