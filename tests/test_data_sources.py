@@ -215,3 +215,10 @@ def test_auto_max_length():
     assert auto_max_length([32]) == 32
     assert auto_max_length([]) == 16
     assert auto_max_length([1000], cap=512) == 512
+
+
+def test_missing_datasets_package_is_one_clear_line(tmp_path, cache, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` raise ImportError
+    with pytest.raises(HierarchosError, match=r"needs the `datasets` package .*pip install datasets"):
+        load(cache, train=str(write_jsonl(tmp_path / "d.jsonl", ROWS)))

@@ -230,8 +230,18 @@ def _load_hub(spec: DataSpec):
         raise HierarchosError(ERR_HF_LOAD.format(name=spec.hf_dataset, detail=_one_line(exc))) from None
 
 
+def _require_datasets() -> None:
+    """Every loader goes through Hugging Face `datasets`; say how to get it, not a traceback."""
+    try:
+        import datasets  # noqa: F401
+    except ImportError as exc:
+        raise HierarchosError(f"reading training data needs the `datasets` package ({_one_line(exc)}); "
+                              "install it with `pip install datasets` (or run setup.sh)") from None
+
+
 def _load_dataset(spec: DataSpec):
     """Returns (datasets.Dataset, where for messages, name for the history)."""
+    _require_datasets()
     if spec.train and spec.hf_dataset:
         raise HierarchosError(ERR_TRAIN_AND_HF)
     if spec.train:

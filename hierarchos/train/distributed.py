@@ -8,6 +8,7 @@ global batch compute the same update as one process would; only rank 0 logs and 
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 
@@ -30,6 +31,12 @@ class DistInfo:
         return self.rank == 0
 
 
+def _leave_process_group() -> None:
+    """Tear the group down at exit (NCCL warns about leaked resources otherwise)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def init_from_env(device_type: str) -> DistInfo:
     """Join the process group torchrun describes in the environment (no-op for one process)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -38,6 +45,7 @@ def init_from_env(device_type: str) -> DistInfo:
     info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+        atexit.register(_leave_process_group)
     if device_type == "cuda":
         torch.cuda.set_device(info.local_rank)
     return info
