@@ -3,6 +3,9 @@ rem Set up hierarchos in the current Python environment (a venv is recommended).
 rem   setup.bat            install hierarchos and its dependencies (editable)
 rem   setup.bat --test     also install the test dependencies (pytest, hypothesis)
 rem   setup.bat --vulkan   also build the Vulkan backend of the C++ kernel (not available yet)
+rem   setup.bat --require-kernel   fail when the C++ kernel cannot be built
+rem The C++ kernel (kernels\) is built in place when cmake and MSVC (or another C++ compiler)
+rem are present; without them hierarchos runs quantized models on a slow numpy reference.
 rem Safe to run again. Uses %PYTHON% if set, else `python`.
 rem torch: an importable torch is kept as it is (CUDA users: install your CUDA build of torch
 rem first); otherwise %TORCH_SPEC% (default torch==2.13.0) is installed before everything else.
@@ -11,16 +14,18 @@ cd /d "%~dp0"
 
 set "WITH_TEST=0"
 set "WITH_VULKAN=0"
+set "REQUIRE_KERNEL=0"
 :parse
 if "%~1"=="" goto parsed
 if /i "%~1"=="--test" (set "WITH_TEST=1" & shift & goto parse)
 if /i "%~1"=="--vulkan" (set "WITH_VULKAN=1" & shift & goto parse)
+if /i "%~1"=="--require-kernel" (set "REQUIRE_KERNEL=1" & shift & goto parse)
 if /i "%~1"=="--help" goto usage
 if /i "%~1"=="-h" goto usage
-echo setup.bat: unknown option '%~1' (known: --test, --vulkan, --help) 1>&2
+echo setup.bat: unknown option '%~1' (known: --test, --vulkan, --require-kernel, --help) 1>&2
 exit /b 2
 :usage
-echo usage: setup.bat [--test] [--vulkan]
+echo usage: setup.bat [--test] [--vulkan] [--require-kernel]
 exit /b 0
 :parsed
 
@@ -49,11 +54,15 @@ echo hierarchos: pip install -e %TARGET%
 %PIP% -e "%TARGET%" || exit /b 1
 
 rem ---- C++ kernel (kernels\) ----------------------------------------------------
-rem KERNEL BUILD: a later issue builds the pybind11 extension `hierarchos_kernels` here
-rem (cmake -S kernels -B build\kernels && cmake --build build\kernels --config Release),
-rem and with --vulkan its GLSL shaders. Until then nothing is built and nothing needs it.
-echo kernel: not built yet (the C++ kernel is planned; nothing uses it yet)
-if "%WITH_VULKAN%"=="1" echo vulkan: not built yet: Vulkan backend comes with the kernel
+rem pybind11 + CMake extension, copied to hierarchos\hierarchos_kernels*.pyd for the editable
+rem install. A failed build is a warning (numpy reference fallback) unless --require-kernel.
+%PIP% "pybind11>=2.12" || echo kernel: could not install pybind11 from PyPI
+if "%REQUIRE_KERNEL%"=="1" (
+  "%PYTHON%" kernels\build.py --require || exit /b 1
+) else (
+  "%PYTHON%" kernels\build.py
+)
+if "%WITH_VULKAN%"=="1" echo vulkan: not built yet: the Vulkan backend comes in a later issue
 
 echo done. Try: %PYTHON% hierarchos_cli.py train --tiny --epochs 1 --out-dir runs\tiny  (then: demo --model-path runs\tiny)
 endlocal

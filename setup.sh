@@ -3,6 +3,10 @@
 #   bash setup.sh            install hierarchos and its dependencies (editable)
 #   bash setup.sh --test     also install the test dependencies (pytest, hypothesis)
 #   bash setup.sh --vulkan   also build the Vulkan backend of the C++ kernel (not available yet)
+#   bash setup.sh --require-kernel   fail (exit 1) when the C++ kernel cannot be built
+# The C++ kernel (kernels/) is built in place when cmake and a C++ compiler are present;
+# without them hierarchos runs quantized models on a slow numpy reference. With --test on
+# Debian/Ubuntu as root, the aarch64 cross compiler + qemu-user come too (NEON kernel test).
 # Safe to run again. Uses $PYTHON if set, else `python`, else `python3`.
 # torch: an importable torch is kept as it is (CUDA users: install your CUDA build of torch
 # first); otherwise $TORCH_SPEC (default torch==2.13.0) is installed before everything else.
@@ -11,12 +15,14 @@ cd "$(dirname "${BASH_SOURCE[0]}")"
 
 with_test=0
 with_vulkan=0
+require_kernel=0
 for arg in "$@"; do
   case "$arg" in
     --test) with_test=1 ;;
     --vulkan) with_vulkan=1 ;;
-    -h|--help) sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-    *) echo "setup.sh: unknown option '$arg' (known: --test, --vulkan, --help)" >&2; exit 2 ;;
+    --require-kernel) require_kernel=1 ;;
+    -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "setup.sh: unknown option '$arg' (known: --test, --vulkan, --require-kernel, --help)" >&2; exit 2 ;;
   esac
 done
 
@@ -46,12 +52,24 @@ echo "hierarchos: pip install -e $target"
 pip_install -e "$target"
 
 # ---- C++ kernel (kernels/) --------------------------------------------------------
-# KERNEL BUILD: a later issue builds the pybind11 extension `hierarchos_kernels` here
-# (cmake -S kernels -B build/kernels && cmake --build build/kernels), and with --vulkan
-# its GLSL shaders. Until then nothing is built and nothing needs it.
-echo "kernel: not built yet (the C++ kernel is planned; nothing uses it yet)"
+# pybind11 + CMake extension, copied to hierarchos/hierarchos_kernels*.so for the editable
+# install. A failed build is a warning (numpy reference fallback) unless --require-kernel.
+pip_install "pybind11>=2.12" || echo "kernel: could not install pybind11 from PyPI"
+if [ "$with_test" = 1 ] && [ "$(uname -s)-$(uname -m)" = "Linux-x86_64" ] && [ "$(id -u)" = 0 ] \
+   && command -v apt-get >/dev/null 2>&1 \
+   && ! { command -v aarch64-linux-gnu-g++ && command -v qemu-aarch64; } >/dev/null 2>&1; then
+  echo "kernel: installing g++-aarch64-linux-gnu and qemu-user (apt) for the NEON kernel test"
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++-aarch64-linux-gnu qemu-user; } \
+    >/dev/null 2>&1 || echo "kernel: (could not install them; the NEON test will be skipped)"
+fi
+if [ "$require_kernel" = 1 ]; then
+  "$PY" kernels/build.py --require
+  "$PY" -c 'import hierarchos.hierarchos_kernels' || { echo "setup.sh: the built kernel does not import" >&2; exit 1; }
+else
+  "$PY" kernels/build.py
+fi
 if [ "$with_vulkan" = 1 ]; then
-  echo "vulkan: not built yet: Vulkan backend comes with the kernel"
+  echo "vulkan: not built yet: the Vulkan backend comes in a later issue"
 fi
 
 echo "done. Try: $PY hierarchos_cli.py train --tiny --epochs 1 --out-dir runs/tiny  (then: demo --model-path runs/tiny)"
