@@ -6,6 +6,7 @@ generated one `step` at a time; RSS (CPU) or allocated memory (CUDA) is read aft
 Prints a table and writes JSON.
 
     python bench/bench_generate.py --size small --contexts 1024 8192 32768
+    python bench/bench_generate.py --size tiny --contexts 1024 --long-generation 20000
     PYTHONPATH=. python bench/bench_generate.py --device cuda --size 125m
 """
 
@@ -89,7 +90,28 @@ def run(args) -> dict:
               f"{rows[-1]['tokens_per_s']:7.1f} tok/s | memory {after_prefill:8.1f} -> "
               f"{rows[-1]['memory_after_generation_mib']:8.1f} MiB | state {state.nbytes() / 2**20:.2f} MiB",
               flush=True)
-    return {"machine": {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+    long_rows = []
+    if args.long_generation:
+        # one long generation from an empty state: memory and speed sampled as tokens accumulate
+        state = model.init_state(1, device=device)
+        token = torch.zeros(1, dtype=torch.long, device=device)
+        marks = sorted({m for m in (1000, 5000, 10000, 20000, args.long_generation) if m <= args.long_generation})
+        done, start = 0, time.perf_counter()
+        for mark in marks:
+            while done < mark:
+                out = model.step(token, state)
+                state, token = out.state, out.logits.argmax(-1)
+                done += 1
+            sync(device)
+            now = time.perf_counter()
+            long_rows.append({"generated": done, "tokens_per_s": (mark - (long_rows[-1]["generated"] if long_rows
+                                                                           else 0)) / (now - start),
+                              "memory_mib": memory_mib(device), "state_bytes": state.nbytes()})
+            start = now
+            print(f"generated {done:>6}: {long_rows[-1]['tokens_per_s']:7.1f} tok/s | memory "
+                  f"{long_rows[-1]['memory_mib']:8.1f} MiB | state {state.nbytes() / 2**20:.2f} MiB", flush=True)
+    return {"long_generation": long_rows,
+            "machine": {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
                         "torch": torch.__version__, "device": str(device),
                         "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None},
             "size": args.size, "params": model.num_parameters(),
@@ -104,6 +126,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--prefill-chunk", type=int, default=2048)
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    ap.add_argument("--long-generation", type=int, default=0, metavar="N",
+                    help="also generate N tokens from an empty state, sampling memory at 1k/5k/10k/20k")
     ap.add_argument("--json", default=None, help="default bench/results/generate_<device>.json")
     args = ap.parse_args()
     result = run(args)
@@ -113,6 +137,12 @@ def main() -> None:
         print(f"| {r['context']} | {r['prefill_tokens_per_s']:.0f} | {r['tokens_per_s']:.1f} | "
               f"{r['memory_after_prefill_mib']:.1f} | {r['memory_after_generation_mib']:.1f} | "
               f"{r['state_bytes'] / 2**20:.2f} |")
+    if result["long_generation"]:
+        print("\n| generated tokens | tok/s since previous row | memory MiB | state MiB |")
+        print("|---:|---:|---:|---:|")
+        for r in result["long_generation"]:
+            print(f"| {r['generated']} | {r['tokens_per_s']:.1f} | {r['memory_mib']:.1f} | "
+                  f"{r['state_bytes'] / 2**20:.2f} |")
     path = Path(args.json or f"bench/results/generate_{result['machine']['device'].split(':')[0]}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2))

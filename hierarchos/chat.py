@@ -101,12 +101,23 @@ class ChatSession:
                  device=None, sampling: SamplingConfig | None = None, h_halt_thresh: float | None = None,
                  learn: LearnConfig | None = None, delta_path: str | Path | None = None,
                  session_id: str | None = None, out: TextIO, info: TextIO, log: TextIO | None = None,
-                 stream: bool = True):
+                 stream: bool = True, learner=None, format_name: str | None = None,
+                 learn_unavailable: str | None = None, on_save: Callable[["ChatSession"], str] | None = None):
+        # `learner`: the full-precision model whose memory learning updates (a quantized `model`
+        # generates, its float shadow learns; the learner's memory is the truth, copied into
+        # `model` after every change). `learn_unavailable`: why learning cannot be switched on.
+        # `on_save`: runs after /save wrote the delta (re-quantization) and returns a line to show.
         self.model, self.tokenizer, self.template = model.eval(), tokenizer, template
+        self.learner = learner.eval() if learner is not None else self.model
+        self.format_name = format_name
+        self.learn_unavailable = learn_unavailable
+        self.on_save = on_save
         self.device = device if device is not None else next(model.parameters()).device
         self.sampling = sampling or SamplingConfig()
         self.h_halt_thresh = h_halt_thresh
         self.learn = learn or LearnConfig()
+        if learn_unavailable is not None:
+            self.learn.enabled = False
         self.model_dir = Path(model_dir) if model_dir is not None else None
         self.delta_path = Path(delta_path) if delta_path is not None else (
             self.model_dir / DELTA_FILE if self.model_dir is not None else None)
@@ -118,9 +129,9 @@ class ChatSession:
         self.stop_strings = STOP_STRINGS.get(template, [])
         self.generator = torch.Generator().manual_seed(
             self.sampling.seed if self.sampling.seed is not None else int(torch.seed() % 2**63))
-        self.base_values = model.memory.values.detach().clone()
+        self.base_values = self.learner.memory.values.detach().clone()
         self.base_checksum = values_checksum(self.base_values)
-        self.base_sources = list(model.memory.source_names)
+        self.base_sources = list(self.learner.memory.source_names)
         self.updates = 0                      # LTM updates made this session (drives the schedule)
         self.written_slots: set[int] = set()  # slots this session's updates changed
         self.last = ReplyStats()
@@ -238,15 +249,15 @@ class ChatSession:
     def learn_from(self, exchange: list[int]) -> dict:
         """Surprise = LM loss (nats/token) of the exchange on a fresh state. Above the threshold: one
         SGD step on memory.values only, then metadata for the changed rows. Else nothing changes."""
-        model, memory = self.model, self.model.memory
-        tokens = torch.tensor([exchange], device=self.device)
+        model, memory = self.learner, self.learner.memory
+        tokens = torch.tensor([exchange], device=next(model.parameters()).device)
         flags = [(p, p.requires_grad) for p in model.parameters()]
         for p, _ in flags:
             p.requires_grad_(False)
         memory.values.requires_grad_(True)
         try:
             with torch.enable_grad():
-                out = model(tokens[:, :-1], model.init_state(1, device=self.device), **self.caps())
+                out = model(tokens[:, :-1], model.init_state(1, device=tokens.device), **self.caps())
                 loss, parts = lm_loss(out, tokens[:, 1:], model.cfg.z_loss_weight)
                 surprise = float(parts["ce"])
                 result = {"surprise": surprise, "updated": 0, "lr": 0.0}
@@ -272,11 +283,22 @@ class ChatSession:
             memory.slot_count[changed] += 1
             memory.slot_source[changed] = memory.source_names.index(self.source)
         self.updates += 1
+        self._sync_memory()
         rows = changed.nonzero().flatten().tolist()
         self.written_slots.update(rows)
         print(f"[ltm] surprise {surprise:.3f} > {self.learn.surprise_threshold:g}: updated {len(rows)} slots "
               f"(lr {lr:.2e}, update {self.updates})", file=self.log)
         return {"surprise": surprise, "updated": len(rows), "lr": lr}
+
+    def _sync_memory(self) -> None:
+        """Copy the learner's memory (values, metadata, source names) into the generating model."""
+        if self.learner is self.model:
+            return
+        src, dst = self.learner.memory, self.model.memory
+        with torch.no_grad():
+            for name in ("values", "slot_time", "slot_count", "slot_source"):
+                getattr(dst, name).copy_(getattr(src, name).to(getattr(dst, name).device))
+        dst.source_names = list(src.source_names)
 
     # ---- memory delta file ------------------------------------------------------------------
     def save_delta(self, path: str | Path | None = None) -> Path:
@@ -285,7 +307,7 @@ class ChatSession:
         target = Path(path) if path is not None else self.delta_path
         if target is None:
             raise HierarchosError("no delta path: pass --ltm-lora-path FILE or --model-path DIR")
-        memory = self.model.memory
+        memory = self.learner.memory
         tensors = {"values_delta": (memory.values.detach() - self.base_values).to("cpu").contiguous(),
                    "slot_time": memory.slot_time.to("cpu").contiguous(),
                    "slot_count": memory.slot_count.to("cpu").contiguous(),
@@ -314,7 +336,7 @@ class ChatSession:
         if meta.get("base_checksum") != self.base_checksum:
             raise HierarchosError(f"{path}: memory delta was made for another model (memory checksum differs); "
                                   "use it with the model it was saved from")
-        memory = self.model.memory
+        memory = self.learner.memory
         expected = {"values_delta": memory.values, "slot_time": memory.slot_time,
                     "slot_count": memory.slot_count, "slot_source": memory.slot_source}
         for name, ref in expected.items():
@@ -330,6 +352,7 @@ class ChatSession:
             for name in ("slot_time", "slot_count", "slot_source"):
                 getattr(memory, name).copy_(tensors[name])
         memory.source_names = list(names)
+        self._sync_memory()
 
     # ---- commands ----------------------------------------------------------------------------
     def handle(self, line: str) -> bool:
@@ -394,6 +417,8 @@ class ChatSession:
     def cmd_learn(self, arg: str) -> None:
         if arg not in ("on", "off"):
             raise HierarchosError(f"usage: /learn on|off (now {'on' if self.learn.enabled else 'off'})")
+        if arg == "on" and self.learn_unavailable is not None:
+            raise HierarchosError(f"learning is unavailable: {self.learn_unavailable}")
         self.learn.enabled = arg == "on"
         self._say(f"learning {arg}")
 
@@ -404,11 +429,14 @@ class ChatSession:
     def cmd_save(self, arg: str) -> None:
         path = self.save_delta()
         self._say(f"saved memory delta to {path} ({self.updates} updates this session)")
+        if self.on_save is not None:
+            self._say(self.on_save(self))
 
     def cmd_status(self, arg: str) -> None:
-        model, memory, stats = self.model, self.model.memory, self.last
+        model, memory, stats = self.learner, self.model.memory, self.last
         dtype = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(
             memory.values.dtype, str(memory.values.dtype))
+        fmt_name = self.format_name or f"{dtype} safetensors"
         used = int((memory.slot_count > 0).sum())
         in_context = int((self.state.memory["writes"][0] > 0).sum())
         manager, worker = stats.mean("manager_steps"), stats.mean("worker_steps")
@@ -417,7 +445,7 @@ class ChatSession:
         cfg = model.cfg
         self._say("\n".join([
             f"model: {model.num_parameters():,} parameters ({model.num_parameters(with_deepembed=False):,} "
-            f"without DeepEmbed), format {dtype} safetensors, device {self.device}",
+            f"without DeepEmbed), format {fmt_name}, device {self.device}",
             f"mode: {self.mode} {self.caps()} (config: {cfg.h_cycles} cycles, {cfg.max_h_steps} pondering "
             f"steps, {cfg.max_l_steps} worker passes)",
             f"sampling: temperature {self.sampling.temperature}, top-k {self.sampling.top_k}, top-p "
@@ -426,7 +454,8 @@ class ChatSession:
             f"worker passes/token {fmt(worker)}",
             f"memory: {used} of {memory.slots} slots used, {len(self.written_slots)} written this session "
             f"({self.updates} updates), {in_context} written in context; learning "
-            f"{'on' if self.learn.enabled else 'off'} (surprise > {self.learn.surprise_threshold:g})",
+            f"{'on' if self.learn.enabled else 'off'} (surprise > {self.learn.surprise_threshold:g})"
+            + (f"; unavailable: {self.learn_unavailable}" if self.learn_unavailable else ""),
         ]))
 
     def cmd_memory(self, arg: str) -> None:

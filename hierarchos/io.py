@@ -297,21 +297,25 @@ def _read_json(path: Path, what: str) -> Any:
                               f"{exc.msg}; fix or re-save it") from None
 
 
-def _read_config(directory: Path) -> tuple[ModelConfig, dict]:
-    """Split hierarchos_config.json into the ModelConfig and the metadata around it."""
-    config_path = directory / CONFIG_FILE
-    data = _read_json(config_path, "config")
+def read_config_payload(data: Any, where: str) -> tuple[ModelConfig, dict]:
+    """Split a hierarchos_config.json payload (also embedded in quantized GGUF files) into the
+    ModelConfig and the metadata around it."""
     if not isinstance(data, dict):
-        raise HierarchosError(f"{config_path}: expected a JSON object, got {type(data).__name__}; fix or re-save it")
+        raise HierarchosError(f"{where}: expected a JSON object, got {type(data).__name__}; fix or re-save it")
     version = data.get("config_version", CONFIG_VERSION)
     if isinstance(version, int) and version > CONFIG_VERSION:
-        raise HierarchosError(f"{config_path}: config_version {version} is newer than this hierarchos "
+        raise HierarchosError(f"{where}: config_version {version} is newer than this hierarchos "
                               f"understands ({CONFIG_VERSION}); upgrade hierarchos")
     extra_keys = data.get("extra_keys") or []
     config_fields = {f.name for f in dataclasses.fields(ModelConfig)} | set(FIELD_ALIASES)
-    cfg = ModelConfig.from_dict({k: v for k, v in data.items() if k not in extra_keys}, where=str(config_path))
+    cfg = ModelConfig.from_dict({k: v for k, v in data.items() if k not in extra_keys}, where=where)
     meta = {k: v for k, v in data.items() if k not in config_fields}
     return cfg, meta
+
+
+def _read_config(directory: Path) -> tuple[ModelConfig, dict]:
+    config_path = directory / CONFIG_FILE
+    return read_config_payload(_read_json(config_path, "config"), str(config_path))
 
 
 def _check_model_dir(directory: Path) -> None:

@@ -20,6 +20,7 @@ COMMANDS = {
     "ckpt-2-inf": "ckpt_2_inf",
     "demo": "demo",
     "chat": "chat",
+    "quantize": "quantize",
 }
 
 
@@ -73,9 +74,12 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.threads is not None:
+            import os
+
             import torch
 
             torch.set_num_threads(args.threads)
+            os.environ["HIERARCHOS_THREADS"] = str(args.threads)  # the C++ kernel reads it when loaded
         return int(_load(args.command).run(args) or 0)
     except HierarchosError as exc:
         if args.debug:

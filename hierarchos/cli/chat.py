@@ -18,8 +18,10 @@ HELP = "chat with a trained model (streaming REPL, reasoning modes, online learn
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model-path", "--model_path", required=True, metavar="DIR", help="a model directory (from train)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | dml (default: auto)")
+    p.add_argument("--model-path", "--model_path", required=True, metavar="DIR",
+                   help="a model directory (from train), or a quantized one / .gguf file (from quantize)")
+    p.add_argument("--device", default="auto",
+                   help="auto | cpu | cuda | dml (default: auto); quantized models: auto | cpu")
     p.add_argument("--prompt", default=None, metavar="TEXT", help="answer this one turn and exit (reply on stdout)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     sampling = p.add_argument_group("sampling")
@@ -41,6 +43,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     learning.add_argument("--ltm-schedule-min-lr", "--ltm_schedule_min_lr", type=float, default=1e-5)
     learning.add_argument("--static-ltm-lr", "--static_ltm_lr", action="store_true",
                           help="keep the LTM learning rate constant")
+    learning.add_argument("--enable-quantized-learning", "--enable_quantized_learning", action="store_true",
+                          help="quantized models: learn into the memory of the full-precision shadow model "
+                               "(--shadow-model-path) and write it back into the quantized file on /save")
+    learning.add_argument("--shadow-model-path", "--shadow_model_path", metavar="DIR", default=None,
+                          help="the full-precision model directory the quantized model was made from")
     learning.add_argument("--ltm-lora-path", "--ltm_lora_path", metavar="FILE", default=None,
                           help="memory delta file: loaded at start when it exists, written by /save and at exit "
                                "(default: DIR/ltm_delta.safetensors, written by /save only)")
@@ -85,15 +92,29 @@ def run(args: argparse.Namespace) -> int:
     from ..io import load_model_dir
     from .train import pick_device
 
-    if not Path(args.model_path).is_dir():
-        raise HierarchosError(f"--model-path {args.model_path}: not a directory; pass a model directory from train")
-    device = pick_device(args.device)
-    model, meta = load_model_dir(args.model_path, device=device)
-    tokenizer = load_tokenizer(args.model_path)
+    from ..quant.quantized_dir import is_quantized_path
+
+    quantized = is_quantized_path(args.model_path)
+    if not quantized and not Path(args.model_path).is_dir():
+        raise HierarchosError(f"--model-path {args.model_path}: not a directory; pass a model directory from train "
+                              "or a quantized model (directory or .gguf file) from quantize")
+    extra = {"model_dir": args.model_path}
+    if quantized:
+        device = _quantized_device(args.device)
+        model, meta, tokenizer, extra = _load_quantized_session(args)
+        path = Path(args.model_path)
+        extra.setdefault("model_dir", path if path.is_dir() else path.parent)
+    else:
+        if args.enable_quantized_learning or args.shadow_model_path:
+            raise HierarchosError("--enable-quantized-learning / --shadow-model-path apply to quantized models only; "
+                                  f"{args.model_path} is a full-precision model directory (it learns directly)")
+        device = pick_device(args.device)
+        model, meta = load_model_dir(args.model_path, device=device)
+        tokenizer = load_tokenizer(args.model_path)
     template = meta.get("prompt_template") or "plain"
     scripted = args.prompt is not None or not sys.stdin.isatty()
     session = ChatSession(
-        model, tokenizer, template=template, model_dir=args.model_path, device=device,
+        model, tokenizer, template=template, device=device,
         sampling=SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                 repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
                                 seed=args.seed),
@@ -101,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
         learn=LearnConfig(enabled=args.learn, surprise_threshold=args.surprise_threshold, lr=args.ltm_lr,
                           schedule_steps=args.ltm_schedule_steps, schedule_min_lr=args.ltm_schedule_min_lr,
                           static_lr=args.static_ltm_lr),
-        delta_path=args.ltm_lora_path,
+        delta_path=args.ltm_lora_path, **extra,
         out=sys.stdout, info=sys.stderr if scripted else sys.stdout, log=sys.stderr)
     if session.delta_path is not None and session.delta_path.exists():
         session.load_delta(session.delta_path)
@@ -113,8 +134,9 @@ def run(args: argparse.Namespace) -> int:
         session.run_lines(sys.stdin)
     else:
         save_history = _setup_readline()
-        print(f"hierarchos chat: {args.model_path} ({model.num_parameters():,} parameters, {template} template, "
-              f"device {device}); /help for commands, Ctrl+D to leave", file=sys.stderr)
+        print(f"hierarchos chat: {args.model_path} ({model.num_parameters():,} parameters, "
+              f"{extra.get('format_name', 'full precision')}, {template} template, device {device}); "
+              "/help for commands, Ctrl+D to leave", file=sys.stderr)
         try:
             session.run_interactive()
         finally:
@@ -125,4 +147,54 @@ def run(args: argparse.Namespace) -> int:
                     pass
     if args.ltm_lora_path and session.updates:
         print(f"saved memory delta to {session.save_delta()}", file=sys.stderr)
+        if session.on_save is not None:
+            print(session.on_save(session), file=sys.stderr)
     return 0
+
+
+def _quantized_device(name: str):
+    import torch
+
+    if name in ("auto", "cpu"):
+        return torch.device("cpu")
+    if name == "vulkan":
+        raise HierarchosError("--device vulkan: the Vulkan backend is not part of this build yet; "
+                              "use --device cpu for quantized models")
+    raise HierarchosError(f"--device {name}: quantized models run on the CPU kernel; use --device cpu, "
+                          "or chat with the full-precision model directory on cuda/dml")
+
+
+def _load_quantized_session(args: argparse.Namespace):
+    """The quantized model, its metadata and tokenizer, and the ChatSession arguments for it:
+    a format label, and either the shadow model that learns (--enable-quantized-learning) with
+    the re-quantizing save hook, or the reason learning is off."""
+    import torch
+
+    from ..io import load_model_dir
+    from ..quant import kernel
+    from ..quant.quantized_dir import load_quantized, rewrite_memory
+
+    model, meta, tokenizer, content = load_quantized(args.model_path)
+    extra = {"format_name": f"{content.qtype} GGUF ({kernel.backend_name()} kernel, {kernel.get_isa()}, "
+                            f"{kernel.get_threads()} threads)"}
+    if not args.enable_quantized_learning:
+        if args.shadow_model_path:
+            raise HierarchosError("--shadow-model-path needs --enable-quantized-learning")
+        extra["learn_unavailable"] = ("quantized weights do not learn; add --enable-quantized-learning "
+                                      "--shadow-model-path FULL_MODEL_DIR")
+        return model, meta, tokenizer, extra
+    if not args.shadow_model_path:
+        raise HierarchosError("--enable-quantized-learning needs --shadow-model-path DIR (the full-precision model "
+                              "this quantized model was made from)")
+    shadow, _ = load_model_dir(args.shadow_model_path, device="cpu")
+    if shadow.cfg.to_dict() != model.cfg.to_dict() or not torch.equal(shadow.memory.keys, model.memory.keys):
+        raise HierarchosError(f"--shadow-model-path {args.shadow_model_path}: not the model {args.model_path} was "
+                              "quantized from (config or memory keys differ); pass the matching model directory")
+    # the shadow's memory is the truth: a delta of earlier sessions (default: in the shadow's directory)
+    # applies to it, and the session copies it into the quantized model
+    def requantize(session) -> str:
+        path = rewrite_memory(content, session.model)
+        return f"re-quantized {path} with the learned memory"
+
+    extra.update(learner=shadow, on_save=requantize, model_dir=args.shadow_model_path)
+    return model, meta, tokenizer, extra

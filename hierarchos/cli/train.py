@@ -97,6 +97,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     run.add_argument("--eval-every-epoch", type=int, default=1, metavar="N",
                      help="validate every N epochs (0: never)")
     run.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    run.add_argument("--quantize-on-complete", action="store_true",
+                     help="after training, also write a quantized model to OUT_DIR-QTYPE (see the quantize command)")
+    run.add_argument("--qtype", type=str.upper, choices=("INT4", "Q4_0", "Q8_0", "Q2_K"), default="INT4",
+                     help="format for --quantize-on-complete (default: INT4)")
 
 
 def pick_device(name: str):
@@ -361,4 +365,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     save_model_files(out_dir, model, tokenizer, history=history, extra={"prompt_template": loaded.template})
     print(f"saved model directory {out_dir} (model.safetensors, hierarchos_config.json, tokenizer)")
+    if args.quantize_on_complete:
+        from ..quant.quantized_dir import quantize_model_dir
+        from .quantize import default_out_dir, report
+
+        quant_dir = default_out_dir(str(out_dir), args.qtype)
+        print(report(quantize_model_dir(out_dir, quant_dir, args.qtype), quant_dir))
     return 0

@@ -56,10 +56,15 @@ class HierarchosLM(nn.Module):
     def num_parameters(self, *, with_deepembed: bool = True) -> int:
         seen, total = set(), 0
         for name, p in self.named_parameters():
-            if id(p) in seen or (not with_deepembed and ".deepembed." in name):
+            # the head is tied to the embedding (a quantized model stores the two apart): count it once
+            if id(p) in seen or name.startswith("lm_head.") or (not with_deepembed and ".deepembed." in name):
                 continue
             seen.add(id(p))
             total += p.numel()
+        for name, module in self.named_modules():  # quantized blocks (hierarchos.quant.model) are not parameters
+            count = getattr(module, "quantized_numel", 0)
+            if count and name != "lm_head" and (with_deepembed or ".deepembed." not in f"{name}."):
+                total += count  # the head is the embedding table's twin (tied), counted once as above
         return total
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
@@ -67,8 +72,10 @@ class HierarchosLM(nn.Module):
         self.reasoner.worker.gradient_checkpointing = enabled
 
     def init_state(self, batch_size: int = 1, device=None, dtype=None) -> HierarchosState:
-        device = device if device is not None else self.embed.weight.device
-        dtype = dtype if dtype is not None else self.embed.weight.dtype
+        # `persistent` is a plain float parameter in every form of the model (the quantized one
+        # replaces the embedding table by quantized blocks)
+        device = device if device is not None else self.persistent.device
+        dtype = dtype if dtype is not None else self.persistent.dtype
         rosa = None
         if self.cfg.use_rosa:
             rosa = [RosaAutomaton(self.cfg.rosa_window, self.cfg.rosa_none_id) for _ in range(batch_size)]

@@ -1,0 +1,190 @@
+"""Quantized inference: which tensors get which format, and a HierarchosLM that runs on the kernel.
+
+`quantize_tensors(model, qtype)` decides per tensor (DESIGN.md section 4, issue 5):
+- every nn.Linear weight with at least `MIN_ROWS` rows, and the output head, in `qtype`;
+- the lookup tables (token embedding, ROSA hints, DeepEmbed gates) in Q8_0: they are only
+  indexed, one row per token, so they cost memory, not bandwidth, and keep 8 bits;
+- everything else (norms, biases, decays, the low-rank mixes, the long-term memory's keys and
+  values and its metadata, tiny gate/halting heads) stays as it is in float.
+A tensor whose row length is not a multiple of its format's block falls back to Q4_0 (Q2_K
+needs 256), then Q8_0, then F16; the file records every tensor's format.
+
+`build_quantized_model(cfg, tensors)` builds the ordinary HierarchosLM on the meta device and
+swaps the quantized Linear/Embedding modules for `QuantLinear` / `QuantEmbedding`, which call
+the kernel (a matvec per token in generation, a batched matmul in prefill). The parallel and the
+step forms of the model are the same code as in full precision.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from ..errors import HierarchosError
+from . import formats, kernel
+from .gguf_io import QuantTensor
+
+if os.environ.get("HIERARCHOS_THREADS", "").isdigit():  # --threads (set by the CLI before loading)
+    kernel.set_threads(int(os.environ["HIERARCHOS_THREADS"]))
+
+TABLE_QTYPE = "Q8_0"
+MIN_ROWS = 8  # gate and halting heads (3 and 1 rows) stay float: tiny, and decisions hinge on them
+
+
+def _fits(qtype: str, cols: int) -> bool:
+    return cols % formats.block_size(qtype) == 0
+
+
+def pick_format(qtype: str, cols: int) -> str:
+    """The format a matrix with rows of `cols` gets when `qtype` is asked for (fallbacks above)."""
+    for candidate in (qtype, "Q4_0", "Q8_0"):
+        if _fits(candidate, cols):
+            return candidate
+    return "F16"
+
+
+def _encode(weight: torch.Tensor, qtype: str):
+    w = weight.detach().to("cpu", torch.float32).contiguous().numpy()
+    kind = pick_format(qtype, w.shape[1])
+    if kind == "F16":
+        return w.astype(np.float16)
+    return QuantTensor(kind, kernel.quantize(w, kind), w.shape[1])
+
+
+def _table_modules(model) -> dict[str, nn.Embedding]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, nn.Embedding)}
+
+
+def quantize_tensors(model, qtype: str) -> dict:
+    """name -> QuantTensor | np.ndarray for every tensor of the model's state dict (tied head split out)."""
+    if qtype not in formats.QTYPES:
+        raise HierarchosError(f"--qtype {qtype!r}: expected one of {', '.join(formats.QTYPES)}")
+    linear = {f"{name}.weight" for name, m in model.named_modules()
+              if isinstance(m, nn.Linear) and m.out_features >= MIN_ROWS}
+    tables = {f"{name}.weight" for name in _table_modules(model)}
+    out = {}
+    for name, tensor in model.state_dict().items():
+        if name in linear:
+            out[name] = _encode(tensor, qtype)
+        elif name in tables:
+            out[name] = _encode(tensor, TABLE_QTYPE)
+        else:
+            out[name] = tensor.detach().to("cpu").contiguous().numpy()
+    return out
+
+
+def describe(tensors: dict) -> dict:
+    """Bytes and tensor counts per storage format (for the quantize report and /status)."""
+    summary: dict[str, list[int]] = {}
+    for value in tensors.values():
+        kind = value.qtype if isinstance(value, QuantTensor) else str(value.dtype)
+        entry = summary.setdefault(kind, [0, 0])
+        entry[0] += 1
+        entry[1] += int(value.nbytes)
+    return {kind: {"tensors": n, "bytes": b} for kind, (n, b) in sorted(summary.items())}
+
+
+class QuantLinear(nn.Module):
+    """y = x @ W.T (+ b) with W in quantized blocks; activations are quantized on the fly by the kernel."""
+
+    def __init__(self, weight: QuantTensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.weight_q = weight
+        self.in_features, self.out_features = weight.cols, weight.rows
+        self.quantized_numel = weight.rows * weight.cols
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad:
+            raise HierarchosError("quantized weights cannot be trained; learn with the full-precision model "
+                                  "(chat --enable-quantized-learning --shadow-model-path DIR)")
+        shape = x.shape
+        flat = x.detach().reshape(-1, self.in_features).to("cpu", torch.float32).contiguous().numpy()
+        y = torch.from_numpy(kernel.matmul(self.weight_q.data, self.weight_q.qtype, self.in_features, flat))
+        y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        return y + self.bias if self.bias is not None else y
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, {self.weight_q.qtype}"
+
+
+class QuantEmbedding(nn.Module):
+    """Row lookups from a quantized table: only the rows asked for are dequantized."""
+
+    def __init__(self, table: QuantTensor):
+        super().__init__()
+        self.table = table
+        self.num_embeddings, self.embedding_dim = table.rows, table.cols
+        self.quantized_numel = table.rows * table.cols
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.detach().reshape(-1).to("cpu", torch.int64).numpy()
+        rows = kernel.dequantize_rows(self.table.data, self.table.qtype, self.table.cols, flat)
+        return torch.from_numpy(rows).reshape(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self.table.qtype}"
+
+
+def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)
+
+
+def build_quantized_model(cfg: ModelConfig, tensors: dict, where: str = "quantized model"):
+    """A HierarchosLM (CPU, eval) whose quantized tensors run through the kernel."""
+    from ..model import HierarchosLM
+
+    with torch.device("meta"):
+        model = HierarchosLM(cfg)
+    floats: dict[str, torch.Tensor] = {}
+    used = set()
+    for name, module in list(model.named_modules()):
+        key = f"{name}.weight"
+        value = tensors.get(key)
+        if isinstance(module, nn.Linear) and isinstance(value, QuantTensor):
+            bias = tensors.get(f"{name}.bias")
+            _set_module(model, name, QuantLinear(value, None if bias is None else torch.from_numpy(np.array(bias))))
+            used.update({key, f"{name}.bias"})
+        elif isinstance(module, nn.Embedding) and isinstance(value, QuantTensor):
+            _set_module(model, name, QuantEmbedding(value))
+            used.add(key)
+    expected = model.state_dict()
+    for name, ref in expected.items():
+        value = tensors.get(name)
+        if value is None:
+            raise HierarchosError(f"{where}: tensor {name!r} is missing; the file does not fit its own config, "
+                                  "re-run `hierarchos quantize`")
+        if isinstance(value, QuantTensor):
+            raise HierarchosError(f"{where}: tensor {name!r} is quantized but its module cannot run quantized; "
+                                  "re-run `hierarchos quantize` with this version")
+        array = np.array(value)  # a writable copy: memory values and metadata change during chat
+        if tuple(array.shape) != tuple(ref.shape):
+            raise HierarchosError(f"{where}: tensor {name!r} has shape {tuple(array.shape)}, the config expects "
+                                  f"{tuple(ref.shape)}; re-run `hierarchos quantize`")
+        floats[name] = torch.from_numpy(array).to(ref.dtype)
+        used.add(name)
+    unexpected = sorted(set(tensors) - used)
+    if unexpected:
+        raise HierarchosError(f"{where}: unexpected tensors {', '.join(unexpected[:4])}; the file does not fit "
+                              "its config, re-run `hierarchos quantize`")
+    model.load_state_dict(floats, strict=True, assign=True)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+def quantized_bytes(model) -> int:
+    """Bytes of weights the quantized model holds (blocks plus float tensors)."""
+    total = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            total += module.weight_q.nbytes
+        elif isinstance(module, QuantEmbedding):
+            total += module.table.nbytes
+    return total
