@@ -65,17 +65,18 @@ void dequantize_row(QType t, const void *in, float *y, int64_t n);
 // Q8_0, per activation row a and block b:
 //   qs[(a * n_blocks + b) * 32 + i]  codes
 //   d[a * n_blocks + b]              scale read back from its fp16 storage
-//   corr[(a * n_blocks + b) * 8 + l] int32: -offset * (sum of codes 4l..4l+3), for ISA
-//                                    paths that feed weights as unsigned codes (code +
-//                                    offset; offset is IsaKernels::corr_offset). Per lane,
-//                                    so each 4-element lane is exact before it turns float
-//                                    (one correction lane per block would cancel in float).
-//   d_lanes[(a * n_blocks + b) * 8]  d repeated 8 times (one 256-bit vector per block)
+// With IsaKernels::q4_pair_layout and 4-bit weights (INT4, Q4_0), each full pair of
+// blocks (b even, b+1) is stored interleaved, [a_b[0:16], a_b+1[0:16], a_b[16:32],
+// a_b+1[16:32]] (an odd last block stays in order), and
+//   corr[(a * n_blocks + b) * 4 + l], l < 8: int32, -8 * the sum of interleaved bytes
+//                                    4l..4l+3 and 32+4l..32+4l+3: the offset of feeding
+//                                    weights as unsigned nibbles (q + 8), per int32 lane so
+//                                    each lane is exact before it turns float (a correction
+//                                    per block would cancel in float).
 struct ActQ8_0View {
     const int8_t *qs;
     const float *d;
     const int32_t *corr;
-    const float *d_lanes;
     int64_t n_blocks;
 };
 struct ActQ8_KView {
@@ -104,7 +105,7 @@ struct IsaKernels {
     const char *name;
     DotQ8_0Fn dot_q8_0;      // INT4, Q4_0, Q8_0 weights
     DotQ8_KFn dot_q2_k;      // Q2_K weights
-    int corr_offset[kNumQTypes];  // see ActQ8_0View::corr (0: not used)
+    bool q4_pair_layout;     // wants INT4 / Q4_0 activations in pair layout (ActQ8_0View)
 };
 
 // Defined per translation unit; null when that ISA was not compiled in.

@@ -77,6 +77,14 @@ static inline int nearest_int(float value) {
     return (bits & 0x007FFFFF) - 0x00400000;
 }
 
+// C's roundf (ties away from zero) without a libm call, so loops over it vectorise:
+// the fraction v - trunc(v) is exact in float. Valid for |v| < 2^31 (codes are tiny).
+static inline int round_away(float v) {
+    const int whole = static_cast<int>(v);
+    const float frac = v - static_cast<float>(whole);
+    return whole + (frac >= 0.5f) - (frac <= -0.5f);
+}
+
 // ---- weight quantizers ------------------------------------------------------------
 
 static void quantize_q4_0(const float *x, BlockQ4_0 *out, int64_t nb) {
@@ -107,7 +115,7 @@ static void quantize_q8_0(const float *x, BlockQ8_0 *out, int64_t nb) {
         const float d = amax / 127.0f;
         const float id = d != 0.0f ? 1.0f / d : 0.0f;
         out[i].d = float_to_half(d);
-        for (int j = 0; j < QK; ++j) out[i].qs[j] = static_cast<int8_t>(std::round(x[j] * id));
+        for (int j = 0; j < QK; ++j) out[i].qs[j] = static_cast<int8_t>(round_away(x[j] * id));
     }
 }
 
@@ -120,9 +128,8 @@ static void quantize_int4(const float *x, BlockInt4 *out, int64_t nb) {
         out[i].d = d;
         int codes[QK];
         for (int j = 0; j < QK; ++j) {
-            float q = std::round(x[j] * id);
-            q = q < -7.0f ? -7.0f : (q > 7.0f ? 7.0f : q);
-            codes[j] = static_cast<int>(q) + 8;
+            const int q = round_away(x[j] * id);
+            codes[j] = (q < -7 ? -7 : (q > 7 ? 7 : q)) + 8;
         }
         for (int j = 0; j < QK / 2; ++j) out[i].qs[j] = static_cast<uint8_t>(codes[j] | codes[j + QK / 2] << 4);
     }
@@ -297,13 +304,17 @@ void dequantize_row(QType t, const void *in, float *y, int64_t n) {
 
 void quantize_act_row_q8_0(const float *x, int8_t *qs, float *d, int32_t *sums, int64_t n) {
     for (int64_t b = 0; b < n / QK; ++b, x += QK, qs += QK) {
+        // max is exact in any order: eight running maxima let the compiler vectorise
+        float lane_max[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        for (int j = 0; j < QK; j += 8)
+            for (int l = 0; l < 8; ++l) lane_max[l] = lane_max[l] > std::fabs(x[j + l]) ? lane_max[l] : std::fabs(x[j + l]);
         float amax = 0.0f;
-        for (int j = 0; j < QK; ++j) amax = amax > std::fabs(x[j]) ? amax : std::fabs(x[j]);
+        for (int l = 0; l < 8; ++l) amax = amax > lane_max[l] ? amax : lane_max[l];
         const float scale = amax / 127.0f;
         const float id = scale != 0.0f ? 1.0f / scale : 0.0f;
         int32_t sum = 0;
         for (int j = 0; j < QK; ++j) {
-            qs[j] = static_cast<int8_t>(std::round(x[j] * id));
+            qs[j] = static_cast<int8_t>(round_away(x[j] * id));
             sum += qs[j];
         }
         d[b] = half_to_float(float_to_half(scale));  // the dot product sees the stored fp16 scale
@@ -409,7 +420,7 @@ static void scalar_dot_q2_k(const DotArgs &args, const ActQ8_KView &act) {
 }
 
 const IsaKernels *scalar_kernels() {
-    static const IsaKernels table = {"scalar", scalar_dot_q8_0, scalar_dot_q2_k, {0, 0, 0, 0}};
+    static const IsaKernels table = {"scalar", scalar_dot_q8_0, scalar_dot_q2_k, false};
     return &table;
 }
 

@@ -365,8 +365,9 @@ void matmul(QType t, const uint8_t *data, int64_t rows, int64_t cols, const floa
     // The worker lambdas below get plain pointers: naming a thread_local inside them
     // would refer to the worker's own (empty) instance.
     thread_local std::vector<int8_t> qs_store;
-    thread_local std::vector<float> d_store, d_lanes_store;
-    thread_local std::vector<int32_t> sums_store, corr_store;
+    thread_local std::vector<float> d_store;
+    thread_local std::vector<int32_t> sums_store;
+    thread_local std::vector<int32_t> corr_store;
     thread_local std::vector<BlockQ8_K> q8k_store;
 
     const int64_t act_rows_per_task = std::max<int64_t>(1, std::min<int64_t>(n, 16));
@@ -383,29 +384,37 @@ void matmul(QType t, const uint8_t *data, int64_t rows, int64_t cols, const floa
         }, act_width);
         viewk = {q8k, n_blocks};
     } else {
-        const int offset = isa->corr_offset[static_cast<int>(t)];
         qs_store.resize(static_cast<size_t>(n * cols));
         d_store.resize(static_cast<size_t>(n * n_blocks));
         sums_store.resize(static_cast<size_t>(n * n_blocks));
-        corr_store.resize(static_cast<size_t>(n * n_blocks * 8));
-        d_lanes_store.resize(static_cast<size_t>(n * n_blocks * 8));
+        const bool pair_layout = isa->q4_pair_layout && (t == QType::INT4 || t == QType::Q4_0);
+        if (pair_layout) corr_store.resize(static_cast<size_t>(n * n_blocks * 4));
         int8_t *qs = qs_store.data();
-        float *d = d_store.data(), *d_lanes = d_lanes_store.data();
-        int32_t *sums = sums_store.data(), *corr = corr_store.data();
+        float *d = d_store.data();
+        int32_t *sums = sums_store.data();
+        int32_t *corr = pair_layout ? corr_store.data() : nullptr;
         parallel_for(act_tasks, [=](int64_t task) {
             for (int64_t a = task * act_rows_per_task; a < std::min(n, (task + 1) * act_rows_per_task); ++a) {
                 const int64_t first = a * n_blocks;
                 quantize_act_row_q8_0(x + a * cols, qs + a * cols, d + first, sums + first, cols);
-                for (int64_t b = first; b < first + n_blocks; ++b) {
-                    const int8_t *codes = qs + b * QK;
+                if (!pair_layout) continue;
+                for (int64_t b = first; b + 2 <= first + n_blocks; b += 2) {
+                    int8_t *pair = qs + b * QK;
+                    int8_t natural[2 * QK];
+                    std::memcpy(natural, pair, sizeof(natural));
+                    std::memcpy(pair, natural, 16);
+                    std::memcpy(pair + 16, natural + 32, 16);
+                    std::memcpy(pair + 32, natural + 16, 16);
+                    std::memcpy(pair + 48, natural + 48, 16);
                     for (int l = 0; l < 8; ++l) {
-                        corr[b * 8 + l] = -offset * (codes[4 * l] + codes[4 * l + 1] + codes[4 * l + 2] + codes[4 * l + 3]);
-                        d_lanes[b * 8 + l] = d[b];
+                        int32_t sum = 0;
+                        for (int i = 0; i < 4; ++i) sum += pair[4 * l + i] + pair[32 + 4 * l + i];
+                        corr[b * 4 + l] = -8 * sum;
                     }
                 }
             }
         }, act_width);
-        view0 = {qs, d, corr, d_lanes, n_blocks};
+        view0 = {qs, d, corr, n_blocks};
     }
 
     // Tasks: (activation chunk, row chunk). Activation chunks of 64 rows keep the

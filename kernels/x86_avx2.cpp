@@ -1,6 +1,6 @@
 // AVX2 dot-product kernels (compiled with -mavx2 -mfma -mf16c; only called when cpuid says
 // so). One weight row at a time against up to four activation rows, so each weight block
-// is unpacked once per four activations. Everything here has internal linkage: this unit
+// is unpacked once per four activations; 4-bit weights in x86_q4_pairs.h. Everything here has internal linkage: this unit
 // must not emit inline code that another unit, built for plain x86-64, could link to.
 #include "formats.h"
 
@@ -25,35 +25,13 @@ inline float load_half(const uint8_t *p) {
     return _cvtsh_ss(h);
 }
 
-// INT4 / Q4_0: nibble codes 0..15 (unsigned) times signed activations, minus
-// 8 * sum(activations) from the precomputed correction lanes.
-template <int NA, bool FLOAT_SCALE>
-void row_q4(const uint8_t *row, int64_t n_blocks, int bb, const ActQ8_0View &act, int64_t a, float *out,
-            int64_t out_stride) {
-    const int scale_bytes = FLOAT_SCALE ? 4 : 2;
-    const __m256i low4 = _mm256_set1_epi8(0x0F);
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256 acc[NA];
-    for (int k = 0; k < NA; ++k) acc[k] = _mm256_setzero_ps();
-    const int64_t act_stride = act.n_blocks;
-    for (int64_t b = 0; b < n_blocks; ++b) {
-        const uint8_t *block = row + b * bb;
-        float dw;
-        if (FLOAT_SCALE) std::memcpy(&dw, block, 4); else dw = load_half(block);
-        const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i *>(block + scale_bytes));
-        const __m256i codes = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), low4);
-        const __m256 dw_vec = _mm256_set1_ps(dw);
-        for (int k = 0; k < NA; ++k) {
-            const int64_t ab = (a + k) * act_stride + b;
-            const __m256i q8 = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(act.qs + ab * QK));
-            __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(codes, q8), ones);
-            dot = _mm256_add_epi32(dot, _mm256_loadu_si256(reinterpret_cast<const __m256i *>(act.corr + ab * 8)));
-            const __m256 scale = _mm256_mul_ps(dw_vec, _mm256_broadcast_ss(act.d + ab));
-            acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[k]);
-        }
-    }
-    for (int k = 0; k < NA; ++k) out[k * out_stride] = hsum(acc[k]);
+inline __m256i q4_dot(__m256i acc, __m256i lo, __m256i a_lo, __m256i hi, __m256i a_hi) {
+    // int16 pair sums of the two halves stay below 2 * 2 * 15 * 127: no saturation
+    const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, a_lo), _mm256_maddubs_epi16(hi, a_hi));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
 }
+
+#include "x86_q4_pairs.h"
 
 // Q8_0: signed x signed through maddubs, by moving the weight's sign onto the activation.
 template <int NA>
@@ -77,23 +55,20 @@ void row_q8(const uint8_t *row, int64_t n_blocks, const ActQ8_0View &act, int64_
     for (int k = 0; k < NA; ++k) out[k * out_stride] = hsum(acc[k]);
 }
 
-template <int NA>
-void row_dispatch(QType t, const uint8_t *row, int64_t n_blocks, const ActQ8_0View &act, int64_t a, float *out,
-                  int64_t out_stride) {
-    if (t == QType::Q8_0) row_q8<NA>(row, n_blocks, act, a, out, out_stride);
-    else if (t == QType::INT4) row_q4<NA, true>(row, n_blocks, sizeof(BlockInt4), act, a, out, out_stride);
-    else row_q4<NA, false>(row, n_blocks, sizeof(BlockQ4_0), act, a, out, out_stride);
-}
-
 void dot_q8_0(QType t, const DotArgs &args, const ActQ8_0View &act) {
+    if (t != QType::Q8_0) {
+        dot_q4_pairs(t, args, act);
+        return;
+    }
     for (int64_t r = args.r0; r < args.r1; ++r) {
         const uint8_t *row = args.w + r * args.row_bytes;
+        float *out = args.out + r;
         int64_t a = args.a0;
-        for (; a + 4 <= args.a1; a += 4) row_dispatch<4>(t, row, args.n_blocks, act, a, args.out + a * args.out_stride + r, args.out_stride);
+        for (; a + 4 <= args.a1; a += 4) row_q8<4>(row, args.n_blocks, act, a, out + a * args.out_stride, args.out_stride);
         switch (args.a1 - a) {
-            case 3: row_dispatch<3>(t, row, args.n_blocks, act, a, args.out + a * args.out_stride + r, args.out_stride); break;
-            case 2: row_dispatch<2>(t, row, args.n_blocks, act, a, args.out + a * args.out_stride + r, args.out_stride); break;
-            case 1: row_dispatch<1>(t, row, args.n_blocks, act, a, args.out + a * args.out_stride + r, args.out_stride); break;
+            case 3: row_q8<3>(row, args.n_blocks, act, a, out + a * args.out_stride, args.out_stride); break;
+            case 2: row_q8<2>(row, args.n_blocks, act, a, out + a * args.out_stride, args.out_stride); break;
+            case 1: row_q8<1>(row, args.n_blocks, act, a, out + a * args.out_stride, args.out_stride); break;
             default: break;
         }
     }
@@ -164,7 +139,7 @@ void dot_q2_k(const DotArgs &args, const ActQ8_KView &act) {
 }  // namespace
 
 const IsaKernels *avx2_kernels() {
-    static const IsaKernels table = {"avx2", dot_q8_0, dot_q2_k, {8, 8, 0, 0}};
+    static const IsaKernels table = {"avx2", dot_q8_0, dot_q2_k, true};
     return &table;
 }
 

@@ -1,9 +1,9 @@
 // AVX-512 (F/BW/VL) dot-product kernels, two 32-element blocks per 512-bit register.
 // Built twice: as itself (no VNNI: maddubs + madd) and through x86_avx512_vnni.cpp with
 // HK_VNNI=1 (vpdpbusd / vpdpwssd), each with its own target flags; cpuid picks one.
-// Weights enter the u8 x s8 dot as unsigned codes (Q4 nibbles, Q8_0 code + 128 with VNNI);
-// the offset times the activation sum is pre-subtracted via ActQ8_0View::corr, which
-// seeds the accumulator, so every per-block integer sum is exact.
+// Weights enter the u8 x s8 dot as unsigned codes: Q4 nibbles (the -8 * activation sum
+// comes from ActQ8_0View::corr and seeds the accumulator), Q8_0 as |w| with w's sign
+// moved onto the activation, so every 4-element integer lane is exact.
 // Internal linkage throughout (see x86_avx2.cpp for why).
 #include "formats.h"
 
@@ -50,6 +50,20 @@ inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+inline __m256i q4_dot(__m256i acc, __m256i lo, __m256i a_lo, __m256i hi, __m256i a_hi) {
+#if HK_VNNI
+    return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(acc, lo, a_lo), hi, a_hi);
+#else
+    // int16 pair sums of the two halves stay below 2 * 2 * 15 * 127: no saturation
+    const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, a_lo), _mm256_maddubs_epi16(hi, a_hi));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+#endif
+}
+
+// 4-bit weights: 256-bit steps (on AMD Zen 4 a 512-bit op costs two 256-bit ones, and the
+// pair layout needs no shuffles at 256 bits).
+#include "x86_q4_pairs.h"
+
 inline float load_scale(const uint8_t *p, bool float_scale) {
     if (float_scale) {
         float f;
@@ -66,104 +80,122 @@ inline __m512 pair_scale(float d0, float d1) {
                                                _mm256_castps_pd(_mm256_set1_ps(d1)), 1));
 }
 
-// Weight codes of one block as 32 unsigned bytes (elements 0..31), for the odd tail block.
-inline __m256i codes_256(QType t, const uint8_t *block) {
-    if (t == QType::Q8_0) {
-        const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(block + 2));
-#if HK_VNNI
-        return _mm256_xor_si256(w, _mm256_set1_epi8(static_cast<char>(0x80)));
-#else
-        return w;  // signed; the caller uses the sign trick
-#endif
+// Scale lanes [s0 x 8, s1 x 8] from two floats in the low half of an xmm register.
+inline __m512 spread_pair(__m128 pair) {
+    return _mm512_permutexvar_ps(_mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0),
+                                 _mm512_castps128_ps512(pair));
+}
+
+// The scales of two weight blocks as [d0, d1, 0, 0].
+inline __m128 weight_scale_pair(const uint8_t *block0, const uint8_t *block1, bool float_scale) {
+    if (float_scale) {
+        float d0, d1;
+        std::memcpy(&d0, block0, 4);
+        std::memcpy(&d1, block1, 4);
+        return _mm_setr_ps(d0, d1, 0.0f, 0.0f);
     }
-    const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i *>(block + (t == QType::INT4 ? 4 : 2)));
-    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), _mm256_set1_epi8(0x0F));
+    uint16_t h0, h1;
+    std::memcpy(&h0, block0, 2);
+    std::memcpy(&h1, block1, 2);
+    return _mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(h0 | static_cast<uint32_t>(h1) << 16)));
+}
+
+// One pair of blocks (b, b+1) of one weight row against NA activation rows, into acc.
+// 4-bit weights enter as unsigned nibbles with the -8 * sum correction seeding the dot;
+// Q8_0 weights as |w| with w's sign moved onto the activation.
+template <int NA>
+inline void pair_q8_0_family(QType t, const uint8_t *row, int64_t b, const ActQ8_0View &act, int64_t a, __m512 *acc) {
+    const bool float_scale = t == QType::INT4;
+    const int bb = t == QType::INT4 ? 20 : (t == QType::Q4_0 ? 18 : 34);
+    const uint8_t *block0 = row + b * bb;
+    const uint8_t *block1 = block0 + bb;
+    __m512i codes;
+    __mmask64 negative = 0;
+    if (t == QType::Q8_0) {
+        const __m512i w = _mm512_inserti64x4(
+            _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(block0 + 2))),
+            _mm256_loadu_si256(reinterpret_cast<const __m256i *>(block1 + 2)), 1);
+        codes = _mm512_abs_epi8(w);
+        negative = _mm512_movepi8_mask(w);
+    } else {
+        const int scale_bytes = float_scale ? 4 : 2;
+        const __m512i pair_lanes = _mm512_set_epi64(3, 2, 3, 2, 1, 0, 1, 0);    // [q0, q0, q1, q1]
+        const __m512i nibble_shift = _mm512_set_epi64(4, 4, 0, 0, 4, 4, 0, 0);  // -> [lo0, hi0, lo1, hi1]
+        const __m256i both = _mm256_inserti128_si256(
+            _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i *>(block0 + scale_bytes))),
+            _mm_loadu_si128(reinterpret_cast<const __m128i *>(block1 + scale_bytes)), 1);
+        codes = _mm512_and_si512(
+            _mm512_srlv_epi64(_mm512_permutexvar_epi64(pair_lanes, _mm512_castsi256_si512(both)), nibble_shift),
+            _mm512_set1_epi8(0x0F));
+    }
+    const __m128 dw = weight_scale_pair(block0, block1, float_scale);
+    for (int k = 0; k < NA; ++k) {
+        const int64_t ab = (a + k) * act.n_blocks + b;
+        const __m512i q8 = _mm512_loadu_si512(act.qs + ab * QK);
+        __m512i dot;
+        if (t == QType::Q8_0) {
+            dot = dot_u8s8(_mm512_setzero_si512(), codes, _mm512_mask_sub_epi8(q8, negative, _mm512_setzero_si512(), q8));
+        } else {
+            const __m512i corr = _mm512_cvtepi16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(act.corr + ab * 8)));
+            dot = dot_u8s8(corr, codes, q8);
+        }
+        const __m128 da = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double *>(act.d + ab)));
+        acc[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), spread_pair(_mm_mul_ps(dw, da)), acc[k]);
+    }
 }
 
 template <int NA>
 void row_q8_0_family(QType t, const uint8_t *row, int64_t n_blocks, const ActQ8_0View &act, int64_t a, float *out,
                      int64_t out_stride) {
-    const bool float_scale = t == QType::INT4;
-    const int bb = block_bytes(t);
-    const int scale_bytes = float_scale ? 4 : 2;
-    const __m512i low4 = _mm512_set1_epi8(0x0F);
-    const __m512i pair_lanes = _mm512_set_epi64(3, 2, 3, 2, 1, 0, 1, 0);  // [q0, q0, q1, q1]
-    const __m512i nibble_shift = _mm512_set_epi64(4, 4, 0, 0, 4, 4, 0, 0);  // -> [lo0, hi0, lo1, hi1]
-    __m512 acc[NA];
+    // Two accumulator sets, alternating by pair: the FMA latency chain is halved.
+    __m512 acc0[NA], acc1[NA];
     __m256 tail[NA];
     for (int k = 0; k < NA; ++k) {
-        acc[k] = _mm512_setzero_ps();
+        acc0[k] = _mm512_setzero_ps();
+        acc1[k] = _mm512_setzero_ps();
         tail[k] = _mm256_setzero_ps();
     }
-    const int64_t stride = act.n_blocks;
     int64_t b = 0;
-    for (; b + 2 <= n_blocks; b += 2) {
-        const uint8_t *block0 = row + b * bb;
-        const uint8_t *block1 = block0 + bb;
-        __m512i codes;
-        if (t == QType::Q8_0) {
-            codes = _mm512_inserti64x4(
-                _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(block0 + 2))),
-                _mm256_loadu_si256(reinterpret_cast<const __m256i *>(block1 + 2)), 1);
-#if HK_VNNI
-            codes = _mm512_xor_si512(codes, _mm512_set1_epi8(static_cast<char>(0x80)));
-#endif
-        } else {
-            const __m256i both = _mm256_inserti128_si256(
-                _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i *>(block0 + scale_bytes))),
-                _mm_loadu_si128(reinterpret_cast<const __m128i *>(block1 + scale_bytes)), 1);
-            codes = _mm512_and_si512(
-                _mm512_srlv_epi64(_mm512_permutexvar_epi64(pair_lanes, _mm512_castsi256_si512(both)), nibble_shift), low4);
-        }
-        const __m512 dw = pair_scale(load_scale(block0, float_scale), load_scale(block1, float_scale));
-#if !HK_VNNI
-        __m512i codes_abs = codes;
-        __mmask64 negative = 0;
-        if (t == QType::Q8_0) {
-            codes_abs = _mm512_abs_epi8(codes);
-            negative = _mm512_movepi8_mask(codes);
-        }
-#endif
-        for (int k = 0; k < NA; ++k) {
-            const int64_t ab = (a + k) * stride + b;
-            const __m512i q8 = _mm512_loadu_si512(act.qs + ab * QK);
-            __m512i dot;
-#if HK_VNNI
-            dot = dot_u8s8(_mm512_loadu_si512(act.corr + ab * 8), codes, q8);
-#else
-            if (t == QType::Q8_0) {
-                const __m512i signed_q8 = _mm512_mask_sub_epi8(q8, negative, _mm512_setzero_si512(), q8);
-                dot = dot_u8s8(_mm512_setzero_si512(), codes_abs, signed_q8);
-            } else {
-                dot = dot_u8s8(_mm512_loadu_si512(act.corr + ab * 8), codes, q8);
-            }
-#endif
-            const __m512 scale = _mm512_mul_ps(dw, _mm512_loadu_ps(act.d_lanes + ab * 8));
-            acc[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[k]);
-        }
+    for (; b + 4 <= n_blocks; b += 4) {
+        pair_q8_0_family<NA>(t, row, b, act, a, acc0);
+        pair_q8_0_family<NA>(t, row, b + 2, act, a, acc1);
+    }
+    if (b + 2 <= n_blocks) {
+        pair_q8_0_family<NA>(t, row, b, act, a, acc0);
+        b += 2;
     }
     if (b < n_blocks) {  // odd block count: one 256-bit block
-        const uint8_t *block = row + b * bb;
-        const __m256i codes = codes_256(t, block);
-        const __m256 dw = _mm256_set1_ps(load_scale(block, float_scale));
+        const uint8_t *block = row + b * block_bytes(t);
+        __m256i codes, sign_source = _mm256_setzero_si256();
+        if (t == QType::Q8_0) {
+            sign_source = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(block + 2));
+            codes = _mm256_sign_epi8(sign_source, sign_source);
+        } else {
+            const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i *>(block + (t == QType::INT4 ? 4 : 2)));
+            codes = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), _mm256_set1_epi8(0x0F));
+        }
+        const float dw = load_scale(block, t == QType::INT4);
         for (int k = 0; k < NA; ++k) {
-            const int64_t ab = (a + k) * stride + b;
+            const int64_t ab = (a + k) * act.n_blocks + b;
             const __m256i q8 = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(act.qs + ab * QK));
-            const __m256i corr = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(act.corr + ab * 8));
             __m256i dot;
-#if HK_VNNI
-            dot = dot_u8s8(corr, codes, q8);
-#else
-            if (t == QType::Q8_0) dot = dot_u8s8(_mm256_setzero_si256(), _mm256_sign_epi8(codes, codes), _mm256_sign_epi8(q8, codes));
-            else dot = dot_u8s8(corr, codes, q8);
-#endif
-            tail[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(dw, _mm256_broadcast_ss(act.d + ab)), tail[k]);
+            if (t == QType::Q8_0) {
+                dot = dot_u8s8(_mm256_setzero_si256(), codes, _mm256_sign_epi8(q8, sign_source));
+            } else {
+                const __m256i corr = _mm256_cvtepi16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(act.corr + ab * 8)));
+                dot = dot_u8s8(corr, codes, q8);
+            }
+            tail[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(dw * act.d[ab]), tail[k]);
         }
     }
-    for (int k = 0; k < NA; ++k) out[k * out_stride] = _mm512_reduce_add_ps(acc[k]) + hsum(tail[k]);
+    for (int k = 0; k < NA; ++k) out[k * out_stride] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[k], acc1[k])) + hsum(tail[k]);
 }
 
 void dot_q8_0(QType t, const DotArgs &args, const ActQ8_0View &act) {
+    if (t != QType::Q8_0) {
+        dot_q4_pairs(t, args, act);
+        return;
+    }
     for (int64_t r = args.r0; r < args.r1; ++r) {
         const uint8_t *row = args.w + r * args.row_bytes;
         float *out = args.out + r;
@@ -250,12 +282,12 @@ void dot_q2_k(const DotArgs &args, const ActQ8_KView &act) {
 
 #if HK_VNNI
 const IsaKernels *avx512_vnni_kernels() {
-    static const IsaKernels table = {"avx512", dot_q8_0, dot_q2_k, {8, 8, 128, 0}};
+    static const IsaKernels table = {"avx512", dot_q8_0, dot_q2_k, true};
     return &table;
 }
 #else
 const IsaKernels *avx512_kernels() {
-    static const IsaKernels table = {"avx512_novnni", dot_q8_0, dot_q2_k, {8, 8, 0, 0}};
+    static const IsaKernels table = {"avx512_novnni", dot_q8_0, dot_q2_k, true};
     return &table;
 }
 #endif

@@ -34,18 +34,16 @@ bool check(const IsaKernels *isa, QType t, int64_t rows, int64_t cols, int64_t n
         isa->dot_q2_k(args, view);
     } else {
         std::vector<int8_t> qs(n * cols);
-        std::vector<float> d(n * nb), d_lanes(n * nb * 8);
-        std::vector<int32_t> sums(n * nb), corr(n * nb * 8, 0);
-        const int offset = isa->corr_offset[static_cast<int>(t)];
+        std::vector<float> d(n * nb);
+        std::vector<int32_t> sums(n * nb);
+        std::vector<int32_t> corr(n * nb * 4);
         for (int64_t a = 0; a < n; ++a)
             quantize_act_row_q8_0(x.data() + a * cols, qs.data() + a * cols, d.data() + a * nb, sums.data() + a * nb, cols);
-        for (int64_t b = 0; b < n * nb; ++b)
-            for (int l = 0; l < 8; ++l) {
-                const int8_t *c = qs.data() + b * QK + 4 * l;
-                corr[b * 8 + l] = -offset * (c[0] + c[1] + c[2] + c[3]);
-                d_lanes[b * 8 + l] = d[b];
-            }
-        const ActQ8_0View view{qs.data(), d.data(), corr.data(), d_lanes.data(), nb};
+        if (isa->q4_pair_layout) {
+            std::printf("pair layout not driven here\n");
+            return false;
+        }
+        const ActQ8_0View view{qs.data(), d.data(), corr.data(), nb};
         args.out = ref.data();
         scalar_kernels()->dot_q8_0(t, args, view);
         args.out = got.data();

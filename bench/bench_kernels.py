@@ -1,0 +1,186 @@
+"""CPU kernel benchmark: quantized matmul (INT4 / Q4_0 / Q8_0 / Q2_K) per ISA, batch size,
+shape and thread count, next to PyTorch's fp32 `F.linear` and this machine's measured memory
+read bandwidth. Reports GB/s of weight bytes streamed and GFLOP/s (2 * rows * cols * batch).
+
+Weights are cold: each call reads the next of several copies of the matrix, together several
+times larger than the last-level cache, so batch-1 numbers compare with DRAM bandwidth. The
+bandwidth is the best of a few multithreaded streaming reads of a 512 MiB buffer
+(`hierarchos_kernels.stream_read`). Times are the best of a few repeats (robust to a busy
+machine). Default run: a few minutes on 2 cores; flags subset it.
+
+    python bench/bench_kernels.py --json bench/records/kernels_cpu.json
+    python bench/bench_kernels.py --formats Q4_0 Q8_0 --shapes 4096x4096 --batches 1 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from hierarchos.quant import kernel  # noqa: E402
+
+SHAPES = ["768x768", "768x3072", "3072x768", "2048x2048", "4096x4096"]  # rows (out) x cols (in)
+COLD_BYTES = 160 << 20  # copies of a weight matrix cycled through: several times a 32 MiB L3
+
+
+def best_time(fn, repeats: int, min_seconds: float) -> float:
+    """Best per-call time over `repeats` rounds; each round calls fn until min_seconds pass."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        calls, start = 0, time.perf_counter()
+        while True:
+            fn()
+            calls += 1
+            elapsed = time.perf_counter() - start
+            if elapsed >= min_seconds:
+                break
+        best = min(best, elapsed / calls)
+    return best
+
+
+def memory_bandwidth(threads: int, repeats: int = 5) -> float:
+    buffer = np.ones(512 << 20, dtype=np.uint8)
+    kernel.stream_read(buffer, threads)
+    best = min(_timed(lambda: kernel.stream_read(buffer, threads)) for _ in range(repeats))
+    return buffer.nbytes / best / 1e9
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+class Cycle:
+    """Calls fn on the next of `items` each time: cold weights."""
+
+    def __init__(self, items, fn):
+        self.items, self.fn, self.index = items, fn, 0
+
+    def __call__(self):
+        self.fn(self.items[self.index])
+        self.index = (self.index + 1) % len(self.items)
+
+
+def machine_info() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "machine": platform.machine(), "python": platform.python_version(),
+            "torch": torch.__version__, "numpy": np.__version__, "backend": kernel.backend_name(),
+            "isas": kernel.available_isas(), "cpu_features": kernel.cpu_features(),
+            "logical_cpus": os.cpu_count()}
+
+
+def run(args) -> dict:
+    rng = np.random.default_rng(0)
+    isas = args.isas or kernel.available_isas()
+    records, bandwidth = [], {}
+    for threads in args.threads:
+        bandwidth[threads] = memory_bandwidth(threads)
+        print(f"memory read bandwidth, {threads} thread(s): {bandwidth[threads]:.1f} GB/s", flush=True)
+    for shape in args.shapes:
+        rows, cols = (int(v) for v in shape.split("x"))
+        w = rng.standard_normal((rows, cols)).astype(np.float32)
+        xs = {n: rng.standard_normal((n, cols)).astype(np.float32) for n in args.batches}
+        # PyTorch fp32 reference, cold weights as well
+        w_t = torch.from_numpy(w)
+        torch_copies = [w_t.clone() for _ in range(max(2, -(-COLD_BYTES // w_t.nbytes)))]
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            for n in args.batches:
+                x_t = torch.from_numpy(xs[n])
+                with torch.no_grad():
+                    seconds = best_time(Cycle(torch_copies, lambda m: torch.nn.functional.linear(x_t, m)),
+                                        args.repeats, args.min_time)
+                records.append(dict(kind="torch_fp32", qtype="F32", isa="torch", rows=rows, cols=cols, batch=n,
+                                    threads=threads, seconds=seconds, weight_bytes=w_t.nbytes))
+        for qtype in args.formats:
+            data = kernel.quantize(w, qtype)
+            copies = [data.copy() for _ in range(max(2, -(-COLD_BYTES // data.nbytes)))]
+            for isa in isas:
+                kernel.set_isa(isa)
+                for threads in args.threads:
+                    kernel.set_threads(threads)
+                    for n in args.batches:
+                        x = xs[n]
+                        seconds = best_time(Cycle(copies, lambda d: kernel.matmul(d, qtype, cols, x)),
+                                            args.repeats if isa != "scalar" else 1, args.min_time)
+                        records.append(dict(kind="kernel", qtype=qtype, isa=isa, rows=rows, cols=cols, batch=n,
+                                            threads=threads, seconds=seconds, weight_bytes=data.nbytes))
+                print(f"  {shape} {qtype} {isa} done", file=sys.stderr, flush=True)
+    for record in records:
+        record["weight_gb_per_s"] = record["weight_bytes"] / record["seconds"] / 1e9
+        record["gflop_per_s"] = 2 * record["rows"] * record["cols"] * record["batch"] / record["seconds"] / 1e9
+        record["bandwidth_fraction"] = record["weight_gb_per_s"] / bandwidth[record["threads"]]
+    kernel.set_isa(kernel.available_isas()[-1])
+    kernel.set_threads(0)
+    return {"machine": machine_info(), "memory_read_gb_per_s": {str(k): v for k, v in bandwidth.items()},
+            "args": vars(args), "records": records}
+
+
+def print_table(result: dict) -> None:
+    records = result["records"]
+    torch_time = {(r["rows"], r["cols"], r["batch"], r["threads"]): r["seconds"]
+                  for r in records if r["kind"] == "torch_fp32"}
+    print(f"\n{'format':6} {'isa':13} {'thr':>3} {'shape':>9} {'N':>3} {'us/call':>9} {'GB/s':>6} {'%bw':>5} "
+          f"{'GFLOP/s':>8} {'torch us':>9} {'vs torch':>8}")
+    for r in records:
+        key = (r["rows"], r["cols"], r["batch"], r["threads"])
+        speedup = torch_time[key] / r["seconds"]
+        print(f"{r['qtype']:6} {r['isa']:13} {r['threads']:>3} {r['rows']}x{r['cols']:<4} {r['batch']:>3} "
+              f"{r['seconds'] * 1e6:9.1f} {r['weight_gb_per_s']:6.1f} {100 * r['bandwidth_fraction']:5.0f} "
+              f"{r['gflop_per_s']:8.1f} {torch_time[key] * 1e6:9.1f} {speedup:7.2f}x")
+    target = [r for r in records if r["kind"] == "kernel" and r["qtype"] in ("Q4_0", "Q8_0") and r["batch"] == 1
+              and r["threads"] == 2 and (r["rows"], r["cols"]) == (4096, 4096)]
+    if target:
+        print("\ntarget (issue 5): batch-1 matvec >= 80% of measured bandwidth, Q4_0 and Q8_0 at 4096x4096, 2 threads:")
+        for r in target:
+            print(f"  {r['qtype']} {r['isa']:13} {100 * r['bandwidth_fraction']:.0f}%")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--formats", nargs="+", default=list(kernel.QTYPES), choices=kernel.QTYPES)
+    parser.add_argument("--isas", nargs="+", default=None, help="default: every ISA this CPU runs")
+    parser.add_argument("--shapes", nargs="+", default=SHAPES, help="ROWSxCOLS (out x in)")
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 64])
+    parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--repeats", type=int, default=3, help="rounds per point; the best is kept")
+    parser.add_argument("--min-time", type=float, default=0.05, help="seconds per round")
+    parser.add_argument("--json", type=Path, default=None, help="write the raw records here")
+    args = parser.parse_args(argv)
+    if kernel.backend_name() != "cpp":
+        print("bench_kernels: the C++ kernel is not built (bash setup.sh); refusing to time the numpy reference",
+              file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    result = run(args)
+    result["wall_seconds"] = time.perf_counter() - started
+    print_table(result)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        result["args"]["json"] = str(args.json)
+        args.json.write_text(json.dumps(result, indent=1))
+        print(f"\nwrote {args.json} ({result['wall_seconds']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
