@@ -132,7 +132,8 @@ def run(args) -> dict:
     kernel.set_isa(kernel.available_isas()[-1])
     kernel.set_threads(0)
     return {"machine": machine_info(), "memory_read_gb_per_s": {str(k): v for k, v in bandwidth.items()},
-            "args": vars(args), "records": records}
+            "args": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()},
+            "records": records}
 
 
 def print_table(result: dict) -> None:
@@ -176,7 +177,6 @@ def main(argv=None) -> int:
     print_table(result)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        result["args"]["json"] = str(args.json)
         args.json.write_text(json.dumps(result, indent=1))
         print(f"\nwrote {args.json} ({result['wall_seconds']:.0f} s)")
     return 0

@@ -12,7 +12,7 @@
 
 namespace hk {
 
-std::vector<std::string> available_isas();    // best last is not implied; see default_isa()
+std::vector<std::string> available_isas();    // scalar first, best last
 std::string default_isa();
 void set_isa(const std::string &name);        // throws std::invalid_argument when unavailable
 std::string get_isa();
