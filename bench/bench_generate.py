@@ -7,6 +7,7 @@ Prints a table and writes JSON.
 
     python bench/bench_generate.py --size small --contexts 1024 8192 32768
     python bench/bench_generate.py --size tiny --contexts 1024 --long-generation 20000
+    python bench/bench_generate.py --size 125m --contexts 1024 --formats fp32 Q4_0 Q8_0 INT4 Q2_K
     PYTHONPATH=. python bench/bench_generate.py --device cuda --size 125m
 """
 
@@ -54,13 +55,9 @@ def sync(device):
 
 
 @torch.no_grad()
-def run(args) -> dict:
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
-    torch.manual_seed(0)
-    model = HierarchosLM(SIZES[args.size]()).to(device).eval()
-    cfg = model.cfg
-    rows = []
+def measure(model, fmt: str, weight_bytes: int, args, device) -> list[dict]:
+    """Prefill each context in pieces, then time `--new-tokens` steps; one row per context."""
+    cfg, rows = model.cfg, []
     for context in args.contexts:
         state = model.init_state(1, device=device)
         prompt = torch.randint(0, cfg.vocab_size, (1, context), device=device)
@@ -82,40 +79,70 @@ def run(args) -> dict:
             state, token = out.state, out.logits.argmax(-1)
         sync(device)
         elapsed = time.perf_counter() - start
-        rows.append({"context": context, "prefill_tokens_per_s": context / prefill_s,
+        rows.append({"format": fmt, "weight_bytes": weight_bytes, "context": context,
+                     "prefill_tokens_per_s": context / prefill_s,
                      "tokens_per_s": args.new_tokens / elapsed, "memory_after_prefill_mib": after_prefill,
                      "memory_after_generation_mib": memory_mib(device), "state_bytes": state.nbytes(),
                      "rosa_history": state.rosa[0].history_len if state.rosa else 0})
-        print(f"context {context:>6}: prefill {rows[-1]['prefill_tokens_per_s']:8.0f} tok/s | generate "
+        print(f"{fmt:>5} context {context:>6}: prefill {rows[-1]['prefill_tokens_per_s']:8.0f} tok/s | generate "
               f"{rows[-1]['tokens_per_s']:7.1f} tok/s | memory {after_prefill:8.1f} -> "
               f"{rows[-1]['memory_after_generation_mib']:8.1f} MiB | state {state.nbytes() / 2**20:.2f} MiB",
               flush=True)
-    long_rows = []
-    if args.long_generation:
-        # one long generation from an empty state: memory and speed sampled as tokens accumulate
-        state = model.init_state(1, device=device)
-        token = torch.zeros(1, dtype=torch.long, device=device)
-        marks = sorted({m for m in (1000, 5000, 10000, 20000, args.long_generation) if m <= args.long_generation})
-        done, start = 0, time.perf_counter()
-        for mark in marks:
-            while done < mark:
-                out = model.step(token, state)
-                state, token = out.state, out.logits.argmax(-1)
-                done += 1
-            sync(device)
-            now = time.perf_counter()
-            long_rows.append({"generated": done, "tokens_per_s": (mark - (long_rows[-1]["generated"] if long_rows
-                                                                           else 0)) / (now - start),
-                              "memory_mib": memory_mib(device), "state_bytes": state.nbytes()})
-            start = now
-            print(f"generated {done:>6}: {long_rows[-1]['tokens_per_s']:7.1f} tok/s | memory "
-                  f"{long_rows[-1]['memory_mib']:8.1f} MiB | state {state.nbytes() / 2**20:.2f} MiB", flush=True)
-    return {"long_generation": long_rows,
+    return rows
+
+
+@torch.no_grad()
+def long_generation(model, n: int, device) -> list[dict]:
+    """One long generation from an empty state: memory and speed sampled as tokens accumulate."""
+    state = model.init_state(1, device=device)
+    token = torch.zeros(1, dtype=torch.long, device=device)
+    marks = sorted({m for m in (1000, 5000, 10000, 20000, n) if m <= n})
+    rows, done, start = [], 0, time.perf_counter()
+    for mark in marks:
+        while done < mark:
+            out = model.step(token, state)
+            state, token = out.state, out.logits.argmax(-1)
+            done += 1
+        sync(device)
+        now = time.perf_counter()
+        previous = rows[-1]["generated"] if rows else 0
+        rows.append({"generated": done, "tokens_per_s": (done - previous) / (now - start),
+                     "memory_mib": memory_mib(device), "state_bytes": state.nbytes()})
+        start = now
+        print(f"generated {done:>6}: {rows[-1]['tokens_per_s']:7.1f} tok/s | memory "
+              f"{rows[-1]['memory_mib']:8.1f} MiB | state {state.nbytes() / 2**20:.2f} MiB", flush=True)
+    return rows
+
+
+@torch.no_grad()
+def run(args) -> dict:
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    torch.manual_seed(0)
+    float_model = HierarchosLM(SIZES[args.size]()).to(device).eval()
+    cfg = float_model.cfg
+    rows, kernel_info = [], None
+    for fmt in args.formats:
+        if fmt == "fp32":
+            model, weight_bytes = float_model, 4 * float_model.num_parameters()
+        else:  # the same weights, quantized, on the C++ kernel (CPU)
+            if device.type != "cpu":
+                raise SystemExit(f"--formats {fmt}: quantized models run on the CPU kernel; use --device cpu")
+            from hierarchos.quant import kernel
+            from hierarchos.quant.model import build_quantized_model, quantize_tensors, quantized_bytes
+
+            model = build_quantized_model(cfg, quantize_tensors(float_model, fmt))
+            weight_bytes = quantized_bytes(model)
+            kernel_info = {"backend": kernel.backend_name(), "isa": kernel.get_isa(), "threads": kernel.get_threads()}
+            print(f"{fmt}: {weight_bytes / 2**20:.1f} MiB of weights ({kernel_info})", flush=True)
+        rows += measure(model, fmt, weight_bytes, args, device)
+    long_rows = long_generation(float_model, args.long_generation, device) if args.long_generation else []
+    return {"long_generation": long_rows, "kernel": kernel_info, "torch_threads": torch.get_num_threads(),
             "machine": {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
                         "torch": torch.__version__, "device": str(device),
                         "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None},
-            "size": args.size, "params": model.num_parameters(),
-            "params_without_deepembed": model.num_parameters(with_deepembed=False), "rows": rows}
+            "size": args.size, "params": float_model.num_parameters(),
+            "params_without_deepembed": float_model.num_parameters(with_deepembed=False), "rows": rows}
 
 
 def main() -> None:
@@ -126,15 +153,21 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--prefill-chunk", type=int, default=2048)
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    ap.add_argument("--formats", nargs="+", default=["fp32"], choices=("fp32", "INT4", "Q4_0", "Q8_0", "Q2_K"),
+                    help="fp32 (PyTorch) and/or quantized formats on the C++ kernel (CPU)")
     ap.add_argument("--long-generation", type=int, default=0, metavar="N",
                     help="also generate N tokens from an empty state, sampling memory at 1k/5k/10k/20k")
     ap.add_argument("--json", default=None, help="default bench/results/generate_<device>.json")
     args = ap.parse_args()
     result = run(args)
-    print("\n| context | prefill tok/s | generate tok/s | memory after prefill MiB | after generation MiB | state MiB |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    base = {r["context"]: r["tokens_per_s"] for r in result["rows"] if r["format"] == "fp32"}
+    print("\n| format | weights MiB | context | prefill tok/s | generate tok/s | vs fp32 | memory after prefill MiB "
+          "| after generation MiB | state MiB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in result["rows"]:
-        print(f"| {r['context']} | {r['prefill_tokens_per_s']:.0f} | {r['tokens_per_s']:.1f} | "
+        ratio = f"{r['tokens_per_s'] / base[r['context']]:.2f}x" if r["context"] in base else "-"
+        print(f"| {r['format']} | {r['weight_bytes'] / 2**20:.1f} | {r['context']} | "
+              f"{r['prefill_tokens_per_s']:.0f} | {r['tokens_per_s']:.1f} | {ratio} | "
               f"{r['memory_after_prefill_mib']:.1f} | {r['memory_after_generation_mib']:.1f} | "
               f"{r['state_bytes'] / 2**20:.2f} |")
     if result["long_generation"]:

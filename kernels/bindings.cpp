@@ -8,6 +8,7 @@
 #include <string>
 
 #include "rosa.h"
+#include "wkv.h"
 #include "runtime.h"
 
 namespace py = pybind11;
@@ -122,6 +123,27 @@ py::array_t<int64_t> rosa_extend(hk::RosaAutomaton &self, const IdArray &tokens)
     return hints;
 }
 
+py::tuple wkv7_steps(const FloatArray &state, const FloatArray &r, const FloatArray &log_w, const FloatArray &k,
+                     const FloatArray &v, const FloatArray &a, const FloatArray &b) {
+    if (r.ndim() != 4) throw py::value_error("wkv7_steps: r must be (B, T, H, N)");
+    const int64_t B = r.shape(0), T = r.shape(1), H = r.shape(2), N = r.shape(3);
+    for (const FloatArray *x : {&log_w, &k, &v, &a, &b})
+        if (x->ndim() != 4 || x->shape(0) != B || x->shape(1) != T || x->shape(2) != H || x->shape(3) != N)
+            throw py::value_error("wkv7_steps: r, log_w, k, v, a, b must share one (B, T, H, N) shape");
+    if (state.ndim() != 4 || state.shape(0) != B || state.shape(1) != H || state.shape(2) != N || state.shape(3) != N)
+        throw py::value_error("wkv7_steps: state must be (B, H, N, N)");
+    py::array_t<float> out({B, T, H, N});
+    py::array_t<float> new_state({B, H, N, N});
+    const float *s0 = state.data(), *pr = r.data(), *pw = log_w.data(), *pk = k.data(), *pv = v.data();
+    const float *pa = a.data(), *pb = b.data();
+    float *po = out.mutable_data(), *ps = new_state.mutable_data();
+    {
+        py::gil_scoped_release release;
+        hk::wkv7_steps(s0, pr, pw, pk, pv, pa, pb, B, T, H, N, po, ps);
+    }
+    return py::make_tuple(out, new_state);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(hierarchos_kernels, m) {
@@ -157,6 +179,10 @@ PYBIND11_MODULE(hierarchos_kernels, m) {
     m.def("backend_name", [] { return std::string("cpp"); });
     m.def("stream_read", &stream_read, py::arg("buffer"), py::arg("threads") = 0,
           "read every byte of a uint8 array with `threads` threads (memory bandwidth probe); returns a checksum");
+
+    m.def("wkv7_steps", &wkv7_steps, py::arg("state"), py::arg("r"), py::arg("log_w"), py::arg("k"), py::arg("v"),
+          py::arg("a"), py::arg("b"),
+          "RWKV-7 recurrence over a few tokens: (o (B,T,H,N), new state (B,H,N,N)); float32, no autograd");
 
     py::class_<hk::RosaAutomaton>(m, "RosaAutomaton")
         .def(py::init([](int64_t window, int64_t none_id) {

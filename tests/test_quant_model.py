@@ -318,3 +318,20 @@ def test_quantized_learning_through_shadow_and_requantize(model_dir, tmp_path):
     again, _ = _quant_session(qdir, shadow, threshold=1e9)
     again.load_delta(again.delta_path)
     assert torch.equal(again.model.memory.values, learned)
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_dense_prefill_path_equals_kernel_matmul(qtype):
+    rng = np.random.default_rng()
+    cols = 512
+    w = rng.standard_normal((48, cols)).astype(np.float32)
+    x = rng.standard_normal((qmodel.DENSE_FROM_ROWS + 5, cols)).astype(np.float32)
+    layer = qmodel.QuantLinear(gguf_io.QuantTensor(qtype, kernel.quantize(w, qtype), cols))
+    dense = layer.dense_matmul(x).numpy()
+    exact = kernel.matmul(layer.weight_q.data, qtype, cols, x)
+    assert np.allclose(dense, exact, rtol=1e-4, atol=1e-4 * np.abs(exact).max()), np.abs(dense - exact).max()
+    # the layer picks the path by the number of rows; both give the same rows
+    with torch.no_grad():
+        big = layer(torch.from_numpy(x)).numpy()
+        small = np.concatenate([layer(torch.from_numpy(x[i:i + 4])).numpy() for i in range(0, len(x), 4)])
+    assert np.allclose(big, small, rtol=1e-4, atol=1e-4 * np.abs(small).max())

@@ -4,6 +4,7 @@ Random inputs follow the model's ranges (log_w in [-0.61, 0], a = -kappa,
 b = kappa * iclr) and come from a fresh seed each run, printed on failure.
 """
 
+import os
 import random
 
 import pytest
@@ -13,6 +14,8 @@ import torch.nn.functional as F
 from hierarchos.errors import HierarchosError
 from hierarchos.ops import wkv7
 from hierarchos.ops.wkv import (
+    _cpp_kernels,
+    wkv7_cpp_step,
     ENV_IMPL,
     available_impls,
     resolve_impl,
@@ -217,7 +220,8 @@ def test_dispatcher_on_cpu(monkeypatch):
     assert resolve_impl("auto", long_inputs["r"]) == "chunked"
     assert resolve_impl("auto", short_inputs["r"]) == "recurrent"
     assert resolve_impl("reference", long_inputs["r"]) == "reference"
-    assert set(available_impls("cpu")) == {"reference", "recurrent", "chunked"}
+    built = {"cpp_step"} if _cpp_kernels() is not None else set()
+    assert set(available_impls("cpu")) == {"reference", "recurrent", "chunked"} | built
 
     o_ref, s_ref = wkv7_reference(**long_inputs, state=state)
     for impl in ("auto", "reference", "recurrent", "chunked"):
@@ -285,3 +289,25 @@ def test_fla_matches_reference(T):
     got = _grads(wkv7_fla, inputs, state, weight_o, weight_s)
     for name, g, g_ref in zip((*NAMES, "state"), got, ref):
         assert rel_err(g, g_ref) < tol, f"seed={seed} d{name} rel err {rel_err(g, g_ref)}"
+
+
+def test_cpp_step_matches_reference_float32():
+    """The C++ fused step (generation's recurrence on the CPU) against the float64 scan."""
+    if _cpp_kernels() is None:
+        if os.environ.get("HIERARCHOS_REQUIRE_KERNEL") == "1":
+            pytest.fail("HIERARCHOS_REQUIRE_KERNEL=1 but the C++ kernel is not built")
+        pytest.skip("the C++ kernel is not built")
+    for T in (1, 2, 3):
+        seed = fresh_seed()
+        inputs, state = make_inputs(seed, B=2, T=T, H=3, N=16)
+        o_ref, s_ref = wkv7_reference(**inputs, state=state)
+        f32 = {n: x.float() for n, x in inputs.items()}
+        state32 = state.float()
+        o, s = wkv7_cpp_step(**f32, state=state32)
+        assert o.dtype == s.dtype == torch.float32
+        torch.testing.assert_close(o.double(), o_ref, rtol=1e-5, atol=1e-5, msg=lambda m: f"seed={seed}: {m}")
+        torch.testing.assert_close(s.double(), s_ref, rtol=1e-5, atol=1e-5, msg=lambda m: f"seed={seed}: {m}")
+        assert torch.equal(state32, state.float())  # the input state is a value: untouched
+        with torch.no_grad():
+            assert resolve_impl("auto", f32["r"][:, :1]) == "cpp_step"
+        assert resolve_impl("auto", f32["r"][:, :1].requires_grad_()) == "recurrent"  # autograd: torch path

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from ..errors import HierarchosError
 
-IMPLS = ("auto", "reference", "recurrent", "chunked", "fla")
+IMPLS = ("auto", "reference", "recurrent", "cpp_step", "chunked", "fla")
 ENV_IMPL = "HIERARCHOS_WKV_IMPL"
 MAX_CHUNK_SIZE = 64  # |log_w| <= 0.61 keeps exp(0.61 * 64) ~ 1e17 far below float32's max
 
@@ -226,9 +226,40 @@ def wkv7_fla(r, log_w, k, v, a, b, state=None):
 # ----------------------------------------------------------------------------- dispatch
 
 
+@functools.lru_cache(maxsize=None)
+def _cpp_kernels():
+    """The C++ extension (kernels/) when built, else None: its step is an optional fast path."""
+    try:
+        import importlib
+
+        ext = importlib.import_module("hierarchos.hierarchos_kernels")
+    except ImportError:
+        return None
+    return ext if hasattr(ext, "wkv7_steps") else None
+
+
+def _cpp_step_fits(r: torch.Tensor) -> bool:
+    return (r.device.type == "cpu" and r.dtype == torch.float32 and not torch.is_grad_enabled()
+            and _cpp_kernels() is not None)
+
+
+def wkv7_cpp_step(r, log_w, k, v, a, b, state=None):
+    """`wkv7_recurrent_step` fused in C++ (CPU, float32, no autograd): one call instead of a dozen
+    small torch ops per token, which dominate generation. Same contract as `wkv7_reference`."""
+    ext = _cpp_kernels()
+    if ext is None:
+        raise HierarchosError("wkv7 impl 'cpp_step' needs the C++ kernel; build it with `bash setup.sh`")
+    r, log_w, k, v, a, b, state = _prepare(r, log_w, k, v, a, b, state)
+    if r.dtype != torch.float32 or r.device.type != "cpu":
+        raise HierarchosError("wkv7 impl 'cpp_step' runs float32 CPU tensors only")
+    out, new_state = ext.wkv7_steps(*(x.detach().contiguous().numpy() for x in (state, r, log_w, k, v, a, b)))
+    return torch.from_numpy(out), torch.from_numpy(new_state)
+
+
 def available_impls(device: torch.device | str | None = None) -> tuple[str, ...]:
-    """Implementations that can run now (on `device` when given): 'fla' needs CUDA + fla-core."""
-    names = ("reference", "recurrent", "chunked")
+    """Implementations that can run now (on `device` when given): 'fla' needs CUDA + fla-core,
+    'cpp_step' the built C++ kernel (CPU)."""
+    names = ("reference", "recurrent", "chunked") + (("cpp_step",) if _cpp_kernels() is not None else ())
     cuda_ok = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
     return names + ("fla",) if cuda_ok and _fla_importable() else names
 
@@ -237,7 +268,8 @@ def resolve_impl(impl: str, r: torch.Tensor) -> str:
     """The implementation `wkv7` will run for input `r` (shape (B, T, H, N)).
 
     impl='auto' is first replaced by $HIERARCHOS_WKV_IMPL when that is set; an explicit
-    impl wins over the variable. 'auto' then picks the recurrent step for T <= 2, fla
+    impl wins over the variable. 'auto' then picks the recurrent step for T <= 2 (fused in C++,
+    'cpp_step', for float32 CPU tensors without autograd when the kernel is built), fla
     for CUDA tensors (not float64) when fla-core imports and no gradient is being
     recorded, and the chunked path otherwise. (fla's backward failed our gradient check
     on an H100 at T=200 -- one input's gradient off by a relative 1.0 -- so training uses
@@ -252,7 +284,7 @@ def resolve_impl(impl: str, r: torch.Tensor) -> str:
     if impl != "auto":
         return impl
     if r.shape[1] <= 2:
-        return "recurrent"
+        return "cpp_step" if _cpp_step_fits(r) else "recurrent"
     if r.is_cuda and r.dtype != torch.float64 and not torch.is_grad_enabled() and _fla_importable():
         return "fla"
     return "chunked"
@@ -267,5 +299,6 @@ def wkv7(r, log_w, k, v, a, b, state=None, impl="auto", chunk_size=32):
     name = resolve_impl(impl, r)
     if name == "chunked":
         return wkv7_chunked(r, log_w, k, v, a, b, state, chunk_size=chunk_size)
-    run = {"reference": wkv7_reference, "recurrent": wkv7_recurrent_step, "fla": wkv7_fla}[name]
+    run = {"reference": wkv7_reference, "recurrent": wkv7_recurrent_step, "cpp_step": wkv7_cpp_step,
+           "fla": wkv7_fla}[name]
     return run(r, log_w, k, v, a, b, state)

@@ -32,6 +32,10 @@ if os.environ.get("HIERARCHOS_THREADS", "").isdigit():  # --threads (set by the 
     kernel.set_threads(int(os.environ["HIERARCHOS_THREADS"]))
 
 TABLE_QTYPE = "Q8_0"
+# From this many rows on (prompt prefill), QuantLinear dequantizes W once per call and runs a float
+# GEMM on the activations the kernel would have used: the same function to float rounding, and
+# the BLAS GEMM beats the integer kernel there (bench/bench_kernels.py: batch 64 is 0.5-1.1x torch).
+DENSE_FROM_ROWS = 32
 MIN_ROWS = 8  # gate and halting heads (3 and 1 rows) stay float: tiny, and decisions hinge on them
 
 
@@ -88,6 +92,18 @@ def describe(tensors: dict) -> dict:
     return {kind: {"tensors": n, "bytes": b} for kind, (n, b) in sorted(summary.items())}
 
 
+def activations_as_used(x: np.ndarray, qtype: str) -> np.ndarray:
+    """The float values of the 8-bit activation blocks the kernel's integer dot products use for x."""
+    if qtype == "Q2_K":
+        codes, d, _ = formats.quantize_q8_k_activations(x)
+        block = formats.QK_K
+    else:
+        codes, d = formats.quantize_q8_0_activations(x)
+        block = 32
+    n, cols = x.shape
+    return (codes.reshape(n, cols // block, block).astype(np.float32) * d[:, :, None]).reshape(n, cols)
+
+
 class QuantLinear(nn.Module):
     """y = x @ W.T (+ b) with W in quantized blocks; activations are quantized on the fly by the kernel."""
 
@@ -103,10 +119,25 @@ class QuantLinear(nn.Module):
             raise HierarchosError("quantized weights cannot be trained; learn with the full-precision model "
                                   "(chat --enable-quantized-learning --shadow-model-path DIR)")
         shape = x.shape
-        flat = x.detach().reshape(-1, self.in_features).to("cpu", torch.float32).contiguous().numpy()
-        y = torch.from_numpy(kernel.matmul(self.weight_q.data, self.weight_q.qtype, self.in_features, flat))
-        y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        flat = x.detach().reshape(-1, self.in_features)
+        if flat.dtype != torch.float32 or flat.device.type != "cpu":  # (skip the no-op .to: it costs per token)
+            flat = flat.to("cpu", torch.float32)
+        flat = flat.contiguous().numpy()
+        if flat.shape[0] >= DENSE_FROM_ROWS:
+            y = self.dense_matmul(flat)
+        else:
+            y = torch.from_numpy(kernel.matmul(self.weight_q.data, self.weight_q.qtype, self.in_features, flat))
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
+        y = y.reshape(*shape[:-1], self.out_features)
         return y + self.bias if self.bias is not None else y
+
+    def dense_matmul(self, flat: np.ndarray) -> torch.Tensor:
+        """kernel.matmul's function through a float GEMM: x rounded to the kernel's 8-bit activation
+        blocks (Q8_0, or Q8_K for Q2_K) and W dequantized; only the order of float sums differs."""
+        w = torch.from_numpy(kernel.dequantize(self.weight_q.data, self.weight_q.qtype, self.in_features))
+        x = torch.from_numpy(activations_as_used(flat, self.weight_q.qtype))
+        return x @ w.T
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, {self.weight_q.qtype}"
