@@ -92,6 +92,30 @@ def measure(model, fmt: str, weight_bytes: int, args, device) -> list[dict]:
 
 
 @torch.no_grad()
+def interleaved_generation(models: dict, args, device) -> dict:
+    """Batch-1 generation speed of every format, timed in alternation (best of `--rounds`), so
+    that a shared machine's drift hits all formats alike: the fair ratio against fp32."""
+    states, best = {}, {fmt: float("inf") for fmt in models}
+    token = torch.zeros(1, dtype=torch.long, device=device)
+    for fmt, model in models.items():
+        state = model.init_state(1, device=device)
+        for _ in range(args.warmup):
+            state = model.step(token, state).state
+        states[fmt] = state
+    for _ in range(args.rounds):
+        for fmt, model in models.items():
+            state = states[fmt]
+            sync(device)
+            start = time.perf_counter()
+            for _ in range(args.new_tokens):
+                state = model.step(token, state).state
+            sync(device)
+            best[fmt] = min(best[fmt], (time.perf_counter() - start) / args.new_tokens)
+            states[fmt] = state
+    return {fmt: 1.0 / seconds for fmt, seconds in best.items()}
+
+
+@torch.no_grad()
 def long_generation(model, n: int, device) -> list[dict]:
     """One long generation from an empty state: memory and speed sampled as tokens accumulate."""
     state = model.init_state(1, device=device)
@@ -121,7 +145,7 @@ def run(args) -> dict:
     torch.manual_seed(0)
     float_model = HierarchosLM(SIZES[args.size]()).to(device).eval()
     cfg = float_model.cfg
-    rows, kernel_info = [], None
+    rows, kernel_info, models = [], None, {}
     for fmt in args.formats:
         if fmt == "fp32":
             model, weight_bytes = float_model, 4 * float_model.num_parameters()
@@ -136,8 +160,11 @@ def run(args) -> dict:
             kernel_info = {"backend": kernel.backend_name(), "isa": kernel.get_isa(), "threads": kernel.get_threads()}
             print(f"{fmt}: {weight_bytes / 2**20:.1f} MiB of weights ({kernel_info})", flush=True)
         rows += measure(model, fmt, weight_bytes, args, device)
+        models[fmt] = model
+    interleaved = interleaved_generation(models, args, device) if args.rounds > 0 and len(models) > 1 else {}
+    del models
     long_rows = long_generation(float_model, args.long_generation, device) if args.long_generation else []
-    return {"long_generation": long_rows, "kernel": kernel_info, "torch_threads": torch.get_num_threads(),
+    return {"long_generation": long_rows, "interleaved_tokens_per_s": interleaved, "kernel": kernel_info, "torch_threads": torch.get_num_threads(),
             "machine": {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
                         "torch": torch.__version__, "device": str(device),
                         "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None},
@@ -155,6 +182,8 @@ def main() -> None:
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     ap.add_argument("--formats", nargs="+", default=["fp32"], choices=("fp32", "INT4", "Q4_0", "Q8_0", "Q2_K"),
                     help="fp32 (PyTorch) and/or quantized formats on the C++ kernel (CPU)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="with several --formats: time generation in this many alternating rounds (best kept)")
     ap.add_argument("--long-generation", type=int, default=0, metavar="N",
                     help="also generate N tokens from an empty state, sampling memory at 1k/5k/10k/20k")
     ap.add_argument("--json", default=None, help="default bench/results/generate_<device>.json")
@@ -170,6 +199,14 @@ def main() -> None:
               f"{r['prefill_tokens_per_s']:.0f} | {r['tokens_per_s']:.1f} | {ratio} | "
               f"{r['memory_after_prefill_mib']:.1f} | {r['memory_after_generation_mib']:.1f} | "
               f"{r['state_bytes'] / 2**20:.2f} |")
+    if result["interleaved_tokens_per_s"]:
+        rates = result["interleaved_tokens_per_s"]
+        print(f"\ngeneration, formats timed in alternation (best of {args.rounds} rounds of {args.new_tokens} tokens):")
+        print("| format | tok/s | vs fp32 |")
+        print("|---|---:|---:|")
+        for fmt, rate in rates.items():
+            ratio = f"{rate / rates['fp32']:.2f}x" if "fp32" in rates else "-"
+            print(f"| {fmt} | {rate:.2f} | {ratio} |")
     if result["long_generation"]:
         print("\n| generated tokens | tok/s since previous row | memory MiB | state MiB |")
         print("|---:|---:|---:|---:|")

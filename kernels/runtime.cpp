@@ -181,11 +181,16 @@ inline void cpu_relax() {
 }
 
 // Persistent workers plus the calling thread share one job's tasks through an atomic
-// counter. Workers spin briefly before sleeping: generation issues matvecs back to
-// back, and a futex wake per call would cost more than a small matvec.
+// counter. Idle workers poll for a few hundred pauses (~10 us), then sleep on a condition
+// variable. Polling longer (HIERARCHOS_KERNEL_SPIN_US) helps back-to-back matvecs in a
+// microbenchmark but, in real generation, steals the core that torch's ops between the
+// matvecs need: the 125m model generated 20-25% faster with no extra polling
+// (bench/bench_generate.py, BENCHMARKS.md).
 class ThreadPool {
 public:
     explicit ThreadPool(int n_threads) {
+        // HIERARCHOS_KERNEL_SPIN_US: how long an idle worker polls for the next job before sleeping
+        if (const char *env = std::getenv("HIERARCHOS_KERNEL_SPIN_US")) spin_us_ = std::max(0, std::atoi(env));
         for (int i = 1; i < n_threads; ++i) workers_.emplace_back([this] { worker_loop(); });
     }
     ~ThreadPool() {
@@ -239,7 +244,7 @@ private:
         uint64_t seen = 0;
         for (;;) {
             // spin up to ~200 us for the next job, then sleep
-            const auto spin_until = std::chrono::steady_clock::now() + std::chrono::microseconds(200);
+            const auto spin_until = std::chrono::steady_clock::now() + std::chrono::microseconds(spin_us_);
             int polls = 0;
             while (generation_.load(std::memory_order_acquire) == seen) {
                 cpu_relax();
@@ -273,6 +278,7 @@ private:
     int64_t n_tasks_ = 0;
     int helpers_wanted_ = 0, helpers_joined_ = 0;
     bool stopping_ = false;
+    int spin_us_ = 0;  // measured: polling longer steals the core torch needs between matvecs in generation
 };
 
 std::mutex g_run_mutex;   // held for a whole parallel_for, and by set_threads

@@ -38,6 +38,10 @@ def shift_tokens(x: torch.Tensor, prev: torch.Tensor, frozen: torch.Tensor | Non
     x: (B, T, C); prev: (B, C) the last live token before this call.
     With a frozen mask (B, T) the previous token of t is the last *non-frozen* one.
     """
+    if x.shape[1] == 1:  # one token (generation): its previous token is the carried one, frozen or not
+        if frozen is None:
+            return prev[:, None], x[:, 0]
+        return prev[:, None], torch.where(frozen[:, :1], prev, x[:, 0])
     if frozen is None:
         return torch.cat([prev[:, None], x[:, :-1]], dim=1), x[:, -1]
     B, T, C = x.shape

@@ -138,7 +138,12 @@ def rewrite_memory(content: gguf_io.GGUFModel, model) -> Path:
     for name in ("values", "slot_time", "slot_count", "slot_source"):
         tensors[f"memory.{name}"] = np.ascontiguousarray(getattr(memory, name).detach().cpu().numpy())
     config_json = config_with_sources(json.dumps(content.config), memory.source_names)
-    gguf_io.write_gguf(content.path, tensors, config_json=config_json, qtype=content.qtype,
-                       tokenizer_files=content.tokenizer_files, name=content.path.stem)
+    try:
+        gguf_io.write_gguf(content.path, tensors, config_json=config_json, qtype=content.qtype,
+                           tokenizer_files=content.tokenizer_files, name=content.path.stem)
+    except PermissionError:  # Windows will not replace a file that is memory-mapped (this session reads it)
+        raise HierarchosError(f"{content.path}: cannot be replaced while it is open; the learned memory is "
+                              "saved in the shadow model's delta file, which the next session with "
+                              "--enable-quantized-learning --shadow-model-path loads") from None
     content.config = json.loads(config_json)
     return content.path
