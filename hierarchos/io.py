@@ -160,13 +160,14 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 # ---- weights ---------------------------------------------------------------------------------
 
-def _save_weights(model: torch.nn.Module, path: Path) -> None:
-    """Save the state dict once per storage: tied tensors (lm_head -> embed) are stored once
-    and named in the file's metadata so the loader fills the alias."""
+def _save_weights(model: torch.nn.Module, path: Path, state: dict | None = None) -> None:
+    """Save the state dict (or `state`, e.g. gathered from FSDP shards) once per storage: tied
+    tensors (lm_head -> embed) are stored once and named in the file's metadata so the loader
+    fills the alias."""
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple, str] = {}
-    for name, tensor in model.state_dict().items():
+    for name, tensor in (model.state_dict() if state is None else state).items():
         ident = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(),
                  tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
         if ident in seen:
@@ -196,8 +197,9 @@ def _read_weights(path: Path, what: str = "weights file") -> dict[str, torch.Ten
     return tensors
 
 
-def _load_weights(model: torch.nn.Module, path: Path) -> None:
-    """Load strictly, with one-line errors for missing/unexpected tensors and shape mismatches."""
+def _load_weights(model: torch.nn.Module, path: Path, apply=None) -> None:
+    """Load strictly, with one-line errors for missing/unexpected tensors and shape mismatches.
+    `apply(tensors)` replaces `model.load_state_dict` (FSDP re-shards full tensors)."""
     tensors = _read_weights(path)
     expected = model.state_dict()
     missing = [name for name in expected if name not in tensors]
@@ -215,7 +217,10 @@ def _load_weights(model: torch.nn.Module, path: Path) -> None:
             raise HierarchosError(
                 f"{path}: tensor '{name}' has shape {tuple(tensors[name].shape)} but the config expects "
                 f"{tuple(tensor.shape)}; the config and the weights disagree, keep {CONFIG_FILE} with its weights")
-    model.load_state_dict(tensors, strict=True)
+    if apply is not None:
+        apply({name: tensors[name] for name in expected})
+    else:
+        model.load_state_dict(tensors, strict=True)
 
 
 # ---- model directory ----------------------------------------------------------------------
@@ -261,7 +266,7 @@ def save_model_dir(path: str | os.PathLike, model: HierarchosLM, tokenizer: Any 
 
 
 def save_model_files(path: str | os.PathLike, model: HierarchosLM, tokenizer: Any = None,
-                     history: dict | None = None, extra: dict | None = None) -> Path:
+                     history: dict | None = None, extra: dict | None = None, state: dict | None = None) -> Path:
     """Write the model-directory files into a directory that holds other things too (a training
     run's OUT_DIR with checkpoints/ and metrics.jsonl), leaving those alone. Each file is
     replaced atomically, weights and tokenizer first and the config last, so a kill in between
@@ -270,7 +275,7 @@ def save_model_files(path: str | os.PathLike, model: HierarchosLM, tokenizer: An
     final.mkdir(parents=True, exist_ok=True)
     payload = _config_payload(model, history, extra)
     with atomic_dir(final.parent / f".{final.name}.model-files") as tmp:
-        _save_weights(model, tmp / WEIGHTS_FILE)
+        _save_weights(model, tmp / WEIGHTS_FILE, state)
         if tokenizer is not None:
             _save_tokenizer(tokenizer, tmp)
         for file in sorted(tmp.iterdir()):
@@ -446,19 +451,22 @@ def _rotate(root: Path, keep: int | None) -> None:
 
 def save_checkpoint(ckpt_root: str | os.PathLike, step: int, model: HierarchosLM, optimizer, scheduler,
                     trainer_state: dict, keep: int | None = 3, is_best: bool = False,
-                    extra_tensors: dict[str, torch.Tensor] | None = None, extra: dict | None = None) -> Path:
+                    extra_tensors: dict[str, torch.Tensor] | None = None, extra: dict | None = None,
+                    model_state: dict | None = None, optimizer_state: dict | None = None) -> Path:
     """Write `ckpt_root/step-NNNNNNNN/` atomically, then point latest.json (and best.json) at it
     and rotate older step dirs beyond `keep` (None keeps all). RNG states are captured into
     trainer_state["rng"] unless the caller put them there. `extra_tensors` (e.g. the carried
     recurrent state, named "group.name") go to extra_tensors.safetensors; load_checkpoint
-    returns them as trainer_state["_group"] = {"name": tensor}."""
+    returns them as trainer_state["_group"] = {"name": tensor}. `model_state` / `optimizer_state`
+    replace the model's and optimizer's own state dicts (FSDP: gathered from the shards)."""
     if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
         raise HierarchosError(f"keep-checkpoints = {keep!r}: must be a positive integer")
     root = Path(ckpt_root)
     state = {**trainer_state, "step": int(step)}
     state.setdefault("rng", capture_rng_state())
     state_text = json.dumps(state, indent=2, sort_keys=True)  # TypeError here is a caller bug
-    optimizer_state = optimizer.state_dict() if optimizer is not None else None
+    if optimizer_state is None and optimizer is not None:
+        optimizer_state = optimizer.state_dict()
     scheduler_state = scheduler.state_dict() if scheduler is not None else None
     _check_plain(optimizer_state, "optimizer state")
     _check_plain(scheduler_state, "scheduler state")
@@ -466,7 +474,7 @@ def save_checkpoint(ckpt_root: str | os.PathLike, step: int, model: HierarchosLM
 
     name = f"step-{int(step):08d}"
     with atomic_dir(root / name) as tmp:
-        _save_weights(model, tmp / WEIGHTS_FILE)
+        _save_weights(model, tmp / WEIGHTS_FILE, model_state)
         if optimizer_state is not None:
             torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
         if scheduler_state is not None:
@@ -520,14 +528,15 @@ def _torch_load(path: Path, what: str) -> Any:
 
 
 def load_checkpoint(path_or_root: str | os.PathLike, model: HierarchosLM, optimizer=None, scheduler=None,
-                    *, restore_rng: bool = True) -> dict:
+                    *, restore_rng: bool = True, load_model=None, load_optimizer=None) -> dict:
     """Load a step dir (or a root's latest) into model/optimizer/scheduler; restores RNG
-    states unless told not to. Returns the trainer_state dict (with "checkpoint_dir" added)."""
+    states unless told not to. Returns the trainer_state dict (with "checkpoint_dir" added).
+    `load_model(tensors)` / `load_optimizer(state)` replace the plain loads (FSDP re-shards)."""
     directory = resolve_checkpoint(path_or_root)
     state = _read_json(directory / TRAINER_STATE_FILE, "trainer state")
     if not isinstance(state, dict):
         raise HierarchosError(f"{directory / TRAINER_STATE_FILE}: expected a JSON object; the checkpoint is corrupt")
-    _load_weights(model, directory / WEIGHTS_FILE)
+    _load_weights(model, directory / WEIGHTS_FILE, load_model)
     if (directory / CONFIG_FILE).is_file():
         model.memory.source_names = list(_read_config(directory)[1].get("memory_sources") or [])
     for target, file, what in ((optimizer, OPTIMIZER_FILE, "optimizer state"),
@@ -536,7 +545,10 @@ def load_checkpoint(path_or_root: str | os.PathLike, model: HierarchosLM, optimi
             continue
         loaded = _torch_load(directory / file, what)
         try:
-            target.load_state_dict(loaded)
+            if target is optimizer and load_optimizer is not None:
+                load_optimizer(loaded)
+            else:
+                target.load_state_dict(loaded)
         except (ValueError, KeyError, TypeError) as exc:
             raise HierarchosError(f"{directory / file}: {what} does not fit this run ({exc}); resume with "
                                   "the same model and optimizer settings") from None

@@ -125,6 +125,32 @@ def pick_device(name: str):
     raise HierarchosError(f"--device {name!r}: expected auto, cpu, cuda or dml")
 
 
+def all_ranks_stream_state(tensors: dict, info) -> dict:
+    """The carried recurrent state of every rank's streams (each rank trains its own), named
+    `rank{r}.NAME` when distributed; a collective there, so every rank calls it."""
+    if not info.enabled:
+        return tensors
+    import torch.distributed as dist
+
+    per_rank = [None] * info.world_size
+    dist.all_gather_object(per_rank, {k: v.detach().cpu() for k, v in tensors.items()})
+    return {f"rank{r}.{k}": v for r, part in enumerate(per_rank) for k, v in part.items()}
+
+
+def this_rank_stream_state(tensors: dict, info) -> dict:
+    """This rank's part of a checkpoint's carried state (see `all_ranks_stream_state`)."""
+    ranked = any(k.startswith("rank") and "." in k and k.split(".", 1)[0][4:].isdigit() for k in tensors)
+    world = info.world_size if info.enabled else 1
+    saved = len({k.split(".", 1)[0] for k in tensors}) if ranked else 1
+    if tensors and saved != world:
+        raise HierarchosError(f"the checkpoint carries the recurrent state of {saved} process(es), this run has "
+                              f"{world}; resume with the same number of processes (torchrun --nproc_per_node)")
+    if not ranked:
+        return tensors
+    prefix = f"rank{info.rank if info.enabled else 0}."
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -248,9 +274,12 @@ def run(args: argparse.Namespace) -> int:
                                         encourage_thinking=args.encourage_thinking,
                                         adaptive_ponder=args.adaptive_ponder,
                                         ponder_target_scale=args.ponder_target_scale))
+    # wrap first: fully_shard swaps the parameters for sharded ones, which the optimizer must hold
+    forward_model = wrap_model(model, dist_info, device, fsdp=args.fsdp)
+    sharded = bool(args.fsdp and dist_info.enabled)
     trainer = Trainer(model, train_streams, tcfg, device, val_streams, val_bytes,
                       log=lambda line: print(line, file=sys.stderr))
-    trainer.forward_model = wrap_model(model, dist_info, device, fsdp=args.fsdp)
+    trainer.forward_model = forward_model
     if args.compile or args.force_compile:
         if sys.platform == "win32" and device.type == "cpu" and not args.force_compile:
             print("compile: skipped on Windows CPU (known to hang); --force-compile overrides", file=sys.stderr)
@@ -259,10 +288,17 @@ def run(args: argparse.Namespace) -> int:
             print("compile: torch.compile on (the first steps compile)")
     ckpt_root = out_dir / "checkpoints"
     if args.resume_from_ckpt:
+        loaders = {}
+        if sharded:
+            from ..train.distributed import load_full_model_state, load_full_optimizer_state
+
+            loaders = {"load_model": lambda tensors: load_full_model_state(model, tensors),
+                       "load_optimizer": lambda opt_state: load_full_optimizer_state(model, trainer.optimizer,
+                                                                                    opt_state)}
         state = load_checkpoint(args.resume_from_ckpt, model, trainer.optimizer,
-                                None if args.override_scheduling else trainer.schedule)
+                                None if args.override_scheduling else trainer.schedule, **loaders)
         trainer.load_trainer_state(state)
-        trainer.load_state_tensors(state.get("_stream_state", {}))
+        trainer.load_state_tensors(this_rank_stream_state(state.get("_stream_state", {}), dist_info))
         resumed_history = state.get("training_history")
         print(f"resumed from {args.resume_from_ckpt} at step {trainer.opt_step}")
 
@@ -329,14 +365,24 @@ def run(args: argparse.Namespace) -> int:
 
     trainer.log_metrics = log_metrics
 
+    def gathered() -> dict:
+        """FSDP: the unsharded model and optimizer states (every rank must take part)."""
+        if not sharded:
+            return {}
+        from ..train.distributed import full_model_state, full_optimizer_state
+
+        return {"model_state": full_model_state(model), "optimizer_state": full_optimizer_state(model, trainer.optimizer)}
+
     def on_checkpoint(t, is_best, reason):
+        states = gathered()
+        streams = all_ranks_stream_state(t.state_tensors(), dist_info)
         if not main_rank:
             return
         state = {**t.trainer_state(), "training_history": history + [{**run_entry, "steps": t.opt_step}]}
         save_checkpoint(ckpt_root, t.opt_step, model, t.optimizer, t.schedule, state,
                         keep=tcfg.keep_checkpoints, is_best=bool(is_best),
-                        extra_tensors={f"stream_state.{k}": v for k, v in t.state_tensors().items()},
-                        extra={"prompt_template": loaded.template})
+                        extra_tensors={f"stream_state.{k}": v for k, v in streams.items()},
+                        extra={"prompt_template": loaded.template}, **states)
 
     interactive = sys.stdin is not None and sys.stdin.isatty() and main_rank
 
@@ -361,9 +407,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"stopped at step {trainer.opt_step}; resume with --resume-from-ckpt {ckpt_root}")
         return 0
     history.append({**run_entry, "steps": trainer.opt_step})
+    final_state = gathered().get("model_state")
     if not main_rank:
         return 0
-    save_model_files(out_dir, model, tokenizer, history=history, extra={"prompt_template": loaded.template})
+    save_model_files(out_dir, model, tokenizer, history=history, extra={"prompt_template": loaded.template},
+                     state=final_state)
     print(f"saved model directory {out_dir} (model.safetensors, hierarchos_config.json, tokenizer)")
     if args.quantize_on_complete:
         from ..quant.quantized_dir import quantize_model_dir

@@ -81,3 +81,62 @@ def all_reduce_mean(value: float, info: DistInfo) -> float:
     t = torch.tensor([value], dtype=torch.float64)
     dist.all_reduce(t)
     return float(t) / info.world_size
+
+
+# ---- FSDP2: full state dicts for checkpoints -----------------------------------------------------
+# Under `fully_shard` every parameter is a DTensor holding this rank's shard. Checkpoints and model
+# directories stay the plain, unsharded format of a single-process run: every rank takes part in
+# gathering (a collective), rank 0 writes, and loading hands each rank the full tensors to re-shard.
+# Optimizer states are re-keyed from parameter names (what torch's helpers use) to the integer
+# positions a plain `optimizer.state_dict()` has, so checkpoints move between FSDP, DDP and one process.
+
+def _options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    return StateDictOptions(full_state_dict=True, **kw)
+
+
+def _names_in_order(model: torch.nn.Module, optimizer) -> list[list[str]]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
+
+
+def full_model_state(model: torch.nn.Module) -> dict:
+    """Unsharded state dict on CPU (complete on rank 0). Collective: call on every rank."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    return get_model_state_dict(model, options=_options(cpu_offload=True))
+
+
+def full_optimizer_state(model: torch.nn.Module, optimizers) -> dict:
+    """{str(i): plain state dict} for each optimizer of an OptimizerSet, unsharded (rank 0). Collective."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    out = {}
+    for i, opt in enumerate(optimizers.optimizers):
+        by_name = get_optimizer_state_dict(model, opt, options=_options(cpu_offload=True))
+        order = _names_in_order(model, opt)
+        flat = [n for group in order for n in group]
+        index = {n: j for j, n in enumerate(flat)}
+        groups = []
+        for group, names in zip(by_name.get("param_groups", []), order):
+            groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": [index[n] for n in names]})
+        out[str(i)] = {"state": {index[n]: s for n, s in by_name.get("state", {}).items() if n in index},
+                       "param_groups": groups}
+    return out
+
+
+def load_full_model_state(model: torch.nn.Module, state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+    set_model_state_dict(model, state, options=_options())
+
+
+def load_full_optimizer_state(model: torch.nn.Module, optimizers, state: dict) -> None:
+    """Inverse of `full_optimizer_state`: every rank passes the full dict, each keeps its shard."""
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+    if set(state) != {str(i) for i in range(len(optimizers.optimizers))}:
+        raise ValueError(f"expected {len(optimizers.optimizers)} optimizer states, found {sorted(state)}")
+    for i, opt in enumerate(optimizers.optimizers):
+        plain = state[str(i)]
+        flat = [n for group in _names_in_order(model, opt) for n in group]
+        by_name = {"state": {flat[int(j)]: s for j, s in plain["state"].items()},
+                   "param_groups": [{**{k: v for k, v in g.items() if k != "params"},
+                                     "params": [flat[int(j)] for j in g["params"]]} for g in plain["param_groups"]]}
+        set_optimizer_state_dict(model, opt, by_name, options=_options())

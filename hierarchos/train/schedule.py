@@ -34,25 +34,31 @@ class LazyRowAdam(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        # Rows are independent, so under FSDP2 (parameters and states are DTensors sharded by
+        # rows) each rank updates its local rows; the states stay DTensors so that checkpoints
+        # gather them like any other optimizer state.
+        local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
+            for param in group["params"]:
+                if param.grad is None:
                     continue
-                grad = p.grad
-                state = self.state[p]
+                state = self.state[param]
                 if not state:
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                    state["row_steps"] = torch.zeros(p.shape[0], device=p.device, dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(param)
+                    state["exp_avg_sq"] = torch.zeros_like(param)
+                    rows = param[:, 0] if param.ndim > 1 else param
+                    state["row_steps"] = torch.zeros_like(rows, dtype=torch.float32)
+                p, grad = local(param), local(param.grad)
+                exp_avg, exp_avg_sq, row_steps = (local(state[k]) for k in ("exp_avg", "exp_avg_sq", "row_steps"))
                 touched = grad.reshape(grad.shape[0], -1).ne(0).any(-1)          # (rows,)
-                state["row_steps"].add_(touched.float())
+                row_steps.add_(touched.float())
                 mask = touched.view(-1, *([1] * (p.ndim - 1)))
-                m = torch.where(mask, state["exp_avg"] * beta1 + grad * (1 - beta1), state["exp_avg"])
-                v = torch.where(mask, state["exp_avg_sq"] * beta2 + grad * grad * (1 - beta2), state["exp_avg_sq"])
-                state["exp_avg"].copy_(m)
-                state["exp_avg_sq"].copy_(v)
-                steps = state["row_steps"].clamp(min=1).view_as(mask.float()) if p.ndim > 1 else state["row_steps"]
+                m = torch.where(mask, exp_avg * beta1 + grad * (1 - beta1), exp_avg)
+                v = torch.where(mask, exp_avg_sq * beta2 + grad * grad * (1 - beta2), exp_avg_sq)
+                exp_avg.copy_(m)
+                exp_avg_sq.copy_(v)
+                steps = row_steps.clamp(min=1).view_as(mask.float()) if p.ndim > 1 else row_steps
                 m_hat = m / (1 - beta1 ** steps)
                 v_hat = v / (1 - beta2 ** steps)
                 update = group["lr"] * m_hat / (v_hat.sqrt() + group["eps"])

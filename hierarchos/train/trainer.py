@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import HierarchosError
 from ..model.losses import LossWeights, lm_loss
 from ..model.rosa import RosaAutomaton
 from .batches import TokenStreams
@@ -259,7 +260,12 @@ class Trainer:
         state = self._fresh_state()
         holders = dict(_holders(state))
         for name, tensor in tensors.items():
-            container, key = holders[name]
+            slot = holders.get(name)
+            if slot is None or tuple(slot[0][slot[1]].shape) != tuple(tensor.shape):
+                raise HierarchosError(
+                    f"the checkpoint's carried recurrent state ({name} {tuple(tensor.shape)}) does not fit this "
+                    "run; resume with the same --batch_size, number of processes and model")
+            container, key = slot
             container[key] = tensor.to(self.device)
         state.pos = self.micro_step % self.steps_per_epoch * self.train_streams.chunk
         self.state = self.rebuild_rosa(state, self.train_streams.prefix(self.micro_step % self.steps_per_epoch))
