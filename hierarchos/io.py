@@ -566,6 +566,15 @@ def checkpoint_to_model_dir(ckpt_path: str | os.PathLike, out_dir: str | os.Path
                             tokenizer: Any = None) -> Path:
     """`ckpt-2-inf`: a clean model directory from a checkpoint's weights and config only."""
     directory = resolve_checkpoint(ckpt_path)
-    model, meta = load_model_dir(directory)
-    extra = {k: meta[k] for k in meta.get("extra_keys") or [] if k in meta}
+    cfg, meta = _read_config(directory)
+    if isinstance(meta.get("lora"), dict):  # a LoRA finetune's checkpoint: rebuild the adapters, merge them
+        from .lora import LoraSettings, merge_adapter, wrap
+
+        wrapped = wrap(HierarchosLM(cfg), LoraSettings(**meta["lora"]))
+        _load_weights(wrapped, directory / WEIGHTS_FILE)
+        model = merge_adapter(wrapped)
+        model.memory.source_names = list(meta.get("memory_sources") or [])
+    else:
+        model, meta = load_model_dir(directory)
+    extra = {k: meta[k] for k in meta.get("extra_keys") or [] if k in meta and k != "lora"}
     return save_model_dir(out_dir, model, tokenizer, history=meta.get("training_history"), extra=extra)

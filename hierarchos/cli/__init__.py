@@ -21,6 +21,8 @@ COMMANDS = {
     "demo": "demo",
     "chat": "chat",
     "quantize": "quantize",
+    "finetune": "finetune",
+    "merge-lora": "merge_lora",
 }
 
 

@@ -151,7 +151,9 @@ def this_rank_stream_state(tensors: dict, info) -> dict:
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, lora=None) -> int:
+    """Train; with `lora` (a hierarchos.lora.LoraSettings, from `finetune`) the loaded model is wrapped
+    in LoRA adapters, only they train, and OUT_DIR receives the adapter instead of a model directory."""
     import torch
 
     from ..config import ModelConfig, tiny_config
@@ -247,6 +249,13 @@ def run(args: argparse.Namespace) -> int:
         raise HierarchosError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "
                               f"{cfg.vocab_size}; use the model's own tokenizer (--tokenizer-path {args.model_path})")
     model.to(device)
+    if lora is not None:
+        from ..lora import wrap
+
+        model = wrap(model, lora)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"lora: r={lora.r} alpha={lora.alpha} dropout={lora.dropout} on {', '.join(lora.targets)}: "
+              f"{trainable:,} trainable parameters; the base weights stay frozen")
     if args.gradient_checkpointing:
         model.set_gradient_checkpointing(True)
     chunk = args.max_length or cfg.max_length
@@ -373,6 +382,12 @@ def run(args: argparse.Namespace) -> int:
 
         return {"model_state": full_model_state(model), "optimizer_state": full_optimizer_state(model, trainer.optimizer)}
 
+    ckpt_extra = {"prompt_template": loaded.template}
+    if lora is not None:  # ckpt-2-inf rebuilds the adapters from these and merges them
+        from dataclasses import asdict
+
+        ckpt_extra["lora"] = asdict(lora)
+
     def on_checkpoint(t, is_best, reason):
         states = gathered()
         streams = all_ranks_stream_state(t.state_tensors(), dist_info)
@@ -382,7 +397,7 @@ def run(args: argparse.Namespace) -> int:
         save_checkpoint(ckpt_root, t.opt_step, model, t.optimizer, t.schedule, state,
                         keep=tcfg.keep_checkpoints, is_best=bool(is_best),
                         extra_tensors={f"stream_state.{k}": v for k, v in streams.items()},
-                        extra={"prompt_template": loaded.template}, **states)
+                        extra=ckpt_extra, **states)
 
     interactive = sys.stdin is not None and sys.stdin.isatty() and main_rank
 
@@ -409,6 +424,15 @@ def run(args: argparse.Namespace) -> int:
     history.append({**run_entry, "steps": trainer.opt_step})
     final_state = gathered().get("model_state")
     if not main_rank:
+        return 0
+    if lora is not None:
+        from ..lora import save_adapter
+
+        save_adapter(out_dir, model, lora, {"base_model_path": str(args.model_path), "training_history": history,
+                                            "prompt_template": loaded.template})
+        print(f"saved LoRA adapter {out_dir} (adapter_config.json, adapter_model.safetensors); fold it into "
+              f"a model with: hierarchos merge-lora --model-path {args.model_path} --lora-adapter-path {out_dir} "
+              "--out-dir MERGED")
         return 0
     save_model_files(out_dir, model, tokenizer, history=history, extra={"prompt_template": loaded.template},
                      state=final_state)
