@@ -7,7 +7,8 @@ no autograd), then momentum and forgetting update the slots whose surprise norm 
 `ltm_write_threshold`. Tokens of chunk c read the memory as it stood at the end of
 chunk c-1; the accumulators live in the state, so one call over T tokens equals T calls
 over one token. Per-slot metadata (write time, count, source) are buffers that chat
-commits into; reads can be filtered by source and time.
+commits into; reads can be filtered by source and time. A slot whose source is
+`DORMANT_SOURCE` (added by `hierarchos.model.grow.grow_slots`) is never read until allocated.
 """
 
 from __future__ import annotations
@@ -16,6 +17,10 @@ import time
 
 import torch
 from torch import nn
+
+# slot_source of a slot grown into the memory but not allocated yet: reads skip it, so growing
+# the memory leaves the function unchanged and no new tensor is needed (old files load as they are)
+DORMANT_SOURCE = -2
 
 
 class LongTermMemory(nn.Module):
@@ -33,7 +38,8 @@ class LongTermMemory(nn.Module):
         with torch.no_grad():
             self.write_gates.weight.mul_(0.1)
             self.write_gates.bias.copy_(torch.tensor([2.0, -2.0, -4.0]))
-        # metadata: unix time of the last write, number of writes, interned source id (-1: none)
+        # metadata: unix time of the last write, number of writes, interned source id (-1: none,
+        # DORMANT_SOURCE: not allocated yet)
         self.register_buffer("slot_time", torch.zeros(slots, dtype=torch.float64))
         self.register_buffer("slot_count", torch.zeros(slots, dtype=torch.int64))
         self.register_buffer("slot_source", torch.full((slots,), -1, dtype=torch.int64))
@@ -69,6 +75,7 @@ class LongTermMemory(nn.Module):
         """Top-k slots of queries q (B, T, Dk): (attn (B, T, k), idx (B, T, k)). Independent of the values,
         so a whole sequence is addressed at once even though values change at chunk boundaries."""
         scores = q @ self.keys.to(q.dtype).t()  # (B, T, S)
+        scores = scores.masked_fill(self.slot_source == DORMANT_SOURCE, float("-inf"))
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
         top_scores, idx = scores.topk(self.topk, dim=-1)
