@@ -3,11 +3,14 @@
 Shared by setup.sh / setup.bat (in place: hierarchos/hierarchos_kernels*.so, which the
 editable install imports) and setup.py (into the wheel's build directory).
 
-    python kernels/build.py [--dest DIR] [--build-dir DIR] [--jobs N] [--require]
+    python kernels/build.py [--dest DIR] [--build-dir DIR] [--jobs N] [--require] [--vulkan]
 
 Prints one line on success (what was built, which ISA paths this CPU runs). When it cannot
 build (no cmake, compiler, pybind11 or Python headers, or a compile error) it prints why
 and exits 0, so that setup goes on with the numpy reference, or 1 with --require.
+--vulkan also builds the Vulkan module `hierarchos_vulkan` (kernels/vulkan/, its own build
+directory, so a failure there leaves the CPU kernel as it is) and names the device it found;
+since it was asked for, a failure to build it exits 1.
 """
 
 from __future__ import annotations
@@ -60,8 +63,9 @@ def _run(command: list[str], log: Path) -> None:
         raise KernelBuildError(f"`{' '.join(command[:2])} ...` failed (log: {log}):\n    " + "\n    ".join(tail))
 
 
-def build(dest: Path, build_dir: Path, jobs: int) -> Path:
-    """Configure, compile and copy the module into `dest`; returns the installed path."""
+def build(dest: Path, build_dir: Path, jobs: int, module: str = "hierarchos_kernels",
+          options: tuple[str, ...] = ()) -> Path:
+    """Configure (with extra -D `options`), compile `module` and copy it into `dest`; returns the installed path."""
     try:
         import pybind11
     except ImportError:
@@ -75,26 +79,57 @@ def build(dest: Path, build_dir: Path, jobs: int) -> Path:
     log.write_text("")
     _run([cmake, "-S", str(SOURCE), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
           f"-Dpybind11_DIR={pybind11.get_cmake_dir()}", f"-DPython_EXECUTABLE={sys.executable}",
-          f"-DHK_OUTPUT_DIR={out_dir}"], log)
-    _run([cmake, "--build", str(build_dir), "--config", "Release", "-j", str(jobs)], log)
-    built = sorted(glob.glob(str(out_dir / "hierarchos_kernels*.so")) + glob.glob(str(out_dir / "hierarchos_kernels*.pyd")))
+          f"-DHK_OUTPUT_DIR={out_dir}", *options], log)
+    _run([cmake, "--build", str(build_dir), "--config", "Release", "-j", str(jobs), "--target", module], log)
+    built = sorted(glob.glob(str(out_dir / f"{module}*.so")) + glob.glob(str(out_dir / f"{module}*.pyd")))
     if not built:
-        raise KernelBuildError(f"the build finished but no hierarchos_kernels module is in {out_dir}")
+        raise KernelBuildError(f"the build finished but no {module} module is in {out_dir}")
     dest.mkdir(parents=True, exist_ok=True)
-    for stale in list(dest.glob("hierarchos_kernels*.so")) + list(dest.glob("hierarchos_kernels*.pyd")):
+    for stale in list(dest.glob(f"{module}*.so")) + list(dest.glob(f"{module}*.pyd")):
         stale.unlink()
     target = dest / Path(built[-1]).name
     shutil.copy2(built[-1], target)
     return target
 
 
-def describe(module_path: Path) -> str:
-    """Load the built module by path (it need not be importable yet) and name its ISAs."""
-    spec = importlib.util.spec_from_file_location("hierarchos_kernels", module_path)
+def _load(name: str, module_path: Path):
+    """The built module loaded by path (it need not be importable yet)."""
+    spec = importlib.util.spec_from_file_location(name, module_path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def describe(module_path: Path) -> str:
+    """Name the ISAs of the built CPU kernel."""
+    module = _load("hierarchos_kernels", module_path)
     isas = module.available_isas()
     return f"ISA paths this CPU runs: {', '.join(isas)} (default {module.default_isa()})"
+
+
+def describe_vulkan(module_path: Path) -> str:
+    """The device the built Vulkan module opens, or why it opens none (building needs no device)."""
+    module = _load("hierarchos_vulkan", module_path)
+    status = module.init_status()
+    if status:
+        return f"no device usable here: {status}"
+    info = module.device_info()
+    return f"device: {info['name']} ({info['type']}, Vulkan {info['api_version']})"
+
+
+def build_vulkan(args: argparse.Namespace) -> int:
+    """--vulkan: build hierarchos_vulkan beside the CPU kernel; 1 when it cannot be built."""
+    started = time.perf_counter()
+    try:
+        target = build(args.dest, args.build_dir.parent / "vulkan", args.jobs, "hierarchos_vulkan",
+                       ("-DHIERARCHOS_VULKAN=ON",))
+        summary = describe_vulkan(target)
+    except (KernelBuildError, ImportError, OSError) as error:
+        print(f"vulkan: error: the Vulkan backend was not built: {error}", file=sys.stderr)
+        return 1
+    shown = target.relative_to(ROOT) if target.is_relative_to(ROOT) else target
+    print(f"vulkan: built {shown} in {time.perf_counter() - started:.0f}s; {summary}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--build-dir", type=Path, default=ROOT / "build" / "kernels")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--require", action="store_true", help="a failed build is an error (exit 1)")
+    parser.add_argument("--vulkan", action="store_true", help="also build the Vulkan module (a failure exits 1)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     try:
@@ -113,10 +149,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kernel: {level}: the C++ kernel was not built: {error}", file=sys.stderr)
         if not args.require:
             print("kernel: hierarchos will use the slow numpy reference for quantized models", file=sys.stderr)
-        return 1 if args.require else 0
+        return (1 if args.require else 0) or (build_vulkan(args) if args.vulkan else 0)
     shown = target.relative_to(ROOT) if target.is_relative_to(ROOT) else target
     print(f"kernel: built {shown} in {time.perf_counter() - started:.0f}s; {summary}")
-    return 0
+    return build_vulkan(args) if args.vulkan else 0
 
 
 if __name__ == "__main__":
