@@ -21,6 +21,7 @@ COMMANDS = {
     "demo": "demo",
     "chat": "chat",
     "quantize": "quantize",
+    "eval": "eval",
     "finetune": "finetune",
     "merge-lora": "merge_lora",
 }
