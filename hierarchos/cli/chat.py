@@ -21,7 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-path", "--model_path", required=True, metavar="DIR",
                    help="a model directory (from train), or a quantized one / .gguf file (from quantize)")
     p.add_argument("--device", default="auto",
-                   help="auto | cpu | cuda | dml (default: auto); quantized models: auto | cpu")
+                   help="auto | cpu | cuda | dml (default: auto); quantized models: auto | cpu | vulkan "
+                        "(matmuls on a Vulkan device, built by setup.sh --vulkan)")
     p.add_argument("--prompt", default=None, metavar="TEXT", help="answer this one turn and exit (reply on stdout)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     sampling = p.add_argument_group("sampling")
@@ -105,6 +106,10 @@ def run(args: argparse.Namespace) -> int:
         path = Path(args.model_path)
         extra.setdefault("model_dir", path if path.is_dir() else path.parent)
     else:
+        if args.device == "vulkan":
+            raise HierarchosError(f"--device vulkan runs quantized models only; {args.model_path} is full precision: "
+                                  "quantize it (hierarchos quantize --model-path DIR --out-dir QDIR --qtype Q4_0) and "
+                                  "chat with QDIR, or use --device cpu / cuda")
         if args.enable_quantized_learning or args.shadow_model_path:
             raise HierarchosError("--enable-quantized-learning / --shadow-model-path apply to quantized models only; "
                                   f"{args.model_path} is a full-precision model directory (it learns directly)")
@@ -157,11 +162,13 @@ def _quantized_device(name: str):
 
     if name in ("auto", "cpu"):
         return torch.device("cpu")
-    if name == "vulkan":
-        raise HierarchosError("--device vulkan: the Vulkan backend is not part of this build yet; "
-                              "use --device cpu for quantized models")
-    raise HierarchosError(f"--device {name}: quantized models run on the CPU kernel; use --device cpu, "
-                          "or chat with the full-precision model directory on cuda/dml")
+    if name == "vulkan":  # checked before the model loads; tensors stay on the CPU, QuantLinear goes to the device
+        from ..quant.vulkan import require_vulkan
+
+        require_vulkan("--device vulkan")
+        return torch.device("cpu")
+    raise HierarchosError(f"--device {name}: quantized models run on the CPU kernel or Vulkan; use --device cpu "
+                          "or --device vulkan, or chat with the full-precision model directory on cuda/dml")
 
 
 def _load_quantized_session(args: argparse.Namespace):
@@ -175,8 +182,14 @@ def _load_quantized_session(args: argparse.Namespace):
     from ..quant.quantized_dir import load_quantized, rewrite_memory
 
     model, meta, tokenizer, content = load_quantized(args.model_path)
-    extra = {"format_name": f"{content.qtype} GGUF ({kernel.backend_name()} kernel, {kernel.get_isa()}, "
-                            f"{kernel.get_threads()} threads)"}
+    cpu_side = f"{kernel.backend_name()} kernel, {kernel.get_isa()}, {kernel.get_threads()} threads"
+    if args.device == "vulkan":
+        from ..quant.model import place_on_vulkan
+        from ..quant.vulkan import vk_device_name
+
+        place_on_vulkan(model)
+        cpu_side = f"matmuls on Vulkan {vk_device_name()}, the rest on the {cpu_side}"
+    extra = {"format_name": f"{content.qtype} GGUF ({cpu_side})"}
     if not args.enable_quantized_learning:
         if args.shadow_model_path:
             raise HierarchosError("--shadow-model-path needs --enable-quantized-learning")

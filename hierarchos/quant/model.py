@@ -12,7 +12,9 @@ needs 256), then Q8_0, then F16; the file records every tensor's format.
 `build_quantized_model(cfg, tensors)` builds the ordinary HierarchosLM on the meta device and
 swaps the quantized Linear/Embedding modules for `QuantLinear` / `QuantEmbedding`, which call
 the kernel (a matvec per token in generation, a batched matmul in prefill). The parallel and the
-step forms of the model are the same code as in full precision.
+step forms of the model are the same code as in full precision. `place_on_vulkan(model)` uploads
+every QuantLinear's blocks to the Vulkan device once; from then on their matmuls run there
+(hierarchos/quant/vulkan.py says what stays on the CPU).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..errors import HierarchosError
-from . import formats, kernel
+from . import formats, kernel, vulkan
 from .gguf_io import QuantTensor
 
 if os.environ.get("HIERARCHOS_THREADS", "").isdigit():  # --threads (set by the CLI before loading)
@@ -113,6 +115,7 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features = weight.cols, weight.rows
         self.quantized_numel = weight.rows * weight.cols
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+        self.vk_weight = None  # the blocks on the Vulkan device, once place_on_vulkan ran
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.requires_grad:
@@ -123,7 +126,9 @@ class QuantLinear(nn.Module):
         if flat.dtype != torch.float32 or flat.device.type != "cpu":  # (skip the no-op .to: it costs per token)
             flat = flat.to("cpu", torch.float32)
         flat = flat.contiguous().numpy()
-        if flat.shape[0] >= DENSE_FROM_ROWS:
+        if self.vk_weight is not None:  # every batch size: the shader tiles rows itself
+            y = torch.from_numpy(vulkan.vk_matmul(self.vk_weight, flat))
+        elif flat.shape[0] >= DENSE_FROM_ROWS:
             y = self.dense_matmul(flat)
         else:
             y = torch.from_numpy(kernel.matmul(self.weight_q.data, self.weight_q.qtype, self.in_features, flat))
@@ -140,7 +145,8 @@ class QuantLinear(nn.Module):
         return x @ w.T
 
     def extra_repr(self) -> str:
-        return f"{self.in_features}, {self.out_features}, {self.weight_q.qtype}"
+        return f"{self.in_features}, {self.out_features}, {self.weight_q.qtype}" + (
+            ", vulkan" if self.vk_weight is not None else "")
 
 
 class QuantEmbedding(nn.Module):
@@ -208,6 +214,19 @@ def build_quantized_model(cfg: ModelConfig, tensors: dict, where: str = "quantiz
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()
+
+
+def place_on_vulkan(model, where: str = "--device vulkan") -> int:
+    """Upload every QuantLinear's blocks to the Vulkan device (once); returns the bytes uploaded.
+    A one-line HierarchosError when there is no Vulkan backend, device, or device memory."""
+    vulkan.require_vulkan(where)
+    uploaded = 0
+    for module in model.modules():
+        if isinstance(module, QuantLinear) and module.vk_weight is None:
+            q = module.weight_q
+            module.vk_weight = vulkan.upload(q.data, q.qtype, q.cols, where)
+            uploaded += q.nbytes
+    return uploaded
 
 
 def quantized_bytes(model) -> int:
