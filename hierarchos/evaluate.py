@@ -67,7 +67,8 @@ def score_rows(model, rows: list[list[int]], starts: list[int], *, chunk_size: i
         with _autocast(device, autocast_dtype):
             out = model(x, state)
         state = out.state
-        logp = out.logits.float().log_softmax(-1)  # (B, t, V)
+        logits = out.logits if out.logits.dtype in (torch.float32, torch.float64) else out.logits.float()
+        logp = logits.log_softmax(-1)  # (B, t, V)
         logprob[:, begin:begin + x.shape[1]] = logp.gather(-1, y.unsqueeze(-1)).squeeze(-1).double().cpu()
         greedy[:, begin:begin + x.shape[1]] = (logp.argmax(-1) == y).cpu()
     results = []

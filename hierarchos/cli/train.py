@@ -95,7 +95,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="accepted for compatibility; token streams are built in memory")
     run.add_argument("--log-every", type=int, default=10)
     run.add_argument("--eval-every-epoch", type=int, default=1, metavar="N",
-                     help="validate every N epochs (0: never)")
+                     help="validate (and run --eval-tasks) every N epochs (0: never)")
+    run.add_argument("--eval-tasks", nargs="+", metavar="TASK", default=None,
+                     help="lm-eval tasks run on the model during training (see `eval`); metrics go to "
+                          "metrics.jsonl as eval/<task>/<metric>")
+    run.add_argument("--eval-steps", type=int, default=0, metavar="N",
+                     help="also run --eval-tasks every N optimizer steps (0: at epoch ends only)")
+    run.add_argument("--eval-batch-size", type=int, default=8, metavar="N", help="requests per forward in --eval-tasks")
+    run.add_argument("--eval-limit", type=int, default=None, metavar="N", help="at most N examples per eval task")
     run.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
     run.add_argument("--quantize-on-complete", action="store_true",
                      help="after training, also write a quantized model to OUT_DIR-QTYPE (see the quantize command)")
@@ -334,6 +341,18 @@ def run(args: argparse.Namespace, lora=None) -> int:
     print(f"data: {loaded.name} ({loaded.template}), {train_streams.num_tokens:,} training tokens in "
           f"{args.batch_size} streams x {chunk}-token windows, {len(train_streams)} windows per epoch"
           + (f", validation {val_streams.num_tokens:,} tokens" if val_streams else ""))
+
+    if getattr(args, "eval_tasks", None):  # lm-eval tasks on the in-memory model (hierarchos.evaluate)
+        from tqdm import tqdm as _tqdm
+
+        from ..evaluate import make_train_hook
+
+        if args.eval_steps < 0 or args.eval_batch_size < 1 or (args.eval_limit is not None and args.eval_limit < 1):
+            raise HierarchosError("--eval-steps must be >= 0, --eval-batch-size and --eval-limit >= 1")
+        trainer.on_eval = make_train_hook(model, tokenizer, args.eval_tasks, every_epoch=args.eval_every_epoch,
+                                          every_steps=args.eval_steps, batch_size=args.eval_batch_size,
+                                          limit=args.eval_limit, autocast_dtype=trainer.amp_dtype,
+                                          log=lambda line: main_rank and _tqdm.write(line, file=sys.stderr))
 
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save(out_dir)  # beside the checkpoints from the start, for ckpt-2-inf and resumes

@@ -91,6 +91,9 @@ class Trainer:
         self.best_val = float("inf")
         self.state = None
         self.last_metrics: dict = {}
+        # on_eval(trainer, epoch_end) -> metrics to log, called after every optimizer step (e.g. the
+        # lm-eval tasks of `train --eval-tasks`, hierarchos.evaluate.make_train_hook); {} when not due
+        self.on_eval = None
         use_amp = cfg.amp if cfg.amp is not None else device.type == "cuda"
         self.amp_dtype = None
         if use_amp and device.type == "cuda":
@@ -209,7 +212,10 @@ class Trainer:
                          "step skipped, weights unchanged")
             self.opt_step += 1
             stopping = stop_requested()
-            if self.opt_step % cfg.log_every == 0 or end_of_epoch or stopping:
+            eval_start = time.perf_counter()
+            evals = self.on_eval(self, end_of_epoch) if self.on_eval is not None else {}
+            window["start"] += time.perf_counter() - eval_start  # evaluation time is not training time
+            if self.opt_step % cfg.log_every == 0 or end_of_epoch or stopping or evals:
                 elapsed = time.perf_counter() - window["start"]
                 record = {"step": self.opt_step, "epoch": epoch + 1, "lr": lr,
                           "loss": window["nll"] / max(1, window["tokens"]),
@@ -218,6 +224,7 @@ class Trainer:
                           "skipped_steps": self.skipped_steps}
                 if end_of_epoch and cfg.eval_every_epoch and (epoch + 1) % cfg.eval_every_epoch == 0:
                     record.update(self.evaluate())
+                record.update(evals)
                 self.log_metrics(record)
             window_done = window["micro"] >= cfg.accumulation_steps or end_of_epoch
             save_now = end_of_epoch or (cfg.save_every and self.opt_step % cfg.save_every == 0)
