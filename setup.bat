@@ -2,7 +2,8 @@
 rem Set up hierarchos in the current Python environment (a venv is recommended).
 rem   setup.bat            install hierarchos and its dependencies (editable)
 rem   setup.bat --test     also install the test dependencies (pytest, hypothesis)
-rem   setup.bat --vulkan   also build the Vulkan backend of the C++ kernel (not available yet)
+rem   setup.bat --vulkan   also build the Vulkan backend (chat --device vulkan for quantized models);
+rem                        needs the LunarG Vulkan SDK (headers and glslc, found through %VULKAN_SDK%)
 rem   setup.bat --require-kernel   fail when the C++ kernel cannot be built
 rem The C++ kernel (kernels\) is built in place when cmake and MSVC (or another C++ compiler)
 rem are present; without them hierarchos runs quantized models on a slow numpy reference.
@@ -57,12 +58,17 @@ rem ---- C++ kernel (kernels\) -------------------------------------------------
 rem pybind11 + CMake extension, copied to hierarchos\hierarchos_kernels*.pyd for the editable
 rem install. A failed build is a warning (numpy reference fallback) unless --require-kernel.
 %PIP% "pybind11>=2.12" || echo kernel: could not install pybind11 from PyPI
-if "%REQUIRE_KERNEL%"=="1" (
-  "%PYTHON%" kernels\build.py --require || exit /b 1
-) else (
-  "%PYTHON%" kernels\build.py
+set "BUILD_ARGS="
+if "%WITH_VULKAN%"=="1" (
+  set "BUILD_ARGS=--vulkan"
+  if not defined VULKAN_SDK echo vulkan: VULKAN_SDK is not set; install the LunarG Vulkan SDK ^(https://vulkan.lunarg.com^), which provides the headers and glslc, and open a new terminal 1>&2
 )
-if "%WITH_VULKAN%"=="1" echo vulkan: not built yet: the Vulkan backend comes in a later issue
+if "%REQUIRE_KERNEL%"=="1" (
+  "%PYTHON%" kernels\build.py --require %BUILD_ARGS% || exit /b 1
+) else (
+  "%PYTHON%" kernels\build.py %BUILD_ARGS%
+  if "%WITH_VULKAN%"=="1" if errorlevel 1 exit /b 1
+)
 
 echo done. Try: %PYTHON% hierarchos_cli.py train --tiny --epochs 1 --out-dir runs\tiny  (then: demo --model-path runs\tiny)
 endlocal

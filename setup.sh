@@ -2,11 +2,13 @@
 # Set up hierarchos in the current Python environment (a venv is recommended).
 #   bash setup.sh            install hierarchos and its dependencies (editable)
 #   bash setup.sh --test     also install the test dependencies (pytest, hypothesis)
-#   bash setup.sh --vulkan   also build the Vulkan backend of the C++ kernel (not available yet)
+#   bash setup.sh --vulkan   also build the Vulkan backend (chat --device vulkan for quantized models)
 #   bash setup.sh --require-kernel   fail (exit 1) when the C++ kernel cannot be built
 # The C++ kernel (kernels/) is built in place when cmake and a C++ compiler are present;
 # without them hierarchos runs quantized models on a slow numpy reference. With --test on
 # Debian/Ubuntu as root, the aarch64 cross compiler + qemu-user come too (NEON kernel test).
+# --vulkan needs the Vulkan headers, loader and glslc: installed with apt-get when missing on
+# Debian/Ubuntu as root, else named; a failed Vulkan build is an error (exit 1).
 # Safe to run again. Uses $PYTHON if set, else `python`, else `python3`.
 # torch: an importable torch is kept as it is (CUDA users: install your CUDA build of torch
 # first); otherwise $TORCH_SPEC (default torch==2.13.0) is installed before everything else.
@@ -62,14 +64,34 @@ if [ "$with_test" = 1 ] && [ "$(uname -s)-$(uname -m)" = "Linux-x86_64" ] && [ "
   { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++-aarch64-linux-gnu qemu-user; } \
     >/dev/null 2>&1 || echo "kernel: (could not install them; the NEON test will be skipped)"
 fi
+build_args=()
+if [ "$with_vulkan" = 1 ]; then
+  build_args+=(--vulkan)
+  # ---- Vulkan backend (kernels/vulkan/): headers + glslc to build, the loader to run ----------
+  if [ "$(uname -s)" = Linux ]; then
+    missing=()
+    { [ -f /usr/include/vulkan/vulkan.h ] || [ -f /usr/local/include/vulkan/vulkan.h ] \
+      || [ -f "${VULKAN_SDK:-/nonexistent}/include/vulkan/vulkan.h" ]; } || missing+=(libvulkan-dev)
+    { command -v glslc || [ -x "${VULKAN_SDK:-/nonexistent}/bin/glslc" ]; } >/dev/null 2>&1 || missing+=(glslc)
+    { ldconfig -p 2>/dev/null || true; } | grep -q 'libvulkan\.so\.1' || missing+=(libvulkan1)
+    if [ "${#missing[@]}" -gt 0 ]; then
+      if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "vulkan: installing ${missing[*]} (apt)"
+        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"; } >/dev/null 2>&1 \
+          || echo "vulkan: apt-get install ${missing[*]} failed; the build below says what is still missing" >&2
+      else
+        echo "vulkan: missing ${missing[*]}; install them (Debian/Ubuntu: sudo apt-get install ${missing[*]};" \
+             "Fedora: sudo dnf install vulkan-headers vulkan-loader-devel glslc; or the LunarG Vulkan SDK)," \
+             "plus a Vulkan driver (your GPU's, or mesa-vulkan-drivers for the CPU driver lavapipe)" >&2
+      fi
+    fi
+  fi
+fi
 if [ "$require_kernel" = 1 ]; then
-  "$PY" kernels/build.py --require
+  "$PY" kernels/build.py --require "${build_args[@]}"
   "$PY" -c 'import hierarchos.hierarchos_kernels' || { echo "setup.sh: the built kernel does not import" >&2; exit 1; }
 else
-  "$PY" kernels/build.py
-fi
-if [ "$with_vulkan" = 1 ]; then
-  echo "vulkan: not built yet: the Vulkan backend comes in a later issue"
+  "$PY" kernels/build.py "${build_args[@]}"
 fi
 
 echo "done. Try: $PY hierarchos_cli.py train --tiny --epochs 1 --out-dir runs/tiny  (then: demo --model-path runs/tiny)"
