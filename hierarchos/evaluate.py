@@ -420,13 +420,44 @@ def flatten_results(results: dict) -> dict[str, dict[str, float]]:
     return table
 
 
+def _quiet_git_hash() -> str | None:
+    import subprocess
+
+    try:
+        return subprocess.check_output(["git", "describe", "--always"], stderr=subprocess.DEVNULL,
+                                       text=True).strip() or None
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+@contextlib.contextmanager
+def _run_report(evaluator, env_info: bool):
+    """simple_evaluate ends by running `git describe` in the working directory (a "fatal: not a git
+    repository" line on stderr outside one: made quiet here) and, unless `env_info`, by collecting
+    torch's environment report (seconds of subprocesses: skipped for train-time evaluations)."""
+    saved = {name: getattr(evaluator, name) for name in ("get_git_commit_hash", "add_env_info")
+             if hasattr(evaluator, name)}
+    if "get_git_commit_hash" in saved:
+        evaluator.get_git_commit_hash = _quiet_git_hash
+    if "add_env_info" in saved and not env_info:
+        evaluator.add_env_info = lambda storage: None
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(evaluator, name, value)
+
+
 def evaluate_tasks(lm, tasks: list, *, limit: int | float | None = None, num_fewshot: int | None = None,
-                   bootstrap_iters: int = 0, seed: int | None = 0, log_samples: bool = False) -> dict:
+                   bootstrap_iters: int = 0, seed: int | None = 0, log_samples: bool = False,
+                   env_info: bool = True) -> dict:
     """Run lm-eval's `simple_evaluate` on `lm` (a `lm_class()` instance) over names or built tasks.
-    Returns {"metrics": {task: {metric: value}}, "results": lm-eval's results (without samples)}."""
+    Returns {"metrics": {task: {metric: value}}, "results": lm-eval's results (without samples)}.
+    `env_info=False` leaves out lm-eval's environment report (pip/torch/GPU details; seconds to collect)."""
     import logging
 
-    lm_eval = _lm_eval()
+    _lm_eval()  # a clear error when lm-eval is missing
+    import lm_eval.evaluator
     if all(isinstance(task, str) for task in tasks):
         built = load_tasks(tasks)
     elif any(isinstance(task, str) for task in tasks):
@@ -437,9 +468,10 @@ def evaluate_tasks(lm, tasks: list, *, limit: int | float | None = None, num_few
     level = logging.getLogger("lm_eval").level
     logging.getLogger("lm_eval").setLevel(logging.WARNING)  # lm-eval logs every request type at INFO
     try:
-        results = lm_eval.simple_evaluate(model=lm, tasks=built, limit=limit, num_fewshot=num_fewshot,
-                                          bootstrap_iters=bootstrap_iters, log_samples=log_samples,
-                                          task_manager=_task_manager(with_lm_eval_tasks=False), **seeds)
+        with _run_report(lm_eval.evaluator, env_info):
+            results = lm_eval.simple_evaluate(model=lm, tasks=built, limit=limit, num_fewshot=num_fewshot,
+                                              bootstrap_iters=bootstrap_iters, log_samples=log_samples,
+                                              task_manager=_task_manager(with_lm_eval_tasks=False), **seeds)
     finally:
         logging.getLogger("lm_eval").setLevel(level)
     return {"metrics": flatten_results(results), "results": results}
@@ -468,7 +500,7 @@ def make_train_hook(model, tokenizer, task_names: list[str], *, every_epoch: int
 
         rng = capture_rng_state()  # lm-eval reseeds the global RNGs; training's randomness must not change
         try:
-            metrics = evaluate_tasks(lm, tasks, limit=limit, seed=None)["metrics"]
+            metrics = evaluate_tasks(lm, tasks, limit=limit, seed=None, env_info=False)["metrics"]
         finally:
             restore_rng_state(rng)
         record = {f"eval/{task}/{metric}": value for task, row in metrics.items() for metric, value in row.items()}

@@ -105,7 +105,8 @@ def run(args: argparse.Namespace) -> int:
                                           bootstrap_iters=args.bootstrap_iters)
         metrics.update(outcome["metrics"])
         results = outcome["results"]
-        report["lm_eval"] = {key: results.get(key) for key in ("config", "n-shot", "versions", "n-samples")}
+        kept = ("config", "n-shot", "versions", "n-samples", "lm_eval_version", "git_hash", "pretty_env_info")
+        report["lm_eval"] = {key: results.get(key) for key in kept}
     if args.bpb_file:
         bpb = evaluate.bits_per_byte_file(args.bpb_file, model, tokenizer, chunk_size=args.chunk_size)
         report["bpb_file"] = bpb
