@@ -4,7 +4,8 @@
         --context_dim 512 --h_layers 3 --l_layers 3 --ltm_slots 2048 --vocab_size 50304
 
 Any ModelConfig field may be given, with dashes or underscores. vocab_size, ltm_slots, the widths
-(whole multiples of the old ones) and the layer counts grow by function-preserving constructions;
+(whole multiples of the old ones) and the layer counts grow, and use_rosa / use_deepembed /
+deepembed_per_block turn on, by function-preserving constructions;
 fields that do not change parameter shapes (max_length, h_cycles, ...) are copied into the new
 config as given. The tokenizer, memory metadata, extras such as prompt_template and the training
 history are kept, plus one history entry describing the growth. The directory is written atomically.
@@ -33,10 +34,10 @@ from hierarchos.errors import HierarchosError  # noqa: E402
 from hierarchos.io import (CONFIG_FILE, WEIGHTS_FILE, load_model_dir, read_config_payload,  # noqa: E402
                            recover_interrupted, save_model_dir)
 from hierarchos.model import HierarchosLM  # noqa: E402
-from hierarchos.model.grow import FIXED, GROWABLE, expand, growth_summary  # noqa: E402
+from hierarchos.model.grow import FEATURES, FIXED, GROWABLE, expand, growth_summary  # noqa: E402
 
 FIELDS = {f.name: f for f in dataclasses.fields(ModelConfig)}
-SHAPE_FIELDS = (*GROWABLE, *FIXED)  # the fields that decide the weights' shapes
+SHAPE_FIELDS = (*GROWABLE, *FEATURES, *FIXED)  # the fields that decide the weights' shapes
 
 
 def _bool(text: str) -> bool:

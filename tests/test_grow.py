@@ -21,7 +21,7 @@ from hierarchos.data.tokenizers import load_tokenizer
 from hierarchos.errors import HierarchosError
 from hierarchos.io import load_model_dir, save_model_dir
 from hierarchos.model import HierarchosLM
-from hierarchos.model.grow import activate_slots, add_layers, expand, grow_slots, grow_vocab, widen
+from hierarchos.model.grow import activate_slots, add_layers, enable_features, expand, grow_slots, grow_vocab, widen
 from hierarchos.model.losses import LossWeights, lm_loss
 from hierarchos.model.memory import DORMANT_SOURCE
 
@@ -234,6 +234,26 @@ def test_grow_vocab_keeps_old_token_logits():
         new(torch.randint(0, 80, (2, 6)))  # new ids are valid inputs
     # rows at the mean embedding: each new token starts with about 1/V of the mass at most
     assert float(probs[..., 64:].sum(-1).max()) < 1.1 * 16 / 64, f"seed={seed}"
+
+
+# ---- features -----------------------------------------------------------------------------------------
+
+def test_turning_rosa_and_deepembed_on_keeps_the_function():
+    seed = fresh_seed()
+    plain = build(seed, use_rosa=False, use_deepembed=False, l_layers=2, h_halt_thresh=1.0)
+    rich = expand(plain, use_rosa=True, use_deepembed=True, deepembed_per_block=True, seed=seed)
+    assert_same_function(plain, rich, random_tokens(64, seed), f"seed={seed} plain -> all features")
+    rich.train()
+    loss_of(rich, random_tokens(64, seed, length=T + 1)).backward()
+    for name, p in rich.named_parameters():
+        if "rosa_embed" in name or "deepembed" in name:
+            assert p.grad is not None and p.grad.abs().sum() > 0, f"seed={seed} {name} does not learn"
+    shared = build(seed, l_layers=2)
+    per_block = enable_features(shared, deepembed_per_block=True, seed=seed)
+    assert len(per_block.reasoner.worker.deepembed) == 2
+    assert_same_function(shared, per_block, random_tokens(64, seed), f"seed={seed} shared -> per block")
+    with pytest.raises(HierarchosError, match="use_rosa: cannot turn a feature off"):
+        expand(shared, use_rosa=False)
 
 
 # ---- all at once, float32, errors -------------------------------------------------------------------------

@@ -9,6 +9,7 @@ applies whichever growths the changed config fields ask for:
   grow_slots   more memory slots, dormant (never read) until `activate_slots` allocates them
   widen        context_dim / h_hidden / l_hidden times a whole number: every vector copied n times
   add_layers   more manager / worker blocks on top of each stack, each the identity at init
+  enable_features  ROSA (zero table), DeepEmbed (ones tables), per-block DeepEmbed (copies)
 
 Each construction, its exactness and what it does to training is in its docstring.
 """
@@ -29,10 +30,10 @@ from .rwkv import N_MIX
 
 WIDTHS = ("context_dim", "h_hidden", "l_hidden")
 LAYERS = ("h_layers", "l_layers")
+FEATURES = ("use_rosa", "use_deepembed", "deepembed_per_block")  # may be turned on
 GROWABLE = ("vocab_size", "ltm_slots", *WIDTHS, *LAYERS)
 # fields that fix parameter shapes without a growth construction here
-FIXED = ("head_size", "ffn_mult", "time_mix", "persistent_dim", "ltm_key_dim", "ltm_val_dim",
-         "use_deepembed", "deepembed_per_block", "use_rosa")
+FIXED = ("head_size", "ffn_mult", "time_mix", "persistent_dim", "ltm_key_dim", "ltm_val_dim")
 # std of the zero-sum noise between the copies of a widened weight, relative to its RMS (see widen)
 SPLIT_NOISE = 0.1
 # std of the noise added to the mean embedding row for each new token (see grow_vocab)
@@ -395,18 +396,52 @@ def grow_vocab(model: HierarchosLM, new_vocab_size: int, *, seed: int = 0,
     return _rebuild(model, new_cfg, grow, seed)
 
 
+# ---- features -------------------------------------------------------------------------------------
+
+def enable_features(model: HierarchosLM, use_rosa: bool | None = None, use_deepembed: bool | None = None,
+                    deepembed_per_block: bool | None = None, *, seed: int = 0) -> HierarchosLM:
+    """Turn on ROSA and DeepEmbed in a model trained without them, exactly.
+
+    ROSA adds R[hint] to the embedding: a zero table adds nothing, and its rows get the
+    embedding's gradient from the first step. DeepEmbed multiplies the channel-mix hidden units
+    by D[token]: tables of ones change nothing and learn from the first step. Per-block tables
+    start as copies of the shared one. Features cannot be turned off this way (that would
+    change the function).
+    """
+    cfg = model.cfg
+    changes = {name: value for name, value in (("use_rosa", use_rosa), ("use_deepembed", use_deepembed),
+                                                ("deepembed_per_block", deepembed_per_block)) if value is not None}
+    for name, value in changes.items():
+        if getattr(cfg, name) and not value:
+            raise HierarchosError(f"{name}: cannot turn a feature off by growing a model (it changes what the "
+                                  "model computes); train a new model without it")
+    new_cfg = cfg.replace(**changes)
+
+    def grow(old: Tensors, fresh: Tensors, gen) -> Tensors:
+        out = dict(old)
+        if new_cfg.use_rosa and not cfg.use_rosa:
+            out["rosa_embed.weight"] = torch.zeros_like(fresh["rosa_embed.weight"])
+        if cfg.use_deepembed and new_cfg.deepembed_per_block and not cfg.deepembed_per_block:
+            for stack, layers in (("manager", cfg.h_layers), ("worker", cfg.l_layers)):
+                shared = out.pop(f"reasoner.{stack}.deepembed.0.weight")
+                out.update({f"reasoner.{stack}.deepembed.{i}.weight": shared.clone() for i in range(layers)})
+        return out  # DeepEmbed turned on: the fresh tables are ones already
+
+    return _rebuild(model, new_cfg, grow, seed)
+
+
 # ---- all at once -------------------------------------------------------------------------------------
 
 def expand(model: HierarchosLM, *, seed: int = 0, **fields) -> HierarchosLM:
     """A grown copy of the model for the given config fields (aliases accepted; None: unchanged).
 
-    vocab_size, ltm_slots, the widths and the layer counts grow by the constructions above
-    (in that order), so the logits stay the same. Fields that do not change parameter shapes
+    use_rosa / use_deepembed / deepembed_per_block turn on, then vocab_size, ltm_slots, the
+    widths and the layer counts grow, by the constructions above, so the logits stay the same. Fields that do not change parameter shapes
     (max_length, h_cycles, max_h_steps, max_l_steps, ltm_topk <= ltm_slots, thresholds...) are
     copied into the new config as given; note that the reasoning and memory ones change what
     the model computes, by design. An explicit commitment_threshold overrides widen's scaled
-    one. Shrinking, unknown fields and fields without a growth (head_size, ffn_mult,
-    persistent_dim, ltm_key_dim, ltm_val_dim, use_rosa, use_deepembed, ...) are one-line errors.
+    one. Shrinking, turning a feature off, unknown fields and fields without a growth
+    (head_size, ffn_mult, persistent_dim, ltm_key_dim, ltm_val_dim, time_mix) are one-line errors.
     """
     cfg = model.cfg
     known = {f.name for f in dataclasses.fields(ModelConfig)}
@@ -421,10 +456,12 @@ def expand(model: HierarchosLM, *, seed: int = 0, **fields) -> HierarchosLM:
         if name in changes and changes[name] != getattr(cfg, name):
             raise HierarchosError(
                 f"{name}: cannot change {getattr(cfg, name)!r} -> {changes[name]!r} by growing a model; only "
-                f"{', '.join(GROWABLE)} grow (train a new model for another {name})")
+                f"{', '.join(GROWABLE)} grow and {', '.join(FEATURES)} turn on (train a new model for another {name})")
     _grown_config(cfg, **{name: changes[name] for name in GROWABLE if name in changes})  # shrink / bad value first
 
     grown = model
+    if any(changes.get(name, getattr(cfg, name)) != getattr(cfg, name) for name in FEATURES):
+        grown = enable_features(grown, **{name: changes.get(name) for name in FEATURES}, seed=seed)
     if changes.get("vocab_size", cfg.vocab_size) != cfg.vocab_size:
         grown = grow_vocab(grown, changes["vocab_size"], seed=seed)
     if changes.get("ltm_slots", cfg.ltm_slots) != cfg.ltm_slots:
@@ -433,7 +470,7 @@ def expand(model: HierarchosLM, *, seed: int = 0, **fields) -> HierarchosLM:
         grown = widen(grown, **{name: changes.get(name) for name in WIDTHS}, seed=seed)
     if any(changes.get(name, getattr(cfg, name)) != getattr(cfg, name) for name in LAYERS):
         grown = add_layers(grown, **{name: changes.get(name) for name in LAYERS}, seed=seed)
-    final_cfg = grown.cfg.replace(**{k: v for k, v in changes.items() if k not in GROWABLE})
+    final_cfg = grown.cfg.replace(**{k: v for k, v in changes.items() if k not in (*GROWABLE, *FEATURES)})
     return _rebuild(grown, final_cfg, lambda old, fresh, gen: dict(old), seed)
 
 
