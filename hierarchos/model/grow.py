@@ -436,10 +436,11 @@ def expand(model: HierarchosLM, *, seed: int = 0, **fields) -> HierarchosLM:
     """A grown copy of the model for the given config fields (aliases accepted; None: unchanged).
 
     use_rosa / use_deepembed / deepembed_per_block turn on, then vocab_size, ltm_slots, the
-    widths and the layer counts grow, by the constructions above, so the logits stay the same. Fields that do not change parameter shapes
-    (max_length, h_cycles, max_h_steps, max_l_steps, ltm_topk <= ltm_slots, thresholds...) are
-    copied into the new config as given; note that the reasoning and memory ones change what
-    the model computes, by design. An explicit commitment_threshold overrides widen's scaled
+    widths and the layer counts grow, by the constructions above, so the logits stay the same.
+    Fields that do not change parameter shapes (max_length, h_cycles, max_h_steps, max_l_steps,
+    ltm_topk <= ltm_slots, thresholds...) are copied into the new config as given; the
+    reasoning and memory ones change what the model computes, by design (a top-k larger than
+    the live slots reads dormant ones with weight 0). An explicit commitment_threshold overrides widen's scaled
     one. Shrinking, turning a feature off, unknown fields and fields without a growth
     (head_size, ffn_mult, persistent_dim, ltm_key_dim, ltm_val_dim, time_mix) are one-line errors.
     """
