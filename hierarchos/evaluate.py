@@ -14,18 +14,17 @@ import contextlib
 import math
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Callable
 
 import torch
 
 from .errors import HierarchosError
+from .eval_tasks import flatten_results, load_tasks, require_lm_eval, task_manager
 
 MODEL_NAME = "hierarchos"  # the name registered with lm-eval (`simple_evaluate(model="hierarchos")`)
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_CHUNK_SIZE = 512
 DEFAULT_MAX_GEN_TOKS = 256
-ERR_NO_LM_EVAL = ("evaluation needs the lm-eval package, which is not installed: pip install lm-eval "
-                  "(or reinstall hierarchos: pip install -e .)")
 
 
 # ---- scoring (no lm-eval needed) ---------------------------------------------------------------
@@ -316,22 +315,12 @@ class _HierarchosLMMethods:
 _LM_CLASS = None
 
 
-def _lm_eval():
-    try:
-        import lm_eval
-        import lm_eval.api.model
-        import lm_eval.api.registry
-    except ImportError:
-        raise HierarchosError(ERR_NO_LM_EVAL) from None
-    return lm_eval
-
-
 def lm_class():
     """The lm-eval model class (a subclass of `lm_eval.api.model.LM`), registered as "hierarchos"
     on first use: `lm_eval.simple_evaluate(model="hierarchos", model_args="pretrained=DIR")` works after it."""
     global _LM_CLASS
     if _LM_CLASS is None:
-        lm_eval = _lm_eval()
+        lm_eval = require_lm_eval()
         cls = type("HierarchosEvalLM", (_HierarchosLMMethods, lm_eval.api.model.LM),
                    {"__module__": __name__, "__doc__": "lm-eval model over a HierarchosLM (see hierarchos.evaluate)."})
         lm_eval.api.registry.register_model(MODEL_NAME)(cls)
@@ -345,80 +334,7 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-# ---- tasks ------------------------------------------------------------------------------------------
-
-_TASK_MANAGERS: dict[bool, Any] = {}
-
-
-def _task_manager(with_lm_eval_tasks: bool):
-    """lm-eval's TaskManager; indexing lm-eval's own task folders takes seconds, so only when asked."""
-    if with_lm_eval_tasks not in _TASK_MANAGERS:
-        _lm_eval()
-        from lm_eval.tasks import TaskManager
-
-        _TASK_MANAGERS[with_lm_eval_tasks] = TaskManager(include_defaults=with_lm_eval_tasks)
-    return _TASK_MANAGERS[with_lm_eval_tasks]
-
-
-def _offline_reason(exc: Exception) -> str:
-    return " ".join(str(exc).split())[:200] or type(exc).__name__
-
-
-def load_tasks(names: Iterable[str]) -> list:
-    """Build lm-eval Task/Group objects: hierarchos local tasks (offline, from the package) by name, other
-    names from lm-eval's registry (hub datasets: the local cache first, the hub when it answers).
-    A name that is unknown, or whose dataset cannot be had, is one HierarchosError."""
-    from .data.tokenizers import hub_offline_mode, hub_reachable
-    from .eval_tasks import is_local_task, local_task_config, local_task_names
-
-    names = list(dict.fromkeys(names))
-    if not names:
-        raise HierarchosError("no evaluation tasks given: pass --tasks NAME ... (local tasks: "
-                              f"{', '.join(local_task_names())})")
-    hub_names = [name for name in names if not is_local_task(name)]
-    manager = _task_manager(with_lm_eval_tasks=bool(hub_names))
-    online = bool(hub_names) and hub_reachable()
-    built = []
-    for name in names:
-        spec = local_task_config(name) if is_local_task(name) else name
-        try:
-            # local tasks never need the hub; hub tasks read only the cache when it cannot be reached
-            # (the clients would otherwise retry for most of a minute)
-            with hub_offline_mode() if (not online or is_local_task(name)) else contextlib.nullcontext():
-                loaded = manager.load([spec])
-        except KeyError:
-            raise HierarchosError(f"unknown task {name!r}: not a hierarchos local task "
-                                  f"({', '.join(local_task_names())}) nor an lm-eval task; "
-                                  "list lm-eval's tasks with `lm-eval ls tasks`") from None
-        except HierarchosError:
-            raise
-        except Exception as exc:  # datasets/hub errors come in many types; all mean "no data for this task"
-            where = "is not in the local Hugging Face cache and the hub cannot be reached" if not online \
-                else "could not be loaded"
-            raise HierarchosError(f"task {name!r}: its dataset {where} ({_offline_reason(exc)}); run once with "
-                                  "network access to cache it, or use a local task "
-                                  f"({', '.join(local_task_names())})") from None
-        if name in loaded["groups"]:
-            built.append(loaded["groups"][name])
-        else:
-            built.extend(loaded["tasks"].values())
-    return built
-
-
-def flatten_results(results: dict) -> dict[str, dict[str, float]]:
-    """lm-eval's results -> {task: {metric: value}}: "acc,none" becomes "acc", other filters stay as
-    "metric,filter"; stderr values that were not computed ("N/A") are dropped."""
-    table: dict[str, dict[str, float]] = {}
-    for task, metrics in (results.get("results") or {}).items():
-        row = {}
-        for key, value in metrics.items():
-            if key == "alias" or "," not in key or not isinstance(value, (int, float)) or isinstance(value, bool):
-                continue
-            metric, _, filter_name = key.partition(",")
-            row[metric if filter_name == "none" else key] = float(value)
-        table[task] = row
-    return table
-
+# ---- running tasks ---------------------------------------------------------------------------------
 
 def _quiet_git_hash() -> str | None:
     import subprocess
@@ -456,7 +372,7 @@ def evaluate_tasks(lm, tasks: list, *, limit: int | float | None = None, num_few
     `env_info=False` leaves out lm-eval's environment report (pip/torch/GPU details; seconds to collect)."""
     import logging
 
-    _lm_eval()  # a clear error when lm-eval is missing
+    require_lm_eval()
     import lm_eval.evaluator
     if all(isinstance(task, str) for task in tasks):
         built = load_tasks(tasks)
@@ -471,7 +387,7 @@ def evaluate_tasks(lm, tasks: list, *, limit: int | float | None = None, num_few
         with _run_report(lm_eval.evaluator, env_info):
             results = lm_eval.simple_evaluate(model=lm, tasks=built, limit=limit, num_fewshot=num_fewshot,
                                               bootstrap_iters=bootstrap_iters, log_samples=log_samples,
-                                              task_manager=_task_manager(with_lm_eval_tasks=False), **seeds)
+                                              task_manager=task_manager(with_lm_eval_tasks=False), **seeds)
     finally:
         logging.getLogger("lm_eval").setLevel(level)
     return {"metrics": flatten_results(results), "results": results}

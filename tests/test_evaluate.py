@@ -160,7 +160,8 @@ def test_eval_cli_table_and_json(model_dir, tmp_path, capsys):
     text = tmp_path / "held.txt"
     text.write_text("Our revels now are ended.\n", encoding="utf-8")
     out = tmp_path / "report" / "eval.json"
-    code = main(["eval", "--model-path", str(model_dir), "--tasks", "shakespeare_next_line", "--limit", "2",
+    code = main(["eval", "--model-path", str(model_dir), "--tasks", "shakespeare_next_line,shakespeare_who_speaks",
+                 "--limit", "2",
                  "--batch-size", "2", "--device", "cpu", "--bpb-file", str(text), "--output", str(out)])
     captured = capsys.readouterr()
     assert code == 0, captured.err
@@ -170,6 +171,7 @@ def test_eval_cli_table_and_json(model_dir, tmp_path, capsys):
     assert any(line.startswith(f"bpb:{text}") and "bits_per_byte" in line for line in lines)
     report = json.loads(out.read_text())
     assert set(report["metrics"]["shakespeare_next_line"]) >= {"acc", "acc_norm"}
+    assert set(report["metrics"]["shakespeare_who_speaks"]) >= {"acc", "acc_norm"}  # "a,b" as lm-eval takes it
     assert report["bpb_file"]["bytes"] == len("Our revels now are ended.\n")
     assert not list(out.parent.glob(".*tmp*"))  # written atomically: no temp file left
 
@@ -202,6 +204,15 @@ def test_eval_cli_errors_are_one_line_exit_2(model_dir, tmp_path, capsys, monkey
     assert main(["eval", "--model-path", str(model_dir), "--tasks", "hellaswag", "--limit", "1"]) == 2
     line = _error_line(capsys)
     assert "task 'hellaswag'" in line and "not in the local Hugging Face cache" in line, line
+
+
+def test_lm_eval_is_imported_only_when_evaluating():
+    import subprocess
+
+    code = ("import sys, hierarchos, hierarchos.evaluate, hierarchos.cli; hierarchos.cli.build_parser(); "
+            "print('lm_eval' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "False", result.stderr
 
 
 def test_missing_lm_eval_names_pip_install(monkeypatch):
