@@ -131,6 +131,34 @@ def test_more_rows_than_one_dispatch_dimension(vk):
     assert np.allclose(got, vulkan.reference_matmul(data, "Q8_0", 32, x), rtol=1e-4, atol=1e-4)
 
 
+_OTHER_SPLIT_CHECK = """
+import numpy as np
+from hierarchos.quant import formats as F, kernel, vulkan
+assert vulkan.device_info()["rows_per"] == "{split}", vulkan.device_info()
+rng = np.random.default_rng({seed})
+for qtype in F.QTYPES:
+    for rows, blocks, n in ((33, 2, 9), (5, 3, 1)):
+        cols = blocks * F.block_size(qtype)
+        data = kernel.quantize(rng.standard_normal((rows, cols)).astype(np.float32), qtype)
+        x = rng.standard_normal((n, cols)).astype(np.float32)
+        got = vulkan.vk_matmul(vulkan.upload(data, qtype, cols), x)
+        ref = vulkan.reference_matmul(data, qtype, cols, x)
+        assert np.allclose(got, ref, rtol=1e-5, atol=1e-4), (qtype, rows, cols, n, np.abs(got - ref).max())
+print("ok")
+"""
+
+
+def test_other_work_split_matches_reference(vk):
+    """matmul.comp's two work splits (a workgroup or an invocation per row; the device type picks
+    one): the one this device does not use, forced through HIERARCHOS_VULKAN_ROWS."""
+    split = "invocation" if vk["rows_per"] == "workgroup" else "workgroup"
+    seed = fresh_seed()
+    done = subprocess.run([sys.executable, "-c", _OTHER_SPLIT_CHECK.format(split=split, seed=seed)],
+                          capture_output=True, text=True, timeout=120, cwd=REPO,
+                          env={**os.environ, "HIERARCHOS_VULKAN_ROWS": split})
+    assert done.returncode == 0 and done.stdout.strip() == "ok", f"seed={seed}: {done.stderr[-2000:]}"
+
+
 def test_argument_errors_match_reference(vk):
     data = kernel.quantize(np.ones((4, 64), np.float32), "Q4_0")
     with pytest.raises(ValueError, match="positive multiple of 32"):

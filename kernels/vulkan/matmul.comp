@@ -7,17 +7,22 @@
 // float32: activations are NOT quantized here (the CPU kernel rounds them to Q8_0 / Q8_K), so
 // the result is W's dequantized floats times x, summed in float32.
 //
-// Work split: one workgroup per output row (grid-strided past the 65535 dispatch limit), its
-// threads striding over the row's 32-element units; each workgroup serves up to NB activation
-// rows at once, so a batch reads each weight block once per NB rows; the partial sums meet in
-// shared memory (no subgroup operations: they are optional in Vulkan 1.2).
+// Work split, chosen per device by specialization constants (vk_backend.cpp):
+// - GPUs (ROW_PER_WORKGROUP): one workgroup of WG threads per output row, its threads striding
+//   over the row's 32-element units (neighbours read neighbouring blocks: coalesced), partial
+//   sums meeting in shared memory (no subgroup operations: they are optional in Vulkan 1.2);
+// - CPU drivers such as lavapipe: one invocation per row and no barrier, since lavapipe runs a
+//   workgroup's barriers as context switches (4-11x slower measured here).
+// Rows are grid-strided past the 65535-workgroup dispatch limit. Each workgroup serves up to NB
+// activation rows at once, so a batch reads each weight block once per NB rows.
 #version 450
 #extension GL_EXT_control_flow_attributes : require
 
-#define WG 32u
 #define NB 8u
 
-layout(local_size_x = 32) in;
+layout(local_size_x_id = 0) in;
+layout(constant_id = 0) const uint WG = 32u;  // threads per workgroup (a power of two)
+layout(constant_id = 1) const bool ROW_PER_WORKGROUP = true;
 
 layout(std430, set = 0, binding = 0) readonly buffer Weights { uint wq[]; };
 layout(std430, set = 0, binding = 1) readonly buffer Acts { vec4 x[]; };
@@ -115,30 +120,43 @@ void unit_weights(uint row, uint k, out float w[32]) {
 #endif
 }
 
+// acc[n] = the sum over units first, first + stride, ... of row `row` against activation row n0 + n.
+void row_partial(uint row, uint first, uint stride, uint n0, uint nb, out float acc[NB]) {
+    uint row_vec4s = p.units * 8u;  // an activation row, in vec4s
+    [[unroll]] for (uint n = 0u; n < NB; ++n) acc[n] = 0.0;
+    for (uint k = first; k < p.units; k += stride) {
+        float w[32];
+        unit_weights(row, k, w);
+        [[unroll]] for (uint n = 0u; n < NB; ++n) {
+            if (n < nb) {
+                uint at = (n0 + n) * row_vec4s + k * 8u;
+                float s = 0.0;
+                [[unroll]] for (uint i = 0u; i < 8u; ++i)
+                    s += dot(vec4(w[4u * i], w[4u * i + 1u], w[4u * i + 2u], w[4u * i + 3u]), x[at + i]);
+                acc[n] += s;
+            }
+        }
+    }
+}
+
 void main() {
     uint tid = gl_LocalInvocationID.x;
     uint n0 = gl_WorkGroupID.y * NB;
     uint nb = min(NB, p.batch - n0);
-    uint row_vec4s = p.units * 8u;  // an activation row, in vec4s
-    for (uint row = gl_WorkGroupID.x; row < p.rows; row += gl_NumWorkGroups.x) {
-        float acc[NB];
-        [[unroll]] for (uint n = 0u; n < NB; ++n) acc[n] = 0.0;
-        for (uint k = tid; k < p.units; k += WG) {
-            float w[32];
-            unit_weights(row, k, w);
-            [[unroll]] for (uint n = 0u; n < NB; ++n) {
-                if (n < nb) {
-                    uint at = (n0 + n) * row_vec4s + k * 8u;
-                    float s = 0.0;
-                    [[unroll]] for (uint i = 0u; i < 8u; ++i)
-                        s += dot(vec4(w[4u * i], w[4u * i + 1u], w[4u * i + 2u], w[4u * i + 3u]), x[at + i]);
-                    acc[n] += s;
-                }
-            }
+    float acc[NB];
+    if (!ROW_PER_WORKGROUP) {
+        for (uint row = gl_GlobalInvocationID.x; row < p.rows; row += gl_NumWorkGroups.x * WG) {
+            row_partial(row, 0u, 1u, n0, nb, acc);
+            [[unroll]] for (uint n = 0u; n < NB; ++n)
+                if (n < nb) y[(n0 + n) * p.rows + row] = acc[n];
         }
+        return;
+    }
+    for (uint row = gl_WorkGroupID.x; row < p.rows; row += gl_NumWorkGroups.x) {
+        row_partial(row, tid, WG, n0, nb, acc);
         [[unroll]] for (uint n = 0u; n < NB; ++n) partial[n][tid] = acc[n];
         barrier();
-        [[unroll]] for (uint half_width = WG / 2u; half_width > 0u; half_width >>= 1) {
+        for (uint half_width = WG / 2u; half_width > 0u; half_width >>= 1) {
             if (tid < half_width) {
                 [[unroll]] for (uint n = 0u; n < NB; ++n) partial[n][tid] += partial[n][tid + half_width];
             }

@@ -129,6 +129,10 @@ public:
     VkFence fence = VK_NULL_HANDLE;
     VkQueryPool timestamps = VK_NULL_HANDLE;
     uint32_t timestamp_bits = 0;
+    // matmul.comp's work split (its specialization constants): a workgroup per row on GPUs, an
+    // invocation per row on CPU drivers; HIERARCHOS_VULKAN_ROWS=workgroup|invocation forces one.
+    bool row_per_workgroup = true;
+    uint32_t workgroup_size = 32;
     // Per-call staging: x goes host -> device before the dispatch, y device -> host after it, so
     // the shader reads device-local memory on a discrete GPU (on lavapipe the copies are memcpys).
     Buffer x_host, x_device, y_device, y_host;
@@ -301,6 +305,13 @@ std::string Context::init() {
     HKVK_DEVICE_FUNCS(HKVK_LOAD_DEVICE)
 #undef HKVK_LOAD_DEVICE
     vk.vkGetDeviceQueue(device, queue_family, 0, &queue);
+    row_per_workgroup = props.deviceType != VK_PHYSICAL_DEVICE_TYPE_CPU;
+    if (const char *forced = std::getenv("HIERARCHOS_VULKAN_ROWS"); forced && *forced) {
+        if (std::strcmp(forced, "workgroup") && std::strcmp(forced, "invocation"))
+            return "HIERARCHOS_VULKAN_ROWS=" + std::string(forced) + ": expected workgroup or invocation";
+        row_per_workgroup = !std::strcmp(forced, "workgroup");
+    }
+    workgroup_size = row_per_workgroup ? 32 : 8;  // a warp per row; 8 lanes: llvmpipe's 256-bit SIMD
 
     try {
         VkDescriptorSetLayoutBinding bindings[3] = {};
@@ -321,6 +332,9 @@ std::string Context::init() {
         layout_info.pushConstantRangeCount = 1;
         layout_info.pPushConstantRanges = &push;
         check(vk.vkCreatePipelineLayout(device, &layout_info, nullptr, &pipeline_layout), "vkCreatePipelineLayout");
+        const uint32_t spec_values[2] = {workgroup_size, row_per_workgroup ? VK_TRUE : VK_FALSE};
+        const VkSpecializationMapEntry spec_entries[2] = {{0, 0, 4}, {1, 4, 4}};
+        VkSpecializationInfo spec{2, spec_entries, sizeof(spec_values), spec_values};
         for (int f = 0; f < kNumFormats; ++f) {
             VkShaderModuleCreateInfo module_info{VK_STRUCTURE_TYPE_SHADER_MODULE_CREATE_INFO};
             module_info.codeSize = kShaders[f].bytes;
@@ -332,6 +346,7 @@ std::string Context::init() {
             pipeline_info.stage.stage = VK_SHADER_STAGE_COMPUTE_BIT;
             pipeline_info.stage.module = module;
             pipeline_info.stage.pName = "main";
+            pipeline_info.stage.pSpecializationInfo = &spec;
             pipeline_info.layout = pipeline_layout;
             VkResult made = vk.vkCreateComputePipelines(device, VK_NULL_HANDLE, 1, &pipeline_info, nullptr, &pipelines[f]);
             vk.vkDestroyShaderModule(device, module, nullptr);
@@ -497,6 +512,7 @@ DeviceInfo device_info() {
     info.driver = std::to_string(c.props.driverVersion);
     info.max_storage_buffer_range = c.props.limits.maxStorageBufferRange;
     info.timestamps = c.timestamps != VK_NULL_HANDLE;
+    info.rows = c.row_per_workgroup ? "workgroup" : "invocation";
     return info;
 }
 
@@ -585,7 +601,8 @@ void Weight::matmul(const float *x, int64_t n, float *y) const {
     c.vk.vkCmdPushConstants(c.commands, c.pipeline_layout, VK_SHADER_STAGE_COMPUTE_BIT, 0, sizeof(params), params);
     // bottom-of-pipe stamps: written once everything before them (the x copy, then the dispatch) is done
     if (c.timestamps) c.vk.vkCmdWriteTimestamp(c.commands, VK_PIPELINE_STAGE_BOTTOM_OF_PIPE_BIT, c.timestamps, 0);
-    const uint32_t groups = static_cast<uint32_t>(std::min<int64_t>(rows_, c.props.limits.maxComputeWorkGroupCount[0]));
+    const int64_t wanted = c.row_per_workgroup ? rows_ : (rows_ + c.workgroup_size - 1) / c.workgroup_size;
+    const uint32_t groups = static_cast<uint32_t>(std::min<int64_t>(wanted, c.props.limits.maxComputeWorkGroupCount[0]));
     c.vk.vkCmdDispatch(c.commands, groups, tiles, 1);  // the shader strides over rows past `groups`
     if (c.timestamps) c.vk.vkCmdWriteTimestamp(c.commands, VK_PIPELINE_STAGE_BOTTOM_OF_PIPE_BIT, c.timestamps, 1);
     barrier(c, VK_ACCESS_SHADER_WRITE_BIT, VK_ACCESS_TRANSFER_READ_BIT, VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT,

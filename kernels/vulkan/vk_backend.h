@@ -20,6 +20,7 @@ struct DeviceInfo {
     std::string name, type, api_version, driver;
     uint64_t max_storage_buffer_range = 0;
     bool timestamps = false;
+    std::string rows;  // matmul.comp's work split: "workgroup" or "invocation" per output row
 };
 
 // Opens the loader (libvulkan.so.1 / vulkan-1.dll, found at run time, so a build with Vulkan

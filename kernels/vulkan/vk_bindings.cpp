@@ -70,6 +70,7 @@ PYBIND11_MODULE(hierarchos_vulkan, m) {
         d["driver_version"] = info.driver;
         d["max_storage_buffer_range"] = info.max_storage_buffer_range;
         d["timestamps"] = info.timestamps;
+        d["rows_per"] = info.rows;
         return d;
     });
     py::class_<hkvk::Weight, std::shared_ptr<hkvk::Weight>>(m, "Weight", "a quantized matrix resident on the device")
