@@ -87,7 +87,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="when resuming, use the new --starting-lr/--min-lr/schedule flags, not the checkpoint's")
     run.add_argument("--reset-halt-bias", type=float, default=None, metavar="B",
                      help="set the manager's halting bias to B after loading weights (e.g. -2.0)")
-    run.add_argument("--compile", action="store_true", help="torch.compile the model's forward")
+    run.add_argument("--compile", action="store_true",
+                     help="torch.compile the RWKV blocks (opt-in: on an H200 it cost 100 s of compilation "
+                          "for no measurable speed-up; see BENCHMARKS.md)")
     run.add_argument("--force-compile", action="store_true", help="compile even where it is known to hang "
                      "(Windows CPU)")
     run.add_argument("--fsdp", action="store_true", help="under torchrun: shard with FSDP2 instead of DDP")
@@ -300,8 +302,10 @@ def run(args: argparse.Namespace, lora=None) -> int:
         if sys.platform == "win32" and device.type == "cpu" and not args.force_compile:
             print("compile: skipped on Windows CPU (known to hang); --force-compile overrides", file=sys.stderr)
         else:
-            trainer.forward_model = torch.compile(trainer.forward_model, dynamic=True)
-            print("compile: torch.compile on (the first steps compile)")
+            from ..model.rwkv import compile_blocks
+
+            count = compile_blocks(model)
+            print(f"compile: torch.compile on for {count} RWKV blocks (the first steps compile)")
     ckpt_root = out_dir / "checkpoints"
     if args.resume_from_ckpt:
         loaders = {}

@@ -19,6 +19,11 @@ from torch.utils.checkpoint import checkpoint
 
 from ..ops.wkv import wkv7
 
+# torch.compile sees the recurrence as an opaque call: its chunk loop (up to T / 16 iterations)
+# would be unrolled into the graph, and its fla/C++ paths are not traceable. Outside a compiled
+# region this is wkv7 itself plus a negligible context switch.
+_wkv7_opaque = torch.compiler.disable(wkv7)
+
 # Low-rank widths of the data-dependent mixes (RWKV-6/7 style "LoRA" paths).
 MIX_RANK = 32
 DECAY_RANK = 64
@@ -133,7 +138,7 @@ class TimeMix(nn.Module):
         if frozen is not None:  # frozen-token rule: w=1, a=0, k=0 writes nothing
             live = (~frozen)[:, :, None, None].to(r_h.dtype)
             log_w_h, k_h, b_h = log_w_h * live, k_h * live, b_h * live
-        out, new_wkv = wkv7(r_h, log_w_h, k_h, v_h, -kappa, b_h, state=wkv_state, chunk_size=self.wkv_chunk)
+        out, new_wkv = _wkv7_opaque(r_h, log_w_h, k_h, v_h, -kappa, b_h, state=wkv_state, chunk_size=self.wkv_chunk)
         out = out.to(x.dtype)
         out = self.norm(out.view(B, T, H, N))
         bonus = ((r_h * k_h * self.bonus).sum(-1, keepdim=True) * v_h).reshape(B, T, C).to(x.dtype)
@@ -222,3 +227,25 @@ class RWKVStack(nn.Module):
                 x, s_tm, s_wkv, s_cm = block(*args)
             tm.append(s_tm), wkv.append(s_wkv), cm.append(s_cm)
         return x, {"tm_shift": torch.stack(tm), "wkv": torch.stack(wkv), "cm_shift": torch.stack(cm)}
+
+
+def compile_blocks(model: nn.Module, backend: str = "inductor") -> int:
+    """torch.compile every RWKV block of `model` in place (`nn.Module.compile`: parameter names and
+    state dicts stay as they are); returns the number of blocks compiled.
+
+    Blocks, not the whole model: the HRM loop around them has data-dependent pass counts and
+    several sequence lengths (watch over T tokens, pondering over T / h_stride plan points, the
+    one-token step), and compiling it whole did not finish its first step in 200 s on an H100.
+    A block is the fusible part (norms, token shift, the low-rank mixes, gates, SwiGLU); the
+    recurrence inside it stays an opaque call. One code object serves every block, so the
+    cache holds the variants (frozen mask or not, DeepEmbed gate or not, lengths) for all of them.
+    """
+    import torch._dynamo
+
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    count = 0
+    for module in model.modules():
+        if isinstance(module, RWKVBlock):
+            module.compile(backend=backend, dynamic=None)
+            count += 1
+    return count
