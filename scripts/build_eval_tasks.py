@@ -3,7 +3,8 @@
     python scripts/build_eval_tasks.py
 
 Writes three small JSONL files (deterministic: running it twice gives the same bytes):
-  shakespeare_who_speaks.jsonl  multiple choice: which of four characters of the play says this line
+  shakespeare_who_speaks.jsonl  multiple choice: which of four characters of the play says this line (the
+                                line scored after each speaker's header, "MACBETH.", as the plays print it)
   shakespeare_next_line.jsonl   multiple choice: which of four lines of the play continues this speech
   shakespeare_heldout.jsonl     documents for perplexity: the last HELDOUT_BYTES of the corpus (the tail of
                                 The Tempest), which `train`'s default --val-fraction 0.05 holds out
@@ -58,7 +59,13 @@ def play_speeches(builder, text: str) -> list[dict]:
     return builder.speeches(text[re.search(r"^ACT (I|1)\b", text, re.M).start():])
 
 
-def who_speaks(rng: random.Random, plays: dict[str, list[dict]]) -> list[dict]:
+def header(text: str, name: str) -> str:
+    """The speaker line as this play prints it: "MACBETH." in most plays, "THESEUS" in the Dream."""
+    upper = name.upper()
+    return f"{upper}." if text.count(f"\n{upper}.\n") >= text.count(f"\n{upper}\n") else upper
+
+
+def who_speaks(rng: random.Random, plays: dict[str, list[dict]], texts: dict[str, str]) -> list[dict]:
     rows = []
     candidates = []
     for title, speeches in plays.items():
@@ -77,11 +84,12 @@ def who_speaks(rng: random.Random, plays: dict[str, list[dict]]) -> list[dict]:
     for title, line, speaker, cast in rng.sample(candidates, N_ITEMS):
         choices = rng.sample([name for name in cast if name != speaker], N_CHOICES - 1) + [speaker]
         rng.shuffle(choices)
-        rows.append({"play": title, "line": line, "choices": choices, "label": choices.index(speaker)})
+        rows.append({"play": title, "line": line, "choices": choices, "label": choices.index(speaker),
+                     "headers": [header(texts[title], name) for name in choices]})
     return rows
 
 
-def next_line(rng: random.Random, plays: dict[str, list[dict]]) -> list[dict]:
+def next_line(rng: random.Random, plays: dict[str, list[dict]], texts: dict[str, str]) -> list[dict]:
     rows = []
     candidates = []
     for title, speeches in plays.items():
@@ -98,7 +106,8 @@ def next_line(rng: random.Random, plays: dict[str, list[dict]]) -> list[dict]:
                 distractors.append(line)
         choices = distractors + [answer]
         rng.shuffle(choices)
-        rows.append({"play": title, "speaker": s["speaker"], "context": "\n".join(s["lines"][:2]),
+        rows.append({"play": title, "speaker": s["speaker"], "header": header(texts[title], s["speaker"]),
+                     "context": "\n".join(s["lines"][:2]),
                      "choices": choices, "label": choices.index(answer)})
     return rows
 
@@ -132,8 +141,8 @@ def main() -> None:
     builder = _bundled_builder()
     texts = play_texts()
     plays = {title: play_speeches(builder, text) for title, text in texts.items()}
-    write_jsonl(OUT / "shakespeare_who_speaks.jsonl", who_speaks(random.Random(SEED), plays))
-    write_jsonl(OUT / "shakespeare_next_line.jsonl", next_line(random.Random(SEED + 1), plays))
+    write_jsonl(OUT / "shakespeare_who_speaks.jsonl", who_speaks(random.Random(SEED), plays, texts))
+    write_jsonl(OUT / "shakespeare_next_line.jsonl", next_line(random.Random(SEED + 1), plays, texts))
     write_jsonl(OUT / "shakespeare_heldout.jsonl", heldout_docs(texts))
 
 

@@ -122,7 +122,8 @@ def test_simple_evaluate_on_each_local_task_offline(model32, tokenizer, task):
     lm = evaluate.make_lm(model32, tokenizer, batch_size=4, progress=False)
     outcome = evaluate.evaluate_tasks(lm, [task], limit=3, env_info=False)
     metrics = outcome["metrics"][task]
-    expected = {"shakespeare_ppl": {"word_perplexity", "byte_perplexity", "bits_per_byte"}}.get(task, {"acc", "acc_norm"})
+    expected = {"shakespeare_ppl": {"word_perplexity", "byte_perplexity", "bits_per_byte"},
+                "shakespeare_who_speaks": {"acc"}}.get(task, {"acc", "acc_norm"})
     assert expected <= set(metrics), metrics
     assert all(math.isfinite(metrics[name]) for name in expected)
     assert outcome["results"]["n-samples"][task]["effective"] == 3
@@ -171,7 +172,7 @@ def test_eval_cli_table_and_json(model_dir, tmp_path, capsys):
     assert any(line.startswith(f"bpb:{text}") and "bits_per_byte" in line for line in lines)
     report = json.loads(out.read_text())
     assert set(report["metrics"]["shakespeare_next_line"]) >= {"acc", "acc_norm"}
-    assert set(report["metrics"]["shakespeare_who_speaks"]) >= {"acc", "acc_norm"}  # "a,b" as lm-eval takes it
+    assert "acc" in report["metrics"]["shakespeare_who_speaks"]  # "a,b" as lm-eval takes it
     assert report["bpb_file"]["bytes"] == len("Our revels now are ended.\n")
     assert not list(out.parent.glob(".*tmp*"))  # written atomically: no temp file left
 
@@ -233,7 +234,7 @@ def test_train_hook_returns_metrics_and_restores_train_mode(model32, tokenizer):
     assert hook(trainer, True) == {}
     trainer.micro_step, trainer.opt_step = 6, 6  # end of epoch 2
     record = hook(trainer, True)
-    assert set(record) == {"eval/shakespeare_who_speaks/acc", "eval/shakespeare_who_speaks/acc_norm"}
+    assert set(record) == {"eval/shakespeare_who_speaks/acc"}  # no standard errors during training
     assert model32.training
     assert torch.equal(torch.get_rng_state(), rng)  # lm-eval's reseeding does not leak into training
     model32.eval()
