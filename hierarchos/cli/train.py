@@ -51,6 +51,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     model.add_argument("--model-path", help="start from this model directory's weights (fresh optimizer)")
     model.add_argument("--out-dir", default="./hierarchos_model")
     model.add_argument("--tiny", action="store_true", help="a tiny architecture for quick CPU runs")
+    model.add_argument("--grow-every-chars", type=int, default=None, metavar="N",
+                       help="continual learning: one more manager and worker block per N characters of training "
+                            "text in the model's history (added function-preservingly)")
     for name in ARCH_FLAGS:
         kind = float if name in ("l_conv_atol", "h_halt_thresh") else int
         model.add_argument(f"--{name}", f"--{name.replace('_', '-')}", type=kind, default=None)
@@ -221,8 +224,10 @@ def run(args: argparse.Namespace, lora=None) -> int:
         loaded = SimpleNamespace(name=Path(args.train).name, template="pretokenized", texts=[])
     else:
         loaded = load_texts(spec)
-        if args.model_path:
-            tokenizer = load_tokenizer(args.tokenizer_path or args.model_path)
+        if args.model_path:  # continual learning: the model's tokenizer, extended or checked
+            from ..train.continual import continual_tokenizer
+
+            tokenizer = continual_tokenizer(args.model_path, args.tokenizer_path, loaded.texts)
         else:
             tokenizer = load_tokenizer(args.tokenizer_path, loaded.texts)
         docs = [tokenizer.encode(text) for text in loaded.texts]
@@ -253,10 +258,12 @@ def run(args: argparse.Namespace, lora=None) -> int:
             overrides["commitment_threshold"] = args.commitment_threshold
         cfg = tiny_config(**overrides) if args.tiny else ModelConfig(**overrides).validate()
         model = HierarchosLM(cfg)
+    from ..train.continual import grow_for_data
+
+    n_chars = sum(len(text) for text in loaded.texts) if loaded.texts else None
+    model, growth = grow_for_data(model, tokenizer.vocab_size, list((base_meta or {}).get("training_history") or []),
+                                  n_chars, args.grow_every_chars, allow_growth=lora is None)
     cfg = model.cfg
-    if tokenizer.vocab_size > cfg.vocab_size:
-        raise HierarchosError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "
-                              f"{cfg.vocab_size}; use the model's own tokenizer (--tokenizer-path {args.model_path})")
     model.to(device)
     if lora is not None:
         from ..lora import wrap
@@ -330,6 +337,7 @@ def run(args: argparse.Namespace, lora=None) -> int:
     if args.resume_from_ckpt and isinstance(resumed_history, list) and resumed_history:
         history = resumed_history[:-1]  # the last entry is this run's, rewritten below
     run_entry = {"dataset": loaded.name, "template": loaded.template, "tokens": train_streams.num_tokens,
+                 "chars": n_chars, **growth,
                  "epochs": tcfg.epochs, "steps": 0,
                  "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     n_params, n_core = model.num_parameters(), model.num_parameters(with_deepembed=False)

@@ -119,6 +119,11 @@ class Tokenizer:
         unknown = token_id == self.backend.unk_token_id and token != self.backend.unk_token
         return None if token_id is None or unknown else token_id
 
+    def id_to_token(self, token_id: int) -> str | None:
+        if self._is_fast:
+            return self.backend.id_to_token(int(token_id))
+        return self.backend.convert_ids_to_tokens(int(token_id))
+
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, with no special tokens added."""
         if self._is_fast:
@@ -185,11 +190,43 @@ def build_char_tokenizer(texts: Iterable[str]) -> Tokenizer:
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
     for ch in sorted(chars):
         vocab.setdefault(ch, len(vocab))
+    return _char_tokenizer(vocab)
+
+
+def _char_tokenizer(vocab: dict[str, int]) -> Tokenizer:
     backend = _FastTokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     backend.decoder = decoders.Fuse()
     _with_specials(backend)
     return Tokenizer(backend, kind="char", name="char", eos=EOS, pad=PAD, bos=BOS, unk=UNK)
+
+
+def extend_char_tokenizer(tokenizer: Tokenizer, texts: Iterable[str]) -> Tokenizer:
+    """Continual learning (seed 002): the characters of `texts` that `tokenizer` (a char tokenizer)
+    lacks are appended after its vocabulary, so every old id keeps its character. Returns the
+    tokenizer itself when nothing is new."""
+    if tokenizer.kind != "char":
+        raise HierarchosError(f"cannot extend the {tokenizer.kind} tokenizer {tokenizer.name!r} with new "
+                              "characters: only char tokenizers grow (byte and BPE ones cover any text)")
+    vocab = dict(tokenizer.backend.get_vocab())
+    new_chars = sorted({ch for text in texts for ch in text} - set(vocab))
+    if not new_chars:
+        return tokenizer
+    for ch in new_chars:
+        vocab[ch] = len(vocab)
+    return _char_tokenizer(vocab)
+
+
+def changed_ids(old: Tokenizer, new: Tokenizer, limit: int = 5) -> list[str]:
+    """Ids below old.vocab_size whose token differs between two tokenizers (at most `limit`):
+    a model can keep training on `new` only when this is empty."""
+    changed = []
+    for i in range(old.vocab_size):
+        if old.id_to_token(i) != new.id_to_token(i):
+            changed.append(f"{i}: {old.id_to_token(i)!r} -> {new.id_to_token(i)!r}")
+            if len(changed) >= limit:
+                break
+    return changed
 
 
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, name: str | None = None) -> Tokenizer:
