@@ -1,4 +1,5 @@
-"""Evaluation: an lm-eval model named `hierarchos`, offline local tasks, and bits per byte of a text file.
+"""Evaluation: an lm-eval model named `hierarchos`, running lm-eval tasks on it (the offline local ones
+live in `hierarchos.eval_tasks`), a train-time hook, and bits per byte of a text file.
 
 Scoring runs the parallel form: a context + continuation is one forward over `[eos] + tokens`
 (documents start after an end-of-sequence token, as in training), fed in pieces of `chunk_size`
@@ -365,10 +366,11 @@ def _run_report(evaluator, env_info: bool):
 
 
 def evaluate_tasks(lm, tasks: list, *, limit: int | float | None = None, num_fewshot: int | None = None,
-                   bootstrap_iters: int = 0, seed: int | None = 0, log_samples: bool = False,
+                   bootstrap_iters: int = 0, reseed: bool = True, log_samples: bool = False,
                    env_info: bool = True) -> dict:
     """Run lm-eval's `simple_evaluate` on `lm` (a `lm_class()` instance) over names or built tasks.
     Returns {"metrics": {task: {metric: value}}, "results": lm-eval's results (without samples)}.
+    `reseed=False` keeps the global RNGs as they are (lm-eval seeds python, numpy and torch by default);
     `env_info=False` leaves out lm-eval's environment report (pip/torch/GPU details; seconds to collect)."""
     import logging
 
@@ -380,7 +382,7 @@ def evaluate_tasks(lm, tasks: list, *, limit: int | float | None = None, num_few
         raise TypeError("pass task names or built tasks (load_tasks), not a mix")
     else:
         built = list(tasks)
-    seeds = {} if seed is not None else {"random_seed": None, "numpy_random_seed": None, "torch_random_seed": None}
+    seeds = {} if reseed else {"random_seed": None, "numpy_random_seed": None, "torch_random_seed": None}
     level = logging.getLogger("lm_eval").level
     logging.getLogger("lm_eval").setLevel(logging.WARNING)  # lm-eval logs every request type at INFO
     try:
@@ -414,9 +416,9 @@ def make_train_hook(model, tokenizer, task_names: list[str], *, every_epoch: int
             return {}
         from .io import capture_rng_state, restore_rng_state
 
-        rng = capture_rng_state()  # lm-eval reseeds the global RNGs; training's randomness must not change
+        rng = capture_rng_state()  # whatever lm-eval or a task draws, training's random streams stay put
         try:
-            metrics = evaluate_tasks(lm, tasks, limit=limit, seed=None, env_info=False)["metrics"]
+            metrics = evaluate_tasks(lm, tasks, limit=limit, reseed=False, env_info=False)["metrics"]
         finally:
             restore_rng_state(rng)
         record = {f"eval/{task}/{metric}": value for task, row in metrics.items() for metric, value in row.items()}

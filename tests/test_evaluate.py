@@ -169,7 +169,7 @@ def test_eval_cli_table_and_json(model_dir, tmp_path, capsys):
     lines = captured.out.splitlines()
     assert lines[0].split() == ["task", "metric", "value", "stderr"]
     assert any(line.split()[:2] == ["shakespeare_next_line", "acc"] for line in lines)
-    assert any(line.startswith(f"bpb:{text}") and "bits_per_byte" in line for line in lines)
+    assert any(line.startswith("bpb:held.txt") and "bits_per_byte" in line for line in lines)
     report = json.loads(out.read_text())
     assert set(report["metrics"]["shakespeare_next_line"]) >= {"acc", "acc_norm"}
     assert "acc" in report["metrics"]["shakespeare_who_speaks"]  # "a,b" as lm-eval takes it
@@ -192,6 +192,10 @@ def test_eval_cli_errors_are_one_line_exit_2(model_dir, tmp_path, capsys, monkey
     assert "nothing to evaluate" in _error_line(capsys)
     assert main(["eval", "--model-path", str(model_dir), "--bpb-file", str(tmp_path / "missing.txt")]) == 2
     assert "text file not found" in _error_line(capsys)
+    (tmp_path / "step-00000001").mkdir()
+    (tmp_path / "step-00000001" / "trainer_state.json").write_text("{}")
+    assert main(["eval", "--model-path", str(tmp_path / "step-00000001"), "--tasks", "shakespeare_ppl"]) == 2
+    assert "holds no tokenizer; pass --tokenizer-path" in _error_line(capsys)
 
     # an unknown name, and a hub task whose dataset is not cached while offline (an empty cache here)
     import datasets.config

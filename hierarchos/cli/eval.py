@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 from datetime import datetime, timezone
+from pathlib import Path
 
 from ..errors import HierarchosError
 
@@ -31,7 +32,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..eval_tasks import local_task_names
 
     p.add_argument("--model-path", "--model_path", required=True, metavar="DIR",
-                   help="model directory (train --out-dir, or ckpt-2-inf output)")
+                   help="model directory (train --out-dir, ckpt-2-inf output, or a checkpoint step-* dir "
+                        "with --tokenizer-path)")
+    p.add_argument("--tokenizer-path", metavar="DIR",
+                   help="tokenizer (default: the model directory's; a checkpoint's is in the run's --out-dir)")
     p.add_argument("--tasks", nargs="+", metavar="TASK", default=[],
                    help=f"lm-eval task names; offline local tasks: {', '.join(local_task_names())}; "
                         "hub tasks such as hellaswag or arc_easy need their dataset cached or the hub reachable")
@@ -79,12 +83,16 @@ def run(args: argparse.Namespace) -> int:
         raise HierarchosError(f"--output {args.output}: expected a .json path")
 
     from .. import evaluate
-    from ..io import atomic_write_text
+    from ..io import TRAINER_STATE_FILE, atomic_write_text
+
+    if not args.tokenizer_path and (Path(args.model_path) / TRAINER_STATE_FILE).is_file():
+        raise HierarchosError(f"{args.model_path}: a training checkpoint holds no tokenizer; pass --tokenizer-path "
+                              "with the run's --out-dir (or export it with `hierarchos ckpt-2-inf`)")
 
     if args.tasks:
         evaluate.lm_class()  # a missing lm-eval is one clear line before the model loads
     lm_args = dict(batch_size=args.batch_size, device=args.device, chunk_size=args.chunk_size,
-                   max_gen_toks=args.max_gen_toks)
+                   max_gen_toks=args.max_gen_toks, tokenizer=args.tokenizer_path)
     tasks = evaluate.load_tasks(args.tasks) if args.tasks else []  # a bad task name fails before loading weights
     if args.tasks:
         lm = evaluate.lm_class()(pretrained=args.model_path, **lm_args)
@@ -94,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
         from ..io import load_model_dir
 
         model, _ = load_model_dir(args.model_path, device=evaluate.resolve_device(args.device))
-        tokenizer = load_tokenizer(args.model_path)
+        tokenizer = load_tokenizer(args.tokenizer_path or args.model_path)
     print(f"model: {args.model_path} ({model.num_parameters():,} parameters, tokenizer {tokenizer.name}) "
           f"on {next(model.parameters()).device}", file=sys.stderr)
 
@@ -110,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     if args.bpb_file:
         bpb = evaluate.bits_per_byte_file(args.bpb_file, model, tokenizer, chunk_size=args.chunk_size)
         report["bpb_file"] = bpb
-        metrics[f"bpb:{args.bpb_file}"] = {"bits_per_byte": bpb["bits_per_byte"],
+        metrics[f"bpb:{Path(args.bpb_file).name}"] = {"bits_per_byte": bpb["bits_per_byte"],
                                            "token_perplexity": bpb["token_perplexity"]}
     report["metrics"] = metrics
     print(format_table(metrics))
