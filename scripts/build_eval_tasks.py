@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from hierarchos.data import bundled_corpus_path  # noqa: E402
+from hierarchos.io import atomic_write_text  # noqa: E402
 
 OUT = REPO / "hierarchos" / "eval_tasks"
 N_ITEMS = 120
@@ -131,9 +132,7 @@ def heldout_docs(texts: dict[str, str]) -> list[dict]:
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", encoding="utf-8", newline="\n") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     print(f"{path.relative_to(REPO)}: {len(rows)} rows, {path.stat().st_size:,} bytes")
 
 
