@@ -133,6 +133,19 @@ def test_simple_evaluate_on_each_local_task_offline(model32, tokenizer, task):
         assert 0 <= metrics["acc"] <= 1
 
 
+def test_shipped_task_data_is_what_the_builder_makes():
+    import importlib.util
+
+    from hierarchos.eval_tasks import TASKS_DIR
+
+    script = TASKS_DIR.parents[1] / "scripts" / "build_eval_tasks.py"
+    spec = importlib.util.spec_from_file_location("build_eval_tasks", script)
+    builder = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(builder)
+    for name, text in builder.build().items():
+        assert (TASKS_DIR / name).read_text(encoding="utf-8") == text, f"{name} is stale: run {script}"
+
+
 def test_registered_model_name_and_model_args(model_dir):
     import lm_eval
     from lm_eval.tasks import TaskManager
