@@ -273,3 +273,7 @@ def test_train_eval_tasks_flags_log_metrics(tmp_path, capsys):
     assert steps == sorted({*range(10, last + 1, 10), last}), (steps, last)  # every 10 steps and the epoch end
     assert all(6 < r["eval/shakespeare_ppl/bits_per_byte"] < 10 for r in evals)
     assert "eval at step 10: shakespeare_ppl/" in capsys.readouterr().err
+    assert main(["train", "--train", str(data), "--tiny", "--tokenizer-path", "byte", "--device", "cpu",
+                 "--out-dir", str(tmp_path / "never"), "--eval-tasks", "shakespeare_ppl",
+                 "--eval-every-epoch", "0"]) == 2
+    assert "--eval-tasks would never run" in _error_line(capsys)

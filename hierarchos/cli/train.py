@@ -361,6 +361,9 @@ def run(args: argparse.Namespace, lora=None) -> int:
 
         if args.eval_steps < 0 or args.eval_batch_size < 1 or (args.eval_limit is not None and args.eval_limit < 1):
             raise HierarchosError("--eval-steps must be >= 0, --eval-batch-size and --eval-limit >= 1")
+        if not args.eval_every_epoch and not args.eval_steps:
+            raise HierarchosError("--eval-tasks would never run with --eval-every-epoch 0: pass --eval-steps N "
+                                  "or --eval-every-epoch N")
         trainer.on_eval = make_train_hook(model, tokenizer, args.eval_tasks, every_epoch=args.eval_every_epoch,
                                           every_steps=args.eval_steps, batch_size=args.eval_batch_size,
                                           limit=args.eval_limit, autocast_dtype=trainer.amp_dtype,
