@@ -1,0 +1,300 @@
+"""Fused WKV-7 time mixing in Triton: forward and backward, sequential over T.
+
+One program owns a block of `rows` value channels i of one (batch, head) state S (its rows are
+independent: S_t[i, :] only needs S_{t-1}[i, :]) and steps through the tokens with S in registers,
+as RWKV-7's own CUDA kernel does. The forward stores S every `chunk` tokens; the backward walks the
+chunks in reverse, recomputes each chunk's states forward from its checkpoint into a small scratch
+buffer (per program, L2-resident) and runs the adjoint recurrence back through them. Recomputing,
+rather than inverting the update, keeps it as stable as the forward. `wkv7_manual_backward` is the
+same backward in plain PyTorch (float64-capable), checked against autograd of `wkv7_reference`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from ..errors import HierarchosError
+
+try:  # triton is optional: without it (or without CUDA) wkv7's 'auto' never picks this path
+    import triton
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+except Exception as exc:  # ImportError, or a broken install underneath
+    triton = None
+    _TRITON_ERROR = f"{type(exc).__name__}: {exc}"
+else:
+    _TRITON_ERROR = ""
+
+CHUNK = 16   # tokens between forward checkpoints: memory B*H*N*N*4 bytes per chunk, scratch the same once
+
+
+# ----------------------------------------------------------------------------- reference backward
+
+
+def _step(state, decay, a, b, k, v):
+    """S_{t-1} -> S_t for one token, batched over (B, H): returns (S_t, u_t = S_{t-1} a_t)."""
+    u = torch.einsum("bhij,bhj->bhi", state, a)
+    return state * decay[:, :, None, :] + u[..., None] * b[:, :, None, :] + v[..., None] * k[:, :, None, :], u
+
+
+def wkv7_manual_backward(r, log_w, k, v, a, b, state, d_o, d_state, chunk=CHUNK):
+    """The kernel's backward in plain PyTorch (the derivation, float64-capable, slow).
+
+    Inputs (B, T, H, N), state (B, H, N, N) already prepared (same dtype, no None); d_o and
+    d_state are the gradients of o and of the final state. Per token t, in reverse, with dS the
+    adjoint of S_t:
+        dS += do_t r_t^T;  dr_t = S_t^T do_t;  dv_t = dS k_t;  dk_t = dS^T v_t
+        u_t = S_{t-1} a_t;  db_t = dS^T u_t;  du_t = dS b_t;  da_t = S_{t-1}^T du_t
+        dlog_w_t = w_t * sum_i S_{t-1}[i, :] * dS[i, :]
+        dS <- dS diag(w_t) + du_t a_t^T        (the adjoint of S_{t-1})
+    S_{t-1} comes from recomputing each chunk forward from its checkpoint, as the kernel does.
+    Returns (dr, dlog_w, dk, dv, da, db, d_initial_state).
+    """
+    seq_len = r.shape[1]
+    decay = torch.exp(log_w)
+    checkpoints, s = [], state
+    for t in range(seq_len):
+        if t % chunk == 0:
+            checkpoints.append(s)
+        s, _ = _step(s, decay[:, t], a[:, t], b[:, t], k[:, t], v[:, t])
+    grads = [torch.zeros_like(r) for _ in range(6)]
+    dr, dlog_w, dk, dv, da, db = grads
+    d_s = d_state.clone()
+    for c in reversed(range(len(checkpoints))):
+        steps = range(c * chunk, min(seq_len, (c + 1) * chunk))
+        s, before = checkpoints[c], []
+        for t in steps:
+            before.append(s)
+            s, _ = _step(s, decay[:, t], a[:, t], b[:, t], k[:, t], v[:, t])
+        for t in reversed(steps):
+            s_prev = before[t - c * chunk]
+            d_s = d_s + d_o[:, t, :, :, None] * r[:, t, :, None, :]
+            dr[:, t] = torch.einsum("bhij,bhi->bhj", s, d_o[:, t])
+            dv[:, t] = torch.einsum("bhij,bhj->bhi", d_s, k[:, t])
+            dk[:, t] = torch.einsum("bhij,bhi->bhj", d_s, v[:, t])
+            u = torch.einsum("bhij,bhj->bhi", s_prev, a[:, t])
+            db[:, t] = torch.einsum("bhij,bhi->bhj", d_s, u)
+            du = torch.einsum("bhij,bhj->bhi", d_s, b[:, t])
+            da[:, t] = torch.einsum("bhij,bhi->bhj", s_prev, du)
+            dlog_w[:, t] = decay[:, t] * (s_prev * d_s).sum(dim=-2)
+            d_s = d_s * decay[:, t, :, None, :] + du[..., None] * a[:, t, :, None, :]
+            s = s_prev
+    return dr, dlog_w, dk, dv, da, db, d_s
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+def _wkv7_fwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, o_ptr, s_out_ptr, ckpt_ptr,
+                     T, n_chunks,
+                     H: tl.constexpr, N: tl.constexpr, BI: tl.constexpr, C: tl.constexpr,
+                     STORE_CKPT: tl.constexpr):
+    """One program: rows [blk*BI, blk*BI + BI) of the state of one (b, h), all T tokens.
+
+    Tokens past T (the last chunk's tail) load log_w = k = b = 0: frozen, S unchanged.
+    """
+    NB: tl.constexpr = N // BI
+    pid = tl.program_id(0)
+    bh = pid // NB
+    blk = pid % NB
+    rows = blk * BI + tl.arange(0, BI)                    # value channels i held here
+    cols = tl.arange(0, N)                                # key channels j
+    tok0 = ((bh // H).to(tl.int64) * T * H + bh % H) * N  # element (b, 0, h, 0) of a (B, T, H, N) input
+    tile = rows[:, None] * N + cols[None, :]              # (BI, N) offsets inside one N x N state
+    state0 = bh.to(tl.int64) * N * N
+    s = tl.load(s0_ptr + state0 + tile)
+    # while, not range(n_chunks): Triton 3.6's interpreter cannot index a range by a runtime
+    # scalar under numpy >= 2.4 (it holds scalars as 1-element arrays)
+    c = 0
+    while c < n_chunks:
+        if STORE_CKPT:  # the state entering chunk c, for the backward's recompute
+            tl.store(ckpt_ptr + (bh.to(tl.int64) * n_chunks + c) * N * N + tile, s)
+        for tt in range(C):
+            t = c * C + tt
+            off = tok0 + t.to(tl.int64) * (H * N)
+            col_live = (cols * 0 + t) < T
+            row_live = (rows * 0 + t) < T
+            decay = tl.exp(tl.load(w_ptr + off + cols, mask=col_live, other=0.0))
+            kt = tl.load(k_ptr + off + cols, mask=col_live, other=0.0)
+            at = tl.load(a_ptr + off + cols, mask=col_live, other=0.0)
+            bt = tl.load(b_ptr + off + cols, mask=col_live, other=0.0)
+            rt = tl.load(r_ptr + off + cols, mask=col_live, other=0.0)
+            vt = tl.load(v_ptr + off + rows, mask=row_live, other=0.0)
+            u = tl.sum(s * at[None, :], axis=1)           # S_{t-1} a_t, rows i
+            s = s * decay[None, :] + u[:, None] * bt[None, :] + vt[:, None] * kt[None, :]
+            tl.store(o_ptr + off + rows, tl.sum(s * rt[None, :], axis=1), mask=row_live)
+        c += 1
+    tl.store(s_out_ptr + state0 + tile, s)
+
+
+def _wkv7_bwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, do_ptr, ds_out_ptr, ckpt_ptr, scratch_ptr,
+                     dr_ptr, dw_ptr, dk_ptr, dv_ptr, da_ptr, db_ptr, ds0_ptr,
+                     T, n_chunks, part_stride,
+                     H: tl.constexpr, N: tl.constexpr, BI: tl.constexpr, C: tl.constexpr):
+    """The adjoint recurrence of `wkv7_manual_backward` for the same rows as the forward program.
+
+    dv is row-local and written whole; dr, dlog_w, dk, da, db sum over all N rows, so each row
+    block writes its partial sum at slice `blk` (stride part_stride) and the caller adds them up.
+    """
+    NB: tl.constexpr = N // BI
+    pid = tl.program_id(0)
+    bh = pid // NB
+    blk = pid % NB
+    rows = blk * BI + tl.arange(0, BI)
+    cols = tl.arange(0, N)
+    tok0 = ((bh // H).to(tl.int64) * T * H + bh % H) * N
+    tile = rows[:, None] * N + cols[None, :]
+    state0 = bh.to(tl.int64) * N * N
+    part = blk.to(tl.int64) * part_stride
+    scratch = pid.to(tl.int64) * (C * BI * N) + tl.arange(0, BI)[:, None] * N + cols[None, :]
+    ds = tl.load(ds_out_ptr + state0 + tile)
+    c = n_chunks - 1
+    while c >= 0:  # chunks in reverse (a while loop for the interpreter, as in the forward)
+        s = tl.load(ckpt_ptr + (bh.to(tl.int64) * n_chunks + c) * N * N + tile)
+        for tt in range(C):  # recompute: scratch[tt] = S before token c*C + tt
+            t = c * C + tt
+            off = tok0 + t.to(tl.int64) * (H * N)
+            col_live = (cols * 0 + t) < T
+            row_live = (rows * 0 + t) < T
+            tl.store(scratch_ptr + scratch + tt * (BI * N), s)
+            decay = tl.exp(tl.load(w_ptr + off + cols, mask=col_live, other=0.0))
+            kt = tl.load(k_ptr + off + cols, mask=col_live, other=0.0)
+            at = tl.load(a_ptr + off + cols, mask=col_live, other=0.0)
+            bt = tl.load(b_ptr + off + cols, mask=col_live, other=0.0)
+            vt = tl.load(v_ptr + off + rows, mask=row_live, other=0.0)
+            u = tl.sum(s * at[None, :], axis=1)
+            s = s * decay[None, :] + u[:, None] * bt[None, :] + vt[:, None] * kt[None, :]
+        tl.debug_barrier()  # scratch written by some threads is read by others below
+        for tt_rev in range(C):
+            tt = C - 1 - tt_rev
+            t = c * C + tt
+            off = tok0 + t.to(tl.int64) * (H * N)
+            col_live = (cols * 0 + t) < T
+            row_live = (rows * 0 + t) < T
+            s_prev = tl.load(scratch_ptr + scratch + tt * (BI * N))
+            decay = tl.exp(tl.load(w_ptr + off + cols, mask=col_live, other=0.0))
+            kt = tl.load(k_ptr + off + cols, mask=col_live, other=0.0)
+            at = tl.load(a_ptr + off + cols, mask=col_live, other=0.0)
+            bt = tl.load(b_ptr + off + cols, mask=col_live, other=0.0)
+            rt = tl.load(r_ptr + off + cols, mask=col_live, other=0.0)
+            vt = tl.load(v_ptr + off + rows, mask=row_live, other=0.0)
+            dot = tl.load(do_ptr + off + rows, mask=row_live, other=0.0)
+            ds = ds + dot[:, None] * rt[None, :]
+            tl.store(dr_ptr + part + off + cols, tl.sum(s * dot[:, None], axis=0), mask=col_live)
+            tl.store(dv_ptr + off + rows, tl.sum(ds * kt[None, :], axis=1), mask=row_live)
+            tl.store(dk_ptr + part + off + cols, tl.sum(ds * vt[:, None], axis=0), mask=col_live)
+            u = tl.sum(s_prev * at[None, :], axis=1)
+            tl.store(db_ptr + part + off + cols, tl.sum(ds * u[:, None], axis=0), mask=col_live)
+            du = tl.sum(ds * bt[None, :], axis=1)
+            tl.store(da_ptr + part + off + cols, tl.sum(s_prev * du[:, None], axis=0), mask=col_live)
+            tl.store(dw_ptr + part + off + cols, tl.sum(s_prev * ds, axis=0) * decay, mask=col_live)
+            ds = ds * decay[None, :] + du[:, None] * at[None, :]
+            s = s_prev
+        tl.debug_barrier()  # the next chunk overwrites scratch that this one's threads read
+        c -= 1
+    tl.store(ds0_ptr + state0 + tile, ds)
+
+
+# ----------------------------------------------------------------------------- launch
+
+
+def triton_unavailable_reason(device: torch.device | str | None = None) -> str:
+    """'' when the kernel can run on `device` (CUDA, or the CPU under TRITON_INTERPRET=1), else why not."""
+    if triton is None:
+        return f"triton does not import ({_TRITON_ERROR}); pip install triton"
+    dev = torch.device(device) if device is not None else None
+    if dev is not None and dev.type == "cpu":
+        return "" if os.environ.get("TRITON_INTERPRET") == "1" else \
+            "it runs on CUDA tensors (on the CPU only under TRITON_INTERPRET=1, for tests)"
+    if not torch.cuda.is_available():
+        return "it needs a CUDA device"
+    return ""
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels(interpret: bool):
+    """(forward, backward) as Triton JIT functions, or run by Triton's interpreter on CPU tensors.
+
+    Built on first use rather than decorated at import, so one process can hold both: the
+    interpreter for CPU tensors and compiled kernels for CUDA tensors.
+    """
+    wrap = InterpretedFunction if interpret else triton.JITFunction
+    return wrap(_wkv7_fwd_kernel), wrap(_wkv7_bwd_kernel)
+
+
+def _launch_config(head_size: int, rows: int | None, num_warps: int | None):
+    rows = rows or min(head_size, 16)
+    if head_size & (head_size - 1) or not 1 <= rows <= head_size or head_size % rows:
+        raise HierarchosError(f"wkv7 impl 'triton' needs a power-of-two head size (got {head_size}) "
+                              f"divided by rows={rows}; use impl='chunked'")
+    return rows, num_warps or max(1, min(8, rows * head_size // 512))
+
+
+class _WKV7Triton(torch.autograd.Function):
+    """Inputs contiguous float32 (B, T, H, N), T >= 1; state contiguous float32 (B, H, N, N)."""
+
+    @staticmethod
+    def forward(ctx, r, log_w, k, v, a, b, state, rows, num_warps, chunk):
+        batch, seq_len, heads, head_size = r.shape
+        n_chunks = -(-seq_len // chunk)
+        store = any(ctx.needs_input_grad[:7])
+        o = torch.empty_like(r)
+        final = torch.empty_like(state)
+        ckpt = r.new_empty((batch * heads * n_chunks * head_size * head_size) if store else 1)
+        fwd, _ = _kernels(not r.is_cuda)
+        grid = (batch * heads * (head_size // rows),)
+        fwd[grid](r, log_w, k, v, a, b, state, o, final, ckpt, seq_len, n_chunks,
+                  H=heads, N=head_size, BI=rows, C=chunk, STORE_CKPT=store, num_warps=num_warps)
+        if store:
+            ctx.save_for_backward(r, log_w, k, v, a, b, ckpt)
+        ctx.config = (rows, num_warps, chunk, n_chunks)
+        return o, final
+
+    @staticmethod
+    def backward(ctx, d_o, d_final):
+        r, log_w, k, v, a, b, ckpt = ctx.saved_tensors
+        rows, num_warps, chunk, n_chunks = ctx.config
+        batch, seq_len, heads, head_size = r.shape
+        d_o = torch.zeros_like(r) if d_o is None else d_o.float().contiguous()
+        shape_s = (batch, heads, head_size, head_size)
+        d_final = r.new_zeros(shape_s) if d_final is None else d_final.float().contiguous()
+        blocks = head_size // rows
+        grid = (batch * heads * blocks,)
+        # row blocks > 1: each writes its own partial sums of the column gradients, added below
+        parts = [r.new_empty((blocks, *r.shape)) for _ in range(5)]
+        dv = torch.empty_like(r)
+        d_state = r.new_empty(shape_s)
+        scratch = r.new_empty(grid[0] * chunk * rows * head_size)
+        _, bwd = _kernels(not r.is_cuda)
+        bwd[grid](r, log_w, k, v, a, b, d_o, d_final, ckpt, scratch,
+                  parts[0], parts[1], parts[2], dv, parts[3], parts[4], d_state,
+                  seq_len, n_chunks, r.numel(),
+                  H=heads, N=head_size, BI=rows, C=chunk, num_warps=num_warps)
+        dr, dlog_w, dk, da, db = (p[0] if blocks == 1 else p.sum(dim=0) for p in parts)
+        return dr, dlog_w, dk, dv, da, db, d_state, None, None, None
+
+
+def wkv7_triton(r, log_w, k, v, a, b, state=None, *, rows=None, num_warps=None, chunk=CHUNK):
+    """WKV-7 through the fused Triton kernels (CUDA; CPU only under TRITON_INTERPRET=1).
+
+    Same contract as `wkv7_reference`, except that it always computes in float32 and returns
+    float32 (float64 inputs too). `rows` value channels per program (default min(N, 16)), and
+    `num_warps`, are launch knobs for benchmarks; `chunk` is the checkpoint spacing.
+    """
+    from .wkv import _prepare  # here, not at import: wkv.py imports this module
+
+    reason = triton_unavailable_reason(r.device)
+    if reason:
+        raise HierarchosError(f"wkv7 impl 'triton' cannot run: {reason}; use impl='chunked'")
+    r, log_w, k, v, a, b, state = _prepare(r, log_w, k, v, a, b, state)
+    r, log_w, k, v, a, b, state = (x.float().contiguous() for x in (r, log_w, k, v, a, b, state))
+    if r.shape[1] == 0:
+        return r.new_zeros(r.shape), state
+    rows, num_warps = _launch_config(r.shape[-1], rows, num_warps)
+    if r.is_cuda:
+        with torch.cuda.device(r.device):  # Triton launches on the current device
+            return _WKV7Triton.apply(r, log_w, k, v, a, b, state, rows, num_warps, chunk)
+    return _WKV7Triton.apply(r, log_w, k, v, a, b, state, rows, num_warps, chunk)
