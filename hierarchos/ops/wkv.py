@@ -2,7 +2,8 @@
 
 Every path computes the same recurrence (below) in float32, or float64 for float64
 inputs, and returns `(o, final_state)`: a plain scan (the ground truth), a small-T
-step for generation, a chunk-parallel PyTorch version, and fla-core's CUDA kernel.
+step for generation, a chunk-parallel PyTorch version, fla-core's CUDA kernel and our own
+fused Triton kernel (forward and backward, `wkv_triton.py`).
 
 Per batch b and head h the state S is an (N, N) matrix, S[i, j] with i a value channel
 and j a key channel. Inputs r, log_w, k, v, a, b have shape (B, T, H, N); for each t:
@@ -26,8 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import HierarchosError
+from .wkv_triton import triton_unavailable_reason, wkv7_triton
 
-IMPLS = ("auto", "reference", "recurrent", "cpp_step", "chunked", "fla")
+IMPLS = ("auto", "reference", "recurrent", "cpp_step", "chunked", "fla", "triton")
 ENV_IMPL = "HIERARCHOS_WKV_IMPL"
 MAX_CHUNK_SIZE = 64  # |log_w| <= 0.61 keeps exp(0.61 * 64) ~ 1e17 far below float32's max
 
@@ -258,10 +260,17 @@ def wkv7_cpp_step(r, log_w, k, v, a, b, state=None):
 
 def available_impls(device: torch.device | str | None = None) -> tuple[str, ...]:
     """Implementations that can run now (on `device` when given): 'fla' needs CUDA + fla-core,
-    'cpp_step' the built C++ kernel (CPU)."""
+    'triton' CUDA + triton, 'cpp_step' the built C++ kernel (CPU)."""
     names = ("reference", "recurrent", "chunked") + (("cpp_step",) if _cpp_kernels() is not None else ())
     cuda_ok = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
-    return names + ("fla",) if cuda_ok and _fla_importable() else names
+    if cuda_ok and _fla_importable():
+        names += ("fla",)
+    return names + ("triton",) if cuda_ok and _triton_fits_cuda() else names
+
+
+def _triton_fits_cuda(head_size: int = 64) -> bool:
+    """Our Triton kernel can run on CUDA: triton imports, a GPU is there, N is a power of two."""
+    return head_size & (head_size - 1) == 0 and not triton_unavailable_reason("cuda")
 
 
 def resolve_impl(impl: str, r: torch.Tensor) -> str:
@@ -269,11 +278,12 @@ def resolve_impl(impl: str, r: torch.Tensor) -> str:
 
     impl='auto' is first replaced by $HIERARCHOS_WKV_IMPL when that is set; an explicit
     impl wins over the variable. 'auto' then picks the recurrent step for T <= 2 (fused in C++,
-    'cpp_step', for float32 CPU tensors without autograd when the kernel is built), fla
-    for CUDA tensors (not float64) when fla-core imports and no gradient is being
-    recorded, and the chunked path otherwise. (fla's backward failed our gradient check
-    on an H100 at T=200 -- one input's gradient off by a relative 1.0 -- so training uses
-    the chunked path until that is understood; HIERARCHOS_WKV_IMPL=fla forces it.)
+    'cpp_step', for float32 CPU tensors without autograd when the kernel is built); for CUDA
+    tensors (not float64) our Triton kernel when triton imports and the head size is a power of
+    two, else fla when fla-core imports and no gradient is being recorded; the chunked path
+    otherwise (always on the CPU). (fla's backward failed our gradient check on an H100 at
+    T=200 -- one input's gradient off by a relative 1.0 -- so it never trains by default;
+    HIERARCHOS_WKV_IMPL=fla forces it.)
     """
     if impl not in IMPLS:
         raise ValueError(f"wkv7: unknown impl {impl!r}; expected one of {IMPLS}")
@@ -285,8 +295,11 @@ def resolve_impl(impl: str, r: torch.Tensor) -> str:
         return impl
     if r.shape[1] <= 2:
         return "cpp_step" if _cpp_step_fits(r) else "recurrent"
-    if r.is_cuda and r.dtype != torch.float64 and not torch.is_grad_enabled() and _fla_importable():
-        return "fla"
+    if r.is_cuda and r.dtype != torch.float64:
+        if _triton_fits_cuda(r.shape[-1]):
+            return "triton"
+        if not torch.is_grad_enabled() and _fla_importable():
+            return "fla"
     return "chunked"
 
 
@@ -300,5 +313,5 @@ def wkv7(r, log_w, k, v, a, b, state=None, impl="auto", chunk_size=32):
     if name == "chunked":
         return wkv7_chunked(r, log_w, k, v, a, b, state, chunk_size=chunk_size)
     run = {"reference": wkv7_reference, "recurrent": wkv7_recurrent_step, "cpp_step": wkv7_cpp_step,
-           "fla": wkv7_fla}[name]
+           "fla": wkv7_fla, "triton": wkv7_triton}[name]
     return run(r, log_w, k, v, a, b, state)
