@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     extra = {"model_dir": args.model_path}
     if quantized:
         device = _quantized_device(args.device)
-        model, meta, tokenizer, extra = _load_quantized_session(args)
+        model, meta, tokenizer, extra = _load_quantized_session(args, on_vulkan=args.device == "vulkan")
         path = Path(args.model_path)
         extra.setdefault("model_dir", path if path.is_dir() else path.parent)
     else:
@@ -171,10 +171,10 @@ def _quantized_device(name: str):
                           "or --device vulkan, or chat with the full-precision model directory on cuda/dml")
 
 
-def _load_quantized_session(args: argparse.Namespace):
+def _load_quantized_session(args: argparse.Namespace, on_vulkan: bool = False):
     """The quantized model, its metadata and tokenizer, and the ChatSession arguments for it:
     a format label, and either the shadow model that learns (--enable-quantized-learning) with
-    the re-quantizing save hook, or the reason learning is off."""
+    the re-quantizing save hook, or the reason learning is off. on_vulkan: matmuls uploaded to the device."""
     import torch
 
     from ..io import load_model_dir
@@ -183,7 +183,7 @@ def _load_quantized_session(args: argparse.Namespace):
 
     model, meta, tokenizer, content = load_quantized(args.model_path)
     cpu_side = f"{kernel.backend_name()} kernel, {kernel.get_isa()}, {kernel.get_threads()} threads"
-    if args.device == "vulkan":
+    if on_vulkan:
         from ..quant.model import place_on_vulkan
         from ..quant.vulkan import vk_device_name
 
