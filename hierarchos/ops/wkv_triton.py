@@ -22,6 +22,11 @@ try:  # triton is optional: without it (or without CUDA) wkv7's 'auto' never pic
     import triton
     import triton.language as tl
     from triton.runtime.interpreter import InterpretedFunction
+
+    # tl.sum is itself a JIT function, made when triton was imported: the interpreter cannot call
+    # it unless TRITON_INTERPRET=1 was set before that import. tl.reduce with the same combine
+    # function is what tl.sum runs (float32 in, float32 out) and works in both modes.
+    _SUM = tl.standard._sum_combine
 except Exception as exc:  # ImportError, or a broken install underneath
     triton = None
     _TRITON_ERROR = f"{type(exc).__name__}: {exc}"
@@ -123,9 +128,9 @@ def _wkv7_fwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, o_ptr, s_
             bt = tl.load(b_ptr + off + cols, mask=col_live, other=0.0)
             rt = tl.load(r_ptr + off + cols, mask=col_live, other=0.0)
             vt = tl.load(v_ptr + off + rows, mask=row_live, other=0.0)
-            u = tl.sum(s * at[None, :], axis=1)           # S_{t-1} a_t, rows i
+            u = tl.reduce(s * at[None, :], 1, _SUM)           # S_{t-1} a_t, rows i
             s = s * decay[None, :] + u[:, None] * bt[None, :] + vt[:, None] * kt[None, :]
-            tl.store(o_ptr + off + rows, tl.sum(s * rt[None, :], axis=1), mask=row_live)
+            tl.store(o_ptr + off + rows, tl.reduce(s * rt[None, :], 1, _SUM), mask=row_live)
         c += 1
     tl.store(s_out_ptr + state0 + tile, s)
 
@@ -165,7 +170,7 @@ def _wkv7_bwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, do_ptr, ds_out_pt
             at = tl.load(a_ptr + off + cols, mask=col_live, other=0.0)
             bt = tl.load(b_ptr + off + cols, mask=col_live, other=0.0)
             vt = tl.load(v_ptr + off + rows, mask=row_live, other=0.0)
-            u = tl.sum(s * at[None, :], axis=1)
+            u = tl.reduce(s * at[None, :], 1, _SUM)
             s = s * decay[None, :] + u[:, None] * bt[None, :] + vt[:, None] * kt[None, :]
         tl.debug_barrier()  # scratch written by some threads is read by others below
         for tt_rev in range(C):
@@ -183,14 +188,14 @@ def _wkv7_bwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, do_ptr, ds_out_pt
             vt = tl.load(v_ptr + off + rows, mask=row_live, other=0.0)
             dot = tl.load(do_ptr + off + rows, mask=row_live, other=0.0)
             ds = ds + dot[:, None] * rt[None, :]
-            tl.store(dr_ptr + part + off + cols, tl.sum(s * dot[:, None], axis=0), mask=col_live)
-            tl.store(dv_ptr + off + rows, tl.sum(ds * kt[None, :], axis=1), mask=row_live)
-            tl.store(dk_ptr + part + off + cols, tl.sum(ds * vt[:, None], axis=0), mask=col_live)
-            u = tl.sum(s_prev * at[None, :], axis=1)
-            tl.store(db_ptr + part + off + cols, tl.sum(ds * u[:, None], axis=0), mask=col_live)
-            du = tl.sum(ds * bt[None, :], axis=1)
-            tl.store(da_ptr + part + off + cols, tl.sum(s_prev * du[:, None], axis=0), mask=col_live)
-            tl.store(dw_ptr + part + off + cols, tl.sum(s_prev * ds, axis=0) * decay, mask=col_live)
+            tl.store(dr_ptr + part + off + cols, tl.reduce(s * dot[:, None], 0, _SUM), mask=col_live)
+            tl.store(dv_ptr + off + rows, tl.reduce(ds * kt[None, :], 1, _SUM), mask=row_live)
+            tl.store(dk_ptr + part + off + cols, tl.reduce(ds * vt[:, None], 0, _SUM), mask=col_live)
+            u = tl.reduce(s_prev * at[None, :], 1, _SUM)
+            tl.store(db_ptr + part + off + cols, tl.reduce(ds * u[:, None], 0, _SUM), mask=col_live)
+            du = tl.reduce(ds * bt[None, :], 1, _SUM)
+            tl.store(da_ptr + part + off + cols, tl.reduce(s_prev * du[:, None], 0, _SUM), mask=col_live)
+            tl.store(dw_ptr + part + off + cols, tl.reduce(s_prev * ds, 0, _SUM) * decay, mask=col_live)
             ds = ds * decay[None, :] + du[:, None] * at[None, :]
             s = s_prev
         tl.debug_barrier()  # the next chunk overwrites scratch that this one's threads read
