@@ -177,10 +177,11 @@ def load_adapter(model: torch.nn.Module, adapter_dir: str | os.PathLike, model_p
     check_compatible(model.cfg, meta, adapter_dir, model_path)
     try:
         return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
-    except (RuntimeError, ValueError, KeyError) as exc:  # a foreign adapter: names or shapes do not fit
-        reason = " ".join(str(exc).split())[:240]
-        raise HierarchosError(f"{adapter_dir}: the LoRA adapter does not fit {model_path} ({reason}); "
-                              "use it with the base model it was trained on") from None
+    except Exception as exc:  # peft/safetensors raise many types: foreign names/shapes, or a corrupt file
+        reason = " ".join(str(exc).split())[:240] or type(exc).__name__
+        raise HierarchosError(f"{adapter_dir}: the LoRA adapter does not fit {model_path} or is corrupt "
+                              f"({reason}); use it with the base model it was trained on, or re-run the "
+                              "finetune") from None
 
 
 def merge_adapter(peft_model) -> torch.nn.Module:

@@ -243,13 +243,27 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, name: str | None 
 
 # --- loading -------------------------------------------------------------------------------
 def _load_saved(directory: Path) -> Tokenizer:
-    meta = json.loads((directory / META_FILE).read_text(encoding="utf-8"))
-    specials = {key: meta.get(key) for key in ("eos", "pad", "bos", "unk")}
-    if meta.get("kind") == "hf":
-        backend = _auto_tokenizer(str(directory), local_files_only=True)
-    else:
-        backend = _FastTokenizer.from_file(str(directory / TOKENIZER_FILE))
-    return Tokenizer(backend, kind=meta.get("kind", "bpe"), name=meta.get("name", str(directory)), **specials)
+    meta_path = directory / META_FILE
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise HierarchosError(f"{meta_path}: tokenizer metadata is corrupt ({' '.join(str(exc).split())}); "
+                              "re-save the tokenizer or copy it from the training run's OUT_DIR") from None
+    specials = {key: meta.get(key) for key in ("eos", "pad", "bos", "unk")} if isinstance(meta, dict) else {}
+    if (not isinstance(meta, dict) or not isinstance(specials.get("eos"), str)
+            or not all(v is None or isinstance(v, str) for v in specials.values())):
+        raise HierarchosError(f"{meta_path}: tokenizer metadata is not an object of token strings; "
+                              "re-save the tokenizer or copy it from the training run's OUT_DIR")
+    try:
+        if meta.get("kind") == "hf":
+            backend = _auto_tokenizer(str(directory), local_files_only=True)
+        else:
+            backend = _FastTokenizer.from_file(str(directory / TOKENIZER_FILE))
+    except Exception as exc:  # tokenizers raises a plain Exception for a bad file, transformers several types
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise HierarchosError(f"{directory}: the tokenizer files are missing or corrupt ({reason}); "
+                              "re-save the tokenizer or copy it from the training run's OUT_DIR") from None
+    return Tokenizer(backend, kind=str(meta.get("kind", "bpe")), name=str(meta.get("name", directory)), **specials)
 
 
 def _auto_tokenizer(name_or_path: str, local_files_only: bool):
@@ -276,7 +290,12 @@ def _load_directory(directory: Path) -> Tokenizer:
     except Exception:
         pass
     if (directory / TOKENIZER_FILE).is_file():  # a bare tokenizers file: look for an eos-like token
-        backend = _FastTokenizer.from_file(str(directory / TOKENIZER_FILE))
+        try:
+            backend = _FastTokenizer.from_file(str(directory / TOKENIZER_FILE))
+        except Exception as exc:  # tokenizers raises a plain Exception for a bad file
+            reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+            raise HierarchosError(f"{directory / TOKENIZER_FILE}: not a readable tokenizer file ({reason}); "
+                                  "re-save it") from None
         vocab = backend.get_vocab()
         eos = next((t for t in (EOS, "<|endoftext|>", "</s>", "<eos>", "[SEP]") if t in vocab), None)
         if eos is None:
