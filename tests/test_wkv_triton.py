@@ -77,15 +77,18 @@ def test_manual_backward_matches_autograd_float64(T, chunk):
 
 
 @needs_triton
-@pytest.mark.parametrize("T, N, rows", [(1, 16, 16), (7, 16, 8), (16, 32, 16), (33, 16, 16), (100, 16, 8)])
-def test_kernel_matches_reference(interpret, T, N, rows):
+@pytest.mark.parametrize("T, N, rows, prefetch", [
+    (1, 16, 16, True), (7, 16, 8, True), (16, 32, 16, True), (33, 16, 16, True), (100, 16, 16, True),
+    (7, 16, 8, False), (33, 32, 8, False),
+])
+def test_kernel_matches_reference(interpret, T, N, rows, prefetch):
     seed = fresh_seed()
     inputs, state = make_inputs(seed, B=1, T=T, H=2, N=N)
     weight_o, weight_s = weights(seed, inputs, state)
     ref = reference_grads(inputs, state, weight_o, weight_s)
-    got = triton_grads(inputs, state, weight_o, weight_s, rows=rows)
+    got = triton_grads(inputs, state, weight_o, weight_s, rows=rows, prefetch=prefetch)
     assert got[0].dtype == got[1].dtype == torch.float32
-    assert_matches(seed, got, ref, TOL32, f"T={T} N={N} rows={rows}")
+    assert_matches(seed, got, ref, TOL32, f"T={T} N={N} rows={rows} prefetch={prefetch}")
 
 
 @needs_triton

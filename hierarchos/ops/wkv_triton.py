@@ -96,10 +96,12 @@ def wkv7_manual_backward(r, log_w, k, v, a, b, state, d_o, d_state, chunk=CHUNK)
 def _wkv7_fwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, o_ptr, s_out_ptr, ckpt_ptr,
                      T, n_chunks,
                      H: tl.constexpr, N: tl.constexpr, BI: tl.constexpr, C: tl.constexpr,
-                     STORE_CKPT: tl.constexpr):
+                     STORE_CKPT: tl.constexpr, PREFETCH: tl.constexpr):
     """One program: rows [blk*BI, blk*BI + BI) of the state of one (b, h), all T tokens.
 
-    Tokens past T (the last chunk's tail) load log_w = k = b = 0: frozen, S unchanged.
+    Tokens past T (the last chunk's tail) load log_w = k = b = 0: frozen, S unchanged. With
+    PREFETCH the inputs of token t+1 are loaded while token t computes, so a step waits on its
+    arithmetic rather than on a memory round trip.
     """
     NB: tl.constexpr = N // BI
     pid = tl.program_id(0)
@@ -111,6 +113,13 @@ def _wkv7_fwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, o_ptr, s_
     tile = rows[:, None] * N + cols[None, :]              # (BI, N) offsets inside one N x N state
     state0 = bh.to(tl.int64) * N * N
     s = tl.load(s0_ptr + state0 + tile)
+    if PREFETCH:  # token 0's inputs
+        n_lw = tl.load(w_ptr + tok0 + cols, mask=(cols * 0) < T, other=0.0)
+        n_k = tl.load(k_ptr + tok0 + cols, mask=(cols * 0) < T, other=0.0)
+        n_a = tl.load(a_ptr + tok0 + cols, mask=(cols * 0) < T, other=0.0)
+        n_b = tl.load(b_ptr + tok0 + cols, mask=(cols * 0) < T, other=0.0)
+        n_r = tl.load(r_ptr + tok0 + cols, mask=(cols * 0) < T, other=0.0)
+        n_v = tl.load(v_ptr + tok0 + rows, mask=(rows * 0) < T, other=0.0)
     # while, not range(n_chunks): Triton 3.6's interpreter cannot index a range by a runtime
     # scalar under numpy >= 2.4 (it holds scalars as 1-element arrays)
     c = 0
@@ -120,16 +129,26 @@ def _wkv7_fwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, o_ptr, s_
         for tt in range(C):
             t = c * C + tt
             off = tok0 + t.to(tl.int64) * (H * N)
-            col_live = (cols * 0 + t) < T
             row_live = (rows * 0 + t) < T
-            decay = tl.exp(tl.load(w_ptr + off + cols, mask=col_live, other=0.0))
-            kt = tl.load(k_ptr + off + cols, mask=col_live, other=0.0)
-            at = tl.load(a_ptr + off + cols, mask=col_live, other=0.0)
-            bt = tl.load(b_ptr + off + cols, mask=col_live, other=0.0)
-            rt = tl.load(r_ptr + off + cols, mask=col_live, other=0.0)
-            vt = tl.load(v_ptr + off + rows, mask=row_live, other=0.0)
+            if PREFETCH:
+                lw, kt, at, bt, rt, vt = n_lw, n_k, n_a, n_b, n_r, n_v
+                nxt = (cols * 0 + t + 1) < T
+                n_lw = tl.load(w_ptr + off + H * N + cols, mask=nxt, other=0.0)
+                n_k = tl.load(k_ptr + off + H * N + cols, mask=nxt, other=0.0)
+                n_a = tl.load(a_ptr + off + H * N + cols, mask=nxt, other=0.0)
+                n_b = tl.load(b_ptr + off + H * N + cols, mask=nxt, other=0.0)
+                n_r = tl.load(r_ptr + off + H * N + cols, mask=nxt, other=0.0)
+                n_v = tl.load(v_ptr + off + H * N + rows, mask=(rows * 0 + t + 1) < T, other=0.0)
+            else:
+                col_live = (cols * 0 + t) < T
+                lw = tl.load(w_ptr + off + cols, mask=col_live, other=0.0)
+                kt = tl.load(k_ptr + off + cols, mask=col_live, other=0.0)
+                at = tl.load(a_ptr + off + cols, mask=col_live, other=0.0)
+                bt = tl.load(b_ptr + off + cols, mask=col_live, other=0.0)
+                rt = tl.load(r_ptr + off + cols, mask=col_live, other=0.0)
+                vt = tl.load(v_ptr + off + rows, mask=row_live, other=0.0)
             u = tl.reduce(s * at[None, :], 1, _SUM)           # S_{t-1} a_t, rows i
-            s = s * decay[None, :] + u[:, None] * bt[None, :] + vt[:, None] * kt[None, :]
+            s = s * tl.exp(lw)[None, :] + u[:, None] * bt[None, :] + vt[:, None] * kt[None, :]
             tl.store(o_ptr + off + rows, tl.reduce(s * rt[None, :], 1, _SUM), mask=row_live)
         c += 1
     tl.store(s_out_ptr + state0 + tile, s)
@@ -138,11 +157,14 @@ def _wkv7_fwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, o_ptr, s_
 def _wkv7_bwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, do_ptr, ds_out_ptr, ckpt_ptr, scratch_ptr,
                      dr_ptr, dw_ptr, dk_ptr, dv_ptr, da_ptr, db_ptr, ds0_ptr,
                      T, n_chunks, part_stride,
-                     H: tl.constexpr, N: tl.constexpr, BI: tl.constexpr, C: tl.constexpr):
+                     H: tl.constexpr, N: tl.constexpr, BI: tl.constexpr, C: tl.constexpr,
+                     PREFETCH: tl.constexpr):
     """The adjoint recurrence of `wkv7_manual_backward` for the same rows as the forward program.
 
     dv is row-local and written whole; dr, dlog_w, dk, da, db sum over all N rows, so each row
     block writes its partial sum at slice `blk` (stride part_stride) and the caller adds them up.
+    PREFETCH as in the forward: the recompute loads token t+1, the reverse loop token t-1 and
+    the state before it, while token t computes.
     """
     NB: tl.constexpr = N // BI
     pid = tl.program_id(0)
@@ -159,34 +181,77 @@ def _wkv7_bwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, do_ptr, ds_out_pt
     c = n_chunks - 1
     while c >= 0:  # chunks in reverse (a while loop for the interpreter, as in the forward)
         s = tl.load(ckpt_ptr + (bh.to(tl.int64) * n_chunks + c) * N * N + tile)
+        if PREFETCH:  # the chunk's first token
+            off = tok0 + (c * C).to(tl.int64) * (H * N)
+            live = (cols * 0 + c * C) < T
+            n_lw = tl.load(w_ptr + off + cols, mask=live, other=0.0)
+            n_k = tl.load(k_ptr + off + cols, mask=live, other=0.0)
+            n_a = tl.load(a_ptr + off + cols, mask=live, other=0.0)
+            n_b = tl.load(b_ptr + off + cols, mask=live, other=0.0)
+            n_v = tl.load(v_ptr + off + rows, mask=(rows * 0 + c * C) < T, other=0.0)
         for tt in range(C):  # recompute: scratch[tt] = S before token c*C + tt
             t = c * C + tt
             off = tok0 + t.to(tl.int64) * (H * N)
-            col_live = (cols * 0 + t) < T
-            row_live = (rows * 0 + t) < T
             tl.store(scratch_ptr + scratch + tt * (BI * N), s)
-            decay = tl.exp(tl.load(w_ptr + off + cols, mask=col_live, other=0.0))
-            kt = tl.load(k_ptr + off + cols, mask=col_live, other=0.0)
-            at = tl.load(a_ptr + off + cols, mask=col_live, other=0.0)
-            bt = tl.load(b_ptr + off + cols, mask=col_live, other=0.0)
-            vt = tl.load(v_ptr + off + rows, mask=row_live, other=0.0)
+            if PREFETCH:
+                lw, kt, at, bt, vt = n_lw, n_k, n_a, n_b, n_v
+                nxt = (cols * 0 + t + 1) < T
+                n_lw = tl.load(w_ptr + off + H * N + cols, mask=nxt, other=0.0)
+                n_k = tl.load(k_ptr + off + H * N + cols, mask=nxt, other=0.0)
+                n_a = tl.load(a_ptr + off + H * N + cols, mask=nxt, other=0.0)
+                n_b = tl.load(b_ptr + off + H * N + cols, mask=nxt, other=0.0)
+                n_v = tl.load(v_ptr + off + H * N + rows, mask=(rows * 0 + t + 1) < T, other=0.0)
+            else:
+                col_live = (cols * 0 + t) < T
+                lw = tl.load(w_ptr + off + cols, mask=col_live, other=0.0)
+                kt = tl.load(k_ptr + off + cols, mask=col_live, other=0.0)
+                at = tl.load(a_ptr + off + cols, mask=col_live, other=0.0)
+                bt = tl.load(b_ptr + off + cols, mask=col_live, other=0.0)
+                vt = tl.load(v_ptr + off + rows, mask=(rows * 0 + t) < T, other=0.0)
             u = tl.reduce(s * at[None, :], 1, _SUM)
-            s = s * decay[None, :] + u[:, None] * bt[None, :] + vt[:, None] * kt[None, :]
+            s = s * tl.exp(lw)[None, :] + u[:, None] * bt[None, :] + vt[:, None] * kt[None, :]
         tl.debug_barrier()  # scratch written by some threads is read by others below
+        if PREFETCH:  # the chunk's last token and the state before it
+            t = c * C + C - 1
+            off = tok0 + t.to(tl.int64) * (H * N)
+            live = (cols * 0 + t) < T
+            row_live = (rows * 0 + t) < T
+            n_sp = tl.load(scratch_ptr + scratch + (C - 1) * (BI * N))
+            n_lw = tl.load(w_ptr + off + cols, mask=live, other=0.0)
+            n_k = tl.load(k_ptr + off + cols, mask=live, other=0.0)
+            n_a = tl.load(a_ptr + off + cols, mask=live, other=0.0)
+            n_b = tl.load(b_ptr + off + cols, mask=live, other=0.0)
+            n_r = tl.load(r_ptr + off + cols, mask=live, other=0.0)
+            n_v = tl.load(v_ptr + off + rows, mask=row_live, other=0.0)
+            n_do = tl.load(do_ptr + off + rows, mask=row_live, other=0.0)
         for tt_rev in range(C):
             tt = C - 1 - tt_rev
             t = c * C + tt
             off = tok0 + t.to(tl.int64) * (H * N)
             col_live = (cols * 0 + t) < T
             row_live = (rows * 0 + t) < T
-            s_prev = tl.load(scratch_ptr + scratch + tt * (BI * N))
-            decay = tl.exp(tl.load(w_ptr + off + cols, mask=col_live, other=0.0))
-            kt = tl.load(k_ptr + off + cols, mask=col_live, other=0.0)
-            at = tl.load(a_ptr + off + cols, mask=col_live, other=0.0)
-            bt = tl.load(b_ptr + off + cols, mask=col_live, other=0.0)
-            rt = tl.load(r_ptr + off + cols, mask=col_live, other=0.0)
-            vt = tl.load(v_ptr + off + rows, mask=row_live, other=0.0)
-            dot = tl.load(do_ptr + off + rows, mask=row_live, other=0.0)
+            if PREFETCH:
+                s_prev, lw, kt, at, bt, rt, vt, dot = n_sp, n_lw, n_k, n_a, n_b, n_r, n_v, n_do
+                prv = ((cols * 0 + tt) > 0) & ((cols * 0 + t - 1) < T)   # token t-1, inside this chunk
+                row_prv = ((rows * 0 + tt) > 0) & ((rows * 0 + t - 1) < T)
+                n_sp = tl.load(scratch_ptr + scratch + (tt - 1) * (BI * N), mask=(tile * 0 + tt) > 0, other=0.0)
+                n_lw = tl.load(w_ptr + off - H * N + cols, mask=prv, other=0.0)
+                n_k = tl.load(k_ptr + off - H * N + cols, mask=prv, other=0.0)
+                n_a = tl.load(a_ptr + off - H * N + cols, mask=prv, other=0.0)
+                n_b = tl.load(b_ptr + off - H * N + cols, mask=prv, other=0.0)
+                n_r = tl.load(r_ptr + off - H * N + cols, mask=prv, other=0.0)
+                n_v = tl.load(v_ptr + off - H * N + rows, mask=row_prv, other=0.0)
+                n_do = tl.load(do_ptr + off - H * N + rows, mask=row_prv, other=0.0)
+            else:
+                s_prev = tl.load(scratch_ptr + scratch + tt * (BI * N))
+                lw = tl.load(w_ptr + off + cols, mask=col_live, other=0.0)
+                kt = tl.load(k_ptr + off + cols, mask=col_live, other=0.0)
+                at = tl.load(a_ptr + off + cols, mask=col_live, other=0.0)
+                bt = tl.load(b_ptr + off + cols, mask=col_live, other=0.0)
+                rt = tl.load(r_ptr + off + cols, mask=col_live, other=0.0)
+                vt = tl.load(v_ptr + off + rows, mask=row_live, other=0.0)
+                dot = tl.load(do_ptr + off + rows, mask=row_live, other=0.0)
+            decay = tl.exp(lw)
             ds = ds + dot[:, None] * rt[None, :]
             tl.store(dr_ptr + part + off + cols, tl.reduce(s * dot[:, None], 0, _SUM), mask=col_live)
             tl.store(dv_ptr + off + rows, tl.reduce(ds * kt[None, :], 1, _SUM), mask=row_live)
@@ -242,7 +307,7 @@ class _WKV7Triton(torch.autograd.Function):
     """Inputs contiguous float32 (B, T, H, N), T >= 1; state contiguous float32 (B, H, N, N)."""
 
     @staticmethod
-    def forward(ctx, r, log_w, k, v, a, b, state, rows, num_warps, chunk):
+    def forward(ctx, r, log_w, k, v, a, b, state, rows, num_warps, chunk, prefetch):
         batch, seq_len, heads, head_size = r.shape
         n_chunks = -(-seq_len // chunk)
         store = any(ctx.needs_input_grad[:7])
@@ -252,16 +317,17 @@ class _WKV7Triton(torch.autograd.Function):
         fwd, _ = _kernels(not r.is_cuda)
         grid = (batch * heads * (head_size // rows),)
         fwd[grid](r, log_w, k, v, a, b, state, o, final, ckpt, seq_len, n_chunks,
-                  H=heads, N=head_size, BI=rows, C=chunk, STORE_CKPT=store, num_warps=num_warps)
+                  H=heads, N=head_size, BI=rows, C=chunk, STORE_CKPT=store, PREFETCH=prefetch,
+                  num_warps=num_warps)
         if store:
             ctx.save_for_backward(r, log_w, k, v, a, b, ckpt)
-        ctx.config = (rows, num_warps, chunk, n_chunks)
+        ctx.config = (rows, num_warps, chunk, n_chunks, prefetch)
         return o, final
 
     @staticmethod
     def backward(ctx, d_o, d_final):
         r, log_w, k, v, a, b, ckpt = ctx.saved_tensors
-        rows, num_warps, chunk, n_chunks = ctx.config
+        rows, num_warps, chunk, n_chunks, prefetch = ctx.config
         batch, seq_len, heads, head_size = r.shape
         d_o = torch.zeros_like(r) if d_o is None else d_o.float().contiguous()
         shape_s = (batch, heads, head_size, head_size)
@@ -277,17 +343,18 @@ class _WKV7Triton(torch.autograd.Function):
         bwd[grid](r, log_w, k, v, a, b, d_o, d_final, ckpt, scratch,
                   parts[0], parts[1], parts[2], dv, parts[3], parts[4], d_state,
                   seq_len, n_chunks, r.numel(),
-                  H=heads, N=head_size, BI=rows, C=chunk, num_warps=num_warps)
+                  H=heads, N=head_size, BI=rows, C=chunk, PREFETCH=prefetch, num_warps=num_warps)
         dr, dlog_w, dk, da, db = (p[0] if blocks == 1 else p.sum(dim=0) for p in parts)
-        return dr, dlog_w, dk, dv, da, db, d_state, None, None, None
+        return dr, dlog_w, dk, dv, da, db, d_state, None, None, None, None
 
 
-def wkv7_triton(r, log_w, k, v, a, b, state=None, *, rows=None, num_warps=None, chunk=CHUNK):
+def wkv7_triton(r, log_w, k, v, a, b, state=None, *, rows=None, num_warps=None, chunk=CHUNK, prefetch=True):
     """WKV-7 through the fused Triton kernels (CUDA; CPU only under TRITON_INTERPRET=1).
 
     Same contract as `wkv7_reference`, except that it always computes in float32 and returns
     float32 (float64 inputs too). `rows` value channels per program (default min(N, 16)), and
-    `num_warps`, are launch knobs for benchmarks; `chunk` is the checkpoint spacing.
+    `num_warps`, are launch knobs for benchmarks; `chunk` is the checkpoint spacing; `prefetch`
+    loads the next token's inputs while the current one computes.
     """
     from .wkv import _prepare  # here, not at import: wkv.py imports this module
 
@@ -301,5 +368,5 @@ def wkv7_triton(r, log_w, k, v, a, b, state=None, *, rows=None, num_warps=None, 
     rows, num_warps = _launch_config(r.shape[-1], rows, num_warps)
     if r.is_cuda:
         with torch.cuda.device(r.device):  # Triton launches on the current device
-            return _WKV7Triton.apply(r, log_w, k, v, a, b, state, rows, num_warps, chunk)
-    return _WKV7Triton.apply(r, log_w, k, v, a, b, state, rows, num_warps, chunk)
+            return _WKV7Triton.apply(r, log_w, k, v, a, b, state, rows, num_warps, chunk, prefetch)
+    return _WKV7Triton.apply(r, log_w, k, v, a, b, state, rows, num_warps, chunk, prefetch)
