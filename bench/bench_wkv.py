@@ -1,0 +1,257 @@
+"""WKV-7 kernels on CUDA: parity against the float64 scan, then forward+backward timings.
+
+(1) Parity: our Triton kernel (and fla when it imports) in float32 vs `wkv7_reference` in
+float64 on fresh random inputs in the model's ranges, B=2 H=4 N=64 at T=200 and T=1000: relative
+errors of o, the final state and all seven gradients, PASS under --tol.
+(2) Timing (CUDA events, warm-up, median of --reps): forward+backward, and forward alone under
+no_grad, at B=8 T=2048 and B=2 T=8192 (H=12 N=64), for the Triton kernel (a sweep of launch
+configs at the first shape), the chunked PyTorch path (chunk 32 and 64) and fla if present;
+beside them two floors: the bytes a fused fwd+bwd must move over the measured copy bandwidth,
+and its FLOPs over the measured float32 (no TF32) matmul rate. First-call time (Triton JIT) is
+reported apart from the steady time.
+
+GPU:  PYTHONPATH=. python3 bench/bench_wkv.py --json $OUT/wkv.json | tee $OUT/wkv.log
+CPU smoke (interpreter, tiny):  TRITON_INTERPRET=1 PYTHONPATH=. python bench/bench_wkv.py --smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from hierarchos.ops import wkv as wkv_ops  # noqa: E402
+from hierarchos.ops.wkv_triton import wkv7_triton  # noqa: E402
+
+NAMES = ("r", "log_w", "k", "v", "a", "b")
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def make_case(B, T, H, N, seed, device, dtype=torch.float32):
+    """Inputs in the model's ranges (as tests/test_wkv.py), an initial state, output cotangents."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (B, T, H, N)
+    kappa = F.normalize(torch.randn(shape, generator=g), dim=-1)
+    x = dict(r=torch.randn(shape, generator=g), log_w=-0.61 * torch.rand(shape, generator=g),
+             k=0.5 * torch.randn(shape, generator=g), v=torch.randn(shape, generator=g),
+             a=-kappa, b=kappa * torch.rand(shape, generator=g))
+    state = 0.5 * torch.randn(B, H, N, N, generator=g)
+    d_o, d_s = torch.randn(shape, generator=g), torch.randn(B, H, N, N, generator=g)
+    to = dict(device=device, dtype=dtype)
+    return {n: t.to(**to) for n, t in x.items()}, state.to(**to), d_o.to(**to), d_s.to(**to)
+
+
+def fwd_bwd(fn, x, state, d_o, d_s, dtype):
+    leaves = [t.to(dtype).requires_grad_() for t in (*x.values(), state)]
+    o, s = fn(*leaves[:6], state=leaves[6])
+    grads = torch.autograd.grad([o, s], leaves, [d_o.to(o.dtype), d_s.to(s.dtype)])
+    return o.detach(), s.detach(), grads
+
+
+def rel(x, y):
+    return ((x.double() - y.double()).norm() / y.double().norm()).item()
+
+
+def parity(impls, device, seq_lens, tol, smoke):
+    rows = []
+    for T in seq_lens:
+        seed = random.SystemRandom().randrange(2**31)
+        B, H, N = (1, 1, 16) if smoke else (2, 4, 64)
+        case = make_case(B, T, H, N, seed, device)
+        ref = fwd_bwd(wkv_ops.wkv7_reference, *case, torch.float64)
+        for name, fn in impls.items():
+            try:
+                got = fwd_bwd(fn, *case, torch.float32)
+            except Exception as exc:  # noqa: BLE001 - report and go on
+                rows.append(dict(impl=name, T=T, seed=seed, what="run", rel_err=float("nan"), ok=False,
+                                 note=f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"))
+                continue
+            errs = {"o": rel(got[0], ref[0]), "state": rel(got[1], ref[1])}
+            errs.update({f"d{n}": rel(g, gr) for n, g, gr in zip((*NAMES, "state0"), got[2], ref[2])})
+            for what, e in errs.items():
+                rows.append(dict(impl=name, T=T, seed=seed, what=what, rel_err=e, ok=bool(e < tol)))
+            worst = max(errs.values())
+            log(f"  parity {name:<8} B{B} T{T} H{H} N{N} seed={seed}: worst {worst:.2e} "
+                f"({max(errs, key=errs.get)})  {'PASS' if worst < tol else 'FAIL'}  "
+                + " ".join(f"{k}={v:.1e}" for k, v in errs.items()))
+    return rows
+
+
+def cuda_time(fn, reps, warmup):
+    """Median milliseconds of fn() over reps, CUDA events around each call, after warmup calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times), min(times), max(times)
+
+
+def measure_ceilings(device):
+    """Copy bandwidth (bytes read + written) and float32 (no TF32) matmul rate, measured here."""
+    x = torch.empty(2**29, device=device)           # 2 GiB float32, far past the L2
+    y = torch.empty_like(x)
+    ms, _, _ = cuda_time(lambda: y.copy_(x), 10, 3)
+    bandwidth = 2 * x.numel() * 4 / (ms * 1e-3)
+    del x, y
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    m = torch.randn(8192, 8192, device=device)
+    ms, _, _ = cuda_time(lambda: m @ m, 5, 2)
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    return bandwidth, 2 * 8192**3 / (ms * 1e-3)
+
+
+def fused_floor(B, T, H, N, bandwidth, flops_rate):
+    """Fewest bytes and FLOPs of a fused fwd+bwd: fwd reads 6 inputs, writes o; bwd reads the 6
+    inputs and do, writes 6 gradients (20 tensors of B*T*H*N floats; states are small). FLOPs per
+    token and head: forward ~ 8 N^2 (S a, the rank-2 update, S r), backward ~ 8 N^2 again for the
+    recompute plus ~ 22 N^2 for the adjoint step, ~ 38 N^2 in all."""
+    elems = B * T * H * N
+    bytes_moved = 20 * elems * 4
+    flops = 38 * B * T * H * N * N
+    return bytes_moved / bandwidth * 1e3, flops / flops_rate * 1e3, bytes_moved, flops
+
+
+def timing(impls, device, shape, reps, warmup, with_fwd=True):
+    B, T, H, N = shape
+    case = make_case(B, T, H, N, 1234, device)
+    x, state, d_o, d_s = case
+    leaves = [t.clone().requires_grad_() for t in (*x.values(), state)]
+    out = []
+    for name, fn in impls.items():
+        def step(fn=fn):
+            o, s = fn(*leaves[:6], state=leaves[6])
+            torch.autograd.grad([o, s], leaves, [d_o, d_s])
+
+        def forward(fn=fn):
+            with torch.no_grad():
+                fn(*leaves[:6], state=leaves[6])
+        try:
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            step()
+            torch.cuda.synchronize()
+            first_ms = (time.perf_counter() - t0) * 1e3
+            med, lo, hi = cuda_time(step, reps, warmup)
+            fwd_first = time.perf_counter()
+            forward()
+            torch.cuda.synchronize()
+            fwd_first = (time.perf_counter() - fwd_first) * 1e3
+            fwd_med = cuda_time(forward, reps, warmup)[0] if with_fwd else float("nan")
+        except Exception as exc:  # noqa: BLE001
+            log(f"  {name:<28} B{B} T{T}: FAILED {type(exc).__name__}: {str(exc).splitlines()[0][:150]}")
+            out.append(dict(impl=name, shape=shape, error=f"{type(exc).__name__}: {exc}"[:300]))
+            continue
+        row = dict(impl=name, shape=shape, fwd_bwd_ms=med, fwd_bwd_min_ms=lo, fwd_bwd_max_ms=hi,
+                   first_call_ms=first_ms, first_nograd_fwd_ms=fwd_first, fwd_nograd_ms=fwd_med)
+        out.append(row)
+        log(f"  {name:<28} B{B} T{T}: fwd+bwd {med:8.3f} ms (min {lo:.3f} max {hi:.3f})  "
+            f"fwd(no grad) {fwd_med:8.3f} ms  first call {first_ms:9.1f} ms (+{fwd_first:.0f} ms no-grad fwd)")
+    return out
+
+
+def triton_config(rows, warps, prefetch=True):
+    return lambda *a, state: wkv7_triton(*a, state=state, rows=rows, num_warps=warps, prefetch=prefetch)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--tol", type=float, default=1e-4)
+    ap.add_argument("--no-sweep", action="store_true", help="time only the default Triton config")
+    ap.add_argument("--smoke", action="store_true", help="CPU interpreter: tiny parity only")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    device = "cpu" if args.smoke else "cuda"
+    torch.backends.cuda.matmul.allow_tf32 = False   # the chunked path's matmuls in true float32
+    info = dict(torch=torch.__version__, python=platform.python_version(), argv=sys.argv)
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    log(f"# {info}")
+    impls = {"triton": wkv7_triton}
+    if device == "cuda" and "fla" in wkv_ops.available_impls("cuda"):
+        impls["fla"] = wkv_ops.wkv7_fla
+    result = dict(info=info)
+
+    log("## parity (float32 vs float64 reference)")
+    result["parity"] = parity(impls, device, [7, 40] if args.smoke else [200, 1000], args.tol, args.smoke)
+    n_fail = sum(not r["ok"] for r in result["parity"] if r["impl"] == "triton")
+    log(f"  triton parity: {'PASS' if n_fail == 0 else f'FAIL ({n_fail} values over {args.tol})'}")
+    if args.smoke:
+        return 0 if n_fail == 0 else 1
+
+    bandwidth, flops_rate = measure_ceilings(device)
+    result["ceilings"] = dict(copy_bandwidth_Bps=bandwidth, fp32_matmul_flops=flops_rate)
+    log(f"## ceilings: copy {bandwidth / 1e12:.2f} TB/s (read+write), fp32 matmul {flops_rate / 1e12:.1f} TFLOP/s")
+
+    shapes = [(8, 2048, 12, 64), (2, 8192, 12, 64)]
+    sweep = {f"triton rows={r} warps={w}{'' if p else ' noprefetch'}": triton_config(r, w, p)
+             for r, w, p in [(16, 2, True), (16, 2, False), (4, 1, True), (8, 1, True), (8, 2, True),
+                             (16, 1, True), (32, 2, True), (32, 4, True), (64, 4, True)]}
+    result["timing"] = []
+    for i, shape in enumerate(shapes):
+        log(f"## fwd+bwd B{shape[0]} T{shape[1]} H{shape[2]} N{shape[3]}")
+        floor_b, floor_f, nbytes, nflops = fused_floor(*shape, bandwidth, flops_rate)
+        log(f"  floors: bytes {nbytes / 1e9:.2f} GB -> {floor_b:.3f} ms; FLOPs {nflops / 1e9:.1f} G -> {floor_f:.3f} ms")
+        result.setdefault("floors", []).append(dict(shape=shape, bytes=nbytes, flops=nflops,
+                                                    bytes_ms=floor_b, flops_ms=floor_f))
+        if i == 0 and not args.no_sweep:
+            rows = timing(sweep, device, shape, args.reps, args.warmup)
+        else:
+            best = [r for r in result["timing"] if "fwd_bwd_ms" in r and r["impl"].startswith("triton ")]
+            best = sorted(best, key=lambda r: r["fwd_bwd_ms"])[:3]
+            picks = {r["impl"]: sweep[r["impl"]] for r in best} if best else {}
+            rows = timing(picks, device, shape, max(5, args.reps // 2), args.warmup)
+        reps = args.reps if shape[1] <= 2048 else max(3, args.reps // 4)
+        others = {"triton (default)": wkv7_triton,
+                  "chunked 32": lambda *a, state: wkv_ops.wkv7_chunked(*a, state=state, chunk_size=32),
+                  "chunked 64": lambda *a, state: wkv_ops.wkv7_chunked(*a, state=state, chunk_size=64)}
+        if "fla" in impls:
+            others["fla"] = wkv_ops.wkv7_fla
+        rows += timing(others, device, shape, reps, min(args.warmup, 2))
+        result["timing"] += rows
+
+    log("\n## summary (ms, median; fwd+bwd per layer call)")
+    log(f"| impl | shape B,T,H,N | fwd+bwd ms | no-grad fwd ms | first call ms |")
+    log("|---|---|---:|---:|---:|")
+    for r in result["timing"]:
+        if "fwd_bwd_ms" in r:
+            log(f"| {r['impl']} | {','.join(map(str, r['shape']))} | {r['fwd_bwd_ms']:.3f} | "
+                f"{r['fwd_nograd_ms']:.3f} | {r['first_call_ms']:.0f} |")
+    for f in result["floors"]:
+        log(f"| floor: bytes / copy bandwidth | {','.join(map(str, f['shape']))} | {f['bytes_ms']:.3f} | | |")
+        log(f"| floor: FLOPs / fp32 matmul rate | {','.join(map(str, f['shape']))} | {f['flops_ms']:.3f} | | |")
+    log(f"triton parity: {'PASS' if n_fail == 0 else 'FAIL'}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(result, fh, indent=1)
+    return 0 if n_fail == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
