@@ -291,8 +291,13 @@ def _kernels(interpret: bool):
     Built on first use rather than decorated at import, so one process can hold both: the
     interpreter for CPU tensors and compiled kernels for CUDA tensors.
     """
-    wrap = InterpretedFunction if interpret else triton.JITFunction
-    return wrap(_wkv7_fwd_kernel), wrap(_wkv7_bwd_kernel)
+    if interpret:
+        return InterpretedFunction(_wkv7_fwd_kernel), InterpretedFunction(_wkv7_bwd_kernel)
+    # T and the sizes derived from it are only compared and multiplied: specializing on them
+    # (Triton's default for T == 1 and T % 16 == 0) would only recompile for new lengths
+    scalars = ["T", "n_chunks", "part_stride"]
+    return (triton.JITFunction(_wkv7_fwd_kernel, do_not_specialize=scalars[:2]),
+            triton.JITFunction(_wkv7_bwd_kernel, do_not_specialize=scalars))
 
 
 def _launch_config(head_size: int, rows: int | None, num_warps: int | None):
