@@ -175,7 +175,7 @@ def triton_config(rows, warps, prefetch=True):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--tol", type=float, default=1e-4)
     ap.add_argument("--no-sweep", action="store_true", help="time only the default Triton config")
@@ -202,7 +202,7 @@ def main():
     result["parity"] = parity(impls, device, [7, 40] if args.smoke else [200, 1000], args.tol, args.smoke)
     sweep = {f"triton rows={r} warps={w}{'' if p else ' noprefetch'}": triton_config(r, w, p)
              for r, w, p in [(16, 2, True), (16, 2, False), (4, 1, True), (8, 1, True), (8, 2, True),
-                             (16, 1, True), (32, 2, True), (32, 4, True), (64, 4, True)]}
+                             (16, 1, True), (32, 2, True)]}   # rows=64 spills registers in the backward
     if not args.smoke:  # every launch config that gets timed is checked too (T=200)
         result["parity"] += parity(sweep, device, [200], args.tol, args.smoke)
     n_fail = sum(not r["ok"] for r in result["parity"] if r["impl"].startswith("triton"))
