@@ -225,7 +225,7 @@ def main():
         if i == 0 and not args.no_sweep:
             rows = timing(sweep, device, shape, args.reps, args.warmup)
         else:
-            best = [r for r in result["timing"] if "fwd_bwd_ms" in r and r["impl"].startswith("triton ")]
+            best = [r for r in result["timing"] if "fwd_bwd_ms" in r and r["impl"] in sweep]
             best = sorted(best, key=lambda r: r["fwd_bwd_ms"])[:3]
             picks = {r["impl"]: sweep[r["impl"]] for r in best} if best else {}
             rows = timing(picks, device, shape, max(5, args.reps // 2), args.warmup)
