@@ -21,6 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from hierarchos.cli import OneLineParser  # noqa: E402
 from hierarchos.data.chunked import JSONL_FILE, chunk_tokens, write_prechunked_jsonl, write_pt_chunks  # noqa: E402
 from hierarchos.data.sources import DataSpec, load_texts  # noqa: E402
 from hierarchos.data.tokenizers import load_tokenizer  # noqa: E402
@@ -32,7 +33,7 @@ ENCODE_BATCH = 256
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = OneLineParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", required=True,
                         help="data file or folder (.json, .jsonl, .txt, .csv, .parquet) as `train --train` reads it")

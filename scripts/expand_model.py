@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from hierarchos.cli import OneLineParser  # noqa: E402
 import torch  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
@@ -55,7 +56,7 @@ def _field_type(name: str):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
+    parser = OneLineParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--old-model-path", "--old_model_path", required=True,
                         help="model directory to grow (as written by `train --out-dir`)")

@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from hierarchos.cli import OneLineParser  # noqa: E402
 from hierarchos.errors import HierarchosError  # noqa: E402
 
 ERR_NO_MATPLOTLIB = "plot_metrics needs matplotlib, which is not installed: pip install matplotlib"
@@ -86,7 +87,7 @@ def plot(series: dict[str, list[tuple[float, float]]], out: Path, title: str) ->
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--metrics", required=True, help="metrics.jsonl written by `train` in its --out-dir")
     parser.add_argument("--out", required=True, help="PNG file to write")
     args = parser.parse_args(argv)

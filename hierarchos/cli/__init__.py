@@ -47,12 +47,20 @@ def _add_global_flags(parser: argparse.ArgumentParser, *, in_subcommand: bool) -
                         help="number of CPU threads torch may use (default: torch's choice)")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one `error:` line with the fix (see --help), exit code 2, like every other
+    error of the CLI (argparse would print the whole usage block first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message}; see `{self.prog} --help`\n")
+
+
 def _load(name: str) -> ModuleType:
     return importlib.import_module(f"{__name__}.{COMMANDS[name]}")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="hierarchos",
         description="Train, finetune, quantize and chat with hierarchos hybrid recurrent language models.")
     _add_global_flags(parser, in_subcommand=False)

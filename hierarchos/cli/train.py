@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import signal
 import sys
 import time
@@ -115,6 +116,39 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="format for --quantize-on-complete (default: INT4)")
 
 
+# flag -> (test, what it must be); None values mean "not given" and pass
+FLAG_RULES = {
+    "epochs": (lambda v: v >= 1, ">= 1"), "batch_size": (lambda v: v >= 1, ">= 1"),
+    "accumulation_steps": (lambda v: v >= 1, ">= 1"), "log_every": (lambda v: v >= 1, ">= 1"),
+    "keep_checkpoints": (lambda v: v >= 1, ">= 1"), "max_length": (lambda v: v >= 2, ">= 2 tokens"),
+    "training_chunk_size": (lambda v: v >= 2, ">= 2 tokens"), "max_steps": (lambda v: v >= 1, ">= 1"),
+    "warmup_steps": (lambda v: v >= 0, ">= 0"), "save_every": (lambda v: v >= 0, ">= 0 (0: once per epoch)"),
+    "detach_every_n_steps": (lambda v: v >= 1, ">= 1 token"), "eval_every_epoch": (lambda v: v >= 0, ">= 0"),
+    "starting_lr": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+    "min_lr": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    "grad_clip": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0 (0: no clipping)"),
+    "weight_decay": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    "val_fraction": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
+    "ponder_loss_weight": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    "commitment_loss_weight": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    "commitment_threshold": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    "ponder_target_scale": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+    "reset_halt_bias": (lambda v: math.isfinite(v), "a finite number"),
+    "grow_every_chars": (lambda v: v >= 1, ">= 1 character"),
+}
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """One line naming the first flag whose value cannot work (before any data is read)."""
+    for name, (ok, what) in FLAG_RULES.items():
+        value = getattr(args, name, None)
+        if value is not None and not ok(value):
+            raise HierarchosError(f"--{name.replace('_', '-')} {value}: must be {what}")
+    if args.min_lr > args.starting_lr:
+        raise HierarchosError(f"--min-lr {args.min_lr} is above --starting-lr {args.starting_lr}: the schedule "
+                              "decays from the starting rate down to the minimum; lower --min-lr")
+
+
 def pick_device(name: str):
     import torch
 
@@ -180,9 +214,7 @@ def run(args: argparse.Namespace, lora=None) -> int:
 
     if args.training_chunk_size and not args.max_length:
         args.max_length = args.training_chunk_size
-    for flag in ("epochs", "batch_size", "accumulation_steps", "log_every", "keep_checkpoints"):
-        if getattr(args, flag) < 1:
-            raise HierarchosError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    check_flags(args)
     from ..train.distributed import init_from_env, shard_rows, wrap_model
 
     device = pick_device(args.device)
