@@ -50,7 +50,8 @@ SIZES = {  # hierarchos shapes; GPT-2 is fitted to each
     "25m": dict(vocab_size=16384, context_dim=448, h_hidden=448, l_hidden=448, h_layers=3, l_layers=3),
     "125m": dict(vocab_size=50257, context_dim=768, h_hidden=768, l_hidden=768, h_layers=4, l_layers=4),
 }
-CONFIGS = {"minimal": dict(h_cycles=1, max_h_steps=1, max_l_steps=0), "default": {}}
+CONFIGS = {"minimal": dict(h_cycles=1, max_h_steps=1, max_l_steps=0),
+           "mid": dict(h_cycles=2, max_h_steps=2, max_l_steps=2), "default": {}}
 REASONING = ("h_cycles", "max_h_steps", "max_l_steps", "h_stride", "h_halt_thresh", "grad_steps")
 PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense TFLOP/s
 TOL_CHUNKED, TOL_TF32 = 1e-4, 1e-3
