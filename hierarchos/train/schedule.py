@@ -23,14 +23,51 @@ def lr_at(step: int, total_steps: int, starting_lr: float, min_lr: float, warmup
     return min_lr + 0.5 * (starting_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
+def lazy_row_adam_masked(p, grad, exp_avg, exp_avg_sq, row_steps, lr, beta1, beta2, eps) -> None:
+    """The reference update: every row of the table is computed, untouched rows kept by masks (free
+    of host synchronisation, but ~20 passes over the whole table per step)."""
+    touched = grad.reshape(grad.shape[0], -1).ne(0).any(-1)          # (rows,)
+    row_steps.add_(touched.float())
+    mask = touched.view(-1, *([1] * (p.ndim - 1)))
+    m = torch.where(mask, exp_avg * beta1 + grad * (1 - beta1), exp_avg)
+    v = torch.where(mask, exp_avg_sq * beta2 + grad * grad * (1 - beta2), exp_avg_sq)
+    exp_avg.copy_(m)
+    exp_avg_sq.copy_(v)
+    steps = row_steps.clamp(min=1).view_as(mask.float()) if p.ndim > 1 else row_steps
+    m_hat = m / (1 - beta1 ** steps)
+    v_hat = v / (1 - beta2 ** steps)
+    update = lr * m_hat / (v_hat.sqrt() + eps)
+    p.sub_(torch.where(mask, update.to(p.dtype), torch.zeros_like(p)))
+
+
+def lazy_row_adam_rows(p, grad, exp_avg, exp_avg_sq, row_steps, lr, beta1, beta2, eps) -> None:
+    """The same update on the touched rows only (gathered, updated, scattered back). One host
+    synchronisation per table (the row list), but a batch touches a small share of a 50k-row
+    vocabulary: on an H200 the masked form took 17.6 ms of a 140 ms 125m training step."""
+    rows = grad.reshape(grad.shape[0], -1).ne(0).any(-1).nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return
+    row_steps.index_add_(0, rows, torch.ones_like(rows, dtype=row_steps.dtype))
+    g = grad.index_select(0, rows)
+    m = exp_avg.index_select(0, rows) * beta1 + g * (1 - beta1)
+    v = exp_avg_sq.index_select(0, rows) * beta2 + g * g * (1 - beta2)
+    exp_avg.index_copy_(0, rows, m)
+    exp_avg_sq.index_copy_(0, rows, v)
+    steps = row_steps.index_select(0, rows).view(-1, *([1] * (p.ndim - 1)))
+    update = lr * (m / (1 - beta1 ** steps)) / ((v / (1 - beta2 ** steps)).sqrt() + eps)
+    p.index_add_(0, rows, -update.to(p.dtype))
+
+
 class LazyRowAdam(torch.optim.Optimizer):
     """Adam for lookup tables: only rows that received a gradient this step move, and their
     moments and bias-correction counts advance per row (DESIGN 3.1: DeepEmbed tables are indexed,
     so a row no batch touched must not drift on stale momentum as it would under AdamW).
-    Masks instead of row indices keep it free of host synchronisation on the GPU."""
+    `lazy_row_adam_rows` updates the touched rows only; `lazy_row_adam_masked` (masks over the
+    whole table, no host synchronisation) is its reference, selectable with `masked=True`."""
 
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.95), eps: float = 1e-8):
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.95), eps: float = 1e-8, masked: bool = False):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
+        self.update = lazy_row_adam_masked if masked else lazy_row_adam_rows
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -49,20 +86,9 @@ class LazyRowAdam(torch.optim.Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(param)
                     rows = param[:, 0] if param.ndim > 1 else param
                     state["row_steps"] = torch.zeros_like(rows, dtype=torch.float32)
-                p, grad = local(param), local(param.grad)
-                exp_avg, exp_avg_sq, row_steps = (local(state[k]) for k in ("exp_avg", "exp_avg_sq", "row_steps"))
-                touched = grad.reshape(grad.shape[0], -1).ne(0).any(-1)          # (rows,)
-                row_steps.add_(touched.float())
-                mask = touched.view(-1, *([1] * (p.ndim - 1)))
-                m = torch.where(mask, exp_avg * beta1 + grad * (1 - beta1), exp_avg)
-                v = torch.where(mask, exp_avg_sq * beta2 + grad * grad * (1 - beta2), exp_avg_sq)
-                exp_avg.copy_(m)
-                exp_avg_sq.copy_(v)
-                steps = row_steps.clamp(min=1).view_as(mask.float()) if p.ndim > 1 else row_steps
-                m_hat = m / (1 - beta1 ** steps)
-                v_hat = v / (1 - beta2 ** steps)
-                update = group["lr"] * m_hat / (v_hat.sqrt() + group["eps"])
-                p.sub_(torch.where(mask, update.to(p.dtype), torch.zeros_like(p)))
+                self.update(local(param), local(param.grad), *(local(state[k]) for k in
+                                                               ("exp_avg", "exp_avg_sq", "row_steps")),
+                            group["lr"], beta1, beta2, group["eps"])
 
 
 class OptimizerSet:
