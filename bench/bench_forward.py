@@ -261,8 +261,9 @@ def rel(x, y):
     return ((x.double() - y.double()).norm() / y.double().norm().clamp_min(1e-30)).item()
 
 
-def wkv_case(dev, B=2, T=200, H=4, N=64, seed=0):
-    """Inputs in the model's ranges: log_w in [-0.61, 0], a = -kappa, b = kappa * iclr."""
+def wkv_case(dev, B=2, T=200, H=4, N=64, seed=0, dtype=torch.float32):
+    """Inputs in the model's ranges: log_w in [-0.61, 0], a = -kappa, b = kappa * iclr; an initial
+    state and output cotangents (also bench_wkv.py's cases)."""
     g = torch.Generator().manual_seed(seed)
     shape = (B, T, H, N)
     kappa = F.normalize(torch.randn(shape, generator=g), dim=-1)
@@ -271,7 +272,8 @@ def wkv_case(dev, B=2, T=200, H=4, N=64, seed=0):
              a=-kappa, b=kappa * torch.rand(shape, generator=g))
     state = 0.5 * torch.randn(B, H, N, N, generator=g)
     w_o, w_s = torch.randn(shape, generator=g), torch.randn(B, H, N, N, generator=g)
-    return {n: t.to(dev) for n, t in x.items()}, state.to(dev), w_o.to(dev), w_s.to(dev)
+    to = dict(device=dev, dtype=dtype)
+    return {n: t.to(**to) for n, t in x.items()}, state.to(**to), w_o.to(**to), w_s.to(**to)
 
 
 def wkv_run(fn, x, state, w_o, w_s, dtype):

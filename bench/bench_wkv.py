@@ -28,8 +28,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
+from bench.bench_forward import wkv_case  # noqa: E402
 from hierarchos.ops import wkv as wkv_ops  # noqa: E402
 from hierarchos.ops.wkv_triton import wkv7_triton  # noqa: E402
 
@@ -41,17 +41,8 @@ def log(*a):
 
 
 def make_case(B, T, H, N, seed, device, dtype=torch.float32):
-    """Inputs in the model's ranges (as tests/test_wkv.py), an initial state, output cotangents."""
-    g = torch.Generator().manual_seed(seed)
-    shape = (B, T, H, N)
-    kappa = F.normalize(torch.randn(shape, generator=g), dim=-1)
-    x = dict(r=torch.randn(shape, generator=g), log_w=-0.61 * torch.rand(shape, generator=g),
-             k=0.5 * torch.randn(shape, generator=g), v=torch.randn(shape, generator=g),
-             a=-kappa, b=kappa * torch.rand(shape, generator=g))
-    state = 0.5 * torch.randn(B, H, N, N, generator=g)
-    d_o, d_s = torch.randn(shape, generator=g), torch.randn(B, H, N, N, generator=g)
-    to = dict(device=device, dtype=dtype)
-    return {n: t.to(**to) for n, t in x.items()}, state.to(**to), d_o.to(**to), d_s.to(**to)
+    """Inputs in the model's ranges (bench_forward's cases), an initial state, output cotangents."""
+    return wkv_case(device, B, T, H, N, seed, dtype)
 
 
 def fwd_bwd(fn, x, state, d_o, d_s, dtype):

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from hierarchos.config import tiny_config
+from test_quant_model import small_config  # the same small model the CPU-kernel tests use
 from hierarchos.data.tokenizers import load_tokenizer
 from hierarchos.errors import HierarchosError
 from hierarchos.io import save_model_dir
@@ -174,15 +174,6 @@ def test_argument_errors_match_reference(vk):
 
 
 # ---- a quantized model on the device ---------------------------------------------------------
-def small_config(**kw):
-    # width 64 / ffn 256: every Linear fits the 32-blocks, the ffn down projection also Q2_K's 256
-    base = dict(vocab_size=260, context_dim=64, h_hidden=64, l_hidden=64, head_size=32, persistent_dim=32,
-                ltm_slots=16, ltm_key_dim=32, ltm_val_dim=32, ltm_topk=2, ltm_chunk=8, h_stride=2,
-                max_h_steps=2, max_l_steps=2, wkv_chunk_size=8, rosa_window=64)
-    base.update(kw)
-    return tiny_config(**base)
-
-
 def float_twin(cfg, tensors):
     """The float model on exactly the quantized model's (dequantized) weights."""
     model = HierarchosLM(cfg).eval()
