@@ -35,6 +35,7 @@ CASES = [
     (TRAIN + ["--epochs", "0"], "--epochs 0: must be >= 1"),
     (TRAIN + ["--accumulation-steps", "0"], "--accumulation-steps 0: must be >= 1"),
     (TRAIN + ["--grow-every-chars", "0"], "--grow-every-chars 0: must be >= 1 character"),
+    (TRAIN + ["--eval-tasks", "shakespeare_ppl", "--eval-batch-size", "0"], "--eval-batch-size 0: must be >= 1"),
     (TRAIN + ["--h_stride", "0"], "config field 'h_stride' = 0: must be a positive integer"),
     (TRAIN + ["--device", "tpu"], "--device 'tpu': expected auto, cpu, cuda or dml"),
     (TRAIN + ["--seed", "x"], "argument --seed: invalid int value: 'x'"),

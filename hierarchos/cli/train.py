@@ -135,6 +135,8 @@ FLAG_RULES = {
     "ponder_target_scale": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
     "reset_halt_bias": (lambda v: math.isfinite(v), "a finite number"),
     "grow_every_chars": (lambda v: v >= 1, ">= 1 character"),
+    "eval_steps": (lambda v: v >= 0, ">= 0 (0: at epoch ends only)"),
+    "eval_batch_size": (lambda v: v >= 1, ">= 1"), "eval_limit": (lambda v: v >= 1, ">= 1"),
 }
 
 
@@ -391,8 +393,6 @@ def run(args: argparse.Namespace, lora=None) -> int:
 
         from ..evaluate import make_train_hook
 
-        if args.eval_steps < 0 or args.eval_batch_size < 1 or (args.eval_limit is not None and args.eval_limit < 1):
-            raise HierarchosError("--eval-steps must be >= 0, --eval-batch-size and --eval-limit >= 1")
         if not args.eval_every_epoch and not args.eval_steps:
             raise HierarchosError("--eval-tasks would never run with --eval-every-epoch 0: pass --eval-steps N "
                                   "or --eval-every-epoch N")
