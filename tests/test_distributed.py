@@ -1,10 +1,21 @@
-"""Two gloo processes under DDP compute the same averaged gradients as one process on the global batch."""
+"""Two gloo processes under DDP compute the same averaged gradients as one process on the global batch.
+
+Every process talks over loopback (GLOO_SOCKET_IFNAME, --local-addr) and every wait has a deadline:
+on a CI host whose hostname resolved to an unrouted address, gloo's connect once hung until CI's
+90-minute limit. A hang is now a failure that says so, with the workers' output.
+"""
 
 from __future__ import annotations
 
+import datetime
 import os
 import random
+import signal
 import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
@@ -12,7 +23,15 @@ import torch.multiprocessing as mp
 from hierarchos.config import tiny_config
 from hierarchos.model import HierarchosLM
 from hierarchos.model.losses import lm_loss
-from hierarchos.train.distributed import DistInfo, shard_rows, wrap_model
+from hierarchos.train.distributed import DistInfo, _loopback_interface, shard_rows, wrap_model
+
+REPO = Path(__file__).resolve().parents[1]
+DEADLINE_S = 240
+
+
+def _loopback_env() -> dict:
+    loopback = _loopback_interface()
+    return {"GLOO_SOCKET_IFNAME": loopback} if loopback else {}
 
 
 def _free_port() -> int:
@@ -39,8 +58,10 @@ def _grads(model, tokens, forward):
 
 
 def _worker(rank, world, port, seed, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      **_loopback_env())
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world,
+                                         timeout=datetime.timedelta(seconds=DEADLINE_S))
     try:
         torch.set_num_threads(1)
         info = DistInfo(rank, world, rank)
@@ -57,7 +78,14 @@ def _worker(rank, world, port, seed, out_dir):
 
 def test_ddp_gradients_equal_single_process(tmp_path):
     seed = random.SystemRandom().randrange(2**31)
-    mp.spawn(_worker, args=(2, _free_port(), seed, str(tmp_path)), nprocs=2, join=True)
+    context = mp.start_processes(_worker, args=(2, _free_port(), seed, str(tmp_path)), nprocs=2, join=False,
+                                 start_method="spawn")
+    deadline = time.monotonic() + DEADLINE_S
+    while not context.join(timeout=1):  # raises if a worker failed
+        if time.monotonic() > deadline:
+            for proc in context.processes:
+                proc.kill()
+            raise AssertionError(f"seed={seed}: the two gloo workers did not finish in {DEADLINE_S} s")
     from safetensors.torch import load_file
 
     ddp = load_file(str(tmp_path / "ddp.safetensors"))
@@ -69,16 +97,21 @@ def test_ddp_gradients_equal_single_process(tmp_path):
                                    msg=lambda m: f"seed={seed} {name}: {m}")
 
 
-def _torchrun(*args, timeout=240):
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(repo / "hierarchos_cli.py"), *args], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=repo)
+def _torchrun(*args, timeout=DEADLINE_S):
+    """torchrun in its own process group, so a timeout kills the workers too (subprocess.run's
+    timeout kills only torchrun, then waits forever on the pipes its workers still hold)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **_loopback_env()}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "--local-addr", "127.0.0.1", str(REPO / "hierarchos_cli.py"), *args],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, cwd=REPO, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"torchrun {' '.join(args[:3])}... did not finish in {timeout} s:\n{err[-3000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def test_fsdp_cli_trains_checkpoints_and_resumes_exactly(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +38,26 @@ def _leave_process_group() -> None:
         dist.destroy_process_group()
 
 
+def _loopback_interface() -> str | None:
+    """The loopback interface's name ("lo" on Linux, "lo0" on macOS), or None where none is listed."""
+    try:
+        names = [name for _, name in socket.if_nameindex()]
+    except (OSError, AttributeError):  # Windows has no if_nameindex before 3.8 and gloo uses libuv there
+        return None
+    return next((n for n in names if n == "lo" or n.startswith("lo0")), None)
+
+
+def _pin_single_node_gloo_to_loopback(world: int) -> None:
+    """Gloo picks the interface its peers connect to from the hostname's address; on hosts where the
+    hostname resolves to an address the sandbox does not route (seen in CI: the connect hangs until
+    the 30-minute timeout), a one-node run must talk over loopback. A user's GLOO_SOCKET_IFNAME wins."""
+    if "GLOO_SOCKET_IFNAME" in os.environ or int(os.environ.get("LOCAL_WORLD_SIZE", "0")) != world:
+        return
+    loopback = _loopback_interface()
+    if loopback:
+        os.environ["GLOO_SOCKET_IFNAME"] = loopback
+
+
 def init_from_env(device_type: str) -> DistInfo:
     """Join the process group torchrun describes in the environment (no-op for one process)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -44,7 +65,10 @@ def init_from_env(device_type: str) -> DistInfo:
         return DistInfo()
     info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        if backend == "gloo":
+            _pin_single_node_gloo_to_loopback(world)
+        dist.init_process_group(backend=backend)
         atexit.register(_leave_process_group)
     if device_type == "cuda":
         torch.cuda.set_device(info.local_rank)
