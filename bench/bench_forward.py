@@ -43,6 +43,7 @@ from hierarchos.config import ModelConfig, tiny_config  # noqa: E402
 from hierarchos.model.lm import HierarchosLM  # noqa: E402
 from hierarchos.model.losses import lm_loss  # noqa: E402
 from hierarchos.ops import wkv as wkv_ops  # noqa: E402
+from hierarchos.train.cuda_graph import GraphedWindow  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 SIZES = {  # hierarchos shapes; GPT-2 is fitted to each
@@ -191,13 +192,24 @@ def run_row(row, make_model, T, B, V, dev, args):
                 fwd = torch.compile(model)
                 row["compile"] = "on"
 
-        def step(i):
+        def eager_step(i):
             x = batches[i % 2]
             with amp():
                 loss, out = loss_fn(fwd, x[:, :-1], x[:, 1:])
             loss.backward()
             model.zero_grad(set_to_none=True)
             return out
+
+        step = eager_step
+        if row.get("graphs"):  # forward+loss+backward replayed as one CUDA graph (the first step captures)
+            window = GraphedWindow(model, lambda out, y: lm_loss(out, y, model.cfg.z_loss_weight), autocast=amp,
+                                   capture=dev.type == "cuda", log=log)
+
+            def step(i):
+                x = batches[i % 2]
+                window(x[:, :-1], x[:, 1:], None)
+                model.zero_grad(set_to_none=False)  # in place: the graph writes these .grad tensors
+                return None
 
         t_start = time.perf_counter()
         out = None
@@ -233,7 +245,7 @@ def run_row(row, make_model, T, B, V, dev, args):
             from torch.utils.flop_counter import FlopCounterMode
             fwd = model  # count on the eager module (compiled graphs hide their ops)
             with FlopCounterMode(display=False) as counter:
-                step(0)
+                eager_step(0)
             row["flops_per_step"] = counter.get_total_flops()
     except torch.cuda.OutOfMemoryError:
         error = "oom"
@@ -380,6 +392,8 @@ def main():
     ap.add_argument("--compile", nargs="?", const="both", default="none", choices=("none", "gpt2", "both"),
                     help="torch.compile GPT-2 and (both) hierarchos; a failed or over-long compile falls back to eager")
     ap.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in both models")
+    ap.add_argument("--cuda-graphs", nargs="*", choices=CONFIGS, default=[], metavar="CONFIG",
+                    help="configs that also get a row with forward+backward replayed as a CUDA graph")
     ap.add_argument("--check", action=argparse.BooleanOptionalAction, default=None, help="default: on for CUDA")
     ap.add_argument("--flops", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--max-seconds-per-row", type=float, default=120.0)
@@ -416,6 +430,8 @@ def main():
                 jobs.append((dict(model="hierarchos", config=c + ("" if rosa else "-norosa"), params=n,
                                   params_with_deepembed=n_de, reasoning={k: getattr(cfg, k) for k in REASONING}),
                              lambda cfg=cfg: HierarchosLM(cfg)))
+                if rosa and c in args.cuda_graphs:
+                    jobs.append((dict(jobs[-1][0], config=c + "+graphs", graphs=True), jobs[-1][1]))
         gpt_tps = None
         for row, make in jobs:
             log(f"-- {row['model']} {row['config']} T={T} B={B} ...")

@@ -97,6 +97,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     run.add_argument("--force-compile", action="store_true", help="compile even where it is known to hang "
                      "(Windows CPU)")
     run.add_argument("--fsdp", action="store_true", help="under torchrun: shard with FSDP2 instead of DDP")
+    run.add_argument("--cuda-graphs", action="store_true",
+                     help="capture each window's forward+backward in a CUDA graph and replay it (one process, "
+                          "CUDA; the step is launch-bound, see BENCHMARKS.md)")
     run.add_argument("--num_workers", "--num-workers", type=int, default=0,
                      help="accepted for compatibility; token streams are built in memory")
     run.add_argument("--log-every", type=int, default=10)
@@ -328,11 +331,20 @@ def run(args: argparse.Namespace, lora=None) -> int:
                        weight_decay=args.weight_decay, detach_every=args.detach_every_n_steps,
                        persist_state=args.persist_state, amp=args.amp, save_every=args.save_every,
                        keep_checkpoints=args.keep_checkpoints, log_every=args.log_every, seed=args.seed,
-                       eval_every_epoch=args.eval_every_epoch,
+                       eval_every_epoch=args.eval_every_epoch, cuda_graphs=args.cuda_graphs,
                        loss=LossWeights(ponder=args.ponder_loss_weight, commitment=args.commitment_loss_weight,
                                         encourage_thinking=args.encourage_thinking,
                                         adaptive_ponder=args.adaptive_ponder,
                                         ponder_target_scale=args.ponder_target_scale))
+    if args.cuda_graphs:
+        if device.type != "cuda":
+            raise HierarchosError(f"--cuda-graphs needs a CUDA device (this run is on {device.type}); "
+                                  "drop the flag or use --device cuda")
+        if dist_info.enabled:
+            raise HierarchosError("--cuda-graphs runs in one process; drop it under torchrun")
+        if args.detach_every_n_steps and args.detach_every_n_steps < chunk:
+            raise HierarchosError("--cuda-graphs captures whole windows; drop --detach-every-n-steps "
+                                  f"({args.detach_every_n_steps} < --max_length {chunk})")
     # wrap first: fully_shard swaps the parameters for sharded ones, which the optimizer must hold
     forward_model = wrap_model(model, dist_info, device, fsdp=args.fsdp)
     sharded = bool(args.fsdp and dist_info.enabled)

@@ -44,6 +44,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     log_every: int = 10
     eval_every_epoch: int = 1                # validate every N epochs (0: never)
+    cuda_graphs: bool = False                # replay each window's forward+backward as a CUDA graph
     seed: int = 0
     loss: LossWeights = field(default_factory=LossWeights)
 
@@ -99,6 +100,19 @@ class Trainer:
         if use_amp and device.type == "cuda":
             self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.graphed = None  # hierarchos.train.cuda_graph.GraphedWindow under cfg.cuda_graphs
+        if cfg.cuda_graphs:
+            from .cuda_graph import GraphedWindow
+
+            def backward_scale(loss):
+                scaled = loss / cfg.accumulation_steps
+                return self.scaler.scale(scaled) if self.scaler else scaled
+
+            self.graphed = GraphedWindow(model, lambda out, y: lm_loss(out, y, model.cfg.z_loss_weight, cfg.loss),
+                                         backward_scale=backward_scale, autocast=self._autocast,
+                                         capture=device.type == "cuda", log=log)
+        # a captured backward writes into the .grad tensors it was captured with: zero them in place
+        self.drop_grads = self.graphed is None or not self.graphed.capture
 
     # ---- pieces ------------------------------------------------------------------------
     def _autocast(self):
@@ -124,6 +138,13 @@ class Trainer:
         cfg = self.cfg
         T = inputs.shape[1]
         piece = cfg.detach_every or T
+        if self.graphed is not None and piece >= T:
+            if self.forward_model is not self.model:
+                raise HierarchosError("CUDA graphs run in one process: drop --cuda-graphs under torchrun")
+            loss, parts, state = self.graphed(inputs, targets, self.state)
+            self.state = state if cfg.persist_state else None
+            finite = bool(torch.isfinite(loss))  # non-finite: the step is skipped as in the eager path
+            return (float(parts["ce"]) * inputs.numel() if finite else 0.0), inputs.numel(), parts, finite
         nll_sum, finite, parts = 0.0, True, {}
         for start in range(0, T, piece):  # loop over pieces of >= detach_every tokens, not tokens
             x, y = inputs[:, start:start + piece], targets[:, start:start + piece]
@@ -145,7 +166,7 @@ class Trainer:
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
                                               self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf"))
         if not torch.isfinite(norm):
-            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer.zero_grad(set_to_none=self.drop_grads)
             if self.scaler:
                 self.scaler.update()
             return False
@@ -154,7 +175,7 @@ class Trainer:
             self.scaler.update()
         else:
             self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=self.drop_grads)
         return True
 
     @torch.no_grad()
@@ -206,7 +227,7 @@ class Trainer:
             if window["micro"] < cfg.accumulation_steps and not end_of_epoch:
                 continue
             if not (window["finite"] and self._optimizer_step()):
-                self.optimizer.zero_grad(set_to_none=True)
+                self.optimizer.zero_grad(set_to_none=self.drop_grads)
                 self.skipped_steps += 1
                 self.log(f"warning: non-finite loss or gradient at step {self.opt_step}: "
                          "step skipped, weights unchanged")

@@ -1,0 +1,208 @@
+"""One training window (forward, loss, backward) captured in a CUDA graph and replayed.
+
+A hierarchos training step is bound by host-side launch overhead, not by GPU work: about 4,500
+small kernels per step at T=1024 and three times that at T=8192 (the long-term memory's chunk
+loop), each paying Python and dispatcher time while the GPU idles. A CUDA graph replays all of
+them with one launch. What capture needs, and how it is met here:
+
+- Fixed shapes and addresses: every input (tokens, targets, ROSA hints, the carried recurrent
+  state) is copied into buffers owned by the graph. One graph per (batch, length, phase), where
+  the phase, the window's start position modulo lcm(ltm_chunk, h_stride), is all of the position
+  the model's control flow reads (memory chunk boundaries, plan points).
+- No host work inside: ROSA's hints come from a CPU automaton, so they are computed before the
+  replay and copied in; the forward and backward have no `.item()` (bench/bench_train.py's
+  profile counts host synchronisations).
+- Gradients accumulate: the warm-up allocates `.grad` for every parameter the window reaches, so
+  the captured backward adds into it in place. Whoever steps the optimizer must zero gradients
+  in place (`zero_grad(set_to_none=False)`), never drop them: a dropped `.grad` would leave the
+  graph writing into memory nobody reads. Parameters the window never reaches keep `.grad` None,
+  as in eager training (a zero gradient would still let AdamW's weight decay move them).
+- The carried state: the graph ends by copying the new state into its own input buffers, after
+  the backward (which may still read the old state), so consecutive windows chain with no host
+  copies; a state from elsewhere (a new epoch, a resume) is copied in first.
+
+With `capture=False` (the CPU, or a GPU run that wants the bookkeeping without the graph) the
+same function runs eagerly on the same buffers. The capture step itself is `record_cuda_graph`;
+tests swap in `record_eagerly` (same warm-up, gradient and output bookkeeping, the "graph" being
+the function run again), and the GPU benchmark checks real replays against eager execution.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..model.rosa import rosa_hints
+from ..model.state import HierarchosState
+
+MAX_GRAPHS = 4  # distinct window shapes/phases kept captured; more run eagerly
+
+
+def record_cuda_graph(run: Callable[[], tuple], warmup: int) -> tuple[Callable[[], None], tuple]:
+    """Warm `run` up on a side stream (lazy inits, cuBLAS workspaces, Triton JIT), then capture it:
+    (replay, the static outputs every replay rewrites)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            run()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = run()
+    return graph.replay, outputs
+
+
+def record_eagerly(run: Callable[[], tuple], warmup: int) -> tuple[Callable[[], None], tuple]:
+    """`record_cuda_graph`'s contract without CUDA: a replay runs `run` again and writes its results
+    into the first outputs, as a graph replay rewrites its static outputs (for CPU tests)."""
+    for _ in range(warmup):
+        run()
+    outputs = run()
+    flat = [outputs[0], *outputs[1].values()]
+
+    def replay():
+        fresh = run()
+        with torch.no_grad():
+            torch._foreach_copy_(flat, [fresh[0].detach(), *(v.detach() for v in fresh[1].values())])
+
+    return replay, outputs
+
+
+def _flatten(state: HierarchosState) -> list[torch.Tensor]:
+    return [t for _, t in state.tensors()]
+
+
+def _rebuild(template: HierarchosState, leaves: list[torch.Tensor], pos: int, rosa) -> HierarchosState:
+    it = iter(leaves)
+    shaped = template.map(lambda _: next(it))
+    return HierarchosState(pos, shaped.memory, shaped.rounds, rosa)
+
+
+@dataclass
+class _Entry:
+    x: torch.Tensor
+    y: torch.Tensor
+    hints: torch.Tensor | None
+    leaves: list[torch.Tensor]       # the carried state's buffers: inputs, then overwritten with the outputs
+    template: HierarchosState        # structure of the state (its tensors are `leaves`)
+    run: Callable[[], tuple]         # the captured function (eager form)
+    replay: Callable[[], None] | None = None  # the captured graph's replay
+    outputs: tuple | None = None     # (loss, parts) written by every replay
+
+
+class GraphedWindow:
+    """`window(x, y, state) -> (loss, parts, new_state)` with the backward already done.
+
+    `loss_fn(out, y) -> (loss, parts)`; `backward_scale(loss) -> tensor to backpropagate`
+    (accumulation division, GradScaler). `autocast()` is entered inside the captured region.
+    """
+
+    def __init__(self, model, loss_fn, *, backward_scale=lambda loss: loss, autocast=contextlib.nullcontext,
+                 capture: bool | None = None, warmup: int = 2, recorder=None, log=print):
+        self.model, self.loss_fn, self.backward_scale, self.autocast = model, loss_fn, backward_scale, autocast
+        self.device = next(model.parameters()).device
+        self.capture = (self.device.type == "cuda") if capture is None else capture
+        if self.capture and recorder is None and self.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need the model on a CUDA device, not {self.device}")
+        self.recorder = recorder or record_cuda_graph
+        self.warmup, self.log = warmup, log
+        cfg = model.cfg
+        self.period = cfg.ltm_chunk * cfg.h_stride // math.gcd(cfg.ltm_chunk, cfg.h_stride)
+        self.entries: dict[tuple, _Entry] = {}
+        self.eager_keys: set[tuple] = set()
+        self.replays = 0
+
+    # ---- the call ------------------------------------------------------------------------
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, state: HierarchosState | None):
+        model = self.model
+        B, T = x.shape
+        if state is None:
+            state = model.init_state(B, device=self.device, dtype=next(model.parameters()).dtype)
+        rosa = state.rosa
+        hints = None
+        if model.rosa_embed is not None:  # CPU automata: before the replay, never inside it
+            hints, rosa = rosa_hints(x, rosa, model.cfg.rosa_window, model.cfg.rosa_none_id)
+        leaves = _flatten(state)
+        key = (B, T, state.pos % self.period, tuple((tuple(t.shape), t.dtype) for t in leaves))
+        entry = self.entries.get(key)
+        if entry is None and key not in self.eager_keys:
+            if len(self.entries) < MAX_GRAPHS:
+                entry = self._build(key, x, y, hints, state)
+            else:
+                self.eager_keys.add(key)
+                self.log(f"cuda graphs: {MAX_GRAPHS} window shapes captured already; "
+                         f"windows of shape {B}x{T} (phase {key[2]}) run eagerly")
+        if entry is None:
+            return self._eager(x, y, hints, state, rosa)
+        entry.x.copy_(x, non_blocking=True)
+        entry.y.copy_(y, non_blocking=True)
+        if hints is not None:
+            entry.hints.copy_(hints, non_blocking=True)
+        if any(a.data_ptr() != b.data_ptr() for a, b in zip(leaves, entry.leaves)):
+            torch._foreach_copy_(entry.leaves, leaves)  # not the previous replay's output: copy it in
+        if entry.replay is not None:
+            entry.replay()
+            loss, parts = entry.outputs
+        else:
+            loss, parts = entry.run()
+        self.replays += 1
+        return loss, parts, _rebuild(entry.template, entry.leaves, state.pos + T, rosa)
+
+    # ---- building ---------------------------------------------------------------------------
+    def _forward_backward(self, x, y, hints, state):
+        with self.autocast():
+            out = self.model(x, state, rosa_hint_ids=hints)
+            loss, parts = self.loss_fn(out, y)
+        self.backward_scale(loss).backward()
+        return loss, parts, out.state
+
+    def _eager(self, x, y, hints, state, rosa):
+        x, y = x.to(self.device), y.to(self.device)
+        loss, parts, new_state = self._forward_backward(x, y, None if hints is None else hints.to(self.device),
+                                                        HierarchosState(state.pos, state.memory, state.rounds, None))
+        new_state = new_state.detach()
+        return loss, parts, HierarchosState(new_state.pos, new_state.memory, new_state.rounds, rosa)
+
+    def _build(self, key, x, y, hints, state) -> _Entry:
+        dev = self.device
+        leaves = [t.detach().to(dev).clone() for t in _flatten(state)]
+        template = _rebuild(state, leaves, state.pos, None)
+        entry = _Entry(x=x.to(dev).clone(), y=y.to(dev).clone(),
+                       hints=None if hints is None else hints.to(dev).clone(), leaves=leaves, template=template,
+                       run=lambda: None)
+
+        def run():
+            loss, parts, new_state = self._forward_backward(entry.x, entry.y, entry.hints, entry.template)
+            # after the backward, which may read the old state: the next window starts from here
+            torch._foreach_copy_(entry.leaves, [t.detach() for t in _flatten(new_state)])
+            return loss, parts
+
+        entry.run = run
+        if self.capture:
+            self._capture(entry)
+        self.entries[key] = entry
+        return entry
+
+    def _capture(self, entry: _Entry) -> None:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        saved = [None if p.grad is None else p.grad.clone() for p in params]
+        leaves = [t.clone() for t in entry.leaves]
+        for p in params:  # the warm-up allocates .grad for exactly the parameters the window reaches
+            p.grad = None
+        entry.replay, entry.outputs = self.recorder(entry.run, max(1, self.warmup))
+        # the warm-up ran real backward passes and moved the state: put both back
+        for p, before in zip(params, saved):
+            if p.grad is None:        # not reached by the window: as it was
+                p.grad = before
+            elif before is None:      # reached: the graph writes into this tensor, so keep it, zeroed
+                p.grad.zero_()
+            else:
+                p.grad.copy_(before)
+        torch._foreach_copy_(entry.leaves, leaves)
+        B, T = entry.x.shape
+        self.log(f"cuda graphs: captured a {B}x{T} training window")
