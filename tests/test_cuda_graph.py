@@ -122,6 +122,28 @@ def test_more_shapes_than_kept_run_eagerly_and_say_so(monkeypatch):
     assert len(window.entries) == 1 and len(lines) == 1 and "run eagerly" in lines[0], lines
 
 
+def test_windows_the_model_decides_on_the_host_run_eagerly_and_still_accumulate():
+    """Under capture, a 1-token window and a window with one plan point run eagerly (the model
+    reads a tensor on the host there); their gradients still add into the captured windows'
+    .grad tensors and count as reached, so accumulated gradients equal plain windows'."""
+    seed = fresh_seed()
+    windows = _windows(seed, 2, T=8) + _windows(seed + 1, 1, T=1) + _windows(seed + 2, 1, T=2)
+    ref_model, model = _model(seed), _model(seed)
+    ref_losses, ref_state = _eager_run(ref_model, windows)
+    window, state, losses = GraphedWindow(model, _loss(model), capture=True, recorder=cuda_graph.record_eagerly,
+                                          log=lambda *_: None), None, []
+    grads = None
+    for i, (x, y) in enumerate(windows):
+        loss, _, state = window(x, y, state)
+        losses.append(loss.detach().clone())
+        if i == 1:
+            grads = {id(p): p.grad for p in model.parameters() if p.grad is not None}
+    _assert_same(ref_model, model, ref_losses, losses, ref_state, state, seed)
+    assert [k[1] for k in window.entries] == [8]  # T=1 at 16 and T=2 at 17 (one plan point: 17) ran eagerly
+    assert all(p.grad is grads[id(p)] for p in model.parameters() if id(p) in grads)  # the same tensors
+    assert window.reached == {id(p) for p in model.parameters() if p.grad is not None}
+
+
 def _trainer(seed, mode, **overrides):
     """mode: 'eager', 'buffers' (GraphedWindow without capture) or 'recorded' (the capture path
     with `record_eagerly` standing in for the CUDA graph: gradients kept and zeroed in place)."""

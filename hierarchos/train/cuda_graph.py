@@ -11,12 +11,15 @@ them with one launch. What capture needs, and how it is met here:
   the model's control flow reads (memory chunk boundaries, plan points).
 - No host work inside: ROSA's hints come from a CPU automaton, so they are computed before the
   replay and copied in; the forward and backward have no `.item()` (bench/bench_train.py's
-  profile counts host synchronisations).
+  profile counts host synchronisations), except where one token or one plan point lets the
+  step form skip passes (`bool(frozen.all())` in hrm.py): such windows run eagerly.
 - Gradients accumulate: the warm-up allocates `.grad` for every parameter the window reaches, so
   the captured backward adds into it in place. Whoever steps the optimizer must zero gradients
   in place (`zero_grad(set_to_none=False)`), never drop them: a dropped `.grad` would leave the
-  graph writing into memory nobody reads. Parameters the window never reaches keep `.grad` None,
-  as in eager training (a zero gradient would still let AdamW's weight decay move them).
+  graph writing into memory nobody reads. A parameter no window of an optimizer step reached
+  must still look untouched to the optimizer (`.grad` None, as in eager training: AdamW would
+  move a zero-gradient parameter by its momentum and weight decay), so the optimizer steps
+  inside `hide_unreached_grads()`, which hides exactly those gradients.
 - The carried state: the graph ends by copying the new state into its own input buffers, after
   the backward (which may still read the old state), so consecutive windows chain with no host
   copies; a state from elsewhere (a new epoch, a resume) is copied in first.
@@ -42,26 +45,30 @@ from ..model.state import HierarchosState
 MAX_GRAPHS = 4  # distinct window shapes/phases kept captured; more run eagerly
 
 
-def record_cuda_graph(run: Callable[[], tuple], warmup: int) -> tuple[Callable[[], None], tuple]:
-    """Warm `run` up on a side stream (lazy inits, cuBLAS workspaces, Triton JIT), then capture it:
-    (replay, the static outputs every replay rewrites)."""
+def record_cuda_graph(run: Callable[[], tuple], warmup: int,
+                      before_capture: Callable[[], None]) -> tuple[Callable[[], None], tuple]:
+    """Warm `run` up on a side stream (lazy inits, cuBLAS workspaces, Triton JIT), call
+    `before_capture`, then capture `run`: (replay, the static outputs every replay rewrites)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         for _ in range(warmup):
             run()
     torch.cuda.current_stream().wait_stream(stream)
+    before_capture()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         outputs = run()
     return graph.replay, outputs
 
 
-def record_eagerly(run: Callable[[], tuple], warmup: int) -> tuple[Callable[[], None], tuple]:
+def record_eagerly(run: Callable[[], tuple], warmup: int,
+                   before_capture: Callable[[], None]) -> tuple[Callable[[], None], tuple]:
     """`record_cuda_graph`'s contract without CUDA: a replay runs `run` again and writes its results
     into the first outputs, as a graph replay rewrites its static outputs (for CPU tests)."""
     for _ in range(warmup):
         run()
+    before_capture()
     outputs = run()
     flat = [outputs[0], *outputs[1].values()]
 
@@ -92,6 +99,7 @@ class _Entry:
     template: HierarchosState        # structure of the state (its tensors are `leaves`)
     run: Callable[[], tuple]         # the captured function (eager form)
     replay: Callable[[], None] | None = None  # the captured graph's replay
+    reached: frozenset = frozenset()  # ids of the parameters the captured backward writes
     outputs: tuple | None = None     # (loss, parts) written by every replay
 
 
@@ -116,6 +124,7 @@ class GraphedWindow:
         self.entries: dict[tuple, _Entry] = {}
         self.eager_keys: set[tuple] = set()
         self.replays = 0
+        self.reached: set[int] = set()  # parameters some window reached since the last optimizer step
 
     # ---- the call ------------------------------------------------------------------------
     def __call__(self, x: torch.Tensor, y: torch.Tensor, state: HierarchosState | None):
@@ -127,6 +136,8 @@ class GraphedWindow:
         hints = None
         if model.rosa_embed is not None:  # CPU automata: before the replay, never inside it
             hints, rosa = rosa_hints(x, rosa, model.cfg.rosa_window, model.cfg.rosa_none_id)
+        if self.capture and self._decides_on_host(T, state.pos):
+            return self._eager(x, y, hints, state, rosa)
         leaves = _flatten(state)
         key = (B, T, state.pos % self.period, tuple((tuple(t.shape), t.dtype) for t in leaves))
         entry = self.entries.get(key)
@@ -147,6 +158,7 @@ class GraphedWindow:
             torch._foreach_copy_(entry.leaves, leaves)  # not the previous replay's output: copy it in
         if entry.replay is not None:
             entry.replay()
+            self.reached |= entry.reached
             loss, parts = entry.outputs
         else:
             loss, parts = entry.run()
@@ -161,10 +173,47 @@ class GraphedWindow:
         self.backward_scale(loss).backward()
         return loss, parts, out.state
 
+    def _decides_on_host(self, T: int, pos: int) -> bool:
+        """One token (the worker may skip converged passes) or one plan point (pondering may stop
+        once it halts): the model reads a tensor on the host, which a capture cannot hold."""
+        s = self.model.cfg.h_stride
+        return T == 1 or len(range((s - 1 - pos) % s, T, s)) == 1
+
+    @contextlib.contextmanager
+    def hide_unreached_grads(self):
+        """Around the optimizer step (and clipping): gradients of parameters no window reached
+        since the last step are None inside, and their (zero) tensors come back after."""
+        hidden = []
+        if self.capture:
+            for p in self.model.parameters():
+                if p.grad is not None and id(p) not in self.reached:
+                    hidden.append((p, p.grad))
+                    p.grad = None
+        try:
+            yield
+        finally:
+            for p, grad in hidden:
+                p.grad = grad
+            self.reached.clear()
+
     def _eager(self, x, y, hints, state, rosa):
         x, y = x.to(self.device), y.to(self.device)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        kept = [p.grad for p in params]
+        if self.capture:  # a fresh backward shows what this window reaches; added into the kept tensors
+            for p in params:
+                p.grad = None
         loss, parts, new_state = self._forward_backward(x, y, None if hints is None else hints.to(self.device),
                                                         HierarchosState(state.pos, state.memory, state.rounds, None))
+        if self.capture:
+            for p, grad in zip(params, kept):
+                if p.grad is not None:
+                    self.reached.add(id(p))
+                    if grad is not None:
+                        grad.add_(p.grad)
+                        p.grad = grad
+                else:
+                    p.grad = grad
         new_state = new_state.detach()
         return loss, parts, HierarchosState(new_state.pos, new_state.memory, new_state.rounds, rosa)
 
@@ -189,20 +238,30 @@ class GraphedWindow:
         return entry
 
     def _capture(self, entry: _Entry) -> None:
+        """Warm up with every .grad None (so the warm-up shows which parameters the window reaches),
+        then capture with each reached parameter's .grad being the tensor it was before, where it
+        had one: graphs captured earlier write into those very tensors, so they must never change.
+        Afterwards gradients and the state hold what they held before (the warm-up, and the eager
+        stand-in's capture run, really ran)."""
         params = [p for p in self.model.parameters() if p.requires_grad]
-        saved = [None if p.grad is None else p.grad.clone() for p in params]
+        grads = [p.grad for p in params]
+        values = [None if g is None else g.clone() for g in grads]
         leaves = [t.clone() for t in entry.leaves]
-        for p in params:  # the warm-up allocates .grad for exactly the parameters the window reaches
+        for p in params:
             p.grad = None
-        entry.replay, entry.outputs = self.recorder(entry.run, max(1, self.warmup))
-        # the warm-up ran real backward passes and moved the state: put both back
-        for p, before in zip(params, saved):
-            if p.grad is None:        # not reached by the window: as it was
-                p.grad = before
-            elif before is None:      # reached: the graph writes into this tensor, so keep it, zeroed
+
+        def before_capture():
+            entry.reached = frozenset(id(p) for p in params if p.grad is not None)
+            for p, grad in zip(params, grads):
+                if p.grad is None or grad is not None:  # unreached: as it was; reached: its own tensor
+                    p.grad = grad
+
+        entry.replay, entry.outputs = self.recorder(entry.run, max(1, self.warmup), before_capture)
+        for p, value in zip(params, values):
+            if value is not None:
+                p.grad.copy_(value)
+            elif p.grad is not None:  # first reached by this window: the graph writes here, zeroed
                 p.grad.zero_()
-            else:
-                p.grad.copy_(before)
         torch._foreach_copy_(entry.leaves, leaves)
         B, T = entry.x.shape
         self.log(f"cuda graphs: captured a {B}x{T} training window")

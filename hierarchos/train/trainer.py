@@ -161,6 +161,12 @@ class Trainer:
         return nll_sum, inputs.numel(), parts, finite
 
     def _optimizer_step(self) -> bool:
+        if self.graphed is not None:  # parameters no window reached must look untouched (.grad None)
+            with self.graphed.hide_unreached_grads():
+                return self._clip_and_step()
+        return self._clip_and_step()
+
+    def _clip_and_step(self) -> bool:
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
