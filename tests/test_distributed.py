@@ -11,7 +11,6 @@ import datetime
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -34,12 +33,6 @@ def _loopback_env() -> dict:
     return {"GLOO_SOCKET_IFNAME": loopback} if loopback else {}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _batch(seed):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, 16, (4, 13), generator=g)
@@ -57,10 +50,10 @@ def _grads(model, tokens, forward):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def _worker(rank, world, port, seed, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      **_loopback_env())
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world,
+def _worker(rank, world, store_file, seed, out_dir):
+    # a file store: the rendezvous needs no port (gloo's own connections still go over loopback)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), **_loopback_env())
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=world,
                                          timeout=datetime.timedelta(seconds=DEADLINE_S))
     try:
         torch.set_num_threads(1)
@@ -78,7 +71,7 @@ def _worker(rank, world, port, seed, out_dir):
 
 def test_ddp_gradients_equal_single_process(tmp_path):
     seed = random.SystemRandom().randrange(2**31)
-    context = mp.start_processes(_worker, args=(2, _free_port(), seed, str(tmp_path)), nprocs=2, join=False,
+    context = mp.start_processes(_worker, args=(2, str(tmp_path / "store"), seed, str(tmp_path)), nprocs=2, join=False,
                                  start_method="spawn")
     deadline = time.monotonic() + DEADLINE_S
     while not context.join(timeout=1):  # raises if a worker failed

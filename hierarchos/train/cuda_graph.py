@@ -123,7 +123,8 @@ class GraphedWindow:
         self.period = cfg.ltm_chunk * cfg.h_stride // math.gcd(cfg.ltm_chunk, cfg.h_stride)
         self.entries: dict[tuple, _Entry] = {}
         self.eager_keys: set[tuple] = set()
-        self.replays = 0
+        self.replays = 0        # windows through an entry (replayed, or run on its buffers)
+        self.eager_windows = 0  # windows run plainly (host decisions, or more shapes than MAX_GRAPHS)
         self.reached: set[int] = set()  # parameters some window reached since the last optimizer step
 
     # ---- the call ------------------------------------------------------------------------
@@ -197,6 +198,7 @@ class GraphedWindow:
             self.reached.clear()
 
     def _eager(self, x, y, hints, state, rosa):
+        self.eager_windows += 1
         x, y = x.to(self.device), y.to(self.device)
         params = [p for p in self.model.parameters() if p.requires_grad]
         kept = [p.grad for p in params]
