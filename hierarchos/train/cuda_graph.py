@@ -1,9 +1,10 @@
 """One training window (forward, loss, backward) captured in a CUDA graph and replayed.
 
-A hierarchos training step is bound by host-side launch overhead, not by GPU work: about 4,500
-small kernels per step at T=1024 and three times that at T=8192 (the long-term memory's chunk
-loop), each paying Python and dispatcher time while the GPU idles. A CUDA graph replays all of
-them with one launch. What capture needs, and how it is met here:
+A hierarchos training step launches about 5,000 small kernels at T=1024 and 13,700 at T=8192 (the
+long-term memory's chunk loop; bench/count_ops.py), each paying Python and dispatcher time. Where
+the GPU work per kernel is small (long windows, small batches) the GPU idles in between; a CUDA
+graph replays them all with one launch (1.73x at T=8192, B=2 on an H200; 1.07x at T=1024, B=16,
+where the GPU is busy anyway: BENCHMARKS.md). What capture needs, and how it is met here:
 
 - Fixed shapes and addresses: every input (tokens, targets, ROSA hints, the carried recurrent
   state) is copied into buffers owned by the graph. One graph per (batch, length, phase), where
