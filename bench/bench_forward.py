@@ -189,6 +189,10 @@ def run_row(row, make_model, T, B, V, dev, args):
             if row["model"] in COMPILE_FAILED:
                 row["compile"] = "compile skipped: failed on an earlier row"
             else:
+                if isinstance(model, HierarchosLM):
+                    from hierarchos.model.rwkv import make_recurrence_opaque
+
+                    make_recurrence_opaque()
                 fwd = torch.compile(model)
                 row["compile"] = "on"
 

@@ -19,10 +19,18 @@ from torch.utils.checkpoint import checkpoint
 
 from ..ops.wkv import wkv7
 
-# torch.compile sees the recurrence as an opaque call: its chunk loop (up to T / 16 iterations)
-# would be unrolled into the graph, and its fla/C++ paths are not traceable. Outside a compiled
-# region this is wkv7 itself plus a negligible context switch.
-_wkv7_opaque = torch.compiler.disable(wkv7)
+# The recurrence as torch.compile must see it: an opaque call (its chunk loop, up to T / 16
+# iterations, would be unrolled into the graph, and its C++/Triton paths are not traceable).
+# Wrapping it with torch.compiler.disable imports torch._dynamo, about a second of every CLI
+# start, so plain wkv7 stands here until something compiles (`make_recurrence_opaque`).
+_wkv7_opaque = wkv7
+
+
+def make_recurrence_opaque() -> None:
+    """Before any torch.compile of these blocks: the recurrence becomes a dynamo-disabled call."""
+    global _wkv7_opaque
+    if _wkv7_opaque is wkv7:
+        _wkv7_opaque = torch.compiler.disable(wkv7)
 
 # Low-rank widths of the data-dependent mixes (RWKV-6/7 style "LoRA" paths).
 MIX_RANK = 32
@@ -242,6 +250,7 @@ def compile_blocks(model: nn.Module, backend: str = "inductor") -> int:
     """
     import torch._dynamo
 
+    make_recurrence_opaque()
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     count = 0
     for module in model.modules():
