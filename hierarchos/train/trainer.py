@@ -234,6 +234,8 @@ class Trainer:
                 continue
             if not (window["finite"] and self._optimizer_step()):
                 self.optimizer.zero_grad(set_to_none=self.drop_grads)
+                if self.graphed is not None:
+                    self.graphed.reached.clear()  # the skipped step's windows reached nothing
                 self.skipped_steps += 1
                 self.log(f"warning: non-finite loss or gradient at step {self.opt_step}: "
                          "step skipped, weights unchanged")
