@@ -26,6 +26,7 @@ FIELD_ALIASES = {
     "halt_max_steps": "max_h_steps",
     "L_cycles": "max_l_steps",
     "l_cycles": "max_l_steps",
+    "expansion": "ffn_mult",
 }
 
 

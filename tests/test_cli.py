@@ -139,3 +139,45 @@ def test_demo_runs_end_to_end(capsys):
     out = capsys.readouterr().out
     assert "parallel vs step" in out and "greedy generation: 3 tokens" in out
 
+
+
+def test_seed_000_training_command_runs_with_its_own_flags(tmp_path):
+    """Seed 000's example (`aios hrm-hf train-actv1 --dataset-file ... --steps 1 --batch-size 2 --h-layers 2
+    --l-layers 4 --hidden-size ... --num-heads 8 --expansion 4 --halt-max-steps 1 --log-file ...`), with
+    `train` for its trainer and a byte tokenizer for `--model gpt2`: its flags land on the fields they
+    name, and the metrics go to the --log-file too."""
+    import json
+
+    data = tmp_path / "test_sample.txt"
+    data.write_text("\n".join(f"line {i}: to be or not to be, that is the question" for i in range(300)))
+    log_file = tmp_path / "artifacts" / "brains" / "actv1" / "metrics.jsonl"
+    result = run_cli("train", "--tokenizer-path", "byte", "--dataset-file", str(data), "--steps", "1",
+                     "--batch-size", "2", "--h-layers", "2", "--l-layers", "4", "--hidden-size", "32",
+                     "--num-heads", "4", "--expansion", "3", "--pos-encodings", "none", "--halt-max-steps", "1",
+                     "--l-cycles", "1", "--max_length", "64", "--log-file", str(log_file),
+                     "--out-dir", str(tmp_path / "run"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    cfg = json.loads((tmp_path / "run" / "hierarchos_config.json").read_text())
+    cfg = cfg.get("model", cfg)
+    assert {k: cfg[k] for k in ("context_dim", "h_hidden", "l_hidden", "h_layers", "l_layers", "head_size",
+                                "ffn_mult", "max_h_steps", "max_l_steps")} == dict(
+        context_dim=32, h_hidden=32, l_hidden=32, h_layers=2, l_layers=4, head_size=8, ffn_mult=3,
+        max_h_steps=1, max_l_steps=1)
+    records = [json.loads(line) for line in log_file.read_text().splitlines()]
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records == metrics and records[-1]["step"] == 1
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--pos-encodings", "rope"], "no position encodings"),
+    (["--window-size", "256"], "no attention window"),
+    (["--model", "gpt2"], "--tokenizer-path NAME"),
+    (["--num-heads", "5", "--hidden-size", "32"], "must divide h_hidden 32"),
+    (["--num-heads", "4", "--head-size", "8"], "give one"),
+])
+def test_seed_000_flags_that_do_not_apply_say_why(tmp_path, flags, says):
+    result = run_cli("train", "--tokenizer-path", "byte", "--steps", "1", *flags, "--out-dir", str(tmp_path / "r"))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and says in lines[0] and "Traceback" not in result.stderr, lines
+    assert not (tmp_path / "r").exists()

@@ -16,19 +16,29 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from ..config import FIELD_ALIASES, ModelConfig
 from ..errors import HierarchosError
 
 HELP = "train a model (from scratch or from --model-path weights) on local or Hugging Face data"
 
 ARCH_FLAGS = ("context_dim", "persistent_dim", "ltm_slots", "ltm_key_dim", "ltm_val_dim", "ltm_topk",
               "h_hidden", "l_hidden", "h_layers", "l_layers", "h_cycles", "max_h_steps", "max_l_steps",
-              "l_conv_atol", "h_stride", "h_halt_thresh", "grad_steps", "head_size", "vocab_size")
+              "l_conv_atol", "h_stride", "h_halt_thresh", "grad_steps", "head_size", "ffn_mult", "vocab_size")
+
+
+def _spellings(name: str) -> list[str]:
+    """--name, --name-with-dashes and the original projects' names for the same field (FIELD_ALIASES:
+    --halt-max-steps, --l-cycles, --H_layers, --expansion, ...), each once."""
+    names = [name] + [alias for alias, target in FIELD_ALIASES.items() if target == name and alias != "hidden_size"]
+    flags = [f"--{n}" for n in names] + [f"--{n.replace('_', '-')}" for n in names]
+    return list(dict.fromkeys(flags))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     data = p.add_argument_group("data")
-    data.add_argument("--train", metavar="PATH", help="local data file or folder (json/jsonl/txt/csv/parquet); "
-                      "default: the bundled Shakespeare corpus")
+    data.add_argument("--train", "--dataset-file", metavar="PATH",
+                      help="local data file or folder (json/jsonl/txt/csv/parquet); default: the bundled Shakespeare "
+                           "corpus")
     data.add_argument("--hf_dataset", "--hf-dataset", metavar="NAME_OR_PATH")
     data.add_argument("--hf_dataset_config", "--hf-dataset-config")
     data.add_argument("--hf_dataset_split", "--hf-dataset-split", default="train")
@@ -57,7 +67,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                             "text in the model's history (added function-preservingly)")
     for name in ARCH_FLAGS:
         kind = float if name in ("l_conv_atol", "h_halt_thresh") else int
-        model.add_argument(f"--{name}", f"--{name.replace('_', '-')}", type=kind, default=None)
+        model.add_argument(*_spellings(name), dest=name, type=kind, default=None)
+    # seed 000's trainer (AI-OS `hrm-hf train-actv1`) names for the same choices
+    model.add_argument("--hidden-size", "--hidden_size", dest="hidden_size", type=int, default=None,
+                       help="every width (context_dim, h_hidden, l_hidden) not given on its own")
+    model.add_argument("--num-heads", "--num_heads", dest="num_heads", type=int, default=None,
+                       help="heads per manager block: head_size = h_hidden / N (must divide l_hidden too)")
+    model.add_argument("--pos-encodings", default=None, help="only 'none': the recurrence carries token order")
+    model.add_argument("--window-size", type=int, default=None, help=argparse.SUPPRESS)
+    model.add_argument("--model", dest="ambiguous_model", default=None, help=argparse.SUPPRESS)
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=int, default=3)
     opt.add_argument("--batch_size", "--batch-size", type=int, default=4)
@@ -76,6 +94,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     opt.add_argument("--ponder-target-scale", type=float, default=0.5)
     opt.add_argument("--detach-every-n-steps", type=int, default=None,
                      help="cut the gradient every N tokens inside a window (default: once per window)")
+    opt.add_argument("--persist-state", dest="persist_state", action="store_true", default=True,
+                     help="carry the recurrent state from window to window (the default)")
     opt.add_argument("--no-persist-state", dest="persist_state", action="store_false",
                      help="start every window from a fresh state instead of carrying it")
     opt.add_argument("--gradient-checkpointing", action="store_true")
@@ -112,7 +132,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="also run --eval-tasks every N optimizer steps (0: at epoch ends only)")
     run.add_argument("--eval-batch-size", type=int, default=8, metavar="N", help="requests per forward in --eval-tasks")
     run.add_argument("--eval-limit", type=int, default=None, metavar="N", help="at most N examples per eval task")
-    run.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    run.add_argument("--max-steps", "--steps", dest="max_steps", type=int, default=None,
+                     help="stop after this many optimizer steps")
+    run.add_argument("--log-file", metavar="PATH", default=None,
+                     help="also append the metrics records (JSON lines) to this file")
     run.add_argument("--quantize-on-complete", action="store_true",
                      help="after training, also write a quantized model to OUT_DIR-QTYPE (see the quantize command)")
     run.add_argument("--qtype", type=str.upper, choices=("INT4", "Q4_0", "Q8_0", "Q2_K"), default="INT4",
@@ -140,6 +163,7 @@ FLAG_RULES = {
     "grow_every_chars": (lambda v: v >= 1, ">= 1 character"),
     "eval_steps": (lambda v: v >= 0, ">= 0 (0: at epoch ends only)"),
     "eval_batch_size": (lambda v: v >= 1, ">= 1"), "eval_limit": (lambda v: v >= 1, ">= 1"),
+    "hidden_size": (lambda v: v >= 1, ">= 1"), "num_heads": (lambda v: v >= 1, ">= 1"),
 }
 
 
@@ -149,9 +173,36 @@ def check_flags(args: argparse.Namespace) -> None:
         value = getattr(args, name, None)
         if value is not None and not ok(value):
             raise HierarchosError(f"--{name.replace('_', '-')} {value}: must be {what}")
+    if args.ambiguous_model is not None:
+        raise HierarchosError(f"--model {args.ambiguous_model}: say which: --tokenizer-path NAME for a Hugging Face "
+                              "tokenizer (what --model names in seed 000's trainer), or --model-path DIR to start "
+                              "from a hierarchos model")
+    if args.pos_encodings not in (None, "none"):
+        raise HierarchosError(f"--pos-encodings {args.pos_encodings}: hierarchos has no attention and no position "
+                              "encodings (its recurrence carries token order); drop the flag")
+    if args.window_size is not None:
+        raise HierarchosError(f"--window-size {args.window_size}: hierarchos has no attention window (its fixed-size "
+                              "recurrent state is the context); drop the flag, or bound windows with --max_length")
     if args.min_lr > args.starting_lr:
         raise HierarchosError(f"--min-lr {args.min_lr} is above --starting-lr {args.starting_lr}: the schedule "
                               "decays from the starting rate down to the minimum; lower --min-lr")
+
+
+def seed000_widths(args: argparse.Namespace, given: dict, base: ModelConfig) -> dict:
+    """--hidden-size fills the widths not given on their own; --num-heads sets head_size from h_hidden."""
+    extra = {}
+    if args.hidden_size is not None:
+        extra = {name: args.hidden_size for name in ("context_dim", "h_hidden", "l_hidden") if name not in given}
+    if args.num_heads is not None:
+        if "head_size" in given:
+            raise HierarchosError("--num-heads and --head-size both set the head size; give one")
+        h_hidden = {**given, **extra}.get("h_hidden", base.h_hidden)
+        l_hidden = {**given, **extra}.get("l_hidden", base.l_hidden)
+        if h_hidden % args.num_heads or l_hidden % (h_hidden // args.num_heads):
+            raise HierarchosError(f"--num-heads {args.num_heads}: must divide h_hidden {h_hidden} into heads that "
+                                  f"also divide l_hidden {l_hidden}; pick another count or width")
+        extra["head_size"] = h_hidden // args.num_heads
+    return extra
 
 
 def pick_device(name: str):
@@ -288,6 +339,7 @@ def run(args: argparse.Namespace, lora=None) -> int:
     # ---- model ----
     if not args.model_path:
         overrides = {name: getattr(args, name) for name in ARCH_FLAGS if getattr(args, name) is not None}
+        overrides.update(seed000_widths(args, overrides, tiny_config() if args.tiny else ModelConfig()))
         overrides["vocab_size"] = tokenizer.vocab_size
         if args.max_length:
             overrides["max_length"] = args.max_length
@@ -416,6 +468,9 @@ def run(args: argparse.Namespace, lora=None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save(out_dir)  # beside the checkpoints from the start, for ckpt-2-inf and resumes
     metrics_path = out_dir / "metrics.jsonl"
+    log_file = Path(args.log_file) if args.log_file else None
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
     stop = {"flag": False}
 
     def on_signal(signum, frame):  # noqa: ARG001
@@ -441,8 +496,9 @@ def run(args: argparse.Namespace, lora=None) -> int:
         if not main_rank:
             return
         record = {**record, "time": time.time()}
-        with open(metrics_path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
+        for path in (metrics_path, *([log_file] if log_file else [])):
+            with open(path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
         bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
                         lr=f"{record['lr']:.2e}", ponder=f"{record['ponder']:.2f}", refresh=False)
         if "val_loss" in record:
