@@ -86,7 +86,8 @@ def test_max_l_steps_zero_is_allowed():
     assert tiny_config(max_l_steps=0).max_l_steps == 0
 
 
-ALIAS_VALUES = {"context_dim": 32, "h_layers": 2, "l_layers": 3, "h_cycles": 3, "max_h_steps": 4, "max_l_steps": 1}
+ALIAS_VALUES = {"context_dim": 32, "h_layers": 2, "l_layers": 3, "h_cycles": 3, "max_h_steps": 4, "max_l_steps": 1,
+                "ffn_mult": 3}
 
 
 @pytest.mark.parametrize("alias,name", sorted(FIELD_ALIASES.items()))
