@@ -1,8 +1,8 @@
 """Two gloo processes under DDP compute the same averaged gradients as one process on the global batch.
 
-Every process talks over loopback (GLOO_SOCKET_IFNAME, --local-addr) and every wait has a deadline:
-on a CI host whose hostname resolved to an unrouted address, gloo's connect once hung until CI's
-90-minute limit. A hang is now a failure that says so, with the workers' output.
+A CI run once hung in this file until CI's 90-minute limit (the cause was not reproduced here), so
+every process talks over loopback (GLOO_SOCKET_IFNAME, --local-addr), the spawned pair meets through
+a file store (no port), and every wait has a deadline: a hang is now a failure that says so.
 """
 
 from __future__ import annotations

@@ -48,9 +48,10 @@ def _loopback_interface() -> str | None:
 
 
 def _pin_single_node_gloo_to_loopback(world: int) -> None:
-    """Gloo picks the interface its peers connect to from the hostname's address; on hosts where the
-    hostname resolves to an address the sandbox does not route (seen in CI: the connect hangs until
-    the 30-minute timeout), a one-node run must talk over loopback. A user's GLOO_SOCKET_IFNAME wins."""
+    """Gloo picks the interface its peers connect to from the hostname's address. A one-node run
+    needs nothing but loopback, and pinning it there removes the hostname lookup and any interface
+    a sandbox does not route from the picture (a CI run once hung inside a gloo test until CI's
+    limit; the cause was not reproduced here). A user's GLOO_SOCKET_IFNAME wins."""
     if "GLOO_SOCKET_IFNAME" in os.environ or int(os.environ.get("LOCAL_WORLD_SIZE", "0")) != world:
         return
     loopback = _loopback_interface()
