@@ -9,13 +9,7 @@
 # Usage (device tool, carry .whl): bash bench/gpu_compile_check.sh [MAX_STEPS]
 set -uo pipefail
 steps=${1:-40}
-out=${OUT:-/tmp/out}; mkdir -p "$out"
-if ls .whl/*.whl >/dev/null 2>&1; then  # packages the GPU image lacks (datasets, dill, multiprocess, pybind11)
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
-export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+source bench/gpu_env.sh  # $out, carried wheels, PYTHONPATH, $out/gpu.txt
 python3 -c "import torch, datasets; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'datasets', datasets.__version__)" 2>&1 | tee -a "$out/gpu.txt"
 
 timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tee "$out/pytest_gpu.log" | tail -n 5

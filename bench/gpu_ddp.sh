@@ -5,13 +5,8 @@
 # efficiency. Usage (device tool, carry .whl):  bash bench/gpu_ddp.sh [N] [STEPS]
 set -uo pipefail
 n=${1:-2}; steps=${2:-40}
-out=${OUT:-/tmp/out}; mkdir -p "$out"
-if ls .whl/*.whl >/dev/null 2>&1; then  # packages the GPU image lacks (datasets, dill, multiprocess)
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
-export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+source bench/gpu_env.sh  # $out, carried wheels, PYTHONPATH, $out/gpu.txt
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 for procs in 1 "$n"; do
   timeout 240 torchrun --standalone --nproc_per_node="$procs" hierarchos_cli.py train --epochs 100 \
     --max-steps "$steps" --max_length 512 --batch_size 16 --starting-lr 4e-4 --warmup-steps 10 --log-every 5 \

@@ -6,9 +6,7 @@
 #      (bf16, SDPA), hierarchos eager, and hierarchos with forward+backward replayed as a CUDA graph.
 # Usage (device tool): bash bench/gpu_graphs.sh   (logs and JSON under $OUT)
 set -uo pipefail
-out=${OUT:-/tmp/out}; mkdir -p "$out"
-export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+source bench/gpu_env.sh  # $out, carried wheels, PYTHONPATH, $out/gpu.txt
 timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graph.py -k cuda 2>&1 | tee "$out/pytest_gpu.log"
 timeout 200 python3 bench/bench_forward.py --device cuda --size 125m --seq-lens 1024 8192 --configs minimal \
   --no-rosa-for --cuda-graphs minimal --compile gpt2 --steps 3 --warmup 1 --max-seconds-per-row 90 \

@@ -7,9 +7,7 @@
 #      equal parameter count, T=1024 and 8192, configs minimal / mid (2,2,2) / default.
 # Usage (device tool): bash bench/gpu_issue7.sh   (output and JSON under $OUT)
 set -uo pipefail
-out=${OUT:-/tmp/out}; mkdir -p "$out"
-export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+source bench/gpu_env.sh  # $out, carried wheels, PYTHONPATH, $out/gpu.txt
 timeout 190 python3 bench/bench_train.py --device cuda --size 125m --seq-len 1024 --batch 4 \
   --configs 1,1,0 2,2,2 2,5,5 --steps 2 --json "$out/train_h200_125m.json" 2>&1 | grep -v "^USDT" \
   | tee "$out/bench_train.log" | tail -n 12

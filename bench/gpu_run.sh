@@ -4,13 +4,7 @@
 #   bash bench/gpu_run.sh SIZE [extra bench_forward.py flags]
 set -uo pipefail
 size=${1:-125m}; shift || true
-out=${OUT:-/tmp/out}; mkdir -p "$out"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
-export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+source bench/gpu_env.sh  # $out, carried wheels, PYTHONPATH, $out/gpu.txt
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
 if [ -n "${WITH_PYTEST:-}" ] && python3 -c "import pytest" 2>/dev/null; then
   python3 -m pytest -q -p no:cacheprovider tests/test_wkv.py 2>&1 | tee "$out/pytest_wkv_gpu.log"

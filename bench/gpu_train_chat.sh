@@ -9,13 +9,7 @@
 #   bash bench/gpu_train_chat.sh [EPOCHS]      (carry .whl; SKIP_GENERATE=1 skips step 5)
 set -uo pipefail
 epochs=${1:-20}
-out=${OUT:-/tmp/out}; mkdir -p "$out"
-if ls .whl/*.whl >/dev/null 2>&1; then  # packages the GPU image lacks (datasets, dill, multiprocess)
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
-export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+source bench/gpu_env.sh  # $out, carried wheels, PYTHONPATH, $out/gpu.txt
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)" | tee -a "$out/gpu.txt"
 
 if python3 -c "import pytest" 2>/dev/null; then
