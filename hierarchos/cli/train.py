@@ -277,6 +277,11 @@ def run(args: argparse.Namespace, lora=None) -> int:
     dist_info = init_from_env(device.type)
     if dist_info.enabled and device.type == "cuda":
         device = torch.device("cuda", dist_info.local_rank)
+    if args.cuda_graphs and device.type != "cuda":
+        raise HierarchosError(f"--cuda-graphs needs a CUDA device (this run is on {device.type}); "
+                              "drop the flag or use --device cuda")
+    if args.cuda_graphs and dist_info.enabled:
+        raise HierarchosError("--cuda-graphs runs in one process; drop it under torchrun")
     torch.manual_seed(args.seed)
     out_dir = Path(args.out_dir)
     main_rank = dist_info.is_main
@@ -388,15 +393,9 @@ def run(args: argparse.Namespace, lora=None) -> int:
                                         encourage_thinking=args.encourage_thinking,
                                         adaptive_ponder=args.adaptive_ponder,
                                         ponder_target_scale=args.ponder_target_scale))
-    if args.cuda_graphs:
-        if device.type != "cuda":
-            raise HierarchosError(f"--cuda-graphs needs a CUDA device (this run is on {device.type}); "
-                                  "drop the flag or use --device cuda")
-        if dist_info.enabled:
-            raise HierarchosError("--cuda-graphs runs in one process; drop it under torchrun")
-        if args.detach_every_n_steps and args.detach_every_n_steps < chunk:
-            raise HierarchosError("--cuda-graphs captures whole windows; drop --detach-every-n-steps "
-                                  f"({args.detach_every_n_steps} < --max_length {chunk})")
+    if args.cuda_graphs and args.detach_every_n_steps and args.detach_every_n_steps < chunk:
+        raise HierarchosError("--cuda-graphs captures whole windows; drop --detach-every-n-steps "
+                              f"({args.detach_every_n_steps} < --max_length {chunk})")
     # wrap first: fully_shard swaps the parameters for sharded ones, which the optimizer must hold
     forward_model = wrap_model(model, dist_info, device, fsdp=args.fsdp)
     sharded = bool(args.fsdp and dist_info.enabled)
@@ -468,9 +467,10 @@ def run(args: argparse.Namespace, lora=None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save(out_dir)  # beside the checkpoints from the start, for ckpt-2-inf and resumes
     metrics_path = out_dir / "metrics.jsonl"
-    log_file = Path(args.log_file) if args.log_file else None
-    if log_file is not None:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
+    metrics_files = [metrics_path]  # and a --log-file copy
+    if args.log_file:
+        metrics_files.append(Path(args.log_file))
+        metrics_files[-1].parent.mkdir(parents=True, exist_ok=True)
     stop = {"flag": False}
 
     def on_signal(signum, frame):  # noqa: ARG001
@@ -496,7 +496,7 @@ def run(args: argparse.Namespace, lora=None) -> int:
         if not main_rank:
             return
         record = {**record, "time": time.time()}
-        for path in (metrics_path, *([log_file] if log_file else [])):
+        for path in metrics_files:
             with open(path, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record) + "\n")
         bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
