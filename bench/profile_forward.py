@@ -1,0 +1,184 @@
+"""Where the GPU time of one forward+backward step goes, by kernel kind, for bench_forward's models.
+
+Runs bench_forward's step (hierarchos + lm_loss, or the equal-size GPT-2) under torch.profiler and
+adds up device time per kernel kind (matmul, our WKV kernel, inductor-fused, elementwise,
+reductions, copies/casts, indexing, norms/softmax, sort/top-k, other), next to the operator
+counts and the largest aten operators by self device time. The same step is timed without
+the profiler first, so the table's "share" is of real busy time, not of profiler overhead.
+
+    PYTHONPATH=. python bench/profile_forward.py --device cuda --size 125m --seq-len 1024 --batch 16 \
+        --models hierarchos:minimal gpt2 --json $OUT/profile_forward.json
+CPU smoke (operators only, there are no device kernels):
+    PYTHONPATH=. python bench/profile_forward.py --device cpu --size tiny --seq-len 128 --batch 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+from bench.bench_forward import (CONFIGS, SIZES, build_gpt2, fit_gpt2, gpt2_count, hier_cfg,  # noqa: E402
+                                 hier_counts, loss_fn, machine_info)
+from hierarchos.model.lm import HierarchosLM  # noqa: E402
+from hierarchos.model.rwkv import compile_blocks  # noqa: E402
+
+# first match wins; names are CUDA kernel names (lower-cased)
+KINDS = (
+    ("wkv (ours)", ("wkv",)),
+    ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "sm90_", "sm80_", "ampere_", "magma", "splitk")),
+    ("attention", ("flash", "fmha", "attention", "sdpa", "efficient")),
+    ("inductor fused", ("triton_",)),
+    ("norm/softmax", ("layer_norm", "layernorm", "softmax", "group_norm", "batch_norm")),
+    ("sort/top-k", ("sort", "topk", "radix", "bitonic", "cub::")),
+    ("indexing", ("index", "gather", "scatter", "embedding", "cat_", "catarray")),
+    ("copy/cast", ("copy", "fill")),
+    ("reduction", ("reduce",)),
+    ("elementwise", ("elementwise",)),
+)
+
+
+def kind_of(name: str) -> str:
+    low = name.lower()
+    for kind, keys in KINDS:
+        if any(k in low for k in keys):
+            return kind
+    return "other"
+
+
+def make_model(spec: str, size: str, max_t: int):
+    """'hierarchos:<config>' or 'gpt2' (fitted to hierarchos' parameter count, as in bench_forward)."""
+    name, _, config = spec.partition(":")
+    if name == "hierarchos":
+        return HierarchosLM(hier_cfg(size, config or "minimal", use_rosa=False))
+    if name == "gpt2":
+        V, P = SIZES[size]["vocab_size"], max(max_t, 1024)
+        n_hier, _ = hier_counts(hier_cfg(size, "minimal"))
+        L, d = fit_gpt2(n_hier, V, P, SIZES[size]["context_dim"])
+        model = build_gpt2(V, P, L, d)
+        model.fitted = dict(n_layer=L, n_embd=d, params=gpt2_count(V, P, L, d))
+        return model
+    raise SystemExit(f"profile_forward: unknown model {spec!r}; use hierarchos:<{'|'.join(CONFIGS)}> or gpt2")
+
+
+def profile_one(spec: str, args, dev) -> dict:
+    torch.manual_seed(0)
+    model = make_model(spec, args.size, args.seq_len).to(dev).train()
+    fwd = model
+    if args.compile:
+        if isinstance(model, HierarchosLM):
+            compile_blocks(model)
+        else:
+            fwd = torch.compile(model)
+    amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if dev.type == "cuda" else contextlib.nullcontext
+    V = SIZES[args.size]["vocab_size"]
+    x = torch.randint(0, V, (args.batch, args.seq_len + 1), generator=torch.Generator().manual_seed(0)).to(dev)
+
+    def step():
+        with amp():
+            loss, _ = loss_fn(fwd, x[:, :-1], x[:, 1:])
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    t0 = time.perf_counter()
+    step(), sync()
+    first_ms = (time.perf_counter() - t0) * 1e3
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        step(), sync()
+        times.append(time.perf_counter() - t0)
+    step_ms = statistics.median(times) * 1e3
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(args.steps):
+            step()
+        sync()
+    n = args.steps
+    kinds: dict[str, dict] = {}
+    launches = 0
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            k = kinds.setdefault(kind_of(ev.name), dict(ms=0.0, kernels=0, top={}))
+            us = ev.time_range.elapsed_us()  # the kernel's own duration on the device
+            k["ms"] += us / 1e3 / n
+            k["kernels"] += 1
+            k["top"][ev.name[:90]] = k["top"].get(ev.name[:90], 0.0) + us / 1e3 / n
+        elif ev.name in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC"):
+            launches += 1
+    busy = sum(k["ms"] for k in kinds.values())
+    for k in kinds.values():
+        k["kernels"] = k["kernels"] / n
+        k["top"] = dict(sorted(k["top"].items(), key=lambda kv: -kv[1])[:3])
+    ops = sorted((e for e in prof.key_averages() if e.key.startswith("aten::")),
+                 key=lambda e: -(getattr(e, "self_device_time_total", 0) or getattr(e, "self_cpu_time_total", 0)))
+    top_ops = [dict(op=e.key, calls=e.count / n,
+                    device_ms=getattr(e, "self_device_time_total", 0) / 1e3 / n,
+                    cpu_ms=e.self_cpu_time_total / 1e3 / n) for e in ops[:args.rows]]
+    result = dict(model=spec, compile=args.compile, T=args.seq_len, batch=args.batch, step_ms=step_ms,
+                  first_step_ms=first_ms, tokens_per_s=args.batch * args.seq_len / (step_ms / 1e3),
+                  device_busy_ms=busy, busy_fraction=busy / step_ms if step_ms else None,
+                  launches_per_step=launches / n, kinds=kinds, top_ops=top_ops,
+                  params=getattr(model, "fitted", None) or dict(params=sum(p.numel() for p in model.parameters())))
+    del model, fwd
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def print_result(r: dict) -> None:
+    print(f"\n{r['model']}{' (compiled)' if r['compile'] else ''} T={r['T']} B={r['batch']}: "
+          f"{r['step_ms']:.1f} ms/step ({r['tokens_per_s']:,.0f} tok/s), device busy {r['device_busy_ms']:.1f} ms "
+          f"({100 * (r['busy_fraction'] or 0):.0f}%), {r['launches_per_step']:.0f} launches/step, "
+          f"first step {r['first_step_ms']:.0f} ms")
+    if r["kinds"]:
+        print(f"  {'kind':<16} {'ms/step':>9} {'share':>6} {'kernels':>8}  largest")
+        for kind, k in sorted(r["kinds"].items(), key=lambda kv: -kv[1]["ms"]):
+            top = next(iter(k["top"]), "")
+            print(f"  {kind:<16} {k['ms']:9.2f} {100 * k['ms'] / r['device_busy_ms']:5.1f}% {k['kernels']:8.0f}  {top}")
+    print(f"  {'aten operator':<40} {'calls':>7} {'device ms':>10} {'cpu ms':>8}")
+    for o in r["top_ops"]:
+        print(f"  {o['op']:<40} {o['calls']:7.0f} {o['device_ms']:10.2f} {o['cpu_ms']:8.2f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", choices=SIZES, default="125m")
+    ap.add_argument("--seq-len", type=int, default=1024)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--models", nargs="+", default=["hierarchos:minimal", "gpt2"])
+    ap.add_argument("--compile", action="store_true", help="compile hierarchos' RWKV blocks / the whole GPT-2")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--rows", type=int, default=20)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    dev = torch.device(args.device)
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    print(f"profile_forward: {' '.join(sys.argv[1:])}\nmachine: {json.dumps(machine_info(dev))}")
+    results = []
+    for spec in args.models:
+        results.append(profile_one(spec, args, dev))
+        print_result(results[-1])
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(machine=machine_info(dev), args=vars(args), results=results), f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
