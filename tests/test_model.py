@@ -204,3 +204,26 @@ def test_gradient_checkpointing_gives_same_gradients():
     ckpt = grads()
     for name in plain:
         torch.testing.assert_close(plain[name], ckpt[name], rtol=1e-9, atol=1e-12, msg=lambda m: f"seed={seed} {name}: {m}")
+
+
+def test_autocast_runs_the_block_elementwise_work_in_bf16_and_keeps_the_state_float32():
+    """Under bf16 autocast the mixes and gates are bf16 (what the matmuls consume), the carried state
+    stays float32, and the parallel form still equals the step form (to bf16 precision)."""
+    seed = fresh_seed()
+    model = build(dtype=torch.float32, seed=seed, l_conv_atol=0.0, h_halt_thresh=1.0)
+    seen = {}
+    block = model.reasoner.manager.blocks[0]
+    for name, lin in (("time_mix_out", block.time_mix.output), ("receptance", block.time_mix.receptance),
+                      ("channel_down", block.channel_mix.down)):
+        lin.register_forward_pre_hook(lambda _m, args, name=name: seen.__setitem__(name, args[0].dtype))
+    tokens = random_tokens(model.cfg, 2, 13, seed)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        par = model(tokens)
+        step_logits, _, step_state = run_steps(model, tokens)
+    assert seen == dict(time_mix_out=torch.bfloat16, receptance=torch.bfloat16, channel_down=torch.bfloat16)
+    for state in (par.state, step_state):
+        for name, t in state.tensors():
+            if t.is_floating_point():
+                assert t.dtype in (torch.float32, torch.float64), f"{name}: {t.dtype}"
+    rel = (par.logits.float() - step_logits.float()).norm() / par.logits.float().norm()
+    assert rel < 3e-2, f"seed={seed} relative error {rel}"

@@ -144,7 +144,7 @@ class HierarchicalReasoner(nn.Module):
         new["explore"] = explore
         z, new["commit"] = self.worker(self.l_input_proj(torch.cat([u, context + drift], -1)), tokens, rs["commit"])
         y = u + self.l_to_out(z)
-        new["last_out"] = y[:, -1]
+        new["last_out"] = y[:, -1].to(rs["last_out"].dtype)  # the state keeps its dtype under autocast
         return y, new
 
     def _ponder(self, z, plan_tokens, states, n_ponder, thresh, grad_on, totals):

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from ..ops.aligned import padded_linear
 from .hrm import HierarchicalReasoner
 from .memory import LongTermMemory
 from .rosa import RosaAutomaton, rosa_hints
@@ -105,9 +106,17 @@ class HierarchosLM(nn.Module):
         persistent = self.persistent.to(e.dtype).expand(B, T, -1)
         u = F.gelu(self.encoder(torch.cat([e, reads, persistent], dim=-1)))
         y, rounds, totals = self.reasoner(u, tokens, state.rounds, state.pos, **caps)
-        logits = self.lm_head(self.out_norm(y))
+        logits = self.head(self.out_norm(y))
         new_state = HierarchosState(pos=state.pos + T, memory=memory_state, rounds=rounds, rosa=rosa)
         return ModelOutput(logits=logits, state=new_state, totals=totals)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits of the tied head. On a GPU the float head runs with its output rows padded to an
+        aligned stride (`padded_linear`: an odd vocabulary otherwise gets cuBLAS's slow align-1
+        kernels); the quantized model's head is another module and is called as it is."""
+        if type(self.lm_head) is nn.Linear and h.device.type != "cpu":
+            return padded_linear(h, self.lm_head.weight)
+        return self.lm_head(h)
 
     def step(self, token: torch.Tensor, state: HierarchosState | None = None, **caps) -> ModelOutput:
         """Consume one token per row: token (B,) -> logits (B, V) and the next state."""

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..ops.amp import to_autocast_dtype
 from ..ops.wkv import wkv7
 
 # The recurrence as torch.compile must see it: an opaque call (its chunk loop, up to T / 16
@@ -122,13 +123,15 @@ class TimeMix(nn.Module):
     def forward(self, x, shift_prev, wkv_state, frozen=None):
         B, T, C = x.shape
         H, N = self.n_heads, self.head_size
-        x_prev, new_shift = shift_tokens(x, shift_prev, frozen)
+        x = to_autocast_dtype(x)  # the mixes in bf16 under autocast (the state keeps its own dtype)
+        x_prev, new_shift = shift_tokens(x, shift_prev.to(x.dtype), frozen)
         delta = x_prev - x
-        base = x + delta * self.mix_base
+        base = torch.addcmul(x, delta, self.mix_base.to(x.dtype))
         lora = torch.tanh(base @ self.mix_down).view(B * T, N_MIX, -1).transpose(0, 1)  # (6, B*T, R)
         lora = torch.bmm(lora, self.mix_up).view(N_MIX, B, T, C)  # bmm: einsum's dispatch costs ~0.1 ms a call
         # one (6, B, T, C) tensor, then unbind: indexing it six times costs six zero-filled grads
-        xr, xw, xk, xv, xa, xg = (x + delta * (self.mix[:, None, None] + lora)).unbind(0)
+        mixes = torch.addcmul(x, delta, self.mix.to(lora.dtype)[:, None, None] + lora)
+        xr, xw, xk, xv, xa, xg = mixes.unbind(0)
 
         r = self.receptance(xr)
         k = self.key(xk)
@@ -147,10 +150,9 @@ class TimeMix(nn.Module):
             live = (~frozen)[:, :, None, None].to(r_h.dtype)
             log_w_h, k_h, b_h = log_w_h * live, k_h * live, b_h * live
         out, new_wkv = _wkv7_opaque(r_h, log_w_h, k_h, v_h, -kappa, b_h, state=wkv_state, chunk_size=self.wkv_chunk)
-        out = out.to(x.dtype)
-        out = self.norm(out.view(B, T, H, N))
-        bonus = ((r_h * k_h * self.bonus).sum(-1, keepdim=True) * v_h).reshape(B, T, C).to(x.dtype)
-        return self.output((out + bonus) * g), new_shift, new_wkv
+        out = self.norm(out.view(B, T, H, N))  # in the recurrence's precision (float32 under autocast)
+        bonus = ((r_h * k_h * self.bonus).sum(-1, keepdim=True) * v_h).reshape(B, T, C)
+        return self.output((out + bonus).to(g.dtype) * g), new_shift.to(shift_prev.dtype), new_wkv
 
 
 class ChannelMix(nn.Module):
@@ -166,12 +168,13 @@ class ChannelMix(nn.Module):
         nn.init.normal_(self.down.weight, std=0.1 / math.sqrt(ffn_dim))
 
     def forward(self, x, shift_prev, deep_gate=None, frozen=None):
-        x_prev, new_shift = shift_tokens(x, shift_prev, frozen)
-        xk = x + (x_prev - x) * self.mix
+        x = to_autocast_dtype(x)
+        x_prev, new_shift = shift_tokens(x, shift_prev.to(x.dtype), frozen)
+        xk = torch.addcmul(x, x_prev - x, self.mix.to(x.dtype))
         hidden = F.silu(self.gate(xk)) * self.up(xk)
         if deep_gate is not None:
             hidden = hidden * deep_gate
-        return self.down(hidden), new_shift
+        return self.down(hidden), new_shift.to(shift_prev.dtype)
 
 
 class RWKVBlock(nn.Module):
@@ -223,11 +226,14 @@ class RWKVStack(nn.Module):
     def forward(self, x: torch.Tensor, tokens: torch.Tensor, state: dict, frozen: torch.Tensor | None = None):
         """x: (B, T, C) inputs; tokens: (B, T) ids for DeepEmbed; frozen: (B, T) bool or None."""
         tm, wkv, cm = [], [], []
-        shared_gate = self.deepembed[0](tokens) if self.deepembed is not None and not self.per_block_deepembed else None
+        # gates cast once per pass (not per block) to the dtype the channel mix runs in under autocast
+        shared_gate = None
+        if self.deepembed is not None and not self.per_block_deepembed:
+            shared_gate = to_autocast_dtype(self.deepembed[0](tokens))
         for i, block in enumerate(self.blocks):
             gate = shared_gate
             if self.deepembed is not None and self.per_block_deepembed:
-                gate = self.deepembed[i](tokens)
+                gate = to_autocast_dtype(self.deepembed[i](tokens))
             args = (x, state["tm_shift"][i], state["wkv"][i], state["cm_shift"][i], gate, frozen)
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x, s_tm, s_wkv, s_cm = checkpoint(block, *args, use_reentrant=False)

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import HierarchosError
+from .amp import autocast_off
 from .wkv_triton import triton_unavailable_reason, wkv7_triton
 
 IMPLS = ("auto", "reference", "recurrent", "cpp_step", "chunked", "fla", "triton")
@@ -310,8 +311,9 @@ def wkv7(r, log_w, k, v, a, b, state=None, impl="auto", chunk_size=32):
     in float32 (float64 for float64 inputs); the caller casts back.
     """
     name = resolve_impl(impl, r)
-    if name == "chunked":
-        return wkv7_chunked(r, log_w, k, v, a, b, state, chunk_size=chunk_size)
-    run = {"reference": wkv7_reference, "recurrent": wkv7_recurrent_step, "cpp_step": wkv7_cpp_step,
-           "fla": wkv7_fla, "triton": wkv7_triton}[name]
-    return run(r, log_w, k, v, a, b, state)
+    with autocast_off(r.device.type):  # the state accumulates in float32 under autocast too
+        if name == "chunked":
+            return wkv7_chunked(r, log_w, k, v, a, b, state, chunk_size=chunk_size)
+        run = {"reference": wkv7_reference, "recurrent": wkv7_recurrent_step, "cpp_step": wkv7_cpp_step,
+               "fla": wkv7_fla, "triton": wkv7_triton}[name]
+        return run(r, log_w, k, v, a, b, state)
