@@ -326,6 +326,8 @@ def parity_checks(dev):
     case = wkv_case(dev)
     ref = wkv_run(wkv_ops.wkv7_reference, *case, torch.float64)
     impls = [("chunked", wkv_ops.wkv7_chunked, TOL_CHUNKED)]
+    if "triton" in wkv_ops.available_impls(dev):
+        impls.append(("triton", wkv_ops.wkv7_triton, TOL_CHUNKED))
     if hasattr(wkv_ops, "wkv7_fla") and "fla" in wkv_ops.available_impls(dev):
         impls.append(("fla", wkv_ops.wkv7_fla, TOL_TF32))
     for name, fn, tol in impls:
@@ -340,12 +342,15 @@ def parity_checks(dev):
             for i, gname in enumerate([*NAMES, "s0"]):
                 add(f"wkv {name} grad d{gname}", lambda i=i: rel(got["r"][2][i], ref[2][i]), tol)
 
-    def model_parity():
+    if dev.type == "cuda":
+        loss_checks(dev, add)
+
+    def model_parity(amp=False):
         torch.manual_seed(0)
         model = HierarchosLM(tiny_config(l_conv_atol=0.0, h_halt_thresh=1.0, head_size=64, context_dim=64,
                                          h_hidden=64, l_hidden=64)).to(dev).float().eval()
         tokens = torch.randint(0, 7, (2, 48), generator=torch.Generator().manual_seed(1)).to(dev)
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
             par = model(tokens).logits
             state, steps = model.init_state(2), []
             for t in range(tokens.shape[1]):
@@ -357,10 +362,36 @@ def parity_checks(dev):
     for impl, _, tol in impls:  # the parallel form uses `impl` (T > 2); the step form the recurrent scan
         os.environ[wkv_ops.ENV_IMPL] = impl
         add(f"tiny model parallel==step (wkv {impl})", model_parity, tol)
+        if impl == "triton":  # the blocks' elementwise work in bf16, the recurrence in float32
+            add(f"tiny model parallel==step, bf16 autocast (wkv {impl})", lambda: model_parity(amp=True), 3e-2)
     os.environ.pop(wkv_ops.ENV_IMPL)
     if old is not None:
         os.environ[wkv_ops.ENV_IMPL] = old
     return checks
+
+
+def loss_checks(dev, add):
+    """The Triton cross-entropy + z-loss against the PyTorch form (bf16 logits of GPT-2's vocabulary,
+    a strided view as the padded head makes), and the padded head against F.linear."""
+    from hierarchos.model.losses import cross_entropy_z
+    from hierarchos.ops.aligned import padded_linear
+
+    g = torch.Generator().manual_seed(3)
+    wide = (4 * torch.randn(2048, 50304, generator=g)).to(dev, torch.bfloat16)
+    targets = torch.randint(0, 50257, (2048,), generator=g).to(dev)
+    targets[::7] = -100
+    got = {}
+    for impl in ("triton", "torch"):
+        leaf = wide.clone().requires_grad_()
+        ce, z = cross_entropy_z(leaf[:, :50257], targets, impl=impl)
+        (0.7 * ce + 0.3 * z).backward()
+        got[impl] = (ce.detach(), z.detach(), leaf.grad)
+    for i, name in enumerate(("ce", "z-loss", "grad")):
+        add(f"loss triton {name} (bf16, V=50257)", lambda i=i: rel(got["triton"][i], got["torch"][i]),
+            5e-3 if name == "grad" else 1e-5)
+    x = torch.randn(512, 768, generator=g).to(dev)
+    w = torch.randn(50257, 768, generator=g).to(dev)
+    add("padded head == F.linear (float32)", lambda: rel(padded_linear(x, w), F.linear(x, w)), 1e-5)
 
 
 # ----------------------------------------------------------------------------- main

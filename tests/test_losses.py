@@ -65,3 +65,64 @@ def test_all_targets_ignored_gives_zero_ce():
     assert float(ce.detach()) == 0.0 and float(z.detach()) > 0
     (ce + z).backward()
     assert torch.isfinite(logits.grad).all()
+
+
+# ----------------------------------------------------------------------------- the Triton kernels
+try:
+    import triton  # noqa: F401
+except Exception:  # noqa: BLE001
+    triton = None
+needs_triton = pytest.mark.skipif(triton is None, reason="triton does not import")
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype, vocab, padded", [(torch.float32, 11, False), (torch.float32, 300, True),
+                                                  (torch.bfloat16, 5000, True), (torch.float16, 64, False)])
+def test_triton_cross_entropy_z_matches_reference(monkeypatch, dtype, vocab, padded):
+    """Under Triton's interpreter (CPU): values and gradients equal the PyTorch form, for several
+    vocabulary blocks (5000 > 4096), a strided row view (the padded head) and ignored targets."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    seed = random.SystemRandom().randrange(2**31)
+    g = torch.Generator().manual_seed(seed)
+    wide = (4 * torch.randn(2, 5, vocab + (7 if padded else 0), generator=g)).to(dtype)
+    logits_of = (lambda t: t[..., :vocab]) if padded else (lambda t: t)
+    targets = torch.randint(0, vocab, (2, 5), generator=g)
+    targets[torch.rand(2, 5, generator=g) < 0.3] = -100
+    w_ce, w_z = torch.rand(2, generator=g).tolist()
+    results = []
+    for impl in ("triton", "torch"):
+        leaf = wide.clone().requires_grad_(True)
+        ce, z = cross_entropy_z(logits_of(leaf), targets, impl=impl)
+        (w_ce * ce + w_z * z).backward()
+        results.append((ce.detach(), z.detach(), leaf.grad))
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+    for name, got, want in zip(("ce", "z", "grad"), *results):
+        assert got.dtype == want.dtype, name
+        torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol,
+                                   msg=lambda m: f"seed={seed} {name}: {m}")
+    if padded:  # the columns past the vocabulary get no gradient
+        assert torch.count_nonzero(results[0][2][..., vocab:]) == 0
+
+
+@needs_triton
+def test_triton_cross_entropy_z_extreme_logits(monkeypatch):
+    """-inf logits (a masked vocabulary) and large magnitudes give finite, correct values."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    logits = torch.tensor([[0.0, float("-inf"), 80.0, -80.0], [1e4, 1e4, float("-inf"), 0.0]])
+    targets = torch.tensor([2, 1])
+    got = cross_entropy_z(logits, targets, impl="triton")
+    want = cross_entropy_z_reference(logits, targets)
+    for a, b in zip(got, want):
+        # atol: one float32 ulp at 1e4 is ~1e-3, so either order of summation may land a ulp apart
+        assert torch.isfinite(a) and torch.allclose(a, b, rtol=1e-5, atol=2e-3), (got, want)
+
+
+def test_triton_loss_without_its_runtime_is_a_clear_error(monkeypatch):
+    """On CPU tensors without the interpreter the Triton path says why it cannot run."""
+    from hierarchos.errors import HierarchosError
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(HierarchosError, match="Triton loss cannot run"):
+        cross_entropy_z(torch.randn(2, 5), torch.tensor([1, 2]), impl="triton")
+    with pytest.raises(ValueError, match="unknown impl"):
+        cross_entropy_z(torch.randn(2, 5), torch.tensor([1, 2]), impl="fast")

@@ -7,7 +7,8 @@ target that grows with the CE loss (harder text earns more thinking).
 
 CE and the z-loss share one log-partition and one fused backward (`cross_entropy_z`): the
 (B, T, vocab) logits are the largest tensor of a step, so each extra pass over them counts;
-`cross_entropy_z_reference` is the plain autograd version the tests compare it with.
+`cross_entropy_z_reference` is the plain autograd version the tests compare it with. On a GPU
+the same contract runs as two Triton kernels (`hierarchos.ops.ce_triton`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from ..ops.ce_triton import cross_entropy_z_triton, triton_loss_fits
 
 
 @dataclass
@@ -57,9 +60,18 @@ class _CrossEntropyZ(torch.autograd.Function):
         return grad.to(logits.dtype), None, None
 
 
-def cross_entropy_z(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100):
-    """logits (..., V), targets (...) -> (cross-entropy, z-loss), one fused backward."""
-    return _CrossEntropyZ.apply(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index)
+def cross_entropy_z(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, impl: str = "auto"):
+    """logits (..., V), targets (...) -> (cross-entropy, z-loss), one fused backward.
+
+    impl: 'torch' (`_CrossEntropyZ`), 'triton' (`hierarchos.ops.ce_triton`: one read of the logits
+    per pass, no float32 copy of them), or 'auto': Triton for CUDA logits when triton imports,
+    float64 and CPU logits through PyTorch."""
+    flat, flat_targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+    if impl not in ("auto", "torch", "triton"):
+        raise ValueError(f"cross_entropy_z: unknown impl {impl!r}; expected auto, torch or triton")
+    if impl == "triton" or (impl == "auto" and logits.is_cuda and triton_loss_fits(logits)):
+        return cross_entropy_z_triton(flat, flat_targets, ignore_index)
+    return _CrossEntropyZ.apply(flat, flat_targets, ignore_index)
 
 
 def cross_entropy_z_reference(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100):
