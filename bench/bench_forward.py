@@ -303,8 +303,11 @@ def wkv_case(dev, B=2, T=200, H=4, N=64, seed=0, dtype=torch.float32):
 
 
 def wkv_run(fn, x, state, w_o, w_s, dtype):
-    leaves = {n: t.to(dtype).requires_grad_() for n, t in x.items()}
-    s0 = state.to(dtype).requires_grad_()
+    # fresh leaves per run: .to() of a tensor already in `dtype` is the same tensor, and gradients of
+    # one implementation would then add onto the previous one's (this made every second
+    # implementation of the list fail with relative error 1.0, fla's included)
+    leaves = {n: t.detach().to(dtype).clone().requires_grad_() for n, t in x.items()}
+    s0 = state.detach().to(dtype).clone().requires_grad_()
     o, s = fn(**leaves, state=s0)
     ((o * w_o.to(o.dtype)).sum() + (s * w_s.to(s.dtype)).sum()).backward()
     return o.detach(), s.detach(), [leaves[n].grad for n in NAMES] + [s0.grad]

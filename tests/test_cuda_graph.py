@@ -218,3 +218,15 @@ def test_capture_on_cuda_matches_eager():
         loss, _, state = window(x, y, state)
         losses.append(loss.detach().clone())
     _assert_same(ref_model, model, ref_losses, losses, ref_state, state, seed)
+
+
+def test_cuda_graphs_default_on_for_one_cuda_process_with_whole_windows():
+    from hierarchos.cli.train import resolve_cuda_graphs
+
+    assert resolve_cuda_graphs(None, "cuda", False, None, 512) is True
+    assert resolve_cuda_graphs(None, "cuda", False, 512, 512) is True   # cut at the window's end only
+    assert resolve_cuda_graphs(None, "cuda", False, 32, 512) is False   # cuts inside a window
+    assert resolve_cuda_graphs(None, "cuda", True, None, 512) is False  # torchrun
+    assert resolve_cuda_graphs(None, "cpu", False, None, 512) is False
+    assert resolve_cuda_graphs(False, "cuda", False, None, 512) is False  # --no-cuda-graphs
+    assert resolve_cuda_graphs(True, "cpu", False, None, 512) is True     # explicit: the CLI then says why not

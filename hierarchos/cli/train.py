@@ -117,9 +117,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     run.add_argument("--force-compile", action="store_true", help="compile even where it is known to hang "
                      "(Windows CPU)")
     run.add_argument("--fsdp", action="store_true", help="under torchrun: shard with FSDP2 instead of DDP")
-    run.add_argument("--cuda-graphs", action="store_true",
-                     help="capture each window's forward+backward in a CUDA graph and replay it (one process, "
-                          "CUDA; 1.73x at T=8192 and 1.07x at T=1024 on an H200, see BENCHMARKS.md)")
+    run.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                     help="capture each window's forward+backward in a CUDA graph and replay it (default: on "
+                          "for one-process CUDA training with whole windows; 1.46x tokens/s in the training "
+                          "loop on an H200, see BENCHMARKS.md; --no-cuda-graphs for eager)")
     run.add_argument("--num_workers", "--num-workers", type=int, default=0,
                      help="accepted for compatibility; token streams are built in memory")
     run.add_argument("--log-every", type=int, default=10)
@@ -165,6 +166,15 @@ FLAG_RULES = {
     "eval_batch_size": (lambda v: v >= 1, ">= 1"), "eval_limit": (lambda v: v >= 1, ">= 1"),
     "hidden_size": (lambda v: v >= 1, ">= 1"), "num_heads": (lambda v: v >= 1, ">= 1"),
 }
+
+
+def resolve_cuda_graphs(requested: bool | None, device_type: str, distributed: bool,
+                        detach_every: int | None, window: int) -> bool:
+    """--cuda-graphs / --no-cuda-graphs as given; unset, on wherever a captured window stands for
+    the eager one: one CUDA process, whole windows (no --detach-every-n-steps cut inside one)."""
+    if requested is not None:
+        return requested
+    return device_type == "cuda" and not distributed and not (detach_every and detach_every < window)
 
 
 def check_flags(args: argparse.Namespace) -> None:
@@ -382,6 +392,8 @@ def run(args: argparse.Namespace, lora=None) -> int:
         except ValueError:
             val_streams = None
 
+    args.cuda_graphs = resolve_cuda_graphs(args.cuda_graphs, device.type, dist_info.enabled,
+                                           args.detach_every_n_steps, chunk)
     tcfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, accumulation_steps=args.accumulation_steps,
                        starting_lr=args.starting_lr, min_lr=args.min_lr, warmup_steps=args.warmup_steps,
                        disable_lr_schedule=args.disable_lr_schedule, grad_clip=args.grad_clip,
@@ -439,7 +451,8 @@ def run(args: argparse.Namespace, lora=None) -> int:
                  "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     n_params, n_core = model.num_parameters(), model.num_parameters(with_deepembed=False)
     print(f"model: {n_params:,} parameters ({n_core:,} without DeepEmbed tables) | device {device} | "
-          f"amp {trainer.amp_dtype} | vocab {cfg.vocab_size} ({tokenizer.name})")
+          f"amp {trainer.amp_dtype} | cuda graphs {'on' if tcfg.cuda_graphs else 'off'} | vocab {cfg.vocab_size} "
+          f"({tokenizer.name})")
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         print(f"gpu: {props.name}, {props.total_memory / 2**30:.1f} GiB, sm {props.major}.{props.minor}; "
