@@ -112,8 +112,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     run.add_argument("--reset-halt-bias", type=float, default=None, metavar="B",
                      help="set the manager's halting bias to B after loading weights (e.g. -2.0)")
     run.add_argument("--compile", action="store_true",
-                     help="torch.compile the RWKV blocks (opt-in: on an H200 it cost 100 s of compilation "
-                          "for no measurable speed-up; see BENCHMARKS.md)")
+                     help="torch.compile the RWKV blocks (opt-in: 30-100 s of compilation on an H200, paid "
+                          "back only under CUDA graphs, 147 -> 116 ms a 125m step; see BENCHMARKS.md)")
     run.add_argument("--force-compile", action="store_true", help="compile even where it is known to hang "
                      "(Windows CPU)")
     run.add_argument("--fsdp", action="store_true", help="under torchrun: shard with FSDP2 instead of DDP")
