@@ -230,3 +230,34 @@ def test_cuda_graphs_default_on_for_one_cuda_process_with_whole_windows():
     assert resolve_cuda_graphs(None, "cpu", False, None, 512) is False
     assert resolve_cuda_graphs(False, "cuda", False, None, 512) is False  # --no-cuda-graphs
     assert resolve_cuda_graphs(True, "cpu", False, None, 512) is True     # explicit: the CLI then says why not
+    assert resolve_cuda_graphs(None, "cuda", False, None, 512, checkpointing=True) is False
+    assert resolve_cuda_graphs(None, "cuda", False, None, 512, fp16=True) is False
+    assert resolve_cuda_graphs(True, "cuda", False, None, 512, checkpointing=True) is True
+
+
+def test_a_failed_capture_says_so_once_and_that_shape_runs_eagerly():
+    """Whatever a capture refuses (an op that cannot be captured), training goes on: the window
+    runs eagerly with the gradients kept as they were, and later windows of the shape do too."""
+    seed = fresh_seed()
+    windows = _windows(seed, 3, T=8)
+    ref_model, model = _model(seed), _model(seed)
+    ref_losses, ref_state = _eager_run(ref_model, windows)
+    calls = []
+
+    def refusing_recorder(run, warmup, before_capture):
+        for _ in range(warmup):  # the warm-up really runs, as on a GPU; then the capture fails
+            run()
+        before_capture()
+        calls.append(1)
+        raise RuntimeError("operation not permitted when stream is capturing\nsecond line")
+
+    lines = []
+    window = GraphedWindow(model, _loss(model), capture=True, recorder=refusing_recorder, log=lines.append)
+    state, losses = None, []
+    for x, y in windows:
+        loss, _, state = window(x, y, state)
+        losses.append(loss.detach().clone())
+    _assert_same(ref_model, model, ref_losses, losses, ref_state, state, seed)
+    assert calls == [1] and not window.entries and window.eager_windows == 3
+    assert len(lines) == 1 and "capturing a 2x8 window failed (RuntimeError: operation not permitted" in lines[0]
+    assert "run eagerly" in lines[0] and "second line" not in lines[0]

@@ -236,7 +236,14 @@ class GraphedWindow:
 
         entry.run = run
         if self.capture:
-            self._capture(entry)
+            try:
+                self._capture(entry)
+            except Exception as exc:  # noqa: BLE001 - whatever a capture refuses, the eager window can do
+                self.eager_keys.add(key)
+                reason = (str(exc).strip().splitlines() or [""])[0][:160]
+                self.log(f"cuda graphs: capturing a {key[0]}x{key[1]} window failed ({type(exc).__name__}: "
+                         f"{reason}); windows of this shape run eagerly")
+                return None
         self.entries[key] = entry
         return entry
 
@@ -259,7 +266,16 @@ class GraphedWindow:
                 if p.grad is None or grad is not None:  # unreached: as it was; reached: its own tensor
                     p.grad = grad
 
-        entry.replay, entry.outputs = self.recorder(entry.run, max(1, self.warmup), before_capture)
+        try:
+            entry.replay, entry.outputs = self.recorder(entry.run, max(1, self.warmup), before_capture)
+        except BaseException:
+            # a capture records without running, so the kept tensors were never written by it; the
+            # warm-up wrote only fresh ones: every parameter gets its gradient back as it was
+            for p, grad, value in zip(params, grads, values):
+                p.grad = grad
+                if value is not None:
+                    grad.copy_(value)
+            raise
         for p, value in zip(params, values):
             if value is not None:
                 p.grad.copy_(value)
