@@ -233,6 +233,7 @@ def test_cuda_graphs_default_on_for_one_cuda_process_with_whole_windows():
     assert resolve_cuda_graphs(None, "cuda", False, None, 512, checkpointing=True) is False
     assert resolve_cuda_graphs(None, "cuda", False, None, 512, fp16=True) is False
     assert resolve_cuda_graphs(True, "cuda", False, None, 512, checkpointing=True) is True
+    assert resolve_cuda_graphs(None, "cuda", False, None, 512, lora=True) is False  # finetune
 
 
 def test_a_failed_capture_says_so_once_and_that_shape_runs_eagerly():

@@ -171,16 +171,17 @@ FLAG_RULES = {
 
 def resolve_cuda_graphs(requested: bool | None, device_type: str, distributed: bool,
                         detach_every: int | None, window: int, *, checkpointing: bool = False,
-                        fp16: bool = False) -> bool:
+                        fp16: bool = False, lora: bool = False) -> bool:
     """--cuda-graphs / --no-cuda-graphs as given; unset, on wherever a captured window is known to
     stand for the eager one: one CUDA process, whole windows (no --detach-every-n-steps cut inside
     one), and the combinations run captured on a GPU so far: not with gradient checkpointing
-    (its recompute and RNG bookkeeping under capture are untested) nor fp16's GradScaler (GPUs
-    without bf16). Asked for explicitly, those run captured too; a refused capture runs eagerly."""
+    (its recompute and RNG bookkeeping under capture are untested), fp16's GradScaler (GPUs
+    without bf16) or a LoRA finetune. Asked for explicitly, those run captured too; a refused
+    capture runs eagerly."""
     if requested is not None:
         return requested
     return (device_type == "cuda" and not distributed and not (detach_every and detach_every < window)
-            and not checkpointing and not fp16)
+            and not checkpointing and not fp16 and not lora)
 
 
 def check_flags(args: argparse.Namespace) -> None:
@@ -401,7 +402,8 @@ def run(args: argparse.Namespace, lora=None) -> int:
     fp16 = (device.type == "cuda" and args.amp is not False and not torch.cuda.is_bf16_supported())
     args.cuda_graphs = resolve_cuda_graphs(args.cuda_graphs, device.type, dist_info.enabled,
                                            args.detach_every_n_steps, chunk,
-                                           checkpointing=bool(args.gradient_checkpointing), fp16=fp16)
+                                           checkpointing=bool(args.gradient_checkpointing), fp16=fp16,
+                                           lora=lora is not None)
     tcfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, accumulation_steps=args.accumulation_steps,
                        starting_lr=args.starting_lr, min_lr=args.min_lr, warmup_steps=args.warmup_steps,
                        disable_lr_schedule=args.disable_lr_schedule, grad_clip=args.grad_clip,
