@@ -126,3 +126,22 @@ def test_triton_loss_without_its_runtime_is_a_clear_error(monkeypatch):
         cross_entropy_z(torch.randn(2, 5), torch.tensor([1, 2]), impl="triton")
     with pytest.raises(ValueError, match="unknown impl"):
         cross_entropy_z(torch.randn(2, 5), torch.tensor([1, 2]), impl="fast")
+
+
+def test_the_package_and_its_loss_work_without_triton():
+    """triton is optional: with it unimportable, hierarchos imports, the loss runs its PyTorch form,
+    and asking for the Triton form is a one-line error naming the fix."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "import torch, hierarchos, hierarchos.model.losses as losses\n"
+            "ce, z = losses.cross_entropy_z(torch.randn(3, 5), torch.tensor([1, 2, 3]))\n"
+            "assert torch.isfinite(ce) and torch.isfinite(z)\n"
+            "try:\n"
+            "    losses.cross_entropy_z(torch.randn(3, 5), torch.tensor([1, 2, 3]), impl='triton')\n"
+            "except Exception as exc:\n"
+            "    print(type(exc).__name__, exc)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "HierarchosError the Triton loss cannot run: triton does not import" in result.stdout, result.stdout

@@ -16,10 +16,11 @@ import functools
 
 import torch
 
-from .wkv_triton import _SUM, triton, triton_unavailable_reason
+from .wkv_triton import triton, triton_unavailable_reason
 
-if triton is not None:
+if triton is not None:  # optional: without it the PyTorch form of the loss runs everywhere
     import triton.language as tl
+    from .wkv_triton import _SUM
     from triton.runtime.interpreter import InterpretedFunction
 
     _MAX = tl.standard._elementwise_max  # tl.max is a JIT function; see wkv_triton's note on _SUM
