@@ -3,6 +3,8 @@
 # The same command runs under torchrun with 1 and with N processes (the per-GPU batch is fixed, so the
 # global batch grows with N); tokens/s summed over ranks, from rank 0's metrics.jsonl, gives the scaling
 # efficiency. Usage (device tool, carry .whl):  bash bench/gpu_ddp.sh [N] [STEPS]
+# Eager in both runs (--no-cuda-graphs): one process would otherwise replay CUDA graphs, which DDP
+# does not, and the ratio would mix the two.
 set -uo pipefail
 n=${1:-2}; steps=${2:-40}
 source bench/gpu_env.sh  # $out, carried wheels, PYTHONPATH, $out/gpu.txt
@@ -10,7 +12,7 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 for procs in 1 "$n"; do
   timeout 240 torchrun --standalone --nproc_per_node="$procs" hierarchos_cli.py train --epochs 100 \
     --max-steps "$steps" --max_length 512 --batch_size 16 --starting-lr 4e-4 --warmup-steps 10 --log-every 5 \
-    --val-fraction 0 --save-every 0 --out-dir "/tmp/ddp$procs" > "$out/ddp_$procs.log" 2>&1
+    --val-fraction 0 --save-every 0 --no-cuda-graphs --out-dir "/tmp/ddp$procs" > "$out/ddp_$procs.log" 2>&1
   echo "torchrun --nproc_per_node=$procs: rc $?"
   cp "/tmp/ddp$procs/metrics.jsonl" "$out/ddp_${procs}_metrics.jsonl" 2>/dev/null
 done
