@@ -3,8 +3,10 @@
 A hierarchos training step launches about 5,000 small kernels at T=1024 and 13,700 at T=8192 (the
 long-term memory's chunk loop; bench/count_ops.py), each paying Python and dispatcher time. Where
 the GPU work per kernel is small (long windows, small batches) the GPU idles in between; a CUDA
-graph replays them all with one launch (1.73x at T=8192, B=2 on an H200; 1.07x at T=1024, B=16,
-where the GPU is busy anyway: BENCHMARKS.md). What capture needs, and how it is met here:
+graph replays them all with one launch (on an H200 at 125m: 1.65x a step at T=8192, B=2; 1.12x at
+T=1024, B=16, where the GPU is busy anyway; 1.46x tokens/s in the `train` loop: BENCHMARKS.md).
+`train` uses it by default on one GPU (hierarchos.cli.train.resolve_cuda_graphs); a window shape
+whose capture fails runs eagerly. What capture needs, and how it is met here:
 
 - Fixed shapes and addresses: every input (tokens, targets, ROSA hints, the carried recurrent
   state) is copied into buffers owned by the graph. One graph per (batch, length, phase), where
