@@ -20,19 +20,6 @@ for mode in eager eager2 graphs; do
     | grep -v '^ *$' | tail -n 40 > "$out/train_$mode.log"
   cp "/tmp/run_$mode/metrics.jsonl" "$out/train_${mode}_metrics.jsonl" 2>/dev/null
 done
-python3 - "$out" <<'PY' | tee "$out/train_summary.txt"
-import json, os, statistics, sys
-out = sys.argv[1]
-runs = {}
-for mode in ("eager", "eager2", "graphs"):
-    path = os.path.join(out, f"train_{mode}_metrics.jsonl")
-    rows = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
-    runs[mode] = [r for r in rows if "loss" in r and "tokens_per_s" in r]
-for mode, rows in runs.items():
-    rate = statistics.median(r["tokens_per_s"] for r in rows[1:]) if len(rows) > 1 else None
-    print(mode, "steps", [r.get("step") for r in rows], "median tokens/s after the first log", rate)
-for a, b, c in zip(runs["eager"], runs["eager2"], runs["graphs"]):
-    print(f"step {a['step']}: loss eager {a['loss']:.5f} eager again {b['loss']:.5f} graphs {c['loss']:.5f}")
-PY
+python3 bench/compare_train_runs.py "$out" eager eager2 graphs | tee "$out/train_summary.txt"
 timeout 130 python3 bench/bench_forward.py --device cuda --size 25m --seq-lens 1024 8192 $rows \
   --max-seconds-per-row 60 --no-check --json "$out/forward_h200_25m_final.json" 2>&1 | tee "$out/forward_25m.log"

@@ -26,18 +26,5 @@ for mode in eager graphs; do
     | grep -v '^ *$' > "$out/train_$mode.log"
   cp "/tmp/run_$mode/metrics.jsonl" "$out/train_${mode}_metrics.jsonl" 2>/dev/null
 done
-python3 - "$out" <<'PY' | tee "$out/train_summary.txt"
-import json, os, statistics, sys
-out = sys.argv[1]
-runs = {}
-for mode in ("eager", "graphs"):
-    path = os.path.join(out, f"train_{mode}_metrics.jsonl")
-    rows = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
-    runs[mode] = [r for r in rows if "loss" in r and "tokens_per_s" in r]
-for mode, rows in runs.items():
-    rate = statistics.median(r["tokens_per_s"] for r in rows[1:]) if len(rows) > 1 else None
-    print(mode, "steps", [r.get("step") for r in rows], "median tokens/s after the first log", rate)
-for a, b in zip(runs["eager"], runs["graphs"]):
-    print(f"step {a.get('step')}: loss eager {a['loss']:.5f} graphs {b['loss']:.5f}")
-PY
+python3 bench/compare_train_runs.py "$out" eager graphs | tee "$out/train_summary.txt"
 timeout 100 python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tee "$out/pytest_gpu.log"
