@@ -41,7 +41,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from hierarchos.config import ModelConfig, tiny_config  # noqa: E402
 from hierarchos.model.lm import HierarchosLM  # noqa: E402
-from hierarchos.model.rwkv import RWKVBlock, compile_blocks  # noqa: E402
+from hierarchos.model.rwkv import compile_blocks, uncompile_blocks  # noqa: E402
 from hierarchos.model.losses import lm_loss  # noqa: E402
 from hierarchos.ops import wkv as wkv_ops  # noqa: E402
 from hierarchos.train.cuda_graph import GraphedWindow  # noqa: E402
@@ -125,13 +125,6 @@ def deadline(seconds):
         signal.setitimer(signal.ITIMER_REAL, 0)
         if old is not None:
             signal.signal(signal.SIGALRM, old)
-
-
-def uncompile_blocks(model) -> None:
-    """Undo `compile_blocks` (nn.Module.compile keeps the compiled call beside the module)."""
-    for module in model.modules():
-        if isinstance(module, RWKVBlock):
-            module._compiled_call_impl = None
 
 
 def sync(dev):
@@ -251,7 +244,7 @@ def run_row(row, make_model, T, B, V, dev, args):
             sync(dev)
             dt = last = time.perf_counter() - t0
             if i == 0:
-                first, row["first_step_ms"] = dt, dt * 1e3
+                row["first_step_ms"] = dt * 1e3
             if i >= args.warmup:
                 times.append(dt)
         if out is not None and getattr(out, "aux", None):

@@ -263,3 +263,10 @@ def compile_blocks(model: nn.Module, backend: str = "inductor") -> int:
             module.compile(backend=backend, dynamic=None)
             count += 1
     return count
+
+
+def uncompile_blocks(model: nn.Module) -> None:
+    """Undo `compile_blocks` (nn.Module.compile keeps the compiled call beside the module)."""
+    for module in model.modules():
+        if isinstance(module, RWKVBlock):
+            module._compiled_call_impl = None
