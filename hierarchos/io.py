@@ -55,7 +55,7 @@ META_KEYS = ("config_version", "hierarchos_version", "training_history", "memory
 #   4. `final` missing, only `.NAME.tmp-*`: nothing was committed; delete them.
 # One writer per path: do not recover a path while another process is writing it.
 
-def _fsync_path(path: Path) -> None:
+def fsync_path(path: Path) -> None:
     """fsync a file, or a directory where the OS allows it (not on Windows)."""
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -120,8 +120,8 @@ def atomic_dir(final_path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         for file in tmp.rglob("*"):
             if file.is_file():
-                _fsync_path(file)
-        _fsync_path(tmp)
+                fsync_path(file)
+        fsync_path(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -129,11 +129,11 @@ def atomic_dir(final_path: str | os.PathLike) -> Iterator[Path]:
         old = final.parent / f".{final.name}.old-{token}"
         os.replace(final, old)
         os.replace(tmp, final)
-        _fsync_path(final.parent)
+        fsync_path(final.parent)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
-        _fsync_path(final.parent)
+        fsync_path(final.parent)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -151,11 +151,40 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
-    _fsync_path(final.parent)
+    fsync_path(final.parent)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+@contextlib.contextmanager
+def atomic_files(directory: str | os.PathLike, tag: str, first: tuple[str, ...] = (),
+                 last: tuple[str, ...] = ()) -> Iterator[Path]:
+    """Yield a staging dir beside `directory` (which may hold other things, left alone); on
+    success each file staged there replaces its namesake in `directory` by one atomic rename:
+    the names in `first` first, then the rest by name, the names in `last` last. Each file is
+    old or new, never partial; a kill between renames leaves the earlier names one version
+    ahead of the later ones, so put the metadata that describes the others in `last`."""
+    final = Path(directory)
+    final.mkdir(parents=True, exist_ok=True)
+    staging_name = final.parent / f".{final.name}.{tag}"
+    for leftover in _leftovers(staging_name, "tmp").values():  # a killed save's staging dir
+        _remove(leftover)
+    staging = staging_name.parent / f".{staging_name.name}.tmp-{uuid.uuid4().hex[:12]}"
+    staging.mkdir()
+    try:
+        yield staging
+        rank = {name: index for index, name in enumerate(first)}
+        rank.update({name: len(first) + 1 + index for index, name in enumerate(last)})
+        files = sorted((p for p in staging.iterdir() if p.is_file()),
+                       key=lambda p: (rank.get(p.name, len(first)), p.name))
+        for file in files:
+            fsync_path(file)
+            os.replace(file, final / file.name)
+        fsync_path(final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 # ---- weights ---------------------------------------------------------------------------------
@@ -197,7 +226,7 @@ def _read_weights(path: Path, what: str = "weights file") -> dict[str, torch.Ten
     return tensors
 
 
-def _load_weights(model: torch.nn.Module, path: Path, apply=None) -> None:
+def load_weights(model: torch.nn.Module, path: Path, apply=None) -> None:
     """Load strictly, with one-line errors for missing/unexpected tensors and shape mismatches.
     `apply(tensors)` replaces `model.load_state_dict` (FSDP re-shards full tensors)."""
     tensors = _read_weights(path)
@@ -269,23 +298,15 @@ def save_model_files(path: str | os.PathLike, model: HierarchosLM, tokenizer: An
                      history: dict | None = None, extra: dict | None = None, state: dict | None = None) -> Path:
     """Write the model-directory files into a directory that holds other things too (a training
     run's OUT_DIR with checkpoints/ and metrics.jsonl), leaving those alone. Each file is
-    replaced atomically, weights and tokenizer first and the config last, so a kill in between
+    replaced atomically, weights first and the config last (`atomic_files`), so a kill in between
     leaves the previous model's config beside weights of the same architecture, never a partial file."""
-    final = Path(path)
-    final.mkdir(parents=True, exist_ok=True)
     payload = _config_payload(model, history, extra)
-    with atomic_dir(final.parent / f".{final.name}.model-files") as tmp:
+    with atomic_files(path, "model-files", first=(WEIGHTS_FILE,), last=(CONFIG_FILE,)) as tmp:
         _save_weights(model, tmp / WEIGHTS_FILE, state)
         if tokenizer is not None:
             _save_tokenizer(tokenizer, tmp)
-        for file in sorted(tmp.iterdir()):
-            if file.is_file():
-                _fsync_path(file)
-                os.replace(file, final / file.name)
-        atomic_write_text(final / CONFIG_FILE, payload)
-    shutil.rmtree(final.parent / f".{final.name}.model-files", ignore_errors=True)
-    _fsync_path(final)
-    return final
+        (tmp / CONFIG_FILE).write_text(payload, encoding="utf-8")
+    return Path(path)
 
 
 def _read_json(path: Path, what: str) -> Any:
@@ -318,7 +339,7 @@ def read_config_payload(data: Any, where: str) -> tuple[ModelConfig, dict]:
     return cfg, meta
 
 
-def _read_config(directory: Path) -> tuple[ModelConfig, dict]:
+def read_config(directory: Path) -> tuple[ModelConfig, dict]:
     config_path = directory / CONFIG_FILE
     return read_config_payload(_read_json(config_path, "config"), str(config_path))
 
@@ -344,9 +365,9 @@ def load_model_dir(path: str | os.PathLike, device: str | torch.device = "cpu") 
     directory = Path(path)
     recover_interrupted(directory)
     _check_model_dir(directory)
-    cfg, meta = _read_config(directory)
+    cfg, meta = read_config(directory)
     model = HierarchosLM(cfg)
-    _load_weights(model, directory / WEIGHTS_FILE)
+    load_weights(model, directory / WEIGHTS_FILE)
     model.memory.source_names = list(meta.get("memory_sources") or [])
     return model.to(device), meta
 
@@ -536,9 +557,9 @@ def load_checkpoint(path_or_root: str | os.PathLike, model: HierarchosLM, optimi
     state = _read_json(directory / TRAINER_STATE_FILE, "trainer state")
     if not isinstance(state, dict):
         raise HierarchosError(f"{directory / TRAINER_STATE_FILE}: expected a JSON object; the checkpoint is corrupt")
-    _load_weights(model, directory / WEIGHTS_FILE, load_model)
+    load_weights(model, directory / WEIGHTS_FILE, load_model)
     if (directory / CONFIG_FILE).is_file():
-        model.memory.source_names = list(_read_config(directory)[1].get("memory_sources") or [])
+        model.memory.source_names = list(read_config(directory)[1].get("memory_sources") or [])
     for target, file, what in ((optimizer, OPTIMIZER_FILE, "optimizer state"),
                                (scheduler, SCHEDULER_FILE, "scheduler state")):
         if target is None:
@@ -564,17 +585,12 @@ def load_checkpoint(path_or_root: str | os.PathLike, model: HierarchosLM, optimi
 
 def checkpoint_to_model_dir(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike,
                             tokenizer: Any = None) -> Path:
-    """`ckpt-2-inf`: a clean model directory from a checkpoint's weights and config only."""
+    """`ckpt-2-inf` for a plain training checkpoint: a clean model directory from its weights and
+    config only. A LoRA finetune's checkpoint needs its adapters merged: `lora.checkpoint_to_model_dir`."""
     directory = resolve_checkpoint(ckpt_path)
-    cfg, meta = _read_config(directory)
-    if isinstance(meta.get("lora"), dict):  # a LoRA finetune's checkpoint: rebuild the adapters, merge them
-        from .lora import LoraSettings, merge_adapter, wrap
-
-        wrapped = wrap(HierarchosLM(cfg), LoraSettings(**meta["lora"]))
-        _load_weights(wrapped, directory / WEIGHTS_FILE)
-        model = merge_adapter(wrapped)
-        model.memory.source_names = list(meta.get("memory_sources") or [])
-    else:
-        model, meta = load_model_dir(directory)
-    extra = {k: meta[k] for k in meta.get("extra_keys") or [] if k in meta and k != "lora"}
+    _, meta = read_config(directory)
+    if isinstance(meta.get("lora"), dict):  # a bug in the caller: the CLI routes these through lora
+        raise ValueError(f"{directory}: a LoRA finetune's checkpoint; use hierarchos.lora.checkpoint_to_model_dir")
+    model, meta = load_model_dir(directory)
+    extra = {k: meta[k] for k in meta.get("extra_keys") or [] if k in meta}
     return save_model_dir(out_dir, model, tokenizer, history=meta.get("training_history"), extra=extra)

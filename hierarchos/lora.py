@@ -5,7 +5,9 @@ low-rank A/B matrices train) and writes a standard peft adapter directory (`adap
 + `adapter_model.safetensors`) plus `hierarchos_adapter.json`: the base model's shape-determining
 config, so that loading the adapter onto another architecture or size is a one-line error rather
 than a shape traceback from deep inside peft. `merge_adapter` folds the adapter into the base
-weights (`merge_and_unload`) and gives back a plain `HierarchosLM`.
+weights (`merge_and_unload`) and gives back a plain `HierarchosLM`; `checkpoint_to_model_dir` does
+the same for a finetune's training checkpoint. This module sits above `io` (whose atomic writes it
+uses); `io` never imports it.
 
 Targets are named by group (`time_mix`, `channel_mix`, `memory`, `bridges`, `encoder`) or by a
 module-name suffix (`time_mix.key`, `channel_mix.down`, `reasoner.h_to_context`). The tied output
@@ -17,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,6 +26,9 @@ import torch
 
 from .config import ModelConfig
 from .errors import HierarchosError
+from .io import WEIGHTS_FILE, atomic_files, load_weights, read_config, resolve_checkpoint, save_model_dir
+from .io import checkpoint_to_model_dir as plain_checkpoint_to_model_dir
+from .model import HierarchosLM
 
 ADAPTER_META_FILE = "hierarchos_adapter.json"
 PEFT_CONFIG_FILE = "adapter_config.json"
@@ -119,20 +123,11 @@ def adapter_files(directory: Path, peft_model, settings: LoraSettings, meta: dic
 
 def save_adapter(out_dir: str | os.PathLike, peft_model, settings: LoraSettings, meta: dict | None = None) -> Path:
     """Write the adapter files into `out_dir`, which may hold other things (a finetune's checkpoints
-    and metrics): each file is written in a temp dir and renamed into place, the metadata last."""
-    from .io import _fsync_path, atomic_dir
-
-    final = Path(out_dir)
-    final.mkdir(parents=True, exist_ok=True)
-    staging = final.parent / f".{final.name}.adapter-files"
-    with atomic_dir(staging) as tmp:
+    and metrics): each file is staged and renamed into place, the weights first and our metadata
+    last (`io.atomic_files`), so a kill in between never leaves new metadata beside old weights."""
+    with atomic_files(out_dir, "adapter-files", first=(PEFT_WEIGHTS_FILE,), last=(ADAPTER_META_FILE,)) as tmp:
         adapter_files(tmp, peft_model, settings, dict(meta or {}))
-        for file in sorted(tmp.iterdir(), key=lambda p: p.name == ADAPTER_META_FILE):
-            _fsync_path(file)
-            os.replace(file, final / file.name)
-    shutil.rmtree(staging, ignore_errors=True)
-    _fsync_path(final)
-    return final
+    return Path(out_dir)
 
 
 def read_adapter_meta(adapter_dir: str | os.PathLike) -> dict:
@@ -187,3 +182,19 @@ def load_adapter(model: torch.nn.Module, adapter_dir: str | os.PathLike, model_p
 def merge_adapter(peft_model) -> torch.nn.Module:
     """Fold the adapter into the base weights: a plain HierarchosLM computing the same function."""
     return peft_model.merge_and_unload()
+
+
+def checkpoint_to_model_dir(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, tokenizer=None) -> Path:
+    """`ckpt-2-inf`: a clean model directory from a training checkpoint. A LoRA finetune's
+    checkpoint holds the wrapped model's weights: its adapters are rebuilt from the settings in
+    its config and merged; a plain checkpoint goes through `io.checkpoint_to_model_dir`."""
+    directory = resolve_checkpoint(ckpt_path)
+    cfg, meta = read_config(directory)
+    if not isinstance(meta.get("lora"), dict):
+        return plain_checkpoint_to_model_dir(directory, out_dir, tokenizer)
+    wrapped = wrap(HierarchosLM(cfg), LoraSettings(**meta["lora"]))
+    load_weights(wrapped, directory / WEIGHTS_FILE)
+    model = merge_adapter(wrapped)
+    model.memory.source_names = list(meta.get("memory_sources") or [])
+    extra = {k: meta[k] for k in meta.get("extra_keys") or [] if k in meta and k != "lora"}
+    return save_model_dir(out_dir, model, tokenizer, history=meta.get("training_history"), extra=extra)

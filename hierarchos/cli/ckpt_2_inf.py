@@ -18,7 +18,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..data.tokenizers import load_tokenizer
-    from ..io import checkpoint_to_model_dir
+    from ..lora import checkpoint_to_model_dir  # plain checkpoints go on to io
 
     tok_path = args.ckpt_tok_path
     if tok_path is None:  # OUT_DIR/checkpoints/step-N -> OUT_DIR holds the run's tokenizer
