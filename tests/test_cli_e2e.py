@@ -365,3 +365,26 @@ def test_sigint_saves_resumable_checkpoint_and_exits_0(cli_env, tmp_path, text_j
     assert f"resumed from {ckpt_root} at step {stopped_at}" in resumed.stdout, resumed.stdout
     assert_model_dir(out)
     assert read_config(out)["training_history"][-1]["steps"] == stopped_at + 1
+
+
+# ---- 7. --max-steps sets the schedule's length -----------------------------------------------------------
+
+def test_lr_schedule_spans_max_steps():
+    from hierarchos.train.schedule import lr_at
+    # hand values: 2 warm-up steps (lr/2, lr), then a cosine over steps 2..6 whose midpoint (step 4)
+    # is halfway between the rates and whose last step (index 6 = the 7th step) is min_lr exactly
+    rates = [lr_at(step, 7, 1.0, 0.1, 2) for step in range(7)]
+    assert rates[0] == 0.5 and rates[1] == 1.0 and rates[2] == 1.0
+    assert rates[4] == pytest.approx(0.55, abs=1e-12)
+    assert rates[6] == 0.1
+
+
+def test_max_steps_run_ends_at_min_lr(cli_env, tmp_path, text_jsonl):
+    out = tmp_path / "run"
+    ok(run_cli(cli_env, "train", *TRAIN_FLAGS, "--train", text_jsonl, "--out-dir", out, "--epochs", "5",
+               "--max-steps", "5", "--min-lr", "1e-5", "--warmup-steps", "1"))
+    rates = [r["lr"] for r in read_metrics(out)]
+    # one epoch is far longer than 5 steps: before, the cosine spanned 5 epochs and stayed near its peak
+    assert len(rates) == 5 and rates[0] == pytest.approx(3e-3)
+    assert rates[-1] == pytest.approx(1e-5, rel=1e-9)
+    assert rates[1] == pytest.approx(3e-3) and all(a > b for a, b in zip(rates[1:], rates[2:])), rates

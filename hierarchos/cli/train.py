@@ -135,7 +135,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     run.add_argument("--eval-batch-size", type=int, default=8, metavar="N", help="requests per forward in --eval-tasks")
     run.add_argument("--eval-limit", type=int, default=None, metavar="N", help="at most N examples per eval task")
     run.add_argument("--max-steps", "--steps", dest="max_steps", type=int, default=None,
-                     help="stop after this many optimizer steps")
+                     help="stop after this many optimizer steps; the warm-up + cosine schedule then spans "
+                          "these N steps (the LR reaches --min-lr at step N)")
     run.add_argument("--log-file", metavar="PATH", default=None,
                      help="also append the metrics records (JSON lines) to this file")
     run.add_argument("--quantize-on-complete", action="store_true",
@@ -424,6 +425,12 @@ def run(args: argparse.Namespace, lora=None) -> int:
     trainer = Trainer(model, train_streams, tcfg, device, val_streams, val_bytes,
                       log=lambda line: print(line, file=sys.stderr))
     trainer.forward_model = forward_model
+    if args.max_steps is not None and args.max_steps < trainer.total_opt_steps:
+        # the run ends at --max-steps: the schedule spans those steps (nanoGPT, the HF Trainer), not
+        # the epochs it will not reach
+        from ..train.trainer import CosineSchedule
+
+        trainer.schedule = CosineSchedule(trainer.optimizer, args.max_steps, tcfg)
     if args.compile or args.force_compile:
         if sys.platform == "win32" and device.type == "cpu" and not args.force_compile:
             print("compile: skipped on Windows CPU (known to hang); --force-compile overrides", file=sys.stderr)

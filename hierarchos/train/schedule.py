@@ -1,7 +1,7 @@
 """Learning-rate schedule and optimizer construction.
 
-Linear warmup then cosine decay from `starting_lr` to `min_lr` over the run; a fixed rate
-with `disable_lr_schedule`. The schedule is a pure function of the step, so resuming a run
+Linear warmup then cosine decay from `starting_lr` to `min_lr` over the run (the run's last
+step, index `total_steps - 1`, runs at `min_lr`); a fixed rate with `disable_lr_schedule`. The schedule is a pure function of the step, so resuming a run
 (or overriding the schedule with new rates) only needs the step number.
 """
 
@@ -14,11 +14,13 @@ import torch
 
 def lr_at(step: int, total_steps: int, starting_lr: float, min_lr: float, warmup_steps: int,
           disabled: bool = False) -> float:
+    """The rate of optimizer step `step` (0-based) of a `total_steps`-step run: warm-up over the first
+    `warmup_steps`, then cosine down to `min_lr`, reached by the last step (index total_steps - 1)."""
     if disabled:
         return starting_lr
     if warmup_steps > 0 and step < warmup_steps:
         return starting_lr * (step + 1) / warmup_steps
-    span = max(1, total_steps - warmup_steps)
+    span = max(1, total_steps - 1 - warmup_steps)  # so the last step (total_steps - 1) runs at min_lr
     progress = min(1.0, (step - warmup_steps) / span)
     return min_lr + 0.5 * (starting_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
 
