@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -180,27 +181,85 @@ def test_train_kill_resume_ckpt_2_inf(cli_env, tmp_path, text_jsonl):
 
 # ---- 2. resume equivalence ---------------------------------------------------------------------------
 
-def test_resume_equals_straight_run(cli_env, tmp_path, text_jsonl):
-    n, m = 3, 3
-    flags = (*TRAIN_FLAGS, "--train", text_jsonl, "--save-every", "2")
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    ok(run_cli(cli_env, "train", *flags, "--out-dir", straight, "--max-steps", n + m))
-    ok(run_cli(cli_env, "train", *flags, "--out-dir", split, "--max-steps", n))
-    assert latest_step(split / "checkpoints") == n
-    resumed = ok(run_cli(cli_env, "train", *flags, "--out-dir", split, "--max-steps", n + m,
-                         "--resume-from-ckpt", split / "checkpoints"))
-    assert f"at step {n}" in resumed.stdout, resumed.stdout
+def interrupted_copy(run: Path, dest: Path, step: int) -> Path:
+    """A copy of the finished run `run` as it stood right after its checkpoint at `step` (later
+    checkpoints, the final model and later metrics removed): a run interrupted there."""
+    shutil.copytree(run, dest)
+    ckpts = dest / "checkpoints"
+    for directory in ckpts.glob("step-*"):
+        if int(directory.name.split("-")[1]) > step:
+            shutil.rmtree(directory)
+    (ckpts / "latest.json").write_text(json.dumps({"dir": f"step-{step:08d}", "step": step}))
+    for name in ("best.json", "model.safetensors", "hierarchos_config.json"):
+        (dest / name).unlink(missing_ok=True)
+        (ckpts / name).unlink(missing_ok=True)
+    kept = [r for r in read_metrics(run) if r["step"] <= step]
+    (dest / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    return dest
 
-    a, b = load_file(str(straight / "model.safetensors")), load_file(str(split / "model.safetensors"))
+
+@pytest.fixture(scope="module")
+def straight_run(cli_env, tmp_path_factory):
+    """6 uninterrupted steps with a checkpoint at step 3 (kept)."""
+    root = tmp_path_factory.mktemp("straight")
+    data = write_jsonl(root / "train.jsonl", [{"text": s} for s in sentences(60)])
+    out = root / "run"
+    ok(run_cli(cli_env, "train", *TRAIN_FLAGS, "--train", data, "--out-dir", out, "--max-steps", "6",
+               "--save-every", "3", "--keep-checkpoints", "5"))
+    return out
+
+
+def test_one_flag_resume_repeats_the_uninterrupted_run(cli_env, tmp_path, straight_run):
+    split = interrupted_copy(straight_run, tmp_path / "split", 3)
+    resumed = ok(run_cli(cli_env, "train", "--resume-from-ckpt", split / "checkpoints"))
+    assert f"at step 3" in resumed.stdout, resumed.stdout
+    assert_model_dir(split)  # OUT_DIR is the checkpoint's run directory
+
+    a, b = load_file(str(straight_run / "model.safetensors")), load_file(str(split / "model.safetensors"))
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-7, msg=name)
-    # the resumed run continues the same loss curve
-    loss_a = {r["step"]: r["loss"] for r in read_metrics(straight)}
-    loss_b = {r["step"]: r["loss"] for r in read_metrics(split)}
-    assert sorted(loss_a) == sorted(loss_b) == list(range(1, n + m + 1))
-    for step in loss_a:
-        assert loss_b[step] == pytest.approx(loss_a[step], rel=1e-5), step
+    # the resumed run continues the same loss curve and schedule
+    runs = [{r["step"]: r for r in read_metrics(out)} for out in (straight_run, split)]
+    assert sorted(runs[0]) == sorted(runs[1]) == list(range(1, 7))
+    for step in range(4, 7):
+        assert runs[1][step]["loss"] == pytest.approx(runs[0][step]["loss"], rel=1e-5), step
+        assert runs[1][step]["lr"] == pytest.approx(runs[0][step]["lr"], rel=1e-12), step
+    history = read_config(split)["training_history"]
+    assert len(history) == 1 and history[0]["steps"] == 6 and history[0]["dataset"] == "train.jsonl"
+
+
+def test_resume_rejects_a_contradicting_architecture_flag(cli_env, tmp_path, straight_run):
+    split = interrupted_copy(straight_run, tmp_path / "split", 3)
+    saved = json.loads((split / "checkpoints" / "step-00000003" / "hierarchos_config.json").read_text())
+    width = saved["config"]["context_dim"] if "config" in saved else saved["context_dim"]
+    result = run_cli(cli_env, "train", "--resume-from-ckpt", split / "checkpoints", "--context_dim", width * 2)
+    assert result.returncode == 2, result
+    assert result.stderr.splitlines() == [
+        f"error: --context-dim {width * 2} contradicts the checkpoint (context_dim = {width} in "
+        f"{split / 'checkpoints' / 'step-00000003'}); drop the flag to resume, or start a new run without "
+        "--resume-from-ckpt"], result.stderr
+    result = run_cli(cli_env, "train", "--resume-from-ckpt", split / "checkpoints", "--batch_size", "3")
+    assert result.returncode == 2 and "--batch-size 3 contradicts the checkpoint (the run used --batch-size 2" \
+        in result.stderr, result.stderr
+
+
+def test_resume_with_new_rates_needs_override_scheduling(cli_env, tmp_path, straight_run):
+    from hierarchos.train.schedule import lr_at
+
+    kept = interrupted_copy(straight_run, tmp_path / "kept", 3)
+    ok(run_cli(cli_env, "train", "--resume-from-ckpt", kept / "checkpoints", "--starting-lr", "1e-3"))
+    straight = {r["step"]: r["lr"] for r in read_metrics(straight_run)}
+    # without --override-scheduling the checkpoint's schedule goes on (seed 001)
+    assert {r["step"]: r["lr"] for r in read_metrics(kept)} == straight
+
+    new = interrupted_copy(straight_run, tmp_path / "new", 3)
+    ok(run_cli(cli_env, "train", "--resume-from-ckpt", new / "checkpoints", "--override-scheduling",
+               "--starting-lr", "1e-3", "--min-lr", "1e-4", "--warmup-steps", "0"))
+    rates = {r["step"]: r["lr"] for r in read_metrics(new)}
+    for step in (4, 5, 6):  # a 6-step cosine from the new rates (the restored --max-steps), at steps 4..6
+        assert rates[step] == pytest.approx(lr_at(step - 1, 6, 1e-3, 1e-4, 0), rel=1e-12), (step, rates)
+    assert rates[6] == pytest.approx(1e-4)
 
 
 # ---- 3. bad input: one `error:` line, exit code 2 ---------------------------------------------------

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..config import FIELD_ALIASES, ModelConfig
 from ..errors import HierarchosError
+from .resume import given_flags, run_args, track_given
 
 HELP = "train a model (from scratch or from --model-path weights) on local or Hugging Face data"
 
@@ -35,6 +36,7 @@ def _spellings(name: str) -> list[str]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    first_action = len(p._actions)
     data = p.add_argument_group("data")
     data.add_argument("--train", "--dataset-file", metavar="PATH",
                       help="local data file or folder (json/jsonl/txt/csv/parquet); default: the bundled Shakespeare "
@@ -106,7 +108,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     run.add_argument("--no-amp", dest="amp", action="store_false")
     run.add_argument("--save-every", type=int, default=0, help="optimizer steps between checkpoints (0: per epoch)")
     run.add_argument("--keep-checkpoints", type=int, default=3)
-    run.add_argument("--resume-from-ckpt", metavar="PATH", help="checkpoint dir, or OUT_DIR/checkpoints")
+    run.add_argument("--resume-from-ckpt", metavar="PATH",
+                     help="checkpoint dir, or OUT_DIR/checkpoints: alone, it restores the run's architecture, "
+                          "tokenizer, data, schedule and position; --epochs/--max-steps given again set a new "
+                          "run length, --override-scheduling with new rates a new schedule")
     run.add_argument("--override-scheduling", action="store_true",
                      help="when resuming, use the new --starting-lr/--min-lr/schedule flags, not the checkpoint's")
     run.add_argument("--reset-halt-bias", type=float, default=None, metavar="B",
@@ -143,6 +148,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="after training, also write a quantized model to OUT_DIR-QTYPE (see the quantize command)")
     run.add_argument("--qtype", type=str.upper, choices=("INT4", "Q4_0", "Q8_0", "Q2_K"), default="INT4",
                      help="format for --quantize-on-complete (default: INT4)")
+    track_given(p, first_action)  # --resume-from-ckpt restores only the flags not given again
 
 
 # flag -> (test, what it must be); None values mean "not given" and pass
@@ -271,6 +277,16 @@ def this_rank_stream_state(tensors: dict, info) -> dict:
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
+def resumed_tokenizer(resume, args):
+    """On resume, the run's own tokenizer (saved in its OUT_DIR at the start), unless
+    --tokenizer-path is given again; None when there is nothing to resume or nothing saved."""
+    if resume is None or "tokenizer_path" in given_flags(args):
+        return None
+    from ..data.tokenizers import META_FILE, load_tokenizer
+
+    return load_tokenizer(str(resume.run_dir)) if (resume.run_dir / META_FILE).is_file() else None
+
+
 def run(args: argparse.Namespace, lora=None) -> int:
     """Train; with `lora` (a hierarchos.lora.LoraSettings, from `finetune`) the loaded model is wrapped
     in LoRA adapters, only they train, and OUT_DIR receives the adapter instead of a model directory."""
@@ -286,6 +302,11 @@ def run(args: argparse.Namespace, lora=None) -> int:
     from ..train.batches import TokenStreams
     from ..train.trainer import TrainConfig, Trainer
 
+    resume = None
+    if args.resume_from_ckpt:  # before anything reads the flags: the checkpoint's fill the ones not given
+        from .resume import prepare
+
+        resume = prepare(args, ARCH_FLAGS)
     if args.training_chunk_size and not args.max_length:
         args.max_length = args.training_chunk_size
     check_flags(args)
@@ -331,15 +352,16 @@ def run(args: argparse.Namespace, lora=None) -> int:
 
         docs = list(iter_prechunked_jsonl(args.train) if args.pre_chunked_dataset else iter_pt_chunks(args.train))
         tok_source = args.tokenizer_path or args.model_path or args.train
-        tokenizer = load_tokenizer(tok_source)
+        tokenizer = resumed_tokenizer(resume, args) or load_tokenizer(tok_source)
         loaded = SimpleNamespace(name=Path(args.train).name, template="pretokenized", texts=[])
     else:
         loaded = load_texts(spec)
-        if args.model_path:  # continual learning: the model's tokenizer, extended or checked
+        tokenizer = resumed_tokenizer(resume, args)
+        if tokenizer is None and args.model_path:  # continual learning: the model's tokenizer, extended or checked
             from ..train.continual import continual_tokenizer
 
             tokenizer = continual_tokenizer(args.model_path, args.tokenizer_path, loaded.texts)
-        else:
+        elif tokenizer is None:
             tokenizer = load_tokenizer(args.tokenizer_path, loaded.texts)
         docs = [tokenizer.encode(text) for text in loaded.texts]
     if args.auto_max_length and not pretokenized:
@@ -360,7 +382,13 @@ def run(args: argparse.Namespace, lora=None) -> int:
             val_docs, docs = [flat[-n_val:]], [flat[:-n_val]]
             val_bytes = len(tokenizer.decode(flat[-n_val:]).encode("utf-8"))
     # ---- model ----
-    if not args.model_path:
+    if resume is not None:  # the checkpoint's architecture (its weights are loaded below)
+        if tokenizer.vocab_size > resume.config.vocab_size:
+            raise HierarchosError(f"the tokenizer has {tokenizer.vocab_size} tokens, the checkpoint's model "
+                                  f"{resume.config.vocab_size} ({resume.checkpoint}); resume with the run's own "
+                                  "tokenizer (drop --tokenizer-path)")
+        model = HierarchosLM(resume.config)
+    elif not args.model_path:
         overrides = {name: getattr(args, name) for name in ARCH_FLAGS if getattr(args, name) is not None}
         overrides.update(seed000_widths(args, overrides, tiny_config() if args.tiny else ModelConfig()))
         overrides["vocab_size"] = tokenizer.vocab_size
@@ -374,7 +402,7 @@ def run(args: argparse.Namespace, lora=None) -> int:
 
     n_chars = sum(len(text) for text in loaded.texts) if loaded.texts else None
     model, growth = grow_for_data(model, tokenizer.vocab_size, list((base_meta or {}).get("training_history") or []),
-                                  n_chars, args.grow_every_chars, allow_growth=lora is None)
+                                  n_chars, None if resume else args.grow_every_chars, allow_growth=lora is None)
     cfg = model.cfg
     model.to(device)
     if lora is not None:
@@ -462,6 +490,8 @@ def run(args: argparse.Namespace, lora=None) -> int:
     history = list((base_meta or {}).get("training_history", []) or [])
     if args.resume_from_ckpt and isinstance(resumed_history, list) and resumed_history:
         history = resumed_history[:-1]  # the last entry is this run's, rewritten below
+        growth = {k: v for k, v in resumed_history[-1].items() if "growth" in k} if isinstance(
+            resumed_history[-1], dict) else growth
     run_entry = {"dataset": loaded.name, "template": loaded.template, "tokens": train_streams.num_tokens,
                  "chars": n_chars, **growth,
                  "epochs": tcfg.epochs, "steps": 0,
@@ -547,6 +577,7 @@ def run(args: argparse.Namespace, lora=None) -> int:
         return {"model_state": full_model_state(model), "optimizer_state": full_optimizer_state(model, trainer.optimizer)}
 
     ckpt_extra = {"prompt_template": loaded.template}
+    saved_args = run_args(args)  # what `--resume-from-ckpt DIR` alone restores
     if lora is not None:  # ckpt-2-inf rebuilds the adapters from these and merges them
         from dataclasses import asdict
 
@@ -557,7 +588,8 @@ def run(args: argparse.Namespace, lora=None) -> int:
         streams = all_ranks_stream_state(t.state_tensors(), dist_info)
         if not main_rank:
             return
-        state = {**t.trainer_state(), "training_history": history + [{**run_entry, "steps": t.opt_step}]}
+        state = {**t.trainer_state(), "training_history": history + [{**run_entry, "steps": t.opt_step}],
+                 "run_args": saved_args}
         save_checkpoint(ckpt_root, t.opt_step, model, t.optimizer, t.schedule, state,
                         keep=tcfg.keep_checkpoints, is_best=bool(is_best),
                         extra_tensors={f"stream_state.{k}": v for k, v in streams.items()},
