@@ -128,20 +128,56 @@ def test_greedy_generate_until_stops_at_the_stop_string(tokenizer):
     assert got == expected and stop not in got, (SEED, free, stop, got)
 
 
+def _task_docs(task: str, limit: int) -> list[dict]:
+    from hierarchos.eval_tasks import TASKS_DIR
+
+    data = {"shakespeare_ppl": "shakespeare_heldout.jsonl"}.get(task, f"{task}.jsonl")
+    lines = (TASKS_DIR / data).read_text(encoding="utf-8").splitlines()[:limit]  # lm-eval's limit: the first N
+    return [json.loads(line) for line in lines]
+
+
+def _expected_metrics(model, tokenizer, task: str, limit: int) -> dict[str, float]:
+    """The task's metrics computed by hand from the task's YAML and `_direct` log-likelihoods (one full
+    forward each, no lm-eval, no evaluate.py): multiple choice picks the argmax of the choices' summed
+    log-probabilities (acc_norm: divided by the choice's length in characters); bits per byte is the
+    documents' summed NLL / ln 2 / their UTF-8 bytes."""
+    docs = _task_docs(task, limit)
+    if task == "shakespeare_ppl":  # loglikelihood_rolling of each document's text from EOS
+        nll = -sum(_direct(model, tokenizer, "", doc["text"])[0] for doc in docs)
+        return {"bits_per_byte": nll / math.log(2) / sum(len(doc["text"].encode("utf-8")) for doc in docs)}
+    acc, acc_norm = [], []
+    for doc in docs:
+        if task == "shakespeare_who_speaks":  # one continuation after each speaker header (multiple input)
+            pairs = [(header, "\n" + doc["line"]) for header in doc["headers"]]
+            lengths = [len(header) for header in doc["headers"]]
+        else:  # "{header}\n{context}" then "\n" + each candidate line
+            pairs = [(f"{doc['header']}\n{doc['context']}", "\n" + choice) for choice in doc["choices"]]
+            lengths = [len(choice) for choice in doc["choices"]]
+        lls = [_direct(model, tokenizer, context, continuation)[0] for context, continuation in pairs]
+        acc.append(float(max(range(len(lls)), key=lls.__getitem__) == doc["label"]))
+        normed = [ll / n for ll, n in zip(lls, lengths)]
+        acc_norm.append(float(max(range(len(normed)), key=normed.__getitem__) == doc["label"]))
+    expected = {"acc": sum(acc) / len(acc)}
+    if task == "shakespeare_next_line":
+        expected["acc_norm"] = sum(acc_norm) / len(acc_norm)
+    return expected
+
+
 @pytest.mark.parametrize("task", local_task_names())
-def test_simple_evaluate_on_each_local_task_offline(model32, tokenizer, task):
-    lm = evaluate.make_lm(model32, tokenizer, batch_size=4, progress=False)
-    outcome = evaluate.evaluate_tasks(lm, [task], limit=3, env_info=False)
+def test_simple_evaluate_on_each_local_task_offline(model64, tokenizer, task):
+    # float64: the hand computation's log-likelihoods equal the batched ones to ~1e-12, so no argmax
+    # between two choices can flip between the two (float32 could, on a near-tie)
+    lm = evaluate.make_lm(model64, tokenizer, batch_size=4, progress=False)
+    limit = 6
+    outcome = evaluate.evaluate_tasks(lm, [task], limit=limit, env_info=False)
     metrics = outcome["metrics"][task]
     expected = {"shakespeare_ppl": {"word_perplexity", "byte_perplexity", "bits_per_byte"},
                 "shakespeare_who_speaks": {"acc"}}.get(task, {"acc", "acc_norm"})
     assert expected <= set(metrics), metrics
     assert all(math.isfinite(metrics[name]) for name in expected)
-    assert outcome["results"]["n-samples"][task]["effective"] == 3
-    if task == "shakespeare_ppl":  # a random byte model: about log2(260) bits per byte
-        assert 6 < metrics["bits_per_byte"] < 10
-    else:
-        assert 0 <= metrics["acc"] <= 1
+    assert outcome["results"]["n-samples"][task]["effective"] == limit
+    for name, value in _expected_metrics(model64, tokenizer, task, limit).items():
+        assert metrics[name] == pytest.approx(value, rel=1e-9), (SEED, task, name)
 
 
 def test_shipped_task_data_is_what_the_builder_makes():
@@ -157,7 +193,7 @@ def test_shipped_task_data_is_what_the_builder_makes():
         assert (TASKS_DIR / name).read_text(encoding="utf-8") == text, f"{name} is stale: run {script}"
 
 
-def test_registered_model_name_and_model_args(model_dir):
+def test_registered_model_name_and_model_args(model_dir, model32):
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -166,7 +202,8 @@ def test_registered_model_name_and_model_args(model_dir):
                                       tasks=[local_task_config("shakespeare_who_speaks")], limit=2,
                                       batch_size=2, device="cpu", bootstrap_iters=0,
                                       task_manager=TaskManager(include_defaults=False))
-    assert 0 <= results["results"]["shakespeare_who_speaks"]["acc,none"] <= 1
+    expected = _expected_metrics(model32, load_tokenizer("byte"), "shakespeare_who_speaks", 2)["acc"]
+    assert results["results"]["shakespeare_who_speaks"]["acc,none"] == expected, SEED
 
 
 def test_bits_per_byte_file_by_hand(model64, tokenizer, tmp_path):

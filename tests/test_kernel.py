@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from hierarchos.model.rosa import PyRosaAutomaton, RosaAutomaton, rosa_hints
+from hierarchos.model.rosa import PyRosaAutomaton, RosaAutomaton, rosa_hints, rosa_hints_bruteforce
 from hierarchos.quant import formats as F
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,6 +78,24 @@ def test_quantize_and_dequantize_bytes_equal_reference(ext, qtype):
         ids = rng.integers(0, rows, size=5)
         assert np.array_equal(ext.dequantize_rows(ours, qtype, cols, ids), F.dequantize(ref, qtype, cols)[ids])
 
+
+
+def test_q2_k_quantize_bytes_equal_independent_reference(ext):
+    """The C++ Q2_K quantizer against tests/q2k_reference.py (ggml's rule written out element by
+    element, sharing no code with the kernel or formats.py), including tie-heavy grid values where
+    ggml's strict `<` in its search decides which fit is kept."""
+    import q2k_reference
+
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    w = random_weights(rng, 6, 512)
+    w[3] = -np.abs(w[3])
+    ties = np.random.default_rng(8)  # a fixed draw where equal trial errors change the bytes (see test_quant_formats)
+    grid = ties.integers(0, 4, (2, 512)) * np.float32(0.5) - np.float32(0.25) * ties.integers(0, 3, (2, 1))
+    w = np.concatenate([w, grid, ties.integers(-3, 4, (2, 512))]).astype(np.float32)
+    expected = np.frombuffer(b"".join(q2k_reference.quantize(w.tolist())), np.uint8).reshape(w.shape[0], -1)
+    got = ext.quantize(w, "Q2_K")
+    assert np.array_equal(got, expected), f"seed={seed}: first differing byte {np.argwhere(got != expected)[:1]}"
 
 def _magnitude(data, qtype, cols, x):
     """|x| @ |W|.T, the scale against which float-summation differences are measured. Q2_K
@@ -238,8 +256,12 @@ def test_rosa_hints_same_on_both_backends(ext):
         hints_py, _ = rosa_hints(chunk, python, 8, -1)
         hints_cpp, _ = rosa_hints(chunk, cpp, 8, -1)
         assert hints_cpp.dtype == torch.long and torch.equal(hints_py, hints_cpp), f"seed={seed}"
-    default, _ = rosa_hints(tokens, None, 8, -1)
-    assert torch.equal(default, rosa_hints(tokens, python and None, 8, -1)[0])
+    # no automata given: fresh ones on the C++ backend (the default when built), equal to the
+    # definition (brute force over the window) row by row, not only to the Python automaton
+    default, made = rosa_hints(tokens, None, 8, -1)
+    assert [automaton.backend for automaton in made] == ["cpp"] * 3
+    for row, hints in zip(tokens.tolist(), default.tolist()):
+        assert hints == rosa_hints_bruteforce(row, -1, window=8), f"seed={seed}"
 
 
 # ---- NEON, cross-compiled and run under qemu-user -------------------------------------
