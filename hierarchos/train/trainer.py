@@ -218,7 +218,7 @@ class Trainer:
                 self.state = None  # each epoch starts the streams afresh
             if window["micro"] == 0:
                 lr = self.schedule.apply(self.opt_step)
-            x, y = self.train_streams.batch(index)
+            x, y = self.train_streams.batch(index, epoch)  # the epoch picks a shuffled window order
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             nll, ntok, parts, finite = self._window_loss(x, y)
             self.micro_step += 1
@@ -304,7 +304,8 @@ class Trainer:
             container, key = slot
             container[key] = tensor.to(self.device)
         state.pos = self.micro_step % self.steps_per_epoch * self.train_streams.chunk
-        self.state = self.rebuild_rosa(state, self.train_streams.prefix(self.micro_step % self.steps_per_epoch))
+        epoch, index = divmod(self.micro_step, self.steps_per_epoch)
+        self.state = self.rebuild_rosa(state, self.train_streams.prefix(index, epoch))
 
     def load_trainer_state(self, state: dict) -> None:
         self.micro_step, self.opt_step = int(state["micro_step"]), int(state["opt_step"])
