@@ -37,6 +37,7 @@ def cli_env(tmp_path_factory):
     env = dict(os.environ)
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                HF_DATASETS_CACHE=str(tmp_path_factory.mktemp("hf_datasets_cache")),
+               HIERARCHOS_TOKEN_CACHE=str(tmp_path_factory.mktemp("token_cache")),
                OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     return env
 

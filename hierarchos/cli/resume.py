@@ -61,8 +61,15 @@ def run_args(args: argparse.Namespace) -> dict:
             continue
         if value is None or isinstance(value, (bool, int, float, str)) or (
                 isinstance(value, list) and all(isinstance(v, (bool, int, float, str)) for v in value)):
-            kept[key] = value
+            kept[key] = _absolute(key, value)
     return kept
+
+
+PATHS = ("train", "val", "token_cache")  # kept absolute: a resume may start from another directory
+
+
+def _absolute(key: str, value):
+    return str(Path(value).expanduser().resolve()) if key in PATHS and isinstance(value, str) else value
 
 
 @dataclass
@@ -108,7 +115,7 @@ def prepare(args: argparse.Namespace, arch_flags: tuple[str, ...]) -> Resume:
     saved = state.get("run_args")
     if isinstance(saved, dict):
         for name in LAYOUT:
-            if name in given and name in saved and saved[name] != getattr(args, name, None):
+            if name in given and name in saved and saved[name] != _absolute(name, getattr(args, name, None)):
                 raise HierarchosError(f"{_flag(name)} {getattr(args, name)} contradicts the checkpoint (the run "
                                       f"used {_flag(name)} {saved[name]}, {step_dir}); drop the flag to resume "
                                       "where it stopped, or start a new run without --resume-from-ckpt")

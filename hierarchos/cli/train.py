@@ -60,6 +60,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       help="tokens per training window (default 1024, or the loaded model's)")
     data.add_argument("--training-chunk-size", type=int, default=None, help="alias of --max_length")
     data.add_argument("--tokenizer-path", default=None, help="HF tokenizer dir or hub name, or byte | char | bpe:N")
+    data.add_argument("--token-cache", metavar="DIR", default=None,
+                      help="where tokenized corpora are kept (one subdirectory per data + tokenizer; reused while "
+                           "nothing changed); default $HIERARCHOS_TOKEN_CACHE or ~/.cache/hierarchos/token_cache")
+    data.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=True,
+                      help="read the streams' windows in a seeded order that changes every epoch (--no-shuffle: "
+                           "in corpus order)")
     model = p.add_argument_group("model")
     model.add_argument("--model-path", help="start from this model directory's weights (fresh optimizer)")
     model.add_argument("--out-dir", default="./hierarchos_model")
@@ -127,8 +133,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                           "for one-process bf16 CUDA training with whole windows and no gradient checkpointing; "
                           "1.46x tokens/s in the training loop on an H200, see BENCHMARKS.md; "
                           "--no-cuda-graphs for eager)")
-    run.add_argument("--num_workers", "--num-workers", type=int, default=0,
-                     help="accepted for compatibility; token streams are built in memory")
+    run.add_argument("--num_workers", "--num-workers", type=int, default=None,
+                     help="deprecated, ignored: windows are read from the memory-mapped token cache (no loader "
+                          "workers needed) and tokenization uses every core")
     run.add_argument("--log-every", type=int, default=10)
     run.add_argument("--eval-every-epoch", type=int, default=1, metavar="N",
                      help="validate (and run --eval-tasks) every N epochs (0: never)")
@@ -294,7 +301,7 @@ def run(args: argparse.Namespace, lora=None) -> int:
 
     from ..config import ModelConfig, tiny_config
     from ..data import bundled_corpus_path
-    from ..data.sources import DataSpec, load_texts
+    from ..data.sources import DataSpec
     from ..data.tokenizers import load_tokenizer
     from ..io import load_checkpoint, load_model_dir, save_checkpoint, save_model_files
     from ..model import HierarchosLM
@@ -310,6 +317,9 @@ def run(args: argparse.Namespace, lora=None) -> int:
     if args.training_chunk_size and not args.max_length:
         args.max_length = args.training_chunk_size
     check_flags(args)
+    if args.num_workers is not None:
+        print("--num_workers: deprecated and ignored (training windows are read from the memory-mapped token "
+              "cache, which needs no loader workers; tokenization uses every core)", file=sys.stderr)
     from ..train.distributed import init_from_env, shard_rows, wrap_model
 
     device = pick_device(args.device)
@@ -345,42 +355,10 @@ def run(args: argparse.Namespace, lora=None) -> int:
     base_meta = None
     if args.model_path:
         model, base_meta = load_model_dir(args.model_path)
-    if pretokenized:
-        from types import SimpleNamespace
+    from .train_data import prepare as prepare_data
 
-        from ..data.chunked import iter_prechunked_jsonl, iter_pt_chunks
-
-        docs = list(iter_prechunked_jsonl(args.train) if args.pre_chunked_dataset else iter_pt_chunks(args.train))
-        tok_source = args.tokenizer_path or args.model_path or args.train
-        tokenizer = resumed_tokenizer(resume, args) or load_tokenizer(tok_source)
-        loaded = SimpleNamespace(name=Path(args.train).name, template="pretokenized", texts=[])
-    else:
-        loaded = load_texts(spec)
-        tokenizer = resumed_tokenizer(resume, args)
-        if tokenizer is None and args.model_path:  # continual learning: the model's tokenizer, extended or checked
-            from ..train.continual import continual_tokenizer
-
-            tokenizer = continual_tokenizer(args.model_path, args.tokenizer_path, loaded.texts)
-        elif tokenizer is None:
-            tokenizer = load_tokenizer(args.tokenizer_path, loaded.texts)
-        docs = [tokenizer.encode(text) for text in loaded.texts]
-    if args.auto_max_length and not pretokenized:
-        from ..data.sources import auto_max_length
-
-        args.max_length = auto_max_length([len(d) + 1 for d in docs], cap=8192)
-        print(f"--auto-max-length: max_length = {args.max_length}")
-    val_docs, val_bytes = [], 0
-    if args.val:
-        val_texts = load_texts(DataSpec(train=args.val, text_column=args.text_column)).texts
-        val_docs = [tokenizer.encode(t) for t in val_texts]
-        val_bytes = sum(len(t.encode("utf-8")) for t in val_texts)
-    elif args.val_fraction > 0:
-        # hold out the tail of the token stream (not whole documents: a corpus may be a few long ones)
-        flat = [t for doc in docs for t in (*doc, tokenizer.eos_id)]
-        n_val = int(len(flat) * args.val_fraction)
-        if n_val >= 2:
-            val_docs, docs = [flat[-n_val:]], [flat[:-n_val]]
-            val_bytes = len(tokenizer.decode(flat[-n_val:]).encode("utf-8"))
+    data = prepare_data(args, spec, resume, dist_info, resumed_tokenizer(resume, args))
+    tokenizer = data.tokenizer
     # ---- model ----
     if resume is not None:  # the checkpoint's architecture (its weights are loaded below)
         if tokenizer.vocab_size > resume.config.vocab_size:
@@ -400,7 +378,7 @@ def run(args: argparse.Namespace, lora=None) -> int:
         model = HierarchosLM(cfg)
     from ..train.continual import grow_for_data
 
-    n_chars = sum(len(text) for text in loaded.texts) if loaded.texts else None
+    n_chars = data.n_chars
     model, growth = grow_for_data(model, tokenizer.vocab_size, list((base_meta or {}).get("training_history") or []),
                                   n_chars, None if resume else args.grow_every_chars, allow_growth=lora is None)
     cfg = model.cfg
@@ -415,18 +393,14 @@ def run(args: argparse.Namespace, lora=None) -> int:
     if args.gradient_checkpointing:
         model.set_gradient_checkpointing(True)
     chunk = args.max_length or cfg.max_length
-    try:
-        train_streams = TokenStreams.from_documents(docs, tokenizer.eos_id, args.batch_size * dist_info.world_size,
-                                                    chunk)
+    try:  # every rank sees the same B x world streams and reads its own rows: disjoint shards
+        train_streams = TokenStreams.from_tokens(data.train_tokens, args.batch_size * dist_info.world_size, chunk,
+                                                 shuffle_seed=args.seed if args.shuffle else None)
         train_streams.streams = shard_rows(train_streams.streams, dist_info)  # this rank's streams
     except ValueError as exc:
         raise HierarchosError(f"training data: {exc}; use more data or a smaller --batch_size") from None
-    val_streams = None
-    if val_docs:
-        try:
-            val_streams = TokenStreams.from_documents(val_docs, tokenizer.eos_id, 1, chunk)
-        except ValueError:
-            val_streams = None
+    val_streams = TokenStreams.from_tokens(data.val_tokens, 1, chunk) if data.val_tokens is not None else None
+    val_bytes = data.val_bytes
 
     fp16 = (device.type == "cuda" and args.amp is not False and not torch.cuda.is_bf16_supported())
     args.cuda_graphs = resolve_cuda_graphs(args.cuda_graphs, device.type, dist_info.enabled,
@@ -492,7 +466,7 @@ def run(args: argparse.Namespace, lora=None) -> int:
         history = resumed_history[:-1]  # the last entry is this run's, rewritten below
         growth = {k: v for k, v in resumed_history[-1].items() if "growth" in k} if isinstance(
             resumed_history[-1], dict) else growth
-    run_entry = {"dataset": loaded.name, "template": loaded.template, "tokens": train_streams.num_tokens,
+    run_entry = {"dataset": data.name, "template": data.template, "tokens": train_streams.num_tokens,
                  "chars": n_chars, **growth,
                  "epochs": tcfg.epochs, "steps": 0,
                  "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
@@ -506,8 +480,9 @@ def run(args: argparse.Namespace, lora=None) -> int:
               f"TF32 on, cudnn.benchmark on")
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
-        train_streams.streams = train_streams.streams.pin_memory()  # lets the per-step copies overlap
-    print(f"data: {loaded.name} ({loaded.template}), {train_streams.num_tokens:,} training tokens in "
+        if isinstance(train_streams.streams, torch.Tensor):
+            train_streams.streams = train_streams.streams.pin_memory()  # lets the per-step copies overlap
+    print(f"data: {data.name} ({data.template}), {train_streams.num_tokens:,} training tokens in "
           f"{args.batch_size} streams x {chunk}-token windows, {len(train_streams)} windows per epoch"
           + (f", validation {val_streams.num_tokens:,} tokens" if val_streams else ""))
 
@@ -576,7 +551,7 @@ def run(args: argparse.Namespace, lora=None) -> int:
 
         return {"model_state": full_model_state(model), "optimizer_state": full_optimizer_state(model, trainer.optimizer)}
 
-    ckpt_extra = {"prompt_template": loaded.template}
+    ckpt_extra = {"prompt_template": data.template}
     saved_args = run_args(args)  # what `--resume-from-ckpt DIR` alone restores
     if lora is not None:  # ckpt-2-inf rebuilds the adapters from these and merges them
         from dataclasses import asdict
@@ -589,7 +564,7 @@ def run(args: argparse.Namespace, lora=None) -> int:
         if not main_rank:
             return
         state = {**t.trainer_state(), "training_history": history + [{**run_entry, "steps": t.opt_step}],
-                 "run_args": saved_args}
+                 "run_args": saved_args, "data": data.identity}
         save_checkpoint(ckpt_root, t.opt_step, model, t.optimizer, t.schedule, state,
                         keep=tcfg.keep_checkpoints, is_best=bool(is_best),
                         extra_tensors={f"stream_state.{k}": v for k, v in streams.items()},
@@ -625,12 +600,12 @@ def run(args: argparse.Namespace, lora=None) -> int:
         from ..lora import save_adapter
 
         save_adapter(out_dir, model, lora, {"base_model_path": str(args.model_path), "training_history": history,
-                                            "prompt_template": loaded.template})
+                                            "prompt_template": data.template})
         print(f"saved LoRA adapter {out_dir} (adapter_config.json, adapter_model.safetensors); fold it into "
               f"a model with: hierarchos merge-lora --model-path {args.model_path} --lora-adapter-path {out_dir} "
               "--out-dir MERGED")
         return 0
-    save_model_files(out_dir, model, tokenizer, history=history, extra={"prompt_template": loaded.template},
+    save_model_files(out_dir, model, tokenizer, history=history, extra={"prompt_template": data.template},
                      state=final_state)
     print(f"saved model directory {out_dir} (model.safetensors, hierarchos_config.json, tokenizer)")
     if args.quantize_on_complete:

@@ -131,8 +131,9 @@ class Tokenizer:
         return self.backend.encode(text, add_special_tokens=False, split_special_tokens=True, verbose=False)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        if self._is_fast:
-            return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+        if self._is_fast:  # encode_batch_fast (tokenizers >= 0.21) skips the offsets we never read
+            encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
+            return [e.ids for e in encode(list(texts), add_special_tokens=False)]
         return self.backend(list(texts), add_special_tokens=False, split_special_tokens=True,
                             verbose=False)["input_ids"]
 

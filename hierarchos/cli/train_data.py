@@ -1,0 +1,124 @@
+"""The data of a `train` run: the source, the tokenizer, and the token arrays training reads.
+
+Text sources go through the token cache (hierarchos.data.token_cache): tokenized once, memory-mapped,
+reused while the files and the tokenizer are unchanged. Pre-tokenized sources (--pre_chunked_dataset,
+--pre_pt_dataset) are read as before and packed into one array. The validation tokens are a --val
+file's cache or the tail of the training array (--val-fraction); they are never copied into Python.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import HierarchosError
+
+NEEDS_TEXT = ("char", "bpe:")  # tokenizers trained on the data itself
+
+
+@dataclass
+class RunData:
+    name: str
+    template: str
+    tokenizer: object
+    train_tokens: np.ndarray          # flat ids, each document followed by EOS
+    val_tokens: np.ndarray | None = None
+    val_bytes: int = 0
+    n_chars: int | None = None
+    identity: dict = field(default_factory=dict)  # kept in checkpoints: which data a position refers to
+
+
+def _barrier(dist_info) -> None:
+    if dist_info is not None and dist_info.enabled:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _cache(directory: Path, source, tokenizer, dist_info, **kwargs):
+    """Rank 0 builds (or checks) the cache; the other ranks open it once it is there."""
+    from ..data import token_cache
+
+    main = dist_info is None or not dist_info.enabled or dist_info.is_main
+    if not main:
+        _barrier(dist_info)
+    cache = token_cache.open_cache(directory, source, tokenizer, log=print if main else (lambda line: None),
+                                   **kwargs)
+    if main:
+        _barrier(dist_info)
+    return cache
+
+
+def val_text_bytes(tokenizer, tokens: np.ndarray, piece: int = 1 << 20) -> int:
+    """UTF-8 bytes of the text `tokens` decode to (specials skipped), decoded in bounded pieces."""
+    return sum(len(tokenizer.decode(tokens[i:i + piece].tolist()).encode("utf-8"))
+               for i in range(0, len(tokens), piece))
+
+
+def prepare(args: argparse.Namespace, spec, resume, dist_info, resumed_tokenizer) -> RunData:
+    from ..data import token_cache
+    from ..data.streaming import open_source
+    from ..data.tokenizers import load_tokenizer
+
+    root = Path(args.token_cache).expanduser() if getattr(args, "token_cache", None) else token_cache.default_root()
+    if args.pre_chunked_dataset or args.pre_pt_dataset:
+        from ..data.chunked import iter_prechunked_jsonl, iter_pt_chunks
+
+        tok_source = args.tokenizer_path or args.model_path or args.train
+        tokenizer = resumed_tokenizer or load_tokenizer(tok_source)
+        docs = iter_prechunked_jsonl(args.train) if args.pre_chunked_dataset else iter_pt_chunks(args.train)
+        eos = np.array([tokenizer.eos_id], dtype=np.int64)
+        flat = np.concatenate([part for doc in docs for part in (np.asarray(doc, dtype=np.int64), eos)] or [eos])
+        data = RunData(Path(args.train).name, "pretokenized", tokenizer, flat)
+    else:
+        source = open_source(spec)
+        tok_key = args.tokenizer_path or (f"model:{args.model_path}" if args.model_path else "default")
+        directory = token_cache.cache_dir(root, source, tok_key)
+        tokenizer, trained = resumed_tokenizer, False
+        if tokenizer is None and args.model_path:  # continual learning: the model's tokenizer, extended or checked
+            from ..train.continual import continual_tokenizer
+
+            tokenizer = continual_tokenizer(args.model_path, args.tokenizer_path, source.texts())
+        elif tokenizer is None and str(args.tokenizer_path or "").startswith(NEEDS_TEXT):
+            tokenizer = token_cache.trained_tokenizer(directory, source)
+            if tokenizer is None:
+                print(f"tokenizer: training {args.tokenizer_path} on {source.name}")
+                tokenizer = load_tokenizer(args.tokenizer_path, source.texts())
+            trained = True
+        elif tokenizer is None:
+            tokenizer = load_tokenizer(args.tokenizer_path)
+        cache = _cache(directory, source, tokenizer, dist_info, save_tokenizer=trained)
+        index = cache.index
+        data = RunData(index.get("name") or source.name, index.get("template") or "plain", tokenizer, cache.tokens,
+                       n_chars=int(index.get("chars", 0)) or None,
+                       identity={"tokens": cache.n_tokens, "blake2b": index.get("tokens_blake2b")})
+        if args.auto_max_length:
+            from ..data.sources import auto_max_length
+
+            args.max_length = auto_max_length([int(cache.doc_lengths().max())], cap=8192)
+            print(f"--auto-max-length: max_length = {args.max_length}")
+    if args.val:
+        from ..data.sources import DataSpec
+
+        val_source = open_source(DataSpec(train=args.val, text_column=args.text_column))
+        val_dir = token_cache.cache_dir(root, val_source, f"val:{token_cache.tokenizer_identity(data.tokenizer)['sha256']}")
+        val_cache = _cache(val_dir, val_source, data.tokenizer, dist_info)
+        if val_cache.n_tokens < 2:
+            raise HierarchosError(f"--val {args.val}: {val_cache.n_tokens} token(s) of validation text, a window "
+                                  "needs at least 2; use a longer file or drop --val")
+        data.val_tokens = val_cache.tokens
+        data.val_bytes = val_text_bytes(data.tokenizer, val_cache.tokens)
+    elif args.val_fraction > 0:
+        # hold out the tail of the token stream (not whole documents: a corpus may be a few long ones)
+        n_val = int(len(data.train_tokens) * args.val_fraction)
+        if n_val >= 2:
+            data.val_tokens = data.train_tokens[-n_val:]
+            data.train_tokens = data.train_tokens[:-n_val]
+            data.val_bytes = val_text_bytes(data.tokenizer, data.val_tokens)
+        else:
+            print(f"validation: none this run (--val-fraction {args.val_fraction} of {len(data.train_tokens):,} "
+                  f"tokens is {n_val}, fewer than the 2 a window needs); pass --val PATH or a larger --val-fraction")
+    return data

@@ -1,0 +1,286 @@
+"""The token cache: a corpus tokenized once into a flat array of token ids, memory-mapped by training.
+
+A cache directory holds `tokens.bin` (uint16 ids where the vocabulary fits, else uint32; every
+document followed by EOS, as the trainer packs them), `doc_ends.bin` (int64: where each document's
+EOS ends), `index.json` (format, dtype, counts, checksums, the tokenizer's identity, the sources'
+sizes/mtimes/sampled hashes) and, for tokenizers trained on the data (char, bpe:N), `tokenizer/`.
+It is built in a temp directory renamed into place (hierarchos.io.atomic_dir), so a kill, an error
+or a full disk leaves nothing a later run would trust. A run reuses it when the sources and the
+tokenizer are unchanged and the files check out (size always, checksum of sampled blocks always,
+the full checksum below 256 MiB); otherwise it says why and rebuilds it.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import queue
+import re
+import sys
+import threading
+import time
+from array import array
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from hierarchos.errors import HierarchosError
+
+from .streaming import StreamSource
+from .tokenizers import Tokenizer, load_tokenizer
+
+FORMAT = "hierarchos-token-cache"
+VERSION = 1
+INDEX, TOKENS, DOC_ENDS, TOKENIZER_DIR = "index.json", "tokens.bin", "doc_ends.bin", "tokenizer"
+BATCH_CHARS = 4 << 20     # characters tokenized per encode_batch call (bounds the encoder's memory)
+SAMPLE_BLOCKS, SAMPLE_BLOCK_BYTES = 64, 4096
+FULL_CHECK_BYTES = 256 << 20
+
+
+def default_root() -> Path:
+    """$HIERARCHOS_TOKEN_CACHE, else $XDG_CACHE_HOME/hierarchos/token_cache, else ~/.cache/..."""
+    if os.environ.get("HIERARCHOS_TOKEN_CACHE"):
+        return Path(os.environ["HIERARCHOS_TOKEN_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "hierarchos" / "token_cache"
+
+
+def cache_dir(root: Path, source: StreamSource, tokenizer_key: str) -> Path:
+    """One directory per (data, record format flags, tokenizer spec)."""
+    spec = source.spec
+    where = str(Path(source.where).resolve()) if isinstance(source.where, Path) else str(source.where)
+    key = json.dumps({"where": where, "config": spec.hf_dataset_config, "split": spec.hf_dataset_split,
+                      "text": spec.text_column, "prompt": spec.prompt_column,
+                      "completion": spec.completion_column, "kayla": spec.kayla, "tokenizer": tokenizer_key},
+                     sort_keys=True)
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", source.name)[:60] or "data"
+    return Path(root) / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def tokenizer_identity(tokenizer: Tokenizer) -> dict:
+    """Name, kind, vocabulary size, EOS id and a hash of the tokenizer's full serialization."""
+    backend = tokenizer.backend
+    fast = backend if hasattr(backend, "to_str") else getattr(backend, "backend_tokenizer", None)
+    text = fast.to_str() if fast is not None else json.dumps(sorted(backend.get_vocab().items()))
+    return {"name": tokenizer.name, "kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size,
+            "eos_id": tokenizer.eos_id, "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}
+
+
+def _sampled_checksum(path: Path, size: int) -> str:
+    """blake2b of SAMPLE_BLOCKS blocks spread evenly over the file (cheap at any size)."""
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as handle:
+        for i in range(SAMPLE_BLOCKS):
+            handle.seek(size * i // SAMPLE_BLOCKS)
+            digest.update(handle.read(SAMPLE_BLOCK_BYTES))
+    return digest.hexdigest()
+
+
+def _full_checksum(path: Path) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(8 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class TokenCache:
+    directory: Path
+    index: dict
+    tokens: np.ndarray    # (n_tokens,) memory-mapped, read-only
+    doc_ends: np.ndarray  # (n_docs,) memory-mapped: end offset (exclusive) of each document + EOS
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.index["n_tokens"])
+
+    def doc_lengths(self) -> np.ndarray:
+        return np.diff(self.doc_ends, prepend=0)
+
+
+def _read_index(directory: Path) -> dict | None:
+    try:
+        index = json.loads((directory / INDEX).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return index if isinstance(index, dict) else None
+
+
+def why_stale(directory: Path, sources: list[dict], tokenizer_id: dict | None) -> str | None:
+    """None when the cache in `directory` can be used as is, else the reason to (re)build it."""
+    if not directory.exists():
+        return "none yet"
+    index = _read_index(directory)
+    if index is None or index.get("format") != FORMAT:
+        return f"{INDEX} is missing or unreadable"
+    if index.get("version") != VERSION:
+        return f"cache format {index.get('version')} (this version writes {VERSION})"
+    old = {entry.get("path", entry.get("dataset")): entry for entry in index.get("sources", [])}
+    new = {entry.get("path", entry.get("dataset")): entry for entry in sources}
+    for name in sorted(set(old) | set(new)):
+        if name not in old:
+            return f"{name} was added"
+        if name not in new:
+            return f"{name} was removed"
+        for key in ("size", "mtime_ns", "sample_blake2b", "fingerprint", "rows"):
+            if old[name].get(key) != new[name].get(key):
+                return f"{name} changed ({key} {old[name].get(key)} -> {new[name].get(key)})"
+    if tokenizer_id is not None and index.get("tokenizer") != tokenizer_id:
+        before, after = index.get("tokenizer") or {}, tokenizer_id
+        what = next((k for k in ("name", "kind", "vocab_size", "eos_id", "sha256") if before.get(k) != after.get(k)),
+                    "sha256")
+        return f"the tokenizer changed ({what} {before.get(what)} -> {after.get(what)})"
+    dtype = np.dtype(index.get("dtype", "uint16"))
+    tokens = directory / TOKENS
+    size = tokens.stat().st_size if tokens.is_file() else -1
+    if size != int(index.get("n_tokens", -1)) * dtype.itemsize:
+        return (f"{TOKENS} is truncated or corrupt ({size} bytes, the index says "
+                f"{int(index.get('n_tokens', 0)) * dtype.itemsize})")
+    ends = directory / DOC_ENDS
+    if not ends.is_file() or ends.stat().st_size != int(index.get("n_docs", -1)) * 8:
+        return f"{DOC_ENDS} is truncated or corrupt"
+    if _sampled_checksum(tokens, size) != index.get("tokens_sample_blake2b"):
+        return f"{TOKENS} is corrupt (checksum of sampled blocks differs)"
+    if size <= FULL_CHECK_BYTES and _full_checksum(tokens) != index.get("tokens_blake2b"):
+        return f"{TOKENS} is corrupt (checksum differs)"
+    return None
+
+
+def load(directory: Path) -> TokenCache:
+    index = _read_index(directory)
+    tokens = np.memmap(directory / TOKENS, dtype=np.dtype(index["dtype"]), mode="r", shape=(index["n_tokens"],))
+    doc_ends = np.memmap(directory / DOC_ENDS, dtype=np.int64, mode="r", shape=(index["n_docs"],)) \
+        if index["n_docs"] else np.zeros(0, dtype=np.int64)
+    return TokenCache(directory, index, tokens, doc_ends)
+
+
+def trained_tokenizer(directory: Path, source: StreamSource) -> Tokenizer | None:
+    """The tokenizer an earlier build trained on this same data (char, bpe:N), if any."""
+    if (directory / TOKENIZER_DIR).is_dir() and why_stale(directory, source.fingerprint(), None) is None:
+        return load_tokenizer(str(directory / TOKENIZER_DIR))
+    return None
+
+
+def open_cache(directory: Path, source: StreamSource, tokenizer: Tokenizer, *, save_tokenizer: bool = False,
+               log=print) -> TokenCache:
+    """The cache of `source` under `tokenizer` in `directory`: reused, or (re)built with a line saying why."""
+    sources = source.fingerprint()
+    identity = tokenizer_identity(tokenizer)
+    reason = why_stale(directory, sources, identity)
+    if reason is None:
+        cache = load(directory)
+        log(f"token cache: reusing {directory} ({cache.n_tokens:,} tokens)")
+        return cache
+    log(f"token cache: {'building' if reason == 'none yet' else 'rebuilding'} {directory}"
+        + ("" if reason == "none yet" else f" ({reason})"))
+    build(directory, source, tokenizer, sources, identity, save_tokenizer=save_tokenizer, log=log)
+    return load(directory)
+
+
+def _batches(source: StreamSource, out: queue.Queue, stop: threading.Event) -> None:
+    """Producer thread: groups of pieces of about BATCH_CHARS characters, with document ends and
+    input bytes; reading and parsing overlap the encoder (which releases the GIL)."""
+    try:
+        group, ends, chars, consumed = [], [], 0, 0
+        for doc_pieces, ends_doc, nbytes in source.documents():
+            if stop.is_set():
+                return
+            consumed += nbytes
+            for i, piece in enumerate(doc_pieces):
+                group.append(piece)
+                ends.append(ends_doc and i == len(doc_pieces) - 1)
+                chars += len(piece)
+            if ends_doc and not doc_pieces:  # an empty document still ends (gets its EOS)
+                group.append("")
+                ends.append(True)
+            if chars >= BATCH_CHARS:
+                out.put((group, ends, chars, consumed))
+                group, ends, chars, consumed = [], [], 0, 0
+        out.put((group, ends, chars, consumed))
+        out.put(None)
+    except BaseException as exc:  # handed to the consumer, which raises it
+        out.put(exc)
+
+
+def build(directory: Path, source: StreamSource, tokenizer: Tokenizer, sources: list[dict], identity: dict,
+          *, save_tokenizer: bool = False, log=print) -> None:
+    """Tokenize `source` into `directory` (atomically: a temp dir renamed into place)."""
+    from tqdm import tqdm
+
+    from hierarchos.io import atomic_dir
+
+    dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32)
+    eos = np.array([tokenizer.eos_id], dtype=dtype)
+    full, sample = hashlib.blake2b(digest_size=16), None
+    doc_ends = array("q")
+    n_tokens = n_chars = n_bytes = 0
+    started = time.perf_counter()
+    bar = tqdm(total=source.total_bytes(), unit="B", unit_scale=True, unit_divisor=1024, disable=None,
+               desc="tokenizing", file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
+    batches: queue.Queue = queue.Queue(maxsize=2)
+    stop = threading.Event()
+    producer = threading.Thread(target=_batches, args=(source, batches, stop), daemon=True)
+    try:
+        with atomic_dir(directory) as tmp:
+            producer.start()
+            with open(tmp / TOKENS, "wb") as handle:
+                while True:
+                    item = batches.get()
+                    if item is None:
+                        break
+                    if isinstance(item, BaseException):
+                        raise item
+                    group, ends, chars, consumed = item
+                    encoded = tokenizer.encode_batch(group) if group else []
+                    parts = []
+                    for ids, ends_doc in zip(encoded, ends):
+                        parts.append(np.asarray(ids, dtype=dtype))
+                        n_tokens += len(ids)
+                        if ends_doc:
+                            parts.append(eos)
+                            n_tokens += 1
+                            doc_ends.append(n_tokens)
+                    if parts:
+                        block = np.concatenate(parts).tobytes()
+                        handle.write(block)
+                        full.update(block)
+                    n_chars += chars
+                    n_bytes += consumed
+                    bar.update(consumed)
+                    elapsed = max(time.perf_counter() - started, 1e-9)
+                    bar.set_postfix(tokens=f"{n_tokens:,}", tok_s=f"{n_tokens / elapsed:,.0f}", refresh=False)
+            if n_tokens == 0 or not doc_ends:
+                raise HierarchosError(f"{source.where}: no usable records (every text is empty)")
+            (tmp / DOC_ENDS).write_bytes(doc_ends.tobytes())
+            sample = _sampled_checksum(tmp / TOKENS, n_tokens * dtype.itemsize)
+            if save_tokenizer:
+                tokenizer.save(tmp / TOKENIZER_DIR)
+            index = {"format": FORMAT, "version": VERSION, "dtype": dtype.name, "n_tokens": n_tokens,
+                     "n_docs": len(doc_ends), "chars": n_chars, "name": source.name, "template": source.template,
+                     "records": source.n_records, "skipped_records": source.n_skipped,
+                     "tokens_blake2b": full.hexdigest(), "tokens_sample_blake2b": sample,
+                     "tokenizer": identity, "sources": sources,
+                     "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            (tmp / INDEX).write_text(json.dumps(index, indent=1) + "\n", encoding="utf-8")
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise HierarchosError(f"token cache {directory}: the disk filled up while writing it "
+                                  f"({n_tokens:,} tokens written, nothing kept); free space or place the cache "
+                                  "elsewhere with --token-cache DIR") from None
+        raise
+    finally:
+        stop.set()
+        while producer.is_alive():  # unblock a producer waiting on the full queue
+            try:
+                batches.get_nowait()
+            except queue.Empty:
+                producer.join(0.05)
+        bar.close()
+    elapsed = max(time.perf_counter() - started, 1e-9)
+    mb = (n_bytes or n_chars) / 1e6
+    log(f"token cache: {n_tokens:,} tokens from {mb:,.1f} MB in {elapsed:.1f} s ({mb / elapsed:.1f} MB/s, "
+        f"{n_tokens / elapsed:,.0f} tokens/s), {len(doc_ends):,} documents, {dtype.name}")
