@@ -143,7 +143,7 @@ def _version(kind: str, target: Path) -> tuple[int, int]:
         session.load_delta(target)
         counts = model.memory.slot_count
         delta = (model.memory.values - session.base_values).mean()
-        return int(counts[0]), int(round(float(delta)))
+        return int(counts[0]), round(delta.item())
     raise AssertionError(kind)
 
 

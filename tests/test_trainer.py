@@ -153,3 +153,79 @@ def test_lazy_row_adam_row_update_equals_the_masked_reference():
         torch.testing.assert_close(fast_p, ref_p, rtol=1e-6, atol=1e-7, msg=lambda m: f"seed={seed} {shape}: {m}")
         for key in ("exp_avg", "exp_avg_sq", "row_steps"):
             torch.testing.assert_close(fast.state[fast_p][key], ref.state[ref_p][key], msg=key)
+
+
+# ---- oracles: resume bookkeeping, validation ---------------------------------------------
+
+def test_resume_restores_best_val_and_skipped_steps(tmp_path):
+    """Through a real checkpoint (JSON on disk): a resumed run keeps the best validation loss so far
+    (else its next epoch's worse loss would be saved as `best`) and the count of skipped steps."""
+    from hierarchos import io as hio
+
+    seed = fresh_seed()
+    first = make(seed, epochs=1)
+    first.best_val, first.skipped_steps = 0.0, 3  # 0.0: a falsy best must survive too
+    hio.save_checkpoint(tmp_path, 1, first.model, first.optimizer, first.schedule, first.trainer_state())
+    resumed = make(seed, epochs=1)
+    resumed.load_trainer_state(hio.load_checkpoint(tmp_path, resumed.model, restore_rng=False))
+    assert (resumed.best_val, resumed.skipped_steps) == (0.0, 3), f"seed={seed}"
+
+    first.best_val = 2.5
+    hio.save_checkpoint(tmp_path, 2, first.model, first.optimizer, first.schedule, first.trainer_state())
+    resumed = make(seed, epochs=1)
+    resumed.load_trainer_state(hio.load_checkpoint(tmp_path, resumed.model, restore_rng=False))
+    assert resumed.best_val == 2.5, f"seed={seed}"
+    saves = []
+    resumed.last_metrics = {}
+    resumed.log_metrics = lambda record: setattr(resumed, "last_metrics", {**record, "val_loss": 3.0})
+    resumed.run(on_checkpoint=lambda t, is_best, reason: saves.append(is_best))
+    assert saves and not any(saves), f"seed={seed}: a validation loss above the restored best was saved as best"
+
+
+def held_out_text(seed: int) -> str:
+    """Random text over an alphabet of 1-, 2-, 3- and 4-byte UTF-8 characters (so tokens != bytes)."""
+    rng = random.Random(seed)
+    return "".join(rng.choice("ab é€中😀\n") for _ in range(rng.randint(40, 70)))
+
+
+def validation_run(seed: int):
+    """A float64 trainer whose validation stream is `held_out_text` tokenized one id per character."""
+    import numpy as np
+
+    text = held_out_text(seed)
+    alphabet = sorted(set("ab é€中😀\n"))
+    ids = np.array([alphabet.index(ch) for ch in text], dtype=np.int64)
+    trainer = make(seed, epochs=1)
+    trainer.model.double()
+    trainer.val_streams = TokenStreams.from_tokens(ids, 1, 12)  # several windows, the last one shorter
+    trainer.val_bytes = len(text.encode("utf-8"))
+    return trainer, ids, text
+
+
+def hand_nll_sum(model, ids) -> float:
+    """Summed next-token NLL (nats) of the whole stream in one parallel call from a fresh state."""
+    model.eval()
+    with torch.no_grad():
+        logits = model(torch.as_tensor(ids[None, :-1])).logits[0]
+    model.train()
+    return torch.nn.functional.cross_entropy(logits, torch.as_tensor(ids[1:]), reduction="sum").item()
+
+
+def test_validation_carries_the_state_across_windows_of_one_stream():
+    seed = fresh_seed()
+    trainer, ids, _ = validation_run(seed)
+    assert len(trainer.val_streams) >= 3, f"seed={seed}: the stream fits one window"
+    metrics = trainer.evaluate()
+    expected = hand_nll_sum(trainer.model, ids) / (len(ids) - 1)
+    assert abs(metrics["val_loss"] - expected) <= 1e-9 * expected, f"seed={seed}: {metrics['val_loss']} vs {expected}"
+
+
+def test_validation_bits_per_byte_is_summed_nll_over_utf8_bytes():
+    import math
+
+    seed = fresh_seed()
+    trainer, ids, text = validation_run(seed)
+    assert len(text.encode("utf-8")) > len(text), f"seed={seed}: an ASCII-only text cannot tell bytes from tokens"
+    metrics = trainer.evaluate()
+    expected = hand_nll_sum(trainer.model, ids) / len(text.encode("utf-8")) / math.log(2)
+    assert abs(metrics["val_bpb"] - expected) <= 1e-9 * expected, f"seed={seed}: {metrics['val_bpb']} vs {expected}"

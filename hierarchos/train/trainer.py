@@ -310,7 +310,8 @@ class Trainer:
     def load_trainer_state(self, state: dict) -> None:
         self.micro_step, self.opt_step = int(state["micro_step"]), int(state["opt_step"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
-        self.best_val = state.get("best_val") or float("inf")
+        best = state.get("best_val")  # None: no validation yet (a best of 0.0 is a real one)
+        self.best_val = float("inf") if best is None else float(best)
 
 
 def _holders(state):
