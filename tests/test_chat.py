@@ -22,6 +22,7 @@ from hierarchos.data.tokenizers import load_tokenizer
 from hierarchos.errors import HierarchosError
 from hierarchos.generate import SamplingConfig
 from hierarchos.io import load_model_dir, save_model_dir
+from hierarchos.model.losses import lm_loss
 from hierarchos.model import HierarchosLM
 
 REPO = Path(__file__).resolve().parents[1]
@@ -195,6 +196,33 @@ def test_learning_changes_only_memory(model_dir):
     assert (after["memory.slot_time"][changed] > 0).all()
     assert session.model.memory.source_names[-1] == session.source
     assert {n: p.requires_grad for n, p in session.model.named_parameters()} == flags
+
+
+def test_learning_is_one_sgd_step_down_the_gradient_and_lowers_the_surprise(model_dir):
+    """The rule, checked on the numbers: the update is V <- V - lr * dloss/dV (gradient computed here
+    by autograd on the same exchange), and the surprise of the same exchange falls by lr * <g_loss, g_ce>
+    to first order. A step up the gradient, a wrong rate or a stale gradient fails."""
+    session, _, _ = _session(model_dir, learn=True, threshold=0.0)
+    session.model.double()  # the first-order prediction needs more digits than float32 gives
+    session.learn.lr, session.learn.static_lr = 1.0, True
+    model, values = session.model, session.model.memory.values
+    exchange = session.tokenizer.encode("ROMEO: But soft, what light through yonder window breaks?")
+    tokens = torch.tensor([exchange])
+    with torch.enable_grad():
+        values.requires_grad_(True)
+        out = model(tokens[:, :-1], model.init_state(1), **session.caps())
+        loss, _ = lm_loss(out, tokens[:, 1:], model.cfg.z_loss_weight)
+        (g_loss,) = torch.autograd.grad(loss, values, retain_graph=True)
+        (g_ce,) = torch.autograd.grad(torch.nn.functional.cross_entropy(out.logits[0], tokens[0, 1:]), values)
+    before = values.detach().clone()
+    first = session.learn_from(exchange)
+    assert first["updated"] > 0 and first["lr"] == 1.0
+    torch.testing.assert_close(values.detach(), before - g_loss, rtol=0, atol=1e-12)
+    second = session.learn_from(exchange)
+    fall = first["surprise"] - second["surprise"]
+    predicted = float((g_loss * g_ce).sum())
+    assert predicted > 0
+    assert fall == pytest.approx(predicted, rel=0.05), (fall, predicted)
 
 
 def test_below_threshold_changes_nothing(model_dir):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 
 from hierarchos.model.memory import LongTermMemory
@@ -79,3 +80,101 @@ def test_commit_stamps_metadata_and_filters_reads():
     assert written[idx[attn > 0]].all(), f"seed={seed}: a filtered read used an older slot"
     mask = mem.slot_mask(sources=["nobody"])
     assert mask is not None and not mask.any()
+
+
+def oracle(mem, e, threshold):
+    """The write rule of DESIGN.md 3.3, written out slot by slot from the spec (independent of the
+    module's vectorised code): per chunk, reads from the memory as it stood after the previous
+    chunk; surprise g = d/dV sum_t ||read(q_t) - W_v e_t||^2 (by autograd here); gates
+    (eta, theta, alpha) = sigmoid(W_g mean(e_chunk) + b); for every slot with ||g|| > threshold:
+    M <- eta M - theta g, V <- (1 - alpha) V + M; other slots keep V and M."""
+    B, T, _ = e.shape
+    K, W_q, W_t = mem.keys.detach(), mem.query.weight.detach(), mem.target.weight.detach()
+    W_g, b_g = mem.write_gates.weight.detach(), mem.write_gates.bias.detach()
+    V = mem.values.detach().clone().unsqueeze(0).repeat(B, 1, 1)
+    M = torch.zeros_like(V)
+    reads, written = [], torch.zeros(B, mem.slots, dtype=torch.bool)
+    for c in range(T // mem.chunk):
+        seg = e[:, c * mem.chunk:(c + 1) * mem.chunk]
+        leaf = V.clone().requires_grad_(True)
+        chunk_reads, loss = [], 0.0
+        for b in range(B):
+            for t in range(mem.chunk):
+                scores = K @ (W_q @ seg[b, t])
+                top, idx = scores.topk(mem.topk)
+                read = (torch.softmax(top, 0)[:, None] * leaf[b, idx]).sum(0)
+                chunk_reads.append(read.detach())
+                loss = loss + (read - W_t @ seg[b, t]).pow(2).sum()
+        (g,) = torch.autograd.grad(loss, leaf)
+        reads.append(torch.stack(chunk_reads).view(B, mem.chunk, -1))
+        for b in range(B):
+            eta, theta, alpha = torch.sigmoid(W_g @ seg[b].mean(0) + b_g).tolist()
+            for s in range(mem.slots):
+                if g[b, s].norm() > threshold:
+                    M[b, s] = eta * M[b, s] - theta * g[b, s]
+                    V[b, s] = (1 - alpha) * V[b, s] + M[b, s]
+                    written[b, s] = True
+    return torch.cat(reads, 1), V, M, written
+
+
+@pytest.mark.parametrize("threshold", ["zero", "median"])
+def test_write_rule_over_three_chunks_equals_the_spec_slot_by_slot(threshold):
+    """Three chunks, so that the momentum of one write enters the next (a flipped momentum sign or a
+    dropped forgetting gate changes the values of chunks 2 and 3 and the final state)."""
+    seed = fresh_seed()
+    mem = make(seed, chunk=4)
+    with torch.no_grad():
+        mem.write_gates.weight.normal_(0, 0.5)  # gates that differ per chunk and per row
+    e = torch.randn(2, 12, 6, dtype=torch.float64)
+    if threshold == "median":  # a threshold that writes some read slots and not others
+        _, _, _, _ = oracle(mem, e, 0.0)
+        leaf = mem.values.detach().unsqueeze(0).repeat(2, 1, 1).requires_grad_(True)
+        read, _, _ = mem.read(mem.query(e[:, :4]), leaf)
+        (g,) = torch.autograd.grad((read - mem.target(e[:, :4])).pow(2).sum(), leaf)
+        norms = g.norm(dim=-1)
+        mem.write_threshold = float(norms[norms > 0].median())
+    reads, V, M, written = oracle(mem, e, mem.write_threshold)
+    assert written.any() and not written.all(), f"seed={seed}: the gating is not exercised"
+    with torch.no_grad():
+        got, state = mem(e, mem.init_state(2, 6, dtype=torch.float64), pos0=0)
+    msg = lambda m: f"seed={seed}: {m}"  # noqa: E731
+    torch.testing.assert_close(got, reads, rtol=1e-10, atol=1e-12, msg=msg)
+    torch.testing.assert_close(state["delta"] + mem.values.detach(), V, rtol=1e-10, atol=1e-12, msg=msg)
+    torch.testing.assert_close(state["momentum"], M, rtol=1e-10, atol=1e-12, msg=msg)
+    assert torch.equal(state["writes"] > 0, written), f"seed={seed}"
+
+
+def test_one_write_in_closed_form():
+    """One slot, one chunk, numbers by hand: top-1 read of a single slot v with key k, so every read is
+    v; g = sum_t 2 (v - target_t); with M = 0: M' = -theta g, V' = (1 - alpha) v + M'; the next chunk
+    reads V' and writes M'' = eta M' - theta g', V'' = (1 - alpha) V' + M''."""
+    mem = LongTermMemory(dim=2, slots=1, key_dim=1, val_dim=1, topk=1, chunk=2, write_threshold=0.0).double()
+    with torch.no_grad():
+        mem.keys.fill_(1.0)
+        mem.values.fill_(0.5)
+        mem.query.weight.fill_(1.0)
+        mem.target.weight.copy_(torch.tensor([[1.0, 0.0]]))
+        mem.write_gates.weight.zero_()
+        mem.write_gates.bias.copy_(torch.logit(torch.tensor([0.9, 0.25, 0.1], dtype=torch.float64)))
+    e = torch.tensor([[[2.0, 1.0], [-1.0, 3.0]]], dtype=torch.float64)  # targets 2 and -1
+    with torch.no_grad():
+        reads, state = mem(e, mem.init_state(1, 2, dtype=torch.float64), pos0=0)
+    assert reads.flatten().tolist() == [0.5, 0.5]
+    # g = 2 (0.5 - 2) + 2 (0.5 + 1) = 0: a zero surprise writes nothing (0 > 0 is false)
+    assert state["writes"].sum() == 0 and state["delta"].abs().sum() == 0
+    with torch.no_grad():
+        mem.target.weight.copy_(torch.tensor([[1.0, 1.0]]))  # targets 3 and 2
+        reads, state = mem(e, mem.init_state(1, 2, dtype=torch.float64), pos0=0)
+    g = 2 * (0.5 - 3.0) + 2 * (0.5 - 2.0)  # -8
+    momentum = -0.25 * g                   # eta * 0 - theta * g = 2
+    value = (1 - 0.1) * 0.5 + momentum     # 2.45
+    assert state["momentum"].item() == pytest.approx(momentum, abs=1e-12)
+    assert (state["delta"] + mem.values).item() == pytest.approx(value, abs=1e-12)
+    # the next chunk's first read sees the written value; a second write adds the momentum term
+    with torch.no_grad():
+        reads2, state2 = mem(e, state, pos0=2)
+    assert reads2.flatten().tolist() == pytest.approx([value, value], abs=1e-12)
+    g2 = 2 * (value - 3.0) + 2 * (value - 2.0)
+    momentum2 = 0.9 * momentum - 0.25 * g2
+    assert state2["momentum"].item() == pytest.approx(momentum2, abs=1e-12)
+    assert (state2["delta"] + mem.values).item() == pytest.approx(0.9 * value + momentum2, abs=1e-12)

@@ -1,0 +1,128 @@
+"""Mutation testing of the core modules with mutmut (not part of CI; see TESTING.md).
+
+Each module is mutated in its own scratch copy of the checkout (tracked and untracked files plus
+the built kernels), against the fast tests that pin it, so a mutant runs only the tests that
+exercise the mutated function (mutmut's per-function test selection) and the working tree is never
+touched. Prints a table of killed / survived / timed-out mutants per module and writes JSON with
+every surviving mutant's name, for TESTING.md.
+
+    pip install mutmut==3.8.1
+    python scripts/mutation_test.py                          # every module below
+    python scripts/mutation_test.py --modules hierarchos/model/hrm.py --jobs 2
+    python scripts/mutation_test.py --show SURVIVOR_NAME    # the diff of one surviving mutant
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# module -> the fast tests that pin it (its own test module first, then the contract tests)
+MODULES: dict[str, list[str]] = {
+    "hierarchos/model/hrm.py": ["tests/test_hrm.py", "tests/test_model.py"],
+    "hierarchos/model/memory.py": ["tests/test_memory.py", "tests/test_model.py"],
+    "hierarchos/model/rwkv.py": ["tests/test_model.py", "tests/test_compile.py"],
+    "hierarchos/model/lm.py": ["tests/test_model.py"],
+    "hierarchos/model/losses.py": ["tests/test_losses.py", "tests/test_model.py"],
+    "hierarchos/model/state.py": ["tests/test_model.py"],
+    "hierarchos/model/rosa.py": ["tests/test_rosa.py"],
+    "hierarchos/ops/wkv.py": ["tests/test_wkv.py"],
+    "hierarchos/ops/aligned.py": ["tests/test_aligned.py"],
+    "hierarchos/ops/amp.py": ["tests/test_model.py"],
+    "hierarchos/quant/formats.py": ["tests/test_quant_formats.py", "tests/test_kernel.py"],
+    "hierarchos/io.py": ["tests/test_io.py", "tests/test_crash_safety.py", "tests/test_untrusted.py"],
+    "hierarchos/lora.py": ["tests/test_lora.py"],
+    "hierarchos/train/trainer.py": ["tests/test_trainer.py", "tests/test_numerical_faults.py"],
+    "hierarchos/chat.py": ["tests/test_chat.py"],
+}
+
+STATUS = re.compile(r"^\s*(\S+):\s*(killed|survived|timeout|suspicious|no tests|skipped|segfault|"
+                    r"not checked|check was interrupted by user|caught by type check)\s*$")
+
+
+def scratch_copy(dest: Path) -> None:
+    """Tracked and untracked (not ignored) files, plus the kernels built in place."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, check=True,
+                           capture_output=True, text=True).stdout.split("\n")
+    files += [str(p.relative_to(ROOT)) for p in (ROOT / "hierarchos").glob("hierarchos_*.so")]
+    for name in filter(None, files):
+        src = ROOT / name
+        if src.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+
+
+def run_module(module: str, tests: list[str], work: Path, jobs: int) -> dict:
+    scratch_copy(work)
+    cfg = ["[mutmut]", "source_paths=hierarchos", f"only_mutate={module}",
+           "pytest_add_cli_args_test_selection=", *[f"    {t}" for t in tests],
+           "pytest_add_cli_args=", "    -p", "    no:cacheprovider", "    -q", ""]
+    (work / "setup.cfg").write_text("\n".join(cfg))
+    t0 = time.time()
+    env_cmd = [sys.executable, "-m", "mutmut", "run", "--max-children", str(jobs)]
+    run = subprocess.run(env_cmd, cwd=work, capture_output=True, text=True)
+    (work / "mutmut-run.log").write_text(run.stdout + run.stderr)
+    listing = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"], cwd=work,
+                             capture_output=True, text=True).stdout
+    by_status: dict[str, list[str]] = {}
+    for line in listing.splitlines():
+        m = STATUS.match(line)
+        if m:
+            by_status.setdefault(m.group(2), []).append(m.group(1))
+    killed = len(by_status.get("killed", [])) + len(by_status.get("timeout", [])) \
+        + len(by_status.get("segfault", []))
+    total = sum(len(v) for k, v in by_status.items() if k not in ("skipped", "not checked", "no tests"))
+    return {"module": module, "tests": tests, "seconds": round(time.time() - t0, 1), "killed": killed,
+            "survived": by_status.get("survived", []), "no_tests": by_status.get("no tests", []),
+            "other": {k: v for k, v in by_status.items() if k not in ("killed", "survived", "no tests")},
+            "total": total, "score": round(killed / total, 4) if total else None,
+            "returncode": run.returncode}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--modules", nargs="*", default=list(MODULES), help="modules to mutate (default: all)")
+    p.add_argument("--jobs", type=int, default=2, help="mutants tested at once")
+    p.add_argument("--work", default="/tmp/hierarchos-mutation", help="scratch directory (one copy per module)")
+    p.add_argument("--json", default="bench/results/mutation.json", help="where the results go")
+    p.add_argument("--show", help="print the diff of one mutant (from the last run of its module)")
+    args = p.parse_args()
+    work = Path(args.work)
+    if args.show:
+        module = args.show.split(".x_")[0].replace(".", "/") + ".py"
+        out = subprocess.run([sys.executable, "-m", "mutmut", "show", args.show], cwd=work / Path(module).stem,
+                             capture_output=True, text=True)
+        print(out.stdout or out.stderr)
+        return out.returncode
+    unknown = [m for m in args.modules if m not in MODULES]
+    if unknown:
+        print(f"mutation_test: unknown module(s) {unknown}; known: {', '.join(MODULES)}", file=sys.stderr)
+        return 2
+    results = []
+    for module in args.modules:
+        result = run_module(module, MODULES[module], work / Path(module).stem, args.jobs)
+        results.append(result)
+        score = "n/a" if result["score"] is None else f"{100 * result['score']:.1f}%"
+        print(f"{module:34s} killed {result['killed']:4d} / {result['total']:4d}  {score:>6s}  "
+              f"survived {len(result['survived']):3d}  ({result['seconds']:.0f} s)", flush=True)
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=1))
+    tmp.replace(out)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,312 @@
+"""The manager/worker rules of model/hrm.py pinned by hand-computed oracles (DESIGN.md 3.4).
+
+The parity tests (tests/test_model.py) prove that the parallel and step forms agree; these prove
+what both compute: Graves-style ACT weights, expected steps and halting step for a fixed halting
+sequence; halted plan points frozen in later passes; plans reaching tokens strictly after their
+plan point, LERPed within the stride; the worker's drift update, freezing rule and commitment
+cost; and HRM's one-step gradient (only the last `grad_steps` passes of each loop record a graph).
+The stacks are replaced by stubs whose outputs are known, so every expectation is arithmetic.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from hierarchos.config import tiny_config
+from hierarchos.model.hrm import HierarchicalReasoner
+
+
+class PassStub(nn.Module):
+    """Stands in for an RWKV stack: pass p returns out_of(p, x) and records its call."""
+
+    def __init__(self, out_of):
+        super().__init__()
+        self.out_of, self.calls = out_of, []
+
+    def init_state(self, *args, **kwargs):
+        return {}
+
+    def forward(self, x, tokens, state, frozen=None):
+        p = len(self.calls)
+        self.calls.append({"x": x.detach().clone(), "frozen": None if frozen is None else frozen.clone(),
+                           "grad": torch.is_grad_enabled()})
+        return self.out_of(p, x), state
+
+
+class HaltStub(nn.Module):
+    """Halting head: the logit of pass p for plan point j is logits[p][j] (whatever the input)."""
+
+    def __init__(self, probs):  # probs[p][j]
+        super().__init__()
+        self.logits = torch.logit(torch.tensor(probs, dtype=torch.float64))
+        self.n = 0
+
+    def forward(self, z):
+        logit = self.logits[self.n]
+        self.n += 1
+        return logit.to(z.dtype)[None, :, None].expand(z.shape[0], -1, 1)
+
+
+def reasoner(**overrides):
+    torch.manual_seed(0)
+    return HierarchicalReasoner(tiny_config(**overrides)).double()
+
+
+def onehot_per_pass(width):
+    """Pass p outputs the unit vector e_p at every plan point: the ACT mix then holds the weights."""
+    def out_of(p, x):
+        out = torch.zeros_like(x)
+        out[..., p] = 1.0
+        return out
+    return out_of
+
+
+def graves(probs, thresh, n_steps):
+    """ACT by hand, written from the rule: weight p_i * prod_{j<i}(1 - p_j); at the step where the
+    accumulated probability 1 - prod(1 - p) first reaches `thresh` (or at the last step) the
+    remainder prod_{j<i}(1 - p_j) takes the place of p_i * prod, so the weights sum to 1."""
+    weights, remainder = [], 1.0
+    for i in range(n_steps):
+        p = probs[i]
+        last = i == n_steps - 1 or (thresh < 1.0 and 1.0 - remainder * (1.0 - p) >= thresh)
+        weights.append(remainder if last else p * remainder)
+        if last:
+            return weights, i + 1
+        remainder *= 1.0 - p
+    raise AssertionError("unreachable")
+
+
+# two plan points with different halting sequences, over 4 passes
+PROBS = [[0.3, 0.9], [0.5, 0.2], [0.6, 0.7], [0.9, 0.4]]
+
+
+@pytest.mark.parametrize("thresh", [0.8, 0.95, 1.0, 0.25])
+def test_act_weights_expected_steps_and_halting_step_by_hand(thresh):
+    n_steps = len(PROBS)
+    model = reasoner(max_h_steps=n_steps, h_hidden=16, context_dim=16)
+    model.manager = PassStub(onehot_per_pass(16))
+    model.h_halt_proj = HaltStub(PROBS)
+    model.h_to_context = nn.Identity()
+    z = torch.zeros(1, 2, 16, dtype=torch.float64)
+    totals = {}
+    mix, _ = model._ponder(z, torch.zeros(1, 2, dtype=torch.long), model.init_state(1)[0]["ponder"],
+                           n_steps, thresh, False, totals)
+    expected_ponder, expected_halt = 0.0, 0.0
+    for j in range(2):
+        weights, halt_step = graves([PROBS[p][j] for p in range(n_steps)], thresh, n_steps)
+        got = mix[0, j, :n_steps].tolist()
+        assert got == pytest.approx(weights + [0.0] * (n_steps - len(weights)), abs=1e-12), (thresh, j)
+        assert sum(got) == pytest.approx(1.0, abs=1e-12)  # a convex mix of the passes
+        expected_ponder += sum((i + 1) * w for i, w in enumerate(weights))
+        expected_halt += halt_step
+    assert float(totals["ponder"][0]) == pytest.approx(expected_ponder, abs=1e-12)
+    assert totals["ponder"][1] == 2.0
+    assert float(totals["manager_steps"][0]) == pytest.approx(expected_halt, abs=1e-12)
+
+
+def test_act_numbers_for_one_sequence_written_out():
+    """The same rule with the arithmetic spelled out, so the helper above cannot drift with the code:
+    p = 0.3, 0.5, 0.6, 0.9, threshold 0.8: accumulated 0.3, 0.65, 0.86 -> halts at pass 3 with
+    weights 0.3, 0.7 * 0.5, remainder 0.35; expected steps 1 * 0.3 + 2 * 0.35 + 3 * 0.35 = 2.05."""
+    weights, halt = graves([0.3, 0.5, 0.6, 0.9], 0.8, 4)
+    assert weights == pytest.approx([0.3, 0.35, 0.35]) and halt == 3
+    model = reasoner(max_h_steps=4)
+    model.manager = PassStub(onehot_per_pass(16))
+    model.h_halt_proj = HaltStub([[0.3], [0.5], [0.6], [0.9]])
+    model.h_to_context = nn.Identity()
+    totals = {}
+    mix, _ = model._ponder(torch.zeros(1, 1, 16, dtype=torch.float64), torch.zeros(1, 1, dtype=torch.long),
+                           model.init_state(1)[0]["ponder"], 4, 0.8, False, totals)
+    assert mix[0, 0, :4].tolist() == pytest.approx([0.3, 0.35, 0.35, 0.0], abs=1e-12)
+    assert float(totals["ponder"][0]) == pytest.approx(2.05, abs=1e-12)
+    assert float(totals["manager_steps"][0]) == 3.0
+    assert len(model.manager.calls) == 3  # one plan point (the step form): no pass after it halted
+
+
+def test_halted_plan_points_are_frozen_in_later_passes():
+    model = reasoner(max_h_steps=4)
+    model.manager = PassStub(onehot_per_pass(16))
+    model.h_halt_proj = HaltStub(PROBS)
+    model.h_to_context = nn.Identity()
+    model._ponder(torch.zeros(1, 2, 16, dtype=torch.float64), torch.zeros(1, 2, dtype=torch.long),
+                  model.init_state(1)[0]["ponder"], 4, 0.8, False, {})
+    # point 0 halts at pass 3 (0.3, 0.65, 0.86); point 1 at pass 1 (0.9 >= 0.8)
+    frozen = [c["frozen"] for c in model.manager.calls]
+    assert frozen[0] is None  # the first pass runs every plan point
+    assert frozen[1].tolist() == [[False, True]]
+    assert frozen[2].tolist() == [[False, True]]
+    assert frozen[3].tolist() == [[True, True]]
+
+
+def test_every_pass_sees_the_watch_output_plus_its_refinement():
+    """HRM input injection: pass p's input is the watch output z plus (previous output - previous input)."""
+    model = reasoner(max_h_steps=3, h_halt_thresh=1.0)
+    model.manager = PassStub(lambda p, x: 2.0 * x + (p + 1))
+    model.h_to_context = nn.Identity()
+    z = torch.randn(1, 2, 16, dtype=torch.float64)
+    model._ponder(z, torch.zeros(1, 2, dtype=torch.long), model.init_state(1)[0]["ponder"], 3, 1.0, False, {})
+    x0 = z
+    out0 = 2 * x0 + 1
+    x1 = z + (out0 - x0)
+    out1 = 2 * x1 + 2
+    x2 = z + (out1 - x1)
+    for call, expected in zip(model.manager.calls, (x0, x1, x2)):
+        torch.testing.assert_close(call["x"], expected, rtol=0, atol=1e-12)
+
+
+def _round_with_stubs(T, stride, pos0, plans, max_l_steps=0, worker_out=None, atol=0.0, commit_thr=0.0,
+                      carried=None):
+    """One round with a zero watch, a fixed plan per plan point and a recording worker input."""
+    d = 16
+    model = reasoner(h_stride=stride, max_l_steps=max_l_steps, l_conv_atol=atol, commitment_threshold=commit_thr)
+    model.manager = PassStub(lambda p, x: torch.zeros_like(x))
+    model.h_input_proj = nn.Identity()
+    model.l_input_proj = RecordingProjection(d)
+    model.l_drift_proj = nn.Identity()
+    model.l_to_out = nn.Identity()
+    model.worker = PassStub(worker_out or (lambda p, x: torch.zeros_like(x)))
+    calls = iter(plans)
+    model._ponder = lambda z, *a, **k: (torch.stack([next(calls) for _ in range(z.shape[1])], 0)[None], a[1])
+    rounds = model.init_state(1)
+    if carried is not None:
+        rounds[0]["plan_prev"], rounds[0]["plan_last"] = (c.to(torch.float64)[None] for c in carried)
+    u = torch.zeros(1, T, d, dtype=torch.float64)
+    totals = {}
+    y, new = model._round(u, torch.zeros(1, T, dtype=torch.long), rounds[0], None, pos0, 1, max_l_steps, 1.0,
+                          totals)
+    return model, y, new, totals
+
+
+class RecordingProjection(nn.Module):
+    """l_input_proj stand-in: records [u ; context + drift] and passes the context half through."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.d, self.inputs = d, []
+
+    def forward(self, x):
+        self.inputs.append(x.detach().clone())
+        return x[..., self.d:]
+
+
+def test_plans_reach_tokens_strictly_after_their_plan_point_lerped_within_the_stride():
+    stride, T = 3, 9
+    plans = [torch.full((16,), 10.0 * (k + 1), dtype=torch.float64) for k in range(3)]  # at positions 2, 5, 8
+    model, _, new, _ = _round_with_stubs(T, stride, 0, plans)
+    context = model.l_input_proj.inputs[-1][0, :, 16:]  # commit pass, drift 0
+    # written out: token g sees the plans of the plan points < g; with n = floor(g / s) of them, it is
+    # plan[n-1] + (g - (n s - 1)) / s * (plan[n] - plan[n-1])... between the last two plans strictly before
+    # g; before the first plan point the (zero) carried plans
+    expected = [0, 0, 0, 10 / 3, 20 / 3, 10, 10 + 10 / 3, 10 + 20 / 3, 20]
+    assert context[:, 0].tolist() == pytest.approx(expected, abs=1e-12)
+    assert (context == context[:, :1]).all()  # every channel alike
+    # the carried plans are the last two plan points' (for the next call)
+    assert new["plan_prev"][0, 0].item() == 20.0 and new["plan_last"][0, 0].item() == 30.0
+
+
+def test_plan_lerp_continues_across_calls_at_an_offset():
+    """A call starting at pos0 = 4 (stride 3) continues from the carried plans (none, plan at 2) and
+    gives tokens 4..8 the same context as one call over 0..8."""
+    plans = [torch.full((16,), 10.0 * (k + 1), dtype=torch.float64) for k in range(3)]
+    model, _, _, _ = _round_with_stubs(5, 3, 4, plans[1:], carried=(torch.zeros(16), plans[0]))
+    context = model.l_input_proj.inputs[-1][0, :, 16]
+    assert context.tolist() == pytest.approx([20 / 3, 10, 10 + 10 / 3, 10 + 20 / 3, 20], abs=1e-12)
+
+
+def test_worker_drift_freezing_and_commitment_by_hand():
+    """Drift d_{p+1} = d_p + tanh(z_p) * (not frozen); a token freezes once max|step| < l_conv_atol;
+    commitment per pass = sum relu(||d||^2 - threshold) over tokens (with W_drift = identity here)."""
+    T, atol, thr = 3, 0.05, 0.1
+    # worker pass p returns a per-token constant: token 0 moves little at pass 1, token 2 never
+    table = torch.tensor([[0.5, 0.3, 0.2], [0.01, 0.4, 0.3], [0.2, 0.02, 0.3]], dtype=torch.float64)
+
+    def worker_out(p, x):
+        if p >= 3:  # the commit pass
+            return torch.zeros_like(x)
+        return table[p][None, :, None].expand(1, T, 16).clone()
+
+    model, y, _, totals = _round_with_stubs(T, 4, 0, [], max_l_steps=3, worker_out=worker_out, atol=atol,
+                                            commit_thr=thr)
+    drift = torch.zeros(T, dtype=torch.float64)
+    frozen = [False] * T
+    commitment, steps = 0.0, 0
+    for p in range(3):
+        steps += sum(not f for f in frozen)
+        for t in range(T):
+            if not frozen[t]:
+                step = math.tanh(table[p][t].item())
+                drift[t] += step
+                frozen[t] = frozen[t] or abs(step) < atol
+        commitment += sum(max(0.0, 16 * drift[t].item() ** 2 - thr) for t in range(T))
+    commit_context = model.l_input_proj.inputs[-1][0, :, 16]
+    assert commit_context.tolist() == pytest.approx(drift.tolist(), abs=1e-12)
+    assert float(totals["commitment"][0]) == pytest.approx(commitment, abs=1e-10)
+    assert totals["commitment"][1] == 3 * T  # one count per pass and token
+    assert float(totals["worker_steps"][0]) == steps == 8  # token 0 froze after pass 2
+    frozen_masks = [c["frozen"] for c in model.worker.calls]
+    assert frozen_masks[0] is None and frozen_masks[1].tolist() == [[False, False, False]]
+    assert frozen_masks[2].tolist() == [[True, False, False]]
+
+
+@pytest.mark.parametrize("h_cycles,max_h_steps,max_l_steps,grad_steps",
+                         [(2, 3, 2, 1), (3, 2, 3, 2), (1, 1, 0, 1), (2, 2, 2, 3)])
+def test_one_step_gradient_only_the_last_passes_record_a_graph(h_cycles, max_h_steps, max_l_steps, grad_steps):
+    """HRM's one-step gradient: in each loop (rounds; pondering passes; worker passes incl. the commit)
+    only the last `grad_steps` run with gradients; every other pass runs under no_grad."""
+    model = reasoner(h_cycles=h_cycles, max_h_steps=max_h_steps, max_l_steps=max_l_steps, grad_steps=grad_steps,
+                     h_halt_thresh=1.0, l_conv_atol=0.0, h_stride=1)
+    real_manager, real_worker = model.manager, model.worker
+    log = []
+
+    def wrap(stack, name):
+        def forward(x, tokens, state, frozen=None):
+            log.append((name, torch.is_grad_enabled()))
+            return type(stack).forward(stack, x, tokens, state, frozen)
+        stack.forward = forward
+
+    wrap(real_manager, "H")
+    wrap(real_worker, "L")
+    T = 4
+    u = torch.randn(1, T, 16, dtype=torch.float64, requires_grad=True)
+    y, _, _ = model(u, torch.zeros(1, T, dtype=torch.long), model.init_state(1), 0)
+    expected = []
+    for r in range(h_cycles):
+        round_grad = r >= h_cycles - grad_steps
+        expected.append(("H", round_grad))  # watch
+        expected += [("H", round_grad and p >= max_h_steps - grad_steps) for p in range(max_h_steps)]
+        n_passes = max_l_steps + 1
+        expected += [("L", round_grad and p >= n_passes - grad_steps) for p in range(max_l_steps)]
+        expected.append(("L", round_grad))  # commit
+    assert log == expected
+    # and the graph really is cut: the output's gradient reaches u, but no parameter used only under
+    # no_grad contributes (checked on the halting head when no pondering pass records a graph)
+    y.sum().backward()
+    assert u.grad is not None and u.grad.abs().sum() > 0
+
+
+def test_one_step_gradient_gives_earlier_passes_no_gradient():
+    """With grad_steps = 1 and two rounds, the first round's worker output feeds round 2 only as a
+    constant: the feedback projection's gradient differs from the one with every pass recording."""
+    torch.manual_seed(3)
+    cfg = dict(h_cycles=2, max_h_steps=2, max_l_steps=1, h_halt_thresh=1.0, l_conv_atol=0.0, h_stride=1)
+    T = 5
+    u = torch.randn(1, T, 16, dtype=torch.float64)
+
+    def grad_of(grad_steps):
+        model = reasoner(grad_steps=grad_steps, **cfg)
+        with torch.no_grad():
+            model.l_feedback_proj.weight.normal_(0, 0.5)
+        y, _, _ = model(u, torch.zeros(1, T, dtype=torch.long), model.init_state(1), 0)
+        y.pow(2).sum().backward()
+        return model.l_feedback_proj.weight.grad.clone()
+
+    one_step = grad_of(1)
+    full = grad_of(4)
+    # round 2's watch uses the feedback projection on round 1's output (a constant under one-step):
+    # its gradient exists in both, but differs once round 1 carries gradients
+    assert one_step.abs().sum() > 0
+    assert not torch.allclose(one_step, full)
