@@ -448,3 +448,22 @@ def test_max_steps_run_ends_at_min_lr(cli_env, tmp_path, text_jsonl):
     assert len(rates) == 5 and rates[0] == pytest.approx(3e-3)
     assert rates[-1] == pytest.approx(1e-5, rel=1e-9)
     assert rates[1] == pytest.approx(3e-3) and all(a > b for a, b in zip(rates[1:], rates[2:])), rates
+
+
+# ---- 8. the token cache through the CLI ------------------------------------------------------------------
+
+def test_train_reuses_the_token_cache_and_rebuilds_on_change(cli_env, tmp_path):
+    data = write_jsonl(tmp_path / "small.jsonl", [{"text": s} for s in sentences(3, words=8)])
+    flags = (*TRAIN_FLAGS, "--train", data, "--max-steps", "1", "--token-cache", tmp_path / "cache",
+             "--val-fraction", "0.005")
+    first = ok(run_cli(cli_env, "train", *flags, "--out-dir", tmp_path / "a", "--num_workers", "4"))
+    built = re.search(r"token cache: building (\S+)\n", first.stdout)
+    assert built and Path(built.group(1)).parent == tmp_path / "cache", first.stdout
+    n_tokens = json.loads((Path(built.group(1)) / "index.json").read_text())["n_tokens"]
+    assert f"--val-fraction 0.005 of {n_tokens:,} tokens is {int(n_tokens * 0.005)}, fewer than the 2" in first.stdout
+    assert "--num_workers: deprecated and ignored" in first.stderr
+    second = ok(run_cli(cli_env, "train", *flags, "--out-dir", tmp_path / "b"))
+    assert f"token cache: reusing {built.group(1)} ({n_tokens:,} tokens)" in second.stdout, second.stdout
+    write_jsonl(data, [{"text": s} for s in sentences(4, words=8)])
+    third = ok(run_cli(cli_env, "train", *flags, "--out-dir", tmp_path / "c"))
+    assert f"token cache: rebuilding {built.group(1)} ({data} changed (size" in third.stdout, third.stdout

@@ -32,21 +32,25 @@ def cut_point(text: str, lo: int) -> int:
     len(text) when there is none. Byte-level BPE (GPT-2's pre-tokenizer), byte and char tokenizers
     never join the characters on both sides of such a point into one pre-token, so tokenizing the
     pieces one by one gives the ids of the whole text."""
+    best = -1
     for space in ("\n", " ", "\t"):
         pos = text.rfind(space, lo)
-        while pos > lo and text[pos - 1].isspace():
-            pos = text.rfind(space, lo, pos - 1)
-        if pos > lo:
-            return pos
-    return len(text)
+        while pos > lo and text[pos - 1].isspace():  # inside a run of whitespace: not a cut point
+            pos = text.rfind(space, lo, pos)
+        if pos > lo and pos > 0:
+            best = max(best, pos)
+    return best if best > 0 else len(text)
 
 
-def pieces(text: str, size: int = PIECE_CHARS) -> Iterator[str]:
-    """`text` in pieces of about `size` characters, cut where `cut_point` allows."""
+def pieces(text: str, size: int | None = None) -> Iterator[str]:
+    """`text` in pieces of about `size` (default PIECE_CHARS) characters, cut where `cut_point` allows."""
+    size = size or PIECE_CHARS
     start = 0
     while len(text) - start > size:
         window = text[start:start + size]
-        cut = cut_point(window, size // 2)
+        cut = cut_point(window, size // 2)  # a long piece: look in the upper half first,
+        if cut == len(window):
+            cut = cut_point(window, 0)  # then anywhere; a hard cut only in a window without a cut point
         yield window[:cut]
         start += cut
     if start < len(text):
@@ -134,7 +138,7 @@ class StreamSource:
                     buffer += text
                     if len(buffer) > PIECE_CHARS or not raw:
                         parts = list(pieces(buffer))
-                        if raw and len(parts) > 1:  # the last part may grow with the next read
+                        if raw:  # the last part may grow with the next read
                             doc.extend(parts[:-1])
                             buffer = parts[-1]
                         else:

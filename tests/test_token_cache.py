@@ -1,0 +1,243 @@
+"""The token cache (hierarchos.data.token_cache, data.streaming) and the streams read from it.
+
+The oracle for the cache's contents is the tokenizer applied to each whole text, EOS after each,
+independent of how the reader cut the files into pieces. Reuse, invalidation (a changed file, a
+changed tokenizer), corruption (truncated, flipped bytes), an interrupted or disk-full build, and the
+seeded window order (every window once per epoch, contiguous targets) are each checked directly.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from hierarchos.data import bundled_tokenizer_path, streaming, token_cache
+from hierarchos.data.sources import DataSpec
+from hierarchos.data.tokenizers import load_tokenizer
+from hierarchos.errors import HierarchosError
+from hierarchos.train.batches import TokenStreams
+
+WORDS = "the quick brown fox jumps over a lazy dog naïve café 東京 ü 🙂 thou art\tmore lovely".split(" ")
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    return load_tokenizer(bundled_tokenizer_path())
+
+
+@pytest.fixture
+def seed():
+    value = random.randrange(2**31)
+    print(f"seed {value}")
+    return value
+
+
+def random_text(rng: random.Random, n_words: int) -> str:
+    seps = [" ", " ", " ", "\n", "\n\n", "  ", "\t", " \n"]
+    return "".join(rng.choice(WORDS) + rng.choice(seps) for _ in range(n_words)).strip()
+
+
+def expected_tokens(tokenizer, texts) -> np.ndarray:
+    ids = []
+    for text in texts:
+        ids += tokenizer.encode(text) + [tokenizer.eos_id]
+    return np.array(ids)
+
+
+def build(tmp_path, spec_path, tokenizer, lines=None):
+    source = streaming.open_source(DataSpec(train=str(spec_path)))
+    directory = token_cache.cache_dir(tmp_path / "cache", source, "t")
+    log = lines.append if lines is not None else (lambda line: None)
+    return token_cache.open_cache(directory, source, tokenizer, log=log), directory
+
+
+def test_cut_pieces_tokenize_like_the_whole_text(bpe, seed):
+    rng = random.Random(seed)
+    for _ in range(20):
+        text = random_text(rng, rng.randrange(50, 400))
+        parts = list(streaming.pieces(text, size=rng.randrange(8, 64)))
+        assert "".join(parts) == text
+        assert [t for p in parts for t in bpe.encode(p)] == bpe.encode(text)
+
+
+def test_cache_holds_each_text_then_eos(tmp_path, bpe, seed, monkeypatch):
+    # small reads and pieces, so files are cut many times (inside multi-byte characters too)
+    monkeypatch.setattr(streaming, "READ_BYTES", 7)
+    monkeypatch.setattr(streaming, "PIECE_CHARS", 40)
+    monkeypatch.setattr(token_cache, "BATCH_CHARS", 100)
+    rng = random.Random(seed)
+    texts = [random_text(rng, rng.randrange(1, 80)) for _ in range(30)]
+    jsonl = tmp_path / "a.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    cache, _ = build(tmp_path, jsonl, bpe)
+    assert cache.tokens.dtype == np.uint16 and isinstance(cache.tokens, np.memmap)
+    np.testing.assert_array_equal(np.asarray(cache.tokens), expected_tokens(bpe, texts))
+    assert cache.index["records"] == 30 and cache.index["chars"] == sum(len(t) for t in texts)
+    assert list(cache.doc_lengths()) == [len(bpe.encode(t)) + 1 for t in texts]
+
+    folder = tmp_path / "plays"
+    folder.mkdir()
+    for i, text in enumerate(texts[:5]):
+        (folder / f"{i}.txt").write_text(text * 3, encoding="utf-8")
+    cache, _ = build(tmp_path, folder, bpe)
+    np.testing.assert_array_equal(np.asarray(cache.tokens), expected_tokens(bpe, [t * 3 for t in texts[:5]]))
+
+
+def test_reused_when_nothing_changed_rebuilt_when_a_file_changed(tmp_path, bpe, monkeypatch):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "one two three"}\n{"text": "four five"}\n', encoding="utf-8")
+    lines = []
+    first, directory = build(tmp_path, data, bpe, lines)
+    assert lines[0] == f"token cache: building {directory}"
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("rebuilt although nothing changed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(token_cache, "build", no_build)
+        lines.clear()
+        again, _ = build(tmp_path, data, bpe, lines)
+    assert lines == [f"token cache: reusing {directory} ({first.n_tokens:,} tokens)"]
+    np.testing.assert_array_equal(np.asarray(again.tokens), np.asarray(first.tokens))
+
+    data.write_text('{"text": "one two three"}\n{"text": "four five six"}\n', encoding="utf-8")
+    lines.clear()
+    changed, _ = build(tmp_path, data, bpe, lines)
+    assert lines[0].startswith(f"token cache: rebuilding {directory} ({data.resolve()} changed (size "), lines
+    np.testing.assert_array_equal(np.asarray(changed.tokens), expected_tokens(bpe, ["one two three", "four five six"]))
+
+
+def test_rebuilt_when_the_tokenizer_changed(tmp_path, bpe):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "one two three"}\n', encoding="utf-8")
+    build(tmp_path, data, bpe)
+    lines = []
+    byte = load_tokenizer("byte")
+    cache, directory = build(tmp_path, data, byte, lines)
+    assert lines[0].startswith(f"token cache: rebuilding {directory} (the tokenizer changed (name "), lines
+    np.testing.assert_array_equal(np.asarray(cache.tokens), list(b"one two three") + [byte.eos_id])
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip_sampled", "flip_elsewhere", "index"])
+def test_corrupt_cache_is_detected_and_rebuilt(tmp_path, bpe, damage, monkeypatch):
+    monkeypatch.setattr(token_cache, "SAMPLE_BLOCKS", 4)  # blocks at 0, 1/4, 1/2, 3/4 of the file
+    monkeypatch.setattr(token_cache, "SAMPLE_BLOCK_BYTES", 2)
+    data = tmp_path / "d.jsonl"
+    rng = random.Random(0)
+    texts = [random_text(rng, 300) for _ in range(20)]
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    good, directory = build(tmp_path, data, bpe)
+    reference = np.array(good.tokens)
+    tokens = directory / token_cache.TOKENS
+    raw = bytearray(tokens.read_bytes())
+    if damage == "truncate":
+        tokens.write_bytes(raw[:-6])
+    elif damage == "index":
+        (directory / token_cache.INDEX).write_text("{", encoding="utf-8")
+    else:  # a byte inside a sampled block (offset 0), or one between them (only the full checksum sees it)
+        raw[0 if damage == "flip_sampled" else len(raw) // 8] ^= 0xFF
+        tokens.write_bytes(raw)
+    lines = []
+    rebuilt, _ = build(tmp_path, data, bpe, lines)
+    expect = {"truncate": "tokens.bin is truncated or corrupt",
+              "flip_sampled": "tokens.bin is corrupt (checksum of sampled blocks differs)",
+              "flip_elsewhere": "tokens.bin is corrupt (checksum differs)",
+              "index": "index.json is missing or unreadable"}[damage]
+    assert lines[0].startswith(f"token cache: rebuilding {directory} ({expect}"), lines
+    np.testing.assert_array_equal(np.asarray(rebuilt.tokens), reference)
+
+
+def test_interrupted_or_disk_full_build_leaves_nothing(tmp_path, bpe, monkeypatch):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"record {i} " * 50}) + "\n" for i in range(200)), encoding="utf-8")
+    monkeypatch.setattr(token_cache, "BATCH_CHARS", 500)
+    calls = {"n": 0}
+    real = type(bpe).encode_batch
+
+    def fail_later(self, texts):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(self, texts)
+
+    monkeypatch.setattr(type(bpe), "encode_batch", fail_later)
+    source = streaming.open_source(DataSpec(train=str(data)))
+    directory = token_cache.cache_dir(tmp_path / "cache", source, "t")
+    with pytest.raises(KeyboardInterrupt):
+        token_cache.open_cache(directory, source, bpe, log=lambda line: None)
+    assert not directory.exists() and list((tmp_path / "cache").iterdir()) == []
+
+    def disk_full(self, texts):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(type(bpe), "encode_batch", disk_full)
+    with pytest.raises(HierarchosError, match=r"the disk filled up while writing it .*--token-cache DIR"):
+        token_cache.open_cache(directory, source, bpe, log=lambda line: None)
+    assert not directory.exists() and list((tmp_path / "cache").iterdir()) == []
+
+
+def test_bad_utf8_in_a_text_file_names_the_byte(tmp_path, bpe, monkeypatch):
+    monkeypatch.setattr(streaming, "READ_BYTES", 5)
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes("héllo wörld ".encode() * 3 + b"\xff tail")
+    with pytest.raises(HierarchosError, match=rf"{bad} is not UTF-8 text \(byte {len('héllo wörld '.encode()) * 3}\)"):
+        build(tmp_path, bad, bpe)
+
+
+def test_shuffled_windows_cover_each_window_once_per_epoch(seed):
+    # token i of the corpus is the number i, so every window says where it was read from
+    rng = np.random.default_rng(seed)
+    flat = np.arange(int(rng.integers(400, 3000)), dtype=np.uint16)
+    B, T = int(rng.integers(1, 5)), int(rng.integers(2, 17))
+    streams = TokenStreams.from_tokens(flat, B, T, shuffle_seed=seed)
+    per_stream = len(flat) // B
+    n = (per_stream - 1) // T
+    assert len(streams) == n
+    every_window = sorted(r * per_stream + k * T for r in range(B) for k in range(n))
+    orders = []
+    for epoch in range(3):
+        starts = []
+        for step in range(n):
+            x, y = streams.batch(step, epoch)
+            assert x.shape == (B, T) and x.dtype == torch.long
+            for b in range(B):  # one contiguous slice of one stream, targets one token ahead
+                first = int(x[b, 0])
+                assert torch.equal(x[b], torch.arange(first, first + T)) and torch.equal(y[b], x[b] + 1)
+                starts.append(first)
+        assert sorted(starts) == every_window  # each full window of each stream exactly once per epoch
+        orders.append(starts)
+    again = TokenStreams.from_tokens(flat, B, T, shuffle_seed=seed)
+    assert [int(again.batch(i, 2)[0][b, 0]) for i in range(n) for b in range(B)] == orders[2]  # seeded
+    if n >= 8:
+        assert orders[0] != orders[1] and orders[1] != orders[2]  # the order changes per epoch
+    # DDP: the ranks' rows (rank, rank + world, ...) are disjoint and together every row
+    ranks = [streams.streams[r::2] for r in range(2)]
+    assert sorted(int(row[0]) for part in ranks for row in part) == [r * per_stream for r in range(B)]
+
+
+def test_prefix_is_what_the_streams_consumed(seed):
+    rng = np.random.default_rng(seed)
+    flat = rng.integers(0, 1000, size=600).astype(np.uint16)
+    streams = TokenStreams.from_tokens(flat, 3, 8, shuffle_seed=seed)
+    step = int(rng.integers(0, len(streams)))
+    consumed = torch.cat([streams.batch(i, 1)[0] for i in range(step)], dim=1) if step else torch.zeros(3, 0)
+    assert torch.equal(streams.prefix(step, 1), consumed.long())
+
+
+def test_unshuffled_memmap_streams_match_the_tensor_streams(tmp_path, seed):
+    rng = np.random.default_rng(seed)
+    docs = [list(rng.integers(0, 250, size=int(rng.integers(1, 60)))) for _ in range(20)]
+    flat = np.array([t for d in docs for t in d + [259]], dtype=np.uint16)
+    path = tmp_path / "t.bin"
+    flat.tofile(path)
+    mapped = TokenStreams.from_tokens(np.memmap(path, dtype=np.uint16, mode="r"), 2, 7)
+    tensor = TokenStreams.from_documents([[int(t) for t in d] for d in docs], 259, 2, 7)
+    assert len(mapped) == len(tensor)
+    for step in range(len(tensor)):
+        for a, b in zip(mapped.batch(step), tensor.batch(step)):
+            assert torch.equal(a, b)
