@@ -104,3 +104,25 @@ def test_default_falls_back_to_bundled(monkeypatch, capsys):
     assert capsys.readouterr().err.strip() == tok_mod.BUNDLED_NOTICE.format(n=4096)
     meta = json.loads((tok_mod.Path(bundled_tokenizer_path()) / tok_mod.META_FILE).read_text())
     assert meta["eos"] == "<eos>"
+
+
+@pytest.mark.parametrize("failure,says", [
+    (OSError("We couldn't connect to 'https://huggingface.co' to load this file, couldn't find it in the cached "
+             "files"), "not cached"),
+    (ValueError("This tokenizer cannot be instantiated. Please make sure you have `sentencepiece` installed"),
+     "ValueError: This tokenizer cannot be instantiated"),
+    (Exception("expected value at line 1 column 1"), "Exception: expected value at line 1 column 1"),
+])
+def test_hub_load_failure_says_what_happened(monkeypatch, failure, says):
+    def broken(name, local_files_only):
+        raise failure
+    monkeypatch.setattr(tok_mod, "_auto_tokenizer", broken)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(HierarchosError) as info:
+        load_tokenizer("someone/some-tokenizer")
+    message = str(info.value)
+    if says == "not cached":
+        assert message == tok_mod.ERR_HUB_NOT_CACHED.format(name="someone/some-tokenizer")
+    else:
+        assert message.startswith("tokenizer 'someone/some-tokenizer': its files were found but could not be "
+                                  f"loaded ({says}") and "\n" not in message, message

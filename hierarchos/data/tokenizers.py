@@ -359,7 +359,27 @@ def hub_offline_mode():
             setattr(module, attribute, value)
 
 
+MISSING_PHRASES = ("couldn't find", "could not find", "not a valid model identifier", "local_files_only",
+                   "couldn't connect", "does not appear to have a file", "can't load tokenizer", "offline mode")
+
+
+def _files_missing(exc: BaseException) -> bool:
+    """Whether a hub load failed because the files are not there (not cached, not on the hub),
+    rather than because they are there and broken (corrupt JSON, a missing package, ...)."""
+    try:
+        from huggingface_hub import errors as hub_errors
+        missing = tuple(getattr(hub_errors, name) for name in (
+            "LocalEntryNotFoundError", "EntryNotFoundError", "RepositoryNotFoundError", "OfflineModeIsEnabled")
+            if hasattr(hub_errors, name))
+    except ImportError:
+        missing = ()
+    if missing and isinstance(exc, missing):
+        return True
+    return isinstance(exc, OSError) and any(phrase in str(exc).lower() for phrase in MISSING_PHRASES)
+
+
 def _load_hub(name: str, allow_network: bool = True) -> Tokenizer:
+    failure = None  # the first failure that was not "no such files"
     for local_only in (True, False):  # the local cache first; the hub only when it answers
         if not local_only and not (allow_network and hub_reachable()):
             break
@@ -367,8 +387,14 @@ def _load_hub(name: str, allow_network: bool = True) -> Tokenizer:
             return _wrap_transformers(_auto_tokenizer(name, local_files_only=local_only), name)
         except HierarchosError:
             raise
-        except Exception:
-            continue
+        except Exception as exc:
+            if failure is None and not _files_missing(exc):
+                failure = exc
+    if failure is not None:
+        reason = " ".join(str(failure).split())[:200]
+        raise HierarchosError(f"tokenizer '{name}': its files were found but could not be loaded "
+                              f"({type(failure).__name__}: {reason}); fix or re-download them (delete the "
+                              "cached copy), or pass another --tokenizer-path")
     raise HierarchosError(ERR_HUB_NOT_CACHED.format(name=name))
 
 
