@@ -241,3 +241,19 @@ def test_unshuffled_memmap_streams_match_the_tensor_streams(tmp_path, seed):
     for step in range(len(tensor)):
         for a, b in zip(mapped.batch(step), tensor.batch(step)):
             assert torch.equal(a, b)
+
+
+def test_held_out_tail_bytes_equal_the_decoded_text(tmp_path, bpe, seed):
+    from hierarchos.cli.train_data import RunData, tail_bytes
+
+    rng = random.Random(seed)
+    texts = [random_text(rng, rng.randrange(1, 60)) for _ in range(25)]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    cache, _ = build(tmp_path, data, bpe)
+    assert cache.index["text_bytes"] == sum(len(t.encode()) for t in texts)
+    ends = [0] + [int(e) for e in cache.doc_ends]
+    for split in [rng.randrange(1, cache.n_tokens) for _ in range(10)] + ends[1:4]:
+        run = RunData("d", "plain", bpe, cache.tokens[:split], val_tokens=cache.tokens[split:], cache=cache)
+        decoded = len(bpe.decode(cache.tokens[split:].tolist()).encode("utf-8"))
+        assert tail_bytes(run, split) == decoded, split

@@ -28,6 +28,7 @@ class RunData:
     val_tokens: np.ndarray | None = None
     val_bytes: int = 0
     n_chars: int | None = None
+    cache: object = None                # the TokenCache of a text source (documents' ends and bytes)
     identity: dict = field(default_factory=dict)  # kept in checkpoints: which data a position refers to
 
 
@@ -56,6 +57,20 @@ def val_text_bytes(tokenizer, tokens: np.ndarray, piece: int = 1 << 20) -> int:
     """UTF-8 bytes of the text `tokens` decode to (specials skipped), decoded in bounded pieces."""
     return sum(len(tokenizer.decode(tokens[i:i + piece].tolist()).encode("utf-8"))
                for i in range(0, len(tokens), piece))
+
+
+def tail_bytes(data: RunData, split: int) -> int:
+    """UTF-8 bytes of the text of tokens[split:]: the documents wholly inside from the cache's
+    per-document counts, the one cut by `split` decoded (only its part after `split`)."""
+    if data.cache is None:
+        return val_text_bytes(data.tokenizer, data.val_tokens)
+    ends, sizes = data.cache.doc_ends, data.cache.doc_bytes
+    cut = int(np.searchsorted(ends, split, side="right"))  # the first document that ends after `split`
+    start = int(ends[cut - 1]) if cut else 0
+    if start == split:
+        return int(sizes[cut:].sum())
+    partial = val_text_bytes(data.tokenizer, data.cache.tokens[split:int(ends[cut])])
+    return partial + int(sizes[cut + 1:].sum())
 
 
 def prepare(args: argparse.Namespace, spec, resume, dist_info, resumed_tokenizer) -> RunData:
@@ -93,7 +108,7 @@ def prepare(args: argparse.Namespace, spec, resume, dist_info, resumed_tokenizer
         cache = _cache(directory, source, tokenizer, dist_info, save_tokenizer=trained)
         index = cache.index
         data = RunData(index.get("name") or source.name, index.get("template") or "plain", tokenizer, cache.tokens,
-                       n_chars=int(index.get("chars", 0)) or None,
+                       n_chars=int(index.get("chars", 0)) or None, cache=cache,
                        identity={"tokens": cache.n_tokens, "blake2b": index.get("tokens_blake2b")})
         if args.auto_max_length:
             from ..data.sources import auto_max_length
@@ -110,14 +125,14 @@ def prepare(args: argparse.Namespace, spec, resume, dist_info, resumed_tokenizer
             raise HierarchosError(f"--val {args.val}: {val_cache.n_tokens} token(s) of validation text, a window "
                                   "needs at least 2; use a longer file or drop --val")
         data.val_tokens = val_cache.tokens
-        data.val_bytes = val_text_bytes(data.tokenizer, val_cache.tokens)
+        data.val_bytes = int(val_cache.index["text_bytes"])
     elif args.val_fraction > 0:
         # hold out the tail of the token stream (not whole documents: a corpus may be a few long ones)
         n_val = int(len(data.train_tokens) * args.val_fraction)
         if n_val >= 2:
             data.val_tokens = data.train_tokens[-n_val:]
             data.train_tokens = data.train_tokens[:-n_val]
-            data.val_bytes = val_text_bytes(data.tokenizer, data.val_tokens)
+            data.val_bytes = tail_bytes(data, len(data.train_tokens))
         else:
             print(f"validation: none this run (--val-fraction {args.val_fraction} of {len(data.train_tokens):,} "
                   f"tokens is {n_val}, fewer than the 2 a window needs); pass --val PATH or a larger --val-fraction")

@@ -2,7 +2,7 @@
 
 A cache directory holds `tokens.bin` (uint16 ids where the vocabulary fits, else uint32; every
 document followed by EOS, as the trainer packs them), `doc_ends.bin` (int64: where each document's
-EOS ends), `index.json` (format, dtype, counts, checksums, the tokenizer's identity, the sources'
+EOS ends), `doc_bytes.bin` (int64: each document's UTF-8 bytes, for bits per byte), `index.json` (format, dtype, counts, checksums, the tokenizer's identity, the sources'
 sizes/mtimes/sampled hashes) and, for tokenizers trained on the data (char, bpe:N), `tokenizer/`.
 It is built in a temp directory renamed into place (hierarchos.io.atomic_dir), so a kill, an error
 or a full disk leaves nothing a later run would trust. A run reuses it when the sources and the
@@ -34,7 +34,7 @@ from .tokenizers import Tokenizer, load_tokenizer
 
 FORMAT = "hierarchos-token-cache"
 VERSION = 1
-INDEX, TOKENS, DOC_ENDS, TOKENIZER_DIR = "index.json", "tokens.bin", "doc_ends.bin", "tokenizer"
+INDEX, TOKENS, DOC_ENDS, DOC_BYTES, TOKENIZER_DIR = "index.json", "tokens.bin", "doc_ends.bin", "doc_bytes.bin", "tokenizer"
 BATCH_CHARS = 4 << 20     # characters tokenized per encode_batch call (bounds the encoder's memory)
 SAMPLE_BLOCKS, SAMPLE_BLOCK_BYTES = 64, 4096
 FULL_CHECK_BYTES = 256 << 20
@@ -93,6 +93,7 @@ class TokenCache:
     index: dict
     tokens: np.ndarray    # (n_tokens,) memory-mapped, read-only
     doc_ends: np.ndarray  # (n_docs,) memory-mapped: end offset (exclusive) of each document + EOS
+    doc_bytes: np.ndarray  # (n_docs,) memory-mapped: UTF-8 bytes of each document's text
 
     @property
     def n_tokens(self) -> int:
@@ -140,9 +141,10 @@ def why_stale(directory: Path, sources: list[dict], tokenizer_id: dict | None) -
     if size != int(index.get("n_tokens", -1)) * dtype.itemsize:
         return (f"{TOKENS} is truncated or corrupt ({size} bytes, the index says "
                 f"{int(index.get('n_tokens', 0)) * dtype.itemsize})")
-    ends = directory / DOC_ENDS
-    if not ends.is_file() or ends.stat().st_size != int(index.get("n_docs", -1)) * 8:
-        return f"{DOC_ENDS} is truncated or corrupt"
+    for name in (DOC_ENDS, DOC_BYTES):
+        path = directory / name
+        if not path.is_file() or path.stat().st_size != int(index.get("n_docs", -1)) * 8:
+            return f"{name} is truncated or corrupt"
     if _sampled_checksum(tokens, size) != index.get("tokens_sample_blake2b"):
         return f"{TOKENS} is corrupt (checksum of sampled blocks differs)"
     if size <= FULL_CHECK_BYTES and _full_checksum(tokens) != index.get("tokens_blake2b"):
@@ -153,9 +155,9 @@ def why_stale(directory: Path, sources: list[dict], tokenizer_id: dict | None) -
 def load(directory: Path) -> TokenCache:
     index = _read_index(directory)
     tokens = np.memmap(directory / TOKENS, dtype=np.dtype(index["dtype"]), mode="r", shape=(index["n_tokens"],))
-    doc_ends = np.memmap(directory / DOC_ENDS, dtype=np.int64, mode="r", shape=(index["n_docs"],)) \
-        if index["n_docs"] else np.zeros(0, dtype=np.int64)
-    return TokenCache(directory, index, tokens, doc_ends)
+    per_doc = [np.memmap(directory / name, dtype=np.int64, mode="r", shape=(index["n_docs"],))
+               for name in (DOC_ENDS, DOC_BYTES)]
+    return TokenCache(directory, index, tokens, *per_doc)
 
 
 def trained_tokenizer(directory: Path, source: StreamSource) -> Tokenizer | None:
@@ -185,7 +187,7 @@ def _batches(source: StreamSource, out: queue.Queue, stop: threading.Event) -> N
     """Producer thread: groups of pieces of about BATCH_CHARS characters, with document ends and
     input bytes; reading and parsing overlap the encoder (which releases the GIL)."""
     try:
-        group, ends, chars, consumed = [], [], 0, 0
+        group, ends, chars, consumed, doc_bytes, text_bytes = [], [], 0, 0, array("q"), 0
         for doc_pieces, ends_doc, nbytes in source.documents():
             if stop.is_set():
                 return
@@ -194,13 +196,17 @@ def _batches(source: StreamSource, out: queue.Queue, stop: threading.Event) -> N
                 group.append(piece)
                 ends.append(ends_doc and i == len(doc_pieces) - 1)
                 chars += len(piece)
+                text_bytes += len(piece.encode("utf-8"))
             if ends_doc and not doc_pieces:  # an empty document still ends (gets its EOS)
                 group.append("")
                 ends.append(True)
+            if ends_doc:
+                doc_bytes.append(text_bytes)
+                text_bytes = 0
             if chars >= BATCH_CHARS:
-                out.put((group, ends, chars, consumed))
-                group, ends, chars, consumed = [], [], 0, 0
-        out.put((group, ends, chars, consumed))
+                out.put((group, ends, chars, consumed, doc_bytes))
+                group, ends, chars, consumed, doc_bytes = [], [], 0, 0, array("q")
+        out.put((group, ends, chars, consumed, doc_bytes))
         out.put(None)
     except BaseException as exc:  # handed to the consumer, which raises it
         out.put(exc)
@@ -216,7 +222,7 @@ def build(directory: Path, source: StreamSource, tokenizer: Tokenizer, sources: 
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32)
     eos = np.array([tokenizer.eos_id], dtype=dtype)
     full, sample = hashlib.blake2b(digest_size=16), None
-    doc_ends = array("q")
+    doc_ends, doc_bytes = array("q"), array("q")
     n_tokens = n_chars = n_bytes = 0
     started = time.perf_counter()
     bar = tqdm(total=source.total_bytes(), unit="B", unit_scale=True, unit_divisor=1024, disable=None,
@@ -234,7 +240,8 @@ def build(directory: Path, source: StreamSource, tokenizer: Tokenizer, sources: 
                         break
                     if isinstance(item, BaseException):
                         raise item
-                    group, ends, chars, consumed = item
+                    group, ends, chars, consumed, group_doc_bytes = item
+                    doc_bytes.extend(group_doc_bytes)
                     encoded = tokenizer.encode_batch(group) if group else []
                     parts = []
                     for ids, ends_doc in zip(encoded, ends):
@@ -256,11 +263,12 @@ def build(directory: Path, source: StreamSource, tokenizer: Tokenizer, sources: 
             if n_tokens == 0 or not doc_ends:
                 raise HierarchosError(f"{source.where}: no usable records (every text is empty)")
             (tmp / DOC_ENDS).write_bytes(doc_ends.tobytes())
+            (tmp / DOC_BYTES).write_bytes(doc_bytes.tobytes())
             sample = _sampled_checksum(tmp / TOKENS, n_tokens * dtype.itemsize)
             if save_tokenizer:
                 tokenizer.save(tmp / TOKENIZER_DIR)
             index = {"format": FORMAT, "version": VERSION, "dtype": dtype.name, "n_tokens": n_tokens,
-                     "n_docs": len(doc_ends), "chars": n_chars, "name": source.name, "template": source.template,
+                     "n_docs": len(doc_ends), "chars": n_chars, "text_bytes": int(sum(doc_bytes)), "name": source.name, "template": source.template,
                      "records": source.n_records, "skipped_records": source.n_skipped,
                      "tokens_blake2b": full.hexdigest(), "tokens_sample_blake2b": sample,
                      "tokenizer": identity, "sources": sources,
