@@ -1,0 +1,209 @@
+"""The data path on a large corpus (issue 18): peak memory, time to the first step, tokenization speed
+against the `tokenizers` library's own batch encode, and the second run's start (cache reused).
+
+The corpus is assembled from text already on the machine: every .py, .md, .rst and .txt file under
+this Python's installation (the standard library and site-packages), one JSONL record per file,
+the file list repeated until the corpus reaches --mb megabytes. Then:
+  1. the library ceiling: the bundled BPE's `encode_batch_fast` on the same texts (batches of 4 MB,
+     encode time only, all cores);
+  2. `hierarchos train` on the corpus (first run: builds the token cache), as a user would run it;
+  3. the same command again (the cache is reused).
+For each run: peak RSS (VmHWM of the process), seconds from launch to the first optimizer step
+(the first metrics record's time less the step's own duration), and the cache build's MB/s. A table on stdout, JSON to --out.
+
+    python bench/bench_data.py --mb 500 --out bench/records/bench_data_500mb.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def text_files() -> list[Path]:
+    roots = {Path(sysconfig.get_paths()[key]) for key in ("stdlib", "purelib", "platlib")}
+    files = set()
+    for root in roots:
+        for suffix in ("*.py", "*.md", "*.rst", "*.txt"):
+            files.update(p for p in root.rglob(suffix) if p.is_file())
+    return sorted(files)
+
+
+def build_corpus(path: Path, target_bytes: int) -> dict:
+    """JSONL of {"text": file contents}, repeating the machine's text files up to `target_bytes` of text."""
+    if path.exists() and path.with_suffix(".json").exists():
+        meta = json.loads(path.with_suffix(".json").read_text())
+        if meta.get("target_bytes") == target_bytes and path.stat().st_size == meta["file_bytes"]:
+            return meta
+    files = text_files()
+    text_bytes, records, rounds, unique_bytes = 0, 0, 0, 0
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as out:
+        while text_bytes < target_bytes:
+            rounds += 1
+            for file in files:
+                try:
+                    text = file.read_text(encoding="utf-8")
+                except (UnicodeDecodeError, OSError):
+                    continue
+                if not text.strip():
+                    continue
+                out.write(json.dumps({"text": text}) + "\n")
+                size = len(text.encode("utf-8"))
+                text_bytes += size
+                unique_bytes += size if rounds == 1 else 0
+                records += 1
+                if text_bytes >= target_bytes:
+                    break
+    os.replace(tmp, path)
+    meta = {"target_bytes": target_bytes, "text_bytes": text_bytes, "file_bytes": path.stat().st_size,
+            "records": records, "source_files": len(files), "unique_text_bytes": unique_bytes, "rounds": rounds}
+    path.with_suffix(".json").write_text(json.dumps(meta, indent=1))
+    return meta
+
+
+def library_encode(corpus: Path, batch_chars: int = 4 << 20) -> dict:
+    """The `tokenizers` library's own batch encode of the corpus's texts (encode time only)."""
+    from hierarchos.data import bundled_tokenizer_path
+    from hierarchos.data.tokenizers import load_tokenizer
+
+    backend = load_tokenizer(bundled_tokenizer_path()).backend
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    seconds, n_bytes, n_tokens, batch, chars = 0.0, 0, 0, [], 0
+
+    def flush():
+        nonlocal seconds, n_tokens, batch, chars
+        start = time.perf_counter()
+        encoded = encode(batch, add_special_tokens=False)
+        seconds += time.perf_counter() - start
+        n_tokens += sum(len(e.ids) for e in encoded)
+        batch, chars = [], 0
+
+    with open(corpus, encoding="utf-8") as handle:
+        for line in handle:
+            text = json.loads(line)["text"]
+            n_bytes += len(text.encode("utf-8"))
+            batch.append(text)
+            chars += len(text)
+            if chars >= batch_chars:
+                flush()
+    if batch:
+        flush()
+    return {"seconds": seconds, "text_bytes": n_bytes, "tokens": n_tokens, "mb_s": n_bytes / 1e6 / seconds}
+
+
+def run_train(args: list[str], out_dir: Path, env: dict, window_tokens: int) -> dict:
+    """Launch `hierarchos train`, poll its peak RSS, and time its first optimizer step."""
+    command = [sys.executable, str(REPO / "hierarchos_cli.py"), "train", *args, "--out-dir", str(out_dir)]
+    started_wall, started = time.time(), time.perf_counter()
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, text=True)
+    peak = {"VmHWM": 0, "RssAnon": 0, "RssFile": 0}
+    output = []
+    import threading
+
+    reader = threading.Thread(target=lambda: output.extend(proc.stdout), daemon=True)
+    reader.start()
+    while proc.poll() is None:
+        try:
+            for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+                key, _, value = line.partition(":")
+                if key in peak:
+                    peak[key] = max(peak[key], int(value.split()[0]) * 1024)
+        except (FileNotFoundError, ProcessLookupError, ValueError):
+            pass
+        time.sleep(0.05)
+    reader.join()
+    wall = time.perf_counter() - started
+    text = "".join(output)
+    if proc.returncode != 0:
+        raise SystemExit(f"train failed ({proc.returncode}):\n{text[-3000:]}")
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    built = re.search(r"token cache: ([\d,]+) tokens from ([\d,.]+) MB in ([\d.]+) s \(([\d.]+) MB/s", text)
+    first = records[0]
+    step_s = window_tokens / first["tokens_per_s"]  # the trainer's clock: from its start to the step's end
+    return {"first_step_s": first["time"] - step_s - started_wall, "first_step_end_s": first["time"] - started_wall,
+            "step_s": step_s, "wall_s": wall, "peak_rss_bytes": peak["VmHWM"],
+            "peak_rss_anon_bytes": peak["RssAnon"], "peak_rss_file_bytes": peak["RssFile"],
+            "cache_line": next((line for line in text.splitlines() if line.startswith("token cache:")), None),
+            "build_seconds": float(built.group(3)) if built else None,
+            "tokens": int(built.group(1).replace(",", "")) if built else None}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mb", type=float, default=500, help="corpus size in MB of text (default 500)")
+    parser.add_argument("--work", default="/tmp/hierarchos_bench_data", help="corpus, cache and run directories")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--skip-library", action="store_true", help="skip the tokenizers baseline")
+    opts = parser.parse_args()
+    work = Path(opts.work)
+    work.mkdir(parents=True, exist_ok=True)
+    corpus = work / f"corpus_{int(opts.mb)}mb.jsonl"
+    t0 = time.perf_counter()
+    meta = build_corpus(corpus, int(opts.mb * 1e6))
+    print(f"corpus {corpus}: {meta['text_bytes'] / 1e6:,.0f} MB of text in {meta['records']:,} records "
+          f"({meta['file_bytes'] / 1e6:,.0f} MB JSONL; {meta['source_files']:,} files, "
+          f"{meta['unique_text_bytes'] / 1e6:,.0f} MB unique, {meta['rounds']} round(s)) [{time.perf_counter() - t0:.0f} s]",
+          flush=True)
+    cache = work / "token_cache"
+    import shutil
+
+    shutil.rmtree(cache, ignore_errors=True)
+    from hierarchos.data import bundled_tokenizer_path
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               PYTHONUNBUFFERED="1")
+    train_args = ["--train", str(corpus), "--tokenizer-path", bundled_tokenizer_path(), "--tiny",
+                  "--max_length", "64", "--batch_size", "4", "--max-steps", "1", "--device", "cpu",
+                  "--token-cache", str(cache), "--log-every", "1"]
+    results = {"corpus": {**meta, "path": str(corpus), "built_from": "the .py/.md/.rst/.txt files of this "
+                          "Python installation (stdlib + site-packages), repeated"},
+               "cpu_count": os.cpu_count(), "command": ["hierarchos", "train", *train_args]}
+    if not opts.skip_library:
+        results["library"] = library_encode(corpus)
+        print(f"tokenizers encode_batch_fast: {results['library']['mb_s']:.1f} MB/s", flush=True)
+    for name in ("first_run", "second_run"):
+        out_dir = work / name
+        shutil.rmtree(out_dir, ignore_errors=True)
+        results[name] = run_train(train_args, out_dir, env, window_tokens=4 * 64)
+        print(f"{name}: {results[name]['cache_line']}", flush=True)
+    first = results["first_run"]
+    if first["build_seconds"]:
+        first["tokenize_mb_s"] = meta["text_bytes"] / 1e6 / first["build_seconds"]
+    rows = [("corpus (MB of text)", f"{meta['text_bytes'] / 1e6:,.0f}"),
+            ("tokens", f"{first['tokens']:,}" if first["tokens"] else "?"),
+            ("tokenize, hierarchos cache build (MB/s)", f"{first.get('tokenize_mb_s', 0):.1f}")]
+    if "library" in results:
+        rows += [("tokenize, tokenizers encode_batch_fast (MB/s)", f"{results['library']['mb_s']:.1f}"),
+                 ("ratio (hierarchos / library)", f"{first.get('tokenize_mb_s', 0) / results['library']['mb_s']:.2f}")]
+    for name in ("first_run", "second_run"):
+        run = results[name]
+        rows += [(f"{name}: seconds to the first step (its start; its end)",
+                  f"{run['first_step_s']:.1f}; {run['first_step_end_s']:.1f}"),
+                 (f"{name}: peak RSS (MB; anon + file-backed)",
+                  f"{run['peak_rss_bytes'] / 1e6:,.0f} ({run['peak_rss_anon_bytes'] / 1e6:,.0f} + "
+                  f"{run['peak_rss_file_bytes'] / 1e6:,.0f})")]
+    rows.append(("first step - tokenization time (s)",
+                 f"{first['first_step_s'] - (first['build_seconds'] or 0):.1f}"))
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+    if opts.out:
+        Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(opts.out).with_name(Path(opts.out).name + ".tmp")
+        tmp.write_text(json.dumps(results, indent=1) + "\n")
+        os.replace(tmp, opts.out)
+
+
+if __name__ == "__main__":
+    main()
