@@ -168,10 +168,11 @@ def atomic_files(directory: str | os.PathLike, tag: str, first: tuple[str, ...] 
     ahead of the later ones, so put the metadata that describes the others in `last`."""
     final = Path(directory)
     final.mkdir(parents=True, exist_ok=True)
-    staging_name = final.parent / f".{final.name}.{tag}"
-    for leftover in _leftovers(staging_name, "tmp").values():  # a killed save's staging dir
-        _remove(leftover)
-    staging = staging_name.parent / f".{staging_name.name}.tmp-{uuid.uuid4().hex[:12]}"
+    prefix = f".{final.name}.{tag}-"
+    for leftover in final.parent.iterdir():  # a killed save's staging dir (one writer per directory)
+        if leftover.name.startswith(prefix):
+            _remove(leftover)
+    staging = final.parent / f"{prefix}{uuid.uuid4().hex[:12]}"
     staging.mkdir()
     try:
         yield staging

@@ -447,6 +447,10 @@ def test_save_model_files_crash_at_every_step_config_last(tmp_path):
         assert (config_version, weight_version) in ((1, 1), (1, 2), (2, 2)), \
             f"{where}: (config, weights) versions {(config_version, weight_version)}"
         assert (disk / "out" / "metrics.jsonl").read_text() == '{"step": 1}\n', where
+        hio.save_model_files(disk / "out", _stamped_model(3), tok, history=[{"steps": 3}])  # over the leftovers
+        model, meta = hio.load_model_dir(disk / "out")
+        assert (meta["training_history"][-1]["steps"], int(model.out_norm.bias[0])) == (3, 3), where
+        assert [p.name for p in disk.iterdir() if p.name.startswith(".")] == [], f"{where}: staging left behind"
 
     labels = crash_at_every_step(tmp_path, prepare, lambda disk: hio.save_model_files(
         disk / "out", _stamped_model(2), tok, history=[{"steps": 2}]), check)
@@ -516,6 +520,9 @@ def test_save_adapter_crash_at_every_step_metadata_last(tmp_path):
         assert len(weights) == 1, f"{where}: adapter tensors of several versions {weights}"
         assert (meta, *weights) in ((1, 1), (1, 2), (2, 2)), f"{where}: (metadata, weights) versions {(meta, *weights)}"
         assert (disk / "out" / "metrics.jsonl").read_text() == "{}\n", where
+        save(disk, 3)  # over the leftovers
+        assert read_adapter_meta(disk / "out")["training_history"][-1]["steps"] == 3, where
+        assert [p.name for p in disk.iterdir() if p.name.startswith(".")] == [], f"{where}: staging left behind"
 
     labels = crash_at_every_step(tmp_path, prepare, lambda disk: save(disk, 2), check)
     renames = [label for label in labels if label.startswith("replace")]

@@ -390,3 +390,27 @@ def test_sigkill_mid_save_leaves_latest_loadable(tmp_path, rounds):
     hio.save_checkpoint(root, start, model, optimizer, scheduler, {}, keep=2)
     assert no_hidden(root) == [], f"seed {seed}"
     assert len([p for p in root.iterdir() if p.name.startswith("step-")]) <= 3, f"seed {seed}"
+
+
+def test_io_imports_no_higher_layer():
+    """io sits below lora, chat, the CLI and training: it imports none of them (lora uses io's
+    atomic writes; a LoRA checkpoint's merge lives in lora.checkpoint_to_model_dir)."""
+    import ast
+
+    tree = ast.parse(Path(hio.__file__).read_text())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {f"{'.' * node.level}{node.module or ''}" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {f"{'.' * node.level}{alias.name}" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                 for alias in node.names}  # `from . import lora`
+    higher = ("lora", "chat", "cli", "train", "evaluate", "generate", "quant")
+    found = sorted(name for name in imported
+                   if any(part in higher for part in name.lstrip(".").split(".")) and (name.startswith(".") or
+                                                                                   name.startswith("hierarchos")))
+    assert found == [], found
+
+
+def test_plain_checkpoint_conversion_refuses_a_lora_checkpoint(tmp_path):
+    model = build(1)
+    hio.save_checkpoint(tmp_path / "ckpt", 1, model, None, None, {}, extra={"lora": {"r": 2}})
+    with pytest.raises(ValueError, match="lora.checkpoint_to_model_dir"):
+        hio.checkpoint_to_model_dir(tmp_path / "ckpt", tmp_path / "inf")
