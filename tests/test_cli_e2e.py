@@ -467,3 +467,16 @@ def test_train_reuses_the_token_cache_and_rebuilds_on_change(cli_env, tmp_path):
     write_jsonl(data, [{"text": s} for s in sentences(4, words=8)])
     third = ok(run_cli(cli_env, "train", *flags, "--out-dir", tmp_path / "c"))
     assert f"token cache: rebuilding {built.group(1)} ({data} changed (size" in third.stdout, third.stdout
+
+
+def test_a_tokenizer_trained_on_the_data_is_kept_with_its_cache(cli_env, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": s} for s in sentences(20)])
+    flags = [a for a in TRAIN_FLAGS if a != "byte"]
+    flags[flags.index("--tokenizer-path")] = "--tokenizer-path"
+    flags.insert(flags.index("--tokenizer-path") + 1, "bpe:300")
+    flags += ["--train", data, "--max-steps", "1", "--token-cache", tmp_path / "cache"]
+    first = ok(run_cli(cli_env, "train", *flags, "--out-dir", tmp_path / "a"))
+    assert "tokenizer: training bpe:300 on d.jsonl" in first.stdout, first.stdout
+    second = ok(run_cli(cli_env, "train", *flags, "--out-dir", tmp_path / "b"))
+    assert "tokenizer: training" not in second.stdout and "token cache: reusing" in second.stdout, second.stdout
+    assert (tmp_path / "a" / "tokenizer.json").read_bytes() == (tmp_path / "b" / "tokenizer.json").read_bytes()
