@@ -57,6 +57,7 @@ CONFIGS = {"minimal": dict(h_cycles=1, max_h_steps=1, max_l_steps=0),
 REASONING = ("h_cycles", "max_h_steps", "max_l_steps", "h_stride", "h_halt_thresh", "grad_steps")
 PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense TFLOP/s
 TOL_CHUNKED, TOL_TF32 = 1e-4, 1e-3
+TOL_FLA = 5e-3  # fla's Triton dots run in TF32: 1.8e-3 worst (da) at T=200 on an H200 (bench_wkv, BENCHMARKS.md)
 COMPILE_FAILED: set[str] = set()  # models whose compile failed once run eager afterwards
 
 
@@ -168,6 +169,24 @@ def loss_fn(model, x, y):
     return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten()), None
 
 
+def make_optimizer_step(model):
+    """What a training loop does after the backward, for both models: clip the gradient norm to 1
+    and step the optimizer (hierarchos: the trainer's own, fused AdamW + LazyRowAdam for the
+    lookup tables; GPT-2: fused AdamW). No host read: the clip's norm stays on the device."""
+    if isinstance(model, HierarchosLM):
+        from hierarchos.train.schedule import build_optimizer
+        optimizer = build_optimizer(model, 1e-4, 0.01)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, betas=(0.9, 0.95),
+                                      fused=next(model.parameters()).is_cuda or None)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step():
+        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+        optimizer.step()
+    return step
+
+
 # ----------------------------------------------------------------------------- one row
 def run_row(row, make_model, T, B, V, dev, args):
     """Build, warm up, time; fill `row` (status instead of raising on OOM/errors/timeouts)."""
@@ -197,11 +216,14 @@ def run_row(row, make_model, T, B, V, dev, args):
             else:
                 fwd, compiled, row["compile"] = torch.compile(model), True, "on"
 
+        optimizer_step = make_optimizer_step(model) if args.optimizer else (lambda: None)
+
         def eager_step(i):
             x = batches[i % 2]
             with amp():
                 loss, out = loss_fn(fwd, x[:, :-1], x[:, 1:])
             loss.backward()
+            optimizer_step()
             model.zero_grad(set_to_none=True)
             return out
 
@@ -213,6 +235,7 @@ def run_row(row, make_model, T, B, V, dev, args):
             def step(i):
                 x = batches[i % 2]
                 window(x[:, :-1], x[:, 1:], None)
+                optimizer_step()
                 model.zero_grad(set_to_none=False)  # in place: the graph writes these .grad tensors
                 return None
 
@@ -327,7 +350,7 @@ def parity_checks(dev):
     if "triton" in wkv_ops.available_impls(dev):
         impls.append(("triton", wkv_ops.wkv7_triton, TOL_CHUNKED))
     if hasattr(wkv_ops, "wkv7_fla") and "fla" in wkv_ops.available_impls(dev):
-        impls.append(("fla", wkv_ops.wkv7_fla, TOL_TF32))
+        impls.append(("fla", wkv_ops.wkv7_fla, TOL_FLA))
     for name, fn, tol in impls:
         got = {}
 
@@ -360,7 +383,7 @@ def parity_checks(dev):
     for impl, _, tol in impls:  # the parallel form uses `impl` (T > 2); the step form the recurrent scan
         os.environ[wkv_ops.ENV_IMPL] = impl
         add(f"tiny model parallel==step (wkv {impl})", model_parity, tol)
-        if impl == "triton":  # the blocks' elementwise work in bf16, the recurrence in float32
+        if impl in ("triton", "fla"):  # the blocks' elementwise work in bf16, the recurrence in float32
             add(f"tiny model parallel==step, bf16 autocast (wkv {impl})", lambda: model_parity(amp=True), 3e-2)
     os.environ.pop(wkv_ops.ENV_IMPL)
     if old is not None:
@@ -434,6 +457,10 @@ def main():
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     ap.add_argument("--compile", nargs="?", const="both", default="none", choices=("none", "gpt2", "both"),
                     help="torch.compile GPT-2 and (both) hierarchos; a failed or over-long compile falls back to eager")
+    ap.add_argument("--wkv-impls", nargs="+", default=["auto"], choices=wkv_ops.IMPLS,
+                    help="hierarchos rows for each WKV implementation (auto: what training picks)")
+    ap.add_argument("--optimizer", action="store_true",
+                    help="time full training steps: clip + optimizer step after the backward (both models)")
     ap.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in both models")
     ap.add_argument("--cuda-graphs", nargs="*", choices=CONFIGS, default=[], metavar="CONFIG",
                     help="configs that also get a row with forward+backward replayed as a CUDA graph")
@@ -470,15 +497,21 @@ def main():
             for rosa in (True, False) if c in args.no_rosa_for else (True,):
                 cfg = hier_cfg(args.size, c, rosa)
                 n, n_de = hier_counts(cfg)
-                jobs.append((dict(model="hierarchos", config=c + ("" if rosa else "-norosa"), params=n,
-                                  params_with_deepembed=n_de, reasoning={k: getattr(cfg, k) for k in REASONING}),
-                             lambda cfg=cfg: HierarchosLM(cfg)))
-                if rosa and c in args.cuda_graphs:
-                    jobs.append((dict(jobs[-1][0], config=c + "+graphs", graphs=True), jobs[-1][1]))
+                for impl in args.wkv_impls:
+                    tag = "" if impl == "auto" else f"@{impl}"
+                    jobs.append((dict(model="hierarchos", config=c + ("" if rosa else "-norosa") + tag, params=n,
+                                      params_with_deepembed=n_de, reasoning={k: getattr(cfg, k) for k in REASONING},
+                                      wkv=impl), lambda cfg=cfg: HierarchosLM(cfg)))
+                    if rosa and c in args.cuda_graphs:
+                        jobs.append((dict(jobs[-1][0], config=c + "+graphs" + tag, graphs=True), jobs[-1][1]))
         gpt_tps = None
         for row, make in jobs:
             log(f"-- {row['model']} {row['config']} T={T} B={B} ...")
+            os.environ.pop(wkv_ops.ENV_IMPL, None)
+            if row.get("wkv", "auto") != "auto":  # this row's WKV implementation (the model asks for 'auto')
+                os.environ[wkv_ops.ENV_IMPL] = row["wkv"]
             run_row(row, make, T, B, V, dev, args)
+            os.environ.pop(wkv_ops.ENV_IMPL, None)
             gpt_tps = row.get("tokens_per_s") if row["model"] == "gpt2" else gpt_tps
             if row.get("tokens_per_s") and gpt_tps:
                 row["ratio"] = row["tokens_per_s"] / gpt_tps

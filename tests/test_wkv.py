@@ -237,6 +237,20 @@ def test_dispatcher_on_cpu(monkeypatch):
         resolve_impl("auto", long_inputs["r"])
 
 
+def test_cuda_choice_takes_fla_for_few_batch_head_pairs_only():
+    """The CUDA rule (pure, so the CPU checks it): fla's chunked kernel where our sequential kernel
+    cannot fill the GPU (few (batch, head) pairs), ours otherwise; each alone when the other is absent."""
+    from hierarchos.ops.wkv import FLA_BELOW_PAIRS, cuda_choice
+
+    heads = 12
+    few, many = (FLA_BELOW_PAIRS - 1) // heads, -(-FLA_BELOW_PAIRS // heads)   # B=5 -> 60 pairs, B=6 -> 72
+    assert cuda_choice(few, heads, triton_ok=True, fla_ok=True) == "fla"
+    assert cuda_choice(many, heads, triton_ok=True, fla_ok=True) == "triton"
+    assert cuda_choice(many, heads, triton_ok=False, fla_ok=True) == "fla"
+    assert cuda_choice(few, heads, triton_ok=True, fla_ok=False) == "triton"
+    assert cuda_choice(few, heads, triton_ok=False, fla_ok=False) == "chunked"
+
+
 def test_bad_arguments_raise():
     inputs, _ = make_inputs(fresh_seed(), T=4)
     with pytest.raises(ValueError):

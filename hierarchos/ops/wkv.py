@@ -28,38 +28,13 @@ import torch.nn.functional as F
 
 from ..errors import HierarchosError
 from .amp import autocast_off
+from .wkv_inputs import prepare as _prepare
 from .wkv_triton import triton_unavailable_reason, wkv7_triton
 
 IMPLS = ("auto", "reference", "recurrent", "cpp_step", "chunked", "fla", "triton")
 ENV_IMPL = "HIERARCHOS_WKV_IMPL"
 MAX_CHUNK_SIZE = 64  # |log_w| <= 0.61 keeps exp(0.61 * 64) ~ 1e17 far below float32's max
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """float64 when any input is float64, else float32 (bf16/fp16 are upcast)."""
-    return torch.float64 if any(x.dtype == torch.float64 for x in tensors) else torch.float32
-
-
-def _prepare(r, log_w, k, v, a, b, state):
-    """Check shapes, upcast the six inputs and make the initial state (zeros if None)."""
-    inputs = (r, log_w, k, v, a, b)
-    if r.dim() != 4 or any(x.shape != r.shape for x in inputs):
-        shapes = [tuple(x.shape) for x in inputs]
-        raise ValueError(f"wkv7: r, log_w, k, v, a, b must share one (B, T, H, N) shape, got {shapes}")
-    batch, _, heads, head_size = r.shape
-    dtype = _compute_dtype(*inputs)
-    inputs = tuple(x.to(dtype) for x in inputs)
-    if state is None:
-        state = r.new_zeros(batch, heads, head_size, head_size, dtype=dtype)
-    elif state.shape != (batch, heads, head_size, head_size):
-        raise ValueError(f"wkv7: state must be (B, H, N, N) = {(batch, heads, head_size, head_size)}, "
-                         f"got {tuple(state.shape)}")
-    else:
-        state = state.to(dtype)
-    return (*inputs, state)
+LOG_W_MIN = -0.61    # the model's decay bound: log_w = -exp(-softplus(.) - 0.5) > -e^-0.5 = -0.6065
 
 
 # ----------------------------------------------------------------------------- scans
@@ -194,15 +169,18 @@ def _fla_importable() -> bool:
     return True
 
 
-def wkv7_fla(r, log_w, k, v, a, b, state=None):
-    """CUDA fast path through fla-core's chunked DPLR delta rule (Triton kernels).
+def wkv7_fla(r, log_w, k, v, a, b, state=None, *, lower_bound=None, operands=torch.float32):
+    """CUDA fast path through fla-core's chunked DPLR delta rule (Triton kernels, chunk-parallel).
 
     fla's `chunk_dplr_delta_rule(q, k, v, a, b, gk, ...)` runs, per head,
         S'_t = (diag(exp(gk_t)) + b_t a_t^T) S'_{t-1} + k_t v_t^T,   o_t = scale * S'_t^T q_t
     on a (K, V) state S' (a first contracts with the state before decay), inputs laid out
     (B, T, H, *). That is our recurrence with S' = S^T, q = r, gk = log_w, scale = 1.
-    fla computes in float32 here (float64 inputs are computed in float32 too); o and the
-    final state come back as float32.
+    `lower_bound` (e.g. LOG_W_MIN, the model's bound) promises log_w >= lower_bound, which lets
+    fla use chunks of 64 on its tensor-core scheme (16 otherwise); frozen tokens (log_w = 0) are
+    allowed. `operands`: the dtype r, k, v, a, b are handed over in (log_w and the state stay
+    float32). fla computes in float32 with its dots possibly in TF32 (float64 inputs too); o and
+    the final state come back as float32.
     """
     if not _fla_importable():
         raise HierarchosError("wkv7 impl 'fla' needs the fla-core package (pip install fla-core) "
@@ -212,7 +190,8 @@ def wkv7_fla(r, log_w, k, v, a, b, state=None):
     from fla.ops.generalized_delta_rule import chunk_dplr_delta_rule
 
     r, log_w, k, v, a, b, state = _prepare(r, log_w, k, v, a, b, state)
-    r, log_w, k, v, a, b, state = (x.float() for x in (r, log_w, k, v, a, b, state))
+    r, k, v, a, b = (x.to(operands) for x in (r, k, v, a, b))
+    log_w, state = log_w.float(), state.float()
     with warnings.catch_warnings():
         # fla warns about float32 on some platforms and about T < H looking head-first;
         # we ask for float32 on purpose and our layout is always (B, T, H, N).
@@ -221,7 +200,7 @@ def wkv7_fla(r, log_w, k, v, a, b, state=None):
         o, final_state = chunk_dplr_delta_rule(
             q=r, k=k, v=v, a=a, b=b, gk=log_w, scale=1.0,
             initial_state=state.transpose(-1, -2).contiguous(),   # (B, H, K, V)
-            output_final_state=True,
+            output_final_state=True, lower_bound=lower_bound,
         )
     return o.float(), final_state.float().transpose(-1, -2)
 
@@ -274,17 +253,35 @@ def _triton_fits_cuda(head_size: int = 64) -> bool:
     return head_size & (head_size - 1) == 0 and not triton_unavailable_reason("cuda")
 
 
+# Below this many (batch, head) pairs per call our sequential kernel, which runs N/8 programs per
+# pair stepping through all T tokens, leaves most of the GPU idle, and fla's chunk-parallel kernel
+# wins: on an H200, 125m minimal, full training step under a CUDA graph, B=2 T=8192 (24 pairs)
+# 209.7 ms with fla vs 282.7 ms with ours; B=16 T=1024 (192 pairs) 157.1 vs 164.7 ms, and the
+# default config 399.4 vs 390.1 ms (BENCHMARKS.md, bench/gpu.sh table). 66 pairs = 528 programs of
+# ours = 4 per multiprocessor of an H100/H200.
+FLA_BELOW_PAIRS = 66
+
+
+def cuda_choice(batch: int, heads: int, triton_ok: bool, fla_ok: bool) -> str:
+    """The CUDA path for a call with `batch` x `heads` (batch, head) pairs: fla's chunked kernel
+    when there are too few pairs to fill the GPU (FLA_BELOW_PAIRS), else our Triton kernel; the
+    other when only one of them can run; the chunked PyTorch path when neither can."""
+    if fla_ok and (batch * heads < FLA_BELOW_PAIRS or not triton_ok):
+        return "fla"
+    return "triton" if triton_ok else "chunked"
+
+
 def resolve_impl(impl: str, r: torch.Tensor) -> str:
     """The implementation `wkv7` will run for input `r` (shape (B, T, H, N)).
 
     impl='auto' is first replaced by $HIERARCHOS_WKV_IMPL when that is set; an explicit
     impl wins over the variable. 'auto' then picks the recurrent step for T <= 2 (fused in C++,
     'cpp_step', for float32 CPU tensors without autograd when the kernel is built); for CUDA
-    tensors (not float64) our Triton kernel when triton imports and the head size is a power of
-    two, else fla when fla-core imports and no gradient is being recorded; the chunked path
-    otherwise (always on the CPU). (fla's backward failed our gradient check on an H100 at
-    T=200 -- one input's gradient off by a relative 1.0 -- so it never trains by default;
-    HIERARCHOS_WKV_IMPL=fla forces it.)
+    tensors (not float64) `cuda_choice`: fla-core's chunked kernel (when it imports) for calls
+    with few (batch, head) pairs -- long sequences at small batch --, our sequential Triton kernel
+    otherwise; the chunked path on the CPU. fla passes our float64 check with TF32-class errors
+    (<= 1.9e-3 relative on outputs, state and all seven gradients, frozen tokens and state carry
+    included; ours 1.5e-7): HIERARCHOS_WKV_IMPL=triton keeps the exact kernel.
     """
     if impl not in IMPLS:
         raise ValueError(f"wkv7: unknown impl {impl!r}; expected one of {IMPLS}")
@@ -297,10 +294,7 @@ def resolve_impl(impl: str, r: torch.Tensor) -> str:
     if r.shape[1] <= 2:
         return "cpp_step" if _cpp_step_fits(r) else "recurrent"
     if r.is_cuda and r.dtype != torch.float64:
-        if _triton_fits_cuda(r.shape[-1]):
-            return "triton"
-        if not torch.is_grad_enabled() and _fla_importable():
-            return "fla"
+        return cuda_choice(r.shape[0], r.shape[2], _triton_fits_cuda(r.shape[-1]), _fla_importable())
     return "chunked"
 
 

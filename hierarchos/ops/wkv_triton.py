@@ -17,6 +17,7 @@ import os
 import torch
 
 from ..errors import HierarchosError
+from .wkv_inputs import prepare
 
 try:  # triton is optional: without it (or without CUDA) wkv7's 'auto' never picks this path
     import triton
@@ -364,12 +365,10 @@ def wkv7_triton(r, log_w, k, v, a, b, state=None, *, rows=None, num_warps=None, 
     `num_warps`, are launch knobs for benchmarks; `chunk` is the checkpoint spacing; `prefetch`
     loads the next token's inputs while the current one computes.
     """
-    from .wkv import _prepare  # here, not at import: wkv.py imports this module
-
     reason = triton_unavailable_reason(r.device)
     if reason:
         raise HierarchosError(f"wkv7 impl 'triton' cannot run: {reason}; use impl='chunked'")
-    r, log_w, k, v, a, b, state = _prepare(r, log_w, k, v, a, b, state)
+    r, log_w, k, v, a, b, state = prepare(r, log_w, k, v, a, b, state)
     r, log_w, k, v, a, b, state = (x.float().contiguous() for x in (r, log_w, k, v, a, b, state))
     if r.shape[1] == 0:
         return r.new_zeros(r.shape), state

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# The device-tool entry for GPU measurements: bash bench/gpu.sh SUITE [SUITE ...] (outputs under $OUT).
+# Carry .whl (the GPU image lacks fla-core, datasets, dill, multiprocess); the wheels' download:
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl \
+#     fla-core==0.6.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
+# Suites (each bounded by its own timeout; seconds are for an H200 with cold caches):
+#   wkv        WKV-7 kernels: parity of our Triton kernel and fla-core's chunked kernel against the
+#              float64 scan (fresh leaves, frozen tokens, state carried across calls, all 7 gradients),
+#              then fwd+bwd timings at B8 T2048 and B2 T8192 (~220 s, most of it fla's cold JIT + autotune;
+#              fla caches its autotune results on disk, so later suites of the same call start faster)
+#   wkv-model  hierarchos 125m minimal, full training steps (clip + optimizer), one row per WKV
+#              implementation (triton, fla), T=1024 and 8192, eager and under a CUDA graph (~150 s)
+#   stall      the `train` command at ~30M (byte tokenizer, width 512, 3 + 3 layers, T=512, B=32,
+#              minimal reasoning), every window logged, with Python's garbage collector on and off:
+#              does a periodic slow window come from the collector? (~140 s)
+#   table      the training-throughput table: 125m minimal at T=1024 and T=8192 and default at T=1024
+#              against a compiled GPT-2 of equal size, full training steps for both (clip + fused
+#              AdamW; hierarchos with the trainer's optimizer), with the float32 parity preamble (~330 s)
+#   tests      the GPU-marked tests (~100 s)
+set -uo pipefail
+source bench/gpu_env.sh  # $out, carried wheels, PYTHONPATH, $out/gpu.txt
+python3 -c "import fla; print('fla-core', fla.__version__)" 2>&1 | tee "$out/fla_version.txt"
+
+corpus() {  # ~11 MB of text from the repository's own sources, repeated
+  local path=/tmp/corpus.txt
+  [ -s $path ] && return
+  cat $(git ls-files '*.py' '*.md' 2>/dev/null || find . -name '*.py') > /tmp/corpus_once.txt
+  while [ "$(stat -c %s $path 2>/dev/null || echo 0)" -lt 11000000 ]; do cat /tmp/corpus_once.txt >> $path; done
+}
+
+for suite in "$@"; do
+  echo "=== suite $suite" | tee -a "$out/suites.txt"
+  start=$SECONDS
+  case $suite in
+    wkv)
+      timeout 220 python3 bench/bench_wkv.py --no-sweep --no-chunked --reps 10 --json "$out/wkv.json" 2>&1 \
+        | tee "$out/wkv.log" ;;
+    wkv-model)
+      timeout 150 python3 bench/bench_forward.py --device cuda --size 125m --seq-lens 1024 8192 --configs minimal \
+        --no-rosa-for --cuda-graphs minimal --wkv-impls triton fla --optimizer --steps 3 --warmup 2 \
+        --max-seconds-per-row 25 --no-check --no-flops --json "$out/forward_wkv_impls.json" 2>&1 \
+        | tee "$out/forward_wkv_impls.log" ;;
+    stall)
+      corpus
+      args="--train /tmp/corpus.txt --tokenizer-path byte --context_dim 512 --h_hidden 512 --l_hidden 512
+            --h_layers 3 --l_layers 3 --h_cycles 1 --max_h_steps 1 --max_l_steps 0 --max_length 512
+            --batch_size 32 --epochs 1 --max-steps ${STALL_STEPS:-300} --log-every 1 --starting-lr 4e-4"
+      for mode in gc nogc; do
+        pre="import sys, runpy"; [ $mode = nogc ] && pre="$pre, gc; gc.disable()"
+        timeout 70 python3 -c "$pre; sys.argv[0] = 'hierarchos_cli.py'; runpy.run_path('hierarchos_cli.py', run_name='__main__')" \
+          train $args --out-dir /tmp/stall_$mode 2>&1 | tr '\r' '\n' | grep -v '^ *$' | tail -n 30 > "$out/train_$mode.log"
+        cp /tmp/stall_$mode/metrics.jsonl "$out/train_${mode}_metrics.jsonl" 2>/dev/null
+      done
+      python3 bench/compare_train_runs.py --stalls "$out" gc nogc | tee "$out/stall_summary.txt" ;;
+    table)  # a row per WKV implementation when fla-core is there
+      impls=""; python3 -c "import fla" 2>/dev/null && impls="--wkv-impls triton fla"
+      timeout 230 python3 bench/bench_forward.py --device cuda --size 125m --seq-lens 1024 \
+        --configs minimal default --no-rosa-for --cuda-graphs minimal default --compile gpt2 --optimizer $impls \
+        --steps 4 --warmup 2 --max-seconds-per-row 45 --check --json "$out/forward_table_1024.json" 2>&1 \
+        | tee "$out/forward_table_1024.log"
+      timeout 140 python3 bench/bench_forward.py --device cuda --size 125m --seq-lens 8192 --configs minimal \
+        --no-rosa-for --cuda-graphs minimal --compile gpt2 --optimizer $impls --steps 4 --warmup 2 \
+        --max-seconds-per-row 45 --no-check --json "$out/forward_table_8192.json" 2>&1 \
+        | tee "$out/forward_table_8192.log" ;;
+    tests)
+      timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tee "$out/pytest_gpu.log" ;;
+    *) echo "unknown suite $suite (wkv, wkv-model, stall, table, tests)"; exit 2 ;;
+  esac
+  echo "=== suite $suite: $((SECONDS - start)) s" | tee -a "$out/suites.txt"
+done

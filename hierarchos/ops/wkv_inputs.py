@@ -1,0 +1,31 @@
+"""Input checks shared by the WKV-7 paths (`wkv.py`, `wkv_triton.py`): one (B, T, H, N) shape for the
+six inputs, the compute dtype (float64 when any input is float64, else float32) and the initial
+state (zeros when None). The lowest layer of the WKV ops: it imports neither of them."""
+
+from __future__ import annotations
+
+import torch
+
+
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float64 when any input is float64, else float32 (bf16/fp16 are upcast)."""
+    return torch.float64 if any(x.dtype == torch.float64 for x in tensors) else torch.float32
+
+
+def prepare(r, log_w, k, v, a, b, state):
+    """Check shapes, upcast the six inputs and make the initial state (zeros if None)."""
+    inputs = (r, log_w, k, v, a, b)
+    if r.dim() != 4 or any(x.shape != r.shape for x in inputs):
+        shapes = [tuple(x.shape) for x in inputs]
+        raise ValueError(f"wkv7: r, log_w, k, v, a, b must share one (B, T, H, N) shape, got {shapes}")
+    batch, _, heads, head_size = r.shape
+    dtype = compute_dtype(*inputs)
+    inputs = tuple(x.to(dtype) for x in inputs)
+    if state is None:
+        state = r.new_zeros(batch, heads, head_size, head_size, dtype=dtype)
+    elif state.shape != (batch, heads, head_size, head_size):
+        raise ValueError(f"wkv7: state must be (B, H, N, N) = {(batch, heads, head_size, head_size)}, "
+                         f"got {tuple(state.shape)}")
+    else:
+        state = state.to(dtype)
+    return (*inputs, state)
