@@ -16,6 +16,8 @@ from typing import Any
 from .errors import HierarchosError
 
 CONFIG_VERSION = 1
+BLOCK_TYPES = ("rwkv7", "attention")
+POS_ENCODINGS = ("rope", "sinusoidal", "learned", "none")  # of attention blocks
 
 # Names the original projects (seed 000/002, AI-OS) use for the same fields.
 FIELD_ALIASES = {
@@ -44,6 +46,13 @@ class ModelConfig:
     # RWKV time mix: "rwkv7" (generalized delta rule)
     time_mix: str = "rwkv7"
     wkv_chunk_size: int = 32
+    # block type of each stack: "rwkv7" or "attention" (seeds 000/003: RMSNorm, SDPA, SwiGLU);
+    # the attention blocks' positions ("rope", "sinusoidal", "learned" (max_length rows), "none")
+    # and sliding window (0 = full causal attention, whose KV cache grows with the context)
+    h_block: str = "rwkv7"
+    l_block: str = "rwkv7"
+    pos_encodings: str = "rope"
+    window_size: int = 0
     # long-term memory (Titans)
     persistent_dim: int = 128
     ltm_slots: int = 1024
@@ -102,6 +111,15 @@ class ModelConfig:
             bad("ltm_topk", f"cannot exceed ltm_slots={self.ltm_slots}")
         if self.time_mix not in ("rwkv7",):
             bad("time_mix", "must be 'rwkv7'")
+        for name in ("h_block", "l_block"):
+            if getattr(self, name) not in BLOCK_TYPES:
+                bad(name, f"must be one of {', '.join(BLOCK_TYPES)}")
+        if self.pos_encodings not in POS_ENCODINGS:
+            bad("pos_encodings", f"must be one of {', '.join(POS_ENCODINGS)}")
+        if self.pos_encodings == "rope" and self.head_size % 2:
+            bad("head_size", "must be even for rotary positions (pos_encodings 'rope')")
+        if isinstance(self.window_size, bool) or not isinstance(self.window_size, int) or self.window_size < 0:
+            bad("window_size", "must be an integer >= 0 (0 = full causal attention)")
         for name in ("l_conv_atol", "ltm_write_threshold", "z_loss_weight", "commitment_threshold"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:

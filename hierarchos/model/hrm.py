@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from .attention import AttentionStack
 from .rwkv import RWKVStack
 
 
@@ -34,16 +35,23 @@ def _add(totals: dict, name: str, value: torch.Tensor, count: float) -> None:
     totals[name] = (total + value, n + count)
 
 
+def _stack(cfg: ModelConfig, block: str, dim: int, n_layers: int) -> nn.Module:
+    """A manager or worker stack of the configured block type (both have one interface)."""
+    common = dict(head_size=cfg.head_size, ffn_mult=cfg.ffn_mult, vocab_size=cfg.vocab_size,
+                  use_deepembed=cfg.use_deepembed, per_block_deepembed=cfg.deepembed_per_block)
+    if block == "attention":
+        return AttentionStack(dim, n_layers, **common, pos_encodings=cfg.pos_encodings,
+                              window_size=cfg.window_size, max_positions=cfg.max_length)
+    return RWKVStack(dim, n_layers, **common, wkv_chunk=cfg.wkv_chunk_size)
+
+
 class HierarchicalReasoner(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
         d, hh, lh = cfg.context_dim, cfg.h_hidden, cfg.l_hidden
-        stack = dict(head_size=cfg.head_size, ffn_mult=cfg.ffn_mult, vocab_size=cfg.vocab_size,
-                     use_deepembed=cfg.use_deepembed, per_block_deepembed=cfg.deepembed_per_block,
-                     wkv_chunk=cfg.wkv_chunk_size)
-        self.manager = RWKVStack(hh, cfg.h_layers, **stack)
-        self.worker = RWKVStack(lh, cfg.l_layers, **stack)
+        self.manager = _stack(cfg, cfg.h_block, hh, cfg.h_layers)
+        self.worker = _stack(cfg, cfg.l_block, lh, cfg.l_layers)
         self.h_input_proj = nn.Linear(d, hh)
         self.l_feedback_proj = nn.Linear(d, hh, bias=False)
         self.h_halt_proj = nn.Linear(hh, 1)
