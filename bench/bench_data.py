@@ -11,7 +11,7 @@ the file list repeated until the corpus reaches --mb megabytes. Then:
 For each run: peak RSS (VmHWM of the process), seconds from launch to the first optimizer step
 (the first metrics record's time less the step's own duration), and the cache build's MB/s. A table on stdout, JSON to --out.
 
-    python bench/bench_data.py --mb 500 --out bench/records/bench_data_500mb.json
+    python bench/bench_data.py --mb 500 --compare-mb 50 --long-line-mb 50 --out bench/records/bench_data_500mb.json
 """
 
 from __future__ import annotations
@@ -70,6 +70,40 @@ def build_corpus(path: Path, target_bytes: int) -> dict:
             "records": records, "source_files": len(files), "unique_text_bytes": unique_bytes, "rounds": rounds}
     path.with_suffix(".json").write_text(json.dumps(meta, indent=1))
     return meta
+
+
+def sample_corpus(corpus: Path, sample: Path, target_bytes: int) -> None:
+    """The first records of `corpus` up to `target_bytes` of text (the tokenization comparison's text)."""
+    if sample.exists():
+        return
+    size = 0
+    tmp = sample.with_name(sample.name + ".tmp")
+    with open(corpus, encoding="utf-8") as src, open(tmp, "w", encoding="utf-8") as out:
+        for line in src:
+            out.write(line)
+            size += len(json.loads(line)["text"].encode("utf-8"))
+            if size >= target_bytes:
+                break
+    os.replace(tmp, sample)
+
+
+def cache_encode(corpus: Path, cache_root: Path) -> dict:
+    """hierarchos' cache build of `corpus` (read, parse, cut, encode, write), in this process."""
+    import shutil
+
+    from hierarchos.data import bundled_tokenizer_path, streaming, token_cache
+    from hierarchos.data.sources import DataSpec
+    from hierarchos.data.tokenizers import load_tokenizer
+
+    shutil.rmtree(cache_root, ignore_errors=True)
+    tokenizer = load_tokenizer(bundled_tokenizer_path())
+    source = streaming.open_source(DataSpec(train=str(corpus)))
+    start = time.perf_counter()
+    cache = token_cache.open_cache(token_cache.cache_dir(cache_root, source, "bench"), source, tokenizer,
+                                   log=lambda line: None)
+    seconds = time.perf_counter() - start
+    n_bytes = int(cache.index["text_bytes"])
+    return {"seconds": seconds, "text_bytes": n_bytes, "tokens": cache.n_tokens, "mb_s": n_bytes / 1e6 / seconds}
 
 
 def library_encode(corpus: Path, batch_chars: int = 4 << 20) -> dict:
@@ -135,9 +169,48 @@ def run_train(args: list[str], out_dir: Path, env: dict, window_tokens: int) -> 
     return {"first_step_s": first["time"] - step_s - started_wall, "first_step_end_s": first["time"] - started_wall,
             "step_s": step_s, "wall_s": wall, "peak_rss_bytes": peak["VmHWM"],
             "peak_rss_anon_bytes": peak["RssAnon"], "peak_rss_file_bytes": peak["RssFile"],
-            "cache_line": next((line for line in text.splitlines() if line.startswith("token cache:")), None),
+            "cache_line": " | ".join(line for line in text.splitlines() if line.startswith("token cache:")),
             "build_seconds": float(built.group(3)) if built else None,
             "tokens": int(built.group(1).replace(",", "")) if built else None}
+
+
+def long_line(work: Path, opts) -> dict:
+    """One JSONL record of `--long-line-mb` MB of text (the corpus's texts joined): peak RSS and time."""
+    import shutil
+
+    from hierarchos.data import bundled_tokenizer_path
+
+    corpus = work / f"corpus_{int(opts.mb)}mb.jsonl"
+    path = work / f"long_line_{int(opts.long_line_mb)}mb.jsonl"
+    target = int(opts.long_line_mb * 1e6)
+    if not path.exists():
+        parts, size = [], 0
+        with open(corpus, encoding="utf-8") as handle:
+            for line in handle:
+                text = json.loads(line)["text"]
+                parts.append(text)
+                size += len(text.encode("utf-8"))
+                if size >= target:
+                    break
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps({"text": "".join(parts)}) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+        del parts
+    cache = work / "token_cache_long_line"
+    shutil.rmtree(cache, ignore_errors=True)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               PYTHONUNBUFFERED="1")
+    args = ["--train", str(path), "--tokenizer-path", bundled_tokenizer_path(), "--tiny", "--max_length", "64",
+            "--batch_size", "4", "--max-steps", "1", "--device", "cpu", "--token-cache", str(cache),
+            "--log-every", "1"]
+    out_dir = work / "long_line_run"
+    shutil.rmtree(out_dir, ignore_errors=True)
+    result = {"file_bytes": path.stat().st_size, "command": ["hierarchos", "train", *args],
+              **run_train(args, out_dir, env, window_tokens=4 * 64)}
+    print(f"one {path.stat().st_size / 1e6:.0f} MB JSONL line: peak RSS {result['peak_rss_bytes'] / 1e6:,.0f} MB "
+          f"(anon {result['peak_rss_anon_bytes'] / 1e6:,.0f} MB), first step at {result['first_step_s']:.1f} s "
+          f"({result['cache_line']})", flush=True)
+    return result
 
 
 def main() -> None:
@@ -145,10 +218,19 @@ def main() -> None:
     parser.add_argument("--mb", type=float, default=500, help="corpus size in MB of text (default 500)")
     parser.add_argument("--work", default="/tmp/hierarchos_bench_data", help="corpus, cache and run directories")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
-    parser.add_argument("--skip-library", action="store_true", help="skip the tokenizers baseline")
+    parser.add_argument("--skip-library", action="store_true", help="skip the tokenizers comparison")
+    parser.add_argument("--compare-mb", type=float, default=50,
+                        help="MB of the corpus's text on which hierarchos' cache build and the tokenizers "
+                             "library's batch encode are timed back to back (default 50)")
+    parser.add_argument("--long-line-mb", type=float, default=50,
+                        help="also train on one JSONL record of this many MB (0: skip)")
+    parser.add_argument("--only-long-line", action="store_true", help="run only the one-long-line case")
     opts = parser.parse_args()
     work = Path(opts.work)
     work.mkdir(parents=True, exist_ok=True)
+    if opts.only_long_line:
+        long_line(work, opts)
+        return
     corpus = work / f"corpus_{int(opts.mb)}mb.jsonl"
     t0 = time.perf_counter()
     meta = build_corpus(corpus, int(opts.mb * 1e6))
@@ -171,8 +253,17 @@ def main() -> None:
                           "Python installation (stdlib + site-packages), repeated"},
                "cpu_count": os.cpu_count(), "command": ["hierarchos", "train", *train_args]}
     if not opts.skip_library:
-        results["library"] = library_encode(corpus)
-        print(f"tokenizers encode_batch_fast: {results['library']['mb_s']:.1f} MB/s", flush=True)
+        sample = work / f"sample_{int(opts.compare_mb)}mb.jsonl"
+        sample_corpus(corpus, sample, int(opts.compare_mb * 1e6))
+        runs = {"library": [], "hierarchos_build": []}
+        for _ in range(2):  # alternated, best of two each: the machine is shared, its load varies
+            runs["library"].append(library_encode(sample))
+            runs["hierarchos_build"].append(cache_encode(sample, work / "token_cache_sample"))
+        for name, tries in runs.items():
+            results[name] = {**max(tries, key=lambda r: r["mb_s"]), "tries_mb_s": [r["mb_s"] for r in tries]}
+        print(f"on {results['library']['text_bytes'] / 1e6:.0f} MB: tokenizers encode_batch_fast "
+              f"{results['library']['mb_s']:.2f} MB/s, hierarchos cache build {results['hierarchos_build']['mb_s']:.2f} "
+              "MB/s", flush=True)
     for name in ("first_run", "second_run"):
         out_dir = work / name
         shutil.rmtree(out_dir, ignore_errors=True)
@@ -183,10 +274,12 @@ def main() -> None:
         first["tokenize_mb_s"] = meta["text_bytes"] / 1e6 / first["build_seconds"]
     rows = [("corpus (MB of text)", f"{meta['text_bytes'] / 1e6:,.0f}"),
             ("tokens", f"{first['tokens']:,}" if first["tokens"] else "?"),
-            ("tokenize, hierarchos cache build (MB/s)", f"{first.get('tokenize_mb_s', 0):.1f}")]
+            ("first run: cache build (MB/s of text)", f"{first.get('tokenize_mb_s', 0):.2f}")]
     if "library" in results:
-        rows += [("tokenize, tokenizers encode_batch_fast (MB/s)", f"{results['library']['mb_s']:.1f}"),
-                 ("ratio (hierarchos / library)", f"{first.get('tokenize_mb_s', 0) / results['library']['mb_s']:.2f}")]
+        lib, ours = results["library"], results["hierarchos_build"]
+        rows += [(f"on {lib['text_bytes'] / 1e6:.0f} MB: tokenizers encode_batch_fast (MB/s)", f"{lib['mb_s']:.2f}"),
+                 (f"on {lib['text_bytes'] / 1e6:.0f} MB: hierarchos cache build (MB/s)", f"{ours['mb_s']:.2f}"),
+                 ("ratio (hierarchos / library)", f"{ours['mb_s'] / lib['mb_s']:.2f}")]
     for name in ("first_run", "second_run"):
         run = results[name]
         rows += [(f"{name}: seconds to the first step (its start; its end)",
@@ -196,6 +289,11 @@ def main() -> None:
                   f"{run['peak_rss_file_bytes'] / 1e6:,.0f})")]
     rows.append(("first step - tokenization time (s)",
                  f"{first['first_step_s'] - (first['build_seconds'] or 0):.1f}"))
+    if opts.long_line_mb:
+        results["long_line"] = long_line(work, opts)
+        rows += [(f"one {results['long_line']['file_bytes'] / 1e6:.0f} MB JSONL line: peak RSS (MB; anon)",
+                  f"{results['long_line']['peak_rss_bytes'] / 1e6:,.0f}; {results['long_line']['peak_rss_anon_bytes'] / 1e6:,.0f}"),
+                 ("one long line: seconds to the first step", f"{results['long_line']['first_step_s']:.1f}")]
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
     if opts.out:

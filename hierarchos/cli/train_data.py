@@ -39,18 +39,15 @@ def _barrier(dist_info) -> None:
         dist.barrier()
 
 
+def _is_main(dist_info) -> bool:
+    return dist_info is None or not dist_info.enabled or dist_info.is_main
+
+
 def _cache(directory: Path, source, tokenizer, dist_info, **kwargs):
-    """Rank 0 builds (or checks) the cache; the other ranks open it once it is there."""
     from ..data import token_cache
 
-    main = dist_info is None or not dist_info.enabled or dist_info.is_main
-    if not main:
-        _barrier(dist_info)
-    cache = token_cache.open_cache(directory, source, tokenizer, log=print if main else (lambda line: None),
-                                   **kwargs)
-    if main:
-        _barrier(dist_info)
-    return cache
+    return token_cache.open_cache(directory, source, tokenizer, **kwargs,
+                                  log=print if _is_main(dist_info) else (lambda line: None))
 
 
 def val_text_bytes(tokenizer, tokens: np.ndarray, piece: int = 1 << 20) -> int:
@@ -74,6 +71,17 @@ def tail_bytes(data: RunData, split: int) -> int:
 
 
 def prepare(args: argparse.Namespace, spec, resume, dist_info, resumed_tokenizer) -> RunData:
+    """Under torchrun, rank 0 trains the tokenizer and builds the caches first; the other ranks then
+    find both and reuse them (never two writers of one cache)."""
+    if not _is_main(dist_info):
+        _barrier(dist_info)
+    data = _prepare(args, spec, resume, dist_info, resumed_tokenizer)
+    if _is_main(dist_info):
+        _barrier(dist_info)
+    return data
+
+
+def _prepare(args: argparse.Namespace, spec, resume, dist_info, resumed_tokenizer) -> RunData:
     from ..data import token_cache
     from ..data.streaming import open_source
     from ..data.tokenizers import load_tokenizer

@@ -21,7 +21,7 @@ from hierarchos.errors import HierarchosError
 
 from . import sources as S
 
-PIECE_CHARS = 1 << 20   # a text is cut into pieces of about this many characters
+PIECE_CHARS = 1 << 16   # a text is cut into pieces of about this many characters
 READ_BYTES = 1 << 20    # a .txt file is read this many bytes at a time
 RECORD_BATCH = 512      # records formatted at once
 SAMPLE_BYTES = 1 << 16  # a file's fingerprint hashes its first and last 64 KiB

@@ -35,7 +35,7 @@ from .tokenizers import Tokenizer, load_tokenizer
 FORMAT = "hierarchos-token-cache"
 VERSION = 1
 INDEX, TOKENS, DOC_ENDS, DOC_BYTES, TOKENIZER_DIR = "index.json", "tokens.bin", "doc_ends.bin", "doc_bytes.bin", "tokenizer"
-BATCH_CHARS = 4 << 20     # characters tokenized per encode_batch call (bounds the encoder's memory)
+BATCH_CHARS = 1 << 20     # characters per encode_batch call: its Encodings cost ~250 bytes a token
 SAMPLE_BLOCKS, SAMPLE_BLOCK_BYTES = 64, 4096
 FULL_CHECK_BYTES = 256 << 20
 
