@@ -27,6 +27,7 @@ from .data.sources import format_prompt
 from .errors import HierarchosError
 from .generate import SamplingConfig, generate
 from .io import atomic_write_bytes
+from .model.attention import blocks_summary
 from .model.losses import lm_loss
 
 DELTA_FILE = "ltm_delta.safetensors"
@@ -448,6 +449,7 @@ class ChatSession:
             f"without DeepEmbed), format {fmt_name}, device {self.device}",
             f"mode: {self.mode} {self.caps()} (config: {cfg.h_cycles} cycles, {cfg.max_h_steps} pondering "
             f"steps, {cfg.max_l_steps} worker passes)",
+            f"blocks: {blocks_summary(cfg)}; carried state {self.state.nbytes() / 1024:.1f} KiB",
             f"sampling: temperature {self.sampling.temperature}, top-k {self.sampling.top_k}, top-p "
             f"{self.sampling.top_p}, penalty {self.sampling.repetition_penalty}, max {self.sampling.max_new_tokens} tokens",
             f"last reply: {stats.tokens} tokens, {rate}, manager steps/plan point {fmt(manager)}, "

@@ -16,7 +16,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ..config import FIELD_ALIASES, ModelConfig
+from ..config import BLOCK_TYPES, FIELD_ALIASES, POS_ENCODINGS, ModelConfig
 from ..errors import HierarchosError
 from .resume import given_flags, run_args, track_given
 
@@ -24,7 +24,15 @@ HELP = "train a model (from scratch or from --model-path weights) on local or Hu
 
 ARCH_FLAGS = ("context_dim", "persistent_dim", "ltm_slots", "ltm_key_dim", "ltm_val_dim", "ltm_topk",
               "h_hidden", "l_hidden", "h_layers", "l_layers", "h_cycles", "max_h_steps", "max_l_steps",
-              "l_conv_atol", "h_stride", "h_halt_thresh", "grad_steps", "head_size", "ffn_mult", "vocab_size")
+              "l_conv_atol", "h_stride", "h_halt_thresh", "grad_steps", "head_size", "ffn_mult", "vocab_size",
+              "h_block", "l_block", "pos_encodings", "window_size")
+# the block-type flags (seed 000/003's Transformer stacks); the other flags are numbers
+ARCH_CHOICES = {"h_block": BLOCK_TYPES, "l_block": BLOCK_TYPES, "pos_encodings": POS_ENCODINGS}
+ARCH_HELP = {"h_block": "manager stack blocks: rwkv7 (default) or attention (RMSNorm, SDPA, SwiGLU)",
+             "l_block": "worker stack blocks: rwkv7 (default) or attention",
+             "pos_encodings": "positions of attention blocks: rope (default), sinusoidal, learned, none",
+             "window_size": "sliding attention window in tokens (0, the default: full causal attention, whose "
+                            "KV cache grows with the context)"}
 
 
 def _spellings(name: str) -> list[str]:
@@ -74,15 +82,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        help="continual learning: one more manager and worker block per N characters of training "
                             "text in the model's history (added function-preservingly)")
     for name in ARCH_FLAGS:
+        if name in ARCH_CHOICES:
+            model.add_argument(*_spellings(name), dest=name, choices=ARCH_CHOICES[name], default=None,
+                               help=ARCH_HELP[name])
+            continue
         kind = float if name in ("l_conv_atol", "h_halt_thresh") else int
-        model.add_argument(*_spellings(name), dest=name, type=kind, default=None)
+        model.add_argument(*_spellings(name), dest=name, type=kind, default=None, help=ARCH_HELP.get(name))
     # seed 000's trainer (AI-OS `hrm-hf train-actv1`) names for the same choices
     model.add_argument("--hidden-size", "--hidden_size", dest="hidden_size", type=int, default=None,
                        help="every width (context_dim, h_hidden, l_hidden) not given on its own")
     model.add_argument("--num-heads", "--num_heads", dest="num_heads", type=int, default=None,
                        help="heads per manager block: head_size = h_hidden / N (must divide l_hidden too)")
-    model.add_argument("--pos-encodings", default=None, help="only 'none': the recurrence carries token order")
-    model.add_argument("--window-size", type=int, default=None, help=argparse.SUPPRESS)
     model.add_argument("--model", dest="ambiguous_model", default=None, help=argparse.SUPPRESS)
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=int, default=3)
@@ -208,15 +218,38 @@ def check_flags(args: argparse.Namespace) -> None:
         raise HierarchosError(f"--model {args.ambiguous_model}: say which: --tokenizer-path NAME for a Hugging Face "
                               "tokenizer (what --model names in seed 000's trainer), or --model-path DIR to start "
                               "from a hierarchos model")
-    if args.pos_encodings not in (None, "none"):
-        raise HierarchosError(f"--pos-encodings {args.pos_encodings}: hierarchos has no attention and no position "
-                              "encodings (its recurrence carries token order); drop the flag")
-    if args.window_size is not None:
-        raise HierarchosError(f"--window-size {args.window_size}: hierarchos has no attention window (its fixed-size "
-                              "recurrent state is the context); drop the flag, or bound windows with --max_length")
+    check_attention_flags(args)
     if args.min_lr > args.starting_lr:
         raise HierarchosError(f"--min-lr {args.min_lr} is above --starting-lr {args.starting_lr}: the schedule "
                               "decays from the starting rate down to the minimum; lower --min-lr")
+
+
+def check_attention_flags(args: argparse.Namespace) -> None:
+    """--pos-encodings / --window-size act on attention blocks only: with RWKV stacks (whose
+    recurrence carries order in a fixed-size state) they would silently do nothing."""
+    if "attention" in (args.h_block, args.l_block) or args.model_path:
+        if args.window_size is not None and args.window_size < 0:
+            raise HierarchosError(f"--window-size {args.window_size}: must be >= 0 (0: full causal attention)")
+        return
+    for flag, value, what in (("--pos-encodings", args.pos_encodings, "no position encodings"),
+                              ("--window-size", args.window_size, "no attention window")):
+        if value is not None and value != "none":
+            raise HierarchosError(f"{flag} {value}: RWKV stacks have {what} (their recurrence carries order); "
+                                  "add --h-block attention and/or --l-block attention, or drop the flag")
+
+
+def attention_persist_state(cfg: ModelConfig, args: argparse.Namespace) -> bool:
+    """Full causal attention (window 0) keeps every token in its KV cache: carried from window to
+    window the cache would grow through the whole epoch, so such a run starts every window afresh."""
+    full = [name for name in ("h_block", "l_block") if getattr(cfg, name) == "attention" and not cfg.window_size]
+    if not full or not args.persist_state:
+        return args.persist_state
+    if "persist_state" in given_flags(args):
+        raise HierarchosError("--persist-state with full attention (window_size 0): the KV cache would grow with "
+                              "every window of the epoch; give --window-size W to carry a bounded cache")
+    print("attention: full causal attention (window 0); each training window starts from a fresh state "
+          "(its KV cache grows with the context); --window-size W bounds it and carries it from window to window")
+    return False
 
 
 def seed000_widths(args: argparse.Namespace, given: dict, base: ModelConfig) -> dict:
@@ -376,12 +409,15 @@ def run(args: argparse.Namespace, lora=None) -> int:
             overrides["commitment_threshold"] = args.commitment_threshold
         cfg = tiny_config(**overrides) if args.tiny else ModelConfig(**overrides).validate()
         model = HierarchosLM(cfg)
+    if args.grow_every_chars and "attention" in (model.cfg.h_block, model.cfg.l_block):
+        raise HierarchosError("--grow-every-chars grows RWKV stacks only; drop it for attention blocks")
     from ..train.continual import grow_for_data
 
     n_chars = data.n_chars
     model, growth = grow_for_data(model, tokenizer.vocab_size, list((base_meta or {}).get("training_history") or []),
                                   n_chars, None if resume else args.grow_every_chars, allow_growth=lora is None)
     cfg = model.cfg
+    args.persist_state = attention_persist_state(cfg, args)
     model.to(device)
     if lora is not None:
         from ..lora import wrap

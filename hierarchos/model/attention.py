@@ -229,3 +229,14 @@ class AttentionStack(nn.Module):
                 both = torch.cat([cache, new.to(cache.dtype)], dim=2)          # (B, H, S + T, N)
                 out.append(both.gather(2, index) * filled[:, None, :, None].to(cache.dtype))
         return x, {"key": torch.stack(keys), "value": torch.stack(values), "pos": pos_end}
+
+
+def blocks_summary(cfg) -> str:
+    """One line on the stacks' block types for /status; says when the state grows with the context."""
+    def one(role: str, block: str) -> str:
+        if block != "attention":
+            return f"{role} {block}"
+        reach = (f"window {cfg.window_size}: KV cache of {cfg.window_size} tokens" if cfg.window_size else
+                 "full attention: the KV cache grows with the context")
+        return f"{role} attention ({cfg.pos_encodings}, {reach})"
+    return f"{one('manager', cfg.h_block)}, {one('worker', cfg.l_block)}"
