@@ -35,7 +35,10 @@ PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
 
 TARGET_GROUPS = {
-    "time_mix": ("time_mix.receptance", "time_mix.key", "time_mix.value", "time_mix.gate", "time_mix.output"),
+    # the token mixer of either block type: RWKV's time mix, or an attention block's projections
+    "time_mix": ("time_mix.receptance", "time_mix.key", "time_mix.value", "time_mix.gate", "time_mix.output",
+                 "attention.query", "attention.key", "attention.value", "attention.output"),
+    "attention": ("attention.query", "attention.key", "attention.value", "attention.output"),
     "channel_mix": ("channel_mix.gate", "channel_mix.up", "channel_mix.down"),
     "memory": ("memory.query", "memory.target"),
     "bridges": ("reasoner.h_input_proj", "reasoner.l_feedback_proj", "reasoner.h_to_context",

@@ -400,3 +400,66 @@ def test_config_rejects_odd_heads_with_rope_and_round_trips():
         tiny_config(head_size=3, context_dim=9, h_hidden=9, l_hidden=9)
     cfg = tiny_config(h_block="attention", pos_encodings="learned", window_size=7)
     assert ModelConfig.from_json(cfg.to_json()) == cfg
+
+
+# ---- quantizer, LoRA and the CLI --------------------------------------------------------------------
+
+ATTENTION_LINEARS = ("attention.query", "attention.key", "attention.value", "attention.output",
+                     "channel_mix.gate", "channel_mix.up", "channel_mix.down")
+
+
+def test_the_quantizer_and_lora_find_the_attention_linears_by_name():
+    pytest.importorskip("hierarchos.quant.kernel")
+    from hierarchos.lora import resolve_targets
+    from hierarchos.quant.model import QuantLinear, build_quantized_model, quantize_tensors
+
+    seed = fresh_seed()
+    torch.manual_seed(seed)
+    cfg = tiny_config(context_dim=32, h_hidden=32, l_hidden=32, h_block="attention", l_block="attention",
+                      pos_encodings="learned", window_size=4)
+    model = HierarchosLM(cfg).eval()
+    tensors = quantize_tensors(model, "Q8_0")
+    wanted = {f"reasoner.{stack}.blocks.0.{name}.weight" for stack in ("manager", "worker") for name in ATTENTION_LINEARS}
+    assert all(not hasattr(tensors[name], "dtype") for name in wanted), f"float: {[n for n in wanted if hasattr(tensors[n], 'dtype')]}"
+    quantized = build_quantized_model(cfg, tensors).eval()
+    assert sum(isinstance(m, QuantLinear) for n, m in quantized.named_modules() if ".blocks." in n) == len(wanted)
+    tokens = model_tokens(seed, 1, 12)
+    with torch.no_grad():
+        full, quant = model(tokens).logits, quantized(tokens).logits
+    rel = (full - quant).norm() / full.norm()
+    assert rel < 0.05, f"seed={seed}: Q8_0 attention model is {rel:.3f} away from the float one"
+    names = resolve_targets(model, ["time_mix"])
+    assert names and all(".attention." in n for n in names) and len(names) == 8
+    assert resolve_targets(model, ["attention"]) == names
+
+
+def run_cli(*args: str):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    return subprocess.run([sys.executable, "hierarchos_cli.py", *args], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+
+
+def test_cli_trains_attention_stacks_and_chats(tmp_path):
+    import json
+
+    data = tmp_path / "text.txt"
+    data.write_text("\n".join(f"line {i}: to be or not to be, that is the question" for i in range(200)))
+    common = ("train", "--tiny", "--tokenizer-path", "byte", "--train", str(data), "--steps", "1", "--batch-size",
+              "2", "--max_length", "16", "--h-block", "attention", "--l-block", "attention")
+    result = run_cli(*common, "--pos-encodings", "sinusoidal", "--window-size", "8", "--out-dir", str(tmp_path / "w"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    cfg = json.loads((tmp_path / "w" / "hierarchos_config.json").read_text())
+    cfg = cfg.get("model", cfg)
+    assert (cfg["h_block"], cfg["l_block"], cfg["pos_encodings"], cfg["window_size"]) == (
+        "attention", "attention", "sinusoidal", 8)
+    chat = run_cli("chat", "--model-path", str(tmp_path / "w"), "--prompt", "to be", "--max-new-tokens", "4",
+                   "--seed", "1")
+    assert chat.returncode == 0, chat.stderr[-2000:]
+    # full attention: every window starts afresh, and an explicit --persist-state says why not
+    full = run_cli(*common, "--out-dir", str(tmp_path / "f"))
+    assert full.returncode == 0 and "each training window starts from a fresh state" in full.stdout, full.stderr[-2000:]
+    refused = run_cli(*common, "--persist-state", "--out-dir", str(tmp_path / "p"))
+    assert refused.returncode == 2 and "KV cache would grow" in refused.stderr, refused.stderr[-2000:]
