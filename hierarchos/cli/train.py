@@ -1,7 +1,7 @@
 """`train`: train a model from scratch (or from --model-path weights) on local or Hugging Face data.
 
-Maps the flags onto ModelConfig / TrainConfig in one place, loads and tokenizes the data,
-runs the Trainer with a progress bar, writes checkpoints under OUT_DIR/checkpoints and the
+Maps the flags onto ModelConfig / TrainConfig in one place, gets the data's token arrays
+(train_data: the memory-mapped token cache), restores a resumed run's flags (resume), runs the Trainer with a progress bar, writes checkpoints under OUT_DIR/checkpoints and the
 final model directory to OUT_DIR. Ctrl+C saves a resumable checkpoint and exits cleanly.
 """
 
@@ -335,7 +335,6 @@ def run(args: argparse.Namespace, lora=None) -> int:
     from ..config import ModelConfig, tiny_config
     from ..data import bundled_corpus_path
     from ..data.sources import DataSpec
-    from ..data.tokenizers import load_tokenizer
     from ..io import load_checkpoint, load_model_dir, save_checkpoint, save_model_files
     from ..model import HierarchosLM
     from ..model.losses import LossWeights
