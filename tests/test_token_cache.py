@@ -257,3 +257,21 @@ def test_held_out_tail_bytes_equal_the_decoded_text(tmp_path, bpe, seed):
         run = RunData("d", "plain", bpe, cache.tokens[:split], val_tokens=cache.tokens[split:], cache=cache)
         decoded = len(bpe.decode(cache.tokens[split:].tolist()).encode("utf-8"))
         assert tail_bytes(run, split) == decoded, split
+
+
+def test_a_file_that_fails_to_read_is_named(tmp_path, bpe, monkeypatch):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "a.txt").write_text("fine text", encoding="utf-8")
+    (folder / "b.txt").write_text("more text", encoding="utf-8")
+    real_open = open
+
+    def failing_open(file, mode="r", *args, **kwargs):
+        if str(file).endswith("b.txt") and "b" in mode:
+            raise PermissionError(13, "Permission denied")
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", failing_open)
+    with pytest.raises(HierarchosError, match=rf"^{folder / 'b.txt'}: cannot be read \(Permission denied\)"):
+        build(tmp_path, folder, bpe)
+    assert list((tmp_path / "cache").glob("*")) == []  # nothing half-built is left

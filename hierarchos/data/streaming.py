@@ -10,6 +10,7 @@ batches. Records become texts by the same rules and with the same one-line error
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -55,6 +56,17 @@ def pieces(text: str, size: int | None = None) -> Iterator[str]:
         start += cut
     if start < len(text):
         yield text[start:]
+
+
+@contextlib.contextmanager
+def _reading(path: Path):
+    """Open `path` for reading; an OS error while reading it (permissions, I/O) names the file."""
+    try:
+        with open(path, "rb") as handle:
+            yield handle
+    except OSError as exc:
+        raise HierarchosError(f"{path}: cannot be read ({exc.strerror or exc}); fix it or move it out of the "
+                              "data") from None
 
 
 class _Columns:
@@ -114,7 +126,7 @@ class StreamSource:
         for path in self.files:
             doc, has_content, offset, held = [], False, 0, b""
             buffer = ""
-            with open(path, "rb") as handle:
+            with _reading(path) as handle:
                 while True:
                     raw = handle.read(READ_BYTES)
                     data = held + raw
@@ -161,7 +173,7 @@ class StreamSource:
         column_names = None
         for path in self.files:
             batch, offset, has_content, done_bytes = [], 0, False, 0
-            with open(path, "rb") as handle:
+            with _reading(path) as handle:
                 for line_no, raw in enumerate(handle, start=1):
                     try:
                         line = raw.decode("utf-8")
@@ -220,7 +232,7 @@ class StreamSource:
 def file_fingerprint(path: Path) -> dict:
     stat = path.stat()
     digest = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as handle:
+    with _reading(path) as handle:
         digest.update(handle.read(SAMPLE_BYTES))
         if stat.st_size > SAMPLE_BYTES:
             handle.seek(max(SAMPLE_BYTES, stat.st_size - SAMPLE_BYTES))
