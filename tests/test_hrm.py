@@ -84,28 +84,47 @@ def graves(probs, thresh, n_steps):
 PROBS = [[0.3, 0.9], [0.5, 0.2], [0.6, 0.7], [0.9, 0.4]]
 
 
-@pytest.mark.parametrize("thresh", [0.8, 0.95, 1.0, 0.25])
+# a third point whose accumulated probability hits 0.75 exactly at pass 2 (1 - 0.5 * 0.5): "reaches"
+# the threshold means >=
+PROBS = [row + [0.5] for row in PROBS]
+
+
+@pytest.mark.parametrize("thresh", [0.8, 0.95, 1.0, 0.25, 0.75, 0.999])
 def test_act_weights_expected_steps_and_halting_step_by_hand(thresh):
-    n_steps = len(PROBS)
+    n_steps, n_points, batch = len(PROBS), len(PROBS[0]), 2
     model = reasoner(max_h_steps=n_steps, h_hidden=16, context_dim=16)
     model.manager = PassStub(onehot_per_pass(16))
     model.h_halt_proj = HaltStub(PROBS)
     model.h_to_context = nn.Identity()
-    z = torch.zeros(1, 2, 16, dtype=torch.float64)
+    z = torch.zeros(batch, n_points, 16, dtype=torch.float64)
     totals = {}
-    mix, _ = model._ponder(z, torch.zeros(1, 2, dtype=torch.long), model.init_state(1)[0]["ponder"],
+    mix, _ = model._ponder(z, torch.zeros(batch, n_points, dtype=torch.long), model.init_state(batch)[0]["ponder"],
                            n_steps, thresh, False, totals)
+    assert mix.shape == (batch, n_points, 16)
     expected_ponder, expected_halt = 0.0, 0.0
-    for j in range(2):
+    for j in range(n_points):
         weights, halt_step = graves([PROBS[p][j] for p in range(n_steps)], thresh, n_steps)
-        got = mix[0, j, :n_steps].tolist()
-        assert got == pytest.approx(weights + [0.0] * (n_steps - len(weights)), abs=1e-12), (thresh, j)
-        assert sum(got) == pytest.approx(1.0, abs=1e-12)  # a convex mix of the passes
-        expected_ponder += sum((i + 1) * w for i, w in enumerate(weights))
-        expected_halt += halt_step
+        for b in range(batch):
+            got = mix[b, j, :n_steps].tolist()
+            assert got == pytest.approx(weights + [0.0] * (n_steps - len(weights)), abs=1e-12), (thresh, j)
+            assert sum(got) == pytest.approx(1.0, abs=1e-12)  # a convex mix of the passes
+        expected_ponder += batch * sum((i + 1) * w for i, w in enumerate(weights))
+        expected_halt += batch * halt_step
     assert float(totals["ponder"][0]) == pytest.approx(expected_ponder, abs=1e-12)
-    assert totals["ponder"][1] == 2.0
+    assert totals["ponder"][1] == batch * n_points
     assert float(totals["manager_steps"][0]) == pytest.approx(expected_halt, abs=1e-12)
+    assert totals["manager_steps"][1] == batch * n_points
+
+
+def test_a_point_that_halts_at_its_first_pass_is_not_run_again_in_the_step_form():
+    model = reasoner(max_h_steps=4)
+    model.manager = PassStub(onehot_per_pass(16))
+    model.h_halt_proj = HaltStub([[0.9], [0.5], [0.5], [0.5]])
+    model.h_to_context = nn.Identity()
+    mix, _ = model._ponder(torch.zeros(1, 1, 16, dtype=torch.float64), torch.zeros(1, 1, dtype=torch.long),
+                           model.init_state(1)[0]["ponder"], 4, 0.8, False, {})
+    assert len(model.manager.calls) == 1
+    assert mix[0, 0, :4].tolist() == [1.0, 0.0, 0.0, 0.0]
 
 
 def test_act_numbers_for_one_sequence_written_out():
@@ -132,14 +151,15 @@ def test_halted_plan_points_are_frozen_in_later_passes():
     model.manager = PassStub(onehot_per_pass(16))
     model.h_halt_proj = HaltStub(PROBS)
     model.h_to_context = nn.Identity()
-    model._ponder(torch.zeros(1, 2, 16, dtype=torch.float64), torch.zeros(1, 2, dtype=torch.long),
+    model._ponder(torch.zeros(1, 3, 16, dtype=torch.float64), torch.zeros(1, 3, dtype=torch.long),
                   model.init_state(1)[0]["ponder"], 4, 0.8, False, {})
     # point 0 halts at pass 3 (0.3, 0.65, 0.86); point 1 at pass 1 (0.9 >= 0.8)
     frozen = [c["frozen"] for c in model.manager.calls]
     assert frozen[0] is None  # the first pass runs every plan point
-    assert frozen[1].tolist() == [[False, True]]
-    assert frozen[2].tolist() == [[False, True]]
-    assert frozen[3].tolist() == [[True, True]]
+    # point 2 halts at pass 2 (0.5, then 0.75 < 0.8 ... 0.875 at pass 3)
+    assert frozen[1].tolist() == [[False, True, False]]
+    assert frozen[2].tolist() == [[False, True, False]]
+    assert frozen[3].tolist() == [[True, True, True]]
 
 
 def test_every_pass_sees_the_watch_output_plus_its_refinement():
@@ -159,7 +179,7 @@ def test_every_pass_sees_the_watch_output_plus_its_refinement():
 
 
 def _round_with_stubs(T, stride, pos0, plans, max_l_steps=0, worker_out=None, atol=0.0, commit_thr=0.0,
-                      carried=None):
+                      carried=None, batch=1, u_value=0.0):
     """One round with a zero watch, a fixed plan per plan point and a recording worker input."""
     d = 16
     model = reasoner(h_stride=stride, max_l_steps=max_l_steps, l_conv_atol=atol, commitment_threshold=commit_thr)
@@ -170,13 +190,14 @@ def _round_with_stubs(T, stride, pos0, plans, max_l_steps=0, worker_out=None, at
     model.l_to_out = nn.Identity()
     model.worker = PassStub(worker_out or (lambda p, x: torch.zeros_like(x)))
     calls = iter(plans)
-    model._ponder = lambda z, *a, **k: (torch.stack([next(calls) for _ in range(z.shape[1])], 0)[None], a[1])
-    rounds = model.init_state(1)
+    model._ponder = lambda z, *a, **k: (torch.stack([next(calls) for _ in range(z.shape[1])], 0)[None]
+                                        .expand(z.shape[0], -1, -1), a[1])
+    rounds = model.init_state(batch)
     if carried is not None:
         rounds[0]["plan_prev"], rounds[0]["plan_last"] = (c.to(torch.float64)[None] for c in carried)
-    u = torch.zeros(1, T, d, dtype=torch.float64)
+    u = torch.full((batch, T, d), u_value, dtype=torch.float64)
     totals = {}
-    y, new = model._round(u, torch.zeros(1, T, dtype=torch.long), rounds[0], None, pos0, 1, max_l_steps, 1.0,
+    y, new = model._round(u, torch.zeros(batch, T, dtype=torch.long), rounds[0], None, pos0, 1, max_l_steps, 1.0,
                           totals)
     return model, y, new, totals
 
@@ -218,23 +239,28 @@ def test_plan_lerp_continues_across_calls_at_an_offset():
 
 
 def test_worker_drift_freezing_and_commitment_by_hand():
-    """Drift d_{p+1} = d_p + tanh(z_p) * (not frozen); a token freezes once max|step| < l_conv_atol;
-    commitment per pass = sum relu(||d||^2 - threshold) over tokens (with W_drift = identity here)."""
-    T, atol, thr = 3, 0.05, 0.1
-    # worker pass p returns a per-token constant: token 0 moves little at pass 1, token 2 never
-    table = torch.tensor([[0.5, 0.3, 0.2], [0.01, 0.4, 0.3], [0.2, 0.02, 0.3]], dtype=torch.float64)
+    """Drift d_{p+1} = d_p + tanh(z_p) * (not frozen); a token freezes once max|step| < l_conv_atol
+    (strictly: a step equal to the tolerance keeps it moving); commitment per pass = sum relu(||d||^2 -
+    threshold) over tokens (W_drift = identity here); y = u + W_out z of the commit pass."""
+    T, thr = 4, 0.1
+    atol = math.tanh(0.05)
+    # worker pass p returns a per-token constant: token 0 moves little at pass 1 (freezes), token 3 moves
+    # exactly by the tolerance at pass 1 (does not freeze), token 2 never slows down
+    table = torch.tensor([[0.5, 0.3, 0.2, 0.4], [0.01, 0.4, 0.3, 0.05], [0.2, 0.02, 0.3, 0.01]],
+                         dtype=torch.float64)
+    commit_out = torch.arange(1.0, T + 1, dtype=torch.float64)
 
     def worker_out(p, x):
-        if p >= 3:  # the commit pass
-            return torch.zeros_like(x)
-        return table[p][None, :, None].expand(1, T, 16).clone()
+        value = commit_out if p >= 3 else table[p]
+        return value[None, :, None].expand(2, T, 16).clone()
 
-    model, y, _, totals = _round_with_stubs(T, 4, 0, [], max_l_steps=3, worker_out=worker_out, atol=atol,
-                                            commit_thr=thr)
+    model, y, _, totals = _round_with_stubs(T, 8, 0, [], max_l_steps=3, worker_out=worker_out, atol=atol,
+                                            commit_thr=thr, batch=2, u_value=0.25)
     drift = torch.zeros(T, dtype=torch.float64)
     frozen = [False] * T
-    commitment, steps = 0.0, 0
+    commitment, steps, drift_before = 0.0, 0, []
     for p in range(3):
+        drift_before.append(drift.clone())
         steps += sum(not f for f in frozen)
         for t in range(T):
             if not frozen[t]:
@@ -242,14 +268,162 @@ def test_worker_drift_freezing_and_commitment_by_hand():
                 drift[t] += step
                 frozen[t] = frozen[t] or abs(step) < atol
         commitment += sum(max(0.0, 16 * drift[t].item() ** 2 - thr) for t in range(T))
-    commit_context = model.l_input_proj.inputs[-1][0, :, 16]
-    assert commit_context.tolist() == pytest.approx(drift.tolist(), abs=1e-12)
-    assert float(totals["commitment"][0]) == pytest.approx(commitment, abs=1e-10)
-    assert totals["commitment"][1] == 3 * T  # one count per pass and token
-    assert float(totals["worker_steps"][0]) == steps == 8  # token 0 froze after pass 2
+    inputs = model.l_input_proj.inputs
+    for p in range(3):  # each exploratory pass reads context + the drift so far
+        torch.testing.assert_close(inputs[p][:, :, 16], drift_before[p].expand(2, T), rtol=0, atol=1e-12)
+    torch.testing.assert_close(inputs[-1][:, :, 16], drift.expand(2, T), rtol=0, atol=1e-12)
+    assert (inputs[-1][..., :16] == 0.25).all()  # u beside the context
+    assert float(totals["commitment"][0]) == pytest.approx(2 * commitment, abs=1e-10)
+    assert totals["commitment"][1] == 3 * 2 * T  # one count per pass, row and token
+    assert float(totals["worker_steps"][0]) == 2 * steps and steps == 4 + 4 + 3  # token 0 froze after pass 1
+    assert totals["worker_steps"][1] == 2 * T
     frozen_masks = [c["frozen"] for c in model.worker.calls]
-    assert frozen_masks[0] is None and frozen_masks[1].tolist() == [[False, False, False]]
-    assert frozen_masks[2].tolist() == [[True, False, False]]
+    assert frozen_masks[0] is None and frozen_masks[1].tolist() == [[False] * T] * 2
+    assert frozen_masks[2].tolist() == [[True, False, False, False]] * 2
+    torch.testing.assert_close(y, 0.25 + commit_out[None, :, None].expand(2, T, 16), rtol=0, atol=1e-12)
+
+
+def test_the_step_form_skips_the_passes_of_a_frozen_token():
+    """One token (the step form): once it froze, later exploratory passes are not run at all."""
+    table = [0.5, 0.001, 0.3, 0.3]
+    model, _, new, _ = _round_with_stubs(1, 4, 0, [], max_l_steps=4, atol=0.01,
+                                         worker_out=lambda p, x: torch.full_like(x, table[p] if p < 4 else 0.0))
+    assert len(model.worker.calls) == 2 + 1  # passes 0 and 1, then the commit pass
+    model, _, _, _ = _round_with_stubs(2, 4, 0, [], max_l_steps=4, atol=0.01,
+                                       worker_out=lambda p, x: torch.full_like(x, table[p] if p < 4 else 0.0))
+    assert len(model.worker.calls) == 4 + 1  # a sequence runs every pass (frozen rows masked instead)
+
+
+def test_plan_points_are_every_stride_th_global_position():
+    """Plan points are the global positions p with (p + 1) % h_stride == 0; a call at an offset picks its
+    own, and a call with none keeps the carried plans."""
+    for pos0, T, expected in ((0, 9, [2, 5, 8]), (4, 5, [5, 8]), (1, 1, []), (2, 1, [2]), (6, 3, [8])):
+        seen = []
+        model = reasoner(h_stride=3, max_l_steps=0)
+        model.manager = PassStub(lambda p, x: x)  # the watch output is its input: the position below
+        model.h_input_proj = nn.Identity()
+        plan = torch.full((16,), 7.0, dtype=torch.float64)
+
+        def ponder(z, *args, **kwargs):
+            seen.extend(z[0, :, 0].tolist())
+            return plan.expand(1, z.shape[1], 16), args[1]
+
+        model._ponder = ponder
+        rounds = model.init_state(1)
+        carried = (torch.full((1, 16), 1.0, dtype=torch.float64), torch.full((1, 16), 2.0, dtype=torch.float64))
+        rounds[0]["plan_prev"], rounds[0]["plan_last"] = carried
+        u = (pos0 + torch.arange(T, dtype=torch.float64))[None, :, None].expand(1, T, 16)
+        _, new = model._round(u, torch.zeros(1, T, dtype=torch.long), rounds[0], None, pos0, 1, 0, 1.0, {})
+        assert seen == expected, (pos0, T)
+        if not expected:
+            assert torch.equal(new["plan_prev"], carried[0]) and torch.equal(new["plan_last"], carried[1])
+        elif len(expected) == 1:
+            assert torch.equal(new["plan_prev"], carried[1]) and torch.equal(new["plan_last"][0], plan)
+
+
+def test_round_r_watches_u_plus_the_feedback_of_round_r_minus_1_shifted_by_one():
+    """Watch input of round r > 0: W_h u_t + W_fb y^{(r-1)}_{t-1}, with y^{(r-1)}_{-1} = that round's
+    carried last output. Round 0 gets no feedback."""
+    torch.manual_seed(1)
+    model = reasoner(h_cycles=3, max_h_steps=1, max_l_steps=1)
+    with torch.no_grad():
+        model.l_feedback_proj.weight.normal_(0, 0.5)
+    inputs = []
+    real = model.manager
+
+    def forward(x, tokens, state, frozen=None):
+        inputs.append(x.detach().clone())
+        return type(real).forward(real, x, tokens, state, frozen)
+
+    real.forward = forward
+    T = 5
+    u = torch.randn(1, T, 16, dtype=torch.float64)
+    rounds = model.init_state(1)
+    for r in range(3):
+        rounds[r]["last_out"] = torch.randn(1, 16, dtype=torch.float64)
+    with torch.no_grad():
+        outputs = [model(u, torch.zeros(1, T, dtype=torch.long), rounds, 0, h_cycles=n)[0] for n in (1, 2, 3)]
+        inputs.clear()
+        model(u, torch.zeros(1, T, dtype=torch.long), rounds, 0)
+        watch_inputs = inputs[0::2]  # watch, then one pondering pass, per round
+        torch.testing.assert_close(watch_inputs[0], model.h_input_proj(u), rtol=0, atol=1e-12)
+        for r in (1, 2):
+            shifted = torch.cat([rounds[r - 1]["last_out"][:, None], outputs[r - 1][:, :-1]], 1)
+            expected = model.h_input_proj(u) + model.l_feedback_proj(shifted)
+            torch.testing.assert_close(watch_inputs[r], expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("caps,calls", [
+    ({}, {"H": 2 * (1 + 3), "L": 2 * (2 + 1)}),
+    ({"h_cycles": 1}, {"H": 1 + 3, "L": 2 + 1}),
+    ({"max_h_steps": 1}, {"H": 2 * (1 + 1), "L": 2 * (2 + 1)}),
+    ({"max_l_steps": 0}, {"H": 2 * (1 + 3), "L": 2 * 1}),
+    ({"max_l_steps": 1, "h_cycles": 5, "max_h_steps": 9}, {"H": 2 * (1 + 3), "L": 2 * (1 + 1)}),
+])
+def test_reasoning_caps_limit_the_passes_and_never_exceed_the_config(caps, calls):
+    """chat's modes pass caps: each limits its loop, and a cap above the configured value is clipped."""
+    model = reasoner(h_cycles=2, max_h_steps=3, max_l_steps=2, h_halt_thresh=1.0, l_conv_atol=0.0, h_stride=1)
+    count = {"H": 0, "L": 0}
+    for name, stack in (("H", model.manager), ("L", model.worker)):
+        def forward(x, tokens, state, frozen=None, _stack=stack, _name=name):
+            count[_name] += 1
+            return type(_stack).forward(_stack, x, tokens, state, frozen)
+        stack.forward = forward
+    with torch.no_grad():
+        model(torch.randn(1, 3, 16, dtype=torch.float64), torch.zeros(1, 3, dtype=torch.long), model.init_state(1),
+              0, **caps)
+    assert count == calls
+
+
+def test_halt_threshold_cap_changes_the_halting():
+    """h_halt_thresh passed at call time replaces the configured one (chat's /mode)."""
+    model = reasoner(max_h_steps=4, h_halt_thresh=1.0)
+    model.manager = PassStub(onehot_per_pass(16))
+    model.h_halt_proj = HaltStub([[0.9]] * 4)
+    model.h_to_context = nn.Identity()
+    model._ponder(torch.zeros(1, 1, 16, dtype=torch.float64), torch.zeros(1, 1, dtype=torch.long),
+                  model.init_state(1)[0]["ponder"], 4, 0.5, False, totals := {})
+    assert float(totals["manager_steps"][0]) == 1.0
+
+
+def test_two_calls_carry_every_part_of_the_state_like_one_call():
+    """The reasoner's state (watch, pondering, plans, exploration, commit, last output of every round)
+    carries a split sequence exactly as one call over it; and every part of the state really moves."""
+    torch.manual_seed(2)
+    model = reasoner(h_cycles=2, max_h_steps=2, max_l_steps=2, h_stride=2, h_halt_thresh=0.7, l_conv_atol=0.05)
+    with torch.no_grad():
+        model.l_drift_proj.weight.normal_(0, 0.3)
+        model.h_halt_proj.weight.normal_(0, 0.5)
+    T, cut = 7, 3
+    u = torch.randn(2, T, 16, dtype=torch.float64)
+    tokens = torch.randint(0, 7, (2, T))
+    with torch.no_grad():
+        init = model.init_state(2, dtype=torch.float64)
+        y_all, state_all, _ = model(u, tokens, init, 0)
+        y1, mid, _ = model(u[:, :cut], tokens[:, :cut], init, 0)
+        y2, state_split, _ = model(u[:, cut:], tokens[:, cut:], mid, cut)
+    torch.testing.assert_close(torch.cat([y1, y2], 1), y_all, rtol=1e-10, atol=1e-12)
+
+    def leaves(tree, prefix=""):
+        if isinstance(tree, torch.Tensor):
+            yield prefix, tree
+        elif isinstance(tree, dict):
+            for k in sorted(tree):
+                yield from leaves(tree[k], f"{prefix}.{k}")
+        elif isinstance(tree, (list, tuple)):
+            for i, v in enumerate(tree):
+                yield from leaves(v, f"{prefix}[{i}]")
+
+    got, want, start = dict(leaves(state_split)), dict(leaves(state_all)), dict(leaves(init))
+    assert got.keys() == want.keys() == start.keys()
+    moved = set()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-10, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
+        if not torch.equal(want[name], start[name]):
+            moved.add(name.split(".")[1].split("[")[0])
+    assert moved >= {"watch", "ponder", "plan_prev", "plan_last", "explore", "commit", "last_out"}, moved
+    for r in range(2):
+        torch.testing.assert_close(state_all[r]["last_out"], y_all[:, -1] if r == 1 else state_all[r]["last_out"])
 
 
 @pytest.mark.parametrize("h_cycles,max_h_steps,max_l_steps,grad_steps",
