@@ -46,13 +46,13 @@ for suite in "$@"; do
       args="--train /tmp/corpus.txt --tokenizer-path byte --context_dim 512 --h_hidden 512 --l_hidden 512
             --h_layers 3 --l_layers 3 --h_cycles 1 --max_h_steps 1 --max_l_steps 0 --max_length 512
             --batch_size 32 --epochs 1 --max-steps ${STALL_STEPS:-300} --log-every 1 --starting-lr 4e-4"
-      for mode in gc nogc; do
+      for mode in ${STALL_MODES:-gc nogc}; do
         pre="import sys, runpy"; [ $mode = nogc ] && pre="$pre, gc; gc.disable()"
         timeout 70 python3 -c "$pre; sys.argv[0] = 'hierarchos_cli.py'; runpy.run_path('hierarchos_cli.py', run_name='__main__')" \
           train $args --out-dir /tmp/stall_$mode 2>&1 | tr '\r' '\n' | grep -v '^ *$' | tail -n 30 > "$out/train_$mode.log"
         cp /tmp/stall_$mode/metrics.jsonl "$out/train_${mode}_metrics.jsonl" 2>/dev/null
       done
-      python3 bench/compare_train_runs.py --stalls "$out" gc nogc | tee "$out/stall_summary.txt" ;;
+      python3 bench/compare_train_runs.py --stalls "$out" ${STALL_MODES:-gc nogc} | tee "$out/stall_summary.txt" ;;
     table)  # a row per WKV implementation when fla-core is there
       impls=""; python3 -c "import fla" 2>/dev/null && impls="--wkv-impls triton fla"
       timeout 230 python3 bench/bench_forward.py --device cuda --size 125m --seq-lens 1024 \

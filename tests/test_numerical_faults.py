@@ -191,3 +191,25 @@ def test_fp16_overflow_is_skipped_and_the_scale_backs_off():
     assert trainer.skipped_steps < trainer.opt_step <= 16 and not same(weights, trainer.model.state_dict())
     for tensor in trainer.model.state_dict().values():
         assert torch.isfinite(tensor.float()).all()
+
+
+def test_skip_is_read_late_on_logging_steps_and_still_exact():
+    """With the fused AdamW the trainer reads nothing on the host per window: between logging steps
+    the steps' outcomes wait on the device (pending), the non-finite step is still never written into
+    the weights or optimizer state, and it is reported with its own step number at the next log."""
+    trainer = make_trainer()
+    trainer.cfg.log_every = 4
+    assert trainer.device_skip
+    pending = []
+    trainer.forward_model = FaultyForward(trainer.model, {2}, lambda logits: logits + float("nan"))
+    logs, snaps = [], [(copy.deepcopy(trainer.model.state_dict()), optimizer_state(trainer))]
+    trainer.log = logs.append
+
+    def stop():
+        pending.append(len(trainer.pending_steps))
+        snaps.append((copy.deepcopy(trainer.model.state_dict()), optimizer_state(trainer)))
+        return trainer.opt_step >= 4
+
+    trainer.run(stop_requested=stop)
+    assert pending[:3] == [1, 2, 3], pending   # steps 0-2 not read yet: no log before step 4
+    assert_only_step_skipped(trainer, snaps, logs, skipped_step=1)

@@ -131,7 +131,10 @@ class GraphedWindow:
         self.reached: set[int] = set()  # parameters some window reached since the last optimizer step
 
     # ---- the call ------------------------------------------------------------------------
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, state: HierarchosState | None):
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, state: HierarchosState | None,
+                 host_tokens: torch.Tensor | None = None):
+        """`host_tokens`: the same tokens as `x` on the CPU (the trainer's batch before its copy), so
+        that ROSA's hints need no copy back from the GPU (which would wait for all queued work)."""
         model = self.model
         B, T = x.shape
         if state is None:
@@ -139,7 +142,9 @@ class GraphedWindow:
         rosa = state.rosa
         hints = None
         if model.rosa_embed is not None:  # CPU automata: before the replay, never inside it
-            hints, rosa = rosa_hints(x, rosa, model.cfg.rosa_window, model.cfg.rosa_none_id)
+            tokens = host_tokens if host_tokens is not None else x
+            hints, rosa = rosa_hints(tokens, rosa, model.cfg.rosa_window, model.cfg.rosa_none_id)
+            hints = hints.to(x.device, non_blocking=True)
         if self.capture and self._decides_on_host(T, state.pos):
             return self._eager(x, y, hints, state, rosa)
         leaves = _flatten(state)

@@ -5,7 +5,10 @@ exact resume.
 A micro-step reads window i of every stream; the recurrent state carries to the next window
 (`persist_state`), cut from the graph between windows and every `detach_every` tokens inside
 one. Every `accumulation_steps` micro-steps make one optimizer step. A non-finite loss or
-gradient skips that optimizer step entirely (reported, never written into the weights).
+gradient skips that optimizer step entirely (reported, never written into the weights). With the
+fused AdamW (CUDA, CPU) no value is read on the host per window: the loss, the finiteness and the
+ponder cost stay on the device, the skip is a device mask (the fused AdamW's `found_inf`, table
+gradients zeroed), and all of it is read on logging steps, checkpoints and at the end.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch
 
 from ..errors import HierarchosError
 from ..model.losses import LossWeights, lm_loss
-from ..model.rosa import RosaAutomaton
+from ..model.rosa import RosaAutomaton, rosa_hints
 from .batches import TokenStreams
 from .schedule import build_optimizer, lr_at
 
@@ -113,8 +116,17 @@ class Trainer:
                                          capture=device.type == "cuda", log=log)
         # a captured backward writes into the .grad tensors it was captured with: zero them in place
         self.drop_grads = self.graphed is None or not self.graphed.capture
+        # the skip rule as a device mask needs the fused AdamW (its found_inf); else read on the host
+        self.fused_adamw = all(group.get("fused") for opt in self.optimizer.optimizers
+                               if isinstance(opt, torch.optim.AdamW) for group in opt.param_groups)
+        self.pending_steps: list = []  # (opt_step, device bool ok) not yet read on the host
 
     # ---- pieces ------------------------------------------------------------------------
+    @property
+    def device_skip(self) -> bool:
+        """Skip non-finite steps by a device mask (no host read per window); GradScaler reads its own."""
+        return self.scaler is None and self.fused_adamw
+
     def _autocast(self):
         if self.amp_dtype is None:
             return contextlib.nullcontext()
@@ -133,7 +145,7 @@ class Trainer:
                 automaton.extend(row)
         return state
 
-    def _window_loss(self, inputs, targets):
+    def _window_loss(self, inputs, targets, host_inputs=None):
         """Forward + backward over one window, cut every `detach_every` tokens; returns (nll_sum, tokens, parts)."""
         cfg = self.cfg
         T = inputs.shape[1]
@@ -141,36 +153,62 @@ class Trainer:
         if self.graphed is not None and piece >= T:
             if self.forward_model is not self.model:
                 raise HierarchosError("CUDA graphs run in one process: drop --cuda-graphs under torchrun")
-            loss, parts, state = self.graphed(inputs, targets, self.state)
+            loss, parts, state = self.graphed(inputs, targets, self.state, host_tokens=host_inputs)
             self.state = state if cfg.persist_state else None
-            finite = bool(torch.isfinite(loss))  # non-finite: the step is skipped as in the eager path
-            return (float(parts["ce"]) * inputs.numel() if finite else 0.0), inputs.numel(), parts, finite
-        nll_sum, finite, parts = 0.0, True, {}
+            finite = torch.isfinite(loss)  # on the device; non-finite: the step is skipped (_clip_and_step)
+            return torch.where(finite, parts["ce"].detach() * inputs.numel(), 0.0), inputs.numel(), parts, finite
+        nll_sum, finite, parts = 0.0, torch.ones((), dtype=torch.bool, device=inputs.device), {}
         for start in range(0, T, piece):  # loop over pieces of >= detach_every tokens, not tokens
             x, y = inputs[:, start:start + piece], targets[:, start:start + piece]
+            hints = None
+            if host_inputs is not None and self.model.rosa_embed is not None:  # from the CPU batch
+                if self.state is None:
+                    self.state = self._fresh_state()
+                hints, _ = rosa_hints(host_inputs[:, start:start + piece], self.state.rosa,
+                                      self.model.cfg.rosa_window, self.model.cfg.rosa_none_id)
+                hints = hints.to(x.device, non_blocking=True)
             with self._autocast():
-                out = self.forward_model(x, self.state)
+                out = self.forward_model(x, self.state, rosa_hint_ids=hints)
                 loss, parts = lm_loss(out, y, self.model.cfg.z_loss_weight, cfg.loss)
             self.state = out.state.detach() if cfg.persist_state else None
-            if not torch.isfinite(loss):
-                finite = False
+            piece_finite = torch.isfinite(loss)
+            if not self.device_skip and not piece_finite:  # host path (GradScaler, unfused AdamW)
+                finite = piece_finite
                 continue
+            finite = finite & piece_finite
             scaled = loss * (x.shape[1] / T) / cfg.accumulation_steps
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-            nll_sum += float(parts["ce"]) * x.numel()
+            nll_sum = nll_sum + torch.where(piece_finite, parts["ce"].detach() * x.numel(), 0.0)
         return nll_sum, inputs.numel(), parts, finite
 
-    def _optimizer_step(self) -> bool:
+    def _optimizer_step(self, finite):
         if self.graphed is not None:  # parameters no window reached must look untouched (.grad None)
             with self.graphed.hide_unreached_grads():
-                return self._clip_and_step()
-        return self._clip_and_step()
+                return self._clip_and_step(finite)
+        return self._clip_and_step(finite)
 
-    def _clip_and_step(self) -> bool:
+    def _clip_and_step(self, finite):
+        """Whether the step was taken: a bool, or under `device_skip` a device bool read later."""
+        if not self.device_skip and not finite:  # host path: a non-finite window never reaches the scaler
+            self.optimizer.zero_grad(set_to_none=self.drop_grads)
+            return False
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
                                               self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf"))
+        if self.device_skip:  # the skip as a mask: nothing is written when ok is false
+            ok = torch.isfinite(norm) & finite
+            for opt in self.optimizer.optimizers:
+                if isinstance(opt, torch.optim.AdamW):
+                    opt.found_inf = (~ok).float()  # the fused kernel leaves weights, moments, step as they were
+                else:  # LazyRowAdam moves only rows with a nonzero gradient
+                    for group in opt.param_groups:
+                        for p in group["params"]:
+                            if p.grad is not None:
+                                p.grad.masked_fill_(~ok, 0.0)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=self.drop_grads)
+            return ok
         if not torch.isfinite(norm):
             self.optimizer.zero_grad(set_to_none=self.drop_grads)
             if self.scaler:
@@ -218,37 +256,34 @@ class Trainer:
                 self.state = None  # each epoch starts the streams afresh
             if window["micro"] == 0:
                 lr = self.schedule.apply(self.opt_step)
-            x, y = self.train_streams.batch(index, epoch)  # the epoch picks a shuffled window order
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            nll, ntok, parts, finite = self._window_loss(x, y)
+            host_x, y = self.train_streams.batch(index, epoch)  # the epoch picks a shuffled window order
+            x, y = host_x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            nll, ntok, parts, finite = self._window_loss(x, y, host_x)
             self.micro_step += 1
             window["micro"] += 1
-            window["finite"] &= finite
+            window["finite"] = finite & window["finite"]
             window["nll"] += nll
             window["tokens"] += ntok
-            window["ponder"] += float(parts.get("ponder", 0.0))
-            if progress is not None:
-                progress(1, nll / max(1, ntok), lr)
+            window["ponder"] += parts["ponder"].detach() if "ponder" in parts else 0.0
+            if progress is not None:  # the loss shown is the last logged one (no host read per window)
+                progress(1, self.last_metrics.get("loss", float("nan")), lr)
             end_of_epoch = self.micro_step % self.steps_per_epoch == 0
             if window["micro"] < cfg.accumulation_steps and not end_of_epoch:
                 continue
-            if not (window["finite"] and self._optimizer_step()):
-                self.optimizer.zero_grad(set_to_none=self.drop_grads)
-                if self.graphed is not None:
-                    self.graphed.reached.clear()  # the skipped step's windows reached nothing
-                self.skipped_steps += 1
-                self.log(f"warning: non-finite loss or gradient at step {self.opt_step}: "
-                         "step skipped, weights unchanged")
+            self.pending_steps.append((self.opt_step, self._optimizer_step(window["finite"])))
+            if not self.device_skip:
+                self._read_pending_steps()
             self.opt_step += 1
             stopping = stop_requested()
             eval_start = time.perf_counter()
             evals = self.on_eval(self, end_of_epoch) if self.on_eval is not None else {}
             window["start"] += time.perf_counter() - eval_start  # evaluation time is not training time
             if self.opt_step % cfg.log_every == 0 or end_of_epoch or stopping or evals:
+                self._read_pending_steps()  # the one host read of these windows
                 elapsed = time.perf_counter() - window["start"]
                 record = {"step": self.opt_step, "epoch": epoch + 1, "lr": lr,
-                          "loss": window["nll"] / max(1, window["tokens"]),
-                          "ponder": window["ponder"] / max(1, window["micro"]),
+                          "loss": float(window["nll"]) / max(1, window["tokens"]),
+                          "ponder": float(window["ponder"]) / max(1, window["micro"]),
                           "tokens_per_s": window["tokens"] / max(elapsed, 1e-9),
                           "skipped_steps": self.skipped_steps}
                 if end_of_epoch and cfg.eval_every_epoch and (epoch + 1) % cfg.eval_every_epoch == 0:
@@ -258,18 +293,32 @@ class Trainer:
             window_done = window["micro"] >= cfg.accumulation_steps or end_of_epoch
             save_now = end_of_epoch or (cfg.save_every and self.opt_step % cfg.save_every == 0)
             if save_now and on_checkpoint is not None:
+                self._read_pending_steps()
                 val = self.last_metrics.get("val_loss") if end_of_epoch else None
                 is_best = val is not None and val < self.best_val
                 if is_best:
                     self.best_val = val
                 on_checkpoint(self, is_best, "epoch" if end_of_epoch else "step")
             if stopping:
+                self._read_pending_steps()
                 if on_checkpoint is not None and not save_now:
                     on_checkpoint(self, False, "interrupt")
                 return {"stopped": True, "opt_step": self.opt_step}
             if window_done:  # after any save, so checkpoint time does not count as training time
                 window = self._new_window()
+        self._read_pending_steps()
         return {"stopped": False, "opt_step": self.opt_step}
+
+    def _read_pending_steps(self) -> None:
+        """Count and report the optimizer steps skipped since the last read (one host read for all)."""
+        if not self.pending_steps:
+            return
+        taken = torch.stack([torch.as_tensor(ok) for _, ok in self.pending_steps]).tolist()
+        for (step, _), ok in zip(self.pending_steps, taken):
+            if not ok:
+                self.skipped_steps += 1
+                self.log(f"warning: non-finite loss or gradient at step {step}: step skipped, weights unchanged")
+        self.pending_steps = []
 
     def log_metrics(self, record: dict) -> None:
         """Replaced by the CLI to write metrics.jsonl and update the progress bar."""
