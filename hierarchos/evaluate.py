@@ -138,6 +138,9 @@ def resolve_device(name: str | None) -> torch.device:
     """auto (None) | cpu | cuda | cuda:N -> a torch.device this machine has."""
     if name in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "vulkan":  # torch knows a "vulkan" device type, but our Vulkan path is the quantized kernel's
+        raise HierarchosError("--device vulkan runs quantized models only (quantize --out-dir DIR, then eval "
+                              "--model-path DIR); evaluate a full-precision model on cpu or cuda")
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -146,6 +149,43 @@ def resolve_device(name: str | None) -> torch.device:
         raise HierarchosError(f"--device {name}: this torch ({torch.__version__}) sees no CUDA device; "
                               "use --device cpu or install a CUDA build of torch")
     return device
+
+
+def load_model(path: str | os.PathLike, device: str | None = None, tokenizer_path: str | None = None):
+    """(model in eval mode, tokenizer, description) for a model directory, or a quantized model directory
+    or .gguf file (`quantize`). A quantized model runs as `chat` runs it: matmuls on the C++ kernel (the
+    numpy reference when the kernel is not built) or, with device "vulkan", on the Vulkan device; its
+    tokenizer is the one embedded in the GGUF file unless `tokenizer_path` names another."""
+    from .data.tokenizers import load_tokenizer
+    from .quant.quantized_dir import is_quantized_path
+
+    if not is_quantized_path(path):
+        from .io import load_model_dir
+
+        model, _ = load_model_dir(path, device=resolve_device(device))
+        tokenizer = load_tokenizer(str(tokenizer_path or path))
+        return model.eval(), tokenizer, "full precision"
+    from .quant import kernel
+    from .quant.quantized_dir import load_quantized
+
+    if device not in (None, "", "auto", "cpu", "vulkan"):
+        raise HierarchosError(f"--device {device}: quantized models run on the CPU kernel or Vulkan; use --device "
+                              "cpu or --device vulkan, or evaluate the full-precision model directory on cuda")
+    if device == "vulkan":  # before the model loads: no device is one line, not a half-loaded model
+        from .quant.vulkan import require_vulkan
+
+        require_vulkan("--device vulkan")
+    model, _, tokenizer, content = load_quantized(path)
+    where = f"{kernel.backend_name()} kernel, {kernel.get_isa()}"
+    if device == "vulkan":
+        from .quant.model import place_on_vulkan
+        from .quant.vulkan import vk_device_name
+
+        place_on_vulkan(model)
+        where = f"matmuls on Vulkan {vk_device_name()}, the rest on the {where}"
+    if tokenizer_path:
+        tokenizer = load_tokenizer(str(tokenizer_path))
+    return model.eval(), tokenizer, f"{content.qtype} GGUF ({where})"
 
 
 def _positive(value, what: str) -> int:
@@ -174,18 +214,15 @@ class _HierarchosLMMethods:
         super().__init__()
         if unknown:
             raise HierarchosError(f"model_args {', '.join(sorted(unknown))}: not understood by the hierarchos "
-                                  "model; it takes pretrained=DIR, tokenizer, batch_size, device, chunk_size, "
-                                  "max_gen_toks")
+                                  "model; it takes pretrained=DIR (a model directory, or a quantized directory "
+                                  "or .gguf file), tokenizer, batch_size, device, chunk_size, max_gen_toks")
         from .data.tokenizers import load_tokenizer
 
         if model is None:
             if not pretrained:
                 raise HierarchosError("the hierarchos lm-eval model needs pretrained=MODEL_DIR "
-                                      "(a directory written by `hierarchos train`)")
-            from .io import load_model_dir
-
-            model, _ = load_model_dir(pretrained, device=resolve_device(device))
-            tokenizer = load_tokenizer(str(tokenizer or pretrained))
+                                      "(a directory written by `hierarchos train`, or a quantized one)")
+            model, tokenizer, _ = load_model(pretrained, device, tokenizer)
         elif tokenizer is None:
             raise HierarchosError("an in-memory hierarchos model needs its tokenizer too (tokenizer=...)")
         elif isinstance(tokenizer, str):

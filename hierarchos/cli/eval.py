@@ -1,4 +1,6 @@
 """`eval`: score a model directory on lm-eval tasks (offline local tasks or hub tasks) and/or bits per byte.
+A quantized model (its directory or the .gguf file alone) is scored as `chat` runs it: on the C++ kernel
+(the numpy reference without it) or, with --device vulkan, with its matmuls on the Vulkan device.
 
 Prints one table of metrics on stdout; `--output PATH.json` also writes them (atomically) with the
 lm-eval config of the run. Task names pass through to lm-eval; the local ones ship in
@@ -33,7 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--model-path", "--model_path", required=True, metavar="DIR",
                    help="model directory (train --out-dir, ckpt-2-inf output, or a checkpoint step-* dir "
-                        "with --tokenizer-path)")
+                        "with --tokenizer-path), or a quantized directory / .gguf file (quantize --out-dir): "
+                        "scored on the same kernel as chat")
     p.add_argument("--tokenizer-path", metavar="DIR",
                    help="tokenizer (default: the model directory's; a checkpoint's is in the run's --out-dir)")
     p.add_argument("--tasks", nargs="+", metavar="TASK", default=[],
@@ -44,7 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=_limit, default=None, metavar="N",
                    help="at most N examples per task (or a fraction below 1)")
     p.add_argument("--num-fewshot", type=int, default=None, metavar="K", help="few-shot examples (task default: 0)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--device", default="auto",
+                   help="auto | cpu | cuda | cuda:N; quantized models: auto | cpu | vulkan")
     p.add_argument("--chunk-size", type=int, default=512, metavar="T",
                    help="tokens per row fed per forward; longer inputs carry the state across pieces (default 512)")
     p.add_argument("--max-gen-toks", type=int, default=256, metavar="N",
@@ -91,20 +95,16 @@ def run(args: argparse.Namespace) -> int:
 
     if args.tasks:
         evaluate.lm_class()  # a missing lm-eval is one clear line before the model loads
-    lm_args = dict(batch_size=args.batch_size, device=args.device, chunk_size=args.chunk_size,
-                   max_gen_toks=args.max_gen_toks, tokenizer=args.tokenizer_path)
     tasks = evaluate.load_tasks(args.tasks) if args.tasks else []  # a bad task name fails before loading weights
+    # a quantized directory or .gguf file runs on the same kernel path as `chat` (or --device vulkan)
+    model, tokenizer, kind = evaluate.load_model(args.model_path, args.device, args.tokenizer_path)
     if args.tasks:
-        lm = evaluate.lm_class()(pretrained=args.model_path, **lm_args)
-        model, tokenizer = lm.model, lm.tokenizer
-    else:
-        from ..data.tokenizers import load_tokenizer
-        from ..io import load_model_dir
-
-        model, _ = load_model_dir(args.model_path, device=evaluate.resolve_device(args.device))
-        tokenizer = load_tokenizer(args.tokenizer_path or args.model_path)
+        lm = evaluate.lm_class()(model=model, tokenizer=tokenizer, batch_size=args.batch_size,
+                                 chunk_size=args.chunk_size, max_gen_toks=args.max_gen_toks)
+        lm.name = args.model_path
+    where = kind if kind != "full precision" else f"on {next(model.parameters()).device}"
     print(f"model: {args.model_path} ({model.num_parameters():,} parameters, tokenizer {tokenizer.name}) "
-          f"on {next(model.parameters()).device}", file=sys.stderr)
+          f"{where}", file=sys.stderr)
 
     metrics: dict[str, dict[str, float]] = {}
     report: dict = {"model_path": args.model_path, "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
