@@ -332,8 +332,10 @@ def test_model_causality(switch):
 @pytest.mark.parametrize("pos_encodings", ["rope", "learned", "sinusoidal"])
 def test_every_parameter_gets_a_gradient(pos_encodings):
     seed = fresh_seed()
+    # every pondering pass runs: with early exit, a batch whose plan points all halt before the one
+    # gradient-carrying last pass gives the manager no gradient at all (HRM's one-step rule, any block)
     model = build(seed, h_block="attention", l_block="attention", pos_encodings=pos_encodings, window_size=4,
-                  h_halt_thresh=0.9).train()
+                  h_halt_thresh=1.0).train()
     tokens = model_tokens(seed, 2, 25)
     out = model(tokens[:, :-1])
     loss, _ = lm_loss(out, tokens[:, 1:], model.cfg.z_loss_weight, LossWeights())
@@ -386,6 +388,20 @@ def test_float32_parity():
             state, steps = out.state, steps + [out.logits]
     rel = (torch.stack(steps, 1) - par).norm() / par.norm()
     assert rel < 1e-4, f"seed={seed} relative error {rel}"
+
+
+def test_bf16_autocast_trains_and_keeps_the_cache_float32():
+    seed = fresh_seed()
+    torch.manual_seed(seed)
+    model = HierarchosLM(tiny_config(h_block="attention", l_block="attention", window_size=4)).train()
+    tokens = model_tokens(seed, 2, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(tokens[:, :-1])
+        loss, _ = lm_loss(out, tokens[:, 1:], model.cfg.z_loss_weight, LossWeights())
+    loss.backward()
+    assert torch.isfinite(loss), f"seed={seed}"
+    cache = out.state.rounds[0]["commit"]
+    assert (cache["key"].dtype, cache["value"].dtype, cache["pos"].dtype) == (torch.float32, torch.float32, torch.long)
 
 
 @pytest.mark.parametrize("field,value", [("h_block", "transformer"), ("l_block", ""), ("pos_encodings", "alibi"),

@@ -97,17 +97,25 @@ class FeedForward(nn.Module):
         return self.down(hidden)
 
 
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm whose weight follows the input's dtype (bf16 activations under autocast use the
+    fused kernel instead of warning about mixed dtypes)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
+
+
 class AttentionBlock(nn.Module):
     def __init__(self, dim: int, head_size: int, ffn_dim: int, n_layers: int):
         super().__init__()
-        self.norm_attention = nn.RMSNorm(dim, eps=1e-6)
-        self.norm_ffn = nn.RMSNorm(dim, eps=1e-6)
+        self.norm_attention = RMSNorm(dim, eps=1e-6)
+        self.norm_ffn = RMSNorm(dim, eps=1e-6)
         self.attention = SelfAttention(dim, head_size, n_layers)
         # named as RWKV's channel mix so LoRA's `channel_mix` group and the quantizer find it alike
         self.channel_mix = FeedForward(dim, ffn_dim)
 
     def forward(self, x, rope, cache_key, cache_value, mask, deep_gate=None):
-        x = to_autocast_dtype(x)
+        # the residual stream keeps its dtype; under autocast the projections and SDPA run in bf16
         att, key, value = self.attention(self.norm_attention(x), rope, cache_key, cache_value, mask)
         x = x + att
         return x + self.channel_mix(self.norm_ffn(x), deep_gate), key, value
