@@ -228,8 +228,14 @@ def main() -> None:
     opts = parser.parse_args()
     work = Path(opts.work)
     work.mkdir(parents=True, exist_ok=True)
-    if opts.only_long_line:
-        long_line(work, opts)
+    if opts.only_long_line:  # rerun that case alone, into the --out JSON of an earlier full run
+        result = long_line(work, opts)
+        if opts.out and Path(opts.out).exists():
+            results = json.loads(Path(opts.out).read_text())
+            results["long_line"] = result
+            tmp = Path(opts.out).with_name(Path(opts.out).name + ".tmp")
+            tmp.write_text(json.dumps(results, indent=1) + "\n")
+            os.replace(tmp, opts.out)
         return
     corpus = work / f"corpus_{int(opts.mb)}mb.jsonl"
     t0 = time.perf_counter()

@@ -193,6 +193,9 @@ def _batches(source: StreamSource, out: queue.Queue, stop: threading.Event) -> N
                 return
             consumed += nbytes
             for i, piece in enumerate(doc_pieces):
+                if chars >= BATCH_CHARS:  # also inside a long document: a batch stays ~BATCH_CHARS
+                    out.put((group, ends, chars, 0, doc_bytes))
+                    group, ends, chars, doc_bytes = [], [], 0, array("q")
                 group.append(piece)
                 ends.append(ends_doc and i == len(doc_pieces) - 1)
                 chars += len(piece)
