@@ -185,3 +185,31 @@ def test_damaged_gguf_and_bad_device_are_one_line_errors(dirs, tmp_path, capsys)
                              "--device", "vulkan"], "--device vulkan runs quantized models only")
     with pytest.raises(HierarchosError, match="cut.gguf"):
         evaluate.lm_class()(pretrained=str(tmp_path / "cut.gguf"))
+
+
+def test_eval_device_vulkan_scores_as_the_shader_computes(dirs, tmp_path, capsys, monkeypatch):
+    """--device vulkan: the matmuls on the Vulkan device (float activations times the dequantized blocks).
+    The same eval on the CPU with the kernel's matmul replaced by exactly that function scores the same
+    to float32 summation order."""
+    import numpy as np
+
+    from hierarchos.quant import kernel
+    from hierarchos.quant import model as qmodel
+    from hierarchos.quant import vulkan
+
+    status = vulkan.vulkan_status()
+    if status:
+        if os.environ.get("HIERARCHOS_REQUIRE_VULKAN") == "1":
+            pytest.fail(f"HIERARCHOS_REQUIRE_VULKAN=1 but the Vulkan backend is not usable: {status}")
+        pytest.skip(status)
+    code = main(["eval", "--model-path", str(dirs / "Q4_0"), "--bpb-file", str(dirs / "text.txt"),
+                 "--device", "vulkan", "--output", str(tmp_path / "vk.json")])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert f"matmuls on Vulkan {vulkan.vk_device_name()}" in captured.err
+    on_vulkan = json.loads((tmp_path / "vk.json").read_text())["bpb_file"]["bits_per_byte"]
+    monkeypatch.setattr(qmodel.kernel, "matmul", lambda data, qtype, cols, x:
+                        (x @ kernel.dequantize(data, qtype, cols).T).astype(np.float32))
+    monkeypatch.setattr(qmodel, "activations_as_used", lambda x, qtype: x)
+    as_shader = _run_eval(capsys, dirs / "Q4_0", dirs / "text.txt", tmp_path / "cpu.json")["bpb_file"]["bits_per_byte"]
+    assert on_vulkan == pytest.approx(as_shader, rel=1e-5)
