@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -178,3 +179,75 @@ def test_one_write_in_closed_form():
     momentum2 = 0.9 * momentum - 0.25 * g2
     assert state2["momentum"].item() == pytest.approx(momentum2, abs=1e-12)
     assert (state2["delta"] + mem.values).item() == pytest.approx(0.9 * value + momentum2, abs=1e-12)
+
+
+def test_a_ragged_tail_reads_like_the_whole_sequence():
+    """A call whose length is not a multiple of the chunk (the tail is an open chunk) reads exactly
+    what the same tokens read inside a longer call, and its open-chunk surprise is carried."""
+    seed = fresh_seed()
+    mem = make(seed, chunk=4)
+    e = torch.randn(2, 16, 6, dtype=torch.float64)
+    reads, _, _, _ = oracle(mem, e, mem.write_threshold)
+    with torch.no_grad():
+        got, state = mem(e[:, :14], mem.init_state(2, 6, dtype=torch.float64), pos0=0)
+        rest, _ = mem(e[:, 14:], state, pos0=14)
+    torch.testing.assert_close(got, reads[:, :14], rtol=1e-10, atol=1e-12, msg=lambda m: f"seed={seed}: {m}")
+    torch.testing.assert_close(rest, reads[:, 14:], rtol=1e-10, atol=1e-12, msg=lambda m: f"seed={seed}: {m}")
+    assert state["surprise"].abs().sum() > 0 and state["input_sum"].abs().sum() > 0
+
+
+def test_initial_state_and_metadata_shapes_and_types():
+    mem = make(0)
+    state = mem.init_state(3, 6, dtype=torch.float64)
+    assert {k: tuple(v.shape) for k, v in state.items()} == {
+        "delta": (3, 10, 3), "momentum": (3, 10, 3), "surprise": (3, 10, 3), "input_sum": (3, 6), "writes": (3, 10)}
+    assert all(v.dtype == torch.float64 and not v.any() for v in state.values())
+    assert mem.slot_count.dtype == torch.int64 and mem.slot_source.dtype == torch.int64
+    assert mem.slot_time.dtype == torch.float64
+    assert (mem.slot_source == -1).all() and not mem.slot_count.any() and not mem.slot_time.any()
+
+
+def test_initialisation_scales_and_gate_biases():
+    """Keys ~ N(0, 1/key_dim) (unit-scale scores), values ~ N(0, 0.02^2); the write gates start at
+    momentum 0.88, step 0.12, forgetting 0.018 (sigmoid of 2, -2, -4): slow to forget at init."""
+    torch.manual_seed(0)
+    mem = LongTermMemory(dim=8, slots=4096, key_dim=16, val_dim=16, topk=2, chunk=4, write_threshold=0.0)
+    assert float(mem.keys.detach().std()) == pytest.approx(16 ** -0.5, rel=0.03)
+    assert float(mem.values.detach().std()) == pytest.approx(0.02, rel=0.03)
+    assert torch.sigmoid(mem.write_gates.bias.detach()).tolist() == pytest.approx(
+        [1 / (1 + math.exp(-2)), 1 / (1 + math.exp(2)), 1 / (1 + math.exp(4))], rel=1e-6)
+
+
+def test_filtered_reads_use_exactly_the_allowed_slots():
+    """slot_mask(sources, since) by hand: a slot is allowed when its source is one of `sources` AND it was
+    written at or after `since`; a filtered read is the top-k among allowed slots only (fewer allowed
+    slots than k: the rest weigh nothing, nothing is NaN)."""
+    mem = make(fresh_seed())
+    mem.source_names[:] = ["a", "b", "c"]
+    with torch.no_grad():
+        mem.slot_source.copy_(torch.tensor([0, 1, 2, 0, 1, 2, 0, -1, 1, 0]))
+        mem.slot_time.copy_(torch.tensor([5.0, 10, 10, 20, 30, 1, 10, 50, 9, 11], dtype=torch.float64))
+    src, t = mem.slot_source.tolist(), mem.slot_time.tolist()
+    for sources, since in ((["a"], None), (["a", "b"], None), (None, 10.0), (["a"], 10.0), (["b", "x"], 10.0),
+                           (["x"], None)):
+        expected = [(sources is None or (s >= 0 and mem.source_names[s] in sources)) and
+                    (since is None or tt >= since) for s, tt in zip(src, t)]
+        mask = mem.slot_mask(sources, since)
+        assert mask.tolist() == expected, (sources, since)
+        e = torch.randn(2, 3, 6, dtype=torch.float64)
+        attn, idx = mem.query_slots(e, sources=sources, since=since)
+        assert attn.shape == idx.shape == (2, 3, mem.topk)
+        assert torch.isfinite(attn).all()
+        allowed = [i for i, ok in enumerate(expected) if ok]
+        q = mem.query(e)
+        for b in range(2):
+            for tok in range(3):
+                scores = mem.keys @ q[b, tok]
+                best = sorted(allowed, key=lambda i: -float(scores[i]))[:mem.topk]
+                used = [int(i) for i, w in zip(idx[b, tok], attn[b, tok]) if w > 0]
+                assert sorted(used) == sorted(best), (sources, since)
+                if best:
+                    weights = torch.softmax(scores[best], 0)
+                    got = {int(i): float(w) for i, w in zip(idx[b, tok], attn[b, tok]) if w > 0}
+                    assert [got[i] for i in best] == pytest.approx(weights.tolist(), abs=1e-12)
+    assert mem.slot_mask() is None
