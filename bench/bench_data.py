@@ -114,6 +114,7 @@ def library_encode(corpus: Path, batch_chars: int = 4 << 20) -> dict:
     backend = load_tokenizer(bundled_tokenizer_path()).backend
     encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
     seconds, n_bytes, n_tokens, batch, chars = 0.0, 0, 0, [], 0
+    started = time.perf_counter()
 
     def flush():
         nonlocal seconds, n_tokens, batch, chars
@@ -133,7 +134,9 @@ def library_encode(corpus: Path, batch_chars: int = 4 << 20) -> dict:
                 flush()
     if batch:
         flush()
-    return {"seconds": seconds, "text_bytes": n_bytes, "tokens": n_tokens, "mb_s": n_bytes / 1e6 / seconds}
+    total = time.perf_counter() - started  # with reading and parsing the JSONL, one thread beside the encoder
+    return {"seconds": seconds, "text_bytes": n_bytes, "tokens": n_tokens, "mb_s": n_bytes / 1e6 / seconds,
+            "seconds_with_parsing": total, "mb_s_with_parsing": n_bytes / 1e6 / total}
 
 
 def run_train(args: list[str], out_dir: Path, env: dict, window_tokens: int) -> dict:
@@ -213,6 +216,23 @@ def long_line(work: Path, opts) -> dict:
     return result
 
 
+def compare(work: Path, corpus: Path, opts) -> dict:
+    """hierarchos' cache build and the library's batch encode on the same sample, alternated, best of two
+    each (the machine is shared: its load varies)."""
+    sample = work / f"sample_{int(opts.compare_mb)}mb.jsonl"
+    sample_corpus(corpus, sample, int(opts.compare_mb * 1e6))
+    runs, results = {"library": [], "hierarchos_build": []}, {}
+    for _ in range(2):
+        runs["library"].append(library_encode(sample))
+        runs["hierarchos_build"].append(cache_encode(sample, work / "token_cache_sample"))
+    for name, tries in runs.items():
+        results[name] = {**max(tries, key=lambda r: r["mb_s"]), "tries_mb_s": [r["mb_s"] for r in tries]}
+    print(f"on {results['library']['text_bytes'] / 1e6:.0f} MB: tokenizers encode_batch_fast "
+          f"{results['library']['mb_s']:.2f} MB/s ({results['library']['mb_s_with_parsing']:.2f} with reading the "
+          f"JSONL), hierarchos cache build {results['hierarchos_build']['mb_s']:.2f} MB/s", flush=True)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mb", type=float, default=500, help="corpus size in MB of text (default 500)")
@@ -225,6 +245,8 @@ def main() -> None:
     parser.add_argument("--long-line-mb", type=float, default=50,
                         help="also train on one JSONL record of this many MB (0: skip)")
     parser.add_argument("--only-long-line", action="store_true", help="run only the one-long-line case")
+    parser.add_argument("--only-compare", action="store_true",
+                        help="run only the tokenization comparison (on --compare-mb of the corpus)")
     opts = parser.parse_args()
     work = Path(opts.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -258,18 +280,13 @@ def main() -> None:
     results = {"corpus": {**meta, "path": str(corpus), "built_from": "the .py/.md/.rst/.txt files of this "
                           "Python installation (stdlib + site-packages), repeated"},
                "cpu_count": os.cpu_count(), "command": ["hierarchos", "train", *train_args]}
+    if opts.only_compare:
+        results = {"corpus": str(corpus), **compare(work, corpus, opts)}
+        if opts.out:
+            Path(opts.out).write_text(json.dumps(results, indent=1) + "\n")
+        return
     if not opts.skip_library:
-        sample = work / f"sample_{int(opts.compare_mb)}mb.jsonl"
-        sample_corpus(corpus, sample, int(opts.compare_mb * 1e6))
-        runs = {"library": [], "hierarchos_build": []}
-        for _ in range(2):  # alternated, best of two each: the machine is shared, its load varies
-            runs["library"].append(library_encode(sample))
-            runs["hierarchos_build"].append(cache_encode(sample, work / "token_cache_sample"))
-        for name, tries in runs.items():
-            results[name] = {**max(tries, key=lambda r: r["mb_s"]), "tries_mb_s": [r["mb_s"] for r in tries]}
-        print(f"on {results['library']['text_bytes'] / 1e6:.0f} MB: tokenizers encode_batch_fast "
-              f"{results['library']['mb_s']:.2f} MB/s, hierarchos cache build {results['hierarchos_build']['mb_s']:.2f} "
-              "MB/s", flush=True)
+        results.update(compare(work, corpus, opts))
     for name in ("first_run", "second_run"):
         out_dir = work / name
         shutil.rmtree(out_dir, ignore_errors=True)
