@@ -118,7 +118,7 @@ def oracle(mem, e, threshold):
     return torch.cat(reads, 1), V, M, written
 
 
-@pytest.mark.parametrize("threshold", ["zero", "median"])
+@pytest.mark.parametrize("threshold", ["zero", "quartile"])
 def test_write_rule_over_three_chunks_equals_the_spec_slot_by_slot(threshold):
     """Three chunks, so that the momentum of one write enters the next (a flipped momentum sign or a
     dropped forgetting gate changes the values of chunks 2 and 3 and the final state)."""
@@ -127,15 +127,17 @@ def test_write_rule_over_three_chunks_equals_the_spec_slot_by_slot(threshold):
     with torch.no_grad():
         mem.write_gates.weight.normal_(0, 0.5)  # gates that differ per chunk and per row
     e = torch.randn(2, 12, 6, dtype=torch.float64)
-    if threshold == "median":  # a threshold that writes some read slots and not others
+    if threshold == "quartile":  # a threshold that writes some read slots and not others
         _, _, _, _ = oracle(mem, e, 0.0)
         leaf = mem.values.detach().unsqueeze(0).repeat(2, 1, 1).requires_grad_(True)
         read, _, _ = mem.read(mem.query(e[:, :4]), leaf)
         (g,) = torch.autograd.grad((read - mem.target(e[:, :4])).pow(2).sum(), leaf)
         norms = g.norm(dim=-1)
-        mem.write_threshold = float(norms[norms > 0].median())
+        mem.write_threshold = float(norms[norms > 0].quantile(0.75))
     reads, V, M, written = oracle(mem, e, mem.write_threshold)
-    assert written.any() and not written.all(), f"seed={seed}: the gating is not exercised"
+    assert written.any(), f"seed={seed}: nothing written"
+    if threshold == "quartile":
+        assert not written.all(), f"seed={seed}: the gating is not exercised"
     with torch.no_grad():
         got, state = mem(e, mem.init_state(2, 6, dtype=torch.float64), pos0=0)
     msg = lambda m: f"seed={seed}: {m}"  # noqa: E731
