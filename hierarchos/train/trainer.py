@@ -196,6 +196,8 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
                                               self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf"))
+        if hasattr(norm, "full_tensor"):  # FSDP: the norm is a DTensor; the mask must be a plain tensor
+            norm = norm.full_tensor()
         if self.device_skip:  # the skip as a mask: nothing is written when ok is false
             ok = torch.isfinite(norm) & finite
             for opt in self.optimizer.optimizers:
