@@ -22,8 +22,9 @@ from hierarchos.model import HierarchosLM
 from hierarchos.model.attention import AttentionStack
 from hierarchos.model.losses import LossWeights, lm_loss
 
+from early_exit import EARLY_EXIT, calibrated, model_tokens
+
 SWITCHES = [(pe, window) for pe in ("rope", "sinusoidal", "learned", "none") for window in (0, 3)]
-EARLY_EXIT = dict(h_halt_thresh=0.45, l_conv_atol=0.06, max_h_steps=3)
 
 
 def fresh_seed() -> int:
@@ -215,6 +216,7 @@ def test_window_bounds_the_cache_and_what_a_query_sees(window):
 # ---- through the whole model ------------------------------------------------------------------------
 
 MODEL_SWITCHES = {
+    "rwkv7_both": dict(),  # the RWKV-7 stacks under the same calibrated early exit
     "both_rope_window": dict(h_block="attention", l_block="attention", window_size=3),
     "both_rope_full": dict(h_block="attention", l_block="attention"),
     "manager_sinusoidal": dict(h_block="attention", pos_encodings="sinusoidal", window_size=2),
@@ -224,47 +226,8 @@ MODEL_SWITCHES = {
 }
 
 
-def model_tokens(seed, batch, length):
-    return torch.randint(0, 7, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
 def build(seed, dtype=torch.float64, **overrides):
-    """A tiny model whose halting and freezing split the plan points and tokens roughly in half.
-
-    At init the manager's outputs at plan points share one large component, so every plan point
-    halts at the same step, and the drift head's bias keeps every token moving. One calibration
-    pass fixes that: the halting head looks along the plan points' first principal direction,
-    centred on their mean, and the drift head is centred with l_conv_atol at the 60th percentile of its steps."""
-    torch.manual_seed(seed)
-    model = HierarchosLM(tiny_config(**{**EARLY_EXIT, **overrides})).to(dtype).eval()
-    seen = {}
-    hooks = [getattr(model.reasoner, name).register_forward_hook(
-        lambda mod, args, out, name=name: seen.setdefault(name, []).append(args[0].detach().flatten(0, -2)))
-        for name in ("h_halt_proj", "l_drift_proj")]
-    with torch.no_grad():
-        model(model_tokens(seed + 1, 2, 16))
-        for hook in hooks:
-            hook.remove()
-        for name in seen:
-            seen[name] = torch.cat(seen[name])
-        plan = seen["h_halt_proj"]
-        centred = plan - plan.mean(0)
-        direction = torch.linalg.svd(centred, full_matrices=False).Vh[0]
-        spread = (centred @ direction).std().clamp(min=1e-6)
-        model.reasoner.h_halt_proj.weight.copy_(2.0 * direction / spread)
-        model.reasoner.h_halt_proj.bias.copy_(-(2.0 * direction / spread) @ plan.mean(0))
-        worker = seen["l_drift_proj"]
-        drift = model.reasoner.l_drift_proj
-        drift.weight.normal_(0, 0.3)
-        drift.bias.copy_(-drift.weight @ worker.mean(0))
-        step = torch.tanh(drift(worker)).abs().amax(-1)
-    return _with_atol(model, float(step.quantile(0.6)))
-
-
-def _with_atol(model, atol):
-    model.cfg = model.cfg.replace(l_conv_atol=atol)
-    model.reasoner.cfg = model.cfg
-    return model
+    return calibrated(seed, dtype, **overrides)
 
 
 @pytest.mark.parametrize("switch", sorted(MODEL_SWITCHES))

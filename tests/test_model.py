@@ -14,6 +14,8 @@ from hierarchos.config import tiny_config
 from hierarchos.model import HierarchosLM
 from hierarchos.model.losses import LossWeights, lm_loss
 
+from early_exit import calibrated
+
 # Feature switches: every one appears on and off across these configs.
 FEATURES = {
     "all_on": {},
@@ -92,16 +94,21 @@ def test_parallel_equals_step_float64(feature):
 
 
 def test_early_exit_and_memory_writes_really_happen():
-    """The parity tests above are only meaningful if halting, freezing and writes occur."""
-    seed = fresh_seed()
-    model = build(seed=seed)
-    cfg = model.cfg
-    tokens = random_tokens(cfg, 2, 24, seed)
-    with torch.no_grad():
-        out = model(tokens)
-    aux = out.aux
-    assert 1.0 <= float(aux["manager_steps"]) < cfg.max_h_steps, f"seed={seed} no plan point halted early: {aux}"
-    assert float(aux["worker_steps"]) < cfg.max_l_steps * cfg.h_cycles, f"seed={seed} no worker token froze: {aux}"
+    """The parity tests with early exit are only meaningful if halting, freezing and writes occur: at
+    init every plan point halts at the same pass and no token freezes, so tests/early_exit.py calibrates
+    the halting and drift heads; here the calibrated model must halt some plan points before others,
+    freeze some tokens before others, and write memory (mean steps strictly between 1 and the cap)."""
+    first_seed = fresh_seed()
+    for seed in range(first_seed, first_seed + 5):  # calibration splits both ~95% of the time
+        model = calibrated(seed)
+        cfg = model.cfg
+        with torch.no_grad():
+            out = model(random_tokens(cfg, 2, 24, seed))
+        aux = {name: float(value) for name, value in out.aux.items()}
+        if 1.0 < aux["manager_steps"] < cfg.max_h_steps and 1.0 < aux["worker_steps"] < cfg.max_l_steps:
+            break
+    else:
+        raise AssertionError(f"seeds {first_seed}..{seed}: halting or freezing did not split: {aux}")
     assert float(out.state.memory["writes"].sum()) > 0, f"seed={seed} no memory write"
 
 
