@@ -42,7 +42,7 @@ def _stack(cfg: ModelConfig, block: str, dim: int, n_layers: int) -> nn.Module:
     if block == "attention":
         return AttentionStack(dim, n_layers, **common, pos_encodings=cfg.pos_encodings,
                               window_size=cfg.window_size, max_positions=cfg.max_length)
-    return RWKVStack(dim, n_layers, **common, wkv_chunk=cfg.wkv_chunk_size)
+    return RWKVStack(dim, n_layers, **common, wkv_chunk=cfg.wkv_chunk_size, time_mix=cfg.time_mix)
 
 
 class HierarchicalReasoner(nn.Module):

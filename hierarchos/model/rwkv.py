@@ -198,8 +198,10 @@ class RWKVStack(nn.Module):
     """
 
     def __init__(self, dim: int, n_layers: int, head_size: int, ffn_mult: int, vocab_size: int,
-                 use_deepembed: bool, per_block_deepembed: bool, wkv_chunk: int):
+                 use_deepembed: bool, per_block_deepembed: bool, wkv_chunk: int, time_mix: str = "rwkv7"):
         super().__init__()
+        if time_mix != "rwkv7":
+            raise ValueError(f"RWKVStack: unknown time_mix {time_mix!r}")
         self.dim, self.n_layers, self.head_size = dim, n_layers, head_size
         ffn_dim = ffn_mult * dim
         self.blocks = nn.ModuleList(
