@@ -484,3 +484,81 @@ def test_one_step_gradient_gives_earlier_passes_no_gradient():
     # its gradient exists in both, but differs once round 1 carries gradients
     assert one_step.abs().sum() > 0
     assert not torch.allclose(one_step, full)
+
+
+@pytest.mark.parametrize("h_block,l_block", [("rwkv7", "rwkv7"), ("attention", "rwkv7"), ("rwkv7", "attention"),
+                                             ("attention", "attention")])
+@pytest.mark.parametrize("deepembed,per_block", [(True, False), (True, True), (False, False)])
+def test_each_stack_is_built_as_its_config_says(h_block, l_block, deepembed, per_block):
+    from hierarchos.model.attention import AttentionStack
+    from hierarchos.model.rwkv import RWKVStack
+
+    cfg = dict(h_block=h_block, l_block=l_block, h_hidden=32, l_hidden=16, h_layers=2, l_layers=1,
+               use_deepembed=deepembed, deepembed_per_block=per_block, pos_encodings="learned", window_size=5,
+               max_length=48)
+    model = reasoner(**cfg)
+    for stack, block, dim, layers in ((model.manager, h_block, 32, 2), (model.worker, l_block, 16, 1)):
+        assert isinstance(stack, AttentionStack if block == "attention" else RWKVStack)
+        assert (stack.dim, stack.n_layers, len(stack.blocks)) == (dim, layers, layers)
+        assert stack.head_size == model.cfg.head_size
+        if deepembed:
+            assert stack.deepembed is not None and len(stack.deepembed) == (layers if per_block else 1)
+            assert stack.deepembed[0].weight.shape == (model.cfg.vocab_size, model.cfg.ffn_mult * dim)
+        else:
+            assert stack.deepembed is None
+        if block == "attention":
+            assert (stack.pos_encodings, stack.window_size) == ("learned", 5)
+            assert stack.position_table.weight.shape == (48, dim)
+
+
+def test_initial_scales_of_the_reasoner_heads():
+    """Feedback and drift start at a tenth of nn.Linear's default scale (|w| <= 0.1 / sqrt(fan_in)), the
+    feedback has no bias, and the halting head starts at sigmoid(-1): ACT ponders at init."""
+    torch.manual_seed(0)
+    model = HierarchicalReasoner(tiny_config(context_dim=64, h_hidden=64, l_hidden=64, head_size=16))
+    for proj, fan_in in ((model.l_feedback_proj, 64), (model.l_drift_proj, 64)):
+        bound = 0.1 / fan_in ** 0.5
+        assert float(proj.weight.detach().abs().max()) <= bound
+        assert float(proj.weight.detach().abs().max()) > 0.8 * bound  # uniform over +-bound
+    assert model.l_feedback_proj.bias is None
+    assert model.h_halt_proj.bias.detach().tolist() == [-1.0]
+
+
+def test_halt_threshold_passed_to_forward_replaces_the_config():
+    model = reasoner(max_h_steps=3, h_halt_thresh=1.0, h_stride=1, max_l_steps=0, h_cycles=1)
+    u = torch.randn(1, 4, 16, dtype=torch.float64)
+    steps = {}
+    for thresh in (None, 1e-9):
+        with torch.no_grad():
+            _, _, totals = model(u, torch.zeros(1, 4, dtype=torch.long), model.init_state(1), 0,
+                                 h_halt_thresh=thresh)
+        steps[thresh] = float(totals["manager_steps"][0]) / totals["manager_steps"][1]
+    assert steps == {None: 3.0, 1e-9: 1.0}
+
+
+def test_a_certain_halt_still_runs_every_pass_when_the_threshold_is_one():
+    """h_halt_thresh = 1.0 runs every pass even when a pass is certain to halt (p = 1 exactly): the
+    weight goes to that pass, but no point stops early."""
+    model = reasoner(max_h_steps=3)
+    model.manager = PassStub(onehot_per_pass(16))
+    model.h_halt_proj = HaltStub([[1.0], [0.5], [0.5]])
+    model.h_to_context = nn.Identity()
+    totals = {}
+    mix, _ = model._ponder(torch.zeros(1, 1, 16, dtype=torch.float64), torch.zeros(1, 1, dtype=torch.long),
+                           model.init_state(1)[0]["ponder"], 3, 1.0, False, totals)
+    assert mix[0, 0, :3].tolist() == [1.0, 0.0, 0.0]
+    assert float(totals["manager_steps"][0]) == 3.0 and len(model.manager.calls) == 3
+
+
+def test_a_token_frozen_after_the_first_pass_runs_no_other_exploratory_pass():
+    model, _, _, _ = _round_with_stubs(1, 4, 0, [], max_l_steps=4, atol=0.01,
+                                       worker_out=lambda p, x: torch.full_like(x, 0.001 if p < 4 else 0.0))
+    assert len(model.worker.calls) == 1 + 1  # pass 0, then the commit pass
+
+
+def test_the_carried_last_output_keeps_its_dtype_under_autocast():
+    model = HierarchicalReasoner(tiny_config())
+    rounds = model.init_state(1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, new, _ = model(torch.randn(1, 3, 16), torch.zeros(1, 3, dtype=torch.long), rounds, 0)
+    assert all(r["last_out"].dtype == torch.float32 for r in new)
