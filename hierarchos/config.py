@@ -18,6 +18,7 @@ from .errors import HierarchosError
 CONFIG_VERSION = 1
 BLOCK_TYPES = ("rwkv7", "attention")
 POS_ENCODINGS = ("rope", "sinusoidal", "learned", "none")  # of attention blocks
+HALTING_RULES = ("act", "q")  # Graves ACT (DESIGN 3.4) or seed 003's Q-learning head
 
 # Names the original projects (seed 000/002, AI-OS) use for the same fields.
 FIELD_ALIASES = {
@@ -68,6 +69,11 @@ class ModelConfig:
     l_conv_atol: float = 1e-4
     h_stride: int = 4
     h_halt_thresh: float = 0.9
+    # pondering's halting rule: "act" (Graves, h_halt_thresh) or "q" (seed 003: halt when the Q head's
+    # halt logit beats its continue logit; in training a plan point gets, with probability
+    # q_explore_prob, a random minimum of 2..max_h_steps passes)
+    halting: str = "act"
+    q_explore_prob: float = 0.1
     grad_steps: int = 1
     commitment_threshold: float = 0.05
     # input features
@@ -127,6 +133,11 @@ class ModelConfig:
         thresh = self.h_halt_thresh
         if not isinstance(thresh, (int, float)) or isinstance(thresh, bool) or not (0.0 < thresh <= 1.0):
             bad("h_halt_thresh", "must be in (0, 1]; 1.0 runs every pondering step")
+        if self.halting not in HALTING_RULES:
+            bad("halting", f"must be one of {', '.join(HALTING_RULES)}")
+        prob = self.q_explore_prob
+        if not isinstance(prob, (int, float)) or isinstance(prob, bool) or not (0.0 <= prob <= 1.0):
+            bad("q_explore_prob", "must be in [0, 1]")
         for name in ("use_deepembed", "deepembed_per_block", "use_rosa"):
             if not isinstance(getattr(self, name), bool):
                 bad(name, "must be true or false")

@@ -16,7 +16,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ..config import BLOCK_TYPES, FIELD_ALIASES, POS_ENCODINGS, ModelConfig
+from ..config import BLOCK_TYPES, FIELD_ALIASES, HALTING_RULES, POS_ENCODINGS, ModelConfig
 from ..errors import HierarchosError
 from .resume import given_flags, run_args, track_given
 
@@ -25,14 +25,18 @@ HELP = "train a model (from scratch or from --model-path weights) on local or Hu
 ARCH_FLAGS = ("context_dim", "persistent_dim", "ltm_slots", "ltm_key_dim", "ltm_val_dim", "ltm_topk",
               "h_hidden", "l_hidden", "h_layers", "l_layers", "h_cycles", "max_h_steps", "max_l_steps",
               "l_conv_atol", "h_stride", "h_halt_thresh", "grad_steps", "head_size", "ffn_mult", "vocab_size",
-              "h_block", "l_block", "pos_encodings", "window_size")
+              "h_block", "l_block", "pos_encodings", "window_size", "halting", "q_explore_prob")
 # the block-type flags (seed 000/003's Transformer stacks); the other flags are numbers
-ARCH_CHOICES = {"h_block": BLOCK_TYPES, "l_block": BLOCK_TYPES, "pos_encodings": POS_ENCODINGS}
+ARCH_CHOICES = {"h_block": BLOCK_TYPES, "l_block": BLOCK_TYPES, "pos_encodings": POS_ENCODINGS,
+                "halting": HALTING_RULES}
 ARCH_HELP = {"h_block": "manager stack blocks: rwkv7 (default) or attention (RMSNorm, SDPA, SwiGLU)",
              "l_block": "worker stack blocks: rwkv7 (default) or attention",
              "pos_encodings": "positions of attention blocks: rope (default), sinusoidal, learned, none",
              "window_size": "sliding attention window in tokens (0, the default: full causal attention, whose "
-                            "KV cache grows with the context)"}
+                            "KV cache grows with the context)",
+             "halting": "pondering's halting rule: act (Graves, default) or q (seed 003's Q-learning head)",
+             "q_explore_prob": "--halting q: probability that a plan point gets a random minimum of passes "
+                               "in training (default 0.1)"}
 
 
 def _spellings(name: str) -> list[str]:
@@ -86,7 +90,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             model.add_argument(*_spellings(name), dest=name, choices=ARCH_CHOICES[name], default=None,
                                help=ARCH_HELP[name])
             continue
-        kind = float if name in ("l_conv_atol", "h_halt_thresh") else int
+        kind = float if name in ("l_conv_atol", "h_halt_thresh", "q_explore_prob") else int
         model.add_argument(*_spellings(name), dest=name, type=kind, default=None, help=ARCH_HELP.get(name))
     # seed 000's trainer (AI-OS `hrm-hf train-actv1`) names for the same choices
     model.add_argument("--hidden-size", "--hidden_size", dest="hidden_size", type=int, default=None,
@@ -106,6 +110,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     opt.add_argument("--weight-decay", type=float, default=0.01)
     opt.add_argument("--ponder-loss-weight", type=float, default=0.01)
     opt.add_argument("--commitment-loss-weight", type=float, default=0.5)
+    opt.add_argument("--q-loss-weight", type=float, default=0.5, help="--halting q: weight of the Q head's loss")
     opt.add_argument("--commitment-threshold", type=float, default=None)
     opt.add_argument("--encourage-thinking", action="store_true")
     opt.add_argument("--adaptive-ponder", action="store_true")
@@ -183,6 +188,7 @@ FLAG_RULES = {
     "val_fraction": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
     "ponder_loss_weight": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
     "commitment_loss_weight": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    "q_loss_weight": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
     "commitment_threshold": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
     "ponder_target_scale": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
     "reset_halt_bias": (lambda v: math.isfinite(v), "a finite number"),
@@ -410,6 +416,8 @@ def run(args: argparse.Namespace, lora=None) -> int:
         model = HierarchosLM(cfg)
     if args.grow_every_chars and "attention" in (model.cfg.h_block, model.cfg.l_block):
         raise HierarchosError("--grow-every-chars grows RWKV stacks only; drop it for attention blocks")
+    if args.grow_every_chars and model.cfg.halting == "q":
+        raise HierarchosError("--grow-every-chars grows ACT models only; drop it for --halting q")
     from ..train.continual import grow_for_data
 
     n_chars = data.n_chars
@@ -452,7 +460,7 @@ def run(args: argparse.Namespace, lora=None) -> int:
                        loss=LossWeights(ponder=args.ponder_loss_weight, commitment=args.commitment_loss_weight,
                                         encourage_thinking=args.encourage_thinking,
                                         adaptive_ponder=args.adaptive_ponder,
-                                        ponder_target_scale=args.ponder_target_scale))
+                                        ponder_target_scale=args.ponder_target_scale, q=args.q_loss_weight))
     if args.cuda_graphs and args.detach_every_n_steps and args.detach_every_n_steps < chunk:
         raise HierarchosError("--cuda-graphs captures whole windows; drop --detach-every-n-steps "
                               f"({args.detach_every_n_steps} < --max_length {chunk})")
@@ -494,7 +502,10 @@ def run(args: argparse.Namespace, lora=None) -> int:
 
     if args.reset_halt_bias is not None:
         with torch.no_grad():
-            model.reasoner.h_halt_proj.bias.fill_(args.reset_halt_bias)
+            if model.cfg.halting == "q":  # the halt logit's bias (the continue logit's is left alone)
+                model.reasoner.h_q_head.bias[0].fill_(args.reset_halt_bias)
+            else:
+                model.reasoner.h_halt_proj.bias.fill_(args.reset_halt_bias)
         print(f"reset the manager's halting bias to {args.reset_halt_bias}")
     history = list((base_meta or {}).get("training_history", []) or [])
     if args.resume_from_ckpt and isinstance(resumed_history, list) and resumed_history:

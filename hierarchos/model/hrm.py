@@ -2,9 +2,10 @@
 
 Each pass runs over the whole sequence at once. One round (of `h_cycles`):
   1. manager watch: H over all tokens on u_t + feedback from the worker's previous round at t-1;
-  2. pondering with ACT at plan points (every `h_stride`-th token): up to `max_h_steps` passes
-     of H over the plan points, each on its own shadow state; a plan point halts once its
-     accumulated halting probability reaches `h_halt_thresh` and is frozen in later passes;
+  2. pondering at plan points (every `h_stride`-th token): up to `max_h_steps` passes of H over
+     the plan points, each on its own shadow state; a plan point halts (ACT) once its accumulated
+     halting probability reaches `h_halt_thresh`, or (`halting="q"`, seed 003) once its Q head's
+     halt logit beats its continue logit, and is frozen in later passes;
   3. plans reach tokens strictly after their plan point, LERPed within the stride;
   4. worker: up to `max_l_steps` shadow passes refine a per-token drift (frozen once it
      converges under `l_conv_atol`), then a commit pass gives the output and the real state.
@@ -54,7 +55,12 @@ class HierarchicalReasoner(nn.Module):
         self.worker = _stack(cfg, cfg.l_block, lh, cfg.l_layers)
         self.h_input_proj = nn.Linear(d, hh)
         self.l_feedback_proj = nn.Linear(d, hh, bias=False)
-        self.h_halt_proj = nn.Linear(hh, 1)
+        if cfg.halting == "q":
+            # seed 003's Q head: (halt, continue) logits, zero weights and bias -5 (equal logits: no
+            # plan point halts before the cap until the head has learned)
+            self.h_q_head = nn.Linear(hh, 2)
+        else:
+            self.h_halt_proj = nn.Linear(hh, 1)
         self.h_to_context = nn.Linear(hh, d)
         self.l_input_proj = nn.Linear(2 * d, lh)
         self.l_drift_proj = nn.Linear(lh, d)
@@ -62,7 +68,11 @@ class HierarchicalReasoner(nn.Module):
         with torch.no_grad():
             self.l_feedback_proj.weight.mul_(0.1)
             self.l_drift_proj.weight.mul_(0.1)
-            self.h_halt_proj.bias.fill_(-1.0)
+            if cfg.halting == "q":
+                self.h_q_head.weight.zero_()
+                self.h_q_head.bias.fill_(-5.0)
+            else:
+                self.h_halt_proj.bias.fill_(-1.0)
 
     # ---- state -------------------------------------------------------------------------
     def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> list[dict]:
@@ -79,8 +89,12 @@ class HierarchicalReasoner(nn.Module):
 
     # ---- forward ------------------------------------------------------------------------
     def forward(self, u, tokens, rounds: list[dict], pos0: int, *, h_cycles=None, max_h_steps=None,
-                max_l_steps=None, h_halt_thresh=None):
-        """u: (B, T, d) encoded inputs at global positions pos0..; returns (y, new rounds, totals)."""
+                max_l_steps=None, h_halt_thresh=None, q_halt: list | None = None):
+        """u: (B, T, d) encoded inputs at global positions pos0..; returns (y, new rounds, totals).
+
+        With `halting="q"`, each round appends to `q_halt` (when given) the pair (halt logit of the
+        plan point leading each token (B, T), whether a plan point of this call leads it (T,)): the
+        Q loss's halt term needs the final predictions, which only the caller has."""
         cfg = self.cfg
         n_cycles = min(h_cycles or cfg.h_cycles, cfg.h_cycles)
         n_ponder = min(max_h_steps or cfg.max_h_steps, cfg.max_h_steps)
@@ -96,11 +110,11 @@ class HierarchicalReasoner(nn.Module):
                 if r > 0:  # worker output of the previous round at t-1
                     feedback = torch.cat([rounds[r - 1]["last_out"][:, None], y_prev_round[:, :-1]], dim=1)
                 y, new_rounds[r] = self._round(u, tokens, rounds[r], feedback, pos0, n_ponder, n_explore,
-                                               thresh, totals)
+                                               thresh, totals, q_halt=q_halt)
             y_prev_round = y
         return y_prev_round, new_rounds, totals
 
-    def _round(self, u, tokens, rs, feedback, pos0, n_ponder, n_explore, thresh, totals):
+    def _round(self, u, tokens, rs, feedback, pos0, n_ponder, n_explore, thresh, totals, q_halt=None):
         cfg = self.cfg
         B, T, _ = u.shape
         new = dict(rs)
@@ -118,7 +132,11 @@ class HierarchicalReasoner(nn.Module):
         plan_idx = torch.arange(first, max(first, T), s, device=u.device)
         n_plan = plan_idx.numel()
         plans = u.new_zeros(B, 0, cfg.context_dim)
-        if n_plan:
+        halt_logit = u.new_zeros(B, 1)
+        if n_plan and cfg.halting == "q":
+            plans, new["ponder"], halt_logit = self._ponder_q(watch_out[:, plan_idx], tokens[:, plan_idx],
+                                                              rs["ponder"], n_ponder, grad_on, totals)
+        elif n_plan:
             plans, new["ponder"] = self._ponder(watch_out[:, plan_idx], tokens[:, plan_idx], rs["ponder"],
                                                 n_ponder, thresh, grad_on, totals)
 
@@ -130,6 +148,10 @@ class HierarchicalReasoner(nn.Module):
         alpha = ((g - (before * s - 1)).to(u.dtype) / s)[None, :, None]
         context = plans_ext[:, n_in_call] + alpha * (plans_ext[:, n_in_call + 1] - plans_ext[:, n_in_call])
         new["plan_prev"], new["plan_last"] = plans_ext[:, -2], plans_ext[:, -1]
+        if q_halt is not None and cfg.halting == "q":
+            # token g is led by the latest plan point strictly before it (its context's weight alpha
+            # on that plan reaches 1 at the next plan point); in this call when n_in_call >= 1
+            q_halt.append((halt_logit[:, (n_in_call - 1).clamp(min=0)], n_in_call >= 1))
 
         # 4. worker: shadow exploration of the drift, then the commit pass
         drift = torch.zeros_like(u)
@@ -187,3 +209,59 @@ class HierarchicalReasoner(nn.Module):
         _add(totals, "ponder", expected_steps.sum(), float(B * P))
         _add(totals, "manager_steps", halting_step.sum(), float(B * P))
         return self.h_to_context(mix), states
+
+    def _ponder_q(self, z, plan_tokens, states, n_ponder, grad_on, totals):
+        """Q-learning halting over plan points z (B, P, H) (seed 003): returns (plans (B, P, d), new
+        pondering states, the halt logit of each point's halting pass (B, P)).
+
+        A point halts at the first pass whose halt logit beats its continue logit (and that honours
+        its exploration minimum in training), or at the last pass; it is frozen in later passes, as
+        with ACT, and its plan is that pass's output (no mix). The continue logit of a pass that went
+        on is trained towards the next pass's best Q, sigmoid(max(halt, continue)), or sigmoid(halt)
+        when the next pass is the cap (seed 003's bootstrapped target, no gradient through it)."""
+        B, P, _ = z.shape
+        states = list(states)
+        halted = torch.zeros(B, P, dtype=torch.bool, device=z.device)
+        min_steps = self._explore_min_steps(B, P, n_ponder, z.device)
+        chosen = torch.zeros_like(z)
+        halt_logit = z.new_zeros(B, P)
+        halting_step = z.new_zeros(B, P)
+        continue_loss = z.new_zeros(())
+        prev_continue = None  # continue logits of the previous pass
+        injected = z  # the watch output is injected into every pass (HRM input injection)
+        refinement = torch.zeros_like(z)
+        for p in range(n_ponder):
+            if P == 1 and p > 0 and bool(halted.all()):
+                break  # halted plan points write nothing into later shadow states
+            with _grad(grad_on and p >= n_ponder - self.cfg.grad_steps):
+                pass_in = injected + refinement
+                z, states[p] = self.manager(pass_in, plan_tokens, states[p], halted if p > 0 else None)
+                refinement = z - pass_in
+            q = self.h_q_head(z).to(z.dtype)                          # (B, P, 2): halt, continue
+            q_halt, q_continue = q[..., 0], q[..., 1]
+            active = ~halted
+            last = p == n_ponder - 1
+            if prev_continue is not None:  # the points still active went on from the previous pass
+                target = torch.sigmoid(q_halt if last else torch.maximum(q_halt, q_continue)).detach()
+                loss = F.binary_cross_entropy_with_logits(prev_continue, target, reduction="none")
+                continue_loss = continue_loss + (loss * active).sum()
+            stop = active & (((q_halt > q_continue) & (p + 1 >= min_steps)) | last)
+            chosen = torch.where(stop[..., None], z, chosen)
+            halt_logit = torch.where(stop, q_halt, halt_logit)
+            halting_step = torch.where(stop, torch.full_like(halting_step, p + 1), halting_step)
+            halted = halted | stop
+            prev_continue = q_continue
+        _add(totals, "q_continue", continue_loss, float(B * P))
+        _add(totals, "manager_steps", halting_step.sum(), float(B * P))
+        return self.h_to_context(chosen), states, halt_logit
+
+    def _explore_min_steps(self, B, P, n_ponder, device):
+        """Seed 003's exploration, in training only: with probability q_explore_prob a plan point may not
+        halt before a random number of passes in [2, n_ponder]; otherwise (and in eval) after 1. Drawn from
+        the global RNG (torch.manual_seed makes a run repeatable)."""
+        prob = self.cfg.q_explore_prob
+        if not self.training or prob <= 0 or n_ponder < 2:
+            return 1
+        explore = torch.rand(B, P, device=device) < prob
+        draw = torch.randint(2, n_ponder + 1, (B, P), device=device)
+        return torch.where(explore, draw, torch.ones_like(draw))

@@ -26,6 +26,9 @@ class ModelOutput:
     logits: torch.Tensor                       # (B, T, V) for forward, (B, V) for step
     state: HierarchosState
     totals: dict = field(default_factory=dict)  # name -> (sum, count) of auxiliary terms
+    # halting="q": (halt logit of the plan point leading each token, per round (R, B, T); whether a
+    # plan point of this call leads the token (T,)), for the Q loss's halt term (losses.py)
+    q_halt: tuple | None = None
 
     @property
     def aux(self) -> dict:
@@ -105,10 +108,13 @@ class HierarchosLM(nn.Module):
         reads, memory_state = self.memory(e, state.memory, state.pos)
         persistent = self.persistent.to(e.dtype).expand(B, T, -1)
         u = F.gelu(self.encoder(torch.cat([e, reads, persistent], dim=-1)))
-        y, rounds, totals = self.reasoner(u, tokens, state.rounds, state.pos, **caps)
+        q_halt = [] if self.cfg.halting == "q" else None
+        y, rounds, totals = self.reasoner(u, tokens, state.rounds, state.pos, q_halt=q_halt, **caps)
         logits = self.head(self.out_norm(y))
         new_state = HierarchosState(pos=state.pos + T, memory=memory_state, rounds=rounds, rosa=rosa)
-        return ModelOutput(logits=logits, state=new_state, totals=totals)
+        if q_halt:
+            q_halt = (torch.stack([logit for logit, _ in q_halt]), q_halt[0][1])
+        return ModelOutput(logits=logits, state=new_state, totals=totals, q_halt=q_halt or None)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Logits of the tied head. On a GPU the float head runs with its output rows padded to an

@@ -3,7 +3,8 @@
 loss = CE + z_loss_weight * mean(logsumexp^2) + ponder_weight * ponder_term + commitment_weight * commitment,
 where ponder_term is the expected number of pondering steps, its negation with
 `encourage_thinking` (reward thinking), or with `adaptive_ponder` the squared distance to a
-target that grows with the CE loss (harder text earns more thinking).
+target that grows with the CE loss (harder text earns more thinking). With `halting="q"` the
+model's Q head adds seed 003's loss, `q * (q_halt + q_continue)` (`q_halt_loss`).
 
 CE and the z-loss share one log-partition and one fused backward (`cross_entropy_z`): the
 (B, T, vocab) logits are the largest tensor of a step, so each extra pass over them counts;
@@ -28,6 +29,7 @@ class LossWeights:
     encourage_thinking: bool = False
     adaptive_ponder: bool = False
     ponder_target_scale: float = 0.5
+    q: float = 0.5  # halting="q": weight of the Q head's loss (seed 003 uses 0.5)
 
 
 def _wide(x: torch.Tensor) -> torch.Tensor:
@@ -80,6 +82,23 @@ def cross_entropy_z_reference(logits: torch.Tensor, targets: torch.Tensor, ignor
     return ce, torch.logsumexp(wide, -1).pow(2).mean()
 
 
+def q_halt_loss(out, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """The halt term of seed 003's Q loss for a language model: BCE-with-logits of a plan point's halt
+    logit (at its halting pass) against whether its prediction was right.
+
+    "Right" for a language model: the tokens a plan point leads (those after it, up to and including
+    the next plan point) are the ones its plan reaches; each of their predictions is right when the
+    argmax of its next-token logits is its target. A token's BCE is linear in its target, so the mean
+    of the per-token BCEs over the tokens a point leads is the point's BCE against its accuracy there
+    (a soft target: the halt Q estimates the share of right predictions); points are weighted by how
+    many valid targets they lead. Tokens whose plan point lies before this call have no logit here."""
+    halt_logits, leads = out.q_halt                                         # (R, B, T), (T,)
+    right = (out.logits.argmax(-1) == targets).to(halt_logits.dtype)        # (B, T)
+    counted = (targets != ignore_index) & leads                             # (B, T)
+    bce = F.binary_cross_entropy_with_logits(halt_logits, right.expand_as(halt_logits), reduction="none")
+    return (bce * counted).sum() / (counted.sum() * halt_logits.shape[0]).clamp(min=1)
+
+
 def lm_loss(out, targets: torch.Tensor, z_loss_weight: float, weights: LossWeights | None = None,
             ignore_index: int = -100):
     """out: ModelOutput of a forward over (B, T); targets: (B, T) next-token ids.
@@ -101,4 +120,9 @@ def lm_loss(out, targets: torch.Tensor, z_loss_weight: float, weights: LossWeigh
     loss = ce + z_loss_weight * z_loss + weights.ponder * ponder_term + weights.commitment * commitment
     parts = {"ce": ce.detach(), "z_loss": z_loss.detach(), "ponder": torch.as_tensor(ponder).detach(),
              "commitment": torch.as_tensor(commitment).detach()}
+    if getattr(out, "q_halt", None) is not None:
+        q_halt = q_halt_loss(out, targets, ignore_index)
+        q_continue = aux.get("q_continue", zero)
+        loss = loss + weights.q * (q_halt + q_continue)
+        parts["q_halt"], parts["q_continue"] = q_halt.detach(), torch.as_tensor(q_continue).detach()
     return loss, parts
