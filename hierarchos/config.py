@@ -17,6 +17,7 @@ from .errors import HierarchosError
 
 CONFIG_VERSION = 1
 BLOCK_TYPES = ("rwkv7", "attention")
+TIME_MIXES = ("rwkv7", "wkv4")  # of RWKV blocks: RWKV-7's delta rule, or the original RWKV-4 cell
 POS_ENCODINGS = ("rope", "sinusoidal", "learned", "none")  # of attention blocks
 HALTING_RULES = ("act", "q")  # Graves ACT (DESIGN 3.4) or seed 003's Q-learning head
 
@@ -44,7 +45,7 @@ class ModelConfig:
     l_layers: int = 2
     head_size: int = 64
     ffn_mult: int = 4
-    # RWKV time mix: "rwkv7" (generalized delta rule)
+    # RWKV time mix: "rwkv7" (generalized delta rule) or "wkv4" (seeds 001/004's RWKV-4 cell)
     time_mix: str = "rwkv7"
     wkv_chunk_size: int = 32
     # block type of each stack: "rwkv7" or "attention" (seeds 000/003: RMSNorm, SDPA, SwiGLU);
@@ -115,8 +116,8 @@ class ModelConfig:
                 bad(name, f"must be a multiple of head_size={self.head_size}")
         if self.ltm_topk > self.ltm_slots:
             bad("ltm_topk", f"cannot exceed ltm_slots={self.ltm_slots}")
-        if self.time_mix not in ("rwkv7",):
-            bad("time_mix", "must be 'rwkv7'")
+        if self.time_mix not in TIME_MIXES:
+            bad("time_mix", f"must be one of {', '.join(TIME_MIXES)}")
         for name in ("h_block", "l_block"):
             if getattr(self, name) not in BLOCK_TYPES:
                 bad(name, f"must be one of {', '.join(BLOCK_TYPES)}")

@@ -16,7 +16,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ..config import BLOCK_TYPES, FIELD_ALIASES, HALTING_RULES, POS_ENCODINGS, ModelConfig
+from ..config import BLOCK_TYPES, FIELD_ALIASES, HALTING_RULES, POS_ENCODINGS, TIME_MIXES, ModelConfig
 from ..errors import HierarchosError
 from .resume import given_flags, run_args, track_given
 
@@ -25,10 +25,11 @@ HELP = "train a model (from scratch or from --model-path weights) on local or Hu
 ARCH_FLAGS = ("context_dim", "persistent_dim", "ltm_slots", "ltm_key_dim", "ltm_val_dim", "ltm_topk",
               "h_hidden", "l_hidden", "h_layers", "l_layers", "h_cycles", "max_h_steps", "max_l_steps",
               "l_conv_atol", "h_stride", "h_halt_thresh", "grad_steps", "head_size", "ffn_mult", "vocab_size",
-              "h_block", "l_block", "pos_encodings", "window_size", "halting", "q_explore_prob")
+              "h_block", "l_block", "pos_encodings", "window_size", "halting", "q_explore_prob",
+              "time_mix")
 # the block-type flags (seed 000/003's Transformer stacks); the other flags are numbers
 ARCH_CHOICES = {"h_block": BLOCK_TYPES, "l_block": BLOCK_TYPES, "pos_encodings": POS_ENCODINGS,
-                "halting": HALTING_RULES}
+                "halting": HALTING_RULES, "time_mix": TIME_MIXES}
 ARCH_HELP = {"h_block": "manager stack blocks: rwkv7 (default) or attention (RMSNorm, SDPA, SwiGLU)",
              "l_block": "worker stack blocks: rwkv7 (default) or attention",
              "pos_encodings": "positions of attention blocks: rope (default), sinusoidal, learned, none",
@@ -36,7 +37,9 @@ ARCH_HELP = {"h_block": "manager stack blocks: rwkv7 (default) or attention (RMS
                             "KV cache grows with the context)",
              "halting": "pondering's halting rule: act (Graves, default) or q (seed 003's Q-learning head)",
              "q_explore_prob": "--halting q: probability that a plan point gets a random minimum of passes "
-                               "in training (default 0.1)"}
+                               "in training (default 0.1)",
+             "time_mix": "time mix of RWKV blocks: rwkv7 (default) or wkv4 (seeds 001/004's RWKV-4 cell: "
+                         "time_decay/time_first, state aa/bb/pp)"}
 
 
 def _spellings(name: str) -> list[str]:
@@ -418,6 +421,8 @@ def run(args: argparse.Namespace, lora=None) -> int:
         raise HierarchosError("--grow-every-chars grows RWKV stacks only; drop it for attention blocks")
     if args.grow_every_chars and model.cfg.halting == "q":
         raise HierarchosError("--grow-every-chars grows ACT models only; drop it for --halting q")
+    if args.grow_every_chars and model.cfg.time_mix == "wkv4":
+        raise HierarchosError("--grow-every-chars grows RWKV-7 blocks only; drop it for --time-mix wkv4")
     from ..train.continual import grow_for_data
 
     n_chars = data.n_chars

@@ -2,7 +2,8 @@
 
 Every pass runs over a whole sequence at once (the recurrence goes through
 `hierarchos.ops.wkv7`) and carries a fixed-size state (two shift vectors and one
-matrix per head per block). A `frozen` mask implements the frozen-token rule used
+matrix per head per block). `time_mix="wkv4"` swaps in the original project's RWKV-4 cell
+(`TimeMix4`, recurrence in `hierarchos.ops.wkv4`; state (aa, bb, pp) per channel). A `frozen` mask implements the frozen-token rule used
 by the manager's pondering and the worker's shadow passes: a frozen token writes
 nothing into the state (w=1, a=0, k=0 for the recurrence, and the token shift skips
 it), so running a pass over a frozen token equals not running it at all.
@@ -17,21 +18,28 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..config import TIME_MIXES
 from ..ops.amp import to_autocast_dtype
 from ..ops.wkv import wkv7
+from ..ops.wkv4 import EMPTY_PP, wkv4
 
 # The recurrence as torch.compile must see it: an opaque call (its chunk loop, up to T / 16
 # iterations, would be unrolled into the graph, and its C++/Triton paths are not traceable).
 # Wrapping it with torch.compiler.disable imports torch._dynamo, about a second of every CLI
 # start, so plain wkv7 stands here until something compiles (`make_recurrence_opaque`).
 _wkv7_opaque = wkv7
+_wkv4_opaque = wkv4
+# WKV-4's chunked form holds (B, T, chunk, C) pairwise weights: chunks of at most 16 tokens
+WKV4_MAX_CHUNK = 16
 
 
 def make_recurrence_opaque() -> None:
     """Before any torch.compile of these blocks: the recurrence becomes a dynamo-disabled call."""
-    global _wkv7_opaque
+    global _wkv7_opaque, _wkv4_opaque
     if _wkv7_opaque is wkv7:
         _wkv7_opaque = torch.compiler.disable(wkv7)
+    if _wkv4_opaque is wkv4:
+        _wkv4_opaque = torch.compiler.disable(wkv4)
 
 # Low-rank widths of the data-dependent mixes (RWKV-6/7 style "LoRA" paths).
 MIX_RANK = 32
@@ -154,6 +162,46 @@ class TimeMix(nn.Module):
         return self.output((out + bonus).to(g.dtype) * g), new_shift.to(shift_prev.dtype), new_wkv
 
 
+class TimeMix4(nn.Module):
+    """RWKV-4 time mix (seeds 001/004): token shift with static per-channel mixes, per-channel
+    decay (w = -exp(time_decay)) and bonus (time_first), output = W_o (sigmoid(r) * WKV-4)."""
+
+    def __init__(self, dim: int, layer_id: int, n_layers: int, wkv_chunk: int):
+        super().__init__()
+        self.wkv_chunk = min(wkv_chunk, WKV4_MAX_CHUNK)
+        # RWKV-4's initialisation: decay speeds spread over the channels (fast to slow), deeper
+        # layers remember longer; the bonus zigzags around log(0.3)
+        depth = layer_id / max(1, n_layers - 1) if n_layers > 1 else 0.0
+        shallow = 1.0 - layer_id / max(1, n_layers)
+        channel = torch.arange(dim) / max(1, dim - 1)
+        ramp = torch.arange(dim) / dim
+        self.time_decay = nn.Parameter(-5.0 + 8.0 * channel.pow(0.7 + 1.3 * depth))
+        zigzag = 0.5 * (((torch.arange(dim) + 1) % 3) - 1).float()
+        self.time_first = nn.Parameter(torch.full((dim,), math.log(0.3)) + zigzag)
+        self.mix_key = nn.Parameter(ramp.pow(shallow))
+        self.mix_value = nn.Parameter(ramp.pow(shallow) + 0.3 * depth)
+        self.mix_receptance = nn.Parameter(ramp.pow(0.5 * shallow))
+        self.key = nn.Linear(dim, dim, bias=False)
+        self.value = nn.Linear(dim, dim, bias=False)
+        self.receptance = nn.Linear(dim, dim, bias=False)
+        self.output = nn.Linear(dim, dim, bias=False)
+        for lin in (self.receptance, self.key, self.value):
+            nn.init.uniform_(lin.weight, -0.5 / math.sqrt(dim), 0.5 / math.sqrt(dim))
+        nn.init.normal_(self.output.weight, std=0.1 / math.sqrt(dim))
+
+    def forward(self, x, shift_prev, wkv_state, frozen=None):
+        """wkv_state: (B, 3, C) holding aa, bb, pp; frozen tokens write nothing into it."""
+        x = to_autocast_dtype(x)
+        x_prev, new_shift = shift_tokens(x, shift_prev.to(x.dtype), frozen)
+        k = self.key(torch.lerp(x_prev, x, self.mix_key.to(x.dtype)))
+        v = self.value(torch.lerp(x_prev, x, self.mix_value.to(x.dtype)))
+        r = self.receptance(torch.lerp(x_prev, x, self.mix_receptance.to(x.dtype)))
+        wkv, new_state = _wkv4_opaque(self.time_decay, self.time_first, k, v, tuple(wkv_state.unbind(1)), frozen,
+                                      chunk_size=self.wkv_chunk)
+        out = self.output(torch.sigmoid(r) * wkv.to(r.dtype))
+        return out, new_shift.to(shift_prev.dtype), torch.stack(new_state, dim=1).to(wkv_state.dtype)
+
+
 class ChannelMix(nn.Module):
     """SwiGLU feed-forward on token-shifted input; hidden units gated by the DeepEmbed row of the token."""
 
@@ -177,11 +225,14 @@ class ChannelMix(nn.Module):
 
 
 class RWKVBlock(nn.Module):
-    def __init__(self, dim, head_size, ffn_dim, layer_id, n_layers, wkv_chunk):
+    def __init__(self, dim, head_size, ffn_dim, layer_id, n_layers, wkv_chunk, time_mix="rwkv7"):
         super().__init__()
         self.ln_time = nn.LayerNorm(dim)
         self.ln_channel = nn.LayerNorm(dim)
-        self.time_mix = TimeMix(dim, head_size, layer_id, n_layers, wkv_chunk)
+        if time_mix == "wkv4":
+            self.time_mix = TimeMix4(dim, layer_id, n_layers, wkv_chunk)
+        else:
+            self.time_mix = TimeMix(dim, head_size, layer_id, n_layers, wkv_chunk)
         self.channel_mix = ChannelMix(dim, ffn_dim, layer_id, n_layers)
 
     def forward(self, x, tm_shift, wkv_state, cm_shift, deep_gate=None, frozen=None):
@@ -194,18 +245,19 @@ class RWKVBlock(nn.Module):
 class RWKVStack(nn.Module):
     """A stack of RWKV blocks with one DeepEmbed table (or one per block) and a stacked state.
 
-    State: dict with 'tm_shift' (L, B, C), 'wkv' (L, B, H, N, N) float32, 'cm_shift' (L, B, C).
+    State: dict with 'tm_shift' (L, B, C), 'wkv' (L, B, H, N, N) float32, 'cm_shift' (L, B, C);
+    with time_mix "wkv4", 'wkv' is (L, B, 3, C) float32: aa, bb, pp per channel.
     """
 
     def __init__(self, dim: int, n_layers: int, head_size: int, ffn_mult: int, vocab_size: int,
                  use_deepembed: bool, per_block_deepembed: bool, wkv_chunk: int, time_mix: str = "rwkv7"):
         super().__init__()
-        if time_mix != "rwkv7":
+        if time_mix not in TIME_MIXES:
             raise ValueError(f"RWKVStack: unknown time_mix {time_mix!r}")
-        self.dim, self.n_layers, self.head_size = dim, n_layers, head_size
+        self.dim, self.n_layers, self.head_size, self.time_mix = dim, n_layers, head_size, time_mix
         ffn_dim = ffn_mult * dim
         self.blocks = nn.ModuleList(
-            RWKVBlock(dim, head_size, ffn_dim, i, n_layers, wkv_chunk) for i in range(n_layers))
+            RWKVBlock(dim, head_size, ffn_dim, i, n_layers, wkv_chunk, time_mix) for i in range(n_layers))
         self.per_block_deepembed = per_block_deepembed
         self.deepembed = None
         if use_deepembed:
@@ -217,10 +269,15 @@ class RWKVStack(nn.Module):
 
     def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> dict:
         L, C, N = self.n_layers, self.dim, self.head_size
+        wkv_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        if self.time_mix == "wkv4":  # aa = bb = 0, pp = EMPTY_PP: nothing seen yet
+            wkv = torch.zeros(L, batch_size, 3, C, device=device, dtype=wkv_dtype)
+            wkv[:, :, 2] = EMPTY_PP
+        else:
+            wkv = torch.zeros(L, batch_size, C // N, N, N, device=device, dtype=wkv_dtype)
         return {
             "tm_shift": torch.zeros(L, batch_size, C, device=device, dtype=dtype),
-            "wkv": torch.zeros(L, batch_size, C // N, N, N, device=device,
-                               dtype=torch.float64 if dtype == torch.float64 else torch.float32),
+            "wkv": wkv,
             "cm_shift": torch.zeros(L, batch_size, C, device=device, dtype=dtype),
         }
 
