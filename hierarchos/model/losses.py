@@ -93,6 +93,7 @@ def q_halt_loss(out, targets: torch.Tensor, ignore_index: int = -100) -> torch.T
     (a soft target: the halt Q estimates the share of right predictions); points are weighted by how
     many valid targets they lead. Tokens whose plan point lies before this call have no logit here."""
     halt_logits, leads = out.q_halt                                         # (R, B, T), (T,)
+    halt_logits = _wide(halt_logits)  # bf16 logits under autocast: the BCE in float32
     right = (out.logits.argmax(-1) == targets).to(halt_logits.dtype)        # (B, T)
     counted = (targets != ignore_index) & leads                             # (B, T)
     bce = F.binary_cross_entropy_with_logits(halt_logits, right.expand_as(halt_logits), reduction="none")
