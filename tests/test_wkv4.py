@@ -234,12 +234,18 @@ def test_gradients_of_the_chunked_form_equal_the_scan(with_frozen):
         close(g, w, f"seed={seed} d/d{name}", rtol=1e-8, atol=1e-10)
 
 
-def test_dispatch_and_autocast():
+def test_dispatch_and_autocast(monkeypatch):
     seed = fresh_seed()
     td, tf, k, v, state, frozen = make_inputs(seed, T=6, dtype=torch.float32)
+    monkeypatch.delenv("HIERARCHOS_WKV_IMPL", raising=False)
     assert resolve_impl("auto", 1) == "step" and resolve_impl("auto", 6) == "chunked"
     with pytest.raises(ValueError):
         resolve_impl("triton", 6)
+    monkeypatch.setenv("HIERARCHOS_WKV_IMPL", "triton")  # a WKV-7 kernel's name: WKV-4 keeps its choice
+    assert resolve_impl("auto", 6) == "chunked"
+    monkeypatch.setenv("HIERARCHOS_WKV_IMPL", "reference")  # the reference is one flag away for both cells
+    assert resolve_impl("auto", 6) == "reference" and resolve_impl("chunked", 6) == "chunked"
+    monkeypatch.delenv("HIERARCHOS_WKV_IMPL")
     with torch.autocast("cpu", dtype=torch.bfloat16):
         o, st = wkv4(td, tf, k.bfloat16(), v.bfloat16(), state, frozen)
     assert o.dtype == torch.float32 and all(s.dtype == torch.float32 for s in st), f"seed={seed}"
@@ -358,6 +364,33 @@ def test_model_state_size_is_fixed():
             state = model.step(tokens[:, t], state).state
     assert state.shapes() == shapes, f"seed={seed}"
     assert all(torch.isfinite(t).all() for _, t in state.tensors()), f"seed={seed}"
+
+
+def test_compiled_wkv4_blocks_compute_the_same_function():
+    """`train --compile` on WKV-4 stacks: dynamo (its "eager" backend, as tests/test_compile.py) traces
+    the blocks with the recurrence as an opaque call; loss and gradients equal eager mode."""
+    from hierarchos.model.rwkv import RWKVBlock, compile_blocks, uncompile_blocks
+
+    seed = fresh_seed()
+
+    def run(compiled):
+        torch.manual_seed(seed)
+        model = HierarchosLM(tiny_config(time_mix="wkv4"))
+        if compiled:
+            assert compile_blocks(model, backend="eager") == sum(isinstance(m, RWKVBlock) for m in model.modules())
+        tokens = model_tokens(seed, 2, 13)
+        loss, _ = lm_loss(model(tokens[:, :-1]), tokens[:, 1:], 1e-4)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        uncompile_blocks(model)
+        return loss.detach(), grads
+
+    loss, grads = run(False)
+    c_loss, c_grads = run(True)
+    torch.testing.assert_close(c_loss, loss, rtol=1e-6, atol=1e-7, msg=lambda m: f"seed={seed}: {m}")
+    assert grads.keys() == c_grads.keys(), f"seed={seed}"
+    for name in grads:
+        torch.testing.assert_close(c_grads[name], grads[name], rtol=1e-5, atol=1e-7, msg=lambda m: f"seed={seed} {name}: {m}")
 
 
 def test_config_accepts_wkv4_and_round_trips():
