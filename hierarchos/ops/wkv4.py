@@ -135,7 +135,7 @@ def wkv4_chunked(time_decay, time_first, k, v, state=None, frozen=None, chunk_si
     live = F.pad(live, (0, pad), value=False).view(B, n, L)
     k = F.pad(k, (0, 0, 0, pad)).view(B, n, L, C)
     v = F.pad(v, (0, 0, 0, pad)).view(B, n, L, C)
-    neg_inf = torch.tensor(float("-inf"), dtype=k.dtype, device=k.device)
+    neg_inf = k.new_full((), float("-inf"))  # a fill, not a host copy: capturable in a CUDA graph
 
     count = live.to(k.dtype).cumsum(-1)                        # c_t (B, n, L)
     before = count - live.to(k.dtype)                          # e_t
