@@ -327,6 +327,21 @@ def test_parallel_equals_step_in_eval_with_points_halting_early(overrides):
         torch.testing.assert_close(a[name], b[name], rtol=1e-9, atol=1e-9, msg=lambda m: f"{msg} {name}: {m}")
 
 
+def test_training_mode_without_exploration_keeps_parallel_equal_to_step():
+    """Exploration is the only thing training mode changes: with q_explore_prob = 0 the two forms agree
+    in training mode too (and differ from eval in nothing)."""
+    seed = fresh_seed()
+    model = calibrated_q(seed, q_explore_prob=0.0).train()
+    tokens = model_tokens(seed, 2, 13)
+    with torch.no_grad():
+        par = model(tokens)
+        step_logits, step_totals, _ = run_steps(model, tokens)
+        evaluated = model.eval()(tokens)
+    torch.testing.assert_close(par.logits, step_logits, rtol=1e-9, atol=1e-9, msg=lambda m: f"seed={seed}: {m}")
+    torch.testing.assert_close(par.logits, evaluated.logits, rtol=0, atol=0, msg=lambda m: f"seed={seed}: {m}")
+    assert float(par.totals["manager_steps"][0]) == float(step_totals["manager_steps"][0]), f"seed={seed}"
+
+
 def test_causality():
     seed = fresh_seed()
     model = calibrated_q(seed)
@@ -387,8 +402,13 @@ def test_cli_trains_with_q_halting_and_chats(tmp_path):
 
     cli("train", "--tiny", "--tokenizer-path", "byte", "--max_length", "16", "--batch_size", "2", "--epochs", "1",
         "--seed", "0", "--device", "cpu", "--train", data, "--out-dir", out, "--max-steps", "4",
-        "--halting", "q", "--q-explore-prob", "0.5", "--q-loss-weight", "0.25")
+        "--halting", "q", "--q-explore-prob", "0.5", "--q-loss-weight", "0.25", "--reset-halt-bias", "2.0")
     config = json.loads((out / "hierarchos_config.json").read_text())
     assert config["halting"] == "q" and config["q_explore_prob"] == 0.5
+    from safetensors.torch import load_file
+
+    bias = load_file(out / "model.safetensors")["reasoner.h_q_head.bias"]
+    # --reset-halt-bias sets the halt logit's bias (4 steps at lr 1e-4 move it a little), not the continue one's
+    assert bias[0].item() == pytest.approx(2.0, abs=0.01) and bias[1].item() == pytest.approx(-5.0, abs=0.01)
     reply = cli("chat", "--model-path", out, "--prompt", "the quick", "--max-new-tokens", "4", "--device", "cpu")
     assert reply.stdout.strip() != "" or reply.returncode == 0
