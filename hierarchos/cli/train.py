@@ -575,7 +575,8 @@ def run(args: argparse.Namespace, lora=None) -> int:
 
     def progress(n, loss, lr):
         bar.update(n)
-        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", refresh=False)
+        shown = {"lr": f"{lr:.2e}"} if loss is None else {"loss": f"{loss:.3f}", "lr": f"{lr:.2e}"}
+        bar.set_postfix(shown, refresh=False)
 
     def log_metrics(record):
         trainer.last_metrics = record

@@ -268,7 +268,7 @@ class Trainer:
             window["tokens"] += ntok
             window["ponder"] += parts["ponder"].detach() if "ponder" in parts else 0.0
             if progress is not None:  # the loss shown is the last logged one (no host read per window)
-                progress(1, self.last_metrics.get("loss", float("nan")), lr)
+                progress(1, self.last_metrics.get("loss"), lr)  # None until the first log
             end_of_epoch = self.micro_step % self.steps_per_epoch == 0
             if window["micro"] < cfg.accumulation_steps and not end_of_epoch:
                 continue
