@@ -216,6 +216,9 @@ def test_initialisation_scales_and_gate_biases():
     mem = LongTermMemory(dim=8, slots=4096, key_dim=16, val_dim=16, topk=2, chunk=4, write_threshold=0.0)
     assert float(mem.keys.detach().std()) == pytest.approx(16 ** -0.5, rel=0.03)
     assert float(mem.values.detach().std()) == pytest.approx(0.02, rel=0.03)
+    bound = 0.1 / 8 ** 0.5  # a tenth of nn.Linear's default: the gates start nearly input-independent
+    assert 0.8 * bound < float(mem.write_gates.weight.detach().abs().max()) <= bound
+    assert mem.slot_time.dtype == torch.float64  # unix seconds need more than float32's 24 bits
     assert torch.sigmoid(mem.write_gates.bias.detach()).tolist() == pytest.approx(
         [1 / (1 + math.exp(-2)), 1 / (1 + math.exp(2)), 1 / (1 + math.exp(4))], rel=1e-6)
 
@@ -241,10 +244,10 @@ def test_filtered_reads_use_exactly_the_allowed_slots():
         assert attn.shape == idx.shape == (2, 3, mem.topk)
         assert torch.isfinite(attn).all()
         allowed = [i for i, ok in enumerate(expected) if ok]
-        q = mem.query(e)
+        q = mem.query(e).detach()
         for b in range(2):
             for tok in range(3):
-                scores = mem.keys @ q[b, tok]
+                scores = mem.keys.detach() @ q[b, tok]
                 best = sorted(allowed, key=lambda i: -float(scores[i]))[:mem.topk]
                 used = [int(i) for i, w in zip(idx[b, tok], attn[b, tok]) if w > 0]
                 assert sorted(used) == sorted(best), (sources, since)
@@ -253,3 +256,30 @@ def test_filtered_reads_use_exactly_the_allowed_slots():
                     got = {int(i): float(w) for i, w in zip(idx[b, tok], attn[b, tok]) if w > 0}
                     assert [got[i] for i in best] == pytest.approx(weights.tolist(), abs=1e-12)
     assert mem.slot_mask() is None
+
+
+def test_calls_split_at_unaligned_positions_write_at_the_global_chunk_boundaries():
+    """Calls starting mid-chunk (pos0 = 3, 9) and spanning boundaries read and write exactly as one call."""
+    seed = fresh_seed()
+    mem = make(seed, chunk=4)
+    e = torch.randn(2, 16, 6, dtype=torch.float64)
+    reads, V, M, _ = oracle(mem, e, mem.write_threshold)
+    state, got = mem.init_state(2, 6, dtype=torch.float64), []
+    with torch.no_grad():
+        for start, stop in ((0, 3), (3, 9), (9, 16)):
+            part, state = mem(e[:, start:stop], state, pos0=start)
+            got.append(part)
+    msg = lambda m: f"seed={seed}: {m}"  # noqa: E731
+    torch.testing.assert_close(torch.cat(got, 1), reads, rtol=1e-10, atol=1e-12, msg=msg)
+    torch.testing.assert_close(state["delta"] + mem.values.detach(), V, rtol=1e-10, atol=1e-12, msg=msg)
+    torch.testing.assert_close(state["momentum"], M, rtol=1e-10, atol=1e-12, msg=msg)
+
+
+def test_query_slots_for_more_rows_than_tokens():
+    mem = make(fresh_seed())
+    e = torch.randn(3, 2, 6, dtype=torch.float64)
+    attn, idx = mem.query_slots(e)
+    assert attn.shape == idx.shape == (3, 2, mem.topk)
+    for b in range(3):
+        expected = (mem.keys @ mem.query(e[b]).t()).t().topk(mem.topk).indices
+        assert torch.equal(idx[b], expected)
