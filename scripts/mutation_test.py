@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # module -> the fast tests that pin it (its own test module first, then the contract tests)
 MODULES: dict[str, list[str]] = {
-    "hierarchos/model/hrm.py": ["tests/test_hrm.py"],
+    "hierarchos/model/hrm.py": ["tests/test_hrm.py", "tests/test_q_halting.py"],
     "hierarchos/model/memory.py": ["tests/test_memory.py"],
     "hierarchos/model/rwkv.py": ["tests/test_model.py", "tests/test_compile.py"],
     "hierarchos/model/lm.py": ["tests/test_model.py"],

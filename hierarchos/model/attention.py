@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import POS_ENCODINGS
 from ..ops.amp import to_autocast_dtype
+from .deepembed import deepembed_tables
 
 ROPE_BASE = 10000.0
 
@@ -152,10 +153,7 @@ class AttentionStack(nn.Module):
         self.per_block_deepembed = per_block_deepembed
         self.deepembed = None
         if use_deepembed:
-            count = n_layers if per_block_deepembed else 1
-            self.deepembed = nn.ModuleList(nn.Embedding(vocab_size, ffn_dim) for _ in range(count))
-            for table in self.deepembed:
-                nn.init.ones_(table.weight)
+            self.deepembed = deepembed_tables(vocab_size, ffn_dim, n_layers, per_block_deepembed)
         self.gradient_checkpointing = False
 
     def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> dict:

@@ -177,6 +177,15 @@ class HierarchicalReasoner(nn.Module):
         new["last_out"] = y[:, -1].to(rs["last_out"].dtype)  # the state keeps its dtype under autocast
         return y, new
 
+    def _ponder_pass(self, p, injected, refinement, plan_tokens, state, halted, n_ponder, grad_on):
+        """Pondering pass p (both halting rules): the manager over the watch output plus the previous
+        pass's refinement, halted points frozen; only the last `grad_steps` passes record a graph.
+        Returns (output, new shadow state, refinement for the next pass)."""
+        with _grad(grad_on and p >= n_ponder - self.cfg.grad_steps):
+            pass_in = injected + refinement
+            z, state = self.manager(pass_in, plan_tokens, state, halted if p > 0 else None)
+            return z, state, z - pass_in
+
     def _ponder(self, z, plan_tokens, states, n_ponder, thresh, grad_on, totals):
         """ACT over plan points z (B, P, H): returns (plans (B, P, d), new pondering states)."""
         B, P, _ = z.shape
@@ -191,10 +200,8 @@ class HierarchicalReasoner(nn.Module):
         for p in range(n_ponder):
             if P == 1 and p > 0 and bool(halted.all()):
                 break  # halted plan points write nothing into later shadow states
-            with _grad(grad_on and p >= n_ponder - self.cfg.grad_steps):
-                pass_in = injected + refinement
-                z, states[p] = self.manager(pass_in, plan_tokens, states[p], halted if p > 0 else None)
-                refinement = z - pass_in
+            z, states[p], refinement = self._ponder_pass(p, injected, refinement, plan_tokens, states[p], halted,
+                                                         n_ponder, grad_on)
             halt_prob = torch.sigmoid(self.h_halt_proj(z)).squeeze(-1).to(z.dtype)
             active = ~halted
             accumulated = 1.0 - remainder * (1.0 - halt_prob)
@@ -233,10 +240,8 @@ class HierarchicalReasoner(nn.Module):
         for p in range(n_ponder):
             if P == 1 and p > 0 and bool(halted.all()):
                 break  # halted plan points write nothing into later shadow states
-            with _grad(grad_on and p >= n_ponder - self.cfg.grad_steps):
-                pass_in = injected + refinement
-                z, states[p] = self.manager(pass_in, plan_tokens, states[p], halted if p > 0 else None)
-                refinement = z - pass_in
+            z, states[p], refinement = self._ponder_pass(p, injected, refinement, plan_tokens, states[p], halted,
+                                                         n_ponder, grad_on)
             q = self.h_q_head(z).to(z.dtype)                          # (B, P, 2): halt, continue
             q_halt, q_continue = q[..., 0], q[..., 1]
             active = ~halted

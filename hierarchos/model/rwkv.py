@@ -22,6 +22,7 @@ from ..config import TIME_MIXES
 from ..ops.amp import to_autocast_dtype
 from ..ops.wkv import wkv7
 from ..ops.wkv4 import EMPTY_PP, wkv4
+from .deepembed import deepembed_tables
 
 # The recurrence as torch.compile must see it: an opaque call (its chunk loop, up to T / 16
 # iterations, would be unrolled into the graph, and its C++/Triton paths are not traceable).
@@ -261,10 +262,7 @@ class RWKVStack(nn.Module):
         self.per_block_deepembed = per_block_deepembed
         self.deepembed = None
         if use_deepembed:
-            count = n_layers if per_block_deepembed else 1
-            self.deepembed = nn.ModuleList(nn.Embedding(vocab_size, ffn_dim) for _ in range(count))
-            for table in self.deepembed:
-                nn.init.ones_(table.weight)
+            self.deepembed = deepembed_tables(vocab_size, ffn_dim, n_layers, per_block_deepembed)
         self.gradient_checkpointing = False
 
     def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> dict:
