@@ -32,7 +32,7 @@ MODULES: dict[str, list[str]] = {
     "hierarchos/model/memory.py": ["tests/test_memory.py"],
     "hierarchos/model/rwkv.py": ["tests/test_model.py", "tests/test_compile.py"],
     "hierarchos/model/lm.py": ["tests/test_model.py"],
-    "hierarchos/model/losses.py": ["tests/test_losses.py", "tests/test_model.py"],
+    "hierarchos/model/losses.py": ["tests/test_losses.py", "tests/test_q_halting.py"],
     "hierarchos/model/state.py": ["tests/test_model.py"],
     "hierarchos/model/rosa.py": ["tests/test_rosa.py"],
     "hierarchos/ops/wkv.py": ["tests/test_wkv.py"],

@@ -33,11 +33,42 @@ def test_loss_terms_and_weights():
     rewarded, _ = lm_loss(out, targets, 0.01, LossWeights(ponder=0.1, commitment=0.5, encourage_thinking=True))
     assert math.isclose(float(rewarded), float(loss) - 2 * 0.1 * 2.0, rel_tol=1e-6)
 
-    adaptive, _ = lm_loss(out, targets, 0.01, LossWeights(ponder=0.1, commitment=0.5, adaptive_ponder=True,
+    # adaptive: (ponder - max(1, scale * ce))^2, with a ponder far enough from the target that a power
+    # other than 2 shows
+    far = fake_output(logits, ponder=3.5, commitment=0.3)
+    adaptive, _ = lm_loss(far, targets, 0.01, LossWeights(ponder=0.1, commitment=0.5, adaptive_ponder=True,
                                                            ponder_target_scale=0.5))
     target = max(1.0, float(ce) * 0.5)
-    assert math.isclose(float(adaptive), float(ce) + 0.01 * float(z) + 0.1 * (2.0 - target) ** 2 + 0.15,
+    assert math.isclose(float(adaptive), float(ce) + 0.01 * float(z) + 0.1 * (3.5 - target) ** 2 + 0.15,
                         rel_tol=1e-6)
+    assert parts.keys() == {"ce", "z_loss", "ponder", "commitment"}
+    assert [float(parts[k]) for k in ("z_loss", "ponder", "commitment")] == pytest.approx([float(z), 2.0, 0.3])
+
+
+def test_loss_without_pondering_terms():
+    """A model that reports no ponder or commitment (Q halting reports no ponder) adds nothing for them."""
+    logits, targets = torch.randn(1, 3, 5), torch.tensor([[0, 4, 2]])
+    out = ModelOutput(logits=logits, state=None, totals={})
+    loss, parts = lm_loss(out, targets, 0.0, LossWeights(ponder=0.3, commitment=0.7))
+    assert math.isclose(float(loss), float(torch.nn.functional.cross_entropy(logits[0], targets[0])), rel_tol=1e-6)
+    assert float(parts["ponder"]) == 0.0 and float(parts["commitment"]) == 0.0
+
+
+@pytest.mark.parametrize("fn", [cross_entropy_z, cross_entropy_z_reference])
+def test_ignored_targets_by_hand(fn):
+    """ce = mean NLL over the targets that are not ignore_index (any id may be the ignored one);
+    one valid target gives exactly its NLL; z-loss = mean logsumexp^2 over every row."""
+    logits = torch.randn(4, 6, dtype=torch.float64)
+    nll = -torch.log_softmax(logits, -1)
+    targets = torch.tensor([3, 1, 3, 5])
+    ce, z = fn(logits, targets, ignore_index=3)
+    assert float(ce) == pytest.approx((float(nll[1, 1]) + float(nll[3, 5])) / 2, rel=1e-12)
+    assert float(z) == pytest.approx(float(torch.logsumexp(logits, -1).pow(2).mean()), rel=1e-12)
+    ce_one, _ = fn(logits, torch.tensor([3, 3, 3, 2]), ignore_index=3)
+    assert float(ce_one) == pytest.approx(float(nll[3, 2]), rel=1e-12)
+    out = ModelOutput(logits=logits[None], state=None, totals={})
+    loss, _ = lm_loss(out, targets[None], 0.0, ignore_index=3)
+    assert float(loss) == pytest.approx(float(ce), rel=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
