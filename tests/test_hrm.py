@@ -562,3 +562,12 @@ def test_the_carried_last_output_keeps_its_dtype_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         _, new, _ = model(torch.randn(1, 3, 16), torch.zeros(1, 3, dtype=torch.long), rounds, 0)
     assert all(r["last_out"].dtype == torch.float32 for r in new)
+
+
+def test_rwkv_stacks_take_the_configured_time_mix():
+    from hierarchos.model.rwkv import TimeMix4
+
+    for time_mix in ("rwkv7", "wkv4"):
+        model = reasoner(time_mix=time_mix)
+        for stack in (model.manager, model.worker):
+            assert all(isinstance(b.time_mix, TimeMix4) == (time_mix == "wkv4") for b in stack.blocks), time_mix

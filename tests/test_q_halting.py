@@ -412,3 +412,33 @@ def test_cli_trains_with_q_halting_and_chats(tmp_path):
     assert bias[0].item() == pytest.approx(2.0, abs=0.01) and bias[1].item() == pytest.approx(-5.0, abs=0.01)
     reply = cli("chat", "--model-path", out, "--prompt", "the quick", "--max-new-tokens", "4", "--device", "cpu")
     assert reply.stdout.strip() != "" or reply.returncode == 0
+
+
+def test_q_head_starts_at_zero_weights_and_bias_minus_five():
+    """Seed 003's initialisation: both logits sigmoid(-5) ~ 0.007 for every input at the start."""
+    model = reasoner()
+    assert not model.h_q_head.weight.detach().any()
+    assert model.h_q_head.bias.detach().tolist() == [-5.0, -5.0]
+
+
+def test_exploration_with_two_passes_forces_the_second():
+    """max_h_steps = 2, q_explore_prob = 1 in training: every minimum is 2, so no point halts at pass 1."""
+    table = [[[1.0, 0.0]] * 3, [[1.0, 0.0]] * 3]
+    model = stubbed(table, q_explore_prob=1.0).train()
+    _, _, totals = ponder(model, 2, 3)
+    assert float(totals["manager_steps"][0]) == 2 * 3 * 2
+
+
+def test_a_point_halting_at_its_first_pass_is_not_run_again_in_the_step_form():
+    single = stubbed([[[2.0, 1.0]], [[5.0, 0.0]], [[5.0, 0.0]]])
+    plans, _, _ = ponder(single, 1, 1)
+    assert len(single.manager.calls) == 1 and plans[0, 0, :3].tolist() == [1.0, 0.0, 0.0]
+
+
+def test_an_act_model_reports_no_q_halt():
+    torch.manual_seed(0)
+    model = HierarchosLM(tiny_config()).double()
+    out = model(model_tokens(0, 1, 6))
+    assert out.q_halt is None
+    _, parts = lm_loss(out, model_tokens(1, 1, 6), 0.0)
+    assert "q_halt" not in parts
