@@ -442,3 +442,26 @@ def test_an_act_model_reports_no_q_halt():
     assert out.q_halt is None
     _, parts = lm_loss(out, model_tokens(1, 1, 6), 0.0)
     assert "q_halt" not in parts
+
+
+def test_both_q_terms_and_the_ignore_index_reach_the_total():
+    """With every point running to the cap the continue term is nonzero: the total must hold
+    q * (halt + continue); and lm_loss hands its ignore_index to the halt loss."""
+    torch.manual_seed(fresh_seed())
+    model = HierarchosLM(tiny_config(halting="q", h_stride=2)).double().eval()
+    with torch.no_grad():  # halt logits that differ per point; continue always wins, so every pass runs
+        model.reasoner.h_q_head.weight.normal_(0, 0.5)
+        model.reasoner.h_q_head.bias.copy_(torch.tensor([-5.0, 5.0]))
+    tokens = model_tokens(3, 2, 17)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:].clone()
+    with torch.no_grad():
+        out = model(inputs)
+    assert float(out.aux["q_continue"]) > 0
+    plain, _ = lm_loss(out, targets, 0.0, LossWeights(q=0.0))
+    total, parts = lm_loss(out, targets, 0.0, LossWeights(q=0.5))
+    expected = 0.5 * (float(q_halt_loss(out, targets)) + float(out.aux["q_continue"]))
+    assert float(total - plain) == pytest.approx(expected, rel=1e-12)
+    ignored = targets[0, 3].item()
+    _, parts_ignored = lm_loss(out, targets, 0.0, LossWeights(q=0.5), ignore_index=ignored)
+    assert float(parts_ignored["q_halt"]) == pytest.approx(float(q_halt_loss(out, targets, ignored)), rel=1e-12)
+    assert float(parts_ignored["q_halt"]) != pytest.approx(float(parts["q_halt"]), rel=1e-9)
