@@ -69,7 +69,8 @@ def run_module(module: str, tests: list[str], work: Path, jobs: int) -> dict:
     # timeout); one thread per mutant, `jobs` mutants at once
     cfg = ["[mutmut]", "source_paths=hierarchos", f"only_mutate={module}", "process_isolation=forkserver",
            "pytest_add_cli_args_test_selection=", *[f"    {t}" for t in tests],
-           "pytest_add_cli_args=", "    -p", "    no:cacheprovider", "    -q", ""]
+           "pytest_add_cli_args=", "    -p", "    no:cacheprovider", "    -q",
+           "also_copy=", "    hierarchos_cli.py", "    kernels", ""]  # CLI tests run the entry script
     (work / "setup.cfg").write_text("\n".join(cfg))
     t0 = time.time()
     env_cmd = [sys.executable, "-m", "mutmut", "run", "--max-children", str(jobs)]
@@ -103,7 +104,7 @@ def main() -> int:
     args = p.parse_args()
     work = Path(args.work)
     if args.show:
-        module = args.show.split(".x_")[0].replace(".", "/") + ".py"
+        module = re.split(r"\.x[ǁ_]", args.show)[0].replace(".", "/") + ".py"
         out = subprocess.run([sys.executable, "-m", "mutmut", "show", args.show], cwd=work / Path(module).stem,
                              capture_output=True, text=True)
         print(out.stdout or out.stderr)
