@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import POS_ENCODINGS
 from ..ops.amp import to_autocast_dtype
-from .deepembed import deepembed_tables
+from .deepembed import DeepEmbedTables
 
 ROPE_BASE = 10000.0
 
@@ -151,9 +151,7 @@ class AttentionStack(nn.Module):
             self.position_table = nn.Embedding(max_positions, dim)
             nn.init.normal_(self.position_table.weight, std=0.02)
         self.per_block_deepembed = per_block_deepembed
-        self.deepembed = None
-        if use_deepembed:
-            self.deepembed = deepembed_tables(vocab_size, ffn_dim, n_layers, per_block_deepembed)
+        self.deepembed = DeepEmbedTables(vocab_size, ffn_dim, n_layers, per_block_deepembed) if use_deepembed else None
         self.gradient_checkpointing = False
 
     def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> dict:
@@ -218,14 +216,10 @@ class AttentionStack(nn.Module):
         filled = (new_pos >= 0) & (new_pos < pos_end[:, None]) & (from_call | (old_slots > 0))
         index = source[:, None, :, None].expand(B, self.n_heads, new_slots, self.head_size)
 
-        shared_gate = None
-        if self.deepembed is not None and not self.per_block_deepembed:
-            shared_gate = to_autocast_dtype(self.deepembed[0](tokens))
+        gates = self.deepembed.gates(tokens, len(self.blocks)) if self.deepembed is not None else None
         keys, values = [], []
         for i, block in enumerate(self.blocks):
-            gate = shared_gate
-            if self.deepembed is not None and self.per_block_deepembed:
-                gate = to_autocast_dtype(self.deepembed[i](tokens))
+            gate = next(gates) if gates is not None else None
             args = (x, rope, state["key"][i], state["value"][i], mask, gate)
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x, key, value = checkpoint(block, *args, use_reentrant=False)

@@ -22,7 +22,7 @@ from ..config import TIME_MIXES
 from ..ops.amp import to_autocast_dtype
 from ..ops.wkv import wkv7
 from ..ops.wkv4 import EMPTY_PP, wkv4
-from .deepembed import deepembed_tables
+from .deepembed import DeepEmbedTables
 
 # The recurrence as torch.compile must see it: an opaque call (its chunk loop, up to T / 16
 # iterations, would be unrolled into the graph, and its C++/Triton paths are not traceable).
@@ -260,9 +260,7 @@ class RWKVStack(nn.Module):
         self.blocks = nn.ModuleList(
             RWKVBlock(dim, head_size, ffn_dim, i, n_layers, wkv_chunk, time_mix) for i in range(n_layers))
         self.per_block_deepembed = per_block_deepembed
-        self.deepembed = None
-        if use_deepembed:
-            self.deepembed = deepembed_tables(vocab_size, ffn_dim, n_layers, per_block_deepembed)
+        self.deepembed = DeepEmbedTables(vocab_size, ffn_dim, n_layers, per_block_deepembed) if use_deepembed else None
         self.gradient_checkpointing = False
 
     def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> dict:
@@ -282,14 +280,9 @@ class RWKVStack(nn.Module):
     def forward(self, x: torch.Tensor, tokens: torch.Tensor, state: dict, frozen: torch.Tensor | None = None):
         """x: (B, T, C) inputs; tokens: (B, T) ids for DeepEmbed; frozen: (B, T) bool or None."""
         tm, wkv, cm = [], [], []
-        # gates cast once per pass (not per block) to the dtype the channel mix runs in under autocast
-        shared_gate = None
-        if self.deepembed is not None and not self.per_block_deepembed:
-            shared_gate = to_autocast_dtype(self.deepembed[0](tokens))
+        gates = self.deepembed.gates(tokens, len(self.blocks)) if self.deepembed is not None else None
         for i, block in enumerate(self.blocks):
-            gate = shared_gate
-            if self.deepembed is not None and self.per_block_deepembed:
-                gate = to_autocast_dtype(self.deepembed[i](tokens))
+            gate = next(gates) if gates is not None else None
             args = (x, state["tm_shift"][i], state["wkv"][i], state["cm_shift"][i], gate, frozen)
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x, s_tm, s_wkv, s_cm = checkpoint(block, *args, use_reentrant=False)
