@@ -7,6 +7,7 @@
 
 #include <string>
 
+#include "bpe.h"
 #include "rosa.h"
 #include "wkv.h"
 #include "runtime.h"
@@ -183,6 +184,8 @@ PYBIND11_MODULE(hierarchos_kernels, m) {
     m.def("wkv7_steps", &wkv7_steps, py::arg("state"), py::arg("r"), py::arg("log_w"), py::arg("k"), py::arg("v"),
           py::arg("a"), py::arg("b"),
           "RWKV-7 recurrence over a few tokens: (o (B,T,H,N), new state (B,H,N,N)); float32, no autograd");
+
+    hk::register_bpe(m);  // BpeEncoder (bpe.cpp)
 
     py::class_<hk::RosaAutomaton>(m, "RosaAutomaton")
         .def(py::init([](int64_t window, int64_t none_id) {
