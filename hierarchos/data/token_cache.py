@@ -4,6 +4,9 @@ A cache directory holds `tokens.bin` (uint16 ids where the vocabulary fits, else
 document followed by EOS, as the trainer packs them), `doc_ends.bin` (int64: where each document's
 EOS ends), `doc_bytes.bin` (int64: each document's UTF-8 bytes, for bits per byte), `index.json` (format, dtype, counts, checksums, the tokenizer's identity, the sources'
 sizes/mtimes/sampled hashes) and, for tokenizers trained on the data (char, bpe:N), `tokenizer/`.
+Byte-level BPE tokenizers are encoded by the native encoder (hierarchos.data.fast_bpe: the same
+ids as the library, checked against it on every corpus), others by the library; the index names
+which one built the cache, and either cache is valid for both, the ids being the same.
 It is built in a temp directory renamed into place (hierarchos.io.atomic_dir), so a kill, an error
 or a full disk leaves nothing a later run would trust. A run reuses it when the sources and the
 tokenizer are unchanged and the files check out (size always, checksum of sampled blocks always,
@@ -29,6 +32,7 @@ import numpy as np
 
 from hierarchos.errors import HierarchosError
 
+from .fast_bpe import BatchEncoder, EncoderMismatch
 from .streaming import StreamSource
 from .tokenizers import Tokenizer, load_tokenizer
 
@@ -217,13 +221,26 @@ def _batches(source: StreamSource, out: queue.Queue, stop: threading.Event) -> N
 
 def build(directory: Path, source: StreamSource, tokenizer: Tokenizer, sources: list[dict], identity: dict,
           *, save_tokenizer: bool = False, log=print) -> None:
-    """Tokenize `source` into `directory` (atomically: a temp dir renamed into place)."""
+    """Tokenize `source` into `directory` (atomically: a temp dir renamed into place); when the
+    native encoder is found to disagree with the library past the first MiB, start over with the
+    library (nothing it wrote is kept)."""
+    dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32)
+    try:
+        _build(directory, source, tokenizer, sources, identity, BatchEncoder(tokenizer, dtype, log=log),
+               save_tokenizer=save_tokenizer, log=log)
+    except EncoderMismatch:
+        source.template, source.n_records, source.n_skipped = None, 0, 0
+        _build(directory, source, tokenizer, sources, identity,
+               BatchEncoder(tokenizer, dtype, allow_native=False, log=log), save_tokenizer=save_tokenizer, log=log)
+
+
+def _build(directory: Path, source: StreamSource, tokenizer: Tokenizer, sources: list[dict], identity: dict,
+           encoder: BatchEncoder, *, save_tokenizer: bool, log) -> None:
     from tqdm import tqdm
 
     from hierarchos.io import atomic_dir
 
-    dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32)
-    eos = np.array([tokenizer.eos_id], dtype=dtype)
+    dtype = encoder.dtype
     full, sample = hashlib.blake2b(digest_size=16), None
     doc_ends, doc_bytes = array("q"), array("q")
     n_tokens = n_chars = n_bytes = 0
@@ -245,19 +262,17 @@ def build(directory: Path, source: StreamSource, tokenizer: Tokenizer, sources: 
                         raise item
                     group, ends, chars, consumed, group_doc_bytes = item
                     doc_bytes.extend(group_doc_bytes)
-                    encoded = tokenizer.encode_batch(group) if group else []
-                    parts = []
-                    for ids, ends_doc in zip(encoded, ends):
-                        parts.append(np.asarray(ids, dtype=dtype))
-                        n_tokens += len(ids)
-                        if ends_doc:
-                            parts.append(eos)
-                            n_tokens += 1
-                            doc_ends.append(n_tokens)
-                    if parts:
-                        block = np.concatenate(parts).tobytes()
-                        handle.write(block)
-                        full.update(block)
+                    if group:
+                        ids, counts = encoder.encode(group)
+                        # EOS after each text that ends a document: np.insert puts the j-th one before
+                        # original index positions[j], so it lands at positions[j] + j
+                        positions = np.cumsum(counts)[np.flatnonzero(ends)]
+                        block = np.insert(ids, positions, tokenizer.eos_id)
+                        doc_ends.extend((n_tokens + positions + np.arange(1, len(positions) + 1)).tolist())
+                        n_tokens += len(block)
+                        data = block.tobytes()
+                        handle.write(data)
+                        full.update(data)
                     n_chars += chars
                     n_bytes += consumed
                     bar.update(consumed)
@@ -274,7 +289,7 @@ def build(directory: Path, source: StreamSource, tokenizer: Tokenizer, sources: 
                      "n_docs": len(doc_ends), "chars": n_chars, "text_bytes": int(sum(doc_bytes)), "name": source.name, "template": source.template,
                      "records": source.n_records, "skipped_records": source.n_skipped,
                      "tokens_blake2b": full.hexdigest(), "tokens_sample_blake2b": sample,
-                     "tokenizer": identity, "sources": sources,
+                     "tokenizer": identity, "encoder": encoder.name, "sources": sources,
                      "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
             (tmp / INDEX).write_text(json.dumps(index, indent=1) + "\n", encoding="utf-8")
     except OSError as exc:
@@ -293,5 +308,7 @@ def build(directory: Path, source: StreamSource, tokenizer: Tokenizer, sources: 
         bar.close()
     elapsed = max(time.perf_counter() - started, 1e-9)
     mb = (n_bytes or n_chars) / 1e6
+    how = "native BPE encoder" if encoder.name == "native" else (
+        "tokenizers" + (f" (native BPE encoder not used: {encoder.why})" if encoder.why else ""))
     log(f"token cache: {n_tokens:,} tokens from {mb:,.1f} MB in {elapsed:.1f} s ({mb / elapsed:.1f} MB/s, "
-        f"{n_tokens / elapsed:,.0f} tokens/s), {len(doc_ends):,} documents, {dtype.name}")
+        f"{n_tokens / elapsed:,.0f} tokens/s), {len(doc_ends):,} documents, {dtype.name}, {how}")
