@@ -64,7 +64,7 @@ def test_singles_alone_finish_a_lightly_blanked_grid():
 
 def test_a_puzzle_with_two_solutions_is_detected():
     # Minimal puzzle minus one given: by minimality it has several solutions.
-    puzzles = sudoku.generate(1, size=9, seed=3)
+    puzzles = sudoku.generate(1, size=9, seed=3, climb_steps=0)
     puzzle, solution = puzzles.inputs[0], puzzles.solutions[0]
     cell = int(np.flatnonzero(puzzle)[0])
     loose = puzzle.copy()
@@ -90,13 +90,13 @@ def test_contradictory_givens_have_no_solution_and_bad_grids_are_one_line_errors
 # ---- generator ----------------------------------------------------------------------------------
 
 def test_generated_9x9_puzzles_are_unique_minimal_need_search_and_deterministic():
-    puzzles = sudoku.generate(4, size=9, seed=11)
-    again = sudoku.generate(4, size=9, seed=11)
-    other = sudoku.generate(4, size=9, seed=12)
+    puzzles = sudoku.generate(3, size=9, seed=11, climb_steps=3)
+    again = sudoku.generate(3, size=9, seed=11, climb_steps=3)
+    other = sudoku.generate(3, size=9, seed=12, climb_steps=3)
     assert np.array_equal(puzzles.inputs, again.inputs) and np.array_equal(puzzles.difficulty, again.difficulty)
     assert not np.array_equal(puzzles.inputs, other.inputs)
-    assert puzzles.inputs.dtype == np.uint8 and puzzles.inputs.shape == (4, 81)
-    assert puzzles.puzzle_ids.tolist() == [1, 2, 3, 4] and puzzles.meta["split"] == "train"
+    assert puzzles.inputs.dtype == np.uint8 and puzzles.inputs.shape == (3, 81)
+    assert puzzles.puzzle_ids.tolist() == [1, 2, 3] and puzzles.meta["split"] == "train"
     for puzzle, solution, difficulty in zip(puzzles.inputs, puzzles.solutions, puzzles.difficulty):
         assert brute_valid(solution) and ((puzzle == 0) | (puzzle == solution)).all()
         found, effort = sudoku.solve(puzzle)
@@ -111,8 +111,26 @@ def test_generated_9x9_puzzles_are_unique_minimal_need_search_and_deterministic(
         assert len(sudoku.solve(loose)[0]) == 2
 
 
+def test_climbing_keeps_the_solution_and_uniqueness_and_never_gets_easier():
+    import random
+
+    geo = sudoku._geometry(9)
+    for slot in range(2):
+        rng = random.Random(slot)
+        solution = sudoku._random_solution(geo, rng)
+        start = sudoku._dig(solution, geo, rng)
+        climbed = sudoku._climb(start, solution, geo, rng, 6)
+        found, _ = sudoku.solve(np.array(climbed, np.uint8))
+        assert len(found) == 1 and found[0].tolist() == solution
+        assert sudoku._climb_score(climbed, geo) >= sudoku._climb_score(start, geo)
+        for cell in [c for c in range(81) if climbed[c]][:8]:  # still minimal (first 8 givens, to stay fast)
+            loose = np.array(climbed, np.uint8)
+            loose[cell] = 0
+            assert len(sudoku.solve(loose)[0]) == 2
+
+
 def test_min_difficulty_is_respected_and_an_unreachable_one_is_a_clear_error():
-    hard = sudoku.generate(3, size=9, seed=5, min_difficulty=6)
+    hard = sudoku.generate(3, size=9, seed=5, min_difficulty=6, climb_steps=0)
     assert (hard.difficulty >= 6).all() and hard.meta["min_difficulty"] == 6
     with pytest.raises(HierarchosError, match="lower --min-difficulty"):
         sudoku.generate(1, size=4, seed=0, min_difficulty=1000)
@@ -123,8 +141,8 @@ def test_generation_does_not_depend_on_the_number_of_workers():
     two = sudoku.generate(24, size=4, seed=7, workers=2)
     for name in ("inputs", "solutions", "puzzle_ids", "difficulty"):
         assert np.array_equal(getattr(one, name), getattr(two, name)), name
-    nine_one = sudoku.generate(3, size=9, seed=2, workers=1)
-    nine_two = sudoku.generate(3, size=9, seed=2, workers=2)
+    nine_one = sudoku.generate(3, size=9, seed=2, workers=1, climb_steps=2)
+    nine_two = sudoku.generate(3, size=9, seed=2, workers=2, climb_steps=2)
     assert np.array_equal(nine_one.inputs, nine_two.inputs)
 
 
@@ -143,7 +161,7 @@ def test_augment_preserves_validity_uniqueness_and_correspondence_and_changes_gr
     seed = int(np.random.SeedSequence().entropy % 2**32)
     print("seed", seed)
     rng = np.random.default_rng(seed)
-    base = sudoku.generate(3, size=9, seed=21)
+    base = sudoku.generate(3, size=9, seed=21, climb_steps=0)
     inputs = np.repeat(base.inputs, 4, axis=0)
     solutions = np.repeat(base.solutions, 4, axis=0)
     aug_in, aug_sol = sudoku.augment(inputs, solutions, rng)
@@ -216,7 +234,7 @@ def test_canonical_form_matches_a_brute_force_oracle_on_4x4():
 
 
 def test_canonical_form_separates_different_puzzles_and_is_a_member_of_the_orbit():
-    puzzles = sudoku.generate(5, size=9, seed=8)
+    puzzles = sudoku.generate(5, size=9, seed=8, climb_steps=0)
     forms = [sudoku.canonical_form(p) for p in puzzles.inputs]
     assert len(set(forms)) == 5
     for puzzle, form in zip(puzzles.inputs, forms):

@@ -56,6 +56,9 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-difficulty", "--min_difficulty", type=_difficulty, default=None, metavar="X",
                    help="keep puzzles whose solver effort (mean guesses with singles propagation) is at least X; "
                         "default: 1 for 9x9 (the puzzle needs search), 0 for 4x4")
+    p.add_argument("--climb-steps", "--climb_steps", type=_count(0, "a number of steps (0 or more)"), default=None,
+                   metavar="K", help="hill-climbing moves that harden each puzzle (keeping its solution); 0 = plain "
+                                     "random minimal puzzles, more = harder and slower (default: 20 for 9x9, 0 for 4x4)")
     p.add_argument("--augment", type=_count(0, "a number of copies (0 or more)"), default=0, metavar="K",
                    help="also write K augmented copies of each training puzzle (same puzzle_id) (default 0)")
     p.add_argument("--workers", type=_count(1, "a positive number of processes"), default=1, metavar="N",
@@ -78,7 +81,7 @@ def run_generate(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     train, test = make_splits(args.train, args.test, size=args.size, seed=args.seed,
                               min_difficulty=args.min_difficulty, workers=args.workers,
-                              progress=not args.no_progress)
+                              progress=not args.no_progress, climb_steps=args.climb_steps)
     elapsed = time.perf_counter() - started
     rate = (len(train) + len(test)) / max(elapsed, 1e-9)
     meta = {"generation_seconds": round(elapsed, 3), "workers": args.workers}

@@ -27,6 +27,8 @@ MAX_ATTEMPTS = 400
 GENERATOR = "minimal-dig-v1"
 # Symmetric copies whose mean effort is a puzzle's difficulty (see orbit_difficulty).
 ORBIT_SAMPLES = 8
+# Hill-climbing moves that harden each 9x9 puzzle by default (see default_climb_steps).
+DEFAULT_CLIMB_STEPS = 20
 
 
 # ---- geometry --------------------------------------------------------------------------------
@@ -86,14 +88,16 @@ def _propagate(cand: list[int], geo: _Geometry, queue: list[int]) -> bool:
                     if not options & (options - 1):
                         queue.append(peer)
         for unit in units:
-            once = twice = 0
+            once = twice = fixed = 0
             for cell in unit:
                 options = cand[cell]
                 twice |= once & options
                 once |= options
+                if not options & (options - 1):
+                    fixed |= options
             if once != full:  # some digit has no place left in this unit
                 return False
-            singles = once & ~twice
+            singles = once & ~twice & ~fixed  # digits already placed need nothing
             if singles:
                 for cell in unit:
                     options = cand[cell]
@@ -247,6 +251,17 @@ def _first_row_column_orders(row: list[int], box: int) -> list[tuple[int, ...]]:
     return orders
 
 
+def _relabelled(row: list[int], order, labels: dict[int, int]) -> tuple[tuple[int, ...], dict[int, int]]:
+    new = dict(labels)
+    pattern = []
+    for c in order:
+        digit = row[c]
+        if digit and digit not in new:
+            new[digit] = len(new) + 1
+        pattern.append(new.get(digit, 0))
+    return tuple(pattern), new
+
+
 def canonical_form(grid: np.ndarray) -> bytes:
     """A key equal for two puzzles exactly when one is an augmentation of the other
     (the lexicographically smallest member of the grid's orbit, as n*n bytes)."""
@@ -255,26 +270,12 @@ def canonical_form(grid: np.ndarray) -> bytes:
     cells = array.tolist()
     views = [[cells[r * size:(r + 1) * size] for r in range(size)]]
     views.append([[cells[r * size + c] for r in range(size)] for c in range(size)])  # transposed
-    # state: (view, column order, chosen rows, digit relabelling)
-    states = []
-    best_row = None
-    for view in views:
-        for r in range(size):
-            for order in _first_row_column_orders(view[r], box):
-                labels: dict[int, int] = {}
-                pattern = []
-                for c in order:
-                    digit = view[r][c]
-                    if digit and digit not in labels:
-                        labels[digit] = len(labels) + 1
-                    pattern.append(labels.get(digit, 0))
-                pattern = tuple(pattern)
-                if best_row is None or pattern < best_row:
-                    best_row, states = pattern, []
-                if pattern == best_row:
-                    states.append((view, order, (r,), labels))
-    form = list(best_row)
-    for slot in range(1, size):
+    # A state is (view, column order, chosen rows, digit relabelling). While every chosen row is
+    # blank the column order is still free (None): enumerating it early would multiply the
+    # states by up to (b!)^(b+1) for nothing.
+    states = [(view, None, (), {}) for view in views]
+    form: list[int] = []
+    for slot in range(size):
         best_row, survivors = None, []
         for view, order, chosen, labels in states:
             if slot % box == 0:  # a new band: any row of a band not used yet
@@ -285,18 +286,21 @@ def canonical_form(grid: np.ndarray) -> bytes:
                 options = [r for r in range(band * box, (band + 1) * box) if r not in chosen]
             for r in options:
                 row = view[r]
-                new = dict(labels)
-                pattern = []
-                for c in order:
-                    digit = row[c]
-                    if digit and digit not in new:
-                        new[digit] = len(new) + 1
-                    pattern.append(new.get(digit, 0))
-                pattern = tuple(pattern)
-                if best_row is None or pattern < best_row:
-                    best_row, survivors = pattern, []
-                if pattern == best_row:
-                    survivors.append((view, order, chosen + (r,), new))
+                if order is not None:
+                    choices = [(order, *_relabelled(row, order, labels))]
+                elif not any(row):
+                    choices = [(None, (0,) * size, labels)]
+                else:  # the first row with givens fixes the column order up to ties
+                    orders = _first_row_column_orders(row, box)
+                    pattern = _relabelled(row, orders[0], labels)[0]
+                    if best_row is not None and pattern > best_row:
+                        continue
+                    choices = [(o, *_relabelled(row, o, labels)) for o in orders]
+                for new_order, pattern, new_labels in choices:
+                    if best_row is None or pattern < best_row:
+                        best_row, survivors = pattern, []
+                    if pattern == best_row:
+                        survivors.append((view, new_order, chosen + (r,), new_labels))
         form.extend(best_row)
         states = survivors
     return bytes(form)
@@ -361,6 +365,12 @@ def default_min_difficulty(size: int) -> float:
     return 1.0 if size == 9 else 0.0
 
 
+def default_climb_steps(size: int) -> int:
+    """Hill-climbing moves per 9x9 puzzle: about triples the median difficulty of random minimal
+    puzzles for about 10x the time (see bench/bench_sudoku_generator.py). None for 4x4."""
+    return DEFAULT_CLIMB_STEPS if size == 9 else 0
+
+
 def _random_solution(geo: _Geometry, rng: random.Random) -> list[int]:
     cand = [geo.full] * geo.cells
     found: list = []
@@ -368,12 +378,12 @@ def _random_solution(geo: _Geometry, rng: random.Random) -> list[int]:
     return [bit.bit_length() for bit in found[0]]
 
 
-def _dig(solution: list[int], geo: _Geometry, rng: random.Random) -> list[int]:
+def _dig(clues: list[int], geo: _Geometry, rng: random.Random) -> list[int]:
     """Remove givens in a random order while the puzzle stays unique: a minimal puzzle.
     Removing the given v at a cell keeps uniqueness iff no solution has another digit there,
     and a given that cannot go now never can later (fewer givens, more solutions)."""
-    clues = list(solution)
-    order = list(range(geo.cells))
+    clues = list(clues)
+    order = [cell for cell in range(geo.cells) if clues[cell]]
     rng.shuffle(order)
     for cell in order:
         digit = clues[cell]
@@ -385,6 +395,44 @@ def _dig(solution: list[int], geo: _Geometry, rng: random.Random) -> list[int]:
             _search(cand, geo, 1, found, [0])
         if found:
             clues[cell] = digit
+    return clues
+
+
+def _transposed(clues: list[int], size: int) -> list[int]:
+    return [clues[c * size + r] for r in range(size) for c in range(size)]
+
+
+def _climb_score(clues: list[int], geo: _Geometry) -> float:
+    # The puzzle and its transpose: the search branches in cell order, so one orientation alone
+    # rewards puzzles that are hard only the way round they happen to be written.
+    return (_solve_list(clues, geo, 2)[1] + _solve_list(_transposed(clues, geo.size), geo, 2)[1]) / 2
+
+
+def _climb(clues: list[int], solution: list[int], geo: _Geometry, rng: random.Random, steps: int) -> list[int]:
+    """Hill-climb towards harder puzzles with the same solution. A move forgets 1-3 givens and
+    reveals 0-2 other cells, restores uniqueness by revealing a cell where two solutions differ,
+    and digs back to a minimal puzzle; the move is kept when the puzzle is at least as hard."""
+    score = _climb_score(clues, geo)
+    cells = geo.cells
+    for _ in range(steps):
+        new = list(clues)
+        givens = [cell for cell in range(cells) if new[cell]]
+        for cell in rng.sample(givens, min(len(givens), rng.randint(1, 3))):
+            new[cell] = 0
+        blanks = [cell for cell in range(cells) if not clues[cell]]
+        for cell in rng.sample(blanks, min(len(blanks), rng.randint(0, 2))):
+            new[cell] = solution[cell]
+        while True:
+            found, _ = _solve_list(new, geo, 2)
+            if len(found) == 1:
+                break
+            first, second = found
+            cell = rng.choice([c for c in range(cells) if first[c] != second[c]])
+            new[cell] = solution[cell]
+        new = _dig(new, geo, rng)
+        new_score = _climb_score(new, geo)
+        if new_score >= score:
+            clues, score = new, new_score
     return clues
 
 
@@ -401,22 +449,23 @@ def orbit_difficulty(grid: np.ndarray, samples: int = ORBIT_SAMPLES) -> float:
     follows cell order), so a transposed copy can cost 3x more or less; averaging over copies
     chosen from the orbit alone gives a measure that is the same for every augmentation of a
     puzzle and less noisy. 0 exactly when singles alone solve it (propagation is symmetric)."""
-    form = canonical_form(grid)
+    return _orbit_difficulty(canonical_form(grid), samples)
+
+
+def _orbit_difficulty(form: bytes, samples: int = ORBIT_SAMPLES) -> float:
     canon = np.frombuffer(form, dtype=np.uint8)
-    size = _size_of(canon)
-    geo = _geometry(size)
+    geo = _geometry(_size_of(canon))
     rng = np.random.default_rng(int.from_bytes(hashlib.sha256(form).digest()[:8], "little"))
     copies = np.repeat(canon[None, :], samples, axis=0)
     if samples > 1:
         copies[1:] = augment(copies[1:], copies[1:], rng)[0]
-    efforts = [_solve_list(row, geo, 2)[1] for row in copies.tolist()]
-    return float(np.mean(efforts))
+    return float(np.mean([_solve_list(row, geo, 2)[1] for row in copies.tolist()]))
 
 
-def _make_slot(job: tuple[int, int, str, int, float]):
+def _make_slot(job: tuple[int, int, str, int, float, int]):
     """One puzzle for one slot: (clues, solution, difficulty, canonical form, attempts), or None
     when MAX_ATTEMPTS puzzles all fell short of min_difficulty. Depends only on `job`."""
-    size, seed, split, slot, min_difficulty = job
+    size, seed, split, slot, min_difficulty, climb_steps = job
     geo = _geometry(size)
     rng = _slot_rng(size, seed, split, slot)
     for attempt in range(1, MAX_ATTEMPTS + 1):
@@ -427,15 +476,17 @@ def _make_slot(job: tuple[int, int, str, int, float]):
             blanks = [cell for cell in range(geo.cells) if not clues[cell]]
             for cell in rng.sample(blanks, rng.randint(0, 4)):
                 clues[cell] = solution[cell]
-        solutions, effort = _solve_list(clues, geo, 2)
+        if min_difficulty > 0 and _solve_list(clues, geo, 2)[1] == 0:
+            continue  # singles finish it (on every symmetric copy too): not worth climbing from
+        if climb_steps:
+            clues = _climb(clues, solution, geo, rng, climb_steps)
+        solutions, _ = _solve_list(clues, geo, 2)
         if len(solutions) != 1 or solutions[0] != solution:
             raise AssertionError(f"generator produced a non-unique puzzle (slot {slot})")  # a solver bug
-        if effort == 0 and min_difficulty > 0:
-            continue  # singles finish it, on every symmetric copy too
-        grid = np.array(clues, dtype=np.uint8)
-        difficulty = orbit_difficulty(grid)
+        form = canonical_form(np.array(clues, dtype=np.uint8))
+        difficulty = _orbit_difficulty(form)
         if difficulty >= min_difficulty:
-            return bytes(clues), bytes(solution), difficulty, canonical_form(grid), attempt
+            return bytes(clues), bytes(solution), difficulty, form, attempt
     return None
 
 
@@ -448,19 +499,23 @@ def _run_slots(jobs: list, workers: int, pool):
 
 
 def generate(count: int, *, size: int = 9, seed: int, min_difficulty: float | None = None, workers: int = 1,
-             split: str = "train", exclude: set[bytes] | frozenset = frozenset(), progress: bool = False) -> PuzzleSet:
+             split: str = "train", exclude: set[bytes] | frozenset = frozenset(), progress: bool = False,
+             climb_steps: int | None = None) -> PuzzleSet:
     """`count` distinct puzzles (none equivalent to another, nor to a canonical form in `exclude`)
-    whose effort is at least `min_difficulty` (default: `default_min_difficulty(size)`).
+    whose difficulty (`orbit_difficulty`) is at least `min_difficulty` (default:
+    `default_min_difficulty(size)`), each hardened by `climb_steps` hill-climbing moves
+    (default: `default_climb_steps(size)`; 0 = random minimal puzzles).
 
     Slot k draws from its own random stream (seed, split, size, k) and the slots are taken in
     order, so the result depends on the arguments only, not on `workers`. Training puzzles get
     ids 1..count, test puzzles id 0."""
     return _generate(count, size=size, seed=seed, min_difficulty=min_difficulty, workers=workers,
-                     split=split, exclude=exclude, progress=progress)[0]
+                     split=split, exclude=exclude, progress=progress, climb_steps=climb_steps)[0]
 
 
 def _generate(count: int, *, size: int, seed: int, min_difficulty: float | None, workers: int, split: str,
-              exclude=frozenset(), progress: bool = False) -> tuple[PuzzleSet, list[bytes]]:
+              exclude=frozenset(), progress: bool = False,
+              climb_steps: int | None = None) -> tuple[PuzzleSet, list[bytes]]:
     if size not in SIZES:
         raise HierarchosError(f"puzzle size {size} is not supported; use 9 (9x9) or 4 (4x4)")
     if count < 1:
@@ -472,6 +527,9 @@ def _generate(count: int, *, size: int, seed: int, min_difficulty: float | None,
     floor = default_min_difficulty(size) if min_difficulty is None else float(min_difficulty)
     if not floor >= 0:
         raise HierarchosError(f"min difficulty must be 0 or more, got {min_difficulty}")
+    steps = default_climb_steps(size) if climb_steps is None else int(climb_steps)
+    if steps < 0:
+        raise HierarchosError(f"climb steps must be 0 or more, got {climb_steps}")
     seen = set(exclude)
     kept: list[tuple] = []
     next_slot, duplicates, attempts = 0, 0, 0
@@ -489,7 +547,7 @@ def _generate(count: int, *, size: int, seed: int, min_difficulty: float | None,
             want = count - len(kept)
             # 4x4 has few distinct puzzles: ask for extra slots so duplicates do not mean many rounds
             batch = want if size == 9 else max(64, 2 * want)
-            jobs = [(size, int(seed), split, slot, floor) for slot in range(next_slot, next_slot + batch)]
+            jobs = [(size, int(seed), split, slot, floor, steps) for slot in range(next_slot, next_slot + batch)]
             next_slot += batch
             for result in _run_slots(jobs, workers, pool):
                 if result is None:
@@ -522,18 +580,18 @@ def _generate(count: int, *, size: int, seed: int, min_difficulty: float | None,
     ids = np.arange(1, count + 1, dtype=np.int32) if split == "train" else np.zeros(count, dtype=np.int32)
     meta = {"task": "sudoku", "size": size, "split": split, "seed": int(seed), "format_version": FORMAT_VERSION,
             "min_difficulty": floor, "generator": GENERATOR, "difficulty_unit": f"mean guesses over {ORBIT_SAMPLES} symmetric copies",
-            "slots": next_slot, "attempts": attempts, "duplicates_skipped": duplicates}
+            "climb_steps": steps, "slots": next_slot, "attempts": attempts, "duplicates_skipped": duplicates}
     return PuzzleSet(inputs, solutions, ids, difficulty, meta), [k[3] for k in kept]
 
 
 def make_splits(train: int, test: int, *, size: int = 9, seed: int, min_difficulty: float | None = None,
-                workers: int = 1, progress: bool = False) -> tuple[PuzzleSet, PuzzleSet]:
+                workers: int = 1, progress: bool = False, climb_steps: int | None = None) -> tuple[PuzzleSet, PuzzleSet]:
     """A training and a test set with no puzzle in common, up to symmetry (canonical forms).
 
     The test set is drawn first from its own stream, so it is the same for a seed whatever
     the size of the training set; training puzzles equivalent to a test puzzle are skipped."""
     test_set, test_forms = _generate(test, size=size, seed=seed, min_difficulty=min_difficulty, workers=workers,
-                                     split="test", progress=progress)
+                                     split="test", progress=progress, climb_steps=climb_steps)
     train_set, _ = _generate(train, size=size, seed=seed, min_difficulty=min_difficulty, workers=workers,
-                             split="train", exclude=frozenset(test_forms), progress=progress)
+                             split="train", exclude=frozenset(test_forms), progress=progress, climb_steps=climb_steps)
     return train_set, test_set
