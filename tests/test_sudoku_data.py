@@ -87,6 +87,83 @@ def test_contradictory_givens_have_no_solution_and_bad_grids_are_one_line_errors
         assert "\n" not in str(err.value)
 
 
+def reference_singles(puzzle: np.ndarray) -> np.ndarray:
+    """Independent oracle for propagation: naked and hidden singles by plain scanning, to a fixed point."""
+    n = int(round(len(puzzle) ** 0.5))
+    b = int(round(n ** 0.5))
+    g = puzzle.reshape(n, n).astype(int).copy()
+    units = [[(r, c) for c in range(n)] for r in range(n)] + [[(r, c) for r in range(n)] for c in range(n)]
+    units += [[(br + i, bc + j) for i in range(b) for j in range(b)] for br in range(0, n, b) for bc in range(0, n, b)]
+
+    def candidates(r, c):
+        seen = set(g[r].tolist()) | set(g[:, c].tolist()) | set(g[r - r % b:r - r % b + b, c - c % b:c - c % b + b].ravel().tolist())
+        return set(range(1, n + 1)) - seen
+
+    changed = True
+    while changed:
+        changed = False
+        for r, c in itertools.product(range(n), range(n)):
+            if g[r, c] == 0 and len(candidates(r, c)) == 1:
+                g[r, c] = candidates(r, c).pop()
+                changed = True
+        for unit in units:
+            for digit in range(1, n + 1):
+                if any(g[r, c] == digit for r, c in unit):
+                    continue
+                places = [(r, c) for r, c in unit if g[r, c] == 0 and digit in candidates(r, c)]
+                if len(places) == 1:
+                    g[places[0]] = digit
+                    changed = True
+    return g.ravel()
+
+
+def all_4x4_grids() -> np.ndarray:
+    """Oracle: every valid 4x4 grid, stacking row permutations and keeping stacks whose columns
+    and boxes have no repeat (there are 288)."""
+    rows = [np.array(p) for p in itertools.permutations(range(1, 5))]
+    stacks = [[]]
+    for depth in range(4):
+        grown = []
+        for stack in stacks:
+            for row in rows:
+                g = np.array(stack + [row])
+                cols_ok = all(len(set(g[:, c])) == len(g) for c in range(4))
+                boxes_ok = depth % 2 == 0 or all(len(set(g[-2:, c:c + 2].ravel())) == 4 for c in (0, 2))
+                if cols_ok and boxes_ok:
+                    grown.append(stack + [row])
+        stacks = grown
+    return np.array([np.concatenate(stack) for stack in stacks], dtype=np.uint8)
+
+
+def test_solver_counts_solutions_like_brute_force_on_4x4():
+    seed = int(np.random.SeedSequence().entropy % 2**32)
+    print("seed", seed)
+    rng = np.random.default_rng(seed)
+    grids = all_4x4_grids()
+    assert len(grids) == 288
+    for _ in range(60):
+        source = grids[rng.integers(len(grids))]
+        puzzle = np.where(rng.random(16) < rng.uniform(0.1, 0.6), source, 0).astype(np.uint8)
+        if rng.random() < 0.2:  # sometimes a wrong given, often making it unsolvable
+            puzzle[rng.integers(16)] = rng.integers(1, 5)
+        matches = grids[((puzzle == 0) | (grids == puzzle)).all(axis=1)]
+        found, _ = sudoku.solve(puzzle, limit=300)
+        assert sorted(f.tobytes() for f in found) == sorted(m.tobytes() for m in matches), puzzle
+
+
+def test_propagation_matches_a_reference_singles_solver():
+    puzzles = sudoku.generate(3, size=9, seed=6, climb_steps=0)
+    cases = list(puzzles.inputs) + [INKALA, ESCARGOT]
+    partly = INKALA_SOLUTION.copy()
+    partly[np.random.default_rng(0).permutation(81)[:45]] = 0  # singles go some way on this one
+    cases.append(partly)
+    for puzzle in cases:
+        assert np.array_equal(sudoku.propagate(puzzle), reference_singles(puzzle))
+        assert sudoku.needs_search(puzzle) == bool((reference_singles(puzzle) == 0).any())
+    for puzzle in puzzles.inputs:  # the generator's promise, checked by the oracle
+        assert (reference_singles(puzzle) == 0).any()
+
+
 # ---- generator ----------------------------------------------------------------------------------
 
 def test_generated_9x9_puzzles_are_unique_minimal_need_search_and_deterministic():
