@@ -3,9 +3,11 @@ against the `tokenizers` library's own batch encode, and the second run's start 
 
 The corpus is assembled from text already on the machine: every .py, .md, .rst and .txt file under
 this Python's installation (the standard library and site-packages), one JSONL record per file,
-the file list repeated until the corpus reaches --mb megabytes. Then:
-  1. the library ceiling: the bundled BPE's `encode_batch_fast` on the same texts (batches of 4 MB,
-     encode time only, all cores);
+the file list repeated (in a new seeded order each round after the first) until the corpus reaches
+--mb megabytes. Then:
+  1. tokenization speed on --compare-mb of it: the `tokenizers` library's `encode_batch_fast` and
+     hierarchos' native BPE encoder (hierarchos.data.fast_bpe) on the same texts (batches of 4 MB,
+     encode time only, all cores), and hierarchos' whole cache build; alternated, best of --tries;
   2. `hierarchos train` on the corpus (first run: builds the token cache), as a user would run it;
   3. the same command again (the cache is reused).
 For each run: peak RSS (VmHWM of the process), seconds from launch to the first optimizer step
@@ -19,7 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import re
+import resource
 import subprocess
 import sys
 import sysconfig
@@ -51,7 +55,10 @@ def build_corpus(path: Path, target_bytes: int) -> dict:
     with open(tmp, "w", encoding="utf-8") as out:
         while text_bytes < target_bytes:
             rounds += 1
-            for file in files:
+            order = list(files)
+            if rounds > 1:  # not one block repeated: each later round in its own order
+                random.Random(rounds).shuffle(order)
+            for file in order:
                 try:
                     text = file.read_text(encoding="utf-8")
                 except (UnicodeDecodeError, OSError):
@@ -103,27 +110,18 @@ def cache_encode(corpus: Path, cache_root: Path) -> dict:
                                    log=lambda line: None)
     seconds = time.perf_counter() - start
     n_bytes = int(cache.index["text_bytes"])
-    return {"seconds": seconds, "text_bytes": n_bytes, "tokens": cache.n_tokens, "mb_s": n_bytes / 1e6 / seconds}
+    return {"seconds": seconds, "text_bytes": n_bytes, "tokens": cache.n_tokens, "mb_s": n_bytes / 1e6 / seconds,
+            "encoder": cache.index.get("encoder")}
 
 
-def library_encode(corpus: Path, batch_chars: int = 4 << 20) -> dict:
-    """The `tokenizers` library's own batch encode of the corpus's texts (encode time only)."""
-    from hierarchos.data import bundled_tokenizer_path
-    from hierarchos.data.tokenizers import load_tokenizer
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # every thread of this process
+    return usage.ru_utime + usage.ru_stime
 
-    backend = load_tokenizer(bundled_tokenizer_path()).backend
-    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
-    seconds, n_bytes, n_tokens, batch, chars = 0.0, 0, 0, [], 0
-    started = time.perf_counter()
 
-    def flush():
-        nonlocal seconds, n_tokens, batch, chars
-        start = time.perf_counter()
-        encoded = encode(batch, add_special_tokens=False)
-        seconds += time.perf_counter() - start
-        n_tokens += sum(len(e.ids) for e in encoded)
-        batch, chars = [], 0
-
+def read_batches(corpus: Path, batch_chars: int = 4 << 20) -> tuple[list[list[str]], int]:
+    """The corpus's texts in batches of about `batch_chars` characters, and their UTF-8 bytes."""
+    batches, batch, chars, n_bytes = [], [], 0, 0
     with open(corpus, encoding="utf-8") as handle:
         for line in handle:
             text = json.loads(line)["text"]
@@ -131,12 +129,49 @@ def library_encode(corpus: Path, batch_chars: int = 4 << 20) -> dict:
             batch.append(text)
             chars += len(text)
             if chars >= batch_chars:
-                flush()
+                batches.append(batch)
+                batch, chars = [], 0
     if batch:
-        flush()
-    total = time.perf_counter() - started  # with reading and parsing the JSONL, one thread beside the encoder
-    return {"seconds": seconds, "text_bytes": n_bytes, "tokens": n_tokens, "mb_s": n_bytes / 1e6 / seconds,
-            "seconds_with_parsing": total, "mb_s_with_parsing": n_bytes / 1e6 / total}
+        batches.append(batch)
+    return batches, n_bytes
+
+
+def native_encode(batches: list[list[str]], n_bytes: int) -> dict:
+    """hierarchos' native BPE encoder (all cores, GIL released) on the same batches: encode time only."""
+    from hierarchos.data import bundled_tokenizer_path, fast_bpe
+    from hierarchos.data.tokenizers import load_tokenizer
+
+    encoder, why = fast_bpe.native_for(load_tokenizer(bundled_tokenizer_path()))
+    if encoder is None:
+        raise SystemExit(f"the native BPE encoder is not available: {why}")
+    encoder.encode_batch(batches[0][:1])  # the code-point table and the first probe, outside the timing
+    seconds, cpu, n_tokens = 0.0, 0.0, 0
+    for batch in batches:
+        start, cpu_start = time.perf_counter(), _cpu_seconds()
+        ids, _ = encoder.encode_batch(batch)
+        seconds += time.perf_counter() - start
+        cpu += _cpu_seconds() - cpu_start
+        n_tokens += len(ids)
+    return {"seconds": seconds, "cpu_seconds": cpu, "text_bytes": n_bytes, "tokens": n_tokens,
+            "mb_s": n_bytes / 1e6 / seconds, "threads": encoder.threads}
+
+
+def library_batches(batches: list[list[str]], n_bytes: int) -> dict:
+    """The `tokenizers` library's own `encode_batch_fast` on the same batches (encode time only)."""
+    from hierarchos.data import bundled_tokenizer_path
+    from hierarchos.data.tokenizers import load_tokenizer
+
+    backend = load_tokenizer(bundled_tokenizer_path()).backend
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    seconds, cpu, n_tokens = 0.0, 0.0, 0
+    for batch in batches:
+        start, cpu_start = time.perf_counter(), _cpu_seconds()
+        encoded = encode(batch, add_special_tokens=False)
+        seconds += time.perf_counter() - start
+        cpu += _cpu_seconds() - cpu_start
+        n_tokens += sum(len(e.ids) for e in encoded)
+    return {"seconds": seconds, "cpu_seconds": cpu, "text_bytes": n_bytes, "tokens": n_tokens,
+            "mb_s": n_bytes / 1e6 / seconds}
 
 
 def run_train(args: list[str], out_dir: Path, env: dict, window_tokens: int) -> dict:
@@ -217,19 +252,33 @@ def long_line(work: Path, opts) -> dict:
 
 
 def compare(work: Path, corpus: Path, opts) -> dict:
-    """hierarchos' cache build and the library's batch encode on the same sample, alternated, best of two
-    each (the machine is shared: its load varies)."""
+    """The library's batch encode, the native encoder (both on the same texts, encode time only) and
+    hierarchos' whole cache build, alternated, best of --tries each (the machine is shared: its load
+    varies). The library is given at most --library-mb of the sample (it runs ~1 MB/s here)."""
     sample = work / f"sample_{int(opts.compare_mb)}mb.jsonl"
     sample_corpus(corpus, sample, int(opts.compare_mb * 1e6))
-    runs, results = {"library": [], "hierarchos_build": []}, {}
-    for _ in range(2):
-        runs["library"].append(library_encode(sample))
+    batches, n_bytes = read_batches(sample)
+    lib_batches, lib_bytes, size = [], 0, 0
+    for batch in batches:  # the library's share: the first batches, whole
+        if lib_batches and lib_bytes >= opts.library_mb * 1e6:
+            break
+        lib_batches.append(batch)
+        lib_bytes += sum(len(t.encode("utf-8")) for t in batch)
+    runs, results = {"library": [], "native": [], "native_same_text": [], "hierarchos_build": []}, {}
+    for _ in range(opts.tries):
+        runs["library"].append(library_batches(lib_batches, lib_bytes))
+        runs["native_same_text"].append(native_encode(lib_batches, lib_bytes))
+        runs["native"].append(native_encode(batches, n_bytes))
         runs["hierarchos_build"].append(cache_encode(sample, work / "token_cache_sample"))
     for name, tries in runs.items():
         results[name] = {**max(tries, key=lambda r: r["mb_s"]), "tries_mb_s": [r["mb_s"] for r in tries]}
-    print(f"on {results['library']['text_bytes'] / 1e6:.0f} MB: tokenizers encode_batch_fast "
-          f"{results['library']['mb_s']:.2f} MB/s ({results['library']['mb_s_with_parsing']:.2f} with reading the "
-          f"JSONL), hierarchos cache build {results['hierarchos_build']['mb_s']:.2f} MB/s", flush=True)
+    lib, same = results["library"], results["native_same_text"]
+    assert lib["tokens"] == same["tokens"], "the native encoder and the library disagree on the token count"
+    results["ratio_native_over_library"] = same["mb_s"] / lib["mb_s"]
+    print(f"on {lib_bytes / 1e6:.1f} MB: tokenizers encode_batch_fast {lib['mb_s']:.2f} MB/s, native "
+          f"{same['mb_s']:.1f} MB/s (ratio {results['ratio_native_over_library']:.1f}); on {n_bytes / 1e6:.0f} MB: "
+          f"native {results['native']['mb_s']:.1f} MB/s, hierarchos cache build "
+          f"{results['hierarchos_build']['mb_s']:.1f} MB/s ({results['hierarchos_build']['encoder']})", flush=True)
     return results
 
 
@@ -242,6 +291,9 @@ def main() -> None:
     parser.add_argument("--compare-mb", type=float, default=50,
                         help="MB of the corpus's text on which hierarchos' cache build and the tokenizers "
                              "library's batch encode are timed back to back (default 50)")
+    parser.add_argument("--library-mb", type=float, default=10,
+                        help="MB of the comparison text given to the tokenizers library (default 10)")
+    parser.add_argument("--tries", type=int, default=3, help="alternated tries of each, best kept (default 3)")
     parser.add_argument("--long-line-mb", type=float, default=50,
                         help="also train on one JSONL record of this many MB (0: skip)")
     parser.add_argument("--only-long-line", action="store_true", help="run only the one-long-line case")
@@ -279,9 +331,11 @@ def main() -> None:
                   "--token-cache", str(cache), "--log-every", "1"]
     results = {"corpus": {**meta, "path": str(corpus), "built_from": "the .py/.md/.rst/.txt files of this "
                           "Python installation (stdlib + site-packages), repeated"},
-               "cpu_count": os.cpu_count(), "command": ["hierarchos", "train", *train_args]}
+               "cpu_count": os.cpu_count(), "load_average_start": os.getloadavg(),
+               "command": ["hierarchos", "train", *train_args]}
     if opts.only_compare:
-        results = {"corpus": str(corpus), **compare(work, corpus, opts)}
+        results = {"corpus": str(corpus), "load_average_start": os.getloadavg(), **compare(work, corpus, opts),
+                   "load_average_end": os.getloadavg()}
         if opts.out:
             Path(opts.out).write_text(json.dumps(results, indent=1) + "\n")
         return
@@ -299,10 +353,12 @@ def main() -> None:
             ("tokens", f"{first['tokens']:,}" if first["tokens"] else "?"),
             ("first run: cache build (MB/s of text)", f"{first.get('tokenize_mb_s', 0):.2f}")]
     if "library" in results:
-        lib, ours = results["library"], results["hierarchos_build"]
-        rows += [(f"on {lib['text_bytes'] / 1e6:.0f} MB: tokenizers encode_batch_fast (MB/s)", f"{lib['mb_s']:.2f}"),
-                 (f"on {lib['text_bytes'] / 1e6:.0f} MB: hierarchos cache build (MB/s)", f"{ours['mb_s']:.2f}"),
-                 ("ratio (hierarchos / library)", f"{ours['mb_s'] / lib['mb_s']:.2f}")]
+        lib, same, ours = results["library"], results["native_same_text"], results["hierarchos_build"]
+        rows += [(f"on {lib['text_bytes'] / 1e6:.1f} MB: tokenizers encode_batch_fast (MB/s)", f"{lib['mb_s']:.2f}"),
+                 (f"on {lib['text_bytes'] / 1e6:.1f} MB: native encoder (MB/s)", f"{same['mb_s']:.1f}"),
+                 ("ratio (native / library)", f"{results['ratio_native_over_library']:.1f}"),
+                 (f"on {ours['text_bytes'] / 1e6:.0f} MB: native encoder (MB/s)", f"{results['native']['mb_s']:.1f}"),
+                 (f"on {ours['text_bytes'] / 1e6:.0f} MB: hierarchos cache build (MB/s)", f"{ours['mb_s']:.1f}")]
     for name in ("first_run", "second_run"):
         run = results[name]
         rows += [(f"{name}: seconds to the first step (its start; its end)",
@@ -317,6 +373,9 @@ def main() -> None:
         rows += [(f"one {results['long_line']['file_bytes'] / 1e6:.0f} MB JSONL line: peak RSS (MB; anon)",
                   f"{results['long_line']['peak_rss_bytes'] / 1e6:,.0f}; {results['long_line']['peak_rss_anon_bytes'] / 1e6:,.0f}"),
                  ("one long line: seconds to the first step", f"{results['long_line']['first_step_s']:.1f}")]
+    results["load_average_end"] = os.getloadavg()
+    rows.append(("load average at the start; at the end", f"{results['load_average_start'][0]:.1f}; "
+                                                          f"{results['load_average_end'][0]:.1f}"))
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
     if opts.out:
