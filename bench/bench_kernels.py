@@ -10,6 +10,16 @@ machine). Default run: a few minutes on 2 cores; flags subset it.
 
     python bench/bench_kernels.py --json bench/records/kernels_cpu.json
     python bench/bench_kernels.py --formats Q4_0 Q8_0 --shapes 4096x4096 --batches 1 --threads 2
+
+Side by side with ggml (`--ggml-bin PATH/test-backend-ops`, built from ggml's own sources outside
+this repository): for each format ggml has (Q4_0, Q8_0, Q2_K) and each batch in --ggml-batches,
+ggml's `test-backend-ops perf -o MUL_MAT -b CPU -p REGEX` (its 4096 x 14336 MUL_MAT case, f32
+activations, as many threads as the machine has cores) and our matmul on the same shape and thread
+count are timed in alternation, `--ggml-rounds` times, best kept for each, so both see the same
+load. Our side reuses one weight buffer as ggml's perf mode does (warm, not the cold copies above).
+
+    python bench/bench_kernels.py --ggml-bin /tmp/ggml/build/bin/test-backend-ops --ggml-only \
+        --json bench/records/kernels_vs_ggml.json
 """
 
 from __future__ import annotations
@@ -18,6 +28,8 @@ import argparse
 import json
 import os
 import platform
+import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -136,6 +148,76 @@ def run(args) -> dict:
             "records": records}
 
 
+GGML_TYPES = {"Q4_0": "q4_0", "Q8_0": "q8_0", "Q2_K": "q2_K"}  # ours -> ggml's type names (INT4 is ours only)
+GGML_SHAPE = (4096, 14336)  # the (m = rows, k = cols) of test-backend-ops' MUL_MAT perf cases
+GGML_LINE = re.compile(r"MUL_MAT\(type_a=(\w+),type_b=f32,m=(\d+),n=(\d+),k=(\d+),[^)]*\):\s+(\d+) runs -\s+([\d.]+) us/run")
+
+
+def ggml_time(binary: Path, qtype: str, batch: int) -> tuple[float, int]:
+    """ggml's average seconds per MUL_MAT (and its run count) for one case, from one perf run."""
+    rows, cols = GGML_SHAPE
+    pattern = f"type_a={GGML_TYPES[qtype]},type_b=f32,m={rows},n={batch},k={cols},"
+    done = subprocess.run([str(binary), "perf", "-o", "MUL_MAT", "-b", "CPU", "-p", re.escape(pattern)],
+                          capture_output=True, text=True, timeout=600)
+    for line in done.stdout.splitlines():
+        found = GGML_LINE.search(line)
+        if found and found.group(1) == GGML_TYPES[qtype] and int(found.group(3)) == batch:
+            return float(found.group(6)) * 1e-6, int(found.group(5))
+    raise SystemExit(f"bench_kernels: no MUL_MAT {pattern} line in {binary}'s output (rc {done.returncode}):\n"
+                     f"{done.stdout[-2000:]}{done.stderr[-2000:]}")
+
+
+def ggml_version(binary: Path) -> dict:
+    """The ggml commit, when the binary sits in a build tree of a git checkout or archive we can name."""
+    info = {"binary": str(binary)}
+    for parent in binary.resolve().parents:
+        if (parent / "GGML_COMMIT").exists():
+            info["commit"] = (parent / "GGML_COMMIT").read_text().strip()
+            break
+        if (parent / ".git").exists():
+            info["commit"] = subprocess.run(["git", "-C", str(parent), "rev-parse", "HEAD"], capture_output=True,
+                                            text=True).stdout.strip()
+            break
+    return info
+
+
+def run_ggml(args) -> dict:
+    """Ours vs ggml, interleaved per round; the best of `--ggml-rounds` for each side."""
+    rows, cols = GGML_SHAPE
+    threads = os.cpu_count() or 1  # ggml's test-backend-ops uses std::thread::hardware_concurrency()
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((rows, cols)).astype(np.float32)
+    kernel.set_threads(threads)
+    records = []
+    for qtype in [q for q in args.formats if q in GGML_TYPES]:
+        data = kernel.quantize(w, qtype)
+        for n in args.ggml_batches:
+            x = rng.standard_normal((n, cols)).astype(np.float32)
+            ours, theirs, ggml_runs = float("inf"), float("inf"), 0
+            for _ in range(args.ggml_rounds):
+                seconds, ggml_runs = ggml_time(args.ggml_bin, qtype, n)
+                theirs = min(theirs, seconds)
+                ours = min(ours, best_time(lambda: kernel.matmul(data, qtype, cols, x), 1, args.ggml_min_time))
+            records.append(dict(qtype=qtype, rows=rows, cols=cols, batch=n, threads=threads, isa=kernel.get_isa(),
+                                ours_seconds=ours, ggml_seconds=theirs, ggml_runs_last=ggml_runs,
+                                speedup=theirs / ours, weight_bytes=data.nbytes))
+            print(f"  {qtype} N={n}: ours {ours * 1e6:8.1f} us, ggml {theirs * 1e6:8.1f} us, {theirs / ours:.2f}x",
+                  file=sys.stderr, flush=True)
+    kernel.set_threads(0)
+    return {"ggml": ggml_version(args.ggml_bin), "rounds": args.ggml_rounds, "threads": threads,
+            "load_before": os.getloadavg(), "records": records}
+
+
+def print_ggml_table(result: dict) -> None:
+    print(f"\nside by side with ggml ({result['ggml'].get('commit', 'commit unknown')}), same run, "
+          f"{result['threads']} threads, best of {result['rounds']} alternating rounds, warm weights:")
+    print("| format | rows x cols | N | ours µs | ggml µs | ours vs ggml |")
+    print("|---|---|---:|---:|---:|---:|")
+    for r in result["records"]:
+        print(f"| {r['qtype']} | {r['rows']}x{r['cols']} | {r['batch']} | {r['ours_seconds'] * 1e6:,.0f} | "
+              f"{r['ggml_seconds'] * 1e6:,.0f} | {r['speedup']:.2f}x |")
+
+
 def print_table(result: dict) -> None:
     records = result["records"]
     torch_time = {(r["rows"], r["cols"], r["batch"], r["threads"]): r["seconds"]
@@ -166,15 +248,32 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="rounds per point; the best is kept")
     parser.add_argument("--min-time", type=float, default=0.05, help="seconds per round")
     parser.add_argument("--json", type=Path, default=None, help="write the raw records here")
+    parser.add_argument("--ggml-bin", type=Path, default=None,
+                        help="ggml's test-backend-ops binary: also time ggml's MUL_MAT next to ours (see above)")
+    parser.add_argument("--ggml-only", action="store_true", help="with --ggml-bin: skip the per-ISA sweep")
+    parser.add_argument("--ggml-batches", nargs="+", type=int, default=[1],
+                        help="batch sizes for the ggml comparison (ggml's perf cases: 1 2 3 4 5 8 512)")
+    parser.add_argument("--ggml-rounds", type=int, default=5, help="alternating rounds; the best of each side is kept")
+    parser.add_argument("--ggml-min-time", type=float, default=1.0,
+                        help="seconds per round on our side (ggml's perf runs about a second per case)")
     args = parser.parse_args(argv)
+    if args.ggml_bin is not None and not args.ggml_bin.is_file():
+        parser.error(f"--ggml-bin {args.ggml_bin}: no such file (build ggml's test-backend-ops first)")
+    if args.ggml_only and args.ggml_bin is None:
+        parser.error("--ggml-only needs --ggml-bin")
     if kernel.backend_name() != "cpp":
         print("bench_kernels: the C++ kernel is not built (bash setup.sh); refusing to time the numpy reference",
               file=sys.stderr)
         return 2
     started = time.perf_counter()
-    result = run(args)
+    result = {"machine": machine_info()} if args.ggml_only else run(args)
+    if args.ggml_bin is not None:
+        result["vs_ggml"] = run_ggml(args)
     result["wall_seconds"] = time.perf_counter() - started
-    print_table(result)
+    if not args.ggml_only:
+        print_table(result)
+    if "vs_ggml" in result:
+        print_ggml_table(result["vs_ggml"])
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1))

@@ -65,11 +65,12 @@ void dequantize_row(QType t, const void *in, float *y, int64_t n);
 // Q8_0, per activation row a and block b:
 //   qs[(a * n_blocks + b) * 32 + i]  codes
 //   d[a * n_blocks + b]              scale read back from its fp16 storage
-// With IsaKernels::q4_pair_layout and 4-bit weights (INT4, Q4_0), each full pair of
-// blocks (b even, b+1) is stored interleaved, [a_b[0:16], a_b+1[0:16], a_b[16:32],
-// a_b+1[16:32]] (an odd last block stays in order), and
-//   corr[(a * n_blocks + b) * 4 + l], l < 8: int32, -8 * the sum of interleaved bytes
-//                                    4l..4l+3 and 32+4l..32+4l+3: the offset of feeding
+// With IsaKernels::q4_group G > 1 and 4-bit weights (INT4, Q4_0), each full group of G
+// blocks (b a multiple of G, G blocks left) is stored interleaved: the first halves of the
+// G blocks, then their second halves ([a_b[0:16], ..., a_b+G-1[0:16], a_b[16:32], ...,
+// a_b+G-1[16:32]]); the last n_blocks % G blocks stay in natural order. Per group,
+//   corr[(a * n_blocks + b) * 4 + l], l < 4G: int32, -8 * the sum of interleaved bytes
+//                                    4l..4l+3 and 16G+4l..16G+4l+3: the offset of feeding
 //                                    weights as unsigned nibbles (q + 8), per int32 lane so
 //                                    each lane is exact before it turns float (a correction
 //                                    per block would cancel in float).
@@ -105,7 +106,7 @@ struct IsaKernels {
     const char *name;
     DotQ8_0Fn dot_q8_0;      // INT4, Q4_0, Q8_0 weights
     DotQ8_KFn dot_q2_k;      // Q2_K weights
-    bool q4_pair_layout;     // wants INT4 / Q4_0 activations in pair layout (ActQ8_0View)
+    int q4_group;            // INT4 / Q4_0 activations interleaved in groups of this many blocks (0: natural)
 };
 
 // Defined per translation unit; null when that ISA was not compiled in.

@@ -420,7 +420,7 @@ static void scalar_dot_q2_k(const DotArgs &args, const ActQ8_KView &act) {
 }
 
 const IsaKernels *scalar_kernels() {
-    static const IsaKernels table = {"scalar", scalar_dot_q8_0, scalar_dot_q2_k, false};
+    static const IsaKernels table = {"scalar", scalar_dot_q8_0, scalar_dot_q2_k, 0};
     return &table;
 }
 

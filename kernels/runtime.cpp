@@ -338,6 +338,26 @@ int64_t rows_per_task(int64_t rows, int64_t work_per_row) {
     return std::max<int64_t>(1, std::min(chunk, rows));
 }
 
+// The interleaved layout of ActQ8_0View (formats.h) for groups of `group` blocks of one
+// activation row, in place, with the per-lane offset corrections.
+void interleave_act_groups(int8_t *qs, int32_t *corr, int64_t n_blocks, int group) {
+    const int half = 16 * group;
+    int8_t natural[4 * QK];
+    for (int64_t b = 0; b + group <= n_blocks; b += group) {
+        int8_t *g = qs + b * QK;
+        std::memcpy(natural, g, static_cast<size_t>(group * QK));
+        for (int j = 0; j < group; ++j) {
+            std::memcpy(g + 16 * j, natural + QK * j, 16);
+            std::memcpy(g + half + 16 * j, natural + QK * j + 16, 16);
+        }
+        for (int l = 0; l < 4 * group; ++l) {
+            int32_t sum = 0;
+            for (int i = 0; i < 4; ++i) sum += g[4 * l + i] + g[half + 4 * l + i];
+            corr[b * 4 + l] = -8 * sum;
+        }
+    }
+}
+
 }  // namespace
 
 void quantize(QType t, const float *w, int64_t rows, int64_t cols, uint8_t *out) {
@@ -393,31 +413,17 @@ void matmul(QType t, const uint8_t *data, int64_t rows, int64_t cols, const floa
         qs_store.resize(static_cast<size_t>(n * cols));
         d_store.resize(static_cast<size_t>(n * n_blocks));
         sums_store.resize(static_cast<size_t>(n * n_blocks));
-        const bool pair_layout = isa->q4_pair_layout && (t == QType::INT4 || t == QType::Q4_0);
-        if (pair_layout) corr_store.resize(static_cast<size_t>(n * n_blocks * 4));
+        const int group = (t == QType::INT4 || t == QType::Q4_0) ? isa->q4_group : 0;
+        if (group > 1) corr_store.resize(static_cast<size_t>(n * n_blocks * 4));
         int8_t *qs = qs_store.data();
         float *d = d_store.data();
         int32_t *sums = sums_store.data();
-        int32_t *corr = pair_layout ? corr_store.data() : nullptr;
+        int32_t *corr = group > 1 ? corr_store.data() : nullptr;
         parallel_for(act_tasks, [=](int64_t task) {
             for (int64_t a = task * act_rows_per_task; a < std::min(n, (task + 1) * act_rows_per_task); ++a) {
                 const int64_t first = a * n_blocks;
                 quantize_act_row_q8_0(x + a * cols, qs + a * cols, d + first, sums + first, cols);
-                if (!pair_layout) continue;
-                for (int64_t b = first; b + 2 <= first + n_blocks; b += 2) {
-                    int8_t *pair = qs + b * QK;
-                    int8_t natural[2 * QK];
-                    std::memcpy(natural, pair, sizeof(natural));
-                    std::memcpy(pair, natural, 16);
-                    std::memcpy(pair + 16, natural + 32, 16);
-                    std::memcpy(pair + 32, natural + 16, 16);
-                    std::memcpy(pair + 48, natural + 48, 16);
-                    for (int l = 0; l < 8; ++l) {
-                        int32_t sum = 0;
-                        for (int i = 0; i < 4; ++i) sum += pair[4 * l + i] + pair[32 + 4 * l + i];
-                        corr[b * 4 + l] = -8 * sum;
-                    }
-                }
+                if (group > 1) interleave_act_groups(qs + a * cols, corr + first * 4, n_blocks, group);
             }
         }, act_width);
         view0 = {qs, d, corr, n_blocks};

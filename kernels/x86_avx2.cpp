@@ -139,7 +139,7 @@ void dot_q2_k(const DotArgs &args, const ActQ8_KView &act) {
 }  // namespace
 
 const IsaKernels *avx2_kernels() {
-    static const IsaKernels table = {"avx2", dot_q8_0, dot_q2_k, true};
+    static const IsaKernels table = {"avx2", dot_q8_0, dot_q2_k, 2};
     return &table;
 }
 

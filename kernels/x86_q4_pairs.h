@@ -1,6 +1,6 @@
 // 4-bit weights (INT4, Q4_0) x Q8_0 activations, two blocks per 256-bit step, included
-// by x86_avx2.cpp and x86_avx512.cpp inside their anonymous namespaces (each unit gets
-// its own copy, built with its own flags). The activations of a block pair arrive
+// by x86_avx2.cpp inside its anonymous namespace (built with its own flags; the AVX-512
+// units have their own four-block kernel). The activations of a block pair arrive
 // interleaved as [a0[0:16], a1[0:16], a0[16:32], a1[16:32]] (ActQ8_0View, pair layout),
 // so the packed nibbles of both blocks unpack with one AND and one shift, no shuffles:
 // low nibbles (elements 0..15 of each block) meet the first 32 bytes, high nibbles the

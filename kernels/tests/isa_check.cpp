@@ -39,7 +39,7 @@ bool check(const IsaKernels *isa, QType t, int64_t rows, int64_t cols, int64_t n
         std::vector<int32_t> corr(n * nb * 4);
         for (int64_t a = 0; a < n; ++a)
             quantize_act_row_q8_0(x.data() + a * cols, qs.data() + a * cols, d.data() + a * nb, sums.data() + a * nb, cols);
-        if (isa->q4_pair_layout) {
+        if (isa->q4_group > 1) {
             std::printf("pair layout not driven here\n");
             return false;
         }
