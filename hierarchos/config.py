@@ -20,6 +20,15 @@ BLOCK_TYPES = ("rwkv7", "attention")
 TIME_MIXES = ("rwkv7", "wkv4")  # of RWKV blocks: RWKV-7's delta rule, or the original RWKV-4 cell
 POS_ENCODINGS = ("rope", "sinusoidal", "learned", "none")  # of attention blocks
 HALTING_RULES = ("act", "q")  # Graves ACT (DESIGN 3.4) or seed 003's Q-learning head
+# RWKV-7 time-mix wiring (issue 19): one switch per difference from BlinkDL's published x070 form,
+# so each can be ablated alone; TIME_MIX_WIRINGS names the two complete settings
+TM_TOKEN_SHIFTS = ("ddlerp", "static")       # RWKV-6-style data-dependent lerps | x070's per-channel mixes
+TM_GATES = ("sigmoid_full", "lowrank")        # sigmoid(W_g x), C x C | x070's sigmoid(x G1) G2, unbounded
+TM_INITS = ("hierarchos", "x070")            # initial values: ours | x070's (decay spread, zero output, ...)
+TIME_MIX_WIRINGS = {
+    "hierarchos": dict(tm_token_shift="ddlerp", tm_gate="sigmoid_full", tm_value_residual=False, tm_init="hierarchos"),
+    "x070": dict(tm_token_shift="static", tm_gate="lowrank", tm_value_residual=True, tm_init="x070"),
+}
 
 # Names the original projects (seed 000/002, AI-OS) use for the same fields.
 FIELD_ALIASES = {
@@ -48,6 +57,13 @@ class ModelConfig:
     # RWKV time mix: "rwkv7" (generalized delta rule) or "wkv4" (seeds 001/004's RWKV-4 cell)
     time_mix: str = "rwkv7"
     wkv_chunk_size: int = 32
+    # the RWKV-7 time mix's wiring around the recurrence (TIME_MIX_WIRINGS; defaults: today's
+    # "hierarchos" wiring, which old model directories were trained with): token shift, output
+    # gate, value residual (each layer's value lerped toward its stack's first layer's) and init
+    tm_token_shift: str = "ddlerp"
+    tm_gate: str = "sigmoid_full"
+    tm_value_residual: bool = False
+    tm_init: str = "hierarchos"
     # block type of each stack: "rwkv7" or "attention" (seeds 000/003: RMSNorm, SDPA, SwiGLU);
     # the attention blocks' positions ("rope", "sinusoidal", "learned" (max_length rows), "none")
     # and sliding window (0 = full causal attention, whose KV cache grows with the context)
@@ -118,6 +134,16 @@ class ModelConfig:
             bad("ltm_topk", f"cannot exceed ltm_slots={self.ltm_slots}")
         if self.time_mix not in TIME_MIXES:
             bad("time_mix", f"must be one of {', '.join(TIME_MIXES)}")
+        for name, choices in (("tm_token_shift", TM_TOKEN_SHIFTS), ("tm_gate", TM_GATES), ("tm_init", TM_INITS)):
+            if getattr(self, name) not in choices:
+                bad(name, f"must be one of {', '.join(choices)}")
+        if not isinstance(self.tm_value_residual, bool):
+            bad("tm_value_residual", "must be true or false")
+        rewired = [name for name, value in TIME_MIX_WIRINGS["hierarchos"].items() if getattr(self, name) != value]
+        if rewired and self.time_mix == "wkv4":
+            bad(rewired[0], "rewires the RWKV-7 time mix; time_mix 'wkv4' has none (keep the default)")
+        if rewired and self.h_block == self.l_block == "attention":
+            bad(rewired[0], "rewires the RWKV-7 time mix; both stacks are attention blocks (keep the default)")
         for name in ("h_block", "l_block"):
             if getattr(self, name) not in BLOCK_TYPES:
                 bad(name, f"must be one of {', '.join(BLOCK_TYPES)}")

@@ -16,7 +16,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ..config import BLOCK_TYPES, FIELD_ALIASES, HALTING_RULES, POS_ENCODINGS, TIME_MIXES, ModelConfig
+from ..config import (BLOCK_TYPES, FIELD_ALIASES, HALTING_RULES, POS_ENCODINGS, TIME_MIX_WIRINGS, TIME_MIXES,
+                      TM_GATES, TM_INITS, TM_TOKEN_SHIFTS, ModelConfig)
 from ..errors import HierarchosError
 from .resume import given_flags, run_args, track_given
 
@@ -26,10 +27,13 @@ ARCH_FLAGS = ("context_dim", "persistent_dim", "ltm_slots", "ltm_key_dim", "ltm_
               "h_hidden", "l_hidden", "h_layers", "l_layers", "h_cycles", "max_h_steps", "max_l_steps",
               "l_conv_atol", "h_stride", "h_halt_thresh", "grad_steps", "head_size", "ffn_mult", "vocab_size",
               "h_block", "l_block", "pos_encodings", "window_size", "halting", "q_explore_prob",
-              "time_mix")
+              "time_mix", "tm_token_shift", "tm_gate", "tm_value_residual", "tm_init")
+# on/off architecture flags (--name / --no-name)
+ARCH_BOOLS = ("tm_value_residual",)
 # the block-type flags (seed 000/003's Transformer stacks); the other flags are numbers
 ARCH_CHOICES = {"h_block": BLOCK_TYPES, "l_block": BLOCK_TYPES, "pos_encodings": POS_ENCODINGS,
-                "halting": HALTING_RULES, "time_mix": TIME_MIXES}
+                "halting": HALTING_RULES, "time_mix": TIME_MIXES, "tm_token_shift": TM_TOKEN_SHIFTS,
+                "tm_gate": TM_GATES, "tm_init": TM_INITS}
 ARCH_HELP = {"h_block": "manager stack blocks: rwkv7 (default) or attention (RMSNorm, SDPA, SwiGLU)",
              "l_block": "worker stack blocks: rwkv7 (default) or attention",
              "pos_encodings": "positions of attention blocks: rope (default), sinusoidal, learned, none",
@@ -39,7 +43,13 @@ ARCH_HELP = {"h_block": "manager stack blocks: rwkv7 (default) or attention (RMS
              "q_explore_prob": "--halting q: probability that a plan point gets a random minimum of passes "
                                "in training (default 0.1)",
              "time_mix": "time mix of RWKV blocks: rwkv7 (default) or wkv4 (seeds 001/004's RWKV-4 cell: "
-                         "time_decay/time_first, state aa/bb/pp)"}
+                         "time_decay/time_first, state aa/bb/pp)",
+             "tm_token_shift": "RWKV-7 token shift: ddlerp (data-dependent lerps, default) or static (x070's "
+                               "per-channel mixes)",
+             "tm_gate": "RWKV-7 output gate: sigmoid_full (C x C, default) or lowrank (x070's sigmoid(x G1) G2)",
+             "tm_value_residual": "RWKV-7 value residual: each layer's value lerped toward its stack's first "
+                                  "layer's (x070; default off)",
+             "tm_init": "RWKV-7 time-mix initial values: hierarchos (default) or x070"}
 
 
 def _spellings(name: str) -> list[str]:
@@ -88,7 +98,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     model.add_argument("--grow-every-chars", type=int, default=None, metavar="N",
                        help="continual learning: one more manager and worker block per N characters of training "
                             "text in the model's history (added function-preservingly)")
+    model.add_argument("--time-mix-wiring", "--time_mix_wiring", dest="time_mix_wiring", default=None,
+                       choices=tuple(TIME_MIX_WIRINGS),
+                       help="all four RWKV-7 wiring switches at once: hierarchos (default) or x070 (BlinkDL's "
+                            "published RWKV-7); a --tm-* flag given beside it wins for its switch")
     for name in ARCH_FLAGS:
+        if name in ARCH_BOOLS:
+            model.add_argument(*_spellings(name), dest=name, action=argparse.BooleanOptionalAction, default=None,
+                               help=ARCH_HELP[name])
+            continue
         if name in ARCH_CHOICES:
             model.add_argument(*_spellings(name), dest=name, choices=ARCH_CHOICES[name], default=None,
                                help=ARCH_HELP[name])
@@ -409,6 +427,7 @@ def run(args: argparse.Namespace, lora=None) -> int:
         model = HierarchosLM(resume.config)
     elif not args.model_path:
         overrides = {name: getattr(args, name) for name in ARCH_FLAGS if getattr(args, name) is not None}
+        overrides = {**TIME_MIX_WIRINGS.get(args.time_mix_wiring, {}), **overrides}  # a --tm-* flag wins
         overrides.update(seed000_widths(args, overrides, tiny_config() if args.tiny else ModelConfig()))
         overrides["vocab_size"] = tokenizer.vocab_size
         if args.max_length:

@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from ..config import FIELD_ALIASES, ModelConfig
+from ..config import FIELD_ALIASES, TIME_MIX_WIRINGS, ModelConfig
 from ..errors import HierarchosError
 from .lm import HierarchosLM
 from .memory import DORMANT_SOURCE
@@ -33,7 +33,8 @@ LAYERS = ("h_layers", "l_layers")
 FEATURES = ("use_rosa", "use_deepembed", "deepembed_per_block")  # may be turned on
 GROWABLE = ("vocab_size", "ltm_slots", *WIDTHS, *LAYERS)
 # fields that fix parameter shapes without a growth construction here
-FIXED = ("head_size", "ffn_mult", "time_mix", "persistent_dim", "ltm_key_dim", "ltm_val_dim")
+FIXED = ("head_size", "ffn_mult", "time_mix", "persistent_dim", "ltm_key_dim", "ltm_val_dim",
+         "tm_token_shift", "tm_gate", "tm_value_residual", "tm_init")
 # std of the zero-sum noise between the copies of a widened weight, relative to its RMS (see widen)
 SPLIT_NOISE = 0.1
 # std of the noise added to the mean embedding row for each new token (see grow_vocab)
@@ -291,6 +292,10 @@ def widen(model: HierarchosLM, context_dim: int | None = None, h_hidden: int | N
     model's rank is larger, and the extra rank starts with a zero `down` matrix.
     """
     cfg = model.cfg
+    rewired = [f"{k}={getattr(cfg, k)!r}" for k, v in TIME_MIX_WIRINGS["hierarchos"].items() if getattr(cfg, k) != v]
+    if rewired:  # the rules below are written for the default wiring's tensors only
+        raise HierarchosError(f"widen: no widening construction for a time mix wired with {', '.join(rewired)}; "
+                              "only the default wiring widens (add_layers works with any wiring)")
     n_d = _factor("context_dim", cfg.context_dim, context_dim)
     n_h = _factor("h_hidden", cfg.h_hidden, h_hidden)
     n_l = _factor("l_hidden", cfg.l_hidden, l_hidden)

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .attention import AttentionStack
-from .rwkv import RWKVStack
+from .rwkv import RWKVStack, TimeMixWiring
 
 
 def _grad(enabled: bool):
@@ -43,7 +43,8 @@ def _stack(cfg: ModelConfig, block: str, dim: int, n_layers: int) -> nn.Module:
     if block == "attention":
         return AttentionStack(dim, n_layers, **common, pos_encodings=cfg.pos_encodings,
                               window_size=cfg.window_size, max_positions=cfg.max_length)
-    return RWKVStack(dim, n_layers, **common, wkv_chunk=cfg.wkv_chunk_size, time_mix=cfg.time_mix)
+    return RWKVStack(dim, n_layers, **common, wkv_chunk=cfg.wkv_chunk_size, time_mix=cfg.time_mix,
+                     wiring=TimeMixWiring.from_config(cfg))
 
 
 class HierarchicalReasoner(nn.Module):

@@ -7,18 +7,24 @@ matrix per head per block). `time_mix="wkv4"` swaps in the original project's RW
 by the manager's pondering and the worker's shadow passes: a frozen token writes
 nothing into the state (w=1, a=0, k=0 for the recurrence, and the token shift skips
 it), so running a pass over a frozen token equals not running it at all.
+
+`TimeMixWiring` (the config's tm_* fields) chooses the wiring around the RWKV-7 recurrence: ours
+(RWKV-6-style data-dependent token shift, full-rank sigmoid gate, no value residual) or, switch by
+switch, BlinkDL's published x070 one (static token shift, low-rank gate, value residual toward
+the stack's first layer, x070's initial values). The recurrence is the same in every wiring.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..config import TIME_MIXES
+from ..config import TIME_MIXES, TM_GATES, TM_INITS, TM_TOKEN_SHIFTS
 from ..ops.amp import to_autocast_dtype
 from ..ops.wkv import wkv7
 from ..ops.wkv4 import EMPTY_PP, wkv4
@@ -92,21 +98,76 @@ class HeadNorm(nn.Module):
         return torch.addcmul(self.bias.to(normed.dtype), normed, self.weight.to(normed.dtype))
 
 
-class TimeMix(nn.Module):
-    """RWKV-7 time mix: data-dependent token shift, decay, in-context rate, delta-rule state."""
+@dataclass(frozen=True)
+class TimeMixWiring:
+    """How the RWKV-7 time mix is wired around its recurrence (the config's tm_* fields).
 
-    def __init__(self, dim: int, head_size: int, layer_id: int, n_layers: int, wkv_chunk: int):
+    The defaults are hierarchos' own wiring; `TimeMixWiring(**TIME_MIX_WIRINGS["x070"])`-style
+    settings give BlinkDL's published RWKV-7 (x070) time mix. Each field is one difference:
+    token_shift  "ddlerp": RWKV-6's data-dependent lerps (a shared rank-32 path per target);
+                 "static": x070's per-channel lerp weights, one vector per target
+    gate         "sigmoid_full": sigmoid(W_g x) with a C x C W_g;
+                 "lowrank": x070's sigmoid(x G1) G2 (rank ~5 sqrt(C), not bounded to (0, 1))
+    value_residual  x070: every layer after the first lerps its value toward the first layer's
+                 value of the same stack and token, with a data-dependent low-rank gate
+    init         "hierarchos" or "x070" initial values of the parameters both forms share
+    """
+
+    token_shift: str = "ddlerp"
+    gate: str = "sigmoid_full"
+    value_residual: bool = False
+    init: str = "hierarchos"
+
+    @classmethod
+    def from_config(cls, cfg) -> "TimeMixWiring":
+        return cls(cfg.tm_token_shift, cfg.tm_gate, cfg.tm_value_residual, cfg.tm_init)
+
+    def check(self) -> "TimeMixWiring":
+        for name, value, choices in (("token_shift", self.token_shift, TM_TOKEN_SHIFTS),
+                                     ("gate", self.gate, TM_GATES), ("init", self.init, TM_INITS)):
+            if value not in choices:
+                raise ValueError(f"TimeMixWiring: unknown {name} {value!r} (one of {choices})")
+        return self
+
+
+def x070_rank(scale: float, dim: int) -> int:
+    """x070's suggested width of a low-rank path: scale * sqrt(C) rounded to a multiple of 32 (at
+    least 32), capped at the width as our other low-rank paths are."""
+    return min(dim, max(32, 32 * round(scale * math.sqrt(dim) / 32)))
+
+
+def _orthogonal(rows: int, cols: int, gain: float) -> torch.Tensor:
+    """An orthogonal (rows, cols) matrix times gain, x070's init of its up-projections and square
+    weights (a tall matrix gets sqrt(rows / cols) more, as there)."""
+    extra = math.sqrt(rows / cols) if rows > cols else 1.0
+    return nn.init.orthogonal_(torch.empty(rows, cols), gain=gain * extra)
+
+
+# x070's token-shift weight exponents per target (receptance, decay, key, value, iclr, gate): the
+# weight on the previous token of channel c is 1 - (c / C) ** (p * (1 - layer / L))
+X070_SHIFT_POWERS = (0.2, 0.9, 0.7, 0.7, 0.9, 0.2)
+
+
+class TimeMix(nn.Module):
+    """RWKV-7 time mix: token shift, decay, in-context rate, delta-rule state; wired as `wiring` says."""
+
+    def __init__(self, dim: int, head_size: int, layer_id: int, n_layers: int, wkv_chunk: int,
+                 wiring: TimeMixWiring | None = None):
         super().__init__()
+        self.wiring = wiring = (wiring or TimeMixWiring()).check()
         self.dim, self.head_size, self.n_heads = dim, head_size, dim // head_size
         self.wkv_chunk = wkv_chunk
+        self.layer_id = layer_id
         depth = layer_id / max(1, n_layers - 1) if n_layers > 1 else 0.0
         ramp = torch.arange(dim) / dim
         mix_rank, decay_rank, iclr_rank = (min(r, dim) for r in (MIX_RANK, DECAY_RANK, ICLR_RANK))
-        # token-shift mixes
-        self.mix_base = nn.Parameter(1.0 - ramp.pow(1.0 - 0.5 * depth))
+        # token-shift mixes: `mix` (6, C) is the per-target lerp weight in both forms; ddlerp adds
+        # a data-dependent rank-32 correction computed from one shared base lerp
         self.mix = nn.Parameter(torch.stack([1.0 - ramp.pow(0.3 + 0.5 * depth)] * N_MIX))
-        self.mix_down = nn.Parameter(torch.empty(dim, N_MIX * mix_rank).uniform_(-1e-2, 1e-2))
-        self.mix_up = nn.Parameter(torch.empty(N_MIX, mix_rank, dim).uniform_(-1e-2, 1e-2))
+        if wiring.token_shift == "ddlerp":
+            self.mix_base = nn.Parameter(1.0 - ramp.pow(1.0 - 0.5 * depth))
+            self.mix_down = nn.Parameter(torch.empty(dim, N_MIX * mix_rank).uniform_(-1e-2, 1e-2))
+            self.mix_up = nn.Parameter(torch.empty(N_MIX, mix_rank, dim).uniform_(-1e-2, 1e-2))
         # decay: log w = -exp(-softplus(-(w0 + lora)) - 0.5), in (-e^-0.5, 0)
         self.decay_base = nn.Parameter(-6.0 + 5.0 * ramp.pow(0.85 + depth))
         self.decay_down = nn.Parameter(torch.empty(dim, decay_rank).uniform_(-1e-2, 1e-2))
@@ -121,30 +182,89 @@ class TimeMix(nn.Module):
         self.receptance = nn.Linear(dim, dim, bias=False)
         self.key = nn.Linear(dim, dim, bias=False)
         self.value = nn.Linear(dim, dim, bias=False)
-        self.gate = nn.Linear(dim, dim, bias=False)
+        if wiring.gate == "sigmoid_full":
+            self.gate = nn.Linear(dim, dim, bias=False)
+        else:  # x070's gate starts as a constant vector (zero down-projection) and learns its input path
+            gate_rank = x070_rank(5.0, dim)
+            self.gate_down = nn.Parameter(torch.zeros(dim, gate_rank))
+            self.gate_up = nn.Parameter(_orthogonal(gate_rank, dim, 0.1))
+        self.value_residual = wiring.value_residual and layer_id > 0  # the first layer is the target
+        if self.value_residual:  # x070's init: mostly the first layer's value at the start (sigmoid(0.73))
+            value_rank = x070_rank(1.7, dim)
+            self.value_residual_base = nn.Parameter(0.73 - 0.4 * (torch.arange(dim) / max(1, dim - 1) - 0.5))
+            self.value_residual_down = nn.Parameter(torch.zeros(dim, value_rank))
+            self.value_residual_up = nn.Parameter(_orthogonal(value_rank, dim, 0.1))
         self.output = nn.Linear(dim, dim, bias=False)
         self.norm = HeadNorm(self.n_heads, head_size)
-        for lin in (self.receptance, self.key, self.value, self.gate):
+        for lin in (self.receptance, self.key, self.value) + ((self.gate,) if wiring.gate == "sigmoid_full" else ()):
             nn.init.uniform_(lin.weight, -0.5 / math.sqrt(dim), 0.5 / math.sqrt(dim))
         nn.init.normal_(self.output.weight, std=0.1 / math.sqrt(dim))
+        if wiring.init == "x070":
+            self._init_x070(layer_id, n_layers)
 
-    def forward(self, x, shift_prev, wkv_state, frozen=None):
+    @torch.no_grad()
+    def _init_x070(self, layer_id: int, n_layers: int) -> None:
+        """x070's initial values (its model constructor plus the weight init of its training script)
+        for the parameters both wirings share; what only ddlerp or the full gate has keeps ours."""
+        dim, N = self.dim, self.head_size
+        depth = layer_id / max(1, n_layers - 1) if n_layers > 1 else 0.0
+        shallow = 1.0 - layer_id / n_layers
+        channel = torch.arange(dim, dtype=torch.float32)
+        linear = channel / max(1, dim - 1) - 0.5                   # -0.5 .. 0.5 over the width
+        within = (channel % N - (N - 1) / 2) / max(1, (N - 1) / 2)  # -1 .. 1 inside each head
+        zigzag = within * within.abs()
+        ramp = channel / dim
+        self.mix.copy_(torch.stack([1.0 - ramp.pow(p * shallow) for p in X070_SHIFT_POWERS]))
+        # decay: a wider spread than ours (-6 .. 0 plus a per-head zigzag); 0.5 offsets the soft clamp
+        spread = -6.0 + 6.0 * (channel / max(1, dim - 1)).pow(1.0 + depth ** 0.3)
+        self.decay_base.copy_(spread + 0.5 + 2.5 * zigzag)
+        self.iclr_base.copy_(-0.19 + 0.3 * zigzag + 0.4 * linear)
+        for down, up in ((self.decay_down, self.decay_up), (self.iclr_down, self.iclr_up)):
+            down.zero_()  # the low-rank paths start at zero and learn through the orthogonal up side
+            up.copy_(_orthogonal(*up.shape, 0.1))
+        self.removal_scale.copy_(0.71 - 0.1 * linear)
+        self.key_iclr_mix.fill_(1.02)
+        self.bonus.fill_(-0.04)
+        self.receptance.weight.copy_(_orthogonal(dim, dim, 1.0))
+        self.value.weight.copy_(_orthogonal(dim, dim, 1.0))
+        self.key.weight.copy_(_orthogonal(dim, dim, 0.1))
+        self.output.weight.zero_()  # each block starts as the identity on the residual stream
+        self.norm.weight.fill_(((1 + layer_id) / n_layers) ** 0.7)
+
+    def _mixes(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """The six token-shifted inputs as one (6, B, T, C) tensor (unbound by the caller: indexing
+        it six times costs six zero-filled grads)."""
+        if self.wiring.token_shift == "static":
+            return torch.addcmul(x, delta, self.mix.to(x.dtype)[:, None, None])
+        B, T, C = x.shape
+        base = torch.addcmul(x, delta, self.mix_base.to(x.dtype))
+        lora = torch.tanh(base @ self.mix_down).view(B * T, N_MIX, -1).transpose(0, 1)  # (6, B*T, R)
+        lora = torch.bmm(lora, self.mix_up).view(N_MIX, B, T, C)  # bmm: einsum's dispatch costs ~0.1 ms a call
+        return torch.addcmul(x, delta, self.mix.to(lora.dtype)[:, None, None] + lora)
+
+    def forward(self, x, shift_prev, wkv_state, frozen=None, v_first=None):
+        """Returns (output, new shift vector, new wkv state, v_first): v_first is this layer's value
+        when it is its stack's first layer, else the one passed in (None unless value_residual)."""
         B, T, C = x.shape
         H, N = self.n_heads, self.head_size
         x = to_autocast_dtype(x)  # the mixes in bf16 under autocast (the state keeps its own dtype)
         x_prev, new_shift = shift_tokens(x, shift_prev.to(x.dtype), frozen)
-        delta = x_prev - x
-        base = torch.addcmul(x, delta, self.mix_base.to(x.dtype))
-        lora = torch.tanh(base @ self.mix_down).view(B * T, N_MIX, -1).transpose(0, 1)  # (6, B*T, R)
-        lora = torch.bmm(lora, self.mix_up).view(N_MIX, B, T, C)  # bmm: einsum's dispatch costs ~0.1 ms a call
-        # one (6, B, T, C) tensor, then unbind: indexing it six times costs six zero-filled grads
-        mixes = torch.addcmul(x, delta, self.mix.to(lora.dtype)[:, None, None] + lora)
-        xr, xw, xk, xv, xa, xg = mixes.unbind(0)
+        xr, xw, xk, xv, xa, xg = self._mixes(x, x_prev - x).unbind(0)
 
         r = self.receptance(xr)
         k = self.key(xk)
         v = self.value(xv)
-        g = torch.sigmoid(self.gate(xg))
+        if self.layer_id == 0 and self.wiring.value_residual:
+            v_first = v
+        elif self.value_residual:
+            if v_first is None:
+                raise ValueError("TimeMix: value_residual needs the first layer's value (v_first)")
+            lerp = torch.sigmoid(self.value_residual_base + (xv @ self.value_residual_down) @ self.value_residual_up)
+            v = v + (v_first.to(v.dtype) - v) * lerp
+        if self.wiring.gate == "sigmoid_full":
+            g = torch.sigmoid(self.gate(xg))
+        else:
+            g = torch.sigmoid(xg @ self.gate_down) @ self.gate_up
         decay_logit = self.decay_base + torch.tanh(xw @ self.decay_down) @ self.decay_up
         log_w = -torch.exp(-F.softplus(-_f32(decay_logit)) - 0.5)
         iclr = torch.sigmoid(self.iclr_base + (xa @ self.iclr_down) @ self.iclr_up)
@@ -160,7 +280,8 @@ class TimeMix(nn.Module):
         out, new_wkv = _wkv7_opaque(r_h, log_w_h, k_h, v_h, -kappa, b_h, state=wkv_state, chunk_size=self.wkv_chunk)
         out = self.norm(out.view(B, T, H, N))  # in the recurrence's precision (float32 under autocast)
         bonus = ((r_h * k_h * self.bonus).sum(-1, keepdim=True) * v_h).reshape(B, T, C)
-        return self.output((out + bonus).to(g.dtype) * g), new_shift.to(shift_prev.dtype), new_wkv
+        out = self.output((out + bonus).to(g.dtype) * g)
+        return out, new_shift.to(shift_prev.dtype), new_wkv, v_first
 
 
 class TimeMix4(nn.Module):
@@ -226,21 +347,26 @@ class ChannelMix(nn.Module):
 
 
 class RWKVBlock(nn.Module):
-    def __init__(self, dim, head_size, ffn_dim, layer_id, n_layers, wkv_chunk, time_mix="rwkv7"):
+    def __init__(self, dim, head_size, ffn_dim, layer_id, n_layers, wkv_chunk, time_mix="rwkv7", wiring=None):
         super().__init__()
         self.ln_time = nn.LayerNorm(dim)
         self.ln_channel = nn.LayerNorm(dim)
         if time_mix == "wkv4":
             self.time_mix = TimeMix4(dim, layer_id, n_layers, wkv_chunk)
         else:
-            self.time_mix = TimeMix(dim, head_size, layer_id, n_layers, wkv_chunk)
+            self.time_mix = TimeMix(dim, head_size, layer_id, n_layers, wkv_chunk, wiring)
         self.channel_mix = ChannelMix(dim, ffn_dim, layer_id, n_layers)
 
-    def forward(self, x, tm_shift, wkv_state, cm_shift, deep_gate=None, frozen=None):
-        att, tm_shift, wkv_state = self.time_mix(self.ln_time(x), tm_shift, wkv_state, frozen)
+    def forward(self, x, tm_shift, wkv_state, cm_shift, deep_gate=None, frozen=None, v_first=None):
+        """Returns (x, tm_shift, wkv_state, cm_shift, v_first); v_first is the stack's first-layer
+        value for the value residual (None without one), passed from block to block."""
+        if isinstance(self.time_mix, TimeMix4):
+            att, tm_shift, wkv_state = self.time_mix(self.ln_time(x), tm_shift, wkv_state, frozen)
+        else:
+            att, tm_shift, wkv_state, v_first = self.time_mix(self.ln_time(x), tm_shift, wkv_state, frozen, v_first)
         x = x + att
         ffn, cm_shift = self.channel_mix(self.ln_channel(x), cm_shift, deep_gate, frozen)
-        return x + ffn, tm_shift, wkv_state, cm_shift
+        return x + ffn, tm_shift, wkv_state, cm_shift, v_first
 
 
 class RWKVStack(nn.Module):
@@ -251,14 +377,15 @@ class RWKVStack(nn.Module):
     """
 
     def __init__(self, dim: int, n_layers: int, head_size: int, ffn_mult: int, vocab_size: int,
-                 use_deepembed: bool, per_block_deepembed: bool, wkv_chunk: int, time_mix: str = "rwkv7"):
+                 use_deepembed: bool, per_block_deepembed: bool, wkv_chunk: int, time_mix: str = "rwkv7",
+                 wiring: TimeMixWiring | None = None):
         super().__init__()
         if time_mix not in TIME_MIXES:
             raise ValueError(f"RWKVStack: unknown time_mix {time_mix!r}")
         self.dim, self.n_layers, self.head_size, self.time_mix = dim, n_layers, head_size, time_mix
         ffn_dim = ffn_mult * dim
         self.blocks = nn.ModuleList(
-            RWKVBlock(dim, head_size, ffn_dim, i, n_layers, wkv_chunk, time_mix) for i in range(n_layers))
+            RWKVBlock(dim, head_size, ffn_dim, i, n_layers, wkv_chunk, time_mix, wiring) for i in range(n_layers))
         self.per_block_deepembed = per_block_deepembed
         self.deepembed = DeepEmbedTables(vocab_size, ffn_dim, n_layers, per_block_deepembed) if use_deepembed else None
         self.gradient_checkpointing = False
@@ -281,13 +408,16 @@ class RWKVStack(nn.Module):
         """x: (B, T, C) inputs; tokens: (B, T) ids for DeepEmbed; frozen: (B, T) bool or None."""
         tm, wkv, cm = [], [], []
         gates = self.deepembed.gates(tokens, len(self.blocks)) if self.deepembed is not None else None
+        # the value residual's target: the first block's value of these same tokens, computed in this
+        # call, so the step form passes it along exactly as the parallel form does (no new state)
+        v_first = None
         for i, block in enumerate(self.blocks):
             gate = next(gates) if gates is not None else None
-            args = (x, state["tm_shift"][i], state["wkv"][i], state["cm_shift"][i], gate, frozen)
+            args = (x, state["tm_shift"][i], state["wkv"][i], state["cm_shift"][i], gate, frozen, v_first)
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                x, s_tm, s_wkv, s_cm = checkpoint(block, *args, use_reentrant=False)
+                x, s_tm, s_wkv, s_cm, v_first = checkpoint(block, *args, use_reentrant=False)
             else:
-                x, s_tm, s_wkv, s_cm = block(*args)
+                x, s_tm, s_wkv, s_cm, v_first = block(*args)
             tm.append(s_tm), wkv.append(s_wkv), cm.append(s_cm)
         return x, {"tm_shift": torch.stack(tm), "wkv": torch.stack(wkv), "cm_shift": torch.stack(cm)}
 
