@@ -24,6 +24,7 @@ COMMANDS = {
     "eval": "eval",
     "finetune": "finetune",
     "merge-lora": "merge_lora",
+    "puzzle": "puzzle",
 }
 
 
