@@ -275,3 +275,86 @@ def test_a_file_that_fails_to_read_is_named(tmp_path, bpe, monkeypatch):
     with pytest.raises(HierarchosError, match=rf"^{folder / 'b.txt'}: cannot be read \(Permission denied\)"):
         build(tmp_path, folder, bpe)
     assert list((tmp_path / "cache").glob("*")) == []  # nothing half-built is left
+
+
+# --- --hf-streaming: datasets' streaming mode through the same reader, tokenizer and cache -------------
+def stream_build(tmp_path, spec, tokenizer, lines=None):
+    source = streaming.open_source(spec)
+    directory = token_cache.cache_dir(tmp_path / "cache", source, "t")
+    log = lines.append if lines is not None else (lambda line: None)
+    return token_cache.open_cache(directory, source, tokenizer, log=log), directory
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".txt"])
+def test_hf_streaming_local_files_give_the_same_cache(tmp_path, bpe, seed, suffix):
+    rng = random.Random(seed)
+    texts = [random_text(rng, rng.randrange(1, 60)) for _ in range(12)]
+    data = tmp_path / f"d{suffix}"
+    if suffix == ".jsonl":
+        data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    else:  # a .txt file is one document
+        data.write_text("\n\n".join(texts), encoding="utf-8")
+        texts = ["\n\n".join(texts)]
+    cache, directory = stream_build(tmp_path, DataSpec(hf_dataset=str(data), streaming=True), bpe)
+    np.testing.assert_array_equal(np.asarray(cache.tokens), expected_tokens(bpe, texts))
+    assert cache.index["sources"][0]["path"] == str(data.resolve())  # local files: fingerprinted as usual
+    lines = []
+    stream_build(tmp_path, DataSpec(hf_dataset=str(data), streaming=True), bpe, lines)
+    assert lines[0].startswith("token cache: reusing"), lines
+
+
+def _iterable(records):
+    from datasets import IterableDataset
+
+    def generate():
+        for record in records:
+            if isinstance(record, Exception):
+                raise record
+            yield record
+
+    return IterableDataset.from_generator(generate)
+
+
+def test_hf_streaming_a_hub_dataset_is_read_as_a_stream(tmp_path, bpe, monkeypatch):
+    from hierarchos.data import sources
+
+    texts = ["first record", "", "second record, longer"]
+    opened = []
+
+    def fake_hub(spec):
+        assert spec.streaming and spec.hf_dataset == "someone/corpus"
+        opened.append(spec.hf_dataset_split)
+        return _iterable([{"text": t} for t in texts])
+
+    monkeypatch.setattr(sources, "_load_hub", fake_hub)
+    spec = DataSpec(hf_dataset="someone/corpus", streaming=True)
+    cache, directory = stream_build(tmp_path, spec, bpe)
+    np.testing.assert_array_equal(np.asarray(cache.tokens), expected_tokens(bpe, [texts[0], texts[2]]))
+    assert cache.index["sources"] == [{"dataset": "someone/corpus", "streaming": True}]
+    assert cache.index["skipped_records"] == 1 and opened == ["train"]
+    lines = []
+    stream_build(tmp_path, spec, bpe, lines)  # reused without opening the stream again
+    assert lines[0].startswith("token cache: reusing") and opened == ["train"]
+
+
+def test_hf_streaming_a_failing_stream_is_one_line_and_leaves_nothing(tmp_path, bpe, monkeypatch):
+    from hierarchos.data import sources
+
+    records = [{"text": f"record {i}"} for i in range(1000)] + [ConnectionError("connection reset by peer")]
+    monkeypatch.setattr(sources, "_load_hub", lambda spec: _iterable(records))
+    spec = DataSpec(hf_dataset="someone/corpus", streaming=True)
+    source = streaming.open_source(spec)
+    directory = token_cache.cache_dir(tmp_path / "cache", source, "t")
+    with pytest.raises(HierarchosError, match=r"--hf_dataset someone/corpus: reading it failed \(.*connection reset"):
+        token_cache.open_cache(directory, source, bpe, log=lambda line: None)
+    assert not directory.exists() and list((tmp_path / "cache").iterdir()) == []
+    monkeypatch.setattr(sources, "_load_hub", lambda spec: _iterable([]))
+    with pytest.raises(HierarchosError, match="data file is empty: someone/corpus"):
+        token_cache.open_cache(directory, streaming.open_source(spec), bpe, log=lambda line: None)
+
+
+def test_hf_streaming_needs_an_hf_dataset(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "x"}\n', encoding="utf-8")
+    with pytest.raises(HierarchosError, match="--hf-streaming reads a --hf_dataset"):
+        streaming.open_source(DataSpec(train=str(data), streaming=True))

@@ -69,6 +69,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     data.add_argument("--hf_dataset", "--hf-dataset", metavar="NAME_OR_PATH")
     data.add_argument("--hf_dataset_config", "--hf-dataset-config")
     data.add_argument("--hf_dataset_split", "--hf-dataset-split", default="train")
+    data.add_argument("--hf-streaming", action="store_true",
+                      help="read --hf_dataset in datasets' streaming mode (never downloaded whole) into the token "
+                           "cache, which holds only its token ids")
     data.add_argument("--text_column", "--text-column")
     data.add_argument("--prompt_column", "--prompt-column")
     data.add_argument("--completion_column", "--completion-column")
@@ -401,7 +404,8 @@ def run(args: argparse.Namespace, lora=None) -> int:
     # ---- data and tokenizer ----
     spec = DataSpec(train=args.train, hf_dataset=args.hf_dataset, hf_dataset_config=args.hf_dataset_config,
                     hf_dataset_split=args.hf_dataset_split, text_column=args.text_column,
-                    prompt_column=args.prompt_column, completion_column=args.completion_column, kayla=args.kayla)
+                    prompt_column=args.prompt_column, completion_column=args.completion_column, kayla=args.kayla,
+                    streaming=args.hf_streaming)
     pretokenized = args.pre_chunked_dataset or args.pre_pt_dataset
     if args.pre_chunked_dataset and args.pre_pt_dataset:
         raise HierarchosError("--pre_chunked_dataset and --pre_pt_dataset are mutually exclusive: pass one")

@@ -40,7 +40,9 @@ def _kernels():
         from hierarchos import hierarchos_kernels
     except ImportError:
         return None
-    return hierarchos_kernels if hasattr(hierarchos_kernels, "BpeEncoder") else None
+    encoder = getattr(hierarchos_kernels, "BpeEncoder", None)
+    # a module built before the encoder existed, or from an older bpe.cpp: the library path
+    return hierarchos_kernels if encoder is not None and hasattr(encoder, "take_new_code_points") else None
 
 
 def _probe_split():
@@ -189,7 +191,7 @@ def native_for(tokenizer: Tokenizer) -> tuple[NativeBPE | None, str]:
     if os.environ.get(ENV_SWITCH, "").strip() == "0":
         return None, f"{ENV_SWITCH}=0"
     if _kernels() is None:
-        return None, "the C++ kernel (hierarchos_kernels) is not built"
+        return None, "the C++ kernel (hierarchos_kernels) is not built or predates the encoder (python kernels/build.py)"
     spec = _model_json(tokenizer)
     if spec is None:
         return None, "the tokenizer has no tokenizer.json form"

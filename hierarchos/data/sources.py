@@ -7,6 +7,8 @@ record into one training text: plain, prompt + completion, Alpaca or Kayla. Bad 
 
 A .txt file is one document (`sample_by="document"`): long documents are split into chunks
 whose recurrent state is carried by the trainer, so paragraph boundaries are not cut here.
+With `DataSpec.streaming` (--hf-streaming) a --hf_dataset is opened in datasets' streaming mode: an
+IterableDataset read record by record, never downloaded or converted to Arrow whole.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ class DataSpec:
     completion_column: str | None = None
     kayla: bool = False
     cache_dir: str | None = None  # datasets' cache (default: HF_DATASETS_CACHE)
+    streaming: bool = False       # --hf-streaming: the --hf_dataset as a datasets IterableDataset
 
 
 @dataclass
@@ -176,13 +179,15 @@ def _quiet_progress():
 
 
 # --- loading --------------------------------------------------------------------------------
-def _load_files(files: list[Path], where: Path, split: str, cache_dir: str | None):
+def _load_files(files: list[Path], where: Path, split: str, cache_dir: str | None, streaming: bool = False):
     from datasets import load_dataset
     checked = [_check_file(p) for p in files]
     kind, json_field = checked[0]
     kwargs = {"sample_by": "document"} if kind == "text" else {}
     if json_field is not None:
         kwargs["field"] = json_field
+    if streaming:
+        kwargs["streaming"] = True
     try:
         with _quiet_progress():
             return load_dataset(kind, data_files={"train": [str(p) for p in files]}, split=split,
@@ -222,10 +227,11 @@ def _load_hub(spec: DataSpec):
 
     from hierarchos.data.tokenizers import hub_offline_mode, hub_reachable
     offline = contextlib.nullcontext() if hub_reachable() else hub_offline_mode()
+    streaming = {"streaming": True} if spec.streaming else {}
     try:
         with _quiet_progress(), offline:
             return load_dataset(spec.hf_dataset, spec.hf_dataset_config, split=spec.hf_dataset_split,
-                                cache_dir=spec.cache_dir)
+                                cache_dir=spec.cache_dir, **streaming)
     except Exception as exc:
         raise HierarchosError(ERR_HF_LOAD.format(name=spec.hf_dataset, detail=_one_line(exc))) from None
 
@@ -261,17 +267,18 @@ def _load_dataset(spec: DataSpec):
             for file in _folder_files(path):
                 _check_file(file)
             from datasets import load_dataset
+            streaming = {"streaming": True} if spec.streaming else {}
             try:
                 with _quiet_progress():
                     dataset = load_dataset(str(path), spec.hf_dataset_config, split=split,
-                                           cache_dir=spec.cache_dir)
+                                           cache_dir=spec.cache_dir, **streaming)
             except Exception as exc:
                 if "corresponds to no data" in str(exc):
                     raise HierarchosError(ERR_FILE_EMPTY.format(path=path)) from None
                 raise HierarchosError(ERR_HF_LOAD.format(name=spec.hf_dataset, detail=_one_line(exc))) from None
             return dataset, path, name
         if path.is_file():
-            return _load_files([path], path, split, spec.cache_dir), path, name
+            return _load_files([path], path, split, spec.cache_dir, spec.streaming), path, name
         return _load_hub(spec), spec.hf_dataset, name
     raise HierarchosError(ERR_NO_SOURCE)
 

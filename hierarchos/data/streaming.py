@@ -5,7 +5,9 @@
 and every text is cut into pieces of about 1 MiB, so no file is ever one Python string (a JSON line
 is held once while it is parsed). Other sources (.json documents, .csv, .parquet, saved datasets,
 hub names) go through Hugging Face `datasets`, whose Arrow files are memory-mapped, iterated in
-batches. Records become texts by the same rules and with the same one-line errors as `load_texts`.
+batches; with --hf-streaming a --hf_dataset is read as datasets' IterableDataset instead (records
+arrive over the network or from the files one batch at a time; nothing is converted to Arrow).
+Records become texts by the same rules and with the same one-line errors as `load_texts`.
 """
 
 from __future__ import annotations
@@ -97,6 +99,9 @@ class StreamSource:
     def fingerprint(self) -> list[dict]:
         """What the cache compares to decide it is still the same data: per local file its path,
         size, mtime and a hash of its first and last 64 KiB; a hub dataset's `datasets` fingerprint."""
+        if self.kind == "datasets" and not self.files and self.spec.streaming:
+            # a stream cannot be fingerprinted without reading it: its name, config and split stand for it
+            return [{"dataset": str(self.where), "streaming": True}]
         if self.kind == "datasets" and not self.files:
             dataset = S._load_dataset(self.spec)[0]
             return [{"dataset": str(self.where), "fingerprint": getattr(dataset, "_fingerprint", None),
@@ -221,12 +226,24 @@ class StreamSource:
 
     def _dataset_documents(self):
         dataset, where, _ = S._load_dataset(self.spec)
-        if len(dataset) == 0:
+        streamed = not hasattr(dataset, "__len__")  # an IterableDataset (--hf-streaming)
+        if not streamed and len(dataset) == 0:
             raise HierarchosError(S.ERR_FILE_EMPTY.format(path=where))
-        names = list(dataset.column_names)
-        for batch in dataset.iter(batch_size=RECORD_BATCH):
+        names = list(dataset.column_names) if dataset.column_names else None  # None: a stream of unknown columns
+        batches, n_records = dataset.iter(batch_size=RECORD_BATCH), 0
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            except Exception as exc:  # a stream fails while it is read (network, a bad file): say where
+                raise HierarchosError(f"--hf_dataset {where}: reading it failed ({S._one_line(exc)}); check the "
+                                      "dataset and the connection and run again (nothing half-read is kept)") from None
             n = len(next(iter(batch.values()))) if batch else 0
-            yield from self._format_columns(_Columns(batch, names, n), where, 0)
+            n_records += n
+            yield from self._format_columns(_Columns(batch, names or list(batch), n), where, 0)
+        if n_records == 0:
+            raise HierarchosError(S.ERR_FILE_EMPTY.format(path=where))
 
 
 def file_fingerprint(path: Path) -> dict:
@@ -255,6 +272,9 @@ def open_source(spec: S.DataSpec) -> StreamSource:
     S._check_flags(spec)
     if spec.train and spec.hf_dataset:
         raise HierarchosError(S.ERR_TRAIN_AND_HF)
+    if spec.streaming and not spec.hf_dataset:
+        raise HierarchosError("--hf-streaming reads a --hf_dataset in datasets' streaming mode: pass --hf_dataset "
+                              "NAME_OR_PATH (files given with --train are read as a stream already)")
     if spec.train:
         path = Path(spec.train).expanduser()
         if path.is_dir():
