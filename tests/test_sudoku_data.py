@@ -459,7 +459,7 @@ def test_generate_action_end_to_end_on_4x4(tmp_path, capsys):
     assert np.array_equal(load_puzzles(again / "train.safetensors").inputs, train.inputs)
 
 
-@pytest.mark.parametrize("flags", [["--train", "0"], ["--size", "5"], ["--min-difficulty", "-1"],
+@pytest.mark.parametrize("flags", [["--train", "0"], ["--size", "x"], ["--min-difficulty", "-1"], ["--task", "chess"],
                                    ["--workers", "x"], ["--augment", "-2"], ["--seed", "1.5"]])
 def test_generate_action_bad_flags_are_one_line_errors(tmp_path, capsys, flags):
     with pytest.raises(SystemExit) as exc:
@@ -469,10 +469,14 @@ def test_generate_action_bad_flags_are_one_line_errors(tmp_path, capsys, flags):
     assert err.startswith("error:") and "\n" not in err
 
 
-def test_generate_action_refuses_a_file_as_output(tmp_path):
+def test_generate_action_refuses_a_file_as_output_and_unsupported_sizes(tmp_path):
     from hierarchos.cli.puzzle_generate import run_generate
 
     target = tmp_path / "file"
     target.write_text("x")
     with pytest.raises(HierarchosError, match="not a directory"):
         run_generate(_parser().parse_args(["--out", str(target), "--size", "4", "--train", "2", "--test", "2"]))
+    for flags in (["--size", "5"], ["--task", "maze", "--size", "3"]):
+        with pytest.raises(HierarchosError, match="--size"):
+            run_generate(_parser().parse_args(["--out", str(tmp_path / "d"), "--train", "2", "--test", "2"] + flags))
+    assert not (tmp_path / "d").exists()

@@ -22,12 +22,19 @@ name            shape        dtype    meaning
 The header's ``__metadata__`` has one key, ``hierarchos_puzzles``, whose value is a JSON
 object with at least ``{"task": "sudoku", "size": n, "split": "train"|"test",
 "seed": int, "format_version": 1}`` (n = 9 or 4), plus whatever the writer adds
-(``min_difficulty``, ``augment``, ``generator``, ``base_puzzles``, ...).
+(``min_difficulty``, ``climb_steps``, ``augment``, ``base_puzzles``, ``generator``, ...).
+
+Mazes (``"task": "maze"``, n = 6..64, 30 for Maze-Hard) use the same four tensors with cell
+tokens instead of digits: inputs 0 = open, 1 = wall, 2 = start, 3 = goal; solutions are the
+inputs with the cells of the unique shortest start-to-goal path (start and goal excluded)
+set to 4; difficulty = that path's length in steps; the metadata adds
+``"tokens": {"open": 0, "wall": 1, "start": 2, "goal": 3, "path": 4}``.
 
 A file is written to a temp file beside its final path and renamed into place, so a reader
 sees the previous file or the new one, never a partial one. ``load_puzzles`` checks the
 header, names, dtypes, shapes, value ranges, that every solution is a valid grid and that
-it agrees with its puzzle's givens; any problem is one ``HierarchosError`` line naming the
+it agrees with its puzzle's givens (mazes: that it marks the unique shortest path; Sudoku
+uniqueness is proved when generating, not re-proved on load); any problem is one ``HierarchosError`` line naming the
 file and the fix. Nothing is unpickled.
 """
 
@@ -44,7 +51,9 @@ from ..errors import HierarchosError
 
 FORMAT_VERSION = 1
 META_KEY = "hierarchos_puzzles"
-SIZES = (4, 9)
+SIZES = (4, 9)  # Sudoku sides
+TASKS = ("sudoku", "maze")
+MAZE_SIZES = (6, 64)  # smallest and largest maze side (hierarchos.puzzles.maze.MIN_SIZE, MAX_SIZE)
 SPLITS = ("train", "test")
 # tensor name -> (dtype, rank)
 TENSORS = {
@@ -73,6 +82,11 @@ class PuzzleSet:
     def size(self) -> int:
         """n: the side of the grid (9 for 9x9 Sudoku, 4 for 4x4)."""
         return int(round(self.inputs.shape[1] ** 0.5))
+
+    @property
+    def task(self) -> str:
+        """'sudoku' or 'maze' (the metadata's task)."""
+        return str(self.meta.get("task", "sudoku"))
 
     @property
     def num_puzzle_ids(self) -> int:
@@ -111,25 +125,37 @@ def validate(puzzles: PuzzleSet, where: str) -> None:
     count, cells = puzzles.inputs.shape
     if count < 1:
         fail("holds no puzzles")
+    meta = puzzles.meta
+    if not isinstance(meta, dict):
+        fail("metadata is not a JSON object")
+    task = meta.get("task")
+    if task not in TASKS:
+        fail(f"task is {task!r}, expected one of {', '.join(TASKS)}")
     size = int(round(cells ** 0.5))
-    if size not in SIZES or size * size != cells:
-        fail(f"'inputs' has {cells} cells per puzzle, expected 81 (9x9) or 16 (4x4)")
+    sizes = SIZES if task == "sudoku" else range(MAZE_SIZES[0], MAZE_SIZES[1] + 1)
+    if size not in sizes or size * size != cells:
+        fail(f"'inputs' has {cells} cells per puzzle, expected " + (
+            "81 (9x9) or 16 (4x4)" if task == "sudoku" else f"n*n with n in {MAZE_SIZES[0]}..{MAZE_SIZES[1]}"))
     for name in ("solutions", "puzzle_ids", "difficulty"):
         array = getattr(puzzles, name)
         expected = (count, cells) if name == "solutions" else (count,)
         if array.shape != expected:
             fail(f"'{name}' has shape {array.shape}, expected {expected} to match 'inputs' {puzzles.inputs.shape}")
-    meta = puzzles.meta
-    if not isinstance(meta, dict):
-        fail("metadata is not a JSON object")
     if meta.get("format_version") != FORMAT_VERSION:
         fail(f"format_version is {meta.get('format_version')!r}, this hierarchos reads {FORMAT_VERSION}")
-    if meta.get("task") != "sudoku":
-        fail(f"task is {meta.get('task')!r}, expected 'sudoku'")
     if meta.get("size") != size:
         fail(f"metadata says size {meta.get('size')!r} but the grids are {size}x{size}")
     if meta.get("split") not in SPLITS:
         fail(f"split is {meta.get('split')!r}, expected one of {', '.join(SPLITS)}")
+    if (puzzles.puzzle_ids < 0).any():
+        fail("'puzzle_ids' holds a negative id")
+    if not np.isfinite(puzzles.difficulty).all() or (puzzles.difficulty < 0).any():
+        fail("'difficulty' holds a negative or non-finite value")
+    if task == "maze":
+        from .maze import check  # imported here: maze imports this module
+
+        check(puzzles.inputs, puzzles.solutions, where, REGENERATE)
+        return
     if int(puzzles.inputs.max()) > size:
         fail(f"'inputs' holds a digit above {size}")
     valid = grids_valid(puzzles.solutions, size)
@@ -139,10 +165,6 @@ def validate(puzzles: PuzzleSet, where: str) -> None:
     disagree = (givens & (puzzles.inputs != puzzles.solutions)).any(axis=1)
     if disagree.any():
         fail(f"puzzle {int(np.argmax(disagree))} has a given that differs from its solution")
-    if (puzzles.puzzle_ids < 0).any():
-        fail("'puzzle_ids' holds a negative id")
-    if not np.isfinite(puzzles.difficulty).all() or (puzzles.difficulty < 0).any():
-        fail("'difficulty' holds a negative or non-finite value")
 
 
 def save_puzzles(path: str | os.PathLike, puzzles: PuzzleSet) -> None:
