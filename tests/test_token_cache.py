@@ -358,3 +358,64 @@ def test_hf_streaming_needs_an_hf_dataset(tmp_path):
     data.write_text('{"text": "x"}\n', encoding="utf-8")
     with pytest.raises(HierarchosError, match="--hf-streaming reads a --hf_dataset"):
         streaming.open_source(DataSpec(train=str(data), streaming=True))
+
+
+# --- pre-tokenized sources (--pre_chunked_dataset, --pre_pt_dataset) through the same cache ----------------
+def _args(tmp_path, train, **flags):
+    import argparse
+
+    defaults = dict(train=str(train), pre_chunked_dataset=False, pre_pt_dataset=False, tokenizer_path=None,
+                    model_path=None, token_cache=str(tmp_path / "cache"), val=None, val_fraction=0.0,
+                    auto_max_length=False, text_column=None)
+    return argparse.Namespace(**{**defaults, **flags})
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "pt"])
+def test_pre_tokenized_chunks_are_cached_and_memory_mapped(tmp_path, bpe, seed, kind):
+    from hierarchos.cli import train_data
+    from hierarchos.data import chunked
+
+    rng = np.random.default_rng(seed)
+    chunks = [rng.integers(4, bpe.vocab_size, size=int(rng.integers(1, 40))).tolist() for _ in range(25)]
+    if kind == "jsonl":
+        path = tmp_path / "chunks.jsonl"
+        chunked.write_prechunked_jsonl(chunks, path)
+        flags = {"pre_chunked_dataset": True}
+    else:
+        path = tmp_path / "pt"
+        chunked.write_pt_chunks(chunks, path, max_length=40, chunks_per_file=7, tokenizer_name="bundled")
+        flags = {"pre_pt_dataset": True}
+    args = _args(tmp_path, path, tokenizer_path=bundled_tokenizer_path(), **flags)
+    data = train_data.prepare(args, None, None, None, bpe)
+    expected = [i for chunk in chunks for i in chunk + [bpe.eos_id]]  # the old in-memory packing
+    assert isinstance(data.train_tokens, np.memmap) and np.asarray(data.train_tokens).tolist() == expected
+    assert data.cache is None and data.template == "pretokenized" and data.identity["tokens"] == len(expected)
+    directory = next((tmp_path / "cache").iterdir())
+    index = json.loads((directory / token_cache.INDEX).read_text())
+    assert index["encoder"] == "pretokenized" and index["n_docs"] == len(chunks)
+    # reused while nothing changed; a changed file rebuilds it
+    lines = []
+    files = [path] if kind == "jsonl" else [path / chunked.MANIFEST_FILE, *sorted(path.glob("*.safetensors"))]
+    documents = (lambda: chunked.iter_prechunked_jsonl(path)) if kind == "jsonl" else (
+        lambda: chunked.iter_pt_chunks(path))
+    token_cache.open_ids_cache(directory, files, documents, bpe, where=path, log=lines.append)
+    assert lines[0].startswith("token cache: reusing"), lines
+    if kind == "jsonl":
+        chunked.write_prechunked_jsonl(chunks[:-1], path)
+        lines.clear()
+        again = token_cache.open_ids_cache(directory, files, documents, bpe, where=path, log=lines.append)
+        assert lines[0].startswith(f"token cache: rebuilding {directory} ({path.resolve()} changed"), lines
+        assert again.n_tokens == len(expected) - len(chunks[-1]) - 1
+
+
+def test_pre_tokenized_ids_outside_the_vocabulary_are_one_line(tmp_path, bpe):
+    from hierarchos.cli import train_data
+    from hierarchos.data import chunked
+
+    path = tmp_path / "chunks.jsonl"
+    chunked.write_prechunked_jsonl([[5, 6, 7], [8, bpe.vocab_size + 3]], path)
+    args = _args(tmp_path, path, pre_chunked_dataset=True)
+    with pytest.raises(HierarchosError, match=rf"chunks.jsonl: chunk 1 holds token id {bpe.vocab_size + 3}, outside "
+                                              rf"the tokenizer's {bpe.vocab_size} ids"):
+        train_data.prepare(args, None, None, None, bpe)
+    assert list((tmp_path / "cache").iterdir()) == []  # nothing half-built is left

@@ -2,7 +2,8 @@
 
 Text sources go through the token cache (hierarchos.data.token_cache): tokenized once, memory-mapped,
 reused while the files and the tokenizer are unchanged. Pre-tokenized sources (--pre_chunked_dataset,
---pre_pt_dataset) are read as before and packed into one array. The validation tokens are a --val
+--pre_pt_dataset) are written into a cache of the same format (their ids, each chunk followed by EOS)
+and memory-mapped the same way. The validation tokens are a --val
 file's cache or the tail of the training array (--val-fraction); they are never copied into Python.
 """
 
@@ -88,14 +89,26 @@ def _prepare(args: argparse.Namespace, spec, resume, dist_info, resumed_tokenize
 
     root = Path(args.token_cache).expanduser() if getattr(args, "token_cache", None) else token_cache.default_root()
     if args.pre_chunked_dataset or args.pre_pt_dataset:
-        from ..data.chunked import iter_prechunked_jsonl, iter_pt_chunks
+        from ..data import chunked
 
         tok_source = args.tokenizer_path or args.model_path or args.train
         tokenizer = resumed_tokenizer or load_tokenizer(tok_source)
-        docs = iter_prechunked_jsonl(args.train) if args.pre_chunked_dataset else iter_pt_chunks(args.train)
-        eos = np.array([tokenizer.eos_id], dtype=np.int64)
-        flat = np.concatenate([part for doc in docs for part in (np.asarray(doc, dtype=np.int64), eos)] or [eos])
-        data = RunData(Path(args.train).name, "pretokenized", tokenizer, flat)
+        path = Path(args.train)
+        if args.pre_chunked_dataset:
+            kind, documents = "chunked-jsonl", (lambda: chunked.iter_prechunked_jsonl(path))
+            file = path / chunked.JSONL_FILE if path.is_dir() and (path / chunked.JSONL_FILE).is_file() else path
+            if not file.is_file():
+                chunked.iter_prechunked_jsonl(path)  # raises its one-line error
+            files = [file]
+        else:  # the manifest and the chunk files it names (a missing one fails when the build reaches it)
+            kind, documents = "chunked-pt", (lambda: chunked.iter_pt_chunks(path))
+            files = [path / chunked.MANIFEST_FILE] + [entry.path for entry in chunked.read_manifest(path)
+                                                      if entry.path.is_file()]
+        directory = token_cache.ids_cache_dir(root, path, kind, token_cache.tokenizer_identity(tokenizer)["sha256"])
+        cache = token_cache.open_ids_cache(directory, files, documents, tokenizer, where=path,
+                                           log=print if _is_main(dist_info) else (lambda line: None))
+        data = RunData(path.name, "pretokenized", tokenizer, cache.tokens,
+                       identity={"tokens": cache.n_tokens, "blake2b": cache.index.get("tokens_blake2b")})
     else:
         source = open_source(spec)
         tok_key = args.tokenizer_path or (f"model:{args.model_path}" if args.model_path else "default")

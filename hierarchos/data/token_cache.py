@@ -4,6 +4,8 @@ A cache directory holds `tokens.bin` (uint16 ids where the vocabulary fits, else
 document followed by EOS, as the trainer packs them), `doc_ends.bin` (int64: where each document's
 EOS ends), `doc_bytes.bin` (int64: each document's UTF-8 bytes, for bits per byte), `index.json` (format, dtype, counts, checksums, the tokenizer's identity, the sources'
 sizes/mtimes/sampled hashes) and, for tokenizers trained on the data (char, bpe:N), `tokenizer/`.
+Pre-tokenized sources (--pre_chunked_dataset, --pre_pt_dataset: id lists, no text) are written into
+the same format by `open_ids_cache` (their doc_bytes are 0: bits per byte come from decoding).
 Byte-level BPE tokenizers are encoded by the native encoder (hierarchos.data.fast_bpe: the same
 ids as the library, checked against it on every corpus), others by the library; the index names
 which one built the cache, and either cache is valid for both, the ids being the same.
@@ -62,6 +64,13 @@ def cache_dir(root: Path, source: StreamSource, tokenizer_key: str) -> Path:
                      sort_keys=True)
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", source.name)[:60] or "data"
     return Path(root) / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def ids_cache_dir(root: Path, path: Path, kind: str, tokenizer_key: str) -> Path:
+    """One directory per (pre-tokenized dataset, its format, tokenizer spec)."""
+    key = json.dumps({"where": str(Path(path).resolve()), "kind": kind, "tokenizer": tokenizer_key}, sort_keys=True)
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(path).name)[:60] or "data"
+    return Path(root) / f"{name}-{kind}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
 def tokenizer_identity(tokenizer: Tokenizer) -> dict:
@@ -185,6 +194,84 @@ def open_cache(directory: Path, source: StreamSource, tokenizer: Tokenizer, *, s
         + ("" if reason == "none yet" else f" ({reason})"))
     build(directory, source, tokenizer, sources, identity, save_tokenizer=save_tokenizer, log=log)
     return load(directory)
+
+
+def open_ids_cache(directory: Path, files: list[Path], documents, tokenizer: Tokenizer, *, where,
+                   log=print) -> TokenCache:
+    """The cache of a pre-tokenized source: `documents()` yields its id lists (each gets an EOS);
+    reused while `files` and the tokenizer are unchanged, else (re)built with a line saying why."""
+    from .streaming import file_fingerprint
+
+    sources = [file_fingerprint(path) for path in files]
+    identity = tokenizer_identity(tokenizer)
+    reason = why_stale(directory, sources, identity)
+    if reason is None:
+        cache = load(directory)
+        log(f"token cache: reusing {directory} ({cache.n_tokens:,} tokens)")
+        return cache
+    log(f"token cache: {'building' if reason == 'none yet' else 'rebuilding'} {directory}"
+        + ("" if reason == "none yet" else f" ({reason})"))
+    _build_ids(directory, documents(), tokenizer, sources, identity, where, log)
+    return load(directory)
+
+
+def _build_ids(directory: Path, documents, tokenizer: Tokenizer, sources: list[dict], identity: dict, where,
+               log) -> None:
+    from hierarchos.io import atomic_dir
+
+    dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32)
+    full = hashlib.blake2b(digest_size=16)
+    doc_ends = array("q")
+    n_tokens, parts, held = 0, [], 0
+    started = time.perf_counter()
+    eos = np.array([tokenizer.eos_id], dtype=dtype)
+
+    def flush(handle):
+        nonlocal parts, held
+        if parts:
+            data = np.concatenate(parts).tobytes()
+            handle.write(data)
+            full.update(data)
+        parts, held = [], 0
+
+    try:
+        with atomic_dir(directory) as tmp:
+            with open(tmp / TOKENS, "wb") as handle:
+                for number, doc in enumerate(documents):
+                    ids = np.asarray(doc, dtype=np.int64)
+                    if len(ids) and (ids.min() < 0 or ids.max() >= tokenizer.vocab_size):
+                        bad = int(ids.min() if ids.min() < 0 else ids.max())
+                        raise HierarchosError(
+                            f"{where}: chunk {number} holds token id {bad}, outside the tokenizer's "
+                            f"{tokenizer.vocab_size} ids; pass the tokenizer the chunks were made with "
+                            "(--tokenizer-path) or re-create them with scripts/dataset_chunk_create.py")
+                    parts += [ids.astype(dtype), eos]
+                    n_tokens += len(ids) + 1
+                    held += len(ids) + 1
+                    doc_ends.append(n_tokens)
+                    if held >= 1 << 20:
+                        flush(handle)
+                flush(handle)
+            if not doc_ends:
+                raise HierarchosError(f"{where}: no chunks in it: re-create it with scripts/dataset_chunk_create.py")
+            (tmp / DOC_ENDS).write_bytes(doc_ends.tobytes())
+            (tmp / DOC_BYTES).write_bytes(bytes(8 * len(doc_ends)))  # no text: 0 bytes each
+            index = {"format": FORMAT, "version": VERSION, "dtype": dtype.name, "n_tokens": n_tokens,
+                     "n_docs": len(doc_ends), "chars": 0, "text_bytes": 0, "name": Path(where).name,
+                     "template": "pretokenized", "records": len(doc_ends), "skipped_records": 0,
+                     "tokens_blake2b": full.hexdigest(),
+                     "tokens_sample_blake2b": _sampled_checksum(tmp / TOKENS, n_tokens * dtype.itemsize),
+                     "tokenizer": identity, "encoder": "pretokenized", "sources": sources,
+                     "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            (tmp / INDEX).write_text(json.dumps(index, indent=1) + "\n", encoding="utf-8")
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise HierarchosError(f"token cache {directory}: the disk filled up while writing it "
+                                  f"({n_tokens:,} tokens written, nothing kept); free space or place the cache "
+                                  "elsewhere with --token-cache DIR") from None
+        raise
+    log(f"token cache: {n_tokens:,} tokens of {len(doc_ends):,} pre-tokenized chunks in "
+        f"{time.perf_counter() - started:.1f} s, {dtype.name}")
 
 
 def _batches(source: StreamSource, out: queue.Queue, stop: threading.Event) -> None:
