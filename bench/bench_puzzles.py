@@ -1,0 +1,261 @@
+"""Sudoku benchmark (issue 21): hierarchos (RWKV-7 blocks, and attention blocks) against a plain
+non-causal Transformer encoder of the same parameter count, trained the same way on the same puzzles.
+
+Every model is trained by hierarchos.train.puzzle_trainer with one configuration: the same training
+puzzles (1,000 by default) with on-the-fly augmentation, the same batches in the same order, the
+same steps, segments (deep supervision, one update per segment), Q-learning halting, per-puzzle
+embeddings (sign-SGD rows) and optimizer. The baseline is a plain `nn.TransformerEncoder` (every
+cell sees every cell in one pass; learned positions; no state carried between segments, so its
+segments repeat one forward: the same number of updates, no extra thinking). Its width is chosen
+so its parameter count (without the per-puzzle table) matches hierarchos's.
+
+Reported per model: parameters, training time, exact-puzzle accuracy on unseen test puzzles
+(1,000+ hard 9x9 by default), blank-cell accuracy, mean thinking segments, Spearman correlation of
+segments with the solver's difficulty, exact accuracy after k segments, and exact accuracy and
+mean segments per difficulty quartile. Prints a table; writes JSON (atomically).
+
+    python bench/bench_puzzles.py --device cuda --out bench/results/puzzles.json        # the device run
+    python bench/bench_puzzles.py --device cpu --tiny                                  # 4x4 smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hierarchos.config import ModelConfig, tiny_config  # noqa: E402
+from hierarchos.model.losses import LossWeights  # noqa: E402
+from hierarchos.model.puzzle import (PuzzleConfig, PuzzleOutput, PuzzleSolver, default_puzzle_base,  # noqa: E402
+                                     puzzle_model_config, vocab_size)
+from hierarchos.model.puzzle_embedding import PuzzleEmbedding  # noqa: E402
+from hierarchos.train.puzzle_trainer import PuzzleTrainConfig, PuzzleTrainer, evaluate_puzzles  # noqa: E402
+
+
+class TransformerPuzzleBaseline(nn.Module):
+    """A plain non-causal Transformer encoder over [PUZZLE] + cells: token + learned position embeddings,
+    `nn.TransformerEncoder` (pre-norm, GELU), a digit head per cell and a Q head on the PUZZLE
+    position (it sees the whole grid, as seed 003's Q head reads position 0). Segments carry nothing."""
+
+    def __init__(self, puzzle: PuzzleConfig, d_model: int, layers: int, heads: int):
+        super().__init__()
+        self.puzzle_cfg = puzzle
+        n = puzzle.size
+        self.embed = nn.Embedding(vocab_size(n), d_model)
+        self.pos_embed = nn.Parameter(torch.randn(puzzle.seq_len, d_model) * 0.02)
+        layer = nn.TransformerEncoderLayer(d_model, heads, 4 * d_model, dropout=0.0, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, n)
+        self.q_head = nn.Linear(d_model, 2)
+        with torch.no_grad():
+            self.q_head.weight.zero_()
+            self.q_head.bias.fill_(-5.0)
+        self.puzzle_embedding = PuzzleEmbedding(puzzle.num_puzzle_ids, d_model) if puzzle.num_puzzle_ids else None
+
+    def init_state(self, batch_size, device=None, dtype=None):
+        return torch.zeros(batch_size, 0, device=device)  # nothing is carried
+
+    def forward(self, inputs, puzzle_ids, state):
+        tokens = torch.cat([torch.full_like(inputs[:, :1], self.puzzle_cfg.size + 1), inputs], 1).long()
+        x = self.embed(tokens) + self.pos_embed
+        if self.puzzle_embedding is not None:
+            x = torch.cat([x[:, :1] + self.puzzle_embedding(puzzle_ids)[:, None], x[:, 1:]], 1)
+        h = self.norm(self.encoder(x))
+        q = self.q_head(h[:, 0]).float()
+        return PuzzleOutput(logits=self.head(h[:, 1:]), q_halt=q[:, 0], q_continue=q[:, 1], state=state)
+
+
+def core_parameters(model: nn.Module) -> int:
+    """Parameters without the per-puzzle table (its size depends on the data, not the model)."""
+    table = model.puzzle_embedding.table.weight if getattr(model, "puzzle_embedding", None) is not None else None
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p is table or id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+    return total
+
+
+def matched_baseline(puzzle: PuzzleConfig, target: int, layers: int, heads: int) -> TransformerPuzzleBaseline:
+    """The baseline whose width (a multiple of 2*heads) gives the parameter count closest to `target`."""
+    def count(d: int) -> int:
+        return core_parameters(TransformerPuzzleBaseline(PuzzleConfig(**{**puzzle.to_dict(), "num_puzzle_ids": 0}),
+                                                         d, layers, heads))
+
+    step = 2 * heads
+    low, high = step, step * 512
+    while high - low > step:  # the count grows with the width: bisect on multiples of `step`
+        mid = (low + high) // (2 * step) * step
+        low, high = (mid, high) if count(mid) < target else (low, mid)
+    width = min((low, high), key=lambda d: abs(count(d) - target))
+    return TransformerPuzzleBaseline(puzzle, width, layers, heads)
+
+
+def build_models(args, puzzle: PuzzleConfig) -> dict[str, nn.Module]:
+    base = tiny_config(use_rosa=False) if args.tiny else default_puzzle_base()
+    if args.hidden_size:
+        base = base.replace(context_dim=args.hidden_size, h_hidden=args.hidden_size, l_hidden=args.hidden_size)
+    models = {}
+    for name in args.models:
+        torch.manual_seed(args.seed)
+        if name == "hierarchos-rwkv7":
+            models[name] = PuzzleSolver(puzzle_model_config(puzzle, base), puzzle)
+        elif name == "hierarchos-attention":
+            cfg = base.replace(h_block="attention", l_block="attention")
+            models[name] = PuzzleSolver(puzzle_model_config(puzzle, cfg), puzzle)
+    if "transformer" in args.models:
+        reference = next((m for m in models.values()), None)
+        target = core_parameters(reference) if reference is not None else core_parameters(
+            PuzzleSolver(puzzle_model_config(puzzle, base), puzzle))
+        torch.manual_seed(args.seed)
+        models["transformer"] = matched_baseline(puzzle, target, args.baseline_layers, args.baseline_heads)
+    return models
+
+
+def quartile_table(difficulty: np.ndarray, segments: np.ndarray, solved: np.ndarray) -> list[dict]:
+    """Exact accuracy and mean segments per difficulty quartile (fewer bins when values repeat)."""
+    edges = np.unique(np.quantile(difficulty, [0, 0.25, 0.5, 0.75, 1.0]))
+    if len(edges) < 2:
+        return [{"difficulty": [float(difficulty.min()), float(difficulty.max())], "puzzles": int(len(difficulty)),
+                 "exact": float(solved.mean()), "mean_segments": float(segments.mean())}]
+    rows = []
+    for i in range(len(edges) - 1):
+        last = i == len(edges) - 2
+        mask = (difficulty >= edges[i]) & ((difficulty <= edges[i + 1]) if last else (difficulty < edges[i + 1]))
+        if mask.any():
+            rows.append({"difficulty": [float(edges[i]), float(edges[i + 1])], "puzzles": int(mask.sum()),
+                         "exact": float(solved[mask].mean()), "mean_segments": float(segments[mask].mean())})
+    return rows
+
+
+def load_or_generate(args):
+    from hierarchos.puzzles.dataset import load_puzzles
+
+    if args.data:
+        data = Path(args.data)
+        return load_puzzles(data / "train.safetensors"), load_puzzles(data / "test.safetensors")
+    from hierarchos.puzzles.sudoku import make_splits
+
+    size = 4 if args.tiny else 9
+    print(f"generating {args.train_puzzles} train + {args.test_puzzles} test {size}x{size} puzzles (seed {args.seed}, "
+          f"{args.workers} workers)...", flush=True)
+    return make_splits(args.train_puzzles, args.test_puzzles, size=size, seed=args.seed, workers=args.workers)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", help="puzzle directory with train/test.safetensors (default: generate)")
+    p.add_argument("--tiny", action="store_true", help="4x4 puzzles, tiny models, a few steps (CPU smoke run)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--models", nargs="+", default=["hierarchos-rwkv7", "hierarchos-attention", "transformer"],
+                   choices=["hierarchos-rwkv7", "hierarchos-attention", "transformer"])
+    p.add_argument("--train-puzzles", type=int, default=None, help="default 1000 (tiny: 300)")
+    p.add_argument("--test-puzzles", type=int, default=None, help="default 1000 (tiny: 200)")
+    p.add_argument("--workers", type=int, default=8, help="generator processes")
+    p.add_argument("--steps", type=int, default=None, help="training steps per model (default 6000; tiny: 30)")
+    p.add_argument("--batch-size", type=int, default=None, help="default 128 (tiny: 32)")
+    p.add_argument("--max-segments", type=int, default=None, help="default 8 (tiny: 2)")
+    p.add_argument("--lr", type=float, default=None, help="default 3e-4 (tiny: 1e-3)")
+    p.add_argument("--hidden-size", type=int, default=None, help="hierarchos width (default: puzzle train's)")
+    p.add_argument("--baseline-layers", type=int, default=None, help="default 8 (tiny: 2)")
+    p.add_argument("--baseline-heads", type=int, default=None, help="default 8 (tiny: 2)")
+    p.add_argument("--no-augment", dest="augment", action="store_false")
+    p.add_argument("--no-puzzle-emb", dest="puzzle_emb", action="store_false")
+    p.add_argument("--eval-limit", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--out", default=None, help="JSON path (default bench/results/puzzles[-tiny].json)")
+    args = p.parse_args(argv)
+    tiny = args.tiny
+    defaults = dict(train_puzzles=(300, 1000), test_puzzles=(200, 1000), steps=(30, 6000), batch_size=(32, 128),
+                    max_segments=(2, 8), lr=(1e-3, 3e-4), baseline_layers=(2, 8), baseline_heads=(2, 8))
+    for name, (small, full) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, small if tiny else full)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    out_path = Path(args.out or f"bench/results/puzzles{'-tiny' if tiny else ''}.json")
+
+    started = time.perf_counter()
+    train_set, test_set = load_or_generate(args)
+    generation_s = time.perf_counter() - started
+    size = train_set.size
+    puzzle = PuzzleConfig(size=size, num_puzzle_ids=train_set.num_puzzle_ids if args.puzzle_emb else 0,
+                          max_segments=args.max_segments)
+    models = build_models(args, puzzle)
+    print(f"{len(train_set.inputs)} train / {len(test_set.inputs)} test {size}x{size} puzzles; test difficulty "
+          f"median {np.median(test_set.difficulty):g}, max {test_set.difficulty.max():g}; {args.steps} steps x batch "
+          f"{args.batch_size}, up to {args.max_segments} segments; device {device}", flush=True)
+    results = {}
+    for name, model in models.items():
+        model.to(device)
+        cfg = PuzzleTrainConfig(epochs=max(1, math.ceil(args.steps * args.batch_size / len(train_set.inputs))),
+                                batch_size=args.batch_size, starting_lr=args.lr, min_lr=args.lr / 10,
+                                max_steps=args.steps, augment=args.augment, log_every=max(1, args.steps // 10),
+                                seed=args.seed, loss=LossWeights())
+        trainer = PuzzleTrainer(model, train_set, cfg, device, log=lambda line: print(line, file=sys.stderr))
+
+        def log_metrics(record, name=name):
+            print(f"  {name} step {record['step']}: loss {record['loss']:.3f} cells {record['cell_acc']:.3f} "
+                  f"exact {record['exact']:.3f} segments {record['segments']:.2f} "
+                  f"({record['puzzles_per_s']:.0f} puzzles/s)", flush=True)
+
+        trainer.log_metrics = log_metrics
+        params = core_parameters(model)
+        print(f"{name}: {params:,} parameters (without the per-puzzle table)", flush=True)
+        t0 = time.perf_counter()
+        trainer.run()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        train_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        result = evaluate_puzzles(model, test_set, device, batch_size=max(256, args.batch_size),
+                                  limit=args.eval_limit, all_segments=True)
+        eval_s = time.perf_counter() - t0
+        n = result["puzzles"]
+        segments, solved = np.array(result.pop("segments")), np.array(result.pop("solved"))
+        results[name] = {"parameters": params, "train_seconds": train_s, "eval_seconds": eval_s,
+                         "updates": trainer.updates, **result,
+                         "by_difficulty_quartile": quartile_table(test_set.difficulty[:n], segments, solved)}
+        if isinstance(model, PuzzleSolver):
+            results[name]["config"] = model.cfg.to_dict()
+        else:
+            results[name]["config"] = {"d_model": model.embed.embedding_dim, "layers": args.baseline_layers,
+                                       "heads": args.baseline_heads}
+        model.cpu()
+
+    header = f"{'model':<22}{'params':>11}{'exact':>8}{'cells':>8}{'segments':>10}{'rho(seg,diff)':>15}{'train s':>9}"
+    print("\n" + header + "\n" + "-" * len(header))
+    for name, r in results.items():
+        rho = r["spearman_segments_difficulty"]
+        print(f"{name:<22}{r['parameters']:>11,}{r['exact']:>8.3f}{r['cells']:>8.3f}{r['mean_segments']:>10.2f}"
+              f"{'n/a' if rho is None else f'{rho:.3f}':>15}{r['train_seconds']:>9.0f}")
+    payload = {"benchmark": "bench_puzzles", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+               "device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+               "torch": torch.__version__, "args": vars(args), "generation_seconds": generation_s,
+               "train_puzzles": len(train_set.inputs), "test_puzzles": len(test_set.inputs), "size": size,
+               "test_difficulty": {"median": float(np.median(test_set.difficulty)),
+                                   "max": float(test_set.difficulty.max())},
+               "results": results}
+    from hierarchos.io import atomic_write_text
+
+    atomic_write_text(out_path, json.dumps(payload, indent=1) + "\n")
+    print(f"\nwrote {out_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
