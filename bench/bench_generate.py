@@ -9,6 +9,14 @@ Prints a table and writes JSON.
     python bench/bench_generate.py --size tiny --contexts 1024 --long-generation 20000
     python bench/bench_generate.py --size 125m --contexts 1024 --formats fp32 Q4_0 Q8_0 INT4 Q2_K
     PYTHONPATH=. python bench/bench_generate.py --device cuda --size 125m
+
+With several --formats on the CPU, the alternating table also gives each format's bandwidth bound:
+the weight bytes one generated token streams (every matrix-vector product of one `step` counted
+with its weight's bytes, so the passes per token are in it: forward hooks on the quantized and the
+float Linear modules; the small float vectors and low-rank mixes are left out) against the memory
+read bandwidth measured in the same run (best of several multithreaded reads of a 512 MiB buffer,
+`stream_read`, at the kernel's thread count; a torch sum when the kernel is not built). bound tok/s =
+bandwidth / bytes per token; "% of bound" = measured tok/s / bound.
 """
 
 from __future__ import annotations
@@ -115,6 +123,64 @@ def interleaved_generation(models: dict, args, device) -> dict:
     return {fmt: 1.0 / seconds for fmt, seconds in best.items()}
 
 
+def read_bandwidth(repeats: int = 5) -> dict:
+    """Memory read bandwidth of this machine now (GB/s): the kernel's multithreaded streaming read of a
+    512 MiB buffer at its thread count, best of `repeats`; a torch sum when the kernel is not built."""
+    import numpy as np
+
+    buffer = np.ones(512 << 20, dtype=np.uint8)
+    try:
+        from hierarchos.quant import kernel
+        if kernel.backend_name() != "cpp":
+            raise ImportError
+        threads = kernel.get_threads()
+        read, how = (lambda: kernel.stream_read(buffer, threads)), f"kernel stream_read, {threads} threads"
+    except ImportError:
+        as_torch = torch.from_numpy(buffer.view(np.float32))
+        read, how = (lambda: float(as_torch.sum())), f"torch sum, {torch.get_num_threads()} threads"
+    read()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        read()
+        best = min(best, time.perf_counter() - start)
+    return {"gb_per_s": buffer.nbytes / best / 1e9, "method": how}
+
+
+@torch.no_grad()
+def bytes_per_token(model, device) -> dict:
+    """Weight bytes one `step` streams: each Linear call (quantized or float) adds its weight's bytes
+    once per input row (batch 1: once per call), so passes per token are counted, not assumed."""
+    from torch import nn
+
+    try:
+        from hierarchos.quant.model import QuantLinear
+    except ImportError:  # pragma: no cover - the package always has it
+        QuantLinear = ()
+    counts = {"bytes": 0, "calls": 0}
+
+    def hook(module, inputs, output):
+        rows = inputs[0].reshape(-1, inputs[0].shape[-1]).shape[0]
+        weight = module.weight_q.nbytes if isinstance(module, QuantLinear) else \
+            module.weight.numel() * module.weight.element_size()
+        counts["bytes"] += weight * rows
+        counts["calls"] += 1
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Linear, QuantLinear))]
+    try:
+        state = model.init_state(1, device=device)
+        token = torch.zeros(1, dtype=torch.long, device=device)
+        state = model.step(token, state).state  # warm-up: lazily built things are not per-token
+        counts.update(bytes=0, calls=0)
+        tokens = 4
+        for _ in range(tokens):
+            state = model.step(token, state).state
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {"bytes": counts["bytes"] / tokens, "linear_calls": counts["calls"] / tokens}
+
+
 @torch.no_grad()
 def long_generation(model, n: int, device) -> list[dict]:
     """One long generation from an empty state: memory and speed sampled as tokens accumulate."""
@@ -162,9 +228,21 @@ def run(args) -> dict:
         rows += measure(model, fmt, weight_bytes, args, device)
         models[fmt] = model
     interleaved = interleaved_generation(models, args, device) if args.rounds > 0 and len(models) > 1 else {}
+    bound = {}
+    if interleaved and device.type == "cpu":
+        bandwidth = read_bandwidth()
+        print(f"memory read bandwidth: {bandwidth['gb_per_s']:.1f} GB/s ({bandwidth['method']})", flush=True)
+        for fmt, model in models.items():
+            streamed = bytes_per_token(model, device)
+            bound[fmt] = {**streamed, "bandwidth_gb_per_s": bandwidth["gb_per_s"],
+                          "bandwidth_method": bandwidth["method"],
+                          "bound_tokens_per_s": bandwidth["gb_per_s"] * 1e9 / streamed["bytes"],
+                          "tokens_per_s": interleaved[fmt]}
+            bound[fmt]["fraction_of_bound"] = interleaved[fmt] / bound[fmt]["bound_tokens_per_s"]
     del models
     long_rows = long_generation(float_model, args.long_generation, device) if args.long_generation else []
-    return {"long_generation": long_rows, "interleaved_tokens_per_s": interleaved, "kernel": kernel_info, "torch_threads": torch.get_num_threads(),
+    return {"long_generation": long_rows, "interleaved_tokens_per_s": interleaved, "bandwidth_bound": bound,
+            "load_average": os.getloadavg(), "kernel": kernel_info, "torch_threads": torch.get_num_threads(),
             "machine": {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
                         "torch": torch.__version__, "device": str(device),
                         "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None},
@@ -202,11 +280,17 @@ def main() -> None:
     if result["interleaved_tokens_per_s"]:
         rates = result["interleaved_tokens_per_s"]
         print(f"\ngeneration, formats timed in alternation (best of {args.rounds} rounds of {args.new_tokens} tokens):")
-        print("| format | tok/s | vs fp32 |")
-        print("|---|---:|---:|")
+        bound = result["bandwidth_bound"]
+        print("| format | tok/s | vs fp32 | weight MB streamed per token | Linear calls per token | "
+              "bound tok/s (at GB/s read) | % of bound |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
         for fmt, rate in rates.items():
             ratio = f"{rate / rates['fp32']:.2f}x" if "fp32" in rates else "-"
-            print(f"| {fmt} | {rate:.2f} | {ratio} |")
+            b = bound.get(fmt)
+            extra = (f"{b['bytes'] / 1e6:,.1f} | {b['linear_calls']:.0f} | {b['bound_tokens_per_s']:.1f} "
+                     f"({b['bandwidth_gb_per_s']:.1f}) | {100 * b['fraction_of_bound']:.0f}%") if b else "- | - | - | -"
+            print(f"| {fmt} | {rate:.2f} | {ratio} | {extra} |")
+        print(f"load average at the end: {' '.join(f'{v:.2f}' for v in result['load_average'])}")
     if result["long_generation"]:
         print("\n| generated tokens | tok/s since previous row | memory MiB | state MiB |")
         print("|---:|---:|---:|---:|")
