@@ -419,3 +419,33 @@ def test_pre_tokenized_ids_outside_the_vocabulary_are_one_line(tmp_path, bpe):
                                               rf"the tokenizer's {bpe.vocab_size} ids"):
         train_data.prepare(args, None, None, None, bpe)
     assert list((tmp_path / "cache").iterdir()) == []  # nothing half-built is left
+
+
+@pytest.mark.slow
+def test_cli_trains_from_an_hf_stream_and_from_pre_chunked_data(tmp_path):
+    """`hierarchos train` as a user runs it: --hf-streaming on a local JSONL, then pre-chunked JSONL."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from hierarchos.data import chunked
+
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_DATASETS_CACHE=str(tmp_path / "hf"),
+               HIERARCHOS_TOKEN_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    flags = ["--tiny", "--tokenizer-path", "byte", "--max_length", "16", "--batch_size", "2", "--max-steps", "2",
+             "--device", "cpu", "--val-fraction", "0"]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"record {i} of the streamed set"}) + "\n" for i in range(40)),
+                    encoding="utf-8")
+    chunks = tmp_path / "chunks.jsonl"
+    chunked.write_prechunked_jsonl([list(range(5, 40)) for _ in range(10)], chunks)
+    for data_flags in (["--hf_dataset", data, "--hf-streaming"], ["--train", chunks, "--pre_chunked_dataset"]):
+        out = tmp_path / f"out-{data_flags[-1].lstrip('-')}"
+        result = subprocess.run([sys.executable, "hierarchos_cli.py", "--threads", "1", "train", *map(str, data_flags),
+                                 *flags, "--out-dir", str(out)], cwd=repo, env=env, stdin=subprocess.DEVNULL,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        assert "token cache: building" in result.stdout
+        assert len((out / "metrics.jsonl").read_text().splitlines()) >= 1
