@@ -6,7 +6,8 @@ in *segments*, as HRM does:
 
 * a segment is the sequence [PUZZLE] + the n*n cells (row-major; 0 = blank, 1..n = given); the
   PUZZLE token's input embedding gets the per-puzzle vector added (seed 003's per-puzzle
-  embedding "injected at the start of the sequence"; id 0 = none, the zero vector);
+  embedding "injected at the start of the sequence"; id 0 = none, the zero vector), and every
+  position a learned position vector (which row, column and box a cell is in);
 * segment 1 starts from a fresh recurrent state; segment k > 1 reads the same sequence again
   starting from the state segment k-1 ended with (RWKV states, attention KV caches, memory,
   plans: the whole `HierarchosState`), so from segment 2 on every cell's prediction depends on
@@ -20,7 +21,8 @@ in *segments*, as HRM does:
 Vocabulary: 0 blank, 1..n digits, n+1 the PUZZLE token (n+2 ids; no tokenizer). ROSA is off: its
 automata are host objects extended in place, and the target of the Q continue loss needs a
 side-effect-free extra forward. The language-model path is untouched: nothing here changes
-HierarchosLM, the per-puzzle vector reaches it through a forward hook on its input embedding.
+HierarchosLM, the position and per-puzzle vectors reach it through a forward hook on its input
+embedding that adds nothing outside a segment.
 """
 
 from __future__ import annotations
@@ -133,8 +135,12 @@ class PuzzleSolver(nn.Module):
         with torch.no_grad():
             self.q_head.weight.zero_()
             self.q_head.bias.fill_(-5.0)
+        # a learned vector per position of the segment ([PUZZLE], cell 0, ..., cell n*n-1): the LM has
+        # no positions (its recurrence orders tokens), but which row, column and box a cell lies in is
+        # what the rules are about; counting 81 tokens through a recurrence is learnable yet slow
+        self.cell_position = nn.Parameter(torch.randn(puzzle.seq_len, d) * 0.02)
         self.puzzle_token = puzzle.size + 1
-        self._injected: torch.Tensor | None = None  # (B, d) while a segment runs
+        self._injected: torch.Tensor | None = None  # (B, T, d) added to the input embeddings while a segment runs
         self.lm.embed.register_forward_hook(self._inject)
 
     # io.save_checkpoint / save_model_files read these from the model they save
@@ -147,11 +153,10 @@ class PuzzleSolver(nn.Module):
         return self.lm.memory
 
     def _inject(self, module, args, output):
-        """Add the per-puzzle vectors at the PUZZLE token's positions (only while a segment runs)."""
+        """Add the segment's position vectors and per-puzzle vector (only while a segment runs)."""
         if self._injected is None:
             return None
-        at_puzzle = (args[0] == self.puzzle_token).unsqueeze(-1).to(output.dtype)   # (B, T, 1)
-        return output + at_puzzle * self._injected[:, None, :].to(output.dtype)
+        return output + self._injected.to(output.dtype)
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> HierarchosState:
         return self.lm.init_state(batch_size, device=device, dtype=dtype)
@@ -167,7 +172,11 @@ class PuzzleSolver(nn.Module):
         n, cells = self.puzzle_cfg.size, self.puzzle_cfg.cells
         if inputs.shape[-1] != cells:
             raise HierarchosError(f"puzzle model for {n}x{n} grids got {inputs.shape[-1]} cells per puzzle")
-        self._injected = self.puzzle_embedding(puzzle_ids) if self.puzzle_embedding is not None else None
+        injected = self.cell_position.expand(inputs.shape[0], -1, -1)                  # (B, T, d)
+        if self.puzzle_embedding is not None:  # the puzzle's vector at the start (the PUZZLE position)
+            vector = self.puzzle_embedding(puzzle_ids)[:, None, :]                  # (B, 1, d)
+            injected = torch.cat([injected[:, :1] + vector, injected[:, 1:]], dim=1)
+        self._injected = injected
         try:
             out = self.lm(self.tokens(inputs), state)
         finally:
