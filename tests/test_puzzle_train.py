@@ -322,3 +322,24 @@ def test_bad_input_is_one_line(tmp_path, capsys):
                     "--batch-size")
     _one_line_error(capsys, ["puzzle", "train", "--data", str(data), "--out-dir", str(tmp_path / "w"),
                              "--window-size", "8", "--tiny"], "--window-size")
+
+
+@pytest.mark.parametrize("arch", [dict(halting="q"), dict(h_block="attention", l_block="attention")])
+def test_training_runs_with_q_pondering_and_attention_blocks(arch):
+    """The manager's own Q halting (its loss terms reach the segment loss through lm_loss) and
+    attention stacks (KV caches carried from segment to segment) train like the default model."""
+    seed = fresh_seed()
+    torch.manual_seed(seed)
+    puzzles = tiny_puzzles(4, seed)
+    model = tiny_model(num_ids=4, max_segments=2, **arch)
+    trainer = _trainer(model, puzzles)
+    tensors = [torch.from_numpy(a.astype(np.int64)) for a in (puzzles.inputs, puzzles.solutions, puzzles.puzzle_ids)]
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    record = trainer.train_batch(*tensors)
+    assert np.isfinite(record["loss"]) and trainer.updates == 2, f"seed {seed}"
+    if "halting" in arch:
+        out = model(tensors[0], tensors[2], model.init_state(4))
+        _, parts = model.cell_loss(out, tensors[1], torch.ones(4, dtype=torch.bool))
+        assert "q_halt" in parts  # the manager's Q loss is part of the objective
+    moved = [name for name, p in model.named_parameters() if not torch.equal(p, before[name])]
+    assert "q_head.weight" in moved and "cell_position" in moved and any(n.startswith("lm.reasoner") for n in moved)
