@@ -15,7 +15,7 @@ import hashlib
 import itertools
 import multiprocessing
 import random
-from concurrent.futures import ProcessPoolExecutor
+import signal
 from functools import lru_cache
 from math import isqrt
 
@@ -498,7 +498,8 @@ def _run_slots(jobs: list, workers: int, pool):
         for job in jobs:
             yield _make_slot(job)
     else:
-        yield from pool.map(_make_slot, jobs, chunksize=max(1, min(16, len(jobs) // (4 * workers))))
+        # imap keeps slot order; small chunks keep the workers balanced and the progress bar moving
+        yield from pool.imap(_make_slot, jobs, chunksize=max(1, min(8, len(jobs) // (8 * workers))))
 
 
 def generate(count: int, *, size: int = 9, seed: int, min_difficulty: float | None = None, workers: int = 1,
@@ -544,7 +545,10 @@ def _generate(count: int, *, size: int, seed: int, min_difficulty: float | None,
     pool = None
     if workers > 1:
         # spawn: the parent may hold torch threads, which fork would copy in an unsafe state
-        pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+        # Workers ignore Ctrl-C: the parent gets it and terminates them (below), and the CLI prints
+        # one line instead of a traceback per process.
+        pool = multiprocessing.get_context("spawn").Pool(workers, initializer=signal.signal,
+                                                         initargs=(signal.SIGINT, signal.SIG_IGN))
     try:
         while len(kept) < count:
             want = count - len(kept)
@@ -574,7 +578,8 @@ def _generate(count: int, *, size: int, seed: int, min_difficulty: float | None,
                     f"(the rest repeat a puzzle up to symmetry); ask for fewer puzzles or use --size 9")
     finally:
         if pool is not None:
-            pool.shutdown(cancel_futures=True)
+            pool.terminate()  # every slot asked for has been read, or we are stopping early
+            pool.join()
         if bar is not None:
             bar.close()
     inputs = np.frombuffer(b"".join(k[0] for k in kept), dtype=np.uint8).reshape(count, size * size).copy()
