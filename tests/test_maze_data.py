@@ -75,7 +75,10 @@ def test_maze_splits_are_disjoint_and_files_round_trip(tmp_path):
     save_puzzles(tmp_path / "train.safetensors", expanded)
     loaded = load_puzzles(tmp_path / "train.safetensors")
     assert np.array_equal(loaded.inputs, expanded.inputs) and np.array_equal(loaded.solutions, expanded.solutions)
-    assert loaded.meta["tokens"] == maze.TOKENS and len(loaded) == 40
+    assert loaded.meta["tokens"] == maze.TOKENS and len(loaded) == 40 and loaded.num_tokens == 5
+    from hierarchos.puzzles.dataset import augmenter
+    from hierarchos.puzzles import sudoku
+    assert augmenter("maze") is maze.augment and augmenter("sudoku") is sudoku.augment
 
 
 @pytest.mark.parametrize("damage", ["path_cell_dropped", "path_through_wall", "second_start", "detour"])

@@ -355,7 +355,8 @@ def test_save_load_round_trip_is_exact(tmp_path):
         a, b = getattr(expanded, name), getattr(loaded, name)
         assert a.dtype == b.dtype and np.array_equal(a, b), name
     assert loaded.meta == json.loads(json.dumps(expanded.meta)) and loaded.meta["augment"] == 2
-    assert loaded.size == 4 and len(loaded) == 36 and loaded.num_puzzle_ids == 12
+    assert loaded.size == 4 and len(loaded) == 36 and loaded.num_puzzle_ids == 12 and loaded.num_tokens == 5
+    assert loaded.task == "sudoku"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train.safetensors"]
 
 

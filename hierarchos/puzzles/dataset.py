@@ -89,6 +89,12 @@ class PuzzleSet:
         return str(self.meta.get("task", "sudoku"))
 
     @property
+    def num_tokens(self) -> int:
+        """Distinct cell values a model reads or writes: 0..n for Sudoku (0 = blank, inputs only),
+        0..4 for mazes (open, wall, start, goal, path)."""
+        return 5 if self.task == "maze" else self.size + 1
+
+    @property
     def num_puzzle_ids(self) -> int:
         """P: the largest puzzle id (the number of rows a per-puzzle embedding table needs, plus row 0)."""
         return int(self.puzzle_ids.max()) if len(self) else 0
@@ -165,6 +171,17 @@ def validate(puzzles: PuzzleSet, where: str) -> None:
     disagree = (givens & (puzzles.inputs != puzzles.solutions)).any(axis=1)
     if disagree.any():
         fail(f"puzzle {int(np.argmax(disagree))} has a given that differs from its solution")
+
+
+def augmenter(task: str):
+    """The task's `augment(inputs, solutions, rng)`: Sudoku symmetries, or maze rotations/reflections."""
+    if task == "maze":
+        from .maze import augment
+    elif task == "sudoku":
+        from .sudoku import augment
+    else:
+        raise HierarchosError(f"no augmentation for task {task!r}; tasks: {', '.join(TASKS)}")
+    return augment
 
 
 def save_puzzles(path: str | os.PathLike, puzzles: PuzzleSet) -> None:
