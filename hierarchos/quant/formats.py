@@ -184,13 +184,15 @@ def _min_scale_search(x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float
     return scale, the_min, codes.astype(np.uint8)
 
 
-def _quantize_q2_k(blocks: np.ndarray) -> np.ndarray:
+def _quantize_q2_k(blocks: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
     """ggml's quantize_row_q2_K_ref: 16 groups of 16, each a 2-bit asymmetric code with a
-    4-bit scale and 4-bit min relative to the super-block's fp16 d and dmin."""
+    4-bit scale and 4-bit min relative to the super-block's fp16 d and dmin. `weights` (same
+    shape as blocks) replace ggml's |x| as the search's element weights (calibration.py)."""
     f32 = np.float32
     nb = blocks.shape[0]
     groups = blocks.reshape(nb * 16, 16)
-    scales, mins, search_codes = _min_scale_search(groups, np.abs(groups), nmax=3, rmin=-0.5, rdelta=0.1, nstep=15)
+    group_weights = np.abs(groups) if weights is None else np.asarray(weights, f32).reshape(nb * 16, 16)
+    scales, mins, search_codes = _min_scale_search(groups, group_weights, nmax=3, rmin=-0.5, rdelta=0.1, nstep=15)
     scales = scales.reshape(nb, 16)
     mins = mins.reshape(nb, 16)
     max_scale = np.maximum(scales.max(axis=1), f32(0.0))
@@ -264,6 +266,39 @@ _DEQUANTIZERS = {"INT4": _dequantize_int4, "Q4_0": _dequantize_q4_0, "Q8_0": _de
 
 
 # ---- public API ---------------------------------------------------------------------
+
+def quantize_blocks(blocks: np.ndarray, qtype: str) -> np.ndarray:
+    """float32 (n, block) -> uint8 (n, block_bytes): one block per row, the plain rule."""
+    _check_qtype(qtype)
+    return _QUANTIZERS[qtype](np.ascontiguousarray(blocks, dtype=np.float32))
+
+
+def dequantize_blocks(raw: np.ndarray, qtype: str) -> np.ndarray:
+    """uint8 (n, block_bytes) -> float32 (n, block)."""
+    _check_qtype(qtype)
+    return _DEQUANTIZERS[qtype](np.ascontiguousarray(raw, dtype=np.uint8))
+
+
+def signed_absmax(blocks: np.ndarray) -> np.ndarray:
+    """Per block the element of largest magnitude (+0.0 for a zero block), as ggml's Q4_0 picks it."""
+    return _signed_absmax(np.asarray(blocks, dtype=np.float32))
+
+
+def encode_symmetric(d: np.ndarray, codes: np.ndarray, qtype: str) -> np.ndarray:
+    """Q4_0 / INT4 blocks from a scale per block (n,) and signed codes (n, 32) (-8..7 / -7..7)."""
+    if qtype == "Q4_0":
+        scale_bytes = _fp16_bytes(np.asarray(d, np.float32))
+    elif qtype == "INT4":
+        scale_bytes = np.asarray(d, np.float32).reshape(-1, 1).view(np.uint8)
+    else:
+        raise ValueError(f"encode_symmetric: {qtype!r} is not a symmetric 4-bit format")
+    return np.concatenate([scale_bytes, _pack_nibbles((np.asarray(codes) + 8).astype(np.uint8))], axis=1)
+
+
+def quantize_q2_k_weighted(blocks: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Q2_K blocks (n, 256) with the group search weighted by `weights` (n, 256) instead of |x|."""
+    return _quantize_q2_k(np.ascontiguousarray(blocks, dtype=np.float32), weights)
+
 
 def quantize(w: np.ndarray, qtype: str) -> np.ndarray:
     """float32 (rows, cols) -> uint8 (rows, row_bytes)."""

@@ -3,6 +3,11 @@
 A quantized model directory (`quantize --out-dir DIR`) holds `model-QTYPE.gguf` (weights, config
 and tokenizer: the file alone is enough) and `quantized.json` (which file, which format, made from
 which model, bytes per storage format). `chat --model-path` takes the directory or the .gguf file.
+
+Quantization mixes (as llama.cpp's): with the default mix `auto`, the tensors a trained model is most
+sensitive to keep a higher-precision format than `--qtype` (MIX_RULES, from the measurements in
+BENCHMARKS.md "Quantized model quality"); `pure` puts every quantized Linear in `--qtype`. With a
+calibration text, each Linear's blocks are chosen by the importance-weighted search of calibration.py.
 """
 
 from __future__ import annotations
@@ -85,14 +90,74 @@ def config_with_sources(config_json: str, sources: list[str]) -> str:
     return json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False)
 
 
-def quantize_model_dir(model_path: str | os.PathLike, out_dir: str | os.PathLike, qtype: str) -> dict:
-    """Quantize a full-precision model directory into `out_dir` (written atomically). Returns the info."""
+MIXES = ("auto", "pure")
+# (qtype asked for, tensor-name test, format kept, why): the first matching rule wins. Measured on the
+# trained model of bench/bench_quant_quality.py (BENCHMARKS.md): quantizing one tensor group at a time,
+# the output head costs the most bits per byte of any single tensor in 4- and 2-bit formats.
+MIX_RULES = (
+    (("Q4_0", "INT4", "Q2_K"), lambda name: name == "lm_head.weight", "Q8_0",
+     "output head: the logits of every token"),
+)
+DEFAULT_CALIBRATION_TOKENS = 32768
+
+
+def mix_formats(tensors: dict, qtype: str, mix: str = "auto") -> dict[str, tuple[str, str]]:
+    """name -> (format, reason) for the quantized tensors that `mix` keeps in another format than `qtype`."""
+    from .gguf_io import QuantTensor
+
+    if mix not in MIXES:
+        raise HierarchosError(f"--mix {mix!r}: expected one of {', '.join(MIXES)}")
+    if mix == "pure":
+        return {}
+    kept = {}
+    for name, value in tensors.items():
+        if not isinstance(value, QuantTensor) or value.qtype != qtype:
+            continue  # tables (Q8_0 already), fallbacks and floats stay as they are
+        for qtypes, matches, keep, why in MIX_RULES:
+            if qtype in qtypes and matches(name):
+                kept[name] = (keep, why)
+                break
+    return kept
+
+
+def read_calibration_tokens(path: str | os.PathLike, tokenizer, max_tokens: int) -> list[int]:
+    """The calibration text's token ids ([eos] first, as a document starts), at most max_tokens of them."""
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise HierarchosError(f"--calibration {file}: file not found; pass a UTF-8 text file") from None
+    except IsADirectoryError:
+        raise HierarchosError(f"--calibration {file}: is a directory; pass a UTF-8 text file") from None
+    except UnicodeDecodeError as exc:
+        raise HierarchosError(f"--calibration {file}: not UTF-8 text (byte {exc.start}); convert it to UTF-8") from None
+    ids = [tokenizer.eos_id, *tokenizer.encode(text)][:max_tokens]
+    if len(ids) < 2:
+        raise HierarchosError(f"--calibration {file}: no text to calibrate on; pass a text file of some pages")
+    return ids
+
+
+def quantize_model_dir(model_path: str | os.PathLike, out_dir: str | os.PathLike, qtype: str, *,
+                       mix: str = "auto", calibration: str | os.PathLike | None = None,
+                       calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS) -> dict:
+    """Quantize a full-precision model directory into `out_dir` (written atomically). Returns the info:
+    sizes per storage format, `mix` (tensors kept in another format than qtype, with why) and
+    `calibration` (the text and how many tensors its importance weighted) when given."""
+    import torch
+
     from ..data.tokenizers import load_tokenizer
     from ..io import CONFIG_FILE, atomic_dir, load_model_dir
-    from .model import describe, quantize_tensors
+    from . import kernel
+    from .calibration import WEIGHTED_QTYPES, collect_importance, quantize_weighted
+    from .gguf_io import QuantTensor
+    from .model import describe, pick_format, quantize_tensors
 
     if qtype not in formats.QTYPES:
         raise HierarchosError(f"--qtype {qtype!r}: expected one of {', '.join(formats.QTYPES)}")
+    if mix not in MIXES:
+        raise HierarchosError(f"--mix {mix!r}: expected one of {', '.join(MIXES)}")
+    if calibration_tokens < 2:
+        raise HierarchosError(f"--calibration-tokens {calibration_tokens}: must be >= 2")
     model_path, out_dir = Path(model_path), Path(out_dir)
     if out_dir.resolve() == model_path.resolve():
         raise HierarchosError(f"--out-dir {out_dir}: is the model directory itself; choose a new directory")
@@ -100,12 +165,34 @@ def quantize_model_dir(model_path: str | os.PathLike, out_dir: str | os.PathLike
     tokenizer = load_tokenizer(str(model_path))
     config_json = (model_path / CONFIG_FILE).read_text(encoding="utf-8")
     tensors = quantize_tensors(model, qtype)
+    kept = mix_formats(tensors, qtype, mix)
+    importance = {}
+    if calibration is not None:
+        ids = read_calibration_tokens(calibration, tokenizer, calibration_tokens)
+        importance = collect_importance(model, ids, names={n for n, v in tensors.items()
+                                                           if isinstance(v, QuantTensor)})
+    state = model.state_dict()
+    weighted = 0
+    for name, value in list(tensors.items()):
+        if not isinstance(value, QuantTensor) or (name not in kept and name not in importance):
+            continue
+        kind = pick_format(kept[name][0], value.cols) if name in kept else value.qtype
+        weight = state[name].detach().to("cpu", torch.float32).contiguous().numpy()
+        if name in importance and kind in WEIGHTED_QTYPES:
+            tensors[name] = QuantTensor(kind, quantize_weighted(weight, kind, importance[name]), value.cols)
+            weighted += 1
+        elif kind != value.qtype:
+            tensors[name] = QuantTensor(kind, kernel.quantize(weight, kind), value.cols)
     summary = describe(tensors)
     info = {"format": INFO_FORMAT, "version": 1, "file": gguf_name(qtype), "qtype": qtype,
             "source_model": str(model_path.resolve()),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "parameters": model.num_parameters(), "fp32_bytes": 4 * model.num_parameters(),
-            "storage": summary, "bytes": sum(v["bytes"] for v in summary.values())}
+            "storage": summary, "bytes": sum(v["bytes"] for v in summary.values()),
+            "mix": {"name": mix, "kept": {name: {"format": tensors[name].qtype, "why": why}
+                                          for name, (_, why) in kept.items()}}}
+    if calibration is not None:
+        info["calibration"] = {"file": str(calibration), "tokens": len(ids), "weighted_tensors": weighted}
     with atomic_dir(out_dir) as tmp:
         gguf_io.write_gguf(tmp / info["file"], tensors, config_json=config_json, qtype=qtype,
                            tokenizer_files=_tokenizer_files(tokenizer), name=model_path.name)
