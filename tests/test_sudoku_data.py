@@ -414,14 +414,14 @@ def test_an_interrupted_write_leaves_the_old_file_and_no_partial_one(tmp_path, m
         raise OSError("disk full (injected)")
 
     monkeypatch.setattr(os, "replace", crash)  # the write is complete in the temp file, the rename fails
-    with pytest.raises(OSError):
+    with pytest.raises(HierarchosError, match="disk full"):
         save_puzzles(path, second)
     monkeypatch.undo()
     assert path.read_bytes() == before and len(load_puzzles(path)) == 5
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train.safetensors"]  # temp file removed
     fresh = tmp_path / "fresh.safetensors"
     monkeypatch.setattr(os, "fsync", crash)  # fails while the temp file is being written
-    with pytest.raises(OSError):
+    with pytest.raises(HierarchosError, match="cannot write"):
         save_puzzles(fresh, second)
     monkeypatch.undo()
     assert not fresh.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["train.safetensors"]

@@ -193,7 +193,11 @@ def save_puzzles(path: str | os.PathLike, puzzles: PuzzleSet) -> None:
     validate(puzzles, str(path))
     tensors = {name: np.ascontiguousarray(getattr(puzzles, name)) for name in TENSORS}
     data = save(tensors, metadata={META_KEY: json.dumps(puzzles.meta, sort_keys=True)})
-    atomic_write_bytes(path, data)
+    try:
+        atomic_write_bytes(path, data)
+    except OSError as exc:  # read-only or full disk, a directory in the way: one line, old file kept
+        raise HierarchosError(f"{path}: cannot write the puzzle file ({exc.strerror or exc}); "
+                              "free space or choose another directory") from None
 
 
 def load_puzzles(path: str | os.PathLike) -> PuzzleSet:
