@@ -481,3 +481,20 @@ def test_generate_action_refuses_a_file_as_output_and_unsupported_sizes(tmp_path
         with pytest.raises(HierarchosError, match="--size"):
             run_generate(_parser().parse_args(["--out", str(tmp_path / "d"), "--train", "2", "--test", "2"] + flags))
     assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.slow
+def test_puzzle_generate_from_the_real_command_line(tmp_path):
+    import subprocess
+    import sys
+
+    cli = Path(__file__).resolve().parents[1] / "hierarchos_cli.py"
+    out = tmp_path / "sudoku4"
+    run = subprocess.run([sys.executable, str(cli), "puzzle", "generate", "--out", str(out), "--size", "4",
+                          "--train", "12", "--test", "6", "--workers", "2", "--no-progress"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert len(load_puzzles(out / "train.safetensors")) == 12 and len(load_puzzles(out / "test.safetensors")) == 6
+    bad = subprocess.run([sys.executable, str(cli), "puzzle", "generate", "--out", str(out), "--augment", "many"],
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and bad.stderr.startswith("error:")
