@@ -105,13 +105,13 @@ def cache_encode(corpus: Path, cache_root: Path) -> dict:
     shutil.rmtree(cache_root, ignore_errors=True)
     tokenizer = load_tokenizer(bundled_tokenizer_path())
     source = streaming.open_source(DataSpec(train=str(corpus)))
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), _cpu_seconds()
     cache = token_cache.open_cache(token_cache.cache_dir(cache_root, source, "bench"), source, tokenizer,
                                    log=lambda line: None)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu_start
     n_bytes = int(cache.index["text_bytes"])
-    return {"seconds": seconds, "text_bytes": n_bytes, "tokens": cache.n_tokens, "mb_s": n_bytes / 1e6 / seconds,
-            "encoder": cache.index.get("encoder")}
+    return {"seconds": seconds, "cpu_seconds": cpu, "text_bytes": n_bytes, "tokens": cache.n_tokens,
+            "mb_s": n_bytes / 1e6 / seconds, "mb_per_cpu_s": n_bytes / 1e6 / cpu, "encoder": cache.index.get("encoder")}
 
 
 def _cpu_seconds() -> float:
@@ -153,7 +153,7 @@ def native_encode(batches: list[list[str]], n_bytes: int) -> dict:
         cpu += _cpu_seconds() - cpu_start
         n_tokens += len(ids)
     return {"seconds": seconds, "cpu_seconds": cpu, "text_bytes": n_bytes, "tokens": n_tokens,
-            "mb_s": n_bytes / 1e6 / seconds, "threads": encoder.threads}
+            "mb_s": n_bytes / 1e6 / seconds, "mb_per_cpu_s": n_bytes / 1e6 / cpu, "threads": encoder.threads}
 
 
 def library_batches(batches: list[list[str]], n_bytes: int) -> dict:
@@ -171,7 +171,7 @@ def library_batches(batches: list[list[str]], n_bytes: int) -> dict:
         cpu += _cpu_seconds() - cpu_start
         n_tokens += sum(len(e.ids) for e in encoded)
     return {"seconds": seconds, "cpu_seconds": cpu, "text_bytes": n_bytes, "tokens": n_tokens,
-            "mb_s": n_bytes / 1e6 / seconds}
+            "mb_s": n_bytes / 1e6 / seconds, "mb_per_cpu_s": n_bytes / 1e6 / cpu}
 
 
 def run_train(args: list[str], out_dir: Path, env: dict, window_tokens: int) -> dict:
@@ -181,6 +181,7 @@ def run_train(args: list[str], out_dir: Path, env: dict, window_tokens: int) -> 
     proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, text=True)
     peak = {"VmHWM": 0, "RssAnon": 0, "RssFile": 0}
+    cpu_ticks, tick = 0, os.sysconf("SC_CLK_TCK")
     output = []
     import threading
 
@@ -192,7 +193,9 @@ def run_train(args: list[str], out_dir: Path, env: dict, window_tokens: int) -> 
                 key, _, value = line.partition(":")
                 if key in peak:
                     peak[key] = max(peak[key], int(value.split()[0]) * 1024)
-        except (FileNotFoundError, ProcessLookupError, ValueError):
+            fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            cpu_ticks = int(fields[11]) + int(fields[12])  # utime + stime of all its threads
+        except (FileNotFoundError, ProcessLookupError, ValueError, IndexError):
             pass
         time.sleep(0.05)
     reader.join()
@@ -205,7 +208,7 @@ def run_train(args: list[str], out_dir: Path, env: dict, window_tokens: int) -> 
     first = records[0]
     step_s = window_tokens / first["tokens_per_s"]  # the trainer's clock: from its start to the step's end
     return {"first_step_s": first["time"] - step_s - started_wall, "first_step_end_s": first["time"] - started_wall,
-            "step_s": step_s, "wall_s": wall, "peak_rss_bytes": peak["VmHWM"],
+            "step_s": step_s, "wall_s": wall, "cpu_seconds": cpu_ticks / tick, "peak_rss_bytes": peak["VmHWM"],
             "peak_rss_anon_bytes": peak["RssAnon"], "peak_rss_file_bytes": peak["RssFile"],
             "cache_line": " | ".join(line for line in text.splitlines() if line.startswith("token cache:")),
             "build_seconds": float(built.group(3)) if built else None,
@@ -297,6 +300,10 @@ def main() -> None:
     parser.add_argument("--long-line-mb", type=float, default=50,
                         help="also train on one JSONL record of this many MB (0: skip)")
     parser.add_argument("--only-long-line", action="store_true", help="run only the one-long-line case")
+    parser.add_argument("--only-reuse", metavar="KEY", default=None,
+                        help="run only the cache-reusing train command (the cache must exist), with --extra flags, "
+                             "into the --out JSON under KEY")
+    parser.add_argument("--extra", default="", help="extra train flags for --only-reuse, e.g. '--no-shuffle'")
     parser.add_argument("--only-compare", action="store_true",
                         help="run only the tokenization comparison (on --compare-mb of the corpus)")
     opts = parser.parse_args()
@@ -321,7 +328,8 @@ def main() -> None:
     cache = work / "token_cache"
     import shutil
 
-    shutil.rmtree(cache, ignore_errors=True)
+    if not opts.only_reuse:
+        shutil.rmtree(cache, ignore_errors=True)
     from hierarchos.data import bundled_tokenizer_path
 
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
@@ -333,6 +341,21 @@ def main() -> None:
                           "Python installation (stdlib + site-packages), repeated"},
                "cpu_count": os.cpu_count(), "load_average_start": os.getloadavg(),
                "command": ["hierarchos", "train", *train_args]}
+    if opts.only_reuse:  # one more reuse run (e.g. --no-shuffle), added to an earlier run's JSON
+        out_dir = work / f"reuse_{opts.only_reuse}"
+        shutil.rmtree(out_dir, ignore_errors=True)
+        load_start = os.getloadavg()
+        run = run_train(train_args + opts.extra.split(), out_dir, env, window_tokens=4 * 64)
+        run.update(extra=opts.extra, load_average_start=load_start, load_average_end=os.getloadavg())
+        print(f"{opts.only_reuse}: first step at {run['first_step_s']:.1f} s, peak RSS "
+              f"{run['peak_rss_bytes'] / 1e6:,.0f} MB ({run['cache_line']})", flush=True)
+        if opts.out and Path(opts.out).exists():
+            results = json.loads(Path(opts.out).read_text())
+            results[opts.only_reuse] = run
+            tmp = Path(opts.out).with_name(Path(opts.out).name + ".tmp")
+            tmp.write_text(json.dumps(results, indent=1) + "\n")
+            os.replace(tmp, opts.out)
+        return
     if opts.only_compare:
         results = {"corpus": str(corpus), "load_average_start": os.getloadavg(), **compare(work, corpus, opts),
                    "load_average_end": os.getloadavg()}
