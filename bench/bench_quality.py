@@ -1,0 +1,729 @@
+"""Learning quality (issue 19): hierarchos vs a Hugging Face GPT-2 of equal non-embedding size, ablations,
+the time-mix wiring, and what the mechanisms do (long-range recall, ACT pondering, length).
+
+One command per table (`--table main|ablations|wiring|recall|act|length|all`), each writing
+WORK/<table>.json; every training run is cached under WORK/runs/ (a rerun of the same command
+resumes where a 10-minute device call stopped; --fresh retrains).
+
+Corpus (`build_corpus`, deterministic for one file tree): every `*.py` file under the roots (default:
+this Python's stdlib, then its site-packages; a root never walks into another root, `__pycache__`
+and symlinks are skipped), visited in the order of blake2b(seed, root label, POSIX relative path);
+a file is kept when it decodes as UTF-8, is not empty and its content was not seen before (exact
+duplicates, e.g. vendored copies, appear once). blake2b of the content picks the split: VAL_PERMILLE
+per mille of the files are validation, the rest training -- held-out *files*, and identical content
+can never be on both sides. Each split takes documents in visit order until its byte budget; the
+last one is cut at a line end so the split holds at most the budget (a smaller budget is a prefix
+of a larger one). Files: WORK/corpus/train-<bytes>.jsonl, val-<bytes>.jsonl ({"text": ...} per
+file) and manifest-*.json (roots, Python version, counts, sha256 of each file). Tokenizer: bytes
+(hierarchos' `byte`: id = byte value, EOS = 257 after each document), the same ids for both models.
+
+Training: hierarchos through the real `train` command (a fresh model directory of the variant's
+config, then `hierarchos_cli.py train --model-path ... --epochs 1`: one pass over unseen data,
+validation at the epoch end on the held-out files); GPT-2 (`transformers.GPT2LMHeadModel`, SDPA,
+dropout 0, n_embd = hierarchos' width, n_layer chosen so the non-embedding parameter counts match;
+torch.compile and bf16 autocast on CUDA) in this process with the same optimizer (AdamW betas
+0.9/0.95, weight decay 0.01 on matrices, fused on CUDA), warm-up (5%) + cosine to LR/10, clip 1.0,
+batch, window and token budget. Every configuration gets the same 3-point LR sweep; tables report
+the best point and all three. Validation bits per byte = summed NLL / ln 2 / UTF-8 bytes of the
+validation text; hierarchos reads the validation stream with its state carried (its design), GPT-2
+in windows of its training length (at most T - 1 tokens of context). tokens/s is the steady rate
+(the training loop's logged rate for hierarchos, after the first logged window; GPT-2's after 10
+warm-up steps), so compilation and CUDA-graph capture are not counted; "equal GPU time" gives
+GPT-2 the hierarchos run's steady training seconds at GPT-2's steady rate.
+
+Device (one H200), each table alone (the 10-minute limit: rerun the same command to continue):
+  python bench/bench_quality.py --table main --work /tmp/hq
+  python bench/bench_quality.py --table ablations --work /tmp/hq
+  ... wiring | recall | act | length
+CPU smoke (end to end, tiny sizes):  python bench/bench_quality.py --device cpu --tiny --table all
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from hierarchos.config import TIME_MIX_WIRINGS, ModelConfig  # noqa: E402
+from hierarchos.io import atomic_write_text  # noqa: E402
+
+CORPUS_VERSION = 1
+VAL_PERMILLE = 20
+EOS_ID = 257  # hierarchos' byte tokenizer: 256 byte ids, then <pad>, <eos>, <bos>, <unk>
+BYTE_VOCAB = 260
+TABLES = ("main", "ablations", "wiring", "recall", "act", "length")
+# memory "off": the config has no switch that removes the memory read; a write threshold no surprise
+# reaches means no slot is ever written, so the read returns only the learned initial slots
+MEMORY_OFF = dict(ltm_write_threshold=1e30)
+
+# ---- the corpus ---------------------------------------------------------------------------------------
+
+
+def default_roots() -> list[tuple[str, Path]]:
+    paths = sysconfig.get_paths()
+    roots = [("stdlib", Path(paths["stdlib"]))]
+    if Path(paths["purelib"]).is_dir():
+        roots.append(("site-packages", Path(paths["purelib"])))
+    return roots
+
+
+def _digest(*parts: bytes, size: int = 16) -> bytes:
+    h = hashlib.blake2b(digest_size=size)
+    for part in parts:
+        h.update(len(part).to_bytes(8, "little"))  # length-prefixed: ("ab", "c") != ("a", "bc")
+        h.update(part)
+    return h.digest()
+
+
+def list_sources(roots: list[tuple[str, Path]], seed: int) -> list[tuple[str, str, Path]]:
+    """Every *.py file under the roots as (label, POSIX relative path, path), in the seeded hash order."""
+    resolved = [r.resolve() for _, r in roots]
+    found = []
+    for label, root in roots:
+        root = root.resolve()
+        others = {r for r in resolved if r != root}
+        for directory, dirs, files in os.walk(root):
+            here = Path(directory)
+            dirs[:] = sorted(d for d in dirs if d != "__pycache__" and not (here / d).is_symlink()
+                             and (here / d).resolve() not in others)
+            for name in sorted(files):
+                path = here / name
+                if name.endswith(".py") and not path.is_symlink() and path.is_file():
+                    found.append((label, path.relative_to(root).as_posix(), path))
+    key = lambda item: _digest(str(seed).encode(), item[0].encode(), item[1].encode())  # noqa: E731
+    return sorted(found, key=key)
+
+
+def is_validation(content: bytes) -> bool:
+    return int.from_bytes(_digest(b"split", content, size=8), "little") % 1000 < VAL_PERMILLE
+
+
+def _cut(text: str, budget: int) -> str:
+    """The longest prefix of whole lines whose UTF-8 encoding fits in `budget` bytes."""
+    data = text.encode("utf-8")[:budget]
+    end = data.rfind(b"\n")
+    return data[:end + 1].decode("utf-8") if end >= 0 else ""
+
+
+def build_corpus(out: Path, train_bytes: int, val_bytes: int, roots=None, seed: int = 0) -> dict:
+    """Write train-<train_bytes>.jsonl and val-<val_bytes>.jsonl under `out` (see the module doc);
+    returns the manifest (also written). Reuses files whose manifest matches."""
+    roots = roots or default_roots()
+    out.mkdir(parents=True, exist_ok=True)
+    tag = f"{train_bytes}-{val_bytes}-s{seed}"
+    manifest_path = out / f"manifest-{tag}.json"
+    ident = dict(version=CORPUS_VERSION, roots=[[label, str(p)] for label, p in roots], seed=seed,
+                 train_budget=train_bytes, val_budget=val_bytes, val_permille=VAL_PERMILLE,
+                 python=platform.python_version())
+    if manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text())
+        if {k: manifest.get(k) for k in ident} == ident and all(
+                (out / manifest[s]["file"]).is_file() for s in ("train", "val")):
+            return manifest
+    splits = {"train": dict(budget=train_bytes, docs=[], bytes=0, full=False),
+              "val": dict(budget=val_bytes, docs=[], bytes=0, full=False)}
+    seen = set()
+    for label, rel, path in list_sources(roots, seed):
+        if all(s["full"] for s in splits.values()):
+            break
+        try:
+            content = path.read_bytes()
+            text = content.decode("utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        key = _digest(content)
+        if not text or key in seen:
+            continue
+        seen.add(key)
+        split = splits["val" if is_validation(content) else "train"]
+        if split["full"]:
+            continue
+        room = split["budget"] - split["bytes"]
+        if len(content) > room:
+            text = _cut(text, room)
+            split["full"] = True
+            if not text:
+                continue
+        split["docs"].append((label, rel, text))
+        split["bytes"] += len(text.encode("utf-8"))
+    manifest = dict(ident)
+    for name, split in splits.items():
+        fname = f"{name}-{split['budget']}-s{seed}.jsonl"
+        body = "".join(json.dumps({"text": text}) + "\n" for _, _, text in split["docs"])
+        atomic_write_text(out / fname, body)
+        manifest[name] = dict(file=fname, files=len(split["docs"]), bytes=split["bytes"],
+                              reached_budget=split["full"], sha256=hashlib.sha256(body.encode()).hexdigest(),
+                              first=[f"{label}:{rel}" for label, rel, _ in split["docs"][:3]])
+    atomic_write_text(manifest_path, json.dumps(manifest, indent=2))
+    return manifest
+
+
+def read_texts(path: Path) -> list[str]:
+    return [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+def byte_tokens(texts: list[str]) -> np.ndarray:
+    """The byte tokenizer's ids of the documents, EOS after each (what `train --tokenizer-path byte` reads)."""
+    parts = []
+    for text in texts:
+        parts.append(np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64))
+        parts.append(np.array([EOS_ID], dtype=np.int64))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+# ---- the long-range recall task -----------------------------------------------------------------------
+
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def make_recall_doc(rng: np.random.Generator, filler: str, n_facts: int, gap_bytes: int, n_queries: int) -> dict:
+    """One document: `n_facts` lines "fact KEY = VALUE" (KEY 6 random letters, distinct; VALUE 6 random
+    digits), then at least `gap_bytes` bytes of filler text (a random slice of `filler`, whole lines, in
+    which no key occurs), then `n_queries` lines "query KEY = VALUE" for distinct facts in random order.
+    Returns {"text", "answers": [(byte offset of VALUE in text, VALUE)]}. ASCII only: offsets are byte
+    offsets. The answer to a query is only in its fact line, at least gap_bytes earlier."""
+    if n_queries > n_facts:
+        raise ValueError("n_queries must be <= n_facts")
+    keys: list[str] = []
+    while len(keys) < n_facts:
+        key = "".join(rng.choice(list(LETTERS), 6))
+        if key not in keys:
+            keys.append(key)
+    values = ["".join(rng.choice(list("0123456789"), 6)) for _ in keys]
+    facts = "".join(f"fact {k} = {v}\n" for k, v in zip(keys, values))
+    clean = filler.encode("ascii", "ignore").decode("ascii")
+    if len(clean) < gap_bytes + 1:
+        raise ValueError(f"filler text too short ({len(clean)} ASCII bytes) for a {gap_bytes}-byte gap")
+    while True:
+        start = int(rng.integers(0, len(clean) - gap_bytes))
+        start = clean.rfind("\n", 0, start) + 1
+        end = clean.find("\n", start + gap_bytes)
+        gap = clean[start:(end + 1 if end >= 0 else len(clean))]
+        if len(gap) >= gap_bytes and not any(k in gap for k in keys):
+            break
+    if not gap.endswith("\n"):
+        gap += "\n"
+    text, answers = facts + gap, []
+    for i in rng.permutation(n_facts)[:n_queries]:
+        line = f"query {keys[i]} = "
+        answers.append((len(text) + len(line), values[i]))
+        text += line + values[i] + "\n"
+    return {"text": text, "answers": answers}
+
+
+def make_recall_docs(n_docs: int, filler: str, n_facts: int, gap_bytes: int, n_queries: int, seed: int) -> list:
+    rng = np.random.default_rng(seed)
+    return [make_recall_doc(rng, filler, n_facts, gap_bytes, n_queries) for _ in range(n_docs)]
+
+
+# ---- models -------------------------------------------------------------------------------------------
+
+
+def hierarchos_fields(args, **overrides) -> dict:
+    """The model fields of a run: the scale's widths, byte vocabulary, training length; then overrides."""
+    w = args.width
+    fields = dict(vocab_size=BYTE_VOCAB, context_dim=w, h_hidden=w, l_hidden=w, head_size=min(64, w),
+                  max_length=args.seq_len)
+    if args.tiny:  # smoke sizes; the reasoning caps too (2,2,2: "default" and "depth 2,2,2" coincide here)
+        fields.update(h_layers=1, l_layers=1, persistent_dim=8, ltm_slots=32, ltm_key_dim=16, ltm_val_dim=16,
+                      ltm_topk=2, ltm_chunk=16, wkv_chunk_size=16, rosa_window=256, max_h_steps=2, max_l_steps=2)
+    fields.update(overrides)
+    ModelConfig(**fields).validate()
+    return fields
+
+
+def non_embedding_params(model) -> int:
+    """Parameters minus the lookup tables (token embedding, ROSA and DeepEmbed tables)."""
+    total = model.num_parameters(with_deepembed=False)
+    total -= model.embed.weight.numel()
+    if model.rosa_embed is not None:
+        total -= model.rosa_embed.weight.numel()
+    return total
+
+
+def gpt2_layers_for(target: int, width: int) -> int:
+    """GPT-2 blocks whose non-embedding parameters come nearest `target`: 12 d^2 + 13 d a block
+    (attention 4 d^2 + 4 d, MLP 8 d^2 + 5 d, two LayerNorms 4 d), plus the final LayerNorm (2 d)."""
+    return max(1, round((target - 2 * width) / (12 * width * width + 13 * width)))
+
+
+def gpt2_model(width: int, n_layer: int, seq_len: int):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(vocab_size=BYTE_VOCAB, n_positions=seq_len, n_embd=width, n_layer=n_layer,
+                     n_head=max(1, width // 64), resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                     bos_token_id=EOS_ID, eos_token_id=EOS_ID)
+    cfg._attn_implementation = "sdpa"
+    model = GPT2LMHeadModel(cfg)
+    non_emb = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(("transformer.wte",
+                                                                                    "transformer.wpe")))
+    return model, non_emb
+
+
+# ---- runs (cached) ------------------------------------------------------------------------------------
+
+
+def _key(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def cached(args, name: str, spec: dict, fn) -> dict:
+    path = Path(args.work) / "runs" / f"{name}-{_key(spec)}.json"
+    if path.is_file() and not args.fresh:
+        return json.loads(path.read_text())
+    result = {**fn(), "spec": spec}
+    atomic_write_text(path, json.dumps(result, indent=2, default=float))
+    return result
+
+
+def lr_schedule(step: int, total: int, lr: float) -> float:
+    from hierarchos.train.schedule import lr_at
+
+    return lr_at(step, total, lr, lr / 10, max(1, total // 20), False)
+
+
+def train_hierarchos(args, corpus: dict, fields: dict, lr: float, name: str, train_file: str | None = None,
+                     val_file: str | None = None) -> dict:
+    """Train through `hierarchos_cli.py train`; returns val_bpb, steady tokens/s, model dir, counts."""
+    spec = dict(kind="hierarchos", fields=fields, lr=lr, batch=args.batch, seq_len=args.seq_len, seed=args.seed,
+                train=train_file or corpus["train"]["file"], val=val_file or corpus["val"]["file"],
+                train_sha=corpus["train"]["sha256"], device=args.device, compile=args.compile)
+
+    def run() -> dict:
+        from hierarchos.data.tokenizers import build_byte_tokenizer
+        from hierarchos.io import save_model_dir
+        from hierarchos.model import HierarchosLM
+
+        run_dir = Path(args.work) / "models" / f"{name}-{_key(spec)}"
+        torch.manual_seed(args.seed)
+        model = HierarchosLM(ModelConfig(**fields))
+        save_model_dir(run_dir / "init", model, build_byte_tokenizer())
+        out = run_dir / "out"
+        cmd = [sys.executable, str(ROOT / "hierarchos_cli.py"), "train", "--model-path", str(run_dir / "init"),
+               "--train", str(Path(args.corpus_dir) / spec["train"]), "--val", str(Path(args.corpus_dir) / spec["val"]),
+               "--out-dir", str(out), "--epochs", "1", "--batch-size", str(args.batch), "--max-length",
+               str(args.seq_len), "--starting-lr", str(lr), "--min-lr", str(lr / 10), "--seed", str(args.seed),
+               "--device", args.device, "--token-cache", str(Path(args.work) / "token_cache"),
+               "--log-every", str(args.log_every), "--keep-checkpoints", "1"]
+        if args.compile and args.device != "cpu":
+            cmd.append("--compile")
+        started = time.perf_counter()
+        with open(run_dir / "train.log", "w") as log:
+            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                  env={**os.environ, "PYTHONPATH": str(ROOT)})
+        wall = time.perf_counter() - started
+        if proc.returncode != 0:
+            tail = (run_dir / "train.log").read_text()[-2000:]
+            raise SystemExit(f"{name}: train exited {proc.returncode}; log tail:\n{tail}")
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
+        final = [r for r in records if r.get("val_bpb") is not None]
+        rates = [r["tokens_per_s"] for r in records[1:]] or [r["tokens_per_s"] for r in records]
+        steps = records[-1]["step"]
+        tokens = steps * args.batch * args.seq_len
+        rate = statistics.median(rates)
+        return dict(val_bpb=final[-1]["val_bpb"] if final else None, val_loss=final[-1]["val_loss"] if final else None,
+                    tokens_per_s=rate, train_tokens=tokens, steps=steps, steady_train_s=tokens / rate,
+                    wall_s=wall, non_embedding_params=non_embedding_params(model),
+                    params=model.num_parameters(), model_dir=str(out), final_train_loss=records[-1]["loss"])
+
+    return cached(args, name, spec, run)
+
+
+def _gpt2_val_bpb(model, tokens: np.ndarray, val_bytes: int, seq_len: int, device, autocast) -> float:
+    model.eval()
+    nll, windows = 0.0, []
+    for start in range(0, len(tokens) - 1, seq_len):
+        windows.append(tokens[start:start + seq_len + 1])
+    with torch.no_grad():
+        for i in range(0, len(windows), 16):
+            group = windows[i:i + 16]
+            width = max(len(w) for w in group)
+            x = torch.full((len(group), width), EOS_ID, dtype=torch.long)
+            y = torch.full((len(group), width), -100, dtype=torch.long)
+            for j, w in enumerate(group):
+                x[j, :len(w)] = torch.as_tensor(w)
+                y[j, :len(w) - 1] = torch.as_tensor(w[1:])
+            x, y = x[:, :-1].to(device), y[:, :-1].to(device)
+            with autocast():
+                logits = model(input_ids=x).logits
+            nll += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum").item()
+    model.train()
+    return nll / math.log(2) / val_bytes
+
+
+def train_gpt2(args, corpus: dict, n_layer: int, lr: float, name: str, train_file: str | None = None) -> dict:
+    spec = dict(kind="gpt2", width=args.width, n_layer=n_layer, lr=lr, batch=args.batch, seq_len=args.seq_len,
+                seed=args.seed, train=train_file or corpus["train"]["file"], val=corpus["val"]["file"],
+                device=args.device, compile=args.compile)
+
+    def run() -> dict:
+        import contextlib
+
+        device = torch.device(args.device)
+        torch.manual_seed(args.seed)
+        model, non_emb = gpt2_model(args.width, n_layer, args.seq_len)
+        model.to(device)
+        cuda = device.type == "cuda"
+        autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
+        forward = torch.compile(model) if (cuda and args.compile) else model
+        decay, no_decay = [], []
+        for pname, p in model.named_parameters():
+            (no_decay if p.ndim < 2 or "wte" in pname or "wpe" in pname else decay).append(p)
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+                                lr=lr, betas=(0.9, 0.95), fused=True if cuda else None)
+        train = byte_tokens(read_texts(Path(args.corpus_dir) / spec["train"]))
+        val_texts = read_texts(Path(args.corpus_dir) / spec["val"])
+        val_bytes = sum(len(t.encode("utf-8")) for t in val_texts)
+        n_windows = (len(train) - 1) // args.seq_len
+        order = np.random.default_rng(args.seed).permutation(n_windows)
+        total = n_windows // args.batch
+        if total < 1:
+            raise SystemExit(f"{name}: too few training tokens for one batch")
+        warm, t0, losses = min(10, total // 4), None, []
+        for step in range(total):
+            idx = order[step * args.batch:(step + 1) * args.batch]
+            batch = torch.as_tensor(np.stack([train[i * args.seq_len:i * args.seq_len + args.seq_len + 1] for i in idx]))
+            batch = batch.to(device, non_blocking=True)
+            for group in opt.param_groups:
+                group["lr"] = lr_schedule(step, total, lr)
+            with autocast():
+                logits = forward(input_ids=batch[:, :-1]).logits
+            loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            if step % args.log_every == 0 or step == total - 1:
+                losses.append(loss.item())
+            if step + 1 == warm:
+                if cuda:
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+        if cuda:
+            torch.cuda.synchronize()
+        steady_tokens = (total - warm) * args.batch * args.seq_len
+        rate = steady_tokens / max(time.perf_counter() - t0, 1e-9) if t0 is not None else float("nan")
+        val_tokens = byte_tokens(val_texts)
+        bpb = _gpt2_val_bpb(model, val_tokens, val_bytes, args.seq_len, device, autocast)
+        tokens = total * args.batch * args.seq_len
+        return dict(val_bpb=bpb, tokens_per_s=rate, train_tokens=tokens, steps=total, steady_train_s=tokens / rate,
+                    non_embedding_params=non_emb, final_train_loss=losses[-1])
+
+    return cached(args, name, spec, run)
+
+
+def sweep(args, corpus, label: str, fields: dict | None = None, n_layer: int | None = None) -> dict:
+    """The LR sweep of one configuration: every point and the best (lowest validation bits per byte)."""
+    points = []
+    for lr in args.lrs:
+        if fields is not None:
+            points.append(train_hierarchos(args, corpus, fields, lr, f"{label}-lr{lr:g}"))
+        else:
+            points.append(train_gpt2(args, corpus, n_layer, lr, f"{label}-lr{lr:g}"))
+    best = min(points, key=lambda r: r["val_bpb"] if r["val_bpb"] is not None else float("inf"))
+    return dict(label=label, best=best, points=points)
+
+
+# ---- tables -------------------------------------------------------------------------------------------
+
+
+def _row(sweep_result: dict) -> str:
+    b = sweep_result["best"]
+    pts = " ".join(f"{p['spec']['lr']:g}:{p['val_bpb']:.3f}" for p in sweep_result["points"])
+    return (f"{sweep_result['label']:24s} {b['non_embedding_params']:>12,} {b['spec']['lr']:>8g} "
+            f"{b['val_bpb']:>8.4f} {b['tokens_per_s']:>10,.0f}  [{pts}]")
+
+
+HEADER = f"{'configuration':24s} {'non-emb par':>12s} {'best lr':>8s} {'val bpb':>8s} {'tokens/s':>10s}  [lr:bpb]"
+
+REASONING = {"default": {}, "minimal": dict(h_cycles=1, max_h_steps=1, max_l_steps=0)}
+
+
+def table_main(args, corpus) -> dict:
+    rows, out = [], {}
+    for label, overrides in REASONING.items():
+        out[f"hierarchos-{label}"] = sweep(args, corpus, f"hierarchos-{label}", hierarchos_fields(args, **overrides))
+    ref = out["hierarchos-default"]["best"]["non_embedding_params"]
+    n_layer = gpt2_layers_for(ref, args.width)
+    gpt = out["gpt2"] = sweep(args, corpus, "gpt2", n_layer=n_layer)
+    # equal GPU time: GPT-2 at its best LR for each hierarchos configuration's steady training seconds
+    equal_time = {}
+    for label in REASONING:
+        h = out[f"hierarchos-{label}"]["best"]
+        want = int(h["steady_train_s"] * gpt["best"]["tokens_per_s"])
+        big = build_corpus(Path(args.corpus_dir), want, args.val_bytes, args.roots, args.seed)
+        r = train_gpt2(args, big, n_layer, gpt["best"]["spec"]["lr"], f"gpt2-time-of-{label}",
+                       train_file=big["train"]["file"])
+        equal_time[label] = dict(seconds=h["steady_train_s"], hierarchos_bpb=h["val_bpb"],
+                                 hierarchos_tokens=h["train_tokens"], gpt2_bpb=r["val_bpb"],
+                                 gpt2_tokens=r["train_tokens"], wanted_tokens=want,
+                                 corpus_short=not big["train"]["reached_budget"])
+    out["equal_gpu_time"] = equal_time
+    print(HEADER)
+    for key in ("hierarchos-default", "hierarchos-minimal", "gpt2"):
+        print(_row(out[key]))
+    print("equal GPU time (hierarchos' steady training seconds; GPT-2 at its best LR and steady rate):")
+    for label, e in equal_time.items():
+        print(f"  {label:10s} {e['seconds']:8.1f} s: hierarchos {e['hierarchos_bpb']:.4f} ({e['hierarchos_tokens']:,} tok)"
+              f"  GPT-2 {e['gpt2_bpb']:.4f} ({e['gpt2_tokens']:,} tok{', corpus too small' if e['corpus_short'] else ''})")
+    return out
+
+
+def ablation_variants() -> dict:
+    return {
+        "default (2,5,5)": {},
+        "depth minimal (1,1,0)": REASONING["minimal"],
+        "depth 2,2,2": dict(h_cycles=2, max_h_steps=2, max_l_steps=2),
+        "memory writes off": MEMORY_OFF,
+        "ROSA off": dict(use_rosa=False),
+        "DeepEmbed off": dict(use_deepembed=False),
+        "h_stride 2": dict(h_stride=2),
+        "h_stride 8": dict(h_stride=8),  # h_stride 4 is the default row
+        "grad_steps 2": dict(grad_steps=2),
+    }
+
+
+def table_variants(args, corpus, variants: dict) -> dict:
+    out = {}
+    for label, overrides in variants.items():
+        if args.only and label not in args.only:
+            continue
+        out[label] = sweep(args, corpus, "abl-" + "".join(c if c.isalnum() else "_" for c in label),
+                           hierarchos_fields(args, **overrides))
+    base = next(iter(out.values()))["best"]["val_bpb"] if out else None
+    print(HEADER + "  delta vs first row")
+    for label, s in out.items():
+        print(_row(s) + f"  {s['best']['val_bpb'] - base:+.4f}")
+    return out
+
+
+def wiring_variants() -> dict:
+    from bench.bench_time_mix_wiring import VARIANTS
+
+    return {label: fields for label, fields in VARIANTS.items()}
+
+
+def _load_model(model_dir: str, device):
+    from hierarchos.io import load_model_dir
+
+    model, _ = load_model_dir(model_dir, device=device)
+    return model.eval()
+
+
+def recall_accuracy(model, docs: list, seq_len: int, device) -> dict:
+    """Teacher-forced greedy accuracy of every query's 6 digits (a query counts when all 6 are right),
+    the model reading each document in windows of `seq_len` with its state carried."""
+    exact, digits, n = 0, 0, 0
+    with torch.no_grad():
+        for doc in docs:
+            ids = byte_tokens([doc["text"]])[:-1]
+            state, preds = None, []
+            for start in range(0, len(ids), seq_len):
+                x = torch.as_tensor(ids[start:start + seq_len])[None].to(device)
+                out = model(x, state)
+                state = out.state
+                preds.append(out.logits[0].argmax(-1).cpu())
+            pred = torch.cat(preds).numpy()  # pred[p] is the guess for token p + 1
+            for offset, value in doc["answers"]:
+                got = bytes(int(pred[offset + i - 1]) for i in range(len(value))).decode("latin-1")
+                right = sum(a == b for a, b in zip(got, value))
+                digits += right
+                exact += right == len(value)
+                n += 1
+    return dict(query_accuracy=exact / max(1, n), digit_accuracy=digits / max(1, 6 * n), queries=n,
+                chance_digit=0.1)
+
+
+def table_recall(args, corpus) -> dict:
+    filler = "".join(read_texts(Path(args.corpus_dir) / corpus["train"]["file"]))
+    held_filler = "".join(read_texts(Path(args.corpus_dir) / corpus["val"]["file"]))
+    train_docs = make_recall_docs(args.recall_docs, filler, args.recall_facts, args.recall_gap, args.recall_facts,
+                                  args.seed)
+    test_docs = make_recall_docs(args.recall_test_docs, held_filler, args.recall_facts, args.recall_gap,
+                                 args.recall_facts, args.seed + 1)
+    cdir = Path(args.corpus_dir)
+    tag = f"{args.recall_docs}-{args.recall_test_docs}-{args.recall_facts}-{args.recall_gap}-s{args.seed}"
+    train_file, val_file = f"recall-train-{tag}.jsonl", f"recall-val-{tag}.jsonl"
+    for fname, docs in ((train_file, train_docs), (val_file, test_docs)):
+        atomic_write_text(cdir / fname, "".join(json.dumps({"text": d["text"]}) + "\n" for d in docs))
+    sha = hashlib.sha256((cdir / train_file).read_bytes()).hexdigest()
+    rcorpus = {"train": {"file": train_file, "sha256": sha}, "val": {"file": val_file}}
+    out = dict(task=dict(facts=args.recall_facts, gap_bytes=args.recall_gap, train_docs=args.recall_docs,
+                         test_docs=args.recall_test_docs, doc_bytes=len(train_docs[0]["text"])))
+    lr = args.lrs[len(args.lrs) // 2]
+    device = torch.device(args.device)
+    for label, overrides in (("memory on", {}), ("memory writes off", MEMORY_OFF)):
+        r = train_hierarchos(args, rcorpus, hierarchos_fields(args, **overrides), lr, "recall-" + label.replace(" ", "_"),
+                             train_file=train_file, val_file=val_file)
+        acc = recall_accuracy(_load_model(r["model_dir"], device), test_docs, args.seq_len, device)
+        out[label] = {**acc, "val_bpb": r["val_bpb"], "lr": lr}
+        print(f"  {label:18s} query accuracy {acc['query_accuracy']:.3f}  digit accuracy {acc['digit_accuracy']:.3f}"
+              f"  ({acc['queries']} queries, gap {args.recall_gap} bytes)")
+    out["gap"] = out["memory on"]["query_accuracy"] - out["memory writes off"]["query_accuracy"]
+    return out
+
+
+def _ranks(a: np.ndarray) -> np.ndarray:
+    order = np.argsort(a, kind="stable")
+    ranks = np.empty(len(a))
+    ranks[order] = np.arange(len(a))
+    for value in np.unique(a):  # ties share their mean rank
+        tie = a == value
+        ranks[tie] = ranks[tie].mean()
+    return ranks
+
+
+def correlations(x: np.ndarray, y: np.ndarray) -> dict:
+    if len(x) < 3 or x.std() == 0 or y.std() == 0:
+        return dict(pearson=None, spearman=None, n=len(x))
+    return dict(pearson=float(np.corrcoef(x, y)[0, 1]), spearman=float(np.corrcoef(_ranks(x), _ranks(y))[0, 1]),
+                n=len(x))
+
+
+def ponder_and_loss(model, tokens: np.ndarray, device) -> tuple[np.ndarray, np.ndarray]:
+    """Step form, one token at a time: each token's loss on the next token and the halting steps of the
+    plan point that leads it (the latest plan point at or before it; averaged over the rounds)."""
+    steps, losses, state, current = [], [], None, float("nan")
+    with torch.no_grad():
+        for t in range(len(tokens) - 1):
+            out = model.step(torch.as_tensor(tokens[t:t + 1]).to(device), state)
+            state = out.state
+            total, count = out.totals.get("manager_steps", (0.0, 0.0))
+            count = float(count)
+            if count:
+                current = float(total) / count
+            losses.append(F.cross_entropy(out.logits.float(), torch.as_tensor(tokens[t + 1:t + 2]).to(device)).item())
+            steps.append(current)
+    return np.array(steps), np.array(losses)
+
+
+def trained_default(args, corpus) -> dict:
+    return sweep(args, corpus, "hierarchos-default", hierarchos_fields(args))["best"]
+
+
+def table_act(args, corpus) -> dict:
+    best = trained_default(args, corpus)
+    device = torch.device(args.device)
+    model = _load_model(best["model_dir"], device)
+    tokens = byte_tokens(read_texts(Path(args.corpus_dir) / corpus["val"]["file"]))[:args.act_tokens + 1]
+    steps, losses = ponder_and_loss(model, tokens, device)
+    live = ~np.isnan(steps)
+    out = dict(correlations(steps[live], losses[live]), mean_steps=float(steps[live].mean()),
+               steps_histogram={str(int(k)): int(v) for k, v in zip(*np.unique(np.round(steps[live]), return_counts=True))},
+               max_h_steps=model.cfg.max_h_steps, h_halt_thresh=model.cfg.h_halt_thresh, tokens=int(live.sum()))
+    print(f"  ponder vs loss over {out['tokens']} held-out tokens: pearson {out['pearson']}, spearman {out['spearman']}"
+          f"; mean halting steps {out['mean_steps']:.2f} of {out['max_h_steps']}")
+    return out
+
+
+def hierarchos_bpb_at_context(model, tokens: np.ndarray, val_bytes: int, seq_len: int, context: int, device) -> float:
+    """Bits per byte over the validation tokens with the state reset every `context` tokens (windows of
+    `seq_len` inside each segment, the state carried between them)."""
+    nll = 0.0
+    with torch.no_grad():
+        for seg in range(0, len(tokens) - 1, context):
+            piece = tokens[seg:seg + context + 1]
+            state = None
+            for start in range(0, len(piece) - 1, seq_len):
+                w = piece[start:start + seq_len + 1]
+                out = model(torch.as_tensor(w[:-1])[None].to(device), state)
+                state = out.state
+                nll += F.cross_entropy(out.logits[0].float(), torch.as_tensor(w[1:]).to(device), reduction="sum").item()
+    return nll / math.log(2) / val_bytes
+
+
+def table_length(args, corpus) -> dict:
+    best = trained_default(args, corpus)
+    device = torch.device(args.device)
+    model = _load_model(best["model_dir"], device)
+    texts = read_texts(Path(args.corpus_dir) / corpus["val"]["file"])
+    tokens, val_bytes = byte_tokens(texts), sum(len(t.encode("utf-8")) for t in texts)
+    out = {"hierarchos": {}, "gpt2": {}}
+    for factor in (1, 4, 16):
+        out["hierarchos"][f"{factor}x"] = hierarchos_bpb_at_context(model, tokens, val_bytes, args.seq_len,
+                                                                  factor * args.seq_len, device)
+        out["gpt2"][f"{factor}x"] = None if factor > 1 else "see main table (its validation is at 1x)"
+    out["gpt2_note"] = (f"GPT-2 has {args.seq_len} learned positions (its training length) and cannot read "
+                        "a longer context")
+    print("  hierarchos bits/byte with the state reset every 1x / 4x / 16x the training length: "
+          + ", ".join(f"{k} {v:.4f}" for k, v in out["hierarchos"].items()))
+    return out
+
+
+# ---- command line -------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--table", choices=(*TABLES, "all"), required=True)
+    p.add_argument("--work", default="/tmp/hierarchos_quality", help="corpus, runs, models and tables go here")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--tiny", action="store_true", help="smoke sizes (CPU, a minute or two)")
+    p.add_argument("--width", type=int, default=None, help="hierarchos context/h/l width = GPT-2 n_embd")
+    p.add_argument("--seq-len", type=int, default=None)
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--tokens", type=int, default=None, help="training tokens (bytes) at equal tokens")
+    p.add_argument("--val-bytes", type=int, default=None)
+    p.add_argument("--lrs", type=float, nargs="+", default=None, help="the LR sweep (3 points)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-compile", dest="compile", action="store_false", help="eager GPT-2 and hierarchos on CUDA")
+    p.add_argument("--only", nargs="+", default=None, help="ablations/wiring: these rows only")
+    p.add_argument("--fresh", action="store_true", help="retrain cached runs")
+    p.add_argument("--log-every", type=int, default=None)
+    p.add_argument("--recall-docs", type=int, default=None)
+    p.add_argument("--recall-test-docs", type=int, default=None)
+    p.add_argument("--recall-facts", type=int, default=8)
+    p.add_argument("--recall-gap", type=int, default=None, help="bytes (= tokens) between the facts and the queries")
+    p.add_argument("--act-tokens", type=int, default=None)
+    args = p.parse_args(argv)
+    sizes = (dict(width=32, seq_len=32, batch=2, tokens=1024, val_bytes=512, lrs=[2e-3], log_every=4,
+                  recall_docs=2, recall_test_docs=1, recall_gap=256, act_tokens=32) if args.tiny else
+             dict(width=512, seq_len=512, batch=32, tokens=20_000_000, val_bytes=1_000_000, lrs=[5e-4, 1e-3, 2e-3],
+                  log_every=20, recall_docs=1000, recall_test_docs=50, recall_gap=20_000, act_tokens=4096))
+    for name, value in sizes.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.tiny:
+        args.recall_facts = min(args.recall_facts, 4)
+    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    args.roots = default_roots() if not args.tiny else default_roots()[:1]
+    args.corpus_dir = str(Path(args.work) / "corpus")
+    corpus = build_corpus(Path(args.corpus_dir), args.tokens, args.val_bytes, args.roots, args.seed)
+    print(f"corpus: train {corpus['train']['bytes']:,} bytes in {corpus['train']['files']} files, validation "
+          f"{corpus['val']['bytes']:,} bytes in {corpus['val']['files']} other files (Python {corpus['python']})")
+    tables = TABLES if args.table == "all" else (args.table,)
+    run = {"main": table_main, "recall": table_recall, "act": table_act, "length": table_length,
+           "ablations": lambda a, c: table_variants(a, c, ablation_variants()),
+           "wiring": lambda a, c: table_variants(a, c, {k: v for k, v in wiring_variants().items()})}
+    for table in tables:
+        print(f"\n== {table} ==")
+        started = time.perf_counter()
+        result = run[table](args, corpus)
+        payload = dict(table=table, result=result, corpus=corpus, seconds=time.perf_counter() - started,
+                       settings={k: v for k, v in vars(args).items() if k != "roots"} | {"roots": [[a, str(b)] for a, b in args.roots]},
+                       machine=dict(platform=platform.platform(), torch=torch.__version__, loadavg=os.getloadavg(),
+                                    gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None))
+        path = Path(args.work) / f"{table}.json"
+        atomic_write_text(path, json.dumps(payload, indent=2, default=str))
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,145 @@
+"""bench/bench_quality.py's building blocks (issue 19): the corpus builder is deterministic, keeps held-out
+files apart and never splits identical content; its byte ids are the `byte` tokenizer's; the recall
+task's answers are where and what the generator says; GPT-2's size rule and the rank correlation."""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import bench_quality as bq  # noqa: E402
+
+
+def fresh_seed() -> int:
+    return random.SystemRandom().randrange(2**31)
+
+
+def fake_tree(root: Path, seed: int, n: int = 120) -> None:
+    """n random modules, and more until three of them are validation files (the split is 2%)."""
+    rng = random.Random(seed)
+    i, held_out = 0, 0
+    while i < n or held_out < 3:
+        path = root / f"pkg{i % 7}" / f"mod_{i}.py"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lines = [f"def f_{i}_{j}(x):\n    return x * {rng.randrange(1000)}\n" for j in range(rng.randrange(1, 30))]
+        path.write_text("".join(lines), encoding="utf-8")
+        held_out += bq.is_validation("".join(lines).encode())
+        i += 1
+    (root / "pkg0" / "dup_a.py").write_text("same = 1\n" * 50, encoding="utf-8")
+    (root / "pkg1" / "dup_b.py").write_text("same = 1\n" * 50, encoding="utf-8")  # identical content
+    (root / "pkg2" / "latin.py").write_bytes(b"x = '\xe9'\n")  # not UTF-8: skipped
+    (root / "pkg3" / "notes.txt").write_text("not python\n", encoding="utf-8")
+    (root / "__pycache__").mkdir(exist_ok=True)
+    (root / "__pycache__" / "cached.py").write_text("skipped = True\n", encoding="utf-8")
+    nested = root / "site"  # another root inside this one: walked only as itself
+    nested.mkdir(exist_ok=True)
+    (nested / "inner.py").write_text("inner = 1\n", encoding="utf-8")
+
+
+def texts(path: Path) -> list[str]:
+    return bq.read_texts(path)
+
+
+def test_corpus_is_deterministic_held_out_by_file_and_prefix_stable(tmp_path):
+    seed = fresh_seed()
+    src = tmp_path / "src"
+    fake_tree(src, seed)
+    roots = [("lib", src), ("site", src / "site")]
+    a = bq.build_corpus(tmp_path / "a", 4000, 600, roots, seed=3)
+    b = bq.build_corpus(tmp_path / "b", 4000, 600, roots, seed=3)
+    for split in ("train", "val"):
+        assert a[split]["sha256"] == b[split]["sha256"], f"seed {seed}"
+        assert (tmp_path / "a" / a[split]["file"]).read_bytes() == (tmp_path / "b" / b[split]["file"]).read_bytes()
+    train, val = texts(tmp_path / "a" / a["train"]["file"]), texts(tmp_path / "a" / a["val"]["file"])
+    assert a["train"]["bytes"] == sum(len(t.encode()) for t in train) <= 4000
+    assert a["val"]["bytes"] == sum(len(t.encode()) for t in val) <= 600
+    assert a["train"]["reached_budget"] and train and val
+    # whole lines only, and no text on both sides (identical files land in one split, once)
+    assert all(t.endswith("\n") for t in train + val)
+    assert not set(train) & set(val)
+    everything = train + val
+    assert sum("same = 1" in t for t in everything) <= 1
+    assert not any("skipped = True" in t or "not python" in t or "x = '" in t for t in everything)
+    assert sum("inner = 1" in t for t in everything) <= 1  # the nested root is not walked twice
+    # the split is a property of the content: every kept file's side is what is_validation says
+    full_files = {p.read_bytes().decode("utf-8", "replace"): p for p in src.rglob("*.py")}
+    for t in everything:
+        if t in full_files:  # not cut at the budget
+            assert bq.is_validation(t.encode()) == (t in val)
+    # a larger training budget keeps the same order: the smaller corpus is its prefix (up to the cut line)
+    big = bq.build_corpus(tmp_path / "a", 9000, 600, roots, seed=3)
+    big_train = "".join(texts(tmp_path / "a" / big["train"]["file"]))
+    assert big_train.startswith("".join(train[:-1])) and big["val"]["sha256"] == a["val"]["sha256"]
+    # another seed, another order
+    other = bq.build_corpus(tmp_path / "c", 4000, 600, roots, seed=4)
+    assert other["train"]["sha256"] != a["train"]["sha256"]
+    # the manifest is reused only when it describes the same build
+    assert json.loads((tmp_path / "a" / "manifest-4000-600-s3.json").read_text())["train"]["sha256"] == a["train"]["sha256"]
+
+
+def test_byte_ids_are_the_byte_tokenizers():
+    from hierarchos.data.tokenizers import build_byte_tokenizer
+
+    tok = build_byte_tokenizer()
+    docs = ["def f():\n    return 'é€'\n", "x = 1\n"]
+    want = [i for d in docs for i in tok.encode(d) + [tok.eos_id]]
+    assert bq.byte_tokens(docs).tolist() == want
+    assert tok.eos_id == bq.EOS_ID and tok.vocab_size == bq.BYTE_VOCAB
+
+
+FILLER = "".join(f"line {i}: value = compute({i}, {i * 7 % 13})\n" for i in range(2000))
+
+
+def test_recall_documents_hold_their_answers_far_from_the_facts():
+    seed = fresh_seed()
+    docs = bq.make_recall_docs(5, FILLER, n_facts=6, gap_bytes=3000, n_queries=4, seed=seed)
+    again = bq.make_recall_docs(5, FILLER, n_facts=6, gap_bytes=3000, n_queries=4, seed=seed)
+    assert [d["text"] for d in docs] == [d["text"] for d in again], f"seed {seed}"
+    for doc in docs:
+        text = doc["text"]
+        assert text.isascii()
+        facts = dict(line.split(" ", 1)[1].split(" = ") for line in text.splitlines() if line.startswith("fact "))
+        assert len(facts) == 6
+        queries = [line for line in text.splitlines() if line.startswith("query ")]
+        assert len(queries) == len(doc["answers"]) == 4
+        last_fact = text.rfind("fact ")
+        for (offset, value), line in zip(doc["answers"], queries):
+            key = line.split(" ")[1]
+            assert text[offset:offset + 6] == value == facts[key], f"seed {seed}"
+            assert text[offset - len(f"query {key} = "):offset] == f"query {key} = "
+            assert text.count(f"{key} = ") == 2  # the fact and its query: the filler never names a key
+            assert offset - last_fact >= 3000
+        assert len({line.split(" ")[1] for line in queries}) == 4  # distinct facts queried
+
+
+def test_recall_generator_refuses_impossible_requests():
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match="filler"):
+        bq.make_recall_doc(rng, "short\n", 2, 100, 1)
+    with pytest.raises(ValueError, match="n_queries"):
+        bq.make_recall_doc(rng, FILLER, 2, 100, 3)
+
+
+def test_gpt2_layer_rule_and_its_count():
+    pytest.importorskip("transformers")
+    width = 64
+    for n_layer in (1, 3):
+        _, non_emb = bq.gpt2_model(width, n_layer, 32)
+        assert non_emb == n_layer * (12 * width * width + 13 * width) + 2 * width
+        assert bq.gpt2_layers_for(non_emb, width) == n_layer
+
+
+def test_rank_correlation_by_hand():
+    x = np.array([1.0, 2.0, 2.0, 4.0])
+    y = np.array([10.0, 30.0, 20.0, 40.0])
+    assert bq._ranks(x).tolist() == [0.0, 1.5, 1.5, 3.0]
+    c = bq.correlations(x, y)
+    assert c["spearman"] == pytest.approx(np.corrcoef([0, 1.5, 1.5, 3], [0, 2, 1, 3])[0, 1])
+    assert bq.correlations(np.ones(5), np.arange(5.0))["pearson"] is None
