@@ -105,6 +105,39 @@ py::array_t<float> matmul(const ByteArray &data, const std::string &qtype, int64
     return out;
 }
 
+// matmul for several (weight, activations) pairs in one call: one GIL release, one pool hand-off.
+py::list matmul_many(const py::list &weights, const py::list &xs) {
+    if (weights.size() != xs.size())
+        throw py::value_error("matmul_many: " + std::to_string(weights.size()) + " weights but " +
+                              std::to_string(xs.size()) + " activations");
+    std::vector<ByteArray> data;
+    std::vector<FloatArray> inputs;
+    std::vector<py::array_t<float>> outs;
+    std::vector<hk::MatmulJob> jobs;
+    for (size_t i = 0; i < weights.size(); ++i) {
+        const py::tuple w = weights[i].cast<py::tuple>();
+        if (w.size() != 3) throw py::value_error("matmul_many: each weight is (data, qtype, cols)");
+        data.push_back(w[0].cast<ByteArray>());
+        const QType t = parse_qtype(w[1].cast<std::string>());
+        const int64_t cols = w[2].cast<int64_t>();
+        check_data(data.back(), t, cols);
+        inputs.push_back(FloatArray::ensure(xs[i]));
+        const FloatArray &x = inputs.back();
+        if (!x || x.ndim() != 2 || x.shape(1) != cols)
+            throw py::value_error("matmul_many: activations " + std::to_string(i) + " must be (N, " + std::to_string(cols) + ")");
+        const int64_t rows = data.back().shape(0), n = x.shape(0);
+        outs.emplace_back(std::vector<py::ssize_t>{n, rows});
+        jobs.push_back({t, data.back().data(), rows, cols, x.data(), n, outs.back().mutable_data()});
+    }
+    {
+        py::gil_scoped_release release;
+        hk::matmul_many(jobs);
+    }
+    py::list result;
+    for (auto &o : outs) result.append(o);
+    return result;
+}
+
 uint64_t stream_read(const ByteArray &buffer, int threads) {
     const uint8_t *p = buffer.data();
     const size_t bytes = static_cast<size_t>(buffer.size());
@@ -160,6 +193,8 @@ PYBIND11_MODULE(hierarchos_kernels, m) {
     m.def("matmul", &matmul, py::arg("data"), py::arg("qtype"), py::arg("cols"), py::arg("x"),
           "y = x @ W.T: x (N, cols) float32 -> (N, rows); activations quantized to Q8_0 (Q8_K for Q2_K)");
 
+    m.def("matmul_many", &matmul_many, py::arg("weights"), py::arg("xs"),
+          "[y_i = x_i @ W_i.T] for weights [(data, qtype, cols)] and activations [x_i (N_i, cols_i)], one call");
     m.def("set_threads", &hk::set_threads, py::arg("n"), "n <= 0: one per hardware thread");
     m.def("get_threads", &hk::get_threads);
     m.def("set_isa", [](const std::string &name) {

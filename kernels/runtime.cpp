@@ -383,66 +383,115 @@ void dequantize_rows(QType t, const uint8_t *data, int64_t cols, const int64_t *
     for (int64_t i = 0; i < n; ++i) dequantize_row(t, data + ids[i] * rb, out + i * cols, cols);
 }
 
-void matmul(QType t, const uint8_t *data, int64_t rows, int64_t cols, const float *x, int64_t n, float *out) {
-    const IsaKernels *isa = current_isa();
-    const int64_t rb = cols / block_size(t) * block_bytes(t);
-    const int64_t n_blocks = cols / block_size(t);
-    // Activation scratch is per calling thread and reused: no allocation per matvec.
-    // The worker lambdas below get plain pointers: naming a thread_local inside them
-    // would refer to the worker's own (empty) instance.
-    thread_local std::vector<int8_t> qs_store;
-    thread_local std::vector<float> d_store;
-    thread_local std::vector<int32_t> sums_store;
-    thread_local std::vector<int32_t> corr_store;
-    thread_local std::vector<BlockQ8_K> q8k_store;
+namespace {
 
+// One matmul's activations, quantized once (Q8_0, or Q8_K for Q2_K) into storage reused across
+// calls of the same thread: no allocation per matvec.
+struct ActScratch {
+    std::vector<int8_t> qs;
+    std::vector<float> d;
+    std::vector<int32_t> sums, corr;
+    std::vector<BlockQ8_K> q8k;
+    ActQ8_0View view0{};
+    ActQ8_KView viewk{};
+};
+
+void prepare_activations(const IsaKernels *isa, const MatmulJob &job, ActScratch &s) {
+    const QType t = job.t;
+    const int64_t n = job.n, cols = job.cols;
+    const float *x = job.x;
+    const int64_t n_blocks = cols / block_size(t);
     const int64_t act_rows_per_task = std::max<int64_t>(1, std::min<int64_t>(n, 16));
     const int64_t act_tasks = (n + act_rows_per_task - 1) / act_rows_per_task;
     const int act_width = n * cols >= (1 << 16) ? 0 : 1;  // small activations: no thread hand-off
-    ActQ8_0View view0{};
-    ActQ8_KView viewk{};
+    // The worker lambdas get plain pointers: naming a thread_local inside them would refer to
+    // the worker's own (empty) instance.
     if (t == QType::Q2_K) {
-        q8k_store.resize(static_cast<size_t>(n * n_blocks));
-        BlockQ8_K *q8k = q8k_store.data();
+        s.q8k.resize(static_cast<size_t>(n * n_blocks));
+        BlockQ8_K *q8k = s.q8k.data();
         parallel_for(act_tasks, [=](int64_t task) {
             for (int64_t a = task * act_rows_per_task; a < std::min(n, (task + 1) * act_rows_per_task); ++a)
                 quantize_act_row_q8_k(x + a * cols, q8k + a * n_blocks, cols);
         }, act_width);
-        viewk = {q8k, n_blocks};
-    } else {
-        qs_store.resize(static_cast<size_t>(n * cols));
-        d_store.resize(static_cast<size_t>(n * n_blocks));
-        sums_store.resize(static_cast<size_t>(n * n_blocks));
-        const int group = (t == QType::INT4 || t == QType::Q4_0) ? isa->q4_group : 0;
-        if (group > 1) corr_store.resize(static_cast<size_t>(n * n_blocks * 4));
-        int8_t *qs = qs_store.data();
-        float *d = d_store.data();
-        int32_t *sums = sums_store.data();
-        int32_t *corr = group > 1 ? corr_store.data() : nullptr;
-        parallel_for(act_tasks, [=](int64_t task) {
-            for (int64_t a = task * act_rows_per_task; a < std::min(n, (task + 1) * act_rows_per_task); ++a) {
-                const int64_t first = a * n_blocks;
-                quantize_act_row_q8_0(x + a * cols, qs + a * cols, d + first, sums + first, cols);
-                if (group > 1) interleave_act_groups(qs + a * cols, corr + first * 4, n_blocks, group);
-            }
-        }, act_width);
-        view0 = {qs, d, corr, n_blocks};
+        s.viewk = {q8k, n_blocks};
+        return;
     }
+    s.qs.resize(static_cast<size_t>(n * cols));
+    s.d.resize(static_cast<size_t>(n * n_blocks));
+    s.sums.resize(static_cast<size_t>(n * n_blocks));
+    const int group = (t == QType::INT4 || t == QType::Q4_0) ? isa->q4_group : 0;
+    if (group > 1) s.corr.resize(static_cast<size_t>(n * n_blocks * 4));
+    int8_t *qs = s.qs.data();
+    float *d = s.d.data();
+    int32_t *sums = s.sums.data();
+    int32_t *corr = group > 1 ? s.corr.data() : nullptr;
+    parallel_for(act_tasks, [=](int64_t task) {
+        for (int64_t a = task * act_rows_per_task; a < std::min(n, (task + 1) * act_rows_per_task); ++a) {
+            const int64_t first = a * n_blocks;
+            quantize_act_row_q8_0(x + a * cols, qs + a * cols, d + first, sums + first, cols);
+            if (group > 1) interleave_act_groups(qs + a * cols, corr + first * 4, n_blocks, group);
+        }
+    }, act_width);
+    s.view0 = {qs, d, corr, n_blocks};
+}
 
-    // Tasks: (activation chunk, row chunk). Activation chunks of 64 rows keep the
-    // quantized activations of one chunk in L2 while a task streams its weight rows.
-    const int64_t act_chunk = 64;
-    const int64_t n_act_chunks = (n + act_chunk - 1) / act_chunk;
-    const int64_t row_chunk = rows_per_task(rows, cols * std::min<int64_t>(n, act_chunk) / 8);
-    const int64_t n_row_chunks = (rows + row_chunk - 1) / row_chunk;
-    parallel_for(n_act_chunks * n_row_chunks, [&](int64_t task) {
-        const int64_t ac = task / n_row_chunks, rc = task % n_row_chunks;
-        DotArgs args{data, rb, n_blocks,
-                     rc * row_chunk, std::min(rows, (rc + 1) * row_chunk),
-                     ac * act_chunk, std::min(n, (ac + 1) * act_chunk),
-                     out, rows};
-        if (t == QType::Q2_K) isa->dot_q2_k(args, viewk);
-        else isa->dot_q8_0(t, args, view0);
+// Tasks of one matmul: (activation chunk, row chunk). Activation chunks of 64 rows keep the
+// quantized activations of one chunk in L2 while a task streams its weight rows.
+struct TaskGrid {
+    int64_t act_chunk = 64, n_act_chunks, row_chunk, n_row_chunks;
+    explicit TaskGrid(const MatmulJob &job) {
+        n_act_chunks = (job.n + act_chunk - 1) / act_chunk;
+        row_chunk = rows_per_task(job.rows, job.cols * std::min<int64_t>(job.n, act_chunk) / 8);
+        n_row_chunks = (job.rows + row_chunk - 1) / row_chunk;
+    }
+    int64_t size() const { return n_act_chunks * n_row_chunks; }
+};
+
+void run_task(const IsaKernels *isa, const MatmulJob &job, const ActScratch &s, const TaskGrid &g, int64_t task) {
+    const int64_t ac = task / g.n_row_chunks, rc = task % g.n_row_chunks;
+    const int64_t rb = job.cols / block_size(job.t) * block_bytes(job.t);
+    DotArgs args{job.data, rb, job.cols / block_size(job.t),
+                 rc * g.row_chunk, std::min(job.rows, (rc + 1) * g.row_chunk),
+                 ac * g.act_chunk, std::min(job.n, (ac + 1) * g.act_chunk),
+                 job.out, job.rows};
+    if (job.t == QType::Q2_K) isa->dot_q2_k(args, s.viewk);
+    else isa->dot_q8_0(job.t, args, s.view0);
+}
+
+}  // namespace
+
+void matmul(QType t, const uint8_t *data, int64_t rows, int64_t cols, const float *x, int64_t n, float *out) {
+    const IsaKernels *isa = current_isa();
+    thread_local ActScratch scratch;
+    const MatmulJob job{t, data, rows, cols, x, n, out};
+    prepare_activations(isa, job, scratch);
+    const TaskGrid grid(job);
+    const ActScratch *s = &scratch;
+    parallel_for(grid.size(), [&](int64_t task) { run_task(isa, job, *s, grid, task); });
+}
+
+void matmul_many(const std::vector<MatmulJob> &jobs) {
+    const IsaKernels *isa = current_isa();
+    thread_local std::vector<ActScratch> scratch;
+    if (scratch.size() < jobs.size()) scratch.resize(jobs.size());
+    std::vector<TaskGrid> grids;
+    std::vector<int64_t> first_task{0};  // job j owns tasks [first_task[j], first_task[j + 1])
+    for (size_t j = 0; j < jobs.size(); ++j) {
+        if (jobs[j].n <= 0) {
+            grids.emplace_back(MatmulJob{jobs[j].t, jobs[j].data, jobs[j].rows, jobs[j].cols, jobs[j].x, 1, jobs[j].out});
+            first_task.push_back(first_task.back());
+            continue;
+        }
+        prepare_activations(isa, jobs[j], scratch[j]);
+        grids.emplace_back(jobs[j]);
+        first_task.push_back(first_task.back() + grids.back().size());
+    }
+    const ActScratch *s = scratch.data();
+    // One hand-off to the pool for every job: the matvecs of a layer share one wake-up.
+    parallel_for(first_task.back(), [&](int64_t task) {
+        size_t j = 0;
+        while (task >= first_task[j + 1]) ++j;
+        run_task(isa, jobs[j], s[j], grids[j], task - first_task[j]);
     });
 }
 

@@ -27,6 +27,18 @@ void dequantize_rows(QType t, const uint8_t *data, int64_t cols, const int64_t *
 // out (n, rows) = x (n, cols) @ W.T
 void matmul(QType t, const uint8_t *data, int64_t rows, int64_t cols, const float *x, int64_t n, float *out);
 
+// Several independent matmuls (each its own weight, format and activations) in one pass over
+// the thread pool: the same results as one matmul call each, bit for bit.
+struct MatmulJob {
+    QType t;
+    const uint8_t *data;
+    int64_t rows, cols;
+    const float *x;
+    int64_t n;
+    float *out;
+};
+void matmul_many(const std::vector<MatmulJob> &jobs);
+
 // Read `bytes` from p with `threads` threads (<= 0: current setting); returns a checksum.
 uint64_t stream_read_parallel(const uint8_t *p, size_t bytes, int threads);
 

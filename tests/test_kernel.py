@@ -133,6 +133,38 @@ def test_matmul_every_isa_matches_reference(ext, isa, qtype):
         assert (excess <= 0).all(), f"seed={seed} isa={isa} {qtype} blocks={blocks} n={n}: worst {excess.max()}"
 
 
+@pytest.mark.parametrize("isa", isa_names())
+def test_matmul_many_equals_one_call_each(ext, isa):
+    """One matmul_many call == one matmul call per weight, bit for bit, for mixed formats, shapes and
+    batch sizes, on every ISA and thread count; and the numpy backend's loop agrees with the kernel."""
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    ext.set_isa(isa)
+    weights, xs = [], []
+    for qtype, rows, blocks, n in (("Q4_0", 70, 7, 1), ("Q8_0", 5, 3, 3), ("Q2_K", 9, 2, 1), ("INT4", 33, 4, 2),
+                                   ("Q4_0", 300, 24, 1)):
+        cols = F.block_size(qtype) * blocks
+        weights.append((F.quantize(random_weights(rng, rows, cols), qtype), qtype, cols))
+        xs.append(rng.standard_normal((n, cols)).astype(np.float32))
+    try:
+        for threads in (1, 2, 3):
+            ext.set_threads(threads)
+            many = ext.matmul_many(weights, xs)
+            assert len(many) == len(weights)
+            for (data, qtype, cols), x, y in zip(weights, xs, many):
+                assert np.array_equal(y, ext.matmul(data, qtype, cols, x)), f"seed={seed} {isa} {qtype} threads={threads}"
+    finally:
+        ext.set_threads(0)
+    reference = [F.matmul(data, qtype, cols, x) for (data, qtype, cols), x in zip(weights, xs)]
+    for y, ref, (data, qtype, cols), x in zip(many, reference, weights, xs):
+        excess = np.abs(y - ref) - 1e-5 * _magnitude(data, qtype, cols, x) - 1e-30
+        assert (excess <= 0).all(), f"seed={seed} {isa} {qtype}"
+    with pytest.raises(ValueError, match="2 weights but 1 activations"):
+        ext.matmul_many(weights[:2], xs[:1])
+    with pytest.raises(ValueError, match=r"activations 0 must be \(N, 224\)"):
+        ext.matmul_many(weights[:1], [xs[1]])
+
+
 def test_matmul_bitwise_independent_of_threads(ext):
     seed = fresh_seed()
     rng = np.random.default_rng(seed)

@@ -294,6 +294,77 @@ def test_quantized_parallel_equals_step():
     assert torch.allclose(parallel, stepped, rtol=1e-4, atol=1e-4), (parallel - stepped).abs().max()
 
 
+def test_fused_projections_equal_one_call_each(monkeypatch):
+    """fuse_projections: a generation step with each layer's projections of one tensor in one
+    kernel.matmul_many call gives bit-identical logits and state to every QuantLinear on its own, in
+    fewer kernel calls; a member called on another tensor runs alone."""
+    torch.manual_seed(5)
+    cfg = small_config(h_layers=2, l_layers=2)
+    quant = qmodel.build_quantized_model(cfg, qmodel.quantize_tensors(HierarchosLM(cfg), "Q4_0"))
+    groups = qmodel.fuse_projections(quant)
+    # each RWKV block: the time mix's receptance/key/value(/gate) and the channel mix's gate/up
+    assert groups == 2 * (cfg.h_layers + cfg.l_layers), groups
+    calls = {"one": 0, "many": 0}
+    one, many = kernel.matmul, kernel.matmul_many
+
+    def count_one(*args):
+        calls["one"] += 1
+        return one(*args)
+
+    def count_many(*args):
+        calls["many"] += 1
+        return many(*args)
+
+    monkeypatch.setattr(kernel, "matmul", count_one)
+    monkeypatch.setattr(kernel, "matmul_many", count_many)
+    tokens = torch.randint(0, cfg.vocab_size, (1, 6))
+
+    def generate():
+        state, logits = quant.init_state(1), []
+        with torch.no_grad():
+            for t in range(tokens.shape[1]):
+                out = quant.step(tokens[:, t], state)
+                state = out.state
+                logits.append(out.logits)
+        return torch.cat(logits), state
+
+    fused_logits, fused_state = generate()
+    fused_calls = dict(calls)
+    calls.update(one=0, many=0)
+    qmodel.fuse_projections(quant, enabled=False)
+    alone_logits, alone_state = generate()
+    assert calls["many"] == 0 and fused_calls["many"] > 0
+    assert fused_calls["one"] + fused_calls["many"] < calls["one"], (fused_calls, calls)
+    assert torch.equal(fused_logits, alone_logits)
+
+    # the time mix's group: its six token-shifted inputs are slices of one tensor; the first
+    # projection called computes the others in the same kernel call
+    qmodel.fuse_projections(quant)
+    block_mix = next(m for m in quant.modules() if type(m).__name__ == "TimeMix")
+    members = [name for name in ("receptance", "key", "value", "gate") if isinstance(getattr(block_mix, name, None),
+                                                                                      qmodel.QuantLinear)]
+    assert len(members) >= 3
+    mixes = torch.randn(6, 1, 1, cfg.h_hidden)
+    inputs = dict(zip(("receptance", "w", "key", "value", "a", "gate"), mixes.unbind(0)))
+    calls.update(one=0, many=0)
+    with torch.no_grad():
+        outs = {name: getattr(block_mix, name)(inputs[name]) for name in members}
+    assert calls == {"one": 0, "many": 1}, calls
+    for name in members:
+        layer = getattr(block_mix, name)
+        expect = one(layer.weight_q.data, "Q4_0", cfg.h_hidden, inputs[name].reshape(1, -1).numpy())
+        assert np.array_equal(outs[name].reshape(1, -1).numpy(), expect), name
+
+    # a member whose input is not a slice of the tensor its group expects runs alone, correctly
+    x = torch.randn(1, 1, cfg.h_hidden)
+    calls.update(one=0, many=0)
+    with torch.no_grad():
+        got = block_mix.key(x)
+    assert calls == {"one": 1, "many": 0}
+    expect = one(block_mix.key.weight_q.data, "Q4_0", cfg.h_hidden, x.reshape(1, -1).numpy())
+    assert np.array_equal(got.reshape(1, -1).numpy(), expect)
+
+
 def test_quantized_model_counts_and_refuses_gradients():
     from hierarchos.errors import HierarchosError
 

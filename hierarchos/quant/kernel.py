@@ -6,6 +6,7 @@
     dequantize(data, qtype, cols) -> f32 (rows, cols)
     dequantize_rows(data, qtype, cols, row_ids) -> f32 (n, cols)
     matmul(data, qtype, cols, x (N, cols) f32) -> f32 (N, rows)      # y = x @ W.T
+    matmul_many([(data, qtype, cols), ...], [x, ...]) -> [y, ...]    # several in one call, same results
     set_threads(n) / get_threads(); set_isa(name) / get_isa(); available_isas(); backend_name()
 
 `HIERARCHOS_ISA=scalar|avx2|avx512|neon` forces an ISA of the C++ backend (an ISA this
@@ -56,6 +57,7 @@ if _ext is not None:
     dequantize = _ext.dequantize
     dequantize_rows = _ext.dequantize_rows
     matmul = _ext.matmul
+    matmul_many = _ext.matmul_many
     set_threads = _ext.set_threads
     get_threads = _ext.get_threads
     get_isa = _ext.get_isa
@@ -80,6 +82,13 @@ else:
     dequantize = formats.dequantize
     dequantize_rows = formats.dequantize_rows
     matmul = formats.matmul
+
+    def matmul_many(weights, xs):
+        """One matmul per (data, qtype, cols) and activations: the reference is the plain loop."""
+        if len(weights) != len(xs):
+            raise HierarchosError(f"matmul_many: {len(weights)} weights but {len(xs)} activations")
+        return [formats.matmul(data, qtype, cols, x) for (data, qtype, cols), x in zip(weights, xs)]
+
     _threads = [os.cpu_count() or 1]
 
     def set_threads(n: int) -> None:

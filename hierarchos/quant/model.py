@@ -15,6 +15,12 @@ the kernel (a matvec per token in generation, a batched matmul in prefill). The 
 step forms of the model are the same code as in full precision. `place_on_vulkan(model)` uploads
 every QuantLinear's blocks to the Vulkan device once; from then on their matmuls run there
 (hierarchos/quant/vulkan.py says what stays on the CPU).
+
+`fuse_projections(model)` (done by build_quantized_model) groups the projections a layer computes
+from one tensor (FUSED_PROJECTIONS) so that, in generation, the first of them to be called runs the
+whole group in one kernel call (`kernel.matmul_many`) and hands the others their results when they
+are called: fewer Python-to-kernel round trips and thread-pool hand-offs per token, bit-identical
+results (every output row is the same dot product either way).
 """
 
 from __future__ import annotations
@@ -39,6 +45,16 @@ TABLE_QTYPE = "Q8_0"
 # the BLAS GEMM beats the integer kernel there (bench/bench_kernels.py: batch 64 is 0.5-1.1x torch).
 DENSE_FROM_ROWS = 32
 MIN_ROWS = 8  # gate and halting heads (3 and 1 rows) stay float: tiny, and decisions hinge on them
+
+
+# Projections a layer computes from one tensor, per module class: (attribute, index), index None =
+# the same input tensor as the others, an int = that slice of the first dimension of the tensor the
+# input is a view of (TimeMix unbinds its six token-shifted mixes xr, xw, xk, xv, xa, xg). Whether a
+# member's input really is that tensor is checked on every call (storage address, shape, strides,
+# version, and the base held alive); when it is not, the member runs alone: a wrong entry here costs
+# speed, never a result.
+FUSED_PROJECTIONS = {"ChannelMix": (("gate", None), ("up", None)),
+                     "TimeMix": (("receptance", 0), ("key", 2), ("value", 3), ("gate", 5))}
 
 
 def _fits(qtype: str, cols: int) -> bool:
@@ -116,11 +132,18 @@ class QuantLinear(nn.Module):
         self.quantized_numel = weight.rows * weight.cols
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
         self.vk_weight = None  # the blocks on the Vulkan device, once place_on_vulkan ran
+        self.group: ProjectionGroup | None = None  # set by fuse_projections
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.requires_grad:
             raise HierarchosError("quantized weights cannot be trained; learn with the full-precision model "
                                   "(chat --enable-quantized-learning --shadow-model-path DIR)")
+        if self.group is not None:
+            fused = self.group.take(self, x)
+            if fused is not None:
+                y = torch.from_numpy(fused)
+                y = (y if y.dtype == x.dtype else y.to(x.dtype)).reshape(*x.shape[:-1], self.out_features)
+                return y + self.bias if self.bias is not None else y
         shape = x.shape
         flat = x.detach().reshape(-1, self.in_features)
         if flat.dtype != torch.float32 or flat.device.type != "cpu":  # (skip the no-op .to: it costs per token)
@@ -147,6 +170,85 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, {self.weight_q.qtype}" + (
             ", vulkan" if self.vk_weight is not None else "")
+
+
+def _input_key(t: torch.Tensor) -> tuple:
+    return (t.data_ptr(), t._version, tuple(t.shape), t.stride(), t.dtype, t.device)
+
+
+class ProjectionGroup:
+    """QuantLinears that read one tensor (or slices of one), run by one kernel.matmul_many call.
+
+    The first member called computes every member's output from the tensor its own input comes from
+    and keeps the others' results, each with the key of the input it used (holding that input, so its
+    storage cannot be reused meanwhile); a member whose input has that key takes its result, any other
+    call runs the group again (or the member alone when the inputs cannot be derived). Only the
+    kernel's small-batch CPU path is fused (not Vulkan, not the dense prefill path)."""
+
+    def __init__(self, members: list[tuple[QuantLinear, int | None]]):
+        self.members = members
+        self.pending: dict[int, tuple[tuple, torch.Tensor, np.ndarray]] = {}
+        self.weights = [(m.weight_q.data, m.weight_q.qtype, m.in_features) for m, _ in members]
+
+    def _inputs(self, member: QuantLinear, x: torch.Tensor) -> list[torch.Tensor] | None:
+        index = next(i for m, i in self.members if m is member)
+        if index is None:
+            return [x] * len(self.members)
+        base = x._base
+        if base is None or base.dim() < 2 or not 0 <= index < base.shape[0] or _input_key(base[index]) != _input_key(x):
+            return None
+        if any(not 0 <= i < base.shape[0] for _, i in self.members):
+            return None
+        return [base[i] for _, i in self.members]
+
+    def take(self, member: QuantLinear, x: torch.Tensor) -> np.ndarray | None:
+        """member's output for x (rows, out_features) from the group's one call, or None: run alone."""
+        hit = self.pending.pop(id(member), None)
+        key = _input_key(x)
+        if hit is not None and hit[0] == key:
+            return hit[2]
+        rows = x.numel() // max(1, x.shape[-1])
+        if (x.device.type != "cpu" or x.dtype != torch.float32 or rows >= DENSE_FROM_ROWS
+                or any(m.vk_weight is not None for m, _ in self.members)):
+            return None
+        inputs = self._inputs(member, x)
+        if inputs is None:
+            return None
+        flats = [t.detach().reshape(-1, m.in_features).contiguous().numpy() for (m, _), t in zip(self.members, inputs)]
+        outputs = kernel.matmul_many(self.weights, flats)
+        self.pending.clear()
+        own = None
+        for (m, _), t, y in zip(self.members, inputs, outputs):
+            if m is member:
+                own = y
+            else:
+                self.pending[id(m)] = (_input_key(t), t, y)
+        return own
+
+
+def fuse_projections(model, enabled: bool = True) -> int:
+    """Group each layer's projections of one tensor (FUSED_PROJECTIONS) for one kernel call per group
+    in generation; enabled=False removes the groups (every QuantLinear runs alone). Returns the
+    number of groups."""
+    groups = 0
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            module.group = None
+    if not enabled:
+        return 0
+    for module in model.modules():
+        spec = FUSED_PROJECTIONS.get(type(module).__name__)
+        if spec is None:
+            continue
+        members = [(getattr(module, name, None), index) for name, index in spec]
+        members = [(m, i) for m, i in members if isinstance(m, QuantLinear)]
+        if len(members) < 2 or len({m.in_features for m, _ in members}) != 1:
+            continue
+        group = ProjectionGroup(members)
+        for m, _ in members:
+            m.group = group
+        groups += 1
+    return groups
 
 
 class QuantEmbedding(nn.Module):
@@ -213,6 +315,7 @@ def build_quantized_model(cfg: ModelConfig, tensors: dict, where: str = "quantiz
     model.load_state_dict(floats, strict=True, assign=True)
     for p in model.parameters():
         p.requires_grad_(False)
+    fuse_projections(model)
     return model.eval()
 
 
