@@ -1,16 +1,36 @@
-"""Sampling and the token-by-token generation loop.
+"""Sampling and the token-by-token generation loops.
 
 The prompt is prefilled with one parallel forward; then each new token is one `step` on a
 fixed-size state (no re-running the prompt, no growing cache). Sampling applies the
 repetition penalty, temperature, top-k and top-p in that order; temperature 0 is greedy.
+
+Randomness is counter-based: the n-th token sampled for a row with seed s draws the uniforms
+`row_noise(s, n)` (a 32-bit integer hash of (s, n, token id), 23-bit uniforms) and picks
+argmax(p / -log u), an exact draw from p (the exponential race). The noise is a function of
+(seed, n), not of a generator's position, so a row gives the same tokens alone or in a batch,
+on the host or inside a CUDA graph. `sample_next` is the one-row reference (host, Python);
+`sample_rows` the batched form with no host reads; tests hold them equal.
+
+`generate` is the one-row loop (the step with early exit: halted and frozen work is skipped on
+the host's word). `generate_batch` runs B prompts of different lengths at once: each row is
+prefilled alone with the parallel form, the states are stacked, and every step is the model's
+sync-free step (`HierarchosLM.step_sync_free`, per-row positions) plus `sample_rows`, through a
+`GraphedStepper`: static buffers, the step and the sampling as one CUDA graph replayed per token
+(`cuda_graph=True`, CUDA only), or the same body run eagerly (the CPU and the tests).
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+from .errors import HierarchosError
+
+_M32 = 0xFFFFFFFF
+_HASH_MUL = 0x45D9F3B  # < 2**27: products of 32-bit values stay below 2**59, no int64 overflow
 
 
 @dataclass
@@ -23,9 +43,41 @@ class SamplingConfig:
     seed: int | None = None
 
 
+# ---- randomness ----------------------------------------------------------------------------------
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (two multiply-xorshift rounds) on int64 tensors holding uint32 values."""
+    x = ((x >> 16) ^ x) * _HASH_MUL & _M32
+    x = ((x >> 16) ^ x) * _HASH_MUL & _M32
+    return (x >> 16) ^ x
+
+
+def row_noise(seeds: torch.Tensor, counters: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Uniforms in (0, 1), (B, vocab) float32, for the counters[b]-th token of the row seeded seeds[b]
+    ((B,) int64 each). A pure function of (seed, counter, token id): no generator state, no host reads."""
+    seeds, counters = seeds.to(torch.int64), counters.to(torch.int64)
+    row = _mix32((seeds & _M32) ^ _mix32(((seeds >> 32) + 0x9E3779B9) & _M32))
+    row = _mix32(row ^ ((counters + 0x632BE5AB) & _M32))                                  # (B,)
+    ids = torch.arange(vocab, device=seeds.device, dtype=torch.int64)
+    bits = _mix32(_mix32(row[:, None] ^ ((ids * 0x27D4EB2F + 0x165667B1) & _M32)) ^ row[:, None])
+    return ((bits >> 9).to(torch.float32) + 0.5) / float(1 << 23)                        # 23 bits: exact
+
+
+def draw_seed(cfg: SamplingConfig, generator: torch.Generator | None = None) -> int:
+    """The seed of one generation call: from `generator` (one draw), else cfg.seed, else torch's global RNG."""
+    if generator is not None:
+        return int(torch.randint(0, 2**62, (1,), generator=generator))
+    if cfg.seed is not None:
+        return int(cfg.seed)
+    return int(torch.randint(0, 2**62, (1,)))
+
+
+# ---- sampling --------------------------------------------------------------------------------------
+
 def sample_next(logits: torch.Tensor, history: list[int], cfg: SamplingConfig,
-                generator: torch.Generator | None = None) -> int:
-    """Pick the next token id from logits (V,) given the ids seen so far."""
+                generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> int:
+    """Pick the next token id from logits (V,) given the ids seen so far: the one-row reference.
+    `noise`: uniforms (V,) in (0, 1) (`row_noise`); drawn from `generator` when not given."""
     logits = logits.float().clone()
     if cfg.repetition_penalty != 1.0 and history:
         seen = torch.tensor(sorted(set(history)), device=logits.device)
@@ -38,40 +90,70 @@ def sample_next(logits: torch.Tensor, history: list[int], cfg: SamplingConfig,
         kth = torch.topk(logits, cfg.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if 0 < cfg.top_p < 1.0:
-        sorted_logits, order = logits.sort(descending=True)
+        sorted_logits, order = logits.sort(descending=True, stable=True)
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
         drop = cumulative - sorted_logits.softmax(-1) >= cfg.top_p  # keep the token that crosses top_p
         logits[order[drop]] = float("-inf")
     probs = logits.softmax(-1)
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+    if noise is None:
+        noise = torch.rand(probs.shape, generator=generator).clamp(min=2.0**-24).to(probs.device)
+    return int((probs / -noise.log()).argmax())  # the exponential race: an exact draw from probs
 
+
+def sample_rows(logits: torch.Tensor, seen: torch.Tensor, cfg: SamplingConfig, noise: torch.Tensor) -> torch.Tensor:
+    """`sample_next` for B rows at once with no host reads: logits (B, V), seen (B, V) bool (the ids
+    in each row's history), noise (B, V) uniforms -> token ids (B,) int64 on the logits' device."""
+    logits = logits.float()
+    if cfg.repetition_penalty != 1.0:
+        penalised = torch.where(logits > 0, logits / cfg.repetition_penalty, logits * cfg.repetition_penalty)
+        logits = torch.where(seen, penalised, logits)
+    if cfg.temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / cfg.temperature
+    if 0 < cfg.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, cfg.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if 0 < cfg.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) >= cfg.top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+    probs = logits.softmax(-1)
+    return (probs / -noise.log()).argmax(-1)
+
+
+# ---- one row -------------------------------------------------------------------------------------------
 
 @torch.no_grad()
 def generate(model, prompt_ids: list[int], cfg: SamplingConfig, *, state=None, eos_id: int | None = None,
              on_token: Callable[[int, object], bool | None] | None = None,
              should_stop: Callable[[], bool] = lambda: False, generator: torch.Generator | None = None,
-             keep_eos: bool = False, **caps):
+             keep_eos: bool = False, on_first_token: Callable[[int], None] | None = None, **caps):
     """Prefill `prompt_ids` on `state`, then sample up to `max_new_tokens` with `step`.
 
     `on_token(token, step_output)` runs after each token went through the model (its output
     carries the per-token aux totals); returning True ends generation there. `should_stop()` is
     checked before each token (Ctrl+C). With `keep_eos` a sampled EOS is appended to the returned
-    ids (not fed to the model). Returns (new token ids, final state). `caps`: reasoning caps."""
+    ids (not fed to the model). `on_first_token(token)` runs as soon as the first token is sampled
+    (time to first token). Returns (new token ids, final state). `caps`: reasoning caps."""
     if not prompt_ids:
         raise ValueError("generate needs at least one prompt token")
     device = next(model.parameters()).device
-    if generator is None and cfg.seed is not None:
-        generator = torch.Generator().manual_seed(cfg.seed)
+    seed = draw_seed(cfg, generator) if cfg.temperature > 0 else 0
+    seeds = torch.tensor([seed], device=device)
     if state is None:
         state = model.init_state(1, device=device)
     history = list(prompt_ids)
     out = model(torch.tensor([prompt_ids], device=device), state, **caps)
     logits, state = out.logits[0, -1], out.state
     new: list[int] = []
-    for _ in range(cfg.max_new_tokens):
+    for n in range(cfg.max_new_tokens):
         if should_stop():
             break
-        token = sample_next(logits, history, cfg, generator)
+        noise = row_noise(seeds, torch.tensor([n], device=device), logits.shape[-1])[0] if cfg.temperature > 0 else None
+        token = sample_next(logits, history, cfg, generator, noise=noise)
+        if n == 0 and on_first_token is not None:
+            on_first_token(token)
         if eos_id is not None and token == eos_id:
             if keep_eos:
                 new.append(token)
@@ -83,3 +165,208 @@ def generate(model, prompt_ids: list[int], cfg: SamplingConfig, *, state=None, e
         if on_token is not None and on_token(token, out):
             break
     return new, state
+
+
+# ---- batches and CUDA graphs ---------------------------------------------------------------------------
+
+def batch_dims(model) -> list[int]:
+    """The batch dimension of each state tensor (in `HierarchosState.tensors()` order): where the
+    shapes of a 1-row and a 2-row initial state differ."""
+    one, two = model.init_state(1, device="meta"), model.init_state(2, device="meta")
+    dims = []
+    for (name, a), (_, b) in zip(one.tensors(), two.tensors()):
+        dims.append(next(i for i, (x, y) in enumerate(zip(a.shape, b.shape)) if x != y))
+    return dims
+
+
+def _rebuild(state, leaves: list[torch.Tensor], rosa, pos: int):
+    """A state with `state`'s structure holding `leaves` (in tensors() order)."""
+    it = iter(leaves)
+    new = state.map(lambda _: next(it))
+    new.rosa, new.pos = rosa, pos
+    return new
+
+
+def stack_states(model, states: list) -> object:
+    """One batch state from 1-row states (their ROSA automata in row order; pos of the first)."""
+    if any(block == "attention" for block in (model.cfg.h_block, model.cfg.l_block)) and not model.cfg.window_size:
+        raise HierarchosError("batched generation needs fixed-size states; full attention (window_size 0) grows "
+                              "its KV cache per row: use a windowed attention model or generate one prompt at a time")
+    dims = batch_dims(model)
+    leaves = [torch.cat(parts, dim) for dim, parts in zip(dims, zip(*[[t for _, t in s.tensors()] for s in states]))]
+    rosa = None if states[0].rosa is None else [a for s in states for a in s.rosa]
+    return _rebuild(states[0], leaves, rosa, states[0].pos)
+
+
+def _require_fixed_size(model) -> None:
+    cfg = model.cfg
+    if "attention" in (cfg.h_block, cfg.l_block) and not cfg.window_size:
+        raise HierarchosError("a CUDA graph needs a fixed-size state; full attention (window_size 0) grows its KV "
+                              "cache every token: use --no-cuda-graph or a windowed attention model")
+
+
+class GraphedStepper:
+    """The generation step on static buffers: one body = the sync-free model step on the fed token,
+    the state copied back into its buffers, the token added to the row's history, the next token
+    sampled (`sample_rows`) into the token buffer, aux totals summed on the device. With `capture`
+    (CUDA only) the body is warmed up and captured once per stepper and each token is one replay;
+    without it the same body runs eagerly (CPU, tests). The host's work per token: the ROSA hints of
+    the fed token written into their buffer, and the sampled tokens read back (to stream them)."""
+
+    def __init__(self, model, state, row_pos: torch.Tensor, logits: torch.Tensor, seen: torch.Tensor,
+                 seeds: torch.Tensor, cfg: SamplingConfig, caps: dict, *, capture: bool = False, warmup: int = 2):
+        device = logits.device
+        if capture and device.type != "cuda":
+            raise HierarchosError(f"cuda_graph=True needs the model on a CUDA device (it is on {device}); "
+                                  "generate without a CUDA graph on this device")
+        if capture:
+            _require_fixed_size(model)
+        self.model, self.cfg, self.caps, self.capture = model, cfg, dict(caps), capture
+        self.state = state
+        self.leaves = [t for _, t in state.tensors()]
+        self.pos = row_pos.clone()
+        self.seen = seen.clone()
+        self.seeds = seeds.clone()
+        self.counter = torch.zeros_like(self.pos)
+        B = self.pos.shape[0]
+        self.token = self._sample(logits)                          # the first token, eagerly
+        self.hints = torch.zeros(B, dtype=torch.long, device=device)
+        self.totals: dict = {}
+        self.graph = None
+        self.replays = 0
+        if capture:
+            self._capture(warmup)
+
+    def _sample(self, logits):
+        noise = row_noise(self.seeds, self.counter, logits.shape[-1]) if self.cfg.temperature > 0 else None
+        return sample_rows(logits, self.seen, self.cfg, noise)
+
+    def _body(self) -> None:
+        hints = self.hints if self.model.cfg.use_rosa else None
+        out = self.model.step_sync_free(self.token, self.state, self.pos, hints, **self.caps)
+        for buffer, new in zip(self.leaves, (t for _, t in out.state.tensors())):
+            buffer.copy_(new)
+        self.pos.add_(1)
+        self.counter.add_(1)
+        self.seen.scatter_(1, self.token[:, None], True)
+        self.token.copy_(self._sample(out.logits))
+        for name, (total, count) in out.totals.items():
+            if name not in self.totals:
+                self.totals[name] = (torch.zeros((), device=self.pos.device, dtype=torch.float64),
+                                     torch.zeros((), device=self.pos.device, dtype=torch.float64))
+            acc_total, acc_count = self.totals[name]
+            acc_total.add_(total)  # a device tensor or a Python number (a kernel argument: no copy to capture)
+            acc_count.add_(count)
+
+    def _capture(self, warmup: int) -> None:
+        """Warm-up on a side stream (allocator and lazy inits) on copies of the buffers, then capture."""
+        saved = [t.clone() for t in (*self.leaves, self.pos, self.counter, self.seen, self.token)]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(warmup):
+                self._body()
+        torch.cuda.current_stream().wait_stream(stream)
+        for buffer, value in zip((*self.leaves, self.pos, self.counter, self.seen, self.token), saved):
+            buffer.copy_(value)
+        for total, count in self.totals.values():
+            total.zero_(), count.zero_()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._body()
+        # capturing recorded the body without running it: the buffers still hold the start
+
+    def advance(self, hints: list[int] | None = None) -> torch.Tensor:
+        """Feed the current tokens (their ROSA hints from the host) and sample the next; returns the
+        token buffer (B,), read it before the next call."""
+        if hints is not None:
+            self.hints.copy_(torch.tensor(hints, dtype=torch.long), non_blocking=True)
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self._body()
+        self.replays += 1
+        return self.token
+
+    def final_state(self, pos: int):
+        """The state after the fed tokens (a copy: the buffers stay the stepper's)."""
+        return _rebuild(self.state, [t.clone() for t in self.leaves], self.state.rosa, pos)
+
+
+@dataclass
+class BatchResult:
+    tokens: list[list[int]]          # new ids per row (an EOS kept with keep_eos)
+    # the batch state after the last step; a row that ended before the others was fed on (static
+    # shapes), so its part holds more than its tokens; all rows ending together (B = 1) hold theirs
+    state: object
+    totals: dict                     # name -> (sum, count) of the aux terms over the generated steps
+    first_token_seconds: float       # prefill of every row + the first sampling
+    seconds: float                   # the whole call
+
+
+@torch.no_grad()
+def generate_batch(model, prompts: list[list[int]], cfg: SamplingConfig, *, states: list | None = None,
+                   eos_id: int | None = None, seeds: list[int] | None = None,
+                   generator: torch.Generator | None = None,
+                   on_token: Callable[[int, int], bool | None] | None = None,
+                   should_stop: Callable[[], bool] = lambda: False, keep_eos: bool = False,
+                   cuda_graph: bool = False, clock: Callable[[], float] = time.perf_counter, **caps) -> BatchResult:
+    """Generate for B prompts of any lengths at once. Row b equals `generate(model, prompts[b], cfg
+    with seed seeds[b])` alone: each prompt is prefilled alone (the parallel form, on states[b] or a
+    fresh state), then the rows step together, each at its own position, through `GraphedStepper`.
+
+    `seeds`: one per row (default: drawn with `draw_seed`, one call per row). `on_token(row, token)`
+    runs after a row's token went through the model; True ends that row. A row also ends at EOS;
+    the call ends when every row has. `cuda_graph`: capture the step (CUDA only)."""
+    if not prompts or any(not p for p in prompts):
+        raise ValueError("generate_batch needs at least one prompt, each of at least one token")
+    start = clock()
+    device = next(model.parameters()).device
+    B = len(prompts)
+    if seeds is None:
+        seeds = [draw_seed(cfg, generator) if cfg.temperature > 0 else 0 for _ in range(B)]
+    row_states, last_logits = [], []
+    for b, prompt in enumerate(prompts):
+        state = states[b] if states is not None else model.init_state(1, device=device)
+        out = model(torch.tensor([prompt], device=device), state, **caps)
+        row_states.append(out.state)
+        last_logits.append(out.logits[:, -1])
+    state = stack_states(model, row_states) if B > 1 else row_states[0]
+    positions = [s.pos for s in row_states]
+    vocab = last_logits[0].shape[-1]
+    seen = torch.zeros(B, vocab, dtype=torch.bool)
+    for b, prompt in enumerate(prompts):
+        seen[b, torch.tensor(prompt)] = True
+    stepper = GraphedStepper(model, state, torch.tensor(positions, device=device), torch.cat(last_logits),
+                             seen.to(device), torch.tensor(seeds, dtype=torch.int64, device=device), cfg, caps,
+                             capture=cuda_graph)
+    new: list[list[int]] = [[] for _ in range(B)]
+    fed = [0] * B
+    done = [False] * B
+    tokens = stepper.token.tolist()
+    first_token_seconds = clock() - start
+    for n in range(cfg.max_new_tokens):
+        if should_stop():
+            break
+        for b, token in enumerate(tokens):
+            if not done[b] and eos_id is not None and token == eos_id:
+                done[b] = True
+                if keep_eos:
+                    new[b].append(token)
+        if all(done):
+            break
+        for b, token in enumerate(tokens):
+            if not done[b]:
+                new[b].append(token)
+                fed[b] += 1
+        hints = [a.push(t) for a, t in zip(state.rosa, tokens)] if state.rosa is not None else None
+        finished = list(done)
+        tokens = stepper.advance(hints).tolist()  # the one host read of a step: the sampled tokens
+        for b in range(B):
+            if not finished[b] and on_token is not None and on_token(b, new[b][-1]):
+                done[b] = True
+        if all(done):
+            break
+    totals = {name: (total, count) for name, (total, count) in stepper.totals.items()}
+    final = stepper.final_state(max(p + f for p, f in zip(positions, fed)))
+    return BatchResult(new, final, totals, first_token_seconds, clock() - start)

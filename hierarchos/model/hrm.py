@@ -12,6 +12,12 @@ Each pass runs over the whole sequence at once. One round (of `h_cycles`):
 Only the last `grad_steps` passes of each loop carry gradients (HRM's one-step gradient).
 The halting rule and the freezing rule act identically for one call over T tokens and for
 T calls over one token, where halted/frozen work is skipped.
+
+The sync-free step (`forward(..., row_pos=)`, one token per row at per-row positions) makes none
+of those decisions on the host: every pass up to the cap runs, halted plan points and frozen tokens
+write nothing (the frozen-token rule), a row that is not at a plan point ponders fully frozen and
+keeps its plans (`torch.where`), so shapes and pass counts are static and a CUDA graph can hold it.
+It computes what the skipping step computes: skipped work and masked work leave the same values.
 """
 
 from __future__ import annotations
@@ -90,12 +96,17 @@ class HierarchicalReasoner(nn.Module):
 
     # ---- forward ------------------------------------------------------------------------
     def forward(self, u, tokens, rounds: list[dict], pos0: int, *, h_cycles=None, max_h_steps=None,
-                max_l_steps=None, h_halt_thresh=None, q_halt: list | None = None):
+                max_l_steps=None, h_halt_thresh=None, q_halt: list | None = None,
+                row_pos: torch.Tensor | None = None):
         """u: (B, T, d) encoded inputs at global positions pos0..; returns (y, new rounds, totals).
 
         With `halting="q"`, each round appends to `q_halt` (when given) the pair (halt logit of the
         plan point leading each token (B, T), whether a plan point of this call leads it (T,)): the
-        Q loss's halt term needs the final predictions, which only the caller has."""
+        Q loss's halt term needs the final predictions, which only the caller has.
+
+        `row_pos` (B,) int64 selects the sync-free step: T = 1, row b at global position row_pos[b]
+        (`pos0` is then unused); no host reads, every pass runs (see module doc). Its totals' counts
+        are tensors (the plan rows are counted on the device)."""
         cfg = self.cfg
         n_cycles = min(h_cycles or cfg.h_cycles, cfg.h_cycles)
         n_ponder = min(max_h_steps or cfg.max_h_steps, cfg.max_h_steps)
@@ -111,21 +122,59 @@ class HierarchicalReasoner(nn.Module):
                 if r > 0:  # worker output of the previous round at t-1
                     feedback = torch.cat([rounds[r - 1]["last_out"][:, None], y_prev_round[:, :-1]], dim=1)
                 y, new_rounds[r] = self._round(u, tokens, rounds[r], feedback, pos0, n_ponder, n_explore,
-                                               thresh, totals, q_halt=q_halt)
+                                               thresh, totals, q_halt=q_halt, row_pos=row_pos)
             y_prev_round = y
         return y_prev_round, new_rounds, totals
 
-    def _round(self, u, tokens, rs, feedback, pos0, n_ponder, n_explore, thresh, totals, q_halt=None):
+    def _round(self, u, tokens, rs, feedback, pos0, n_ponder, n_explore, thresh, totals, q_halt=None,
+               row_pos=None):
         cfg = self.cfg
         B, T, _ = u.shape
         new = dict(rs)
         grad_on = torch.is_grad_enabled()
+        sync_free = row_pos is not None
 
         # 1. manager watch
         h_in = self.h_input_proj(u)
         if feedback is not None:
             h_in = h_in + self.l_feedback_proj(feedback)
         watch_out, new["watch"] = self.manager(h_in, tokens, rs["watch"])
+
+        if sync_free:  # 2. and 3. with per-row plan points, decided on the device
+            context = self._plan_step(u, watch_out, tokens, rs, new, row_pos, n_ponder, thresh, grad_on, totals)
+        else:
+            context = self._plan(u, watch_out, tokens, rs, new, pos0, n_ponder, thresh, grad_on, totals, q_halt)
+
+        # 4. worker: shadow exploration of the drift, then the commit pass
+        drift = torch.zeros_like(u)
+        frozen = torch.zeros(B, T, dtype=torch.bool, device=u.device)
+        explore = list(rs["explore"])
+        n_passes = n_explore + 1  # the commit pass is the last pass of the loop
+        worker_steps = u.new_zeros(())
+        for p in range(n_explore):
+            # frozen tokens write nothing: when every token is frozen (step form) the pass is skipped;
+            # the sync-free step runs it (a host read of the mask is what it avoids), to the same effect
+            if sync_free or not (T == 1 and p > 0 and bool(frozen.all())):
+                worker_steps = worker_steps + (~frozen).sum()
+                with _grad(grad_on and p >= n_passes - cfg.grad_steps):
+                    z, explore[p] = self.worker(self.l_input_proj(torch.cat([u, context + drift], -1)), tokens,
+                                                rs["explore"][p], frozen if p > 0 else None)
+                step = torch.tanh(self.l_drift_proj(z)) * (~frozen)[..., None]
+                drift = drift + step
+                frozen = frozen | (step.abs().amax(-1) < cfg.l_conv_atol)
+            _add(totals, "commitment", F.relu(drift.pow(2).sum(-1) - cfg.commitment_threshold).sum(), B * T)
+        _add(totals, "worker_steps", worker_steps, float(B * T))
+        new["explore"] = explore
+        z, new["commit"] = self.worker(self.l_input_proj(torch.cat([u, context + drift], -1)), tokens, rs["commit"])
+        y = u + self.l_to_out(z)
+        new["last_out"] = y[:, -1].to(rs["last_out"].dtype)  # the state keeps its dtype under autocast
+        return y, new
+
+    def _plan(self, u, watch_out, tokens, rs, new, pos0, n_ponder, thresh, grad_on, totals, q_halt):
+        """Sections 2 and 3 over T tokens at positions pos0..: the context (B, T, d) of every token;
+        the pondering states and the two latest plans go into `new`."""
+        cfg = self.cfg
+        B, T, _ = u.shape
 
         # 2. pondering at plan points (global positions p with (p + 1) % stride == 0)
         s = cfg.h_stride
@@ -153,45 +202,51 @@ class HierarchicalReasoner(nn.Module):
             # token g is led by the latest plan point strictly before it (its context's weight alpha
             # on that plan reaches 1 at the next plan point); in this call when n_in_call >= 1
             q_halt.append((halt_logit[:, (n_in_call - 1).clamp(min=0)], n_in_call >= 1))
+        return context
 
-        # 4. worker: shadow exploration of the drift, then the commit pass
-        drift = torch.zeros_like(u)
-        frozen = torch.zeros(B, T, dtype=torch.bool, device=u.device)
-        explore = list(rs["explore"])
-        n_passes = n_explore + 1  # the commit pass is the last pass of the loop
-        worker_steps = u.new_zeros(())
-        for p in range(n_explore):
-            # frozen tokens write nothing: when every token is frozen (step form) the pass is skipped
-            if not (T == 1 and p > 0 and bool(frozen.all())):
-                worker_steps = worker_steps + (~frozen).sum()
-                with _grad(grad_on and p >= n_passes - cfg.grad_steps):
-                    z, explore[p] = self.worker(self.l_input_proj(torch.cat([u, context + drift], -1)), tokens,
-                                                rs["explore"][p], frozen if p > 0 else None)
-                step = torch.tanh(self.l_drift_proj(z)) * (~frozen)[..., None]
-                drift = drift + step
-                frozen = frozen | (step.abs().amax(-1) < cfg.l_conv_atol)
-            _add(totals, "commitment", F.relu(drift.pow(2).sum(-1) - cfg.commitment_threshold).sum(), B * T)
-        _add(totals, "worker_steps", worker_steps, float(B * T))
-        new["explore"] = explore
-        z, new["commit"] = self.worker(self.l_input_proj(torch.cat([u, context + drift], -1)), tokens, rs["commit"])
-        y = u + self.l_to_out(z)
-        new["last_out"] = y[:, -1].to(rs["last_out"].dtype)  # the state keeps its dtype under autocast
-        return y, new
+    def _plan_step(self, u, watch_out, tokens, rs, new, row_pos, n_ponder, thresh, grad_on, totals):
+        """Sections 2 and 3 for one token per row at positions row_pos (B,), without host reads: every
+        row ponders; a row that is not a plan point starts halted (frozen from pass 0, so it writes
+        nothing and weighs nothing) and keeps its two latest plans. Returns the context (B, 1, d)."""
+        s = self.cfg.h_stride
+        is_plan = torch.remainder(row_pos + 1, s) == 0                      # (B,)
+        not_plan = ~is_plan[:, None]                                         # (B, 1): halted from the start
+        count = is_plan.sum().to(torch.float32)                              # plan points, on the device
+        if self.cfg.halting == "q":
+            plan, new["ponder"], _ = self._ponder_q(watch_out, tokens, rs["ponder"], n_ponder, grad_on, totals,
+                                                    halted=not_plan, count=count)
+        else:
+            plan, new["ponder"] = self._ponder(watch_out, tokens, rs["ponder"], n_ponder, thresh, grad_on, totals,
+                                               halted=not_plan, count=count)
+        # the LERP of section 3 for T = 1 (n_in_call = 0): plan_prev + alpha (plan_last - plan_prev)
+        before = torch.div(row_pos, s, rounding_mode="floor")
+        alpha = ((row_pos - (before * s - 1)).to(u.dtype) / s)[:, None]          # (B, 1)
+        plan_prev, plan_last = rs["plan_prev"], rs["plan_last"]
+        context = plan_prev + alpha * (plan_last - plan_prev)
+        keep = is_plan[:, None]
+        new["plan_prev"] = torch.where(keep, plan_last, plan_prev)
+        new["plan_last"] = torch.where(keep, plan[:, 0].to(plan_last.dtype), plan_last)
+        return context[:, None]
 
-    def _ponder_pass(self, p, injected, refinement, plan_tokens, state, halted, n_ponder, grad_on):
+    def _ponder_pass(self, p, injected, refinement, plan_tokens, state, halted, n_ponder, grad_on, masked=False):
         """Pondering pass p (both halting rules): the manager over the watch output plus the previous
-        pass's refinement, halted points frozen; only the last `grad_steps` passes record a graph.
+        pass's refinement, halted points frozen (from pass 0 when `masked`: rows halted before they
+        start); only the last `grad_steps` passes record a graph.
         Returns (output, new shadow state, refinement for the next pass)."""
         with _grad(grad_on and p >= n_ponder - self.cfg.grad_steps):
             pass_in = injected + refinement
-            z, state = self.manager(pass_in, plan_tokens, state, halted if p > 0 else None)
+            z, state = self.manager(pass_in, plan_tokens, state, halted if (p > 0 or masked) else None)
             return z, state, z - pass_in
 
-    def _ponder(self, z, plan_tokens, states, n_ponder, thresh, grad_on, totals):
-        """ACT over plan points z (B, P, H): returns (plans (B, P, d), new pondering states)."""
+    def _ponder(self, z, plan_tokens, states, n_ponder, thresh, grad_on, totals, halted=None, count=None):
+        """ACT over plan points z (B, P, H): returns (plans (B, P, d), new pondering states).
+
+        `halted` (B, P): points that do not ponder (the sync-free step's rows off a plan point),
+        then every pass runs and `count` (a tensor) is the number of pondering points."""
         B, P, _ = z.shape
         states = list(states)
-        halted = torch.zeros(B, P, dtype=torch.bool, device=z.device)
+        masked = halted is not None
+        halted = torch.zeros(B, P, dtype=torch.bool, device=z.device) if halted is None else halted
         remainder = z.new_ones(B, P)
         mix = torch.zeros_like(z)
         expected_steps = z.new_zeros(B, P)
@@ -199,10 +254,10 @@ class HierarchicalReasoner(nn.Module):
         injected = z  # the watch output is injected into every pass (HRM input injection)
         refinement = torch.zeros_like(z)
         for p in range(n_ponder):
-            if P == 1 and p > 0 and bool(halted.all()):
+            if not masked and P == 1 and p > 0 and bool(halted.all()):
                 break  # halted plan points write nothing into later shadow states
             z, states[p], refinement = self._ponder_pass(p, injected, refinement, plan_tokens, states[p], halted,
-                                                         n_ponder, grad_on)
+                                                         n_ponder, grad_on, masked)
             halt_prob = torch.sigmoid(self.h_halt_proj(z)).squeeze(-1).to(z.dtype)
             active = ~halted
             accumulated = 1.0 - remainder * (1.0 - halt_prob)
@@ -214,11 +269,12 @@ class HierarchicalReasoner(nn.Module):
             halting_step = torch.where(stop, torch.full_like(halting_step, p + 1), halting_step)
             remainder = torch.where(active & ~stop, remainder * (1.0 - halt_prob), remainder)
             halted = halted | stop
-        _add(totals, "ponder", expected_steps.sum(), float(B * P))
-        _add(totals, "manager_steps", halting_step.sum(), float(B * P))
+        count = float(B * P) if count is None else count
+        _add(totals, "ponder", expected_steps.sum(), count)
+        _add(totals, "manager_steps", halting_step.sum(), count)
         return self.h_to_context(mix), states
 
-    def _ponder_q(self, z, plan_tokens, states, n_ponder, grad_on, totals):
+    def _ponder_q(self, z, plan_tokens, states, n_ponder, grad_on, totals, halted=None, count=None):
         """Q-learning halting over plan points z (B, P, H) (seed 003): returns (plans (B, P, d), new
         pondering states, the halt logit of each point's halting pass (B, P)).
 
@@ -226,10 +282,12 @@ class HierarchicalReasoner(nn.Module):
         its exploration minimum in training), or at the last pass; it is frozen in later passes, as
         with ACT, and its plan is that pass's output (no mix). The continue logit of a pass that went
         on is trained towards the next pass's best Q, sigmoid(max(halt, continue)), or sigmoid(halt)
-        when the next pass is the cap (seed 003's bootstrapped target, no gradient through it)."""
+        when the next pass is the cap (seed 003's bootstrapped target, no gradient through it).
+        `halted` and `count` as in `_ponder`."""
         B, P, _ = z.shape
         states = list(states)
-        halted = torch.zeros(B, P, dtype=torch.bool, device=z.device)
+        masked = halted is not None
+        halted = torch.zeros(B, P, dtype=torch.bool, device=z.device) if halted is None else halted
         min_steps = self._explore_min_steps(B, P, n_ponder, z.device)
         chosen = torch.zeros_like(z)
         halt_logit = z.new_zeros(B, P)
@@ -239,10 +297,10 @@ class HierarchicalReasoner(nn.Module):
         injected = z  # the watch output is injected into every pass (HRM input injection)
         refinement = torch.zeros_like(z)
         for p in range(n_ponder):
-            if P == 1 and p > 0 and bool(halted.all()):
+            if not masked and P == 1 and p > 0 and bool(halted.all()):
                 break  # halted plan points write nothing into later shadow states
             z, states[p], refinement = self._ponder_pass(p, injected, refinement, plan_tokens, states[p], halted,
-                                                         n_ponder, grad_on)
+                                                         n_ponder, grad_on, masked)
             q = self.h_q_head(z).to(z.dtype)                          # (B, P, 2): halt, continue
             q_halt, q_continue = q[..., 0], q[..., 1]
             active = ~halted
@@ -257,8 +315,9 @@ class HierarchicalReasoner(nn.Module):
             halting_step = torch.where(stop, torch.full_like(halting_step, p + 1), halting_step)
             halted = halted | stop
             prev_continue = q_continue
-        _add(totals, "q_continue", continue_loss, float(B * P))
-        _add(totals, "manager_steps", halting_step.sum(), float(B * P))
+        count = float(B * P) if count is None else count
+        _add(totals, "q_continue", continue_loss, count)
+        _add(totals, "manager_steps", halting_step.sum(), count)
         return self.h_to_context(chosen), states, halt_logit
 
     def _explore_min_steps(self, B, P, n_ponder, device):

@@ -2,7 +2,9 @@
 
 `forward(tokens, state)` runs the parallel form over a whole sequence; `step(token, state)`
 consumes one token. Both carry the same fixed-size `HierarchosState` (plus ROSA's bounded
-automaton) and compute the same function: the tests hold them equal.
+automaton) and compute the same function: the tests hold them equal. `step_sync_free` is the
+step with no host reads (per-row positions as a tensor, every pass run under masks, ROSA hints
+passed in): what a CUDA graph captures, equal to `step` (tests/test_sync_free_step.py).
 """
 
 from __future__ import annotations
@@ -129,3 +131,29 @@ class HierarchosLM(nn.Module):
         out = self.forward(token.view(-1, 1), state, **caps)
         out.logits = out.logits[:, 0]
         return out
+
+    def step_sync_free(self, token: torch.Tensor, state: HierarchosState, row_pos: torch.Tensor,
+                       rosa_hint_ids: torch.Tensor | None = None, **caps) -> ModelOutput:
+        """`step` with every decision on the device: token (B,), row b at global position row_pos[b]
+        ((B,) int64; rows may differ) -> logits (B, V) and the next state (its `pos` is state.pos + 1,
+        bookkeeping for equal rows; the caller advances row_pos). Static shapes and pass counts for
+        given caps, no host reads when the ROSA hints (B,) are passed in (the automata are host code:
+        without hints they are extended here, which copies the tokens to the host). Totals' counts
+        are device tensors. Stacks with full attention (a growing KV cache) read its length on the host."""
+        tokens = token.view(-1, 1)
+        B = tokens.shape[0]
+        e = self.embed(tokens)
+        rosa = state.rosa
+        if self.rosa_embed is not None:
+            if rosa_hint_ids is None:
+                hints, rosa = rosa_hints(tokens, rosa, self.cfg.rosa_window, self.cfg.rosa_none_id)
+            else:
+                hints = rosa_hint_ids.view(-1, 1)
+            e = e + self.rosa_embed(hints)
+        reads, memory_state = self.memory.step(e, state.memory, row_pos)
+        persistent = self.persistent.to(e.dtype).expand(B, 1, -1)
+        u = F.gelu(self.encoder(torch.cat([e, reads, persistent], dim=-1)))
+        y, rounds, totals = self.reasoner(u, tokens, state.rounds, state.pos, row_pos=row_pos, **caps)
+        logits = self.head(self.out_norm(y))[:, 0]
+        new_state = HierarchosState(pos=state.pos + 1, memory=memory_state, rounds=rounds, rosa=rosa)
+        return ModelOutput(logits=logits, state=new_state, totals=totals)

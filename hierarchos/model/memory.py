@@ -6,8 +6,9 @@ g = d/dV sum_t ||read(q_t) - W_v e_t||^2 is accumulated token by token (closed f
 no autograd), then momentum and forgetting update the slots whose surprise norm exceeds
 `ltm_write_threshold`. Tokens of chunk c read the memory as it stood at the end of
 chunk c-1; the accumulators live in the state, so one call over T tokens equals T calls
-over one token. Per-slot metadata (write time, count, source) are buffers that chat
-commits into; reads can be filtered by source and time. A slot whose source is
+over one token (`step`: one token per row at per-row positions, the write masked on the
+device). Per-slot metadata (write time, count, source) are buffers that chat commits into;
+reads can be filtered by source and time. A slot whose source is
 `DORMANT_SOURCE` (added by `hierarchos.model.grow.grow_slots`) is never read until allocated.
 """
 
@@ -130,6 +131,29 @@ class LongTermMemory(nn.Module):
         new_state = {"delta": values - learned, "momentum": momentum, "surprise": surprise,
                      "input_sum": input_sum, "writes": writes}
         return torch.cat(reads, dim=1), new_state
+
+    def step(self, e: torch.Tensor, state: dict, row_pos: torch.Tensor):
+        """`forward` for one token per row at per-row global positions row_pos (B,), without host
+        reads: the chunk-boundary write is computed for every row and kept (`torch.where`) where
+        row_pos + 1 closes a chunk. The same operations as `forward` on T = 1, so the same values.
+        e: (B, 1, D) -> (reads (B, 1, Dv), new state)."""
+        learned = self.values.to(e.dtype).unsqueeze(0)
+        values = learned + state["delta"]
+        attn, idx = self.address(self.query(e))
+        read = self.gather(attn, idx, values)
+        err = 2.0 * (read - self.target(e))
+        contrib = (attn[..., None] * err[:, :, None, :]).reshape(e.shape[0], -1, self.val_dim)
+        surprise = state["surprise"].scatter_add(1, idx.reshape(e.shape[0], -1, 1).expand_as(contrib), contrib)
+        input_sum = state["input_sum"] + e.sum(1)
+        closes = torch.remainder(row_pos + 1, self.chunk) == 0                      # (B,) chunk complete
+        written_values, momentum, written = self._write(values, state["momentum"], surprise, input_sum / self.chunk)
+        at = closes[:, None, None]
+        values = torch.where(at, written_values, values)
+        new_state = {"delta": values - learned, "momentum": torch.where(at, momentum, state["momentum"]),
+                     "surprise": torch.where(at, torch.zeros_like(surprise), surprise),
+                     "input_sum": torch.where(closes[:, None], torch.zeros_like(input_sum), input_sum),
+                     "writes": state["writes"] + (written & closes[:, None]).to(state["writes"].dtype)}
+        return read, new_state
 
     def _write(self, values, momentum, surprise, chunk_mean):
         eta, theta, alpha = torch.sigmoid(self.write_gates(chunk_mean)).to(values.dtype).unbind(-1)  # (B,)

@@ -1,0 +1,354 @@
+"""The sync-free step (HierarchosLM.step_sync_free) and on-device sampling (generate.sample_rows):
+what a CUDA graph captures, checked on the CPU.
+
+1. It computes what `step` computes: logits, aux totals and the state bit for bit in float64, on
+   random configs with every feature on (early exit that really splits, ROSA, DeepEmbed, memory
+   writes, Q halting, attention and WKV-4 stacks), because masked work (frozen rows, rows off a plan
+   point) leaves exactly the values that skipped work leaves.
+2. Rows at different positions step together as each would alone.
+3. It performs no host synchronisation: under a dispatch mode that raises on every op that reads a
+   tensor on the host (`_local_scalar_dense`, `nonzero`, boolean indexing, ...) and on the meta device
+   (no data at all), the step and the whole generation body run; the plain `step` fails both checks,
+   so the checks can fail.
+4. `sample_rows` equals the one-row reference `sample_next` on random logits with the same noise;
+   the exponential race draws from the sampling distribution (a chi-square oracle); `row_noise` is
+   a function of (seed, counter) only.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from hierarchos.config import tiny_config
+from hierarchos.errors import HierarchosError
+from hierarchos.generate import GraphedStepper, SamplingConfig, row_noise, sample_next, sample_rows
+from hierarchos.model import HierarchosLM
+
+from early_exit import calibrated
+
+EARLY_EXIT = dict(h_halt_thresh=0.45, l_conv_atol=0.06, max_h_steps=3)
+CONFIGS = {
+    "all_on": {},
+    "deep": dict(h_cycles=3, max_h_steps=3, max_l_steps=3, grad_steps=2, h_stride=3, h_layers=2),
+    "stride1_no_rosa_per_block": dict(h_stride=1, use_rosa=False, deepembed_per_block=True, l_layers=2),
+    "minimal": dict(h_cycles=1, max_h_steps=1, max_l_steps=0),
+    "q_halting": dict(halting="q"),
+    "attention_window": dict(h_block="attention", window_size=3, l_block="attention", pos_encodings="rope"),
+    "wkv4": dict(time_mix="wkv4"),
+    "memory_chunk_3": dict(ltm_chunk=3, ltm_write_threshold=0.0),
+}
+
+
+def fresh_seed() -> int:
+    return random.SystemRandom().randrange(2**31)
+
+
+def build(seed, dtype=torch.float64, **overrides):
+    torch.manual_seed(seed)
+    model = HierarchosLM(tiny_config(**{**EARLY_EXIT, **overrides})).to(dtype)
+    with torch.no_grad():  # spread the drift and halting so that early exit happens at init
+        model.reasoner.l_drift_proj.weight.normal_(0, 0.3)
+        if model.cfg.halting == "q":
+            model.reasoner.h_q_head.weight.normal_(0, 0.5)
+            model.reasoner.h_q_head.bias.zero_()
+        else:
+            model.reasoner.h_halt_proj.weight.normal_(0, 0.5)
+            model.reasoner.h_halt_proj.bias.zero_()
+    return model.eval()
+
+
+def tokens_for(seed, batch, length):
+    return torch.randint(0, 7, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def run(model, tokens, sync_free, **caps):
+    """Step through `tokens` (B, T) from a fresh state: (logits (B, T, V), state, summed totals)."""
+    B, T = tokens.shape
+    state, logits, totals = model.init_state(B), [], {}
+    for t in range(T):
+        if sync_free:
+            out = model.step_sync_free(tokens[:, t], state, torch.full((B,), t, dtype=torch.long), **caps)
+        else:
+            out = model.step(tokens[:, t], state, **caps)
+        logits.append(out.logits)
+        state = out.state
+        for name, (total, count) in out.totals.items():
+            s, c = totals.get(name, (0.0, 0.0))
+            totals[name] = (s + total, c + count)
+    return torch.stack(logits, 1), state, totals
+
+
+def assert_same_run(a, b, msg):
+    (la, sa, ta), (lb, sb, tb) = a, b
+    assert torch.equal(la, lb), f"{msg}: logits differ by {(la - lb).abs().max()}"
+    assert sa.pos == sb.pos
+    for (name, x), (other, y) in zip(sa.tensors(), sb.tensors()):
+        assert name == other and torch.equal(x, y), f"{msg}: state {name} differs"
+    # a step off every plan point adds no pondering term; the sync-free step adds it with count 0
+    assert set(ta) <= set(tb), msg
+    for name, (total, count) in tb.items():
+        ref_total, ref_count = ta.get(name, (0.0, 0.0))
+        assert float(count) == float(ref_count), f"{msg}: count of {name}"
+        assert float(total) == float(ref_total), f"{msg}: {name} {float(total)} != {float(ref_total)}"
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_sync_free_step_equals_step_bit_for_bit(name):
+    seed = fresh_seed()
+    model = build(seed, **CONFIGS[name])
+    tokens = tokens_for(seed, 2, 10)
+    with torch.no_grad():
+        assert_same_run(run(model, tokens, False), run(model, tokens, True), f"seed={seed} {name}")
+
+
+@pytest.mark.parametrize("caps", [dict(h_cycles=1, max_h_steps=1, max_l_steps=0), dict(h_halt_thresh=1.0),
+                                  dict(max_l_steps=1, h_halt_thresh=0.3)])
+def test_sync_free_step_equals_step_with_split_early_exit_and_caps(caps):
+    """The calibrated model: plan points halt at different passes and tokens freeze at different passes
+    (tests/early_exit.py), so the step's host skips really happen and the masks really matter."""
+    seed = fresh_seed()
+    model = calibrated(seed)
+    tokens = tokens_for(seed, 3, 12)
+    with torch.no_grad():
+        ref, sync_free = run(model, tokens, False), run(model, tokens, True)
+        assert_same_run(ref, sync_free, f"seed={seed} default caps")
+        assert_same_run(run(model, tokens, False, **caps), run(model, tokens, True, **caps), f"seed={seed} {caps}")
+
+
+def test_float32_sync_free_step_equals_step():
+    seed = fresh_seed()
+    model = build(seed, dtype=torch.float32)
+    tokens = tokens_for(seed, 2, 9)
+    with torch.no_grad():
+        assert_same_run(run(model, tokens, False), run(model, tokens, True), f"seed={seed} float32")
+
+
+def _row_state(model, prefix):
+    """State and last logits after `prefix` (1-row) by the parallel form."""
+    out = model(torch.tensor([prefix]))
+    return out.state, out.logits[0, -1]
+
+
+def test_rows_at_different_positions_step_as_each_row_alone():
+    """Rows prefilled to different lengths (so at different phases of the plan stride and the memory
+    chunk) then stepped together equal each row stepped alone by `step`."""
+    from hierarchos.generate import stack_states
+
+    seed = fresh_seed()
+    model = build(seed, ltm_chunk=3, h_stride=2)
+    lengths = [5, 2, 8]
+    prompts = [tokens_for(seed + i, 1, n)[0].tolist() for i, n in enumerate(lengths)]
+    nxt = tokens_for(seed + 9, len(lengths), 4)
+    with torch.no_grad():
+        alone = []
+        for b, prompt in enumerate(prompts):
+            state, _ = _row_state(model, prompt)
+            logits = []
+            for t in range(nxt.shape[1]):
+                out = model.step(nxt[b:b + 1, t], state)
+                logits.append(out.logits[0])
+                state = out.state
+            alone.append((torch.stack(logits), state))
+        state = stack_states(model, [_row_state(model, p)[0] for p in prompts])
+        pos = torch.tensor(lengths)
+        for t in range(nxt.shape[1]):
+            out = model.step_sync_free(nxt[:, t], state, pos + t)
+            state = out.state
+            for b in range(len(lengths)):
+                torch.testing.assert_close(out.logits[b], alone[b][0][t], rtol=1e-12, atol=1e-12,
+                                           msg=lambda m: f"seed={seed} row {b} token {t}: {m}")
+    from hierarchos.generate import batch_dims
+
+    for dim, (name, leaf) in zip(batch_dims(model), state.tensors()):
+        for b in range(len(lengths)):
+            ref = dict(alone[b][1].tensors())[name]
+            torch.testing.assert_close(leaf.select(dim, b), ref.select(dim, 0), rtol=1e-12, atol=1e-12,
+                                       msg=lambda m: f"seed={seed} row {b} state {name}: {m}")
+
+
+# ---- no host synchronisation -------------------------------------------------------------------------
+
+class HostReadError(AssertionError):
+    pass
+
+
+class NoHostReads(TorchDispatchMode):
+    """Raises on every op whose result needs the tensor's values on the host: a scalar read
+    (`.item()`, `bool(t)`, `int(t)`, `if t:`), data-dependent shapes (nonzero, boolean masks,
+    unique, masked_select), or a comparison of whole tensors (`torch.equal`). On a GPU each is a
+    device synchronisation and makes a CUDA graph capture fail."""
+
+    FORBIDDEN = {"_local_scalar_dense", "item", "is_nonzero", "nonzero", "masked_select", "equal", "_unique",
+                 "_unique2", "unique_dim", "unique_consecutive", "repeat_interleave", "allclose", "argwhere"}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._overloadpacket.__name__
+        if name in self.FORBIDDEN:
+            raise HostReadError(f"host read: aten.{name}")
+        if name in ("index", "index_put", "index_put_"):  # a boolean index has a data-dependent size
+            indices = args[1] if len(args) > 1 else ()
+            if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices or ()):
+                raise HostReadError(f"host read: aten.{name} with a boolean mask")
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_detector_catches_host_reads():
+    x = torch.ones(3)
+    for read in (lambda: x.sum().item(), lambda: bool(x.all()), lambda: int(x[0]), lambda: x[x > 0],
+                 lambda: x.nonzero()):
+        with pytest.raises(HostReadError), NoHostReads():
+            read()
+
+
+@pytest.mark.parametrize("name", ["all_on", "q_halting", "attention_window", "wkv4"])
+def test_the_sync_free_step_reads_nothing_on_the_host_and_the_plain_step_does(name):
+    seed = fresh_seed()
+    model = build(seed, **CONFIGS[name])
+    tokens = tokens_for(seed, 2, 6)
+    with torch.no_grad():
+        state = model.init_state(2)
+        for t in range(tokens.shape[1]):
+            hints = torch.tensor([a.push(int(x)) for a, x in zip(state.rosa, tokens[:, t])]) if state.rosa else None
+            with NoHostReads():
+                out = model.step_sync_free(tokens[:, t], state, torch.full((2,), t), hints)
+            state = out.state
+        state = model.init_state(2)
+        with pytest.raises(HostReadError), NoHostReads():  # the host's early exit reads the masks
+            for t in range(tokens.shape[1]):
+                state = model.step(tokens[:, t], state).state
+
+
+def test_on_the_meta_device_the_sync_free_step_runs_and_the_plain_step_cannot():
+    """Meta tensors have no data: any host read raises. The sync-free step runs through (so it
+    reads nothing, whatever the op); the plain step stops at its first host decision."""
+    model = build(0, use_rosa=False).to("meta")
+    token = torch.zeros(2, dtype=torch.long, device="meta")
+    with torch.no_grad():
+        state = model.init_state(2, device="meta")
+        for t in range(4):
+            out = model.step_sync_free(token, state, torch.full((2,), t, device="meta"))
+            state = out.state
+        assert out.logits.shape == (2, model.cfg.vocab_size) and out.logits.device.type == "meta"
+        with pytest.raises((RuntimeError, NotImplementedError)):
+            model.step(token, model.init_state(2, device="meta"))
+
+
+def test_the_generation_body_reads_nothing_on_the_host():
+    """GraphedStepper's body (what the CUDA graph holds): step, state copy-back, history, sampling."""
+    seed = fresh_seed()
+    model = build(seed, dtype=torch.float32)
+    cfg = SamplingConfig(temperature=0.8, top_k=5, top_p=0.9, repetition_penalty=1.3)
+    with torch.no_grad():
+        out = model(tokens_for(seed, 2, 5))
+        stepper = GraphedStepper(model, out.state, torch.full((2,), 5), out.logits[:, -1],
+                                 torch.zeros(2, model.cfg.vocab_size, dtype=torch.bool), torch.tensor([1, 2]), cfg, {})
+        for _ in range(3):
+            stepper.hints.copy_(torch.tensor([a.push(int(t)) for a, t in zip(out.state.rosa, stepper.token)]))
+            with NoHostReads():
+                stepper._body()
+    assert int(stepper.counter[0]) == 3 and int(stepper.pos[0]) == 8
+
+
+def test_capture_outside_cuda_is_one_clear_error():
+    model = build(0, dtype=torch.float32)
+    with torch.no_grad():
+        out = model(tokens_for(0, 1, 3))
+    with pytest.raises(HierarchosError, match="cuda_graph=True needs the model on a CUDA device"):
+        GraphedStepper(model, out.state, torch.tensor([3]), out.logits[:, -1],
+                       torch.zeros(1, model.cfg.vocab_size, dtype=torch.bool), torch.tensor([0]), SamplingConfig(), {},
+                       capture=True)
+
+
+# ---- sampling ----------------------------------------------------------------------------------------
+
+SAMPLING = [SamplingConfig(temperature=0.0, repetition_penalty=1.0), SamplingConfig(temperature=0.0),
+            SamplingConfig(temperature=0.7, top_k=40, top_p=0.9, repetition_penalty=1.2),
+            SamplingConfig(temperature=1.3, top_k=0, top_p=1.0, repetition_penalty=1.0),
+            SamplingConfig(temperature=0.5, top_k=3, top_p=1.0, repetition_penalty=0.8),
+            SamplingConfig(temperature=1.0, top_k=0, top_p=0.5, repetition_penalty=1.5)]
+
+
+@pytest.mark.parametrize("cfg", SAMPLING, ids=lambda c: f"t{c.temperature}k{c.top_k}p{c.top_p}r{c.repetition_penalty}")
+def test_sample_rows_equals_the_one_row_reference(cfg):
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    B, V = 6, 50
+    logits = torch.randn(B, V, generator=g) * 3
+    logits[0, :10] = logits[0, 10]  # ties
+    histories = [torch.randint(0, V, (int(n),), generator=g).tolist() for n in torch.randint(0, 12, (B,), generator=g)]
+    seen = torch.zeros(B, V, dtype=torch.bool)
+    for b, history in enumerate(histories):
+        seen[b, history] = True
+    for counter in range(5):
+        noise = row_noise(torch.arange(B) + seed, torch.full((B,), counter), V)
+        with NoHostReads():
+            rows = sample_rows(logits, seen, cfg, noise)
+        ref = [sample_next(logits[b], histories[b], cfg, noise=noise[b]) for b in range(B)]
+        assert rows.tolist() == ref, f"seed={seed} counter={counter}"
+
+
+def test_the_exponential_race_draws_from_the_distribution():
+    """Oracle: over 20,000 counters the tokens' frequencies match p (chi-square, 3 degrees of freedom,
+    p-value far below 1e-6 for a threshold of 40)."""
+    seed = fresh_seed()
+    probs = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    cfg = SamplingConfig(temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0)
+    n = 20000
+    noise = row_noise(torch.full((n,), seed), torch.arange(n), 4)
+    tokens = sample_rows(probs.log().expand(n, 4), torch.zeros(n, 4, dtype=torch.bool), cfg, noise)
+    counts = torch.bincount(tokens, minlength=4).double()
+    chi2 = float(((counts - n * probs) ** 2 / (n * probs)).sum())
+    assert chi2 < 40, f"seed={seed} counts {counts.tolist()} chi2 {chi2}"
+
+
+def test_row_noise_is_a_function_of_seed_and_counter():
+    seed = fresh_seed()
+    V = 1000
+    a = row_noise(torch.tensor([seed, seed + 1, seed]), torch.tensor([0, 0, 1]), V)
+    alone = row_noise(torch.tensor([seed + 1]), torch.tensor([0]), V)
+    assert torch.equal(a[1], alone[0])                      # a row's noise does not depend on the others
+    assert not torch.equal(a[0], a[1]) and not torch.equal(a[0], a[2])
+    assert float(a.min()) > 0 and float(a.max()) < 1
+    big = row_noise(torch.tensor([seed]), torch.tensor([7]), 200_000)[0].double()
+    assert abs(float(big.mean()) - 0.5) < 0.005 and abs(float(big.var()) - 1 / 12) < 0.002, seed
+    assert torch.equal(row_noise(torch.tensor([2**62 + 5, -3]), torch.tensor([3, 3]), 10).isfinite(),
+                       torch.ones(2, 10, dtype=torch.bool))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_cuda_graph_generation_equals_eager(temperature):
+    """The captured body against the same body run eagerly on the GPU: the same tokens and the same
+    state (the same kernels in the same order; tolerance for nondeterministic reductions), and no
+    synchronisation inside a replay (torch's sync debug mode turned to errors)."""
+    from hierarchos.generate import generate_batch
+
+    seed = fresh_seed()
+    model = build(seed, dtype=torch.float32).cuda()
+    cfg = SamplingConfig(temperature=temperature, max_new_tokens=24)
+    prompts = [tokens_for(seed + i, 1, n)[0].tolist() for i, n in enumerate([7, 3, 12])]
+    eager = generate_batch(model, prompts, cfg, seeds=[1, 2, 3])
+    graphed = generate_batch(model, prompts, cfg, seeds=[1, 2, 3], cuda_graph=True)
+    assert graphed.tokens == eager.tokens, seed
+    for (name, a), (_, b) in zip(eager.state.tensors(), graphed.state.tensors()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"seed={seed} {name}: {m}")
+
+    plain = build(seed, dtype=torch.float32, use_rosa=False).cuda()
+    with torch.no_grad():
+        out = plain(tokens_for(seed, 2, 5).cuda())
+        stepper = GraphedStepper(plain, out.state, torch.full((2,), 5, device="cuda"), out.logits[:, -1],
+                                 torch.zeros(2, plain.cfg.vocab_size, dtype=torch.bool, device="cuda"),
+                                 torch.tensor([1, 2], device="cuda"), cfg, {}, capture=True)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(5):
+                stepper.advance()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert int(stepper.pos[0]) == 10 and stepper.graph is not None
