@@ -117,6 +117,23 @@ def test_edge_cases_empty_texts_and_one_huge_line(bpe):
     assert_same(encoder, bpe, [huge, line, " " * 100_000 + "x", "9" * 50_000])
 
 
+def test_special_token_strings_are_plain_text_as_in_the_library(bpe):
+    texts = ["<eos>", "a<eos>b", "<pad><bos> <unk>", "x <|endoftext|> y", "<eos"]
+    assert_same(native(bpe), bpe, texts)
+    assert bpe.eos_id not in native(bpe).encode("a<eos>b")
+
+
+def test_a_transformers_fast_tokenizer_of_the_same_kind(bpe, seed):
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer as Fast
+
+    backend = transformers.PreTrainedTokenizerFast(tokenizer_object=Fast.from_str(bpe.backend.to_str()),
+                                                   eos_token="<eos>", pad_token="<pad>")
+    hf = Tokenizer(backend, kind="hf", name="wrapped", eos="<eos>", pad="<pad>")
+    rng = random.Random(seed)
+    assert_same(native(hf), hf, ["hello <eos> world", *(random_unicode(rng, 60) for _ in range(40))])
+
+
 def test_byte_tokenizer_and_a_trained_bpe(seed):
     rng = random.Random(seed)
     corpus = [random_unicode(rng, 60) for _ in range(200)]
@@ -246,3 +263,14 @@ def test_native_and_library_caches_are_identical(tmp_path, bpe, seed, monkeypatc
     for name in (token_cache.TOKENS, token_cache.DOC_ENDS, token_cache.DOC_BYTES):
         assert (native_dir / name).read_bytes() == (library_dir / name).read_bytes(), name
     assert native_cache.index["tokens_blake2b"] == library_cache.index["tokens_blake2b"]
+
+
+def test_without_the_kernel_the_cache_is_built_by_the_library(tmp_path, bpe, monkeypatch):
+    texts = ["to be, or not to be", "that is the question"]
+    native_cache, _ = _cache(tmp_path, "n", texts, bpe)
+    monkeypatch.setattr(fast_bpe, "_kernels", lambda: None)  # as on an install where the C++ build failed
+    lines = []
+    library_cache, _ = _cache(tmp_path, "l", texts, bpe, lines=lines)
+    assert library_cache.index["encoder"] == "tokenizers" and native_cache.index["encoder"] == "native"
+    assert "native BPE encoder not used: the C++ kernel (hierarchos_kernels) is not built" in lines[-1]
+    assert np.asarray(library_cache.tokens).tolist() == np.asarray(native_cache.tokens).tolist()
