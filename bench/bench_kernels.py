@@ -182,7 +182,8 @@ def ggml_version(binary: Path) -> dict:
 
 
 def run_ggml(args) -> dict:
-    """Ours vs ggml, interleaved per round; the best of `--ggml-rounds` for each side."""
+    """Ours vs each ggml binary, interleaved per round; the best of `--ggml-rounds` for each side.
+    The ratio is against the fastest ggml binary (e.g. its OpenMP and its own-threadpool builds)."""
     rows, cols = GGML_SHAPE
     threads = os.cpu_count() or 1  # ggml's test-backend-ops uses std::thread::hardware_concurrency()
     rng = np.random.default_rng(0)
@@ -193,29 +194,37 @@ def run_ggml(args) -> dict:
         data = kernel.quantize(w, qtype)
         for n in args.ggml_batches:
             x = rng.standard_normal((n, cols)).astype(np.float32)
-            ours, theirs, ggml_runs = float("inf"), float("inf"), 0
+            ours, theirs = float("inf"), {str(b): float("inf") for b in args.ggml_bin}
             for _ in range(args.ggml_rounds):
-                seconds, ggml_runs = ggml_time(args.ggml_bin, qtype, n)
-                theirs = min(theirs, seconds)
+                for binary in args.ggml_bin:
+                    theirs[str(binary)] = min(theirs[str(binary)], ggml_time(binary, qtype, n)[0])
                 ours = min(ours, best_time(lambda: kernel.matmul(data, qtype, cols, x), 1, args.ggml_min_time))
+            best_ggml = min(theirs.values())
             records.append(dict(qtype=qtype, rows=rows, cols=cols, batch=n, threads=threads, isa=kernel.get_isa(),
-                                ours_seconds=ours, ggml_seconds=theirs, ggml_runs_last=ggml_runs,
-                                speedup=theirs / ours, weight_bytes=data.nbytes))
-            print(f"  {qtype} N={n}: ours {ours * 1e6:8.1f} us, ggml {theirs * 1e6:8.1f} us, {theirs / ours:.2f}x",
+                                ours_seconds=ours, ggml_seconds=best_ggml, ggml_seconds_per_binary=theirs,
+                                speedup=best_ggml / ours, weight_bytes=data.nbytes))
+            print(f"  {qtype} N={n}: ours {ours * 1e6:8.1f} us, ggml " +
+                  ", ".join(f"{t * 1e6:8.1f}" for t in theirs.values()) + f" us, {best_ggml / ours:.2f}x",
                   file=sys.stderr, flush=True)
     kernel.set_threads(0)
-    return {"ggml": ggml_version(args.ggml_bin), "rounds": args.ggml_rounds, "threads": threads,
-            "load_before": os.getloadavg(), "records": records}
+    return {"ggml": [ggml_version(b) for b in args.ggml_bin], "rounds": args.ggml_rounds, "threads": threads,
+            "load_average_end": os.getloadavg(), "records": records}
 
 
 def print_ggml_table(result: dict) -> None:
-    print(f"\nside by side with ggml ({result['ggml'].get('commit', 'commit unknown')}), same run, "
-          f"{result['threads']} threads, best of {result['rounds']} alternating rounds, warm weights:")
-    print("| format | rows x cols | N | ours µs | ggml µs | ours vs ggml |")
-    print("|---|---|---:|---:|---:|---:|")
+    commits = sorted({g.get("commit", "commit unknown") for g in result["ggml"]})
+    binaries = [g["binary"] for g in result["ggml"]]
+    print(f"\nside by side with ggml ({', '.join(commits)}), same run, {result['threads']} threads, best of "
+          f"{result['rounds']} alternating rounds, warm weights; ggml binaries: {', '.join(binaries)}")
+    print("| format | rows x cols | N | ours µs | " + " | ".join(f"ggml µs ({i + 1})" for i in range(len(binaries))) +
+          " | ours vs fastest ggml |")
+    print("|---|---|---:|---:|" + "---:|" * len(binaries) + "---:|")
     for r in result["records"]:
-        print(f"| {r['qtype']} | {r['rows']}x{r['cols']} | {r['batch']} | {r['ours_seconds'] * 1e6:,.0f} | "
-              f"{r['ggml_seconds'] * 1e6:,.0f} | {r['speedup']:.2f}x |")
+        per = " | ".join(f"{r['ggml_seconds_per_binary'][b] * 1e6:,.0f}" for b in binaries)
+        print(f"| {r['qtype']} | {r['rows']}x{r['cols']} | {r['batch']} | {r['ours_seconds'] * 1e6:,.0f} | {per} | "
+              f"{r['speedup']:.2f}x |")
+    load = result["load_average_end"]
+    print(f"load average at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
 
 
 def print_table(result: dict) -> None:
@@ -248,8 +257,9 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="rounds per point; the best is kept")
     parser.add_argument("--min-time", type=float, default=0.05, help="seconds per round")
     parser.add_argument("--json", type=Path, default=None, help="write the raw records here")
-    parser.add_argument("--ggml-bin", type=Path, default=None,
-                        help="ggml's test-backend-ops binary: also time ggml's MUL_MAT next to ours (see above)")
+    parser.add_argument("--ggml-bin", type=Path, nargs="+", default=None,
+                        help="ggml's test-backend-ops binary (or several builds of it): also time ggml's MUL_MAT "
+                             "next to ours (see above)")
     parser.add_argument("--ggml-only", action="store_true", help="with --ggml-bin: skip the per-ISA sweep")
     parser.add_argument("--ggml-batches", nargs="+", type=int, default=[1],
                         help="batch sizes for the ggml comparison (ggml's perf cases: 1 2 3 4 5 8 512)")
@@ -257,8 +267,9 @@ def main(argv=None) -> int:
     parser.add_argument("--ggml-min-time", type=float, default=1.0,
                         help="seconds per round on our side (ggml's perf runs about a second per case)")
     args = parser.parse_args(argv)
-    if args.ggml_bin is not None and not args.ggml_bin.is_file():
-        parser.error(f"--ggml-bin {args.ggml_bin}: no such file (build ggml's test-backend-ops first)")
+    for binary in args.ggml_bin or []:
+        if not binary.is_file():
+            parser.error(f"--ggml-bin {binary}: no such file (build ggml's test-backend-ops first)")
     if args.ggml_only and args.ggml_bin is None:
         parser.error("--ggml-only needs --ggml-bin")
     if kernel.backend_name() != "cpp":
