@@ -237,8 +237,9 @@ class StreamSource:
             except StopIteration:
                 break
             except Exception as exc:  # a stream fails while it is read (network, a bad file): say where
-                raise HierarchosError(f"--hf_dataset {where}: reading it failed ({S._one_line(exc)}); check the "
-                                      "dataset and the connection and run again (nothing half-read is kept)") from None
+                what = f"--hf_dataset {where}" if self.spec.hf_dataset else str(where)
+                raise HierarchosError(f"{what}: reading it failed ({S._one_line(exc)}); check the data (and the "
+                                      "connection, for a hub dataset) and run again (nothing half-read is kept)") from None
             n = len(next(iter(batch.values()))) if batch else 0
             n_records += n
             yield from self._format_columns(_Columns(batch, names or list(batch), n), where, 0)
