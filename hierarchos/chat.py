@@ -25,7 +25,7 @@ import torch
 
 from .data.sources import format_prompt
 from .errors import HierarchosError
-from .generate import SamplingConfig, generate
+from .generate import SamplingConfig, draw_seed, generate, generate_batch
 from .io import atomic_write_bytes
 from .model.attention import blocks_summary
 from .model.losses import lm_loss
@@ -40,7 +40,8 @@ HELP_TEXT = """commands:
   /help                          this list
   /mode fast|normal|deep|extreme reasoning caps (fast: 1 cycle, 1 pondering step, no worker passes)
   /temp X  /topk N  /topp X  /penalty X   sampling (temperature 0 = greedy)
-  /status                        model, device, last reply's steps per token and speed, memory use
+  /status                        model, device, last reply's steps per token, speed and time to
+                                 first token, memory use
   /memory [source=S] [since=T] [query text]  list memory slots, or the slots a text reads
   /learn on|off                  online learning into the long-term memory
   /save                          write the learned memory delta
@@ -86,12 +87,19 @@ class LearnConfig:
 @dataclass
 class ReplyStats:
     tokens: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0                        # from the turn's start (prompt encoded) to the reply's end
+    first_token_seconds: float | None = None    # from the turn's start to the first sampled token (prefill)
     totals: dict = field(default_factory=dict)  # name -> [sum, count] over the reply's steps
 
     def mean(self, name: str) -> float | None:
         total, count = self.totals.get(name, (0.0, 0.0))
         return total / count if count else None
+
+    def decode_rate(self) -> float | None:
+        """Tokens per second after the first token (the first one's time is the prefill's)."""
+        if self.first_token_seconds is None or self.tokens < 2 or self.seconds <= self.first_token_seconds:
+            return None
+        return (self.tokens - 1) / (self.seconds - self.first_token_seconds)
 
 
 class ChatSession:
@@ -103,11 +111,14 @@ class ChatSession:
                  learn: LearnConfig | None = None, delta_path: str | Path | None = None,
                  session_id: str | None = None, out: TextIO, info: TextIO, log: TextIO | None = None,
                  stream: bool = True, learner=None, format_name: str | None = None,
-                 learn_unavailable: str | None = None, on_save: Callable[["ChatSession"], str] | None = None):
+                 learn_unavailable: str | None = None, on_save: Callable[["ChatSession"], str] | None = None,
+                 cuda_graph: bool = False, clock: Callable[[], float] = time.perf_counter):
         # `learner`: the full-precision model whose memory learning updates (a quantized `model`
         # generates, its float shadow learns; the learner's memory is the truth, copied into
         # `model` after every change). `learn_unavailable`: why learning cannot be switched on.
         # `on_save`: runs after /save wrote the delta (re-quantization) and returns a line to show.
+        # `cuda_graph`: replies step through a captured CUDA graph (generate_batch with one row).
+        # `clock`: seconds for /status's time to first token and speed (tests pass a fake one).
         self.model, self.tokenizer, self.template = model.eval(), tokenizer, template
         self.learner = learner.eval() if learner is not None else self.model
         self.format_name = format_name
@@ -126,6 +137,7 @@ class ChatSession:
         self.source = f"chat:{self.session_id}"
         self.out, self.info, self.log = out, info, log or info
         self.stream = stream
+        self.cuda_graph, self.clock = cuda_graph, clock
         self.mode = "normal"
         self.stop_strings = STOP_STRINGS.get(template, [])
         self.generator = torch.Generator().manual_seed(
@@ -177,7 +189,7 @@ class ChatSession:
         if not prompt_ids:
             return "", []
         stats = ReplyStats()
-        start = time.perf_counter()
+        start = self.clock()
         self.turns += 1
         decoder = self.tokenizer.decode_stream()
         text, shown, cut = "", 0, -1
@@ -188,7 +200,7 @@ class ChatSession:
             text += decoder.push(token)
             cut = min((text.find(s) for s in self.stop_strings if s in text), default=-1)
             stats.tokens += 1
-            for name, (total, count) in step.totals.items():
+            for name, (total, count) in (step.totals.items() if step is not None else ()):
                 acc = stats.totals.setdefault(name, [0.0, 0.0])
                 acc[0] += float(total)
                 acc[1] += float(count)
@@ -201,17 +213,31 @@ class ChatSession:
                 shown = visible
             return False
 
-        new_ids, self.state = generate(self.model, prompt_ids, self.sampling, state=self.state,
-                                       eos_id=self.tokenizer.eos_id, on_token=on_token,
-                                       should_stop=lambda: self.interrupted, generator=self.generator,
-                                       keep_eos=True, **self.caps())
+        def on_first_token(_token) -> None:
+            stats.first_token_seconds = self.clock() - start
+
+        if self.cuda_graph:  # the step on the device, replayed from a graph; aux totals summed there
+            seed = draw_seed(self.sampling, self.generator) if self.sampling.temperature > 0 else 0
+            result = generate_batch(self.model, [prompt_ids], self.sampling, states=[self.state],
+                                    eos_id=self.tokenizer.eos_id, seeds=[seed],
+                                    on_token=lambda _row, token: on_token(token, None),
+                                    should_stop=lambda: self.interrupted, keep_eos=True, cuda_graph=True,
+                                    clock=self.clock, **self.caps())
+            new_ids, self.state = result.tokens[0], result.state
+            stats.first_token_seconds = result.first_token_seconds
+            stats.totals = {name: [float(total), float(count)] for name, (total, count) in result.totals.items()}
+        else:
+            new_ids, self.state = generate(self.model, prompt_ids, self.sampling, state=self.state,
+                                           eos_id=self.tokenizer.eos_id, on_token=on_token,
+                                           should_stop=lambda: self.interrupted, generator=self.generator,
+                                           keep_eos=True, on_first_token=on_first_token, **self.caps())
         if cut < 0:
             text += decoder.flush()
         if self.stop_strings:
             text = text.rstrip("\n")
         if on_text is not None and len(text) > shown:
             on_text(text[shown:])
-        stats.seconds = time.perf_counter() - start
+        stats.seconds = self.clock() - start
         self.last = stats
         return text, prompt_ids + new_ids
 
@@ -442,6 +468,9 @@ class ChatSession:
         in_context = int((self.state.memory["writes"][0] > 0).sum())
         manager, worker = stats.mean("manager_steps"), stats.mean("worker_steps")
         rate = f"{stats.tokens / stats.seconds:.1f} tokens/s" if stats.tokens and stats.seconds > 0 else "n/a"
+        first = "n/a" if stats.first_token_seconds is None else f"{stats.first_token_seconds * 1000:.1f} ms"
+        decode = stats.decode_rate()
+        decode = "n/a" if decode is None else f"{decode:.1f} tokens/s"
         fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
         cfg = model.cfg
         self._say("\n".join([
@@ -452,8 +481,9 @@ class ChatSession:
             f"blocks: {blocks_summary(cfg)}; carried state {self.state.nbytes() / 1024:.1f} KiB",
             f"sampling: temperature {self.sampling.temperature}, top-k {self.sampling.top_k}, top-p "
             f"{self.sampling.top_p}, penalty {self.sampling.repetition_penalty}, max {self.sampling.max_new_tokens} tokens",
-            f"last reply: {stats.tokens} tokens, {rate}, manager steps/plan point {fmt(manager)}, "
-            f"worker passes/token {fmt(worker)}",
+            f"last reply: {stats.tokens} tokens, {rate}; time to first token {first}, then {decode}; "
+            f"manager steps/plan point {fmt(manager)}, worker passes/token {fmt(worker)}"
+            + (" (CUDA graph)" if self.cuda_graph else ""),
             f"memory: {used} of {memory.slots} slots used, {len(self.written_slots)} written this session "
             f"({self.updates} updates), {in_context} written in context; learning "
             f"{'on' if self.learn.enabled else 'off'} (surprise > {self.learn.surprise_threshold:g})"

@@ -286,50 +286,73 @@ class _HierarchosLMMethods:
         return results
 
     def generate_until(self, requests) -> list[str]:
+        """Requests with equal generation arguments run `batch_size` at a time (`generate_batch`:
+        every row as it would alone); results in the requests' order."""
         from tqdm import tqdm
 
-        results = []
+        results: list[str | None] = [None] * len(requests)
+        groups: dict[str, list[int]] = {}
+        for i, request in enumerate(requests):
+            groups.setdefault(repr(sorted(dict(request.args[1] or {}).items())), []).append(i)
         was_training = self.model.training
         self.model.eval()
+        bar = tqdm(total=len(requests), desc="hierarchos generate_until", disable=not self.progress, leave=False)
         try:
-            for request in tqdm(requests, desc="hierarchos generate_until", disable=not self.progress,
-                                leave=False):
-                context, gen_kwargs = request.args
-                text = self.generate(context, **dict(gen_kwargs or {}))
-                self.cache_hook.add_partial("generate_until", request.args, text)
-                results.append(text)
+            for picked in groups.values():
+                for begin in range(0, len(picked), self.batch_size):
+                    batch = picked[begin:begin + self.batch_size]
+                    gen_kwargs = dict(requests[batch[0]].args[1] or {})
+                    texts = self.generate_many([requests[i].args[0] for i in batch], **gen_kwargs)
+                    for i, text in zip(batch, texts):
+                        self.cache_hook.add_partial("generate_until", requests[i].args, text)
+                        results[i] = text
+                    bar.update(len(batch))
         finally:
             self.model.train(was_training)
+            bar.close()
         return results
 
-    def generate(self, context: str, *, until=None, max_gen_toks=None, do_sample: bool = False,
-                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = 1234,
-                 **ignored) -> str:
-        """Continue `context` until a stop string, EOS or `max_gen_toks`; greedy unless do_sample with
-        temperature > 0. Returns the text before the first stop string."""
-        from .generate import SamplingConfig, generate
+    def generate(self, context: str, **gen_kwargs) -> str:
+        """Continue `context` until a stop string, EOS or `max_gen_toks` (see `generate_many`)."""
+        return self.generate_many([context], **gen_kwargs)[0]
+
+    def generate_many(self, contexts: list[str], *, until=None, max_gen_toks=None, do_sample: bool = False,
+                      temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = 1234,
+                      **ignored) -> list[str]:
+        """Continue each context until a stop string, EOS or `max_gen_toks`; greedy unless do_sample with
+        temperature > 0 (every row seeded with `seed`, as alone). Returns the texts before the first
+        stop string. One context runs `generate`; several run as one batch (`generate_batch`)."""
+        from .generate import SamplingConfig, generate, generate_batch
 
         stops = [until] if isinstance(until, str) else [s for s in (until or []) if s]
         temperature = float(temperature) if do_sample else 0.0
         sampling = SamplingConfig(temperature=temperature, top_k=int(top_k or 0), top_p=float(top_p or 1.0),
                                   repetition_penalty=1.0, seed=seed,
                                   max_new_tokens=int(max_gen_toks or self.max_gen_toks))
-        prompt = [self.tokenizer.eos_id, *self.tokenizer.encode(context)]
-        state = self._prefill(prompt[:-1])
-        decoder = self.tokenizer.decode_stream()
-        text, cut = "", -1
+        prompts = [[self.tokenizer.eos_id, *self.tokenizer.encode(context)] for context in contexts]
+        states = [self._prefill(prompt[:-1]) for prompt in prompts]
+        decoders = [self.tokenizer.decode_stream() for _ in prompts]
+        texts, cuts = [""] * len(prompts), [-1] * len(prompts)
 
-        def on_token(token, _step) -> bool:
-            nonlocal text, cut
-            text += decoder.push(token)
-            cut = min((text.find(s) for s in stops if s in text), default=-1)
-            return cut >= 0
+        def on_row_token(row: int, token: int) -> bool:
+            texts[row] += decoders[row].push(token)
+            cuts[row] = min((texts[row].find(s) for s in stops if s in texts[row]), default=-1)
+            return cuts[row] >= 0
 
-        generate(self.model, prompt[-1:], sampling, state=state, eos_id=self.tokenizer.eos_id, on_token=on_token)
-        if cut < 0:
-            text += decoder.flush()
-            cut = min((text.find(s) for s in stops if s in text), default=-1)
-        return text[:cut] if cut >= 0 else text
+        if len(prompts) == 1:
+            generate(self.model, prompts[0][-1:], sampling, state=states[0], eos_id=self.tokenizer.eos_id,
+                     on_token=lambda token, _step: on_row_token(0, token))
+        else:
+            generate_batch(self.model, [prompt[-1:] for prompt in prompts], sampling, states=states,
+                           eos_id=self.tokenizer.eos_id, seeds=None if seed is None else [seed] * len(prompts),
+                           on_token=on_row_token)
+        results = []
+        for row, text in enumerate(texts):
+            if cuts[row] < 0:
+                text += decoders[row].flush()
+                cuts[row] = min((text.find(s) for s in stops if s in text), default=-1)
+            results.append(text[:cuts[row]] if cuts[row] >= 0 else text)
+        return results
 
     @torch.no_grad()
     def _prefill(self, tokens: list[int]):

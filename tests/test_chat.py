@@ -155,6 +155,36 @@ def test_slash_commands(model_dir):
     (model_dir / chat_mod.DELTA_FILE).unlink()
 
 
+def test_status_shows_time_to_first_token_and_speed_of_the_last_reply(model_dir, monkeypatch):
+    """A fake clock: the turn starts at 10 s, the first token is sampled at 10.25 s, the reply ends at
+    12.25 s with 5 tokens: 250 ms to the first token, then 4 tokens in 2 s, 5 in 2.25 s overall."""
+    monkeypatch.setattr(generate_mod, "sample_next", lambda *a, **k: 65)  # "A", never EOS
+    ticks = iter([10.0, 10.25, 12.25])
+    session, _, info = _session(model_dir, max_new=5, clock=lambda: next(ticks))
+    session.handle("/status")
+    assert "last reply: 0 tokens, n/a; time to first token n/a, then n/a;" in info.getvalue()
+    session.handle("hi")
+    session.handle("/status")
+    assert session.last.tokens == 5 and session.last.first_token_seconds == 0.25 and session.last.seconds == 2.25
+    assert "last reply: 5 tokens, 2.2 tokens/s; time to first token 250.0 ms, then 2.0 tokens/s;" in info.getvalue()
+
+
+def test_reply_times_are_measured_on_the_real_clock(model_dir):
+    session, _, _ = _session(model_dir, max_new=6, temperature=0.8)
+    session.reply("hello there")
+    last = session.last
+    assert last.tokens >= 1 and 0 < last.first_token_seconds <= last.seconds < 120
+    assert last.tokens < 2 or 0 < last.decode_rate() < 1e6
+
+
+def test_cuda_graph_flag_off_cuda_is_one_line_exit_2(model_dir, capsys):
+    from hierarchos.cli import main
+
+    assert main(["chat", "--model-path", str(model_dir), "--device", "cpu", "--cuda-graph", "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--cuda-graph needs a CUDA device" in err[0], err
+
+
 @pytest.mark.parametrize("line", ["/bogus", "/mode warp", "/temp abc", "/temp -1", "/topk -2", "/topp 2",
                                   "/penalty x", "/learn maybe", "/memory since=yesterday", "/memory source=nope"])
 def test_bad_command_prints_one_line_hint(model_dir, line):

@@ -25,6 +25,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(matmuls on a Vulkan device, built by setup.sh --vulkan)")
     p.add_argument("--prompt", default=None, metavar="TEXT", help="answer this one turn and exit (reply on stdout)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    p.add_argument("--cuda-graph", "--cuda_graph", action="store_true",
+                   help="CUDA: step through a captured CUDA graph (the sync-free step and sampling on the "
+                        "device, replayed per token); off by default until checked on a GPU")
     sampling = p.add_argument_group("sampling")
     sampling.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default: 0.7)")
     sampling.add_argument("--top-k", "--top_k", type=int, default=40)
@@ -101,6 +104,9 @@ def run(args: argparse.Namespace) -> int:
                               "or a quantized model (directory or .gguf file) from quantize")
     extra = {"model_dir": args.model_path}
     if quantized:
+        if args.cuda_graph:
+            raise HierarchosError("--cuda-graph applies to full-precision models on CUDA; quantized models run on "
+                                  "the CPU kernel or Vulkan: drop the flag")
         device = _quantized_device(args.device)
         model, meta, tokenizer, extra = _load_quantized_session(args, on_vulkan=args.device == "vulkan")
         path = Path(args.model_path)
@@ -114,6 +120,8 @@ def run(args: argparse.Namespace) -> int:
             raise HierarchosError("--enable-quantized-learning / --shadow-model-path apply to quantized models only; "
                                   f"{args.model_path} is a full-precision model directory (it learns directly)")
         device = pick_device(args.device)
+        if args.cuda_graph and device.type != "cuda":
+            raise HierarchosError(f"--cuda-graph needs a CUDA device (the model runs on {device}); drop the flag")
         model, meta = load_model_dir(args.model_path, device=device)
         tokenizer = load_tokenizer(args.model_path)
     template = meta.get("prompt_template") or "plain"
@@ -127,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
         learn=LearnConfig(enabled=args.learn, surprise_threshold=args.surprise_threshold, lr=args.ltm_lr,
                           schedule_steps=args.ltm_schedule_steps, schedule_min_lr=args.ltm_schedule_min_lr,
                           static_lr=args.static_ltm_lr),
-        delta_path=args.ltm_lora_path, **extra,
+        delta_path=args.ltm_lora_path, cuda_graph=args.cuda_graph, **extra,
         out=sys.stdout, info=sys.stderr if scripted else sys.stdout, log=sys.stderr)
     if session.delta_path is not None and session.delta_path.exists():
         session.load_delta(session.delta_path)

@@ -2,6 +2,8 @@
 
 Builds the model, runs the parallel forward over a fixed prompt, checks the token-by-token
 form gives the same last-token logits, then greedily generates a few bytes and reports speed.
+With --model-path it samples from a trained model; --samples N draws N continuations as one
+batch (`generate_batch`: sample i is what seed + i gives alone).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=40)
     parser.add_argument("--top-p", type=float, default=0.95)
     parser.add_argument("--repetition-penalty", type=float, default=1.2)
+    parser.add_argument("--samples", type=int, default=1, metavar="N",
+                        help="with --model-path: N continuations generated as one batch, seeded seed..seed+N-1")
 
 
 def _pick_device(name: str):
@@ -54,6 +58,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.tokens < 0:
         raise HierarchosError(f"--tokens must be >= 0, got {args.tokens}")
+    if args.samples < 1:
+        raise HierarchosError(f"--samples must be >= 1, got {args.samples}")
+    if args.samples > 1 and not args.model_path:
+        raise HierarchosError("--samples applies to --model-path (the untrained smoke model generates greedily)")
     device = _pick_device(args.device)
     if args.model_path:
         return _generate_from(args, device)
@@ -123,6 +131,8 @@ def _generate_from(args: argparse.Namespace, device) -> int:
     print(f"prompt: {_printable(prompt)}")
     cfg = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                          repetition_penalty=args.repetition_penalty, max_new_tokens=args.tokens, seed=args.seed)
+    if args.samples > 1:
+        return _samples(model, tokenizer, prompt, cfg, args)
     decoder = tokenizer.decode_stream()
     start = time.perf_counter()
     sys.stdout.write(prompt)
@@ -134,4 +144,20 @@ def _generate_from(args: argparse.Namespace, device) -> int:
     sys.stdout.write(decoder.flush() + "\n")
     elapsed = time.perf_counter() - start
     print(f"[{len(new)} tokens, {len(new) / max(elapsed, 1e-9):.1f} tokens/s]")
+    return 0
+
+
+def _samples(model, tokenizer, prompt: str, cfg, args) -> int:
+    """N continuations of the prompt in one batch, printed one after another when all are done."""
+    from ..generate import generate_batch
+
+    n = args.samples
+    ids = tokenizer.encode(prompt)
+    result = generate_batch(model, [ids] * n, cfg, eos_id=tokenizer.eos_id, seeds=[args.seed + i for i in range(n)])
+    for i, tokens in enumerate(result.tokens):
+        print(f"--- sample {i + 1} (seed {args.seed + i}) ---")
+        print(prompt + tokenizer.decode(tokens))
+    total = sum(len(t) for t in result.tokens)
+    print(f"[{n} samples, {total} tokens in {result.seconds:.2f} s: {total / max(result.seconds, 1e-9):.1f} tokens/s "
+          f"for the batch; first tokens after {result.first_token_seconds * 1000:.0f} ms]")
     return 0
