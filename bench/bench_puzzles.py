@@ -33,7 +33,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hierarchos.config import ModelConfig, tiny_config  # noqa: E402
+from hierarchos.config import tiny_config  # noqa: E402
 from hierarchos.model.losses import LossWeights  # noqa: E402
 from hierarchos.model.puzzle import (PuzzleConfig, PuzzleOutput, PuzzleSolver, default_puzzle_base,  # noqa: E402
                                      puzzle_model_config, vocab_size)
@@ -155,7 +155,8 @@ def load_or_generate(args):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", help="puzzle directory with train/test.safetensors (default: generate)")
     p.add_argument("--tiny", action="store_true", help="4x4 puzzles, tiny models, a few steps (CPU smoke run)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -174,6 +175,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-augment", dest="augment", action="store_false")
     p.add_argument("--no-puzzle-emb", dest="puzzle_emb", action="store_false")
     p.add_argument("--eval-limit", type=int, default=None)
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="stop a model's training after this many minutes (a safety net for a device budget; the "
+                        "schedule still spans --steps, so a cut run ends at a higher rate); reported per model")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/puzzles[-tiny].json)")
@@ -217,7 +221,8 @@ def main(argv=None) -> int:
         params = core_parameters(model)
         print(f"{name}: {params:,} parameters (without the per-puzzle table)", flush=True)
         t0 = time.perf_counter()
-        trainer.run()
+        budget = args.max_minutes * 60 if args.max_minutes else float("inf")
+        stopped = trainer.run(stop_requested=lambda: time.perf_counter() - t0 > budget)["stopped"]
         if device.type == "cuda":
             torch.cuda.synchronize()
         train_s = time.perf_counter() - t0
@@ -228,7 +233,7 @@ def main(argv=None) -> int:
         n = result["puzzles"]
         segments, solved = np.array(result.pop("segments")), np.array(result.pop("solved"))
         results[name] = {"parameters": params, "train_seconds": train_s, "eval_seconds": eval_s,
-                         "updates": trainer.updates, **result,
+                         "steps": trainer.step, "updates": trainer.updates, "cut_by_max_minutes": stopped, **result,
                          "by_difficulty_quartile": quartile_table(test_set.difficulty[:n], segments, solved)}
         if isinstance(model, PuzzleSolver):
             results[name]["config"] = model.cfg.to_dict()
@@ -237,12 +242,13 @@ def main(argv=None) -> int:
                                        "heads": args.baseline_heads}
         model.cpu()
 
-    header = f"{'model':<22}{'params':>11}{'exact':>8}{'cells':>8}{'segments':>10}{'rho(seg,diff)':>15}{'train s':>9}"
+    header = (f"{'model':<22}{'params':>11}{'exact':>8}{'cells':>8}{'segments':>10}{'rho(seg,diff)':>15}"
+              f"{'steps':>7}{'train s':>9}")
     print("\n" + header + "\n" + "-" * len(header))
     for name, r in results.items():
         rho = r["spearman_segments_difficulty"]
         print(f"{name:<22}{r['parameters']:>11,}{r['exact']:>8.3f}{r['cells']:>8.3f}{r['mean_segments']:>10.2f}"
-              f"{'n/a' if rho is None else f'{rho:.3f}':>15}{r['train_seconds']:>9.0f}")
+              f"{'n/a' if rho is None else f'{rho:.3f}':>15}{r['steps']:>7}{r['train_seconds']:>9.0f}")
     payload = {"benchmark": "bench_puzzles", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                "device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                "torch": torch.__version__, "args": vars(args), "generation_seconds": generation_s,

@@ -143,7 +143,8 @@ class ScriptedSolver(nn.Module):
         answer = torch.where((k >= self.right_at[rows])[:, None], self.solutions[rows], wrong)
         logits = torch.nn.functional.one_hot(answer - 1, 4).float() + self.weight
         halt = (k >= self.halt_at[rows]).float() * 2 - 1
-        return PuzzleOutput(logits=logits, q_halt=halt, q_continue=torch.zeros(B), state=SimpleNamespace(k=k, rows=rows))
+        return PuzzleOutput(logits=logits, q_halt=halt, q_continue=torch.zeros(B),
+                            state=SimpleNamespace(k=k, rows=rows))
 
 
 def test_each_puzzle_answers_with_the_segment_it_halted_at():
@@ -174,7 +175,8 @@ def test_rank_correlation_matches_a_hand_computation():
 
 def _trainer(model, puzzles, **cfg):
     base = dict(epochs=1, batch_size=4, starting_lr=1e-3, min_lr=1e-4, augment=False, puzzle_emb_lr=0.01)
-    return PuzzleTrainer(model, puzzles, PuzzleTrainConfig(**{**base, **cfg}), torch.device("cpu"), log=lambda line: None)
+    return PuzzleTrainer(model, puzzles, PuzzleTrainConfig(**{**base, **cfg}), torch.device("cpu"),
+                         log=lambda line: None)
 
 
 def test_a_step_moves_only_the_batch_puzzle_rows_and_lowers_its_loss():

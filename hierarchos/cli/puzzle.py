@@ -215,7 +215,7 @@ def run_train(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from ..io import read_config, resolve_checkpoint, save_checkpoint, save_model_files, load_checkpoint
+    from ..io import load_checkpoint, read_config, resolve_checkpoint, save_checkpoint, save_model_files
     from ..model.losses import LossWeights
     from ..model.puzzle import PuzzleConfig, PuzzleSolver
     from ..train.puzzle_trainer import PuzzleTrainConfig, PuzzleTrainer
@@ -236,9 +236,8 @@ def run_train(args: argparse.Namespace) -> int:
         model = PuzzleSolver(cfg, PuzzleConfig.from_dict(meta.get("puzzle"), str(resume_dir)))
         ignored = [name for name in ARCH if getattr(args, name) is not None]
         if ignored:
-            print(f"resume: the architecture is the checkpoint's; ignoring --{ignored[0].replace('_', '-')} "
-                  f"and {len(ignored) - 1} more" if len(ignored) > 1 else
-                  f"resume: the architecture is the checkpoint's; ignoring --{ignored[0].replace('_', '-')}")
+            flags = ", ".join("--" + name.replace("_", "-") for name in ignored)
+            print(f"resume: the architecture is the checkpoint's; ignoring {flags}")
     else:
         model = _build_model(args, train_set)
     puzzle = model.puzzle_cfg
@@ -349,7 +348,8 @@ def run_eval(args: argparse.Namespace) -> int:
     print(f"mean segments      {result['mean_segments']:.3f} of {result['max_segments']}")
     print(f"segments vs difficulty (Spearman) {'n/a (constant)' if rho is None else f'{rho:.3f}'}")
     if "exact_by_segment" in result:
-        print("exact after k segments " + " ".join(f"{k + 1}:{v:.3f}" for k, v in enumerate(result["exact_by_segment"])))
+        by_segment = " ".join(f"{k + 1}:{v:.3f}" for k, v in enumerate(result["exact_by_segment"]))
+        print(f"exact after k segments {by_segment}")
     print(f"time               {elapsed:.1f}s ({result['puzzles'] / max(elapsed, 1e-9):.1f} puzzles/s, {device})")
     if args.output:
         payload = {"model_path": str(args.model_path), "data": str(_puzzle_file(args.data, TEST_FILE)),
