@@ -345,3 +345,25 @@ def test_training_runs_with_q_pondering_and_attention_blocks(arch):
         assert "q_halt" in parts  # the manager's Q loss is part of the objective
     moved = [name for name, p in model.named_parameters() if not torch.equal(p, before[name])]
     assert "q_head.weight" in moved and "cell_position" in moved and any(n.startswith("lm.reasoner") for n in moved)
+
+
+@pytest.mark.slow
+def test_bench_puzzles_tiny_smoke(tmp_path):
+    """bench/bench_puzzles.py --tiny end to end: three models trained, the baseline's parameter count
+    matched to hierarchos's, the JSON written with every model's metrics."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_puzzles.py"
+    spec = importlib.util.spec_from_file_location("bench_puzzles", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    assert bench.main(["--tiny", "--device", "cpu", "--train-puzzles", "24", "--test-puzzles", "12", "--steps", "2",
+                       "--batch-size", "8", "--workers", "1", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"hierarchos-rwkv7", "hierarchos-attention", "transformer"}
+    target, matched = results["hierarchos-rwkv7"]["parameters"], results["transformer"]["parameters"]
+    assert abs(matched - target) / target < 0.1, (matched, target)
+    for r in results.values():
+        assert r["puzzles"] == 12 and r["steps"] == 2 and len(r["exact_by_segment"]) == 2
+        assert 0.0 <= r["exact"] <= 1.0 and 1.0 <= r["mean_segments"] <= 2.0
