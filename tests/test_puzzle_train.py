@@ -367,3 +367,14 @@ def test_bench_puzzles_tiny_smoke(tmp_path):
     for r in results.values():
         assert r["puzzles"] == 12 and r["steps"] == 2 and len(r["exact_by_segment"]) == 2
         assert 0.0 <= r["exact"] <= 1.0 and 1.0 <= r["mean_segments"] <= 2.0
+
+
+def test_generate_is_wired_into_the_puzzle_command(tmp_path):
+    from hierarchos.puzzles.dataset import load_puzzles
+
+    out = tmp_path / "gen"
+    assert main(["puzzle", "generate", "--out", str(out), "--size", "4", "--train", "6", "--test", "4",
+                 "--no-progress", "--seed", str(fresh_seed() % 1000)]) == 0
+    train, test = load_puzzles(out / "train.safetensors"), load_puzzles(out / "test.safetensors")
+    assert len(train) == 6 and len(test) == 4 and train.size == 4
+    assert sorted(train.puzzle_ids.tolist()) == list(range(1, 7)) and not test.puzzle_ids.any()
