@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import os
@@ -96,7 +95,8 @@ def reference_singles(puzzle: np.ndarray) -> np.ndarray:
     units += [[(br + i, bc + j) for i in range(b) for j in range(b)] for br in range(0, n, b) for bc in range(0, n, b)]
 
     def candidates(r, c):
-        seen = set(g[r].tolist()) | set(g[:, c].tolist()) | set(g[r - r % b:r - r % b + b, c - c % b:c - c % b + b].ravel().tolist())
+        box = g[r - r % b:r - r % b + b, c - c % b:c - c % b + b]
+        seen = set(g[r].tolist()) | set(g[:, c].tolist()) | set(box.ravel().tolist())
         return set(range(1, n + 1)) - seen
 
     changed = True
@@ -376,7 +376,8 @@ def test_bad_files_are_one_line_errors_naming_the_file(tmp_path):
     cases["garbage"] = lambda p: p.write_bytes(b"\x00" * 3 + b"not a safetensors file")
     cases["empty"] = lambda p: p.write_bytes(b"")
     cases["wrong_shape"] = lambda p: _write_raw(p, dict(tensors, inputs=np.zeros((6, 15), np.uint8)), good.meta)
-    cases["wrong_dtype"] = lambda p: _write_raw(p, dict(tensors, puzzle_ids=good.puzzle_ids.astype(np.int64)), good.meta)
+    wide_ids = good.puzzle_ids.astype(np.int64)
+    cases["wrong_dtype"] = lambda p: _write_raw(p, dict(tensors, puzzle_ids=wide_ids), good.meta)
     cases["missing_tensor"] = lambda p: _write_raw(p, {k: v for k, v in tensors.items() if k != "solutions"}, good.meta)
     cases["no_metadata"] = lambda p: _write_raw(p, tensors, None)
     cases["wrong_version"] = lambda p: _write_raw(p, tensors, dict(good.meta, format_version=99))

@@ -48,7 +48,8 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train", type=_count(1, "a positive number of puzzles"), default=1000, metavar="N",
                    help="distinct training puzzles, ids 1..N (default 1000)")
     p.add_argument("--test", type=_count(1, "a positive number of puzzles"), default=1000, metavar="N",
-                   help="distinct test puzzles, none equivalent to a training puzzle under the symmetries (default 1000)")
+                   help="distinct test puzzles, none equivalent to a training puzzle under the symmetries "
+                        "(default 1000)")
     p.add_argument("--seed", type=_count(0, "a non-negative integer seed"), default=0, metavar="S",
                    help="the same seed gives the same files (default 0)")
     p.add_argument("--task", choices=("sudoku", "maze"), default="sudoku",
@@ -61,7 +62,8 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
                         "at least X steps, default 110 at 30x30 (scaled by area)")
     p.add_argument("--climb-steps", "--climb_steps", type=_count(0, "a number of steps (0 or more)"), default=None,
                    metavar="K", help="hill-climbing moves that harden each puzzle (keeping its solution); 0 = plain "
-                                     "random minimal puzzles, more = harder and slower (default: 20 for 9x9, 0 for 4x4)")
+                                     "random minimal puzzles, more = harder and slower "
+                                     "(default: 20 for 9x9, 0 for 4x4)")
     p.add_argument("--augment", type=_count(0, "a number of copies (0 or more)"), default=0, metavar="K",
                    help="also write K augmented copies of each training puzzle (same puzzle_id) (default 0)")
     p.add_argument("--workers", type=_count(1, "a positive number of processes"), default=1, metavar="N",
@@ -106,7 +108,8 @@ def run_generate(args: argparse.Namespace) -> int:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise HierarchosError(f"{out}: cannot create the output directory ({exc.strerror}); choose another --out") from None
+        raise HierarchosError(f"{out}: cannot create the output directory ({exc.strerror}); "
+                              "choose another --out") from None
     save_puzzles(out / TEST_FILE, test)
     save_puzzles(out / TRAIN_FILE, written)
     rows = f" ({len(written)} rows with {args.augment} augmented copies each)" if args.augment else ""

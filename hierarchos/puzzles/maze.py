@@ -133,7 +133,8 @@ def augment(inputs: np.ndarray, solutions: np.ndarray, rng: np.random.Generator)
     solution: walls, start, goal and the unique shortest path map onto each other."""
     inputs, solutions = np.asarray(inputs), np.asarray(solutions)
     if inputs.shape != solutions.shape or inputs.ndim != 2:
-        raise HierarchosError(f"augment takes two (B, n*n) batches of one shape, got {inputs.shape} and {solutions.shape}")
+        raise HierarchosError(f"augment takes two (B, n*n) batches of one shape, "
+                              f"got {inputs.shape} and {solutions.shape}")
     batch, cells = inputs.shape
     size = int(round(cells ** 0.5))
     index = np.arange(cells).reshape(size, size)
@@ -253,4 +254,5 @@ def expand_with_augmentations(puzzles: PuzzleSet, copies: int, seed: int) -> Puz
         rng = np.random.default_rng([int(seed), 0x3A2E])
         inputs[rows], solutions[rows] = augment(inputs[rows], solutions[rows], rng)
     meta = dict(puzzles.meta, augment=copies, base_puzzles=len(puzzles))
-    return PuzzleSet(inputs, solutions, np.repeat(puzzles.puzzle_ids, repeat), np.repeat(puzzles.difficulty, repeat), meta)
+    return PuzzleSet(inputs, solutions, np.repeat(puzzles.puzzle_ids, repeat),
+                     np.repeat(puzzles.difficulty, repeat), meta)

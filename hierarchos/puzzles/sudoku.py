@@ -324,7 +324,8 @@ def augment(inputs: np.ndarray, solutions: np.ndarray, rng: np.random.Generator)
     correspondence are preserved because the same map is applied to both."""
     inputs, solutions = np.asarray(inputs), np.asarray(solutions)
     if inputs.shape != solutions.shape or inputs.ndim != 2:
-        raise HierarchosError(f"augment takes two (B, n*n) batches of one shape, got {inputs.shape} and {solutions.shape}")
+        raise HierarchosError(f"augment takes two (B, n*n) batches of one shape, "
+                              f"got {inputs.shape} and {solutions.shape}")
     batch = inputs.shape[0]
     size = _size_of(inputs)
     box = isqrt(size)
@@ -356,7 +357,8 @@ def expand_with_augmentations(puzzles: PuzzleSet, copies: int, seed: int) -> Puz
         rng = np.random.default_rng([int(seed), 0xA06])
         inputs[copy_rows], solutions[copy_rows] = augment(inputs[copy_rows], solutions[copy_rows], rng)
     meta = dict(puzzles.meta, augment=copies, base_puzzles=len(puzzles))
-    return PuzzleSet(inputs, solutions, np.repeat(puzzles.puzzle_ids, repeat), np.repeat(puzzles.difficulty, repeat), meta)
+    return PuzzleSet(inputs, solutions, np.repeat(puzzles.puzzle_ids, repeat),
+                     np.repeat(puzzles.difficulty, repeat), meta)
 
 
 # ---- generator ---------------------------------------------------------------------------------
@@ -544,7 +546,7 @@ def _generate(count: int, *, size: int, seed: int, min_difficulty: float | None,
         bar = tqdm(total=count, desc=f"{split} {size}x{size}", unit="puzzle", dynamic_ncols=True)
     pool = None
     if workers > 1:
-        # spawn: the parent may hold torch threads, which fork would copy in an unsafe state
+        # spawn: the parent may hold torch threads, which fork would copy in an unsafe state.
         # Workers ignore Ctrl-C: the parent gets it and terminates them (below), and the CLI prints
         # one line instead of a traceback per process.
         pool = multiprocessing.get_context("spawn").Pool(workers, initializer=signal.signal,
@@ -587,13 +589,15 @@ def _generate(count: int, *, size: int, seed: int, min_difficulty: float | None,
     difficulty = np.array([k[2] for k in kept], dtype=np.float32)
     ids = np.arange(1, count + 1, dtype=np.int32) if split == "train" else np.zeros(count, dtype=np.int32)
     meta = {"task": "sudoku", "size": size, "split": split, "seed": int(seed), "format_version": FORMAT_VERSION,
-            "min_difficulty": floor, "generator": GENERATOR, "difficulty_unit": f"mean guesses over {ORBIT_SAMPLES} symmetric copies",
+            "min_difficulty": floor, "generator": GENERATOR,
+            "difficulty_unit": f"mean guesses over {ORBIT_SAMPLES} symmetric copies",
             "climb_steps": steps, "slots": next_slot, "attempts": attempts, "duplicates_skipped": duplicates}
     return PuzzleSet(inputs, solutions, ids, difficulty, meta), [k[3] for k in kept]
 
 
 def make_splits(train: int, test: int, *, size: int = 9, seed: int, min_difficulty: float | None = None,
-                workers: int = 1, progress: bool = False, climb_steps: int | None = None) -> tuple[PuzzleSet, PuzzleSet]:
+                workers: int = 1, progress: bool = False,
+                climb_steps: int | None = None) -> tuple[PuzzleSet, PuzzleSet]:
     """A training and a test set with no puzzle in common, up to symmetry (canonical forms).
 
     The test set is drawn first from its own stream, so it is the same for a seed whatever
