@@ -9,6 +9,8 @@ Prints a table and writes JSON.
     python bench/bench_generate.py --size tiny --contexts 1024 --long-generation 20000
     python bench/bench_generate.py --size 125m --contexts 1024 --formats fp32 Q4_0 Q8_0 INT4 Q2_K
     PYTHONPATH=. python bench/bench_generate.py --device cuda --size 125m
+    python bench/bench_generate.py --size small --contexts 256 --batch 8 --formats fp32
+    PYTHONPATH=. python bench/bench_generate.py --device cuda --size 125m --contexts 1024 --batch 8 --cuda-graph
 
 With several --formats on the CPU, the alternating table also gives each format's bandwidth bound:
 the weight bytes one generated token streams (every matrix-vector product of one `step` counted
@@ -17,6 +19,11 @@ float Linear modules; the small float vectors and low-rank mixes are left out) a
 read bandwidth measured in the same run (best of several multithreaded reads of a 512 MiB buffer,
 `stream_read`, at the kernel's thread count; a torch sum when the kernel is not built). bound tok/s =
 bandwidth / bytes per token; "% of bound" = measured tok/s / bound.
+
+--batch B (fp32 model): `generate_batch` over B prompts of different lengths around the first context
+(greedy, no EOS, `--new-tokens` steps of the sync-free step, on CUDA captured with --cuda-graph),
+against B = 1 through the same path and through plain `generate` (the early-exit step): tokens/s
+counts every row's tokens after the first; time to first token = prefill of every row + first sample.
 """
 
 from __future__ import annotations
@@ -182,6 +189,39 @@ def bytes_per_token(model, device) -> dict:
 
 
 @torch.no_grad()
+def batched_generation(model, args, device) -> list[dict]:
+    """--batch: decode tok/s and time to first token of generate_batch at B and 1, and of generate at 1."""
+    from hierarchos.generate import SamplingConfig, generate, generate_batch
+
+    cfg = SamplingConfig(temperature=0.0, max_new_tokens=args.new_tokens)
+    context = args.contexts[0]
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, model.cfg.vocab_size, (max(1, context - 7 * b),), generator=g).tolist()
+               for b in range(args.batch)]
+    generate_batch(model, [p[:16] for p in prompts[:2]], SamplingConfig(temperature=0.0, max_new_tokens=4),
+                   cuda_graph=args.cuda_graph)  # warm-up (allocator, lazy inits)
+    rows = []
+    for how, rows_in in (("generate_batch", prompts), ("generate_batch", prompts[:1]), ("generate", prompts[:1])):
+        sync(device)
+        start = time.perf_counter()
+        if how == "generate":
+            first = []
+            new, _ = generate(model, rows_in[0], cfg, on_first_token=lambda _t: first.append(time.perf_counter()))
+            sync(device)
+            seconds, first_s, tokens = time.perf_counter() - start, first[0] - start, len(new)
+        else:
+            result = generate_batch(model, rows_in, cfg, cuda_graph=args.cuda_graph)
+            sync(device)
+            seconds, first_s, tokens = result.seconds, result.first_token_seconds, sum(len(t) for t in result.tokens)
+        rows.append({"how": how, "batch": len(rows_in), "context": context, "cuda_graph": args.cuda_graph,
+                     "tokens": tokens, "time_to_first_token_s": first_s,
+                     "decode_tokens_per_s": tokens / max(seconds - first_s, 1e-9), "load_average": os.getloadavg()})
+        print(f"{how:>14} B={len(rows_in):>2} context ~{context}: time to first token {first_s * 1000:8.1f} ms | "
+              f"decode {rows[-1]['decode_tokens_per_s']:8.1f} tok/s (all rows)", flush=True)
+    return rows
+
+
+@torch.no_grad()
 def long_generation(model, n: int, device) -> list[dict]:
     """One long generation from an empty state: memory and speed sampled as tokens accumulate."""
     state = model.init_state(1, device=device)
@@ -240,8 +280,10 @@ def run(args) -> dict:
                           "tokens_per_s": interleaved[fmt]}
             bound[fmt]["fraction_of_bound"] = interleaved[fmt] / bound[fmt]["bound_tokens_per_s"]
     del models
+    batch_rows = batched_generation(float_model, args, device) if args.batch else []
     long_rows = long_generation(float_model, args.long_generation, device) if args.long_generation else []
-    return {"long_generation": long_rows, "interleaved_tokens_per_s": interleaved, "bandwidth_bound": bound,
+    return {"batched": batch_rows, "long_generation": long_rows, "interleaved_tokens_per_s": interleaved,
+            "bandwidth_bound": bound,
             "load_average": os.getloadavg(), "kernel": kernel_info, "torch_threads": torch.get_num_threads(),
             "machine": {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
                         "torch": torch.__version__, "device": str(device),
@@ -264,6 +306,9 @@ def main() -> None:
                     help="with several --formats: time generation in this many alternating rounds (best kept)")
     ap.add_argument("--long-generation", type=int, default=0, metavar="N",
                     help="also generate N tokens from an empty state, sampling memory at 1k/5k/10k/20k")
+    ap.add_argument("--batch", type=int, default=0, metavar="B",
+                    help="also time batched generation of B prompts against B = 1 (see the module doc)")
+    ap.add_argument("--cuda-graph", action="store_true", help="--batch on CUDA: capture the step as a CUDA graph")
     ap.add_argument("--json", default=None, help="default bench/results/generate_<device>.json")
     args = ap.parse_args()
     result = run(args)
@@ -291,6 +336,12 @@ def main() -> None:
                      f"({b['bandwidth_gb_per_s']:.1f}) | {100 * b['fraction_of_bound']:.0f}%") if b else "- | - | - | -"
             print(f"| {fmt} | {rate:.2f} | {ratio} | {extra} |")
         print(f"load average at the end: {' '.join(f'{v:.2f}' for v in result['load_average'])}")
+    if result["batched"]:
+        print("\n| path | B | context | time to first token ms | decode tok/s (all rows) |")
+        print("|---|---:|---:|---:|---:|")
+        for r in result["batched"]:
+            print(f"| {r['how']}{' (CUDA graph)' if r['cuda_graph'] else ''} | {r['batch']} | ~{r['context']} | "
+                  f"{r['time_to_first_token_s'] * 1000:.1f} | {r['decode_tokens_per_s']:.1f} |")
     if result["long_generation"]:
         print("\n| generated tokens | tok/s since previous row | memory MiB | state MiB |")
         print("|---:|---:|---:|---:|")
