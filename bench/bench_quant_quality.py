@@ -11,10 +11,14 @@ line break) is held out and never trained on; the rest is the training set.
   --train          trains the model through the real `train` CLI (recipe below, fixed seed and flags)
   --model-path DIR reuses an existing model directory (it must not have seen the held-out text)
 
-CPU (this session's figures):
-  python bench/bench_quant_quality.py --train --size small --work-dir /tmp/hq --json bench/records/quant_quality_cpu.json
-A larger model on a GPU machine: --size base --device cuda (training only; scoring stays on the CPU
-kernel, which is what the table is about).
+Full recipe (trains, then scores; about 25 min of an idle 2-core CPU for --size small):
+  python bench/bench_quant_quality.py --train --size small --sensitivity --json bench/records/quant_quality.json
+This session's CPU figures (BENCHMARKS.md) stopped the small recipe's run after 5 of its 10 epochs
+(the shared machine ran it at 5-15 s a step), exported that checkpoint and scored it:
+  python hierarchos_cli.py ckpt-2-inf --ckpt-input /tmp/hq/model-small/checkpoints/step-00000270 --inf-output /tmp/hq/model-ep5
+  python bench/bench_quant_quality.py --model-path /tmp/hq/model-ep5 --work-dir /tmp/hq --sensitivity --json ...
+A larger model on a GPU machine: --train --size base --device cuda (training only; scoring stays on
+the CPU kernel, which is what the table is about).
 """
 
 from __future__ import annotations
@@ -271,6 +275,8 @@ def main(argv=None) -> int:
     ap.add_argument("--only", nargs="+", choices=("Q8_0", "Q4_0", "INT4", "Q2_K"), help="score only these formats")
     ap.add_argument("--sensitivity", action="store_true",
                     help="also quantize one tensor role at a time (Q4_0, Q2_K) and score it on training text")
+    ap.add_argument("--no-table", action="store_true", help="skip the table (with --sensitivity: the scan alone)")
+    ap.add_argument("--note", default="", help="free text kept in the JSON record (how the model was made)")
     ap.add_argument("--json", help="write the raw records here")
     args = ap.parse_args(argv)
 
@@ -300,15 +306,16 @@ def main(argv=None) -> int:
     calibration.write_text(train_text, encoding="utf-8")
     record = {"command": " ".join([sys.executable, *sys.argv]), "train_command": train_cmd,
               "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "uptime_before": os.getloadavg(),
-              "heldout_bytes": len(heldout_text.encode("utf-8")), "model_path": str(model_path)}
+              "heldout_bytes": len(heldout_text.encode("utf-8")), "model_path": str(model_path), "note": args.note}
     if args.sensitivity:
         from hierarchos.data.tokenizers import load_tokenizer
 
         record["sensitivity"] = sensitivity(model_path, load_tokenizer(str(model_path)), train_text[:20000],
                                             args.chunk)
-    record.update(evaluate_all(model_path, work, heldout_text, train_text, calibration, args))
+    if not args.no_table:
+        record.update(evaluate_all(model_path, work, heldout_text, train_text, calibration, args))
+        print_table(record["rows"])
     record["uptime_after"] = os.getloadavg()
-    print_table(record["rows"])
     print(f"load average before / after: {record['uptime_before']} / {record['uptime_after']}")
     if args.json:
         from hierarchos.io import atomic_write_text
