@@ -14,6 +14,14 @@ For each run: peak RSS (VmHWM of the process), seconds from launch to the first 
 (the first metrics record's time less the step's own duration), and the cache build's MB/s. A table on stdout, JSON to --out.
 
     python bench/bench_data.py --mb 500 --compare-mb 50 --long-line-mb 50 --out bench/records/bench_data_500mb.json
+
+--only-order times the shuffled window order alone (TokenStreams.order and the first batch) on a
+token cache of --order-tokens ids (a sparse uint16 file: the order needs only its shape, the batches
+read zero pages), the lazy EpochOrder against the eager construction it replaced (every window's
+start listed up front, copied below as it was): seconds and tracemalloc peak of the set-up, and the
+per-step cost of finding a step's windows.
+
+    python bench/bench_data.py --only-order --order-tokens 2457068622 --out bench/records/bench_data_order.json
 """
 
 from __future__ import annotations
@@ -285,6 +293,106 @@ def compare(work: Path, corpus: Path, opts) -> dict:
     return results
 
 
+def eager_order_before(seed: int, epoch: int, rows: int, windows: int, chunk: int):
+    """TokenStreams.order as it was before it became lazy (commit b7a08cd): every window's start for
+    every stream, built from a list of segment arrays. Kept here to measure what it cost."""
+    import numpy as np
+
+    rng = np.random.default_rng([int(seed), int(epoch)])
+    source_rows = rng.permutation(rows)
+    seg = max(1, min(64, windows // 4))
+    segments = [np.arange(s, min(s + seg, windows)) for s in range(0, windows, seg)]
+    starts = np.stack([np.concatenate([segments[k] for k in rng.permutation(len(segments))])
+                       for _ in range(rows)]) * chunk
+    return source_rows, starts
+
+
+def _timed_peak(fn):
+    """(result, seconds, tracemalloc peak bytes) of fn() (numpy's arrays are traced too)."""
+    import gc
+    import tracemalloc
+
+    gc.collect()
+    tracemalloc.start()
+    start = time.perf_counter()
+    try:
+        result = fn()
+        seconds = time.perf_counter() - start
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    return result, seconds, peak
+
+
+def order_bench(work: Path, opts) -> dict:
+    """The window order's set-up and per-step cost, lazy against the eager construction, on a sparse
+    token file of --order-tokens uint16 ids, for each --order-batch (rows) at --order-chunk tokens."""
+    import numpy as np
+
+    from hierarchos.train import batches
+    from hierarchos.train.batches import TokenStreams
+
+    path = work / f"order_tokens_{opts.order_tokens}.bin"
+    if not path.exists() or path.stat().st_size != 2 * opts.order_tokens:
+        with open(path, "wb") as handle:
+            handle.truncate(2 * opts.order_tokens)  # sparse: no disk blocks until written
+    tokens = np.memmap(path, dtype=np.uint16, mode="r")
+    results = {"tokens": opts.order_tokens, "chunk": opts.order_chunk, "load_average_start": os.getloadavg(),
+               "token_file": str(path), "rows": []}
+    table = []
+    warm = TokenStreams.from_tokens(np.arange(10000, dtype=np.uint16), 2, opts.order_chunk, shuffle_seed=1)
+    warm.batch(0, 0)  # numpy's and torch's one-time set-up (~1 MB on the first call), outside the timing
+    for rows in opts.order_batch:
+        streams = TokenStreams.from_tokens(tokens, rows, opts.order_chunk, shuffle_seed=1234)
+        windows = len(streams)
+        row = {"batch_size": rows, "windows_per_stream": windows, "load_average": os.getloadavg()}
+        lazy = []
+        for _ in range(opts.tries):  # a fresh order each try: set-up plus the first batch, as a run's first step
+            streams._orders = {}
+            _, seconds, peak = _timed_peak(lambda: (streams.order(0), streams.batch(0, 0)))
+            lazy.append((seconds, peak))
+        order = streams.order(0)
+        permutation = "listed" if order.perms is not None else "feistel"
+        steps = min(windows, opts.order_steps)
+        start = time.perf_counter()
+        for step in range(steps):
+            order.step_windows(step)
+        lazy_step = (time.perf_counter() - start) / steps
+        start = time.perf_counter()
+        for step in range(steps):
+            streams.batch(step, 0)
+        batch_step = (time.perf_counter() - start) / steps
+        row.update(permutation=permutation, lazy_setup_seconds=min(s for s, _ in lazy),
+                   lazy_setup_tries=[s for s, _ in lazy], lazy_peak_bytes=max(p for _, p in lazy),
+                   lazy_step_windows_us=lazy_step * 1e6, lazy_batch_us=batch_step * 1e6, steps_timed=steps)
+        if not opts.skip_eager:
+            (source_rows, starts), seconds, peak = _timed_peak(
+                lambda: eager_order_before(1234, 0, rows, windows, opts.order_chunk))
+            start = time.perf_counter()
+            for step in range(steps):
+                starts[:, step]
+            row.update(eager_setup_seconds=seconds, eager_peak_bytes=peak, eager_result_bytes=starts.nbytes,
+                       eager_step_windows_us=(time.perf_counter() - start) / steps * 1e6)
+            del source_rows, starts
+        results["rows"].append(row)
+        eager = (f"{row['eager_setup_seconds']:.2f} s, {row['eager_peak_bytes'] / 1e6:,.0f} MB"
+                 if "eager_setup_seconds" in row else "skipped")
+        table.append((rows, f"{windows:,}", eager,
+                      f"{row['lazy_setup_seconds'] * 1e3:.2f} ms, {row['lazy_peak_bytes'] / 1e3:,.1f} kB ({permutation})",
+                      f"{row.get('eager_step_windows_us', float('nan')):.1f} / {lazy_step * 1e6:.1f}",
+                      f"{batch_step * 1e6:,.0f}"))
+        print(f"batch {rows}: eager {eager}; lazy {table[-1][3]}", flush=True)
+    results["load_average_end"] = os.getloadavg()
+    head = ("batch", "windows/stream", "eager: set-up, peak", "lazy: set-up + first batch, peak",
+            "a step's windows, us (eager / lazy)", "whole batch(), us")
+    widths = [max(len(str(r[i])) for r in [head, *table]) for i in range(len(head))]
+    print(f"{opts.order_tokens:,} tokens, chunk {opts.order_chunk}, load average "
+          f"{results['load_average_start'][0]:.1f} -> {results['load_average_end'][0]:.1f}")
+    for r in [head, *table]:
+        print("  ".join(str(v).rjust(w) for v, w in zip(r, widths)))
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mb", type=float, default=500, help="corpus size in MB of text (default 500)")
@@ -304,11 +412,28 @@ def main() -> None:
                         help="run only the cache-reusing train command (the cache must exist), with --extra flags, "
                              "into the --out JSON under KEY")
     parser.add_argument("--extra", default="", help="extra train flags for --only-reuse, e.g. '--no-shuffle'")
+    parser.add_argument("--only-order", action="store_true",
+                        help="time only the shuffled window order (lazy vs the former eager one) on a sparse token file")
+    parser.add_argument("--order-tokens", type=int, default=2_457_068_622,
+                        help="tokens in that file (default: the 5 GB corpus's 2,457,068,622)")
+    parser.add_argument("--order-batch", type=int, nargs="+", default=[4, 64],
+                        help="batch sizes (streams) to time (default 4 64)")
+    parser.add_argument("--order-chunk", type=int, default=64, help="window length in tokens (default 64)")
+    parser.add_argument("--order-steps", type=int, default=20000, help="steps timed per batch size (default 20000)")
+    parser.add_argument("--skip-eager", action="store_true", help="time only the lazy order")
     parser.add_argument("--only-compare", action="store_true",
                         help="run only the tokenization comparison (on --compare-mb of the corpus)")
     opts = parser.parse_args()
     work = Path(opts.work)
     work.mkdir(parents=True, exist_ok=True)
+    if opts.only_order:
+        results = order_bench(work, opts)
+        if opts.out:
+            Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(opts.out).with_name(Path(opts.out).name + ".tmp")
+            tmp.write_text(json.dumps(results, indent=1) + "\n")
+            os.replace(tmp, opts.out)
+        return
     if opts.only_long_line:  # rerun that case alone, into the --out JSON of an earlier full run
         result = long_line(work, opts)
         if opts.out and Path(opts.out).exists():
