@@ -196,3 +196,25 @@ def test_cli_quantize_bad_calibration_and_mix_are_one_line(model_dir, tmp_path):
         assert done.returncode == 2 and len(lines) == 1 and message in lines[0], (extra, done.stderr)
     bad = _cli("quantize", "--model-path", str(model_dir / "model"), "--mix", "best")
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
+# ---- the benchmark's data split ---------------------------------------------------------------------
+
+def test_bench_split_holds_out_each_plays_tail(tmp_path):
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import bench_quant_quality as bench
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    from hierarchos.data import bundled_corpus_path
+
+    train_dir, heldout = bench.split_corpus(tmp_path, 0.08)
+    tails = []
+    for play in sorted(Path(bundled_corpus_path()).glob("*.txt")):
+        text = play.read_text(encoding="utf-8")
+        head = (train_dir / play.name).read_text(encoding="utf-8")
+        assert text.startswith(head) and head.endswith("\n")  # cut at a line break
+        assert 0.07 < 1 - len(head) / len(text) < 0.09
+        tails.append(text[len(head):])
+    assert heldout.read_text(encoding="utf-8") == "\n".join(tails)  # everything else is held out
+    assert bench.role("reasoner.worker.blocks.1.time_mix.key.weight") == "reasoner.worker.time_mix.key"
