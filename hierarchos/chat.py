@@ -16,7 +16,7 @@ import signal
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, TextIO
@@ -138,6 +138,7 @@ class ChatSession:
         self.out, self.info, self.log = out, info, log or info
         self.stream = stream
         self.cuda_graph, self.clock = cuda_graph, clock
+        self.steppers: dict = {}  # generate_batch's captured steppers, per caps and sampling (chat: B = 1)
         self.mode = "normal"
         self.stop_strings = STOP_STRINGS.get(template, [])
         self.generator = torch.Generator().manual_seed(
@@ -153,6 +154,16 @@ class ChatSession:
         self.state = None
         self.turns = 0
         self.reset_state()
+        self.warmup_seconds = self.warm_up() if cuda_graph else None
+
+    def warm_up(self) -> float:
+        """Capture the CUDA graph of the current caps and sampling now (at load), not in the first
+        reply: one token generated on a scratch state. Returns the seconds it took."""
+        start = self.clock()
+        scratch = replace(self.sampling, max_new_tokens=1)
+        generate_batch(self.model, [[self.tokenizer.eos_id or 0]], scratch, seeds=[0], cuda_graph=True,
+                       steppers=self.steppers, **self.caps())
+        return self.clock() - start
 
     # ---- conversation -------------------------------------------------------------------
     def reset_state(self) -> None:
@@ -222,7 +233,7 @@ class ChatSession:
                                     eos_id=self.tokenizer.eos_id, seeds=[seed],
                                     on_token=lambda _row, token: on_token(token, None),
                                     should_stop=lambda: self.interrupted, keep_eos=True, cuda_graph=True,
-                                    clock=self.clock, **self.caps())
+                                    steppers=self.steppers, clock=self.clock, **self.caps())
             new_ids, self.state = result.tokens[0], result.state
             stats.first_token_seconds = result.first_token_seconds
             stats.totals = {name: [float(total), float(count)] for name, (total, count) in result.totals.items()}
@@ -483,7 +494,8 @@ class ChatSession:
             f"{self.sampling.top_p}, penalty {self.sampling.repetition_penalty}, max {self.sampling.max_new_tokens} tokens",
             f"last reply: {stats.tokens} tokens, {rate}; time to first token {first}, then {decode}; "
             f"manager steps/plan point {fmt(manager)}, worker passes/token {fmt(worker)}"
-            + (" (CUDA graph)" if self.cuda_graph else ""),
+            + (f" (CUDA graph: {len(self.steppers)} captured, the first at load in "
+               f"{1000 * (self.warmup_seconds or 0.0):.0f} ms)" if self.cuda_graph else ""),
             f"memory: {used} of {memory.slots} slots used, {len(self.written_slots)} written this session "
             f"({self.updates} updates), {in_context} written in context; learning "
             f"{'on' if self.learn.enabled else 'off'} (surprise > {self.learn.surprise_threshold:g})"

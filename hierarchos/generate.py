@@ -211,7 +211,9 @@ class GraphedStepper:
     sampled (`sample_rows`) into the token buffer, aux totals summed on the device. With `capture`
     (CUDA only) the body is warmed up and captured once per stepper and each token is one replay;
     without it the same body runs eagerly (CPU, tests). The host's work per token: the ROSA hints of
-    the fed token written into their buffer, and the sampled tokens read back (to stream them)."""
+    the fed token written into their buffer, and the sampled tokens read back (to stream them).
+    The buffers are the stepper's own (copies); `load` puts the next generation's start into them,
+    so one capture serves every later call with the same batch size, caps and sampling."""
 
     def __init__(self, model, state, row_pos: torch.Tensor, logits: torch.Tensor, seen: torch.Tensor,
                  seeds: torch.Tensor, cfg: SamplingConfig, caps: dict, *, capture: bool = False, warmup: int = 2):
@@ -222,8 +224,9 @@ class GraphedStepper:
         if capture:
             _require_fixed_size(model)
         self.model, self.cfg, self.caps, self.capture = model, cfg, dict(caps), capture
-        self.state = state
-        self.leaves = [t for _, t in state.tensors()]
+        # copies: a state entry the prefill left unchanged (a pass beyond the caps) is the caller's tensor
+        self.leaves = [t.clone() for _, t in state.tensors()]
+        self.state = _rebuild(state, self.leaves, state.rosa, state.pos)
         self.pos = row_pos.clone()
         self.seen = seen.clone()
         self.seeds = seeds.clone()
@@ -233,9 +236,25 @@ class GraphedStepper:
         self.hints = torch.zeros(B, dtype=torch.long, device=device)
         self.totals: dict = {}
         self.graph = None
-        self.replays = 0
+        self.replays = self.loads = 0
         if capture:
             self._capture(warmup)
+
+    def load(self, state, row_pos: torch.Tensor, logits: torch.Tensor, seen: torch.Tensor,
+             seeds: torch.Tensor) -> None:
+        """Start a new generation on the same buffers (same batch size and state layout): the state,
+        positions, histories and seeds copied in, counters and totals zeroed, the first token sampled."""
+        for buffer, value in zip(self.leaves, (t for _, t in state.tensors()), strict=True):
+            buffer.copy_(value)
+        self.state.rosa, self.state.pos = state.rosa, state.pos
+        self.pos.copy_(row_pos)
+        self.seen.copy_(seen)
+        self.seeds.copy_(seeds)
+        self.counter.zero_()
+        self.token.copy_(self._sample(logits))
+        for total, count in self.totals.values():
+            total.zero_(), count.zero_()
+        self.loads += 1
 
     def _sample(self, logits):
         noise = row_noise(self.seeds, self.counter, logits.shape[-1]) if self.cfg.temperature > 0 else None
@@ -310,14 +329,17 @@ def generate_batch(model, prompts: list[list[int]], cfg: SamplingConfig, *, stat
                    generator: torch.Generator | None = None,
                    on_token: Callable[[int, int], bool | None] | None = None,
                    should_stop: Callable[[], bool] = lambda: False, keep_eos: bool = False,
-                   cuda_graph: bool = False, clock: Callable[[], float] = time.perf_counter, **caps) -> BatchResult:
+                   cuda_graph: bool = False, steppers: dict | None = None,
+                   clock: Callable[[], float] = time.perf_counter, **caps) -> BatchResult:
     """Generate for B prompts of any lengths at once. Row b equals `generate(model, prompts[b], cfg
     with seed seeds[b])` alone: each prompt is prefilled alone (the parallel form, on states[b] or a
     fresh state), then the rows step together, each at its own position, through `GraphedStepper`.
 
     `seeds`: one per row (default: drawn with `draw_seed`, one call per row). `on_token(row, token)`
     runs after a row's token went through the model; True ends that row. A row also ends at EOS;
-    the call ends when every row has. `cuda_graph`: capture the step (CUDA only)."""
+    the call ends when every row has. `cuda_graph`: capture the step (CUDA only). `steppers`: a dict
+    the caller keeps (chat): a stepper made for this batch size, caps and sampling is reused from it,
+    so its graph is captured once, not per call."""
     if not prompts or any(not p for p in prompts):
         raise ValueError("generate_batch needs at least one prompt, each of at least one token")
     start = clock()
@@ -337,9 +359,16 @@ def generate_batch(model, prompts: list[list[int]], cfg: SamplingConfig, *, stat
     seen = torch.zeros(B, vocab, dtype=torch.bool)
     for b, prompt in enumerate(prompts):
         seen[b, torch.tensor(prompt)] = True
-    stepper = GraphedStepper(model, state, torch.tensor(positions, device=device), torch.cat(last_logits),
-                             seen.to(device), torch.tensor(seeds, dtype=torch.int64, device=device), cfg, caps,
-                             capture=cuda_graph)
+    start_args = (state, torch.tensor(positions, device=device), torch.cat(last_logits), seen.to(device),
+                  torch.tensor(seeds, dtype=torch.int64, device=device))
+    key = (B, cuda_graph, tuple(sorted(caps.items())), cfg.temperature, cfg.top_k, cfg.top_p, cfg.repetition_penalty)
+    stepper = steppers.get(key) if steppers is not None else None
+    if stepper is None:
+        stepper = GraphedStepper(model, *start_args, cfg, caps, capture=cuda_graph)
+        if steppers is not None:
+            steppers[key] = stepper
+    else:
+        stepper.load(*start_args)
     new: list[list[int]] = [[] for _ in range(B)]
     fed = [0] * B
     done = [False] * B

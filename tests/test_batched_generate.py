@@ -105,6 +105,33 @@ def test_one_row_state_equals_generate_state():
     assert [a.num_tokens for a in result2.state.rosa] == [a.num_tokens for a in state2.rosa]
 
 
+def test_a_kept_stepper_is_reused_and_leaves_the_callers_states_alone():
+    """`steppers`: the second call with the same batch size, caps and sampling loads its start into the
+    first call's stepper (one capture on a GPU) and gives what a fresh call gives; the states passed
+    in are not written to (the stepper's buffers are its own)."""
+    seed = fresh_seed()
+    model = calibrated(seed)
+    cfg = SamplingConfig(temperature=0.8, max_new_tokens=6)
+    first, second = prompts_for(seed, [4, 7]), prompts_for(seed + 1, [2, 5])
+    with torch.no_grad():
+        given = [model(torch.tensor([p])).state for p in first]
+        kept = [dict(s.tensors()) for s in (g.clone() for g in given)]
+        steppers = {}
+        generate_batch(model, [[1], [2]], cfg, states=given, seeds=[1, 2], steppers=steppers, max_l_steps=1)
+        for state, before in zip(given, kept):
+            assert all(torch.equal(t, before[name]) for name, t in state.tensors()), f"seed={seed}"
+        stepper = next(iter(steppers.values()))
+        reused = generate_batch(model, second, cfg, seeds=[3, 4], steppers=steppers, max_l_steps=1)
+        fresh = generate_batch(model, second, cfg, seeds=[3, 4], max_l_steps=1)
+        other_caps = generate_batch(model, second, cfg, seeds=[3, 4], steppers=steppers)
+    assert reused.tokens == fresh.tokens and len(steppers) == 2 and stepper.loads == 1, f"seed={seed}"
+    assert other_caps.tokens == generate_batch(model, second, cfg, seeds=[3, 4]).tokens
+    for (name, a), (_, b) in zip(fresh.state.tensors(), reused.state.tensors()):
+        assert torch.equal(a, b), f"seed={seed} {name}"
+    assert {name: float(t) for name, (t, _) in reused.totals.items()} == \
+        {name: float(t) for name, (t, _) in fresh.totals.items()}
+
+
 def test_greedy_rows_float32_equal_alone():
     """float32: the batched matmuls may round differently from B = 1 in the last bit, so only the
     greedy tokens are compared (a near-tie could flip; none at these sizes in practice)."""

@@ -177,6 +177,29 @@ def test_reply_times_are_measured_on_the_real_clock(model_dir):
     assert last.tokens < 2 or 0 < last.decode_rate() < 1e6
 
 
+def test_cuda_graph_replies_equal_plain_replies(model_dir, monkeypatch):
+    """Chat's CUDA-graph path with the capture left out (no GPU here: the stepper's body runs eagerly):
+    two sampled turns give the replies, state and step statistics of the plain path; the stepper is
+    made at load (warm-up) and reused by both turns."""
+    real = chat_mod.generate_batch
+    monkeypatch.setattr(chat_mod, "generate_batch", lambda *a, **k: real(*a, **{**k, "cuda_graph": False}))
+    plain, _, _ = _session(model_dir, temperature=0.9, max_new=10)
+    graphed, _, info = _session(model_dir, temperature=0.9, max_new=10, cuda_graph=True)
+    assert len(graphed.steppers) == 1 and graphed.warmup_seconds > 0
+    stepper = next(iter(graphed.steppers.values()))
+    for turn in ("hello there", "and again"):
+        assert graphed.reply(turn) == plain.reply(turn), turn
+        assert graphed.state.pos == plain.state.pos
+        for (name, a), (_, b) in zip(plain.state.tensors(), graphed.state.tensors()):
+            assert torch.equal(a, b), f"{turn}: {name}"
+        assert graphed.last.tokens == plain.last.tokens
+        for name, (total, count) in plain.last.totals.items():
+            assert graphed.last.totals[name] == pytest.approx([total, count]), name
+    assert list(graphed.steppers.values()) == [stepper] and stepper.loads == 2
+    graphed.handle("/status")
+    assert "(CUDA graph: 1 captured, the first at load in" in info.getvalue()
+
+
 def test_cuda_graph_flag_off_cuda_is_one_line_exit_2(model_dir, capsys):
     from hierarchos.cli import main
 
