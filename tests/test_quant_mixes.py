@@ -138,6 +138,12 @@ def test_auto_mix_keeps_the_head_at_q8_0(model_dir, tmp_path, qtype):
                                                           "why": "output head: the logits of every token"}}
         assert head.qtype == "Q8_0"
         assert content.tensors["encoder.weight"].qtype == qtype  # the rest stays in the asked format
+        if qtype == "Q4_0":  # a mixed file is still a plain GGUF: gguf's reader sees each tensor's own type
+            from gguf import GGMLQuantizationType, GGUFReader
+
+            types = {t.name: t.tensor_type for t in GGUFReader(str(tmp_path / "q" / "model-Q4_0.gguf")).tensors}
+            assert types["lm_head.weight"] == GGMLQuantizationType.Q8_0
+            assert types["encoder.weight"] == GGMLQuantizationType.Q4_0
     assert isinstance(model.lm_head, QuantLinear) and model.lm_head.weight_q.qtype == "Q8_0"
     pure = quantize_model_dir(model_dir / "model", tmp_path / "p", qtype, mix="pure")
     assert pure["mix"]["kept"] == {}
