@@ -9,7 +9,8 @@ what a CUDA graph captures, checked on the CPU.
 3. It performs no host synchronisation: under a dispatch mode that raises on every op that reads a
    tensor on the host (`_local_scalar_dense`, `nonzero`, boolean indexing, ...) and on the meta device
    (no data at all), the step and the whole generation body run; the plain `step` fails both checks,
-   so the checks can fail.
+   so the checks can fail. On the meta device a second mode refuses host tensors mixed into device
+   work (copies to the device, 0-dim host scalars), which a CUDA graph capture cannot hold.
 4. `sample_rows` equals the one-row reference `sample_next` on random logits with the same noise;
    the exponential race draws from the sampling distribution (a chi-square oracle); `row_noise` is
    a function of (seed, counter) only.
@@ -22,6 +23,7 @@ import random
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from hierarchos.config import tiny_config
 from hierarchos.errors import HierarchosError
@@ -222,19 +224,47 @@ def test_the_sync_free_step_reads_nothing_on_the_host_and_the_plain_step_does(na
                 state = model.step(tokens[:, t], state).state
 
 
-def test_on_the_meta_device_the_sync_free_step_runs_and_the_plain_step_cannot():
+class NoHostTensors(TorchDispatchMode):
+    """Raises on an op that mixes a host tensor into device work (a tensor built on the host and
+    copied over, or a 0-dim host tensor read as a scalar): inside a CUDA graph capture the first is
+    illegal and the second is baked in as a constant. Run on the meta device, where every tensor the
+    step makes on purpose is on the device."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        devices = {t.device.type for t in tree_flatten((args, kwargs or {}))[0] if isinstance(t, torch.Tensor)}
+        if "cpu" in devices and len(devices) > 1 or (func._overloadpacket.__name__ == "_to_copy"
+                                                     and "cpu" in devices and (kwargs or {}).get("device") is not None):
+            raise HostReadError(f"host tensor in device work: {func}")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name", ["all_on", "q_halting", "attention_window", "wkv4"])
+def test_on_the_meta_device_the_sync_free_step_runs_and_the_plain_step_cannot(name):
     """Meta tensors have no data: any host read raises. The sync-free step runs through (so it
-    reads nothing, whatever the op); the plain step stops at its first host decision."""
-    model = build(0, use_rosa=False).to("meta")
+    reads nothing, whatever the op) and takes no host tensor in; the plain step stops at its first
+    host decision."""
+    model = build(0, **{**CONFIGS[name], "use_rosa": False}).to("meta")
     token = torch.zeros(2, dtype=torch.long, device="meta")
     with torch.no_grad():
         state = model.init_state(2, device="meta")
-        for t in range(4):
-            out = model.step_sync_free(token, state, torch.full((2,), t, device="meta"))
-            state = out.state
+        with NoHostTensors():
+            for t in range(4):
+                out = model.step_sync_free(token, state, torch.full((2,), t, device="meta"))
+                state = out.state
         assert out.logits.shape == (2, model.cfg.vocab_size) and out.logits.device.type == "meta"
         with pytest.raises((RuntimeError, NotImplementedError)):
             model.step(token, model.init_state(2, device="meta"))
+        stepper = GraphedStepper(model, state, torch.full((2,), 4, device="meta"), out.logits, torch.zeros_like(
+            out.logits, dtype=torch.bool), torch.tensor([1, 2], device="meta"), SamplingConfig(top_k=5), {})
+        with NoHostTensors():
+            stepper._body()  # the whole captured body: step, copies, history, sampling
+
+
+def test_the_host_tensor_detector_catches_copies_and_host_scalars():
+    x = torch.zeros(3, device="meta")
+    for bad in (lambda: torch.tensor([1.0, 2.0, 3.0]).to("meta"), lambda: x + torch.tensor(2.0)):
+        with pytest.raises(HostReadError), NoHostTensors():
+            bad()
 
 
 def test_the_generation_body_reads_nothing_on_the_host():
