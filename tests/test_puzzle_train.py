@@ -290,6 +290,9 @@ def _one_line_error(capsys, argv, *needles):
 
 def test_bad_input_is_one_line(tmp_path, capsys):
     data = _data(tmp_path)
+    _one_line_error(capsys, ["puzzle", "train", "--out-dir", str(tmp_path / "m")], "puzzle train", "--data")
+    _one_line_error(capsys, ["puzzle", "eval", "--model-path", str(tmp_path)], "--data")
+    _one_line_error(capsys, ["puzzle"], "generate, train or eval")
     _one_line_error(capsys, ["puzzle", "train", "--data", str(tmp_path / "nope"), "--out-dir", str(tmp_path / "m")],
                     "no puzzle file", "puzzle generate")
     # a file of another task
