@@ -137,6 +137,8 @@ def run(args: argparse.Namespace) -> int:
                           static_lr=args.static_ltm_lr),
         delta_path=args.ltm_lora_path, cuda_graph=args.cuda_graph, **extra,
         out=sys.stdout, info=sys.stderr if scripted else sys.stdout, log=sys.stderr)
+    if session.warmup_seconds is not None:
+        print(f"CUDA graph of the step captured at load in {1000 * session.warmup_seconds:.0f} ms", file=sys.stderr)
     if session.delta_path is not None and session.delta_path.exists():
         session.load_delta(session.delta_path)
         print(f"loaded memory delta {session.delta_path}", file=sys.stderr)
