@@ -26,7 +26,8 @@ from hierarchos.config import tiny_config
 from hierarchos.model import HierarchosLM
 from hierarchos.model.puzzle import PuzzleConfig, PuzzleOutput, PuzzleSolver, puzzle_model_config
 from hierarchos.puzzles.dataset import PuzzleSet, save_puzzles
-from hierarchos.train.puzzle_trainer import PuzzleTrainConfig, PuzzleTrainer, evaluate_puzzles, rank_correlation
+from hierarchos.train.puzzle_trainer import (PuzzleTrainConfig, PuzzleTrainer, evaluate_puzzles, q_losses,
+                                             rank_correlation)
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
@@ -172,6 +173,27 @@ def test_rank_correlation_matches_a_hand_computation():
 
 
 # ---- training ----------------------------------------------------------------------------------
+
+def test_q_losses_by_hand():
+    """Seed 003's targets: halt -> solved now; continue -> sigmoid(max(next halt, next continue)), or
+    sigmoid(next halt) when the next segment is the last; halted puzzles count for nothing."""
+    def bce(logit, target):
+        p = 1 / (1 + np.exp(-logit))
+        return -(target * np.log(p) + (1 - target) * np.log(1 - p))
+
+    sig = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
+    out = SimpleNamespace(q_halt=torch.tensor([0.5, -1.0, 2.0]), q_continue=torch.tensor([1.5, 0.2, -0.3]))
+    nxt = SimpleNamespace(q_halt=torch.tensor([-2.0, 1.0, 0.0]), q_continue=torch.tensor([0.7, -3.0, 9.0]))
+    solved = torch.tensor([True, False, True])
+    active = torch.tensor([True, True, False])
+    halt, cont = q_losses(out, solved, active, nxt, next_is_last=False)
+    assert float(halt) == pytest.approx((bce(0.5, 1) + bce(-1.0, 0)) / 2, rel=1e-5)
+    assert float(cont) == pytest.approx((bce(1.5, sig(0.7)) + bce(0.2, sig(1.0))) / 2, rel=1e-5)
+    _, cont_last = q_losses(out, solved, active, nxt, next_is_last=True)
+    assert float(cont_last) == pytest.approx((bce(1.5, sig(-2.0)) + bce(0.2, sig(1.0))) / 2, rel=1e-5)
+    halt_only, none = q_losses(out, solved, active)
+    assert float(halt_only) == float(halt) and float(none) == 0.0
+
 
 def _trainer(model, puzzles, **cfg):
     base = dict(epochs=1, batch_size=4, starting_lr=1e-3, min_lr=1e-4, augment=False, puzzle_emb_lr=0.01)

@@ -76,6 +76,23 @@ def build_puzzle_optimizer(model, lr: float, weight_decay: float, emb_lr: float,
     return OptimizerSet(*dense.optimizers, SparseSignSGD([table], lr=emb_lr, weight_decay=emb_decay))
 
 
+def q_losses(out, solved: torch.Tensor, active: torch.Tensor, following=None, next_is_last: bool = False):
+    """Seed 003's Q-learning ACT loss of one segment, means over the active puzzles:
+    halt: BCE(halt logit, solved exactly now); continue: BCE(continue logit, sigmoid of the next
+    segment's best Q, max(halt', continue'), or of halt' alone when the next segment is the last
+    (it cannot continue)); 0 without a next segment. `following` carries no gradient."""
+    n_active = active.sum().clamp(min=1)
+    halt = (F.binary_cross_entropy_with_logits(out.q_halt.float(), solved.float(), reduction="none")
+            * active).sum() / n_active
+    if following is None:
+        return halt, torch.zeros_like(halt)
+    best_next = following.q_halt if next_is_last else torch.maximum(following.q_halt, following.q_continue)
+    target = torch.sigmoid(best_next.float()).detach()
+    cont = (F.binary_cross_entropy_with_logits(out.q_continue.float(), target, reduction="none")
+            * active).sum() / n_active
+    return halt, cont
+
+
 def rank_correlation(x, y) -> float | None:
     """Spearman's rank correlation (ties get their mean rank); None when either side is constant."""
     def ranks(values):
@@ -255,16 +272,11 @@ class PuzzleTrainer:
             right = pred == solutions
             solved = right.all(-1)
             n_active = active.sum().clamp(min=1)
-            q_halt = (F.binary_cross_entropy_with_logits(out.q_halt, solved.float(), reduction="none")
-                      * active).sum() / n_active
-            q_continue = torch.zeros((), device=self.device)
-            if k < M:  # bootstrapped target from the next segment, no gradient (seed 003)
+            following = None
+            if k < M:  # the next segment's Q values, no gradient: the continue logit's target (seed 003)
                 with torch.no_grad(), _autocast(self.device, cfg.amp):
                     following = model(inputs, ids, out.state.detach())
-                target = torch.sigmoid(following.q_halt if k + 1 == M
-                                       else torch.maximum(following.q_halt, following.q_continue))
-                q_continue = (F.binary_cross_entropy_with_logits(out.q_continue, target.float(), reduction="none")
-                              * active).sum() / n_active
+            q_halt, q_continue = q_losses(out, solved, active, following, next_is_last=k + 1 == M)
             loss = cell_loss + cfg.q_weight * (q_halt + q_continue)
             if not torch.isfinite(loss):
                 self.log(f"warning: non-finite loss at step {self.step} segment {k}: update skipped")
