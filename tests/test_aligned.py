@@ -5,22 +5,34 @@ import torch.nn.functional as F
 
 from hierarchos.config import tiny_config
 from hierarchos.model import HierarchosLM
-from hierarchos.ops.aligned import padded_linear
+from hierarchos.ops.aligned import PAD_MIN_ROWS, padded_linear
 
 
 def test_padded_linear_matches_linear_in_values_and_gradients():
     torch.manual_seed(0)
-    x = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(4, PAD_MIN_ROWS // 4, 16, dtype=torch.float64, requires_grad=True)
     w = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)  # 50: not a multiple of 64
-    grad = torch.randn(3, 5, 50, dtype=torch.float64)
+    grad = torch.randn(4, PAD_MIN_ROWS // 4, 50, dtype=torch.float64)
     got = padded_linear(x, w)
-    assert got.shape == (3, 5, 50) and got.stride(-2) == 64  # rows of the padded result
+    assert got.shape == (4, PAD_MIN_ROWS // 4, 50) and got.stride(-2) == 64  # rows of the padded result
     (gx, gw) = torch.autograd.grad(got, (x, w), grad)
     want = F.linear(x, w)
     (wx, ww) = torch.autograd.grad(want, (x, w), grad)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
     torch.testing.assert_close(gx, wx, rtol=0, atol=1e-12)
     torch.testing.assert_close(gw, ww, rtol=0, atol=1e-12)
+
+
+def test_padded_linear_few_rows_skip_the_weight_copy(monkeypatch):
+    """A token or a small batch: copying the V x d table would cost more than the aligned kernel saves."""
+    padded = []
+    real_pad = F.pad
+    monkeypatch.setattr(F, "pad", lambda *a, **k: padded.append(a[0].shape) or real_pad(*a, **k))
+    x, w = torch.randn(PAD_MIN_ROWS - 1, 16), torch.randn(50, 16)
+    got = padded_linear(x, w)
+    assert padded == [] and got.is_contiguous() and torch.equal(got, F.linear(x, w))
+    padded_linear(torch.randn(PAD_MIN_ROWS, 16), w)
+    assert padded == [(50, 16)]  # from PAD_MIN_ROWS rows on, the padded weight
 
 
 def test_padded_linear_aligned_weight_is_plain_linear():
@@ -30,7 +42,7 @@ def test_padded_linear_aligned_weight_is_plain_linear():
 
 
 def test_padded_linear_under_autocast_casts_the_weight_once():
-    x, w = torch.randn(6, 32), torch.randn(100, 32)
+    x, w = torch.randn(PAD_MIN_ROWS, 32), torch.randn(100, 32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got, want = padded_linear(x, w), F.linear(x, w)
     assert got.dtype == want.dtype == torch.bfloat16
@@ -42,5 +54,5 @@ def test_model_head_pads_off_the_cpu_only():
     h = torch.randn(2, 3, model.cfg.context_dim)
     assert model.head(h).is_contiguous()  # CPU: the plain head
     meta = HierarchosLM(tiny_config(vocab_size=100)).to("meta")
-    logits = meta.head(torch.empty(2, 3, model.cfg.context_dim, device="meta"))
-    assert logits.shape == (2, 3, 100) and logits.stride(-2) == 128  # the padded, aligned rows
+    logits = meta.head(torch.empty(2, PAD_MIN_ROWS, model.cfg.context_dim, device="meta"))
+    assert logits.shape == (2, PAD_MIN_ROWS, 100) and logits.stride(-2) == 128  # the padded, aligned rows
