@@ -367,6 +367,10 @@ def load_model_dir(path: str | os.PathLike, device: str | torch.device = "cpu") 
     recover_interrupted(directory)
     _check_model_dir(directory)
     cfg, meta = read_config(directory)
+    puzzle = meta.get("puzzle")
+    if isinstance(puzzle, dict):  # `puzzle train`'s model: its weights are a PuzzleSolver's, not a language model's
+        raise HierarchosError(f"{directory} is a puzzle model (task {puzzle.get('task', 'sudoku')}), not a language "
+                              f"model; use `hierarchos puzzle eval --model-path {directory} --data PUZZLES`")
     model = HierarchosLM(cfg)
     load_weights(model, directory / WEIGHTS_FILE)
     model.memory.source_names = list(meta.get("memory_sources") or [])
