@@ -1,14 +1,17 @@
-"""`puzzle`: reasoning puzzles (Sudoku) from the command line: `generate`, `train`, `eval`.
+"""`puzzle`: reasoning puzzles (Sudoku, mazes) from the command line: `generate`, `train`, `eval`.
 
 A subcommand of its own rather than `train --task sudoku`: its inputs (puzzle files, no tokenizer,
 no text sources), its loop (segments with one update each, Q-learning halting per puzzle,
 per-puzzle embeddings) and its metrics (exact puzzles, blank cells, thinking segments against
 difficulty) share almost none of `train`'s flags, so a mode of `train` would be mostly flags that
 do nothing. The architecture flags are `train`'s (same names and aliases) where they apply.
+The task (Sudoku or maze), grid size and cell tokens come from the data file; the model records
+them, and a model given puzzles of another task or size stops with one line.
 
     hierarchos puzzle generate --out DATA --train 1000 --test 1000
     hierarchos puzzle train --data DATA --out-dir MODEL
     hierarchos puzzle eval --model-path MODEL --data DATA/test.safetensors
+    hierarchos puzzle generate --task maze --size 30 --out MAZES ...   (then train/eval as above)
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from pathlib import Path
 
 from ..errors import HierarchosError
 
-HELP = "reasoning puzzles (Sudoku): generate puzzle files, train a model on them, evaluate it"
+HELP = "reasoning puzzles (Sudoku, mazes): generate puzzle files, train a model on them, evaluate it"
 
 # train's architecture flags that mean something for a puzzle model (no vocabulary, no ROSA)
 ARCH = ("context_dim", "h_hidden", "l_hidden", "h_layers", "l_layers", "head_size", "ffn_mult", "h_cycles",
@@ -57,7 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from . import _add_global_flags
 
     actions = p.add_subparsers(dest="puzzle_action", metavar="ACTION")
-    generate = actions.add_parser("generate", help="write train/test Sudoku puzzle files into a directory")
+    generate = actions.add_parser("generate", help="write train/test Sudoku or maze puzzle files into a directory")
     _add_global_flags(generate, in_subcommand=True)
     try:
         from .puzzle_generate import add_generate_arguments
@@ -85,8 +88,8 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     data.add_argument("--val", metavar="PATH", help="puzzle file (or directory: its test file) scored while "
                       "training (exact/cell accuracy in metrics.jsonl); default: none")
     data.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
-                      help="a random Sudoku symmetry per puzzle and step (digits, bands, rows, stacks, columns, "
-                           "transposition); on by default")
+                      help="a random symmetry of the task per puzzle and step (Sudoku: digits, bands, rows, "
+                           "stacks, columns, transposition; mazes: rotations and reflections); on by default")
     model = p.add_argument_group("model")
     model.add_argument("--out-dir", default="./hierarchos_puzzle_model", metavar="DIR",
                        help="model directory written at the end (checkpoints under DIR/checkpoints)")
@@ -181,12 +184,6 @@ def _load(path: str, split_file: str, flag: str):
     return load_puzzles(file)
 
 
-def _check_size(puzzles, size: int, where: str, fix: str) -> None:
-    if puzzles.size != size:
-        raise HierarchosError(f"{where}: holds {puzzles.size}x{puzzles.size} puzzles but the model solves "
-                              f"{size}x{size}; {fix}")
-
-
 # ---- train -------------------------------------------------------------------------------------
 
 def _build_model(args, train_set):
@@ -206,8 +203,10 @@ def _build_model(args, train_set):
         base = ModelConfig(**{**base.to_dict(), **given})
     except TypeError as exc:  # a bug: ARCH names a field ModelConfig lacks
         raise AssertionError(exc) from None
+    # the task, grid and cell tokens are the data's: the model records them and eval checks them
     puzzle = PuzzleConfig(size=train_set.size, num_puzzle_ids=train_set.num_puzzle_ids if args.puzzle_emb else 0,
-                          max_segments=args.max_segments, halt_explore_prob=args.halt_explore_prob)
+                          max_segments=args.max_segments, halt_explore_prob=args.halt_explore_prob,
+                          task=train_set.task, num_tokens=train_set.num_tokens)
     return PuzzleSolver(puzzle_model_config(puzzle.validate(), base.validate()), puzzle)
 
 
@@ -218,7 +217,7 @@ def run_train(args: argparse.Namespace) -> int:
     from ..io import load_checkpoint, read_config, resolve_checkpoint, save_checkpoint, save_model_files
     from ..model.losses import LossWeights
     from ..model.puzzle import PuzzleConfig, PuzzleSolver
-    from ..train.puzzle_trainer import PuzzleTrainConfig, PuzzleTrainer
+    from ..train.puzzle_trainer import PuzzleTrainConfig, PuzzleTrainer, check_fit
     from .train import pick_device
 
     if args.min_lr > args.starting_lr:
@@ -241,12 +240,12 @@ def run_train(args: argparse.Namespace) -> int:
     else:
         model = _build_model(args, train_set)
     puzzle = model.puzzle_cfg
-    _check_size(train_set, puzzle.size, f"--data {args.data}", "train a model on puzzles of one size")
+    check_fit(puzzle, train_set, f"--data {args.data}", "resume with the data the checkpoint was trained on")
     if puzzle.num_puzzle_ids and train_set.num_puzzle_ids > puzzle.num_puzzle_ids:
         raise HierarchosError(f"--data {args.data}: puzzle ids go up to {train_set.num_puzzle_ids} but the "
                               f"checkpoint's table has {puzzle.num_puzzle_ids} rows; resume with the same data")
     if val_set is not None:
-        _check_size(val_set, puzzle.size, f"--val {args.val}", "score puzzles of the training size")
+        check_fit(puzzle, val_set, f"--val {args.val}", "score puzzles of the training data's task and size")
     model.to(device)
     tcfg = PuzzleTrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, starting_lr=args.starting_lr, min_lr=args.min_lr,
@@ -264,7 +263,7 @@ def run_train(args: argparse.Namespace) -> int:
     n_params = sum(p.numel() for p in model.parameters())
     table = puzzle.num_puzzle_ids * model.cfg.context_dim if puzzle.num_puzzle_ids else 0
     print(f"model: {n_params - table:,} parameters (+{table:,} in the per-puzzle table) | device {device} | "
-          f"{puzzle.size}x{puzzle.size}, up to {puzzle.max_segments} segments | blocks {model.cfg.h_block}/"
+          f"{puzzle.size}x{puzzle.size} {puzzle.task}, up to {puzzle.max_segments} segments | blocks {model.cfg.h_block}/"
           f"{model.cfg.l_block}, halting {model.cfg.halting}")
     print(f"data: {len(train_set.inputs)} training puzzles ({train_set.num_puzzle_ids} ids), augment "
           f"{'on' if args.augment else 'off'}, {trainer.batches_per_epoch} steps per epoch, {trainer.total_steps} steps"
@@ -287,7 +286,7 @@ def run_train(args: argparse.Namespace) -> int:
         bar.set_postfix(shown, refresh=False)
 
     trainer.log_metrics = log_metrics
-    history_entry = {"task": "sudoku", "size": puzzle.size, "dataset": str(_puzzle_file(args.data, TRAIN_FILE)),
+    history_entry = {"task": puzzle.task, "size": puzzle.size, "dataset": str(_puzzle_file(args.data, TRAIN_FILE)),
                      "puzzles": len(train_set.inputs), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     extra = {"puzzle": puzzle.to_dict()}
 
@@ -326,15 +325,15 @@ def run_eval(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ..io import atomic_write_text
-    from ..train.puzzle_trainer import evaluate_puzzles, load_puzzle_model
+    from ..train.puzzle_trainer import check_fit, evaluate_puzzles, load_puzzle_model
     from .train import pick_device
 
     device = pick_device(args.device)
     model, _ = load_puzzle_model(args.model_path, device)
     puzzles = _load(args.data, TEST_FILE, "--data")
-    size = model.puzzle_cfg.size
-    _check_size(puzzles, size, f"--data {args.data}", f"score it with a model trained on {puzzles.size}x"
-                f"{puzzles.size} puzzles")
+    size, task = model.puzzle_cfg.size, model.puzzle_cfg.task
+    check_fit(model.puzzle_cfg, puzzles, f"--data {args.data}", f"score it with a model trained on {puzzles.size}x"
+              f"{puzzles.size} {puzzles.task} puzzles")
     total = len(puzzles.inputs) if args.limit is None else min(args.limit, len(puzzles.inputs))
     started = time.perf_counter()
     with tqdm(total=total, unit="puzzle", dynamic_ncols=True, mininterval=1.0, file=sys.stderr) as bar:
@@ -342,9 +341,12 @@ def run_eval(args: argparse.Namespace) -> int:
                                   all_segments=args.all_segments, amp=args.amp, progress=bar.update)
     elapsed = time.perf_counter() - started
     rho = result["spearman_segments_difficulty"]
-    print(f"puzzles            {result['puzzles']} ({size}x{size}, {args.data})")
-    print(f"exact accuracy     {result['exact']:.4f}")
-    print(f"cell accuracy      {result['cells']:.4f} (blank cells)")
+    print(f"puzzles            {result['puzzles']} ({size}x{size} {task}, {args.data})")
+    print(f"exact accuracy     {result['exact']:.4f}" + (" (whole grid)" if task == "maze" else ""))
+    print(f"cell accuracy      {result['cells']:.4f} ({'open' if task == 'maze' else 'blank'} cells)")
+    if task == "maze":
+        print(f"path cells         {result['path_cells']:.4f} (the solution's path cells marked)")
+        print(f"valid paths        {result['valid_path']:.4f} (marked cells are the unique shortest path)")
     print(f"mean segments      {result['mean_segments']:.3f} of {result['max_segments']}")
     print(f"segments vs difficulty (Spearman) {'n/a (constant)' if rho is None else f'{rho:.3f}'}")
     if "exact_by_segment" in result:

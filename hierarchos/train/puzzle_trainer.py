@@ -1,7 +1,7 @@
 """Puzzle training and evaluation: seed 003's deep supervision with Q-learning ACT over segments.
 
-A training *step* takes one batch of puzzles (augmented on the fly: a random Sudoku symmetry per
-puzzle) and runs its segments (hierarchos.model.puzzle): every segment is one forward, one loss and
+A training *step* takes one batch of puzzles (Sudoku or mazes; augmented on the fly: a random
+symmetry of the task per puzzle, `hierarchos.puzzles.dataset.augmenter`) and runs its segments (hierarchos.model.puzzle): every segment is one forward, one loss and
 **one optimizer update** (as HRM does; not summed), then the carried state is detached and the
 next segment starts from it. A puzzle stops thinking once its Q head says halt (halt > continue
 logit, after a random minimum of 2..M segments for `halt_explore_prob` of the puzzles) or at M
@@ -9,15 +9,17 @@ segments; the step ends when every puzzle of the batch has stopped. Halted puzzl
 along in the batch (the recurrent state has no uniform batch axis to compact) but have no loss.
 
 Loss of a segment, over the puzzles still thinking:
-  cell loss (cross-entropy on every cell: the givens too, as HRM does; copying them is learned in
-  the first few hundred steps and then costs nothing, and an exact solution needs them right)
+  cell loss (cross-entropy on every cell: the givens too, as HRM does, and a maze's walls, start
+  and goal; copying them is learned in the first few hundred steps and then costs nothing, and
+  an exact solution needs them right)
   + q_weight * (BCE(halt logit, puzzle solved exactly now)
                 + BCE(continue logit, sigmoid(max(halt', continue')) of the next segment, or
                   sigmoid(halt') when the next segment is the last)),
 where the next segment's logits come from one extra forward without gradient (HRM's bootstrapped
 target). Per-puzzle embedding rows move by SparseSignSGD; everything else by the project's
 AdamW (+ LazyRowAdam for DeepEmbed tables), warm-up + cosine over the training steps, clipped
-(the sign step needs no clipping). Evaluation runs each puzzle until its Q head halts or M.
+(the sign step needs no clipping). Evaluation runs each puzzle until its Q head halts or M; for
+mazes it also checks that the cells the model marked as path are the maze's shortest path.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import torch.nn.functional as F
 
 from ..errors import HierarchosError
 from ..model.losses import LossWeights
-from ..model.puzzle import digit_predictions
+from ..model.puzzle import cell_predictions
 from .schedule import OptimizerSet, build_optimizer, lr_at
 from .sign_sgd import SparseSignSGD
 
@@ -120,12 +122,26 @@ def _autocast(device: torch.device, amp: bool | None):
     return contextlib.nullcontext()
 
 
+def check_fit(puzzle_cfg, puzzles, where: str, fix: str) -> None:
+    """One HierarchosError line unless `puzzles` (a PuzzleSet) is what a model with `puzzle_cfg` solves:
+    the same task, grid size and cell tokens."""
+    if puzzles.task != puzzle_cfg.task:
+        raise HierarchosError(f"{where}: holds {puzzles.task} puzzles but the model solves {puzzle_cfg.task}; {fix}")
+    size = puzzle_cfg.size
+    if puzzles.size != size:
+        raise HierarchosError(f"{where}: holds {puzzles.size}x{puzzles.size} {puzzles.task} puzzles but the model "
+                              f"solves {size}x{size}; {fix}")
+    if puzzles.num_tokens != puzzle_cfg.num_tokens:
+        raise HierarchosError(f"{where}: its cells have {puzzles.num_tokens} tokens but the model reads "
+                              f"{puzzle_cfg.num_tokens}; {fix}")
+
+
 def _batch_tensors(puzzles, rows: np.ndarray, device, rng: np.random.Generator | None):
     inputs, solutions = puzzles.inputs[rows], puzzles.solutions[rows]
     if rng is not None:
-        from ..puzzles.sudoku import augment  # numpy only; imported on first use
+        from ..puzzles.dataset import augmenter  # numpy only; imported on first use
 
-        inputs, solutions = augment(inputs, solutions, rng)
+        inputs, solutions = augmenter(puzzles.task)(inputs, solutions, rng)
     as_tensor = lambda a, dtype: torch.from_numpy(np.ascontiguousarray(a)).to(device=device, dtype=dtype)  # noqa: E731
     return (as_tensor(inputs, torch.long), as_tensor(solutions, torch.long),
             as_tensor(puzzles.puzzle_ids[rows], torch.long))
@@ -136,7 +152,25 @@ def _cell_loss(model, out, solutions, active, weights):
         return model.cell_loss(out, solutions, active, weights)
     from ..model.puzzle import plain_cell_loss
 
-    return plain_cell_loss(out, solutions, active)
+    return plain_cell_loss(out, solutions, active, model.puzzle_cfg.answer_offset)
+
+
+def valid_paths(inputs: np.ndarray, answers: np.ndarray) -> np.ndarray:
+    """(N,) bool: the cells each answer marks as PATH are exactly the unique shortest start-to-goal
+    path of its maze (the maze checker's rule; what the model wrote elsewhere does not count), so a
+    right path with a miscopied wall is valid but not exact. inputs, answers: (N, n*n) tokens."""
+    from ..puzzles.maze import PATH, check
+
+    ok = np.zeros(len(inputs), dtype=bool)
+    for row in range(len(inputs)):
+        puzzle = inputs[row:row + 1].astype(np.uint8)
+        marked = np.where(answers[row:row + 1] == PATH, PATH, puzzle).astype(np.uint8)
+        try:
+            check(puzzle, marked, "prediction", "")
+        except HierarchosError:  # the checker's verdict on one maze; its message is not needed here
+            continue
+        ok[row] = True
+    return ok
 
 
 @torch.no_grad()
@@ -144,18 +178,26 @@ def evaluate_puzzles(model, puzzles, device, *, batch_size: int = 256, limit: in
                      all_segments: bool = False, amp: bool | None = None, progress=None) -> dict:
     """Run each puzzle until its Q head halts (or max_segments) and score the answer it halted with.
 
-    Returns exact (share of puzzles with every cell right), cells (share of blank cells right),
+    Returns exact (share of puzzles with every cell right), cells (share of the cells the puzzle leaves
+    open right: token 0, Sudoku's blanks and a maze's open cells; a maze's walls, start and goal are
+    copied, and scoring only its path cells would reward marking every open cell as path),
     mean_segments, segments_histogram, spearman_segments_difficulty (None when constant), and with
     `all_segments` (every puzzle runs all M segments; the halting answer is still the one scored)
     exact_by_segment[k-1]: exact accuracy had every puzzle stopped after k segments. Also returns
-    the per-puzzle arrays `segments` and `solved` (lists) for plots and benchmarks."""
+    the per-puzzle arrays `segments` and `solved` (lists) for plots and benchmarks. For mazes also
+    path_cells (share of the cells the solution changes, the path, marked right) and valid_path
+    (share of mazes whose marked cells are their unique shortest path, `valid_paths`)."""
+    puzzle_cfg = model.puzzle_cfg
+    check_fit(puzzle_cfg, puzzles, "evaluate_puzzles", "score puzzles of the model's task and size")
+    maze = puzzle_cfg.task == "maze"
     n_total = len(puzzles.inputs) if limit is None else min(limit, len(puzzles.inputs))
     max_segments = model.puzzle_cfg.max_segments
     was_training = model.training
     model.eval()
     segments = np.zeros(n_total, dtype=np.int64)
     solved = np.zeros(n_total, dtype=bool)
-    blank_right = blank_total = 0
+    valid = np.zeros(n_total, dtype=bool)
+    blank_right = blank_total = changed_right = changed_total = 0
     by_segment = np.zeros(max_segments, dtype=np.int64)
     dtype = next(model.parameters()).dtype
     try:
@@ -171,7 +213,7 @@ def evaluate_puzzles(model, puzzles, device, *, batch_size: int = 256, limit: in
                 with _autocast(device, amp):
                     out = model(inputs, ids, state)
                 state = out.state
-                pred = digit_predictions(out.logits)
+                pred = cell_predictions(out.logits, puzzle_cfg.answer_offset)
                 if all_segments:
                     by_segment[k - 1] += int((pred == solutions).all(-1).sum())
                 stop = ~halted & ((out.q_halt > out.q_continue) | (k == max_segments))
@@ -181,17 +223,23 @@ def evaluate_puzzles(model, puzzles, device, *, batch_size: int = 256, limit: in
                 if bool(halted.all()) and not all_segments:
                     break
             right = answer == solutions
-            blanks = inputs == 0
+            blanks = inputs == 0  # the cells to decide: Sudoku's blank and a maze's open cell are both token 0
             solved[rows] = right.all(-1).cpu().numpy()
             segments[rows] = used.cpu().numpy()
             blank_right += int((right & blanks).sum())
             blank_total += int(blanks.sum())
+            if maze:
+                changed = solutions != inputs
+                changed_right += int((right & changed).sum())
+                changed_total += int(changed.sum())
+                valid[rows] = valid_paths(inputs.cpu().numpy(), answer.cpu().numpy())
             if progress is not None:
                 progress(B)
     finally:
         model.train(was_training)
     difficulty = puzzles.difficulty[:n_total]
     result = {
+        "task": puzzle_cfg.task,
         "puzzles": int(n_total),
         "exact": float(solved.mean()) if n_total else 0.0,
         "cells": blank_right / blank_total if blank_total else 1.0,
@@ -203,6 +251,9 @@ def evaluate_puzzles(model, puzzles, device, *, batch_size: int = 256, limit: in
         "segments": segments.tolist(),
         "solved": solved.tolist(),
     }
+    if maze:
+        result["path_cells"] = changed_right / changed_total if changed_total else 1.0
+        result["valid_path"] = float(valid.mean()) if n_total else 0.0
     if all_segments:
         result["exact_by_segment"] = (by_segment / max(1, n_total)).tolist()
     return result
@@ -218,6 +269,9 @@ class PuzzleTrainer:
             model, train_set, cfg, device, val_set, log)
         if len(train_set.inputs) < 1:
             raise HierarchosError("puzzle training set holds no puzzles")
+        for name, puzzles in (("training set", train_set), ("validation set", val_set)):
+            if puzzles is not None:
+                check_fit(model.puzzle_cfg, puzzles, f"puzzle {name}", "train on puzzles of the model's task and size")
         self.batches_per_epoch = -(-len(train_set.inputs) // cfg.batch_size)
         full = cfg.epochs * self.batches_per_epoch
         self.total_steps = min(full, cfg.max_steps) if cfg.max_steps else full
@@ -268,7 +322,7 @@ class PuzzleTrainer:
             with _autocast(self.device, cfg.amp):
                 out = model(inputs, ids, state)
                 cell_loss, _ = _cell_loss(model, out, solutions, active, cfg.loss)
-            pred = digit_predictions(out.logits.detach())
+            pred = cell_predictions(out.logits.detach(), model.puzzle_cfg.answer_offset)
             right = pred == solutions
             solved = right.all(-1)
             n_active = active.sum().clamp(min=1)
@@ -304,6 +358,12 @@ class PuzzleTrainer:
         return record
 
     # ---- the loop ------------------------------------------------------------------------
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """(inputs, solutions, puzzle ids, epoch) of training step `step`, augmented when configured."""
+        rows, epoch = self.batch_rows(step)
+        rng = np.random.default_rng([self.cfg.seed, epoch, step, 1]) if self.cfg.augment else None
+        return (*_batch_tensors(self.train_set, rows, self.device, rng), epoch)
+
     def batch_rows(self, step: int) -> tuple[np.ndarray, int]:
         """(rows of the training set, epoch) of training step `step`: a seeded permutation per epoch."""
         epoch, index = divmod(step, self.batches_per_epoch)
@@ -317,9 +377,7 @@ class PuzzleTrainer:
         self.model.train()
         window, started = [], time.perf_counter()
         while self.step < self.total_steps:
-            rows, epoch = self.batch_rows(self.step)
-            rng = np.random.default_rng([cfg.seed, epoch, self.step, 1]) if cfg.augment else None
-            inputs, solutions, ids = _batch_tensors(self.train_set, rows, self.device, rng)
+            inputs, solutions, ids, epoch = self.batch(self.step)
             lr = self._set_lr()
             record = self.train_batch(inputs, solutions, ids)
             self.step += 1
@@ -332,7 +390,8 @@ class PuzzleTrainer:
                 result = evaluate_puzzles(self.model, self.val_set, self.device, limit=cfg.eval_limit,
                                           batch_size=max(cfg.batch_size, 64), amp=cfg.amp)
                 evals = {f"val_{key}": result[key] for key in ("exact", "cells", "mean_segments",
-                                                                "spearman_segments_difficulty")}
+                                                                "spearman_segments_difficulty", "valid_path")
+                         if key in result}
             logged = None
             if self.step % cfg.log_every == 0 or end_of_epoch or last or evals:
                 elapsed = time.perf_counter() - started
