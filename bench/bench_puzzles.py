@@ -1,4 +1,4 @@
-"""Sudoku benchmark (issue 21): hierarchos (RWKV-7 blocks, and attention blocks) against a plain
+"""Sudoku (and maze) benchmark (issue 21): hierarchos (RWKV-7 blocks, and attention blocks) against a plain
 non-causal Transformer encoder of the same parameter count, trained the same way on the same puzzles.
 
 Every model is trained by hierarchos.train.puzzle_trainer with one configuration: the same training
@@ -16,6 +16,9 @@ mean segments per difficulty quartile. Prints a table; writes JSON (atomically).
 
     python bench/bench_puzzles.py --device cuda --out bench/results/puzzles.json        # the device run
     python bench/bench_puzzles.py --device cpu --tiny                                  # 4x4 smoke run
+
+`--task maze` runs the same comparison on mazes (30x30 by default, 6x6 with --tiny; `--size N`), or
+the task is the one of `--data`; maze results add open-cell, path-cell and valid-shortest-path accuracy.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hierarchos.config import tiny_config  # noqa: E402
 from hierarchos.model.losses import LossWeights  # noqa: E402
 from hierarchos.model.puzzle import (PuzzleConfig, PuzzleOutput, PuzzleSolver, default_puzzle_base,  # noqa: E402
-                                     puzzle_model_config, vocab_size)
+                                     puzzle_model_config)
 from hierarchos.model.puzzle_embedding import PuzzleEmbedding  # noqa: E402
 from hierarchos.train.puzzle_trainer import PuzzleTrainConfig, PuzzleTrainer, evaluate_puzzles  # noqa: E402
 
@@ -49,14 +52,13 @@ class TransformerPuzzleBaseline(nn.Module):
     def __init__(self, puzzle: PuzzleConfig, d_model: int, layers: int, heads: int):
         super().__init__()
         self.puzzle_cfg = puzzle
-        n = puzzle.size
-        self.embed = nn.Embedding(vocab_size(n), d_model)
+        self.embed = nn.Embedding(puzzle.vocab_size, d_model)
         self.pos_embed = nn.Parameter(torch.randn(puzzle.seq_len, d_model) * 0.02)
         layer = nn.TransformerEncoderLayer(d_model, heads, 4 * d_model, dropout=0.0, activation="gelu",
                                            batch_first=True, norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(d_model)
-        self.head = nn.Linear(d_model, n)
+        self.head = nn.Linear(d_model, puzzle.num_answers)
         self.q_head = nn.Linear(d_model, 2)
         with torch.no_grad():
             self.q_head.weight.zero_()
@@ -67,7 +69,7 @@ class TransformerPuzzleBaseline(nn.Module):
         return torch.zeros(batch_size, 0, device=device)  # nothing is carried
 
     def forward(self, inputs, puzzle_ids, state):
-        tokens = torch.cat([torch.full_like(inputs[:, :1], self.puzzle_cfg.size + 1), inputs], 1).long()
+        tokens = torch.cat([torch.full_like(inputs[:, :1], self.puzzle_cfg.puzzle_token), inputs], 1).long()
         x = self.embed(tokens) + self.pos_embed
         if self.puzzle_embedding is not None:
             x = torch.cat([x[:, :1] + self.puzzle_embedding(puzzle_ids)[:, None], x[:, 1:]], 1)
@@ -146,9 +148,16 @@ def load_or_generate(args):
     if args.data:
         data = Path(args.data)
         return load_puzzles(data / "train.safetensors"), load_puzzles(data / "test.safetensors")
+    if args.task == "maze":
+        from hierarchos.puzzles.maze import make_splits as maze_splits
+
+        size = args.size or (6 if args.tiny else 30)
+        print(f"generating {args.train_puzzles} train + {args.test_puzzles} test {size}x{size} mazes (seed "
+              f"{args.seed})...", flush=True)
+        return maze_splits(args.train_puzzles, args.test_puzzles, size=size, seed=args.seed)
     from hierarchos.puzzles.sudoku import make_splits
 
-    size = 4 if args.tiny else 9
+    size = args.size or (4 if args.tiny else 9)
     print(f"generating {args.train_puzzles} train + {args.test_puzzles} test {size}x{size} puzzles (seed {args.seed}, "
           f"{args.workers} workers)...", flush=True)
     return make_splits(args.train_puzzles, args.test_puzzles, size=size, seed=args.seed, workers=args.workers)
@@ -158,7 +167,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", help="puzzle directory with train/test.safetensors (default: generate)")
-    p.add_argument("--tiny", action="store_true", help="4x4 puzzles, tiny models, a few steps (CPU smoke run)")
+    p.add_argument("--tiny", action="store_true", help="4x4 puzzles (6x6 mazes), tiny models, a few steps (CPU smoke run)")
+    p.add_argument("--task", choices=["sudoku", "maze"], default="sudoku",
+                   help="puzzles to generate (with --data: the file's task)")
+    p.add_argument("--size", type=int, default=None, help="grid side to generate (default 9 / 30 for mazes; tiny 4 / 6)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--models", nargs="+", default=["hierarchos-rwkv7", "hierarchos-attention", "transformer"],
                    choices=["hierarchos-rwkv7", "hierarchos-attention", "transformer"])
@@ -191,16 +203,21 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    out_path = Path(args.out or f"bench/results/puzzles{'-tiny' if tiny else ''}.json")
+    stem = "puzzles" if args.task == "sudoku" or args.data else "puzzles-maze"
+    out_path = Path(args.out or f"bench/results/{stem}{'-tiny' if tiny else ''}.json")
 
     started = time.perf_counter()
     train_set, test_set = load_or_generate(args)
     generation_s = time.perf_counter() - started
-    size = train_set.size
+    size, task = train_set.size, train_set.task
+    if test_set.task != task or test_set.size != size:
+        print(f"error: the test set holds {test_set.size}x{test_set.size} {test_set.task} puzzles, the training set "
+              f"{size}x{size} {task}; pass a --data directory of one task and size", file=sys.stderr)
+        return 2
     puzzle = PuzzleConfig(size=size, num_puzzle_ids=train_set.num_puzzle_ids if args.puzzle_emb else 0,
-                          max_segments=args.max_segments)
+                          max_segments=args.max_segments, task=task, num_tokens=train_set.num_tokens)
     models = build_models(args, puzzle)
-    print(f"{len(train_set.inputs)} train / {len(test_set.inputs)} test {size}x{size} puzzles; test difficulty "
+    print(f"{len(train_set.inputs)} train / {len(test_set.inputs)} test {size}x{size} {task} puzzles; test difficulty "
           f"median {np.median(test_set.difficulty):g}, max {test_set.difficulty.max():g}; {args.steps} steps x batch "
           f"{args.batch_size}, up to {args.max_segments} segments; device {device}", flush=True)
     results = {}
@@ -242,17 +259,19 @@ def main(argv=None) -> int:
                                        "heads": args.baseline_heads}
         model.cpu()
 
-    header = (f"{'model':<22}{'params':>11}{'exact':>8}{'cells':>8}{'segments':>10}{'rho(seg,diff)':>15}"
-              f"{'steps':>7}{'train s':>9}")
+    maze = task == "maze"  # mazes add the valid-shortest-path share
+    header = (f"{'model':<22}{'params':>11}{'exact':>8}{'cells':>8}" + (f"{'valid':>8}" if maze else "")
+              + f"{'segments':>10}{'rho(seg,diff)':>15}{'steps':>7}{'train s':>9}")
     print("\n" + header + "\n" + "-" * len(header))
     for name, r in results.items():
         rho = r["spearman_segments_difficulty"]
-        print(f"{name:<22}{r['parameters']:>11,}{r['exact']:>8.3f}{r['cells']:>8.3f}{r['mean_segments']:>10.2f}"
+        print(f"{name:<22}{r['parameters']:>11,}{r['exact']:>8.3f}{r['cells']:>8.3f}"
+              + (f"{r['valid_path']:>8.3f}" if maze else "") + f"{r['mean_segments']:>10.2f}"
               f"{'n/a' if rho is None else f'{rho:.3f}':>15}{r['steps']:>7}{r['train_seconds']:>9.0f}")
     payload = {"benchmark": "bench_puzzles", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                "device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                "torch": torch.__version__, "args": vars(args), "generation_seconds": generation_s,
-               "train_puzzles": len(train_set.inputs), "test_puzzles": len(test_set.inputs), "size": size,
+               "train_puzzles": len(train_set.inputs), "test_puzzles": len(test_set.inputs), "size": size, "task": task,
                "test_difficulty": {"median": float(np.median(test_set.difficulty)),
                                    "max": float(test_set.difficulty.max())},
                "results": results}

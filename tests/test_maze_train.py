@@ -249,3 +249,23 @@ def test_language_model_commands_name_a_puzzle_model(trained, capsys):
                   "--inf-output", str(trained.root / "inf")]):
         _one_line_error(capsys, argv, "is a puzzle model (task maze)", "puzzle eval")
     assert not (trained.root / "inf").exists()
+
+
+def test_bench_puzzles_maze_tiny_smoke(tmp_path):
+    """bench/bench_puzzles.py --task maze --tiny: 6x6 mazes generated, hierarchos and the matched Transformer
+    trained and scored with the maze metrics, the JSON written."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_puzzles.py"
+    spec = importlib.util.spec_from_file_location("bench_puzzles", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    assert bench.main(["--task", "maze", "--tiny", "--device", "cpu", "--train-puzzles", "8", "--test-puzzles", "4",
+                       "--steps", "2", "--batch-size", "4", "--models", "hierarchos-rwkv7", "transformer",
+                       "--seed", str(fresh_seed() % 1000), "--out", str(out)]) == 0
+    payload = json.loads(out.read_text())
+    assert payload["task"] == "maze" and payload["size"] == 6
+    for r in payload["results"].values():
+        assert r["task"] == "maze" and r["puzzles"] == 4 and r["steps"] == 2
+        assert 0.0 <= r["valid_path"] <= 1.0 and 0.0 <= r["path_cells"] <= 1.0
