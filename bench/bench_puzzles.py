@@ -167,10 +167,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", help="puzzle directory with train/test.safetensors (default: generate)")
-    p.add_argument("--tiny", action="store_true", help="4x4 puzzles (6x6 mazes), tiny models, a few steps (CPU smoke run)")
+    p.add_argument("--tiny", action="store_true", help="4x4 puzzles (6x6 mazes), tiny models, a few steps (CPU smoke)")
     p.add_argument("--task", choices=["sudoku", "maze"], default="sudoku",
                    help="puzzles to generate (with --data: the file's task)")
-    p.add_argument("--size", type=int, default=None, help="grid side to generate (default 9 / 30 for mazes; tiny 4 / 6)")
+    p.add_argument("--size", type=int, default=None, help="grid side to generate (default 9, mazes 30; tiny 4 / 6)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--models", nargs="+", default=["hierarchos-rwkv7", "hierarchos-attention", "transformer"],
                    choices=["hierarchos-rwkv7", "hierarchos-attention", "transformer"])

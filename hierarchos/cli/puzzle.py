@@ -263,8 +263,8 @@ def run_train(args: argparse.Namespace) -> int:
     n_params = sum(p.numel() for p in model.parameters())
     table = puzzle.num_puzzle_ids * model.cfg.context_dim if puzzle.num_puzzle_ids else 0
     print(f"model: {n_params - table:,} parameters (+{table:,} in the per-puzzle table) | device {device} | "
-          f"{puzzle.size}x{puzzle.size} {puzzle.task}, up to {puzzle.max_segments} segments | blocks {model.cfg.h_block}/"
-          f"{model.cfg.l_block}, halting {model.cfg.halting}")
+          f"{puzzle.size}x{puzzle.size} {puzzle.task}, up to {puzzle.max_segments} segments | blocks "
+          f"{model.cfg.h_block}/{model.cfg.l_block}, halting {model.cfg.halting}")
     print(f"data: {len(train_set.inputs)} training puzzles ({train_set.num_puzzle_ids} ids), augment "
           f"{'on' if args.augment else 'off'}, {trainer.batches_per_epoch} steps per epoch, {trainer.total_steps} steps"
           + (f"; scoring {args.val} ({len(val_set.inputs)} puzzles)" if val_set is not None else ""))

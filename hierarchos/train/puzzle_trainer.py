@@ -1,12 +1,13 @@
 """Puzzle training and evaluation: seed 003's deep supervision with Q-learning ACT over segments.
 
 A training *step* takes one batch of puzzles (Sudoku or mazes; augmented on the fly: a random
-symmetry of the task per puzzle, `hierarchos.puzzles.dataset.augmenter`) and runs its segments (hierarchos.model.puzzle): every segment is one forward, one loss and
-**one optimizer update** (as HRM does; not summed), then the carried state is detached and the
-next segment starts from it. A puzzle stops thinking once its Q head says halt (halt > continue
-logit, after a random minimum of 2..M segments for `halt_explore_prob` of the puzzles) or at M
-segments; the step ends when every puzzle of the batch has stopped. Halted puzzles still ride
-along in the batch (the recurrent state has no uniform batch axis to compact) but have no loss.
+symmetry of the task per puzzle, `hierarchos.puzzles.dataset.augmenter`) and runs its segments
+(hierarchos.model.puzzle): every segment is one forward, one loss and **one optimizer update** (as
+HRM does; not summed), then the carried state is detached and the next segment starts from it. A
+puzzle stops thinking once its Q head says halt (halt > continue logit, after a random minimum of
+2..M segments for `halt_explore_prob` of the puzzles) or at M segments; the step ends when every
+puzzle of the batch has stopped. Halted puzzles still ride along in the batch (the recurrent state
+has no uniform batch axis to compact) but have no loss.
 
 Loss of a segment, over the puzzles still thinking:
   cell loss (cross-entropy on every cell: the givens too, as HRM does, and a maze's walls, start
