@@ -11,12 +11,13 @@ line break) is held out and never trained on; the rest is the training set.
   --train          trains the model through the real `train` CLI (recipe below, fixed seed and flags)
   --model-path DIR reuses an existing model directory (it must not have seen the held-out text)
 
-Full recipe (trains, then scores; about 25 min of an idle 2-core CPU for --size small):
+Full recipe (trains, then scores; about 20 min of an idle 2-core CPU for --size small):
   python bench/bench_quant_quality.py --train --size small --sensitivity --json bench/records/quant_quality.json
-This session's CPU figures (BENCHMARKS.md) stopped the small recipe's run after 5 of its 10 epochs
-(the shared machine ran it at 5-15 s a step), exported that checkpoint and scored it:
-  python hierarchos_cli.py ckpt-2-inf --ckpt-input /tmp/hq/model-small/checkpoints/step-00000270 --inf-output /tmp/hq/model-ep5
-  python bench/bench_quant_quality.py --model-path /tmp/hq/model-ep5 --work-dir /tmp/hq --sensitivity --json ...
+This session's CPU figures (BENCHMARKS.md) ran that recipe in two pieces on a shared machine: the run was
+killed after epoch 5 (step 270; that checkpoint's scores: bench/records/quant_quality_cpu_small_epoch5.json),
+resumed to its end, and the final model scored:
+  python hierarchos_cli.py train --resume-from-ckpt /tmp/hq/model-small/checkpoints/step-00000270 --out-dir /tmp/hq/model-small --threads 1
+  python bench/bench_quant_quality.py --model-path /tmp/hq/model-small --work-dir /tmp/hq --sensitivity --json ...
 A larger model on a GPU machine: --train --size base --device cuda (training only; scoring stays on
 the CPU kernel, which is what the table is about).
 """
