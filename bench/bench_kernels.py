@@ -186,7 +186,8 @@ def time_ours(fn, min_seconds: float) -> tuple[float, float]:
 
 
 def ggml_version(binary: Path) -> dict:
-    """The ggml commit, when the binary sits in a build tree of a git checkout or archive we can name."""
+    """The ggml commit: from a GGML_COMMIT file (the hash, written beside sources unpacked with
+    `git archive`) or a git checkout above the binary."""
     info = {"binary": str(binary)}
     for parent in binary.resolve().parents:
         if (parent / "GGML_COMMIT").exists():

@@ -338,8 +338,8 @@ int64_t rows_per_task(int64_t rows, int64_t work_per_row) {
     return std::max<int64_t>(1, std::min(chunk, rows));
 }
 
-// The interleaved layout of ActQ8_0View (formats.h) for groups of `group` blocks of one
-// activation row, in place, with the per-lane offset corrections.
+// The interleaved layout of ActQ8_0View (formats.h) for groups of `group` (2 or 4) blocks of
+// one activation row, in place, with the per-lane offset corrections.
 void interleave_act_groups(int8_t *qs, int32_t *corr, int64_t n_blocks, int group) {
     const int half = 16 * group;
     int8_t natural[4 * QK];
