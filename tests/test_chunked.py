@@ -177,7 +177,7 @@ def test_manifest_errors(tmp_path):
     assert error_of(iter_pt_chunks, directory).startswith(f"{manifest} line 2: malformed JSON (")
     write_manifest(directory, [{"name": "a"}])
     assert error_of(iter_pt_chunks, directory) == C.ERR_MANIFEST_LINE.format(
-        path=manifest, line=1, detail="expected an object with 'file', got name")
+        path=manifest, line=1, detail="expected an object with 'file', got 'name'")
     write_manifest(directory, [{"file": "a", "num_chunks": 0, "max_length": 2}])
     assert error_of(iter_pt_chunks, directory) == C.ERR_MANIFEST_LINE.format(
         path=manifest, line=1, detail="'num_chunks' must be a positive integer, got 0")

@@ -218,7 +218,8 @@ def read_manifest(directory: str | os.PathLike) -> list[ChunkFile]:
             raise HierarchosError(ERR_MANIFEST_LINE.format(path=manifest, line=line_no,
                                                            detail=f"malformed JSON ({exc.msg})")) from None
         if not isinstance(entry, dict) or "file" not in entry:
-            keys = ", ".join(map(str, entry)) if isinstance(entry, dict) else type(entry).__name__
+            # repr: a key may hold a newline, and the error must stay one line
+            keys = ", ".join(map(repr, entry)) if isinstance(entry, dict) else type(entry).__name__
             raise HierarchosError(ERR_MANIFEST_LINE.format(
                 path=manifest, line=line_no, detail=f"expected an object with 'file', got {keys or 'no keys'}"))
         files.append(ChunkFile(path=_inside(directory, entry["file"], manifest, line_no),
