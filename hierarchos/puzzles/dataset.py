@@ -233,3 +233,19 @@ def load_puzzles(path: str | os.PathLike) -> PuzzleSet:
     puzzles = PuzzleSet(meta=meta, **tensors)
     validate(puzzles, str(file))
     return puzzles
+
+
+def expand_with_augmentations(puzzles: PuzzleSet, copies: int, augment, rng: np.random.Generator) -> PuzzleSet:
+    """Each puzzle followed by `copies` copies of it transformed by `augment(inputs, solutions, rng)`
+    (same puzzle_id and difficulty): the `--augment K` of `puzzle generate`, for any task."""
+    if copies < 0:
+        raise HierarchosError(f"augmented copies must be 0 or more, got {copies}")
+    repeat = copies + 1
+    inputs = np.repeat(puzzles.inputs, repeat, axis=0)
+    solutions = np.repeat(puzzles.solutions, repeat, axis=0)
+    copy_rows = np.flatnonzero(np.arange(len(inputs)) % repeat != 0)
+    if copies:
+        inputs[copy_rows], solutions[copy_rows] = augment(inputs[copy_rows], solutions[copy_rows], rng)
+    meta = dict(puzzles.meta, augment=copies, base_puzzles=len(puzzles))
+    return PuzzleSet(inputs, solutions, np.repeat(puzzles.puzzle_ids, repeat),
+                     np.repeat(puzzles.difficulty, repeat), meta)

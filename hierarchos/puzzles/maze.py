@@ -14,6 +14,7 @@ from collections import deque
 import numpy as np
 
 from ..errors import HierarchosError
+from . import dataset
 from .dataset import FORMAT_VERSION, PuzzleSet
 
 # Cell tokens of inputs and solutions; solutions mark the path's cells (not start/goal) with PATH.
@@ -245,14 +246,5 @@ def make_splits(train: int, test: int, *, size: int = 30, seed: int, min_difficu
 
 
 def expand_with_augmentations(puzzles: PuzzleSet, copies: int, seed: int) -> PuzzleSet:
-    """Each maze followed by `copies` rotated/reflected copies (same puzzle_id and difficulty)."""
-    repeat = copies + 1
-    inputs = np.repeat(puzzles.inputs, repeat, axis=0)
-    solutions = np.repeat(puzzles.solutions, repeat, axis=0)
-    rows = np.flatnonzero(np.arange(len(inputs)) % repeat != 0)
-    if copies:
-        rng = np.random.default_rng([int(seed), 0x3A2E])
-        inputs[rows], solutions[rows] = augment(inputs[rows], solutions[rows], rng)
-    meta = dict(puzzles.meta, augment=copies, base_puzzles=len(puzzles))
-    return PuzzleSet(inputs, solutions, np.repeat(puzzles.puzzle_ids, repeat),
-                     np.repeat(puzzles.difficulty, repeat), meta)
+    """Each maze followed by `copies` rotated/reflected copies of it (same puzzle_id and difficulty)."""
+    return dataset.expand_with_augmentations(puzzles, copies, augment, np.random.default_rng([int(seed), 0x3A2E]))

@@ -22,6 +22,7 @@ from math import isqrt
 import numpy as np
 
 from ..errors import HierarchosError
+from . import dataset
 from .dataset import FORMAT_VERSION, SIZES, PuzzleSet, grids_valid
 
 # Attempts one puzzle slot makes before it gives up on reaching min_difficulty.
@@ -347,18 +348,7 @@ def augment(inputs: np.ndarray, solutions: np.ndarray, rng: np.random.Generator)
 
 def expand_with_augmentations(puzzles: PuzzleSet, copies: int, seed: int) -> PuzzleSet:
     """Each puzzle followed by `copies` augmented copies of it (same puzzle_id and difficulty)."""
-    if copies < 0:
-        raise HierarchosError(f"augmented copies must be 0 or more, got {copies}")
-    repeat = copies + 1
-    inputs = np.repeat(puzzles.inputs, repeat, axis=0)
-    solutions = np.repeat(puzzles.solutions, repeat, axis=0)
-    copy_rows = np.flatnonzero(np.arange(len(inputs)) % repeat != 0)
-    if copies:
-        rng = np.random.default_rng([int(seed), 0xA06])
-        inputs[copy_rows], solutions[copy_rows] = augment(inputs[copy_rows], solutions[copy_rows], rng)
-    meta = dict(puzzles.meta, augment=copies, base_puzzles=len(puzzles))
-    return PuzzleSet(inputs, solutions, np.repeat(puzzles.puzzle_ids, repeat),
-                     np.repeat(puzzles.difficulty, repeat), meta)
+    return dataset.expand_with_augmentations(puzzles, copies, augment, np.random.default_rng([int(seed), 0xA06]))
 
 
 # ---- generator ---------------------------------------------------------------------------------
