@@ -184,16 +184,8 @@ def open_cache(directory: Path, source: StreamSource, tokenizer: Tokenizer, *, s
                log=print) -> TokenCache:
     """The cache of `source` under `tokenizer` in `directory`: reused, or (re)built with a line saying why."""
     sources = source.fingerprint()
-    identity = tokenizer_identity(tokenizer)
-    reason = why_stale(directory, sources, identity)
-    if reason is None:
-        cache = load(directory)
-        log(f"token cache: reusing {directory} ({cache.n_tokens:,} tokens)")
-        return cache
-    log(f"token cache: {'building' if reason == 'none yet' else 'rebuilding'} {directory}"
-        + ("" if reason == "none yet" else f" ({reason})"))
-    build(directory, source, tokenizer, sources, identity, save_tokenizer=save_tokenizer, log=log)
-    return load(directory)
+    return _reuse_or_build(directory, sources, tokenizer, log, lambda identity: build(
+        directory, source, tokenizer, sources, identity, save_tokenizer=save_tokenizer, log=log))
 
 
 def open_ids_cache(directory: Path, files: list[Path], documents, tokenizer: Tokenizer, *, where,
@@ -203,6 +195,13 @@ def open_ids_cache(directory: Path, files: list[Path], documents, tokenizer: Tok
     from .streaming import file_fingerprint
 
     sources = [file_fingerprint(path) for path in files]
+    return _reuse_or_build(directory, sources, tokenizer, log, lambda identity: _build_ids(
+        directory, documents(), tokenizer, sources, identity, where, log))
+
+
+def _reuse_or_build(directory: Path, sources, tokenizer: Tokenizer, log, build_with) -> TokenCache:
+    """The cache in `directory` if it is current for `sources` and `tokenizer`, else `build_with(identity)`
+    first, with a line saying which and why."""
     identity = tokenizer_identity(tokenizer)
     reason = why_stale(directory, sources, identity)
     if reason is None:
@@ -211,7 +210,7 @@ def open_ids_cache(directory: Path, files: list[Path], documents, tokenizer: Tok
         return cache
     log(f"token cache: {'building' if reason == 'none yet' else 'rebuilding'} {directory}"
         + ("" if reason == "none yet" else f" ({reason})"))
-    _build_ids(directory, documents(), tokenizer, sources, identity, where, log)
+    build_with(identity)
     return load(directory)
 
 
