@@ -35,16 +35,27 @@ def test_padded_linear_few_rows_skip_the_weight_copy(monkeypatch):
     assert padded == [(50, 16)]  # from PAD_MIN_ROWS rows on, the padded weight
 
 
-def test_padded_linear_aligned_weight_is_plain_linear():
-    x, w = torch.randn(4, 8), torch.randn(128, 8)
+def test_padded_linear_aligned_weight_is_plain_linear(monkeypatch):
+    padded = []
+    real_pad = F.pad
+    monkeypatch.setattr(F, "pad", lambda *a, **k: padded.append(a[0].shape) or real_pad(*a, **k))
+    x, w = torch.randn(PAD_MIN_ROWS, 8), torch.randn(128, 8)
     got = padded_linear(x, w)
-    assert got.is_contiguous() and torch.equal(got, F.linear(x, w))
+    assert padded == [] and got.is_contiguous() and torch.equal(got, F.linear(x, w))
+    got = padded_linear(x, torch.randn(127, 8))  # one row short of aligned: padded by one
+    assert padded == [(127, 8)] and got.stride(-2) == 128
 
 
-def test_padded_linear_under_autocast_casts_the_weight_once():
+def test_padded_linear_under_autocast_casts_the_weight_once(monkeypatch):
+    padded = []
+    real_pad = F.pad
+    monkeypatch.setattr(F, "pad", lambda *a, **k: padded.append(a[0].dtype) or real_pad(*a, **k))
     x, w = torch.randn(PAD_MIN_ROWS, 32), torch.randn(100, 32)
+    padded_linear(x, w)
+    assert padded == [torch.float32]  # no autocast: the weight as it is
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got, want = padded_linear(x, w), F.linear(x, w)
+    assert padded[1:] == [torch.bfloat16]  # cast before padding: the copy is the bf16 one
     assert got.dtype == want.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=0)
 
