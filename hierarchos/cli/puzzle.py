@@ -80,7 +80,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _add_train_arguments(p: argparse.ArgumentParser) -> None:
-    from .train import ARCH_CHOICES, ARCH_HELP, _spellings
+    from .train import add_arch_argument
 
     data = p.add_argument_group("data")
     data.add_argument("--data", required=True, metavar="PATH",
@@ -95,12 +95,7 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
                        help="model directory written at the end (checkpoints under DIR/checkpoints)")
     model.add_argument("--tiny", action="store_true", help="a tiny architecture for quick CPU runs")
     for name in ARCH:
-        if name in ARCH_CHOICES:
-            model.add_argument(*_spellings(name), dest=name, choices=ARCH_CHOICES[name], default=None,
-                               help=ARCH_HELP[name])
-        else:
-            kind = float if name in ("l_conv_atol", "h_halt_thresh", "q_explore_prob") else int
-            model.add_argument(*_spellings(name), dest=name, type=kind, default=None, help=ARCH_HELP.get(name))
+        add_arch_argument(model, name)
     model.add_argument("--hidden-size", "--hidden_size", dest="hidden_size", type=POSITIVE, default=None,
                        help="every width (context_dim, h_hidden, l_hidden) not given on its own")
     model.add_argument("--max-segments", type=POSITIVE, default=8, metavar="M",

@@ -60,6 +60,19 @@ def _spellings(name: str) -> list[str]:
     return list(dict.fromkeys(flags))
 
 
+def add_arch_argument(group, name: str) -> None:
+    """The flag of ModelConfig field `name` (both spellings, default None: unset keeps the config's value)."""
+    if name in ARCH_BOOLS:
+        group.add_argument(*_spellings(name), dest=name, action=argparse.BooleanOptionalAction, default=None,
+                           help=ARCH_HELP[name])
+    elif name in ARCH_CHOICES:
+        group.add_argument(*_spellings(name), dest=name, choices=ARCH_CHOICES[name], default=None,
+                           help=ARCH_HELP[name])
+    else:
+        kind = float if name in ("l_conv_atol", "h_halt_thresh", "q_explore_prob") else int
+        group.add_argument(*_spellings(name), dest=name, type=kind, default=None, help=ARCH_HELP.get(name))
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     first_action = len(p._actions)
     data = p.add_argument_group("data")
@@ -106,16 +119,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        help="all four RWKV-7 wiring switches at once: hierarchos (default) or x070 (BlinkDL's "
                             "published RWKV-7); a --tm-* flag given beside it wins for its switch")
     for name in ARCH_FLAGS:
-        if name in ARCH_BOOLS:
-            model.add_argument(*_spellings(name), dest=name, action=argparse.BooleanOptionalAction, default=None,
-                               help=ARCH_HELP[name])
-            continue
-        if name in ARCH_CHOICES:
-            model.add_argument(*_spellings(name), dest=name, choices=ARCH_CHOICES[name], default=None,
-                               help=ARCH_HELP[name])
-            continue
-        kind = float if name in ("l_conv_atol", "h_halt_thresh", "q_explore_prob") else int
-        model.add_argument(*_spellings(name), dest=name, type=kind, default=None, help=ARCH_HELP.get(name))
+        add_arch_argument(model, name)
     # seed 000's trainer (AI-OS `hrm-hf train-actv1`) names for the same choices
     model.add_argument("--hidden-size", "--hidden_size", dest="hidden_size", type=int, default=None,
                        help="every width (context_dim, h_hidden, l_hidden) not given on its own")

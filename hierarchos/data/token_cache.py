@@ -180,6 +180,11 @@ def trained_tokenizer(directory: Path, source: StreamSource) -> Tokenizer | None
     return None
 
 
+def _disk_full(directory: Path, n_tokens: int) -> HierarchosError:
+    return HierarchosError(f"token cache {directory}: the disk filled up while writing it ({n_tokens:,} tokens "
+                           "written, nothing kept); free space or place the cache elsewhere with --token-cache DIR")
+
+
 def open_cache(directory: Path, source: StreamSource, tokenizer: Tokenizer, *, save_tokenizer: bool = False,
                log=print) -> TokenCache:
     """The cache of `source` under `tokenizer` in `directory`: reused, or (re)built with a line saying why."""
@@ -265,9 +270,7 @@ def _build_ids(directory: Path, documents, tokenizer: Tokenizer, sources: list[d
             (tmp / INDEX).write_text(json.dumps(index, indent=1) + "\n", encoding="utf-8")
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
-            raise HierarchosError(f"token cache {directory}: the disk filled up while writing it "
-                                  f"({n_tokens:,} tokens written, nothing kept); free space or place the cache "
-                                  "elsewhere with --token-cache DIR") from None
+            raise _disk_full(directory, n_tokens) from None
         raise
     log(f"token cache: {n_tokens:,} tokens of {len(doc_ends):,} pre-tokenized chunks in "
         f"{time.perf_counter() - started:.1f} s, {dtype.name}")
@@ -372,7 +375,8 @@ def _build(directory: Path, source: StreamSource, tokenizer: Tokenizer, sources:
             if save_tokenizer:
                 tokenizer.save(tmp / TOKENIZER_DIR)
             index = {"format": FORMAT, "version": VERSION, "dtype": dtype.name, "n_tokens": n_tokens,
-                     "n_docs": len(doc_ends), "chars": n_chars, "text_bytes": int(sum(doc_bytes)), "name": source.name, "template": source.template,
+                     "n_docs": len(doc_ends), "chars": n_chars, "text_bytes": int(sum(doc_bytes)),
+                     "name": source.name, "template": source.template,
                      "records": source.n_records, "skipped_records": source.n_skipped,
                      "tokens_blake2b": full.hexdigest(), "tokens_sample_blake2b": sample,
                      "tokenizer": identity, "encoder": encoder.name, "sources": sources,
@@ -380,9 +384,7 @@ def _build(directory: Path, source: StreamSource, tokenizer: Tokenizer, sources:
             (tmp / INDEX).write_text(json.dumps(index, indent=1) + "\n", encoding="utf-8")
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
-            raise HierarchosError(f"token cache {directory}: the disk filled up while writing it "
-                                  f"({n_tokens:,} tokens written, nothing kept); free space or place the cache "
-                                  "elsewhere with --token-cache DIR") from None
+            raise _disk_full(directory, n_tokens) from None
         raise
     finally:
         stop.set()
