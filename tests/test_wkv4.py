@@ -278,18 +278,22 @@ def assert_states_close(a, b, msg):
 def test_model_parallel_equals_step_with_early_exit(overrides):
     """Calibrated early exit: plan points halt at different passes and tokens freeze, so the frozen
     rule runs through the WKV-4 stacks in both forms."""
-    seed = fresh_seed()
-    model = calibrated(seed, time_mix="wkv4", **overrides)
-    tokens = model_tokens(seed + 2, 2, 19)
-    with torch.no_grad():
-        par = model(tokens)
-        step_logits, step_state = run_model_steps(model, tokens)
+    for attempt in range(4):  # calibration splits the points on almost every seed (~1 in 30 it does not)
+        seed = fresh_seed()
+        model = calibrated(seed, time_mix="wkv4", **overrides)
+        tokens = model_tokens(seed + 2, 2, 19)
+        with torch.no_grad():
+            par = model(tokens)
+        aux = {name: float(value) for name, value in par.aux.items()}
+        if 1.0 < aux["worker_steps"] < model.cfg.max_l_steps or 1.0 < aux["manager_steps"]:
+            break
     msg = f"seed={seed} {overrides}"
+    with torch.no_grad():
+        step_logits, step_state = run_model_steps(model, tokens)
     torch.testing.assert_close(par.logits, step_logits, rtol=1e-9, atol=1e-9, msg=lambda m: f"{msg}: {m}")
     assert_states_close(par.state, step_state, msg)
     wkv = dict(par.state.tensors())["rounds.0.commit.wkv"]
     assert wkv.shape == (model.cfg.l_layers, 2, 3, model.cfg.l_hidden), msg
-    aux = {name: float(value) for name, value in par.aux.items()}
     assert 1.0 < aux["worker_steps"] < model.cfg.max_l_steps or 1.0 < aux["manager_steps"], f"{msg} {aux}"
 
 
