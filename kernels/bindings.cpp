@@ -9,6 +9,7 @@
 
 #include "bpe.h"
 #include "rosa.h"
+#include "rwkv_step.h"
 #include "wkv.h"
 #include "runtime.h"
 
@@ -221,6 +222,7 @@ PYBIND11_MODULE(hierarchos_kernels, m) {
           "RWKV-7 recurrence over a few tokens: (o (B,T,H,N), new state (B,H,N,N)); float32, no autograd");
 
     hk::register_bpe(m);  // BpeEncoder (bpe.cpp)
+    hk::register_rwkv_step(m);  // RwkvStackStep (rwkv_step.cpp)
 
     py::class_<hk::RosaAutomaton>(m, "RosaAutomaton")
         .def(py::init([](int64_t window, int64_t none_id) {

@@ -309,6 +309,10 @@ void parallel_for(int64_t n_tasks, const std::function<void(int64_t)> &fn, int w
 
 }  // namespace
 
+void parallel_tasks(int64_t n_tasks, const std::function<void(int64_t)> &fn, int width) {
+    parallel_for(n_tasks, fn, width);
+}
+
 void set_threads(int n) {
     std::lock_guard<std::mutex> serial(g_run_mutex);
     std::lock_guard<std::mutex> lock(g_pool_mutex);

@@ -4,6 +4,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -38,6 +39,10 @@ struct MatmulJob {
     float *out;
 };
 void matmul_many(const std::vector<MatmulJob> &jobs);
+
+// fn(task) for task in [0, n_tasks) on the kernel's thread pool (caller included), at most `width`
+// threads (<= 0: all); one job at a time, so fn must not call back into the pool (matmul & co.).
+void parallel_tasks(int64_t n_tasks, const std::function<void(int64_t)> &fn, int width = 0);
 
 // Read `bytes` from p with `threads` threads (<= 0: current setting); returns a checksum.
 uint64_t stream_read_parallel(const uint8_t *p, size_t bytes, int threads);

@@ -7,6 +7,7 @@
     dequantize_rows(data, qtype, cols, row_ids) -> f32 (n, cols)
     matmul(data, qtype, cols, x (N, cols) f32) -> f32 (N, rows)      # y = x @ W.T
     matmul_many([(data, qtype, cols), ...], [x, ...]) -> [y, ...]    # several in one call, same results
+    RwkvStackStep(dim, head_size, ffn_dim, layers).step(...)         # C++ only (None without it): fused_step.py
     set_threads(n) / get_threads(); set_isa(name) / get_isa(); available_isas(); backend_name()
 
 `HIERARCHOS_ISA=scalar|avx2|avx512|neon` forces an ISA of the C++ backend (an ISA this
@@ -63,6 +64,8 @@ if _ext is not None:
     get_isa = _ext.get_isa
     available_isas = _ext.available_isas
     stream_read = _ext.stream_read
+    # one token through a whole quantized RWKV-7 stack (fused_step.py); None in a kernel built before it
+    RwkvStackStep = getattr(_ext, "RwkvStackStep", None)
 
     def set_isa(name: str) -> None:
         """Force one ISA path (see available_isas()); raises HierarchosError when unavailable."""
@@ -78,6 +81,7 @@ if _ext is not None:
         set_isa(os.environ["HIERARCHOS_ISA"])
 else:
     _announce_reference()
+    RwkvStackStep = None  # the fused stack step has no numpy version: fused_step.py runs the Python step
     quantize = formats.quantize
     dequantize = formats.dequantize
     dequantize_rows = formats.dequantize_rows

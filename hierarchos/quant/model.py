@@ -21,6 +21,9 @@ from one tensor (FUSED_PROJECTIONS) so that, in generation, the first of them to
 whole group in one kernel call (`kernel.matmul_many`) and hands the others their results when they
 are called: fewer Python-to-kernel round trips and thread-pool hand-offs per token, bit-identical
 results (every output row is the same dot product either way).
+
+`fused_step.attach_fused_steps(model)` (also done by build_quantized_model) goes further in
+generation: one C++ call per RWKV-7 stack pass for a one-token step (hierarchos/quant/fused_step.py).
 """
 
 from __future__ import annotations
@@ -316,13 +319,19 @@ def build_quantized_model(cfg: ModelConfig, tensors: dict, where: str = "quantiz
     for p in model.parameters():
         p.requires_grad_(False)
     fuse_projections(model)
+    from .fused_step import attach_fused_steps  # (imports this module)
+
+    attach_fused_steps(model)
     return model.eval()
 
 
 def place_on_vulkan(model, where: str = "--device vulkan") -> int:
     """Upload every QuantLinear's blocks to the Vulkan device (once); returns the bytes uploaded.
     A one-line HierarchosError when there is no Vulkan backend, device, or device memory."""
+    from .fused_step import attach_fused_steps
+
     vulkan.require_vulkan(where)
+    attach_fused_steps(model, enabled=False)  # the fused stack step runs the CPU kernel; matmuls go to Vulkan now
     uploaded = 0
     for module in model.modules():
         if isinstance(module, QuantLinear) and module.vk_weight is None:

@@ -1,0 +1,198 @@
+"""The quantized model's fused generation step: one C++ call per RWKV-7 stack pass at T = 1.
+
+At batch 1 the quantized step was bound by Python and small torch ops, not by its weights: each
+of the ~66 block passes of a 125m token ran a few dozen tiny ops around its kernel calls
+(BENCHMARKS.md, issue 17). `attach_fused_steps(model)` (done by build_quantized_model) turns every
+RWKV-7 stack whose projections are all quantized into a `FusedRWKVStack`: a one-token call runs
+the whole stack (every block's layer norms, token shift, low-rank mixes, projections, WKV-7
+update, head norm, gates and SwiGLU) in `kernel.RwkvStackStep` (kernels/rwkv_step.cpp), on the
+same integer matvecs the Python path calls. Everything else runs the ordinary Python forward,
+which stays the reference (tests/test_quant_fused_step.py holds the two equal):
+- prompts (T > 1), float64 or autocast, inputs that need gradients, Vulkan-placed weights;
+- forward hooks or pre-hooks on any module of the stack (they observe module calls, which the fused
+  call does not make: bench/bench_generate.py counts streamed bytes that way);
+- stacks it does not cover (attention, `time_mix="wkv4"`, a projection left in float or with a
+  bias, parameters not in float32), and every stack when the C++ kernel is not built.
+`HIERARCHOS_FUSED_STEP=0` in the environment turns it off (for measuring against the Python step).
+
+The C++ object reads the parameters' own storage (no copies): in-place changes stay visible, but a
+parameter replaced by a new tensor is not; call `attach_fused_steps(model)` again after such a load.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.modules import module as nn_module
+
+from ..model.rwkv import RWKVStack, TimeMix
+from . import kernel
+from .model import QuantLinear
+
+ENV_SWITCH = "HIERARCHOS_FUSED_STEP"
+
+
+def available() -> bool:
+    """Whether the fused step can run at all (the C++ kernel built with RwkvStackStep)."""
+    return getattr(kernel, "RwkvStackStep", None) is not None
+
+
+def _no_plan() -> None:
+    return None
+
+
+def _array(t: torch.Tensor) -> np.ndarray:
+    # a view of the parameter's storage when it is contiguous float32 (checked by _layer_spec)
+    return t.detach().contiguous().numpy()
+
+
+def _quant(m) -> tuple:
+    return (m.weight_q.data, m.weight_q.qtype, m.in_features)
+
+
+def _why_not(stack) -> str | None:
+    """Why this stack cannot take the fused step (None: it can)."""
+    if not isinstance(stack, RWKVStack) or stack.time_mix != "rwkv7":
+        return "not an RWKV-7 stack"
+    if stack.head_size > 256:
+        return "head size above 256"
+    for block in stack.blocks:
+        tm, cm = block.time_mix, block.channel_mix
+        if not isinstance(tm, TimeMix):
+            return "a block without the RWKV-7 time mix"
+        linears = [tm.receptance, tm.key, tm.value, tm.output, cm.gate, cm.up, cm.down]
+        if tm.wiring.gate == "sigmoid_full":
+            linears.append(tm.gate)
+        if any(not isinstance(m, QuantLinear) or m.bias is not None or m.vk_weight is not None for m in linears):
+            return "a projection that is not a bias-free quantized matrix on the CPU"
+        if any(p.dtype != torch.float32 or p.device.type != "cpu" for p in block.parameters()):
+            return "parameters not in float32 on the CPU"
+        if not (block.ln_time.elementwise_affine and block.ln_channel.elementwise_affine):
+            return "a layer norm without its affine"
+    return None
+
+
+def _layer_spec(block) -> dict:
+    """What RwkvStackStep reads of one block (names as kernels/rwkv_step.cpp expects them)."""
+    tm, cm = block.time_mix, block.channel_mix
+    spec = {"ln_time.weight": _array(block.ln_time.weight), "ln_time.bias": _array(block.ln_time.bias),
+            "ln_time.eps": float(block.ln_time.eps),
+            "ln_channel.weight": _array(block.ln_channel.weight), "ln_channel.bias": _array(block.ln_channel.bias),
+            "ln_channel.eps": float(block.ln_channel.eps),
+            "ddlerp": tm.wiring.token_shift == "ddlerp", "mix": _array(tm.mix),
+            "decay_rank": tm.decay_down.shape[1], "decay_base": _array(tm.decay_base),
+            "decay_down": _array(tm.decay_down), "decay_up": _array(tm.decay_up),
+            "iclr_rank": tm.iclr_down.shape[1], "iclr_base": _array(tm.iclr_base),
+            "iclr_down": _array(tm.iclr_down), "iclr_up": _array(tm.iclr_up),
+            "removal_scale": _array(tm.removal_scale), "key_iclr_mix": _array(tm.key_iclr_mix),
+            "bonus": _array(tm.bonus), "norm.weight": _array(tm.norm.weight), "norm.bias": _array(tm.norm.bias),
+            "norm.eps": float(tm.norm.eps), "gate_full": tm.wiring.gate == "sigmoid_full",
+            "value_first": tm.layer_id == 0 and tm.wiring.value_residual, "value_residual": tm.value_residual,
+            "receptance": _quant(tm.receptance), "key": _quant(tm.key), "value": _quant(tm.value),
+            "output": _quant(tm.output), "cm_mix": _array(cm.mix),
+            "cm_gate": _quant(cm.gate), "cm_up": _quant(cm.up), "cm_down": _quant(cm.down)}
+    if spec["ddlerp"]:
+        spec.update(mix_rank=tm.mix_up.shape[1], mix_base=_array(tm.mix_base), mix_down=_array(tm.mix_down),
+                    mix_up=_array(tm.mix_up))
+    if spec["gate_full"]:
+        spec["gate"] = _quant(tm.gate)
+    else:
+        spec.update(gate_rank=tm.gate_down.shape[1], gate_down=_array(tm.gate_down), gate_up=_array(tm.gate_up))
+    if tm.value_residual:
+        spec.update(vr_rank=tm.value_residual_down.shape[1], vr_base=_array(tm.value_residual_base),
+                    vr_down=_array(tm.value_residual_down), vr_up=_array(tm.value_residual_up))
+    return spec
+
+
+class _Plan:
+    """A stack's C++ step object, its modules (for the hook check) and the last DeepEmbed lookup."""
+
+    def __init__(self, stack: RWKVStack):
+        ffn_dim = stack.blocks[0].channel_mix.up.out_features
+        self.step = kernel.RwkvStackStep(stack.dim, stack.head_size, ffn_dim,
+                                         [_layer_spec(block) for block in stack.blocks])
+        self.modules = [m for m in stack.modules() if m is not stack]
+        self.gates_for: tuple | None = None  # (tokens, version, gates): the passes of one step share tokens
+
+    def __deepcopy__(self, memo):  # a copied model has copied parameters: it builds its own plan
+        return None
+
+    def __reduce__(self):  # pickled models come back without a plan (the Python step) until attached again
+        return (_no_plan, ())
+
+    def observed(self) -> bool:
+        """Whether a hook watches any module call of the stack (or every module's)."""
+        if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+            return True
+        return any(m._forward_hooks or m._forward_pre_hooks for m in self.modules)
+
+    def gates(self, stack: RWKVStack, tokens: torch.Tensor) -> list | None:
+        if stack.deepembed is None:
+            return None
+        cached = self.gates_for
+        if cached is not None and cached[0] is tokens and cached[1] == tokens._version:
+            return cached[2]
+        B = tokens.shape[0]
+        gates = [g.reshape(B, -1).to(torch.float32).contiguous().numpy()
+                 for g in stack.deepembed.gates(tokens, len(stack.blocks))]
+        self.gates_for = (tokens, tokens._version, gates)  # holds tokens: its id cannot be reused meanwhile
+        return gates
+
+
+class FusedRWKVStack(RWKVStack):
+    """An RWKVStack whose one-token passes run in one C++ call (see the module doc); the class of
+    the stacks `attach_fused_steps` converts (their parameters and state dict are unchanged)."""
+
+    _fused_plan: _Plan | None = None
+
+    def _fused_applies(self, x, state, frozen) -> bool:
+        plan = self._fused_plan
+        if plan is None or x.dim() != 3 or x.shape[1] != 1 or x.dtype != torch.float32 or x.device.type != "cpu":
+            return False
+        if x.requires_grad or torch.is_autocast_enabled("cpu"):
+            return False
+        if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in state.values()):
+            return False
+        if frozen is not None and (frozen.dtype != torch.bool or frozen.numel() != x.shape[0]):
+            return False
+        return not plan.observed()
+
+    def forward(self, x: torch.Tensor, tokens: torch.Tensor, state: dict, frozen: torch.Tensor | None = None):
+        if not self._fused_applies(x, state, frozen):
+            return super().forward(x, tokens, state, frozen)
+        plan = self._fused_plan
+        B, C = x.shape[0], x.shape[2]
+        out = plan.step.step(x.detach().reshape(B, C).numpy(), state["tm_shift"].numpy(), state["wkv"].numpy(),
+                             state["cm_shift"].numpy(), plan.gates(self, tokens),
+                             None if frozen is None else frozen.reshape(B).numpy())
+        y, tm, wkv, cm = (torch.from_numpy(a) for a in out)
+        return y.view(B, 1, C), {"tm_shift": tm, "wkv": wkv, "cm_shift": cm}
+
+
+def attach_fused_steps(model: nn.Module, enabled: bool | None = None) -> int:
+    """Give every stack of `model` that can take it the fused one-token step (a fresh plan, built
+    from the parameters as they are now); enabled=False (or HIERARCHOS_FUSED_STEP=0 when enabled is
+    None) removes it. Returns the number of stacks that have it."""
+    if enabled is None:
+        enabled = os.environ.get(ENV_SWITCH, "1") != "0"
+    count = 0
+    for module in model.modules():
+        if isinstance(module, FusedRWKVStack):
+            module._fused_plan = None
+            module.__class__ = RWKVStack
+        if not isinstance(module, RWKVStack) or not enabled or not available() or _why_not(module) is not None:
+            continue
+        module.__class__ = FusedRWKVStack  # same layout: only forward differs
+        module._fused_plan = _Plan(module)
+        count += 1
+    return count
+
+
+def why_not_fused(model: nn.Module) -> dict[str, str | None]:
+    """Each RWKV stack of `model` by name -> why it cannot take the fused step (None: it can)."""
+    if not available():
+        return {name: "the C++ kernel is not built" for name, m in model.named_modules() if isinstance(m, RWKVStack)}
+    return {name: _why_not(m) for name, m in model.named_modules() if isinstance(m, RWKVStack)}

@@ -1,0 +1,469 @@
+// One token through a whole RWKV-7 stack (hierarchos/model/rwkv.py: RWKVStack.forward at T = 1,
+// every block a TimeMix + ChannelMix whose eight projections are quantized), in one call.
+//
+// The Python step runs a few dozen small torch ops per block (layer norms, token shift, the
+// low-rank mixes, decay and in-context rate, the WKV-7 update, head norm, gates, SwiGLU) plus a
+// kernel call per projection group: at batch 1 that overhead, not the weights, set the speed of
+// the quantized 125m model (BENCHMARKS.md, issue 17). Here the same function runs in C++ on
+// the kernel's thread pool: the projections through hk::matmul / matmul_many (the very
+// integer kernels the Python path calls, on the same 8-bit activations), the float low-rank
+// products split by output columns, the WKV-7 update split by (row, head). The Python step stays
+// the reference (hierarchos/quant/fused_step.py decides when this path applies;
+// tests/test_quant_fused_step.py holds the two equal).
+//
+// Per block and row, with x the block input (C), frozen f (the frozen-token rule: the token
+// writes nothing into the state and the token shift skips it):
+//   xa = LN_time(x); prev = tm_shift; tm_shift' = f ? prev : xa; delta = prev - xa
+//   x_i = xa + delta * (mix_i + lora_i)   (ddlerp: lora = tanh((xa + delta mix_base) D) U_i; static: 0)
+//   r, k, v, g = W_r x_0, W_k x_2, W_v x_3, sigmoid(W_g x_5) (or x070's sigmoid(x_5 G1) G2)
+//   v += (v_first - v) sigmoid(vr_base + x_3 V1 V2)       (value residual, blocks after the first)
+//   log_w = -exp(-softplus(-(decay_base + tanh(x_1 D1) D2)) - 0.5); iclr = sigmoid(iclr_base + x_4 A1 A2)
+//   kappa = normalize_head(k removal_scale); k' = k (1 + (iclr - 1) key_iclr_mix); b = kappa iclr
+//   f: log_w = k' = b = 0;  per head: u = S (-kappa); S' = S exp(log_w) + u b^T + v k'^T; o = S' r
+//   x += W_o ((head_norm(o) + (r k' bonus)_head v) g)
+//   xc = LN_channel(x); cm_shift' = f ? prev_c : xc; xk = xc + (prev_c - xc) cm_mix
+//   x += W_down (silu(W_gate xk) W_up xk deep_gate)
+#include "rwkv_step.h"
+
+#include <pybind11/numpy.h>
+#include <pybind11/stl.h>
+
+#include <algorithm>
+#include <cmath>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "runtime.h"
+
+namespace py = pybind11;
+
+namespace hk {
+
+namespace {
+
+// The float loops below are plain C++; these clones give them the wide vector units where the
+// compiler supports function multiversioning (the quantized kernels have their own ISA units).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define HK_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define HK_CLONES
+#endif
+
+using FloatArray = py::array_t<float, py::array::c_style | py::array::forcecast>;
+using ByteArray = py::array_t<uint8_t, py::array::c_style>;
+
+struct QMat {
+    QType t = QType::Q4_0;
+    const uint8_t *data = nullptr;
+    int64_t rows = 0, cols = 0;
+};
+
+struct Layer {
+    const float *ln1_w, *ln1_b, *ln2_w, *ln2_b;
+    float ln1_eps, ln2_eps, norm_eps;
+    bool ddlerp;
+    const float *mix, *mix_base = nullptr, *mix_down = nullptr, *mix_up = nullptr;
+    int64_t mix_rank = 0;
+    const float *decay_base, *decay_down, *decay_up;
+    int64_t decay_rank;
+    const float *iclr_base, *iclr_down, *iclr_up;
+    int64_t iclr_rank;
+    const float *removal_scale, *key_iclr_mix, *bonus, *norm_w, *norm_b;
+    bool gate_full;
+    const float *gate_down = nullptr, *gate_up = nullptr;
+    int64_t gate_rank = 0;
+    bool value_first = false, value_residual = false;
+    const float *vr_base = nullptr, *vr_down = nullptr, *vr_up = nullptr;
+    int64_t vr_rank = 0;
+    QMat r, k, v, g, o;
+    const float *cm_mix;
+    QMat cm_gate, cm_up, cm_down;
+};
+
+// y[b, :] = x[b, :] @ W for W (in, out) row-major, columns [j0, j1) of it, in the order torch's
+// x @ W sums (i ascending per column; the columns are independent, so they vectorise as they are).
+constexpr int64_t kCols = 64;
+
+HK_CLONES void vecmat_cols(const float *x, int64_t x_stride, const float *w, int64_t in, int64_t out,
+                           float *y, int64_t y_stride, int64_t rows, int64_t j0, int64_t j1) {
+    float acc[kCols];
+    const int64_t width = j1 - j0;
+    for (int64_t b = 0; b < rows; ++b) {
+        for (int64_t j = 0; j < width; ++j) acc[j] = 0.0f;
+        const float *xb = x + b * x_stride;
+        for (int64_t i = 0; i < in; ++i) {
+            const float xi = xb[i];
+            const float *wi = w + i * out + j0;
+            for (int64_t j = 0; j < width; ++j) acc[j] += xi * wi[j];
+        }
+        float *yb = y + b * y_stride + j0;
+        for (int64_t j = 0; j < width; ++j) yb[j] = acc[j];
+    }
+}
+
+struct VecMat {
+    const float *x;
+    int64_t x_stride;
+    const float *w;
+    int64_t in, out;
+    float *y;
+    int64_t y_stride;
+};
+
+// Several small float products in one pass over the pool, each split into column chunks.
+void run_vecmats(const std::vector<VecMat> &jobs, int64_t rows) {
+    std::vector<int64_t> first{0};
+    for (const VecMat &j : jobs) first.push_back(first.back() + (j.out + kCols - 1) / kCols);
+    parallel_tasks(first.back(), [&](int64_t task) {
+        size_t j = 0;
+        while (task >= first[j + 1]) ++j;
+        const VecMat &m = jobs[j];
+        const int64_t j0 = (task - first[j]) * kCols;
+        vecmat_cols(m.x, m.x_stride, m.w, m.in, m.out, m.y, m.y_stride, rows, j0, std::min(m.out, j0 + kCols));
+    });
+}
+
+float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
+
+float softplus(float x) { return x > 20.0f ? x : std::log1p(std::exp(x)); }  // torch's threshold 20
+
+// Layer norm over n channels (biased variance, eps inside the root), as torch.layer_norm.
+void layer_norm(const float *x, const float *w, const float *b, float eps, int64_t n, float *y) {
+    double mean = 0.0, var = 0.0;
+    for (int64_t i = 0; i < n; ++i) mean += x[i];
+    mean /= static_cast<double>(n);
+    for (int64_t i = 0; i < n; ++i) {
+        const double d = x[i] - mean;
+        var += d * d;
+    }
+    var /= static_cast<double>(n);
+    const float inv = static_cast<float>(1.0 / std::sqrt(var + eps));
+    const float m = static_cast<float>(mean);
+    for (int64_t i = 0; i < n; ++i) {
+        const float normed = (x[i] - m) * inv;
+        y[i] = w ? normed * w[i] + b[i] : normed;
+    }
+}
+
+float dot(const float *x, const float *y, int64_t n) {  // eight partial sums, as wkv.cpp
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8)
+        for (int l = 0; l < 8; ++l) acc[l] += x[j + l] * y[j + l];
+    float total = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    for (; j < n; ++j) total += x[j] * y[j];
+    return total;
+}
+
+// The WKV-7 update of one head of one row (S: its N x N state, updated in place) and the
+// head's part of the output gate's input: (head_norm(o) + bonus v) * g.
+HK_CLONES void wkv_head(float *S, int64_t N, const float *r, const float *k, const float *v, const float *g,
+                        const float *log_w, const float *iclr, const Layer &L, int64_t c0, bool frozen,
+                        float *out) {
+    float kappa[256], kmod[256], bb[256], decay[256], u[256], o[256];
+    float norm2 = 0.0f;
+    for (int64_t j = 0; j < N; ++j) {
+        kappa[j] = k[j] * L.removal_scale[c0 + j];
+        norm2 += kappa[j] * kappa[j];
+    }
+    const float inv = 1.0f / std::max(std::sqrt(norm2), 1e-12f);  // F.normalize
+    for (int64_t j = 0; j < N; ++j) {
+        kappa[j] = kappa[j] * inv;
+        const float ic = iclr[j];
+        kmod[j] = frozen ? 0.0f : k[j] * (1.0f + (ic - 1.0f) * L.key_iclr_mix[c0 + j]);
+        bb[j] = frozen ? 0.0f : kappa[j] * ic;
+        decay[j] = frozen ? 1.0f : std::exp(log_w[j]);
+        kappa[j] = -kappa[j];  // the removal key enters as a = -kappa
+    }
+    for (int64_t i = 0; i < N; ++i) u[i] = dot(S + i * N, kappa, N);
+    for (int64_t i = 0; i < N; ++i) {
+        float *row = S + i * N;
+        const float ui = u[i], vi = v[i];
+        for (int64_t j = 0; j < N; ++j) row[j] = row[j] * decay[j] + ui * bb[j] + vi * kmod[j];
+        o[i] = dot(row, r, N);
+    }
+    layer_norm(o, nullptr, nullptr, L.norm_eps, N, o);
+    float bonus = 0.0f;
+    for (int64_t j = 0; j < N; ++j) bonus += r[j] * kmod[j] * L.bonus[c0 + j];
+    for (int64_t i = 0; i < N; ++i)
+        out[i] = ((o[i] * L.norm_w[c0 + i] + L.norm_b[c0 + i]) + bonus * v[i]) * g[i];
+}
+
+MatmulJob job(const QMat &m, const float *x, int64_t n, float *out) { return {m.t, m.data, m.rows, m.cols, x, n, out}; }
+
+QType parse_qtype(const std::string &name) {
+    for (int i = 0; i < kNumQTypes; ++i)
+        if (name == qtype_name(static_cast<QType>(i))) return static_cast<QType>(i);
+    throw py::value_error("RwkvStackStep: unknown qtype '" + name + "'");
+}
+
+class RwkvStackStep {
+public:
+    RwkvStackStep(int64_t dim, int64_t head_size, int64_t ffn_dim, const py::list &layers)
+        : C_(dim), N_(head_size), H_(dim / head_size), F_(ffn_dim) {
+        if (dim <= 0 || head_size <= 0 || head_size > 256 || dim % head_size || ffn_dim <= 0)
+            throw py::value_error("RwkvStackStep: need dim a multiple of head_size (<= 256) and ffn_dim > 0");
+        if (layers.size() == 0) throw py::value_error("RwkvStackStep: no layers");
+        for (const py::handle item : layers) layers_.push_back(parse_layer(item.cast<py::dict>()));
+    }
+
+    int64_t n_layers() const { return static_cast<int64_t>(layers_.size()); }
+
+    py::tuple step(const FloatArray &x, const FloatArray &tm, const FloatArray &wkv, const FloatArray &cm,
+                   const py::object &gates, const py::object &frozen) {
+        const int64_t L = n_layers(), C = C_, H = H_, N = N_;
+        if (x.ndim() != 2 || x.shape(1) != C) throw py::value_error("RwkvStackStep.step: x must be (B, dim)");
+        const int64_t B = x.shape(0);
+        auto check = [&](const FloatArray &a, std::vector<int64_t> shape, const char *name) {
+            bool ok = a.ndim() == static_cast<py::ssize_t>(shape.size());
+            for (size_t i = 0; ok && i < shape.size(); ++i) ok = a.shape(i) == shape[i];
+            if (!ok) throw py::value_error(std::string("RwkvStackStep.step: ") + name + " has the wrong shape");
+        };
+        check(tm, {L, B, C}, "tm_shift");
+        check(cm, {L, B, C}, "cm_shift");
+        check(wkv, {L, B, H, N, N}, "wkv");
+        std::vector<FloatArray> gate_arrays;
+        if (!gates.is_none()) {
+            for (const py::handle gate : gates.cast<py::list>()) {
+                gate_arrays.push_back(FloatArray::ensure(gate));
+                if (!gate_arrays.back()) throw py::value_error("RwkvStackStep.step: a gate is not a float array");
+                check(gate_arrays.back(), {B, F_}, "a DeepEmbed gate");
+            }
+            if (static_cast<int64_t>(gate_arrays.size()) != L)
+                throw py::value_error("RwkvStackStep.step: one DeepEmbed gate per layer");
+        }
+        std::vector<uint8_t> frozen_rows(static_cast<size_t>(B), 0);
+        if (!frozen.is_none()) {
+            auto f = py::array_t<bool, py::array::c_style | py::array::forcecast>::ensure(frozen);
+            if (!f || f.size() != B) throw py::value_error("RwkvStackStep.step: frozen must hold one flag per row");
+            for (int64_t b = 0; b < B; ++b) frozen_rows[b] = f.data()[b] ? 1 : 0;
+        }
+        py::array_t<float> x_out({B, C}), tm_out({L, B, C}), cm_out({L, B, C}), wkv_out({L, B, H, N, N});
+        std::vector<const float *> gate_ptrs;
+        for (const FloatArray &g : gate_arrays) gate_ptrs.push_back(g.data());
+        const float *px = x.data(), *ptm = tm.data(), *pcm = cm.data(), *pwkv = wkv.data();
+        float *ox = x_out.mutable_data(), *otm = tm_out.mutable_data(), *ocm = cm_out.mutable_data();
+        float *owkv = wkv_out.mutable_data();
+        {
+            py::gil_scoped_release release;
+            std::lock_guard<std::mutex> lock(mutex_);  // the scratch is the object's
+            run(B, px, ptm, pwkv, pcm, gate_ptrs, frozen_rows.data(), ox, otm, owkv, ocm);
+        }
+        return py::make_tuple(x_out, tm_out, wkv_out, cm_out);
+    }
+
+private:
+    const float *vec(const py::dict &d, const char *name, int64_t size) {
+        if (!d.contains(name)) throw py::value_error(std::string("RwkvStackStep: layer lacks '") + name + "'");
+        FloatArray a = FloatArray::ensure(d[name]);
+        if (!a || a.size() != size)
+            throw py::value_error(std::string("RwkvStackStep: '") + name + "' must hold " + std::to_string(size) +
+                                  " float32 values");
+        keep_.push_back(a);  // the pointer stays valid while the step object lives
+        return a.data();
+    }
+
+    QMat quant(const py::dict &d, const char *name, int64_t rows, int64_t cols) {
+        if (!d.contains(name)) throw py::value_error(std::string("RwkvStackStep: layer lacks '") + name + "'");
+        const py::tuple spec = d[name].cast<py::tuple>();
+        ByteArray data = ByteArray::ensure(spec[0]);
+        QMat m{parse_qtype(spec[1].cast<std::string>()), nullptr, rows, cols};
+        if (!data || data.ndim() != 2 || data.shape(0) != rows || spec[2].cast<int64_t>() != cols ||
+            cols % block_size(m.t) || data.shape(1) != cols / block_size(m.t) * block_bytes(m.t))
+            throw py::value_error(std::string("RwkvStackStep: '") + name + "' is not a (" + std::to_string(rows) +
+                                  ", " + std::to_string(cols) + ") quantized matrix");
+        keep_.push_back(data);
+        m.data = data.data();
+        return m;
+    }
+
+    Layer parse_layer(const py::dict &d) {
+        const int64_t C = C_, F = F_;
+        Layer L{};
+        auto rank = [&](const char *name) { return d[name].cast<int64_t>(); };
+        L.ln1_w = vec(d, "ln_time.weight", C), L.ln1_b = vec(d, "ln_time.bias", C);
+        L.ln2_w = vec(d, "ln_channel.weight", C), L.ln2_b = vec(d, "ln_channel.bias", C);
+        L.ln1_eps = d["ln_time.eps"].cast<float>(), L.ln2_eps = d["ln_channel.eps"].cast<float>();
+        L.norm_eps = d["norm.eps"].cast<float>();
+        L.ddlerp = d["ddlerp"].cast<bool>();
+        L.mix = vec(d, "mix", 6 * C);
+        if (L.ddlerp) {
+            L.mix_rank = rank("mix_rank");
+            if (L.mix_rank <= 0) throw py::value_error("RwkvStackStep: mix_rank must be positive");
+            L.mix_base = vec(d, "mix_base", C);
+            L.mix_down = vec(d, "mix_down", C * 6 * L.mix_rank);
+            L.mix_up = vec(d, "mix_up", 6 * L.mix_rank * C);
+        }
+        L.decay_rank = rank("decay_rank"), L.iclr_rank = rank("iclr_rank");
+        L.decay_base = vec(d, "decay_base", C), L.decay_down = vec(d, "decay_down", C * L.decay_rank);
+        L.decay_up = vec(d, "decay_up", L.decay_rank * C);
+        L.iclr_base = vec(d, "iclr_base", C), L.iclr_down = vec(d, "iclr_down", C * L.iclr_rank);
+        L.iclr_up = vec(d, "iclr_up", L.iclr_rank * C);
+        L.removal_scale = vec(d, "removal_scale", C), L.key_iclr_mix = vec(d, "key_iclr_mix", C);
+        L.bonus = vec(d, "bonus", C), L.norm_w = vec(d, "norm.weight", C), L.norm_b = vec(d, "norm.bias", C);
+        L.gate_full = d["gate_full"].cast<bool>();
+        if (L.gate_full) {
+            L.g = quant(d, "gate", C, C);
+        } else {
+            L.gate_rank = rank("gate_rank");
+            L.gate_down = vec(d, "gate_down", C * L.gate_rank), L.gate_up = vec(d, "gate_up", L.gate_rank * C);
+        }
+        L.value_first = d["value_first"].cast<bool>();
+        L.value_residual = d["value_residual"].cast<bool>();
+        if (L.value_residual) {
+            L.vr_rank = rank("vr_rank");
+            L.vr_base = vec(d, "vr_base", C), L.vr_down = vec(d, "vr_down", C * L.vr_rank);
+            L.vr_up = vec(d, "vr_up", L.vr_rank * C);
+        }
+        L.r = quant(d, "receptance", C, C), L.k = quant(d, "key", C, C), L.v = quant(d, "value", C, C);
+        L.o = quant(d, "output", C, C);
+        L.cm_mix = vec(d, "cm_mix", C);
+        L.cm_gate = quant(d, "cm_gate", F, C), L.cm_up = quant(d, "cm_up", F, C), L.cm_down = quant(d, "cm_down", C, F);
+        for (int64_t r : {L.mix_rank, L.decay_rank, L.iclr_rank, L.gate_rank, L.vr_rank})
+            if (r < 0 || r > 4096) throw py::value_error("RwkvStackStep: a low-rank width is out of range");
+        return L;
+    }
+
+    void ensure_scratch(int64_t B) {
+        if (B == rows_) return;
+        rows_ = B;
+        int64_t max_rank = 1;
+        for (const Layer &L : layers_)
+            max_rank = std::max({max_rank, 6 * L.mix_rank, L.decay_rank, L.iclr_rank, L.gate_rank, L.vr_rank});
+        const size_t BC = static_cast<size_t>(B * C_);
+        for (auto *v : {&xa_, &delta_, &base_, &r_, &k_, &v_, &g_, &log_w_, &iclr_, &vfirst_, &att_in_, &att_out_,
+                        &xc_, &xk_, &ffn_out_, &tmp_})
+            v->assign(BC, 0.0f);
+        xs_.assign(6 * BC, 0.0f);
+        for (auto *v : {&low1_, &low2_, &low3_, &low4_}) v->assign(static_cast<size_t>(B * max_rank), 0.0f);
+        hid_g_.assign(static_cast<size_t>(B * F_), 0.0f);
+        hid_u_.assign(static_cast<size_t>(B * F_), 0.0f);
+    }
+
+    void time_mix(const Layer &L, int64_t li, int64_t B, const float *tm_in, const float *wkv_in, const uint8_t *frozen,
+                  float *x, float *tm_out, float *wkv_out) {
+        const int64_t C = C_, H = H_, N = N_, BC = B * C;
+        float *xs = xs_.data();
+        for (int64_t b = 0; b < B; ++b) {
+            float *xa = xa_.data() + b * C, *delta = delta_.data() + b * C;
+            const float *prev = tm_in + b * C;
+            layer_norm(x + b * C, L.ln1_w, L.ln1_b, L.ln1_eps, C, xa);
+            std::copy(frozen[b] ? prev : xa, (frozen[b] ? prev : xa) + C, tm_out + b * C);
+            for (int64_t c = 0; c < C; ++c) delta[c] = prev[c] - xa[c];
+            if (L.ddlerp)
+                for (int64_t c = 0; c < C; ++c) base_[b * C + c] = xa[c] + delta[c] * L.mix_base[c];
+        }
+        const float *xa = xa_.data(), *delta = delta_.data();
+        if (L.ddlerp) {  // tanh(base @ mix_down) (B, 6R), then each target's rank-R correction
+            const int64_t R = L.mix_rank;
+            run_vecmats({{base_.data(), C, L.mix_down, C, 6 * R, low1_.data(), 6 * R}}, B);
+            for (int64_t i = 0; i < B * 6 * R; ++i) low1_[i] = std::tanh(low1_[i]);
+            std::vector<VecMat> ups;
+            for (int64_t t = 0; t < 6; ++t)
+                ups.push_back({low1_.data() + t * R, 6 * R, L.mix_up + t * R * C, R, C, xs + t * BC, C});
+            run_vecmats(ups, B);
+            for (int64_t t = 0; t < 6; ++t)
+                for (int64_t i = 0; i < BC; ++i)
+                    xs[t * BC + i] = xa[i] + delta[i] * (L.mix[t * C + i % C] + xs[t * BC + i]);
+        } else {
+            for (int64_t t = 0; t < 6; ++t)
+                for (int64_t i = 0; i < BC; ++i) xs[t * BC + i] = xa[i] + delta[i] * L.mix[t * C + i % C];
+        }
+        // x_0..x_5: receptance, decay, key, value, iclr, gate inputs
+        const float *xr = xs, *xw = xs + BC, *xk = xs + 2 * BC, *xv = xs + 3 * BC, *xi = xs + 4 * BC, *xg = xs + 5 * BC;
+        std::vector<MatmulJob> jobs{job(L.r, xr, B, r_.data()), job(L.k, xk, B, k_.data()), job(L.v, xv, B, v_.data())};
+        if (L.gate_full) jobs.push_back(job(L.g, xg, B, g_.data()));
+        matmul_many(jobs);
+        // the low-rank paths: down products, their nonlinearity, up products
+        std::vector<VecMat> downs{{xw, C, L.decay_down, C, L.decay_rank, low1_.data(), L.decay_rank},
+                                  {xi, C, L.iclr_down, C, L.iclr_rank, low2_.data(), L.iclr_rank}};
+        if (!L.gate_full) downs.push_back({xg, C, L.gate_down, C, L.gate_rank, low3_.data(), L.gate_rank});
+        if (L.value_residual) downs.push_back({xv, C, L.vr_down, C, L.vr_rank, low4_.data(), L.vr_rank});
+        run_vecmats(downs, B);
+        for (int64_t i = 0; i < B * L.decay_rank; ++i) low1_[i] = std::tanh(low1_[i]);
+        for (int64_t i = 0; i < B * L.gate_rank; ++i) low3_[i] = sigmoid(low3_[i]);
+        std::vector<VecMat> ups{{low1_.data(), L.decay_rank, L.decay_up, L.decay_rank, C, log_w_.data(), C},
+                                {low2_.data(), L.iclr_rank, L.iclr_up, L.iclr_rank, C, iclr_.data(), C}};
+        if (!L.gate_full) ups.push_back({low3_.data(), L.gate_rank, L.gate_up, L.gate_rank, C, g_.data(), C});
+        if (L.value_residual) ups.push_back({low4_.data(), L.vr_rank, L.vr_up, L.vr_rank, C, tmp_.data(), C});
+        run_vecmats(ups, B);
+        for (int64_t i = 0; i < BC; ++i) {
+            const int64_t c = i % C;
+            log_w_[i] = -std::exp(-softplus(-(L.decay_base[c] + log_w_[i])) - 0.5f);
+            iclr_[i] = sigmoid(L.iclr_base[c] + iclr_[i]);
+            if (L.gate_full) g_[i] = sigmoid(g_[i]);
+            if (L.value_residual) v_[i] = v_[i] + (vfirst_[i] - v_[i]) * sigmoid(L.vr_base[c] + tmp_[i]);
+        }
+        if (L.value_first) std::copy(v_.begin(), v_.end(), vfirst_.begin());
+        // the recurrence, head by head: each (row, head) owns its state block
+        const int64_t hs = N * N;
+        std::copy(wkv_in, wkv_in + B * H * hs, wkv_out);
+        parallel_tasks(B * H, [&](int64_t task) {
+            const int64_t b = task / H, h = task % H, off = b * C + h * N;
+            wkv_head(wkv_out + task * hs, N, r_.data() + off, k_.data() + off, v_.data() + off, g_.data() + off,
+                     log_w_.data() + off, iclr_.data() + off, L, h * N, frozen[b] != 0, att_in_.data() + off);
+        });
+        (void)li;
+        matmul(L.o.t, L.o.data, L.o.rows, L.o.cols, att_in_.data(), B, att_out_.data());
+        for (int64_t i = 0; i < BC; ++i) x[i] += att_out_[i];
+    }
+
+    void channel_mix(const Layer &L, int64_t B, const float *cm_in, const float *gate, const uint8_t *frozen, float *x,
+                     float *cm_out) {
+        const int64_t C = C_, F = F_;
+        for (int64_t b = 0; b < B; ++b) {
+            float *xc = xc_.data() + b * C, *xk = xk_.data() + b * C;
+            const float *prev = cm_in + b * C;
+            layer_norm(x + b * C, L.ln2_w, L.ln2_b, L.ln2_eps, C, xc);
+            std::copy(frozen[b] ? prev : xc, (frozen[b] ? prev : xc) + C, cm_out + b * C);
+            for (int64_t c = 0; c < C; ++c) xk[c] = xc[c] + (prev[c] - xc[c]) * L.cm_mix[c];
+        }
+        matmul_many({job(L.cm_gate, xk_.data(), B, hid_g_.data()), job(L.cm_up, xk_.data(), B, hid_u_.data())});
+        for (int64_t i = 0; i < B * F; ++i) {
+            const float a = hid_g_[i];
+            float h = (a * sigmoid(a)) * hid_u_[i];  // silu(gate) * up
+            if (gate) h *= gate[i];
+            hid_g_[i] = h;
+        }
+        matmul(L.cm_down.t, L.cm_down.data, L.cm_down.rows, L.cm_down.cols, hid_g_.data(), B, ffn_out_.data());
+        for (int64_t i = 0; i < B * C; ++i) x[i] += ffn_out_[i];
+    }
+
+    void run(int64_t B, const float *x_in, const float *tm, const float *wkv, const float *cm,
+             const std::vector<const float *> &gates, const uint8_t *frozen, float *x, float *tm_out, float *wkv_out,
+             float *cm_out) {
+        ensure_scratch(B);
+        const int64_t C = C_, state = B * H_ * N_ * N_;
+        std::copy(x_in, x_in + B * C, x);
+        for (int64_t l = 0; l < n_layers(); ++l) {
+            const Layer &L = layers_[l];
+            time_mix(L, l, B, tm + l * B * C, wkv + l * state, frozen, x, tm_out + l * B * C, wkv_out + l * state);
+            channel_mix(L, B, cm + l * B * C, gates.empty() ? nullptr : gates[l], frozen, x, cm_out + l * B * C);
+        }
+    }
+
+    int64_t C_, N_, H_, F_;
+    std::vector<Layer> layers_;
+    std::vector<py::object> keep_;
+    std::mutex mutex_;
+    int64_t rows_ = -1;
+    std::vector<float> xa_, delta_, base_, xs_, r_, k_, v_, g_, log_w_, iclr_, vfirst_, att_in_, att_out_, xc_, xk_,
+        ffn_out_, tmp_, low1_, low2_, low3_, low4_, hid_g_, hid_u_;
+};
+
+}  // namespace
+
+void register_rwkv_step(py::module_ &m) {
+    py::class_<RwkvStackStep>(m, "RwkvStackStep",
+                              "one token through a whole quantized RWKV-7 stack (hierarchos/quant/fused_step.py)")
+        .def(py::init<int64_t, int64_t, int64_t, const py::list &>(), py::arg("dim"), py::arg("head_size"),
+             py::arg("ffn_dim"), py::arg("layers"))
+        .def_property_readonly("n_layers", &RwkvStackStep::n_layers)
+        .def("step", &RwkvStackStep::step, py::arg("x"), py::arg("tm_shift"), py::arg("wkv"), py::arg("cm_shift"),
+             py::arg("gates") = py::none(), py::arg("frozen") = py::none(),
+             "x (B, dim), states (L, B, ...) -> (x, tm_shift, wkv, cm_shift), new arrays; inputs unchanged");
+}
+
+}  // namespace hk
