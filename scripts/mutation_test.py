@@ -39,8 +39,20 @@ MODULES: dict[str, list[str]] = {
     "hierarchos/ops/aligned.py": ["tests/test_aligned.py"],
     "hierarchos/ops/amp.py": ["tests/test_amp.py", "tests/test_model.py"],
     "hierarchos/quant/formats.py": ["tests/test_quant_formats.py", "tests/test_kernel.py"],
-    "hierarchos/io.py": ["tests/test_io.py", "tests/test_crash_safety.py", "tests/test_untrusted.py"],
-    "hierarchos/lora.py": ["tests/test_lora.py"],
+    # io and lora: the deterministic crash tests, not the SIGKILL ones (slow, and they run in a child process)
+    "hierarchos/io.py": ["tests/test_io_rules.py", *[f"tests/test_io.py::{t}" for t in (
+        "test_model_dir_round_trip", "test_model_dir_overwrite_replaces_whole_dir", "test_model_dir_errors",
+        "test_atomic_dir_exception_leaves_old_untouched", "test_crash_between_renames_recovers_new_dir",
+        "test_recover_rolls_back_and_discards_uncommitted", "test_atomic_write_text", "test_checkpoint_round_trip",
+        "test_rotation_keeps_newest_and_best", "test_checkpoint_resolution_and_errors", "test_checkpoint_to_model_dir",
+        "test_plain_checkpoint_conversion_refuses_a_lora_checkpoint")],
+        *[f"tests/test_crash_safety.py::{t}" for t in (
+            "test_atomic_write_bytes_crash_at_every_step", "test_atomic_write_text_crash_at_every_step",
+            "test_atomic_dir_crash_at_every_step", "test_save_model_dir_crash_at_every_step",
+            "test_save_model_files_crash_at_every_step_config_last", "test_save_checkpoint_crash_at_every_step")],
+        "tests/test_untrusted.py::test_checkpoint_optimizer_pickle_never_runs"],
+    "hierarchos/lora.py": ["tests/test_lora_rules.py", "tests/test_lora.py",
+                           "tests/test_crash_safety.py::test_save_adapter_crash_at_every_step_metadata_last"],
     "hierarchos/train/trainer.py": ["tests/test_trainer.py", "tests/test_numerical_faults.py"],
     "hierarchos/chat.py": ["tests/test_chat.py"],
 }

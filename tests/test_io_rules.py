@@ -1,0 +1,594 @@
+"""hierarchos.io's rules pinned one by one, against expectations written out here: durability order
+(every file fsynced before the rename that publishes it, the directory after), the recovery rule's
+cases, atomic_files' rename order, what a weights file stores once (storage, offset, shape, stride
+and dtype tell aliases apart), strict loading's one-line messages, the config payload, checkpoint
+pointers, rotation leftovers, step-dir order and the extra-tensor groups. Tiny modules, CPU,
+milliseconds each; random inputs from a fresh seed printed in every assertion."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from hierarchos import __version__
+from hierarchos import io as hio
+from hierarchos.config import CONFIG_VERSION, tiny_config
+from hierarchos.errors import HierarchosError
+from hierarchos.model import HierarchosLM
+
+
+def fresh_seed() -> int:
+    return random.SystemRandom().randrange(2**31)
+
+
+def one_line(fn) -> str:
+    with pytest.raises(HierarchosError) as info:
+        fn()
+    text = str(info.value)
+    assert "\n" not in text, text
+    return text
+
+
+def hidden(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.name.startswith("."))
+
+
+class Events:
+    """Records fsyncs (by path, with the file's size on disk then) and renames, in order."""
+
+    def __init__(self, monkeypatch):
+        self.log: list[tuple] = []
+        real_fsync, real_replace = os.fsync, os.replace
+
+        def fsync(fd):
+            path = os.readlink(f"/proc/self/fd/{fd}")
+            self.log.append(("fsync", Path(path).name, os.fstat(fd).st_size if os.path.isfile(path) else None))
+            return real_fsync(fd)
+
+        def replace(src, dst):
+            self.log.append(("replace", Path(src).name, Path(dst).name))
+            return real_replace(src, dst)
+
+        monkeypatch.setattr(os, "fsync", fsync)
+        monkeypatch.setattr(os, "replace", replace)
+
+
+needs_proc = pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
+
+
+# ---- durability order ---------------------------------------------------------------------
+
+@needs_proc
+def test_atomic_write_bytes_fsyncs_the_whole_file_before_the_rename_then_the_directory(tmp_path, monkeypatch):
+    (tmp_path / "f.bin").write_bytes(b"old")
+    events = Events(monkeypatch)
+    hio.atomic_write_bytes(tmp_path / "f.bin", b"new bytes")  # small: flushed from Python's buffer first
+    (kind, tmp_name, size), replace, parent = events.log
+    assert kind == "fsync" and tmp_name.startswith(".f.bin.tmp-") and size == len(b"new bytes"), events.log
+    assert replace == ("replace", tmp_name, "f.bin"), events.log
+    assert parent == ("fsync", tmp_path.name, None), events.log
+    assert len(tmp_name) == len(".f.bin.tmp-") + 12
+    assert (tmp_path / "f.bin").read_bytes() == b"new bytes" and hidden(tmp_path) == []
+
+
+@needs_proc
+def test_atomic_dir_fsyncs_every_file_and_the_temp_dir_before_renaming(tmp_path, monkeypatch):
+    with hio.atomic_dir(tmp_path / "d") as tmp:
+        (tmp / "old.txt").write_text("old")
+    events = Events(monkeypatch)
+    with hio.atomic_dir(tmp_path / "d") as tmp:
+        token = tmp.name.split(".tmp-")[1]
+        (tmp / "a.txt").write_text("aaaa")
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "b.txt").write_text("bb")
+    assert tmp.name == f".d.tmp-{token}" and len(token) == 12
+    files = sorted(events.log[:2])
+    assert files == [("fsync", "a.txt", 4), ("fsync", "b.txt", 2)], events.log
+    assert events.log[2:] == [("fsync", tmp.name, None), ("replace", "d", f".d.old-{token}"),
+                              ("replace", tmp.name, "d"), ("fsync", tmp_path.name, None)], events.log
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["a.txt", "sub"] and hidden(tmp_path) == []
+    events.log.clear()
+    with hio.atomic_dir(tmp_path / "new") as tmp:  # no previous directory: one rename
+        pass
+    assert events.log == [("fsync", tmp.name, None), ("replace", tmp.name, "new"), ("fsync", tmp_path.name, None)]
+
+
+@needs_proc
+def test_atomic_files_order_first_then_by_name_then_last(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    (tmp_path / ".out.tag-dead").mkdir()  # a killed save's staging dir (this tag): cleared
+    (tmp_path / ".out.other-dead").mkdir()  # another tag's: not ours to touch
+    events = Events(monkeypatch)
+    with hio.atomic_files(out, "tag", first=("z.bin", "y.bin"), last=("n.json", "m.json")) as staging:
+        assert staging.parent == tmp_path and staging.name.startswith(".out.tag-")
+        for name in ("m.json", "c.txt", "y.bin", "a.txt", "n.json", "z.bin"):
+            (staging / name).write_text(name)
+        (staging / "subdir").mkdir()  # only files are published
+    renames = [e[2] for e in events.log if e[0] == "replace"]
+    assert renames == ["z.bin", "y.bin", "a.txt", "c.txt", "n.json", "m.json"], events.log
+    for name in renames:  # each file fsynced right before its rename; the directory last
+        i = events.log.index(("replace", name, name))
+        assert events.log[i - 1][:2] == ("fsync", name), events.log
+    assert events.log[-1] == ("fsync", "out", None)
+    assert sorted(p.name for p in out.iterdir()) == sorted(renames + ["keep.txt"])
+    assert (out / "keep.txt").read_text() == "mine" and (out / "a.txt").read_text() == "a.txt"
+    assert hidden(tmp_path) == [".out.other-dead"]
+    with pytest.raises(RuntimeError, match="boom"):  # a failure publishes nothing and leaves no staging
+        with hio.atomic_files(out, "tag") as staging:
+            (staging / "a.txt").write_text("new")
+            raise RuntimeError("boom")
+    assert (out / "a.txt").read_text() == "a.txt" and hidden(tmp_path) == [".out.other-dead"]
+    with hio.atomic_files(tmp_path / "fresh" / "deep", "t") as staging:  # the directory is created
+        (staging / "x").write_text("x")
+    assert (tmp_path / "fresh" / "deep" / "x").read_text() == "x"
+
+
+def test_fsync_path_ignores_what_cannot_be_opened_or_synced(tmp_path, monkeypatch):
+    hio.fsync_path(tmp_path / "missing")  # nothing to open: no error
+    (tmp_path / "f").write_text("x")
+    before = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+
+    def refuse(fd):
+        raise OSError("fsync not supported")
+
+    monkeypatch.setattr(os, "fsync", refuse)
+    hio.fsync_path(tmp_path / "f")
+    if before is not None:
+        assert len(os.listdir("/proc/self/fd")) == before  # the descriptor is closed either way
+
+
+def test_atomic_write_bytes_failure_removes_the_temp_file_and_keeps_the_old(tmp_path, monkeypatch):
+    (tmp_path / "f.bin").write_bytes(b"old")
+
+    def fail(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        hio.atomic_write_bytes(tmp_path / "f.bin", b"new")
+    assert (tmp_path / "f.bin").read_bytes() == b"old" and hidden(tmp_path) == []
+    monkeypatch.undo()
+    hio.atomic_write_text(tmp_path / "a" / "b" / "t.txt", "café")  # parents made, UTF-8
+    assert (tmp_path / "a" / "b" / "t.txt").read_bytes() == "café".encode("utf-8")
+
+
+# ---- recovery ---------------------------------------------------------------------------------
+
+def test_remove_and_leftovers(tmp_path):
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "x").write_text("x")
+    link = tmp_path / "link"
+    link.symlink_to(target, target_is_directory=True)
+    hio._remove(link)  # a link is unlinked, never followed
+    assert not link.exists() and not link.is_symlink() and (target / "x").read_text() == "x"
+    hio._remove(tmp_path / "missing")
+    hio._remove(target / "x")
+    assert not (target / "x").exists()
+    (target / "deep").mkdir()
+    (target / "deep" / "y").write_text("y")
+    hio._remove(target)
+    assert not target.exists()
+
+    for name in (".d.tmp-abc", ".d.old-xyz", ".dd.tmp-q", "d.tmp-nodot", ".d.tmpx-1", ".e.tmp-1"):
+        (tmp_path / name).mkdir()
+    assert hio._leftovers(tmp_path / "d", "tmp") == {"abc": tmp_path / ".d.tmp-abc"}
+    assert hio._leftovers(tmp_path / "d", "old") == {"xyz": tmp_path / ".d.old-xyz"}
+    assert hio._leftovers(tmp_path / "nowhere" / "d", "tmp") == {}
+
+
+def test_recover_interrupted_cases(tmp_path):
+    def make(name, text):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "f").write_text(text)
+
+    # 1. the final dir exists: it is complete; leftovers of any token are garbage
+    make("d", "final")
+    make(".d.tmp-1", "new")
+    make(".d.old-2", "old")
+    assert hio.recover_interrupted(tmp_path / "d") is False
+    assert (tmp_path / "d" / "f").read_text() == "final" and hidden(tmp_path) == []
+    # 2. between the renames (old-T and tmp-T of one token): roll forward; another token's temp is garbage
+    make(".e.old-5", "old")
+    make(".e.tmp-5", "new")
+    make(".e.tmp-4", "other")
+    assert hio.recover_interrupted(tmp_path / "e") is True
+    assert (tmp_path / "e" / "f").read_text() == "new" and hidden(tmp_path) == []
+    # 3. only old dirs: roll back to the first by token, the rest deleted
+    make(".g.old-b", "second")
+    make(".g.old-a", "first")
+    assert hio.recover_interrupted(tmp_path / "g") is True
+    assert (tmp_path / "g" / "f").read_text() == "first" and hidden(tmp_path) == []
+    # 4. only temps: nothing was committed
+    make(".h.tmp-1", "new")
+    assert hio.recover_interrupted(tmp_path / "h") is False
+    assert not (tmp_path / "h").exists() and hidden(tmp_path) == []
+
+
+def test_atomic_dir_refuses_a_file_and_makes_parents(tmp_path):
+    (tmp_path / "f").write_text("x")
+    assert one_line(lambda: hio.atomic_dir(tmp_path / "f").__enter__()) == \
+        f"{tmp_path / 'f'}: exists and is not a directory; choose another path or remove it"
+    (tmp_path / ".n.old-1").mkdir()  # a killed write of the same path is recovered first
+    (tmp_path / ".n.old-1" / "f").write_text("old")
+    with hio.atomic_dir(tmp_path / "a" / "b") as tmp:
+        (tmp / "x").write_text("x")
+    assert (tmp_path / "a" / "b" / "x").read_text() == "x"
+    with hio.atomic_dir(tmp_path / "n") as tmp:
+        assert (tmp_path / "n" / "f").read_text() == "old" and hidden(tmp_path) == [tmp.name]
+        (tmp / "g").write_text("new")
+    assert sorted(p.name for p in (tmp_path / "n").iterdir()) == ["g"] and hidden(tmp_path) == []
+
+
+# ---- weights ----------------------------------------------------------------------------------
+
+def test_weights_store_each_storage_view_once_and_fill_the_aliases(tmp_path):
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(16, generator=g)
+    state = {"a": base[0:4], "a_again": base[0:4], "other": torch.randn(4, generator=g)}  # one view twice
+    hio._save_weights(None, tmp_path / "w.safetensors", state)
+    with safe_open(str(tmp_path / "w.safetensors"), framework="pt") as handle:
+        stored = set(handle.keys())
+        metadata = handle.metadata()
+    assert stored == {"a", "other"}, f"seed {seed}: {stored}"
+    assert metadata == {"format": "pt", "hierarchos_aliases": json.dumps({"a_again": "a"})}, f"seed {seed}"
+    loaded = hio._read_weights(tmp_path / "w.safetensors")
+    assert loaded.keys() == state.keys() and loaded["a_again"] is loaded["a"], f"seed {seed}"
+    assert all(torch.equal(loaded[k], v) for k, v in state.items()), f"seed {seed}"
+    # views of one storage that differ in offset, shape, stride or dtype are different tensors: never an
+    # alias of each other (safetensors refuses to store shared memory twice, or each is stored whole)
+    square = base[0:4].view(2, 2)
+    for name, view in (("offset", base[4:8]), ("longer", base[0:5]), ("transposed", square.t()),
+                       ("as_int", base[0:4].view(torch.int32))):
+        pair = {"first": square if name == "transposed" else base[0:4], name: view}
+        path = tmp_path / f"{name}.safetensors"
+        try:
+            hio._save_weights(None, path, pair)
+        except RuntimeError as exc:
+            assert "share memory" in str(exc), f"seed {seed}: {name}: {exc}"
+            continue
+        loaded = hio._read_weights(path)
+        for key, tensor in pair.items():
+            assert loaded[key].dtype == tensor.dtype and torch.equal(loaded[key], tensor), f"seed {seed}: {name}"
+    # the tied head of a model: stored once, filled on load
+    model = HierarchosLM(tiny_config())
+    hio._save_weights(model, tmp_path / "m.safetensors")
+    with safe_open(str(tmp_path / "m.safetensors"), framework="pt") as handle:
+        assert "lm_head.weight" not in handle.keys()
+        assert json.loads(handle.metadata()["hierarchos_aliases"]) == {"lm_head.weight": "embed.weight"}
+
+
+def test_read_weights_messages_and_foreign_files(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert one_line(lambda: hio._read_weights(empty / "w.safetensors")) == (
+        f"{empty / 'w.safetensors'}: weights file missing (found: nothing); the save was incomplete, re-save or "
+        "pick another directory")
+    (empty / "b").write_text("")
+    (empty / "a").write_text("")
+    assert "(found: a, b)" in one_line(lambda: hio._read_weights(empty / "w.safetensors", "extra file"))
+    assert "extra file missing" in one_line(lambda: hio._read_weights(empty / "w.safetensors", "extra file"))
+    (empty / "bad.safetensors").write_bytes(b"\x08" + b"\x00" * 7 + b"{}garbage")
+    text = one_line(lambda: hio._read_weights(empty / "bad.safetensors"))
+    assert text.startswith(f"{empty / 'bad.safetensors'}: weights file is truncated or corrupt (")
+    assert text.endswith("); re-save it or restore it from a checkpoint")
+    # a file from another tool: no metadata at all, or an alias naming a tensor that is not there
+    save_file({"x": torch.ones(2)}, str(tmp_path / "plain.safetensors"))
+    assert list(hio._read_weights(tmp_path / "plain.safetensors")) == ["x"]
+    save_file({"x": torch.ones(2)}, str(tmp_path / "alias.safetensors"),
+              metadata={"hierarchos_aliases": json.dumps({"y": "missing", "z": "x"})})
+    loaded = hio._read_weights(tmp_path / "alias.safetensors")
+    assert sorted(loaded) == ["x", "z"] and loaded["z"] is loaded["x"]
+
+
+def test_load_weights_messages_name_at_most_five_and_apply_gets_the_tensors(tmp_path):
+    model = torch.nn.Sequential(*[torch.nn.Linear(1, 1) for _ in range(4)])  # 8 tensors
+    save_file({f"x{i}": torch.zeros(1) for i in range(6)}, str(tmp_path / "foreign.safetensors"))
+    assert one_line(lambda: hio.load_weights(model, tmp_path / "foreign.safetensors")) == (
+        f"{tmp_path / 'foreign.safetensors'}: tensors do not match the model (missing 0.weight, 0.bias, 1.weight, "
+        "1.bias, 2.weight ...; unexpected x0, x1, x2, x3, x4 ...); the config and the weights disagree, keep "
+        "hierarchos_config.json with its weights")
+    full = {k: v.clone() for k, v in model.state_dict().items()}
+    partial = {k: full[k] for k in list(full)[:3]}
+    partial.update({f"x{i}": torch.zeros(1) for i in range(5)})
+    save_file(partial, str(tmp_path / "partial.safetensors"))
+    assert "(missing 1.bias, 2.weight, 2.bias, 3.weight, 3.bias; unexpected x0, x1, x2, x3, x4);" in \
+        one_line(lambda: hio.load_weights(model, tmp_path / "partial.safetensors"))
+    extra = {**full, "x0": torch.zeros(1)}
+    save_file(extra, str(tmp_path / "extra.safetensors"))
+    assert "(unexpected x0);" in one_line(lambda: hio.load_weights(model, tmp_path / "extra.safetensors"))
+    wide = {**full, "2.weight": torch.zeros(1, 3)}
+    save_file(wide, str(tmp_path / "wide.safetensors"))
+    assert one_line(lambda: hio.load_weights(model, tmp_path / "wide.safetensors")) == (
+        f"{tmp_path / 'wide.safetensors'}: tensor '2.weight' has shape (1, 3) but the config expects (1, 1); "
+        "the config and the weights disagree, keep hierarchos_config.json with its weights")
+    new = {k: torch.full_like(v, 7.0) for k, v in full.items()}
+    save_file(new, str(tmp_path / "new.safetensors"))
+    got = []
+    hio.load_weights(model, tmp_path / "new.safetensors", apply=got.append)
+    assert list(got[0]) == list(full) and all(torch.equal(got[0][k], new[k]) for k in full)
+    assert all(torch.equal(v, full[k]) for k, v in model.state_dict().items())  # apply replaced the load
+    hio.load_weights(model, tmp_path / "new.safetensors")
+    assert all(torch.equal(v, new[k]) for k, v in model.state_dict().items())
+
+
+# ---- model directory --------------------------------------------------------------------------
+
+def test_config_payload_is_the_config_plus_metadata_and_refuses_clashes(tmp_path):
+    model = HierarchosLM(tiny_config())
+    model.memory.source_names = ["notes"]
+    text = hio._config_payload(model, {"steps": 3}, {"zeta": "café", "alpha": [1]})
+    expected = {"config_version": CONFIG_VERSION, "hierarchos_version": __version__, **model.cfg.to_dict(),
+                "training_history": {"steps": 3}, "memory_sources": ["notes"], "extra_keys": ["alpha", "zeta"],
+                "zeta": "café", "alpha": [1]}
+    assert text == json.dumps(expected, indent=2, sort_keys=True, ensure_ascii=False)
+    assert json.loads(hio._config_payload(model, None, None))["extra_keys"] == []
+    for key in ("vocab_size", "hidden_size", "training_history", "extra_keys"):
+        with pytest.raises(ValueError) as info:
+            hio._config_payload(model, None, {key: 1, "fine": 2})
+        assert str(info.value) == f"extra metadata keys clash with config/metadata keys: {[key]}"
+    hio.save_model_dir(tmp_path / "m", model, extra={"zeta": "café"})
+    assert (tmp_path / "m" / "hierarchos_config.json").read_bytes().decode("utf-8") == \
+        hio._config_payload(model, None, {"zeta": "café"})
+
+
+def test_tokenizer_saving_by_kind(tmp_path):
+    calls = []
+
+    class Transformers:
+        def save_pretrained(self, directory):
+            calls.append(("save_pretrained", directory))
+
+    class Plain:
+        def save(self, directory):
+            calls.append(("save", directory))
+
+    Fast = type("Tokenizer", (), {"__module__": "tokenizers.implementations",
+                                  "save": lambda self, path: calls.append(("tokenizers", path))})
+    for tok in (Transformers(), Fast(), Plain()):
+        hio._save_tokenizer(tok, tmp_path)
+    assert calls == [("save_pretrained", str(tmp_path)), ("tokenizers", str(tmp_path / "tokenizer.json")),
+                     ("save", tmp_path)]
+
+
+def test_save_model_files_takes_a_gathered_state_and_the_tokenizer(tmp_path):
+    model = HierarchosLM(tiny_config())
+    state = {k: torch.full_like(v, 0.5) for k, v in model.state_dict().items()}
+
+    class Tok:
+        def save(self, directory):
+            (Path(directory) / "tok.json").write_text("{}")
+
+    assert hio.save_model_files(tmp_path / "run", model, Tok(), history={"s": 1}, state=state) == tmp_path / "run"
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["hierarchos_config.json", "model.safetensors",
+                                                                     "tok.json"]
+    loaded, meta = hio.load_model_dir(tmp_path / "run")
+    assert all(torch.equal(v, state[k]) for k, v in loaded.state_dict().items()) and meta["training_history"] == {"s": 1}
+
+
+def test_json_and_config_reading_messages(tmp_path):
+    path = tmp_path / "x.json"
+    assert one_line(lambda: hio._read_json(path, "thing")) == \
+        f"{path}: thing missing; the save was incomplete, pick another directory"
+    path.write_bytes(b'{"a": "\xff"}')
+    assert one_line(lambda: hio._read_json(path, "thing")) == \
+        f"{path}: thing is not UTF-8 text; the file is corrupt, re-save it"
+    path.write_text('{\n  "a": 1,\n}')
+    assert one_line(lambda: hio._read_json(path, "thing")) == \
+        f"{path}: thing is not valid JSON (line 3, column 1): Expecting property name enclosed in double quotes; fix or re-save it"
+    assert one_line(lambda: hio.read_config_payload([1], "here")) == \
+        "here: expected a JSON object, got list; fix or re-save it"
+    cfg = tiny_config().to_dict()
+    assert one_line(lambda: hio.read_config_payload({**cfg, "config_version": CONFIG_VERSION + 1}, "here")) == (
+        f"here: config_version {CONFIG_VERSION + 1} is newer than this hierarchos understands ({CONFIG_VERSION}); "
+        "upgrade hierarchos")
+    for version in (CONFIG_VERSION, "99", None):  # the current version, or one that is not a number: read
+        parsed, _ = hio.read_config_payload({**cfg, "config_version": version}, "here")
+        assert parsed == tiny_config()
+    data = {**cfg, "hidden_size": 16, "extra_keys": ["prompt_template"], "prompt_template": "alpaca", "puzzle": 1}
+    del data["context_dim"]
+    with pytest.raises(HierarchosError, match="unknown config field 'puzzle'"):
+        hio.read_config_payload(data, "here")  # an extra not listed in extra_keys is a typo
+    data["extra_keys"].append("puzzle")
+    parsed, meta = hio.read_config_payload(data, "here")
+    assert parsed == tiny_config()
+    assert meta == {"extra_keys": ["prompt_template", "puzzle"], "prompt_template": "alpaca", "puzzle": 1}
+
+
+def test_model_dir_check_messages(tmp_path):
+    (tmp_path / "file").write_text("x")
+    assert one_line(lambda: hio.load_model_dir(tmp_path / "file")) == (
+        f"{tmp_path / 'file'}: is a file, not a model directory; pass the directory holding hierarchos_config.json")
+    assert one_line(lambda: hio.load_model_dir(tmp_path / "nope")) == \
+        f"{tmp_path / 'nope'}: model directory not found; check the path"
+    crowded = tmp_path / "crowded"
+    crowded.mkdir()
+    names = [f"n{i:02d}" for i in range(13)]
+    for name in names:
+        (crowded / name).write_text("")
+    assert one_line(lambda: hio.load_model_dir(crowded)) == (
+        f"{crowded}: not a hierarchos model directory (no hierarchos_config.json; found: {', '.join(names[:12])}); "
+        "pass a directory written by hierarchos (train --out-dir)")
+    ckpts = tmp_path / "ckpts"
+    (ckpts / "step-00000001").mkdir(parents=True)
+    assert one_line(lambda: hio.load_model_dir(ckpts)).endswith(
+        "(no hierarchos_config.json; found: step-00000001); this looks like a checkpoint folder: convert it with "
+        "`hierarchos ckpt-2-inf`")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "found: nothing)" in one_line(lambda: hio.load_model_dir(empty))
+    model = HierarchosLM(tiny_config())
+    hio.save_model_dir(tmp_path / "puzzle", model, extra={"puzzle": {"task": "maze"}})
+    assert one_line(lambda: hio.load_model_dir(tmp_path / "puzzle")) == (
+        f"{tmp_path / 'puzzle'} is a puzzle model (task maze), not a language model; use `hierarchos puzzle eval "
+        f"--model-path {tmp_path / 'puzzle'} --data PUZZLES`")
+    hio.save_model_dir(tmp_path / "puzzle2", model, extra={"puzzle": {}})
+    assert "(task sudoku)" in one_line(lambda: hio.load_model_dir(tmp_path / "puzzle2"))
+    hio.save_model_dir(tmp_path / "plain", model, extra={"puzzle": "not a dict"})
+    assert hio.load_model_dir(tmp_path / "plain")[1]["puzzle"] == "not a dict"
+
+
+# ---- RNG and checkpoints ------------------------------------------------------------------------
+
+def test_rng_parts_missing_are_skipped():
+    import numpy as np
+
+    torch.manual_seed(1)
+    random.seed(1)
+    np.random.seed(1)
+    state = hio.capture_rng_state()
+    assert set(state) == {"torch", "python", "numpy"} or "cuda" in state
+    expected = (torch.rand(2).tolist(), random.random(), np.random.rand())
+    hio.restore_rng_state({"python": state["python"]})
+    assert random.random() == expected[1]
+    assert torch.rand(2).tolist() != expected[0]  # the torch stream was not rewound
+    hio.restore_rng_state({"numpy": state["numpy"], "cuda": []})
+    assert np.random.rand() == expected[2]
+    hio.restore_rng_state({"torch": state["torch"]})
+    assert torch.rand(2).tolist() == expected[0]
+    hio.restore_rng_state({})
+
+
+def test_check_plain_names_the_first_bad_value():
+    hio._check_plain({"a": [1, 2.0, "s", None, True, torch.zeros(1), torch.float16, torch.Size([2])],
+                      3: ({"b": 1},)}, "state")
+
+    class Thing:
+        pass
+
+    for value, where in (({"a": [0, Thing()]}, "optimizer state['a'][1]"), ({Thing(): 1}, "optimizer state key"),
+                         ((Thing(),), "optimizer state[0]"), (Thing(), "optimizer state")):
+        with pytest.raises(TypeError) as info:
+            hio._check_plain(value, "optimizer state")
+        assert str(info.value) == f"{where}: Thing cannot be saved for weights_only loading"
+
+
+def test_step_dirs_sorted_by_number_and_pointers(tmp_path):
+    for name in ("step-100000000", "step-99999999", "step-00000002", "step-123", "stepx-00000001", "step-0000000a"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "step-00000003").write_text("a file")
+    assert hio._step_dirs(tmp_path) == [(2, tmp_path / "step-00000002"), (99999999, tmp_path / "step-99999999"),
+                                        (100000000, tmp_path / "step-100000000")]
+    assert hio._step_dirs(tmp_path / "missing") == []
+    assert hio._pointer(tmp_path, "latest.json") is None
+    (tmp_path / "latest.json").write_text('["step-00000002"]')
+    assert hio._pointer(tmp_path, "latest.json") is None
+    (tmp_path / "latest.json").write_text('{"dir": "step-00000002"}')
+    assert hio._pointer(tmp_path, "latest.json") == "step-00000002"
+    assert hio.resolve_checkpoint(tmp_path) == tmp_path / "step-00000002"
+    (tmp_path / "latest.json").unlink()
+    assert hio.resolve_checkpoint(tmp_path) == tmp_path / "step-100000000"  # the newest by number
+    assert hio.resolve_checkpoint(tmp_path / "step-00000002") == tmp_path / "step-00000002"  # a step dir by name
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "trainer_state.json").write_text("{}")
+    assert hio.resolve_checkpoint(tmp_path / "odd") == tmp_path / "odd"
+    names = sorted(f"f{i:02d}" for i in range(13))
+    (tmp_path / "none").mkdir()
+    for name in names:
+        (tmp_path / "none" / name).write_text("")
+    assert one_line(lambda: hio.resolve_checkpoint(tmp_path / "none")) == (
+        f"{tmp_path / 'none'}: no checkpoint here (no latest.json or step-* dirs; found: {', '.join(names[:12])}); "
+        "pass a checkpoint root or step dir")
+    (tmp_path / "none" / "latest.json").write_text('{"dir": "step-00000007"}')
+    assert one_line(lambda: hio.resolve_checkpoint(tmp_path / "none")) == (
+        f"{tmp_path / 'none' / 'latest.json'}: names 'step-00000007', which is missing; pass a step-* directory instead")
+
+
+def test_rotation_clears_leftovers_of_killed_saves(tmp_path):
+    root = tmp_path / "ckpt"
+    for step in (1, 2, 3):
+        (root / f"step-0000000{step}").mkdir(parents=True)
+    (root / ".step-00000002.trash-abc").mkdir()
+    (root / ".step-00000004.tmp-t").mkdir()  # a killed save: never committed
+    (root / ".step-00000005.old-t").mkdir()  # killed between renames with no new dir: rolled back
+    (root / ".step-00000005.old-t" / "f").write_text("5")
+    (root / ".latest.json.tmp-1").write_text("{")
+    (root / ".best.json.tmp-2").write_text("{")
+    (root / ".keep").write_text("not ours")
+    hio.atomic_write_text(root / "best.json", json.dumps({"dir": "step-00000001"}))
+    hio._rotate(root, None)  # keep=None: leftovers cleared, no step dir deleted
+    assert sorted(p.name for p in root.iterdir()) == [".keep", "best.json", "step-00000001", "step-00000002",
+                                                      "step-00000003", "step-00000005"]
+    assert (root / "step-00000005" / "f").read_text() == "5"
+    hio.atomic_write_text(root / "latest.json", json.dumps({"dir": "step-00000002"}))
+    hio._rotate(root, 1)  # beyond the newest one, except what latest and best name
+    assert sorted(p.name for p in root.iterdir()) == [".keep", "best.json", "latest.json", "step-00000001",
+                                                      "step-00000002", "step-00000005"]
+    hio._rotate(root, 2)
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith("step-")) == [
+        "step-00000001", "step-00000002", "step-00000005"]
+
+
+def test_save_checkpoint_files_pointers_and_keep_bounds(tmp_path):
+    model = HierarchosLM(tiny_config())
+    for keep in (0, -1, True, 1.5, "3"):
+        assert one_line(lambda: hio.save_checkpoint(tmp_path / "c", 1, model, None, None, {}, keep=keep)) == \
+            f"keep-checkpoints = {keep!r}: must be a positive integer"
+    assert not (tmp_path / "c").exists()
+    path = hio.save_checkpoint(tmp_path / "c", 7, model, None, None, {"rng": {"mine": 1}, "epoch": 2}, keep=1)
+    assert path == tmp_path / "c" / "step-00000007"
+    assert sorted(p.name for p in path.iterdir()) == ["hierarchos_config.json", "model.safetensors",
+                                                      "trainer_state.json"]
+    assert json.loads((path / "trainer_state.json").read_text()) == {"rng": {"mine": 1}, "epoch": 2, "step": 7}
+    assert (tmp_path / "c" / "latest.json").read_text() == json.dumps({"dir": "step-00000007", "step": 7})
+    assert not (tmp_path / "c" / "best.json").exists()
+    hio.save_checkpoint(tmp_path / "c", 8, model, None, None, {"epoch": 3}, keep=1, is_best=True)
+    assert (tmp_path / "c" / "best.json").read_text() == json.dumps({"dir": "step-00000008", "step": 8})
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["best.json", "latest.json", "step-00000008"]
+    state = json.loads((tmp_path / "c" / "step-00000008" / "trainer_state.json").read_text())
+    assert set(state["rng"]) >= {"torch", "python"}  # captured when the caller did not put it there
+    # a gathered optimizer state (FSDP) replaces the optimizer's own
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    hio.save_checkpoint(tmp_path / "c", 9, model, opt, None, {}, optimizer_state={"state": {}, "param_groups": []})
+    assert torch.load(tmp_path / "c" / "step-00000009" / "optimizer.pt", weights_only=True) == \
+        {"state": {}, "param_groups": []}
+
+
+def test_load_checkpoint_groups_extra_tensors_and_takes_loaders(tmp_path):
+    model = HierarchosLM(tiny_config())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model.memory.source_names = ["a"]
+    extra = {"plain": torch.ones(2), "stream.rounds.0": torch.zeros(3), "stream.h": torch.full((1,), 2.0)}
+    hio.save_checkpoint(tmp_path / "c", 1, model, opt, None, {"epoch": 0}, extra_tensors=extra)
+    other = HierarchosLM(tiny_config())
+    loaded_model, loaded_opt = [], []
+    state = hio.load_checkpoint(tmp_path / "c", other, opt, restore_rng=False, load_model=loaded_model.append,
+                                load_optimizer=loaded_opt.append)
+    assert sorted(loaded_model[0]) == sorted(model.state_dict()) and loaded_opt[0]["param_groups"][0]["lr"] == 0.1
+    assert other.memory.source_names == ["a"]
+    assert sorted(state["_tensors"]) == ["plain"] and sorted(state["_stream"]) == ["h", "rounds.0"]
+    assert torch.equal(state["_stream"]["rounds.0"], torch.zeros(3)) and torch.equal(state["_tensors"]["plain"],
+                                                                                     torch.ones(2))
+    assert state["checkpoint_dir"] == str(tmp_path / "c" / "step-00000001") and state["epoch"] == 0
+    (tmp_path / "c" / "step-00000001" / "hierarchos_config.json").unlink()  # an old checkpoint: names kept
+    third = HierarchosLM(tiny_config())
+    third.memory.source_names = ["kept"]
+    hio.load_checkpoint(tmp_path / "c", third)
+    assert third.memory.source_names == ["kept"]
+    (tmp_path / "c" / "step-00000001" / "trainer_state.json").write_text("[1]")
+    assert one_line(lambda: hio.load_checkpoint(tmp_path / "c", third)) == (
+        f"{tmp_path / 'c' / 'step-00000001' / 'trainer_state.json'}: expected a JSON object; the checkpoint is corrupt")
+
+
+def test_load_checkpoint_restores_rng_only_when_asked(tmp_path):
+    model = HierarchosLM(tiny_config())
+    torch.manual_seed(5)
+    hio.save_checkpoint(tmp_path / "c", 1, model, None, None, {})
+    expected = torch.rand(3)
+    torch.manual_seed(6)
+    hio.load_checkpoint(tmp_path / "c", model, restore_rng=False)
+    assert not torch.equal(torch.rand(3), expected)
+    hio.load_checkpoint(tmp_path / "c", model)
+    assert torch.equal(torch.rand(3), expected)
+    hio.save_checkpoint(tmp_path / "d", 1, model, None, None, {"rng": "not a dict"})
+    hio.load_checkpoint(tmp_path / "d", model)  # nothing to restore
