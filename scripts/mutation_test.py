@@ -53,7 +53,8 @@ MODULES: dict[str, list[str]] = {
         "tests/test_untrusted.py::test_checkpoint_optimizer_pickle_never_runs"],
     "hierarchos/lora.py": ["tests/test_lora_rules.py", "tests/test_lora.py",
                            "tests/test_crash_safety.py::test_save_adapter_crash_at_every_step_metadata_last"],
-    "hierarchos/train/trainer.py": ["tests/test_trainer.py", "tests/test_numerical_faults.py"],
+    "hierarchos/train/trainer.py": ["tests/test_trainer_rules.py", "tests/test_trainer.py",
+                                    "tests/test_numerical_faults.py"],
     "hierarchos/chat.py": ["tests/test_chat.py"],
 }
 

@@ -1,0 +1,264 @@
+"""The trainer's rules pinned against expectations computed here: a window's gradient is the sum over
+its detach pieces of (piece length / window length) / accumulation x the piece's loss gradient, with
+the state carried (detached) between pieces; the loop's cadence (optimizer steps per epoch with
+accumulation, which steps log, validate, save and why, the interrupt save, the eval hook) and what
+each logged record holds (the window's loss = its summed NLL over its tokens, ponder per micro-step,
+the lr of the window's step); skipped steps reported by number; the resume bookkeeping and its
+one-line errors. Tiny models on a 3-window stream, CPU, well under a second each."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+from dataclasses import asdict
+
+import pytest
+import torch
+
+from hierarchos.config import tiny_config
+from hierarchos.errors import HierarchosError
+from hierarchos.model import HierarchosLM
+from hierarchos.model.losses import LossWeights, lm_loss
+from hierarchos.train.batches import TokenStreams
+from hierarchos.train.schedule import lr_at
+from hierarchos.train.trainer import CosineSchedule, TrainConfig, Trainer, bits_per_byte
+
+
+def fresh_seed() -> int:
+    return random.SystemRandom().randrange(2**31)
+
+
+def make(seed: int, val: bool = False, rosa: bool = False, **cfg) -> Trainer:
+    """Two streams of 31 tokens, chunk 10: windows of 10, 10 and 10 tokens (3 micro-steps an epoch)."""
+    torch.manual_seed(seed)
+    model = HierarchosLM(tiny_config(vocab_size=32, use_rosa=rosa))
+    g = torch.Generator().manual_seed(seed)
+    docs = [torch.randint(0, 31, (61,), generator=g).tolist()]
+    streams = TokenStreams.from_documents(docs, eos_id=31, batch_size=2, chunk=10)
+    config = TrainConfig(**{"epochs": 1, "batch_size": 2, "starting_lr": 1e-3, "warmup_steps": 1, "log_every": 1,
+                            "eval_every_epoch": 0, **cfg})
+    return Trainer(model, streams, config, torch.device("cpu"), val_streams=streams if val else None,
+                   val_bytes=0, log=lambda line: None)
+
+
+def test_defaults():
+    c = TrainConfig()
+    assert (c.epochs, c.batch_size, c.accumulation_steps, c.starting_lr, c.min_lr, c.warmup_steps,
+            c.disable_lr_schedule, c.grad_clip, c.weight_decay, c.detach_every, c.persist_state, c.amp,
+            c.save_every, c.keep_checkpoints, c.log_every, c.eval_every_epoch, c.cuda_graphs, c.seed) == (
+        3, 4, 1, 1e-4, 1e-6, None, False, 1.0, 0.01, None, True, None, 0, 3, 10, 1, False, 0)
+    assert c.loss == LossWeights() and TrainConfig().loss is not c.loss
+
+
+def test_schedule_applies_lr_at_to_every_group_and_round_trips():
+    p, q = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([{"params": [p]}, {"params": [q]}], lr=1.0)
+    for total, warmup in ((100, 5), (10, 1), (19, 1), (40, 2), (61, 3), (1, 1)):  # default: 5%, at least 1
+        assert CosineSchedule(opt, total, TrainConfig()).warmup_steps == warmup, total
+    assert CosineSchedule(opt, 100, TrainConfig(warmup_steps=0)).warmup_steps == 0
+    schedule = CosineSchedule(opt, 50, TrainConfig(starting_lr=0.1, min_lr=0.01, warmup_steps=4))
+    for step in (0, 3, 4, 30, 49):
+        lr = schedule.apply(step)
+        assert lr == lr_at(step, 50, 0.1, 0.01, 4, False) and [g["lr"] for g in opt.param_groups] == [lr, lr]
+    assert schedule.state_dict() == {"total_steps": 50, "starting_lr": 0.1, "min_lr": 0.01, "disabled": False,
+                                     "warmup_steps": 4}
+    other = CosineSchedule(opt, 7, TrainConfig(disable_lr_schedule=True))
+    assert other.apply(30) == other.starting_lr == 1e-4
+    other.load_state_dict(schedule.state_dict())
+    assert other.state_dict() == schedule.state_dict() and other.apply(30) == schedule.apply(30)
+
+
+def test_bits_per_byte():
+    assert bits_per_byte(8 * math.log(2), 4) == pytest.approx(2.0, rel=1e-12)
+    assert bits_per_byte(3 * math.log(2), 0) == pytest.approx(3.0, rel=1e-12)  # no bytes: over one
+
+
+def test_step_counts_and_cpu_settings():
+    trainer = make(0, epochs=3, accumulation_steps=2, amp=True)
+    assert trainer.steps_per_epoch == 3 and trainer.total_opt_steps == 6  # windows end at epoch ends too
+    assert trainer.schedule.total_steps == 6
+    assert make(0, epochs=3, accumulation_steps=3).total_opt_steps == 3
+    assert make(0, epochs=3, accumulation_steps=4).total_opt_steps == 3
+    assert make(0, epochs=0).total_opt_steps == 1
+    assert trainer.amp_dtype is None and trainer.scaler is None  # autocast only on CUDA
+    assert trainer.device_skip and trainer.drop_grads and trainer.graphed is None and trainer.on_eval is None
+    assert (trainer.micro_step, trainer.opt_step, trainer.skipped_steps, trainer.best_val) == (0, 0, 0, math.inf)
+
+
+@pytest.mark.parametrize("persist", [True, False])
+def test_window_gradient_is_the_weighted_sum_over_detach_pieces(persist):
+    seed = fresh_seed()
+    trainer = make(seed, detach_every=4, accumulation_steps=2, persist_state=persist)
+    reference = copy.deepcopy(trainer.model)
+    x, y = trainer.train_streams.batch(0)
+    nll, ntok, parts, finite = trainer._window_loss(x, y, x)
+    # by hand: pieces of 4, 4 and 2 tokens, each loss weighted by its length / 10 and / 2 (accumulation)
+    state, expected_nll = None, 0.0
+    for start in (0, 4, 8):
+        piece_x, piece_y = x[:, start:start + 4], y[:, start:start + 4]
+        out = reference(piece_x, state)
+        loss, piece_parts = lm_loss(out, piece_y, reference.cfg.z_loss_weight, trainer.cfg.loss)
+        (loss * (piece_x.shape[1] / 10) / 2).backward()
+        state = out.state.detach() if persist else None
+        expected_nll += float(piece_parts["ce"]) * piece_x.numel()
+    assert ntok == x.numel() == 20 and bool(finite), f"seed {seed}"
+    assert float(nll) == pytest.approx(expected_nll, rel=1e-5), f"seed {seed}"
+    assert float(parts["ce"]) == pytest.approx(float(piece_parts["ce"]), rel=1e-6), f"seed {seed}: the last piece's"
+    for (name, p), (_, q) in zip(trainer.model.named_parameters(), reference.named_parameters()):
+        assert (p.grad is None) == (q.grad is None), f"seed {seed}: {name}"
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-8, msg=lambda m: f"seed {seed} {name}: {m}")
+    if persist:
+        for (name, a), (_, b) in zip(trainer.state.tensors(), state.tensors()):
+            assert torch.equal(a, b) and not a.requires_grad, f"seed {seed}: {name}"
+    else:
+        assert trainer.state is None
+
+
+def _recording(trainer):
+    """Capture each micro-step's (nll, tokens, ponder), each forward's incoming state, each record."""
+    windows, states_none, records = [], [], []
+    real_window, real_forward = trainer._window_loss, trainer.forward_model
+
+    def window_loss(x, y, host=None):
+        result = real_window(x, y, host)
+        windows.append((float(result[0]), result[1], float(result[2]["ponder"]), trainer.micro_step))
+        return result
+
+    def forward(x, state, **kwargs):
+        states_none.append(state is None)
+        return real_forward(x, state, **kwargs)
+
+    def log_metrics(record):
+        records.append(record)
+        trainer.last_metrics = record
+
+    trainer._window_loss, trainer.forward_model, trainer.log_metrics = window_loss, forward, log_metrics
+    return windows, states_none, records
+
+
+def test_loop_cadence_records_and_checkpoints():
+    """3 micro-steps an epoch, accumulation 2: optimizer steps after micro-steps 2, 3 (epoch end), 5, 6.
+    log_every 3, save_every 3, validation every 2nd epoch."""
+    seed = fresh_seed()
+    trainer = make(seed, val=True, epochs=2, accumulation_steps=2, log_every=3, save_every=3, eval_every_epoch=2)
+    windows, states_none, records = _recording(trainer)
+    saves, evals = [], []
+    trainer.on_eval = lambda t, epoch_end: evals.append((t.opt_step, epoch_end)) or {}
+    result = trainer.run(on_checkpoint=lambda t, best, reason: saves.append((t.opt_step, best, reason)))
+    assert result == {"stopped": False, "opt_step": 4}, f"seed {seed}"
+    assert trainer.micro_step == 6 and evals == [(1, False), (2, True), (3, False), (4, True)], f"seed {seed}"
+    assert states_none == [True, False, False, True, False, False], f"seed {seed}: each epoch starts afresh"
+    assert [r["step"] for r in records] == [2, 3, 4] and [r["epoch"] for r in records] == [1, 2, 2], f"seed {seed}"
+    micro_of_step = {2: [2], 3: [3, 4], 4: [5]}  # the window each logged step closes (0-based micro-steps)
+    for record in records:
+        mine = [w for w in windows if w[3] in micro_of_step[record["step"]]]
+        assert record["loss"] == pytest.approx(sum(w[0] for w in mine) / sum(w[1] for w in mine), rel=1e-6), seed
+        assert record["ponder"] == pytest.approx(sum(w[2] for w in mine) / len(mine), rel=1e-6), seed
+        assert record["lr"] == lr_at(record["step"] - 1, 4, 1e-3, 1e-6, 1), f"seed {seed}"
+        assert record["tokens_per_s"] > 0 and record["skipped_steps"] == 0
+        assert ("val_loss" in record) == (record["step"] == 4), f"seed {seed}: {record}"
+    val = records[-1]["val_loss"]
+    assert val == trainer.evaluate()["val_loss"] and records[-1]["val_bpb"] is None  # no byte count given
+    assert saves == [(2, False, "epoch"), (3, False, "step"), (4, True, "epoch")], f"seed {seed}"
+    assert trainer.best_val == val
+
+
+def test_stop_saves_an_interrupt_checkpoint_unless_it_just_saved():
+    seed = fresh_seed()
+    trainer = make(seed)
+    _, _, records = _recording(trainer)
+    trainer.cfg.log_every = 10
+    saves = []
+    result = trainer.run(on_checkpoint=lambda t, best, reason: saves.append((t.opt_step, best, reason)),
+                         stop_requested=lambda: trainer.opt_step >= 1)
+    assert result == {"stopped": True, "opt_step": 1} and saves == [(1, False, "interrupt")]
+    assert [r["step"] for r in records] == [1]  # the stopping step is logged
+    trainer = make(seed, save_every=2)
+    saves = []
+    result = trainer.run(on_checkpoint=lambda t, best, reason: saves.append((t.opt_step, reason)),
+                         stop_requested=lambda: trainer.opt_step >= 2)
+    assert result == {"stopped": True, "opt_step": 2} and saves == [(2, "step")]
+    trainer = make(seed)
+    assert trainer.run(stop_requested=lambda: trainer.opt_step >= 2) == {"stopped": True, "opt_step": 2}
+
+
+def test_eval_hook_metrics_force_a_log_line():
+    seed = fresh_seed()
+    trainer = make(seed, log_every=100)
+    _, _, records = _recording(trainer)
+    trainer.on_eval = lambda t, epoch_end: {"hook": 1.5} if t.opt_step == 1 else {}
+    trainer.run()
+    assert [(r["step"], r.get("hook")) for r in records] == [(1, 1.5), (3, None)], f"seed {seed}"
+
+
+def test_skipped_steps_are_counted_and_reported_by_number():
+    trainer = make(0)
+    lines = []
+    trainer.log = lines.append
+    trainer.pending_steps = [(0, True), (1, False), (2, torch.tensor(False)), (3, torch.tensor(True))]
+    trainer._read_pending_steps()
+    assert trainer.skipped_steps == 2 and trainer.pending_steps == []
+    assert lines == [f"warning: non-finite loss or gradient at step {s}: step skipped, weights unchanged" for s in (1, 2)]
+    trainer._read_pending_steps()
+    assert trainer.skipped_steps == 2 and len(lines) == 2
+
+
+def test_evaluate_without_validation_and_mode_restored():
+    trainer = make(0)
+    assert trainer.evaluate() == {}
+    trainer.val_streams = TokenStreams(torch.zeros(1, 1, dtype=torch.long), 10)  # no window at all
+    assert len(trainer.val_streams) == 0 and trainer.evaluate() == {}
+    trainer = make(0, val=True)
+    trainer.val_bytes = 40
+    metrics = trainer.evaluate()
+    assert trainer.model.training
+    assert metrics["val_bpb"] == pytest.approx(metrics["val_loss"] * 60 / 40 / math.log(2), rel=1e-9)
+
+
+def test_trainer_state_round_trip_and_defaults():
+    trainer = make(0, accumulation_steps=2)
+    trainer.micro_step, trainer.opt_step, trainer.skipped_steps = 5, 3, 1
+    state = trainer.trainer_state()
+    assert state == {"micro_step": 5, "opt_step": 3, "skipped_steps": 1, "best_val": None,
+                     "train_config": json.loads(json.dumps(asdict(trainer.cfg), default=str))}
+    assert state["train_config"]["accumulation_steps"] == 2 and json.dumps(state)
+    trainer.best_val = 1.25
+    assert trainer.trainer_state()["best_val"] == 1.25
+    other = make(0)
+    other.best_val, other.skipped_steps = 0.5, 9
+    other.load_trainer_state({"micro_step": "5", "opt_step": 3.0, "best_val": None})
+    assert (other.micro_step, other.opt_step, other.skipped_steps, other.best_val) == (5, 3, 0, math.inf)
+    other.load_trainer_state({"micro_step": 1, "opt_step": 1, "skipped_steps": 4, "best_val": 0.0})
+    assert (other.skipped_steps, other.best_val) == (4, 0.0)
+
+
+def test_load_state_tensors_fits_the_run_or_says_why():
+    seed = fresh_seed()
+    trainer = make(seed, rosa=True)
+    trainer.run(stop_requested=lambda: trainer.opt_step >= 2)
+    saved = {k: v.clone() for k, v in trainer.state_tensors().items()}
+    assert saved and trainer.state_tensors().keys() == dict(trainer.state.tensors()).keys()
+    resumed = make(seed, rosa=True)
+    resumed.load_state_tensors({})
+    assert resumed.state is None
+    resumed.micro_step = 2
+    resumed.load_state_tensors(saved)
+    assert {k: v for k, v in resumed.state.tensors()}.keys() == saved.keys()
+    assert all(torch.equal(t, saved[k]) for k, t in resumed.state.tensors()), f"seed {seed}"
+    assert resumed.state.pos == 2 * 10  # micro-step 2 of the epoch, windows of 10 tokens
+    for automaton, row in zip(resumed.state.rosa, resumed.train_streams.prefix(2).tolist()):
+        assert len(row) == 20 and automaton is not None
+    resumed.micro_step = 4  # the second window of the second epoch
+    resumed.load_state_tensors(saved)
+    assert resumed.state.pos == 10
+    name = next(iter(saved))
+    for bad in ({**saved, "memory.nope": torch.zeros(1)}, {**saved, name: torch.zeros(7, 1)}):
+        key = "memory.nope" if "memory.nope" in bad else name
+        with pytest.raises(HierarchosError) as info:
+            resumed.load_state_tensors(bad)
+        assert str(info.value) == (
+            f"the checkpoint's carried recurrent state ({key} {tuple(bad[key].shape)}) does not fit this run; resume "
+            "with the same --batch_size, number of processes and model")
