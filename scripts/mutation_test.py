@@ -55,7 +55,7 @@ MODULES: dict[str, list[str]] = {
                            "tests/test_crash_safety.py::test_save_adapter_crash_at_every_step_metadata_last"],
     "hierarchos/train/trainer.py": ["tests/test_trainer_rules.py", "tests/test_trainer.py",
                                     "tests/test_numerical_faults.py"],
-    "hierarchos/chat.py": ["tests/test_chat.py"],
+    "hierarchos/chat.py": ["tests/test_chat_rules.py", "tests/test_chat.py"],
 }
 
 STATUS = re.compile(r"^\s*(\S+):\s*(killed|survived|timeout|suspicious|no tests|skipped|segfault|"

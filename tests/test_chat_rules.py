@@ -1,0 +1,400 @@
+"""Chat's rules pinned against expectations written out here: the LTM learning-rate schedule and
+learning defaults, reply timing statistics, reasoning caps per mode, what a streamed reply holds back
+(a tail that may start a stop string, and the newlines before it), turn separators and scripted
+tokens, online learning's bookkeeping (slot metadata, the source, the copy into a generating model,
+the threshold's edge), the memory delta file's metadata and every refusal, the slash commands'
+bounds and one-line messages, /status per memory dtype and /memory's listing. A random tiny
+byte-level model, CPU, well under a second each."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import hierarchos.chat as chat_mod
+import hierarchos.generate as generate_mod
+from hierarchos.chat import ChatSession, LearnConfig, ReplyStats, cosine_lr, parse_since, values_checksum
+from hierarchos.config import tiny_config
+from hierarchos.data.tokenizers import load_tokenizer
+from hierarchos.errors import HierarchosError
+from hierarchos.generate import SamplingConfig
+from hierarchos.io import load_model_dir, save_model_dir
+from hierarchos.model import HierarchosLM
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("chat_rules") / "model"
+    torch.manual_seed(4321)
+    save_model_dir(path, HierarchosLM(tiny_config(vocab_size=260)), load_tokenizer("byte"))
+    return path
+
+
+def session_of(path, *, template="plain", max_new=6, learn=False, threshold=2.0, **kw):
+    model, _ = load_model_dir(path)
+    kw.setdefault("model_dir", path)
+    out, info = io.StringIO(), io.StringIO()
+    session = ChatSession(model, load_tokenizer(str(path)), template=template,
+                          sampling=SamplingConfig(temperature=0.0, max_new_tokens=max_new, seed=0),
+                          learn=LearnConfig(enabled=learn, surprise_threshold=threshold), out=out, info=info,
+                          **kw)
+    return session, out, info
+
+
+def script(monkeypatch, tokens):
+    """The sampler returns these token ids in turn (then 'A')."""
+    queue = list(tokens)
+    monkeypatch.setattr(generate_mod, "sample_next", lambda *a, **k: queue.pop(0) if queue else 65)
+
+
+# ---- pure rules -----------------------------------------------------------------------------
+
+def test_learning_rate_schedule_and_defaults():
+    base, low = 0.01, 1e-5
+    for update, phase in ((0, 0.0), (25, 0.25), (60, 0.6), (125, 0.25)):
+        assert cosine_lr(update, base, low, 100, False) == pytest.approx(
+            low + 0.5 * (base - low) * (1 + math.cos(math.pi * phase)), rel=1e-12)
+    assert cosine_lr(37, base, low, 0, False) == base and cosine_lr(37, base, low, -3, False) == base
+    assert cosine_lr(37, base, low, 100, True) == base
+    c = LearnConfig()
+    assert (c.enabled, c.surprise_threshold, c.lr, c.schedule_steps, c.schedule_min_lr, c.static_lr) == (
+        True, 2.0, 0.01, 100, 1e-5, False)
+
+
+def test_since_and_checksum():
+    assert parse_since("12.5") == 12.5
+    assert parse_since("1970-01-02T00:00:00+00:00") == 86400.0
+    with pytest.raises(HierarchosError) as info:
+        parse_since("last week")
+    assert str(info.value) == "since='last week': expected unix seconds or an ISO time like 2025-01-31T12:00"
+    values = torch.arange(12, dtype=torch.float64).view(3, 4).t()  # float64 and not contiguous
+    assert values_checksum(values) == hashlib.sha256(
+        torch.arange(12, dtype=torch.float32).view(3, 4).t().contiguous().numpy().tobytes()).hexdigest()
+
+
+def test_reply_stats_means_and_decode_rate():
+    stats = ReplyStats()
+    assert (stats.tokens, stats.seconds, stats.first_token_seconds, stats.totals) == (0, 0.0, None, {})
+    assert stats.mean("x") is None and stats.decode_rate() is None
+    stats = ReplyStats(tokens=5, seconds=2.25, first_token_seconds=0.25, totals={"a": [6.0, 4.0], "z": [1.0, 0.0]})
+    assert stats.mean("a") == 1.5 and stats.mean("z") is None
+    assert stats.decode_rate() == 2.0  # 4 tokens after the first, in 2 s
+    assert ReplyStats(tokens=1, seconds=2.0, first_token_seconds=0.5).decode_rate() is None
+    assert ReplyStats(tokens=2, seconds=2.0, first_token_seconds=1.0).decode_rate() == 1.0
+    assert ReplyStats(tokens=3, seconds=0.5, first_token_seconds=0.5).decode_rate() is None
+
+
+# ---- session ---------------------------------------------------------------------------------
+
+def test_session_defaults_and_caps(model_dir, tmp_path):
+    session, _, _ = session_of(model_dir, session_id="abc")
+    assert session.source == "chat:abc" and session.delta_path == model_dir / "ltm_delta.safetensors"
+    assert session.stop_strings == [] and session.mode == "normal" and session.turns == 0
+    assert session.learner is session.model and session.base_sources == []
+    assert session.base_checksum == values_checksum(session.model.memory.values)
+    alone, _, _ = session_of(model_dir, model_dir=None)
+    assert alone.delta_path is None and len(alone.session_id) == 8
+    with pytest.raises(HierarchosError, match="no delta path: pass --ltm-lora-path FILE or --model-path DIR"):
+        alone.save_delta()
+    given, _, _ = session_of(model_dir, delta_path=str(tmp_path / "d.st"))
+    assert given.delta_path == tmp_path / "d.st"
+    off, _, _ = session_of(model_dir, learn=True, learn_unavailable="quantized")
+    assert off.learn.enabled is False
+    alpaca, _, _ = session_of(model_dir, template="alpaca")
+    assert alpaca.stop_strings == ["### Instruction:"]
+    cfg_thresh = session.model.cfg.h_halt_thresh
+    assert session.caps() == {"h_halt_thresh": cfg_thresh}
+    session.mode = "deep"
+    assert session.caps() == {"h_halt_thresh": max(cfg_thresh, 0.99)}
+    forced, _, _ = session_of(model_dir, h_halt_thresh=0.995)
+    assert forced.caps() == {"h_halt_thresh": 0.995}
+    forced.mode = "deep"
+    assert forced.caps() == {"h_halt_thresh": 0.995}  # deep never lowers a threshold
+    forced.mode = "extreme"
+    assert forced.caps() == {"h_halt_thresh": 1.0}
+    forced.mode = "fast"
+    assert forced.caps() == {"h_cycles": 1, "max_h_steps": 1, "max_l_steps": 0}
+
+
+def test_hold_back_is_a_possible_stop_string_start_and_the_newlines_before_it(model_dir):
+    session, _, _ = session_of(model_dir, template="alpaca")
+    cases = {"abc": 0, "abc#": 1, "abc###": 3, "abc\n\n###": 5, "ab\n": 1, "x### Instruction": 15,
+             "#x": 0, "": 0, "### Instruction:": 16, "a\n#": 2}
+    for text, held in cases.items():
+        assert session._hold_back(text) == held, text
+    plain, _, _ = session_of(model_dir)
+    assert plain._hold_back("abc\n#") == 0  # no stop strings: nothing held
+
+
+def test_turns_are_separated_by_eos_and_the_reply_streams(monkeypatch, model_dir):
+    session, out, _ = session_of(model_dir, max_new=3)
+    script(monkeypatch, [104, 105, 33])  # "hi!"
+    text, exchange = session.reply("yo")
+    assert (text, exchange) == ("hi!", [121, 111, 104, 105, 33]) and session.turns == 1
+    script(monkeypatch, [65, session.tokenizer.eos_id])
+    chunks = []
+    text, exchange = session.reply("ok", on_text=chunks.append)
+    assert exchange == [session.tokenizer.eos_id, 111, 107, 65, session.tokenizer.eos_id]  # EOS kept
+    assert text == "A" and "".join(chunks) == "A" and session.turns == 2
+    assert session.last.tokens == 1  # the EOS ends the reply: not a reply token
+    session.tokenizer.eos_id = None
+    script(monkeypatch, [66])
+    assert session.reply("z")[1][:1] == [122]  # no EOS id: no separator
+    assert session.reply("") == ("", [])
+    # a turn without streaming writes the reply once, then a newline
+    quiet, out, info = session_of(model_dir, max_new=2, stream=False)
+    script(monkeypatch, [67, 68])
+    assert quiet.turn("q") == "CD" and out.getvalue() == "CD\n" and "[stopped]" not in info.getvalue()
+
+
+def test_stop_string_split_across_tokens_and_trailing_newlines(monkeypatch, model_dir):
+    session, _, _ = session_of(model_dir, template="alpaca", max_new=13)
+    script(monkeypatch, list(b"one\n\n### Inst"))  # runs out of tokens inside a would-be stop string
+    chunks = []
+    text, _ = session.reply("q", on_text=chunks.append)
+    assert text == "one\n\n### Inst" and "".join(chunks) == text  # flushed at the end: not a stop string
+    session, _, _ = session_of(model_dir, template="alpaca", max_new=3)
+    script(monkeypatch, list(b"ok\n"))
+    chunks = []
+    assert session.reply("q", on_text=chunks.append)[0] == "ok" and "".join(chunks) == "ok"
+
+
+# ---- online learning -------------------------------------------------------------------------
+
+def test_learning_bookkeeping_and_the_copy_into_a_generating_model(monkeypatch, model_dir):
+    model, _ = load_model_dir(model_dir)
+    learner = copy.deepcopy(model)
+    out, info = io.StringIO(), io.StringIO()
+    session = ChatSession(model, load_tokenizer(str(model_dir)), learner=learner, session_id="s1",
+                          sampling=SamplingConfig(temperature=0.0, max_new_tokens=4, seed=0),
+                          learn=LearnConfig(surprise_threshold=0.0, lr=0.5, static_lr=True), out=out, info=info)
+    assert session.learner is learner and not learner.training
+    monkeypatch.setattr(chat_mod.time, "time", lambda: 1234.5)
+    exchange = session.tokenizer.encode("teach me something new")
+    result = session.learn_from(exchange)
+    changed = learner.memory.slot_count > 0
+    assert result["updated"] == int(changed.sum()) > 0 and result["lr"] == 0.5 and session.updates == 1
+    assert learner.memory.source_names == ["chat:s1"] and session.written_slots == set(changed.nonzero().flatten().tolist())
+    assert (learner.memory.slot_time[changed] == 1234.5).all() and (learner.memory.slot_time[~changed] == 0).all()
+    assert (learner.memory.slot_source[changed] == 0).all()
+    assert (f"[ltm] surprise {result['surprise']:.3f} > 0: updated {result['updated']} slots (lr 5.00e-01, update 1)"
+            in info.getvalue())
+    for name in ("values", "slot_time", "slot_count", "slot_source"):  # the generating model follows
+        assert torch.equal(getattr(model.memory, name), getattr(learner.memory, name)), name
+    assert model.memory.source_names == learner.memory.source_names
+    session.learn_from(exchange)  # the same source again: listed once, counts grow
+    assert learner.memory.source_names == ["chat:s1"] and session.updates == 2
+    assert int(learner.memory.slot_count.max()) == 2
+
+
+def test_surprise_equal_to_the_threshold_changes_nothing(model_dir):
+    session, _, info = session_of(model_dir, learn=True, threshold=0.0)
+    exchange = session.tokenizer.encode("exactly at the edge")
+    first = session.learn_from(exchange)
+    values = session.model.memory.values.detach().clone()
+    edge, _, info = session_of(model_dir, learn=True)
+    edge.learn.surprise_threshold = first["surprise"]
+    result = edge.learn_from(exchange)
+    assert result == {"surprise": first["surprise"], "updated": 0, "lr": 0.0}
+    assert f"[ltm] surprise {first['surprise']:.3f} <= {first['surprise']:g}: no update" in info.getvalue()
+    assert edge.updates == 0 and not torch.equal(values, edge.model.memory.values)  # untouched base values
+    assert torch.equal(edge.model.memory.values, edge.base_values)
+
+
+def test_a_turn_learns_only_when_enabled_and_the_exchange_has_two_tokens(monkeypatch, model_dir):
+    session, _, _ = session_of(model_dir, learn=True, threshold=-1.0, max_new=1)
+    calls = []
+    monkeypatch.setattr(session, "learn_from", calls.append)
+    script(monkeypatch, [65])
+    session.turn("a")
+    assert calls == [[97, 65]]
+    session.learn.enabled = False
+    session.turn("b")
+    assert len(calls) == 1
+
+
+# ---- the delta file ----------------------------------------------------------------------------
+
+def test_delta_file_metadata_and_refusals(model_dir, tmp_path):
+    session, _, _ = session_of(model_dir, learn=True, threshold=0.0, session_id="d1")
+    session.learn_from(session.tokenizer.encode("something to keep"))
+    path = session.save_delta(tmp_path / "delta.safetensors")
+    assert path == tmp_path / "delta.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        meta = handle.metadata()
+    assert meta == {"format": "hierarchos-ltm-delta", "version": "1", "base_checksum": session.base_checksum,
+                    "source_names": json.dumps(["chat:d1"])}
+    tensors = load_file(str(path))
+    memory = session.model.memory
+    assert torch.equal(tensors["values_delta"], memory.values.detach() - session.base_values)
+    for name in ("slot_time", "slot_count", "slot_source"):
+        assert torch.equal(tensors[name], getattr(memory, name)), name
+
+    def refused(fresh, file) -> str:
+        with pytest.raises(HierarchosError) as info:
+            fresh.load_delta(file)
+        return str(info.value)
+
+    fresh, _, _ = session_of(model_dir)
+    foreign = tmp_path / "foreign.safetensors"
+    save_file(tensors, str(foreign), metadata={**meta, "format": "other"})
+    assert refused(fresh, foreign) == f"{foreign}: not a hierarchos memory delta file; pass the file /save wrote"
+    no_meta = tmp_path / "nometa.safetensors"
+    save_file(tensors, str(no_meta))
+    assert "not a hierarchos memory delta file" in refused(fresh, no_meta)
+    for name, bad in (("slot_count", tensors["slot_count"].float()), ("values_delta", tensors["values_delta"][:1]),
+                      ("slot_time", None)):
+        broken = {k: v for k, v in tensors.items() if k != name}
+        if bad is not None:
+            broken[name] = bad
+        file = tmp_path / f"bad_{name}.safetensors"
+        save_file(broken, str(file), metadata=meta)
+        assert refused(fresh, file) == (f"{file}: memory delta tensor '{name}' is missing or has the wrong shape/dtype; "
+                                        "the file does not fit this model")
+    fresh.base_sources = ["docs"]
+    assert refused(fresh, path) == (f"{path}: memory delta source names do not extend the model's; the file does "
+                                    "not fit this model")
+    file = tmp_path / "names.safetensors"
+    save_file(tensors, str(file), metadata={**meta, "source_names": json.dumps({"a": 1})})
+    fresh.base_sources = []
+    assert "source names do not extend" in refused(fresh, file)
+    file = tmp_path / "badjson.safetensors"
+    save_file(tensors, str(file), metadata={**meta, "source_names": "[oops"})
+    text = refused(fresh, file)
+    assert text.startswith(f"{file}: memory delta is truncated or corrupt (") and text.endswith(
+        "); delete it or restore a good copy")
+    fresh.load_delta(path)  # and the good one applies: base + delta, the metadata, the names
+    for name in ("values", "slot_time", "slot_count", "slot_source"):
+        assert torch.equal(getattr(fresh.model.memory, name), getattr(memory, name)), name
+    assert fresh.model.memory.source_names == ["chat:d1"]
+
+
+# ---- commands ----------------------------------------------------------------------------------
+
+def test_command_bounds_and_messages(model_dir):
+    session, out, info = session_of(model_dir)
+    said = []
+
+    def run(line):
+        info.seek(0)
+        info.truncate()
+        assert session.handle(line) is True
+        said.append(info.getvalue())
+        return info.getvalue().strip()
+
+    assert run("/temp 0") == "temperature = 0.0" and run("/TEMP 0.7") == "temperature = 0.7"
+    assert run("/temp inf") == "usage: /temp X (X >= 0; 0 = greedy)"
+    assert run("/topk 0") == "top_k = 0" and run("/topk -1") == "usage: /topk N (N >= 0; 0 = off)"
+    assert run("/topk 2.5") == "usage: /topk N (N >= 0; 0 = off)"
+    assert run("/topp 1") == "top_p = 1.0" and run("/topp 0") == "usage: /topp X (0 < X <= 1)"
+    assert run("/penalty 0") == "usage: /penalty X (X > 0; 1 = off)" and run("/penalty inf").startswith("usage")
+    assert run("/penalty 1.5") == "repetition_penalty = 1.5"
+    assert (session.sampling.temperature, session.sampling.top_k, session.sampling.top_p,
+            session.sampling.repetition_penalty) == (0.7, 0, 1.0, 1.5)
+    assert run("/mode warp") == "usage: /mode fast|normal|deep|extreme (now normal)"
+    assert run("/mode deep") == f"mode deep: caps {session.caps()}"
+    assert run("/learn maybe") == "usage: /learn on|off (now off)"
+    assert run("/learn on") == "learning on" and session.learn.enabled
+    assert run("/learn x") == "usage: /learn on|off (now on)"
+    assert run("/learn off") == "learning off" and not session.learn.enabled
+    assert run("/nope arg") == "unknown command /nope; type /help for the list"
+    assert run("/reset") == "conversation state reset (learned memory kept)"
+    assert run("   ") == "" and run("\r\n") == ""
+    assert run("/help") == chat_mod.HELP_TEXT
+    assert out.getvalue() == ""
+    locked, _, info = session_of(model_dir, learn_unavailable="the model is quantized")
+    locked.handle("/learn on")
+    assert info.getvalue().strip() == "learning is unavailable: the model is quantized" and not locked.learn.enabled
+    assert locked.handle("/exit") is False and locked.done and locked.handle("more") is False
+
+
+def test_save_command_reports_and_runs_the_hook(model_dir, tmp_path):
+    session, _, info = session_of(model_dir, delta_path=tmp_path / "m.safetensors",
+                                  on_save=lambda s: f"hook saw {s.updates}")
+    session.handle("/save")
+    assert info.getvalue().splitlines() == [
+        f"saved memory delta to {tmp_path / 'm.safetensors'} (0 updates this session)", "hook saw 0"]
+
+
+@pytest.mark.parametrize("dtype,name", [(torch.float16, "fp16"), (torch.bfloat16, "bf16"),
+                                        (torch.float64, "torch.float64")])
+def test_status_names_the_memory_dtype(model_dir, dtype, name):
+    session, _, info = session_of(model_dir)
+    session.model.memory.values.data = session.model.memory.values.data.to(dtype)
+    session.handle("/status")
+    assert f"format {name} safetensors, device cpu" in info.getvalue()
+    named, _, info = session_of(model_dir, format_name="Q4_0 gguf", learn_unavailable="quantized")
+    named.handle("/status")
+    text = info.getvalue()
+    assert "format Q4_0 gguf, device cpu" in text and "; unavailable: quantized" in text
+    assert "manager steps/plan point n/a, worker passes/token n/a" in text and "CUDA graph" not in text
+
+
+def test_status_lines(monkeypatch, model_dir):
+    ticks = iter([0.0, 1.0, 3.0])
+    session, _, info = session_of(model_dir, max_new=3, clock=lambda: next(ticks))
+    script(monkeypatch, [65, 66, 67])
+    session.handle("hi")
+    session.last.totals = {"manager_steps": [3.0, 2.0], "worker_steps": [1.0, 4.0]}
+    session.handle("/status")
+    lines = info.getvalue().splitlines()
+    model, cfg = session.model, session.model.cfg
+    assert lines[-6] == (f"model: {model.num_parameters():,} parameters ({model.num_parameters(with_deepembed=False):,} "
+                         "without DeepEmbed), format fp32 safetensors, device cpu")
+    assert lines[-5] == (f"mode: normal {session.caps()} (config: {cfg.h_cycles} cycles, {cfg.max_h_steps} pondering "
+                         f"steps, {cfg.max_l_steps} worker passes)")
+    assert lines[-4].startswith("blocks: ") and lines[-4].endswith(f"carried state {session.state.nbytes() / 1024:.1f} KiB")
+    s = session.sampling
+    assert lines[-3] == (f"sampling: temperature 0.0, top-k {s.top_k}, top-p {s.top_p}, penalty "
+                         f"{s.repetition_penalty}, max 3 tokens")
+    assert lines[-2] == ("last reply: 3 tokens, 1.0 tokens/s; time to first token 1000.0 ms, then 1.0 tokens/s; "
+                         "manager steps/plan point 1.50, worker passes/token 0.25")
+    in_context = int((session.state.memory["writes"][0] > 0).sum())
+    assert lines[-1] == (f"memory: 0 of {model.memory.slots} slots used, 0 written this session (0 updates), "
+                         f"{in_context} written in context; learning off (surprise > 2)")
+
+
+def test_memory_command_lists_written_slots(monkeypatch, model_dir):
+    session, _, info = session_of(model_dir, learn=True, threshold=0.0, session_id="m1")
+    session.handle("/memory")
+    assert info.getvalue().strip() == "no memory slots match"
+    memory = session.model.memory
+    with torch.no_grad():
+        memory.slot_count[[1, 3]] = torch.tensor([2, 1], dtype=memory.slot_count.dtype)
+        memory.slot_time[1], memory.slot_time[3] = 86400.0, 0.0
+        memory.slot_source[[1, 3]] = torch.tensor([0, 5], dtype=memory.slot_source.dtype)
+    memory.source_names = ["docs.txt"]
+    info.seek(0)
+    info.truncate()
+    session.handle("/memory")
+    assert info.getvalue().splitlines() == [
+        f"{'slot':>6}  {'weight':>6}  {'written (UTC)':<20} {'count':>5}  source",
+        f"{1:>6}  {'-':>6}  {'1970-01-02 00:00:00':<20} {2:>5}  docs.txt",
+        f"{3:>6}  {'-':>6}  {'never':<20} {1:>5}  -"]
+    info.seek(0)
+    info.truncate()
+    session.handle("/memory source=docs.txt")
+    assert [line.split()[0] for line in info.getvalue().splitlines()[1:]] == ["1"]
+    info.seek(0)
+    info.truncate()
+    session.handle("/memory since=1970-01-03T00:00:00+00:00")
+    assert info.getvalue().strip() == "no memory slots match"
+    info.seek(0)
+    info.truncate()
+    session.handle("/memory source=other")
+    assert info.getvalue().strip() == "no memory source other; known sources: docs.txt"
+    memory.source_names = []
+    info.seek(0)
+    info.truncate()
+    session.handle("/memory source=a source=b")
+    assert info.getvalue().strip() == "no memory source a, b; known sources: none yet"
