@@ -45,7 +45,7 @@ from hierarchos.model.rwkv import compile_blocks, uncompile_blocks  # noqa: E402
 from hierarchos.model.losses import lm_loss  # noqa: E402
 from hierarchos.ops import wkv as wkv_ops  # noqa: E402
 from hierarchos.train.cuda_graph import GraphedWindow  # noqa: E402
-from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
+from gpt2_baseline import build_gpt2, fit_gpt2, gpt2_count  # noqa: E402
 
 SIZES = {  # hierarchos shapes; GPT-2 is fitted to each
     "tiny": dict(vocab_size=4096, context_dim=128, h_hidden=128, l_hidden=128, h_layers=2, l_layers=2),
@@ -54,6 +54,10 @@ SIZES = {  # hierarchos shapes; GPT-2 is fitted to each
 }
 CONFIGS = {"minimal": dict(h_cycles=1, max_h_steps=1, max_l_steps=0),
            "mid": dict(h_cycles=2, max_h_steps=2, max_l_steps=2), "default": {}}
+BLOCKS = {  # the manager's and worker's block types (issue rows for the seeds' other cells)
+    "rwkv7": {}, "attention": dict(h_block="attention", l_block="attention"),
+    "attention-window": dict(h_block="attention", l_block="attention"),  # window_size from --window-size
+    "wkv4": dict(time_mix="wkv4")}
 REASONING = ("h_cycles", "max_h_steps", "max_l_steps", "h_stride", "h_halt_thresh", "grad_steps")
 PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense TFLOP/s
 TOL_CHUNKED, TOL_TF32 = 1e-4, 1e-3
@@ -134,31 +138,9 @@ def sync(dev):
 
 
 # ----------------------------------------------------------------------------- models
-def gpt2_count(V, P, L, d):
-    return V * d + P * d + L * (12 * d * d + 13 * d) + 2 * d
-
-
-def fit_gpt2(target, V, P, prefer_d):
-    """(n_layer, n_embd) with the count closest to target; n_embd = prefer_d if within 5%."""
-    def best_L(d):
-        L = max(1, round((target - gpt2_count(V, P, 0, d)) / (12 * d * d + 13 * d)))
-        return L, abs(gpt2_count(V, P, L, d) - target) / target
-    L, err = best_L(prefer_d)
-    if err <= 0.05:
-        return L, prefer_d
-    d = min(range(64, 2049, 64), key=lambda d: best_L(d)[1])
-    return best_L(d)[0], d
-
-
-def build_gpt2(V, P, L, d):
-    cfg = GPT2Config(vocab_size=V, n_positions=P, n_embd=d, n_layer=L, n_head=max(1, d // 64), resid_pdrop=0.0,
-                     embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, use_cache=False,
-                     attn_implementation="sdpa")
-    return GPT2LMHeadModel(cfg)
-
-
-def hier_cfg(size, config, use_rosa=True):
-    return ModelConfig(**SIZES[size], **CONFIGS[config], use_rosa=use_rosa).validate()
+def hier_cfg(size, config, use_rosa=True, block="rwkv7", window=256):
+    extra = dict(BLOCKS[block], **({"window_size": window} if block == "attention-window" else {}))
+    return ModelConfig(**SIZES[size], **CONFIGS[config], use_rosa=use_rosa, **extra).validate()
 
 
 def loss_fn(model, x, y):
@@ -434,10 +416,10 @@ def print_table(info, matching, rows):
         f"({matching['hierarchos_params_with_deepembed'] / 1e6:.2f}M with) | GPT-2 n_layer={matching['n_layer']} "
         f"n_embd={matching['n_embd']} n_pos={matching['n_positions']}: {matching['gpt2_params'] / 1e6:.2f}M "
         f"({matching['gpt2_vs_hierarchos'] * 100 - 100:+.1f}%)")
-    log(f"{'model':<10} {'config':<15} {'T':>5} {'B':>3} {'params':>8} {'tok/s':>9} {'ms/step':>9} {'1st ms':>8} "
+    log(f"{'model':<10} {'config':<28} {'T':>5} {'B':>3} {'params':>8} {'tok/s':>9} {'ms/step':>9} {'1st ms':>8} "
         f"{'peakMiB':>8} {'TFLOP/s':>7} {'MFU':>5} {'ratio':>6}  status")
     for r in rows:
-        log(f"{r['model']:<10} {r['config']:<15} {r['T']:>5} {r['batch']:>3} {r['params'] / 1e6:>7.2f}M "
+        log(f"{r['model']:<10} {r['config']:<28} {r['T']:>5} {r['batch']:>3} {r['params'] / 1e6:>7.2f}M "
             f"{fmt(r.get('tokens_per_s'), '9.0f'):>9} {fmt(r.get('step_ms'), '9.1f'):>9} "
             f"{fmt(r.get('first_step_ms'), '8.0f'):>8} {fmt(r.get('peak_mem_mib'), '8.0f'):>8} "
             f"{fmt(r.get('tflops'), '7.3f'):>7} {fmt(r.get('mfu'), '5.1%'):>5} {fmt(r.get('ratio'), '6.3f'):>6}  "
@@ -451,6 +433,9 @@ def main():
     ap.add_argument("--configs", nargs="+", choices=CONFIGS, default=["minimal", "default"])
     ap.add_argument("--no-rosa-for", nargs="*", choices=CONFIGS, default=["minimal"],
                     help="configs that also get a use_rosa=False row")
+    ap.add_argument("--blocks", nargs="+", choices=BLOCKS, default=["rwkv7"],
+                    help="block types of the hierarchos rows (attention-window: sliding window of --window-size)")
+    ap.add_argument("--window-size", type=int, default=256)
     ap.add_argument("--tokens-per-step", type=int, help="default 16384 on CUDA, 2048 on CPU")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
@@ -493,17 +478,18 @@ def main():
     for T in args.seq_lens:
         B = max(1, tps // T)
         jobs = [(dict(model="gpt2", config=f"L{L}-d{d}", params=n_gpt), lambda: build_gpt2(V, P, L, d))]
-        for c in args.configs:
+        for c, block in [(c, b) for b in args.blocks for c in args.configs]:
+            name = c if block == "rwkv7" else f"{c}/{block}" + (f"{args.window_size}" if block.endswith("window") else "")
             for rosa in (True, False) if c in args.no_rosa_for else (True,):
-                cfg = hier_cfg(args.size, c, rosa)
+                cfg = hier_cfg(args.size, c, rosa, block, args.window_size)
                 n, n_de = hier_counts(cfg)
-                for impl in args.wkv_impls:
+                for impl in args.wkv_impls if block == "rwkv7" else ["auto"]:  # the others have no WKV-7
                     tag = "" if impl == "auto" else f"@{impl}"
-                    jobs.append((dict(model="hierarchos", config=c + ("" if rosa else "-norosa") + tag, params=n,
+                    jobs.append((dict(model="hierarchos", config=name + ("" if rosa else "-norosa") + tag, params=n,
                                       params_with_deepembed=n_de, reasoning={k: getattr(cfg, k) for k in REASONING},
-                                      wkv=impl), lambda cfg=cfg: HierarchosLM(cfg)))
+                                      blocks=block, wkv=impl), lambda cfg=cfg: HierarchosLM(cfg)))
                     if rosa and c in args.cuda_graphs:
-                        jobs.append((dict(jobs[-1][0], config=c + "+graphs" + tag, graphs=True), jobs[-1][1]))
+                        jobs.append((dict(jobs[-1][0], config=name + "+graphs" + tag, graphs=True), jobs[-1][1]))
         gpt_tps = None
         for row, make in jobs:
             log(f"-- {row['model']} {row['config']} T={T} B={B} ...")

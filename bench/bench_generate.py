@@ -11,6 +11,8 @@ Prints a table and writes JSON.
     PYTHONPATH=. python bench/bench_generate.py --device cuda --size 125m
     python bench/bench_generate.py --size small --contexts 256 --batch 8 --formats fp32
     PYTHONPATH=. python bench/bench_generate.py --device cuda --size 125m --contexts 1024 --batch 8 --cuda-graph
+    PYTHONPATH=. python bench/bench_generate.py --device cuda --size 125m --contexts 1024 --batch 1 --cuda-graph \
+        --configs default minimal --gpt2
 
 With several --formats on the CPU, the alternating table also gives each format's bandwidth bound:
 the weight bytes one generated token streams (every matrix-vector product of one `step` counted
@@ -24,6 +26,12 @@ bandwidth / bytes per token; "% of bound" = measured tok/s / bound.
 (greedy, no EOS, `--new-tokens` steps of the sync-free step, on CUDA captured with --cuda-graph),
 against B = 1 through the same path and through plain `generate` (the early-exit step): tokens/s
 counts every row's tokens after the first; time to first token = prefill of every row + first sample.
+
+--configs: reasoning configs of the same shape (default 2,5,5; minimal 1,1,0), one run each.
+--gpt2: a Hugging Face GPT-2 of the same parameter count (bench/gpt2_baseline.py), `model.generate`
+with its KV cache, greedy, from a first-context prompt, in float32 and (CUDA) bfloat16: time to
+first token = generate of 1 token; decode tok/s = the further tokens over the further time. Every
+hierarchos path gets its ratio against GPT-2's faster dtype.
 """
 
 from __future__ import annotations
@@ -38,8 +46,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import dataclasses  # noqa: E402
+
 import torch  # noqa: E402
 
+from gpt2_baseline import build_gpt2, fit_gpt2  # noqa: E402
 from hierarchos.config import ModelConfig, tiny_config  # noqa: E402
 from hierarchos.model import HierarchosLM  # noqa: E402
 
@@ -50,6 +61,8 @@ SIZES = {
     "125m": lambda: ModelConfig(vocab_size=50257, context_dim=768, h_hidden=768, l_hidden=768, h_layers=4,
                                 l_layers=4),
 }
+
+CONFIGS = {"default": {}, "minimal": dict(h_cycles=1, max_h_steps=1, max_l_steps=0)}
 
 
 def rss_mib() -> float:
@@ -245,11 +258,41 @@ def long_generation(model, n: int, device) -> list[dict]:
 
 
 @torch.no_grad()
-def run(args) -> dict:
+def gpt2_generation(params: int, vocab: int, args, device) -> list[dict]:
+    """HF GPT-2 of `params` parameters: time to first token and decode tok/s of `generate` (KV cache)."""
+    context = args.contexts[0]
+    L, d = fit_gpt2(params, vocab, max(1024, context + args.new_tokens), 768)
+    prompt = torch.randint(0, vocab, (1, context), generator=torch.Generator().manual_seed(0)).to(device)
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16) if device.type == "cuda" else (torch.float32,):
+        model = build_gpt2(vocab, max(1024, context + args.new_tokens), L, d, use_cache=True).to(device, dtype).eval()
+        n = sum(p.numel() for p in model.parameters())
+
+        def timed(new):
+            sync(device)
+            start = time.perf_counter()
+            model.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False, use_cache=True,
+                           pad_token_id=0)
+            sync(device)
+            return time.perf_counter() - start
+        timed(4)  # warm-up
+        first = min(timed(1) for _ in range(3))
+        whole = min(timed(args.new_tokens) for _ in range(2))
+        rows.append({"dtype": str(dtype).replace("torch.", ""), "n_layer": L, "n_embd": d, "params": n,
+                     "context": context, "time_to_first_token_s": first,
+                     "decode_tokens_per_s": (args.new_tokens - 1) / max(whole - first, 1e-9)})
+        print(f"GPT-2 {L}x{d} ({n / 1e6:.1f}M, {rows[-1]['dtype']}): time to first token {first * 1000:.1f} ms | "
+              f"decode {rows[-1]['decode_tokens_per_s']:.1f} tok/s", flush=True)
+        del model
+    return rows
+
+
+@torch.no_grad()
+def run(args, config: str = "default") -> dict:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     torch.manual_seed(0)
-    float_model = HierarchosLM(SIZES[args.size]()).to(device).eval()
+    float_model = HierarchosLM(dataclasses.replace(SIZES[args.size](), **CONFIGS[config]).validate()).to(device).eval()
     cfg = float_model.cfg
     rows, kernel_info, models = [], None, {}
     for fmt in args.formats:
@@ -282,7 +325,7 @@ def run(args) -> dict:
     del models
     batch_rows = batched_generation(float_model, args, device) if args.batch else []
     long_rows = long_generation(float_model, args.long_generation, device) if args.long_generation else []
-    return {"batched": batch_rows, "long_generation": long_rows, "interleaved_tokens_per_s": interleaved,
+    return {"config": config, "batched": batch_rows, "long_generation": long_rows, "interleaved_tokens_per_s": interleaved,
             "bandwidth_bound": bound,
             "load_average": os.getloadavg(), "kernel": kernel_info, "torch_threads": torch.get_num_threads(),
             "machine": {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
@@ -309,9 +352,43 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=0, metavar="B",
                     help="also time batched generation of B prompts against B = 1 (see the module doc)")
     ap.add_argument("--cuda-graph", action="store_true", help="--batch on CUDA: capture the step as a CUDA graph")
+    ap.add_argument("--configs", nargs="+", choices=CONFIGS, default=["default"],
+                    help="reasoning configs, one run each (minimal: 1,1,0)")
+    ap.add_argument("--gpt2", action="store_true",
+                    help="also time a Hugging Face GPT-2 of the same parameter count (model.generate, KV cache)")
     ap.add_argument("--json", default=None, help="default bench/results/generate_<device>.json")
     args = ap.parse_args()
-    result = run(args)
+    results = []
+    for config in args.configs:
+        print(f"=== {args.size}, reasoning config {config}", flush=True)
+        results.append(run(args, config))
+        print_run(results[-1], args)
+    gpt2 = gpt2_generation(results[0]["params"], SIZES[args.size]().vocab_size, args,
+                           torch.device(results[0]["machine"]["device"])) if args.gpt2 else []
+    if gpt2:
+        best = max(gpt2, key=lambda r: r["decode_tokens_per_s"])
+        print(f"\nagainst GPT-2 {best['n_layer']}x{best['n_embd']} ({best['params'] / 1e6:.1f}M, {best['dtype']}, "
+              f"model.generate with KV cache): {best['decode_tokens_per_s']:.1f} tok/s, time to first token "
+              f"{best['time_to_first_token_s'] * 1000:.1f} ms")
+        print("| config | path | B | time to first token ms | decode tok/s | vs GPT-2 |")
+        print("|---|---|---:|---:|---:|---:|")
+        for result in results:
+            for r in result["batched"]:
+                r["vs_gpt2"] = r["decode_tokens_per_s"] / r["batch"] / best["decode_tokens_per_s"]
+                print(f"| {result['config']} | {r['how']}{' (CUDA graph)' if r['cuda_graph'] else ''} | {r['batch']} | "
+                      f"{r['time_to_first_token_s'] * 1000:.1f} | {r['decode_tokens_per_s']:.1f} | "
+                      f"{r['vs_gpt2']:.2f}x |")
+            for r in result["rows"]:
+                r["vs_gpt2"] = r["tokens_per_s"] / best["decode_tokens_per_s"]
+                print(f"| {result['config']} | step ({r['format']}, context {r['context']}) | 1 | - | "
+                      f"{r['tokens_per_s']:.1f} | {r['vs_gpt2']:.2f}x |")
+    path = Path(args.json or f"bench/results/generate_{results[0]['machine']['device'].split(':')[0]}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"runs": results, "gpt2": gpt2, "argv": sys.argv[1:]}, indent=2))
+    print(f"json: {path}")
+
+
+def print_run(result: dict, args) -> None:
     base = {r["context"]: r["tokens_per_s"] for r in result["rows"] if r["format"] == "fp32"}
     print("\n| format | weights MiB | context | prefill tok/s | generate tok/s | vs fp32 | memory after prefill MiB "
           "| after generation MiB | state MiB |")
@@ -348,10 +425,6 @@ def main() -> None:
         for r in result["long_generation"]:
             print(f"| {r['generated']} | {r['tokens_per_s']:.1f} | {r['memory_mib']:.1f} | "
                   f"{r['state_bytes'] / 2**20:.2f} |")
-    path = Path(args.json or f"bench/results/generate_{result['machine']['device'].split(':')[0]}.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2))
-    print(f"json: {path}")
 
 
 if __name__ == "__main__":

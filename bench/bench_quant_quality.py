@@ -6,8 +6,16 @@ it, the same weights dequantized back to float and run in PyTorch: the differenc
 what the kernel path adds (8-bit activation blocks), the difference to fp32 what the format loses.
 Also file size and CPU decode tokens/s at batch 1.
 
-Data: the bundled plays, split by this script: the last --heldout-fraction of every play (cut at a
-line break) is held out and never trained on; the rest is the training set.
+Data (--corpus bundled, the default): the bundled plays, split by this script: the last
+--heldout-fraction of every play (cut at a line break) is held out and never trained on; the rest is
+the training set; the bundled BPE tokenizer.
+--corpus code: Python sources (bench_quality.build_corpus: held-out *files*, deterministic for one
+file tree), --code-train-bytes of training text, the first --heldout-bytes of the validation files
+held out, byte tokenizer; recipe --size code. The texts are written to WORK/heldout.txt and
+WORK/calibration.txt; --texts-from DIR scores with the texts a run elsewhere wrote (a model trained
+on the GPU machine and scored here: its site-packages differ, so the corpus is not rebuilt):
+  python bench/bench_quant_quality.py --train --corpus code --size code --device cuda --no-table --work-dir W
+  python bench/bench_quant_quality.py --model-path W/model-code --texts-from W --corpus code --json ...
   --train          trains the model through the real `train` CLI (recipe below, fixed seed and flags)
   --model-path DIR reuses an existing model directory (it must not have seen the held-out text)
 
@@ -48,6 +56,12 @@ SIZES = {
                        "--max_l_steps", "0"],
                  optim=["--max_length", "512", "--batch_size", "16", "--starting-lr", "6e-4", "--min-lr", "6e-5",
                         "--warmup-steps", "100", "--epochs", "30"]),
+    # ~11.7M parameters on Python sources, byte tokenizer, one pass over --code-train-bytes (GPU machine)
+    "code": dict(arch=["--context_dim", "256", "--h_hidden", "256", "--l_hidden", "256", "--head_size", "64",
+                       "--h_layers", "4", "--l_layers", "4", "--h_cycles", "1", "--max_h_steps", "1",
+                       "--max_l_steps", "0"],
+                 optim=["--max_length", "512", "--batch_size", "32", "--starting-lr", "1.5e-3", "--min-lr", "1.5e-4",
+                        "--warmup-steps", "100", "--epochs", "1"]),
 }
 SEED = 1234
 
@@ -73,13 +87,28 @@ def split_corpus(work: Path, heldout_fraction: float) -> tuple[Path, Path]:
     return train_dir, heldout
 
 
+def code_corpus(work: Path, train_bytes: int, heldout_bytes: int) -> tuple[Path, Path, str]:
+    """The Python-sources corpus of bench_quality: (train JSONL, held-out text file, calibration text)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench_quality import build_corpus, read_texts
+
+    corpus = build_corpus(work / "corpus", train_bytes, 4 * heldout_bytes)
+    train = work / "corpus" / corpus["train"]["file"]
+    heldout_text = "".join(read_texts(work / "corpus" / corpus["val"]["file"]))
+    heldout_text = heldout_text[:heldout_text.rfind("\n", 0, heldout_bytes) + 1]
+    heldout = work / "heldout.txt"
+    heldout.write_text(heldout_text, encoding="utf-8")
+    calibration = "".join(read_texts(train))[:200_000]
+    return train, heldout, calibration
+
+
 def train_command(train_dir: Path, heldout: Path, out_dir: Path, size: str, device: str, threads: int,
-                  max_steps: int | None) -> list[str]:
+                  max_steps: int | None, tokenizer: str | None = None) -> list[str]:
     from hierarchos.data import bundled_tokenizer_path
 
     recipe = SIZES[size]
     cmd = [sys.executable, str(ROOT / "hierarchos_cli.py"), "train", "--train", str(train_dir),
-           "--val", str(heldout), "--tokenizer-path", bundled_tokenizer_path(), "--out-dir", str(out_dir),
+           "--val", str(heldout), "--tokenizer-path", tokenizer or bundled_tokenizer_path(), "--out-dir", str(out_dir),
            "--seed", str(SEED), "--device", device, "--threads", str(threads), "--log-every", "10", "--save-every", "0",
            "--keep-checkpoints", "1", *recipe["arch"], *recipe["optim"]]
     if max_steps:
@@ -271,6 +300,10 @@ def main(argv=None) -> int:
                     help="CPU threads for training and scoring (1: robust on a shared machine; decode tok/s is per thread)")
     ap.add_argument("--work-dir", default="/tmp/hierarchos_quant_quality")
     ap.add_argument("--heldout-fraction", type=float, default=0.08)
+    ap.add_argument("--corpus", choices=("bundled", "code"), default="bundled")
+    ap.add_argument("--code-train-bytes", type=int, default=40_000_000)
+    ap.add_argument("--heldout-bytes", type=int, default=100_000, help="--corpus code: held-out text scored")
+    ap.add_argument("--texts-from", help="read heldout.txt and calibration.txt from this directory (no corpus build)")
     ap.add_argument("--chunk", type=int, default=512, help="tokens per forward when scoring (eval's default)")
     ap.add_argument("--decode-steps", type=int, default=64)
     ap.add_argument("--only", nargs="+", choices=("Q8_0", "Q4_0", "INT4", "Q2_K"), help="score only these formats")
@@ -282,10 +315,23 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     work = Path(args.work_dir)
-    train_dir, heldout = split_corpus(work, args.heldout_fraction)
+    work.mkdir(parents=True, exist_ok=True)
+    tokenizer, train_text = None, None
+    if args.texts_from:
+        train_dir, heldout = None, Path(args.texts_from) / "heldout.txt"
+        train_text = (Path(args.texts_from) / "calibration.txt").read_text(encoding="utf-8")
+    elif args.corpus == "code":
+        train_dir, heldout, train_text = code_corpus(work, args.code_train_bytes, args.heldout_bytes)
+    else:
+        train_dir, heldout = split_corpus(work, args.heldout_fraction)
+    if args.corpus == "code":
+        tokenizer = "byte"
     model_path = Path(args.model_path) if args.model_path else work / f"model-{args.size}"
-    train_cmd = train_command(train_dir, heldout, model_path, args.size, args.device, args.threads, args.max_steps)
+    train_cmd = train_command(train_dir, heldout, model_path, args.size, args.device, args.threads, args.max_steps,
+                              tokenizer) if train_dir else ["(trained elsewhere; texts from " + args.texts_from + ")"]
     if args.train:
+        if not train_dir:
+            raise SystemExit("--train with --texts-from: train where the corpus is built")
         log("train:", " ".join(train_cmd))
         start = time.time()
         subprocess.run(train_cmd, check=True)
@@ -300,7 +346,8 @@ def main(argv=None) -> int:
     from hierarchos.quant import kernel
 
     kernel.set_threads(args.threads)
-    train_text = "".join(p.read_text(encoding="utf-8") for p in sorted(train_dir.glob("*.txt")))
+    if train_text is None:
+        train_text = "".join(p.read_text(encoding="utf-8") for p in sorted(train_dir.glob("*.txt")))
     heldout_text = heldout.read_text(encoding="utf-8")
     # calibration and the sensitivity scan read training text only: nothing is tuned on the held-out text
     calibration = work / "calibration.txt"

@@ -18,6 +18,14 @@
 #              against a compiled GPT-2 of equal size, full training steps for both (clip + fused
 #              AdamW; hierarchos with the trainer's optimizer), with the float32 parity preamble (~330 s)
 #   tests      the GPU-marked tests (~100 s)
+#   kernel     build the C++ kernel on the device (the ROSA automaton and WKV step the trainer uses; ~40 s)
+#   generate   batch-1 generation at 125m, default and minimal reasoning, eager step, sync-free step and
+#              CUDA graph, against a Hugging Face GPT-2 of the same size (model.generate, KV cache) (~150 s)
+#   blocks     training steps of the seeds' other cells at 125m minimal, T=1024 and 8192: attention
+#              blocks (full, window 512) and WKV-4, beside RWKV-7 and a compiled GPT-2 (~240 s)
+#   quantmodel train the quantization-quality model (bench_quant_quality --size code: ~11.7M, Python
+#              sources, byte tokenizer) and leave it under $out/model in <16 MiB pieces, with the
+#              held-out and calibration texts, for scoring on a CPU (~200 s)
 set -uo pipefail
 source bench/gpu_env.sh  # $out, carried wheels, PYTHONPATH, $out/gpu.txt
 python3 -c "import fla; print('fla-core', fla.__version__)" 2>&1 | tee "$out/fla_version.txt"
@@ -65,7 +73,26 @@ for suite in "$@"; do
         | tee "$out/forward_table_8192.log" ;;
     tests)
       timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tee "$out/pytest_gpu.log" ;;
-    *) echo "unknown suite $suite (wkv, wkv-model, stall, table, tests)"; exit 2 ;;
+    kernel)
+      timeout 150 python3 kernels/build.py --jobs 16 --require 2>&1 | tee "$out/kernel_build.log" ;;
+    generate)
+      timeout ${GENERATE_TIMEOUT:-200} python3 bench/bench_generate.py --device cuda --size 125m --contexts 1024 \
+        --new-tokens 128 --batch 1 --cuda-graph --configs default minimal --gpt2 --json "$out/generate_cuda.json" 2>&1 \
+        | tee "$out/generate_cuda.log" ;;
+    blocks)
+      timeout ${BLOCKS_TIMEOUT:-260} python3 bench/bench_forward.py --device cuda --size 125m --seq-lens 1024 8192 \
+        --configs minimal --no-rosa-for --blocks rwkv7 attention attention-window wkv4 --window-size 512 --compile gpt2 \
+        --optimizer --steps 4 --warmup 2 --max-seconds-per-row 30 --no-check --json "$out/forward_blocks.json" 2>&1 \
+        | tee "$out/forward_blocks.log" ;;
+    quantmodel)
+      timeout ${QUANT_TIMEOUT:-320} python3 bench/bench_quant_quality.py --train --corpus code --size code \
+        --code-train-bytes ${QUANT_TRAIN_BYTES:-20000000} --device cuda --threads 8 --no-table --work-dir /tmp/qq 2>&1 \
+        | tr '\r' '\n' | grep -v '^ *$' | tail -n 60 > "$out/quant_train.log"
+      mkdir -p "$out/model"
+      split -b 15M /tmp/qq/model-code/model.safetensors "$out/model/model.safetensors.part-"
+      tar cf "$out/model/texts_and_config.tar" -C /tmp/qq heldout.txt calibration.txt model-code/hierarchos_config.json \
+        model-code/hierarchos_tokenizer.json model-code/tokenizer.json model-code/metrics.jsonl ;;
+    *) echo "unknown suite $suite (wkv, wkv-model, stall, table, tests, kernel, generate, blocks, quantmodel)"; exit 2 ;;
   esac
   echo "=== suite $suite: $((SECONDS - start)) s" | tee -a "$out/suites.txt"
 done
