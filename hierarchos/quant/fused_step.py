@@ -114,7 +114,8 @@ class _Plan:
         ffn_dim = stack.blocks[0].channel_mix.up.out_features
         self.step = kernel.RwkvStackStep(stack.dim, stack.head_size, ffn_dim,
                                          [_layer_spec(block) for block in stack.blocks])
-        self.modules = [m for m in stack.modules() if m is not stack]
+        # the hook dicts of every module of the stack (registering a hook fills one in place)
+        self.hook_dicts = [d for m in stack.modules() if m is not stack for d in (m._forward_hooks, m._forward_pre_hooks)]
         self.gates_for: tuple | None = None  # (tokens, version, gates): the passes of one step share tokens
 
     def __deepcopy__(self, memo):  # a copied model has copied parameters: it builds its own plan
@@ -127,7 +128,7 @@ class _Plan:
         """Whether a hook watches any module call of the stack (or every module's)."""
         if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
             return True
-        return any(m._forward_hooks or m._forward_pre_hooks for m in self.modules)
+        return any(self.hook_dicts)
 
     def gates(self, stack: RWKVStack, tokens: torch.Tensor) -> list | None:
         if stack.deepembed is None:
