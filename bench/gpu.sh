@@ -23,6 +23,8 @@
 #              CUDA graph, against a Hugging Face GPT-2 of the same size (model.generate, KV cache) (~150 s)
 #   blocks     training steps of the seeds' other cells at 125m minimal, T=1024 and 8192: attention
 #              blocks (full, window 512) and WKV-4, beside RWKV-7 and a compiled GPT-2 (~240 s)
+#   chat       chat on CUDA with its default (the captured step) against --no-cuda-graph: a tiny model
+#              trained for 30 steps, greedy replies compared, /status shown (~60 s)
 #   quantmodel train the quantization-quality model (bench_quant_quality --size code: ~11.7M, Python
 #              sources, byte tokenizer) and leave it under $out/model in <16 MiB pieces, with the
 #              held-out and calibration texts, for scoring on a CPU (~200 s)
@@ -84,6 +86,17 @@ for suite in "$@"; do
         --configs minimal --no-rosa-for --blocks rwkv7 attention attention-window wkv4 --window-size 512 --compile gpt2 \
         --optimizer --steps 4 --warmup 2 --max-seconds-per-row 30 --no-check --json "$out/forward_blocks.json" 2>&1 \
         | tee "$out/forward_blocks.log" ;;
+    chat)
+      timeout 90 python3 hierarchos_cli.py train --tiny --tokenizer-path byte --train README.md --max-steps 30 \
+        --max_length 128 --batch_size 8 --device cuda --out-dir /tmp/chat_m 2>&1 | tr '\r' '\n' | tail -n 5 > "$out/chat.log"
+      for mode in cuda-graph no-cuda-graph; do
+        flag=""; [ $mode = no-cuda-graph ] && flag=--no-cuda-graph
+        printf 'hello there\n/status\nand again\n' | timeout 60 python3 hierarchos_cli.py chat --model-path /tmp/chat_m \
+          --device cuda --temperature 0 --max-new-tokens 48 --seed 1 --no-learn $flag > /tmp/chat_$mode.out 2> /tmp/chat_$mode.err
+        echo "== $mode: exit $?" >> "$out/chat.log"; cat /tmp/chat_$mode.out /tmp/chat_$mode.err >> "$out/chat.log"
+      done
+      cmp /tmp/chat_cuda-graph.out /tmp/chat_no-cuda-graph.out && echo "chat: same replies with and without the graph" \
+        | tee -a "$out/chat.log" ;;
     quantmodel)
       timeout ${QUANT_TIMEOUT:-320} python3 bench/bench_quant_quality.py --train --corpus code --size code \
         --code-train-bytes ${QUANT_TRAIN_BYTES:-20000000} --device cuda --threads 8 --no-table --work-dir /tmp/qq 2>&1 \

@@ -17,6 +17,15 @@ from ..errors import HierarchosError
 HELP = "chat with a trained model (streaming REPL, reasoning modes, online learning into its memory)"
 
 
+def resolve_cuda_graph(requested: bool | None, device, cfg) -> bool:
+    """Whether chat steps through a CUDA graph: what the user asked, else on exactly where capture
+    works (CUDA, and a state of fixed size: full attention grows its KV cache every token)."""
+    if requested is not None:
+        return requested
+    fixed = not ("attention" in (cfg.h_block, cfg.l_block) and not cfg.window_size)
+    return device.type == "cuda" and fixed
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-path", "--model_path", required=True, metavar="DIR",
                    help="a model directory (from train), or a quantized one / .gguf file (from quantize)")
@@ -25,9 +34,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(matmuls on a Vulkan device, built by setup.sh --vulkan)")
     p.add_argument("--prompt", default=None, metavar="TEXT", help="answer this one turn and exit (reply on stdout)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
-    p.add_argument("--cuda-graph", "--cuda_graph", action="store_true",
-                   help="CUDA: step through a captured CUDA graph (the sync-free step and sampling on the "
-                        "device, replayed per token); off by default until checked on a GPU")
+    p.add_argument("--cuda-graph", "--cuda_graph", action=argparse.BooleanOptionalAction, default=None,
+                   help="CUDA: step through a captured CUDA graph (the sync-free step and sampling on the device, "
+                        "replayed per token). Default: on for a full-precision model on CUDA whose state has a fixed "
+                        "size (not full attention), off elsewhere")
     sampling = p.add_argument_group("sampling")
     sampling.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default: 0.7)")
     sampling.add_argument("--top-k", "--top_k", type=int, default=40)
@@ -104,9 +114,10 @@ def run(args: argparse.Namespace) -> int:
                               "or a quantized model (directory or .gguf file) from quantize")
     extra = {"model_dir": args.model_path}
     if quantized:
-        if args.cuda_graph:
+        if args.cuda_graph:  # an explicit --cuda-graph; the default (None) is off here
             raise HierarchosError("--cuda-graph applies to full-precision models on CUDA; quantized models run on "
                                   "the CPU kernel or Vulkan: drop the flag")
+        args.cuda_graph = False
         device = _quantized_device(args.device)
         model, meta, tokenizer, extra = _load_quantized_session(args, on_vulkan=args.device == "vulkan")
         path = Path(args.model_path)
@@ -123,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
         if args.cuda_graph and device.type != "cuda":
             raise HierarchosError(f"--cuda-graph needs a CUDA device (the model runs on {device}); drop the flag")
         model, meta = load_model_dir(args.model_path, device=device)
+        args.cuda_graph = resolve_cuda_graph(args.cuda_graph, device, model.cfg)
         tokenizer = load_tokenizer(args.model_path)
     template = meta.get("prompt_template") or "plain"
     scripted = args.prompt is not None or not sys.stdin.isatty()
