@@ -160,8 +160,16 @@ def test_step_is_forward_on_one_token():
             assert out.logits.shape == (2, model.cfg.vocab_size) and out.state.pos == t + 1
             close(out.logits, par.logits[:, t], seed, f"step {t}", rtol=1e-8, atol=1e-10)
             state = out.state
-        capped = model.step(tokens[:, 0], model.init_state(2), h_cycles=1).logits
-    close(capped, model(tokens[:, :1], h_cycles=1).logits[:, 0], seed, "caps reach step")
+        # caps: from the second token on, one round differs from two (the first token's second round
+        # sees zero feedback and a zero state, as the first does)
+        state, capped = model.init_state(2), []
+        for t in range(3):
+            out = model.step(tokens[:, t], state, h_cycles=1)
+            capped.append(out.logits)
+            state = out.state
+        want = model(tokens[:, :3], h_cycles=1).logits
+        assert not torch.allclose(want[:, 1:], par.logits[:, 1:3])
+    close(torch.stack(capped, 1), want, seed, "caps reach step", rtol=1e-8, atol=1e-10)
 
 
 def test_step_sync_free_equals_step_with_and_without_hints():
@@ -183,9 +191,21 @@ def test_step_sync_free_equals_step_with_and_without_hints():
                     assert n1 == n2
                     close(x2, x1, seed, f"{name} t={t} {n1}", rtol=1e-9, atol=1e-10)
             s_step, s_free, s_hint = a.state, b.state, c.state
-        capped = model.step_sync_free(tokens[:, 0], model.init_state(2), torch.zeros(2, dtype=torch.long), h_cycles=1)
+        # caps reach the reasoner (from the second token on one round differs from two); a stale
+        # state.pos changes nothing: the rows' positions are row_pos
+        s_cap, s_ref = model.init_state(2), model.init_state(2)
+        for t in range(3):
+            s_cap.pos = 0
+            a = model.step_sync_free(tokens[:, t], s_cap, torch.full((2,), t), h_cycles=1)
+            b = model.step(tokens[:, t], s_ref, h_cycles=1)
+            close(a.logits, b.logits, seed, f"caps / stale pos t={t}", rtol=1e-9, atol=1e-10)
+            assert b.totals and set(a.totals) >= set(b.totals)
+            for name, (total, count) in a.totals.items():  # a term the step skipped has count 0 here
+                ref_total, ref_count = b.totals.get(name, (0.0, 0))
+                assert float(count) == float(ref_count), f"seed={seed} count of {name}"
+                close(torch.as_tensor(total, dtype=D), torch.as_tensor(ref_total, dtype=D), seed, f"{name} t={t}")
+            s_cap, s_ref = a.state, b.state
     assert [x.history_len for x in s_free.rosa] == [5, 5] and [x.history_len for x in s_hint.rosa] == [0, 0]
-    close(capped.logits, model.step(tokens[:, 0], model.init_state(2), h_cycles=1).logits, seed, "caps")
 
 
 def test_q_halting_pairs_are_stacked_over_rounds():
@@ -277,3 +297,30 @@ def test_initial_values_and_initial_state():
     assert HierarchosLM(tiny_config(use_rosa=False)).rosa_embed is None
     assert model.init_state(2).memory["delta"].shape[0] == 2
     assert model.init_state().memory["delta"].shape[0] == 1
+
+
+def test_a_state_without_automata_starts_fresh_ones_in_every_form():
+    """A state whose ROSA automata are missing (None) gets fresh ones of the configured window and
+    'none' id, in forward and in the sync-free step alike: the same results as from init_state."""
+    seed = fresh_seed()
+    model = build(seed, rosa_window=3)
+    cfg = model.cfg
+    tokens = torch.tensor([[1, 2, 1, 2, 1, 2, 3]])
+    hints = torch.tensor([rosa_hints_bruteforce(tokens[0].tolist(), cfg.rosa_none_id, cfg.rosa_window)])
+    assert (hints == cfg.rosa_none_id).any() and (hints != cfg.rosa_none_id).any()
+    with torch.no_grad():
+        bare = model.init_state(1)
+        bare.rosa = None
+        out = model(tokens, bare)
+        want = model(tokens, rosa_hint_ids=hints)
+        close(out.logits, want.logits, seed, "forward")
+        bare = model.init_state(1)
+        bare.rosa = None
+        full = model.init_state(1)
+        for t in range(7):
+            a = model.step_sync_free(tokens[:, t], bare, torch.tensor([t]))
+            b = model.step(tokens[:, t], full)
+            close(a.logits, b.logits, seed, f"sync-free t={t}")
+            bare, full = a.state, b.state
+    for automata in (out.state.rosa, bare.rosa):
+        assert len(automata) == 1 and automata[0].window == 3 and automata[0].none_id == cfg.rosa_none_id

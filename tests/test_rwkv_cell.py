@@ -546,6 +546,12 @@ def test_compile_blocks_marks_every_rwkv_block_and_uncompile_undoes_it(monkeypat
     rwkv.uncompile_blocks(model)
     assert all(m._compiled_call_impl is None for m in model.modules())
     assert rwkv.compile_blocks(torch.nn.Linear(2, 2)) == 0
+    compiled.clear()
+    assert rwkv.compile_blocks(model) == 5 and [kw["backend"] for kw in compiled] == ["inductor"] * 5  # the default
+    rwkv.uncompile_blocks(model)
+    # the opaque recurrences are the plain ones behind dynamo's disable (calling them would cost seconds)
+    assert opaque7.__wrapped__ is rwkv.wkv7 and opaque7._torchdynamo_disable
+    assert opaque4.__wrapped__ is rwkv.wkv4 and opaque4._torchdynamo_disable
 
 
 # ---- dtypes under autocast, the chunk size that reaches the recurrence -----------------------------------
@@ -621,3 +627,15 @@ def test_the_configured_chunk_reaches_the_recurrence(monkeypatch):
             TimeMix4(8, 0, 1, chunk)(x, shift, torch.stack([torch.zeros(1, 8)] * 2 + [torch.full((1, 8), -1e38)], 1))
     assert seen == [("_wkv7_opaque", 3), ("_wkv4_opaque", 5), ("_wkv4_opaque", rwkv.WKV4_MAX_CHUNK)]
     assert rwkv.WKV4_MAX_CHUNK == 16
+
+
+def test_orthogonal_init_and_rank_rounding():
+    """_orthogonal: orthonormal rows (wide) or columns (tall) times gain, a tall one times sqrt(rows / cols)
+    more; x070_rank rounds to the nearest multiple of 32."""
+    torch.manual_seed(fresh_seed())
+    wide, tall, square = rwkv._orthogonal(2, 8, 0.5), rwkv._orthogonal(8, 2, 0.5), rwkv._orthogonal(4, 4, 3.0)
+    close(wide @ wide.T, 0.25 * torch.eye(2), 0, "wide", rtol=1e-5, atol=1e-6)
+    close(tall.T @ tall, (0.5 * 2) ** 2 * torch.eye(2), 0, "tall", rtol=1e-5, atol=1e-6)
+    close(square @ square.T, 9 * torch.eye(4), 0, "square", rtol=1e-5, atol=1e-5)
+    # scale * sqrt(C) = 48.5: 1.52 multiples of 32 -> 2 (64); 47 -> 1.47 -> 1 (32)
+    assert x070_rank(48.5 / 32, 1024) == 64 and x070_rank(47 / 32, 1024) == 32
