@@ -86,20 +86,28 @@ struct Layer {
 // x @ W sums (i ascending per column; the columns are independent, so they vectorise as they are).
 constexpr int64_t kCols = 64;
 
+// One row's columns [j0, j0 + W): a compile-time width keeps the accumulators in registers.
+template <int64_t W>
+inline void vecmat_row(const float *xb, const float *w, int64_t in, int64_t out, float *yb) {
+    float acc[W];
+    for (int64_t j = 0; j < W; ++j) acc[j] = 0.0f;
+    for (int64_t i = 0; i < in; ++i) {
+        const float xi = xb[i];
+        const float *wi = w + i * out;
+        for (int64_t j = 0; j < W; ++j) acc[j] += xi * wi[j];
+    }
+    for (int64_t j = 0; j < W; ++j) yb[j] = acc[j];
+}
+
 HK_CLONES void vecmat_cols(const float *x, int64_t x_stride, const float *w, int64_t in, int64_t out,
                            float *y, int64_t y_stride, int64_t rows, int64_t j0, int64_t j1) {
-    float acc[kCols];
-    const int64_t width = j1 - j0;
     for (int64_t b = 0; b < rows; ++b) {
-        for (int64_t j = 0; j < width; ++j) acc[j] = 0.0f;
         const float *xb = x + b * x_stride;
-        for (int64_t i = 0; i < in; ++i) {
-            const float xi = xb[i];
-            const float *wi = w + i * out + j0;
-            for (int64_t j = 0; j < width; ++j) acc[j] += xi * wi[j];
-        }
-        float *yb = y + b * y_stride + j0;
-        for (int64_t j = 0; j < width; ++j) yb[j] = acc[j];
+        float *yb = y + b * y_stride;
+        int64_t j = j0;
+        for (; j + kCols <= j1; j += kCols) vecmat_row<kCols>(xb, w + j, in, out, yb + j);
+        for (; j + 16 <= j1; j += 16) vecmat_row<16>(xb, w + j, in, out, yb + j);
+        for (; j < j1; ++j) vecmat_row<1>(xb, w + j, in, out, yb + j);
     }
 }
 
