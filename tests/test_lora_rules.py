@@ -13,6 +13,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+import peft  # noqa: F401  (imported once at collection: wrap and load_adapter import it lazily)
 import pytest
 import torch
 
