@@ -52,6 +52,8 @@ def test_rope_angles_by_hand():
     big = rope_angles(torch.tensor([[10**7]]), 8)         # float64: a large position keeps its digits
     close(big[0, 0], torch.tensor([1e7, 1e6, 1e5, 1e4], dtype=D), 0, "large position")
     assert attention.ROPE_BASE == 10000.0
+    meta = torch.zeros(2, 3, dtype=torch.long, device="meta")  # every part on the positions' device
+    assert rope_angles(meta, 4).device.type == "meta" and sinusoidal_features(meta, 6).device.type == "meta"
 
 
 def test_apply_rope_turns_channel_pairs_i_and_i_plus_half():
@@ -221,6 +223,7 @@ def test_init_state():
         assert state[name].shape == (3, 2, 2, 5, 4) and state[name].dtype == torch.float32 and not state[name].any()
     assert state["pos"].dtype == torch.long and state["pos"].tolist() == [0, 0]
     assert stack.init_state(1, dtype=D)["key"].dtype == D
+    assert all(t.device.type == "meta" for t in stack.init_state(2, device="meta").values())
     full = AttentionStack(8, 1, 4, 2, 11, False, False, "rope", 0).init_state(3)
     assert full["key"].shape == (1, 3, 2, 0, 4)
 
@@ -295,6 +298,19 @@ def test_frozen_query_sees_its_own_key_and_checkpointing():
         attention.checkpoint = real
     assert len(calls) == 2
     close(ckpt, plain, seed, "checkpointed")
+    # an input without gradient: the parameters still get theirs, equal to the plain run's (a
+    # reentrant checkpoint would cut them off)
+    plain_stack = AttentionStack(8, 2, 4, 2, 11, False, False, "rope", 0).double()  # no DeepEmbed gate either
+    grads = []
+    for flag in (False, True):
+        plain_stack.gradient_checkpointing = flag
+        plain_stack.zero_grad()
+        out, new = plain_stack(x.detach(), tokens, state)
+        (out.pow(2).sum() + new["value"].sum()).backward()
+        grads.append({n: p.grad.clone() for n, p in plain_stack.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == len(list(plain_stack.parameters()))
+    for name in grads[0]:
+        close(grads[1][name], grads[0][name], seed, f"grad {name}")
 
 
 def test_block_is_pre_norm_residual_with_the_deepembed_gate():

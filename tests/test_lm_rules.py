@@ -293,6 +293,10 @@ def test_initial_values_and_initial_state():
     assert all(t.dtype != torch.float32 for _, t in s64.tensors()) and len(s64.rosa) == 1
     s32 = model.init_state(1, dtype=torch.float32)
     assert any(t.dtype == torch.float32 for _, t in s32.tensors())
+    # the device: as asked, else the model's
+    assert all(t.device.type == "meta" for _, t in model.init_state(2, device="meta").tensors())
+    assert all(t.device.type == "meta" and t.dtype != torch.float32 for _, t in model.to("meta").init_state(2).tensors())
+    assert all(t.device.type == "cpu" for _, t in model.init_state(1, device="cpu").tensors())
     assert HierarchosLM(tiny_config(use_rosa=False)).init_state(2).rosa is None
     assert HierarchosLM(tiny_config(use_rosa=False)).rosa_embed is None
     assert model.init_state(2).memory["delta"].shape[0] == 2
@@ -324,3 +328,26 @@ def test_a_state_without_automata_starts_fresh_ones_in_every_form():
             bare, full = a.state, b.state
     for automata in (out.state.rosa, bare.rosa):
         assert len(automata) == 1 and automata[0].window == 3 and automata[0].none_id == cfg.rosa_none_id
+
+
+def test_head_pads_only_a_float_head_off_the_cpu(monkeypatch):
+    """The tied float head goes through padded_linear on a device other than the CPU (a meta tensor
+    stands in for the GPU), and is the plain Linear on the CPU; another head module (the quantized
+    model's) is called as it is everywhere."""
+    from hierarchos.model import lm
+
+    calls = []
+    monkeypatch.setattr(lm, "padded_linear", lambda h, w: calls.append((h, w)) or "padded")
+    model = HierarchosLM(tiny_config())
+    h = torch.randn(2, 3, 16)
+    torch.testing.assert_close(model.head(h), h @ model.embed.weight.T)
+    assert calls == []
+    meta = torch.empty(2, 3, 16, device="meta")
+    assert model.head(meta) == "padded" and calls[0][0] is meta and calls[0][1] is model.embed.weight
+
+    class OtherHead(torch.nn.Module):
+        def forward(self, x):
+            return ("other", x)
+
+    model.lm_head = OtherHead()
+    assert model.head(meta) == ("other", meta) and model.head(h) == ("other", h) and len(calls) == 1

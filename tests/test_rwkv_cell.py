@@ -360,6 +360,9 @@ def test_time_mix4_initial_values():
     bound = 0.5 / math.sqrt(64)
     for lin in (big.receptance, big.key, big.value):
         assert lin.bias is None and bound >= lin.weight.abs().max() > 0.95 * bound
+        assert lin.weight.min() < -0.95 * bound and lin.weight.max() > 0.95 * bound
+    two = TimeMix4(2, 0, 1, 8)  # channel c / (C - 1): 0 and 1 at width 2
+    close(two.time_decay, torch.tensor([-5.0, 3.0]), 0, "time_decay width 2", rtol=1e-6, atol=1e-6)
     assert big.output.bias is None and 0.8 * 0.1 / 8 < float(big.output.weight.std()) < 1.2 * 0.1 / 8
 
 
@@ -453,6 +456,8 @@ def test_stack_init_state(time_mix):
     assert s64["wkv"].dtype == D and s64["tm_shift"].dtype == D
     s16 = stack.init_state(1, dtype=torch.bfloat16)
     assert s16["wkv"].dtype == torch.float32 and s16["cm_shift"].dtype == torch.bfloat16
+    meta = stack.init_state(2, device="meta")  # the device reaches every part
+    assert all(t.device.type == "meta" for t in meta.values())
     with pytest.raises(ValueError, match="time_mix 'wkv5'"):
         RWKVStack(8, 1, 4, 2, 11, False, False, 4, "wkv5")
 
@@ -512,6 +517,19 @@ def test_stack_without_deepembed_and_with_checkpointing():
     finally:
         rwkv.checkpoint = real
     close(y2, y, seed, "checkpointed")
+    # an input without gradient (a frozen embedding): the blocks' parameters still get theirs, equal
+    # to the plain run's (a reentrant checkpoint would cut them off)
+    x0 = x.detach()
+    grads = []
+    for flag in (False, True):
+        stack.gradient_checkpointing = flag
+        stack.zero_grad()
+        out, new = stack(x0, tokens, stack.init_state(1, dtype=D))
+        (out.pow(2).sum() + new["wkv"].sum()).backward()
+        grads.append({n: p.grad.clone() for n, p in stack.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == len(list(stack.parameters()))
+    for name in grads[0]:
+        close(grads[1][name], grads[0][name], seed, f"grad {name}")
 
 
 def test_compile_blocks_marks_every_rwkv_block_and_uncompile_undoes_it(monkeypatch):
