@@ -30,7 +30,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <memory>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -350,7 +349,7 @@ private:
         hid_u_.assign(static_cast<size_t>(B * F_), 0.0f);
     }
 
-    void time_mix(const Layer &L, int64_t li, int64_t B, const float *tm_in, const float *wkv_in, const uint8_t *frozen,
+    void time_mix(const Layer &L, int64_t B, const float *tm_in, const float *wkv_in, const uint8_t *frozen,
                   float *x, float *tm_out, float *wkv_out) {
         const int64_t C = C_, H = H_, N = N_, BC = B * C;
         float *xs = xs_.data();
@@ -413,7 +412,6 @@ private:
             wkv_head(wkv_out + task * hs, N, r_.data() + off, k_.data() + off, v_.data() + off, g_.data() + off,
                      log_w_.data() + off, iclr_.data() + off, L, h * N, frozen[b] != 0, att_in_.data() + off);
         });
-        (void)li;
         matmul(L.o.t, L.o.data, L.o.rows, L.o.cols, att_in_.data(), B, att_out_.data());
         for (int64_t i = 0; i < BC; ++i) x[i] += att_out_[i];
     }
@@ -447,7 +445,7 @@ private:
         std::copy(x_in, x_in + B * C, x);
         for (int64_t l = 0; l < n_layers(); ++l) {
             const Layer &L = layers_[l];
-            time_mix(L, l, B, tm + l * B * C, wkv + l * state, frozen, x, tm_out + l * B * C, wkv_out + l * state);
+            time_mix(L, B, tm + l * B * C, wkv + l * state, frozen, x, tm_out + l * B * C, wkv_out + l * state);
             channel_mix(L, B, cm + l * B * C, gates.empty() ? nullptr : gates[l], frozen, x, cm_out + l * B * C);
         }
     }
