@@ -164,9 +164,9 @@ float dot(const float *x, const float *y, int64_t n) {  // eight partial sums, a
     return total;
 }
 
-// The WKV-7 update of one head of one row (S: its N x N state, updated in place) and the
-// head's part of the output gate's input: (head_norm(o) + bonus v) * g.
-HK_CLONES void wkv_head(float *S, int64_t N, const float *r, const float *k, const float *v, const float *g,
+// The WKV-7 update of one head of one row (its N x N state S0 -> S, read and written once) and
+// the head's part of the output gate's input: (head_norm(o) + bonus v) * g.
+HK_CLONES void wkv_head(const float *S0, float *S, int64_t N, const float *r, const float *k, const float *v, const float *g,
                         const float *log_w, const float *iclr, const Layer &L, int64_t c0, bool frozen,
                         float *out) {
     float kappa[256], kmod[256], bb[256], decay[256], u[256], o[256];
@@ -184,11 +184,12 @@ HK_CLONES void wkv_head(float *S, int64_t N, const float *r, const float *k, con
         decay[j] = frozen ? 1.0f : std::exp(log_w[j]);
         kappa[j] = -kappa[j];  // the removal key enters as a = -kappa
     }
-    for (int64_t i = 0; i < N; ++i) u[i] = dot(S + i * N, kappa, N);
+    for (int64_t i = 0; i < N; ++i) u[i] = dot(S0 + i * N, kappa, N);
     for (int64_t i = 0; i < N; ++i) {
+        const float *in = S0 + i * N;
         float *row = S + i * N;
         const float ui = u[i], vi = v[i];
-        for (int64_t j = 0; j < N; ++j) row[j] = row[j] * decay[j] + ui * bb[j] + vi * kmod[j];
+        for (int64_t j = 0; j < N; ++j) row[j] = in[j] * decay[j] + ui * bb[j] + vi * kmod[j];
         o[i] = dot(row, r, N);
     }
     layer_norm(o, nullptr, nullptr, L.norm_eps, N, o);
@@ -406,10 +407,9 @@ private:
         if (L.value_first) std::copy(v_.begin(), v_.end(), vfirst_.begin());
         // the recurrence, head by head: each (row, head) owns its state block
         const int64_t hs = N * N;
-        std::copy(wkv_in, wkv_in + B * H * hs, wkv_out);
         parallel_tasks(B * H, [&](int64_t task) {
             const int64_t b = task / H, h = task % H, off = b * C + h * N;
-            wkv_head(wkv_out + task * hs, N, r_.data() + off, k_.data() + off, v_.data() + off, g_.data() + off,
+            wkv_head(wkv_in + task * hs, wkv_out + task * hs, N, r_.data() + off, k_.data() + off, v_.data() + off, g_.data() + off,
                      log_w_.data() + off, iclr_.data() + off, L, h * N, frozen[b] != 0, att_in_.data() + off);
         });
         matmul(L.o.t, L.o.data, L.o.rows, L.o.cols, att_in_.data(), B, att_out_.data());
