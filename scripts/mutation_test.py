@@ -39,10 +39,14 @@ MODULES: dict[str, list[str]] = {
     "hierarchos/model/losses.py": ["tests/test_losses.py", "tests/test_q_halting.py"],
     "hierarchos/model/state.py": ["tests/test_state.py", "tests/test_model.py"],
     "hierarchos/model/rosa.py": ["tests/test_rosa.py"],
-    "hierarchos/ops/wkv.py": ["tests/test_wkv.py"],
+    "hierarchos/ops/wkv.py": ["tests/test_wkv.py", "tests/test_wkv_rules.py"],
+    "hierarchos/ops/wkv_inputs.py": ["tests/test_wkv.py", "tests/test_wkv_rules.py"],
+    "hierarchos/ops/wkv4.py": ["tests/test_wkv4.py", "--deselect",  # not its CLI run (20 s, in a child process)
+                               "tests/test_wkv4.py::test_cli_trains_a_wkv4_model_quantizes_and_chats"],
     "hierarchos/ops/aligned.py": ["tests/test_aligned.py"],
     "hierarchos/ops/amp.py": ["tests/test_amp.py", "tests/test_model.py"],
-    "hierarchos/quant/formats.py": ["tests/test_quant_formats.py", "tests/test_kernel.py"],
+    "hierarchos/quant/formats.py": ["tests/test_quant_formats.py", "tests/test_kernel.py",
+                                    "tests/test_quant_format_rules.py"],
     # io and lora: the deterministic crash tests, not the SIGKILL ones (slow, and they run in a child process),
     # nor the checkpoint crash test (19 s under mutmut; test_io_rules pins the pointer and rotation rules)
     "hierarchos/io.py": ["tests/test_io_rules.py", *[f"tests/test_io.py::{t}" for t in (
