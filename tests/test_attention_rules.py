@@ -126,6 +126,9 @@ def test_positions_skip_frozen_rows_and_continue_the_state(pos_encodings):
     block_in, rope = seen[0][0], seen[0][1]
     if pos_encodings == "sinusoidal":
         close(block_in, x + sinusoidal_features(want_pos, 8), seed, "sinusoidal input")
+        f32 = AttentionStack(8, 1, 4, 2, 11, False, False, pos_encodings, 0)  # float64 features, cast to x's dtype
+        with torch.no_grad():
+            assert f32(x.float(), torch.zeros(2, 5, dtype=torch.long), f32.init_state(2))[0].dtype == torch.float32
     else:
         close(block_in, x, seed, "input")
     if pos_encodings == "rope":
@@ -211,6 +214,9 @@ def test_initial_values():
     assert stack.blocks[1].attention.output.weight.shape == (8, 8)
     one = AttentionStack(8, 1, 4, 1, 11, True, False, "rope", 0)
     assert len(one.deepembed) == 1 and one.position_table is None and not one.gradient_checkpointing
+    empty = AttentionStack(8, 1, 4, 2, 11, False, False, "rope", 0)  # an empty batch: an empty cache
+    y, state = empty(torch.zeros(0, 3, 8), torch.zeros(0, 3, dtype=torch.long), empty.init_state(0))
+    assert y.shape == (0, 3, 8) and state["key"].shape == (1, 0, 2, 0, 4) and state["pos"].shape == (0,)
     with pytest.raises(ValueError, match="pos_encodings 'alibi'"):
         AttentionStack(8, 1, 4, 1, 11, False, False, "alibi")
 
@@ -237,10 +243,11 @@ def test_slot_positions_by_hand():
     assert full.slot_positions(torch.tensor([2, 4]), 4).tolist() == [[0, 1, 2, 3], [0, 1, 2, 3]]
 
 
-@pytest.mark.parametrize("window", [0, 3])
+@pytest.mark.parametrize("window", [0, 1, 3])
 def test_cache_holds_each_live_entry_in_its_slot(window):
     """pos_encodings 'none', one layer: the value cache's slot of position p holds W_v rmsnorm(x) of the
-    p-th live row over everything consumed; empty slots are zero; keys likewise."""
+    p-th live row over everything consumed; empty slots are zero; keys likewise. A last call with
+    every row frozen keeps the cache as it was."""
     seed = fresh_seed()
     torch.manual_seed(seed)
     stack = AttentionStack(8, 1, 4, 2, 11, False, False, "none", window).double()
@@ -254,6 +261,7 @@ def test_cache_holds_each_live_entry_in_its_slot(window):
     with torch.no_grad():
         _, mid = stack(x1, tokens, stack.init_state(B, dtype=D), f1)
         _, new = stack(x2, torch.zeros(B, T, dtype=torch.long), mid, f2)
+        _, new = stack(torch.randn(B, 2, 8, generator=g, dtype=D), tokens, new, torch.ones(B, 2, dtype=torch.bool))
     block = stack.blocks[0]
     live = [[x1[b, t] for t in range(2) if not f1[b, t]] + [x2[b, t] for t in range(T) if not f2[b, t]]
             for b in range(B)]
@@ -340,3 +348,19 @@ def test_blocks_summary():
     cfg = tiny_config(l_block="attention")
     assert blocks_summary(cfg) == ("manager rwkv7, worker attention (rope, full attention: the KV cache grows with "
                                    "the context)")
+
+
+@pytest.mark.parametrize("pos_encodings", ["rope", "sinusoidal", "learned"])
+def test_a_window_stack_runs_on_the_inputs_device(pos_encodings):
+    """Every tensor the stack makes (masks, positions, cache indices) is on the inputs' device: the
+    meta device (no data) stands in for the GPU; a window keeps the cache size off the host."""
+    stack = AttentionStack(8, 2, 4, 2, 11, True, False, pos_encodings, 3).to("meta")
+    x = torch.empty(2, 5, 8, device="meta")
+    tokens = torch.zeros(2, 5, dtype=torch.long, device="meta")
+    state = stack.init_state(2, device="meta")
+    with torch.no_grad():
+        for frozen in (None, torch.zeros(2, 5, dtype=torch.bool, device="meta")):
+            y, new = stack(x, tokens, state, frozen)
+            assert y.device.type == "meta" and y.shape == (2, 5, 8)
+            assert all(t.device.type == "meta" for t in new.values()) and new["key"].shape == (2, 2, 2, 3, 4)
+            state = new

@@ -591,6 +591,9 @@ def test_cells_under_bf16_autocast_feed_bf16_to_the_matmuls_and_keep_the_carried
     for name, lin in (("tm", tm.output), ("tm4", tm4.output), ("tm4_key", tm4.key), ("tm4_value", tm4.value),
                       ("tm4_receptance", tm4.receptance), ("cm", cm.down)):
         lin.register_forward_pre_hook(lambda _m, args, name=name: seen.__setitem__(name, args[0].dtype))
+    real7 = rwkv._wkv7_opaque
+    recurrence_dtypes = []
+    rwkv._wkv7_opaque = lambda *a, **k: recurrence_dtypes.append({t.dtype for t in a}) or real7(*a, **k)
     g = torch.Generator().manual_seed(seed)
     x, shift = torch.randn(2, 5, 8, generator=g), torch.randn(2, 8, generator=g)
     state7 = torch.randn(2, 2, 4, 4, generator=g) * 0.3
@@ -599,7 +602,10 @@ def test_cells_under_bf16_autocast_feed_bf16_to_the_matmuls_and_keep_the_carried
     gate = torch.randn(2, 5, 16, generator=g)
     with torch.no_grad():
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            out7, shift7, new7, _ = tm(x, shift, state7)
+            try:
+                out7, shift7, new7, _ = tm(x, shift, state7)
+            finally:
+                rwkv._wkv7_opaque = real7
             out4, shift4, new4 = tm4(x, shift, state4)
             outc, shiftc = cm(x, shift, gate.bfloat16())  # DeepEmbed hands its gates over in the autocast dtype
         want7, want_shift, want_state7 = time_mix_by_hand(tm.double(), x.double(), shift.double(), state7.double(), None)
@@ -608,6 +614,7 @@ def test_cells_under_bf16_autocast_feed_bf16_to_the_matmuls_and_keep_the_carried
         wantc, _ = channel_mix_by_hand(cm.double(), x.double(), shift.double(), gate.double(), None)
     assert seen == dict(tm=torch.bfloat16, tm4=torch.bfloat16, tm4_key=torch.bfloat16, tm4_value=torch.bfloat16,
                         tm4_receptance=torch.bfloat16, cm=torch.bfloat16), f"seed={seed} {seen}"
+    assert recurrence_dtypes == [{torch.float32}]  # the recurrence's inputs in float32 under autocast
     assert shift7.dtype == shift4.dtype == shiftc.dtype == torch.float32
     assert new7.dtype == new4.dtype == torch.float32
     # the carried shift is the last token itself (to bf16 precision)
@@ -657,3 +664,9 @@ def test_orthogonal_init_and_rank_rounding():
     close(square @ square.T, 9 * torch.eye(4), 0, "square", rtol=1e-5, atol=1e-5)
     # scale * sqrt(C) = 48.5: 1.52 multiples of 32 -> 2 (64); 47 -> 1.47 -> 1 (32)
     assert x070_rank(48.5 / 32, 1024) == 64 and x070_rank(47 / 32, 1024) == 32
+
+
+def test_value_residual_without_the_first_value_says_so():
+    tm = TimeMix(8, 4, 1, 2, 4, TimeMixWiring(value_residual=True))
+    with pytest.raises(ValueError, match=r"^TimeMix: value_residual needs the first layer's value \(v_first\)$"):
+        tm(torch.zeros(1, 2, 8), torch.zeros(1, 8), torch.zeros(1, 2, 4, 4))
