@@ -174,3 +174,19 @@ def test_prepare_names_the_shapes_and_upcasts_the_state():
         assert state.dtype == torch.float32 and bool((state == 1).all())
     *_, state = prepare(*{n: t.double() for n, t in x.items()}.values(), torch.ones(2, 2, 4, 4))
     assert state.dtype == torch.float64
+
+
+def test_empty_sequences_and_chunk_size_one():
+    seed = fresh_seed()
+    x = inputs(seed, B=2, T=0, H=2, N=4)
+    state = torch.randn(2, 2, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    for run in (W.wkv7_reference, W.wkv7_recurrent_step, W.wkv7_chunked):
+        o, s = run(**x, state=state)
+        assert o.shape == (2, 0, 2, 4) and o.dtype == torch.float64 and torch.equal(s, state), run.__name__
+    x = inputs(seed, T=5)
+    want = W.wkv7_reference(**x, state=state[:1])
+    torch.testing.assert_close(W.wkv7_chunked(**x, state=state[:1], chunk_size=1), want, rtol=1e-10, atol=1e-12,
+                               msg=lambda m: f"seed={seed}: {m}")
+    for bad in (0, 65):
+        with pytest.raises(ValueError, match=rf"^wkv7_chunked: chunk_size must be in \[1, 64\], got {bad}$"):
+            W.wkv7_chunked(**x, chunk_size=bad)
