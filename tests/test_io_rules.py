@@ -592,3 +592,43 @@ def test_load_checkpoint_restores_rng_only_when_asked(tmp_path):
     assert torch.equal(torch.rand(3), expected)
     hio.save_checkpoint(tmp_path / "d", 1, model, None, None, {"rng": "not a dict"})
     hio.load_checkpoint(tmp_path / "d", model)  # nothing to restore
+
+
+def test_checkpoint_to_model_dir_keeps_the_listed_extras(tmp_path):
+    model = HierarchosLM(tiny_config())
+    hio.save_checkpoint(tmp_path / "c", 1, model, None, None, {"training_history": [{"steps": 1}]},
+                        extra={"prompt_template": "alpaca", "note": "n"})
+    out = hio.checkpoint_to_model_dir(tmp_path / "c", tmp_path / "inf")
+    _, meta = hio.load_model_dir(out)
+    assert (meta["prompt_template"], meta["note"], meta["extra_keys"]) == ("alpaca", "n", ["note", "prompt_template"])
+    assert meta["training_history"] == [{"steps": 1}]
+
+
+def test_torch_load_is_weights_only_whatever_the_environment_says(tmp_path, monkeypatch):
+    class Payload:
+        def __reduce__(self):
+            return (print, ("unpickled",))
+
+    torch.save({"state": Payload()}, tmp_path / "evil.pt")
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # flips torch's default, not an explicit True
+    text = one_line(lambda: hio._torch_load(tmp_path / "evil.pt", "optimizer state"))
+    with pytest.raises(Exception) as refused:
+        torch.load(tmp_path / "evil.pt", map_location="cpu", weights_only=True)
+    reason = " ".join(str(refused.value).split())
+    assert len(reason) > 200 and text == (f"{tmp_path / 'evil.pt'}: optimizer state is truncated or corrupt "
+                                          f"({reason[:200]}); resume from another checkpoint")
+    monkeypatch.delenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
+    assert one_line(lambda: hio._torch_load(tmp_path / "missing.pt", "scheduler state")) == (
+        f"{tmp_path / 'missing.pt'}: scheduler state missing from the checkpoint; resume from another checkpoint or "
+        "start without one")
+    torch.save({"a": torch.arange(100)}, tmp_path / "ok.pt")
+    data = (tmp_path / "ok.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[:len(data) // 2])
+    try:
+        torch.load(tmp_path / "cut.pt", map_location="cpu", weights_only=True)
+    except Exception as exc:  # the reason: torch's own message on one line, at most 200 characters
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+    assert reason
+    assert one_line(lambda: hio._torch_load(tmp_path / "cut.pt", "optimizer state")) == (
+        f"{tmp_path / 'cut.pt'}: optimizer state is truncated or corrupt ({reason}); resume from another checkpoint")
+    assert torch.equal(hio._torch_load(tmp_path / "ok.pt", "x")["a"], torch.arange(100))

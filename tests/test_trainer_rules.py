@@ -21,6 +21,7 @@ from hierarchos.config import tiny_config
 from hierarchos.errors import HierarchosError
 from hierarchos.model import HierarchosLM
 from hierarchos.model.losses import LossWeights, lm_loss
+from hierarchos.model.rosa import RosaAutomaton
 from hierarchos.train.batches import TokenStreams
 from hierarchos.train.schedule import lr_at
 from hierarchos.train.trainer import CosineSchedule, TrainConfig, Trainer, bits_per_byte
@@ -242,6 +243,7 @@ def test_load_state_tensors_fits_the_run_or_says_why():
     saved = {k: v.clone() for k, v in trainer.state_tensors().items()}
     assert saved and trainer.state_tensors().keys() == dict(trainer.state.tensors()).keys()
     resumed = make(seed, rosa=True)
+    assert resumed.state is None and resumed.state_tensors() == {}
     resumed.load_state_tensors({})
     assert resumed.state is None
     resumed.micro_step = 2
@@ -249,8 +251,18 @@ def test_load_state_tensors_fits_the_run_or_says_why():
     assert {k: v for k, v in resumed.state.tensors()}.keys() == saved.keys()
     assert all(torch.equal(t, saved[k]) for k, t in resumed.state.tensors()), f"seed {seed}"
     assert resumed.state.pos == 2 * 10  # micro-step 2 of the epoch, windows of 10 tokens
-    for automaton, row in zip(resumed.state.rosa, resumed.train_streams.prefix(2).tolist()):
-        assert len(row) == 20 and automaton is not None
+    assert len(resumed.state.rosa) == 2  # one automaton per stream, fed the 20 tokens it consumed
+    assert [a.num_tokens for a in resumed.state.rosa] == [20, 20]
+    cfg = resumed.model.cfg
+    for row, automaton in zip(resumed.train_streams.prefix(2).tolist(), resumed.state.rosa):
+        by_hand = RosaAutomaton(cfg.rosa_window, cfg.rosa_none_id)
+        by_hand.extend(row)
+        probe = resumed.train_streams.streams[0, 20:30].tolist()
+        assert automaton.extend(probe) == by_hand.extend(probe), f"seed {seed}"  # the same hints from here on
+    assert resumed.rebuild_rosa(None, resumed.train_streams.prefix(1)) is None
+    plain = make(seed)
+    no_rosa = plain._fresh_state()
+    assert no_rosa.rosa is None and plain.rebuild_rosa(no_rosa, plain.train_streams.prefix(1)).rosa is None
     resumed.micro_step = 4  # the second window of the second epoch
     resumed.load_state_tensors(saved)
     assert resumed.state.pos == 10
