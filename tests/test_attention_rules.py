@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import random
+import warnings
 
 import pytest
 import torch
@@ -151,7 +152,8 @@ def test_rms_norm_follows_the_input_dtype_with_eps_1e_6():
     out = norm(x)
     assert out.dtype == D
     close(out, rms(x, norm.weight.double()), seed, "rms norm")
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16), warnings.catch_warnings():
+        warnings.simplefilter("error")  # a float32 weight with bf16 input warns and skips the fused kernel
         assert norm(x.bfloat16()).dtype == torch.bfloat16
 
 
@@ -212,6 +214,10 @@ def test_initial_values():
     big = AttentionStack(64, 1, 16, 1, 11, False, False, "learned", 0, max_positions=64)
     assert 0.9 * 0.02 < float(big.position_table.weight.std()) < 1.1 * 0.02 and big.deepembed is None
     assert stack.blocks[1].attention.output.weight.shape == (8, 8)
+    default = AttentionStack(8, 1, 4, 1, 11, False, False)
+    assert default.pos_encodings == "rope" and default.window_size == 0 and default.position_table is None
+    learned = AttentionStack(8, 1, 4, 1, 11, False, False, "learned")
+    assert learned.position_table.num_embeddings == 1024
     one = AttentionStack(8, 1, 4, 1, 11, True, False, "rope", 0)
     assert len(one.deepembed) == 1 and one.position_table is None and not one.gradient_checkpointing
     empty = AttentionStack(8, 1, 4, 2, 11, False, False, "rope", 0)  # an empty batch: an empty cache

@@ -90,6 +90,20 @@ def test_shift_tokens_one_token():
     assert shifted.tolist() == [[[5, 6]], [[7, 8]]] and carry.tolist() == [[5, 6], [3, 4]]
 
 
+def test_shift_tokens_one_channel_and_on_the_inputs_device():
+    """One channel but several tokens is the general case (not the one-token shortcut); the positions
+    it builds are on the inputs' device (meta stands in for the GPU)."""
+    x = torch.tensor([[[1.0], [2.0], [3.0]]], dtype=D)
+    shifted, carry = shift_tokens(x, torch.tensor([[9.0]], dtype=D), torch.tensor([[False, True, False]]))
+    assert shifted.tolist() == [[[9.0], [1.0], [1.0]]] and carry.tolist() == [[3.0]]
+    shifted, carry = shift_tokens(x, torch.tensor([[9.0]], dtype=D), None)
+    assert shifted.tolist() == [[[9.0], [1.0], [2.0]]] and carry.tolist() == [[3.0]]
+    meta = torch.empty(2, 4, 3, device="meta")
+    shifted, carry = shift_tokens(meta, torch.empty(2, 3, device="meta"), torch.zeros(2, 4, dtype=torch.bool,
+                                                                                        device="meta"))
+    assert shifted.device.type == carry.device.type == "meta" and shifted.shape == (2, 4, 3)
+
+
 def test_shift_tokens_random_frozen_against_the_loop():
     seed = fresh_seed()
     g = torch.Generator().manual_seed(seed)
