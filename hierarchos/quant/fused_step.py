@@ -16,7 +16,9 @@ which stays the reference (tests/test_quant_fused_step.py holds the two equal):
 `HIERARCHOS_FUSED_STEP=0` in the environment turns it off (for measuring against the Python step).
 
 The C++ object reads the parameters' own storage (no copies): in-place changes stay visible, but a
-parameter replaced by a new tensor is not; call `attach_fused_steps(model)` again after such a load.
+parameter replaced by a new tensor, or a module swapped for another, is not; call
+`attach_fused_steps(model)` again after such a change (a deep copy of the model has no plan and
+runs the Python step until then).
 """
 
 from __future__ import annotations
