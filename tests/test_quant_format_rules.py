@@ -250,3 +250,50 @@ def test_matmul_equals_a_scalar_float32_oracle(qtype):
     data = F.quantize(w, qtype)
     got, want = F.matmul(data, qtype, cols, x), _matmul_oracle(data, qtype, cols, x)
     assert np.array_equal(got, want), f"seed={seed}: {got} != {want}"
+
+
+# ---- the helpers calibration.py builds on --------------------------------------------------------
+
+
+def test_weighted_q2_k_equals_the_reference_search_with_those_weights(monkeypatch):
+    """quantize_q2_k_weighted: ggml's search with the given element weights in place of |x| (the
+    reference's fit_group handed the same weights, as float32)."""
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((2, 256)) * 4).round().astype(np.float32) / np.float32(7)
+    weights = rng.uniform(0, 2, (2, 256)).astype(np.float32)
+    weights[:, ::5] = 0  # some elements do not count at all
+    fit_group = q2k_reference.fit_group
+    for row in range(2):
+        groups = iter(weights[row].reshape(16, 16).tolist())
+        monkeypatch.setattr(q2k_reference, "fit_group", lambda xs, _abs: fit_group(xs, next(groups)))
+        expected = q2k_reference.quantize_block(x[row].tolist())
+        got = F.quantize_q2_k_weighted(x[row:row + 1], weights[row:row + 1].astype(np.float64))[0]
+        assert got.tobytes() == expected, f"seed={seed} row={row}"
+    monkeypatch.setattr(q2k_reference, "fit_group", fit_group)
+    assert np.array_equal(F.quantize_q2_k_weighted(x, np.abs(x)), F.quantize(x, "Q2_K"))  # the default weights
+
+
+def test_encode_symmetric_by_hand():
+    codes = np.tile(np.arange(-8, 8), 2).reshape(1, 32)                   # -8..7, -8..7
+    q4 = F.encode_symmetric(np.array([2.0]), codes, "Q4_0")
+    assert q4.dtype == np.uint8 and q4.shape == (1, 18)
+    assert q4[0, :2].view(np.float16)[0] == 2.0
+    assert q4[0, 2:].tolist() == [(c + 8) | ((c + 8) << 4) for c in range(-8, 8)]  # j and j + 16 share a byte
+    assert np.array_equal(F.dequantize_blocks(q4, "Q4_0"), codes * np.float32(2.0))
+    i4 = F.encode_symmetric(np.array([0.1]), np.clip(codes, -7, 7), "INT4")
+    assert i4.shape == (1, 20) and i4[0, :4].view(np.float32)[0] == np.float32(0.1)
+    assert np.array_equal(F.dequantize_blocks(i4, "INT4"), np.clip(codes, -7, 7).astype(np.float32) * np.float32(0.1))
+    with pytest.raises(ValueError, match=r"^encode_symmetric: 'Q8_0' is not a symmetric 4-bit format$"):
+        F.encode_symmetric(np.array([1.0]), codes, "Q8_0")
+
+
+def test_signed_absmax_by_hand():
+    blocks = np.array([[1.0, -3.0, 3.0, 2.0], [0.5, -0.25, 0.0, 0.5], [-0.0, 0.0, -0.0, 0.0]], np.float32)
+    got = F.signed_absmax(blocks.astype(np.float64))
+    assert got.dtype == np.float32 and got.tolist() == [-3.0, 0.5, 0.0]   # the first of equal magnitudes
+    assert not np.signbit(got[2])                                          # +0.0 for a zero block
+    with pytest.raises(ValueError, match=r"^unknown qtype 'Q5_K'"):
+        F.quantize_blocks(blocks, "Q5_K")
+    with pytest.raises(ValueError, match=r"^unknown qtype 'Q5_K'"):
+        F.dequantize_blocks(np.zeros((1, 84), np.uint8), "Q5_K")
