@@ -398,3 +398,20 @@ def test_memory_command_lists_written_slots(monkeypatch, model_dir):
     info.truncate()
     session.handle("/memory source=a source=b")
     assert info.getvalue().strip() == "no memory source a, b; known sources: none yet"
+
+
+def test_interactive_loop_writes_a_newline_for_ctrl_c_and_ctrl_d(model_dir):
+    session, out, info = session_of(model_dir)
+    inputs = iter([KeyboardInterrupt, "/mode fast", EOFError, "never read"])
+
+    def read(prompt):
+        item = next(inputs)
+        if isinstance(item, type):
+            raise item
+        return item
+
+    session.run_interactive(read)
+    assert out.getvalue() == "\n\n" and session.mode == "fast" and next(inputs) == "never read"
+    lines = iter(["/quit", "/mode deep"])
+    session.run_lines(lines)
+    assert session.done and session.mode == "fast" and next(lines) == "/mode deep"  # nothing after /quit
