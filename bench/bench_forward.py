@@ -475,6 +475,16 @@ def main():
     peak = next((v for k, v in PEAK_BF16.items() if k in info.get("gpu", "")), None)
 
     rows = []
+    path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                     f"forward_{dev.type}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+    def save():  # after every row: a run killed by its caller's time limit keeps the rows it finished
+        with open(path + ".tmp", "w") as f:
+            json.dump(dict(machine=info, argv=sys.argv[1:], args=vars(args), tokens_per_step=tps, matching=matching,
+                           checks=checks, rows=rows), f, indent=2, default=str)
+        os.replace(path + ".tmp", path)
+
     for T in args.seq_lens:
         B = max(1, tps // T)
         jobs = [(dict(model="gpt2", config=f"L{L}-d{d}", params=n_gpt), lambda: build_gpt2(V, P, L, d))]
@@ -507,13 +517,9 @@ def main():
                 f"{fmt(row.get('step_ms'), '.1f')} ms/step, first {fmt(row.get('first_step_ms'), '.0f')} ms, "
                 f"peak {row['peak_mem_mib']:.0f} MiB {row.get('aux', '')}")
             rows.append(row)
+            save()
 
-    path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                     f"forward_{dev.type}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(dict(machine=info, argv=sys.argv[1:], args=vars(args), tokens_per_step=tps, matching=matching,
-                       checks=checks, rows=rows), f, indent=2, default=str)
+    save()
     if checks:
         log("\nparity (float32, TF32 off): " + " | ".join(
             f"{c['name']}: {c['rel_err']:.1e} {'PASS' if c['ok'] else 'FAIL'}" for c in checks))

@@ -363,7 +363,7 @@ def main() -> None:
         print(f"=== {args.size}, reasoning config {config}", flush=True)
         results.append(run(args, config))
         print_run(results[-1], args)
-    gpt2 = gpt2_generation(results[0]["params"], SIZES[args.size]().vocab_size, args,
+    gpt2 = gpt2_generation(results[0]["params_without_deepembed"], SIZES[args.size]().vocab_size, args,
                            torch.device(results[0]["machine"]["device"])) if args.gpt2 else []
     if gpt2:
         best = max(gpt2, key=lambda r: r["decode_tokens_per_s"])

@@ -82,21 +82,28 @@ for suite in "$@"; do
         --new-tokens 128 --batch 1 --cuda-graph --configs default minimal --gpt2 --json "$out/generate_cuda.json" 2>&1 \
         | tee "$out/generate_cuda.log" ;;
     blocks)
-      timeout ${BLOCKS_TIMEOUT:-260} python3 bench/bench_forward.py --device cuda --size 125m --seq-lens 1024 8192 \
+      timeout ${BLOCKS_TIMEOUT:-260} python3 bench/bench_forward.py --device cuda --size 125m --seq-lens ${BLOCKS_SEQ_LENS:-1024 8192} \
         --configs minimal --no-rosa-for --blocks rwkv7 attention attention-window wkv4 --window-size 512 --compile gpt2 \
-        --optimizer --steps 4 --warmup 2 --max-seconds-per-row 30 --no-check --json "$out/forward_blocks.json" 2>&1 \
+        --optimizer --steps 4 --warmup 2 --max-seconds-per-row ${BLOCKS_ROW_SECONDS:-30} --no-check --json "$out/forward_blocks.json" 2>&1 \
         | tee "$out/forward_blocks.log" ;;
     chat)
-      timeout 90 python3 hierarchos_cli.py train --tiny --tokenizer-path byte --train README.md --max-steps 30 \
+      cp README.md /tmp/chat_corpus.txt  # train reads .txt/.json/.jsonl/.csv/.parquet
+      timeout 90 python3 hierarchos_cli.py train --tiny --tokenizer-path byte --train /tmp/chat_corpus.txt --max-steps 30 \
         --max_length 128 --batch_size 8 --device cuda --out-dir /tmp/chat_m 2>&1 | tr '\r' '\n' | tail -n 5 > "$out/chat.log"
+      ok=1
       for mode in cuda-graph no-cuda-graph; do
         flag=""; [ $mode = no-cuda-graph ] && flag=--no-cuda-graph
         printf 'hello there\n/status\nand again\n' | timeout 60 python3 hierarchos_cli.py chat --model-path /tmp/chat_m \
           --device cuda --temperature 0 --max-new-tokens 48 --seed 1 --no-learn $flag > /tmp/chat_$mode.out 2> /tmp/chat_$mode.err
-        echo "== $mode: exit $?" >> "$out/chat.log"; cat /tmp/chat_$mode.out /tmp/chat_$mode.err >> "$out/chat.log"
+        code=$?; echo "== $mode: exit $code" >> "$out/chat.log"; cat /tmp/chat_$mode.out /tmp/chat_$mode.err >> "$out/chat.log"
+        { [ $code = 0 ] && [ -s /tmp/chat_$mode.out ]; } || ok=0
       done
-      cmp /tmp/chat_cuda-graph.out /tmp/chat_no-cuda-graph.out && echo "chat: same replies with and without the graph" \
-        | tee -a "$out/chat.log" ;;
+      grep -q "CUDA graph: 1 captured" /tmp/chat_cuda-graph.out /tmp/chat_cuda-graph.err || ok=0
+      if [ $ok = 1 ] && cmp -s /tmp/chat_cuda-graph.out /tmp/chat_no-cuda-graph.out; then
+        echo "chat: PASS (exit 0, replies, the graph captured, same greedy replies without it)" | tee -a "$out/chat.log"
+      else
+        echo "chat: FAIL (see chat.log)" | tee -a "$out/chat.log"
+      fi ;;
     quantmodel)
       timeout ${QUANT_TIMEOUT:-320} python3 bench/bench_quant_quality.py --train --corpus code --size code \
         --code-train-bytes ${QUANT_TRAIN_BYTES:-20000000} --device cuda --threads 8 --no-table --work-dir /tmp/qq 2>&1 \

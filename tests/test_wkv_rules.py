@@ -71,6 +71,9 @@ def test_cuda_calls_follow_cuda_choice_on_batch_times_heads(gpu_paths):
     assert W.resolve_impl("auto", stand_in(5, 64, 16, 64)) == "triton"    # 80 pairs
     assert W.resolve_impl("auto", stand_in(1, 64, 1, 64, dtype=torch.float64)) == "chunked"
     assert W.resolve_impl("auto", stand_in(5, 64, 16, 48)) == "fla"       # N = 48: triton cannot run it
+    assert W.resolve_impl("auto", stand_in(2, 64, 2, 8)) == "triton"      # N = 8: fla's tl.dot needs >= 16
+    assert W.resolve_impl("auto", stand_in(2, 64, 2, 16)) == "fla"
+    assert W.resolve_impl("auto", stand_in(2, 64, 2, 12)) == "chunked"    # neither kernel runs N = 12
     assert W.resolve_impl("auto", stand_in(5, 64, 16, 64, cuda=False)) == "chunked"
     gpu_paths(fla=False, triton=True)
     assert W.resolve_impl("auto", stand_in(5, 64, 12, 64)) == "triton"

@@ -262,6 +262,11 @@ def _triton_fits_cuda(head_size: int = 64) -> bool:
 FLA_BELOW_PAIRS = 66
 
 
+# fla's chunked kernels multiply (chunk x N) tiles with tl.dot, which needs every dimension >= 16:
+# with smaller heads their Triton compile fails inside the backward (seen on an H200, head size 8)
+FLA_MIN_HEAD_SIZE = 16
+
+
 def cuda_choice(batch: int, heads: int, triton_ok: bool, fla_ok: bool) -> str:
     """The CUDA path for a call with `batch` x `heads` (batch, head) pairs: fla's chunked kernel
     when there are too few pairs to fill the GPU (FLA_BELOW_PAIRS), else our Triton kernel; the
@@ -278,8 +283,8 @@ def resolve_impl(impl: str, r: torch.Tensor) -> str:
     impl wins over the variable. 'auto' then picks the recurrent step for T <= 2 (fused in C++,
     'cpp_step', for float32 CPU tensors without autograd when the kernel is built); for CUDA
     tensors (not float64) `cuda_choice`: fla-core's chunked kernel (when it imports) for calls
-    with few (batch, head) pairs -- long sequences at small batch --, our sequential Triton kernel
-    otherwise; the chunked path on the CPU. fla passes our float64 check with TF32-class errors
+    with few (batch, head) pairs -- long sequences at small batch -- and heads of at least
+    FLA_MIN_HEAD_SIZE, our sequential Triton kernel otherwise; the chunked path on the CPU. fla passes our float64 check with TF32-class errors
     (<= 1.9e-3 relative on outputs, state and all seven gradients, frozen tokens and state carry
     included; ours 1.5e-7): HIERARCHOS_WKV_IMPL=triton keeps the exact kernel.
     """
@@ -294,7 +299,8 @@ def resolve_impl(impl: str, r: torch.Tensor) -> str:
     if r.shape[1] <= 2:
         return "cpp_step" if _cpp_step_fits(r) else "recurrent"
     if r.is_cuda and r.dtype != torch.float64:
-        return cuda_choice(r.shape[0], r.shape[2], _triton_fits_cuda(r.shape[-1]), _fla_importable())
+        return cuda_choice(r.shape[0], r.shape[2], _triton_fits_cuda(r.shape[-1]),
+                           r.shape[-1] >= FLA_MIN_HEAD_SIZE and _fla_importable())
     return "chunked"
 
 
