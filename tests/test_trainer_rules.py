@@ -274,3 +274,42 @@ def test_load_state_tensors_fits_the_run_or_says_why():
         assert str(info.value) == (
             f"the checkpoint's carried recurrent state ({key} {tuple(bad[key].shape)}) does not fit this run; resume "
             "with the same --batch_size, number of processes and model")
+
+
+def test_progress_and_speed_exclude_evaluation_time(monkeypatch):
+    """A fake clock that ticks 1 s per reading: each window is read at its start, around the eval hook
+    (whose second counts as evaluation, not training) and at its log line: 20 tokens in 2 s."""
+    import types
+
+    import hierarchos.train.trainer as trainer_mod
+
+    ticks = iter(range(1000))
+    monkeypatch.setattr(trainer_mod, "time", types.SimpleNamespace(perf_counter=lambda: float(next(ticks))))
+    trainer = make(0)
+    _, _, records = _recording(trainer)
+    calls = []
+    trainer.run(progress=lambda n, loss, lr: calls.append((n, loss, lr)))
+    assert [r["tokens_per_s"] for r in records] == [10.0, 10.0, 10.0]
+    lrs = [lr_at(step, 3, 1e-3, 1e-6, 1) for step in range(3)]
+    assert calls == [(1, None, lrs[0]), (1, records[0]["loss"], lrs[1]), (1, records[1]["loss"], lrs[2])]
+
+
+def test_each_epoch_reads_its_own_shuffled_window_order():
+    seed = fresh_seed()
+    trainer = make(seed, epochs=2)
+    trainer.train_streams.shuffle_seed = 7
+    assert trainer.train_streams.shuffled and len(trainer.train_streams) == 3
+    seen = []
+    real = trainer._window_loss
+
+    def window_loss(x, y, host=None):
+        seen.append((x.clone(), y.clone(), host is x))
+        return real(x, y, host)
+
+    trainer._window_loss = window_loss
+    trainer.run()
+    expected = [trainer.train_streams.batch(i, epoch) for epoch in (0, 1) for i in range(3)]
+    assert len(seen) == 6 and all(host for _, _, host in seen), f"seed {seed}"
+    for (x, y, _), (ex, ey) in zip(seen, expected):
+        assert torch.equal(x, ex) and torch.equal(y, ey), f"seed {seed}"
+    assert not all(torch.equal(seen[i][0], seen[i + 3][0]) for i in range(3)), f"seed {seed}: epochs in one order"
