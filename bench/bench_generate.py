@@ -25,7 +25,9 @@ bandwidth / bytes per token; "% of bound" = measured tok/s / bound.
 --batch B (fp32 model): `generate_batch` over B prompts of different lengths around the first context
 (greedy, no EOS, `--new-tokens` steps of the sync-free step, on CUDA captured with --cuda-graph),
 against B = 1 through the same path and through plain `generate` (the early-exit step): tokens/s
-counts every row's tokens after the first; time to first token = prefill of every row + first sample.
+counts every row's tokens after the first; time to first token = prefill of every row + first sample
+(the steppers are kept across calls as chat keeps them, and made -- captured -- by one warm-up call
+per batch size first, whose seconds are reported apart).
 
 --configs: reasoning configs of the same shape (default 2,5,5; minimal 1,1,0), one run each.
 --gpt2: a Hugging Face GPT-2 of the same parameter count (bench/gpt2_baseline.py), `model.generate`
@@ -211,8 +213,18 @@ def batched_generation(model, args, device) -> list[dict]:
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, model.cfg.vocab_size, (max(1, context - 7 * b),), generator=g).tolist()
                for b in range(args.batch)]
-    generate_batch(model, [p[:16] for p in prompts[:2]], SamplingConfig(temperature=0.0, max_new_tokens=4),
-                   cuda_graph=args.cuda_graph)  # warm-up (allocator, lazy inits)
+    # chat keeps its steppers and captures at load: the same here, one warm-up per batch size (its
+    # seconds = the capture and first-call costs, reported apart), so time to first token is prefill +
+    # first sample, as a chat user sees it
+    steppers, warmup_s = {}, {}
+    for n in sorted({len(prompts), 1}):
+        sync(device)
+        start = time.perf_counter()
+        generate_batch(model, [p[:16] for p in prompts[:n]], SamplingConfig(temperature=0.0, max_new_tokens=4),
+                       cuda_graph=args.cuda_graph, steppers=steppers)
+        sync(device)
+        warmup_s[n] = time.perf_counter() - start
+    generate(model, prompts[0][:16], SamplingConfig(temperature=0.0, max_new_tokens=4))
     rows = []
     for how, rows_in in (("generate_batch", prompts), ("generate_batch", prompts[:1]), ("generate", prompts[:1])):
         sync(device)
@@ -223,11 +235,11 @@ def batched_generation(model, args, device) -> list[dict]:
             sync(device)
             seconds, first_s, tokens = time.perf_counter() - start, first[0] - start, len(new)
         else:
-            result = generate_batch(model, rows_in, cfg, cuda_graph=args.cuda_graph)
+            result = generate_batch(model, rows_in, cfg, cuda_graph=args.cuda_graph, steppers=steppers)
             sync(device)
             seconds, first_s, tokens = result.seconds, result.first_token_seconds, sum(len(t) for t in result.tokens)
         rows.append({"how": how, "batch": len(rows_in), "context": context, "cuda_graph": args.cuda_graph,
-                     "tokens": tokens, "time_to_first_token_s": first_s,
+                     "warmup_s": warmup_s.get(len(rows_in)) if how == "generate_batch" else None, "tokens": tokens, "time_to_first_token_s": first_s,
                      "decode_tokens_per_s": tokens / max(seconds - first_s, 1e-9), "load_average": os.getloadavg()})
         print(f"{how:>14} B={len(rows_in):>2} context ~{context}: time to first token {first_s * 1000:8.1f} ms | "
               f"decode {rows[-1]['decode_tokens_per_s']:8.1f} tok/s (all rows)", flush=True)
