@@ -370,3 +370,27 @@ def test_a_window_stack_runs_on_the_inputs_device(pos_encodings):
             assert y.device.type == "meta" and y.shape == (2, 5, 8)
             assert all(t.device.type == "meta" for t in new.values()) and new["key"].shape == (2, 2, 2, 3, 4)
             state = new
+
+
+def test_bf16_autocast_with_a_cache_and_frozen_rows():
+    """Under CPU bf16 autocast a float32 stack reads its float32 cache (cast to the keys' dtype for
+    SDPA), keeps the cache float32, and follows the float64 stack to bf16 precision."""
+    seed = fresh_seed()
+    torch.manual_seed(seed)
+    stack = AttentionStack(8, 2, 4, 2, 11, True, False, "rope", 3)
+    perturb(stack, seed, 0.1)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 6, 8, generator=g)
+    tokens = torch.randint(0, 11, (2, 6), generator=g)
+    frozen = torch.tensor([[False, True, False, False, False, True], [False] * 6])
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            first, state = stack(x[:, :2], tokens[:, :2], stack.init_state(2), frozen[:, :2])
+            second, state = stack(x[:, 2:], tokens[:, 2:], state, frozen[:, 2:])
+        ref = stack.double()
+        want, _ = ref(x.double(), tokens, ref.init_state(2, dtype=D), frozen)
+    assert state["key"].dtype == state["value"].dtype == torch.float32
+    got = torch.cat([first, second], 1).double()
+    live = ~frozen
+    err = float((got[live] - want[live]).norm() / want[live].norm())
+    assert err < 5e-2, f"seed={seed} relative error {err}"
