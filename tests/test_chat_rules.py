@@ -415,3 +415,28 @@ def test_interactive_loop_writes_a_newline_for_ctrl_c_and_ctrl_d(model_dir):
     lines = iter(["/quit", "/mode deep"])
     session.run_lines(lines)
     assert session.done and session.mode == "fast" and next(lines) == "/mode deep"  # nothing after /quit
+
+
+def test_delta_read_errors_give_the_reason_on_one_line(model_dir, tmp_path, monkeypatch):
+    import safetensors
+
+    session, _, _ = session_of(model_dir)
+    file = tmp_path / "d.safetensors"
+    save_file({"x": torch.zeros(1)}, str(file), metadata={"format": "hierarchos-ltm-delta", "source_names": "[oops"})
+    try:
+        json.loads("[oops")
+    except json.JSONDecodeError as exc:
+        reason = str(exc)
+    message = "{}: memory delta is truncated or corrupt ({}); delete it or restore a good copy"
+    with pytest.raises(HierarchosError) as info:
+        session.load_delta(file)
+    assert str(info.value) == message.format(file, reason)
+    for raised, reason in ((RuntimeError("bad\n header  " + "x " * 200), ("bad header " + "x " * 200)[:200]),
+                           (RuntimeError(""), "RuntimeError")):
+        def broken(*args, raised=raised, **kwargs):
+            raise raised
+
+        monkeypatch.setattr(safetensors, "safe_open", broken)
+        with pytest.raises(HierarchosError) as info:
+            session.load_delta(file)
+        assert str(info.value) == message.format(file, reason)
