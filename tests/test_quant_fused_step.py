@@ -260,3 +260,16 @@ def test_bad_arguments_are_errors():
         step.step(x, tm, wkv, cm, None, torch.zeros(3, dtype=torch.bool).numpy())
     with pytest.raises(ValueError, match="lacks 'ln_time.bias'"):
         kernel.RwkvStackStep(64, 32, 256, [{"ln_time.weight": torch.ones(64).numpy()}])
+
+
+def test_vulkan_placement_takes_the_python_step():
+    """place_on_vulkan: the projections run on the device, so the fused (CPU kernel) step goes away."""
+    from hierarchos.errors import HierarchosError
+
+    model = quantized(config())
+    try:
+        qmodel.place_on_vulkan(model)
+    except HierarchosError as error:
+        pytest.skip(f"no Vulkan device: {error}")
+    assert not any(isinstance(m, fused_step.FusedRWKVStack) for m in model.modules())
+    assert fused_step.attach_fused_steps(model) == 0  # Vulkan-placed projections do not qualify
