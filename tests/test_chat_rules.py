@@ -440,3 +440,65 @@ def test_delta_read_errors_give_the_reason_on_one_line(model_dir, tmp_path, monk
         with pytest.raises(HierarchosError) as info:
             session.load_delta(file)
         assert str(info.value) == message.format(file, reason)
+
+
+def test_seeded_sampling_repeats_and_learning_needs_a_usable_gradient(monkeypatch, model_dir):
+    replies = []
+    for _ in range(2):
+        session, _, _ = session_of(model_dir, max_new=8)
+        session.sampling.temperature = 1.5
+        replies.append(session.reply("seeded")[0])
+    assert replies[0] == replies[1]  # the session's generator starts from the sampling seed
+
+    session, _, info = session_of(model_dir, learn=True, threshold=1.0)
+    values = session.model.memory.values.detach().clone()
+    exchange = session.tokenizer.encode("no gradient reaches the memory")
+    for scale, surprise in ((0.0, 5.0), (float("nan"), 5.0)):  # a zero gradient, then a NaN one
+        def flat_loss(out, targets, z, *a, scale=scale, surprise=surprise):
+            return out.logits.sum() * scale, {"ce": torch.tensor(surprise)}
+
+        monkeypatch.setattr(chat_mod, "lm_loss", flat_loss)
+        assert session.learn_from(exchange) == {"surprise": 5.0, "updated": 0, "lr": 0.0}
+    assert info.getvalue().count("[ltm] surprise 5.000: no usable gradient, no update") == 2
+    monkeypatch.setattr(chat_mod, "lm_loss", lambda out, *a: (out.logits.sum(), {"ce": torch.tensor(float("nan"))}))
+    assert session.learn_from(exchange)["updated"] == 0
+    assert "[ltm] surprise nan <= 1: no update" in info.getvalue()
+    assert torch.equal(session.model.memory.values, values) and session.updates == 0
+
+
+def test_memory_query_weights_and_long_listings(tmp_path, model_dir):
+    session, _, info = session_of(model_dir)
+    memory = session.model.memory
+    with torch.no_grad():
+        memory.slot_count.fill_(1)
+    ids = session.tokenizer.encode("what do you know")
+    with torch.no_grad():
+        attn, idx = memory.query_slots(session.model.embed(torch.tensor([ids])))
+    weights = torch.zeros(memory.slots)
+    for slot, a in zip(idx.flatten().tolist(), attn.flatten().tolist()):
+        weights[slot] += a / len(ids)  # each slot's attention, summed over the query's tokens, per token
+    order = [s for s in sorted(range(memory.slots), key=lambda s: -float(weights[s])) if weights[s] > 0]
+    session.handle("/memory what do you know")
+    rows = info.getvalue().splitlines()[1:]
+    assert [int(r.split()[0]) for r in rows] == order[:20]
+    for row in rows:
+        slot, weight = row.split()[:2]
+        assert float(weight) == pytest.approx(float(weights[int(slot)]), abs=5e-4)
+    monkeypatch_encode = session.tokenizer.encode
+    session.tokenizer.encode = lambda text: []
+    info.seek(0)
+    info.truncate()
+    session.handle("/memory zzz")
+    assert info.getvalue().strip() == "the query text encodes to no tokens"
+    session.tokenizer.encode = monkeypatch_encode
+
+    torch.manual_seed(1)  # a memory of 64 slots: the listing stops at 50
+    big_dir = tmp_path / "big"
+    save_model_dir(big_dir, HierarchosLM(tiny_config(vocab_size=260, ltm_slots=64)), load_tokenizer("byte"))
+    big, _, info = session_of(big_dir)
+    with torch.no_grad():
+        big.model.memory.slot_count.fill_(3)
+    big.handle("/memory")
+    lines = info.getvalue().splitlines()
+    assert len(lines) == 1 + 50 + 1 and lines[-1] == "... 14 more"
+    assert [int(line.split()[0]) for line in lines[1:-1]] == list(range(50))
