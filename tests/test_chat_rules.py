@@ -502,3 +502,16 @@ def test_memory_query_weights_and_long_listings(tmp_path, model_dir):
     lines = info.getvalue().splitlines()
     assert len(lines) == 1 + 50 + 1 and lines[-1] == "... 14 more"
     assert [int(line.split()[0]) for line in lines[1:-1]] == list(range(50))
+
+
+def test_delta_of_another_model_is_refused_by_checksum(model_dir, tmp_path):
+    session, _, _ = session_of(model_dir)
+    path = session.save_delta(tmp_path / "d.safetensors")
+    other, _, _ = session_of(model_dir)
+    with torch.no_grad():
+        other.model.memory.values.add_(1.0)  # another base: another checksum
+    other = ChatSession(other.model, other.tokenizer, out=io.StringIO(), info=io.StringIO())
+    with pytest.raises(HierarchosError) as info:
+        other.load_delta(path)
+    assert str(info.value) == (f"{path}: memory delta was made for another model (memory checksum differs); use it "
+                               "with the model it was saved from")
