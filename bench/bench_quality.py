@@ -1,7 +1,7 @@
 """Learning quality (issue 19): hierarchos vs a Hugging Face GPT-2 of equal non-embedding size, ablations,
 the time-mix wiring, and what the mechanisms do (long-range recall, ACT pondering, length).
 
-One command per table (`--table main|ablations|wiring|recall|act|length|all`), each writing
+One command per table (`--table main|ablations|wiring|blocks|recall|act|length|all`), each writing
 WORK/<table>.json; every training run is cached under WORK/runs/ (a rerun of the same command
 resumes where a 10-minute device call stopped; --fresh retrains).
 
@@ -67,7 +67,7 @@ CORPUS_VERSION = 1
 VAL_PERMILLE = 20
 EOS_ID = 257  # hierarchos' byte tokenizer: 256 byte ids, then <pad>, <eos>, <bos>, <unk>
 BYTE_VOCAB = 260
-TABLES = ("main", "ablations", "wiring", "recall", "act", "length")
+TABLES = ("main", "ablations", "wiring", "blocks", "recall", "act", "length")
 # memory "off": the config has no switch that removes the memory read; a write threshold no surprise
 # reaches means no slot is ever written, so the read returns only the learned initial slots
 MEMORY_OFF = dict(ltm_write_threshold=1e30)
@@ -517,6 +517,22 @@ def table_variants(args, corpus, variants: dict, prefix: str) -> dict:
     return out
 
 
+def block_variants() -> dict:
+    """The seeds' other cells and halting rule at the recommended (minimal) depth: the same width,
+    sweep and tokens as every row (attention blocks have fewer parameters at equal width: the table
+    prints each count)."""
+    minimal = REASONING["minimal"]
+    return {
+        "RWKV-7 (ours)": dict(minimal),
+        "attention, RoPE": dict(minimal, h_block="attention", l_block="attention"),
+        "attention, RoPE, window 128": dict(minimal, h_block="attention", l_block="attention", window_size=128),
+        "attention, sinusoidal": dict(minimal, h_block="attention", l_block="attention", pos_encodings="sinusoidal"),
+        "WKV-4 time mix": dict(minimal, time_mix="wkv4"),
+        "Q-learning halting (2,5,5)": dict(halting="q"),
+        "ACT halting (2,5,5)": {},
+    }
+
+
 def wiring_variants() -> dict:
     from bench.bench_time_mix_wiring import VARIANTS
 
@@ -714,7 +730,8 @@ def main(argv=None) -> int:
     tables = TABLES if args.table == "all" else (args.table,)
     run = {"main": table_main, "recall": table_recall, "act": table_act, "length": table_length,
            "ablations": lambda a, c: table_variants(a, c, ablation_variants(), "abl-"),
-           "wiring": lambda a, c: table_variants(a, c, wiring_variants(), "wiring-")}
+           "wiring": lambda a, c: table_variants(a, c, wiring_variants(), "wiring-"),
+           "blocks": lambda a, c: table_variants(a, c, block_variants(), "blocks-")}
     for table in tables:
         print(f"\n== {table} ==")
         started = time.perf_counter()
