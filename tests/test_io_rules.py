@@ -632,3 +632,29 @@ def test_torch_load_is_weights_only_whatever_the_environment_says(tmp_path, monk
     assert one_line(lambda: hio._torch_load(tmp_path / "cut.pt", "optimizer state")) == (
         f"{tmp_path / 'cut.pt'}: optimizer state is truncated or corrupt ({reason}); resume from another checkpoint")
     assert torch.equal(hio._torch_load(tmp_path / "ok.pt", "x")["a"], torch.arange(100))
+
+
+def test_save_checkpoint_state_text_and_what_it_refuses(tmp_path):
+    model = HierarchosLM(tiny_config())
+    path = hio.save_checkpoint(tmp_path / "c", 3, model, None, None, {"rng": {}, "b": 1, "a": [1, 2]},
+                               extra_tensors={"s.t": torch.arange(6.0).view(2, 3).t()})  # not contiguous
+    assert (path / "trainer_state.json").read_text() == json.dumps({"a": [1, 2], "b": 1, "rng": {}, "step": 3},
+                                                                   indent=2, sort_keys=True)
+    assert torch.equal(hio._read_weights(path / "extra_tensors.safetensors")["s.t"], torch.arange(6.0).view(2, 3).t())
+
+    class Odd:
+        pass
+
+    class Holder:
+        def __init__(self, state):
+            self.state = state
+
+        def state_dict(self):
+            return self.state
+
+    for optimizer, scheduler, where in ((Holder({"x": Odd()}), None, "optimizer state['x']"),
+                                        (None, Holder([Odd()]), "scheduler state[0]")):
+        with pytest.raises(TypeError) as info:
+            hio.save_checkpoint(tmp_path / "d", 1, model, optimizer, scheduler, {})
+        assert str(info.value) == f"{where}: Odd cannot be saved for weights_only loading"
+    assert not (tmp_path / "d").exists()
