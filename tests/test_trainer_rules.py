@@ -313,3 +313,49 @@ def test_each_epoch_reads_its_own_shuffled_window_order():
     for (x, y, _), (ex, ey) in zip(seen, expected):
         assert torch.equal(x, ex) and torch.equal(y, ey), f"seed {seed}"
     assert not all(torch.equal(seen[i][0], seen[i + 3][0]) for i in range(3)), f"seed {seed}: epochs in one order"
+
+
+class _Explode(torch.autograd.Function):
+    """Identity forward; an infinite gradient backward (a finite loss whose gradient overflows)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+@pytest.mark.parametrize("fault", ["nan_loss", "inf_grad"])
+def test_host_path_skips_a_non_finite_step_and_reads_it_at_once(fault):
+    """Without the fused AdamW's found_inf (unfused, or a GradScaler) the skip is decided on the host:
+    each step's outcome is read right away, and the faulty step changes no weight."""
+    seed = fresh_seed()
+    trainer = make(seed, log_every=100)
+    trainer.fused_adamw = False
+    assert not trainer.device_skip
+    calls, real = [], trainer.forward_model
+
+    def forward(x, state, **kwargs):
+        out = real(x, state, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:
+            out.logits = out.logits + float("nan") if fault == "nan_loss" else _Explode.apply(out.logits)
+        return out
+
+    trainer.forward_model = forward
+    lines, pending, weights = [], [], [copy.deepcopy(trainer.model.state_dict())]
+    trainer.log = lines.append
+
+    def stop():
+        pending.append(len(trainer.pending_steps))
+        weights.append(copy.deepcopy(trainer.model.state_dict()))
+        return False
+
+    trainer.run(stop_requested=stop)
+    assert pending == [0, 0, 0] and trainer.skipped_steps == 1, f"seed {seed}"
+    assert lines == ["warning: non-finite loss or gradient at step 1: step skipped, weights unchanged"]
+    changed = [any(not torch.equal(a[k], b[k]) for k in a) for a, b in zip(weights, weights[1:])]
+    assert changed == [True, False, True], f"seed {seed}"
+    assert all(p.grad is None for p in trainer.model.parameters())  # dropped after every step, taken or not
