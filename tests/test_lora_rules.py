@@ -322,3 +322,15 @@ def test_finetune_checkpoint_to_model_dir_merges_the_adapters(tmp_path):
     assert meta["prompt_template"] == "chatml"
     with torch.no_grad():
         assert torch.equal(again(tokens).logits, plain(tokens).logits)
+
+
+def test_load_adapter_checks_the_base_first_and_names_both_paths(tmp_path):
+    settings = LoraSettings(r=2, dropout=0.0)
+    lora.save_adapter(tmp_path / "ad", lora.wrap(_model(), settings), settings)
+    wide = _model(context_dim=32, h_hidden=32, l_hidden=32)
+    with pytest.raises(HierarchosError) as info:
+        lora.load_adapter(wide, tmp_path / "ad", "models/wide")
+    text = str(info.value)
+    assert text.startswith(f"{tmp_path / 'ad'}: this LoRA adapter was trained for another architecture or size: "
+                           "context_dim=16 (model has 32), ")
+    assert text.endswith("; use it with the base model it was trained on, not models/wide")
