@@ -163,3 +163,32 @@ def test_rosa_hints_over_python_automata_continues_each_row():
         rosa_hints(tokens[0], None, 4, NONE_ID)
     with pytest.raises(ValueError, match=r"^1 automata for a batch of 2 rows$"):
         rosa_hints(tokens, automata[:1], 4, NONE_ID)
+
+
+def endpos_classes(tokens: list[int]) -> int:
+    """States of the minimal suffix automaton of `tokens`, from its definition: one per distinct
+    set of end positions among the nonempty substrings, plus the root (the empty string)."""
+    classes = set()
+    n = len(tokens)
+    for i in range(n):
+        for j in range(i + 1, n + 1):
+            sub = tokens[i:j]
+            size = j - i
+            classes.add(frozenset(e for e in range(size - 1, n) if tokens[e - size + 1:e + 1] == sub))
+    return len(classes) + 1
+
+
+def test_python_automaton_is_the_minimal_suffix_automaton():
+    """Correct hints do not need a minimal automaton (a needless clone still answers right), so the
+    state count is checked against the endpos classes of the held history, by brute force."""
+    seed = fresh_seed()
+    rng = random.Random(seed)
+    assert endpos_classes([0, 1, 0]) == 4 and endpos_classes([5, 5, 5]) == 4 and endpos_classes([0, 1, 1]) == 5
+    for _ in range(12):
+        tokens = [rng.randrange(rng.choice([2, 3])) for _ in range(rng.randint(1, 22))]
+        window = rng.choice([4, 7, 100])
+        automaton = PyRosaAutomaton(window, NONE_ID)
+        automaton.extend(tokens)
+        held = tokens[history_start(len(tokens), window):]
+        assert automaton._history == held, f"seed={seed}"
+        assert automaton.num_states == endpos_classes(held), f"seed={seed} tokens={tokens} window={window}"
