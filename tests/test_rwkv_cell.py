@@ -245,8 +245,11 @@ def test_time_mix_initial_values():
         first = TimeMix(dim, 4, layer_id, n_layers, 2)
         close(first.mix_base, 1 - ramp, 0, "mix_base depth 0", rtol=1e-6, atol=1e-7)
         close(first.decay_base, -6 + 5 * ramp ** 0.85, 0, "decay_base depth 0", rtol=1e-6, atol=1e-6)
-    last = TimeMix(dim, 4, 2, 3, 2)
-    close(last.decay_base, -6 + 5 * ramp ** 1.85, 0, "decay_base depth 1", rtol=1e-6, atol=1e-6)
+    for layer_id, n_layers in ((2, 3), (1, 2)):  # depth 1
+        last = TimeMix(dim, 4, layer_id, n_layers, 2)
+        close(last.decay_base, -6 + 5 * ramp ** 1.85, 0, "decay_base depth 1", rtol=1e-6, atol=1e-6)
+        close(last.mix, torch.stack([1 - ramp ** 0.8] * 6), 0, "mix depth 1", rtol=1e-6, atol=1e-7)
+        close(last.mix_base, 1 - ramp ** 0.5, 0, "mix_base depth 1", rtol=1e-6, atol=1e-7)
 
 
 @torch.no_grad()
@@ -413,7 +416,7 @@ def test_channel_mix_equals_swiglu_by_hand(with_frozen):
 def test_channel_mix_initial_values():
     torch.manual_seed(fresh_seed())
     ramp = torch.tensor([0, 0.25, 0.5, 0.75])
-    for layer_id, n_layers, depth in ((1, 3, 0.5), (0, 1, 0.0), (2, 3, 1.0)):
+    for layer_id, n_layers, depth in ((1, 3, 0.5), (0, 1, 0.0), (2, 3, 1.0), (1, 2, 1.0)):
         cm = ChannelMix(4, 8, layer_id, n_layers)
         close(cm.mix, 1 - ramp ** (1 - 0.5 * depth), 0, "mix", rtol=1e-6, atol=1e-7)
         assert cm.gate.weight.shape == cm.up.weight.shape == (8, 4) and cm.down.weight.shape == (4, 8)
@@ -454,6 +457,9 @@ def test_block_is_pre_norm_residual_time_then_channel(time_mix):
 @pytest.mark.parametrize("time_mix", ["rwkv7", "wkv4"])
 def test_stack_init_state(time_mix):
     stack = RWKVStack(8, 3, 4, 2, 11, False, False, 4, time_mix)
+    assert all(type(b.time_mix) is (TimeMix4 if time_mix == "wkv4" else TimeMix) for b in stack.blocks)
+    assert stack.time_mix == time_mix and stack.per_block_deepembed is False and stack.deepembed is None
+    assert RWKVStack(8, 2, 4, 2, 11, True, True, 4, time_mix).per_block_deepembed is True
     state = stack.init_state(2)
     assert set(state) == {"tm_shift", "wkv", "cm_shift"}
     for name in ("tm_shift", "cm_shift"):
