@@ -152,9 +152,11 @@ def test_rms_norm_follows_the_input_dtype_with_eps_1e_6():
     out = norm(x)
     assert out.dtype == D
     close(out, rms(x, norm.weight.double()), seed, "rms norm")
-    with torch.autocast("cpu", dtype=torch.bfloat16), warnings.catch_warnings():
+    with warnings.catch_warnings():
         warnings.simplefilter("error")  # a float32 weight with bf16 input warns and skips the fused kernel
         assert norm(x.bfloat16()).dtype == torch.bfloat16
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert norm(x.bfloat16()).dtype == torch.bfloat16
 
 
 def test_self_attention_causal_and_masked_by_hand():
@@ -394,3 +396,23 @@ def test_bf16_autocast_with_a_cache_and_frozen_rows():
     live = ~frozen
     err = float((got[live] - want[live]).norm() / want[live].norm())
     assert err < 5e-2, f"seed={seed} relative error {err}"
+
+
+def test_the_cache_keeps_its_dtype_and_is_read_in_the_compute_dtype():
+    """A float32 stack carrying a float64 cache: the cache stays float64, its entries are read in
+    float32, and the outputs equal those with a float32 cache (to float32 precision)."""
+    seed = fresh_seed()
+    torch.manual_seed(seed)
+    stack = AttentionStack(8, 2, 4, 2, 11, False, False, "rope", 0)
+    perturb(stack, seed, 0.1)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 5, 8, generator=g)
+    tokens = torch.zeros(2, 5, dtype=torch.long)
+    outs = {}
+    with torch.no_grad():
+        for dtype in (torch.float32, D):
+            a, state = stack(x[:, :2], tokens[:, :2], stack.init_state(2, dtype=dtype))
+            b, state = stack(x[:, 2:], tokens[:, 2:], state)
+            assert state["key"].dtype == state["value"].dtype == dtype and b.dtype == torch.float32
+            outs[dtype] = torch.cat([a, b], 1)
+    close(outs[D], outs[torch.float32], seed, "float64 cache", rtol=1e-5, atol=1e-6)
