@@ -658,3 +658,14 @@ def test_save_checkpoint_state_text_and_what_it_refuses(tmp_path):
             hio.save_checkpoint(tmp_path / "d", 1, model, optimizer, scheduler, {})
         assert str(info.value) == f"{where}: Odd cannot be saved for weights_only loading"
     assert not (tmp_path / "d").exists()
+
+
+def test_torch_load_names_an_exception_without_a_message_by_its_type(tmp_path, monkeypatch):
+    (tmp_path / "x.pt").write_bytes(b"\x00")
+
+    def empty(*args, **kwargs):
+        raise RuntimeError()
+
+    monkeypatch.setattr(torch, "load", empty)
+    assert one_line(lambda: hio._torch_load(tmp_path / "x.pt", "scheduler state")) == (
+        f"{tmp_path / 'x.pt'}: scheduler state is truncated or corrupt (RuntimeError); resume from another checkpoint")

@@ -359,3 +359,22 @@ def test_host_path_skips_a_non_finite_step_and_reads_it_at_once(fault):
     changed = [any(not torch.equal(a[k], b[k]) for k in a) for a, b in zip(weights, weights[1:])]
     assert changed == [True, False, True], f"seed {seed}"
     assert all(p.grad is None for p in trainer.model.parameters())  # dropped after every step, taken or not
+
+
+def test_resume_replays_rosa_over_this_epochs_shuffled_prefix():
+    seed = fresh_seed()
+    trainer = make(seed, rosa=True, epochs=2)
+    trainer.train_streams.shuffle_seed = 11
+    trainer.run(stop_requested=lambda: trainer.opt_step >= 2)
+    saved = {k: v.clone() for k, v in trainer.state_tensors().items()}
+    resumed = make(seed, rosa=True, epochs=2)
+    resumed.train_streams.shuffle_seed = 11
+    resumed.micro_step = 4  # epoch 1, window 1
+    resumed.load_state_tensors(saved)
+    cfg, streams = resumed.model.cfg, resumed.train_streams
+    assert not torch.equal(streams.prefix(1, 1), streams.prefix(1, 0)), f"seed {seed}: epochs in one order"
+    for row, automaton in zip(streams.prefix(1, 1).tolist(), resumed.state.rosa):
+        by_hand = RosaAutomaton(cfg.rosa_window, cfg.rosa_none_id)
+        by_hand.extend(row)
+        probe = list(range(12))
+        assert automaton.num_tokens == len(row) and automaton.extend(probe) == by_hand.extend(probe), f"seed {seed}"
