@@ -143,6 +143,18 @@ def test_positions_skip_frozen_rows_and_continue_the_state(pos_encodings):
 
 # ---- layers ------------------------------------------------------------------------------------------
 
+def test_rms_norm_hands_the_kernel_a_weight_of_the_inputs_dtype(monkeypatch):
+    """The fused kernel needs input and weight in one dtype (else torch warns once and takes the slow
+    path, which a warning filter cannot see twice): the weight goes in as the input's dtype."""
+    seen = []
+    real = F.rms_norm
+    monkeypatch.setattr(F, "rms_norm", lambda x, shape, w, eps: seen.append((x.dtype, w.dtype)) or real(x, shape, w, eps))
+    norm = RMSNorm(4, eps=1e-6)
+    for dtype in (torch.bfloat16, D, torch.float32):
+        assert norm(torch.randn(2, 4).to(dtype)).dtype == dtype
+    assert seen == [(torch.bfloat16, torch.bfloat16), (D, D), (torch.float32, torch.float32)]
+
+
 def test_rms_norm_follows_the_input_dtype_with_eps_1e_6():
     seed = fresh_seed()
     norm = RMSNorm(4, eps=1e-6)
