@@ -607,9 +607,13 @@ def test_cells_under_bf16_autocast_feed_bf16_to_the_matmuls_and_keep_the_carried
     tm, tm4, cm = TimeMix(8, 4, 1, 2, 4), TimeMix4(8, 1, 2, 4), ChannelMix(8, 16, 1, 2)
     for m in (tm, tm4, cm):
         perturb(m, seed)
-    seen = {}
-    for name, lin in (("tm", tm.output), ("tm4", tm4.output), ("tm4_key", tm4.key), ("tm4_value", tm4.value),
-                      ("tm4_receptance", tm4.receptance), ("cm", cm.down)):
+    static = TimeMix(8, 4, 1, 2, 4, TimeMixWiring(token_shift="static"))
+    perturb(static, seed)
+    seen = {}  # what each projection is handed, before autocast's own cast: the mixes themselves in bf16
+    for name, lin in (("tm", tm.output), ("tm_receptance", tm.receptance), ("tm_key", tm.key),
+                      ("static_receptance", static.receptance), ("tm4", tm4.output), ("tm4_key", tm4.key),
+                      ("tm4_value", tm4.value), ("tm4_receptance", tm4.receptance), ("cm", cm.down),
+                      ("cm_gate", cm.gate)):
         lin.register_forward_pre_hook(lambda _m, args, name=name: seen.__setitem__(name, args[0].dtype))
     real7 = rwkv._wkv7_opaque
     recurrence_dtypes = []
@@ -626,15 +630,17 @@ def test_cells_under_bf16_autocast_feed_bf16_to_the_matmuls_and_keep_the_carried
                 out7, shift7, new7, _ = tm(x, shift, state7)
             finally:
                 rwkv._wkv7_opaque = real7
+            static(x, shift, state7)
             out4, shift4, new4 = tm4(x, shift, state4)
             outc, shiftc = cm(x, shift, gate.bfloat16())  # DeepEmbed hands its gates over in the autocast dtype
         want7, want_shift, want_state7 = time_mix_by_hand(tm.double(), x.double(), shift.double(), state7.double(), None)
         want4, _, a, _ = time_mix4_by_hand(tm4.double(), x.double(), shift.double(), (aa * pp.exp()).double(),
                                            (bb * pp.exp()).double(), None)
         wantc, _ = channel_mix_by_hand(cm.double(), x.double(), shift.double(), gate.double(), None)
-    assert seen == dict(tm=torch.bfloat16, tm4=torch.bfloat16, tm4_key=torch.bfloat16, tm4_value=torch.bfloat16,
-                        tm4_receptance=torch.bfloat16, cm=torch.bfloat16), f"seed={seed} {seen}"
-    assert recurrence_dtypes == [{torch.float32}]  # the recurrence's inputs in float32 under autocast
+    assert seen == {name: torch.bfloat16 for name in ("tm", "tm_receptance", "tm_key", "static_receptance", "tm4",
+                                                      "tm4_key", "tm4_value", "tm4_receptance", "cm", "cm_gate")}, \
+        f"seed={seed} {seen}"
+    assert recurrence_dtypes[0] == {torch.float32}  # the recurrence's inputs in float32 under autocast
     assert shift7.dtype == shift4.dtype == shiftc.dtype == torch.float32
     assert new7.dtype == new4.dtype == torch.float32
     # the carried shift is the last token itself (to bf16 precision)
