@@ -373,7 +373,7 @@ def test_memory_command_lists_written_slots(monkeypatch, model_dir):
         memory.slot_count[[1, 3]] = torch.tensor([2, 1], dtype=memory.slot_count.dtype)
         memory.slot_time[1], memory.slot_time[3] = 86400.0, 0.0
         memory.slot_source[[1, 3]] = torch.tensor([0, 5], dtype=memory.slot_source.dtype)
-    memory.source_names = ["docs.txt"]
+    memory.source_names = ["docs.txt", "notes"]
     info.seek(0)
     info.truncate()
     session.handle("/memory")
@@ -392,7 +392,7 @@ def test_memory_command_lists_written_slots(monkeypatch, model_dir):
     info.seek(0)
     info.truncate()
     session.handle("/memory source=other")
-    assert info.getvalue().strip() == "no memory source other; known sources: docs.txt"
+    assert info.getvalue().strip() == "no memory source other; known sources: docs.txt, notes"
     memory.source_names = []
     info.seek(0)
     info.truncate()
