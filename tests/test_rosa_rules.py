@@ -192,3 +192,11 @@ def test_python_automaton_is_the_minimal_suffix_automaton():
         held = tokens[history_start(len(tokens), window):]
         assert automaton._history == held, f"seed={seed}"
         assert automaton.num_states == endpos_classes(held), f"seed={seed} tokens={tokens} window={window}"
+
+
+@pytest.mark.skipif(R._kernels is None, reason="the C++ port is not built")
+def test_cpp_extend_takes_any_array_of_ids_in_order():
+    tokens = np.array([[1, 2, 1], [2, 3, 1]], dtype=np.int32)               # read row after row
+    want = rosa_hints_bruteforce(tokens.reshape(-1).tolist(), NONE_ID)
+    assert RosaAutomaton(16, NONE_ID, backend="cpp").extend(tokens) == want
+    assert RosaAutomaton(16, NONE_ID, backend="cpp").extend(torch.tensor(tokens)) == want
