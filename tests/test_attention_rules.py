@@ -234,9 +234,6 @@ def test_initial_values():
     assert learned.position_table.num_embeddings == 1024
     one = AttentionStack(8, 1, 4, 1, 11, True, False, "rope", 0)
     assert len(one.deepembed) == 1 and one.position_table is None and not one.gradient_checkpointing
-    empty = AttentionStack(8, 1, 4, 2, 11, False, False, "rope", 0)  # an empty batch: an empty cache
-    y, state = empty(torch.zeros(0, 3, 8), torch.zeros(0, 3, dtype=torch.long), empty.init_state(0))
-    assert y.shape == (0, 3, 8) and state["key"].shape == (1, 0, 2, 0, 4) and state["pos"].shape == (0,)
     with pytest.raises(ValueError, match="pos_encodings 'alibi'"):
         AttentionStack(8, 1, 4, 1, 11, False, False, "alibi")
 
@@ -428,3 +425,10 @@ def test_the_cache_keeps_its_dtype_and_is_read_in_the_compute_dtype():
             assert state["key"].dtype == state["value"].dtype == dtype and b.dtype == torch.float32
             outs[dtype] = torch.cat([a, b], 1)
     close(outs[D], outs[torch.float32], seed, "float64 cache", rtol=1e-5, atol=1e-6)
+
+
+@torch.no_grad()
+def test_an_empty_batch_gives_an_empty_cache():
+    empty = AttentionStack(8, 1, 4, 2, 11, False, False, "rope", 0)
+    y, state = empty(torch.zeros(0, 3, 8), torch.zeros(0, 3, dtype=torch.long), empty.init_state(0))
+    assert y.shape == (0, 3, 8) and state["key"].shape == (1, 0, 2, 0, 4) and state["pos"].shape == (0,)
