@@ -698,3 +698,18 @@ def test_value_residual_without_the_first_value_says_so():
     tm = TimeMix(8, 4, 1, 2, 4, TimeMixWiring(value_residual=True))
     with pytest.raises(ValueError, match=r"^TimeMix: value_residual needs the first layer's value \(v_first\)$"):
         tm(torch.zeros(1, 2, 8), torch.zeros(1, 8), torch.zeros(1, 2, 4, 4))
+
+
+@torch.no_grad()
+def test_x070_low_rank_up_projections_and_value_residual_base():
+    """x070's gate and value-residual up-projections: orthonormal rows times 0.1 (rank 32 at width 64);
+    the value residual's base 0.73 - 0.4 (c / (C - 1) - 0.5), also at width 2."""
+    torch.manual_seed(fresh_seed())
+    tm = TimeMix(64, 16, 1, 2, 16, TimeMixWiring("static", "lowrank", True, "x070"))
+    for up in (tm.gate_up, tm.value_residual_up):
+        assert up.shape == (32, 64)
+        close(up @ up.T, 0.01 * torch.eye(32), 0, "orthonormal rows times 0.1", rtol=1e-5, atol=1e-6)
+    assert not tm.gate_down.any() and not tm.value_residual_down.any()
+    two = TimeMix(2, 2, 1, 2, 4, TimeMixWiring(value_residual=True))
+    close(two.value_residual_base, torch.tensor([0.93, 0.53]), 0, "value residual base", rtol=1e-6, atol=1e-6)
+    assert not hasattr(TimeMix(2, 2, 0, 2, 4, TimeMixWiring(value_residual=True)), "value_residual_base")
