@@ -669,3 +669,28 @@ def test_torch_load_names_an_exception_without_a_message_by_its_type(tmp_path, m
     monkeypatch.setattr(torch, "load", empty)
     assert one_line(lambda: hio._torch_load(tmp_path / "x.pt", "scheduler state")) == (
         f"{tmp_path / 'x.pt'}: scheduler state is truncated or corrupt (RuntimeError); resume from another checkpoint")
+
+
+def test_load_checkpoint_scheduler_without_optimizer_and_its_messages(tmp_path):
+    model = HierarchosLM(tiny_config())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 ** step)
+    for _ in range(3):
+        opt.step()
+        sched.step()
+    hio.save_checkpoint(tmp_path / "c", 1, model, opt, sched, {})
+    fresh_opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    fresh = torch.optim.lr_scheduler.LambdaLR(fresh_opt, lambda step: 0.5 ** step)
+    hio.load_checkpoint(tmp_path / "c", model, None, fresh, restore_rng=False)  # no optimizer: the scheduler still
+    assert fresh.state_dict()["last_epoch"] == 3
+    step = tmp_path / "c" / "step-00000001"
+    (step / "scheduler.pt").unlink()
+    assert one_line(lambda: hio.load_checkpoint(step, model, None, fresh)) == (
+        f"{step / 'scheduler.pt'}: scheduler state missing from the checkpoint; resume from another checkpoint or "
+        "start without one")
+    other = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)  # another parameter set
+    with pytest.raises(HierarchosError) as info:
+        hio.load_checkpoint(step, model, other)
+    text = str(info.value)
+    assert text.startswith(f"{step / 'optimizer.pt'}: optimizer state does not fit this run (")
+    assert text.endswith("); resume with the same model and optimizer settings")
