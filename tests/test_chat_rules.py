@@ -515,3 +515,53 @@ def test_delta_of_another_model_is_refused_by_checksum(model_dir, tmp_path):
         other.load_delta(path)
     assert str(info.value) == (f"{path}: memory delta was made for another model (memory checksum differs); use it "
                                "with the model it was saved from")
+
+
+def test_memory_filters_apply_to_listings_and_queries(tmp_path, model_dir):
+    session, _, info = session_of(model_dir)
+    memory = session.model.memory
+
+    def said(line):
+        info.seek(0)
+        info.truncate()
+        session.handle(line)
+        return info.getvalue().splitlines()
+
+    with torch.no_grad():
+        memory.slot_count[[1, 3]] = torch.tensor([2, 1], dtype=memory.slot_count.dtype)
+        memory.slot_time[[1, 3]] = torch.tensor([86400.0, 10.0], dtype=memory.slot_time.dtype)
+        memory.slot_source[:] = 0
+        memory.slot_source[[1, 3]] = torch.tensor([0, 1], dtype=memory.slot_source.dtype)
+    memory.source_names = ["docs.txt", "notes"]
+    assert [int(line.split()[0]) for line in said("/memory since=0")[1:]] == [1, 3]  # written slots only
+    assert [int(line.split()[0]) for line in said("/memory since=20")[1:]] == [1]
+
+    def weights_of(words, sources=None, since=None):
+        ids = session.tokenizer.encode(" ".join(words))
+        with torch.no_grad():
+            attn, idx = memory.query_slots(session.model.embed(torch.tensor([ids])), sources, since)
+        weights = torch.zeros(memory.slots)
+        for slot, a in zip(idx.flatten().tolist(), attn.flatten().tolist()):
+            weights[slot] += a / len(ids)
+        return {s: float(w) for s, w in enumerate(weights) if w > 0}
+
+    for line, sources, since in (("/memory source=notes ab", ["notes"], None), ("/memory since=20 ab", None, 20.0),
+                                 ("/memory a", None, None)):
+        expected = weights_of(["ab" if "ab" in line else "a"], sources, since)
+        rows = said(line)[1:]
+        assert {int(r.split()[0]) for r in rows} == set(expected), line  # only slots that were read
+        for row in rows:
+            assert float(row.split()[1]) == pytest.approx(expected[int(row.split()[0])], abs=5e-4), line
+    assert len(said("/memory a")) - 1 == len(weights_of(["a"])) < memory.slots  # zero weights not listed
+
+    torch.manual_seed(1)  # 64 slots and a long query: the 20 heaviest slots only
+    big_dir = tmp_path / "big"
+    save_model_dir(big_dir, HierarchosLM(tiny_config(vocab_size=260, ltm_slots=64)), load_tokenizer("byte"))
+    big, _, info = session_of(big_dir)
+    text = "the quick brown fox jumps over the lazy dog 0123456789"
+    ids = big.tokenizer.encode(text)
+    with torch.no_grad():
+        _, idx = big.model.memory.query_slots(big.model.embed(torch.tensor([ids])))
+    assert len(set(idx.flatten().tolist())) > 20
+    big.handle(f"/memory {text}")
+    assert len(info.getvalue().splitlines()) == 1 + 20
