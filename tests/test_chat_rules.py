@@ -565,3 +565,25 @@ def test_memory_filters_apply_to_listings_and_queries(tmp_path, model_dir):
     assert len(set(idx.flatten().tolist())) > 20
     big.handle(f"/memory {text}")
     assert len(info.getvalue().splitlines()) == 1 + 20
+
+
+def test_memory_listing_times_are_utc_and_unknown_sources_a_dash(monkeypatch, model_dir):
+    import time
+
+    monkeypatch.setenv("TZ", "America/New_York")  # the listing says UTC whatever the local zone
+    time.tzset()
+    try:
+        session, _, info = session_of(model_dir)
+        memory = session.model.memory
+        with torch.no_grad():
+            memory.slot_count[[2, 3]] = 1
+            memory.slot_time[[2, 3]] = torch.tensor([86400.0, 0.5], dtype=memory.slot_time.dtype)
+            memory.slot_source[[2, 3]] = torch.tensor([1, 0], dtype=memory.slot_source.dtype)
+        memory.source_names = ["docs.txt"]  # slot 2 names source 1: not a known one
+        session.handle("/memory")
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+    assert info.getvalue().splitlines()[1:] == [
+        f"{2:>6}  {'-':>6}  {'1970-01-02 00:00:00':<20} {1:>5}  -",
+        f"{3:>6}  {'-':>6}  {'1970-01-01 00:00:00':<20} {1:>5}  docs.txt"]

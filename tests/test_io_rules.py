@@ -694,3 +694,11 @@ def test_load_checkpoint_scheduler_without_optimizer_and_its_messages(tmp_path):
     text = str(info.value)
     assert text.startswith(f"{step / 'optimizer.pt'}: optimizer state does not fit this run (")
     assert text.endswith("); resume with the same model and optimizer settings")
+
+
+def test_a_corrupt_extra_tensors_file_is_named(tmp_path):
+    model = HierarchosLM(tiny_config())
+    step = hio.save_checkpoint(tmp_path / "c", 1, model, None, None, {}, extra_tensors={"s.h": torch.ones(2)})
+    (step / "extra_tensors.safetensors").write_bytes(b"\x01")
+    text = one_line(lambda: hio.load_checkpoint(step, model))
+    assert text.startswith(f"{step / 'extra_tensors.safetensors'}: extra tensors file is truncated or corrupt (")
