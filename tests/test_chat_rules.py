@@ -587,3 +587,15 @@ def test_memory_listing_times_are_utc_and_unknown_sources_a_dash(monkeypatch, mo
     assert info.getvalue().splitlines()[1:] == [
         f"{2:>6}  {'-':>6}  {'1970-01-02 00:00:00':<20} {1:>5}  -",
         f"{3:>6}  {'-':>6}  {'1970-01-01 00:00:00':<20} {1:>5}  docs.txt"]
+
+
+def test_memory_listing_cut_at_exactly_fifty(tmp_path):
+    torch.manual_seed(2)
+    save_model_dir(tmp_path / "big", HierarchosLM(tiny_config(vocab_size=260, ltm_slots=64)), load_tokenizer("byte"))
+    for written, tail in ((50, None), (51, "... 1 more")):
+        session, _, info = session_of(tmp_path / "big")
+        with torch.no_grad():
+            session.model.memory.slot_count[:written] = 1
+        session.handle("/memory")
+        lines = info.getvalue().splitlines()
+        assert len(lines) == 1 + 50 + (tail is not None) and (tail is None or lines[-1] == tail), written
