@@ -129,3 +129,19 @@ def test_errors_name_the_shapes():
         wkv4_chunked(td, tf, k, v, chunk_size=0)
     with pytest.raises(ValueError, match=r"^wkv4: unknown impl 'fast'; expected one of \('auto', 'reference', 'step', 'chunked'\)$"):
         W4.resolve_impl("fast", 4)
+
+
+def test_every_form_carries_the_given_state():
+    seed = fresh_seed()
+    td, tf, k, v = inputs(seed, T=3, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(seed)
+    state = (torch.randn(2, 3, generator=gen, dtype=torch.float64), torch.rand(2, 3, generator=gen, dtype=torch.float64) + 0.5,
+             torch.randn(2, 3, generator=gen, dtype=torch.float64))
+    want = wkv4_reference(td, tf, k, v, state)
+    assert not torch.allclose(want[0], wkv4_reference(td, tf, k, v)[0])   # the state matters here
+    for impl in ("auto", "reference", "step", "chunked"):
+        torch.testing.assert_close(wkv4(td, tf, k, v, state, impl=impl), want, rtol=1e-10, atol=1e-12,
+                                   msg=lambda m: f"seed={seed} {impl}: {m}")
+    one = wkv4_reference(td, tf, k[:, :1], v[:, :1], state)
+    for impl in ("auto", "step"):
+        torch.testing.assert_close(wkv4(td, tf, k[:, :1], v[:, :1], state, impl=impl), one, rtol=1e-12, atol=0)
