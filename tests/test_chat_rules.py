@@ -102,8 +102,9 @@ def test_session_defaults_and_caps(model_dir, tmp_path):
     assert session.base_checksum == values_checksum(session.model.memory.values)
     alone, _, _ = session_of(model_dir, model_dir=None)
     assert alone.delta_path is None and len(alone.session_id) == 8
-    with pytest.raises(HierarchosError, match="no delta path: pass --ltm-lora-path FILE or --model-path DIR"):
+    with pytest.raises(HierarchosError) as info:
         alone.save_delta()
+    assert str(info.value) == "no delta path: pass --ltm-lora-path FILE or --model-path DIR"
     given, _, _ = session_of(model_dir, delta_path=str(tmp_path / "d.st"))
     assert given.delta_path == tmp_path / "d.st"
     off, _, _ = session_of(model_dir, learn=True, learn_unavailable="quantized")
@@ -297,6 +298,7 @@ def test_command_bounds_and_messages(model_dir):
     assert run("/topk 0") == "top_k = 0" and run("/topk -1") == "usage: /topk N (N >= 0; 0 = off)"
     assert run("/topk 2.5") == "usage: /topk N (N >= 0; 0 = off)"
     assert run("/topp 1") == "top_p = 1.0" and run("/topp 0") == "usage: /topp X (0 < X <= 1)"
+    assert run("/topp 1.5") == "usage: /topp X (0 < X <= 1)" and run("/penalty 0.5") == "repetition_penalty = 0.5"
     assert run("/penalty 0") == "usage: /penalty X (X > 0; 1 = off)" and run("/penalty inf").startswith("usage")
     assert run("/penalty 1.5") == "repetition_penalty = 1.5"
     assert (session.sampling.temperature, session.sampling.top_k, session.sampling.top_p,

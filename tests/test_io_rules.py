@@ -702,3 +702,10 @@ def test_a_corrupt_extra_tensors_file_is_named(tmp_path):
     (step / "extra_tensors.safetensors").write_bytes(b"\x01")
     text = one_line(lambda: hio.load_checkpoint(step, model))
     assert text.startswith(f"{step / 'extra_tensors.safetensors'}: extra tensors file is truncated or corrupt (")
+
+
+def test_resolve_checkpoint_of_a_file_lists_nothing(tmp_path):
+    (tmp_path / "f").write_text("x")
+    assert one_line(lambda: hio.resolve_checkpoint(tmp_path / "f")) == (
+        f"{tmp_path / 'f'}: no checkpoint here (no latest.json or step-* dirs; found: nothing); pass a checkpoint "
+        "root or step dir")
