@@ -297,3 +297,26 @@ def test_signed_absmax_by_hand():
         F.quantize_blocks(blocks, "Q5_K")
     with pytest.raises(ValueError, match=r"^unknown qtype 'Q5_K'"):
         F.dequantize_blocks(np.zeros((1, 84), np.uint8), "Q5_K")
+
+
+def test_block_helpers_round_their_inputs_to_the_format_dtypes():
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    x64 = np.concatenate([rng.standard_normal((2, 256)), np.zeros((1, 256))])
+    x64[2, 32:34] = [127.0, 62.5 - 1e-9]                     # Q8_0 code 63 in float32, 62 in float64
+    x32 = x64.astype(np.float32)
+    for qtype in F.QTYPES:
+        blocks64, blocks32 = x64.reshape(-1, F.block_size(qtype)), x32.reshape(-1, F.block_size(qtype))
+        raw = F.quantize_blocks(blocks64, qtype)
+        assert np.array_equal(raw, F.quantize_blocks(blocks32, qtype)), f"seed={seed} {qtype}"
+        back = F.dequantize_blocks(raw.astype(np.int64), qtype)
+        assert back.dtype == np.float32 and np.array_equal(back, F.dequantize_blocks(raw, qtype)), qtype
+    near = np.array([[1.0, -(1.0 + 2.0**-30)]])                # equal magnitudes in float32: the first wins
+    assert F.signed_absmax(near).tolist() == [1.0]
+    weights = np.abs(x32[:1])
+    assert np.array_equal(F.quantize_q2_k_weighted(x64[:1], weights), F.quantize_q2_k_weighted(x32[:1], weights))
+    d = np.array([1.0 + 2.0**-11 + 2.0**-30, 0.5])             # as float32: an fp16 tie, rounded to even (1.0)
+    q4 = F.encode_symmetric(d, np.zeros((2, 32), np.int64), "Q4_0")
+    assert q4[:, :2].copy().view(np.float16)[:, 0].tolist() == [1.0, 0.5]
+    i4 = F.encode_symmetric(d, np.zeros((2, 32), np.int64), "INT4")
+    assert i4.shape == (2, 20) and i4[:, :4].copy().view(np.float32)[:, 0].tolist() == [np.float32(d[0]), 0.5]
