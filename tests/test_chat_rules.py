@@ -601,3 +601,15 @@ def test_memory_listing_cut_at_exactly_fifty(tmp_path):
         session.handle("/memory")
         lines = info.getvalue().splitlines()
         assert len(lines) == 1 + 50 + (tail is not None) and (tail is None or lines[-1] == tail), written
+
+
+def test_cuda_graph_warm_up_generates_one_token_with_the_session_sampling(monkeypatch, model_dir):
+    from dataclasses import replace
+
+    seen = []
+    monkeypatch.setattr(chat_mod, "generate_batch", lambda model, prompts, sampling, **kw: seen.append((prompts, sampling, kw)))
+    session, _, _ = session_of(model_dir, cuda_graph=True)
+    (prompts, sampling, kw), = seen
+    assert prompts == [[session.tokenizer.eos_id]] and sampling == replace(session.sampling, max_new_tokens=1)
+    assert kw["seeds"] == [0] and kw["cuda_graph"] is True and kw["steppers"] is session.steppers
+    assert session.warmup_seconds >= 0

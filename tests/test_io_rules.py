@@ -369,13 +369,14 @@ def test_save_model_files_takes_a_gathered_state_and_the_tokenizer(tmp_path):
         def save(self, directory):
             (Path(directory) / "tok.json").write_text("{}")
 
+    (tmp_path / ".run.model-files-dead").mkdir()  # a killed save's staging dir: cleared by the next save
     assert hio.save_model_files(tmp_path / "run", model, Tok(), history={"s": 1}, extra={"prompt_template": "x"},
                                 state=state) == tmp_path / "run"
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["hierarchos_config.json", "model.safetensors",
                                                                      "tok.json"]
     loaded, meta = hio.load_model_dir(tmp_path / "run")
     assert all(torch.equal(v, state[k]) for k, v in loaded.state_dict().items()) and meta["training_history"] == {"s": 1}
-    assert meta["prompt_template"] == "x" and meta["extra_keys"] == ["prompt_template"]
+    assert meta["prompt_template"] == "x" and meta["extra_keys"] == ["prompt_template"] and hidden(tmp_path) == []
 
 
 def test_json_and_config_reading_messages(tmp_path):

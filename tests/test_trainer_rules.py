@@ -378,3 +378,9 @@ def test_resume_replays_rosa_over_this_epochs_shuffled_prefix():
         by_hand.extend(row)
         probe = list(range(12))
         assert automaton.num_tokens == len(row) and automaton.extend(probe) == by_hand.extend(probe), f"seed {seed}"
+
+
+def test_the_default_log_keeps_the_last_record():
+    trainer = make(0)
+    trainer.run()
+    assert trainer.last_metrics["step"] == 3 and trainer.last_metrics["epoch"] == 1
