@@ -250,7 +250,8 @@ def evaluate_all(model_path: Path, work: Path, heldout_text: str, train_text: st
     log(f"fp32 bpb {rows[-1]['bpb']:.4f}, unigram {rows[0]['bpb']:.4f}")
     del fp32
     for label, qtype, mix, calibrated in VARIANTS:
-        if args.only and qtype not in args.only:
+        if (args.only and qtype not in args.only) or (args.default_mixes and (calibrated or mix != "auto")
+                                                       and qtype != "Q8_0"):
             continue
         out = work / f"q-{label.replace(' ', '_').replace('+', '')}"
         info = quantize_model_dir(model_path, out, qtype, mix=mix,
@@ -307,6 +308,8 @@ def main(argv=None) -> int:
     ap.add_argument("--chunk", type=int, default=512, help="tokens per forward when scoring (eval's default)")
     ap.add_argument("--decode-steps", type=int, default=64)
     ap.add_argument("--only", nargs="+", choices=("Q8_0", "Q4_0", "INT4", "Q2_K"), help="score only these formats")
+    ap.add_argument("--default-mixes", action="store_true",
+                    help="score only what `quantize --qtype Q` writes by default (Q8_0, and the auto mixes)")
     ap.add_argument("--sensitivity", action="store_true",
                     help="also quantize one tensor role at a time (Q4_0, Q2_K) and score it on training text")
     ap.add_argument("--no-table", action="store_true", help="skip the table (with --sensitivity: the scan alone)")
