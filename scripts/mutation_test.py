@@ -105,7 +105,7 @@ def run_module(module: str, tests: list[str], work: Path, jobs: int) -> dict:
     cfg = ["[mutmut]", "source_paths=hierarchos", f"only_mutate={module}", "process_isolation=forkserver",
            "pytest_add_cli_args_test_selection=", *[f"    {t}" for t in tests],
            "pytest_add_cli_args=", "    -p", "    no:cacheprovider", "    -q",
-           "also_copy=", "    hierarchos_cli.py", "    kernels", ""]  # CLI tests run the entry script
+           "also_copy=", "    hierarchos_cli.py", "    kernels", "    scripts", ""]  # CLI tests run the entry script; test_grow imports scripts/
     (work / "setup.cfg").write_text("\n".join(cfg))
     t0 = time.time()
     env_cmd = [sys.executable, "-m", "mutmut", "run", "--max-children", str(jobs)]
