@@ -145,3 +145,16 @@ def test_every_form_carries_the_given_state():
     one = wkv4_reference(td, tf, k[:, :1], v[:, :1], state)
     for impl in ("auto", "step"):
         torch.testing.assert_close(wkv4(td, tf, k[:, :1], v[:, :1], state, impl=impl), one, rtol=1e-12, atol=0)
+
+
+def test_mixed_dtypes_compute_as_all_converted_first():
+    """One float64 input: every input (and the state) is converted to float64 before any arithmetic, so
+    the result is bit-identical to converting them all by hand; float32 inputs round a float64 state."""
+    seed = fresh_seed()
+    td, tf, k, v = inputs(seed, T=3)                                   # float32
+    want = wkv4_reference(td.double(), tf.double(), k.double(), v.double())
+    got = wkv4_reference(td, tf, k.double(), v)
+    assert all(torch.equal(a, b) for a, b in zip((got[0], *got[1]), (want[0], *want[1]))), f"seed={seed}"
+    state64 = tuple(s.double() for s in wkv4_reference(td, tf, k, v)[1])
+    out, state = wkv4_reference(td, tf, k, v, state64)
+    assert out.dtype == torch.float32 and all(s.dtype == torch.float32 for s in state)
