@@ -86,6 +86,8 @@ def test_quantizing_zero_and_flat_blocks_warns_nothing():
         for qtype in F.QTYPES:
             F.quantize(np.zeros((2, 256), np.float32), qtype)
         F.quantize(q2, "Q2_K")
+        # flat groups whose mins are off the 4-bit grid: requantizing divides a nonzero x + m by d = 0
+        F.quantize(np.repeat(-np.arange(1, 17, dtype=np.float32) / np.float32(3), 16)[None], "Q2_K")
         F.quantize_q2_k_weighted(q2, np.ones_like(q2))
         F.quantize_q8_k_activations(np.zeros((1, 256), np.float32))
         F.quantize_q8_k_activations(q2)
