@@ -613,3 +613,9 @@ def test_cuda_graph_warm_up_generates_one_token_with_the_session_sampling(monkey
     assert prompts == [[session.tokenizer.eos_id]] and sampling == replace(session.sampling, max_new_tokens=1)
     assert kw["seeds"] == [0] and kw["cuda_graph"] is True and kw["steppers"] is session.steppers
     assert session.warmup_seconds >= 0
+    seen.clear()
+    model, _ = load_model_dir(model_dir)
+    tokenizer = load_tokenizer(str(model_dir))
+    tokenizer.eos_id = None  # no EOS id: the warm-up starts from token 0
+    ChatSession(model, tokenizer, cuda_graph=True, out=io.StringIO(), info=io.StringIO())
+    assert seen[0][0] == [[0]]

@@ -712,3 +712,11 @@ def test_resolve_checkpoint_of_a_file_lists_nothing(tmp_path):
     assert one_line(lambda: hio.resolve_checkpoint(tmp_path / "f")) == (
         f"{tmp_path / 'f'}: no checkpoint here (no latest.json or step-* dirs; found: nothing); pass a checkpoint "
         "root or step dir")
+
+
+def test_save_checkpoint_keeps_three_by_default(tmp_path):
+    model = HierarchosLM(tiny_config())
+    for step in range(1, 6):
+        hio.save_checkpoint(tmp_path / "c", step, model, None, None, {})
+    assert sorted(p.name for p in (tmp_path / "c").iterdir() if p.name.startswith("step-")) == [
+        "step-00000003", "step-00000004", "step-00000005"]

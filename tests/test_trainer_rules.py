@@ -384,3 +384,9 @@ def test_the_default_log_keeps_the_last_record():
     trainer = make(0)
     trainer.run()
     assert trainer.last_metrics["step"] == 3 and trainer.last_metrics["epoch"] == 1
+
+
+def test_a_fresh_state_has_the_models_dtype():
+    trainer = make(0)
+    trainer.model.double()
+    assert {t.dtype for _, t in trainer._fresh_state().tensors() if t.is_floating_point()} == {torch.float64}
