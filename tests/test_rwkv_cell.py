@@ -558,12 +558,21 @@ def test_compile_blocks_marks_every_rwkv_block_and_uncompile_undoes_it(monkeypat
     (once), the cache holds 64 variants at least, and uncompile_blocks drops the compiled calls."""
     import torch._dynamo
 
+    monkeypatch.setattr(rwkv, "_wkv7_opaque", rwkv.wkv7)
+    monkeypatch.setattr(rwkv, "_wkv4_opaque", rwkv.wkv4)
+    limit = rwkv.recompile_limit_name()
+    before = getattr(torch._dynamo.config, limit)
+    setattr(torch._dynamo.config, limit, 8)  # restored below: no delattr on dynamo's config
+    try:
+        _check_compile_blocks(monkeypatch, limit)
+    finally:
+        setattr(torch._dynamo.config, limit, before)
+
+
+def _check_compile_blocks(monkeypatch, limit):
     from hierarchos.config import tiny_config
     from hierarchos.model import HierarchosLM
 
-    monkeypatch.setattr(rwkv, "_wkv7_opaque", rwkv.wkv7)
-    monkeypatch.setattr(rwkv, "_wkv4_opaque", rwkv.wkv4)
-    monkeypatch.setattr(torch._dynamo.config, "cache_size_limit", 8)
     compiled = []
     real = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(kw) or real(fn, **kw))
@@ -575,12 +584,12 @@ def test_compile_blocks_marks_every_rwkv_block_and_uncompile_undoes_it(monkeypat
     assert [kw["backend"] for kw in compiled] == ["eager"] * 5 and all(kw["dynamic"] is None for kw in compiled)
     assert all(m._compiled_call_impl is None for m in model.modules() if not isinstance(m, RWKVBlock))
     assert rwkv._wkv7_opaque is not rwkv.wkv7 and rwkv._wkv4_opaque is not rwkv.wkv4
-    assert torch._dynamo.config.cache_size_limit == 64
+    assert getattr(torch._dynamo.config, limit) == 64
     opaque7, opaque4 = rwkv._wkv7_opaque, rwkv._wkv4_opaque
-    torch._dynamo.config.cache_size_limit = 100
+    setattr(torch._dynamo.config, limit, 100)
     assert rwkv.compile_blocks(model, backend="eager") == 5
     assert rwkv._wkv7_opaque is opaque7 and rwkv._wkv4_opaque is opaque4  # wrapped once, not twice
-    assert torch._dynamo.config.cache_size_limit == 100
+    assert getattr(torch._dynamo.config, limit) == 100
     rwkv.uncompile_blocks(model)
     assert all(m._compiled_call_impl is None for m in model.modules())
     assert rwkv.compile_blocks(torch.nn.Linear(2, 2)) == 0

@@ -422,6 +422,15 @@ class RWKVStack(nn.Module):
         return x, {"tm_shift": torch.stack(tm), "wkv": torch.stack(wkv), "cm_shift": torch.stack(cm)}
 
 
+def recompile_limit_name() -> str:
+    """dynamo's cap on compiled variants per code object: `recompile_limit` (torch >= 2.6), earlier
+    `cache_size_limit` (kept there as a deprecated alias, which a `delattr` -- unittest.mock,
+    monkeypatch -- hides for the rest of the process)."""
+    import torch._dynamo
+
+    return "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+
+
 def compile_blocks(model: nn.Module, backend: str = "inductor") -> int:
     """torch.compile every RWKV block of `model` in place (`nn.Module.compile`: parameter names and
     state dicts stay as they are); returns the number of blocks compiled.
@@ -436,7 +445,8 @@ def compile_blocks(model: nn.Module, backend: str = "inductor") -> int:
     import torch._dynamo
 
     make_recurrence_opaque()
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    limit = recompile_limit_name()
+    setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
     count = 0
     for module in model.modules():
         if isinstance(module, RWKVBlock):
