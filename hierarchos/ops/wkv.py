@@ -284,9 +284,10 @@ def resolve_impl(impl: str, r: torch.Tensor) -> str:
     'cpp_step', for float32 CPU tensors without autograd when the kernel is built); for CUDA
     tensors (not float64) `cuda_choice`: fla-core's chunked kernel (when it imports) for calls
     with few (batch, head) pairs -- long sequences at small batch -- and heads of at least
-    FLA_MIN_HEAD_SIZE, our sequential Triton kernel otherwise; the chunked path on the CPU. fla passes our float64 check with TF32-class errors
-    (<= 1.9e-3 relative on outputs, state and all seven gradients, frozen tokens and state carry
-    included; ours 1.5e-7): HIERARCHOS_WKV_IMPL=triton keeps the exact kernel.
+    FLA_MIN_HEAD_SIZE, our sequential Triton kernel otherwise; the chunked path on the CPU. fla
+    passes our float64 check with TF32-class errors (<= 1.9e-3 relative on outputs, state and all
+    seven gradients, frozen tokens and state carry included; ours 1.5e-7):
+    HIERARCHOS_WKV_IMPL=triton keeps the exact kernel.
     """
     if impl not in IMPLS:
         raise ValueError(f"wkv7: unknown impl {impl!r}; expected one of {IMPLS}")
