@@ -26,12 +26,7 @@ SEED = int(torch.randint(0, 2**31 - 1, ()).item())  # fresh per run, printed on 
 REQUESTS = [("hello", " world"), ("", "abc"), ("The king ", "is dead"), ("x" * 9, " y"), ("Who? ", "Puck")]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops: threads only add synchronisation (and the machine is shared)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(autouse=True)

@@ -33,13 +33,7 @@ EARLY_EXIT = dict(h_halt_thresh=0.45, l_conv_atol=0.06, max_h_steps=3)
 T = 12
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a busy machine extra threads only wait."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def fresh_seed() -> int:

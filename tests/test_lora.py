@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from hierarchos.cli import main
-from hierarchos.config import tiny_config
 from hierarchos.data.tokenizers import load_tokenizer
 from hierarchos.errors import HierarchosError
 from hierarchos.io import load_model_dir, save_model_dir
@@ -24,21 +23,10 @@ from hierarchos.model import HierarchosLM
 from hierarchos.train.batches import TokenStreams
 from hierarchos.train.trainer import TrainConfig, Trainer
 
+from lora_models import randomise_adapters as _randomise_adapters
+from lora_models import tiny_model as _model
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _model(seed=0, **overrides) -> HierarchosLM:
-    torch.manual_seed(seed)
-    return HierarchosLM(tiny_config(vocab_size=260, **overrides))
-
-
-def _randomise_adapters(peft_model, seed=1) -> None:
-    """Fresh adapters have B = 0 (no effect); give them random values so merging is tested for real."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
 
 def test_default_targets_are_time_and_channel_mix_projections():

@@ -22,20 +22,9 @@ from hierarchos import lora
 from hierarchos.config import tiny_config
 from hierarchos.errors import HierarchosError
 from hierarchos.lora import LoraSettings
-from hierarchos.model import HierarchosLM
 
-
-def _model(seed=0, **overrides) -> HierarchosLM:
-    torch.manual_seed(seed)
-    return HierarchosLM(tiny_config(vocab_size=260, **overrides))
-
-
-def _randomise_adapters(peft_model, seed=1) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+from lora_models import randomise_adapters as _randomise_adapters
+from lora_models import tiny_model as _model
 
 
 def _message(fn) -> str:

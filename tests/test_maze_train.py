@@ -30,12 +30,7 @@ from hierarchos.puzzles.dataset import load_puzzles
 from hierarchos.train.puzzle_trainer import PuzzleTrainConfig, PuzzleTrainer, evaluate_puzzles, valid_paths
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops: threads only add synchronisation (and the machine is shared)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def fresh_seed() -> int:

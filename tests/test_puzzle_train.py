@@ -29,12 +29,7 @@ from hierarchos.puzzles.dataset import PuzzleSet, save_puzzles
 from hierarchos.train.puzzle_trainer import (PuzzleTrainConfig, PuzzleTrainer, evaluate_puzzles, q_losses,
                                              rank_correlation)
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops: threads only add synchronisation (and the machine is shared)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 BASE4 = np.array([[1, 2, 3, 4], [3, 4, 1, 2], [2, 1, 4, 3], [4, 3, 2, 1]], dtype=np.uint8)
