@@ -35,6 +35,7 @@
 #include <vector>
 
 #include "runtime.h"
+#include "wkv.h"
 
 namespace py = pybind11;
 
@@ -154,16 +155,6 @@ void layer_norm(const float *x, const float *w, const float *b, float eps, int64
     }
 }
 
-float dot(const float *x, const float *y, int64_t n) {  // eight partial sums, as wkv.cpp
-    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    int64_t j = 0;
-    for (; j + 8 <= n; j += 8)
-        for (int l = 0; l < 8; ++l) acc[l] += x[j + l] * y[j + l];
-    float total = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-    for (; j < n; ++j) total += x[j] * y[j];
-    return total;
-}
-
 // The WKV-7 update of one head of one row (its N x N state S0 -> S, read and written once) and
 // the head's part of the output gate's input: (head_norm(o) + bonus v) * g.
 HK_CLONES void wkv_head(const float *S0, float *S, int64_t N, const float *r, const float *k, const float *v, const float *g,
@@ -184,13 +175,13 @@ HK_CLONES void wkv_head(const float *S0, float *S, int64_t N, const float *r, co
         decay[j] = frozen ? 1.0f : std::exp(log_w[j]);
         kappa[j] = -kappa[j];  // the removal key enters as a = -kappa
     }
-    for (int64_t i = 0; i < N; ++i) u[i] = dot(S0 + i * N, kappa, N);
+    for (int64_t i = 0; i < N; ++i) u[i] = dot8(S0 + i * N, kappa, N);
     for (int64_t i = 0; i < N; ++i) {
         const float *in = S0 + i * N;
         float *row = S + i * N;
         const float ui = u[i], vi = v[i];
         for (int64_t j = 0; j < N; ++j) row[j] = in[j] * decay[j] + ui * bb[j] + vi * kmod[j];
-        o[i] = dot(row, r, N);
+        o[i] = dot8(row, r, N);
     }
     layer_norm(o, nullptr, nullptr, L.norm_eps, N, o);
     float bonus = 0.0f;

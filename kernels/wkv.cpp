@@ -12,22 +12,6 @@
 
 namespace hk {
 
-namespace {
-
-// Eight independent partial sums: the compiler vectorises them without reassociating
-// a single chain (which -ffp-contract=off / strict IEEE order would keep scalar).
-float dot(const float *x, const float *y, int64_t n) {
-    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    int64_t j = 0;
-    for (; j + 8 <= n; j += 8)
-        for (int l = 0; l < 8; ++l) acc[l] += x[j + l] * y[j + l];
-    float total = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-    for (; j < n; ++j) total += x[j] * y[j];
-    return total;
-}
-
-}  // namespace
-
 void wkv7_steps(const float *state_in, const float *r, const float *log_w, const float *k, const float *v,
                 const float *a, const float *b, int64_t batch, int64_t tokens, int64_t heads, int64_t n,
                 float *out, float *state_out) {
@@ -44,12 +28,12 @@ void wkv7_steps(const float *state_in, const float *r, const float *log_w, const
                 const float *at = a + off, *bt = b + off;
                 float *ot = out + off;
                 for (int64_t j = 0; j < n; ++j) decay[j] = std::exp(wt[j]);
-                for (int64_t i = 0; i < n; ++i) u[i] = dot(S + i * n, at, n);
+                for (int64_t i = 0; i < n; ++i) u[i] = dot8(S + i * n, at, n);
                 for (int64_t i = 0; i < n; ++i) {
                     float *row = S + i * n;
                     const float ui = u[i], vi = vt[i];
                     for (int64_t j = 0; j < n; ++j) row[j] = row[j] * decay[j] + ui * bt[j] + vi * kt[j];
-                    ot[i] = dot(row, rt, n);
+                    ot[i] = dot8(row, rt, n);
                 }
             }
         }
