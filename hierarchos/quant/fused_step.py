@@ -32,7 +32,7 @@ from torch.nn.modules import module as nn_module
 
 from ..model.rwkv import RWKVStack, TimeMix
 from . import kernel
-from .model import QuantLinear
+from .gguf_io import QuantTensor
 
 ENV_SWITCH = "HIERARCHOS_FUSED_STEP"
 
@@ -55,6 +55,13 @@ def _quant(m) -> tuple:
     return (m.weight_q.data, m.weight_q.qtype, m.in_features)
 
 
+def _bias_free_quantized(m) -> bool:
+    """A quant.model.QuantLinear without bias, on the CPU (told by its blocks: that module imports
+    this one, to attach the fused step to every quantized model it builds)."""
+    return (isinstance(getattr(m, "weight_q", None), QuantTensor) and getattr(m, "bias", None) is None
+            and getattr(m, "vk_weight", None) is None)
+
+
 def _why_not(stack) -> str | None:
     """Why this stack cannot take the fused step (None: it can)."""
     if not isinstance(stack, RWKVStack) or stack.time_mix != "rwkv7":
@@ -68,7 +75,7 @@ def _why_not(stack) -> str | None:
         linears = [tm.receptance, tm.key, tm.value, tm.output, cm.gate, cm.up, cm.down]
         if tm.wiring.gate == "sigmoid_full":
             linears.append(tm.gate)
-        if any(not isinstance(m, QuantLinear) or m.bias is not None or m.vk_weight is not None for m in linears):
+        if any(not _bias_free_quantized(m) for m in linears):
             return "a projection that is not a bias-free quantized matrix on the CPU"
         if any(p.dtype != torch.float32 or p.device.type != "cpu" for p in block.parameters()):
             return "parameters not in float32 on the CPU"

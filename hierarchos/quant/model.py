@@ -37,6 +37,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..errors import HierarchosError
 from . import formats, kernel, vulkan
+from .fused_step import attach_fused_steps
 from .gguf_io import QuantTensor
 
 if os.environ.get("HIERARCHOS_THREADS", "").isdigit():  # --threads (set by the CLI before loading)
@@ -319,8 +320,6 @@ def build_quantized_model(cfg: ModelConfig, tensors: dict, where: str = "quantiz
     for p in model.parameters():
         p.requires_grad_(False)
     fuse_projections(model)
-    from .fused_step import attach_fused_steps  # (imports this module)
-
     attach_fused_steps(model)
     return model.eval()
 
@@ -328,8 +327,6 @@ def build_quantized_model(cfg: ModelConfig, tensors: dict, where: str = "quantiz
 def place_on_vulkan(model, where: str = "--device vulkan") -> int:
     """Upload every QuantLinear's blocks to the Vulkan device (once); returns the bytes uploaded.
     A one-line HierarchosError when there is no Vulkan backend, device, or device memory."""
-    from .fused_step import attach_fused_steps
-
     vulkan.require_vulkan(where)
     attach_fused_steps(model, enabled=False)  # the fused stack step runs the CPU kernel; matmuls go to Vulkan now
     uploaded = 0
