@@ -239,7 +239,8 @@ def batched_generation(model, args, device) -> list[dict]:
             sync(device)
             seconds, first_s, tokens = result.seconds, result.first_token_seconds, sum(len(t) for t in result.tokens)
         rows.append({"how": how, "batch": len(rows_in), "context": context, "cuda_graph": args.cuda_graph,
-                     "warmup_s": warmup_s.get(len(rows_in)) if how == "generate_batch" else None, "tokens": tokens, "time_to_first_token_s": first_s,
+                     "warmup_s": warmup_s.get(len(rows_in)) if how == "generate_batch" else None,
+                     "tokens": tokens, "time_to_first_token_s": first_s,
                      "decode_tokens_per_s": tokens / max(seconds - first_s, 1e-9), "load_average": os.getloadavg()})
         print(f"{how:>14} B={len(rows_in):>2} context ~{context}: time to first token {first_s * 1000:8.1f} ms | "
               f"decode {rows[-1]['decode_tokens_per_s']:8.1f} tok/s (all rows)", flush=True)
@@ -273,11 +274,12 @@ def long_generation(model, n: int, device) -> list[dict]:
 def gpt2_generation(params: int, vocab: int, args, device) -> list[dict]:
     """HF GPT-2 of `params` parameters: time to first token and decode tok/s of `generate` (KV cache)."""
     context = args.contexts[0]
-    L, d = fit_gpt2(params, vocab, max(1024, context + args.new_tokens), 768)
+    positions = max(1024, context + args.new_tokens)
+    L, d = fit_gpt2(params, vocab, positions, 768)
     prompt = torch.randint(0, vocab, (1, context), generator=torch.Generator().manual_seed(0)).to(device)
     rows = []
     for dtype in (torch.float32, torch.bfloat16) if device.type == "cuda" else (torch.float32,):
-        model = build_gpt2(vocab, max(1024, context + args.new_tokens), L, d, use_cache=True).to(device, dtype).eval()
+        model = build_gpt2(vocab, positions, L, d, use_cache=True).to(device, dtype).eval()
         n = sum(p.numel() for p in model.parameters())
 
         def timed(new):
