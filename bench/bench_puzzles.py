@@ -163,6 +163,36 @@ def load_or_generate(args):
     return make_splits(args.train_puzzles, args.test_puzzles, size=size, seed=args.seed, workers=args.workers)
 
 
+def train_config(args, steps: int, train_puzzles: int) -> PuzzleTrainConfig:
+    return PuzzleTrainConfig(epochs=max(1, math.ceil(steps * args.batch_size / train_puzzles)),
+                             batch_size=args.batch_size, starting_lr=args.lr, min_lr=args.lr / 10,
+                             max_steps=steps, augment=args.augment, log_every=max(1, steps // 10),
+                             seed=args.seed, loss=LossWeights())
+
+
+def seconds_per_step(model: nn.Module, train_set, args, device) -> dict:
+    """Seconds per training step of `model`'s configuration on this device: a copy trained for 2 and
+    then 12 steps (the first steps carry the lazy initialisation and compilation); the difference / 10.
+    The model itself is not touched."""
+    import copy
+
+    def timed(steps: int) -> float:
+        trial = copy.deepcopy(model)
+        trainer = PuzzleTrainer(trial, train_set, train_config(args, steps, len(train_set.inputs)), device,
+                                log=lambda line: None)
+        trainer.log_metrics = lambda record: None
+        t0 = time.perf_counter()
+        trainer.run()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    short, long = timed(2), timed(12)
+    return {"seconds_per_step": max((long - short) / 10, 1e-6), "short_s": short, "long_s": long,
+            "wall_s": time.perf_counter() - t0}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -190,6 +220,11 @@ def main(argv=None) -> int:
     p.add_argument("--max-minutes", type=float, default=None,
                    help="stop a model's training after this many minutes (a safety net for a device budget; the "
                         "schedule still spans --steps, so a cut run ends at a higher rate); reported per model")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="set --steps so that the FIRST of --models trains for this many minutes (a calibration run of a "
+                        "copy, 2 and 12 steps, the difference timed, gives its seconds per step); every model then "
+                        "trains those steps on the same batches, and the schedule spans them, so the learning rate "
+                        "decays fully (the calibration is reported)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/puzzles[-tiny].json)")
@@ -217,16 +252,21 @@ def main(argv=None) -> int:
     puzzle = PuzzleConfig(size=size, num_puzzle_ids=train_set.num_puzzle_ids if args.puzzle_emb else 0,
                           max_segments=args.max_segments, task=task, num_tokens=train_set.num_tokens)
     models = build_models(args, puzzle)
+    length = f"{args.minutes:g} min" if args.minutes else f"{args.steps} steps"
     print(f"{len(train_set.inputs)} train / {len(test_set.inputs)} test {size}x{size} {task} puzzles; test difficulty "
-          f"median {np.median(test_set.difficulty):g}, max {test_set.difficulty.max():g}; {args.steps} steps x batch "
+          f"median {np.median(test_set.difficulty):g}, max {test_set.difficulty.max():g}; {length} x batch "
           f"{args.batch_size}, up to {args.max_segments} segments; device {device}", flush=True)
     results = {}
     for name, model in models.items():
         model.to(device)
-        cfg = PuzzleTrainConfig(epochs=max(1, math.ceil(args.steps * args.batch_size / len(train_set.inputs))),
-                                batch_size=args.batch_size, starting_lr=args.lr, min_lr=args.lr / 10,
-                                max_steps=args.steps, augment=args.augment, log_every=max(1, args.steps // 10),
-                                seed=args.seed, loss=LossWeights())
+        calibration = None
+        if args.minutes and not results:  # the first model's time sizes the steps every model trains
+            calibration = seconds_per_step(model, train_set, args, device)
+            args.steps = max(1, int(args.minutes * 60 / calibration["seconds_per_step"]))
+            print(f"{name}: {calibration['seconds_per_step'] * 1000:.1f} ms/step (calibration {calibration['wall_s']:.1f} "
+                  f"s) -> {args.steps} steps in {args.minutes:g} min, for every model", flush=True)
+        steps = args.steps
+        cfg = train_config(args, steps, len(train_set.inputs))
         trainer = PuzzleTrainer(model, train_set, cfg, device, log=lambda line: print(line, file=sys.stderr))
 
         def log_metrics(record, name=name):
@@ -250,7 +290,7 @@ def main(argv=None) -> int:
         n = result["puzzles"]
         segments, solved = np.array(result.pop("segments")), np.array(result.pop("solved"))
         results[name] = {"parameters": params, "train_seconds": train_s, "eval_seconds": eval_s,
-                         "steps": trainer.step, "updates": trainer.updates, "cut_by_max_minutes": stopped, **result,
+                         "planned_steps": steps, "calibration": calibration, "steps": trainer.step, "updates": trainer.updates, "cut_by_max_minutes": stopped, **result,
                          "by_difficulty_quartile": quartile_table(test_set.difficulty[:n], segments, solved)}
         if isinstance(model, PuzzleSolver):
             results[name]["config"] = model.cfg.to_dict()

@@ -50,7 +50,9 @@ import statistics
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -315,9 +317,10 @@ def train_hierarchos(args, corpus: dict, fields: dict, lr: float, name: str, tra
         from hierarchos.model import HierarchosLM
 
         run_dir = Path(args.work) / "models" / f"{name}-{_key(spec)}"
-        torch.manual_seed(args.seed)
-        model = HierarchosLM(ModelConfig(**fields))
-        save_model_dir(run_dir / "init", model, build_byte_tokenizer())
+        with _BUILD_LOCK:  # the global seed and the initial weights of one run at a time (--jobs)
+            torch.manual_seed(args.seed)
+            model = HierarchosLM(ModelConfig(**fields))
+            save_model_dir(run_dir / "init", model, build_byte_tokenizer())
         out = run_dir / "out"
         cmd = [sys.executable, str(ROOT / "hierarchos_cli.py"), "train", "--model-path", str(run_dir / "init"),
                "--train", str(Path(args.corpus_dir) / spec["train"]), "--val", str(Path(args.corpus_dir) / spec["val"]),
@@ -327,10 +330,18 @@ def train_hierarchos(args, corpus: dict, fields: dict, lr: float, name: str, tra
                "--log-every", str(args.log_every), "--keep-checkpoints", "1"]
         if args.compile and args.device != "cpu":
             cmd.append("--compile")
+        global _ACTIVE
+        with _BUILD_LOCK:
+            _ACTIVE += 1
+            sharing = _ACTIVE  # runs on the device when this one started (itself included)
         started = time.perf_counter()
-        with open(run_dir / "train.log", "w") as log:
-            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                  env={**os.environ, "PYTHONPATH": str(ROOT)})
+        try:
+            with open(run_dir / "train.log", "w") as log:
+                proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                      env={**os.environ, "PYTHONPATH": str(ROOT)})
+        finally:
+            with _BUILD_LOCK:
+                _ACTIVE -= 1
         wall = time.perf_counter() - started
         if proc.returncode != 0:
             tail = (run_dir / "train.log").read_text()[-2000:]
@@ -343,7 +354,7 @@ def train_hierarchos(args, corpus: dict, fields: dict, lr: float, name: str, tra
         rate = statistics.median(rates)
         return dict(val_bpb=final[-1]["val_bpb"] if final else None, val_loss=final[-1]["val_loss"] if final else None,
                     tokens_per_s=rate, train_tokens=tokens, steps=steps, steady_train_s=tokens / rate,
-                    wall_s=wall, non_embedding_params=non_embedding_params(model),
+                    wall_s=wall, concurrent_runs_at_start=sharing, non_embedding_params=non_embedding_params(model),
                     params=model.num_parameters(), model_dir=str(out), final_train_loss=records[-1]["loss"])
 
     return cached(args, name, spec, run)
@@ -432,6 +443,36 @@ def train_gpt2(args, corpus: dict, n_layer: int, lr: float, name: str, train_fil
     return cached(args, name, spec, run)
 
 
+_BUILD_LOCK = threading.Lock()
+_ACTIVE = 0  # hierarchos training subprocesses running now (--jobs)
+
+
+def prefetch(args, corpus, configs: list[tuple[str, dict]]) -> None:
+    """With --jobs N > 1, train every (configuration, LR) point of hierarchos `configs` ((label,
+    fields) pairs) N at a time in concurrent `train` subprocesses, so the sequential sweeps that
+    follow read them from the cache. A small model's training step is bound by kernel launches, so
+    several runs share one GPU at a better total rate; their tokens/s are then rates under sharing
+    (each run records `concurrent_runs_at_start`). The first run starts alone: the others start once
+    it has built the validation token cache they share."""
+    if args.jobs <= 1:
+        return
+    calls = [(fields, lr, f"{label}-lr{lr:g}") for label, fields in configs for lr in args.lrs]
+    if not calls:
+        return
+    from hierarchos.data.token_cache import INDEX
+
+    val_caches = Path(args.work) / "token_cache"
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = [pool.submit(train_hierarchos, args, corpus, *calls[0])]
+        # the others wait until the first has built the shared validation cache (renamed into place
+        # whole, so its index existing means it is complete): two builders of one cache would race
+        while not futures[0].done() and not any(val_caches.glob(f"val-*/{INDEX}")):
+            time.sleep(0.5)
+        futures += [pool.submit(train_hierarchos, args, corpus, *call) for call in calls[1:]]
+        for future in futures:
+            future.result()
+
+
 def sweep(args, corpus, label: str, fields: dict | None = None, n_layer: int | None = None) -> dict:
     """The LR sweep of one configuration: every point and the best (lowest validation bits per byte)."""
     points = []
@@ -460,7 +501,7 @@ REASONING = {"default": {}, "minimal": dict(h_cycles=1, max_h_steps=1, max_l_ste
 
 
 def table_main(args, corpus) -> dict:
-    rows, out = [], {}
+    rows, out = [], {}  # no --jobs here: equal GPU time needs solo rates
     for label, overrides in REASONING.items():
         out[f"hierarchos-{label}"] = sweep(args, corpus, f"hierarchos-{label}", hierarchos_fields(args, **overrides))
     ref = out["hierarchos-default"]["best"]["non_embedding_params"]
@@ -505,11 +546,18 @@ def ablation_variants() -> dict:
 
 def table_variants(args, corpus, variants: dict, prefix: str) -> dict:
     out = {}
-    for label, overrides in variants.items():
-        if args.only and label not in args.only:
-            continue
-        out[label] = sweep(args, corpus, prefix + "".join(c if c.isalnum() or c == "+" else "_" for c in label),
-                           hierarchos_fields(args, **overrides))
+    slug = {label: "".join(c if c.isalnum() or c == "+" else "_" for c in label) for label in variants}
+    wanted = set(args.only or ())
+    chosen = [(prefix + slug[label], label, overrides) for label, overrides in variants.items()
+              if not wanted or {label, slug[label]} & wanted]
+    unknown = wanted - set(slug) - set(slug.values())
+    if unknown:
+        known = ", ".join(f"{label!r} ({slug[label]})" for label in variants)
+        raise SystemExit(f"--only: {sorted(unknown)} are not rows of this table; rows (or their shell-safe "
+                         f"names): {known}")
+    prefetch(args, corpus, [(name, hierarchos_fields(args, **overrides)) for name, _, overrides in chosen])
+    for name, label, overrides in chosen:
+        out[label] = sweep(args, corpus, name, hierarchos_fields(args, **overrides))
     base = next(iter(out.values()))["best"]["val_bpb"] if out else None
     print(HEADER + "  delta vs first row")
     for label, s in out.items():
@@ -703,8 +751,12 @@ def main(argv=None) -> int:
     p.add_argument("--lrs", type=float, nargs="+", default=None, help="the LR sweep (3 points)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-compile", dest="compile", action="store_false", help="eager GPT-2 and hierarchos on CUDA")
-    p.add_argument("--only", nargs="+", default=None, help="ablations/wiring: these rows only")
+    p.add_argument("--only", nargs="+", default=None,
+                   help="ablations/wiring/blocks: these rows only, by label or shell-safe name (RWKV_7__ours_)")
     p.add_argument("--fresh", action="store_true", help="retrain cached runs")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="hierarchos training runs at once on the device (a table's LR points and rows; 1 = one "
+                        "after another, the only setting whose tokens/s is a solo rate)")
     p.add_argument("--log-every", type=int, default=None)
     p.add_argument("--recall-docs", type=int, default=None)
     p.add_argument("--recall-test-docs", type=int, default=None)

@@ -26,6 +26,14 @@
 #              ~40-100 s for their first step)
 #   chat       chat on CUDA with its default (the captured step) against --no-cuda-graph: a tiny model
 #              trained for 30 steps, greedy replies compared, /status shown (~60 s)
+#   quality    one learning-quality table (bench_quality.py; QUALITY_TABLE, default blocks; QUALITY_ARGS, e.g.
+#              "--tokens 10000000 --jobs 6 --only RWKV_7__ours_ attention__RoPE"), QUALITY_TIMEOUT s (default 480);
+#              finished runs are cached: the ones carried in .device_cache/quality_runs/ are reused and every
+#              finished run comes back in quality_runs.tgz (unpack it into .device_cache/quality_runs to resume)
+#   puzzles    9x9 Sudoku (bench_puzzles.py): generate 1,000 + 1,000 hard puzzles (or reuse the carried
+#              .device_cache/sudoku), then hierarchos RWKV-7 + the same-size Transformer (same steps) beside
+#              hierarchos attention stacks, two processes sharing the GPU, each sized to PUZZLE_MINUTES of
+#              training (default 5); the data comes back in sudoku.tgz
 #   quantmodel train the quantization-quality model (bench_quant_quality --size code: ~11.7M, Python
 #              sources, byte tokenizer) and leave it under $out/model in <16 MiB pieces, with the
 #              held-out and calibration texts, for scoring on a CPU (~200 s)
@@ -105,6 +113,27 @@ for suite in "$@"; do
       else
         echo "chat: FAIL (see chat.log)" | tee -a "$out/chat.log"
       fi ;;
+    quality)
+      table=${QUALITY_TABLE:-blocks}; work=/tmp/hq
+      mkdir -p $work/runs; cp .device_cache/quality_runs/*.json $work/runs/ 2>/dev/null
+      echo "carried runs: $(ls $work/runs | wc -l)" | tee "$out/quality_$table.log"
+      timeout ${QUALITY_TIMEOUT:-480} python3 bench/bench_quality.py --table $table --work $work ${QUALITY_ARGS:-} 2>&1 \
+        | tee -a "$out/quality_$table.log"
+      (cd $work && tar czf "$out/quality_runs.tgz" runs $(ls *.json corpus/manifest-*.json 2>/dev/null) \
+        $(ls models/*/train.log models/*/out/metrics.jsonl 2>/dev/null)) ;;
+    puzzles)
+      data=/tmp/sudoku
+      if [ -s .device_cache/sudoku/test.safetensors ]; then cp -r .device_cache/sudoku $data
+      else timeout 240 python3 hierarchos_cli.py puzzle generate --out $data --train 1000 --test 1000 --workers 16 \
+             --seed 0 2>&1 | tr '\r' '\n' | tail -n 5 | tee "$out/puzzles_generate.log"; fi
+      tar czf "$out/sudoku.tgz" -C /tmp sudoku
+      m=${PUZZLE_MINUTES:-5}
+      timeout ${PUZZLE_TIMEOUT:-540} python3 bench/bench_puzzles.py --device cuda --data $data --minutes $m \
+        --models hierarchos-rwkv7 transformer --out "$out/puzzles_rwkv7.json" > "$out/puzzles_rwkv7.log" 2>&1 &
+      timeout ${PUZZLE_TIMEOUT:-540} python3 bench/bench_puzzles.py --device cuda --data $data --minutes $m \
+        --models hierarchos-attention --out "$out/puzzles_attention.json" > "$out/puzzles_attention.log" 2>&1 &
+      wait
+      tail -n 12 "$out/puzzles_rwkv7.log" "$out/puzzles_attention.log" ;;
     quantmodel)
       timeout ${QUANT_TIMEOUT:-320} python3 bench/bench_quant_quality.py --train --corpus code --size code \
         --code-train-bytes ${QUANT_TRAIN_BYTES:-20000000} --device cuda --threads 8 --no-table --work-dir /tmp/qq 2>&1 \
@@ -113,7 +142,7 @@ for suite in "$@"; do
       split -b 15M /tmp/qq/model-code/model.safetensors "$out/model/model.safetensors.part-"
       tar cf "$out/model/texts_and_config.tar" -C /tmp/qq heldout.txt calibration.txt model-code/hierarchos_config.json \
         model-code/hierarchos_tokenizer.json model-code/tokenizer.json model-code/metrics.jsonl ;;
-    *) echo "unknown suite $suite (wkv, wkv-model, stall, table, tests, kernel, generate, blocks, quantmodel)"; exit 2 ;;
+    *) echo "unknown suite $suite (wkv, wkv-model, stall, table, tests, kernel, generate, blocks, chat, quality, puzzles, quantmodel)"; exit 2 ;;
   esac
   echo "=== suite $suite: $((SECONDS - start)) s" | tee -a "$out/suites.txt"
 done
