@@ -78,7 +78,60 @@ MODULES: dict[str, list[str]] = {
         "test_bad_command_prints_one_line_hint", "test_interactive_loop_ctrl_c_at_prompt_and_ctrl_d",
         "test_learning_changes_only_memory", "test_learning_is_one_sgd_step_down_the_gradient_and_lowers_the_surprise",
         "test_below_threshold_changes_nothing", "test_cosine_schedule_and_since")]],
+    "hierarchos/model/grow.py": ["tests/test_grow.py"],
+    "hierarchos/model/puzzle.py": ["tests/test_puzzle_train.py"],
+    # the Triton kernels: mutmut mutates the kernel bodies too (they are plain functions, wrapped at first
+    # use), and the CPU tests run them under Triton's interpreter (TRITON_INTERPRET=1, set by the tests);
+    # compiled CUDA kernels would read the trampoline's source, so the GPU-marked tests are left out
+    "hierarchos/ops/ce_triton.py": ["tests/test_losses.py", "-m", "not slow and not gpu"],
+    "hierarchos/ops/wkv_triton.py": ["tests/test_wkv_triton.py",
+                                     "-m", "not slow and not gpu"],
 }
+
+# Triton's interpreter re-reads a kernel's source (to turn each assignment into a tensor) and runs that
+# copy: under mutmut it would read the trampoline's wrapped original, with the trampoline's globals, so
+# no mutant would ever run (and the original fails on a module constant). This pytest plugin, loaded only
+# in the scratch copy of a Triton module, hands the interpreter the function the trampoline would call
+# (the active mutant or the original) and records the stats hit the trampoline would have recorded.
+TRITON_MODULES = ("hierarchos/ops/ce_triton.py", "hierarchos/ops/wkv_triton.py")
+TRITON_PLUGIN = '''"""mutmut + Triton's interpreter (written by scripts/mutation_test.py for a mutation run only)."""
+import sys
+
+try:
+    from triton.runtime.interpreter import FunctionRewriter, InterpretedFunction
+except Exception:  # noqa: BLE001 (no triton: nothing to patch)
+    InterpretedFunction = None
+
+if InterpretedFunction is not None:
+    from mutmut.core import MutmutCallStack
+    from mutmut.mutation.trampoline import get_mutant_under_test
+    from mutmut.stats import record_trampoline_hit
+    from mutmut.utils.format_utils import mangled_name_from_mutant_name
+
+    _plain_rewrite = InterpretedFunction.rewrite
+    _rewritten = {}
+
+    def _rewrite(self):
+        fn = self.fn
+        mutants = getattr(sys.modules.get(fn.__module__), f"mutants_x_{fn.__name__}__mutmut", None)
+        if getattr(fn, "__wrapped__", None) is None or not isinstance(mutants, dict):
+            return _plain_rewrite(self)
+        orig = mutants["_mutmut_orig"]
+        active = get_mutant_under_test()
+        if active == "fail":
+            from mutmut.core import MutmutProgrammaticFailException
+            raise MutmutProgrammaticFailException("Verifying setup (the Triton kernel's trampoline).")
+        if active == "stats":
+            record_trampoline_hit(f"{fn.__module__}.{mangled_name_from_mutant_name(orig.__name__)}",
+                                  caller=MutmutCallStack.get()[0])
+        module, _, name = active.rpartition(".")
+        target = mutants.get(name, orig) if module == fn.__module__ else orig
+        if target not in _rewritten:
+            _rewritten[target] = FunctionRewriter(target, **self.kwargs).rewrite_ast()
+        return _rewritten[target]
+
+    InterpretedFunction.rewrite = _rewrite
+'''
 
 STATUS = re.compile(r"^\s*(\S+):\s*(killed|survived|timeout|suspicious|no tests|skipped|segfault|"
                     r"not checked|check was interrupted by user|caught by type check)\s*$")
@@ -88,8 +141,14 @@ def scratch_copy(dest: Path) -> None:
     """Tracked and untracked (not ignored) files, plus the kernels built in place."""
     if dest.exists():
         shutil.rmtree(dest)
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, check=True,
-                           capture_output=True, text=True).stdout.split("\n")
+    listing = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT,
+                             capture_output=True, text=True)
+    if listing.returncode == 0:
+        files = listing.stdout.split("\n")
+    else:  # a copy of the tree without .git (a device machine): every file but caches and earlier runs
+        skip = {".git", ".whl", "mutants", "__pycache__", ".pytest_cache", ".hypothesis"}
+        files = [str(p.relative_to(ROOT)) for p in ROOT.rglob("*")
+                 if p.is_file() and not skip & set(p.relative_to(ROOT).parts)]
     files += [str(p.relative_to(ROOT)) for p in (ROOT / "hierarchos").glob("hierarchos_*.so")]
     for name in filter(None, files):
         src = ROOT / name
@@ -98,14 +157,22 @@ def scratch_copy(dest: Path) -> None:
             shutil.copy2(src, dest / name)
 
 
-def run_module(module: str, tests: list[str], work: Path, jobs: int) -> dict:
+def run_module(module: str, tests: list[str], work: Path, jobs: int, timeout_multiplier: float) -> dict:
     scratch_copy(work)
     # forkserver: torch's thread pools are not fork-safe once used (forked mutants hung until their
     # timeout); one thread per mutant, `jobs` mutants at once
+    # timeout_multiplier: mutmut kills a mutant at (estimated test time + 1 s) x multiplier x 2 of CPU time and
+    # half that of wall time, and counts it as killed; on a shared, loaded machine a test's wall time is 5-10x
+    # its CPU time, so mutmut's default 15 scored slow (surviving) mutants as timeouts
     cfg = ["[mutmut]", "source_paths=hierarchos", f"only_mutate={module}", "process_isolation=forkserver",
+           f"timeout_multiplier={timeout_multiplier:g}",
            "pytest_add_cli_args_test_selection=", *[f"    {t}" for t in tests],
            "pytest_add_cli_args=", "    -p", "    no:cacheprovider", "    -q",
            "also_copy=", "    hierarchos_cli.py", "    kernels", "    scripts", ""]  # CLI tests run the entry script; test_grow imports scripts/
+    if module in TRITON_MODULES:
+        (work / "mutmut_triton_plugin.py").write_text(TRITON_PLUGIN)
+        cfg[cfg.index("    -q")] = "    -q\n    -p\n    mutmut_triton_plugin"
+        cfg.insert(-1, "    mutmut_triton_plugin.py")
     (work / "setup.cfg").write_text("\n".join(cfg))
     t0 = time.time()
     env_cmd = [sys.executable, "-m", "mutmut", "run", "--max-children", str(jobs)]
@@ -133,6 +200,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--modules", nargs="*", default=list(MODULES), help="modules to mutate (default: all)")
     p.add_argument("--jobs", type=int, default=2, help="mutants tested at once")
+    p.add_argument("--timeout-multiplier", type=float, default=60.0,
+                   help="mutmut's timeout_multiplier (its default 15 scores slow mutants as killed under load)")
     p.add_argument("--work", default="/tmp/hierarchos-mutation", help="scratch directory (one copy per module)")
     p.add_argument("--json", default="bench/results/mutation.json", help="where the results go")
     p.add_argument("--show", help="print the diff of one mutant (from the last run of its module)")
@@ -150,7 +219,7 @@ def main() -> int:
         return 2
     results = []
     for module in args.modules:
-        result = run_module(module, MODULES[module], work / Path(module).stem, args.jobs)
+        result = run_module(module, MODULES[module], work / Path(module).stem, args.jobs, args.timeout_multiplier)
         results.append(result)
         score = "n/a" if result["score"] is None else f"{100 * result['score']:.1f}%"
         print(f"{module:34s} killed {result['killed']:4d} / {result['total']:4d}  {score:>6s}  "
