@@ -17,6 +17,11 @@ prefilled alone with the parallel form, the states are stacked, and every step i
 sync-free step (`HierarchosLM.step_sync_free`, per-row positions) plus `sample_rows`, through a
 `GraphedStepper`: static buffers, the step and the sampling as one CUDA graph replayed per token
 (`cuda_graph=True`, CUDA only), or the same body run eagerly (the CPU and the tests).
+
+`compile_step=True` runs the body through torch.compile (inductor, default mode, static shapes, no
+inductor CUDA graphs of its own): the step's elementwise chains fuse into a few generated kernels
+and the state write-back into their epilogues, and the stepper's own CUDA graph then records the
+compiled call. The eager body stays the reference (tests/test_generate_compiled.py holds them equal).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from typing import Callable
 import torch
 
 from .errors import HierarchosError
+from .model.state import HierarchosState
 
 _M32 = 0xFFFFFFFF
 _HASH_MUL = 0x45D9F3B  # < 2**27: products of 32-bit values stay below 2**59, no int64 overflow
@@ -198,6 +204,84 @@ def stack_states(model, states: list) -> object:
     return _rebuild(states[0], leaves, rosa, states[0].pos)
 
 
+def _skeleton(tree, counter: list[int]):
+    """`tree` (dicts and lists of tensors) with each tensor replaced by its index in leaf order."""
+    if isinstance(tree, torch.Tensor):
+        counter[0] += 1
+        return counter[0] - 1
+    if isinstance(tree, dict):
+        return {k: _skeleton(v, counter) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_skeleton(v, counter) for v in tree]
+    return tree
+
+
+def _fill(skeleton, leaves: list[torch.Tensor]):
+    """The tree of `_skeleton` with the indices replaced by `leaves` (plain ints and containers only:
+    torch.compile traces it into nothing)."""
+    if isinstance(skeleton, int):
+        return leaves[skeleton]
+    if isinstance(skeleton, dict):
+        return {k: _fill(v, leaves) for k, v in skeleton.items()}
+    if isinstance(skeleton, list):
+        return [_fill(v, leaves) for v in skeleton]
+    return skeleton
+
+
+COMPILE_MODES = ("step", "blocks")
+
+
+def compile_mode(compile_step: bool | str) -> str | None:
+    """`compile_step` as a mode: False/None -> None (eager), True -> "step", or one of COMPILE_MODES."""
+    if compile_step in (False, None):
+        return None
+    mode = "step" if compile_step is True else compile_step
+    if mode not in COMPILE_MODES:
+        raise HierarchosError(f"compile_step={compile_step!r}: use True, False or one of {', '.join(COMPILE_MODES)}")
+    return mode
+
+
+def compile_step_function(fn: Callable, backend: str = "inductor") -> Callable:
+    """torch.compile for the generation step: inductor in its default mode (no CUDA graphs of its own:
+    the stepper captures the compiled call in its graph), static shapes. Every stepper compiles the same
+    code objects (`GraphedStepper._advance`, or the blocks' call), one variant per batch size, caps and
+    sampling, so dynamo's recompile limit is raised as `compile_blocks` raises it. `backend`: another
+    torch.compile backend (the tests' "aot_eager" traces the same graph without generating code)."""
+    import torch._dynamo
+
+    from .model.rwkv import recompile_limit_name
+
+    limit = recompile_limit_name()
+    setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
+    options = {"mode": "default"} if backend == "inductor" else {}
+    return torch.compile(fn, backend=backend, dynamic=False, **options)
+
+
+class _CompiledBlocks:
+    """compile_step="blocks": the stepper's `_advance` runs eagerly, but every RWKV block inside it runs
+    compiled (one compiled call per block, installed only for the step: the prefill's blocks stay eager).
+    The block is the fusible unit (norms, token shift, low-rank mixes, gates, the one-token recurrence,
+    SwiGLU); the few variants (frozen mask or not) serve every block and pass, so it compiles in a
+    fraction of the whole step's time and leaves the HRM's glue between blocks as eager kernels."""
+
+    def __init__(self, model, advance: Callable, backend: str):
+        from .model.rwkv import RWKVBlock
+
+        self.advance = advance
+        self.blocks = [m for m in model.modules() if isinstance(m, RWKVBlock)]
+        self.calls = [compile_step_function(block._call_impl, backend) for block in self.blocks]
+
+    def __call__(self, *args):
+        saved = [block._compiled_call_impl for block in self.blocks]
+        for block, call in zip(self.blocks, self.calls):
+            block._compiled_call_impl = call
+        try:
+            return self.advance(*args)
+        finally:
+            for block, call in zip(self.blocks, saved):
+                block._compiled_call_impl = call
+
+
 def _require_fixed_size(model) -> None:
     cfg = model.cfg
     if "attention" in (cfg.h_block, cfg.l_block) and not cfg.window_size:
@@ -213,20 +297,35 @@ class GraphedStepper:
     without it the same body runs eagerly (CPU, tests). The host's work per token: the ROSA hints of
     the fed token written into their buffer, and the sampled tokens read back (to stream them).
     The buffers are the stepper's own (copies); `load` puts the next generation's start into them,
-    so one capture serves every later call with the same batch size, caps and sampling."""
+    so one capture serves every later call with the same batch size, caps and sampling.
+    With `compile_step` ("step" or True: the in-place part of the body, `_advance`, as one compiled
+    function; "blocks": each RWKV block inside it compiled, `_CompiledBlocks`) it runs compiled, compiled
+    on the first call (during the warm-up when capturing; `compile_seconds` says how long)."""
 
     def __init__(self, model, state, row_pos: torch.Tensor, logits: torch.Tensor, seen: torch.Tensor,
-                 seeds: torch.Tensor, cfg: SamplingConfig, caps: dict, *, capture: bool = False, warmup: int = 2):
+                 seeds: torch.Tensor, cfg: SamplingConfig, caps: dict, *, capture: bool = False, warmup: int = 2,
+                 compile_step: bool | str = False, compile_backend: str = "inductor"):
         device = logits.device
         if capture and device.type != "cuda":
             raise HierarchosError(f"cuda_graph=True needs the model on a CUDA device (it is on {device}); "
                                   "generate without a CUDA graph on this device")
-        if capture:
+        if capture or compile_step:
             _require_fixed_size(model)
         self.model, self.cfg, self.caps, self.capture = model, cfg, dict(caps), capture
         # copies: a state entry the prefill left unchanged (a pass beyond the caps) is the caller's tensor
         self.leaves = [t.clone() for _, t in state.tensors()]
         self.state = _rebuild(state, self.leaves, state.rosa, state.pos)
+        # the state's layout with leaf indices (what `_advance` rebuilds it from: no Python ints that
+        # change per call, such as state.pos, reach a compiled step's guards)
+        self._layout = _skeleton({"memory": state.memory, "rounds": state.rounds}, [0])
+        self.compile_step = compile_mode(compile_step)
+        if self.compile_step == "step":
+            self._advance_fn = compile_step_function(self._advance, compile_backend)
+        elif self.compile_step == "blocks":
+            self._advance_fn = _CompiledBlocks(model, self._advance, compile_backend)
+        else:
+            self._advance_fn = self._advance
+        self.compile_seconds: float | None = None
         self.pos = row_pos.clone()
         self.seen = seen.clone()
         self.seeds = seeds.clone()
@@ -260,16 +359,37 @@ class GraphedStepper:
         noise = row_noise(self.seeds, self.counter, logits.shape[-1]) if self.cfg.temperature > 0 else None
         return sample_rows(logits, self.seen, self.cfg, noise)
 
+    def _advance(self, token, leaves, pos, counter, seen, seeds, hints) -> dict:
+        """The step on the buffers passed in, in place: the sync-free model step on `token`, the new state
+        copied into `leaves`, positions and counters advanced, the token added to `seen`, the next token
+        sampled into `token`. Returns the step's aux totals (name -> (total, count)). A pure function of
+        its arguments and the model (what `compile_step` compiles)."""
+        tree = _fill(self._layout, leaves)
+        state = HierarchosState(pos=0, memory=tree["memory"], rounds=tree["rounds"], rosa=None)
+        out = self.model.step_sync_free(token, state, pos, hints, **self.caps)
+        for buffer, new in zip(leaves, (t for _, t in out.state.tensors())):
+            buffer.copy_(new)
+        pos.add_(1)
+        counter.add_(1)
+        seen.scatter_(1, token[:, None], True)
+        noise = row_noise(seeds, counter, out.logits.shape[-1]) if self.cfg.temperature > 0 else None
+        token.copy_(sample_rows(out.logits, seen, self.cfg, noise))
+        return out.totals
+
     def _body(self) -> None:
         hints = self.hints if self.model.cfg.use_rosa else None
-        out = self.model.step_sync_free(self.token, self.state, self.pos, hints, **self.caps)
-        for buffer, new in zip(self.leaves, (t for _, t in out.state.tensors())):
-            buffer.copy_(new)
-        self.pos.add_(1)
-        self.counter.add_(1)
-        self.seen.scatter_(1, self.token[:, None], True)
-        self.token.copy_(self._sample(out.logits))
-        for name, (total, count) in out.totals.items():
+        args = (self.token, self.leaves, self.pos, self.counter, self.seen, self.seeds, hints)
+        if self.compile_step and self.compile_seconds is None:  # the first call compiles: timed apart
+            if self.pos.is_cuda:
+                torch.cuda.synchronize(self.pos.device)
+            start = time.perf_counter()
+            totals = self._advance_fn(*args)
+            if self.pos.is_cuda:
+                torch.cuda.synchronize(self.pos.device)
+            self.compile_seconds = time.perf_counter() - start
+        else:
+            totals = self._advance_fn(*args)
+        for name, (total, count) in totals.items():
             if name not in self.totals:
                 self.totals[name] = (torch.zeros((), device=self.pos.device, dtype=torch.float64),
                                      torch.zeros((), device=self.pos.device, dtype=torch.float64))
@@ -329,7 +449,7 @@ def generate_batch(model, prompts: list[list[int]], cfg: SamplingConfig, *, stat
                    generator: torch.Generator | None = None,
                    on_token: Callable[[int, int], bool | None] | None = None,
                    should_stop: Callable[[], bool] = lambda: False, keep_eos: bool = False,
-                   cuda_graph: bool = False, steppers: dict | None = None,
+                   cuda_graph: bool = False, compile_step: bool | str = False, steppers: dict | None = None,
                    clock: Callable[[], float] = time.perf_counter, **caps) -> BatchResult:
     """Generate for B prompts of any lengths at once. Row b equals `generate(model, prompts[b], cfg
     with seed seeds[b])` alone: each prompt is prefilled alone (the parallel form, on states[b] or a
@@ -337,7 +457,9 @@ def generate_batch(model, prompts: list[list[int]], cfg: SamplingConfig, *, stat
 
     `seeds`: one per row (default: drawn with `draw_seed`, one call per row). `on_token(row, token)`
     runs after a row's token went through the model; True ends that row. A row also ends at EOS;
-    the call ends when every row has. `cuda_graph`: capture the step (CUDA only). `steppers`: a dict
+    the call ends when every row has. `cuda_graph`: capture the step (CUDA only). `compile_step`: run
+    the step through torch.compile (True or "step": the whole step, "blocks": each RWKV block; see
+    `GraphedStepper`; with `cuda_graph` the graph records the compiled calls). `steppers`: a dict
     the caller keeps (chat): a stepper made for this batch size, caps and sampling is reused from it,
     so its graph is captured once, not per call."""
     if not prompts or any(not p for p in prompts):
@@ -361,10 +483,11 @@ def generate_batch(model, prompts: list[list[int]], cfg: SamplingConfig, *, stat
         seen[b, torch.tensor(prompt)] = True
     start_args = (state, torch.tensor(positions, device=device), torch.cat(last_logits), seen.to(device),
                   torch.tensor(seeds, dtype=torch.int64, device=device))
-    key = (B, cuda_graph, tuple(sorted(caps.items())), cfg.temperature, cfg.top_k, cfg.top_p, cfg.repetition_penalty)
+    key = (B, cuda_graph, compile_mode(compile_step), tuple(sorted(caps.items())), cfg.temperature, cfg.top_k, cfg.top_p,
+           cfg.repetition_penalty)
     stepper = steppers.get(key) if steppers is not None else None
     if stepper is None:
-        stepper = GraphedStepper(model, *start_args, cfg, caps, capture=cuda_graph)
+        stepper = GraphedStepper(model, *start_args, cfg, caps, capture=cuda_graph, compile_step=compile_step)
         if steppers is not None:
             steppers[key] = stepper
     else:

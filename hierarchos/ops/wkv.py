@@ -221,8 +221,10 @@ def _cpp_kernels():
 
 
 def _cpp_step_fits(r: torch.Tensor) -> bool:
+    # not under torch.compile: the C++ step goes through numpy, which dynamo cannot trace (a graph break
+    # per layer step); the traced recurrent step is what a compiled generation step fuses
     return (r.device.type == "cpu" and r.dtype == torch.float32 and not torch.is_grad_enabled()
-            and _cpp_kernels() is not None)
+            and not torch.compiler.is_compiling() and _cpp_kernels() is not None)
 
 
 def wkv7_cpp_step(r, log_w, k, v, a, b, state=None):
