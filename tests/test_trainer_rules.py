@@ -390,3 +390,14 @@ def test_a_fresh_state_has_the_models_dtype():
     trainer = make(0)
     trainer.model.double()
     assert {t.dtype for _, t in trainer._fresh_state().tensors() if t.is_floating_point()} == {torch.float64}
+
+
+def test_the_device_skip_path_drops_the_gradients_after_every_step():
+    """Eager training (no captured backward writing into .grad) drops the gradients after each step
+    rather than zeroing them in place: a parameter no later window reaches must look untouched to
+    the optimizer (.grad None), not zero (AdamW moves a zero-gradient parameter by momentum and decay)."""
+    trainer = make(0, log_every=100)
+    assert trainer.device_skip and trainer.drop_grads
+    grads = []
+    trainer.run(stop_requested=lambda: grads.append([p.grad for p in trainer.model.parameters()]) or False)
+    assert len(grads) == 3 and all(g is None for step in grads for g in step)
