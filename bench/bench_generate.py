@@ -27,7 +27,15 @@ bandwidth / bytes per token; "% of bound" = measured tok/s / bound.
 against B = 1 through the same path and through plain `generate` (the early-exit step): tokens/s
 counts every row's tokens after the first; time to first token = prefill of every row + first sample
 (the steppers are kept across calls as chat keeps them, and made -- captured -- by one warm-up call
-per batch size first, whose seconds are reported apart).
+per batch size first, whose seconds are reported apart). Beside them: the prefill alone (the parallel
+forward over the first prompt, best of 3: the floor of time to first token) and, per generate_batch row,
+where its time to first token goes (prefill, setup, first_sample; a second call synchronised per phase).
+--compile-step MODE...: one set of generate_batch rows per mode (off: the eager step; step: the whole
+step through torch.compile; blocks: each RWKV block compiled), inside the CUDA graph with --cuda-graph;
+compile seconds are part of the warm-up, shown apart. The JSON is rewritten after every row.
+
+    PYTHONPATH=. python bench/bench_generate.py --device cuda --size 125m --contexts 1024 --new-tokens 128 \
+        --batch 1 --cuda-graph --configs minimal default --gpt2 --compile-step off blocks step --skip-step-rows
 
 --configs: reasoning configs of the same shape (default 2,5,5; minimal 1,1,0), one run each.
 --gpt2: a Hugging Face GPT-2 of the same parameter count (bench/gpt2_baseline.py), `model.generate`
@@ -49,6 +57,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dataclasses  # noqa: E402
+from dataclasses import replace  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -203,9 +212,13 @@ def bytes_per_token(model, device) -> dict:
     return {"bytes": counts["bytes"] / tokens, "linear_calls": counts["calls"] / tokens}
 
 
+COMPILE_MODES = ("off", "step", "blocks")
+
+
 @torch.no_grad()
-def batched_generation(model, args, device) -> list[dict]:
-    """--batch: decode tok/s and time to first token of generate_batch at B and 1, and of generate at 1."""
+def batched_generation(model, args, device, rows: list, on_row=lambda: None) -> list[dict]:
+    """--batch: decode tok/s and time to first token of generate_batch at B and 1 for each --compile-step
+    mode, of generate at 1, and the prefill alone (the parallel forward: the floor of time to first token)."""
     from hierarchos.generate import SamplingConfig, generate, generate_batch
 
     cfg = SamplingConfig(temperature=0.0, max_new_tokens=args.new_tokens)
@@ -213,37 +226,69 @@ def batched_generation(model, args, device) -> list[dict]:
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, model.cfg.vocab_size, (max(1, context - 7 * b),), generator=g).tolist()
                for b in range(args.batch)]
-    # chat keeps its steppers and captures at load: the same here, one warm-up per batch size (its
-    # seconds = the capture and first-call costs, reported apart), so time to first token is prefill +
-    # first sample, as a chat user sees it
-    steppers, warmup_s = {}, {}
-    for n in sorted({len(prompts), 1}):
+    generate(model, prompts[0][:16], SamplingConfig(temperature=0.0, max_new_tokens=4))  # lazy inits
+    ids = torch.tensor([prompts[0]], device=device)
+    model(ids, model.init_state(1, device=device))
+    best = float("inf")
+    for _ in range(3):
         sync(device)
         start = time.perf_counter()
-        generate_batch(model, [p[:16] for p in prompts[:n]], SamplingConfig(temperature=0.0, max_new_tokens=4),
-                       cuda_graph=args.cuda_graph, steppers=steppers)
+        model(ids, model.init_state(1, device=device))
         sync(device)
-        warmup_s[n] = time.perf_counter() - start
-    generate(model, prompts[0][:16], SamplingConfig(temperature=0.0, max_new_tokens=4))
-    rows = []
-    for how, rows_in in (("generate_batch", prompts), ("generate_batch", prompts[:1]), ("generate", prompts[:1])):
-        sync(device)
-        start = time.perf_counter()
-        if how == "generate":
-            first = []
-            new, _ = generate(model, rows_in[0], cfg, on_first_token=lambda _t: first.append(time.perf_counter()))
+        best = min(best, time.perf_counter() - start)
+    rows.append({"how": "prefill", "batch": 1, "context": len(prompts[0]), "cuda_graph": False, "compile_step": "off",
+                 "time_to_first_token_s": best, "decode_tokens_per_s": float("nan"), "tokens": 0})
+    print(f"{'prefill alone':>14} B= 1 context {len(prompts[0])}: {best * 1000:8.1f} ms (the parallel forward, "
+          "best of 3)", flush=True)
+    on_row()
+    for mode in args.compile_step:
+        compile_step = False if mode == "off" else mode
+        # chat keeps its steppers and captures at load: the same here, one warm-up per batch size (its
+        # seconds = compile, capture and first-call costs, reported apart), so time to first token is
+        # prefill + first sample, as a chat user sees it
+        steppers, warmup_s = {}, {}
+        for n in sorted({len(prompts), 1}):
             sync(device)
-            seconds, first_s, tokens = time.perf_counter() - start, first[0] - start, len(new)
-        else:
-            result = generate_batch(model, rows_in, cfg, cuda_graph=args.cuda_graph, steppers=steppers)
+            start = time.perf_counter()
+            generate_batch(model, [p[:16] for p in prompts[:n]], SamplingConfig(temperature=0.0, max_new_tokens=4),
+                           cuda_graph=args.cuda_graph, compile_step=compile_step, steppers=steppers)
+            sync(device)
+            warmup_s[n] = time.perf_counter() - start
+        compile_s = {key[0]: stepper.compile_seconds for key, stepper in steppers.items()}
+        for rows_in in (prompts, prompts[:1]) if len(prompts) > 1 else (prompts,):
+            sync(device)
+            result = generate_batch(model, rows_in, cfg, cuda_graph=args.cuda_graph, compile_step=compile_step,
+                                    steppers=steppers)
             sync(device)
             seconds, first_s, tokens = result.seconds, result.first_token_seconds, sum(len(t) for t in result.tokens)
-        rows.append({"how": how, "batch": len(rows_in), "context": context, "cuda_graph": args.cuda_graph,
-                     "warmup_s": warmup_s.get(len(rows_in)) if how == "generate_batch" else None,
-                     "tokens": tokens, "time_to_first_token_s": first_s,
-                     "decode_tokens_per_s": tokens / max(seconds - first_s, 1e-9), "load_average": os.getloadavg()})
-        print(f"{how:>14} B={len(rows_in):>2} context ~{context}: time to first token {first_s * 1000:8.1f} ms | "
-              f"decode {rows[-1]['decode_tokens_per_s']:8.1f} tok/s (all rows)", flush=True)
+            phases: dict = {}  # a second call, synchronised per phase: where the time to first token goes
+            generate_batch(model, rows_in, replace(cfg, max_new_tokens=1), cuda_graph=args.cuda_graph,
+                           compile_step=compile_step, steppers=steppers, timings=phases)
+            rows.append({"how": "generate_batch", "batch": len(rows_in), "context": context,
+                         "cuda_graph": args.cuda_graph, "compile_step": mode, "warmup_s": warmup_s[len(rows_in)],
+                         "compile_s": compile_s.get(len(rows_in)), "tokens": tokens,
+                         "time_to_first_token_s": first_s, "time_to_first_token_phases_s": phases,
+                         "decode_tokens_per_s": tokens / max(seconds - first_s, 1e-9),
+                         "load_average": os.getloadavg()})
+            print(f"{'generate_batch':>14} B={len(rows_in):>2} context ~{context} compile {mode:>6}: time to first "
+                  f"token {first_s * 1000:8.1f} ms ({', '.join(f'{k} {v * 1000:.1f}' for k, v in phases.items())}) | "
+                  f"decode {rows[-1]['decode_tokens_per_s']:8.1f} tok/s (all rows) | warm-up {warmup_s[len(rows_in)]:.1f} s"
+                  + (f" (compile {compile_s[len(rows_in)]:.1f} s)" if compile_s.get(len(rows_in)) else ""), flush=True)
+            on_row()
+        del steppers
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    sync(device)
+    start, first = time.perf_counter(), []
+    new, _ = generate(model, prompts[0], cfg, on_first_token=lambda _t: first.append(time.perf_counter()))
+    sync(device)
+    seconds, first_s = time.perf_counter() - start, first[0] - start
+    rows.append({"how": "generate", "batch": 1, "context": context, "cuda_graph": False, "compile_step": "off",
+                 "tokens": len(new), "time_to_first_token_s": first_s,
+                 "decode_tokens_per_s": len(new) / max(seconds - first_s, 1e-9), "load_average": os.getloadavg()})
+    print(f"{'generate':>14} B= 1 context ~{context}: time to first token {first_s * 1000:8.1f} ms | "
+          f"decode {rows[-1]['decode_tokens_per_s']:8.1f} tok/s", flush=True)
+    on_row()
     return rows
 
 
@@ -302,14 +347,24 @@ def gpt2_generation(params: int, vocab: int, args, device) -> list[dict]:
 
 
 @torch.no_grad()
-def run(args, config: str = "default") -> dict:
+def run(args, config: str = "default", results: list | None = None, on_row=lambda: None) -> dict:
+    """One reasoning config; its result dict is appended to `results` first and filled as rows come
+    (`on_row` saves the JSON after each: a run cut short keeps what it measured)."""
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     torch.manual_seed(0)
     float_model = HierarchosLM(dataclasses.replace(SIZES[args.size](), **CONFIGS[config]).validate()).to(device).eval()
     cfg = float_model.cfg
     rows, kernel_info, models = [], None, {}
-    for fmt in args.formats:
+    result = {"config": config, "batched": [], "rows": rows, "size": args.size,
+              "params": float_model.num_parameters(),
+              "params_without_deepembed": float_model.num_parameters(with_deepembed=False),
+              "machine": {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+                          "torch": torch.__version__, "device": str(device),
+                          "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None}}
+    if results is not None:
+        results.append(result)
+    for fmt in [] if args.skip_step_rows else args.formats:
         if fmt == "fp32":
             model, weight_bytes = float_model, 4 * float_model.num_parameters()
         else:  # the same weights, quantized, on the C++ kernel (CPU)
@@ -337,16 +392,12 @@ def run(args, config: str = "default") -> dict:
                           "tokens_per_s": interleaved[fmt]}
             bound[fmt]["fraction_of_bound"] = interleaved[fmt] / bound[fmt]["bound_tokens_per_s"]
     del models
-    batch_rows = batched_generation(float_model, args, device) if args.batch else []
+    batch_rows = batched_generation(float_model, args, device, result["batched"], on_row) if args.batch else []
     long_rows = long_generation(float_model, args.long_generation, device) if args.long_generation else []
-    return {"config": config, "batched": batch_rows, "long_generation": long_rows, "interleaved_tokens_per_s": interleaved,
-            "bandwidth_bound": bound,
-            "load_average": os.getloadavg(), "kernel": kernel_info, "torch_threads": torch.get_num_threads(),
-            "machine": {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-                        "torch": torch.__version__, "device": str(device),
-                        "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None},
-            "size": args.size, "params": float_model.num_parameters(),
-            "params_without_deepembed": float_model.num_parameters(with_deepembed=False), "rows": rows}
+    result.update({"batched": batch_rows, "long_generation": long_rows, "interleaved_tokens_per_s": interleaved,
+                   "bandwidth_bound": bound, "load_average": os.getloadavg(), "kernel": kernel_info,
+                   "torch_threads": torch.get_num_threads()})
+    return result
 
 
 def main() -> None:
@@ -370,36 +421,63 @@ def main() -> None:
                     help="reasoning configs, one run each (minimal: 1,1,0)")
     ap.add_argument("--gpt2", action="store_true",
                     help="also time a Hugging Face GPT-2 of the same parameter count (model.generate, KV cache)")
+    ap.add_argument("--compile-step", nargs="+", choices=COMPILE_MODES, default=["off"], metavar="MODE",
+                    help="--batch: one generate_batch row per mode: off (eager step), step (torch.compile of the "
+                         "whole step), blocks (of each RWKV block); compile time is part of the warm-up, shown apart")
+    ap.add_argument("--skip-step-rows", action="store_true",
+                    help="leave out the per-context step rows (prefill pieces + plain step): --batch rows only")
     ap.add_argument("--json", default=None, help="default bench/results/generate_<device>.json")
     args = ap.parse_args()
-    results = []
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    path = Path(args.json or f"bench/results/generate_{device.type}.json")
+    results, gpt2 = [], []
+
+    def save() -> None:  # after every row: a run cut short (a device's time limit) keeps what it measured
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps({"runs": results, "gpt2": gpt2, "argv": sys.argv[1:]}, indent=2))
+        tmp.replace(path)
+
+    if args.gpt2:  # first: the baseline every row is compared with, measured before any long compile
+        params = HierarchosLM(SIZES[args.size]()).num_parameters(with_deepembed=False)
+        gpt2 += gpt2_generation(params, SIZES[args.size]().vocab_size, args, device)
+        save()
     for config in args.configs:
         print(f"=== {args.size}, reasoning config {config}", flush=True)
-        results.append(run(args, config))
+        run(args, config, results, save)
+        save()
         print_run(results[-1], args)
-    gpt2 = gpt2_generation(results[0]["params_without_deepembed"], SIZES[args.size]().vocab_size, args,
-                           torch.device(results[0]["machine"]["device"])) if args.gpt2 else []
     if gpt2:
         best = max(gpt2, key=lambda r: r["decode_tokens_per_s"])
         print(f"\nagainst GPT-2 {best['n_layer']}x{best['n_embd']} ({best['params'] / 1e6:.1f}M, {best['dtype']}, "
               f"model.generate with KV cache): {best['decode_tokens_per_s']:.1f} tok/s, time to first token "
               f"{best['time_to_first_token_s'] * 1000:.1f} ms")
-        print("| config | path | B | time to first token ms | decode tok/s | vs GPT-2 |")
-        print("|---|---|---:|---:|---:|---:|")
+        print("| config | path | B | time to first token ms | decode tok/s | vs GPT-2 | warm-up s (compile s) |")
+        print("|---|---|---:|---:|---:|---:|---:|")
         for result in results:
             for r in result["batched"]:
                 r["vs_gpt2"] = r["decode_tokens_per_s"] / r["batch"] / best["decode_tokens_per_s"]
-                print(f"| {result['config']} | {r['how']}{' (CUDA graph)' if r['cuda_graph'] else ''} | {r['batch']} | "
+                print(f"| {result['config']} | {path_label(r)} | {r['batch']} | "
                       f"{r['time_to_first_token_s'] * 1000:.1f} | {r['decode_tokens_per_s']:.1f} | "
-                      f"{r['vs_gpt2']:.2f}x |")
+                      f"{r['vs_gpt2']:.2f}x | {warmup_label(r)} |")
             for r in result["rows"]:
                 r["vs_gpt2"] = r["tokens_per_s"] / best["decode_tokens_per_s"]
                 print(f"| {result['config']} | step ({r['format']}, context {r['context']}) | 1 | - | "
-                      f"{r['tokens_per_s']:.1f} | {r['vs_gpt2']:.2f}x |")
-    path = Path(args.json or f"bench/results/generate_{results[0]['machine']['device'].split(':')[0]}.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"runs": results, "gpt2": gpt2, "argv": sys.argv[1:]}, indent=2))
+                      f"{r['tokens_per_s']:.1f} | {r['vs_gpt2']:.2f}x | - |")
+    save()
     print(f"json: {path}")
+
+
+def path_label(r: dict) -> str:
+    label = r["how"] + (" (CUDA graph)" if r["cuda_graph"] else "")
+    return label + (f", compiled: {r['compile_step']}" if r.get("compile_step", "off") != "off" else "")
+
+
+def warmup_label(r: dict) -> str:
+    if r.get("warmup_s") is None:
+        return "-"
+    return f"{r['warmup_s']:.1f}" + (f" ({r['compile_s']:.1f})" if r.get("compile_s") else "")
 
 
 def print_run(result: dict, args) -> None:
@@ -428,11 +506,11 @@ def print_run(result: dict, args) -> None:
             print(f"| {fmt} | {rate:.2f} | {ratio} | {extra} |")
         print(f"load average at the end: {' '.join(f'{v:.2f}' for v in result['load_average'])}")
     if result["batched"]:
-        print("\n| path | B | context | time to first token ms | decode tok/s (all rows) |")
-        print("|---|---:|---:|---:|---:|")
+        print("\n| path | B | context | time to first token ms | decode tok/s (all rows) | warm-up s (compile s) |")
+        print("|---|---:|---:|---:|---:|---:|")
         for r in result["batched"]:
-            print(f"| {r['how']}{' (CUDA graph)' if r['cuda_graph'] else ''} | {r['batch']} | ~{r['context']} | "
-                  f"{r['time_to_first_token_s'] * 1000:.1f} | {r['decode_tokens_per_s']:.1f} |")
+            print(f"| {path_label(r)} | {r['batch']} | ~{r['context']} | "
+                  f"{r['time_to_first_token_s'] * 1000:.1f} | {r['decode_tokens_per_s']:.1f} | {warmup_label(r)} |")
     if result["long_generation"]:
         print("\n| generated tokens | tok/s since previous row | memory MiB | state MiB |")
         print("|---:|---:|---:|---:|")

@@ -450,7 +450,8 @@ def generate_batch(model, prompts: list[list[int]], cfg: SamplingConfig, *, stat
                    on_token: Callable[[int, int], bool | None] | None = None,
                    should_stop: Callable[[], bool] = lambda: False, keep_eos: bool = False,
                    cuda_graph: bool = False, compile_step: bool | str = False, steppers: dict | None = None,
-                   clock: Callable[[], float] = time.perf_counter, **caps) -> BatchResult:
+                   clock: Callable[[], float] = time.perf_counter, timings: dict | None = None,
+                   **caps) -> BatchResult:
     """Generate for B prompts of any lengths at once. Row b equals `generate(model, prompts[b], cfg
     with seed seeds[b])` alone: each prompt is prefilled alone (the parallel form, on states[b] or a
     fresh state), then the rows step together, each at its own position, through `GraphedStepper`.
@@ -461,12 +462,23 @@ def generate_batch(model, prompts: list[list[int]], cfg: SamplingConfig, *, stat
     the step through torch.compile (True or "step": the whole step, "blocks": each RWKV block; see
     `GraphedStepper`; with `cuda_graph` the graph records the compiled calls). `steppers`: a dict
     the caller keeps (chat): a stepper made for this batch size, caps and sampling is reused from it,
-    so its graph is captured once, not per call."""
+    so its graph is captured once, not per call. `timings`: a dict that receives the seconds of the
+    phases before the first token (prefill, setup, first_sample; the device synchronised at each mark,
+    so pass it only to measure)."""
     if not prompts or any(not p for p in prompts):
         raise ValueError("generate_batch needs at least one prompt, each of at least one token")
     start = clock()
     device = next(model.parameters()).device
     B = len(prompts)
+    last_mark = [start]
+
+    def mark(phase: str) -> None:
+        if timings is not None:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            now = clock()
+            timings[phase] = now - last_mark[0]
+            last_mark[0] = now
     if seeds is None:
         seeds = [draw_seed(cfg, generator) if cfg.temperature > 0 else 0 for _ in range(B)]
     row_states, last_logits = [], []
@@ -475,6 +487,7 @@ def generate_batch(model, prompts: list[list[int]], cfg: SamplingConfig, *, stat
         out = model(torch.tensor([prompt], device=device), state, **caps)
         row_states.append(out.state)
         last_logits.append(out.logits[:, -1])
+    mark("prefill")
     state = stack_states(model, row_states) if B > 1 else row_states[0]
     positions = [s.pos for s in row_states]
     vocab = last_logits[0].shape[-1]
@@ -492,10 +505,12 @@ def generate_batch(model, prompts: list[list[int]], cfg: SamplingConfig, *, stat
             steppers[key] = stepper
     else:
         stepper.load(*start_args)
+    mark("setup")
     new: list[list[int]] = [[] for _ in range(B)]
     fed = [0] * B
     done = [False] * B
     tokens = stepper.token.tolist()
+    mark("first_sample")
     first_token_seconds = clock() - start
     for n in range(cfg.max_new_tokens):
         if should_stop():
