@@ -442,7 +442,8 @@ void prepare_activations(const IsaKernels *isa, const MatmulJob &job, ActScratch
 // Tasks of one matmul: (activation chunk, row chunk). Activation chunks of 64 rows keep the
 // quantized activations of one chunk in L2 while a task streams its weight rows.
 struct TaskGrid {
-    int64_t act_chunk = 64, n_act_chunks, row_chunk, n_row_chunks;
+    int64_t act_chunk = 64, n_act_chunks = 0, row_chunk = 1, n_row_chunks = 0;
+    TaskGrid() = default;
     explicit TaskGrid(const MatmulJob &job) {
         n_act_chunks = (job.n + act_chunk - 1) / act_chunk;
         row_chunk = rows_per_task(job.rows, job.cols * std::min<int64_t>(job.n, act_chunk) / 8);
@@ -451,7 +452,7 @@ struct TaskGrid {
     int64_t size() const { return n_act_chunks * n_row_chunks; }
 };
 
-void run_task(const IsaKernels *isa, const MatmulJob &job, const ActScratch &s, const TaskGrid &g, int64_t task) {
+void run_task_of(const IsaKernels *isa, const MatmulJob &job, const ActScratch &s, const TaskGrid &g, int64_t task) {
     const int64_t ac = task / g.n_row_chunks, rc = task % g.n_row_chunks;
     const int64_t rb = job.cols / block_size(job.t) * block_bytes(job.t);
     DotArgs args{job.data, rb, job.cols / block_size(job.t),
@@ -471,32 +472,49 @@ void matmul(QType t, const uint8_t *data, int64_t rows, int64_t cols, const floa
     prepare_activations(isa, job, scratch);
     const TaskGrid grid(job);
     const ActScratch *s = &scratch;
-    parallel_for(grid.size(), [&](int64_t task) { run_task(isa, job, *s, grid, task); });
+    parallel_for(grid.size(), [&](int64_t task) { run_task_of(isa, job, *s, grid, task); });
+}
+
+struct MatmulBatch::Scratch {
+    ActScratch act;
+    TaskGrid grid;
+};
+
+MatmulBatch::MatmulBatch() = default;
+MatmulBatch::~MatmulBatch() {
+    for (Scratch *s : scratch_) delete s;
+}
+
+void MatmulBatch::prepare(const std::vector<MatmulJob> &jobs) {
+    const IsaKernels *isa = current_isa();
+    isa_ = isa;
+    jobs_ = jobs;
+    while (scratch_.size() < jobs.size()) scratch_.push_back(new Scratch());
+    first_task_.assign(1, 0);
+    for (size_t j = 0; j < jobs.size(); ++j) {
+        if (jobs[j].n <= 0) {
+            first_task_.push_back(first_task_.back());
+            continue;
+        }
+        prepare_activations(isa, jobs[j], scratch_[j]->act);
+        scratch_[j]->grid = TaskGrid(jobs[j]);
+        first_task_.push_back(first_task_.back() + scratch_[j]->grid.size());
+    }
+}
+
+void MatmulBatch::run_task(int64_t task) const {
+    size_t j = 0;
+    while (task >= first_task_[j + 1]) ++j;
+    const Scratch &s = *scratch_[j];
+    run_task_of(static_cast<const IsaKernels *>(isa_), jobs_[j], s.act, s.grid, task - first_task_[j]);
 }
 
 void matmul_many(const std::vector<MatmulJob> &jobs) {
-    const IsaKernels *isa = current_isa();
-    thread_local std::vector<ActScratch> scratch;
-    if (scratch.size() < jobs.size()) scratch.resize(jobs.size());
-    std::vector<TaskGrid> grids;
-    std::vector<int64_t> first_task{0};  // job j owns tasks [first_task[j], first_task[j + 1])
-    for (size_t j = 0; j < jobs.size(); ++j) {
-        if (jobs[j].n <= 0) {
-            grids.emplace_back(MatmulJob{jobs[j].t, jobs[j].data, jobs[j].rows, jobs[j].cols, jobs[j].x, 1, jobs[j].out});
-            first_task.push_back(first_task.back());
-            continue;
-        }
-        prepare_activations(isa, jobs[j], scratch[j]);
-        grids.emplace_back(jobs[j]);
-        first_task.push_back(first_task.back() + grids.back().size());
-    }
-    const ActScratch *s = scratch.data();
+    thread_local MatmulBatch batch;
+    batch.prepare(jobs);
+    const MatmulBatch *b = &batch;
     // One hand-off to the pool for every job: the matvecs of a layer share one wake-up.
-    parallel_for(first_task.back(), [&](int64_t task) {
-        size_t j = 0;
-        while (task >= first_task[j + 1]) ++j;
-        run_task(isa, jobs[j], s[j], grids[j], task - first_task[j]);
-    });
+    parallel_for(b->n_tasks(), [b](int64_t task) { b->run_task(task); });
 }
 
 uint64_t stream_read_parallel(const uint8_t *p, size_t bytes, int threads) {

@@ -40,6 +40,29 @@ struct MatmulJob {
 };
 void matmul_many(const std::vector<MatmulJob> &jobs);
 
+// matmul_many split in two, for a caller that runs the matmuls' tasks inside its own parallel job
+// next to other work (the fused stack step): prepare() quantizes every job's activations (on the
+// calling thread), then run_task(t) for t in [0, n_tasks()) computes the outputs, from any thread,
+// each task once; the same results as matmul_many, bit for bit. The object owns the quantized
+// activations and is reused across calls (no allocation once warm).
+class MatmulBatch {
+public:
+    MatmulBatch();
+    ~MatmulBatch();
+    MatmulBatch(const MatmulBatch &) = delete;
+    MatmulBatch &operator=(const MatmulBatch &) = delete;
+    void prepare(const std::vector<MatmulJob> &jobs);
+    int64_t n_tasks() const { return first_task_.back(); }
+    void run_task(int64_t task) const;
+
+private:
+    struct Scratch;
+    std::vector<MatmulJob> jobs_;
+    std::vector<Scratch *> scratch_;       // one per job slot, kept across calls
+    std::vector<int64_t> first_task_{0};   // job j owns tasks [first_task_[j], first_task_[j + 1])
+    const void *isa_ = nullptr;
+};
+
 // fn(task) for task in [0, n_tasks) on the kernel's thread pool (caller included), at most `width`
 // threads (<= 0: all); one job at a time, so fn must not call back into the pool (matmul & co.).
 void parallel_tasks(int64_t n_tasks, const std::function<void(int64_t)> &fn, int width = 0);

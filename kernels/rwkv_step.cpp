@@ -120,17 +120,37 @@ struct VecMat {
     int64_t y_stride;
 };
 
-// Several small float products in one pass over the pool, each split into column chunks.
-void run_vecmats(const std::vector<VecMat> &jobs, int64_t rows) {
-    std::vector<int64_t> first{0};
-    for (const VecMat &j : jobs) first.push_back(first.back() + (j.out + kCols - 1) / kCols);
-    parallel_tasks(first.back(), [&](int64_t task) {
+// Several small float products as one list of tasks, each (product, column chunk of `cols`):
+// run(task) computes one chunk for every row. The chunking does not change a result (every
+// column is its own sum, i ascending), so a caller picks it for balance.
+class VecMatTasks {
+public:
+    VecMatTasks(const std::vector<VecMat> &jobs, int64_t cols) : jobs_(jobs), cols_(cols) {
+        for (const VecMat &j : jobs_) first_.push_back(first_.back() + (j.out + cols - 1) / cols);
+    }
+    int64_t size() const { return first_.back(); }
+    void run(int64_t task, int64_t rows) const {
         size_t j = 0;
-        while (task >= first[j + 1]) ++j;
-        const VecMat &m = jobs[j];
-        const int64_t j0 = (task - first[j]) * kCols;
-        vecmat_cols(m.x, m.x_stride, m.w, m.in, m.out, m.y, m.y_stride, rows, j0, std::min(m.out, j0 + kCols));
-    });
+        while (task >= first_[j + 1]) ++j;
+        const VecMat &m = jobs_[j];
+        const int64_t j0 = (task - first_[j]) * cols_;
+        vecmat_cols(m.x, m.x_stride, m.w, m.in, m.out, m.y, m.y_stride, rows, j0, std::min(m.out, j0 + cols_));
+    }
+
+private:
+    std::vector<VecMat> jobs_;
+    int64_t cols_;
+    std::vector<int64_t> first_{0};
+};
+
+// Products with few output columns (the low-rank paths' down sides) split finer, so that both
+// threads get a share.
+constexpr int64_t kSmallCols = 16;
+
+// Several small float products in one pass over the pool.
+void run_vecmats(const std::vector<VecMat> &jobs, int64_t rows, int64_t cols = kCols) {
+    const VecMatTasks tasks(jobs, cols);
+    parallel_tasks(tasks.size(), [&](int64_t task) { tasks.run(task, rows); });
 }
 
 float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
@@ -357,51 +377,63 @@ private:
         const float *xa = xa_.data(), *delta = delta_.data();
         if (L.ddlerp) {  // tanh(base @ mix_down) (B, 6R), then each target's rank-R correction
             const int64_t R = L.mix_rank;
-            run_vecmats({{base_.data(), C, L.mix_down, C, 6 * R, low1_.data(), 6 * R}}, B);
+            run_vecmats({{base_.data(), C, L.mix_down, C, 6 * R, low1_.data(), 6 * R}}, B, kSmallCols);
             for (int64_t i = 0; i < B * 6 * R; ++i) low1_[i] = std::tanh(low1_[i]);
-            std::vector<VecMat> ups;
-            for (int64_t t = 0; t < 6; ++t)
-                ups.push_back({low1_.data() + t * R, 6 * R, L.mix_up + t * R * C, R, C, xs + t * BC, C});
-            run_vecmats(ups, B);
-            for (int64_t t = 0; t < 6; ++t)
-                for (int64_t i = 0; i < BC; ++i)
-                    xs[t * BC + i] = xa[i] + delta[i] * (L.mix[t * C + i % C] + xs[t * BC + i]);
+            // task (target t, column chunk): its up product, then its inputs x_t = xa + delta (mix_t + lora_t)
+            const int64_t chunks = (C + kCols - 1) / kCols;
+            parallel_tasks(6 * chunks, [&](int64_t task) {
+                const int64_t t = task / chunks, j0 = (task % chunks) * kCols, j1 = std::min(C, j0 + kCols);
+                float *xt = xs + t * BC;
+                vecmat_cols(low1_.data() + t * R, 6 * R, L.mix_up + t * R * C, R, C, xt, C, B, j0, j1);
+                for (int64_t b = 0; b < B; ++b)
+                    for (int64_t c = j0; c < j1; ++c) {
+                        const int64_t i = b * C + c;
+                        xt[i] = xa[i] + delta[i] * (L.mix[t * C + c] + xt[i]);
+                    }
+            });
         } else {
             for (int64_t t = 0; t < 6; ++t)
                 for (int64_t i = 0; i < BC; ++i) xs[t * BC + i] = xa[i] + delta[i] * L.mix[t * C + i % C];
         }
         // x_0..x_5: receptance, decay, key, value, iclr, gate inputs
         const float *xr = xs, *xw = xs + BC, *xk = xs + 2 * BC, *xv = xs + 3 * BC, *xi = xs + 4 * BC, *xg = xs + 5 * BC;
+        // one pool job: the quantized projections and the low-rank paths' down products
         std::vector<MatmulJob> jobs{job(L.r, xr, B, r_.data()), job(L.k, xk, B, k_.data()), job(L.v, xv, B, v_.data())};
         if (L.gate_full) jobs.push_back(job(L.g, xg, B, g_.data()));
-        matmul_many(jobs);
-        // the low-rank paths: down products, their nonlinearity, up products
+        batch_.prepare(jobs);
         std::vector<VecMat> downs{{xw, C, L.decay_down, C, L.decay_rank, low1_.data(), L.decay_rank},
                                   {xi, C, L.iclr_down, C, L.iclr_rank, low2_.data(), L.iclr_rank}};
         if (!L.gate_full) downs.push_back({xg, C, L.gate_down, C, L.gate_rank, low3_.data(), L.gate_rank});
         if (L.value_residual) downs.push_back({xv, C, L.vr_down, C, L.vr_rank, low4_.data(), L.vr_rank});
-        run_vecmats(downs, B);
+        const VecMatTasks down_tasks(downs, kSmallCols);
+        const int64_t n_mm = batch_.n_tasks();
+        parallel_tasks(n_mm + down_tasks.size(), [&](int64_t task) {
+            if (task < n_mm) batch_.run_task(task);
+            else down_tasks.run(task - n_mm, B);
+        });
         for (int64_t i = 0; i < B * L.decay_rank; ++i) low1_[i] = std::tanh(low1_[i]);
         for (int64_t i = 0; i < B * L.gate_rank; ++i) low3_[i] = sigmoid(low3_[i]);
-        std::vector<VecMat> ups{{low1_.data(), L.decay_rank, L.decay_up, L.decay_rank, C, log_w_.data(), C},
-                                {low2_.data(), L.iclr_rank, L.iclr_up, L.iclr_rank, C, iclr_.data(), C}};
-        if (!L.gate_full) ups.push_back({low3_.data(), L.gate_rank, L.gate_up, L.gate_rank, C, g_.data(), C});
-        if (L.value_residual) ups.push_back({low4_.data(), L.vr_rank, L.vr_up, L.vr_rank, C, tmp_.data(), C});
-        run_vecmats(ups, B);
-        for (int64_t i = 0; i < BC; ++i) {
-            const int64_t c = i % C;
-            log_w_[i] = -std::exp(-softplus(-(L.decay_base[c] + log_w_[i])) - 0.5f);
-            iclr_[i] = sigmoid(L.iclr_base[c] + iclr_[i]);
-            if (L.gate_full) g_[i] = sigmoid(g_[i]);
-            if (L.value_residual) v_[i] = v_[i] + (vfirst_[i] - v_[i]) * sigmoid(L.vr_base[c] + tmp_[i]);
-        }
-        if (L.value_first) std::copy(v_.begin(), v_.end(), vfirst_.begin());
-        // the recurrence, head by head: each (row, head) owns its state block
+        // one pool job: per (row, head), the up products of its channels, decay, in-context rate,
+        // gates and value residual, then the recurrence (each (row, head) owns its state block)
         const int64_t hs = N * N;
         parallel_tasks(B * H, [&](int64_t task) {
-            const int64_t b = task / H, h = task % H, off = b * C + h * N;
+            const int64_t b = task / H, h = task % H, off = b * C + h * N, c0 = h * N, c1 = c0 + N;
+            vecmat_cols(low1_.data() + b * L.decay_rank, L.decay_rank, L.decay_up, L.decay_rank, C, log_w_.data() + b * C, C, 1, c0, c1);
+            vecmat_cols(low2_.data() + b * L.iclr_rank, L.iclr_rank, L.iclr_up, L.iclr_rank, C, iclr_.data() + b * C, C, 1, c0, c1);
+            if (!L.gate_full)
+                vecmat_cols(low3_.data() + b * L.gate_rank, L.gate_rank, L.gate_up, L.gate_rank, C, g_.data() + b * C, C, 1, c0, c1);
+            if (L.value_residual)
+                vecmat_cols(low4_.data() + b * L.vr_rank, L.vr_rank, L.vr_up, L.vr_rank, C, tmp_.data() + b * C, C, 1, c0, c1);
+            for (int64_t c = c0; c < c1; ++c) {
+                const int64_t i = b * C + c;
+                log_w_[i] = -std::exp(-softplus(-(L.decay_base[c] + log_w_[i])) - 0.5f);
+                iclr_[i] = sigmoid(L.iclr_base[c] + iclr_[i]);
+                if (L.gate_full) g_[i] = sigmoid(g_[i]);
+                if (L.value_residual) v_[i] = v_[i] + (vfirst_[i] - v_[i]) * sigmoid(L.vr_base[c] + tmp_[i]);
+                if (L.value_first) vfirst_[i] = v_[i];
+            }
             wkv_head(wkv_in + task * hs, wkv_out + task * hs, N, r_.data() + off, k_.data() + off, v_.data() + off, g_.data() + off,
-                     log_w_.data() + off, iclr_.data() + off, L, h * N, frozen[b] != 0, att_in_.data() + off);
+                     log_w_.data() + off, iclr_.data() + off, L, c0, frozen[b] != 0, att_in_.data() + off);
         });
         matmul(L.o.t, L.o.data, L.o.rows, L.o.cols, att_in_.data(), B, att_out_.data());
         for (int64_t i = 0; i < BC; ++i) x[i] += att_out_[i];
@@ -446,6 +478,7 @@ private:
     std::vector<py::object> keep_;
     std::mutex mutex_;
     int64_t rows_ = -1;
+    MatmulBatch batch_;  // the projections of one time mix, run inside the step's own pool job
     std::vector<float> xa_, delta_, base_, xs_, r_, k_, v_, g_, log_w_, iclr_, vfirst_, att_in_, att_out_, xc_, xk_,
         ffn_out_, tmp_, low1_, low2_, low3_, low4_, hid_g_, hid_u_;
 };

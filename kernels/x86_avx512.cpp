@@ -136,6 +136,12 @@ inline float q4_natural_block(const uint8_t *block, const int8_t *q8) {
     return static_cast<float>(_mm_cvtsi128_si32(s)) * load_scale(block, FLOAT_SCALE);
 }
 
+// How far ahead of the rows being read a batch-1 matvec asks for its weights (whole groups of
+// rows): a core's own streaming of one 432-byte row after another left DRAM bandwidth unused
+// (BENCHMARKS.md, issue 17: 13-17 -> 20-29 GB/s on one Zen 5 core for matrices past the L3).
+// Prefetches never fault, so running past the last row is harmless.
+constexpr int64_t kPrefetchBytes = 8192;
+
 // NR weight rows x NA activation rows.
 template <int NR, int NA, bool FLOAT_SCALE>
 void rows_q4_quads(const Q4Quad<FLOAT_SCALE> &quad, const uint8_t *w, int64_t row_bytes, int64_t n_blocks,
@@ -146,9 +152,15 @@ void rows_q4_quads(const Q4Quad<FLOAT_SCALE> &quad, const uint8_t *w, int64_t ro
     for (int r = 0; r < NR; ++r)
         for (int k = 0; k < NA; ++k) acc[r][k] = _mm512_setzero_ps();
     const int64_t full = n_blocks & ~int64_t{3};
+    const int64_t pf = (kPrefetchBytes + NR * row_bytes - 1) / (NR * row_bytes) * NR * row_bytes;
     for (int64_t b = 0; b < full; b += 4) {
         __m512i lo[NR], hi[NR];
         __m128 dw[NR];
+        for (int r = 0; r < NR; ++r) {  // the same columns of the rows `pf` bytes on
+            const char *p = reinterpret_cast<const char *>(w + r * row_bytes + b * quad.bb + pf);
+            _mm_prefetch(p, _MM_HINT_T0);
+            _mm_prefetch(p + 64, _MM_HINT_T0);
+        }
         for (int r = 0; r < NR; ++r) {
             __m512i codes;
             quad.load(w + r * row_bytes + b * quad.bb, codes, dw[r]);
