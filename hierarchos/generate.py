@@ -257,6 +257,23 @@ def compile_step_function(fn: Callable, backend: str = "inductor") -> Callable:
     return torch.compile(fn, backend=backend, dynamic=False, **options)
 
 
+class _WithFusedStep:
+    """fused_step=True: the one-token time mix of every RWKV-7 block through the fused Triton kernel
+    (`hierarchos.ops.rwkv_step_triton`), switched on for the step only (the prefill keeps the parallel form)."""
+
+    def __init__(self, advance: Callable):
+        self.advance = advance
+
+    def __call__(self, *args):
+        from .ops.rwkv_step_triton import use_fused_step
+
+        previous = use_fused_step(True)
+        try:
+            return self.advance(*args)
+        finally:
+            use_fused_step(previous)
+
+
 class _CompiledBlocks:
     """compile_step="blocks": the stepper's `_advance` runs eagerly, but every RWKV block inside it runs
     compiled (one compiled call per block, installed only for the step: the prefill's blocks stay eager).
@@ -300,11 +317,13 @@ class GraphedStepper:
     so one capture serves every later call with the same batch size, caps and sampling.
     With `compile_step` ("step" or True: the in-place part of the body, `_advance`, as one compiled
     function; "blocks": each RWKV block inside it compiled, `_CompiledBlocks`) it runs compiled, compiled
-    on the first call (during the warm-up when capturing; `compile_seconds` says how long)."""
+    on the first call (during the warm-up when capturing; `compile_seconds` says how long).
+    `fused_step`: each RWKV-7 block's one-token time mix after its matmuls runs as one Triton kernel
+    (`hierarchos.ops.rwkv_step_triton`; CUDA, float32), with or without compiling."""
 
     def __init__(self, model, state, row_pos: torch.Tensor, logits: torch.Tensor, seen: torch.Tensor,
                  seeds: torch.Tensor, cfg: SamplingConfig, caps: dict, *, capture: bool = False, warmup: int = 2,
-                 compile_step: bool | str = False, compile_backend: str = "inductor"):
+                 compile_step: bool | str = False, compile_backend: str = "inductor", fused_step: bool = False):
         device = logits.device
         if capture and device.type != "cuda":
             raise HierarchosError(f"cuda_graph=True needs the model on a CUDA device (it is on {device}); "
@@ -325,6 +344,15 @@ class GraphedStepper:
             self._advance_fn = _CompiledBlocks(model, self._advance, compile_backend)
         else:
             self._advance_fn = self._advance
+        self.fused_step = fused_step
+        if fused_step:
+            from .ops.wkv_triton import triton_unavailable_reason
+
+            reason = triton_unavailable_reason(device)
+            if reason:
+                raise HierarchosError(f"fused_step=True: the fused one-token time mix cannot run on {device}: {reason}; "
+                                      "generate without it")
+            self._advance_fn = _WithFusedStep(self._advance_fn)
         self.compile_seconds: float | None = None
         self.pos = row_pos.clone()
         self.seen = seen.clone()
@@ -449,7 +477,8 @@ def generate_batch(model, prompts: list[list[int]], cfg: SamplingConfig, *, stat
                    generator: torch.Generator | None = None,
                    on_token: Callable[[int, int], bool | None] | None = None,
                    should_stop: Callable[[], bool] = lambda: False, keep_eos: bool = False,
-                   cuda_graph: bool = False, compile_step: bool | str = False, steppers: dict | None = None,
+                   cuda_graph: bool = False, compile_step: bool | str = False, fused_step: bool = False,
+                   steppers: dict | None = None,
                    clock: Callable[[], float] = time.perf_counter, timings: dict | None = None,
                    **caps) -> BatchResult:
     """Generate for B prompts of any lengths at once. Row b equals `generate(model, prompts[b], cfg
@@ -460,7 +489,8 @@ def generate_batch(model, prompts: list[list[int]], cfg: SamplingConfig, *, stat
     runs after a row's token went through the model; True ends that row. A row also ends at EOS;
     the call ends when every row has. `cuda_graph`: capture the step (CUDA only). `compile_step`: run
     the step through torch.compile (True or "step": the whole step, "blocks": each RWKV block; see
-    `GraphedStepper`; with `cuda_graph` the graph records the compiled calls). `steppers`: a dict
+    `GraphedStepper`; with `cuda_graph` the graph records the compiled calls). `fused_step`: the blocks'
+    one-token time mix as one Triton kernel each (see `GraphedStepper`). `steppers`: a dict
     the caller keeps (chat): a stepper made for this batch size, caps and sampling is reused from it,
     so its graph is captured once, not per call. `timings`: a dict that receives the seconds of the
     phases before the first token (prefill, setup, first_sample; the device synchronised at each mark,
@@ -496,11 +526,12 @@ def generate_batch(model, prompts: list[list[int]], cfg: SamplingConfig, *, stat
         seen[b, torch.tensor(prompt)] = True
     start_args = (state, torch.tensor(positions, device=device), torch.cat(last_logits), seen.to(device),
                   torch.tensor(seeds, dtype=torch.int64, device=device))
-    key = (B, cuda_graph, compile_mode(compile_step), tuple(sorted(caps.items())), cfg.temperature, cfg.top_k, cfg.top_p,
+    key = (B, cuda_graph, compile_mode(compile_step), fused_step, tuple(sorted(caps.items())), cfg.temperature, cfg.top_k, cfg.top_p,
            cfg.repetition_penalty)
     stepper = steppers.get(key) if steppers is not None else None
     if stepper is None:
-        stepper = GraphedStepper(model, *start_args, cfg, caps, capture=cuda_graph, compile_step=compile_step)
+        stepper = GraphedStepper(model, *start_args, cfg, caps, capture=cuda_graph, compile_step=compile_step,
+                                 fused_step=fused_step)
         if steppers is not None:
             steppers[key] = stepper
     else:

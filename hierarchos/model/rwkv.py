@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import TIME_MIXES, TM_GATES, TM_INITS, TM_TOKEN_SHIFTS
+from ..ops import rwkv_step_triton as fused_step
 from ..ops.amp import to_autocast_dtype
 from ..ops.wkv import wkv7
 from ..ops.wkv4 import EMPTY_PP, wkv4
@@ -261,6 +262,9 @@ class TimeMix(nn.Module):
                 raise ValueError("TimeMix: value_residual needs the first layer's value (v_first)")
             lerp = torch.sigmoid(self.value_residual_base + (xv @ self.value_residual_down) @ self.value_residual_up)
             v = v + (v_first.to(v.dtype) - v) * lerp
+        if T == 1 and fused_step.fits(x, N):  # generation: the elementwise tail and the recurrence in one kernel
+            out, new_wkv = self._fused_step(xw, xa, xg, r, k, v, wkv_state, frozen)
+            return out, new_shift.to(shift_prev.dtype), new_wkv, v_first
         if self.wiring.gate == "sigmoid_full":
             g = torch.sigmoid(self.gate(xg))
         else:
@@ -282,6 +286,21 @@ class TimeMix(nn.Module):
         bonus = ((r_h * k_h * self.bonus).sum(-1, keepdim=True) * v_h).reshape(B, T, C)
         out = self.output((out + bonus).to(g.dtype) * g)
         return out, new_shift.to(shift_prev.dtype), new_wkv, v_first
+
+    def _fused_step(self, xw, xa, xg, r, k, v, wkv_state, frozen):
+        """`forward` after the projections for one token through `hierarchos.ops.rwkv_step_triton`: the
+        low-rank paths and the gate's matmuls here, everything elementwise and the recurrence in the kernel.
+        Returns (output, new wkv state)."""
+        B, C = r.shape[0], self.dim
+        full_gate = self.wiring.gate == "sigmoid_full"
+        gate = self.gate(xg) if full_gate else torch.sigmoid(xg @ self.gate_down) @ self.gate_up
+        flat = lambda t: t.reshape(B, C)  # noqa: E731
+        out, new_wkv = fused_step.timemix_step_triton(
+            flat(r), flat(k), flat(v), flat(torch.tanh(xw @ self.decay_down) @ self.decay_up),
+            flat((xa @ self.iclr_down) @ self.iclr_up), flat(gate), wkv_state,
+            None if frozen is None else frozen.reshape(B), self.decay_base, self.iclr_base, self.removal_scale,
+            self.key_iclr_mix, self.bonus, self.norm.weight, self.norm.bias, self.norm.eps, full_gate)
+        return self.output(out.view(B, 1, C)), new_wkv
 
 
 class TimeMix4(nn.Module):

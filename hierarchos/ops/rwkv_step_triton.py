@@ -1,0 +1,232 @@
+"""The one-token RWKV-7 time mix after its matmuls, fused in one Triton kernel.
+
+Generating one token runs each time-mix block as a dozen small kernels between its matmuls: the
+decay's soft clamp, the in-context rate's sigmoid, kappa's per-head normalisation, the key's iclr
+mix, the frozen-token masks, the WKV-7 state update and read-out, the per-head group norm, the bonus
+and the output gate. Inside a CUDA graph each costs a few microseconds of launch latency whatever its
+size, so a token of the default reasoning config (~96 layer steps) pays for the count, not the work.
+`timemix_step_triton` does all of that in one kernel, one program per (batch row, head) holding the
+head's (N, N) state in registers; the matmuls (receptance, key, value, gate, the low-rank paths, the
+output projection) stay cuBLAS calls around it.
+
+`timemix_step_reference` is the same function in PyTorch, written as `TimeMix.forward` computes it for
+T = 1 (the ground truth of tests/test_rwkv_step_triton.py, run under TRITON_INTERPRET=1 on the CPU).
+`timemix_step` is the dispatcher the block step calls: the kernel when `enabled()` is on and it can run
+(CUDA, or the CPU under the interpreter; float32; no autograd), else the reference. Off by default:
+`use_fused_step(True)` (the generation stepper's `fused_step`) switches it on for the step.
+
+Per batch row and head (vectors over the head's N channels; S[i, j], i a value and j a key channel):
+    log_w = -exp(-softplus(-(decay_base + decay_lora)) - 0.5)      iclr = sigmoid(iclr_base + iclr_lora)
+    kappa = (k * removal_scale) / max(||k * removal_scale||, 1e-12)  k' = k * (1 + (iclr - 1) * key_iclr_mix)
+    b = kappa * iclr; a frozen row: log_w = 0, k' = 0, b = 0 (it writes nothing)
+    S' = S diag(exp(log_w)) + (S (-kappa)) b^T + v k'^T;            o = S' r
+    out = (group_norm(o) * norm_weight + norm_bias + (sum_j r k' bonus) v) * g,  g = sigmoid(gate) or gate
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import HierarchosError
+from .wkv_triton import triton, triton_unavailable_reason
+
+if triton is not None:
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from .wkv_triton import _SUM
+
+_ENABLED = False
+
+
+def use_fused_step(on: bool) -> bool:
+    """Switch the fused one-token time mix on or off for this process; returns the previous setting."""
+    global _ENABLED
+    previous, _ENABLED = _ENABLED, bool(on)
+    return previous
+
+
+def enabled() -> bool:
+    return _ENABLED
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def timemix_step_reference(r, k, v, decay_lora, iclr_lora, gate, state, frozen, decay_base, iclr_base,
+                           removal_scale, key_iclr_mix, bonus, norm_weight, norm_bias, eps: float,
+                           gate_sigmoid: bool):
+    """The fused function in PyTorch, as TimeMix.forward computes it for one token.
+
+    r, k, v, decay_lora, iclr_lora, gate: (B, C); state (B, H, N, N) float32; frozen (B,) bool or None;
+    decay_base, iclr_base, removal_scale, key_iclr_mix, norm_weight, norm_bias: (C,); bonus (H, N).
+    Returns (out (B, C) in gate's dtype, the next state (B, H, N, N))."""
+    from .wkv import wkv7_recurrent_step
+
+    B, C = r.shape
+    H, N = bonus.shape
+    f32 = lambda t: t if t.dtype in (torch.float32, torch.float64) else t.float()  # noqa: E731
+    log_w = -torch.exp(-F.softplus(-f32(decay_base + decay_lora)) - 0.5)
+    iclr = torch.sigmoid(iclr_base + iclr_lora)
+    kappa = F.normalize(f32((k * removal_scale).view(B, 1, H, N)), dim=-1)
+    k = k * (1 + (iclr - 1) * key_iclr_mix)
+    heads = lambda t: f32(t.view(B, 1, H, N))  # noqa: E731
+    r_h, k_h, v_h, iclr_h, log_w_h = heads(r), heads(k), heads(v), heads(iclr), log_w.view(B, 1, H, N)
+    b_h = kappa * iclr_h
+    if frozen is not None:
+        live = (~frozen.view(B, 1))[:, :, None, None].to(r_h.dtype)
+        log_w_h, k_h, b_h = log_w_h * live, k_h * live, b_h * live
+    out, new_state = wkv7_recurrent_step(r_h, log_w_h, k_h, v_h, -kappa, b_h, state)
+    normed = F.layer_norm(out, (N,), eps=eps).flatten(2)
+    out = torch.addcmul(norm_bias.to(normed.dtype), normed, norm_weight.to(normed.dtype))
+    bonus_term = ((r_h * k_h * bonus).sum(-1, keepdim=True) * v_h).reshape(B, 1, C)
+    g = (torch.sigmoid(gate) if gate_sigmoid else gate).view(B, 1, C)
+    return ((out + bonus_term).to(g.dtype) * g)[:, 0], new_state
+
+
+# ----------------------------------------------------------------------------- kernel
+
+if triton is not None:
+
+    def _timemix_step_kernel(r_ptr, k_ptr, v_ptr, dl_ptr, il_ptr, g_ptr, s_ptr, frozen_ptr, db_ptr, ib_ptr,
+                             rs_ptr, km_ptr, bonus_ptr, nw_ptr, nb_ptr, out_ptr, s_out_ptr, eps,
+                             H: tl.constexpr, N: tl.constexpr, HAS_FROZEN: tl.constexpr,
+                             GATE_SIGMOID: tl.constexpr):
+        """One program per (batch row b, head h): the whole one-token time mix of that head."""
+        pid = tl.program_id(0)
+        b = pid // H
+        h = pid % H
+        n = tl.arange(0, N)
+        vec = b * (H * N) + h * N + n          # the head's channels in a (B, C) tensor
+        par = h * N + n                          # ... in a (C,) parameter
+        r = tl.load(r_ptr + vec).to(tl.float32)
+        k = tl.load(k_ptr + vec).to(tl.float32)
+        v = tl.load(v_ptr + vec).to(tl.float32)
+        x = tl.load(db_ptr + par).to(tl.float32) + tl.load(dl_ptr + vec).to(tl.float32)
+        # softplus(-x) as torch computes it (threshold 20), then the soft clamp of the decay
+        y = -x
+        softplus = tl.where(y > 20.0, y, tl.log(1.0 + tl.exp(tl.minimum(y, 20.0))))
+        log_w = -tl.exp(-softplus - 0.5)
+        iclr = 1.0 / (1.0 + tl.exp(-(tl.load(ib_ptr + par).to(tl.float32) + tl.load(il_ptr + vec).to(tl.float32))))
+        kr = k * tl.load(rs_ptr + par).to(tl.float32)
+        norm = tl.sqrt(tl.reduce(kr * kr, 0, _SUM))
+        kappa = kr / tl.maximum(norm, 1e-12)
+        kk = k * (1.0 + (iclr - 1.0) * tl.load(km_ptr + par).to(tl.float32))
+        bb = kappa * iclr
+        if HAS_FROZEN:
+            live = 1.0 - tl.load(frozen_ptr + b).to(tl.float32)
+            log_w = log_w * live
+            kk = kk * live
+            bb = bb * live
+        # the state update S' = S diag(w) + (S a) b^T + v k^T with a = -kappa, rows i, columns j
+        cell = (b * H + h) * N * N + n[:, None] * N + n[None, :]
+        s = tl.load(s_ptr + cell)
+        sa = tl.reduce(s * (-kappa)[None, :], 1, _SUM)
+        s = s * tl.exp(log_w)[None, :] + sa[:, None] * bb[None, :] + v[:, None] * kk[None, :]
+        tl.store(s_out_ptr + cell, s)
+        o = tl.reduce(s * r[None, :], 1, _SUM)
+        # group norm over the head's N outputs, the per-channel affine, the bonus and the gate
+        mean = tl.reduce(o, 0, _SUM) / N
+        centred = o - mean
+        var = tl.reduce(centred * centred, 0, _SUM) / N
+        normed = centred / tl.sqrt(var + eps)
+        normed = normed * tl.load(nw_ptr + par).to(tl.float32) + tl.load(nb_ptr + par).to(tl.float32)
+        bonus = tl.reduce(r * kk * tl.load(bonus_ptr + par).to(tl.float32), 0, _SUM)
+        g = tl.load(g_ptr + vec).to(tl.float32)
+        if GATE_SIGMOID:
+            g = 1.0 / (1.0 + tl.exp(-g))
+        tl.store(out_ptr + vec, (normed + bonus * v) * g)
+
+
+_KERNELS: dict = {}
+
+
+def _kernel(interpret: bool):
+    """The kernel as a Triton JIT function, or run by Triton's interpreter on CPU tensors (both kept:
+    one process may hold both, as wkv_triton's kernels)."""
+    if interpret not in _KERNELS:
+        _KERNELS[interpret] = (InterpretedFunction(_timemix_step_kernel) if interpret
+                               else triton.JITFunction(_timemix_step_kernel))
+    return _KERNELS[interpret]
+
+
+def _launch(r, k, v, decay_lora, iclr_lora, gate, state, frozen, decay_base, iclr_base, removal_scale,
+            key_iclr_mix, bonus, norm_weight, norm_bias, eps: float, gate_sigmoid: bool):
+    B, C = r.shape
+    H, N = bonus.shape
+    out = torch.empty(B, C, device=r.device, dtype=torch.float32)
+    new_state = torch.empty_like(state)
+    frozen_arg = frozen if frozen is not None else r  # an unread pointer without frozen rows
+    kernel = _kernel(r.device.type == "cpu")
+    kernel[(B * H,)](r, k, v, decay_lora, iclr_lora, gate, state, frozen_arg, decay_base, iclr_base,
+                     removal_scale, key_iclr_mix, bonus, norm_weight, norm_bias, out, new_state, float(eps),
+                     H=H, N=N, HAS_FROZEN=frozen is not None, GATE_SIGMOID=bool(gate_sigmoid), num_warps=4)
+    return out, new_state
+
+
+# torch.compile sees the kernel as one opaque op (its fake form gives the shapes), so a compiled step
+# keeps it as it is; eager callers go through the same op
+@torch.library.custom_op("hierarchos::timemix_step", mutates_args=())
+def _timemix_step_op(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay_lora: torch.Tensor,
+                     iclr_lora: torch.Tensor, gate: torch.Tensor, state: torch.Tensor, frozen: torch.Tensor | None,
+                     decay_base: torch.Tensor, iclr_base: torch.Tensor, removal_scale: torch.Tensor,
+                     key_iclr_mix: torch.Tensor, bonus: torch.Tensor, norm_weight: torch.Tensor,
+                     norm_bias: torch.Tensor, eps: float, gate_sigmoid: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch(r, k, v, decay_lora, iclr_lora, gate, state, frozen, decay_base, iclr_base, removal_scale,
+                   key_iclr_mix, bonus, norm_weight, norm_bias, eps, gate_sigmoid)
+
+
+@_timemix_step_op.register_fake
+def _(r, k, v, decay_lora, iclr_lora, gate, state, frozen, decay_base, iclr_base, removal_scale, key_iclr_mix,
+      bonus, norm_weight, norm_bias, eps, gate_sigmoid):
+    return r.new_empty(r.shape, dtype=torch.float32), torch.empty_like(state)
+
+
+TENSORS = ("r", "k", "v", "decay_lora", "iclr_lora", "gate", "state", "decay_base", "iclr_base", "removal_scale",
+           "key_iclr_mix", "bonus", "norm_weight", "norm_bias")
+
+
+def timemix_step_triton(r, k, v, decay_lora, iclr_lora, gate, state, frozen, decay_base, iclr_base,
+                        removal_scale, key_iclr_mix, bonus, norm_weight, norm_bias, eps: float,
+                        gate_sigmoid: bool):
+    """`timemix_step_reference` in one Triton kernel (CUDA; the CPU under TRITON_INTERPRET=1). float32
+    tensors, contiguous; no autograd (generation). Same contract."""
+    reason = triton_unavailable_reason(r.device)
+    if reason:
+        raise HierarchosError(f"the fused one-token time mix cannot run: {reason}")
+    H, N = bonus.shape
+    if N & (N - 1):
+        raise HierarchosError(f"the fused one-token time mix needs a power-of-two head size (got {N}); "
+                              "switch it off (use_fused_step(False))")
+    args = dict(zip(TENSORS, (r, k, v, decay_lora, iclr_lora, gate, state, decay_base, iclr_base, removal_scale,
+                              key_iclr_mix, bonus, norm_weight, norm_bias)))
+    bad = [name for name, t in args.items() if t.dtype != torch.float32]
+    if bad:
+        raise HierarchosError(f"the fused one-token time mix takes float32 tensors ({', '.join(bad)} are not); "
+                              "switch it off (use_fused_step(False)) under autocast or in other dtypes")
+    args = {name: t.contiguous() for name, t in args.items()}
+    out, new_state = _timemix_step_op(args["r"], args["k"], args["v"], args["decay_lora"], args["iclr_lora"],
+                                      args["gate"], args["state"], frozen, args["decay_base"], args["iclr_base"],
+                                      args["removal_scale"], args["key_iclr_mix"], args["bonus"],
+                                      args["norm_weight"], args["norm_bias"], float(eps), bool(gate_sigmoid))
+    return out, new_state
+
+
+def fits(x: torch.Tensor, head_size: int) -> bool:
+    """Whether `timemix_step` takes the kernel for a block input x (B, 1, C): switched on, float32,
+    no autograd, a power-of-two head size, a device the kernel runs on."""
+    return (_ENABLED and x.dtype == torch.float32 and not torch.is_grad_enabled() and triton is not None
+            and not head_size & (head_size - 1)
+            and (x.is_cuda or (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")))
+
+
+def timemix_step(*args, **kwargs):
+    """The dispatcher: the kernel when `fits` said so at the caller, the reference otherwise is the
+    caller's choice; here the kernel when it can run, else the reference."""
+    r = args[0] if args else kwargs["r"]
+    if fits(r[:, None], (args[12] if len(args) > 12 else kwargs["bonus"]).shape[-1]):
+        return timemix_step_triton(*args, **kwargs)
+    return timemix_step_reference(*args, **kwargs)

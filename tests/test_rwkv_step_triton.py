@@ -1,0 +1,187 @@
+"""The fused one-token RWKV-7 time mix (hierarchos/ops/rwkv_step_triton.py) against its references.
+
+The kernel runs under Triton's interpreter on CPU tensors (TRITON_INTERPRET=1; skipped when triton
+does not import). Checked, on random inputs from a fresh seed (printed on failure):
+1. the kernel equals `timemix_step_reference` (output and next state), with and without frozen rows,
+   both gate forms, softplus inputs past its threshold;
+2. `timemix_step_reference` equals the WKV-7 ground truth (`wkv7_reference`) with the time mix's
+   tail written out here, so the reference is not a copy of the kernel's own derivation;
+3. wired into the model (`use_fused_step(True)`), a block's one-token forward and the whole sync-free
+   step equal the unfused ones for our wiring and x070's; a frozen row's state is left as it was;
+4. the dispatcher leaves the prefill (T > 1), autograd and other dtypes on the eager path, and a
+   device the kernel cannot run on is a one-line error from the stepper.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hierarchos.config import tiny_config
+from hierarchos.errors import HierarchosError
+from hierarchos.generate import SamplingConfig, generate_batch
+from hierarchos.model import HierarchosLM
+from hierarchos.ops import rwkv_step_triton as fused
+from hierarchos.ops.wkv import wkv7_reference
+from hierarchos.ops.wkv_triton import triton
+
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.skipif(triton is None, reason="triton does not import")]
+
+
+@pytest.fixture
+def interpret(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def fused_on():
+    previous = fused.use_fused_step(True)
+    yield
+    fused.use_fused_step(previous)
+
+
+def fresh_seed() -> int:
+    return random.SystemRandom().randrange(2**31)
+
+
+def inputs(seed, B=3, H=2, N=8, frozen=True, gate_sigmoid=True):
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *shape, scale=1.0: torch.randn(*shape, generator=g) * scale  # noqa: E731
+    C = H * N
+    decay_lora = rnd(B, C, scale=8.0)  # some -x past softplus's threshold of 20 with the base below
+    return dict(r=rnd(B, C), k=rnd(B, C), v=rnd(B, C), decay_lora=decay_lora, iclr_lora=rnd(B, C),
+                gate=rnd(B, C), state=rnd(B, H, N, N, scale=0.3),
+                frozen=(torch.rand(B, generator=g) < 0.5) if frozen else None,
+                decay_base=rnd(C, scale=6.0), iclr_base=rnd(C), removal_scale=rnd(C), key_iclr_mix=rnd(C),
+                bonus=rnd(H, N), norm_weight=rnd(C), norm_bias=rnd(C), eps=64e-5, gate_sigmoid=gate_sigmoid)
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+@pytest.mark.parametrize("gate_sigmoid", [True, False])
+@pytest.mark.parametrize("shape", [(1, 1, 4), (3, 2, 8), (2, 4, 16)])
+def test_kernel_equals_reference(interpret, frozen, gate_sigmoid, shape):
+    seed = fresh_seed()
+    B, H, N = shape
+    args = inputs(seed, B, H, N, frozen, gate_sigmoid)
+    if frozen:
+        args["frozen"][0] = True  # at least one frozen row
+    out_ref, state_ref = fused.timemix_step_reference(**args)
+    out, state = fused.timemix_step_triton(**args)
+    torch.testing.assert_close(out, out_ref, atol=2e-5, rtol=2e-5, msg=f"seed {seed}")
+    torch.testing.assert_close(state, state_ref, atol=2e-6, rtol=2e-6, msg=f"seed {seed}")
+    if frozen:
+        for b in torch.nonzero(args["frozen"]).flatten().tolist():
+            assert torch.equal(state[b], args["state"][b])  # a frozen row writes nothing
+
+
+def test_reference_equals_the_recurrence_written_out():
+    seed = fresh_seed()
+    a = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+         for k, v in inputs(seed, frozen=True).items()}
+    out, state = fused.timemix_step_reference(**a)
+    B, C = a["r"].shape
+    H, N = a["bonus"].shape
+    log_w = -torch.exp(-F.softplus(-(a["decay_base"] + a["decay_lora"])) - 0.5)
+    iclr = torch.sigmoid(a["iclr_base"] + a["iclr_lora"])
+    kr = (a["k"] * a["removal_scale"]).view(B, H, N)
+    kappa = kr / kr.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    k = (a["k"] * (1 + (iclr - 1) * a["key_iclr_mix"])).view(B, H, N)
+    b = kappa * iclr.view(B, H, N)
+    live = (~a["frozen"]).double()[:, None, None]
+    log_w, k, b = log_w.view(B, H, N) * live, k * live, b * live
+    r, v = a["r"].view(B, H, N), a["v"].view(B, H, N)
+    o, s = wkv7_reference(r[:, None], log_w[:, None], k[:, None], v[:, None], -kappa[:, None], b[:, None],
+                          state=a["state"])
+    o = o[:, 0]
+    normed = (o - o.mean(-1, keepdim=True)) / torch.sqrt(o.var(-1, unbiased=False, keepdim=True) + a["eps"])
+    normed = normed.reshape(B, C) * a["norm_weight"] + a["norm_bias"]
+    bonus = ((r * k * a["bonus"]).sum(-1, keepdim=True) * v).reshape(B, C)
+    expected = (normed + bonus) * torch.sigmoid(a["gate"])
+    torch.testing.assert_close(out, expected, msg=f"seed {seed}")
+    torch.testing.assert_close(state, s, msg=f"seed {seed}")
+
+
+WIRINGS = {"ours": {}, "x070": dict(tm_token_shift="static", tm_gate="lowrank", tm_value_residual=True, h_layers=2)}
+
+
+@pytest.mark.parametrize("wiring", WIRINGS)
+def test_block_step_with_the_kernel_equals_without(interpret, wiring):
+    seed = fresh_seed()
+    torch.manual_seed(seed)
+    model = HierarchosLM(tiny_config(**WIRINGS[wiring])).eval()
+    with torch.no_grad():  # x070's zero-initialised paths would hide differences: make every weight count
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    tokens = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    with torch.no_grad():
+        state = model(tokens, model.init_state(2)).state
+        args = (torch.tensor([3, 4]), state, torch.tensor([3, 3]), torch.tensor([0, 1]))
+        plain = model.step_sync_free(*args)
+        previous = fused.use_fused_step(True)
+        try:
+            with_kernel = model.step_sync_free(*args)
+        finally:
+            fused.use_fused_step(previous)
+    torch.testing.assert_close(with_kernel.logits, plain.logits, atol=1e-5, rtol=1e-5, msg=f"seed {seed}")
+    for (name, a), (_, b) in zip(plain.state.tensors(), with_kernel.state.tensors()):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5, msg=f"{name}, seed {seed}")
+
+
+def test_one_block_with_a_frozen_row(interpret, fused_on):
+    seed = fresh_seed()
+    torch.manual_seed(seed)
+    block = HierarchosLM(tiny_config()).reasoner.worker.blocks[0].time_mix.eval()
+    x, shift = torch.randn(2, 1, 16), torch.randn(2, 16)
+    state = torch.randn(2, 2, 8, 8) * 0.3
+    frozen = torch.tensor([[True], [False]])
+    with torch.no_grad():
+        out, new_shift, new_state, _ = block(x, shift, state, frozen)
+        fused.use_fused_step(False)
+        out_ref, shift_ref, state_ref, _ = block(x, shift, state, frozen)
+    torch.testing.assert_close(out, out_ref, atol=1e-5, rtol=1e-5, msg=f"seed {seed}")
+    torch.testing.assert_close(new_shift, shift_ref)
+    torch.testing.assert_close(new_state, state_ref, atol=1e-6, rtol=1e-6, msg=f"seed {seed}")
+    assert torch.equal(new_state[0], state[0])
+
+
+def test_the_dispatcher_keeps_prefill_autograd_and_other_dtypes_eager(interpret, fused_on, monkeypatch):
+    calls = []
+    monkeypatch.setattr(fused, "timemix_step_triton", lambda *a, **k: calls.append(1) or (_ for _ in ()).throw(
+        AssertionError("the kernel was called")))
+    torch.manual_seed(0)
+    model = HierarchosLM(tiny_config()).eval()
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3, 4]]))         # T = 4, 2 plan points (stride 2): the parallel form
+        model.double().step(torch.tensor([1]), model.init_state(1))         # float64
+    model.float()
+    assert calls == []
+    x = torch.zeros(1, 1, 16)
+    assert not fused.fits(x, 8)                                            # autograd on (passes with gradients)
+    with torch.no_grad():
+        assert fused.fits(x, 8) and not fused.fits(x, 6) and not fused.fits(x.double(), 8)
+    with torch.no_grad(), pytest.raises(AssertionError, match="kernel was called"):
+        model.step(torch.tensor([1]), model.init_state(1))                  # and it is taken where it fits
+
+
+def test_the_stepper_refuses_a_device_the_kernel_cannot_run_on(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    model = HierarchosLM(tiny_config()).eval()
+    with pytest.raises(HierarchosError, match="fused_step=True.*cannot run on cpu"):
+        generate_batch(model, [[1, 2]], SamplingConfig(temperature=0.0, max_new_tokens=2), fused_step=True)
+
+
+def test_generate_batch_with_the_kernel_equals_without(interpret):
+    torch.manual_seed(fresh_seed())
+    model = HierarchosLM(tiny_config()).eval()
+    cfg = SamplingConfig(temperature=0.8, max_new_tokens=5)
+    prompts = [[1, 2, 3], [4, 5]]
+    plain = generate_batch(model, prompts, cfg, seeds=[1, 2])
+    fused_run = generate_batch(model, prompts, cfg, seeds=[1, 2], fused_step=True)
+    assert fused_run.tokens == plain.tokens
+    for (_, a), (_, b) in zip(plain.state.tensors(), fused_run.state.tensors()):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    assert not fused.enabled()  # switched on for the step only
