@@ -31,11 +31,13 @@ per batch size first, whose seconds are reported apart). Beside them: the prefil
 forward over the first prompt, best of 3: the floor of time to first token) and, per generate_batch row,
 where its time to first token goes (prefill, setup, first_sample; a second call synchronised per phase).
 --compile-step MODE...: one set of generate_batch rows per mode (off: the eager step; step: the whole
-step through torch.compile; blocks: each RWKV block compiled), inside the CUDA graph with --cuda-graph;
+step through torch.compile; blocks: each RWKV block compiled; fused: each block's one-token time mix as
+one Triton kernel, CUDA or TRITON_INTERPRET=1; blocks+fused, step+fused: both), inside the CUDA graph with --cuda-graph;
 compile seconds are part of the warm-up, shown apart. The JSON is rewritten after every row.
 
     PYTHONPATH=. python bench/bench_generate.py --device cuda --size 125m --contexts 1024 --new-tokens 128 \
-        --batch 1 --cuda-graph --configs minimal default --gpt2 --compile-step off blocks step --skip-step-rows
+        --batch 1 --cuda-graph --configs minimal default --gpt2 --compile-step off fused blocks blocks+fused step \
+        --skip-step-rows
 
 --configs: reasoning configs of the same shape (default 2,5,5; minimal 1,1,0), one run each.
 --gpt2: a Hugging Face GPT-2 of the same parameter count (bench/gpt2_baseline.py), `model.generate`
@@ -212,7 +214,16 @@ def bytes_per_token(model, device) -> dict:
     return {"bytes": counts["bytes"] / tokens, "linear_calls": counts["calls"] / tokens}
 
 
-COMPILE_MODES = ("off", "step", "blocks")
+# off: the eager step; step / blocks: torch.compile of the whole step / of each RWKV block; fused: the
+# blocks' one-token time mix as one Triton kernel (hierarchos.ops.rwkv_step_triton), alone or compiled around
+COMPILE_MODES = ("off", "step", "blocks", "fused", "blocks+fused", "step+fused")
+
+
+def step_options(mode: str) -> dict:
+    """generate_batch's compile_step / fused_step for a --compile-step mode."""
+    parts = mode.split("+")
+    compiled = [p for p in parts if p in ("step", "blocks")]
+    return {"compile_step": compiled[0] if compiled else False, "fused_step": "fused" in parts}
 
 
 @torch.no_grad()
@@ -241,41 +252,15 @@ def batched_generation(model, args, device, rows: list, on_row=lambda: None) -> 
     print(f"{'prefill alone':>14} B= 1 context {len(prompts[0])}: {best * 1000:8.1f} ms (the parallel forward, "
           "best of 3)", flush=True)
     on_row()
+    reference: dict = {}  # batch size -> the first mode's tokens: the other modes' agreement with them
     for mode in args.compile_step:
-        compile_step = False if mode == "off" else mode
-        # chat keeps its steppers and captures at load: the same here, one warm-up per batch size (its
-        # seconds = compile, capture and first-call costs, reported apart), so time to first token is
-        # prefill + first sample, as a chat user sees it
-        steppers, warmup_s = {}, {}
-        for n in sorted({len(prompts), 1}):
-            sync(device)
-            start = time.perf_counter()
-            generate_batch(model, [p[:16] for p in prompts[:n]], SamplingConfig(temperature=0.0, max_new_tokens=4),
-                           cuda_graph=args.cuda_graph, compile_step=compile_step, steppers=steppers)
-            sync(device)
-            warmup_s[n] = time.perf_counter() - start
-        compile_s = {key[0]: stepper.compile_seconds for key, stepper in steppers.items()}
-        for rows_in in (prompts, prompts[:1]) if len(prompts) > 1 else (prompts,):
-            sync(device)
-            result = generate_batch(model, rows_in, cfg, cuda_graph=args.cuda_graph, compile_step=compile_step,
-                                    steppers=steppers)
-            sync(device)
-            seconds, first_s, tokens = result.seconds, result.first_token_seconds, sum(len(t) for t in result.tokens)
-            phases: dict = {}  # a second call, synchronised per phase: where the time to first token goes
-            generate_batch(model, rows_in, replace(cfg, max_new_tokens=1), cuda_graph=args.cuda_graph,
-                           compile_step=compile_step, steppers=steppers, timings=phases)
-            rows.append({"how": "generate_batch", "batch": len(rows_in), "context": context,
-                         "cuda_graph": args.cuda_graph, "compile_step": mode, "warmup_s": warmup_s[len(rows_in)],
-                         "compile_s": compile_s.get(len(rows_in)), "tokens": tokens,
-                         "time_to_first_token_s": first_s, "time_to_first_token_phases_s": phases,
-                         "decode_tokens_per_s": tokens / max(seconds - first_s, 1e-9),
-                         "load_average": os.getloadavg()})
-            print(f"{'generate_batch':>14} B={len(rows_in):>2} context ~{context} compile {mode:>6}: time to first "
-                  f"token {first_s * 1000:8.1f} ms ({', '.join(f'{k} {v * 1000:.1f}' for k, v in phases.items())}) | "
-                  f"decode {rows[-1]['decode_tokens_per_s']:8.1f} tok/s (all rows) | warm-up {warmup_s[len(rows_in)]:.1f} s"
-                  + (f" (compile {compile_s[len(rows_in)]:.1f} s)" if compile_s.get(len(rows_in)) else ""), flush=True)
+        try:
+            mode_rows(model, mode, prompts, cfg, args, device, rows, reference, on_row)
+        except Exception as exc:  # one failing mode (a compile error on this machine) leaves the others
+            rows.append({"how": "generate_batch", "batch": len(prompts), "context": context, "compile_step": mode,
+                         "cuda_graph": args.cuda_graph, "error": f"{type(exc).__name__}: {exc}"[:2000]})
+            print(f"{'generate_batch':>14} compile {mode}: FAILED {rows[-1]['error'][:300]}", flush=True)
             on_row()
-        del steppers
         if device.type == "cuda":
             torch.cuda.empty_cache()
     sync(device)
@@ -290,6 +275,50 @@ def batched_generation(model, args, device, rows: list, on_row=lambda: None) -> 
           f"decode {rows[-1]['decode_tokens_per_s']:8.1f} tok/s", flush=True)
     on_row()
     return rows
+
+
+def mode_rows(model, mode: str, prompts, cfg, args, device, rows: list, reference: dict, on_row) -> None:
+    """The generate_batch rows of one --compile-step mode (B and, when B > 1, 1)."""
+    from hierarchos.generate import SamplingConfig, generate_batch
+
+    options = step_options(mode)
+    # chat keeps its steppers and captures at load: the same here, one warm-up per batch size (its
+    # seconds = compile, capture and first-call costs, reported apart), so time to first token is
+    # prefill + first sample, as a chat user sees it
+    steppers, warmup_s = {}, {}
+    for n in sorted({len(prompts), 1}):
+        sync(device)
+        start = time.perf_counter()
+        generate_batch(model, [p[:16] for p in prompts[:n]], SamplingConfig(temperature=0.0, max_new_tokens=4),
+                       cuda_graph=args.cuda_graph, steppers=steppers, **options)
+        sync(device)
+        warmup_s[n] = time.perf_counter() - start
+    compile_s = {key[0]: stepper.compile_seconds for key, stepper in steppers.items()}
+    for rows_in in (prompts, prompts[:1]) if len(prompts) > 1 else (prompts,):
+        B = len(rows_in)
+        sync(device)
+        result = generate_batch(model, rows_in, cfg, cuda_graph=args.cuda_graph, steppers=steppers, **options)
+        sync(device)
+        seconds, first_s, tokens = result.seconds, result.first_token_seconds, sum(len(t) for t in result.tokens)
+        phases: dict = {}  # a second call, synchronised per phase: where the time to first token goes
+        generate_batch(model, rows_in, replace(cfg, max_new_tokens=1), cuda_graph=args.cuda_graph,
+                       steppers=steppers, timings=phases, **options)
+        # greedy tokens against the first mode's: equal up to float32 reassociation (a near tie may flip)
+        first = reference.setdefault(B, (mode, result.tokens))
+        agree = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), min(len(x), len(y)))
+                 for x, y in zip(first[1], result.tokens)]
+        rows.append({"how": "generate_batch", "batch": B, "context": len(rows_in[0]), "cuda_graph": args.cuda_graph,
+                     "compile_step": mode, "warmup_s": warmup_s[B], "compile_s": compile_s.get(B), "tokens": tokens,
+                     "time_to_first_token_s": first_s, "time_to_first_token_phases_s": phases,
+                     "decode_tokens_per_s": tokens / max(seconds - first_s, 1e-9),
+                     "tokens_agreeing_with": first[0], "agreeing_prefix_per_row": agree,
+                     "load_average": os.getloadavg()})
+        print(f"{'generate_batch':>14} B={B:>2} context ~{len(rows_in[0])} {mode:>12}: time to first token "
+              f"{first_s * 1000:8.1f} ms ({', '.join(f'{k} {v * 1000:.1f}' for k, v in phases.items())}) | decode "
+              f"{rows[-1]['decode_tokens_per_s']:8.1f} tok/s (all rows) | warm-up {warmup_s[B]:.1f} s"
+              + (f" (compile {compile_s[B]:.1f} s)" if compile_s.get(B) else "")
+              + f" | tokens as {first[0]}: {agree} of {[len(t) for t in result.tokens]}", flush=True)
+        on_row()
 
 
 @torch.no_grad()
@@ -423,7 +452,8 @@ def main() -> None:
                     help="also time a Hugging Face GPT-2 of the same parameter count (model.generate, KV cache)")
     ap.add_argument("--compile-step", nargs="+", choices=COMPILE_MODES, default=["off"], metavar="MODE",
                     help="--batch: one generate_batch row per mode: off (eager step), step (torch.compile of the "
-                         "whole step), blocks (of each RWKV block); compile time is part of the warm-up, shown apart")
+                         "whole step), blocks (of each RWKV block), fused (the one-token time mix as one Triton "
+                         "kernel), blocks+fused, step+fused; compile time is part of the warm-up, shown apart")
     ap.add_argument("--skip-step-rows", action="store_true",
                     help="leave out the per-context step rows (prefill pieces + plain step): --batch rows only")
     ap.add_argument("--json", default=None, help="default bench/results/generate_<device>.json")
@@ -457,10 +487,14 @@ def main() -> None:
         print("|---|---|---:|---:|---:|---:|---:|")
         for result in results:
             for r in result["batched"]:
+                if "error" in r:
+                    print(f"| {result['config']} | {path_label(r)} | {r['batch']} | failed: {r['error'][:120]} |")
+                    continue
                 r["vs_gpt2"] = r["decode_tokens_per_s"] / r["batch"] / best["decode_tokens_per_s"]
+                ratio = "-" if r["how"] == "prefill" else f"{r['vs_gpt2']:.2f}x"
                 print(f"| {result['config']} | {path_label(r)} | {r['batch']} | "
                       f"{r['time_to_first_token_s'] * 1000:.1f} | {r['decode_tokens_per_s']:.1f} | "
-                      f"{r['vs_gpt2']:.2f}x | {warmup_label(r)} |")
+                      f"{ratio} | {warmup_label(r)} |")
             for r in result["rows"]:
                 r["vs_gpt2"] = r["tokens_per_s"] / best["decode_tokens_per_s"]
                 print(f"| {result['config']} | step ({r['format']}, context {r['context']}) | 1 | - | "
@@ -471,7 +505,7 @@ def main() -> None:
 
 def path_label(r: dict) -> str:
     label = r["how"] + (" (CUDA graph)" if r["cuda_graph"] else "")
-    return label + (f", compiled: {r['compile_step']}" if r.get("compile_step", "off") != "off" else "")
+    return label + (f", {r['compile_step']}" if r.get("compile_step", "off") != "off" else "")
 
 
 def warmup_label(r: dict) -> str:
@@ -509,6 +543,9 @@ def print_run(result: dict, args) -> None:
         print("\n| path | B | context | time to first token ms | decode tok/s (all rows) | warm-up s (compile s) |")
         print("|---|---:|---:|---:|---:|---:|")
         for r in result["batched"]:
+            if "error" in r:
+                print(f"| {path_label(r)} | {r['batch']} | ~{r['context']} | failed: {r['error'][:120]} |")
+                continue
             print(f"| {path_label(r)} | {r['batch']} | ~{r['context']} | "
                   f"{r['time_to_first_token_s'] * 1000:.1f} | {r['decode_tokens_per_s']:.1f} | {warmup_label(r)} |")
     if result["long_generation"]:
