@@ -162,3 +162,26 @@ def test_inductor_step_equals_eager(mode, batch):
     eager = stepped(model, PROMPTS[batch], cfg, 4)
     compiled = stepped(model, PROMPTS[batch], cfg, 4, compile_step=mode)
     assert_same_run(eager, compiled, atol=1e-4)
+
+
+# ---- on a GPU: the compiled step inside the stepper's CUDA graph ------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode, overrides", [("blocks", {}), ("step", dict(h_cycles=1, max_h_steps=1, max_l_steps=1))])
+def test_compiled_step_in_a_cuda_graph_equals_the_eager_graph(mode, overrides):
+    """Captured with the compiled calls inside (inductor's Triton kernels, cuBLAS between them) against the
+    captured eager body: the same tokens, the state to float32 reassociation."""
+    model = build(3, **overrides).cuda()
+    cfg = SamplingConfig(temperature=0.8, max_new_tokens=12)
+    prompts = [[1, 2, 3, 4, 5], [6, 0, 2], [3, 3, 1, 0, 6, 2, 5]]
+    eager = generate_batch(model, prompts, cfg, seeds=[1, 2, 3], cuda_graph=True)
+    steppers: dict = {}
+    compiled = generate_batch(model, prompts, cfg, seeds=[1, 2, 3], cuda_graph=True, compile_step=mode,
+                              steppers=steppers)
+    (stepper,) = steppers.values()
+    assert stepper.graph is not None and stepper.compile_seconds is not None
+    assert compiled.tokens == eager.tokens
+    for (name, a), (_, b) in zip(eager.state.tensors(), compiled.state.tensors()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")

@@ -185,3 +185,32 @@ def test_generate_batch_with_the_kernel_equals_without(interpret):
     for (_, a), (_, b) in zip(plain.state.tensors(), fused_run.state.tensors()):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
     assert not fused.enabled()  # switched on for the step only
+
+
+# ---- on a GPU: the compiled kernel, and the stepper's CUDA graph around it ------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("shape", [(1, 12, 64), (4, 2, 64), (2, 3, 32)])
+@pytest.mark.parametrize("frozen", [False, True])
+def test_kernel_on_cuda_equals_reference(shape, frozen):
+    seed = fresh_seed()
+    args = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in inputs(seed, *shape, frozen).items()}
+    out_ref, state_ref = fused.timemix_step_reference(**args)
+    out, state = fused.timemix_step_triton(**args)
+    torch.testing.assert_close(out, out_ref, atol=5e-5, rtol=5e-5, msg=f"seed {seed}")
+    torch.testing.assert_close(state, state_ref, atol=5e-6, rtol=5e-6, msg=f"seed {seed}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fused_step_in_a_cuda_graph_equals_the_eager_graph():
+    torch.manual_seed(fresh_seed())
+    model = HierarchosLM(tiny_config(head_size=8)).cuda().eval()
+    cfg = SamplingConfig(temperature=0.8, max_new_tokens=12)
+    prompts = [[1, 2, 3, 4, 5], [6, 0, 2]]
+    eager = generate_batch(model, prompts, cfg, seeds=[1, 2], cuda_graph=True)
+    with_kernel = generate_batch(model, prompts, cfg, seeds=[1, 2], cuda_graph=True, fused_step=True)
+    assert with_kernel.tokens == eager.tokens
+    for (name, a), (_, b) in zip(eager.state.tensors(), with_kernel.state.tensors()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
