@@ -34,8 +34,13 @@
 #include <string>
 #include <vector>
 
+#include "formats.h"
 #include "runtime.h"
 #include "wkv.h"
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#include <immintrin.h>
+#endif
 
 namespace py = pybind11;
 
@@ -60,22 +65,35 @@ struct QMat {
     int64_t rows = 0, cols = 0;
 };
 
+// A low-rank path's matrix (in, out) row-major, in float32 or in fp16 (half the bytes streamed per
+// pass; the products run in float32 on the converted values, so a float32 matrix holding the same
+// fp16-rounded values gives the same result bit for bit).
+struct LowRank {
+    const float *f = nullptr;
+    const uint16_t *h = nullptr;
+    LowRank at(int64_t offset) const { return {f ? f + offset : nullptr, h ? h + offset : nullptr}; }
+};
+
 struct Layer {
     const float *ln1_w, *ln1_b, *ln2_w, *ln2_b;
     float ln1_eps, ln2_eps, norm_eps;
     bool ddlerp;
-    const float *mix, *mix_base = nullptr, *mix_down = nullptr, *mix_up = nullptr;
+    const float *mix, *mix_base = nullptr;
+    LowRank mix_down, mix_up;
     int64_t mix_rank = 0;
-    const float *decay_base, *decay_down, *decay_up;
+    const float *decay_base;
+    LowRank decay_down, decay_up;
     int64_t decay_rank;
-    const float *iclr_base, *iclr_down, *iclr_up;
+    const float *iclr_base;
+    LowRank iclr_down, iclr_up;
     int64_t iclr_rank;
     const float *removal_scale, *key_iclr_mix, *bonus, *norm_w, *norm_b;
     bool gate_full;
-    const float *gate_down = nullptr, *gate_up = nullptr;
+    LowRank gate_down, gate_up;
     int64_t gate_rank = 0;
     bool value_first = false, value_residual = false;
-    const float *vr_base = nullptr, *vr_down = nullptr, *vr_up = nullptr;
+    const float *vr_base = nullptr;
+    LowRank vr_down, vr_up;
     int64_t vr_rank = 0;
     QMat r, k, v, g, o;
     const float *cm_mix;
@@ -111,10 +129,101 @@ HK_CLONES void vecmat_cols(const float *x, int64_t x_stride, const float *w, int
     }
 }
 
+// The fp16 twin of vecmat_cols: every product and sum as there (x_i * w_ij, then + in i order, no
+// fused multiply-add), on the weights converted to float32 (exact), so the two agree bit for bit
+// on fp16-representable weights. AVX-512 or F16C when the CPU has them, else a portable loop.
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define HK_HALF_X86 1
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12: _mm512_cvtph_ps's _mm512_undefined_ps
+template <int64_t W>
+__attribute__((target("avx512f,f16c"))) inline void vecmat_row_h512(const float *xb, const uint16_t *w, int64_t in,
+                                                                int64_t out, float *yb) {
+    static_assert(W % 16 == 0, "16 floats a register");
+    __m512 acc[W / 16];
+    for (int64_t q = 0; q < W / 16; ++q) acc[q] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < in; ++i) {
+        const __m512 xi = _mm512_set1_ps(xb[i]);
+        const uint16_t *wi = w + i * out;
+        for (int64_t q = 0; q < W / 16; ++q) {
+            const __m512 wf = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(wi + 16 * q)));
+            acc[q] = _mm512_add_ps(acc[q], _mm512_mul_ps(xi, wf));
+        }
+    }
+    for (int64_t q = 0; q < W / 16; ++q) _mm512_storeu_ps(yb + 16 * q, acc[q]);
+}
+
+__attribute__((target("avx512f,f16c"))) void vecmat_cols_h512(const float *x, int64_t x_stride, const uint16_t *w,
+                                                         int64_t in, int64_t out, float *y, int64_t y_stride,
+                                                         int64_t rows, int64_t j0, int64_t j1) {
+    for (int64_t b = 0; b < rows; ++b) {
+        const float *xb = x + b * x_stride;
+        float *yb = y + b * y_stride;
+        int64_t j = j0;
+        for (; j + 64 <= j1; j += 64) vecmat_row_h512<64>(xb, w + j, in, out, yb + j);
+        for (; j + 16 <= j1; j += 16) vecmat_row_h512<16>(xb, w + j, in, out, yb + j);
+        for (; j < j1; ++j) {
+            float acc = 0.0f;
+            for (int64_t i = 0; i < in; ++i) acc += xb[i] * _cvtsh_ss(w[i * out + j]);
+            yb[j] = acc;
+        }
+    }
+}
+
+__attribute__((target("avx2,f16c"))) void vecmat_cols_h256(const float *x, int64_t x_stride, const uint16_t *w,
+                                                           int64_t in, int64_t out, float *y, int64_t y_stride,
+                                                           int64_t rows, int64_t j0, int64_t j1) {
+    for (int64_t b = 0; b < rows; ++b) {
+        const float *xb = x + b * x_stride;
+        float *yb = y + b * y_stride;
+        int64_t j = j0;
+        for (; j + 32 <= j1; j += 32) {
+            __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+            for (int64_t i = 0; i < in; ++i) {
+                const __m256 xi = _mm256_set1_ps(xb[i]);
+                const uint16_t *wi = w + i * out + j;
+                for (int q = 0; q < 4; ++q) {
+                    const __m256 wf = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(wi + 8 * q)));
+                    acc[q] = _mm256_add_ps(acc[q], _mm256_mul_ps(xi, wf));
+                }
+            }
+            for (int q = 0; q < 4; ++q) _mm256_storeu_ps(yb + j + 8 * q, acc[q]);
+        }
+        for (; j < j1; ++j) {
+            float acc = 0.0f;
+            for (int64_t i = 0; i < in; ++i) acc += xb[i] * _cvtsh_ss(w[i * out + j]);
+            yb[j] = acc;
+        }
+    }
+}
+#pragma GCC diagnostic pop
+#endif
+
+void vecmat_cols_half(const float *x, int64_t x_stride, const uint16_t *w, int64_t in, int64_t out, float *y,
+                      int64_t y_stride, int64_t rows, int64_t j0, int64_t j1) {
+#if defined(HK_HALF_X86)
+    static const int level = __builtin_cpu_supports("avx512f") ? 2 : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c")) ? 1 : 0;
+    if (level == 2) return vecmat_cols_h512(x, x_stride, w, in, out, y, y_stride, rows, j0, j1);
+    if (level == 1) return vecmat_cols_h256(x, x_stride, w, in, out, y, y_stride, rows, j0, j1);
+#endif
+    for (int64_t b = 0; b < rows; ++b)
+        for (int64_t j = j0; j < j1; ++j) {
+            float acc = 0.0f;
+            for (int64_t i = 0; i < in; ++i) acc += x[b * x_stride + i] * half_to_float(w[i * out + j]);
+            y[b * y_stride + j] = acc;
+        }
+}
+
+void vecmat_cols(const float *x, int64_t x_stride, const LowRank &w, int64_t in, int64_t out, float *y,
+                 int64_t y_stride, int64_t rows, int64_t j0, int64_t j1) {
+    if (w.h) vecmat_cols_half(x, x_stride, w.h, in, out, y, y_stride, rows, j0, j1);
+    else vecmat_cols(x, x_stride, w.f, in, out, y, y_stride, rows, j0, j1);
+}
+
 struct VecMat {
     const float *x;
     int64_t x_stride;
-    const float *w;
+    LowRank w;
     int64_t in, out;
     float *y;
     int64_t y_stride;
@@ -284,6 +393,20 @@ private:
         return a.data();
     }
 
+    // A low-rank matrix: float32, or fp16 (a numpy float16 array) for half the bytes per pass.
+    LowRank low_rank(const py::dict &d, const char *name, int64_t size) {
+        if (!d.contains(name)) throw py::value_error(std::string("RwkvStackStep: layer lacks '") + name + "'");
+        const py::array a = py::array::ensure(d[name]);
+        if (a && a.dtype().kind() == 'f' && a.itemsize() == 2) {
+            if (a.size() != size || !(a.flags() & py::array::c_style))
+                throw py::value_error(std::string("RwkvStackStep: '") + name + "' must hold " + std::to_string(size) +
+                                      " contiguous float16 values");
+            keep_.push_back(a);
+            return {nullptr, static_cast<const uint16_t *>(a.data())};
+        }
+        return {vec(d, name, size), nullptr};
+    }
+
     QMat quant(const py::dict &d, const char *name, int64_t rows, int64_t cols) {
         if (!d.contains(name)) throw py::value_error(std::string("RwkvStackStep: layer lacks '") + name + "'");
         const py::tuple spec = d[name].cast<py::tuple>();
@@ -312,14 +435,14 @@ private:
             L.mix_rank = rank("mix_rank");
             if (L.mix_rank <= 0) throw py::value_error("RwkvStackStep: mix_rank must be positive");
             L.mix_base = vec(d, "mix_base", C);
-            L.mix_down = vec(d, "mix_down", C * 6 * L.mix_rank);
-            L.mix_up = vec(d, "mix_up", 6 * L.mix_rank * C);
+            L.mix_down = low_rank(d, "mix_down", C * 6 * L.mix_rank);
+            L.mix_up = low_rank(d, "mix_up", 6 * L.mix_rank * C);
         }
         L.decay_rank = rank("decay_rank"), L.iclr_rank = rank("iclr_rank");
-        L.decay_base = vec(d, "decay_base", C), L.decay_down = vec(d, "decay_down", C * L.decay_rank);
-        L.decay_up = vec(d, "decay_up", L.decay_rank * C);
-        L.iclr_base = vec(d, "iclr_base", C), L.iclr_down = vec(d, "iclr_down", C * L.iclr_rank);
-        L.iclr_up = vec(d, "iclr_up", L.iclr_rank * C);
+        L.decay_base = vec(d, "decay_base", C), L.decay_down = low_rank(d, "decay_down", C * L.decay_rank);
+        L.decay_up = low_rank(d, "decay_up", L.decay_rank * C);
+        L.iclr_base = vec(d, "iclr_base", C), L.iclr_down = low_rank(d, "iclr_down", C * L.iclr_rank);
+        L.iclr_up = low_rank(d, "iclr_up", L.iclr_rank * C);
         L.removal_scale = vec(d, "removal_scale", C), L.key_iclr_mix = vec(d, "key_iclr_mix", C);
         L.bonus = vec(d, "bonus", C), L.norm_w = vec(d, "norm.weight", C), L.norm_b = vec(d, "norm.bias", C);
         L.gate_full = d["gate_full"].cast<bool>();
@@ -327,14 +450,14 @@ private:
             L.g = quant(d, "gate", C, C);
         } else {
             L.gate_rank = rank("gate_rank");
-            L.gate_down = vec(d, "gate_down", C * L.gate_rank), L.gate_up = vec(d, "gate_up", L.gate_rank * C);
+            L.gate_down = low_rank(d, "gate_down", C * L.gate_rank), L.gate_up = low_rank(d, "gate_up", L.gate_rank * C);
         }
         L.value_first = d["value_first"].cast<bool>();
         L.value_residual = d["value_residual"].cast<bool>();
         if (L.value_residual) {
             L.vr_rank = rank("vr_rank");
-            L.vr_base = vec(d, "vr_base", C), L.vr_down = vec(d, "vr_down", C * L.vr_rank);
-            L.vr_up = vec(d, "vr_up", L.vr_rank * C);
+            L.vr_base = vec(d, "vr_base", C), L.vr_down = low_rank(d, "vr_down", C * L.vr_rank);
+            L.vr_up = low_rank(d, "vr_up", L.vr_rank * C);
         }
         L.r = quant(d, "receptance", C, C), L.k = quant(d, "key", C, C), L.v = quant(d, "value", C, C);
         L.o = quant(d, "output", C, C);
@@ -384,7 +507,7 @@ private:
             parallel_tasks(6 * chunks, [&](int64_t task) {
                 const int64_t t = task / chunks, j0 = (task % chunks) * kCols, j1 = std::min(C, j0 + kCols);
                 float *xt = xs + t * BC;
-                vecmat_cols(low1_.data() + t * R, 6 * R, L.mix_up + t * R * C, R, C, xt, C, B, j0, j1);
+                vecmat_cols(low1_.data() + t * R, 6 * R, L.mix_up.at(t * R * C), R, C, xt, C, B, j0, j1);
                 for (int64_t b = 0; b < B; ++b)
                     for (int64_t c = j0; c < j1; ++c) {
                         const int64_t i = b * C + c;

@@ -2,7 +2,7 @@
 the Python step it replaces: every format, the time-mix wirings, DeepEmbed shared / per block /
 off, batch 1 and 2, frozen rows, random states; the whole model's generation; and every case that
 must fall back to the Python step (prompts, hooks, float64, wkv4 / attention stacks, no kernel,
-the switch). Fresh seeds each run (printed on failure).
+the switch); the fp16 low-rank matrices against float32 ones. Fresh seeds each run (printed on failure).
 
 Skipped without the built C++ kernel (the fused step has no numpy version), but FAILS then when
 HIERARCHOS_REQUIRE_KERNEL=1 (CI).
@@ -47,13 +47,29 @@ def config(**kw):
     return tiny_config(**base)
 
 
-def quantized(cfg, qtype="Q4_0", seed=0):
+LOWRANK_PARAMS = ("mix_down", "mix_up", "decay_down", "decay_up", "iclr_down", "iclr_up", "gate_down", "gate_up",
+                  "value_residual_down", "value_residual_up")
+
+
+def lowrank_params(model) -> list:
+    return [p for name, p in model.named_parameters() if name.rsplit(".", 1)[-1] in LOWRANK_PARAMS]
+
+
+def quantized(cfg, qtype="Q4_0", seed=0, lowrank="fp16"):
+    """A quantized model whose fused steps keep their low-rank matrices in `lowrank`; for fp16 the
+    model's own low-rank parameters are rounded to fp16 first, so that the Python step (the
+    reference) computes with the very weights the fused step holds."""
     torch.manual_seed(seed)
     float_model = HierarchosLM(cfg).eval()
     with torch.no_grad():  # away from the initial values, so every parameter matters
         for p in float_model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    return qmodel.build_quantized_model(cfg, qmodel.quantize_tensors(float_model, qtype))
+        if lowrank == "fp16":
+            for p in lowrank_params(float_model):
+                p.copy_(p.half().float())
+    model = qmodel.build_quantized_model(cfg, qmodel.quantize_tensors(float_model, qtype))
+    fused_step.attach_fused_steps(model, lowrank=lowrank)
+    return model
 
 
 def python_forward(stack, *args):
@@ -111,13 +127,15 @@ def on_some_draw(compare) -> None:
     pytest.fail(f"no draw within {TIGHT} of the Python step: {failures}")
 
 
+@pytest.mark.parametrize("lowrank", fused_step.LOWRANK_FORMATS)
 @pytest.mark.parametrize("qtype", QTYPES)
 @pytest.mark.parametrize("wiring", WIRINGS)
-def test_stack_step_matches_python(qtype, wiring):
+def test_stack_step_matches_python(qtype, wiring, lowrank):
     def compare(seed):
         deepembed = random.Random(seed).choice(["shared", "per_block", "off"])
         cfg = config(**WIRINGS[wiring], use_deepembed=deepembed != "off", deepembed_per_block=deepembed == "per_block")
-        model = quantized(cfg, qtype, seed)
+        model = quantized(cfg, qtype, seed, lowrank)
+        assert all(m._fused_plan.lowrank == lowrank for m in model.modules() if isinstance(m, fused_step.FusedRWKVStack))
         g = torch.Generator().manual_seed(seed)
         diffs = []
         with torch.no_grad():
@@ -131,7 +149,7 @@ def test_stack_step_matches_python(qtype, wiring):
                     kept = {k: v.clone() for k, v in state.items()}
                     y, new = stack(x, tokens, state, frozen)
                     y_ref, new_ref = python_forward(stack, x, tokens, state, frozen)
-                    what = f"{qtype} {wiring} deepembed={deepembed} {name} B={B} frozen={frozen is not None}"
+                    what = f"{qtype} {wiring} {lowrank} deepembed={deepembed} {name} B={B} frozen={frozen is not None}"
                     diffs.append((what + " output", rel_diff(y, y_ref)))
                     for key in new_ref:
                         assert new[key].shape == new_ref[key].shape and new[key].dtype == new_ref[key].dtype
@@ -177,6 +195,65 @@ def test_generation_matches_python_step():
 
     on_some_draw(compare)
     assert min(calls) >= 6 * cfg.h_cycles * 2  # watch + commit each round, every token
+
+
+@pytest.mark.parametrize("wiring", WIRINGS)
+def test_fp16_lowrank_is_the_float32_step_on_rounded_weights(wiring):
+    """fp16 low-rank matrices: bit for bit the float32 fused step on the same weights rounded to fp16
+    (the products run in float32 on exactly converted weights, sums in the same order); on weights
+    not rounded the two differ (the fp16 matrices are really in use), and by little."""
+    seed = random.randrange(2**31)
+    cfg = config(**WIRINGS[wiring])
+    model = quantized(cfg, "Q4_0", seed, lowrank="fp32")  # low-rank weights not rounded
+    g = torch.Generator().manual_seed(seed)
+    cases = []
+    for stack in (model.reasoner.manager, model.reasoner.worker):
+        for B, frozen in ((1, None), (2, torch.tensor([[True], [False]]))):
+            cases.append((stack, torch.randn(B, 1, stack.dim, generator=g),
+                          torch.randint(0, cfg.vocab_size, (B, 1), generator=g), random_state(stack, B, g), frozen))
+    results = {}
+    with torch.no_grad():
+        for rounded in (False, True):
+            if rounded:
+                for p in lowrank_params(model):
+                    p.copy_(p.half().float())
+            for lowrank in fused_step.LOWRANK_FORMATS:
+                assert fused_step.attach_fused_steps(model, lowrank=lowrank) == 2
+                for i, (stack, x, tokens, state, frozen) in enumerate(cases):
+                    results[rounded, lowrank, i] = stack(x, tokens, state, frozen)
+    for i in range(len(cases)):
+        y16, new16 = results[True, "fp16", i]
+        y32, new32 = results[True, "fp32", i]
+        assert torch.equal(y16, y32), (wiring, seed, i)
+        assert all(torch.equal(new16[k], new32[k]) for k in new32), (wiring, seed, i)
+        # not rounded: the WKV state (float all the way from the decay's low-rank path) tells them apart
+        # (the output may not: its 8-bit activation codes often absorb a change this small)
+        (y16, new16), (y32, new32) = results[False, "fp16", i], results[False, "fp32", i]
+        assert not torch.equal(new16["wkv"], new32["wkv"]), (wiring, seed, i)
+        assert max(rel_diff(new16[k], new32[k]) for k in new32) <= LOOSE, (wiring, seed, i)
+        assert rel_diff(y16, y32) <= LOOSE, (wiring, seed, i)
+
+
+def test_lowrank_format_choice():
+    half = fused_step._half(torch.tensor([0.1, -3.0]).numpy())
+    assert str(half.dtype) == "float16"
+    for beyond in ([7e4, 0.0], [float("inf"), 0.0]):  # past fp16's range: kept in float32
+        assert str(fused_step._half(torch.tensor(beyond).numpy()).dtype) == "float32"
+
+
+def test_bad_lowrank_format_is_an_error(monkeypatch):
+    from hierarchos.errors import HierarchosError
+
+    model = quantized(config())
+    monkeypatch.setenv(fused_step.ENV_LOWRANK, "bf16")
+    with pytest.raises(HierarchosError, match="HIERARCHOS_FUSED_LOWRANK=bf16: expected one of fp16, fp32"):
+        fused_step.attach_fused_steps(model)
+    assert fused_step.attach_fused_steps(model, enabled=False) == 0  # turning it off needs no format
+    monkeypatch.setenv(fused_step.ENV_LOWRANK, "fp32")
+    assert fused_step.attach_fused_steps(model) == 2
+    assert model.reasoner.worker._fused_plan.lowrank == "fp32"
+    with pytest.raises(HierarchosError, match="lowrank='int8'"):
+        fused_step.attach_fused_steps(model, lowrank="int8")
 
 
 def test_hooks_dtypes_and_prompts_take_the_python_step():

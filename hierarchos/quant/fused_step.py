@@ -15,8 +15,16 @@ which stays the reference (tests/test_quant_fused_step.py holds the two equal):
   bias, parameters not in float32), and every stack when the C++ kernel is not built.
 `HIERARCHOS_FUSED_STEP=0` in the environment turns it off (for measuring against the Python step).
 
-The C++ object reads the parameters' own storage (no copies): in-place changes stay visible, but a
-parameter replaced by a new tensor, or a module swapped for another, is not; call
+The low-rank paths' matrices (the token-shift, decay, in-context-rate, gate and value-residual
+mixes: 7.1 MB of float32 per 125m stack pass, a quarter of what a pass streams) go to the C++ step
+in fp16 by default (`lowrank="fp16"`, or HIERARCHOS_FUSED_LOWRANK=fp32 for float32): half their
+bytes, each weight rounded once to its nearest fp16 (relative error <= 2^-11), the products still
+in float32. A matrix with a value past fp16's range stays float32. The fused step with fp16 equals,
+bit for bit, the float32 fused step on weights already rounded to fp16 (tests/test_quant_fused_step.py).
+
+The C++ object reads the other parameters' own storage (no copies), the fp16 matrices are copies
+made when the plan is built: in-place changes to the low-rank matrices are not seen, nor is a
+parameter replaced by a new tensor, or a module swapped for another; call
 `attach_fused_steps(model)` again after such a change (a deep copy of the model has no plan and
 runs the Python step until then).
 """
@@ -30,11 +38,18 @@ import torch
 from torch import nn
 from torch.nn.modules import module as nn_module
 
+from ..errors import HierarchosError
 from ..model.rwkv import RWKVStack, TimeMix
 from . import kernel
 from .gguf_io import QuantTensor
 
 ENV_SWITCH = "HIERARCHOS_FUSED_STEP"
+ENV_LOWRANK = "HIERARCHOS_FUSED_LOWRANK"
+LOWRANK_FORMATS = ("fp16", "fp32")
+# the low-rank matrices of a block as RwkvStackStep names them
+LOWRANK_NAMES = ("mix_down", "mix_up", "decay_down", "decay_up", "iclr_down", "iclr_up", "gate_down", "gate_up",
+                 "vr_down", "vr_up")
+FP16_MAX = 65504.0
 
 
 def available() -> bool:
@@ -84,8 +99,16 @@ def _why_not(stack) -> str | None:
     return None
 
 
-def _layer_spec(block) -> dict:
-    """What RwkvStackStep reads of one block (names as kernels/rwkv_step.cpp expects them)."""
+def _half(a: np.ndarray) -> np.ndarray:
+    """a in fp16 (round to nearest even), or a itself when a value is past fp16's range."""
+    if not np.isfinite(a).all() or float(np.abs(a).max(initial=0.0)) > FP16_MAX:
+        return a
+    return a.astype(np.float16)
+
+
+def _layer_spec(block, lowrank: str = "fp32") -> dict:
+    """What RwkvStackStep reads of one block (names as kernels/rwkv_step.cpp expects them); the
+    low-rank matrices in fp16 when lowrank="fp16"."""
     tm, cm = block.time_mix, block.channel_mix
     spec = {"ln_time.weight": _array(block.ln_time.weight), "ln_time.bias": _array(block.ln_time.bias),
             "ln_time.eps": float(block.ln_time.eps),
@@ -113,16 +136,21 @@ def _layer_spec(block) -> dict:
     if tm.value_residual:
         spec.update(vr_rank=tm.value_residual_down.shape[1], vr_base=_array(tm.value_residual_base),
                     vr_down=_array(tm.value_residual_down), vr_up=_array(tm.value_residual_up))
+    if lowrank == "fp16":
+        for name in LOWRANK_NAMES:
+            if name in spec:
+                spec[name] = _half(spec[name])
     return spec
 
 
 class _Plan:
     """A stack's C++ step object, its modules (for the hook check) and the last DeepEmbed lookup."""
 
-    def __init__(self, stack: RWKVStack):
+    def __init__(self, stack: RWKVStack, lowrank: str = "fp16"):
         ffn_dim = stack.blocks[0].channel_mix.up.out_features
+        self.lowrank = lowrank
         self.step = kernel.RwkvStackStep(stack.dim, stack.head_size, ffn_dim,
-                                         [_layer_spec(block) for block in stack.blocks])
+                                         [_layer_spec(block, lowrank) for block in stack.blocks])
         # the hook dicts of every module of the stack (registering a hook fills one in place)
         self.hook_dicts = [d for m in stack.modules() if m is not stack for d in (m._forward_hooks, m._forward_pre_hooks)]
         self.gates_for: tuple | None = None  # (tokens, version, gates): the passes of one step share tokens
@@ -182,12 +210,20 @@ class FusedRWKVStack(RWKVStack):
         return y.view(B, 1, C), {"tm_shift": tm, "wkv": wkv, "cm_shift": cm}
 
 
-def attach_fused_steps(model: nn.Module, enabled: bool | None = None) -> int:
+def attach_fused_steps(model: nn.Module, enabled: bool | None = None, lowrank: str | None = None) -> int:
     """Give every stack of `model` that can take it the fused one-token step (a fresh plan, built
     from the parameters as they are now); enabled=False (or HIERARCHOS_FUSED_STEP=0 when enabled is
-    None) removes it. Returns the number of stacks that have it."""
+    None) removes it. `lowrank`: "fp16" or "fp32", the low-rank matrices' format in the step (None:
+    HIERARCHOS_FUSED_LOWRANK, else fp16; see the module doc). Returns the number of stacks that have it."""
     if enabled is None:
         enabled = os.environ.get(ENV_SWITCH, "1") != "0"
+    if lowrank is None:
+        lowrank = os.environ.get(ENV_LOWRANK, "fp16")
+        where = f"{ENV_LOWRANK}={lowrank}"
+    else:
+        where = f"lowrank={lowrank!r}"
+    if enabled and lowrank not in LOWRANK_FORMATS:
+        raise HierarchosError(f"{where}: expected one of {', '.join(LOWRANK_FORMATS)}")
     count = 0
     for module in model.modules():
         if isinstance(module, FusedRWKVStack):
@@ -196,7 +232,7 @@ def attach_fused_steps(model: nn.Module, enabled: bool | None = None) -> int:
         if not isinstance(module, RWKVStack) or not enabled or not available() or _why_not(module) is not None:
             continue
         module.__class__ = FusedRWKVStack  # same layout: only forward differs
-        module._fused_plan = _Plan(module)
+        module._fused_plan = _Plan(module, lowrank)
         count += 1
     return count
 
