@@ -26,6 +26,7 @@ compiled call. The eager body stays the reference (tests/test_generate_compiled.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -257,6 +258,40 @@ def compile_step_function(fn: Callable, backend: str = "inductor") -> Callable:
     return torch.compile(fn, backend=backend, dynamic=False, **options)
 
 
+class _BlockRegions:
+    """compile_step="step": while the compiled step runs (and is traced), every RWKV block's forward is one
+    nested compile region (`torch.compiler.nested_compile_region`, where this torch has it): dynamo traces
+    and inductor compiles a block once per variant and stamps it out for the ~100 block calls of a
+    default-config token, instead of lowering each call anew (the whole step's compile time is mostly
+    that). The glue between blocks still fuses around them. Installed as instance attributes for the
+    call only; eager forwards are untouched."""
+
+    _region = None
+
+    def __init__(self, model, fn: Callable):
+        from .model.rwkv import RWKVBlock
+
+        self.fn = fn
+        self.blocks = [m for m in model.modules() if isinstance(m, RWKVBlock)]
+        make = getattr(torch.compiler, "nested_compile_region", None)
+        if make is not None and _BlockRegions._region is None:
+            _BlockRegions._region = make(RWKVBlock.forward)  # one function object: its variants are shared
+        region = _BlockRegions._region if make is not None else None
+        # the same objects every call: dynamo guards on them, new ones would recompile the step each time
+        self.forwards = [functools.partial(region, block) for block in self.blocks] if region is not None else None
+
+    def __call__(self, *args):
+        if self.forwards is None:
+            return self.fn(*args)
+        for block, forward in zip(self.blocks, self.forwards):
+            block.forward = forward
+        try:
+            return self.fn(*args)
+        finally:
+            for block in self.blocks:
+                del block.forward
+
+
 class _WithFusedStep:
     """fused_step=True: the one-token time mix of every RWKV-7 block through the fused Triton kernel
     (`hierarchos.ops.rwkv_step_triton`), switched on for the step only (the prefill keeps the parallel form)."""
@@ -339,7 +374,7 @@ class GraphedStepper:
         self._layout = _skeleton({"memory": state.memory, "rounds": state.rounds}, [0])
         self.compile_step = compile_mode(compile_step)
         if self.compile_step == "step":
-            self._advance_fn = compile_step_function(self._advance, compile_backend)
+            self._advance_fn = _BlockRegions(model, compile_step_function(self._advance, compile_backend))
         elif self.compile_step == "blocks":
             self._advance_fn = _CompiledBlocks(model, self._advance, compile_backend)
         else:

@@ -54,9 +54,15 @@ def stepped(model, prompts, cfg, n, **kw):
     state, *rest = start(model, prompts, seeds=list(range(11, 11 + len(prompts))))
     stepper = GraphedStepper(model, state, *rest, cfg, {}, **kw)
     tokens = [stepper.token.clone()]
-    for _ in range(n):
+    for i in range(n):
+        if i == 1:  # compiled on the first call; later calls must reuse it (guards that hold), not recompile
+            from torch._dynamo.utils import counters
+
+            compiled_frames = counters["frames"]["ok"]
         hints = [a.push(int(t)) for a, t in zip(state.rosa, tokens[-1])] if state.rosa is not None else None
         tokens.append(stepper.advance(hints).clone())
+    if kw.get("compile_step") and n > 1:
+        assert counters["frames"]["ok"] == compiled_frames, "the compiled step recompiled"
     totals = {k: (torch.as_tensor(t).double(), torch.as_tensor(c).double()) for k, (t, c) in stepper.totals.items()}
     return torch.stack(tokens), [t.clone() for t in stepper.leaves], totals, stepper
 
