@@ -351,10 +351,13 @@ def test_host_path_skips_a_non_finite_step_and_reads_it_at_once(fault):
     def stop():
         pending.append(len(trainer.pending_steps))
         weights.append(copy.deepcopy(trainer.model.state_dict()))
+        dropped.append(all(p.grad is None for p in trainer.model.parameters()))
         return False
 
+    dropped = []
     trainer.run(stop_requested=stop)
     assert pending == [0, 0, 0] and trainer.skipped_steps == 1, f"seed {seed}"
+    assert dropped == [True, True, True]  # after the skipped step too (zeroed in place, they would carry on)
     assert lines == ["warning: non-finite loss or gradient at step 1: step skipped, weights unchanged"]
     changed = [any(not torch.equal(a[k], b[k]) for k in a) for a, b in zip(weights, weights[1:])]
     assert changed == [True, False, True], f"seed {seed}"
@@ -401,3 +404,45 @@ def test_the_device_skip_path_drops_the_gradients_after_every_step():
     grads = []
     trainer.run(stop_requested=lambda: grads.append([p.grad for p in trainer.model.parameters()]) or False)
     assert len(grads) == 3 and all(g is None for step in grads for g in step)
+
+
+def test_a_distributed_norm_is_made_a_plain_tensor_before_the_skip_mask(monkeypatch):
+    """Under FSDP clip_grad_norm_ returns a DTensor; the skip mask (and found_inf) needs the plain
+    tensor its full_tensor() gives. A stand-in with only full_tensor() is what the step may read."""
+    real = torch.nn.utils.clip_grad_norm_
+    calls = []
+
+    class Distributed:
+        def __init__(self, norm):
+            self.norm = norm
+
+        def full_tensor(self):
+            calls.append(1)
+            return self.norm
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: Distributed(real(*a, **k)))
+    trainer = make(0, log_every=100)
+    before = copy.deepcopy(trainer.model.state_dict())
+    trainer.run()
+    assert len(calls) == 3 and trainer.skipped_steps == 0 and trainer.opt_step == 3
+    assert any(not torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+
+
+def test_host_path_drops_the_accumulated_gradients_of_a_skipped_step():
+    """Accumulation over 2 windows, the second non-finite: the first window's gradients are dropped
+    with the skipped step (not zeroed in place), so the step after it starts from no gradient."""
+    trainer = make(1, log_every=100, accumulation_steps=2)
+    trainer.fused_adamw = False
+    calls, real = [], trainer.forward_model
+
+    def forward(x, state, **kwargs):
+        out = real(x, state, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:
+            out.logits = out.logits + float("nan")
+        return out
+
+    trainer.forward_model = forward
+    dropped = []
+    trainer.run(stop_requested=lambda: dropped.append(all(p.grad is None for p in trainer.model.parameters())) or False)
+    assert trainer.skipped_steps == 1 and dropped == [True, True]
