@@ -87,8 +87,8 @@ MODULES: dict[str, list[str]] = {
     # the Triton kernels: mutmut mutates the kernel bodies too (they are plain functions, wrapped at first
     # use), and the CPU tests run them under Triton's interpreter (TRITON_INTERPRET=1, set by the tests);
     # compiled CUDA kernels would read the trampoline's source, so the GPU-marked tests are left out
-    "hierarchos/ops/ce_triton.py": ["tests/test_losses.py", "-m", "not slow and not gpu"],
-    "hierarchos/ops/wkv_triton.py": ["tests/test_wkv_triton.py",
+    "hierarchos/ops/ce_triton.py": ["tests/test_losses.py", "tests/test_triton_rules.py", "-m", "not slow and not gpu"],
+    "hierarchos/ops/wkv_triton.py": ["tests/test_wkv_triton.py", "tests/test_triton_rules.py",
                                      "-m", "not slow and not gpu"],
 }
 
