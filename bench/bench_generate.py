@@ -76,6 +76,7 @@ SIZES = {
 }
 
 CONFIGS = {"default": {}, "minimal": dict(h_cycles=1, max_h_steps=1, max_l_steps=0)}
+STARTED = time.perf_counter()
 
 
 def rss_mib() -> float:
@@ -254,6 +255,12 @@ def batched_generation(model, args, device, rows: list, on_row=lambda: None) -> 
     on_row()
     reference: dict = {}  # batch size -> the first mode's tokens: the other modes' agreement with them
     for mode in args.compile_step:
+        if args.budget_s and time.perf_counter() - STARTED > args.budget_s:  # a device's time limit: skip, say so
+            rows.append({"how": "generate_batch", "batch": len(prompts), "context": context, "compile_step": mode,
+                         "cuda_graph": args.cuda_graph, "error": f"skipped: past --budget-s {args.budget_s:.0f}"})
+            print(f"{'generate_batch':>14} compile {mode}: {rows[-1]['error']}", flush=True)
+            on_row()
+            continue
         try:
             mode_rows(model, mode, prompts, cfg, args, device, rows, reference, on_row)
         except Exception as exc:  # one failing mode (a compile error on this machine) leaves the others
@@ -454,6 +461,9 @@ def main() -> None:
                     help="--batch: one generate_batch row per mode: off (eager step), step (torch.compile of the "
                          "whole step), blocks (of each RWKV block), fused (the one-token time mix as one Triton "
                          "kernel), blocks+fused, step+fused; compile time is part of the warm-up, shown apart")
+    ap.add_argument("--budget-s", type=float, default=0.0,
+                    help="--batch: start no further --compile-step mode after this many seconds of the run "
+                         "(skipped modes get a row saying so); 0: no limit")
     ap.add_argument("--skip-step-rows", action="store_true",
                     help="leave out the per-context step rows (prefill pieces + plain step): --batch rows only")
     ap.add_argument("--json", default=None, help="default bench/results/generate_<device>.json")
