@@ -619,3 +619,29 @@ def test_cuda_graph_warm_up_generates_one_token_with_the_session_sampling(monkey
     tokenizer.eos_id = None  # no EOS id: the warm-up starts from token 0
     ChatSession(model, tokenizer, cuda_graph=True, out=io.StringIO(), info=io.StringIO())
     assert seen[0][0] == [[0]]
+
+
+def test_status_counts_slots_and_sizes_and_times_the_warm_up(monkeypatch, tmp_path):
+    """/status on a DeepEmbed model with two used memory slots, a reply that took no measurable time,
+    a carried state of exactly 100 KiB and a CUDA-graph warm-up timed on the session's clock."""
+    torch.manual_seed(5)
+    save_model_dir(tmp_path / "de", HierarchosLM(tiny_config(vocab_size=260, use_deepembed=True)), load_tokenizer("byte"))
+    monkeypatch.setattr(chat_mod, "generate_batch", lambda *a, **k: None)
+    ticks = iter([5.0, 7.5])
+    session, _, info = session_of(tmp_path / "de", cuda_graph=True, clock=lambda: next(ticks))
+    assert session.warmup_seconds == 2.5
+    model = session.model
+    assert model.num_parameters(with_deepembed=False) < model.num_parameters()
+    with torch.no_grad():
+        model.memory.slot_count.zero_()
+        model.memory.slot_count[[0, 2]] = torch.tensor([3, 1], dtype=model.memory.slot_count.dtype)
+    session.last = ReplyStats(tokens=4, seconds=0.0)
+    session.state.nbytes = lambda: 100 * 1024
+    session.handle("/status")
+    text = info.getvalue()
+    assert f"model: {model.num_parameters():,} parameters ({model.num_parameters(with_deepembed=False):,} " \
+           "without DeepEmbed)" in text
+    assert "carried state 100.0 KiB" in text
+    assert "last reply: 4 tokens, n/a;" in text
+    assert "(CUDA graph: 0 captured, the first at load in 2500 ms)" in text
+    assert f"memory: 2 of {model.memory.slots} slots used" in text
