@@ -18,10 +18,14 @@ sync-free step (`HierarchosLM.step_sync_free`, per-row positions) plus `sample_r
 `GraphedStepper`: static buffers, the step and the sampling as one CUDA graph replayed per token
 (`cuda_graph=True`, CUDA only), or the same body run eagerly (the CPU and the tests).
 
-`compile_step=True` runs the body through torch.compile (inductor, default mode, static shapes, no
-inductor CUDA graphs of its own): the step's elementwise chains fuse into a few generated kernels
-and the state write-back into their epilogues, and the stepper's own CUDA graph then records the
-compiled call. The eager body stays the reference (tests/test_generate_compiled.py holds them equal).
+Fewer kernels per token (a default-config token is ~100 one-token block steps, and inside a CUDA graph
+each small kernel costs its launch whatever its size): `compile_step` runs the body through
+torch.compile (inductor, default mode, static shapes, no inductor CUDA graphs of its own; "step" the
+whole body with each RWKV block as a nested compile region, "blocks" only the blocks), so elementwise
+chains fuse into a few generated kernels; `fused_step` runs each block's one-token time mix after its
+matmuls as one Triton kernel (`hierarchos.ops.rwkv_step_triton`). The stepper's own CUDA graph records
+the compiled calls. The eager body stays the reference (tests/test_generate_compiled.py and
+tests/test_rwkv_step_triton.py hold them equal).
 """
 
 from __future__ import annotations
