@@ -284,6 +284,33 @@ def batched_generation(model, args, device, rows: list, on_row=lambda: None) -> 
     return rows
 
 
+def kernels_per_token(stepper, device) -> int | None:
+    """The kernels, copies and fills one token launches (what a graph replay holds), counted by the
+    profiler over one step run outside the stepper's graph (its compiled calls as they are: the same
+    stepper, so nothing recompiles). CUDA only; None where the profiler cannot count."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    graph, stepper.graph = stepper.graph, None
+    try:
+        stepper.advance()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            stepper.advance()
+            torch.cuda.synchronize()
+        count = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+        if not count:  # some versions keep device events only in kineto's results
+            count = sum(1 for e in prof.profiler.kineto_results.events()
+                        if e.device_type() == torch.autograd.DeviceType.CUDA)
+        return count or None
+    except Exception as exc:  # no CUPTI here: the rows go on without the count
+        print(f"kernel count unavailable: {type(exc).__name__}: {exc}", flush=True)
+        return None
+    finally:
+        stepper.graph = graph
+
+
 def mode_rows(model, mode: str, prompts, cfg, args, device, rows: list, reference: dict, on_row) -> None:
     """The generate_batch rows of one --compile-step mode (B and, when B > 1, 1)."""
     from hierarchos.generate import SamplingConfig, generate_batch
@@ -301,6 +328,7 @@ def mode_rows(model, mode: str, prompts, cfg, args, device, rows: list, referenc
         sync(device)
         warmup_s[n] = time.perf_counter() - start
     compile_s = {key[0]: stepper.compile_seconds for key, stepper in steppers.items()}
+    kernels = {key[0]: kernels_per_token(stepper, device) for key, stepper in steppers.items()}
     for rows_in in (prompts, prompts[:1]) if len(prompts) > 1 else (prompts,):
         B = len(rows_in)
         sync(device)
@@ -319,12 +347,14 @@ def mode_rows(model, mode: str, prompts, cfg, args, device, rows: list, referenc
                      "time_to_first_token_s": first_s, "time_to_first_token_phases_s": phases,
                      "decode_tokens_per_s": tokens / max(seconds - first_s, 1e-9),
                      "tokens_agreeing_with": first[0], "agreeing_prefix_per_row": agree,
+                     "device_ops_per_token": kernels.get(B),
                      "load_average": os.getloadavg()})
         print(f"{'generate_batch':>14} B={B:>2} context ~{len(rows_in[0])} {mode:>12}: time to first token "
               f"{first_s * 1000:8.1f} ms ({', '.join(f'{k} {v * 1000:.1f}' for k, v in phases.items())}) | decode "
               f"{rows[-1]['decode_tokens_per_s']:8.1f} tok/s (all rows) | warm-up {warmup_s[B]:.1f} s"
               + (f" (compile {compile_s[B]:.1f} s)" if compile_s.get(B) else "")
-              + f" | tokens as {first[0]}: {agree} of {[len(t) for t in result.tokens]}", flush=True)
+              + f" | tokens as {first[0]}: {agree} of {[len(t) for t in result.tokens]}"
+              + (f" | {kernels[B]} kernels+copies per token" if kernels.get(B) else ""), flush=True)
         on_row()
 
 
@@ -493,8 +523,9 @@ def main() -> None:
         print(f"\nagainst GPT-2 {best['n_layer']}x{best['n_embd']} ({best['params'] / 1e6:.1f}M, {best['dtype']}, "
               f"model.generate with KV cache): {best['decode_tokens_per_s']:.1f} tok/s, time to first token "
               f"{best['time_to_first_token_s'] * 1000:.1f} ms")
-        print("| config | path | B | time to first token ms | decode tok/s | vs GPT-2 | warm-up s (compile s) |")
-        print("|---|---|---:|---:|---:|---:|---:|")
+        print("| config | path | B | time to first token ms | decode tok/s | vs GPT-2 | warm-up s (compile s) "
+              "| kernels per token |")
+        print("|---|---|---:|---:|---:|---:|---:|---:|")
         for result in results:
             for r in result["batched"]:
                 if "error" in r:
@@ -504,11 +535,11 @@ def main() -> None:
                 ratio = "-" if r["how"] == "prefill" else f"{r['vs_gpt2']:.2f}x"
                 print(f"| {result['config']} | {path_label(r)} | {r['batch']} | "
                       f"{r['time_to_first_token_s'] * 1000:.1f} | {r['decode_tokens_per_s']:.1f} | "
-                      f"{ratio} | {warmup_label(r)} |")
+                      f"{ratio} | {warmup_label(r)} | {r.get('device_ops_per_token') or '-'} |")
             for r in result["rows"]:
                 r["vs_gpt2"] = r["tokens_per_s"] / best["decode_tokens_per_s"]
                 print(f"| {result['config']} | step ({r['format']}, context {r['context']}) | 1 | - | "
-                      f"{r['tokens_per_s']:.1f} | {r['vs_gpt2']:.2f}x | - |")
+                      f"{r['tokens_per_s']:.1f} | {r['vs_gpt2']:.2f}x | - | - |")
     save()
     print(f"json: {path}")
 
