@@ -33,7 +33,8 @@
 #   puzzles    9x9 Sudoku (bench_puzzles.py): generate 1,000 + 1,000 hard puzzles (or reuse the carried
 #              .device_cache/sudoku), then hierarchos RWKV-7 + the same-size Transformer (same steps) beside
 #              hierarchos attention stacks, two processes sharing the GPU, each sized to PUZZLE_MINUTES of
-#              training (default 5); the data comes back in sudoku.tgz
+#              training (default 5); the data comes back in sudoku.tgz. Two suites can share the GPU:
+#              bash bench/gpu.sh quality & sleep 30; PUZZLE_WORKERS=8 bash bench/gpu.sh puzzles & wait
 #   quantmodel train the quantization-quality model (bench_quant_quality --size code: ~11.7M, Python
 #              sources, byte tokenizer) and leave it under $out/model in <16 MiB pieces, with the
 #              held-out and calibration texts, for scoring on a CPU (~200 s)
@@ -124,7 +125,7 @@ for suite in "$@"; do
     puzzles)
       data=/tmp/sudoku
       if [ -s .device_cache/sudoku/test.safetensors ]; then cp -r .device_cache/sudoku $data
-      else timeout 240 python3 hierarchos_cli.py puzzle generate --out $data --train 1000 --test 1000 --workers 16 \
+      else timeout 240 python3 hierarchos_cli.py puzzle generate --out $data --train 1000 --test 1000 --workers ${PUZZLE_WORKERS:-16} \
              --seed 0 2>&1 | tr '\r' '\n' | tail -n 5 | tee "$out/puzzles_generate.log"; fi
       tar czf "$out/sudoku.tgz" -C /tmp sudoku
       m=${PUZZLE_MINUTES:-5}
