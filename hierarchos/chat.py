@@ -112,12 +112,14 @@ class ChatSession:
                  session_id: str | None = None, out: TextIO, info: TextIO, log: TextIO | None = None,
                  stream: bool = True, learner=None, format_name: str | None = None,
                  learn_unavailable: str | None = None, on_save: Callable[["ChatSession"], str] | None = None,
-                 cuda_graph: bool = False, clock: Callable[[], float] = time.perf_counter):
+                 cuda_graph: bool = False, clock: Callable[[], float] = time.perf_counter,
+                 step_options: dict | None = None):
         # `learner`: the full-precision model whose memory learning updates (a quantized `model`
         # generates, its float shadow learns; the learner's memory is the truth, copied into
         # `model` after every change). `learn_unavailable`: why learning cannot be switched on.
         # `on_save`: runs after /save wrote the delta (re-quantization) and returns a line to show.
-        # `cuda_graph`: replies step through a captured CUDA graph (generate_batch with one row).
+        # `cuda_graph`: replies step through a captured CUDA graph (generate_batch with one row);
+        # `step_options`: generate_batch's compile_step / fused_step for that graph's step.
         # `clock`: seconds for /status's time to first token and speed (tests pass a fake one).
         self.model, self.tokenizer, self.template = model.eval(), tokenizer, template
         self.learner = learner.eval() if learner is not None else self.model
@@ -138,6 +140,7 @@ class ChatSession:
         self.out, self.info, self.log = out, info, log or info
         self.stream = stream
         self.cuda_graph, self.clock = cuda_graph, clock
+        self.step_options = dict(step_options or {})
         self.steppers: dict = {}  # generate_batch's captured steppers, per caps and sampling (chat: B = 1)
         self.mode = "normal"
         self.stop_strings = STOP_STRINGS.get(template, [])
@@ -162,7 +165,7 @@ class ChatSession:
         start = self.clock()
         scratch = replace(self.sampling, max_new_tokens=1)
         generate_batch(self.model, [[self.tokenizer.eos_id or 0]], scratch, seeds=[0], cuda_graph=True,
-                       steppers=self.steppers, **self.caps())
+                       steppers=self.steppers, **self.step_options, **self.caps())
         return self.clock() - start
 
     # ---- conversation -------------------------------------------------------------------
@@ -233,7 +236,7 @@ class ChatSession:
                                     eos_id=self.tokenizer.eos_id, seeds=[seed],
                                     on_token=lambda _row, token: on_token(token, None),
                                     should_stop=lambda: self.interrupted, keep_eos=True, cuda_graph=True,
-                                    steppers=self.steppers, clock=self.clock, **self.caps())
+                                    steppers=self.steppers, clock=self.clock, **self.step_options, **self.caps())
             new_ids, self.state = result.tokens[0], result.state
             stats.first_token_seconds = result.first_token_seconds
             stats.totals = {name: [float(total), float(count)] for name, (total, count) in result.totals.items()}

@@ -38,6 +38,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="CUDA: step through a captured CUDA graph (the sync-free step and sampling on the device, "
                         "replayed per token). Default: on for a full-precision model on CUDA whose state has a fixed "
                         "size (not full attention), off elsewhere")
+    p.add_argument("--compile-step", "--compile_step", choices=("off", "step", "blocks"), default="off",
+                   help="with --cuda-graph: torch.compile the captured step (step: the whole step, blocks: each "
+                        "RWKV block; compiled once at load, its seconds in the capture time). Default: off")
+    p.add_argument("--fused-step", "--fused_step", action=argparse.BooleanOptionalAction, default=False,
+                   help="with --cuda-graph: each RWKV-7 block's one-token time mix as one Triton kernel "
+                        "(default: off)")
     sampling = p.add_argument_group("sampling")
     sampling.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default: 0.7)")
     sampling.add_argument("--top-k", "--top_k", type=int, default=40)
@@ -136,6 +142,9 @@ def run(args: argparse.Namespace) -> int:
         model, meta = load_model_dir(args.model_path, device=device)
         args.cuda_graph = resolve_cuda_graph(args.cuda_graph, device, model.cfg)
         tokenizer = load_tokenizer(args.model_path)
+    if (args.compile_step != "off" or args.fused_step) and not args.cuda_graph:
+        raise HierarchosError("--compile-step / --fused-step apply to the captured step: chat with --cuda-graph "
+                              "(CUDA, a full-precision model with a fixed-size state) or drop them")
     template = meta.get("prompt_template") or "plain"
     scripted = args.prompt is not None or not sys.stdin.isatty()
     session = ChatSession(
@@ -147,7 +156,10 @@ def run(args: argparse.Namespace) -> int:
         learn=LearnConfig(enabled=args.learn, surprise_threshold=args.surprise_threshold, lr=args.ltm_lr,
                           schedule_steps=args.ltm_schedule_steps, schedule_min_lr=args.ltm_schedule_min_lr,
                           static_lr=args.static_ltm_lr),
-        delta_path=args.ltm_lora_path, cuda_graph=args.cuda_graph, **extra,
+        delta_path=args.ltm_lora_path, cuda_graph=args.cuda_graph,
+        step_options={"compile_step": False if args.compile_step == "off" else args.compile_step,
+                      "fused_step": args.fused_step},
+        **extra,
         out=sys.stdout, info=sys.stderr if scripted else sys.stdout, log=sys.stderr)
     if session.warmup_seconds is not None:
         print(f"CUDA graph of the step captured at load in {1000 * session.warmup_seconds:.0f} ms", file=sys.stderr)
