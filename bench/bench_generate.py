@@ -510,7 +510,8 @@ def main() -> None:
         tmp.replace(path)
 
     if args.gpt2:  # first: the baseline every row is compared with, measured before any long compile
-        params = HierarchosLM(SIZES[args.size]()).num_parameters(with_deepembed=False)
+        with torch.device("meta"):  # only counted: no weights made
+            params = HierarchosLM(SIZES[args.size]()).num_parameters(with_deepembed=False)
         gpt2 += gpt2_generation(params, SIZES[args.size]().vocab_size, args, device)
         save()
     for config in args.configs:
