@@ -7,6 +7,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdlib>
+#include <string>
 #include <cstring>
 #include <functional>
 #include <mutex>
@@ -180,6 +181,9 @@ inline void cpu_relax() {
 #endif
 }
 
+// PoolHold: while holds_ > 0 idle workers poll instead of sleeping (see runtime.h).
+std::atomic<int> g_holds{0};
+
 // Persistent workers plus the calling thread share one job's tasks through an atomic
 // counter. Idle workers poll for a few hundred pauses (~10 us), then sleep on a condition
 // variable. Polling longer (HIERARCHOS_KERNEL_SPIN_US) helps back-to-back matvecs in a
@@ -228,11 +232,23 @@ public:
         {
             // Helpers that have not woken yet are not waited for: the tasks are done.
             std::lock_guard<std::mutex> lock(mutex_);
+            ++jobs_;
+            if (helpers_joined_ == 0) ++missed_;
             pending_.fetch_sub(helpers_wanted_ - helpers_joined_);
             helpers_wanted_ = helpers_joined_;
             job_ = nullptr;
         }
-        while (pending_.load(std::memory_order_acquire) != 0) cpu_relax();
+        // a joined helper may share this core (a loaded machine): yield it now and then
+        for (int polls = 1; pending_.load(std::memory_order_acquire) != 0; ++polls) {
+            cpu_relax();
+            if (polls % 64 == 0) std::this_thread::yield();
+        }
+    }
+
+    // Jobs with helpers wanted so far, and those no helper joined in time (it slept, or had no core).
+    std::pair<int64_t, int64_t> counts() {
+        std::lock_guard<std::mutex> lock(mutex_);
+        return {jobs_, missed_};
     }
 
 private:
@@ -248,7 +264,12 @@ private:
             int polls = 0;
             while (generation_.load(std::memory_order_acquire) == seen) {
                 cpu_relax();
-                if (++polls % 256 == 0 && std::chrono::steady_clock::now() > spin_until) {
+                ++polls;
+                if (g_holds.load(std::memory_order_relaxed) > 0) {  // held: poll on, yielding now and then
+                    if (polls % 64 == 0) std::this_thread::yield();
+                    continue;
+                }
+                if (polls % 256 == 0 && std::chrono::steady_clock::now() > spin_until) {
                     std::unique_lock<std::mutex> lock(mutex_);
                     wake_.wait(lock, [&] { return generation_.load() != seen; });
                     break;
@@ -277,6 +298,7 @@ private:
     const std::function<void(int64_t)> *job_ = nullptr;
     int64_t n_tasks_ = 0;
     int helpers_wanted_ = 0, helpers_joined_ = 0;
+    int64_t jobs_ = 0, missed_ = 0;
     bool stopping_ = false;
     int spin_us_ = 0;  // measured: polling longer steals the core torch needs between matvecs in generation
 };
@@ -308,6 +330,39 @@ void parallel_for(int64_t n_tasks, const std::function<void(int64_t)> &fn, int w
 }
 
 }  // namespace
+
+namespace {
+int g_hold_backoff = 0;  // holds left to skip after one whose helpers missed their jobs
+std::mutex g_hold_mutex;
+const bool g_hold_enabled = [] {
+    const char *env = std::getenv("HIERARCHOS_KERNEL_HOLD");
+    return !(env && std::string(env) == "0");
+}();
+}  // namespace
+
+PoolHold::PoolHold() {
+    std::lock_guard<std::mutex> lock(g_hold_mutex);
+    if (!g_hold_enabled || get_threads() < 2) return;
+    if (g_hold_backoff > 0) {
+        --g_hold_backoff;
+        return;
+    }
+    active_ = true;
+    const auto c = pool().counts();
+    jobs0_ = c.first, missed0_ = c.second;
+    g_holds.fetch_add(1);
+}
+
+PoolHold::~PoolHold() {
+    if (!active_) return;
+    std::lock_guard<std::mutex> lock(g_hold_mutex);
+    g_holds.fetch_sub(1);
+    const auto c = pool().counts();
+    const int64_t jobs = c.first - jobs0_, missed = c.second - missed0_;
+    // helpers that miss more than one job in eight have no core of their own now: polling only
+    // takes time from the caller (or another process), so let them sleep for the next holds
+    if (jobs >= 8 && missed * 8 > jobs) g_hold_backoff = kHoldBackoff;
+}
 
 void parallel_tasks(int64_t n_tasks, const std::function<void(int64_t)> &fn, int width) {
     parallel_for(n_tasks, fn, width);

@@ -67,6 +67,25 @@ private:
 // threads (<= 0: all); one job at a time, so fn must not call back into the pool (matmul & co.).
 void parallel_tasks(int64_t n_tasks, const std::function<void(int64_t)> &fn, int width = 0);
 
+// While one lives, the pool's idle workers poll for the next job (yielding their core now and
+// then) instead of going to sleep: for a caller that issues many small jobs back to back without
+// returning to Python (the fused stack step: ~28 jobs per pass, most of them 10-40 us, where a
+// helper that sleeps wakes too late to take a task). When the helpers of a hold missed more than
+// one job in eight (a loaded machine: no core of their own), the next kHoldBackoff holds let them
+// sleep. HIERARCHOS_KERNEL_HOLD=0 turns holding off.
+constexpr int kHoldBackoff = 64;
+class PoolHold {
+public:
+    PoolHold();
+    ~PoolHold();
+    PoolHold(const PoolHold &) = delete;
+    PoolHold &operator=(const PoolHold &) = delete;
+
+private:
+    bool active_ = false;
+    int64_t jobs0_ = 0, missed0_ = 0;
+};
+
 // Read `bytes` from p with `threads` threads (<= 0: current setting); returns a checksum.
 uint64_t stream_read_parallel(const uint8_t *p, size_t bytes, int threads);
 

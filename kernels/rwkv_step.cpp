@@ -30,6 +30,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <deque>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -65,13 +66,18 @@ struct QMat {
     int64_t rows = 0, cols = 0;
 };
 
-// A low-rank path's matrix (in, out) row-major, in float32 or in fp16 (half the bytes streamed per
-// pass; the products run in float32 on the converted values, so a float32 matrix holding the same
-// fp16-rounded values gives the same result bit for bit).
+// A low-rank path's matrix (in, out): float32 row-major (the parameter's own storage), or fp16 in
+// column blocks (half the bytes streamed per pass; a copy): element (i, j) at
+// ((j / 16) * in + i) * 16 + j % 16, so that a task over a range of 16-column blocks reads each
+// block as one contiguous run instead of 32 bytes per row at the row stride. The products run in
+// float32 on the converted values, in the same order, so an fp16 matrix gives bit for bit what a
+// float32 one holding the same fp16-rounded values gives.
+constexpr int64_t kHalfBlock = 16;
 struct LowRank {
     const float *f = nullptr;
     const uint16_t *h = nullptr;
-    LowRank at(int64_t offset) const { return {f ? f + offset : nullptr, h ? h + offset : nullptr}; }
+    int64_t in = 0;  // rows of one matrix (the block stride); a LowRank may hold several, one after another
+    LowRank at(int64_t offset) const { return {f ? f + offset : nullptr, h ? h + offset : nullptr, in}; }
 };
 
 struct Layer {
@@ -129,94 +135,98 @@ HK_CLONES void vecmat_cols(const float *x, int64_t x_stride, const float *w, int
     }
 }
 
-// The fp16 twin of vecmat_cols: every product and sum as there (x_i * w_ij, then + in i order, no
-// fused multiply-add), on the weights converted to float32 (exact), so the two agree bit for bit
-// on fp16-representable weights. AVX-512 or F16C when the CPU has them, else a portable loop.
+// The fp16 twin of vecmat_cols on column blocks (LowRank): every product and sum as there
+// (x_i * w_ij, then + in i order, no fused multiply-add) on the weights converted to float32
+// (exact). AVX-512 or F16C when the CPU has them, else a portable loop.
+inline float half_at(const uint16_t *w, int64_t in, int64_t i, int64_t j) {
+    return half_to_float(w[((j / kHalfBlock) * in + i) * kHalfBlock + j % kHalfBlock]);
+}
+
+void vecmat_col_half_portable(const float *xb, const uint16_t *w, int64_t in, int64_t j, float *yb) {
+    float acc = 0.0f;
+    for (int64_t i = 0; i < in; ++i) acc += xb[i] * half_at(w, in, i, j);
+    yb[j] = acc;
+}
+
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #define HK_HALF_X86 1
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12: _mm512_cvtph_ps's _mm512_undefined_ps
-template <int64_t W>
-__attribute__((target("avx512f,f16c"))) inline void vecmat_row_h512(const float *xb, const uint16_t *w, int64_t in,
-                                                                int64_t out, float *yb) {
-    static_assert(W % 16 == 0, "16 floats a register");
-    __m512 acc[W / 16];
-    for (int64_t q = 0; q < W / 16; ++q) acc[q] = _mm512_setzero_ps();
+// Q consecutive 16-column blocks starting at block `first` (columns 16 first .. 16 (first + Q)).
+template <int Q>
+__attribute__((target("avx512f,f16c"))) inline void blocks_h512(const float *xb, const uint16_t *w, int64_t in,
+                                                                int64_t first, float *yb) {
+    __m512 acc[Q];
+    const uint16_t *base[Q];
+    for (int q = 0; q < Q; ++q) {
+        acc[q] = _mm512_setzero_ps();
+        base[q] = w + (first + q) * in * kHalfBlock;
+    }
     for (int64_t i = 0; i < in; ++i) {
         const __m512 xi = _mm512_set1_ps(xb[i]);
-        const uint16_t *wi = w + i * out;
-        for (int64_t q = 0; q < W / 16; ++q) {
-            const __m512 wf = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(wi + 16 * q)));
+        for (int q = 0; q < Q; ++q) {
+            const __m512 wf = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(base[q] + i * kHalfBlock)));
             acc[q] = _mm512_add_ps(acc[q], _mm512_mul_ps(xi, wf));
         }
     }
-    for (int64_t q = 0; q < W / 16; ++q) _mm512_storeu_ps(yb + 16 * q, acc[q]);
+    for (int q = 0; q < Q; ++q) _mm512_storeu_ps(yb + (first + q) * kHalfBlock, acc[q]);
 }
 
 __attribute__((target("avx512f,f16c"))) void vecmat_cols_h512(const float *x, int64_t x_stride, const uint16_t *w,
-                                                         int64_t in, int64_t out, float *y, int64_t y_stride,
-                                                         int64_t rows, int64_t j0, int64_t j1) {
+                                                              int64_t in, float *y, int64_t y_stride, int64_t rows,
+                                                              int64_t j0, int64_t j1) {
     for (int64_t b = 0; b < rows; ++b) {
         const float *xb = x + b * x_stride;
         float *yb = y + b * y_stride;
         int64_t j = j0;
-        for (; j + 64 <= j1; j += 64) vecmat_row_h512<64>(xb, w + j, in, out, yb + j);
-        for (; j + 16 <= j1; j += 16) vecmat_row_h512<16>(xb, w + j, in, out, yb + j);
-        for (; j < j1; ++j) {
-            float acc = 0.0f;
-            for (int64_t i = 0; i < in; ++i) acc += xb[i] * _cvtsh_ss(w[i * out + j]);
-            yb[j] = acc;
-        }
+        for (; j < j1 && j % kHalfBlock; ++j) vecmat_col_half_portable(xb, w, in, j, yb);
+        for (; j + 4 * kHalfBlock <= j1; j += 4 * kHalfBlock) blocks_h512<4>(xb, w, in, j / kHalfBlock, yb);
+        for (; j + kHalfBlock <= j1; j += kHalfBlock) blocks_h512<1>(xb, w, in, j / kHalfBlock, yb);
+        for (; j < j1; ++j) vecmat_col_half_portable(xb, w, in, j, yb);
     }
 }
 
 __attribute__((target("avx2,f16c"))) void vecmat_cols_h256(const float *x, int64_t x_stride, const uint16_t *w,
-                                                           int64_t in, int64_t out, float *y, int64_t y_stride,
-                                                           int64_t rows, int64_t j0, int64_t j1) {
+                                                           int64_t in, float *y, int64_t y_stride, int64_t rows,
+                                                           int64_t j0, int64_t j1) {
     for (int64_t b = 0; b < rows; ++b) {
         const float *xb = x + b * x_stride;
         float *yb = y + b * y_stride;
         int64_t j = j0;
-        for (; j + 32 <= j1; j += 32) {
-            __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        for (; j < j1 && j % kHalfBlock; ++j) vecmat_col_half_portable(xb, w, in, j, yb);
+        for (; j + kHalfBlock <= j1; j += kHalfBlock) {
+            const uint16_t *base = w + (j / kHalfBlock) * in * kHalfBlock;
+            __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
             for (int64_t i = 0; i < in; ++i) {
                 const __m256 xi = _mm256_set1_ps(xb[i]);
-                const uint16_t *wi = w + i * out + j;
-                for (int q = 0; q < 4; ++q) {
-                    const __m256 wf = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(wi + 8 * q)));
+                for (int q = 0; q < 2; ++q) {
+                    const __m256 wf = _mm256_cvtph_ps(
+                        _mm_loadu_si128(reinterpret_cast<const __m128i *>(base + i * kHalfBlock + 8 * q)));
                     acc[q] = _mm256_add_ps(acc[q], _mm256_mul_ps(xi, wf));
                 }
             }
-            for (int q = 0; q < 4; ++q) _mm256_storeu_ps(yb + j + 8 * q, acc[q]);
+            for (int q = 0; q < 2; ++q) _mm256_storeu_ps(yb + j + 8 * q, acc[q]);
         }
-        for (; j < j1; ++j) {
-            float acc = 0.0f;
-            for (int64_t i = 0; i < in; ++i) acc += xb[i] * _cvtsh_ss(w[i * out + j]);
-            yb[j] = acc;
-        }
+        for (; j < j1; ++j) vecmat_col_half_portable(xb, w, in, j, yb);
     }
 }
 #pragma GCC diagnostic pop
 #endif
 
-void vecmat_cols_half(const float *x, int64_t x_stride, const uint16_t *w, int64_t in, int64_t out, float *y,
-                      int64_t y_stride, int64_t rows, int64_t j0, int64_t j1) {
+void vecmat_cols_half(const float *x, int64_t x_stride, const uint16_t *w, int64_t in, float *y, int64_t y_stride,
+                      int64_t rows, int64_t j0, int64_t j1) {
 #if defined(HK_HALF_X86)
     static const int level = __builtin_cpu_supports("avx512f") ? 2 : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c")) ? 1 : 0;
-    if (level == 2) return vecmat_cols_h512(x, x_stride, w, in, out, y, y_stride, rows, j0, j1);
-    if (level == 1) return vecmat_cols_h256(x, x_stride, w, in, out, y, y_stride, rows, j0, j1);
+    if (level == 2) return vecmat_cols_h512(x, x_stride, w, in, y, y_stride, rows, j0, j1);
+    if (level == 1) return vecmat_cols_h256(x, x_stride, w, in, y, y_stride, rows, j0, j1);
 #endif
     for (int64_t b = 0; b < rows; ++b)
-        for (int64_t j = j0; j < j1; ++j) {
-            float acc = 0.0f;
-            for (int64_t i = 0; i < in; ++i) acc += x[b * x_stride + i] * half_to_float(w[i * out + j]);
-            y[b * y_stride + j] = acc;
-        }
+        for (int64_t j = j0; j < j1; ++j) vecmat_col_half_portable(x + b * x_stride, w, in, j, y + b * y_stride);
 }
 
 void vecmat_cols(const float *x, int64_t x_stride, const LowRank &w, int64_t in, int64_t out, float *y,
                  int64_t y_stride, int64_t rows, int64_t j0, int64_t j1) {
-    if (w.h) vecmat_cols_half(x, x_stride, w.h, in, out, y, y_stride, rows, j0, j1);
+    if (w.h) vecmat_cols_half(x, x_stride, w.h, w.in, y, y_stride, rows, j0, j1);
     else vecmat_cols(x, x_stride, w.f, in, out, y, y_stride, rows, j0, j1);
 }
 
@@ -377,6 +387,7 @@ public:
         {
             py::gil_scoped_release release;
             std::lock_guard<std::mutex> lock(mutex_);  // the scratch is the object's
+            PoolHold hold;  // the pool's helpers stay awake between this step's jobs
             run(B, px, ptm, pwkv, pcm, gate_ptrs, frozen_rows.data(), ox, otm, owkv, ocm);
         }
         return py::make_tuple(x_out, tm_out, wkv_out, cm_out);
@@ -393,18 +404,30 @@ private:
         return a.data();
     }
 
-    // A low-rank matrix: float32, or fp16 (a numpy float16 array) for half the bytes per pass.
-    LowRank low_rank(const py::dict &d, const char *name, int64_t size) {
+    // Low-rank matrices (count of them, each in x out, one after another): float32 (read in place),
+    // or fp16 (a numpy float16 array), copied into column blocks (LowRank). fp16 with a width that
+    // is not a whole number of blocks goes to a float32 copy (exact).
+    LowRank low_rank(const py::dict &d, const char *name, int64_t count, int64_t in, int64_t out) {
         if (!d.contains(name)) throw py::value_error(std::string("RwkvStackStep: layer lacks '") + name + "'");
+        const int64_t size = count * in * out;
         const py::array a = py::array::ensure(d[name]);
-        if (a && a.dtype().kind() == 'f' && a.itemsize() == 2) {
-            if (a.size() != size || !(a.flags() & py::array::c_style))
-                throw py::value_error(std::string("RwkvStackStep: '") + name + "' must hold " + std::to_string(size) +
-                                      " contiguous float16 values");
-            keep_.push_back(a);
-            return {nullptr, static_cast<const uint16_t *>(a.data())};
+        if (!(a && a.dtype().kind() == 'f' && a.itemsize() == 2)) return {vec(d, name, size), nullptr, in};
+        if (a.size() != size || !(a.flags() & py::array::c_style))
+            throw py::value_error(std::string("RwkvStackStep: '") + name + "' must hold " + std::to_string(size) +
+                                  " contiguous float16 values");
+        const uint16_t *src = static_cast<const uint16_t *>(a.data());
+        if (out % kHalfBlock || N_ % kHalfBlock) {
+            owned_f_.emplace_back(static_cast<size_t>(size));
+            for (int64_t e = 0; e < size; ++e) owned_f_.back()[e] = half_to_float(src[e]);
+            return {owned_f_.back().data(), nullptr, in};
         }
-        return {vec(d, name, size), nullptr};
+        owned_h_.emplace_back(static_cast<size_t>(size));
+        uint16_t *dst = owned_h_.back().data();
+        for (int64_t m = 0; m < count; ++m)
+            for (int64_t i = 0; i < in; ++i)
+                for (int64_t j = 0; j < out; ++j)
+                    dst[m * in * out + ((j / kHalfBlock) * in + i) * kHalfBlock + j % kHalfBlock] = src[m * in * out + i * out + j];
+        return {nullptr, dst, in};
     }
 
     QMat quant(const py::dict &d, const char *name, int64_t rows, int64_t cols) {
@@ -435,14 +458,14 @@ private:
             L.mix_rank = rank("mix_rank");
             if (L.mix_rank <= 0) throw py::value_error("RwkvStackStep: mix_rank must be positive");
             L.mix_base = vec(d, "mix_base", C);
-            L.mix_down = low_rank(d, "mix_down", C * 6 * L.mix_rank);
-            L.mix_up = low_rank(d, "mix_up", 6 * L.mix_rank * C);
+            L.mix_down = low_rank(d, "mix_down", 1, C, 6 * L.mix_rank);
+            L.mix_up = low_rank(d, "mix_up", 6, L.mix_rank, C);
         }
         L.decay_rank = rank("decay_rank"), L.iclr_rank = rank("iclr_rank");
-        L.decay_base = vec(d, "decay_base", C), L.decay_down = low_rank(d, "decay_down", C * L.decay_rank);
-        L.decay_up = low_rank(d, "decay_up", L.decay_rank * C);
-        L.iclr_base = vec(d, "iclr_base", C), L.iclr_down = low_rank(d, "iclr_down", C * L.iclr_rank);
-        L.iclr_up = low_rank(d, "iclr_up", L.iclr_rank * C);
+        L.decay_base = vec(d, "decay_base", C), L.decay_down = low_rank(d, "decay_down", 1, C, L.decay_rank);
+        L.decay_up = low_rank(d, "decay_up", 1, L.decay_rank, C);
+        L.iclr_base = vec(d, "iclr_base", C), L.iclr_down = low_rank(d, "iclr_down", 1, C, L.iclr_rank);
+        L.iclr_up = low_rank(d, "iclr_up", 1, L.iclr_rank, C);
         L.removal_scale = vec(d, "removal_scale", C), L.key_iclr_mix = vec(d, "key_iclr_mix", C);
         L.bonus = vec(d, "bonus", C), L.norm_w = vec(d, "norm.weight", C), L.norm_b = vec(d, "norm.bias", C);
         L.gate_full = d["gate_full"].cast<bool>();
@@ -450,14 +473,15 @@ private:
             L.g = quant(d, "gate", C, C);
         } else {
             L.gate_rank = rank("gate_rank");
-            L.gate_down = low_rank(d, "gate_down", C * L.gate_rank), L.gate_up = low_rank(d, "gate_up", L.gate_rank * C);
+            L.gate_down = low_rank(d, "gate_down", 1, C, L.gate_rank);
+            L.gate_up = low_rank(d, "gate_up", 1, L.gate_rank, C);
         }
         L.value_first = d["value_first"].cast<bool>();
         L.value_residual = d["value_residual"].cast<bool>();
         if (L.value_residual) {
             L.vr_rank = rank("vr_rank");
-            L.vr_base = vec(d, "vr_base", C), L.vr_down = low_rank(d, "vr_down", C * L.vr_rank);
-            L.vr_up = low_rank(d, "vr_up", L.vr_rank * C);
+            L.vr_base = vec(d, "vr_base", C), L.vr_down = low_rank(d, "vr_down", 1, C, L.vr_rank);
+            L.vr_up = low_rank(d, "vr_up", 1, L.vr_rank, C);
         }
         L.r = quant(d, "receptance", C, C), L.k = quant(d, "key", C, C), L.v = quant(d, "value", C, C);
         L.o = quant(d, "output", C, C);
@@ -599,6 +623,8 @@ private:
     int64_t C_, N_, H_, F_;
     std::vector<Layer> layers_;
     std::vector<py::object> keep_;
+    std::deque<std::vector<uint16_t>> owned_h_;  // fp16 low-rank matrices in column blocks
+    std::deque<std::vector<float>> owned_f_;     // fp16 ones of a width not in whole blocks, as float32
     std::mutex mutex_;
     int64_t rows_ = -1;
     MatmulBatch batch_;  // the projections of one time mix, run inside the step's own pool job
