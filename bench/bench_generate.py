@@ -36,8 +36,8 @@ one Triton kernel, CUDA or TRITON_INTERPRET=1; blocks+fused, step+fused: both), 
 compile seconds are part of the warm-up, shown apart. The JSON is rewritten after every row.
 
     PYTHONPATH=. python bench/bench_generate.py --device cuda --size 125m --contexts 1024 --new-tokens 128 \
-        --batch 1 --cuda-graph --configs minimal default --gpt2 --compile-step off fused blocks blocks+fused step \
-        --skip-step-rows
+        --batch 1 --cuda-graph --configs minimal default --gpt2 --compile-step off fused step step+fused \
+        blocks+fused --skip-step-rows --budget-s 380
 
 --configs: reasoning configs of the same shape (default 2,5,5; minimal 1,1,0), one run each.
 --gpt2: a Hugging Face GPT-2 of the same parameter count (bench/gpt2_baseline.py), `model.generate`
