@@ -11,9 +11,10 @@ output projection) stay cuBLAS calls around it.
 
 `timemix_step_reference` is the same function in PyTorch, written as `TimeMix.forward` computes it for
 T = 1 (the ground truth of tests/test_rwkv_step_triton.py, run under TRITON_INTERPRET=1 on the CPU).
-`timemix_step` is the dispatcher the block step calls: the kernel when `enabled()` is on and it can run
-(CUDA, or the CPU under the interpreter; float32; no autograd), else the reference. Off by default:
-`use_fused_step(True)` (the generation stepper's `fused_step`) switches it on for the step.
+The block step dispatches with `fits`: `TimeMix.forward` takes the kernel for one token when it is
+switched on and can run (CUDA, or the CPU under the interpreter; float32; no autograd), else its own
+eager ops. Off by default: `use_fused_step(True)` (the generation stepper's `fused_step`) switches it
+on for the step only.
 
 Per batch row and head (vectors over the head's N channels; S[i, j], i a value and j a key channel):
     log_w = -exp(-softplus(-(decay_base + decay_lora)) - 0.5)      iclr = sigmoid(iclr_base + iclr_lora)
@@ -221,12 +222,3 @@ def fits(x: torch.Tensor, head_size: int) -> bool:
     return (_ENABLED and x.dtype == torch.float32 and not torch.is_grad_enabled() and triton is not None
             and not head_size & (head_size - 1)
             and (x.is_cuda or (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")))
-
-
-def timemix_step(*args, **kwargs):
-    """The dispatcher: the kernel when `fits` said so at the caller, the reference otherwise is the
-    caller's choice; here the kernel when it can run, else the reference."""
-    r = args[0] if args else kwargs["r"]
-    if fits(r[:, None], (args[12] if len(args) > 12 else kwargs["bonus"]).shape[-1]):
-        return timemix_step_triton(*args, **kwargs)
-    return timemix_step_reference(*args, **kwargs)
