@@ -217,7 +217,7 @@ def timemix_step_triton(r, k, v, decay_lora, iclr_lora, gate, state, frozen, dec
 
 
 def fits(x: torch.Tensor, head_size: int) -> bool:
-    """Whether `timemix_step` takes the kernel for a block input x (B, 1, C): switched on, float32,
+    """Whether TimeMix takes the kernel for a block input x (B, 1, C): switched on, float32,
     no autograd, a power-of-two head size, a device the kernel runs on."""
     return (_ENABLED and x.dtype == torch.float32 and not torch.is_grad_enabled() and triton is not None
             and not head_size & (head_size - 1)
