@@ -209,6 +209,11 @@ def timemix_step_triton(r, k, v, decay_lora, iclr_lora, gate, state, frozen, dec
         raise HierarchosError(f"the fused one-token time mix takes float32 tensors ({', '.join(bad)} are not); "
                               "switch it off (use_fused_step(False)) under autocast or in other dtypes")
     args = {name: t.contiguous() for name, t in args.items()}
+    if frozen is not None:  # (B,) bool read at b: one flag per row, contiguous
+        frozen = frozen.reshape(-1).contiguous()
+        if frozen.dtype != torch.bool or frozen.numel() != r.shape[0]:
+            raise HierarchosError(f"the fused one-token time mix takes frozen as ({r.shape[0]},) bool, got "
+                                  f"{tuple(frozen.shape)} {frozen.dtype}")
     out, new_state = _timemix_step_op(args["r"], args["k"], args["v"], args["decay_lora"], args["iclr_lora"],
                                       args["gate"], args["state"], frozen, args["decay_base"], args["iclr_base"],
                                       args["removal_scale"], args["key_iclr_mix"], args["bonus"],
