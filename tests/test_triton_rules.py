@@ -43,3 +43,55 @@ def test_the_triton_loss_of_one_row_matches_the_reference(monkeypatch):
         results.append((ce.detach(), z.detach(), leaf.grad))
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_the_loss_block_is_the_vocabulary_rounded_up_to_a_power_of_two_from_16_to_4096():
+    """One program reads a row in blocks of next_power_of_2(V) lanes, at least 16, at most 4096; the
+    4096-lane block runs in 8 warps, smaller ones in 4 (bench_loss's choice; a launch rule only)."""
+    from hierarchos.ops.ce_triton import _block
+
+    assert [_block(v) for v in (1, 11, 16, 17, 300, 2048, 4095, 4096, 50257)] == [
+        (16, 4), (16, 4), (16, 4), (32, 4), (512, 4), (2048, 4), (4096, 8), (4096, 8), (4096, 8)]
+
+
+def _loss_and_grad(logits, targets, ignore_index, impl, weights=(0.6, 0.4)):
+    from hierarchos.model.losses import cross_entropy_z
+
+    leaf = logits.detach().requires_grad_(True)
+    ce, z = cross_entropy_z(leaf, targets, ignore_index=ignore_index, impl=impl)
+    (weights[0] * ce + weights[1] * z).backward()
+    return ce.detach(), z.detach(), leaf.grad
+
+
+def test_the_triton_loss_of_column_strided_logits_matches_the_reference(monkeypatch):
+    """Logits whose columns are not adjacent (every other column of a wider tensor, or a transpose)
+    are made contiguous first: the kernels read a row's columns as adjacent."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    g = torch.Generator().manual_seed(7)
+    targets = torch.tensor([0, 4, 9, 2])
+    for logits in (torch.randn(4, 20, generator=g)[:, ::2], torch.randn(10, 4, generator=g).t()):
+        assert logits.stride(-1) != 1
+        for got, want in zip(_loss_and_grad(logits, targets, -100, "triton"),
+                             _loss_and_grad(logits, targets, -100, "torch")):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("ignore_index", [-100, 1000])
+def test_an_ignored_target_never_reads_outside_its_row(monkeypatch, ignore_index):
+    """An ignored row's target id (-100, or an id past the vocabulary) is clamped into the row before
+    the kernel reads the target's logit: the logits sit between runs of +inf (before them, after
+    them and in the two padding columns of every row), so a read outside the row would make the
+    ignored row's loss inf * 0 = nan."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    rows, vocab, pad, guard = 3, 13, 2, 1200
+    storage = torch.full((2 * guard + rows * (vocab + pad),), float("inf"))
+    wide = storage[guard:guard + rows * (vocab + pad)].view(rows, vocab + pad)
+    wide[:, :vocab] = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(1))
+    logits = wide[:, :vocab]
+    targets = torch.tensor([ignore_index, 5, ignore_index])
+    got = _loss_and_grad(logits, targets, ignore_index, "triton")
+    # the PyTorch form's gather does not take an ignore_index past the vocabulary: its own spelling
+    want = _loss_and_grad(logits.contiguous(), torch.where(targets == ignore_index, -100, targets), -100, "torch")
+    for a, b in zip(got, want):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
