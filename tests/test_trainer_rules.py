@@ -446,3 +446,40 @@ def test_host_path_drops_the_accumulated_gradients_of_a_skipped_step():
     dropped = []
     trainer.run(stop_requested=lambda: dropped.append(all(p.grad is None for p in trainer.model.parameters())) or False)
     assert trainer.skipped_steps == 1 and dropped == [True, True]
+
+
+def test_validation_every_third_epoch_and_a_tie_is_not_a_new_best():
+    """eval_every_epoch=3 over 3 epochs validates at the end of epoch 3 only; with the weights held
+    (learning rate 0) every validation gives the same loss, and a tie with the best is not a new best."""
+    trainer = make(0, val=True, epochs=3, eval_every_epoch=3, log_every=100, starting_lr=0.0, min_lr=0.0)
+    _, _, records = _recording(trainer)
+    saves = []
+    trainer.run(on_checkpoint=lambda t, best, reason: saves.append((t.opt_step, best, reason)))
+    assert [("val_loss" in r) for r in records] == [False, False, True]
+    again = make(0, val=True, epochs=2, eval_every_epoch=1, log_every=100, starting_lr=0.0, min_lr=0.0)
+    _, _, records = _recording(again)
+    saves = []
+    again.run(on_checkpoint=lambda t, best, reason: saves.append((t.opt_step, best, reason)))
+    assert records[0]["val_loss"] == records[1]["val_loss"] == again.best_val
+    assert saves == [(3, True, "epoch"), (6, False, "epoch")]
+
+
+def test_loss_of_a_one_token_window_and_speed_under_a_second(monkeypatch):
+    """The logged loss is the summed NLL over the window's tokens, also for a window of one token; the
+    speed is tokens over seconds, also when a window takes less than a second (a clock of 0.25 s ticks)."""
+    import types
+
+    import hierarchos.train.trainer as trainer_mod
+
+    ticks = iter(range(1000))
+    monkeypatch.setattr(trainer_mod, "time", types.SimpleNamespace(perf_counter=lambda: next(ticks) / 4))
+    torch.manual_seed(0)
+    model = HierarchosLM(tiny_config(vocab_size=32))
+    streams = TokenStreams.from_documents([[3, 4, 5]], eos_id=31, batch_size=1, chunk=1)
+    trainer = Trainer(model, streams, TrainConfig(epochs=1, batch_size=1, warmup_steps=1, log_every=1),
+                      torch.device("cpu"), log=lambda line: None)
+    windows, _, records = _recording(trainer)
+    trainer.run()
+    assert [w[1] for w in windows] and all(w[1] == 1 for w in windows)
+    assert [r["loss"] for r in records] == pytest.approx([w[0] for w in windows], rel=1e-6)
+    assert [r["tokens_per_s"] for r in records] == [2.0] * len(records)  # 1 token in 2 ticks
