@@ -483,3 +483,43 @@ def test_loss_of_a_one_token_window_and_speed_under_a_second(monkeypatch):
     assert [w[1] for w in windows] and all(w[1] == 1 for w in windows)
     assert [r["loss"] for r in records] == pytest.approx([w[0] for w in windows], rel=1e-6)
     assert [r["tokens_per_s"] for r in records] == [2.0] * len(records)  # 1 token in 2 ticks
+
+
+def test_graphed_windows_follow_persist_state_and_count_a_skipped_window_as_no_loss():
+    """With cuda_graphs (on the CPU: GraphedWindow without capture) the run equals the eager one with
+    persist_state off too, and a non-finite window (the second) is skipped and logged with loss 0."""
+    seed = fresh_seed()
+    runs = []
+    for graphs in (False, True):
+        trainer, records = make(seed, persist_state=False, cuda_graphs=graphs), []
+        trainer.log_metrics = records.append  # not _recording: a wrapped forward is refused under graphs
+        trainer.run()
+        runs.append((trainer, records))
+    (eager, eager_log), (graphed, graphed_log) = runs
+    assert graphed.graphed is not None and graphed.state is None
+    assert [r["loss"] for r in graphed_log] == pytest.approx([r["loss"] for r in eager_log], rel=1e-5), seed
+    for p, q in zip(eager.model.parameters(), graphed.model.parameters()):
+        torch.testing.assert_close(p, q, msg=lambda m: f"seed={seed}: {m}")
+    trainer = make(seed, cuda_graphs=True)
+    real, calls = trainer.model.forward, []
+
+    def forward(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:
+            out.logits = out.logits + float("nan")
+        return out
+
+    trainer.model.forward = forward
+    records = []
+    trainer.log_metrics = records.append
+    trainer.run()
+    assert trainer.skipped_steps == 1 and records[1]["loss"] == 0.0 and records[0]["loss"] > 0, seed
+
+
+def test_graphed_windows_refuse_a_wrapped_forward_in_one_line():
+    trainer = make(0, cuda_graphs=True)
+    trainer.forward_model = lambda *a, **k: None  # e.g. DDP's wrapper under torchrun
+    with pytest.raises(HierarchosError) as err:
+        trainer.run()
+    assert str(err.value) == "CUDA graphs run in one process: drop --cuda-graphs under torchrun"
