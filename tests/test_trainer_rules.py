@@ -91,7 +91,8 @@ def test_step_counts_and_cpu_settings():
 @pytest.mark.parametrize("persist", [True, False])
 def test_window_gradient_is_the_weighted_sum_over_detach_pieces(persist):
     seed = fresh_seed()
-    trainer = make(seed, detach_every=4, accumulation_steps=2, persist_state=persist)
+    trainer = make(seed, detach_every=4, accumulation_steps=2, persist_state=persist,
+                   loss=LossWeights(ponder=0.3, commitment=0.5))  # the run's weights, not the defaults
     reference = copy.deepcopy(trainer.model)
     x, y = trainer.train_streams.batch(0)
     nll, ntok, parts, finite = trainer._window_loss(x, y, x)
@@ -523,3 +524,22 @@ def test_graphed_windows_refuse_a_wrapped_forward_in_one_line():
     with pytest.raises(HierarchosError) as err:
         trainer.run()
     assert str(err.value) == "CUDA graphs run in one process: drop --cuda-graphs under torchrun"
+
+
+def test_host_path_runs_every_piece_of_a_window_after_a_non_finite_one():
+    """Host path, windows of 10 tokens cut every 5: a non-finite first piece skips only its own
+    backward; the second piece still runs (its loss is logged and it carries the state on)."""
+    trainer = make(2, log_every=100, detach_every=5)
+    trainer.fused_adamw = False
+    calls, real = [], trainer.forward_model
+
+    def forward(x, state, **kwargs):
+        out = real(x, state, **kwargs)
+        calls.append(x.shape[1])
+        if len(calls) == 1:
+            out.logits = out.logits + float("nan")
+        return out
+
+    trainer.forward_model = forward
+    trainer.run()
+    assert calls == [5] * 6 and trainer.skipped_steps == 1
