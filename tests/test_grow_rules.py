@@ -100,3 +100,14 @@ def test_a_feature_asked_off_that_is_off_is_no_change_and_off_from_on_is_one_lin
         enable_features(HierarchosLM(tiny_config(use_rosa=True)), use_rosa=False)
     assert str(err.value) == ("use_rosa: cannot turn a feature off by growing a model (it changes what the "
                               "model computes); train a new model without it")
+
+
+def test_new_slots_get_the_fresh_init_of_the_seed_default_0():
+    """The new slots' keys and values are those of a new model initialised under the seed (default 0):
+    the same seed gives the same slots, another seed other ones; the old slots are kept as they are."""
+    torch.manual_seed(0)
+    model = HierarchosLM(tiny_config())
+    default, zero, other = grow_slots(model, 12), grow_slots(model, 12, seed=0), grow_slots(model, 12, seed=1)
+    assert torch.equal(default.memory.keys, zero.memory.keys) and torch.equal(default.memory.values, zero.memory.values)
+    assert not torch.equal(default.memory.keys[8:], other.memory.keys[8:])
+    assert torch.equal(default.memory.keys[:8], model.memory.keys)
