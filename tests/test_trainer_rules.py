@@ -543,3 +543,24 @@ def test_host_path_runs_every_piece_of_a_window_after_a_non_finite_one():
     trainer.forward_model = forward
     trainer.run()
     assert calls == [5] * 6 and trainer.skipped_steps == 1
+
+
+def test_a_window_with_one_non_finite_piece_is_skipped_even_if_its_gradient_is_finite(monkeypatch):
+    """Device-skip path, windows cut every 5 tokens: a first piece whose loss is non-finite while its
+    gradient is finite (a non-finite constant term) still makes the whole window's step a skip."""
+    import hierarchos.train.trainer as trainer_mod
+
+    calls, real = [], trainer_mod.lm_loss
+
+    def lm_loss(*args, **kwargs):
+        loss, parts = real(*args, **kwargs)
+        calls.append(1)
+        return (loss + float("nan") if len(calls) == 1 else loss), parts
+
+    monkeypatch.setattr(trainer_mod, "lm_loss", lm_loss)
+    trainer = make(3, log_every=100, detach_every=5)
+    assert trainer.device_skip
+    before = copy.deepcopy(trainer.model.state_dict())
+    trainer.run(stop_requested=lambda: True)  # stop after the first step
+    assert trainer.skipped_steps == 1 and len(calls) == 2
+    assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
