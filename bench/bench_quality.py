@@ -481,7 +481,9 @@ def sweep(args, corpus, label: str, fields: dict | None = None, n_layer: int | N
             points.append(train_hierarchos(args, corpus, fields, lr, f"{label}-lr{lr:g}"))
         else:
             points.append(train_gpt2(args, corpus, n_layer, lr, f"{label}-lr{lr:g}"))
-    best = min(points, key=lambda r: r["val_bpb"] if r["val_bpb"] is not None else float("inf"))
+    # a diverged point (None or NaN bits per byte) never wins
+    best = min(points, key=lambda r: r["val_bpb"] if r["val_bpb"] is not None and math.isfinite(r["val_bpb"])
+               else float("inf"))
     return dict(label=label, best=best, points=points)
 
 

@@ -220,6 +220,28 @@ def test_validation_carries_the_state_across_windows_of_one_stream():
     assert abs(metrics["val_loss"] - expected) <= 1e-9 * expected, f"seed={seed}: {metrics['val_loss']} vs {expected}"
 
 
+def test_validation_without_persist_state_starts_every_window_afresh():
+    """persist_state off (full attention, whose KV cache would grow through the whole held-out text):
+    validation reads each window from a fresh state, as training does, and that differs from carrying."""
+    seed = fresh_seed()
+    trainer, ids, _ = validation_run(seed)
+    carried = trainer.evaluate()["val_loss"]
+    trainer.cfg.persist_state = False
+    metrics = trainer.evaluate()
+    nll, count = 0.0, 0
+    trainer.model.eval()
+    with torch.no_grad():
+        for i in range(len(trainer.val_streams)):
+            x, y = trainer.val_streams.batch(i)
+            logits = trainer.model(x).logits
+            nll += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
+                                                     reduction="sum").item()
+            count += y.numel()
+    expected = nll / count
+    assert abs(metrics["val_loss"] - expected) <= 1e-9 * expected, f"seed={seed}: {metrics['val_loss']} vs {expected}"
+    assert abs(carried - expected) > 1e-6 * expected, f"seed={seed}: carrying the state changed nothing"
+
+
 def test_validation_bits_per_byte_is_summed_nll_over_utf8_bytes():
     import math
 

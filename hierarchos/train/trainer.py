@@ -236,7 +236,9 @@ class Trainer:
             with self._autocast():
                 out = self.model(x, state)
                 _, parts = lm_loss(out, y, 0.0)
-            state = out.state
+            # the same carry as training: without persist_state (full attention, whose KV cache would
+            # grow through the whole held-out text) every window starts afresh
+            state = out.state if self.cfg.persist_state else None
             nll += float(parts["ce"]) * y.numel()
             count += y.numel()
         self.model.train()
