@@ -564,3 +564,21 @@ def test_a_window_with_one_non_finite_piece_is_skipped_even_if_its_gradient_is_f
     trainer.run(stop_requested=lambda: True)  # stop after the first step
     assert trainer.skipped_steps == 1 and len(calls) == 2
     assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+
+
+def test_a_skipped_window_is_logged_with_loss_0_on_the_device_skip_path():
+    trainer = make(4)
+    assert trainer.device_skip
+    calls, real = [], trainer.forward_model
+
+    def forward(x, state, **kwargs):
+        out = real(x, state, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:
+            out.logits = out.logits + float("nan")
+        return out
+
+    trainer.forward_model = forward
+    _, _, records = _recording(trainer)
+    trainer.run()
+    assert trainer.skipped_steps == 1 and records[1]["loss"] == 0.0 and records[0]["loss"] > 0
