@@ -625,7 +625,8 @@ def test_status_counts_slots_and_sizes_and_times_the_warm_up(monkeypatch, tmp_pa
     """/status on a DeepEmbed model with two used memory slots, a reply that took no measurable time,
     a carried state of exactly 100 KiB and a CUDA-graph warm-up timed on the session's clock."""
     torch.manual_seed(5)
-    save_model_dir(tmp_path / "de", HierarchosLM(tiny_config(vocab_size=260, use_deepembed=True)), load_tokenizer("byte"))
+    model = HierarchosLM(tiny_config(vocab_size=260, use_deepembed=True))
+    save_model_dir(tmp_path / "de", model, load_tokenizer("byte"))
     monkeypatch.setattr(chat_mod, "generate_batch", lambda *a, **k: None)
     ticks = iter([5.0, 7.5])
     session, _, info = session_of(tmp_path / "de", cuda_graph=True, clock=lambda: next(ticks))
