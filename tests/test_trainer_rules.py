@@ -582,3 +582,14 @@ def test_a_skipped_window_is_logged_with_loss_0_on_the_device_skip_path():
     _, _, records = _recording(trainer)
     trainer.run()
     assert trainer.skipped_steps == 1 and records[1]["loss"] == 0.0 and records[0]["loss"] > 0
+
+
+def test_validation_without_a_byte_count_reports_no_bits_per_byte():
+    """val_bytes defaults to 0, "not known": validation then reports val_bpb None, not a rate per byte."""
+    torch.manual_seed(0)
+    model = HierarchosLM(tiny_config(vocab_size=32))
+    streams = TokenStreams.from_documents([list(range(31)) * 2], eos_id=31, batch_size=2, chunk=10)
+    trainer = Trainer(model, streams, TrainConfig(epochs=1, batch_size=2), torch.device("cpu"),
+                      val_streams=streams, log=lambda line: None)
+    metrics = trainer.evaluate()
+    assert metrics["val_bpb"] is None and math.isfinite(metrics["val_loss"])
