@@ -491,13 +491,14 @@ def test_graphed_windows_follow_persist_state_and_count_a_skipped_window_as_no_l
     persist_state off too, and a non-finite window (the second) is skipped and logged with loss 0."""
     seed = fresh_seed()
     runs = []
-    for graphs in (False, True):
-        trainer, records = make(seed, persist_state=False, cuda_graphs=graphs), []
+    for graphs in (False, True):  # the run's own loss weights in both
+        trainer, records = make(seed, persist_state=False, cuda_graphs=graphs, loss=LossWeights(ponder=0.3)), []
         trainer.log_metrics = records.append  # not _recording: a wrapped forward is refused under graphs
         trainer.run()
         runs.append((trainer, records))
     (eager, eager_log), (graphed, graphed_log) = runs
     assert graphed.graphed is not None and graphed.state is None
+    assert graphed.drop_grads and all(p.grad is None for p in graphed.model.parameters())  # no capture: dropped
     assert [r["loss"] for r in graphed_log] == pytest.approx([r["loss"] for r in eager_log], rel=1e-5), seed
     for p, q in zip(eager.model.parameters(), graphed.model.parameters()):
         torch.testing.assert_close(p, q, msg=lambda m: f"seed={seed}: {m}")
@@ -593,3 +594,16 @@ def test_validation_without_a_byte_count_reports_no_bits_per_byte():
                       val_streams=streams, log=lambda line: None)
     metrics = trainer.evaluate()
     assert metrics["val_bpb"] is None and math.isfinite(metrics["val_loss"])
+
+
+def test_graphed_windows_tell_the_trainers_log_when_a_shape_runs_eagerly(monkeypatch):
+    from hierarchos.train import cuda_graph
+
+    monkeypatch.setattr(cuda_graph, "MAX_GRAPHS", 0)
+    torch.manual_seed(0)
+    streams = TokenStreams.from_documents([list(range(31)) * 2], eos_id=31, batch_size=2, chunk=10)
+    lines = []
+    trainer = Trainer(HierarchosLM(tiny_config(vocab_size=32)), streams,
+                      TrainConfig(epochs=1, batch_size=2, cuda_graphs=True), torch.device("cpu"), log=lines.append)
+    trainer.run()
+    assert lines and lines[0].startswith("cuda graphs: 0 window shapes captured already; windows of shape 2x10")
