@@ -161,7 +161,8 @@ def scratch_copy(dest: Path) -> None:
             shutil.copy2(src, dest / name)
 
 
-def run_module(module: str, tests: list[str], work: Path, jobs: int, timeout_multiplier: float) -> dict:
+def run_module(module: str, tests: list[str], work: Path, jobs: int, timeout_multiplier: float,
+               only: list[str] | None = None) -> dict:
     scratch_copy(work)
     # forkserver: torch's thread pools are not fork-safe once used (forked mutants hung until their
     # timeout); one thread per mutant, `jobs` mutants at once
@@ -179,7 +180,7 @@ def run_module(module: str, tests: list[str], work: Path, jobs: int, timeout_mul
         cfg.insert(-1, "    mutmut_triton_plugin.py")
     (work / "setup.cfg").write_text("\n".join(cfg))
     t0 = time.time()
-    env_cmd = [sys.executable, "-m", "mutmut", "run", "--max-children", str(jobs)]
+    env_cmd = [sys.executable, "-m", "mutmut", "run", "--max-children", str(jobs), *(only or [])]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     run = subprocess.run(env_cmd, cwd=work, capture_output=True, text=True, env=env)
     (work / "mutmut-run.log").write_text(run.stdout + run.stderr)
@@ -206,6 +207,8 @@ def main() -> int:
     p.add_argument("--jobs", type=int, default=2, help="mutants tested at once")
     p.add_argument("--timeout-multiplier", type=float, default=60.0,
                    help="mutmut's timeout_multiplier (its default 15 scores slow mutants as killed under load)")
+    p.add_argument("--only", nargs="*", help="mutant names or globs to run (e.g. 'hierarchos.train.trainer.*evaluate*'); "
+                   "the score then counts only those")
     p.add_argument("--work", default="/tmp/hierarchos-mutation", help="scratch directory (one copy per module)")
     p.add_argument("--json", default="bench/results/mutation.json", help="where the results go")
     p.add_argument("--show", help="print the diff of one mutant (from the last run of its module)")
@@ -223,7 +226,8 @@ def main() -> int:
         return 2
     results = []
     for module in args.modules:
-        result = run_module(module, MODULES[module], work / Path(module).stem, args.jobs, args.timeout_multiplier)
+        result = run_module(module, MODULES[module], work / Path(module).stem, args.jobs, args.timeout_multiplier,
+                            args.only)
         results.append(result)
         score = "n/a" if result["score"] is None else f"{100 * result['score']:.1f}%"
         print(f"{module:34s} killed {result['killed']:4d} / {result['total']:4d}  {score:>6s}  "
