@@ -281,7 +281,10 @@ class TimeMix(nn.Module):
         if frozen is not None:  # frozen-token rule: w=1, a=0, k=0 writes nothing
             live = (~frozen)[:, :, None, None].to(r_h.dtype)
             log_w_h, k_h, b_h = log_w_h * live, k_h * live, b_h * live
-        out, new_wkv = _wkv7_opaque(r_h, log_w_h, k_h, v_h, -kappa, b_h, state=wkv_state, chunk_size=self.wkv_chunk)
+        # one token is a few ops that torch.compile traces and fuses (the compiled generation step; a
+        # dynamo-disabled call is not allowed inside its nested regions); longer calls stay opaque
+        recurrence = wkv7 if T == 1 else _wkv7_opaque
+        out, new_wkv = recurrence(r_h, log_w_h, k_h, v_h, -kappa, b_h, state=wkv_state, chunk_size=self.wkv_chunk)
         out = self.norm(out.view(B, T, H, N))  # in the recurrence's precision (float32 under autocast)
         bonus = ((r_h * k_h * self.bonus).sum(-1, keepdim=True) * v_h).reshape(B, T, C)
         out = self.output((out + bonus).to(g.dtype) * g)
