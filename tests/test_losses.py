@@ -176,3 +176,21 @@ def test_the_package_and_its_loss_work_without_triton():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "HierarchosError the Triton loss cannot run: triton does not import" in result.stdout, result.stdout
+
+
+@pytest.mark.parametrize("ignore_index", [-100, 0, 1000])
+def test_any_ignore_index_matches_the_reference(ignore_index):
+    """The ignored rows' targets may be negative, a real id or past the vocabulary (1000 with V = 13):
+    the loss and its gradient equal PyTorch's cross-entropy with that ignore_index."""
+    seed = random.SystemRandom().randrange(2**31)
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(6, 13, generator=g, dtype=torch.float64)
+    targets = torch.randint(1, 13, (6,), generator=g)
+    targets[::2] = ignore_index
+    ours_in, ref_in = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    ce, z = cross_entropy_z(ours_in, targets, ignore_index=ignore_index, impl="torch")
+    ref_ce, ref_z = cross_entropy_z_reference(ref_in, targets, ignore_index=ignore_index)
+    assert torch.allclose(ce, ref_ce, atol=1e-12) and torch.allclose(z, ref_z, atol=1e-12), f"seed={seed}"
+    (ce + 0.1 * z).backward()
+    (ref_ce + 0.1 * ref_z).backward()
+    assert torch.allclose(ours_in.grad, ref_in.grad, atol=1e-12), f"seed={seed}"

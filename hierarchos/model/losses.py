@@ -44,7 +44,7 @@ class _CrossEntropyZ(torch.autograd.Function):
         wide = _wide(logits)
         lse = torch.logsumexp(wide, dim=-1)                                  # (N,)
         valid = targets != ignore_index
-        safe_targets = targets.clamp(min=0)
+        safe_targets = torch.where(valid, targets, 0)  # any ignore_index, negative or past the vocabulary
         picked = wide.gather(-1, safe_targets[:, None])[:, 0]
         n_valid = valid.sum().clamp(min=1)
         ce = ((lse - picked) * valid).sum() / n_valid
