@@ -422,9 +422,13 @@ class GraphedStepper:
             total.zero_(), count.zero_()
         self.loads += 1
 
-    def _sample(self, logits):
-        noise = row_noise(self.seeds, self.counter, logits.shape[-1]) if self.cfg.temperature > 0 else None
-        return sample_rows(logits, self.seen, self.cfg, noise)
+    def _sample(self, logits, seen=None, seeds=None, counter=None):
+        """The next token of every row from `logits`, by the rows' seeds and counters (the stepper's
+        buffers unless others are passed: `_advance` passes the ones it was called with)."""
+        seen, seeds, counter = (self.seen if seen is None else seen, self.seeds if seeds is None else seeds,
+                                self.counter if counter is None else counter)
+        noise = row_noise(seeds, counter, logits.shape[-1]) if self.cfg.temperature > 0 else None
+        return sample_rows(logits, seen, self.cfg, noise)
 
     def _advance(self, token, leaves, pos, counter, seen, seeds, hints) -> dict:
         """The step on the buffers passed in, in place: the sync-free model step on `token`, the new state
@@ -439,8 +443,7 @@ class GraphedStepper:
         pos.add_(1)
         counter.add_(1)
         seen.scatter_(1, token[:, None], True)
-        noise = row_noise(seeds, counter, out.logits.shape[-1]) if self.cfg.temperature > 0 else None
-        token.copy_(sample_rows(out.logits, seen, self.cfg, noise))
+        token.copy_(self._sample(out.logits, seen, seeds, counter))
         return out.totals
 
     def _body(self) -> None:
