@@ -328,6 +328,25 @@ class _Explode(torch.autograd.Function):
         return grad * float("inf")
 
 
+def _poison_forward(trainer, at: int, poison=lambda logits: logits + float("nan"), on_model: bool = False,
+                    record=lambda x: 1) -> list:
+    """Wrap the trainer's forward (`trainer.forward_model`, or `trainer.model.forward` with on_model) so
+    that its call number `at` (1-based) returns poisoned logits; returns the list the wrapper appends
+    `record(x)` to on every call."""
+    owner, name = (trainer.model, "forward") if on_model else (trainer, "forward_model")
+    calls, real = [], getattr(owner, name)
+
+    def forward(x, *args, **kwargs):
+        out = real(x, *args, **kwargs)
+        calls.append(record(x))
+        if len(calls) == at:
+            out.logits = poison(out.logits)
+        return out
+
+    setattr(owner, name, forward)
+    return calls
+
+
 @pytest.mark.parametrize("fault", ["nan_loss", "inf_grad"])
 def test_host_path_skips_a_non_finite_step_and_reads_it_at_once(fault):
     """Without the fused AdamW's found_inf (unfused, or a GradScaler) the skip is decided on the host:
@@ -336,16 +355,7 @@ def test_host_path_skips_a_non_finite_step_and_reads_it_at_once(fault):
     trainer = make(seed, log_every=100)
     trainer.fused_adamw = False
     assert not trainer.device_skip
-    calls, real = [], trainer.forward_model
-
-    def forward(x, state, **kwargs):
-        out = real(x, state, **kwargs)
-        calls.append(1)
-        if len(calls) == 2:
-            out.logits = out.logits + float("nan") if fault == "nan_loss" else _Explode.apply(out.logits)
-        return out
-
-    trainer.forward_model = forward
+    calls = _poison_forward(trainer, 2, (lambda logits: logits + float("nan")) if fault == "nan_loss" else _Explode.apply)
     lines, pending, weights = [], [], [copy.deepcopy(trainer.model.state_dict())]
     trainer.log = lines.append
 
@@ -434,16 +444,7 @@ def test_host_path_drops_the_accumulated_gradients_of_a_skipped_step():
     with the skipped step (not zeroed in place), so the step after it starts from no gradient."""
     trainer = make(1, log_every=100, accumulation_steps=2)
     trainer.fused_adamw = False
-    calls, real = [], trainer.forward_model
-
-    def forward(x, state, **kwargs):
-        out = real(x, state, **kwargs)
-        calls.append(1)
-        if len(calls) == 2:
-            out.logits = out.logits + float("nan")
-        return out
-
-    trainer.forward_model = forward
+    calls = _poison_forward(trainer, 2)
     dropped = []
     trainer.run(stop_requested=lambda: dropped.append(all(p.grad is None for p in trainer.model.parameters())) or False)
     assert trainer.skipped_steps == 1 and dropped == [True, True]
@@ -503,16 +504,7 @@ def test_graphed_windows_follow_persist_state_and_count_a_skipped_window_as_no_l
     for p, q in zip(eager.model.parameters(), graphed.model.parameters()):
         torch.testing.assert_close(p, q, msg=lambda m: f"seed={seed}: {m}")
     trainer = make(seed, cuda_graphs=True)
-    real, calls = trainer.model.forward, []
-
-    def forward(*args, **kwargs):
-        out = real(*args, **kwargs)
-        calls.append(1)
-        if len(calls) == 2:
-            out.logits = out.logits + float("nan")
-        return out
-
-    trainer.model.forward = forward
+    _poison_forward(trainer, 2, on_model=True)
     records = []
     trainer.log_metrics = records.append
     trainer.run()
@@ -532,16 +524,7 @@ def test_host_path_runs_every_piece_of_a_window_after_a_non_finite_one():
     backward; the second piece still runs (its loss is logged and it carries the state on)."""
     trainer = make(2, log_every=100, detach_every=5)
     trainer.fused_adamw = False
-    calls, real = [], trainer.forward_model
-
-    def forward(x, state, **kwargs):
-        out = real(x, state, **kwargs)
-        calls.append(x.shape[1])
-        if len(calls) == 1:
-            out.logits = out.logits + float("nan")
-        return out
-
-    trainer.forward_model = forward
+    calls = _poison_forward(trainer, 1, record=lambda x: x.shape[1])
     trainer.run()
     assert calls == [5] * 6 and trainer.skipped_steps == 1
 
@@ -570,16 +553,7 @@ def test_a_window_with_one_non_finite_piece_is_skipped_even_if_its_gradient_is_f
 def test_a_skipped_window_is_logged_with_loss_0_on_the_device_skip_path():
     trainer = make(4)
     assert trainer.device_skip
-    calls, real = [], trainer.forward_model
-
-    def forward(x, state, **kwargs):
-        out = real(x, state, **kwargs)
-        calls.append(1)
-        if len(calls) == 2:
-            out.logits = out.logits + float("nan")
-        return out
-
-    trainer.forward_model = forward
+    calls = _poison_forward(trainer, 2)
     _, _, records = _recording(trainer)
     trainer.run()
     assert trainer.skipped_steps == 1 and records[1]["loss"] == 0.0 and records[0]["loss"] > 0
