@@ -10,11 +10,17 @@ every surviving mutant's name, for TESTING.md.
     python scripts/mutation_test.py                          # every module below
     python scripts/mutation_test.py --modules hierarchos/model/hrm.py --jobs 2
     python scripts/mutation_test.py --show SURVIVOR_NAME    # the diff of one surviving mutant
+
+mutmut skips decorated functions; in the scratch copy each one is split into a plain
+`_name__undecorated` (mutated) and the decorated `name` that forwards to it (`undecorate`), so
+`--only 'hierarchos.io.*__undecorated*'` scores io's context managers.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import copy
 import json
 import os
 import re
@@ -137,6 +143,82 @@ if InterpretedFunction is not None:
     InterpretedFunction.rewrite = _rewrite
 '''
 
+# decorators whose function must keep its own source or body (Triton and TorchScript read the source;
+# an overload stub has no body worth mutating); functions under them stay unscored
+KEEP_DECORATED = re.compile(r"(^|\.)(jit|script|autotune|heuristics|overload|staticmethod|classmethod)$")
+UNDECORATED = "__undecorated"
+
+
+def undecorate(source: str) -> tuple[str, list[str]]:
+    """Rewrite the decorated functions of a module so mutmut mutates them (it skips any decorated
+    function but a lone @staticmethod or @classmethod). Each `@deco def f(params): body` becomes a
+    plain `def _f__undecorated(params): body` (mutmut's target) followed by `@deco def f(params)` that
+    only forwards its arguments to it (`yield from` for a generator, `await` for a coroutine), in the
+    same scope: same signature, defaults, name, docstring and decorators, so the module behaves the
+    same. Top-level functions and methods of top-level classes only (mutmut's reach). Returns the new
+    source and the qualified names of the rewritten functions."""
+    lines = source.splitlines(keepends=True)
+    tree = ast.parse(source)
+    edits: list[tuple[int, int, str]] = []  # (first line, last line, replacement), 1-based
+    done: list[str] = []
+
+    def yields(func) -> bool:
+        stack = list(func.body)
+        while stack:
+            node = stack.pop()
+            if isinstance(node, (ast.Yield, ast.YieldFrom)):
+                return True
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
+                stack.extend(ast.iter_child_nodes(node))
+        return False
+
+    def split(func, owner: str | None, taken: set[str]) -> None:
+        names = [ast.unparse(d.func if isinstance(d, ast.Call) else d) for d in func.decorator_list]
+        if names in (["staticmethod"], ["classmethod"]) or any(KEEP_DECORATED.search(n) for n in names):
+            return
+        is_async = isinstance(func, ast.AsyncFunctionDef)
+        if is_async and yields(func):
+            return  # an async generator cannot be forwarded by one statement
+        inner = f"_{func.name}{UNDECORATED}"
+        while inner in taken:  # a property's getter and setter share a name
+            inner += "_"
+        taken.add(inner)
+        a = func.args
+        call = ast.Call(ast.Name(inner) if owner is None else ast.Attribute(ast.Name(owner), inner),
+                        [ast.Name(p.arg) for p in (*a.posonlyargs, *a.args)]
+                        + ([ast.Starred(ast.Name(a.vararg.arg))] if a.vararg else []),
+                        [ast.keyword(p.arg, ast.Name(p.arg)) for p in a.kwonlyargs]
+                        + ([ast.keyword(None, ast.Name(a.kwarg.arg))] if a.kwarg else []))
+        value = ast.Await(call) if is_async else ast.YieldFrom(call) if yields(func) else call
+        doc = func.body[:1] if ast.get_docstring(func, clean=False) is not None else []
+        wrapper = copy.copy(func)
+        wrapper.body = [*doc, ast.Return(value)]
+        indent = " " * func.col_offset
+        wrapper_text = "".join(f"{indent}{line}\n" for line in ast.unparse(ast.fix_missing_locations(
+            wrapper)).splitlines())
+        first = lines[func.lineno - 1]
+        head = re.sub(rf"^(\s*(?:async\s+)?def\s+){func.name}\b", rf"\g<1>{inner}", first, count=1)
+        body = "".join([head, *lines[func.lineno:func.end_lineno]])
+        if not body.endswith("\n"):
+            body += "\n"
+        edits.append((func.decorator_list[0].lineno, func.end_lineno, f"{body}\n{wrapper_text}"))
+        done.append(f"{owner}.{func.name}" if owner else func.name)
+
+    def scope(statements, owner: str | None) -> None:
+        taken = {s.name for s in statements if isinstance(s, (ast.FunctionDef, ast.AsyncFunctionDef))}
+        for stmt in statements:
+            if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef)) and stmt.decorator_list:
+                split(stmt, owner, taken)
+
+    scope(tree.body, None)
+    for stmt in tree.body:
+        if isinstance(stmt, ast.ClassDef):
+            scope(stmt.body, stmt.name)
+    for start, end, text in sorted(edits, reverse=True):
+        lines[start - 1:end] = [text]
+    return "".join(lines), sorted(done)
+
+
 STATUS = re.compile(r"^\s*(\S+):\s*(killed|survived|timeout|suspicious|no tests|skipped|segfault|"
                     r"not checked|check was interrupted by user|caught by type check)\s*$")
 
@@ -162,8 +244,12 @@ def scratch_copy(dest: Path) -> None:
 
 
 def run_module(module: str, tests: list[str], work: Path, jobs: int, timeout_multiplier: float,
-               only: list[str] | None = None) -> dict:
+               only: list[str] | None = None, keep_decorated: bool = False) -> dict:
     scratch_copy(work)
+    undecorated: list[str] = []
+    if not keep_decorated:  # in the scratch copy only: its decorated functions become mutmut's targets
+        source, undecorated = undecorate((work / module).read_text())
+        (work / module).write_text(source)
     # forkserver: torch's thread pools are not fork-safe once used (forked mutants hung until their
     # timeout); one thread per mutant, `jobs` mutants at once
     # timeout_multiplier: mutmut kills a mutant at (estimated test time + 1 s) x multiplier x 2 of CPU time and
@@ -198,7 +284,7 @@ def run_module(module: str, tests: list[str], work: Path, jobs: int, timeout_mul
             "survived": by_status.get("survived", []), "no_tests": by_status.get("no tests", []),
             "other": {k: v for k, v in by_status.items() if k not in ("killed", "survived", "no tests")},
             "total": total, "score": round(killed / total, 4) if total else None,
-            "returncode": run.returncode}
+            "undecorated": undecorated, "returncode": run.returncode}
 
 
 def main() -> int:
@@ -211,6 +297,8 @@ def main() -> int:
                    "the score then counts only those")
     p.add_argument("--work", default="/tmp/hierarchos-mutation", help="scratch directory (one copy per module)")
     p.add_argument("--json", default="bench/results/mutation.json", help="where the results go")
+    p.add_argument("--keep-decorated", action="store_true",
+                   help="leave decorated functions as they are (mutmut then skips them, as before this flag)")
     p.add_argument("--show", help="print the diff of one mutant (from the last run of its module)")
     args = p.parse_args()
     work = Path(args.work)
@@ -227,7 +315,7 @@ def main() -> int:
     results = []
     for module in args.modules:
         result = run_module(module, MODULES[module], work / Path(module).stem, args.jobs, args.timeout_multiplier,
-                            args.only)
+                            args.only, args.keep_decorated)
         results.append(result)
         score = "n/a" if result["score"] is None else f"{100 * result['score']:.1f}%"
         print(f"{module:34s} killed {result['killed']:4d} / {result['total']:4d}  {score:>6s}  "
