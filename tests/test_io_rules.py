@@ -720,3 +720,31 @@ def test_save_checkpoint_keeps_three_by_default(tmp_path):
         hio.save_checkpoint(tmp_path / "c", step, model, None, None, {})
     assert sorted(p.name for p in (tmp_path / "c").iterdir() if p.name.startswith("step-")) == [
         "step-00000003", "step-00000004", "step-00000005"]
+
+
+def gpu_saved(path: Path, obj) -> None:
+    """`torch.save(obj)` as a CUDA machine writes it: each storage tagged 'cuda:0' (the tag is the only
+    difference in the file), so this CPU-only machine can make one."""
+    import io as bytes_io
+    import zipfile
+
+    buffer = bytes_io.BytesIO()
+    torch.save(obj, buffer)
+    with zipfile.ZipFile(bytes_io.BytesIO(buffer.getvalue())) as zin, zipfile.ZipFile(path, "w") as zout:
+        for name in zin.namelist():
+            data = zin.read(name)
+            if name.endswith("data.pkl"):
+                assert b"X\x03\x00\x00\x00cpu" in data
+                data = data.replace(b"X\x03\x00\x00\x00cpu", b"X\x06\x00\x00\x00cuda:0")
+            zout.writestr(name, data)
+
+
+def test_torch_load_maps_a_gpu_saved_state_onto_the_cpu(tmp_path):
+    """A run checkpointed on a GPU resumes on a CPU-only machine (and on a GPU machine the state is
+    still loaded to the CPU first, where load_state_dict moves it)."""
+    gpu_saved(tmp_path / "optimizer.pt", {"state": {0: {"exp_avg": torch.arange(4.0)}}})
+    if not torch.cuda.is_available():  # the file really names a CUDA device: a plain load refuses it here
+        with pytest.raises(RuntimeError, match="CUDA"):
+            torch.load(tmp_path / "optimizer.pt", weights_only=True)
+    loaded = hio._torch_load(tmp_path / "optimizer.pt", "optimizer state")["state"][0]["exp_avg"]
+    assert loaded.device.type == "cpu" and torch.equal(loaded, torch.arange(4.0))
