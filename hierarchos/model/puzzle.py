@@ -236,7 +236,8 @@ class PuzzleSolver(nn.Module):
         """The LM's training objective (`lm_loss`: cross-entropy on every cell of the puzzles still
         thinking, z-loss, ponder, commitment, the manager's own Q terms) with the cells' solutions
         as targets; the PUZZLE position and halted puzzles have none. Returns (loss, parts)."""
-        targets = torch.cat([torch.full_like(solutions[:, :1], IGNORE), solutions.long()], dim=1)
+        solutions = solutions.long()  # first: IGNORE in the data's uint8 would wrap to 156, a real target
+        targets = torch.cat([torch.full_like(solutions[:, :1], IGNORE), solutions], dim=1)
         targets = torch.where(active[:, None], targets, torch.full_like(targets, IGNORE))
         return lm_loss(out.lm_out, targets, self.cfg.z_loss_weight, weights)
 
@@ -248,8 +249,8 @@ def cell_predictions(logits: torch.Tensor, answer_offset: int = 1) -> torch.Tens
 
 def plain_cell_loss(out: PuzzleOutput, solutions: torch.Tensor, active: torch.Tensor, answer_offset: int = 1):
     """Cross-entropy over the answers of every cell of the active puzzles (models without an LM loss)."""
-    targets = torch.where(active[:, None], solutions.long() - answer_offset,
-                          torch.full_like(solutions, IGNORE).long())
+    solutions = solutions.long()  # first: IGNORE in the data's uint8 would wrap to 156, a real target
+    targets = torch.where(active[:, None], solutions - answer_offset, torch.full_like(solutions, IGNORE))
     ce = F.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]), targets.reshape(-1),
                          ignore_index=IGNORE)
     return ce, {"ce": ce.detach()}
