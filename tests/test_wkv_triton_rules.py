@@ -1,0 +1,193 @@
+"""The fused Triton WKV-7 kernels (hierarchos/ops/wkv_triton.py) on shapes small enough for Triton's
+interpreter to run every case in well under a second, so that a mutation run can afford them.
+
+What they hold, against autograd of the float64 scan `wkv7_reference` (the recurrence as written in
+DESIGN.md, pinned by tests/test_wkv_rules.py): the output, the final state and all seven gradients, for
+several row blocks per state (their partial column sums added up), one block, a tail chunk and an exact
+multiple of the checkpoint spacing, both load orders (prefetch on and off), batch and heads > 1 (each
+program finds its own (b, h)), a gradient of only the state or only one input (the checkpoints are
+still stored), an output gradient that is not contiguous; frozen tokens leave the state bit for bit;
+state carry across calls; T = 0; the launch rule and every one-line error. The long parity sweep is
+tests/test_wkv_triton.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hierarchos.errors import HierarchosError
+from hierarchos.ops import wkv_triton
+from hierarchos.ops.wkv import wkv7_reference
+from hierarchos.ops.wkv_triton import _launch_config, triton, triton_unavailable_reason, wkv7_triton
+from test_wkv import NAMES, fresh_seed, make_inputs
+
+pytestmark = pytest.mark.skipif(triton is None, reason="triton does not import")
+TOL = 2e-5  # float32 sequential steps against float64: ~1e-7 seen
+
+
+@pytest.fixture
+def interpret(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def reference(inputs, state, weight_o, weight_s, wrt=None):
+    """float64 o, final state and the gradients of sum(o * weight_o) + sum(s * weight_s)."""
+    leaves = {n: x.double().clone().requires_grad_(wrt is None or n in wrt) for n, x in inputs.items()}
+    s0 = state.double().clone().requires_grad_(wrt is None or "state" in wrt)
+    o, s = wkv7_reference(**leaves, state=s0)
+    wanted = [x for x in (*leaves.values(), s0) if x.requires_grad]
+    return o.detach(), s.detach(), torch.autograd.grad((o * weight_o).sum() + (s * weight_s).sum(), wanted)
+
+
+def kernel(inputs, state, weight_o, weight_s, wrt=None, **kw):
+    leaves = {n: x.float().clone().requires_grad_(wrt is None or n in wrt) for n, x in inputs.items()}
+    s0 = state.float().clone().requires_grad_(wrt is None or "state" in wrt)
+    o, s = wkv7_triton(**leaves, state=s0, **kw)
+    wanted = [x for x in (*leaves.values(), s0) if x.requires_grad]
+    loss = (o * weight_o.float()).sum() + (s * weight_s.float()).sum()
+    return o.detach(), s.detach(), torch.autograd.grad(loss, wanted)
+
+
+def close(got, want, what, seed):
+    """Relative error (norm) below TOL, and the same shape."""
+    assert got.shape == want.shape, f"seed={seed} {what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    err = ((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30)).item()
+    assert err < TOL, f"seed={seed} {what}: relative error {err:.2e}"
+
+
+def weights(seed, inputs, state):
+    gen = torch.Generator().manual_seed(seed + 1)
+    return (torch.randn(inputs["r"].shape, generator=gen, dtype=torch.float64),
+            torch.randn(state.shape, generator=gen, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("B, T, H, N, rows, chunk, prefetch", [
+    (2, 5, 2, 8, 4, 2, True),    # 2 row blocks, 3 chunks with a 1-token tail
+    (2, 5, 2, 8, 4, 2, False),
+    (1, 4, 2, 8, 2, 2, True),    # 4 row blocks, an exact multiple of the chunk
+    (2, 5, 1, 4, None, 4, False),  # default rows (= N, one block), a 1-token tail
+    (1, 1, 1, 4, None, None, True),  # one token, the default chunk
+])
+def test_forward_and_every_gradient_match_the_float64_scan(interpret, B, T, H, N, rows, chunk, prefetch):
+    seed = fresh_seed()
+    inputs, state = make_inputs(seed, B=B, T=T, H=H, N=N)
+    weight_o, weight_s = weights(seed, inputs, state)
+    kw = {"rows": rows, "prefetch": prefetch, **({} if chunk is None else {"chunk": chunk})}
+    o, s, grads = kernel(inputs, state, weight_o, weight_s, **kw)
+    o_ref, s_ref, grads_ref = reference(inputs, state, weight_o, weight_s)
+    assert o.dtype == s.dtype == torch.float32
+    close(o, o_ref, "o", seed)
+    close(s, s_ref, "state", seed)
+    for name, g, g_ref in zip((*NAMES, "state"), grads, grads_ref):
+        assert g.dtype == torch.float32, name
+        close(g, g_ref, f"d{name}", seed)
+
+
+@pytest.mark.parametrize("wrt", [("state",), ("v",), ("r", "log_w")])
+def test_a_gradient_of_only_some_inputs_still_stores_the_checkpoints(interpret, wrt):
+    seed = fresh_seed()
+    inputs, state = make_inputs(seed, B=1, T=5, H=1, N=4)
+    weight_o, weight_s = weights(seed, inputs, state)
+    _, _, grads = kernel(inputs, state, weight_o, weight_s, wrt=wrt, chunk=2)
+    _, _, grads_ref = reference(inputs, state, weight_o, weight_s, wrt=wrt)
+    assert len(grads) == len(wrt)
+    for name, g, g_ref in zip(wrt, grads, grads_ref):
+        close(g, g_ref, f"d{name}", seed)
+
+
+def test_an_output_gradient_that_is_not_contiguous_and_one_output_unused(interpret):
+    """sum(o)'s gradient is a stride-0 expansion: the kernel reads it as a dense (B, T, H, N) array only
+    after it is made contiguous. The final state unused: its gradient is zero."""
+    seed = fresh_seed()
+    inputs, state = make_inputs(seed, B=1, T=4, H=2, N=4)
+    leaves = {n: x.float().clone().requires_grad_(True) for n, x in inputs.items()}
+    o, _ = wkv7_triton(**leaves, state=state.float(), chunk=2)
+    got = torch.autograd.grad(3.0 * o.sum(), list(leaves.values()))
+    ref_leaves = {n: x.clone().requires_grad_(True) for n, x in inputs.items()}
+    o_ref, _ = wkv7_reference(**ref_leaves, state=state)
+    want = torch.autograd.grad(3.0 * o_ref.sum(), list(ref_leaves.values()))
+    for name, g, g_ref in zip(NAMES, got, want):
+        close(g, g_ref, f"d{name}", seed)
+    leaves = {n: x.float().clone().requires_grad_(True) for n, x in inputs.items()}
+    _, s = wkv7_triton(**leaves, state=state.float(), chunk=2)
+    weight_s = torch.randn(s.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    got = torch.autograd.grad((s * weight_s.float()).sum(), list(leaves.values()))
+    ref_leaves = {n: x.clone().requires_grad_(True) for n, x in inputs.items()}
+    _, s_ref = wkv7_reference(**ref_leaves, state=state)
+    want = torch.autograd.grad((s_ref * weight_s).sum(), list(ref_leaves.values()), allow_unused=True)
+    assert want[0] is None and torch.equal(got[0], torch.zeros_like(got[0]))  # the state never reads r
+    for name, g, g_ref in list(zip(NAMES, got, want))[1:]:
+        close(g, g_ref, f"d{name}", seed)
+
+
+def test_frozen_tokens_leave_the_state_bit_for_bit_and_carry_across_calls(interpret):
+    """Frozen (log_w = k = b = 0) tokens: S_t = S_{t-1} exactly; o_t = S r_t. Two calls chained through
+    the returned state equal one call."""
+    seed = fresh_seed()
+    inputs, state = make_inputs(seed, B=2, T=6, H=1, N=4, dtype=torch.float32)
+    frozen = dict(inputs)
+    for name in ("log_w", "k", "b"):
+        frozen[name] = torch.zeros_like(inputs[name])
+    o, s = wkv7_triton(**frozen, state=state, chunk=4)
+    assert torch.equal(s, state), f"seed={seed}"
+    want_o = torch.einsum("bhij,bthj->bthi", state.double(), inputs["r"].double())
+    close(o, want_o, "o of frozen tokens", seed)
+    o_all, s_all = wkv7_triton(**inputs, state=state, chunk=4)
+    o_1, s_mid = wkv7_triton(**{n: x[:, :2] for n, x in inputs.items()}, state=state, chunk=4)
+    o_2, s_end = wkv7_triton(**{n: x[:, 2:] for n, x in inputs.items()}, state=s_mid, chunk=4)
+    close(torch.cat([o_1, o_2], dim=1), o_all, "o split", seed)
+    close(s_end, s_all, "state split", seed)
+
+
+def test_empty_sequence_no_state_and_float64_inputs(interpret):
+    seed = fresh_seed()
+    inputs, state = make_inputs(seed, B=2, T=3, H=1, N=4)  # float64
+    o, s = wkv7_triton(**{n: x[:, :0] for n, x in inputs.items()}, state=state)
+    assert o.shape == (2, 0, 1, 4) and o.dtype == torch.float32
+    assert s.dtype == torch.float32 and torch.equal(s, state.float())
+    o, s = wkv7_triton(**inputs)  # no state: zeros
+    o_ref, s_ref = wkv7_reference(**inputs)
+    assert o.dtype == s.dtype == torch.float32
+    close(o, o_ref, "o", seed)
+    close(s, s_ref, "state", seed)
+
+
+def test_launch_rule():
+    """Default: min(N, 8) rows per program; warps = rows * N / 1024 clamped to 1..8."""
+    assert _launch_config(64, None, None) == (8, 1)
+    assert _launch_config(4, None, None) == (4, 1)
+    assert _launch_config(64, 64, None) == (64, 4)
+    assert _launch_config(128, 16, None) == (16, 2)
+    assert _launch_config(256, 256, None) == (256, 8)
+    assert _launch_config(128, 8, None) == (8, 1)
+    assert _launch_config(64, 16, 2) == (16, 2)
+    assert _launch_config(1, None, None) == (1, 1)
+    for head_size, rows in ((12, None), (64, 3), (64, 128), (16, 32), (8, -2), (0, None)):
+        with pytest.raises(HierarchosError) as err:
+            _launch_config(head_size, rows, None)
+        shown = rows or min(head_size, 8)
+        assert str(err.value) == (f"wkv7 impl 'triton' needs a power-of-two head size (got {head_size}) "
+                                  f"divided by rows={shown}; use impl='chunked'")
+
+
+def test_where_the_kernels_run(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    cpu_only = "it runs on CUDA tensors (on the CPU only under TRITON_INTERPRET=1, for tests)"
+    assert triton_unavailable_reason("cpu") == cpu_only
+    assert triton_unavailable_reason(torch.device("cpu")) == cpu_only
+    inputs, state = make_inputs(fresh_seed(), B=1, T=2, H=1, N=4, dtype=torch.float32)
+    with pytest.raises(HierarchosError) as err:
+        wkv7_triton(**inputs, state=state)
+    assert str(err.value) == f"wkv7 impl 'triton' cannot run: {cpu_only}; use impl='chunked'"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert triton_unavailable_reason("cpu") == cpu_only
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert triton_unavailable_reason("cpu") == ""
+    if not torch.cuda.is_available():  # no device named: the compiled kernels need CUDA
+        assert triton_unavailable_reason() == "it needs a CUDA device"
+        assert triton_unavailable_reason("meta") == "it needs a CUDA device"
+    monkeypatch.setattr(wkv_triton, "triton", None)
+    monkeypatch.setattr(wkv_triton, "_TRITON_ERROR", "ImportError: no triton")
+    assert triton_unavailable_reason("cpu") == "triton does not import (ImportError: no triton); pip install triton"
+
