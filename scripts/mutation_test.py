@@ -94,7 +94,10 @@ MODULES: dict[str, list[str]] = {
     # use), and the CPU tests run them under Triton's interpreter (TRITON_INTERPRET=1, set by the tests);
     # compiled CUDA kernels would read the trampoline's source, so the GPU-marked tests are left out
     "hierarchos/ops/ce_triton.py": ["tests/test_losses.py", "tests/test_triton_rules.py", "-m", "not slow and not gpu"],
-    "hierarchos/ops/wkv_triton.py": ["tests/test_wkv_triton.py", "tests/test_triton_rules.py",
+    # wkv_triton: its fast rules test, not test_wkv_triton's interpreted sweep (~40 s a run here)
+    "hierarchos/ops/wkv_triton.py": ["tests/test_wkv_triton_rules.py", "tests/test_triton_rules.py",
+                                     "tests/test_wkv_triton.py::test_manual_backward_matches_autograd_float64",
+                                     "tests/test_wkv_triton.py::test_triton_is_never_auto_on_cpu_and_forcing_it_is_one_error",
                                      "-m", "not slow and not gpu"],
 }
 
