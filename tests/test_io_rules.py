@@ -462,6 +462,39 @@ def test_rng_parts_missing_are_skipped():
     hio.restore_rng_state({})
 
 
+class FakeCuda:
+    """torch.cuda on a machine of `count` devices, each generator's state recorded (the CPU tests
+    run capture/restore's CUDA branch through it)."""
+
+    def __init__(self, monkeypatch, count: int, available: bool = True, initialized: bool = True):
+        self.set: list[tuple[list[int], int]] = []
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+        monkeypatch.setattr(torch.cuda, "is_initialized", lambda: initialized)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+        monkeypatch.setattr(torch.cuda, "get_rng_state_all",
+                            lambda: [torch.tensor([index, 7], dtype=torch.uint8) for index in range(count)])
+        monkeypatch.setattr(torch.cuda, "set_rng_state",
+                            lambda state, device="cuda": self.set.append((state.tolist(), device)))
+
+
+def test_cuda_rng_states_go_to_their_devices_and_only_when_cuda_is_there(monkeypatch):
+    cuda = FakeCuda(monkeypatch, count=2)
+    state = hio.capture_rng_state()
+    assert [hio._unb64(s).tolist() for s in state["cuda"]] == [[0, 7], [1, 7]]
+    three = {"cuda": [*state["cuda"], hio._b64(torch.tensor([2, 7], dtype=torch.uint8))]}
+    hio.restore_rng_state(three)  # saved on 3 devices, restored on 2: the first two, each to its index
+    assert cuda.set == [([0, 7], 0), ([1, 7], 1)]
+    FakeCuda(monkeypatch, count=2, initialized=False)  # CUDA never used: no CUDA state is saved
+    assert "cuda" not in hio.capture_rng_state()
+    cuda = FakeCuda(monkeypatch, count=2, available=False)
+    hio.restore_rng_state(three)  # saved on a GPU machine, restored on a CPU one: skipped
+    assert cuda.set == []
+    cuda = FakeCuda(monkeypatch, count=2)
+    hio.restore_rng_state({"cuda": []})
+    hio.restore_rng_state({})  # saved where CUDA was never used
+    assert cuda.set == []
+
+
 def test_check_plain_names_the_first_bad_value():
     hio._check_plain({"a": [1, 2.0, "s", None, True, torch.zeros(1), torch.float16, torch.Size([2])],
                       3: ({"b": 1},)}, "state")
