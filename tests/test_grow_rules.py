@@ -5,13 +5,17 @@ on request, and the one-line errors. Tiny models, CPU."""
 
 from __future__ import annotations
 
+import dataclasses
+import re
+
 import pytest
 import torch
 
-from hierarchos.config import tiny_config
+from hierarchos.config import ModelConfig, tiny_config
 from hierarchos.errors import HierarchosError
 from hierarchos.model import HierarchosLM
-from hierarchos.model.grow import NEW_TOKEN_NOISE, activate_slots, enable_features, grow_slots, grow_vocab
+from hierarchos.model.grow import (NEW_TOKEN_NOISE, _factor, _rebuild, _split, _tile, activate_slots, add_layers,
+                                   enable_features, expand, grow_slots, grow_vocab, growth_summary, widen)
 from hierarchos.model.memory import DORMANT_SOURCE
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -111,3 +115,203 @@ def test_new_slots_get_the_fresh_init_of_the_seed_default_0():
     assert torch.equal(default.memory.keys, zero.memory.keys) and torch.equal(default.memory.values, zero.memory.values)
     assert not torch.equal(default.memory.keys[8:], other.memory.keys[8:])
     assert torch.equal(default.memory.keys[:8], model.memory.keys)
+
+
+# ---- widen's pieces, the rebuild, add_layers, expand --------------------------------------------------
+
+def test_tile_repeats_each_segment_in_place():
+    t = torch.arange(10.0).reshape(2, 5)  # columns: segment a (2 wide, x2), segment b (3 wide, x1)
+    want = torch.tensor([[0., 1., 0., 1., 2., 3., 4.], [5., 6., 5., 6., 7., 8., 9.]])
+    assert torch.equal(_tile(t, 1, [(2, 2), (3, 1)]), want)
+    assert torch.equal(_tile(t, 0, [(2, 3)]), torch.cat([t, t, t]))
+
+
+def test_split_copies_sum_to_the_original_with_zero_sum_noise_of_the_stated_size():
+    """A segment (size, n) becomes n copies of part / n plus noise that sums to zero over the copies,
+    of std `noise` x RMS(part) / n before centring (x sqrt((n - 1) / n) after); n = 1 is left alone."""
+    gen = torch.Generator().manual_seed(0)
+    part = torch.randn(3, 4000, generator=gen, dtype=torch.float64) * 2.0
+    first = torch.randn(3, 5, generator=gen, dtype=torch.float64)
+    t = torch.cat([first, part], dim=1)
+    for n in (2, 3):
+        out = _split(t, 1, [(5, 1), (4000, n)], 0.1, torch.Generator().manual_seed(1))
+        assert out.shape == (3, 5 + n * 4000) and out.dtype == torch.float64
+        assert torch.equal(out[:, :5], first)  # n = 1: no copy, no noise
+        copies = out[:, 5:].reshape(3, n, 4000).transpose(0, 1)  # (n, 3, 4000)
+        torch.testing.assert_close(copies.sum(0), part, rtol=0, atol=1e-12)
+        noise = copies - part / n
+        rms = float(part.pow(2).mean().sqrt())
+        want_std = 0.1 * rms / n * ((n - 1) / n) ** 0.5
+        assert abs(float(noise.std()) / want_std - 1) < 0.05, (n, float(noise.std()), want_std)
+    plain = _split(t, 1, [(5, 1), (4000, 2)], 0.0, torch.Generator().manual_seed(1))
+    assert torch.equal(plain[:, 5:], torch.cat([part / 2, part / 2], dim=1))  # no noise asked: exact halves
+    f32 = _split(t.float(), 1, [(5, 1), (4000, 2)], 0.1, torch.Generator().manual_seed(1))
+    assert f32.dtype == torch.float32
+    assert torch.equal(_split(t, 0, [(3, 1)], 0.1, torch.Generator().manual_seed(1)), t)
+
+
+def _fresh(cfg, seed):
+    """What the rebuild's seeded init gives for cfg: a new model under torch.manual_seed(seed)."""
+    torch.manual_seed(seed)
+    return HierarchosLM(cfg).double()
+
+
+def test_widening_under_the_low_rank_width_adds_rank_with_zero_down_and_fresh_up():
+    """At width 16 the mix paths have rank 16 (min(rank, width)); widened to 32 they have rank 32 (decay:
+    min(64, 32)): the old rank's `down` rows are split over the copies, its `up` columns tiled; the extra
+    rank gets a zero `down` and the fresh init's `up`."""
+    torch.manual_seed(0)
+    old = HierarchosLM(tiny_config(h_hidden=16)).double()
+    new = widen(old, h_hidden=32, seed=3)
+    fresh = _fresh(new.cfg, 3)
+    o, w = old.reasoner.manager.blocks[0].time_mix, new.reasoner.manager.blocks[0].time_mix
+    f = fresh.reasoner.manager.blocks[0].time_mix
+    down = w.mix_down.detach().view(32, 6, 32)
+    assert torch.equal(down[:, :, 16:], torch.zeros(32, 6, 16))
+    torch.testing.assert_close(down[:16, :, :16] + down[16:, :, :16], o.mix_down.detach().view(16, 6, 16))
+    assert torch.equal(w.mix_up[:, :16, :16], o.mix_up) and torch.equal(w.mix_up[:, :16, 16:], o.mix_up)
+    assert torch.equal(w.mix_up[:, 16:], f.mix_up[:, 16:])
+    for name in ("decay", "iclr"):
+        d_new, d_old = getattr(w, f"{name}_down").detach(), getattr(o, f"{name}_down").detach()
+        assert d_new.shape == (32, 32)
+        assert torch.equal(d_new[:, 16:], torch.zeros(32, 16)), name
+        torch.testing.assert_close(d_new[:16, :16] + d_new[16:, :16], d_old)
+        u_new, u_old, u_fresh = (getattr(m, f"{name}_up") for m in (w, o, f))
+        assert torch.equal(u_new[:16], torch.cat([u_old, u_old], dim=1)), name
+        assert torch.equal(u_new[16:], u_fresh[16:]), name
+
+
+def test_the_rebuild_keeps_what_is_not_a_tensor_and_leaves_the_rest_fresh():
+    torch.manual_seed(0)
+    model = HierarchosLM(tiny_config()).double()
+    model.memory.source_names = ["chat:a", "chat:b"]
+    model.set_gradient_checkpointing(True)
+    model.reasoner.worker.gradient_checkpointing = False  # the two stacks apart
+    rng = torch.get_rng_state()
+    for training in (True, False):
+        new = _rebuild(model.train(training), model.cfg, lambda old, fresh, gen: {}, seed=4)
+        assert new.training is training
+        assert new.memory.source_names == ["chat:a", "chat:b"] and new.memory.source_names is not model.memory.source_names
+        assert (new.reasoner.manager.gradient_checkpointing, new.reasoner.worker.gradient_checkpointing) == (True, False)
+    assert torch.equal(torch.get_rng_state(), rng)  # the seeded init does not move the caller's RNG
+    fresh = _fresh(model.cfg, 4)
+    for name, tensor in new.state_dict().items():  # nothing handed over: all fresh, in the model's dtype
+        assert tensor.dtype == (torch.float64 if tensor.is_floating_point() else fresh.state_dict()[name].dtype), name
+        assert torch.equal(tensor, fresh.state_dict()[name]), name
+    assert new.lm_head.weight is new.embed.weight  # still tied
+    # float32 tensors follow the model's precision; float64 metadata stays float64
+    half = _rebuild(model.float(), model.cfg, lambda old, fresh, gen: dict(old), seed=0)
+    assert half.embed.weight.dtype == torch.float32 and half.memory.slot_time.dtype == torch.float64
+    # the grow function gets the model's tensors, fresh ones and a generator seeded with seed + 1
+    seen = {}
+
+    def grow(old, fresh_tensors, gen):
+        seen["gen"] = torch.rand(3, generator=gen)
+        seen["old"] = old["embed.weight"].clone()
+        return {"embed.weight": old["embed.weight"] + 1}
+    new = _rebuild(model, model.cfg, grow, seed=7)
+    assert torch.equal(seen["gen"], torch.rand(3, generator=torch.Generator().manual_seed(8)))
+    assert torch.equal(seen["old"], model.embed.weight)
+    assert torch.equal(new.embed.weight, model.embed.weight + 1) and torch.equal(new.lm_head.weight, new.embed.weight)
+
+
+def test_the_rebuild_names_a_tensor_of_the_wrong_shape_or_name():
+    torch.manual_seed(0)
+    model = HierarchosLM(tiny_config())
+    with pytest.raises(RuntimeError) as err:
+        _rebuild(model, model.cfg, lambda old, fresh, gen: {"persistent": torch.zeros(3)}, seed=0)
+    assert str(err.value) == f"growth produced persistent (3,), the new model expects {tuple(model.persistent.shape)}"
+    with pytest.raises(RuntimeError) as err:
+        _rebuild(model, model.cfg, lambda old, fresh, gen: {"nothing": torch.zeros(3)}, seed=0)
+    assert str(err.value) == "growth produced nothing (3,), the new model expects no such tensor"
+
+
+def test_a_quantized_model_does_not_grow():
+    torch.manual_seed(0)
+    model = HierarchosLM(tiny_config())
+    model.encoder.quantized_numel = 0  # a zero count is not quantized
+    assert growth_summary(model.cfg, add_layers(model, h_layers=2).cfg) == {"h_layers": [1, 2]}
+    model.encoder.quantized_numel = 256
+    with pytest.raises(HierarchosError) as err:
+        add_layers(model, h_layers=2)
+    assert str(err.value) == ("cannot grow a quantized model: grow the full-precision model directory, "
+                              "then quantize the result")
+
+
+def test_shrinking_and_widths_that_are_not_whole_multiples_are_one_line_errors():
+    torch.manual_seed(0)
+    model = HierarchosLM(tiny_config(h_layers=2))
+    with pytest.raises(HierarchosError) as err:
+        add_layers(model, h_layers=1)
+    assert str(err.value) == ("h_layers 1 is smaller than the model's 2: growing never removes capacity; "
+                              "pass a value >= 2 or leave it out")
+    with pytest.raises(HierarchosError) as err:
+        widen(model, l_hidden=40)
+    assert str(err.value) == ("l_hidden 40: widening must multiply the width by a whole number (16 -> 32, 48, ...), "
+                              "because only whole copies of the vector keep LayerNorm (and every head) exactly as it "
+                              "was; pick a multiple of 16")
+    with pytest.raises(HierarchosError, match="l_hidden 8 is smaller than the model's 16"):
+        widen(model, l_hidden=8)  # under the width: the shrink error, not the multiple one
+    assert _factor("x", 16, None) == _factor("x", 16, 16) == 1
+    assert (_factor("x", 16, 32), _factor("x", 16, 48), _factor("x", 16, 12)) == (2, 3, 1)
+    assert _factor("x", 1, True) == 1  # not a width: the config's validation names it
+    same = add_layers(model)  # nothing asked: the same config
+    assert same.cfg == model.cfg
+
+
+def test_add_layers_appends_identity_blocks_with_the_fresh_init_of_the_seed():
+    torch.manual_seed(0)
+    old = HierarchosLM(tiny_config(l_layers=1, h_layers=1)).double()
+    new = add_layers(old, l_layers=3, seed=5)
+    assert (new.cfg.h_layers, new.cfg.l_layers) == (1, 3)
+    fresh = _fresh(new.cfg, 5).state_dict()
+    state, before = new.state_dict(), old.state_dict()
+    for name, tensor in state.items():
+        added = re.match(r"reasoner\.worker\.blocks\.[12]\.", name)
+        if added and name.endswith(("time_mix.output.weight", "channel_mix.down.weight")):
+            assert not tensor.any(), name  # the two exits: zero, so the block is the identity
+        elif added:
+            assert torch.equal(tensor, fresh[name]), name
+        else:
+            assert torch.equal(tensor, before[name]), name
+
+
+def test_expand_applies_each_growth_once_and_copies_the_other_fields():
+    torch.manual_seed(0)
+    model = HierarchosLM(tiny_config(use_rosa=False)).double()
+    assert growth_summary(model.cfg, expand(model, vocab_size=None, head_size=8, ltm_slots=8).cfg) == {}
+    grown = expand(model, seed=2, use_rosa=True, vocab_size=70, ltm_slots=10, context_dim=32, l_layers=2,
+                   commitment_threshold=0.3)
+    assert growth_summary(model.cfg, grown.cfg) == {
+        "use_rosa": [False, True], "vocab_size": [64, 70], "ltm_slots": [8, 10],
+        "context_dim": [16, 32], "l_layers": [1, 2], "commitment_threshold": [0.05, 0.3]}
+    # the same as each growth in turn (features, vocabulary, slots, widths, layers), with the same seed
+    by_hand = add_layers(widen(grow_slots(grow_vocab(enable_features(model, use_rosa=True, seed=2), 70, seed=2),
+                                          10, seed=2), context_dim=32, seed=2), l_layers=2, seed=2)
+    for name, tensor in grown.state_dict().items():
+        assert torch.equal(tensor, by_hand.state_dict()[name]), name
+    # widen scales the commitment threshold when none is given
+    assert expand(model, context_dim=32).cfg.commitment_threshold == pytest.approx(0.1)
+
+
+def test_expand_refuses_fields_without_a_growth_and_unknown_fields_in_one_line():
+    torch.manual_seed(0)
+    model = HierarchosLM(tiny_config())
+    with pytest.raises(HierarchosError) as err:
+        expand(model, ffn_mult=2)
+    assert str(err.value) == (f"ffn_mult: cannot change {model.cfg.ffn_mult!r} -> 2 by growing a model; only "
+                              "vocab_size, ltm_slots, context_dim, h_hidden, l_hidden, h_layers, l_layers grow and "
+                              "use_rosa, use_deepembed, deepembed_per_block turn on (train a new model for another "
+                              "ffn_mult)")
+    with pytest.raises(HierarchosError) as err:
+        expand(model, widths=3)
+    known = sorted(f.name for f in dataclasses.fields(ModelConfig))
+    assert str(err.value) == f"unknown config field 'widths' (known fields: {', '.join(known)})"
+    with pytest.raises(HierarchosError, match="ltm_slots 4 is smaller"):  # checked before any growth
+        expand(model, vocab_size=70, ltm_slots=4)
+
+
+def test_growth_summary_lists_the_fields_that_differ():
+    a = tiny_config()
+    assert growth_summary(a, a) == {}
+    assert growth_summary(a, a.replace(h_layers=3, max_length=99)) == {"h_layers": [1, 3], "max_length": [64, 99]}
