@@ -64,6 +64,8 @@ class PuzzleTrainConfig:
     eval_limit: int | None = None       # puzzles of the validation set used while training
     amp: bool | None = None             # None: bf16 autocast on CUDA
     seed: int = 0
+    fast_step: bool = True              # no host reads inside a segment (False: the reference loop)
+    cuda_graphs: bool | None = None     # replay each segment as a CUDA graph (None: on CUDA with fast_step)
     loss: LossWeights = field(default_factory=LossWeights)
 
 
@@ -285,6 +287,8 @@ class PuzzleTrainer:
         self.updates = 0              # optimizer updates done (one per segment)
         self.best_exact = -1.0
         self.last_metrics: dict = {}
+        self.segments = None          # hierarchos.train.puzzle_segments.SegmentRunner, built on first use
+        self.graph_recorder = None    # None: record_cuda_graph; tests put record_eagerly here
 
     # ---- one batch ---------------------------------------------------------------------
     def _set_lr(self) -> float:
@@ -306,7 +310,32 @@ class PuzzleTrainer:
         return torch.where(explore, draw, torch.ones_like(draw))
 
     def train_batch(self, inputs, solutions, ids) -> dict:
-        """Deep supervision over the segments of one batch; returns the step's metrics."""
+        """Deep supervision over the segments of one batch; returns the step's metrics. The fast
+        form (hierarchos.train.puzzle_segments): one host read per segment, one per step, and
+        with `cuda_graphs` each segment replayed as a CUDA graph; `fast_step=False` runs
+        `train_batch_reference`, which computes the same."""
+        if not self.cfg.fast_step:
+            return self.train_batch_reference(inputs, solutions, ids)
+        runner = self.segment_runner()
+        record, segments, skipped = runner.train_batch(inputs, solutions, ids, self._min_segments(inputs.shape[0]))
+        for k in skipped:
+            self.log(f"warning: non-finite loss at step {self.step} segment {k}: update skipped")
+        self.updates += segments - len(skipped)
+        return record
+
+    def segment_runner(self):
+        if self.segments is None:
+            from .puzzle_segments import SegmentRunner
+
+            capture = self.cfg.cuda_graphs if self.cfg.cuda_graphs is not None else self.device.type == "cuda"
+            self.segments = SegmentRunner(self.model, self.cfg, self.device, self.optimizer, capture=capture,
+                                          autocast=lambda: _autocast(self.device, self.cfg.amp),
+                                          cell_loss=_cell_loss, q_losses=q_losses, recorder=self.graph_recorder,
+                                          log=self.log)
+        return self.segments
+
+    def train_batch_reference(self, inputs, solutions, ids) -> dict:
+        """The plain loop (six host reads per segment), kept as the reference of `train_batch`."""
         model, cfg = self.model, self.cfg
         M = model.puzzle_cfg.max_segments
         B = inputs.shape[0]

@@ -1,0 +1,236 @@
+"""The puzzle trainer's fast step (hierarchos.train.puzzle_segments) against the reference loop
+(`PuzzleTrainer.train_batch_reference`), on tiny 4x4 Sudoku.
+
+What they hold: over several steps with exploration, per-puzzle halting and an epoch's shorter last
+batch, the fast step, eager and with the graph bookkeeping (`record_eagerly` standing in for
+the CUDA graph), gives the reference's metrics, update count, weights and optimizer state exactly;
+a non-finite segment is skipped exactly as the reference skips it, with the same warning; a
+capture that fails falls back to the eager segment; the host is read once per segment and once
+per step; the sign step of the per-puzzle rows matches a hand computation and moves only the
+batch's rows.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+from hierarchos.train.cuda_graph import record_eagerly
+from hierarchos.train.puzzle_segments import sign_step_rows
+from hierarchos.train.sign_sgd import SparseSignSGD
+from test_puzzle_train import _trainer, tiny_model, tiny_puzzles
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+HOST_READS = {"__bool__", "__float__", "__int__", "__index__", "item", "tolist", "nonzero", "coalesce", "numpy"}
+
+
+class CountHostReads(TorchFunctionMode):
+    """Counts the tensor methods that read a value back to the host (on a GPU: a synchronisation)."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = collections.Counter()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in HOST_READS:
+            self.reads[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def fresh_seed() -> int:
+    return random.SystemRandom().randrange(2**31)
+
+
+def _setup(seed: int, dtype=torch.float64, puzzles: int = 12, max_segments: int = 3):
+    """A model whose Q head halts some puzzles early, half the puzzles exploring, and three trainers
+    of copies of it: reference, fast eager, fast with the graph bookkeeping."""
+    torch.manual_seed(seed)
+    data = tiny_puzzles(puzzles, seed)
+    model = tiny_model(num_ids=puzzles, max_segments=max_segments).to(dtype)
+    model.puzzle_cfg.halt_explore_prob = 0.5
+    with torch.no_grad():  # halt above continue after segment 1 for half the puzzles, below for the rest
+        model.q_head.weight.normal_(0.0, 2.0)
+        tensors = [torch.from_numpy(a.astype(np.int64)) for a in (data.inputs, data.solutions, data.puzzle_ids)]
+        out = model(tensors[0], tensors[2], model.init_state(puzzles, dtype=dtype))
+        model.q_head.bias[0] -= (out.q_halt - out.q_continue).median()
+    logs = {name: [] for name in ("reference", "eager", "graphed")}
+    trainers = {}
+    for name in logs:
+        trainer = _trainer(copy.deepcopy(model), data, batch_size=5, epochs=3,
+                           cuda_graphs=name == "graphed", puzzle_emb_lr=0.05)
+        trainer.log = logs[name].append
+        trainer.graph_recorder = record_eagerly
+        trainers[name] = trainer
+    return trainers, logs
+
+
+def _step_all(trainers, step: int, seed: int) -> dict:
+    records = {}
+    for name, trainer in trainers.items():
+        inputs, solutions, ids, _ = trainer.batch(step)
+        torch.manual_seed(seed + step)  # the same exploration draws for every trainer
+        run = trainer.train_batch_reference if name == "reference" else trainer.train_batch
+        records[name] = run(inputs, solutions, ids)
+        trainer.step += 1
+    return records
+
+
+def _same_weights_and_moments(a, b) -> list[str]:
+    """Names of the parameters or optimizer state tensors that differ (bit for bit)."""
+    differ = [name for (name, p), q in zip(a.model.named_parameters(), b.model.parameters()) if not torch.equal(p, q)]
+    for opt_a, opt_b in zip(a.optimizer.optimizers, b.optimizer.optimizers):
+        for p_a, p_b in zip((p for g in opt_a.param_groups for p in g["params"]),
+                            (p for g in opt_b.param_groups for p in g["params"])):
+            state_a, state_b = opt_a.state.get(p_a, {}), opt_b.state.get(p_b, {})
+            assert state_a.keys() == state_b.keys()
+            differ += [f"{type(opt_a).__name__}.{key}" for key in state_a
+                       if not torch.equal(torch.as_tensor(state_a[key]), torch.as_tensor(state_b[key]))]
+    return differ
+
+
+def _assert_records_equal(records: dict, seed: int) -> None:
+    want = records["reference"]
+    for name in ("eager", "graphed"):
+        got = records[name]
+        assert got.keys() == want.keys(), name
+        for key in want:  # NaN equals NaN here: a skipped segment's loss is summed by both
+            same = got[key] == want[key] or (math.isnan(got[key]) and math.isnan(want[key]))
+            assert same, f"seed {seed}: {name} {key} {got[key]!r} != reference {want[key]!r}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fast_step_equals_the_reference_loop(dtype):
+    seed = fresh_seed()
+    trainers, logs = _setup(seed, dtype)
+    segments = []
+    for step in range(7):  # 12 puzzles in batches of 5: every third batch is the shorter last one
+        records = _step_all(trainers, step, seed)
+        _assert_records_equal(records, seed)
+        segments.append(records["reference"]["segments"])
+        for name in ("eager", "graphed"):
+            assert trainers[name].updates == trainers["reference"].updates, f"seed {seed}: {name}"
+            assert not _same_weights_and_moments(trainers["reference"], trainers[name]), \
+                f"seed {seed}: {name} step {step}: {_same_weights_and_moments(trainers['reference'], trainers[name])}"
+    # the steps really halted and explored: not every puzzle ran every segment, nor only one
+    assert any(1.0 < s < 3.0 for s in segments), f"seed {seed}: segments {segments}"
+    runner = trainers["graphed"].segments
+    assert runner.eager_segments == 0 and runner.replays == trainers["graphed"].updates
+    assert {key[0] for key in runner.entries} == {5, 2}  # a full batch and the epoch's last
+    assert not trainers["eager"].segments.entries and not any(logs["eager"])
+
+
+def _poison(model, when):
+    """Non-finite Q logits in the forward passes of the segments `when(state_pos)` picks (with gradient)."""
+    flag = {"on": False}
+
+    def pre(module, args):
+        flag["on"] = torch.is_grad_enabled() and when(args[2].pos)
+
+    model.register_forward_pre_hook(pre)
+    model.q_head.register_forward_hook(lambda module, args, out: out * float("nan") if flag["on"] else None)
+    return flag
+
+
+def test_a_non_finite_segment_is_skipped_as_the_reference_skips_it():
+    seed = fresh_seed()
+    trainers, logs = _setup(seed, max_segments=3)
+    seq_len = trainers["reference"].model.puzzle_cfg.seq_len
+    switch = {"step": 0}
+    for trainer in trainers.values():  # the second segment of step 1, and every segment of step 3
+        _poison(trainer.model, lambda pos: (switch["step"] == 1 and pos == seq_len) or switch["step"] == 3)
+    for step in range(5):
+        switch["step"] = step
+        before = {name: p.detach().clone() for name, p in trainers["reference"].model.named_parameters()}
+        records = _step_all(trainers, step, seed)
+        if step == 3:  # every segment non-finite: nothing moved
+            assert all(torch.equal(p, before[name]) for name, p in trainers["reference"].model.named_parameters())
+        _assert_records_equal(records, seed)
+        for name in ("eager", "graphed"):
+            assert trainers[name].updates == trainers["reference"].updates
+            assert not _same_weights_and_moments(trainers["reference"], trainers[name]), f"seed {seed}: {name}"
+    assert any("step 1 segment 2: update skipped" in line for line in logs["reference"])
+    assert logs["eager"] == logs["reference"]
+    assert [line for line in logs["graphed"] if "warning" in line] == logs["reference"]
+    assert sum("step 3 segment" in line for line in logs["reference"]) >= 1
+
+
+def test_a_refused_capture_runs_the_segment_eagerly():
+    seed = fresh_seed()
+    trainers, logs = _setup(seed)
+
+    def refuse(run, warmup, before_capture):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    trainers["graphed"].graph_recorder = refuse
+    for step in range(3):
+        _assert_records_equal(_step_all(trainers, step, seed), seed)
+    assert not _same_weights_and_moments(trainers["reference"], trainers["graphed"])
+    runner = trainers["graphed"].segments
+    assert runner.replays == 0 and runner.eager_segments == trainers["graphed"].updates
+    assert any("capturing puzzle segment 1" in line and "runs eagerly" in line for line in logs["graphed"])
+
+
+def test_the_host_is_read_once_per_segment_and_once_per_step():
+    seed = fresh_seed()
+    trainers, _ = _setup(seed)
+    for name in ("eager", "graphed"):
+        trainer = trainers[name]
+        inputs, solutions, ids, _ = trainer.batch(0)
+        for _ in range(2):  # the second step replays the captured segments
+            before = trainer.updates
+            with CountHostReads() as counter:
+                trainer.train_batch(inputs, solutions, ids)
+            ran = trainer.updates - before  # segments of this step (none skipped)
+            assert set(counter.reads) <= {"__bool__", "tolist"}, (name, counter.reads)
+            assert counter.reads["tolist"] == 1 and counter.reads["__bool__"] == ran >= 1, (name, counter.reads)
+    inputs, solutions, ids, _ = trainers["reference"].batch(0)
+    with CountHostReads() as counter:
+        trainers["reference"].train_batch_reference(inputs, solutions, ids)
+    assert sum(counter.reads.values()) > 6  # what the fast step removed: six and more per segment
+
+
+def test_sign_step_rows_by_hand_and_only_the_batch_rows_move():
+    table = torch.tensor([[0.0, 0.0], [1.0, -2.0], [0.5, 0.5], [3.0, 3.0]])
+    rows = torch.tensor([1, 1, 2, 0])            # row 1 twice (its gradients are summed), 0 the padding row
+    grads = torch.tensor([[1.0, -1.0], [-3.0, 0.5], [0.0, 2.0], [9.0, 9.0]])
+    lr, decay = 0.1, 0.5
+    expected = table.clone()
+    expected[1] = table[1] * (1 - lr * decay) - lr * torch.tensor([-1.0, -1.0])  # sums (-2, -0.5)
+    expected[2] = table[2] * (1 - lr * decay) - lr * torch.tensor([0.0, 1.0])    # sign(0) = 0: decay only
+    moved = table.clone()
+    sign_step_rows(moved, rows, grads, lr, decay, torch.tensor(True))
+    assert torch.allclose(moved, expected, rtol=0, atol=1e-7)
+    assert torch.equal(moved[0], table[0]) and torch.equal(moved[3], table[3])  # padding, not in the batch
+    kept = table.clone()
+    sign_step_rows(kept, rows, grads, lr, decay, torch.tensor(False))
+    assert torch.equal(kept, table)
+    # the sparse optimizer it stands for, on the same gradients, moves the rows to the same values
+    weight = torch.nn.Parameter(table.clone())
+    embedding = torch.nn.Embedding(4, 2, padding_idx=0, sparse=True)
+    embedding.weight = weight
+    (embedding(rows) * grads).sum().backward()
+    SparseSignSGD([weight], lr=lr, weight_decay=decay).step()
+    assert torch.equal(weight.detach(), moved)
+
+
+def test_fast_step_is_the_default_and_the_reference_one_flag_away():
+    seed = fresh_seed()
+    torch.manual_seed(seed)
+    data = tiny_puzzles(6, seed)
+    trainer = _trainer(tiny_model(num_ids=6, max_segments=2), data, batch_size=6, fast_step=False)
+    inputs, solutions, ids, _ = trainer.batch(0)
+    trainer.train_batch(inputs, solutions, ids)
+    assert trainer.segments is None and trainer.updates == 2  # the reference loop ran
+    fast = _trainer(tiny_model(num_ids=6, max_segments=2), data, batch_size=6)
+    fast.train_batch(inputs, solutions, ids)
+    assert fast.segments is not None and not fast.segments.capture  # CPU: eager, no graphs
+    assert fast.updates == 2
