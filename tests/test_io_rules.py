@@ -110,6 +110,7 @@ def test_atomic_files_order_first_then_by_name_then_last(tmp_path, monkeypatch):
     events = Events(monkeypatch)
     with hio.atomic_files(out, "tag", first=("z.bin", "y.bin"), last=("n.json", "m.json")) as staging:
         assert staging.parent == tmp_path and staging.name.startswith(".out.tag-")
+        assert len(staging.name) == len(".out.tag-") + 12  # the same token length as atomic_dir's
         for name in ("m.json", "c.txt", "y.bin", "a.txt", "n.json", "z.bin"):
             (staging / name).write_text(name)
         (staging / "subdir").mkdir()  # only files are published
