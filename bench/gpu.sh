@@ -38,6 +38,30 @@
 #   quantmodel train the quantization-quality model (bench_quant_quality --size code: ~11.7M, Python
 #              sources, byte tokenizer) and leave it under $out/model in <16 MiB pieces, with the
 #              held-out and calibration texts, for scoring on a CPU (~200 s)
+#   original   the original project (github.com/necat101/Hierarchos) at its default shape (768 wide, B=16,
+#              T=128, max_h_steps 5, max_l_steps 5) in its own train loop, against ours (the train command,
+#              same shape, 1 + 1 layers, one round): bench_original.py, ORIGINAL_ARGS (default
+#              "--steps 3 --warmup 2"), each model's process bounded by ORIGINAL_MODEL_TIMEOUT s (270).
+#              The original travels in the ignored .device_cache/original (carry it; ~10 MB), made here by
+#                mkdir -p .device_cache/original && git -C /work/.mirror/necat101+Hierarchos/repo archive \
+#                  10674eef73b2f3694c360806b4952b87af59abe8 | tar -x -C .device_cache/original && \
+#                  echo 10674eef73b2f3694c360806b4952b87af59abe8 > .device_cache/original/ORIGINAL_COMMIT
+#              (or from a clone of the original at that commit; ORIGINAL_DIR overrides the folder)
+#   forward    bench_forward.py on CUDA with FORWARD_ARGS (size FORWARD_SIZE, default 125m): any table of it
+#   train-compile  `train` on the bundled corpus, eager and --compile (compiled RWKV blocks), TRAIN_COMPILE_STEPS
+#              steps (40): time to the first log and median tokens/s after it (~250 s)
+#   train-bundled  `train` on the bundled corpus, default architecture, TRAIN_EPOCHS epochs (20; ~260 s bound)
+#   generate-contexts  bench_generate.py at sizes small and 125m with 1k / 8k / 32k tokens of context (~300 s)
+#   host-formats  the device host's CPU (2 threads, taskset): build the C++ kernel, then bench_generate.py
+#              --formats at 125m, fp32 against each quantized format (~240 s)
+#   ddp        (kind nvidia-h200-x2 or larger) DDP scaling of `train` on the bundled corpus: torchrun with 1 and
+#              DDP_PROCS (2) processes, DDP_STEPS (40) steps each, eager; wall-clock and median rates
+#   vulkan     the Vulkan backend on the NVIDIA driver: VULKAN_DIR (default build/vkdev, carried) holds the
+#              loader .debs (gl/), headers + glslc + libshaderc (sdk/) and the gguf wheel (whl/), made on a
+#              Debian/Ubuntu machine: apt-get download libvulkan1 libegl1 libglvnd0 libopengl0 libgl1 libglx0
+#              libgles2 into gl/; vulkan/{vulkan.h,vulkan_core.h,vk_platform.h} and vk_video/ from libvulkan-dev
+#              into sdk/include; sdk/bin/glslc and sdk/lib/libshaderc.so.1 from glslc and libshaderc1. Builds
+#              hierarchos_vulkan, runs tests/test_vulkan.py, then bench_vulkan.py with VULKAN_ARGS
 set -uo pipefail
 source bench/gpu_env.sh  # $out, carried wheels, PYTHONPATH, $out/gpu.txt
 python3 -c "import fla; print('fla-core', fla.__version__)" 2>&1 | tee "$out/fla_version.txt"
@@ -143,7 +167,104 @@ for suite in "$@"; do
       split -b 15M /tmp/qq/model-code/model.safetensors "$out/model/model.safetensors.part-"
       tar cf "$out/model/texts_and_config.tar" -C /tmp/qq heldout.txt calibration.txt model-code/hierarchos_config.json \
         model-code/hierarchos_tokenizer.json model-code/tokenizer.json model-code/metrics.jsonl ;;
-    *) echo "unknown suite $suite (wkv, wkv-model, stall, table, tests, kernel, generate, blocks, chat, quality, puzzles, quantmodel)"; exit 2 ;;
+    original)
+      orig=${ORIGINAL_DIR:-.device_cache/original}
+      timeout ${ORIGINAL_TIMEOUT:-580} python3 bench/bench_original.py --original "$orig" --device cuda \
+        --timeout ${ORIGINAL_MODEL_TIMEOUT:-270} ${ORIGINAL_ARGS:---steps 3 --warmup 2} --work-dir /tmp/bench_original \
+        --json "$out/original.json" 2>&1 | tee "$out/original.log"
+      cp /tmp/bench_original/original.log "$out/original_train.log" 2>/dev/null
+      cp /tmp/bench_original/ours.log "$out/ours_train.log" 2>/dev/null ;;
+    forward)
+      size=${FORWARD_SIZE:-125m}
+      timeout ${FORWARD_TIMEOUT:-580} python3 bench/bench_forward.py --device cuda --size $size \
+        --json "$out/forward_cuda_$size.json" ${FORWARD_ARGS:-} 2>&1 | tee "$out/bench_forward_$size.log" ;;
+    train-compile)
+      for mode in no-compile compile; do
+        flag=""; [ "$mode" = compile ] && flag="--compile"
+        begin=$(date +%s.%N)
+        timeout 300 python3 hierarchos_cli.py train --epochs 20 --max-steps ${TRAIN_COMPILE_STEPS:-40} --max_length 512 \
+          --batch_size 16 --starting-lr 4e-4 --warmup-steps 10 --log-every 5 $flag --out-dir "/tmp/run_$mode" 2>&1 \
+          | tr '\r' '\n' | grep -v '^ *$' > "$out/train_$mode.log"
+        end=$(date +%s.%N)
+        cp "/tmp/run_$mode/metrics.jsonl" "$out/train_${mode}_metrics.jsonl" 2>/dev/null
+        python3 - "$out/train_${mode}_metrics.jsonl" "$mode" "$begin" "$end" <<'PY'
+import json, os, sys
+path, mode, start, end = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
+rows = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+if not rows:
+    print(f"{mode}: no metrics (see train_{mode}.log)"); sys.exit()
+steady = sorted(r["tokens_per_s"] for r in rows[2:]) or [rows[-1]["tokens_per_s"]]
+print(f"{mode}: wall {end - start:.0f} s, first log (step {rows[0]['step']}) after {rows[0]['time'] - start:.0f} s, "
+      f"median tokens/s after it {steady[len(steady) // 2]:,.0f}, final loss {rows[-1]['loss']:.3f}")
+PY
+        grep -E "^(compile|model|gpu):" "$out/train_$mode.log"
+      done 2>&1 | tee "$out/compile_summary.txt" ;;
+    train-bundled)
+      timeout 260 python3 hierarchos_cli.py train --epochs ${TRAIN_EPOCHS:-20} --max_length 512 --batch_size 16 \
+        --starting-lr 1e-3 --warmup-steps 20 --log-every 5 --out-dir /tmp/run_bundled 2>&1 | tr '\r' '\n' \
+        | grep -v '^ *$' | tee "$out/train_bundled.log" | grep -vE "it/s|win/s" | tail -n 40
+      cp /tmp/run_bundled/metrics.jsonl "$out/train_bundled_metrics.jsonl" 2>/dev/null ;;
+    generate-contexts)
+      for size in small 125m; do
+        timeout 150 python3 bench/bench_generate.py --device cuda --size $size --contexts 1024 8192 32768 \
+          --new-tokens 64 --json "$out/generate_cuda_$size.json" 2>&1 | tee "$out/generate_cuda_$size.log"
+      done ;;
+    host-formats)
+      python3 kernels/build.py > "$out/kernel_build.log" 2>&1 || tail -n 5 "$out/kernel_build.log"
+      OMP_NUM_THREADS=2 HIERARCHOS_THREADS=2 timeout 240 taskset -c 0,1 python3 bench/bench_generate.py --device cpu \
+        --size 125m --contexts 256 --new-tokens 24 --rounds 2 --formats fp32 Q4_0 Q8_0 INT4 Q2_K \
+        --json "$out/generate_cpu_125m_formats_devicehost.json" 2>&1 | tee "$out/generate_formats.log" | tail -n 12 ;;
+    ddp)
+      n=${DDP_PROCS:-2}; steps=${DDP_STEPS:-40}
+      for procs in 1 "$n"; do
+        NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 timeout 240 torchrun --standalone \
+          --nproc_per_node="$procs" hierarchos_cli.py train --epochs 100 --max-steps "$steps" --max_length 512 \
+          --batch_size 16 --starting-lr 4e-4 --warmup-steps 10 --log-every 5 --val-fraction 0 --save-every 0 \
+          --no-cuda-graphs --out-dir "/tmp/ddp$procs" > "$out/ddp_$procs.log" 2>&1
+        echo "torchrun --nproc_per_node=$procs: rc $?"
+        cp "/tmp/ddp$procs/metrics.jsonl" "$out/ddp_${procs}_metrics.jsonl" 2>/dev/null
+      done
+      # two rates per run: wall-clock over steps 10..last from the metrics' timestamps (checkpoints and
+      # evaluation included: the robust one), and the median of rank 0's per-window tokens/s x ranks
+      python3 - "$out" "$n" 16 512 <<'PY' | tee "$out/ddp_summary.txt"
+import json, statistics, sys
+out, n, batch, seq = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+wall = {}
+for procs in (1, n):
+    try:
+        rows = [json.loads(line) for line in open(f"{out}/ddp_{procs}_metrics.jsonl")]
+    except OSError:
+        print(f"{procs} GPU(s): no metrics"); continue
+    t = {r["step"]: r["time"] for r in rows}
+    first, last = min(s for s in t if s >= 10), max(t)
+    wall[procs] = (last - first) * batch * seq * procs / (t[last] - t[first])
+    median = statistics.median(r["tokens_per_s"] for r in rows if r["step"] > 10) * procs
+    print(f"{procs} GPU(s): {wall[procs]:,.0f} tokens/s wall-clock (steps {first}-{last}), "
+          f"{median:,.0f} tokens/s median per-window, final loss {rows[-1]['loss']:.3f}")
+if 1 in wall and n in wall:
+    print(f"speed-up {wall[n] / wall[1]:.2f}x on {n} GPUs (wall-clock), scaling efficiency {wall[n] / wall[1] / n:.1%}")
+PY
+      ;;
+    vulkan)
+      (  # a subshell: the loader's environment stays out of later suites
+        dir=$(cd "${VULKAN_DIR:-build/vkdev}" && pwd) || exit 1
+        for deb in "$dir"/gl/*.deb; do dpkg -x "$deb" /; done  # the loader (and glvnd) into /
+        ldconfig
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "$dir"/whl/*.whl
+        export VULKAN_SDK="$dir/sdk" LD_LIBRARY_PATH="$dir/sdk/lib:${LD_LIBRARY_PATH:-}" PYTHONPATH=".:/tmp/site:${PYTHONPATH:-}"
+        python3 kernels/build.py --vulkan --jobs "$(nproc)" 2>&1 | tee "$out/build.log"
+        vk_status() { python3 -c "from hierarchos.quant import vulkan; print(vulkan.vulkan_status() or vulkan.device_info())"; }
+        if vk_status | grep -q "no Vulkan"; then  # the NVIDIA ICD manifest lives outside the loader's search path
+          export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json \
+            VK_ICD_FILENAMES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
+        fi
+        vk_status | tee -a "$out/gpu.txt"
+        HIERARCHOS_REQUIRE_VULKAN=1 python3 -m pytest -q -p no:cacheprovider tests/test_vulkan.py 2>&1 \
+          | tee "$out/pytest_vulkan_gpu.log"
+        python3 bench/bench_vulkan.py --json "$out/vulkan_gpu.json" ${VULKAN_ARGS:-} 2>&1 | tee "$out/bench_vulkan.log"
+      ) ;;
+    *) echo "unknown suite $suite (wkv, wkv-model, stall, table, tests, kernel, generate, blocks, chat, quality, puzzles,"\
+         "quantmodel, original, forward, train-compile, train-bundled, generate-contexts, host-formats, ddp, vulkan)"; exit 2 ;;
   esac
   echo "=== suite $suite: $((SECONDS - start)) s" | tee -a "$out/suites.txt"
 done

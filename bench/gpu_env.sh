@@ -1,4 +1,4 @@
-# Sourced by the bench/gpu_*.sh device-tool scripts: $out (the device tool's $OUT), the carried
+# Sourced by bench/gpu.sh, the device-tool entry: $out (the device tool's $OUT), the carried
 # wheels (.whl/, packages the GPU image lacks: datasets, dill, multiprocess, ...) when there are
 # any, the environment every run wants, and the GPU's name, memory and driver in $out/gpu.txt.
 out=${OUT:-/tmp/out}; mkdir -p "$out"

@@ -1,7 +1,7 @@
 """`compile_blocks` (torch.compile of the RWKV blocks, `train --compile`) computes the
 same function: loss, every gradient and the step form equal eager mode. The CPU test traces with
 dynamo's "eager" backend (graph capture and the graph break around the recurrence are what can go
-wrong here; inductor's code generation is exercised on the GPU by bench/gpu_train_chat.sh)."""
+wrong here; inductor's code generation is exercised on the GPU by `bash bench/gpu.sh train-compile`)."""
 
 from __future__ import annotations
 
