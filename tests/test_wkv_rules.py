@@ -60,6 +60,10 @@ def test_short_calls_take_the_step_and_longer_ones_the_chunked_path(monkeypatch)
     with torch.no_grad():
         x32 = x64.float()
         assert W.resolve_impl("auto", x32) == ("cpp_step" if W._cpp_kernels() is not None else "recurrent")
+        # under torch.compile the traced recurrent step, not the C++ one (numpy breaks the graph)
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        assert W.resolve_impl("auto", x32) == "recurrent"
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
         monkeypatch.setattr(W, "_cpp_kernels", lambda: None)
         assert W.resolve_impl("auto", x32) == "recurrent"
 
