@@ -17,6 +17,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..ops.aligned import padded_linear
+from ..ops.threads import intra_op_threads
 from .hrm import HierarchicalReasoner
 from .memory import LongTermMemory
 from .rosa import RosaAutomaton, rosa_hints
@@ -39,6 +40,10 @@ class ModelOutput:
 
 
 class HierarchosLM(nn.Module):
+    # torch's intra-op threads during `step` / `step_sync_free` (None: torch's own setting). The
+    # quantized model sets 1: its matmuls run on the kernel's pool (hierarchos.ops.threads says why).
+    step_threads: int | None = None
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg.validate()
@@ -128,7 +133,11 @@ class HierarchosLM(nn.Module):
 
     def step(self, token: torch.Tensor, state: HierarchosState | None = None, **caps) -> ModelOutput:
         """Consume one token per row: token (B,) -> logits (B, V) and the next state."""
-        out = self.forward(token.view(-1, 1), state, **caps)
+        if self.step_threads is None:  # (no context manager where torch.compile traces the step)
+            out = self.forward(token.view(-1, 1), state, **caps)
+        else:
+            with intra_op_threads(self.step_threads):
+                out = self.forward(token.view(-1, 1), state, **caps)
         out.logits = out.logits[:, 0]
         return out
 
@@ -140,6 +149,12 @@ class HierarchosLM(nn.Module):
         given caps, no host reads when the ROSA hints (B,) are passed in (the automata are host code:
         without hints they are extended here, which copies the tokens to the host). Totals' counts
         are device tensors. Stacks with full attention (a growing KV cache) read its length on the host."""
+        if self.step_threads is None:
+            return self._step_sync_free(token, state, row_pos, rosa_hint_ids, **caps)
+        with intra_op_threads(self.step_threads):
+            return self._step_sync_free(token, state, row_pos, rosa_hint_ids, **caps)
+
+    def _step_sync_free(self, token, state, row_pos, rosa_hint_ids, **caps) -> ModelOutput:
         tokens = token.view(-1, 1)
         B = tokens.shape[0]
         e = self.embed(tokens)

@@ -321,6 +321,7 @@ def build_quantized_model(cfg: ModelConfig, tensors: dict, where: str = "quantiz
         p.requires_grad_(False)
     fuse_projections(model)
     attach_fused_steps(model)
+    model.step_threads = 1  # the matmuls run on the kernel's pool; torch keeps one thread (ops/threads.py)
     return model.eval()
 
 
