@@ -295,6 +295,12 @@ def test_resume_continues_exactly(tmp_path):
     a, b = load_file(str(straight / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
     assert a.keys() == b.keys()
     assert all(torch.equal(a[name], b[name]) for name in a), "a resumed run diverged from the straight one"
+    # the reference loop resumes the fast step's checkpoint to the same weights (it computes the same)
+    reference = tmp_path / "reference"
+    assert main(["puzzle", "train", "--out-dir", str(reference), *common, "--no-fast-step", "--resume-from-ckpt",
+                 str(straight / "checkpoints" / "step-00000002")]) == 0
+    c = load_file(str(reference / "model.safetensors"))
+    assert all(torch.equal(a[name], c[name]) for name in a), "the reference loop diverged from the fast step"
 
 
 def _one_line_error(capsys, argv, *needles):
@@ -342,6 +348,8 @@ def test_bad_input_is_one_line(tmp_path, capsys):
                     "not found")
     _one_line_error(capsys, ["puzzle", "train", "--data", str(data), "--out-dir", str(out), "--batch-size", "0"],
                     "--batch-size")
+    _one_line_error(capsys, ["puzzle", "train", "--data", str(data), "--out-dir", str(out), "--device", "cpu",
+                             "--cuda-graphs"], "--cuda-graphs", "CUDA")
     _one_line_error(capsys, ["puzzle", "train", "--data", str(data), "--out-dir", str(tmp_path / "w"),
                              "--window-size", "8", "--tiny"], "--window-size")
 

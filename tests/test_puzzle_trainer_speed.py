@@ -50,12 +50,12 @@ def fresh_seed() -> int:
     return random.SystemRandom().randrange(2**31)
 
 
-def _setup(seed: int, dtype=torch.float64, puzzles: int = 12, max_segments: int = 3):
+def _setup(seed: int, dtype=torch.float64, puzzles: int = 12, max_segments: int = 3, **arch):
     """A model whose Q head halts some puzzles early, half the puzzles exploring, and three trainers
     of copies of it: reference, fast eager, fast with the graph bookkeeping."""
     torch.manual_seed(seed)
     data = tiny_puzzles(puzzles, seed)
-    model = tiny_model(num_ids=puzzles, max_segments=max_segments).to(dtype)
+    model = tiny_model(num_ids=puzzles, max_segments=max_segments, **arch).to(dtype)
     model.puzzle_cfg.halt_explore_prob = 0.5
     with torch.no_grad():  # halt above continue after segment 1 for half the puzzles, below for the rest
         model.q_head.weight.normal_(0.0, 2.0)
@@ -107,10 +107,13 @@ def _assert_records_equal(records: dict, seed: int) -> None:
             assert same, f"seed {seed}: {name} {key} {got[key]!r} != reference {want[key]!r}"
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_fast_step_equals_the_reference_loop(dtype):
+@pytest.mark.parametrize("dtype, arch", [
+    (torch.float64, {}), (torch.float32, {}),
+    # KV caches that grow from segment to segment; the manager's Q halting, which draws random numbers
+    (torch.float64, dict(h_block="attention", l_block="attention")), (torch.float64, dict(halting="q"))])
+def test_fast_step_equals_the_reference_loop(dtype, arch):
     seed = fresh_seed()
-    trainers, logs = _setup(seed, dtype)
+    trainers, logs = _setup(seed, dtype, **arch)
     segments = []
     for step in range(7):  # 12 puzzles in batches of 5: every third batch is the shorter last one
         records = _step_all(trainers, step, seed)

@@ -133,6 +133,15 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     run.add_argument("--resume-from-ckpt", metavar="PATH",
                      help="OUT_DIR/checkpoints or a step-* dir: continue that run (its architecture; pass the same "
                           "--data, --batch-size and --seed)")
+    run.add_argument("--fast-step", action=argparse.BooleanOptionalAction, default=True,
+                     help="no host reads inside a segment (one per segment decides whether the next runs); "
+                          "--no-fast-step runs the plain reference loop, which computes the same")
+    run.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                     help="replay each segment's forward, Q target, loss, backward and clip as a CUDA graph, "
+                          "one per batch size and segment (default: on with CUDA; a refused capture runs eagerly; "
+                          "--no-cuda-graphs for eager)")
+    run.add_argument("--compile", action="store_true",
+                     help="torch.compile the RWKV blocks (opt-in; the first steps compile)")
 
 
 def _add_eval_arguments(p: argparse.ArgumentParser) -> None:
@@ -218,6 +227,10 @@ def run_train(args: argparse.Namespace) -> int:
     if args.min_lr > args.starting_lr:
         raise HierarchosError(f"--min-lr {args.min_lr} is above --starting-lr {args.starting_lr}; lower --min-lr")
     device = pick_device(args.device)
+    if args.cuda_graphs and device.type != "cuda":
+        raise HierarchosError(f"--cuda-graphs needs a CUDA device (this run is on {device.type}); drop the flag")
+    if args.cuda_graphs and not args.fast_step:
+        raise HierarchosError("--cuda-graphs replays the fast step; drop --no-fast-step or --cuda-graphs")
     train_set = _load(args.data, TRAIN_FILE, "--data")
     val_set = _load(args.val, TEST_FILE, "--val") if args.val else None
     torch.manual_seed(args.seed)
@@ -242,24 +255,30 @@ def run_train(args: argparse.Namespace) -> int:
     if val_set is not None:
         check_fit(puzzle, val_set, f"--val {args.val}", "score puzzles of the training data's task and size")
     model.to(device)
+    if args.compile:
+        from ..model.rwkv import compile_blocks
+
+        print(f"compile: torch.compile on for {compile_blocks(model)} RWKV blocks (the first steps compile)")
     tcfg = PuzzleTrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, starting_lr=args.starting_lr, min_lr=args.min_lr,
         warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
         puzzle_emb_lr=args.puzzle_emb_lr, puzzle_emb_decay=args.puzzle_emb_decay, q_weight=args.q_loss_weight,
         augment=args.augment, max_steps=args.max_steps, log_every=args.log_every, save_every=args.save_every,
         keep_checkpoints=args.keep_checkpoints, eval_every=args.eval_every, eval_limit=args.eval_limit,
-        amp=args.amp, seed=args.seed,
+        amp=args.amp, seed=args.seed, fast_step=args.fast_step, cuda_graphs=args.cuda_graphs,
         loss=LossWeights(ponder=args.ponder_loss_weight, commitment=args.commitment_loss_weight, q=args.q_loss_weight))
     trainer = PuzzleTrainer(model, train_set, tcfg, device, val_set, log=lambda line: print(line, file=sys.stderr))
     if resume_dir is not None:
         state = load_checkpoint(resume_dir, model, trainer.optimizer)
         trainer.load_trainer_state(state, str(resume_dir))
         print(f"resumed from {resume_dir} at step {trainer.step}")
+    graphs = tcfg.cuda_graphs if tcfg.cuda_graphs is not None else device.type == "cuda"
     n_params = sum(p.numel() for p in model.parameters())
     table = puzzle.num_puzzle_ids * model.cfg.context_dim if puzzle.num_puzzle_ids else 0
     print(f"model: {n_params - table:,} parameters (+{table:,} in the per-puzzle table) | device {device} | "
           f"{puzzle.size}x{puzzle.size} {puzzle.task}, up to {puzzle.max_segments} segments | blocks "
-          f"{model.cfg.h_block}/{model.cfg.l_block}, halting {model.cfg.halting}")
+          f"{model.cfg.h_block}/{model.cfg.l_block}, halting {model.cfg.halting} | step "
+          + ("reference" if not tcfg.fast_step else "fast, cuda graphs " + ("on" if graphs else "off")))
     print(f"data: {len(train_set.inputs)} training puzzles ({train_set.num_puzzle_ids} ids), augment "
           f"{'on' if args.augment else 'off'}, {trainer.batches_per_epoch} steps per epoch, {trainer.total_steps} steps"
           + (f"; scoring {args.val} ({len(val_set.inputs)} puzzles)" if val_set is not None else ""))

@@ -21,6 +21,10 @@ target). Per-puzzle embedding rows move by SparseSignSGD; everything else by the
 AdamW (+ LazyRowAdam for DeepEmbed tables), warm-up + cosine over the training steps, clipped
 (the sign step needs no clipping). Evaluation runs each puzzle until its Q head halts or M; for
 mazes it also checks that the cells the model marked as path are the maze's shortest path.
+
+`train_batch` runs the fast form of a step (hierarchos.train.puzzle_segments: one host read per
+segment and one per step, each segment a CUDA graph replay on CUDA); `train_batch_reference` is
+the plain loop it is tested against, one flag away (`fast_step=False`, `--no-fast-step`).
 """
 
 from __future__ import annotations
