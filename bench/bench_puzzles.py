@@ -19,6 +19,16 @@ mean segments per difficulty quartile. Prints a table; writes JSON (atomically).
 
 `--task maze` runs the same comparison on mazes (30x30 by default, 6x6 with --tiny; `--size N`), or
 the task is the one of `--data`; maze results add open-cell, path-cell and valid-shortest-path accuracy.
+
+`--time-steps N` times the trainer's step instead (issue 21's blocker): per model, the reference loop
+(`--no-fast-step`), the fast step run eagerly and, on CUDA, the fast step replayed as CUDA graphs,
+each on its own copy of the model and the same batches, N steps per round, the variants in
+alternation for `--rounds` rounds (best and median reported: the machine may be shared), plus the
+host reads of one step. Without `--data` the batches are valid grids that need no generator (the
+step's cost depends on shapes, not on how hard a puzzle is).
+
+    python bench/bench_puzzles.py --device cpu --tiny --time-steps 5 --rounds 5 --models hierarchos-rwkv7
+    python bench/bench_puzzles.py --device cuda --time-steps 10 --rounds 3 --models hierarchos-rwkv7
 """
 
 from __future__ import annotations
@@ -193,6 +203,142 @@ def seconds_per_step(model: nn.Module, train_set, args, device) -> dict:
             "wall_s": time.perf_counter() - t0}
 
 
+def timing_puzzles(size: int, count: int, seed: int):
+    """`count` valid size x size Sudoku (a base grid and the generator's symmetries, half the cells
+    blank; ids 1..count): batches of the right shapes for timing, with no solver search."""
+    from hierarchos.puzzles.dataset import PuzzleSet
+    from hierarchos.puzzles.sudoku import augment
+
+    box = int(round(size ** 0.5))
+    base = np.array([(r * box + r // box + c) % size + 1 for r in range(size) for c in range(size)], dtype=np.uint8)
+    rng = np.random.default_rng(seed)
+    blank = rng.random((count, size * size)) < 0.5
+    inputs, solutions = augment(np.where(blank, 0, base).astype(np.uint8), np.tile(base, (count, 1)), rng)
+    return PuzzleSet(inputs, solutions, np.arange(1, count + 1, dtype=np.int32), np.zeros(count, np.float32),
+                     {"task": "sudoku", "size": size, "split": "train", "seed": seed, "format_version": 1})
+
+
+HOST_READS = {"__bool__", "__float__", "__int__", "__index__", "item", "tolist", "nonzero", "coalesce", "numpy"}
+
+
+def count_step(trainer, steps) -> dict:
+    """One more step of `trainer`, counted: host reads (tensor methods that bring a value back: a
+    synchronisation on a GPU), operators dispatched (about one kernel launch each on a GPU;
+    count_ops.py's rule for views), and of those the ones dispatched outside the fast step's
+    segment function (`SegmentRunner._run`), which a CUDA graph replay does not replace."""
+    import collections
+
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from count_ops import VIEWS
+
+    where = {"inside": False}
+    tally = collections.Counter()
+
+    class Reads(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") in HOST_READS:
+                tally["host_reads_per_step"] += 1
+            return func(*args, **(kwargs or {}))
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.__name__.split(".")[0] not in VIEWS:
+                tally["ops_per_step"] += 1
+                tally["ops_outside_segment_fn"] += not where["inside"]
+            return func(*args, **(kwargs or {}))
+
+    runner = trainer.segments
+    if runner is not None:
+        def inside(*args, **kwargs):
+            where["inside"] = True
+            try:
+                return run(*args, **kwargs)
+            finally:
+                where["inside"] = False
+        run, runner._run = runner._run, inside
+    try:
+        with Reads(), Ops():
+            steps(trainer, 1)
+    finally:
+        if runner is not None:
+            del runner._run  # back to the method
+    return {key: tally[key] for key in ("host_reads_per_step", "ops_per_step", "ops_outside_segment_fn")}
+
+
+def time_steps(args, models: dict, train_set, device) -> dict:
+    """ms per training step of each model under the reference loop, the fast step and (CUDA) its
+    graphs; see the module docstring."""
+    import copy
+    import statistics
+
+    from hierarchos.train.puzzle_trainer import PuzzleTrainer
+
+    variants = {"reference": dict(fast_step=False), "fast": dict(cuda_graphs=False)}
+    if device.type == "cuda":
+        variants["fast+graphs"] = dict(cuda_graphs=True)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    results = {}
+    for name, model in models.items():
+        model.to(device)
+        trainers = {}
+        for variant, extra in variants.items():
+            cfg = PuzzleTrainConfig(epochs=10**6, batch_size=args.batch_size, starting_lr=args.lr,
+                                    min_lr=args.lr / 10, augment=args.augment, seed=args.seed, **extra)
+            trainers[variant] = PuzzleTrainer(copy.deepcopy(model), train_set, cfg, device, log=lambda line: None)
+
+        def steps(trainer, count):
+            updates = trainer.updates
+            for _ in range(count):
+                inputs, solutions, ids, _ = trainer.batch(trainer.step)
+                trainer._set_lr()
+                trainer.train_batch(inputs, solutions, ids)
+                trainer.step += 1
+            return trainer.updates - updates
+
+        times = {variant: [] for variant in variants}
+        segments = {variant: 0 for variant in variants}
+        for trainer in trainers.values():  # lazy initialisation, captures: one batch of each shape
+            steps(trainer, trainer.batches_per_epoch if trainer.batches_per_epoch <= 2 else 1)
+        sync()
+        for round_index in range(args.rounds):
+            order = list(variants) if round_index % 2 == 0 else list(reversed(variants))
+            for variant in order:
+                t0 = time.perf_counter()
+                segments[variant] += steps(trainers[variant], args.time_steps)
+                sync()
+                times[variant].append((time.perf_counter() - t0) / args.time_steps * 1000)
+        counts = {variant: count_step(trainer, steps) for variant, trainer in trainers.items()}
+        rows = {}
+        for variant in variants:
+            seg = segments[variant] / (args.rounds * args.time_steps)
+            rows[variant] = {"ms_per_step_best": min(times[variant]), "ms_per_step_median": statistics.median(times[variant]),
+                             "ms_per_step_rounds": times[variant], "segments_per_step": seg,
+                             "ms_per_segment_best": min(times[variant]) / max(seg, 1e-9),
+                             **counts[variant]}
+        runner = trainers.get("fast+graphs")
+        if runner is not None and runner.segments is not None:
+            rows["fast+graphs"].update(replays=runner.segments.replays, eager_segments=runner.segments.eager_segments)
+        results[name] = {"parameters": core_parameters(model), "variants": rows}
+        model.cpu()
+    return results
+
+
+def print_timing(results: dict, args, device) -> None:
+    header = (f"{'model':<22}{'step':<14}{'ms/step best':>14}{'median':>10}{'segments':>10}{'ms/segment':>12}"
+              f"{'host reads':>12}{'ops':>9}{'ops outside':>13}{'speedup':>9}")
+    print(f"\n{args.time_steps} steps x {args.rounds} rounds per variant, batch {args.batch_size}, up to "
+          f"{args.max_segments} segments, device {device}\n" + header + "\n" + "-" * len(header))
+    for name, r in results.items():
+        ref = r["variants"]["reference"]["ms_per_step_best"]
+        for variant, row in r["variants"].items():
+            print(f"{name:<22}{variant:<14}{row['ms_per_step_best']:>14.1f}{row['ms_per_step_median']:>10.1f}"
+                  f"{row['segments_per_step']:>10.2f}{row['ms_per_segment_best']:>12.1f}{row['host_reads_per_step']:>12}"
+                  f"{row['ops_per_step']:>9}{row['ops_outside_segment_fn']:>13}{ref / row['ms_per_step_best']:>8.2f}x")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -225,6 +371,9 @@ def main(argv=None) -> int:
                         "copy, 2 and 12 steps, the difference timed, gives its seconds per step); every model then "
                         "trains those steps on the same batches, and the schedule spans them, so the learning rate "
                         "decays fully (the calibration is reported)")
+    p.add_argument("--time-steps", type=int, default=None, metavar="N",
+                   help="time the training step instead (N steps per round and variant; see the docstring)")
+    p.add_argument("--rounds", type=int, default=3, help="--time-steps rounds (the variants alternate)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/puzzles[-tiny].json)")
@@ -239,7 +388,28 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     stem = "puzzles" if args.task == "sudoku" or args.data else "puzzles-maze"
+    if args.time_steps:
+        stem += "-time"
     out_path = Path(args.out or f"bench/results/{stem}{'-tiny' if tiny else ''}.json")
+    if args.time_steps:
+        from hierarchos.io import atomic_write_text
+        from hierarchos.puzzles.dataset import load_puzzles
+
+        size = args.size or (4 if tiny else 9)
+        train_set = (load_puzzles(Path(args.data) / "train.safetensors") if args.data
+                     else timing_puzzles(size, 2 * args.batch_size, args.seed))
+        size = train_set.size
+        puzzle = PuzzleConfig(size=size, num_puzzle_ids=train_set.num_puzzle_ids if args.puzzle_emb else 0,
+                              max_segments=args.max_segments, task=train_set.task, num_tokens=train_set.num_tokens)
+        results = time_steps(args, build_models(args, puzzle), train_set, device)
+        print_timing(results, args, device)
+        payload = {"benchmark": "bench_puzzles --time-steps", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                   "device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+                   "torch": torch.__version__, "threads": torch.get_num_threads(), "args": vars(args), "size": size,
+                   "results": results}
+        atomic_write_text(out_path, json.dumps(payload, indent=1) + "\n")
+        print(f"\nwrote {out_path}")
+        return 0
 
     started = time.perf_counter()
     train_set, test_set = load_or_generate(args)
