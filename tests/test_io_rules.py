@@ -221,13 +221,26 @@ def test_atomic_dir_refuses_a_file_and_makes_parents(tmp_path):
         f"{tmp_path / 'f'}: exists and is not a directory; choose another path or remove it"
     (tmp_path / ".n.old-1").mkdir()  # a killed write of the same path is recovered first
     (tmp_path / ".n.old-1" / "f").write_text("old")
-    with hio.atomic_dir(tmp_path / "a" / "b") as tmp:
+    with hio.atomic_dir(tmp_path / "a" / "b" / "c") as tmp:  # two missing levels
         (tmp / "x").write_text("x")
-    assert (tmp_path / "a" / "b" / "x").read_text() == "x"
+    assert (tmp_path / "a" / "b" / "c" / "x").read_text() == "x"
     with hio.atomic_dir(tmp_path / "n") as tmp:
         assert (tmp_path / "n" / "f").read_text() == "old" and hidden(tmp_path) == [tmp.name]
         (tmp / "g").write_text("new")
     assert sorted(p.name for p in (tmp_path / "n").iterdir()) == ["g"] and hidden(tmp_path) == []
+
+
+def test_cleanup_never_replaces_the_error_that_caused_it(tmp_path):
+    """The temp and staging dirs are removed best-effort: if the failing body already took its
+    temp dir with it, the caller still sees the body's own error, not the cleanup's."""
+    import shutil
+
+    for enter in (lambda: hio.atomic_dir(tmp_path / "d"), lambda: hio.atomic_files(tmp_path / "f", "t")):
+        with pytest.raises(ValueError, match="the body's error"):
+            with enter() as tmp:
+                shutil.rmtree(tmp)
+                raise ValueError("the body's error")
+    assert not (tmp_path / "d").exists() and hidden(tmp_path) == []
 
 
 # ---- weights ----------------------------------------------------------------------------------
