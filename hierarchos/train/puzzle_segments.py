@@ -28,7 +28,8 @@ owns; every parameter's `.grad` is None when the segment starts, so the captured
 fresh gradients into the graph's own tensors, handed to the optimizer after each replay. The
 optimizer step stays outside the graph (eager, a few fused launches): the schedule changes its
 rate every step, and a capturable AdamW would change what checkpoints hold. A shape whose capture
-fails runs eagerly.
+fails runs eagerly, and so does every segment of a model with full (unwindowed) attention, whose
+KV cache is sized by a host read.
 """
 
 from __future__ import annotations
@@ -102,6 +103,13 @@ class SegmentRunner:
                  q_losses, recorder=None, warmup: int = 2, log=print):
         self.model, self.cfg, self.device, self.optimizer, self.log = model, cfg, device, optimizer, log
         self.capture, self.recorder, self.warmup = capture, recorder or record_cuda_graph, warmup
+        arch = getattr(model, "cfg", None)
+        if capture and arch is not None and "attention" in (arch.h_block, arch.l_block) and not arch.window_size:
+            # a full-attention KV cache is sized by a host read of its end positions (frozen rows
+            # write nothing), which no capture can hold: say so once instead of failing every capture
+            log("cuda graphs: full attention sizes its KV cache on the host; puzzle segments run eagerly "
+                "(a --window-size attention cache has a fixed size and is captured)")
+            self.capture = False
         self.autocast, self.cell_loss, self.q_losses = autocast, cell_loss, q_losses
         embedding = getattr(model, "puzzle_embedding", None)
         self.table = embedding.table.weight if embedding is not None else None
