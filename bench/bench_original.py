@@ -70,7 +70,9 @@ import os
 import platform
 import random
 import re
+import resource
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -321,6 +323,8 @@ def _original_child(spec_path: str) -> None:
                     if self.device.type == "cuda":
                         torch.cuda.synchronize(self.device)
                     result["times"].append(time.perf_counter())
+                    with open(spec["times_file"], "a", encoding="utf-8") as log:  # read back after a timeout
+                        log.write(f"{result['times'][-1]}\n")
                     if len(result["times"]) > self.requests:
                         raise _StopTimedRun
                     yield batch
@@ -335,6 +339,8 @@ def _original_child(spec_path: str) -> None:
             pass
         else:
             raise SystemExit("the original's train() returned before the timed steps were done")
+        result["peak_mem_gib"] = round((torch.cuda.max_memory_allocated(device) if device.type == "cuda" else
+                                        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30, 2)
         result.update(amp=bool(getattr(args, "amp", False)), amp_dtype=getattr(args, "amp_dtype", None),
                       compile=bool(getattr(args, "compile", False)), device=str(device),
                       torch_threads=torch.get_num_threads())
@@ -367,32 +373,47 @@ def _tail(text: str, lines: int = 3) -> str:
     return " | ".join(ln.strip() for ln in text.strip().splitlines()[-lines:])[-400:]
 
 
+def _run_logged(cmd: list[str], cwd: str, env: dict, timeout: float, log_path: str) -> tuple[int | None, str]:
+    """Run `cmd` with its output going to `log_path` as it comes (kept after a timeout); return the
+    exit code (None after a timeout) and the output."""
+    with open(log_path, "w", encoding="utf-8") as log:
+        try:
+            code = subprocess.run(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            code = None
+    with open(log_path, encoding="utf-8", errors="replace") as log:
+        return code, log.read()
+
+
 def run_original(args, corpus: str, tokenizer_dir: str, work: str) -> dict:
     spec = dict(original=os.path.abspath(args.original), warmup=args.warmup, steps=args.steps,
-                result=os.path.join(work, "original_result.json"),
+                result=os.path.join(work, "original_result.json"), times_file=os.path.join(work, "original_times.txt"),
                 argv=["--train", corpus, "--tokenizer-path", tokenizer_dir, "--out-dir",
                       os.path.join(work, "original_out"), *original_flags(args)])
     spec_path = os.path.join(work, "original_spec.json")
     with open(spec_path, "w", encoding="utf-8") as f:
         json.dump(spec, f)
     row = dict(model="original", argv=spec["argv"])
+    for stale in (spec["result"], spec["times_file"]):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(stale)
     start = time.perf_counter()
-    try:
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--original-child", spec_path], cwd=work,
-                              env=_child_env(None), capture_output=True, text=True, timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        return dict(row, status=f"timeout after {args.timeout:.0f} s")
+    code, output = _run_logged([sys.executable, os.path.abspath(__file__), "--original-child", spec_path], work,
+                               _child_env(None), args.timeout, os.path.join(work, "original.log"))
     row["process_s"] = round(time.perf_counter() - start, 1)
-    with open(os.path.join(work, "original.log"), "w", encoding="utf-8") as f:
-        f.write(proc.stdout + proc.stderr)
-    if proc.returncode != 0 or not os.path.isfile(spec["result"]):
-        return dict(row, status=f"failed (exit {proc.returncode}): {_tail(proc.stderr or proc.stdout)}")
+    if code is None:
+        with contextlib.suppress(FileNotFoundError), open(spec["times_file"], encoding="utf-8") as f:
+            times = [float(line) for line in f if line.strip()]
+            row["step_times"] = [b - a for a, b in zip(times, times[1:])]
+        return dict(row, status=f"timeout after {args.timeout:.0f} s ({len(row.get('step_times', []))} step(s) done)")
+    if code != 0 or not os.path.isfile(spec["result"]):
+        return dict(row, status=f"failed (exit {code}): {_tail(output)}")
     with open(spec["result"], encoding="utf-8") as f:
         res = json.load(f)
     tok_s = rate(args.batch * args.seq_len, args.steps, res["t_start"], res["t_end"])
     return dict(row, status="ok", tok_s=tok_s, step_s=(res["t_end"] - res["t_start"]) / args.steps,
                 params=res["params"], amp=res["amp"], amp_dtype=res["amp_dtype"], compile=res["compile"],
-                torch_threads=res["torch_threads"], numba=res.get("numba"),
+                torch_threads=res["torch_threads"], numba=res.get("numba"), peak_mem_gib=res.get("peak_mem_gib"),
                 step_times=[b - a for a, b in zip(res["times"], res["times"][1:])])
 
 
@@ -404,19 +425,16 @@ def run_ours(args, corpus: str, tokenizer_dir: str, work: str) -> dict:
             "--max-steps", str(max_steps), "--log-every", str(log_every), "--val-fraction", "0", "--save-every", "0",
             "--eval-every-epoch", "0"]
     row = dict(model="ours", argv=argv)
+    shutil.rmtree(out_dir, ignore_errors=True)  # a reused --work-dir: no stale metrics.jsonl rows
     start = time.perf_counter()
-    try:
-        proc = subprocess.run([sys.executable, os.path.join(REPO, "hierarchos_cli.py"), "train", *argv], cwd=REPO,
-                              env=_child_env(REPO), capture_output=True, text=True, timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        return dict(row, status=f"timeout after {args.timeout:.0f} s")
+    code, output = _run_logged([sys.executable, os.path.join(REPO, "hierarchos_cli.py"), "train", *argv], REPO,
+                               _child_env(REPO), args.timeout, os.path.join(work, "ours.log"))
     row["process_s"] = round(time.perf_counter() - start, 1)
-    output = proc.stdout + proc.stderr
-    with open(os.path.join(work, "ours.log"), "w", encoding="utf-8") as f:
-        f.write(output)
+    if code is None:
+        return dict(row, status=f"timeout after {args.timeout:.0f} s")
     metrics = os.path.join(out_dir, "metrics.jsonl")
-    if proc.returncode != 0 or not os.path.isfile(metrics):
-        return dict(row, status=f"failed (exit {proc.returncode}): {_tail(proc.stderr or proc.stdout)}")
+    if code != 0 or not os.path.isfile(metrics):
+        return dict(row, status=f"failed (exit {code}): {_tail(output)}")
     with open(metrics, encoding="utf-8") as f:
         stamps = {r["step"]: r["time"] for r in map(json.loads, f) if "time" in r and "step" in r}
     if args.warmup not in stamps or max_steps not in stamps:
@@ -448,7 +466,7 @@ def format_table(rows: list[dict], shape: dict) -> str:
                      f"{r['step_s'] if ok else 0:>9.3f}  {r.get('status', '?')}" if ok else
                      f"{r['model']:<10} {params:>13} {'-':>12} {'-':>9}  {r.get('status', '?')}")
     x = ratio(rows)
-    lines.append(f"ours / original: {x:,.1f}x" if x is not None else "ours / original: - (a row did not finish)")
+    lines.append(f"ours / original: {x:,.1f}x" if x is not None else "ours / original: - (needs both rows finished)")
     return "\n".join(lines)
 
 

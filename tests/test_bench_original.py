@@ -172,7 +172,7 @@ def test_table_with_a_failed_row_has_no_ratio():
     rows = rows_ok()
     rows[0] = dict(model="original", status="timeout after 60 s")
     table = bo.format_table(rows, SHAPE)
-    assert "timeout after 60 s" in table and "a row did not finish" in table
+    assert "timeout after 60 s" in table and "needs both rows finished" in table
     assert bo.ratio(rows) is None
 
 
@@ -236,3 +236,12 @@ def test_both_models_train_on_a_tiny_shape(tmp_path, capsys):
     assert rows["original"]["params"] > 0 and rows["original"]["amp"] is False  # float32 on the CPU
     assert payload["ratio"] == pytest.approx(rows["ours"]["tok_s"] / rows["original"]["tok_s"])
     assert payload["original"]["sources_sha256"]
+
+
+def test_a_child_past_its_timeout_is_stopped_and_its_output_kept(tmp_path):
+    code, output = bo._run_logged([sys.executable, "-c", "print('started', flush=True); import time; time.sleep(30)"],
+                                  str(tmp_path), dict(os.environ), 2.0, str(tmp_path / "child.log"))
+    assert code is None and "started" in output
+    code, output = bo._run_logged([sys.executable, "-c", "import sys; print('bye'); sys.exit(3)"],
+                                  str(tmp_path), dict(os.environ), 30.0, str(tmp_path / "child.log"))
+    assert code == 3 and output.strip() == "bye"
