@@ -301,7 +301,11 @@ def time_steps(args, models: dict, train_set, device) -> dict:
         times = {variant: [] for variant in variants}
         segments = {variant: 0 for variant in variants}
         for trainer in trainers.values():  # lazy initialisation, captures: one batch of each shape
-            steps(trainer, trainer.batches_per_epoch if trainer.batches_per_epoch <= 2 else 1)
+            last = trainer.batches_per_epoch - 1
+            for index in sorted({0, last} if len(trainer.batch_rows(last)[0]) < args.batch_size else {0}):
+                trainer.step = index
+                steps(trainer, 1)
+            trainer.step = 1
         sync()
         for round_index in range(args.rounds):
             order = list(variants) if round_index % 2 == 0 else list(reversed(variants))
