@@ -299,7 +299,7 @@ void layer_norm(const float *x, const float *w, const float *b, float eps, int64
 HK_CLONES void wkv_head(const float *S0, float *S, int64_t N, const float *r, const float *k, const float *v, const float *g,
                         const float *log_w, const float *iclr, const Layer &L, int64_t c0, bool frozen,
                         float *out) {
-    float kappa[256], kmod[256], bb[256], decay[256], u[256], o[256];
+    float kappa[256], kmod[256], bb[256], decay[256], o[256];
     float norm2 = 0.0f;
     for (int64_t j = 0; j < N; ++j) {
         kappa[j] = k[j] * L.removal_scale[c0 + j];
@@ -314,11 +314,13 @@ HK_CLONES void wkv_head(const float *S0, float *S, int64_t N, const float *r, co
         decay[j] = frozen ? 1.0f : std::exp(log_w[j]);
         kappa[j] = -kappa[j];  // the removal key enters as a = -kappa
     }
-    for (int64_t i = 0; i < N; ++i) u[i] = dot8(S0 + i * N, kappa, N);
+    // One pass over the state: row i's removal term u_i reads only row i of S0, so each row is
+    // read once (it is still in L1 for the update) instead of once for all u and again for the
+    // update; the same operations in the same order as two passes, so the same bits.
     for (int64_t i = 0; i < N; ++i) {
         const float *in = S0 + i * N;
         float *row = S + i * N;
-        const float ui = u[i], vi = v[i];
+        const float ui = dot8(in, kappa, N), vi = v[i];
         for (int64_t j = 0; j < N; ++j) row[j] = in[j] * decay[j] + ui * bb[j] + vi * kmod[j];
         o[i] = dot8(row, r, N);
     }
