@@ -243,6 +243,28 @@ def test_cleanup_never_replaces_the_error_that_caused_it(tmp_path):
     assert not (tmp_path / "d").exists() and hidden(tmp_path) == []
 
 
+def test_a_committed_dir_stands_when_the_old_version_cannot_be_deleted(tmp_path, monkeypatch):
+    """After the second rename the new directory is in place: a file of the old one that cannot be
+    deleted (open on Windows, busy on NFS) leaves garbage for the next recovery, not a failed save."""
+    with hio.atomic_dir(tmp_path / "d") as tmp:
+        (tmp / "locked.txt").write_text("old")
+    real_unlink = os.unlink
+
+    def unlink(path, *args, **kwargs):
+        if os.fspath(path).endswith("locked.txt"):
+            raise PermissionError(13, "in use", os.fspath(path))
+        return real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    with hio.atomic_dir(tmp_path / "d") as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["new.txt"]
+    assert [name.split("-")[0] for name in hidden(tmp_path)] == [".d.old"]
+    monkeypatch.undo()
+    hio.recover_interrupted(tmp_path / "d")
+    assert hidden(tmp_path) == [] and (tmp_path / "d" / "new.txt").read_text() == "new"
+
+
 # ---- weights ----------------------------------------------------------------------------------
 
 def test_weights_store_each_storage_view_once_and_fill_the_aliases(tmp_path):
