@@ -300,12 +300,16 @@ def time_steps(args, models: dict, train_set, device) -> dict:
 
         times = {variant: [] for variant in variants}
         segments = {variant: 0 for variant in variants}
-        for trainer in trainers.values():  # lazy initialisation, captures: one batch of each shape
+        reserved = {}
+        for variant, trainer in trainers.items():  # lazy initialisation, captures: one batch of each shape
+            before = torch.cuda.memory_reserved(device) if device.type == "cuda" else 0
             last = trainer.batches_per_epoch - 1
             for index in sorted({0, last} if len(trainer.batch_rows(last)[0]) < args.batch_size else {0}):
                 trainer.step = index
                 steps(trainer, 1)
             trainer.step = 1
+            if device.type == "cuda":  # what the warm-up kept: optimizer state, caches, the graphs' pools
+                reserved[variant] = (torch.cuda.memory_reserved(device) - before) / 2**30
         sync()
         for round_index in range(args.rounds):
             order = list(variants) if round_index % 2 == 0 else list(reversed(variants))
@@ -321,7 +325,7 @@ def time_steps(args, models: dict, train_set, device) -> dict:
             rows[variant] = {"ms_per_step_best": min(times[variant]), "ms_per_step_median": statistics.median(times[variant]),
                              "ms_per_step_rounds": times[variant], "segments_per_step": seg,
                              "ms_per_segment_best": min(times[variant]) / max(seg, 1e-9),
-                             **counts[variant]}
+                             **counts[variant], "warmup_reserved_gib": reserved.get(variant)}
         runner = trainers.get("fast+graphs")
         if runner is not None and runner.segments is not None:
             rows["fast+graphs"].update(replays=runner.segments.replays, eager_segments=runner.segments.eager_segments)
