@@ -99,6 +99,9 @@ MODULES: dict[str, list[str]] = {
                                      "tests/test_wkv_triton.py::test_manual_backward_matches_autograd_float64",
                                      "tests/test_wkv_triton.py::test_triton_is_never_auto_on_cpu_and_forcing_it_is_one_error",
                                      "-m", "not slow and not gpu"],
+    # the one-token time-mix kernel under the interpreter, and the block step and stepper around it
+    "hierarchos/ops/rwkv_step_triton.py": ["tests/test_rwkv_step_triton.py", "-m", "not slow and not gpu"],
+    "hierarchos/ops/threads.py": ["tests/test_step_threads.py"],
 }
 
 # Triton's interpreter re-reads a kernel's source (to turn each assignment into a tensor) and runs that
@@ -106,7 +109,7 @@ MODULES: dict[str, list[str]] = {
 # no mutant would ever run (and the original fails on a module constant). This pytest plugin, loaded only
 # in the scratch copy of a Triton module, hands the interpreter the function the trampoline would call
 # (the active mutant or the original) and records the stats hit the trampoline would have recorded.
-TRITON_MODULES = ("hierarchos/ops/ce_triton.py", "hierarchos/ops/wkv_triton.py")
+TRITON_MODULES = ("hierarchos/ops/ce_triton.py", "hierarchos/ops/wkv_triton.py", "hierarchos/ops/rwkv_step_triton.py")
 TRITON_PLUGIN = '''"""mutmut + Triton's interpreter (written by scripts/mutation_test.py for a mutation run only)."""
 import sys
 
