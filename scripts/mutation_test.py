@@ -37,7 +37,7 @@ MODULES: dict[str, list[str]] = {
     "hierarchos/model/hrm.py": ["tests/test_hrm.py", "tests/test_q_halting.py"],
     "hierarchos/model/memory.py": ["tests/test_memory.py"],
     "hierarchos/model/rwkv.py": ["tests/test_rwkv_cell.py", "tests/test_time_mix_wiring.py"],
-    "hierarchos/model/lm.py": ["tests/test_lm_rules.py"],
+    "hierarchos/model/lm.py": ["tests/test_lm_rules.py", "tests/test_step_threads.py"],
     "hierarchos/model/attention.py": ["tests/test_attention_rules.py", "tests/test_attention.py",  # not its CLI run:
                                       "--deselect", "tests/test_attention.py::test_cli_trains_attention_stacks_and_chats"],
     "hierarchos/model/deepembed.py": ["tests/test_embedding_tables.py"],
