@@ -42,8 +42,9 @@ What does not match (each model keeps its own design; these are the differences 
     ours runs each pass over the whole window in parallel (chunked WKV on the CPU, Triton on CUDA);
   - the original backpropagates through every pondering and worker pass; ours only through the last
     (grad_steps=1, HRM's one-step gradient), so our backward does less work by design;
-  - the original's worker stops when the batch-mean drift change is under l_conv_atol (1e-4);
-    ours freezes tokens one by one under the same tolerance (passes still run, masked);
+  - the original's eager worker loop (the CPU) stops when the batch-mean drift change is under
+    l_conv_atol (1e-4), its compiled one (CUDA) runs every pass masked; ours freezes tokens one by one
+    under the same tolerance (every pass runs, masked);
   - the original truncates BPTT every 32 tokens inside a window; ours once per window;
   - the original updates its LTM by an inner gradient step after the backward; ours writes it per
     64-token chunk inside the forward;
@@ -53,9 +54,10 @@ What does not match (each model keeps its own design; these are the differences 
 Tokens counted: batch x seq_len per step for both (each window feeds T tokens; both predict T - 1 or
 T targets from them).
 
-CPU, reduced shape (a minute or two):
+CPU, reduced shape (a minute or two; on a shared 2-core machine --threads 1: with 2 threads under load
+both models ran 5-15x slower, their OpenMP threads waiting for cores that other jobs held):
     python bench/bench_original.py --original /tmp/orig_hierarchos --width 256 --batch 4 --seq-len 32 \\
-        --vocab-size 8192 --steps 3 --warmup 1 --json /tmp/original_cpu.json
+        --vocab-size 8192 --steps 3 --warmup 1 --threads 1 --json /tmp/original_cpu.json
 Device: bash bench/gpu.sh original (the default shape: 768 wide, B=16, T=128, 5 + 5 steps).
 """
 
