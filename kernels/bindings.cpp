@@ -75,6 +75,41 @@ py::array_t<float> dequantize(const ByteArray &data, const std::string &qtype, i
     return out;
 }
 
+// The float values of the 8-bit activation blocks the integer dot products use for x (N, cols) against
+// weights of `qtype`: Q8_0 blocks for INT4 / Q4_0 / Q8_0, Q8_K for Q2_K (the dense prefill path multiplies
+// these by the dequantized weights; hierarchos/quant/model.py has the numpy reference).
+py::array_t<float> activations_as_used(const FloatArray &x, const std::string &qtype) {
+    const QType t = parse_qtype(qtype);
+    if (x.ndim() != 2) throw py::value_error("activations_as_used expects (N, cols) float32 activations");
+    const int64_t n = x.shape(0), cols = x.shape(1);
+    check_cols(t, n, cols);
+    py::array_t<float> out({n, cols});
+    const float *src = x.data();
+    float *dst = out.mutable_data();
+    {
+        py::gil_scoped_release release;
+        if (t == QType::Q2_K) {
+            std::vector<hk::BlockQ8_K> blocks(cols / hk::QK_K);
+            for (int64_t r = 0; r < n; ++r) {
+                hk::quantize_act_row_q8_k(src + r * cols, blocks.data(), cols);
+                float *row = dst + r * cols;
+                for (int64_t b = 0; b < cols / hk::QK_K; ++b)
+                    for (int j = 0; j < hk::QK_K; ++j) row[b * hk::QK_K + j] = static_cast<float>(blocks[b].qs[j]) * blocks[b].d;
+            }
+        } else {
+            std::vector<int8_t> qs(cols);
+            std::vector<float> d(cols / hk::QK);
+            std::vector<int32_t> sums(cols / hk::QK);
+            for (int64_t r = 0; r < n; ++r) {
+                hk::quantize_act_row_q8_0(src + r * cols, qs.data(), d.data(), sums.data(), cols);
+                float *row = dst + r * cols;
+                for (int64_t j = 0; j < cols; ++j) row[j] = static_cast<float>(qs[j]) * d[j / hk::QK];
+            }
+        }
+    }
+    return out;
+}
+
 py::array_t<float> dequantize_rows(const ByteArray &data, const std::string &qtype, int64_t cols, const IdArray &row_ids) {
     const QType t = parse_qtype(qtype);
     check_data(data, t, cols);
@@ -190,6 +225,7 @@ PYBIND11_MODULE(hierarchos_kernels, m) {
     m.def("quantize", &quantize, py::arg("w"), py::arg("qtype"),
           "float32 (rows, cols) -> uint8 (rows, row_bytes), ggml-identical blocks (INT4: ours)");
     m.def("dequantize", &dequantize, py::arg("data"), py::arg("qtype"), py::arg("cols"));
+    m.def("activations_as_used", &activations_as_used, py::arg("x"), py::arg("qtype"));
     m.def("dequantize_rows", &dequantize_rows, py::arg("data"), py::arg("qtype"), py::arg("cols"), py::arg("row_ids"));
     m.def("matmul", &matmul, py::arg("data"), py::arg("qtype"), py::arg("cols"), py::arg("x"),
           "y = x @ W.T: x (N, cols) float32 -> (N, rows); activations quantized to Q8_0 (Q8_K for Q2_K)");

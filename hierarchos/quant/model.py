@@ -115,7 +115,15 @@ def describe(tensors: dict) -> dict:
 
 
 def activations_as_used(x: np.ndarray, qtype: str) -> np.ndarray:
-    """The float values of the 8-bit activation blocks the kernel's integer dot products use for x."""
+    """The float values of the 8-bit activation blocks the kernel's integer dot products use for x:
+    the C++ kernel's own quantizer when it is built (the same bits as the reference below, tested;
+    the numpy one took ~20% of a quantized prefill), else `activations_as_used_reference`."""
+    fast = kernel.activations_as_used
+    return fast(x, qtype) if fast is not None else activations_as_used_reference(x, qtype)
+
+
+def activations_as_used_reference(x: np.ndarray, qtype: str) -> np.ndarray:
+    """`activations_as_used` in numpy, from the formats' definitions (formats.py)."""
     if qtype == "Q2_K":
         codes, d, _ = formats.quantize_q8_k_activations(x)
         block = formats.QK_K
