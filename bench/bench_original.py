@@ -380,7 +380,8 @@ def _run_logged(cmd: list[str], cwd: str, env: dict, timeout: float, log_path: s
     exit code (None after a timeout) and the output."""
     with open(log_path, "w", encoding="utf-8") as log:
         try:
-            code = subprocess.run(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout).returncode
+            code = subprocess.run(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                  timeout=timeout).returncode
         except subprocess.TimeoutExpired:
             code = None
     with open(log_path, encoding="utf-8", errors="replace") as log:
