@@ -242,3 +242,28 @@ def test_fast_step_is_the_default_and_the_reference_one_flag_away():
     fast.train_batch(inputs, solutions, ids)
     assert fast.segments is not None and not fast.segments.capture  # CPU: eager, no graphs
     assert fast.updates == 2
+
+
+def test_bench_time_steps_counts_what_the_fast_step_removed(tmp_path):
+    """bench_puzzles.py --time-steps on tiny puzzles: both variants timed, the JSON written, and the
+    counts it reports are the fast step's: one host read per segment plus one, and most operators
+    inside the segment function a CUDA graph replays."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_puzzles.py"
+    spec = importlib.util.spec_from_file_location("bench_puzzles", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "time.json"
+    assert bench.main(["--tiny", "--device", "cpu", "--time-steps", "1", "--rounds", "2", "--batch-size", "4",
+                       "--models", "transformer", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]["transformer"]["variants"]
+    assert set(rows) == {"reference", "fast"}
+    fast, reference = rows["fast"], rows["reference"]
+    assert fast["segments_per_step"] == reference["segments_per_step"] == 2.0  # an untrained Q head: no halt
+    assert fast["host_reads_per_step"] == 3 < reference["host_reads_per_step"]
+    assert reference["ops_outside_segment_fn"] == reference["ops_per_step"]
+    assert fast["ops_outside_segment_fn"] < fast["ops_per_step"] / 2
+    assert len(fast["ms_per_step_rounds"]) == 2 and fast["ms_per_step_best"] > 0
