@@ -31,6 +31,7 @@ def args_for(tmp_path, *extra):
 
 @pytest.mark.parametrize("flags, needle", [
     (["--width", "100"], "--width 100"),
+    (["--width", "96"], "--width 96"),  # a multiple of 32, not of the head size
     (["--width", "0"], "--width 0"),
     (["--steps", "0"], "--steps 0"),
     (["--warmup", "0"], "--warmup 0"),
