@@ -42,8 +42,8 @@
 #              T=128, max_h_steps 5, max_l_steps 5) in its own train loop, against ours (the train command,
 #              same shape, 1 + 1 layers, one round): bench_original.py, ORIGINAL_ARGS (default
 #              "--steps 3 --warmup 2"), each model's process bounded by ORIGINAL_MODEL_TIMEOUT s (270).
-#              Carry .whl (our train reads the JSONL corpus through datasets) and .device_cache/original, the
-#              original's snapshot (ignored by git, ~10 MB), made here by
+#              Carry .device_cache/original, the original's snapshot (ignored by git, ~10 MB; neither model
+#              needs the .whl wheels here), made here by
 #                mkdir -p .device_cache/original && git -C /work/.mirror/necat101+Hierarchos/repo archive \
 #                  10674eef73b2f3694c360806b4952b87af59abe8 | tar -x -C .device_cache/original && \
 #                  echo 10674eef73b2f3694c360806b4952b87af59abe8 > .device_cache/original/ORIGINAL_COMMIT
