@@ -51,6 +51,8 @@ What does not match (each model keeps its own design; these are the differences 
   - on CUDA both run in their defaults: the original auto-enables bf16 autocast and torch.compile of
     its worker loop (no CUDA graphs), ours bf16 autocast and a CUDA graph of the whole window. On the
     CPU neither compiles and both run in float32.
+--ours-args "--h_layers 4 --l_layers 4 --h_cycles 2" (flags given later win) times our 125m size's depth
+instead, as the issue's earlier, unscripted comparison did.
 Tokens counted: batch x seq_len per step for both (each window feeds T tokens; both predict T - 1 or
 T targets from them).
 
