@@ -29,6 +29,10 @@ The commit recorded in the JSON is `git rev-parse HEAD` of DIR when it is a chec
 word of DIR/ORIGINAL_COMMIT, else "unknown"; a SHA-256 of the original's model and trainer sources is
 recorded either way. Its Python needs: torch, transformers, tqdm, numpy (numba optional: its ROSA).
 
+The issue's "default shape" (768 wide, B=16, T=128, 5 + 5 steps) is this script's default; the snapshot's own
+CLI defaults are narrower and longer (--context_dim 448, --batch_size 64, --max_length 1024,
+--training-chunk-size 256), so the script always passes the shape as flags.
+
 Shape mapping (the original's flag -> ours; MAPPING below is the table the script prints):
   --context_dim W (h_hidden = l_hidden = W)  -> --context_dim W --h_hidden W --l_hidden W
   one RWKV-7 cell per stack (h_rnn, l_rnn)   -> --h_layers 1 --l_layers 1
