@@ -50,8 +50,8 @@
 #              (or from a clone of the original at that commit; ORIGINAL_DIR overrides the folder). The
 #              original compiles its worker loop on CUDA by default; if that outlasts its 270 s, the row says
 #              how many steps it finished: ORIGINAL_ARGS="--steps 3 --warmup 1 --original-args=--no-compile"
-#              times it eager. At T=8 on the CPU it peaked at 10.8 GB RSS (weights, gradients and AdamW
-#              moments of its 406M parameters are 6.5 GB): if an H100 runs out of memory, ask for an H200
+#              times it eager. Its memory on the CPU (float32, RSS) grows about 14 MiB per token of the batch
+#              over 8.4 GiB: about 37 GiB at B=16, T=128 (BENCHMARKS.md); if a card runs out, ask for an H200
 #   forward    bench_forward.py on CUDA with FORWARD_ARGS (size FORWARD_SIZE, default 125m): any table of it
 #   train-compile  `train` on the bundled corpus, eager and --compile (compiled RWKV blocks), TRAIN_COMPILE_STEPS
 #              steps (40): time to the first log and median tokens/s after it (~250 s)
