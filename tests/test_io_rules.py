@@ -378,6 +378,23 @@ def test_config_payload_is_the_config_plus_metadata_and_refuses_clashes(tmp_path
         hio._config_payload(model, None, {"zeta": "café"})
 
 
+def test_config_files_are_utf8_whatever_the_locale(tmp_path, monkeypatch):
+    """On a machine whose locale encoding is not UTF-8 (Windows' cp1252), every config JSON is still
+    written as UTF-8: Python picks the locale's encoding through io.text_encoding when none is given."""
+    import io as text_io
+
+    real = text_io.text_encoding
+    monkeypatch.setattr(text_io, "text_encoding", lambda encoding, *a: real(encoding, *a) if encoding else "cp1252")
+    model = HierarchosLM(tiny_config())
+    note = {"zeta": "café ☕"}  # ☕ has no cp1252 byte: a locale write would fail, é would be one byte
+    written = [hio.save_model_dir(tmp_path / "dir", model, extra=note) / hio.CONFIG_FILE,
+               hio.save_model_files(tmp_path / "files", model, extra=note) / hio.CONFIG_FILE,
+               hio.save_checkpoint(tmp_path / "c", 1, model, None, None, {}, extra=note) / hio.CONFIG_FILE]
+    for path in written:
+        assert path.read_bytes().decode("utf-8") == hio._config_payload(model, None, note), path
+    assert hio.load_model_dir(tmp_path / "dir")[1]["zeta"] == "café ☕"
+
+
 def test_tokenizer_saving_by_kind(tmp_path):
     calls = []
 
