@@ -287,3 +287,58 @@ def test_query_slots_for_more_rows_than_tokens():
     for b in range(3):
         expected = (mem.keys @ mem.query(e[b]).t()).t().topk(mem.topk).indices
         assert torch.equal(idx[b], expected)
+
+
+def test_step_at_staggered_row_positions_equals_the_spec_row_by_row():
+    """`step` (the sync-free form: one token per row, each row at its own global position) against the
+    spec oracle run on each row's own stream: row 0 starts at position 0, row 1 at position 2 (its
+    first two tokens fed to a one-row memory before), so the rows close their chunks at different
+    calls. Reads, values, momentum, the open chunk's surprise and input sum and the write counts are
+    those of the rule, row by row, after every call."""
+    seed = fresh_seed()
+    mem = make(seed, chunk=4)
+    with torch.no_grad():
+        mem.write_gates.weight.normal_(0, 0.5)  # gates that differ per chunk and per row
+    e = torch.randn(2, 12, 6, dtype=torch.float64)
+    reads0, V0, M0, _ = oracle(mem, e[:1], 0.0)
+    reads1, V1, M1, _ = oracle(mem, e[1:], 0.0)
+    msg = lambda m: f"seed={seed}: {m}"  # noqa: E731
+    with torch.no_grad():
+        lead = mem.init_state(1, 6, dtype=torch.float64)
+        for t in range(2):
+            _, lead = mem.step(e[1:, t:t + 1], lead, torch.tensor([t]))
+        fresh = mem.init_state(1, 6, dtype=torch.float64)
+        state = {k: torch.cat([fresh[k], lead[k]]) for k in fresh}
+        for t in range(10):
+            read, state = mem.step(torch.stack([e[0, t], e[1, t + 2]])[:, None], state, torch.tensor([t, t + 2]))
+            assert read.shape == (2, 1, 3)
+            torch.testing.assert_close(read[0, 0], reads0[0, t], rtol=1e-10, atol=1e-12, msg=msg)
+            torch.testing.assert_close(read[1, 0], reads1[0, t + 2], rtol=1e-10, atol=1e-12, msg=msg)
+            for row, done in ((0, t + 1), (1, t + 3)):  # tokens this row has fed
+                stream = e[row:row + 1, :done]
+                _, ref = mem(stream, mem.init_state(1, 6, dtype=torch.float64), pos0=0)  # forward: pinned above
+                for key in ("surprise", "input_sum", "writes"):
+                    torch.testing.assert_close(state[key][row], ref[key][0], rtol=1e-10, atol=1e-12, msg=msg)
+    # after 10 and 12 tokens: row 0 wrote two chunks (its open chunk holds 2 tokens), row 1 three
+    _, V0_two, M0_two, _ = oracle(mem, e[:1, :8], 0.0)
+    torch.testing.assert_close(state["delta"][0] + mem.values.detach(), V0_two[0], rtol=1e-10, atol=1e-12, msg=msg)
+    torch.testing.assert_close(state["momentum"][0], M0_two[0], rtol=1e-10, atol=1e-12, msg=msg)
+    torch.testing.assert_close(state["delta"][1] + mem.values.detach(), V1[0], rtol=1e-10, atol=1e-12, msg=msg)
+    torch.testing.assert_close(state["momentum"][1], M1[0], rtol=1e-10, atol=1e-12, msg=msg)
+    assert state["input_sum"][0].abs().sum() > 0 and state["input_sum"][1].abs().sum() == 0
+    assert state["writes"][1].sum() > state["writes"][0].sum() > 0
+
+
+def test_step_gates_its_write_by_the_threshold():
+    """A threshold above every surprise: the step writes nothing at the chunk boundary (values, momentum
+    and counts unchanged) but still clears the closed chunk's accumulators."""
+    seed = fresh_seed()
+    mem = make(seed, threshold=1e9, chunk=2)
+    e = torch.randn(3, 2, 6, dtype=torch.float64)
+    state = mem.init_state(3, 6, dtype=torch.float64)
+    with torch.no_grad():
+        for t in range(2):
+            _, state = mem.step(e[:, t:t + 1], state, torch.tensor([t, t, t]))
+    assert state["writes"].sum() == 0, f"seed={seed}"
+    assert not state["delta"].any() and not state["momentum"].any()
+    assert not state["surprise"].any() and not state["input_sum"].any()
