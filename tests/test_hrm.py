@@ -571,3 +571,134 @@ def test_rwkv_stacks_take_the_configured_time_mix():
         model = reasoner(time_mix=time_mix)
         for stack in (model.manager, model.worker):
             assert all(isinstance(b.time_mix, TimeMix4) == (time_mix == "wkv4") for b in stack.blocks), time_mix
+
+
+# ---- the sync-free step (row_pos): every pass runs, masked instead of skipped -------------------------
+
+def test_act_with_rows_halted_from_the_start_runs_every_pass_and_weighs_them_nothing():
+    """`_ponder(halted=, count=)` (the sync-free step): row 1 is off a plan point, so it is halted before
+    pass 0 (frozen in every pass, pass 0 included), adds nothing to the mix, the expected steps or the
+    halting step; row 0 follows Graves' rule (0.9 >= 0.8 at pass 1: weights 1, 0, 0, 0); one plan point
+    per row and yet every pass runs (no host read of the halted mask); totals count `count`."""
+    model = reasoner(max_h_steps=4)
+    model.manager = PassStub(onehot_per_pass(16))
+    model.h_halt_proj = HaltStub([[0.9], [0.5], [0.5], [0.5]])
+    model.h_to_context = nn.Identity()
+    totals, count = {}, torch.tensor(3.0)  # not B * P = 2: the count handed in is the one used
+    halted = torch.tensor([[False], [True]])
+    mix, _ = model._ponder(torch.zeros(2, 1, 16, dtype=torch.float64), torch.zeros(2, 1, dtype=torch.long),
+                           model.init_state(2)[0]["ponder"], 4, 0.8, False, totals, halted=halted, count=count)
+    assert len(model.manager.calls) == 4
+    assert [c["frozen"].tolist() for c in model.manager.calls] == [[[False], [True]]] + [[[True], [True]]] * 3
+    assert mix[0, 0, :4].tolist() == [1.0, 0.0, 0.0, 0.0] and not mix[1].any()
+    assert float(totals["ponder"][0]) == 1.0 and float(totals["manager_steps"][0]) == 1.0
+    assert [float(totals[k][1]) for k in ("ponder", "manager_steps")] == [3.0, 3.0]
+    assert halted.tolist() == [[False], [True]]  # the caller's mask is not changed in place
+
+
+class QTableStub(nn.Module):
+    """Q head: pass p gives every point the logits (halt, continue) = table[p], whatever the input."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table, self.n = torch.tensor(table, dtype=torch.float64), 0
+
+    def forward(self, z):
+        logits = self.table[self.n]
+        self.n += 1
+        return logits.to(z.dtype).expand(*z.shape[:-1], 2)
+
+
+def test_q_halting_with_rows_halted_from_the_start_runs_every_pass_and_chooses_nothing_for_them():
+    """`_ponder_q(halted=, count=)`: row 0 halts at pass 2 (halt > continue first there), its plan is
+    pass 2's output and its halt logit pass 2's; row 1 (halted from the start) is frozen from pass 0,
+    keeps a zero plan, logit and halting step, and adds no continue loss; every pass runs for one point.
+    The continue loss by hand: row 0 went on from pass 1 with continue 1.0 towards sigmoid(max(1.5, 0.5))."""
+    import math as _m
+
+    table = [[0.0, 1.0], [1.5, 0.5], [3.0, 0.0]]
+    model = HierarchicalReasoner(tiny_config(halting="q", max_h_steps=3)).double().eval()
+    model.manager = PassStub(onehot_per_pass(16))
+    model.h_q_head = QTableStub(table)
+    model.h_to_context = nn.Identity()
+    totals, count = {}, torch.tensor(3.0)  # not B * P = 2
+    plans, _, logit = model._ponder_q(torch.zeros(2, 1, 16, dtype=torch.float64), torch.zeros(2, 1, dtype=torch.long),
+                                      model.init_state(2)[0]["ponder"], 3, False, totals,
+                                      halted=torch.tensor([[False], [True]]), count=count)
+    assert len(model.manager.calls) == 3
+    assert [c["frozen"].tolist() for c in model.manager.calls] == [[[False], [True]], [[False], [True]],
+                                                                    [[True], [True]]]
+    assert plans[0, 0, :3].tolist() == [0.0, 1.0, 0.0] and not plans[1].any()
+    assert logit.tolist() == [[1.5], [0.0]]
+    target = 1 / (1 + _m.exp(-1.5))
+    p = 1 / (1 + _m.exp(-1.0))
+    bce = -(target * _m.log(p) + (1 - target) * _m.log(1 - p))
+    assert float(totals["q_continue"][0]) == pytest.approx(bce, abs=1e-12)
+    assert float(totals["manager_steps"][0]) == 2.0
+    assert [float(totals[k][1]) for k in ("q_continue", "manager_steps")] == [3.0, 3.0]
+
+
+def _sync_free_round(halting="act", max_l_steps=0, worker_out=None, atol=0.0):
+    """One forward of the sync-free step (h_cycles 1, stride 3) over five rows at positions 2, 3, 4, 5, 7
+    with carried plans prev = b + 1, last = 10 (b + 1) in row b, a zero watch and a ponder stub that
+    returns the plan 100 (b + 1) in row b and records its keyword arguments."""
+    d, B = 16, 5
+    model = reasoner(h_stride=3, h_cycles=1, max_l_steps=max_l_steps, l_conv_atol=atol, halting=halting)
+    model.manager = PassStub(lambda p, x: torch.zeros_like(x))
+    model.h_input_proj = nn.Identity()
+    model.l_input_proj = RecordingProjection(d)
+    model.l_drift_proj = nn.Identity()
+    model.l_to_out = nn.Identity()
+    model.worker = PassStub(worker_out or (lambda p, x: torch.zeros_like(x)))
+    seen = []
+    plan = (100.0 * torch.arange(1, B + 1, dtype=torch.float64))[:, None, None].expand(B, 1, d)
+
+    def ponder(z, tokens, states, *args, **kwargs):
+        seen.append((z.shape, kwargs))
+        return (plan, states, torch.zeros(B, 1, dtype=torch.float64)) if halting == "q" else (plan, states)
+
+    setattr(model, "_ponder_q" if halting == "q" else "_ponder", ponder)
+    rounds = model.init_state(B)
+    rows = torch.arange(1, B + 1, dtype=torch.float64)[:, None].expand(B, d)
+    rounds[0]["plan_prev"], rounds[0]["plan_last"] = rows.clone(), 10 * rows
+    row_pos = torch.tensor([2, 3, 4, 5, 7])
+    totals = {}
+    y, new, totals = model(torch.zeros(B, 1, d, dtype=torch.float64), torch.zeros(B, 1, dtype=torch.long), rounds,
+                           0, row_pos=row_pos)  # pos0 = 0 is unused: each row is at its own position
+    return model, y, new[0], totals, seen
+
+
+@pytest.mark.parametrize("halting", ["act", "q"])
+def test_sync_free_step_plans_at_per_row_plan_points_and_lerps_by_hand(halting):
+    """Stride 3: plan points are positions 2 and 5 (rows 0 and 3). Context of the token at g (n = g // 3
+    plan points before it): prev + (g - (3 n - 1)) / 3 (last - prev) of the carried plans:
+    g = 2: 1 + 1 * 9 = 10; 3: 2 + 1/3 * 18 = 8; 4: 3 + 2/3 * 27 = 21; 5: 4 + 1 * 36 = 40; 7: 5 + 2/3 * 45 = 35.
+    Only plan rows shift their plans (prev <- last, last <- the new plan); the ponder gets the other rows
+    as halted and the number of plan rows as its count."""
+    model, _, new, _, seen = _sync_free_round(halting)
+    context = model.l_input_proj.inputs[-1][:, 0, 16:]
+    assert context.shape == (5, 16) and (context == context[:, :1]).all()
+    assert context[:, 0].tolist() == pytest.approx([10, 8, 21, 40, 35], abs=1e-12)
+    assert new["plan_prev"][:, 0].tolist() == [10, 2, 3, 40, 5]
+    assert new["plan_last"][:, 0].tolist() == [100, 20, 30, 400, 50]
+    assert new["plan_last"].dtype == torch.float64
+    ((shape, kwargs),) = seen
+    assert shape == (5, 1, 16)
+    assert kwargs["halted"].tolist() == [[False], [True], [True], [False], [True]]
+    assert float(kwargs["count"]) == 2.0 and kwargs["count"].dtype == torch.float32
+
+
+def test_sync_free_step_runs_every_worker_pass_of_a_frozen_token_and_counts_only_moving_ones():
+    """One token per row: the plain step skips the passes after the token froze (2 + 1 calls, see
+    test_the_step_form_skips_the_passes_of_a_frozen_token); the sync-free step runs all 4 + 1 (a host
+    read of the mask is what it avoids), the frozen passes masked: drift and worker steps as if skipped
+    (tanh(0.5) + tanh(0.001); 2 steps a row), frozen masks all true after the token froze."""
+    table = [0.5, 0.001, 0.3, 0.3]
+    model, y, _, totals, _ = _sync_free_round(max_l_steps=4, atol=0.01,
+                                              worker_out=lambda p, x: torch.full_like(x, table[p] if p < 4 else 0.0))
+    assert len(model.worker.calls) == 4 + 1
+    assert [c["frozen"] is None for c in model.worker.calls[:4]] == [True, False, False, False]
+    assert all(c["frozen"].all() for c in model.worker.calls[2:4]) and not model.worker.calls[1]["frozen"].any()
+    drift = model.l_input_proj.inputs[-1][:, 0, 16:] - model.l_input_proj.inputs[0][:, 0, 16:]
+    assert drift.flatten().tolist() == pytest.approx([math.tanh(0.5) + math.tanh(0.001)] * (5 * 16), abs=1e-12)
+    assert float(totals["worker_steps"][0]) == 2 * 5 and totals["worker_steps"][1] == 5
