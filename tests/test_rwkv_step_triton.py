@@ -214,3 +214,27 @@ def test_fused_step_in_a_cuda_graph_equals_the_eager_graph():
     assert with_kernel.tokens == eager.tokens
     for (name, a), (_, b) in zip(eager.state.tensors(), with_kernel.state.tensors()):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_fits_takes_power_of_two_heads_float32_no_grad_and_a_device_the_kernel_runs_on(fused_on, monkeypatch):
+    """`fits` by its rule: every power of two head size (1 = 2^0 included; the kernel runs it, checked
+    against the reference), no other; on the CPU only under TRITON_INTERPRET=1 (unset or "0": no)."""
+    x = torch.zeros(2, 1, 16)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with torch.no_grad():
+        assert [n for n in range(1, 70) if fused.fits(x, n)] == [1, 2, 4, 8, 16, 32, 64]
+        args = inputs(fresh_seed(), 2, 3, 1)
+        out_ref, state_ref = fused.timemix_step_reference(**args)
+        out, state = fused.timemix_step_triton(**args)
+        torch.testing.assert_close(out, out_ref, atol=2e-5, rtol=2e-5)
+        torch.testing.assert_close(state, state_ref, atol=2e-6, rtol=2e-6)
+        for value in (None, "0"):
+            if value is None:
+                monkeypatch.delenv("TRITON_INTERPRET")
+            else:
+                monkeypatch.setenv("TRITON_INTERPRET", value)
+            assert not fused.fits(x, 8), value
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        assert not fused.fits(torch.zeros(2, 1, 16, device="meta"), 8)  # neither CUDA nor the CPU
+        fused.use_fused_step(False)
+        assert not fused.fits(x, 8)
