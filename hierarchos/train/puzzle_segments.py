@@ -49,6 +49,7 @@ from .sign_sgd import SparseSignSGD
 MAX_BATCH_SIZES = 2  # batch sizes kept captured (a full batch and an epoch's last, shorter one)
 
 
+@torch.no_grad()
 def sign_step_rows(table: torch.Tensor, rows: torch.Tensor, row_grads: torch.Tensor, lr: float, decay: float,
                    ok: torch.Tensor) -> None:
     """SparseSignSGD's step from the batch's row gradients, with no host read: row r (r in `rows`,
@@ -58,8 +59,7 @@ def sign_step_rows(table: torch.Tensor, rows: torch.Tensor, row_grads: torch.Ten
     touched[0] = False
     summed = torch.zeros_like(table).index_add_(0, rows, row_grads.to(table.dtype))
     moved = table * (1.0 - lr * decay) - lr * torch.sign(summed)
-    with torch.no_grad():
-        table.copy_(torch.where((touched & ok)[:, None], moved, table))
+    table.copy_(torch.where((touched & ok)[:, None], moved, table))
 
 
 @dataclass
