@@ -23,9 +23,11 @@ the task is the one of `--data`; maze results add open-cell, path-cell and valid
 `--time-steps N` times the trainer's step instead (issue 21's blocker): per model, the reference loop
 (`--no-fast-step`), the fast step run eagerly and, on CUDA, the fast step replayed as CUDA graphs,
 each on its own copy of the model and the same batches, N steps per round, the variants in
-alternation for `--rounds` rounds (best and median reported: the machine may be shared), plus the
-host reads of one step. Without `--data` the batches are valid grids that need no generator (the
-step's cost depends on shapes, not on how hard a puzzle is).
+alternation for `--rounds` rounds (best and median reported: the machine may be shared). Also per
+step: host reads, operators dispatched and those outside the captured segment function, and how
+far each variant's weights ended from the reference's (every variant runs the same steps with the
+same random draws: 0 on the CPU). Without `--data` the batches are valid grids that need no
+generator (the step's cost depends on shapes, not on how hard a puzzle is).
 
     python bench/bench_puzzles.py --device cpu --tiny --time-steps 5 --rounds 5 --models hierarchos-rwkv7
     python bench/bench_puzzles.py --device cuda --time-steps 10 --rounds 3 --models hierarchos-rwkv7
@@ -294,6 +296,7 @@ def time_steps(args, models: dict, train_set, device) -> dict:
             for _ in range(count):
                 inputs, solutions, ids, _ = trainer.batch(trainer.step)
                 trainer._set_lr()
+                torch.manual_seed(args.seed * 1_000_003 + trainer.step)  # every variant: the same draws
                 trainer.train_batch(inputs, solutions, ids)
                 trainer.step += 1
             return trainer.updates - updates
@@ -319,10 +322,18 @@ def time_steps(args, models: dict, train_set, device) -> dict:
                 sync()
                 times[variant].append((time.perf_counter() - t0) / args.time_steps * 1000)
         counts = {variant: count_step(trainer, steps) for variant, trainer in trainers.items()}
+        # the same steps, batches and draws: how far each variant's weights are from the reference's
+        # (0 on the CPU, where the fast step is bit for bit the reference; a GPU's atomics may differ)
+        reference = list(trainers["reference"].model.parameters())
+        for variant, trainer in trainers.items():
+            counts[variant]["max_abs_weight_diff"] = max(
+                float((p.detach().double() - q.detach().double()).abs().max())
+                for p, q in zip(trainer.model.parameters(), reference))
         rows = {}
         for variant in variants:
             seg = segments[variant] / (args.rounds * args.time_steps)
-            rows[variant] = {"ms_per_step_best": min(times[variant]), "ms_per_step_median": statistics.median(times[variant]),
+            rows[variant] = {"ms_per_step_best": min(times[variant]),
+                             "ms_per_step_median": statistics.median(times[variant]),
                              "ms_per_step_rounds": times[variant], "segments_per_step": seg,
                              "ms_per_segment_best": min(times[variant]) / max(seg, 1e-9),
                              **counts[variant], "warmup_reserved_gib": reserved.get(variant)}
@@ -336,15 +347,17 @@ def time_steps(args, models: dict, train_set, device) -> dict:
 
 def print_timing(results: dict, args, device) -> None:
     header = (f"{'model':<22}{'step':<14}{'ms/step best':>14}{'median':>10}{'segments':>10}{'ms/segment':>12}"
-              f"{'host reads':>12}{'ops':>9}{'ops outside':>13}{'speedup':>9}")
+              f"{'host reads':>12}{'ops':>9}{'ops outside':>13}{'speedup':>9}{'max |dw|':>10}")
     print(f"\n{args.time_steps} steps x {args.rounds} rounds per variant, batch {args.batch_size}, up to "
           f"{args.max_segments} segments, device {device}\n" + header + "\n" + "-" * len(header))
     for name, r in results.items():
         ref = r["variants"]["reference"]["ms_per_step_best"]
         for variant, row in r["variants"].items():
             print(f"{name:<22}{variant:<14}{row['ms_per_step_best']:>14.1f}{row['ms_per_step_median']:>10.1f}"
-                  f"{row['segments_per_step']:>10.2f}{row['ms_per_segment_best']:>12.1f}{row['host_reads_per_step']:>12}"
-                  f"{row['ops_per_step']:>9}{row['ops_outside_segment_fn']:>13}{ref / row['ms_per_step_best']:>8.2f}x")
+                  f"{row['segments_per_step']:>10.2f}{row['ms_per_segment_best']:>12.1f}"
+                  f"{row['host_reads_per_step']:>12}"
+                  f"{row['ops_per_step']:>9}{row['ops_outside_segment_fn']:>13}{ref / row['ms_per_step_best']:>8.2f}x"
+                  f"{row['max_abs_weight_diff']:>10.1e}")
 
 
 def main(argv=None) -> int:
@@ -411,7 +424,8 @@ def main(argv=None) -> int:
                               max_segments=args.max_segments, task=train_set.task, num_tokens=train_set.num_tokens)
         results = time_steps(args, build_models(args, puzzle), train_set, device)
         print_timing(results, args, device)
-        payload = {"benchmark": "bench_puzzles --time-steps", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        payload = {"benchmark": "bench_puzzles --time-steps",
+                   "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                    "device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                    "torch": torch.__version__, "threads": torch.get_num_threads(), "args": vars(args), "size": size,
                    "results": results}
