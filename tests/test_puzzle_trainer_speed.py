@@ -268,3 +268,4 @@ def test_bench_time_steps_counts_what_the_fast_step_removed(tmp_path):
     assert reference["ops_outside_segment_fn"] == reference["ops_per_step"]
     assert fast["ops_outside_segment_fn"] < fast["ops_per_step"] / 2
     assert len(fast["ms_per_step_rounds"]) == 2 and fast["ms_per_step_best"] > 0
+    assert fast["max_abs_weight_diff"] == 0.0  # the same steps and draws: the reference's weights exactly
