@@ -269,3 +269,20 @@ def test_bench_time_steps_counts_what_the_fast_step_removed(tmp_path):
     assert fast["ops_outside_segment_fn"] < fast["ops_per_step"] / 2
     assert len(fast["ms_per_step_rounds"]) == 2 and fast["ms_per_step_best"] > 0
     assert fast["max_abs_weight_diff"] == 0.0  # the same steps and draws: the reference's weights exactly
+
+
+def test_a_third_batch_size_runs_eagerly_and_still_equals_the_reference():
+    seed = fresh_seed()
+    trainers, _ = _setup(seed)
+    for step in range(3):  # captures the full batch (5) and the epoch's last (2)
+        _step_all(trainers, step, seed)
+    records = {}
+    for name, trainer in trainers.items():
+        inputs, solutions, ids, _ = trainer.batch(3)
+        torch.manual_seed(seed)
+        run = trainer.train_batch_reference if name == "reference" else trainer.train_batch
+        records[name] = run(inputs[:3], solutions[:3], ids[:3])
+    _assert_records_equal(records, seed)
+    runner = trainers["graphed"].segments
+    assert {key[0] for key in runner.entries} == {5, 2} and runner.eager_segments >= 1
+    assert not _same_weights_and_moments(trainers["reference"], trainers["graphed"])
