@@ -366,6 +366,16 @@ def test_status_lines(monkeypatch, model_dir):
                          f"{in_context} written in context; learning off (surprise > 2)")
 
 
+def test_status_speed_of_a_reply_under_a_second(monkeypatch, model_dir):
+    ticks = iter([0.0, 0.1, 0.5])
+    session, _, info = session_of(model_dir, max_new=3, clock=lambda: next(ticks))
+    script(monkeypatch, [65, 66, 67])
+    session.handle("hi")
+    session.handle("/status")
+    assert info.getvalue().splitlines()[-2].startswith(
+        "last reply: 3 tokens, 6.0 tokens/s; time to first token 100.0 ms, then 5.0 tokens/s;")
+
+
 def test_memory_command_lists_written_slots(monkeypatch, model_dir):
     session, _, info = session_of(model_dir, learn=True, threshold=0.0, session_id="m1")
     session.handle("/memory")
@@ -608,10 +618,11 @@ def test_cuda_graph_warm_up_generates_one_token_with_the_session_sampling(monkey
 
     seen = []
     monkeypatch.setattr(chat_mod, "generate_batch", lambda model, prompts, sampling, **kw: seen.append((prompts, sampling, kw)))
-    session, _, _ = session_of(model_dir, cuda_graph=True)
+    session, _, _ = session_of(model_dir, cuda_graph=True, step_options={"compile_step": True})
     (prompts, sampling, kw), = seen
     assert prompts == [[session.tokenizer.eos_id]] and sampling == replace(session.sampling, max_new_tokens=1)
     assert kw["seeds"] == [0] and kw["cuda_graph"] is True and kw["steppers"] is session.steppers
+    assert kw["compile_step"] is True  # the graph captured at load is the step the replies will use
     assert session.warmup_seconds >= 0
     seen.clear()
     model, _ = load_model_dir(model_dir)

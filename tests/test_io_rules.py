@@ -641,6 +641,11 @@ def test_save_checkpoint_files_pointers_and_keep_bounds(tmp_path):
     hio.save_checkpoint(tmp_path / "c", 9, model, opt, None, {}, optimizer_state={"state": {}, "param_groups": []})
     assert torch.load(tmp_path / "c" / "step-00000009" / "optimizer.pt", weights_only=True) == \
         {"state": {}, "param_groups": []}
+    # and a gathered model state (FSDP) replaces the model's own weights
+    gathered = {name: torch.full_like(t, 0.5) for name, t in model.state_dict().items()}
+    path = hio.save_checkpoint(tmp_path / "c", 10, model, None, None, {}, model_state=gathered)
+    stored = hio._read_weights(path / "model.safetensors")
+    assert set(stored) == set(gathered) and all(torch.equal(stored[k], v) for k, v in gathered.items())
 
 
 def test_load_checkpoint_groups_extra_tensors_and_takes_loaders(tmp_path):
