@@ -31,7 +31,8 @@
 #              finished runs are cached: the ones carried in .device_cache/quality_runs/ are reused and every
 #              finished run comes back in quality_runs.tgz (unpack it into .device_cache/quality_runs to resume)
 #   puzzles    9x9 Sudoku (bench_puzzles.py): generate 1,000 + 1,000 hard puzzles (or reuse the carried
-#              .device_cache/sudoku), then hierarchos RWKV-7 + the same-size Transformer (same steps) beside
+#              .device_cache/sudoku), time the training step (reference loop, fast step, CUDA-graph segments;
+#              PUZZLE_TIME_STEPS=0 skips it), then hierarchos RWKV-7 + the same-size Transformer (same steps) beside
 #              hierarchos attention stacks, two processes sharing the GPU, each sized to PUZZLE_MINUTES of
 #              training (default 5); the data comes back in sudoku.tgz. Two suites can share the GPU:
 #              bash bench/gpu.sh quality & sleep 30; PUZZLE_WORKERS=8 bash bench/gpu.sh puzzles & wait
@@ -157,6 +158,11 @@ for suite in "$@"; do
       else timeout 240 python3 hierarchos_cli.py puzzle generate --out $data --train 1000 --test 1000 --workers ${PUZZLE_WORKERS:-16} \
              --seed 0 2>&1 | tr '\r' '\n' | tail -n 5 | tee "$out/puzzles_generate.log"; fi
       tar czf "$out/sudoku.tgz" -C /tmp sudoku
+      # the step's speed alone on the GPU first: reference loop vs fast step vs captured segments (capture
+      # worked? replays / eager_segments; graph pools' memory; weight difference from the reference)
+      [ "${PUZZLE_TIME_STEPS:-5}" -gt 0 ] && timeout ${PUZZLE_TIME_TIMEOUT:-300} python3 bench/bench_puzzles.py \
+        --device cuda --data $data --time-steps ${PUZZLE_TIME_STEPS:-5} --rounds 3 \
+        --models hierarchos-rwkv7 hierarchos-attention --out "$out/puzzles_step.json" 2>&1 | tee "$out/puzzles_step.log"
       m=${PUZZLE_MINUTES:-5}
       timeout ${PUZZLE_TIMEOUT:-540} python3 bench/bench_puzzles.py --device cuda --data $data --minutes $m \
         --models hierarchos-rwkv7 transformer --out "$out/puzzles_rwkv7.json" > "$out/puzzles_rwkv7.log" 2>&1 &
