@@ -238,3 +238,53 @@ def test_fits_takes_power_of_two_heads_float32_no_grad_and_a_device_the_kernel_r
         assert not fused.fits(torch.zeros(2, 1, 16, device="meta"), 8)  # neither CUDA nor the CPU
         fused.use_fused_step(False)
         assert not fused.fits(x, 8)
+
+
+def test_reference_in_bf16_computes_the_recurrence_in_float32_as_time_mix_does():
+    """The reference is TimeMix's one-token function: with a bf16 block (bf16 projections, a float32
+    state) it upcasts the decay, the removal key and the heads to float32 before the recurrence, as
+    TimeMix.forward's eager path does (`_f32`): the next state agrees to float32 rounding (the two may
+    run the recurrence by different kernels), not merely to bf16's 1e-3."""
+    from hierarchos.model.rwkv import shift_tokens
+
+    seed = fresh_seed()
+    torch.manual_seed(seed)
+    tm = HierarchosLM(tiny_config()).reasoner.worker.blocks[0].time_mix.eval()
+    with torch.no_grad():
+        for p in tm.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    tm = tm.bfloat16()
+    x, shift = torch.randn(2, 1, 16).bfloat16(), torch.randn(2, 16).bfloat16()
+    state = torch.randn(2, 2, 8, 8) * 0.3
+    with torch.no_grad():
+        out, _, new_state, _ = tm(x, shift, state)
+        x_prev, _ = shift_tokens(x, shift, None)
+        xr, xw, xk, xv, xa, xg = tm._mixes(x, x_prev - x).unbind(0)
+        r, k, v = tm.receptance(xr), tm.key(xk), tm.value(xv)
+        full_gate = tm.wiring.gate == "sigmoid_full"
+        g = tm.gate(xg) if full_gate else torch.sigmoid(xg @ tm.gate_down) @ tm.gate_up
+        flat = lambda t: t.reshape(2, 16)  # noqa: E731
+        o, s = fused.timemix_step_reference(
+            flat(r), flat(k), flat(v), flat(torch.tanh(xw @ tm.decay_down) @ tm.decay_up),
+            flat((xa @ tm.iclr_down) @ tm.iclr_up), flat(g), state, None, tm.decay_base, tm.iclr_base,
+            tm.removal_scale, tm.key_iclr_mix, tm.bonus, tm.norm.weight, tm.norm.bias, tm.norm.eps, full_gate)
+    assert s.dtype == torch.float32 and o.dtype == torch.bfloat16
+    torch.testing.assert_close(s, new_state, atol=1e-6, rtol=1e-6, msg=f"seed {seed}")
+    torch.testing.assert_close(tm.output(o.view(2, 1, 16)), out, msg=f"seed {seed}")
+
+
+def test_the_ops_fake_form_gives_the_kernels_shapes_and_dtypes():
+    """What torch.compile sees of the op (its registered fake form): out (B, C) float32 beside inputs of
+    another dtype, the next state shaped and typed as the state; checked under FakeTensorMode."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    args = inputs(0, B=3, H=2, N=4)
+    args["r"] = args["r"].double()  # the fake out is float32 whatever r is, as the kernel's
+    args["state"] = args["state"].double()
+    with FakeTensorMode() as mode:
+        fake = {k: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+        out, state = torch.ops.hierarchos.timemix_step(*(fake[k] for k in (
+            "r", "k", "v", "decay_lora", "iclr_lora", "gate", "state", "frozen", "decay_base", "iclr_base",
+            "removal_scale", "key_iclr_mix", "bonus", "norm_weight", "norm_bias", "eps", "gate_sigmoid")))
+    assert (tuple(out.shape), out.dtype) == ((3, 8), torch.float32)
+    assert (tuple(state.shape), state.dtype) == ((3, 2, 4, 4), torch.float64)
