@@ -194,3 +194,17 @@ def test_any_ignore_index_matches_the_reference(ignore_index):
     (ce + 0.1 * z).backward()
     (ref_ce + 0.1 * ref_z).backward()
     assert torch.allclose(ours_in.grad, ref_in.grad, atol=1e-12), f"seed={seed}"
+
+
+def test_one_class_vocabulary_with_ignored_targets_by_hand():
+    """V = 1 (the degenerate vocabulary): every valid target is class 0 with NLL 0, ignored rows of any
+    ignore_index (negative, past the vocabulary) read nothing outside the row; z = mean(logit^2) and
+    its gradient 2 * logit / N; the cross-entropy's gradient is 0."""
+    logits = torch.tensor([[0.5], [-1.5], [2.0]], dtype=torch.float64, requires_grad=True)
+    for ignore_index in (-100, 7):
+        ce, z = cross_entropy_z(logits, torch.tensor([0, ignore_index, ignore_index]), ignore_index=ignore_index,
+                                impl="torch")
+        assert ce.item() == 0.0
+        assert z.item() == pytest.approx((0.25 + 2.25 + 4.0) / 3, rel=1e-12)
+        (grad,) = torch.autograd.grad(ce + z, logits)
+        assert grad.flatten().tolist() == pytest.approx([2 * 0.5 / 3, 2 * -1.5 / 3, 2 * 2.0 / 3], rel=1e-12)
