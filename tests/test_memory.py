@@ -342,3 +342,23 @@ def test_step_gates_its_write_by_the_threshold():
     assert state["writes"].sum() == 0, f"seed={seed}"
     assert not state["delta"].any() and not state["momentum"].any()
     assert not state["surprise"].any() and not state["input_sum"].any()
+
+
+def test_step_reads_the_learned_values_in_the_inputs_dtype_as_forward_does():
+    """Under bf16 autocast with bf16 inputs (a float32 module and state), `step` reads and writes exactly
+    what `forward` does over the same token: the learned values are taken in the input's dtype (rounded
+    to bf16) in both, so the read and the carried delta are equal, not merely close."""
+    seed = fresh_seed()
+    torch.manual_seed(seed)
+    mem = LongTermMemory(dim=6, slots=10, key_dim=5, val_dim=3, topk=3, chunk=2, write_threshold=0.0)
+    e = torch.randn(2, 2, 6).bfloat16()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        state, reads = mem.init_state(2, 6), []
+        for t in range(2):
+            read, state = mem.step(e[:, t:t + 1], state, torch.tensor([t, t]))
+            reads.append(read)
+        want, want_state = mem(e, mem.init_state(2, 6), pos0=0)
+    assert torch.equal(torch.cat(reads, 1), want), f"seed={seed}"
+    for key in want_state:
+        assert torch.equal(state[key], want_state[key]), f"seed={seed}: {key}"
+    assert state["writes"].sum() > 0
