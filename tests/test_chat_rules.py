@@ -154,6 +154,23 @@ def test_turns_are_separated_by_eos_and_the_reply_streams(monkeypatch, model_dir
     quiet, out, info = session_of(model_dir, max_new=2, stream=False)
     script(monkeypatch, [67, 68])
     assert quiet.turn("q") == "CD" and out.getvalue() == "CD\n" and "[stopped]" not in info.getvalue()
+    # a streamed turn writes each piece as it comes and flushes it, then the newline
+    loud, out, _ = session_of(model_dir, max_new=2)
+    events = []
+    out.write = lambda text: events.append(("write", text))
+    out.flush = lambda: events.append(("flush",))
+    script(monkeypatch, [67, 68])
+    assert loud.turn("q") == "CD"
+    assert events == [("write", "C"), ("flush",), ("write", "D"), ("flush",), ("write", "\n"), ("flush",)]
+
+
+def test_a_line_loses_only_its_line_end(model_dir):
+    session, _, _ = session_of(model_dir)
+    seen = []
+    session.turn = seen.append
+    for line in ("say X \r\n", "\r\nX\n", "tabs\t\n"):
+        session.handle(line)
+    assert seen == ["say X ", "\r\nX", "tabs\t"]
 
 
 def test_stop_string_split_across_tokens_and_trailing_newlines(monkeypatch, model_dir):
@@ -657,3 +674,13 @@ def test_status_counts_slots_and_sizes_and_times_the_warm_up(monkeypatch, tmp_pa
     assert "last reply: 4 tokens, n/a;" in text
     assert "(CUDA graph: 0 captured, the first at load in 2500 ms)" in text
     assert f"memory: 2 of {model.memory.slots} slots used" in text
+
+
+def test_status_with_learning_on_and_a_warm_up_of_no_time(monkeypatch, model_dir):
+    monkeypatch.setattr(chat_mod, "generate_batch", lambda *a, **k: None)
+    session, _, info = session_of(model_dir, learn=True, threshold=1.5, cuda_graph=True, clock=lambda: 3.0)
+    assert session.warmup_seconds == 0.0
+    session.handle("/status")
+    text = info.getvalue()
+    assert "(CUDA graph: 0 captured, the first at load in 0 ms)" in text
+    assert text.rstrip("\n").endswith("written in context; learning on (surprise > 1.5)")
