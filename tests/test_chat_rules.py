@@ -237,6 +237,56 @@ def test_a_turn_learns_only_when_enabled_and_the_exchange_has_two_tokens(monkeyp
     session.learn.enabled = False
     session.turn("b")
     assert len(calls) == 1
+    session.learn.enabled, session.sampling.max_new_tokens = True, 0
+    session.reset_state()  # a first turn again: no EOS separator before the prompt
+    session.turn("c")  # the exchange is the prompt's one token: nothing to predict, nothing learned
+    assert len(calls) == 1
+
+
+def test_ctrl_c_during_a_reply_stops_it_and_restores_the_handler(monkeypatch, model_dir):
+    """Ctrl+C is the handler the turn installs (called here as the OS would, between two tokens):
+    the reply ends there, '[stopped]' is logged, and the previous handler is back after the turn."""
+    import signal
+
+    session, out, info = session_of(model_dir, max_new=5)
+    before = signal.getsignal(signal.SIGINT)
+    handlers, queue = [], list(b"ABCDEFG")
+
+    def sample(*args, **kwargs):
+        handlers.append(signal.getsignal(signal.SIGINT))
+        if len(handlers) == 2 and handlers[-1] is not before and callable(handlers[-1]):
+            handlers[-1](signal.SIGINT, None)  # pressed while the second token is sampled
+        return queue.pop(0)
+
+    monkeypatch.setattr(generate_mod, "sample_next", sample)
+    assert session.turn("hi") == "AB" and session.interrupted is True
+    assert handlers[0] is not before and handlers[0] is handlers[1]
+    assert signal.getsignal(signal.SIGINT) is before
+    assert info.getvalue() == "[stopped]\n" and out.getvalue() == "AB\n"
+    assert session.turn("again") == "CDEFG" and info.getvalue() == "[stopped]\n"  # the next reply is whole
+
+
+def test_a_turn_off_the_main_thread_leaves_sigint_alone(monkeypatch, model_dir):
+    """Only the main thread may set signal handlers: elsewhere (a server thread) the turn runs
+    without one."""
+    import signal
+    import threading
+
+    session, out, _ = session_of(model_dir, max_new=2)
+    script(monkeypatch, [65, 66])
+    seen, errors = [], []
+
+    def run():
+        try:
+            seen.append(session.turn("hi"))
+        except Exception as exc:  # noqa: BLE001 (re-raised below, in the test's thread)
+            errors.append(exc)
+
+    before = signal.getsignal(signal.SIGINT)
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    assert errors == [] and seen == ["AB"] and signal.getsignal(signal.SIGINT) is before
 
 
 # ---- the delta file ----------------------------------------------------------------------------
