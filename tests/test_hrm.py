@@ -638,12 +638,12 @@ def test_q_halting_with_rows_halted_from_the_start_runs_every_pass_and_chooses_n
     assert [float(totals[k][1]) for k in ("q_continue", "manager_steps")] == [3.0, 3.0]
 
 
-def _sync_free_round(halting="act", max_l_steps=0, worker_out=None, atol=0.0):
+def _sync_free_round(halting="act", max_l_steps=0, worker_out=None, atol=0.0, **caps):
     """One forward of the sync-free step (h_cycles 1, stride 3) over five rows at positions 2, 3, 4, 5, 7
     with carried plans prev = b + 1, last = 10 (b + 1) in row b, a zero watch and a ponder stub that
     returns the plan 100 (b + 1) in row b and records its keyword arguments."""
     d, B = 16, 5
-    model = reasoner(h_stride=3, h_cycles=1, max_l_steps=max_l_steps, l_conv_atol=atol, halting=halting)
+    model = reasoner(h_stride=3, h_cycles=1, max_h_steps=3, max_l_steps=max_l_steps, l_conv_atol=atol, halting=halting)
     model.manager = PassStub(lambda p, x: torch.zeros_like(x))
     model.h_input_proj = nn.Identity()
     model.l_input_proj = RecordingProjection(d)
@@ -652,20 +652,22 @@ def _sync_free_round(halting="act", max_l_steps=0, worker_out=None, atol=0.0):
     model.worker = PassStub(worker_out or (lambda p, x: torch.zeros_like(x)))
     seen = []
     plan = (100.0 * torch.arange(1, B + 1, dtype=torch.float64))[:, None, None].expand(B, 1, d)
+    pondered = ["the new pondering states"]
 
-    def ponder(z, tokens, states, *args, **kwargs):
-        seen.append((z.shape, kwargs))
-        return (plan, states, torch.zeros(B, 1, dtype=torch.float64)) if halting == "q" else (plan, states)
+    def ponder(*args, **kwargs):
+        seen.append((args, kwargs))
+        return (plan, pondered, torch.zeros(B, 1, dtype=torch.float64)) if halting == "q" else (plan, pondered)
 
     setattr(model, "_ponder_q" if halting == "q" else "_ponder", ponder)
     rounds = model.init_state(B)
     rows = torch.arange(1, B + 1, dtype=torch.float64)[:, None].expand(B, d)
     rounds[0]["plan_prev"], rounds[0]["plan_last"] = rows.clone(), 10 * rows
     row_pos = torch.tensor([2, 3, 4, 5, 7])
-    totals = {}
-    y, new, totals = model(torch.zeros(B, 1, d, dtype=torch.float64), torch.zeros(B, 1, dtype=torch.long), rounds,
-                           0, row_pos=row_pos)  # pos0 = 0 is unused: each row is at its own position
-    return model, y, new[0], totals, seen
+    tokens = torch.arange(1, B + 1)[:, None]
+    with torch.no_grad():  # pos0 = 0 is unused: each row is at its own position
+        y, new, totals = model(torch.zeros(B, 1, d, dtype=torch.float64), tokens, rounds, 0, row_pos=row_pos,
+                               **caps)
+    return model, y, new[0], totals, (seen, tokens, rounds[0]["ponder"], pondered)
 
 
 @pytest.mark.parametrize("halting", ["act", "q"])
@@ -675,15 +677,22 @@ def test_sync_free_step_plans_at_per_row_plan_points_and_lerps_by_hand(halting):
     g = 2: 1 + 1 * 9 = 10; 3: 2 + 1/3 * 18 = 8; 4: 3 + 2/3 * 27 = 21; 5: 4 + 1 * 36 = 40; 7: 5 + 2/3 * 45 = 35.
     Only plan rows shift their plans (prev <- last, last <- the new plan); the ponder gets the other rows
     as halted and the number of plan rows as its count."""
-    model, _, new, _, seen = _sync_free_round(halting)
+    model, _, new, totals, (seen, tokens, states, pondered) = _sync_free_round(halting, max_h_steps=2,
+                                                                              h_halt_thresh=0.6)
     context = model.l_input_proj.inputs[-1][:, 0, 16:]
     assert context.shape == (5, 16) and (context == context[:, :1]).all()
     assert context[:, 0].tolist() == pytest.approx([10, 8, 21, 40, 35], abs=1e-12)
     assert new["plan_prev"][:, 0].tolist() == [10, 2, 3, 40, 5]
     assert new["plan_last"][:, 0].tolist() == [100, 20, 30, 400, 50]
     assert new["plan_last"].dtype == torch.float64
-    ((shape, kwargs),) = seen
-    assert shape == (5, 1, 16)
+    ((args, kwargs),) = seen
+    assert new["ponder"] is pondered  # the pondering states it returns are the new state
+    # the watch output (zero here), the rows' tokens, the carried pondering states, the pass cap (2 of the
+    # configured 3), the threshold passed (ACT only), gradients off (no_grad), the call's totals
+    z, rest = args[0], args[1:]
+    assert z.shape == (5, 1, 16) and not z.any()
+    assert rest[0] is tokens and rest[1] is states and rest[2] == 2
+    assert rest[3:-1] == ((0.6,) if halting == "act" else ()) + (False,) and rest[-1] is totals
     assert kwargs["halted"].tolist() == [[False], [True], [True], [False], [True]]
     assert float(kwargs["count"]) == 2.0 and kwargs["count"].dtype == torch.float32
 
