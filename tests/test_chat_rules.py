@@ -213,6 +213,23 @@ def test_learning_bookkeeping_and_the_copy_into_a_generating_model(monkeypatch, 
     assert int(learner.memory.slot_count.max()) == 2
 
 
+def test_surprise_is_measured_under_the_sessions_reasoning_caps(model_dir):
+    """The surprise is the mean next-token cross entropy of the exchange on a fresh state, computed
+    with the caps of the session's mode (what its replies run with)."""
+    session, _, _ = session_of(model_dir, learn=True, threshold=1e9)  # measured, never stepped
+    exchange = session.tokenizer.encode("caps matter here")
+    tokens = torch.tensor([exchange])
+    seen = {}
+    for mode in ("fast", "normal"):
+        session.mode = mode
+        with torch.no_grad():
+            out = session.model(tokens[:, :-1], session.model.init_state(1), **session.caps())
+        expected = float(torch.nn.functional.cross_entropy(out.logits[0], tokens[0, 1:]))
+        seen[mode] = session.learn_from(exchange)["surprise"]
+        assert seen[mode] == pytest.approx(expected, rel=1e-6, abs=0), mode
+    assert abs(seen["fast"] - seen["normal"]) > 1e-4, seen  # the caps change the number here
+
+
 def test_surprise_equal_to_the_threshold_changes_nothing(model_dir):
     session, _, info = session_of(model_dir, learn=True, threshold=0.0)
     exchange = session.tokenizer.encode("exactly at the edge")
