@@ -162,6 +162,9 @@ def test_widening_under_the_low_rank_width_adds_rank_with_zero_down_and_fresh_up
     rank gets a zero `down` and the fresh init's `up`."""
     torch.manual_seed(0)
     old = HierarchosLM(tiny_config(h_hidden=16)).double()
+    with torch.no_grad():  # values a float32 copy could not hold
+        for p in old.parameters():
+            p.add_(torch.randn(p.shape, dtype=torch.float64) * 1e-9)
     new = widen(old, h_hidden=32, seed=3)
     fresh = _fresh(new.cfg, 3)
     o, w = old.reasoner.manager.blocks[0].time_mix, new.reasoner.manager.blocks[0].time_mix
@@ -179,6 +182,15 @@ def test_widening_under_the_low_rank_width_adds_rank_with_zero_down_and_fresh_up
         u_new, u_old, u_fresh = (getattr(m, f"{name}_up") for m in (w, o, f))
         assert torch.equal(u_new[:16], torch.cat([u_old, u_old], dim=1)), name
         assert torch.equal(u_new[16:], u_fresh[16:]), name
+    # without split noise the copies are exact halves, in the model's float64 (nothing passes through float32)
+    exact = widen(old, h_hidden=32, seed=3, split_noise=0.0).reasoner.manager.blocks[0].time_mix
+    down = exact.mix_down.detach().view(32, 6, 32)
+    half = o.mix_down.detach().view(16, 6, 16) / 2
+    assert exact.mix_down.dtype == torch.float64
+    assert torch.equal(down[:16, :, :16], half) and torch.equal(down[16:, :, :16], half)
+    for name in ("decay", "iclr"):
+        d_new, d_old = getattr(exact, f"{name}_down").detach(), getattr(o, f"{name}_down").detach()
+        assert torch.equal(d_new[:16, :16], d_old / 2) and torch.equal(d_new[16:, :16], d_old / 2), name
 
 
 def test_the_rebuild_keeps_what_is_not_a_tensor_and_leaves_the_rest_fresh():

@@ -191,3 +191,17 @@ def test_where_the_kernels_run(monkeypatch):
     monkeypatch.setattr(wkv_triton, "_TRITON_ERROR", "ImportError: no triton")
     assert triton_unavailable_reason("cpu") == "triton does not import (ImportError: no triton); pip install triton"
 
+
+def test_the_kernels_are_built_once_for_every_length():
+    """Compiled (CUDA): JIT functions of the two kernels that do not specialize on T or the sizes made from
+    it, so one compile serves every sequence length; interpreted (CPU): the same two functions."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    fwd, bwd = wkv_triton._kernels(False)
+    assert isinstance(fwd, triton.JITFunction) and isinstance(bwd, triton.JITFunction)
+    assert fwd.fn is wkv_triton._wkv7_fwd_kernel and bwd.fn is wkv_triton._wkv7_bwd_kernel
+    assert [p.name for p in fwd.params if p.do_not_specialize] == ["T", "n_chunks"]
+    assert [p.name for p in bwd.params if p.do_not_specialize] == ["T", "n_chunks", "part_stride"]
+    fwd, bwd = wkv_triton._kernels(True)
+    assert isinstance(fwd, InterpretedFunction) and isinstance(bwd, InterpretedFunction)
+    assert fwd.fn is wkv_triton._wkv7_fwd_kernel and bwd.fn is wkv_triton._wkv7_bwd_kernel
