@@ -711,3 +711,14 @@ def test_sync_free_step_runs_every_worker_pass_of_a_frozen_token_and_counts_only
     drift = model.l_input_proj.inputs[-1][:, 0, 16:] - model.l_input_proj.inputs[0][:, 0, 16:]
     assert drift.flatten().tolist() == pytest.approx([math.tanh(0.5) + math.tanh(0.001)] * (5 * 16), abs=1e-12)
     assert float(totals["worker_steps"][0]) == 2 * 5 and totals["worker_steps"][1] == 5
+
+
+def test_rwkv_stacks_take_the_configured_time_mix_wiring():
+    """The config's tm_* fields reach every RWKV-7 block of both stacks (x070's wiring here, not the
+    default hierarchos wiring)."""
+    from hierarchos.model.rwkv import TimeMixWiring
+
+    x070 = dict(tm_token_shift="static", tm_gate="lowrank", tm_value_residual=True, tm_init="x070")
+    model = reasoner(h_layers=2, l_layers=2, **x070)
+    for stack in (model.manager, model.worker):
+        assert [b.time_mix.wiring for b in stack.blocks] == [TimeMixWiring("static", "lowrank", True, "x070")] * 2
