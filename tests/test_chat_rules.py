@@ -173,6 +173,13 @@ def test_a_line_loses_only_its_line_end(model_dir):
     assert seen == ["say X ", "\r\nX", "tabs\t"]
 
 
+def test_the_prompt_is_the_template_applied_to_the_user_text(monkeypatch, model_dir):
+    session, _, _ = session_of(model_dir, template="alpaca", max_new=1)
+    script(monkeypatch, [65])
+    _, exchange = session.reply("hi")
+    assert exchange == list(b"### Instruction:\nhi\n\n### Response:\n") + [65]
+
+
 def test_stop_string_split_across_tokens_and_trailing_newlines(monkeypatch, model_dir):
     session, _, _ = session_of(model_dir, template="alpaca", max_new=13)
     script(monkeypatch, list(b"one\n\n### Inst"))  # runs out of tokens inside a would-be stop string
@@ -208,8 +215,9 @@ def test_learning_bookkeeping_and_the_copy_into_a_generating_model(monkeypatch, 
     for name in ("values", "slot_time", "slot_count", "slot_source"):  # the generating model follows
         assert torch.equal(getattr(model.memory, name), getattr(learner.memory, name)), name
     assert model.memory.source_names == learner.memory.source_names
-    session.learn_from(exchange)  # the same source again: listed once, counts grow
+    again = session.learn_from(exchange)  # the same source again: listed once, counts grow
     assert learner.memory.source_names == ["chat:s1"] and session.updates == 2
+    assert again["lr"] == 0.5  # static: no schedule step
     assert int(learner.memory.slot_count.max()) == 2
 
 
@@ -228,6 +236,21 @@ def test_surprise_is_measured_under_the_sessions_reasoning_caps(model_dir):
         seen[mode] = session.learn_from(exchange)["surprise"]
         assert seen[mode] == pytest.approx(expected, rel=1e-6, abs=0), mode
     assert abs(seen["fast"] - seen["normal"]) > 1e-4, seen  # the caps change the number here
+
+
+def test_learning_marks_exactly_the_slots_whose_gradient_is_nonzero(tmp_path):
+    """12 slots of 8 values (not square, so rows and columns cannot be confused): the rows the step
+    changes, and only those, get the new time, count and source."""
+    torch.manual_seed(11)
+    save_model_dir(tmp_path / "m", HierarchosLM(tiny_config(vocab_size=260, ltm_slots=12)), load_tokenizer("byte"))
+    session, _, _ = session_of(tmp_path / "m", learn=True, threshold=0.0)
+    memory = session.model.memory
+    exchange = session.tokenizer.encode("ab")
+    before = memory.values.detach().clone()
+    session.learn_from(exchange)
+    moved = (memory.values.detach() != before).any(dim=1)
+    assert 0 < int(moved.sum()) < 12, moved
+    assert torch.equal(memory.slot_count > 0, moved) and torch.equal(memory.slot_time > 0, moved)
 
 
 def test_surprise_equal_to_the_threshold_changes_nothing(model_dir):
