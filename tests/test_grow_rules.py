@@ -267,6 +267,10 @@ def test_shrinking_and_widths_that_are_not_whole_multiples_are_one_line_errors()
     assert _factor("x", 16, None) == _factor("x", 16, 16) == 1
     assert (_factor("x", 16, 32), _factor("x", 16, 48), _factor("x", 16, 12)) == (2, 3, 1)
     assert _factor("x", 1, True) == 1  # not a width: the config's validation names it
+    for width in ("32", 32.0):  # neither is divided: the config's own one-line error, not a TypeError
+        with pytest.raises(HierarchosError) as err:
+            widen(model, context_dim=width)
+        assert str(err.value) == f"config field 'context_dim' = {width!r}: must be a positive integer"
     same = add_layers(model)  # nothing asked: the same config
     assert same.cfg == model.cfg
 
