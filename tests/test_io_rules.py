@@ -618,6 +618,30 @@ def test_rotation_clears_leftovers_of_killed_saves(tmp_path):
         "step-00000001", "step-00000002", "step-00000005"]
 
 
+def test_rotation_that_cannot_delete_leaves_a_trash_dir_for_the_next(tmp_path, monkeypatch):
+    """A step dir whose files cannot be deleted (open on Windows, busy on NFS) is moved aside as
+    `.step-N.trash-<12 hex>` and the save goes on; the next rotation clears it."""
+    root = tmp_path / "ckpt"
+    for step in (1, 2):
+        (root / f"step-0000000{step}").mkdir(parents=True)
+        (root / f"step-0000000{step}" / f"held-{step}").write_text("x")
+    real_unlink = os.unlink
+
+    def unlink(path, *args, **kwargs):
+        if os.path.basename(os.fspath(path)) == "held-1":
+            raise PermissionError(13, "in use", os.fspath(path))
+        return real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    hio._rotate(root, 1)
+    names = sorted(p.name for p in root.iterdir())
+    assert names[1:] == ["step-00000002"] and names[0].startswith(".step-00000001.trash-"), names
+    assert len(names[0]) == len(".step-00000001.trash-") + 12
+    monkeypatch.undo()
+    hio._rotate(root, 1)
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000002"]
+
+
 def test_save_checkpoint_files_pointers_and_keep_bounds(tmp_path):
     model = HierarchosLM(tiny_config())
     for keep in (0, -1, True, 1.5, "3"):
