@@ -59,10 +59,11 @@ def _setup(seed: int, dtype=torch.float64, puzzles: int = 12, max_segments: int 
     model.puzzle_cfg.halt_explore_prob = 0.5
     with torch.no_grad():
         model.q_head.weight.normal_(0.0, 0.5)
-    # puzzles whose first cell is given want to halt, the others to continue (a learned Q head alone
-    # may treat every puzzle of an untrained model alike): some steps end before M segments
+    # puzzles of even id want to halt, the others to continue (a learned Q head alone may treat every
+    # puzzle of an untrained model alike; a rule on the cells could pick the same side for a whole
+    # draw of puzzles): some steps end before M segments
     model.register_forward_hook(lambda module, args, out: dataclasses.replace(
-        out, q_halt=out.q_halt + torch.where(args[0][:, 0] > 0, 10.0, -10.0).to(out.q_halt.dtype)))
+        out, q_halt=out.q_halt + torch.where(args[1] % 2 == 0, 10.0, -10.0).to(out.q_halt.dtype)))
     logs = {name: [] for name in ("reference", "eager", "graphed")}
     trainers = {}
     for name in logs:
