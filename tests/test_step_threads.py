@@ -72,3 +72,32 @@ def test_float_model_leaves_torch_threads_alone(two_threads):
     with torch.no_grad():
         model.step(torch.tensor([1]), model.init_state(1))
     assert seen == [2]
+
+
+def test_one_thread_sync_free_step_passes_its_hints_and_caps_on(two_threads):
+    """With step_threads set, `step_sync_free` runs in the one-thread region and still hands the model
+    the ROSA hints and the caps it was given: the same logits and state as without the region, and the
+    hints and caps change the result (so dropping either would show)."""
+    torch.manual_seed(0)
+    model = HierarchosLM(tiny_config(vocab_size=64)).double().eval()
+    seen = _threads_seen_by_the_encoder(model)
+    token, row_pos = torch.tensor([5, 9]), torch.tensor([1, 1])
+    hints = torch.tensor([3, 7])  # not what the automata would give (they have seen nothing)
+
+    def run(**kwargs):
+        state = model.init_state(2)
+        state.rounds[0]["plan_last"] = torch.randn(2, model.cfg.context_dim, dtype=torch.float64,
+                                                   generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            return model.step_sync_free(token, state, row_pos, **kwargs)
+
+    model.step_threads = 1
+    threaded = run(rosa_hint_ids=hints, h_cycles=1)
+    assert seen == [1] and torch.get_num_threads() == 2
+    model.step_threads = None
+    plain = run(rosa_hint_ids=hints, h_cycles=1)
+    torch.testing.assert_close(threaded.logits, plain.logits, rtol=0, atol=0)
+    for (name, a), (_, b) in zip(plain.state.tensors(), threaded.state.tensors()):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
+    assert not torch.allclose(run(h_cycles=1).logits, plain.logits)          # the hints count
+    assert not torch.allclose(run(rosa_hint_ids=hints).logits, plain.logits)  # the cap counts
