@@ -48,6 +48,12 @@ from ..model.state import HierarchosState
 MAX_GRAPHS = 4  # distinct window shapes/phases kept captured; more run eagerly
 
 
+def why_capture_failed(exc: BaseException) -> str:
+    """'ErrorType: first line of its message' (at most 160 characters), for a one-line log entry."""
+    reason = (str(exc).strip().splitlines() or [""])[0][:160]
+    return f"{type(exc).__name__}: {reason}"
+
+
 def record_cuda_graph(run: Callable[[], tuple], warmup: int,
                       before_capture: Callable[[], None]) -> tuple[Callable[[], None], tuple]:
     """Warm `run` up on a side stream (lazy inits, cuBLAS workspaces, Triton JIT), call
@@ -247,9 +253,8 @@ class GraphedWindow:
                 self._capture(entry)
             except Exception as exc:  # noqa: BLE001 - whatever a capture refuses, the eager window can do
                 self.eager_keys.add(key)
-                reason = (str(exc).strip().splitlines() or [""])[0][:160]
-                self.log(f"cuda graphs: capturing a {key[0]}x{key[1]} window failed ({type(exc).__name__}: "
-                         f"{reason}); windows of this shape run eagerly")
+                self.log(f"cuda graphs: capturing a {key[0]}x{key[1]} window failed ({why_capture_failed(exc)}); "
+                         "windows of this shape run eagerly")
                 return None
         self.entries[key] = entry
         return entry

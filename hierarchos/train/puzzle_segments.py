@@ -42,7 +42,7 @@ import torch
 
 from ..model.puzzle import cell_predictions
 from ..model.state import HierarchosState
-from .cuda_graph import _flatten, _rebuild, record_cuda_graph
+from .cuda_graph import _flatten, _rebuild, record_cuda_graph, why_capture_failed
 from .schedule import LazyRowAdam, lazy_row_adam_masked
 from .sign_sgd import SparseSignSGD
 
@@ -265,9 +265,8 @@ class SegmentRunner:
                 entry.replay, entry.outputs = self.recorder(run, max(1, self.warmup), lambda: None)
         except Exception as exc:  # noqa: BLE001 - whatever a capture refuses, the eager segment can do
             self.eager_keys.add(key)
-            reason = (str(exc).strip().splitlines() or [""])[0][:160]
             self.log(f"cuda graphs: capturing puzzle segment {key[1]} of a batch of {key[0]} failed "
-                     f"({type(exc).__name__}: {reason}); it runs eagerly")
+                     f"({why_capture_failed(exc)}); it runs eagerly")
             return None
         finally:
             for p in self.params:
