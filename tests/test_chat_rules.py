@@ -180,6 +180,55 @@ def test_the_prompt_is_the_template_applied_to_the_user_text(monkeypatch, model_
     assert exchange == list(b"### Instruction:\nhi\n\n### Response:\n") + [65]
 
 
+class ChunkTokenizer:
+    """Bytes in, and each token id decodes to a whole chunk of text (a BPE token can hold a stop
+    string, or two)."""
+
+    eos_id = None
+
+    def __init__(self, chunks):
+        self.chunks = chunks
+
+    def encode(self, text):
+        return list(text.encode("utf-8"))
+
+    def decode_stream(self):
+        chunks = self.chunks
+
+        class Stream:
+            def push(self, token):
+                return chunks[token]
+
+            def flush(self):
+                return ""
+
+        return Stream()
+
+
+def test_the_reply_ends_at_the_first_stop_string_and_sums_the_steps_totals(monkeypatch, model_dir):
+    model, _ = load_model_dir(model_dir)
+    tokenizer = ChunkTokenizer({65: "one", 66: " two ### Instruction: three ### Instruction: four"})
+    session = ChatSession(model, tokenizer, template="alpaca", out=io.StringIO(), info=io.StringIO(),
+                          sampling=SamplingConfig(temperature=0.0, max_new_tokens=4, seed=0))
+    seen, real = [], model.step
+
+    def step(*args, **kwargs):
+        out = real(*args, **kwargs)
+        seen.append({name: (float(total), float(count)) for name, (total, count) in out.totals.items()})
+        return out
+
+    monkeypatch.setattr(model, "step", step)
+    script(monkeypatch, [65, 66, 65])
+    assert session.reply("q")[0] == "one two "
+    assert len(seen) == 2 and "manager_steps" in seen[0] | seen[1]
+    names = set(seen[0]) | set(seen[1])  # a step without a plan point reports no manager terms
+    assert set(session.last.totals) == names
+    for name in names:
+        total, count = session.last.totals[name]
+        assert total == pytest.approx(sum(s[name][0] for s in seen if name in s), rel=1e-6), name
+        assert count == sum(s[name][1] for s in seen if name in s), name
+
+
 def test_stop_string_split_across_tokens_and_trailing_newlines(monkeypatch, model_dir):
     session, _, _ = session_of(model_dir, template="alpaca", max_new=13)
     script(monkeypatch, list(b"one\n\n### Inst"))  # runs out of tokens inside a would-be stop string

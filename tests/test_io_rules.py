@@ -591,6 +591,10 @@ def test_step_dirs_sorted_by_number_and_pointers(tmp_path):
     (tmp_path / "none" / "latest.json").write_text('{"dir": "step-00000007"}')
     assert one_line(lambda: hio.resolve_checkpoint(tmp_path / "none")) == (
         f"{tmp_path / 'none' / 'latest.json'}: names 'step-00000007', which is missing; pass a step-* directory instead")
+    (tmp_path / "none" / "latest.json").write_text('{"dir": ')  # a torn pointer names itself
+    assert one_line(lambda: hio.resolve_checkpoint(tmp_path / "none")) == (
+        f"{tmp_path / 'none' / 'latest.json'}: checkpoint pointer is not valid JSON (line 1, column 9): "
+        "Expecting value; fix or re-save it")
 
 
 def test_rotation_clears_leftovers_of_killed_saves(tmp_path):
