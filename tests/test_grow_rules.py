@@ -280,6 +280,10 @@ def test_add_layers_appends_identity_blocks_with_the_fresh_init_of_the_seed():
     old = HierarchosLM(tiny_config(l_layers=1, h_layers=1)).double()
     new = add_layers(old, l_layers=3, seed=5)
     assert (new.cfg.h_layers, new.cfg.l_layers) == (1, 3)
+    default = add_layers(old, l_layers=3)  # the seed defaults to 0: the fresh init of seed 0
+    for name, tensor in _fresh(new.cfg, 0).state_dict().items():
+        if re.match(r"reasoner\.worker\.blocks\.[12]\.time_mix\.receptance", name):
+            assert torch.equal(default.state_dict()[name], tensor), name
     fresh = _fresh(new.cfg, 5).state_dict()
     state, before = new.state_dict(), old.state_dict()
     for name, tensor in state.items():
