@@ -207,7 +207,8 @@ class ChunkTokenizer:
 
 def test_the_reply_ends_at_the_first_stop_string_and_sums_the_steps_totals(monkeypatch, model_dir):
     model, _ = load_model_dir(model_dir)
-    tokenizer = ChunkTokenizer({65: "one", 66: " two ### Instruction: three ### Instruction: four"})
+    tokenizer = ChunkTokenizer({65: "one", 66: " two ### Instruction: three ### Instruction: four",
+                                67: "### Instruction: again"})
     session = ChatSession(model, tokenizer, template="alpaca", out=io.StringIO(), info=io.StringIO(),
                           sampling=SamplingConfig(temperature=0.0, max_new_tokens=4, seed=0))
     seen, real = [], model.step
@@ -220,6 +221,11 @@ def test_the_reply_ends_at_the_first_stop_string_and_sums_the_steps_totals(monke
     monkeypatch.setattr(model, "step", step)
     script(monkeypatch, [65, 66, 65])
     assert session.reply("q")[0] == "one two "
+    script(monkeypatch, [67, 65])
+    assert session.reply("q")[0] == "" and session.last.tokens == 1  # a stop string at the very start
+    script(monkeypatch, [65, 66, 65])
+    seen.clear()
+    session.reply("q")
     assert len(seen) == 2 and "manager_steps" in seen[0] | seen[1]
     names = set(seen[0]) | set(seen[1])  # a step without a plan point reports no manager terms
     assert set(session.last.totals) == names
@@ -235,6 +241,7 @@ def test_stop_string_split_across_tokens_and_trailing_newlines(monkeypatch, mode
     chunks = []
     text, _ = session.reply("q", on_text=chunks.append)
     assert text == "one\n\n### Inst" and "".join(chunks) == text  # flushed at the end: not a stop string
+    assert "" not in chunks  # a token that only grew the held-back tail shows nothing
     session, _, _ = session_of(model_dir, template="alpaca", max_new=3)
     script(monkeypatch, list(b"ok\n"))
     chunks = []
