@@ -101,3 +101,27 @@ def test_one_thread_sync_free_step_passes_its_hints_and_caps_on(two_threads):
         torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
     assert not torch.allclose(run(h_cycles=1).logits, plain.logits)          # the hints count
     assert not torch.allclose(run(rosa_hint_ids=hints).logits, plain.logits)  # the cap counts
+
+
+def test_one_thread_step_passes_its_state_and_caps_on(two_threads):
+    """`step` in the one-thread region hands the model the state and the caps it was given: the same
+    logits as without the region, and a carried state and a cap change the result."""
+    torch.manual_seed(0)
+    model = HierarchosLM(tiny_config(vocab_size=64)).double().eval()
+    token = torch.tensor([5, 9])
+
+    def carried():  # a new one each time: a step extends the state's ROSA automata in place
+        with torch.no_grad():
+            return model(torch.tensor([[1, 2, 3], [4, 5, 6]])).state
+
+    def run(state, **caps):
+        with torch.no_grad():
+            return model.step(token, state, **caps).logits
+
+    model.step_threads = 1
+    threaded = run(carried(), h_cycles=1)
+    model.step_threads = None
+    plain = run(carried(), h_cycles=1)
+    torch.testing.assert_close(threaded, plain, rtol=0, atol=0)
+    assert not torch.allclose(run(model.init_state(2), h_cycles=1), plain)  # the state counts
+    assert not torch.allclose(run(carried()), plain)                        # the cap counts
