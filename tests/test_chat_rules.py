@@ -830,3 +830,24 @@ def test_status_with_learning_on_and_a_warm_up_of_no_time(monkeypatch, model_dir
     text = info.getvalue()
     assert "(CUDA graph: 0 captured, the first at load in 0 ms)" in text
     assert text.rstrip("\n").endswith("written in context; learning on (surprise > 1.5)")
+
+
+def test_cuda_graph_path_stops_at_eos_and_a_greedy_reply_draws_no_seed(monkeypatch, model_dir):
+    """The graph path (its capture left out on the CPU, as in test_chat) ends a reply at the EOS id
+    like the plain path; a greedy reply, on either path, leaves the session's generator untouched."""
+    real = chat_mod.generate_batch
+    monkeypatch.setattr(chat_mod, "generate_batch", lambda *a, **k: real(*a, **{**k, "cuda_graph": False}))
+    plain, _, _ = session_of(model_dir, max_new=6)
+    prompt = list(b"hello")
+    _, exchange = plain.reply("hello")
+    new = exchange[len(prompt):]
+    eos = new[1]  # pretend the model's second greedy token is EOS: the reply ends at its first sampling
+    cut = new.index(eos)
+    for cuda_graph in (False, True):
+        session, _, _ = session_of(model_dir, max_new=6, cuda_graph=cuda_graph)
+        session.tokenizer.eos_id = eos
+        before = session.generator.get_state()
+        text, exchange = session.reply("hello")
+        assert exchange == prompt + new[:cut + 1] and session.last.tokens == cut, cuda_graph
+        assert text == plain.tokenizer.decode(new[:cut]), cuda_graph
+        assert torch.equal(session.generator.get_state(), before), cuda_graph
