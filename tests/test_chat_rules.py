@@ -851,3 +851,30 @@ def test_cuda_graph_path_stops_at_eos_and_a_greedy_reply_draws_no_seed(monkeypat
         assert exchange == prompt + new[:cut + 1] and session.last.tokens == cut, cuda_graph
         assert text == plain.tokenizer.decode(new[:cut]), cuda_graph
         assert torch.equal(session.generator.get_state(), before), cuda_graph
+
+
+def test_cuda_graph_reply_stops_when_interrupted_and_uses_the_session_clock_and_step_options(monkeypatch, model_dir):
+    """The graph path honours the Ctrl+C flag between tokens, times its first token on the session's
+    clock (a frozen one here: exactly 0 s) and steps with the session's step options."""
+    real, calls = chat_mod.generate_batch, []
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **{**kwargs, "cuda_graph": False})
+
+    monkeypatch.setattr(chat_mod, "generate_batch", spy)
+    results = {}
+    for cuda_graph in (False, True):
+        session, _, _ = session_of(model_dir, max_new=6, cuda_graph=cuda_graph, clock=lambda: 5.0,
+                                   step_options={"fused_step": False})
+        pieces = []
+
+        def on_text(piece):  # what the SIGINT handler does, after the first visible piece
+            pieces.append(piece)
+            session.interrupted = True
+
+        results[cuda_graph] = session.reply("hello", on_text=on_text)
+        assert len(pieces) == 1 and results[cuda_graph][0] == pieces[0], cuda_graph
+    assert results[True] == results[False] and len(results[True][1]) < len(b"hello") + 6
+    assert session.last.first_token_seconds == 0.0 and session.last.seconds == 0.0
+    assert calls[-1]["fused_step"] is False and calls[-1]["clock"] is session.clock
