@@ -288,3 +288,32 @@ def test_the_ops_fake_form_gives_the_kernels_shapes_and_dtypes():
             "removal_scale", "key_iclr_mix", "bonus", "norm_weight", "norm_bias", "eps", "gate_sigmoid")))
     assert (tuple(out.shape), out.dtype) == ((3, 8), torch.float32)
     assert (tuple(state.shape), state.dtype) == ((3, 2, 4, 4), torch.float64)
+
+
+def test_every_refusal_of_the_kernel_is_one_line_that_says_why(monkeypatch):
+    """timemix_step_triton's refusals, each checked alone: no device to run on (the CPU without
+    TRITON_INTERPRET=1), a head size that is not a power of two, tensors that are not float32 (named),
+    a frozen mask that is not bool or not one flag per row."""
+    from hierarchos.ops.wkv_triton import triton_unavailable_reason
+
+    def refused(message, **changes):
+        args = {**inputs(0, B=3, H=2, N=4, frozen=False), **changes}
+        with pytest.raises(HierarchosError) as info:
+            fused.timemix_step_triton(**args)
+        assert str(info.value) == message
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    reason = triton_unavailable_reason(torch.device("cpu"))
+    assert reason
+    refused(f"the fused one-token time mix cannot run: {reason}")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    six = inputs(0, B=3, H=2, N=6, frozen=False)
+    refused("the fused one-token time mix needs a power-of-two head size (got 6); switch it off "
+            "(use_fused_step(False))", **six)
+    a = inputs(0, B=3, H=2, N=4, frozen=False)
+    refused("the fused one-token time mix takes float32 tensors (r, bonus are not); switch it off "
+            "(use_fused_step(False)) under autocast or in other dtypes", r=a["r"].double(), bonus=a["bonus"].half())
+    refused("the fused one-token time mix takes frozen as (3,) bool, got (3,) torch.int64",
+            frozen=torch.tensor([0, 1, 0]))
+    refused("the fused one-token time mix takes frozen as (3,) bool, got (2,) torch.bool",
+            frozen=torch.tensor([True, False]))
