@@ -722,3 +722,19 @@ def test_x070_low_rank_up_projections_and_value_residual_base():
     two = TimeMix(2, 2, 1, 2, 4, TimeMixWiring(value_residual=True))
     close(two.value_residual_base, torch.tensor([0.93, 0.53]), 0, "value residual base", rtol=1e-6, atol=1e-6)
     assert not hasattr(TimeMix(2, 2, 0, 2, 4, TimeMixWiring(value_residual=True)), "value_residual_base")
+
+
+def test_recompile_limit_name_follows_what_dynamo_calls_it(monkeypatch):
+    """`recompile_limit` where dynamo's config has it (torch >= 2.6, this one too), else the older
+    `cache_size_limit`; checked on this torch and on stand-in configs of both kinds."""
+    import types
+
+    import torch._dynamo
+
+    from hierarchos.model.rwkv import recompile_limit_name
+
+    assert hasattr(torch._dynamo.config, "recompile_limit") and recompile_limit_name() == "recompile_limit"
+    monkeypatch.setattr(torch._dynamo, "config", types.SimpleNamespace(recompile_limit=8, cache_size_limit=8))
+    assert recompile_limit_name() == "recompile_limit"
+    monkeypatch.setattr(torch._dynamo, "config", types.SimpleNamespace(cache_size_limit=8))
+    assert recompile_limit_name() == "cache_size_limit"
