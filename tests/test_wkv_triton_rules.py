@@ -205,3 +205,32 @@ def test_the_kernels_are_built_once_for_every_length():
     fwd, bwd = wkv_triton._kernels(True)
     assert isinstance(fwd, InterpretedFunction) and isinstance(bwd, InterpretedFunction)
     assert fwd.fn is wkv_triton._wkv7_fwd_kernel and bwd.fn is wkv_triton._wkv7_bwd_kernel
+
+
+def _guarded(x: torch.Tensor) -> torch.Tensor:
+    """x (float32) in the middle of a larger buffer of NaNs: a read past either end of x turns into NaN."""
+    pad = 4 * x.shape[-1] * x.shape[-2]
+    storage = torch.full((x.numel() + 2 * pad,), float("nan"))
+    view = storage[pad:pad + x.numel()].view(x.shape)
+    view.copy_(x)
+    return view
+
+
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_no_read_outside_the_inputs(interpret, prefetch):
+    """A tail chunk (T = 5, chunk 2) must not read tokens past T: every input, the initial state and the
+    output gradient sit between runs of NaN, so a read outside them (whatever it is multiplied by) turns the
+    output or a gradient into NaN."""
+    seed = fresh_seed()
+    inputs, state = make_inputs(seed, B=1, T=5, H=1, N=4, dtype=torch.float32)
+    weight_o, weight_s = weights(seed, inputs, state)
+    leaves = {n: _guarded(x).requires_grad_(True) for n, x in inputs.items()}
+    s0 = _guarded(state).requires_grad_(True)
+    o, s = wkv7_triton(**leaves, state=s0, chunk=2, prefetch=prefetch)
+    got = torch.autograd.grad([o, s], [*leaves.values(), s0],
+                              grad_outputs=[_guarded(weight_o.float()), _guarded(weight_s.float())])
+    o_ref, s_ref, grads_ref = reference(inputs, state, weight_o, weight_s)
+    close(o, o_ref, "o", seed)
+    close(s, s_ref, "state", seed)
+    for name, g, g_ref in zip((*NAMES, "state"), got, grads_ref):
+        close(g, g_ref, f"d{name}", seed)
