@@ -200,7 +200,7 @@ class ChunkTokenizer:
                 return chunks[token]
 
             def flush(self):
-                return ""
+                return "~"  # a tail the stream held back (read only when no stop string cut the reply)
 
         return Stream()
 
@@ -246,6 +246,9 @@ def test_stop_string_split_across_tokens_and_trailing_newlines(monkeypatch, mode
     script(monkeypatch, list(b"ok\n"))
     chunks = []
     assert session.reply("q", on_text=chunks.append)[0] == "ok" and "".join(chunks) == "ok"
+    for raw, kept in ((b"o \n", "o "), (b"oX\n", "oX")):  # only newlines are trimmed
+        script(monkeypatch, list(raw))
+        assert session.reply("q")[0] == kept
 
 
 # ---- online learning -------------------------------------------------------------------------
@@ -878,3 +881,12 @@ def test_cuda_graph_reply_stops_when_interrupted_and_uses_the_session_clock_and_
     assert results[True] == results[False] and len(results[True][1]) < len(b"hello") + 6
     assert session.last.first_token_seconds == 0.0 and session.last.seconds == 0.0
     assert calls[-1]["fused_step"] is False and calls[-1]["clock"] is session.clock
+
+
+def test_a_plain_reply_runs_under_the_modes_caps(monkeypatch, model_dir):
+    real, calls = chat_mod.generate, []
+    monkeypatch.setattr(chat_mod, "generate", lambda *a, **k: calls.append(k) or real(*a, **k))
+    session, _, _ = session_of(model_dir, max_new=2)
+    session.mode = "fast"
+    session.reply("hi")
+    assert {k: calls[-1][k] for k in ("h_cycles", "max_h_steps", "max_l_steps")} == session.caps()
