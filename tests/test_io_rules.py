@@ -622,6 +622,23 @@ def test_rotation_clears_leftovers_of_killed_saves(tmp_path):
         "step-00000001", "step-00000002", "step-00000005"]
 
 
+def test_removing_a_leftover_is_best_effort(tmp_path, monkeypatch):
+    """A leftover dir holding a file that cannot be deleted stays (for a later recovery) without
+    failing the save or load that tried to clear it."""
+    (tmp_path / "left").mkdir()
+    (tmp_path / "left" / "held").write_text("x")
+    real_unlink = os.unlink
+
+    def unlink(path, *args, **kwargs):
+        if os.path.basename(os.fspath(path)) == "held":
+            raise PermissionError(13, "in use", os.fspath(path))
+        return real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    hio._remove(tmp_path / "left")
+    assert (tmp_path / "left" / "held").exists()
+
+
 def test_rotation_that_cannot_delete_leaves_a_trash_dir_for_the_next(tmp_path, monkeypatch):
     """A step dir whose files cannot be deleted (open on Windows, busy on NFS) is moved aside as
     `.step-N.trash-<12 hex>` and the save goes on; the next rotation clears it."""
