@@ -722,3 +722,21 @@ def test_rwkv_stacks_take_the_configured_time_mix_wiring():
     model = reasoner(h_layers=2, l_layers=2, **x070)
     for stack in (model.manager, model.worker):
         assert [b.time_mix.wiring for b in stack.blocks] == [TimeMixWiring("static", "lowrank", True, "x070")] * 2
+
+
+def test_q_halt_pairs_are_collected_only_when_asked_and_only_under_q_halting():
+    """`q_halt` is optional: a Q-halting reasoner runs without a list (what the step and evaluation
+    do) and gives the same output as with one, which then holds one pair per round; an ACT reasoner
+    appends nothing to a list it is handed."""
+    u, tokens = torch.randn(1, 4, 16, dtype=torch.float64), torch.zeros(1, 4, dtype=torch.long)
+    q_model = reasoner(halting="q", h_stride=2, h_cycles=2)
+    with torch.no_grad():
+        y_none, _, _ = q_model(u, tokens, q_model.init_state(1), 0)
+        pairs = []
+        y_list, _, _ = q_model(u, tokens, q_model.init_state(1), 0, q_halt=pairs)
+    torch.testing.assert_close(y_none, y_list, rtol=0, atol=0)
+    assert len(pairs) == 2
+    act_model, pairs = reasoner(h_stride=2), []
+    with torch.no_grad():
+        act_model(u, tokens, act_model.init_state(1), 0, q_halt=pairs)
+    assert pairs == []
