@@ -738,3 +738,25 @@ def test_recompile_limit_name_follows_what_dynamo_calls_it(monkeypatch):
     assert recompile_limit_name() == "recompile_limit"
     monkeypatch.setattr(torch._dynamo, "config", types.SimpleNamespace(cache_size_limit=8))
     assert recompile_limit_name() == "cache_size_limit"
+
+
+def test_one_token_runs_the_traceable_recurrence_and_longer_calls_the_opaque_one(monkeypatch):
+    """TimeMix calls `wkv7` itself for one token (torch.compile traces and fuses those few ops in the
+    compiled generation step) and the dynamo-opaque `_wkv7_opaque` for T > 1 (T = 2 included)."""
+    calls = []
+
+    def spy(name, fn):
+        def wrapped(*args, **kwargs):
+            calls.append((name, args[0].shape[1]))
+            return fn(*args, **kwargs)
+        return wrapped
+
+    original = rwkv.wkv7
+    monkeypatch.setattr(rwkv, "wkv7", spy("wkv7", original))
+    monkeypatch.setattr(rwkv, "_wkv7_opaque", spy("opaque", original))
+    tm = TimeMix(8, 4, 1, 3, 2).double()
+    with torch.no_grad():
+        for T in (1, 2, 3):
+            tm(torch.randn(1, T, 8, dtype=torch.float64), torch.zeros(1, 8, dtype=torch.float64),
+               torch.zeros(1, 2, 4, 4, dtype=torch.float64))
+    assert calls == [("wkv7", 1), ("opaque", 2), ("opaque", 3)]
