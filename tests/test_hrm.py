@@ -178,17 +178,22 @@ def test_every_pass_sees_the_watch_output_plus_its_refinement():
         torch.testing.assert_close(call["x"], expected, rtol=0, atol=1e-12)
 
 
-def _round_with_stubs(T, stride, pos0, plans, max_l_steps=0, worker_out=None, atol=0.0, commit_thr=0.0,
-                      carried=None, batch=1, u_value=0.0):
-    """One round with a zero watch, a fixed plan per plan point and a recording worker input."""
-    d = 16
-    model = reasoner(h_stride=stride, max_l_steps=max_l_steps, l_conv_atol=atol, commitment_threshold=commit_thr)
+def _stub_passes(model, d, worker_out=None):
+    """A zero manager watch, identity projections, a recording worker input and a worker stub."""
     model.manager = PassStub(lambda p, x: torch.zeros_like(x))
     model.h_input_proj = nn.Identity()
     model.l_input_proj = RecordingProjection(d)
     model.l_drift_proj = nn.Identity()
     model.l_to_out = nn.Identity()
     model.worker = PassStub(worker_out or (lambda p, x: torch.zeros_like(x)))
+
+
+def _round_with_stubs(T, stride, pos0, plans, max_l_steps=0, worker_out=None, atol=0.0, commit_thr=0.0,
+                      carried=None, batch=1, u_value=0.0):
+    """One round with a zero watch, a fixed plan per plan point and a recording worker input."""
+    d = 16
+    model = reasoner(h_stride=stride, max_l_steps=max_l_steps, l_conv_atol=atol, commitment_threshold=commit_thr)
+    _stub_passes(model, d, worker_out)
     calls = iter(plans)
     model._ponder = lambda z, *a, **k: (torch.stack([next(calls) for _ in range(z.shape[1])], 0)[None]
                                         .expand(z.shape[0], -1, -1), a[1])
@@ -644,12 +649,7 @@ def _sync_free_round(halting="act", max_l_steps=0, worker_out=None, atol=0.0, **
     returns the plan 100 (b + 1) in row b and records its keyword arguments."""
     d, B = 16, 5
     model = reasoner(h_stride=3, h_cycles=1, max_h_steps=3, max_l_steps=max_l_steps, l_conv_atol=atol, halting=halting)
-    model.manager = PassStub(lambda p, x: torch.zeros_like(x))
-    model.h_input_proj = nn.Identity()
-    model.l_input_proj = RecordingProjection(d)
-    model.l_drift_proj = nn.Identity()
-    model.l_to_out = nn.Identity()
-    model.worker = PassStub(worker_out or (lambda p, x: torch.zeros_like(x)))
+    _stub_passes(model, d, worker_out)
     seen = []
     plan = (100.0 * torch.arange(1, B + 1, dtype=torch.float64))[:, None, None].expand(B, 1, d)
     pondered = ["the new pondering states"]

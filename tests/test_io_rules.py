@@ -622,19 +622,24 @@ def test_rotation_clears_leftovers_of_killed_saves(tmp_path):
         "step-00000001", "step-00000002", "step-00000005"]
 
 
+def _unlink_refuses(monkeypatch, name: str) -> None:
+    """os.unlink raises PermissionError for files called `name` (open on Windows, busy on NFS)."""
+    real_unlink = os.unlink
+
+    def unlink(path, *args, **kwargs):
+        if os.path.basename(os.fspath(path)) == name:
+            raise PermissionError(13, "in use", os.fspath(path))
+        return real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+
+
 def test_removing_a_leftover_is_best_effort(tmp_path, monkeypatch):
     """A leftover dir holding a file that cannot be deleted stays (for a later recovery) without
     failing the save or load that tried to clear it."""
     (tmp_path / "left").mkdir()
     (tmp_path / "left" / "held").write_text("x")
-    real_unlink = os.unlink
-
-    def unlink(path, *args, **kwargs):
-        if os.path.basename(os.fspath(path)) == "held":
-            raise PermissionError(13, "in use", os.fspath(path))
-        return real_unlink(path, *args, **kwargs)
-
-    monkeypatch.setattr(os, "unlink", unlink)
+    _unlink_refuses(monkeypatch, "held")
     hio._remove(tmp_path / "left")
     assert (tmp_path / "left" / "held").exists()
 
@@ -646,14 +651,7 @@ def test_rotation_that_cannot_delete_leaves_a_trash_dir_for_the_next(tmp_path, m
     for step in (1, 2):
         (root / f"step-0000000{step}").mkdir(parents=True)
         (root / f"step-0000000{step}" / f"held-{step}").write_text("x")
-    real_unlink = os.unlink
-
-    def unlink(path, *args, **kwargs):
-        if os.path.basename(os.fspath(path)) == "held-1":
-            raise PermissionError(13, "in use", os.fspath(path))
-        return real_unlink(path, *args, **kwargs)
-
-    monkeypatch.setattr(os, "unlink", unlink)
+    _unlink_refuses(monkeypatch, "held-1")
     hio._rotate(root, 1)
     names = sorted(p.name for p in root.iterdir())
     assert names[1:] == ["step-00000002"] and names[0].startswith(".step-00000001.trash-"), names
