@@ -43,7 +43,7 @@ import torch
 from ..model.puzzle import cell_predictions
 from ..model.state import HierarchosState
 from .cuda_graph import _flatten, _rebuild, record_cuda_graph, why_capture_failed
-from .schedule import LazyRowAdam, lazy_row_adam_masked
+from .schedule import LazyRowAdam, lazy_row_adam_masked, skip_step_unless
 from .sign_sgd import SparseSignSGD
 
 MAX_BATCH_SIZES = 2  # batch sizes kept captured (a full batch and an epoch's last, shorter one)
@@ -287,16 +287,11 @@ class SegmentRunner:
                 if vectors_grad is not None:
                     group = opt.param_groups[0]
                     sign_step_rows(self.table, rows, vectors_grad, group["lr"], group["weight_decay"], ok)
-            elif isinstance(opt, torch.optim.AdamW) and self.fused:
-                opt.found_inf = (~ok).float()  # the fused kernel then leaves weights, moments and step alone
+            elif (isinstance(opt, torch.optim.AdamW) and self.fused) or isinstance(opt, LazyRowAdam):
+                skip_step_unless(opt, ok)
                 opt.step()
-                opt.found_inf = None
-            elif isinstance(opt, LazyRowAdam):  # rows with a zero gradient do not move
-                for group in opt.param_groups:
-                    for p in group["params"]:
-                        if p.grad is not None:
-                            p.grad.masked_fill_(~ok, 0.0)
-                opt.step()
+                if isinstance(opt, torch.optim.AdamW):
+                    opt.found_inf = None
             elif bool(ok):  # an unfused optimizer cannot take the mask: one host read
                 opt.step()
         for p in self.params:  # graphs own these tensors; eager training drops them as zero_grad would

@@ -126,6 +126,19 @@ class OptimizerSet:
             opt.load_state_dict(state[str(i)])
 
 
+def skip_step_unless(opt: torch.optim.Optimizer, ok: torch.Tensor) -> None:
+    """Arm `opt` so that its next step changes nothing when the device bool `ok` is false, with no
+    host read: the fused AdamW through its `found_inf` (weights, moments and step count stay), the
+    row-lazy Adam through zeroed gradients (it moves only rows with a nonzero gradient)."""
+    if isinstance(opt, torch.optim.AdamW):
+        opt.found_inf = (~ok).float()
+        return
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if p.grad is not None:
+                p.grad.masked_fill_(~ok, 0.0)
+
+
 TABLE_PARTS = (".deepembed.", "rosa_embed")  # indexed lookup tables updated row-lazily
 
 

@@ -26,7 +26,7 @@ from ..errors import HierarchosError
 from ..model.losses import LossWeights, lm_loss
 from ..model.rosa import RosaAutomaton, rosa_hints
 from .batches import TokenStreams
-from .schedule import build_optimizer, lr_at
+from .schedule import build_optimizer, lr_at, skip_step_unless
 
 
 @dataclass
@@ -201,13 +201,7 @@ class Trainer:
         if self.device_skip:  # the skip as a mask: nothing is written when ok is false
             ok = torch.isfinite(norm) & finite
             for opt in self.optimizer.optimizers:
-                if isinstance(opt, torch.optim.AdamW):
-                    opt.found_inf = (~ok).float()  # the fused kernel leaves weights, moments, step as they were
-                else:  # LazyRowAdam moves only rows with a nonzero gradient
-                    for group in opt.param_groups:
-                        for p in group["params"]:
-                            if p.grad is not None:
-                                p.grad.masked_fill_(~ok, 0.0)
+                skip_step_unless(opt, ok)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=self.drop_grads)
             return ok
