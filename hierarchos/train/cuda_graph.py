@@ -138,19 +138,21 @@ class GraphedWindow:
 
     # ---- the call ------------------------------------------------------------------------
     def __call__(self, x: torch.Tensor, y: torch.Tensor, state: HierarchosState | None,
-                 host_tokens: torch.Tensor | None = None):
-        """`host_tokens`: the same tokens as `x` on the CPU (the trainer's batch before its copy), so
-        that ROSA's hints need no copy back from the GPU (which would wait for all queued work)."""
+                 hints: torch.Tensor | None = None):
+        """`hints`: the window's ROSA hints (B, T), computed by the caller on the CPU (the trainer's
+        `WindowHints`, one window ahead); without them the state's automata make them here, from x's
+        tokens (a copy back from the GPU waits for all queued work)."""
         model = self.model
         B, T = x.shape
         if state is None:
             state = model.init_state(B, device=self.device, dtype=next(model.parameters()).dtype)
         rosa = state.rosa
-        hints = None
         if model.rosa_embed is not None:  # CPU automata: before the replay, never inside it
-            tokens = host_tokens if host_tokens is not None else x
-            hints, rosa = rosa_hints(tokens, rosa, model.cfg.rosa_window, model.cfg.rosa_none_id)
+            if hints is None:
+                hints, rosa = rosa_hints(x, rosa, model.cfg.rosa_window, model.cfg.rosa_none_id)
             hints = hints.to(x.device, non_blocking=True)
+        else:
+            hints = None
         if self.capture and self._decides_on_host(T, state.pos):
             return self._eager(x, y, hints, state, rosa)
         leaves = _flatten(state)

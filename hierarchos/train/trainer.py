@@ -24,8 +24,10 @@ import torch
 
 from ..errors import HierarchosError
 from ..model.losses import LossWeights, lm_loss
-from ..model.rosa import RosaAutomaton, rosa_hints
 from .batches import TokenStreams
+from .rosa_ahead import WindowHints
+
+HINTS_AHEAD = 2  # windows whose ROSA hints are computed ahead of the one training
 from .schedule import build_optimizer, lr_at, skip_step_unless
 
 
@@ -120,6 +122,12 @@ class Trainer:
         self.fused_adamw = all(group.get("fused") for opt in self.optimizer.optimizers
                                if isinstance(opt, torch.optim.AdamW) for group in opt.param_groups)
         self.pending_steps: list = []  # (opt_step, device bool ok) not yet read on the host
+        # ROSA's hints of each window, computed while the previous window trains (rosa_ahead); the
+        # trainer's states then carry no automata
+        self.hints = None
+        if model.rosa_embed is not None:
+            self.hints = WindowHints(train_streams, model.cfg.rosa_window, model.cfg.rosa_none_id,
+                                     carry=cfg.persist_state, pin=device.type == "cuda")
 
     # ---- pieces ------------------------------------------------------------------------
     @property
@@ -133,42 +141,38 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def _fresh_state(self):
-        return self.model.init_state(self.train_streams.streams.shape[0], device=self.device,
-                                     dtype=next(self.model.parameters()).dtype)
-
-    def rebuild_rosa(self, state, prefix: torch.Tensor):
-        """ROSA automata are CPU objects: on resume, replay the tokens each stream consumed."""
-        if state is not None and state.rosa is not None:
-            state.rosa = [RosaAutomaton(self.model.cfg.rosa_window, self.model.cfg.rosa_none_id)
-                          for _ in range(prefix.shape[0])]
-            for automaton, row in zip(state.rosa, prefix.tolist()):
-                automaton.extend(row)
+        state = self.model.init_state(self.train_streams.streams.shape[0], device=self.device,
+                                      dtype=next(self.model.parameters()).dtype)
+        state.rosa = None  # the hints come from self.hints, whose automata run ahead on their own thread
         return state
 
-    def _window_loss(self, inputs, targets, host_inputs=None):
-        """Forward + backward over one window, cut every `detach_every` tokens; returns (nll_sum, tokens, parts)."""
+    def _window_loss(self, inputs, targets, hints=None):
+        """Forward + backward over one window, cut every `detach_every` tokens; returns (nll_sum,
+        tokens, parts, finite). `hints`: the window's ROSA hints (B, T) on the CPU (`self.hints`),
+        required when the model uses ROSA."""
         cfg = self.cfg
         T = inputs.shape[1]
         piece = cfg.detach_every or T
+        if self.hints is not None:
+            if hints is None:
+                raise ValueError("this model uses ROSA: pass the window's hints (Trainer.hints.get)")
+            if self.state is None:  # a state without automata (the model would make a set of its own)
+                self.state = self._fresh_state()
         if self.graphed is not None and piece >= T:
             if self.forward_model is not self.model:
                 raise HierarchosError("CUDA graphs run in one process: drop --cuda-graphs under torchrun")
-            loss, parts, state = self.graphed(inputs, targets, self.state, host_tokens=host_inputs)
+            loss, parts, state = self.graphed(inputs, targets, self.state, hints=hints)
             self.state = state if cfg.persist_state else None
             finite = torch.isfinite(loss)  # on the device; non-finite: the step is skipped (_clip_and_step)
             return torch.where(finite, parts["ce"].detach() * inputs.numel(), 0.0), inputs.numel(), parts, finite
         nll_sum, finite, parts = 0.0, torch.ones((), dtype=torch.bool, device=inputs.device), {}
         for start in range(0, T, piece):  # loop over pieces of >= detach_every tokens, not tokens
             x, y = inputs[:, start:start + piece], targets[:, start:start + piece]
-            hints = None
-            if host_inputs is not None and self.model.rosa_embed is not None:  # from the CPU batch
-                if self.state is None:
-                    self.state = self._fresh_state()
-                hints, _ = rosa_hints(host_inputs[:, start:start + piece], self.state.rosa,
-                                      self.model.cfg.rosa_window, self.model.cfg.rosa_none_id)
-                hints = hints.to(x.device, non_blocking=True)
+            piece_hints = None
+            if hints is not None:
+                piece_hints = hints[:, start:start + piece].to(x.device, non_blocking=True)
             with self._autocast():
-                out = self.forward_model(x, self.state, rosa_hint_ids=hints)
+                out = self.forward_model(x, self.state, rosa_hint_ids=piece_hints)
                 loss, parts = lm_loss(out, y, self.model.cfg.z_loss_weight, cfg.loss)
             self.state = out.state.detach() if cfg.persist_state else None
             piece_finite = torch.isfinite(loss)
@@ -244,6 +248,13 @@ class Trainer:
         """Train until the configured epochs are done, or until `stop_requested()` is true at an
         optimizer-step boundary. `on_checkpoint(trainer, is_best, reason)` saves; `reason` is
         'step', 'epoch' or 'interrupt'. Metrics go to `on_metrics`-style `self.log_metrics`."""
+        try:
+            return self._run(on_checkpoint, progress, stop_requested)
+        finally:
+            if self.hints is not None:
+                self.hints.close()
+
+    def _run(self, on_checkpoint, progress, stop_requested) -> dict:
         cfg, model = self.cfg, self.model
         model.train()
         window = self._new_window()
@@ -256,7 +267,12 @@ class Trainer:
                 lr = self.schedule.apply(self.opt_step)
             host_x, y = self.train_streams.batch(index, epoch)  # the epoch picks a shuffled window order
             x, y = host_x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            nll, ntok, parts, finite = self._window_loss(x, y, host_x)
+            hints = None
+            if self.hints is not None:
+                upcoming = [divmod(m, self.steps_per_epoch)  # in flight on the worker thread from now
+                            for m in range(self.micro_step + 1, min(self.micro_step + 1 + HINTS_AHEAD, total_micro))]
+                hints = self.hints.get(epoch, index, upcoming)
+            nll, ntok, parts, finite = self._window_loss(x, y, hints)
             self.micro_step += 1
             window["micro"] += 1
             window["finite"] = finite & window["finite"]
@@ -351,8 +367,7 @@ class Trainer:
             container, key = slot
             container[key] = tensor.to(self.device)
         state.pos = self.micro_step % self.steps_per_epoch * self.train_streams.chunk
-        epoch, index = divmod(self.micro_step, self.steps_per_epoch)
-        self.state = self.rebuild_rosa(state, self.train_streams.prefix(index, epoch))
+        self.state = state  # ROSA's automata: self.hints replays the epoch's earlier windows itself
 
     def load_trainer_state(self, state: dict) -> None:
         self.micro_step, self.opt_step = int(state["micro_step"]), int(state["opt_step"])
