@@ -335,3 +335,73 @@ def test_growth_summary_lists_the_fields_that_differ():
     a = tiny_config()
     assert growth_summary(a, a) == {}
     assert growth_summary(a, a.replace(h_layers=3, max_length=99)) == {"h_layers": [1, 3], "max_length": [64, 99]}
+
+
+# ---- expand's choices (mutation survivors of expand, issue 15 fourth pass) -------------------------------------
+
+def _same_tensors(a, b):
+    return a.state_dict().keys() == b.state_dict().keys() and all(
+        torch.equal(t, b.state_dict()[name]) for name, t in a.state_dict().items())
+
+
+def test_expand_seeds_its_growths_with_the_seed_default_0():
+    """New vocabulary rows and the split noise of a widening come from the seed: expand's default is 0."""
+    torch.manual_seed(0)
+    model = HierarchosLM(tiny_config()).double()
+    default = expand(model, vocab_size=70, context_dim=32)
+    assert _same_tensors(default, expand(model, vocab_size=70, context_dim=32, seed=0))
+    assert not torch.equal(default.embed.weight, expand(model, vocab_size=70, context_dim=32, seed=1).embed.weight)
+
+
+def test_expand_checks_every_size_before_any_growth():
+    """A smaller size is reported before any growth runs, even when a growth earlier in the order (the
+    features) would fail with its own error."""
+    torch.manual_seed(0)
+    model = HierarchosLM(tiny_config(use_rosa=True))
+    with pytest.raises(HierarchosError) as err:
+        expand(model, use_rosa=False, ltm_slots=4)
+    assert str(err.value) == ("ltm_slots 4 is smaller than the model's 8: growing never removes capacity; "
+                              "pass a value >= 8 or leave it out")
+
+
+def test_expand_turns_all_three_features_on_at_once():
+    torch.manual_seed(0)
+    model = HierarchosLM(tiny_config(use_rosa=False, use_deepembed=False, deepembed_per_block=False)).double()
+    on = dict(use_rosa=True, use_deepembed=True, deepembed_per_block=True)
+    grown = expand(model, **on)
+    assert growth_summary(model.cfg, grown.cfg) == {name: [False, True] for name in on}
+    assert _same_tensors(grown, enable_features(model, **on))
+
+
+def test_expand_of_a_rewired_time_mix_adds_layers_without_widening():
+    """widen refuses a time mix wired otherwise than the default; expand must not call it (not even as a
+    no-op) when no width changes."""
+    from hierarchos.config import TIME_MIX_WIRINGS
+
+    torch.manual_seed(0)
+    model = HierarchosLM(tiny_config(**TIME_MIX_WIRINGS["x070"])).double()
+    grown = expand(model, h_layers=2, seed=3)
+    assert growth_summary(model.cfg, grown.cfg) == {"h_layers": [1, 2]}
+    assert _same_tensors(grown, add_layers(model, h_layers=2, seed=3))
+
+
+def test_widen_is_a_function_of_the_model_and_its_seed_not_of_the_global_rng():
+    """Every split (the Linear inputs and the low-rank `*_down` paths alike) draws its noise from the
+    seeded generator: the same seed gives the same model whatever the global RNG holds."""
+    torch.manual_seed(0)
+    model = HierarchosLM(tiny_config()).double()
+    torch.manual_seed(1)
+    first = widen(model, 32, 32, 32, seed=3)
+    torch.manual_seed(2)
+    assert _same_tensors(first, widen(model, 32, 32, 32, seed=3))
+    assert not _same_tensors(first, widen(model, 32, 32, 32, seed=4))
+
+
+def test_a_tensor_without_a_widening_rule_is_named_in_the_error():
+    from hierarchos.model.grow import _Widener
+
+    widener = _Widener(tiny_config(), 2, 2, 2, 0.1, torch.Generator().manual_seed(0))
+    for name in ("unknown.weight", "reasoner.worker.extra.weight", "reasoner.manager.blocks.0.time_mix.extra"):
+        with pytest.raises(RuntimeError) as err:
+            widener(name, torch.zeros(16))
+        assert str(err.value) == f"widen: no rule for tensor {name}; add one in hierarchos/model/grow.py"

@@ -882,3 +882,53 @@ def test_torch_load_maps_a_gpu_saved_state_onto_the_cpu(tmp_path):
             torch.load(tmp_path / "optimizer.pt", weights_only=True)
     loaded = hio._torch_load(tmp_path / "optimizer.pt", "optimizer state")["state"][0]["exp_avg"]
     assert loaded.device.type == "cpu" and torch.equal(loaded, torch.arange(4.0))
+
+
+# ---- the helpers every save and load calls (mutation survivors, issue 15 fourth pass) ---------------------------
+
+def test_load_weights_lists_six_missing_names_as_five_and_dots(tmp_path):
+    model = torch.nn.Sequential(*[torch.nn.Linear(1, 1) for _ in range(3)])  # 6 tensors, none in the file
+    save_file({"x0": torch.zeros(1)}, str(tmp_path / "w.safetensors"))
+    assert "(missing 0.weight, 0.bias, 1.weight, 1.bias, 2.weight ...; unexpected x0);" in \
+        one_line(lambda: hio.load_weights(model, tmp_path / "w.safetensors"))
+
+
+def test_load_model_dir_moves_the_model_to_the_device_asked(tmp_path):
+    """The meta device stands in for a GPU here: every parameter and buffer goes where `device` says."""
+    hio.save_model_dir(tmp_path / "m", HierarchosLM(tiny_config()))
+    for device, kind in (("meta", "meta"), (torch.device("meta"), "meta"), ("cpu", "cpu")):
+        model, _ = hio.load_model_dir(tmp_path / "m", device=device)
+        assert {t.device.type for t in (*model.parameters(), *model.buffers())} == {kind}, device
+    assert {p.device.type for p in hio.load_model_dir(tmp_path / "m")[0].parameters()} == {"cpu"}
+
+
+def test_read_config_names_the_config_file_in_its_errors(tmp_path):
+    path = tmp_path / hio.CONFIG_FILE
+    path.write_text("[1]")
+    assert one_line(lambda: hio.read_config(tmp_path)) == f"{path}: expected a JSON object, got list; fix or re-save it"
+    path.write_text("{")
+    assert one_line(lambda: hio.read_config(tmp_path)).startswith(f"{path}: config is not valid JSON (line 1, column 2)")
+    path.write_bytes(b'{"a": "\xff"}')
+    assert one_line(lambda: hio.load_model_dir(tmp_path)) == \
+        f"{path}: config is not UTF-8 text; the file is corrupt, re-save it"
+
+
+def test_a_corrupt_weights_file_error_gives_the_reason_on_one_line_or_its_type(tmp_path, monkeypatch):
+    (tmp_path / "w.safetensors").write_bytes(b"x")
+
+    class Silent(Exception):
+        pass
+
+    for exc, reason in ((ValueError("bad\n  header  size"), "bad header size"), (Silent(), "Silent")):
+        def refuse(*args, exc=exc, **kwargs):
+            raise exc
+        monkeypatch.setattr(hio, "safe_open", refuse)
+        assert one_line(lambda: hio._read_weights(tmp_path / "w.safetensors")) == (
+            f"{tmp_path / 'w.safetensors'}: weights file is truncated or corrupt ({reason}); "
+            "re-save it or restore it from a checkpoint")
+
+
+def test_a_config_payload_error_names_where_it_was_read():
+    with pytest.raises(HierarchosError) as err:
+        hio.read_config_payload({**tiny_config().to_dict(), "typo": 1}, "here")
+    assert str(err.value).startswith("here: unknown config field 'typo' (known fields: ")
