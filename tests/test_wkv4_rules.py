@@ -127,7 +127,7 @@ def test_errors_name_the_shapes():
         wkv4_chunked(td, tf, k, v, None, torch.zeros(2, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"^wkv4_chunked: chunk_size must be >= 1, got 0$"):
         wkv4_chunked(td, tf, k, v, chunk_size=0)
-    with pytest.raises(ValueError, match=r"^wkv4: unknown impl 'fast'; expected one of \('auto', 'reference', 'step', 'chunked'\)$"):
+    with pytest.raises(ValueError, match=r"^wkv4: unknown impl 'fast'; expected one of \('auto', 'reference', 'step', 'chunked', 'triton'\)$"):
         W4.resolve_impl("fast", 4)
 
 

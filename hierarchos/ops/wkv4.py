@@ -1,4 +1,5 @@
-"""RWKV-4 time mixing (WKV-4, the original project's cell) as pure functions: scan, step, chunked.
+"""RWKV-4 time mixing (WKV-4, the original project's cell) as pure functions: scan, step, chunked,
+and the dispatcher (the fused Triton kernel for CUDA is `wkv4_triton.py`).
 
 Per channel, with decay w = -exp(time_decay) < 0 and bonus u = time_first, the recurrence
 over the live (non-frozen) tokens is
@@ -23,9 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from .amp import autocast_off
+from .wkv4_triton import triton_unavailable_reason, wkv4_triton_prepared
 
 EMPTY_PP = -1e38    # the original's initial pp: exp(EMPTY_PP - anything finite) == 0, and it fits float32
-IMPLS = ("auto", "reference", "step", "chunked")
+IMPLS = ("auto", "reference", "step", "chunked", "triton")
 ENV_IMPL = "HIERARCHOS_WKV_IMPL"  # shared with wkv7: 'reference' selects the scan here too
 
 
@@ -177,21 +179,28 @@ def wkv4_chunked(time_decay, time_first, k, v, state=None, frozen=None, chunk_si
 # ----------------------------------------------------------------------------- dispatch
 
 
-def resolve_impl(impl: str, T: int) -> str:
-    """'auto' (or $HIERARCHOS_WKV_IMPL=reference) -> the scan, the step for T == 1, else chunked."""
+def resolve_impl(impl: str, T: int, device: torch.device | str | None = None) -> str:
+    """'auto' (or $HIERARCHOS_WKV_IMPL=reference) -> the scan; the step for T == 1; for longer
+    inputs the Triton kernel on CUDA where triton runs, else chunked."""
     if impl not in IMPLS:
         raise ValueError(f"wkv4: unknown impl {impl!r}; expected one of {IMPLS}")
     if impl == "auto" and os.environ.get(ENV_IMPL, "").strip() == "reference":
         return "reference"  # other values name WKV-7 kernels; they leave WKV-4 on its own choice
     if impl != "auto":
         return impl
-    return "step" if T == 1 else "chunked"
+    if T == 1:
+        return "step"
+    cuda = device is not None and torch.device(device).type == "cuda"
+    return "triton" if cuda and not triton_unavailable_reason(device) else "chunked"
 
 
 def wkv4(time_decay, time_first, k, v, state=None, frozen=None, impl="auto", chunk_size=16):
     """Run WKV-4 with the chosen implementation; k, v (B, T, C), state (aa, bb, pp) or None."""
-    name = resolve_impl(impl, k.shape[1])
+    name = resolve_impl(impl, k.shape[1], k.device)
     with autocast_off(k.device.type):  # exp and the running sums stay float32 under autocast
+        if name == "triton":
+            w, u, k, v, state, live = _prepare(time_decay, time_first, k, v, state, frozen)
+            return wkv4_triton_prepared(w, u, k, v, state, live)
         if name == "chunked":
             return wkv4_chunked(time_decay, time_first, k, v, state, frozen, chunk_size=chunk_size)
         if name == "step" and k.shape[1] == 1:
