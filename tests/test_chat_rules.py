@@ -125,6 +125,30 @@ def test_session_defaults_and_caps(model_dir, tmp_path):
     assert forced.caps() == {"h_cycles": 1, "max_h_steps": 1, "max_l_steps": 0}
 
 
+def test_a_session_of_only_the_required_arguments_and_one_on_a_given_device(model_dir):
+    """Without a template the session formats plain prompts; a device passed in is where the carried
+    state lives (the meta device here, not the model's CPU), and without one it is the model's."""
+    model, _ = load_model_dir(model_dir)
+    tokenizer = load_tokenizer(str(model_dir))
+    session = ChatSession(model, tokenizer, out=io.StringIO(), info=io.StringIO())
+    assert session.template == "plain" and session.device == torch.device("cpu")
+    assert {t.device.type for _, t in session.state.tensors()} == {"cpu"}
+    meta = ChatSession(model, tokenizer, device=torch.device("meta"), out=io.StringIO(), info=io.StringIO())
+    assert meta.device == torch.device("meta")
+    assert {t.device.type for _, t in meta.state.tensors()} == {"meta"}
+
+
+def test_an_unseeded_session_seeds_its_generator_from_torch_seed_modulo_2_63(monkeypatch, model_dir):
+    """Without a sampling seed the generator takes torch's nondeterministic seed, cut to 63 bits."""
+    model, _ = load_model_dir(model_dir)
+    tokenizer = load_tokenizer(str(model_dir))
+    monkeypatch.setattr(torch, "seed", lambda: 2**63 + 12345)
+    session = ChatSession(model, tokenizer, sampling=SamplingConfig(seed=None), out=io.StringIO(), info=io.StringIO())
+    assert session.generator.initial_seed() == 12345
+    seeded = ChatSession(model, tokenizer, sampling=SamplingConfig(seed=7), out=io.StringIO(), info=io.StringIO())
+    assert seeded.generator.initial_seed() == 7
+
+
 def test_hold_back_is_a_possible_stop_string_start_and_the_newlines_before_it(model_dir):
     session, _, _ = session_of(model_dir, template="alpaca")
     cases = {"abc": 0, "abc#": 1, "abc###": 3, "abc\n\n###": 5, "ab\n": 1, "x### Instruction": 15,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 
 import pytest
 import torch
@@ -81,6 +82,37 @@ def test_commit_stamps_metadata_and_filters_reads():
     assert written[idx[attn > 0]].all(), f"seed={seed}: a filtered read used an older slot"
     mask = mem.slot_mask(sources=["nobody"])
     assert mask is not None and not mask.any()
+
+
+def test_commit_of_a_hand_written_state():
+    """commit by hand: row 0 by default, exactly one written slot counts, a row without writes returns 0
+    and changes nothing (its source not interned), counts add up over commits, the time defaults to the
+    clock, and the delta is rounded to the values' dtype before the add (float32 values, float64 delta:
+    2^-24 + 2^-50 rounds to 2^-24 first, and 1 + 2^-24 ties to 1.0; added in float64 it would round up)."""
+    torch.manual_seed(0)
+    mem = LongTermMemory(dim=6, slots=5, key_dim=5, val_dim=3, topk=2, chunk=4, write_threshold=0.0)
+    with torch.no_grad():
+        mem.values.fill_(1.0)
+    delta = torch.zeros(3, 5, 3, dtype=torch.float64)
+    writes = torch.zeros(3, 5, dtype=torch.float64)
+    delta[0, 2], writes[0, 2] = 2.0 ** -24 + 2.0 ** -50, 2.0  # row 0: one slot, written twice
+    delta[1, 3:], writes[1, 3:] = 0.5, 1.0                     # row 1: two other slots
+    state = {"delta": delta, "writes": writes}                 # row 2: nothing written
+    assert mem.commit(state, "empty", now=5.0, row=2) == 0
+    assert mem.source_names == [] and not mem.slot_count.any() and not mem.slot_time.any()
+    assert bool((mem.values == 1.0).all())
+    t0 = time.time()
+    assert mem.commit(state, "a") == 1
+    t1 = time.time()
+    assert mem.source_names == ["a"]
+    assert bool((mem.values == 1.0).all())  # rounded in float32: 1 + 2^-24 ties to 1.0
+    assert mem.slot_count.tolist() == [0, 0, 2, 0, 0] and mem.slot_source.tolist() == [-1, -1, 0, -1, -1]
+    assert t0 <= float(mem.slot_time[2]) <= t1 and mem.slot_time.count_nonzero() == 1
+    assert mem.commit(state, "a", now=7.0) == 1
+    assert mem.slot_count.tolist() == [0, 0, 4, 0, 0] and float(mem.slot_time[2]) == 7.0
+    assert mem.commit(state, "b", now=8.0, row=1) == 2
+    assert mem.slot_count.tolist() == [0, 0, 4, 1, 1] and mem.slot_source.tolist() == [-1, -1, 0, 1, 1]
+    assert mem.values[3:].tolist() == [[1.5] * 3] * 2
 
 
 def oracle(mem, e, threshold):

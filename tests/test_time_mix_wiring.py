@@ -235,6 +235,32 @@ def test_x070_initial_values():
     assert torch.all(out[0] == 0)
 
 
+def test_x070_initial_values_at_the_depth_and_width_edges():
+    """The decay spread's exponent 1 + depth^0.3 at the ends of the depth range: a one-layer stack's
+    layer is at depth 0 (exponent 1), the last layer of a two-layer stack at depth 1 (exponent 2); and
+    at width 2 the channel ramp runs -0.5 .. 0.5 over the two channels (x070's divisor dim - 1 = 1)."""
+    for dim, head, layer_id, L, exponent in ((8, 4, 0, 1, 1.0), (8, 4, 1, 2, 2.0), (8, 4, 0, 2, 1.0),
+                                             (2, 2, 0, 1, 1.0)):
+        tm = TimeMix(dim, head, layer_id, L, 16, wiring(X070))
+        c = torch.arange(dim, dtype=torch.float32)
+        zz = (c % head - (head - 1) / 2) / ((head - 1) / 2 if head > 2 else 1.0)
+        zz = zz * zz.abs()
+        torch.testing.assert_close(tm.decay_base.data, -6 + 6 * (c / (dim - 1)) ** exponent + 0.5 + 2.5 * zz)
+        linear = c / (dim - 1) - 0.5
+        assert linear[0] == -0.5 and linear[-1] == 0.5
+        torch.testing.assert_close(tm.iclr_base.data, -0.19 + 0.3 * zz + 0.4 * linear)
+        torch.testing.assert_close(tm.removal_scale.data, 0.71 - 0.1 * linear)
+    assert TimeMix(2, 2, 0, 1, 16, wiring(X070)).removal_scale.tolist() == pytest.approx([0.76, 0.66])
+    # the decay and iclr low-rank paths: zero down sides, up sides orthonormal rows times 0.1; the value
+    # weight orthogonal of gain 1 (square: rows and columns orthonormal)
+    tm = TimeMix(64, 16, 1, 4, 16, wiring(X070))
+    for down, up in ((tm.decay_down, tm.decay_up), (tm.iclr_down, tm.iclr_up)):
+        assert not down.any()
+        torch.testing.assert_close(up @ up.T, 0.01 * torch.eye(up.shape[0]), rtol=1e-5, atol=1e-6)
+    v = tm.value.weight.detach()
+    torch.testing.assert_close(v @ v.T, torch.eye(64), rtol=1e-5, atol=1e-5)
+
+
 def time_mix_params(fields: dict, dim: int = 768, layer_id: int = 1) -> int:
     return sum(p.numel() for p in TimeMix(dim, 64, layer_id, 12, 32, wiring(fields)).parameters())
 

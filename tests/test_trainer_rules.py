@@ -574,3 +574,37 @@ def test_graphed_windows_tell_the_trainers_log_when_a_shape_runs_eagerly(monkeyp
                       TrainConfig(epochs=1, batch_size=2, cuda_graphs=True), torch.device("cpu"), log=lines.append)
     trainer.run()
     assert lines and lines[0].startswith("cuda graphs: 0 window shapes captured already; windows of shape 2x10")
+
+
+def _validation_by_hand(model, streams, carry: bool) -> float:
+    """Summed NLL over every validation token / their number, each window from the last one's state
+    (carry) or from a fresh one."""
+    model.eval()
+    state, nll, count = None, 0.0, 0
+    with torch.no_grad():
+        for i in range(len(streams)):
+            x, y = streams.batch(i)
+            out = model(x, state)
+            nll += float(lm_loss(out, y, 0.0)[1]["ce"]) * y.numel()
+            count += y.numel()
+            state = out.state if carry else None
+    model.train()
+    return nll / count
+
+
+def test_validation_without_persist_state_starts_every_window_afresh_and_one_token_is_its_nll():
+    """persist_state off (full attention's choice): every validation window starts from a fresh state,
+    as in training; on, each window carries the last one's. A validation set of a single token reports
+    that token's NLL (divided by its count of 1)."""
+    fresh = make(0, val=True, persist_state=False)
+    carried = make(0, val=True)
+    by_hand_fresh = _validation_by_hand(copy.deepcopy(fresh.model), fresh.val_streams, carry=False)
+    by_hand_carried = _validation_by_hand(copy.deepcopy(carried.model), carried.val_streams, carry=True)
+    assert abs(by_hand_fresh - by_hand_carried) > 1e-4  # the carried state changes the later windows
+    assert fresh.evaluate()["val_loss"] == pytest.approx(by_hand_fresh, rel=1e-6)
+    assert carried.evaluate()["val_loss"] == pytest.approx(by_hand_carried, rel=1e-6)
+    one = make(0)
+    one.val_streams = TokenStreams.from_documents([[3]], eos_id=31, batch_size=1, chunk=1)
+    assert len(one.val_streams) == 1 and one.val_streams.batch(0)[1].numel() == 1
+    expected = _validation_by_hand(copy.deepcopy(one.model), one.val_streams, carry=True)
+    assert one.evaluate()["val_loss"] == pytest.approx(expected, rel=1e-6) and expected > 0
