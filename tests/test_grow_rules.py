@@ -405,3 +405,23 @@ def test_a_tensor_without_a_widening_rule_is_named_in_the_error():
         with pytest.raises(RuntimeError) as err:
             widener(name, torch.zeros(16))
         assert str(err.value) == f"widen: no rule for tensor {name}; add one in hierarchos/model/grow.py"
+
+
+def test_widen_seed_defaults_to_0_and_its_one_line_errors():
+    from hierarchos.config import TIME_MIX_WIRINGS
+
+    torch.manual_seed(0)
+    model = HierarchosLM(tiny_config()).double()
+    assert _same_tensors(widen(model, h_hidden=32), widen(model, h_hidden=32, seed=0))
+    with pytest.raises(HierarchosError) as err:
+        widen(model, h_hidden=24)
+    assert str(err.value).startswith("h_hidden 24: widening must multiply the width by a whole number (16 -> 32, ")
+    rewired = HierarchosLM(tiny_config(**TIME_MIX_WIRINGS["x070"]))
+    with pytest.raises(HierarchosError) as err:
+        widen(rewired, context_dim=32)
+    assert str(err.value) == ("widen: no widening construction for a time mix wired with tm_token_shift='static', "
+                              "tm_gate='lowrank', tm_value_residual=True, tm_init='x070'; only the default wiring "
+                              "widens (add_layers works with any wiring)")
+    one = HierarchosLM(tiny_config(tm_gate="lowrank"))
+    with pytest.raises(HierarchosError, match=r"wired with tm_gate='lowrank'; only"):
+        widen(one, l_hidden=32)
