@@ -95,3 +95,22 @@ def test_an_ignored_target_never_reads_outside_its_row(monkeypatch, ignore_index
     for a, b in zip(got, want):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_the_compiled_loss_kernels_are_built_once_for_every_vocabulary_and_stride():
+    """For CUDA tensors `_kernels(False)` builds triton.JITFunctions (building one needs no GPU) of the
+    forward and backward bodies that do not specialize on the vocabulary size or the row strides (only
+    compared and multiplied), so one compile serves every model; interpreted (CPU): the same two bodies.
+    (wkv_triton's twin: test_wkv_triton_rules.test_the_kernels_are_built_once_for_every_length.)"""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from hierarchos.ops import ce_triton
+
+    fwd, bwd = ce_triton._kernels.__wrapped__(False)  # not lru_cache's copy
+    assert isinstance(fwd, triton.JITFunction) and isinstance(bwd, triton.JITFunction)
+    assert fwd.fn is ce_triton._ce_fwd_kernel and bwd.fn is ce_triton._ce_bwd_kernel
+    assert [p.name for p in fwd.params if p.do_not_specialize] == ["V", "stride"]
+    assert [p.name for p in bwd.params if p.do_not_specialize] == ["V", "stride", "g_stride"]
+    fwd, bwd = ce_triton._kernels.__wrapped__(True)
+    assert isinstance(fwd, InterpretedFunction) and isinstance(bwd, InterpretedFunction)
+    assert fwd.fn is ce_triton._ce_fwd_kernel and bwd.fn is ce_triton._ce_bwd_kernel

@@ -197,3 +197,30 @@ def test_empty_sequences_and_chunk_size_one():
     for bad in (0, 65):
         with pytest.raises(ValueError, match=rf"^wkv7_chunked: chunk_size must be in \[1, 64\], got {bad}$"):
             W.wkv7_chunked(**x, chunk_size=bad)
+
+
+def test_the_optional_backends_are_found_by_import(monkeypatch):
+    """`_fla_importable`: whether fla's DPLR kernel imports (False when fla is missing or its import
+    fails); `_cpp_kernels`: the built extension if it imports and has the step (`wkv7_steps`), else None
+    (not built, or an old build without it). Stand-in modules in sys.modules, lru_cache bypassed."""
+    import sys
+    import types
+
+    fla = {name: types.ModuleType(name) for name in ("fla", "fla.ops", "fla.ops.generalized_delta_rule")}
+    fla["fla.ops.generalized_delta_rule"].chunk_dplr_delta_rule = lambda *a, **k: None
+    for name, module in fla.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    assert W._fla_importable.__wrapped__() is True
+    monkeypatch.setitem(sys.modules, "fla.ops.generalized_delta_rule", types.ModuleType("empty"))
+    assert W._fla_importable.__wrapped__() is False  # an fla without the kernel
+    monkeypatch.setitem(sys.modules, "fla", None)  # not installed: the import raises ImportError
+    assert W._fla_importable.__wrapped__() is False
+
+    built = types.ModuleType("hierarchos.hierarchos_kernels")
+    built.wkv7_steps = lambda *a: None
+    monkeypatch.setitem(sys.modules, "hierarchos.hierarchos_kernels", built)
+    assert W._cpp_kernels.__wrapped__() is built
+    monkeypatch.setitem(sys.modules, "hierarchos.hierarchos_kernels", types.ModuleType("old_build"))
+    assert W._cpp_kernels.__wrapped__() is None
+    monkeypatch.setitem(sys.modules, "hierarchos.hierarchos_kernels", None)  # not built
+    assert W._cpp_kernels.__wrapped__() is None
