@@ -179,9 +179,10 @@ def wkv4_chunked(time_decay, time_first, k, v, state=None, frozen=None, chunk_si
 # ----------------------------------------------------------------------------- dispatch
 
 
-def resolve_impl(impl: str, T: int, device: torch.device | str | None = None) -> str:
+def resolve_impl(impl: str, T: int, device: torch.device | str | None = None, float64: bool = False) -> str:
     """'auto' (or $HIERARCHOS_WKV_IMPL=reference) -> the scan; the step for T == 1; for longer
-    inputs the Triton kernel on CUDA where triton runs, else chunked."""
+    inputs the Triton kernel on CUDA where triton runs (float32: it computes in float32, so float64
+    inputs keep the chunked form's float64), else chunked."""
     if impl not in IMPLS:
         raise ValueError(f"wkv4: unknown impl {impl!r}; expected one of {IMPLS}")
     if impl == "auto" and os.environ.get(ENV_IMPL, "").strip() == "reference":
@@ -191,12 +192,13 @@ def resolve_impl(impl: str, T: int, device: torch.device | str | None = None) ->
     if T == 1:
         return "step"
     cuda = device is not None and torch.device(device).type == "cuda"
-    return "triton" if cuda and not triton_unavailable_reason(device) else "chunked"
+    return "triton" if cuda and not float64 and not triton_unavailable_reason(device) else "chunked"
 
 
 def wkv4(time_decay, time_first, k, v, state=None, frozen=None, impl="auto", chunk_size=16):
     """Run WKV-4 with the chosen implementation; k, v (B, T, C), state (aa, bb, pp) or None."""
-    name = resolve_impl(impl, k.shape[1], k.device)
+    float64 = torch.float64 in (time_decay.dtype, time_first.dtype, k.dtype, v.dtype)
+    name = resolve_impl(impl, k.shape[1], k.device, float64)
     with autocast_off(k.device.type):  # exp and the running sums stay float32 under autocast
         if name == "triton":
             w, u, k, v, state, live = _prepare(time_decay, time_first, k, v, state, frozen)
