@@ -7,8 +7,8 @@ several row blocks per state (their partial column sums added up), one block, a 
 multiple of the checkpoint spacing, both load orders (prefetch on and off), batch and heads > 1 (each
 program finds its own (b, h)), a gradient of only the state or only one input (the checkpoints are
 still stored), an output gradient that is not contiguous; frozen tokens leave the state bit for bit;
-state carry across calls; T = 0; the launch rule and every one-line error. The long parity sweep is
-tests/test_wkv_triton.py.
+state carry across calls; T = 0; the launch rule, the launch arguments each kernel receives (a spy on
+`_kernels`), and every one-line error. The long parity sweep is tests/test_wkv_triton.py.
 """
 
 from __future__ import annotations
@@ -163,6 +163,8 @@ def test_launch_rule():
     assert _launch_config(128, 8, None) == (8, 1)
     assert _launch_config(64, 16, 2) == (16, 2)
     assert _launch_config(1, None, None) == (1, 1)
+    for head_size, rows in ((64, 64), (256, 256), (128, 16), (64, None)):  # Triton takes an int number of warps
+        assert [type(x) for x in _launch_config(head_size, rows, None)] == [int, int]
     for head_size, rows in ((12, None), (64, 3), (64, 128), (16, 32), (8, -2), (0, None)):
         with pytest.raises(HierarchosError) as err:
             _launch_config(head_size, rows, None)
@@ -187,6 +189,10 @@ def test_where_the_kernels_run(monkeypatch):
     if not torch.cuda.is_available():  # no device named: the compiled kernels need CUDA
         assert triton_unavailable_reason() == "it needs a CUDA device"
         assert triton_unavailable_reason("meta") == "it needs a CUDA device"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a CUDA device (or none, below) on any host
+    assert triton_unavailable_reason() == triton_unavailable_reason("cuda") == ""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert triton_unavailable_reason() == triton_unavailable_reason("cuda") == "it needs a CUDA device"
     monkeypatch.setattr(wkv_triton, "triton", None)
     monkeypatch.setattr(wkv_triton, "_TRITON_ERROR", "ImportError: no triton")
     assert triton_unavailable_reason("cpu") == "triton does not import (ImportError: no triton); pip install triton"
@@ -216,17 +222,19 @@ def _guarded(x: torch.Tensor) -> torch.Tensor:
     return view
 
 
+@pytest.mark.parametrize("chunk", [2, 4])
 @pytest.mark.parametrize("prefetch", [True, False])
-def test_no_read_outside_the_inputs(interpret, prefetch):
-    """A tail chunk (T = 5, chunk 2) must not read tokens past T: every input, the initial state and the
-    output gradient sit between runs of NaN, so a read outside them (whatever it is multiplied by) turns the
-    output or a gradient into NaN."""
+def test_no_read_outside_the_inputs(interpret, prefetch, chunk):
+    """A tail chunk (T = 5; chunk 2: one token past T, chunk 4: three, so the backward's prefetch of token t-1
+    runs on tail tokens too) must not read tokens past T: every input, the initial state and the output
+    gradient sit between runs of NaN, so a read outside them that reaches the output, the carried state or
+    its adjoint turns the output or a gradient into NaN."""
     seed = fresh_seed()
     inputs, state = make_inputs(seed, B=1, T=5, H=1, N=4, dtype=torch.float32)
     weight_o, weight_s = weights(seed, inputs, state)
     leaves = {n: _guarded(x).requires_grad_(True) for n, x in inputs.items()}
     s0 = _guarded(state).requires_grad_(True)
-    o, s = wkv7_triton(**leaves, state=s0, chunk=2, prefetch=prefetch)
+    o, s = wkv7_triton(**leaves, state=s0, chunk=chunk, prefetch=prefetch)
     got = torch.autograd.grad([o, s], [*leaves.values(), s0],
                               grad_outputs=[_guarded(weight_o.float()), _guarded(weight_s.float())])
     o_ref, s_ref, grads_ref = reference(inputs, state, weight_o, weight_s)
@@ -234,3 +242,63 @@ def test_no_read_outside_the_inputs(interpret, prefetch):
     close(s, s_ref, "state", seed)
     for name, g, g_ref in zip((*NAMES, "state"), got, grads_ref):
         close(g, g_ref, f"d{name}", seed)
+
+
+class _Launches:
+    """Stands in for `_kernels`: hands out the interpreted kernels wrapped so that every launch is recorded
+    (kernel, grid, positional arguments, keywords) before it runs."""
+
+    def __init__(self, kernels):
+        self.kernels, self.calls = kernels, []
+
+    def __call__(self, interpret):
+        assert interpret is True  # CPU tensors: the interpreter, never the compiled kernels
+        fwd, bwd = self.kernels(True)
+        return self._spy("fwd", fwd), self._spy("bwd", bwd)
+
+    def _spy(self, name, fn):
+        calls = self.calls
+
+        class Spy:
+            def __getitem__(self, grid):
+                def launch(*args, **kw):
+                    calls.append((name, grid, args, kw))
+                    return fn[grid](*args, **kw)
+                return launch
+        return Spy()
+
+
+def test_the_launch_knobs_reach_both_kernels(interpret, monkeypatch):
+    """rows, num_warps, chunk and prefetch as given (or their defaults) reach the forward and backward launches,
+    with one program per row block of each (b, h); the checkpoints are stored (the full B*H*n_chunks*N*N buffer)
+    only when a gradient is wanted; the backward gets its scratch (one chunk of states per program) and the
+    stride between the partial sums; T = 0 launches nothing. num_warps only matters compiled (the interpreter
+    ignores it), so it is checked here as the launch receives it."""
+    launches = _Launches(wkv_triton._kernels)
+    monkeypatch.setattr(wkv_triton, "_kernels", launches)
+    seed = fresh_seed()
+    inputs, state = make_inputs(seed, B=1, T=5, H=2, N=8, dtype=torch.float32)
+    weight_o, weight_s = weights(seed, inputs, state)
+    o, s, grads = kernel(inputs, state, weight_o, weight_s, rows=4, num_warps=2, chunk=2, prefetch=False)
+    (fwd, grid_f, args_f, kw_f), (bwd, grid_b, args_b, kw_b) = launches.calls
+    assert (fwd, bwd) == ("fwd", "bwd") and grid_f == grid_b == (1 * 2 * 2,)
+    assert kw_f == {"H": 2, "N": 8, "BI": 4, "C": 2, "STORE_CKPT": True, "PREFETCH": False, "num_warps": 2}
+    assert kw_b == {"H": 2, "N": 8, "BI": 4, "C": 2, "PREFETCH": False, "num_warps": 2}
+    assert args_f[10:] == (5, 3) and args_f[9].numel() == 1 * 2 * 3 * 8 * 8   # T, n_chunks; the checkpoints
+    assert args_b[9].numel() == 4 * 2 * 4 * 8 and args_b[17:] == (5, 3, 1 * 5 * 2 * 8)  # scratch; T, n_chunks, stride
+    o_ref, s_ref, grads_ref = reference(inputs, state, weight_o, weight_s)
+    close(o, o_ref, "o", seed)
+    for name, g, g_ref in zip((*NAMES, "state"), grads, grads_ref):
+        close(g, g_ref, f"d{name}", seed)
+
+    launches.calls.clear()  # no gradient wanted: no checkpoints; the defaults
+    o, s = wkv7_triton(**inputs, state=state)
+    ((fwd, grid_f, args_f, kw_f),) = launches.calls
+    assert grid_f == (1 * 2 * 1,) and args_f[10:] == (5, 1) and args_f[9].numel() == 1
+    assert kw_f == {"H": 2, "N": 8, "BI": 8, "C": 16, "STORE_CKPT": False, "PREFETCH": True, "num_warps": 1}
+    close(o, o_ref, "o", seed)
+    close(s, s_ref, "state", seed)
+
+    launches.calls.clear()
+    o, s = wkv7_triton(**{n: x[:, :0] for n, x in inputs.items()}, state=state)
+    assert launches.calls == [] and o.shape == (1, 0, 2, 8) and torch.equal(s, state)
