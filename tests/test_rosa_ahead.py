@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 
 import pytest
 import torch
@@ -57,8 +58,9 @@ def test_the_reference_is_the_definition(shuffle, carry):
             got = reference_window_hints(s, epoch, index, WINDOW, 99, carry=carry)
             assert got.dtype == torch.long and got.shape == (2, 10)
             assert got.tolist() == by_definition(s, epoch, index, 99, carry), f"seed {seed}: {epoch}, {index}"
-    # not a vacuous comparison: this stream has matches, and carrying changes a later window's hints
+    # not a vacuous comparison: this stream has matches; the default carries the state
     assert (reference_window_hints(s, 0, 2, WINDOW, 99) != 99).any(), f"seed {seed}"
+    assert torch.equal(reference_window_hints(s, 0, 2, WINDOW, 99), reference_window_hints(s, 0, 2, WINDOW, 99, True))
 
 
 @pytest.mark.parametrize("carry", [True, False])
@@ -77,27 +79,53 @@ def test_in_order_with_the_next_window_ahead_and_in_any_order(carry):
         assert hints.get(*key, guess).tolist() == by_definition(s, *key, 99, carry), f"seed {seed}: {key}"
     hints.close()
     assert hints._pool is None and not hints._queue
-    if carry:
-        assert hints.replays > 0
+    hints.get(1, 0)  # an epoch's first window: fresh automata, never a replay
+    replays = hints.replays
+    hints.get(0, 2)  # out of sequence: a replay of windows 0 and 1 when carrying, none otherwise
+    hints.get(1, 1)
+    hints.get(1, 2)  # in sequence again
+    assert hints.replays == replays + (2 if carry else 0)
 
 
-def test_the_next_window_is_fed_on_the_worker_thread(monkeypatch):
-    threads = []
+def test_the_next_windows_are_fed_on_one_worker_thread_in_order(monkeypatch):
+    calls, busy, overlaps = [], [], []
     real = rosa_ahead.rosa_hints
 
     def recording(tokens, automata, window, none_id):
-        threads.append(threading.get_ident())
+        overlaps.append(bool(busy))  # another window's automata still being fed: a second thread
+        busy.append(1)
+        time.sleep(0.02)
+        calls.append((threading.get_ident(), threading.current_thread().name))
+        busy.pop()
         return real(tokens, automata, window, none_id)
 
     monkeypatch.setattr(rosa_ahead, "rosa_hints", recording)
     s = streams(0)
     hints = WindowHints(s, WINDOW, 99, carry=True)
-    first = hints.get(0, 0, [(0, 1)])
-    second = hints.get(0, 1)
+    first = hints.get(0, 0, [(0, 1), (0, 2), (0, 3)])
+    time.sleep(0.2)  # the three upcoming windows run meanwhile
+    rest = [hints.get(0, i) for i in (1, 2, 3)]
     hints.close()
-    assert threads[0] == threading.get_ident() and threads[1] != threading.get_ident()
-    assert first.tolist() == by_definition(s, 0, 0, 99) and second.tolist() == by_definition(s, 0, 1, 99)
+    assert calls[0][0] == threading.get_ident()
+    workers = {c for c in calls[1:]}
+    assert len(workers) == 1 and next(iter(workers))[1].startswith("rosa-hints"), workers
+    assert not any(overlaps), "two windows were fed at once"
+    assert hints.replays == 0
+    for i, got in enumerate([first, *rest]):
+        assert got.tolist() == by_definition(s, 0, i, 99)
     assert not any(t.name.startswith("rosa-hints") for t in threading.enumerate())
+
+
+def test_hints_for_the_gpu_are_pinned(monkeypatch):
+    pinned = []
+    monkeypatch.setattr(rosa_ahead, "_pin", lambda t: pinned.append(t) or t)
+    s = streams(0)
+    plain = WindowHints(s, WINDOW, 99, carry=True).get(0, 0)
+    pinning = WindowHints(s, WINDOW, 99, carry=True, pin=True)
+    got = pinning.get(0, 0, [(0, 1)])
+    pinning.get(0, 1)
+    pinning.close()
+    assert not pinned[:0] and len(pinned) == 2 and pinned[0] is got and torch.equal(got, plain)
 
 
 def _trainer(seed: int, **cfg) -> Trainer:

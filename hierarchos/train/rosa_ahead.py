@@ -37,6 +37,11 @@ def reference_window_hints(streams: TokenStreams, epoch: int, index: int, window
     return rosa_hints(tokens, automata, window, none_id)[0]
 
 
+def _pin(hints: torch.Tensor) -> torch.Tensor:
+    """Page-locked memory, so the copy to the GPU runs asynchronously."""
+    return hints.pin_memory()
+
+
 class WindowHints:
     """The hints of a trainer's windows, each computed while earlier ones train (module doc)."""
 
@@ -59,7 +64,7 @@ class WindowHints:
                 rosa_hints(self.streams.prefix(index, epoch), self._automata, self.window, self.none_id)
         hints, _ = rosa_hints(tokens, self._automata, self.window, self.none_id)
         self._fed = (epoch, index)
-        return hints.pin_memory() if self.pin else hints
+        return _pin(hints) if self.pin else hints
 
     def _drain(self) -> None:
         """Wait for every window in flight (the automata must never be fed by two threads)."""
@@ -68,7 +73,8 @@ class WindowHints:
 
     def get(self, epoch: int, index: int, upcoming: Sequence[tuple[int, int]] = ()) -> torch.Tensor:
         """(B, T) int64 CPU hints of window `index` of `epoch`; then makes sure the `upcoming`
-        (epoch, index) windows, in that order, are in flight on the worker thread."""
+        (epoch, index) windows, in that order, are in flight on the worker thread (windows already
+        in flight beyond them stay)."""
         if self._queue and self._queue[0][0] == (epoch, index):
             hints = self._queue.popleft()[1].result()
         else:
@@ -76,7 +82,8 @@ class WindowHints:
             hints = self._compute(epoch, index)
         upcoming = [tuple(key) for key in upcoming]
         queued = [key for key, _ in self._queue]
-        if queued != upcoming[:len(queued)]:
+        shared = min(len(queued), len(upcoming))
+        if queued[:shared] != upcoming[:shared]:  # a different future than the one in flight
             self._drain()
             queued = []
         for key in upcoming[len(queued):]:
