@@ -46,9 +46,12 @@ def test_compiled_blocks_compute_the_same_function():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_inductor_compiled_blocks_match_eager_on_cuda():
+def test_inductor_compiled_blocks_match_eager_on_cuda(monkeypatch):
     """Inductor's generated kernels compute the same gradients (float32, TF32 off: under bf16 the
-    two runs round differently, and small low-rank gradients differ by a few percent)."""
+    two runs round differently, and small low-rank gradients differ by a few percent). The recurrence
+    is our exact Triton kernel in both: 'auto' would pick fla's chunked kernel for this small call,
+    whose TF32-class rounding (up to ~2e-3) is not what this test is about."""
+    monkeypatch.setenv("HIERARCHOS_WKV_IMPL", "triton")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     torch.manual_seed(0)
     eager = HierarchosLM(tiny_config(vocab_size=64, context_dim=64, h_hidden=64, l_hidden=64, head_size=16)).cuda()
