@@ -13,7 +13,8 @@
 #              implementation (triton, fla), T=1024 and 8192, eager and under a CUDA graph (~150 s)
 #   stall      the `train` command at ~30M (byte tokenizer, width 512, 3 + 3 layers, T=512, B=32,
 #              minimal reasoning), every window logged, with Python's garbage collector on and off:
-#              does a periodic slow window come from the collector? (~140 s)
+#              does a periodic slow window come from the collector? (~140 s; the ROSA rebuild that made
+#              every 8th window slow now runs ahead on a thread: run `kernel` first for the C++ automaton)
 #   table      the training-throughput table: 125m minimal at T=1024 and T=8192 and default at T=1024
 #              against a compiled GPT-2 of equal size, full training steps for both (clip + fused
 #              AdamW; hierarchos with the trainer's optimizer), with the float32 parity preamble (~330 s)
@@ -28,6 +29,7 @@
 #              trained for 30 steps, greedy replies compared, /status shown (~60 s)
 #   quality    one learning-quality table (bench_quality.py; QUALITY_TABLE, default blocks; QUALITY_ARGS, e.g.
 #              "--tokens 10000000 --jobs 6 --only RWKV_7__ours_ attention__RoPE"), QUALITY_TIMEOUT s (default 480);
+#              each process takes ~9 GB at the blocks table's size (--jobs 7 fits an 80 GB card, 11 did not);
 #              finished runs are cached: the ones carried in .device_cache/quality_runs/ are reused and every
 #              finished run comes back in quality_runs.tgz (unpack it into .device_cache/quality_runs to resume)
 #   puzzles    9x9 Sudoku (bench_puzzles.py): generate 1,000 + 1,000 hard puzzles (or reuse the carried
