@@ -79,6 +79,11 @@ def test_in_order_with_the_next_window_ahead_and_in_any_order(carry):
         assert hints.get(*key, guess).tolist() == by_definition(s, *key, 99, carry), f"seed {seed}: {key}"
     hints.close()
     assert hints._pool is None and not hints._queue
+    # a different future than the one in flight: window 2 is dropped, window 3 computed instead
+    hints.get(0, 0, [(0, 1), (0, 2)])
+    assert hints.get(0, 1, [(0, 3)]).tolist() == by_definition(s, 0, 1, 99, carry)
+    assert [key for key, _ in hints._queue] == [(0, 3)]
+    assert hints.get(0, 3).tolist() == by_definition(s, 0, 3, 99, carry), f"seed {seed}"
     hints.get(1, 0)  # an epoch's first window: fresh automata, never a replay
     replays = hints.replays
     hints.get(0, 2)  # out of sequence: a replay of windows 0 and 1 when carrying, none otherwise
