@@ -608,3 +608,67 @@ def test_validation_without_persist_state_starts_every_window_afresh_and_one_tok
     assert len(one.val_streams) == 1 and one.val_streams.batch(0)[1].numel() == 1
     expected = _validation_by_hand(copy.deepcopy(one.model), one.val_streams, carry=True)
     assert one.evaluate()["val_loss"] == pytest.approx(expected, rel=1e-6) and expected > 0
+
+
+def test_rosa_hints_run_exactly_the_next_two_windows_ahead_each_computed_once():
+    """`run` asks `self.hints` for each window in order with the next two windows (fewer at the end of
+    training, across the epoch boundary) in flight; every window's automata are fed exactly once, in
+    order (a wrong look-ahead would still give the right hints, by recomputing windows)."""
+    trainer = make(fresh_seed(), rosa=True, epochs=2)  # 2 epochs of 3 windows
+    assert trainer.hints.carry is True and trainer.hints.pin is False  # CPU: nothing to pin
+    cfg = trainer.model.cfg
+    assert (trainer.hints.window, trainer.hints.none_id) == (cfg.rosa_window, cfg.rosa_none_id)
+    asked, computed = [], []
+    get, compute = trainer.hints.get, trainer.hints._compute
+
+    def spy_get(epoch, index, upcoming=()):
+        asked.append(((epoch, index), [tuple(key) for key in upcoming]))
+        return get(epoch, index, upcoming)
+
+    trainer.hints.get = spy_get
+    trainer.hints._compute = lambda epoch, index: computed.append((epoch, index)) or compute(epoch, index)
+    trainer.run()
+    keys = [(e, i) for e in (0, 1) for i in range(3)]
+    assert asked == [(key, keys[m + 1:m + 3]) for m, key in enumerate(keys)]
+    assert computed == keys and trainer.hints.replays == 0
+    assert make(0, rosa=True, persist_state=False).hints.carry is False  # no carried state: no carried automata
+    assert make(0).hints is None  # no ROSA, no hints
+
+
+def test_rosa_hints_for_a_cuda_trainer_are_pinned():
+    """The hints of a trainer on a CUDA device are made in page-locked memory (an asynchronous copy);
+    the trainer is only built here (no CUDA needed)."""
+    torch.manual_seed(0)
+    model = HierarchosLM(tiny_config(vocab_size=32, use_rosa=True))
+    streams = TokenStreams.from_documents([list(range(31)) * 2], eos_id=31, batch_size=2, chunk=10)
+    config = TrainConfig(epochs=1, batch_size=2, amp=False)
+    assert Trainer(model, streams, config, torch.device("cuda"), log=lambda line: None).hints.pin is True
+
+
+def test_a_rosa_window_without_hints_is_refused_in_one_line():
+    trainer = make(0, rosa=True)
+    x, y = trainer.train_streams.batch(0)
+    with pytest.raises(ValueError, match=r"^this model uses ROSA: pass the window's hints \(Trainer\.hints\.get\)$"):
+        trainer._window_loss(x, y)
+
+
+def test_a_rosa_trainer_hands_the_model_a_state_without_automata_and_carries_it():
+    """The first window gets the trainer's fresh state (no automata: the hints come from `self.hints`;
+    given None the model would make a set of its own), and each later window the state the one before
+    returned."""
+    trainer = make(fresh_seed(), rosa=True)  # one epoch of 3 windows, the state carried
+    given, returned, forward = [], [], trainer.model.forward
+
+    def recording(x, state=None, **kw):
+        given.append(state)
+        out = forward(x, state, **kw)
+        returned.append(out.state)
+        return out
+
+    trainer.model.forward = recording
+    trainer.run()
+    assert len(given) == 3 and given[0] is not None and given[0].rosa is None and given[0].pos == 0
+    for before, after in zip(returned, given[1:]):
+        assert after.rosa is None and after.pos == before.pos > 0
+        pairs = list(zip(after.tensors(), before.tensors()))
+        assert pairs and all(na == nb and torch.equal(a, b) for (na, a), (nb, b) in pairs)

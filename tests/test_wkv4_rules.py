@@ -158,3 +158,40 @@ def test_mixed_dtypes_compute_as_all_converted_first():
     state64 = tuple(s.double() for s in wkv4_reference(td, tf, k, v)[1])
     out, state = wkv4_reference(td, tf, k, v, state64)
     assert out.dtype == torch.float32 and all(s.dtype == torch.float32 for s in state)
+
+
+class _Resolved(Exception):
+    """Raised by the resolve_impl spy below: the test needs the arguments, not a run."""
+
+
+@pytest.mark.parametrize("which", [None, "time_decay", "time_first", "k", "v"])
+def test_wkv4_asks_resolve_impl_with_the_inputs_device_and_float64(monkeypatch, which):
+    """`wkv4` hands `resolve_impl` its impl, T, the inputs' device and whether any input is float64 (the
+    Triton kernel computes in float32, so on CUDA a float64 input keeps the chunked form): on the CPU
+    every one of these picks the chunked form, so only the arguments show them."""
+    seen = []
+
+    def spy(impl, T, device=None, float64=False):
+        seen.append((impl, T, device, float64))
+        raise _Resolved
+
+    monkeypatch.setattr(W4, "resolve_impl", spy)
+    td, tf, k, v = inputs(fresh_seed(), T=5)
+    args = dict(time_decay=td, time_first=tf, k=k, v=v)
+    if which is not None:
+        args[which] = args[which].double()
+    with pytest.raises(_Resolved):
+        wkv4(**args, impl="chunked")
+    assert len(seen) == 1
+    impl, T, device, float64 = seen[0]
+    assert (impl, T) == ("chunked", 5) and isinstance(device, torch.device) and device == k.device
+    assert float64 is (which is not None)
+
+
+def test_auto_asks_triton_about_the_inputs_device(monkeypatch):
+    monkeypatch.delenv(W4.ENV_IMPL, raising=False)
+    asked = []
+    monkeypatch.setattr(W4, "triton_unavailable_reason", lambda device=None: asked.append(device) or "")
+    assert W4.resolve_impl("auto", 8, "cuda:1") == "triton" and asked == ["cuda:1"]
+    asked.clear()
+    assert W4.resolve_impl("auto", 8, "cpu") == "chunked" and asked == []  # asked only for a CUDA device
