@@ -15,6 +15,7 @@ import torch
 
 from hierarchos.errors import HierarchosError
 from hierarchos.ops import wkv4 as W4
+from hierarchos.ops import wkv4_triton as W4T
 from hierarchos.ops.wkv4 import _prepare, empty_state, wkv4, wkv4_reference
 from hierarchos.ops.wkv4_triton import triton, wkv4_manual_backward
 from test_wkv4 import fresh_seed, make_inputs
@@ -173,3 +174,107 @@ def test_compiled_kernel_on_cuda_matches_reference(monkeypatch, T):
     got = triton_grads(*case, weights, device="cuda")
     assert_close_to_reference(seed, got, autograd_reference(*case, weights), 1e-5, f"cuda T{T}")
     assert W4.resolve_impl("auto", T, "cuda") == "triton"
+
+
+# ----------------------------------------------------------------------------- launch rules
+
+
+class _Launches:
+    """Stands in for `_kernels`: the interpreted kernels, each launch recorded (kernel, grid, args, keywords)."""
+
+    def __init__(self, kernels):
+        self.kernels, self.calls = kernels, []
+
+    def __call__(self, interpret):
+        assert interpret is True  # CPU tensors: the interpreter, never the compiled kernels
+        return tuple(self._spy(name, fn) for name, fn in zip(("fwd", "bwd"), self.kernels(True)))
+
+    def _spy(self, name, fn):
+        calls = self.calls
+
+        class Spy:
+            def __getitem__(self, grid):
+                def launch(*args, **kw):
+                    calls.append((name, grid, args, kw))
+                    return fn[grid](*args, **kw)
+                return launch
+        return Spy()
+
+
+@needs_triton
+def test_the_launches(interpret, monkeypatch):
+    """One program per (row, 32 channels), one warp; the live mask as uint8 (k's pointer stands in when
+    there is none, unread); the per-token states saved, three (B, T, C) planes, only when a gradient is
+    wanted; the backward's per-row partial sums of dw and du (B, C), added over the rows."""
+    launches = _Launches(W4T._kernels)
+    monkeypatch.setattr(W4T, "_kernels", launches)
+    seed = fresh_seed()
+    td, tf, k, v, state, frozen = kernel_case(seed, 2, 6, 40, 0.3, False)
+    weights = weights_for(seed, k)
+    got = triton_grads(td, tf, k, v, state, frozen, weights)
+    (f, grid_f, args_f, kw_f), (b, grid_b, args_b, kw_b) = launches.calls
+    assert (f, b) == ("fwd", "bwd") and grid_f == grid_b == (2, 2)
+    assert kw_f == {"HAS_LIVE": True, "SAVE": True, "BLOCK": 32, "num_warps": 1}
+    assert kw_b == {"HAS_LIVE": True, "BLOCK": 32, "num_warps": 1}
+    assert args_f[4].dtype == torch.uint8 and torch.equal(args_f[4].bool(), ~frozen)
+    assert args_f[8].shape == (3, 2, 6, 40) and args_f[9:] == (6, 40)
+    assert args_b[4] is args_f[4] and args_b[5] is args_f[8]
+    assert args_b[11].shape == args_b[12].shape == (2, 40) and args_b[13:] == (6, 40)
+    assert_close_to_reference(seed, got, autograd_reference(td, tf, k, v, state, frozen, weights), 1e-5, "launch")
+
+    launches.calls.clear()  # a gradient without a mask: k's pointer in the mask's place in both kernels
+    got = triton_grads(td, tf, k, v, state, None, weights)
+    (_, _, args_f, kw_f), (_, _, args_b, kw_b) = launches.calls
+    assert kw_f["HAS_LIVE"] is False and kw_b["HAS_LIVE"] is False
+    assert args_f[4] is args_f[2] and args_b[4] is args_b[2]
+    assert_close_to_reference(seed, got, autograd_reference(td, tf, k, v, state, None, weights), 1e-5, "no mask")
+
+    launches.calls.clear()  # no tokens: no launch
+    o, final = wkv4(td.float(), tf.float(), k[:, :0].float(), v[:, :0].float(), None, None, impl="triton")
+    assert launches.calls == [] and o.shape == (2, 0, 40)
+
+    launches.calls.clear()  # no gradient, no mask: nothing saved, k's pointer in the mask's place
+    with torch.no_grad():
+        wkv4(td.float(), tf.float(), k.float(), v.float(), tuple(s.float() for s in state), None, impl="triton")
+    ((f, grid_f, args_f, kw_f),) = launches.calls
+    assert kw_f == {"HAS_LIVE": False, "SAVE": False, "BLOCK": 32, "num_warps": 1}
+    assert args_f[4] is args_f[2] and args_f[8].numel() == 1
+
+
+@needs_triton
+def test_the_compiled_kernels_serve_every_length():
+    """Compiled (CUDA): JIT functions of the two kernel bodies that do not specialize on T, so one compile
+    serves every sequence length; interpreted (CPU): the same two bodies."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    fwd, bwd = W4T._kernels(False)
+    assert isinstance(fwd, triton.JITFunction) and isinstance(bwd, triton.JITFunction)
+    assert fwd.fn is W4T._wkv4_fwd_kernel and bwd.fn is W4T._wkv4_bwd_kernel
+    assert [p.name for p in fwd.params if p.do_not_specialize] == ["T"]
+    assert [p.name for p in bwd.params if p.do_not_specialize] == ["T"]
+    fwd, bwd = W4T._kernels(True)
+    assert isinstance(fwd, InterpretedFunction) and isinstance(bwd, InterpretedFunction)
+    assert fwd.fn is W4T._wkv4_fwd_kernel and bwd.fn is W4T._wkv4_bwd_kernel
+
+
+@needs_triton
+def test_the_kernel_splits_the_update_maximum_at_a_tie(interpret):
+    """pp + w == k and u + k == pp exactly in float32 (w = -1/4 given as prepared), at the last token, whose
+    state the loss reads (a tie inside the sequence is invisible: only aa e^pp reaches later tokens): the
+    kernel's gradients are the float64 manual backward's, which equals autograd at ties (test above)."""
+    w = torch.tensor([-0.25])
+    u = torch.tensor([0.25])
+    k = torch.tensor([[[0.5]]])
+    v = torch.tensor([[[2.0]]])
+    state = (torch.tensor([[1.5]]), torch.tensor([[0.75]]), torch.tensor([[0.75]]))
+    leaves = [x.clone().requires_grad_(True) for x in (w, u, k, v, *state)]
+    o, final = W4T.wkv4_triton_prepared(*leaves[:4], tuple(leaves[4:]), None)
+    g_o = torch.tensor([[[1.0]]])
+    g_s = [torch.tensor([[0.5]]), torch.tensor([[-0.25]]), torch.tensor([[1.0]])]
+    loss = (o * g_o).sum() + sum((s * g).sum() for s, g in zip(final, g_s))
+    got = torch.autograd.grad(loss, leaves)
+    dw, du, dk, dv, d_state = wkv4_manual_backward(*(x.double() for x in (w, u, k, v)),
+                                                   tuple(s.double() for s in state), None, g_o.double(),
+                                                   [g.double() for g in g_s])
+    for name, g, ref in zip(("w", "u", "k", "v", "aa", "bb", "pp"), got, (dw, du, dk, dv, *d_state)):
+        assert torch.allclose(g.double(), ref, rtol=1e-6, atol=1e-7), f"d{name}: {g} vs {ref}"

@@ -15,6 +15,7 @@ the live mask): this module does not import it (it is the lower layer).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -271,8 +272,8 @@ class _WKV4Triton(torch.autograd.Function):
     def backward(ctx, d_o, d_final):
         w, u, k, v, saved, live = ctx.saved_tensors
         B, T, C = k.shape
-        d_o = torch.zeros_like(k) if d_o is None else d_o.float().contiguous()
-        d_final = k.new_zeros((3, B, C)) if d_final is None else d_final.float().contiguous()
+        # autograd materializes the gradient of an unused output as zeros: both are tensors
+        d_o, d_final = d_o.float().contiguous(), d_final.float().contiguous()
         dk, dv = torch.empty_like(k), torch.empty_like(v)
         d_state = k.new_empty((3, B, C))
         dw, du = k.new_empty(B, C), k.new_empty(B, C)
@@ -295,9 +296,7 @@ def wkv4_triton_prepared(w, u, k, v, state, live):
     if k.shape[1] == 0:
         return k.new_zeros(k.shape), tuple(stacked.unbind(0))
     mask = None if live is None else live.to(torch.uint8).contiguous()
-    if k.is_cuda:
-        with torch.cuda.device(k.device):  # Triton launches on the current device
-            o, final = _WKV4Triton.apply(w, u, k, v, stacked, mask)
-    else:
+    # Triton launches on the current device
+    with torch.cuda.device(k.device) if k.is_cuda else contextlib.nullcontext():
         o, final = _WKV4Triton.apply(w, u, k, v, stacked, mask)
     return o, tuple(final.unbind(0))
