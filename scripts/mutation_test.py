@@ -48,10 +48,12 @@ MODULES: dict[str, list[str]] = {
     "hierarchos/model/rosa.py": ["tests/test_rosa.py", "tests/test_rosa_rules.py"],
     "hierarchos/ops/wkv.py": ["tests/test_wkv.py", "tests/test_wkv_rules.py"],
     "hierarchos/ops/wkv_inputs.py": ["tests/test_wkv.py", "tests/test_wkv_rules.py"],
-    "hierarchos/ops/wkv4.py": ["tests/test_wkv4.py", "tests/test_wkv4_rules.py",  # not its CLI run (20 s, a child
+    # wkv4: not its CLI run (20 s, a child process) nor the 5 s compile test (agreement only; the op tests
+    # pin the rule); test_wkv4_triton for the dispatch to the Triton kernel (interpreted, not the GPU tests)
+    "hierarchos/ops/wkv4.py": ["tests/test_wkv4.py", "tests/test_wkv4_rules.py",
+                               "tests/test_wkv4_triton.py", "-m", "not slow and not gpu",
                                "--deselect", "tests/test_wkv4.py::test_cli_trains_a_wkv4_model_quantizes_and_chats",
                                "--deselect", "tests/test_wkv4.py::test_compiled_wkv4_blocks_compute_the_same_function"],
-                               # process) nor the 5 s compile test (agreement only; the op tests pin the rule)
     "hierarchos/ops/aligned.py": ["tests/test_aligned.py"],
     "hierarchos/ops/amp.py": ["tests/test_amp.py", "tests/test_model.py"],
     "hierarchos/quant/formats.py": ["tests/test_quant_formats.py", "tests/test_kernel.py",
@@ -71,7 +73,8 @@ MODULES: dict[str, list[str]] = {
         "tests/test_untrusted.py::test_checkpoint_optimizer_pickle_never_runs"],
     "hierarchos/lora.py": ["tests/test_lora_rules.py", "tests/test_lora.py",
                            "tests/test_crash_safety.py::test_save_adapter_crash_at_every_step_metadata_last"],
-    "hierarchos/train/trainer.py": ["tests/test_trainer_rules.py", "tests/test_numerical_faults.py", *[
+    "hierarchos/train/trainer.py": ["tests/test_trainer_rules.py", "tests/test_numerical_faults.py",
+                                    "tests/test_rosa_ahead.py", *[  # (the trainer's ROSA hints pipeline)
         f"tests/test_trainer.py::{t}" for t in (  # not test_loss_falls_and_validation_reports (5 s, pinned by the rules)
             "test_resume_equals_uninterrupted_run", "test_non_finite_loss_skips_the_step_and_keeps_weights",
             "test_deepembed_rows_no_batch_touched_stay_fixed", "test_resume_restores_best_val_and_skipped_steps",
@@ -103,6 +106,9 @@ MODULES: dict[str, list[str]] = {
     # the one-token time-mix kernel under the interpreter, and the block step and stepper around it
     "hierarchos/ops/rwkv_step_triton.py": ["tests/test_rwkv_step_triton.py", "-m", "not slow and not gpu"],
     "hierarchos/ops/threads.py": ["tests/test_step_threads.py"],
+    # the WKV-4 kernels under the interpreter, and their PyTorch reference backward
+    "hierarchos/ops/wkv4_triton.py": ["tests/test_wkv4_triton.py", "-m", "not slow and not gpu"],
+    "hierarchos/train/rosa_ahead.py": ["tests/test_rosa_ahead.py"],
 }
 
 # Triton's interpreter re-reads a kernel's source (to turn each assignment into a tensor) and runs that
@@ -110,7 +116,8 @@ MODULES: dict[str, list[str]] = {
 # no mutant would ever run (and the original fails on a module constant). This pytest plugin, loaded only
 # in the scratch copy of a Triton module, hands the interpreter the function the trampoline would call
 # (the active mutant or the original) and records the stats hit the trampoline would have recorded.
-TRITON_MODULES = ("hierarchos/ops/ce_triton.py", "hierarchos/ops/wkv_triton.py", "hierarchos/ops/rwkv_step_triton.py")
+TRITON_MODULES = ("hierarchos/ops/ce_triton.py", "hierarchos/ops/wkv_triton.py", "hierarchos/ops/rwkv_step_triton.py",
+                  "hierarchos/ops/wkv4_triton.py")
 TRITON_PLUGIN = '''"""mutmut + Triton's interpreter (written by scripts/mutation_test.py for a mutation run only)."""
 import sys
 
