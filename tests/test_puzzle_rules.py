@@ -316,3 +316,14 @@ def test_cell_predictions_are_the_argmax_answer_as_a_token():
     logits = torch.tensor([[[0.1, 0.9, 0.0], [2.0, -1.0, 1.0], [0.0, 0.0, 3.0]]])
     assert cell_predictions(logits).tolist() == [[2, 1, 3]]
     assert cell_predictions(logits, answer_offset=0).tolist() == [[1, 0, 2]]
+
+
+def test_the_default_puzzle_model_is_the_one_readme_describes():
+    """README ("Reasoning puzzles"): width 256, 2 + 2 RWKV-7 blocks of head size 64, 2 H-cycles, up to 2
+    pondering and 2 worker passes, a plan point every 4 cells, a 64-slot memory (key and value 64, top-4
+    reads, written every 16 tokens), ROSA off. The budget fields add no parameters, so only this pins them."""
+    c = default_puzzle_base()
+    assert (c.context_dim, c.h_hidden, c.l_hidden, c.h_layers, c.l_layers, c.head_size) == (256, 256, 256, 2, 2, 64)
+    assert (c.h_cycles, c.max_h_steps, c.max_l_steps, c.h_stride) == (2, 2, 2, 4)
+    assert (c.ltm_slots, c.ltm_key_dim, c.ltm_val_dim, c.ltm_topk, c.ltm_chunk) == (64, 64, 64, 4, 16)
+    assert c.use_rosa is False and c.persistent_dim == 32
