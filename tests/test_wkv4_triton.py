@@ -19,6 +19,7 @@ from hierarchos.ops import wkv4_triton as W4T
 from hierarchos.ops.wkv4 import _prepare, empty_state, wkv4, wkv4_reference
 from hierarchos.ops.wkv4_triton import triton, wkv4_manual_backward
 from test_wkv4 import fresh_seed, make_inputs
+from triton_launches import Launches
 
 NAMES = ("time_decay", "time_first", "k", "v", "aa", "bb", "pp")
 needs_triton = pytest.mark.skipif(triton is None, reason="triton does not import")
@@ -179,34 +180,12 @@ def test_compiled_kernel_on_cuda_matches_reference(monkeypatch, T):
 # ----------------------------------------------------------------------------- launch rules
 
 
-class _Launches:
-    """Stands in for `_kernels`: the interpreted kernels, each launch recorded (kernel, grid, args, keywords)."""
-
-    def __init__(self, kernels):
-        self.kernels, self.calls = kernels, []
-
-    def __call__(self, interpret):
-        assert interpret is True  # CPU tensors: the interpreter, never the compiled kernels
-        return tuple(self._spy(name, fn) for name, fn in zip(("fwd", "bwd"), self.kernels(True)))
-
-    def _spy(self, name, fn):
-        calls = self.calls
-
-        class Spy:
-            def __getitem__(self, grid):
-                def launch(*args, **kw):
-                    calls.append((name, grid, args, kw))
-                    return fn[grid](*args, **kw)
-                return launch
-        return Spy()
-
-
 @needs_triton
 def test_the_launches(interpret, monkeypatch):
     """One program per (row, 32 channels), one warp; the live mask as uint8 (k's pointer stands in when
     there is none, unread); the per-token states saved, three (B, T, C) planes, only when a gradient is
     wanted; the backward's per-row partial sums of dw and du (B, C), added over the rows."""
-    launches = _Launches(W4T._kernels)
+    launches = Launches(W4T._kernels)
     monkeypatch.setattr(W4T, "_kernels", launches)
     seed = fresh_seed()
     td, tf, k, v, state, frozen = kernel_case(seed, 2, 6, 40, 0.3, False)

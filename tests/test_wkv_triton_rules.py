@@ -21,6 +21,7 @@ from hierarchos.ops import wkv_triton
 from hierarchos.ops.wkv import wkv7_reference
 from hierarchos.ops.wkv_triton import _launch_config, triton, triton_unavailable_reason, wkv7_triton
 from test_wkv import NAMES, fresh_seed, make_inputs
+from triton_launches import Launches
 
 pytestmark = pytest.mark.skipif(triton is None, reason="triton does not import")
 TOL = 2e-5  # float32 sequential steps against float64: ~1e-7 seen
@@ -244,37 +245,13 @@ def test_no_read_outside_the_inputs(interpret, prefetch, chunk):
         close(g, g_ref, f"d{name}", seed)
 
 
-class _Launches:
-    """Stands in for `_kernels`: hands out the interpreted kernels wrapped so that every launch is recorded
-    (kernel, grid, positional arguments, keywords) before it runs."""
-
-    def __init__(self, kernels):
-        self.kernels, self.calls = kernels, []
-
-    def __call__(self, interpret):
-        assert interpret is True  # CPU tensors: the interpreter, never the compiled kernels
-        fwd, bwd = self.kernels(True)
-        return self._spy("fwd", fwd), self._spy("bwd", bwd)
-
-    def _spy(self, name, fn):
-        calls = self.calls
-
-        class Spy:
-            def __getitem__(self, grid):
-                def launch(*args, **kw):
-                    calls.append((name, grid, args, kw))
-                    return fn[grid](*args, **kw)
-                return launch
-        return Spy()
-
-
 def test_the_launch_knobs_reach_both_kernels(interpret, monkeypatch):
     """rows, num_warps, chunk and prefetch as given (or their defaults) reach the forward and backward launches,
     with one program per row block of each (b, h); the checkpoints are stored (the full B*H*n_chunks*N*N buffer)
     only when a gradient is wanted; the backward gets its scratch (one chunk of states per program) and the
     stride between the partial sums; T = 0 launches nothing. num_warps only matters compiled (the interpreter
     ignores it), so it is checked here as the launch receives it."""
-    launches = _Launches(wkv_triton._kernels)
+    launches = Launches(wkv_triton._kernels)
     monkeypatch.setattr(wkv_triton, "_kernels", launches)
     seed = fresh_seed()
     inputs, state = make_inputs(seed, B=1, T=5, H=2, N=8, dtype=torch.float32)
