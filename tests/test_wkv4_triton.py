@@ -154,7 +154,8 @@ def test_the_triton_impl_says_why_it_cannot_run(monkeypatch):
 def test_auto_picks_the_kernel_only_for_cuda_sequences(monkeypatch):
     monkeypatch.delenv("HIERARCHOS_WKV_IMPL", raising=False)
     monkeypatch.setattr(W4, "triton_unavailable_reason", lambda device=None: "")
-    assert W4.resolve_impl("auto", 8, "cuda") == "triton" and W4.resolve_impl("auto", 8, torch.device("cuda:0")) == "triton"
+    assert W4.resolve_impl("auto", 8, "cuda") == "triton"
+    assert W4.resolve_impl("auto", 8, torch.device("cuda:0")) == "triton"
     assert W4.resolve_impl("auto", 8, "cpu") == "chunked" and W4.resolve_impl("auto", 8) == "chunked"
     assert W4.resolve_impl("auto", 1, "cuda") == "step"  # one token: the step, not a kernel launch
     assert W4.resolve_impl("auto", 8, "cuda", float64=True) == "chunked"  # the kernel computes in float32

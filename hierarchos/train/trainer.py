@@ -26,9 +26,9 @@ from ..errors import HierarchosError
 from ..model.losses import LossWeights, lm_loss
 from .batches import TokenStreams
 from .rosa_ahead import WindowHints
+from .schedule import build_optimizer, lr_at, skip_step_unless
 
 HINTS_AHEAD = 2  # windows whose ROSA hints are computed ahead of the one training
-from .schedule import build_optimizer, lr_at, skip_step_unless
 
 
 @dataclass
@@ -269,8 +269,8 @@ class Trainer:
             x, y = host_x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             hints = None
             if self.hints is not None:
-                upcoming = [divmod(m, self.steps_per_epoch)  # in flight on the worker thread from now
-                            for m in range(self.micro_step + 1, min(self.micro_step + 1 + HINTS_AHEAD, total_micro))]
+                ahead = range(self.micro_step + 1, min(self.micro_step + 1 + HINTS_AHEAD, total_micro))
+                upcoming = [divmod(m, self.steps_per_epoch) for m in ahead]  # in flight on the worker from now
                 hints = self.hints.get(epoch, index, upcoming)
             nll, ntok, parts, finite = self._window_loss(x, y, hints)
             self.micro_step += 1
