@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .amp import autocast_off
+from .wkv_inputs import compute_dtype
 from .wkv4_triton import triton_unavailable_reason, wkv4_triton_prepared
 
 EMPTY_PP = -1e38    # the original's initial pp: exp(EMPTY_PP - anything finite) == 0, and it fits float32
@@ -45,7 +46,7 @@ def _prepare(time_decay, time_first, k, v, state, frozen):
     if time_decay.shape != (C,) or time_first.shape != (C,):
         raise ValueError(f"wkv4: time_decay and time_first must be ({C},), got "
                          f"{tuple(time_decay.shape)}, {tuple(time_first.shape)}")
-    dtype = torch.float64 if torch.float64 in (k.dtype, v.dtype, time_decay.dtype, time_first.dtype) else torch.float32
+    dtype = compute_dtype(k, v, time_decay, time_first)
     w = -torch.exp(time_decay.to(dtype))
     u, k, v = time_first.to(dtype), k.to(dtype), v.to(dtype)
     if state is None:
@@ -197,7 +198,7 @@ def resolve_impl(impl: str, T: int, device: torch.device | str | None = None, fl
 
 def wkv4(time_decay, time_first, k, v, state=None, frozen=None, impl="auto", chunk_size=16):
     """Run WKV-4 with the chosen implementation; k, v (B, T, C), state (aa, bb, pp) or None."""
-    float64 = torch.float64 in (time_decay.dtype, time_first.dtype, k.dtype, v.dtype)
+    float64 = compute_dtype(time_decay, time_first, k, v) == torch.float64
     name = resolve_impl(impl, k.shape[1], k.device, float64)
     with autocast_off(k.device.type):  # exp and the running sums stay float32 under autocast
         if name == "triton":

@@ -1,6 +1,7 @@
 """Input checks shared by the WKV-7 paths (`wkv.py`, `wkv_triton.py`): one (B, T, H, N) shape for the
-six inputs, the compute dtype (float64 when any input is float64, else float32) and the initial
-state (zeros when None). The lowest layer of the WKV ops: it imports neither of them."""
+six inputs, the compute dtype (float64 when any input is float64, else float32; WKV-4's `wkv4.py` uses
+the same rule) and the initial state (zeros when None). The lowest layer of the WKV ops: it imports
+none of them."""
 
 from __future__ import annotations
 
