@@ -32,7 +32,9 @@ forward over the first prompt, best of 3: the floor of time to first token) and,
 where its time to first token goes (prefill, setup, first_sample; a second call synchronised per phase).
 --compile-step MODE...: one set of generate_batch rows per mode (off: the eager step; step: the whole
 step through torch.compile; blocks: each RWKV block compiled; fused: each block's one-token time mix as
-one Triton kernel, CUDA or TRITON_INTERPRET=1; blocks+fused, step+fused: both), inside the CUDA graph with --cuda-graph;
+one Triton kernel, CUDA or TRITON_INTERPRET=1; blocks+fused, step+fused: both; off+full, fused+full: off and fused
+with every token on the full body, as before the stepper left the pondering passes out off the plan points),
+inside the CUDA graph with --cuda-graph;
 compile seconds are part of the warm-up, shown apart. The JSON is rewritten after every row.
 
     PYTHONPATH=. python bench/bench_generate.py --device cuda --size 125m --contexts 1024 --new-tokens 128 \
@@ -49,6 +51,7 @@ hierarchos path gets its ratio against GPT-2's faster dtype.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -217,11 +220,12 @@ def bytes_per_token(model, device) -> dict:
 
 # off: the eager step; step / blocks: torch.compile of the whole step / of each RWKV block; fused: the
 # blocks' one-token time mix as one Triton kernel (hierarchos.ops.rwkv_step_triton), alone or compiled around
-COMPILE_MODES = ("off", "step", "blocks", "fused", "blocks+fused", "step+fused")
+COMPILE_MODES = ("off", "step", "blocks", "fused", "blocks+fused", "step+fused", "off+full", "fused+full")
 
 
 def step_options(mode: str) -> dict:
-    """generate_batch's compile_step / fused_step for a --compile-step mode."""
+    """generate_batch's compile_step / fused_step for a --compile-step mode ("+full" is not an option of
+    generate_batch: see `full_body_only`)."""
     parts = mode.split("+")
     compiled = [p for p in parts if p in ("step", "blocks")]
     return {"compile_step": compiled[0] if compiled else False, "fused_step": "fused" in parts}
@@ -284,34 +288,61 @@ def batched_generation(model, args, device, rows: list, on_row=lambda: None) -> 
     return rows
 
 
-def kernels_per_token(stepper, device) -> int | None:
+def kernels_per_token(stepper, device) -> dict | None:
     """The kernels, copies and fills one token launches (what a graph replay holds), counted by the
-    profiler over one step run outside the stepper's graph (its compiled calls as they are: the same
-    stepper, so nothing recompiles). CUDA only; None where the profiler cannot count."""
+    profiler over one step of each of the stepper's bodies run outside its graphs (its compiled calls as
+    they are: the same stepper, so nothing recompiles): {"plan": a token where a row reaches a plan point,
+    "other": the other tokens' body (h_stride > 1), "mean": over h_stride tokens}. CUDA only; None where
+    the profiler cannot count."""
     if device.type != "cuda":
         return None
     from torch.profiler import ProfilerActivity, profile
 
-    graph, stepper.graph = stepper.graph, None
+    counts = {}
     try:
-        stepper.advance()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            stepper.advance()
+        for plan_rows in stepper._bodies():
+            stepper._body(plan_rows)
             torch.cuda.synchronize()
-        count = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
-        if not count:  # some versions keep device events only in kineto's results
-            count = sum(1 for e in prof.profiler.kineto_results.events()
-                        if e.device_type() == torch.autograd.DeviceType.CUDA)
-        return count or None
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                stepper._body(plan_rows)
+                torch.cuda.synchronize()
+            count = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+            if not count:  # some versions keep device events only in kineto's results
+                count = sum(1 for e in prof.profiler.kineto_results.events()
+                            if e.device_type() == torch.autograd.DeviceType.CUDA)
+            if not count:
+                return None
+            counts["plan" if plan_rows else "other"] = count
     except Exception as exc:  # no CUPTI here: the rows go on without the count
         print(f"kernel count unavailable: {type(exc).__name__}: {exc}", flush=True)
         return None
+    s = stepper.stride
+    counts["mean"] = (counts["plan"] + (s - 1) * counts.get("other", counts["plan"])) / s
+    return counts
+
+
+@contextlib.contextmanager
+def full_body_only(on: bool):
+    """A "+full" mode: every token runs the stepper's full body (the pondering passes of the plan points
+    included, masked off them), as before the step split plan-point tokens from the others: the A/B of
+    that split in one run."""
+    from hierarchos.generate import GraphedStepper
+
+    saved = GraphedStepper._bodies, GraphedStepper._plan_rows
+    if on:
+        GraphedStepper._bodies, GraphedStepper._plan_rows = (lambda self: (True,)), (lambda self: True)
+    try:
+        yield
     finally:
-        stepper.graph = graph
+        GraphedStepper._bodies, GraphedStepper._plan_rows = saved
 
 
 def mode_rows(model, mode: str, prompts, cfg, args, device, rows: list, reference: dict, on_row) -> None:
+    with full_body_only(mode.endswith("+full")):
+        _mode_rows(model, mode, prompts, cfg, args, device, rows, reference, on_row)
+
+
+def _mode_rows(model, mode: str, prompts, cfg, args, device, rows: list, reference: dict, on_row) -> None:
     """The generate_batch rows of one --compile-step mode (B and, when B > 1, 1)."""
     from hierarchos.generate import SamplingConfig, generate_batch
 
@@ -354,7 +385,7 @@ def mode_rows(model, mode: str, prompts, cfg, args, device, rows: list, referenc
               f"{rows[-1]['decode_tokens_per_s']:8.1f} tok/s (all rows) | warm-up {warmup_s[B]:.1f} s"
               + (f" (compile {compile_s[B]:.1f} s)" if compile_s.get(B) else "")
               + f" | tokens as {first[0]}: {agree} of {[len(t) for t in result.tokens]}"
-              + (f" | {kernels[B]} kernels+copies per token" if kernels.get(B) else ""), flush=True)
+              + (f" | kernels+copies per token {kernels[B]}" if kernels.get(B) else ""), flush=True)
         on_row()
 
 
@@ -490,7 +521,8 @@ def main() -> None:
     ap.add_argument("--compile-step", nargs="+", choices=COMPILE_MODES, default=["off"], metavar="MODE",
                     help="--batch: one generate_batch row per mode: off (eager step), step (torch.compile of the "
                          "whole step), blocks (of each RWKV block), fused (the one-token time mix as one Triton "
-                         "kernel), blocks+fused, step+fused; compile time is part of the warm-up, shown apart")
+                         "kernel), blocks+fused, step+fused; off+full, fused+full: every token on the full body; "
+                         "compile time is part of the warm-up, shown apart")
     ap.add_argument("--budget-s", type=float, default=0.0,
                     help="--batch: start no further --compile-step mode after this many seconds of the run "
                          "(skipped modes get a row saying so); 0: no limit")

@@ -30,6 +30,7 @@ tests/test_rwkv_step_triton.py hold them equal).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 from dataclasses import dataclass
@@ -345,6 +346,12 @@ def _require_fixed_size(model) -> None:
                               "cache every token: use --no-cuda-graph or a windowed attention model")
 
 
+def _host_positions(row_pos: torch.Tensor) -> list[int] | None:
+    """The rows' positions as host ints (read once, when a generation starts); None on the meta device
+    (no values: every token then runs the full body)."""
+    return None if row_pos.is_meta else [int(p) for p in row_pos.tolist()]
+
+
 class GraphedStepper:
     """The generation step on static buffers: one body = the sync-free model step on the fed token,
     the state copied back into its buffers, the token added to the row's history, the next token
@@ -358,7 +365,12 @@ class GraphedStepper:
     function; "blocks": each RWKV block inside it compiled, `_CompiledBlocks`) it runs compiled, compiled
     on the first call (during the warm-up when capturing; `compile_seconds` says how long).
     `fused_step`: each RWKV-7 block's one-token time mix after its matmuls runs as one Triton kernel
-    (`hierarchos.ops.rwkv_step_triton`; CUDA, float32), with or without compiling."""
+    (`hierarchos.ops.rwkv_step_triton`; CUDA, float32), with or without compiling.
+    Two bodies where h_stride > 1: a token at which some row reaches a plan point runs the full step,
+    every other token the step without its pondering passes (`plan_rows=False`: in the full step they
+    would write nothing for those rows). The host knows every row's position without reading the
+    device, so it picks the body (and, captured, its graph) per token: of a default-config token's 24
+    stack passes, 10 are pondering ones, and 3 tokens in 4 (h_stride 4) need none of them."""
 
     def __init__(self, model, state, row_pos: torch.Tensor, logits: torch.Tensor, seen: torch.Tensor,
                  seeds: torch.Tensor, cfg: SamplingConfig, caps: dict, *, capture: bool = False, warmup: int = 2,
@@ -393,6 +405,9 @@ class GraphedStepper:
                                       "generate without it")
             self._advance_fn = _WithFusedStep(self._advance_fn)
         self.compile_seconds: float | None = None
+        self._compiled: set = set()  # the bodies (plan_rows True / False) compiled so far
+        self.stride = model.cfg.h_stride
+        self.host_pos = _host_positions(row_pos)  # each row's position, kept on the host
         self.pos = row_pos.clone()
         self.seen = seen.clone()
         self.seeds = seeds.clone()
@@ -401,10 +416,12 @@ class GraphedStepper:
         self.token = self._sample(logits)                          # the first token, eagerly
         self.hints = torch.zeros(B, dtype=torch.long, device=device)
         self.totals: dict = {}
-        self.graph = None
+        self.graphs: dict = {}  # plan_rows -> captured graph
         self.replays = self.loads = 0
         if capture:
             self._capture(warmup)
+        elif self.compile_step:
+            self._warm(1)  # every body compiled now, not at the token that first needs it
 
     def load(self, state, row_pos: torch.Tensor, logits: torch.Tensor, seen: torch.Tensor,
              seeds: torch.Tensor) -> None:
@@ -414,6 +431,7 @@ class GraphedStepper:
             buffer.copy_(value)
         self.state.rosa, self.state.pos = state.rosa, state.pos
         self.pos.copy_(row_pos)
+        self.host_pos = _host_positions(row_pos)
         self.seen.copy_(seen)
         self.seeds.copy_(seeds)
         self.counter.zero_()
@@ -430,14 +448,15 @@ class GraphedStepper:
         noise = row_noise(seeds, counter, logits.shape[-1]) if self.cfg.temperature > 0 else None
         return sample_rows(logits, seen, self.cfg, noise)
 
-    def _advance(self, token, leaves, pos, counter, seen, seeds, hints) -> dict:
+    def _advance(self, token, leaves, pos, counter, seen, seeds, hints, plan_rows=True) -> dict:
         """The step on the buffers passed in, in place: the sync-free model step on `token`, the new state
         copied into `leaves`, positions and counters advanced, the token added to `seen`, the next token
         sampled into `token`. Returns the step's aux totals (name -> (total, count)). A pure function of
-        its arguments and the model (what `compile_step` compiles)."""
+        its arguments and the model (what `compile_step` compiles; `plan_rows` is a constant of each
+        compiled variant)."""
         tree = _fill(self._layout, leaves)
         state = HierarchosState(pos=0, memory=tree["memory"], rounds=tree["rounds"], rosa=None)
-        out = self.model.step_sync_free(token, state, pos, hints, **self.caps)
+        out = self.model.step_sync_free(token, state, pos, hints, plan_rows=plan_rows, **self.caps)
         for buffer, new in zip(leaves, (t for _, t in out.state.tensors())):
             buffer.copy_(new)
         pos.add_(1)
@@ -446,17 +465,26 @@ class GraphedStepper:
         token.copy_(self._sample(out.logits, seen, seeds, counter))
         return out.totals
 
-    def _body(self) -> None:
+    def _bodies(self) -> tuple:
+        """The plan_rows values this stepper's tokens can need (one when every token is a plan point)."""
+        return (True, False) if self.stride > 1 else (True,)
+
+    def _plan_rows(self) -> bool:
+        """Whether some row's next fed token is at a plan point (from the host's positions)."""
+        return self.stride == 1 or self.host_pos is None or any((p + 1) % self.stride == 0 for p in self.host_pos)
+
+    def _body(self, plan_rows: bool = True) -> None:
         hints = self.hints if self.model.cfg.use_rosa else None
-        args = (self.token, self.leaves, self.pos, self.counter, self.seen, self.seeds, hints)
-        if self.compile_step and self.compile_seconds is None:  # the first call compiles: timed apart
+        args = (self.token, self.leaves, self.pos, self.counter, self.seen, self.seeds, hints, plan_rows)
+        if self.compile_step and plan_rows not in self._compiled:  # a variant's first call compiles: timed apart
             if self.pos.is_cuda:
                 torch.cuda.synchronize(self.pos.device)
             start = time.perf_counter()
             totals = self._advance_fn(*args)
             if self.pos.is_cuda:
                 torch.cuda.synchronize(self.pos.device)
-            self.compile_seconds = time.perf_counter() - start
+            self._compiled.add(plan_rows)
+            self.compile_seconds = (self.compile_seconds or 0.0) + time.perf_counter() - start
         else:
             totals = self._advance_fn(*args)
         for name, (total, count) in totals.items():
@@ -467,33 +495,47 @@ class GraphedStepper:
             acc_total.add_(total)  # a device tensor or a Python number (a kernel argument: no copy to capture)
             acc_count.add_(count)
 
-    def _capture(self, warmup: int) -> None:
-        """Warm-up on a side stream (allocator and lazy inits) on copies of the buffers, then capture."""
+    def _warm(self, warmup: int) -> None:
+        """Run every body `warmup` times on the buffers, then put the buffers back as they were: lazy
+        inits, the allocator and (compile_step) each body's compilation happen here, not at a later
+        token. On CUDA on a side stream, as capture wants."""
         saved = [t.clone() for t in (*self.leaves, self.pos, self.counter, self.seen, self.token)]
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
+        side = torch.cuda.Stream() if self.pos.is_cuda else None
+        if side is not None:
+            side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
             for _ in range(warmup):
-                self._body()
-        torch.cuda.current_stream().wait_stream(stream)
+                for plan_rows in self._bodies():
+                    self._body(plan_rows)
+        if side is not None:
+            torch.cuda.current_stream().wait_stream(side)
         for buffer, value in zip((*self.leaves, self.pos, self.counter, self.seen, self.token), saved):
             buffer.copy_(value)
         for total, count in self.totals.values():
             total.zero_(), count.zero_()
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self._body()
-        # capturing recorded the body without running it: the buffers still hold the start
+
+    def _capture(self, warmup: int) -> None:
+        """Warm-up (`_warm`), then capture each body as its own graph."""
+        self._warm(warmup)
+        for plan_rows in self._bodies():
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._body(plan_rows)
+            self.graphs[plan_rows] = graph
+        # capturing recorded the bodies without running them: the buffers still hold the start
 
     def advance(self, hints: list[int] | None = None) -> torch.Tensor:
         """Feed the current tokens (their ROSA hints from the host) and sample the next; returns the
         token buffer (B,), read it before the next call."""
         if hints is not None:
             self.hints.copy_(torch.tensor(hints, dtype=torch.long), non_blocking=True)
-        if self.graph is not None:
-            self.graph.replay()
+        plan_rows = self._plan_rows()
+        if plan_rows in self.graphs:
+            self.graphs[plan_rows].replay()
         else:
-            self._body()
+            self._body(plan_rows)
+        if self.host_pos is not None:
+            self.host_pos = [p + 1 for p in self.host_pos]
         self.replays += 1
         return self.token
 

@@ -4,7 +4,8 @@ what a CUDA graph captures, checked on the CPU.
 1. It computes what `step` computes: logits, aux totals and the state bit for bit in float64, on
    random configs with every feature on (early exit that really splits, ROSA, DeepEmbed, memory
    writes, Q halting, attention and WKV-4 stacks), because masked work (frozen rows, rows off a plan
-   point) leaves exactly the values that skipped work leaves.
+   point) leaves exactly the values that skipped work leaves; leaving the pondering passes out where
+   no row is at a plan point (`plan_rows=False`, what GraphedStepper does for those tokens) too.
 2. Rows at different positions step together as each would alone.
 3. It performs no host synchronisation: under a dispatch mode that raises on every op that reads a
    tensor on the host (`_local_scalar_dense`, `nonzero`, boolean indexing, ...) and on the meta device
@@ -68,11 +69,17 @@ def tokens_for(seed, batch, length):
 
 
 def run(model, tokens, sync_free, **caps):
-    """Step through `tokens` (B, T) from a fresh state: (logits (B, T, V), state, summed totals)."""
+    """Step through `tokens` (B, T) from a fresh state: (logits (B, T, V), state, summed totals).
+    sync_free: False (`step`), True (`step_sync_free`) or "split" (`step_sync_free` with plan_rows=False
+    off the plan points, as GraphedStepper runs it)."""
     B, T = tokens.shape
     state, logits, totals = model.init_state(B), [], {}
     for t in range(T):
-        if sync_free:
+        if sync_free == "split":  # the pondering passes left out where the host knows they write nothing
+            plan_rows = (t + 1) % model.cfg.h_stride == 0
+            out = model.step_sync_free(tokens[:, t], state, torch.full((B,), t, dtype=torch.long),
+                                       plan_rows=plan_rows, **caps)
+        elif sync_free:
             out = model.step_sync_free(tokens[:, t], state, torch.full((B,), t, dtype=torch.long), **caps)
         else:
             out = model.step(tokens[:, t], state, **caps)
@@ -105,6 +112,39 @@ def test_sync_free_step_equals_step_bit_for_bit(name):
     tokens = tokens_for(seed, 2, 10)
     with torch.no_grad():
         assert_same_run(run(model, tokens, False), run(model, tokens, True), f"seed={seed} {name}")
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_leaving_out_the_pondering_off_plan_points_changes_nothing(name):
+    """plan_rows=False at tokens where no row is at a plan point: the same logits, state and totals,
+    bit for bit, as the full sync-free step and as `step`."""
+    seed = fresh_seed()
+    model = build(seed, **CONFIGS[name])
+    tokens = tokens_for(seed, 2, 10)
+    with torch.no_grad():
+        split = run(model, tokens, "split")
+        assert_same_run(run(model, tokens, True), split, f"seed={seed} {name} full vs split")
+        assert_same_run(run(model, tokens, False), split, f"seed={seed} {name} step vs split")
+
+
+def test_plan_rows_false_leaves_the_pondering_passes_out():
+    """The split is real: off a plan point the manager runs its watch pass only (per round), at a
+    plan point the watch pass and every pondering pass; the full sync-free step runs them all."""
+    model = build(0, h_cycles=2, max_h_steps=3, max_l_steps=1, h_stride=4)
+    calls = []
+    model.reasoner.manager.register_forward_hook(lambda *args: calls.append(1))
+    state = model.init_state(1)
+    token = torch.tensor([1])
+
+    def manager_calls(pos, **kw):
+        calls.clear()
+        with torch.no_grad():
+            model.step_sync_free(token, state, torch.tensor([pos]), **kw)
+        return len(calls)
+
+    assert manager_calls(0) == 2 * (1 + 3)
+    assert manager_calls(0, plan_rows=False) == 2 * 1
+    assert manager_calls(3, plan_rows=True) == 2 * (1 + 3)
 
 
 @pytest.mark.parametrize("caps", [dict(h_cycles=1, max_h_steps=1, max_l_steps=0), dict(h_halt_thresh=1.0),
@@ -381,4 +421,4 @@ def test_cuda_graph_generation_equals_eager(temperature):
                 stepper.advance()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-        assert int(stepper.pos[0]) == 10 and stepper.graph is not None
+        assert int(stepper.pos[0]) == 10 and set(stepper.graphs) == set(stepper._bodies())

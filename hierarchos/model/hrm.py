@@ -97,7 +97,7 @@ class HierarchicalReasoner(nn.Module):
     # ---- forward ------------------------------------------------------------------------
     def forward(self, u, tokens, rounds: list[dict], pos0: int, *, h_cycles=None, max_h_steps=None,
                 max_l_steps=None, h_halt_thresh=None, q_halt: list | None = None,
-                row_pos: torch.Tensor | None = None):
+                row_pos: torch.Tensor | None = None, plan_rows: bool = True):
         """u: (B, T, d) encoded inputs at global positions pos0..; returns (y, new rounds, totals).
 
         With `halting="q"`, each round appends to `q_halt` (when given) the pair (halt logit of the
@@ -106,7 +106,10 @@ class HierarchicalReasoner(nn.Module):
 
         `row_pos` (B,) int64 selects the sync-free step: T = 1, row b at global position row_pos[b]
         (`pos0` is then unused); no host reads, every pass runs (see module doc). Its totals' counts
-        are tensors (the plan rows are counted on the device)."""
+        are tensors (the plan rows are counted on the device). `plan_rows=False` tells the sync-free
+        step that no row is at a plan point ((row_pos + 1) % h_stride != 0 in every row, which the
+        caller knows without reading the device): its pondering passes, which would write nothing,
+        are left out, so a captured step for such tokens holds fewer passes; the same values."""
         cfg = self.cfg
         n_cycles = min(h_cycles or cfg.h_cycles, cfg.h_cycles)
         n_ponder = min(max_h_steps or cfg.max_h_steps, cfg.max_h_steps)
@@ -122,12 +125,12 @@ class HierarchicalReasoner(nn.Module):
                 if r > 0:  # worker output of the previous round at t-1
                     feedback = torch.cat([rounds[r - 1]["last_out"][:, None], y_prev_round[:, :-1]], dim=1)
                 y, new_rounds[r] = self._round(u, tokens, rounds[r], feedback, pos0, n_ponder, n_explore,
-                                               thresh, totals, q_halt=q_halt, row_pos=row_pos)
+                                               thresh, totals, q_halt=q_halt, row_pos=row_pos, plan_rows=plan_rows)
             y_prev_round = y
         return y_prev_round, new_rounds, totals
 
     def _round(self, u, tokens, rs, feedback, pos0, n_ponder, n_explore, thresh, totals, q_halt=None,
-               row_pos=None):
+               row_pos=None, plan_rows=True):
         cfg = self.cfg
         B, T, _ = u.shape
         new = dict(rs)
@@ -141,7 +144,8 @@ class HierarchicalReasoner(nn.Module):
         watch_out, new["watch"] = self.manager(h_in, tokens, rs["watch"])
 
         if sync_free:  # 2. and 3. with per-row plan points, decided on the device
-            context = self._plan_step(u, watch_out, tokens, rs, new, row_pos, n_ponder, thresh, grad_on, totals)
+            context = self._plan_step(u, watch_out, tokens, rs, new, row_pos, n_ponder, thresh, grad_on, totals,
+                                      plan_rows)
         else:
             context = self._plan(u, watch_out, tokens, rs, new, pos0, n_ponder, thresh, grad_on, totals, q_halt)
 
@@ -204,28 +208,39 @@ class HierarchicalReasoner(nn.Module):
             q_halt.append((halt_logit[:, (n_in_call - 1).clamp(min=0)], n_in_call >= 1))
         return context
 
-    def _plan_step(self, u, watch_out, tokens, rs, new, row_pos, n_ponder, thresh, grad_on, totals):
+    def _plan_step(self, u, watch_out, tokens, rs, new, row_pos, n_ponder, thresh, grad_on, totals,
+                   plan_rows=True):
         """Sections 2 and 3 for one token per row at positions row_pos (B,), without host reads: every
         row ponders; a row that is not a plan point starts halted (frozen from pass 0, so it writes
-        nothing and weighs nothing) and keeps its two latest plans. Returns the context (B, 1, d)."""
+        nothing and weighs nothing) and keeps its two latest plans. With `plan_rows=False` (no row is
+        at a plan point) the pondering passes are left out: the shadow states stay as they are, as
+        the fully halted passes would leave them, and the totals get the same names with nothing
+        added. Returns the context (B, 1, d)."""
         s = self.cfg.h_stride
-        is_plan = torch.remainder(row_pos + 1, s) == 0                      # (B,)
-        not_plan = ~is_plan[:, None]                                         # (B, 1): halted from the start
-        count = is_plan.sum().to(torch.float32)                              # plan points, on the device
-        if self.cfg.halting == "q":
-            plan, new["ponder"], _ = self._ponder_q(watch_out, tokens, rs["ponder"], n_ponder, grad_on, totals,
-                                                    halted=not_plan, count=count)
+        plan = None
+        if not plan_rows:
+            nothing = u.new_zeros((), dtype=torch.float32)
+            for name in ("q_continue", "manager_steps") if self.cfg.halting == "q" else ("ponder", "manager_steps"):
+                _add(totals, name, nothing, nothing)
         else:
-            plan, new["ponder"] = self._ponder(watch_out, tokens, rs["ponder"], n_ponder, thresh, grad_on, totals,
-                                               halted=not_plan, count=count)
+            is_plan = torch.remainder(row_pos + 1, s) == 0                      # (B,)
+            not_plan = ~is_plan[:, None]                                         # (B, 1): halted from the start
+            count = is_plan.sum().to(torch.float32)                              # plan points, on the device
+            if self.cfg.halting == "q":
+                plan, new["ponder"], _ = self._ponder_q(watch_out, tokens, rs["ponder"], n_ponder, grad_on, totals,
+                                                        halted=not_plan, count=count)
+            else:
+                plan, new["ponder"] = self._ponder(watch_out, tokens, rs["ponder"], n_ponder, thresh, grad_on,
+                                                   totals, halted=not_plan, count=count)
         # the LERP of section 3 for T = 1 (n_in_call = 0): plan_prev + alpha (plan_last - plan_prev)
         before = torch.div(row_pos, s, rounding_mode="floor")
         alpha = ((row_pos - (before * s - 1)).to(u.dtype) / s)[:, None]          # (B, 1)
         plan_prev, plan_last = rs["plan_prev"], rs["plan_last"]
         context = plan_prev + alpha * (plan_last - plan_prev)
-        keep = is_plan[:, None]
-        new["plan_prev"] = torch.where(keep, plan_last, plan_prev)
-        new["plan_last"] = torch.where(keep, plan[:, 0].to(plan_last.dtype), plan_last)
+        if plan is not None:
+            keep = is_plan[:, None]
+            new["plan_prev"] = torch.where(keep, plan_last, plan_prev)
+            new["plan_last"] = torch.where(keep, plan[:, 0].to(plan_last.dtype), plan_last)
         return context[:, None]
 
     def _ponder_pass(self, p, injected, refinement, plan_tokens, state, halted, n_ponder, grad_on, masked=False):
