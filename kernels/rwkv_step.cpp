@@ -18,6 +18,7 @@
 //   r, k, v, g = W_r x_0, W_k x_2, W_v x_3, sigmoid(W_g x_5) (or x070's sigmoid(x_5 G1) G2)
 //   v += (v_first - v) sigmoid(vr_base + x_3 V1 V2)       (value residual, blocks after the first)
 //   log_w = -exp(-softplus(-(decay_base + tanh(x_1 D1) D2)) - 0.5); iclr = sigmoid(iclr_base + x_4 A1 A2)
+//   (the exponentials by exp_fast, relative error < 2e-7; the decay as -exp(-0.5) sigmoid(.), the same value)
 //   kappa = normalize_head(k removal_scale); k' = k (1 + (iclr - 1) key_iclr_mix); b = kappa iclr
 //   f: log_w = k' = b = 0;  per head: u = S (-kappa); S' = S exp(log_w) + u b^T + v k'^T; o = S' r
 //   x += W_o ((head_norm(o) + (r k' bonus)_head v) g)
@@ -30,6 +31,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <deque>
 #include <mutex>
 #include <string>
@@ -272,9 +274,46 @@ void run_vecmats(const std::vector<VecMat> &jobs, int64_t rows, int64_t cols = k
     parallel_tasks(tasks.size(), [&](int64_t task) { tasks.run(task, rows); });
 }
 
-float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
+// exp(x) without a library call, so that loops over it vectorise (the step's ~12k exponentials a
+// pass through libm's scalar expf were ~7% of its time, mostly one serial SwiGLU loop): 2^n e^r with
+// n = round(x / ln 2), r = x - n ln 2 in two parts (Cody-Waite), e^r by its degree-7 Taylor-like
+// minimax polynomial on [-ln2/2, ln2/2] (Cephes' expf coefficients), 2^n through the exponent bits.
+// Relative error < 2e-7 against the exact value for x in [-87, 88]; x is clamped there (below, the
+// result is ~1e-38 instead of smaller: every use adds it to 1 or multiplies a decay in (0, 1]).
+inline float exp_fast(float x) {
+    x = std::min(std::max(x, -87.0f), 88.0f);
+    // round to nearest by the 1.5 * 2^23 trick: std::floor would not vectorise (GCC inlines it only
+    // without -ftrapping-math)
+    const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * (r * r) + r + 1.0f;
+    const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+    float scale;
+    std::memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
 
-float softplus(float x) { return x > 20.0f ? x : std::log1p(std::exp(x)); }  // torch's threshold 20
+inline float sigmoid(float x) { return 1.0f / (1.0f + exp_fast(-x)); }
+
+// The decay's log: -exp(-softplus(-z) - 0.5) = -exp(-0.5) sigmoid(z), since exp(-softplus(-z)) =
+// 1 / (1 + e^-z); one exponential instead of exp, log1p and exp (the Python step keeps the first form).
+constexpr float kExpMinusHalf = 0.60653065971263342f;
+inline float decay_log(float z) { return -kExpMinusHalf * sigmoid(z); }
+
+// out[i] = silu(g[i]) * u[i] (* gate[i]): the SwiGLU hidden units, vectorised.
+HK_CLONES void swiglu(const float *g, const float *u, const float *gate, int64_t n, float *out) {
+    if (gate) {
+        for (int64_t i = 0; i < n; ++i) out[i] = ((g[i] * sigmoid(g[i])) * u[i]) * gate[i];
+    } else {
+        for (int64_t i = 0; i < n; ++i) out[i] = (g[i] * sigmoid(g[i])) * u[i];
+    }
+}
 
 // Layer norm over n channels (biased variance, eps inside the root), as torch.layer_norm.
 void layer_norm(const float *x, const float *w, const float *b, float eps, int64_t n, float *y) {
@@ -311,7 +350,7 @@ HK_CLONES void wkv_head(const float *S0, float *S, int64_t N, const float *r, co
         const float ic = iclr[j];
         kmod[j] = frozen ? 0.0f : k[j] * (1.0f + (ic - 1.0f) * L.key_iclr_mix[c0 + j]);
         bb[j] = frozen ? 0.0f : kappa[j] * ic;
-        decay[j] = frozen ? 1.0f : std::exp(log_w[j]);
+        decay[j] = frozen ? 1.0f : exp_fast(log_w[j]);
         kappa[j] = -kappa[j];  // the removal key enters as a = -kappa
     }
     // One pass over the state: row i's removal term u_i reads only row i of S0, so each row is
@@ -329,6 +368,23 @@ HK_CLONES void wkv_head(const float *S0, float *S, int64_t N, const float *r, co
     for (int64_t j = 0; j < N; ++j) bonus += r[j] * kmod[j] * L.bonus[c0 + j];
     for (int64_t i = 0; i < N; ++i)
         out[i] = ((o[i] * L.norm_w[c0 + i] + L.norm_b[c0 + i]) + bonus * v[i]) * g[i];
+}
+
+// One (row, head)'s channels [c0, c0 + n) after their up products: the decay's log, the in-context
+// rate, the full gate's sigmoid, the value residual's lerp (and the first layer's value kept), in
+// separate loops so that each vectorises.
+HK_CLONES void head_gates(const Layer &L, int64_t c0, int64_t n, float *log_w, float *iclr, float *g, float *v,
+                          float *vfirst, const float *vr) {
+    const float *decay_base = L.decay_base + c0, *iclr_base = L.iclr_base + c0;
+    for (int64_t j = 0; j < n; ++j) log_w[j] = decay_log(decay_base[j] + log_w[j]);
+    for (int64_t j = 0; j < n; ++j) iclr[j] = sigmoid(iclr_base[j] + iclr[j]);
+    if (L.gate_full)
+        for (int64_t j = 0; j < n; ++j) g[j] = sigmoid(g[j]);
+    if (L.value_residual) {
+        const float *vr_base = L.vr_base + c0;
+        for (int64_t j = 0; j < n; ++j) v[j] = v[j] + (vfirst[j] - v[j]) * sigmoid(vr_base[j] + vr[j]);
+    }
+    if (L.value_first) std::copy(v, v + n, vfirst);
 }
 
 MatmulJob job(const QMat &m, const float *x, int64_t n, float *out) { return {m.t, m.data, m.rows, m.cols, x, n, out}; }
@@ -573,14 +629,8 @@ private:
                 vecmat_cols(low3_.data() + b * L.gate_rank, L.gate_rank, L.gate_up, L.gate_rank, C, g_.data() + b * C, C, 1, c0, c1);
             if (L.value_residual)
                 vecmat_cols(low4_.data() + b * L.vr_rank, L.vr_rank, L.vr_up, L.vr_rank, C, tmp_.data() + b * C, C, 1, c0, c1);
-            for (int64_t c = c0; c < c1; ++c) {
-                const int64_t i = b * C + c;
-                log_w_[i] = -std::exp(-softplus(-(L.decay_base[c] + log_w_[i])) - 0.5f);
-                iclr_[i] = sigmoid(L.iclr_base[c] + iclr_[i]);
-                if (L.gate_full) g_[i] = sigmoid(g_[i]);
-                if (L.value_residual) v_[i] = v_[i] + (vfirst_[i] - v_[i]) * sigmoid(L.vr_base[c] + tmp_[i]);
-                if (L.value_first) vfirst_[i] = v_[i];
-            }
+            head_gates(L, c0, N, log_w_.data() + off, iclr_.data() + off, g_.data() + off, v_.data() + off,
+                       vfirst_.data() + off, tmp_.data() + off);
             wkv_head(wkv_in + task * hs, wkv_out + task * hs, N, r_.data() + off, k_.data() + off, v_.data() + off, g_.data() + off,
                      log_w_.data() + off, iclr_.data() + off, L, c0, frozen[b] != 0, att_in_.data() + off);
         });
@@ -599,12 +649,7 @@ private:
             for (int64_t c = 0; c < C; ++c) xk[c] = xc[c] + (prev[c] - xc[c]) * L.cm_mix[c];
         }
         matmul_many({job(L.cm_gate, xk_.data(), B, hid_g_.data()), job(L.cm_up, xk_.data(), B, hid_u_.data())});
-        for (int64_t i = 0; i < B * F; ++i) {
-            const float a = hid_g_[i];
-            float h = (a * sigmoid(a)) * hid_u_[i];  // silu(gate) * up
-            if (gate) h *= gate[i];
-            hid_g_[i] = h;
-        }
+        swiglu(hid_g_.data(), hid_u_.data(), gate, B * F, hid_g_.data());
         matmul(L.cm_down.t, L.cm_down.data, L.cm_down.rows, L.cm_down.cols, hid_g_.data(), B, ffn_out_.data());
         for (int64_t i = 0; i < B * C; ++i) x[i] += ffn_out_[i];
     }
