@@ -20,8 +20,10 @@
 #              AdamW; hierarchos with the trainer's optimizer), with the float32 parity preamble (~330 s)
 #   tests      the GPU-marked tests (~100 s warm; fla's cold autotune made them outlast 200 s once)
 #   kernel     build the C++ kernel on the device (the ROSA automaton and WKV step the trainer uses; ~40 s)
-#   generate   batch-1 generation at 125m, default and minimal reasoning, eager step, sync-free step and
-#              CUDA graph, against a Hugging Face GPT-2 of the same size (model.generate, KV cache) (~150 s)
+#   generate   batch-1 generation at 125m, default and minimal reasoning, the captured sync-free step per
+#              GENERATE_MODES (bench_generate --compile-step; default "off off+full fused fused+full": eager or
+#              fused time mix, each with and without the plan-point split), against a Hugging Face GPT-2 of
+#              the same size (model.generate, KV cache) (~250 s)
 #   blocks     training steps of the seeds' other cells at 125m minimal, T=1024 and 8192: attention
 #              blocks (full, window 512) and WKV-4, beside RWKV-7 and a compiled GPT-2 (~360 s: T=8192 rows need
 #              ~40-100 s for their first step)
@@ -120,9 +122,10 @@ for suite in "$@"; do
     kernel)
       timeout 150 python3 kernels/build.py --jobs 16 --require 2>&1 | tee "$out/kernel_build.log" ;;
     generate)
-      timeout ${GENERATE_TIMEOUT:-200} python3 bench/bench_generate.py --device cuda --size 125m --contexts 1024 \
-        --new-tokens 128 --batch 1 --cuda-graph --configs default minimal --gpt2 --json "$out/generate_cuda.json" 2>&1 \
-        | tee "$out/generate_cuda.log" ;;
+      timeout ${GENERATE_TIMEOUT:-280} python3 bench/bench_generate.py --device cuda --size 125m --contexts 1024 \
+        --new-tokens 128 --batch 1 --cuda-graph --configs default minimal --gpt2 --skip-step-rows \
+        --compile-step ${GENERATE_MODES:-off off+full fused fused+full} --budget-s ${GENERATE_BUDGET:-200} \
+        --json "$out/generate_cuda.json" 2>&1 | tee "$out/generate_cuda.log" ;;
     blocks)
       timeout ${BLOCKS_TIMEOUT:-420} python3 bench/bench_forward.py --device cuda --size 125m --seq-lens ${BLOCKS_SEQ_LENS:-1024 8192} \
         --configs minimal --no-rosa-for --blocks rwkv7 attention attention-window wkv4 --window-size 512 --compile gpt2 \
