@@ -1,13 +1,16 @@
 """Whether `chat` steps through a CUDA graph when the user does not say: on exactly where capture
 works (a full-precision model on CUDA whose state has a fixed size), off elsewhere; an explicit
---cuda-graph / --no-cuda-graph always wins (hierarchos.cli.chat.resolve_cuda_graph)."""
+--cuda-graph / --no-cuda-graph always wins (hierarchos.cli.chat.resolve_cuda_graph). The same for
+the fused one-token time mix inside that graph (resolve_fused_step): on wherever the step is
+captured on CUDA with Triton installed; asking for it without the graph is one line
+(tests/test_chat_compile_step.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from hierarchos.cli.chat import add_arguments, resolve_cuda_graph
+from hierarchos.cli.chat import add_arguments, resolve_cuda_graph, resolve_fused_step
 from hierarchos.config import tiny_config
 
 RWKV = tiny_config()
@@ -37,3 +40,31 @@ def test_the_flag_parses_to_three_states(argv, expected):
     p = argparse.ArgumentParser()
     add_arguments(p)
     assert p.parse_args(["--model-path", "m", *argv]).cuda_graph is expected
+
+
+# ---- the fused one-token time mix inside the captured step (resolve_fused_step) ----------------------
+
+@pytest.mark.parametrize("cuda_graph,device,triton_reason,expected", [
+    (True, "cuda", "", True), (True, "cuda", "triton does not import (x); pip install triton", False),
+    (False, "cuda", "", False), (False, "cpu", "", False), (True, "cpu", "", False)])
+def test_the_fused_step_is_on_wherever_the_captured_step_runs_on_cuda_with_triton(monkeypatch, cuda_graph, device,
+                                                                                   triton_reason, expected):
+    from hierarchos.ops import wkv_triton
+
+    monkeypatch.setattr(wkv_triton, "triton_unavailable_reason", lambda device=None: triton_reason)
+    assert resolve_fused_step(None, cuda_graph, torch.device(device)) is expected
+
+
+@pytest.mark.parametrize("requested", [True, False])
+def test_an_explicit_fused_step_flag_wins(requested):
+    assert resolve_fused_step(requested, False, torch.device("cpu")) is requested
+
+
+@pytest.mark.parametrize("argv,expected", [([], None), (["--fused-step"], True), (["--no-fused-step"], False)])
+def test_the_fused_step_flag_parses_to_three_states(argv, expected):
+    import argparse
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    assert p.parse_args(["--model-path", "m", *argv]).fused_step is expected
+

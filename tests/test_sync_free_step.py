@@ -323,6 +323,46 @@ def test_the_generation_body_reads_nothing_on_the_host():
     assert int(stepper.counter[0]) == 3 and int(stepper.pos[0]) == 8
 
 
+
+class _FullBody(GraphedStepper):
+    """Every token on the full body (the pondering passes masked off the plan points): the reference
+    for the stepper's plan-point split."""
+
+    def _bodies(self):
+        return (True,)
+
+    def _plan_rows(self):
+        return True
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["all_on", "q_halting", "deep"])
+def test_cuda_graphs_of_the_split_step_equal_the_full_step(name):
+    """On the GPU, captured: the two graphs (plan-point tokens, the others) give the tokens and the
+    state that one graph of the full step gives, rows at different phases of the stride."""
+    seed = fresh_seed()
+    model = build(seed, dtype=torch.float32, **CONFIGS[name]).cuda()
+    cfg = SamplingConfig(temperature=0.0, max_new_tokens=16)
+    runs = []
+    with torch.no_grad():
+        for cls in (GraphedStepper, _FullBody):
+            out = model(tokens_for(seed, 2, 6).cuda())
+            start = torch.tensor([6, 6], device="cuda")
+            stepper = cls(model, out.state, start, out.logits[:, -1],
+                          torch.zeros(2, model.cfg.vocab_size, dtype=torch.bool, device="cuda"),
+                          torch.tensor([1, 2], device="cuda"), cfg, {}, capture=True)
+            tokens = [stepper.token.clone()]
+            for _ in range(13):
+                hints = [a.push(int(t)) for a, t in zip(out.state.rosa, tokens[-1])] if out.state.rosa else None
+                tokens.append(stepper.advance(hints).clone())
+            runs.append((torch.stack(tokens), [t.clone() for t in stepper.leaves], len(stepper.graphs)))
+    (split_tokens, split_leaves, n_split), (full_tokens, full_leaves, n_full) = runs
+    assert (n_split, n_full) == (2 if model.cfg.h_stride > 1 else 1, 1)
+    assert torch.equal(split_tokens, full_tokens), (seed, split_tokens.T, full_tokens.T)
+    for a, b in zip(full_leaves, split_leaves):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=lambda m: f"seed={seed} {name}: {m}")
+
 def test_capture_outside_cuda_is_one_clear_error():
     model = build(0, dtype=torch.float32)
     with torch.no_grad():
