@@ -26,10 +26,11 @@ bandwidth / bytes per token; "% of bound" = measured tok/s / bound.
 (greedy, no EOS, `--new-tokens` steps of the sync-free step, on CUDA captured with --cuda-graph),
 against B = 1 through the same path and through plain `generate` (the early-exit step): tokens/s
 counts every row's tokens after the first; time to first token = prefill of every row + first sample,
-the median of TTFT_SAMPLES calls (the steppers are kept across calls as chat keeps them, and made -- captured -- by one warm-up call
-per batch size first, whose seconds are reported apart). Beside them: the prefill alone (the parallel
-forward over the first prompt, best of 3: the floor of time to first token) and, per generate_batch row,
-where its time to first token goes (prefill, setup, first_sample; a second call synchronised per phase).
+the median of TTFT_SAMPLES calls (the steppers are kept across calls as chat keeps them, and made --
+captured -- by one warm-up call per batch size first, whose seconds are reported apart). Beside them:
+the prefill alone (the parallel forward over the first prompt, best of 3: the floor of time to first
+token) and, per generate_batch row, where its time to first token goes (prefill, setup, first_sample;
+a second call synchronised per phase).
 --compile-step MODE...: one set of generate_batch rows per mode (off: the eager step; step: the whole
 step through torch.compile; blocks: each RWKV block compiled; fused: each block's one-token time mix as
 one Triton kernel, CUDA or TRITON_INTERPRET=1; blocks+fused, step+fused: both; off+full, fused+full: off and fused
@@ -392,7 +393,8 @@ def _mode_rows(model, mode: str, prompts, cfg, args, device, rows: list, referen
                      "device_ops_per_token": kernels.get(B),
                      "load_average": os.getloadavg()})
         print(f"{'generate_batch':>14} B={B:>2} context ~{len(rows_in[0])} {mode:>12}: time to first token "
-              f"{ttft * 1000:8.1f} ms (median of {len(samples)}; {', '.join(f'{k} {v * 1000:.1f}' for k, v in phases.items())}) | decode "
+              f"{ttft * 1000:8.1f} ms (median of {len(samples)}; "
+              f"{', '.join(f'{k} {v * 1000:.1f}' for k, v in phases.items())}) | decode "
               f"{rows[-1]['decode_tokens_per_s']:8.1f} tok/s (all rows) | warm-up {warmup_s[B]:.1f} s"
               + (f" (compile {compile_s[B]:.1f} s)" if compile_s.get(B) else "")
               + f" | tokens as {first[0]}: {agree} of {[len(t) for t in result.tokens]}"
