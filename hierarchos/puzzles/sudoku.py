@@ -232,9 +232,10 @@ def is_valid_solution(solution: np.ndarray, puzzle: np.ndarray | None = None) ->
 # relabel the digits in order of first appearance (the best relabelling for that transform)
 # and keep the minimum. Rows are chosen one at a time and only the transforms whose prefix is
 # the smallest so far survive, so the search stays small. The first row's column order is
-# forced up to ties: in a row every given digit is distinct, so its relabelled pattern only
-# depends on where the givens fall; the smallest puts stacks with fewer givens first and
-# blanks before givens inside a stack.
+# forced up to ties: the smallest pattern puts stacks with fewer givens first and blanks before
+# givens inside a stack. When the row's given digits are distinct (every valid puzzle) its
+# relabelled pattern only depends on where the givens fall, so one order stands for all of them;
+# a row that repeats a digit (a grid that is no valid puzzle) is compared over every order.
 
 def _first_row_column_orders(row: list[int], box: int) -> list[tuple[int, ...]]:
     stacks = [[c for c in range(s * box, (s + 1) * box)] for s in range(box)]
@@ -295,9 +296,11 @@ def canonical_form(grid: np.ndarray) -> bytes:
                     choices = [(None, (0,) * size, labels)]
                 else:  # the first row with givens fixes the column order up to ties
                     orders = _first_row_column_orders(row, box)
-                    pattern = _relabelled(row, orders[0], labels)[0]
-                    if best_row is not None and pattern > best_row:
-                        continue
+                    givens = [d for d in row if d]
+                    if len(set(givens)) == len(givens):  # every order gives one pattern: test one
+                        pattern = _relabelled(row, orders[0], labels)[0]
+                        if best_row is not None and pattern > best_row:
+                            continue
                     choices = [(o, *_relabelled(row, o, labels)) for o in orders]
                 for new_order, pattern, new_labels in choices:
                     if best_row is None or pattern < best_row:
