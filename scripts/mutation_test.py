@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # module -> the fast tests that pin it (its own test module first, then the contract tests)
 MODULES: dict[str, list[str]] = {
-    "hierarchos/model/hrm.py": ["tests/test_hrm.py", "tests/test_q_halting.py"],
+    "hierarchos/model/hrm.py": ["tests/test_hrm.py", "tests/test_q_halting.py", "tests/test_sync_free_step.py"],
     "hierarchos/model/memory.py": ["tests/test_memory.py"],
     "hierarchos/model/rwkv.py": ["tests/test_rwkv_cell.py", "tests/test_time_mix_wiring.py",
                                  "tests/test_rwkv_step_triton.py", "-m", "not slow and not gpu"],  # (TimeMix._fused_step)

@@ -127,6 +127,32 @@ def test_leaving_out_the_pondering_off_plan_points_changes_nothing(name):
         assert_same_run(run(model, tokens, False), split, f"seed={seed} {name} step vs split")
 
 
+@pytest.mark.parametrize("name", ["all_on", "q_halting"])
+def test_the_split_step_reports_the_same_totals_per_token(name):
+    """Per token, the step without its pondering passes gives the totals the full step gives: the same
+    names, dtypes and values (the pondering terms with nothing added), in float64 and float32."""
+    seed = fresh_seed()
+    for dtype in (torch.float64, torch.float32):
+        model = build(seed, dtype=dtype, **CONFIGS[name])
+        tokens = tokens_for(seed, 2, 8)
+        state = model.init_state(2)
+        with torch.no_grad():
+            for t in range(8):
+                pos = torch.full((2,), t, dtype=torch.long)
+                # the hints once for both calls (without them each call would extend the automata again)
+                hints = torch.tensor([a.push(int(x)) for a, x in zip(state.rosa, tokens[:, t])]) if state.rosa else None
+                full = model.step_sync_free(tokens[:, t], state, pos, hints)
+                split = model.step_sync_free(tokens[:, t], state, pos, hints,
+                                             plan_rows=(t + 1) % model.cfg.h_stride == 0)
+                assert full.totals.keys() == split.totals.keys(), (seed, t)
+                for key, (total, count) in full.totals.items():
+                    other_total, other_count = split.totals[key]
+                    for a, b in ((total, other_total), (count, other_count)):
+                        a, b = torch.as_tensor(a), torch.as_tensor(b)
+                        assert a.dtype == b.dtype and torch.equal(a, b), (seed, dtype, t, key, a, b)
+                state = full.state
+
+
 def test_plan_rows_false_leaves_the_pondering_passes_out():
     """The split is real: off a plan point the manager runs its watch pass only (per round), at a
     plan point the watch pass and every pondering pass; the full sync-free step runs them all."""

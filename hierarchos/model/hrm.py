@@ -208,8 +208,7 @@ class HierarchicalReasoner(nn.Module):
             q_halt.append((halt_logit[:, (n_in_call - 1).clamp(min=0)], n_in_call >= 1))
         return context
 
-    def _plan_step(self, u, watch_out, tokens, rs, new, row_pos, n_ponder, thresh, grad_on, totals,
-                   plan_rows=True):
+    def _plan_step(self, u, watch_out, tokens, rs, new, row_pos, n_ponder, thresh, grad_on, totals, plan_rows):
         """Sections 2 and 3 for one token per row at positions row_pos (B,), without host reads: every
         row ponders; a row that is not a plan point starts halted (frozen from pass 0, so it writes
         nothing and weighs nothing) and keeps its two latest plans. With `plan_rows=False` (no row is
@@ -218,10 +217,9 @@ class HierarchicalReasoner(nn.Module):
         added. Returns the context (B, 1, d)."""
         s = self.cfg.h_stride
         plan = None
-        if not plan_rows:
-            nothing = u.new_zeros((), dtype=torch.float32)
+        if not plan_rows:  # the names and dtypes the pondering adds (totals in u's dtype, counts in float32)
             for name in ("q_continue", "manager_steps") if self.cfg.halting == "q" else ("ponder", "manager_steps"):
-                _add(totals, name, nothing, nothing)
+                _add(totals, name, u.new_zeros(()), u.new_zeros((), dtype=torch.float32))
         else:
             is_plan = torch.remainder(row_pos + 1, s) == 0                      # (B,)
             not_plan = ~is_plan[:, None]                                         # (B, 1): halted from the start
