@@ -349,7 +349,6 @@ def test_the_generation_body_reads_nothing_on_the_host():
     assert int(stepper.counter[0]) == 3 and int(stepper.pos[0]) == 8
 
 
-
 class _FullBody(GraphedStepper):
     """Every token on the full body (the pondering passes masked off the plan points): the reference
     for the stepper's plan-point split."""
@@ -366,7 +365,7 @@ class _FullBody(GraphedStepper):
 @pytest.mark.parametrize("name", ["all_on", "q_halting", "deep"])
 def test_cuda_graphs_of_the_split_step_equal_the_full_step(name):
     """On the GPU, captured: the two graphs (plan-point tokens, the others) give the tokens and the
-    state that one graph of the full step gives, rows at different phases of the stride."""
+    state that one graph of the full step gives, over 13 tokens (plan points and others alternating)."""
     seed = fresh_seed()
     model = build(seed, dtype=torch.float32, **CONFIGS[name]).cuda()
     cfg = SamplingConfig(temperature=0.0, max_new_tokens=16)
@@ -388,6 +387,7 @@ def test_cuda_graphs_of_the_split_step_equal_the_full_step(name):
     assert torch.equal(split_tokens, full_tokens), (seed, split_tokens.T, full_tokens.T)
     for a, b in zip(full_leaves, split_leaves):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=lambda m: f"seed={seed} {name}: {m}")
+
 
 def test_capture_outside_cuda_is_one_clear_error():
     model = build(0, dtype=torch.float32)
