@@ -25,8 +25,9 @@ torch.compile and bf16 autocast on CUDA) in this process with the same optimizer
 0.9/0.95, weight decay 0.01 on matrices, fused on CUDA), warm-up (5%) + cosine to LR/10, clip 1.0,
 batch, window and token budget. Every configuration gets the same 3-point LR sweep; tables report
 the best point and all three. Validation bits per byte = summed NLL / ln 2 / UTF-8 bytes of the
-validation text; hierarchos reads the validation stream with its state carried (its design), GPT-2
-in windows of its training length (at most T - 1 tokens of context). tokens/s is the steady rate
+validation text; hierarchos reads the validation text as --batch rows (as `train` does; ~31k tokens a
+row at the defaults) with each row's state carried (its design), GPT-2 in windows of its training
+length (at most T - 1 tokens of context). tokens/s is the steady rate
 (the training loop's logged rate for hierarchos, after the first logged window; GPT-2's after 10
 warm-up steps), so compilation and CUDA-graph capture are not counted; "equal GPU time" gives
 GPT-2 the hierarchos run's steady training seconds at GPT-2's steady rate.
@@ -309,7 +310,8 @@ def train_hierarchos(args, corpus: dict, fields: dict, lr: float, name: str, tra
     """Train through `hierarchos_cli.py train`; returns val_bpb, steady tokens/s, model dir, counts."""
     spec = dict(kind="hierarchos", fields=fields, lr=lr, batch=args.batch, seq_len=args.seq_len, seed=args.seed,
                 train=train_file or corpus["train"]["file"], val=val_file or corpus["val"]["file"],
-                train_sha=corpus["train"]["sha256"], device=args.device, compile=args.compile)
+                train_sha=corpus["train"]["sha256"], device=args.device, compile=args.compile,
+                validation="batch-rows")  # `train` validates over --batch_size rows (was one row)
 
     def run() -> dict:
         from hierarchos.data.tokenizers import build_byte_tokenizer

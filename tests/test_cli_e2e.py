@@ -450,6 +450,17 @@ def test_max_steps_run_ends_at_min_lr(cli_env, tmp_path, text_jsonl):
     assert rates[1] == pytest.approx(3e-3) and all(a > b for a, b in zip(rates[1:], rates[2:])), rates
 
 
+def test_train_validates_over_a_batch_of_rows(cli_env, tmp_path):
+    """Validation reads the held-out text as --batch_size rows (a batch-1 pass over it was most of a short
+    GPU run's time), and its bits per byte stay a rate over the whole text."""
+    data = write_jsonl(tmp_path / "text.jsonl", [{"text": s} for s in sentences(12)])
+    out = tmp_path / "run"  # one epoch: validation runs at its end
+    result = ok(run_cli(cli_env, "train", *TRAIN_FLAGS, "--train", data, "--out-dir", out, "--val-fraction", "0.2"))
+    assert re.search(r"validation [\d,]+ tokens in 2 streams", result.stdout), result.stdout
+    bpb = [r["val_bpb"] for r in read_metrics(out) if r.get("val_bpb") is not None]
+    assert bpb and all(0 < b < 16 for b in bpb), bpb  # byte tokenizer: at most ~8 bits/byte untrained
+
+
 # ---- 8. the token cache through the CLI ------------------------------------------------------------------
 
 def test_train_reuses_the_token_cache_and_rebuilds_on_change(cli_env, tmp_path):

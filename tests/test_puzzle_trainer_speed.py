@@ -50,9 +50,10 @@ def fresh_seed() -> int:
     return random.SystemRandom().randrange(2**31)
 
 
-def _setup(seed: int, dtype=torch.float64, puzzles: int = 12, max_segments: int = 3, **arch):
+def _setup(seed: int, dtype=torch.float64, puzzles: int = 12, max_segments: int = 3, device: str = "cpu",
+           names=("reference", "eager", "graphed"), **arch):
     """A model whose Q head halts some puzzles early, half the puzzles exploring, and three trainers
-    of copies of it: reference, fast eager, fast with the graph bookkeeping."""
+    of copies of it: reference, fast eager, fast with the graph bookkeeping (on CUDA: real graphs)."""
     torch.manual_seed(seed)
     data = tiny_puzzles(puzzles, seed)
     model = tiny_model(num_ids=puzzles, max_segments=max_segments, **arch).to(dtype)
@@ -64,13 +65,15 @@ def _setup(seed: int, dtype=torch.float64, puzzles: int = 12, max_segments: int 
     # draw of puzzles): some steps end before M segments
     model.register_forward_hook(lambda module, args, out: dataclasses.replace(
         out, q_halt=out.q_halt + torch.where(args[1] % 2 == 0, 10.0, -10.0).to(out.q_halt.dtype)))
-    logs = {name: [] for name in ("reference", "eager", "graphed")}
+    logs = {name: [] for name in names}
     trainers = {}
     for name in logs:
-        trainer = _trainer(copy.deepcopy(model), data, batch_size=5, epochs=3,
-                           cuda_graphs=name == "graphed", puzzle_emb_lr=0.05)
+        trainer = _trainer(copy.deepcopy(model).to(device), data, batch_size=5, epochs=3,
+                           cuda_graphs=name == "graphed", puzzle_emb_lr=0.05, amp=False)  # float32 on CUDA too
         trainer.log = logs[name].append
-        trainer.graph_recorder = record_eagerly
+        trainer.device = torch.device(device)
+        if device == "cpu":
+            trainer.graph_recorder = record_eagerly
         trainers[name] = trainer
     return trainers, logs
 
@@ -287,3 +290,25 @@ def test_a_third_batch_size_runs_eagerly_and_still_equals_the_reference():
     runner = trainers["graphed"].segments
     assert {key[0] for key in runner.entries} == {5, 2} and runner.eager_segments >= 1
     assert not _same_weights_and_moments(trainers["reference"], trainers["graphed"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_real_cuda_graph_segments_match_the_reference_loop():
+    """The captured segments on a GPU (real graphs, one memory pool for all of them) against the
+    reference loop, float32, 7 steps with halting and the epoch's shorter batch: the same metrics and
+    weights to float32 rounding, every segment replayed, the last segment's outputs intact."""
+    seed = fresh_seed()
+    trainers, logs = _setup(seed, torch.float32, device="cuda", names=("reference", "graphed"))
+    for step in range(7):
+        records = _step_all(trainers, step, seed)
+        want, got = records["reference"], records["graphed"]
+        assert got["segments"] == want["segments"] and got["exact"] == want["exact"], f"seed {seed} step {step}"
+        for key in ("loss", "cell_loss", "cell_acc"):
+            assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), f"seed {seed} step {step} {key}"
+        assert trainers["graphed"].updates == trainers["reference"].updates
+    for (name, p), q in zip(trainers["reference"].model.named_parameters(), trainers["graphed"].model.parameters()):
+        assert torch.allclose(p, q, rtol=1e-4, atol=1e-5), f"seed {seed}: {name} differs by {(p - q).abs().max():.2e}"
+    runner = trainers["graphed"].segments
+    assert runner.pool is not None and runner.eager_segments == 0, logs["graphed"]
+    assert runner.replays == trainers["graphed"].updates and {key[0] for key in runner.entries} == {5, 2}

@@ -474,7 +474,11 @@ def run(args: argparse.Namespace, lora=None) -> int:
         train_streams.streams = shard_rows(train_streams.streams, dist_info)  # this rank's streams
     except ValueError as exc:
         raise HierarchosError(f"training data: {exc}; use more data or a smaller --batch_size") from None
-    val_streams = TokenStreams.from_tokens(data.val_tokens, 1, chunk) if data.val_tokens is not None else None
+    val_streams = None
+    if data.val_tokens is not None:  # as many rows as a training batch (one window each at least): a
+        # batch-1 pass over a long held-out text was most of a short GPU run's time
+        val_rows = max(1, min(args.batch_size, len(data.val_tokens) // (chunk + 1)))
+        val_streams = TokenStreams.from_tokens(data.val_tokens, val_rows, chunk)
     val_bytes = data.val_bytes
 
     fp16 = (device.type == "cuda" and args.amp is not False and not torch.cuda.is_bf16_supported())
@@ -562,7 +566,8 @@ def run(args: argparse.Namespace, lora=None) -> int:
             train_streams.streams = train_streams.streams.pin_memory()  # lets the per-step copies overlap
     print(f"data: {data.name} ({data.template}), {train_streams.num_tokens:,} training tokens in "
           f"{args.batch_size} streams x {chunk}-token windows, {len(train_streams)} windows per epoch"
-          + (f", validation {val_streams.num_tokens:,} tokens" if val_streams else ""))
+          + (f", validation {val_streams.num_tokens:,} tokens in {val_streams.streams.shape[0]} streams"
+             if val_streams else ""))
 
     if getattr(args, "eval_tasks", None):  # lm-eval tasks on the in-memory model (hierarchos.evaluate)
         from tqdm import tqdm as _tqdm

@@ -141,6 +141,9 @@ class TokenStreams:
     chunk: int
     shuffle_seed: int | None = None
     _orders: dict = field(default_factory=dict, repr=False)
+    # tokens of the text before its split into rows (the split drops a tail shorter than a row);
+    # None: the rows hold the whole text. Validation scales its summed NLL to the whole text by it.
+    source_tokens: int | None = None
 
     @classmethod
     def from_documents(cls, docs: list[list[int]], eos_id: int, batch_size: int, chunk: int,
@@ -153,7 +156,7 @@ class TokenStreams:
         if per_stream < 2:
             raise ValueError(f"only {len(flat)} tokens: too few for batch size {batch_size}")
         data = torch.tensor(flat[: per_stream * batch_size], dtype=torch.long)
-        return cls(data.view(batch_size, per_stream), chunk, shuffle_seed)
+        return cls(data.view(batch_size, per_stream), chunk, shuffle_seed, source_tokens=len(flat))
 
     @classmethod
     def from_tokens(cls, tokens: np.ndarray, batch_size: int, chunk: int,
@@ -162,7 +165,8 @@ class TokenStreams:
         per_stream = len(tokens) // batch_size
         if per_stream < 2:
             raise ValueError(f"only {len(tokens)} tokens: too few for batch size {batch_size}")
-        return cls(tokens[: per_stream * batch_size].reshape(batch_size, per_stream), chunk, shuffle_seed)
+        return cls(tokens[: per_stream * batch_size].reshape(batch_size, per_stream), chunk, shuffle_seed,
+                   source_tokens=len(tokens))
 
     @property
     def num_tokens(self) -> int:

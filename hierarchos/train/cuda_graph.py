@@ -54,10 +54,12 @@ def why_capture_failed(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {reason}"
 
 
-def record_cuda_graph(run: Callable[[], tuple], warmup: int,
-                      before_capture: Callable[[], None]) -> tuple[Callable[[], None], tuple]:
+def record_cuda_graph(run: Callable[[], tuple], warmup: int, before_capture: Callable[[], None],
+                      pool=None) -> tuple[Callable[[], None], tuple]:
     """Warm `run` up on a side stream (lazy inits, cuBLAS workspaces, Triton JIT), call
-    `before_capture`, then capture `run`: (replay, the static outputs every replay rewrites)."""
+    `before_capture`, then capture `run`: (replay, the static outputs every replay rewrites).
+    `pool` (torch.cuda.graph_pool_handle()) shares one memory pool between graphs: only for graphs
+    whose outputs are all read before another graph of the pool replays."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -66,13 +68,13 @@ def record_cuda_graph(run: Callable[[], tuple], warmup: int,
     torch.cuda.current_stream().wait_stream(stream)
     before_capture()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, pool=pool):
         outputs = run()
     return graph.replay, outputs
 
 
-def record_eagerly(run: Callable[[], tuple], warmup: int,
-                   before_capture: Callable[[], None]) -> tuple[Callable[[], None], tuple]:
+def record_eagerly(run: Callable[[], tuple], warmup: int, before_capture: Callable[[], None],
+                   pool=None) -> tuple[Callable[[], None], tuple]:
     """`record_cuda_graph`'s contract without CUDA: a replay runs `run` again and writes its results
     into the first outputs, as a graph replay rewrites its static outputs (for CPU tests)."""
     for _ in range(warmup):

@@ -241,7 +241,12 @@ class Trainer:
             count += y.numel()
         self.model.train()
         loss = nll / max(1, count)
-        return {"val_loss": loss, "val_bpb": bits_per_byte(nll, self.val_bytes) if self.val_bytes else None}
+        # rows of a split text each lose their first target (and the split a short tail): the bytes
+        # are the whole text's, so the summed NLL is the mean per scored token times the text's targets
+        streams = self.val_streams
+        targets = (streams.source_tokens or streams.num_tokens) - 1
+        bpb = bits_per_byte(loss * targets, self.val_bytes) if self.val_bytes else None
+        return {"val_loss": loss, "val_bpb": bpb}
 
     # ---- the loop ------------------------------------------------------------------------
     def run(self, on_checkpoint=None, progress=None, stop_requested=lambda: False) -> dict:
