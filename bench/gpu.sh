@@ -32,7 +32,8 @@
 #   quality    one learning-quality table (bench_quality.py; QUALITY_TABLE, default blocks; QUALITY_ARGS, e.g.
 #              "--tokens 10000000 --jobs 6 --only RWKV_7__ours_ attention__RoPE"), QUALITY_TIMEOUT s (default 480);
 #              each process takes ~9 GB at the blocks table's size (--jobs 7 fits an 80 GB card, 11 did not);
-#              finished runs are cached: the ones carried in .device_cache/quality_runs/ are reused and every
+#              finished runs are cached: the ones in bench/records/quality_runs/ (committed) and carried in
+#              .device_cache/quality_runs/ are reused and every
 #              finished run comes back in quality_runs.tgz (unpack it into .device_cache/quality_runs to resume)
 #   puzzles    9x9 Sudoku (bench_puzzles.py): generate 1,000 + 1,000 hard puzzles (or reuse the carried
 #              .device_cache/sudoku), time the training step (reference loop, fast step, CUDA-graph segments;
@@ -151,7 +152,7 @@ for suite in "$@"; do
       fi ;;
     quality)
       table=${QUALITY_TABLE:-blocks}; work=/tmp/hq
-      mkdir -p $work/runs; cp .device_cache/quality_runs/*.json $work/runs/ 2>/dev/null
+      mkdir -p $work/runs; cp bench/records/quality_runs/*.json .device_cache/quality_runs/*.json $work/runs/ 2>/dev/null
       echo "carried runs: $(ls $work/runs | wc -l)" | tee "$out/quality_$table.log"
       timeout ${QUALITY_TIMEOUT:-480} python3 bench/bench_quality.py --table $table --work $work ${QUALITY_ARGS:-} 2>&1 \
         | tee -a "$out/quality_$table.log"

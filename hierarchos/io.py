@@ -53,7 +53,8 @@ META_KEYS = ("config_version", "hierarchos_version", "training_history", "memory
 #      renames and the new dir is complete: roll forward (tmp-T -> final), delete old-T.
 #   3. `final` missing, only `.NAME.old-T`: roll back (old-T -> final).
 #   4. `final` missing, only `.NAME.tmp-*`: nothing was committed; delete them.
-# One writer per path: do not recover a path while another process is writing it.
+# One writer per path: do not recover a path while another process is writing it (`path_lock`
+# makes writers of a shared path take turns).
 
 def fsync_path(path: Path) -> None:
     """fsync a file, or a directory where the OS allows it (not on Windows)."""
@@ -134,6 +135,57 @@ def atomic_dir(final_path: str | os.PathLike) -> Iterator[Path]:
     else:
         os.replace(tmp, final)
         fsync_path(final.parent)
+
+
+def _try_lock(handle) -> bool:
+    try:
+        if os.name == "nt":
+            import msvcrt
+
+            msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # BlockingIOError on POSIX, PermissionError on Windows: held elsewhere
+        return False
+    return True
+
+
+def _unlock(handle) -> None:
+    if os.name == "nt":
+        import msvcrt
+
+        handle.seek(0)
+        msvcrt.locking(handle.fileno(), msvcrt.LK_UNLCK, 1)
+    else:
+        import fcntl
+
+        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def path_lock(final_path: str | os.PathLike, on_wait=None, poll_s: float = 0.05) -> Iterator[None]:
+    """Hold an exclusive lock between processes on `final_path` for the block: atomic_dir's
+    one-writer rule for a path that several processes may build at once (the token cache of a
+    corpus, by the runs of a sweep started together; the second one's `recover_interrupted` deleted
+    the first one's temp dir mid-write). The lock is on `.NAME.lock` beside the path, an empty file
+    that stays; the OS drops the lock when its process ends, killed or not. `on_wait()` is called
+    once if another process holds it."""
+    import time
+
+    final = Path(final_path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with open(final.parent / f".{final.name}.lock", "a+b") as handle:
+        if not _try_lock(handle):
+            if on_wait is not None:
+                on_wait()
+            while not _try_lock(handle):
+                time.sleep(poll_s)
+        try:
+            yield
+        finally:
+            _unlock(handle)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

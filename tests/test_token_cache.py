@@ -452,3 +452,59 @@ def test_cli_trains_from_an_hf_stream_and_from_pre_chunked_data(tmp_path):
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
         assert "token cache: building" in result.stdout
         assert len((out / "metrics.jsonl").read_text().splitlines()) >= 1
+
+
+def test_path_lock_makes_a_second_writer_wait(tmp_path):
+    """io.path_lock: a second holder (another open file, as another process would have) waits, says so
+    once, and gets the lock when the first lets go."""
+    import threading
+    import time
+
+    from hierarchos.io import path_lock
+
+    target, events = tmp_path / "cache" / "x", []
+    with path_lock(target):
+        def second():
+            with path_lock(target, on_wait=lambda: events.append("waiting"), poll_s=0.01):
+                events.append("got it")
+
+        thread = threading.Thread(target=second)
+        thread.start()
+        time.sleep(0.3)
+        assert events == ["waiting"]  # still held by the first
+    thread.join(timeout=10)
+    assert events == ["waiting", "got it"]
+    assert (tmp_path / "cache" / ".x.lock").exists() and not target.exists()
+
+
+def test_two_processes_opening_one_cache_at_once_both_succeed(tmp_path, bpe):
+    """Two runs started together on one corpus (a sweep): before the lock, the second one's recovery of
+    interrupted writes deleted the first one's temp dir mid-build (FileNotFoundError, a traceback).
+    Now one builds and the other reuses what it built; both read the same tokens."""
+    import subprocess
+    import sys
+
+    rng = random.Random(0)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(random_text(rng, 400) for _ in range(400)), encoding="utf-8")
+    script = (
+        "import sys\n"
+        "from hierarchos.data import bundled_tokenizer_path, streaming, token_cache\n"
+        "from hierarchos.data.sources import DataSpec\n"
+        "from hierarchos.data.tokenizers import load_tokenizer\n"
+        "source = streaming.open_source(DataSpec(train=sys.argv[1]))\n"
+        "directory = token_cache.cache_dir(__import__('pathlib').Path(sys.argv[2]), source, 't')\n"
+        "cache = token_cache.open_cache(directory, source, load_tokenizer(bundled_tokenizer_path()))\n"
+        "print('tokens', cache.n_tokens)\n")
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(corpus), str(tmp_path / "cache")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [proc.communicate(timeout=300) for proc in procs]
+    for proc, (out, err) in zip(procs, outs):
+        assert proc.returncode == 0 and "Traceback" not in err, err
+    counts = {line for out, _ in outs for line in out.splitlines() if line.startswith("tokens")}
+    assert len(counts) == 1, outs
+    said = "".join(out for out, _ in outs)
+    assert said.count("token cache: building") == 1 and said.count("token cache: reusing") == 1, said
+    _, directory = build(tmp_path, corpus, bpe)
+    assert token_cache.why_stale(directory, streaming.open_source(DataSpec(train=str(corpus))).fingerprint(),
+                                 token_cache.tokenizer_identity(bpe)) is None

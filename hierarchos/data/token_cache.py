@@ -207,16 +207,20 @@ def open_ids_cache(directory: Path, files: list[Path], documents, tokenizer: Tok
 def _reuse_or_build(directory: Path, sources, tokenizer: Tokenizer, log, build_with) -> TokenCache:
     """The cache in `directory` if it is current for `sources` and `tokenizer`, else `build_with(identity)`
     first, with a line saying which and why."""
+    from hierarchos.io import path_lock
+
     identity = tokenizer_identity(tokenizer)
-    reason = why_stale(directory, sources, identity)
-    if reason is None:
-        cache = load(directory)
-        log(f"token cache: reusing {directory} ({cache.n_tokens:,} tokens)")
-        return cache
-    log(f"token cache: {'building' if reason == 'none yet' else 'rebuilding'} {directory}"
-        + ("" if reason == "none yet" else f" ({reason})"))
-    build_with(identity)
-    return load(directory)
+    # runs started together on one corpus take turns: the first builds, the others then reuse it
+    with path_lock(directory, on_wait=lambda: log(f"token cache: waiting for another process writing {directory}")):
+        reason = why_stale(directory, sources, identity)
+        if reason is None:
+            cache = load(directory)
+            log(f"token cache: reusing {directory} ({cache.n_tokens:,} tokens)")
+            return cache
+        log(f"token cache: {'building' if reason == 'none yet' else 'rebuilding'} {directory}"
+            + ("" if reason == "none yet" else f" ({reason})"))
+        build_with(identity)
+        return load(directory)
 
 
 def _build_ids(directory: Path, documents, tokenizer: Tokenizer, sources: list[dict], identity: dict, where,
