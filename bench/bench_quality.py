@@ -312,6 +312,8 @@ def train_hierarchos(args, corpus: dict, fields: dict, lr: float, name: str, tra
                 train=train_file or corpus["train"]["file"], val=val_file or corpus["val"]["file"],
                 train_sha=corpus["train"]["sha256"], device=args.device, compile=args.compile,
                 validation="batch-rows")  # `train` validates over --batch_size rows (was one row)
+    if ModelConfig(**fields).max_l_steps > 0:  # the worker's last shadow pass records a graph (hrm.py; was none)
+        spec["shadow_gradient"] = "last-pass"
 
     def run() -> dict:
         from hierarchos.data.tokenizers import build_byte_tokenizer

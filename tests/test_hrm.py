@@ -434,8 +434,9 @@ def test_two_calls_carry_every_part_of_the_state_like_one_call():
 @pytest.mark.parametrize("h_cycles,max_h_steps,max_l_steps,grad_steps",
                          [(2, 3, 2, 1), (3, 2, 3, 2), (1, 1, 0, 1), (2, 2, 2, 3)])
 def test_one_step_gradient_only_the_last_passes_record_a_graph(h_cycles, max_h_steps, max_l_steps, grad_steps):
-    """HRM's one-step gradient: in each loop (rounds; pondering passes; worker passes incl. the commit)
-    only the last `grad_steps` run with gradients; every other pass runs under no_grad."""
+    """HRM's one-step gradient: in each loop (rounds; pondering passes; the worker's shadow passes)
+    only the last `grad_steps` run with gradients, and the commit pass of a gradient round always
+    does; every other pass runs under no_grad."""
     model = reasoner(h_cycles=h_cycles, max_h_steps=max_h_steps, max_l_steps=max_l_steps, grad_steps=grad_steps,
                      h_halt_thresh=1.0, l_conv_atol=0.0, h_stride=1)
     real_manager, real_worker = model.manager, model.worker
@@ -457,14 +458,30 @@ def test_one_step_gradient_only_the_last_passes_record_a_graph(h_cycles, max_h_s
         round_grad = r >= h_cycles - grad_steps
         expected.append(("H", round_grad))  # watch
         expected += [("H", round_grad and p >= max_h_steps - grad_steps) for p in range(max_h_steps)]
-        n_passes = max_l_steps + 1
-        expected += [("L", round_grad and p >= n_passes - grad_steps) for p in range(max_l_steps)]
+        expected += [("L", round_grad and p >= max_l_steps - grad_steps) for p in range(max_l_steps)]
         expected.append(("L", round_grad))  # commit
     assert log == expected
     # and the graph really is cut: the output's gradient reaches u, but no parameter used only under
     # no_grad contributes (checked on the halting head when no pondering pass records a graph)
     y.sum().backward()
     assert u.grad is not None and u.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("max_l_steps", [1, 3])
+def test_the_drift_reaches_the_worker_at_one_step_gradient(max_l_steps):
+    """At grad_steps = 1 the worker's last shadow pass records a graph: the drift it adds carries a
+    gradient into the worker, the earlier passes' drift does not. With the commit as the loop's only
+    graph the worker could not shape its drift (only the projection after it learned), and that
+    untrained drift stalled training (BENCHMARKS.md, "Learning quality")."""
+    model = reasoner(h_cycles=1, max_h_steps=1, max_l_steps=max_l_steps, grad_steps=1, l_conv_atol=0.0)
+    seen = []
+    model.l_drift_proj.register_forward_hook(lambda module, args, out: seen.append(args[0].requires_grad))
+    T = 6
+    u = torch.randn(2, T, 16, dtype=torch.float64)
+    y, _, _ = model(u, torch.zeros(2, T, dtype=torch.long), model.init_state(2), 0)
+    assert seen == [False] * (max_l_steps - 1) + [True]
+    y.pow(2).sum().backward()
+    assert model.l_drift_proj.weight.grad.abs().sum() > 0
 
 
 def test_one_step_gradient_gives_earlier_passes_no_gradient():

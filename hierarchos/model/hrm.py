@@ -9,7 +9,13 @@ Each pass runs over the whole sequence at once. One round (of `h_cycles`):
   3. plans reach tokens strictly after their plan point, LERPed within the stride;
   4. worker: up to `max_l_steps` shadow passes refine a per-token drift (frozen once it
      converges under `l_conv_atol`), then a commit pass gives the output and the real state.
-Only the last `grad_steps` passes of each loop carry gradients (HRM's one-step gradient).
+Only the last `grad_steps` passes of each loop carry gradients (HRM's one-step gradient): of the
+rounds, of the pondering passes, and of the worker's shadow passes, whose commit pass always does.
+The shadow loop gets its own last step(s): with the commit counted as the loop's last pass (the
+earlier rule), no shadow pass recorded a graph at grad_steps = 1, so the worker could not shape the
+drift it produces (only `l_drift_proj` after it learned), and that drift, ~15x the token's part of
+the worker's input at initialisation, held training near its unigram loss for the first hundreds of
+steps (BENCHMARKS.md, "Learning quality").
 The halting rule and the freezing rule act identically for one call over T tokens and for
 T calls over one token, where halted/frozen work is skipped.
 
@@ -153,14 +159,13 @@ class HierarchicalReasoner(nn.Module):
         drift = torch.zeros_like(u)
         frozen = torch.zeros(B, T, dtype=torch.bool, device=u.device)
         explore = list(rs["explore"])
-        n_passes = n_explore + 1  # the commit pass is the last pass of the loop
         worker_steps = u.new_zeros(())
         for p in range(n_explore):
             # frozen tokens write nothing: when every token is frozen (step form) the pass is skipped;
             # the sync-free step runs it (a host read of the mask is what it avoids), to the same effect
             if sync_free or not (T == 1 and p > 0 and bool(frozen.all())):
                 worker_steps = worker_steps + (~frozen).sum()
-                with _grad(grad_on and p >= n_passes - cfg.grad_steps):
+                with _grad(grad_on and p >= n_explore - cfg.grad_steps):  # the drift's last step(s)
                     z, explore[p] = self.worker(self.l_input_proj(torch.cat([u, context + drift], -1)), tokens,
                                                 rs["explore"][p], frozen if p > 0 else None)
                 step = torch.tanh(self.l_drift_proj(z)) * (~frozen)[..., None]
