@@ -171,12 +171,18 @@ def path_lock(final_path: str | os.PathLike, on_wait=None, poll_s: float = 0.05)
     corpus, by the runs of a sweep started together; the second one's `recover_interrupted` deleted
     the first one's temp dir mid-write). The lock is on `.NAME.lock` beside the path, an empty file
     that stays; the OS drops the lock when its process ends, killed or not. `on_wait()` is called
-    once if another process holds it."""
+    once if another process holds it. Where the lock file cannot be made (a read-only directory,
+    whose cache can be read but not built), the block runs unlocked."""
     import time
 
     final = Path(final_path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with open(final.parent / f".{final.name}.lock", "a+b") as handle:
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(final.parent / f".{final.name}.lock", "a+b")
+    except OSError:
+        yield
+        return
+    with handle:
         if not _try_lock(handle):
             if on_wait is not None:
                 on_wait()

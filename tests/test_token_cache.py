@@ -475,6 +475,13 @@ def test_path_lock_makes_a_second_writer_wait(tmp_path):
     thread.join(timeout=10)
     assert events == ["waiting", "got it"]
     assert (tmp_path / "cache" / ".x.lock").exists() and not target.exists()
+    # where no lock file can be made (a read-only directory, here a parent that is a file: the same
+    # OSError for root too), the block runs unlocked instead of failing
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    with path_lock(blocker / "cache"):
+        events.append("unlocked")
+    assert events[-1] == "unlocked"
 
 
 def test_two_processes_opening_one_cache_at_once_both_succeed(tmp_path, bpe):
