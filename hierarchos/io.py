@@ -169,29 +169,47 @@ def path_lock(final_path: str | os.PathLike, on_wait=None, poll_s: float = 0.05)
     """Hold an exclusive lock between processes on `final_path` for the block: atomic_dir's
     one-writer rule for a path that several processes may build at once (the token cache of a
     corpus, by the runs of a sweep started together; the second one's `recover_interrupted` deleted
-    the first one's temp dir mid-write). The lock is on `.NAME.lock` beside the path, an empty file
-    that stays; the OS drops the lock when its process ends, killed or not. `on_wait()` is called
-    once if another process holds it. Where the lock file cannot be made (a read-only directory,
-    whose cache can be read but not built), the block runs unlocked."""
+    the first one's temp dir mid-write). The lock is on `.NAME.lock` beside the path; the OS drops it
+    when its process ends, killed or not. `on_wait()` is called once if another process holds it.
+
+    The holder removes the lock file before letting go (nothing is left beside the path, where a
+    directory listing would find it), so a waiter that then gets the lock may hold a removed file:
+    it checks that its file is still the one at the path and starts over if not. (Windows cannot
+    remove an open file: there the file stays.) Where no lock file can be made (a read-only
+    directory, whose cache can be read but not built), the block runs unlocked."""
     import time
 
     final = Path(final_path)
-    try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(final.parent / f".{final.name}.lock", "a+b")
-    except OSError:
-        yield
-        return
-    with handle:
-        if not _try_lock(handle):
-            if on_wait is not None:
-                on_wait()
-            while not _try_lock(handle):
-                time.sleep(poll_s)
+    lock_path = final.parent / f".{final.name}.lock"
+    waited = False
+    while True:
         try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(lock_path, "a+b")
+        except OSError:
             yield
-        finally:
-            _unlock(handle)
+            return
+        while not _try_lock(handle):
+            if not waited and on_wait is not None:
+                on_wait()
+            waited = True
+            time.sleep(poll_s)
+        try:
+            current = os.path.samestat(os.fstat(handle.fileno()), os.stat(lock_path))
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        _unlock(handle)  # the previous holder removed this file: lock the one at the path now
+        handle.close()
+    try:
+        yield
+    finally:
+        if os.name != "nt":
+            with contextlib.suppress(FileNotFoundError):
+                lock_path.unlink()
+        _unlock(handle)
+        handle.close()
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -173,7 +173,7 @@ def test_no_decorated_body_is_left_but_the_kept_ones():
 
 
 @pytest.mark.parametrize("module, expected", [
-    ("hierarchos/io.py", ["atomic_dir", "atomic_files"]),
+    ("hierarchos/io.py", ["atomic_dir", "atomic_files", "path_lock"]),
     ("hierarchos/chat.py", ["ChatSession.reply"]),
 ])
 def test_the_modules_decorated_functions_are_split(module, expected):
