@@ -296,8 +296,9 @@ def test_a_third_batch_size_runs_eagerly_and_still_equals_the_reference():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_real_cuda_graph_segments_match_the_reference_loop():
     """The captured segments on a GPU (real graphs, one memory pool for all of them) against the
-    reference loop, float32, 7 steps with halting and the epoch's shorter batch: the same metrics and
-    weights to float32 rounding, every segment replayed, the last segment's outputs intact."""
+    reference loop, float32, 7 steps with halting and the epoch's shorter batch: the same metrics (read
+    once at each step's end, after all its replays) and weights to float32 rounding, every segment
+    replayed."""
     seed = fresh_seed()
     trainers, logs = _setup(seed, torch.float32, device="cuda", names=("reference", "graphed"))
     for step in range(7):
