@@ -932,3 +932,95 @@ def test_a_config_payload_error_names_where_it_was_read():
     with pytest.raises(HierarchosError) as err:
         hio.read_config_payload({**tiny_config().to_dict(), "typo": 1}, "here")
     assert str(err.value).startswith("here: unknown config field 'typo' (known fields: ")
+
+
+def test_path_lock_makes_a_second_writer_wait(tmp_path):
+    """io.path_lock: a second holder (another open file, as another process would have) waits, says so
+    once, and gets the lock when the first lets go."""
+    import threading
+    import time
+
+    from hierarchos.io import path_lock
+
+    target, events = tmp_path / "cache" / "x", []
+    with path_lock(target):
+        def second():
+            with path_lock(target, on_wait=lambda: events.append("waiting"), poll_s=0.01):
+                events.append("got it")
+
+        thread = threading.Thread(target=second)
+        thread.start()
+        time.sleep(0.3)
+        assert events == ["waiting"]  # still held by the first
+    thread.join(timeout=10)
+    assert events == ["waiting", "got it"]
+    assert list((tmp_path / "cache").iterdir()) == []  # the lock file goes with its last holder
+    # where no lock file can be made (a read-only directory, here a parent that is a file: the same
+    # OSError for root too), the block runs unlocked instead of failing
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    with path_lock(blocker / "cache"):
+        events.append("unlocked")
+    assert events[-1] == "unlocked"
+
+
+
+def test_path_lock_makes_missing_parents_and_locks_there(tmp_path):
+    """A cache root that does not exist yet (two levels missing) is made, and the lock taken in it:
+    a second holder waits (without the parents the lock file could not be made and both would run
+    unlocked)."""
+    import threading
+    import time
+
+    from hierarchos.io import path_lock
+
+    target, events = tmp_path / "a" / "b" / "cache", []
+
+    def second():
+        with path_lock(target, on_wait=lambda: events.append("waiting"), poll_s=0.01):
+            events.append("got it")
+
+    with path_lock(target):
+        thread = threading.Thread(target=second)
+        thread.start()
+        time.sleep(0.3)
+        assert events == ["waiting"]
+    thread.join(timeout=10)
+    assert events == ["waiting", "got it"]
+
+
+def test_path_lock_a_waiter_left_with_a_removed_file_locks_the_new_one(tmp_path):
+    """The holder removes the lock file before letting go, so the waiter that was blocked on it then
+    holds a lock on a file no longer at the path: it must start over on the file at the path, or a
+    third process (which makes a new file) would get in beside it."""
+    import threading
+    import time
+
+    from hierarchos.io import path_lock
+
+    target = tmp_path / "cache"
+    inside, release, third_waited = threading.Event(), threading.Event(), []
+
+    def second():
+        with path_lock(target, poll_s=0.01):
+            inside.set()
+            release.wait(10)
+
+    with path_lock(target):
+        waiter = threading.Thread(target=second)
+        waiter.start()
+        time.sleep(0.3)  # the second has opened the lock file and waits on it
+    assert inside.wait(10)
+
+    def third():
+        with path_lock(target, on_wait=lambda: third_waited.append(True), poll_s=0.01):
+            pass
+
+    late = threading.Thread(target=third)
+    late.start()
+    time.sleep(0.3)
+    assert third_waited == [True], "the third got in beside the second"
+    release.set()
+    waiter.join(timeout=10)
+    late.join(timeout=10)
+    assert not target.parent.joinpath(".cache.lock").exists()

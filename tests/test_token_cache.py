@@ -454,36 +454,6 @@ def test_cli_trains_from_an_hf_stream_and_from_pre_chunked_data(tmp_path):
         assert len((out / "metrics.jsonl").read_text().splitlines()) >= 1
 
 
-def test_path_lock_makes_a_second_writer_wait(tmp_path):
-    """io.path_lock: a second holder (another open file, as another process would have) waits, says so
-    once, and gets the lock when the first lets go."""
-    import threading
-    import time
-
-    from hierarchos.io import path_lock
-
-    target, events = tmp_path / "cache" / "x", []
-    with path_lock(target):
-        def second():
-            with path_lock(target, on_wait=lambda: events.append("waiting"), poll_s=0.01):
-                events.append("got it")
-
-        thread = threading.Thread(target=second)
-        thread.start()
-        time.sleep(0.3)
-        assert events == ["waiting"]  # still held by the first
-    thread.join(timeout=10)
-    assert events == ["waiting", "got it"]
-    assert list((tmp_path / "cache").iterdir()) == []  # the lock file goes with its last holder
-    # where no lock file can be made (a read-only directory, here a parent that is a file: the same
-    # OSError for root too), the block runs unlocked instead of failing
-    blocker = tmp_path / "a_file"
-    blocker.write_text("not a directory")
-    with path_lock(blocker / "cache"):
-        events.append("unlocked")
-    assert events[-1] == "unlocked"
-
-
 def test_two_processes_opening_one_cache_at_once_both_succeed(tmp_path, bpe):
     """Two runs started together on one corpus (a sweep): before the lock, the second one's recovery of
     interrupted writes deleted the first one's temp dir mid-build (FileNotFoundError, a traceback).
