@@ -16,6 +16,7 @@ import os
 import random
 import re
 import shutil
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
@@ -177,8 +178,6 @@ def path_lock(final_path: str | os.PathLike, on_wait=None, poll_s: float = 0.05)
     it checks that its file is still the one at the path and starts over if not. (Windows cannot
     remove an open file: there the file stays.) Where no lock file can be made (a read-only
     directory, whose cache can be read but not built), the block runs unlocked."""
-    import time
-
     final = Path(final_path)
     lock_path = final.parent / f".{final.name}.lock"
     waited = False

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -934,47 +936,15 @@ def test_a_config_payload_error_names_where_it_was_read():
     assert str(err.value).startswith("here: unknown config field 'typo' (known fields: ")
 
 
-def test_path_lock_makes_a_second_writer_wait(tmp_path):
+@pytest.mark.parametrize("parts", [("cache", "x"), ("a", "b", "cache")])
+def test_path_lock_makes_a_second_writer_wait(tmp_path, parts):
     """io.path_lock: a second holder (another open file, as another process would have) waits, says so
-    once, and gets the lock when the first lets go."""
-    import threading
-    import time
-
+    once, and gets the lock when the first lets go; a root two levels missing is made first (without
+    it the lock file could not be made and both would run unlocked). The lock file goes with its last
+    holder."""
     from hierarchos.io import path_lock
 
-    target, events = tmp_path / "cache" / "x", []
-    with path_lock(target):
-        def second():
-            with path_lock(target, on_wait=lambda: events.append("waiting"), poll_s=0.01):
-                events.append("got it")
-
-        thread = threading.Thread(target=second)
-        thread.start()
-        time.sleep(0.3)
-        assert events == ["waiting"]  # still held by the first
-    thread.join(timeout=10)
-    assert events == ["waiting", "got it"]
-    assert list((tmp_path / "cache").iterdir()) == []  # the lock file goes with its last holder
-    # where no lock file can be made (a read-only directory, here a parent that is a file: the same
-    # OSError for root too), the block runs unlocked instead of failing
-    blocker = tmp_path / "a_file"
-    blocker.write_text("not a directory")
-    with path_lock(blocker / "cache"):
-        events.append("unlocked")
-    assert events[-1] == "unlocked"
-
-
-
-def test_path_lock_makes_missing_parents_and_locks_there(tmp_path):
-    """A cache root that does not exist yet (two levels missing) is made, and the lock taken in it:
-    a second holder waits (without the parents the lock file could not be made and both would run
-    unlocked)."""
-    import threading
-    import time
-
-    from hierarchos.io import path_lock
-
-    target, events = tmp_path / "a" / "b" / "cache", []
+    target, events = tmp_path.joinpath(*parts), []
 
     def second():
         with path_lock(target, on_wait=lambda: events.append("waiting"), poll_s=0.01):
@@ -984,18 +954,28 @@ def test_path_lock_makes_missing_parents_and_locks_there(tmp_path):
         thread = threading.Thread(target=second)
         thread.start()
         time.sleep(0.3)
-        assert events == ["waiting"]
+        assert events == ["waiting"]  # still held by the first
     thread.join(timeout=10)
     assert events == ["waiting", "got it"]
+    assert list(target.parent.iterdir()) == []
 
+
+def test_path_lock_runs_unlocked_where_no_lock_file_can_be_made(tmp_path):
+    """A read-only directory (here a parent that is a file: the same OSError for root too): the block
+    runs unlocked instead of failing."""
+    from hierarchos.io import path_lock
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    ran = []
+    with path_lock(blocker / "cache"):
+        ran.append(True)
+    assert ran == [True]
 
 def test_path_lock_a_waiter_left_with_a_removed_file_locks_the_new_one(tmp_path):
     """The holder removes the lock file before letting go, so the waiter that was blocked on it then
     holds a lock on a file no longer at the path: it must start over on the file at the path, or a
     third process (which makes a new file) would get in beside it."""
-    import threading
-    import time
-
     from hierarchos.io import path_lock
 
     target = tmp_path / "cache"

@@ -190,9 +190,9 @@ def test_q_losses_by_hand():
     assert float(halt_only) == float(halt) and float(none) == 0.0
 
 
-def _trainer(model, puzzles, **cfg):
+def _trainer(model, puzzles, device="cpu", **cfg):
     base = dict(epochs=1, batch_size=4, starting_lr=1e-3, min_lr=1e-4, augment=False, puzzle_emb_lr=0.01)
-    return PuzzleTrainer(model, puzzles, PuzzleTrainConfig(**{**base, **cfg}), torch.device("cpu"),
+    return PuzzleTrainer(model, puzzles, PuzzleTrainConfig(**{**base, **cfg}), torch.device(device),
                          log=lambda line: None)
 
 

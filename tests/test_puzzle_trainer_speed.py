@@ -68,10 +68,9 @@ def _setup(seed: int, dtype=torch.float64, puzzles: int = 12, max_segments: int 
     logs = {name: [] for name in names}
     trainers = {}
     for name in logs:
-        trainer = _trainer(copy.deepcopy(model).to(device), data, batch_size=5, epochs=3,
+        trainer = _trainer(copy.deepcopy(model).to(device), data, device, batch_size=5, epochs=3,
                            cuda_graphs=name == "graphed", puzzle_emb_lr=0.05, amp=False)  # float32 on CUDA too
         trainer.log = logs[name].append
-        trainer.device = torch.device(device)
         if device == "cpu":
             trainer.graph_recorder = record_eagerly
         trainers[name] = trainer
