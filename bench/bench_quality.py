@@ -600,28 +600,55 @@ def _load_model(model_dir: str, device):
     return model.eval()
 
 
-def recall_accuracy(model, docs: list, seq_len: int, device) -> dict:
-    """Teacher-forced greedy accuracy of every query's 6 digits (a query counts when all 6 are right),
-    the model reading each document in windows of `seq_len` with its state carried."""
+def _score_recall(docs: list, preds: list) -> dict:
+    """preds[i][p]: doc i's greedy guess for its token p + 1; a query counts when all 6 digits are right."""
     exact, digits, n = 0, 0, 0
+    for doc, pred in zip(docs, preds):
+        for offset, value in doc["answers"]:
+            got = bytes(int(pred[offset + i - 1]) for i in range(len(value))).decode("latin-1")
+            right = sum(a == b for a, b in zip(got, value))
+            digits += right
+            exact += right == len(value)
+            n += 1
+    return dict(query_accuracy=exact / max(1, n), digit_accuracy=digits / max(1, 6 * n), queries=n,
+                chance_digit=0.1)
+
+
+def recall_accuracy_reference(model, docs: list, seq_len: int, device) -> dict:
+    """Teacher-forced greedy accuracy of every query's 6 digits, one document at a time, read in
+    windows of `seq_len` with the state carried (the reference of `recall_accuracy`)."""
+    preds = []
     with torch.no_grad():
         for doc in docs:
             ids = byte_tokens([doc["text"]])[:-1]
-            state, preds = None, []
+            state, pred = None, []
             for start in range(0, len(ids), seq_len):
-                x = torch.as_tensor(ids[start:start + seq_len])[None].to(device)
-                out = model(x, state)
+                out = model(torch.as_tensor(ids[start:start + seq_len])[None].to(device), state)
                 state = out.state
-                preds.append(out.logits[0].argmax(-1).cpu())
-            pred = torch.cat(preds).numpy()  # pred[p] is the guess for token p + 1
-            for offset, value in doc["answers"]:
-                got = bytes(int(pred[offset + i - 1]) for i in range(len(value))).decode("latin-1")
-                right = sum(a == b for a, b in zip(got, value))
-                digits += right
-                exact += right == len(value)
-                n += 1
-    return dict(query_accuracy=exact / max(1, n), digit_accuracy=digits / max(1, 6 * n), queries=n,
-                chance_digit=0.1)
+                pred.append(out.logits[0].argmax(-1).cpu())
+            preds.append(torch.cat(pred).numpy())
+    return _score_recall(docs, preds)
+
+
+def recall_accuracy(model, docs: list, seq_len: int, device, rows: int = 64) -> dict:
+    """`recall_accuracy_reference` with up to `rows` documents read side by side (one row each, the
+    shorter ones padded at their end: a causal model's guesses before the padding do not see it)."""
+    preds = []
+    with torch.no_grad():
+        for first in range(0, len(docs), rows):
+            ids = [byte_tokens([doc["text"]])[:-1] for doc in docs[first:first + rows]]
+            length = max(len(i) for i in ids)
+            batch = torch.full((len(ids), length), ord("\n"), dtype=torch.long)
+            for r, i in enumerate(ids):
+                batch[r, :len(i)] = torch.as_tensor(i)
+            state, pred = None, []
+            for start in range(0, length, seq_len):
+                out = model(batch[:, start:start + seq_len].to(device), state)
+                state = out.state
+                pred.append(out.logits.argmax(-1).cpu())
+            pred = torch.cat(pred, dim=1).numpy()
+            preds += [pred[r, :len(i)] for r, i in enumerate(ids)]
+    return _score_recall(docs, preds)
 
 
 def table_recall(args, corpus) -> dict:
@@ -645,7 +672,7 @@ def table_recall(args, corpus) -> dict:
     for label, overrides in (("memory on", {}), ("memory writes off", MEMORY_OFF)):
         r = train_hierarchos(args, rcorpus, hierarchos_fields(args, **overrides), lr, "recall-" + label.replace(" ", "_"),
                              train_file=train_file, val_file=val_file)
-        acc = recall_accuracy(_load_model(r["model_dir"], device), test_docs, args.seq_len, device)
+        acc = recall_accuracy(_load_model(r["model_dir"], device), test_docs, args.seq_len, device, args.eval_rows)
         out[label] = {**acc, "val_bpb": r["val_bpb"], "lr": lr}
         print(f"  {label:18s} query accuracy {acc['query_accuracy']:.3f}  digit accuracy {acc['digit_accuracy']:.3f}"
               f"  ({acc['queries']} queries, gap {args.recall_gap} bytes)")
@@ -670,7 +697,7 @@ def correlations(x: np.ndarray, y: np.ndarray) -> dict:
                 n=len(x))
 
 
-def ponder_and_loss(model, tokens: np.ndarray, device) -> tuple[np.ndarray, np.ndarray]:
+def ponder_and_loss_reference(model, tokens: np.ndarray, device) -> tuple[np.ndarray, np.ndarray]:
     """Step form, one token at a time: each token's loss on the next token and the halting steps of the
     plan point that leads it (the latest plan point at or before it; averaged over the rounds)."""
     steps, losses, state, current = [], [], None, float("nan")
@@ -687,6 +714,46 @@ def ponder_and_loss(model, tokens: np.ndarray, device) -> tuple[np.ndarray, np.n
     return np.array(steps), np.array(losses)
 
 
+def ponder_and_loss(model, tokens: np.ndarray, device, seq_len: int, rows: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """`ponder_and_loss_reference` in the parallel form: the tokens cut into `rows` equal pieces read
+    side by side (each from a fresh state), in windows of `seq_len` with the state carried, the
+    halting steps of every plan point taken from the reasoner's `halting_record` (averaged over the
+    rounds) and spread to the tokens it leads. Returns the rows one after another; with rows=1 the
+    reference's arrays (the parallel and step forms compute the same function)."""
+    n = (len(tokens) - 1) // rows
+    x_all = torch.as_tensor(np.stack([tokens[r * n:r * n + n] for r in range(rows)]))
+    y_all = torch.as_tensor(np.stack([tokens[r * n + 1:r * n + n + 1] for r in range(rows)]))
+    stride = model.cfg.h_stride
+    steps, losses = np.full((rows, n), np.nan), np.empty((rows, n))
+    current = np.full(rows, np.nan)  # the halting steps of the latest plan point read so far
+    reasoner, state = model.reasoner, None
+    reasoner.halting_record = []
+    try:
+        with torch.no_grad():
+            for start in range(0, n, seq_len):
+                x, y = x_all[:, start:start + seq_len].to(device), y_all[:, start:start + seq_len].to(device)
+                T = x.shape[1]
+                reasoner.halting_record.clear()
+                out = model(x, state)
+                state = out.state
+                losses[:, start:start + T] = F.cross_entropy(out.logits.float().transpose(1, 2), y,
+                                                             reduction="none").cpu().numpy()
+                window = np.full((rows, T), np.nan)
+                window[:, 0] = current
+                if reasoner.halting_record:  # (rounds, rows, P): the plan points of this window
+                    per_point = torch.stack(reasoner.halting_record).float().mean(0).cpu().numpy()
+                    points = range((stride - 1 - start) % stride, T, stride)
+                    for k, j in enumerate(points):
+                        window[:, j] = per_point[:, k]
+                for j in range(1, T):  # each token takes its latest plan point's steps
+                    window[:, j] = np.where(np.isnan(window[:, j]), window[:, j - 1], window[:, j])
+                steps[:, start:start + T] = window
+                current = window[:, -1]
+    finally:
+        reasoner.halting_record = None
+    return steps.reshape(-1), losses.reshape(-1)
+
+
 def trained_default(args, corpus) -> dict:
     return sweep(args, corpus, "hierarchos-default", hierarchos_fields(args))["best"]
 
@@ -696,7 +763,7 @@ def table_act(args, corpus) -> dict:
     device = torch.device(args.device)
     model = _load_model(best["model_dir"], device)
     tokens = byte_tokens(read_texts(Path(args.corpus_dir) / corpus["val"]["file"]))[:args.act_tokens + 1]
-    steps, losses = ponder_and_loss(model, tokens, device)
+    steps, losses = ponder_and_loss(model, tokens, device, args.seq_len, rows=args.eval_rows)
     live = ~np.isnan(steps)
     out = dict(correlations(steps[live], losses[live]), mean_steps=float(steps[live].mean()),
                steps_histogram={str(int(k)): int(v) for k, v in zip(*np.unique(np.round(steps[live]), return_counts=True))},
@@ -706,9 +773,11 @@ def table_act(args, corpus) -> dict:
     return out
 
 
-def hierarchos_bpb_at_context(model, tokens: np.ndarray, val_bytes: int, seq_len: int, context: int, device) -> float:
+def hierarchos_bpb_at_context_reference(model, tokens: np.ndarray, val_bytes: int, seq_len: int, context: int,
+                                        device) -> float:
     """Bits per byte over the validation tokens with the state reset every `context` tokens (windows of
-    `seq_len` inside each segment, the state carried between them)."""
+    `seq_len` inside each segment, the state carried between them), one segment at a time (the
+    reference of `hierarchos_bpb_at_context`)."""
     nll = 0.0
     with torch.no_grad():
         for seg in range(0, len(tokens) - 1, context):
@@ -722,6 +791,29 @@ def hierarchos_bpb_at_context(model, tokens: np.ndarray, val_bytes: int, seq_len
     return nll / math.log(2) / val_bytes
 
 
+def hierarchos_bpb_at_context(model, tokens: np.ndarray, val_bytes: int, seq_len: int, context: int, device,
+                              rows: int = 64) -> float:
+    """`hierarchos_bpb_at_context_reference` with up to `rows` whole segments read side by side (every
+    segment starts at position 0 from a fresh state, so they are independent rows); a last, shorter
+    segment is read alone."""
+    n_full = (len(tokens) - 1) // context
+    segments = [tokens[i * context:i * context + context + 1] for i in range(n_full)]
+    groups = [np.stack(segments[i:i + rows]) for i in range(0, n_full, rows)]
+    if n_full * context < len(tokens) - 1:
+        groups.append(tokens[n_full * context:][None])
+    nll = 0.0
+    with torch.no_grad():
+        for group in groups:
+            piece = torch.as_tensor(group)
+            state = None
+            for start in range(0, piece.shape[1] - 1, seq_len):
+                w = piece[:, start:start + seq_len + 1].to(device)
+                out = model(w[:, :-1], state)
+                state = out.state
+                nll += F.cross_entropy(out.logits.float().transpose(1, 2), w[:, 1:], reduction="sum").item()
+    return nll / math.log(2) / val_bytes
+
+
 def table_length(args, corpus) -> dict:
     best = trained_default(args, corpus)
     device = torch.device(args.device)
@@ -731,7 +823,7 @@ def table_length(args, corpus) -> dict:
     out = {"hierarchos": {}, "gpt2": {}}
     for factor in (1, 4, 16):
         out["hierarchos"][f"{factor}x"] = hierarchos_bpb_at_context(model, tokens, val_bytes, args.seq_len,
-                                                                  factor * args.seq_len, device)
+                                                                  factor * args.seq_len, device, args.eval_rows)
         out["gpt2"][f"{factor}x"] = None if factor > 1 else "see main table (its validation is at 1x)"
     out["gpt2_note"] = (f"GPT-2 has {args.seq_len} learned positions (its training length) and cannot read "
                         "a longer context")
@@ -770,12 +862,16 @@ def main(argv=None) -> int:
     p.add_argument("--recall-test-docs", type=int, default=None)
     p.add_argument("--recall-facts", type=int, default=8)
     p.add_argument("--recall-gap", type=int, default=None, help="bytes (= tokens) between the facts and the queries")
-    p.add_argument("--act-tokens", type=int, default=None)
+    p.add_argument("--act-tokens", type=int, default=None, help="act: held-out tokens (all rows together)")
+    p.add_argument("--eval-rows", type=int, default=None,
+                   help="act, length, recall: rows a trained model reads side by side (recall documents, "
+                        "length segments, act pieces)")
     args = p.parse_args(argv)
     sizes = (dict(width=32, seq_len=32, batch=2, tokens=1024, val_bytes=512, lrs=[2e-3], log_every=4,
-                  recall_docs=2, recall_test_docs=1, recall_gap=256, act_tokens=32) if args.tiny else
+                  recall_docs=2, recall_test_docs=1, recall_gap=256, act_tokens=32, eval_rows=2) if args.tiny else
              dict(width=512, seq_len=512, batch=32, tokens=20_000_000, val_bytes=1_000_000, lrs=[2.5e-4, 5e-4, 1e-3],
-                  log_every=20, recall_docs=1000, recall_test_docs=50, recall_gap=20_000, act_tokens=4096))
+                  log_every=20, recall_docs=1000, recall_test_docs=50, recall_gap=20_000, act_tokens=262_144,
+                  eval_rows=64))
     for name, value in sizes.items():
         if getattr(args, name) is None:
             setattr(args, name, value)

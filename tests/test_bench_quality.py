@@ -143,3 +143,126 @@ def test_rank_correlation_by_hand():
     c = bq.correlations(x, y)
     assert c["spearman"] == pytest.approx(np.corrcoef([0, 1.5, 1.5, 3], [0, 2, 1, 3])[0, 1])
     assert bq.correlations(np.ones(5), np.arange(5.0))["pearson"] is None
+
+
+def _tiny_model(seed: int, calibrate_on: np.ndarray | None = None, **overrides):
+    """A random tiny hierarchos over the byte vocabulary, in float64 (the forms compared below agree to
+    rounding). With `calibrate_on` (token ids), its ACT halting head is scaled up and centred on those
+    tokens' halting logits, so that plan points halt after different numbers of passes."""
+    import torch
+
+    from hierarchos.config import tiny_config
+    from hierarchos.model.lm import HierarchosLM
+
+    torch.manual_seed(seed)
+    cfg = tiny_config(vocab_size=260, max_h_steps=4, h_stride=3, h_halt_thresh=0.6, **overrides)
+    model = HierarchosLM(cfg).double().eval()
+    halt = getattr(model.reasoner, "h_halt_proj", None)
+    if halt is not None and calibrate_on is not None:
+        with torch.no_grad():
+            halt.weight.mul_(120)
+            halt.bias.zero_()
+            logits = []
+            hook = halt.register_forward_hook(lambda module, args, out: logits.append(out.flatten()))
+            model(torch.as_tensor(calibrate_on)[None])
+            hook.remove()
+            halt.bias.fill_(-torch.cat(logits).mean().item())
+    return model
+
+
+def _random_text(seed: int, n: int) -> str:
+    rng = random.Random(seed)
+    return "".join(rng.choice("abc def\n=0123") for _ in range(n))
+
+
+@pytest.mark.parametrize("halting", ["act", "q"])
+def test_parallel_ponder_and_loss_is_the_step_form(halting):
+    """The act table's parallel form (halting steps from the reasoner's record, spread to the tokens
+    each plan point leads) gives the step-by-step reference's arrays, over several windows."""
+    import torch
+
+    seed = fresh_seed()
+    tokens = bq.byte_tokens([_random_text(seed, 200)])
+    for attempt in range(20):  # ACT: a model whose plan points halt after different numbers of passes
+        model = _tiny_model(seed + attempt, calibrate_on=tokens[:40], halting=halting)
+        steps, losses = bq.ponder_and_loss(model, tokens, torch.device("cpu"), seq_len=48)
+        if halting == "q" or len(np.unique(steps[~np.isnan(steps)])) > 1:
+            break
+    else:
+        pytest.fail(f"seed {seed}: no model of 20 halted after different numbers of passes")
+    ref_steps, ref_losses = bq.ponder_and_loss_reference(model, tokens, torch.device("cpu"))
+    assert np.array_equal(np.isnan(steps), np.isnan(ref_steps)), seed
+    live = ~np.isnan(ref_steps)
+    assert live.sum() > 190 and np.isnan(ref_steps[:2]).all(), seed  # the first plan point is token 2
+    np.testing.assert_allclose(steps[live], ref_steps[live], err_msg=str(seed))
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-6, err_msg=str(seed))  # both in float32
+    assert model.reasoner.halting_record is None  # the recording is switched off again
+
+
+def test_parallel_ponder_rows_are_independent_pieces():
+    import torch
+
+    seed = fresh_seed()
+    model = _tiny_model(seed)
+    tokens = bq.byte_tokens([_random_text(seed, 61)])  # 62 ids: two rows of 30, one id left over
+    steps, losses = bq.ponder_and_loss(model, tokens, torch.device("cpu"), seq_len=8, rows=2)
+    for r in range(2):
+        part = tokens[r * 30:r * 30 + 31]
+        ref_steps, ref_losses = bq.ponder_and_loss_reference(model, part, torch.device("cpu"))
+        np.testing.assert_allclose(steps[r * 30:(r + 1) * 30], ref_steps, err_msg=str(seed))
+        np.testing.assert_allclose(losses[r * 30:(r + 1) * 30], ref_losses, rtol=1e-6, err_msg=str(seed))
+
+
+@pytest.mark.parametrize("context", [8, 24])
+def test_batched_bits_per_byte_at_context_is_the_reference(context):
+    """Segments read side by side (rows of 2, a shorter last segment alone) give the one-segment-at-a-
+    time reference's bits per byte."""
+    import torch
+
+    seed = fresh_seed()
+    model = _tiny_model(seed)
+    text = _random_text(seed, 83)
+    tokens = bq.byte_tokens([text])
+    got = bq.hierarchos_bpb_at_context(model, tokens, len(text), 8, context, torch.device("cpu"), rows=2)
+    want = bq.hierarchos_bpb_at_context_reference(model, tokens, len(text), 8, context, torch.device("cpu"))
+    assert got == pytest.approx(want, rel=1e-6), seed  # losses summed in float32
+
+
+def test_batched_recall_accuracy_is_the_reference():
+    """Documents of different lengths read side by side (padded at their ends) are scored as the
+    one-document-at-a-time reference scores them; a model that copies facts scores 1."""
+    import torch
+
+    seed = fresh_seed()
+    model = _tiny_model(seed)
+    filler = "".join(f"line {i} of filler text\n" for i in range(200))
+    docs = bq.make_recall_docs(5, filler, n_facts=3, gap_bytes=40 + seed % 30, n_queries=3, seed=seed)
+    assert len({len(d["text"]) for d in docs}) > 1
+    got = bq.recall_accuracy(model, docs, 16, torch.device("cpu"), rows=2)
+    assert got == bq.recall_accuracy_reference(model, docs, 16, torch.device("cpu")), seed
+    assert got["queries"] == 15
+
+    class Oracle(torch.nn.Module):  # logits that put each document's next byte first
+        def __init__(self, docs):
+            super().__init__()
+            self.next = {}
+            for d in docs:
+                ids = bq.byte_tokens([d["text"]])
+                self.next[tuple(ids[:8].tolist())] = ids
+
+        def forward(self, x, state=None):
+            pos = 0 if state is None else state["pos"]
+            rows = []
+            for r in range(x.shape[0]):
+                ids = state["ids"][r] if state is not None else self.next[tuple(x[r, :8].tolist())]
+                rows.append(ids)
+            logits = torch.full((x.shape[0], x.shape[1], 260), -1.0)
+            for r, ids in enumerate(rows):
+                for t in range(x.shape[1]):
+                    if pos + t + 1 < len(ids):
+                        logits[r, t, ids[pos + t + 1]] = 1.0
+            return type("Out", (), dict(logits=logits, state={"pos": pos + x.shape[1], "ids": rows}))
+
+    oracle = Oracle(docs)
+    assert bq.recall_accuracy(oracle, docs, 16, torch.device("cpu"), rows=2)["query_accuracy"] == 1.0
+    assert bq.recall_accuracy_reference(oracle, docs, 16, torch.device("cpu"))["query_accuracy"] == 1.0

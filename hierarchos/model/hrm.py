@@ -78,6 +78,9 @@ class HierarchicalReasoner(nn.Module):
         self.l_input_proj = nn.Linear(2 * d, lh)
         self.l_drift_proj = nn.Linear(lh, d)
         self.l_to_out = nn.Linear(lh, d)
+        # instrumentation (benchmarks): a list here collects each pondering call's halting step of
+        # every plan point, (B, P) per round, in call order; None (the default) records nothing
+        self.halting_record: list | None = None
         with torch.no_grad():
             self.l_feedback_proj.weight.mul_(0.1)
             self.l_drift_proj.weight.mul_(0.1)
@@ -288,6 +291,8 @@ class HierarchicalReasoner(nn.Module):
             remainder = torch.where(active & ~stop, remainder * (1.0 - halt_prob), remainder)
             halted = halted | stop
         count = float(B * P) if count is None else count
+        if self.halting_record is not None:
+            self.halting_record.append(halting_step.detach())
         _add(totals, "ponder", expected_steps.sum(), count)
         _add(totals, "manager_steps", halting_step.sum(), count)
         return self.h_to_context(mix), states
@@ -334,6 +339,8 @@ class HierarchicalReasoner(nn.Module):
             halted = halted | stop
             prev_continue = q_continue
         count = float(B * P) if count is None else count
+        if self.halting_record is not None:
+            self.halting_record.append(halting_step.detach())
         _add(totals, "q_continue", continue_loss, count)
         _add(totals, "manager_steps", halting_step.sum(), count)
         return self.h_to_context(chosen), states, halt_logit
