@@ -31,6 +31,11 @@ generator (the step's cost depends on shapes, not on how hard a puzzle is).
 
     python bench/bench_puzzles.py --device cpu --tiny --time-steps 5 --rounds 5 --models hierarchos-rwkv7
     python bench/bench_puzzles.py --device cuda --time-steps 10 --rounds 3 --models hierarchos-rwkv7
+
+`--compile` runs hierarchos' RWKV blocks through torch.compile (`compile_blocks`, as `puzzle train
+--compile` does): with `--time-steps` as one more variant (the fast step, with its graphs on CUDA,
+on compiled blocks), in a training run for every model that has RWKV blocks (the calibration too).
+`--compile-backend aot_eager` traces without generating code (the CPU tests).
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ from hierarchos.model.losses import LossWeights  # noqa: E402
 from hierarchos.model.puzzle import (PuzzleConfig, PuzzleOutput, PuzzleSolver, default_puzzle_base,  # noqa: E402
                                      puzzle_model_config)
 from hierarchos.model.puzzle_embedding import PuzzleEmbedding  # noqa: E402
+from hierarchos.model.rwkv import compile_blocks  # noqa: E402
 from hierarchos.train.puzzle_trainer import PuzzleTrainConfig, PuzzleTrainer, evaluate_puzzles  # noqa: E402
 
 
@@ -190,6 +196,8 @@ def seconds_per_step(model: nn.Module, train_set, args, device) -> dict:
 
     def timed(steps: int) -> float:
         trial = copy.deepcopy(model)
+        if args.compile:
+            compile_blocks(trial, backend=args.compile_backend)
         trainer = PuzzleTrainer(trial, train_set, train_config(args, steps, len(train_set.inputs)), device,
                                 log=lambda line: None)
         trainer.log_metrics = lambda record: None
@@ -281,6 +289,8 @@ def time_steps(args, models: dict, train_set, device) -> dict:
     variants = {"reference": dict(fast_step=False), "fast": dict(cuda_graphs=False)}
     if device.type == "cuda":
         variants["fast+graphs"] = dict(cuda_graphs=True)
+    if args.compile:  # the fastest step above, on compiled blocks
+        variants[list(variants)[-1] + "+compile"] = dict(variants[list(variants)[-1]])
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     results = {}
     for name, model in models.items():
@@ -289,7 +299,10 @@ def time_steps(args, models: dict, train_set, device) -> dict:
         for variant, extra in variants.items():
             cfg = PuzzleTrainConfig(epochs=10**6, batch_size=args.batch_size, starting_lr=args.lr,
                                     min_lr=args.lr / 10, augment=args.augment, seed=args.seed, **extra)
-            trainers[variant] = PuzzleTrainer(copy.deepcopy(model), train_set, cfg, device, log=lambda line: None)
+            copied = copy.deepcopy(model)
+            if variant.endswith("+compile"):
+                compile_blocks(copied, backend=args.compile_backend)
+            trainers[variant] = PuzzleTrainer(copied, train_set, cfg, device, log=lambda line: None)
 
         def steps(trainer, count):
             updates = trainer.updates
@@ -395,6 +408,9 @@ def main(argv=None) -> int:
     p.add_argument("--time-steps", type=int, default=None, metavar="N",
                    help="time the training step instead (N steps per round and variant; see the docstring)")
     p.add_argument("--rounds", type=int, default=3, help="--time-steps rounds (the variants alternate)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile hierarchos' RWKV blocks (a --time-steps variant; a training run's models)")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend for --compile")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/puzzles[-tiny].json)")
@@ -459,6 +475,8 @@ def main(argv=None) -> int:
                   f"s) -> {args.steps} steps in {args.minutes:g} min, for every model", flush=True)
         steps = args.steps
         cfg = train_config(args, steps, len(train_set.inputs))
+        if args.compile:
+            compile_blocks(model, backend=args.compile_backend)
         trainer = PuzzleTrainer(model, train_set, cfg, device, log=lambda line: print(line, file=sys.stderr))
 
         def log_metrics(record, name=name):

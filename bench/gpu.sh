@@ -37,7 +37,8 @@
 #              finished run comes back in quality_runs.tgz (unpack it into .device_cache/quality_runs to resume)
 #   puzzles    9x9 Sudoku (bench_puzzles.py): generate 1,000 + 1,000 hard puzzles (or reuse the carried
 #              .device_cache/sudoku), time the training step (reference loop, fast step, CUDA-graph segments;
-#              PUZZLE_TIME_STEPS=0 skips it), then hierarchos RWKV-7 + the same-size Transformer (same steps) beside
+#              PUZZLE_TIME_STEPS=0 skips it; PUZZLE_COMPILE=1 adds compiled RWKV blocks, to the timing as one more
+#              variant and to the training runs), then hierarchos RWKV-7 + the same-size Transformer (same steps) beside
 #              hierarchos attention stacks, two processes sharing the GPU, each sized to PUZZLE_MINUTES of
 #              training (default 5); the data comes back in sudoku.tgz. Two suites can share the GPU:
 #              bash bench/gpu.sh quality & sleep 30; PUZZLE_WORKERS=8 bash bench/gpu.sh puzzles & wait
@@ -168,12 +169,13 @@ for suite in "$@"; do
       # worked? replays / eager_segments; graph pools' memory; weight difference from the reference)
       [ "${PUZZLE_TIME_STEPS:-5}" -gt 0 ] && timeout ${PUZZLE_TIME_TIMEOUT:-300} python3 bench/bench_puzzles.py \
         --device cuda --data $data --time-steps ${PUZZLE_TIME_STEPS:-5} --rounds 3 \
-        --models hierarchos-rwkv7 hierarchos-attention --out "$out/puzzles_step.json" 2>&1 | tee "$out/puzzles_step.log"
+        --models hierarchos-rwkv7 hierarchos-attention ${PUZZLE_COMPILE:+--compile} --out "$out/puzzles_step.json" 2>&1 \
+        | tee "$out/puzzles_step.log"
       m=${PUZZLE_MINUTES:-5}
       timeout ${PUZZLE_TIMEOUT:-540} python3 bench/bench_puzzles.py --device cuda --data $data --minutes $m \
-        --models hierarchos-rwkv7 transformer --out "$out/puzzles_rwkv7.json" > "$out/puzzles_rwkv7.log" 2>&1 &
+        ${PUZZLE_COMPILE:+--compile} --models hierarchos-rwkv7 transformer --out "$out/puzzles_rwkv7.json" > "$out/puzzles_rwkv7.log" 2>&1 &
       timeout ${PUZZLE_TIMEOUT:-540} python3 bench/bench_puzzles.py --device cuda --data $data --minutes $m \
-        --models hierarchos-attention --out "$out/puzzles_attention.json" > "$out/puzzles_attention.log" 2>&1 &
+        ${PUZZLE_COMPILE:+--compile} --models hierarchos-attention --out "$out/puzzles_attention.json" > "$out/puzzles_attention.log" 2>&1 &
       wait
       tail -n 12 "$out/puzzles_rwkv7.log" "$out/puzzles_attention.log" ;;
     quantmodel)

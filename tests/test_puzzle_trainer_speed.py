@@ -274,6 +274,47 @@ def test_bench_time_steps_counts_what_the_fast_step_removed(tmp_path):
     assert fast["max_abs_weight_diff"] == 0.0  # the same steps and draws: the reference's weights exactly
 
 
+def test_bench_time_steps_times_compiled_blocks_as_one_more_variant(tmp_path):
+    """--compile adds the fast step on compiled RWKV blocks (traced by aot_eager here: no code
+    generated), timed beside the others on the same steps and draws, ending at the reference's weights."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from hierarchos.model.rwkv import uncompile_blocks
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_puzzles.py"
+    spec = importlib.util.spec_from_file_location("bench_puzzles", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    compiled = []
+    original = bench.compile_blocks
+
+    def compile_and_record(model, backend="inductor"):
+        compiled.append((model, backend))
+        return original(model, backend=backend)
+
+    bench.compile_blocks = compile_and_record
+    out = tmp_path / "time.json"
+    import torch._dynamo.utils
+
+    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    try:
+        assert bench.main(["--tiny", "--device", "cpu", "--time-steps", "1", "--rounds", "1", "--batch-size", "4",
+                           "--models", "hierarchos-rwkv7", "--compile", "--compile-backend", "aot_eager",
+                           "--out", str(out)]) == 0
+    finally:
+        for model, _ in compiled:
+            uncompile_blocks(model)
+    rows = json.loads(out.read_text())["results"]["hierarchos-rwkv7"]["variants"]
+    assert set(rows) == {"reference", "fast", "fast+compile"}
+    assert len(compiled) == 1 and compiled[0][1] == "aot_eager"  # only the compiled variant's copy
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > before  # its blocks were traced
+    assert rows["fast+compile"]["ms_per_step_best"] > 0
+    assert rows["fast+compile"]["segments_per_step"] == rows["fast"]["segments_per_step"]
+    assert rows["fast+compile"]["max_abs_weight_diff"] < 1e-5
+
+
 def test_a_third_batch_size_runs_eagerly_and_still_equals_the_reference():
     seed = fresh_seed()
     trainers, _ = _setup(seed)
