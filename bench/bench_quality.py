@@ -312,8 +312,11 @@ def train_hierarchos(args, corpus: dict, fields: dict, lr: float, name: str, tra
                 train=train_file or corpus["train"]["file"], val=val_file or corpus["val"]["file"],
                 train_sha=corpus["train"]["sha256"], device=args.device, compile=args.compile,
                 validation="batch-rows")  # `train` validates over --batch_size rows (was one row)
-    if ModelConfig(**fields).max_l_steps > 0:  # the worker's last shadow pass records a graph (hrm.py; was none)
+    model_cfg = ModelConfig(**fields)
+    if model_cfg.max_l_steps > 0:  # the worker's last shadow pass records a graph (hrm.py; was none)
         spec["shadow_gradient"] = "last-pass"
+    if model_cfg.max_h_steps > 1:  # every pondering pass records a one-step graph (hrm.py; was the last only)
+        spec["ponder_gradient"] = "every-pass"
 
     def run() -> dict:
         from hierarchos.data.tokenizers import build_byte_tokenizer

@@ -30,6 +30,7 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <deque>
@@ -420,16 +421,7 @@ public:
         check(tm, {L, B, C}, "tm_shift");
         check(cm, {L, B, C}, "cm_shift");
         check(wkv, {L, B, H, N, N}, "wkv");
-        std::vector<FloatArray> gate_arrays;
-        if (!gates.is_none()) {
-            for (const py::handle gate : gates.cast<py::list>()) {
-                gate_arrays.push_back(FloatArray::ensure(gate));
-                if (!gate_arrays.back()) throw py::value_error("RwkvStackStep.step: a gate is not a float array");
-                check(gate_arrays.back(), {B, F_}, "a DeepEmbed gate");
-            }
-            if (static_cast<int64_t>(gate_arrays.size()) != L)
-                throw py::value_error("RwkvStackStep.step: one DeepEmbed gate per layer");
-        }
+        std::vector<FloatArray> gate_arrays = parse_gates(gates, B, "RwkvStackStep.step");
         std::vector<uint8_t> frozen_rows(static_cast<size_t>(B), 0);
         if (!frozen.is_none()) {
             auto f = py::array_t<bool, py::array::c_style | py::array::forcecast>::ensure(frozen);
@@ -437,8 +429,7 @@ public:
             for (int64_t b = 0; b < B; ++b) frozen_rows[b] = f.data()[b] ? 1 : 0;
         }
         py::array_t<float> x_out({B, C}), tm_out({L, B, C}), cm_out({L, B, C}), wkv_out({L, B, H, N, N});
-        std::vector<const float *> gate_ptrs;
-        for (const FloatArray &g : gate_arrays) gate_ptrs.push_back(g.data());
+        const std::vector<const float *> gate_ptrs = pointers(gate_arrays);
         const float *px = x.data(), *ptm = tm.data(), *pcm = cm.data(), *pwkv = wkv.data();
         float *ox = x_out.mutable_data(), *otm = tm_out.mutable_data(), *ocm = cm_out.mutable_data();
         float *owkv = wkv_out.mutable_data();
@@ -451,7 +442,155 @@ public:
         return py::make_tuple(x_out, tm_out, wkv_out, cm_out);
     }
 
+    // The worker's shadow passes at T = 1 (hierarchos/model/hrm.py, HierarchicalReasoner._explore; this
+    // stack is the worker): with drift = 0 and no row frozen, pass p (skipped once every row is frozen,
+    // p > 0) runs x = lin_in([u, context + drift]) through the stack on shadow state p (frozen rows
+    // write nothing), step = tanh(lin_drift(x')) on unfrozen rows, drift += step, and a row whose
+    // max |step| < atol is frozen; after every pass, skipped or not, the commitment adds
+    // sum over rows of relu(|drift|^2 - threshold). lin_in / lin_drift: (data, qtype, cols, bias or
+    // None), quantized (lh x 2d) and (d x lh). states: one (tm_shift, wkv, cm_shift) per pass.
+    // Returns (drift, new states (None for a skipped pass: its state stays), rows run summed over the passes,
+    // the commitment summed over the passes), the projections on the same integer matvecs as the
+    // Python path, the passes as `step`.
+    py::tuple shadow(const FloatArray &u, const FloatArray &context, const py::list &states, const py::tuple &lin_in,
+                     const py::tuple &lin_drift, float atol, float threshold, const py::object &gates) {
+        const int64_t L = n_layers(), C = C_, H = H_, N = N_;
+        if (u.ndim() != 2 || context.ndim() != 2 || context.shape(0) != u.shape(0) || context.shape(1) != u.shape(1))
+            throw py::value_error("RwkvStackStep.shadow: u and context must be two (B, d) arrays");
+        const int64_t B = u.shape(0), D = u.shape(1), P = static_cast<int64_t>(states.size());
+        const Linear in = linear(lin_in, C, 2 * D, "lin_in"), drift_proj = linear(lin_drift, D, C, "lin_drift");
+        std::vector<FloatArray> gate_arrays = parse_gates(gates, B, "RwkvStackStep.shadow");
+        const std::vector<const float *> gate_ptrs = pointers(gate_arrays);
+        std::vector<std::array<FloatArray, 3>> in_states;
+        for (const py::handle item : states) {
+            const py::tuple t = item.cast<py::tuple>();
+            if (t.size() != 3) throw py::value_error("RwkvStackStep.shadow: a state is (tm_shift, wkv, cm_shift)");
+            std::array<FloatArray, 3> a{FloatArray::ensure(t[0]), FloatArray::ensure(t[1]), FloatArray::ensure(t[2])};
+            if (!a[0] || !a[1] || !a[2] || a[0].size() != L * B * C || a[2].size() != L * B * C ||
+                a[1].size() != L * B * H * N * N)
+                throw py::value_error("RwkvStackStep.shadow: a state does not fit this stack and batch");
+            in_states.push_back(std::move(a));
+        }
+        std::vector<std::array<py::array_t<float>, 3>> out_states;
+        for (int64_t p = 0; p < P; ++p)
+            out_states.push_back({py::array_t<float>({L, B, C}), py::array_t<float>({L, B, H, N, N}),
+                                  py::array_t<float>({L, B, C})});
+        std::vector<std::array<const float *, 3>> in_ptrs;
+        std::vector<std::array<float *, 3>> out_ptrs;
+        for (int64_t p = 0; p < P; ++p) {
+            in_ptrs.push_back({in_states[p][0].data(), in_states[p][1].data(), in_states[p][2].data()});
+            out_ptrs.push_back({out_states[p][0].mutable_data(), out_states[p][1].mutable_data(),
+                                out_states[p][2].mutable_data()});
+        }
+        py::array_t<float> drift_out({B, D});
+        float *drift = drift_out.mutable_data();
+        std::vector<uint8_t> ran(static_cast<size_t>(P), 0);
+        int64_t rows_run = 0;
+        double commitment = 0.0;
+        {
+            py::gil_scoped_release release;
+            std::lock_guard<std::mutex> lock(mutex_);
+            PoolHold hold;
+            std::vector<float> x_in(static_cast<size_t>(B * 2 * D)), x(static_cast<size_t>(B * C)),
+                z(static_cast<size_t>(B * C)), step(static_cast<size_t>(B * D));
+            std::vector<uint8_t> frozen(static_cast<size_t>(B), 0), none(static_cast<size_t>(B), 0);
+            std::fill(drift, drift + B * D, 0.0f);
+            const float *pu = u.data(), *pc = context.data();
+            for (int64_t p = 0; p < P; ++p) {
+                const bool all_frozen = std::all_of(frozen.begin(), frozen.end(), [](uint8_t f) { return f != 0; });
+                if (!(p > 0 && all_frozen)) {
+                    ran[p] = 1;
+                    for (int64_t b = 0; b < B; ++b) {
+                        rows_run += frozen[b] ? 0 : 1;
+                        std::copy(pu + b * D, pu + (b + 1) * D, x_in.data() + b * 2 * D);
+                        for (int64_t i = 0; i < D; ++i) x_in[b * 2 * D + D + i] = pc[b * D + i] + drift[b * D + i];
+                    }
+                    apply(in, x_in.data(), B, x.data());
+                    const std::array<const float *, 3> &s = in_ptrs[p];
+                    const std::array<float *, 3> &o = out_ptrs[p];
+                    run(B, x.data(), s[0], s[1], s[2], gate_ptrs, p > 0 ? frozen.data() : none.data(), z.data(), o[0], o[1],
+                        o[2]);
+                    apply(drift_proj, z.data(), B, step.data());
+                    for (int64_t b = 0; b < B; ++b) {
+                        float top = 0.0f;
+                        for (int64_t i = 0; i < D; ++i) {
+                            const float v = frozen[b] ? 0.0f : std::tanh(step[b * D + i]);
+                            drift[b * D + i] += v;
+                            top = std::max(top, std::fabs(v));
+                        }
+                        if (top < atol) frozen[b] = 1;
+                    }
+                }
+                for (int64_t b = 0; b < B; ++b) {
+                    double sq = 0.0;
+                    for (int64_t i = 0; i < D; ++i) sq += static_cast<double>(drift[b * D + i]) * drift[b * D + i];
+                    commitment += std::max(0.0, sq - threshold);
+                }
+            }
+        }
+        py::list new_states;
+        for (int64_t p = 0; p < P; ++p) {
+            if (ran[p]) new_states.append(py::make_tuple(out_states[p][0], out_states[p][1], out_states[p][2]));
+            else new_states.append(py::none());
+        }
+        return py::make_tuple(drift_out, new_states, rows_run, commitment);
+    }
+
 private:
+    struct Linear {
+        QMat m;
+        const float *bias = nullptr;
+        ByteArray data;
+        FloatArray bias_array;
+    };
+
+    // (data, qtype, cols, bias or None) of a quantized (rows x cols) projection, held for the call.
+    Linear linear(const py::tuple &spec, int64_t rows, int64_t cols, const char *name) {
+        const std::string where = std::string("RwkvStackStep.shadow: ") + name;
+        if (spec.size() != 4) throw py::value_error(where + " must be (data, qtype, cols, bias)");
+        Linear l;
+        l.data = ByteArray::ensure(spec[0]);
+        l.m = QMat{parse_qtype(spec[1].cast<std::string>()), nullptr, rows, cols};
+        if (!l.data || l.data.ndim() != 2 || l.data.shape(0) != rows || spec[2].cast<int64_t>() != cols ||
+            cols % block_size(l.m.t) || l.data.shape(1) != cols / block_size(l.m.t) * block_bytes(l.m.t))
+            throw py::value_error(where + " is not a (" + std::to_string(rows) + ", " + std::to_string(cols) +
+                                  ") quantized matrix");
+        l.m.data = l.data.data();
+        if (!spec[3].is_none()) {
+            l.bias_array = FloatArray::ensure(spec[3]);
+            if (!l.bias_array || l.bias_array.size() != rows) throw py::value_error(where + ": bias has the wrong size");
+            l.bias = l.bias_array.data();
+        }
+        return l;
+    }
+
+    // y (B, rows) = x (B, cols) W^T (+ bias), as QuantLinear computes it
+    static void apply(const Linear &l, const float *x, int64_t B, float *y) {
+        matmul(l.m.t, l.m.data, l.m.rows, l.m.cols, x, B, y);
+        if (l.bias)
+            for (int64_t b = 0; b < B; ++b)
+                for (int64_t i = 0; i < l.m.rows; ++i) y[b * l.m.rows + i] += l.bias[i];
+    }
+
+    std::vector<FloatArray> parse_gates(const py::object &gates, int64_t B, const char *where) const {
+        std::vector<FloatArray> arrays;
+        if (gates.is_none()) return arrays;
+        for (const py::handle gate : gates.cast<py::list>()) {
+            arrays.push_back(FloatArray::ensure(gate));
+            if (!arrays.back() || arrays.back().ndim() != 2 || arrays.back().shape(0) != B || arrays.back().shape(1) != F_)
+                throw py::value_error(std::string(where) + ": a DeepEmbed gate is not a (B, ffn_dim) float array");
+        }
+        if (static_cast<int64_t>(arrays.size()) != n_layers())
+            throw py::value_error(std::string(where) + ": one DeepEmbed gate per layer");
+        return arrays;
+    }
+
+    static std::vector<const float *> pointers(const std::vector<FloatArray> &arrays) {
+        std::vector<const float *> out;
+        for (const FloatArray &a : arrays) out.push_back(a.data());
+        return out;
+    }
+
     const float *vec(const py::dict &d, const char *name, int64_t size) {
         if (!d.contains(name)) throw py::value_error(std::string("RwkvStackStep: layer lacks '") + name + "'");
         FloatArray a = FloatArray::ensure(d[name]);
@@ -689,7 +828,10 @@ void register_rwkv_step(py::module_ &m) {
         .def_property_readonly("n_layers", &RwkvStackStep::n_layers)
         .def("step", &RwkvStackStep::step, py::arg("x"), py::arg("tm_shift"), py::arg("wkv"), py::arg("cm_shift"),
              py::arg("gates") = py::none(), py::arg("frozen") = py::none(),
-             "x (B, dim), states (L, B, ...) -> (x, tm_shift, wkv, cm_shift), new arrays; inputs unchanged");
+             "x (B, dim), states (L, B, ...) -> (x, tm_shift, wkv, cm_shift), new arrays; inputs unchanged")
+        .def("shadow", &RwkvStackStep::shadow, py::arg("u"), py::arg("context"), py::arg("states"), py::arg("lin_in"),
+             py::arg("lin_drift"), py::arg("atol"), py::arg("threshold"), py::arg("gates") = py::none(),
+             "the worker's shadow passes at T = 1 -> (drift, states, rows run, commitment); see rwkv_step.cpp");
 }
 
 }  // namespace hk

@@ -4,7 +4,8 @@ The parity tests (tests/test_model.py) prove that the parallel and step forms ag
 what both compute: Graves-style ACT weights, expected steps and halting step for a fixed halting
 sequence; halted plan points frozen in later passes; plans reaching tokens strictly after their
 plan point, LERPed within the stride; the worker's drift update, freezing rule and commitment
-cost; and HRM's one-step gradient (only the last `grad_steps` passes of each loop record a graph).
+cost; and HRM's one-step gradient (only the last `grad_steps` passes of the rounds and of the
+worker's shadow loop record a graph; every pondering pass records one, one step deep).
 The stacks are replaced by stubs whose outputs are known, so every expectation is arithmetic.
 """
 
@@ -434,9 +435,10 @@ def test_two_calls_carry_every_part_of_the_state_like_one_call():
 @pytest.mark.parametrize("h_cycles,max_h_steps,max_l_steps,grad_steps",
                          [(2, 3, 2, 1), (3, 2, 3, 2), (1, 1, 0, 1), (2, 2, 2, 3)])
 def test_one_step_gradient_only_the_last_passes_record_a_graph(h_cycles, max_h_steps, max_l_steps, grad_steps):
-    """HRM's one-step gradient: in each loop (rounds; pondering passes; the worker's shadow passes)
-    only the last `grad_steps` run with gradients, and the commit pass of a gradient round always
-    does; every other pass runs under no_grad."""
+    """HRM's one-step gradient: in each loop (rounds; the worker's shadow passes) only the last
+    `grad_steps` run with gradients, and the commit pass of a gradient round always does; every
+    pondering pass of a gradient round records one (each plan point's plan ends at its own halting
+    pass); every other pass runs under no_grad."""
     model = reasoner(h_cycles=h_cycles, max_h_steps=max_h_steps, max_l_steps=max_l_steps, grad_steps=grad_steps,
                      h_halt_thresh=1.0, l_conv_atol=0.0, h_stride=1)
     real_manager, real_worker = model.manager, model.worker
@@ -457,14 +459,53 @@ def test_one_step_gradient_only_the_last_passes_record_a_graph(h_cycles, max_h_s
     for r in range(h_cycles):
         round_grad = r >= h_cycles - grad_steps
         expected.append(("H", round_grad))  # watch
-        expected += [("H", round_grad and p >= max_h_steps - grad_steps) for p in range(max_h_steps)]
+        expected += [("H", round_grad) for p in range(max_h_steps)]
         expected += [("L", round_grad and p >= max_l_steps - grad_steps) for p in range(max_l_steps)]
         expected.append(("L", round_grad))  # commit
     assert log == expected
-    # and the graph really is cut: the output's gradient reaches u, but no parameter used only under
-    # no_grad contributes (checked on the halting head when no pondering pass records a graph)
+    # and the output's gradient still reaches u through the passes that record a graph
     y.sum().backward()
     assert u.grad is not None and u.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("halting", ["act", "q"])
+def test_the_manager_learns_when_every_plan_point_halts_before_the_cap(halting):
+    """Every plan point halting at its first pass (ACT with a tiny threshold; a Q head whose halt logit
+    wins at once) still gives the manager and its watch pass a gradient: each point's plan ends at
+    its own halting pass, and that pass records a graph. With only the cap's pass recording one, this
+    gradient was exactly zero."""
+    model = reasoner(h_cycles=1, max_h_steps=4, max_l_steps=1, grad_steps=1, h_halt_thresh=0.01, halting=halting,
+                     h_stride=2)
+    if halting == "q":
+        with torch.no_grad():
+            model.h_q_head.bias.copy_(torch.tensor([5.0, -5.0]))  # halt beats continue at the first pass
+    T = 8
+    u = torch.randn(2, T, 16, dtype=torch.float64)
+    model.eval()  # (Q halting's exploration minimum is for training only)
+    with torch.enable_grad():
+        y, _, totals = model(u, torch.zeros(2, T, dtype=torch.long), model.init_state(2), 0)
+    assert float(totals["manager_steps"][0]) == float(totals["manager_steps"][1])  # every point: one pass
+    y.pow(2).sum().backward()
+    for name, p in model.manager.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert model.h_input_proj.weight.grad.abs().sum() > 0  # the watch pass's input
+
+
+@pytest.mark.parametrize("grad_steps", [1, 2])
+def test_each_pondering_pass_is_one_step_deep(grad_steps):
+    """A pondering pass takes the previous pass's refinement as a constant, except between the last
+    `grad_steps` passes, where the chain stays."""
+    n = 4
+    model = reasoner(h_cycles=1, max_h_steps=n, grad_steps=grad_steps, h_stride=1)
+    state = model.init_state(1)[0]["ponder"][0]
+    injected = torch.randn(1, 3, 16, dtype=torch.float64)
+    for p in range(n):
+        refinement = torch.randn(1, 3, 16, dtype=torch.float64, requires_grad=True)
+        z, _, _ = model._ponder_pass(p, injected, refinement, torch.zeros(1, 3, dtype=torch.long), state,
+                                     torch.zeros(1, 3, dtype=torch.bool), n, True)
+        assert z.requires_grad  # every pass records a graph
+        reached = torch.autograd.grad(z.sum(), refinement, allow_unused=True)[0] is not None
+        assert reached == (p > n - grad_steps), p
 
 
 @pytest.mark.parametrize("max_l_steps", [1, 3])

@@ -1,8 +1,10 @@
 """The fused one-token stack step (hierarchos/quant/fused_step.py, kernels/rwkv_step.cpp) against
 the Python step it replaces: every format, the time-mix wirings, DeepEmbed shared / per block /
-off, batch 1 and 2, frozen rows, random states; the whole model's generation; and every case that
-must fall back to the Python step (prompts, hooks, float64, wkv4 / attention stacks, no kernel,
-the switch); the fp16 low-rank matrices against float32 ones. Fresh seeds each run (printed on failure).
+off, batch 1 and 2, frozen rows, random states; the worker's fused shadow loop against
+`HierarchicalReasoner._explore` (freezing and skipped passes included); the whole model's
+generation; and every case that must fall back to the Python step (prompts, hooks, float64, wkv4 /
+attention stacks, no kernel, the switch, training, the sync-free step); the fp16 low-rank matrices
+against float32 ones. Fresh seeds each run (printed on failure).
 
 Skipped without the built C++ kernel (the fused step has no numpy version), but FAILS then when
 HIERARCHOS_REQUIRE_KERNEL=1 (CI).
@@ -82,14 +84,18 @@ def random_state(stack, B, g):
 
 
 class Counting:
-    """Stands in for a plan's C++ object: counts the fused calls."""
+    """Stands in for a plan's C++ object: counts the fused calls (stack steps and shadow loops)."""
 
     def __init__(self, step):
-        self.inner, self.calls = step, 0
+        self.inner, self.calls, self.shadows = step, 0, 0
 
     def step(self, *args):
         self.calls += 1
         return self.inner.step(*args)
+
+    def shadow(self, *args):
+        self.shadows += 1
+        return self.inner.shadow(*args)
 
 
 def count_calls(model) -> list[Counting]:
@@ -195,6 +201,161 @@ def test_generation_matches_python_step():
 
     on_some_draw(compare)
     assert min(calls) >= 6 * cfg.h_cycles * 2  # watch + commit each round, every token
+
+
+def _explore_inputs(model, B, seed):
+    g = torch.Generator().manual_seed(seed)
+    reasoner = model.reasoner
+    d = model.cfg.context_dim
+    u, context = torch.randn(B, 1, d, generator=g), torch.randn(B, 1, d, generator=g) * 0.5
+    tokens = torch.randint(0, model.cfg.vocab_size, (B, 1), generator=g)
+    states = [random_state(reasoner.worker, B, g) for _ in range(model.cfg.max_l_steps)]
+    return u, context, tokens, states
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("atol", ["never", "some", "all"])
+def test_shadow_loop_matches_python_explore(qtype, atol):
+    """The worker's shadow passes in one C++ call give `_explore`'s drift, shadow states and totals: no
+    row freezing (atol 0), some rows freezing on the way, every row frozen after the first pass (the
+    later passes skipped: their states are the very objects passed in, in both)."""
+    from hierarchos.model.hrm import HierarchicalReasoner
+
+    def compare(seed):
+        rng = random.Random(seed)
+        deepembed = rng.choice(["shared", "per_block", "off"])
+        cfg = config(max_l_steps=3, use_deepembed=deepembed != "off", deepembed_per_block=deepembed == "per_block",
+                     l_conv_atol={"never": 0.0, "some": 0.9, "all": 10.0}[atol])
+        model = quantized(cfg, qtype, seed)
+        reasoner = model.reasoner
+        assert isinstance(reasoner, fused_step.FusedShadowReasoner)
+        counter = Counting(reasoner.worker._fused_plan.step)
+        reasoner.worker._fused_plan.step = counter
+        diffs = []
+        for B in (1, 2):
+            u, context, tokens, states = _explore_inputs(model, B, seed + B)
+            kept = [{k: v.clone() for k, v in s.items()} for s in states]
+            totals, ref_totals = {}, {}
+            with torch.no_grad():
+                drift, explore = reasoner._explore(u, context, tokens, states, 3, False, False, totals)
+                ref_drift, ref_explore = HierarchicalReasoner._explore(reasoner, u, context, tokens, states, 3, False,
+                                                                       False, ref_totals)
+            what = f"{qtype} atol={atol} deepembed={deepembed} B={B}"
+            assert counter.shadows == B, what  # (one fused call per B)
+            diffs.append((what + " drift", rel_diff(drift, ref_drift)))
+            for p, (got, want) in enumerate(zip(explore, ref_explore)):
+                assert (got is states[p]) == (want is states[p]), (what, p)  # skipped passes alike
+                for key in want:
+                    assert got[key].dtype == want[key].dtype and got[key].shape == want[key].shape
+                    diffs.append((f"{what} pass {p} {key}", rel_diff(got[key], want[key])))
+            for s, k in zip(states, kept):  # the inputs are values
+                assert all(torch.equal(s[key], k[key]) for key in s)
+            assert set(totals) == set(ref_totals) == {"commitment", "worker_steps"}
+            for name in totals:
+                assert float(totals[name][1]) == float(ref_totals[name][1]), (what, name)
+            assert float(totals["worker_steps"][0]) == float(ref_totals["worker_steps"][0]), what
+            diffs.append((what + " commitment", abs(float(totals["commitment"][0]) - float(ref_totals["commitment"][0]))
+                          / max(1.0, abs(float(ref_totals["commitment"][0])))))
+            if atol == "all":
+                assert float(ref_totals["worker_steps"][0]) == B and all(e is s for e, s in zip(explore[1:], states[1:]))
+            if atol == "never":
+                assert float(ref_totals["worker_steps"][0]) == 3 * B
+        return diffs
+
+    on_some_draw(compare)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0"])
+def test_shadow_loop_freezes_one_row_of_two(qtype):
+    """l_conv_atol between the two rows' first steps: one row freezes after the first pass and writes
+    nothing into the later passes' states while the other goes on, in both paths alike."""
+    import dataclasses
+
+    from hierarchos.model.hrm import HierarchicalReasoner
+
+    def compare(seed):
+        model = quantized(config(max_l_steps=3), qtype, seed)
+        reasoner = model.reasoner
+        u, context, tokens, states = _explore_inputs(model, 2, seed)
+        with torch.no_grad():
+            reasoner.cfg = dataclasses.replace(reasoner.cfg, l_conv_atol=0.0)
+            first, _ = HierarchicalReasoner._explore(reasoner, u, context, tokens, states, 1, False, False, {})
+            top = first.abs().amax(-1).flatten()  # each row's first step
+            reasoner.cfg = dataclasses.replace(reasoner.cfg, l_conv_atol=float(top.mean()))
+            totals, ref_totals = {}, {}
+            drift, explore = reasoner._explore(u, context, tokens, states, 3, False, False, totals)
+            ref_drift, ref_explore = HierarchicalReasoner._explore(reasoner, u, context, tokens, states, 3, False, False,
+                                                                   ref_totals)
+        # both rows run pass 0, one row pass 1; pass 2 runs that row again unless it froze too
+        assert float(ref_totals["worker_steps"][0]) == float(totals["worker_steps"][0]) in (3.0, 4.0)
+        still = int(top.argmin())  # the row that froze
+        diffs = [("drift", rel_diff(drift, ref_drift))]
+        for p in (1, 2):
+            for key in states[p]:
+                assert torch.equal(explore[p][key][:, still], states[p][key][:, still]), (seed, p, key)
+                diffs.append((f"pass {p} {key}", rel_diff(explore[p][key], ref_explore[p][key])))
+        return diffs
+
+    on_some_draw(compare)
+
+
+def test_shadow_loop_falls_back_where_it_does_not_apply():
+    """Training, the sync-free step, hooks on a projection or on the worker, the dense path's batch
+    sizes, float64 inputs or states, and the switch: `_explore` runs as written (no fused call)."""
+    from hierarchos.model.hrm import HierarchicalReasoner
+
+    model = quantized(config(max_l_steps=2))
+    reasoner = model.reasoner
+    counter = Counting(reasoner.worker._fused_plan.step)
+    reasoner.worker._fused_plan.step = counter
+    u, context, tokens, states = _explore_inputs(model, 1, 0)
+
+    def run(*, grad_on=False, sync_free=False):
+        with torch.no_grad():
+            reasoner._explore(u, context, tokens, states, 2, grad_on, sync_free, {})
+        return counter.shadows
+
+    assert run() == 1
+    assert run(grad_on=True) == 1 and run(sync_free=True) == 1
+    handle = reasoner.l_drift_proj.register_forward_hook(lambda *a: None)
+    assert run() == 1
+    handle.remove()
+    handle = reasoner.worker.blocks[0].register_forward_pre_hook(lambda *a: None)
+    assert run() == 1
+    handle.remove()
+    assert run() == 2
+    big = [{k: v.expand(v.shape[0], qmodel.DENSE_FROM_ROWS, *v.shape[2:]).contiguous() for k, v in s.items()}
+           for s in states]
+    with torch.no_grad():  # the dense path's batch: QuantLinear runs it another way
+        reasoner._explore(u.expand(qmodel.DENSE_FROM_ROWS, 1, -1), context.expand(qmodel.DENSE_FROM_ROWS, 1, -1),
+                          tokens.expand(qmodel.DENSE_FROM_ROWS, 1), big, 2, False, False, {})
+    assert counter.shadows == 2
+    assert reasoner._shadow_call(u.double(), context.double(), states) is None  # float64: the Python path
+    assert reasoner._shadow_call(u, context, [{**states[0], "wkv": states[0]["wkv"].double()}]) is None
+    assert reasoner._shadow_call(u, context, states) is not None
+    assert fused_step.attach_fused_steps(model, enabled=False) == 0
+    assert type(model.reasoner) is HierarchicalReasoner
+    assert fused_step.attach_fused_steps(model) == 2
+    assert type(model.reasoner) is fused_step.FusedShadowReasoner
+
+
+def test_shadow_bad_arguments_are_errors():
+    model = quantized(config(max_l_steps=2))
+    reasoner = model.reasoner
+    plan = reasoner.worker._fused_plan
+    u_t, context_t, _, states = _explore_inputs(model, 1, 0)
+    _, lin_in, lin_drift = reasoner._shadow_call(u_t, context_t, states)
+    u = torch.zeros(1, 64).numpy()
+    state = reasoner.worker.init_state(1)
+    one = (state["tm_shift"].numpy(), state["wkv"].numpy(), state["cm_shift"].numpy())
+    with pytest.raises(ValueError, match="u and context"):
+        plan.step.shadow(u, torch.zeros(2, 64).numpy(), [one], lin_in, lin_drift, 0.0, 0.0)
+    with pytest.raises(ValueError, match="lin_in is not a"):
+        plan.step.shadow(u, u, [one], lin_drift, lin_drift, 0.0, 0.0)
+    with pytest.raises(ValueError, match="a state does not fit"):
+        plan.step.shadow(u, u, [(one[0], one[1][:, :, :1], one[2])], lin_in, lin_drift, 0.0, 0.0)
+    with pytest.raises(ValueError, match="bias has the wrong size"):
+        plan.step.shadow(u, u, [one], (*lin_in[:3], torch.zeros(3).numpy()), lin_drift, 0.0, 0.0)
 
 
 @pytest.mark.parametrize("wiring", [*WIRINGS, "head_size_24"])

@@ -10,12 +10,17 @@ Each pass runs over the whole sequence at once. One round (of `h_cycles`):
   4. worker: up to `max_l_steps` shadow passes refine a per-token drift (frozen once it
      converges under `l_conv_atol`), then a commit pass gives the output and the real state.
 Only the last `grad_steps` passes of each loop carry gradients (HRM's one-step gradient): of the
-rounds, of the pondering passes, and of the worker's shadow passes, whose commit pass always does.
-The shadow loop gets its own last step(s): with the commit counted as the loop's last pass (the
-earlier rule), no shadow pass recorded a graph at grad_steps = 1, so the worker could not shape the
-drift it produces (only `l_drift_proj` after it learned), and that drift, ~15x the token's part of
-the worker's input at initialisation, held training near its unigram loss for the first hundreds of
-steps (BENCHMARKS.md, "Learning quality").
+rounds, and of the worker's shadow passes, whose commit pass always does. The shadow loop gets its
+own last step(s): with the commit counted as the loop's last pass (an earlier rule), no shadow pass
+recorded a graph at grad_steps = 1, so the worker could not shape the drift it produces (only
+`l_drift_proj` after it learned), and that drift, ~15x the token's part of the worker's input at
+initialisation, held training near its unigram loss for the first hundreds of steps (BENCHMARKS.md,
+"Learning quality"). Pondering is different: a plan point's plan is made of the passes up to the one
+it halts at, which differs from point to point, so every pondering pass records a graph one step
+deep (the previous pass's refinement enters as a constant, except between the last `grad_steps`
+passes). With only the last pass recording one (an earlier rule), a point that halted before the
+cap gave the manager no gradient at all, and once ACT learned to halt early (its ponder cost pushes
+it there) the manager, watch pass included, stopped learning.
 The halting rule and the freezing rule act identically for one call over T tokens and for
 T calls over one token, where halted/frozen work is skipped.
 
@@ -43,7 +48,8 @@ def _grad(enabled: bool):
     return contextlib.nullcontext() if enabled else torch.no_grad()
 
 
-def _add(totals: dict, name: str, value: torch.Tensor, count: float) -> None:
+def add_total(totals: dict, name: str, value: torch.Tensor, count: float) -> None:
+    """Adds to an aux total (name -> (sum, count)), as every loop here reports its terms."""
     total, n = totals.get(name, (0.0, 0.0))
     totals[name] = (total + value, n + count)
 
@@ -159,9 +165,21 @@ class HierarchicalReasoner(nn.Module):
             context = self._plan(u, watch_out, tokens, rs, new, pos0, n_ponder, thresh, grad_on, totals, q_halt)
 
         # 4. worker: shadow exploration of the drift, then the commit pass
+        drift, new["explore"] = self._explore(u, context, tokens, rs["explore"], n_explore, grad_on, sync_free, totals)
+        z, new["commit"] = self.worker(self.l_input_proj(torch.cat([u, context + drift], -1)), tokens, rs["commit"])
+        y = u + self.l_to_out(z)
+        new["last_out"] = y[:, -1].to(rs["last_out"].dtype)  # the state keeps its dtype under autocast
+        return y, new
+
+    def _explore(self, u, context, tokens, states, n_explore, grad_on, sync_free, totals):
+        """The worker's shadow passes over u (B, T, d) with its plans `context`: returns (the drift (B, T, d),
+        the new shadow states). Each pass refines the drift; a token whose step falls under
+        l_conv_atol is frozen (writes nothing in later passes)."""
+        cfg = self.cfg
+        B, T, _ = u.shape
         drift = torch.zeros_like(u)
         frozen = torch.zeros(B, T, dtype=torch.bool, device=u.device)
-        explore = list(rs["explore"])
+        explore = list(states)
         worker_steps = u.new_zeros(())
         for p in range(n_explore):
             # frozen tokens write nothing: when every token is frozen (step form) the pass is skipped;
@@ -170,17 +188,13 @@ class HierarchicalReasoner(nn.Module):
                 worker_steps = worker_steps + (~frozen).sum()
                 with _grad(grad_on and p >= n_explore - cfg.grad_steps):  # the drift's last step(s)
                     z, explore[p] = self.worker(self.l_input_proj(torch.cat([u, context + drift], -1)), tokens,
-                                                rs["explore"][p], frozen if p > 0 else None)
+                                                states[p], frozen if p > 0 else None)
                 step = torch.tanh(self.l_drift_proj(z)) * (~frozen)[..., None]
                 drift = drift + step
                 frozen = frozen | (step.abs().amax(-1) < cfg.l_conv_atol)
-            _add(totals, "commitment", F.relu(drift.pow(2).sum(-1) - cfg.commitment_threshold).sum(), B * T)
-        _add(totals, "worker_steps", worker_steps, float(B * T))
-        new["explore"] = explore
-        z, new["commit"] = self.worker(self.l_input_proj(torch.cat([u, context + drift], -1)), tokens, rs["commit"])
-        y = u + self.l_to_out(z)
-        new["last_out"] = y[:, -1].to(rs["last_out"].dtype)  # the state keeps its dtype under autocast
-        return y, new
+            add_total(totals, "commitment", F.relu(drift.pow(2).sum(-1) - cfg.commitment_threshold).sum(), B * T)
+        add_total(totals, "worker_steps", worker_steps, float(B * T))
+        return drift, explore
 
     def _plan(self, u, watch_out, tokens, rs, new, pos0, n_ponder, thresh, grad_on, totals, q_halt):
         """Sections 2 and 3 over T tokens at positions pos0..: the context (B, T, d) of every token;
@@ -227,7 +241,7 @@ class HierarchicalReasoner(nn.Module):
         plan = None
         if not plan_rows:  # the names and dtypes the pondering adds (totals in u's dtype, counts in float32)
             for name in ("q_continue", "manager_steps") if self.cfg.halting == "q" else ("ponder", "manager_steps"):
-                _add(totals, name, u.new_zeros(()), u.new_zeros((), dtype=torch.float32))
+                add_total(totals, name, u.new_zeros(()), u.new_zeros((), dtype=torch.float32))
         else:
             is_plan = torch.remainder(row_pos + 1, s) == 0                      # (B,)
             not_plan = ~is_plan[:, None]                                         # (B, 1): halted from the start
@@ -252,9 +266,12 @@ class HierarchicalReasoner(nn.Module):
     def _ponder_pass(self, p, injected, refinement, plan_tokens, state, halted, n_ponder, grad_on, masked=False):
         """Pondering pass p (both halting rules): the manager over the watch output plus the previous
         pass's refinement, halted points frozen (from pass 0 when `masked`: rows halted before they
-        start); only the last `grad_steps` passes record a graph.
+        start). In training every pass records a graph, one step deep: the refinement from the previous
+        pass enters as a constant, except between the last `grad_steps` passes (see the module doc).
         Returns (output, new shadow state, refinement for the next pass)."""
-        with _grad(grad_on and p >= n_ponder - self.cfg.grad_steps):
+        if grad_on and p <= n_ponder - self.cfg.grad_steps:
+            refinement = refinement.detach()
+        with _grad(grad_on):
             pass_in = injected + refinement
             z, state = self.manager(pass_in, plan_tokens, state, halted if (p > 0 or masked) else None)
             return z, state, z - pass_in
@@ -293,8 +310,8 @@ class HierarchicalReasoner(nn.Module):
         count = float(B * P) if count is None else count
         if self.halting_record is not None:
             self.halting_record.append(halting_step.detach())
-        _add(totals, "ponder", expected_steps.sum(), count)
-        _add(totals, "manager_steps", halting_step.sum(), count)
+        add_total(totals, "ponder", expected_steps.sum(), count)
+        add_total(totals, "manager_steps", halting_step.sum(), count)
         return self.h_to_context(mix), states
 
     def _ponder_q(self, z, plan_tokens, states, n_ponder, grad_on, totals, halted=None, count=None):
@@ -341,8 +358,8 @@ class HierarchicalReasoner(nn.Module):
         count = float(B * P) if count is None else count
         if self.halting_record is not None:
             self.halting_record.append(halting_step.detach())
-        _add(totals, "q_continue", continue_loss, count)
-        _add(totals, "manager_steps", halting_step.sum(), count)
+        add_total(totals, "q_continue", continue_loss, count)
+        add_total(totals, "manager_steps", halting_step.sum(), count)
         return self.h_to_context(chosen), states, halt_logit
 
     def _explore_min_steps(self, B, P, n_ponder, device):

@@ -15,6 +15,15 @@ which stays the reference (tests/test_quant_fused_step.py holds the two equal):
   bias, parameters not in float32), and every stack when the C++ kernel is not built.
 `HIERARCHOS_FUSED_STEP=0` in the environment turns it off (for measuring against the Python step).
 
+The worker's shadow passes go one step further (`FusedShadowReasoner`, given to the model's reasoner
+when its worker stack is fused): at T = 1 the whole loop of `HierarchicalReasoner._explore` (per
+pass: the input projection of [u, context + drift], the stack, the drift projection, tanh, the
+freezing rule, the commitment) is one `RwkvStackStep.shadow` call instead of ~40 torch ops and four
+kernel calls a pass. It applies where the worker's fused step does, with both projections quantized
+(no bias other than a float one, no projection group, not on Vulkan, fewer rows than the dense path
+takes) and no hooks on them; else `_explore` runs as written (tests/test_quant_fused_step.py holds
+the two equal).
+
 The low-rank paths' matrices (the token-shift, decay, in-context-rate, gate and value-residual
 mixes: 7.1 MB of float32 per 125m stack pass, a quarter of what a pass streams) go to the C++ step
 in fp16 by default (`lowrank="fp16"`, or HIERARCHOS_FUSED_LOWRANK=fp32 for float32): half their
@@ -39,6 +48,7 @@ from torch import nn
 from torch.nn.modules import module as nn_module
 
 from ..errors import HierarchosError
+from ..model.hrm import HierarchicalReasoner, add_total
 from ..model.rwkv import RWKVStack, TimeMix
 from . import kernel
 from .gguf_io import QuantTensor
@@ -234,6 +244,10 @@ def attach_fused_steps(model: nn.Module, enabled: bool | None = None, lowrank: s
         module.__class__ = FusedRWKVStack  # same layout: only forward differs
         module._fused_plan = _Plan(module, lowrank)
         count += 1
+    for module in model.modules():  # the shadow loop goes with its worker's fused step
+        if isinstance(module, HierarchicalReasoner):
+            fused = isinstance(module.worker, FusedRWKVStack) and hasattr(kernel.RwkvStackStep, "shadow")
+            module.__class__ = FusedShadowReasoner if fused else HierarchicalReasoner
     return count
 
 
@@ -242,3 +256,67 @@ def why_not_fused(model: nn.Module) -> dict[str, str | None]:
     if not available():
         return {name: "the C++ kernel is not built" for name, m in model.named_modules() if isinstance(m, RWKVStack)}
     return {name: _why_not(m) for name, m in model.named_modules() if isinstance(m, RWKVStack)}
+
+
+def _linear_spec(linear: nn.Module) -> tuple | None:
+    """(data, qtype, cols, bias) of a QuantLinear the shadow call can run as QuantLinear.forward does;
+    None when it cannot (not quantized, in a projection group, on Vulkan, or watched by a hook)."""
+    from .model import QuantLinear
+
+    if type(linear) is not QuantLinear or linear.group is not None or linear.vk_weight is not None:
+        return None
+    if linear._forward_hooks or linear._forward_pre_hooks:
+        return None
+    bias = linear.bias
+    if bias is not None and (bias.dtype != torch.float32 or bias.device.type != "cpu"):
+        return None
+    w = linear.weight_q
+    return (w.data, w.qtype, linear.in_features, None if bias is None else bias.detach().numpy())
+
+
+class FusedShadowReasoner(HierarchicalReasoner):
+    """A reasoner whose worker's shadow passes at T = 1 run in one C++ call (see the module doc); the
+    class `attach_fused_steps` gives a reasoner whose worker stack is fused."""
+
+    def _explore(self, u, context, tokens, states, n_explore, grad_on, sync_free, totals):
+        fused = None if sync_free or grad_on else self._shadow_call(u, context, states)
+        if fused is None:
+            return super()._explore(u, context, tokens, states, n_explore, grad_on, sync_free, totals)
+        B, T, d = u.shape
+        plan, lin_in, lin_drift = fused
+        drift, new_states, rows_run, commitment = plan.step.shadow(
+            u.reshape(B, d).numpy(), context.reshape(B, d).numpy(),
+            [(s["tm_shift"].numpy(), s["wkv"].numpy(), s["cm_shift"].numpy()) for s in states[:n_explore]],
+            lin_in, lin_drift, float(self.cfg.l_conv_atol), float(self.cfg.commitment_threshold),
+            plan.gates(self.worker, tokens))
+        explore = list(states)
+        for p, new in enumerate(new_states):
+            if new is not None:  # (a skipped pass keeps its state)
+                explore[p] = {"tm_shift": torch.from_numpy(new[0]), "wkv": torch.from_numpy(new[1]),
+                              "cm_shift": torch.from_numpy(new[2])}
+        if n_explore:
+            add_total(totals, "commitment", torch.tensor(commitment, dtype=u.dtype), n_explore * B * T)
+        add_total(totals, "worker_steps", torch.tensor(float(rows_run), dtype=u.dtype), float(B * T))
+        return torch.from_numpy(drift).view(B, T, d), explore
+
+    def _shadow_call(self, u, context, states):
+        """(plan, lin_in, lin_drift) when the shadow loop can run fused here, else None."""
+        from .model import DENSE_FROM_ROWS
+
+        worker = self.worker
+        plan = getattr(worker, "_fused_plan", None)
+        if plan is None or u.dim() != 3 or u.shape[1] != 1 or u.shape[0] >= DENSE_FROM_ROWS:
+            return None
+        if torch.is_grad_enabled() and (u.requires_grad or context.requires_grad):
+            return None
+        if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in (u, context)):
+            return None
+        if torch.is_autocast_enabled("cpu") or plan.observed():
+            return None
+        if any(set(s) != {"tm_shift", "wkv", "cm_shift"} or
+               any(t.dtype != torch.float32 or t.device.type != "cpu" for t in s.values()) for s in states):
+            return None
+        lin_in, lin_drift = _linear_spec(self.l_input_proj), _linear_spec(self.l_drift_proj)
+        if lin_in is None or lin_drift is None:
+            return None
+        return plan, lin_in, lin_drift
