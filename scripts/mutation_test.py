@@ -56,6 +56,7 @@ MODULES: dict[str, list[str]] = {
                                "--deselect", "tests/test_wkv4.py::test_compiled_wkv4_blocks_compute_the_same_function"],
     "hierarchos/ops/aligned.py": ["tests/test_aligned.py"],
     "hierarchos/ops/amp.py": ["tests/test_amp.py", "tests/test_model.py"],
+    "hierarchos/quant/fused_step.py": ["tests/test_quant_fused_step.py"],  # needs the built kernel (copied)
     "hierarchos/quant/formats.py": ["tests/test_quant_formats.py", "tests/test_kernel.py",
                                     "tests/test_quant_format_rules.py"],
     # io and lora: the deterministic crash tests, not the SIGKILL ones (slow, and they run in a child process),

@@ -502,7 +502,7 @@ def test_each_pondering_pass_is_one_step_deep(grad_steps):
     for p in range(n):
         refinement = torch.randn(1, 3, 16, dtype=torch.float64, requires_grad=True)
         z, _, _ = model._ponder_pass(p, injected, refinement, torch.zeros(1, 3, dtype=torch.long), state,
-                                     torch.zeros(1, 3, dtype=torch.bool), n, True)
+                                     torch.zeros(1, 3, dtype=torch.bool), n, True, False)
         assert z.requires_grad  # every pass records a graph
         reached = torch.autograd.grad(z.sum(), refinement, allow_unused=True)[0] is not None
         assert reached == (p > n - grad_steps), p

@@ -339,6 +339,37 @@ def test_shadow_loop_falls_back_where_it_does_not_apply():
     assert type(model.reasoner) is fused_step.FusedShadowReasoner
 
 
+def test_shadow_loop_projection_rules():
+    """A bias-free drift projection runs fused (and equals the Python loop); a projection in a group,
+    with a float64 bias, or inputs that need gradients take the Python loop; a deep copy (no plan)
+    runs the Python loop."""
+    from hierarchos.model.hrm import HierarchicalReasoner
+
+    model = quantized(config(max_l_steps=2))
+    reasoner = model.reasoner
+    u, context, tokens, states = _explore_inputs(model, 1, 0)
+    reasoner.l_drift_proj.bias = None
+    assert reasoner._shadow_call(u, context, states) is not None
+    with torch.no_grad():
+        drift, _ = reasoner._explore(u, context, tokens, states, 2, False, False, {})
+        ref, _ = HierarchicalReasoner._explore(reasoner, u, context, tokens, states, 2, False, False, {})
+    assert rel_diff(drift, ref) <= LOOSE
+    reasoner.l_input_proj.bias = torch.nn.Parameter(reasoner.l_input_proj.bias.double(), requires_grad=False)
+    assert reasoner._shadow_call(u, context, states) is None
+    reasoner.l_input_proj.bias = torch.nn.Parameter(reasoner.l_input_proj.bias.float(), requires_grad=False)
+    assert reasoner._shadow_call(u, context, states) is not None
+    reasoner.l_drift_proj.group = object()
+    assert reasoner._shadow_call(u, context, states) is None
+    reasoner.l_drift_proj.group = None
+    with torch.enable_grad():
+        assert reasoner._shadow_call(u, context.clone().requires_grad_(), states) is None
+    copied = copy.deepcopy(model)
+    assert type(copied.reasoner) is fused_step.FusedShadowReasoner and copied.reasoner.worker._fused_plan is None
+    assert copied.reasoner._shadow_call(u, context, states) is None
+    with torch.no_grad():
+        copied.step(torch.zeros(1, dtype=torch.long), copied.init_state(1))  # runs, in Python
+
+
 def test_shadow_bad_arguments_are_errors():
     model = quantized(config(max_l_steps=2))
     reasoner = model.reasoner

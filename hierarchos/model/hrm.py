@@ -263,7 +263,7 @@ class HierarchicalReasoner(nn.Module):
             new["plan_last"] = torch.where(keep, plan[:, 0].to(plan_last.dtype), plan_last)
         return context[:, None]
 
-    def _ponder_pass(self, p, injected, refinement, plan_tokens, state, halted, n_ponder, grad_on, masked=False):
+    def _ponder_pass(self, p, injected, refinement, plan_tokens, state, halted, n_ponder, grad_on, masked):
         """Pondering pass p (both halting rules): the manager over the watch output plus the previous
         pass's refinement, halted points frozen (from pass 0 when `masked`: rows halted before they
         start). In training every pass records a graph, one step deep: the refinement from the previous
