@@ -290,7 +290,8 @@ def time_steps(args, models: dict, train_set, device) -> dict:
     if device.type == "cuda":
         variants["fast+graphs"] = dict(cuda_graphs=True)
     if args.compile:  # the fastest step above, on compiled blocks
-        variants[list(variants)[-1] + "+compile"] = dict(variants[list(variants)[-1]])
+        fastest = list(variants)[-1]
+        variants[fastest + "+compile"] = dict(variants[fastest])
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     results = {}
     for name, model in models.items():

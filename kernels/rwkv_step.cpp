@@ -549,13 +549,7 @@ private:
         const std::string where = std::string("RwkvStackStep.shadow: ") + name;
         if (spec.size() != 4) throw py::value_error(where + " must be (data, qtype, cols, bias)");
         Linear l;
-        l.data = ByteArray::ensure(spec[0]);
-        l.m = QMat{parse_qtype(spec[1].cast<std::string>()), nullptr, rows, cols};
-        if (!l.data || l.data.ndim() != 2 || l.data.shape(0) != rows || spec[2].cast<int64_t>() != cols ||
-            cols % block_size(l.m.t) || l.data.shape(1) != cols / block_size(l.m.t) * block_bytes(l.m.t))
-            throw py::value_error(where + " is not a (" + std::to_string(rows) + ", " + std::to_string(cols) +
-                                  ") quantized matrix");
-        l.m.data = l.data.data();
+        l.m = qmat(spec, rows, cols, where, l.data);
         if (!spec[3].is_none()) {
             l.bias_array = FloatArray::ensure(spec[3]);
             if (!l.bias_array || l.bias_array.size() != rows) throw py::value_error(where + ": bias has the wrong size");
@@ -627,17 +621,23 @@ private:
         return {nullptr, dst, in};
     }
 
-    QMat quant(const py::dict &d, const char *name, int64_t rows, int64_t cols) {
-        if (!d.contains(name)) throw py::value_error(std::string("RwkvStackStep: layer lacks '") + name + "'");
-        const py::tuple spec = d[name].cast<py::tuple>();
-        ByteArray data = ByteArray::ensure(spec[0]);
+    // (data, qtype, cols, ...) of a quantized (rows x cols) matrix; `data` holds its blocks.
+    static QMat qmat(const py::tuple &spec, int64_t rows, int64_t cols, const std::string &what, ByteArray &data) {
+        data = ByteArray::ensure(spec[0]);
         QMat m{parse_qtype(spec[1].cast<std::string>()), nullptr, rows, cols};
         if (!data || data.ndim() != 2 || data.shape(0) != rows || spec[2].cast<int64_t>() != cols ||
             cols % block_size(m.t) || data.shape(1) != cols / block_size(m.t) * block_bytes(m.t))
-            throw py::value_error(std::string("RwkvStackStep: '") + name + "' is not a (" + std::to_string(rows) +
-                                  ", " + std::to_string(cols) + ") quantized matrix");
-        keep_.push_back(data);
+            throw py::value_error(what + " is not a (" + std::to_string(rows) + ", " + std::to_string(cols) +
+                                  ") quantized matrix");
         m.data = data.data();
+        return m;
+    }
+
+    QMat quant(const py::dict &d, const char *name, int64_t rows, int64_t cols) {
+        if (!d.contains(name)) throw py::value_error(std::string("RwkvStackStep: layer lacks '") + name + "'");
+        ByteArray data;
+        const QMat m = qmat(d[name].cast<py::tuple>(), rows, cols, std::string("RwkvStackStep: '") + name + "'", data);
+        keep_.push_back(data);
         return m;
     }
 

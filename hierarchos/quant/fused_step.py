@@ -304,19 +304,15 @@ class FusedShadowReasoner(HierarchicalReasoner):
         from .model import DENSE_FROM_ROWS
 
         worker = self.worker
-        plan = getattr(worker, "_fused_plan", None)
-        if plan is None or u.dim() != 3 or u.shape[1] != 1 or u.shape[0] >= DENSE_FROM_ROWS:
+        # the worker's own rule for its fused step (a plan, u one float32 CPU token per row without a
+        # graph, float32 CPU states, no autocast, no hooks), for u and every shadow state
+        if not worker._fused_applies(u, {}, None) or u.shape[0] >= DENSE_FROM_ROWS:
             return None
-        if torch.is_grad_enabled() and (u.requires_grad or context.requires_grad):
+        if context.dtype != torch.float32 or context.device.type != "cpu" or context.requires_grad:
             return None
-        if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in (u, context)):
-            return None
-        if torch.is_autocast_enabled("cpu") or plan.observed():
-            return None
-        if any(set(s) != {"tm_shift", "wkv", "cm_shift"} or
-               any(t.dtype != torch.float32 or t.device.type != "cpu" for t in s.values()) for s in states):
+        if any(set(s) != {"tm_shift", "wkv", "cm_shift"} or not worker._fused_applies(u, s, None) for s in states):
             return None
         lin_in, lin_drift = _linear_spec(self.l_input_proj), _linear_spec(self.l_drift_proj)
         if lin_in is None or lin_drift is None:
             return None
-        return plan, lin_in, lin_drift
+        return worker._fused_plan, lin_in, lin_drift
