@@ -286,14 +286,20 @@ def _key(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def cached(args, name: str, spec: dict, fn) -> dict:
+def cached(args, name: str, spec: dict, fn, need_model: bool = False) -> dict:
     """fn() once per spec: a run with the same spec under another name (the default configuration is a
-    row of main, ablations and wiring) is found by the spec's hash and reused."""
+    row of main, ablations and wiring) is found by the spec's hash and reused. With `need_model`, a
+    cached run whose model directory is not on this machine (runs carried from another device call
+    keep only their JSON) is trained again."""
     key = _key(spec)
     path = Path(args.work) / "runs" / f"{name}-{key}.json"
     same = sorted((Path(args.work) / "runs").glob(f"*-{key}.json"))
     if same and not args.fresh:
-        return json.loads(same[0].read_text())
+        found = json.loads(same[0].read_text())
+        if not need_model or Path(found.get("model_dir", "")).is_dir():
+            return found
+        # the record stays the table's figure; the copy trained for its model is returned, not kept
+        return {**fn(), "spec": spec, "retrained_for_model": True, "recorded": found}
     result = {**fn(), "spec": spec}
     atomic_write_text(path, json.dumps(result, indent=2, default=float))
     return result
@@ -306,8 +312,9 @@ def lr_schedule(step: int, total: int, lr: float) -> float:
 
 
 def train_hierarchos(args, corpus: dict, fields: dict, lr: float, name: str, train_file: str | None = None,
-                     val_file: str | None = None) -> dict:
-    """Train through `hierarchos_cli.py train`; returns val_bpb, steady tokens/s, model dir, counts."""
+                     val_file: str | None = None, need_model: bool = False) -> dict:
+    """Train through `hierarchos_cli.py train`; returns val_bpb, steady tokens/s, model dir, counts
+    (`need_model`: see `cached`)."""
     spec = dict(kind="hierarchos", fields=fields, lr=lr, batch=args.batch, seq_len=args.seq_len, seed=args.seed,
                 train=train_file or corpus["train"]["file"], val=val_file or corpus["val"]["file"],
                 train_sha=corpus["train"]["sha256"], device=args.device, compile=args.compile,
@@ -364,7 +371,7 @@ def train_hierarchos(args, corpus: dict, fields: dict, lr: float, name: str, tra
                     wall_s=wall, concurrent_runs_at_start=sharing, non_embedding_params=non_embedding_params(model),
                     params=model.num_parameters(), model_dir=str(out), final_train_loss=records[-1]["loss"])
 
-    return cached(args, name, spec, run)
+    return cached(args, name, spec, run, need_model)
 
 
 def _gpt2_val_bpb(model, tokens: np.ndarray, val_bytes: int, seq_len: int, device, autocast) -> float:
@@ -674,7 +681,7 @@ def table_recall(args, corpus) -> dict:
     device = torch.device(args.device)
     for label, overrides in (("memory on", {}), ("memory writes off", MEMORY_OFF)):
         r = train_hierarchos(args, rcorpus, hierarchos_fields(args, **overrides), lr, "recall-" + label.replace(" ", "_"),
-                             train_file=train_file, val_file=val_file)
+                             train_file=train_file, val_file=val_file, need_model=True)
         acc = recall_accuracy(_load_model(r["model_dir"], device), test_docs, args.seq_len, device, args.eval_rows)
         out[label] = {**acc, "val_bpb": r["val_bpb"], "lr": lr}
         print(f"  {label:18s} query accuracy {acc['query_accuracy']:.3f}  digit accuracy {acc['digit_accuracy']:.3f}"
@@ -758,7 +765,11 @@ def ponder_and_loss(model, tokens: np.ndarray, device, seq_len: int, rows: int =
 
 
 def trained_default(args, corpus) -> dict:
-    return sweep(args, corpus, "hierarchos-default", hierarchos_fields(args))["best"]
+    """The default configuration's best sweep point, its model on this machine (trained again, same
+    spec, when the sweep came from carried run records)."""
+    best = sweep(args, corpus, "hierarchos-default", hierarchos_fields(args))["best"]
+    lr = best["spec"]["lr"]
+    return train_hierarchos(args, corpus, hierarchos_fields(args), lr, f"hierarchos-default-lr{lr:g}", need_model=True)
 
 
 def table_act(args, corpus) -> dict:

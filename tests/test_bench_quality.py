@@ -266,3 +266,33 @@ def test_batched_recall_accuracy_is_the_reference():
     oracle = Oracle(docs)
     assert bq.recall_accuracy(oracle, docs, 16, torch.device("cpu"), rows=2)["query_accuracy"] == 1.0
     assert bq.recall_accuracy_reference(oracle, docs, 16, torch.device("cpu"))["query_accuracy"] == 1.0
+
+
+def test_cached_run_is_trained_again_only_when_its_model_is_needed_and_missing(tmp_path):
+    """Run records carried from another device call have no model directory here: a table that
+    reads the model trains it again (the record stays as it was); a table that reads only the
+    record does not."""
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(work=str(tmp_path), fresh=False)
+    (tmp_path / "runs").mkdir()
+    calls = []
+
+    def train():
+        calls.append(1)
+        model_dir = tmp_path / f"model{len(calls)}"
+        model_dir.mkdir()
+        return dict(val_bpb=1.5 + len(calls), model_dir=str(model_dir))
+
+    spec = dict(kind="hierarchos", lr=1e-3)
+    first = bq.cached(args, "row", spec, train)
+    assert calls == [1] and first["val_bpb"] == 2.5
+    record = next((tmp_path / "runs").glob("row-*.json"))
+    carried = {**json.loads(record.read_text()), "model_dir": str(tmp_path / "elsewhere")}
+    record.write_text(json.dumps(carried))
+    assert bq.cached(args, "other-name", spec, train)["val_bpb"] == 2.5 and calls == [1]
+    again = bq.cached(args, "row", spec, train, need_model=True)
+    assert calls == [1, 1] and Path(again["model_dir"]).is_dir() and again["recorded"]["val_bpb"] == 2.5
+    assert json.loads(record.read_text()) == carried  # the table's figure is not replaced
+    present = bq.cached(args, "row", {**spec, "lr": 2e-3}, train)
+    assert bq.cached(args, "row", {**spec, "lr": 2e-3}, train, need_model=True) == present and len(calls) == 3
