@@ -260,6 +260,28 @@ def batched_generation(model, args, device, rows: list, on_row=lambda: None) -> 
     print(f"{'prefill alone':>14} B= 1 context {len(prompts[0])}: {best * 1000:8.1f} ms (the parallel forward, "
           "best of 3)", flush=True)
     on_row()
+    if args.cuda_graph:  # the same prompt through the captured chunk graphs that generate_batch uses
+        from hierarchos.prefill import ChunkedPrefill
+
+        sync(device)
+        start = time.perf_counter()
+        prefill = ChunkedPrefill(model, 1, capture=True)
+        sync(device)
+        capture_s, captured = time.perf_counter() - start, float("inf")
+        for _ in range(3):
+            sync(device)
+            start = time.perf_counter()
+            prefill(ids, model.init_state(1, device=device))
+            sync(device)
+            captured = min(captured, time.perf_counter() - start)
+        rows.append({"how": "prefill", "batch": 1, "context": len(prompts[0]), "cuda_graph": True,
+                     "compile_step": "off", "time_to_first_token_s": captured, "warmup_s": capture_s,
+                     "chunk_graphs": prefill.sizes, "replays_per_prompt": prefill.replays / 3,
+                     "decode_tokens_per_s": float("nan"), "tokens": 0})
+        print(f"{'prefill graphs':>14} B= 1 context {len(prompts[0])}: {captured * 1000:8.1f} ms (chunk graphs "
+              f"{prefill.sizes}, best of 3; capture {capture_s:.1f} s)", flush=True)
+        del prefill
+        on_row()
     reference: dict = {}  # batch size -> the first mode's tokens: the other modes' agreement with them
     for mode in args.compile_step:
         if args.budget_s and time.perf_counter() - STARTED > args.budget_s:  # a device's time limit: skip, say so
@@ -361,8 +383,9 @@ def _mode_rows(model, mode: str, prompts, cfg, args, device, rows: list, referen
                        cuda_graph=args.cuda_graph, steppers=steppers, **options)
         sync(device)
         warmup_s[n] = time.perf_counter() - start
-    compile_s = {key[0]: stepper.compile_seconds for key, stepper in steppers.items()}
-    kernels = {key[0]: kernels_per_token(stepper, device) for key, stepper in steppers.items()}
+    steps = {key: stepper for key, stepper in steppers.items() if key[0] != "prefill"}  # the prefill's graphs apart
+    compile_s = {key[0]: stepper.compile_seconds for key, stepper in steps.items()}
+    kernels = {key[0]: kernels_per_token(stepper, device) for key, stepper in steps.items()}
     for rows_in in (prompts, prompts[:1]) if len(prompts) > 1 else (prompts,):
         B = len(rows_in)
         sync(device)

@@ -473,6 +473,11 @@ class ChatSession:
         if self.on_save is not None:
             self._say(self.on_save(self))
 
+    def _prefill_graphs(self) -> str:
+        """/status: the prompt's chunk graphs (generate_batch keeps them beside the steps), if any."""
+        sizes = [p.sizes for k, p in self.steppers.items() if k[0] == "prefill" and p.graphs]
+        return f"; prompts through chunk graphs of {', '.join(map(str, sizes[0]))} tokens" if sizes else ""
+
     def cmd_status(self, arg: str) -> None:
         model, memory, stats = self.learner, self.model.memory, self.last
         dtype = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(
@@ -497,8 +502,8 @@ class ChatSession:
             f"{self.sampling.top_p}, penalty {self.sampling.repetition_penalty}, max {self.sampling.max_new_tokens} tokens",
             f"last reply: {stats.tokens} tokens, {rate}; time to first token {first}, then {decode}; "
             f"manager steps/plan point {fmt(manager)}, worker passes/token {fmt(worker)}"
-            + (f" (CUDA graph: {len(self.steppers)} captured, the first at load in "
-               f"{1000 * (self.warmup_seconds or 0.0):.0f} ms)" if self.cuda_graph else ""),
+            + (f" (CUDA graph: {sum(1 for k in self.steppers if k[0] != 'prefill')} captured, the first at load in "
+               f"{1000 * (self.warmup_seconds or 0.0):.0f} ms{self._prefill_graphs()})" if self.cuda_graph else ""),
             f"memory: {used} of {memory.slots} slots used, {len(self.written_slots)} written this session "
             f"({self.updates} updates), {in_context} written in context; learning "
             f"{'on' if self.learn.enabled else 'off'} (surprise > {self.learn.surprise_threshold:g})"

@@ -39,7 +39,8 @@ from typing import Callable
 import torch
 
 from .errors import HierarchosError
-from .model.state import HierarchosState
+from .model.state import HierarchosState, fill_layout, leaf_layout
+from .prefill import ChunkedPrefill, require_fixed_size
 
 _M32 = 0xFFFFFFFF
 _HASH_MUL = 0x45D9F3B  # < 2**27: products of 32-bit values stay below 2**59, no int64 overflow
@@ -210,30 +211,6 @@ def stack_states(model, states: list) -> object:
     return _rebuild(states[0], leaves, rosa, states[0].pos)
 
 
-def _skeleton(tree, counter: list[int]):
-    """`tree` (dicts and lists of tensors) with each tensor replaced by its index in leaf order."""
-    if isinstance(tree, torch.Tensor):
-        counter[0] += 1
-        return counter[0] - 1
-    if isinstance(tree, dict):
-        return {k: _skeleton(v, counter) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [_skeleton(v, counter) for v in tree]
-    return tree
-
-
-def _fill(skeleton, leaves: list[torch.Tensor]):
-    """The tree of `_skeleton` with the indices replaced by `leaves` (plain ints and containers only:
-    torch.compile traces it into nothing)."""
-    if isinstance(skeleton, int):
-        return leaves[skeleton]
-    if isinstance(skeleton, dict):
-        return {k: _fill(v, leaves) for k, v in skeleton.items()}
-    if isinstance(skeleton, list):
-        return [_fill(v, leaves) for v in skeleton]
-    return skeleton
-
-
 COMPILE_MODES = ("step", "blocks")
 
 
@@ -339,13 +316,6 @@ class _CompiledBlocks:
                 block._compiled_call_impl = call
 
 
-def _require_fixed_size(model) -> None:
-    cfg = model.cfg
-    if "attention" in (cfg.h_block, cfg.l_block) and not cfg.window_size:
-        raise HierarchosError("a CUDA graph needs a fixed-size state; full attention (window_size 0) grows its KV "
-                              "cache every token: use --no-cuda-graph or a windowed attention model")
-
-
 def _host_positions(row_pos: torch.Tensor) -> list[int] | None:
     """The rows' positions as host ints (read once, when a generation starts); None on the meta device
     (no values: every token then runs the full body)."""
@@ -380,14 +350,14 @@ class GraphedStepper:
             raise HierarchosError(f"cuda_graph=True needs the model on a CUDA device (it is on {device}); "
                                   "generate without a CUDA graph on this device")
         if capture or compile_step:
-            _require_fixed_size(model)
+            require_fixed_size(model)
         self.model, self.cfg, self.caps, self.capture = model, cfg, dict(caps), capture
         # copies: a state entry the prefill left unchanged (a pass beyond the caps) is the caller's tensor
         self.leaves = [t.clone() for _, t in state.tensors()]
         self.state = _rebuild(state, self.leaves, state.rosa, state.pos)
         # the state's layout with leaf indices (what `_advance` rebuilds it from: no Python ints that
         # change per call, such as state.pos, reach a compiled step's guards)
-        self._layout = _skeleton({"memory": state.memory, "rounds": state.rounds}, [0])
+        self._layout = leaf_layout({"memory": state.memory, "rounds": state.rounds})
         self.compile_step = compile_mode(compile_step)
         if self.compile_step == "step":
             self._advance_fn = _BlockRegions(model, compile_step_function(self._advance, compile_backend))
@@ -454,7 +424,7 @@ class GraphedStepper:
         sampled into `token`. Returns the step's aux totals (name -> (total, count)). A pure function of
         its arguments and the model (what `compile_step` compiles; `plan_rows` is a constant of each
         compiled variant)."""
-        tree = _fill(self._layout, leaves)
+        tree = fill_layout(self._layout, leaves)
         state = HierarchosState(pos=0, memory=tree["memory"], rounds=tree["rounds"], rosa=None)
         out = self.model.step_sync_free(token, state, pos, hints, plan_rows=plan_rows, **self.caps)
         for buffer, new in zip(leaves, (t for _, t in out.state.tensors())):
@@ -571,7 +541,8 @@ def generate_batch(model, prompts: list[list[int]], cfg: SamplingConfig, *, stat
 
     `seeds`: one per row (default: drawn with `draw_seed`, one call per row). `on_token(row, token)`
     runs after a row's token went through the model; True ends that row. A row also ends at EOS;
-    the call ends when every row has. `cuda_graph`: capture the step (CUDA only). `compile_step`: run
+    the call ends when every row has. `cuda_graph`: capture the step and prefill the prompts through
+    captured chunk graphs (`hierarchos.prefill.ChunkedPrefill`; CUDA only). `compile_step`: run
     the step through torch.compile (True or "step": the whole step, "blocks": each RWKV block; see
     `GraphedStepper`; with `cuda_graph` the graph records the compiled calls). `fused_step`: the blocks'
     one-token time mix as one Triton kernel each (see `GraphedStepper`). `steppers`: a dict
@@ -595,12 +566,24 @@ def generate_batch(model, prompts: list[list[int]], cfg: SamplingConfig, *, stat
             last_mark[0] = now
     if seeds is None:
         seeds = [draw_seed(cfg, generator) if cfg.temperature > 0 else 0 for _ in range(B)]
+    prefill = None
+    if cuda_graph:  # the prompts through captured chunk graphs (hierarchos.prefill), made once per caps
+        pkey = ("prefill", tuple(sorted(caps.items())))
+        prefill = steppers.get(pkey) if steppers is not None else None
+        if prefill is None:
+            prefill = ChunkedPrefill(model, 1, caps=caps, capture=True)
+            if steppers is not None:
+                steppers[pkey] = prefill
     row_states, last_logits = [], []
     for b, prompt in enumerate(prompts):
         state = states[b] if states is not None else model.init_state(1, device=device)
-        out = model(torch.tensor([prompt], device=device), state, **caps)
-        row_states.append(out.state)
-        last_logits.append(out.logits[:, -1])
+        if prefill is not None:
+            logits, new_state = prefill(torch.tensor([prompt], device=device), state)
+        else:
+            out = model(torch.tensor([prompt], device=device), state, **caps)
+            logits, new_state = out.logits[:, -1], out.state
+        row_states.append(new_state)
+        last_logits.append(logits)
     mark("prefill")
     state = stack_states(model, row_states) if B > 1 else row_states[0]
     positions = [s.pos for s in row_states]

@@ -34,6 +34,25 @@ def _leaves(tree: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
             yield from _leaves(v, f"{prefix}.{i}")
 
 
+def leaf_layout(tree: Any) -> Any:
+    """`tree` (dicts and lists of tensors) with each tensor replaced by its index in leaf order (the
+    order of `_leaves`): the layout that static buffers (a CUDA graph's) are put back into a tree by."""
+    counter = iter(range(10 ** 9))
+    return _map(tree, lambda _: next(counter))
+
+
+def fill_layout(layout: Any, leaves: list[torch.Tensor]) -> Any:
+    """The tree of `leaf_layout` with the indices replaced by `leaves` (plain ints and containers only:
+    torch.compile traces it into nothing)."""
+    if isinstance(layout, int):
+        return leaves[layout]
+    if isinstance(layout, dict):
+        return {k: fill_layout(v, leaves) for k, v in layout.items()}
+    if isinstance(layout, list):
+        return [fill_layout(v, leaves) for v in layout]
+    return layout
+
+
 @dataclass
 class HierarchosState:
     pos: int                 # tokens consumed so far (global position of the next token)

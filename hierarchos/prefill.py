@@ -1,0 +1,169 @@
+"""Prompt prefill through CUDA graphs: the parallel forward over fixed-size, aligned chunks.
+
+Eager, the prefill of a 1,024-token prompt in the default reasoning config is launch-bound: its 24
+stack passes dispatch thousands of small kernels from the host (218-253 ms on an H100, BENCHMARKS.md)
+while the GPU's share of that time is small. A graph replays a chunk's kernels with one host call.
+
+A captured chunk bakes in every index the forward derives from `state.pos`: plan points (every
+`h_stride`-th position) and the long-term memory's chunk closes (every `ltm_chunk`-th). Both repeat
+with the period L = lcm(h_stride, ltm_chunk), so a chunk of a multiple of L tokens captured at a
+position that is a multiple of L computes the right function at every such position. A prompt is
+consumed as: an eager head up to the next multiple of L, aligned chunks through the graphs (sizes
+L * 2^k, the largest that fits first), an eager tail of fewer than L tokens. Splitting the prompt is
+exact: the forward carries its state across calls (the tests hold chunked == one call); ROSA's hints
+are computed on the host for the whole prompt first and fed to each piece.
+
+`ChunkedPrefill` without `capture` runs the same pieces eagerly (CPU, tests): the reference the
+graphs are checked against on the GPU (tests/test_prefill.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .errors import HierarchosError
+from .model.rosa import rosa_hints
+from .model.state import HierarchosState, fill_layout, leaf_layout
+
+
+def require_fixed_size(model) -> None:
+    """A CUDA graph (a captured step or prefill) holds state buffers of fixed sizes."""
+    cfg = model.cfg
+    if "attention" in (cfg.h_block, cfg.l_block) and not cfg.window_size:
+        raise HierarchosError("a CUDA graph needs a fixed-size state; full attention (window_size 0) grows its KV "
+                              "cache every token: use --no-cuda-graph or a windowed attention model")
+
+
+def alignment(cfg) -> int:
+    """L: the period of every position-dependent index of the parallel forward."""
+    return math.lcm(cfg.h_stride, cfg.ltm_chunk)
+
+
+def chunk_sizes(cfg, max_chunk: int) -> list[int]:
+    """The captured chunk sizes, largest first: L * 2^k up to `max_chunk` (at least L)."""
+    align = alignment(cfg)
+    sizes, size = [], align
+    while size <= max(max_chunk, align):
+        sizes.append(size)
+        size *= 2
+    return sizes[::-1]
+
+
+def plan_pieces(pos: int, n: int, align: int, sizes: list[int]) -> list[tuple[int, bool]]:
+    """The prompt of n tokens starting at `pos` as (length, through a graph) pieces in order."""
+    pieces = []
+    head = min(n, -pos % align)
+    if head:
+        pieces.append((head, False))
+    left = n - head
+    for size in sizes:
+        while left >= size:
+            pieces.append((size, True))
+            left -= size
+    if left:
+        pieces.append((left, False))
+    return pieces
+
+
+class ChunkedPrefill:
+    """Prefill of B rows that share a position (generation prefills each prompt as its own row).
+
+    One instance per model, batch size and reasoning caps; its graphs (`capture`, CUDA) are made once,
+    at construction, on a scratch state, and replayed for every later prompt. The state buffers and
+    the last logits are the instance's own; `__call__` copies a caller's state in and returns a new
+    state (copies)."""
+
+    def __init__(self, model, batch_size: int = 1, *, caps: dict | None = None, capture: bool = False,
+                 max_chunk: int = 1024, warmup: int = 2):
+        cfg = model.cfg
+        self.model, self.caps, self.capture = model, dict(caps or {}), capture
+        device = next(model.parameters()).device
+        if capture:
+            if device.type != "cuda":
+                raise HierarchosError(f"a captured prefill needs the model on a CUDA device (it is on {device}); "
+                                      "prefill without capture on this device")
+            require_fixed_size(model)
+        self.align = alignment(cfg)
+        self.sizes = chunk_sizes(cfg, max_chunk)
+        scratch = model.init_state(batch_size, device=device)
+        self.leaves = [t.clone() for _, t in scratch.tensors()]
+        self._layout = leaf_layout({"memory": scratch.memory, "rounds": scratch.rounds})
+        self.tokens = {n: torch.zeros(batch_size, n, dtype=torch.long, device=device) for n in self.sizes}
+        self.hints = ({n: torch.zeros(batch_size, n, dtype=torch.long, device=device) for n in self.sizes}
+                      if cfg.use_rosa else None)
+        self.logits = torch.zeros(batch_size, cfg.vocab_size, device=device, dtype=scratch.memory["delta"].dtype)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.replays = 0
+        if capture:
+            self._capture(warmup)
+
+    # ---- the body ------------------------------------------------------------------------------------
+    def _state(self, pos: int) -> HierarchosState:
+        tree = fill_layout(self._layout, self.leaves)
+        return HierarchosState(pos=pos, memory=tree["memory"], rounds=tree["rounds"], rosa=None)
+
+    def _run(self, tokens: torch.Tensor, hints: torch.Tensor | None, pos: int) -> None:
+        """The forward over `tokens` (B, n) at `pos` on the buffers, in place: the new state into the
+        leaves, the last position's logits into `self.logits`."""
+        out = self.model(tokens, self._state(pos), rosa_hint_ids=hints, **self.caps)
+        for buffer, new in zip(self.leaves, (t for _, t in out.state.tensors()), strict=True):
+            buffer.copy_(new)
+        self.logits.copy_(out.logits[:, -1])
+
+    def _body(self, n: int) -> None:
+        # captured at position 0; valid at every multiple of L (module doc)
+        self._run(self.tokens[n], self.hints[n] if self.hints is not None else None, 0)
+
+    def _capture(self, warmup: int) -> None:
+        saved = [t.clone() for t in self.leaves]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.no_grad(), torch.cuda.stream(side):
+            for _ in range(warmup):
+                for n in self.sizes:
+                    self._body(n)
+        torch.cuda.current_stream().wait_stream(side)
+        pool = torch.cuda.graph_pool_handle()  # pieces run one after another: one pool serves all
+        with torch.no_grad():
+            for n in self.sizes:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self._body(n)
+                self.graphs[n] = graph
+        for buffer, value in zip(self.leaves, saved):
+            buffer.copy_(value)
+
+    # ---- a prompt ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(self, tokens: torch.Tensor, state: HierarchosState) -> tuple[torch.Tensor, HierarchosState]:
+        """tokens (B, T) after `state` -> (the last position's logits (B, V), the new state). The
+        state's ROSA automata are extended in place, as the forward does."""
+        B, T = tokens.shape
+        for buffer, value in zip(self.leaves, (t for _, t in state.tensors()), strict=True):
+            buffer.copy_(value)
+        rosa, hints = state.rosa, None
+        if self.model.cfg.use_rosa:
+            hints, rosa = rosa_hints(tokens, rosa, self.model.cfg.rosa_window, self.model.cfg.rosa_none_id)
+        pos, start = state.pos, 0
+        for n, graphed in plan_pieces(state.pos, T, self.align, self.sizes):
+            piece = tokens[:, start:start + n]
+            piece_hints = hints[:, start:start + n] if hints is not None else None
+            if graphed:
+                self.tokens[n].copy_(piece)
+                if piece_hints is not None:
+                    self.hints[n].copy_(piece_hints)
+                if n in self.graphs:
+                    self.graphs[n].replay()
+                    self.replays += 1
+                else:
+                    self._body(n)
+            else:
+                self._run(piece, piece_hints, pos)
+            pos += n
+            start += n
+        it = iter([t.clone() for t in self.leaves])
+        new = state.map(lambda _: next(it))
+        new.pos, new.rosa = pos, rosa
+        return self.logits.clone(), new

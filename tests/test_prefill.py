@@ -1,0 +1,124 @@
+"""The chunked prefill (hierarchos.prefill): aligned chunks run at position 0 compute what one parallel
+forward over the whole prompt computes, from any starting position; on a GPU the captured graphs
+compute what the same pieces run eagerly compute."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from hierarchos.errors import HierarchosError
+from hierarchos.prefill import ChunkedPrefill, alignment, chunk_sizes, plan_pieces
+from test_sync_free_step import build, fresh_seed
+
+CONFIGS = {
+    "all_on": {},
+    "deep": dict(h_cycles=3, max_h_steps=3, max_l_steps=3, grad_steps=2, h_stride=3, h_layers=2),
+    "q_halting": dict(halting="q"),
+    "attention_window": dict(h_block="attention", window_size=3, l_block="attention", pos_encodings="rope"),
+    "memory_chunk_3": dict(ltm_chunk=3, ltm_write_threshold=0.0),  # L = lcm(2, 3) = 6
+    "stride1_no_rosa": dict(h_stride=1, use_rosa=False),
+}
+
+
+def test_pieces_cover_the_prompt_with_graphs_only_at_aligned_positions():
+    rng = random.Random(fresh_seed())
+    for _ in range(300):
+        align = rng.choice([1, 2, 4, 6, 64])
+        sizes = [align * 2 ** k for k in range(rng.randint(0, 4), -1, -1)]
+        pos, n = rng.randrange(0, 500), rng.randrange(1, 700)
+        pieces = plan_pieces(pos, n, align, sizes)
+        assert sum(length for length, _ in pieces) == n
+        at = pos
+        for i, (length, graphed) in enumerate(pieces):
+            if graphed:
+                assert at % align == 0 and length in sizes
+            else:  # an eager head (up to the next aligned position) or a tail shorter than the smallest graph
+                assert i in (0, len(pieces) - 1) and (length < align or i == 0 and (pos + length) % align == 0)
+            at += length
+        graphed = [length for length, g in pieces if g]
+        assert graphed == sorted(graphed, reverse=True)
+
+
+def test_chunk_sizes_are_multiples_of_the_period_of_every_position_rule():
+    build_cfg = build(0).cfg.replace(h_stride=4, ltm_chunk=6)
+    assert alignment(build_cfg) == 12 == math.lcm(4, 6)
+    assert chunk_sizes(build_cfg, 100) == [96, 48, 24, 12]
+    assert chunk_sizes(build_cfg, 5) == [12]
+
+
+def _close(a, b, msg):
+    assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-9, atol=1e-9), f"{msg}: differ by {(a - b).abs().max()}"
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_chunked_prefill_is_one_forward_from_any_position(name):
+    seed = fresh_seed()
+    model = build(seed, **CONFIGS[name])
+    g = torch.Generator().manual_seed(seed)
+    align = alignment(model.cfg)
+    prefill = ChunkedPrefill(model, 2, max_chunk=4 * align)
+    with torch.no_grad():
+        for lead, length in ((0, 9 * align + 1), (1 + seed % (2 * align), 5 * align + 3), (align, 4 * align)):
+            start = model.init_state(2)
+            if lead:
+                start = model(torch.randint(0, 7, (2, lead), generator=g), start).state
+            prompt = torch.randint(0, 7, (2, length), generator=g)
+            want = model(prompt, start.clone())
+            logits, state = prefill(prompt, start.clone())
+            msg = f"{name} seed={seed} lead={lead} length={length}"
+            _close(logits, want.logits[:, -1], msg)
+            assert state.pos == want.state.pos == lead + length
+            for (key, x), (_, y) in zip(state.tensors(), want.state.tensors(), strict=True):
+                _close(x, y, f"{msg}: state {key}")
+            after = torch.randint(0, 7, (2, 3), generator=g)  # the ROSA automata and the state carry on alike
+            _close(model(after, state).logits, model(after, want.state).logits, f"{msg}: next tokens")
+    assert prefill.replays == 0  # nothing captured on the CPU: the graphed pieces ran eagerly at position 0
+
+
+def test_the_pieces_at_position_zero_need_the_alignment():
+    """Run a graphed piece at a position that is not a multiple of L and the answer changes: the
+    check above would catch a wrong period."""
+    seed = fresh_seed()
+    model = build(seed, ltm_chunk=3, ltm_write_threshold=0.0)
+    prompt = torch.randint(0, 7, (1, 12), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        start = model(prompt[:, :2], model.init_state(1)).state
+        want = model(prompt, start.clone()).logits[:, -1]
+        wrong = ChunkedPrefill(model, 1, max_chunk=12)
+        wrong.align, wrong.sizes = 2, [12, 6, 2]  # h_stride's period alone, ignoring the memory's 3
+        got, _ = wrong(prompt, start.clone())
+    assert not torch.allclose(got, want, rtol=1e-9, atol=1e-9), seed
+
+
+def test_capture_needs_cuda():
+    model = build(0)
+    with pytest.raises(HierarchosError, match="CUDA device"):
+        ChunkedPrefill(model, 1, capture=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["all_on", "deep", "memory_chunk_3"])
+def test_captured_prefill_is_the_eager_pieces_on_the_gpu(name):
+    seed = fresh_seed()
+    model = build(seed, dtype=torch.float32, **CONFIGS[name]).cuda()
+    align = alignment(model.cfg)
+    eager = ChunkedPrefill(model, 1, max_chunk=8 * align)
+    graphs = ChunkedPrefill(model, 1, max_chunk=8 * align, capture=True)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for lead, length in ((0, 15 * align + 1), (1, 8 * align + 2)):
+            start = model.init_state(1, device="cuda")
+            if lead:
+                start = model(torch.randint(0, 7, (1, lead), generator=g).cuda(), start).state
+            prompt = torch.randint(0, 7, (1, length), generator=g).cuda()
+            want, want_state = eager(prompt, start.clone())
+            got, got_state = graphs(prompt, start.clone())
+            assert torch.allclose(got, want, rtol=1e-4, atol=1e-5), f"{name} seed={seed}"
+            for (key, x), (_, y) in zip(got_state.tensors(), want_state.tensors(), strict=True):
+                assert torch.allclose(x, y, rtol=1e-4, atol=1e-5), f"{name} seed={seed}: {key}"
+    assert graphs.replays > 0
