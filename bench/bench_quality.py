@@ -296,7 +296,7 @@ def cached(args, name: str, spec: dict, fn, need_model: bool = False) -> dict:
     same = sorted((Path(args.work) / "runs").glob(f"*-{key}.json"))
     if same and not args.fresh:
         found = json.loads(same[0].read_text())
-        if not need_model or Path(found.get("model_dir", "")).is_dir():
+        if not need_model or (Path(found.get("model_dir", "")) / "hierarchos_config.json").is_file():
             return found
         # the record stays the table's figure; the copy trained for its model is returned, not kept
         return {**fn(), "spec": spec, "retrained_for_model": True, "recorded": found}

@@ -40,6 +40,7 @@ import torch
 
 from .errors import HierarchosError
 from .model.state import HierarchosState, fill_layout, leaf_layout
+from .ops.capture import no_collection_during_capture
 from .prefill import ChunkedPrefill, require_fixed_size
 
 _M32 = 0xFFFFFFFF
@@ -489,7 +490,7 @@ class GraphedStepper:
         self._warm(warmup)
         for plan_rows in self._bodies():
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            with no_collection_during_capture(), torch.cuda.graph(graph):
                 self._body(plan_rows)
             self.graphs[plan_rows] = graph
         # capturing recorded the bodies without running them: the buffers still hold the start

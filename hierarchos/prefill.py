@@ -26,6 +26,7 @@ import torch
 from .errors import HierarchosError
 from .model.rosa import rosa_hints
 from .model.state import HierarchosState, fill_layout, leaf_layout
+from .ops.capture import no_collection_during_capture
 
 
 def require_fixed_size(model) -> None:
@@ -129,7 +130,7 @@ class ChunkedPrefill:
         with torch.no_grad():
             for n in self.sizes:
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
+                with no_collection_during_capture(), torch.cuda.graph(graph, pool=pool):
                     self._body(n)
                 self.graphs[n] = graph
         for buffer, value in zip(self.leaves, saved):

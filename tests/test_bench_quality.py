@@ -282,13 +282,15 @@ def test_cached_run_is_trained_again_only_when_its_model_is_needed_and_missing(t
         calls.append(1)
         model_dir = tmp_path / f"model{len(calls)}"
         model_dir.mkdir()
+        (model_dir / "hierarchos_config.json").write_text("{}")
         return dict(val_bpb=1.5 + len(calls), model_dir=str(model_dir))
 
     spec = dict(kind="hierarchos", lr=1e-3)
     first = bq.cached(args, "row", spec, train)
     assert calls == [1] and first["val_bpb"] == 2.5
     record = next((tmp_path / "runs").glob("row-*.json"))
-    carried = {**json.loads(record.read_text()), "model_dir": str(tmp_path / "elsewhere")}
+    (tmp_path / "half_written").mkdir()  # a run killed before its model was saved
+    carried = {**json.loads(record.read_text()), "model_dir": str(tmp_path / "half_written")}
     record.write_text(json.dumps(carried))
     assert bq.cached(args, "other-name", spec, train)["val_bpb"] == 2.5 and calls == [1]
     again = bq.cached(args, "row", spec, train, need_model=True)

@@ -194,7 +194,7 @@ def test_compiled_step_in_a_cuda_graph_equals_the_eager_graph(mode, overrides):
     steppers: dict = {}
     compiled = generate_batch(model, prompts, cfg, seeds=[1, 2, 3], cuda_graph=True, compile_step=mode,
                               steppers=steppers)
-    (stepper,) = steppers.values()
+    (stepper,) = [s for key, s in steppers.items() if key[0] != "prefill"]  # the prompt's chunk graphs apart
     assert set(stepper.graphs) == set(stepper._bodies()) and stepper.compile_seconds is not None
     assert compiled.tokens == eager.tokens
     for (name, a), (_, b) in zip(eager.state.tensors(), compiled.state.tensors()):

@@ -43,6 +43,7 @@ from typing import Callable
 import torch
 
 from ..model.rosa import rosa_hints
+from ..ops.capture import no_collection_during_capture
 from ..model.state import HierarchosState
 
 MAX_GRAPHS = 4  # distinct window shapes/phases kept captured; more run eagerly
@@ -68,7 +69,7 @@ def record_cuda_graph(run: Callable[[], tuple], warmup: int, before_capture: Cal
     torch.cuda.current_stream().wait_stream(stream)
     before_capture()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
+    with no_collection_during_capture(), torch.cuda.graph(graph, pool=pool):
         outputs = run()
     return graph.replay, outputs
 
