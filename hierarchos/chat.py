@@ -475,8 +475,12 @@ class ChatSession:
 
     def _prefill_graphs(self) -> str:
         """/status: the prompt's chunk graphs (generate_batch keeps them beside the steps), if any."""
-        sizes = [p.sizes for k, p in self.steppers.items() if k[0] == "prefill" and p.graphs]
-        return f"; prompts through chunk graphs of {', '.join(map(str, sizes[0]))} tokens" if sizes else ""
+        prefills = [p for k, p in self.steppers.items() if k[0] == "prefill"]
+        if not prefills:
+            return ""
+        if prefills[0].capture_error:
+            return f"; prompts prefilled eagerly (their capture failed: {prefills[0].capture_error})"
+        return f"; prompts through chunk graphs of {', '.join(map(str, prefills[0].sizes))} tokens"
 
     def cmd_status(self, arg: str) -> None:
         model, memory, stats = self.learner, self.model.memory, self.last

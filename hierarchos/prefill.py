@@ -26,7 +26,7 @@ import torch
 from .errors import HierarchosError
 from .model.rosa import rosa_hints
 from .model.state import HierarchosState, fill_layout, leaf_layout
-from .ops.capture import no_collection_during_capture
+from .ops.capture import no_collection_during_capture, why_capture_failed
 
 
 def require_fixed_size(model) -> None:
@@ -96,6 +96,7 @@ class ChunkedPrefill:
                       if cfg.use_rosa else None)
         self.logits = torch.zeros(batch_size, cfg.vocab_size, device=device, dtype=scratch.memory["delta"].dtype)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.capture_error: str | None = None  # why the graphs were given up (then every piece runs eagerly)
         self.replays = 0
         if capture:
             self._capture(warmup)
@@ -117,8 +118,8 @@ class ChunkedPrefill:
         # captured at position 0; valid at every multiple of L (module doc)
         self._run(self.tokens[n], self.hints[n] if self.hints is not None else None, 0)
 
-    def _capture(self, warmup: int) -> None:
-        saved = [t.clone() for t in self.leaves]
+    def _warm(self, warmup: int) -> None:
+        """Every size run `warmup` times on a side stream (lazy inits, cuBLAS workspaces, Triton JIT)."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.no_grad(), torch.cuda.stream(side):
@@ -126,13 +127,25 @@ class ChunkedPrefill:
                 for n in self.sizes:
                     self._body(n)
         torch.cuda.current_stream().wait_stream(side)
+
+    def _record(self, n: int, pool) -> None:
+        graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), no_collection_during_capture(), torch.cuda.graph(graph, pool=pool):
+            self._body(n)
+        self.graphs[n] = graph
+
+    def _capture(self, warmup: int) -> None:
+        """Warm up, then capture a graph per size; if any capture fails (a host read in some model's
+        forward, say), no graph is kept and every piece runs eagerly: `capture_error` says why."""
+        saved = [t.clone() for t in self.leaves]
+        self._warm(warmup)
         pool = torch.cuda.graph_pool_handle()  # pieces run one after another: one pool serves all
-        with torch.no_grad():
+        try:
             for n in self.sizes:
-                graph = torch.cuda.CUDAGraph()
-                with no_collection_during_capture(), torch.cuda.graph(graph, pool=pool):
-                    self._body(n)
-                self.graphs[n] = graph
+                self._record(n, pool)
+        except RuntimeError as exc:  # (torch.AcceleratorError is one)
+            self.graphs.clear()
+            self.capture_error = why_capture_failed(exc)
         for buffer, value in zip(self.leaves, saved):
             buffer.copy_(value)
 

@@ -93,6 +93,8 @@ MODULES: dict[str, list[str]] = {
         "test_learning_changes_only_memory", "test_learning_is_one_sgd_step_down_the_gradient_and_lowers_the_surprise",
         "test_below_threshold_changes_nothing", "test_cosine_schedule_and_since")]],
     "hierarchos/model/grow.py": ["tests/test_grow.py", "tests/test_grow_rules.py"],
+    "hierarchos/prefill.py": ["tests/test_prefill.py"],  # (the captured path is the GPU test's)
+    "hierarchos/ops/capture.py": ["tests/test_capture_guard.py"],
     "hierarchos/model/puzzle.py": ["tests/test_puzzle_rules.py", "tests/test_puzzle_train.py", "tests/test_maze_train.py",  # not the maze bench
                                    "--deselect", "tests/test_maze_train.py::test_bench_puzzles_maze_tiny_smoke"],
     # the Triton kernels: mutmut mutates the kernel bodies too (they are plain functions, wrapped at first

@@ -122,3 +122,33 @@ def test_captured_prefill_is_the_eager_pieces_on_the_gpu(name):
             for (key, x), (_, y) in zip(got_state.tensors(), want_state.tensors(), strict=True):
                 assert torch.allclose(x, y, rtol=1e-4, atol=1e-5), f"{name} seed={seed}: {key}"
     assert graphs.replays > 0
+
+
+def test_a_failed_capture_leaves_every_piece_eager_and_says_why(monkeypatch):
+    """The capture path with the CUDA calls stood in for: the second size's capture fails, so no graph
+    is kept (a half set would be as good, but one rule is simpler to trust), the buffers hold the
+    state as before, and prompts still prefill exactly."""
+    seed = fresh_seed()
+    model = build(seed)
+    prefill = ChunkedPrefill(model, 1, max_chunk=4 * alignment(model.cfg))
+    recorded = []
+
+    def record(n, pool):
+        if recorded:
+            raise torch.AcceleratorError("CUDA error: operation not permitted when stream is capturing\nmore")
+        recorded.append(n)
+        prefill.graphs[n] = object()
+
+    monkeypatch.setattr(prefill, "_warm", lambda warmup: [prefill._body(n) for n in prefill.sizes])
+    monkeypatch.setattr(prefill, "_record", record)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    before = [t.clone() for t in prefill.leaves]
+    prefill._capture(1)
+    assert recorded == prefill.sizes[:1] and prefill.graphs == {}
+    assert prefill.capture_error == "AcceleratorError: CUDA error: operation not permitted when stream is capturing"
+    assert all(torch.equal(a, b) for a, b in zip(prefill.leaves, before))
+    prompt = torch.randint(0, 7, (1, 5 * alignment(model.cfg) + 1), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        want = model(prompt, model.init_state(1))
+        logits, _ = prefill(prompt, model.init_state(1))
+    _close(logits, want.logits[:, -1], f"seed={seed}")

@@ -1,4 +1,5 @@
-"""What every CUDA-graph capture here needs from Python: no cyclic garbage collection inside it.
+"""What every CUDA-graph capture here needs from Python: no cyclic garbage collection inside it, and
+a one-line reason when a capture fails (the caller then runs eagerly).
 
 A capture in CUDA's global mode fails when another graph is destroyed during it ("operation not
 permitted when stream is capturing", from the old graph's reset). Graphs are freed when their owner is:
@@ -27,3 +28,9 @@ def no_collection_during_capture():
     finally:
         if was_enabled:
             gc.enable()
+
+
+def why_capture_failed(exc: BaseException) -> str:
+    """'ErrorType: first line of its message' (at most 160 characters), for a one-line log entry."""
+    reason = (str(exc).strip().splitlines() or [""])[0][:160]
+    return f"{type(exc).__name__}: {reason}"

@@ -43,16 +43,10 @@ from typing import Callable
 import torch
 
 from ..model.rosa import rosa_hints
-from ..ops.capture import no_collection_during_capture
+from ..ops.capture import no_collection_during_capture, why_capture_failed  # noqa: F401 (puzzle_segments)
 from ..model.state import HierarchosState
 
 MAX_GRAPHS = 4  # distinct window shapes/phases kept captured; more run eagerly
-
-
-def why_capture_failed(exc: BaseException) -> str:
-    """'ErrorType: first line of its message' (at most 160 characters), for a one-line log entry."""
-    reason = (str(exc).strip().splitlines() or [""])[0][:160]
-    return f"{type(exc).__name__}: {reason}"
 
 
 def record_cuda_graph(run: Callable[[], tuple], warmup: int, before_capture: Callable[[], None],
