@@ -1,7 +1,7 @@
 """Sampling and the token-by-token generation loops.
 
-The prompt is prefilled with one parallel forward; then each new token is one `step` on a
-fixed-size state (no re-running the prompt, no growing cache). Sampling applies the
+The prompt is prefilled with the parallel forward (with `cuda_graph`, through captured chunk graphs:
+`hierarchos.prefill`); then each new token is one `step` on a fixed-size state (no re-running the prompt, no growing cache). Sampling applies the
 repetition penalty, temperature, top-k and top-p in that order; temperature 0 is greedy.
 
 Randomness is counter-based: the n-th token sampled for a row with seed s draws the uniforms
