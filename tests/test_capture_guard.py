@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 import weakref
 
-from hierarchos.ops.capture import no_collection_during_capture
+from hierarchos.ops.capture import no_collection_during_capture, why_capture_failed
 
 
 class _Cycle:
@@ -49,3 +49,11 @@ def test_leaves_a_disabled_collector_disabled_even_on_error():
     except ValueError:
         pass
     assert gc.isenabled()
+
+
+def test_why_a_capture_failed_is_one_short_line():
+    exc = RuntimeError("CUDA error: operation not permitted when stream is capturing\nCUDA kernel errors might ...")
+    assert why_capture_failed(exc) == "RuntimeError: CUDA error: operation not permitted when stream is capturing"
+    long = why_capture_failed(ValueError("x" * 500))
+    assert long == "ValueError: " + "x" * 160
+    assert why_capture_failed(KeyError()) == "KeyError: "

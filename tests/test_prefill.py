@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from hierarchos.errors import HierarchosError
-from hierarchos.prefill import ChunkedPrefill, alignment, chunk_sizes, plan_pieces
+from hierarchos.prefill import ChunkedPrefill, alignment, chunk_sizes, plan_pieces, require_fixed_size
 from test_sync_free_step import build, fresh_seed
 
 CONFIGS = {
@@ -94,6 +94,31 @@ def test_the_pieces_at_position_zero_need_the_alignment():
     assert not torch.allclose(got, want, rtol=1e-9, atol=1e-9), seed
 
 
+def test_reasoning_caps_reach_every_piece():
+    """chat's /mode caps (fewer cycles and steps) apply to the eager and the graphed pieces alike."""
+    seed = fresh_seed()
+    model = build(seed, **CONFIGS["deep"])
+    caps = dict(h_cycles=2, max_h_steps=1, max_l_steps=2)
+    prefill = ChunkedPrefill(model, 1, caps=caps, max_chunk=2 * alignment(model.cfg))
+    prompt = torch.randint(0, 7, (1, 5 * alignment(model.cfg) + 2), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        start = model(prompt[:, :1], model.init_state(1), **caps).state
+        want = model(prompt[:, 1:], start.clone(), **caps)
+        uncapped = model(prompt[:, 1:], start.clone())
+        logits, state = prefill(prompt[:, 1:], start.clone())
+    _close(logits, want.logits[:, -1], f"seed={seed}")
+    assert not torch.allclose(uncapped.logits[:, -1], want.logits[:, -1], rtol=1e-9, atol=1e-9)
+    assert prefill.capture_error is None and prefill.graphs == {}
+
+
+def test_graphs_need_a_fixed_size_state():
+    full = build(0, h_block="attention", l_block="attention", window_size=0, pos_encodings="rope")
+    with pytest.raises(HierarchosError, match="fixed-size state.*--no-cuda-graph"):
+        require_fixed_size(full)
+    require_fixed_size(build(0, **CONFIGS["attention_window"]))
+    require_fixed_size(build(0))
+
+
 def test_capture_needs_cuda():
     model = build(0)
     with pytest.raises(HierarchosError, match="CUDA device"):
@@ -110,8 +135,10 @@ def test_captured_prefill_is_the_eager_pieces_on_the_gpu(name):
     eager = ChunkedPrefill(model, 1, max_chunk=8 * align)
     graphs = ChunkedPrefill(model, 1, max_chunk=8 * align, capture=True)
     g = torch.Generator().manual_seed(seed)
+    graphed = 0
     with torch.no_grad():
         for lead, length in ((0, 15 * align + 1), (1, 8 * align + 2)):
+            graphed += sum(1 for _, g_ in plan_pieces(lead, length, align, graphs.sizes) if g_)
             start = model.init_state(1, device="cuda")
             if lead:
                 start = model(torch.randint(0, 7, (1, lead), generator=g).cuda(), start).state
@@ -121,7 +148,7 @@ def test_captured_prefill_is_the_eager_pieces_on_the_gpu(name):
             assert torch.allclose(got, want, rtol=1e-4, atol=1e-5), f"{name} seed={seed}"
             for (key, x), (_, y) in zip(got_state.tensors(), want_state.tensors(), strict=True):
                 assert torch.allclose(x, y, rtol=1e-4, atol=1e-5), f"{name} seed={seed}: {key}"
-    assert graphs.replays > 0
+    assert graphs.capture_error is None and graphs.replays == graphed > 0
 
 
 def test_a_failed_capture_leaves_every_piece_eager_and_says_why(monkeypatch):
