@@ -564,10 +564,14 @@ def main() -> None:
                          "(skipped modes get a row saying so); 0: no limit")
     ap.add_argument("--skip-step-rows", action="store_true",
                     help="leave out the per-context step rows (prefill pieces + plain step): --batch rows only")
+    ap.add_argument("--tf32", action="store_true",
+                    help="CUDA: float32 matmuls on TF32 tensor cores for both models (as `train` runs them)")
     ap.add_argument("--json", default=None, help="default bench/results/generate_<device>.json")
     args = ap.parse_args()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
+    if args.tf32:  # before the GPT-2 baseline too: both models run their float32 rows the same way
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     path = Path(args.json or f"bench/results/generate_{device.type}.json")
     results, gpt2 = [], []
 

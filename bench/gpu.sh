@@ -23,7 +23,7 @@
 #   generate   batch-1 generation at 125m, default and minimal reasoning, the captured sync-free step per
 #              GENERATE_MODES (bench_generate --compile-step; default "off off+full fused fused+full": eager or
 #              fused time mix, each with and without the plan-point split), against a Hugging Face GPT-2 of
-#              the same size (model.generate, KV cache) (~250 s)
+#              the same size (model.generate, KV cache) (~250 s); GENERATE_ARGS adds options (e.g. --tf32)
 #   blocks     training steps of the seeds' other cells at 125m minimal, T=1024 and 8192: attention
 #              blocks (full, window 512) and WKV-4, beside RWKV-7 and a compiled GPT-2 (~360 s: T=8192 rows need
 #              ~40-100 s for their first step)
@@ -126,7 +126,7 @@ for suite in "$@"; do
     generate)
       timeout ${GENERATE_TIMEOUT:-280} python3 bench/bench_generate.py --device cuda --size 125m --contexts 1024 \
         --new-tokens 128 --batch 1 --cuda-graph --configs default minimal --gpt2 --skip-step-rows \
-        --compile-step ${GENERATE_MODES:-off off+full fused fused+full} --budget-s ${GENERATE_BUDGET:-200} \
+        --compile-step ${GENERATE_MODES:-off off+full fused fused+full} --budget-s ${GENERATE_BUDGET:-200} ${GENERATE_ARGS:-} \
         --json "$out/generate_cuda.json" 2>&1 | tee "$out/generate_cuda.log" ;;
     blocks)
       timeout ${BLOCKS_TIMEOUT:-420} python3 bench/bench_forward.py --device cuda --size 125m --seq-lens ${BLOCKS_SEQ_LENS:-1024 8192} \
