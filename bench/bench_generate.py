@@ -248,13 +248,18 @@ def batched_generation(model, args, device, rows: list, on_row=lambda: None) -> 
     generate(model, prompts[0][:16], SamplingConfig(temperature=0.0, max_new_tokens=4))  # lazy inits
     ids = torch.tensor([prompts[0]], device=device)
     model(ids, model.init_state(1, device=device))
-    best = float("inf")
-    for _ in range(3):
-        sync(device)
-        start = time.perf_counter()
-        model(ids, model.init_state(1, device=device))
-        sync(device)
-        best = min(best, time.perf_counter() - start)
+
+    def best_of_3(prefill) -> float:
+        best = float("inf")
+        for _ in range(3):
+            sync(device)
+            start = time.perf_counter()
+            prefill(ids, model.init_state(1, device=device))
+            sync(device)
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    best = best_of_3(model)
     rows.append({"how": "prefill", "batch": 1, "context": len(prompts[0]), "cuda_graph": False, "compile_step": "off",
                  "time_to_first_token_s": best, "decode_tokens_per_s": float("nan"), "tokens": 0})
     print(f"{'prefill alone':>14} B= 1 context {len(prompts[0])}: {best * 1000:8.1f} ms (the parallel forward, "
@@ -267,13 +272,8 @@ def batched_generation(model, args, device, rows: list, on_row=lambda: None) -> 
         start = time.perf_counter()
         prefill = ChunkedPrefill(model, 1, capture=True)
         sync(device)
-        capture_s, captured = time.perf_counter() - start, float("inf")
-        for _ in range(3):
-            sync(device)
-            start = time.perf_counter()
-            prefill(ids, model.init_state(1, device=device))
-            sync(device)
-            captured = min(captured, time.perf_counter() - start)
+        capture_s = time.perf_counter() - start
+        captured = best_of_3(prefill)
         rows.append({"how": "prefill", "batch": 1, "context": len(prompts[0]), "cuda_graph": True,
                      "compile_step": "off", "time_to_first_token_s": captured, "warmup_s": capture_s,
                      "chunk_graphs": prefill.sizes, "replays_per_prompt": prefill.replays / 3,
