@@ -298,3 +298,17 @@ def test_cached_run_is_trained_again_only_when_its_model_is_needed_and_missing(t
     assert json.loads(record.read_text()) == carried  # the table's figure is not replaced
     present = bq.cached(args, "row", {**spec, "lr": 2e-3}, train)
     assert bq.cached(args, "row", {**spec, "lr": 2e-3}, train, need_model=True) == present and len(calls) == 3
+
+
+def test_wiring_rows_are_the_minimal_depth_and_the_first_is_main_tables_minimal():
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(width=512, seq_len=512, tiny=False)
+    rows = bq.wiring_variants()
+    main_minimal = bq.hierarchos_fields(args, **bq.REASONING["minimal"])
+    first = next(iter(rows.values()))
+    assert bq.hierarchos_fields(args, **first) == main_minimal  # the same spec: its runs are reused
+    for label, overrides in rows.items():
+        fields = bq.hierarchos_fields(args, **overrides)
+        assert (fields["h_cycles"], fields["max_h_steps"], fields["max_l_steps"]) == (1, 1, 0), label
+    assert len({tuple(sorted(bq.hierarchos_fields(args, **o).items())) for o in rows.values()}) == len(rows)
