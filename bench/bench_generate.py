@@ -238,7 +238,7 @@ def step_options(mode: str) -> dict:
 def batched_generation(model, args, device, rows: list, on_row=lambda: None) -> list[dict]:
     """--batch: decode tok/s and time to first token of generate_batch at B and 1 for each --compile-step
     mode, of generate at 1, and the prefill alone (the parallel forward: the floor of time to first token)."""
-    from hierarchos.generate import SamplingConfig, generate, generate_batch
+    from hierarchos.generate import SamplingConfig, generate
 
     cfg = SamplingConfig(temperature=0.0, max_new_tokens=args.new_tokens)
     context = args.contexts[0]

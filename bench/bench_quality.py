@@ -63,7 +63,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from hierarchos.config import TIME_MIX_WIRINGS, ModelConfig  # noqa: E402
+from hierarchos.config import ModelConfig  # noqa: E402
 from hierarchos.io import atomic_write_text  # noqa: E402
 
 CORPUS_VERSION = 1
