@@ -517,7 +517,7 @@ REASONING = {"default": {}, "minimal": dict(h_cycles=1, max_h_steps=1, max_l_ste
 
 
 def table_main(args, corpus) -> dict:
-    rows, out = [], {}  # no --jobs here: equal GPU time needs solo rates
+    out = {}  # no --jobs here: equal GPU time needs solo rates
     for label, overrides in REASONING.items():
         out[f"hierarchos-{label}"] = sweep(args, corpus, f"hierarchos-{label}", hierarchos_fields(args, **overrides))
     ref = out["hierarchos-default"]["best"]["non_embedding_params"]
