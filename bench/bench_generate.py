@@ -280,8 +280,26 @@ def batched_generation(model, args, device, rows: list, on_row=lambda: None) -> 
                      "decode_tokens_per_s": float("nan"), "tokens": 0})
         print(f"{'prefill graphs':>14} B= 1 context {len(prompts[0])}: {captured * 1000:8.1f} ms (chunk graphs "
               f"{prefill.sizes}, best of 3; capture {capture_s:.1f} s)", flush=True)
+        exact, _ = prefill(ids, model.init_state(1, device=device))
         del prefill
         on_row()
+        if args.prefill_autocast:  # the same graphs with the forward under bf16 autocast, and what it costs in logits
+            sync(device)
+            start = time.perf_counter()
+            prefill = ChunkedPrefill(model, 1, capture=True, autocast=torch.bfloat16)
+            sync(device)
+            capture_s = time.perf_counter() - start
+            captured = best_of_3(prefill)
+            amp, _ = prefill(ids, model.init_state(1, device=device))
+            diff, same = float((amp - exact).abs().max()), bool(amp.argmax(-1).eq(exact.argmax(-1)).all())
+            rows.append({"how": "prefill", "batch": 1, "context": len(prompts[0]), "cuda_graph": True,
+                         "compile_step": "off", "prefill_autocast": "bf16", "time_to_first_token_s": captured,
+                         "warmup_s": capture_s, "max_abs_logit_diff_vs_fp32": diff, "same_argmax_as_fp32": same,
+                         "decode_tokens_per_s": float("nan"), "tokens": 0})
+            print(f"{'prefill bf16':>14} B= 1 context {len(prompts[0])}: {captured * 1000:8.1f} ms (chunk graphs, "
+                  f"bf16 autocast; max |logit - fp32's| {diff:.3g}, same argmax {same})", flush=True)
+            del prefill
+            on_row()
     reference: dict = {}  # batch size -> the first mode's tokens: the other modes' agreement with them
     for mode in args.compile_step:
         if args.budget_s and time.perf_counter() - STARTED > args.budget_s:  # a device's time limit: skip, say so
@@ -564,6 +582,9 @@ def main() -> None:
                          "(skipped modes get a row saying so); 0: no limit")
     ap.add_argument("--skip-step-rows", action="store_true",
                     help="leave out the per-context step rows (prefill pieces + plain step): --batch rows only")
+    ap.add_argument("--prefill-autocast", action="store_true",
+                    help="--cuda-graph: one more prefill row with the chunk graphs' forward under bf16 autocast "
+                         "(its time and its logits against the float32 prefill's)")
     ap.add_argument("--tf32", action="store_true",
                     help="CUDA: float32 matmuls on TF32 tensor cores for both models (as `train` runs them)")
     ap.add_argument("--json", default=None, help="default bench/results/generate_<device>.json")
@@ -619,6 +640,7 @@ def main() -> None:
 
 def path_label(r: dict) -> str:
     label = r["how"] + (" (CUDA graph)" if r["cuda_graph"] else "")
+    label += f", {r['prefill_autocast']} autocast" if r.get("prefill_autocast") else ""
     return label + (f", {r['compile_step']}" if r.get("compile_step", "off") != "off" else "")
 
 

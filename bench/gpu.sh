@@ -23,7 +23,7 @@
 #   generate   batch-1 generation at 125m, default and minimal reasoning, the captured sync-free step per
 #              GENERATE_MODES (bench_generate --compile-step; default "off off+full fused fused+full": eager or
 #              fused time mix, each with and without the plan-point split), against a Hugging Face GPT-2 of
-#              the same size (model.generate, KV cache) (~250 s); GENERATE_ARGS adds options (e.g. --tf32)
+#              the same size (model.generate, KV cache) (~250 s); GENERATE_ARGS adds options (e.g. --tf32, --prefill-autocast)
 #   blocks     training steps of the seeds' other cells at 125m minimal, T=1024 and 8192: attention
 #              blocks (full, window 512) and WKV-4, beside RWKV-7 and a compiled GPT-2 (~360 s: T=8192 rows need
 #              ~40-100 s for their first step)

@@ -533,7 +533,7 @@ def generate_batch(model, prompts: list[list[int]], cfg: SamplingConfig, *, stat
                    on_token: Callable[[int, int], bool | None] | None = None,
                    should_stop: Callable[[], bool] = lambda: False, keep_eos: bool = False,
                    cuda_graph: bool = False, compile_step: bool | str = False, fused_step: bool = False,
-                   steppers: dict | None = None,
+                   steppers: dict | None = None, prefill_autocast: torch.dtype | None = None,
                    clock: Callable[[], float] = time.perf_counter, timings: dict | None = None,
                    **caps) -> BatchResult:
     """Generate for B prompts of any lengths at once. Row b equals `generate(model, prompts[b], cfg
@@ -548,7 +548,9 @@ def generate_batch(model, prompts: list[list[int]], cfg: SamplingConfig, *, stat
     `GraphedStepper`; with `cuda_graph` the graph records the compiled calls). `fused_step`: the blocks'
     one-token time mix as one Triton kernel each (see `GraphedStepper`). `steppers`: a dict
     the caller keeps (chat): a stepper made for this batch size, caps and sampling is reused from it,
-    so its graph is captured once, not per call. `timings`: a dict that receives the seconds of the
+    so its graph is captured once, not per call. `prefill_autocast` (torch.bfloat16): the prompts'
+    forward under autocast in that dtype (the state stays in the model's dtype; the step does not
+    change). `timings`: a dict that receives the seconds of the
     phases before the first token (prefill, setup, first_sample; the device synchronised at each mark,
     so pass it only to measure)."""
     if not prompts or any(not p for p in prompts):
@@ -569,10 +571,10 @@ def generate_batch(model, prompts: list[list[int]], cfg: SamplingConfig, *, stat
         seeds = [draw_seed(cfg, generator) if cfg.temperature > 0 else 0 for _ in range(B)]
     prefill = None
     if cuda_graph:  # the prompts through captured chunk graphs (hierarchos.prefill), made once per caps
-        pkey = ("prefill", tuple(sorted(caps.items())))
+        pkey = ("prefill", tuple(sorted(caps.items())), prefill_autocast)
         prefill = steppers.get(pkey) if steppers is not None else None
         if prefill is None:
-            prefill = ChunkedPrefill(model, 1, caps=caps, capture=True)
+            prefill = ChunkedPrefill(model, 1, caps=caps, capture=True, autocast=prefill_autocast)
             if steppers is not None:
                 steppers[pkey] = prefill
     row_states, last_logits = [], []
@@ -581,8 +583,11 @@ def generate_batch(model, prompts: list[list[int]], cfg: SamplingConfig, *, stat
         if prefill is not None:
             logits, new_state = prefill(torch.tensor([prompt], device=device), state)
         else:
-            out = model(torch.tensor([prompt], device=device), state, **caps)
-            logits, new_state = out.logits[:, -1], out.state
+            amp = (torch.autocast(device.type, dtype=prefill_autocast) if prefill_autocast is not None
+                   else contextlib.nullcontext())
+            with amp:
+                out = model(torch.tensor([prompt], device=device), state, **caps)
+            logits, new_state = out.logits[:, -1].to(model.persistent.dtype), out.state  # (autocast's dtype back)
         row_states.append(new_state)
         last_logits.append(logits)
     mark("prefill")

@@ -20,6 +20,7 @@ graphs are checked against on the GPU (tests/test_prefill.py).
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -78,10 +79,14 @@ class ChunkedPrefill:
     state (copies)."""
 
     def __init__(self, model, batch_size: int = 1, *, caps: dict | None = None, capture: bool = False,
-                 max_chunk: int = 1024, warmup: int = 2):
+                 max_chunk: int = 1024, warmup: int = 2, autocast: torch.dtype | None = None):
         cfg = model.cfg
         self.model, self.caps, self.capture = model, dict(caps or {}), capture
         device = next(model.parameters()).device
+        # `autocast` (torch.bfloat16): the forward's matmuls in that dtype, as `train` runs them; the
+        # state and the logits stay in the model's dtype (autocast's weight cache off: a graph replays
+        # the casts instead of keeping tensors made during capture)
+        self.autocast, self.device_type = autocast, device.type
         if capture:
             if device.type != "cuda":
                 raise HierarchosError(f"a captured prefill needs the model on a CUDA device (it is on {device}); "
@@ -110,7 +115,10 @@ class ChunkedPrefill:
     def _run(self, tokens: torch.Tensor, hints: torch.Tensor | None, pos: int) -> None:
         """The forward over `tokens` (B, n) at `pos` on the buffers, in place: the new state into the
         leaves, the last position's logits into `self.logits`."""
-        out = self.model(tokens, self._state(pos), rosa_hint_ids=hints, **self.caps)
+        amp = (torch.autocast(self.device_type, dtype=self.autocast, cache_enabled=False) if self.autocast is not None
+               else contextlib.nullcontext())
+        with amp:
+            out = self.model(tokens, self._state(pos), rosa_hint_ids=hints, **self.caps)
         for buffer, new in zip(self.leaves, (t for _, t in out.state.tensors()), strict=True):
             buffer.copy_(new)
         self.logits.copy_(out.logits[:, -1])

@@ -179,3 +179,29 @@ def test_a_failed_capture_leaves_every_piece_eager_and_says_why(monkeypatch):
         want = model(prompt, model.init_state(1))
         logits, _ = prefill(prompt, model.init_state(1))
     _close(logits, want.logits[:, -1], f"seed={seed}")
+
+
+def test_autocast_prefill_runs_the_matmuls_in_bfloat16_and_keeps_the_state_float32():
+    """`autocast=torch.bfloat16` (what `train` runs): close to the float32 prefill at bfloat16's
+    precision, not equal to it (autocast is on), the state and logits in float32, and the eager
+    generate_batch path under the same autocast picks the same greedy continuation."""
+    from hierarchos.generate import SamplingConfig, generate_batch
+
+    seed = fresh_seed()
+    model = build(seed, dtype=torch.float32)
+    align = alignment(model.cfg)
+    prompt = torch.randint(0, 7, (1, 6 * align + 3), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        exact, _ = ChunkedPrefill(model, 1, max_chunk=2 * align)(prompt, model.init_state(1))
+        prefill = ChunkedPrefill(model, 1, max_chunk=2 * align, autocast=torch.bfloat16)
+        logits, state = prefill(prompt, model.init_state(1))
+    assert logits.dtype == torch.float32 and all(t.dtype == torch.float32 for _, t in state.tensors())
+    assert not torch.equal(logits, exact), seed
+    assert torch.allclose(logits, exact, atol=0.1, rtol=0.1), f"seed={seed}: {(logits - exact).abs().max()}"
+    cfg = SamplingConfig(temperature=0.0, max_new_tokens=1)
+    amp = generate_batch(model, [prompt[0].tolist()], cfg, prefill_autocast=torch.bfloat16)
+    fp32 = generate_batch(model, [prompt[0].tolist()], cfg)
+    pairs = list(zip((t for _, t in amp.state.tensors()), (t for _, t in fp32.state.tensors())))
+    if amp.tokens == fp32.tokens:  # (a near tie may pick another token; then the states differ anyway)
+        assert all(a.dtype == torch.float32 and torch.allclose(a, b, atol=0.1, rtol=0.1) for a, b in pairs), seed
+    assert any(not torch.equal(a, b) for a, b in pairs), f"seed={seed}: generate_batch ignored prefill_autocast"
