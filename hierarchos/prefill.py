@@ -81,7 +81,7 @@ class ChunkedPrefill:
     def __init__(self, model, batch_size: int = 1, *, caps: dict | None = None, capture: bool = False,
                  max_chunk: int = 1024, warmup: int = 2, autocast: torch.dtype | None = None):
         cfg = model.cfg
-        self.model, self.caps, self.capture = model, dict(caps or {}), capture
+        self.model, self.caps = model, dict(caps or {})
         device = next(model.parameters()).device
         # `autocast` (torch.bfloat16): the forward's matmuls in that dtype, as `train` runs them; the
         # state and the logits stay in the model's dtype (autocast's weight cache off: a graph replays
@@ -163,7 +163,7 @@ class ChunkedPrefill:
     def __call__(self, tokens: torch.Tensor, state: HierarchosState) -> tuple[torch.Tensor, HierarchosState]:
         """tokens (B, T) after `state` -> (the last position's logits (B, V), the new state). The
         state's ROSA automata are extended in place, as the forward does."""
-        B, T = tokens.shape
+        T = tokens.shape[1]
         for buffer, value in zip(self.leaves, (t for _, t in state.tensors()), strict=True):
             buffer.copy_(value)
         rosa, hints = state.rosa, None
