@@ -43,8 +43,8 @@ from typing import Callable
 import torch
 
 from ..model.rosa import rosa_hints
-from ..ops.capture import no_collection_during_capture, why_capture_failed  # noqa: F401 (puzzle_segments)
 from ..model.state import HierarchosState
+from ..ops.capture import no_collection_during_capture, why_capture_failed
 
 MAX_GRAPHS = 4  # distinct window shapes/phases kept captured; more run eagerly
 

@@ -51,7 +51,8 @@ import torch
 
 from ..model.puzzle import cell_predictions
 from ..model.state import HierarchosState
-from .cuda_graph import _flatten, _rebuild, record_cuda_graph, why_capture_failed
+from ..ops.capture import why_capture_failed
+from .cuda_graph import _flatten, _rebuild, record_cuda_graph
 from .schedule import LazyRowAdam, lazy_row_adam_masked, skip_step_unless
 from .sign_sgd import SparseSignSGD
 
