@@ -3,7 +3,7 @@
 Measures forward+backward (no optimizer) tokens/s of `HierarchosLM` + `lm_loss` and of
 `GPT2LMHeadModel` (built from a config, SDPA attention, dropout 0) on the same device, at
 each --seq-lens T with batch = --tokens-per-step // T for both, for the reasoning configs
-"minimal" (h_cycles=1, max_h_steps=1, max_l_steps=0) and "default" (ModelConfig defaults),
+"minimal" (h_cycles=1, max_h_steps=1, max_l_steps=0) and "default" (2,5,5: ModelConfig's defaults today),
 plus a use_rosa=False row (--no-rosa-for) so ROSA's CPU automaton cost is visible.
 GPT-2's n_layer/n_embd are chosen so its parameter count (embeddings and wpe included,
 same vocab, n_positions = max T) is within 5% of hierarchos' count WITHOUT DeepEmbed
@@ -53,7 +53,8 @@ SIZES = {  # hierarchos shapes; GPT-2 is fitted to each
     "125m": dict(vocab_size=50257, context_dim=768, h_hidden=768, l_hidden=768, h_layers=4, l_layers=4),
 }
 CONFIGS = {"minimal": dict(h_cycles=1, max_h_steps=1, max_l_steps=0),
-           "mid": dict(h_cycles=2, max_h_steps=2, max_l_steps=2), "default": {}}
+           "mid": dict(h_cycles=2, max_h_steps=2, max_l_steps=2),
+           "default": dict(h_cycles=2, max_h_steps=5, max_l_steps=5)}  # named, not ModelConfig's: issue targets quote it
 BLOCKS = {  # the manager's and worker's block types (issue rows for the seeds' other cells)
     "rwkv7": {}, "attention": dict(h_block="attention", l_block="attention"),
     "attention-window": dict(h_block="attention", l_block="attention"),  # window_size from --window-size

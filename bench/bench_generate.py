@@ -80,7 +80,8 @@ SIZES = {
                                 l_layers=4),
 }
 
-CONFIGS = {"default": {}, "minimal": dict(h_cycles=1, max_h_steps=1, max_l_steps=0)}
+# "default" is named (2,5,5), not ModelConfig's defaults: the issue targets and earlier tables quote it
+CONFIGS = {"default": dict(h_cycles=2, max_h_steps=5, max_l_steps=5), "minimal": dict(h_cycles=1, max_h_steps=1, max_l_steps=0)}
 STARTED = time.perf_counter()
 TTFT_SAMPLES = 5  # generate_batch rows: time to first token is the median of this many calls
 

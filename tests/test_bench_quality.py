@@ -312,3 +312,17 @@ def test_wiring_rows_are_the_minimal_depth_and_the_first_is_main_tables_minimal(
         fields = bq.hierarchos_fields(args, **overrides)
         assert (fields["h_cycles"], fields["max_h_steps"], fields["max_l_steps"]) == (1, 1, 0), label
     assert len({tuple(sorted(bq.hierarchos_fields(args, **o).items())) for o in rows.values()}) == len(rows)
+
+
+def test_the_quality_tables_default_row_is_the_2_5_5_reasoning_config():
+    """bench_quality's "default" rows are ModelConfig's defaults (fields {}, so the run cache's keys
+    do not spell them out): should those defaults change (issue 19 may move them to the minimal
+    depth), this fails, because every cached "default" run would then silently stand for another
+    configuration. Then name the (2,5,5) rows explicitly, as bench_forward and bench_generate do."""
+    from types import SimpleNamespace
+
+    from hierarchos.config import ModelConfig
+
+    fields = bq.hierarchos_fields(SimpleNamespace(width=512, seq_len=512, tiny=False), **bq.REASONING["default"])
+    cfg = ModelConfig(**fields)
+    assert (cfg.h_cycles, cfg.max_h_steps, cfg.max_l_steps) == (2, 5, 5)
