@@ -615,11 +615,13 @@ def _load_model(model_dir: str, device):
 
 
 def _score_recall(docs: list, preds: list) -> dict:
-    """preds[i][p]: doc i's greedy guess for its token p + 1; a query counts when all 6 digits are right."""
+    """preds[i][p]: doc i's greedy guess for its token p + 1; a query counts when all 6 digits are right.
+    A guess past the byte range (the tokenizer's special ids, EOS among them) is a wrong digit."""
     exact, digits, n = 0, 0, 0
     for doc, pred in zip(docs, preds):
         for offset, value in doc["answers"]:
-            got = bytes(int(pred[offset + i - 1]) for i in range(len(value))).decode("latin-1")
+            ids = [int(pred[offset + i - 1]) for i in range(len(value))]
+            got = "".join(chr(t) if t < 256 else "\ufffd" for t in ids)  # (a byte's latin-1 character)
             right = sum(a == b for a, b in zip(got, value))
             digits += right
             exact += right == len(value)

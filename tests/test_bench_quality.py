@@ -326,3 +326,14 @@ def test_the_quality_tables_default_row_is_the_2_5_5_reasoning_config():
     fields = bq.hierarchos_fields(SimpleNamespace(width=512, seq_len=512, tiny=False), **bq.REASONING["default"])
     cfg = ModelConfig(**fields)
     assert (cfg.h_cycles, cfg.max_h_steps, cfg.max_l_steps) == (2, 5, 5)
+
+
+def test_recall_scoring_counts_special_token_guesses_as_wrong_digits():
+    """A model may guess a special id (EOS is 256 or above in the byte vocabulary) where a digit
+    belongs: a wrong digit, not a crash (a fresh-seed run of the test above found it)."""
+    doc = {"answers": [(3, "123456")], "text": ""}
+    pred = np.array([0, 0, ord("1"), ord("2"), 258, ord("4"), ord("5"), ord("6"), 0])
+    got = bq._score_recall([doc], [pred])
+    assert got["queries"] == 1 and got["query_accuracy"] == 0.0 and got["digit_accuracy"] == 5 / 6
+    pred[4] = ord("3")
+    assert bq._score_recall([doc], [pred])["query_accuracy"] == 1.0
