@@ -200,6 +200,13 @@ class ModelConfig:
             raise HierarchosError(f"{where}: not valid JSON (line {exc.lineno}, column {exc.colno}): {exc.msg}") from None
         return cls.from_dict(data, where=where)
 
+    @property
+    def position_period(self) -> int:
+        """The period of everything the parallel forward derives from a window's start position (plan
+        points every h_stride tokens, memory chunk closes every ltm_chunk): a captured forward is valid
+        at every start position congruent to its own modulo this (the trainer's and the prefill's graphs)."""
+        return math.lcm(self.h_stride, self.ltm_chunk)
+
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes).validate()
 

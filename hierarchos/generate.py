@@ -193,14 +193,6 @@ def batch_dims(model) -> list[int]:
     return dims
 
 
-def _rebuild(state, leaves: list[torch.Tensor], rosa, pos: int):
-    """A state with `state`'s structure holding `leaves` (in tensors() order)."""
-    it = iter(leaves)
-    new = state.map(lambda _: next(it))
-    new.rosa, new.pos = rosa, pos
-    return new
-
-
 def stack_states(model, states: list) -> object:
     """One batch state from 1-row states (their ROSA automata in row order; pos of the first)."""
     if any(block == "attention" for block in (model.cfg.h_block, model.cfg.l_block)) and not model.cfg.window_size:
@@ -209,7 +201,7 @@ def stack_states(model, states: list) -> object:
     dims = batch_dims(model)
     leaves = [torch.cat(parts, dim) for dim, parts in zip(dims, zip(*[[t for _, t in s.tensors()] for s in states]))]
     rosa = None if states[0].rosa is None else [a for s in states for a in s.rosa]
-    return _rebuild(states[0], leaves, rosa, states[0].pos)
+    return states[0].with_leaves(leaves, states[0].pos, rosa)
 
 
 COMPILE_MODES = ("step", "blocks")
@@ -355,7 +347,7 @@ class GraphedStepper:
         self.model, self.cfg, self.caps, self.capture = model, cfg, dict(caps), capture
         # copies: a state entry the prefill left unchanged (a pass beyond the caps) is the caller's tensor
         self.leaves = [t.clone() for _, t in state.tensors()]
-        self.state = _rebuild(state, self.leaves, state.rosa, state.pos)
+        self.state = state.with_leaves(self.leaves, state.pos, state.rosa)
         # the state's layout with leaf indices (what `_advance` rebuilds it from: no Python ints that
         # change per call, such as state.pos, reach a compiled step's guards)
         self._layout = leaf_layout({"memory": state.memory, "rounds": state.rounds})
@@ -512,7 +504,7 @@ class GraphedStepper:
 
     def final_state(self, pos: int):
         """The state after the fed tokens (a copy: the buffers stay the stepper's)."""
-        return _rebuild(self.state, [t.clone() for t in self.leaves], self.state.rosa, pos)
+        return self.state.with_leaves([t.clone() for t in self.leaves], pos, self.state.rosa)
 
 
 @dataclass

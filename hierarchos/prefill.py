@@ -21,7 +21,6 @@ graphs are checked against on the GPU (tests/test_prefill.py).
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 
@@ -39,14 +38,10 @@ def require_fixed_size(model) -> None:
                               "cache every token: use --no-cuda-graph or a windowed attention model")
 
 
-def alignment(cfg) -> int:
-    """L: the period of every position-dependent index of the parallel forward."""
-    return math.lcm(cfg.h_stride, cfg.ltm_chunk)
-
-
 def chunk_sizes(cfg, max_chunk: int) -> list[int]:
-    """The captured chunk sizes, largest first: L * 2^k up to `max_chunk` (at least L)."""
-    align = alignment(cfg)
+    """The captured chunk sizes, largest first: L * 2^k up to `max_chunk` (at least L =
+    cfg.position_period)."""
+    align = cfg.position_period
     sizes, size = [], align
     while size <= max(max_chunk, align):
         sizes.append(size)
@@ -92,7 +87,7 @@ class ChunkedPrefill:
                 raise HierarchosError(f"a captured prefill needs the model on a CUDA device (it is on {device}); "
                                       "prefill without capture on this device")
             require_fixed_size(model)
-        self.align = alignment(cfg)
+        self.align = cfg.position_period
         self.sizes = chunk_sizes(cfg, max_chunk)
         scratch = model.init_state(batch_size, device=device)
         self.leaves = [t.clone() for _, t in scratch.tensors()]
@@ -186,7 +181,4 @@ class ChunkedPrefill:
                 self._run(piece, piece_hints, pos)
             pos += n
             start += n
-        it = iter([t.clone() for t in self.leaves])
-        new = state.map(lambda _: next(it))
-        new.pos, new.rosa = pos, rosa
-        return self.logits.clone(), new
+        return self.logits.clone(), state.with_leaves([t.clone() for t in self.leaves], pos, rosa)

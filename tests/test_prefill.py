@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from hierarchos.errors import HierarchosError
-from hierarchos.prefill import ChunkedPrefill, alignment, chunk_sizes, plan_pieces, require_fixed_size
+from hierarchos.prefill import ChunkedPrefill, chunk_sizes, plan_pieces, require_fixed_size
 from test_sync_free_step import build, fresh_seed
 
 CONFIGS = {
@@ -45,7 +45,7 @@ def test_pieces_cover_the_prompt_with_graphs_only_at_aligned_positions():
 
 def test_chunk_sizes_are_multiples_of_the_period_of_every_position_rule():
     build_cfg = build(0).cfg.replace(h_stride=4, ltm_chunk=6)
-    assert alignment(build_cfg) == 12 == math.lcm(4, 6)
+    assert build_cfg.position_period == 12 == math.lcm(4, 6)
     assert chunk_sizes(build_cfg, 100) == [96, 48, 24, 12]
     assert chunk_sizes(build_cfg, 5) == [12]
 
@@ -59,7 +59,7 @@ def test_chunked_prefill_is_one_forward_from_any_position(name):
     seed = fresh_seed()
     model = build(seed, **CONFIGS[name])
     g = torch.Generator().manual_seed(seed)
-    align = alignment(model.cfg)
+    align = model.cfg.position_period
     prefill = ChunkedPrefill(model, 2, max_chunk=4 * align)
     with torch.no_grad():
         for lead, length in ((0, 9 * align + 1), (1 + seed % (2 * align), 5 * align + 3), (align, 4 * align)):
@@ -99,8 +99,8 @@ def test_reasoning_caps_reach_every_piece():
     seed = fresh_seed()
     model = build(seed, **CONFIGS["deep"])
     caps = dict(h_cycles=2, max_h_steps=1, max_l_steps=2)
-    prefill = ChunkedPrefill(model, 1, caps=caps, max_chunk=2 * alignment(model.cfg))
-    prompt = torch.randint(0, 7, (1, 5 * alignment(model.cfg) + 2), generator=torch.Generator().manual_seed(seed))
+    prefill = ChunkedPrefill(model, 1, caps=caps, max_chunk=2 * model.cfg.position_period)
+    prompt = torch.randint(0, 7, (1, 5 * model.cfg.position_period + 2), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         start = model(prompt[:, :1], model.init_state(1), **caps).state
         want = model(prompt[:, 1:], start.clone(), **caps)
@@ -131,7 +131,7 @@ def test_capture_needs_cuda():
 def test_captured_prefill_is_the_eager_pieces_on_the_gpu(name):
     seed = fresh_seed()
     model = build(seed, dtype=torch.float32, **CONFIGS[name]).cuda()
-    align = alignment(model.cfg)
+    align = model.cfg.position_period
     eager = ChunkedPrefill(model, 1, max_chunk=8 * align)
     graphs = ChunkedPrefill(model, 1, max_chunk=8 * align, capture=True)
     g = torch.Generator().manual_seed(seed)
@@ -157,7 +157,7 @@ def test_a_failed_capture_leaves_every_piece_eager_and_says_why(monkeypatch):
     state as before, and prompts still prefill exactly."""
     seed = fresh_seed()
     model = build(seed)
-    prefill = ChunkedPrefill(model, 1, max_chunk=4 * alignment(model.cfg))
+    prefill = ChunkedPrefill(model, 1, max_chunk=4 * model.cfg.position_period)
     recorded = []
 
     def record(n, pool):
@@ -174,7 +174,7 @@ def test_a_failed_capture_leaves_every_piece_eager_and_says_why(monkeypatch):
     assert recorded == prefill.sizes[:1] and prefill.graphs == {}
     assert prefill.capture_error == "AcceleratorError: CUDA error: operation not permitted when stream is capturing"
     assert all(torch.equal(a, b) for a, b in zip(prefill.leaves, before))
-    prompt = torch.randint(0, 7, (1, 5 * alignment(model.cfg) + 1), generator=torch.Generator().manual_seed(seed))
+    prompt = torch.randint(0, 7, (1, 5 * model.cfg.position_period + 1), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         want = model(prompt, model.init_state(1))
         logits, _ = prefill(prompt, model.init_state(1))
@@ -189,7 +189,7 @@ def test_autocast_prefill_runs_the_matmuls_in_bfloat16_and_keeps_the_state_float
 
     seed = fresh_seed()
     model = build(seed, dtype=torch.float32)
-    align = alignment(model.cfg)
+    align = model.cfg.position_period
     prompt = torch.randint(0, 7, (1, 6 * align + 3), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         exact, _ = ChunkedPrefill(model, 1, max_chunk=2 * align)(prompt, model.init_state(1))

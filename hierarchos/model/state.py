@@ -63,6 +63,12 @@ class HierarchosState:
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         yield from _leaves({"memory": self.memory, "rounds": self.rounds})
 
+    def with_leaves(self, leaves: list[torch.Tensor], pos: int, rosa) -> "HierarchosState":
+        """A state of this one's layout holding `leaves` (in `tensors()` order), at `pos`, with `rosa`."""
+        it = iter(leaves)
+        shaped = self.map(lambda _: next(it))
+        return HierarchosState(pos, shaped.memory, shaped.rounds, rosa)
+
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor], *, copy_rosa: bool = False) -> "HierarchosState":
         rosa = [a.copy() for a in self.rosa] if (copy_rosa and self.rosa is not None) else self.rosa
         return HierarchosState(self.pos, _map(self.memory, fn), _map(self.rounds, fn), rosa)

@@ -36,7 +36,6 @@ the function run again), and the GPU benchmark checks real replays against eager
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -90,12 +89,6 @@ def _flatten(state: HierarchosState) -> list[torch.Tensor]:
     return [t for _, t in state.tensors()]
 
 
-def _rebuild(template: HierarchosState, leaves: list[torch.Tensor], pos: int, rosa) -> HierarchosState:
-    it = iter(leaves)
-    shaped = template.map(lambda _: next(it))
-    return HierarchosState(pos, shaped.memory, shaped.rounds, rosa)
-
-
 @dataclass
 class _Entry:
     x: torch.Tensor
@@ -126,7 +119,7 @@ class GraphedWindow:
         self.recorder = recorder or record_cuda_graph
         self.warmup, self.log = warmup, log
         cfg = model.cfg
-        self.period = cfg.ltm_chunk * cfg.h_stride // math.gcd(cfg.ltm_chunk, cfg.h_stride)
+        self.period = cfg.position_period
         self.entries: dict[tuple, _Entry] = {}
         self.eager_keys: set[tuple] = set()
         self.replays = 0        # windows through an entry (replayed, or run on its buffers)
@@ -177,7 +170,7 @@ class GraphedWindow:
         else:
             loss, parts = entry.run()
         self.replays += 1
-        return loss, parts, _rebuild(entry.template, entry.leaves, state.pos + T, rosa)
+        return loss, parts, entry.template.with_leaves(entry.leaves, state.pos + T, rosa)
 
     # ---- building ---------------------------------------------------------------------------
     def _forward_backward(self, x, y, hints, state):
@@ -235,7 +228,7 @@ class GraphedWindow:
     def _build(self, key, x, y, hints, state) -> _Entry:
         dev = self.device
         leaves = [t.detach().to(dev).clone() for t in _flatten(state)]
-        template = _rebuild(state, leaves, state.pos, None)
+        template = state.with_leaves(leaves, state.pos, None)
         entry = _Entry(x=x.to(dev).clone(), y=y.to(dev).clone(),
                        hints=None if hints is None else hints.to(dev).clone(), leaves=leaves, template=template,
                        run=lambda: None)

@@ -52,7 +52,7 @@ import torch
 from ..model.puzzle import cell_predictions
 from ..model.state import HierarchosState
 from ..ops.capture import why_capture_failed
-from .cuda_graph import _flatten, _rebuild, record_cuda_graph
+from .cuda_graph import _flatten, record_cuda_graph
 from .schedule import LazyRowAdam, lazy_row_adam_masked, skip_step_unless
 from .sign_sgd import SparseSignSGD
 
@@ -102,7 +102,7 @@ def _leaves(state) -> list | None:
 
 
 def _rebuilt(template, leaves: list):
-    return leaves[0] if isinstance(template, torch.Tensor) else _rebuild(template, leaves, template.pos, None)
+    return leaves[0] if isinstance(template, torch.Tensor) else template.with_leaves(leaves, template.pos, None)
 
 
 class SegmentRunner:
@@ -258,7 +258,7 @@ class SegmentRunner:
 
     def _build(self, key, batch: _Batch, state, leaves) -> _Entry | None:
         buffers = [t.detach().clone() for t in leaves]
-        template = buffers[0] if isinstance(state, torch.Tensor) else _rebuild(state, buffers, state.pos, None)
+        template = buffers[0] if isinstance(state, torch.Tensor) else state.with_leaves(buffers, state.pos, None)
         entry = _Entry(leaves=buffers, template=template)
 
         def run():
