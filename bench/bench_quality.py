@@ -686,7 +686,15 @@ def table_recall(args, corpus) -> dict:
     lr = args.lrs[len(args.lrs) // 2]
     device = torch.device(args.device)
     # at the minimal depth: the question is the memory's, and minimal trains at 2.4x the default's rate
-    for label, overrides in (("memory on", {}), ("memory writes off", MEMORY_OFF)):
+    rows = {"memory on": {}, "memory writes off": MEMORY_OFF}
+    wanted = set(args.only or ())
+    unknown = wanted - set(rows) - {label.replace(" ", "_") for label in rows}
+    if unknown:
+        raise SystemExit(f"--only: {sorted(unknown)} are not rows of the recall table; rows: 'memory on' "
+                         f"(memory_on), 'memory writes off' (memory_writes_off)")
+    for label, overrides in rows.items():
+        if wanted and not {label, label.replace(" ", "_")} & wanted:
+            continue
         fields = hierarchos_fields(args, **REASONING["minimal"], **overrides)
         r = train_hierarchos(args, rcorpus, fields, lr, "recall-" + label.replace(" ", "_"),
                              train_file=train_file, val_file=val_file, need_model=True)
@@ -694,7 +702,8 @@ def table_recall(args, corpus) -> dict:
         out[label] = {**acc, "val_bpb": r["val_bpb"], "lr": lr}
         print(f"  {label:18s} query accuracy {acc['query_accuracy']:.3f}  digit accuracy {acc['digit_accuracy']:.3f}"
               f"  ({acc['queries']} queries, gap {args.recall_gap} bytes)")
-    out["gap"] = out["memory on"]["query_accuracy"] - out["memory writes off"]["query_accuracy"]
+    if all(label in out for label in rows):  # (--only one row: the gap is taken across two calls' JSON)
+        out["gap"] = out["memory on"]["query_accuracy"] - out["memory writes off"]["query_accuracy"]
     return out
 
 
@@ -874,7 +883,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-compile", dest="compile", action="store_false", help="eager GPT-2 and hierarchos on CUDA")
     p.add_argument("--only", nargs="+", default=None,
-                   help="ablations/wiring/blocks: these rows only, by label or shell-safe name (RWKV_7__ours_)")
+                   help="ablations/wiring/blocks/recall: these rows only, by label or shell-safe name (RWKV_7__ours_)")
     p.add_argument("--fresh", action="store_true", help="retrain cached runs")
     p.add_argument("--jobs", type=int, default=1,
                    help="hierarchos training runs at once on the device (a table's LR points and rows; 1 = one "

@@ -34,7 +34,8 @@
 #              each process takes ~9 GB at the blocks table's size (--jobs 7 fits an 80 GB card, 11 did not);
 #              finished runs are cached: the ones in bench/records/quality_runs/ (committed) and carried in
 #              .device_cache/quality_runs/ are reused and every
-#              finished run comes back in quality_runs.tgz (unpack it into .device_cache/quality_runs to resume)
+#              finished run comes back in quality_runs_TABLE.tgz (unpack it into .device_cache/quality_runs to resume);
+#              QUALITY_WORK (default /tmp/hq) names the work folder, so that two tables can run side by side
 #   puzzles    9x9 Sudoku (bench_puzzles.py): generate 1,000 + 1,000 hard puzzles (or reuse the carried
 #              .device_cache/sudoku), time the training step (reference loop, fast step, CUDA-graph segments;
 #              PUZZLE_TIME_STEPS=0 skips it; PUZZLE_COMPILE=1 adds compiled RWKV blocks, to the timing as one more
@@ -152,12 +153,12 @@ for suite in "$@"; do
         echo "chat: FAIL (see chat.log)" | tee -a "$out/chat.log"
       fi ;;
     quality)
-      table=${QUALITY_TABLE:-blocks}; work=/tmp/hq
+      table=${QUALITY_TABLE:-blocks}; work=${QUALITY_WORK:-/tmp/hq}
       mkdir -p $work/runs; cp bench/records/quality_runs/*.json .device_cache/quality_runs/*.json $work/runs/ 2>/dev/null
       echo "carried runs: $(ls $work/runs | wc -l)" | tee "$out/quality_$table.log"
       timeout ${QUALITY_TIMEOUT:-480} python3 bench/bench_quality.py --table $table --work $work ${QUALITY_ARGS:-} 2>&1 \
         | tee -a "$out/quality_$table.log"
-      (cd $work && tar czf "$out/quality_runs.tgz" runs $(ls *.json corpus/manifest-*.json 2>/dev/null) \
+      (cd $work && tar czf "$out/quality_runs_$table.tgz" runs $(ls *.json corpus/manifest-*.json 2>/dev/null) \
         $(ls models/*/train.log models/*/out/metrics.jsonl 2>/dev/null)) ;;
     puzzles)
       data=/tmp/sudoku
