@@ -63,7 +63,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from hierarchos.config import ModelConfig  # noqa: E402
+from hierarchos.config import DEFAULT_WIRING, LEGACY_WIRING, TIME_MIX_WIRINGS, ModelConfig  # noqa: E402
 from hierarchos.io import atomic_write_text  # noqa: E402
 
 CORPUS_VERSION = 1
@@ -197,8 +197,9 @@ LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 def make_recall_doc(rng: np.random.Generator, filler: str, n_facts: int, gap_bytes: int, n_queries: int) -> dict:
     """One document: `n_facts` lines "fact KEY = VALUE" (KEY 6 random letters, distinct; VALUE 6 random
-    digits), then at least `gap_bytes` bytes of filler text (a random slice of `filler`, whole lines, in
-    which no key occurs), then `n_queries` lines "query KEY = VALUE" for distinct facts in random order.
+    digits), then `gap_bytes` to `gap_bytes` + `gap_slack(gap_bytes)` bytes of filler text (a random slice
+    of `filler`, whole lines, in which no key occurs: a slice whose last line runs past that bound is
+    drawn again, so a file of very long lines cannot stretch the gap), then `n_queries` lines "query KEY = VALUE" for distinct facts in random order.
     Returns {"text", "answers": [(byte offset of VALUE in text, VALUE)]}. ASCII only: offsets are byte
     offsets. The answer to a query is only in its fact line, at least gap_bytes earlier."""
     if n_queries > n_facts:
@@ -213,13 +214,17 @@ def make_recall_doc(rng: np.random.Generator, filler: str, n_facts: int, gap_byt
     clean = filler.encode("ascii", "ignore").decode("ascii")
     if len(clean) < gap_bytes + 1:
         raise ValueError(f"filler text too short ({len(clean)} ASCII bytes) for a {gap_bytes}-byte gap")
-    while True:
+    longest = gap_bytes + gap_slack(gap_bytes)
+    for _ in range(10_000):
         start = int(rng.integers(0, len(clean) - gap_bytes))
         start = clean.rfind("\n", 0, start) + 1
         end = clean.find("\n", start + gap_bytes)
         gap = clean[start:(end + 1 if end >= 0 else len(clean))]
-        if len(gap) >= gap_bytes and not any(k in gap for k in keys):
+        if gap_bytes <= len(gap) <= longest and not any(k in gap for k in keys):
             break
+    else:
+        raise ValueError(f"filler text has no slice of whole lines {gap_bytes}-{longest} bytes long without "
+                         "the keys in 10,000 draws: its lines are too long for this gap")
     if not gap.endswith("\n"):
         gap += "\n"
     text, answers = facts + gap, []
@@ -228,6 +233,11 @@ def make_recall_doc(rng: np.random.Generator, filler: str, n_facts: int, gap_byt
         answers.append((len(text) + len(line), values[i]))
         text += line + values[i] + "\n"
     return {"text": text, "answers": answers}
+
+
+def gap_slack(gap_bytes: int) -> int:
+    """How far past `gap_bytes` a recall document's filler may run (it ends at a line's end)."""
+    return max(256, gap_bytes // 8)
 
 
 def make_recall_docs(n_docs: int, filler: str, n_facts: int, gap_bytes: int, n_queries: int, seed: int) -> list:
@@ -239,16 +249,25 @@ def make_recall_docs(n_docs: int, filler: str, n_facts: int, gap_bytes: int, n_q
 
 
 def hierarchos_fields(args, **overrides) -> dict:
-    """The model fields of a run: the scale's widths, byte vocabulary, training length; then overrides."""
+    """The model fields of a run: the scale's widths, byte vocabulary, training length, the default
+    time-mix wiring by name (see `run_spec_fields`); then overrides."""
     w = args.width
     fields = dict(vocab_size=BYTE_VOCAB, context_dim=w, h_hidden=w, l_hidden=w, head_size=min(64, w),
-                  max_length=args.seq_len)
+                  max_length=args.seq_len, **TIME_MIX_WIRINGS[DEFAULT_WIRING])
     if args.tiny:  # smoke sizes; the reasoning caps too (2,2,2: "default" and "depth 2,2,2" coincide here)
         fields.update(h_layers=1, l_layers=1, persistent_dim=8, ltm_slots=32, ltm_key_dim=16, ltm_val_dim=16,
                       ltm_topk=2, ltm_chunk=16, wkv_chunk_size=16, rosa_window=256, max_h_steps=2, max_l_steps=2)
     fields.update(overrides)
     ModelConfig(**fields).validate()
     return fields
+
+
+def run_spec_fields(fields: dict) -> dict:
+    """The fields as a run's cache key holds them: a wiring field equal to hierarchos' own wiring is
+    left out, as every run before the wiring fields existed (and before x070's became the default)
+    left it out, so those runs keep their keys and a key naming no wiring field means ours."""
+    legacy = TIME_MIX_WIRINGS[LEGACY_WIRING]
+    return {k: v for k, v in fields.items() if not (k in legacy and legacy[k] == v)}
 
 
 def non_embedding_params(model) -> int:
@@ -315,7 +334,7 @@ def train_hierarchos(args, corpus: dict, fields: dict, lr: float, name: str, tra
                      val_file: str | None = None, need_model: bool = False) -> dict:
     """Train through `hierarchos_cli.py train`; returns val_bpb, steady tokens/s, model dir, counts
     (`need_model`: see `cached`)."""
-    spec = dict(kind="hierarchos", fields=fields, lr=lr, batch=args.batch, seq_len=args.seq_len, seed=args.seed,
+    spec = dict(kind="hierarchos", fields=run_spec_fields(fields), lr=lr, batch=args.batch, seq_len=args.seq_len, seed=args.seed,
                 train=train_file or corpus["train"]["file"], val=val_file or corpus["val"]["file"],
                 train_sha=corpus["train"]["sha256"], device=args.device, compile=args.compile,
                 validation="batch-rows")  # `train` validates over --batch_size rows (was one row)
@@ -601,7 +620,8 @@ def wiring_variants() -> dict:
     """The time-mix wiring switches (bench_time_mix_wiring's rows) at the minimal depth, as the blocks
     table compares cells: the wiring is inside every stack pass, so depth only multiplies the cost (the
     default trains at 0.41x minimal's rate), and minimal is the depth the main table favours. Its first
-    row is the main table's minimal configuration (the same spec: its runs are reused)."""
+    row, ours, was the main table's minimal configuration until x070's wiring became the default; its
+    last row, x070, is that configuration now (the same specs: their runs are reused)."""
     from bench.bench_time_mix_wiring import VARIANTS
 
     return {label: dict(REASONING["minimal"], **overrides) for label, overrides in VARIANTS.items()}

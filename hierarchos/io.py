@@ -26,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from . import __version__
-from .config import CONFIG_VERSION, FIELD_ALIASES, ModelConfig
+from .config import CONFIG_VERSION, FIELD_ALIASES, LEGACY_WIRING, TIME_MIX_WIRINGS, ModelConfig
 from .errors import HierarchosError
 from .model import HierarchosLM
 
@@ -409,6 +409,8 @@ def read_config_payload(data: Any, where: str) -> tuple[ModelConfig, dict]:
         raise HierarchosError(f"{where}: config_version {version} is newer than this hierarchos "
                               f"understands ({CONFIG_VERSION}); upgrade hierarchos")
     extra_keys = data.get("extra_keys") or []
+    if not any(name in data for name in TIME_MIX_WIRINGS[LEGACY_WIRING]):  # saved before the wiring fields
+        data = {**data, **TIME_MIX_WIRINGS[LEGACY_WIRING]}
     config_fields = {f.name for f in dataclasses.fields(ModelConfig)} | set(FIELD_ALIASES)
     cfg = ModelConfig.from_dict({k: v for k, v in data.items() if k not in extra_keys}, where=where)
     meta = {k: v for k, v in data.items() if k not in config_fields}

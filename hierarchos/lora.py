@@ -49,7 +49,7 @@ DEFAULT_TARGETS = ("time_mix", "channel_mix")
 # Config fields that fix the shapes of the weights an adapter attaches to.
 SHAPE_FIELDS = ("vocab_size", "context_dim", "h_hidden", "l_hidden", "h_layers", "l_layers", "head_size",
                 "ffn_mult", "persistent_dim", "ltm_slots", "ltm_key_dim", "ltm_val_dim", "use_deepembed",
-                "deepembed_per_block", "use_rosa")
+                "deepembed_per_block", "use_rosa", "tm_gate")  # (only a full-rank time-mix gate is a Linear)
 
 
 @dataclass

@@ -116,6 +116,8 @@ def test_recall_documents_hold_their_answers_far_from_the_facts():
             assert text[offset - len(f"query {key} = "):offset] == f"query {key} = "
             assert text.count(f"{key} = ") == 2  # the fact and its query: the filler never names a key
             assert offset - last_fact >= 3000
+        gap = text[text.find("\n", last_fact) + 1:text.find("query ")]
+        assert 3000 <= len(gap) <= 3000 + bq.gap_slack(3000), f"seed {seed}"
         assert len({line.split(" ")[1] for line in queries}) == 4  # distinct facts queried
 
 
@@ -125,6 +127,10 @@ def test_recall_generator_refuses_impossible_requests():
         bq.make_recall_doc(rng, "short\n", 2, 100, 1)
     with pytest.raises(ValueError, match="n_queries"):
         bq.make_recall_doc(rng, FILLER, 2, 100, 3)
+    # one very long line: every whole-line slice overshoots the gap's bound (the training corpus's long
+    # lines once stretched 256-byte gaps to ~4.5 KB on average)
+    with pytest.raises(ValueError, match="lines are too long"):
+        bq.make_recall_doc(rng, "x" * 5000 + "\nshort\n", 2, 100, 1)
 
 
 def test_gpt2_layer_rule_and_its_count():
@@ -300,14 +306,19 @@ def test_cached_run_is_trained_again_only_when_its_model_is_needed_and_missing(t
     assert bq.cached(args, "row", {**spec, "lr": 2e-3}, train, need_model=True) == present and len(calls) == 3
 
 
-def test_wiring_rows_are_the_minimal_depth_and_the_first_is_main_tables_minimal():
+def test_wiring_rows_are_the_minimal_depth_and_the_last_is_main_tables_minimal():
+    """The x070 row is the main table's minimal configuration (x070's wiring is the default); the
+    first row, ours, keeps the cache key the main table's minimal runs had before the switch (a key
+    naming no wiring field means ours), so those runs are this row's."""
     from types import SimpleNamespace
 
     args = SimpleNamespace(width=512, seq_len=512, tiny=False)
     rows = bq.wiring_variants()
     main_minimal = bq.hierarchos_fields(args, **bq.REASONING["minimal"])
-    first = next(iter(rows.values()))
-    assert bq.hierarchos_fields(args, **first) == main_minimal  # the same spec: its runs are reused
+    assert bq.hierarchos_fields(args, **rows["x070"]) == main_minimal  # the same spec: its runs are reused
+    before = {k: v for k, v in main_minimal.items() if not k.startswith("tm_")}  # the key of the old runs
+    assert bq.run_spec_fields(bq.hierarchos_fields(args, **rows["hierarchos"])) == before
+    assert bq.run_spec_fields(main_minimal) == main_minimal  # x070's fields differ from ours: all kept
     for label, overrides in rows.items():
         fields = bq.hierarchos_fields(args, **overrides)
         assert (fields["h_cycles"], fields["max_h_steps"], fields["max_l_steps"]) == (1, 1, 0), label

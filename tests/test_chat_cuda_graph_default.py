@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hierarchos.cli.chat import add_arguments, resolve_cuda_graph, resolve_fused_step
+from hierarchos.cli.chat import add_arguments, resolve_cuda_graph, resolve_fused_step, resolve_tf32
 from hierarchos.config import tiny_config
 
 RWKV = tiny_config()
@@ -68,3 +68,27 @@ def test_the_fused_step_flag_parses_to_three_states(argv, expected):
     add_arguments(p)
     assert p.parse_args(["--model-path", "m", *argv]).fused_step is expected
 
+
+
+# ---- TF32 for float32 matmuls on CUDA (resolve_tf32) ---------------------------------------------------
+
+@pytest.mark.parametrize("requested,device,expected", [
+    (None, "cuda", True), (None, "cpu", False), (False, "cuda", False), (True, "cuda", True), (False, "cpu", False)])
+def test_tf32_is_on_for_cuda_unless_turned_off(requested, device, expected):
+    assert resolve_tf32(requested, torch.device(device)) is expected
+
+
+def test_asking_for_tf32_off_cuda_is_a_one_line_error():
+    from hierarchos.errors import HierarchosError
+
+    with pytest.raises(HierarchosError, match=r"^--tf32 applies to CUDA matmuls \(the model runs on cpu\); drop the flag$"):
+        resolve_tf32(True, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("argv,expected", [([], None), (["--tf32"], True), (["--no-tf32"], False)])
+def test_the_tf32_flag_parses_to_three_states(argv, expected):
+    import argparse
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    assert p.parse_args(["--model-path", "m", *argv]).tf32 is expected

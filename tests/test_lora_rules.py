@@ -36,14 +36,15 @@ def _message(fn) -> str:
 
 
 STACKS = ("reasoner.manager.blocks.0", "reasoner.worker.blocks.0")
-TIME_MIX = [f"{s}.time_mix.{p}" for s in STACKS for p in ("receptance", "key", "value", "gate", "output")]
+# x070's wiring (the default): its output gate is a low-rank pair of parameters, not a Linear
+TIME_MIX = [f"{s}.time_mix.{p}" for s in STACKS for p in ("receptance", "key", "value", "output")]
 CHANNEL_MIX = [f"{s}.channel_mix.{p}" for s in STACKS for p in ("gate", "up", "down")]
 BRIDGES = ["reasoner.h_input_proj", "reasoner.l_feedback_proj", "reasoner.h_to_context", "reasoner.l_input_proj",
            "reasoner.l_drift_proj", "reasoner.l_to_out"]
 # the base config fields an adapter records (they fix the shapes of the layers it attaches to)
 SHAPE_FIELDS = ["vocab_size", "context_dim", "h_hidden", "l_hidden", "h_layers", "l_layers", "head_size", "ffn_mult",
                 "persistent_dim", "ltm_slots", "ltm_key_dim", "ltm_val_dim", "use_deepembed", "deepembed_per_block",
-                "use_rosa"]
+                "use_rosa", "tm_gate"]
 
 
 # ---- settings ------------------------------------------------------------------------------
@@ -86,11 +87,13 @@ def test_each_group_and_suffix_names_exactly_these_layers_in_model_order():
     assert resolve("bridges") == BRIDGES  # not the halting head h_halt_proj
     assert resolve("encoder") == ["encoder"]  # a top-level layer: the full name itself
     # model order whatever the order of the targets, each layer once
-    manager, worker = TIME_MIX[:5] + CHANNEL_MIX[:3], TIME_MIX[5:] + CHANNEL_MIX[3:]
+    manager, worker = TIME_MIX[:4] + CHANNEL_MIX[:3], TIME_MIX[4:] + CHANNEL_MIX[3:]
     assert resolve("channel_mix", "time_mix") == manager + worker
     assert resolve("time_mix", "time_mix.key", "channel_mix") == manager + worker
     # a suffix matches whole name parts only: "gate" is not "write_gates"
-    assert resolve("gate") == [f"{s}.{m}.gate" for s in STACKS for m in ("time_mix", "channel_mix")]
+    assert resolve("gate") == [f"{s}.channel_mix.gate" for s in STACKS]
+    ours = _model(tm_gate="sigmoid_full")  # hierarchos' full-rank gate is a Linear: a target like the others
+    assert lora.resolve_targets(ours, ["gate"]) == [f"{s}.{m}.gate" for s in STACKS for m in ("time_mix", "channel_mix")]
     assert resolve("time_mix.key") == [f"{s}.time_mix.key" for s in STACKS]
     assert resolve("reasoner.h_halt_proj", "memory.query") == ["memory.query", "reasoner.h_halt_proj"]
     for suffix in ("ate", "_key", "write_gate", "blocks.0.time"):
@@ -233,6 +236,10 @@ def test_check_compatible_names_the_first_six_differing_fields():
     lora.check_compatible(cfg, {"base_config": dict(ours)}, "ad")
     lora.check_compatible(cfg, {"base_config": {"context_dim": ours["context_dim"]}}, "ad")  # fields absent: skipped
     lora.check_compatible(cfg, {"base_config": {**ours, "not_a_shape_field": 5}}, "ad")
+    # an adapter of a model with hierarchos' full-rank gate (a Linear it may target) on x070's low-rank one
+    assert _message(lambda: lora.check_compatible(cfg, {"base_config": {**ours, "tm_gate": "sigmoid_full"}}, "ad")) == (
+        "ad: this LoRA adapter was trained for another architecture or size: tm_gate='sigmoid_full' (model has "
+        "'lowrank'); use it with the base model it was trained on, not the model")
     one = {**ours, "context_dim": 32}
     assert _message(lambda: lora.check_compatible(cfg, {"base_config": one}, "ad")) == (
         "ad: this LoRA adapter was trained for another architecture or size: context_dim=32 (model has 16); use it "

@@ -152,9 +152,15 @@ def test_causality(feature):
     assert not torch.allclose(a[:, j:], b[:, j:]), f"seed={seed} j={j}: the change had no effect at all"
 
 
-def test_every_parameter_gets_a_gradient():
+@pytest.mark.parametrize("wiring", ["x070", "hierarchos"])
+def test_every_parameter_gets_a_gradient(wiring):
+    from hierarchos.config import TIME_MIX_WIRINGS
+    from live_paths import wake_zero_paths
+
     seed = fresh_seed()
-    model = build(seed=seed, h_halt_thresh=0.9).train()
+    model = build(seed=seed, h_halt_thresh=0.9, **TIME_MIX_WIRINGS[wiring]).train()
+    woken = wake_zero_paths(model, seed)  # x070's init zeroes each block's exit: nothing inside would learn yet
+    assert bool(woken) == (wiring == "x070")
     tokens = random_tokens(model.cfg, 2, 25, seed)
     out = model(tokens[:, :-1])
     loss, _ = lm_loss(out, tokens[:, 1:], model.cfg.z_loss_weight, LossWeights())

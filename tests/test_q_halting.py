@@ -364,8 +364,11 @@ def test_causality():
 
 
 def test_every_parameter_gets_a_gradient_including_the_q_head():
+    from live_paths import wake_zero_paths
+
     seed = fresh_seed()
     model = calibrated_q(seed).train()
+    wake_zero_paths(model, seed)  # x070's init zeroes each block's exit: nothing inside would learn yet
     tokens = model_tokens(seed, 2, 25)
     out = model(tokens[:, :-1])
     loss, parts = lm_loss(out, tokens[:, 1:], model.cfg.z_loss_weight, LossWeights())

@@ -24,11 +24,12 @@ from hierarchos.quant import fused_step, kernel
 from hierarchos.quant import model as qmodel
 
 QTYPES = ("INT4", "Q4_0", "Q8_0", "Q2_K")
+OURS = dict(tm_token_shift="ddlerp", tm_gate="sigmoid_full", tm_value_residual=False, tm_init="hierarchos")
 WIRINGS = {
-    "hierarchos": {},
-    "static_shift": dict(tm_token_shift="static"),
-    "lowrank_gate": dict(tm_gate="lowrank"),
-    "value_residual": dict(tm_value_residual=True),
+    "hierarchos": OURS,
+    "static_shift": dict(OURS, tm_token_shift="static"),
+    "lowrank_gate": dict(OURS, tm_gate="lowrank"),
+    "value_residual": dict(OURS, tm_value_residual=True),
     "x070": dict(tm_token_shift="static", tm_gate="lowrank", tm_value_residual=True, tm_init="x070"),
 }
 

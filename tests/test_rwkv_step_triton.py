@@ -105,7 +105,8 @@ def test_reference_equals_the_recurrence_written_out():
     torch.testing.assert_close(state, s, msg=f"seed {seed}")
 
 
-WIRINGS = {"ours": {}, "x070": dict(tm_token_shift="static", tm_gate="lowrank", tm_value_residual=True, h_layers=2)}
+WIRINGS = {"ours": dict(tm_token_shift="ddlerp", tm_gate="sigmoid_full", tm_value_residual=False),
+           "x070": dict(tm_token_shift="static", tm_gate="lowrank", tm_value_residual=True, h_layers=2)}
 
 
 @pytest.mark.parametrize("wiring", WIRINGS)

@@ -1,10 +1,12 @@
 """The RWKV-7 time mix's wiring switches (issue 19, item 3): tm_token_shift, tm_gate, tm_value_residual,
-tm_init, each alone and all together (x070), against today's wiring.
+tm_init, each alone and all together (x070, the default since the quality benchmark's wiring table),
+against hierarchos' own wiring.
 
 What is held: parallel == step and chunked == reference for every wiring (frozen tokens included),
 gradient checkpointing passes the first layer's value along unchanged, the x070 time mix equals an
 independent transcription of the published equations, x070's initial values, parameter counts,
-config round trip and old configs, the CLI's flags, and growth refusing what it cannot construct.
+config round trip and old configs (saved before the fields existed: they load as ours), the CLI's
+flags, and growth (added layers and widening) preserving the function of every wiring.
 """
 
 from __future__ import annotations
@@ -24,15 +26,15 @@ from hierarchos.model import HierarchosLM
 from hierarchos.model.rwkv import RWKVStack, TimeMix, TimeMixWiring, x070_rank
 from hierarchos.ops.wkv import wkv7_reference
 
-DEFAULT = TIME_MIX_WIRINGS["hierarchos"]
+OURS = TIME_MIX_WIRINGS["hierarchos"]
 X070 = TIME_MIX_WIRINGS["x070"]
-# each difference alone, and all of them: the ablation's rows
+# each difference alone (from ours), and all of them: the ablation's rows
 WIRINGS = {
-    "hierarchos": {},
-    "static_shift": dict(tm_token_shift="static"),
-    "lowrank_gate": dict(tm_gate="lowrank"),
-    "value_residual": dict(tm_value_residual=True),
-    "x070_init": dict(tm_init="x070"),
+    "hierarchos": OURS,
+    "static_shift": dict(OURS, tm_token_shift="static"),
+    "lowrank_gate": dict(OURS, tm_gate="lowrank"),
+    "value_residual": dict(OURS, tm_value_residual=True),
+    "x070_init": dict(OURS, tm_init="x070"),
     "x070": X070,
 }
 
@@ -267,7 +269,7 @@ def time_mix_params(fields: dict, dim: int = 768, layer_id: int = 1) -> int:
 
 def test_parameter_counts_at_width_768():
     C = 768
-    ours = time_mix_params(DEFAULT)
+    ours = time_mix_params(OURS)
     # 5 C x C (r, k, v, gate, output) + ddlerp (C x 192 + 6 x 32 x C + 7 C) + decay (2 x 64 C + C)
     # + iclr (2 x 32 C + C) + removal, key_iclr, bonus, head norm (5 C)
     assert ours == 5 * C * C + (C * 192 + 192 * C + 7 * C) + (128 * C + C) + (64 * C + C) + 5 * C
@@ -286,19 +288,32 @@ def test_config_round_trip_old_configs_and_bad_values():
     cfg = tiny_config(**X070)
     again = ModelConfig.from_json(cfg.to_json())
     assert again == cfg and again.tm_value_residual is True and again.tm_gate == "lowrank"
+    from hierarchos.config import DEFAULT_WIRING
+    from hierarchos.io import read_config_payload
+
+    assert DEFAULT_WIRING == "x070" and {name: getattr(ModelConfig(), name) for name in X070} == X070
     old = json.loads(tiny_config().to_json())
-    for name in DEFAULT:
-        old.pop(name)  # a model directory written before these fields existed
-    assert {name: getattr(ModelConfig.from_dict(old), name) for name in DEFAULT} == DEFAULT
+    for name in OURS:
+        old.pop(name)  # a model directory written before these fields existed: trained with ours
+    loaded, _ = read_config_payload(old, "old/hierarchos_config.json")
+    assert {name: getattr(loaded, name) for name in OURS} == OURS and loaded.time_mix_wiring() == "hierarchos"
+    saved, _ = read_config_payload(json.loads(tiny_config(tm_gate="sigmoid_full").to_json()), "new")
+    assert saved.tm_gate == "sigmoid_full" and saved.time_mix_wiring() is None  # a field given: kept as given
+    # a hand-written config naming no wiring field gets the default, as a fresh model does
+    assert ModelConfig.from_dict(old).time_mix_wiring() == DEFAULT_WIRING
     for name, value in (("tm_gate", "full"), ("tm_token_shift", "ddlerp6"), ("tm_init", "rwkv"),
                         ("tm_value_residual", 1)):
         with pytest.raises(HierarchosError, match=name):
             tiny_config(**{name: value})
+    # without an RWKV-7 time mix a complete named wiring is accepted (the default, or an old save's)
+    # and a switch set apart from one is refused as a mistake
+    tiny_config(time_mix="wkv4"), tiny_config(time_mix="wkv4", **OURS)
+    tiny_config(h_block="attention", l_block="attention", **OURS)
     with pytest.raises(HierarchosError, match="wkv4"):
-        tiny_config(time_mix="wkv4", tm_gate="lowrank")
+        tiny_config(time_mix="wkv4", tm_gate="sigmoid_full")
     with pytest.raises(HierarchosError, match="attention"):
-        tiny_config(h_block="attention", l_block="attention", tm_value_residual=True)
-    tiny_config(h_block="attention", tm_value_residual=True)  # the worker stack is RWKV: allowed
+        tiny_config(h_block="attention", l_block="attention", tm_value_residual=False)
+    tiny_config(h_block="attention", tm_value_residual=False)  # the worker stack is RWKV: allowed
 
 
 def test_model_builds_the_configured_wiring_and_old_weights_load():
@@ -309,9 +324,9 @@ def test_model_builds_the_configured_wiring_and_old_weights_load():
     assert tm.wiring == TimeMixWiring("static", "lowrank", True, "x070") and tm.value_residual
     assert not hasattr(tm, "mix_down") and not hasattr(tm, "gate")
     torch.manual_seed(seed)
-    old = HierarchosLM(tiny_config(l_layers=2))  # today's wiring: its state dict is unchanged
+    old = HierarchosLM(tiny_config(l_layers=2, **OURS))  # ours: its state dict is unchanged
     assert any(k.endswith("time_mix.mix_down") for k in old.state_dict())
-    HierarchosLM(tiny_config(l_layers=2)).load_state_dict(old.state_dict())
+    HierarchosLM(tiny_config(l_layers=2, **OURS)).load_state_dict(old.state_dict())
 
 
 def cli_overrides(argv: list[str]) -> dict:
@@ -335,20 +350,27 @@ def test_cli_flags():
         cli_overrides(["--tm-gate", "nope"])
 
 
-def test_growth_adds_layers_with_any_wiring_and_refuses_widening_a_rewired_one():
+@pytest.mark.parametrize("name", WIRINGS)
+def test_growth_adds_layers_and_widens_every_wiring_exactly(name):
+    """Added layers and widening (every width x2, and a width of 256 where x070's low-rank paths gain
+    rank: the gate's extra rank must add nothing through its sigmoid) keep the logits."""
     from hierarchos.model.grow import add_layers, expand, widen
 
     seed = fresh_seed()
     torch.manual_seed(seed)
-    model = HierarchosLM(tiny_config(**X070, h_halt_thresh=1.0, l_conv_atol=0.0)).double().eval()
+    model = HierarchosLM(tiny_config(**WIRINGS[name], l_layers=2, h_halt_thresh=1.0, l_conv_atol=0.0)).double().eval()
     perturb(model.reasoner, seed)
     tokens = torch.randint(0, 7, (2, 9), generator=torch.Generator().manual_seed(seed))
-    grown = add_layers(model, h_layers=2, l_layers=3, seed=seed).double().eval()
-    torch.testing.assert_close(grown(tokens).logits, model(tokens).logits, msg=lambda m: f"seed {seed}: {m}")
-    with pytest.raises(HierarchosError, match="widen"):
-        widen(model, context_dim=32)
+    with torch.no_grad():
+        want = model(tokens).logits
+        grown = add_layers(model, h_layers=2, l_layers=3, seed=seed).double().eval()
+        torch.testing.assert_close(grown(tokens).logits, want, msg=lambda m: f"seed {seed}: {m}")
+        for widths in (dict(context_dim=32, h_hidden=32, l_hidden=32), dict(l_hidden=256)):
+            wide = widen(model, **widths, seed=seed).double().eval()
+            torch.testing.assert_close(wide(tokens).logits, want, msg=lambda m: f"seed {seed}, {widths}: {m}")
+    other = "sigmoid_full" if model.cfg.tm_gate == "lowrank" else "lowrank"
     with pytest.raises(HierarchosError, match="tm_gate"):
-        expand(HierarchosLM(tiny_config()), tm_gate="lowrank")
+        expand(model, tm_gate=other)
 
 
 def test_x070_rank_rule():

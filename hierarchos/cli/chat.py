@@ -26,6 +26,18 @@ def resolve_cuda_graph(requested: bool | None, device, cfg) -> bool:
     return device.type == "cuda" and fixed
 
 
+def resolve_tf32(requested: bool | None, device) -> bool:
+    """Whether float32 matmuls on CUDA may use TF32 tensor cores: what the user asked, else on for CUDA
+    (`train` trains with it on). On an H100 it took the default reasoning config's 1,024-token prefill
+    from 105.5 to 70.7 ms (BENCHMARKS.md); asking for it off CUDA is a one-line error."""
+    import torch
+
+    on_cuda = torch.device(device).type == "cuda"
+    if requested and not on_cuda:
+        raise HierarchosError(f"--tf32 applies to CUDA matmuls (the model runs on {device}); drop the flag")
+    return on_cuda if requested is None else requested
+
+
 def resolve_fused_step(requested: bool | None, cuda_graph: bool, device) -> bool:
     """Whether the captured step runs each RWKV-7 block's one-token time mix as one Triton kernel: what
     the user asked, else on wherever the step is captured on CUDA and Triton can run there (on an
@@ -54,6 +66,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="CUDA: step through a captured CUDA graph (the sync-free step and sampling on the device, "
                         "replayed per token). Default: on for a full-precision model on CUDA whose state has a fixed "
                         "size (not full attention), off elsewhere")
+    p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=None,
+                   help="CUDA: float32 matmuls on TF32 tensor cores (10 mantissa bits, as train uses). Default: on "
+                        "on CUDA; --no-tf32 for full float32")
     p.add_argument("--compile-step", "--compile_step", choices=("off", "step", "blocks"), default="off",
                    help="with --cuda-graph: torch.compile the captured step (step: the whole step, blocks: each "
                         "RWKV block; compiled once at load, its seconds in the capture time). Default: off")
@@ -136,8 +151,9 @@ def run(args: argparse.Namespace) -> int:
                               "or a quantized model (directory or .gguf file) from quantize")
     extra = {"model_dir": args.model_path}
     if quantized:
-        if args.cuda_graph:  # an explicit --cuda-graph; the default (None) is off here
-            raise HierarchosError("--cuda-graph applies to full-precision models on CUDA; quantized models run on "
+        if args.cuda_graph or args.tf32:  # an explicit --cuda-graph / --tf32; the default (None) is off here
+            flag = "--cuda-graph" if args.cuda_graph else "--tf32"
+            raise HierarchosError(f"{flag} applies to full-precision models on CUDA; quantized models run on "
                                   "the CPU kernel or Vulkan: drop the flag")
         args.cuda_graph = False
         device = _quantized_device(args.device)
@@ -155,6 +171,10 @@ def run(args: argparse.Namespace) -> int:
         device = pick_device(args.device)
         if args.cuda_graph and device.type != "cuda":
             raise HierarchosError(f"--cuda-graph needs a CUDA device (the model runs on {device}); drop the flag")
+        if resolve_tf32(args.tf32, device):
+            import torch
+
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         model, meta = load_model_dir(args.model_path, device=device)
         args.cuda_graph = resolve_cuda_graph(args.cuda_graph, device, model.cfg)
         tokenizer = load_tokenizer(args.model_path)

@@ -44,12 +44,13 @@ ARCH_HELP = {"h_block": "manager stack blocks: rwkv7 (default) or attention (RMS
                                "in training (default 0.1)",
              "time_mix": "time mix of RWKV blocks: rwkv7 (default) or wkv4 (seeds 001/004's RWKV-4 cell: "
                          "time_decay/time_first, state aa/bb/pp)",
-             "tm_token_shift": "RWKV-7 token shift: ddlerp (data-dependent lerps, default) or static (x070's "
-                               "per-channel mixes)",
-             "tm_gate": "RWKV-7 output gate: sigmoid_full (C x C, default) or lowrank (x070's sigmoid(x G1) G2)",
+             "tm_token_shift": "RWKV-7 token shift: static (x070's per-channel mixes, default) or ddlerp "
+                               "(hierarchos' data-dependent lerps)",
+             "tm_gate": "RWKV-7 output gate: lowrank (x070's sigmoid(x G1) G2, default) or sigmoid_full "
+                        "(hierarchos' C x C)",
              "tm_value_residual": "RWKV-7 value residual: each layer's value lerped toward its stack's first "
-                                  "layer's (x070; default off)",
-             "tm_init": "RWKV-7 time-mix initial values: hierarchos (default) or x070"}
+                                  "layer's (x070; default on, --no-tm-value-residual for hierarchos' wiring)",
+             "tm_init": "RWKV-7 time-mix initial values: x070 (default) or hierarchos"}
 
 
 def _spellings(name: str) -> list[str]:
@@ -116,8 +117,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                             "text in the model's history (added function-preservingly)")
     model.add_argument("--time-mix-wiring", "--time_mix_wiring", dest="time_mix_wiring", default=None,
                        choices=tuple(TIME_MIX_WIRINGS),
-                       help="all four RWKV-7 wiring switches at once: hierarchos (default) or x070 (BlinkDL's "
-                            "published RWKV-7); a --tm-* flag given beside it wins for its switch")
+                       help="all four RWKV-7 wiring switches at once: x070 (BlinkDL's published RWKV-7, the "
+                            "default since the quality benchmark's wiring table) or hierarchos (its own older "
+                            "wiring); a --tm-* flag given beside it wins for its switch")
     for name in ARCH_FLAGS:
         add_arch_argument(model, name)
     # seed 000's trainer (AI-OS `hrm-hf train-actv1`) names for the same choices

@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from ..config import FIELD_ALIASES, TIME_MIX_WIRINGS, ModelConfig
+from ..config import FIELD_ALIASES, ModelConfig
 from ..errors import HierarchosError
 from .lm import HierarchosLM
 from .memory import DORMANT_SOURCE
@@ -104,7 +104,8 @@ def add_layers(model: HierarchosLM, h_layers: int | None = None, l_layers: int |
     recurrent state entries are new zeros (a carried state of the old model does not fit).
     Training: the first backward gives the two exits a non-zero gradient (their inputs are
     not zero) and the rest of the new block a zero one; after the first update the exits are
-    non-zero and every new parameter learns.
+    non-zero and every new parameter learns, except the value residual's `up` (x070's wiring),
+    which follows one update later: its `down` starts at zero, as in a fresh model.
     """
     cfg = model.cfg
     new_cfg = _grown_config(cfg, h_layers=h_layers, l_layers=l_layers)
@@ -162,7 +163,8 @@ class _Widener:
 
     VECTOR = ("ln_time.weight", "ln_time.bias", "ln_channel.weight", "ln_channel.bias",
               "time_mix.mix_base", "time_mix.decay_base", "time_mix.iclr_base", "time_mix.removal_scale",
-              "time_mix.key_iclr_mix", "time_mix.norm.weight", "time_mix.norm.bias", "channel_mix.mix")
+              "time_mix.key_iclr_mix", "time_mix.norm.weight", "time_mix.norm.bias", "channel_mix.mix",
+              "time_mix.value_residual_base")
     SQUARE = ("receptance", "key", "value", "gate", "output")
     UNCHANGED = ("persistent", "memory.keys", "memory.values", "memory.slot_time", "memory.slot_count",
                  "memory.slot_source", "memory.write_gates.bias", "reasoner.h_halt_proj.bias")
@@ -220,11 +222,12 @@ class _Widener:
             return _tile(t, 0, [c])
         if part == "time_mix.mix":
             return _tile(t, 1, [c])
-        if part in ("time_mix.mix_down", "time_mix.decay_down", "time_mix.iclr_down"):
+        if part in ("time_mix.mix_down", "time_mix.decay_down", "time_mix.iclr_down", "time_mix.gate_down",
+                    "time_mix.value_residual_down"):
             return _split(t, 0, [c], self.noise, self.gen)  # x @ down: input on dim 0, rank kept
         if part == "time_mix.mix_up":
             return _tile(t, 2, [c])
-        if part in ("time_mix.decay_up", "time_mix.iclr_up"):
+        if part in ("time_mix.decay_up", "time_mix.iclr_up", "time_mix.gate_up", "time_mix.value_residual_up"):
             return _tile(t, 1, [c])
         if part == "time_mix.bonus":
             return _tile(t, 0, [(width // self.cfg.head_size, n)])  # whole heads copied
@@ -248,7 +251,10 @@ def _fit_rank(name: str, widened: torch.Tensor, fresh: torch.Tensor) -> torch.Te
         padded = torch.zeros(rows, N_MIX, fresh.shape[1] // N_MIX, dtype=widened.dtype, device=widened.device)
         padded[:, :, :rank] = widened.view(rows, N_MIX, rank)
         return padded.view(rows, -1)
-    if name.endswith(("time_mix.decay_down", "time_mix.iclr_down")):  # (C, R)
+    # linear paths (x @ down) @ up: the extra rank's zero `down` adds nothing. The gate's path is
+    # sigmoid(x @ down) @ up, where a zero `down` still adds 0.5 * up: there the extra rank gets a
+    # fresh `down` and a zero `up` (which then receives a gradient)
+    if name.endswith(("time_mix.decay_down", "time_mix.iclr_down", "time_mix.value_residual_down")):  # (C, R)
         padded = torch.zeros_like(fresh)
         padded[:, :widened.shape[1]] = widened
         return padded
@@ -256,8 +262,16 @@ def _fit_rank(name: str, widened: torch.Tensor, fresh: torch.Tensor) -> torch.Te
         padded = fresh.clone()
         padded[:, :widened.shape[1]] = widened
         return padded
-    if name.endswith(("time_mix.decay_up", "time_mix.iclr_up")):  # (R, C)
+    if name.endswith(("time_mix.decay_up", "time_mix.iclr_up", "time_mix.value_residual_up")):  # (R, C)
         padded = fresh.clone()
+        padded[:widened.shape[0]] = widened
+        return padded
+    if name.endswith("time_mix.gate_down"):  # (C, R)
+        padded = fresh.clone()
+        padded[:, :widened.shape[1]] = widened
+        return padded
+    if name.endswith("time_mix.gate_up"):  # (R, C)
+        padded = torch.zeros_like(fresh)
         padded[:widened.shape[0]] = widened
         return padded
     return widened  # a mismatch elsewhere is reported by _rebuild
@@ -292,10 +306,6 @@ def widen(model: HierarchosLM, context_dim: int | None = None, h_hidden: int | N
     model's rank is larger, and the extra rank starts with a zero `down` matrix.
     """
     cfg = model.cfg
-    rewired = [f"{k}={getattr(cfg, k)!r}" for k, v in TIME_MIX_WIRINGS["hierarchos"].items() if getattr(cfg, k) != v]
-    if rewired:  # the rules below are written for the default wiring's tensors only
-        raise HierarchosError(f"widen: no widening construction for a time mix wired with {', '.join(rewired)}; "
-                              "only the default wiring widens (add_layers works with any wiring)")
     n_d = _factor("context_dim", cfg.context_dim, context_dim)
     n_h = _factor("h_hidden", cfg.h_hidden, h_hidden)
     n_l = _factor("l_hidden", cfg.l_hidden, l_hidden)

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ModelConfig
+from ..config import TIME_MIX_WIRINGS, ModelConfig
 from ..errors import HierarchosError
 from .lm import HierarchosLM, ModelOutput
 from .losses import LossWeights, lm_loss
@@ -258,8 +258,10 @@ def plain_cell_loss(out: PuzzleOutput, solutions: torch.Tensor, active: torch.Te
 
 def default_puzzle_base() -> ModelConfig:
     """The architecture `puzzle train` starts from (before the flags): a small model in the spirit of
-    seed 003's Sudoku setup (a few blocks per level, two H-cycles), with a small memory."""
+    seed 003's Sudoku setup (a few blocks per level, two H-cycles), with a small memory. Its time mix
+    keeps hierarchos' own wiring: the puzzle runs on record used it, and the benchmark that made x070's
+    wiring the language model's default measured text, not puzzles."""
     return ModelConfig(vocab_size=vocab_size(9), context_dim=256, h_hidden=256, l_hidden=256, h_layers=2,
                        l_layers=2, head_size=64, h_cycles=2, max_h_steps=2, max_l_steps=2, h_stride=4,
                        persistent_dim=32, ltm_slots=64, ltm_key_dim=64, ltm_val_dim=64, ltm_topk=4,
-                       ltm_chunk=16, use_rosa=False).validate()
+                       ltm_chunk=16, use_rosa=False, **TIME_MIX_WIRINGS["hierarchos"]).validate()
