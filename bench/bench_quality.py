@@ -687,44 +687,65 @@ def recall_accuracy(model, docs: list, seq_len: int, device, rows: int = 64) -> 
     return _score_recall(docs, preds)
 
 
+RECALL_ROWS = {"memory on": {}, "memory writes off": MEMORY_OFF}
+
+
+def recall_docs_for(gap: int, tokens: int, facts: int) -> int:
+    """Training documents for a gap so that each gap's runs train on about `tokens` tokens (a fact or
+    query line is ~21 bytes; a gap runs up to gap_slack past its size, half of that on average)."""
+    doc_bytes = gap + gap_slack(gap) // 2 + 2 * 21 * facts
+    return max(1, tokens // doc_bytes)
+
+
 def table_recall(args, corpus) -> dict:
+    """For each gap, the memory on and its writes off, at the minimal depth (the question is the
+    memory's, and minimal trains at 2.4x the default's rate). A gap inside one training window is the
+    control: the recurrent state alone can answer it, and gradients reach the fact from the query."""
     filler = "".join(read_texts(Path(args.corpus_dir) / corpus["train"]["file"]))
     held_filler = "".join(read_texts(Path(args.corpus_dir) / corpus["val"]["file"]))
-    train_docs = make_recall_docs(args.recall_docs, filler, args.recall_facts, args.recall_gap, args.recall_facts,
-                                  args.seed)
-    test_docs = make_recall_docs(args.recall_test_docs, held_filler, args.recall_facts, args.recall_gap,
-                                 args.recall_facts, args.seed + 1)
-    cdir = Path(args.corpus_dir)
-    tag = f"{args.recall_docs}-{args.recall_test_docs}-{args.recall_facts}-{args.recall_gap}-s{args.seed}"
-    train_file, val_file = f"recall-train-{tag}.jsonl", f"recall-val-{tag}.jsonl"
-    for fname, docs in ((train_file, train_docs), (val_file, test_docs)):
-        atomic_write_text(cdir / fname, "".join(json.dumps({"text": d["text"]}) + "\n" for d in docs))
-    sha = hashlib.sha256((cdir / train_file).read_bytes()).hexdigest()
-    rcorpus = {"train": {"file": train_file, "sha256": sha}, "val": {"file": val_file}}
-    out = dict(task=dict(facts=args.recall_facts, gap_bytes=args.recall_gap, train_docs=args.recall_docs,
-                         test_docs=args.recall_test_docs, doc_bytes=len(train_docs[0]["text"])))
-    lr = args.lrs[len(args.lrs) // 2]
-    device = torch.device(args.device)
-    # at the minimal depth: the question is the memory's, and minimal trains at 2.4x the default's rate
-    rows = {"memory on": {}, "memory writes off": MEMORY_OFF}
     wanted = set(args.only or ())
-    unknown = wanted - set(rows) - {label.replace(" ", "_") for label in rows}
+    unknown = wanted - set(RECALL_ROWS) - {label.replace(" ", "_") for label in RECALL_ROWS}
     if unknown:
         raise SystemExit(f"--only: {sorted(unknown)} are not rows of the recall table; rows: 'memory on' "
                          f"(memory_on), 'memory writes off' (memory_writes_off)")
-    for label, overrides in rows.items():
-        if wanted and not {label, label.replace(" ", "_")} & wanted:
-            continue
-        fields = hierarchos_fields(args, **REASONING["minimal"], **overrides)
-        r = train_hierarchos(args, rcorpus, fields, lr, "recall-" + label.replace(" ", "_"),
-                             train_file=train_file, val_file=val_file, need_model=True)
-        acc = recall_accuracy(_load_model(r["model_dir"], device), test_docs, args.seq_len, device, args.eval_rows)
-        out[label] = {**acc, "val_bpb": r["val_bpb"], "lr": lr}
-        print(f"  {label:18s} query accuracy {acc['query_accuracy']:.3f}  digit accuracy {acc['digit_accuracy']:.3f}"
-              f"  ({acc['queries']} queries, gap {args.recall_gap} bytes)")
-    if all(label in out for label in rows):  # (--only one row: the gap is taken across two calls' JSON)
-        out["gap"] = out["memory on"]["query_accuracy"] - out["memory writes off"]["query_accuracy"]
-    return out
+    rows = {label: o for label, o in RECALL_ROWS.items() if not wanted or {label, label.replace(" ", "_")} & wanted}
+    lr = args.lrs[len(args.lrs) // 2]
+    device = torch.device(args.device)
+    cdir = Path(args.corpus_dir)
+
+    def one_gap(gap: int) -> dict:
+        n_docs = args.recall_docs or recall_docs_for(gap, args.recall_tokens, args.recall_facts)
+        train_docs = make_recall_docs(n_docs, filler, args.recall_facts, gap, args.recall_facts, args.seed)
+        test_docs = make_recall_docs(args.recall_test_docs, held_filler, args.recall_facts, gap, args.recall_facts,
+                                     args.seed + 1)
+        tag = f"{n_docs}-{args.recall_test_docs}-{args.recall_facts}-{gap}-s{args.seed}"
+        train_file, val_file = f"recall-train-{tag}.jsonl", f"recall-val-{tag}.jsonl"
+        for fname, docs in ((train_file, train_docs), (val_file, test_docs)):
+            atomic_write_text(cdir / fname, "".join(json.dumps({"text": d["text"]}) + "\n" for d in docs))
+        sha = hashlib.sha256((cdir / train_file).read_bytes()).hexdigest()
+        rcorpus = {"train": {"file": train_file, "sha256": sha}, "val": {"file": val_file}}
+        out = dict(task=dict(facts=args.recall_facts, gap_bytes=gap, train_docs=n_docs, test_docs=args.recall_test_docs,
+                             train_bytes=sum(len(d["text"]) for d in train_docs),
+                             test_bytes=sum(len(d["text"]) for d in test_docs)))
+        for label, overrides in rows.items():  # one after another: the two share their token caches
+            fields = hierarchos_fields(args, **REASONING["minimal"], **overrides)
+            r = train_hierarchos(args, rcorpus, fields, lr, "recall-" + label.replace(" ", "_"),
+                                 train_file=train_file, val_file=val_file, need_model=True)
+            acc = recall_accuracy(_load_model(r["model_dir"], device), test_docs, args.seq_len, device, args.eval_rows)
+            out[label] = {**acc, "val_bpb": r["val_bpb"], "lr": lr, "train_tokens": r.get("train_tokens")}
+            print(f"  gap {gap:>6,}  {label:18s} query accuracy {acc['query_accuracy']:.3f}  digit accuracy "
+                  f"{acc['digit_accuracy']:.3f}  ({acc['queries']} queries)", flush=True)
+        if all(label in out for label in RECALL_ROWS):  # (--only one row: the gap is taken across two calls)
+            out["memory_gap"] = out["memory on"]["query_accuracy"] - out["memory writes off"]["query_accuracy"]
+        return out
+
+    # --jobs: the gaps at once (each gap's rows in turn: they share its documents' token caches)
+    with ThreadPoolExecutor(max_workers=max(1, min(args.jobs, len(args.recall_gap)))) as pool:
+        results = dict(zip(args.recall_gap, pool.map(one_gap, args.recall_gap)))
+    print(f"{'gap bytes':>10s}  {'windows':>7s}  " + "  ".join(f"{label:>18s}" for label in rows) + "   (query accuracy)")
+    for gap, r in results.items():
+        print(f"{gap:>10,}  {gap / args.seq_len:>7.1f}  " + "  ".join(f"{r[label]['query_accuracy']:>18.3f}" for label in rows))
+    return {"gaps": {str(gap): r for gap, r in results.items()}, "seq_len": args.seq_len}
 
 
 def _ranks(a: np.ndarray) -> np.ndarray:
@@ -909,19 +930,24 @@ def main(argv=None) -> int:
                    help="hierarchos training runs at once on the device (a table's LR points and rows; 1 = one "
                         "after another, the only setting whose tokens/s is a solo rate)")
     p.add_argument("--log-every", type=int, default=None)
-    p.add_argument("--recall-docs", type=int, default=None)
+    p.add_argument("--recall-docs", type=int, default=None,
+                   help="recall: training documents per gap (default: about --recall-tokens tokens of them)")
+    p.add_argument("--recall-tokens", type=int, default=None, help="recall: training tokens per gap's runs")
     p.add_argument("--recall-test-docs", type=int, default=None)
     p.add_argument("--recall-facts", type=int, default=8)
-    p.add_argument("--recall-gap", type=int, default=None, help="bytes (= tokens) between the facts and the queries")
+    p.add_argument("--recall-gap", type=int, nargs="+", default=None,
+                   help="recall: bytes (= tokens) between the facts and the queries, one row pair per gap (default "
+                        "256, inside one training window, the control; 2048, four windows; 20000)")
     p.add_argument("--act-tokens", type=int, default=None, help="act: held-out tokens (all rows together)")
     p.add_argument("--eval-rows", type=int, default=None,
                    help="act, length, recall: rows a trained model reads side by side (recall documents, "
                         "length segments, act pieces)")
     args = p.parse_args(argv)
     sizes = (dict(width=32, seq_len=32, batch=2, tokens=1024, val_bytes=512, lrs=[2e-3], log_every=4,
-                  recall_docs=2, recall_test_docs=1, recall_gap=256, act_tokens=32, eval_rows=2) if args.tiny else
+                  recall_docs=2, recall_tokens=2048, recall_test_docs=1, recall_gap=[256], act_tokens=32, eval_rows=2) if args.tiny else
              dict(width=512, seq_len=512, batch=32, tokens=20_000_000, val_bytes=1_000_000, lrs=[2.5e-4, 5e-4, 1e-3],
-                  log_every=20, recall_docs=1000, recall_test_docs=50, recall_gap=20_000, act_tokens=262_144,
+                  log_every=20, recall_docs=0, recall_tokens=20_000_000, recall_test_docs=200,
+                  recall_gap=[256, 2048, 20_000], act_tokens=262_144,
                   eval_rows=64))
     for name, value in sizes.items():
         if getattr(args, name) is None:

@@ -348,3 +348,16 @@ def test_recall_scoring_counts_special_token_guesses_as_wrong_digits():
     assert got["queries"] == 1 and got["query_accuracy"] == 0.0 and got["digit_accuracy"] == 5 / 6
     pred[4] = ord("3")
     assert bq._score_recall([doc], [pred])["query_accuracy"] == 1.0
+
+
+def test_recall_runs_of_every_gap_train_on_about_the_same_tokens():
+    """One command gives the whole recall table (gaps inside a window, a few windows, 20K): each gap's
+    document count is chosen for about --recall-tokens of training text, whatever the gap."""
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    for gap in (256, 2048, 20_000):
+        n = bq.recall_docs_for(gap, 2_000_000, 8)
+        docs = [bq.make_recall_doc(rng, FILLER * 8, 8, gap, 8) for _ in range(3)]
+        mean = sum(len(d["text"]) for d in docs) / len(docs)
+        assert 0.8 < n * mean / 2_000_000 < 1.2, (seed, gap, n, mean)
+    assert bq.recall_docs_for(20_000, 100, 8) == 1  # never zero documents
