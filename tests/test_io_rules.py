@@ -1004,3 +1004,28 @@ def test_path_lock_a_waiter_left_with_a_removed_file_locks_the_new_one(tmp_path)
     waiter.join(timeout=10)
     late.join(timeout=10)
     assert not target.parent.joinpath(".cache.lock").exists()
+
+
+def test_a_model_dir_saved_before_the_wiring_fields_loads_with_hierarchos_wiring(tmp_path):
+    """x070's wiring became the default after model directories were saved without any tm_* field:
+    such a directory was trained with hierarchos' own wiring and must load as that model, weights and
+    logits alike; one that names its wiring keeps it."""
+    from hierarchos.config import TIME_MIX_WIRINGS
+
+    torch.manual_seed(0)
+    ours = HierarchosLM(tiny_config(vocab_size=260, **TIME_MIX_WIRINGS["hierarchos"])).eval()
+    directory = tmp_path / "old"
+    hio.save_model_dir(directory, ours)
+    path = directory / hio.CONFIG_FILE
+    saved = json.loads(path.read_text())
+    for name in TIME_MIX_WIRINGS["hierarchos"]:
+        del saved[name]
+    path.write_text(json.dumps(saved))
+    loaded, _ = hio.load_model_dir(directory)
+    assert loaded.cfg.time_mix_wiring() == "hierarchos" and loaded.cfg == ours.cfg
+    tokens = torch.randint(0, 260, (1, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(tokens).logits, ours(tokens).logits, rtol=0, atol=0)
+    x070 = HierarchosLM(tiny_config(vocab_size=260))
+    hio.save_model_dir(tmp_path / "new", x070)
+    assert hio.load_model_dir(tmp_path / "new")[0].cfg.time_mix_wiring() == "x070"
