@@ -406,3 +406,21 @@ def test_generate_is_wired_into_the_puzzle_command(tmp_path):
     train, test = load_puzzles(out / "train.safetensors"), load_puzzles(out / "test.safetensors")
     assert len(train) == 6 and len(test) == 4 and train.size == 4
     assert sorted(train.puzzle_ids.tolist()) == list(range(1, 7)) and not test.puzzle_ids.any()
+
+
+def test_puzzle_models_keep_hierarchos_wiring_unless_told(tmp_path):
+    """The puzzle model's default wiring is hierarchos' own (its runs on record used it), --tiny too;
+    --time-mix-wiring x070 and a single --tm-* flag reach the trained model's config."""
+    from hierarchos.io import read_config
+
+    data = _data(tmp_path)
+    wirings = {}
+    for name, flags in (("default", []), ("x070", ["--time-mix-wiring", "x070"]),
+                        ("one_switch", ["--tm-gate", "lowrank"])):
+        out = tmp_path / name
+        assert main(["puzzle", "train", "--data", str(data), "--out-dir", str(out), "--max-steps", "1", *TRAIN,
+                     *flags]) == 0
+        cfg, _ = read_config(out)
+        wirings[name] = (cfg.time_mix_wiring(), cfg.tm_gate)
+    assert wirings == {"default": ("hierarchos", "sigmoid_full"), "x070": ("x070", "lowrank"),
+                       "one_switch": (None, "lowrank")}

@@ -33,7 +33,7 @@ HELP = "reasoning puzzles (Sudoku, mazes): generate puzzle files, train a model 
 ARCH = ("context_dim", "h_hidden", "l_hidden", "h_layers", "l_layers", "head_size", "ffn_mult", "h_cycles",
         "max_h_steps", "max_l_steps", "h_stride", "h_halt_thresh", "l_conv_atol", "grad_steps", "h_block", "l_block",
         "pos_encodings", "window_size", "halting", "q_explore_prob", "time_mix", "persistent_dim", "ltm_slots",
-        "ltm_key_dim", "ltm_val_dim", "ltm_topk")
+        "ltm_key_dim", "ltm_val_dim", "ltm_topk", "tm_token_shift", "tm_gate", "tm_value_residual", "tm_init")
 TRAIN_FILE, TEST_FILE = "train.safetensors", "test.safetensors"
 
 
@@ -94,6 +94,13 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     model.add_argument("--out-dir", default="./hierarchos_puzzle_model", metavar="DIR",
                        help="model directory written at the end (checkpoints under DIR/checkpoints)")
     model.add_argument("--tiny", action="store_true", help="a tiny architecture for quick CPU runs")
+    from ..config import TIME_MIX_WIRINGS
+
+    model.add_argument("--time-mix-wiring", "--time_mix_wiring", dest="time_mix_wiring", default=None,
+                       choices=tuple(TIME_MIX_WIRINGS),
+                       help="all four RWKV-7 wiring switches at once: hierarchos (the puzzle model's default, "
+                            "the wiring of its runs on record) or x070 (the language model's default); a --tm-* "
+                            "flag given beside it wins for its switch")
     for name in ARCH:
         add_arch_argument(model, name)
     model.add_argument("--hidden-size", "--hidden_size", dest="hidden_size", type=POSITIVE, default=None,
@@ -191,13 +198,15 @@ def _load(path: str, split_file: str, flag: str):
 # ---- train -------------------------------------------------------------------------------------
 
 def _build_model(args, train_set):
-    from ..config import ModelConfig, tiny_config
+    from ..config import TIME_MIX_WIRINGS, ModelConfig, tiny_config
     from ..model.puzzle import PuzzleConfig, PuzzleSolver, default_puzzle_base, puzzle_model_config
 
     given = {name: getattr(args, name) for name in ARCH if getattr(args, name) is not None}
+    given = {**TIME_MIX_WIRINGS.get(args.time_mix_wiring, {}), **given}  # a --tm-* flag wins
     if args.hidden_size is not None:
         given = {**{name: args.hidden_size for name in ("context_dim", "h_hidden", "l_hidden")}, **given}
-    base = tiny_config(use_rosa=False) if args.tiny else default_puzzle_base()
+    # the tiny base keeps the puzzle default's wiring too (see default_puzzle_base)
+    base = tiny_config(use_rosa=False, **TIME_MIX_WIRINGS["hierarchos"]) if args.tiny else default_puzzle_base()
     if "attention" not in (given.get("h_block", base.h_block), given.get("l_block", base.l_block)):
         for flag, name in (("--pos-encodings", "pos_encodings"), ("--window-size", "window_size")):
             if name in given:
@@ -241,7 +250,7 @@ def run_train(args: argparse.Namespace) -> int:
         resume_dir = resolve_checkpoint(args.resume_from_ckpt)
         cfg, meta = read_config(resume_dir)
         model = PuzzleSolver(cfg, PuzzleConfig.from_dict(meta.get("puzzle"), str(resume_dir)))
-        ignored = [name for name in ARCH if getattr(args, name) is not None]
+        ignored = [name for name in ("time_mix_wiring", *ARCH) if getattr(args, name) is not None]
         if ignored:
             flags = ", ".join("--" + name.replace("_", "-") for name in ignored)
             print(f"resume: the architecture is the checkpoint's; ignoring {flags}")
