@@ -17,7 +17,8 @@ Prints a table and writes JSON.
 With several --formats on the CPU, the alternating table also gives each format's bandwidth bound:
 the weight bytes one generated token streams (every matrix-vector product of one `step` counted
 with its weight's bytes, so the passes per token are in it: forward hooks on the quantized and the
-float Linear modules; the small float vectors and low-rank mixes are left out) against the memory
+float Linear modules, and each time mix's low-rank matrices, fp16 in the quantized step, once per call;
+the small float vectors are left out) against the memory
 read bandwidth measured in the same run (best of several multithreaded reads of a 512 MiB buffer,
 `stream_read`, at the kernel's thread count, the best of reads before and after the timed rounds; a
 torch sum when the kernel is not built). bound tok/s =
@@ -199,7 +200,14 @@ def bytes_per_token(model, device) -> dict:
         from hierarchos.quant.model import QuantLinear
     except ImportError:  # pragma: no cover - the package always has it
         QuantLinear = ()
-    counts = {"bytes": 0, "calls": 0}
+    from hierarchos.model.rwkv import TimeMix
+
+    counts = {"bytes": 0, "calls": 0, "low_rank_bytes": 0}
+    # the time mix's low-rank matrices are weights streamed every pass too: fp16 in the quantized step
+    # (hierarchos.quant.fused_step keeps them so), the parameters' own dtype in a float model
+    quantized = any(isinstance(m, QuantLinear) for m in model.modules()) if QuantLinear else False
+    low_rank = ("mix_down", "mix_up", "decay_down", "decay_up", "iclr_down", "iclr_up", "gate_down", "gate_up",
+                "value_residual_down", "value_residual_up")
 
     def hook(module, inputs, output):
         rows = inputs[0].reshape(-1, inputs[0].shape[-1]).shape[0]
@@ -208,19 +216,27 @@ def bytes_per_token(model, device) -> dict:
         counts["bytes"] += weight * rows
         counts["calls"] += 1
 
+    def time_mix_hook(module, inputs, output):
+        params = [getattr(module, name) for name in low_rank if hasattr(module, name)]
+        size = sum(p.numel() * (2 if quantized else p.element_size()) for p in params)
+        counts["bytes"] += size
+        counts["low_rank_bytes"] += size
+
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Linear, QuantLinear))]
+    handles += [m.register_forward_hook(time_mix_hook) for m in model.modules() if isinstance(m, TimeMix)]
     try:
         state = model.init_state(1, device=device)
         token = torch.zeros(1, dtype=torch.long, device=device)
         state = model.step(token, state).state  # warm-up: lazily built things are not per-token
-        counts.update(bytes=0, calls=0)
+        counts.update(bytes=0, calls=0, low_rank_bytes=0)
         tokens = 4
         for _ in range(tokens):
             state = model.step(token, state).state
     finally:
         for handle in handles:
             handle.remove()
-    return {"bytes": counts["bytes"] / tokens, "linear_calls": counts["calls"] / tokens}
+    return {"bytes": counts["bytes"] / tokens, "linear_calls": counts["calls"] / tokens,
+            "low_rank_bytes": counts["low_rank_bytes"] / tokens}
 
 
 # off: the eager step; step / blocks: torch.compile of the whole step / of each RWKV block; fused: the
@@ -683,8 +699,9 @@ def print_run(result: dict, args) -> None:
         for fmt, rate in rates.items():
             ratio = f"{rate / rates['fp32']:.2f}x" if "fp32" in rates else "-"
             b = bound.get(fmt)
-            extra = (f"{b['bytes'] / 1e6:,.1f} | {b['linear_calls']:.0f} | {b['bound_tokens_per_s']:.1f} "
-                     f"({b['bandwidth_gb_per_s']:.1f}) | {100 * b['fraction_of_bound']:.0f}%") if b else "- | - | - | -"
+            extra = (f"{b['bytes'] / 1e6:,.1f} ({b.get('low_rank_bytes', 0) / 1e6:,.1f} low-rank) | "
+                     f"{b['linear_calls']:.0f} | {b['bound_tokens_per_s']:.1f} ({b['bandwidth_gb_per_s']:.1f}) | "
+                     f"{100 * b['fraction_of_bound']:.0f}%") if b else "- | - | - | -"
             print(f"| {fmt} | {rate:.2f} | {ratio} | {extra} |")
         print(f"load average at the end: {' '.join(f'{v:.2f}' for v in result['load_average'])}")
     if result["batched"]:
