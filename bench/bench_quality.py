@@ -74,6 +74,9 @@ TABLES = ("main", "ablations", "wiring", "blocks", "recall", "act", "length")
 # memory "off": the config has no switch that removes the memory read; a write threshold no surprise
 # reaches means no slot is ever written, so the read returns only the learned initial slots
 MEMORY_OFF = dict(ltm_write_threshold=1e30)
+# the "default" rows' reasoning depth, named in every run's fields (hierarchos_fields): the run cache's
+# keys then never depend on ModelConfig's default depth, which the evidence here may move to minimal
+DEPTH_255 = dict(h_cycles=2, max_h_steps=5, max_l_steps=5)
 
 # ---- the corpus ---------------------------------------------------------------------------------------
 
@@ -250,10 +253,11 @@ def make_recall_docs(n_docs: int, filler: str, n_facts: int, gap_bytes: int, n_q
 
 def hierarchos_fields(args, **overrides) -> dict:
     """The model fields of a run: the scale's widths, byte vocabulary, training length, the default
-    time-mix wiring by name (see `run_spec_fields`); then overrides."""
+    time-mix wiring by name (see `run_spec_fields`) and the (2,5,5) depth by value (the tables' "default"
+    rows mean that depth whatever ModelConfig's default becomes); then overrides."""
     w = args.width
     fields = dict(vocab_size=BYTE_VOCAB, context_dim=w, h_hidden=w, l_hidden=w, head_size=min(64, w),
-                  max_length=args.seq_len, **TIME_MIX_WIRINGS[DEFAULT_WIRING])
+                  max_length=args.seq_len, **TIME_MIX_WIRINGS[DEFAULT_WIRING], **DEPTH_255)
     if args.tiny:  # smoke sizes; the reasoning caps too (2,2,2: "default" and "depth 2,2,2" coincide here)
         fields.update(h_layers=1, l_layers=1, persistent_dim=8, ltm_slots=32, ltm_key_dim=16, ltm_val_dim=16,
                       ltm_topk=2, ltm_chunk=16, wkv_chunk_size=16, rosa_window=256, max_h_steps=2, max_l_steps=2)
@@ -532,7 +536,7 @@ def _row(sweep_result: dict) -> str:
 
 HEADER = f"{'configuration':24s} {'non-emb par':>12s} {'best lr':>8s} {'val bpb':>8s} {'tokens/s':>10s}  [lr:bpb]"
 
-REASONING = {"default": {}, "minimal": dict(h_cycles=1, max_h_steps=1, max_l_steps=0)}
+REASONING = {"default": {}, "minimal": dict(h_cycles=1, max_h_steps=1, max_l_steps=0)}  # default: DEPTH_255
 
 
 def table_main(args, corpus) -> dict:

@@ -325,18 +325,20 @@ def test_wiring_rows_are_the_minimal_depth_and_the_last_is_main_tables_minimal()
     assert len({tuple(sorted(bq.hierarchos_fields(args, **o).items())) for o in rows.values()}) == len(rows)
 
 
-def test_the_quality_tables_default_row_is_the_2_5_5_reasoning_config():
-    """bench_quality's "default" rows are ModelConfig's defaults (fields {}, so the run cache's keys
-    do not spell them out): should those defaults change (issue 19 may move them to the minimal
-    depth), this fails, because every cached "default" run would then silently stand for another
-    configuration. Then name the (2,5,5) rows explicitly, as bench_forward and bench_generate do."""
+def test_the_quality_tables_default_row_is_the_2_5_5_reasoning_config_by_name():
+    """bench_quality's "default" rows name the (2,5,5) depth in their fields (so in the run cache's
+    keys): should ModelConfig's default depth move (issue 19 may move it to minimal), every cached
+    "default" run still stands for (2,5,5), and a minimal row keeps its own three fields."""
     from types import SimpleNamespace
 
-    from hierarchos.config import ModelConfig
-
-    fields = bq.hierarchos_fields(SimpleNamespace(width=512, seq_len=512, tiny=False), **bq.REASONING["default"])
-    cfg = ModelConfig(**fields)
-    assert (cfg.h_cycles, cfg.max_h_steps, cfg.max_l_steps) == (2, 5, 5)
+    args = SimpleNamespace(width=512, seq_len=512, tiny=False)
+    fields = bq.hierarchos_fields(args, **bq.REASONING["default"])
+    assert {k: fields[k] for k in ("h_cycles", "max_h_steps", "max_l_steps")} == dict(h_cycles=2, max_h_steps=5,
+                                                                                      max_l_steps=5)
+    assert bq.run_spec_fields(fields)["max_l_steps"] == 5  # in the key, not left to the default
+    minimal = bq.hierarchos_fields(args, **bq.REASONING["minimal"])
+    assert {k: minimal[k] for k in ("h_cycles", "max_h_steps", "max_l_steps")} == dict(h_cycles=1, max_h_steps=1,
+                                                                                       max_l_steps=0)
 
 
 def test_recall_scoring_counts_special_token_guesses_as_wrong_digits():
