@@ -1,8 +1,9 @@
 """Sampling and the token-by-token generation loops.
 
 The prompt is prefilled with the parallel forward (with `cuda_graph`, through captured chunk graphs:
-`hierarchos.prefill`); then each new token is one `step` on a fixed-size state (no re-running the prompt, no growing cache). Sampling applies the
-repetition penalty, temperature, top-k and top-p in that order; temperature 0 is greedy.
+`hierarchos.prefill`); then each new token is one `step` on a fixed-size state (no re-running the
+prompt, no growing cache). Sampling applies the repetition penalty, temperature, top-k and top-p
+in that order; temperature 0 is greedy.
 
 Randomness is counter-based: the n-th token sampled for a row with seed s draws the uniforms
 `row_noise(s, n)` (a 32-bit integer hash of (s, n, token id), 23-bit uniforms) and picks
@@ -40,6 +41,7 @@ import torch
 
 from .errors import HierarchosError
 from .model.state import HierarchosState, fill_layout, leaf_layout
+from .ops.amp import autocast_in
 from .ops.capture import no_collection_during_capture
 from .prefill import ChunkedPrefill, require_fixed_size
 
@@ -575,9 +577,7 @@ def generate_batch(model, prompts: list[list[int]], cfg: SamplingConfig, *, stat
         if prefill is not None:
             logits, new_state = prefill(torch.tensor([prompt], device=device), state)
         else:
-            amp = (torch.autocast(device.type, dtype=prefill_autocast) if prefill_autocast is not None
-                   else contextlib.nullcontext())
-            with amp:
+            with autocast_in(device.type, prefill_autocast):
                 out = model(torch.tensor([prompt], device=device), state, **caps)
             logits, new_state = out.logits[:, -1].to(model.persistent.dtype), out.state  # (autocast's dtype back)
         row_states.append(new_state)

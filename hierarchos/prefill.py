@@ -20,13 +20,12 @@ graphs are checked against on the GPU (tests/test_prefill.py).
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from .errors import HierarchosError
 from .model.rosa import rosa_hints
 from .model.state import HierarchosState, fill_layout, leaf_layout
+from .ops.amp import autocast_in
 from .ops.capture import no_collection_during_capture, why_capture_failed
 
 
@@ -110,9 +109,7 @@ class ChunkedPrefill:
     def _run(self, tokens: torch.Tensor, hints: torch.Tensor | None, pos: int) -> None:
         """The forward over `tokens` (B, n) at `pos` on the buffers, in place: the new state into the
         leaves, the last position's logits into `self.logits`."""
-        amp = (torch.autocast(self.device_type, dtype=self.autocast, cache_enabled=False) if self.autocast is not None
-               else contextlib.nullcontext())
-        with amp:
+        with autocast_in(self.device_type, self.autocast, cache_enabled=False):
             out = self.model(tokens, self._state(pos), rosa_hint_ids=hints, **self.caps)
         for buffer, new in zip(self.leaves, (t for _, t in out.state.tensors()), strict=True):
             buffer.copy_(new)

@@ -335,8 +335,7 @@ def cli_overrides(argv: list[str]) -> dict:
     p = argparse.ArgumentParser()
     train.add_arguments(p)
     args = p.parse_args(argv)
-    given = {n: getattr(args, n) for n in train.ARCH_FLAGS if getattr(args, n) is not None}
-    return {**TIME_MIX_WIRINGS.get(args.time_mix_wiring, {}), **given}
+    return train.arch_overrides(args, train.ARCH_FLAGS)
 
 
 def test_cli_flags():

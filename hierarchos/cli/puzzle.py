@@ -80,7 +80,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _add_train_arguments(p: argparse.ArgumentParser) -> None:
-    from .train import add_arch_argument
+    from .train import add_arch_argument, add_wiring_argument
 
     data = p.add_argument_group("data")
     data.add_argument("--data", required=True, metavar="PATH",
@@ -94,13 +94,8 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     model.add_argument("--out-dir", default="./hierarchos_puzzle_model", metavar="DIR",
                        help="model directory written at the end (checkpoints under DIR/checkpoints)")
     model.add_argument("--tiny", action="store_true", help="a tiny architecture for quick CPU runs")
-    from ..config import TIME_MIX_WIRINGS
-
-    model.add_argument("--time-mix-wiring", "--time_mix_wiring", dest="time_mix_wiring", default=None,
-                       choices=tuple(TIME_MIX_WIRINGS),
-                       help="all four RWKV-7 wiring switches at once: hierarchos (the puzzle model's default, "
-                            "the wiring of its runs on record) or x070 (the language model's default); a --tm-* "
-                            "flag given beside it wins for its switch")
+    add_wiring_argument(model, "default hierarchos here, the wiring of the puzzle runs on record (x070 is the "
+                               "language model's default)")
     for name in ARCH:
         add_arch_argument(model, name)
     model.add_argument("--hidden-size", "--hidden_size", dest="hidden_size", type=POSITIVE, default=None,
@@ -201,8 +196,9 @@ def _build_model(args, train_set):
     from ..config import TIME_MIX_WIRINGS, ModelConfig, tiny_config
     from ..model.puzzle import PuzzleConfig, PuzzleSolver, default_puzzle_base, puzzle_model_config
 
-    given = {name: getattr(args, name) for name in ARCH if getattr(args, name) is not None}
-    given = {**TIME_MIX_WIRINGS.get(args.time_mix_wiring, {}), **given}  # a --tm-* flag wins
+    from .train import arch_overrides
+
+    given = arch_overrides(args, ARCH)
     if args.hidden_size is not None:
         given = {**{name: args.hidden_size for name in ("context_dim", "h_hidden", "l_hidden")}, **given}
     # the tiny base keeps the puzzle default's wiring too (see default_puzzle_base)

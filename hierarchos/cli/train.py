@@ -61,6 +61,21 @@ def _spellings(name: str) -> list[str]:
     return list(dict.fromkeys(flags))
 
 
+def add_wiring_argument(group, default_note: str) -> None:
+    """--time-mix-wiring: all four tm_* switches at once, by TIME_MIX_WIRINGS name (see `arch_overrides`)."""
+    group.add_argument("--time-mix-wiring", "--time_mix_wiring", dest="time_mix_wiring", default=None,
+                       choices=tuple(TIME_MIX_WIRINGS),
+                       help=f"all four RWKV-7 wiring switches at once: x070 (BlinkDL's published RWKV-7) or "
+                            f"hierarchos (its own older wiring); {default_note}; a --tm-* flag given beside it "
+                            "wins for its switch")
+
+
+def arch_overrides(args, names) -> dict:
+    """The architecture fields the flags `names` set, on top of --time-mix-wiring's four (a --tm-* flag wins)."""
+    given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    return {**TIME_MIX_WIRINGS.get(args.time_mix_wiring, {}), **given}
+
+
 def add_arch_argument(group, name: str) -> None:
     """The flag of ModelConfig field `name` (both spellings, default None: unset keeps the config's value)."""
     if name in ARCH_BOOLS:
@@ -115,11 +130,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     model.add_argument("--grow-every-chars", type=int, default=None, metavar="N",
                        help="continual learning: one more manager and worker block per N characters of training "
                             "text in the model's history (added function-preservingly)")
-    model.add_argument("--time-mix-wiring", "--time_mix_wiring", dest="time_mix_wiring", default=None,
-                       choices=tuple(TIME_MIX_WIRINGS),
-                       help="all four RWKV-7 wiring switches at once: x070 (BlinkDL's published RWKV-7, the "
-                            "default since the quality benchmark's wiring table) or hierarchos (its own older "
-                            "wiring); a --tm-* flag given beside it wins for its switch")
+    add_wiring_argument(model, "default x070, since the quality benchmark's wiring table")
     for name in ARCH_FLAGS:
         add_arch_argument(model, name)
     # seed 000's trainer (AI-OS `hrm-hf train-actv1`) names for the same choices
@@ -436,8 +447,7 @@ def run(args: argparse.Namespace, lora=None) -> int:
                                   "tokenizer (drop --tokenizer-path)")
         model = HierarchosLM(resume.config)
     elif not args.model_path:
-        overrides = {name: getattr(args, name) for name in ARCH_FLAGS if getattr(args, name) is not None}
-        overrides = {**TIME_MIX_WIRINGS.get(args.time_mix_wiring, {}), **overrides}  # a --tm-* flag wins
+        overrides = arch_overrides(args, ARCH_FLAGS)
         overrides.update(seed000_widths(args, overrides, tiny_config() if args.tiny else ModelConfig()))
         overrides["vocab_size"] = tokenizer.vocab_size
         if args.max_length:

@@ -25,6 +25,13 @@ def to_autocast_dtype(t: torch.Tensor) -> torch.Tensor:
     return t.to(amp) if amp is not None and t.dtype == torch.float32 else t
 
 
+def autocast_in(device_type: str, dtype: torch.dtype | None, **options):
+    """torch.autocast in `dtype` on this device type, or a no-op context when `dtype` is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=dtype, **options)
+
+
 def autocast_off(device_type: str):
     """A context with autocast disabled on this device type (a no-op when it is not on): the
     recurrence's PyTorch paths must run their matmuls in float32, not in autocast's bf16."""
