@@ -3,7 +3,7 @@
 Measures forward+backward (no optimizer) tokens/s of `HierarchosLM` + `lm_loss` and of
 `GPT2LMHeadModel` (built from a config, SDPA attention, dropout 0) on the same device, at
 each --seq-lens T with batch = --tokens-per-step // T for both, for the reasoning configs
-"minimal" (h_cycles=1, max_h_steps=1, max_l_steps=0) and "default" (2,5,5: ModelConfig's defaults today),
+"minimal" (h_cycles=1, max_h_steps=1, max_l_steps=0: ModelConfig's default) and "default" (the seeds' 2,5,5),
 plus a use_rosa=False row (--no-rosa-for) so ROSA's CPU automaton cost is visible.
 GPT-2's n_layer/n_embd are chosen so its parameter count (embeddings and wpe included,
 same vocab, n_positions = max T) is within 5% of hierarchos' count WITHOUT DeepEmbed
@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from hierarchos.config import ModelConfig, tiny_config  # noqa: E402
+from hierarchos.config import MINIMAL_DEPTH, SEED_DEPTH, ModelConfig, tiny_config  # noqa: E402
 from hierarchos.model.lm import HierarchosLM  # noqa: E402
 from hierarchos.model.rwkv import compile_blocks, uncompile_blocks  # noqa: E402
 from hierarchos.model.losses import lm_loss  # noqa: E402
@@ -52,9 +52,9 @@ SIZES = {  # hierarchos shapes; GPT-2 is fitted to each
     "25m": dict(vocab_size=16384, context_dim=448, h_hidden=448, l_hidden=448, h_layers=3, l_layers=3),
     "125m": dict(vocab_size=50257, context_dim=768, h_hidden=768, l_hidden=768, h_layers=4, l_layers=4),
 }
-CONFIGS = {"minimal": dict(h_cycles=1, max_h_steps=1, max_l_steps=0),
+CONFIGS = {"minimal": MINIMAL_DEPTH,  # ModelConfig's default depth
            "mid": dict(h_cycles=2, max_h_steps=2, max_l_steps=2),
-           "default": dict(h_cycles=2, max_h_steps=5, max_l_steps=5)}  # named, not ModelConfig's: issue targets quote it
+           "default": SEED_DEPTH}  # the seeds' (2,5,5): the issue targets quote it by this name
 BLOCKS = {  # the manager's and worker's block types (issue rows for the seeds' other cells)
     "rwkv7": {}, "attention": dict(h_block="attention", l_block="attention"),
     "attention-window": dict(h_block="attention", l_block="attention"),  # window_size from --window-size

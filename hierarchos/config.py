@@ -34,6 +34,11 @@ TIME_MIX_WIRINGS = {
 # parameters. A saved config with none of the wiring fields predates them and means LEGACY_WIRING.
 DEFAULT_WIRING = "x070"
 LEGACY_WIRING = "hierarchos"
+# Reasoning depths (h_cycles, max_h_steps, max_l_steps). The default is MINIMAL_DEPTH: on the quality
+# benchmark (BENCHMARKS.md, "Learning quality") it scored best at equal tokens, at 2.2x the training
+# rate of the seeds' depth, SEED_DEPTH, which `--h_cycles 2 --max_h_steps 5 --max_l_steps 5` selects.
+MINIMAL_DEPTH = dict(h_cycles=1, max_h_steps=1, max_l_steps=0)
+SEED_DEPTH = dict(h_cycles=2, max_h_steps=5, max_l_steps=5)
 
 # Names the original projects (seed 000/002, AI-OS) use for the same fields.
 FIELD_ALIASES = {
@@ -85,10 +90,11 @@ class ModelConfig:
     ltm_topk: int = 4
     ltm_chunk: int = 64
     ltm_write_threshold: float = 0.0
-    # hierarchical reasoning
-    h_cycles: int = 2
-    max_h_steps: int = 5
-    max_l_steps: int = 5
+    # hierarchical reasoning: MINIMAL_DEPTH by default (one manager cycle, one pondering pass, the
+    # worker's commit pass only); SEED_DEPTH is the seeds' (see MINIMAL_DEPTH for why)
+    h_cycles: int = MINIMAL_DEPTH["h_cycles"]
+    max_h_steps: int = MINIMAL_DEPTH["max_h_steps"]
+    max_l_steps: int = MINIMAL_DEPTH["max_l_steps"]
     l_conv_atol: float = 1e-4
     h_stride: int = 4
     h_halt_thresh: float = 0.9

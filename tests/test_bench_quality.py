@@ -327,8 +327,8 @@ def test_wiring_rows_are_the_minimal_depth_and_the_last_is_main_tables_minimal()
 
 def test_the_quality_tables_default_row_is_the_2_5_5_reasoning_config_by_name():
     """bench_quality's "default" rows name the (2,5,5) depth in their fields (so in the run cache's
-    keys): should ModelConfig's default depth move (issue 19 may move it to minimal), every cached
-    "default" run still stands for (2,5,5), and a minimal row keeps its own three fields."""
+    keys): ModelConfig's default depth moved to minimal, and every cached "default" run still stands
+    for (2,5,5); a minimal row keeps its own three fields."""
     from types import SimpleNamespace
 
     args = SimpleNamespace(width=512, seq_len=512, tiny=False)
@@ -339,6 +339,51 @@ def test_the_quality_tables_default_row_is_the_2_5_5_reasoning_config_by_name():
     minimal = bq.hierarchos_fields(args, **bq.REASONING["minimal"])
     assert {k: minimal[k] for k in ("h_cycles", "max_h_steps", "max_l_steps")} == dict(h_cycles=1, max_h_steps=1,
                                                                                        max_l_steps=0)
+
+
+def test_equal_gpu_time_takes_a_solo_rate_and_trains_one_when_every_point_shared(monkeypatch):
+    """The equal-time seconds come from a rate with the device to itself: the best point's when it ran
+    alone, else the fastest lone point's, else the best LR trained again alone as a run of its own spec
+    (a record from before runs noted `solo` counts as shared)."""
+    def point(lr, bpb, rate, solo):
+        r = dict(val_bpb=bpb, tokens_per_s=rate, spec=dict(lr=lr))
+        if solo is not None:
+            r["solo"] = solo
+        return r
+
+    calls = []
+
+    def fake_train(args, corpus, fields, lr, name, rate_run=False, **_):
+        calls.append((lr, name, rate_run))
+        return dict(tokens_per_s=777.0)
+
+    monkeypatch.setattr(bq, "train_hierarchos", fake_train)
+    best_alone = point(1e-3, 1.4, 100.0, True)
+    assert bq.solo_rate(None, None, "x", {}, dict(best=best_alone, points=[best_alone])) == (100.0, "best point")
+    best_shared = point(1e-3, 1.4, 50.0, False)
+    pts = [point(2.5e-4, 1.6, 120.0, True), point(5e-4, 1.5, 90.0, None), best_shared]
+    assert bq.solo_rate(None, None, "x", {}, dict(best=best_shared, points=pts)) == (120.0, "fastest lone point")
+    assert calls == []
+    pts = [point(2.5e-4, 1.6, 300.0, False), point(5e-4, 1.5, 90.0, None), best_shared]
+    rate, how = bq.solo_rate(None, None, "x", {}, dict(best=best_shared, points=pts))
+    assert (rate, how) == (777.0, "best LR trained again alone") and calls == [(1e-3, "x-solo-lr0.001", True)]
+
+
+def test_ablation_rows_start_from_the_minimal_depth_and_grad_steps_from_2_5_5():
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(width=512, seq_len=512, tiny=False)
+    rows = {label: bq.hierarchos_fields(args, **o) for label, o in bq.ablation_variants().items()}
+    first = next(iter(rows.values()))
+    assert first == bq.hierarchos_fields(args, **bq.REASONING["minimal"])  # the main table's minimal runs
+    assert rows["depth 2,5,5"] == bq.hierarchos_fields(args, **bq.REASONING["default"])
+    depth = ("h_cycles", "max_h_steps", "max_l_steps")
+    for label, fields in rows.items():
+        want = {"depth 2,2,2": (2, 2, 2), "depth 2,5,5": (2, 5, 5), "depth 2,5,5 + grad_steps 2": (2, 5, 5)}
+        assert tuple(fields[k] for k in depth) == want.get(label, (1, 1, 0)), label
+        changed = {k for k in fields.keys() | first.keys() if fields.get(k) != first.get(k)} - set(depth)
+        assert len(changed) <= 1, (label, changed)  # one switch a row
+    assert rows["depth 2,5,5 + grad_steps 2"]["grad_steps"] == 2
 
 
 def test_recall_scoring_counts_special_token_guesses_as_wrong_digits():

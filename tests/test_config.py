@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from hierarchos.config import FIELD_ALIASES, ModelConfig, tiny_config
+from hierarchos.config import FIELD_ALIASES, MINIMAL_DEPTH, SEED_DEPTH, ModelConfig, tiny_config
 from hierarchos.errors import HierarchosError
 
 FIELD_NAMES = sorted(f.name for f in dataclasses.fields(ModelConfig))
@@ -27,6 +27,23 @@ def test_tiny_config_validates():
 
 def test_default_config_validates():
     ModelConfig().validate()
+
+
+def test_default_depth_is_minimal_and_the_seeds_depth_is_three_flags_away():
+    """Issue 19's evidence made minimal the default depth; the seeds' (2,5,5) stays selectable, and a
+    saved config names its depth (a model trained at (2,5,5) reloads at (2,5,5))."""
+    import argparse
+
+    from hierarchos.cli import train
+
+    cfg = ModelConfig()
+    assert {k: getattr(cfg, k) for k in MINIMAL_DEPTH} == MINIMAL_DEPTH == dict(h_cycles=1, max_h_steps=1, max_l_steps=0)
+    p = argparse.ArgumentParser()
+    train.add_arguments(p)
+    args = p.parse_args(["--h_cycles", "2", "--max_h_steps", "5", "--max-l-steps", "5"])
+    seeds = ModelConfig(**train.arch_overrides(args, train.ARCH_FLAGS)).validate()
+    assert {k: getattr(seeds, k) for k in SEED_DEPTH} == SEED_DEPTH
+    assert ModelConfig.from_json(seeds.to_json()).max_l_steps == 5
 
 
 @pytest.mark.parametrize("cfg", [ModelConfig(), tiny_config(), tiny_config(use_rosa=False, use_deepembed=False,
