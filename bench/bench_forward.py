@@ -39,7 +39,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from hierarchos.config import MINIMAL_DEPTH, SEED_DEPTH, ModelConfig, tiny_config  # noqa: E402
+from hierarchos.config import (DEFAULT_WIRING, MINIMAL_DEPTH, SEED_DEPTH, TIME_MIX_WIRINGS, ModelConfig,  # noqa: E402
+                               tiny_config)
 from hierarchos.model.lm import HierarchosLM  # noqa: E402
 from hierarchos.model.rwkv import compile_blocks, uncompile_blocks  # noqa: E402
 from hierarchos.model.losses import lm_loss  # noqa: E402
@@ -139,8 +140,10 @@ def sync(dev):
 
 
 # ----------------------------------------------------------------------------- models
-def hier_cfg(size, config, use_rosa=True, block="rwkv7", window=256):
+def hier_cfg(size, config, use_rosa=True, block="rwkv7", window=256, wiring=DEFAULT_WIRING):
     extra = dict(BLOCKS[block], **({"window_size": window} if block == "attention-window" else {}))
+    if block == "rwkv7":  # the RWKV-7 time mix's wiring (attention blocks have none)
+        extra.update(TIME_MIX_WIRINGS[wiring])
     return ModelConfig(**SIZES[size], **CONFIGS[config], use_rosa=use_rosa, **extra).validate()
 
 
@@ -437,6 +440,9 @@ def main():
     ap.add_argument("--blocks", nargs="+", choices=BLOCKS, default=["rwkv7"],
                     help="block types of the hierarchos rows (attention-window: sliding window of --window-size)")
     ap.add_argument("--window-size", type=int, default=256)
+    ap.add_argument("--wirings", nargs="+", choices=TIME_MIX_WIRINGS, default=[DEFAULT_WIRING],
+                    help=f"RWKV-7 time-mix wirings, one row each (default {DEFAULT_WIRING}; rows of another wiring "
+                         "are named config~wiring)")
     ap.add_argument("--tokens-per-step", type=int, help="default 16384 on CUDA, 2048 on CPU")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
@@ -489,16 +495,19 @@ def main():
     for T in args.seq_lens:
         B = max(1, tps // T)
         jobs = [(dict(model="gpt2", config=f"L{L}-d{d}", params=n_gpt), lambda: build_gpt2(V, P, L, d))]
-        for c, block in [(c, b) for b in args.blocks for c in args.configs]:
+        for c, block, wiring in [(c, b, w) for b in args.blocks for c in args.configs
+                                 for w in (args.wirings if b == "rwkv7" else [DEFAULT_WIRING])]:
             name = c if block == "rwkv7" else f"{c}/{block}" + (f"{args.window_size}" if block.endswith("window") else "")
+            name += "" if wiring == DEFAULT_WIRING else f"~{wiring}"
             for rosa in (True, False) if c in args.no_rosa_for else (True,):
-                cfg = hier_cfg(args.size, c, rosa, block, args.window_size)
+                cfg = hier_cfg(args.size, c, rosa, block, args.window_size, wiring)
                 n, n_de = hier_counts(cfg)
                 for impl in args.wkv_impls if block == "rwkv7" else ["auto"]:  # the others have no WKV-7
                     tag = "" if impl == "auto" else f"@{impl}"
                     jobs.append((dict(model="hierarchos", config=name + ("" if rosa else "-norosa") + tag, params=n,
                                       params_with_deepembed=n_de, reasoning={k: getattr(cfg, k) for k in REASONING},
-                                      blocks=block, wkv=impl), lambda cfg=cfg: HierarchosLM(cfg)))
+                                      blocks=block, wkv=impl, wiring=wiring if block == "rwkv7" else None),
+                                 lambda cfg=cfg: HierarchosLM(cfg)))
                     if rosa and c in args.cuda_graphs:
                         jobs.append((dict(jobs[-1][0], config=name + "+graphs" + tag, graphs=True), jobs[-1][1]))
         gpt_tps = None

@@ -17,7 +17,8 @@
 #              every 8th window slow now runs ahead on a thread: run `kernel` first for the C++ automaton)
 #   table      the training-throughput table: 125m minimal at T=1024 and T=8192 and default at T=1024
 #              against a compiled GPT-2 of equal size, full training steps for both (clip + fused
-#              AdamW; hierarchos with the trainer's optimizer), with the float32 parity preamble (~330 s)
+#              AdamW; hierarchos with the trainer's optimizer), with the float32 parity preamble (~330 s);
+#              TABLE_WIRINGS="x070 hierarchos" adds the old time-mix wiring's rows at T=1024 (same run)
 #   tests      the GPU-marked tests (~100 s warm; fla's cold autotune made them outlast 200 s once)
 #   kernel     build the C++ kernel on the device (the ROSA automaton and WKV step the trainer uses; ~40 s)
 #   generate   batch-1 generation at 125m, default and minimal reasoning, the captured sync-free step per
@@ -114,7 +115,8 @@ for suite in "$@"; do
       impls=""; python3 -c "import fla" 2>/dev/null && impls="--wkv-impls triton fla"
       timeout 230 python3 bench/bench_forward.py --device cuda --size 125m --seq-lens 1024 \
         --configs minimal default --no-rosa-for --cuda-graphs minimal default --compile gpt2 --optimizer $impls \
-        --steps 4 --warmup 2 --max-seconds-per-row 45 --check --json "$out/forward_table_1024.json" 2>&1 \
+        --wirings ${TABLE_WIRINGS:-x070} --steps 4 --warmup 2 --max-seconds-per-row 45 --check \
+        --json "$out/forward_table_1024.json" 2>&1 \
         | tee "$out/forward_table_1024.log"
       timeout 140 python3 bench/bench_forward.py --device cuda --size 125m --seq-lens 8192 --configs minimal \
         --no-rosa-for --cuda-graphs minimal --compile gpt2 --optimizer $impls --steps 4 --warmup 2 \

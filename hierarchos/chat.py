@@ -431,7 +431,12 @@ class ChatSession:
         if arg not in MODES:
             raise HierarchosError(f"usage: /mode {'|'.join(MODES)} (now {self.mode})")
         self.mode = arg
-        self._say(f"mode {arg}: caps {self.caps()}")
+        note = ""
+        if arg in ("normal", "deep", "extreme") and self.model.cfg.max_h_steps <= 1:
+            # the modes move the pondering's halting threshold: one pass has nothing to halt
+            note = (" (this model ponders one pass, max_h_steps 1: the halting threshold changes nothing; "
+                    "a model trained with --max_h_steps > 1 thinks longer in deep/extreme)")
+        self._say(f"mode {arg}: caps {self.caps()}{note}")
 
     def _set_number(self, arg: str, attr: str, kind, check: Callable, usage: str) -> None:
         try:

@@ -150,6 +150,14 @@ def test_slash_commands(model_dir):
     for mode, thresh in (("deep", 0.99), ("extreme", 1.0), ("normal", 0.9)):
         session.handle(f"/mode {mode}")
         assert session.caps() == {"h_halt_thresh": thresh}
+    # a model that ponders one pass says the threshold changes nothing; one that ponders more does not
+    assert session.model.cfg.max_h_steps > 1 and "changes nothing" not in info.getvalue()
+    saved = session.model.cfg.max_h_steps
+    session.model.cfg.max_h_steps = 1
+    session.handle("/mode extreme")
+    assert "ponders one pass" in info.getvalue().splitlines()[-1]
+    session.model.cfg.max_h_steps = saved
+    session.handle("/mode normal")
     session.handle(f"/memory source={session.source} since=2000-01-01")
     assert session.handle("/quit") is False and session.done
     (model_dir / chat_mod.DELTA_FILE).unlink()

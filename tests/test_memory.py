@@ -394,3 +394,26 @@ def test_step_reads_the_learned_values_in_the_inputs_dtype_as_forward_does():
     for key in want_state:
         assert torch.equal(state[key], want_state[key]), f"seed={seed}: {key}"
     assert state["writes"].sum() > 0
+
+
+def test_reads_add_the_delta_on_the_picked_slots_and_a_call_without_a_write_keeps_its_delta():
+    """Reads between writes add learned + delta on the k picked slots only: the same sums, bit for bit,
+    as reading the whole table formed first (float32, where rounding would show). A call that closes no
+    chunk returns the delta it was given (the same tensor, not (learned + delta) - learned re-rounded),
+    in `forward` and in the sync-free `step` alike; a call that writes returns values - learned."""
+    seed = fresh_seed()
+    torch.manual_seed(seed)
+    mem = LongTermMemory(dim=6, slots=10, key_dim=5, val_dim=3, topk=3, chunk=4, write_threshold=0.0)
+    e = torch.randn(2, 4, 6)
+    with torch.no_grad():
+        delta = torch.randn(2, 10, 3) * 1e-3 + 0.1  # values where learned + delta - learned != delta
+        state = {**mem.init_state(2, 6), "delta": delta}
+        reads, after = mem(e[:, :3], state, pos0=0)
+        whole = mem.values.unsqueeze(0) + delta
+        attn, idx = mem.address(mem.query(e[:, :3]))
+        assert torch.equal(reads, mem.gather(attn, idx, whole)), f"seed={seed}"
+        assert after["delta"] is delta and after["writes"].sum() == 0
+        read, stepped = mem.step(e[:, :1], state, torch.tensor([0, 1]))
+        assert torch.equal(read, reads[:, :1]) and torch.equal(stepped["delta"], delta), f"seed={seed}"
+        _, wrote = mem(e[:, 3:4], after, pos0=3)  # closes the chunk: a write
+        assert wrote["writes"].sum() > 0 and not torch.equal(wrote["delta"], delta), f"seed={seed}"

@@ -85,11 +85,17 @@ class LongTermMemory(nn.Module):
             attn = torch.nan_to_num(attn)  # fewer allowed slots than k
         return attn, idx
 
-    def gather(self, attn: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """Weighted sum of the addressed slots' values (B, S, Dv) -> (B, T, Dv)."""
+    def gather(self, attn: torch.Tensor, idx: torch.Tensor, values: torch.Tensor,
+               delta: torch.Tensor | None = None) -> torch.Tensor:
+        """Weighted sum of the addressed slots' values (B, S, Dv) -> (B, T, Dv). With `delta`, the values
+        are `values + delta` (values may then be the learned (1, S, Dv)), added on the k picked slots
+        only: the same sums, element by element, as adding the whole tables first."""
         B, T, K = idx.shape
-        picked = values.gather(1, idx.reshape(B, T * K, 1).expand(B, T * K, self.val_dim)).view(B, T, K, -1)
-        return (attn[..., None] * picked).sum(-2)
+        at = idx.reshape(B, T * K, 1).expand(B, T * K, self.val_dim)
+        picked = values.expand(B, -1, -1).gather(1, at)
+        if delta is not None:
+            picked = picked + delta.gather(1, at)
+        return (attn[..., None] * picked.view(B, T, K, -1)).sum(-2)
 
     def read(self, q: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None = None):
         """q: (B, T, Dk), values: (B, S, Dv) -> (read (B, T, Dv), attn (B, T, k), idx (B, T, k))."""
@@ -101,7 +107,10 @@ class LongTermMemory(nn.Module):
         """e: (B, T, D) memory inputs at global positions pos0.. -> (reads (B, T, Dv), new state)."""
         B, T, _ = e.shape
         learned = self.values.to(e.dtype).unsqueeze(0)
-        values = learned + state["delta"]
+        # the whole table (learned + delta) is formed only once a chunk's write needs it: until then reads
+        # add the two on the slots they pick, and a call that writes nothing returns its delta as it came
+        # (a token's step at batch 1 then touches k slots, not all S x Dv values, twice)
+        delta, values = state["delta"], None
         momentum, surprise, input_sum, writes = state["momentum"], state["surprise"], state["input_sum"], state["writes"]
         attn_all, idx_all = self.address(self.query(e))
         # segments end at global chunk boundaries; split (not slice in the loop) so that the
@@ -115,7 +124,7 @@ class LongTermMemory(nn.Module):
         reads = []
         filled = pos0 % self.chunk  # tokens already in the open chunk
         for attn, idx, target, e_seg in segments:  # one iteration per memory chunk
-            read = self.gather(attn, idx, values)
+            read = self.gather(attn, idx, learned, delta) if values is None else self.gather(attn, idx, values)
             reads.append(read)
             # closed-form dl/dV of sum_t ||read_t - target_t||^2, scattered to the slots read
             err = 2.0 * (read - target)                                   # (B, t, Dv)
@@ -124,12 +133,14 @@ class LongTermMemory(nn.Module):
             input_sum = input_sum + e_seg.sum(1)
             filled += attn.shape[1]
             if filled == self.chunk:  # chunk complete: write
+                if values is None:
+                    values = learned + delta
                 values, momentum, written = self._write(values, momentum, surprise, input_sum / self.chunk)
                 writes = writes + written.to(writes.dtype)
                 surprise, input_sum = torch.zeros_like(surprise), torch.zeros_like(input_sum)
                 filled = 0
-        new_state = {"delta": values - learned, "momentum": momentum, "surprise": surprise,
-                     "input_sum": input_sum, "writes": writes}
+        new_state = {"delta": delta if values is None else values - learned, "momentum": momentum,
+                     "surprise": surprise, "input_sum": input_sum, "writes": writes}
         return torch.cat(reads, dim=1), new_state
 
     def step(self, e: torch.Tensor, state: dict, row_pos: torch.Tensor):
@@ -138,9 +149,9 @@ class LongTermMemory(nn.Module):
         row_pos + 1 closes a chunk. The same operations as `forward` on T = 1, so the same values.
         e: (B, 1, D) -> (reads (B, 1, Dv), new state)."""
         learned = self.values.to(e.dtype).unsqueeze(0)
-        values = learned + state["delta"]
+        values = learned + state["delta"]  # every row's write is computed (no host read decides it)
         attn, idx = self.address(self.query(e))
-        read = self.gather(attn, idx, values)
+        read = self.gather(attn, idx, learned, state["delta"])  # as `forward` reads
         err = 2.0 * (read - self.target(e))
         contrib = (attn[..., None] * err[:, :, None, :]).reshape(e.shape[0], -1, self.val_dim)
         surprise = state["surprise"].scatter_add(1, idx.reshape(e.shape[0], -1, 1).expand_as(contrib), contrib)
@@ -148,8 +159,8 @@ class LongTermMemory(nn.Module):
         closes = torch.remainder(row_pos + 1, self.chunk) == 0                      # (B,) chunk complete
         written_values, momentum, written = self._write(values, state["momentum"], surprise, input_sum / self.chunk)
         at = closes[:, None, None]
-        values = torch.where(at, written_values, values)
-        new_state = {"delta": values - learned, "momentum": torch.where(at, momentum, state["momentum"]),
+        new_state = {"delta": torch.where(at, written_values - learned, state["delta"]),  # as `forward` keeps it
+                     "momentum": torch.where(at, momentum, state["momentum"]),
                      "surprise": torch.where(at, torch.zeros_like(surprise), surprise),
                      "input_sum": torch.where(closes[:, None], torch.zeros_like(input_sum), input_sum),
                      "writes": state["writes"] + (written & closes[:, None]).to(state["writes"].dtype)}
