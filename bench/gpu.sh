@@ -36,7 +36,9 @@
 #              finished runs are cached: the ones in bench/records/quality_runs/ (committed) and carried in
 #              .device_cache/quality_runs/ are reused and every
 #              finished run comes back in quality_runs_TABLE.tgz (unpack it into .device_cache/quality_runs to resume);
-#              QUALITY_WORK (default /tmp/hq) names the work folder, so that two tables can run side by side
+#              QUALITY_WORK (default /tmp/hq) names the work folder, so that two tables can run side by side;
+#              builds the C++ kernel first when the machine lacks it (~40 s: without it `train` feeds ROSA's
+#              hints from the Python automaton, which slowed these small runs: ROSA-off rows trained ~2x faster)
 #   puzzles    9x9 Sudoku (bench_puzzles.py): generate 1,000 + 1,000 hard puzzles (or reuse the carried
 #              .device_cache/sudoku), time the training step (reference loop, fast step, CUDA-graph segments;
 #              PUZZLE_TIME_STEPS=0 skips it; PUZZLE_COMPILE=1 adds compiled RWKV blocks, to the timing as one more
@@ -79,6 +81,16 @@
 set -uo pipefail
 source bench/gpu_env.sh  # $out, carried wheels, PYTHONPATH, $out/gpu.txt
 python3 -c "import fla; print('fla-core', fla.__version__)" 2>&1 | tee "$out/fla_version.txt"
+
+ensure_kernel() {  # the C++ kernel (ROSA automaton, WKV step) once per machine: `train` without it feeds
+  # ROSA's hints from the pure-Python automaton, which held the quality tables' small runs back
+  (  # one build at a time when two suites start side by side; the second finds the first's
+    flock 9
+    python3 -c "import hierarchos.hierarchos_kernels" 2>/dev/null && exit 0
+    timeout 150 python3 kernels/build.py --jobs 16 --require > "$out/kernel_build.log" 2>&1 \
+      || echo "kernel build failed (see kernel_build.log); training uses the Python automaton" | tee -a "$out/suites.txt"
+  ) 9>/tmp/hierarchos_kernel_build.lock
+}
 
 corpus() {  # ~11 MB of text from the repository's own sources, repeated
   local path=/tmp/corpus.txt
@@ -156,6 +168,7 @@ for suite in "$@"; do
       fi ;;
     quality)
       table=${QUALITY_TABLE:-blocks}; work=${QUALITY_WORK:-/tmp/hq}
+      ensure_kernel
       mkdir -p $work/runs; cp bench/records/quality_runs/*.json .device_cache/quality_runs/*.json $work/runs/ 2>/dev/null
       echo "carried runs: $(ls $work/runs | wc -l)" | tee "$out/quality_$table.log"
       timeout ${QUALITY_TIMEOUT:-480} python3 bench/bench_quality.py --table $table --work $work ${QUALITY_ARGS:-} 2>&1 \
