@@ -210,3 +210,21 @@ def test_a_rosa_window_without_hints_is_refused():
     x, y = trainer.train_streams.batch(0)
     with pytest.raises(ValueError, match="pass the window's hints"):
         trainer._window_loss(x, y)
+
+
+@pytest.mark.parametrize("built", [True, False])
+def test_train_says_when_rosa_runs_on_the_python_automaton(tmp_path, capsys, monkeypatch, built):
+    """Without the C++ kernel `train` feeds ROSA from the Python automaton (slower on a fast device):
+    it says so in one line, and only then."""
+    from hierarchos.cli import main
+    from hierarchos.model import rosa as rosa_mod
+
+    if built and not rosa_mod.cpp_automaton_available():
+        pytest.skip("the C++ kernel is not built here")  # CI builds it (setup.sh); this case needs it
+    if not built:
+        monkeypatch.setattr(rosa_mod, "_kernels", None)
+    code = main(["train", "--tiny", "--tokenizer-path", "byte", "--max_length", "16", "--batch_size", "2",
+                 "--max-steps", "1", "--out-dir", str(tmp_path / "m")])
+    assert code in (0, None)
+    said = "rosa: the C++ kernel is not built" in capsys.readouterr().out
+    assert said == (not built)

@@ -390,6 +390,7 @@ def run(args: argparse.Namespace, lora=None) -> int:
     from ..data.sources import DataSpec
     from ..io import load_checkpoint, load_model_dir, save_checkpoint, save_model_files
     from ..model import HierarchosLM
+    from ..model import rosa as rosa_mod
     from ..model.losses import LossWeights
     from ..train.batches import TokenStreams
     from ..train.trainer import TrainConfig, Trainer
@@ -574,6 +575,9 @@ def run(args: argparse.Namespace, lora=None) -> int:
     print(f"model: {n_params:,} parameters ({n_core:,} without DeepEmbed tables) | device {device} | "
           f"amp {trainer.amp_dtype} | cuda graphs {'on' if tcfg.cuda_graphs else 'off'} | vocab {cfg.vocab_size} "
           f"({tokenizer.name})")
+    if cfg.use_rosa and not rosa_mod.cpp_automaton_available():
+        print("rosa: the C++ kernel is not built, so ROSA's hints come from the Python automaton, which can hold "
+              "a fast device back (build it: python kernels/build.py)")
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         print(f"gpu: {props.name}, {props.total_memory / 2**30:.1f} GiB, sm {props.major}.{props.minor}; "

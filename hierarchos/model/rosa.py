@@ -47,6 +47,11 @@ except ImportError:  # not built: the Python reference serves
 ROSA_BACKENDS = ("auto", "cpp", "python")
 
 
+def cpp_automaton_available() -> bool:
+    """Whether the C++ automaton is built (else every ROSA automaton is the Python reference)."""
+    return _kernels is not None
+
+
 def history_start(num_consumed: int, window: int) -> int:
     """Global index of the first token held after `num_consumed` tokens (see module doc)."""
     return max(0, (num_consumed // window - 1) * window)
