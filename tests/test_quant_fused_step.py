@@ -266,6 +266,35 @@ def test_shadow_loop_matches_python_explore(qtype, atol):
     on_some_draw(compare)
 
 
+def test_no_shadow_pass_makes_no_fused_call_and_matches_python_explore():
+    """At the minimal depth (max_l_steps 0, the default) the fused reasoner's `_explore` makes no C++
+    shadow call: a zero drift and the same totals as the Python one. And a whole quantized step at that
+    depth equals the Python step (fused steps off)."""
+    from hierarchos.model.hrm import HierarchicalReasoner
+
+    model = quantized(config(h_cycles=1, max_h_steps=1, max_l_steps=0))
+    reasoner = model.reasoner
+    assert isinstance(reasoner, fused_step.FusedShadowReasoner)
+    counter = Counting(reasoner.worker._fused_plan.step)
+    reasoner.worker._fused_plan.step = counter
+    u, context, tokens, states = _explore_inputs(model, 1, 3)
+    totals, ref_totals = {}, {}
+    with torch.no_grad():
+        drift, explore = reasoner._explore(u, context, tokens, states, 0, False, False, totals)
+        ref_drift, ref_explore = HierarchicalReasoner._explore(reasoner, u, context, tokens, states, 0, False, False,
+                                                               ref_totals)
+    assert counter.shadows == 0 and torch.equal(drift, ref_drift) and not drift.any() and explore == ref_explore == []
+    assert {k: [float(x) for x in v] for k, v in totals.items()} == {k: [float(x) for x in v]
+                                                                     for k, v in ref_totals.items()}
+    token = torch.tensor([5])
+    with torch.no_grad():
+        fused = model.step(token, model.init_state(1))
+        assert counter.calls == 1  # the worker's commit pass ran fused
+        assert fused_step.attach_fused_steps(model, enabled=False) == 0  # the Python step, the reference
+        plain = model.step(token, model.init_state(1))
+    assert rel_diff(fused.logits, plain.logits) < 1e-4
+
+
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0"])
 def test_shadow_loop_freezes_one_row_of_two(qtype):
     """l_conv_atol between the two rows' first steps: one row freezes after the first pass and writes

@@ -279,7 +279,9 @@ class FusedShadowReasoner(HierarchicalReasoner):
     class `attach_fused_steps` gives a reasoner whose worker stack is fused."""
 
     def _explore(self, u, context, tokens, states, n_explore, grad_on, sync_free, totals):
-        fused = None if sync_free or grad_on else self._shadow_call(u, context, states)
+        # no shadow pass (the minimal depth): nothing for the C++ loop to do, and the Python one only
+        # returns a zero drift
+        fused = None if sync_free or grad_on or n_explore == 0 else self._shadow_call(u, context, states)
         if fused is None:
             return super()._explore(u, context, tokens, states, n_explore, grad_on, sync_free, totals)
         B, T, d = u.shape
