@@ -34,8 +34,8 @@ ARCH_BOOLS = ("tm_value_residual",)
 ARCH_CHOICES = {"h_block": BLOCK_TYPES, "l_block": BLOCK_TYPES, "pos_encodings": POS_ENCODINGS,
                 "halting": HALTING_RULES, "time_mix": TIME_MIXES, "tm_token_shift": TM_TOKEN_SHIFTS,
                 "tm_gate": TM_GATES, "tm_init": TM_INITS}
-ARCH_HELP = {"h_cycles": "manager cycles per plan point (default 1; the seeds' depth: --h_cycles 2 --max_h_steps 5 "
-                         "--max_l_steps 5)",
+ARCH_HELP = {"h_cycles": "reasoning rounds (manager watch, plans, worker), each fed the previous round's output "
+                         "(default 1; the seeds' depth: --h_cycles 2 --max_h_steps 5 --max_l_steps 5)",
              "max_h_steps": "most pondering passes per plan point, halted early by --halting (default 1: the "
                             "minimal depth, which scored best on the quality benchmark; the seeds used 5)",
              "max_l_steps": "most worker shadow passes per token before its commit pass (default 0; the seeds "
