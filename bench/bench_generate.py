@@ -518,6 +518,28 @@ def gpt2_generation(params: int, vocab: int, args, device) -> list[dict]:
 
 
 @torch.no_grad()
+def sampled_generation(models: dict, args, device) -> dict:
+    """Decode tokens/s of `generate` (chat's loop on the CPU) with chat's default sampling (temperature
+    0.7, top-k 40, top-p 0.9, repetition penalty 1.2) after a 64-token prompt: the model step plus what
+    sampling costs a token, which the argmax rows leave out. Best of --rounds, per format."""
+    from hierarchos.generate import SamplingConfig, generate
+
+    g = torch.Generator().manual_seed(0)
+    rates = {}
+    for fmt, model in models.items():
+        prompt = torch.randint(0, model.cfg.vocab_size, (64,), generator=g).tolist()
+        best = 0.0
+        for _ in range(max(1, args.rounds)):
+            stamps: list[float] = []
+            generate(model, prompt, SamplingConfig(max_new_tokens=args.new_tokens + 1, seed=0),
+                     on_token=lambda _t, _o: stamps.append(time.perf_counter()))
+            if len(stamps) > 1:
+                best = max(best, (len(stamps) - 1) / (stamps[-1] - stamps[0]))
+        rates[fmt] = best
+        print(f"{fmt:>5} generate() with chat's default sampling: {best:.1f} tok/s", flush=True)
+    return rates
+
+
 def run(args, config: str = "default", results: list | None = None, on_row=lambda: None) -> dict:
     """One reasoning config; its result dict is appended to `results` first and filled as rows come
     (`on_row` saves the JSON after each: a run cut short keeps what it measured)."""
@@ -570,10 +592,12 @@ def run(args, config: str = "default", results: list | None = None, on_row=lambd
                           "bound_tokens_per_s": bandwidth["gb_per_s"] * 1e9 / streamed["bytes"],
                           "tokens_per_s": interleaved[fmt]}
             bound[fmt]["fraction_of_bound"] = interleaved[fmt] / bound[fmt]["bound_tokens_per_s"]
+    sampled = sampled_generation(models, args, device) if args.sampled else {}
     del models
     batch_rows = batched_generation(float_model, args, device, result["batched"], on_row) if args.batch else []
     long_rows = long_generation(float_model, args.long_generation, device) if args.long_generation else []
     result.update({"batched": batch_rows, "long_generation": long_rows, "interleaved_tokens_per_s": interleaved,
+                   "sampled_tokens_per_s": sampled,
                    "bandwidth_bound": bound, "load_average": os.getloadavg(), "kernel": kernel_info,
                    "torch_threads": torch.get_num_threads()})
     return result
@@ -615,6 +639,8 @@ def main() -> None:
     ap.add_argument("--prefill-autocast", action="store_true",
                     help="--cuda-graph: one more prefill row with the chunk graphs' forward under bf16 autocast "
                          "(its time and its logits against the float32 prefill's)")
+    ap.add_argument("--sampled", action="store_true",
+                    help="also time `generate` (chat's CPU loop) with chat's default sampling, per format")
     ap.add_argument("--tf32", action="store_true",
                     help="CUDA: float32 matmuls on TF32 tensor cores for both models (as `train` runs them)")
     ap.add_argument("--json", default=None, help="default bench/results/generate_<device>.json")

@@ -7,10 +7,16 @@ in that order; temperature 0 is greedy.
 
 Randomness is counter-based: the n-th token sampled for a row with seed s draws the uniforms
 `row_noise(s, n)` (a 32-bit integer hash of (s, n, token id), 23-bit uniforms) and picks
-argmax(p / -log u), an exact draw from p (the exponential race). The noise is a function of
-(seed, n), not of a generator's position, so a row gives the same tokens alone or in a batch,
-on the host or inside a CUDA graph. `sample_next` is the one-row reference (host, Python);
-`sample_rows` the batched form with no host reads; tests hold them equal.
+argmax(w / -log u) over the unnormalised weights w = exp(logit - max) (0 where top-k / top-p masked
+a token), an exact draw from the sampling distribution (the exponential race; normalising would
+not move the argmax). Top-p keeps a token while the weights sorted before it sum (`cumsum`, one
+running sum) to less than top_p times their total. The noise is a function of (seed, n), not of a
+generator's position, so a row gives the same tokens alone or in a batch, on the host or inside a
+CUDA graph. `sample_rows` is the batched form with no host reads, on whole vocabulary rows (the
+reference); `sample_next` is the one-row host form, which with top-k works on the top-k candidates
+only (their noise from `row_noise_at`): on a CPU a full-vocabulary sort, softmax and hash were
+~1.7 ms of a token at 50k ids. Masked tokens weigh exactly 0 and trailing zeros leave a running
+sum unchanged, so the two give the same tokens (tests hold them equal).
 
 `generate` is the one-row loop (the step with early exit: halted and frozen work is skipped on
 the host's word). `generate_batch` runs B prompts of different lengths at once: each row is
@@ -71,10 +77,15 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 def row_noise(seeds: torch.Tensor, counters: torch.Tensor, vocab: int) -> torch.Tensor:
     """Uniforms in (0, 1), (B, vocab) float32, for the counters[b]-th token of the row seeded seeds[b]
     ((B,) int64 each). A pure function of (seed, counter, token id): no generator state, no host reads."""
+    return row_noise_at(seeds, counters, torch.arange(vocab, device=seeds.device, dtype=torch.int64))
+
+
+def row_noise_at(seeds: torch.Tensor, counters: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """`row_noise`'s uniforms at the token ids `ids` only ((n,) int64): (B, n), the same values."""
     seeds, counters = seeds.to(torch.int64), counters.to(torch.int64)
     row = _mix32((seeds & _M32) ^ _mix32(((seeds >> 32) + 0x9E3779B9) & _M32))
     row = _mix32(row ^ ((counters + 0x632BE5AB) & _M32))                                  # (B,)
-    ids = torch.arange(vocab, device=seeds.device, dtype=torch.int64)
+    ids = ids.to(torch.int64)
     bits = _mix32(_mix32(row[:, None] ^ ((ids * 0x27D4EB2F + 0x165667B1) & _M32)) ^ row[:, None])
     return ((bits >> 9).to(torch.float32) + 0.5) / float(1 << 23)                        # 23 bits: exact
 
@@ -91,34 +102,57 @@ def draw_seed(cfg: SamplingConfig, generator: torch.Generator | None = None) -> 
 # ---- sampling --------------------------------------------------------------------------------------
 
 def sample_next(logits: torch.Tensor, history: list[int], cfg: SamplingConfig,
-                generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> int:
-    """Pick the next token id from logits (V,) given the ids seen so far: the one-row reference.
-    `noise`: uniforms (V,) in (0, 1) (`row_noise`); drawn from `generator` when not given."""
-    logits = logits.float().clone()
-    if cfg.repetition_penalty != 1.0 and history:
-        seen = torch.tensor(sorted(set(history)), device=logits.device)
-        picked = logits[seen]
-        logits[seen] = torch.where(picked > 0, picked / cfg.repetition_penalty, picked * cfg.repetition_penalty)
+                generator: torch.Generator | None = None, noise: torch.Tensor | Callable | None = None, *,
+                seen: torch.Tensor | None = None) -> int:
+    """Pick the next token id from logits (V,) given the ids seen so far (`history`, or `seen`: a (V,)
+    bool mask of them): the one-row host form of `sample_rows` (the same token). `noise`: uniforms (V,)
+    in (0, 1) (`row_noise`), or a function of token ids returning theirs (`row_noise_at`), so that only
+    the candidates' are computed; drawn from `generator` when not given."""
+    logits = logits.float()
+    if cfg.repetition_penalty != 1.0:
+        if seen is None and history:
+            seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+            seen[torch.tensor(history, device=logits.device)] = True
+        if seen is not None:
+            penalised = torch.where(logits > 0, logits / cfg.repetition_penalty, logits * cfg.repetition_penalty)
+            logits = torch.where(seen, penalised, logits)
     if cfg.temperature <= 0:
         return int(logits.argmax())
     logits = logits / cfg.temperature
+    vocab = logits.numel()
+    ids = None  # the candidates' token ids, ascending (None: every id)
     if 0 < cfg.top_k < logits.numel():
         kth = torch.topk(logits, cfg.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if 0 < cfg.top_p < 1.0:
-        sorted_logits, order = logits.sort(descending=True, stable=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cumulative - sorted_logits.softmax(-1) >= cfg.top_p  # keep the token that crosses top_p
-        logits[order[drop]] = float("-inf")
-    probs = logits.softmax(-1)
-    if noise is None:
-        noise = torch.rand(probs.shape, generator=generator).clamp(min=2.0**-24).to(probs.device)
-    return int((probs / -noise.log()).argmax())  # the exponential race: an exact draw from probs
+        ids = (logits >= kth).nonzero().squeeze(1)  # (ties at the k-th value stay, as in sample_rows)
+        logits = logits[ids]
+    weights = _top_p_weights(logits, cfg.top_p)
+    if noise is None:  # one uniform per vocabulary id, as the counter-based noise has
+        noise = torch.rand(vocab, generator=generator).clamp(min=2.0**-24).to(logits.device)
+    if callable(noise):
+        u = noise(ids if ids is not None else torch.arange(logits.numel(), device=logits.device))
+    else:
+        u = noise if ids is None else noise[ids]
+    pick = int((weights / -u.log()).argmax())  # the first of equal maxima, in id order as in sample_rows
+    return pick if ids is None else int(ids[pick])
+
+
+def _top_p_weights(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """exp(logits - max) along the last dim, zeroed where top-p drops the token: sorted by logit
+    (descending, stable), a token is kept while the weights before it sum to less than top_p times
+    the total (a -inf logit weighs 0; `cumsum` is one running sum, so trailing zeros change nothing)."""
+    weights = torch.exp(logits - logits.amax(-1, keepdim=True))
+    if 0 < top_p < 1.0:
+        _, order = logits.sort(dim=-1, descending=True, stable=True)
+        sorted_w = weights.gather(-1, order)
+        cumulative = sorted_w.cumsum(-1)
+        drop = cumulative - sorted_w >= top_p * cumulative[..., -1:]  # keep the token that crosses top_p
+        weights = weights.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), 0.0)
+    return weights
 
 
 def sample_rows(logits: torch.Tensor, seen: torch.Tensor, cfg: SamplingConfig, noise: torch.Tensor) -> torch.Tensor:
-    """`sample_next` for B rows at once with no host reads: logits (B, V), seen (B, V) bool (the ids
-    in each row's history), noise (B, V) uniforms -> token ids (B,) int64 on the logits' device."""
+    """Sampling for B rows at once with no host reads: logits (B, V), seen (B, V) bool (the ids in each
+    row's history), noise (B, V) uniforms -> token ids (B,) int64 on the logits' device."""
     logits = logits.float()
     if cfg.repetition_penalty != 1.0:
         penalised = torch.where(logits > 0, logits / cfg.repetition_penalty, logits * cfg.repetition_penalty)
@@ -129,13 +163,7 @@ def sample_rows(logits: torch.Tensor, seen: torch.Tensor, cfg: SamplingConfig, n
     if 0 < cfg.top_k < logits.shape[-1]:
         kth = torch.topk(logits, cfg.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if 0 < cfg.top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cumulative - sorted_logits.softmax(-1) >= cfg.top_p
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
-    probs = logits.softmax(-1)
-    return (probs / -noise.log()).argmax(-1)
+    return (_top_p_weights(logits, cfg.top_p) / -noise.log()).argmax(-1)
 
 
 # ---- one row -------------------------------------------------------------------------------------------
@@ -159,15 +187,19 @@ def generate(model, prompt_ids: list[int], cfg: SamplingConfig, *, state=None, e
     seeds = torch.tensor([seed], device=device)
     if state is None:
         state = model.init_state(1, device=device)
-    history = list(prompt_ids)
     out = model(torch.tensor([prompt_ids], device=device), state, **caps)
     logits, state = out.logits[0, -1], out.state
+    seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)  # the ids seen so far
+    seen[torch.tensor(prompt_ids, device=logits.device)] = True
     new: list[int] = []
     for n in range(cfg.max_new_tokens):
         if should_stop():
             break
-        noise = row_noise(seeds, torch.tensor([n], device=device), logits.shape[-1])[0] if cfg.temperature > 0 else None
-        token = sample_next(logits, history, cfg, generator, noise=noise)
+        noise = None
+        if cfg.temperature > 0:  # the n-th token's uniforms, computed for the candidates only
+            counter = torch.tensor([n], device=device)
+            noise = lambda ids, counter=counter: row_noise_at(seeds, counter, ids)[0]  # noqa: E731
+        token = sample_next(logits, [], cfg, generator, noise=noise, seen=seen)
         if n == 0 and on_first_token is not None:
             on_first_token(token)
         if eos_id is not None and token == eos_id:
@@ -175,7 +207,7 @@ def generate(model, prompt_ids: list[int], cfg: SamplingConfig, *, state=None, e
                 new.append(token)
             break
         new.append(token)
-        history.append(token)
+        seen[token] = True
         out = model.step(torch.tensor([token], device=device), state, **caps)
         logits, state = out.logits[0], out.state
         if on_token is not None and on_token(token, out):

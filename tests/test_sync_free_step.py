@@ -28,7 +28,7 @@ from torch.utils._pytree import tree_flatten
 
 from hierarchos.config import tiny_config
 from hierarchos.errors import HierarchosError
-from hierarchos.generate import GraphedStepper, SamplingConfig, row_noise, sample_next, sample_rows
+from hierarchos.generate import GraphedStepper, SamplingConfig, row_noise, row_noise_at, sample_next, sample_rows
 from hierarchos.model import HierarchosLM
 
 from early_exit import calibrated
@@ -425,6 +425,55 @@ def test_sample_rows_equals_the_one_row_reference(cfg):
             rows = sample_rows(logits, seen, cfg, noise)
         ref = [sample_next(logits[b], histories[b], cfg, noise=noise[b]) for b in range(B)]
         assert rows.tolist() == ref, f"seed={seed} counter={counter}"
+
+
+@pytest.mark.parametrize("cfg", SAMPLING, ids=lambda c: f"t{c.temperature}k{c.top_k}p{c.top_p}r{c.repetition_penalty}")
+def test_one_row_sampling_on_the_candidates_is_the_full_vocabulary_rows(cfg):
+    """`sample_next` with top-k works on the candidates only, their noise computed at their ids
+    (`row_noise_at`, as `generate` passes it), the history as a mask: the same token as `sample_rows`
+    on the whole vocabulary, at a vocabulary where the tails matter (ties at the k-th value included)."""
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    V = 3000
+    for trial in range(20):
+        logits = torch.randn(V, generator=g) * float(torch.rand((), generator=g) * 6 + 0.1)
+        if trial % 4 == 0:  # a tie across the k-th value
+            top = logits.topk(max(1, cfg.top_k) + 3).indices
+            logits[top[-6:]] = float(logits[top[-4]])
+        history = torch.randint(0, V, (int(torch.randint(0, 40, (), generator=g)),), generator=g).tolist()
+        seen = torch.zeros(V, dtype=torch.bool)
+        seen[history] = True
+        seeds = torch.tensor([seed + trial])
+        for counter in range(4):
+            c = torch.tensor([counter])
+            full = row_noise(seeds, c, V)
+            assert torch.equal(row_noise_at(seeds, c, torch.tensor([7, 0, V - 1]))[0], full[0, [7, 0, V - 1]])
+            want = int(sample_rows(logits[None], seen[None], cfg, full)[0])
+            by_ids = sample_next(logits, [], cfg, noise=lambda ids: row_noise_at(seeds, c, ids)[0], seen=seen)
+            by_list = sample_next(logits, history, cfg, noise=full[0])
+            assert by_ids == by_list == want, f"seed={seed} trial={trial} counter={counter}"
+
+
+def test_top_k_and_top_p_sampling_draws_from_the_truncated_distribution():
+    """Oracle: logits whose top-k / top-p truncation is known by hand; over 20,000 counters the one-row
+    sampler's frequencies match the renormalised kept probabilities (chi-square), and no dropped token
+    is ever drawn."""
+    seed = fresh_seed()
+    probs = torch.tensor([0.05, 0.3, 0.02, 0.25, 0.2, 0.08, 0.1])
+    cfg = SamplingConfig(temperature=1.0, top_k=5, top_p=0.85, repetition_penalty=1.0)
+    # top-5: 0.3 0.25 0.2 0.1 0.08, renormalised by 0.93; before 0.1 the kept mass is 0.75 / 0.93 = 0.806
+    # < 0.85 (kept), before 0.08 it is 0.85 / 0.93 = 0.914 (dropped)
+    kept = {1: 0.3, 3: 0.25, 4: 0.2, 6: 0.1}
+    n = 20000
+    seeds = torch.tensor([seed])
+    counts = torch.zeros(7)
+    for counter in range(n):
+        c = torch.tensor([counter])
+        counts[sample_next(probs.log(), [], cfg, noise=lambda ids: row_noise_at(seeds, c, ids)[0])] += 1
+    assert all(counts[i] == 0 for i in range(7) if i not in kept), f"seed={seed} {counts.tolist()}"
+    total = sum(kept.values())
+    chi2 = sum(float((counts[i] - n * p / total) ** 2 / (n * p / total)) for i, p in kept.items())
+    assert chi2 < 40, f"seed={seed} counts {counts.tolist()} chi2 {chi2}"
 
 
 def test_the_exponential_race_draws_from_the_distribution():
