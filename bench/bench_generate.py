@@ -147,24 +147,27 @@ def measure(model, fmt: str, weight_bytes: int, args, device) -> list[dict]:
 @torch.no_grad()
 def interleaved_generation(models: dict, args, device) -> dict:
     """Batch-1 generation speed of every format, timed in alternation (best of `--rounds`), so
-    that a shared machine's drift hits all formats alike: the fair ratio against fp32."""
-    states, best = {}, {fmt: float("inf") for fmt in models}
-    token = torch.zeros(1, dtype=torch.long, device=device)
+    that a shared machine's drift hits all formats alike: the fair ratio against fp32. Each step
+    feeds the previous one's greedy token, a fresh id tensor, as generation does (a constant token
+    tensor let per-token work hide: the quantized step caches a token's DeepEmbed gates by tensor)."""
+    states, tokens, best = {}, {}, {fmt: float("inf") for fmt in models}
     for fmt, model in models.items():
-        state = model.init_state(1, device=device)
+        state, token = model.init_state(1, device=device), torch.zeros(1, dtype=torch.long, device=device)
         for _ in range(args.warmup):
-            state = model.step(token, state).state
-        states[fmt] = state
+            out = model.step(token, state)
+            state, token = out.state, out.logits.argmax(-1)
+        states[fmt], tokens[fmt] = state, token
     for _ in range(args.rounds):
         for fmt, model in models.items():
-            state = states[fmt]
+            state, token = states[fmt], tokens[fmt]
             sync(device)
             start = time.perf_counter()
             for _ in range(args.new_tokens):
-                state = model.step(token, state).state
+                out = model.step(token, state)
+                state, token = out.state, out.logits.argmax(-1)
             sync(device)
             best[fmt] = min(best[fmt], (time.perf_counter() - start) / args.new_tokens)
-            states[fmt] = state
+            states[fmt], tokens[fmt] = state, token
     return {fmt: 1.0 / seconds for fmt, seconds in best.items()}
 
 

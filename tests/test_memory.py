@@ -414,6 +414,7 @@ def test_reads_add_the_delta_on_the_picked_slots_and_a_call_without_a_write_keep
         assert torch.equal(reads, mem.gather(attn, idx, whole)), f"seed={seed}"
         assert after["delta"] is delta and after["writes"].sum() == 0
         read, stepped = mem.step(e[:, :1], state, torch.tensor([0, 1]))
-        assert torch.equal(read, reads[:, :1]) and torch.equal(stepped["delta"], delta), f"seed={seed}"
+        one, _ = mem(e[:, :1], state, pos0=0)  # (the same shapes: a 3-token call may round its matmuls apart)
+        assert torch.equal(read, one) and torch.equal(stepped["delta"], delta), f"seed={seed}"
         _, wrote = mem(e[:, 3:4], after, pos0=3)  # closes the chunk: a write
         assert wrote["writes"].sum() > 0 and not torch.equal(wrote["delta"], delta), f"seed={seed}"
