@@ -113,9 +113,11 @@ def sample_next(logits: torch.Tensor, history: list[int], cfg: SamplingConfig,
         if seen is None and history:
             seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
             seen[torch.tensor(history, device=logits.device)] = True
-        if seen is not None:
-            penalised = torch.where(logits > 0, logits / cfg.repetition_penalty, logits * cfg.repetition_penalty)
-            logits = torch.where(seen, penalised, logits)
+        if seen is not None:  # on the seen ids only: the values sample_rows' whole-row `where` gives them
+            at = seen.nonzero().squeeze(1)
+            picked = logits[at]
+            penalised = torch.where(picked > 0, picked / cfg.repetition_penalty, picked * cfg.repetition_penalty)
+            logits = logits.index_put((at,), penalised)
     if cfg.temperature <= 0:
         return int(logits.argmax())
     logits = logits / cfg.temperature
