@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import hierarchos.model.rwkv as rwkv  # noqa: E402
-from hierarchos.config import ModelConfig  # noqa: E402
+from hierarchos.config import DEFAULT_WIRING, TIME_MIX_WIRINGS, ModelConfig  # noqa: E402
 from hierarchos.model import HierarchosLM  # noqa: E402
 from hierarchos.model.losses import lm_loss  # noqa: E402
 from hierarchos.train.schedule import build_optimizer  # noqa: E402
@@ -58,10 +58,10 @@ class _OneOpWkv(torch.autograd.Function):
         return d_out, d_out, d_out, d_out, d_out, d_out, d_state
 
 
-def count_step(triple, T, amp: bool, batch: int = 2) -> dict:
+def count_step(triple, T, amp: bool, batch: int = 2, wiring: str = DEFAULT_WIRING) -> dict:
     cfg = ModelConfig(vocab_size=512, context_dim=64, h_hidden=64, l_hidden=64, h_layers=4, l_layers=4,
                       head_size=16, h_cycles=triple[0], max_h_steps=triple[1], max_l_steps=triple[2],
-                      h_halt_thresh=1.0).validate()  # every pass runs, as in bench_train
+                      h_halt_thresh=1.0, **TIME_MIX_WIRINGS[wiring]).validate()  # every pass runs, as in bench_train
     torch.manual_seed(0)
     model = HierarchosLM(cfg)
     optimizer = build_optimizer(model, 1e-4, 0.01)
@@ -89,7 +89,7 @@ def count_step(triple, T, amp: bool, batch: int = 2) -> dict:
             optimizer.zero_grad(set_to_none=True)
     totals = {name: sum(ops.values()) for name, ops in phases.items()}
     merged = sum(phases.values(), collections.Counter())
-    return dict(config=",".join(map(str, triple)), T=T, amp=amp, per_phase=totals, total=sum(totals.values()),
+    return dict(config=",".join(map(str, triple)), wiring=wiring, T=T, amp=amp, per_phase=totals, total=sum(totals.values()),
                 top=merged.most_common(12))
 
 
@@ -99,22 +99,25 @@ def main() -> None:
     ap.add_argument("--seq-lens", type=int, nargs="+", default=[1024])
     ap.add_argument("--amp", action="store_true", help="bf16 autocast (its casts are operators too)")
     ap.add_argument("--fused-wkv", action="store_true", help="count the recurrence as one operator per call")
+    ap.add_argument("--wirings", nargs="+", choices=TIME_MIX_WIRINGS, default=[DEFAULT_WIRING],
+                    help="RWKV-7 time-mix wirings, one row each")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if args.fused_wkv:
         rwkv._wkv7_opaque = lambda r, w, k, v, a, b, state=None, chunk_size=16: _OneOpWkv.apply(r, w, k, v, a, b,
                                                                                                  state)
     rows = []
-    print("| config | T | forward | backward | clip | optimizer | total | top operators |")
-    print("|---|---:|---:|---:|---:|---:|---:|---|")
+    print("| config | wiring | T | forward | backward | clip | optimizer | total | top operators |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---|")
     for c in args.configs:
         for T in args.seq_lens:
-            row = count_step(tuple(int(v) for v in c.split(",")), T, args.amp)
-            rows.append(row)
-            p = row["per_phase"]
-            top = ", ".join(f"{name} {n}" for name, n in row["top"][:6])
-            print(f"| {row['config']} | {T} | {p['forward']:,} | {p['backward']:,} | {p['clip']:,} | "
-                  f"{p['optimizer']:,} | {row['total']:,} | {top} |", flush=True)
+            for wiring in args.wirings:
+                row = count_step(tuple(int(v) for v in c.split(",")), T, args.amp, wiring=wiring)
+                rows.append(row)
+                p = row["per_phase"]
+                top = ", ".join(f"{name} {n}" for name, n in row["top"][:6])
+                print(f"| {row['config']} | {wiring} | {T} | {p['forward']:,} | {p['backward']:,} | {p['clip']:,} | "
+                      f"{p['optimizer']:,} | {row['total']:,} | {top} |", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(args=vars(args), rows=rows), f, indent=2)
