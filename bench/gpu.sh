@@ -38,7 +38,7 @@
 #              finished run comes back in quality_runs_TABLE.tgz (unpack it into .device_cache/quality_runs to resume);
 #              QUALITY_WORK (default /tmp/hq) names the work folder, so that two tables can run side by side;
 #              builds the C++ kernel first when the machine lacks it (~40 s: without it `train` feeds ROSA's
-#              hints from the Python automaton, which slowed these small runs: ROSA-off rows trained ~2x faster)
+#              hints from the Python automaton on a thread that holds the GIL while it works)
 #   puzzles    9x9 Sudoku (bench_puzzles.py): generate 1,000 + 1,000 hard puzzles (or reuse the carried
 #              .device_cache/sudoku), time the training step (reference loop, fast step, CUDA-graph segments;
 #              PUZZLE_TIME_STEPS=0 skips it; PUZZLE_COMPILE=1 adds compiled RWKV blocks, to the timing as one more
@@ -83,7 +83,7 @@ source bench/gpu_env.sh  # $out, carried wheels, PYTHONPATH, $out/gpu.txt
 python3 -c "import fla; print('fla-core', fla.__version__)" 2>&1 | tee "$out/fla_version.txt"
 
 ensure_kernel() {  # the C++ kernel (ROSA automaton, WKV step) once per machine: `train` without it feeds
-  # ROSA's hints from the pure-Python automaton, which held the quality tables' small runs back
+  # ROSA's hints from the pure-Python automaton (the quality tables' runs of 2026-12-06 did)
   (  # one build at a time when two suites start side by side; the second finds the first's
     flock 9
     python3 -c "import hierarchos.hierarchos_kernels" 2>/dev/null && exit 0
