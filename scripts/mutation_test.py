@@ -57,6 +57,8 @@ MODULES: dict[str, list[str]] = {
     "hierarchos/ops/aligned.py": ["tests/test_aligned.py"],
     "hierarchos/ops/amp.py": ["tests/test_amp.py", "tests/test_model.py"],
     "hierarchos/quant/fused_step.py": ["tests/test_quant_fused_step.py"],  # needs the built kernel (copied)
+    # the samplers and the noise (the generation loops have their own, slower tests: chat, generate_batch)
+    "hierarchos/generate.py": ["tests/test_sync_free_step.py", "-k", "sample or sampling or race or noise or truncated"],
     "hierarchos/quant/formats.py": ["tests/test_quant_formats.py", "tests/test_kernel.py",
                                     "tests/test_quant_format_rules.py"],
     # io and lora: the deterministic crash tests, not the SIGKILL ones (slow, and they run in a child process),

@@ -476,6 +476,74 @@ def test_top_k_and_top_p_sampling_draws_from_the_truncated_distribution():
     assert chi2 < 40, f"seed={seed} counts {counts.tolist()} chi2 {chi2}"
 
 
+def test_row_noise_values_are_pinned():
+    """A seeded chat gives the same text in every release: the noise's values for two (seed, counter)
+    pairs, as 23-bit integers (u = (n + 0.5) / 2^23), the same from `row_noise` and `row_noise_at`."""
+    seeds, counters = torch.tensor([12345, 2**40 + 7]), torch.tensor([7, 0])
+    want = [[5336214, 1321997, 8130479, 8168933, 351266], [2051920, 1118775, 6717993, 1966512, 7282764]]
+    got = row_noise(seeds, counters, 5)
+    assert torch.equal(got, (torch.tensor(want, dtype=torch.float32) + 0.5) / 2**23)
+    assert torch.equal(row_noise_at(seeds, counters, torch.tensor([4, 1])), got[:, [4, 1]])
+    assert row_noise_at(seeds.to(torch.int32), counters.to(torch.int32), torch.tensor([4], dtype=torch.int32)).dtype \
+        == torch.float32
+
+
+@pytest.mark.parametrize("form", ["one row", "rows"])
+def test_sampling_rules_by_hand(form):
+    """Oracles for each rule, in both forms: the repetition penalty (2) divides a seen positive logit and
+    multiplies a seen negative one (so a seen 0.9 falls under an unseen 0.8, a seen -0.5 under -0.55);
+    top-k 1 is greedy; top-p over tied weights keeps the lowest ids, the token that reaches top_p
+    exactly dropped; large logits (exp would overflow without the max taken off) and rows far apart
+    (each row takes its own max) sample as small ones do."""
+    def pick(logits, cfg, seen_ids=(), counter=0):
+        V = logits.shape[-1]
+        seen = torch.zeros(V, dtype=torch.bool)
+        seen[list(seen_ids)] = True
+        noise = row_noise(torch.tensor([99]), torch.tensor([counter]), V)
+        if form == "rows":
+            return int(sample_rows(logits[None], seen[None], cfg, noise)[0])
+        return sample_next(logits, list(seen_ids), cfg, noise=noise[0])
+
+    greedy = SamplingConfig(temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=2.0)
+    assert pick(torch.tensor([0.9, 0.8, -3.0]), greedy) == 0
+    assert pick(torch.tensor([0.9, 0.8, -3.0]), greedy, seen_ids=[0]) == 1     # 0.45 < 0.8
+    assert pick(torch.tensor([2.0, 1.9, -3.0]), greedy, seen_ids=[0]) == 1     # 1.0 < 1.9
+    assert pick(torch.tensor([-0.5, -0.55, -3.0]), greedy, seen_ids=[0]) == 1  # -1.0 < -0.55
+    assert pick(torch.tensor([-0.5, -0.55, -3.0]), greedy, seen_ids=[2]) == 0  # -6.0: still last
+    top1 = SamplingConfig(temperature=5.0, top_k=1, top_p=1.0, repetition_penalty=1.0)
+    flat = torch.tensor([0.0, 0.3, 0.1, 0.29])
+    assert {pick(flat, top1, counter=c) for c in range(40)} == {1}
+    ties = SamplingConfig(temperature=1.0, top_k=0, top_p=0.5, repetition_penalty=1.0)
+    four = torch.tensor([1.0, 1.0, 1.0, 1.0, float("-inf")])  # ids 0..3 tied, 4 weightless
+    drawn = {pick(four, ties, counter=c) for c in range(200)}
+    assert drawn == {0, 1}, drawn  # before id 2 the kept weight is exactly half: dropped
+    wide = SamplingConfig(temperature=1.0, top_k=3, top_p=0.9, repetition_penalty=1.0)
+    small = torch.tensor([0.5, 2.0, 1.0, -1.0, 1.5])
+    for counter in range(30):
+        assert pick(small + 200.0, wide, counter=counter) == pick(small, wide, counter=counter)
+    if form == "rows":  # two rows 300 apart: each row's own weights
+        noise = row_noise(torch.tensor([5, 6]), torch.tensor([0, 0]), 5)
+        both = sample_rows(torch.stack([small, small + 300.0]), torch.zeros(2, 5, dtype=torch.bool), wide, noise)
+        alone = [int(sample_rows(row[None], torch.zeros(1, 5, dtype=torch.bool), wide, n[None])[0])
+                 for row, n in zip((small, small + 300.0), noise)]
+        assert both.tolist() == alone
+
+
+def test_one_row_sampling_from_a_generator_is_the_rows_form_on_its_draws():
+    """Without counter-based noise the one-row form draws one uniform per vocabulary id from the
+    generator (clamped away from 0): the rows form on those very uniforms picks the same token."""
+    seed = fresh_seed()
+    cfg = SamplingConfig(temperature=0.8, top_k=20, top_p=0.9, repetition_penalty=1.3)
+    V = 500
+    for trial in range(10):
+        logits = torch.randn(V, generator=torch.Generator().manual_seed(seed + trial)) * 3
+        got = sample_next(logits, [3, 7], cfg, generator=torch.Generator().manual_seed(trial))
+        u = torch.rand(V, generator=torch.Generator().manual_seed(trial)).clamp(min=2.0**-24)
+        seen = torch.zeros(1, V, dtype=torch.bool)
+        seen[0, [3, 7]] = True
+        assert got == int(sample_rows(logits[None], seen, cfg, u[None])[0]), f"seed={seed} trial={trial}"
+
+
 def test_the_exponential_race_draws_from_the_distribution():
     """Oracle: over 20,000 counters the tokens' frequencies match p (chi-square, 3 degrees of freedom,
     p-value far below 1e-6 for a threshold of 40)."""
