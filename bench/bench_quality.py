@@ -552,13 +552,10 @@ def solo_rate(args, corpus, label: str, fields: dict, swept: dict) -> tuple[floa
     its best LR trained again alone (a spec of its own, so the shared run stays the table's figure).
     Points reused from tables trained with --jobs shared the device; a record from before runs noted
     `solo` counts as shared."""
-    def alone(r: dict) -> bool:
-        return bool(r.get("solo"))
-
     best = swept["best"]
-    if alone(best):
+    if best.get("solo"):
         return best["tokens_per_s"], "best point"
-    lone = [r for r in swept["points"] if alone(r)]
+    lone = [r for r in swept["points"] if r.get("solo")]
     if lone:
         return max(r["tokens_per_s"] for r in lone), "fastest lone point"
     again = train_hierarchos(args, corpus, fields, best["spec"]["lr"], f"{label}-solo-lr{best['spec']['lr']:g}",

@@ -240,10 +240,20 @@ class _Widener:
         raise RuntimeError(f"widen: no rule for tensor reasoner.{stack}.{name}; add one in hierarchos/model/grow.py")
 
 
+# The other low-rank matrices: what the extra rank starts from, and the dim that holds the rank. Linear
+# paths (x @ down) @ up: the extra rank's zero `down` adds nothing, its fresh `up` gives that `down` a
+# gradient. The gate's path is sigmoid(x @ down) @ up, where a zero `down` still adds 0.5 * up: there
+# the extra rank gets a fresh `down` and a zero `up` (which then receives a gradient).
+_RANK_PADDING = {"decay_down": ("zero", 1), "iclr_down": ("zero", 1), "value_residual_down": ("zero", 1),  # (C, R)
+                 "decay_up": ("fresh", 0), "iclr_up": ("fresh", 0), "value_residual_up": ("fresh", 0),  # (R, C)
+                 "mix_up": ("fresh", 1),                                                              # (6, R, C)
+                 "gate_down": ("fresh", 1), "gate_up": ("zero", 0)}
+
+
 def _fit_rank(name: str, widened: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
     """The low-rank mix paths have rank min(RANK, width): a width under RANK gains rank when
     widened. The extra rank gets a zero `down` (so it adds nothing) and a fresh `up` (so the
-    zero `down` receives a gradient)."""
+    zero `down` receives a gradient); the gate's the other way round (`_RANK_PADDING`)."""
     if widened.shape == fresh.shape:
         return widened
     if name.endswith("time_mix.mix_down"):  # (C, N_MIX * R): the mixes' rank-R blocks side by side
@@ -251,29 +261,11 @@ def _fit_rank(name: str, widened: torch.Tensor, fresh: torch.Tensor) -> torch.Te
         padded = torch.zeros(rows, N_MIX, fresh.shape[1] // N_MIX, dtype=widened.dtype, device=widened.device)
         padded[:, :, :rank] = widened.view(rows, N_MIX, rank)
         return padded.view(rows, -1)
-    # linear paths (x @ down) @ up: the extra rank's zero `down` adds nothing. The gate's path is
-    # sigmoid(x @ down) @ up, where a zero `down` still adds 0.5 * up: there the extra rank gets a
-    # fresh `down` and a zero `up` (which then receives a gradient)
-    if name.endswith(("time_mix.decay_down", "time_mix.iclr_down", "time_mix.value_residual_down")):  # (C, R)
-        padded = torch.zeros_like(fresh)
-        padded[:, :widened.shape[1]] = widened
-        return padded
-    if name.endswith("time_mix.mix_up"):  # (6, R, C)
-        padded = fresh.clone()
-        padded[:, :widened.shape[1]] = widened
-        return padded
-    if name.endswith(("time_mix.decay_up", "time_mix.iclr_up", "time_mix.value_residual_up")):  # (R, C)
-        padded = fresh.clone()
-        padded[:widened.shape[0]] = widened
-        return padded
-    if name.endswith("time_mix.gate_down"):  # (C, R)
-        padded = fresh.clone()
-        padded[:, :widened.shape[1]] = widened
-        return padded
-    if name.endswith("time_mix.gate_up"):  # (R, C)
-        padded = torch.zeros_like(fresh)
-        padded[:widened.shape[0]] = widened
-        return padded
+    for suffix, (start, dim) in _RANK_PADDING.items():
+        if name.endswith("time_mix." + suffix):
+            padded = torch.zeros_like(fresh) if start == "zero" else fresh.clone()
+            padded.narrow(dim, 0, widened.shape[dim]).copy_(widened)
+            return padded
     return widened  # a mismatch elsewhere is reported by _rebuild
 
 

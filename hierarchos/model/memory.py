@@ -151,7 +151,7 @@ class LongTermMemory(nn.Module):
         learned = self.values.to(e.dtype).unsqueeze(0)
         values = learned + state["delta"]  # every row's write is computed (no host read decides it)
         attn, idx = self.address(self.query(e))
-        read = self.gather(attn, idx, learned, state["delta"])  # as `forward` reads
+        read = self.gather(attn, idx, values)  # the same sums as `forward`'s picked learned + delta
         err = 2.0 * (read - self.target(e))
         contrib = (attn[..., None] * err[:, :, None, :]).reshape(e.shape[0], -1, self.val_dim)
         surprise = state["surprise"].scatter_add(1, idx.reshape(e.shape[0], -1, 1).expand_as(contrib), contrib)
