@@ -358,7 +358,10 @@ def test_step_at_staggered_row_positions_equals_the_spec_row_by_row():
     torch.testing.assert_close(state["delta"][1] + mem.values.detach(), V1[0], rtol=1e-10, atol=1e-12, msg=msg)
     torch.testing.assert_close(state["momentum"][1], M1[0], rtol=1e-10, atol=1e-12, msg=msg)
     assert state["input_sum"][0].abs().sum() > 0 and state["input_sum"][1].abs().sum() == 0
-    assert state["writes"][1].sum() > state["writes"][0].sum() > 0
+    # both rows wrote (their counts are pinned against `forward` after every call above; which row
+    # wrote to more slots depends on the slots each chunk read: row 1's three chunks may touch fewer
+    # slots than row 0's two, about once in 250 seeds)
+    assert state["writes"][0].sum() > 0 and state["writes"][1].sum() > 0
 
 
 def test_step_gates_its_write_by_the_threshold():
