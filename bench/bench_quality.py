@@ -860,16 +860,18 @@ def ponder_and_loss(model, tokens: np.ndarray, device, seq_len: int, rows: int =
     return steps.reshape(-1), losses.reshape(-1)
 
 
-def trained_default(args, corpus) -> dict:
-    """The default configuration's best sweep point, its model on this machine (trained again, same
-    spec, when the sweep came from carried run records)."""
-    best = sweep(args, corpus, "hierarchos-default", hierarchos_fields(args))["best"]
+def trained_best(args, corpus, label: str = "default") -> dict:
+    """A main-table configuration's best sweep point (`REASONING[label]`), its model on this machine
+    (trained again, same spec, when the sweep came from carried run records)."""
+    fields = hierarchos_fields(args, **REASONING[label])
+    best = sweep(args, corpus, f"hierarchos-{label}", fields)["best"]
     lr = best["spec"]["lr"]
-    return train_hierarchos(args, corpus, hierarchos_fields(args), lr, f"hierarchos-default-lr{lr:g}", need_model=True)
+    return train_hierarchos(args, corpus, fields, lr, f"hierarchos-{label}-lr{lr:g}", need_model=True)
 
 
 def table_act(args, corpus) -> dict:
-    best = trained_default(args, corpus)
+    """At the (2,5,5) depth: minimal's manager makes one pass (max_h_steps 1), so it has nothing to ponder."""
+    best = trained_best(args, corpus, "default")
     device = torch.device(args.device)
     model = _load_model(best["model_dir"], device)
     tokens = byte_tokens(read_texts(Path(args.corpus_dir) / corpus["val"]["file"]))[:args.act_tokens + 1]
@@ -925,20 +927,23 @@ def hierarchos_bpb_at_context(model, tokens: np.ndarray, val_bytes: int, seq_len
 
 
 def table_length(args, corpus) -> dict:
-    best = trained_default(args, corpus)
-    device = torch.device(args.device)
-    model = _load_model(best["model_dir"], device)
+    """Both main-table depths (minimal, the default, and the seeds' (2,5,5)) at their best sweep points."""
     texts = read_texts(Path(args.corpus_dir) / corpus["val"]["file"])
     tokens, val_bytes = byte_tokens(texts), sum(len(t.encode("utf-8")) for t in texts)
-    out = {"hierarchos": {}, "gpt2": {}}
-    for factor in (1, 4, 16):
-        out["hierarchos"][f"{factor}x"] = hierarchos_bpb_at_context(model, tokens, val_bytes, args.seq_len,
-                                                                  factor * args.seq_len, device, args.eval_rows)
-        out["gpt2"][f"{factor}x"] = None if factor > 1 else "see main table (its validation is at 1x)"
-    out["gpt2_note"] = (f"GPT-2 has {args.seq_len} learned positions (its training length) and cannot read "
-                        "a longer context")
-    print("  hierarchos bits/byte with the state reset every 1x / 4x / 16x the training length: "
-          + ", ".join(f"{k} {v:.4f}" for k, v in out["hierarchos"].items()))
+    device = torch.device(args.device)
+    out = {"gpt2": {"1x": "see main table (its validation is at 1x)", "4x": None, "16x": None},
+           "gpt2_note": f"GPT-2 has {args.seq_len} learned positions (its training length) and cannot read "
+                        "a longer context"}
+    for label in REASONING:
+        best = trained_best(args, corpus, label)
+        model = _load_model(best["model_dir"], device)
+        row = out[f"hierarchos-{label}"] = {"lr": best["spec"]["lr"], "carried_bpb": best["val_bpb"]}
+        for factor in (1, 4, 16):
+            row[f"{factor}x"] = hierarchos_bpb_at_context(model, tokens, val_bytes, args.seq_len,
+                                                          factor * args.seq_len, device, args.eval_rows)
+        print(f"  hierarchos {label}: bits/byte with the state reset every 1x / 4x / 16x the training length: "
+              + ", ".join(f"{k} {row[f'{k}']:.4f}" for k in ("1x", "4x", "16x"))
+              + f"; the whole row carried (main table) {best['val_bpb']:.4f}")
     return out
 
 
