@@ -51,6 +51,7 @@ import statistics
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -370,21 +371,14 @@ def train_hierarchos(args, corpus: dict, fields: dict, lr: float, name: str, tra
                "--log-every", str(args.log_every), "--keep-checkpoints", "1"]
         if args.compile and args.device != "cpu":
             cmd.append("--compile")
-        global _ACTIVE, _STARTED
-        with _BUILD_LOCK:
-            _ACTIVE += 1
-            _STARTED += 1
-            sharing = _ACTIVE  # runs on the device when this one started (itself included)
-            started_before = _STARTED
+        run_id, sharing = DEVICE_RUNS.start()  # runs on the device now (itself included), any process's
         started = time.perf_counter()
         try:
             with open(run_dir / "train.log", "w") as log:
                 proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
                                       env={**os.environ, "PYTHONPATH": str(ROOT)})
         finally:
-            with _BUILD_LOCK:
-                _ACTIVE -= 1
-                solo = sharing == 1 and _STARTED == started_before  # nothing else trained beside it
+            solo = DEVICE_RUNS.end(run_id, sharing)
         wall = time.perf_counter() - started
         if proc.returncode != 0:
             tail = (run_dir / "train.log").read_text()[-2000:]
@@ -487,8 +481,61 @@ def train_gpt2(args, corpus: dict, n_layer: int, lr: float, name: str, train_fil
 
 
 _BUILD_LOCK = threading.Lock()
-_ACTIVE = 0  # hierarchos training subprocesses running now (--jobs)
-_STARTED = 0  # hierarchos training subprocesses started so far
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class DeviceRuns:
+    """Training runs on this machine's device across every bench_quality process and thread (two
+    tables side by side share one GPU, and each table's --jobs runs share it too): one append-only
+    file, a line per run's start and end. A run is solo when no other was running when it started
+    and none started before it ended; a start whose process died (a table cut by its timeout) no
+    longer counts as running."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def _events(self) -> list[tuple[str, str]]:
+        try:
+            lines = self.path.read_text().splitlines()
+        except FileNotFoundError:
+            return []
+        return [tuple(line.split()) for line in lines if len(line.split()) == 2]
+
+    def _append(self, word: str, run_id: str) -> None:
+        with open(self.path, "a") as f:  # O_APPEND: a short line lands whole, whoever else writes
+            f.write(f"{word} {run_id}\n")
+
+    def running(self, events=None) -> set[str]:
+        events = self._events() if events is None else events
+        ended = {r for w, r in events if w == "end"}
+        return {r for w, r in events if w == "start" and r not in ended and _pid_alive(int(r.split(":")[0]))}
+
+    def start(self) -> tuple[str, int]:
+        """A new run's id and how many runs (itself included) are on the device now."""
+        run_id = f"{os.getpid()}:{os.urandom(6).hex()}"
+        self._append("start", run_id)
+        return run_id, len(self.running())
+
+    def end(self, run_id: str, sharing: int) -> bool:
+        """Marks the run ended; whether it trained alone the whole time."""
+        events = self._events()
+        mine = events.index(("start", run_id)) if ("start", run_id) in events else len(events)
+        others_started = any(w == "start" and r != run_id for w, r in events[mine + 1:])
+        self._append("end", run_id)
+        return sharing == 1 and not others_started
+
+
+DEVICE_RUNS = DeviceRuns(Path(os.environ.get("HIERARCHOS_QUALITY_RUN_LOG",
+                                             Path(tempfile.gettempdir()) / "hierarchos_quality_runs.log")))
 
 
 def prefetch(args, corpus, configs: list[tuple[str, dict]]) -> None:
@@ -725,7 +772,13 @@ def recall_accuracy(model, docs: list, seq_len: int, device, rows: int = 64) -> 
     return _score_recall(docs, preds)
 
 
-RECALL_ROWS = {"memory on": {}, "memory writes off": MEMORY_OFF}
+RECALL_ROWS = {"memory on": {}, "memory writes off": MEMORY_OFF,
+               # ROSA's automaton looks back rosa_window tokens (4,096) and hands the model the token that
+               # followed the longest earlier match, so a query's "key = " inside that window gets its value
+               # from ROSA: these two rows ask what the state and the memory do without it
+               "ROSA off": dict(use_rosa=False), "ROSA off + memory writes off": dict(MEMORY_OFF, use_rosa=False)}
+RECALL_GAPS = {"memory_gap": ("memory on", "memory writes off"),
+               "memory_gap_rosa_off": ("ROSA off", "ROSA off + memory writes off")}
 
 
 def recall_docs_for(gap: int, tokens: int, facts: int) -> int:
@@ -736,17 +789,19 @@ def recall_docs_for(gap: int, tokens: int, facts: int) -> int:
 
 
 def table_recall(args, corpus) -> dict:
-    """For each gap, the memory on and its writes off, at the minimal depth (the question is the
-    memory's, and minimal trains at 2.4x the default's rate). A gap inside one training window is the
-    control: the recurrent state alone can answer it, and gradients reach the fact from the query."""
+    """For each gap, the memory on and its writes off, with ROSA and without it, at the minimal depth
+    (the question is the memory's, and minimal is the default). A gap inside one training window is the
+    control: the recurrent state alone can answer it, and gradients reach the fact from the query.
+    Each finished row is written to recall.partial.json at once (a table cut by its timeout keeps them)."""
     filler = "".join(read_texts(Path(args.corpus_dir) / corpus["train"]["file"]))
     held_filler = "".join(read_texts(Path(args.corpus_dir) / corpus["val"]["file"]))
     wanted = set(args.only or ())
     unknown = wanted - set(RECALL_ROWS) - {label.replace(" ", "_") for label in RECALL_ROWS}
     if unknown:
-        raise SystemExit(f"--only: {sorted(unknown)} are not rows of the recall table; rows: 'memory on' "
-                         f"(memory_on), 'memory writes off' (memory_writes_off)")
+        raise SystemExit(f"--only: {sorted(unknown)} are not rows of the recall table; rows: "
+                         + ", ".join(f"'{label}' ({label.replace(' ', '_')})" for label in RECALL_ROWS))
     rows = {label: o for label, o in RECALL_ROWS.items() if not wanted or {label, label.replace(" ", "_")} & wanted}
+    partial, partial_lock = {}, threading.Lock()
     lr = args.lrs[len(args.lrs) // 2]
     device = torch.device(args.device)
     cdir = Path(args.corpus_dir)
@@ -759,7 +814,9 @@ def table_recall(args, corpus) -> dict:
         tag = f"{n_docs}-{args.recall_test_docs}-{args.recall_facts}-{gap}-s{args.seed}"
         train_file, val_file = f"recall-train-{tag}.jsonl", f"recall-val-{tag}.jsonl"
         for fname, docs in ((train_file, train_docs), (val_file, test_docs)):
-            atomic_write_text(cdir / fname, "".join(json.dumps({"text": d["text"]}) + "\n" for d in docs))
+            text = "".join(json.dumps({"text": d["text"]}) + "\n" for d in docs)
+            if not (cdir / fname).is_file() or (cdir / fname).read_text() != text:  # (a rewrite would change
+                atomic_write_text(cdir / fname, text)  # its mtime, and `train` would rebuild its token cache)
         sha = hashlib.sha256((cdir / train_file).read_bytes()).hexdigest()
         rcorpus = {"train": {"file": train_file, "sha256": sha}, "val": {"file": val_file}}
         out = dict(task=dict(facts=args.recall_facts, gap_bytes=gap, train_docs=n_docs, test_docs=args.recall_test_docs,
@@ -771,18 +828,22 @@ def table_recall(args, corpus) -> dict:
                                  train_file=train_file, val_file=val_file, need_model=True)
             acc = recall_accuracy(_load_model(r["model_dir"], device), test_docs, args.seq_len, device, args.eval_rows)
             out[label] = {**acc, "val_bpb": r["val_bpb"], "lr": lr, "train_tokens": r.get("train_tokens")}
-            print(f"  gap {gap:>6,}  {label:18s} query accuracy {acc['query_accuracy']:.3f}  digit accuracy "
+            print(f"  gap {gap:>6,}  {label:28s} query accuracy {acc['query_accuracy']:.3f}  digit accuracy "
                   f"{acc['digit_accuracy']:.3f}  ({acc['queries']} queries)", flush=True)
-        if all(label in out for label in RECALL_ROWS):  # (--only one row: the gap is taken across two calls)
-            out["memory_gap"] = out["memory on"]["query_accuracy"] - out["memory writes off"]["query_accuracy"]
+            with partial_lock:
+                partial.setdefault(str(gap), {})[label] = out[label]
+                atomic_write_text(Path(args.work) / "recall.partial.json", json.dumps(partial, indent=1))
+        for name, (on, off) in RECALL_GAPS.items():  # (--only one row: the gap is taken across two calls)
+            if on in out and off in out:
+                out[name] = out[on]["query_accuracy"] - out[off]["query_accuracy"]
         return out
 
     # --jobs: the gaps at once (each gap's rows in turn: they share its documents' token caches)
     with ThreadPoolExecutor(max_workers=max(1, min(args.jobs, len(args.recall_gap)))) as pool:
         results = dict(zip(args.recall_gap, pool.map(one_gap, args.recall_gap)))
-    print(f"{'gap bytes':>10s}  {'windows':>7s}  " + "  ".join(f"{label:>18s}" for label in rows) + "   (query accuracy)")
+    print(f"{'gap bytes':>10s}  {'windows':>7s}  " + "  ".join(f"{label:>28s}" for label in rows) + "   (query accuracy)")
     for gap, r in results.items():
-        print(f"{gap:>10,}  {gap / args.seq_len:>7.1f}  " + "  ".join(f"{r[label]['query_accuracy']:>18.3f}" for label in rows))
+        print(f"{gap:>10,}  {gap / args.seq_len:>7.1f}  " + "  ".join(f"{r[label]['query_accuracy']:>28.3f}" for label in rows))
     return {"gaps": {str(gap): r for gap, r in results.items()}, "seq_len": args.seq_len}
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
 import sys
 from pathlib import Path
 
@@ -408,3 +409,28 @@ def test_recall_runs_of_every_gap_train_on_about_the_same_tokens():
         mean = sum(len(d["text"]) for d in docs) / len(docs)
         assert 0.8 < n * mean / 2_000_000 < 1.2, (seed, gap, n, mean)
     assert bq.recall_docs_for(20_000, 100, 8) == 1  # never zero documents
+
+
+def test_device_runs_count_every_process_and_forget_dead_ones(tmp_path):
+    """Two tables side by side (two processes, one run log) see each other's runs: a run is solo only
+    when nothing else ran at its start and nothing started before its end; a start left by a process
+    that died no longer counts."""
+    log = tmp_path / "runs.log"
+    table_a, table_b = bq.DeviceRuns(log), bq.DeviceRuns(log)
+
+    run, sharing = table_a.start()
+    assert sharing == 1 and table_a.end(run, sharing)
+
+    first, sharing_first = table_a.start()
+    second, sharing_second = table_b.start()  # another table starts while the first trains
+    assert (sharing_first, sharing_second) == (1, 2)
+    assert not table_b.end(second, sharing_second)
+    assert not table_a.end(first, sharing_first)  # alone at its start, but another started before its end
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    with open(log, "a") as f:  # a table killed by its timeout mid-run: a start with no end
+        f.write(f"start {dead.pid}:abc\n")
+    run, sharing = table_a.start()
+    assert sharing == 1 and table_a.end(run, sharing)
+    assert table_a.running() == set()
