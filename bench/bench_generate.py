@@ -56,6 +56,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import platform
 import statistics
@@ -358,7 +359,8 @@ def kernels_per_token(stepper, device) -> dict | None:
     """The kernels, copies and fills one token launches (what a graph replay holds), counted by the
     profiler over one step of each of the stepper's bodies run outside its graphs (its compiled calls as
     they are: the same stepper, so nothing recompiles): {"plan": a token where a row reaches a plan point,
-    "other": the other tokens' body (h_stride > 1), "mean": over h_stride tokens}. CUDA only; None where
+    "other": the other tokens' body (h_stride > 1), "chunk_end": a plan point that also closes a memory
+    chunk, "mean": over lcm(h_stride, ltm_chunk) tokens}. CUDA only; None where
     the profiler cannot count."""
     if device.type != "cuda":
         return None
@@ -366,11 +368,11 @@ def kernels_per_token(stepper, device) -> dict | None:
 
     counts = {}
     try:
-        for plan_rows in stepper._bodies():
-            stepper._body(plan_rows)
+        for key in stepper._bodies():
+            stepper._body(key)
             torch.cuda.synchronize()
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                stepper._body(plan_rows)
+                stepper._body(key)
                 torch.cuda.synchronize()
             count = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
             if not count:  # some versions keep device events only in kineto's results
@@ -378,29 +380,33 @@ def kernels_per_token(stepper, device) -> dict | None:
                             if e.device_type() == torch.autograd.DeviceType.CUDA)
             if not count:
                 return None
-            counts["plan" if plan_rows else "other"] = count
+            counts[key] = count
     except Exception as exc:  # no CUPTI here: the rows go on without the count
         print(f"kernel count unavailable: {type(exc).__name__}: {exc}", flush=True)
         return None
-    s = stepper.stride
-    counts["mean"] = (counts["plan"] + (s - 1) * counts.get("other", counts["plan"])) / s
-    return counts
+    # the mean over lcm(h_stride, ltm_chunk) positions, each on the body a lone row there runs
+    s, c = stepper.stride, stepper.chunk
+    period = math.lcm(s, c)
+    keys = [((p + 1) % s == 0 or s == 1, (p + 1) % c == 0 or c == 1) for p in range(period)]
+    plan = counts.get((True, False), counts.get((True, True)))
+    return {"plan": plan, "other": counts.get((False, False), plan), "chunk_end": counts.get((True, True)),
+            "mean": sum(counts[k] for k in keys) / period}
 
 
 @contextlib.contextmanager
 def full_body_only(on: bool):
     """A "+full" mode: every token runs the stepper's full body (the pondering passes of the plan points
-    included, masked off them), as before the step split plan-point tokens from the others: the A/B of
-    that split in one run."""
+    and the memory's chunk-end write included, masked off them), as before the step split those tokens
+    from the others: the A/B of the split in one run."""
     from hierarchos.generate import GraphedStepper
 
-    saved = GraphedStepper._bodies, GraphedStepper._plan_rows
+    saved = GraphedStepper._bodies, GraphedStepper._key
     if on:
-        GraphedStepper._bodies, GraphedStepper._plan_rows = (lambda self: (True,)), (lambda self: True)
+        GraphedStepper._bodies, GraphedStepper._key = (lambda self: ((True, True),)), (lambda self: (True, True))
     try:
         yield
     finally:
-        GraphedStepper._bodies, GraphedStepper._plan_rows = saved
+        GraphedStepper._bodies, GraphedStepper._key = saved
 
 
 def mode_rows(model, mode: str, prompts, cfg, args, device, rows: list, reference: dict, on_row) -> None:

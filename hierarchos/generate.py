@@ -365,11 +365,14 @@ class GraphedStepper:
     on the first call (during the warm-up when capturing; `compile_seconds` says how long).
     `fused_step`: each RWKV-7 block's one-token time mix after its matmuls runs as one Triton kernel
     (`hierarchos.ops.rwkv_step_triton`; CUDA, float32), with or without compiling.
-    Two bodies where h_stride > 1: a token at which some row reaches a plan point runs the full step,
-    every other token the step without its pondering passes (`plan_rows=False`: in the full step they
-    would write nothing for those rows). The host knows every row's position without reading the
-    device, so it picks the body (and, captured, its graph) per token: of a default-config token's 24
-    stack passes, 10 are pondering ones, and 3 tokens in 4 (h_stride 4) need none of them."""
+    Several bodies, one per (plan_rows, write_rows) pair a token can need: a token at which some row
+    reaches a plan point runs the pondering passes, every other token the step without them
+    (`plan_rows=False`: in the full step they would write nothing for those rows); likewise a token at
+    which some row closes a memory chunk runs the memory's write, every other token the step without it
+    (`write_rows=False`: ~15 whole-table operations a token that every row would discard). The host
+    knows every row's position without reading the device, so it picks the body (and, captured, its
+    graph) per token: of a default-config token's 24 stack passes, 10 are pondering ones, and 3 tokens
+    in 4 (h_stride 4) need none of them; 63 tokens in 64 (ltm_chunk 64) need no memory write."""
 
     def __init__(self, model, state, row_pos: torch.Tensor, logits: torch.Tensor, seen: torch.Tensor,
                  seeds: torch.Tensor, cfg: SamplingConfig, caps: dict, *, capture: bool = False, warmup: int = 2,
@@ -404,8 +407,9 @@ class GraphedStepper:
                                       "generate without it")
             self._advance_fn = _WithFusedStep(self._advance_fn)
         self.compile_seconds: float | None = None
-        self._compiled: set = set()  # the bodies (plan_rows True / False) compiled so far
+        self._compiled: set = set()  # the bodies ((plan_rows, write_rows) pairs) compiled so far
         self.stride = model.cfg.h_stride
+        self.chunk = model.memory.chunk
         self.host_pos = _host_positions(row_pos)  # each row's position, kept on the host
         self.pos = row_pos.clone()
         self.seen = seen.clone()
@@ -415,7 +419,7 @@ class GraphedStepper:
         self.token = self._sample(logits)                          # the first token, eagerly
         self.hints = torch.zeros(B, dtype=torch.long, device=device)
         self.totals: dict = {}
-        self.graphs: dict = {}  # plan_rows -> captured graph
+        self.graphs: dict = {}  # (plan_rows, write_rows) -> captured graph
         self.replays = self.loads = 0
         if capture:
             self._capture(warmup)
@@ -447,15 +451,16 @@ class GraphedStepper:
         noise = row_noise(seeds, counter, logits.shape[-1]) if self.cfg.temperature > 0 else None
         return sample_rows(logits, seen, self.cfg, noise)
 
-    def _advance(self, token, leaves, pos, counter, seen, seeds, hints, plan_rows=True) -> dict:
+    def _advance(self, token, leaves, pos, counter, seen, seeds, hints, plan_rows=True, write_rows=True) -> dict:
         """The step on the buffers passed in, in place: the sync-free model step on `token`, the new state
         copied into `leaves`, positions and counters advanced, the token added to `seen`, the next token
         sampled into `token`. Returns the step's aux totals (name -> (total, count)). A pure function of
-        its arguments and the model (what `compile_step` compiles; `plan_rows` is a constant of each
-        compiled variant)."""
+        its arguments and the model (what `compile_step` compiles; `plan_rows` and `write_rows` are
+        constants of each compiled variant)."""
         tree = fill_layout(self._layout, leaves)
         state = HierarchosState(pos=0, memory=tree["memory"], rounds=tree["rounds"], rosa=None)
-        out = self.model.step_sync_free(token, state, pos, hints, plan_rows=plan_rows, **self.caps)
+        out = self.model.step_sync_free(token, state, pos, hints, plan_rows=plan_rows, write_rows=write_rows,
+                                        **self.caps)
         for buffer, new in zip(leaves, (t for _, t in out.state.tensors())):
             buffer.copy_(new)
         pos.add_(1)
@@ -465,24 +470,32 @@ class GraphedStepper:
         return out.totals
 
     def _bodies(self) -> tuple:
-        """The plan_rows values this stepper's tokens can need (one when every token is a plan point)."""
-        return (True, False) if self.stride > 1 else (True,)
+        """The (plan_rows, write_rows) pairs this stepper's tokens can need: both values of each flag
+        whose event does not come at every token, less (False, True) where every chunk end is a plan
+        point (ltm_chunk a multiple of h_stride: a row closing a chunk is at a plan point)."""
+        plans = (True, False) if self.stride > 1 else (True,)
+        writes = (True, False) if self.chunk > 1 else (True,)
+        return tuple((p, w) for p in plans for w in writes if p or not w or self.chunk % self.stride)
 
-    def _plan_rows(self) -> bool:
-        """Whether some row's next fed token is at a plan point (from the host's positions)."""
-        return self.stride == 1 or self.host_pos is None or any((p + 1) % self.stride == 0 for p in self.host_pos)
+    def _key(self) -> tuple:
+        """(plan_rows, write_rows) of the next fed token, from the host's positions: whether some row
+        reaches a plan point, whether some row closes a memory chunk (both True when unknown)."""
+        if self.host_pos is None:
+            return True, True
+        return (self.stride == 1 or any((p + 1) % self.stride == 0 for p in self.host_pos),
+                self.chunk == 1 or any((p + 1) % self.chunk == 0 for p in self.host_pos))
 
-    def _body(self, plan_rows: bool = True) -> None:
+    def _body(self, key: tuple = (True, True)) -> None:
         hints = self.hints if self.model.cfg.use_rosa else None
-        args = (self.token, self.leaves, self.pos, self.counter, self.seen, self.seeds, hints, plan_rows)
-        if self.compile_step and plan_rows not in self._compiled:  # a variant's first call compiles: timed apart
+        args = (self.token, self.leaves, self.pos, self.counter, self.seen, self.seeds, hints, *key)
+        if self.compile_step and key not in self._compiled:  # a variant's first call compiles: timed apart
             if self.pos.is_cuda:
                 torch.cuda.synchronize(self.pos.device)
             start = time.perf_counter()
             totals = self._advance_fn(*args)
             if self.pos.is_cuda:
                 torch.cuda.synchronize(self.pos.device)
-            self._compiled.add(plan_rows)
+            self._compiled.add(key)
             self.compile_seconds = (self.compile_seconds or 0.0) + time.perf_counter() - start
         else:
             totals = self._advance_fn(*args)
@@ -504,8 +517,8 @@ class GraphedStepper:
             side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
             for _ in range(warmup):
-                for plan_rows in self._bodies():
-                    self._body(plan_rows)
+                for key in self._bodies():
+                    self._body(key)
         if side is not None:
             torch.cuda.current_stream().wait_stream(side)
         for buffer, value in zip((*self.leaves, self.pos, self.counter, self.seen, self.token), saved):
@@ -516,11 +529,11 @@ class GraphedStepper:
     def _capture(self, warmup: int) -> None:
         """Warm-up (`_warm`), then capture each body as its own graph."""
         self._warm(warmup)
-        for plan_rows in self._bodies():
+        for key in self._bodies():
             graph = torch.cuda.CUDAGraph()
             with no_collection_during_capture(), torch.cuda.graph(graph):
-                self._body(plan_rows)
-            self.graphs[plan_rows] = graph
+                self._body(key)
+            self.graphs[key] = graph
         # capturing recorded the bodies without running them: the buffers still hold the start
 
     def advance(self, hints: list[int] | None = None) -> torch.Tensor:
@@ -528,11 +541,11 @@ class GraphedStepper:
         token buffer (B,), read it before the next call."""
         if hints is not None:
             self.hints.copy_(torch.tensor(hints, dtype=torch.long), non_blocking=True)
-        plan_rows = self._plan_rows()
-        if plan_rows in self.graphs:
-            self.graphs[plan_rows].replay()
+        key = self._key()
+        if key in self.graphs:
+            self.graphs[key].replay()
         else:
-            self._body(plan_rows)
+            self._body(key)
         if self.host_pos is not None:
             self.host_pos = [p + 1 for p in self.host_pos]
         self.replays += 1

@@ -801,3 +801,35 @@ def test_q_halt_pairs_are_collected_only_when_asked_and_only_under_q_halting():
     with torch.no_grad():
         act_model(u, tokens, act_model.init_state(1), 0, q_halt=pairs)
     assert pairs == []
+
+
+@pytest.mark.parametrize("stride", [1, 3, 4, 7])
+def test_one_token_plan_equals_the_general_plan_bit_for_bit(stride, monkeypatch):
+    """A generated token's `_plan` takes a host-arithmetic path (`_plan_one`); at every position of a
+    few strides (3 and 7: LERP weights that float32 rounds) its context, pondering states and two
+    latest plans equal the general path's exactly, plan points and the tokens between alike."""
+    torch.manual_seed(stride)
+    model = reasoner(h_stride=stride, max_h_steps=2, h_halt_thresh=0.6).float().eval()
+    d = model.cfg.context_dim
+    B = 3
+    rounds = model.init_state(B)
+    rs = dict(rounds[0], plan_prev=torch.randn(B, d), plan_last=torch.randn(B, d))
+    tokens = torch.randint(0, model.cfg.vocab_size, (B, 1))
+    watch_out = torch.randn(B, 1, model.cfg.h_hidden)
+    u = torch.randn(B, 1, d)
+    for pos0 in range(2 * stride + 1):
+        results = []
+        for fast in (True, False):
+            monkeypatch.setattr(HierarchicalReasoner, "_plan_one_applies", lambda self, u, fast=fast: fast)
+            new, totals = dict(rs), {}
+            with torch.no_grad():
+                context = model._plan(u, watch_out, tokens, rs, new, pos0, 2, 0.6, False, totals, None)
+            results.append((context, new, totals))
+        (c1, n1, t1), (c2, n2, t2) = results
+        assert c1.shape == c2.shape == (B, 1, d) and torch.equal(c1, c2), pos0
+        assert torch.equal(n1["plan_prev"], n2["plan_prev"]) and torch.equal(n1["plan_last"], n2["plan_last"])
+        for s1, s2 in zip(n1["ponder"], n2["ponder"]):
+            assert all(torch.equal(s1[k], s2[k]) for k in s1)
+        assert t1.keys() == t2.keys() and all(torch.equal(torch.as_tensor(t1[k][0]), torch.as_tensor(t2[k][0]))
+                                              for k in t1)
+        assert (pos0 + 1) % stride != 0 or "ponder" in t1  # a plan point pondered

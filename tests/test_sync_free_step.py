@@ -71,14 +71,15 @@ def tokens_for(seed, batch, length):
 def run(model, tokens, sync_free, **caps):
     """Step through `tokens` (B, T) from a fresh state: (logits (B, T, V), state, summed totals).
     sync_free: False (`step`), True (`step_sync_free`) or "split" (`step_sync_free` with plan_rows=False
-    off the plan points, as GraphedStepper runs it)."""
+    off the plan points and write_rows=False off the memory's chunk ends, as GraphedStepper runs it)."""
     B, T = tokens.shape
     state, logits, totals = model.init_state(B), [], {}
     for t in range(T):
         if sync_free == "split":  # the pondering passes left out where the host knows they write nothing
             plan_rows = (t + 1) % model.cfg.h_stride == 0
+            write_rows = (t + 1) % model.cfg.ltm_chunk == 0
             out = model.step_sync_free(tokens[:, t], state, torch.full((B,), t, dtype=torch.long),
-                                       plan_rows=plan_rows, **caps)
+                                       plan_rows=plan_rows, write_rows=write_rows, **caps)
         elif sync_free:
             out = model.step_sync_free(tokens[:, t], state, torch.full((B,), t, dtype=torch.long), **caps)
         else:
@@ -116,8 +117,9 @@ def test_sync_free_step_equals_step_bit_for_bit(name):
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_leaving_out_the_pondering_off_plan_points_changes_nothing(name):
-    """plan_rows=False at tokens where no row is at a plan point: the same logits, state and totals,
-    bit for bit, as the full sync-free step and as `step`."""
+    """plan_rows=False at tokens where no row is at a plan point, write_rows=False where no row closes a
+    memory chunk: the same logits, state and totals, bit for bit, as the full sync-free step and as
+    `step`."""
     seed = fresh_seed()
     model = build(seed, **CONFIGS[name])
     tokens = tokens_for(seed, 2, 10)
@@ -171,6 +173,59 @@ def test_plan_rows_false_leaves_the_pondering_passes_out():
     assert manager_calls(0) == 2 * (1 + 3)
     assert manager_calls(0, plan_rows=False) == 2 * 1
     assert manager_calls(3, plan_rows=True) == 2 * (1 + 3)
+
+
+def test_write_rows_false_leaves_the_memory_write_out():
+    """The write split is real: off a chunk end the memory's write is not computed at all; at one (and
+    in the full sync-free step) it is, once per call."""
+    model = build(0, ltm_chunk=4)
+    writes = []
+    write = model.memory._write
+    model.memory._write = lambda *args: writes.append(1) or write(*args)
+    state = model.init_state(1)
+
+    def write_calls(pos, **kw):
+        writes.clear()
+        with torch.no_grad():
+            model.step_sync_free(torch.tensor([1]), state, torch.tensor([pos]), **kw)
+        return len(writes)
+
+    assert (write_calls(0), write_calls(0, write_rows=False), write_calls(3, write_rows=True)) == (1, 0, 1)
+
+
+@pytest.mark.parametrize("stride,chunk,bodies", [
+    (2, 4, {(True, True), (True, False), (False, False)}),   # every chunk end is a plan point
+    (2, 3, {(True, True), (True, False), (False, True), (False, False)}),
+    (1, 4, {(True, True), (True, False)}),
+    (4, 1, {(True, True), (False, True)}),
+])
+def test_the_stepper_runs_each_token_on_the_body_its_rows_need(stride, chunk, bodies):
+    """Without a GPU: the bodies a stepper keeps for (h_stride, ltm_chunk), the body each token takes
+    (some row at a plan point; some row closing a chunk; rows at different positions), and 14 tokens
+    through the split bodies equal 14 through the full body: tokens and state, bit for bit."""
+    seed = fresh_seed()
+    model = build(seed, h_stride=stride, ltm_chunk=chunk, ltm_write_threshold=0.0)
+    cfg = SamplingConfig(temperature=0.8, top_k=5, top_p=0.9)
+    runs = []
+    with torch.no_grad():
+        for cls in (GraphedStepper, _FullBody):
+            out = model(tokens_for(seed, 2, 5))
+            start = torch.tensor([5, 6])  # rows one token apart
+            stepper = cls(model, out.state, start, out.logits[:, -1],
+                          torch.zeros(2, model.cfg.vocab_size, dtype=torch.bool), torch.tensor([1, 2]), cfg, {})
+            keys, tokens = [], [stepper.token.clone()]
+            for _ in range(14):
+                keys.append(stepper._key())
+                hints = [a.push(int(t)) for a, t in zip(out.state.rosa, tokens[-1])] if out.state.rosa else None
+                tokens.append(stepper.advance(hints).clone())
+            runs.append((set(stepper._bodies()), keys, torch.stack(tokens), [t.clone() for t in stepper.leaves]))
+    (split_bodies, keys, split_tokens, split_leaves), (_, _, full_tokens, full_leaves) = runs
+    assert split_bodies == bodies and set(keys) <= bodies
+    for i, key in enumerate(keys):  # positions 5 + i and 6 + i are fed at token i
+        rows = (5 + i, 6 + i)
+        assert key == (any((p + 1) % stride == 0 for p in rows), any((p + 1) % chunk == 0 for p in rows)), (i, key)
+    assert torch.equal(split_tokens, full_tokens), seed
+    assert all(torch.equal(a, b) for a, b in zip(split_leaves, full_leaves)), seed
 
 
 @pytest.mark.parametrize("caps", [dict(h_cycles=1, max_h_steps=1, max_l_steps=0), dict(h_halt_thresh=1.0),
@@ -354,18 +409,19 @@ class _FullBody(GraphedStepper):
     for the stepper's plan-point split."""
 
     def _bodies(self):
-        return (True,)
+        return ((True, True),)
 
-    def _plan_rows(self):
-        return True
+    def _key(self):
+        return True, True
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("name", ["all_on", "q_halting", "deep"])
 def test_cuda_graphs_of_the_split_step_equal_the_full_step(name):
-    """On the GPU, captured: the two graphs (plan-point tokens, the others) give the tokens and the
-    state that one graph of the full step gives, over 13 tokens (plan points and others alternating)."""
+    """On the GPU, captured: the graphs of the split step (plan-point tokens, memory chunk ends, the
+    others) give the tokens and the state that one graph of the full step gives, over 13 tokens (plan
+    points, chunk ends and others in turn)."""
     seed = fresh_seed()
     model = build(seed, dtype=torch.float32, **CONFIGS[name]).cuda()
     cfg = SamplingConfig(temperature=0.0, max_new_tokens=16)
@@ -381,9 +437,10 @@ def test_cuda_graphs_of_the_split_step_equal_the_full_step(name):
             for _ in range(13):
                 hints = [a.push(int(t)) for a, t in zip(out.state.rosa, tokens[-1])] if out.state.rosa else None
                 tokens.append(stepper.advance(hints).clone())
-            runs.append((torch.stack(tokens), [t.clone() for t in stepper.leaves], len(stepper.graphs)))
-    (split_tokens, split_leaves, n_split), (full_tokens, full_leaves, n_full) = runs
-    assert (n_split, n_full) == (2 if model.cfg.h_stride > 1 else 1, 1)
+            runs.append((torch.stack(tokens), [t.clone() for t in stepper.leaves], set(stepper.graphs),
+                         set(stepper._bodies())))
+    (split_tokens, split_leaves, split_graphs, split_bodies), (full_tokens, full_leaves, full_graphs, _) = runs
+    assert split_graphs == split_bodies and len(split_bodies) >= 3 and full_graphs == {(True, True)}
     assert torch.equal(split_tokens, full_tokens), (seed, split_tokens.T, full_tokens.T)
     for a, b in zip(full_leaves, split_leaves):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=lambda m: f"seed={seed} {name}: {m}")

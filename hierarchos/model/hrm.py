@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -166,7 +167,8 @@ class HierarchicalReasoner(nn.Module):
 
         # 4. worker: shadow exploration of the drift, then the commit pass
         drift, new["explore"] = self._explore(u, context, tokens, rs["explore"], n_explore, grad_on, sync_free, totals)
-        z, new["commit"] = self.worker(self.l_input_proj(torch.cat([u, context + drift], -1)), tokens, rs["commit"])
+        plan_in = context if drift is None else context + drift
+        z, new["commit"] = self.worker(self.l_input_proj(torch.cat([u, plan_in], -1)), tokens, rs["commit"])
         y = u + self.l_to_out(z)
         new["last_out"] = y[:, -1].to(rs["last_out"].dtype)  # the state keeps its dtype under autocast
         return y, new
@@ -174,9 +176,13 @@ class HierarchicalReasoner(nn.Module):
     def _explore(self, u, context, tokens, states, n_explore, grad_on, sync_free, totals):
         """The worker's shadow passes over u (B, T, d) with its plans `context`: returns (the drift (B, T, d),
         the new shadow states). Each pass refines the drift; a token whose step falls under
-        l_conv_atol is frozen (writes nothing in later passes)."""
+        l_conv_atol is frozen (writes nothing in later passes). No shadow pass (the minimal depth): the
+        drift is None, which stands for zeros (the commit pass then reads the plans as they are)."""
         cfg = self.cfg
         B, T, _ = u.shape
+        if n_explore == 0:
+            add_total(totals, "worker_steps", u.new_zeros(()), float(B * T))
+            return None, list(states)
         drift = torch.zeros_like(u)
         frozen = torch.zeros(B, T, dtype=torch.bool, device=u.device)
         explore = list(states)
@@ -205,6 +211,8 @@ class HierarchicalReasoner(nn.Module):
         # 2. pondering at plan points (global positions p with (p + 1) % stride == 0)
         s = cfg.h_stride
         first = (s - 1 - pos0) % s
+        if self._plan_one_applies(u):
+            return self._plan_one(u, watch_out, tokens, rs, new, pos0, first == 0, n_ponder, thresh, grad_on, totals)
         plan_idx = torch.arange(first, max(first, T), s, device=u.device)
         n_plan = plan_idx.numel()
         plans = u.new_zeros(B, 0, cfg.context_dim)
@@ -228,6 +236,22 @@ class HierarchicalReasoner(nn.Module):
             # token g is led by the latest plan point strictly before it (its context's weight alpha
             # on that plan reaches 1 at the next plan point); in this call when n_in_call >= 1
             q_halt.append((halt_logit[:, (n_in_call - 1).clamp(min=0)], n_in_call >= 1))
+        return context
+
+    def _plan_one_applies(self, u) -> bool:
+        return u.shape[1] == 1 and self.cfg.halting != "q" and u.dtype == torch.float32
+
+    def _plan_one(self, u, watch_out, tokens, rs, new, pos0, is_plan, n_ponder, thresh, grad_on, totals):
+        """`_plan` for one token (T = 1, ACT halting, float32) at host position pos0, with the index
+        arithmetic done on the host: the same values, a tenth of the small ops of a generated token."""
+        s = self.cfg.h_stride
+        plan_prev, plan_last = rs["plan_prev"], rs["plan_last"]
+        # alpha as `_plan` forms it: (pos0 - (floor(pos0 / s) * s - 1)) in float32, divided by s in float32
+        alpha = float(np.float32(pos0 - ((pos0 // s) * s - 1)) / np.float32(s))
+        context = (plan_prev + alpha * (plan_last - plan_prev))[:, None]
+        if is_plan:
+            plans, new["ponder"] = self._ponder(watch_out, tokens, rs["ponder"], n_ponder, thresh, grad_on, totals)
+            new["plan_prev"], new["plan_last"] = plan_last, plans[:, -1]
         return context
 
     def _plan_step(self, u, watch_out, tokens, rs, new, row_pos, n_ponder, thresh, grad_on, totals, plan_rows):

@@ -142,7 +142,8 @@ class HierarchosLM(nn.Module):
         return out
 
     def step_sync_free(self, token: torch.Tensor, state: HierarchosState, row_pos: torch.Tensor,
-                       rosa_hint_ids: torch.Tensor | None = None, plan_rows: bool = True, **caps) -> ModelOutput:
+                       rosa_hint_ids: torch.Tensor | None = None, plan_rows: bool = True, write_rows: bool = True,
+                       **caps) -> ModelOutput:
         """`step` with every decision on the device: token (B,), row b at global position row_pos[b]
         ((B,) int64; rows may differ) -> logits (B, V) and the next state (its `pos` is state.pos + 1,
         bookkeeping for equal rows; the caller advances row_pos). Static shapes and pass counts for
@@ -150,13 +151,15 @@ class HierarchosLM(nn.Module):
         without hints they are extended here, which copies the tokens to the host). Totals' counts
         are device tensors. Stacks with full attention (a growing KV cache) read its length on the host.
         `plan_rows=False`: the caller knows that no row is at a plan point ((row_pos + 1) % h_stride != 0
-        everywhere); the pondering passes, which would write nothing, are left out (same values)."""
+        everywhere); the pondering passes, which would write nothing, are left out (same values).
+        `write_rows=False`: likewise no row closes a memory chunk ((row_pos + 1) % ltm_chunk != 0); the
+        memory's write is left out (`LongTermMemory.step`)."""
         if self.step_threads is None:
-            return self._step_sync_free(token, state, row_pos, rosa_hint_ids, plan_rows, **caps)
+            return self._step_sync_free(token, state, row_pos, rosa_hint_ids, plan_rows, write_rows, **caps)
         with intra_op_threads(self.step_threads):
-            return self._step_sync_free(token, state, row_pos, rosa_hint_ids, plan_rows, **caps)
+            return self._step_sync_free(token, state, row_pos, rosa_hint_ids, plan_rows, write_rows, **caps)
 
-    def _step_sync_free(self, token, state, row_pos, rosa_hint_ids, plan_rows, **caps) -> ModelOutput:
+    def _step_sync_free(self, token, state, row_pos, rosa_hint_ids, plan_rows, write_rows, **caps) -> ModelOutput:
         tokens = token.view(-1, 1)
         B = tokens.shape[0]
         e = self.embed(tokens)
@@ -167,7 +170,7 @@ class HierarchosLM(nn.Module):
             else:
                 hints = rosa_hint_ids.view(-1, 1)
             e = e + self.rosa_embed(hints)
-        reads, memory_state = self.memory.step(e, state.memory, row_pos)
+        reads, memory_state = self.memory.step(e, state.memory, row_pos, write_rows)
         persistent = self.persistent.to(e.dtype).expand(B, 1, -1)
         u = F.gelu(self.encoder(torch.cat([e, reads, persistent], dim=-1)))
         y, rounds, totals = self.reasoner(u, tokens, state.rounds, state.pos, row_pos=row_pos, plan_rows=plan_rows,
