@@ -390,7 +390,7 @@ def kernels_per_token(stepper, device) -> dict | None:
     keys = [((p + 1) % s == 0 or s == 1, (p + 1) % c == 0 or c == 1) for p in range(period)]
     plan = counts.get((True, False), counts.get((True, True)))
     return {"plan": plan, "other": counts.get((False, False), plan), "chunk_end": counts.get((True, True)),
-            "mean": sum(counts[k] for k in keys) / period}
+            "mean": sum(counts.get(k, counts.get((True, True))) for k in keys) / period}  # (+full: one body)
 
 
 @contextlib.contextmanager

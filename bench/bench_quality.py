@@ -200,13 +200,16 @@ def byte_tokens(texts: list[str]) -> np.ndarray:
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
-def make_recall_doc(rng: np.random.Generator, filler: str, n_facts: int, gap_bytes: int, n_queries: int) -> dict:
+def make_recall_doc(rng: np.random.Generator, filler: str, n_facts: int, gap_bytes: int, n_queries: int,
+                    ascii_filler: str | None = None) -> dict:
     """One document: `n_facts` lines "fact KEY = VALUE" (KEY 6 random letters, distinct; VALUE 6 random
     digits), then `gap_bytes` to `gap_bytes` + `gap_slack(gap_bytes)` bytes of filler text (a random slice
     of `filler`, whole lines, in which no key occurs: a slice whose last line runs past that bound is
     drawn again, so a file of very long lines cannot stretch the gap), then `n_queries` lines "query KEY = VALUE" for distinct facts in random order.
     Returns {"text", "answers": [(byte offset of VALUE in text, VALUE)]}. ASCII only: offsets are byte
-    offsets. The answer to a query is only in its fact line, at least gap_bytes earlier."""
+    offsets. The answer to a query is only in its fact line, at least gap_bytes earlier. `ascii_filler`:
+    filler's ASCII text when the caller made it already (`make_recall_docs`: once for all documents,
+    not a whole-corpus copy per document)."""
     if n_queries > n_facts:
         raise ValueError("n_queries must be <= n_facts")
     keys: list[str] = []
@@ -216,7 +219,7 @@ def make_recall_doc(rng: np.random.Generator, filler: str, n_facts: int, gap_byt
             keys.append(key)
     values = ["".join(rng.choice(list("0123456789"), 6)) for _ in keys]
     facts = "".join(f"fact {k} = {v}\n" for k, v in zip(keys, values))
-    clean = filler.encode("ascii", "ignore").decode("ascii")
+    clean = filler.encode("ascii", "ignore").decode("ascii") if ascii_filler is None else ascii_filler
     if len(clean) < gap_bytes + 1:
         raise ValueError(f"filler text too short ({len(clean)} ASCII bytes) for a {gap_bytes}-byte gap")
     longest = gap_bytes + gap_slack(gap_bytes)
@@ -247,7 +250,8 @@ def gap_slack(gap_bytes: int) -> int:
 
 def make_recall_docs(n_docs: int, filler: str, n_facts: int, gap_bytes: int, n_queries: int, seed: int) -> list:
     rng = np.random.default_rng(seed)
-    return [make_recall_doc(rng, filler, n_facts, gap_bytes, n_queries) for _ in range(n_docs)]
+    clean = filler.encode("ascii", "ignore").decode("ascii")
+    return [make_recall_doc(rng, filler, n_facts, gap_bytes, n_queries, clean) for _ in range(n_docs)]
 
 
 # ---- models -------------------------------------------------------------------------------------------

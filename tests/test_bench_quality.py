@@ -434,3 +434,15 @@ def test_device_runs_count_every_process_and_forget_dead_ones(tmp_path):
     run, sharing = table_a.start()
     assert sharing == 1 and table_a.end(run, sharing)
     assert table_a.running() == set()
+
+
+def test_recall_documents_come_out_the_same_from_the_once_made_ascii_filler():
+    """make_recall_docs makes the filler's ASCII text once for all documents (it was a whole-corpus copy
+    per document: minutes for a 20 MB corpus); the documents are the ones each call alone makes."""
+    seed = fresh_seed()
+    filler = FILLER + "caf\u00e9 = 1\n" * 40 + FILLER  # non-ASCII bytes the filler drops
+    docs = bq.make_recall_docs(6, filler, n_facts=4, gap_bytes=300, n_queries=3, seed=seed)
+    rng = np.random.default_rng(seed)
+    alone = [bq.make_recall_doc(rng, filler, 4, 300, 3) for _ in range(6)]
+    assert docs == alone, seed
+    assert all(d["text"].isascii() for d in docs)
