@@ -259,12 +259,23 @@ def step_options(mode: str) -> dict:
 
 
 @torch.no_grad()
+def row_sampling(args, new_tokens: int):
+    """The generate_batch rows' sampling: greedy, or with --chat-sampling chat's defaults (temperature
+    0.7, top-k 40, top-p 0.9, repetition penalty 1.2) from a fixed seed, so every mode draws the same
+    tokens (the noise is a function of seed, counter and id)."""
+    from hierarchos.generate import SamplingConfig
+
+    if getattr(args, "chat_sampling", False):
+        return SamplingConfig(max_new_tokens=new_tokens, seed=0)
+    return SamplingConfig(temperature=0.0, max_new_tokens=new_tokens)
+
+
 def batched_generation(model, args, device, rows: list, on_row=lambda: None) -> list[dict]:
     """--batch: decode tok/s and time to first token of generate_batch at B and 1 for each --compile-step
     mode, of generate at 1, and the prefill alone (the parallel forward: the floor of time to first token)."""
     from hierarchos.generate import SamplingConfig, generate
 
-    cfg = SamplingConfig(temperature=0.0, max_new_tokens=args.new_tokens)
+    cfg = row_sampling(args, args.new_tokens)
     context = args.contexts[0]
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, model.cfg.vocab_size, (max(1, context - 7 * b),), generator=g).tolist()
@@ -416,7 +427,7 @@ def mode_rows(model, mode: str, prompts, cfg, args, device, rows: list, referenc
 
 def _mode_rows(model, mode: str, prompts, cfg, args, device, rows: list, reference: dict, on_row) -> None:
     """The generate_batch rows of one --compile-step mode (B and, when B > 1, 1)."""
-    from hierarchos.generate import SamplingConfig, generate_batch
+    from hierarchos.generate import generate_batch
 
     options = step_options(mode)
     # chat keeps its steppers and captures at load: the same here, one warm-up per batch size (its
@@ -426,7 +437,7 @@ def _mode_rows(model, mode: str, prompts, cfg, args, device, rows: list, referen
     for n in sorted({len(prompts), 1}):
         sync(device)
         start = time.perf_counter()
-        generate_batch(model, [p[:16] for p in prompts[:n]], SamplingConfig(temperature=0.0, max_new_tokens=4),
+        generate_batch(model, [p[:16] for p in prompts[:n]], row_sampling(args, 4),
                        cuda_graph=args.cuda_graph, steppers=steppers, **options)
         sync(device)
         warmup_s[n] = time.perf_counter() - start
@@ -648,6 +659,9 @@ def main() -> None:
     ap.add_argument("--prefill-autocast", action="store_true",
                     help="--cuda-graph: one more prefill row with the chunk graphs' forward under bf16 autocast "
                          "(its time and its logits against the float32 prefill's)")
+    ap.add_argument("--chat-sampling", action="store_true",
+                    help="the generate_batch rows (--batch) sample as chat does instead of greedily (the GPU "
+                         "step's sampler and its noise kernel timed too)")
     ap.add_argument("--sampled", action="store_true",
                     help="also time `generate` (chat's CPU loop) with chat's default sampling, per format")
     ap.add_argument("--tf32", action="store_true",

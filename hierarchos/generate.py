@@ -47,6 +47,7 @@ import torch
 
 from .errors import HierarchosError
 from .model.state import HierarchosState, fill_layout, leaf_layout
+from .ops import noise_triton
 from .ops.amp import autocast_in
 from .ops.capture import no_collection_during_capture
 from .prefill import ChunkedPrefill, require_fixed_size
@@ -76,7 +77,11 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 
 def row_noise(seeds: torch.Tensor, counters: torch.Tensor, vocab: int) -> torch.Tensor:
     """Uniforms in (0, 1), (B, vocab) float32, for the counters[b]-th token of the row seeded seeds[b]
-    ((B,) int64 each). A pure function of (seed, counter, token id): no generator state, no host reads."""
+    ((B,) int64 each). A pure function of (seed, counter, token id): no generator state, no host reads.
+    On CUDA one Triton kernel (`ops.noise_triton`: ~57 element-wise kernels a token in PyTorch), the
+    same bits as `row_noise_at` over every id, which the CPU runs."""
+    if noise_triton.fits(seeds) and counters.dtype == torch.int64:
+        return noise_triton.row_noise_triton(seeds, counters, vocab)
     return row_noise_at(seeds, counters, torch.arange(vocab, device=seeds.device, dtype=torch.int64))
 
 

@@ -147,7 +147,6 @@ class HierarchicalReasoner(nn.Module):
 
     def _round(self, u, tokens, rs, feedback, pos0, n_ponder, n_explore, thresh, totals, q_halt=None,
                row_pos=None, plan_rows=True):
-        cfg = self.cfg
         B, T, _ = u.shape
         new = dict(rs)
         grad_on = torch.is_grad_enabled()
