@@ -4,12 +4,14 @@ Sampling a token needs one uniform per vocabulary id and row (`hierarchos.genera
 32-bit integer hash of the row's seed, its token counter and the id). In PyTorch that is ~57 small
 element-wise kernels a token (three multiply-xorshift rounds, each a shift, an xor, a multiply and a
 mask, over (B, V) int64 tensors, plus the row's own hash over (B,)); inside a CUDA graph each costs a
-few microseconds of launch latency, about a fifth of a minimal-depth token's GPU time. Here one
-kernel does it: each program hashes its row's (seed, counter) and a block of ids.
+few microseconds of launch latency (by that count ~0.2 ms of a minimal-depth token's ~1.35 ms; not
+yet timed: the GPU benchmarks decoded greedily). Here one kernel does it: each program hashes its
+row's (seed, counter) and a block of ids.
 
-The arithmetic is `row_noise_at`'s, on int64 lanes holding uint32 values (no product reaches 2**63:
-the multipliers are below 2**30), so the uniforms are bit-identical to the PyTorch form
-(tests/test_noise_triton.py, under Triton's interpreter on the CPU; the GPU checks run it compiled).
+The arithmetic is `row_noise_at`'s in uint32 lanes (wrapping products and logical shifts are what the
+PyTorch form's int64 lanes masked to 32 bits after every step compute), so the uniforms are
+bit-identical to the PyTorch form (tests/test_noise_triton.py, under Triton's interpreter on the
+CPU; the GPU checks run it compiled).
 """
 
 from __future__ import annotations
@@ -28,33 +30,37 @@ BLOCK = 1024  # ids per program
 if triton is not None:
 
     def _row_noise_kernel(seeds_ptr, counters_ptr, out_ptr, V, BLOCK: tl.constexpr):
-        # the multiply-xorshift rounds are written out: the interpreter cannot call a nested jit function
+        # uint32 lanes: a product wraps mod 2**32 and a shift is logical, which is what the PyTorch form
+        # gets with int64 lanes and `& 0xFFFFFFFF` after every step (no sign to go wrong). The rounds are
+        # written out: the interpreter cannot call a nested jit function.
         row_id = tl.program_id(0)
         ids = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         seed = tl.load(seeds_ptr + row_id).to(tl.int64)
         counter = tl.load(counters_ptr + row_id).to(tl.int64)
-        # row = mix32((seed & M32) ^ mix32(((seed >> 32) + 0x9E3779B9) & M32))
-        x = ((seed >> 32) + 0x9E3779B9) & 0xFFFFFFFF
-        x = ((x >> 16) ^ x) * 0x45D9F3B & 0xFFFFFFFF
-        x = ((x >> 16) ^ x) * 0x45D9F3B & 0xFFFFFFFF
+        mul = tl.full((), 0x45D9F3B, tl.uint32)
+        # row = mix32((seed mod 2**32) ^ mix32((seed >> 32) + 0x9E3779B9))
+        x = (seed >> 32).to(tl.uint32) + tl.full((), 0x9E3779B9, tl.uint32)
+        x = ((x >> 16) ^ x) * mul
+        x = ((x >> 16) ^ x) * mul
         x = (x >> 16) ^ x
-        x = (seed & 0xFFFFFFFF) ^ x
-        x = ((x >> 16) ^ x) * 0x45D9F3B & 0xFFFFFFFF
-        x = ((x >> 16) ^ x) * 0x45D9F3B & 0xFFFFFFFF
+        x = seed.to(tl.uint32) ^ x
+        x = ((x >> 16) ^ x) * mul
+        x = ((x >> 16) ^ x) * mul
         x = (x >> 16) ^ x
-        # row = mix32(row ^ ((counter + 0x632BE5AB) & M32))
-        x = x ^ ((counter + 0x632BE5AB) & 0xFFFFFFFF)
-        x = ((x >> 16) ^ x) * 0x45D9F3B & 0xFFFFFFFF
-        x = ((x >> 16) ^ x) * 0x45D9F3B & 0xFFFFFFFF
+        # row = mix32(row ^ (counter + 0x632BE5AB))
+        x = x ^ (counter.to(tl.uint32) + tl.full((), 0x632BE5AB, tl.uint32))
+        x = ((x >> 16) ^ x) * mul
+        x = ((x >> 16) ^ x) * mul
         row = (x >> 16) ^ x
-        # bits = mix32(mix32(row ^ ((id * 0x27D4EB2F + 0x165667B1) & M32)) ^ row)
-        y = row ^ ((ids.to(tl.int64) * 0x27D4EB2F + 0x165667B1) & 0xFFFFFFFF)
-        y = ((y >> 16) ^ y) * 0x45D9F3B & 0xFFFFFFFF
-        y = ((y >> 16) ^ y) * 0x45D9F3B & 0xFFFFFFFF
+        # bits = mix32(mix32(row ^ (id * 0x27D4EB2F + 0x165667B1)) ^ row)
+        y = ids.to(tl.uint32) * tl.full((), 0x27D4EB2F, tl.uint32) + tl.full((), 0x165667B1, tl.uint32)
+        y = row ^ y
+        y = ((y >> 16) ^ y) * mul
+        y = ((y >> 16) ^ y) * mul
         y = (y >> 16) ^ y
         y = y ^ row
-        y = ((y >> 16) ^ y) * 0x45D9F3B & 0xFFFFFFFF
-        y = ((y >> 16) ^ y) * 0x45D9F3B & 0xFFFFFFFF
+        y = ((y >> 16) ^ y) * mul
+        y = ((y >> 16) ^ y) * mul
         y = (y >> 16) ^ y
         u = ((y >> 9).to(tl.float32) + 0.5) / 8388608.0  # 2**23: 23 bits, exact in float32
         tl.store(out_ptr + row_id * V + ids, u, mask=ids < V)
