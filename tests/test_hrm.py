@@ -833,3 +833,42 @@ def test_one_token_plan_equals_the_general_plan_bit_for_bit(stride, monkeypatch)
         assert t1.keys() == t2.keys() and all(torch.equal(torch.as_tensor(t1[k][0]), torch.as_tensor(t2[k][0]))
                                               for k in t1)
         assert (pos0 + 1) % stride != 0 or "ponder" in t1  # a plan point pondered
+
+
+def test_the_one_token_plan_applies_where_it_computes_the_general_plan(monkeypatch):
+    """`_plan_one` takes one token (T = 1) of a float32 model with ACT halting, nothing else (Q halting
+    keeps its halt logits, other dtypes their own rounding); it reports the same totals as the general
+    path; and with gradients on, a plan point's pondering trains the halting head through it."""
+    model = reasoner(h_stride=2, max_h_steps=2, h_halt_thresh=0.6).float()
+    d = model.cfg.context_dim
+    one, two = torch.randn(2, 1, d), torch.randn(2, 2, d)
+    assert model._plan_one_applies(one)
+    assert not model._plan_one_applies(two) and not model._plan_one_applies(one.double())
+    assert not reasoner(halting="q").float()._plan_one_applies(one)
+    B = 2
+    rs = dict(model.init_state(B)[0], plan_prev=torch.randn(B, d), plan_last=torch.randn(B, d))
+    tokens = torch.randint(0, model.cfg.vocab_size, (B, 1))
+    watch_out = torch.randn(B, 1, model.cfg.h_hidden, requires_grad=True)
+    totals = {}
+    context = model._plan(one, watch_out, tokens, rs, dict(rs), 1, 2, 0.6, True, totals, None)  # pos 1: a plan point
+    assert context.shape == (B, 1, d) and set(totals) == {"ponder", "manager_steps"}
+    new = dict(rs)
+    model._plan(one, watch_out, tokens, rs, new, 1, 2, 0.6, True, {}, None)
+    new["plan_last"].sum().backward()
+    assert model.h_halt_proj.weight.grad is not None and model.h_halt_proj.weight.grad.abs().sum() > 0
+    assert watch_out.grad is not None and watch_out.grad.abs().sum() > 0
+
+
+def test_no_shadow_pass_leaves_no_drift_and_counts_no_worker_step():
+    """At max_l_steps 0 `_explore` returns no drift (None: the commit pass reads the plans as they are),
+    the shadow states as they came, and a worker_steps total of 0 over B * T tokens."""
+    model = reasoner(max_l_steps=0).float()
+    B, T, d = 2, 3, model.cfg.context_dim
+    states = [{"x": torch.zeros(1)}]
+    totals = {}
+    drift, explore = model._explore(torch.randn(B, T, d), torch.randn(B, T, d), torch.zeros(B, T, dtype=torch.long),
+                                    states, 0, False, False, totals)
+    assert drift is None and explore == states and explore is not states
+    assert list(totals) == ["worker_steps"]
+    total, count = totals["worker_steps"]
+    assert float(total) == 0.0 and count == float(B * T)

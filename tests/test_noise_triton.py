@@ -48,6 +48,20 @@ def test_the_dispatch_takes_the_kernel_on_cuda_only(monkeypatch):
     assert not noise_triton.fits(seeds) and not noise_triton.fits(torch.tensor([3.0]))
 
 
+def test_the_dispatch_hands_cuda_rows_to_the_kernel(monkeypatch):
+    """Where `fits` says the kernel runs (CUDA seeds) and the counters are int64, `row_noise` returns the
+    kernel's uniforms for (seeds, counters, vocab); other counters take the PyTorch form."""
+    calls = []
+    marker = torch.full((1, 10), 0.5)
+    monkeypatch.setattr(noise_triton, "fits", lambda seeds: True)
+    monkeypatch.setattr(noise_triton, "row_noise_triton", lambda *a: calls.append(a) or marker)
+    seeds, counters = torch.tensor([3]), torch.tensor([4])
+    assert row_noise(seeds, counters, 10) is marker and len(calls) == 1
+    assert calls[0][0] is seeds and calls[0][1] is counters and calls[0][2] == 10
+    out = row_noise(seeds, counters.to(torch.int32), 10)
+    assert len(calls) == 1 and torch.equal(out, row_noise_at(seeds, counters, torch.arange(10)))
+
+
 def test_bad_arguments_are_one_clear_error(monkeypatch):
     with pytest.raises(HierarchosError, match=r"seeds and counters as \(B,\) int64"):
         noise_triton.row_noise_triton(torch.tensor([1, 2]), torch.tensor([1]), 10)

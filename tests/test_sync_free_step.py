@@ -198,11 +198,13 @@ def test_write_rows_false_leaves_the_memory_write_out():
     (2, 3, {(True, True), (True, False), (False, True), (False, False)}),
     (1, 4, {(True, True), (True, False)}),
     (4, 1, {(True, True), (False, True)}),
+    (3, 2, {(True, True), (True, False), (False, True), (False, False)}),
 ])
 def test_the_stepper_runs_each_token_on_the_body_its_rows_need(stride, chunk, bodies):
     """Without a GPU: the bodies a stepper keeps for (h_stride, ltm_chunk), the body each token takes
-    (some row at a plan point; some row closing a chunk; rows at different positions), and 14 tokens
-    through the split bodies equal 14 through the full body: tokens and state, bit for bit."""
+    (some row at a plan point; some row closing a chunk; rows at different positions; both when the
+    positions are not known), and 14 tokens through the split bodies equal 14 through the full body:
+    tokens and state, bit for bit."""
     seed = fresh_seed()
     model = build(seed, h_stride=stride, ltm_chunk=chunk, ltm_write_threshold=0.0)
     cfg = SamplingConfig(temperature=0.8, top_k=5, top_p=0.9)
@@ -210,7 +212,7 @@ def test_the_stepper_runs_each_token_on_the_body_its_rows_need(stride, chunk, bo
     with torch.no_grad():
         for cls in (GraphedStepper, _FullBody):
             out = model(tokens_for(seed, 2, 5))
-            start = torch.tensor([5, 6])  # rows one token apart
+            start = torch.tensor([5, 9])  # rows four tokens apart
             stepper = cls(model, out.state, start, out.logits[:, -1],
                           torch.zeros(2, model.cfg.vocab_size, dtype=torch.bool), torch.tensor([1, 2]), cfg, {})
             keys, tokens = [], [stepper.token.clone()]
@@ -221,11 +223,14 @@ def test_the_stepper_runs_each_token_on_the_body_its_rows_need(stride, chunk, bo
             runs.append((set(stepper._bodies()), keys, torch.stack(tokens), [t.clone() for t in stepper.leaves]))
     (split_bodies, keys, split_tokens, split_leaves), (_, _, full_tokens, full_leaves) = runs
     assert split_bodies == bodies and set(keys) <= bodies
-    for i, key in enumerate(keys):  # positions 5 + i and 6 + i are fed at token i
-        rows = (5 + i, 6 + i)
+    for i, key in enumerate(keys):  # positions 5 + i and 9 + i are fed at token i
+        rows = (5 + i, 9 + i)
         assert key == (any((p + 1) % stride == 0 for p in rows), any((p + 1) % chunk == 0 for p in rows)), (i, key)
+    assert len(set(keys)) == len(bodies) or stride == 1 or chunk == 1  # every body taken, where each can be
     assert torch.equal(split_tokens, full_tokens), seed
     assert all(torch.equal(a, b) for a, b in zip(split_leaves, full_leaves)), seed
+    stepper.host_pos = None  # positions not known on the host (the meta device): the full body
+    assert GraphedStepper._key(stepper) == (True, True)
 
 
 @pytest.mark.parametrize("caps", [dict(h_cycles=1, max_h_steps=1, max_l_steps=0), dict(h_halt_thresh=1.0),
