@@ -79,8 +79,8 @@ def row_noise(seeds: torch.Tensor, counters: torch.Tensor, vocab: int) -> torch.
     """Uniforms in (0, 1), (B, vocab) float32, for the counters[b]-th token of the row seeded seeds[b]
     ((B,) int64 each). A pure function of (seed, counter, token id): no generator state, no host reads.
     On CUDA one Triton kernel (`ops.noise_triton`: ~57 element-wise kernels a token in PyTorch), the
-    same bits as `row_noise_at` over every id, which the CPU runs."""
-    if noise_triton.fits(seeds) and counters.dtype == torch.int64:
+    same bits as `row_noise_at` over every id, which the CPU runs (checked once per device first)."""
+    if noise_triton.fits(seeds) and counters.dtype == torch.int64 and noise_triton.checked(seeds.device, row_noise_at):
         return noise_triton.row_noise_triton(seeds, counters, vocab)
     return row_noise_at(seeds, counters, torch.arange(vocab, device=seeds.device, dtype=torch.int64))
 

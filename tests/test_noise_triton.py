@@ -54,12 +54,32 @@ def test_the_dispatch_hands_cuda_rows_to_the_kernel(monkeypatch):
     calls = []
     marker = torch.full((1, 10), 0.5)
     monkeypatch.setattr(noise_triton, "fits", lambda seeds: True)
+    monkeypatch.setattr(noise_triton, "checked", lambda device, reference: reference is row_noise_at)
     monkeypatch.setattr(noise_triton, "row_noise_triton", lambda *a: calls.append(a) or marker)
     seeds, counters = torch.tensor([3]), torch.tensor([4])
     assert row_noise(seeds, counters, 10) is marker and len(calls) == 1
     assert calls[0][0] is seeds and calls[0][1] is counters and calls[0][2] == 10
     out = row_noise(seeds, counters.to(torch.int32), 10)
     assert len(calls) == 1 and torch.equal(out, row_noise_at(seeds, counters, torch.arange(10)))
+
+
+def test_the_kernel_is_checked_once_per_device_and_dropped_where_it_fails(monkeypatch):
+    """`checked`: the kernel against the reference once per device (here the CPU under the interpreter):
+    passing, it is used; a kernel that gives other bits or does not build is reported once (a warning),
+    and never used there; nothing is checked while a CUDA graph capture runs."""
+    monkeypatch.setattr(noise_triton, "_CHECKED", {})
+    cpu = torch.device("cpu")
+    assert noise_triton.checked(cpu, row_noise_at) and noise_triton._CHECKED == {cpu: True}
+    monkeypatch.setattr(noise_triton, "row_noise_triton", lambda *a: pytest.fail("checked twice"))
+    assert noise_triton.checked(cpu, row_noise_at)  # cached
+    for broken, message in ((lambda s, c, v: torch.full((len(s), v), 0.5), "differ"),
+                            (lambda s, c, v: (_ for _ in ()).throw(RuntimeError("no compiler")), "no compiler")):
+        monkeypatch.setattr(noise_triton, "_CHECKED", {})
+        monkeypatch.setattr(noise_triton, "row_noise_triton", broken)
+        with pytest.warns(RuntimeWarning, match=f"failed its check on cpu.*{message}"):
+            assert not noise_triton.checked(cpu, row_noise_at)
+        assert noise_triton._CHECKED == {cpu: False}
+        assert not noise_triton.checked(cpu, row_noise_at)  # no second warning: the answer is kept
 
 
 def test_bad_arguments_are_one_clear_error(monkeypatch):
@@ -77,5 +97,6 @@ def test_bad_arguments_are_one_clear_error(monkeypatch):
 def test_compiled_kernel_on_cuda_equals_the_pytorch_noise():
     seeds = torch.tensor([0, 2**62 - 1, 987654321], device="cuda")
     counters = torch.tensor([0, 12, 2**33], device="cuda")
+    assert noise_triton.checked(seeds.device, row_noise_at)  # the compiled kernel passes its own check
     got = row_noise(seeds, counters, 50257)  # the dispatch: the kernel
     assert torch.equal(got, row_noise_at(seeds, counters, torch.arange(50257, device="cuda")))

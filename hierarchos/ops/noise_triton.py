@@ -16,6 +16,9 @@ CPU; the GPU checks run it compiled).
 
 from __future__ import annotations
 
+import warnings
+from typing import Callable
+
 import torch
 
 from ..errors import HierarchosError
@@ -106,6 +109,36 @@ def row_noise_triton(seeds: torch.Tensor, counters: torch.Tensor, vocab: int) ->
         raise HierarchosError(f"the fused sampling noise takes seeds and counters as (B,) int64, got "
                               f"{tuple(seeds.shape)} {seeds.dtype} and {tuple(counters.shape)} {counters.dtype}")
     return _row_noise_op(seeds.contiguous(), counters.contiguous(), int(vocab))
+
+
+_CHECKED: dict = {}  # device -> whether the kernel gave the reference's bits there
+
+
+def checked(device: torch.device, reference: Callable) -> bool:
+    """Whether the kernel runs on `device` and gives `reference(seeds, counters, ids)`'s bits there (the
+    PyTorch form, passed in: it lives in the generation layer above). Checked once per device, outside a
+    CUDA graph capture (it reads the result on the host; while a capture runs an unchecked device is
+    answered False, so the caller captures the PyTorch form). A kernel that fails to build or to match
+    is reported once and never used on that device: sampling goes on with the PyTorch form."""
+    device = torch.device(device)
+    if device in _CHECKED:
+        return _CHECKED[device]
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return False
+    seeds = torch.tensor([0, 2**62 - 1, 987654321], device=device)
+    counters = torch.tensor([0, 7, 2**33], device=device)
+    vocab = 2 * BLOCK + 3  # a partial last block
+    try:
+        ok = bool(torch.equal(row_noise_triton(seeds, counters, vocab),
+                              reference(seeds, counters, torch.arange(vocab, device=device))))
+        why = "its uniforms differ from the PyTorch form's"
+    except Exception as exc:  # a compiler or driver that cannot build it: the PyTorch form still works
+        ok, why = False, f"{type(exc).__name__}: {exc}"
+    if not ok:
+        warnings.warn(f"the fused sampling noise kernel failed its check on {device} ({why}); sampling uses "
+                      "the PyTorch form there", RuntimeWarning, stacklevel=2)
+    _CHECKED[device] = ok
+    return ok
 
 
 def fits(seeds: torch.Tensor) -> bool:
