@@ -277,7 +277,7 @@ def test_cell_loss_targets_every_cell_of_the_active_puzzles_only():
     full = out.lm_out.logits.detach()  # (B, 17, V): the LM's own logits, targets are full-vocabulary ids
     pairs = [(full[b, 1 + i], int(solutions[b, i])) for b in (0, 2) for i in range(16)]
     want_ce = _cross_entropy_by_hand(torch.stack([p[0] for p in pairs]), list(enumerate(p[1] for p in pairs)))
-    torch.testing.assert_close(parts["ce"].double(), want_ce, msg=f"seed {seed}")
+    torch.testing.assert_close(parts["ce"].double(), want_ce, rtol=1.3e-6, atol=1e-5, msg=f"seed {seed}")  # float32 CE
     targets = torch.full((3, 17), IGNORE)
     targets[0, 1:], targets[2, 1:] = solutions[0].long(), solutions[2].long()
     want_loss, _ = lm_loss(out.lm_out, targets, model.cfg.z_loss_weight, weights)
@@ -297,8 +297,9 @@ def test_plain_cell_loss_is_cross_entropy_over_the_answers_of_active_puzzles(off
     ce, parts = plain_cell_loss(out, solutions, active, answer_offset=offset)
     rows = logits.detach()[1:].reshape(-1, 5)
     want = _cross_entropy_by_hand(rows, list(enumerate((solutions[1:].reshape(-1).long() - offset).tolist())))
-    torch.testing.assert_close(ce.double(), want, msg=f"seed {seed}")
-    assert ce.dtype == torch.float32  # computed in float32 whatever the logits
+    # computed in float32 whatever the logits: float32's tolerances (float64's failed 10 of 6,000 draws)
+    torch.testing.assert_close(ce.double(), want, rtol=1.3e-6, atol=1e-5, msg=f"seed {seed}")
+    assert ce.dtype == torch.float32
     assert torch.equal(parts["ce"], ce.detach()) and not parts["ce"].requires_grad
     ce.backward()  # the inactive puzzle gets no gradient
     assert torch.equal(logits.grad[0], torch.zeros(4, 5)) and logits.grad[1:].abs().sum() > 0
