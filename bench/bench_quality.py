@@ -518,8 +518,8 @@ class DeviceRuns:
         with open(self.path, "a") as f:  # O_APPEND: a short line lands whole, whoever else writes
             f.write(f"{word} {run_id}\n")
 
-    def running(self, events=None) -> set[str]:
-        events = self._events() if events is None else events
+    def running(self) -> set[str]:
+        events = self._events()
         ended = {r for w, r in events if w == "end"}
         return {r for w, r in events if w == "start" and r not in ended and _pid_alive(int(r.split(":")[0]))}
 

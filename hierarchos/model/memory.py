@@ -156,11 +156,7 @@ class LongTermMemory(nn.Module):
         e: (B, 1, D) -> (reads (B, 1, Dv), new state)."""
         learned = self.values.to(e.dtype).unsqueeze(0)
         attn, idx = self.address(self.query(e))
-        if write_rows:
-            values = learned + state["delta"]  # every row's write is computed (no host read decides it)
-            read = self.gather(attn, idx, values)  # the same sums as `forward`'s picked learned + delta
-        else:
-            read = self.gather(attn, idx, learned, state["delta"])
+        read = self.gather(attn, idx, learned, state["delta"])  # as `forward` reads: learned + delta, picked
         err = 2.0 * (read - self.target(e))
         contrib = (attn[..., None] * err[:, :, None, :]).reshape(e.shape[0], -1, self.val_dim)
         surprise = state["surprise"].scatter_add(1, idx.reshape(e.shape[0], -1, 1).expand_as(contrib), contrib)
@@ -169,6 +165,7 @@ class LongTermMemory(nn.Module):
             return read, {"delta": state["delta"], "momentum": state["momentum"], "surprise": surprise,
                           "input_sum": input_sum, "writes": state["writes"]}
         closes = torch.remainder(row_pos + 1, self.chunk) == 0                      # (B,) chunk complete
+        values = learned + state["delta"]  # every row's write is computed (no host read decides it)
         written_values, momentum, written = self._write(values, state["momentum"], surprise, input_sum / self.chunk)
         at = closes[:, None, None]
         new_state = {"delta": torch.where(at, written_values - learned, state["delta"]),  # as `forward` keeps it
