@@ -242,7 +242,9 @@ def test_batched_recall_accuracy_is_the_reference():
 
     seed = fresh_seed()
     model = _tiny_model(seed)
-    filler = "".join(f"line {i} of filler text\n" for i in range(200))
+    # lines of varied lengths, so that the documents' lengths differ (with equal-length lines 149 of 3,000
+    # seeds drew five documents of one length, and the precondition below failed)
+    filler = "".join(f"line {i} of filler text{'.' * (i % 11)}\n" for i in range(200))
     docs = bq.make_recall_docs(5, filler, n_facts=3, gap_bytes=40 + seed % 30, n_queries=3, seed=seed)
     assert len({len(d["text"]) for d in docs}) > 1
     got = bq.recall_accuracy(model, docs, 16, torch.device("cpu"), rows=2)
