@@ -6,8 +6,8 @@ fresh random inputs (fresh leaves per implementation) in the model's ranges, B=2
 and T=1000, then with frozen tokens and with the state carried between two calls: relative errors
 of o, the final state and all seven gradients, PASS under --tol (--fla-tol for fla).
 (2) Timing (CUDA events, warm-up, median of --reps): forward+backward, and forward alone under
-no_grad, at B=8 T=2048 and B=2 T=8192 (H=12 N=64), for the Triton kernel (a sweep of launch
-configs at the first shape), the chunked PyTorch path (chunk 32 and 64) and fla if present;
+no_grad, at --shapes (default B=8 T=2048 and B=2 T=8192, H=12 N=64), for the Triton kernel (a sweep of launch
+configs, column sums by parts or atomics, at the first shape), the chunked PyTorch path (chunk 32 and 64) and fla if present;
 beside them two floors: the bytes a fused fwd+bwd must move over the measured copy bandwidth,
 and its FLOPs over the measured float32 (no TF32) matmul rate. First-call time (Triton JIT) is
 reported apart from the steady time.
@@ -163,11 +163,14 @@ def timing(impls, device, shape, reps, warmup, with_fwd=True):
                 fn(*leaves[:6], state=leaves[6])
         try:
             torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
             t0 = time.perf_counter()
             step()
             torch.cuda.synchronize()
             first_ms = (time.perf_counter() - t0) * 1e3
             med, lo, hi = cuda_time(step, reps, warmup)
+            peak_mib = (torch.cuda.max_memory_allocated() - base) / 2**20  # above the inputs: the call's own
             fwd_first = time.perf_counter()
             forward()
             torch.cuda.synchronize()
@@ -178,10 +181,11 @@ def timing(impls, device, shape, reps, warmup, with_fwd=True):
             out.append(dict(impl=name, shape=shape, error=f"{type(exc).__name__}: {exc}"[:300]))
             continue
         row = dict(impl=name, shape=shape, fwd_bwd_ms=med, fwd_bwd_min_ms=lo, fwd_bwd_max_ms=hi,
-                   first_call_ms=first_ms, first_nograd_fwd_ms=fwd_first, fwd_nograd_ms=fwd_med)
+                   first_call_ms=first_ms, first_nograd_fwd_ms=fwd_first, fwd_nograd_ms=fwd_med, peak_mib=peak_mib)
         out.append(row)
         log(f"  {name:<28} B{B} T{T}: fwd+bwd {med:8.3f} ms (min {lo:.3f} max {hi:.3f})  "
-            f"fwd(no grad) {fwd_med:8.3f} ms  first call {first_ms:9.1f} ms (+{fwd_first:.0f} ms no-grad fwd)")
+            f"fwd(no grad) {fwd_med:8.3f} ms  first call {first_ms:9.1f} ms (+{fwd_first:.0f} ms no-grad fwd)  "
+            f"peak +{peak_mib:,.0f} MiB")
     return out
 
 
@@ -203,8 +207,9 @@ def fla_variants():
             "fla c64 bf16": bf16}   # bf16 operands: expect ~1e-2, reported, not a candidate
 
 
-def triton_config(rows, warps, prefetch=True):
-    return lambda *a, state: wkv7_triton(*a, state=state, rows=rows, num_warps=warps, prefetch=prefetch)
+def triton_config(rows, warps, prefetch=True, sums="parts"):
+    return lambda *a, state: wkv7_triton(*a, state=state, rows=rows, num_warps=warps, prefetch=prefetch,
+                                         column_sums=sums)
 
 
 def main():
@@ -219,6 +224,8 @@ def main():
                     help="fla's variants to check and time (each costs minutes of cold Triton JIT + autotune)")
     ap.add_argument("--no-chunked", action="store_true", help="do not time the chunked PyTorch path")
     ap.add_argument("--smoke", action="store_true", help="CPU interpreter: tiny parity only")
+    ap.add_argument("--shapes", nargs="+", default=["8,2048,12,64", "2,8192,12,64"], metavar="B,T,H,N",
+                    help="timed shapes (the sweep runs at the first; 16,1024,12,64 is the 125m model's at T=1024)")
     ap.add_argument("--json")
     args = ap.parse_args()
     device = "cpu" if args.smoke else "cuda"
@@ -244,9 +251,12 @@ def main():
         cases += [dict(seq_lens=[333], frozen=0.3), dict(seq_lens=[333], split=77),
                   dict(seq_lens=[1000], frozen=0.2, split=500)]
     result["parity"] = [row for case in cases for row in parity(impls, device, tol=tol, smoke=args.smoke, **case)]
-    sweep = {f"triton rows={r} warps={w}{'' if p else ' noprefetch'}": triton_config(r, w, p)
-             for r, w, p in [(16, 2, True), (16, 2, False), (4, 1, True), (8, 1, True), (8, 2, True),
-                             (16, 1, True), (32, 2, True)]}   # rows=64 spills registers in the backward
+    sweep = {f"triton rows={r} warps={w}{'' if p else ' noprefetch'}{'' if c == 'parts' else ' ' + c}":
+             triton_config(r, w, p, c)
+             for r, w, p, c in [(16, 2, True, "parts"), (16, 2, False, "parts"), (4, 1, True, "parts"),
+                                (8, 1, True, "parts"), (8, 2, True, "parts"), (16, 1, True, "parts"),
+                                (32, 2, True, "parts"), (8, 1, True, "atomic"), (16, 1, True, "atomic"),
+                                (4, 1, True, "atomic"), (32, 2, True, "atomic")]}   # rows=64 spills registers
     if not args.smoke and not args.no_sweep:  # every launch config that gets timed is checked too (T=200)
         result["parity"] += parity(sweep, device, [200], args.tol, args.smoke)
     verdicts = {}
@@ -268,7 +278,7 @@ def main():
     result["ceilings"] = dict(copy_bandwidth_Bps=bandwidth, fp32_matmul_flops=flops_rate)
     log(f"## ceilings: copy {bandwidth / 1e12:.2f} TB/s (read+write), fp32 matmul {flops_rate / 1e12:.1f} TFLOP/s")
 
-    shapes = [(8, 2048, 12, 64), (2, 8192, 12, 64)]
+    shapes = [tuple(int(x) for x in shape.split(",")) for shape in args.shapes]
     result["timing"] = []
     for i, shape in enumerate(shapes):
         log(f"## fwd+bwd B{shape[0]} T{shape[1]} H{shape[2]} N{shape[3]}")
@@ -294,12 +304,12 @@ def main():
         save(result, args.json)
 
     log("\n## summary (ms, median; fwd+bwd per layer call)")
-    log(f"| impl | shape B,T,H,N | fwd+bwd ms | no-grad fwd ms | first call ms |")
-    log("|---|---|---:|---:|---:|")
+    log(f"| impl | shape B,T,H,N | fwd+bwd ms | no-grad fwd ms | first call ms | peak MiB above inputs |")
+    log("|---|---|---:|---:|---:|---:|")
     for r in result["timing"]:
         if "fwd_bwd_ms" in r:
             log(f"| {r['impl']} | {','.join(map(str, r['shape']))} | {r['fwd_bwd_ms']:.3f} | "
-                f"{r['fwd_nograd_ms']:.3f} | {r['first_call_ms']:.0f} |")
+                f"{r['fwd_nograd_ms']:.3f} | {r['first_call_ms']:.0f} | {r['peak_mib']:,.0f} |")
     for f in result["floors"]:
         log(f"| floor: bytes / copy bandwidth | {','.join(map(str, f['shape']))} | {f['bytes_ms']:.3f} | | |")
         log(f"| floor: FLOPs / fp32 matmul rate | {','.join(map(str, f['shape']))} | {f['flops_ms']:.3f} | | |")

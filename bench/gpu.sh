@@ -8,7 +8,9 @@
 #   wkv        WKV-7 kernels: parity of our Triton kernel and fla-core's chunked kernel against the
 #              float64 scan (fresh leaves, frozen tokens, state carried across calls, all 7 gradients),
 #              then fwd+bwd timings at B8 T2048 and B2 T8192 (~220 s, most of it fla's cold JIT + autotune;
-#              fla caches its autotune results on disk, so later suites of the same call start faster)
+#              fla caches its autotune results on disk, so later suites of the same call start faster);
+#              WKV_ARGS replaces the options (e.g. "--no-chunked --shapes 16,1024,12,64 2,8192,12,64": the
+#              launch sweep, parts vs atomic column sums, at the 125m model's shape), WKV_TIMEOUT the 220 s
 #   wkv-model  hierarchos 125m minimal, full training steps (clip + optimizer), one row per WKV
 #              implementation (triton, fla), T=1024 and 8192, eager and under a CUDA graph (~150 s)
 #   stall      the `train` command at ~30M (byte tokenizer, width 512, 3 + 3 layers, T=512, B=32,
@@ -107,7 +109,7 @@ for suite in "$@"; do
   start=$SECONDS
   case $suite in
     wkv)
-      timeout 220 python3 bench/bench_wkv.py --no-sweep --no-chunked --reps 10 --json "$out/wkv.json" 2>&1 \
+      timeout ${WKV_TIMEOUT:-220} python3 bench/bench_wkv.py ${WKV_ARGS:---no-sweep --no-chunked --reps 10} --json "$out/wkv.json" 2>&1 \
         | tee "$out/wkv.log" ;;
     wkv-model)
       timeout 150 python3 bench/bench_forward.py --device cuda --size 125m --seq-lens 1024 8192 --configs minimal \

@@ -175,15 +175,15 @@ def test_triton_is_never_auto_on_cpu_and_forcing_it_is_one_error(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or triton is None, reason="needs CUDA and triton")
-@pytest.mark.parametrize("T", [1, 100, 333])
-def test_compiled_kernel_on_cuda_matches_reference(monkeypatch, T):
+@pytest.mark.parametrize("T, sums", [(1, "parts"), (100, "parts"), (333, "parts"), (100, "atomic"), (333, "atomic")])
+def test_compiled_kernel_on_cuda_matches_reference(monkeypatch, T, sums):
     monkeypatch.delenv("HIERARCHOS_WKV_IMPL", raising=False)
     seed = fresh_seed()
     inputs, state = make_inputs(seed, B=2, T=T, H=4, N=64)
     weight_o, weight_s = weights(seed, inputs, state)
     ref = reference_grads(inputs, state, weight_o, weight_s)
     cuda = {n: x.float().cuda() for n, x in inputs.items()}
-    got = triton_grads(cuda, state.cuda(), weight_o.cuda(), weight_s.cuda())
+    got = triton_grads(cuda, state.cuda(), weight_o.cuda(), weight_s.cuda(), column_sums=sums)
     assert_matches(seed, tuple(x.cpu() if torch.is_tensor(x) else [g.cpu() for g in x] for x in got), ref, 1e-5)
     if T > 2:
         assert resolve_impl("auto", cuda["r"].requires_grad_()) == "triton"

@@ -63,18 +63,20 @@ def weights(seed, inputs, state):
             torch.randn(state.shape, generator=gen, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("B, T, H, N, rows, chunk, prefetch", [
-    (2, 5, 2, 8, 4, 2, True),    # 2 row blocks, 3 chunks with a 1-token tail
-    (2, 5, 2, 8, 4, 2, False),
-    (1, 4, 2, 8, 2, 2, True),    # 4 row blocks, an exact multiple of the chunk
-    (2, 5, 1, 4, None, 4, False),  # default rows (= N, one block), a 1-token tail
-    (1, 1, 1, 4, None, None, True),  # one token, the default chunk
+@pytest.mark.parametrize("B, T, H, N, rows, chunk, prefetch, sums", [
+    (2, 5, 2, 8, 4, 2, True, "parts"),    # 2 row blocks, 3 chunks with a 1-token tail
+    (2, 5, 2, 8, 4, 2, False, "parts"),
+    (1, 4, 2, 8, 2, 2, True, "parts"),    # 4 row blocks, an exact multiple of the chunk
+    (2, 5, 2, 8, 4, 2, True, "atomic"),   # the row blocks' column sums added by atomics
+    (1, 4, 2, 8, 2, 2, False, "atomic"),
+    (2, 5, 1, 4, None, 4, False, "atomic"),  # default rows (= N, one block: nothing to add), a 1-token tail
+    (1, 1, 1, 4, None, None, True, "parts"),  # one token, the default chunk
 ])
-def test_forward_and_every_gradient_match_the_float64_scan(interpret, B, T, H, N, rows, chunk, prefetch):
+def test_forward_and_every_gradient_match_the_float64_scan(interpret, B, T, H, N, rows, chunk, prefetch, sums):
     seed = fresh_seed()
     inputs, state = make_inputs(seed, B=B, T=T, H=H, N=N)
     weight_o, weight_s = weights(seed, inputs, state)
-    kw = {"rows": rows, "prefetch": prefetch, **({} if chunk is None else {"chunk": chunk})}
+    kw = {"rows": rows, "prefetch": prefetch, "column_sums": sums, **({} if chunk is None else {"chunk": chunk})}
     o, s, grads = kernel(inputs, state, weight_o, weight_s, **kw)
     o_ref, s_ref, grads_ref = reference(inputs, state, weight_o, weight_s)
     assert o.dtype == s.dtype == torch.float32
@@ -174,6 +176,13 @@ def test_launch_rule():
                                   f"divided by rows={shown}; use impl='chunked'")
 
 
+def test_an_unknown_column_sums_mode_is_a_one_line_error(interpret):
+    inputs, state = make_inputs(fresh_seed(), B=1, T=2, H=1, N=4, dtype=torch.float32)
+    with pytest.raises(HierarchosError) as err:
+        wkv7_triton(**inputs, state=state, column_sums="atomics")
+    assert str(err.value) == "wkv7_triton column_sums='atomics': use 'parts' or 'atomic'"
+
+
 def test_where_the_kernels_run(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     cpu_only = "it runs on CUDA tensors (on the CPU only under TRITON_INTERPRET=1, for tests)"
@@ -260,13 +269,24 @@ def test_the_launch_knobs_reach_both_kernels(interpret, monkeypatch):
     (fwd, grid_f, args_f, kw_f), (bwd, grid_b, args_b, kw_b) = launches.calls
     assert (fwd, bwd) == ("fwd", "bwd") and grid_f == grid_b == (1 * 2 * 2,)
     assert kw_f == {"H": 2, "N": 8, "BI": 4, "C": 2, "STORE_CKPT": True, "PREFETCH": False, "num_warps": 2}
-    assert kw_b == {"H": 2, "N": 8, "BI": 4, "C": 2, "PREFETCH": False, "num_warps": 2}
+    assert kw_b == {"H": 2, "N": 8, "BI": 4, "C": 2, "PREFETCH": False, "ATOMIC": False, "num_warps": 2}
     assert args_f[10:] == (5, 3) and args_f[9].numel() == 1 * 2 * 3 * 8 * 8   # T, n_chunks; the checkpoints
     assert args_b[9].numel() == 4 * 2 * 4 * 8 and args_b[17:] == (5, 3, 1 * 5 * 2 * 8)  # scratch; T, n_chunks, stride
+    assert [args_b[i].shape[0] for i in (10, 11, 12, 14, 15)] == [2] * 5  # one partial sum per row block
     o_ref, s_ref, grads_ref = reference(inputs, state, weight_o, weight_s)
     close(o, o_ref, "o", seed)
     for name, g, g_ref in zip((*NAMES, "state"), grads, grads_ref):
         close(g, g_ref, f"d{name}", seed)
+
+    launches.calls.clear()  # atomic column sums: one zeroed buffer per column gradient, ATOMIC on
+    _, _, grads = kernel(inputs, state, weight_o, weight_s, rows=4, chunk=2, column_sums="atomic")
+    (_, _, args_b, kw_b) = launches.calls[1]
+    assert kw_b["ATOMIC"] is True and [args_b[i].shape[0] for i in (10, 11, 12, 14, 15)] == [1] * 5
+    for name, g, g_ref in zip((*NAMES, "state"), grads, grads_ref):
+        close(g, g_ref, f"d{name}", seed)
+    launches.calls.clear()  # one row block: nothing to add, so plain stores even when atomic is asked for
+    kernel(inputs, state, weight_o, weight_s, rows=8, chunk=2, column_sums="atomic")
+    assert launches.calls[1][3]["ATOMIC"] is False
 
     launches.calls.clear()  # no gradient wanted: no checkpoints; the defaults
     o, s = wkv7_triton(**inputs, state=state)

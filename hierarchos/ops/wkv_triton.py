@@ -159,11 +159,13 @@ def _wkv7_bwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, do_ptr, ds_out_pt
                      dr_ptr, dw_ptr, dk_ptr, dv_ptr, da_ptr, db_ptr, ds0_ptr,
                      T, n_chunks, part_stride,
                      H: tl.constexpr, N: tl.constexpr, BI: tl.constexpr, C: tl.constexpr,
-                     PREFETCH: tl.constexpr):
+                     PREFETCH: tl.constexpr, ATOMIC: tl.constexpr):
     """The adjoint recurrence of `wkv7_manual_backward` for the same rows as the forward program.
 
     dv is row-local and written whole; dr, dlog_w, dk, da, db sum over all N rows, so each row
-    block writes its partial sum at slice `blk` (stride part_stride) and the caller adds them up.
+    block writes its partial sum at slice `blk` (stride part_stride) and the caller adds them up,
+    or, with ATOMIC, adds it into one zeroed buffer (no N/BI-fold partials in memory; the order of
+    the N/BI additions then varies from run to run, so the last bits do).
     PREFETCH as in the forward: the recompute loads token t+1, the reverse loop token t-1 and
     the state before it, while token t computes.
     """
@@ -176,7 +178,7 @@ def _wkv7_bwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, do_ptr, ds_out_pt
     tok0 = ((bh // H).to(tl.int64) * T * H + bh % H) * N
     tile = rows[:, None] * N + cols[None, :]
     state0 = bh.to(tl.int64) * N * N
-    part = blk.to(tl.int64) * part_stride
+    part = blk.to(tl.int64) * part_stride * (1 - ATOMIC)
     scratch = pid.to(tl.int64) * (C * BI * N) + tl.arange(0, BI)[:, None] * N + cols[None, :]
     ds = tl.load(ds_out_ptr + state0 + tile)
     c = n_chunks - 1
@@ -254,14 +256,26 @@ def _wkv7_bwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, do_ptr, ds_out_pt
                 dot = tl.load(do_ptr + off + rows, mask=row_live, other=0.0)
             decay = tl.exp(lw)
             ds = ds + dot[:, None] * rt[None, :]
-            tl.store(dr_ptr + part + off + cols, tl.reduce(s * dot[:, None], 0, _SUM), mask=col_live)
             tl.store(dv_ptr + off + rows, tl.reduce(ds * kt[None, :], 1, _SUM), mask=row_live)
-            tl.store(dk_ptr + part + off + cols, tl.reduce(ds * vt[:, None], 0, _SUM), mask=col_live)
             u = tl.reduce(s_prev * at[None, :], 1, _SUM)
-            tl.store(db_ptr + part + off + cols, tl.reduce(ds * u[:, None], 0, _SUM), mask=col_live)
             du = tl.reduce(ds * bt[None, :], 1, _SUM)
-            tl.store(da_ptr + part + off + cols, tl.reduce(s_prev * du[:, None], 0, _SUM), mask=col_live)
-            tl.store(dw_ptr + part + off + cols, tl.reduce(s_prev * ds, 0, _SUM) * decay, mask=col_live)
+            g_r = tl.reduce(s * dot[:, None], 0, _SUM)          # this block's share of the column sums
+            g_k = tl.reduce(ds * vt[:, None], 0, _SUM)
+            g_b = tl.reduce(ds * u[:, None], 0, _SUM)
+            g_a = tl.reduce(s_prev * du[:, None], 0, _SUM)
+            g_w = tl.reduce(s_prev * ds, 0, _SUM) * decay
+            if ATOMIC:
+                tl.atomic_add(dr_ptr + off + cols, g_r, mask=col_live, sem="relaxed")
+                tl.atomic_add(dk_ptr + off + cols, g_k, mask=col_live, sem="relaxed")
+                tl.atomic_add(db_ptr + off + cols, g_b, mask=col_live, sem="relaxed")
+                tl.atomic_add(da_ptr + off + cols, g_a, mask=col_live, sem="relaxed")
+                tl.atomic_add(dw_ptr + off + cols, g_w, mask=col_live, sem="relaxed")
+            else:
+                tl.store(dr_ptr + part + off + cols, g_r, mask=col_live)
+                tl.store(dk_ptr + part + off + cols, g_k, mask=col_live)
+                tl.store(db_ptr + part + off + cols, g_b, mask=col_live)
+                tl.store(da_ptr + part + off + cols, g_a, mask=col_live)
+                tl.store(dw_ptr + part + off + cols, g_w, mask=col_live)
             ds = ds * decay[None, :] + du[:, None] * at[None, :]
             s = s_prev
         tl.debug_barrier()  # the next chunk overwrites scratch that this one's threads read
@@ -316,7 +330,7 @@ class _WKV7Triton(torch.autograd.Function):
     """Inputs contiguous float32 (B, T, H, N), T >= 1; state contiguous float32 (B, H, N, N)."""
 
     @staticmethod
-    def forward(ctx, r, log_w, k, v, a, b, state, rows, num_warps, chunk, prefetch):
+    def forward(ctx, r, log_w, k, v, a, b, state, rows, num_warps, chunk, prefetch, atomic):
         batch, seq_len, heads, head_size = r.shape
         n_chunks = -(-seq_len // chunk)
         store = any(ctx.needs_input_grad[:7])
@@ -330,21 +344,23 @@ class _WKV7Triton(torch.autograd.Function):
                   num_warps=num_warps)
         if store:
             ctx.save_for_backward(r, log_w, k, v, a, b, ckpt)
-        ctx.config = (rows, num_warps, chunk, n_chunks, prefetch)
+        ctx.config = (rows, num_warps, chunk, n_chunks, prefetch, atomic)
         return o, final
 
     @staticmethod
     def backward(ctx, d_o, d_final):
         r, log_w, k, v, a, b, ckpt = ctx.saved_tensors
-        rows, num_warps, chunk, n_chunks, prefetch = ctx.config
+        rows, num_warps, chunk, n_chunks, prefetch, atomic = ctx.config
         batch, seq_len, heads, head_size = r.shape
         d_o = torch.zeros_like(r) if d_o is None else d_o.float().contiguous()
         shape_s = (batch, heads, head_size, head_size)
         d_final = r.new_zeros(shape_s) if d_final is None else d_final.float().contiguous()
         blocks = head_size // rows
         grid = (batch * heads * blocks,)
-        # row blocks > 1: each writes its own partial sums of the column gradients, added below
-        parts = [r.new_empty((blocks, *r.shape)) for _ in range(5)]
+        # row blocks > 1: each writes its own partial sums of the column gradients, added below,
+        # or (atomic) adds them into one zeroed buffer
+        atomic = atomic and blocks > 1
+        parts = [r.new_zeros((1, *r.shape)) if atomic else r.new_empty((blocks, *r.shape)) for _ in range(5)]
         dv = torch.empty_like(r)
         d_state = r.new_empty(shape_s)
         scratch = r.new_empty(grid[0] * chunk * rows * head_size)
@@ -352,18 +368,22 @@ class _WKV7Triton(torch.autograd.Function):
         bwd[grid](r, log_w, k, v, a, b, d_o, d_final, ckpt, scratch,
                   parts[0], parts[1], parts[2], dv, parts[3], parts[4], d_state,
                   seq_len, n_chunks, r.numel(),
-                  H=heads, N=head_size, BI=rows, C=chunk, PREFETCH=prefetch, num_warps=num_warps)
-        dr, dlog_w, dk, da, db = (p[0] if blocks == 1 else p.sum(dim=0) for p in parts)
-        return dr, dlog_w, dk, dv, da, db, d_state, None, None, None, None
+                  H=heads, N=head_size, BI=rows, C=chunk, PREFETCH=prefetch, ATOMIC=atomic, num_warps=num_warps)
+        dr, dlog_w, dk, da, db = (p[0] if len(p) == 1 else p.sum(dim=0) for p in parts)
+        return dr, dlog_w, dk, dv, da, db, d_state, None, None, None, None, None
 
 
-def wkv7_triton(r, log_w, k, v, a, b, state=None, *, rows=None, num_warps=None, chunk=CHUNK, prefetch=True):
+def wkv7_triton(r, log_w, k, v, a, b, state=None, *, rows=None, num_warps=None, chunk=CHUNK, prefetch=True,
+                column_sums="parts"):
     """WKV-7 through the fused Triton kernels (CUDA; CPU only under TRITON_INTERPRET=1).
 
     Same contract as `wkv7_reference`, except that it always computes in float32 and returns
     float32 (float64 inputs too). `rows` value channels per program (default min(N, 8)), and
     `num_warps`, are launch knobs for benchmarks; `chunk` is the checkpoint spacing; `prefetch`
-    loads the next token's inputs while the current one computes.
+    loads the next token's inputs while the current one computes; `column_sums` how the backward adds
+    the row blocks' shares of dr, dlog_w, dk, da, db: "parts" (each block writes its own, summed
+    afterwards in a fixed order: bit-reproducible, N/rows x the gradients' memory for a moment) or
+    "atomic" (added into one buffer by atomics: no extra memory, the last bits vary run to run).
     """
     reason = triton_unavailable_reason(r.device)
     if reason:
@@ -373,7 +393,10 @@ def wkv7_triton(r, log_w, k, v, a, b, state=None, *, rows=None, num_warps=None, 
     if r.shape[1] == 0:
         return r.new_zeros(r.shape), state
     rows, num_warps = _launch_config(r.shape[-1], rows, num_warps)
+    if column_sums not in ("parts", "atomic"):
+        raise HierarchosError(f"wkv7_triton column_sums={column_sums!r}: use 'parts' or 'atomic'")
+    atomic = column_sums == "atomic"
     if r.is_cuda:
         with torch.cuda.device(r.device):  # Triton launches on the current device
-            return _WKV7Triton.apply(r, log_w, k, v, a, b, state, rows, num_warps, chunk, prefetch)
-    return _WKV7Triton.apply(r, log_w, k, v, a, b, state, rows, num_warps, chunk, prefetch)
+            return _WKV7Triton.apply(r, log_w, k, v, a, b, state, rows, num_warps, chunk, prefetch, atomic)
+    return _WKV7Triton.apply(r, log_w, k, v, a, b, state, rows, num_warps, chunk, prefetch, atomic)
