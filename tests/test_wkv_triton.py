@@ -187,3 +187,18 @@ def test_compiled_kernel_on_cuda_matches_reference(monkeypatch, T, sums):
     assert_matches(seed, tuple(x.cpu() if torch.is_tensor(x) else [g.cpu() for g in x] for x in got), ref, 1e-5)
     if T > 2:
         assert resolve_impl("auto", cuda["r"].requires_grad_()) == "triton"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or triton is None, reason="needs CUDA and triton")
+def test_compiled_kernel_default_launch_at_the_models_batch_matches_reference(monkeypatch):
+    """B16 H12: 192 (batch, head) pairs, so on an H100/H200 the forward runs 8 rows a program and the
+    backward 16 (occupancy_rows), with atomic column sums: still the float64 reference's values."""
+    monkeypatch.delenv("HIERARCHOS_WKV_IMPL", raising=False)
+    seed = fresh_seed()
+    inputs, state = make_inputs(seed, B=16, T=40, H=12, N=64)
+    weight_o, weight_s = weights(seed, inputs, state)
+    ref = reference_grads(inputs, state, weight_o, weight_s)
+    cuda = {n: x.float().cuda() for n, x in inputs.items()}
+    got = triton_grads(cuda, state.cuda(), weight_o.cuda(), weight_s.cuda())
+    assert_matches(seed, tuple(x.cpu() if torch.is_tensor(x) else [g.cpu() for g in x] for x in got), ref, 1e-5)

@@ -176,6 +176,32 @@ def test_launch_rule():
                                   f"divided by rows={shown}; use impl='chunked'")
 
 
+def test_occupancy_rows_takes_the_largest_candidate_that_keeps_every_sm_busy():
+    """pairs x N / rows programs must reach PROGRAMS_PER_SM per SM (4 x 132 = 528 on an H100)."""
+    fwd, bwd = wkv_triton.FORWARD_ROWS, wkv_triton.BACKWARD_ROWS
+    assert wkv_triton.PROGRAMS_PER_SM == 4
+    assert wkv_triton.occupancy_rows(64, 16 * 12, 132, bwd) == 16    # 768 programs
+    assert wkv_triton.occupancy_rows(64, 16 * 12, 132, fwd) == 8     # 1,536
+    assert wkv_triton.occupancy_rows(64, 8 * 12, 132, bwd) == 8      # 16 rows: 384 < 528
+    assert wkv_triton.occupancy_rows(64, 132, 132, bwd) == 16        # exactly 528
+    assert wkv_triton.occupancy_rows(64, 131, 132, bwd) == 8
+    assert wkv_triton.occupancy_rows(64, 2 * 12, 132, bwd) == 4      # none reaches it: the smallest
+    assert wkv_triton.occupancy_rows(64, 1, 132, fwd) == 4
+    assert wkv_triton.occupancy_rows(8, 1000, 1, bwd) == 8           # 16 rows do not divide N = 8
+    assert wkv_triton.occupancy_rows(2, 1000, 1, bwd) == 2           # no candidate fits: min(N, 8)
+
+
+def test_column_sums_default_to_atomics_on_cuda_unless_determinism_is_asked_for():
+    assert wkv_triton._default_column_sums(False) == "parts"
+    assert wkv_triton._default_column_sums(True) == "atomic"
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        assert wkv_triton._default_column_sums(True) == "parts"
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
 def test_an_unknown_column_sums_mode_is_a_one_line_error(interpret):
     inputs, state = make_inputs(fresh_seed(), B=1, T=2, H=1, N=4, dtype=torch.float32)
     with pytest.raises(HierarchosError) as err:

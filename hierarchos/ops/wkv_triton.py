@@ -316,9 +316,8 @@ def _kernels(interpret: bool):
 
 
 def _launch_config(head_size: int, rows: int | None, num_warps: int | None):
-    """Default: 8 rows per program in one warp, the fastest of bench_wkv's sweep on an H200 at N=64
-    (B8 T2048 H12: 5.6 ms fwd+bwd vs 7.0 for 16 rows in 2 warps; B2 T8192: 15.4 vs 22.5): more,
-    smaller programs hide each one's step latency, and one warp reduces with shuffles only."""
+    """(rows, warps) of one kernel's launch: `rows` value channels per program (default min(N, 8)), in
+    rows * N / 1024 warps (one warp reduces with shuffles only) unless `num_warps` is given."""
     rows = rows or min(head_size, 8)
     if head_size & (head_size - 1) or not 1 <= rows <= head_size or head_size % rows:
         raise HierarchosError(f"wkv7 impl 'triton' needs a power-of-two head size (got {head_size}) "
@@ -326,11 +325,40 @@ def _launch_config(head_size: int, rows: int | None, num_warps: int | None):
     return rows, num_warps or max(1, min(8, rows * head_size // 1024))
 
 
+FORWARD_ROWS, BACKWARD_ROWS = (8, 4), (16, 8, 4)   # the candidates, largest first
+PROGRAMS_PER_SM = 4
+
+
+def occupancy_rows(head_size: int, pairs: int, sms: int, candidates: tuple[int, ...]) -> int:
+    """The largest candidate row count whose launch still has PROGRAMS_PER_SM programs per SM
+    (pairs x N / rows of them; the smallest candidate when none does). Each program steps through the
+    tokens one after another, so a launch with few programs leaves SMs idle, and one with more, smaller
+    programs than it needs pays more per-token reductions and, in the backward, more column sums.
+    From bench_wkv on an H100 (132 SMs, N=64, atomic column sums): backward+forward B16 T1024 H12 16 rows
+    3.88 ms, 8 rows 4.43; B2 T8192 4 rows 13.6 ms, 16 rows 18.6; no-grad forward B16 8 rows 0.83 ms,
+    16 rows 0.91; B2 4 rows 4.69, 8 rows 4.99."""
+    fitting = [r for r in candidates if r <= head_size and head_size % r == 0]
+    if not fitting:
+        return min(head_size, 8)
+    return next((r for r in fitting if pairs * (head_size // r) >= PROGRAMS_PER_SM * sms), fitting[-1])
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _default_column_sums(is_cuda: bool) -> str:
+    """Atomics on CUDA (1.1-1.3x faster backward, no N/rows-fold partials), unless the user asked torch
+    for deterministic algorithms; the interpreter (CPU tests) adds the parts in order."""
+    return "atomic" if is_cuda and not torch.are_deterministic_algorithms_enabled() else "parts"
+
+
 class _WKV7Triton(torch.autograd.Function):
     """Inputs contiguous float32 (B, T, H, N), T >= 1; state contiguous float32 (B, H, N, N)."""
 
     @staticmethod
-    def forward(ctx, r, log_w, k, v, a, b, state, rows, num_warps, chunk, prefetch, atomic):
+    def forward(ctx, r, log_w, k, v, a, b, state, launches, chunk, prefetch, atomic):
         batch, seq_len, heads, head_size = r.shape
         n_chunks = -(-seq_len // chunk)
         store = any(ctx.needs_input_grad[:7])
@@ -338,19 +366,20 @@ class _WKV7Triton(torch.autograd.Function):
         final = torch.empty_like(state)
         ckpt = r.new_empty((batch * heads * n_chunks * head_size * head_size) if store else 1)
         fwd, _ = _kernels(not r.is_cuda)
+        (rows, num_warps), _ = launches
         grid = (batch * heads * (head_size // rows),)
         fwd[grid](r, log_w, k, v, a, b, state, o, final, ckpt, seq_len, n_chunks,
                   H=heads, N=head_size, BI=rows, C=chunk, STORE_CKPT=store, PREFETCH=prefetch,
                   num_warps=num_warps)
         if store:
             ctx.save_for_backward(r, log_w, k, v, a, b, ckpt)
-        ctx.config = (rows, num_warps, chunk, n_chunks, prefetch, atomic)
+        ctx.config = (launches[1], chunk, n_chunks, prefetch, atomic)  # the backward's rows may differ
         return o, final
 
     @staticmethod
     def backward(ctx, d_o, d_final):
         r, log_w, k, v, a, b, ckpt = ctx.saved_tensors
-        rows, num_warps, chunk, n_chunks, prefetch, atomic = ctx.config
+        (rows, num_warps), chunk, n_chunks, prefetch, atomic = ctx.config
         batch, seq_len, heads, head_size = r.shape
         d_o = torch.zeros_like(r) if d_o is None else d_o.float().contiguous()
         shape_s = (batch, heads, head_size, head_size)
@@ -370,20 +399,24 @@ class _WKV7Triton(torch.autograd.Function):
                   seq_len, n_chunks, r.numel(),
                   H=heads, N=head_size, BI=rows, C=chunk, PREFETCH=prefetch, ATOMIC=atomic, num_warps=num_warps)
         dr, dlog_w, dk, da, db = (p[0] if len(p) == 1 else p.sum(dim=0) for p in parts)
-        return dr, dlog_w, dk, dv, da, db, d_state, None, None, None, None, None
+        return dr, dlog_w, dk, dv, da, db, d_state, None, None, None, None
 
 
 def wkv7_triton(r, log_w, k, v, a, b, state=None, *, rows=None, num_warps=None, chunk=CHUNK, prefetch=True,
-                column_sums="parts"):
+                column_sums=None):
     """WKV-7 through the fused Triton kernels (CUDA; CPU only under TRITON_INTERPRET=1).
 
     Same contract as `wkv7_reference`, except that it always computes in float32 and returns
-    float32 (float64 inputs too). `rows` value channels per program (default min(N, 8)), and
-    `num_warps`, are launch knobs for benchmarks; `chunk` is the checkpoint spacing; `prefetch`
-    loads the next token's inputs while the current one computes; `column_sums` how the backward adds
-    the row blocks' shares of dr, dlog_w, dk, da, db: "parts" (each block writes its own, summed
-    afterwards in a fixed order: bit-reproducible, N/rows x the gradients' memory for a moment) or
-    "atomic" (added into one buffer by atomics: no extra memory, the last bits vary run to run).
+    float32 (float64 inputs too). `rows` value channels per program and `num_warps` are launch knobs
+    for benchmarks: by default on CUDA each kernel takes the rows `occupancy_rows` picks for this call's
+    (batch, head) pairs and the GPU's SM count (the forward and the backward separately: the
+    checkpoints hold whole states, so they need not agree), min(N, 8) under the interpreter. `chunk`
+    is the checkpoint spacing; `prefetch` loads the next token's inputs while the current one
+    computes; `column_sums` how the backward adds the row blocks' shares of dr, dlog_w, dk, da, db:
+    "parts" (each block writes its own, summed afterwards in a fixed order: bit-reproducible, N/rows x
+    the gradients' memory for a moment) or "atomic" (added into one buffer by atomics: no extra
+    memory, the last bits vary run to run); default atomic on CUDA unless
+    `torch.use_deterministic_algorithms` is on, parts under the interpreter.
     """
     reason = triton_unavailable_reason(r.device)
     if reason:
@@ -392,11 +425,18 @@ def wkv7_triton(r, log_w, k, v, a, b, state=None, *, rows=None, num_warps=None, 
     r, log_w, k, v, a, b, state = (x.float().contiguous() for x in (r, log_w, k, v, a, b, state))
     if r.shape[1] == 0:
         return r.new_zeros(r.shape), state
-    rows, num_warps = _launch_config(r.shape[-1], rows, num_warps)
+    head_size, pairs = r.shape[-1], r.shape[0] * r.shape[2]
+    if rows is None and r.is_cuda:
+        sms = _sm_count(r.device.index if r.device.index is not None else torch.cuda.current_device())
+        launches = tuple(_launch_config(head_size, occupancy_rows(head_size, pairs, sms, c), num_warps)
+                         for c in (FORWARD_ROWS, BACKWARD_ROWS))
+    else:
+        launches = (_launch_config(head_size, rows, num_warps),) * 2
+    column_sums = column_sums or _default_column_sums(r.is_cuda)
     if column_sums not in ("parts", "atomic"):
         raise HierarchosError(f"wkv7_triton column_sums={column_sums!r}: use 'parts' or 'atomic'")
     atomic = column_sums == "atomic"
     if r.is_cuda:
         with torch.cuda.device(r.device):  # Triton launches on the current device
-            return _WKV7Triton.apply(r, log_w, k, v, a, b, state, rows, num_warps, chunk, prefetch, atomic)
-    return _WKV7Triton.apply(r, log_w, k, v, a, b, state, rows, num_warps, chunk, prefetch, atomic)
+            return _WKV7Triton.apply(r, log_w, k, v, a, b, state, launches, chunk, prefetch, atomic)
+    return _WKV7Triton.apply(r, log_w, k, v, a, b, state, launches, chunk, prefetch, atomic)
