@@ -304,7 +304,7 @@ def main():
         save(result, args.json)
 
     log("\n## summary (ms, median; fwd+bwd per layer call)")
-    log(f"| impl | shape B,T,H,N | fwd+bwd ms | no-grad fwd ms | first call ms | peak MiB above inputs |")
+    log("| impl | shape B,T,H,N | fwd+bwd ms | no-grad fwd ms | first call ms | peak MiB above inputs |")
     log("|---|---|---:|---:|---:|---:|")
     for r in result["timing"]:
         if "fwd_bwd_ms" in r:
