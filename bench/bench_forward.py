@@ -52,6 +52,8 @@ SIZES = {  # hierarchos shapes; GPT-2 is fitted to each
     "tiny": dict(vocab_size=4096, context_dim=128, h_hidden=128, l_hidden=128, h_layers=2, l_layers=2),
     "25m": dict(vocab_size=16384, context_dim=448, h_hidden=448, l_hidden=448, h_layers=3, l_layers=3),
     "125m": dict(vocab_size=50257, context_dim=768, h_hidden=768, l_hidden=768, h_layers=4, l_layers=4),
+    # bench_train_loop's shape: the `train` command at ~30M with the byte tokenizer (260 ids)
+    "30m-byte": dict(vocab_size=260, context_dim=512, h_hidden=512, l_hidden=512, h_layers=3, l_layers=3),
 }
 CONFIGS = {"minimal": MINIMAL_DEPTH,  # ModelConfig's default depth
            "mid": dict(h_cycles=2, max_h_steps=2, max_l_steps=2),

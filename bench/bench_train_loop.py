@@ -62,6 +62,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gpt2-compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile GPT-2 (default: on for CUDA)")
     p.add_argument("--ours-args", default="", help="extra flags for our train command (one string; later flags win)")
+    p.add_argument("--ours-variants", nargs="+", default=[""], metavar="FLAGS",
+                   help="one row of ours per string of further flags (e.g. '' '--compile': as is, and with the "
+                        "RWKV blocks compiled); the first row is the one the ratio is quoted for")
     p.add_argument("--timeout", type=float, default=1200.0, help="seconds allowed to our train process")
     p.add_argument("--work-dir", default=None, help="corpus, token cache and outputs (default: a temp dir)")
     p.add_argument("--json", default=None, metavar="OUT")
@@ -89,10 +92,12 @@ def validate(args) -> None:
         raise HierarchosError(f"--corpus-mb {args.corpus_mb}: must be positive")
     if args.timeout <= 0:
         raise HierarchosError(f"--timeout {args.timeout}: must be positive")
-    try:
-        shlex.split(args.ours_args)
-    except ValueError as exc:
-        raise HierarchosError(f"--ours-args {args.ours_args!r}: not a shell-quoted list of flags ({exc})") from None
+    for flag, texts in (("--ours-args", [args.ours_args]), ("--ours-variants", args.ours_variants)):
+        for text in texts:
+            try:
+                shlex.split(text)
+            except ValueError as exc:
+                raise HierarchosError(f"{flag} {text!r}: not a shell-quoted list of flags ({exc})") from None
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         raise HierarchosError(f"--json {args.json}: no directory {os.path.dirname(os.path.abspath(args.json))}; "
                               "create it first")
@@ -120,27 +125,29 @@ def write_corpus(path: str, megabytes: float) -> int:
     return len(data)
 
 
-def ours_flags(args) -> list[str]:
-    """The train command's flags for the shape (minimal reasoning depth, the default, said explicitly)."""
+def ours_flags(args, variant: str = "") -> list[str]:
+    """The train command's flags for the shape (minimal reasoning depth, the default, said explicitly),
+    then --ours-args, then the variant's."""
     w = str(args.width)
     return ["--tokenizer-path", "byte", "--context_dim", w, "--h_hidden", w, "--l_hidden", w,
             "--h_layers", str(args.h_layers), "--l_layers", str(args.l_layers), "--head_size", str(HEAD_SIZE),
             "--h_cycles", "1", "--max_h_steps", "1", "--max_l_steps", "0",
             "--max_length", str(args.seq_len), "--batch_size", str(args.batch), "--starting-lr", str(args.lr),
-            "--device", args.device] + shlex.split(args.ours_args)
+            "--device", args.device] + shlex.split(args.ours_args) + shlex.split(variant)
 
 
-def run_ours(args, corpus: str, work: str) -> dict:
+def run_ours(args, corpus: str, work: str, variant: str = "") -> dict:
     log_every, max_steps = timed_span(args.warmup, args.steps)
     out_dir = os.path.join(work, "ours_out")
     argv = ["--train", corpus, "--out-dir", out_dir, "--token-cache", os.path.join(work, "token_cache"),
-            *ours_flags(args), "--epochs", "1", "--max-steps", str(max_steps), "--log-every", str(log_every),
+            *ours_flags(args, variant), "--epochs", "1", "--max-steps", str(max_steps), "--log-every", str(log_every),
             "--val-fraction", "0", "--save-every", "0", "--eval-every-epoch", "0"]
-    row = dict(model="hierarchos (train command)", argv=argv)
+    row = dict(model="hierarchos (train command)" + (f" {variant}" if variant else ""), variant=variant, argv=argv)
     shutil.rmtree(out_dir, ignore_errors=True)  # a reused --work-dir: no stale metrics.jsonl rows
     start = time.perf_counter()
+    log_name = "ours.log" if not variant else f"ours_{re.sub(r'[^A-Za-z0-9]+', '_', variant).strip('_')}.log"
     code, output = _run_logged([sys.executable, os.path.join(REPO, "hierarchos_cli.py"), "train", *argv], REPO,
-                               _child_env(REPO), args.timeout, os.path.join(work, "ours.log"))
+                               _child_env(REPO), args.timeout, os.path.join(work, log_name))
     row["process_s"] = round(time.perf_counter() - start, 1)
     if code is None:
         return dict(row, status=f"timeout after {args.timeout:.0f} s")
@@ -232,23 +239,28 @@ def run_gpt2(args, corpus: str, params_target: int) -> dict:
     return row
 
 
-def ratio(rows: list[dict]) -> float | None:
-    by = {r["model"].split()[0]: r for r in rows if r.get("status") == "ok"}
-    if "hierarchos" in by and "GPT-2" in by and by["GPT-2"]["tok_s"] > 0:
-        return by["hierarchos"]["tok_s"] / by["GPT-2"]["tok_s"]
-    return None
+def ratio(rows: list[dict], ours: dict | None = None) -> float | None:
+    """An ours row's tokens/s over GPT-2's (the first ours row when none is named)."""
+    done = [r for r in rows if r.get("status") == "ok"]
+    gpt = next((r for r in done if r["model"].startswith("GPT-2")), None)
+    ours = ours or next((r for r in rows if r["model"].startswith("hierarchos")), None)
+    if gpt is None or ours is None or ours.get("status") != "ok" or not gpt["tok_s"] > 0:
+        return None
+    return ours["tok_s"] / gpt["tok_s"]
 
 
 def format_table(rows: list[dict], shape: dict) -> str:
     head = (f"training tokens/s, byte tokenizer, T={shape['seq_len']}, B={shape['batch']} ({shape['device']}; "
             f"{shape['steps']} timed steps after {shape['warmup']})")
-    lines = [head, f"{'model':<28} {'params':>12} {'tok/s':>12} {'ms/step':>9}  status"]
+    lines = [head, f"{'model':<40} {'params':>12} {'tok/s':>12} {'ms/step':>9} {'ratio':>7}  status"]
     for r in rows:
         ok = r.get("status") == "ok"
         params = f"{r['params']:,}" if r.get("params") else "-"
         name = r["model"] + (f" {r['config']}" if r.get("config") else "")
-        lines.append(f"{name:<28} {params:>12} " + (f"{r['tok_s']:>12,.0f} {r['step_s'] * 1e3:>9.1f}" if ok
-                                                     else f"{'-':>12} {'-':>9}") + f"  {r.get('status', '?')}")
+        x = ratio(rows, r) if r["model"].startswith("hierarchos") else (1.0 if ok else None)
+        lines.append(f"{name:<40} {params:>12} " + (f"{r['tok_s']:>12,.0f} {r['step_s'] * 1e3:>9.1f}" if ok
+                                                     else f"{'-':>12} {'-':>9}")
+                     + (f" {x:>7.3f}" if x is not None else f" {'-':>7}") + f"  {r.get('status', '?')}")
     x = ratio(rows)
     lines.append(f"hierarchos / GPT-2: {x:.3f}x" if x is not None else "hierarchos / GPT-2: - (needs both rows)")
     return "\n".join(lines)
@@ -271,15 +283,15 @@ def main(argv=None) -> int:
         corpus = args.corpus or os.path.join(work, "corpus.txt")
         if args.corpus is None:
             shape["corpus_bytes"] = write_corpus(corpus, args.corpus_mb)
-        ours = None
         if args.only in ("both", "ours"):
-            print("running the train command ...", flush=True)
-            ours = run_ours(args, corpus, work)
-            rows.append(ours)
-            print(f"  {ours['status']}" + (f", {ours['tok_s']:,.0f} tok/s" if ours["status"] == "ok" else ""),
-                  flush=True)
+            for variant in args.ours_variants:
+                print(f"running the train command {variant} ...", flush=True)
+                rows.append(run_ours(args, corpus, work, variant))
+                print(f"  {rows[-1]['status']}" + (f", {rows[-1]['tok_s']:,.0f} tok/s" if rows[-1]["status"] == "ok"
+                                                   else ""), flush=True)
         if args.only in ("both", "gpt2"):
-            target = (ours or {}).get("params") or 12 * args.width ** 2 * (args.h_layers + args.l_layers)
+            target = (next((r["params"] for r in rows if r.get("params")), None)
+                      or 12 * args.width ** 2 * (args.h_layers + args.l_layers))
             print(f"running GPT-2 fitted to {target:,} parameters ...", flush=True)
             rows.append(run_gpt2(args, corpus, target))
             print(f"  {rows[-1]['status']}" + (f", {rows[-1]['tok_s']:,.0f} tok/s" if rows[-1]["status"] == "ok"
@@ -288,6 +300,7 @@ def main(argv=None) -> int:
     if args.json:
         write_json(args.json, dict(bench="bench_train_loop", argv=sys.argv if argv is None else list(argv),
                                    shape=shape, machine=machine_info(args.device), rows=rows, ratio=ratio(rows),
+                                   ratios={r["model"]: ratio(rows, r) for r in rows if r["model"].startswith("hierarchos")},
                                    time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())))
         print(f"wrote {args.json}")
     return 0 if rows and all(r.get("status") == "ok" for r in rows) else 1

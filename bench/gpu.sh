@@ -20,10 +20,12 @@
 #   table      the training-throughput table: 125m minimal at T=1024 and T=8192 and default at T=1024
 #              against a compiled GPT-2 of equal size, full training steps for both (clip + fused
 #              AdamW; hierarchos with the trainer's optimizer), with the float32 parity preamble (~330 s);
-#              TABLE_WIRINGS="x070 hierarchos" adds the old time-mix wiring's rows at T=1024 (same run)
+#              TABLE_WIRINGS="x070 hierarchos" adds the old time-mix wiring's rows at T=1024 (same run);
+#              TABLE_COMPILE=both compiles hierarchos' RWKV blocks too (every hierarchos row, graphs or not)
 #   train-loop the `train` command at ~30M (byte tokenizer, width 512, 3 + 3 layers, minimal depth, T=512, B=32)
 #              against a byte-level GPT-2 of the same size in a plain compiled loop (bf16, fused AdamW) on the
-#              same text, one after the other: bench_train_loop.py, TRAIN_LOOP_ARGS adds options (~200 s)
+#              same text, one after the other: bench_train_loop.py, ours as `train` runs by default and with
+#              --compile (the RWKV blocks compiled); TRAIN_LOOP_ARGS adds options (~250 s)
 #   tests      the GPU-marked tests (~100 s warm; fla's cold autotune made them outlast 200 s once)
 #   kernel     build the C++ kernel on the device (the ROSA automaton and WKV step the trainer uses; ~40 s)
 #   generate   batch-1 generation at 125m, default and minimal reasoning, the captured sync-free step per
@@ -131,19 +133,20 @@ for suite in "$@"; do
     table)  # a row per WKV implementation when fla-core is there
       impls=""; python3 -c "import fla" 2>/dev/null && impls="--wkv-impls triton fla"
       timeout 230 python3 bench/bench_forward.py --device cuda --size 125m --seq-lens 1024 \
-        --configs minimal default --no-rosa-for --cuda-graphs minimal default --compile gpt2 --optimizer $impls \
+        --configs minimal default --no-rosa-for --cuda-graphs minimal default --compile ${TABLE_COMPILE:-gpt2} --optimizer $impls \
         --wirings ${TABLE_WIRINGS:-x070} --steps 4 --warmup 2 --max-seconds-per-row 45 --check \
         --json "$out/forward_table_1024.json" 2>&1 \
         | tee "$out/forward_table_1024.log"
       timeout 140 python3 bench/bench_forward.py --device cuda --size 125m --seq-lens 8192 --configs minimal \
-        --no-rosa-for --cuda-graphs minimal --compile gpt2 --optimizer $impls --steps 4 --warmup 2 \
+        --no-rosa-for --cuda-graphs minimal --compile ${TABLE_COMPILE:-gpt2} --optimizer $impls --steps 4 --warmup 2 \
         --max-seconds-per-row 45 --no-check --json "$out/forward_table_8192.json" 2>&1 \
         | tee "$out/forward_table_8192.log" ;;
     train-loop)
       ensure_kernel
-      timeout ${TRAIN_LOOP_TIMEOUT:-300} python3 bench/bench_train_loop.py --device cuda --timeout 200 \
-        --work-dir /tmp/train_loop ${TRAIN_LOOP_ARGS:-} --json "$out/train_loop.json" 2>&1 | tee "$out/train_loop.log"
-      cp /tmp/train_loop/ours.log "$out/train_loop_ours.log" 2>/dev/null ;;
+      timeout ${TRAIN_LOOP_TIMEOUT:-420} python3 bench/bench_train_loop.py --device cuda --timeout 250 \
+        --work-dir /tmp/train_loop --ours-variants "" "--compile" ${TRAIN_LOOP_ARGS:-} --json "$out/train_loop.json" 2>&1 \
+        | tee "$out/train_loop.log"
+      for f in /tmp/train_loop/ours*.log; do cp "$f" "$out/train_loop_$(basename $f)" 2>/dev/null; done ;;
     tests)
       timeout ${TESTS_TIMEOUT:-300} python3 -m pytest -q -rf -p no:cacheprovider -m gpu tests 2>&1 | tee "$out/pytest_gpu.log" ;;
     kernel)

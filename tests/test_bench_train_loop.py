@@ -25,6 +25,7 @@ from hierarchos.errors import HierarchosError  # noqa: E402
     (["--corpus", "/no/such/file.txt"], "--corpus"),
     (["--corpus-mb", "0"], "--corpus-mb 0"),
     (["--ours-args", "--flag 'unclosed"], "--ours-args"),
+    (["--ours-variants", "", "--flag 'unclosed"], "--ours-variants"),
     (["--json", "/no/such/dir/out.json"], "--json"),
 ])
 def test_bad_arguments_are_one_line_errors_naming_the_flag(flags, needle):
@@ -59,23 +60,31 @@ def test_corpus_is_the_repository_text_cut_to_size(tmp_path):
 
 def test_ratio_and_table_need_both_rows():
     ours = dict(model="hierarchos (train command)", status="ok", tok_s=300.0, step_s=0.1, params=1000)
+    fast = dict(model="hierarchos (train command) --compile", status="ok", tok_s=500.0, step_s=0.06, params=1000)
     gpt = dict(model="GPT-2 (plain loop)", config="L2-d64", status="ok", tok_s=400.0, step_s=0.075, params=990)
-    assert btl.ratio([ours, gpt]) == pytest.approx(0.75)
+    assert btl.ratio([ours, fast, gpt]) == pytest.approx(0.75)      # the first ours row by default
+    assert btl.ratio([ours, fast, gpt], fast) == pytest.approx(1.25)
     assert btl.ratio([ours, dict(gpt, status="failed")]) is None
-    table = btl.format_table([ours, gpt], dict(device="cpu", seq_len=8, batch=2, steps=3, warmup=1))
-    assert "0.750x" in table and "L2-d64" in table and "75.0" in table
+    assert btl.ratio([dict(ours, status="timeout"), fast, gpt]) is None
+    table = btl.format_table([ours, fast, gpt], dict(device="cpu", seq_len=8, batch=2, steps=3, warmup=1))
+    assert "0.750x" in table and "L2-d64" in table and "75.0" in table and "1.250" in table
 
 
 def test_both_halves_run_on_a_tiny_cpu_shape(tmp_path):
     out = tmp_path / "r.json"
     code = btl.main(["--device", "cpu", "--width", "64", "--h-layers", "1", "--l-layers", "1", "--seq-len", "16",
                      "--batch", "2", "--steps", "2", "--warmup", "1", "--corpus-mb", "0.05",
-                     "--work-dir", str(tmp_path / "w"), "--json", str(out)])
+                     "--work-dir", str(tmp_path / "w"), "--json", str(out), "--ours-variants", "", "--max_l_steps 1"])
     assert code == 0
     payload = json.loads(out.read_text())
-    ours, gpt = payload["rows"]
-    assert ours["status"] == gpt["status"] == "ok"
+    ours, variant, gpt = payload["rows"]
+    assert ours["status"] == variant["status"] == gpt["status"] == "ok"
+    assert variant["model"] == "hierarchos (train command) --max_l_steps 1"
+    at = variant["argv"].index("--epochs")  # the variant's flags come last, before the run's own
+    assert variant["argv"][at - 2:at] == ["--max_l_steps", "1"] and variant["argv"][at - 4:at - 2] != ["--max_l_steps", "1"]
+    assert (tmp_path / "w" / "ours_max_l_steps_1.log").is_file()
     assert ours["tok_s"] > 0 and gpt["tok_s"] > 0 and payload["ratio"] == pytest.approx(ours["tok_s"] / gpt["tok_s"])
+    assert payload["ratios"][variant["model"]] == pytest.approx(variant["tok_s"] / gpt["tok_s"])
     # GPT-2 is fitted to our count without the DeepEmbed tables, within 10% at this size
     assert ours["params"] < ours["params_with_deepembed"]
     assert abs(gpt["params"] - ours["params"]) / ours["params"] < 0.1
