@@ -24,8 +24,8 @@
 #              TABLE_COMPILE=both compiles hierarchos' RWKV blocks too (every hierarchos row, graphs or not)
 #   train-loop the `train` command at ~30M (byte tokenizer, width 512, 3 + 3 layers, minimal depth, T=512, B=32)
 #              against a byte-level GPT-2 of the same size in a plain compiled loop (bf16, fused AdamW) on the
-#              same text, one after the other: bench_train_loop.py, ours as `train` runs by default and with
-#              --compile (the RWKV blocks compiled); TRAIN_LOOP_ARGS adds options (~250 s)
+#              same text, one after the other: bench_train_loop.py, ours as `train` runs by default (the RWKV
+#              blocks compiled under the CUDA graph) and with --no-compile; TRAIN_LOOP_ARGS adds options (~250 s)
 #   tests      the GPU-marked tests (~100 s warm; fla's cold autotune made them outlast 200 s once)
 #   kernel     build the C++ kernel on the device (the ROSA automaton and WKV step the trainer uses; ~40 s)
 #   generate   batch-1 generation at 125m, default and minimal reasoning, the captured sync-free step per
@@ -144,7 +144,7 @@ for suite in "$@"; do
     train-loop)
       ensure_kernel
       timeout ${TRAIN_LOOP_TIMEOUT:-420} python3 bench/bench_train_loop.py --device cuda --timeout 250 \
-        --work-dir /tmp/train_loop --ours-variants "" "--compile" ${TRAIN_LOOP_ARGS:-} --json "$out/train_loop.json" 2>&1 \
+        --work-dir /tmp/train_loop --ours-variants "" "--no-compile" ${TRAIN_LOOP_ARGS:-} --json "$out/train_loop.json" 2>&1 \
         | tee "$out/train_loop.log"
       for f in /tmp/train_loop/ours*.log; do cp "$f" "$out/train_loop_$(basename $f)" 2>/dev/null; done ;;
     tests)

@@ -87,3 +87,47 @@ def test_compile_blocks_compiles_every_block_and_runs_the_compiled_graphs():
     assert graphs, "no graph reached the backend: nothing was compiled"
     ops = {str(node.target) for gm in graphs for node in gm.graph.nodes if node.op == "call_function"}
     assert any("linear" in op or "matmul" in op for op in ops), ops  # the blocks' projections are in them
+
+
+def test_compile_default_is_on_only_for_captured_cuda_training(monkeypatch):
+    import importlib.util
+
+    from hierarchos.cli.train import resolve_compile
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "triton" else None)
+    assert resolve_compile(None, "cuda", True) is True
+    assert resolve_compile(None, "cuda", False) is False    # eager windows: compiling was not measured to pay
+    assert resolve_compile(None, "cpu", False) is False
+    assert resolve_compile(False, "cuda", True) is False    # --no-compile
+    assert resolve_compile(True, "cpu", False) is True      # --compile asked for
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    assert resolve_compile(None, "cuda", True) is False     # no triton: inductor cannot build GPU code
+
+
+def test_a_block_that_fails_to_compile_runs_eagerly_when_falling_back():
+    """The default-on compile (fall_back=True) must never stop training: a backend that raises leaves the
+    blocks eager with the eager values; asked for explicitly (fall_back=False) the failure is raised."""
+    import torch._dynamo
+
+    def broken_backend(gm, example_inputs):
+        raise RuntimeError("no compiler here")
+
+    before = torch._dynamo.config.suppress_errors
+    try:
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = HierarchosLM(tiny_config(vocab_size=64))
+        tokens = torch.randint(0, 64, (2, 9))
+        with torch.no_grad():
+            want = model(tokens).logits
+        compile_blocks(model, backend=broken_backend)
+        with pytest.raises(Exception, match="no compiler here"):
+            model(tokens)
+        torch._dynamo.reset()
+        compile_blocks(model, backend=broken_backend, fall_back=True)
+        assert torch._dynamo.config.suppress_errors is True
+        with torch.no_grad():
+            torch.testing.assert_close(model(tokens).logits, want, rtol=0, atol=0)
+    finally:
+        torch._dynamo.config.suppress_errors = before
+        torch._dynamo.reset()

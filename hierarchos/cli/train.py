@@ -8,6 +8,7 @@ final model directory to OUT_DIR. Ctrl+C saves a resumable checkpoint and exits 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import signal
@@ -184,9 +185,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="when resuming, use the new --starting-lr/--min-lr/schedule flags, not the checkpoint's")
     run.add_argument("--reset-halt-bias", type=float, default=None, metavar="B",
                      help="set the manager's halting bias to B after loading weights (e.g. -2.0)")
-    run.add_argument("--compile", action="store_true",
-                     help="torch.compile the RWKV blocks (opt-in: 30-100 s of compilation on an H200, paid "
-                          "back only under CUDA graphs, 147 -> 116 ms a 125m step; see BENCHMARKS.md)")
+    run.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                     help="torch.compile the RWKV blocks (default: on for CUDA training with CUDA graphs, where "
+                          "it pays: 147 -> 116 ms a 125m step, BENCHMARKS.md; 30-100 s of compilation in the "
+                          "first steps; a block that fails to compile runs eagerly). --no-compile: eager blocks")
     run.add_argument("--force-compile", action="store_true", help="compile even where it is known to hang "
                      "(Windows CPU)")
     run.add_argument("--fsdp", action="store_true", help="under torchrun: shard with FSDP2 instead of DDP")
@@ -259,6 +261,15 @@ def resolve_cuda_graphs(requested: bool | None, device_type: str, distributed: b
         return requested
     return (device_type == "cuda" and not distributed and not (detach_every and detach_every < window)
             and not checkpointing and not fp16 and not lora)
+
+
+def resolve_compile(requested: bool | None, device_type: str, cuda_graphs: bool) -> bool:
+    """--compile / --no-compile as given; unset, on where compiling the blocks was measured to pay:
+    CUDA with the window captured (the fused glue of the blocks counts once the launches are gone;
+    eager, compiling gained nothing measurable), and inductor's GPU backend (triton) importable."""
+    if requested is not None:
+        return requested
+    return device_type == "cuda" and cuda_graphs and importlib.util.find_spec("triton") is not None
 
 
 def check_flags(args: argparse.Namespace) -> None:
@@ -531,14 +542,18 @@ def run(args: argparse.Namespace, lora=None) -> int:
         from ..train.trainer import CosineSchedule
 
         trainer.schedule = CosineSchedule(trainer.optimizer, args.max_steps, tcfg)
+    asked = args.compile
+    args.compile = resolve_compile(args.compile, device.type, bool(tcfg.cuda_graphs))
     if args.compile or args.force_compile:
         if sys.platform == "win32" and device.type == "cpu" and not args.force_compile:
             print("compile: skipped on Windows CPU (known to hang); --force-compile overrides", file=sys.stderr)
         else:
             from ..model.rwkv import compile_blocks
 
-            count = compile_blocks(model)
-            print(f"compile: torch.compile on for {count} RWKV blocks (the first steps compile)")
+            # by default a block that fails to compile runs eagerly; asked for, a failure is an error
+            count = compile_blocks(model, fall_back=asked is None and not args.force_compile)
+            why = " (the default with CUDA graphs; --no-compile for eager blocks)" if asked is None else ""
+            print(f"compile: torch.compile on for {count} RWKV blocks{why}; the first steps compile")
     ckpt_root = out_dir / "checkpoints"
     if args.resume_from_ckpt:
         loaders = {}

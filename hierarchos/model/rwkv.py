@@ -453,9 +453,10 @@ def recompile_limit_name() -> str:
     return "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
 
 
-def compile_blocks(model: nn.Module, backend: str = "inductor") -> int:
+def compile_blocks(model: nn.Module, backend: str = "inductor", fall_back: bool = False) -> int:
     """torch.compile every RWKV block of `model` in place (`nn.Module.compile`: parameter names and
-    state dicts stay as they are); returns the number of blocks compiled.
+    state dicts stay as they are); returns the number of blocks compiled. `fall_back`: a block whose
+    compile fails runs eagerly (dynamo's suppress_errors, process-wide) instead of raising.
 
     Blocks, not the whole model: the HRM loop around them has data-dependent pass counts and
     several sequence lengths (watch over T tokens, pondering over T / h_stride plan points, the
@@ -467,6 +468,8 @@ def compile_blocks(model: nn.Module, backend: str = "inductor") -> int:
     import torch._dynamo
 
     make_recurrence_opaque()
+    if fall_back:
+        torch._dynamo.config.suppress_errors = True
     limit = recompile_limit_name()
     setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
     count = 0
