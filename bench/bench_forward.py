@@ -458,6 +458,9 @@ def main():
     ap.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in both models")
     ap.add_argument("--cuda-graphs", nargs="*", choices=CONFIGS, default=[], metavar="CONFIG",
                     help="configs that also get a row with forward+backward replayed as a CUDA graph")
+    ap.add_argument("--skip-eager", action="store_true",
+                    help="configs in --cuda-graphs get only their graphs row (e.g. to time compiled blocks + graphs, "
+                         "the trainer's CUDA default, without compiling an eager row too)")
     ap.add_argument("--check", action=argparse.BooleanOptionalAction, default=None, help="default: on for CUDA")
     ap.add_argument("--flops", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--max-seconds-per-row", type=float, default=120.0)
@@ -512,6 +515,8 @@ def main():
                                  lambda cfg=cfg: HierarchosLM(cfg)))
                     if rosa and c in args.cuda_graphs:
                         jobs.append((dict(jobs[-1][0], config=name + "+graphs" + tag, graphs=True), jobs[-1][1]))
+                        if args.skip_eager:  # the graphs row only
+                            del jobs[-2]
         gpt_tps = None
         for row, make in jobs:
             log(f"-- {row['model']} {row['config']} T={T} B={B} ...")

@@ -26,6 +26,8 @@
 #              against a byte-level GPT-2 of the same size in a plain compiled loop (bf16, fused AdamW) on the
 #              same text, one after the other: bench_train_loop.py, ours as `train` runs by default (the RWKV
 #              blocks compiled under the CUDA graph) and with --no-compile; TRAIN_LOOP_ARGS adds options (~250 s)
+#   table-compiled  the table's graphs rows with the RWKV blocks compiled (what `train` runs on CUDA by default),
+#              against the compiled GPT-2: 125m minimal and default at T=1024, minimal at T=8192 (~300 s)
 #   tests      the GPU-marked tests (~100 s warm; fla's cold autotune made them outlast 200 s once)
 #   kernel     build the C++ kernel on the device (the ROSA automaton and WKV step the trainer uses; ~40 s)
 #   generate   batch-1 generation at 125m, default and minimal reasoning, the captured sync-free step per
@@ -147,6 +149,15 @@ for suite in "$@"; do
         --work-dir /tmp/train_loop --ours-variants "" "--no-compile" ${TRAIN_LOOP_ARGS:-} --json "$out/train_loop.json" 2>&1 \
         | tee "$out/train_loop.log"
       for f in /tmp/train_loop/ours*.log; do cp "$f" "$out/train_loop_$(basename $f)" 2>/dev/null; done ;;
+    table-compiled)  # the trainer's CUDA default: compiled RWKV blocks under the CUDA graph, graphs rows only
+      timeout ${TABLE_TIMEOUT:-200} python3 bench/bench_forward.py --device cuda --size 125m --seq-lens 1024 \
+        --configs minimal default --no-rosa-for --cuda-graphs minimal default --skip-eager --compile both --optimizer \
+        --steps 4 --warmup 2 --max-seconds-per-row 120 --no-check --json "$out/forward_table_compiled_1024.json" 2>&1 \
+        | tee "$out/forward_table_compiled_1024.log"
+      timeout ${TABLE_TIMEOUT:-200} python3 bench/bench_forward.py --device cuda --size 125m --seq-lens 8192 \
+        --configs minimal --no-rosa-for --cuda-graphs minimal --skip-eager --compile both --optimizer --steps 4 \
+        --warmup 2 --max-seconds-per-row 120 --no-check --json "$out/forward_table_compiled_8192.json" 2>&1 \
+        | tee "$out/forward_table_compiled_8192.log" ;;
     tests)
       timeout ${TESTS_TIMEOUT:-300} python3 -m pytest -q -rf -p no:cacheprovider -m gpu tests 2>&1 | tee "$out/pytest_gpu.log" ;;
     kernel)
