@@ -202,6 +202,24 @@ def test_column_sums_default_to_atomics_on_cuda_unless_determinism_is_asked_for(
         torch.use_deterministic_algorithms(before)
 
 
+@pytest.mark.parametrize("fwd_rows, bwd_rows, atomic", [(4, 2, True), (2, 8, False), (8, 4, True)])
+def test_forward_and_backward_may_run_different_row_blocks(interpret, fwd_rows, bwd_rows, atomic):
+    """On CUDA the two kernels take their rows apart (occupancy_rows): the checkpoints hold whole states,
+    so a backward with other row blocks than its forward still gives every gradient."""
+    seed = fresh_seed()
+    inputs, state = make_inputs(seed, B=2, T=5, H=2, N=8, dtype=torch.float32)
+    weight_o, weight_s = weights(seed, inputs, state)
+    leaves = [inputs[n].clone().requires_grad_(True) for n in NAMES]
+    s0 = state.clone().requires_grad_(True)
+    launches = (_launch_config(8, fwd_rows, None), _launch_config(8, bwd_rows, None))
+    o, s = wkv_triton._WKV7Triton.apply(*leaves, s0, launches, 2, True, atomic)
+    grads = torch.autograd.grad((o * weight_o.float()).sum() + (s * weight_s.float()).sum(), [*leaves, s0])
+    o_ref, s_ref, grads_ref = reference(inputs, state, weight_o, weight_s)
+    close(o, o_ref, "o", seed)
+    for name, g, g_ref in zip((*NAMES, "state"), grads, grads_ref):
+        close(g, g_ref, f"d{name}", seed)
+
+
 def test_an_unknown_column_sums_mode_is_a_one_line_error(interpret):
     inputs, state = make_inputs(fresh_seed(), B=1, T=2, H=1, N=4, dtype=torch.float32)
     with pytest.raises(HierarchosError) as err:
