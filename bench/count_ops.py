@@ -6,6 +6,7 @@ The recurrence counts as one operator per call with --fused-wkv (the Triton kern
 one launch forward, two backward) instead of the CPU's chunked PyTorch form.
 
     python bench/count_ops.py --configs 1,1,0 2,2,2 --seq-lens 1024 8192 --amp --fused-wkv --json out.json
+    python bench/count_ops.py --configs 1,1,0 --seq-lens 512 --amp --fused-wkv --by-module   # whose operators
 """
 
 from __future__ import annotations
@@ -35,15 +36,29 @@ VIEWS = {"view", "_unsafe_view", "reshape", "expand", "transpose", "t", "permute
 
 
 class _Count(TorchDispatchMode):
-    def __init__(self):
+    def __init__(self, where=None):
         super().__init__()
         self.ops = collections.Counter()
+        self.where, self.by_module = where, collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.__name__.split(".")[0]
         if name not in VIEWS:
             self.ops[name] += 1
+            if self.where is not None:
+                self.by_module[self.where()] += 1
         return func(*args, **(kwargs or {}))
+
+
+def _module_tracker(model):
+    """Forward hooks keeping a stack of the module classes a forward is inside; returns a callable
+    naming the innermost class (or the outermost module's, for the glue between them)."""
+    stack = []
+    for module in model.modules():
+        label = type(module).__name__
+        module.register_forward_pre_hook(lambda m, a, label=label: stack.append(label))
+        module.register_forward_hook(lambda m, a, o: stack.pop() and None)  # None: the output stays
+    return lambda: stack[-1] if stack else "(outside the model: the loss)"
 
 
 class _OneOpWkv(torch.autograd.Function):
@@ -58,7 +73,7 @@ class _OneOpWkv(torch.autograd.Function):
         return d_out, d_out, d_out, d_out, d_out, d_out, d_state
 
 
-def count_step(triple, T, amp: bool, batch: int = 2, wiring: str = DEFAULT_WIRING) -> dict:
+def count_step(triple, T, amp: bool, batch: int = 2, wiring: str = DEFAULT_WIRING, by_module: bool = False) -> dict:
     cfg = ModelConfig(vocab_size=512, context_dim=64, h_hidden=64, l_hidden=64, h_layers=4, l_layers=4,
                       head_size=16, h_cycles=triple[0], max_h_steps=triple[1], max_l_steps=triple[2],
                       h_halt_thresh=1.0, **TIME_MIX_WIRINGS[wiring]).validate()  # every pass runs, as in bench_train
@@ -67,15 +82,18 @@ def count_step(triple, T, amp: bool, batch: int = 2, wiring: str = DEFAULT_WIRIN
     optimizer = build_optimizer(model, 1e-4, 0.01)
     x = torch.randint(0, 512, (batch, T))
     phases: dict[str, collections.Counter] = {}
+    where = _module_tracker(model) if by_module else None
+    modules: collections.Counter = collections.Counter()
 
     @contextlib.contextmanager
     def phase(name, counting):
         if not counting:
             yield
             return
-        with _Count() as counter:
+        with _Count(where if name == "forward" else None) as counter:
             yield
         phases[name] = counter.ops
+        modules.update(counter.by_module)
 
     for counting in (False, True):  # the first step allocates optimizer state
         with phase("forward", counting), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
@@ -89,8 +107,11 @@ def count_step(triple, T, amp: bool, batch: int = 2, wiring: str = DEFAULT_WIRIN
             optimizer.zero_grad(set_to_none=True)
     totals = {name: sum(ops.values()) for name, ops in phases.items()}
     merged = sum(phases.values(), collections.Counter())
-    return dict(config=",".join(map(str, triple)), wiring=wiring, T=T, amp=amp, per_phase=totals, total=sum(totals.values()),
-                top=merged.most_common(12))
+    row = dict(config=",".join(map(str, triple)), wiring=wiring, T=T, amp=amp, per_phase=totals,
+               total=sum(totals.values()), top=merged.most_common(12))
+    if by_module:  # forward operators by the innermost module class they ran in
+        row["forward_by_module"] = modules.most_common()
+    return row
 
 
 def main() -> None:
@@ -101,6 +122,8 @@ def main() -> None:
     ap.add_argument("--fused-wkv", action="store_true", help="count the recurrence as one operator per call")
     ap.add_argument("--wirings", nargs="+", choices=TIME_MIX_WIRINGS, default=[DEFAULT_WIRING],
                     help="RWKV-7 time-mix wirings, one row each")
+    ap.add_argument("--by-module", action="store_true",
+                    help="also the forward's operators by the innermost module class they ran in")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if args.fused_wkv:
@@ -112,12 +135,15 @@ def main() -> None:
     for c in args.configs:
         for T in args.seq_lens:
             for wiring in args.wirings:
-                row = count_step(tuple(int(v) for v in c.split(",")), T, args.amp, wiring=wiring)
+                row = count_step(tuple(int(v) for v in c.split(",")), T, args.amp, wiring=wiring,
+                                 by_module=args.by_module)
                 rows.append(row)
                 p = row["per_phase"]
                 top = ", ".join(f"{name} {n}" for name, n in row["top"][:6])
                 print(f"| {row['config']} | {wiring} | {T} | {p['forward']:,} | {p['backward']:,} | {p['clip']:,} | "
                       f"{p['optimizer']:,} | {row['total']:,} | {top} |", flush=True)
+                if args.by_module:
+                    print("  forward by module: " + ", ".join(f"{m} {n}" for m, n in row["forward_by_module"]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(args=vars(args), rows=rows), f, indent=2)
