@@ -373,8 +373,8 @@ def train_hierarchos(args, corpus: dict, fields: dict, lr: float, name: str, tra
                str(args.seq_len), "--starting-lr", str(lr), "--min-lr", str(lr / 10), "--seed", str(args.seed),
                "--device", args.device, "--token-cache", str(Path(args.work) / "token_cache"),
                "--log-every", str(args.log_every), "--keep-checkpoints", "1"]
-        if args.compile and args.device != "cpu":
-            cmd.append("--compile")
+        if args.device != "cpu":  # said either way: `train`'s own default compiles only under its CUDA graphs
+            cmd.append("--compile" if args.compile else "--no-compile")
         run_id, sharing = DEVICE_RUNS.start()  # runs on the device now (itself included), any process's
         started = time.perf_counter()
         try:

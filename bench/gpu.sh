@@ -239,7 +239,7 @@ for suite in "$@"; do
         --json "$out/forward_cuda_$size.json" ${FORWARD_ARGS:-} 2>&1 | tee "$out/bench_forward_$size.log" ;;
     train-compile)
       for mode in no-compile compile; do
-        flag=""; [ "$mode" = compile ] && flag="--compile"
+        flag="--no-compile"; [ "$mode" = compile ] && flag="--compile"
         begin=$(date +%s.%N)
         timeout 300 python3 hierarchos_cli.py train --epochs 20 --max-steps ${TRAIN_COMPILE_STEPS:-40} --max_length 512 \
           --batch_size 16 --starting-lr 4e-4 --warmup-steps 10 --log-every 5 $flag --out-dir "/tmp/run_$mode" 2>&1 \
