@@ -426,6 +426,24 @@ def run_original(args, corpus: str, tokenizer_dir: str, work: str) -> dict:
                 step_times=[b - a for a, b in zip(res["times"], res["times"][1:])])
 
 
+def run_train_command(argv: list[str], out_dir: str, log_path: str, timeout: float) -> tuple[dict, list | None, str]:
+    """Our `hierarchos_cli.py train ARGV` (writing to out_dir, cleared first: no stale metrics.jsonl rows
+    from a reused work dir) as a subprocess, its output in log_path. Returns (row fields: process_s, and
+    a status when it timed out or failed; metrics.jsonl's records, None when there are none; the output)."""
+    shutil.rmtree(out_dir, ignore_errors=True)
+    start = time.perf_counter()
+    code, output = _run_logged([sys.executable, os.path.join(REPO, "hierarchos_cli.py"), "train", *argv], REPO,
+                               _child_env(REPO), timeout, log_path)
+    row = dict(process_s=round(time.perf_counter() - start, 1))
+    if code is None:
+        return dict(row, status=f"timeout after {timeout:.0f} s"), None, output
+    metrics = os.path.join(out_dir, "metrics.jsonl")
+    if code != 0 or not os.path.isfile(metrics):
+        return dict(row, status=f"failed (exit {code}): {_tail(output)}"), None, output
+    with open(metrics, encoding="utf-8") as f:
+        return row, [json.loads(line) for line in f if line.strip()], output
+
+
 def run_ours(args, corpus: str, tokenizer_dir: str, work: str) -> dict:
     log_every, max_steps = timed_span(args.warmup, args.steps)
     out_dir = os.path.join(work, "ours_out")
@@ -433,19 +451,11 @@ def run_ours(args, corpus: str, tokenizer_dir: str, work: str) -> dict:
             "--token-cache", os.path.join(work, "token_cache"), *ours_flags(args), "--epochs", "1",
             "--max-steps", str(max_steps), "--log-every", str(log_every), "--val-fraction", "0", "--save-every", "0",
             "--eval-every-epoch", "0"]
-    row = dict(model="ours", argv=argv)
-    shutil.rmtree(out_dir, ignore_errors=True)  # a reused --work-dir: no stale metrics.jsonl rows
-    start = time.perf_counter()
-    code, output = _run_logged([sys.executable, os.path.join(REPO, "hierarchos_cli.py"), "train", *argv], REPO,
-                               _child_env(REPO), args.timeout, os.path.join(work, "ours.log"))
-    row["process_s"] = round(time.perf_counter() - start, 1)
-    if code is None:
-        return dict(row, status=f"timeout after {args.timeout:.0f} s")
-    metrics = os.path.join(out_dir, "metrics.jsonl")
-    if code != 0 or not os.path.isfile(metrics):
-        return dict(row, status=f"failed (exit {code}): {_tail(output)}")
-    with open(metrics, encoding="utf-8") as f:
-        stamps = {r["step"]: r["time"] for r in map(json.loads, f) if "time" in r and "step" in r}
+    done, records, output = run_train_command(argv, out_dir, os.path.join(work, "ours.log"), args.timeout)
+    row = dict(model="ours", argv=argv, **done)
+    if records is None:
+        return row
+    stamps = {r["step"]: r["time"] for r in records if "time" in r and "step" in r}
     if args.warmup not in stamps or max_steps not in stamps:
         return dict(row, status=f"failed: metrics.jsonl has no rows at steps {args.warmup} and {max_steps}")
     tok_s = rate(args.batch * args.seq_len, args.steps, stamps[args.warmup], stamps[max_steps])

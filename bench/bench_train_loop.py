@@ -24,11 +24,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import glob
-import json
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -38,7 +36,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "bench"))
 
-from bench_original import _child_env, _run_logged, _tail, machine_info, rate, timed_span, write_json  # noqa: E402
+from bench_original import machine_info, rate, run_train_command, timed_span, write_json  # noqa: E402
 from gpt2_baseline import build_gpt2, fit_gpt2, gpt2_count  # noqa: E402
 
 HEAD_SIZE = 64
@@ -142,20 +140,12 @@ def run_ours(args, corpus: str, work: str, variant: str = "") -> dict:
     argv = ["--train", corpus, "--out-dir", out_dir, "--token-cache", os.path.join(work, "token_cache"),
             *ours_flags(args, variant), "--epochs", "1", "--max-steps", str(max_steps), "--log-every", str(log_every),
             "--val-fraction", "0", "--save-every", "0", "--eval-every-epoch", "0"]
-    row = dict(model="hierarchos (train command)" + (f" {variant}" if variant else ""), variant=variant, argv=argv)
-    shutil.rmtree(out_dir, ignore_errors=True)  # a reused --work-dir: no stale metrics.jsonl rows
-    start = time.perf_counter()
     log_name = "ours.log" if not variant else f"ours_{re.sub(r'[^A-Za-z0-9]+', '_', variant).strip('_')}.log"
-    code, output = _run_logged([sys.executable, os.path.join(REPO, "hierarchos_cli.py"), "train", *argv], REPO,
-                               _child_env(REPO), args.timeout, os.path.join(work, log_name))
-    row["process_s"] = round(time.perf_counter() - start, 1)
-    if code is None:
-        return dict(row, status=f"timeout after {args.timeout:.0f} s")
-    metrics = os.path.join(out_dir, "metrics.jsonl")
-    if code != 0 or not os.path.isfile(metrics):
-        return dict(row, status=f"failed (exit {code}): {_tail(output)}")
-    with open(metrics, encoding="utf-8") as f:
-        records = [json.loads(line) for line in f if line.strip()]
+    done, records, output = run_train_command(argv, out_dir, os.path.join(work, log_name), args.timeout)
+    row = dict(model="hierarchos (train command)" + (f" {variant.strip()}" if variant.strip() else ""),
+               variant=variant, argv=argv, **done)
+    if records is None:
+        return row
     stamps = {r["step"]: r["time"] for r in records if "time" in r and "step" in r}
     if args.warmup not in stamps or max_steps not in stamps:
         return dict(row, status=f"failed: metrics.jsonl has no rows at steps {args.warmup} and {max_steps} "
