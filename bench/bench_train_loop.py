@@ -61,8 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="torch.compile GPT-2 (default: on for CUDA)")
     p.add_argument("--ours-args", default="", help="extra flags for our train command (one string; later flags win)")
     p.add_argument("--ours-variants", nargs="+", default=[""], metavar="FLAGS",
-                   help="one row of ours per string of further flags (e.g. '' '--compile': as is, and with the "
-                        "RWKV blocks compiled); the first row is the one the ratio is quoted for")
+                   help="one row of ours per string of further flags, the first the one the ratio is quoted "
+                        "for; start a string with a space, or argparse takes it for an option: '' ' --no-compile' "
+                        "(as `train` runs by default, and with eager blocks)")
     p.add_argument("--timeout", type=float, default=1200.0, help="seconds allowed to our train process")
     p.add_argument("--work-dir", default=None, help="corpus, token cache and outputs (default: a temp dir)")
     p.add_argument("--json", default=None, metavar="OUT")

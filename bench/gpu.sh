@@ -146,7 +146,7 @@ for suite in "$@"; do
     train-loop)
       ensure_kernel
       timeout ${TRAIN_LOOP_TIMEOUT:-420} python3 bench/bench_train_loop.py --device cuda --timeout 250 \
-        --work-dir /tmp/train_loop --ours-variants "" "--no-compile" ${TRAIN_LOOP_ARGS:-} --json "$out/train_loop.json" 2>&1 \
+        --work-dir /tmp/train_loop --ours-variants "" " --no-compile" ${TRAIN_LOOP_ARGS:-} --json "$out/train_loop.json" 2>&1 \
         | tee "$out/train_loop.log"
       for f in /tmp/train_loop/ours*.log; do cp "$f" "$out/train_loop_$(basename $f)" 2>/dev/null; done ;;
     table-compiled)  # the trainer's CUDA default: compiled RWKV blocks under the CUDA graph, graphs rows only

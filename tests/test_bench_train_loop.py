@@ -50,6 +50,14 @@ def test_our_flags_hold_the_shape_and_the_minimal_depth_and_later_flags_win():
     assert flags.index("--max_l_steps") < len(flags) - 2 and flags[-2:] == ["--max_l_steps", "2"]
 
 
+def test_a_variant_of_flags_passes_when_it_starts_with_a_space():
+    """gpu.sh's train-loop suite passes '' ' --no-compile': the leading space keeps argparse from reading
+    the string as an option, and the flags reach train without it."""
+    args = btl.parse_args(["--device", "cpu", "--ours-variants", "", " --no-compile"])
+    assert args.ours_variants == ["", " --no-compile"]
+    assert btl.ours_flags(args, args.ours_variants[1])[-1] == "--no-compile"
+
+
 def test_corpus_is_the_repository_text_cut_to_size(tmp_path):
     path = str(tmp_path / "c.txt")
     n = btl.write_corpus(path, 0.05)
