@@ -159,7 +159,7 @@ def run_ours(args, corpus: str, work: str, variant: str = "") -> dict:
                 params=int(match.group(2).replace(",", "")) if match else None,
                 params_with_deepembed=int(match.group(1).replace(",", "")) if match else None,
                 amp_dtype=setup.group(1) if setup else None, cuda_graphs=setup.group(2) if setup else None,
-                final_loss=records[-1].get("loss"))
+                final_loss=records[-1].get("loss"), peak_mib=records[-1].get("peak_mem_mib"))
 
 
 def byte_ids(corpus: str):
@@ -243,7 +243,7 @@ def ratio(rows: list[dict], ours: dict | None = None) -> float | None:
 def format_table(rows: list[dict], shape: dict) -> str:
     head = (f"training tokens/s, byte tokenizer, T={shape['seq_len']}, B={shape['batch']} ({shape['device']}; "
             f"{shape['steps']} timed steps after {shape['warmup']})")
-    lines = [head, f"{'model':<40} {'params':>12} {'tok/s':>12} {'ms/step':>9} {'ratio':>7}  status"]
+    lines = [head, f"{'model':<40} {'params':>12} {'tok/s':>12} {'ms/step':>9} {'ratio':>7} {'peak MiB':>9}  status"]
     for r in rows:
         ok = r.get("status") == "ok"
         params = f"{r['params']:,}" if r.get("params") else "-"
@@ -251,7 +251,9 @@ def format_table(rows: list[dict], shape: dict) -> str:
         x = ratio(rows, r) if r["model"].startswith("hierarchos") else (1.0 if ok else None)
         lines.append(f"{name:<40} {params:>12} " + (f"{r['tok_s']:>12,.0f} {r['step_s'] * 1e3:>9.1f}" if ok
                                                      else f"{'-':>12} {'-':>9}")
-                     + (f" {x:>7.3f}" if x is not None else f" {'-':>7}") + f"  {r.get('status', '?')}")
+                     + (f" {x:>7.3f}" if x is not None else f" {'-':>7}")
+                     + (f" {r['peak_mib']:>9,}" if r.get("peak_mib") is not None else f" {'-':>9}")
+                     + f"  {r.get('status', '?')}")
     x = ratio(rows)
     lines.append(f"hierarchos / GPT-2: {x:.3f}x" if x is not None else "hierarchos / GPT-2: - (needs both rows)")
     return "\n".join(lines)

@@ -76,6 +76,8 @@ def test_ratio_and_table_need_both_rows():
     assert btl.ratio([dict(ours, status="timeout"), fast, gpt]) is None
     table = btl.format_table([ours, fast, gpt], dict(device="cpu", seq_len=8, batch=2, steps=3, warmup=1))
     assert "0.750x" in table and "L2-d64" in table and "75.0" in table and "1.250" in table
+    assert "3,271" in btl.format_table([ours, dict(gpt, peak_mib=3271)], dict(device="cpu", seq_len=8, batch=2,
+                                                                               steps=3, warmup=1))
 
 
 def test_both_halves_run_on_a_tiny_cpu_shape(tmp_path):

@@ -305,6 +305,8 @@ class Trainer:
                           "ponder": float(window["ponder"]) / max(1, window["micro"]),
                           "tokens_per_s": window["tokens"] / max(elapsed, 1e-9),
                           "skipped_steps": self.skipped_steps}
+                if self.device.type == "cuda":  # the allocator's own count: no device synchronisation
+                    record["peak_mem_mib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**20)
                 if end_of_epoch and cfg.eval_every_epoch and (epoch + 1) % cfg.eval_every_epoch == 0:
                     record.update(self.evaluate())
                 record.update(evals)
