@@ -191,6 +191,19 @@ def test_occupancy_rows_takes_the_largest_candidate_that_keeps_every_sm_busy():
     assert wkv_triton.occupancy_rows(2, 1000, 1, bwd) == 2           # no candidate fits: min(N, 8)
 
 
+def test_the_launches_of_a_call_follow_occupancy_on_a_gpu_and_the_given_rows_otherwise():
+    launches = wkv_triton._launches
+    assert launches(64, 16 * 12, None, None, 132) == ((8, 1), (16, 1))     # the 125m model at B16 on an H100
+    assert launches(64, 2 * 12, None, None, 132) == ((4, 1), (4, 1))       # B2: every SM wants programs
+    assert launches(64, 8 * 12, None, None, 132) == ((8, 1), (8, 1))
+    assert launches(64, 16 * 12, None, 4, 132) == ((8, 4), (16, 4))        # num_warps as given
+    assert launches(64, 16 * 12, 32, None, 132) == ((32, 2), (32, 2))      # rows as given: both kernels
+    assert launches(64, 16 * 12, None, None, None) == ((8, 1), (8, 1))     # the interpreter: min(N, 8)
+    assert launches(4, 1000, None, None, None) == ((4, 1), (4, 1))
+    with pytest.raises(HierarchosError, match="power-of-two"):
+        launches(12, 16, None, None, 132)
+
+
 def test_column_sums_default_to_atomics_on_cuda_unless_determinism_is_asked_for():
     assert wkv_triton._default_column_sums(False) == "parts"
     assert wkv_triton._default_column_sums(True) == "atomic"

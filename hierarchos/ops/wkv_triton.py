@@ -348,6 +348,16 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def _launches(head_size: int, pairs: int, rows: int | None, num_warps: int | None, sms: int | None):
+    """((rows, warps) of the forward, (rows, warps) of the backward) for a call of `pairs` (batch, head)
+    pairs: `rows` as given for both, else by occupancy on a GPU of `sms` SMs (None: the interpreter,
+    min(N, 8) for both)."""
+    if rows is not None or sms is None:
+        return (_launch_config(head_size, rows, num_warps),) * 2
+    return tuple(_launch_config(head_size, occupancy_rows(head_size, pairs, sms, c), num_warps)
+                 for c in (FORWARD_ROWS, BACKWARD_ROWS))
+
+
 def _default_column_sums(is_cuda: bool) -> str:
     """Atomics on CUDA (1.1-1.3x faster backward, no N/rows-fold partials), unless the user asked torch
     for deterministic algorithms; the interpreter (CPU tests) adds the parts in order."""
@@ -425,13 +435,9 @@ def wkv7_triton(r, log_w, k, v, a, b, state=None, *, rows=None, num_warps=None, 
     r, log_w, k, v, a, b, state = (x.float().contiguous() for x in (r, log_w, k, v, a, b, state))
     if r.shape[1] == 0:
         return r.new_zeros(r.shape), state
-    head_size, pairs = r.shape[-1], r.shape[0] * r.shape[2]
-    if rows is None and r.is_cuda:
-        sms = _sm_count(r.device.index if r.device.index is not None else torch.cuda.current_device())
-        launches = tuple(_launch_config(head_size, occupancy_rows(head_size, pairs, sms, c), num_warps)
-                         for c in (FORWARD_ROWS, BACKWARD_ROWS))
-    else:
-        launches = (_launch_config(head_size, rows, num_warps),) * 2
+    sms = _sm_count(r.device.index if r.device.index is not None else torch.cuda.current_device()) \
+        if r.is_cuda else None
+    launches = _launches(r.shape[-1], r.shape[0] * r.shape[2], rows, num_warps, sms)
     column_sums = column_sums or _default_column_sums(r.is_cuda)
     if column_sums not in ("parts", "atomic"):
         raise HierarchosError(f"wkv7_triton column_sums={column_sums!r}: use 'parts' or 'atomic'")
