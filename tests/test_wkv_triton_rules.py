@@ -189,6 +189,8 @@ def test_occupancy_rows_takes_the_largest_candidate_that_keeps_every_sm_busy():
     assert wkv_triton.occupancy_rows(64, 1, 132, fwd) == 4
     assert wkv_triton.occupancy_rows(8, 1000, 1, bwd) == 8           # 16 rows do not divide N = 8
     assert wkv_triton.occupancy_rows(2, 1000, 1, bwd) == 2           # no candidate fits: min(N, 8)
+    assert wkv_triton.occupancy_rows(12, 1000, 1, bwd) == 4          # 8 <= 12 but does not divide it
+    assert wkv_triton.occupancy_rows(9, 1, 1, bwd) == 8              # none divides 9: min(N, 8)
 
 
 def test_the_launches_of_a_call_follow_occupancy_on_a_gpu_and_the_given_rows_otherwise():
