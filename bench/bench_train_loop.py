@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -162,24 +163,26 @@ def run_ours(args, corpus: str, work: str, variant: str = "") -> dict:
                 final_loss=records[-1].get("loss"), peak_mib=records[-1].get("peak_mem_mib"))
 
 
-def byte_ids(corpus: str):
-    """The corpus as our byte tokenizer's ids (one int16 tensor), and the vocabulary size."""
+def byte_ids(corpus: str, cache_root: str):
+    """The corpus as our byte tokenizer's ids, read through the project's token cache (as `train` reads
+    it: the text as one document and its end token), and the vocabulary size."""
     import numpy as np
     import torch
+    from hierarchos.data import streaming, token_cache
+    from hierarchos.data.sources import DataSpec
     from hierarchos.data.tokenizers import load_tokenizer
     tok = load_tokenizer("byte")
-    with open(corpus, encoding="utf-8", errors="replace") as f:
-        text = f.read()
-    pieces = [text[i:i + 1_000_000] for i in range(0, len(text), 1_000_000)]  # bytes map one to one
-    ids = [i for piece in tok.encode_batch(pieces) for i in piece]
-    return torch.from_numpy(np.asarray(ids, dtype=np.int16)), tok.vocab_size
+    source = streaming.open_source(DataSpec(train=corpus))
+    cache = token_cache.open_cache(token_cache.cache_dir(Path(cache_root), source, "gpt2-byte"), source, tok,
+                                   log=lambda line: None)
+    return torch.from_numpy(np.asarray(cache.tokens, dtype=np.int64)), tok.vocab_size
 
 
-def run_gpt2(args, corpus: str, params_target: int) -> dict:
+def run_gpt2(args, corpus: str, work: str, params_target: int) -> dict:
     """The plain loop: random windows, forward + loss under autocast, backward, clip, fused AdamW."""
     import torch
     dev = torch.device(args.device)
-    ids, vocab = byte_ids(corpus)
+    ids, vocab = byte_ids(corpus, os.path.join(work, "token_cache"))
     if ids.numel() <= args.seq_len + 1:
         return dict(model="GPT-2 (plain loop)", status=f"failed: the corpus has {ids.numel()} tokens, "
                                                           f"fewer than --seq-len + 2")
@@ -195,7 +198,7 @@ def run_gpt2(args, corpus: str, params_target: int) -> dict:
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, fused=dev.type == "cuda")
     fwd = torch.compile(model) if compiled else model
-    data = ids.to(dev).long()
+    data = ids.to(dev)
     gen = torch.Generator(device=dev).manual_seed(0)
     span = torch.arange(args.seq_len + 1, device=dev)
     amp = (torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext())
@@ -286,7 +289,7 @@ def main(argv=None) -> int:
             target = (next((r["params"] for r in rows if r.get("params")), None)
                       or 12 * args.width ** 2 * (args.h_layers + args.l_layers))
             print(f"running GPT-2 fitted to {target:,} parameters ...", flush=True)
-            rows.append(run_gpt2(args, corpus, target))
+            rows.append(run_gpt2(args, corpus, work, target))
             print(f"  {rows[-1]['status']}" + (f", {rows[-1]['tok_s']:,.0f} tok/s" if rows[-1]["status"] == "ok"
                                                else ""), flush=True)
     print(format_table(rows, shape))
