@@ -3,8 +3,10 @@
 Runs bench_forward's step (hierarchos + lm_loss, or the equal-size GPT-2) under torch.profiler and
 adds up device time per kernel kind (matmul, our WKV kernel, inductor-fused, elementwise,
 reductions, copies/casts, indexing, norms/softmax, sort/top-k, other), next to the operator
-counts and the largest aten operators by self device time. The same step is timed without
-the profiler first, so the table's "share" is of real busy time, not of profiler overhead.
+counts and the largest aten operators by self device time, and for hierarchos by part (embeddings,
+memory, encoder, the HRM's glue, manager and worker stacks, head; forward and backward apart:
+`part_times`). The same step is timed without the profiler first, so the table's "share" is of real
+busy time, not of profiler overhead.
 
     PYTHONPATH=. python bench/profile_forward.py --device cuda --size 125m --seq-len 1024 --batch 16 \
         --models hierarchos:minimal gpt2 --json $OUT/profile_forward.json
@@ -70,6 +72,81 @@ def make_model(spec: str, size: str, max_t: int):
     raise SystemExit(f"profile_forward: unknown model {spec!r}; use hierarchos:<{'|'.join(CONFIGS)}> or gpt2")
 
 
+# hierarchos' parts for the by-part table: (label, module path); the innermost annotated module wins, so
+# "reasoner" holds the HRM's own glue (projections, LERP, halting), not its stacks
+PARTS = (("embeddings", "embed"), ("embeddings", "rosa_embed"), ("memory", "memory"), ("encoder", "encoder"),
+         ("hrm glue", "reasoner"), ("manager stack", "reasoner.manager"), ("worker stack", "reasoner.worker"),
+         ("head", "out_norm"), ("head", "lm_head"))
+PART_PREFIX = "part: "
+EVALUATE = "autograd::engine::evaluate_function"
+
+
+def annotate_parts(model) -> list:
+    """Forward hooks that wrap each of PARTS' modules in a profiler range named PART_PREFIX + label;
+    returns the hook handles (remove them to undo)."""
+    handles, open_ranges = [], []
+
+    def enter(label):
+        def hook(module, inputs):
+            rng = torch.autograd.profiler.record_function(PART_PREFIX + label)
+            rng.__enter__()
+            open_ranges.append(rng)
+        return hook
+
+    def leave(module, inputs, output):
+        open_ranges.pop().__exit__(None, None, None)
+
+    modules = dict(model.named_modules())
+    for label, path in PARTS:
+        if modules.get(path) is not None:
+            handles += [modules[path].register_forward_pre_hook(enter(label)), modules[path].register_forward_hook(leave)]
+    return handles
+
+
+def _ancestors(ev):
+    while ev is not None:
+        yield ev
+        ev = ev.cpu_parent
+
+
+def part_times(events, steps: int, device: bool) -> dict:
+    """{label: {"forward": ms, "backward": ms}} per step from a profile of `annotate_parts`' model.
+
+    A forward kernel belongs to the innermost part range it was launched in ("outside" when none: the
+    loss, the step's own glue). A backward kernel belongs to the part whose forward operator made its
+    autograd node: the node's evaluate_function event carries the sequence number of that operator
+    ("backward, unmatched" when none has it, e.g. AccumulateGrad). Times are the device kernels'
+    durations (`device`), else the operators' own CPU time (a CPU run has no kernels)."""
+    def cost(ev):
+        if device:
+            return sum(k.duration for k in ev.kernels) / 1e3
+        return ev.self_cpu_time_total / 1e3
+
+    def own_part(ev):
+        return next((a.name[len(PART_PREFIX):] for a in _ancestors(ev) if a.name.startswith(PART_PREFIX)), None)
+
+    def node_of(ev):  # the outermost evaluate_function event above ev, if it runs in the backward
+        return next((a for a in reversed(list(_ancestors(ev))) if a.name.startswith(EVALUATE)), None)
+
+    forward_part = {}
+    for ev in events:
+        if ev.sequence_nr >= 0 and node_of(ev) is None:
+            forward_part.setdefault(ev.sequence_nr, own_part(ev) or "outside")
+    parts: dict = {}
+    for ev in events:
+        ms = cost(ev)
+        if not ms or ev.device_type != torch.autograd.DeviceType.CPU:
+            continue
+        node = node_of(ev)
+        if node is None:
+            label, phase = own_part(ev) or "outside", "forward"
+        else:
+            label, phase = forward_part.get(node.sequence_nr, "backward, unmatched"), "backward"
+        entry = parts.setdefault(label, {"forward": 0.0, "backward": 0.0})
+        entry[phase] += ms / steps
+    return dict(sorted(parts.items(), key=lambda kv: -(kv[1]["forward"] + kv[1]["backward"])))
+
+
 def profile_one(spec: str, args, dev) -> dict:
     torch.manual_seed(0)
     model = make_model(spec, args.size, args.seq_len).to(dev).train()
@@ -109,6 +186,16 @@ def profile_one(spec: str, args, dev) -> dict:
             step()
         sync()
     n = args.steps
+    parts = None
+    if isinstance(model, HierarchosLM):  # a second profile with the part ranges (hooks add host work)
+        handles = annotate_parts(model)
+        with profile(activities=activities) as parts_prof:
+            for _ in range(args.steps):
+                step()
+            sync()
+        for h in handles:
+            h.remove()
+        parts = part_times(parts_prof.events(), n, dev.type == "cuda")
     kinds: dict[str, dict] = {}
     launches = 0
     for ev in prof.events():
@@ -132,7 +219,7 @@ def profile_one(spec: str, args, dev) -> dict:
     result = dict(model=spec, compile=args.compile, T=args.seq_len, batch=args.batch, step_ms=step_ms,
                   first_step_ms=first_ms, tokens_per_s=args.batch * args.seq_len / (step_ms / 1e3),
                   device_busy_ms=busy, busy_fraction=busy / step_ms if step_ms else None,
-                  launches_per_step=launches / n, kinds=kinds, top_ops=top_ops,
+                  launches_per_step=launches / n, kinds=kinds, top_ops=top_ops, parts=parts,
                   params=getattr(model, "fitted", None) or dict(params=sum(p.numel() for p in model.parameters())))
     del model, fwd
     if dev.type == "cuda":
@@ -150,6 +237,12 @@ def print_result(r: dict) -> None:
         for kind, k in sorted(r["kinds"].items(), key=lambda kv: -kv[1]["ms"]):
             top = next(iter(k["top"]), "")
             print(f"  {kind:<16} {k['ms']:9.2f} {100 * k['ms'] / r['device_busy_ms']:5.1f}% {k['kernels']:8.0f}  {top}")
+    if r.get("parts"):
+        total = sum(p["forward"] + p["backward"] for p in r["parts"].values())
+        print(f"  {'part':<20} {'forward ms':>10} {'backward ms':>11} {'share':>6}")
+        for label, p in r["parts"].items():
+            both = p["forward"] + p["backward"]
+            print(f"  {label:<20} {p['forward']:10.2f} {p['backward']:11.2f} {100 * both / total if total else 0:5.1f}%")
     print(f"  {'aten operator':<40} {'calls':>7} {'device ms':>10} {'cpu ms':>8}")
     for o in r["top_ops"]:
         print(f"  {o['op']:<40} {o['calls']:7.0f} {o['device_ms']:10.2f} {o['cpu_ms']:8.2f}")

@@ -1,0 +1,60 @@
+"""bench/profile_forward.py's by-part attribution, on the CPU (operators' own time stands in for kernels)."""
+
+import os
+import sys
+
+import torch
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "bench"))
+
+from profile_forward import annotate_parts, part_times  # noqa: E402
+from hierarchos.config import tiny_config  # noqa: E402
+from hierarchos.model.lm import HierarchosLM  # noqa: E402
+from hierarchos.model.losses import lm_loss  # noqa: E402
+
+
+def _profile(model, tokens, steps=2):
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            out = model(tokens[:, :-1])
+            lm_loss(out, tokens[:, 1:], 0.0)[0].backward()
+    return prof.events()
+
+
+def test_parts_cover_forward_and_backward_of_each_module():
+    torch.manual_seed(0)
+    model = HierarchosLM(tiny_config(use_rosa=False))
+    tokens = torch.randint(0, model.cfg.vocab_size, (2, 17))
+    handles = annotate_parts(model)
+    parts = part_times(_profile(model, tokens), 2, device=False)
+    for label in ("memory", "manager stack", "worker stack", "head", "encoder", "hrm glue"):
+        assert parts[label]["forward"] > 0, label
+        assert parts[label]["backward"] > 0, label  # the backward found its forward operators' part
+    assert parts["embeddings"]["forward"] > 0
+    for h in handles:
+        h.remove()
+    assert not model.memory._forward_pre_hooks and not model.memory._forward_hooks
+
+
+def test_backward_goes_to_the_part_that_made_the_node():
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Linear(64, 64)     # "embeddings" in PARTS
+            self.memory = nn.Linear(64, 64)    # "memory"
+
+    model = Two()
+    x = torch.randn(256, 64, requires_grad=True)
+    annotate_parts(model)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        h = model.embed(x)
+        for _ in range(20):  # the memory part does 20x the work, forward and backward
+            h = torch.tanh(model.memory(h))
+        h.sum().backward()
+    parts = part_times(prof.events(), 1, device=False)
+    assert parts["memory"]["backward"] > parts["embeddings"]["backward"] > 0
+    assert parts["memory"]["forward"] > parts["embeddings"]["forward"] > 0
+    assert "outside" in parts  # the sum and the loss's seed live outside every part
