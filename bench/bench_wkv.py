@@ -33,7 +33,7 @@ import torch  # noqa: E402
 
 from bench.bench_forward import wkv_case  # noqa: E402
 from hierarchos.ops import wkv as wkv_ops  # noqa: E402
-from hierarchos.ops.wkv_triton import wkv7_triton  # noqa: E402
+from hierarchos.ops.wkv_triton import CHUNK, wkv7_triton  # noqa: E402
 
 NAMES = ("r", "log_w", "k", "v", "a", "b")
 
@@ -207,9 +207,23 @@ def fla_variants():
             "fla c64 bf16": bf16}   # bf16 operands: expect ~1e-2, reported, not a candidate
 
 
-def triton_config(rows, warps, prefetch=True, sums="parts"):
+def triton_config(rows, warps, prefetch=True, sums="parts", chunk=CHUNK, scratch="none"):
     return lambda *a, state: wkv7_triton(*a, state=state, rows=rows, num_warps=warps, prefetch=prefetch,
-                                         column_sums=sums)
+                                         column_sums=sums, chunk=chunk, scratch=scratch)
+
+
+def sweep_configs(kind: str) -> dict:
+    """The Triton configs a sweep times: "launch" (rows a program, warps, prefetch, column sums) or
+    "chunk" (the default launch, checkpoint spacing 8/16/32, the scratch's cache hints)."""
+    if kind == "chunk":
+        return {f"triton chunk={c} scratch={h}": triton_config(None, None, True, None, c, h)
+                for c in (8, 16, 32) for h in ("none", "keep")}
+    return {f"triton rows={r} warps={w}{'' if p else ' noprefetch'}{'' if c == 'parts' else ' ' + c}":
+            triton_config(r, w, p, c)
+            for r, w, p, c in [(16, 2, True, "parts"), (16, 2, False, "parts"), (4, 1, True, "parts"),
+                               (8, 1, True, "parts"), (8, 2, True, "parts"), (16, 1, True, "parts"),
+                               (32, 2, True, "parts"), (8, 1, True, "atomic"), (16, 1, True, "atomic"),
+                               (4, 1, True, "atomic"), (32, 2, True, "atomic")]}   # rows=64 spills registers
 
 
 def main():
@@ -220,6 +234,9 @@ def main():
     ap.add_argument("--fla-tol", type=float, default=5e-3,
                     help="fla's Triton dots may run in TF32 (METHOD: tf32 lands near 3e-4 on one product)")
     ap.add_argument("--no-sweep", action="store_true", help="time only the default Triton config")
+    ap.add_argument("--sweep", choices=["launch", "chunk"], default="launch",
+                    help="launch: rows/warps/prefetch/column sums at the first shape (the best three at the "
+                         "others); chunk: checkpoint spacing and scratch cache hints at every shape")
     ap.add_argument("--fla-variants", nargs="*", default=["fla"], choices=["fla", "fla c64", "fla c64 bf16"],
                     help="fla's variants to check and time (each costs minutes of cold Triton JIT + autotune)")
     ap.add_argument("--no-chunked", action="store_true", help="do not time the chunked PyTorch path")
@@ -251,12 +268,7 @@ def main():
         cases += [dict(seq_lens=[333], frozen=0.3), dict(seq_lens=[333], split=77),
                   dict(seq_lens=[1000], frozen=0.2, split=500)]
     result["parity"] = [row for case in cases for row in parity(impls, device, tol=tol, smoke=args.smoke, **case)]
-    sweep = {f"triton rows={r} warps={w}{'' if p else ' noprefetch'}{'' if c == 'parts' else ' ' + c}":
-             triton_config(r, w, p, c)
-             for r, w, p, c in [(16, 2, True, "parts"), (16, 2, False, "parts"), (4, 1, True, "parts"),
-                                (8, 1, True, "parts"), (8, 2, True, "parts"), (16, 1, True, "parts"),
-                                (32, 2, True, "parts"), (8, 1, True, "atomic"), (16, 1, True, "atomic"),
-                                (4, 1, True, "atomic"), (32, 2, True, "atomic")]}   # rows=64 spills registers
+    sweep = sweep_configs(args.sweep)
     if not args.smoke and not args.no_sweep:  # every launch config that gets timed is checked too (T=200)
         result["parity"] += parity(sweep, device, [200], args.tol, args.smoke)
     verdicts = {}
@@ -286,7 +298,7 @@ def main():
         log(f"  floors: bytes {nbytes / 1e9:.2f} GB -> {floor_b:.3f} ms; FLOPs {nflops / 1e9:.1f} G -> {floor_f:.3f} ms")
         result.setdefault("floors", []).append(dict(shape=shape, bytes=nbytes, flops=nflops,
                                                     bytes_ms=floor_b, flops_ms=floor_f))
-        if i == 0 and not args.no_sweep:
+        if (i == 0 or args.sweep == "chunk") and not args.no_sweep:
             rows = timing(sweep, device, shape, args.reps, args.warmup)
         else:
             best = [r for r in result["timing"] if "fwd_bwd_ms" in r and r["impl"] in sweep]

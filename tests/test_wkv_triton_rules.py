@@ -63,20 +63,24 @@ def weights(seed, inputs, state):
             torch.randn(state.shape, generator=gen, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("B, T, H, N, rows, chunk, prefetch, sums", [
-    (2, 5, 2, 8, 4, 2, True, "parts"),    # 2 row blocks, 3 chunks with a 1-token tail
-    (2, 5, 2, 8, 4, 2, False, "parts"),
-    (1, 4, 2, 8, 2, 2, True, "parts"),    # 4 row blocks, an exact multiple of the chunk
-    (2, 5, 2, 8, 4, 2, True, "atomic"),   # the row blocks' column sums added by atomics
-    (1, 4, 2, 8, 2, 2, False, "atomic"),
-    (2, 5, 1, 4, None, 4, False, "atomic"),  # default rows (= N, one block: nothing to add), a 1-token tail
-    (1, 1, 1, 4, None, None, True, "parts"),  # one token, the default chunk
+@pytest.mark.parametrize("B, T, H, N, rows, chunk, prefetch, sums, scratch", [
+    (2, 5, 2, 8, 4, 2, True, "parts", "none"),    # 2 row blocks, 3 chunks with a 1-token tail
+    (2, 5, 2, 8, 4, 2, False, "parts", "none"),
+    (1, 4, 2, 8, 2, 2, True, "parts", "none"),    # 4 row blocks, an exact multiple of the chunk
+    (2, 5, 2, 8, 4, 2, True, "atomic", "none"),   # the row blocks' column sums added by atomics
+    (1, 4, 2, 8, 2, 2, False, "atomic", "none"),
+    (2, 5, 1, 4, None, 4, False, "atomic", "none"),  # default rows (= N, one block: nothing to add), a 1-token tail
+    (1, 1, 1, 4, None, None, True, "parts", "none"),  # one token, the default chunk
+    (2, 5, 2, 8, 4, 2, True, "atomic", "keep"),   # the scratch's cache hints change no value
+    (2, 5, 2, 8, 4, 2, False, "parts", "keep"),
 ])
-def test_forward_and_every_gradient_match_the_float64_scan(interpret, B, T, H, N, rows, chunk, prefetch, sums):
+def test_forward_and_every_gradient_match_the_float64_scan(interpret, B, T, H, N, rows, chunk, prefetch, sums,
+                                                           scratch):
     seed = fresh_seed()
     inputs, state = make_inputs(seed, B=B, T=T, H=H, N=N)
     weight_o, weight_s = weights(seed, inputs, state)
-    kw = {"rows": rows, "prefetch": prefetch, "column_sums": sums, **({} if chunk is None else {"chunk": chunk})}
+    kw = {"rows": rows, "prefetch": prefetch, "column_sums": sums, "scratch": scratch,
+          **({} if chunk is None else {"chunk": chunk})}
     o, s, grads = kernel(inputs, state, weight_o, weight_s, **kw)
     o_ref, s_ref, grads_ref = reference(inputs, state, weight_o, weight_s)
     assert o.dtype == s.dtype == torch.float32
@@ -227,7 +231,7 @@ def test_forward_and_backward_may_run_different_row_blocks(interpret, fwd_rows, 
     leaves = [inputs[n].clone().requires_grad_(True) for n in NAMES]
     s0 = state.clone().requires_grad_(True)
     launches = (_launch_config(8, fwd_rows, None), _launch_config(8, bwd_rows, None))
-    o, s = wkv_triton._WKV7Triton.apply(*leaves, s0, launches, 2, True, atomic)
+    o, s = wkv_triton._WKV7Triton.apply(*leaves, s0, launches, 2, True, atomic, ("", ""))
     grads = torch.autograd.grad((o * weight_o.float()).sum() + (s * weight_s.float()).sum(), [*leaves, s0])
     o_ref, s_ref, grads_ref = reference(inputs, state, weight_o, weight_s)
     close(o, o_ref, "o", seed)
@@ -240,6 +244,9 @@ def test_an_unknown_column_sums_mode_is_a_one_line_error(interpret):
     with pytest.raises(HierarchosError) as err:
         wkv7_triton(**inputs, state=state, column_sums="atomics")
     assert str(err.value) == "wkv7_triton column_sums='atomics': use 'parts' or 'atomic'"
+    with pytest.raises(HierarchosError) as err:
+        wkv7_triton(**inputs, state=state, scratch="l2")
+    assert str(err.value) == "wkv7_triton scratch='l2': use one of none, keep"
 
 
 def test_where_the_kernels_run(monkeypatch):
@@ -328,7 +335,8 @@ def test_the_launch_knobs_reach_both_kernels(interpret, monkeypatch):
     (fwd, grid_f, args_f, kw_f), (bwd, grid_b, args_b, kw_b) = launches.calls
     assert (fwd, bwd) == ("fwd", "bwd") and grid_f == grid_b == (1 * 2 * 2,)
     assert kw_f == {"H": 2, "N": 8, "BI": 4, "C": 2, "STORE_CKPT": True, "PREFETCH": False, "num_warps": 2}
-    assert kw_b == {"H": 2, "N": 8, "BI": 4, "C": 2, "PREFETCH": False, "ATOMIC": False, "num_warps": 2}
+    assert kw_b == {"H": 2, "N": 8, "BI": 4, "C": 2, "PREFETCH": False, "ATOMIC": False, "SCRATCH_STORE": "",
+                    "SCRATCH_LOAD": "", "num_warps": 2}
     assert args_f[10:] == (5, 3) and args_f[9].numel() == 1 * 2 * 3 * 8 * 8   # T, n_chunks; the checkpoints
     assert args_b[9].numel() == 4 * 2 * 4 * 8 and args_b[17:] == (5, 3, 1 * 5 * 2 * 8)  # scratch; T, n_chunks, stride
     assert [args_b[i].shape[0] for i in (10, 11, 12, 14, 15)] == [2] * 5  # one partial sum per row block

@@ -159,7 +159,8 @@ def _wkv7_bwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, do_ptr, ds_out_pt
                      dr_ptr, dw_ptr, dk_ptr, dv_ptr, da_ptr, db_ptr, ds0_ptr,
                      T, n_chunks, part_stride,
                      H: tl.constexpr, N: tl.constexpr, BI: tl.constexpr, C: tl.constexpr,
-                     PREFETCH: tl.constexpr, ATOMIC: tl.constexpr):
+                     PREFETCH: tl.constexpr, ATOMIC: tl.constexpr,
+                     SCRATCH_STORE: tl.constexpr, SCRATCH_LOAD: tl.constexpr):
     """The adjoint recurrence of `wkv7_manual_backward` for the same rows as the forward program.
 
     dv is row-local and written whole; dr, dlog_w, dk, da, db sum over all N rows, so each row
@@ -167,7 +168,8 @@ def _wkv7_bwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, do_ptr, ds_out_pt
     or, with ATOMIC, adds it into one zeroed buffer (no N/BI-fold partials in memory; the order of
     the N/BI additions then varies from run to run, so the last bits do).
     PREFETCH as in the forward: the recompute loads token t+1, the reverse loop token t-1 and
-    the state before it, while token t computes.
+    the state before it, while token t computes. SCRATCH_STORE / SCRATCH_LOAD: the cache eviction
+    policies of the scratch's stores and loads ("" for the default).
     """
     NB: tl.constexpr = N // BI
     pid = tl.program_id(0)
@@ -195,7 +197,7 @@ def _wkv7_bwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, do_ptr, ds_out_pt
         for tt in range(C):  # recompute: scratch[tt] = S before token c*C + tt
             t = c * C + tt
             off = tok0 + t.to(tl.int64) * (H * N)
-            tl.store(scratch_ptr + scratch + tt * (BI * N), s)
+            tl.store(scratch_ptr + scratch + tt * (BI * N), s, eviction_policy=SCRATCH_STORE)
             if PREFETCH:
                 lw, kt, at, bt, vt = n_lw, n_k, n_a, n_b, n_v
                 nxt = (cols * 0 + t + 1) < T
@@ -219,7 +221,7 @@ def _wkv7_bwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, do_ptr, ds_out_pt
             off = tok0 + t.to(tl.int64) * (H * N)
             live = (cols * 0 + t) < T
             row_live = (rows * 0 + t) < T
-            n_sp = tl.load(scratch_ptr + scratch + (C - 1) * (BI * N))
+            n_sp = tl.load(scratch_ptr + scratch + (C - 1) * (BI * N), eviction_policy=SCRATCH_LOAD)
             n_lw = tl.load(w_ptr + off + cols, mask=live, other=0.0)
             n_k = tl.load(k_ptr + off + cols, mask=live, other=0.0)
             n_a = tl.load(a_ptr + off + cols, mask=live, other=0.0)
@@ -237,7 +239,8 @@ def _wkv7_bwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, do_ptr, ds_out_pt
                 s_prev, lw, kt, at, bt, rt, vt, dot = n_sp, n_lw, n_k, n_a, n_b, n_r, n_v, n_do
                 prv = ((cols * 0 + tt) > 0) & ((cols * 0 + t - 1) < T)   # token t-1, inside this chunk
                 row_prv = ((rows * 0 + tt) > 0) & ((rows * 0 + t - 1) < T)
-                n_sp = tl.load(scratch_ptr + scratch + (tt - 1) * (BI * N), mask=(tile * 0 + tt) > 0, other=0.0)
+                n_sp = tl.load(scratch_ptr + scratch + (tt - 1) * (BI * N), mask=(tile * 0 + tt) > 0, other=0.0,
+                               eviction_policy=SCRATCH_LOAD)
                 n_lw = tl.load(w_ptr + off - H * N + cols, mask=prv, other=0.0)
                 n_k = tl.load(k_ptr + off - H * N + cols, mask=prv, other=0.0)
                 n_a = tl.load(a_ptr + off - H * N + cols, mask=prv, other=0.0)
@@ -246,7 +249,7 @@ def _wkv7_bwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, do_ptr, ds_out_pt
                 n_v = tl.load(v_ptr + off - H * N + rows, mask=row_prv, other=0.0)
                 n_do = tl.load(do_ptr + off - H * N + rows, mask=row_prv, other=0.0)
             else:
-                s_prev = tl.load(scratch_ptr + scratch + tt * (BI * N))
+                s_prev = tl.load(scratch_ptr + scratch + tt * (BI * N), eviction_policy=SCRATCH_LOAD)
                 lw = tl.load(w_ptr + off + cols, mask=col_live, other=0.0)
                 kt = tl.load(k_ptr + off + cols, mask=col_live, other=0.0)
                 at = tl.load(a_ptr + off + cols, mask=col_live, other=0.0)
@@ -368,7 +371,7 @@ class _WKV7Triton(torch.autograd.Function):
     """Inputs contiguous float32 (B, T, H, N), T >= 1; state contiguous float32 (B, H, N, N)."""
 
     @staticmethod
-    def forward(ctx, r, log_w, k, v, a, b, state, launches, chunk, prefetch, atomic):
+    def forward(ctx, r, log_w, k, v, a, b, state, launches, chunk, prefetch, atomic, scratch_hints):
         batch, seq_len, heads, head_size = r.shape
         n_chunks = -(-seq_len // chunk)
         store = any(ctx.needs_input_grad[:7])
@@ -383,13 +386,13 @@ class _WKV7Triton(torch.autograd.Function):
                   num_warps=num_warps)
         if store:
             ctx.save_for_backward(r, log_w, k, v, a, b, ckpt)
-        ctx.config = (launches[1], chunk, n_chunks, prefetch, atomic)  # the backward's rows may differ
+        ctx.config = (launches[1], chunk, n_chunks, prefetch, atomic, scratch_hints)  # the backward's rows may differ
         return o, final
 
     @staticmethod
     def backward(ctx, d_o, d_final):
         r, log_w, k, v, a, b, ckpt = ctx.saved_tensors
-        (rows, num_warps), chunk, n_chunks, prefetch, atomic = ctx.config
+        (rows, num_warps), chunk, n_chunks, prefetch, atomic, scratch_hints = ctx.config
         batch, seq_len, heads, head_size = r.shape
         d_o = torch.zeros_like(r) if d_o is None else d_o.float().contiguous()
         shape_s = (batch, heads, head_size, head_size)
@@ -407,13 +410,17 @@ class _WKV7Triton(torch.autograd.Function):
         bwd[grid](r, log_w, k, v, a, b, d_o, d_final, ckpt, scratch,
                   parts[0], parts[1], parts[2], dv, parts[3], parts[4], d_state,
                   seq_len, n_chunks, r.numel(),
-                  H=heads, N=head_size, BI=rows, C=chunk, PREFETCH=prefetch, ATOMIC=atomic, num_warps=num_warps)
+                  H=heads, N=head_size, BI=rows, C=chunk, PREFETCH=prefetch, ATOMIC=atomic,
+                  SCRATCH_STORE=scratch_hints[0], SCRATCH_LOAD=scratch_hints[1], num_warps=num_warps)
         dr, dlog_w, dk, da, db = (p[0] if len(p) == 1 else p.sum(dim=0) for p in parts)
-        return dr, dlog_w, dk, dv, da, db, d_state, None, None, None, None
+        return dr, dlog_w, dk, dv, da, db, d_state, None, None, None, None, None
+
+
+SCRATCH_HINTS = {"none": ("", ""), "keep": ("evict_last", "evict_first")}
 
 
 def wkv7_triton(r, log_w, k, v, a, b, state=None, *, rows=None, num_warps=None, chunk=CHUNK, prefetch=True,
-                column_sums=None):
+                column_sums=None, scratch="none"):
     """WKV-7 through the fused Triton kernels (CUDA; CPU only under TRITON_INTERPRET=1).
 
     Same contract as `wkv7_reference`, except that it always computes in float32 and returns
@@ -426,7 +433,9 @@ def wkv7_triton(r, log_w, k, v, a, b, state=None, *, rows=None, num_warps=None, 
     "parts" (each block writes its own, summed afterwards in a fixed order: bit-reproducible, N/rows x
     the gradients' memory for a moment) or "atomic" (added into one buffer by atomics: no extra
     memory, the last bits vary run to run); default atomic on CUDA unless
-    `torch.use_deterministic_algorithms` is on, parts under the interpreter.
+    `torch.use_deterministic_algorithms` is on, parts under the interpreter. `scratch` (a benchmark
+    knob): "keep" asks L2 to keep the backward's recompute scratch (stores evict_last, loads
+    evict_first), "none" leaves the cache policy alone.
     """
     reason = triton_unavailable_reason(r.device)
     if reason:
@@ -442,7 +451,10 @@ def wkv7_triton(r, log_w, k, v, a, b, state=None, *, rows=None, num_warps=None, 
     if column_sums not in ("parts", "atomic"):
         raise HierarchosError(f"wkv7_triton column_sums={column_sums!r}: use 'parts' or 'atomic'")
     atomic = column_sums == "atomic"
+    if scratch not in SCRATCH_HINTS:
+        raise HierarchosError(f"wkv7_triton scratch={scratch!r}: use one of {', '.join(SCRATCH_HINTS)}")
+    hints = SCRATCH_HINTS[scratch]
     if r.is_cuda:
         with torch.cuda.device(r.device):  # Triton launches on the current device
-            return _WKV7Triton.apply(r, log_w, k, v, a, b, state, launches, chunk, prefetch, atomic)
-    return _WKV7Triton.apply(r, log_w, k, v, a, b, state, launches, chunk, prefetch, atomic)
+            return _WKV7Triton.apply(r, log_w, k, v, a, b, state, launches, chunk, prefetch, atomic, hints)
+    return _WKV7Triton.apply(r, log_w, k, v, a, b, state, launches, chunk, prefetch, atomic, hints)
