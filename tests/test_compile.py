@@ -131,3 +131,67 @@ def test_a_block_that_fails_to_compile_runs_eagerly_when_falling_back():
     finally:
         torch._dynamo.config.suppress_errors = before
         torch._dynamo.reset()
+
+
+def _memory_run(memory, T, pos0, seed=0):
+    """reads, new state, and the gradients of e and of the memory's parameters for one call."""
+    gen = torch.Generator().manual_seed(seed)
+    dev = memory.keys.device
+    e = torch.randn(2, T, memory.query.in_features, generator=gen).to(dev).requires_grad_()
+    state = {k: (v + 0.01 * torch.randn(v.shape, generator=gen).to(dev)) if k != "writes" else v
+             for k, v in memory.init_state(2, memory.query.in_features, dev).items()}
+    memory.zero_grad()
+    reads, new = memory(e, state, pos0)
+    loss = reads.pow(2).sum() + new["delta"].pow(2).sum() + new["momentum"].sum() + new["surprise"].pow(2).sum()
+    loss.backward()
+    return reads, new, e.grad, {n: p.grad.clone() for n, p in memory.named_parameters()}
+
+
+def _assert_same_memory_run(got, want, rtol, atol):
+    torch.testing.assert_close(got[0], want[0], rtol=rtol, atol=atol)
+    for key in want[1]:
+        torch.testing.assert_close(got[1][key], want[1][key], rtol=rtol, atol=atol, msg=key)
+    torch.testing.assert_close(got[2], want[2], rtol=rtol, atol=atol, msg="e.grad")
+    for name in want[3]:
+        torch.testing.assert_close(got[3][name], want[3][name], rtol=rtol, atol=atol, msg=name)
+
+
+@pytest.mark.parametrize("T, pos0", [(23, 5), (8, 0), (3, 1)])  # chunks cut mid-way, whole, none closed
+def test_compiled_memory_segments_compute_the_same_function(T, pos0):
+    from hierarchos.model.memory import LongTermMemory
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    memory = LongTermMemory(16, 32, 8, 8, 3, 4, 0.0)
+    want = _memory_run(memory, T, pos0)
+    assert memory.compile_segments(backend="aot_eager") is True
+    _assert_same_memory_run(_memory_run(memory, T, pos0), want, 1e-5, 1e-6)
+    memory.uncompile_segments()
+    assert memory._segment_call is None
+
+
+def test_compile_blocks_leaves_the_memory_eager_under_cpu_inductor():
+    """CPU inductor gave the memory's segment wrong gradients (see compile_segments): compile_blocks
+    compiles it with any backend but that one, and on CUDA."""
+    model = HierarchosLM(tiny_config(vocab_size=64))
+    assert model.memory.compile_segments("inductor") is False and model.memory._segment_call is None
+    compile_blocks(model, backend="eager")
+    assert model.memory._segment_call is not None
+    from hierarchos.model.rwkv import uncompile_blocks
+    uncompile_blocks(model)
+    assert model.memory._segment_call is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("T, pos0", [(23, 5), (512, 0)])
+def test_inductor_compiled_memory_matches_eager_on_cuda(T, pos0):
+    from hierarchos.model.memory import LongTermMemory
+
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    memory = LongTermMemory(64, 256, 32, 32, 4, 64, 0.0).cuda()
+    want = _memory_run(memory, T, pos0)
+    assert memory.compile_segments() is True
+    _assert_same_memory_run(_memory_run(memory, T, pos0), want, 1e-4, 1e-5)

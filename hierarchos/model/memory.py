@@ -45,6 +45,7 @@ class LongTermMemory(nn.Module):
         self.register_buffer("slot_count", torch.zeros(slots, dtype=torch.int64))
         self.register_buffer("slot_source", torch.full((slots,), -1, dtype=torch.int64))
         self.source_names: list[str] = []
+        self._segment_call = None  # the compiled `_segment` (compile_segments), None: eager
 
     # ---- state ---------------------------------------------------------------
     def init_state(self, batch_size: int, dim: int, device=None, dtype=torch.float32) -> dict:
@@ -126,25 +127,56 @@ class LongTermMemory(nn.Module):
                            e.split(sizes, 1))
         reads = []
         filled = pos0 % self.chunk  # tokens already in the open chunk
+        segment = self._segment_call or self._segment
         for attn, idx, target, e_seg in segments:  # one iteration per memory chunk
-            read = self.gather(attn, idx, learned, delta) if values is None else self.gather(attn, idx, values)
-            reads.append(read)
-            # closed-form dl/dV of sum_t ||read_t - target_t||^2, scattered to the slots read
-            err = 2.0 * (read - target)                                   # (B, t, Dv)
-            contrib = (attn[..., None] * err[:, :, None, :]).reshape(B, -1, self.val_dim)
-            surprise = surprise.scatter_add(1, idx.reshape(B, -1, 1).expand_as(contrib), contrib)
-            input_sum = input_sum + e_seg.sum(1)
             filled += attn.shape[1]
-            if filled == self.chunk:  # chunk complete: write
-                if values is None:
-                    values = learned + delta
-                values, momentum, written = self._write(values, momentum, surprise, input_sum / self.chunk)
-                writes = writes + written.to(writes.dtype)
-                surprise, input_sum = torch.zeros_like(surprise), torch.zeros_like(input_sum)
+            closes = filled == self.chunk
+            read, values, momentum, surprise, input_sum, writes = segment(
+                attn, idx, target, e_seg, learned, delta, values, momentum, surprise, input_sum, writes, closes)
+            reads.append(read)
+            if closes:
                 filled = 0
         new_state = {"delta": delta if values is None else values - learned, "momentum": momentum,
                      "surprise": surprise, "input_sum": input_sum, "writes": writes}
         return torch.cat(reads, dim=1), new_state
+
+    def _segment(self, attn, idx, target, e_seg, learned, delta, values, momentum, surprise, input_sum, writes,
+                 closes: bool):
+        """One memory chunk's part of `forward`: its tokens' reads (from learned + delta on the slots they
+        pick while `values` is None, else from `values`), their surprise accumulated, and the write when
+        the chunk `closes`. Returns (reads, values, momentum, surprise, input_sum, writes): `values` stays
+        None until a write forms the whole table. A function of tensors only, so that `compile_segments`
+        can fuse it (the top-k addressing before it stays eager: a compiled top-k may pick other slots on
+        rounding ties)."""
+        B = attn.shape[0]
+        read = self.gather(attn, idx, learned, delta) if values is None else self.gather(attn, idx, values)
+        # closed-form dl/dV of sum_t ||read_t - target_t||^2, scattered to the slots read
+        err = 2.0 * (read - target)                                   # (B, t, Dv)
+        contrib = (attn[..., None] * err[:, :, None, :]).reshape(B, -1, self.val_dim)
+        surprise = surprise.scatter_add(1, idx.reshape(B, -1, 1).expand_as(contrib), contrib)
+        input_sum = input_sum + e_seg.sum(1)
+        if closes:  # chunk complete: write
+            if values is None:
+                values = learned + delta
+            values, momentum, written = self._write(values, momentum, surprise, input_sum / self.chunk)
+            writes = writes + written.to(writes.dtype)
+            surprise, input_sum = torch.zeros_like(surprise), torch.zeros_like(input_sum)
+        return read, values, momentum, surprise, input_sum, writes
+
+    def compile_segments(self, backend: str = "inductor") -> bool:
+        """torch.compile `_segment` (each chunk's gathers, surprise scatter and write fused into a few
+        kernels, forward and backward); `uncompile_segments` undoes it. Returns whether it compiled:
+        inductor only where the memory lives on CUDA (its values the eager ones up to rounding: a GPU
+        test), never on the CPU, where torch 2.13's inductor gave this function wrong gradients (up to
+        ~3x the eager ones for the chunk's attention weights, forward values equal; other backends
+        trace correctly there: tested)."""
+        if backend == "inductor" and self.keys.device.type != "cuda":
+            return False
+        self._segment_call = torch.compile(self._segment, backend=backend, dynamic=None)
+        return True
+
+    def uncompile_segments(self) -> None:
+        self._segment_call = None
 
     def step(self, e: torch.Tensor, state: dict, row_pos: torch.Tensor, write_rows: bool = True):
         """`forward` for one token per row at per-row global positions row_pos (B,), without host

@@ -455,8 +455,10 @@ def recompile_limit_name() -> str:
 
 def compile_blocks(model: nn.Module, backend: str = "inductor", fall_back: bool = False) -> int:
     """torch.compile every RWKV block of `model` in place (`nn.Module.compile`: parameter names and
-    state dicts stay as they are); returns the number of blocks compiled. `fall_back`: a block whose
-    compile fails runs eagerly (dynamo's suppress_errors, process-wide) instead of raising.
+    state dicts stay as they are), and the chunk segments of its long-term memory (anything with a
+    `compile_segments`: `LongTermMemory`, whose top-k addressing stays eager); returns the number of
+    blocks compiled. `fall_back`: a block whose compile fails runs eagerly (dynamo's suppress_errors,
+    process-wide) instead of raising.
 
     Blocks, not the whole model: the HRM loop around them has data-dependent pass counts and
     several sequence lengths (watch over T tokens, pondering over T / h_stride plan points, the
@@ -477,6 +479,8 @@ def compile_blocks(model: nn.Module, backend: str = "inductor", fall_back: bool 
         if isinstance(module, RWKVBlock):
             module.compile(backend=backend, dynamic=None)
             count += 1
+        elif hasattr(module, "compile_segments"):  # the memory (no import of model.memory here)
+            module.compile_segments(backend)
     return count
 
 
@@ -485,3 +489,5 @@ def uncompile_blocks(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, RWKVBlock):
             module._compiled_call_impl = None
+        elif hasattr(module, "uncompile_segments"):
+            module.uncompile_segments()
