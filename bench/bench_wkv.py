@@ -213,11 +213,15 @@ def triton_config(rows, warps, prefetch=True, sums="parts", chunk=CHUNK, scratch
 
 
 def sweep_configs(kind: str) -> dict:
-    """The Triton configs a sweep times: "launch" (rows a program, warps, prefetch, column sums) or
-    "chunk" (the default launch, checkpoint spacing 8/16/32, the scratch's cache hints)."""
+    """The Triton configs a sweep times: "launch" (rows a program, warps, prefetch, column sums),
+    "chunk" (the default launch, checkpoint spacing 8/16/32, the scratch's cache hints) or "rows"
+    (16 to 64 rows a program, more warps)."""
     if kind == "chunk":
         return {f"triton chunk={c} scratch={h}": triton_config(None, None, True, None, c, h)
                 for c in (8, 16, 32) for h in ("none", "keep")}
+    if kind == "rows":  # larger row blocks, up to a whole state a program (no column sums across programs)
+        return {f"triton rows={r} warps={w} atomic": triton_config(r, w, True, "atomic")
+                for r, w in [(16, 1), (16, 2), (32, 2), (32, 4), (64, 4), (64, 8)]}
     return {f"triton rows={r} warps={w}{'' if p else ' noprefetch'}{'' if c == 'parts' else ' ' + c}":
             triton_config(r, w, p, c)
             for r, w, p, c in [(16, 2, True, "parts"), (16, 2, False, "parts"), (4, 1, True, "parts"),
@@ -234,9 +238,10 @@ def main():
     ap.add_argument("--fla-tol", type=float, default=5e-3,
                     help="fla's Triton dots may run in TF32 (METHOD: tf32 lands near 3e-4 on one product)")
     ap.add_argument("--no-sweep", action="store_true", help="time only the default Triton config")
-    ap.add_argument("--sweep", choices=["launch", "chunk"], default="launch",
+    ap.add_argument("--sweep", choices=["launch", "chunk", "rows"], default="launch",
                     help="launch: rows/warps/prefetch/column sums at the first shape (the best three at the "
-                         "others); chunk: checkpoint spacing and scratch cache hints at every shape")
+                         "others); chunk: checkpoint spacing and scratch cache hints at every shape; rows: "
+                         "row blocks up to a whole state a program, at every shape")
     ap.add_argument("--fla-variants", nargs="*", default=["fla"], choices=["fla", "fla c64", "fla c64 bf16"],
                     help="fla's variants to check and time (each costs minutes of cold Triton JIT + autotune)")
     ap.add_argument("--no-chunked", action="store_true", help="do not time the chunked PyTorch path")
@@ -298,7 +303,7 @@ def main():
         log(f"  floors: bytes {nbytes / 1e9:.2f} GB -> {floor_b:.3f} ms; FLOPs {nflops / 1e9:.1f} G -> {floor_f:.3f} ms")
         result.setdefault("floors", []).append(dict(shape=shape, bytes=nbytes, flops=nflops,
                                                     bytes_ms=floor_b, flops_ms=floor_f))
-        if (i == 0 or args.sweep == "chunk") and not args.no_sweep:
+        if (i == 0 or args.sweep != "launch") and not args.no_sweep:
             rows = timing(sweep, device, shape, args.reps, args.warmup)
         else:
             best = [r for r in result["timing"] if "fwd_bwd_ms" in r and r["impl"] in sweep]

@@ -581,7 +581,9 @@ def _check_compile_blocks(monkeypatch, limit):
     assert len(blocks) == 5
     assert rwkv.compile_blocks(model, backend="eager") == 5
     assert all(b._compiled_call_impl is not None for b in blocks)
-    assert [kw["backend"] for kw in compiled] == ["eager"] * 5 and all(kw["dynamic"] is None for kw in compiled)
+    # the five blocks and the memory's chunk segment (compiled with any backend but CPU inductor)
+    assert [kw["backend"] for kw in compiled] == ["eager"] * 6 and all(kw["dynamic"] is None for kw in compiled)
+    assert model.memory._segment_call is not None
     assert all(m._compiled_call_impl is None for m in model.modules() if not isinstance(m, RWKVBlock))
     assert rwkv._wkv7_opaque is not rwkv.wkv7 and rwkv._wkv4_opaque is not rwkv.wkv4
     assert getattr(torch._dynamo.config, limit) == 64
@@ -591,10 +593,11 @@ def _check_compile_blocks(monkeypatch, limit):
     assert rwkv._wkv7_opaque is opaque7 and rwkv._wkv4_opaque is opaque4  # wrapped once, not twice
     assert getattr(torch._dynamo.config, limit) == 100
     rwkv.uncompile_blocks(model)
-    assert all(m._compiled_call_impl is None for m in model.modules())
+    assert all(m._compiled_call_impl is None for m in model.modules()) and model.memory._segment_call is None
     assert rwkv.compile_blocks(torch.nn.Linear(2, 2)) == 0
     compiled.clear()
-    assert rwkv.compile_blocks(model) == 5 and [kw["backend"] for kw in compiled] == ["inductor"] * 5  # the default
+    # the default backend; the CPU model's memory stays eager under inductor
+    assert rwkv.compile_blocks(model) == 5 and [kw["backend"] for kw in compiled] == ["inductor"] * 5
     rwkv.uncompile_blocks(model)
     # the opaque recurrences are the plain ones behind dynamo's disable (calling them would cost seconds)
     assert opaque7.__wrapped__ is rwkv.wkv7 and opaque7._torchdynamo_disable
