@@ -207,7 +207,7 @@ def fla_variants():
             "fla c64 bf16": bf16}   # bf16 operands: expect ~1e-2, reported, not a candidate
 
 
-def triton_config(rows, warps, prefetch=True, sums="parts", chunk=CHUNK, scratch="none"):
+def triton_config(rows, warps, prefetch=True, sums="parts", chunk=CHUNK, scratch="keep"):
     return lambda *a, state: wkv7_triton(*a, state=state, rows=rows, num_warps=warps, prefetch=prefetch,
                                          column_sums=sums, chunk=chunk, scratch=scratch)
 

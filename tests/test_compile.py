@@ -144,7 +144,8 @@ def _memory_run(memory, T, pos0, seed=0):
     reads, new = memory(e, state, pos0)
     loss = reads.pow(2).sum() + new["delta"].pow(2).sum() + new["momentum"].sum() + new["surprise"].pow(2).sum()
     loss.backward()
-    return reads, new, e.grad, {n: p.grad.clone() for n, p in memory.named_parameters()}
+    # (write_gates get no gradient from a call in which no chunk closes)
+    return reads, new, e.grad, {n: None if p.grad is None else p.grad.clone() for n, p in memory.named_parameters()}
 
 
 def _assert_same_memory_run(got, want, rtol, atol):
@@ -153,7 +154,10 @@ def _assert_same_memory_run(got, want, rtol, atol):
         torch.testing.assert_close(got[1][key], want[1][key], rtol=rtol, atol=atol, msg=key)
     torch.testing.assert_close(got[2], want[2], rtol=rtol, atol=atol, msg="e.grad")
     for name in want[3]:
-        torch.testing.assert_close(got[3][name], want[3][name], rtol=rtol, atol=atol, msg=name)
+        if want[3][name] is None:
+            assert got[3][name] is None, name
+        else:
+            torch.testing.assert_close(got[3][name], want[3][name], rtol=rtol, atol=atol, msg=name)
 
 
 @pytest.mark.parametrize("T, pos0", [(23, 5), (8, 0), (3, 1)])  # chunks cut mid-way, whole, none closed

@@ -335,8 +335,8 @@ def test_the_launch_knobs_reach_both_kernels(interpret, monkeypatch):
     (fwd, grid_f, args_f, kw_f), (bwd, grid_b, args_b, kw_b) = launches.calls
     assert (fwd, bwd) == ("fwd", "bwd") and grid_f == grid_b == (1 * 2 * 2,)
     assert kw_f == {"H": 2, "N": 8, "BI": 4, "C": 2, "STORE_CKPT": True, "PREFETCH": False, "num_warps": 2}
-    assert kw_b == {"H": 2, "N": 8, "BI": 4, "C": 2, "PREFETCH": False, "ATOMIC": False, "SCRATCH_STORE": "",
-                    "SCRATCH_LOAD": "", "num_warps": 2}
+    assert kw_b == {"H": 2, "N": 8, "BI": 4, "C": 2, "PREFETCH": False, "ATOMIC": False,
+                    "SCRATCH_STORE": "evict_last", "SCRATCH_LOAD": "evict_first", "num_warps": 2}  # scratch="keep"
     assert args_f[10:] == (5, 3) and args_f[9].numel() == 1 * 2 * 3 * 8 * 8   # T, n_chunks; the checkpoints
     assert args_b[9].numel() == 4 * 2 * 4 * 8 and args_b[17:] == (5, 3, 1 * 5 * 2 * 8)  # scratch; T, n_chunks, stride
     assert [args_b[i].shape[0] for i in (10, 11, 12, 14, 15)] == [2] * 5  # one partial sum per row block
@@ -351,6 +351,9 @@ def test_the_launch_knobs_reach_both_kernels(interpret, monkeypatch):
     assert kw_b["ATOMIC"] is True and [args_b[i].shape[0] for i in (10, 11, 12, 14, 15)] == [1] * 5
     for name, g, g_ref in zip((*NAMES, "state"), grads, grads_ref):
         close(g, g_ref, f"d{name}", seed)
+    launches.calls.clear()  # scratch="none": the cache's own policy
+    kernel(inputs, state, weight_o, weight_s, rows=4, chunk=2, scratch="none")
+    assert (launches.calls[1][3]["SCRATCH_STORE"], launches.calls[1][3]["SCRATCH_LOAD"]) == ("", "")
     launches.calls.clear()  # one row block: nothing to add, so plain stores even when atomic is asked for
     kernel(inputs, state, weight_o, weight_s, rows=8, chunk=2, column_sums="atomic")
     assert launches.calls[1][3]["ATOMIC"] is False
@@ -359,7 +362,7 @@ def test_the_launch_knobs_reach_both_kernels(interpret, monkeypatch):
     o, s = wkv7_triton(**inputs, state=state)
     ((fwd, grid_f, args_f, kw_f),) = launches.calls
     assert grid_f == (1 * 2 * 1,) and args_f[10:] == (5, 1) and args_f[9].numel() == 1
-    assert kw_f == {"H": 2, "N": 8, "BI": 8, "C": 16, "STORE_CKPT": False, "PREFETCH": True, "num_warps": 1}
+    assert kw_f == {"H": 2, "N": 8, "BI": 8, "C": 32, "STORE_CKPT": False, "PREFETCH": True, "num_warps": 1}
     close(o, o_ref, "o", seed)
     close(s, s_ref, "state", seed)
 

@@ -34,7 +34,12 @@ except Exception as exc:  # ImportError, or a broken install underneath
 else:
     _TRITON_ERROR = ""
 
-CHUNK = 16   # tokens between forward checkpoints: memory B*H*N*N*4 bytes per chunk, scratch the same once
+# Tokens between forward checkpoints. The checkpoints (B*H*N*N*4 bytes a chunk) are held from the forward
+# to the backward, the backward's scratch (B*H*N*N*4 bytes a token of one chunk) only during its call, so
+# a longer spacing holds less for the whole step: 32 holds half of 16's, and on an H100 (bench_wkv --sweep
+# chunk, BENCHMARKS.md) timed 2.43 against 2.47-2.52 ms a call at B32 T512 H8 and 3.98 against 3.81-3.96
+# at B16 T1024 H12 (8 was 11-13% faster for twice the checkpoints).
+CHUNK = 32
 
 
 # ----------------------------------------------------------------------------- reference backward
@@ -420,7 +425,7 @@ SCRATCH_HINTS = {"none": ("", ""), "keep": ("evict_last", "evict_first")}
 
 
 def wkv7_triton(r, log_w, k, v, a, b, state=None, *, rows=None, num_warps=None, chunk=CHUNK, prefetch=True,
-                column_sums=None, scratch="none"):
+                column_sums=None, scratch="keep"):
     """WKV-7 through the fused Triton kernels (CUDA; CPU only under TRITON_INTERPRET=1).
 
     Same contract as `wkv7_reference`, except that it always computes in float32 and returns
@@ -433,9 +438,9 @@ def wkv7_triton(r, log_w, k, v, a, b, state=None, *, rows=None, num_warps=None, 
     "parts" (each block writes its own, summed afterwards in a fixed order: bit-reproducible, N/rows x
     the gradients' memory for a moment) or "atomic" (added into one buffer by atomics: no extra
     memory, the last bits vary run to run); default atomic on CUDA unless
-    `torch.use_deterministic_algorithms` is on, parts under the interpreter. `scratch` (a benchmark
-    knob): "keep" asks L2 to keep the backward's recompute scratch (stores evict_last, loads
-    evict_first), "none" leaves the cache policy alone.
+    `torch.use_deterministic_algorithms` is on, parts under the interpreter. `scratch`: "keep" (the
+    default) asks L2 to keep the backward's recompute scratch (stores evict_last, loads evict_first:
+    2-4% faster in bench_wkv at every spacing measured), "none" leaves the cache policy alone.
     """
     reason = triton_unavailable_reason(r.device)
     if reason:
