@@ -168,8 +168,9 @@ class LongTermMemory(nn.Module):
         kernels, forward and backward); `uncompile_segments` undoes it. Returns whether it compiled:
         inductor only where the memory lives on CUDA (its values the eager ones up to rounding: a GPU
         test), never on the CPU, where torch 2.13's inductor gave this function wrong gradients (up to
-        ~3x the eager ones for the chunk's attention weights, forward values equal; other backends
-        trace correctly there: tested)."""
+        ~3x the eager ones for the chunk's attention weights, forward values equal; a reduction needs
+        `_write`'s `unbind` of gates whose weights take gradients; other backends trace correctly there:
+        tested)."""
         if backend == "inductor" and self.keys.device.type != "cuda":
             return False
         self._segment_call = torch.compile(self._segment, backend=backend, dynamic=None)
