@@ -81,9 +81,10 @@ PART_PREFIX = "part: "
 EVALUATE = "autograd::engine::evaluate_function"
 
 
-def annotate_parts(model) -> list:
-    """Forward hooks that wrap each of PARTS' modules in a profiler range named PART_PREFIX + label;
-    returns the hook handles (remove them to undo)."""
+def annotate_parts(model, labels: list | None = None) -> list:
+    """Forward hooks that wrap each of PARTS' modules in a profiler range named PART_PREFIX + label,
+    and keep the labels of the open ranges in `labels` (innermost last) when it is given; returns the
+    hook handles (remove them to undo)."""
     handles, open_ranges = [], []
 
     def enter(label):
@@ -91,10 +92,14 @@ def annotate_parts(model) -> list:
             rng = torch.autograd.profiler.record_function(PART_PREFIX + label)
             rng.__enter__()
             open_ranges.append(rng)
+            if labels is not None:
+                labels.append(label)
         return hook
 
     def leave(module, inputs, output):
         open_ranges.pop().__exit__(None, None, None)
+        if labels is not None:
+            labels.pop()
 
     modules = dict(model.named_modules())
     for label, path in PARTS:
@@ -147,6 +152,37 @@ def part_times(events, steps: int, device: bool) -> dict:
     return dict(sorted(parts.items(), key=lambda kv: -(kv[1]["forward"] + kv[1]["backward"])))
 
 
+def saved_by_part(model, forward) -> dict:
+    """MiB that `forward()` (a training forward of `model`, returning the loss) leaves saved for its
+    backward, by the innermost PARTS module that saved it ("outside" when none: the loss; every part of
+    a model without PARTS' modules): each storage counted once, at its full size, parameters' storages
+    left out. The backward then runs and frees them. What a step holds at its peak, besides the
+    weights, gradients and optimizer state, is about this (plus the backward's own transients)."""
+    labels: list = []
+    handles = annotate_parts(model, labels)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: set = set()
+    parts: dict = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        key = (storage.data_ptr(), str(t.device))
+        if key not in seen and key[0] not in params:
+            seen.add(key)
+            label = labels[-1] if labels else "outside"
+            parts[label] = parts.get(label, 0.0) + storage.nbytes() / 2**20
+        return t
+
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = forward()
+        loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+    return dict(sorted(parts.items(), key=lambda kv: -kv[1]))
+
+
 def profile_one(spec: str, args, dev) -> dict:
     torch.manual_seed(0)
     model = make_model(spec, args.size, args.seq_len).to(dev).train()
@@ -160,10 +196,12 @@ def profile_one(spec: str, args, dev) -> dict:
     V = SIZES[args.size]["vocab_size"]
     x = torch.randint(0, V, (args.batch, args.seq_len + 1), generator=torch.Generator().manual_seed(0)).to(dev)
 
-    def step():
+    def forward():
         with amp():
-            loss, _ = loss_fn(fwd, x[:, :-1], x[:, 1:])
-        loss.backward()
+            return loss_fn(fwd, x[:, :-1], x[:, 1:])[0]
+
+    def step():
+        forward().backward()
         model.zero_grad(set_to_none=True)
 
     def sync():
@@ -196,6 +234,19 @@ def profile_one(spec: str, args, dev) -> dict:
         for h in handles:
             h.remove()
         parts = part_times(parts_prof.events(), n, dev.type == "cuda")
+    saved = None
+    if args.memory:  # after the timed steps: every compile is done, so only the step's tensors are saved
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+        try:  # (saved-tensor hooks around compiled regions are newer ground: a failure is reported, not fatal)
+            saved = dict(by_part=saved_by_part(model if fwd is model else fwd, forward))
+            saved["total"] = sum(saved["by_part"].values())
+            if dev.type == "cuda":
+                saved["step_peak"] = torch.cuda.max_memory_allocated(dev) / 2**20
+        except Exception as exc:  # noqa: BLE001
+            saved = dict(error=f"{type(exc).__name__}: {exc}"[:300])
+        model.zero_grad(set_to_none=True)
     kinds: dict[str, dict] = {}
     launches = 0
     for ev in prof.events():
@@ -219,7 +270,7 @@ def profile_one(spec: str, args, dev) -> dict:
     result = dict(model=spec, compile=args.compile, T=args.seq_len, batch=args.batch, step_ms=step_ms,
                   first_step_ms=first_ms, tokens_per_s=args.batch * args.seq_len / (step_ms / 1e3),
                   device_busy_ms=busy, busy_fraction=busy / step_ms if step_ms else None,
-                  launches_per_step=launches / n, kinds=kinds, top_ops=top_ops, parts=parts,
+                  launches_per_step=launches / n, kinds=kinds, top_ops=top_ops, parts=parts, saved_mib=saved,
                   params=getattr(model, "fitted", None) or dict(params=sum(p.numel() for p in model.parameters())))
     del model, fwd
     if dev.type == "cuda":
@@ -243,6 +294,14 @@ def print_result(r: dict) -> None:
         for label, p in r["parts"].items():
             both = p["forward"] + p["backward"]
             print(f"  {label:<20} {p['forward']:10.2f} {p['backward']:11.2f} {100 * both / total if total else 0:5.1f}%")
+    if (r.get("saved_mib") or {}).get("error"):
+        print(f"  saved for the backward: not measured ({r['saved_mib']['error']})")
+    elif r.get("saved_mib"):
+        m = r["saved_mib"]
+        peak = f", the step's peak {m['step_peak']:,.0f} MiB allocated" if "step_peak" in m else ""
+        print(f"  saved for the backward: {m['total']:,.0f} MiB{peak}")
+        for label, mib in m["by_part"].items():
+            print(f"    {label:<20} {mib:10,.1f} MiB")
     print(f"  {'aten operator':<40} {'calls':>7} {'device ms':>10} {'cpu ms':>8}")
     for o in r["top_ops"]:
         print(f"  {o['op']:<40} {o['calls']:7.0f} {o['device_ms']:10.2f} {o['cpu_ms']:8.2f}")
@@ -257,6 +316,8 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="compile hierarchos' RWKV blocks / the whole GPT-2")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--rows", type=int, default=20)
+    ap.add_argument("--memory", action="store_true",
+                    help="also the MiB one forward saves for its backward, by part, and (CUDA) the step's peak")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json")
     args = ap.parse_args()

@@ -10,7 +10,7 @@ from torch.profiler import ProfilerActivity, profile
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "bench"))
 
-from profile_forward import annotate_parts, part_times  # noqa: E402
+from profile_forward import annotate_parts, part_times, saved_by_part  # noqa: E402
 from hierarchos.config import tiny_config  # noqa: E402
 from hierarchos.model.lm import HierarchosLM  # noqa: E402
 from hierarchos.model.losses import lm_loss  # noqa: E402
@@ -58,3 +58,24 @@ def test_backward_goes_to_the_part_that_made_the_node():
     assert parts["memory"]["backward"] > parts["embeddings"]["backward"] > 0
     assert parts["memory"]["forward"] > parts["embeddings"]["forward"] > 0
     assert "outside" in parts  # the sum and the loss's seed live outside every part
+
+
+def test_saved_tensors_are_counted_once_by_the_part_that_saved_them():
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Linear(64, 64)     # "embeddings"
+            self.memory = nn.Linear(64, 64)    # "memory"
+
+        def forward(self, x):
+            y = self.embed(x)                  # the embed part saves x (its weight, a parameter, is not counted)
+            h = torch.tanh(self.memory(y))     # the memory part saves y; tanh, outside it, saves h
+            return (h * h).sum()               # saves h twice more: one storage, counted once
+
+    model = Two()
+    x = torch.randn(256, 64, requires_grad=True)
+    saved = saved_by_part(model, lambda: model(x))
+    one = 256 * 64 * 4 / 2**20
+    assert saved == {"embeddings": one, "memory": one, "outside": one}
+    assert model.embed.weight.grad is not None  # the backward ran
+    assert not model.memory._forward_hooks  # the hooks are gone
