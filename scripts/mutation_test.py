@@ -60,7 +60,8 @@ MODULES: dict[str, list[str]] = {
     # the samplers and the noise (the generation loops have their own, slower tests: chat, generate_batch)
     "hierarchos/generate.py": ["tests/test_sync_free_step.py", "tests/test_noise_triton.py", "-m", "not gpu", "-k",
                                "sample or sampling or race or noise or truncated or body or split"],
-    "hierarchos/model/memory.py": ["tests/test_memory.py", "tests/test_sync_free_step.py", "-k", "not cuda"],
+    "hierarchos/model/memory.py": ["tests/test_memory.py", "tests/test_sync_free_step.py", "tests/test_compile.py",
+                                   "-k", "not cuda"],
     "hierarchos/quant/formats.py": ["tests/test_quant_formats.py", "tests/test_kernel.py",
                                     "tests/test_quant_format_rules.py"],
     # io and lora: the deterministic crash tests, not the SIGKILL ones (slow, and they run in a child process),

@@ -146,8 +146,7 @@ class LongTermMemory(nn.Module):
         pick while `values` is None, else from `values`), their surprise accumulated, and the write when
         the chunk `closes`. Returns (reads, values, momentum, surprise, input_sum, writes): `values` stays
         None until a write forms the whole table. A function of tensors only, so that `compile_segments`
-        can fuse it (the top-k addressing before it stays eager: a compiled top-k may pick other slots on
-        rounding ties)."""
+        can fuse it (the top-k addressing, done before for the whole call, stays eager)."""
         B = attn.shape[0]
         read = self.gather(attn, idx, learned, delta) if values is None else self.gather(attn, idx, values)
         # closed-form dl/dV of sum_t ||read_t - target_t||^2, scattered to the slots read
