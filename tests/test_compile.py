@@ -179,6 +179,7 @@ def test_compile_blocks_leaves_the_memory_eager_under_cpu_inductor():
     compiles it with any backend but that one, and on CUDA."""
     model = HierarchosLM(tiny_config(vocab_size=64))
     assert model.memory.compile_segments("inductor") is False and model.memory._segment_call is None
+    assert model.memory.compile_segments() is False  # inductor is the default
     compile_blocks(model, backend="eager")
     assert model.memory._segment_call is not None
     from hierarchos.model.rwkv import uncompile_blocks
