@@ -5,8 +5,9 @@ adds up device time per kernel kind (matmul, our WKV kernel, inductor-fused, ele
 reductions, copies/casts, indexing, norms/softmax, sort/top-k, other), next to the operator
 counts and the largest aten operators by self device time, and for hierarchos by part (embeddings,
 memory, encoder, the HRM's glue, manager and worker stacks, head; forward and backward apart:
-`part_times`). The same step is timed without the profiler first, so the table's "share" is of real
-busy time, not of profiler overhead.
+`part_times`); `--memory` adds what one forward saves for its backward, by part (`saved_by_part`), and
+the step's CUDA peak. The same step is timed without the profiler first, so the table's "share" is of
+real busy time, not of profiler overhead.
 
     PYTHONPATH=. python bench/profile_forward.py --device cuda --size 125m --seq-len 1024 --batch 16 \
         --models hierarchos:minimal gpt2 --json $OUT/profile_forward.json
