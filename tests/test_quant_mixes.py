@@ -60,8 +60,11 @@ def test_weighted_search_never_worse_per_block_and_better_overall(qtype):
     plain = formats.quantize(w, qtype)
     weighted = calibration.quantize_weighted(w, qtype, importance)
     assert weighted.shape == plain.shape and weighted.dtype == np.uint8
-    err_plain = _weighted_errors(w, plain, qtype, importance)
-    err_weighted = _weighted_errors(w, weighted, qtype, importance)
+    # by the weights the search minimises (the raw importance's near-zero channels floored: seed 3013 once
+    # found a block 4e-6 relative worse by the raw importance, better by the floored one)
+    floored = calibration.floored_importance(importance)
+    err_plain = _weighted_errors(w, plain, qtype, floored)
+    err_weighted = _weighted_errors(w, weighted, qtype, floored)
     assert np.all(err_weighted <= err_plain * (1 + 1e-12) + 1e-30), f"seed {seed}"
     assert err_weighted.sum() < 0.95 * err_plain.sum(), f"seed {seed}: {err_weighted.sum()} vs {err_plain.sum()}"
     assert np.all(formats.dequantize(weighted, qtype, 512)[3, :256] == 0), f"seed {seed}"

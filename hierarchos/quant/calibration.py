@@ -110,9 +110,18 @@ def _q2_k_weighted(blocks: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return np.where((trial_err < plain_err)[:, None], trial, plain)
 
 
+def floored_importance(importance: np.ndarray) -> np.ndarray:
+    """The element weights `quantize_weighted` minimises by: the importance, floored at 1e-3 of its mean,
+    so that a channel never seen (all zero) still counts a little and its weights are not left to
+    chance (float64)."""
+    importance = np.asarray(importance, dtype=np.float64)
+    return np.maximum(importance, max(float(importance.mean()) * 1e-3, 1e-12))
+
+
 def quantize_weighted(w: np.ndarray, qtype: str, importance: np.ndarray) -> np.ndarray:
     """float32 (rows, cols) -> uint8 (rows, row_bytes) in the standard `qtype` blocks, scales chosen to
-    minimise sum_j importance[j] * (w_ij - q_ij)^2 (never worse per block than `formats.quantize`)."""
+    minimise sum_j f[j] * (w_ij - q_ij)^2 with f = `floored_importance(importance)` (never worse per
+    block than `formats.quantize` under that weighting)."""
     w = np.ascontiguousarray(w, dtype=np.float32)
     if w.ndim != 2:
         raise ValueError(f"quantize_weighted expects a 2-D matrix, got shape {w.shape}")
@@ -124,9 +133,7 @@ def quantize_weighted(w: np.ndarray, qtype: str, importance: np.ndarray) -> np.n
     if qtype not in WEIGHTED_QTYPES:
         return formats.quantize(w, qtype)
     size = formats.block_size(qtype)
-    # a channel never seen (all zero) still counts a little, so its weights are not left to chance
-    floor = max(float(importance.mean()) * 1e-3, 1e-12)
-    weights = np.broadcast_to(np.maximum(importance, floor), (rows, cols)).reshape(-1, size)
+    weights = np.broadcast_to(floored_importance(importance), (rows, cols)).reshape(-1, size)
     blocks = w.reshape(-1, size)
     if qtype == "Q2_K":
         raw = _q2_k_weighted(blocks, weights)
