@@ -106,7 +106,7 @@ class LongTermMemory(nn.Module):
     # ---- forward over a sequence -------------------------------------------------
     def forward(self, e: torch.Tensor, state: dict, pos0: int):
         """e: (B, T, D) memory inputs at global positions pos0.. -> (reads (B, T, Dv), new state)."""
-        B, T, _ = e.shape
+        T = e.shape[1]
         learned = self.values.to(e.dtype).unsqueeze(0)
         # the whole table (learned + delta) is formed only once a chunk's write needs it: until then reads
         # add the two on the slots they pick, and a call that writes nothing returns its delta as it came
@@ -188,11 +188,10 @@ class LongTermMemory(nn.Module):
         e: (B, 1, D) -> (reads (B, 1, Dv), new state)."""
         learned = self.values.to(e.dtype).unsqueeze(0)
         attn, idx = self.address(self.query(e))
-        read = self.gather(attn, idx, learned, state["delta"])  # as `forward` reads: learned + delta, picked
-        err = 2.0 * (read - self.target(e))
-        contrib = (attn[..., None] * err[:, :, None, :]).reshape(e.shape[0], -1, self.val_dim)
-        surprise = state["surprise"].scatter_add(1, idx.reshape(e.shape[0], -1, 1).expand_as(contrib), contrib)
-        input_sum = state["input_sum"] + e.sum(1)
+        # as `forward` reads (learned + delta on the picked slots) and accumulates; the write is decided below
+        read, _, _, surprise, input_sum, _ = self._segment(attn, idx, self.target(e), e, learned, state["delta"], None,
+                                                           state["momentum"], state["surprise"], state["input_sum"],
+                                                           state["writes"], False)
         if not write_rows:
             return read, {"delta": state["delta"], "momentum": state["momentum"], "surprise": surprise,
                           "input_sum": input_sum, "writes": state["writes"]}
