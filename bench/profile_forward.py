@@ -153,12 +153,14 @@ def part_times(events, steps: int, device: bool) -> dict:
     return dict(sorted(parts.items(), key=lambda kv: -(kv[1]["forward"] + kv[1]["backward"])))
 
 
-def saved_by_part(model, forward) -> dict:
+def saved_by_part(model, forward, groups: dict | None = None) -> dict:
     """MiB that `forward()` (a training forward of `model`, returning the loss) leaves saved for its
     backward, by the innermost PARTS module that saved it ("outside" when none: the loss; every part of
     a model without PARTS' modules): each storage counted once, at its full size, parameters' storages
     left out. The backward then runs and frees them. What a step holds at its peak, besides the
-    weights, gradients and optimizer state, is about this (plus the backward's own transients)."""
+    weights, gradients and optimizer state, is about this (plus the backward's own transients).
+    `groups`, when given, is filled with what those storages were: "part | dtype | shape" -> [tensors,
+    MiB], the shape being the first saved view of each storage (what says which activation it is)."""
     labels: list = []
     handles = annotate_parts(model, labels)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -172,6 +174,10 @@ def saved_by_part(model, forward) -> dict:
             seen.add(key)
             label = labels[-1] if labels else "outside"
             parts[label] = parts.get(label, 0.0) + storage.nbytes() / 2**20
+            if groups is not None:
+                group = groups.setdefault(f"{label} | {str(t.dtype).replace('torch.', '')} | {tuple(t.shape)}", [0, 0.0])
+                group[0] += 1
+                group[1] += storage.nbytes() / 2**20
         return t
 
     try:
@@ -241,8 +247,10 @@ def profile_one(spec: str, args, dev) -> dict:
             torch.cuda.synchronize(dev)
             torch.cuda.reset_peak_memory_stats(dev)
         try:  # (saved-tensor hooks around compiled regions are newer ground: a failure is reported, not fatal)
-            saved = dict(by_part=saved_by_part(model if fwd is model else fwd, forward))
+            groups: dict = {}
+            saved = dict(by_part=saved_by_part(model if fwd is model else fwd, forward, groups))
             saved["total"] = sum(saved["by_part"].values())
+            saved["largest"] = dict(sorted(groups.items(), key=lambda kv: -kv[1][1])[:args.rows])
             if dev.type == "cuda":
                 saved["step_peak"] = torch.cuda.max_memory_allocated(dev) / 2**20
         except Exception as exc:  # noqa: BLE001
@@ -303,6 +311,10 @@ def print_result(r: dict) -> None:
         print(f"  saved for the backward: {m['total']:,.0f} MiB{peak}")
         for label, mib in m["by_part"].items():
             print(f"    {label:<20} {mib:10,.1f} MiB")
+        if m.get("largest"):
+            print("  the largest groups of saved storages (part | dtype | shape: tensors, MiB)")
+            for group, (count, mib) in m["largest"].items():
+                print(f"    {group:<60} {count:5d} {mib:10,.1f}")
     print(f"  {'aten operator':<40} {'calls':>7} {'device ms':>10} {'cpu ms':>8}")
     for o in r["top_ops"]:
         print(f"  {o['op']:<40} {o['calls']:7.0f} {o['device_ms']:10.2f} {o['cpu_ms']:8.2f}")

@@ -74,8 +74,10 @@ def test_saved_tensors_are_counted_once_by_the_part_that_saved_them():
 
     model = Two()
     x = torch.randn(256, 64, requires_grad=True)
-    saved = saved_by_part(model, lambda: model(x))
+    groups = {}
+    saved = saved_by_part(model, lambda: model(x), groups)
     one = 256 * 64 * 4 / 2**20
     assert saved == {"embeddings": one, "memory": one, "outside": one}
+    assert groups == {f"{part} | float32 | (256, 64)": [1, one] for part in ("embeddings", "memory", "outside")}
     assert model.embed.weight.grad is not None  # the backward ran
     assert not model.memory._forward_hooks  # the hooks are gone
