@@ -629,7 +629,7 @@ def test_cells_under_bf16_autocast_feed_bf16_to_the_matmuls_and_keep_the_carried
         lin.register_forward_pre_hook(lambda _m, args, name=name: seen.__setitem__(name, args[0].dtype))
     real7 = rwkv._wkv7_opaque
     recurrence_dtypes = []
-    rwkv._wkv7_opaque = lambda *a, **k: recurrence_dtypes.append({t.dtype for t in a}) or real7(*a, **k)
+    rwkv._wkv7_opaque = lambda *a, **k: recurrence_dtypes.append([t.dtype for t in a]) or real7(*a, **k)
     g = torch.Generator().manual_seed(seed)
     x, shift = torch.randn(2, 5, 8, generator=g), torch.randn(2, 8, generator=g)
     state7 = torch.randn(2, 2, 4, 4, generator=g) * 0.3
@@ -652,7 +652,10 @@ def test_cells_under_bf16_autocast_feed_bf16_to_the_matmuls_and_keep_the_carried
     assert seen == {name: torch.bfloat16 for name in ("tm", "tm_receptance", "tm_key", "static_receptance", "tm4",
                                                       "tm4_key", "tm4_value", "tm4_receptance", "cm", "cm_gate")}, \
         f"seed={seed} {seen}"
-    assert recurrence_dtypes[0] == {torch.float32}  # the recurrence's inputs in float32 under autocast
+    # the recurrence's inputs under autocast: r and v as the matmuls made them (bf16, upcast exactly
+    # inside every path); the decay, the key (scaled by float32 parameters) and a, b in float32
+    bf, f32 = torch.bfloat16, torch.float32
+    assert recurrence_dtypes[0] == [bf, f32, f32, bf, f32, f32], f"seed={seed}"
     assert shift7.dtype == shift4.dtype == shiftc.dtype == torch.float32
     assert new7.dtype == new4.dtype == torch.float32
     # the carried shift is the last token itself (to bf16 precision)

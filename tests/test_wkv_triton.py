@@ -153,6 +153,37 @@ def test_kernel_edge_inputs(interpret):
     assert all(x.grad is not None and x.grad.dtype == torch.bfloat16 for x in leaves.values())
 
 
+@needs_triton
+def test_kernel_keeps_bf16_rkv_and_equals_their_float32_copies(interpret):
+    """The model's call under autocast: r, k, v bf16 (matmul outputs), log_w, a, b float32. The kernel
+    reads them as they are (what it saves for the backward is bf16, no float32 copy) and gives the same
+    outputs and gradients as their float32 copies, the gradients rounded once to bf16."""
+    seed = fresh_seed()
+    inputs, state = make_inputs(seed, B=2, T=19, H=2, N=16, dtype=torch.float32)
+    mixed = {n: x.bfloat16() if n in ("r", "k", "v") else x for n, x in inputs.items()}
+    upcast = {n: x.float() for n, x in mixed.items()}
+    weight_o = torch.randn(inputs["r"].shape, generator=torch.Generator().manual_seed(seed))
+    saved = []
+
+    def run(xs):
+        leaves = {n: x.clone().requires_grad_(True) for n, x in xs.items()}
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.dtype) or t, lambda t: t):
+            o, s = wkv7_triton(**leaves, state=state, chunk=8)
+        grads = torch.autograd.grad((o * weight_o).sum() + s.sum(), list(leaves.values()))
+        return o, s, dict(zip(leaves, grads))
+
+    o, s, grads = run(mixed)
+    assert saved.count(torch.bfloat16) == 3 and o.dtype == s.dtype == torch.float32
+    saved.clear()
+    o32, s32, grads32 = run(upcast)
+    assert torch.bfloat16 not in saved
+    torch.testing.assert_close(o, o32, rtol=0, atol=0, msg=lambda m: f"seed={seed}: {m}")
+    torch.testing.assert_close(s, s32, rtol=0, atol=0, msg=lambda m: f"seed={seed}: {m}")
+    for name, g in grads.items():
+        assert g.dtype == mixed[name].dtype, name
+        torch.testing.assert_close(g, grads32[name].to(g.dtype), rtol=0, atol=0, msg=lambda m: f"seed={seed} d{name}: {m}")
+
+
 # ----------------------------------------------------------------------------- dispatch
 
 

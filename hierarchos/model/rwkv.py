@@ -276,17 +276,22 @@ class TimeMix(nn.Module):
         k = k * (1 + (iclr - 1) * self.key_iclr_mix)
 
         heads = lambda t: _f32(t.view(B, T, H, N))  # noqa: E731  (B, T, H, N)
-        r_h, k_h, v_h, iclr_h, log_w_h = heads(r), heads(k), heads(v), heads(iclr), log_w.view(B, T, H, N)
+        # r, k, v reach a sequence's recurrence in their own dtype (under autocast r and v are bf16
+        # matmul outputs, so a float32 copy would hold the same values in twice the memory; k is float32
+        # by now, scaled by float32 parameters); every path upcasts them exactly, the Triton kernel as it
+        # loads them
+        low = heads if T == 1 else (lambda t: t.view(B, T, H, N))  # noqa: E731
+        r_h, k_h, v_h, iclr_h, log_w_h = low(r), low(k), low(v), heads(iclr), log_w.view(B, T, H, N)
         b_h = kappa * iclr_h
-        if frozen is not None:  # frozen-token rule: w=1, a=0, k=0 writes nothing
-            live = (~frozen)[:, :, None, None].to(r_h.dtype)
+        if frozen is not None:  # frozen-token rule: w=1, a=0, k=0 writes nothing (a bool factor keeps each dtype)
+            live = (~frozen)[:, :, None, None]
             log_w_h, k_h, b_h = log_w_h * live, k_h * live, b_h * live
         # one token is a few ops that torch.compile traces and fuses (the compiled generation step; a
         # dynamo-disabled call is not allowed inside its nested regions); longer calls stay opaque
         recurrence = wkv7 if T == 1 else _wkv7_opaque
         out, new_wkv = recurrence(r_h, log_w_h, k_h, v_h, -kappa, b_h, state=wkv_state, chunk_size=self.wkv_chunk)
         out = self.norm(out.view(B, T, H, N))  # in the recurrence's precision (float32 under autocast)
-        bonus = ((r_h * k_h * self.bonus).sum(-1, keepdim=True) * v_h).reshape(B, T, C)
+        bonus = ((_f32(r_h) * _f32(k_h) * self.bonus).sum(-1, keepdim=True) * _f32(v_h)).reshape(B, T, C)
         out = self.output((out + bonus).to(g.dtype) * g)
         return out, new_shift.to(shift_prev.dtype), new_wkv, v_first
 

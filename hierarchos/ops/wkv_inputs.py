@@ -13,15 +13,23 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(x.dtype == torch.float64 for x in tensors) else torch.float32
 
 
-def prepare(r, log_w, k, v, a, b, state):
-    """Check shapes, upcast the six inputs and make the initial state (zeros if None)."""
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def prepare(r, log_w, k, v, a, b, state, keep_low_rkv: bool = False):
+    """Check shapes, upcast the six inputs and make the initial state (zeros if None).
+
+    `keep_low_rkv`: r, k and v stay in bfloat16/float16 when they come so and the compute dtype is
+    float32 (for a kernel that upcasts them as it loads them: under autocast they come from bf16
+    matmuls, so a float32 copy holds the same values in twice the memory)."""
     inputs = (r, log_w, k, v, a, b)
     if r.dim() != 4 or any(x.shape != r.shape for x in inputs):
         shapes = [tuple(x.shape) for x in inputs]
         raise ValueError(f"wkv7: r, log_w, k, v, a, b must share one (B, T, H, N) shape, got {shapes}")
     batch, _, heads, head_size = r.shape
     dtype = compute_dtype(*inputs)
-    inputs = tuple(x.to(dtype) for x in inputs)
+    keep = (0, 2, 3) if keep_low_rkv and dtype == torch.float32 else ()
+    inputs = tuple(x if i in keep and x.dtype in LOW_PRECISION else x.to(dtype) for i, x in enumerate(inputs))
     if state is None:
         state = r.new_zeros(batch, heads, head_size, head_size, dtype=dtype)
     elif state.shape != (batch, heads, head_size, head_size):

@@ -17,7 +17,7 @@ import os
 import torch
 
 from ..errors import HierarchosError
-from .wkv_inputs import prepare
+from .wkv_inputs import LOW_PRECISION, prepare
 
 try:  # triton is optional: without it (or without CUDA) wkv7's 'auto' never picks this path
     import triton
@@ -121,11 +121,11 @@ def _wkv7_fwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, o_ptr, s_
     s = tl.load(s0_ptr + state0 + tile)
     if PREFETCH:  # token 0's inputs
         n_lw = tl.load(w_ptr + tok0 + cols, mask=(cols * 0) < T, other=0.0)
-        n_k = tl.load(k_ptr + tok0 + cols, mask=(cols * 0) < T, other=0.0)
+        n_k = tl.load(k_ptr + tok0 + cols, mask=(cols * 0) < T, other=0.0).to(tl.float32)
         n_a = tl.load(a_ptr + tok0 + cols, mask=(cols * 0) < T, other=0.0)
         n_b = tl.load(b_ptr + tok0 + cols, mask=(cols * 0) < T, other=0.0)
-        n_r = tl.load(r_ptr + tok0 + cols, mask=(cols * 0) < T, other=0.0)
-        n_v = tl.load(v_ptr + tok0 + rows, mask=(rows * 0) < T, other=0.0)
+        n_r = tl.load(r_ptr + tok0 + cols, mask=(cols * 0) < T, other=0.0).to(tl.float32)
+        n_v = tl.load(v_ptr + tok0 + rows, mask=(rows * 0) < T, other=0.0).to(tl.float32)
     # while, not range(n_chunks): Triton 3.6's interpreter cannot index a range by a runtime
     # scalar under numpy >= 2.4 (it holds scalars as 1-element arrays)
     c = 0
@@ -140,19 +140,19 @@ def _wkv7_fwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, o_ptr, s_
                 lw, kt, at, bt, rt, vt = n_lw, n_k, n_a, n_b, n_r, n_v
                 nxt = (cols * 0 + t + 1) < T
                 n_lw = tl.load(w_ptr + off + H * N + cols, mask=nxt, other=0.0)
-                n_k = tl.load(k_ptr + off + H * N + cols, mask=nxt, other=0.0)
+                n_k = tl.load(k_ptr + off + H * N + cols, mask=nxt, other=0.0).to(tl.float32)
                 n_a = tl.load(a_ptr + off + H * N + cols, mask=nxt, other=0.0)
                 n_b = tl.load(b_ptr + off + H * N + cols, mask=nxt, other=0.0)
-                n_r = tl.load(r_ptr + off + H * N + cols, mask=nxt, other=0.0)
-                n_v = tl.load(v_ptr + off + H * N + rows, mask=(rows * 0 + t + 1) < T, other=0.0)
+                n_r = tl.load(r_ptr + off + H * N + cols, mask=nxt, other=0.0).to(tl.float32)
+                n_v = tl.load(v_ptr + off + H * N + rows, mask=(rows * 0 + t + 1) < T, other=0.0).to(tl.float32)
             else:
                 col_live = (cols * 0 + t) < T
                 lw = tl.load(w_ptr + off + cols, mask=col_live, other=0.0)
-                kt = tl.load(k_ptr + off + cols, mask=col_live, other=0.0)
+                kt = tl.load(k_ptr + off + cols, mask=col_live, other=0.0).to(tl.float32)
                 at = tl.load(a_ptr + off + cols, mask=col_live, other=0.0)
                 bt = tl.load(b_ptr + off + cols, mask=col_live, other=0.0)
-                rt = tl.load(r_ptr + off + cols, mask=col_live, other=0.0)
-                vt = tl.load(v_ptr + off + rows, mask=row_live, other=0.0)
+                rt = tl.load(r_ptr + off + cols, mask=col_live, other=0.0).to(tl.float32)
+                vt = tl.load(v_ptr + off + rows, mask=row_live, other=0.0).to(tl.float32)
             u = tl.reduce(s * at[None, :], 1, _SUM)           # S_{t-1} a_t, rows i
             s = s * tl.exp(lw)[None, :] + u[:, None] * bt[None, :] + vt[:, None] * kt[None, :]
             tl.store(o_ptr + off + rows, tl.reduce(s * rt[None, :], 1, _SUM), mask=row_live)
@@ -195,10 +195,10 @@ def _wkv7_bwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, do_ptr, ds_out_pt
             off = tok0 + (c * C).to(tl.int64) * (H * N)
             live = (cols * 0 + c * C) < T
             n_lw = tl.load(w_ptr + off + cols, mask=live, other=0.0)
-            n_k = tl.load(k_ptr + off + cols, mask=live, other=0.0)
+            n_k = tl.load(k_ptr + off + cols, mask=live, other=0.0).to(tl.float32)
             n_a = tl.load(a_ptr + off + cols, mask=live, other=0.0)
             n_b = tl.load(b_ptr + off + cols, mask=live, other=0.0)
-            n_v = tl.load(v_ptr + off + rows, mask=(rows * 0 + c * C) < T, other=0.0)
+            n_v = tl.load(v_ptr + off + rows, mask=(rows * 0 + c * C) < T, other=0.0).to(tl.float32)
         for tt in range(C):  # recompute: scratch[tt] = S before token c*C + tt
             t = c * C + tt
             off = tok0 + t.to(tl.int64) * (H * N)
@@ -207,17 +207,17 @@ def _wkv7_bwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, do_ptr, ds_out_pt
                 lw, kt, at, bt, vt = n_lw, n_k, n_a, n_b, n_v
                 nxt = (cols * 0 + t + 1) < T
                 n_lw = tl.load(w_ptr + off + H * N + cols, mask=nxt, other=0.0)
-                n_k = tl.load(k_ptr + off + H * N + cols, mask=nxt, other=0.0)
+                n_k = tl.load(k_ptr + off + H * N + cols, mask=nxt, other=0.0).to(tl.float32)
                 n_a = tl.load(a_ptr + off + H * N + cols, mask=nxt, other=0.0)
                 n_b = tl.load(b_ptr + off + H * N + cols, mask=nxt, other=0.0)
-                n_v = tl.load(v_ptr + off + H * N + rows, mask=(rows * 0 + t + 1) < T, other=0.0)
+                n_v = tl.load(v_ptr + off + H * N + rows, mask=(rows * 0 + t + 1) < T, other=0.0).to(tl.float32)
             else:
                 col_live = (cols * 0 + t) < T
                 lw = tl.load(w_ptr + off + cols, mask=col_live, other=0.0)
-                kt = tl.load(k_ptr + off + cols, mask=col_live, other=0.0)
+                kt = tl.load(k_ptr + off + cols, mask=col_live, other=0.0).to(tl.float32)
                 at = tl.load(a_ptr + off + cols, mask=col_live, other=0.0)
                 bt = tl.load(b_ptr + off + cols, mask=col_live, other=0.0)
-                vt = tl.load(v_ptr + off + rows, mask=(rows * 0 + t) < T, other=0.0)
+                vt = tl.load(v_ptr + off + rows, mask=(rows * 0 + t) < T, other=0.0).to(tl.float32)
             u = tl.reduce(s * at[None, :], 1, _SUM)
             s = s * tl.exp(lw)[None, :] + u[:, None] * bt[None, :] + vt[:, None] * kt[None, :]
         tl.debug_barrier()  # scratch written by some threads is read by others below
@@ -228,11 +228,11 @@ def _wkv7_bwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, do_ptr, ds_out_pt
             row_live = (rows * 0 + t) < T
             n_sp = tl.load(scratch_ptr + scratch + (C - 1) * (BI * N), eviction_policy=SCRATCH_LOAD)
             n_lw = tl.load(w_ptr + off + cols, mask=live, other=0.0)
-            n_k = tl.load(k_ptr + off + cols, mask=live, other=0.0)
+            n_k = tl.load(k_ptr + off + cols, mask=live, other=0.0).to(tl.float32)
             n_a = tl.load(a_ptr + off + cols, mask=live, other=0.0)
             n_b = tl.load(b_ptr + off + cols, mask=live, other=0.0)
-            n_r = tl.load(r_ptr + off + cols, mask=live, other=0.0)
-            n_v = tl.load(v_ptr + off + rows, mask=row_live, other=0.0)
+            n_r = tl.load(r_ptr + off + cols, mask=live, other=0.0).to(tl.float32)
+            n_v = tl.load(v_ptr + off + rows, mask=row_live, other=0.0).to(tl.float32)
             n_do = tl.load(do_ptr + off + rows, mask=row_live, other=0.0)
         for tt_rev in range(C):
             tt = C - 1 - tt_rev
@@ -247,20 +247,20 @@ def _wkv7_bwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, do_ptr, ds_out_pt
                 n_sp = tl.load(scratch_ptr + scratch + (tt - 1) * (BI * N), mask=(tile * 0 + tt) > 0, other=0.0,
                                eviction_policy=SCRATCH_LOAD)
                 n_lw = tl.load(w_ptr + off - H * N + cols, mask=prv, other=0.0)
-                n_k = tl.load(k_ptr + off - H * N + cols, mask=prv, other=0.0)
+                n_k = tl.load(k_ptr + off - H * N + cols, mask=prv, other=0.0).to(tl.float32)
                 n_a = tl.load(a_ptr + off - H * N + cols, mask=prv, other=0.0)
                 n_b = tl.load(b_ptr + off - H * N + cols, mask=prv, other=0.0)
-                n_r = tl.load(r_ptr + off - H * N + cols, mask=prv, other=0.0)
-                n_v = tl.load(v_ptr + off - H * N + rows, mask=row_prv, other=0.0)
+                n_r = tl.load(r_ptr + off - H * N + cols, mask=prv, other=0.0).to(tl.float32)
+                n_v = tl.load(v_ptr + off - H * N + rows, mask=row_prv, other=0.0).to(tl.float32)
                 n_do = tl.load(do_ptr + off - H * N + rows, mask=row_prv, other=0.0)
             else:
                 s_prev = tl.load(scratch_ptr + scratch + tt * (BI * N), eviction_policy=SCRATCH_LOAD)
                 lw = tl.load(w_ptr + off + cols, mask=col_live, other=0.0)
-                kt = tl.load(k_ptr + off + cols, mask=col_live, other=0.0)
+                kt = tl.load(k_ptr + off + cols, mask=col_live, other=0.0).to(tl.float32)
                 at = tl.load(a_ptr + off + cols, mask=col_live, other=0.0)
                 bt = tl.load(b_ptr + off + cols, mask=col_live, other=0.0)
-                rt = tl.load(r_ptr + off + cols, mask=col_live, other=0.0)
-                vt = tl.load(v_ptr + off + rows, mask=row_live, other=0.0)
+                rt = tl.load(r_ptr + off + cols, mask=col_live, other=0.0).to(tl.float32)
+                vt = tl.load(v_ptr + off + rows, mask=row_live, other=0.0).to(tl.float32)
                 dot = tl.load(do_ptr + off + rows, mask=row_live, other=0.0)
             decay = tl.exp(lw)
             ds = ds + dot[:, None] * rt[None, :]
@@ -373,16 +373,18 @@ def _default_column_sums(is_cuda: bool) -> str:
 
 
 class _WKV7Triton(torch.autograd.Function):
-    """Inputs contiguous float32 (B, T, H, N), T >= 1; state contiguous float32 (B, H, N, N)."""
+    """Inputs contiguous (B, T, H, N), T >= 1: log_w, a, b float32, r, k, v float32 or bf16/fp16 (the
+    kernels upcast them as they load them; their gradients come back in their dtype); state contiguous
+    float32 (B, H, N, N). o, the final state, the checkpoints and the backward's buffers are float32."""
 
     @staticmethod
     def forward(ctx, r, log_w, k, v, a, b, state, launches, chunk, prefetch, atomic, scratch_hints):
         batch, seq_len, heads, head_size = r.shape
         n_chunks = -(-seq_len // chunk)
         store = any(ctx.needs_input_grad[:7])
-        o = torch.empty_like(r)
+        o = torch.empty_like(r, dtype=torch.float32)
         final = torch.empty_like(state)
-        ckpt = r.new_empty((batch * heads * n_chunks * head_size * head_size) if store else 1)
+        ckpt = state.new_empty((batch * heads * n_chunks * head_size * head_size) if store else 1)
         fwd, _ = _kernels(not r.is_cuda)
         (rows, num_warps), _ = launches
         grid = (batch * heads * (head_size // rows),)
@@ -399,18 +401,19 @@ class _WKV7Triton(torch.autograd.Function):
         r, log_w, k, v, a, b, ckpt = ctx.saved_tensors
         (rows, num_warps), chunk, n_chunks, prefetch, atomic, scratch_hints = ctx.config
         batch, seq_len, heads, head_size = r.shape
-        d_o = torch.zeros_like(r) if d_o is None else d_o.float().contiguous()
+        f32 = log_w  # a float32 input: new buffers take its dtype and device
+        d_o = torch.zeros_like(f32) if d_o is None else d_o.float().contiguous()
         shape_s = (batch, heads, head_size, head_size)
-        d_final = r.new_zeros(shape_s) if d_final is None else d_final.float().contiguous()
+        d_final = f32.new_zeros(shape_s) if d_final is None else d_final.float().contiguous()
         blocks = head_size // rows
         grid = (batch * heads * blocks,)
         # row blocks > 1: each writes its own partial sums of the column gradients, added below,
         # or (atomic) adds them into one zeroed buffer
         atomic = atomic and blocks > 1
-        parts = [r.new_zeros((1, *r.shape)) if atomic else r.new_empty((blocks, *r.shape)) for _ in range(5)]
-        dv = torch.empty_like(r)
-        d_state = r.new_empty(shape_s)
-        scratch = r.new_empty(grid[0] * chunk * rows * head_size)
+        parts = [f32.new_zeros((1, *r.shape)) if atomic else f32.new_empty((blocks, *r.shape)) for _ in range(5)]
+        dv = f32.new_empty(r.shape)  # float32, cast below (rounded as torch rounds, on every device)
+        d_state = f32.new_empty(shape_s)
+        scratch = f32.new_empty(grid[0] * chunk * rows * head_size)
         _, bwd = _kernels(not r.is_cuda)
         bwd[grid](r, log_w, k, v, a, b, d_o, d_final, ckpt, scratch,
                   parts[0], parts[1], parts[2], dv, parts[3], parts[4], d_state,
@@ -418,7 +421,7 @@ class _WKV7Triton(torch.autograd.Function):
                   H=heads, N=head_size, BI=rows, C=chunk, PREFETCH=prefetch, ATOMIC=atomic,
                   SCRATCH_STORE=scratch_hints[0], SCRATCH_LOAD=scratch_hints[1], num_warps=num_warps)
         dr, dlog_w, dk, da, db = (p[0] if len(p) == 1 else p.sum(dim=0) for p in parts)
-        return dr, dlog_w, dk, dv, da, db, d_state, None, None, None, None, None
+        return dr.to(r.dtype), dlog_w, dk.to(k.dtype), dv.to(v.dtype), da, db, d_state, None, None, None, None, None
 
 
 SCRATCH_HINTS = {"none": ("", ""), "keep": ("evict_last", "evict_first")}
@@ -429,7 +432,9 @@ def wkv7_triton(r, log_w, k, v, a, b, state=None, *, rows=None, num_warps=None, 
     """WKV-7 through the fused Triton kernels (CUDA; CPU only under TRITON_INTERPRET=1).
 
     Same contract as `wkv7_reference`, except that it always computes in float32 and returns
-    float32 (float64 inputs too). `rows` value channels per program and `num_warps` are launch knobs
+    float32 (float64 inputs too); r, k and v in bfloat16/float16 stay so (the kernels upcast them as
+    they load them, exactly: under autocast they are bf16 matmul outputs, and a float32 copy would
+    only double what the call writes and holds for its backward). `rows` value channels per program and `num_warps` are launch knobs
     for benchmarks: by default on CUDA each kernel takes the rows `occupancy_rows` picks for this call's
     (batch, head) pairs and the GPU's SM count (the forward and the backward separately: the
     checkpoints hold whole states, so they need not agree), min(N, 8) under the interpreter. `chunk`
@@ -445,10 +450,11 @@ def wkv7_triton(r, log_w, k, v, a, b, state=None, *, rows=None, num_warps=None, 
     reason = triton_unavailable_reason(r.device)
     if reason:
         raise HierarchosError(f"wkv7 impl 'triton' cannot run: {reason}; use impl='chunked'")
-    r, log_w, k, v, a, b, state = prepare(r, log_w, k, v, a, b, state)
-    r, log_w, k, v, a, b, state = (x.float().contiguous() for x in (r, log_w, k, v, a, b, state))
+    r, log_w, k, v, a, b, state = prepare(r, log_w, k, v, a, b, state, keep_low_rkv=True)
+    r, k, v = (x.contiguous() if x.dtype in LOW_PRECISION else x.float().contiguous() for x in (r, k, v))
+    log_w, a, b, state = (x.float().contiguous() for x in (log_w, a, b, state))
     if r.shape[1] == 0:
-        return r.new_zeros(r.shape), state
+        return log_w.new_zeros(r.shape), state
     sms = _sm_count(r.device.index if r.device.index is not None else torch.cuda.current_device()) \
         if r.is_cuda else None
     launches = _launches(r.shape[-1], r.shape[0] * r.shape[2], rows, num_warps, sms)
