@@ -214,11 +214,14 @@ def triton_config(rows, warps, prefetch=True, sums="parts", chunk=CHUNK, scratch
 
 def sweep_configs(kind: str) -> dict:
     """The Triton configs a sweep times: "launch" (rows a program, warps, prefetch, column sums),
-    "chunk" (the default launch, checkpoint spacing 8/16/32, the scratch's cache hints) or "rows"
-    (16 to 64 rows a program, more warps)."""
+    "chunk" (the default launch, checkpoint spacing 8/16/32, the scratch's cache hints), "rows"
+    (16 to 64 rows a program, more warps) or "small" (1 to 8 rows a program, one warp: a prefill at
+    batch 1 has 12 (batch, head) pairs, so the occupancy rule's smallest block leaves most SMs idle)."""
     if kind == "chunk":
         return {f"triton chunk={c} scratch={h}": triton_config(None, None, True, None, c, h)
                 for c in (8, 16, 32) for h in ("none", "keep")}
+    if kind == "small":
+        return {f"triton rows={r} warps=1 atomic": triton_config(r, 1, True, "atomic") for r in (1, 2, 4, 8)}
     if kind == "rows":  # larger row blocks, up to a whole state a program (no column sums across programs)
         return {f"triton rows={r} warps={w} atomic": triton_config(r, w, True, "atomic")
                 for r, w in [(16, 1), (16, 2), (32, 2), (32, 4), (64, 4), (64, 8)]}
@@ -238,10 +241,10 @@ def main():
     ap.add_argument("--fla-tol", type=float, default=5e-3,
                     help="fla's Triton dots may run in TF32 (METHOD: tf32 lands near 3e-4 on one product)")
     ap.add_argument("--no-sweep", action="store_true", help="time only the default Triton config")
-    ap.add_argument("--sweep", choices=["launch", "chunk", "rows"], default="launch",
+    ap.add_argument("--sweep", choices=["launch", "chunk", "rows", "small"], default="launch",
                     help="launch: rows/warps/prefetch/column sums at the first shape (the best three at the "
                          "others); chunk: checkpoint spacing and scratch cache hints at every shape; rows: "
-                         "row blocks up to a whole state a program, at every shape")
+                         "row blocks up to a whole state a program, at every shape; small: 1 to 8 rows a program, at every shape")
     ap.add_argument("--fla-variants", nargs="*", default=["fla"], choices=["fla", "fla c64", "fla c64 bf16"],
                     help="fla's variants to check and time (each costs minutes of cold Triton JIT + autotune)")
     ap.add_argument("--no-chunked", action="store_true", help="do not time the chunked PyTorch path")
