@@ -33,6 +33,7 @@ import torch  # noqa: E402
 
 from bench.bench_forward import wkv_case  # noqa: E402
 from hierarchos.ops import wkv as wkv_ops  # noqa: E402
+from hierarchos.ops.wkv_chunk_triton import wkv7_chunk_forward  # noqa: E402
 from hierarchos.ops.wkv_triton import CHUNK, wkv7_triton  # noqa: E402
 
 NAMES = ("r", "log_w", "k", "v", "a", "b")
@@ -63,7 +64,16 @@ def carried(fn, split):
     return run
 
 
-def fwd_bwd(fn, x, state, d_o, d_s, dtype):
+def forward_only(name: str) -> bool:
+    """The chunk-parallel prefill kernel has no backward: checked and timed as a no-grad forward."""
+    return name.startswith("triton_chunk")
+
+
+def fwd_bwd(fn, x, state, d_o, d_s, dtype, grads=True):
+    if not grads:
+        with torch.no_grad():
+            o, s = fn(*(t.to(dtype) for t in x.values()), state=state.to(dtype))
+        return o, s, None
     # fresh leaves for every implementation (clone): gradients never add onto another run's
     leaves = [t.detach().to(dtype).clone().requires_grad_() for t in (*x.values(), state)]
     o, s = fn(*leaves[:6], state=leaves[6])
@@ -88,14 +98,14 @@ def parity(impls, device, seq_lens, tol, smoke, frozen=0.0, split=None):
             limit = tol.get(name.split(" ")[0], tol["*"]) if isinstance(tol, dict) else tol
             label = name + (f" carry@{split}" if split else "") + (f" frozen{frozen:g}" if frozen else "")
             try:
-                got = fwd_bwd(carried(fn, split) if split else fn, *case, torch.float32)
+                got = fwd_bwd(carried(fn, split) if split else fn, *case, torch.float32, not forward_only(name))
             except Exception as exc:  # noqa: BLE001 - report and go on
                 rows.append(dict(impl=name, case=label, T=T, seed=seed, what="run", rel_err=float("nan"),
                                  ok=False, note=f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"))
                 log(f"  parity {label:<24} T{T}: FAILED to run: {rows[-1]['note']}")
                 continue
             errs = {"o": rel(got[0], ref[0]), "state": rel(got[1], ref[1])}
-            errs.update({f"d{n}": rel(g, gr) for n, g, gr in zip((*NAMES, "state0"), got[2], ref[2])})
+            errs.update({f"d{n}": rel(g, gr) for n, g, gr in zip((*NAMES, "state0"), got[2] or (), ref[2])})
             for what, e in errs.items():
                 rows.append(dict(impl=name, case=label, T=T, seed=seed, what=what, rel_err=e, tol=limit,
                                  ok=bool(e < limit)))
@@ -166,10 +176,11 @@ def timing(impls, device, shape, reps, warmup, with_fwd=True):
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
             t0 = time.perf_counter()
-            step()
+            first = forward if forward_only(name) else step
+            first()
             torch.cuda.synchronize()
             first_ms = (time.perf_counter() - t0) * 1e3
-            med, lo, hi = cuda_time(step, reps, warmup)
+            med, lo, hi = (float("nan"),) * 3 if forward_only(name) else cuda_time(step, reps, warmup)
             peak_mib = (torch.cuda.max_memory_allocated() - base) / 2**20  # above the inputs: the call's own
             fwd_first = time.perf_counter()
             forward()
@@ -212,6 +223,16 @@ def triton_config(rows, warps, prefetch=True, sums="parts", chunk=CHUNK, scratch
                                          column_sums=sums, chunk=chunk, scratch=scratch)
 
 
+def chunk_forward_configs() -> dict:
+    """The chunk-parallel prefill kernel's variants (no-grad forward only): tokens a step, state rows a
+    program, and TF32 products for comparison (not a candidate: timed, not checked)."""
+    def config(chunk, rows, precision="ieee"):
+        return lambda *a, state: wkv7_chunk_forward(*a, state=state, chunk=chunk, rows=rows, precision=precision)
+    out = {f"triton_chunk c{c} r{r}": config(c, r) for c, r in [(16, 16), (16, 32), (16, 64), (32, 16), (32, 64)]}
+    out["triton_chunk c16 r16 tf32"] = config(16, 16, "tf32")
+    return out
+
+
 def sweep_configs(kind: str) -> dict:
     """The Triton configs a sweep times: "launch" (rows a program, warps, prefetch, column sums),
     "chunk" (the default launch, checkpoint spacing 8/16/32, the scratch's cache hints), "rows"
@@ -248,6 +269,8 @@ def main():
     ap.add_argument("--fla-variants", nargs="*", default=["fla"], choices=["fla", "fla c64", "fla c64 bf16"],
                     help="fla's variants to check and time (each costs minutes of cold Triton JIT + autotune)")
     ap.add_argument("--no-chunked", action="store_true", help="do not time the chunked PyTorch path")
+    ap.add_argument("--chunk-forward", action="store_true",
+                    help="check and time the chunk-parallel prefill kernel (no-grad forward) at every shape")
     ap.add_argument("--smoke", action="store_true", help="CPU interpreter: tiny parity only")
     ap.add_argument("--shapes", nargs="+", default=["8,2048,12,64", "2,8192,12,64"], metavar="B,T,H,N",
                     help="timed shapes (the sweep runs at the first; 16,1024,12,64 is the 125m model's at T=1024)")
@@ -265,6 +288,8 @@ def main():
         info["gpu"] = torch.cuda.get_device_name()
     log(f"# {info}")
     impls = {"triton": wkv7_triton}
+    if args.chunk_forward:
+        impls["triton_chunk"] = wkv7_chunk_forward
     if device == "cuda" and "fla" in wkv_ops.available_impls("cuda"):
         impls.update({n: f for n, f in fla_variants().items() if n in args.fla_variants})
     tol = {"*": args.tol, "fla": args.fla_tol}
@@ -319,12 +344,14 @@ def main():
             others.update({"chunked 32": lambda *a, state: wkv_ops.wkv7_chunked(*a, state=state, chunk_size=32),
                            "chunked 64": lambda *a, state: wkv_ops.wkv7_chunked(*a, state=state, chunk_size=64)})
         others.update({n: f for n, f in impls.items() if n.startswith("fla")})
+        if args.chunk_forward:
+            others.update(chunk_forward_configs())
         rows += timing(others, device, shape, reps, min(args.warmup, 2))
         result["timing"] += rows
         save(result, args.json)
 
     log("\n## summary (ms, median; fwd+bwd per layer call)")
-    log("| impl | shape B,T,H,N | fwd+bwd ms | no-grad fwd ms | first call ms | peak MiB above inputs |")
+    log("| impl | shape B,T,H,N | fwd+bwd ms (nan: forward only) | no-grad fwd ms | first call ms | peak MiB above inputs |")
     log("|---|---|---:|---:|---:|---:|")
     for r in result["timing"]:
         if "fwd_bwd_ms" in r:

@@ -88,6 +88,35 @@ def test_cuda_calls_follow_cuda_choice_on_batch_times_heads(gpu_paths):
     assert W.cuda_choice(5, 13, triton_ok=True, fla_ok=True) == "fla"        # 65
 
 
+def test_calls_without_gradients_take_the_chunk_parallel_forward(gpu_paths):
+    gpu_paths(fla=True, triton=True)
+    T = W.CHUNK_FORWARD_MIN_T
+    for B, H in ((1, 12), (16, 12)):                                     # few pairs or many
+        assert W.resolve_impl("auto", stand_in(B, T, H, 64), needs_grad=False) == "triton_chunk"
+        assert W.resolve_impl("auto", stand_in(B, T, H, 64)) in ("fla", "triton")   # gradients: as before
+    assert W.resolve_impl("auto", stand_in(1, T - 1, 12, 64), needs_grad=False) == "fla"   # too short
+    assert W.resolve_impl("auto", stand_in(1, T, 2, 8), needs_grad=False) == "triton"      # N < 16: no tl.dot
+    assert W.resolve_impl("auto", stand_in(1, T, 2, 16), needs_grad=False) == "triton_chunk"
+    assert W.resolve_impl("auto", stand_in(1, T, 12, 64, dtype=torch.float64), needs_grad=False) == "chunked"
+    assert W.resolve_impl("auto", stand_in(1, T, 12, 64, cuda=False), needs_grad=False) == "chunked"
+    gpu_paths(fla=True, triton=False)
+    assert W.resolve_impl("auto", stand_in(1, T, 12, 64), needs_grad=False) == "fla"
+
+
+def test_wkv7_tells_resolve_impl_whether_gradients_are_needed(monkeypatch):
+    seen = []
+    real = W.resolve_impl
+    monkeypatch.setattr(W, "resolve_impl", lambda impl, r, needs_grad=True: seen.append(needs_grad) or real(impl, r))
+    x = inputs(fresh_seed(), T=5)
+    W.wkv7(**x)                                                       # no input requires grad
+    leaf = {**x, "k": x["k"].clone().requires_grad_(True)}
+    W.wkv7(**leaf)
+    with torch.no_grad():
+        W.wkv7(**leaf)
+    W.wkv7(**x, state=torch.zeros(1, 2, 4, 4, dtype=torch.float64, requires_grad=True))
+    assert seen == [False, True, False, True]
+
+
 def test_available_impls_per_device(gpu_paths, monkeypatch):
     base = ("reference", "recurrent", "chunked") + (("cpp_step",) if W._cpp_kernels() is not None else ())
     gpu_paths(fla=True, triton=True)
@@ -150,7 +179,7 @@ def test_errors_name_the_cause(monkeypatch):
         W.resolve_impl("magic", x["r"])
     monkeypatch.setenv(W.ENV_IMPL, "fast-please")
     with pytest.raises(HierarchosError, match=r"^HIERARCHOS_WKV_IMPL='fast-please' is not a wkv7 impl; use one of "
-                                              r"auto, reference, recurrent, cpp_step, chunked, fla, triton$"):
+                                              r"auto, reference, recurrent, cpp_step, chunked, fla, triton, triton_chunk$"):
         W.resolve_impl("auto", x["r"])
     monkeypatch.delenv(W.ENV_IMPL)
     if not W._fla_importable():

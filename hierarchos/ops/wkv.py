@@ -29,9 +29,10 @@ import torch.nn.functional as F
 from ..errors import HierarchosError
 from .amp import autocast_off
 from .wkv_inputs import prepare as _prepare
+from .wkv_chunk_triton import wkv7_chunk_forward
 from .wkv_triton import triton_unavailable_reason, wkv7_triton
 
-IMPLS = ("auto", "reference", "recurrent", "cpp_step", "chunked", "fla", "triton")
+IMPLS = ("auto", "reference", "recurrent", "cpp_step", "chunked", "fla", "triton", "triton_chunk")
 ENV_IMPL = "HIERARCHOS_WKV_IMPL"
 MAX_CHUNK_SIZE = 64  # |log_w| <= 0.61 keeps exp(0.61 * 64) ~ 1e17 far below float32's max
 LOG_W_MIN = -0.61    # the model's decay bound: log_w = -exp(-softplus(.) - 0.5) > -e^-0.5 = -0.6065
@@ -242,7 +243,8 @@ def wkv7_cpp_step(r, log_w, k, v, a, b, state=None):
 
 def available_impls(device: torch.device | str | None = None) -> tuple[str, ...]:
     """Implementations that can run now (on `device` when given): 'fla' needs CUDA + fla-core,
-    'triton' CUDA + triton, 'cpp_step' the built C++ kernel (CPU)."""
+    'triton' CUDA + triton, 'cpp_step' the built C++ kernel (CPU). Forward-only 'triton_chunk' (where
+    'triton' runs) is left out: these are the paths with gradients."""
     names = ("reference", "recurrent", "chunked") + (("cpp_step",) if _cpp_kernels() is not None else ())
     cuda_ok = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
     if cuda_ok and _fla_importable():
@@ -269,24 +271,35 @@ FLA_BELOW_PAIRS = 66
 FLA_MIN_HEAD_SIZE = 16
 
 
-def cuda_choice(batch: int, heads: int, triton_ok: bool, fla_ok: bool) -> str:
-    """The CUDA path for a call with `batch` x `heads` (batch, head) pairs: fla's chunked kernel
+# A call that needs no gradient (prefill, evaluation) of at least this many tokens runs the
+# chunk-parallel forward (`wkv_chunk_triton`): T / 16 dependent steps instead of T.
+CHUNK_FORWARD_MIN_T = 32
+
+
+def cuda_choice(batch: int, heads: int, triton_ok: bool, fla_ok: bool, seq_len: int = 0,
+                needs_grad: bool = True, head_size: int = 64) -> str:
+    """The CUDA path for a call with `batch` x `heads` (batch, head) pairs: without gradients and
+    with at least CHUNK_FORWARD_MIN_T tokens our chunk-parallel forward; else fla's chunked kernel
     when there are too few pairs to fill the GPU (FLA_BELOW_PAIRS), else our Triton kernel; the
     other when only one of them can run; the chunked PyTorch path when neither can."""
+    if triton_ok and not needs_grad and seq_len >= CHUNK_FORWARD_MIN_T and head_size >= 16:
+        return "triton_chunk"
     if fla_ok and (batch * heads < FLA_BELOW_PAIRS or not triton_ok):
         return "fla"
     return "triton" if triton_ok else "chunked"
 
 
-def resolve_impl(impl: str, r: torch.Tensor) -> str:
+def resolve_impl(impl: str, r: torch.Tensor, needs_grad: bool = True) -> str:
     """The implementation `wkv7` will run for input `r` (shape (B, T, H, N)).
 
     impl='auto' is first replaced by $HIERARCHOS_WKV_IMPL when that is set; an explicit
     impl wins over the variable. 'auto' then picks the recurrent step for T <= 2 (fused in C++,
     'cpp_step', for float32 CPU tensors without autograd when the kernel is built); for CUDA
-    tensors (not float64) `cuda_choice`: fla-core's chunked kernel (when it imports) for calls
-    with few (batch, head) pairs -- long sequences at small batch -- and heads of at least
-    FLA_MIN_HEAD_SIZE, our sequential Triton kernel otherwise; the chunked path on the CPU. fla
+    tensors (not float64) `cuda_choice`: our chunk-parallel forward for calls that need no
+    gradient (`needs_grad` False) of at least CHUNK_FORWARD_MIN_T tokens; fla-core's chunked
+    kernel (when it imports) for calls with few (batch, head) pairs -- long sequences at small
+    batch -- and heads of at least FLA_MIN_HEAD_SIZE, our sequential Triton kernel otherwise; the
+    chunked path on the CPU. fla
     passes our float64 check with TF32-class errors (<= 1.9e-3 relative on outputs, state and all
     seven gradients, frozen tokens and state carry included; ours 1.5e-7):
     HIERARCHOS_WKV_IMPL=triton keeps the exact kernel.
@@ -303,7 +316,8 @@ def resolve_impl(impl: str, r: torch.Tensor) -> str:
         return "cpp_step" if _cpp_step_fits(r) else "recurrent"
     if r.is_cuda and r.dtype != torch.float64:
         return cuda_choice(r.shape[0], r.shape[2], _triton_fits_cuda(r.shape[-1]),
-                           r.shape[-1] >= FLA_MIN_HEAD_SIZE and _fla_importable())
+                           r.shape[-1] >= FLA_MIN_HEAD_SIZE and _fla_importable(), r.shape[1], needs_grad,
+                           r.shape[-1])
     return "chunked"
 
 
@@ -313,10 +327,12 @@ def wkv7(r, log_w, k, v, a, b, state=None, impl="auto", chunk_size=32):
     Inputs (B, T, H, N), state (B, H, N, N) or None for zeros. Returns (o, final_state)
     in float32 (float64 for float64 inputs); the caller casts back.
     """
-    name = resolve_impl(impl, r)
+    needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad
+                                                 for x in (r, log_w, k, v, a, b, state))
+    name = resolve_impl(impl, r, needs_grad)
     with autocast_off(r.device.type):  # the state accumulates in float32 under autocast too
         if name == "chunked":
             return wkv7_chunked(r, log_w, k, v, a, b, state, chunk_size=chunk_size)
         run = {"reference": wkv7_reference, "recurrent": wkv7_recurrent_step, "cpp_step": wkv7_cpp_step,
-               "fla": wkv7_fla, "triton": wkv7_triton}[name]
+               "fla": wkv7_fla, "triton": wkv7_triton, "triton_chunk": wkv7_chunk_forward}[name]
         return run(r, log_w, k, v, a, b, state)
