@@ -226,10 +226,13 @@ def triton_config(rows, warps, prefetch=True, sums="parts", chunk=CHUNK, scratch
 def chunk_forward_configs() -> dict:
     """The chunk-parallel prefill kernel's variants (no-grad forward only): tokens a step, state rows a
     program, and TF32 products for comparison (not a candidate: timed, not checked)."""
-    def config(chunk, rows, precision="ieee"):
-        return lambda *a, state: wkv7_chunk_forward(*a, state=state, chunk=chunk, rows=rows, precision=precision)
-    out = {f"triton_chunk c{c} r{r}": config(c, r) for c, r in [(16, 16), (16, 32), (16, 64), (32, 16), (32, 64)]}
-    out["triton_chunk c16 r16 tf32"] = config(16, 16, "tf32")
+    def config(chunk, rows, split, precision="ieee"):
+        return lambda *a, state: wkv7_chunk_forward(*a, state=state, chunk=chunk, rows=rows, precision=precision,
+                                                    split=split)
+    out = {f"triton_chunk c{c} r{r}{' split' if s else ''}": config(c, r, s)
+           for c, r, s in [(16, 16, True), (16, 64, True), (32, 16, True), (32, 64, True), (64, 16, True),
+                           (16, 16, False), (16, 64, False), (32, 16, False)]}
+    out["triton_chunk c16 r16 split tf32"] = config(16, 16, True, "tf32")
     return out
 
 
