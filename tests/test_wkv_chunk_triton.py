@@ -109,6 +109,26 @@ def test_bad_calls_are_one_line_errors(interpret):
         wkv7_chunk_forward(**small, state=small_state)
 
 
+@needs_triton
+def test_the_device_check_passes_once_and_a_broken_kernel_is_reported_and_left_alone(interpret, monkeypatch):
+    from hierarchos.ops import wkv_chunk_triton as chunk
+
+    monkeypatch.setattr(chunk, "_CHECKED", {})
+    assert chunk.checked("cpu") and chunk._CHECKED == {torch.device("cpu"): True}
+    monkeypatch.setattr(chunk, "_CHECKED", {})
+    monkeypatch.setattr(chunk, "wkv7_chunk_forward", lambda **kw: (torch.zeros_like(kw["r"]), kw["state"]))
+    with pytest.warns(RuntimeWarning, match="failed its check on cpu .*relative errors"):
+        assert not chunk.checked("cpu")
+    assert not chunk.checked("cpu")                          # answered from the cache, no second warning
+
+    def broken(**kw):
+        raise RuntimeError("PTX too new for this driver")
+    monkeypatch.setattr(chunk, "_CHECKED", {})
+    monkeypatch.setattr(chunk, "wkv7_chunk_forward", broken)
+    with pytest.warns(RuntimeWarning, match="RuntimeError: PTX too new"):
+        assert not chunk.checked(torch.device("cpu"))
+
+
 def test_without_triton_or_cuda_it_says_so(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     inputs, state = make_inputs(0, B=1, T=5, H=1, N=16, dtype=torch.float32)

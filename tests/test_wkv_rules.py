@@ -45,6 +45,7 @@ def gpu_paths(monkeypatch):
     def set_(fla: bool, triton: bool):
         monkeypatch.setattr(W, "_fla_importable", lambda: fla)
         monkeypatch.setattr(W, "triton_unavailable_reason", lambda device=None: "" if triton else "no triton here")
+        monkeypatch.setattr(W, "chunk_forward_checked", lambda device: triton)
     return set_
 
 
@@ -88,7 +89,7 @@ def test_cuda_calls_follow_cuda_choice_on_batch_times_heads(gpu_paths):
     assert W.cuda_choice(5, 13, triton_ok=True, fla_ok=True) == "fla"        # 65
 
 
-def test_calls_without_gradients_take_the_chunk_parallel_forward(gpu_paths):
+def test_calls_without_gradients_take_the_chunk_parallel_forward(gpu_paths, monkeypatch):
     gpu_paths(fla=True, triton=True)
     T = W.CHUNK_FORWARD_MIN_T
     for B, H in ((1, 12), (16, 12)):                                     # few pairs or many
@@ -101,6 +102,9 @@ def test_calls_without_gradients_take_the_chunk_parallel_forward(gpu_paths):
     assert W.resolve_impl("auto", stand_in(1, T, 12, 64, cuda=False), needs_grad=False) == "chunked"
     gpu_paths(fla=True, triton=False)
     assert W.resolve_impl("auto", stand_in(1, T, 12, 64), needs_grad=False) == "fla"
+    gpu_paths(fla=False, triton=True)
+    monkeypatch.setattr(W, "chunk_forward_checked", lambda device: False)   # it failed its check here
+    assert W.resolve_impl("auto", stand_in(1, T, 12, 64), needs_grad=False) == "triton"
 
 
 def test_wkv7_tells_resolve_impl_whether_gradients_are_needed(monkeypatch):

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from ..errors import HierarchosError
 from .amp import autocast_off
 from .wkv_inputs import prepare as _prepare
+from .wkv_chunk_triton import checked as chunk_forward_checked
 from .wkv_chunk_triton import wkv7_chunk_forward
 from .wkv_triton import triton_unavailable_reason, wkv7_triton
 
@@ -296,7 +297,8 @@ def resolve_impl(impl: str, r: torch.Tensor, needs_grad: bool = True) -> str:
     impl wins over the variable. 'auto' then picks the recurrent step for T <= 2 (fused in C++,
     'cpp_step', for float32 CPU tensors without autograd when the kernel is built); for CUDA
     tensors (not float64) `cuda_choice`: our chunk-parallel forward for calls that need no
-    gradient (`needs_grad` False) of at least CHUNK_FORWARD_MIN_T tokens; fla-core's chunked
+    gradient (`needs_grad` False) of at least CHUNK_FORWARD_MIN_T tokens (once it has passed its
+    check on the device: `wkv_chunk_triton.checked`); fla-core's chunked
     kernel (when it imports) for calls with few (batch, head) pairs -- long sequences at small
     batch -- and heads of at least FLA_MIN_HEAD_SIZE, our sequential Triton kernel otherwise; the
     chunked path on the CPU. fla
@@ -315,9 +317,12 @@ def resolve_impl(impl: str, r: torch.Tensor, needs_grad: bool = True) -> str:
     if r.shape[1] <= 2:
         return "cpp_step" if _cpp_step_fits(r) else "recurrent"
     if r.is_cuda and r.dtype != torch.float64:
-        return cuda_choice(r.shape[0], r.shape[2], _triton_fits_cuda(r.shape[-1]),
-                           r.shape[-1] >= FLA_MIN_HEAD_SIZE and _fla_importable(), r.shape[1], needs_grad,
-                           r.shape[-1])
+        choose = functools.partial(cuda_choice, r.shape[0], r.shape[2], _triton_fits_cuda(r.shape[-1]),
+                                   r.shape[-1] >= FLA_MIN_HEAD_SIZE and _fla_importable(), r.shape[1])
+        name = choose(needs_grad, r.shape[-1])
+        if name == "triton_chunk" and not chunk_forward_checked(r.device):  # did not build or match here
+            name = choose(True, r.shape[-1])
+        return name
     return "chunked"
 
 
