@@ -92,9 +92,12 @@ def test_cuda_calls_follow_cuda_choice_on_batch_times_heads(gpu_paths):
 def test_calls_without_gradients_take_the_chunk_parallel_forward(gpu_paths, monkeypatch):
     gpu_paths(fla=True, triton=True)
     T = W.CHUNK_FORWARD_MIN_T
-    for B, H in ((1, 12), (16, 12)):                                     # few pairs or many
+    for B, H in ((1, 12), (5, 13)):                                      # 12 and 65 pairs
         assert W.resolve_impl("auto", stand_in(B, T, H, 64), needs_grad=False) == "triton_chunk"
-        assert W.resolve_impl("auto", stand_in(B, T, H, 64)) in ("fla", "triton")   # gradients: as before
+        assert W.resolve_impl("auto", stand_in(B, T, H, 64)) == "fla"       # gradients: as before
+    assert W.CHUNK_FORWARD_BELOW_PAIRS == 66
+    for B, H in ((6, 11), (16, 12)):                                     # 66 and 192 pairs: the sequential kernel
+        assert W.resolve_impl("auto", stand_in(B, T, H, 64), needs_grad=False) == "triton"
     assert W.resolve_impl("auto", stand_in(1, T - 1, 12, 64), needs_grad=False) == "fla"   # too short
     assert W.resolve_impl("auto", stand_in(1, T, 2, 8), needs_grad=False) == "triton"      # N < 16: no tl.dot
     assert W.resolve_impl("auto", stand_in(1, T, 2, 16), needs_grad=False) == "triton_chunk"

@@ -184,6 +184,21 @@ def test_kernel_keeps_bf16_rkv_and_equals_their_float32_copies(interpret):
         torch.testing.assert_close(g, grads32[name].to(g.dtype), rtol=0, atol=0, msg=lambda m: f"seed={seed} d{name}: {m}")
 
 
+@needs_triton
+def test_no_grad_calls_hold_nothing_for_a_backward(interpret):
+    """Under no_grad the kernel neither writes checkpoints nor saves its inputs, even for leaves that
+    require grad (a custom Function's forward sees needs_input_grad True there)."""
+    inputs, state = make_inputs(fresh_seed(), B=1, T=9, H=1, N=16, dtype=torch.float32)
+    leaves = {n: x.clone().requires_grad_(True) for n, x in inputs.items()}
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        with torch.no_grad():
+            o, _ = wkv7_triton(**leaves, state=state)
+        assert not saved and not o.requires_grad
+        o, _ = wkv7_triton(**leaves, state=state)
+    assert len(saved) == 7 and o.requires_grad  # the six inputs and the checkpoints
+
+
 # ----------------------------------------------------------------------------- dispatch
 
 

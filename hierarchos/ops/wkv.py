@@ -272,18 +272,26 @@ FLA_BELOW_PAIRS = 66
 FLA_MIN_HEAD_SIZE = 16
 
 
-# A call that needs no gradient (prefill, evaluation) of at least this many tokens runs the
-# chunk-parallel forward (`wkv_chunk_triton`): T / 16 dependent steps instead of T.
+# A call that needs no gradient (prefill, evaluation) of at least CHUNK_FORWARD_MIN_T tokens and with
+# fewer than CHUNK_FORWARD_BELOW_PAIRS (batch, head) pairs runs the chunk-parallel forward
+# (`wkv_chunk_triton`): T / 16 dependent steps instead of T. H100, no-grad forward, N=64 (BENCHMARKS.md,
+# "A chunk-parallel forward for the prefill"): B=1 T=1024 H=12 0.35-0.42 ms against the sequential
+# kernel's 0.39-0.68, B=1 T=256 0.18 against 0.22; B=16 T=1024 1.77 against 0.87 (with many pairs the
+# sequential kernel already fills the GPU and the chunk form's extra products cost more). The pair
+# bound is FLA_BELOW_PAIRS' (4 programs per SM for the sequential kernel), measured at 12 and 192 only.
 CHUNK_FORWARD_MIN_T = 32
+CHUNK_FORWARD_BELOW_PAIRS = 66
 
 
 def cuda_choice(batch: int, heads: int, triton_ok: bool, fla_ok: bool, seq_len: int = 0,
                 needs_grad: bool = True, head_size: int = 64) -> str:
-    """The CUDA path for a call with `batch` x `heads` (batch, head) pairs: without gradients and
-    with at least CHUNK_FORWARD_MIN_T tokens our chunk-parallel forward; else fla's chunked kernel
+    """The CUDA path for a call with `batch` x `heads` (batch, head) pairs: without gradients, with
+    at least CHUNK_FORWARD_MIN_T tokens and fewer than CHUNK_FORWARD_BELOW_PAIRS pairs our
+    chunk-parallel forward; else fla's chunked kernel
     when there are too few pairs to fill the GPU (FLA_BELOW_PAIRS), else our Triton kernel; the
     other when only one of them can run; the chunked PyTorch path when neither can."""
-    if triton_ok and not needs_grad and seq_len >= CHUNK_FORWARD_MIN_T and head_size >= 16:
+    if (triton_ok and not needs_grad and seq_len >= CHUNK_FORWARD_MIN_T and head_size >= 16
+            and batch * heads < CHUNK_FORWARD_BELOW_PAIRS):
         return "triton_chunk"
     if fla_ok and (batch * heads < FLA_BELOW_PAIRS or not triton_ok):
         return "fla"
@@ -297,7 +305,8 @@ def resolve_impl(impl: str, r: torch.Tensor, needs_grad: bool = True) -> str:
     impl wins over the variable. 'auto' then picks the recurrent step for T <= 2 (fused in C++,
     'cpp_step', for float32 CPU tensors without autograd when the kernel is built); for CUDA
     tensors (not float64) `cuda_choice`: our chunk-parallel forward for calls that need no
-    gradient (`needs_grad` False) of at least CHUNK_FORWARD_MIN_T tokens (once it has passed its
+    gradient (`needs_grad` False) of at least CHUNK_FORWARD_MIN_T tokens with few (batch, head)
+    pairs -- a prompt's prefill at small batch -- (once it has passed its
     check on the device: `wkv_chunk_triton.checked`); fla-core's chunked
     kernel (when it imports) for calls with few (batch, head) pairs -- long sequences at small
     batch -- and heads of at least FLA_MIN_HEAD_SIZE, our sequential Triton kernel otherwise; the

@@ -378,10 +378,12 @@ class _WKV7Triton(torch.autograd.Function):
     float32 (B, H, N, N). o, the final state, the checkpoints and the backward's buffers are float32."""
 
     @staticmethod
-    def forward(ctx, r, log_w, k, v, a, b, state, launches, chunk, prefetch, atomic, scratch_hints):
+    def forward(ctx, r, log_w, k, v, a, b, state, launches, chunk, prefetch, atomic, scratch_hints, grad_mode):
         batch, seq_len, heads, head_size = r.shape
         n_chunks = -(-seq_len // chunk)
-        store = any(ctx.needs_input_grad[:7])
+        # grad_mode: whether the call was made with gradients on (inside forward they are always off, and
+        # needs_input_grad says only which inputs require grad: under no_grad nothing is held)
+        store = grad_mode and any(ctx.needs_input_grad[:7])
         o = torch.empty_like(r, dtype=torch.float32)
         final = torch.empty_like(state)
         ckpt = state.new_empty((batch * heads * n_chunks * head_size * head_size) if store else 1)
@@ -421,7 +423,7 @@ class _WKV7Triton(torch.autograd.Function):
                   H=heads, N=head_size, BI=rows, C=chunk, PREFETCH=prefetch, ATOMIC=atomic,
                   SCRATCH_STORE=scratch_hints[0], SCRATCH_LOAD=scratch_hints[1], num_warps=num_warps)
         dr, dlog_w, dk, da, db = (p[0] if len(p) == 1 else p.sum(dim=0) for p in parts)
-        return dr.to(r.dtype), dlog_w, dk.to(k.dtype), dv.to(v.dtype), da, db, d_state, None, None, None, None, None
+        return dr.to(r.dtype), dlog_w, dk.to(k.dtype), dv.to(v.dtype), da, db, d_state, None, None, None, None, None, None
 
 
 SCRATCH_HINTS = {"none": ("", ""), "keep": ("evict_last", "evict_first")}
@@ -465,7 +467,8 @@ def wkv7_triton(r, log_w, k, v, a, b, state=None, *, rows=None, num_warps=None, 
     if scratch not in SCRATCH_HINTS:
         raise HierarchosError(f"wkv7_triton scratch={scratch!r}: use one of {', '.join(SCRATCH_HINTS)}")
     hints = SCRATCH_HINTS[scratch]
+    args = (r, log_w, k, v, a, b, state, launches, chunk, prefetch, atomic, hints, torch.is_grad_enabled())
     if r.is_cuda:
         with torch.cuda.device(r.device):  # Triton launches on the current device
-            return _WKV7Triton.apply(r, log_w, k, v, a, b, state, launches, chunk, prefetch, atomic, hints)
-    return _WKV7Triton.apply(r, log_w, k, v, a, b, state, launches, chunk, prefetch, atomic, hints)
+            return _WKV7Triton.apply(*args)
+    return _WKV7Triton.apply(*args)
