@@ -254,9 +254,11 @@ class _WKV4Triton(torch.autograd.Function):
     """w, u (C,); k, v (B, T, C); state (3, B, C); live (B, T) uint8 or None; all contiguous float32."""
 
     @staticmethod
-    def forward(ctx, w, u, k, v, state, live):
+    def forward(ctx, w, u, k, v, state, live, grad_mode):
         B, T, C = k.shape
-        save = any(ctx.needs_input_grad[:5])
+        # grad_mode: gradients were on at the call (they are off inside forward, and needs_input_grad
+        # is True for leaves that require grad even under no_grad): nothing is saved otherwise
+        save = grad_mode and any(ctx.needs_input_grad[:5])
         o = torch.empty_like(k)
         final = torch.empty_like(state)
         saved = k.new_empty((3, B, T, C) if save else (1,))
@@ -281,7 +283,7 @@ class _WKV4Triton(torch.autograd.Function):
         bwd[(B, -(-C // BLOCK))](w, u, k, v, live if live is not None else k, saved, d_o, d_final,
                                  dk, dv, d_state, dw, du, T, C, HAS_LIVE=live is not None, BLOCK=BLOCK,
                                  num_warps=1)
-        return dw.sum(0), du.sum(0), dk, dv, d_state, None
+        return dw.sum(0), du.sum(0), dk, dv, d_state, None, None
 
 
 def wkv4_triton_prepared(w, u, k, v, state, live):
@@ -298,5 +300,5 @@ def wkv4_triton_prepared(w, u, k, v, state, live):
     mask = None if live is None else live.to(torch.uint8).contiguous()
     # Triton launches on the current device
     with torch.cuda.device(k.device) if k.is_cuda else contextlib.nullcontext():
-        o, final = _WKV4Triton.apply(w, u, k, v, stacked, mask)
+        o, final = _WKV4Triton.apply(w, u, k, v, stacked, mask, torch.is_grad_enabled())
     return o, tuple(final.unbind(0))
