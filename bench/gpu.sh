@@ -38,6 +38,10 @@
 #              GENERATE_MODES (bench_generate --compile-step; default "off off+full fused fused+full": eager or
 #              fused time mix, each with and without the plan-point split), against a Hugging Face GPT-2 of
 #              the same size (model.generate, KV cache) (~250 s); GENERATE_ARGS adds options (e.g. --tf32, --prefill-autocast)
+#   prefill    the prefill's recurrence, A/B in one call: the generate suite (GENERATE_MODES default "fused", GENERATE_ARGS
+#              default "--tf32") with the chunk-parallel forward (wkv7's choice for a prompt at small batch) into
+#              $out/prefill_chunk, then with HIERARCHOS_WKV_IMPL=triton (the sequential kernel everywhere) into
+#              $out/prefill_sequential (~2 x 140 s)
 #   blocks     training steps of the seeds' other cells at 125m minimal, T=1024 and 8192: attention
 #              blocks (full, window 512) and WKV-4, beside RWKV-7 and a compiled GPT-2 (~360 s: T=8192 rows need
 #              ~40-100 s for their first step)
@@ -170,6 +174,14 @@ for suite in "$@"; do
       timeout ${TESTS_TIMEOUT:-300} python3 -m pytest -q -rf -p no:cacheprovider -m gpu tests 2>&1 | tee "$out/pytest_gpu.log" ;;
     kernel)
       timeout 150 python3 kernels/build.py --jobs 16 --require 2>&1 | tee "$out/kernel_build.log" ;;
+    prefill)
+      for variant in chunk sequential; do
+        mkdir -p "$out/prefill_$variant"
+        impl=$([ $variant = sequential ] && echo triton || echo "")
+        HIERARCHOS_WKV_IMPL=$impl OUT="$out/prefill_$variant" GENERATE_MODES=${GENERATE_MODES:-fused} \
+          GENERATE_ARGS=${GENERATE_ARGS:---tf32} GENERATE_TIMEOUT=${GENERATE_TIMEOUT:-150} GENERATE_BUDGET=${GENERATE_BUDGET:-110} \
+          bash "$0" generate
+      done ;;
     generate)
       timeout ${GENERATE_TIMEOUT:-280} python3 bench/bench_generate.py --device cuda --size 125m --contexts 1024 \
         --new-tokens 128 --batch 1 --cuda-graph --configs default minimal --gpt2 --skip-step-rows \
@@ -330,7 +342,7 @@ PY
           | tee "$out/pytest_vulkan_gpu.log"
         python3 bench/bench_vulkan.py --json "$out/vulkan_gpu.json" ${VULKAN_ARGS:-} 2>&1 | tee "$out/bench_vulkan.log"
       ) ;;
-    *) echo "unknown suite $suite (wkv, wkv-model, stall, table, tests, kernel, generate, blocks, chat, quality, puzzles,"\
+    *) echo "unknown suite $suite (wkv, wkv-model, stall, table, tests, kernel, generate, prefill, blocks, chat, quality, puzzles,"\
          "quantmodel, original, forward, train-compile, train-bundled, generate-contexts, host-formats, ddp, vulkan)"; exit 2 ;;
   esac
   echo "=== suite $suite: $((SECONDS - start)) s" | tee -a "$out/suites.txt"
