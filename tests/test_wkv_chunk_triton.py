@@ -79,13 +79,16 @@ def test_frozen_tokens_and_state_carry(interpret, split):
 
 
 @needs_triton
-def test_bf16_rkv_equal_their_float32_copies_and_state_none(interpret):
+def test_bf16_rkv_equal_their_float32_copies_float64_is_float32_and_state_none(interpret):
     seed = fresh_seed()
     inputs, state = make_inputs(seed, B=1, T=21, H=2, N=16, dtype=torch.float32)
     mixed = {n: x.bfloat16() if n in ("r", "k", "v") else x for n, x in inputs.items()}
     o, s = wkv7_chunk_forward(**mixed, state=state)
     o32, s32 = wkv7_chunk_forward(**f32(mixed), state=state)
     assert torch.equal(o, o32) and torch.equal(s, s32), f"seed={seed}"
+    as64 = wkv7_chunk_forward(**{n: x.double() for n, x in inputs.items()}, state=state.double())
+    as32 = wkv7_chunk_forward(**inputs, state=state)         # float64 inputs are computed in float32
+    assert all(torch.equal(x, y) and x.dtype == torch.float32 for x, y in zip(as64, as32)), f"seed={seed}"
     o, s = wkv7_chunk_forward(**inputs)                      # state None: zeros
     check(seed, (o, s), wkv7_reference(**inputs), "state None")
     o, s = wkv7_chunk_forward(**{n: x[:, :0] for n, x in inputs.items()}, state=state)
