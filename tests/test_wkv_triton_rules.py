@@ -231,7 +231,7 @@ def test_forward_and_backward_may_run_different_row_blocks(interpret, fwd_rows, 
     leaves = [inputs[n].clone().requires_grad_(True) for n in NAMES]
     s0 = state.clone().requires_grad_(True)
     launches = (_launch_config(8, fwd_rows, None), _launch_config(8, bwd_rows, None))
-    o, s = wkv_triton._WKV7Triton.apply(*leaves, s0, launches, 2, True, atomic, ("", ""))
+    o, s = wkv_triton._WKV7Triton.apply(*leaves, s0, launches, 2, True, atomic, ("", ""), True)
     grads = torch.autograd.grad((o * weight_o.float()).sum() + (s * weight_s.float()).sum(), [*leaves, s0])
     o_ref, s_ref, grads_ref = reference(inputs, state, weight_o, weight_s)
     close(o, o_ref, "o", seed)

@@ -304,13 +304,12 @@ def resolve_impl(impl: str, r: torch.Tensor, needs_grad: bool = True) -> str:
     impl='auto' is first replaced by $HIERARCHOS_WKV_IMPL when that is set; an explicit
     impl wins over the variable. 'auto' then picks the recurrent step for T <= 2 (fused in C++,
     'cpp_step', for float32 CPU tensors without autograd when the kernel is built); for CUDA
-    tensors (not float64) `cuda_choice`: our chunk-parallel forward for calls that need no
-    gradient (`needs_grad` False) of at least CHUNK_FORWARD_MIN_T tokens with few (batch, head)
-    pairs -- a prompt's prefill at small batch -- (once it has passed its
-    check on the device: `wkv_chunk_triton.checked`); fla-core's chunked
-    kernel (when it imports) for calls with few (batch, head) pairs -- long sequences at small
-    batch -- and heads of at least FLA_MIN_HEAD_SIZE, our sequential Triton kernel otherwise; the
-    chunked path on the CPU. fla
+    tensors (not float64) `cuda_choice`: our chunk-parallel forward for calls that need no gradient
+    (`needs_grad` False) of at least CHUNK_FORWARD_MIN_T tokens with few (batch, head) pairs -- a
+    prompt's prefill at small batch -- once it has passed its check on the device
+    (`wkv_chunk_triton.checked`); fla-core's chunked kernel (when it imports) for calls with few
+    (batch, head) pairs -- long sequences at small batch -- and heads of at least
+    FLA_MIN_HEAD_SIZE; our sequential Triton kernel otherwise; the chunked path on the CPU. fla
     passes our float64 check with TF32-class errors (<= 1.9e-3 relative on outputs, state and all
     seven gradients, frozen tokens and state carry included; ours 1.5e-7):
     HIERARCHOS_WKV_IMPL=triton keeps the exact kernel.
