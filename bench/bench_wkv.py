@@ -225,14 +225,13 @@ def triton_config(rows, warps, prefetch=True, sums="parts", chunk=CHUNK, scratch
 
 def chunk_forward_configs() -> dict:
     """The chunk-parallel prefill kernel's variants (no-grad forward only): the default (16-token chunks,
-    16 rows a program, split form, 4 warps), then one knob moved at a time -- the one-kernel form, 32
-    rows, 32-token chunks, 2 or 8 warps -- and TF32 products (not a candidate: timed, not checked). An
-    H100's first sweep (BENCHMARKS.md) found the default fastest at batch 1; each variant costs a cold
-    Triton compile of 1-7 s."""
-    def config(chunk=16, rows=16, split=True, warps=4, precision="ieee"):
+    16 rows a program, 4 warps), then one knob moved at a time -- 32 rows, 32-token chunks, 2 or 8 warps
+    -- and TF32 products (not a candidate: timed, not checked). An H100's first sweep (BENCHMARKS.md)
+    found the default fastest at batch 1; each variant costs a cold Triton compile of 1-7 s."""
+    def config(chunk=16, rows=16, warps=4, precision="ieee"):
         return lambda *a, state: wkv7_chunk_forward(*a, state=state, chunk=chunk, rows=rows, precision=precision,
-                                                    split=split, num_warps=warps)
-    return {"triton_chunk (default)": config(), "triton_chunk one-kernel": config(split=False),
+                                                    num_warps=warps)
+    return {"triton_chunk (default)": config(),
             "triton_chunk r32": config(rows=32), "triton_chunk c32": config(chunk=32),
             "triton_chunk warps=2": config(warps=2), "triton_chunk warps=8": config(warps=8),
             "triton_chunk tf32": config(precision="tf32")}

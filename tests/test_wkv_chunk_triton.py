@@ -33,16 +33,15 @@ def check(seed, got, want, label=""):
 
 
 @needs_triton
-@pytest.mark.parametrize("split", [True, False])
 @pytest.mark.parametrize("T, N, rows, chunk", [
     (1, 16, 16, 16), (16, 16, 16, 16), (17, 16, 16, 16), (45, 32, 16, 16), (45, 32, 32, 32), (100, 64, 64, 16),
 ])
-def test_matches_the_float64_scan(interpret, T, N, rows, chunk, split):
+def test_matches_the_float64_scan(interpret, T, N, rows, chunk):
     seed = fresh_seed()
     inputs, state = make_inputs(seed, B=2, T=T, H=2, N=N)
-    got = wkv7_chunk_forward(**f32(inputs), state=state.float(), rows=rows, chunk=chunk, split=split)
+    got = wkv7_chunk_forward(**f32(inputs), state=state.float(), rows=rows, chunk=chunk)
     assert got[0].dtype == got[1].dtype == torch.float32 and got[0].shape == inputs["r"].shape
-    check(seed, got, wkv7_reference(**inputs, state=state), f"T={T} N={N} rows={rows} chunk={chunk} split={split}")
+    check(seed, got, wkv7_reference(**inputs, state=state), f"T={T} N={N} rows={rows} chunk={chunk}")
 
 
 @needs_triton
@@ -57,24 +56,23 @@ def test_at_the_models_decay_bound_over_a_long_prompt(interpret):
 
 
 @needs_triton
-@pytest.mark.parametrize("split", [True, False])
-def test_frozen_tokens_and_state_carry(interpret, split):
+def test_frozen_tokens_and_state_carry(interpret):
     """Frozen tokens change nothing (all frozen: the state comes back bit for bit), and two calls with
     the state carried between them at a split inside a chunk equal one call."""
     seed = fresh_seed()
     rng = random.Random(seed)
     inputs, state = make_inputs(seed, B=1, T=40, H=2, N=16, dtype=torch.float32)
-    _, s = wkv7_chunk_forward(**freeze(inputs, torch.ones(1, 40, dtype=torch.bool)), state=state, split=split)
+    _, s = wkv7_chunk_forward(**freeze(inputs, torch.ones(1, 40, dtype=torch.bool)), state=state)
     assert torch.equal(s, state), f"seed={seed}"
     keep = sorted(rng.sample(range(40), 23))
     mask = torch.ones(1, 40, dtype=torch.bool)
     mask[0, keep] = False
-    o, s = wkv7_chunk_forward(**freeze(inputs, mask), state=state, split=split)
+    o, s = wkv7_chunk_forward(**freeze(inputs, mask), state=state)
     o_plain, s_plain = wkv7_reference(**{n: x[:, keep] for n, x in inputs.items()}, state=state)
     check(seed, (o[:, keep], s), (o_plain, s_plain), "frozen")
     at = rng.randrange(1, 40)
-    o1, mid = wkv7_chunk_forward(**{n: x[:, :at] for n, x in inputs.items()}, state=state, split=split)
-    o2, end = wkv7_chunk_forward(**{n: x[:, at:] for n, x in inputs.items()}, state=mid, split=split)
+    o1, mid = wkv7_chunk_forward(**{n: x[:, :at] for n, x in inputs.items()}, state=state)
+    o2, end = wkv7_chunk_forward(**{n: x[:, at:] for n, x in inputs.items()}, state=mid)
     check(seed, (torch.cat([o1, o2], 1), end), wkv7_reference(**inputs, state=state), f"carried at {at}")
 
 
@@ -141,16 +139,15 @@ def test_without_triton_or_cuda_it_says_so(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("B, T, rows, chunk, split", [(1, 1000, 16, 16, True), (1, 1000, 16, 16, False),
-                                                     (3, 77, 64, 32, True), (2, 333, 32, 16, False)])
-def test_compiled_on_cuda_matches_the_sequential_kernel_and_the_scan(B, T, rows, chunk, split):
+@pytest.mark.parametrize("B, T, rows, chunk", [(1, 1000, 16, 16), (3, 77, 64, 32), (2, 333, 32, 16)])
+def test_compiled_on_cuda_matches_the_sequential_kernel_and_the_scan(B, T, rows, chunk):
     seed = fresh_seed()
     inputs, state = make_inputs(seed, B=B, T=T, H=4, N=64)
     cuda = {n: x.float().cuda() for n, x in inputs.items()}
     old = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = True  # the kernel's own products stay float32 regardless
     try:
-        got = wkv7_chunk_forward(**cuda, state=state.float().cuda(), rows=rows, chunk=chunk, split=split)
+        got = wkv7_chunk_forward(**cuda, state=state.float().cuda(), rows=rows, chunk=chunk)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
     check(seed, [x.cpu() for x in got], wkv7_reference(**inputs, state=state), "vs scan")

@@ -13,11 +13,11 @@ S_0 the state entering it, cl the inclusive cumulative sum of log_w inside the c
     O = R_dec S_0^T + M_rb U + M_rk V
     S_C = S_0 diag(g_C) + U^T (b g_C / g) + V^T (k g_C / g)
 
-Every value channel i (a row of S) needs only its own row of S_0 and its own v, so a program owns
-`rows` rows of one (batch, head) state. By default (`split`) a first kernel forms every chunk's
-state-free matrices at once (one program per chunk) and a second scans the chunks in order with five
-small products a chunk on its critical path; the one-kernel form recomputes them inside the scan
-(eighteen products a chunk, no workspace). L_ab is
+Every value channel i (a row of S) needs only its own row of S_0 and its own v. A first kernel forms
+every chunk's state-free matrices at once (one program per chunk); a second, whose programs own `rows`
+rows of one (batch, head) state, scans the chunks in order with five small products a chunk on its
+critical path. (Forming them inside the scan instead, eighteen products a chunk on that path and no
+workspace, was 1.6-1.7x slower on an H100: BENCHMARKS.md.) L_ab is
 strictly lower triangular, so (I - L_ab)^-1 = (I + L)(I + L^2)(I + L^4)... (L^C = 0): log2(C)
 products instead of a triangular solve. The factors exp(-cl) grow as exp(C max|log_w|); with
 C = 16 that stays far inside float32 for |log_w| <= 5 (the model's is <= 0.61), which
@@ -50,72 +50,13 @@ except Exception:  # wkv_triton reports why (triton_unavailable_reason)
     triton = None
 
 CHUNK = 16
-SPLIT = True
 PRECISIONS = ("ieee", "tf32")
-
-
-def _chunk_fwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, o_ptr, s_out_ptr, T, n_chunks,
-                      H: tl.constexpr, N: tl.constexpr, BI: tl.constexpr, C: tl.constexpr,
-                      SQUARINGS: tl.constexpr, PREC: tl.constexpr):
-    """One program: rows [blk*BI, blk*BI + BI) of the state of one (b, h), all T tokens, C at a time.
-    Tokens past T load zeros (frozen: they change nothing)."""
-    NB: tl.constexpr = N // BI
-    pid = tl.program_id(0)
-    bh = pid // NB
-    blk = pid % NB
-    rows = blk * BI + tl.arange(0, BI)                    # value channels i held here
-    cols = tl.arange(0, N)                                # key channels j
-    steps = tl.arange(0, C)                               # tokens inside a chunk
-    tok0 = ((bh // H).to(tl.int64) * T * H + bh % H) * N  # element (b, 0, h, 0) of a (B, T, H, N) input
-    state0 = bh.to(tl.int64) * N * N
-    s = tl.load(s0_ptr + state0 + rows[:, None] * N + cols[None, :])  # (BI, N)
-    strict = steps[:, None] > steps[None, :]
-    inclusive = steps[:, None] >= steps[None, :]
-    eye = tl.where(steps[:, None] == steps[None, :], 1.0, 0.0)
-    c = 0
-    while c < n_chunks:  # while, not range: the interpreter (see wkv_triton's forward)
-        t = c * C + steps
-        live = (t < T)[:, None]
-        off = tok0 + t.to(tl.int64)[:, None] * (H * N)                      # (C, 1)
-        lw = tl.load(w_ptr + off + cols[None, :], mask=live, other=0.0)      # (C, N)
-        kt = tl.load(k_ptr + off + cols[None, :], mask=live, other=0.0).to(tl.float32)
-        at = tl.load(a_ptr + off + cols[None, :], mask=live, other=0.0)
-        bt = tl.load(b_ptr + off + cols[None, :], mask=live, other=0.0)
-        rt = tl.load(r_ptr + off + cols[None, :], mask=live, other=0.0).to(tl.float32)
-        vt = tl.load(v_ptr + off + rows[None, :], mask=live, other=0.0).to(tl.float32)  # (C, BI)
-        cl = tl.associative_scan(lw, 0, _SUM)                                # inclusive cumulative log decay
-        cl_end = tl.reduce(lw, 0, _SUM)                                       # (N,) the whole chunk's
-        grow = tl.exp(-cl)
-        a_dec = at * tl.exp(cl - lw)
-        r_dec = rt * tl.exp(cl)
-        b_inv = bt * grow
-        k_inv = kt * grow
-        to_end = tl.exp(cl_end[None, :] - cl)
-        l_ab = tl.where(strict, tl.dot(a_dec, tl.trans(b_inv), input_precision=PREC), 0.0)   # (C, C)
-        l_ak = tl.where(strict, tl.dot(a_dec, tl.trans(k_inv), input_precision=PREC), 0.0)
-        m_rb = tl.where(inclusive, tl.dot(r_dec, tl.trans(b_inv), input_precision=PREC), 0.0)
-        m_rk = tl.where(inclusive, tl.dot(r_dec, tl.trans(k_inv), input_precision=PREC), 0.0)
-        inv = eye + l_ab                                  # (I - L)^-1 = (I + L)(I + L^2)(I + L^4)...
-        power = l_ab
-        for _ in tl.static_range(SQUARINGS):
-            power = tl.dot(power, power, input_precision=PREC)
-            inv = inv + tl.dot(inv, power, input_precision=PREC)
-        s_t = tl.trans(s)                                                     # (N, BI)
-        rhs = tl.dot(a_dec, s_t, input_precision=PREC) + tl.dot(l_ak, vt, input_precision=PREC)
-        u = tl.dot(inv, rhs, input_precision=PREC)                           # (C, BI): u_t = S_{t-1} a_t
-        o = (tl.dot(r_dec, s_t, input_precision=PREC) + tl.dot(m_rb, u, input_precision=PREC)
-             + tl.dot(m_rk, vt, input_precision=PREC))
-        tl.store(o_ptr + off + rows[None, :], o, mask=live)
-        s = (s * tl.exp(cl_end)[None, :] + tl.dot(tl.trans(u), bt * to_end, input_precision=PREC)
-             + tl.dot(tl.trans(vt), kt * to_end, input_precision=PREC))
-        c += 1
-    tl.store(s_out_ptr + state0 + rows[:, None] * N + cols[None, :], s)
 
 
 def _chunk_prep_kernel(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, ws_ptr, q_ptr, g_ptr, T, n_chunks,
                        H: tl.constexpr, N: tl.constexpr, C: tl.constexpr, SQUARINGS: tl.constexpr,
                        PREC: tl.constexpr):
-    """Split form, first pass, one program per (b, h, chunk), all chunks at once: everything of a chunk
+    """First pass, one program per (b, h, chunk), all chunks at once: everything of a chunk
     that does not depend on the state entering it (the module's formulas with U and O expanded in S_0):
         W = (I - L_ab)^-1 A_dec, U_v = (I - L_ab)^-1 L_ak            so U = W S_0^T + U_v V
         P = R_dec + M_rb W, Q = M_rb U_v + M_rk                         so O = P S_0^T + Q V
@@ -172,8 +113,8 @@ def _chunk_prep_kernel(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, ws_ptr, q_ptr, g_ptr, 
 
 def _chunk_scan_kernel(v_ptr, s0_ptr, ws_ptr, q_ptr, g_ptr, o_ptr, s_out_ptr, T, n_chunks,
                        H: tl.constexpr, N: tl.constexpr, BI: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr):
-    """Split form, second pass: rows [blk*BI, blk*BI + BI) of one (b, h) state through the chunks in
-    order, five small products a chunk (the first pass's docstring has them)."""
+    """Second pass: rows [blk*BI, blk*BI + BI) of one (b, h) state through the chunks in order, five
+    small products a chunk (the first pass's docstring has them). Tokens past T load zeros."""
     NB: tl.constexpr = N // BI
     pid = tl.program_id(0)
     bh = pid // NB
@@ -210,9 +151,8 @@ def _chunk_scan_kernel(v_ptr, s0_ptr, ws_ptr, q_ptr, g_ptr, o_ptr, s_out_ptr, T,
 
 @functools.lru_cache(maxsize=None)
 def _kernel(interpret: bool):
-    """The kernels as Triton JIT functions (one pass, split first and second pass), or run by
-    Triton's interpreter on CPU tensors."""
-    kernels = (_chunk_fwd_kernel, _chunk_prep_kernel, _chunk_scan_kernel)
+    """The two kernels as Triton JIT functions, or run by Triton's interpreter on CPU tensors."""
+    kernels = (_chunk_prep_kernel, _chunk_scan_kernel)
     if interpret:
         return tuple(InterpretedFunction(k) for k in kernels)
     return tuple(triton.JITFunction(k, do_not_specialize=["T", "n_chunks"]) for k in kernels)
@@ -224,16 +164,14 @@ def default_rows(head_size: int) -> int:
 
 
 def wkv7_chunk_forward(r, log_w, k, v, a, b, state=None, *, chunk=CHUNK, rows=None, num_warps=None,
-                       precision="ieee", split=SPLIT):
+                       precision="ieee"):
     """WKV-7 forward through the chunk-parallel Triton kernel (CUDA; CPU only under
     TRITON_INTERPRET=1). No autograd: for prefill and other no-grad calls (an input that requires
     grad under grad mode is an error). Same contract as `wkv7_reference` otherwise, computing in
     float32 (float64 inputs too); r, k, v may stay bf16/fp16 (upcast as loaded). `chunk` tokens a
     step (a power of two >= 16), `rows` state rows a program (a power of two, 16 <= rows <= N),
-    `precision` of the small products ("ieee" float32, or "tf32" for benchmarks). `split`: two kernels
-    (every chunk's state-free matrices at once, then the scan over chunks with five products a chunk on
-    its critical path, through a workspace of ~18 KB a (batch, head, chunk)) instead of one kernel
-    that forms them inside the scan (eighteen products a chunk, nothing stored)."""
+    `precision` of the small products ("ieee" float32, or "tf32" for benchmarks). The two kernels meet
+    in a workspace of ~18 KB a (batch, head, chunk)."""
     reason = triton_unavailable_reason(r.device)
     if reason:
         raise HierarchosError(f"wkv7 impl 'triton_chunk' cannot run: {reason}; use impl='chunked'")
@@ -257,21 +195,16 @@ def wkv7_chunk_forward(r, log_w, k, v, a, b, state=None, *, chunk=CHUNK, rows=No
     if seq_len == 0:
         return o, state
     n_chunks = -(-seq_len // chunk)
-    one_pass, prep, scan = _kernel(not r.is_cuda)
+    prep, scan = _kernel(not r.is_cuda)
     pairs = batch * heads
-    grid = (pairs * (head_size // rows),)
     common = dict(H=heads, N=head_size, C=chunk, PREC=precision, num_warps=num_warps or 4)
     squarings = chunk.bit_length() - 2  # (I - L)^-1 = (I + L)(I + L^2)...(I + L^(C/2))
+    ws = log_w.new_empty((pairs * n_chunks, 4, chunk, head_size))
+    q = log_w.new_empty((pairs * n_chunks, chunk, chunk))
+    g = log_w.new_empty((pairs * n_chunks, head_size))
     with torch.cuda.device(r.device) if r.is_cuda else contextlib.nullcontext():
-        if not split:
-            one_pass[grid](r, log_w, k, v, a, b, state, o, final, seq_len, n_chunks, BI=rows, SQUARINGS=squarings,
-                           **common)
-            return o, final
-        ws = log_w.new_empty((pairs * n_chunks, 4, chunk, head_size))
-        q = log_w.new_empty((pairs * n_chunks, chunk, chunk))
-        g = log_w.new_empty((pairs * n_chunks, head_size))
         prep[(pairs * n_chunks,)](r, log_w, k, a, b, ws, q, g, seq_len, n_chunks, SQUARINGS=squarings, **common)
-        scan[grid](v, state, ws, q, g, o, final, seq_len, n_chunks, BI=rows, **common)
+        scan[(pairs * (head_size // rows),)](v, state, ws, q, g, o, final, seq_len, n_chunks, BI=rows, **common)
     return o, final
 
 
