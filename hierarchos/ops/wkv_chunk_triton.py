@@ -17,15 +17,16 @@ Every value channel i (a row of S) needs only its own row of S_0 and its own v. 
 every chunk's state-free matrices at once (one program per chunk); a second, whose programs own `rows`
 rows of one (batch, head) state, scans the chunks in order with five small products a chunk on its
 critical path. (Forming them inside the scan instead, eighteen products a chunk on that path and no
-workspace, was 1.6-1.7x slower on an H100: BENCHMARKS.md.) L_ab is
-strictly lower triangular, so (I - L_ab)^-1 = (I + L)(I + L^2)(I + L^4)... (L^C = 0): log2(C)
-products instead of a triangular solve. The factors exp(-cl) grow as exp(C max|log_w|); with
+workspace, was 1.6-1.7x slower on an H100: BENCHMARKS.md.) L_ab is strictly lower triangular, so
+(I - L_ab)^-1 = (I + L)(I + L^2)(I + L^4)... (L^C = 0): log2(C) products instead of a triangular solve. The factors exp(-cl) grow as exp(C max|log_w|); with
 C = 16 that stays far inside float32 for |log_w| <= 5 (the model's is <= 0.61), which
 `wkv7_chunk_forward` does not check (a check would read the GPU).
 
 The products run in full float32 (`input_precision="ieee"`) by default: TF32 would put ~1e-3
 relative error into a recurrence that later tokens compound. The sequential kernel stays the
-reference; tests/test_wkv_chunk_triton.py holds the two equal under Triton's interpreter.
+reference: tests/test_wkv_chunk_triton.py holds this one to the float64 scan under Triton's interpreter
+and to the sequential kernel on a GPU, and `checked` compares the two once per device before `wkv7`
+takes this one.
 """
 
 from __future__ import annotations
