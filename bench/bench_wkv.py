@@ -10,7 +10,9 @@ no_grad, at --shapes (default B=8 T=2048 and B=2 T=8192, H=12 N=64), for the Tri
 configs, column sums by parts or atomics, at the first shape), the chunked PyTorch path (chunk 32 and 64) and fla if present;
 beside them two floors: the bytes a fused fwd+bwd must move over the measured copy bandwidth,
 and its FLOPs over the measured float32 (no TF32) matmul rate. First-call time (Triton JIT) is
-reported apart from the steady time.
+reported apart from the steady time. --chunk-forward adds the chunk-parallel prefill kernel
+(`wkv_chunk_triton`, forward only): checked against the scan on outputs and state, timed as a no-grad
+forward beside the others.
 
 GPU:  PYTHONPATH=. python3 bench/bench_wkv.py --json $OUT/wkv.json | tee $OUT/wkv.log
 CPU smoke (interpreter, tiny):  TRITON_INTERPRET=1 PYTHONPATH=. python bench/bench_wkv.py --smoke
