@@ -143,21 +143,13 @@ def test_without_gradients_nothing_is_saved_and_the_values_agree(interpret, monk
     empty = wkv4(td.float(), tf.float(), k[:, :0].float(), v[:, :0].float(), None, None, impl="triton")
     assert empty[0].shape == (2, 0, 9) and torch.equal(empty[1][2], torch.full((2, 9), W4.EMPTY_PP))
     # leaves that require grad, under no_grad: the forward still writes nothing for a backward
-    kernels = W4T._kernels(True)
-    launches = []
-
-    class Spy:
-        def __getitem__(self, grid):
-            def launch(*args, **meta):
-                launches.append(meta["SAVE"])
-                return kernels[0][grid](*args, **meta)
-            return launch
-    monkeypatch.setattr(W4T, "_kernels", lambda interpret: (Spy(), kernels[1]))
+    launches = Launches(W4T._kernels)
+    monkeypatch.setattr(W4T, "_kernels", launches)
     leaves = [x.float().clone().requires_grad_(True) for x in (td, tf, k, v)]
     with torch.no_grad():
         wkv4(*leaves, tuple(s.float() for s in state), frozen, impl="triton")
     wkv4(*leaves, tuple(s.float() for s in state), frozen, impl="triton")
-    assert launches == [False, True], f"seed={seed}"
+    assert [kw["SAVE"] for *_, kw in launches.calls] == [False, True], f"seed={seed}"
 
 
 def test_the_triton_impl_says_why_it_cannot_run(monkeypatch):

@@ -189,24 +189,17 @@ def test_no_grad_calls_hold_nothing_for_a_backward(interpret, monkeypatch):
     """Under no_grad the forward writes no checkpoints, even for leaves that require grad (a custom
     Function's forward sees needs_input_grad True there); with gradients on it does."""
     from hierarchos.ops import wkv_triton as WT
+    from triton_launches import Launches
 
-    kernels = WT._kernels(True)
-    launches = []
-
-    class Spy:
-        def __getitem__(self, grid):
-            def launch(*args, **meta):
-                launches.append(meta["STORE_CKPT"])
-                return kernels[0][grid](*args, **meta)
-            return launch
-    monkeypatch.setattr(WT, "_kernels", lambda interpret: (Spy(), kernels[1]))
+    launches = Launches(WT._kernels)
+    monkeypatch.setattr(WT, "_kernels", launches)
     inputs, state = make_inputs(fresh_seed(), B=1, T=9, H=1, N=16, dtype=torch.float32)
     leaves = {n: x.clone().requires_grad_(True) for n, x in inputs.items()}
     with torch.no_grad():
         o, _ = wkv7_triton(**leaves, state=state)
-    assert launches == [False] and not o.requires_grad
+    assert [kw["STORE_CKPT"] for *_, kw in launches.calls] == [False] and not o.requires_grad
     o, _ = wkv7_triton(**leaves, state=state)
-    assert launches == [False, True] and o.requires_grad
+    assert [kw["STORE_CKPT"] for *_, kw in launches.calls] == [False, True] and o.requires_grad
 
 
 # ----------------------------------------------------------------------------- dispatch
