@@ -16,12 +16,12 @@ CPU; the GPU checks run it compiled).
 
 from __future__ import annotations
 
-import warnings
 from typing import Callable
 
 import torch
 
 from ..errors import HierarchosError
+from .device_check import checked_once
 from .wkv_triton import triton, triton_unavailable_reason
 
 if triton is not None:
@@ -117,28 +117,17 @@ _CHECKED: dict = {}  # device -> whether the kernel gave the reference's bits th
 def checked(device: torch.device, reference: Callable) -> bool:
     """Whether the kernel runs on `device` and gives `reference(seeds, counters, ids)`'s bits there (the
     PyTorch form, passed in: it lives in the generation layer above). Checked once per device, outside a
-    CUDA graph capture (it reads the result on the host; while a capture runs an unchecked device is
-    answered False, so the caller captures the PyTorch form). A kernel that fails to build or to match
-    is reported once and never used on that device: sampling goes on with the PyTorch form."""
-    device = torch.device(device)
-    if device in _CHECKED:
-        return _CHECKED[device]
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return False
-    seeds = torch.tensor([0, 2**62 - 1, 987654321], device=device)
-    counters = torch.tensor([0, 7, 2**33], device=device)
-    vocab = 2 * BLOCK + 3  # a partial last block
-    try:
+    CUDA graph capture (`device_check.checked_once`: during a capture an unchecked device is answered
+    False, so the caller captures the PyTorch form). A kernel that fails to build or to match is reported
+    once and never used on that device: sampling goes on with the PyTorch form."""
+    def check(device):
+        seeds = torch.tensor([0, 2**62 - 1, 987654321], device=device)
+        counters = torch.tensor([0, 7, 2**33], device=device)
+        vocab = 2 * BLOCK + 3  # a partial last block
         ok = bool(torch.equal(row_noise_triton(seeds, counters, vocab),
                               reference(seeds, counters, torch.arange(vocab, device=device))))
-        why = "its uniforms differ from the PyTorch form's"
-    except Exception as exc:  # a compiler or driver that cannot build it: the PyTorch form still works
-        ok, why = False, f"{type(exc).__name__}: {exc}"
-    if not ok:
-        warnings.warn(f"the fused sampling noise kernel failed its check on {device} ({why}); sampling uses "
-                      "the PyTorch form there", RuntimeWarning, stacklevel=2)
-    _CHECKED[device] = ok
-    return ok
+        return ok, "its uniforms differ from the PyTorch form's"
+    return checked_once(_CHECKED, device, check, "the fused sampling noise kernel", "sampling uses the PyTorch form there")
 
 
 def fits(seeds: torch.Tensor) -> bool:

@@ -33,11 +33,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import warnings
 
 import torch
 
 from ..errors import HierarchosError
+from .device_check import checked_once
 from .wkv_inputs import LOW_PRECISION, prepare
 from .wkv_triton import triton_unavailable_reason, wkv7_triton
 
@@ -216,32 +216,22 @@ def checked(device: torch.device | str) -> bool:
     """Whether the chunk forward builds on `device` and matches the sequential kernel there (relative
     error under 1e-4 on outputs and state, frozen tokens and a partial last chunk included): what
     `wkv7`'s automatic choice asks before taking it. Checked once per device, outside any CUDA graph
-    capture (it reads the result on the host; during a capture an unchecked device is answered False,
-    so the sequential kernel is captured). A failure is reported once and the device keeps the
-    sequential kernel for calls without gradients too."""
-    device = torch.device(device)
-    if device in _CHECKED:
-        return _CHECKED[device]
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return False
-    gen = torch.Generator().manual_seed(0)
-    shape = (1, 2 * CHUNK + 5, 2, 64)
-    kappa = torch.nn.functional.normalize(torch.randn(shape, generator=gen), dim=-1)
-    live = (torch.rand(shape[:2], generator=gen) > 0.2)[:, :, None, None]  # a fifth of the tokens frozen
-    x = dict(r=torch.randn(shape, generator=gen), log_w=-0.61 * torch.rand(shape, generator=gen) * live,
-             k=torch.randn(shape, generator=gen) * live, v=torch.randn(shape, generator=gen), a=-kappa,
-             b=kappa * torch.rand(shape, generator=gen) * live)
-    x = {n: t.to(device) for n, t in x.items()}
-    state = torch.randn(1, 2, 64, 64, generator=gen).to(device)
-    try:
+    capture (`device_check.checked_once`: during a capture an unchecked device is answered False, so the
+    sequential kernel is captured). A failure is reported once and the device keeps the sequential
+    kernel for calls without gradients too."""
+    def check(device):
+        gen = torch.Generator().manual_seed(0)
+        shape = (1, 2 * CHUNK + 5, 2, 64)
+        kappa = torch.nn.functional.normalize(torch.randn(shape, generator=gen), dim=-1)
+        live = (torch.rand(shape[:2], generator=gen) > 0.2)[:, :, None, None]  # a fifth of the tokens frozen
+        x = dict(r=torch.randn(shape, generator=gen), log_w=-0.61 * torch.rand(shape, generator=gen) * live,
+                 k=torch.randn(shape, generator=gen) * live, v=torch.randn(shape, generator=gen), a=-kappa,
+                 b=kappa * torch.rand(shape, generator=gen) * live)
+        x = {n: t.to(device) for n, t in x.items()}
+        state = torch.randn(1, 2, 64, 64, generator=gen).to(device)
         with torch.no_grad():
             got, want = wkv7_chunk_forward(**x, state=state), wkv7_triton(**x, state=state)
         errors = [float((g - w).norm() / w.norm()) for g, w in zip(got, want)]
-        ok, why = max(errors) < 1e-4, f"relative errors {errors} against the sequential kernel"
-    except Exception as exc:  # a compiler or driver that cannot build it: the sequential kernel still works
-        ok, why = False, f"{type(exc).__name__}: {exc}"
-    if not ok:
-        warnings.warn(f"the chunk-parallel WKV-7 forward failed its check on {device} ({why}); calls without "
-                      "gradients keep the sequential kernel there", RuntimeWarning, stacklevel=2)
-    _CHECKED[device] = ok
-    return ok
+        return max(errors) < 1e-4, f"relative errors {errors} against the sequential kernel"
+    return checked_once(_CHECKED, device, check, "the chunk-parallel WKV-7 forward",
+                        "calls without gradients keep the sequential kernel there")
