@@ -38,7 +38,7 @@ import torch
 
 from ..errors import HierarchosError
 from .device_check import checked_once
-from .wkv_inputs import LOW_PRECISION, prepare
+from .wkv_inputs import kernel_inputs
 from .wkv_triton import triton_unavailable_reason, wkv7_triton
 
 try:
@@ -179,9 +179,7 @@ def wkv7_chunk_forward(r, log_w, k, v, a, b, state=None, *, chunk=CHUNK, rows=No
     if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (r, log_w, k, v, a, b, state)):
         raise HierarchosError("wkv7 impl 'triton_chunk' is forward only (no gradients); use impl='triton' "
                               "for training, or call it under torch.no_grad()")
-    r, log_w, k, v, a, b, state = prepare(r, log_w, k, v, a, b, state, keep_low_rkv=True)
-    r, k, v = (x.contiguous() if x.dtype in LOW_PRECISION else x.float().contiguous() for x in (r, k, v))
-    log_w, a, b, state = (x.float().contiguous() for x in (log_w, a, b, state))
+    r, log_w, k, v, a, b, state = kernel_inputs(r, log_w, k, v, a, b, state)
     batch, seq_len, heads, head_size = r.shape
     rows = rows or default_rows(head_size)
     if chunk < 16 or chunk & (chunk - 1):

@@ -38,3 +38,13 @@ def prepare(r, log_w, k, v, a, b, state, keep_low_rkv: bool = False):
     else:
         state = state.to(dtype)
     return (*inputs, state)
+
+
+def kernel_inputs(r, log_w, k, v, a, b, state):
+    """`prepare` for the Triton kernels, which compute in float32: every input contiguous float32
+    (float64 ones too), except r, k and v that come in bfloat16/float16 (the kernels upcast them as
+    they load them)."""
+    r, log_w, k, v, a, b, state = prepare(r, log_w, k, v, a, b, state, keep_low_rkv=True)
+    r, k, v = (x.contiguous() if x.dtype in LOW_PRECISION else x.float().contiguous() for x in (r, k, v))
+    log_w, a, b, state = (x.float().contiguous() for x in (log_w, a, b, state))
+    return r, log_w, k, v, a, b, state

@@ -17,7 +17,7 @@ import os
 import torch
 
 from ..errors import HierarchosError
-from .wkv_inputs import LOW_PRECISION, prepare
+from .wkv_inputs import kernel_inputs
 
 try:  # triton is optional: without it (or without CUDA) wkv7's 'auto' never picks this path
     import triton
@@ -452,9 +452,7 @@ def wkv7_triton(r, log_w, k, v, a, b, state=None, *, rows=None, num_warps=None, 
     reason = triton_unavailable_reason(r.device)
     if reason:
         raise HierarchosError(f"wkv7 impl 'triton' cannot run: {reason}; use impl='chunked'")
-    r, log_w, k, v, a, b, state = prepare(r, log_w, k, v, a, b, state, keep_low_rkv=True)
-    r, k, v = (x.contiguous() if x.dtype in LOW_PRECISION else x.float().contiguous() for x in (r, k, v))
-    log_w, a, b, state = (x.float().contiguous() for x in (log_w, a, b, state))
+    r, log_w, k, v, a, b, state = kernel_inputs(r, log_w, k, v, a, b, state)
     if r.shape[1] == 0:
         return log_w.new_zeros(r.shape), state
     sms = _sm_count(r.device.index if r.device.index is not None else torch.cuda.current_device()) \
