@@ -190,13 +190,20 @@ def saved_by_part(model, forward, groups: dict | None = None) -> dict:
     return dict(sorted(parts.items(), key=lambda kv: -kv[1]))
 
 
-def profile_one(spec: str, args, dev) -> dict:
+def profile_one(spec: str, args, dev, budget: float | None = None) -> dict:
+    """One model's row; `budget`: hierarchos' compiled blocks under that activation memory budget
+    (compile_blocks' memory_budget); every other compile runs at torch's default, 1.0."""
+    import torch._dynamo
+    import torch._functorch.config
+
+    torch._dynamo.reset()  # a fresh compile per row: the budget is read when a region compiles
+    torch._functorch.config.activation_memory_budget = 1.0
     torch.manual_seed(0)
     model = make_model(spec, args.size, args.seq_len).to(dev).train()
     fwd = model
     if args.compile:
         if isinstance(model, HierarchosLM):
-            compile_blocks(model)
+            compile_blocks(model, memory_budget=budget)
         else:
             fwd = torch.compile(model)
     amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if dev.type == "cuda" else contextlib.nullcontext
@@ -276,7 +283,9 @@ def profile_one(spec: str, args, dev) -> dict:
     top_ops = [dict(op=e.key, calls=e.count / n,
                     device_ms=getattr(e, "self_device_time_total", 0) / 1e3 / n,
                     cpu_ms=e.self_cpu_time_total / 1e3 / n) for e in ops[:args.rows]]
-    result = dict(model=spec, compile=args.compile, T=args.seq_len, batch=args.batch, step_ms=step_ms,
+    label = spec if budget is None else f"{spec}@{budget:g}"
+    result = dict(model=label, activation_budget=budget, compile=args.compile, T=args.seq_len, batch=args.batch,
+                  step_ms=step_ms,
                   first_step_ms=first_ms, tokens_per_s=args.batch * args.seq_len / (step_ms / 1e3),
                   device_busy_ms=busy, busy_fraction=busy / step_ms if step_ms else None,
                   launches_per_step=launches / n, kinds=kinds, top_ops=top_ops, parts=parts, saved_mib=saved,
@@ -327,6 +336,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--models", nargs="+", default=["hierarchos:minimal", "gpt2"])
     ap.add_argument("--compile", action="store_true", help="compile hierarchos' RWKV blocks / the whole GPT-2")
+    ap.add_argument("--activation-budget", type=float, nargs="+", default=[None], metavar="F",
+                    help="with --compile: one hierarchos row per budget, its compiled blocks keeping about that "
+                         "fraction of their saved activations (train's --activation-budget)")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--rows", type=int, default=20)
     ap.add_argument("--memory", action="store_true",
@@ -339,9 +351,12 @@ def main() -> None:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     print(f"profile_forward: {' '.join(sys.argv[1:])}\nmachine: {json.dumps(machine_info(dev))}")
     results = []
+    if args.activation_budget != [None] and not args.compile:
+        ap.error("--activation-budget applies to compiled blocks: add --compile")
     for spec in args.models:
-        results.append(profile_one(spec, args, dev))
-        print_result(results[-1])
+        for budget in args.activation_budget if spec.startswith("hierarchos") else [None]:
+            results.append(profile_one(spec, args, dev, budget))
+            print_result(results[-1])
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(machine=machine_info(dev), args=vars(args), results=results), f, indent=2)

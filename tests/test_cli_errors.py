@@ -29,6 +29,8 @@ CASES = [
     (TRAIN + ["--max_length", "0"], "--max-length 0: must be >= 2 tokens"),
     (TRAIN + ["--warmup-steps", "-3"], "--warmup-steps -3: must be >= 0"),
     (TRAIN + ["--grad-clip", "inf"], "--grad-clip inf: must be a finite number >= 0"),
+    (TRAIN + ["--activation-budget", "0"], "--activation-budget 0.0: must be in (0, 1]"),
+    (TRAIN + ["--activation-budget", "0.5", "--no-compile"], "--activation-budget 0.5: only compiled blocks recompute"),
     (TRAIN + ["--detach-every-n-steps", "0"], "--detach-every-n-steps 0: must be >= 1 token"),
     (TRAIN + ["--save-every", "-1"], "--save-every -1: must be >= 0"),
     (TRAIN + ["--ponder-loss-weight", "inf"], "--ponder-loss-weight inf: must be a finite number >= 0"),

@@ -200,3 +200,57 @@ def test_inductor_compiled_memory_matches_eager_on_cuda(T, pos0):
     want = _memory_run(memory, T, pos0)
     assert memory.compile_segments() is True
     _assert_same_memory_run(_memory_run(memory, T, pos0), want, 1e-4, 1e-5)
+
+
+def _block_saved_bytes(budget: float | None) -> tuple[int, dict]:
+    """Bytes a compiled block's forward saves for its backward (parameters aside) under `budget`, and
+    the gradients of one backward. The "aot_eager_decomp_partition" backend runs the same min-cut
+    partition as inductor (where the budget acts) without generating code."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = HierarchosLM(tiny_config(vocab_size=64))
+    block = next(m for m in model.modules() if isinstance(m, RWKVBlock))
+    compile_blocks(block, backend="aot_eager_decomp_partition", memory_budget=budget)
+    B, T, C = 2, 16, block.ln_time.normalized_shape[0]
+    N = block.time_mix.head_size
+    x = torch.randn(B, T, C, requires_grad=True)
+    args = (x, torch.zeros(B, C), torch.zeros(B, C // N, N, N), torch.zeros(B, C))
+    params = {p.data_ptr() for p in block.parameters()}
+    storages = {}
+
+    def pack(t):
+        if t.dtype.is_floating_point and t.data_ptr() not in params:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = block(*args)[0]
+    out.square().sum().backward()
+    grads = {n: p.grad.clone() for n, p in block.named_parameters() if p.grad is not None}
+    grads["x"] = x.grad.clone()
+    return sum(storages.values()), grads
+
+
+def test_an_activation_budget_recomputes_instead_of_saving(monkeypatch):
+    """compile_blocks(memory_budget=): the compiled block saves less for its backward and computes the
+    same gradients (recomputed in the backward); the setting is torch's process-wide one."""
+    import torch._functorch.config as functorch_config
+
+    monkeypatch.setattr(functorch_config, "activation_memory_budget", functorch_config.activation_memory_budget)
+    full, grads = _block_saved_bytes(None)
+    assert functorch_config.activation_memory_budget == 1.0  # None leaves torch's setting
+    low, low_grads = _block_saved_bytes(0.1)
+    assert functorch_config.activation_memory_budget == 0.1
+    assert 0 < low < 0.75 * full, (low, full)  # (the opaque recurrence saves its own part either way)
+    assert low_grads.keys() == grads.keys()
+    for name in grads:
+        torch.testing.assert_close(low_grads[name], grads[name], rtol=1e-5, atol=1e-6, msg=name)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("budget", [0.0, -0.5, 1.5])
+def test_compile_blocks_rejects_a_budget_outside_0_1(budget):
+    with pytest.raises(ValueError, match=r"memory_budget must be in \(0, 1\]"):
+        compile_blocks(HierarchosLM(tiny_config(vocab_size=64)), backend="eager", memory_budget=budget)

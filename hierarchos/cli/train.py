@@ -191,6 +191,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                           "first steps; a block that fails to compile runs eagerly). --no-compile: eager blocks")
     run.add_argument("--force-compile", action="store_true", help="compile even where it is known to hang "
                      "(Windows CPU)")
+    run.add_argument("--activation-budget", type=float, default=None, metavar="F",
+                     help="compiled blocks keep about this fraction (0 < F <= 1) of the activations they would "
+                          "save for the backward and recompute the rest there: less GPU memory for some speed "
+                          "(torch's activation_memory_budget; needs the blocks compiled; default: torch's 1.0)")
     run.add_argument("--fsdp", action="store_true", help="under torchrun: shard with FSDP2 instead of DDP")
     run.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                      help="capture each window's forward+backward in a CUDA graph and replay it (default: on "
@@ -245,6 +249,7 @@ FLAG_RULES = {
     "eval_steps": (lambda v: v >= 0, ">= 0 (0: at epoch ends only)"),
     "eval_batch_size": (lambda v: v >= 1, ">= 1"), "eval_limit": (lambda v: v >= 1, ">= 1"),
     "hidden_size": (lambda v: v >= 1, ">= 1"), "num_heads": (lambda v: v >= 1, ">= 1"),
+    "activation_budget": (lambda v: 0 < v <= 1, "in (0, 1] (a fraction of the activations kept)"),
 }
 
 
@@ -272,6 +277,12 @@ def resolve_compile(requested: bool | None, device_type: str, cuda_graphs: bool)
     return device_type == "cuda" and cuda_graphs and importlib.util.find_spec("triton") is not None
 
 
+def budget_needs_compile(budget: float) -> None:
+    raise HierarchosError(f"--activation-budget {budget:g}: only compiled blocks recompute activations, and the "
+                          "blocks are not compiled in this run; add --compile, or drop the flag "
+                          "(--gradient-checkpointing recomputes eager blocks)")
+
+
 def check_flags(args: argparse.Namespace) -> None:
     """One line naming the first flag whose value cannot work (before any data is read)."""
     for name, (ok, what) in FLAG_RULES.items():
@@ -283,6 +294,8 @@ def check_flags(args: argparse.Namespace) -> None:
                               "tokenizer (what --model names in seed 000's trainer), or --model-path DIR to start "
                               "from a hierarchos model")
     check_attention_flags(args)
+    if args.activation_budget is not None and args.compile is False:
+        budget_needs_compile(args.activation_budget)
     if args.min_lr > args.starting_lr:
         raise HierarchosError(f"--min-lr {args.min_lr} is above --starting-lr {args.starting_lr}: the schedule "
                               "decays from the starting rate down to the minimum; lower --min-lr")
@@ -551,9 +564,13 @@ def run(args: argparse.Namespace, lora=None) -> int:
             from ..model.rwkv import compile_blocks
 
             # by default a block that fails to compile runs eagerly; asked for, a failure is an error
-            count = compile_blocks(model, fall_back=asked is None and not args.force_compile)
+            count = compile_blocks(model, fall_back=asked is None and not args.force_compile,
+                                   memory_budget=args.activation_budget)
             why = " (the default with CUDA graphs; --no-compile for eager blocks)" if asked is None else ""
-            print(f"compile: torch.compile on for {count} RWKV blocks{why}; the first steps compile")
+            budget = "" if args.activation_budget is None else f", activation budget {args.activation_budget:g}"
+            print(f"compile: torch.compile on for {count} RWKV blocks{why}{budget}; the first steps compile")
+    if args.activation_budget is not None and not (args.compile or args.force_compile):
+        budget_needs_compile(args.activation_budget)
     ckpt_root = out_dir / "checkpoints"
     if args.resume_from_ckpt:
         loaders = {}

@@ -458,12 +458,16 @@ def recompile_limit_name() -> str:
     return "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
 
 
-def compile_blocks(model: nn.Module, backend: str = "inductor", fall_back: bool = False) -> int:
+def compile_blocks(model: nn.Module, backend: str = "inductor", fall_back: bool = False,
+                   memory_budget: float | None = None) -> int:
     """torch.compile every RWKV block of `model` in place (`nn.Module.compile`: parameter names and
     state dicts stay as they are), and the chunk segments of its long-term memory (anything with a
     `compile_segments`: `LongTermMemory`, whose top-k addressing stays eager); returns the number of
     blocks compiled. `fall_back`: a block whose compile fails runs eagerly (dynamo's suppress_errors,
-    process-wide) instead of raising.
+    process-wide) instead of raising. `memory_budget` (0 < b <= 1; None leaves torch's setting): the
+    compiled regions keep about that fraction of the activations their default partition would save
+    for the backward and recompute the rest in it, cheapest first by FLOPs (torch's
+    `activation_memory_budget`, process-wide, read when each region compiles: set before the first call).
 
     Blocks, not the whole model: the HRM loop around them has data-dependent pass counts and
     several sequence lengths (watch over T tokens, pondering over T / h_stride plan points, the
@@ -475,6 +479,12 @@ def compile_blocks(model: nn.Module, backend: str = "inductor", fall_back: bool 
     import torch._dynamo
 
     make_recurrence_opaque()
+    if memory_budget is not None:
+        import torch._functorch.config
+
+        if not 0 < memory_budget <= 1:
+            raise ValueError(f"compile_blocks: memory_budget must be in (0, 1], got {memory_budget}")
+        torch._functorch.config.activation_memory_budget = float(memory_budget)
     if fall_back:
         torch._dynamo.config.suppress_errors = True
     limit = recompile_limit_name()
