@@ -350,6 +350,18 @@ class _CompiledBlocks:
                 block._compiled_call_impl = call
 
 
+def copy_into(buffers: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+    """buffers[i].copy_(values[i]) for every pair, the ones of equal dtype as one foreach copy (a few
+    kernels for the state's ~100 leaves instead of one each: the captured step replays every launch per
+    token); a value that already is its buffer is left alone."""
+    same = [(b, v) for b, v in zip(buffers, values, strict=True) if v is not b and v.dtype == b.dtype]
+    for b, v in zip(buffers, values):
+        if v is not b and v.dtype != b.dtype:
+            b.copy_(v)
+    if same:
+        torch._foreach_copy_([b for b, _ in same], [v for _, v in same])
+
+
 def _host_positions(row_pos: torch.Tensor) -> list[int] | None:
     """The rows' positions as host ints (read once, when a generation starts); None on the meta device
     (no values: every token then runs the full body)."""
@@ -466,8 +478,7 @@ class GraphedStepper:
         state = HierarchosState(pos=0, memory=tree["memory"], rounds=tree["rounds"], rosa=None)
         out = self.model.step_sync_free(token, state, pos, hints, plan_rows=plan_rows, write_rows=write_rows,
                                         **self.caps)
-        for buffer, new in zip(leaves, (t for _, t in out.state.tensors())):
-            buffer.copy_(new)
+        copy_into(leaves, [t for _, t in out.state.tensors()])
         pos.add_(1)
         counter.add_(1)
         seen.scatter_(1, token[:, None], True)

@@ -667,3 +667,24 @@ def test_cuda_graph_generation_equals_eager(temperature):
         finally:
             torch.cuda.set_sync_debug_mode("default")
         assert int(stepper.pos[0]) == 10 and set(stepper.graphs) == set(stepper._bodies())
+
+
+def test_copy_into_copies_every_pair_in_one_foreach_for_equal_dtypes(monkeypatch):
+    """The stepper's state write-back: every buffer gets its value (a cast where the dtypes differ), a
+    value that is its buffer is skipped, and the equal-dtype pairs go through one foreach copy."""
+    from hierarchos.generate import copy_into
+
+    calls = []
+    real = torch._foreach_copy_
+    monkeypatch.setattr(torch, "_foreach_copy_", lambda a, b: calls.append(len(a)) or real(a, b))
+    buffers = [torch.zeros(3), torch.zeros(2, 2, dtype=torch.float64), torch.zeros(4), torch.zeros(1, dtype=torch.long)]
+    same = buffers[2]
+    values = [torch.arange(3.0), torch.ones(2, 2, dtype=torch.float32), same, torch.tensor([7])]
+    same.fill_(5)
+    copy_into(buffers, values)
+    assert torch.equal(buffers[0], torch.arange(3.0))
+    assert buffers[1].dtype == torch.float64 and torch.equal(buffers[1], torch.ones(2, 2, dtype=torch.float64))
+    assert torch.equal(buffers[2], torch.full((4,), 5.0)) and torch.equal(buffers[3], torch.tensor([7]))
+    assert calls == [2]  # buffers 0 and 3 (float32, long); 1 was cast by copy_, 2 is its own value
+    with pytest.raises(ValueError):
+        copy_into(buffers, values[:2])
