@@ -318,3 +318,78 @@ def test_every_refusal_of_the_kernel_is_one_line_that_says_why(monkeypatch):
             frozen=torch.tensor([0, 1, 0]))
     refused("the fused one-token time mix takes frozen as (3,) bool, got (2,) torch.bool",
             frozen=torch.tensor([True, False]))
+
+
+# ---- the low-rank paths (decay, in-context rate, x070's gate and value residual) in two launches --------
+
+
+def lowrank_inputs(seed, B, C, ranks, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(B, C, generator=g) * scale for _ in ranks]
+    downs = [torch.randn(C, r, generator=g) / C ** 0.5 for r in ranks]
+    ups = [torch.randn(r, C, generator=g) / r ** 0.5 for r in ranks]
+    return xs, downs, ups
+
+
+@pytest.mark.parametrize("B, C, ranks, acts", [
+    (1, 16, [16], ["tanh"]),
+    (3, 100, [64, 32, 128, 48], ["tanh", "none", "sigmoid", "none"]),   # C and a rank off the blocks
+    (2, 64, [32, 32, 32], ["sigmoid", "tanh", "none"]),
+    (2, 256, [8, 200], ["none", "tanh"]),                               # a rank past one up-projection tile
+])
+def test_lowrank_paths_kernel_equals_reference(interpret, B, C, ranks, acts):
+    seed = fresh_seed()
+    xs, downs, ups = lowrank_inputs(seed, B, C, ranks, scale=4.0)  # tanh and sigmoid well into saturation
+    out = fused.lowrank_paths_triton(xs, downs, ups, acts)
+    ref = fused.lowrank_paths_reference(xs, downs, ups, acts)
+    assert out.shape == (len(ranks), B, C) and out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5, msg=f"seed {seed}")
+
+
+def test_lowrank_paths_reference_is_each_path_written_out():
+    seed = fresh_seed()
+    xs, downs, ups = lowrank_inputs(seed, 2, 12, [4, 6, 5])
+    ref = fused.lowrank_paths_reference(xs, downs, ups, ["tanh", "none", "sigmoid"])
+    torch.testing.assert_close(ref[0], torch.tanh(xs[0] @ downs[0]) @ ups[0])
+    torch.testing.assert_close(ref[1], (xs[1] @ downs[1]) @ ups[1])
+    torch.testing.assert_close(ref[2], torch.sigmoid(xs[2] @ downs[2]) @ ups[2])
+
+
+def test_every_refusal_of_the_lowrank_kernel_is_one_line(interpret, monkeypatch):
+    xs, downs, ups = lowrank_inputs(0, 2, 16, [8, 8])
+
+    def refused(match, xs=xs, downs=downs, ups=ups, acts=("tanh", "none")):
+        with pytest.raises(HierarchosError, match=match):
+            fused.lowrank_paths_triton(list(xs), list(downs), list(ups), list(acts))
+
+    refused(r"1 to 4 paths.*\(got 2, 2, 2, 1\)", acts=("tanh",))
+    refused(r"1 to 4 paths.*\(got 5, 5, 5, 5\)", xs=(xs * 3)[:5], downs=(downs * 3)[:5], ups=(ups * 3)[:5],
+            acts=("none",) * 5)
+    refused("unknown activation 'relu'", acts=("relu", "none"))
+    refused(r"path 1 has x \(2, 16\), down \(16, 8\), up \(4, 16\)", ups=(ups[0], ups[1][:4]))
+    refused("take float32 tensors \\(path 0 has torch.float64", xs=(xs[0].double(), xs[1]))
+    monkeypatch.delenv("TRITON_INTERPRET")
+    refused("the fused low-rank paths cannot run: ")
+
+
+def test_the_lowrank_ops_fake_form_gives_its_shape():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    xs, downs, ups = lowrank_inputs(0, 3, 8, [4, 2])
+    with FakeTensorMode() as mode:
+        fake = lambda ts: [mode.from_tensor(t) for t in ts]  # noqa: E731
+        out = torch.ops.hierarchos.lowrank_paths(fake(xs), fake(downs), fake(ups), [1, 0])
+    assert tuple(out.shape) == (2, 3, 8) and out.dtype == torch.float32
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("B, ranks", [(1, [64, 32, 128, 32]), (4, [64, 32])])
+def test_lowrank_kernel_on_cuda_equals_reference(B, ranks):
+    seed = fresh_seed()
+    xs, downs, ups = (list(map(torch.Tensor.cuda, ts)) for ts in lowrank_inputs(seed, B, 768, ranks, scale=2.0))
+    acts = ["tanh", "none", "sigmoid", "none"][:len(ranks)]
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.testing.assert_close(fused.lowrank_paths_triton(xs, downs, ups, acts),
+                               fused.lowrank_paths_reference(xs, downs, ups, acts), atol=5e-5, rtol=5e-5,
+                               msg=f"seed {seed}")

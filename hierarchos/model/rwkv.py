@@ -257,14 +257,14 @@ class TimeMix(nn.Module):
         v = self.value(xv)
         if self.layer_id == 0 and self.wiring.value_residual:
             v_first = v
-        elif self.value_residual:
-            if v_first is None:
-                raise ValueError("TimeMix: value_residual needs the first layer's value (v_first)")
+        elif self.value_residual and v_first is None:
+            raise ValueError("TimeMix: value_residual needs the first layer's value (v_first)")
+        if T == 1 and fused_step.fits(x, N):  # generation: the low-rank paths in two kernels, the tail in one
+            out, new_wkv = self._fused_step(xw, xa, xg, xv, r, k, v, v_first, wkv_state, frozen)
+            return out, new_shift.to(shift_prev.dtype), new_wkv, v_first
+        if self.value_residual:
             lerp = torch.sigmoid(self.value_residual_base + (xv @ self.value_residual_down) @ self.value_residual_up)
             v = v + (v_first.to(v.dtype) - v) * lerp
-        if T == 1 and fused_step.fits(x, N):  # generation: the elementwise tail and the recurrence in one kernel
-            out, new_wkv = self._fused_step(xw, xa, xg, r, k, v, wkv_state, frozen)
-            return out, new_shift.to(shift_prev.dtype), new_wkv, v_first
         if self.wiring.gate == "sigmoid_full":
             g = torch.sigmoid(self.gate(xg))
         else:
@@ -295,17 +295,27 @@ class TimeMix(nn.Module):
         out = self.output((out + bonus).to(g.dtype) * g)
         return out, new_shift.to(shift_prev.dtype), new_wkv, v_first
 
-    def _fused_step(self, xw, xa, xg, r, k, v, wkv_state, frozen):
-        """`forward` after the projections for one token through `hierarchos.ops.rwkv_step_triton`: the
-        low-rank paths and the gate's matmuls here, everything elementwise and the recurrence in the kernel.
-        Returns (output, new wkv state)."""
+    def _fused_step(self, xw, xa, xg, xv, r, k, v, v_first, wkv_state, frozen):
+        """`forward` after the projections for one token through `hierarchos.ops.rwkv_step_triton`: every
+        low-rank path (decay, in-context rate, x070's gate and value residual) in two kernels, the value
+        residual's lerp here, everything elementwise and the recurrence in the time-mix kernel; the full
+        gate's matmul stays a matmul. Returns (output, new wkv state)."""
         B, C = r.shape[0], self.dim
-        full_gate = self.wiring.gate == "sigmoid_full"
-        gate = self.gate(xg) if full_gate else torch.sigmoid(xg @ self.gate_down) @ self.gate_up
         flat = lambda t: t.reshape(B, C)  # noqa: E731
+        full_gate = self.wiring.gate == "sigmoid_full"
+        paths = [(xw, self.decay_down, self.decay_up, "tanh"), (xa, self.iclr_down, self.iclr_up, "none")]
+        if not full_gate:
+            paths.append((xg, self.gate_down, self.gate_up, "sigmoid"))
+        if self.value_residual:
+            paths.append((xv, self.value_residual_down, self.value_residual_up, "none"))
+        xs, downs, ups, acts = zip(*paths)
+        lora = fused_step.lowrank_paths_triton([flat(x) for x in xs], downs, ups, acts)
+        gate = flat(self.gate(xg)) if full_gate else lora[2]
+        v = flat(v)
+        if self.value_residual:
+            v = torch.lerp(v, flat(v_first).to(v.dtype), torch.sigmoid(self.value_residual_base + lora[-1]))
         out, new_wkv = fused_step.timemix_step_triton(
-            flat(r), flat(k), flat(v), flat(torch.tanh(xw @ self.decay_down) @ self.decay_up),
-            flat((xa @ self.iclr_down) @ self.iclr_up), flat(gate), wkv_state,
+            flat(r), flat(k), v, lora[0], lora[1], gate, wkv_state,
             None if frozen is None else frozen.reshape(B), self.decay_base, self.iclr_base, self.removal_scale,
             self.key_iclr_mix, self.bonus, self.norm.weight, self.norm.bias, self.norm.eps, full_gate)
         return self.output(out.view(B, 1, C)), new_wkv
