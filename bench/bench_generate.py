@@ -471,6 +471,7 @@ def _mode_rows(model, mode: str, prompts, cfg, args, device, rows: list, referen
                      "time_to_first_token_phases_s": phases,
                      "decode_tokens_per_s": tokens / max(seconds - first_s, 1e-9),
                      "tokens_agreeing_with": first[0], "agreeing_prefix_per_row": agree,
+                     "token_ids": result.tokens,  # to compare greedy runs across calls
                      "device_ops_per_token": kernels.get(B),
                      "load_average": os.getloadavg()})
         print(f"{'generate_batch':>14} B={B:>2} context ~{len(rows_in[0])} {mode:>12}: time to first token "

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hierarchos.cli.chat import add_arguments, resolve_cuda_graph, resolve_fused_step, resolve_tf32
+from hierarchos.cli.chat import add_arguments, resolve_compile_step, resolve_cuda_graph, resolve_fused_step, resolve_tf32
 from hierarchos.config import tiny_config
 
 RWKV = tiny_config()
@@ -92,3 +92,30 @@ def test_the_tf32_flag_parses_to_three_states(argv, expected):
     p = argparse.ArgumentParser()
     add_arguments(p)
     assert p.parse_args(["--model-path", "m", *argv]).tf32 is expected
+
+
+# ---- compiled blocks inside the captured step (resolve_compile_step) --------------------------------------
+
+@pytest.mark.parametrize("cuda_graph,device,triton_reason,expected", [
+    (True, "cuda", "", "blocks"), (True, "cuda", "triton does not import (x); pip install triton", "off"),
+    (False, "cuda", "", "off"), (False, "cpu", "", "off"), (True, "cpu", "", "off")])
+def test_compiled_blocks_are_on_wherever_the_captured_step_runs_on_cuda_with_triton(monkeypatch, cuda_graph, device,
+                                                                                     triton_reason, expected):
+    from hierarchos.ops import wkv_triton
+
+    monkeypatch.setattr(wkv_triton, "triton_unavailable_reason", lambda device=None: triton_reason)
+    assert resolve_compile_step(None, cuda_graph, torch.device(device)) == expected
+
+
+@pytest.mark.parametrize("requested", ["off", "step", "blocks"])
+def test_an_explicit_compile_step_wins(requested):
+    assert resolve_compile_step(requested, True, torch.device("cuda")) == requested
+
+
+def test_compile_step_is_unset_unless_given():
+    import argparse
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    assert p.parse_args(["--model-path", "m"]).compile_step is None
+    assert p.parse_args(["--model-path", "m", "--compile-step", "off"]).compile_step == "off"

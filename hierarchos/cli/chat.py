@@ -54,6 +54,22 @@ def resolve_fused_step(requested: bool | None, cuda_graph: bool, device) -> bool
     return not triton_unavailable_reason(device)
 
 
+def resolve_compile_step(requested: str | None, cuda_graph: bool, device) -> str:
+    """The captured step's torch.compile mode: what the user asked, else "blocks" (each RWKV block compiled,
+    the glue around it fused; on an H100 at 125m in the (2,5,5) config 182.6 against 133.3 tokens/s with the
+    fused time mix alone, 12 s of compiling at load; BENCHMARKS.md) wherever the step is captured on CUDA
+    and inductor's GPU backend (Triton) can run there, "off" elsewhere."""
+    if requested is not None:
+        return requested
+    import torch
+
+    if not cuda_graph or torch.device(device).type != "cuda":
+        return "off"
+    from ..ops.wkv_triton import triton_unavailable_reason
+
+    return "off" if triton_unavailable_reason(device) else "blocks"
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-path", "--model_path", required=True, metavar="DIR",
                    help="a model directory (from train), or a quantized one / .gguf file (from quantize)")
@@ -69,9 +85,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=None,
                    help="CUDA: float32 matmuls on TF32 tensor cores (10 mantissa bits, as train uses). Default: on "
                         "on CUDA; --no-tf32 for full float32")
-    p.add_argument("--compile-step", "--compile_step", choices=("off", "step", "blocks"), default="off",
+    p.add_argument("--compile-step", "--compile_step", choices=("off", "step", "blocks"), default=None,
                    help="with --cuda-graph: torch.compile the captured step (step: the whole step, blocks: each "
-                        "RWKV block; compiled once at load, its seconds in the capture time). Default: off")
+                        "RWKV block; compiled once at load, its seconds in the capture time). Default: blocks "
+                        "wherever the step is captured on CUDA and Triton is installed (a block that fails to "
+                        "compile runs eagerly), off elsewhere")
     p.add_argument("--fused-step", "--fused_step", action=argparse.BooleanOptionalAction, default=None,
                    help="with --cuda-graph: each RWKV-7 block's one-token time mix as one Triton kernel. "
                         "Default: on wherever the step is captured on CUDA and Triton is installed")
@@ -178,9 +196,14 @@ def run(args: argparse.Namespace) -> int:
         model, meta = load_model_dir(args.model_path, device=device)
         args.cuda_graph = resolve_cuda_graph(args.cuda_graph, device, model.cfg)
         tokenizer = load_tokenizer(args.model_path)
-    if (args.compile_step != "off" or args.fused_step) and not args.cuda_graph:  # asked for explicitly
+    if (args.compile_step not in (None, "off") or args.fused_step) and not args.cuda_graph:  # asked for explicitly
         raise HierarchosError("--compile-step / --fused-step apply to the captured step: chat with --cuda-graph "
                               "(CUDA, a full-precision model with a fixed-size state) or drop them")
+    compile_step = resolve_compile_step(args.compile_step, args.cuda_graph, device)
+    if args.compile_step is None and compile_step != "off":  # the default: a block that fails to compile runs eagerly
+        import torch._dynamo
+
+        torch._dynamo.config.suppress_errors = True
     template = meta.get("prompt_template") or "plain"
     scripted = args.prompt is not None or not sys.stdin.isatty()
     session = ChatSession(
@@ -193,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
                           schedule_steps=args.ltm_schedule_steps, schedule_min_lr=args.ltm_schedule_min_lr,
                           static_lr=args.static_ltm_lr),
         delta_path=args.ltm_lora_path, cuda_graph=args.cuda_graph,
-        step_options={"compile_step": False if args.compile_step == "off" else args.compile_step,
+        step_options={"compile_step": False if compile_step == "off" else compile_step,
                       "fused_step": resolve_fused_step(args.fused_step, args.cuda_graph, device)},
         **extra,
         out=sys.stdout, info=sys.stderr if scripted else sys.stdout, log=sys.stderr)
