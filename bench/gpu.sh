@@ -69,16 +69,17 @@
 #   original   the original project (github.com/necat101/Hierarchos) at its default shape (768 wide, B=16,
 #              T=128, max_h_steps 5, max_l_steps 5) in its own train loop, against ours (the train command,
 #              same shape, 1 + 1 layers, one round): bench_original.py, ORIGINAL_ARGS (default
-#              "--steps 3 --warmup 2"), each model's process bounded by ORIGINAL_MODEL_TIMEOUT s (270).
+#              "--steps 2 --warmup 1"), each model's process bounded by ORIGINAL_MODEL_TIMEOUT s (180).
 #              Carry .device_cache/original, the original's snapshot (ignored by git, ~10 MB; neither model
 #              needs the .whl wheels here), made here by
 #                mkdir -p .device_cache/original && git -C /work/.mirror/necat101+Hierarchos/repo archive \
 #                  10674eef73b2f3694c360806b4952b87af59abe8 | tar -x -C .device_cache/original && \
 #                  echo 10674eef73b2f3694c360806b4952b87af59abe8 > .device_cache/original/ORIGINAL_COMMIT
 #              (or from a clone of the original at that commit; ORIGINAL_DIR overrides the folder). The
-#              original compiles its worker loop on CUDA by default; if that outlasts its 270 s, the row says
-#              how many steps it finished: ORIGINAL_ARGS="--steps 3 --warmup 1 --original-args=--no-compile"
-#              times it eager. Its memory on the CPU (float32, RSS) grows about 14 MiB per token of the batch
+#              original compiles its worker loop on CUDA by default (with autotuning: on an H100 its first
+#              step outlasted 210 s); when that run does not finish, the same call times it eager
+#              (--no-compile, row original-eager, ~60 s) and takes the ratio against that (--eager-fallback;
+#              ~420 s in all). Its memory on the CPU (float32, RSS) grows about 14 MiB per token of the batch
 #              over 8.4 GiB: about 37 GiB at B=16, T=128 (BENCHMARKS.md); if a card runs out, ask for an H200
 #   forward    bench_forward.py on CUDA with FORWARD_ARGS (size FORWARD_SIZE, default 125m): any table of it
 #   train-compile  `train` on the bundled corpus, eager and --compile (compiled RWKV blocks), TRAIN_COMPILE_STEPS
@@ -249,9 +250,10 @@ for suite in "$@"; do
     original)
       orig=${ORIGINAL_DIR:-.device_cache/original}
       timeout ${ORIGINAL_TIMEOUT:-580} python3 bench/bench_original.py --original "$orig" --device cuda \
-        --timeout ${ORIGINAL_MODEL_TIMEOUT:-270} ${ORIGINAL_ARGS:---steps 3 --warmup 2} --work-dir /tmp/bench_original \
-        --json "$out/original.json" 2>&1 | tee "$out/original.log"
+        --timeout ${ORIGINAL_MODEL_TIMEOUT:-180} ${ORIGINAL_ARGS:---steps 2 --warmup 1} --eager-fallback \
+        --work-dir /tmp/bench_original --json "$out/original.json" 2>&1 | tee "$out/original.log"
       cp /tmp/bench_original/original.log "$out/original_train.log" 2>/dev/null
+      cp /tmp/bench_original/original_default.log "$out/original_default_train.log" 2>/dev/null
       cp /tmp/bench_original/ours.log "$out/ours_train.log" 2>/dev/null ;;
     forward)
       size=${FORWARD_SIZE:-125m}

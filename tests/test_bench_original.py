@@ -246,3 +246,36 @@ def test_a_child_past_its_timeout_is_stopped_and_its_output_kept(tmp_path):
     code, output = bo._run_logged([sys.executable, "-c", "import sys; print('bye'); sys.exit(3)"],
                                   str(tmp_path), dict(os.environ), 30.0, str(tmp_path / "child.log"))
     assert code == 3 and output.strip() == "bye"
+
+
+def test_eager_fallback_reruns_the_original_with_no_compile_and_takes_the_ratio_from_it(tmp_path, monkeypatch):
+    """--eager-fallback: a default run of the original that does not finish is followed by one with
+    --no-compile (row 'original-eager'), and the ratio is taken against it; not where --no-compile was given."""
+    seen = []
+
+    def fake_run_original(args, corpus, tokenizer_dir, work):
+        seen.append(args.original_args)
+        if "--no-compile" in args.original_args:
+            return dict(model="original", status="ok", tok_s=200.0, step_s=10.24, params=7)
+        return dict(model="original", status="timeout after 210 s (1 step(s) done)")
+
+    monkeypatch.setattr(bo, "run_original", fake_run_original)
+    monkeypatch.setattr(bo, "run_ours", lambda *a: dict(model="ours", status="ok", tok_s=60000.0, step_s=0.03, params=9))
+    out = tmp_path / "r.json"
+    argv = ["--original", str(fake_original(tmp_path)), "--work-dir", str(tmp_path / "w"), "--json", str(out),
+            "--eager-fallback", "--original-args=--threads 2"]
+    assert bo.main(argv) == 0
+    payload = json.loads(out.read_text())
+    assert seen == ["--threads 2", "--threads 2 --no-compile"]
+    assert [r["model"] for r in payload["rows"]] == ["original", "original-eager", "ours"]
+    assert payload["ratio"] == pytest.approx(300.0)
+    seen.clear()
+    assert bo.main([*argv[:-1], "--original-args=--no-compile"]) == 0  # already eager: no second run
+    assert seen == ["--no-compile"]
+    assert bo.eager_fallback(bo.parse_args(["--original", "x", "--original-args=--no-compile"])) is None
+
+
+def test_without_the_fallback_a_timed_out_original_leaves_no_ratio_and_exit_1(tmp_path, monkeypatch):
+    monkeypatch.setattr(bo, "run_original", lambda *a: dict(model="original", status="timeout after 5 s"))
+    monkeypatch.setattr(bo, "run_ours", lambda *a: dict(model="ours", status="ok", tok_s=1.0, step_s=1.0, params=1))
+    assert bo.main(["--original", str(fake_original(tmp_path)), "--work-dir", str(tmp_path / "w")]) == 1
