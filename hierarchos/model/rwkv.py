@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import TIME_MIXES, TM_GATES, TM_INITS, TM_TOKEN_SHIFTS
 from ..ops import rwkv_step_triton as fused_step
+from ..ops.matvec_triton import matvecs_triton
 from ..ops.amp import to_autocast_dtype
 from ..ops.wkv import wkv7
 from ..ops.wkv4 import EMPTY_PP, wkv4
@@ -149,6 +150,12 @@ def _orthogonal(rows: int, cols: int, gain: float) -> torch.Tensor:
 X070_SHIFT_POWERS = (0.2, 0.9, 0.7, 0.7, 0.9, 0.2)
 
 
+def _plain_linears(*modules: nn.Module) -> bool:
+    """Whether every module is a plain bias-free nn.Linear, whose weight alone is its function (a LoRA or
+    quantized wrapper is not: the fused one-token projections read `.weight` directly)."""
+    return all(type(m) is nn.Linear and m.bias is None for m in modules)
+
+
 class TimeMix(nn.Module):
     """RWKV-7 time mix: token shift, decay, in-context rate, delta-rule state; wired as `wiring` says."""
 
@@ -252,14 +259,18 @@ class TimeMix(nn.Module):
         x_prev, new_shift = shift_tokens(x, shift_prev.to(x.dtype), frozen)
         xr, xw, xk, xv, xa, xg = self._mixes(x, x_prev - x).unbind(0)
 
-        r = self.receptance(xr)
-        k = self.key(xk)
-        v = self.value(xv)
+        fused = T == 1 and fused_step.fits(x, N)
+        if fused and _plain_linears(self.receptance, self.key, self.value):  # one launch for the three
+            r, k, v = (t.view(B, 1, C) for t in matvecs_triton(
+                [xr.reshape(B, C), xk.reshape(B, C), xv.reshape(B, C)],
+                [self.receptance.weight, self.key.weight, self.value.weight]))
+        else:
+            r, k, v = self.receptance(xr), self.key(xk), self.value(xv)
         if self.layer_id == 0 and self.wiring.value_residual:
             v_first = v
         elif self.value_residual and v_first is None:
             raise ValueError("TimeMix: value_residual needs the first layer's value (v_first)")
-        if T == 1 and fused_step.fits(x, N):  # generation: the low-rank paths in two kernels, the tail in one
+        if fused:  # generation: the low-rank paths in two kernels, the tail in one
             out, new_wkv = self._fused_step(xw, xa, xg, xv, r, k, v, v_first, wkv_state, frozen)
             return out, new_shift.to(shift_prev.dtype), new_wkv, v_first
         if self.value_residual:
@@ -377,7 +388,12 @@ class ChannelMix(nn.Module):
         x = to_autocast_dtype(x)
         x_prev, new_shift = shift_tokens(x, shift_prev.to(x.dtype), frozen)
         xk = torch.addcmul(x, x_prev - x, self.mix.to(x.dtype))
-        hidden = F.silu(self.gate(xk)) * self.up(xk)
+        B, T, C = x.shape
+        if T == 1 and fused_step.fits(x) and _plain_linears(self.gate, self.up):  # generation: one launch for both
+            gate, up = (t.view(B, 1, -1) for t in matvecs_triton([xk.reshape(B, C)] * 2, [self.gate.weight, self.up.weight]))
+        else:
+            gate, up = self.gate(xk), self.up(xk)
+        hidden = F.silu(gate) * up
         if deep_gate is not None:
             hidden = hidden * deep_gate
         return self.down(hidden), new_shift.to(shift_prev.dtype)

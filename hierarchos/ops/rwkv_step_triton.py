@@ -359,9 +359,10 @@ def lowrank_paths_triton(xs, downs, ups, acts):
                              [u.contiguous() for u in ups], codes)
 
 
-def fits(x: torch.Tensor, head_size: int) -> bool:
+def fits(x: torch.Tensor, head_size: int = 1) -> bool:
     """Whether TimeMix takes the kernel for a block input x (B, 1, C): switched on, float32,
-    no autograd, a power-of-two head size, a device the kernel runs on."""
+    no autograd, a power-of-two head size, a device the kernel runs on (the channel mix asks the same,
+    without a head size, for its fused projections)."""
     return (_ENABLED and x.dtype == torch.float32 and not torch.is_grad_enabled() and triton is not None
             and not head_size & (head_size - 1)
             and (x.is_cuda or (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")))
