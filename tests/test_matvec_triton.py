@@ -2,9 +2,10 @@
 
 The kernel runs under Triton's interpreter on CPU tensors (TRITON_INTERPRET=1; skipped when triton does
 not import), on random inputs from a fresh seed (printed on failure): products of different output
-widths (off the kernel's blocks, wider than one block, as narrow as one output), one to four of them,
-one or several rows; the refusals; the op's fake form; the model's rule for taking it (plain bias-free
-nn.Linear only: a LoRA-wrapped or biased projection keeps its own call); and a GPU check.
+widths (off the kernel's blocks, wider than one block, as narrow as one output) and input widths, one to
+four of them, one or several rows, weights as nn.Linear holds them or transposed (also non-contiguous),
+each activation into saturation; the refusals; the op's fake form; the model's rule for taking it (plain
+bias-free nn.Linear only: a LoRA-wrapped or biased projection keeps its own call); and a GPU check.
 """
 
 from __future__ import annotations
@@ -52,23 +53,45 @@ def test_kernel_equals_reference(interpret, B, K, widths):
         torch.testing.assert_close(o, r, atol=2e-5, rtol=2e-5, msg=f"seed {seed}")
 
 
+@pytest.mark.parametrize("acts, transposed", [(["tanh", "none", "sigmoid"], [True, False, True]),
+                                              (["sigmoid", "tanh", "none"], [False, True, False])])
+def test_activations_and_transposed_weights_of_several_input_widths(interpret, acts, transposed):
+    seed = random.SystemRandom().randrange(2**31)
+    g = torch.Generator().manual_seed(seed)
+    ins, outs = [40, 130, 7], [33, 5, 64]
+    xs = [torch.randn(2, k, generator=g) * 3 for k in ins]
+    ws = [torch.randn(k, n, generator=g) if t else torch.randn(n, k, generator=g) for k, n, t in zip(ins, outs, transposed)]
+    ws[1] = ws[1].t().contiguous().t()  # a non-contiguous weight: read through its strides
+    out = mv.matvecs_triton(xs, ws, acts, transposed)
+    ref = mv.matvecs_reference(xs, ws, acts, transposed)
+    assert [tuple(o.shape) for o in out] == [(2, n) for n in outs]
+    for o, r in zip(out, ref):
+        torch.testing.assert_close(o, r, atol=2e-5, rtol=2e-5, msg=f"seed {seed}")
+
+
 def test_reference_is_each_product():
     xs, ws = pairs(0, 2, 8, [3, 5])
     for y, x, w in zip(mv.matvecs_reference(xs, ws), xs, ws):
         torch.testing.assert_close(y, torch.nn.functional.linear(x, w))
+    y, = mv.matvecs_reference(xs[:1], [ws[0].t()], ["tanh"], [True])
+    torch.testing.assert_close(y, torch.tanh(xs[0] @ ws[0].t()))
 
 
 def test_every_refusal_is_one_line(interpret, monkeypatch):
     xs, ws = pairs(0, 2, 16, [8, 8])
 
-    def refused(match, xs=xs, ws=ws):
+    def refused(match, xs=xs, ws=ws, acts=None, transposed=None):
         with pytest.raises(HierarchosError, match=match):
-            mv.matvecs_triton(list(xs), list(ws))
+            mv.matvecs_triton(list(xs), list(ws), acts, transposed)
 
-    refused(r"1 to 4 \(input, weight\) pairs \(got 2 inputs and 1 weights\)", ws=ws[:1])
-    refused(r"1 to 4 .*\(got 5 inputs and 5 weights\)", xs=(xs * 3)[:5], ws=(ws * 3)[:5])
-    refused(r"pair 1 has x \(2, 16\) and weight \(8, 12\); want \(2, 16\) and \(C_out, 16\)", ws=(ws[0], ws[1][:, :12]))
-    refused(r"pair 1 has x \(2, 16\) and weight \(8, 16\); want \(3, 16\)", xs=(torch.zeros(3, 16), xs[1]))
+    refused(r"1 to 4 \(input, weight\) pairs \(got 2 inputs, 1 weights, 2 activations\)", ws=ws[:1])
+    refused(r"1 to 4 .*\(got 5 inputs, 5 weights, 5 activations\)", xs=(xs * 3)[:5], ws=(ws * 3)[:5])
+    refused("unknown activation 'gelu'", acts=["gelu", "none"])
+    refused(r"pair 1 has x \(2, 16\) and weight \(8, 12\); want \(2, C_in\) and \(C_out, C_in\)",
+            ws=(ws[0], ws[1][:, :12]))
+    refused(r"pair 1 has x \(2, 16\) and weight \(8, 16\) \(transposed\); want \(2, C_in\) and \(C_in, C_out\)",
+            transposed=[False, True])
+    refused(r"pair 1 has x \(2, 16\) and weight \(8, 16\); want \(3, C_in\)", xs=(torch.zeros(3, 16), xs[1]))
     refused("take float32 tensors \\(pair 1 has torch.float32 and torch.float16\\)", ws=(ws[0], ws[1].half()))
     monkeypatch.delenv("TRITON_INTERPRET")
     refused("the fused matrix-vector products cannot run: ")
@@ -79,7 +102,8 @@ def test_the_ops_fake_form_gives_each_products_shape():
 
     xs, ws = pairs(0, 3, 8, [4, 6])
     with FakeTensorMode() as mode:
-        out = torch.ops.hierarchos.matvecs([mode.from_tensor(x) for x in xs], [mode.from_tensor(w) for w in ws])
+        out = torch.ops.hierarchos.matvecs([mode.from_tensor(x) for x in xs], [mode.from_tensor(w) for w in ws],
+                                           [0, 1], [False, False])
     assert [(tuple(o.shape), o.dtype) for o in out] == [((3, 4), torch.float32), ((3, 6), torch.float32)]
 
 
@@ -108,7 +132,8 @@ def test_the_block_step_takes_it_and_a_wrapped_projection_keeps_its_own_call(int
     block = HierarchosLM(tiny_config()).reasoner.worker.blocks[0].eval()
     calls = []
     real = mv._matvecs_op
-    monkeypatch.setattr("hierarchos.ops.matvec_triton._matvecs_op", lambda xs, ws: calls.append(len(ws)) or real(xs, ws))
+    monkeypatch.setattr("hierarchos.ops.matvec_triton._matvecs_op",
+                        lambda xs, ws, codes, t: calls.append(len(ws) if not any(t) else "low-rank") or real(xs, ws, codes, t))
     C = block.ln_time.normalized_shape[0]
     N = block.time_mix.head_size
     args = (torch.randn(2, 1, C), torch.randn(2, C), torch.randn(2, C // N, N, N) * 0.3, torch.randn(2, C))
@@ -117,11 +142,11 @@ def test_the_block_step_takes_it_and_a_wrapped_projection_keeps_its_own_call(int
         previous = fused.use_fused_step(True)
         try:
             with_kernels = block(*args)
-            assert calls == [3, 2]  # r, k, v; gate, up
+            assert calls == [3, "low-rank", "low-rank", 2]  # r, k, v; the low-rank paths (2); gate, up
             block.channel_mix.up = nn.Linear(C, block.channel_mix.up.out_features, bias=True)
             calls.clear()
             block(*args)
-            assert calls == [3]  # the biased up projection: the channel mix keeps its own calls
+            assert calls == [3, "low-rank", "low-rank"]  # a biased up projection: the channel mix's own calls
         finally:
             fused.use_fused_step(previous)
     for a, b in zip(plain, with_kernels):

@@ -1,13 +1,15 @@
-"""Several small matrix-vector products in one Triton launch: y_p = x_p @ W_p^T for up to four pairs.
+"""Several small matrix-vector products in one Triton launch: y_p = act_p(x_p @ W_p^T) for up to four pairs.
 
 A generated token multiplies a handful of rows by many separate weight matrices (the receptance, key
-and value projections of every time mix; the gate and the up projection of every channel mix); each
-product is its own cuBLAS launch, and inside the generation step's CUDA graph a launch costs a few
-microseconds whatever its size. `matvecs_triton` does up to MAX_PRODUCTS of them in one launch, reading
-each nn.Linear weight (out, in) where it lies (no stacked copy to keep in step with the parameters):
+and value projections of every time mix; the gate and the up projection of every channel mix; the
+down and up sides of the time mix's low-rank paths); each product is its own cuBLAS launch, and inside
+the generation step's CUDA graph a launch costs a few microseconds whatever its size. `matvecs_triton`
+does up to MAX_PRODUCTS of them in one launch, reading each weight where it lies (no stacked copy to
+keep in step with the parameters), as nn.Linear holds it (out, in) or transposed (in, out: a low-rank
+path's x @ down), with an optional activation (none, tanh, sigmoid) on each product's output:
 program (b, p, j) computes outputs j*BLOCK_OUT.. of product p for row b. Products may differ in their
-output width; they share the input width. `matvecs_reference` is the PyTorch form (the tests hold the
-kernel to it under TRITON_INTERPRET=1 on the CPU).
+widths. `matvecs_reference` is the PyTorch form (the tests hold the kernel to it under
+TRITON_INTERPRET=1 on the CPU).
 """
 
 from __future__ import annotations
@@ -25,39 +27,56 @@ if triton is not None:
 
 MAX_PRODUCTS = 4
 BLOCK_OUT, BLOCK_IN = 32, 128  # outputs a program; the width of its reads along the input
+ACTIVATIONS = ("none", "tanh", "sigmoid")  # what a product's outputs go through
 
 
-def matvecs_reference(xs, weights):
-    """[x_p @ W_p^T for each pair]: xs (B, C_in) each, weights (C_out_p, C_in) each (nn.Linear's layout)."""
-    return [x @ w.t() for x, w in zip(xs, weights, strict=True)]
+def _weight_of(w: torch.Tensor, transposed: bool) -> torch.Tensor:
+    return w.t() if transposed else w
+
+
+def matvecs_reference(xs, weights, acts=None, transposed=None):
+    """[act_p(x_p @ W_p^T) for each pair]: xs (B, C_in_p) each; weights (C_out_p, C_in_p) each (nn.Linear's
+    layout), or (C_in_p, C_out_p) where transposed[p]; acts names from ACTIVATIONS (default none)."""
+    fns = {"none": lambda t: t, "tanh": torch.tanh, "sigmoid": torch.sigmoid}
+    acts = acts or ["none"] * len(xs)
+    transposed = transposed or [False] * len(xs)
+    return [fns[a](x @ _weight_of(w, t).t()) for x, w, a, t in zip(xs, weights, acts, transposed, strict=True)]
 
 
 if triton is not None:
 
-    def _matvecs_kernel(x0, x1, x2, x3, w0, w1, w2, w3, y0, y1, y2, y3, N0, N1, N2, N3,
-                        K: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-        """Program (b, p, j): outputs j*BN.. of product p for row b, y_p[b] = W_p @ x_p[b], W_p (N_p, K)
-        row-major; blocks past a product's width store nothing (the grid is sized by the widest)."""
+    def _matvecs_kernel(x0, x1, x2, x3, w0, w1, w2, w3, y0, y1, y2, y3, N0, N1, N2, N3, K0, K1, K2, K3,
+                        SO0, SO1, SO2, SO3, SI0, SI1, SI2, SI3, A0, A1, A2, A3, KMAX: tl.constexpr,
+                        BN: tl.constexpr, BK: tl.constexpr):
+        """Program (b, p, j): outputs j*BN.. of product p for row b, y_p[b, o] = act_p(sum_i W_p[o, i]
+        x_p[b, i]) with W_p[o, i] at w_p + o * SO_p + i * SI_p; x_p (B, K_p) and y_p (B, N_p) contiguous;
+        A_p 0 none, 1 tanh, 2 sigmoid. Blocks past a product's width store nothing (the grid is sized by
+        the widest); the loop runs to the widest input (a constant), reads masked past each one's own."""
         b = tl.program_id(0)
         p = tl.program_id(1)
         j = tl.program_id(2)
-        if p == 0:  # one product's pointers by the program's p (every tensor float32: one pointer type)
-            x_ptr, w_ptr, y_ptr, n_out = x0, w0, y0, N0
+        if p == 0:  # one product's pointers and sizes by the program's p (all float32: one pointer type)
+            x_ptr, w_ptr, y_ptr, n_out, k_in, s_out, s_in, act = x0, w0, y0, N0, K0, SO0, SI0, A0
         elif p == 1:
-            x_ptr, w_ptr, y_ptr, n_out = x1, w1, y1, N1
+            x_ptr, w_ptr, y_ptr, n_out, k_in, s_out, s_in, act = x1, w1, y1, N1, K1, SO1, SI1, A1
         elif p == 2:
-            x_ptr, w_ptr, y_ptr, n_out = x2, w2, y2, N2
+            x_ptr, w_ptr, y_ptr, n_out, k_in, s_out, s_in, act = x2, w2, y2, N2, K2, SO2, SI2, A2
         else:
-            x_ptr, w_ptr, y_ptr, n_out = x3, w3, y3, N3
+            x_ptr, w_ptr, y_ptr, n_out, k_in, s_out, s_in, act = x3, w3, y3, N3, K3, SO3, SI3, A3
         rows = j * BN + tl.arange(0, BN)
         live = rows < n_out
         acc = tl.full((BN,), 0.0, tl.float32)  # (tl.zeros is JIT: see _SUM)
-        for k0 in range(0, K, BK):
+        for k0 in range(0, KMAX, BK):
             cols = k0 + tl.arange(0, BK)
-            inside = cols < K
-            x = tl.load(x_ptr + b * K + cols, mask=inside, other=0.0)
-            w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=live[:, None] & inside[None, :], other=0.0)
+            inside = cols < k_in
+            x = tl.load(x_ptr + b * k_in + cols, mask=inside, other=0.0)
+            w = tl.load(w_ptr + rows[:, None] * s_out + cols[None, :] * s_in, mask=live[:, None] & inside[None, :],
+                        other=0.0)
             acc += tl.reduce(w * x[None, :], 1, _SUM)
+        # tanh as sign(a) (1 - e) / (1 + e), e = exp(-2|a|): no overflow at either end
+        e = tl.exp(-2.0 * tl.abs(acc))
+        t = (1.0 - e) / (1.0 + e)
+        acc = tl.where(act == 1, tl.where(acc < 0, -t, t), tl.where(act == 2, 1.0 / (1.0 + tl.exp(-acc)), acc))
         tl.store(y_ptr + b * n_out + rows, acc, mask=live)
 
 
@@ -71,43 +90,57 @@ def _kernel(interpret: bool):
     return _KERNELS[interpret]
 
 
-def _launch(xs, weights):
-    B, K = xs[0].shape
-    outs = [xs[0].new_empty(B, w.shape[0]) for w in weights]
+def _launch(xs, weights, outs, codes, transposed):
+    B = xs[0].shape[0]
     P = len(xs)
-    pad = lambda items: list(items) + [items[0]] * (MAX_PRODUCTS - P)  # noqa: E731  (absent products: width 0)
-    widths = [w.shape[0] for w in weights] + [0] * (MAX_PRODUCTS - P)
+    pad = lambda items, fill: list(items) + [fill] * (MAX_PRODUCTS - P)  # noqa: E731  (absent products: width 0)
+    shapes = [_weight_of(w, t).shape for w, t in zip(weights, transposed)]
+    strides = [(w.stride(1), w.stride(0)) if t else w.stride() for w, t in zip(weights, transposed)]
+    widths = [n for n, _ in shapes]
     _kernel(xs[0].device.type == "cpu")[(B, P, -(-max(widths) // BLOCK_OUT))](
-        *pad(xs), *pad(weights), *pad(outs), *widths, K=K, BN=BLOCK_OUT, BK=BLOCK_IN, num_warps=4)
+        *pad(xs, xs[0]), *pad(weights, weights[0]), *pad(outs, outs[0]), *pad(widths, 0),
+        *pad([k for _, k in shapes], 0), *pad([so for so, _ in strides], 0), *pad([si for _, si in strides], 0),
+        *pad(codes, 0), KMAX=max(k for _, k in shapes), BN=BLOCK_OUT, BK=BLOCK_IN, num_warps=4)
+
+
+# torch.compile sees a launch as one opaque op (its fake form gives the shapes)
+@torch.library.custom_op("hierarchos::matvecs", mutates_args=())
+def _matvecs_op(xs: list[torch.Tensor], weights: list[torch.Tensor], codes: list[int],
+                transposed: list[bool]) -> list[torch.Tensor]:
+    widths = [_weight_of(w, t).shape[0] for w, t in zip(weights, transposed)]
+    outs = [xs[0].new_empty(xs[0].shape[0], n) for n in widths]
+    _launch(xs, weights, outs, codes, transposed)
     return outs
 
 
-# torch.compile sees the launch as one opaque op (its fake form gives the shapes)
-@torch.library.custom_op("hierarchos::matvecs", mutates_args=())
-def _matvecs_op(xs: list[torch.Tensor], weights: list[torch.Tensor]) -> list[torch.Tensor]:
-    return _launch(xs, weights)
-
-
 @_matvecs_op.register_fake
-def _(xs, weights):
-    return [xs[0].new_empty(xs[0].shape[0], w.shape[0]) for w in weights]
+def _(xs, weights, codes, transposed):
+    return [xs[0].new_empty(xs[0].shape[0], _weight_of(w, t).shape[0]) for w, t in zip(weights, transposed)]
 
 
-def matvecs_triton(xs, weights):
+def matvecs_triton(xs, weights, acts=None, transposed=None):
     """`matvecs_reference` in one Triton launch (CUDA; the CPU under TRITON_INTERPRET=1): 1 to
-    MAX_PRODUCTS pairs, float32, xs (B, C_in) each, weights (C_out_p, C_in); no autograd."""
+    MAX_PRODUCTS pairs, float32, xs (B, C_in_p) each, weights (C_out_p, C_in_p) or, transposed,
+    (C_in_p, C_out_p); no autograd. Returns one new (B, C_out_p) tensor a product."""
     reason = triton_unavailable_reason(xs[0].device if xs else torch.device("cpu"))
     if reason:
         raise HierarchosError(f"the fused matrix-vector products cannot run: {reason}")
-    if not 1 <= len(xs) <= MAX_PRODUCTS or len(xs) != len(weights):
+    acts = list(acts or ["none"] * len(xs))
+    transposed = [bool(t) for t in (transposed or [False] * len(xs))]
+    if not 1 <= len(xs) <= MAX_PRODUCTS or not len(xs) == len(weights) == len(acts) == len(transposed):
         raise HierarchosError(f"the fused matrix-vector products take 1 to {MAX_PRODUCTS} (input, weight) pairs "
-                              f"(got {len(xs)} inputs and {len(weights)} weights)")
-    B, K = xs[0].shape
-    for p, (x, w) in enumerate(zip(xs, weights)):
-        if x.shape != (B, K) or w.dim() != 2 or w.shape[1] != K:
+                              f"(got {len(xs)} inputs, {len(weights)} weights, {len(acts)} activations)")
+    bad = [a for a in acts if a not in ACTIVATIONS]
+    if bad:
+        raise HierarchosError(f"the fused matrix-vector products: unknown activation {bad[0]!r} (one of "
+                              f"{', '.join(ACTIVATIONS)})")
+    B = xs[0].shape[0]
+    for p, (x, w, t) in enumerate(zip(xs, weights, transposed)):
+        if x.dim() != 2 or x.shape[0] != B or w.dim() != 2 or _weight_of(w, t).shape[1] != x.shape[1]:
             raise HierarchosError(f"the fused matrix-vector products: pair {p} has x {tuple(x.shape)} and weight "
-                                  f"{tuple(w.shape)}; want ({B}, {K}) and (C_out, {K})")
+                                  f"{tuple(w.shape)}{' (transposed)' if t else ''}; want ({B}, C_in) and "
+                                  f"{'(C_in, C_out)' if t else '(C_out, C_in)'}")
         if x.dtype != torch.float32 or w.dtype != torch.float32:
             raise HierarchosError(f"the fused matrix-vector products take float32 tensors (pair {p} has {x.dtype} "
                                   f"and {w.dtype}); switch the fused step off (use_fused_step(False)) in other dtypes")
-    return _matvecs_op([x.contiguous() for x in xs], [w.contiguous() for w in weights])
+    return _matvecs_op([x.contiguous() for x in xs], list(weights), [ACTIVATIONS.index(a) for a in acts], transposed)

@@ -25,9 +25,9 @@ Per batch row and head (vectors over the head's N channels; S[i, j], i a value a
 
 The low-rank paths before it (the decay's, the in-context rate's, x070's gate and value residual: y_p =
 act_p(x_p @ down_p) @ up_p, each two small matmuls and maybe an activation) run as two launches for all of
-them, `lowrank_paths_triton`: the first kernel forms every path's hidden vector (its activation applied),
-the second every path's up-projection, each spread over blocks of rows and columns; against ~10 launches
-a layer step in PyTorch. `lowrank_paths_reference` is the PyTorch form.
+them, `lowrank_paths_triton` (`matvec_triton`'s products: every path's hidden vector with its activation,
+then every up-projection), against ~10 launches a layer step in PyTorch. `lowrank_paths_reference` is the
+PyTorch form.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import HierarchosError
+from .matvec_triton import MAX_PRODUCTS, matvecs_triton
 from .wkv_triton import triton, triton_unavailable_reason
 
 if triton is not None:
@@ -94,15 +95,14 @@ def timemix_step_reference(r, k, v, decay_lora, iclr_lora, gate, state, frozen, 
     return ((out + bonus_term).to(g.dtype) * g)[:, 0], new_state
 
 
-ACTIVATIONS = ("none", "tanh", "sigmoid")  # a path's activation between its down and up projection
-MAX_PATHS = 4
+MAX_PATHS = MAX_PRODUCTS  # low-rank paths a call
 
 
 def lowrank_paths_reference(xs, downs, ups, acts):
     """Every low-rank path y_p = act_p(x_p @ down_p) @ up_p, as TimeMix computes each: xs (B, C) each,
-    downs (C, R_p), ups (R_p, C), acts names from ACTIVATIONS. Returns (P, B, C)."""
+    downs (C, R_p), ups (R_p, C), acts names from matvec_triton.ACTIVATIONS. Returns the P outputs (B, C)."""
     fns = {"none": lambda t: t, "tanh": torch.tanh, "sigmoid": torch.sigmoid}
-    return torch.stack([fns[act](x @ down) @ up for x, down, up, act in zip(xs, downs, ups, acts, strict=True)])
+    return [fns[act](x @ down) @ up for x, down, up, act in zip(xs, downs, ups, acts, strict=True)]
 
 
 # ----------------------------------------------------------------------------- kernel
@@ -159,74 +159,16 @@ if triton is not None:
         tl.store(out_ptr + vec, (normed + bonus * v) * g)
 
 
-    def _lowrank_down_kernel(x0, x1, x2, x3, d0, d1, d2, d3, h_ptr, R0, R1, R2, R3, O0, O1, O2, O3,
-                             A0, A1, A2, A3, C: tl.constexpr, RS: tl.constexpr, BR: tl.constexpr,
-                             BC: tl.constexpr):
-        """Program (b, p, j): rows j*BR.. of path p's hidden vector act_p(x_p[b] @ down_p) for batch row b,
-        stored at h[b, O_p + row]; down_p (C, R_p) row-major; A_p 0 none, 1 tanh, 2 sigmoid. Blocks past a
-        path's rank store nothing (the grid is sized by the largest rank)."""
-        b = tl.program_id(0)
-        p = tl.program_id(1)
-        j = tl.program_id(2)
-        # one path's pointers and sizes by the program's p (every path float32: one pointer type)
-        if p == 0:
-            x_ptr, d_ptr, R, off, act = x0, d0, R0, O0, A0
-        elif p == 1:
-            x_ptr, d_ptr, R, off, act = x1, d1, R1, O1, A1
-        elif p == 2:
-            x_ptr, d_ptr, R, off, act = x2, d2, R2, O2, A2
-        else:
-            x_ptr, d_ptr, R, off, act = x3, d3, R3, O3, A3
-        rows = j * BR + tl.arange(0, BR)
-        live = rows < R
-        acc = tl.full((BR,), 0.0, tl.float32)  # (tl.zeros is JIT: see _SUM)
-        for c0 in range(0, C, BC):
-            cols = c0 + tl.arange(0, BC)
-            inside = cols < C
-            x = tl.load(x_ptr + b * C + cols, mask=inside, other=0.0)
-            w = tl.load(d_ptr + cols[:, None] * R + rows[None, :], mask=inside[:, None] & live[None, :], other=0.0)
-            acc += tl.reduce(x[:, None] * w, 0, _SUM)
-        # tanh as sign(a) (1 - e) / (1 + e), e = exp(-2|a|): no overflow at either end
-        e = tl.exp(-2.0 * tl.abs(acc))
-        t = (1.0 - e) / (1.0 + e)
-        acc = tl.where(act == 1, tl.where(acc < 0, -t, t), tl.where(act == 2, 1.0 / (1.0 + tl.exp(-acc)), acc))
-        tl.store(h_ptr + b * RS + off + rows, acc, mask=live)
-
-    def _lowrank_up_kernel(h_ptr, u0, u1, u2, u3, y_ptr, n_rows, R0, R1, R2, R3, O0, O1, O2, O3,
-                           C: tl.constexpr, RS: tl.constexpr, RP: tl.constexpr, BCOL: tl.constexpr):
-        """Program (b, p, jc): columns jc*BCOL.. of path p's output y[p, b] = h[b, O_p:O_p + R_p] @ up_p,
-        up_p (R_p, C) row-major; RP a power of two >= every rank."""
-        b = tl.program_id(0)
-        p = tl.program_id(1)
-        jc = tl.program_id(2)
-        if p == 0:
-            u_ptr, R, off = u0, R0, O0
-        elif p == 1:
-            u_ptr, R, off = u1, R1, O1
-        elif p == 2:
-            u_ptr, R, off = u2, R2, O2
-        else:
-            u_ptr, R, off = u3, R3, O3
-        cols = jc * BCOL + tl.arange(0, BCOL)
-        inside = cols < C
-        r = tl.arange(0, RP)
-        live = r < R
-        hidden = tl.load(h_ptr + b * RS + off + r, mask=live, other=0.0)
-        w = tl.load(u_ptr + r[:, None] * C + cols[None, :], mask=live[:, None] & inside[None, :], other=0.0)
-        tl.store(y_ptr + (p * n_rows + b) * C + cols, tl.reduce(hidden[:, None] * w, 0, _SUM), mask=inside)
-
-
 _KERNELS: dict = {}
 
 
-def _kernel(interpret: bool, fn=None):
-    """A kernel (the time mix's by default) as a Triton JIT function, or run by Triton's interpreter on
-    CPU tensors (both kept: one process may hold both, as wkv_triton's kernels)."""
-    fn = fn or _timemix_step_kernel
-    key = (interpret, fn.__name__)
-    if key not in _KERNELS:
-        _KERNELS[key] = InterpretedFunction(fn) if interpret else triton.JITFunction(fn)
-    return _KERNELS[key]
+def _kernel(interpret: bool):
+    """The kernel as a Triton JIT function, or run by Triton's interpreter on CPU tensors (both kept:
+    one process may hold both, as wkv_triton's kernels)."""
+    if interpret not in _KERNELS:
+        _KERNELS[interpret] = (InterpretedFunction(_timemix_step_kernel) if interpret
+                               else triton.JITFunction(_timemix_step_kernel))
+    return _KERNELS[interpret]
 
 
 def _launch(r, k, v, decay_lora, iclr_lora, gate, state, frozen, decay_base, iclr_base, removal_scale,
@@ -296,67 +238,21 @@ def timemix_step_triton(r, k, v, decay_lora, iclr_lora, gate, state, frozen, dec
     return out, new_state
 
 
-# launch shapes of the low-rank kernels: hidden rows a program and the width of its reads of x and down;
-# output columns a program of the up-projection
-DOWN_ROWS, DOWN_COLS, UP_COLS = 16, 128, 64
-
-
-def _launch_lowrank(xs, downs, ups, codes):
-    P = len(xs)
-    B, C = xs[0].shape
-    ranks = [d.shape[1] for d in downs]
-    offsets = [sum(ranks[:p]) for p in range(P)]
-    hidden = xs[0].new_empty(B, sum(ranks))
-    y = xs[0].new_empty(P, B, C)
-    pad = lambda items, fill: list(items) + [fill] * (MAX_PATHS - P)  # noqa: E731  (absent paths: rank 0)
-    interpret = xs[0].device.type == "cpu"
-    largest = max(ranks)
-    down = _kernel(interpret, _lowrank_down_kernel)
-    down[(B, P, -(-largest // DOWN_ROWS))](*pad(xs, xs[0]), *pad(downs, downs[0]), hidden, *pad(ranks, 0),
-                                           *pad(offsets, 0), *pad(codes, 0), C=C, RS=sum(ranks), BR=DOWN_ROWS,
-                                           BC=DOWN_COLS, num_warps=4)
-    up = _kernel(interpret, _lowrank_up_kernel)
-    up[(B, P, -(-C // UP_COLS))](hidden, *pad(ups, ups[0]), y, B, *pad(ranks, 0), *pad(offsets, 0), C=C,
-                                 RS=sum(ranks), RP=triton.next_power_of_2(largest), BCOL=UP_COLS, num_warps=4)
-    return y
-
-
-@torch.library.custom_op("hierarchos::lowrank_paths", mutates_args=())
-def _lowrank_paths_op(xs: list[torch.Tensor], downs: list[torch.Tensor], ups: list[torch.Tensor],
-                      codes: list[int]) -> torch.Tensor:
-    return _launch_lowrank(xs, downs, ups, codes)
-
-
-@_lowrank_paths_op.register_fake
-def _(xs, downs, ups, codes):
-    return xs[0].new_empty(len(xs), *xs[0].shape)
-
-
 def lowrank_paths_triton(xs, downs, ups, acts):
-    """`lowrank_paths_reference` in two Triton launches (CUDA; the CPU under TRITON_INTERPRET=1): 1 to
-    MAX_PATHS paths, float32, xs (B, C) each, downs (C, R_p), ups (R_p, C); no autograd. Returns (P, B, C)."""
-    reason = triton_unavailable_reason(xs[0].device if xs else torch.device("cpu"))
-    if reason:
-        raise HierarchosError(f"the fused low-rank paths cannot run: {reason}")
+    """`lowrank_paths_reference` in two launches (`matvec_triton.matvecs_triton`: every path's hidden
+    vector with its activation, then every up-projection; CUDA, or the CPU under TRITON_INTERPRET=1): 1
+    to MAX_PATHS paths, float32, xs (B, C) each, downs (C, R_p), ups (R_p, C); no autograd. Returns the
+    P outputs (B, C)."""
     if not 1 <= len(xs) <= MAX_PATHS or not len(xs) == len(downs) == len(ups) == len(acts):
         raise HierarchosError(f"the fused low-rank paths take 1 to {MAX_PATHS} paths, each an input, a down and an "
                               f"up projection and an activation (got {len(xs)}, {len(downs)}, {len(ups)}, {len(acts)})")
-    bad = [a for a in acts if a not in ACTIVATIONS]
-    if bad:
-        raise HierarchosError(f"the fused low-rank paths: unknown activation {bad[0]!r} (one of {', '.join(ACTIVATIONS)})")
-    B, C = xs[0].shape
     for p, (x, down, up) in enumerate(zip(xs, downs, ups)):
-        if x.shape != (B, C) or down.dim() != 2 or down.shape[0] != C or up.shape != (down.shape[1], C):
+        if down.dim() != 2 or up.shape != (down.shape[1], x.shape[-1]):
             raise HierarchosError(f"the fused low-rank paths: path {p} has x {tuple(x.shape)}, down "
-                                  f"{tuple(down.shape)}, up {tuple(up.shape)}; want (B, C), (C, R), (R, C) with "
-                                  f"(B, C) = {(B, C)}")
-        if {x.dtype, down.dtype, up.dtype} != {torch.float32}:
-            raise HierarchosError(f"the fused low-rank paths take float32 tensors (path {p} has "
-                                  f"{x.dtype}, {down.dtype}, {up.dtype}); switch the fused step off "
-                                  "(use_fused_step(False)) in other dtypes")
-    codes = [ACTIVATIONS.index(a) for a in acts]
-    return _lowrank_paths_op([x.contiguous() for x in xs], [d.contiguous() for d in downs],
-                             [u.contiguous() for u in ups], codes)
+                                  f"{tuple(down.shape)}, up {tuple(up.shape)}; want (B, C), (C, R), (R, C)")
+    every = [True] * len(xs)  # down (C, R) and up (R, C): both the transpose of nn.Linear's layout
+    hidden = matvecs_triton(xs, downs, acts, transposed=every)
+    return matvecs_triton(hidden, ups, transposed=every)
 
 
 def fits(x: torch.Tensor, head_size: int = 1) -> bool:
