@@ -130,6 +130,7 @@ def test_the_block_step_takes_it_and_a_wrapped_projection_keeps_its_own_call(int
 
     torch.manual_seed(random.SystemRandom().randrange(2**31))
     block = HierarchosLM(tiny_config()).reasoner.worker.blocks[0].eval()
+    assert mv.checked(torch.device("cpu"))  # the device check's own products, before the spy counts
     calls = []
     real = mv._matvecs_op
     monkeypatch.setattr("hierarchos.ops.matvec_triton._matvecs_op",
@@ -164,3 +165,25 @@ def test_kernel_on_cuda_equals_reference(B, widths):
     torch.backends.cuda.matmul.allow_tf32 = False
     for o, r in zip(mv.matvecs_triton(xs, ws), mv.matvecs_reference(xs, ws)):
         torch.testing.assert_close(o, r, atol=5e-5, rtol=5e-5, msg=f"seed {seed}")
+
+
+def test_the_device_check_passes_here_and_a_failing_one_keeps_the_eager_step(interpret, monkeypatch):
+    """`checked`: once per device against the reference; a kernel that gives other products (or does not
+    build) is reported once and `fits` then says no, so the one-token step keeps its eager kernels."""
+    from hierarchos.ops import rwkv_step_triton as fused
+
+    monkeypatch.setattr(mv, "_CHECKED", {})
+    assert mv.checked(torch.device("cpu")) and mv._CHECKED == {torch.device("cpu"): True}
+    monkeypatch.setattr(mv, "_CHECKED", {})
+    monkeypatch.setattr(mv, "matvecs_triton", lambda xs, ws, acts, t: [w.new_zeros(x.shape[0], w.shape[1] if tt
+                                                                                   else w.shape[0])
+                                                                       for x, w, tt in zip(xs, ws, t)])
+    previous = fused.use_fused_step(True)
+    try:
+        with torch.no_grad(), pytest.warns(RuntimeWarning, match="the fused matrix-vector kernel failed its check "
+                                           "on cpu .*eager kernels there"):
+            assert not fused.fits(torch.zeros(1, 1, 16), 8)
+        with torch.no_grad():
+            assert not fused.fits(torch.zeros(1, 1, 16), 8)  # answered from the cache, no second warning
+    finally:
+        fused.use_fused_step(previous)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import HierarchosError
+from .device_check import checked_once
 from .wkv_triton import triton, triton_unavailable_reason
 
 if triton is not None:
@@ -73,10 +74,13 @@ if triton is not None:
             w = tl.load(w_ptr + rows[:, None] * s_out + cols[None, :] * s_in, mask=live[:, None] & inside[None, :],
                         other=0.0)
             acc += tl.reduce(w * x[None, :], 1, _SUM)
-        # tanh as sign(a) (1 - e) / (1 + e), e = exp(-2|a|): no overflow at either end
+        # tanh as sign(a) (1 - e) / (1 + e), e = exp(-2|a|), and the sigmoid from exp(-|a|): no overflow
+        # at either end
         e = tl.exp(-2.0 * tl.abs(acc))
         t = (1.0 - e) / (1.0 + e)
-        acc = tl.where(act == 1, tl.where(acc < 0, -t, t), tl.where(act == 2, 1.0 / (1.0 + tl.exp(-acc)), acc))
+        h = tl.exp(-tl.abs(acc))
+        sig = tl.where(acc < 0, h / (1.0 + h), 1.0 / (1.0 + h))
+        acc = tl.where(act == 1, tl.where(acc < 0, -t, t), tl.where(act == 2, sig, acc))
         tl.store(y_ptr + b * n_out + rows, acc, mask=live)
 
 
@@ -144,3 +148,24 @@ def matvecs_triton(xs, weights, acts=None, transposed=None):
             raise HierarchosError(f"the fused matrix-vector products take float32 tensors (pair {p} has {x.dtype} "
                                   f"and {w.dtype}); switch the fused step off (use_fused_step(False)) in other dtypes")
     return _matvecs_op([x.contiguous() for x in xs], list(weights), [ACTIVATIONS.index(a) for a in acts], transposed)
+
+
+_CHECKED: dict = {}
+
+
+def checked(device: torch.device) -> bool:
+    """Whether the kernel builds on `device` and agrees with `matvecs_reference` there (products of
+    several widths, a transposed and a strided weight, each activation), asked once per device outside a
+    CUDA graph capture (`device_check.checked_once`); a failure is reported once and the one-token step
+    keeps its eager kernels there."""
+    def check(device):
+        g = torch.Generator().manual_seed(0)
+        xs = [torch.randn(2, k, generator=g).to(device) * 3 for k in (96, 160, 33)]
+        ws = [torch.randn(70, 96, generator=g), torch.randn(160, 40, generator=g), torch.randn(200, 33, generator=g)]
+        ws = [w.to(device) for w in ws]
+        args = (xs, ws, ["none", "tanh", "sigmoid"], [False, True, False])
+        ok = all(torch.allclose(a, b, rtol=1e-4, atol=1e-4)
+                 for a, b in zip(matvecs_triton(*args), matvecs_reference(*args)))
+        return ok, "its products differ from the PyTorch form's"
+    return checked_once(_CHECKED, device, check, "the fused matrix-vector kernel", "the one-token step keeps its "
+                        "eager kernels there")
