@@ -414,14 +414,19 @@ class GraphedStepper:
             self._advance_fn = _CompiledBlocks(model, self._advance, compile_backend)
         else:
             self._advance_fn = self._advance
-        self.fused_step = fused_step
         if fused_step:
+            from .ops.matvec_triton import checked
             from .ops.wkv_triton import triton_unavailable_reason
 
             reason = triton_unavailable_reason(device)
             if reason:
                 raise HierarchosError(f"fused_step=True: the fused one-token time mix cannot run on {device}: {reason}; "
                                       "generate without it")
+            # checked here, not inside the compiled or captured step (where it cannot run); a failure is
+            # reported once and the step keeps its eager kernels
+            fused_step = checked(device)
+        self.fused_step = fused_step
+        if fused_step:
             self._advance_fn = _WithFusedStep(self._advance_fn)
         self.compile_seconds: float | None = None
         self._compiled: set = set()  # the bodies ((plan_rows, write_rows) pairs) compiled so far

@@ -199,3 +199,20 @@ def test_compiled_step_in_a_cuda_graph_equals_the_eager_graph(mode, overrides):
     assert compiled.tokens == eager.tokens
     for (name, a), (_, b) in zip(eager.state.tensors(), compiled.state.tensors()):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("mode", ["step", "blocks"])
+def test_traced_step_with_the_fused_kernels_equals_eager(mode, monkeypatch):
+    """What chat runs on CUDA by default (compiled blocks around the fused one-token kernels: the products',
+    the low-rank paths' and the time mix's custom ops), traced by dynamo and AOT autograd with the kernels
+    run by Triton's interpreter: the same tokens and state as the eager step, and no recompile per token."""
+    from hierarchos.ops.wkv_triton import triton
+
+    if triton is None:
+        pytest.skip("triton does not import")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    model = build(3)
+    cfg = SamplingConfig(temperature=0.9, top_k=20, top_p=0.95, repetition_penalty=1.3)
+    eager = stepped(model, PROMPTS[2], cfg, 4)
+    compiled = stepped(model, PROMPTS[2], cfg, 4, compile_step=mode, compile_backend="aot_eager", fused_step=True)
+    assert_same_run(eager, compiled, atol=1e-5)

@@ -169,8 +169,10 @@ def test_kernel_on_cuda_equals_reference(B, widths):
 
 def test_the_device_check_passes_here_and_a_failing_one_keeps_the_eager_step(interpret, monkeypatch):
     """`checked`: once per device against the reference; a kernel that gives other products (or does not
-    build) is reported once and `fits` then says no, so the one-token step keeps its eager kernels."""
-    from hierarchos.ops import rwkv_step_triton as fused
+    build) is reported once, and a stepper asked for the fused step then keeps its eager kernels."""
+    from hierarchos.config import tiny_config
+    from hierarchos.generate import SamplingConfig, generate_batch
+    from hierarchos.model import HierarchosLM
 
     monkeypatch.setattr(mv, "_CHECKED", {})
     assert mv.checked(torch.device("cpu")) and mv._CHECKED == {torch.device("cpu"): True}
@@ -178,12 +180,10 @@ def test_the_device_check_passes_here_and_a_failing_one_keeps_the_eager_step(int
     monkeypatch.setattr(mv, "matvecs_triton", lambda xs, ws, acts, t: [w.new_zeros(x.shape[0], w.shape[1] if tt
                                                                                    else w.shape[0])
                                                                        for x, w, tt in zip(xs, ws, t)])
-    previous = fused.use_fused_step(True)
-    try:
-        with torch.no_grad(), pytest.warns(RuntimeWarning, match="the fused matrix-vector kernel failed its check "
-                                           "on cpu .*eager kernels there"):
-            assert not fused.fits(torch.zeros(1, 1, 16), 8)
-        with torch.no_grad():
-            assert not fused.fits(torch.zeros(1, 1, 16), 8)  # answered from the cache, no second warning
-    finally:
-        fused.use_fused_step(previous)
+    steppers: dict = {}
+    model = HierarchosLM(tiny_config()).eval()
+    with pytest.warns(RuntimeWarning, match="the fused matrix-vector kernel failed its check on cpu .*eager kernels"):
+        generate_batch(model, [[1, 2]], SamplingConfig(temperature=0.0, max_new_tokens=2), fused_step=True,
+                       steppers=steppers)
+    assert [s.fused_step for s in steppers.values()] == [False]
+    assert mv._CHECKED == {torch.device("cpu"): False}  # asked once: the next stepper reads the answer

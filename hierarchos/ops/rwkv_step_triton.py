@@ -39,7 +39,6 @@ import torch.nn.functional as F
 
 from ..errors import HierarchosError
 from .matvec_triton import MAX_PRODUCTS, matvecs_triton
-from .matvec_triton import checked as matvec_checked
 from .wkv_triton import triton, triton_unavailable_reason
 
 if triton is not None:
@@ -258,9 +257,9 @@ def lowrank_paths_triton(xs, downs, ups, acts):
 
 def fits(x: torch.Tensor, head_size: int = 1) -> bool:
     """Whether TimeMix takes the kernel for a block input x (B, 1, C): switched on, float32,
-    no autograd, a power-of-two head size, a device the kernels run on and where the products' kernel
-    passed its check (the channel mix asks the same, without a head size, for its fused projections)."""
+    no autograd, a power-of-two head size, a device the kernels run on (the channel mix asks the same,
+    without a head size, for its fused projections). The generation stepper switches it on only where the
+    products' kernel passed its device check (`matvec_triton.checked`)."""
     return (_ENABLED and x.dtype == torch.float32 and not torch.is_grad_enabled() and triton is not None
             and not head_size & (head_size - 1)
-            and (x.is_cuda or (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"))
-            and matvec_checked(x.device))
+            and (x.is_cuda or (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")))
