@@ -113,6 +113,8 @@ MODULES: dict[str, list[str]] = {
                                      "-m", "not slow and not gpu"],
     # the one-token time-mix kernel under the interpreter, and the block step and stepper around it
     "hierarchos/ops/rwkv_step_triton.py": ["tests/test_rwkv_step_triton.py", "-m", "not slow and not gpu"],
+    # the one-token products' kernel under the interpreter, its device check and the model's rule for it
+    "hierarchos/ops/matvec_triton.py": ["tests/test_matvec_triton.py", "-m", "not slow and not gpu"],
     "hierarchos/ops/threads.py": ["tests/test_step_threads.py"],
     # the chunk-parallel prefill kernels under the interpreter, their wrapper and device check, and the
     # dispatch rules that pick them
@@ -129,7 +131,7 @@ MODULES: dict[str, list[str]] = {
 # in the scratch copy of a Triton module, hands the interpreter the function the trampoline would call
 # (the active mutant or the original) and records the stats hit the trampoline would have recorded.
 TRITON_MODULES = ("hierarchos/ops/ce_triton.py", "hierarchos/ops/wkv_triton.py", "hierarchos/ops/rwkv_step_triton.py",
-                  "hierarchos/ops/wkv4_triton.py", "hierarchos/ops/wkv_chunk_triton.py")
+                  "hierarchos/ops/wkv4_triton.py", "hierarchos/ops/wkv_chunk_triton.py", "hierarchos/ops/matvec_triton.py")
 TRITON_PLUGIN = '''"""mutmut + Triton's interpreter (written by scripts/mutation_test.py for a mutation run only)."""
 import sys
 
