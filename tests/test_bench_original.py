@@ -260,7 +260,8 @@ def test_eager_fallback_reruns_the_original_with_no_compile_and_takes_the_ratio_
         return dict(model="original", status="timeout after 210 s (1 step(s) done)")
 
     monkeypatch.setattr(bo, "run_original", fake_run_original)
-    monkeypatch.setattr(bo, "run_ours", lambda *a: dict(model="ours", status="ok", tok_s=60000.0, step_s=0.03, params=9))
+    monkeypatch.setattr(bo, "run_ours",
+                        lambda *a: dict(model="ours", status="ok", tok_s=60000.0, step_s=0.03, params=9))
     out = tmp_path / "r.json"
     argv = ["--original", str(fake_original(tmp_path)), "--work-dir", str(tmp_path / "w"), "--json", str(out),
             "--eager-fallback", "--original-args=--threads 2"]

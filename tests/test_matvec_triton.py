@@ -60,7 +60,8 @@ def test_activations_and_transposed_weights_of_several_input_widths(interpret, a
     g = torch.Generator().manual_seed(seed)
     ins, outs = [40, 130, 7], [33, 5, 64]
     xs = [torch.randn(2, k, generator=g) * 3 for k in ins]
-    ws = [torch.randn(k, n, generator=g) if t else torch.randn(n, k, generator=g) for k, n, t in zip(ins, outs, transposed)]
+    ws = [torch.randn(k, n, generator=g) if t else torch.randn(n, k, generator=g)
+          for k, n, t in zip(ins, outs, transposed)]
     ws[1] = ws[1].t().contiguous().t()  # a non-contiguous weight: read through its strides
     out = mv.matvecs_triton(xs, ws, acts, transposed)
     ref = mv.matvecs_reference(xs, ws, acts, transposed)
@@ -134,7 +135,8 @@ def test_the_block_step_takes_it_and_a_wrapped_projection_keeps_its_own_call(int
     calls = []
     real = mv._matvecs_op
     monkeypatch.setattr("hierarchos.ops.matvec_triton._matvecs_op",
-                        lambda xs, ws, codes, t: calls.append(len(ws) if not any(t) else "low-rank") or real(xs, ws, codes, t))
+                        lambda xs, ws, codes, t: calls.append(len(ws) if not any(t) else "low-rank")
+                        or real(xs, ws, codes, t))
     C = block.ln_time.normalized_shape[0]
     N = block.time_mix.head_size
     args = (torch.randn(2, 1, C), torch.randn(2, C), torch.randn(2, C // N, N, N) * 0.3, torch.randn(2, C))

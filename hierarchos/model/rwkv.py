@@ -390,7 +390,8 @@ class ChannelMix(nn.Module):
         xk = torch.addcmul(x, x_prev - x, self.mix.to(x.dtype))
         B, T, C = x.shape
         if T == 1 and fused_step.fits(x) and _plain_linears(self.gate, self.up):  # generation: one launch for both
-            gate, up = (t.view(B, 1, -1) for t in matvecs_triton([xk.reshape(B, C)] * 2, [self.gate.weight, self.up.weight]))
+            products = matvecs_triton([xk.reshape(B, C)] * 2, [self.gate.weight, self.up.weight])
+            gate, up = (t.view(B, 1, -1) for t in products)
         else:
             gate, up = self.gate(xk), self.up(xk)
         hidden = F.silu(gate) * up

@@ -2,9 +2,8 @@
 chunk-parallel WKV-7 forward, the one-token products): it must build there and agree with its reference.
 The check reads its result on the host, so it never runs inside a CUDA graph capture or a torch.compile
 trace: an unchecked device is answered False there (the caller captures or traces its reference path)
-and checked at the next call outside one. A
-failure -- a compiler or driver that cannot build the kernel, or other results -- is reported once and
-the device keeps the reference path."""
+and checked at the next call outside one. A failure -- a compiler or driver that cannot build the
+kernel, or other results -- is reported once and the device keeps the reference path."""
 
 from __future__ import annotations
 
