@@ -452,8 +452,7 @@ class GraphedStepper:
              seeds: torch.Tensor) -> None:
         """Start a new generation on the same buffers (same batch size and state layout): the state,
         positions, histories and seeds copied in, counters and totals zeroed, the first token sampled."""
-        for buffer, value in zip(self.leaves, (t for _, t in state.tensors()), strict=True):
-            buffer.copy_(value)
+        copy_into(self.leaves, [t for _, t in state.tensors()])  # (one foreach copy: part of time to first token)
         self.state.rosa, self.state.pos = state.rosa, state.pos
         self.pos.copy_(row_pos)
         self.host_pos = _host_positions(row_pos)
