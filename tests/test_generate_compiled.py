@@ -18,7 +18,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hierarchos.config import tiny_config
 from hierarchos.errors import HierarchosError
 from hierarchos.generate import GraphedStepper, SamplingConfig, generate_batch, row_noise
 from hierarchos.model import HierarchosLM
