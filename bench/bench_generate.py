@@ -526,9 +526,9 @@ def gpt2_generation(params: int, vocab: int, args, device) -> list[dict]:
                            pad_token_id=0)
             sync(device)
             return time.perf_counter() - start
-        timed(4)  # warm-up
+        timed(args.new_tokens)  # warm-up at full length (a fresh machine's first run came out at half speed)
         first = min(timed(1) for _ in range(3))
-        whole = min(timed(args.new_tokens) for _ in range(2))
+        whole = min(timed(args.new_tokens) for _ in range(3))
         rows.append({"dtype": str(dtype).replace("torch.", ""), "n_layer": L, "n_embd": d, "params": n,
                      "context": context, "time_to_first_token_s": first,
                      "decode_tokens_per_s": (args.new_tokens - 1) / max(whole - first, 1e-9)})
