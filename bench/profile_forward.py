@@ -6,8 +6,9 @@ reductions, copies/casts, indexing, norms/softmax, sort/top-k, other), next to t
 counts and the largest aten operators by self device time, and for hierarchos by part (embeddings,
 memory, encoder, the HRM's glue, manager and worker stacks, head; forward and backward apart:
 `part_times`); `--memory` adds what one forward saves for its backward, by part (`saved_by_part`), and
-the step's CUDA peak. The same step is timed without the profiler first, so the table's "share" is of
-real busy time, not of profiler overhead.
+the step's CUDA peak; `--compile --activation-budget F [F ...]` one hierarchos row per activation memory
+budget of its compiled blocks (train's --activation-budget). The same step is timed without the profiler
+first, so the table's "share" is of real busy time, not of profiler overhead.
 
     PYTHONPATH=. python bench/profile_forward.py --device cuda --size 125m --seq-len 1024 --batch 16 \
         --models hierarchos:minimal gpt2 --json $OUT/profile_forward.json
