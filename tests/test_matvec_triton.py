@@ -87,7 +87,7 @@ def test_every_refusal_is_one_line(interpret, monkeypatch):
 
     refused(r"1 to 4 \(input, weight\) pairs \(got 2 inputs, 1 weights, 2 activations\)", ws=ws[:1])
     refused(r"1 to 4 .*\(got 5 inputs, 5 weights, 5 activations\)", xs=(xs * 3)[:5], ws=(ws * 3)[:5])
-    refused("unknown activation 'gelu'", acts=["gelu", "none"])
+    refused("unknown activation 'gelu' \\(one of none, tanh, sigmoid\\)$", acts=["gelu", "none"])
     refused(r"pair 1 has x \(2, 16\) and weight \(8, 12\); want \(2, C_in\) and \(C_out, C_in\)",
             ws=(ws[0], ws[1][:, :12]))
     refused(r"pair 1 has x \(2, 16\) and weight \(8, 16\) \(transposed\); want \(2, C_in\) and \(C_in, C_out\)",
