@@ -38,13 +38,9 @@ def resolve_tf32(requested: bool | None, device) -> bool:
     return on_cuda if requested is None else requested
 
 
-def resolve_fused_step(requested: bool | None, cuda_graph: bool, device) -> bool:
-    """Whether the captured step runs each RWKV-7 block's one-token time mix as one Triton kernel: what
-    the user asked, else on wherever the step is captured on CUDA and Triton can run there (on an
-    H100, 1.34x tokens/s at 125m in the minimal reasoning config and 1.72x in the default one, with
-    chat's greedy replies unchanged; BENCHMARKS.md). Blocks it does not cover step as before."""
-    if requested is not None:
-        return requested
+def _captured_with_triton(cuda_graph: bool, device) -> bool:
+    """Whether the step is captured on CUDA and Triton can run there: where chat's fused kernels and
+    compiled blocks are on by default."""
     import torch
 
     if not cuda_graph or torch.device(device).type != "cuda":
@@ -54,6 +50,14 @@ def resolve_fused_step(requested: bool | None, cuda_graph: bool, device) -> bool
     return not triton_unavailable_reason(device)
 
 
+def resolve_fused_step(requested: bool | None, cuda_graph: bool, device) -> bool:
+    """Whether the captured step runs each RWKV-7 block's one-token time mix as one Triton kernel: what
+    the user asked, else on wherever the step is captured on CUDA and Triton can run there (on an
+    H100, 1.34x tokens/s at 125m in the minimal reasoning config and 1.72x in the default one, with
+    chat's greedy replies unchanged; BENCHMARKS.md). Blocks it does not cover step as before."""
+    return requested if requested is not None else _captured_with_triton(cuda_graph, device)
+
+
 def resolve_compile_step(requested: str | None, cuda_graph: bool, device) -> str:
     """The captured step's torch.compile mode: what the user asked, else "blocks" (each RWKV block compiled,
     the glue around it fused; on an H100 at 125m in the (2,5,5) config 182.6 against 133.3 tokens/s with the
@@ -61,13 +65,7 @@ def resolve_compile_step(requested: str | None, cuda_graph: bool, device) -> str
     and inductor's GPU backend (Triton) can run there, "off" elsewhere."""
     if requested is not None:
         return requested
-    import torch
-
-    if not cuda_graph or torch.device(device).type != "cuda":
-        return "off"
-    from ..ops.wkv_triton import triton_unavailable_reason
-
-    return "off" if triton_unavailable_reason(device) else "blocks"
+    return "blocks" if _captured_with_triton(cuda_graph, device) else "off"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

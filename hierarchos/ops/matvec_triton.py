@@ -28,7 +28,8 @@ if triton is not None:
 
 MAX_PRODUCTS = 4
 BLOCK_OUT, BLOCK_IN = 32, 128  # outputs a program; the width of its reads along the input
-ACTIVATIONS = ("none", "tanh", "sigmoid")  # what a product's outputs go through
+ACTIVATIONS = ("none", "tanh", "sigmoid")  # what a product's outputs go through (the kernel's codes 0, 1, 2)
+ACTIVATION_FNS = {"none": lambda t: t, "tanh": torch.tanh, "sigmoid": torch.sigmoid}  # the PyTorch forms
 
 
 def _weight_of(w: torch.Tensor, transposed: bool) -> torch.Tensor:
@@ -38,10 +39,9 @@ def _weight_of(w: torch.Tensor, transposed: bool) -> torch.Tensor:
 def matvecs_reference(xs, weights, acts=None, transposed=None):
     """[act_p(x_p @ W_p^T) for each pair]: xs (B, C_in_p) each; weights (C_out_p, C_in_p) each (nn.Linear's
     layout), or (C_in_p, C_out_p) where transposed[p]; acts names from ACTIVATIONS (default none)."""
-    fns = {"none": lambda t: t, "tanh": torch.tanh, "sigmoid": torch.sigmoid}
     acts = acts or ["none"] * len(xs)
     transposed = transposed or [False] * len(xs)
-    return [fns[a](x @ _weight_of(w, t).t()) for x, w, a, t in zip(xs, weights, acts, transposed, strict=True)]
+    return [ACTIVATION_FNS[a](x @ _weight_of(w, t).t()) for x, w, a, t in zip(xs, weights, acts, transposed, strict=True)]
 
 
 if triton is not None:

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import HierarchosError
-from .matvec_triton import MAX_PRODUCTS, matvecs_triton
+from .matvec_triton import ACTIVATION_FNS, MAX_PRODUCTS, matvecs_triton
 from .wkv_triton import triton, triton_unavailable_reason
 
 if triton is not None:
@@ -101,8 +101,7 @@ MAX_PATHS = MAX_PRODUCTS  # low-rank paths a call
 def lowrank_paths_reference(xs, downs, ups, acts):
     """Every low-rank path y_p = act_p(x_p @ down_p) @ up_p, as TimeMix computes each: xs (B, C) each,
     downs (C, R_p), ups (R_p, C), acts names from matvec_triton.ACTIVATIONS. Returns the P outputs (B, C)."""
-    fns = {"none": lambda t: t, "tanh": torch.tanh, "sigmoid": torch.sigmoid}
-    return [fns[act](x @ down) @ up for x, down, up, act in zip(xs, downs, ups, acts, strict=True)]
+    return [ACTIVATION_FNS[act](x @ down) @ up for x, down, up, act in zip(xs, downs, ups, acts, strict=True)]
 
 
 # ----------------------------------------------------------------------------- kernel
