@@ -247,15 +247,17 @@ def bytes_per_token(model, device) -> dict:
 
 # off: the eager step; step / blocks: torch.compile of the whole step / of each RWKV block; fused: the
 # blocks' one-token time mix as one Triton kernel (hierarchos.ops.rwkv_step_triton), alone or compiled around
-COMPILE_MODES = ("off", "step", "blocks", "fused", "blocks+fused", "step+fused", "off+full", "fused+full")
+COMPILE_MODES = ("off", "step", "blocks", "fused", "blocks+fused", "step+fused", "off+full", "fused+full",
+                 "fused+prefill", "blocks+fused+prefill", "step+fused+prefill")
 
 
 def step_options(mode: str) -> dict:
-    """generate_batch's compile_step / fused_step for a --compile-step mode ("+full" is not an option of
-    generate_batch: see `full_body_only`)."""
+    """generate_batch's compile_step / fused_step / compile_prefill for a --compile-step mode ("+full" is
+    not an option of generate_batch: see `full_body_only`; "+prefill": the prompt's blocks compiled too)."""
     parts = mode.split("+")
     compiled = [p for p in parts if p in ("step", "blocks")]
-    return {"compile_step": compiled[0] if compiled else False, "fused_step": "fused" in parts}
+    return {"compile_step": compiled[0] if compiled else False, "fused_step": "fused" in parts,
+            "compile_prefill": "prefill" in parts}
 
 
 @torch.no_grad()
@@ -651,6 +653,7 @@ def main() -> None:
                     help="--batch: one generate_batch row per mode: off (eager step), step (torch.compile of the "
                          "whole step), blocks (of each RWKV block), fused (the one-token time mix as one Triton "
                          "kernel), blocks+fused, step+fused; off+full, fused+full: every token on the full body; "
+                         "+prefill: the prompt's chunk graphs with compiled blocks too (time to first token); "
                          "compile time is part of the warm-up, shown apart")
     ap.add_argument("--budget-s", type=float, default=0.0,
                     help="--batch: start no further --compile-step mode after this many seconds of the run "

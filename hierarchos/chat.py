@@ -483,9 +483,13 @@ class ChatSession:
         prefills = [p for k, p in self.steppers.items() if k[0] == "prefill"]
         if not prefills:
             return ""
-        if prefills[0].capture_error:
-            return f"; prompts prefilled eagerly (their capture failed: {prefills[0].capture_error})"
-        return f"; prompts through chunk graphs of {', '.join(map(str, prefills[0].sizes))} tokens"
+        prefill = prefills[0]
+        compiled = ", compiled blocks" if prefill.block_calls is not None else ""
+        if prefill.capture_error:
+            return f"; prompts prefilled eagerly{compiled} (their capture failed: {prefill.capture_error})"
+        if not prefill.graphs:
+            return f"; prompts prefilled in chunks{compiled}"
+        return f"; prompts through chunk graphs of {', '.join(map(str, prefill.sizes))} tokens{compiled}"
 
     def cmd_status(self, arg: str) -> None:
         model, memory, stats = self.learner, self.model.memory, self.last

@@ -264,12 +264,9 @@ def compile_step_function(fn: Callable, backend: str = "inductor") -> Callable:
     code objects (`GraphedStepper._advance`, or the blocks' call), one variant per batch size, caps and
     sampling, so dynamo's recompile limit is raised as `compile_blocks` raises it. `backend`: another
     torch.compile backend (the tests' "aot_eager" traces the same graph without generating code)."""
-    import torch._dynamo
+    from .model.rwkv import allow_recompiles
 
-    from .model.rwkv import recompile_limit_name
-
-    limit = recompile_limit_name()
-    setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
+    allow_recompiles()
     options = {"mode": "default"} if backend == "inductor" else {}
     return torch.compile(fn, backend=backend, dynamic=False, **options)
 
@@ -327,27 +324,21 @@ class _WithFusedStep:
 
 class _CompiledBlocks:
     """compile_step="blocks": the stepper's `_advance` runs eagerly, but every RWKV block inside it runs
-    compiled (one compiled call per block, installed only for the step: the prefill's blocks stay eager).
-    The block is the fusible unit (norms, token shift, low-rank mixes, gates, the one-token recurrence,
-    SwiGLU); the few variants (frozen mask or not) serve every block and pass, so it compiles in a
-    fraction of the whole step's time and leaves the HRM's glue between blocks as eager kernels."""
+    compiled (one compiled call per block, installed only for the step: `BlockCalls`; the prefill
+    compiles its own). The block is the fusible unit (norms, token shift, low-rank mixes, gates, the
+    one-token recurrence, SwiGLU); the few variants (frozen mask or not) serve every block and pass, so
+    it compiles in a fraction of the whole step's time and leaves the HRM's glue between blocks as eager
+    kernels."""
 
     def __init__(self, model, advance: Callable, backend: str):
-        from .model.rwkv import RWKVBlock
+        from .model.rwkv import BlockCalls
 
         self.advance = advance
-        self.blocks = [m for m in model.modules() if isinstance(m, RWKVBlock)]
-        self.calls = [compile_step_function(block._call_impl, backend) for block in self.blocks]
+        self.calls = BlockCalls(model, lambda block: compile_step_function(block._call_impl, backend))
 
     def __call__(self, *args):
-        saved = [block._compiled_call_impl for block in self.blocks]
-        for block, call in zip(self.blocks, self.calls):
-            block._compiled_call_impl = call
-        try:
+        with self.calls:
             return self.advance(*args)
-        finally:
-            for block, call in zip(self.blocks, saved):
-                block._compiled_call_impl = call
 
 
 def copy_into(buffers: list[torch.Tensor], values: list[torch.Tensor]) -> None:
@@ -595,7 +586,7 @@ def generate_batch(model, prompts: list[list[int]], cfg: SamplingConfig, *, stat
                    should_stop: Callable[[], bool] = lambda: False, keep_eos: bool = False,
                    cuda_graph: bool = False, compile_step: bool | str = False, fused_step: bool = False,
                    steppers: dict | None = None, prefill_autocast: torch.dtype | None = None,
-                   clock: Callable[[], float] = time.perf_counter, timings: dict | None = None,
+                   compile_prefill: bool | str = False, clock: Callable[[], float] = time.perf_counter, timings: dict | None = None,
                    **caps) -> BatchResult:
     """Generate for B prompts of any lengths at once. Row b equals `generate(model, prompts[b], cfg
     with seed seeds[b])` alone: each prompt is prefilled alone (the parallel form, on states[b] or a
@@ -611,7 +602,9 @@ def generate_batch(model, prompts: list[list[int]], cfg: SamplingConfig, *, stat
     the caller keeps (chat): a stepper made for this batch size, caps and sampling is reused from it,
     so its graph is captured once, not per call. `prefill_autocast` (torch.bfloat16): the prompts'
     forward under autocast in that dtype (the state stays in the model's dtype; the step does not
-    change). `timings`: a dict that receives the seconds of the
+    change). `compile_prefill` (True: inductor, or a torch.compile backend's name): the prompts go
+    through `ChunkedPrefill` with every RWKV block compiled (dynamic lengths; its graphs, with
+    `cuda_graph`, record the compiled kernels), made once per caps like the graphs. `timings`: a dict that receives the seconds of the
     phases before the first token (prefill, setup, first_sample; the device synchronised at each mark,
     so pass it only to measure)."""
     if not prompts or any(not p for p in prompts):
@@ -631,11 +624,13 @@ def generate_batch(model, prompts: list[list[int]], cfg: SamplingConfig, *, stat
     if seeds is None:
         seeds = [draw_seed(cfg, generator) if cfg.temperature > 0 else 0 for _ in range(B)]
     prefill = None
-    if cuda_graph:  # the prompts through captured chunk graphs (hierarchos.prefill), made once per caps
-        pkey = ("prefill", tuple(sorted(caps.items())), prefill_autocast)
+    prefill_backend = "inductor" if compile_prefill is True else (compile_prefill or None)
+    if cuda_graph or prefill_backend:  # the prompts through chunk graphs (hierarchos.prefill), made once per caps
+        pkey = ("prefill", tuple(sorted(caps.items())), prefill_autocast, cuda_graph, prefill_backend)
         prefill = steppers.get(pkey) if steppers is not None else None
         if prefill is None:
-            prefill = ChunkedPrefill(model, 1, caps=caps, capture=True, autocast=prefill_autocast)
+            prefill = ChunkedPrefill(model, 1, caps=caps, capture=cuda_graph, autocast=prefill_autocast,
+                                     compile_blocks=prefill_backend)
             if steppers is not None:
                 steppers[pkey] = prefill
     row_states, last_logits = [], []

@@ -15,10 +15,16 @@ exact: the forward carries its state across calls (the tests hold chunked == one
 are computed on the host for the whole prompt first and fed to each piece.
 
 `ChunkedPrefill` without `capture` runs the same pieces eagerly (CPU, tests): the reference the
-graphs are checked against on the GPU (tests/test_prefill.py).
+graphs are checked against on the GPU (tests/test_prefill.py). With `compile_blocks` every RWKV block
+of the prefill's forward runs through torch.compile (dynamic lengths: one variant serves every chunk
+size and pass, the pondering passes' plan points included), installed for the prefill's own calls
+only, and the graphs record the compiled kernels: the blocks' elementwise work (token shift, low-rank
+mixes, norms, gates, SwiGLU) fused, as training fuses it.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -27,6 +33,45 @@ from .model.rosa import rosa_hints
 from .model.state import HierarchosState, fill_layout, leaf_layout
 from .ops.amp import autocast_in
 from .ops.capture import no_collection_during_capture, why_capture_failed
+
+
+def compiled_block_calls(model, backend):
+    """Every RWKV block's forward through torch.compile with dynamic lengths, to be installed around a
+    call (`BlockCalls`): a prompt's pieces and passes come in many lengths (each chunk size, its plan
+    points, an eager head and tail), and one symbolic-length variant serves them all, where static
+    shapes would compile a variant per length and pass. The recurrence stays an opaque call."""
+    from .model.rwkv import allow_recompiles, make_recurrence_opaque
+
+    make_recurrence_opaque()
+    allow_recompiles()
+    options = {"mode": "default"} if backend == "inductor" else {}
+    return _DynamicBlockCalls(model, lambda block: torch.compile(block._call_impl, backend=backend, dynamic=True,
+                                                                 **options))
+
+
+class _DynamicBlockCalls:
+    """`BlockCalls` with dynamo's duck shaping off while they are in force: with it on, a length
+    that happens to equal a fixed size (64 tokens and the head size, 32 plan points and a low-rank
+    width) is made that constant, and each such length compiles a variant of its own."""
+
+    def __init__(self, model, make_call):
+        from .model.rwkv import BlockCalls
+
+        self.calls = BlockCalls(model, make_call)
+        self.blocks = self.calls.blocks
+        self._stack: list = []
+
+    def __enter__(self):
+        import torch.fx.experimental._config as shape_config
+
+        stack = contextlib.ExitStack()
+        stack.enter_context(shape_config.patch(use_duck_shape=False))
+        stack.enter_context(self.calls)
+        self._stack.append(stack)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.pop().close()
 
 
 def require_fixed_size(model) -> None:
@@ -73,7 +118,8 @@ class ChunkedPrefill:
     state (copies)."""
 
     def __init__(self, model, batch_size: int = 1, *, caps: dict | None = None, capture: bool = False,
-                 max_chunk: int = 1024, warmup: int = 2, autocast: torch.dtype | None = None):
+                 max_chunk: int = 1024, warmup: int = 2, autocast: torch.dtype | None = None,
+                 compile_blocks: str | None = None):
         cfg = model.cfg
         self.model, self.caps = model, dict(caps or {})
         device = next(model.parameters()).device
@@ -95,11 +141,19 @@ class ChunkedPrefill:
         self.hints = ({n: torch.zeros(batch_size, n, dtype=torch.long, device=device) for n in self.sizes}
                       if cfg.use_rosa else None)
         self.logits = torch.zeros(batch_size, cfg.vocab_size, device=device, dtype=scratch.memory["delta"].dtype)
+        # `compile_blocks` (a torch.compile backend: "inductor"; the tests' "aot_eager"): the blocks'
+        # compiled calls, in force inside `_run` only (the model's other callers keep theirs)
+        self.block_calls = compiled_block_calls(model, compile_blocks) if compile_blocks else None
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.capture_error: str | None = None  # why the graphs were given up (then every piece runs eagerly)
         self.replays = 0
         if capture:
             self._capture(warmup)
+        elif self.block_calls is not None:
+            with torch.no_grad():
+                for n in self.sizes:  # every chunk size's and short piece's variants compiled at load
+                    self._body(n)
+                self._compile_variants()
 
     # ---- the body ------------------------------------------------------------------------------------
     def _state(self, pos: int) -> HierarchosState:
@@ -109,7 +163,8 @@ class ChunkedPrefill:
     def _run(self, tokens: torch.Tensor, hints: torch.Tensor | None, pos: int) -> None:
         """The forward over `tokens` (B, n) at `pos` on the buffers, in place: the new state into the
         leaves, the last position's logits into `self.logits`."""
-        with autocast_in(self.device_type, self.autocast, cache_enabled=False):
+        with autocast_in(self.device_type, self.autocast, cache_enabled=False), \
+                self.block_calls or contextlib.nullcontext():
             out = self.model(tokens, self._state(pos), rosa_hint_ids=hints, **self.caps)
         for buffer, new in zip(self.leaves, (t for _, t in out.state.tensors()), strict=True):
             buffer.copy_(new)
@@ -127,7 +182,23 @@ class ChunkedPrefill:
             for _ in range(warmup):
                 for n in self.sizes:
                     self._body(n)
+            self._compile_variants()
         torch.cuda.current_stream().wait_stream(side)
+
+    def _compile_variants(self) -> None:
+        """With compiled blocks: run short pieces at two positions, so that the variants an eager head
+        or tail needs (one-token passes specialise; a plan point or none in a piece) are compiled here,
+        at load, and not at the first prompt that has them. Leaves the buffers as they were."""
+        if self.block_calls is None:
+            return
+        saved = [t.clone() for t in self.leaves]
+        small = self.sizes[-1]
+        for pos in (0, 1):
+            for n in sorted({1, 2, 3, self.align - 1} - {0}):
+                n = min(n, small)
+                self._run(self.tokens[small][:, :n], self.hints[small][:, :n] if self.hints is not None else None, pos)
+        for buffer, value in zip(self.leaves, saved):
+            buffer.copy_(value)
 
     def _record(self, n: int, pool) -> None:
         graph = torch.cuda.CUDAGraph()

@@ -205,3 +205,87 @@ def test_autocast_prefill_runs_the_matmuls_in_bfloat16_and_keeps_the_state_float
     pairs = list(zip((t for _, t in amp.state.tensors()), (t for _, t in fp32.state.tensors())))
     assert all(a.dtype == b.dtype for a, b in pairs), seed
     assert any(not torch.equal(a, b) for a, b in pairs), f"seed={seed}: generate_batch ignored prefill_autocast"
+
+
+def _counting_backend(graphs: list):
+    """A torch.compile backend that runs the traced graph as it is and records each one it is given."""
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    return backend
+
+
+@pytest.mark.parametrize("name", ["all_on", "deep"])
+def test_compiled_blocks_prefill_is_one_forward_and_compiles_once_for_every_length(name):
+    """`compile_blocks`: the blocks of the prefill's forward run compiled (dynamo traces them at load:
+    the counting backend sees graphs), the answer is the eager forward's, prompts of several lengths
+    from several positions (other chunk sizes, plan-point counts, heads and tails) compile nothing
+    after the load (dynamic lengths, short pieces warmed), and outside the prefill's calls the
+    blocks are as they were."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    seed = fresh_seed()
+    model = build(seed, **CONFIGS[name])
+    align = model.cfg.position_period
+    graphs: list = []
+    prefill = ChunkedPrefill(model, 1, max_chunk=4 * align, compile_blocks=_counting_backend(graphs))
+    compiled_at_load = len(graphs)
+    assert compiled_at_load > 0, "no block was compiled"
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for i, length in enumerate((7 * align + 2, 4 * align + 5, 2 * align + align // 2 + 1)):
+            prompt = torch.randint(0, 7, (1, length), generator=g)
+            start = model.init_state(1)
+            if i:
+                start = model(prompt[:, :i], start).state
+            want = model(prompt, start.clone())
+            logits, state = prefill(prompt, start.clone())
+            _close(logits, want.logits[:, -1], f"{name} seed={seed} length={length}")
+            for (key, x), (_, y) in zip(state.tensors(), want.state.tensors(), strict=True):
+                _close(x, y, f"{name} seed={seed} length={length}: state {key}")
+        assert len(graphs) == compiled_at_load, f"{len(graphs) - compiled_at_load} compiles after the load"
+    assert all(block._compiled_call_impl is None for block in prefill.block_calls.blocks)
+    torch._dynamo.reset()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_captured_prefill_with_compiled_blocks_is_the_eager_pieces_on_the_gpu():
+    """inductor-compiled blocks recorded in the chunk graphs: the eager pieces' answer (float32, TF32 off)."""
+    seed = fresh_seed()
+    model = build(seed, dtype=torch.float32, **CONFIGS["deep"]).cuda()
+    align = model.cfg.position_period
+    eager = ChunkedPrefill(model, 1, max_chunk=8 * align)
+    compiled = ChunkedPrefill(model, 1, max_chunk=8 * align, capture=True, compile_blocks="inductor")
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for length in (15 * align + 1, 8 * align + 2):
+            prompt = torch.randint(0, 7, (1, length), generator=g).cuda()
+            want, want_state = eager(prompt, model.init_state(1, device="cuda"))
+            got, got_state = compiled(prompt, model.init_state(1, device="cuda"))
+            assert torch.allclose(got, want, rtol=1e-4, atol=1e-4), f"seed={seed}: {(got - want).abs().max()}"
+            for (key, x), (_, y) in zip(got_state.tensors(), want_state.tensors(), strict=True):
+                assert torch.allclose(x, y, rtol=1e-4, atol=1e-4), f"seed={seed}: {key}"
+    assert compiled.capture_error is None and compiled.replays > 0
+
+
+def test_generate_batch_with_a_compiled_prefill_generates_the_same_tokens():
+    """generate_batch(compile_prefill=backend) on the CPU: the prompt through ChunkedPrefill with compiled
+    blocks (no graphs), kept in `steppers` for the next call, and the same greedy tokens as without."""
+    import torch._dynamo
+
+    from hierarchos.generate import SamplingConfig, generate_batch
+
+    torch._dynamo.reset()
+    seed = fresh_seed()
+    model = build(seed)
+    prompt = torch.randint(0, 7, (3 * model.cfg.position_period + 1,), generator=torch.Generator().manual_seed(seed)).tolist()
+    cfg = SamplingConfig(temperature=0.0, max_new_tokens=6)
+    graphs, steppers = [], {}
+    want = generate_batch(model, [prompt], cfg).tokens
+    got = generate_batch(model, [prompt], cfg, compile_prefill=_counting_backend(graphs), steppers=steppers).tokens
+    assert got == want, seed
+    prefills = [p for key, p in steppers.items() if key[0] == "prefill"]
+    assert len(prefills) == 1 and prefills[0].block_calls is not None and not prefills[0].graphs and graphs
+    torch._dynamo.reset()

@@ -485,6 +485,15 @@ def recompile_limit_name() -> str:
     return "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
 
 
+def allow_recompiles(n: int = 64) -> None:
+    """Raise dynamo's variant cap to at least n: one code object (a block's forward) serves every
+    block, pass and shape, more variants than the default cap of 8."""
+    import torch._dynamo
+
+    limit = recompile_limit_name()
+    setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), n))
+
+
 def compile_blocks(model: nn.Module, backend: str = "inductor", fall_back: bool = False,
                    memory_budget: float | None = None) -> int:
     """torch.compile every RWKV block of `model` in place (`nn.Module.compile`: parameter names and
@@ -514,8 +523,7 @@ def compile_blocks(model: nn.Module, backend: str = "inductor", fall_back: bool 
         torch._functorch.config.activation_memory_budget = float(memory_budget)
     if fall_back:
         torch._dynamo.config.suppress_errors = True
-    limit = recompile_limit_name()
-    setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
+    allow_recompiles()
     count = 0
     for module in model.modules():
         if isinstance(module, RWKVBlock):
@@ -524,6 +532,29 @@ def compile_blocks(model: nn.Module, backend: str = "inductor", fall_back: bool 
         elif hasattr(module, "compile_segments"):  # the memory (no import of model.memory here)
             module.compile_segments(backend)
     return count
+
+
+class BlockCalls:
+    """Calls for every RWKV block of a model (`make_call(block)`, a compiled form of its forward, say),
+    in force only inside `with self:`; outside, the blocks run as before (eager, or as `compile_blocks`
+    left them). The generation step and the prompt prefill each install their own compiled blocks for
+    their own calls this way, so one model serves training, prefill and the step, each compiled as it
+    needs (static one-token shapes for the step, dynamic lengths for the prefill)."""
+
+    def __init__(self, model: nn.Module, make_call):
+        self.blocks = [m for m in model.modules() if isinstance(m, RWKVBlock)]
+        self.calls = [make_call(block) for block in self.blocks]
+        self._saved: list = []
+
+    def __enter__(self) -> "BlockCalls":
+        self._saved.append([block._compiled_call_impl for block in self.blocks])
+        for block, call in zip(self.blocks, self.calls):
+            block._compiled_call_impl = call
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for block, call in zip(self.blocks, self._saved.pop()):
+            block._compiled_call_impl = call
 
 
 def uncompile_blocks(model: nn.Module) -> None:
