@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hierarchos.cli.chat import add_arguments, resolve_compile_step, resolve_cuda_graph, resolve_fused_step, resolve_tf32
+from hierarchos.cli.chat import (add_arguments, resolve_compile_prefill, resolve_compile_step, resolve_cuda_graph,
+                                 resolve_fused_step, resolve_tf32)
 from hierarchos.config import tiny_config
 
 RWKV = tiny_config()
@@ -119,3 +120,28 @@ def test_compile_step_is_unset_unless_given():
     add_arguments(p)
     assert p.parse_args(["--model-path", "m"]).compile_step is None
     assert p.parse_args(["--model-path", "m", "--compile-step", "off"]).compile_step == "off"
+
+
+# ---- compiled blocks inside the prompt's chunk graphs (resolve_compile_prefill) ----------------------------
+
+@pytest.mark.parametrize("cuda_graph,device,triton_reason,expected", [
+    (True, "cuda", "", True), (True, "cuda", "triton does not import (x); pip install triton", False),
+    (False, "cuda", "", False), (False, "cpu", "", False), (True, "cpu", "", False)])
+def test_the_compiled_prefill_is_on_wherever_the_captured_step_runs_on_cuda_with_triton(monkeypatch, cuda_graph, device,
+                                                                                       triton_reason, expected):
+    from hierarchos.ops import wkv_triton
+
+    monkeypatch.setattr(wkv_triton, "triton_unavailable_reason", lambda device=None: triton_reason)
+    assert resolve_compile_prefill(None, cuda_graph, torch.device(device)) is expected
+
+
+@pytest.mark.parametrize("requested", [True, False])
+@pytest.mark.parametrize("argv_flag", ["--compile-prefill", "--no-compile-prefill"])
+def test_the_compile_prefill_flag_parses_to_three_states_and_wins(requested, argv_flag):
+    import argparse
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    assert p.parse_args(["--model-path", "m"]).compile_prefill is None
+    assert p.parse_args(["--model-path", "m", argv_flag]).compile_prefill is (argv_flag == "--compile-prefill")
+    assert resolve_compile_prefill(requested, False, torch.device("cpu")) is requested

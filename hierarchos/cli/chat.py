@@ -68,6 +68,12 @@ def resolve_compile_step(requested: str | None, cuda_graph: bool, device) -> str
     return "blocks" if _captured_with_triton(cuda_graph, device) else "off"
 
 
+def resolve_compile_prefill(requested: bool | None, cuda_graph: bool, device) -> bool:
+    """Whether the prompt's chunk graphs record compiled RWKV blocks: what the user asked, else on wherever
+    the step is captured on CUDA and Triton can run there (BENCHMARKS.md, "Compiled blocks in the prefill")."""
+    return requested if requested is not None else _captured_with_triton(cuda_graph, device)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-path", "--model_path", required=True, metavar="DIR",
                    help="a model directory (from train), or a quantized one / .gguf file (from quantize)")
@@ -91,6 +97,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fused-step", "--fused_step", action=argparse.BooleanOptionalAction, default=None,
                    help="with --cuda-graph: each RWKV-7 block's one-token time mix as one Triton kernel. "
                         "Default: on wherever the step is captured on CUDA and Triton is installed")
+    p.add_argument("--compile-prefill", "--compile_prefill", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --cuda-graph: the prompt's chunk graphs record torch.compile'd RWKV blocks (dynamic "
+                        "lengths, compiled once at load). Default: on wherever the step is captured on CUDA and "
+                        "Triton is installed")
     sampling = p.add_argument_group("sampling")
     sampling.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default: 0.7)")
     sampling.add_argument("--top-k", "--top_k", type=int, default=40)
@@ -194,11 +204,14 @@ def run(args: argparse.Namespace) -> int:
         model, meta = load_model_dir(args.model_path, device=device)
         args.cuda_graph = resolve_cuda_graph(args.cuda_graph, device, model.cfg)
         tokenizer = load_tokenizer(args.model_path)
-    if (args.compile_step not in (None, "off") or args.fused_step) and not args.cuda_graph:  # asked for explicitly
-        raise HierarchosError("--compile-step / --fused-step apply to the captured step: chat with --cuda-graph "
-                              "(CUDA, a full-precision model with a fixed-size state) or drop them")
+    if (args.compile_step not in (None, "off") or args.fused_step or args.compile_prefill) and not args.cuda_graph:
+        raise HierarchosError("--compile-step / --fused-step / --compile-prefill apply to the captured step and "
+                              "prefill: chat with --cuda-graph (CUDA, a full-precision model with a fixed-size state) "
+                              "or drop them")
     compile_step = resolve_compile_step(args.compile_step, args.cuda_graph, device)
-    if args.compile_step is None and compile_step != "off":  # the default: a block that fails to compile runs eagerly
+    compile_prefill = resolve_compile_prefill(args.compile_prefill, args.cuda_graph, device)
+    if (args.compile_step is None and compile_step != "off") or (args.compile_prefill is None and compile_prefill):
+        # the defaults: a block that fails to compile runs eagerly
         import torch._dynamo
 
         torch._dynamo.config.suppress_errors = True
@@ -215,7 +228,8 @@ def run(args: argparse.Namespace) -> int:
                           static_lr=args.static_ltm_lr),
         delta_path=args.ltm_lora_path, cuda_graph=args.cuda_graph,
         step_options={"compile_step": False if compile_step == "off" else compile_step,
-                      "fused_step": resolve_fused_step(args.fused_step, args.cuda_graph, device)},
+                      "fused_step": resolve_fused_step(args.fused_step, args.cuda_graph, device),
+                      "compile_prefill": compile_prefill},
         **extra,
         out=sys.stdout, info=sys.stderr if scripted else sys.stdout, log=sys.stderr)
     if session.warmup_seconds is not None:
