@@ -50,6 +50,7 @@ from .model.state import HierarchosState, fill_layout, leaf_layout
 from .ops import noise_triton
 from .ops.amp import autocast_in
 from .ops.capture import no_collection_during_capture
+from .ops.threads import intra_op_threads
 from .prefill import ChunkedPrefill, require_fixed_size
 
 _M32 = 0xFFFFFFFF
@@ -199,26 +200,30 @@ def generate(model, prompt_ids: list[int], cfg: SamplingConfig, *, state=None, e
     seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)  # the ids seen so far
     seen[torch.tensor(prompt_ids, device=logits.device)] = True
     new: list[int] = []
-    for n in range(cfg.max_new_tokens):
-        if should_stop():
-            break
-        noise = None
-        if cfg.temperature > 0:  # the n-th token's uniforms, computed for the candidates only
-            counter = torch.tensor([n], device=device)
-            noise = lambda ids, counter=counter: row_noise_at(seeds, counter, ids)[0]  # noqa: E731
-        token = sample_next(logits, [], cfg, generator, noise=noise, seen=seen)
-        if n == 0 and on_first_token is not None:
-            on_first_token(token)
-        if eos_id is not None and token == eos_id:
-            if keep_eos:
-                new.append(token)
-            break
-        new.append(token)
-        seen[token] = True
-        out = model.step(torch.tensor([token], device=device), state, **caps)
-        logits, state = out.logits[0], out.state
-        if on_token is not None and on_token(token, out):
-            break
+    # the whole token loop, sampling included, at the step's thread count (a quantized model's: one):
+    # torch's OpenMP workers, woken by a two-thread op between steps, spin on the cores the kernel's
+    # pool wants next (ops/threads.py); setting the count around the step alone left the sampler at two
+    with intra_op_threads(getattr(model, "step_threads", None)):
+        for n in range(cfg.max_new_tokens):
+            if should_stop():
+                break
+            noise = None
+            if cfg.temperature > 0:  # the n-th token's uniforms, computed for the candidates only
+                counter = torch.tensor([n], device=device)
+                noise = lambda ids, counter=counter: row_noise_at(seeds, counter, ids)[0]  # noqa: E731
+            token = sample_next(logits, [], cfg, generator, noise=noise, seen=seen)
+            if n == 0 and on_first_token is not None:
+                on_first_token(token)
+            if eos_id is not None and token == eos_id:
+                if keep_eos:
+                    new.append(token)
+                break
+            new.append(token)
+            seen[token] = True
+            out = model.step(torch.tensor([token], device=device), state, **caps)
+            logits, state = out.logits[0], out.state
+            if on_token is not None and on_token(token, out):
+                break
     return new, state
 
 

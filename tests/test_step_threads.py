@@ -125,3 +125,26 @@ def test_one_thread_step_passes_its_state_and_caps_on(two_threads):
     torch.testing.assert_close(threaded, plain, rtol=0, atol=0)
     assert not torch.allclose(run(model.init_state(2), h_cycles=1), plain)  # the state counts
     assert not torch.allclose(run(carried()), plain)                        # the cap counts
+
+
+def test_generate_samples_at_the_step_thread_count_and_prefills_at_torch_s(two_threads, monkeypatch):
+    """`generate`'s whole token loop (the sampler too, not only the step) runs at `step_threads`: torch's
+    workers woken by a two-thread sampling op would spin on the kernel pool's cores between steps; the
+    prompt's forward keeps torch's own count, which is restored after."""
+    import hierarchos.generate as gen
+
+    cfg = tiny_config(vocab_size=64, context_dim=64, h_hidden=64, l_hidden=64, head_size=32, persistent_dim=32,
+                      ltm_slots=16, ltm_key_dim=32, ltm_val_dim=32, ltm_chunk=4, wkv_chunk_size=4)
+    torch.manual_seed(0)
+    model = qmodel.build_quantized_model(cfg, qmodel.quantize_tensors(HierarchosLM(cfg).eval(), "Q8_0"))
+    seen = _threads_seen_by_the_encoder(model)
+    sampled, real = [], gen.sample_next
+
+    def spy(*a, **k):
+        sampled.append(torch.get_num_threads())
+        return real(*a, **k)
+
+    monkeypatch.setattr(gen, "sample_next", spy)
+    tokens, _ = gen.generate(model, [1, 2, 3], gen.SamplingConfig(temperature=0.0, max_new_tokens=4))
+    assert len(tokens) == 4 and sampled == [1] * 4 and seen == [2] + [1] * 4
+    assert torch.get_num_threads() == 2
