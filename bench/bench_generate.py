@@ -75,6 +75,7 @@ from gpt2_baseline import build_gpt2, fit_gpt2  # noqa: E402
 from hierarchos.config import (DEFAULT_WIRING, MINIMAL_DEPTH, SEED_DEPTH, TIME_MIX_WIRINGS, ModelConfig,  # noqa: E402
                                tiny_config)
 from hierarchos.model import HierarchosLM  # noqa: E402
+from hierarchos.ops.threads import intra_op_threads  # noqa: E402
 
 SIZES = {
     "tiny": lambda: tiny_config(vocab_size=4096),
@@ -123,16 +124,17 @@ def measure(model, fmt: str, weight_bytes: int, args, device) -> list[dict]:
         prefill_s = time.perf_counter() - start
         after_prefill = memory_mib(device)
         token = out.logits[:, -1].argmax(-1)
-        for _ in range(args.warmup):
-            out = model.step(token, state)
-            state, token = out.state, out.logits.argmax(-1)
-        sync(device)
-        start = time.perf_counter()
-        for _ in range(args.new_tokens):
-            out = model.step(token, state)
-            state, token = out.state, out.logits.argmax(-1)
-        sync(device)
-        elapsed = time.perf_counter() - start
+        with intra_op_threads(model.step_threads):  # the token loop as `generate` runs it (argmax too)
+            for _ in range(args.warmup):
+                out = model.step(token, state)
+                state, token = out.state, out.logits.argmax(-1)
+            sync(device)
+            start = time.perf_counter()
+            for _ in range(args.new_tokens):
+                out = model.step(token, state)
+                state, token = out.state, out.logits.argmax(-1)
+            sync(device)
+            elapsed = time.perf_counter() - start
         rows.append({"format": fmt, "weight_bytes": weight_bytes, "context": context,
                      "prefill_tokens_per_s": context / prefill_s,
                      "tokens_per_s": args.new_tokens / elapsed, "memory_after_prefill_mib": after_prefill,
@@ -163,9 +165,10 @@ def interleaved_generation(models: dict, args, device) -> dict:
             state, token = states[fmt], tokens[fmt]
             sync(device)
             start = time.perf_counter()
-            for _ in range(args.new_tokens):
-                out = model.step(token, state)
-                state, token = out.state, out.logits.argmax(-1)
+            with intra_op_threads(model.step_threads):  # as `generate` runs its token loop
+                for _ in range(args.new_tokens):
+                    out = model.step(token, state)
+                    state, token = out.state, out.logits.argmax(-1)
             sync(device)
             best[fmt] = min(best[fmt], (time.perf_counter() - start) / args.new_tokens)
             states[fmt], tokens[fmt] = state, token
