@@ -169,6 +169,30 @@ def test_kernel_on_cuda_equals_reference(B, widths):
         torch.testing.assert_close(o, r, atol=5e-5, rtol=5e-5, msg=f"seed {seed}")
 
 
+def _tf32(t: torch.Tensor) -> torch.Tensor:
+    """t rounded toward zero to TF32's 10 mantissa bits (what a tensor core reads of a float32 operand)."""
+    return (t.contiguous().view(torch.int32) & ~0x1FFF).view(torch.float32)
+
+
+def test_the_device_check_holds_when_float32_matmuls_run_on_tf32(interpret, monkeypatch):
+    """chat and train allow TF32 for float32 matmuls on CUDA; the check's reference must not run there
+    (it did: every H100 run with TF32 on turned the fused step off). Emulated here: the PyTorch form
+    given float32 operands computes on TF32-rounded ones, as cuBLAS would; the check still passes."""
+    real = mv.matvecs_reference
+
+    def tf32_reference(xs, ws, acts=None, transposed=None):
+        if xs[0].dtype == torch.float32:
+            xs, ws = [_tf32(x) for x in xs], [_tf32(w) for w in ws]
+        return real(xs, ws, acts, transposed)
+
+    monkeypatch.setattr(mv, "matvecs_reference", tf32_reference)
+    monkeypatch.setattr(mv, "_CHECKED", {})
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(2, 160, generator=g) * 3, torch.randn(70, 160, generator=g)
+    assert not torch.allclose(tf32_reference([x], [w])[0], real([x], [w])[0], rtol=1e-4, atol=1e-4)  # it bites
+    assert mv.checked(torch.device("cpu"))
+
+
 def test_the_device_check_passes_here_and_a_failing_one_keeps_the_eager_step(interpret, monkeypatch):
     """`checked`: once per device against the reference; a kernel that gives other products (or does not
     build) is reported once, and a stepper asked for the fused step then keeps its eager kernels."""
