@@ -276,6 +276,22 @@ def compile_step_function(fn: Callable, backend: str = "inductor") -> Callable:
     return torch.compile(fn, backend=backend, dynamic=False, **options)
 
 
+def _block_without_passthrough(block, x, tm_shift, wkv_state, cm_shift, deep_gate=None, frozen=None, v_first=None):
+    """A block's forward whose outputs alias none of its inputs (what a nested compile region requires:
+    torch 2.11 refuses one that returns an input): the first layer's value, which later layers pass
+    through unchanged, comes back as None unless this block made it."""
+    x, tm_shift, wkv_state, cm_shift, v_out = type(block).forward(block, x, tm_shift, wkv_state, cm_shift, deep_gate,
+                                                                  frozen, v_first)
+    return x, tm_shift, wkv_state, cm_shift, (None if v_out is v_first else v_out)
+
+
+def _region_forward(region, block, x, tm_shift, wkv_state, cm_shift, deep_gate=None, frozen=None, v_first=None):
+    """`RWKVBlock.forward` through the nested region, the passed-through first-layer value put back."""
+    x, tm_shift, wkv_state, cm_shift, v_out = region(block, x, tm_shift, wkv_state, cm_shift, deep_gate, frozen,
+                                                     v_first)
+    return x, tm_shift, wkv_state, cm_shift, (v_first if v_out is None else v_out)
+
+
 class _BlockRegions:
     """compile_step="step": while the compiled step runs (and is traced), every RWKV block's forward is one
     nested compile region (`torch.compiler.nested_compile_region`, where this torch has it): dynamo traces
@@ -293,10 +309,11 @@ class _BlockRegions:
         self.blocks = [m for m in model.modules() if isinstance(m, RWKVBlock)]
         make = getattr(torch.compiler, "nested_compile_region", None)
         if make is not None and _BlockRegions._region is None:
-            _BlockRegions._region = make(RWKVBlock.forward)  # one function object: its variants are shared
+            _BlockRegions._region = make(_block_without_passthrough)  # one function object: its variants are shared
         region = _BlockRegions._region if make is not None else None
         # the same objects every call: dynamo guards on them, new ones would recompile the step each time
-        self.forwards = [functools.partial(region, block) for block in self.blocks] if region is not None else None
+        self.forwards = ([functools.partial(_region_forward, region, block) for block in self.blocks]
+                         if region is not None else None)
 
     def __call__(self, *args):
         if self.forwards is None:
