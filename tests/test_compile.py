@@ -89,6 +89,24 @@ def test_compile_blocks_compiles_every_block_and_runs_the_compiled_graphs():
     assert any("linear" in op or "matmul" in op for op in ops), ops  # the blocks' projections are in them
 
 
+def test_deeper_stacks_compile_no_more_variants():
+    """One compiled variant serves every layer: the forward reads no per-layer integer (dynamo guards on
+    an int attribute's value, so `layer_id == 0` once compiled a variant per layer). A model with twice
+    the layers per stack compiles the same number of graphs."""
+    counts = []
+    for layers in (2, 4):
+        torch._dynamo.reset()
+        graphs = []
+        torch.manual_seed(0)
+        model = HierarchosLM(tiny_config(vocab_size=64, h_layers=layers, l_layers=layers))
+        compile_blocks(model, backend=lambda gm, example_inputs: graphs.append(gm) or gm.forward)
+        with torch.no_grad():
+            model(torch.randint(0, 64, (2, 9)))
+        counts.append(len(graphs))
+    torch._dynamo.reset()
+    assert counts[0] > 0 and counts[1] == counts[0], counts
+
+
 def test_compile_default_is_on_only_for_captured_cuda_training(monkeypatch):
     import importlib.util
 

@@ -132,7 +132,7 @@ def _layer_spec(block, lowrank: str = "fp32") -> dict:
             "removal_scale": _array(tm.removal_scale), "key_iclr_mix": _array(tm.key_iclr_mix),
             "bonus": _array(tm.bonus), "norm.weight": _array(tm.norm.weight), "norm.bias": _array(tm.norm.bias),
             "norm.eps": float(tm.norm.eps), "gate_full": tm.wiring.gate == "sigmoid_full",
-            "value_first": tm.layer_id == 0 and tm.wiring.value_residual, "value_residual": tm.value_residual,
+            "value_first": tm.sets_v_first, "value_residual": tm.value_residual,
             "receptance": _quant(tm.receptance), "key": _quant(tm.key), "value": _quant(tm.value),
             "output": _quant(tm.output), "cm_mix": _array(cm.mix),
             "cm_gate": _quant(cm.gate), "cm_up": _quant(cm.up), "cm_down": _quant(cm.down)}
