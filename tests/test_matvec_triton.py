@@ -213,3 +213,12 @@ def test_the_device_check_passes_here_and_a_failing_one_keeps_the_eager_step(int
                        steppers=steppers)
     assert [s.fused_step for s in steppers.values()] == [False]
     assert mv._CHECKED == {torch.device("cpu"): False}  # asked once: the next stepper reads the answer
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_device_check_passes_on_cuda_with_tf32_allowed(monkeypatch):
+    """As chat and train run CUDA (TF32 for float32 matmuls): the check still passes there."""
+    monkeypatch.setattr(mv, "_CHECKED", {})
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    assert mv.checked(torch.device("cuda"))
