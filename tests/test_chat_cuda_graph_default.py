@@ -45,15 +45,16 @@ def test_the_flag_parses_to_three_states(argv, expected):
 
 # ---- the fused one-token time mix inside the captured step (resolve_fused_step) ----------------------
 
+@pytest.mark.parametrize("resolve", [resolve_fused_step, resolve_compile_prefill])
 @pytest.mark.parametrize("cuda_graph,device,triton_reason,expected", [
     (True, "cuda", "", True), (True, "cuda", "triton does not import (x); pip install triton", False),
     (False, "cuda", "", False), (False, "cpu", "", False), (True, "cpu", "", False)])
-def test_the_fused_step_is_on_wherever_the_captured_step_runs_on_cuda_with_triton(monkeypatch, cuda_graph, device,
-                                                                                   triton_reason, expected):
+def test_the_fused_step_and_compiled_prefill_are_on_wherever_the_captured_step_runs_on_cuda_with_triton(
+        monkeypatch, resolve, cuda_graph, device, triton_reason, expected):
     from hierarchos.ops import wkv_triton
 
     monkeypatch.setattr(wkv_triton, "triton_unavailable_reason", lambda device=None: triton_reason)
-    assert resolve_fused_step(None, cuda_graph, torch.device(device)) is expected
+    assert resolve(None, cuda_graph, torch.device(device)) is expected
 
 
 @pytest.mark.parametrize("requested", [True, False])
@@ -123,17 +124,6 @@ def test_compile_step_is_unset_unless_given():
 
 
 # ---- compiled blocks inside the prompt's chunk graphs (resolve_compile_prefill) ----------------------------
-
-@pytest.mark.parametrize("cuda_graph,device,triton_reason,expected", [
-    (True, "cuda", "", True), (True, "cuda", "triton does not import (x); pip install triton", False),
-    (False, "cuda", "", False), (False, "cpu", "", False), (True, "cpu", "", False)])
-def test_the_compiled_prefill_is_on_wherever_the_captured_step_runs_on_cuda_with_triton(monkeypatch, cuda_graph, device,
-                                                                                       triton_reason, expected):
-    from hierarchos.ops import wkv_triton
-
-    monkeypatch.setattr(wkv_triton, "triton_unavailable_reason", lambda device=None: triton_reason)
-    assert resolve_compile_prefill(None, cuda_graph, torch.device(device)) is expected
-
 
 @pytest.mark.parametrize("requested", [True, False])
 @pytest.mark.parametrize("argv_flag", ["--compile-prefill", "--no-compile-prefill"])
