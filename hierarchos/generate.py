@@ -608,7 +608,8 @@ def generate_batch(model, prompts: list[list[int]], cfg: SamplingConfig, *, stat
                    should_stop: Callable[[], bool] = lambda: False, keep_eos: bool = False,
                    cuda_graph: bool = False, compile_step: bool | str = False, fused_step: bool = False,
                    steppers: dict | None = None, prefill_autocast: torch.dtype | None = None,
-                   compile_prefill: bool | str = False, clock: Callable[[], float] = time.perf_counter, timings: dict | None = None,
+                   compile_prefill: bool | str = False, clock: Callable[[], float] = time.perf_counter,
+                   timings: dict | None = None,
                    **caps) -> BatchResult:
     """Generate for B prompts of any lengths at once. Row b equals `generate(model, prompts[b], cfg
     with seed seeds[b])` alone: each prompt is prefilled alone (the parallel form, on states[b] or a
@@ -626,9 +627,9 @@ def generate_batch(model, prompts: list[list[int]], cfg: SamplingConfig, *, stat
     forward under autocast in that dtype (the state stays in the model's dtype; the step does not
     change). `compile_prefill` (True: inductor, or a torch.compile backend's name): the prompts go
     through `ChunkedPrefill` with every RWKV block compiled (dynamic lengths; its graphs, with
-    `cuda_graph`, record the compiled kernels), made once per caps like the graphs. `timings`: a dict that receives the seconds of the
-    phases before the first token (prefill, setup, first_sample; the device synchronised at each mark,
-    so pass it only to measure)."""
+    `cuda_graph`, record the compiled kernels), made once per caps like the graphs. `timings`: a dict
+    that receives the seconds of the phases before the first token (prefill, setup, first_sample; the
+    device synchronised at each mark, so pass it only to measure)."""
     if not prompts or any(not p for p in prompts):
         raise ValueError("generate_batch needs at least one prompt, each of at least one token")
     start = clock()

@@ -38,7 +38,8 @@ def test_step_options_reach_every_generate_batch_call_and_replies_stay_the_same(
     assert compiled.reply("hello there") == plain.reply("hello there")
     for (name, a), (_, b) in zip(plain.state.tensors(), compiled.state.tensors()):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5, msg=name)
-    assert seen == [{"compile_step": "step", "fused_step": False, "compile_prefill": False}] * 2  # the warm-up at load and the reply
+    # the warm-up at load and the reply
+    assert seen == [{"compile_step": "step", "fused_step": False, "compile_prefill": False}] * 2
     (stepper,) = compiled.steppers.values()
     assert stepper.compile_step == "step" and stepper.compile_seconds is not None
 
@@ -50,7 +51,8 @@ def test_the_flags_without_the_captured_step_are_one_line_exit_2(model_dir, caps
 
     assert main(["chat", "--model-path", str(model_dir), "--device", "cpu", *flags, "--prompt", "hi"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--compile-step / --fused-step / --compile-prefill apply to the captured step" in err[0], err
+    assert len(err) == 1, err
+    assert "--compile-step / --fused-step / --compile-prefill apply to the captured step" in err[0], err
 
 
 def test_a_bad_mode_is_refused_by_the_parser(model_dir, capsys):  # noqa: F811

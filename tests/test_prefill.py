@@ -280,7 +280,8 @@ def test_generate_batch_with_a_compiled_prefill_generates_the_same_tokens():
     torch._dynamo.reset()
     seed = fresh_seed()
     model = build(seed)
-    prompt = torch.randint(0, 7, (3 * model.cfg.position_period + 1,), generator=torch.Generator().manual_seed(seed)).tolist()
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, 7, (3 * model.cfg.position_period + 1,), generator=g).tolist()
     cfg = SamplingConfig(temperature=0.0, max_new_tokens=6)
     graphs, steppers = [], {}
     want = generate_batch(model, [prompt], cfg).tokens
