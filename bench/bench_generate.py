@@ -449,6 +449,9 @@ def _mode_rows(model, mode: str, prompts, cfg, args, device, rows: list, referen
     steps = {key: stepper for key, stepper in steppers.items() if key[0] != "prefill"}  # the prefill's graphs apart
     compile_s = {key[0]: stepper.compile_seconds for key, stepper in steps.items()}
     kernels = {key[0]: kernels_per_token(stepper, device) for key, stepper in steps.items()}
+    # whether the fused step really runs (a failed device check turns it off with one warning: a row
+    # must say so, or it is read as the fused path's rate)
+    fused_active = {key[0]: stepper.fused_step for key, stepper in steps.items()}
     for rows_in in (prompts, prompts[:1]) if len(prompts) > 1 else (prompts,):
         B = len(rows_in)
         sync(device)
@@ -477,7 +480,7 @@ def _mode_rows(model, mode: str, prompts, cfg, args, device, rows: list, referen
                      "decode_tokens_per_s": tokens / max(seconds - first_s, 1e-9),
                      "tokens_agreeing_with": first[0], "agreeing_prefix_per_row": agree,
                      "token_ids": result.tokens,  # to compare greedy runs across calls
-                     "device_ops_per_token": kernels.get(B),
+                     "device_ops_per_token": kernels.get(B), "fused_step_active": fused_active.get(B),
                      "load_average": os.getloadavg()})
         print(f"{'generate_batch':>14} B={B:>2} context ~{len(rows_in[0])} {mode:>12}: time to first token "
               f"{ttft * 1000:8.1f} ms (median of {len(samples)}; "
@@ -485,7 +488,9 @@ def _mode_rows(model, mode: str, prompts, cfg, args, device, rows: list, referen
               f"{rows[-1]['decode_tokens_per_s']:8.1f} tok/s (all rows) | warm-up {warmup_s[B]:.1f} s"
               + (f" (compile {compile_s[B]:.1f} s)" if compile_s.get(B) else "")
               + f" | tokens as {first[0]}: {agree} of {[len(t) for t in result.tokens]}"
-              + (f" | kernels+copies per token {kernels[B]}" if kernels.get(B) else ""), flush=True)
+              + (f" | kernels+copies per token {kernels[B]}" if kernels.get(B) else "")
+              + (" | FUSED STEP OFF (its device check failed: see the warning above)"
+                 if options["fused_step"] and not fused_active.get(B) else ""), flush=True)
         on_row()
 
 
