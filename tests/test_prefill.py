@@ -232,6 +232,9 @@ def test_compiled_blocks_prefill_is_one_forward_and_compiles_once_for_every_leng
     prefill = ChunkedPrefill(model, 1, max_chunk=4 * align, compile_blocks=_counting_backend(graphs))
     compiled_at_load = len(graphs)
     assert compiled_at_load > 0, "no block was compiled"
+    # the recurrence is one operator inside the blocks' graphs (no graph break around it)
+    ops = {str(node.target) for gm in graphs for node in gm.graph.nodes if node.op == "call_function"}
+    assert any("wkv7_no_grad" in op for op in ops), ops
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for i, length in enumerate((7 * align + 2, 4 * align + 5, 2 * align + align // 2 + 1)):

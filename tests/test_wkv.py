@@ -325,3 +325,26 @@ def test_cpp_step_matches_reference_float32():
         with torch.no_grad():
             assert resolve_impl("auto", f32["r"][:, :1]) == "cpp_step"
         assert resolve_impl("auto", f32["r"][:, :1].requires_grad_()) == "recurrent"  # autograd: torch path
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("with_state", [True, False])
+def test_the_no_grad_operator_is_wkv7_and_its_fake_form_gives_the_shapes(dtype, with_state):
+    """`wkv7_no_grad` (the recurrence as one opaque operator for a compiled block without gradients) equals
+    `wkv7`; its outputs are new tensors; its fake form (what torch.compile traces) has their shapes and dtypes."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from hierarchos.ops.wkv import wkv7_no_grad
+
+    seed = fresh_seed()
+    x, state = make_inputs(seed, T=37, dtype=dtype)
+    state = state if with_state else None
+    args = [x[n] for n in NAMES]
+    want_o, want_s = wkv7(*args, state=state)
+    o, s = wkv7_no_grad(*args, state, 32)
+    assert torch.equal(o, want_o) and torch.equal(s, want_s), seed
+    assert all(t is not u for t in (o, s) for u in (*args, state))
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(t) for t in args]
+        fo, fs = wkv7_no_grad(*fake, None if state is None else mode.from_tensor(state), 32)
+    assert (fo.shape, fo.dtype, fs.shape, fs.dtype) == (o.shape, o.dtype, s.shape, s.dtype)

@@ -28,7 +28,7 @@ from ..config import TIME_MIXES, TM_GATES, TM_INITS, TM_TOKEN_SHIFTS
 from ..ops import rwkv_step_triton as fused_step
 from ..ops.matvec_triton import matvecs_triton
 from ..ops.amp import to_autocast_dtype
-from ..ops.wkv import wkv7
+from ..ops.wkv import wkv7, wkv7_no_grad
 from ..ops.wkv4 import EMPTY_PP, wkv4
 from .deepembed import DeepEmbedTables
 
@@ -40,6 +40,11 @@ _wkv7_opaque = wkv7
 _wkv4_opaque = wkv4
 # WKV-4's chunked form holds (B, T, chunk, C) pairwise weights: chunks of at most 16 tokens
 WKV4_MAX_CHUNK = 16
+
+
+def _wkv7_one_op(r, log_w, k, v, a, b, state=None, chunk_size=32):
+    """`wkv7` without gradients as one custom operator (`ops.wkv.wkv7_no_grad`), called as `wkv7` is."""
+    return wkv7_no_grad(r, log_w, k, v, a, b, state, chunk_size)
 
 
 def make_recurrence_opaque() -> None:
@@ -301,8 +306,15 @@ class TimeMix(nn.Module):
             live = (~frozen)[:, :, None, None]
             log_w_h, k_h, b_h = log_w_h * live, k_h * live, b_h * live
         # one token is a few ops that torch.compile traces and fuses (the compiled generation step; a
-        # dynamo-disabled call is not allowed inside its nested regions); longer calls stay opaque
-        recurrence = wkv7 if T == 1 else _wkv7_opaque
+        # dynamo-disabled call is not allowed inside its nested regions); longer calls stay opaque: as one
+        # operator when traced without gradients (the compiled prefill: no graph break), else as a
+        # dynamo-disabled call with its autograd
+        if T == 1:
+            recurrence = wkv7
+        elif torch.compiler.is_compiling() and not torch.is_grad_enabled():
+            recurrence = _wkv7_one_op
+        else:
+            recurrence = _wkv7_opaque
         out, new_wkv = recurrence(r_h, log_w_h, k_h, v_h, -kappa, b_h, state=wkv_state, chunk_size=self.wkv_chunk)
         out = self.norm(out.view(B, T, H, N))  # in the recurrence's precision (float32 under autocast)
         bonus = ((_f32(r_h) * _f32(k_h) * self.bonus).sum(-1, keepdim=True) * _f32(v_h)).reshape(B, T, C)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import os
 import warnings
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -349,3 +350,23 @@ def wkv7(r, log_w, k, v, a, b, state=None, impl="auto", chunk_size=32):
         run = {"reference": wkv7_reference, "recurrent": wkv7_recurrent_step, "cpp_step": wkv7_cpp_step,
                "fla": wkv7_fla, "triton": wkv7_triton, "triton_chunk": wkv7_chunk_forward}[name]
         return run(r, log_w, k, v, a, b, state)
+
+
+# A call without gradients as one opaque operator for torch.compile (its fake form gives the shapes): a
+# compiled block then traces through the recurrence instead of breaking its graph around a
+# dynamo-disabled call (three frames a variant, and no fusion across the call). The prefill's compiled
+# blocks take it; a call that needs gradients keeps the disabled call and its autograd.
+@torch.library.custom_op("hierarchos::wkv7_no_grad", mutates_args=())
+def wkv7_no_grad(r: torch.Tensor, log_w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor,
+                 b: torch.Tensor, state: Optional[torch.Tensor], chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`wkv7` under no_grad (the automatic implementation), outputs new tensors (never an input)."""
+    with torch.no_grad():
+        o, final = wkv7(r, log_w, k, v, a, b, state=state, chunk_size=chunk_size)
+    return o if o is not r else o.clone(), final if final is not state else final.clone()
+
+
+@wkv7_no_grad.register_fake
+def _(r, log_w, k, v, a, b, state, chunk_size):
+    dtype = torch.float64 if torch.float64 in (r.dtype, log_w.dtype) else torch.float32
+    B, T, H, N = r.shape
+    return r.new_empty((B, T, H, N), dtype=dtype), r.new_empty((B, H, N, N), dtype=dtype)
