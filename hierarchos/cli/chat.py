@@ -72,7 +72,8 @@ def resolve_compile_prefill(requested: bool | None, cuda_graph: bool, device) ->
     """Whether the prompt's chunk graphs record compiled RWKV blocks: what the user asked, else on wherever
     the step is captured on CUDA and Triton can run there (on an H100 at 125m, (2,5,5), the prefill of a
     1,024-token prompt 60.9 -> 48.7 ms, paid for by 45-95 s of compiling at load, a few seconds at the
-    minimal depth; BENCHMARKS.md, "Compiled blocks in the prefill")."""
+    minimal depth, measured before the compiled graphs went from 36 to 10; BENCHMARKS.md, "Compiled
+    blocks in the prefill")."""
     return requested if requested is not None else _captured_with_triton(cuda_graph, device)
 
 
