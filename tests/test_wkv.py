@@ -348,3 +348,5 @@ def test_the_no_grad_operator_is_wkv7_and_its_fake_form_gives_the_shapes(dtype, 
         fake = [mode.from_tensor(t) for t in args]
         fo, fs = wkv7_no_grad(*fake, None if state is None else mode.from_tensor(state), 32)
     assert (fo.shape, fo.dtype, fs.shape, fs.dtype) == (o.shape, o.dtype, s.shape, s.dtype)
+    assert (fo.stride(), fs.stride()) == (o.stride(), s.stride())  # compiled code indexes by the fake's layout
+    torch.library.opcheck(torch.ops.hierarchos.wkv7_no_grad.default, (*args, state, 32))

@@ -359,9 +359,11 @@ def wkv7(r, log_w, k, v, a, b, state=None, impl="auto", chunk_size=32):
 @torch.library.custom_op("hierarchos::wkv7_no_grad", mutates_args=())
 def wkv7_no_grad(r: torch.Tensor, log_w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor,
                  b: torch.Tensor, state: Optional[torch.Tensor], chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`wkv7` under no_grad (the automatic implementation), outputs new tensors (never an input)."""
+    """`wkv7` under no_grad (the automatic implementation); outputs contiguous (the fake form's layout, which
+    compiled code indexes by) and new (never an input)."""
     with torch.no_grad():
         o, final = wkv7(r, log_w, k, v, a, b, state=state, chunk_size=chunk_size)
+    o, final = o.contiguous(), final.contiguous()
     return o if o is not r else o.clone(), final if final is not state else final.clone()
 
 
