@@ -30,6 +30,7 @@ import torch
 
 from .errors import HierarchosError
 from .model.rosa import rosa_hints
+from .model.rwkv import BlockCalls, allow_recompiles, make_recurrence_opaque
 from .model.state import HierarchosState, fill_layout, leaf_layout
 from .ops.amp import autocast_in
 from .ops.capture import no_collection_during_capture, why_capture_failed
@@ -39,9 +40,8 @@ def compiled_block_calls(model, backend):
     """Every RWKV block's forward through torch.compile with dynamic lengths, to be installed around a
     call (`BlockCalls`): a prompt's pieces and passes come in many lengths (each chunk size, its plan
     points, an eager head and tail), and one symbolic-length variant serves them all, where static
-    shapes would compile a variant per length and pass. The recurrence stays an opaque call."""
-    from .model.rwkv import allow_recompiles, make_recurrence_opaque
-
+    shapes would compile a variant per length and pass. Without gradients the recurrence is one opaque
+    operator inside the block's graph (`ops.wkv.wkv7_no_grad`)."""
     make_recurrence_opaque()
     allow_recompiles()
     options = {"mode": "default"} if backend == "inductor" else {}
@@ -49,29 +49,21 @@ def compiled_block_calls(model, backend):
                                                                  **options))
 
 
-class _DynamicBlockCalls:
+class _DynamicBlockCalls(BlockCalls):
     """`BlockCalls` with dynamo's duck shaping off while they are in force: with it on, a length
     that happens to equal a fixed size (64 tokens and the head size, 32 plan points and a low-rank
     width) is made that constant, and each such length compiles a variant of its own."""
 
-    def __init__(self, model, make_call):
-        from .model.rwkv import BlockCalls
-
-        self.calls = BlockCalls(model, make_call)
-        self.blocks = self.calls.blocks
-        self._stack: list = []
-
-    def __enter__(self):
+    def __enter__(self) -> "_DynamicBlockCalls":
         import torch.fx.experimental._config as shape_config
 
-        stack = contextlib.ExitStack()
-        stack.enter_context(shape_config.patch(use_duck_shape=False))
-        stack.enter_context(self.calls)
-        self._stack.append(stack)
-        return self
+        self._shapes = shape_config.patch(use_duck_shape=False)
+        self._shapes.__enter__()
+        return super().__enter__()
 
     def __exit__(self, *exc) -> None:
-        self._stack.pop().close()
+        super().__exit__(*exc)
+        self._shapes.__exit__(*exc)
 
 
 def require_fixed_size(model) -> None:

@@ -42,11 +42,6 @@ _wkv4_opaque = wkv4
 WKV4_MAX_CHUNK = 16
 
 
-def _wkv7_one_op(r, log_w, k, v, a, b, state=None, chunk_size=32):
-    """`wkv7` without gradients as one custom operator (`ops.wkv.wkv7_no_grad`), called as `wkv7` is."""
-    return wkv7_no_grad(r, log_w, k, v, a, b, state, chunk_size)
-
-
 def make_recurrence_opaque() -> None:
     """Before any torch.compile of these blocks: the recurrence becomes a dynamo-disabled call."""
     global _wkv7_opaque, _wkv4_opaque
@@ -312,7 +307,7 @@ class TimeMix(nn.Module):
         if T == 1:
             recurrence = wkv7
         elif torch.compiler.is_compiling() and not torch.is_grad_enabled():
-            recurrence = _wkv7_one_op
+            recurrence = wkv7_no_grad  # (a custom op: takes state and chunk_size by name too)
         else:
             recurrence = _wkv7_opaque
         out, new_wkv = recurrence(r_h, log_w_h, k_h, v_h, -kappa, b_h, state=wkv_state, chunk_size=self.wkv_chunk)
