@@ -31,6 +31,7 @@ inline __m256i q4_dot(__m256i acc, __m256i lo, __m256i a_lo, __m256i hi, __m256i
     return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
 }
 
+#include "x86_prefetch.h"
 #include "x86_q4_pairs.h"
 
 // Q8_0: signed x signed through maddubs, by moving the weight's sign onto the activation.
@@ -41,6 +42,7 @@ void row_q8(const uint8_t *row, int64_t n_blocks, const ActQ8_0View &act, int64_
     for (int k = 0; k < NA; ++k) acc[k] = _mm256_setzero_ps();
     for (int64_t b = 0; b < n_blocks; ++b) {
         const uint8_t *block = row + b * sizeof(BlockQ8_0);
+        prefetch_l2(block + kPrefetchBytes, 1);  // the stream 8 KB on (x86_prefetch.h)
         const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(block + 2));
         const __m256i w_abs = _mm256_sign_epi8(w, w);
         const __m256 dw_vec = _mm256_set1_ps(load_half(block));
@@ -60,6 +62,7 @@ void dot_q8_0(QType t, const DotArgs &args, const ActQ8_0View &act) {
         dot_q4_pairs(t, args, act);
         return;
     }
+    prefetch_first_rows(args);
     for (int64_t r = args.r0; r < args.r1; ++r) {
         const uint8_t *row = args.w + r * args.row_bytes;
         float *out = args.out + r;

@@ -24,6 +24,8 @@
 namespace hk {
 namespace {
 
+#include "x86_prefetch.h"
+
 inline __m512i dot_u8s8(__m512i acc, __m512i u, __m512i s) {
 #if HK_VNNI
     return _mm512_dpbusd_epi32(acc, u, s);
@@ -136,12 +138,6 @@ inline float q4_natural_block(const uint8_t *block, const int8_t *q8) {
     return static_cast<float>(_mm_cvtsi128_si32(s)) * load_scale(block, FLOAT_SCALE);
 }
 
-// How far ahead of the rows being read a batch-1 matvec asks for its weights (whole groups of
-// rows): a core's own streaming of one 432-byte row after another left DRAM bandwidth unused
-// (BENCHMARKS.md, issue 17: 13-17 -> 20-29 GB/s on one Zen 5 core for matrices past the L3).
-// Prefetches never fault, so running past the last row is harmless.
-constexpr int64_t kPrefetchBytes = 8192;
-
 // NR weight rows x NA activation rows.
 template <int NR, int NA, bool FLOAT_SCALE>
 void rows_q4_quads(const Q4Quad<FLOAT_SCALE> &quad, const uint8_t *w, int64_t row_bytes, int64_t n_blocks,
@@ -156,11 +152,8 @@ void rows_q4_quads(const Q4Quad<FLOAT_SCALE> &quad, const uint8_t *w, int64_t ro
     for (int64_t b = 0; b < full; b += 4) {
         __m512i lo[NR], hi[NR];
         __m128 dw[NR];
-        for (int r = 0; r < NR; ++r) {  // the same columns of the rows `pf` bytes on
-            const char *p = reinterpret_cast<const char *>(w + r * row_bytes + b * quad.bb + pf);
-            _mm_prefetch(p, _MM_HINT_T0);
-            _mm_prefetch(p + 64, _MM_HINT_T0);
-        }
+        for (int r = 0; r < NR; ++r)  // the same columns of the rows `pf` bytes on (x86_prefetch.h)
+            prefetch_l2(w + r * row_bytes + b * quad.bb + pf, 128);
         for (int r = 0; r < NR; ++r) {
             __m512i codes;
             quad.load(w + r * row_bytes + b * quad.bb, codes, dw[r]);
@@ -198,6 +191,7 @@ void dot_q4_quads_typed(const DotArgs &args, const ActQ8_0View &act) {
     int64_t a = args.a0;
     // batch 1 (generation): four weight rows per step share one activation load
     if (args.a1 - a == 1) {
+        prefetch_first_rows(args);
         int64_t r = args.r0;
         for (; r + 4 <= args.r1; r += 4)
             rows_q4_quads<4, 1>(quad, args.w + r * rb, rb, args.n_blocks, act, a, args.out + a * args.out_stride + r, args.out_stride);
@@ -304,8 +298,10 @@ void row_q8_0_family(QType t, const uint8_t *row, int64_t n_blocks, const ActQ8_
         acc1[k] = _mm512_setzero_ps();
         tail[k] = _mm256_setzero_ps();
     }
+    const int bb = t == QType::INT4 ? 20 : (t == QType::Q4_0 ? 18 : 34);
     int64_t b = 0;
     for (; b + 4 <= n_blocks; b += 4) {
+        prefetch_l2(row + b * bb + kPrefetchBytes, 4 * bb);  // the stream 8 KB on (x86_prefetch.h)
         pair_q8_0_family<NA>(t, row, b, act, a, acc0);
         pair_q8_0_family<NA>(t, row, b + 2, act, a, acc1);
     }
@@ -345,6 +341,7 @@ void dot_q8_0(QType t, const DotArgs &args, const ActQ8_0View &act) {
         dot_q4_quads(t, args, act);
         return;
     }
+    prefetch_first_rows(args);
     for (int64_t r = args.r0; r < args.r1; ++r) {
         const uint8_t *row = args.w + r * args.row_bytes;
         float *out = args.out + r;

@@ -90,8 +90,11 @@ void row_q4_pairs_dispatch(QType t, const uint8_t *row, int64_t n_blocks, const 
 }
 
 void dot_q4_pairs(QType t, const DotArgs &args, const ActQ8_0View &act) {
+    const int64_t ahead = prefetch_rows_ahead(args.row_bytes);  // x86_prefetch.h, included before this
+    prefetch_first_rows(args);
     for (int64_t r = args.r0; r < args.r1; ++r) {
         const uint8_t *row = args.w + r * args.row_bytes;
+        prefetch_l2(row + ahead * args.row_bytes, args.row_bytes);
         float *out = args.out + r;
         int64_t a = args.a0;
         for (; a + 4 <= args.a1; a += 4) row_q4_pairs_dispatch<4>(t, row, args.n_blocks, act, a, out + a * args.out_stride, args.out_stride);
