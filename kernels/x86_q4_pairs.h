@@ -82,6 +82,68 @@ void row_q4_pairs(const uint8_t *row, int64_t n_blocks, const ActQ8_0View &act, 
     }
 }
 
+// Batch 1 (generation): NR weight rows against the one activation row, sharing its loads (the
+// activations, their corrections and scales) across the rows; one accumulator a row, NR chains.
+template <int NR, bool FLOAT_SCALE>
+void rows_q4_pairs_one(const uint8_t *w, int64_t row_bytes, int64_t n_blocks, const ActQ8_0View &act, int64_t a,
+                       float *out) {
+    const int bb = FLOAT_SCALE ? 20 : 18;
+    const int scale_bytes = FLOAT_SCALE ? 4 : 2;
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    const __m256i spread = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+    __m256 acc[NR];
+    for (int r = 0; r < NR; ++r) acc[r] = _mm256_setzero_ps();
+    const int64_t full = n_blocks & ~int64_t{1};
+    // the same columns of the rows whole row groups (>= kPrefetchBytes) on, as the AVX-512 quads do
+    const int64_t pf = (kPrefetchBytes + NR * row_bytes - 1) / (NR * row_bytes) * NR * row_bytes;
+    for (int64_t b = 0; b < full; b += 2) {
+        for (int r = 0; r < NR; ++r) prefetch_l2(w + r * row_bytes + b * bb + pf, 1);
+        const int64_t ab = a * act.n_blocks + b;
+        const int8_t *q8 = act.qs + ab * QK;
+        const __m256i a_lo = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(q8));
+        const __m256i a_hi = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(q8 + 32));
+        const __m256i corr = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(act.corr + ab * 4));
+        const __m128 da = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double *>(act.d + ab)));
+        for (int r = 0; r < NR; ++r) {
+            const uint8_t *block0 = w + r * row_bytes + b * bb;
+            const uint8_t *block1 = block0 + bb;
+            const __m256i packed = _mm256_inserti128_si256(
+                _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i *>(block0 + scale_bytes))),
+                _mm_loadu_si128(reinterpret_cast<const __m128i *>(block1 + scale_bytes)), 1);
+            const __m256i lo = _mm256_and_si256(packed, low4);
+            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low4);
+            __m128 dw;
+            if (FLOAT_SCALE) {
+                float d0, d1;
+                std::memcpy(&d0, block0, 4);
+                std::memcpy(&d1, block1, 4);
+                dw = _mm_setr_ps(d0, d1, 0.0f, 0.0f);
+            } else {
+                uint16_t h0, h1;
+                std::memcpy(&h0, block0, 2);
+                std::memcpy(&h1, block1, 2);
+                dw = _mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(h0 | static_cast<uint32_t>(h1) << 16)));
+            }
+            const __m256i dot = q4_dot(corr, lo, a_lo, hi, a_hi);
+            const __m256 scale = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_mul_ps(dw, da)), spread);
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[r]);
+        }
+    }
+    for (int r = 0; r < NR; ++r) {
+        __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
+        s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        float sum = _mm_cvtss_f32(s);
+        if (full < n_blocks) {  // odd block count: the last block (natural order) through the one-row kernel's tail
+            float tail;
+            row_q4_pairs<1, FLOAT_SCALE>(w + r * row_bytes + full * bb, 1, ActQ8_0View{act.qs + (a * act.n_blocks + full) * QK,
+                                         act.d + a * act.n_blocks + full, act.corr, 1}, 0, &tail, 1);
+            sum += tail;
+        }
+        out[r] = sum;
+    }
+}
+
 template <int NA>
 void row_q4_pairs_dispatch(QType t, const uint8_t *row, int64_t n_blocks, const ActQ8_0View &act, int64_t a,
                            float *out, int64_t out_stride) {
@@ -92,6 +154,20 @@ void row_q4_pairs_dispatch(QType t, const uint8_t *row, int64_t n_blocks, const 
 void dot_q4_pairs(QType t, const DotArgs &args, const ActQ8_0View &act) {
     const int64_t ahead = prefetch_rows_ahead(args.row_bytes);  // x86_prefetch.h, included before this
     prefetch_first_rows(args);
+    if (args.a1 - args.a0 == 1) {  // batch 1: four weight rows a step share the activation loads
+        const int64_t rb = args.row_bytes, a = args.a0;
+        float *out = args.out + a * args.out_stride;
+        int64_t r = args.r0;
+        for (; r + 4 <= args.r1; r += 4) {
+            if (t == QType::INT4) rows_q4_pairs_one<4, true>(args.w + r * rb, rb, args.n_blocks, act, a, out + r);
+            else rows_q4_pairs_one<4, false>(args.w + r * rb, rb, args.n_blocks, act, a, out + r);
+        }
+        for (; r < args.r1; ++r) {
+            if (t == QType::INT4) rows_q4_pairs_one<1, true>(args.w + r * rb, rb, args.n_blocks, act, a, out + r);
+            else rows_q4_pairs_one<1, false>(args.w + r * rb, rb, args.n_blocks, act, a, out + r);
+        }
+        return;
+    }
     for (int64_t r = args.r0; r < args.r1; ++r) {
         const uint8_t *row = args.w + r * args.row_bytes;
         prefetch_l2(row + ahead * args.row_bytes, args.row_bytes);

@@ -120,7 +120,7 @@ def test_matmul_every_isa_matches_reference(ext, isa, qtype):
     bs = F.block_size(qtype)
     # block counts around the groups of 2 (AVX2) and 4 (AVX-512) 4-bit blocks, with and without a
     # natural-order tail; batch sizes around the tile of 4; batch 1 (four weight rows per step on
-    # AVX-512) with row counts that leave remainder rows
+    # AVX2 and AVX-512) with row counts that leave remainder rows
     for blocks, n in ((1, 1), (3, 2), (4, 5), (2, 8), (5, 67), (7, 1), (9, 1), (8, 3), (4, 1)):
         rows = int(rng.integers(1, 50))
         cols = bs * blocks
