@@ -375,9 +375,12 @@ def copy_into(buffers: list[torch.Tensor], values: list[torch.Tensor]) -> None:
         torch._foreach_copy_([b for b, _ in same], [v for _, v in same])
 
 
-def _host_positions(row_pos: torch.Tensor) -> list[int] | None:
-    """The rows' positions as host ints (read once, when a generation starts); None on the meta device
-    (no values: every token then runs the full body)."""
+def _host_positions(row_pos: torch.Tensor, given: list[int] | None = None) -> list[int] | None:
+    """The rows' positions as host ints: `given` (the caller knows them: no device read, so a start
+    queued behind the prefill does not wait for it), else read once, when a generation starts; None on
+    the meta device (no values: every token then runs the full body)."""
+    if given is not None:
+        return [int(p) for p in given]
     return None if row_pos.is_meta else [int(p) for p in row_pos.tolist()]
 
 
@@ -406,7 +409,8 @@ class GraphedStepper:
 
     def __init__(self, model, state, row_pos: torch.Tensor, logits: torch.Tensor, seen: torch.Tensor,
                  seeds: torch.Tensor, cfg: SamplingConfig, caps: dict, *, capture: bool = False, warmup: int = 2,
-                 compile_step: bool | str = False, compile_backend: str = "inductor", fused_step: bool = False):
+                 compile_step: bool | str = False, compile_backend: str = "inductor", fused_step: bool = False,
+                 host_positions: list[int] | None = None):
         device = logits.device
         if capture and device.type != "cuda":
             raise HierarchosError(f"cuda_graph=True needs the model on a CUDA device (it is on {device}); "
@@ -445,7 +449,7 @@ class GraphedStepper:
         self._compiled: set = set()  # the bodies ((plan_rows, write_rows) pairs) compiled so far
         self.stride = model.cfg.h_stride
         self.chunk = model.memory.chunk
-        self.host_pos = _host_positions(row_pos)  # each row's position, kept on the host
+        self.host_pos = _host_positions(row_pos, host_positions)  # each row's position, kept on the host
         self.pos = row_pos.clone()
         self.seen = seen.clone()
         self.seeds = seeds.clone()
@@ -462,13 +466,14 @@ class GraphedStepper:
             self._warm(1)  # every body compiled now, not at the token that first needs it
 
     def load(self, state, row_pos: torch.Tensor, logits: torch.Tensor, seen: torch.Tensor,
-             seeds: torch.Tensor) -> None:
+             seeds: torch.Tensor, host_positions: list[int] | None = None) -> None:
         """Start a new generation on the same buffers (same batch size and state layout): the state,
-        positions, histories and seeds copied in, counters and totals zeroed, the first token sampled."""
+        positions, histories and seeds copied in, counters and totals zeroed, the first token sampled.
+        With `host_positions` (row_pos's values) nothing here reads the device."""
         copy_into(self.leaves, [t for _, t in state.tensors()])  # (one foreach copy: part of time to first token)
         self.state.rosa, self.state.pos = state.rosa, state.pos
         self.pos.copy_(row_pos)
-        self.host_pos = _host_positions(row_pos)
+        self.host_pos = _host_positions(row_pos, host_positions)
         self.seen.copy_(seen)
         self.seeds.copy_(seeds)
         self.counter.zero_()
@@ -674,18 +679,22 @@ def generate_batch(model, prompts: list[list[int]], cfg: SamplingConfig, *, stat
     seen = torch.zeros(B, vocab, dtype=torch.bool)
     for b, prompt in enumerate(prompts):
         seen[b, torch.tensor(prompt)] = True
-    start_args = (state, torch.tensor(positions, device=device), torch.cat(last_logits), seen.to(device),
-                  torch.tensor(seeds, dtype=torch.int64, device=device))
+    # no host read until the first token's: the copies below do not wait for the prefill queued
+    # before them (a blocking copy would), so the setup's host work overlaps the prefill on the device
+    # (pageable sources are staged at once, so non_blocking is safe with these temporaries)
+    to_device = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+    start_args = (state, to_device(torch.tensor(positions)), torch.cat(last_logits), to_device(seen),
+                  to_device(torch.tensor(seeds, dtype=torch.int64)))
     key = (B, cuda_graph, compile_mode(compile_step), fused_step, tuple(sorted(caps.items())), cfg.temperature, cfg.top_k, cfg.top_p,
            cfg.repetition_penalty)
     stepper = steppers.get(key) if steppers is not None else None
     if stepper is None:
         stepper = GraphedStepper(model, *start_args, cfg, caps, capture=cuda_graph, compile_step=compile_step,
-                                 fused_step=fused_step)
+                                 fused_step=fused_step, host_positions=positions)
         if steppers is not None:
             steppers[key] = stepper
     else:
-        stepper.load(*start_args)
+        stepper.load(*start_args, host_positions=positions)
     mark("setup")
     new: list[list[int]] = [[] for _ in range(B)]
     fed = [0] * B

@@ -233,6 +233,30 @@ def test_the_stepper_runs_each_token_on_the_body_its_rows_need(stride, chunk, bo
     assert GraphedStepper._key(stepper) == (True, True)
 
 
+def test_a_start_given_host_positions_reads_nothing_back(monkeypatch):
+    """generate_batch passes the positions it knows: making or loading a stepper then reads nothing
+    from the device (a read would wait for the prefill queued before it, so the setup could not overlap
+    it), and the stepper keeps the given positions."""
+    seed = fresh_seed()
+    model = build(seed)
+    cfg = SamplingConfig(temperature=0.8, top_k=5, top_p=0.9)
+    with torch.no_grad():
+        out = model(tokens_for(seed, 2, 5))
+        args = (out.state, torch.tensor([5, 9]), out.logits[:, -1], torch.zeros(2, model.cfg.vocab_size, dtype=torch.bool),
+                torch.tensor([1, 2]))
+
+        def no_read(*_a, **_k):
+            raise AssertionError("the stepper's start read the device")
+        with monkeypatch.context() as patch:
+            for name in ("tolist", "item", "__int__", "__bool__"):
+                patch.setattr(torch.Tensor, name, no_read)
+            stepper = GraphedStepper(model, *args, cfg, {}, host_positions=[5, 9])
+            stepper.load(*args, host_positions=[7, 3])
+        assert stepper.host_pos == [7, 3]
+        stepper.load(*args)  # not given: read from row_pos
+        assert stepper.host_pos == [5, 9]
+
+
 @pytest.mark.parametrize("caps", [dict(h_cycles=1, max_h_steps=1, max_l_steps=0), dict(h_halt_thresh=1.0),
                                   dict(max_l_steps=1, h_halt_thresh=0.3)])
 def test_sync_free_step_equals_step_with_split_early_exit_and_caps(caps):
