@@ -361,7 +361,7 @@ class _HierarchosLMMethods:
         for begin in range(0, len(tokens), self.chunk_size):
             piece = torch.tensor([tokens[begin:begin + self.chunk_size]], device=self._device)
             with _autocast(self._device, self.autocast_dtype):
-                state = self.model(piece, state).state
+                state = self.model(piece, state, last_logits_only=True).state  # (the state alone is kept)
         return state
 
     @property

@@ -195,7 +195,7 @@ def generate(model, prompt_ids: list[int], cfg: SamplingConfig, *, state=None, e
     seeds = torch.tensor([seed], device=device)
     if state is None:
         state = model.init_state(1, device=device)
-    out = model(torch.tensor([prompt_ids], device=device), state, **caps)
+    out = model(torch.tensor([prompt_ids], device=device), state, last_logits_only=True, **caps)
     logits, state = out.logits[0, -1], out.state
     seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)  # the ids seen so far
     seen[torch.tensor(prompt_ids, device=logits.device)] = True
@@ -668,7 +668,7 @@ def generate_batch(model, prompts: list[list[int]], cfg: SamplingConfig, *, stat
             logits, new_state = prefill(torch.tensor([prompt], device=device), state)
         else:
             with autocast_in(device.type, prefill_autocast):
-                out = model(torch.tensor([prompt], device=device), state, **caps)
+                out = model(torch.tensor([prompt], device=device), state, last_logits_only=True, **caps)
             logits, new_state = out.logits[:, -1].to(model.persistent.dtype), out.state  # (autocast's dtype back)
         row_states.append(new_state)
         last_logits.append(logits)

@@ -157,7 +157,7 @@ class ChunkedPrefill:
         leaves, the last position's logits into `self.logits`."""
         with autocast_in(self.device_type, self.autocast, cache_enabled=False), \
                 self.block_calls or contextlib.nullcontext():
-            out = self.model(tokens, self._state(pos), rosa_hint_ids=hints, **self.caps)
+            out = self.model(tokens, self._state(pos), rosa_hint_ids=hints, last_logits_only=True, **self.caps)
         for buffer, new in zip(self.leaves, (t for _, t in out.state.tensors()), strict=True):
             buffer.copy_(new)
         self.logits.copy_(out.logits[:, -1])

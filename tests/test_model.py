@@ -137,6 +137,22 @@ def test_state_carry_across_calls():
                                msg=lambda m: f"seed={seed} split={split}: {m}")
     assert_states_close(second.state, whole.state, 1e-9, 1e-9, f"seed={seed} split={split}")
 
+def test_last_logits_only_equals_the_last_position_of_the_full_forward():
+    """A prompt's prefill asks for the last position's logits alone: the same logits (up to the
+    matmul's blocking over one row against eleven: float64 rounding) and the same state, bit for bit
+    (nothing before the head changes)."""
+    seed = fresh_seed()
+    model = build(seed=seed)
+    tokens = random_tokens(model.cfg, 2, 11, seed)
+    with torch.no_grad():
+        full = model(tokens, model.init_state(2))
+        last = model(tokens, model.init_state(2), last_logits_only=True)
+    assert last.logits.shape == (2, 1, model.cfg.vocab_size)
+    torch.testing.assert_close(last.logits[:, 0], full.logits[:, -1], rtol=1e-12, atol=1e-12,
+                               msg=lambda m: f"seed={seed}: {m}")
+    assert_states_close(last.state, full.state, 0, 0, f"seed={seed}")
+
+
 
 @pytest.mark.parametrize("feature", sorted(FEATURES))
 def test_causality(feature):
