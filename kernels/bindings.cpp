@@ -202,6 +202,7 @@ py::tuple wkv7_steps(const FloatArray &state, const FloatArray &r, const FloatAr
             throw py::value_error("wkv7_steps: r, log_w, k, v, a, b must share one (B, T, H, N) shape");
     if (state.ndim() != 4 || state.shape(0) != B || state.shape(1) != H || state.shape(2) != N || state.shape(3) != N)
         throw py::value_error("wkv7_steps: state must be (B, H, N, N)");
+    if (N > 256) throw py::value_error("wkv7_steps: head size at most 256");
     py::array_t<float> out({B, T, H, N});
     py::array_t<float> new_state({B, H, N, N});
     const float *s0 = state.data(), *pr = r.data(), *pw = log_w.data(), *pk = k.data(), *pv = v.data();

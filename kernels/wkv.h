@@ -18,7 +18,10 @@ inline float dot8(const float *x, const float *y, int64_t n) {
     return total;
 }
 
-// Inputs (B, T, H, N) float32 C-contiguous, state_in (B, H, N, N). Writes out (B, T, H, N) and
+// Calls of at least this many tokens run their (batch, head) pairs on the kernel's thread pool.
+constexpr int64_t kWkvParallelTokens = 16;
+
+// Inputs (B, T, H, N) float32 C-contiguous, state_in (B, H, N, N), N <= 256. Writes out (B, T, H, N) and
 // state_out (B, H, N, N); state_in is left unchanged (states are values, not buffers).
 void wkv7_steps(const float *state_in, const float *r, const float *log_w, const float *k, const float *v,
                 const float *a, const float *b, int64_t batch, int64_t tokens, int64_t heads, int64_t n,

@@ -306,12 +306,14 @@ def test_fla_matches_reference(T):
 
 
 def test_cpp_step_matches_reference_float32():
-    """The C++ fused step (generation's recurrence on the CPU) against the float64 scan."""
+    """The C++ loop (the CPU's recurrence without autograd: generation's step and a prompt's whole
+    sequence, whose (batch, head) pairs run on the kernel's pool from kWkvParallelTokens = 16 tokens)
+    against the float64 scan."""
     if _cpp_kernels() is None:
         if os.environ.get("HIERARCHOS_REQUIRE_KERNEL") == "1":
             pytest.fail("HIERARCHOS_REQUIRE_KERNEL=1 but the C++ kernel is not built")
         pytest.skip("the C++ kernel is not built")
-    for T in (1, 2, 3):
+    for T in (1, 2, 3, 15, 16, 41):
         seed = fresh_seed()
         inputs, state = make_inputs(seed, B=2, T=T, H=3, N=16)
         o_ref, s_ref = wkv7_reference(**inputs, state=state)
@@ -324,7 +326,9 @@ def test_cpp_step_matches_reference_float32():
         assert torch.equal(state32, state.float())  # the input state is a value: untouched
         with torch.no_grad():
             assert resolve_impl("auto", f32["r"][:, :1]) == "cpp_step"
+            assert resolve_impl("auto", f32["r"]) == "cpp_step"  # every length
         assert resolve_impl("auto", f32["r"][:, :1].requires_grad_()) == "recurrent"  # autograd: torch path
+        assert resolve_impl("auto", torch.zeros(1, 3, 2, 4, requires_grad=True)) == "chunked"
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -340,7 +344,8 @@ def test_the_no_grad_operator_is_wkv7_and_its_fake_form_gives_the_shapes(dtype, 
     x, state = make_inputs(seed, T=37, dtype=dtype)
     state = state if with_state else None
     args = [x[n] for n in NAMES]
-    want_o, want_s = wkv7(*args, state=state)
+    with torch.no_grad():  # the operator's contract: wkv7 without gradients (on the CPU: the C++ loop when built)
+        want_o, want_s = wkv7(*args, state=state)
     o, s = wkv7_no_grad(*args, state, 32)
     assert torch.equal(o, want_o) and torch.equal(s, want_s), seed
     assert all(t is not u for t in (o, s) for u in (*args, state))

@@ -61,6 +61,8 @@ def test_short_calls_take_the_step_and_longer_ones_the_chunked_path(monkeypatch)
     with torch.no_grad():
         x32 = x64.float()
         assert W.resolve_impl("auto", x32) == ("cpp_step" if W._cpp_kernels() is not None else "recurrent")
+        long32 = torch.zeros(1, 40, 2, 4)  # a prompt: the C++ loop too, else the chunked form
+        assert W.resolve_impl("auto", long32) == ("cpp_step" if W._cpp_kernels() is not None else "chunked")
         # under torch.compile the traced recurrent step, not the C++ one (numpy breaks the graph)
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
         assert W.resolve_impl("auto", x32) == "recurrent"
