@@ -118,7 +118,7 @@ def measure(model, fmt: str, weight_bytes: int, args, device) -> list[dict]:
         prompt = torch.randint(0, cfg.vocab_size, (1, context), device=device)
         start = time.perf_counter()
         for piece in prompt.split(args.prefill_chunk, dim=1):  # prefill in pieces bounds activation memory
-            out = model(piece, state)
+            out = model(piece, state, last_logits_only=True)  # as generate prefills
             state = out.state
         sync(device)
         prefill_s = time.perf_counter() - start
