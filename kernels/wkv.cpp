@@ -8,7 +8,6 @@
 #include "wkv.h"
 
 #include <cmath>
-#include <vector>
 
 #include "runtime.h"
 

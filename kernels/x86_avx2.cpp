@@ -1,7 +1,9 @@
 // AVX2 dot-product kernels (compiled with -mavx2 -mfma -mf16c; only called when cpuid says
 // so). One weight row at a time against up to four activation rows, so each weight block
-// is unpacked once per four activations (4-bit weights at batch 1: four rows against one); 4-bit weights in x86_q4_pairs.h. Everything here has internal linkage: this unit
-// must not emit inline code that another unit, built for plain x86-64, could link to.
+// is unpacked once per four activations (4-bit weights at batch 1: four rows against one);
+// 4-bit weights in x86_q4_pairs.h, prefetching in x86_prefetch.h. Everything here has internal
+// linkage: this unit must not emit inline code that another unit, built for plain x86-64, could
+// link to.
 #include "formats.h"
 
 #if defined(HK_BUILD_AVX2)
