@@ -1,6 +1,6 @@
-// RWKV-7 time-mix recurrence for a few tokens (generation): the same function as
-// hierarchos/ops/wkv.py's wkv7_recurrent_step (its reference), one fused loop per head
-// instead of a dozen tiny torch ops. For each (batch, head) and token t:
+// RWKV-7 time-mix recurrence on the CPU without autograd (generation's step and a prompt's
+// prefill): the same function as hierarchos/ops/wkv.py's wkv7_recurrent_step (its reference), one
+// fused loop per (batch, head) instead of a dozen tiny torch ops a token. For each pair and token t:
 //     u    = S a_t                                  (S before the decay)
 //     S'   = S * exp(log_w_t)[None, :] + u b_t^T + v_t k_t^T
 //     o_t  = S' r_t

@@ -1,4 +1,4 @@
-// RWKV-7 recurrence over a few tokens on the CPU (see wkv.cpp).
+// RWKV-7 recurrence on the CPU without autograd (see wkv.cpp).
 #pragma once
 
 #include <cstdint>
