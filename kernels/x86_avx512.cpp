@@ -383,6 +383,7 @@ void row_q2_k(const BlockQ2_K *row, int64_t n_blocks, const ActQ8_KView &act, in
     }
     for (int64_t b = 0; b < n_blocks; ++b) {
         const BlockQ2_K &w = row[b];
+        prefetch_l2(reinterpret_cast<const uint8_t *>(&w) + kPrefetchBytes, sizeof(BlockQ2_K));  // (x86_prefetch.h)
         const __m128i packed_scales = _mm_loadu_si128(reinterpret_cast<const __m128i *>(w.scales));
         const __m512i scales = _mm512_castsi256_si512(_mm256_cvtepu8_epi16(_mm_and_si128(packed_scales, low4)));
         const __m256i mins = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(packed_scales, 4), low4));
