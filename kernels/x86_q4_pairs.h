@@ -8,6 +8,32 @@
 // block l/4; the -8 * sum correction per lane comes precomputed (ActQ8_0View::corr).
 // The including unit defines q4_dot(acc, lo, a_lo, hi, a_hi) -> acc + lane sums.
 
+// A block pair's codes (low and high nibbles, each block's 16 bytes in one 128-bit lane) and its
+// two scales as [d0, d1, 0, 0].
+template <bool FLOAT_SCALE>
+inline void q4_pair(const uint8_t *block0, __m256i &lo, __m256i &hi, __m128 &dw) {
+    const int bb = FLOAT_SCALE ? 20 : 18;
+    const int scale_bytes = FLOAT_SCALE ? 4 : 2;
+    const uint8_t *block1 = block0 + bb;
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    const __m256i packed = _mm256_inserti128_si256(
+        _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i *>(block0 + scale_bytes))),
+        _mm_loadu_si128(reinterpret_cast<const __m128i *>(block1 + scale_bytes)), 1);
+    lo = _mm256_and_si256(packed, low4);
+    hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low4);
+    if (FLOAT_SCALE) {
+        float d0, d1;
+        std::memcpy(&d0, block0, 4);
+        std::memcpy(&d1, block1, 4);
+        dw = _mm_setr_ps(d0, d1, 0.0f, 0.0f);
+    } else {
+        uint16_t h0, h1;
+        std::memcpy(&h0, block0, 2);
+        std::memcpy(&h1, block1, 2);
+        dw = _mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(h0 | static_cast<uint32_t>(h1) << 16)));
+    }
+}
+
 template <int NA, bool FLOAT_SCALE>
 void row_q4_pairs(const uint8_t *row, int64_t n_blocks, const ActQ8_0View &act, int64_t a, float *out,
                   int64_t out_stride) {
@@ -19,25 +45,9 @@ void row_q4_pairs(const uint8_t *row, int64_t n_blocks, const ActQ8_0View &act, 
     for (int k = 0; k < NA; ++k) acc0[k] = acc1[k] = _mm256_setzero_ps();
     int64_t b = 0;
     for (; b + 2 <= n_blocks; b += 2) {
-        const uint8_t *block0 = row + b * bb;
-        const uint8_t *block1 = block0 + bb;
-        const __m256i packed = _mm256_inserti128_si256(
-            _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i *>(block0 + scale_bytes))),
-            _mm_loadu_si128(reinterpret_cast<const __m128i *>(block1 + scale_bytes)), 1);
-        const __m256i lo = _mm256_and_si256(packed, low4);
-        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low4);
+        __m256i lo, hi;
         __m128 dw;
-        if (FLOAT_SCALE) {
-            float d0, d1;
-            std::memcpy(&d0, block0, 4);
-            std::memcpy(&d1, block1, 4);
-            dw = _mm_setr_ps(d0, d1, 0.0f, 0.0f);
-        } else {
-            uint16_t h0, h1;
-            std::memcpy(&h0, block0, 2);
-            std::memcpy(&h1, block1, 2);
-            dw = _mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(h0 | static_cast<uint32_t>(h1) << 16)));
-        }
+        q4_pair<FLOAT_SCALE>(row + b * bb, lo, hi, dw);
         for (int k = 0; k < NA; ++k) {
             const int64_t ab = (a + k) * act.n_blocks + b;
             const int8_t *q8 = act.qs + ab * QK;
@@ -88,8 +98,6 @@ template <int NR, bool FLOAT_SCALE>
 void rows_q4_pairs_one(const uint8_t *w, int64_t row_bytes, int64_t n_blocks, const ActQ8_0View &act, int64_t a,
                        float *out) {
     const int bb = FLOAT_SCALE ? 20 : 18;
-    const int scale_bytes = FLOAT_SCALE ? 4 : 2;
-    const __m256i low4 = _mm256_set1_epi8(0x0F);
     const __m256i spread = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
     __m256 acc[NR];
     for (int r = 0; r < NR; ++r) acc[r] = _mm256_setzero_ps();
@@ -105,25 +113,9 @@ void rows_q4_pairs_one(const uint8_t *w, int64_t row_bytes, int64_t n_blocks, co
         const __m256i corr = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(act.corr + ab * 4));
         const __m128 da = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double *>(act.d + ab)));
         for (int r = 0; r < NR; ++r) {
-            const uint8_t *block0 = w + r * row_bytes + b * bb;
-            const uint8_t *block1 = block0 + bb;
-            const __m256i packed = _mm256_inserti128_si256(
-                _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i *>(block0 + scale_bytes))),
-                _mm_loadu_si128(reinterpret_cast<const __m128i *>(block1 + scale_bytes)), 1);
-            const __m256i lo = _mm256_and_si256(packed, low4);
-            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low4);
+            __m256i lo, hi;
             __m128 dw;
-            if (FLOAT_SCALE) {
-                float d0, d1;
-                std::memcpy(&d0, block0, 4);
-                std::memcpy(&d1, block1, 4);
-                dw = _mm_setr_ps(d0, d1, 0.0f, 0.0f);
-            } else {
-                uint16_t h0, h1;
-                std::memcpy(&h0, block0, 2);
-                std::memcpy(&h1, block1, 2);
-                dw = _mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(h0 | static_cast<uint32_t>(h1) << 16)));
-            }
+            q4_pair<FLOAT_SCALE>(w + r * row_bytes + b * bb, lo, hi, dw);
             const __m256i dot = q4_dot(corr, lo, a_lo, hi, a_hi);
             const __m256 scale = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_mul_ps(dw, da)), spread);
             acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[r]);
