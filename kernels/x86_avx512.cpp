@@ -148,7 +148,7 @@ void rows_q4_quads(const Q4Quad<FLOAT_SCALE> &quad, const uint8_t *w, int64_t ro
     for (int r = 0; r < NR; ++r)
         for (int k = 0; k < NA; ++k) acc[r][k] = _mm512_setzero_ps();
     const int64_t full = n_blocks & ~int64_t{3};
-    const int64_t pf = (kPrefetchBytes + NR * row_bytes - 1) / (NR * row_bytes) * NR * row_bytes;
+    const int64_t pf = prefetch_offset(NR * row_bytes);
     for (int64_t b = 0; b < full; b += 4) {
         __m512i lo[NR], hi[NR];
         __m128 dw[NR];

@@ -16,12 +16,15 @@ inline void prefetch_l2(const uint8_t *p, int64_t bytes) {
         _mm_prefetch(reinterpret_cast<const char *>(p + offset), _MM_HINT_T1);
 }
 
-// Row-at-a-time kernels: before row r, ask for row r + rows_ahead(row_bytes) (whole rows,
-// at least kPrefetchBytes on); a call's first rows are asked for as it starts.
-inline int64_t prefetch_rows_ahead(int64_t row_bytes) { return (kPrefetchBytes + row_bytes - 1) / row_bytes; }
+// How far ahead of the rows being read to ask for weights: whole groups of `group_bytes` (a group
+// of rows read side by side), at least kPrefetchBytes on, so that a prefetch lands on the same
+// columns of the rows that group will read.
+inline int64_t prefetch_offset(int64_t group_bytes) {
+    return (kPrefetchBytes + group_bytes - 1) / group_bytes * group_bytes;
+}
 
+// A call's first rows (those the in-loop prefetches of its own rows never cover), asked for as it starts.
 inline void prefetch_first_rows(const DotArgs &args) {
-    const int64_t ahead = prefetch_rows_ahead(args.row_bytes);
-    const int64_t rows = args.r1 - args.r0 < ahead ? args.r1 - args.r0 : ahead;
-    prefetch_l2(args.w + args.r0 * args.row_bytes, rows * args.row_bytes);
+    const int64_t bytes = prefetch_offset(args.row_bytes), rows = (args.r1 - args.r0) * args.row_bytes;
+    prefetch_l2(args.w + args.r0 * args.row_bytes, rows < bytes ? rows : bytes);
 }

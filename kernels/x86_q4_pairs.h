@@ -102,8 +102,8 @@ void rows_q4_pairs_one(const uint8_t *w, int64_t row_bytes, int64_t n_blocks, co
     __m256 acc[NR];
     for (int r = 0; r < NR; ++r) acc[r] = _mm256_setzero_ps();
     const int64_t full = n_blocks & ~int64_t{1};
-    // the same columns of the rows whole row groups (>= kPrefetchBytes) on, as the AVX-512 quads do
-    const int64_t pf = (kPrefetchBytes + NR * row_bytes - 1) / (NR * row_bytes) * NR * row_bytes;
+    // the same columns of the rows whole row groups on, as the AVX-512 quads do (x86_prefetch.h)
+    const int64_t pf = prefetch_offset(NR * row_bytes);
     for (int64_t b = 0; b < full; b += 2) {
         for (int r = 0; r < NR; ++r) prefetch_l2(w + r * row_bytes + b * bb + pf, 1);
         const int64_t ab = a * act.n_blocks + b;
@@ -144,8 +144,7 @@ void row_q4_pairs_dispatch(QType t, const uint8_t *row, int64_t n_blocks, const 
 }
 
 void dot_q4_pairs(QType t, const DotArgs &args, const ActQ8_0View &act) {
-    const int64_t ahead = prefetch_rows_ahead(args.row_bytes);  // x86_prefetch.h, included before this
-    prefetch_first_rows(args);
+    prefetch_first_rows(args);  // x86_prefetch.h, included before this
     if (args.a1 - args.a0 == 1) {  // batch 1: four weight rows a step share the activation loads
         const int64_t rb = args.row_bytes, a = args.a0;
         float *out = args.out + a * args.out_stride;
@@ -162,7 +161,6 @@ void dot_q4_pairs(QType t, const DotArgs &args, const ActQ8_0View &act) {
     }
     for (int64_t r = args.r0; r < args.r1; ++r) {
         const uint8_t *row = args.w + r * args.row_bytes;
-        prefetch_l2(row + ahead * args.row_bytes, args.row_bytes);
         float *out = args.out + r;
         int64_t a = args.a0;
         for (; a + 4 <= args.a1; a += 4) row_q4_pairs_dispatch<4>(t, row, args.n_blocks, act, a, out + a * args.out_stride, args.out_stride);
