@@ -8,6 +8,7 @@
 #include <string>
 
 #include "bpe.h"
+#include "memory_step.h"
 #include "rosa.h"
 #include "rwkv_step.h"
 #include "wkv.h"
@@ -235,6 +236,8 @@ PYBIND11_MODULE(hierarchos_kernels, m) {
           "[y_i = x_i @ W_i.T] for weights [(data, qtype, cols)] and activations [x_i (N_i, cols_i)], one call");
     m.def("set_threads", &hk::set_threads, py::arg("n"), "n <= 0: one per hardware thread");
     m.def("get_threads", &hk::get_threads);
+    m.def("pool_counts", &hk::pool_counts,
+          "(jobs that wanted helpers, jobs no helper joined in time) since the pool started: a diagnostic");
     m.def("set_isa", [](const std::string &name) {
         try {
             hk::set_isa(name);
@@ -260,6 +263,7 @@ PYBIND11_MODULE(hierarchos_kernels, m) {
 
     hk::register_bpe(m);  // BpeEncoder (bpe.cpp)
     hk::register_rwkv_step(m);  // RwkvStackStep (rwkv_step.cpp)
+    hk::register_memory_step(m);  // memory_read (memory_step.cpp)
 
     py::class_<hk::RosaAutomaton>(m, "RosaAutomaton")
         .def(py::init([](int64_t window, int64_t none_id) {

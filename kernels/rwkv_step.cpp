@@ -536,6 +536,104 @@ public:
         return py::make_tuple(drift_out, new_states, rows_run, commitment);
     }
 
+    // One round of the reasoner for one token per row (hierarchos/model/hrm.py, HierarchicalReasoner._round
+    // at T = 1 with ACT halting and no shadow pass of the worker; this stack is the worker, `manager`
+    // the manager's), the projections on the same integer matvecs as QuantLinear:
+    //   h = h_input_proj(u) (+ l_feedback_proj(feedback)); watch = manager(h) on the watch state
+    //   context = plan_prev + alpha (plan_last - plan_prev)
+    //   at a plan point: ACT over the pondering passes p < P (pass p: z = manager(watch + refinement) on
+    //     pondering state p, halted rows frozen from p = 1, refinement = z - pass input; halt_prob =
+    //     sigmoid(h_halt z + b); a pass once every row halted is skipped); plan = h_to_context(mix);
+    //     plan_prev' = plan_last, plan_last' = plan
+    //   y = u + l_to_out(worker(l_input_proj([u, context])) on the commit state)
+    // states: (tm_shift, wkv, cm_shift) tuples; ponder: one per pass (used at a plan point only).
+    // Returns (y, watch', commit', ponder' (None for a pass not run), plan_prev', plan_last', sum of the
+    // expected steps, sum of the halting steps); at no plan point the plans come back as given.
+    py::tuple round(RwkvStackStep &manager, const FloatArray &u, const py::object &feedback, const py::tuple &watch,
+                    const py::tuple &commit, const py::list &ponder, const FloatArray &plan_prev,
+                    const FloatArray &plan_last, float alpha, bool is_plan, double thresh, const py::tuple &lin_h_in,
+                    const py::object &lin_feedback, const FloatArray &halt_w, float halt_b, const py::tuple &lin_h_ctx,
+                    const py::tuple &lin_l_in, const py::tuple &lin_l_out, const py::object &manager_gates,
+                    const py::object &worker_gates) {
+        const char *where = "RwkvStackStep.round";
+        if (u.ndim() != 2) throw py::value_error(std::string(where) + ": u must be a (B, d) array");
+        const int64_t B = u.shape(0), D = u.shape(1), HH = manager.C_, LH = C_;
+        for (const FloatArray *a : {&plan_prev, &plan_last})
+            if (a->ndim() != 2 || a->shape(0) != B || a->shape(1) != D)
+                throw py::value_error(std::string(where) + ": the plans must be (B, d) arrays like u");
+        if (halt_w.size() != HH) throw py::value_error(std::string(where) + ": h_halt weight must hold h_hidden values");
+        const Linear h_in = linear(lin_h_in, HH, D, "h_input_proj", where), h_ctx = linear(lin_h_ctx, D, HH, "h_to_context", where),
+                     l_in = linear(lin_l_in, LH, 2 * D, "l_input_proj", where), l_out = linear(lin_l_out, D, LH, "l_to_out", where);
+        FloatArray fb_array;
+        Linear fb;
+        if (!feedback.is_none()) {
+            fb_array = FloatArray::ensure(feedback);
+            if (!fb_array || fb_array.ndim() != 2 || fb_array.shape(0) != B || fb_array.shape(1) != D)
+                throw py::value_error(std::string(where) + ": feedback must be a (B, d) array like u");
+            fb = linear(lin_feedback.cast<py::tuple>(), HH, D, "l_feedback_proj", where);
+        }
+        const StackState w_in = manager.stack_state(watch, B, where), c_in = stack_state(commit, B, where);
+        std::vector<StackState> p_in;
+        if (is_plan) {
+            for (const py::handle item : ponder) p_in.push_back(manager.stack_state(item.cast<py::tuple>(), B, where));
+            if (p_in.empty()) throw py::value_error(std::string(where) + ": a plan point needs at least one pondering state");
+        }
+        const std::vector<FloatArray> m_gate_arrays = manager.parse_gates(manager_gates, B, where),
+                                      w_gate_arrays = parse_gates(worker_gates, B, where);
+        const std::vector<const float *> m_gates = pointers(m_gate_arrays), w_gates = pointers(w_gate_arrays);
+        const StackState w_out = manager.new_state(B), c_out = new_state(B);
+        std::vector<StackState> p_out;
+        for (size_t p = 0; p < p_in.size(); ++p) p_out.push_back(manager.new_state(B));
+        py::array_t<float> y_out({B, D}), prev_out({B, D}), last_out({B, D});
+        std::vector<uint8_t> ran(p_in.size(), 0);
+        double expected_sum = 0.0, halting_sum = 0.0;
+        {
+            py::gil_scoped_release release;
+            std::unique_lock<std::mutex> lock_m(manager.mutex_, std::defer_lock), lock_w(mutex_, std::defer_lock);
+            if (&manager == this) lock_w.lock();
+            else std::lock(lock_m, lock_w);
+            PoolHold hold;
+            const float *pu = u.data();
+            std::vector<float> h(static_cast<size_t>(B * HH)), watch_x(static_cast<size_t>(B * HH)),
+                context(static_cast<size_t>(B * D)), x_in(static_cast<size_t>(B * 2 * D)),
+                x(static_cast<size_t>(B * LH)), z(static_cast<size_t>(B * LH));
+            apply(h_in, pu, B, h.data());
+            if (fb.m.data) {
+                std::vector<float> f(static_cast<size_t>(B * HH));
+                apply(fb, fb_array.data(), B, f.data());
+                for (int64_t i = 0; i < B * HH; ++i) h[i] += f[i];
+            }
+            const std::vector<uint8_t> none(static_cast<size_t>(B), 0);
+            manager.run(B, h.data(), w_in.tm, w_in.wkv, w_in.cm, m_gates, none.data(), watch_x.data(), w_out.tm_out,
+                        w_out.wkv_out, w_out.cm_out);
+            const float *pp = plan_prev.data(), *pl = plan_last.data();
+            for (int64_t i = 0; i < B * D; ++i) context[i] = pp[i] + alpha * (pl[i] - pp[i]);
+            float *new_prev = prev_out.mutable_data(), *new_last = last_out.mutable_data();
+            if (is_plan) {
+                ponder_act(manager, B, watch_x.data(), p_in, p_out, m_gates, halt_w.data(), halt_b, thresh, h_ctx,
+                           new_last, ran, expected_sum, halting_sum);
+                std::copy(pl, pl + B * D, new_prev);
+            } else {
+                std::copy(pp, pp + B * D, new_prev);
+                std::copy(pl, pl + B * D, new_last);
+            }
+            for (int64_t b = 0; b < B; ++b) {
+                std::copy(pu + b * D, pu + (b + 1) * D, x_in.data() + b * 2 * D);
+                std::copy(context.data() + b * D, context.data() + (b + 1) * D, x_in.data() + b * 2 * D + D);
+            }
+            apply(l_in, x_in.data(), B, x.data());
+            run(B, x.data(), c_in.tm, c_in.wkv, c_in.cm, w_gates, none.data(), z.data(), c_out.tm_out, c_out.wkv_out,
+                c_out.cm_out);
+            float *y = y_out.mutable_data();
+            apply(l_out, z.data(), B, y);
+            for (int64_t i = 0; i < B * D; ++i) y[i] = pu[i] + y[i];
+        }
+        py::list ponder_new;
+        for (size_t p = 0; p < p_out.size(); ++p) ponder_new.append(ran[p] ? p_out[p].arrays() : py::object(py::none()));
+        return py::make_tuple(y_out, w_out.arrays(), c_out.arrays(), ponder_new, prev_out, last_out, expected_sum,
+                              halting_sum);
+    }
+
 private:
     struct Linear {
         QMat m;
@@ -545,8 +643,9 @@ private:
     };
 
     // (data, qtype, cols, bias or None) of a quantized (rows x cols) projection, held for the call.
-    Linear linear(const py::tuple &spec, int64_t rows, int64_t cols, const char *name) {
-        const std::string where = std::string("RwkvStackStep.shadow: ") + name;
+    Linear linear(const py::tuple &spec, int64_t rows, int64_t cols, const char *name,
+                  const char *caller = "RwkvStackStep.shadow") {
+        const std::string where = std::string(caller) + ": " + name;
         if (spec.size() != 4) throw py::value_error(where + " must be (data, qtype, cols, bias)");
         Linear l;
         l.m = qmat(spec, rows, cols, where, l.data);
@@ -556,6 +655,76 @@ private:
             l.bias = l.bias_array.data();
         }
         return l;
+    }
+
+    // A stack's state for one call: the inputs (tm_shift, wkv, cm_shift) held for the call, or new
+    // output arrays (`arrays()` hands them to Python).
+    struct StackState {
+        FloatArray tm_a, wkv_a, cm_a;
+        const float *tm = nullptr, *wkv = nullptr, *cm = nullptr;
+        py::array_t<float> tm_o, wkv_o, cm_o;
+        float *tm_out = nullptr, *wkv_out = nullptr, *cm_out = nullptr;
+        py::tuple arrays() const { return py::make_tuple(tm_o, wkv_o, cm_o); }
+    };
+
+    StackState stack_state(const py::tuple &t, int64_t B, const char *where) const {
+        const int64_t L = n_layers();
+        if (t.size() != 3) throw py::value_error(std::string(where) + ": a state is (tm_shift, wkv, cm_shift)");
+        StackState s;
+        s.tm_a = FloatArray::ensure(t[0]), s.wkv_a = FloatArray::ensure(t[1]), s.cm_a = FloatArray::ensure(t[2]);
+        if (!s.tm_a || !s.wkv_a || !s.cm_a || s.tm_a.size() != L * B * C_ || s.cm_a.size() != L * B * C_ ||
+            s.wkv_a.size() != L * B * H_ * N_ * N_)
+            throw py::value_error(std::string(where) + ": a state does not fit its stack and batch");
+        s.tm = s.tm_a.data(), s.wkv = s.wkv_a.data(), s.cm = s.cm_a.data();
+        return s;
+    }
+
+    StackState new_state(int64_t B) const {
+        const int64_t L = n_layers();
+        StackState s;
+        s.tm_o = py::array_t<float>({L, B, C_}), s.wkv_o = py::array_t<float>({L, B, H_, N_, N_});
+        s.cm_o = py::array_t<float>({L, B, C_});
+        s.tm_out = s.tm_o.mutable_data(), s.wkv_out = s.wkv_o.mutable_data(), s.cm_out = s.cm_o.mutable_data();
+        return s;
+    }
+
+    // `_ponder` of hrm.py for one plan point per row (ACT): the passes on this (the manager's) stack, the
+    // plan h_to_context(mix) into `plan`; the GIL released, this object's scratch held by the caller.
+    void ponder_act(RwkvStackStep &m, int64_t B, const float *watch, const std::vector<StackState> &in,
+                    const std::vector<StackState> &out, const std::vector<const float *> &gates, const float *halt_w,
+                    float halt_b, double thresh, const Linear &h_ctx, float *plan, std::vector<uint8_t> &ran,
+                    double &expected_sum, double &halting_sum) {
+        const int64_t HH = m.C_, P = static_cast<int64_t>(in.size());
+        std::vector<float> pass_in(static_cast<size_t>(B * HH)), z(static_cast<size_t>(B * HH)),
+            refinement(static_cast<size_t>(B * HH), 0.0f), mix(static_cast<size_t>(B * HH), 0.0f);
+        std::vector<float> remainder(static_cast<size_t>(B), 1.0f), expected(static_cast<size_t>(B), 0.0f),
+            halting_step(static_cast<size_t>(B), 0.0f);
+        std::vector<uint8_t> halted(static_cast<size_t>(B), 0), none(static_cast<size_t>(B), 0);
+        for (int64_t p = 0; p < P; ++p) {
+            if (p > 0 && std::all_of(halted.begin(), halted.end(), [](uint8_t f) { return f != 0; })) break;
+            ran[p] = 1;
+            for (int64_t i = 0; i < B * HH; ++i) pass_in[i] = watch[i] + refinement[i];
+            m.run(B, pass_in.data(), in[p].tm, in[p].wkv, in[p].cm, gates, p > 0 ? halted.data() : none.data(), z.data(),
+                  out[p].tm_out, out[p].wkv_out, out[p].cm_out);
+            for (int64_t i = 0; i < B * HH; ++i) refinement[i] = z[i] - pass_in[i];
+            for (int64_t b = 0; b < B; ++b) {
+                const float *zb = z.data() + b * HH;
+                float dot = 0.0f;
+                for (int64_t i = 0; i < HH; ++i) dot += zb[i] * halt_w[i];
+                const float halt_prob = 1.0f / (1.0f + std::exp(-(dot + halt_b)));
+                const bool active = !halted[b];
+                const float accumulated = 1.0f - remainder[b] * (1.0f - halt_prob);
+                const bool stop = active && ((thresh < 1.0 && p < P - 1) ? accumulated >= static_cast<float>(thresh) : p == P - 1);
+                const float weight = active ? (stop ? remainder[b] : halt_prob * remainder[b]) : 0.0f;
+                for (int64_t i = 0; i < HH; ++i) mix[b * HH + i] += weight * zb[i];
+                expected[b] += static_cast<float>(p + 1) * weight;
+                if (stop) halting_step[b] = static_cast<float>(p + 1);
+                if (active && !stop) remainder[b] = remainder[b] * (1.0f - halt_prob);
+                if (stop) halted[b] = 1;
+            }
+        }
+        for (int64_t b = 0; b < B; ++b) expected_sum += expected[b], halting_sum += halting_step[b];
+        apply(h_ctx, mix.data(), B, plan);
     }
 
     // y (B, rows) = x (B, cols) W^T (+ bias), as QuantLinear computes it
@@ -831,7 +1000,14 @@ void register_rwkv_step(py::module_ &m) {
              "x (B, dim), states (L, B, ...) -> (x, tm_shift, wkv, cm_shift), new arrays; inputs unchanged")
         .def("shadow", &RwkvStackStep::shadow, py::arg("u"), py::arg("context"), py::arg("states"), py::arg("lin_in"),
              py::arg("lin_drift"), py::arg("atol"), py::arg("threshold"), py::arg("gates") = py::none(),
-             "the worker's shadow passes at T = 1 -> (drift, states, rows run, commitment); see rwkv_step.cpp");
+             "the worker's shadow passes at T = 1 -> (drift, states, rows run, commitment); see rwkv_step.cpp")
+        .def("round", &RwkvStackStep::round, py::arg("manager"), py::arg("u"), py::arg("feedback"), py::arg("watch"),
+             py::arg("commit"), py::arg("ponder"), py::arg("plan_prev"), py::arg("plan_last"), py::arg("alpha"),
+             py::arg("is_plan"), py::arg("thresh"), py::arg("lin_h_in"), py::arg("lin_feedback"), py::arg("halt_weight"),
+             py::arg("halt_bias"), py::arg("lin_h_ctx"), py::arg("lin_l_in"), py::arg("lin_l_out"),
+             py::arg("manager_gates") = py::none(), py::arg("worker_gates") = py::none(),
+             "one reasoner round at T = 1 (this stack the worker) -> (y, watch, commit, ponder, plan_prev, plan_last, "
+             "expected steps, halting steps); see rwkv_step.cpp");
 }
 
 }  // namespace hk

@@ -88,7 +88,7 @@ class Counting:
     """Stands in for a plan's C++ object: counts the fused calls (stack steps and shadow loops)."""
 
     def __init__(self, step):
-        self.inner, self.calls, self.shadows = step, 0, 0
+        self.inner, self.calls, self.shadows, self.rounds = step, 0, 0, 0
 
     def step(self, *args):
         self.calls += 1
@@ -97,6 +97,10 @@ class Counting:
     def shadow(self, *args):
         self.shadows += 1
         return self.inner.shadow(*args)
+
+    def round(self, *args):
+        self.rounds += 1
+        return self.inner.round(*args)
 
 
 def count_calls(model) -> list[Counting]:
@@ -289,10 +293,247 @@ def test_no_shadow_pass_makes_no_fused_call_and_matches_python_explore():
     token = torch.tensor([5])
     with torch.no_grad():
         fused = model.step(token, model.init_state(1))
-        assert counter.calls == 1  # the worker's commit pass ran fused
+        assert counter.rounds == 1 and counter.calls == 0  # the whole round ran fused (the commit pass in it)
         assert fused_step.attach_fused_steps(model, enabled=False) == 0  # the Python step, the reference
         plain = model.step(token, model.init_state(1))
     assert rel_diff(fused.logits, plain.logits) < 1e-4
+
+
+ROUND_DEPTHS = {  # (kw, what the case covers)
+    "minimal": dict(h_cycles=1, max_h_steps=1, max_l_steps=0),
+    "two_cycles": dict(h_cycles=2, max_h_steps=1, max_l_steps=0),          # the feedback projection
+    "act_some_halt": dict(h_cycles=1, max_h_steps=3, max_l_steps=0, h_halt_thresh=0.5),
+    "act_cap": dict(h_cycles=2, max_h_steps=3, max_l_steps=0, h_halt_thresh=1.0),  # every pass, no early halt
+    "stride_3": dict(h_cycles=1, max_h_steps=2, max_l_steps=0, h_stride=3),
+}
+
+
+@pytest.mark.parametrize("depth", ROUND_DEPTHS)
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0", "Q2_K"])
+def test_round_matches_python_round(qtype, depth):
+    """A reasoner round at T = 1 in one C++ call (no shadow pass, ACT) gives the Python round's logits,
+    state (watch, pondering, commit, plans, last output) and totals, token after token over plan points
+    and between them, at batch 1 and 2, with DeepEmbed shared, per block or off."""
+    from hierarchos.model.hrm import HierarchicalReasoner
+
+    def compare(seed):
+        rng = random.Random(seed)
+        deepembed = rng.choice(["shared", "per_block", "off"])
+        cfg = config(**ROUND_DEPTHS[depth], use_deepembed=deepembed != "off", deepembed_per_block=deepembed == "per_block")
+        model = quantized(cfg, qtype, seed)
+        # the reference: the same fused stack passes, the round in Python (the stacks' own fused
+        # step is held to the Python one above; here the round's glue is what is compared)
+        reference = copy.deepcopy(model)
+        assert fused_step.attach_fused_steps(reference) == 2
+        reference.reasoner.__class__ = HierarchicalReasoner
+        counter = Counting(model.reasoner.worker._fused_plan.step)
+        model.reasoner.worker._fused_plan.step = counter
+        diffs = []
+        g = torch.Generator().manual_seed(seed)
+        for B in (1, 2):
+            prompt = torch.randint(0, cfg.vocab_size, (B, 1 + rng.randrange(4)), generator=g)
+            with torch.no_grad():
+                out, ref = model(prompt), reference(prompt)
+                state, ref_state = out.state, ref.state
+                token = ref.logits[:, -1].argmax(-1)
+                for i in range(2 * cfg.h_stride + 1):
+                    before = counter.rounds
+                    out, ref = model.step(token, state), reference.step(token, ref_state)
+                    assert counter.rounds - before == cfg.h_cycles
+                    what = f"{depth} {qtype} deepembed={deepembed} B={B} token {i}"
+                    diffs.append((what + " logits", rel_diff(out.logits, ref.logits)))
+                    assert list(out.totals) == list(ref.totals), what
+                    for name, (total, count) in ref.totals.items():
+                        assert out.totals[name][1] == count and out.totals[name][0].dtype == total.dtype, (what, name)
+                        diffs.append((f"{what} {name}", rel_diff(out.totals[name][0], total)))
+                    for (name, a), (_, b) in zip(out.state.tensors(), ref.state.tensors()):
+                        assert a.shape == b.shape and a.dtype == b.dtype, (what, name)
+                        diffs.append((f"{what} {name}", rel_diff(a, b)))
+                    state, ref_state = out.state, ref.state
+                    token = ref.logits.argmax(-1)
+        return diffs
+
+    on_some_draw(compare)
+
+
+def test_round_keeps_inputs_and_falls_back_where_it_does_not_apply():
+    """The fused round leaves its input state as it was; a shadow pass, Q halting, a halting record,
+    a hook on a projection, float64 and gradients take the Python round (no fused round call)."""
+    cfg = config(h_cycles=1, max_h_steps=2, max_l_steps=0, h_stride=1)  # every token a plan point
+    model = quantized(cfg)
+    counter = Counting(model.reasoner.worker._fused_plan.step)
+    model.reasoner.worker._fused_plan.step = counter
+    token = torch.tensor([3])
+    with torch.no_grad():
+        state = model.step(token, model.init_state(1)).state
+        kept = [(name, t.clone()) for name, t in state.tensors()]
+        assert counter.rounds == 1
+        model.step(token, state)
+        assert counter.rounds == 2
+        assert all(torch.equal(t, k) for (_, t), (_, k) in zip(state.tensors(), kept))  # inputs are values
+
+        def rounds_after(run) -> int:
+            before = counter.rounds
+            run()
+            return counter.rounds - before
+
+        step = lambda **caps: model.step(token, model.init_state(1), **caps)  # noqa: E731
+        assert rounds_after(step) == 1
+        model.reasoner.halting_record = []
+        assert rounds_after(step) == 0 and len(model.reasoner.halting_record) == 1
+        model.reasoner.halting_record = None
+        handle = model.reasoner.h_to_context.register_forward_hook(lambda *a: None)
+        assert rounds_after(step) == 0
+        handle.remove()
+        handle = model.reasoner.h_halt_proj.register_forward_hook(lambda *a: None)
+        assert rounds_after(step) == 0
+        handle.remove()
+        assert rounds_after(step) == 1
+    with torch.enable_grad():
+        assert rounds_after(step) == 0
+    shadow = quantized(config(h_cycles=1, max_h_steps=1, max_l_steps=2))
+    counter = Counting(shadow.reasoner.worker._fused_plan.step)
+    shadow.reasoner.worker._fused_plan.step = counter
+    with torch.no_grad():
+        shadow.step(token, shadow.init_state(1))
+    assert counter.rounds == 0 and counter.shadows == 1
+    q = quantized(config(h_cycles=1, max_h_steps=2, max_l_steps=0, halting="q"))
+    counter = Counting(q.reasoner.worker._fused_plan.step)
+    q.reasoner.worker._fused_plan.step = counter
+    with torch.no_grad():
+        q.step(token, q.init_state(1))
+    assert counter.rounds == 0 and counter.calls >= 1
+
+
+def test_round_bad_arguments_are_errors():
+    model = quantized(config(h_cycles=1, max_h_steps=1, max_l_steps=0))
+    reasoner = model.reasoner
+    u = torch.zeros(1, 1, 64)
+    rs = reasoner.init_state(1)[0]
+    specs, _, _ = reasoner._round_call(u, rs, None, 0, 1)
+    arrays = lambda s: (s["tm_shift"].numpy(), s["wkv"].numpy(), s["cm_shift"].numpy())  # noqa: E731
+    worker, manager = reasoner.worker._fused_plan.step, reasoner.manager._fused_plan.step
+    plan = rs["plan_prev"].numpy()
+
+    def call(u=u.reshape(1, 64).numpy(), watch=arrays(rs["watch"]), ponder=(), plans=(plan, plan), is_plan=False,
+             specs=specs):
+        return worker.round(manager, u, None, watch, arrays(rs["commit"]), list(ponder), *plans, 0.5, is_plan, 0.9,
+                            *specs)
+
+    call()
+    with pytest.raises(ValueError, match="plans must be"):
+        call(plans=(plan, torch.zeros(2, 64).numpy()))
+    with pytest.raises(ValueError, match="a state does not fit"):
+        call(watch=(arrays(rs["watch"])[0], arrays(rs["watch"])[1][:, :, :1], arrays(rs["watch"])[2]))
+    with pytest.raises(ValueError, match="at least one pondering state"):
+        call(is_plan=True)
+    with pytest.raises(ValueError, match="h_input_proj is not a"):
+        call(specs=(specs[5],) + specs[1:])  # l_input_proj (l_hidden x 2d) where h_input_proj (h_hidden x d) goes
+    with pytest.raises(ValueError, match="h_halt weight"):
+        call(specs=specs[:2] + (torch.zeros(3).numpy(),) + specs[3:])
+
+
+def _memory_state(memory, B, g):
+    state = memory.init_state(B, memory.query.in_features)
+    return {k: (torch.randn(v.shape, generator=g) * 0.1 if v.dtype == torch.float32 else v) for k, v in state.items()}
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0", "Q2_K"])
+def test_memory_read_matches_python_read(qtype):
+    """One token's memory read in one C++ call gives `LongTermMemory.forward`'s read and state (the
+    surprise scattered onto the k slots read, the input sum; delta, momentum and write counts the very
+    tensors passed in), at batch 1 and 2, with dormant slots, and leaves its inputs as they were."""
+    from hierarchos.model.memory import DORMANT_SOURCE, LongTermMemory
+
+    def compare(seed):
+        model = quantized(config(), qtype, seed)
+        memory = model.memory
+        assert isinstance(memory, fused_step.FusedMemory)
+        g = torch.Generator().manual_seed(seed)
+        memory.slot_source[torch.randperm(memory.slots, generator=g)[:3]] = DORMANT_SOURCE
+        diffs = []
+        for B in (1, 2):
+            e = torch.randn(B, 1, model.cfg.context_dim, generator=g)
+            state = _memory_state(memory, B, g)
+            kept = {k: v.clone() for k, v in state.items()}
+            pos0 = 8 * 5 + B  # not the last token of a chunk (chunk 8)
+            with torch.no_grad():
+                read, new = memory(e, state, pos0)
+                ref_read, ref_new = LongTermMemory.forward(memory, e, state, pos0)
+            diffs.append((f"{qtype} B={B} read", rel_diff(read, ref_read)))
+            for key in ("delta", "momentum", "writes"):
+                assert new[key] is state[key] and ref_new[key] is state[key]
+            for key in ("surprise", "input_sum"):
+                assert new[key].shape == ref_new[key].shape and new[key].dtype == ref_new[key].dtype
+                diffs.append((f"{qtype} B={B} {key}", rel_diff(new[key], ref_new[key])))
+            assert all(torch.equal(state[k], kept[k]) for k in state)
+        return diffs
+
+    on_some_draw(compare)
+
+
+def test_memory_read_falls_back_where_it_does_not_apply():
+    """A token that closes a chunk (the write), gradients, a prompt, hooks on a projection or any module,
+    and a memory with float projections read in Python; the fused read makes one kernel call a token."""
+    from hierarchos.model.memory import LongTermMemory
+
+    model = quantized(config())
+    memory = model.memory
+    calls = []
+    real = fused_step.kernel.memory_read
+
+    def counting(*args):
+        calls.append(1)
+        return real(*args)
+
+    g = torch.Generator().manual_seed(0)
+    e1, e3 = torch.randn(1, 1, 64, generator=g), torch.randn(1, 3, 64, generator=g)
+    state = _memory_state(memory, 1, g)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fused_step.kernel, "memory_read", counting)
+
+        def reads(run) -> int:
+            before = len(calls)
+            run()
+            return len(calls) - before
+
+        with torch.no_grad():
+            assert reads(lambda: memory(e1, state, 0)) == 1
+            assert reads(lambda: memory(e1, state, 7)) == 0  # closes chunk 0: writes
+            assert reads(lambda: memory(e3, state, 0)) == 0
+            handle = memory.target.register_forward_hook(lambda *a: None)
+            assert reads(lambda: memory(e1, state, 0)) == 0
+            handle.remove()
+            handle = torch.nn.modules.module.register_module_forward_hook(lambda *a: None)
+            assert reads(lambda: memory(e1, state, 0)) == 0
+            handle.remove()
+            assert reads(lambda: memory(e1, state, 0)) == 1
+        with torch.enable_grad():
+            assert reads(lambda: memory(e1, state, 0)) == 0
+    assert fused_step.attach_fused_steps(model, enabled=False) == 0
+    assert type(model.memory) is LongTermMemory
+    plain = HierarchosLM(config()).eval()
+    fused_step.attach_fused_steps(plain)
+    assert type(plain.memory) is LongTermMemory  # float projections: nothing for the kernel
+
+
+def test_memory_read_bad_arguments_are_errors():
+    model = quantized(config())
+    memory = model.memory
+    state = memory.init_state(1, 64)
+    args = dict(e=torch.zeros(1, 64).numpy(), query=fused_step._quant(memory.query), target=fused_step._quant(memory.target),
+                keys=memory.keys.detach().numpy(), slot_source=memory.slot_source.numpy(),
+                k=memory.topk, values=memory.values.detach().numpy(), delta=state["delta"].numpy(),
+                surprise=state["surprise"].numpy(), input_sum=state["input_sum"].numpy())
+    fused_step.kernel.memory_read(**args)
+    for change, match in [(dict(k=0), "k must be"), (dict(k=memory.slots + 1), "k must be"),
+                          (dict(slot_source=torch.ones(3, dtype=torch.int64).numpy()), "one id per slot"),
+                          (dict(delta=torch.zeros(2, memory.slots, 32).numpy()), "delta and surprise"),
+                          (dict(input_sum=torch.zeros(1, 8).numpy()), "input_sum"),
+                          (dict(query=fused_step._quant(model.encoder)), "query is not a"),
+                          (dict(e=torch.zeros(64).numpy()), "e must be")]:
+        with pytest.raises(ValueError, match=match):
+            fused_step.kernel.memory_read(**{**args, **change})
 
 
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0"])

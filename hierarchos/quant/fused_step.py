@@ -24,6 +24,15 @@ kernel calls a pass. It applies where the worker's fused step does, with both pr
 takes) and no hooks on them; else `_explore` runs as written (tests/test_quant_fused_step.py holds
 the two equal).
 
+At the minimal depth (no shadow pass; ACT halting) the reasoner's whole round at T = 1 is one call,
+`RwkvStackStep.round` (`FusedShadowReasoner._round`): the input projection (and the feedback's), the
+manager's watch pass, the plans' LERP, at a plan point the pondering passes with their halting and
+the plan's projection, the worker's input projection, commit pass and output projection; it applies
+where both stacks take their fused step and every projection is quantized as the shadow call's are
+(`_round_call` says when). And a quantized memory's read of a token that closes no chunk (no write) is
+one call, `kernel.memory_read` (`FusedMemory`, kernels/memory_step.cpp). At 125m Q4_0 the two took
+~0.4 ms of Python and small torch ops out of a ~4.5 ms token (BENCHMARKS.md).
+
 The low-rank paths' matrices (the token-shift, decay, in-context-rate, gate and value-residual
 mixes: 7.1 MB of float32 per 125m stack pass, a quarter of what a pass streams) go to the C++ step
 in fp16 by default (`lowrank="fp16"`, or HIERARCHOS_FUSED_LOWRANK=fp32 for float32): half their
@@ -49,6 +58,7 @@ from torch.nn.modules import module as nn_module
 
 from ..errors import HierarchosError
 from ..model.hrm import HierarchicalReasoner, add_total
+from ..model.memory import LongTermMemory
 from ..model.rwkv import RWKVStack, TimeMix
 from . import kernel
 from .gguf_io import QuantTensor
@@ -248,7 +258,47 @@ def attach_fused_steps(model: nn.Module, enabled: bool | None = None, lowrank: s
         if isinstance(module, HierarchicalReasoner):
             fused = isinstance(module.worker, FusedRWKVStack) and hasattr(kernel.RwkvStackStep, "shadow")
             module.__class__ = FusedShadowReasoner if fused else HierarchicalReasoner
+        if isinstance(module, LongTermMemory):  # the memory's read where its projections are quantized
+            fused = (enabled and getattr(kernel, "memory_read", None) is not None
+                     and _bias_free_quantized(module.query) and _bias_free_quantized(module.target))
+            module.__class__ = FusedMemory if fused else LongTermMemory
     return count
+
+
+class FusedMemory(LongTermMemory):
+    """A long-term memory whose one-token read (a token that closes no chunk: no write) runs in one C++
+    call, `kernel.memory_read` (kernels/memory_step.cpp); the class `attach_fused_steps` gives a
+    memory whose query and target projections are quantized. Everything else runs `forward` as written."""
+
+    def forward(self, e: torch.Tensor, state: dict, pos0: int):
+        if not self._read_applies(e, state, pos0):
+            return super().forward(e, state, pos0)
+        B, D = e.shape[0], e.shape[2]
+        read, surprise, input_sum = kernel.memory_read(
+            e.reshape(B, D).numpy(), _quant(self.query), _quant(self.target), self.keys.detach().numpy(),
+            self.slot_source.numpy(),
+            self.topk, self.values.detach().numpy(), state["delta"].numpy(), state["surprise"].numpy(),
+            state["input_sum"].numpy())
+        # as `forward` leaves a state no write touched: the same delta, momentum and write counts
+        return torch.from_numpy(read).view(B, 1, self.val_dim), {
+            "delta": state["delta"], "momentum": state["momentum"], "surprise": torch.from_numpy(surprise),
+            "input_sum": torch.from_numpy(input_sum), "writes": state["writes"]}
+
+    def _read_applies(self, e, state, pos0) -> bool:
+        from .model import DENSE_FROM_ROWS
+
+        if e.dim() != 3 or e.shape[1] != 1 or e.shape[0] >= DENSE_FROM_ROWS or torch.is_grad_enabled():
+            return False
+        if (pos0 % self.chunk) + 1 == self.chunk or self._segment_call is not None or self.topk > self.slots:
+            return False  # this token's write (or the compiled segment) takes the Python path
+        tensors = [e, self.keys, self.values, state["delta"], state["surprise"], state["input_sum"]]
+        if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors) or self.slot_source.device.type != "cpu":
+            return False
+        if not (_bias_free_quantized(self.query) and _bias_free_quantized(self.target)):
+            return False
+        if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+            return False
+        return not any(m._forward_hooks or m._forward_pre_hooks for m in (self.query, self.target))
 
 
 def why_not_fused(model: nn.Module) -> dict[str, str | None]:
@@ -275,8 +325,79 @@ def _linear_spec(linear: nn.Module) -> tuple | None:
 
 
 class FusedShadowReasoner(HierarchicalReasoner):
-    """A reasoner whose worker's shadow passes at T = 1 run in one C++ call (see the module doc); the
-    class `attach_fused_steps` gives a reasoner whose worker stack is fused."""
+    """A reasoner whose worker's shadow passes at T = 1 run in one C++ call, and at the minimal depth
+    its whole round (see the module doc); the class `attach_fused_steps` gives a reasoner whose worker
+    stack is fused."""
+
+    def _round(self, u, tokens, rs, feedback, pos0, n_ponder, n_explore, thresh, totals, q_halt=None,
+               row_pos=None, plan_rows=True):
+        fused = None
+        if row_pos is None and q_halt is None and n_explore == 0 and not torch.is_grad_enabled():
+            fused = self._round_call(u, rs, feedback, pos0, n_ponder)
+        if fused is None:
+            return super()._round(u, tokens, rs, feedback, pos0, n_ponder, n_explore, thresh, totals, q_halt=q_halt,
+                                  row_pos=row_pos, plan_rows=plan_rows)
+        specs, is_plan, alpha = fused
+        B, d = u.shape[0], u.shape[2]
+        arrays = lambda s: (s["tm_shift"].numpy(), s["wkv"].numpy(), s["cm_shift"].numpy())  # noqa: E731
+        tensors = lambda a: {"tm_shift": torch.from_numpy(a[0]), "wkv": torch.from_numpy(a[1]),  # noqa: E731
+                             "cm_shift": torch.from_numpy(a[2])}
+        ponder = rs["ponder"][:n_ponder] if is_plan else []
+        y, watch, commit, ponder_new, plan_prev, plan_last, expected, halting = self.worker._fused_plan.step.round(
+            self.manager._fused_plan.step, u.reshape(B, d).numpy(),
+            None if feedback is None else feedback.reshape(B, d).numpy(), arrays(rs["watch"]), arrays(rs["commit"]),
+            [arrays(s) for s in ponder], rs["plan_prev"].numpy(), rs["plan_last"].numpy(), alpha, is_plan,
+            float(thresh), *specs, self.manager._fused_plan.gates(self.manager, tokens),
+            self.worker._fused_plan.gates(self.worker, tokens))
+        new = dict(rs)
+        new["watch"], new["commit"] = tensors(watch), tensors(commit)
+        if is_plan:  # as `_ponder` reports it; a pass not run keeps its state
+            new["ponder"] = [s if a is None else tensors(a) for s, a in zip(rs["ponder"], ponder_new)] + \
+                list(rs["ponder"][len(ponder_new):])
+            new["plan_prev"], new["plan_last"] = torch.from_numpy(plan_prev), torch.from_numpy(plan_last)
+            add_total(totals, "ponder", torch.tensor(expected, dtype=u.dtype), float(B))
+            add_total(totals, "manager_steps", torch.tensor(halting, dtype=u.dtype), float(B))
+        add_total(totals, "worker_steps", u.new_zeros(()), float(B))  # `_explore` with no shadow pass
+        y = torch.from_numpy(y).view(B, 1, d)
+        new["last_out"] = y[:, -1].to(rs["last_out"].dtype)
+        return y, new
+
+    def _round_call(self, u, rs, feedback, pos0, n_ponder):
+        """(the projections' specs, whether pos0 is a plan point, the plans' LERP weight) when this round
+        can run in one C++ call (`_round` at T = 1 as `_plan_one` takes it, ACT, no shadow pass, both
+        stacks fused, every projection quantized as `_linear_spec` takes it), else None."""
+        from .model import DENSE_FROM_ROWS
+
+        cfg, manager, worker = self.cfg, self.manager, self.worker
+        if not hasattr(kernel.RwkvStackStep, "round") or self.halting_record is not None or cfg.halting != "act" or not self._plan_one_applies(u):
+            return None
+        if not isinstance(manager, FusedRWKVStack) or u.shape[0] >= DENSE_FROM_ROWS:
+            return None
+        s = cfg.h_stride
+        is_plan = (s - 1 - pos0) % s == 0
+        states = [rs["watch"]] + (list(rs["ponder"][:n_ponder]) if is_plan else [])
+        if is_plan and n_ponder < 1:
+            return None
+        if not all(set(st) == {"tm_shift", "wkv", "cm_shift"} and manager._fused_applies(u, st, None) for st in states):
+            return None
+        if not worker._fused_applies(u, rs["commit"], None) or set(rs["commit"]) != {"tm_shift", "wkv", "cm_shift"}:
+            return None
+        plans = (rs["plan_prev"], rs["plan_last"]) + (() if feedback is None else (feedback,))
+        if any(t.dtype != torch.float32 or t.device.type != "cpu" or t.requires_grad for t in plans):
+            return None
+        halt = self.h_halt_proj
+        if (type(halt) is not nn.Linear or halt.bias is None or halt._forward_hooks or halt._forward_pre_hooks
+                or halt.weight.dtype != torch.float32 or halt.weight.device.type != "cpu"):
+            return None
+        linears = [_linear_spec(m) for m in (self.h_input_proj, self.h_to_context, self.l_input_proj, self.l_to_out)]
+        fb = _linear_spec(self.l_feedback_proj) if feedback is not None else None
+        if any(spec is None for spec in linears) or (feedback is not None and fb is None):
+            return None
+        h_in, h_ctx, l_in, l_out = linears
+        # alpha as `_plan_one` forms it
+        alpha = float(np.float32(pos0 - ((pos0 // s) * s - 1)) / np.float32(s))
+        specs = (h_in, fb, halt.weight.detach().reshape(-1).numpy(), float(halt.bias.detach()[0]), h_ctx, l_in, l_out)
+        return specs, is_plan, alpha
 
     def _explore(self, u, context, tokens, states, n_explore, grad_on, sync_free, totals):
         # no shadow pass (the minimal depth): nothing for the C++ loop to do, and the Python one only

@@ -8,6 +8,7 @@
     matmul(data, qtype, cols, x (N, cols) f32) -> f32 (N, rows)      # y = x @ W.T
     matmul_many([(data, qtype, cols), ...], [x, ...]) -> [y, ...]    # several in one call, same results
     RwkvStackStep(dim, head_size, ffn_dim, layers).step(...)         # C++ only (None without it): fused_step.py
+    memory_read(e, query, target, keys, readable, k, ...)            # C++ only (None without it): fused_step.py
     activations_as_used(x (N, cols) f32, qtype) -> f32 (N, cols)      # C++ only (None without it): quant/model.py
     set_threads(n) / get_threads(); set_isa(name) / get_isa(); available_isas(); backend_name()
 
@@ -67,6 +68,8 @@ if _ext is not None:
     stream_read = _ext.stream_read
     # one token through a whole quantized RWKV-7 stack (fused_step.py); None in a kernel built before it
     RwkvStackStep = getattr(_ext, "RwkvStackStep", None)
+    # one token's long-term-memory read (fused_step.py); None in a kernel built before it
+    memory_read = getattr(_ext, "memory_read", None)
     # the 8-bit activation blocks as floats (the dense prefill path); None in a kernel built before it
     activations_as_used = getattr(_ext, "activations_as_used", None)
 
@@ -85,6 +88,7 @@ if _ext is not None:
 else:
     _announce_reference()
     RwkvStackStep = None  # the fused stack step has no numpy version: fused_step.py runs the Python step
+    memory_read = None  # nor the fused memory read
     activations_as_used = None  # quant/model.py has the numpy version
     quantize = formats.quantize
     dequantize = formats.dequantize
