@@ -8,7 +8,8 @@
 //   q = W_q e, scores_s = q . keys_s (-inf for a dormant slot), the k best (descending)
 //   attn = softmax(their scores); read = sum_j attn_j (values_{i_j} + delta_{b, i_j})
 //   err = 2 (read - W_t e); surprise' = surprise + scatter of attn_j err onto slot i_j; input_sum' = input_sum + e
-// the projections on the same integer matvecs as QuantLinear (their 8-bit activations).
+// the projections on the same integer matvecs as QuantLinear (their 8-bit activations). Given the
+// model's encoder, the call goes on to its input: u = gelu(W_enc [e, read, persistent] + b).
 #include "memory_step.h"
 
 #include <pybind11/numpy.h>
@@ -38,11 +39,13 @@ struct Projection {
     QType t;
     ByteArray data;
     int64_t rows, cols;
+    FloatArray bias;
+    bool has_bias = false;
 };
 
 Projection projection(const py::tuple &spec, int64_t rows, int64_t cols, const char *name) {
     const std::string where = std::string("memory_read: ") + name;
-    if (spec.size() != 3) throw py::value_error(where + " must be (data, qtype, cols)");
+    if (spec.size() != 3 && spec.size() != 4) throw py::value_error(where + " must be (data, qtype, cols[, bias])");
     const std::string qtype = spec[1].cast<std::string>();
     int found = -1;
     for (int i = 0; i < kNumQTypes; ++i)
@@ -53,6 +56,11 @@ Projection projection(const py::tuple &spec, int64_t rows, int64_t cols, const c
         cols % block_size(p.t) || p.data.shape(1) != cols / block_size(p.t) * block_bytes(p.t))
         throw py::value_error(where + " is not a (" + std::to_string(rows) + ", " + std::to_string(cols) +
                               ") quantized matrix");
+    if (spec.size() == 4 && !spec[3].is_none()) {
+        p.bias = FloatArray::ensure(spec[3]);
+        if (!p.bias || p.bias.size() != rows) throw py::value_error(where + ": bias has the wrong size");
+        p.has_bias = true;
+    }
     return p;
 }
 
@@ -88,7 +96,8 @@ void top_k(const float *scores, int64_t n, int64_t k, std::vector<int64_t> &idx)
 
 py::tuple memory_read(const FloatArray &e, const py::tuple &query, const py::tuple &target, const FloatArray &keys,
                       const SourceArray &slot_source, int64_t k, const FloatArray &values, const FloatArray &delta,
-                      const FloatArray &surprise, const FloatArray &input_sum) {
+                      const FloatArray &surprise, const FloatArray &input_sum, const py::object &encoder,
+                      const py::object &persistent) {
     if (e.ndim() != 2) throw py::value_error("memory_read: e must be a (B, dim) array");
     const int64_t B = e.shape(0), D = e.shape(1);
     if (keys.ndim() != 2 || values.ndim() != 2 || values.shape(0) != keys.shape(0))
@@ -103,7 +112,20 @@ py::tuple memory_read(const FloatArray &e, const py::tuple &query, const py::tup
     if (input_sum.ndim() != 2 || input_sum.shape(0) != B || input_sum.shape(1) != D)
         throw py::value_error("memory_read: input_sum must be a (B, dim) array like e");
     const Projection wq = projection(query, Dk, D, "query"), wt = projection(target, Dv, D, "target");
-    py::array_t<float> read_out({B, Dv}), surprise_out({B, S, Dv}), sum_out({B, D});
+    // the encoder after the read: u = gelu(W_enc [e, read, persistent] + b) (hierarchos/model/lm.py)
+    FloatArray pers;
+    Projection we{};
+    int64_t E = 0;
+    if (!encoder.is_none()) {
+        pers = FloatArray::ensure(persistent);
+        if (!pers || pers.ndim() != 1) throw py::value_error("memory_read: persistent must be a 1-d array");
+        const py::tuple spec = encoder.cast<py::tuple>();
+        if (spec.size() < 3 || py::array::ensure(spec[0]).ndim() != 2)
+            throw py::value_error("memory_read: encoder must be (data, qtype, cols[, bias])");
+        E = py::array::ensure(spec[0]).shape(0);
+        we = projection(spec, E, D + Dv + pers.shape(0), "encoder");
+    }
+    py::array_t<float> read_out({B, Dv}), surprise_out({B, S, Dv}), sum_out({B, D}), u_out({B, E});
     {
         py::gil_scoped_release release;
         const float *pe = e.data(), *pk = keys.data(), *pv = values.data(), *pd = delta.data();
@@ -136,8 +158,27 @@ py::tuple memory_read(const FloatArray &e, const py::tuple &query, const py::tup
             }
             for (int64_t i = 0; i < D; ++i) sum[b * D + i] = input_sum.data()[b * D + i] + pe[b * D + i];
         }
+        if (E) {
+            const int64_t P = pers.shape(0), W = D + Dv + P;
+            std::vector<float> x(static_cast<size_t>(B * W));
+            for (int64_t b = 0; b < B; ++b) {
+                float *xb = x.data() + b * W;
+                std::copy(pe + b * D, pe + (b + 1) * D, xb);
+                std::copy(read + b * Dv, read + (b + 1) * Dv, xb + D);
+                std::copy(pers.data(), pers.data() + P, xb + D + Dv);
+            }
+            float *u = u_out.mutable_data();
+            matmul(we.t, we.data.data(), E, W, x.data(), B, u);
+            const float *bias = we.has_bias ? we.bias.data() : nullptr;
+            for (int64_t b = 0; b < B; ++b)
+                for (int64_t i = 0; i < E; ++i) {
+                    const float y = bias ? u[b * E + i] + bias[i] : u[b * E + i];
+                    u[b * E + i] = 0.5f * y * (1.0f + std::erf(y * 0.70710678118654752f));  // F.gelu (erf)
+                }
+        }
     }
-    return py::make_tuple(read_out, surprise_out, sum_out);
+    if (!E) return py::make_tuple(read_out, surprise_out, sum_out, py::none());
+    return py::make_tuple(read_out, surprise_out, sum_out, u_out);
 }
 
 }  // namespace
@@ -145,8 +186,9 @@ py::tuple memory_read(const FloatArray &e, const py::tuple &query, const py::tup
 void register_memory_step(py::module_ &m) {
     m.def("memory_read", &memory_read, py::arg("e"), py::arg("query"), py::arg("target"), py::arg("keys"),
           py::arg("slot_source"), py::arg("k"), py::arg("values"), py::arg("delta"), py::arg("surprise"),
-          py::arg("input_sum"),
-          "one token's read of the long-term memory, no write -> (read (B, val_dim), surprise, input_sum); "
+          py::arg("input_sum"), py::arg("encoder") = py::none(), py::arg("persistent") = py::none(),
+          "one token's read of the long-term memory, no write -> (read (B, val_dim), surprise, input_sum, u); u: "
+          "with encoder (data, qtype, cols, bias) and persistent, gelu(encoder([e, read, persistent])), else None; "
           "see memory_step.cpp");
 }
 

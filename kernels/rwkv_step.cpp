@@ -548,13 +548,14 @@ public:
     //   y = u + l_to_out(worker(l_input_proj([u, context])) on the commit state)
     // states: (tm_shift, wkv, cm_shift) tuples; ponder: one per pass (used at a plan point only).
     // Returns (y, watch', commit', ponder' (None for a pass not run), plan_prev', plan_last', sum of the
-    // expected steps, sum of the halting steps); at no plan point the plans come back as given.
+    // expected steps, sum of the halting steps, logits); at no plan point the plans come back as given.
+    // Given the model's head (out_norm and lm_head), the call goes on to the logits of y, else None.
     py::tuple round(RwkvStackStep &manager, const FloatArray &u, const py::object &feedback, const py::tuple &watch,
                     const py::tuple &commit, const py::list &ponder, const FloatArray &plan_prev,
                     const FloatArray &plan_last, float alpha, bool is_plan, double thresh, const py::tuple &lin_h_in,
                     const py::object &lin_feedback, const FloatArray &halt_w, float halt_b, const py::tuple &lin_h_ctx,
                     const py::tuple &lin_l_in, const py::tuple &lin_l_out, const py::object &manager_gates,
-                    const py::object &worker_gates) {
+                    const py::object &worker_gates, const py::object &head) {
         const char *where = "RwkvStackStep.round";
         if (u.ndim() != 2) throw py::value_error(std::string(where) + ": u must be a (B, d) array");
         const int64_t B = u.shape(0), D = u.shape(1), HH = manager.C_, LH = C_;
@@ -572,6 +573,24 @@ public:
                 throw py::value_error(std::string(where) + ": feedback must be a (B, d) array like u");
             fb = linear(lin_feedback.cast<py::tuple>(), HH, D, "l_feedback_proj", where);
         }
+        // the model's head after the round: logits = W_head layer_norm(y) (+ b) (hierarchos/model/lm.py)
+        FloatArray norm_w, norm_b;
+        float norm_eps = 0.0f;
+        Linear head_lin;
+        int64_t V = 0;
+        if (!head.is_none()) {
+            const py::tuple h = head.cast<py::tuple>();
+            if (h.size() != 4) throw py::value_error(std::string(where) + ": head must be (norm weight, norm bias, eps, linear)");
+            norm_w = FloatArray::ensure(h[0]), norm_b = FloatArray::ensure(h[1]);
+            if (!norm_w || !norm_b || norm_w.size() != D || norm_b.size() != D)
+                throw py::value_error(std::string(where) + ": the head's norm must hold d weights and biases");
+            norm_eps = h[2].cast<float>();
+            const py::tuple spec = h[3].cast<py::tuple>();
+            if (spec.size() != 4 || py::array::ensure(spec[0]).ndim() != 2)
+                throw py::value_error(std::string(where) + ": the head's linear must be (data, qtype, cols, bias)");
+            V = py::array::ensure(spec[0]).shape(0);
+            head_lin = linear(spec, V, D, "head", where);
+        }
         const StackState w_in = manager.stack_state(watch, B, where), c_in = stack_state(commit, B, where);
         std::vector<StackState> p_in;
         if (is_plan) {
@@ -584,7 +603,7 @@ public:
         const StackState w_out = manager.new_state(B), c_out = new_state(B);
         std::vector<StackState> p_out;
         for (size_t p = 0; p < p_in.size(); ++p) p_out.push_back(manager.new_state(B));
-        py::array_t<float> y_out({B, D}), prev_out({B, D}), last_out({B, D});
+        py::array_t<float> y_out({B, D}), prev_out({B, D}), last_out({B, D}), logits_out({B, V});
         std::vector<uint8_t> ran(p_in.size(), 0);
         double expected_sum = 0.0, halting_sum = 0.0;
         {
@@ -627,11 +646,17 @@ public:
             float *y = y_out.mutable_data();
             apply(l_out, z.data(), B, y);
             for (int64_t i = 0; i < B * D; ++i) y[i] = pu[i] + y[i];
+            if (V) {
+                std::vector<float> normed(static_cast<size_t>(B * D));
+                for (int64_t b = 0; b < B; ++b)
+                    layer_norm(y + b * D, norm_w.data(), norm_b.data(), norm_eps, D, normed.data() + b * D);
+                apply(head_lin, normed.data(), B, logits_out.mutable_data());
+            }
         }
         py::list ponder_new;
         for (size_t p = 0; p < p_out.size(); ++p) ponder_new.append(ran[p] ? p_out[p].arrays() : py::object(py::none()));
         return py::make_tuple(y_out, w_out.arrays(), c_out.arrays(), ponder_new, prev_out, last_out, expected_sum,
-                              halting_sum);
+                              halting_sum, V ? py::object(logits_out) : py::object(py::none()));
     }
 
 private:
@@ -1005,9 +1030,10 @@ void register_rwkv_step(py::module_ &m) {
              py::arg("commit"), py::arg("ponder"), py::arg("plan_prev"), py::arg("plan_last"), py::arg("alpha"),
              py::arg("is_plan"), py::arg("thresh"), py::arg("lin_h_in"), py::arg("lin_feedback"), py::arg("halt_weight"),
              py::arg("halt_bias"), py::arg("lin_h_ctx"), py::arg("lin_l_in"), py::arg("lin_l_out"),
-             py::arg("manager_gates") = py::none(), py::arg("worker_gates") = py::none(),
+             py::arg("manager_gates") = py::none(), py::arg("worker_gates") = py::none(), py::arg("head") = py::none(),
              "one reasoner round at T = 1 (this stack the worker) -> (y, watch, commit, ponder, plan_prev, plan_last, "
-             "expected steps, halting steps); see rwkv_step.cpp");
+             "expected steps, halting steps, logits: with head (norm weight, norm bias, eps, linear), else None); "
+             "see rwkv_step.cpp");
 }
 
 }  // namespace hk

@@ -433,6 +433,108 @@ def test_round_bad_arguments_are_errors():
         call(specs=specs[:2] + (torch.zeros(3).numpy(),) + specs[3:])
 
 
+class TokenCalls:
+    """Counts the whole-token path's two calls: memory reads that went on to the encoder, rounds that
+    went on to the head."""
+
+    def __init__(self, model, monkeypatch):
+        self.reads = self.rounds = 0
+        real_read = fused_step.kernel.memory_read
+        inner = model.reasoner.worker._fused_plan.step
+        outer = self
+
+        def read(*args):
+            outer.reads += len(args) > 10 and args[10] is not None
+            return real_read(*args)
+
+        class Step:
+            def __getattr__(self, name):
+                return getattr(inner, name)
+
+            def round(self, *args):
+                outer.rounds += args[-1] is not None
+                return inner.round(*args)
+
+        monkeypatch.setattr(fused_step.kernel, "memory_read", read)
+        model.reasoner.worker._fused_plan.step = Step()
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q2_K"])
+def test_token_path_matches_python_model(qtype, monkeypatch):
+    """At the minimal depth a generated token is two C++ calls (the memory's read with the encoder, the
+    round with the head) and gives the Python model's logits, state and totals token after token, over
+    plan points and a chunk's write (that token takes the module-by-module path), at batch 1 and 2, with
+    ROSA on or off; chat's cap of two manager cycles to one takes it too."""
+    def compare(seed):
+        rng = random.Random(seed)
+        rosa, cycles = rng.choice([True, False]), rng.choice([1, 2])
+        cfg = config(h_cycles=cycles, max_h_steps=2, max_l_steps=0, use_rosa=rosa)
+        model = quantized(cfg, qtype, seed)
+        assert isinstance(model, fused_step.FusedTokenLM)
+        reference = copy.deepcopy(model)
+        assert fused_step.attach_fused_steps(reference, enabled=False) == 0 and type(reference) is HierarchosLM
+        calls = TokenCalls(model, monkeypatch)
+        caps = {"h_cycles": 1} if cycles == 2 else {}
+        diffs, g = [], torch.Generator().manual_seed(seed)
+        for B in (1, 2):
+            prompt = torch.randint(0, cfg.vocab_size, (B, 3), generator=g)
+            with torch.no_grad():
+                out, ref = model(prompt), reference(prompt)
+                state, ref_state = out.state, ref.state
+                token = ref.logits[:, -1].argmax(-1)
+                before = calls.reads
+                for i in range(cfg.ltm_chunk + 1):  # positions 3..11: chunk 8's write at position 7
+                    out, ref = model.step(token, state, **caps), reference.step(token, ref_state, **caps)
+                    what = f"{qtype} rosa={rosa} cycles={cycles} B={B} token {i}"
+                    diffs.append((what + " logits", rel_diff(out.logits, ref.logits)))
+                    assert list(out.totals) == list(ref.totals), what
+                    for name, (total, count) in ref.totals.items():
+                        assert out.totals[name][1] == count, (what, name)
+                        diffs.append((f"{what} {name}", rel_diff(out.totals[name][0], total)))
+                    assert out.state.pos == ref.state.pos
+                    for (name, a), (_, b) in zip(out.state.tensors(), ref.state.tensors()):
+                        assert a.shape == b.shape and a.dtype == b.dtype, (what, name)
+                        diffs.append((f"{what} {name}", rel_diff(a, b)))
+                    state, ref_state = out.state, ref.state
+                    token = ref.logits.argmax(-1)
+                assert calls.reads - before == cfg.ltm_chunk  # every token but the one that writes
+        assert calls.rounds == calls.reads
+        return diffs
+
+    on_some_draw(compare)
+
+
+def test_token_path_falls_back_where_it_does_not_apply(monkeypatch):
+    """Hooks on the memory, the reasoner or the head's norm, gradients, shadow passes and a prompt run
+    the model module by module (no whole-token call)."""
+    model = quantized(config(h_cycles=1, max_h_steps=1, max_l_steps=0))
+    calls = TokenCalls(model, monkeypatch)
+    token = torch.tensor([4])
+
+    def token_calls(run) -> int:
+        before = calls.reads
+        run()
+        return calls.reads - before
+
+    step = lambda **caps: model.step(token, model.init_state(1), **caps)  # noqa: E731
+    with torch.no_grad():
+        assert token_calls(step) == 1 and calls.rounds == 1
+        for module in (model.memory, model.reasoner, model.out_norm, model.lm_head, model.encoder):
+            handle = module.register_forward_hook(lambda *a: None)
+            assert token_calls(step) == 0, type(module).__name__
+            handle.remove()
+        assert token_calls(lambda: model(torch.tensor([[4, 5]]), model.init_state(1))) == 0
+        assert token_calls(step) == 1
+    with torch.enable_grad():
+        assert token_calls(step) == 0
+    shadow = quantized(config(h_cycles=1, max_h_steps=1, max_l_steps=2))
+    calls = TokenCalls(shadow, monkeypatch)
+    with torch.no_grad():
+        shadow.step(token, shadow.init_state(1))
+        shadow.step(token, shadow.init_state(1), max_l_steps=0)  # chat's cap: no shadow pass, the token path
+    assert calls.reads == 1
+
+
 def _memory_state(memory, B, g):
     state = memory.init_state(B, memory.query.in_features)
     return {k: (torch.randn(v.shape, generator=g) * 0.1 if v.dtype == torch.float32 else v) for k, v in state.items()}

@@ -127,10 +127,7 @@ class HierarchicalReasoner(nn.Module):
         caller knows without reading the device): its pondering passes, which would write nothing,
         are left out, so a captured step for such tokens holds fewer passes; the same values."""
         cfg = self.cfg
-        n_cycles = min(h_cycles or cfg.h_cycles, cfg.h_cycles)
-        n_ponder = min(max_h_steps or cfg.max_h_steps, cfg.max_h_steps)
-        n_explore = cfg.max_l_steps if max_l_steps is None else min(max_l_steps, cfg.max_l_steps)
-        thresh = cfg.h_halt_thresh if h_halt_thresh is None else h_halt_thresh
+        n_cycles, n_ponder, n_explore, thresh = self.depth(h_cycles, max_h_steps, max_l_steps, h_halt_thresh)
         totals: dict = {}
         new_rounds = [dict(r) for r in rounds]
         y_prev_round = None
@@ -144,6 +141,14 @@ class HierarchicalReasoner(nn.Module):
                                                thresh, totals, q_halt=q_halt, row_pos=row_pos, plan_rows=plan_rows)
             y_prev_round = y
         return y_prev_round, new_rounds, totals
+
+    def depth(self, h_cycles=None, max_h_steps=None, max_l_steps=None, h_halt_thresh=None) -> tuple:
+        """(manager cycles, pondering passes, shadow passes, halting threshold) under chat's reasoning
+        caps (each at most the configured value; None: the configured one)."""
+        cfg = self.cfg
+        return (min(h_cycles or cfg.h_cycles, cfg.h_cycles), min(max_h_steps or cfg.max_h_steps, cfg.max_h_steps),
+                cfg.max_l_steps if max_l_steps is None else min(max_l_steps, cfg.max_l_steps),
+                cfg.h_halt_thresh if h_halt_thresh is None else h_halt_thresh)
 
     def _round(self, u, tokens, rs, feedback, pos0, n_ponder, n_explore, thresh, totals, q_halt=None,
                row_pos=None, plan_rows=True):

@@ -58,7 +58,10 @@ from torch.nn.modules import module as nn_module
 
 from ..errors import HierarchosError
 from ..model.hrm import HierarchicalReasoner, add_total
+from ..model.lm import HierarchosLM, ModelOutput
 from ..model.memory import LongTermMemory
+from ..model.rosa import rosa_hints
+from ..model.state import HierarchosState
 from ..model.rwkv import RWKVStack, TimeMix
 from . import kernel
 from .gguf_io import QuantTensor
@@ -262,6 +265,9 @@ def attach_fused_steps(model: nn.Module, enabled: bool | None = None, lowrank: s
             fused = (enabled and getattr(kernel, "memory_read", None) is not None
                      and _bias_free_quantized(module.query) and _bias_free_quantized(module.target))
             module.__class__ = FusedMemory if fused else LongTermMemory
+    if isinstance(model, HierarchosLM):  # the token's two calls, where its memory and reasoner have theirs
+        fused = isinstance(model.memory, FusedMemory) and isinstance(model.reasoner, FusedShadowReasoner)
+        model.__class__ = FusedTokenLM if fused else HierarchosLM
     return count
 
 
@@ -274,7 +280,7 @@ class FusedMemory(LongTermMemory):
         if not self._read_applies(e, state, pos0):
             return super().forward(e, state, pos0)
         B, D = e.shape[0], e.shape[2]
-        read, surprise, input_sum = kernel.memory_read(
+        read, surprise, input_sum, _ = kernel.memory_read(
             e.reshape(B, D).numpy(), _quant(self.query), _quant(self.target), self.keys.detach().numpy(),
             self.slot_source.numpy(),
             self.topk, self.values.detach().numpy(), state["delta"].numpy(), state["surprise"].numpy(),
@@ -299,6 +305,73 @@ class FusedMemory(LongTermMemory):
         if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
             return False
         return not any(m._forward_hooks or m._forward_pre_hooks for m in (self.query, self.target))
+
+
+class FusedTokenLM(HierarchosLM):
+    """A quantized HierarchosLM whose generated token, at the minimal depth (one manager cycle, no
+    shadow pass, ACT), runs in two C++ calls: the memory's read with the encoder after it
+    (`kernel.memory_read`), then the reasoner's round with the head after it (`RwkvStackStep.round`).
+    The embedding and ROSA's hints stay in Python. A token the two calls do not cover (a prompt, a
+    chunk's write, gradients, a hook, other depths) runs `forward` as written, module by module (the
+    fused memory and round then still apply on their own). The class `attach_fused_steps` gives a model
+    whose memory and reasoner take their fused calls."""
+
+    def forward(self, tokens, state=None, *, rosa_hint_ids=None, last_logits_only=False, **caps):
+        plan = None
+        if state is not None and tokens.dim() == 2 and tokens.shape[1] == 1 and not torch.is_grad_enabled():
+            e = self.embed(tokens)  # (no side effect: ROSA's automata are extended only once the call is taken)
+            plan = self._token_plan(e, state, caps)
+        if plan is None:
+            return super().forward(tokens, state, rosa_hint_ids=rosa_hint_ids, last_logits_only=last_logits_only,
+                                   **caps)
+        encoder, head, n_ponder, thresh, round_specs = plan
+        B, d = e.shape[0], e.shape[2]
+        rosa = state.rosa
+        if self.rosa_embed is not None:
+            if rosa_hint_ids is None:
+                rosa_hint_ids, rosa = rosa_hints(tokens, rosa, self.cfg.rosa_window, self.cfg.rosa_none_id)
+            e = e + self.rosa_embed(rosa_hint_ids)
+        memory, mem = self.memory, state.memory
+        _, surprise, input_sum, u = kernel.memory_read(
+            e.reshape(B, d).numpy(), _quant(memory.query), _quant(memory.target), memory.keys.detach().numpy(),
+            memory.slot_source.numpy(), memory.topk, memory.values.detach().numpy(), mem["delta"].numpy(),
+            mem["surprise"].numpy(), mem["input_sum"].numpy(), encoder, self.persistent.detach().numpy())
+        memory_state = {"delta": mem["delta"], "momentum": mem["momentum"], "surprise": torch.from_numpy(surprise),
+                        "input_sum": torch.from_numpy(input_sum), "writes": mem["writes"]}
+        totals: dict = {}
+        u = torch.from_numpy(u).view(B, 1, -1)
+        _, first, logits = self.reasoner._fused_round(u, tokens, state.rounds[0], None, n_ponder, thresh, totals,
+                                                      *round_specs, head=head)
+        rounds = [first] + [dict(r) for r in state.rounds[1:]]  # (a capped cycle count leaves the others)
+        new_state = HierarchosState(pos=state.pos + 1, memory=memory_state, rounds=rounds, rosa=rosa)
+        return ModelOutput(logits=logits.view(B, 1, -1), state=new_state, totals=totals)
+
+    def _token_plan(self, e, state, caps):
+        """(encoder spec, head spec, pondering passes, halting threshold, the round's specs) when this
+        token can take the two calls, else None."""
+        reasoner = self.reasoner
+        if set(caps) - {"h_cycles", "max_h_steps", "max_l_steps", "h_halt_thresh"}:
+            return None
+        n_cycles, n_ponder, n_explore, thresh = reasoner.depth(**caps)
+        if n_cycles != 1 or n_explore != 0 or not isinstance(reasoner, FusedShadowReasoner):
+            return None
+        if not isinstance(self.memory, FusedMemory) or not self.memory._read_applies(e, state.memory, state.pos):
+            return None
+        encoder, head_linear = _linear_spec(self.encoder), _linear_spec(self.lm_head)
+        norm, persistent = self.out_norm, self.persistent
+        if encoder is None or head_linear is None or type(norm) is not nn.LayerNorm or not norm.elementwise_affine:
+            return None
+        if norm._forward_hooks or norm._forward_pre_hooks or norm.bias is None:
+            return None
+        if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in (norm.weight, norm.bias, persistent)):
+            return None
+        if any(m._forward_hooks or m._forward_pre_hooks for m in (self.memory, reasoner)):
+            return None  # (the two calls stand in for these modules' own calls)
+        round_specs = reasoner._round_call(e, state.rounds[0], None, state.pos, n_ponder)
+        if round_specs is None:
+            return None
+        head = (norm.weight.detach().numpy(), norm.bias.detach().numpy(), float(norm.eps), head_linear)
+        return encoder, head, n_ponder, thresh, round_specs
 
 
 def why_not_fused(model: nn.Module) -> dict[str, str | None]:
@@ -337,18 +410,24 @@ class FusedShadowReasoner(HierarchicalReasoner):
         if fused is None:
             return super()._round(u, tokens, rs, feedback, pos0, n_ponder, n_explore, thresh, totals, q_halt=q_halt,
                                   row_pos=row_pos, plan_rows=plan_rows)
-        specs, is_plan, alpha = fused
+        y, new, _ = self._fused_round(u, tokens, rs, feedback, n_ponder, thresh, totals, *fused)
+        return y, new
+
+    def _fused_round(self, u, tokens, rs, feedback, n_ponder, thresh, totals, specs, is_plan, alpha, head=None):
+        """`_round` in one C++ call (`_round_call` said it applies): (y, the new round state, the logits
+        (B, V) of `head`'s (norm weight, norm bias, eps, linear spec) or None without one)."""
         B, d = u.shape[0], u.shape[2]
         arrays = lambda s: (s["tm_shift"].numpy(), s["wkv"].numpy(), s["cm_shift"].numpy())  # noqa: E731
         tensors = lambda a: {"tm_shift": torch.from_numpy(a[0]), "wkv": torch.from_numpy(a[1]),  # noqa: E731
                              "cm_shift": torch.from_numpy(a[2])}
         ponder = rs["ponder"][:n_ponder] if is_plan else []
-        y, watch, commit, ponder_new, plan_prev, plan_last, expected, halting = self.worker._fused_plan.step.round(
-            self.manager._fused_plan.step, u.reshape(B, d).numpy(),
-            None if feedback is None else feedback.reshape(B, d).numpy(), arrays(rs["watch"]), arrays(rs["commit"]),
-            [arrays(s) for s in ponder], rs["plan_prev"].numpy(), rs["plan_last"].numpy(), alpha, is_plan,
-            float(thresh), *specs, self.manager._fused_plan.gates(self.manager, tokens),
-            self.worker._fused_plan.gates(self.worker, tokens))
+        y, watch, commit, ponder_new, plan_prev, plan_last, expected, halting, logits = \
+            self.worker._fused_plan.step.round(
+                self.manager._fused_plan.step, u.reshape(B, d).numpy(),
+                None if feedback is None else feedback.reshape(B, d).numpy(), arrays(rs["watch"]),
+                arrays(rs["commit"]), [arrays(s) for s in ponder], rs["plan_prev"].numpy(), rs["plan_last"].numpy(),
+                alpha, is_plan, float(thresh), *specs, self.manager._fused_plan.gates(self.manager, tokens),
+                self.worker._fused_plan.gates(self.worker, tokens), head)
         new = dict(rs)
         new["watch"], new["commit"] = tensors(watch), tensors(commit)
         if is_plan:  # as `_ponder` reports it; a pass not run keeps its state
@@ -360,7 +439,7 @@ class FusedShadowReasoner(HierarchicalReasoner):
         add_total(totals, "worker_steps", u.new_zeros(()), float(B))  # `_explore` with no shadow pass
         y = torch.from_numpy(y).view(B, 1, d)
         new["last_out"] = y[:, -1].to(rs["last_out"].dtype)
-        return y, new
+        return y, new, None if logits is None else torch.from_numpy(logits)
 
     def _round_call(self, u, rs, feedback, pos0, n_ponder):
         """(the projections' specs, whether pos0 is a plan point, the plans' LERP weight) when this round
