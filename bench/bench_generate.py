@@ -22,7 +22,9 @@ the small float vectors are left out) against the memory
 read bandwidth measured in the same run (best of several multithreaded reads of a 512 MiB buffer,
 `stream_read`, at the kernel's thread count, the best of reads before and after the timed rounds; a
 torch sum when the kernel is not built). bound tok/s =
-bandwidth / bytes per token; "% of bound" = measured tok/s / bound.
+bandwidth / bytes per token; "% of bound" = measured tok/s / bound. --fusion-levels times the first
+quantized format's step at each level of its C++ fusion (a call per stack pass; + the reasoner's round
+and the memory's read; + the encoder and the head: two calls a token) in alternating rounds.
 
 --batch B (fp32 model): `generate_batch` over B prompts of different lengths around the first context
 (greedy, no EOS, `--new-tokens` steps of the sync-free step, on CUDA captured with --cuda-graph),
@@ -173,6 +175,52 @@ def interleaved_generation(models: dict, args, device) -> dict:
             best[fmt] = min(best[fmt], (time.perf_counter() - start) / args.new_tokens)
             states[fmt], tokens[fmt] = state, token
     return {fmt: 1.0 / seconds for fmt, seconds in best.items()}
+
+
+FUSION_LEVELS = ("stack", "round", "token")
+
+
+def set_fusion_level(model, level: str) -> None:
+    """A quantized model's CPU generation at one level of fusion (attach_fused_steps gives "token"):
+    stack = one C++ call per stack pass (the round, the memory's read, the encoder and the head in
+    Python); round = + the reasoner's round and the memory's read as one call each; token = + the
+    encoder and the head inside those two calls. Bench-only: the lower levels undo parts of what
+    attach_fused_steps did (the Python paths are the references the tests hold equal)."""
+    from hierarchos.model.lm import HierarchosLM
+    from hierarchos.model.memory import LongTermMemory
+    from hierarchos.quant import fused_step
+
+    fused_step.attach_fused_steps(model)
+    model.reasoner.__dict__.pop("_round_call", None)
+    if level != "token" and isinstance(model, fused_step.FusedTokenLM):
+        model.__class__ = HierarchosLM
+    if level == "stack":
+        model.memory.__class__ = LongTermMemory
+        model.reasoner._round_call = lambda *a, **k: None  # the fused shadow loop stays; the round runs in Python
+
+
+def fusion_generation(model, args, device) -> dict:
+    """Batch-1 generation of one quantized model at each fusion level (FUSION_LEVELS), timed in
+    alternation over `--rounds` rounds of `--new-tokens` tokens, greedy tokens fed back: the rounds' tok/s
+    per level (best and median are what the table shows)."""
+    rates = {level: [] for level in FUSION_LEVELS}
+    state, token = model.init_state(1, device=device), torch.zeros(1, dtype=torch.long, device=device)
+    with torch.no_grad(), intra_op_threads(model.step_threads):
+        for level in FUSION_LEVELS:  # warm every path
+            set_fusion_level(model, level)
+            for _ in range(args.warmup):
+                out = model.step(token, state)
+                state, token = out.state, out.logits.argmax(-1)
+        for _ in range(args.rounds):
+            for level in FUSION_LEVELS:
+                set_fusion_level(model, level)
+                start = time.perf_counter()
+                for _ in range(args.new_tokens):
+                    out = model.step(token, state)
+                    state, token = out.state, out.logits.argmax(-1)
+                rates[level].append(args.new_tokens / (time.perf_counter() - start))
+    set_fusion_level(model, "token")
+    return rates
 
 
 def read_bandwidth(repeats: int = 5) -> dict:
@@ -624,11 +672,15 @@ def run(args, config: str = "default", results: list | None = None, on_row=lambd
                           "tokens_per_s": interleaved[fmt]}
             bound[fmt]["fraction_of_bound"] = interleaved[fmt] / bound[fmt]["bound_tokens_per_s"]
     sampled = sampled_generation(models, args, device) if args.sampled else {}
+    fusion = {}
+    quantized = [fmt for fmt in models if fmt != "fp32"]
+    if args.fusion_levels and quantized:
+        fusion = {"format": quantized[0], "tokens_per_s": fusion_generation(models[quantized[0]], args, device)}
     del models
     batch_rows = batched_generation(float_model, args, device, result["batched"], on_row) if args.batch else []
     long_rows = long_generation(float_model, args.long_generation, device) if args.long_generation else []
     result.update({"batched": batch_rows, "long_generation": long_rows, "interleaved_tokens_per_s": interleaved,
-                   "sampled_tokens_per_s": sampled,
+                   "sampled_tokens_per_s": sampled, "fusion_levels": fusion,
                    "bandwidth_bound": bound, "load_average": os.getloadavg(), "kernel": kernel_info,
                    "torch_threads": torch.get_num_threads()})
     return result
@@ -676,6 +728,9 @@ def main() -> None:
                          "step's sampler and its noise kernel timed too)")
     ap.add_argument("--sampled", action="store_true",
                     help="also time `generate` (chat's CPU loop) with chat's default sampling, per format")
+    ap.add_argument("--fusion-levels", action="store_true",
+                    help="CPU: also time the first quantized format at each fusion level of its step (stack, "
+                         "round, token: see set_fusion_level) in --rounds alternating rounds")
     ap.add_argument("--tf32", action="store_true",
                     help="CUDA: float32 matmuls on TF32 tensor cores for both models (as `train` runs them)")
     ap.add_argument("--json", default=None, help="default bench/results/generate_<device>.json")
@@ -767,6 +822,16 @@ def print_run(result: dict, args) -> None:
                      f"{100 * b['fraction_of_bound']:.0f}%") if b else "- | - | - | -"
             print(f"| {fmt} | {rate:.2f} | {ratio} | {extra} |")
         print(f"load average at the end: {' '.join(f'{v:.2f}' for v in result['load_average'])}")
+    if result.get("fusion_levels"):
+        fusion = result["fusion_levels"]
+        print(f"\n{fusion['format']} generation by fusion level ({args.rounds} alternating rounds of {args.new_tokens} "
+              "tokens; stack: a C++ call per stack pass; round: + the round and the memory read; token: + encoder "
+              "and head, two calls a token):")
+        print("| level | tok/s best | tok/s median | rounds |")
+        print("|---|---:|---:|---|")
+        for level, rates in fusion["tokens_per_s"].items():
+            print(f"| {level} | {max(rates):.1f} | {statistics.median(rates):.1f} | "
+                  f"{' '.join(f'{r:.0f}' for r in rates)} |")
     if result["batched"]:
         print("\n| path | B | context | time to first token ms | decode tok/s (all rows) | warm-up s (compile s) |")
         print("|---|---:|---:|---:|---:|---:|")
