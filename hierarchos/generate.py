@@ -47,7 +47,7 @@ import torch
 
 from .errors import HierarchosError
 from .model.state import HierarchosState, fill_layout, leaf_layout
-from .ops import noise_triton
+from .ops import noise_triton, sampling_kernel
 from .ops.amp import autocast_in
 from .ops.capture import no_collection_during_capture
 from .ops.threads import intra_op_threads
@@ -96,6 +96,18 @@ def row_noise_at(seeds: torch.Tensor, counters: torch.Tensor, ids: torch.Tensor)
     return ((bits >> 9).to(torch.float32) + 0.5) / float(1 << 23)                        # 23 bits: exact
 
 
+@dataclass(frozen=True)
+class RowNoiseAt:
+    """The counter-based noise of one row's `counter`-th token as a function of token ids (`row_noise_at`:
+    ids (n,) -> uniforms (n,)), carrying its key: with it sample_next can run whole in one C++ call."""
+    seed: int
+    counter: int
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        seeds = torch.tensor([self.seed], device=ids.device)
+        return row_noise_at(seeds, torch.tensor([self.counter], device=ids.device), ids)[0]
+
+
 def draw_seed(cfg: SamplingConfig, generator: torch.Generator | None = None) -> int:
     """The seed of one generation call: from `generator` (one draw), else cfg.seed, else torch's global RNG."""
     if generator is not None:
@@ -115,10 +127,16 @@ def sample_next(logits: torch.Tensor, history: list[int], cfg: SamplingConfig,
     in (0, 1) (`row_noise`), or a function of token ids returning theirs (`row_noise_at`), so that only
     the candidates' are computed; drawn from `generator` when not given."""
     logits = logits.float()
+    if seen is None and history and cfg.repetition_penalty != 1.0:
+        seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+        seen[torch.tensor(history, device=logits.device)] = True
+    if isinstance(noise, RowNoiseAt):  # the whole of what follows in one C++ call, where it applies
+        token = sampling_kernel.sample_token(logits, seen if cfg.repetition_penalty != 1.0 else None,
+                                             cfg.repetition_penalty, cfg.temperature, cfg.top_k, cfg.top_p,
+                                             noise.seed, noise.counter)
+        if token is not None:
+            return token
     if cfg.repetition_penalty != 1.0:
-        if seen is None and history:
-            seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
-            seen[torch.tensor(history, device=logits.device)] = True
         if seen is not None:  # on the seen ids only: the values sample_rows' whole-row `where` gives them
             at = seen.nonzero().squeeze(1)
             picked = logits[at]
@@ -192,7 +210,6 @@ def generate(model, prompt_ids: list[int], cfg: SamplingConfig, *, state=None, e
         raise ValueError("generate needs at least one prompt token")
     device = next(model.parameters()).device
     seed = draw_seed(cfg, generator) if cfg.temperature > 0 else 0
-    seeds = torch.tensor([seed], device=device)
     if state is None:
         state = model.init_state(1, device=device)
     out = model(torch.tensor([prompt_ids], device=device), state, last_logits_only=True, **caps)
@@ -209,8 +226,7 @@ def generate(model, prompt_ids: list[int], cfg: SamplingConfig, *, state=None, e
                 break
             noise = None
             if cfg.temperature > 0:  # the n-th token's uniforms, computed for the candidates only
-                counter = torch.tensor([n], device=device)
-                noise = lambda ids, counter=counter: row_noise_at(seeds, counter, ids)[0]  # noqa: E731
+                noise = RowNoiseAt(seed, n)
             token = sample_next(logits, [], cfg, generator, noise=noise, seen=seen)
             if n == 0 and on_first_token is not None:
                 on_first_token(token)

@@ -11,6 +11,7 @@
 #include "memory_step.h"
 #include "rosa.h"
 #include "rwkv_step.h"
+#include "sampling.h"
 #include "wkv.h"
 #include "runtime.h"
 
@@ -264,6 +265,7 @@ PYBIND11_MODULE(hierarchos_kernels, m) {
     hk::register_bpe(m);  // BpeEncoder (bpe.cpp)
     hk::register_rwkv_step(m);  // RwkvStackStep (rwkv_step.cpp)
     hk::register_memory_step(m);  // memory_read (memory_step.cpp)
+    hk::register_sampling(m);  // sample_candidates (sampling.cpp)
 
     py::class_<hk::RosaAutomaton>(m, "RosaAutomaton")
         .def(py::init([](int64_t window, int64_t none_id) {

@@ -19,6 +19,7 @@ what a CUDA graph captures, checked on the CPU.
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -712,3 +713,62 @@ def test_copy_into_copies_every_pair_in_one_foreach_for_equal_dtypes(monkeypatch
     assert calls == [2]  # buffers 0 and 3 (float32, long); 1 was cast by copy_, 2 is its own value
     with pytest.raises(ValueError):
         copy_into(buffers, values[:2])
+
+
+@pytest.mark.parametrize("cfg", SAMPLING, ids=lambda c: f"t{c.temperature}k{c.top_k}p{c.top_p}r{c.repetition_penalty}")
+def test_sampling_in_one_call_picks_the_torch_token(cfg, monkeypatch):
+    """`sample_next` with chat's counter-based noise (`RowNoiseAt`) in one C++ call (ops/sampling_kernel.py)
+    picks the token torch's ops pick (the call off), at a vocabulary where the tails matter, with ties at
+    the k-th value, +-inf logits and a seen mask; a different pick may only be a near-tie of scores (the
+    candidates' exp and log rounded by another library)."""
+    from hierarchos.generate import RowNoiseAt, _top_p_weights
+    from hierarchos.ops import sampling_kernel
+
+    if not sampling_kernel.available():
+        if os.environ.get("HIERARCHOS_REQUIRE_KERNEL") == "1":
+            pytest.fail("HIERARCHOS_REQUIRE_KERNEL=1 but the C++ kernel (with sample_token) does not load")
+        pytest.skip("C++ kernel not built")
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    V, calls, real = 5000, [], sampling_kernel._sample_token
+    monkeypatch.setattr(sampling_kernel, "_sample_token", lambda *a: calls.append(1) or real(*a))
+    for trial in range(40):
+        logits = torch.randn(V, generator=g) * float(torch.rand((), generator=g) * 6 + 0.1)
+        if trial % 3 == 0:
+            top = logits.topk(max(1, cfg.top_k) + 3).indices
+            logits[top[-6:]] = float(logits[top[-4]])
+        if trial % 4 == 1:
+            logits[torch.randint(0, V, (5,), generator=g)] = float("-inf")
+        seen = torch.rand(V, generator=g) < 0.01
+        noise = RowNoiseAt(seed + trial, trial)
+        fast = sample_next(logits, [], cfg, noise=noise, seen=seen)
+        with monkeypatch.context() as m:
+            m.setattr(sampling_kernel, "_sample_token", None)
+            slow = sample_next(logits, [], cfg, noise=noise, seen=seen)
+            assert slow == sample_next(logits, [], cfg, noise=lambda ids: noise(ids), seen=seen)  # the key is not used
+        if fast != slow:  # only a near-tie of the two tokens' scores, computed as torch does
+            ref = logits.clone()
+            if cfg.repetition_penalty != 1.0:
+                ref[seen] = torch.where(ref[seen] > 0, ref[seen] / cfg.repetition_penalty,
+                                        ref[seen] * cfg.repetition_penalty)
+            ref = ref / cfg.temperature
+            scores = _top_p_weights(ref, cfg.top_p) / -noise(torch.arange(V)).log()
+            assert abs(float(scores[fast] - scores[slow])) <= 1e-5 * float(scores[slow]), f"seed={seed} trial={trial}"
+    assert len(calls) == (40 if cfg.temperature > 0 else 0)
+
+
+def test_sampling_call_falls_back_and_checks_its_arguments():
+    from hierarchos.ops import sampling_kernel
+
+    if not sampling_kernel.available():
+        pytest.skip("C++ kernel not built")
+    logits = torch.randn(100)
+    logits[3] = float("nan")
+    assert sampling_kernel.sample_token(logits, None, 1.2, 0.7, 5, 0.9, 1, 0) is None  # NaN: torch decides
+    assert sampling_kernel.sample_token(torch.randn(100, dtype=torch.float64), None, 1.2, 0.7, 5, 0.9, 1, 0) is None
+    assert sampling_kernel.sample_token(torch.randn(100), None, 1.2, 0.0, 5, 0.9, 1, 0) is None  # greedy: argmax
+    raw = sampling_kernel._sample_token
+    with pytest.raises(ValueError, match="seen must be"):
+        raw(torch.randn(100).numpy(), torch.zeros(99, dtype=torch.bool).numpy(), 1.2, 0.7, 5, 0.9, 1, 0)
+    with pytest.raises(ValueError, match="temperature"):
+        raw(torch.randn(100).numpy(), None, 1.2, 0.0, 5, 0.9, 1, 0)
