@@ -61,8 +61,8 @@ from ..model.hrm import HierarchicalReasoner, add_total
 from ..model.lm import HierarchosLM, ModelOutput
 from ..model.memory import LongTermMemory
 from ..model.rosa import rosa_hints
-from ..model.state import HierarchosState
 from ..model.rwkv import RWKVStack, TimeMix
+from ..model.state import HierarchosState
 from . import kernel
 from .gguf_io import QuantTensor
 
@@ -78,6 +78,20 @@ FP16_MAX = 65504.0
 def available() -> bool:
     """Whether the fused step can run at all (the C++ kernel built with RwkvStackStep)."""
     return getattr(kernel, "RwkvStackStep", None) is not None
+
+
+def _quant_model():
+    """hierarchos.quant.model, which imports this module (to attach the fused step to every quantized
+    model it builds): imported on first use, then kept (an import statement per token cost ~2 us each)."""
+    global _QUANT_MODEL
+    if _QUANT_MODEL is None:
+        from . import model
+
+        _QUANT_MODEL = model
+    return _QUANT_MODEL
+
+
+_QUANT_MODEL = None
 
 
 def _no_plan() -> None:
@@ -291,9 +305,7 @@ class FusedMemory(LongTermMemory):
             "input_sum": torch.from_numpy(input_sum), "writes": state["writes"]}
 
     def _read_applies(self, e, state, pos0) -> bool:
-        from .model import DENSE_FROM_ROWS
-
-        if e.dim() != 3 or e.shape[1] != 1 or e.shape[0] >= DENSE_FROM_ROWS or torch.is_grad_enabled():
+        if e.dim() != 3 or e.shape[1] != 1 or e.shape[0] >= _quant_model().DENSE_FROM_ROWS or torch.is_grad_enabled():
             return False
         if (pos0 % self.chunk) + 1 == self.chunk or self._segment_call is not None or self.topk > self.slots:
             return False  # this token's write (or the compiled segment) takes the Python path
@@ -384,9 +396,7 @@ def why_not_fused(model: nn.Module) -> dict[str, str | None]:
 def _linear_spec(linear: nn.Module) -> tuple | None:
     """(data, qtype, cols, bias) of a QuantLinear the shadow call can run as QuantLinear.forward does;
     None when it cannot (not quantized, in a projection group, on Vulkan, or watched by a hook)."""
-    from .model import QuantLinear
-
-    if type(linear) is not QuantLinear or linear.group is not None or linear.vk_weight is not None:
+    if type(linear) is not _quant_model().QuantLinear or linear.group is not None or linear.vk_weight is not None:
         return None
     if linear._forward_hooks or linear._forward_pre_hooks:
         return None
@@ -445,12 +455,10 @@ class FusedShadowReasoner(HierarchicalReasoner):
         """(the projections' specs, whether pos0 is a plan point, the plans' LERP weight) when this round
         can run in one C++ call (`_round` at T = 1 as `_plan_one` takes it, ACT, no shadow pass, both
         stacks fused, every projection quantized as `_linear_spec` takes it), else None."""
-        from .model import DENSE_FROM_ROWS
-
         cfg, manager, worker = self.cfg, self.manager, self.worker
         if not hasattr(kernel.RwkvStackStep, "round") or self.halting_record is not None or cfg.halting != "act" or not self._plan_one_applies(u):
             return None
-        if not isinstance(manager, FusedRWKVStack) or u.shape[0] >= DENSE_FROM_ROWS:
+        if not isinstance(manager, FusedRWKVStack) or u.shape[0] >= _quant_model().DENSE_FROM_ROWS:
             return None
         s = cfg.h_stride
         is_plan = (s - 1 - pos0) % s == 0
@@ -503,12 +511,10 @@ class FusedShadowReasoner(HierarchicalReasoner):
 
     def _shadow_call(self, u, context, states):
         """(plan, lin_in, lin_drift) when the shadow loop can run fused here, else None."""
-        from .model import DENSE_FROM_ROWS
-
         worker = self.worker
         # the worker's own rule for its fused step (a plan, u one float32 CPU token per row without a
         # graph, float32 CPU states, no autocast, no hooks), for u and every shadow state
-        if not worker._fused_applies(u, {}, None) or u.shape[0] >= DENSE_FROM_ROWS:
+        if not worker._fused_applies(u, {}, None) or u.shape[0] >= _quant_model().DENSE_FROM_ROWS:
             return None
         if context.dtype != torch.float32 or context.device.type != "cpu" or context.requires_grad:
             return None
