@@ -30,8 +30,10 @@ manager's watch pass, the plans' LERP, at a plan point the pondering passes with
 the plan's projection, the worker's input projection, commit pass and output projection; it applies
 where both stacks take their fused step and every projection is quantized as the shadow call's are
 (`_round_call` says when). And a quantized memory's read of a token that closes no chunk (no write) is
-one call, `kernel.memory_read` (`FusedMemory`, kernels/memory_step.cpp). At 125m Q4_0 the two took
-~0.4 ms of Python and small torch ops out of a ~4.5 ms token (BENCHMARKS.md).
+one call, `kernel.memory_read` (`FusedMemory`, kernels/memory_step.cpp). Where both apply, a generated
+token is those two calls (`FusedTokenLM`, the model's class): the memory's goes on to the encoder, the
+round's to the output norm and the head. At 125m Q4_0 the three took ~25-35% off a ~4.5 ms token
+(BENCHMARKS.md, "The round, the memory's read, the encoder and the head in C++").
 
 The low-rank paths' matrices (the token-shift, decay, in-context-rate, gate and value-residual
 mixes: 7.1 MB of float32 per 125m stack pass, a quarter of what a pass streams) go to the C++ step
@@ -279,7 +281,7 @@ def attach_fused_steps(model: nn.Module, enabled: bool | None = None, lowrank: s
             fused = (enabled and getattr(kernel, "memory_read", None) is not None
                      and _bias_free_quantized(module.query) and _bias_free_quantized(module.target))
             module.__class__ = FusedMemory if fused else LongTermMemory
-    if isinstance(model, HierarchosLM):  # the token's two calls, where its memory and reasoner have theirs
+    if type(model) in (HierarchosLM, FusedTokenLM):  # the token's two calls, where memory and reasoner have theirs
         fused = isinstance(model.memory, FusedMemory) and isinstance(model.reasoner, FusedShadowReasoner)
         model.__class__ = FusedTokenLM if fused else HierarchosLM
     return count
@@ -305,12 +307,16 @@ class FusedMemory(LongTermMemory):
             "input_sum": torch.from_numpy(input_sum), "writes": state["writes"]}
 
     def _read_applies(self, e, state, pos0) -> bool:
-        if e.dim() != 3 or e.shape[1] != 1 or e.shape[0] >= _quant_model().DENSE_FROM_ROWS or torch.is_grad_enabled():
+        if e.dim() != 3 or e.shape[1] != 1 or torch.is_grad_enabled():
+            return False
+        if e.shape[0] >= _quant_model().DENSE_FROM_ROWS:
             return False
         if (pos0 % self.chunk) + 1 == self.chunk or self._segment_call is not None or self.topk > self.slots:
             return False  # this token's write (or the compiled segment) takes the Python path
         tensors = [e, self.keys, self.values, state["delta"], state["surprise"], state["input_sum"]]
-        if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors) or self.slot_source.device.type != "cpu":
+        if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
+            return False
+        if self.slot_source.device.type != "cpu":
             return False
         if not (_bias_free_quantized(self.query) and _bias_free_quantized(self.target)):
             return False
@@ -456,7 +462,9 @@ class FusedShadowReasoner(HierarchicalReasoner):
         can run in one C++ call (`_round` at T = 1 as `_plan_one` takes it, ACT, no shadow pass, both
         stacks fused, every projection quantized as `_linear_spec` takes it), else None."""
         cfg, manager, worker = self.cfg, self.manager, self.worker
-        if not hasattr(kernel.RwkvStackStep, "round") or self.halting_record is not None or cfg.halting != "act" or not self._plan_one_applies(u):
+        if not hasattr(kernel.RwkvStackStep, "round") or self.halting_record is not None or cfg.halting != "act":
+            return None
+        if not self._plan_one_applies(u):
             return None
         if not isinstance(manager, FusedRWKVStack) or u.shape[0] >= _quant_model().DENSE_FROM_ROWS:
             return None
