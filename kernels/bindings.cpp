@@ -237,8 +237,6 @@ PYBIND11_MODULE(hierarchos_kernels, m) {
           "[y_i = x_i @ W_i.T] for weights [(data, qtype, cols)] and activations [x_i (N_i, cols_i)], one call");
     m.def("set_threads", &hk::set_threads, py::arg("n"), "n <= 0: one per hardware thread");
     m.def("get_threads", &hk::get_threads);
-    m.def("pool_counts", &hk::pool_counts,
-          "(jobs that wanted helpers, jobs no helper joined in time) since the pool started: a diagnostic");
     m.def("set_isa", [](const std::string &name) {
         try {
             hk::set_isa(name);
@@ -265,7 +263,7 @@ PYBIND11_MODULE(hierarchos_kernels, m) {
     hk::register_bpe(m);  // BpeEncoder (bpe.cpp)
     hk::register_rwkv_step(m);  // RwkvStackStep (rwkv_step.cpp)
     hk::register_memory_step(m);  // memory_read (memory_step.cpp)
-    hk::register_sampling(m);  // sample_candidates (sampling.cpp)
+    hk::register_sampling(m);  // sample_token (sampling.cpp)
 
     py::class_<hk::RosaAutomaton>(m, "RosaAutomaton")
         .def(py::init([](int64_t window, int64_t none_id) {

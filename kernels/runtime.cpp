@@ -368,8 +368,6 @@ void parallel_tasks(int64_t n_tasks, const std::function<void(int64_t)> &fn, int
     parallel_for(n_tasks, fn, width);
 }
 
-std::pair<int64_t, int64_t> pool_counts() { return pool().counts(); }
-
 void set_threads(int n) {
     std::lock_guard<std::mutex> serial(g_run_mutex);
     std::lock_guard<std::mutex> lock(g_pool_mutex);

@@ -21,8 +21,6 @@ std::vector<std::pair<std::string, bool>> cpu_features();
 
 void set_threads(int n);  // n <= 0: hardware concurrency
 int get_threads();
-// (jobs that wanted helpers, jobs no helper joined in time) since the pool started
-std::pair<int64_t, int64_t> pool_counts();
 
 void quantize(QType t, const float *w, int64_t rows, int64_t cols, uint8_t *out);
 void dequantize(QType t, const uint8_t *data, int64_t rows, int64_t cols, float *out);

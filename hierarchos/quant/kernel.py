@@ -8,7 +8,7 @@
     matmul(data, qtype, cols, x (N, cols) f32) -> f32 (N, rows)      # y = x @ W.T
     matmul_many([(data, qtype, cols), ...], [x, ...]) -> [y, ...]    # several in one call, same results
     RwkvStackStep(dim, head_size, ffn_dim, layers).step(...)         # C++ only (None without it): fused_step.py
-    memory_read(e, query, target, keys, readable, k, ...)            # C++ only (None without it): fused_step.py
+    memory_read(e, query, target, keys, slot_source, k, ...)         # C++ only (None without it): fused_step.py
     activations_as_used(x (N, cols) f32, qtype) -> f32 (N, cols)      # C++ only (None without it): quant/model.py
     set_threads(n) / get_threads(); set_isa(name) / get_isa(); available_isas(); backend_name()
 
