@@ -116,15 +116,18 @@ def _ancestors(ev):
         ev = ev.cpu_parent
 
 
-def part_times(events, steps: int, device: bool) -> dict:
+def part_times(events, steps: int, device: bool, count: bool = False) -> dict:
     """{label: {"forward": ms, "backward": ms}} per step from a profile of `annotate_parts`' model.
 
     A forward kernel belongs to the innermost part range it was launched in ("outside" when none: the
     loss, the step's own glue). A backward kernel belongs to the part whose forward operator made its
     autograd node: the node's evaluate_function event carries the sequence number of that operator
     ("backward, unmatched" when none has it, e.g. AccumulateGrad). Times are the device kernels'
-    durations (`device`), else the operators' own CPU time (a CPU run has no kernels)."""
+    durations (`device`), else the operators' own CPU time (a CPU run has no kernels); `count`: the
+    number of operator events instead (the attribution alone, free of timing noise)."""
     def cost(ev):
+        if count:
+            return 1.0
         if device:
             return sum(k.duration for k in ev.kernels) / 1e3
         return ev.self_cpu_time_total / 1e3

@@ -56,14 +56,16 @@ def test_backward_goes_to_the_part_that_made_the_node():
             h = torch.tanh(model.memory(h))
         h.sum().backward()
 
-    run()  # once outside the profile: a first call's one-off costs (on a loaded machine, milliseconds) fell
-    # on the first part, the embeddings, and outweighed the memory's 20x work
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         run()
-    parts = part_times(prof.events(), 1, device=False)
-    assert parts["memory"]["backward"] > parts["embeddings"]["backward"] > 0
-    assert parts["memory"]["forward"] > parts["embeddings"]["forward"] > 0
+    # counted in operator events, not time: on a loaded machine one preempted operator outweighed the
+    # memory's 20x work (CI, once)
+    parts = part_times(prof.events(), 1, device=False, count=True)
+    assert parts["memory"]["backward"] > 10 * parts["embeddings"]["backward"] > 0
+    assert parts["memory"]["forward"] > 10 * parts["embeddings"]["forward"] > 0
     assert "outside" in parts  # the sum and the loss's seed live outside every part
+    timed = part_times(prof.events(), 1, device=False)
+    assert timed["memory"]["forward"] > 0 and timed["memory"]["backward"] > 0  # (the times themselves)
 
 
 def test_saved_tensors_are_counted_once_by_the_part_that_saved_them():
