@@ -5,7 +5,7 @@
 
 namespace hk {
 
-// Adds `sample_candidates` to the module.
+// Adds `sample_token` to the module.
 void register_sampling(pybind11::module_ &m);
 
 }  // namespace hk
