@@ -25,8 +25,8 @@ using ByteArray = py::array_t<uint8_t, py::array::c_style>;
 using IdArray = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
 
 QType parse_qtype(const std::string &name) {
-    for (int i = 0; i < hk::kNumQTypes; ++i)
-        if (name == hk::qtype_name(static_cast<QType>(i))) return static_cast<QType>(i);
+    QType t;
+    if (hk::qtype_from_name(name.c_str(), &t)) return t;
     throw py::value_error("unknown qtype '" + name + "'; known: INT4, Q4_0, Q8_0, Q2_K");
 }
 

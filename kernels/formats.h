@@ -51,6 +51,8 @@ constexpr int kNumQTypes = 4;
 int block_size(QType t);
 int block_bytes(QType t);
 const char *qtype_name(QType t);
+// The format named `name` (as qtype_name spells it) into *t; false for no such name.
+bool qtype_from_name(const char *name, QType *t);
 
 float half_to_float(half h);
 half float_to_half(float f);  // round to nearest even, as numpy and F16C do

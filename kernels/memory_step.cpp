@@ -47,11 +47,9 @@ Projection projection(const py::tuple &spec, int64_t rows, int64_t cols, const c
     const std::string where = std::string("memory_read: ") + name;
     if (spec.size() != 3 && spec.size() != 4) throw py::value_error(where + " must be (data, qtype, cols[, bias])");
     const std::string qtype = spec[1].cast<std::string>();
-    int found = -1;
-    for (int i = 0; i < kNumQTypes; ++i)
-        if (qtype == qtype_name(static_cast<QType>(i))) found = i;
-    if (found < 0) throw py::value_error(where + ": unknown qtype '" + qtype + "'");
-    Projection p{static_cast<QType>(found), ByteArray::ensure(spec[0]), rows, cols};
+    QType t;
+    if (!qtype_from_name(qtype.c_str(), &t)) throw py::value_error(where + ": unknown qtype '" + qtype + "'");
+    Projection p{t, ByteArray::ensure(spec[0]), rows, cols};
     if (!p.data || p.data.ndim() != 2 || p.data.shape(0) != rows || spec[2].cast<int64_t>() != cols ||
         cols % block_size(p.t) || p.data.shape(1) != cols / block_size(p.t) * block_bytes(p.t))
         throw py::value_error(where + " is not a (" + std::to_string(rows) + ", " + std::to_string(cols) +

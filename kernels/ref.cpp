@@ -26,6 +26,15 @@ const char *qtype_name(QType t) {
     return names[static_cast<int>(t)];
 }
 
+bool qtype_from_name(const char *name, QType *t) {
+    for (int i = 0; i < kNumQTypes; ++i)
+        if (std::strcmp(name, qtype_name(static_cast<QType>(i))) == 0) {
+            *t = static_cast<QType>(i);
+            return true;
+        }
+    return false;
+}
+
 static uint32_t float_bits(float f) {
     uint32_t u;
     std::memcpy(&u, &f, 4);

@@ -391,8 +391,8 @@ HK_CLONES void head_gates(const Layer &L, int64_t c0, int64_t n, float *log_w, f
 MatmulJob job(const QMat &m, const float *x, int64_t n, float *out) { return {m.t, m.data, m.rows, m.cols, x, n, out}; }
 
 QType parse_qtype(const std::string &name) {
-    for (int i = 0; i < kNumQTypes; ++i)
-        if (name == qtype_name(static_cast<QType>(i))) return static_cast<QType>(i);
+    QType t;
+    if (qtype_from_name(name.c_str(), &t)) return t;
     throw py::value_error("RwkvStackStep: unknown qtype '" + name + "'");
 }
 

@@ -49,6 +49,12 @@ def _grad(enabled: bool):
     return contextlib.nullcontext() if enabled else torch.no_grad()
 
 
+def one_token_alpha(pos0: int, stride: int) -> float:
+    """The LERP weight of the two latest plans for the token at host position pos0, as `_plan` forms
+    it: (pos0 - (floor(pos0 / s) * s - 1)) in float32, divided by s in float32."""
+    return float(np.float32(pos0 - ((pos0 // stride) * stride - 1)) / np.float32(stride))
+
+
 def add_total(totals: dict, name: str, value: torch.Tensor, count: float) -> None:
     """Adds to an aux total (name -> (sum, count)), as every loop here reports its terms."""
     total, n = totals.get(name, (0.0, 0.0))
@@ -248,10 +254,8 @@ class HierarchicalReasoner(nn.Module):
     def _plan_one(self, u, watch_out, tokens, rs, new, pos0, is_plan, n_ponder, thresh, grad_on, totals):
         """`_plan` for one token (T = 1, ACT halting, float32) at host position pos0, with the index
         arithmetic done on the host: the same values, a tenth of the small ops of a generated token."""
-        s = self.cfg.h_stride
         plan_prev, plan_last = rs["plan_prev"], rs["plan_last"]
-        # alpha as `_plan` forms it: (pos0 - (floor(pos0 / s) * s - 1)) in float32, divided by s in float32
-        alpha = float(np.float32(pos0 - ((pos0 // s) * s - 1)) / np.float32(s))
+        alpha = one_token_alpha(pos0, self.cfg.h_stride)
         context = (plan_prev + alpha * (plan_last - plan_prev))[:, None]
         if is_plan:
             plans, new["ponder"] = self._ponder(watch_out, tokens, rs["ponder"], n_ponder, thresh, grad_on, totals)

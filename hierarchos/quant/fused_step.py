@@ -59,7 +59,7 @@ from torch import nn
 from torch.nn.modules import module as nn_module
 
 from ..errors import HierarchosError
-from ..model.hrm import HierarchicalReasoner, add_total
+from ..model.hrm import HierarchicalReasoner, add_total, one_token_alpha
 from ..model.lm import HierarchosLM, ModelOutput
 from ..model.memory import LongTermMemory
 from ..model.rosa import rosa_hints
@@ -295,16 +295,22 @@ class FusedMemory(LongTermMemory):
     def forward(self, e: torch.Tensor, state: dict, pos0: int):
         if not self._read_applies(e, state, pos0):
             return super().forward(e, state, pos0)
+        read, new_state, _ = self._read_call(e, state)
+        return read, new_state
+
+    def _read_call(self, e, state, encoder=None, persistent=None):
+        """The read in one call (`_read_applies` said it applies): (reads (B, 1, Dv), the new state, and with
+        `encoder` (its spec) and `persistent` the encoder's gelu output u (B, 1, d), else None)."""
         B, D = e.shape[0], e.shape[2]
-        read, surprise, input_sum, _ = kernel.memory_read(
+        read, surprise, input_sum, u = kernel.memory_read(
             e.reshape(B, D).numpy(), _quant(self.query), _quant(self.target), self.keys.detach().numpy(),
-            self.slot_source.numpy(),
-            self.topk, self.values.detach().numpy(), state["delta"].numpy(), state["surprise"].numpy(),
-            state["input_sum"].numpy())
+            self.slot_source.numpy(), self.topk, self.values.detach().numpy(), state["delta"].numpy(),
+            state["surprise"].numpy(), state["input_sum"].numpy(), encoder, persistent)
         # as `forward` leaves a state no write touched: the same delta, momentum and write counts
-        return torch.from_numpy(read).view(B, 1, self.val_dim), {
-            "delta": state["delta"], "momentum": state["momentum"], "surprise": torch.from_numpy(surprise),
-            "input_sum": torch.from_numpy(input_sum), "writes": state["writes"]}
+        new_state = {"delta": state["delta"], "momentum": state["momentum"], "surprise": torch.from_numpy(surprise),
+                     "input_sum": torch.from_numpy(input_sum), "writes": state["writes"]}
+        return (torch.from_numpy(read).view(B, 1, self.val_dim), new_state,
+                None if u is None else torch.from_numpy(u).view(B, 1, -1))
 
     def _read_applies(self, e, state, pos0) -> bool:
         if e.dim() != 3 or e.shape[1] != 1 or torch.is_grad_enabled():
@@ -343,21 +349,14 @@ class FusedTokenLM(HierarchosLM):
             return super().forward(tokens, state, rosa_hint_ids=rosa_hint_ids, last_logits_only=last_logits_only,
                                    **caps)
         encoder, head, n_ponder, thresh, round_specs = plan
-        B, d = e.shape[0], e.shape[2]
+        B = e.shape[0]
         rosa = state.rosa
         if self.rosa_embed is not None:
             if rosa_hint_ids is None:
                 rosa_hint_ids, rosa = rosa_hints(tokens, rosa, self.cfg.rosa_window, self.cfg.rosa_none_id)
             e = e + self.rosa_embed(rosa_hint_ids)
-        memory, mem = self.memory, state.memory
-        _, surprise, input_sum, u = kernel.memory_read(
-            e.reshape(B, d).numpy(), _quant(memory.query), _quant(memory.target), memory.keys.detach().numpy(),
-            memory.slot_source.numpy(), memory.topk, memory.values.detach().numpy(), mem["delta"].numpy(),
-            mem["surprise"].numpy(), mem["input_sum"].numpy(), encoder, self.persistent.detach().numpy())
-        memory_state = {"delta": mem["delta"], "momentum": mem["momentum"], "surprise": torch.from_numpy(surprise),
-                        "input_sum": torch.from_numpy(input_sum), "writes": mem["writes"]}
+        _, memory_state, u = self.memory._read_call(e, state.memory, encoder, self.persistent.detach().numpy())
         totals: dict = {}
-        u = torch.from_numpy(u).view(B, 1, -1)
         _, first, logits = self.reasoner._fused_round(u, tokens, state.rounds[0], None, n_ponder, thresh, totals,
                                                       *round_specs, head=head)
         rounds = [first] + [dict(r) for r in state.rounds[1:]]  # (a capped cycle count leaves the others)
@@ -489,10 +488,8 @@ class FusedShadowReasoner(HierarchicalReasoner):
         if any(spec is None for spec in linears) or (feedback is not None and fb is None):
             return None
         h_in, h_ctx, l_in, l_out = linears
-        # alpha as `_plan_one` forms it
-        alpha = float(np.float32(pos0 - ((pos0 // s) * s - 1)) / np.float32(s))
         specs = (h_in, fb, halt.weight.detach().reshape(-1).numpy(), float(halt.bias.detach()[0]), h_ctx, l_in, l_out)
-        return specs, is_plan, alpha
+        return specs, is_plan, one_token_alpha(pos0, s)
 
     def _explore(self, u, context, tokens, states, n_explore, grad_on, sync_free, totals):
         # no shadow pass (the minimal depth): nothing for the C++ loop to do, and the Python one only
