@@ -356,25 +356,26 @@ void dot_q8_0(QType t, const DotArgs &args, const ActQ8_0View &act) {
     }
 }
 
-// Q2_K x Q8_K, 64 elements (two 32-element chunks sharing qs bytes, shifts s and s+2)
-// per step; maddubs gives int16 pair sums, then a dot with the int16 group scales.
+// Q2_K x Q8_K, 64 elements (two 32-element chunks sharing qs bytes, shifts s and s+2) per
+// step. Each 128-bit lane of a step holds one group of 16 codes, so the group's scale enters as
+// a byte lookup (vpshufb, AVX-512 BW) of code -> code * scale from a per-lane table: lane g of
+// the block's table holds [0, s, 2s, 3s] of the groups g, 4 + g, 8 + g and 12 + g in its four
+// dwords, and step p looks up dword p by indexing with code | 4p. code * scale <= 45, so the
+// scaled codes stay unsigned bytes and one u8 x s8 dot (vpdpbusd) takes the place of maddubs,
+// a word permute of the scales and a word dot per step.
 template <int NA>
 void row_q2_k(const BlockQ2_K *row, int64_t n_blocks, const ActQ8_KView &act, int64_t a, float *out, int64_t out_stride) {
     const __m512i two_bits = _mm512_set1_epi8(3);
     const __m128i low4 = _mm_set1_epi8(0x0F);
-    // step p covers chunks 2p, 2p+1 = groups 4p..4p+3, 8 int16 lanes each
-    __m512i group_index[4];
-    for (int p = 0; p < 4; ++p) {
-        alignas(64) int16_t idx[32];
-        for (int l = 0; l < 32; ++l) idx[l] = static_cast<int16_t>(4 * p + l / 8);
-        group_index[p] = _mm512_load_si512(idx);
-    }
+    const __m512i multiples = _mm512_set1_epi32(0x03020100);  // bytes [0, 1, 2, 3] * s, s <= 15
     alignas(64) int16_t shift_lanes[2][32];
     for (int l = 0; l < 32; ++l) {
         shift_lanes[0][l] = static_cast<int16_t>(l < 16 ? 0 : 2);
         shift_lanes[1][l] = static_cast<int16_t>(l < 16 ? 4 : 6);
     }
     const __m512i shifts[2] = {_mm512_load_si512(shift_lanes[0]), _mm512_load_si512(shift_lanes[1])};
+    // table dword 4g + p <- group 4p + g: a 4 x 4 transpose of the 16 scale bytes
+    const __m128i transpose = _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
     __m512 acc[NA];
     __m256 acc_min[NA];
     for (int k = 0; k < NA; ++k) {
@@ -385,26 +386,35 @@ void row_q2_k(const BlockQ2_K *row, int64_t n_blocks, const ActQ8_KView &act, in
         const BlockQ2_K &w = row[b];
         prefetch_l2(reinterpret_cast<const uint8_t *>(&w) + kPrefetchBytes, sizeof(BlockQ2_K));  // (x86_prefetch.h)
         const __m128i packed_scales = _mm_loadu_si128(reinterpret_cast<const __m128i *>(w.scales));
-        const __m512i scales = _mm512_castsi256_si512(_mm256_cvtepu8_epi16(_mm_and_si128(packed_scales, low4)));
+        const __m128i scales = _mm_shuffle_epi8(_mm_and_si128(packed_scales, low4), transpose);
+        const __m512i table = _mm512_mullo_epi32(_mm512_cvtepu8_epi32(scales), multiples);
         const __m256i mins = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(packed_scales, 4), low4));
         __m512i isum[NA];
         for (int k = 0; k < NA; ++k) isum[k] = _mm512_setzero_si512();
-        for (int p = 0; p < 4; ++p) {
-            const __m512i q2 = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(w.qs + 32 * (p / 2))));
-            const __m512i codes = _mm512_and_si512(_mm512_srlv_epi16(q2, shifts[p % 2]), two_bits);
-            const __m512i group_scale = _mm512_permutexvar_epi16(group_index[p], scales);
-            for (int k = 0; k < NA; ++k) {
-                const BlockQ8_K &q8 = act.blocks[(a + k) * act.n_blocks + b];
-                const __m512i av = _mm512_loadu_si512(q8.qs + 64 * p);
-                isum[k] = dot_s16(isum[k], _mm512_maddubs_epi16(codes, av), group_scale);
+        for (int half = 0; half < 2; ++half) {
+            const __m512i q2 = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(w.qs + 32 * half)));
+            for (int s = 0; s < 2; ++s) {
+                const int p = 2 * half + s;
+                // (q2 >> shift) & 3 | 4p in one ternary-logic op: A & B | C = 0xEA
+                const __m512i index = _mm512_ternarylogic_epi32(_mm512_srlv_epi16(q2, shifts[s]), two_bits,
+                                                                _mm512_set1_epi8(static_cast<char>(4 * p)), 0xEA);
+                const __m512i scaled = _mm512_shuffle_epi8(table, index);
+                for (int k = 0; k < NA; ++k) {
+                    const BlockQ8_K &q8 = act.blocks[(a + k) * act.n_blocks + b];
+                    isum[k] = dot_u8s8(isum[k], scaled, _mm512_loadu_si512(q8.qs + 64 * p));
+                }
             }
         }
-        const float d = _cvtsh_ss(w.d), dmin = _cvtsh_ss(w.dmin);
+        // d and dmin side by side (the block's last four bytes) into floats at once
+        int32_t d_pair;
+        std::memcpy(&d_pair, &w.d, 4);
+        const __m128 d_both = _mm_cvtph_ps(_mm_cvtsi32_si128(d_pair));
         for (int k = 0; k < NA; ++k) {
             const BlockQ8_K &q8 = act.blocks[(a + k) * act.n_blocks + b];
+            const __m128 scale = _mm_mul_ps(d_both, _mm_set1_ps(q8.d));  // [q8.d * d, q8.d * dmin, ...]
             const __m256i min_dot = _mm256_madd_epi16(mins, _mm256_loadu_si256(reinterpret_cast<const __m256i *>(q8.bsums)));
-            acc[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[k]), _mm512_set1_ps(q8.d * d), acc[k]);
-            acc_min[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(min_dot), _mm256_set1_ps(q8.d * dmin), acc_min[k]);
+            acc[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[k]), _mm512_broadcastss_ps(scale), acc[k]);
+            acc_min[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(min_dot), _mm256_broadcastss_ps(_mm_movehdup_ps(scale)), acc_min[k]);
         }
     }
     for (int k = 0; k < NA; ++k) out[k * out_stride] = _mm512_reduce_add_ps(acc[k]) - hsum(acc_min[k]);

@@ -17,6 +17,8 @@ def _draws(cols: int, rng: np.random.Generator) -> list[np.ndarray]:
     x[1, :32] = 0.0                        # an all-zero block (scale 0)
     x[2, 5] = 1e4                          # one extreme dominates its block
     x[3, ::7] = -x[3, ::7]                 # a sign pattern
+    x[4, 3], x[4, 130] = -40.0, 40.0       # largest magnitudes tied, apart in a 256-block (found by a
+    x[4, 300], x[4, 258] = -40.0, 40.0     # search after the maximum), either sign first
     halves = np.round(x * 2) / 2           # values at rounding ties of small codes
     return [x, halves.astype(np.float32), np.zeros((1, cols), np.float32)]
 
