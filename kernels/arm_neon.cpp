@@ -102,7 +102,7 @@ void dot_q2_k(const DotArgs &args, const ActQ8_KView &act) {
 }  // namespace
 
 const IsaKernels *neon_kernels() {
-    static const IsaKernels table = {"neon", dot_q8_0, dot_q2_k, 0};
+    static const IsaKernels table = {"neon", dot_q8_0, dot_q2_k, 0, quantize_act_row_q8_0};
     return &table;
 }
 

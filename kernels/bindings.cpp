@@ -103,7 +103,7 @@ py::array_t<float> activations_as_used(const FloatArray &x, const std::string &q
             std::vector<float> d(cols / hk::QK);
             std::vector<int32_t> sums(cols / hk::QK);
             for (int64_t r = 0; r < n; ++r) {
-                hk::quantize_act_row_q8_0(src + r * cols, qs.data(), d.data(), sums.data(), cols);
+                hk::quantize_act_q8_0_current(src + r * cols, qs.data(), d.data(), sums.data(), cols);  // matmul's
                 float *row = dst + r * cols;
                 for (int64_t j = 0; j < cols; ++j) row[j] = static_cast<float>(qs[j]) * d[j / hk::QK];
             }

@@ -102,6 +102,7 @@ struct DotArgs {
     int64_t out_stride;
 };
 using DotQ8_0Fn = void (*)(QType t, const DotArgs &args, const ActQ8_0View &act);
+using QuantizeQ8_0Fn = void (*)(const float *x, int8_t *qs, float *d, int32_t *sums, int64_t n);
 using DotQ8_KFn = void (*)(const DotArgs &args, const ActQ8_KView &act);
 
 struct IsaKernels {
@@ -109,6 +110,7 @@ struct IsaKernels {
     DotQ8_0Fn dot_q8_0;      // INT4, Q4_0, Q8_0 weights
     DotQ8_KFn dot_q2_k;      // Q2_K weights
     int q4_group;            // INT4 / Q4_0 activations interleaved in groups of this many blocks (0: natural)
+    QuantizeQ8_0Fn quantize_q8_0;  // the Q8_0 activation blocks, bit for bit quantize_act_row_q8_0
 };
 
 // Defined per translation unit; null when that ISA was not compiled in.

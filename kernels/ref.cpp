@@ -316,12 +316,19 @@ void dequantize_row(QType t, const void *in, float *y, int64_t n) {
 
 void quantize_act_row_q8_0(const float *x, int8_t *qs, float *d, int32_t *sums, int64_t n) {
     for (int64_t b = 0; b < n / QK; ++b, x += QK, qs += QK) {
-        // max is exact in any order: eight running maxima let the compiler vectorise
-        float lane_max[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        for (int j = 0; j < QK; j += 8)
-            for (int l = 0; l < 8; ++l) lane_max[l] = lane_max[l] > std::fabs(x[j + l]) ? lane_max[l] : std::fabs(x[j + l]);
+        // max is exact in any order. GCC 12 left eight running maxima scalar (32 maxss a block),
+        // so x86 takes SSE2's maxps: maxps(m, |x|) is m > |x| ? m : |x|, the scalar rule.
         float amax = 0.0f;
-        for (int l = 0; l < 8; ++l) amax = amax > lane_max[l] ? amax : lane_max[l];
+#if defined(__SSE2__)
+        const __m128 sign = _mm_set1_ps(-0.0f);
+        __m128 lanes = _mm_setzero_ps();
+        for (int j = 0; j < QK; j += 4) lanes = _mm_max_ps(lanes, _mm_andnot_ps(sign, _mm_loadu_ps(x + j)));
+        alignas(16) float lane_max[4];
+        _mm_store_ps(lane_max, lanes);
+        for (int l = 0; l < 4; ++l) amax = amax > lane_max[l] ? amax : lane_max[l];
+#else
+        for (int j = 0; j < QK; ++j) amax = amax > std::fabs(x[j]) ? amax : std::fabs(x[j]);
+#endif
         const float scale = amax / 127.0f;
         const float id = scale != 0.0f ? 1.0f / scale : 0.0f;
         int32_t sum = 0;
@@ -455,7 +462,7 @@ static void scalar_dot_q2_k(const DotArgs &args, const ActQ8_KView &act) {
 }
 
 const IsaKernels *scalar_kernels() {
-    static const IsaKernels table = {"scalar", scalar_dot_q8_0, scalar_dot_q2_k, 0};
+    static const IsaKernels table = {"scalar", scalar_dot_q8_0, scalar_dot_q2_k, 0, quantize_act_row_q8_0};
     return &table;
 }
 

@@ -138,6 +138,10 @@ const IsaKernels *current_isa() {
 
 }  // namespace
 
+void quantize_act_q8_0_current(const float *x, int8_t *qs, float *d, int32_t *sums, int64_t n) {
+    current_isa()->quantize_q8_0(x, qs, d, sums, n);
+}
+
 std::vector<std::string> available_isas() {
     std::vector<std::string> names;
     for (const IsaKernels *isa : usable_isas()) names.emplace_back(isa->name);
@@ -484,10 +488,11 @@ void prepare_activations(const IsaKernels *isa, const MatmulJob &job, ActScratch
     float *d = s.d.data();
     int32_t *sums = s.sums.data();
     int32_t *corr = group > 1 ? s.corr.data() : nullptr;
+    const QuantizeQ8_0Fn quantize = isa->quantize_q8_0;
     parallel_for(act_tasks, [=](int64_t task) {
         for (int64_t a = task * act_rows_per_task; a < std::min(n, (task + 1) * act_rows_per_task); ++a) {
             const int64_t first = a * n_blocks;
-            quantize_act_row_q8_0(x + a * cols, qs + a * cols, d + first, sums + first, cols);
+            quantize(x + a * cols, qs + a * cols, d + first, sums + first, cols);
             if (group > 1) interleave_act_groups(qs + a * cols, corr + first * 4, n_blocks, group);
         }
     }, act_width);

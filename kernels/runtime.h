@@ -16,6 +16,9 @@ namespace hk {
 std::vector<std::string> available_isas();    // scalar first, best last
 std::string default_isa();
 void set_isa(const std::string &name);        // throws std::invalid_argument when unavailable
+// One row's Q8_0 activation blocks by the current ISA's quantizer (what its matmuls use; bit for
+// bit quantize_act_row_q8_0).
+void quantize_act_q8_0_current(const float *x, int8_t *qs, float *d, int32_t *sums, int64_t n);
 std::string get_isa();
 std::vector<std::pair<std::string, bool>> cpu_features();
 

@@ -34,6 +34,7 @@ inline __m256i q4_dot(__m256i acc, __m256i lo, __m256i a_lo, __m256i hi, __m256i
 }
 
 #include "x86_prefetch.h"
+#include "x86_quantize_act.h"
 #include "x86_q4_pairs.h"
 
 // Q8_0: signed x signed through maddubs, by moving the weight's sign onto the activation.
@@ -145,7 +146,7 @@ void dot_q2_k(const DotArgs &args, const ActQ8_KView &act) {
 }  // namespace
 
 const IsaKernels *avx2_kernels() {
-    static const IsaKernels table = {"avx2", dot_q8_0, dot_q2_k, 2};
+    static const IsaKernels table = {"avx2", dot_q8_0, dot_q2_k, 2, quantize_act_q8_0_avx2};
     return &table;
 }
 

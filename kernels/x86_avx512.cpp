@@ -25,6 +25,7 @@ namespace hk {
 namespace {
 
 #include "x86_prefetch.h"
+#include "x86_quantize_act.h"
 
 inline __m512i dot_u8s8(__m512i acc, __m512i u, __m512i s) {
 #if HK_VNNI
@@ -439,12 +440,12 @@ void dot_q2_k(const DotArgs &args, const ActQ8_KView &act) {
 
 #if HK_VNNI
 const IsaKernels *avx512_vnni_kernels() {
-    static const IsaKernels table = {"avx512", dot_q8_0, dot_q2_k, 4};
+    static const IsaKernels table = {"avx512", dot_q8_0, dot_q2_k, 4, quantize_act_q8_0_avx2};
     return &table;
 }
 #else
 const IsaKernels *avx512_kernels() {
-    static const IsaKernels table = {"avx512_novnni", dot_q8_0, dot_q2_k, 4};
+    static const IsaKernels table = {"avx512_novnni", dot_q8_0, dot_q2_k, 4, quantize_act_q8_0_avx2};
     return &table;
 }
 #endif

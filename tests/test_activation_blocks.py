@@ -19,13 +19,34 @@ def _draws(cols: int, rng: np.random.Generator) -> list[np.ndarray]:
     x[3, ::7] = -x[3, ::7]                 # a sign pattern
     x[4, 3], x[4, 130] = -40.0, 40.0       # largest magnitudes tied, apart in a 256-block (found by a
     x[4, 300], x[4, 258] = -40.0, 40.0     # search after the maximum), either sign first
+    x[0, 64:96] = 127.0 * np.arange(32, dtype=np.float32) / 31 - 63.5  # codes at every +-0.5 tie
     halves = np.round(x * 2) / 2           # values at rounding ties of small codes
     return [x, halves.astype(np.float32), np.zeros((1, cols), np.float32)]
 
 
+def _isas() -> list[str]:
+    try:
+        from hierarchos import hierarchos_kernels
+    except ImportError:
+        return ["default"]
+    return hierarchos_kernels.available_isas()
+
+
 @needs_kernel
+@pytest.mark.parametrize("isa", _isas())
 @pytest.mark.parametrize("qtype", ["INT4", "Q4_0", "Q8_0", "Q2_K"])
-def test_kernel_blocks_equal_the_reference_bit_for_bit(qtype):
+def test_kernel_blocks_equal_the_reference_bit_for_bit(qtype, isa):
+    # each ISA's own quantizer (the one its matmuls use): AVX2 and AVX-512 have a vector one
+    from hierarchos import hierarchos_kernels
+    before = hierarchos_kernels.get_isa()
+    hierarchos_kernels.set_isa(isa)
+    try:
+        _check_blocks(qtype)
+    finally:
+        hierarchos_kernels.set_isa(before)
+
+
+def _check_blocks(qtype):
     rng = np.random.default_rng(7)
     for x in _draws(512, rng):
         got = kernel.activations_as_used(x, qtype)
