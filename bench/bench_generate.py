@@ -419,6 +419,7 @@ def batched_generation(model, args, device, rows: list, on_row=lambda: None) -> 
     return rows
 
 
+@torch.no_grad()  # as generation runs them: a grad-mode call would recompile the compiled step
 def kernels_per_token(stepper, device) -> dict | None:
     """The kernels, copies and fills one token launches (what a graph replay holds), counted by the
     profiler over one step of each of the stepper's bodies run outside its graphs (its compiled calls as
