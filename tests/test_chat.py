@@ -344,3 +344,27 @@ def test_delta_round_trip_and_errors(model_dir, tmp_path):
     assert proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "truncated or corrupt" in lines[0], proc.stderr
+
+
+def test_the_chat_command_converses_with_the_loaded_model_frozen_out_of_the_collector(model_dir, monkeypatch, capsys):
+    # a full collection walking the model's objects is a stall mid-reply (~80 ms at 125m); the command
+    # freezes what it loaded for the conversation and gives the collector back after it
+    import gc
+
+    from hierarchos.chat import ChatSession
+    from hierarchos.cli import main
+
+    seen = []
+    original = ChatSession.turn
+
+    def turn(self, text):
+        seen.append(gc.get_freeze_count())
+        return original(self, text)
+
+    monkeypatch.setattr(ChatSession, "turn", turn)
+    before = gc.get_freeze_count()
+    assert main(["chat", "--model-path", str(model_dir), "--device", "cpu", "--max-new-tokens", "3",
+                 "--prompt", "hi"]) == 0
+    assert len(seen) == 1 and seen[0] > before + 100  # the model's modules and tensors at least
+    assert gc.get_freeze_count() == 0
+    assert capsys.readouterr().out.strip()

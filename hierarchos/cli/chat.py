@@ -8,6 +8,7 @@ everything else to stderr. Maps flags onto `hierarchos.chat.ChatSession`.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 from pathlib import Path
@@ -241,6 +242,19 @@ def run(args: argparse.Namespace) -> int:
         session.load_delta(session.delta_path)
         print(f"loaded memory delta {session.delta_path}", file=sys.stderr)
 
+    # The loaded model is ~180k objects the collector tracks (125m, fp32: modules, parameters, tables):
+    # a full collection walked them all, ~80 ms, a stall that can land mid-reply. Frozen after a
+    # collection, the collector walks only what the conversation makes (BENCHMARKS.md).
+    gc.collect()
+    gc.freeze()
+    try:
+        return _converse(args, session, scripted, model, extra, template, device)
+    finally:
+        gc.unfreeze()  # (a caller in the same process, e.g. a test, gets its collector back as it was)
+
+
+def _converse(args, session, scripted, model, extra, template, device) -> int:
+    """The conversation once the session is set up: one prompt, scripted lines or the terminal."""
     if args.prompt is not None:
         session.turn(args.prompt)
     elif scripted:
