@@ -5,7 +5,7 @@
 // ties-away rounding (trunc, then the exact fraction against +-0.5), and the scale's fp16 round
 // trip by F16C, which rounds to nearest even as float_to_half does. GCC 12 left the reference's
 // maximum scalar, and a matvec's activations are quantized on the calling thread while the other
-// threads wait: ~0.8 ns an element, ~10% of a 125m Q4_0 token (Zen 4), before this.
+// threads wait: a 16 x 14,336 Q4_0 call took 23.4 us with the reference, 15.2 with this (Zen 4).
 inline void quantize_act_q8_0_avx2(const float *x, int8_t *qs, float *d, int32_t *sums, int64_t n) {
     const __m256 sign = _mm256_set1_ps(-0.0f), half = _mm256_set1_ps(0.5f), minus_half = _mm256_set1_ps(-0.5f);
     const __m256 one = _mm256_set1_ps(1.0f);
