@@ -32,7 +32,9 @@
 #              what a forward saves for its backward, by part, with the step's peak; hierarchos beside GPT-2;
 #              PROFILE_ARGS (default: the train-loop shape, "--size 30m-byte --seq-len 512 --batch 32 --models
 #              hierarchos:minimal gpt2 --compile --memory": compiled blocks, eager, no graph) (~150 s)
-#   tests      the GPU-marked tests (~100 s warm; fla's cold autotune made them outlast 200 s once)
+#   tests      the GPU-marked tests (~100 s warm; fla's cold autotune made them outlast 200 s once; 318 s on a
+#              cold H100 with everything compiled afresh); torch's AOT-autograd cache writer segfaulted once in
+#              test_compile.py (BENCHMARKS.md): TORCHINDUCTOR_AUTOGRAD_CACHE=0 runs them without that cache
 #   kernel     build the C++ kernel on the device (the ROSA automaton and WKV step the trainer uses; ~40 s)
 #   generate   batch-1 generation at 125m, default and minimal reasoning, the captured sync-free step per
 #              GENERATE_MODES (bench_generate --compile-step; default "off off+full fused fused+full": eager or
