@@ -13,7 +13,9 @@ HIERARCHOS_REQUIRE_KERNEL=1 (CI).
 import copy
 import os
 import random
+import types
 
+import numpy as np
 import pytest
 import torch
 
@@ -920,3 +922,20 @@ def test_vulkan_placement_takes_the_python_step():
         pytest.skip(f"no Vulkan device: {error}")
     assert not any(isinstance(m, fused_step.FusedRWKVStack) for m in model.modules())
     assert fused_step.attach_fused_steps(model) == 0  # Vulkan-placed projections do not qualify
+
+
+@pytest.mark.parametrize("per_block", [False, True])
+def test_the_plans_gates_are_each_blocks_lookup_a_shared_table_converted_once(per_block):
+    torch.manual_seed(0)
+    cfg = tiny_config(vocab_size=64, use_deepembed=True, deepembed_per_block=per_block, l_layers=3)
+    stack = HierarchosLM(cfg).eval().reasoner.worker
+    for table in stack.deepembed:
+        torch.nn.init.normal_(table.weight)
+    tokens = torch.tensor([[3], [7]])
+    with torch.no_grad():  # (as the fused step runs)
+        gates = fused_step._Plan.gates(types.SimpleNamespace(gates_for=None), stack, tokens)
+        want = [g.reshape(2, -1).float().numpy() for g in stack.deepembed.gates(tokens, len(stack.blocks))]
+    assert len(gates) == len(stack.blocks) > 1
+    for got, expected in zip(gates, want):
+        np.testing.assert_array_equal(got, expected)
+    assert (len({id(g) for g in gates}) == 1) == (not per_block)

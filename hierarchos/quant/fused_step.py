@@ -213,8 +213,11 @@ class _Plan:
         if cached is not None and cached[0] is tokens and cached[1] == tokens._version:
             return cached[2]
         B = tokens.shape[0]
-        gates = [g.reshape(B, -1).to(torch.float32).contiguous().numpy()
-                 for g in stack.deepembed.gates(tokens, len(stack.blocks))]
+        gates, last, array = [], None, None
+        for g in stack.deepembed.gates(tokens, len(stack.blocks)):
+            if g is not last:  # a shared table yields one lookup for every block: converted once
+                last, array = g, g.reshape(B, -1).to(torch.float32).contiguous().numpy()
+            gates.append(array)
         self.gates_for = (tokens, tokens._version, gates)  # holds tokens: its id cannot be reused meanwhile
         return gates
 
