@@ -1,7 +1,9 @@
 // Reference (scalar, portable) code: fp16 conversion, the weight quantizers and
 // dequantizers, activation quantization, and the scalar dot-product kernels that every
 // ISA path is tested against. Compiled with -ffp-contract=off so each float operation
-// rounds on its own, as in the numpy reference (hierarchos/quant/formats.py).
+// rounds on its own, as in the numpy reference (hierarchos/quant/formats.py). (The Q8_K
+// activations' extreme is searched with SSE2 where x86 has it, the scalar loop's result: Q8_K
+// has no per-ISA quantizer.)
 #include <cmath>
 #include <cstring>
 #if defined(__SSE2__)
@@ -316,19 +318,13 @@ void dequantize_row(QType t, const void *in, float *y, int64_t n) {
 
 void quantize_act_row_q8_0(const float *x, int8_t *qs, float *d, int32_t *sums, int64_t n) {
     for (int64_t b = 0; b < n / QK; ++b, x += QK, qs += QK) {
-        // max is exact in any order. GCC 12 left eight running maxima scalar (32 maxss a block),
-        // so x86 takes SSE2's maxps: maxps(m, |x|) is m > |x| ? m : |x|, the scalar rule.
+        // max is exact in any order: eight running maxima, as the x86 quantizer's vector lanes take them
+        // (x86_quantize_act.h, the hot path there: GCC 12 leaves this loop scalar)
+        float lane_max[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        for (int j = 0; j < QK; j += 8)
+            for (int l = 0; l < 8; ++l) lane_max[l] = lane_max[l] > std::fabs(x[j + l]) ? lane_max[l] : std::fabs(x[j + l]);
         float amax = 0.0f;
-#if defined(__SSE2__)
-        const __m128 sign = _mm_set1_ps(-0.0f);
-        __m128 lanes = _mm_setzero_ps();
-        for (int j = 0; j < QK; j += 4) lanes = _mm_max_ps(lanes, _mm_andnot_ps(sign, _mm_loadu_ps(x + j)));
-        alignas(16) float lane_max[4];
-        _mm_store_ps(lane_max, lanes);
-        for (int l = 0; l < 4; ++l) amax = amax > lane_max[l] ? amax : lane_max[l];
-#else
-        for (int j = 0; j < QK; ++j) amax = amax > std::fabs(x[j]) ? amax : std::fabs(x[j]);
-#endif
+        for (int l = 0; l < 8; ++l) amax = amax > lane_max[l] ? amax : lane_max[l];
         const float scale = amax / 127.0f;
         const float id = scale != 0.0f ? 1.0f / scale : 0.0f;
         int32_t sum = 0;

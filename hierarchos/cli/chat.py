@@ -8,6 +8,7 @@ everything else to stderr. Maps flags onto `hierarchos.chat.ChatSession`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import sys
@@ -242,41 +243,43 @@ def run(args: argparse.Namespace) -> int:
         session.load_delta(session.delta_path)
         print(f"loaded memory delta {session.delta_path}", file=sys.stderr)
 
-    # The loaded model is ~180k objects the collector tracks (125m, fp32: modules, parameters, tables):
-    # a full collection walked them all, ~80 ms, a stall that can land mid-reply. Frozen after a
-    # collection, the collector walks only what the conversation makes (BENCHMARKS.md).
+    with _model_frozen_out_of_the_collector():
+        if args.prompt is not None:
+            session.turn(args.prompt)
+        elif scripted:
+            session.run_lines(sys.stdin)
+        else:
+            save_history = _setup_readline()
+            print(f"hierarchos chat: {args.model_path} ({model.num_parameters():,} parameters, "
+                  f"{extra.get('format_name', 'full precision')}, {template} template, device {device}); "
+                  "/help for commands, Ctrl+D to leave", file=sys.stderr)
+            try:
+                session.run_interactive()
+            finally:
+                if save_history is not None:
+                    try:
+                        save_history()
+                    except OSError:
+                        pass
+        if args.ltm_lora_path and session.updates:
+            print(f"saved memory delta to {session.save_delta()}", file=sys.stderr)
+            if session.on_save is not None:
+                print(session.on_save(session), file=sys.stderr)
+        return 0
+
+
+@contextlib.contextmanager
+def _model_frozen_out_of_the_collector():
+    """The loaded model is ~180k objects the collector tracks (125m, fp32: modules, parameters, tables):
+    a full collection walked them all, ~80 ms, a stall that can land mid-reply. Frozen after a collection,
+    the collector walks only what the conversation makes (BENCHMARKS.md); unfrozen after, so a caller in
+    the same process (a test) gets its collector back as it was."""
     gc.collect()
     gc.freeze()
     try:
-        return _converse(args, session, scripted, model, extra, template, device)
+        yield
     finally:
-        gc.unfreeze()  # (a caller in the same process, e.g. a test, gets its collector back as it was)
-
-
-def _converse(args, session, scripted, model, extra, template, device) -> int:
-    """The conversation once the session is set up: one prompt, scripted lines or the terminal."""
-    if args.prompt is not None:
-        session.turn(args.prompt)
-    elif scripted:
-        session.run_lines(sys.stdin)
-    else:
-        save_history = _setup_readline()
-        print(f"hierarchos chat: {args.model_path} ({model.num_parameters():,} parameters, "
-              f"{extra.get('format_name', 'full precision')}, {template} template, device {device}); "
-              "/help for commands, Ctrl+D to leave", file=sys.stderr)
-        try:
-            session.run_interactive()
-        finally:
-            if save_history is not None:
-                try:
-                    save_history()
-                except OSError:
-                    pass
-    if args.ltm_lora_path and session.updates:
-        print(f"saved memory delta to {session.save_delta()}", file=sys.stderr)
-        if session.on_save is not None:
-            print(session.on_save(session), file=sys.stderr)
-    return 0
+        gc.unfreeze()
 
 
 def _quantized_device(name: str):
