@@ -76,6 +76,7 @@ import torch  # noqa: E402
 from gpt2_baseline import build_gpt2, fit_gpt2  # noqa: E402
 from hierarchos.config import (DEFAULT_WIRING, MINIMAL_DEPTH, SEED_DEPTH, TIME_MIX_WIRINGS, ModelConfig,  # noqa: E402
                                tiny_config)
+from hierarchos.generate import greedy_ids  # noqa: E402
 from hierarchos.model import HierarchosLM  # noqa: E402
 from hierarchos.ops.threads import intra_op_threads  # noqa: E402
 
@@ -125,16 +126,16 @@ def measure(model, fmt: str, weight_bytes: int, args, device) -> list[dict]:
         sync(device)
         prefill_s = time.perf_counter() - start
         after_prefill = memory_mib(device)
-        token = out.logits[:, -1].argmax(-1)
+        token = greedy_ids(out.logits[:, -1])
         with intra_op_threads(model.step_threads):  # the token loop as `generate` runs it (argmax too)
             for _ in range(args.warmup):
                 out = model.step(token, state)
-                state, token = out.state, out.logits.argmax(-1)
+                state, token = out.state, greedy_ids(out.logits)
             sync(device)
             start = time.perf_counter()
             for _ in range(args.new_tokens):
                 out = model.step(token, state)
-                state, token = out.state, out.logits.argmax(-1)
+                state, token = out.state, greedy_ids(out.logits)
             sync(device)
             elapsed = time.perf_counter() - start
         rows.append({"format": fmt, "weight_bytes": weight_bytes, "context": context,
@@ -160,7 +161,7 @@ def interleaved_generation(models: dict, args, device) -> dict:
         state, token = model.init_state(1, device=device), torch.zeros(1, dtype=torch.long, device=device)
         for _ in range(args.warmup):
             out = model.step(token, state)
-            state, token = out.state, out.logits.argmax(-1)
+            state, token = out.state, greedy_ids(out.logits)
         states[fmt], tokens[fmt] = state, token
     for _ in range(args.rounds):
         for fmt, model in models.items():
@@ -170,7 +171,7 @@ def interleaved_generation(models: dict, args, device) -> dict:
             with intra_op_threads(model.step_threads):  # as `generate` runs its token loop
                 for _ in range(args.new_tokens):
                     out = model.step(token, state)
-                    state, token = out.state, out.logits.argmax(-1)
+                    state, token = out.state, greedy_ids(out.logits)
             sync(device)
             best[fmt] = min(best[fmt], (time.perf_counter() - start) / args.new_tokens)
             states[fmt], tokens[fmt] = state, token
@@ -210,14 +211,14 @@ def fusion_generation(model, args, device) -> dict:
             set_fusion_level(model, level)
             for _ in range(args.warmup):
                 out = model.step(token, state)
-                state, token = out.state, out.logits.argmax(-1)
+                state, token = out.state, greedy_ids(out.logits)
         for _ in range(args.rounds):
             for level in FUSION_LEVELS:
                 set_fusion_level(model, level)
                 start = time.perf_counter()
                 for _ in range(args.new_tokens):
                     out = model.step(token, state)
-                    state, token = out.state, out.logits.argmax(-1)
+                    state, token = out.state, greedy_ids(out.logits)
                 rates[level].append(args.new_tokens / (time.perf_counter() - start))
     set_fusion_level(model, "token")
     return rates
@@ -553,7 +554,7 @@ def long_generation(model, n: int, device) -> list[dict]:
     for mark in marks:
         while done < mark:
             out = model.step(token, state)
-            state, token = out.state, out.logits.argmax(-1)
+            state, token = out.state, greedy_ids(out.logits)
             done += 1
         sync(device)
         now = time.perf_counter()

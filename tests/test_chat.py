@@ -79,6 +79,19 @@ def test_piped_stdin_prints_only_the_reply(model_dir):
     assert "[ltm]" in proc.stderr.decode()  # status lines go to stderr
 
 
+def test_greedy_ids_equal_torch_argmax():
+    """The numpy argmax of greedy decoding gives torch's argmax: one row, a batch, a (V,) row, ties (the
+    first of equal maxima), a NaN (counted as the maximum), -inf rows, and other dtypes through torch."""
+    g = torch.Generator().manual_seed(0)
+    cases = [torch.randn(1, 50257, generator=g), torch.randn(3, 1000, generator=g), torch.randn(1000, generator=g),
+             torch.tensor([[1.0, 3.0, 3.0, 2.0]]), torch.tensor([0.0, float("nan"), 5.0, float("nan")]),
+             torch.full((2, 7), float("-inf")), torch.randn(2, 9, generator=g).double(),
+             torch.randn(2, 9, generator=g).to(torch.bfloat16), torch.randn(4, 6, generator=g)[:, ::2]]
+    for logits in cases:
+        got = generate_mod.greedy_ids(logits)
+        assert got.dtype == torch.int64 and torch.equal(got, logits.argmax(-1)), logits
+
+
 def test_greedy_step_equals_argmax_of_parallel_forward(model_dir):
     session, _, _ = _session(model_dir, max_new=10)
     session.tokenizer.eos_id = None  # generate all 10 tokens

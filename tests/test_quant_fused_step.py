@@ -540,6 +540,66 @@ def test_token_path_falls_back_where_it_does_not_apply(monkeypatch):
     assert calls.reads == 1
 
 
+def test_token_program_follows_replaced_modules_and_parameters(monkeypatch):
+    """The token's fixed arguments are made once and kept between tokens (`_TokenProgram`): a module, a
+    parameter, a quantized matrix or a parameter's storage replaced after the first token is seen (the
+    next token equals the module-by-module model's), a change in place is seen without a rebuild, and a
+    program that no longer holds is rebuilt (one whole-token call a token throughout)."""
+    cfg = config(h_cycles=1, max_h_steps=1, max_l_steps=0)
+    model = quantized(cfg, "Q4_0", 3)
+    calls = TokenCalls(model, monkeypatch)
+    g = torch.Generator().manual_seed(3)
+    state, token = model.init_state(1), torch.tensor([5])
+
+    def token_matches_reference(what):
+        nonlocal state, token
+        if (state.pos + 1) % cfg.ltm_chunk == 0:  # a chunk's write runs module by module: step past it
+            with torch.no_grad():
+                out = model.step(token, state)
+            state, token = out.state, out.logits.argmax(-1)
+        reference = copy.deepcopy(model)
+        reference.__class__ = HierarchosLM
+        before = calls.reads
+        ref_state = state.clone()  # (before the step extends ROSA's automata in place)
+        with torch.no_grad():
+            out = model.step(token, state)
+            ref = reference.step(token, ref_state)
+        assert calls.reads == before + 1, what
+        assert rel_diff(out.logits, ref.logits) < 1e-5, what
+        state, token = out.state, out.logits.argmax(-1)
+        return model._token_program
+
+    first = token_matches_reference("first token")
+    assert token_matches_reference("second token") is first  # kept
+    with torch.no_grad():
+        model.out_norm.weight.mul_(1.5)  # in place: seen through the view, no rebuild
+    assert token_matches_reference("norm weight scaled in place") is first
+    model.out_norm.weight = torch.nn.Parameter(torch.randn(cfg.context_dim, generator=g))
+    second = token_matches_reference("norm weight replaced")
+    assert second is not first
+    model.persistent.data = torch.randn(model.persistent.shape, generator=g)
+    third = token_matches_reference("persistent tokens' storage replaced")
+    assert third is not second
+    other = quantized(cfg, "Q4_0", 4)
+    model.lm_head.weight_q = other.lm_head.weight_q
+    fourth = token_matches_reference("head's quantized matrix replaced")
+    model.encoder = other.encoder
+    assert token_matches_reference("encoder replaced") is not fourth
+    model.reasoner.h_halt_proj.bias = torch.nn.Parameter(torch.randn(1, generator=g))
+    token_matches_reference("halting bias replaced")
+
+
+def test_token_path_takes_other_token_dtypes_module_by_module(monkeypatch):
+    """int32 token ids (the embedding casts them) run module by module and give the same logits."""
+    model = quantized(config(h_cycles=1, max_h_steps=1, max_l_steps=0))
+    calls = TokenCalls(model, monkeypatch)
+    with torch.no_grad():
+        fast = model.step(torch.tensor([7]), model.init_state(1))
+        slow = model.step(torch.tensor([7], dtype=torch.int32), model.init_state(1))
+    assert calls.reads == 1
+    assert torch.equal(fast.logits, slow.logits)
+
+
 def _memory_state(memory, B, g):
     state = memory.init_state(B, memory.query.in_features)
     return {k: (torch.randn(v.shape, generator=g) * 0.1 if v.dtype == torch.float32 else v) for k, v in state.items()}

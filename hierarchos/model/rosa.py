@@ -265,7 +265,18 @@ def rosa_hints(
     """
     if tokens.dim() != 2:
         raise ValueError(f"tokens must be (B, T), got shape {tuple(tokens.shape)}")
-    rows = tokens.detach().to("cpu", torch.long).numpy()
+    hints, automata = rosa_hint_array(tokens.detach().to("cpu", torch.long).numpy(), automata, window, none_id)
+    return torch.from_numpy(hints).to(tokens.device), automata
+
+
+def rosa_hint_array(
+    rows: np.ndarray,
+    automata: list[RosaAutomaton] | None,
+    window: int,
+    none_id: int,
+) -> tuple[np.ndarray, list[RosaAutomaton]]:
+    """`rosa_hints` on the host: rows (B, T) int64 token ids -> hints (B, T) int64, `automata`
+    extended in place (fresh ones made when None) and returned."""
     if automata is None:
         automata = [RosaAutomaton(window, none_id) for _ in rows]
     if len(automata) != len(rows):
@@ -276,7 +287,7 @@ def rosa_hints(
             hints[index] = automaton.extend(row.tolist())
         else:
             hints[index] = automaton.extend_array(row)
-    return torch.from_numpy(hints).to(tokens.device), automata
+    return hints, automata
 
 
 def rosa_hints_bruteforce(tokens: Sequence[int], none_id: int, window: int | None = None) -> list[int]:

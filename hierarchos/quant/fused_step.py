@@ -33,7 +33,10 @@ where both stacks take their fused step and every projection is quantized as the
 one call, `kernel.memory_read` (`FusedMemory`, kernels/memory_step.cpp). Where both apply, a generated
 token is those two calls (`FusedTokenLM`, the model's class): the memory's goes on to the encoder, the
 round's to the output norm and the head. At 125m Q4_0 the three took ~25-35% off a ~4.5 ms token
-(BENCHMARKS.md, "The round, the memory's read, the encoder and the head in C++").
+(BENCHMARKS.md, "The round, the memory's read, the encoder and the head in C++"). The two calls'
+fixed arguments (specs, views of parameters, embedding readers) are made once and kept between tokens
+(`_TokenProgram`, checked by identity each token): looking them up again cost ~0.2-0.3 ms a token,
+Python working on caches the weights had just flushed.
 
 The low-rank paths' matrices (the token-shift, decay, in-context-rate, gate and value-residual
 mixes: 7.1 MB of float32 per 125m stack pass, a quarter of what a pass streams) go to the C++ step
@@ -62,7 +65,8 @@ from ..errors import HierarchosError
 from ..model.hrm import HierarchicalReasoner, add_total, one_token_alpha
 from ..model.lm import HierarchosLM, ModelOutput
 from ..model.memory import LongTermMemory
-from ..model.rosa import rosa_hints
+from ..model.deepembed import DeepEmbedTables
+from ..model.rosa import rosa_hint_array
 from ..model.rwkv import RWKVStack, TimeMix
 from ..model.state import HierarchosState
 from . import kernel
@@ -309,10 +313,7 @@ class FusedMemory(LongTermMemory):
             e.reshape(B, D).numpy(), _quant(self.query), _quant(self.target), self.keys.detach().numpy(),
             self.slot_source.numpy(), self.topk, self.values.detach().numpy(), state["delta"].numpy(),
             state["surprise"].numpy(), state["input_sum"].numpy(), encoder, persistent)
-        # as `forward` leaves a state no write touched: the same delta, momentum and write counts
-        new_state = {"delta": state["delta"], "momentum": state["momentum"], "surprise": torch.from_numpy(surprise),
-                     "input_sum": torch.from_numpy(input_sum), "writes": state["writes"]}
-        return (torch.from_numpy(read).view(B, 1, self.val_dim), new_state,
+        return (torch.from_numpy(read).view(B, 1, self.val_dim), _read_state(state, surprise, input_sum),
                 None if u is None else torch.from_numpy(u).view(B, 1, -1))
 
     def _read_applies(self, e, state, pos0) -> bool:
@@ -338,60 +339,286 @@ class FusedTokenLM(HierarchosLM):
     """A quantized HierarchosLM whose generated token, at the minimal depth (one manager cycle, no
     shadow pass, ACT), runs in two C++ calls: the memory's read with the encoder after it
     (`kernel.memory_read`), then the reasoner's round with the head after it (`RwkvStackStep.round`).
-    The embedding and ROSA's hints stay in Python. A token the two calls do not cover (a prompt, a
-    chunk's write, gradients, a hook, other depths) runs `forward` as written, module by module (the
-    fused memory and round then still apply on their own). The class `attach_fused_steps` gives a model
-    whose memory and reasoner take their fused calls."""
+    The embedding rows, ROSA's hints and the DeepEmbed gates are looked up around them in numpy, the
+    calls' fixed arguments come from a `_TokenProgram` kept between tokens. A token the two calls do not
+    cover (a prompt, a chunk's write, gradients, a hook, other depths) runs `forward` as written, module by
+    module (the fused memory and round then still apply on their own). The class `attach_fused_steps`
+    gives a model whose memory and reasoner take their fused calls."""
+
+    _token_program: "_TokenProgram | None" = None
 
     def forward(self, tokens, state=None, *, rosa_hint_ids=None, last_logits_only=False, **caps):
-        plan = None
+        out = None
         if state is not None and tokens.dim() == 2 and tokens.shape[1] == 1 and not torch.is_grad_enabled():
-            e = self.embed(tokens)  # (no side effect: ROSA's automata are extended only once the call is taken)
-            plan = self._token_plan(e, state, caps)
-        if plan is None:
+            program = self._token_program
+            if program is None or not program.holds(self):
+                program = self._token_program = _TokenProgram.build(self)
+            if program is not None:
+                out = program.run(self, tokens, state, rosa_hint_ids, caps)
+        if out is None:
             return super().forward(tokens, state, rosa_hint_ids=rosa_hint_ids, last_logits_only=last_logits_only,
                                    **caps)
-        encoder, head, n_ponder, thresh, round_specs = plan
-        B = e.shape[0]
-        rosa = state.rosa
-        if self.rosa_embed is not None:
-            if rosa_hint_ids is None:
-                rosa_hint_ids, rosa = rosa_hints(tokens, rosa, self.cfg.rosa_window, self.cfg.rosa_none_id)
-            e = e + self.rosa_embed(rosa_hint_ids)
-        _, memory_state, u = self.memory._read_call(e, state.memory, encoder, self.persistent.detach().numpy())
-        totals: dict = {}
-        _, first, logits = self.reasoner._fused_round(u, tokens, state.rounds[0], None, n_ponder, thresh, totals,
-                                                      *round_specs, head=head)
-        rounds = [first] + [dict(r) for r in state.rounds[1:]]  # (a capped cycle count leaves the others)
-        new_state = HierarchosState(pos=state.pos + 1, memory=memory_state, rounds=rounds, rosa=rosa)
-        return ModelOutput(logits=logits.view(B, 1, -1), state=new_state, totals=totals)
+        return out
 
-    def _token_plan(self, e, state, caps):
-        """(encoder spec, head spec, pondering passes, halting threshold, the round's specs) when this
-        token can take the two calls, else None."""
-        reasoner = self.reasoner
-        if set(caps) - {"h_cycles", "max_h_steps", "max_l_steps", "h_halt_thresh"}:
+
+def _float_cpu(t: torch.Tensor) -> bool:
+    return t.dtype is torch.float32 and t.is_cpu
+
+
+def _stack_arrays(s: dict) -> tuple | None:
+    """A stack state's (tm_shift, wkv, cm_shift) as numpy views, None where the step cannot read it."""
+    if len(s) != 3:
+        return None
+    tm, wkv, cm = s.get("tm_shift"), s.get("wkv"), s.get("cm_shift")
+    if tm is None or wkv is None or cm is None:
+        return None
+    if not (_float_cpu(tm) and _float_cpu(wkv) and _float_cpu(cm)) or tm.requires_grad or wkv.requires_grad \
+            or cm.requires_grad:
+        return None
+    return tm.numpy(), wkv.numpy(), cm.numpy()
+
+
+def _stack_tensors(a: tuple) -> dict:
+    return {"tm_shift": torch.from_numpy(a[0]), "wkv": torch.from_numpy(a[1]), "cm_shift": torch.from_numpy(a[2])}
+
+
+def _round_state(rs: dict, outputs: tuple, is_plan: bool, B: int, totals: dict) -> tuple:
+    """(y (B, d) tensor, the new round state, the logits (B, V) or None) from `RwkvStackStep.round`'s
+    outputs for round state rs, the totals added as `_round` adds them."""
+    y, watch, commit, ponder_new, plan_prev, plan_last, expected, halting, logits = outputs
+    new = dict(rs)
+    new["watch"], new["commit"] = _stack_tensors(watch), _stack_tensors(commit)
+    y = torch.from_numpy(y)
+    if is_plan:  # as `_ponder` reports it; a pass not run keeps its state
+        old = rs["ponder"]
+        new["ponder"] = [s if a is None else _stack_tensors(a) for s, a in zip(old, ponder_new)] + \
+            list(old[len(ponder_new):])
+        new["plan_prev"], new["plan_last"] = torch.from_numpy(plan_prev), torch.from_numpy(plan_last)
+        add_total(totals, "ponder", torch.tensor(expected, dtype=y.dtype), float(B))
+        add_total(totals, "manager_steps", torch.tensor(halting, dtype=y.dtype), float(B))
+    add_total(totals, "worker_steps", y.new_zeros(()), float(B))  # `_explore` with no shadow pass
+    dtype = rs["last_out"].dtype
+    new["last_out"] = y if y.dtype == dtype else y.to(dtype)
+    return y, new, None if logits is None else torch.from_numpy(logits)
+
+
+def _read_state(state: dict, surprise: np.ndarray, input_sum: np.ndarray) -> dict:
+    """The memory's state after a read without a write, as `forward` leaves it: the same delta, momentum
+    and write counts, the read's surprise and input sum."""
+    return {"delta": state["delta"], "momentum": state["momentum"], "surprise": torch.from_numpy(surprise),
+            "input_sum": torch.from_numpy(input_sum), "writes": state["writes"]}
+
+
+def _row_reader(module: nn.Module):
+    """(rows(ids) -> float32 (n, dim) numpy rows of an embedding module, the tensors whose storage it
+    views) for a quantized or a float32 CPU nn.Embedding table; None for anything else."""
+    if type(module) is _quant_model().QuantEmbedding:
+        table = module.table
+        return (lambda ids: kernel.dequantize_rows(table.data, table.qtype, table.cols, ids)), []
+    if type(module) is nn.Embedding and module.max_norm is None and _float_cpu(module.weight):
+        weight = module.weight.detach().numpy()
+        return (lambda ids: weight[ids]), [module.weight]
+    return None
+
+
+def _owner_slot(owner, name: str):
+    """The dict of `owner` (an nn.Module's parameters, buffers, submodules or attributes) holding `name`."""
+    for d in (getattr(owner, "_parameters", None), getattr(owner, "_buffers", None),
+              getattr(owner, "_modules", None), owner.__dict__):
+        if d is not None and name in d:
+            return d
+    raise KeyError(name)
+
+
+class _TokenProgram:
+    """A FusedTokenLM's generated token as two C++ calls, with every argument that stays from token to
+    token made once: the projections' specs, views of the norms, the memory's slots and the persistent
+    tokens, the embedding tables' readers. Looking them up and checking them again for every token cost
+    ~0.2 ms of a ~4 ms 125m token (BENCHMARKS.md, issue 17). The program holds while every module,
+    parameter and quantized matrix it read is still the object it read, with the storage it viewed, and
+    no hook watches a module (`holds`, a few microseconds); else the model builds another (or runs module
+    by module). A parameter changed in place is seen (the program views it); `attach_fused_steps` drops it."""
+
+    @classmethod
+    def build(cls, model: "FusedTokenLM") -> "_TokenProgram | None":
+        """The program of `model`'s token as it is now, or None when its modules cannot take the two calls."""
+        reasoner, memory = model.reasoner, model.memory
+        if type(reasoner) is not FusedShadowReasoner or type(memory) is not FusedMemory:
+            return None
+        manager, worker = reasoner.manager, reasoner.worker
+        if not (isinstance(manager, FusedRWKVStack) and isinstance(worker, FusedRWKVStack)) \
+                or manager._fused_plan is None or worker._fused_plan is None:
+            return None
+        if not hasattr(kernel.RwkvStackStep, "round") or getattr(kernel, "memory_read", None) is None:
+            return None
+        cfg = reasoner.cfg
+        if cfg.halting != "act" or reasoner.halting_record is not None:
+            return None
+        if memory.topk > memory.slots or memory._segment_call is not None:
+            return None
+        if not (_bias_free_quantized(memory.query) and _bias_free_quantized(memory.target)):
+            return None
+        if not (_float_cpu(memory.keys) and _float_cpu(memory.values) and memory.slot_source.is_cpu):
+            return None
+        norm, persistent, halt = model.out_norm, model.persistent, reasoner.h_halt_proj
+        if type(norm) is not nn.LayerNorm or not norm.elementwise_affine or norm.bias is None:
+            return None
+        if type(halt) is not nn.Linear or halt.bias is None:
+            return None
+        floats = [norm.weight, norm.bias, persistent, halt.weight, halt.bias]
+        if not all(_float_cpu(t) for t in floats):
+            return None
+        linears = (model.encoder, model.lm_head, reasoner.h_input_proj, reasoner.h_to_context, reasoner.l_input_proj,
+                   reasoner.l_to_out)
+        specs = [_linear_spec(m) for m in linears]
+        if any(spec is None for spec in specs):
+            return None
+        tables = {"embed": model.embed, "rosa": model.rosa_embed}
+        for name, stack in (("manager", manager), ("worker", worker)):
+            if stack.deepembed is not None:
+                if type(stack.deepembed).gates is not DeepEmbedTables.gates:
+                    return None
+                for i, table in enumerate(stack.deepembed):
+                    tables[f"{name}.{i}"] = table
+        readers, viewed = {}, list(floats) + [memory.keys, memory.values, memory.slot_source]
+        for name, table in tables.items():
+            if table is None:
+                readers[name] = None
+                continue
+            reader = _row_reader(table)
+            if reader is None:
+                return None
+            readers[name], more = reader
+            viewed += more
+        return cls(model, specs, readers, viewed)
+
+    def __init__(self, model, specs, readers, viewed):
+        reasoner, memory = model.reasoner, model.memory
+        self.cfg, self.reasoner = model.cfg, reasoner
+        self.manager, self.worker = reasoner.manager, reasoner.worker
+        self.memory = memory
+        encoder, lm_head, h_in, h_ctx, l_in, l_out = specs
+        norm, halt = model.out_norm, reasoner.h_halt_proj
+        self.encoder = encoder
+        self.head = (norm.weight.detach().numpy(), norm.bias.detach().numpy(), float(norm.eps), lm_head)
+        self.round_specs = (h_in, None, halt.weight.detach().reshape(-1).numpy())
+        self.halt_bias = halt.bias.detach().numpy()
+        self.round_linears = (h_ctx, l_in, l_out)
+        self.persistent = model.persistent.detach().numpy()
+        self.memory_args = (_quant(memory.query), _quant(memory.target), memory.keys.detach().numpy(),
+                            memory.slot_source.numpy(), memory.topk, memory.values.detach().numpy())
+        self.embed, self.rosa = readers["embed"], readers["rosa"]
+        self.gate_readers = {}
+        for stack_name, stack in (("manager", self.manager), ("worker", self.worker)):
+            if stack.deepembed is not None:
+                per = [readers[f"{stack_name}.{i}"] for i in range(len(stack.deepembed))]
+                self.gate_readers[stack_name] = (per, len(stack.blocks))
+        # the objects read above, each where it must still be found: (dict, key, object)
+        idents = []
+        for owner, names in ((model, ("reasoner", "memory", "encoder", "lm_head", "out_norm", "persistent", "embed",
+                                      "rosa_embed")),
+                             (reasoner, ("manager", "worker", "h_input_proj", "h_to_context", "l_input_proj",
+                                         "l_to_out", "h_halt_proj", "halting_record")),
+                             (memory, ("query", "target", "keys", "values", "slot_source", "topk", "_segment_call")),
+                             (norm, ("weight", "bias", "eps")), (halt, ("weight", "bias")),
+                             (self.manager, ("_fused_plan", "deepembed")), (self.worker, ("_fused_plan", "deepembed"))):
+            for name in names:
+                d = _owner_slot(owner, name)
+                idents.append((d, name, d[name]))
+        for linear in (model.encoder, model.lm_head, reasoner.h_input_proj, reasoner.h_to_context,
+                       reasoner.l_input_proj, reasoner.l_to_out, memory.query, memory.target):
+            for name in ("weight_q", "bias", "group", "vk_weight"):
+                d = _owner_slot(linear, name)
+                idents.append((d, name, d[name]))
+            idents.append((linear.weight_q.__dict__, "data", linear.weight_q.data))
+        for stack in (self.manager, self.worker):
+            if stack.deepembed is not None:
+                idents += [(stack.deepembed._modules, k, m) for k, m in stack.deepembed._modules.items()]
+        for table in [model.embed, model.rosa_embed] + [t for s in (self.manager, self.worker)
+                                                        for t in (s.deepembed or [])]:
+            if table is not None and hasattr(table, "table"):
+                idents.append((table.__dict__, "table", table.table))
+                idents.append((table.table.__dict__, "data", table.table.data))
+        self.idents = idents
+        self.types = [(m, type(m)) for m in (model, reasoner, memory, self.manager, self.worker)]
+        self.viewed = [(t, t.data_ptr()) for t in viewed]
+        # (the model's own hooks run around `forward` itself; the stacks' plans check their own modules too)
+        self.hook_dicts = [d for m in model.modules() if m is not model for d in (m._forward_hooks,
+                                                                                  m._forward_pre_hooks)]
+
+    def holds(self, model) -> bool:
+        """Whether the model is still what the program was built from (see the class doc)."""
+        if model.reasoner is not self.reasoner:
+            return False
+        for m, cls in self.types:
+            if type(m) is not cls:
+                return False
+        for d, key, obj in self.idents:
+            if d.get(key, d) is not obj:
+                return False
+        for t, ptr in self.viewed:
+            if t.data_ptr() != ptr:
+                return False
+        return True
+
+    def run(self, model, tokens, state, hint_ids, caps):
+        """The token's ModelOutput through the two calls, or None (nothing changed) where they do not apply."""
+        reasoner, memory, cfg = self.reasoner, self.memory, self.cfg
+        if len(caps) and set(caps) - {"h_cycles", "max_h_steps", "max_l_steps", "h_halt_thresh"}:
             return None
         n_cycles, n_ponder, n_explore, thresh = reasoner.depth(**caps)
-        if n_cycles != 1 or n_explore != 0 or not isinstance(reasoner, FusedShadowReasoner):
+        if n_cycles != 1 or n_explore != 0:
             return None
-        if not isinstance(self.memory, FusedMemory) or not self.memory._read_applies(e, state.memory, state.pos):
+        if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks or any(self.hook_dicts):
             return None
-        encoder, head_linear = _linear_spec(self.encoder), _linear_spec(self.lm_head)
-        norm, persistent = self.out_norm, self.persistent
-        if encoder is None or head_linear is None or type(norm) is not nn.LayerNorm or not norm.elementwise_affine:
+        if torch.is_autocast_enabled("cpu") or tokens.dtype is not torch.int64 or not tokens.is_cpu:
             return None
-        if norm._forward_hooks or norm._forward_pre_hooks or norm.bias is None:
+        B, pos0 = tokens.shape[0], state.pos
+        if B >= _quant_model().DENSE_FROM_ROWS or (pos0 % memory.chunk) + 1 == memory.chunk:
+            return None  # (the chunk's write takes the module-by-module path)
+        mem = state.memory
+        delta, surprise, input_sum = mem["delta"], mem["surprise"], mem["input_sum"]
+        if not (_float_cpu(delta) and _float_cpu(surprise) and _float_cpu(input_sum)):
             return None
-        if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in (norm.weight, norm.bias, persistent)):
+        rs = state.rounds[0]
+        s = cfg.h_stride
+        is_plan = (s - 1 - pos0) % s == 0
+        if is_plan and n_ponder < 1:
             return None
-        if any(m._forward_hooks or m._forward_pre_hooks for m in (self.memory, reasoner)):
-            return None  # (the two calls stand in for these modules' own calls)
-        round_specs = reasoner._round_call(e, state.rounds[0], None, state.pos, n_ponder)
-        if round_specs is None:
+        watch, commit = _stack_arrays(rs["watch"]), _stack_arrays(rs["commit"])
+        ponder = [_stack_arrays(p) for p in rs["ponder"][:n_ponder]] if is_plan else []
+        if watch is None or commit is None or any(p is None for p in ponder):
             return None
-        head = (norm.weight.detach().numpy(), norm.bias.detach().numpy(), float(norm.eps), head_linear)
-        return encoder, head, n_ponder, thresh, round_specs
+        plan_prev, plan_last = rs["plan_prev"], rs["plan_last"]
+        if not (_float_cpu(plan_prev) and _float_cpu(plan_last)) or plan_prev.requires_grad or plan_last.requires_grad:
+            return None
+        ids = tokens.numpy().reshape(B)
+        e = self.embed(ids)
+        rosa = state.rosa
+        if self.rosa is not None:  # (ROSA's automata are extended only now that the calls are taken)
+            if hint_ids is None:
+                hints, rosa = rosa_hint_array(ids.reshape(B, 1), rosa, cfg.rosa_window, cfg.rosa_none_id)
+            else:
+                hints = hint_ids.detach().to("cpu", torch.int64).numpy()
+            e = e + self.rosa(hints.reshape(B))
+        gates = {}
+        for name, (per, n_blocks) in self.gate_readers.items():
+            rows = [read(ids) for read in per]
+            gates[name] = rows * n_blocks if len(rows) == 1 else rows
+        persistent = self.persistent
+        read, new_surprise, new_input_sum, u = kernel.memory_read(
+            e, *self.memory_args, delta.numpy(), surprise.numpy(), input_sum.numpy(), self.encoder, persistent)
+        h_in, fb, halt_w = self.round_specs
+        outputs = self.worker._fused_plan.step.round(
+            self.manager._fused_plan.step, u.reshape(B, -1), None, watch, commit, ponder, plan_prev.numpy(),
+            plan_last.numpy(), one_token_alpha(pos0, s), is_plan, float(thresh), h_in, fb, halt_w,
+            float(self.halt_bias[0]), *self.round_linears, gates.get("manager"), gates.get("worker"), self.head)
+        totals: dict = {}
+        _, first, logits = _round_state(rs, outputs, is_plan, B, totals)
+        rounds = [first] + [dict(r) for r in state.rounds[1:]]  # (a capped cycle count leaves the others)
+        new_state = HierarchosState(pos=pos0 + 1, memory=_read_state(mem, new_surprise, new_input_sum),
+                                    rounds=rounds, rosa=rosa)
+        return ModelOutput(logits=logits.view(B, 1, -1), state=new_state, totals=totals)
 
 
 def why_not_fused(model: nn.Module) -> dict[str, str | None]:
@@ -436,28 +663,15 @@ class FusedShadowReasoner(HierarchicalReasoner):
         (B, V) of `head`'s (norm weight, norm bias, eps, linear spec) or None without one)."""
         B, d = u.shape[0], u.shape[2]
         arrays = lambda s: (s["tm_shift"].numpy(), s["wkv"].numpy(), s["cm_shift"].numpy())  # noqa: E731
-        tensors = lambda a: {"tm_shift": torch.from_numpy(a[0]), "wkv": torch.from_numpy(a[1]),  # noqa: E731
-                             "cm_shift": torch.from_numpy(a[2])}
         ponder = rs["ponder"][:n_ponder] if is_plan else []
-        y, watch, commit, ponder_new, plan_prev, plan_last, expected, halting, logits = \
-            self.worker._fused_plan.step.round(
-                self.manager._fused_plan.step, u.reshape(B, d).numpy(),
-                None if feedback is None else feedback.reshape(B, d).numpy(), arrays(rs["watch"]),
-                arrays(rs["commit"]), [arrays(s) for s in ponder], rs["plan_prev"].numpy(), rs["plan_last"].numpy(),
-                alpha, is_plan, float(thresh), *specs, self.manager._fused_plan.gates(self.manager, tokens),
-                self.worker._fused_plan.gates(self.worker, tokens), head)
-        new = dict(rs)
-        new["watch"], new["commit"] = tensors(watch), tensors(commit)
-        if is_plan:  # as `_ponder` reports it; a pass not run keeps its state
-            new["ponder"] = [s if a is None else tensors(a) for s, a in zip(rs["ponder"], ponder_new)] + \
-                list(rs["ponder"][len(ponder_new):])
-            new["plan_prev"], new["plan_last"] = torch.from_numpy(plan_prev), torch.from_numpy(plan_last)
-            add_total(totals, "ponder", torch.tensor(expected, dtype=u.dtype), float(B))
-            add_total(totals, "manager_steps", torch.tensor(halting, dtype=u.dtype), float(B))
-        add_total(totals, "worker_steps", u.new_zeros(()), float(B))  # `_explore` with no shadow pass
-        y = torch.from_numpy(y).view(B, 1, d)
-        new["last_out"] = y[:, -1].to(rs["last_out"].dtype)
-        return y, new, None if logits is None else torch.from_numpy(logits)
+        outputs = self.worker._fused_plan.step.round(
+            self.manager._fused_plan.step, u.reshape(B, d).numpy(),
+            None if feedback is None else feedback.reshape(B, d).numpy(), arrays(rs["watch"]),
+            arrays(rs["commit"]), [arrays(s) for s in ponder], rs["plan_prev"].numpy(), rs["plan_last"].numpy(),
+            alpha, is_plan, float(thresh), *specs, self.manager._fused_plan.gates(self.manager, tokens),
+            self.worker._fused_plan.gates(self.worker, tokens), head)
+        y, new, logits = _round_state(rs, outputs, is_plan, B, totals)
+        return y.view(B, 1, d), new, logits
 
     def _round_call(self, u, rs, feedback, pos0, n_ponder):
         """(the projections' specs, whether pos0 is a plan point, the plans' LERP weight) when this round
