@@ -432,7 +432,7 @@ def kernels_per_token(stepper, device) -> dict | None:
         return None
     from torch.profiler import ProfilerActivity, profile
 
-    counts = {}
+    counts, by_kernel = {}, {}
     try:
         for key in stepper._bodies():
             stepper._body(key)
@@ -440,13 +440,16 @@ def kernels_per_token(stepper, device) -> dict | None:
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 stepper._body(key)
                 torch.cuda.synchronize()
-            count = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+            events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+            count = len(events)
             if not count:  # some versions keep device events only in kineto's results
                 count = sum(1 for e in prof.profiler.kineto_results.events()
                             if e.device_type() == torch.autograd.DeviceType.CUDA)
             if not count:
                 return None
             counts[key] = count
+            if key[0] and not by_kernel:  # a plan point's body: its kernels by kind (run alone, no graph)
+                by_kernel = kernel_kinds(events)
     except Exception as exc:  # no CUPTI here: the rows go on without the count
         print(f"kernel count unavailable: {type(exc).__name__}: {exc}", flush=True)
         return None
@@ -456,7 +459,22 @@ def kernels_per_token(stepper, device) -> dict | None:
     keys = [((p + 1) % s == 0 or s == 1, (p + 1) % c == 0 or c == 1) for p in range(period)]
     plan = counts.get((True, False), counts.get((True, True)))
     return {"plan": plan, "other": counts.get((False, False), plan), "chunk_end": counts.get((True, True)),
-            "mean": sum(counts.get(k, counts.get((True, True))) for k in keys) / period}  # (+full: one body)
+            "mean": sum(counts.get(k, counts.get((True, True))) for k in keys) / period,  # (+full: one body)
+            "plan_by_kernel": by_kernel}
+
+
+def kernel_kinds(events) -> dict:
+    """Profiler device events grouped by kernel name with trailing numbers dropped (inductor's
+    triton_poi_fused_..._12 -> triton_poi_fused_...): name -> {"count", "us"}, most time first."""
+    import re
+
+    kinds: dict = {}
+    for e in events:
+        name = re.sub(r"(_\d+)+$", "", e.name)[:120]
+        entry = kinds.setdefault(name, {"count": 0, "us": 0.0})
+        entry["count"] += 1
+        entry["us"] += e.time_range.elapsed_us()
+    return dict(sorted(kinds.items(), key=lambda kv: -kv[1]["us"]))
 
 
 @contextlib.contextmanager
@@ -538,9 +556,17 @@ def _mode_rows(model, mode: str, prompts, cfg, args, device, rows: list, referen
               f"{rows[-1]['decode_tokens_per_s']:8.1f} tok/s (all rows) | warm-up {warmup_s[B]:.1f} s"
               + (f" (compile {compile_s[B]:.1f} s)" if compile_s.get(B) else "")
               + f" | tokens as {first[0]}: {agree} of {[len(t) for t in result.tokens]}"
-              + (f" | kernels+copies per token {kernels[B]}" if kernels.get(B) else "")
+              + (f" | kernels+copies per token {({k: v for k, v in kernels[B].items() if k != 'plan_by_kernel'})}"
+                 if kernels.get(B) else "")
               + (" | FUSED STEP OFF (its device check failed: see the warning above)"
                  if options["fused_step"] and not fused_active.get(B) else ""), flush=True)
+        kinds = (kernels.get(B) or {}).get("plan_by_kernel") or {}
+        if kinds:
+            total = sum(v["us"] for v in kinds.values())
+            print(f"    a plan point's kernels run one by one outside the graph: {sum(v['count'] for v in kinds.values())} "
+                  f"kernels, {total:.0f} us of device time; by kind (count, us):", flush=True)
+            for name, v in list(kinds.items())[:14]:
+                print(f"      {v['count']:5d} {v['us']:8.1f}  {name}", flush=True)
         on_row()
 
 

@@ -40,6 +40,8 @@
 #              GENERATE_MODES (bench_generate --compile-step; default "off off+full fused fused+full": eager or
 #              fused time mix, each with and without the plan-point split), against a Hugging Face GPT-2 of
 #              the same size (model.generate, KV cache) (~250 s); GENERATE_ARGS adds options (e.g. --tf32, --prefill-autocast)
+#   matvecs    the one-token step's matrix-vector launches at 125m (bench_step_matvecs.py): matvecs_triton under
+#              each launch configuration against cuBLAS and the card's read bandwidth, replayed from CUDA graphs (~150 s)
 #   prefill    the prefill's recurrence, A/B in one call: the generate suite (GENERATE_MODES default "fused", GENERATE_ARGS
 #              default "--tf32") with the chunk-parallel forward (wkv7's choice for a prompt at small batch) into
 #              $out/prefill_chunk, then with HIERARCHOS_WKV_IMPL=triton (the sequential kernel everywhere) into
@@ -190,6 +192,9 @@ for suite in "$@"; do
         --new-tokens 128 --batch 1 --cuda-graph --configs default minimal --gpt2 --skip-step-rows \
         --compile-step ${GENERATE_MODES:-off off+full fused fused+full} --budget-s ${GENERATE_BUDGET:-200} ${GENERATE_ARGS:-} \
         --json "$out/generate_cuda.json" 2>&1 | tee "$out/generate_cuda.log" ;;
+    matvecs)
+      timeout ${MATVECS_TIMEOUT:-240} python3 bench/bench_step_matvecs.py ${MATVECS_ARGS:-} --json "$out/step_matvecs.json" 2>&1 \
+        | tee "$out/step_matvecs.log" ;;
     blocks)
       timeout ${BLOCKS_TIMEOUT:-420} python3 bench/bench_forward.py --device cuda --size 125m --seq-lens ${BLOCKS_SEQ_LENS:-1024 8192} \
         --configs minimal --no-rosa-for --blocks rwkv7 attention attention-window wkv4 --window-size 512 --compile gpt2 \

@@ -94,17 +94,26 @@ def _kernel(interpret: bool):
     return _KERNELS[interpret]
 
 
-def _launch(xs, weights, outs, codes, transposed):
+def launch_config(widths: list[int], ks: list[int], transposed: list[bool]) -> tuple[int, int, int]:
+    """(outputs a program, input columns a read, warps) for products of these output widths and input
+    widths (bench/bench_step_matvecs.py sweeps the choices at the model's shapes)."""
+    return BLOCK_OUT, BLOCK_IN, 4
+
+
+def _launch(xs, weights, outs, codes, transposed, config=None):
+    """One launch of the kernel into `outs`; `config` (outputs a program, input columns a read, warps),
+    else `launch_config`'s."""
     B = xs[0].shape[0]
     P = len(xs)
     pad = lambda items, fill: list(items) + [fill] * (MAX_PRODUCTS - P)  # noqa: E731  (absent products: width 0)
     shapes = [_weight_of(w, t).shape for w, t in zip(weights, transposed)]
     strides = [(w.stride(1), w.stride(0)) if t else w.stride() for w, t in zip(weights, transposed)]
-    widths = [n for n, _ in shapes]
-    _kernel(xs[0].device.type == "cpu")[(B, P, -(-max(widths) // BLOCK_OUT))](
+    widths, ks = [n for n, _ in shapes], [k for _, k in shapes]
+    block_out, block_in, warps = config or launch_config(widths, ks, transposed)
+    _kernel(xs[0].device.type == "cpu")[(B, P, -(-max(widths) // block_out))](
         *pad(xs, xs[0]), *pad(weights, weights[0]), *pad(outs, outs[0]), *pad(widths, 0),
-        *pad([k for _, k in shapes], 0), *pad([so for so, _ in strides], 0), *pad([si for _, si in strides], 0),
-        *pad(codes, 0), KMAX=max(k for _, k in shapes), BN=BLOCK_OUT, BK=BLOCK_IN, num_warps=4)
+        *pad(ks, 0), *pad([so for so, _ in strides], 0), *pad([si for _, si in strides], 0),
+        *pad(codes, 0), KMAX=max(ks), BN=block_out, BK=block_in, num_warps=warps)
 
 
 # torch.compile sees a launch as one opaque op (its fake form gives the shapes)
