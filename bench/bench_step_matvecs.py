@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from bench.bench_generate import CONFIGS, SIZES  # noqa: E402
+from bench_generate import CONFIGS, SIZES  # noqa: E402  (bench/ is the script's folder)
 from hierarchos.config import DEFAULT_WIRING, TIME_MIX_WIRINGS  # noqa: E402
 from hierarchos.model import HierarchosLM  # noqa: E402
 from hierarchos.ops import matvec_triton as mv  # noqa: E402
