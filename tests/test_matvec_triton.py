@@ -53,6 +53,29 @@ def test_kernel_equals_reference(interpret, B, K, widths):
         torch.testing.assert_close(o, r, atol=2e-5, rtol=2e-5, msg=f"seed {seed}")
 
 
+@pytest.mark.parametrize("config", [(4, 256, 1), (8, 512, 4), (32, 128, 4), (16, 64, 2)])
+def test_every_launch_configuration_equals_reference(interpret, config):
+    """Each launch configuration (`launch_config`'s choices and one more) gives the products: outputs off
+    the program's block, inputs shorter and longer than one read, a transposed weight, every activation."""
+    seed = random.SystemRandom().randrange(2**31)
+    g = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(2, k, generator=g) * 2 for k in (300, 40, 600)]
+    ws = [torch.randn(70, 300, generator=g) / 17, torch.randn(40, 9, generator=g) / 6, torch.randn(33, 600, generator=g) / 24]
+    acts, transposed = ["none", "tanh", "sigmoid"], [False, True, False]
+    outs = [x.new_empty(2, mv._weight_of(w, t).shape[0]) for x, w, t in zip(xs, ws, transposed)]
+    mv._launch(xs, ws, outs, [mv.ACTIVATIONS.index(a) for a in acts], transposed, config)
+    for o, r in zip(outs, mv.matvecs_reference(xs, ws, acts, transposed)):
+        torch.testing.assert_close(o, r, atol=2e-5, rtol=2e-5, msg=f"seed {seed}, {config}")
+
+
+def test_launch_configuration_rule():
+    """Few outputs a program for plain weights, more for a transposed weight read along long rows, the
+    small-input default for transposed short inputs (the low-rank ups)."""
+    assert mv.launch_config([768] * 3, [768] * 3, [False] * 3) == (4, 256, 1)
+    assert mv.launch_config([64, 64, 128], [768] * 3, [True] * 3) == (8, 512, 4)
+    assert mv.launch_config([768] * 3, [64, 64, 128], [True] * 3) == (mv.BLOCK_OUT, mv.BLOCK_IN, 4)
+
+
 @pytest.mark.parametrize("acts, transposed", [(["tanh", "none", "sigmoid"], [True, False, True]),
                                               (["sigmoid", "tanh", "none"], [False, True, False])])
 def test_activations_and_transposed_weights_of_several_input_widths(interpret, acts, transposed):
@@ -122,9 +145,9 @@ def test_the_model_takes_it_for_plain_bias_free_linears_only():
 
 
 def test_the_block_step_takes_it_and_a_wrapped_projection_keeps_its_own_call(interpret, monkeypatch):
-    """With the fused step on, one token through an RWKV-7 block runs its r/k/v and gate/up projections
-    through one launch each (counted) and equals the block without the fused step; a projection that is
-    not a plain Linear is called as itself."""
+    """With the fused step on, one token through an RWKV-7 block runs its r/k/v, gate/up, output and down
+    projections through one launch each (counted) and equals the block without the fused step; a projection
+    that is not a plain Linear, or that a hook watches, is called as itself."""
     from hierarchos.config import tiny_config
     from hierarchos.model import HierarchosLM
     from hierarchos.ops import rwkv_step_triton as fused
@@ -145,11 +168,18 @@ def test_the_block_step_takes_it_and_a_wrapped_projection_keeps_its_own_call(int
         previous = fused.use_fused_step(True)
         try:
             with_kernels = block(*args)
-            assert calls == [3, "low-rank", "low-rank", 2]  # r, k, v; the low-rank paths (2); gate, up
+            # r, k, v; the low-rank paths (2); the output projection; gate, up; the down projection
+            assert calls == [3, "low-rank", "low-rank", 1, 2, 1]
+            seen = []
+            handle = block.time_mix.output.register_forward_hook(lambda *a: seen.append(1))
+            calls.clear()
+            block(*args)
+            assert calls == [3, "low-rank", "low-rank", 2, 1] and seen == [1]  # a watched projection: its own call
+            handle.remove()
             block.channel_mix.up = nn.Linear(C, block.channel_mix.up.out_features, bias=True)
             calls.clear()
             block(*args)
-            assert calls == [3, "low-rank", "low-rank"]  # a biased up projection: the channel mix's own calls
+            assert calls == [3, "low-rank", "low-rank", 1, 1]  # a biased up projection: the channel mix's own calls
         finally:
             fused.use_fused_step(previous)
     for a, b in zip(plain, with_kernels):

@@ -152,8 +152,19 @@ X070_SHIFT_POWERS = (0.2, 0.9, 0.7, 0.7, 0.9, 0.2)
 
 def _plain_linears(*modules: nn.Module) -> bool:
     """Whether every module is a plain bias-free nn.Linear, whose weight alone is its function (a LoRA or
-    quantized wrapper is not: the fused one-token projections read `.weight` directly)."""
-    return all(type(m) is nn.Linear and m.bias is None for m in modules)
+    quantized wrapper is not: the fused one-token projections read `.weight` directly), watched by no hook
+    (a hook observes module calls, which the fused products do not make)."""
+    return all(type(m) is nn.Linear and m.bias is None and not (m._forward_hooks or m._forward_pre_hooks)
+               for m in modules)
+
+
+def _projection(linear: nn.Module, x: torch.Tensor, fused: bool) -> torch.Tensor:
+    """linear(x) for x (B, 1, C_in); one token in the fused step goes through `matvecs_triton` (its launch
+    took 1.5-3x less than cuBLAS's matrix-vector kernel at the 125m step's shapes: BENCHMARKS.md, issue 17)."""
+    if fused and _plain_linears(linear):
+        B = x.shape[0]
+        return matvecs_triton([x.reshape(B, -1)], [linear.weight])[0].view(B, 1, -1)
+    return linear(x)
 
 
 class TimeMix(nn.Module):
@@ -339,7 +350,7 @@ class TimeMix(nn.Module):
             flat(r), flat(k), v, lora[0], lora[1], gate, wkv_state,
             None if frozen is None else frozen.reshape(B), self.decay_base, self.iclr_base, self.removal_scale,
             self.key_iclr_mix, self.bonus, self.norm.weight, self.norm.bias, self.norm.eps, full_gate)
-        return self.output(out.view(B, 1, C)), new_wkv
+        return _projection(self.output, out.view(B, 1, C), True), new_wkv
 
 
 class TimeMix4(nn.Module):
@@ -399,7 +410,8 @@ class ChannelMix(nn.Module):
         x_prev, new_shift = shift_tokens(x, shift_prev.to(x.dtype), frozen)
         xk = torch.addcmul(x, x_prev - x, self.mix.to(x.dtype))
         B, T, C = x.shape
-        if T == 1 and fused_step.fits(x) and _plain_linears(self.gate, self.up):  # generation: one launch for both
+        fused = T == 1 and fused_step.fits(x)
+        if fused and _plain_linears(self.gate, self.up):  # generation: one launch for both
             products = matvecs_triton([xk.reshape(B, C)] * 2, [self.gate.weight, self.up.weight])
             gate, up = (t.view(B, 1, -1) for t in products)
         else:
@@ -407,7 +419,7 @@ class ChannelMix(nn.Module):
         hidden = F.silu(gate) * up
         if deep_gate is not None:
             hidden = hidden * deep_gate
-        return self.down(hidden), new_shift.to(shift_prev.dtype)
+        return _projection(self.down, hidden, fused), new_shift.to(shift_prev.dtype)
 
 
 class RWKVBlock(nn.Module):

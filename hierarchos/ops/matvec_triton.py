@@ -27,7 +27,7 @@ if triton is not None:
     from .wkv_triton import _SUM
 
 MAX_PRODUCTS = 4
-BLOCK_OUT, BLOCK_IN = 32, 128  # outputs a program; the width of its reads along the input
+BLOCK_OUT, BLOCK_IN = 32, 128  # outputs a program and the width of its reads, for small inputs (launch_config)
 ACTIVATIONS = ("none", "tanh", "sigmoid")  # what a product's outputs go through (the kernel's codes 0, 1, 2)
 ACTIVATION_FNS = {"none": lambda t: t, "tanh": torch.tanh, "sigmoid": torch.sigmoid}  # the PyTorch forms
 
@@ -96,8 +96,15 @@ def _kernel(interpret: bool):
 
 def launch_config(widths: list[int], ks: list[int], transposed: list[bool]) -> tuple[int, int, int]:
     """(outputs a program, input columns a read, warps) for products of these output widths and input
-    widths (bench/bench_step_matvecs.py sweeps the choices at the model's shapes)."""
-    return BLOCK_OUT, BLOCK_IN, 4
+    widths. A launch is bound by how many loads are in flight, not by arithmetic: few outputs a program
+    make many programs (a 768 x 768 product: 192 of them at 4 outputs against 24 at 32). Swept at the
+    125m step's shapes on an H100 (bench/bench_step_matvecs.py; BENCHMARKS.md, issue 17): receptance, key
+    and value 16.1 -> 3.5 us, the channel mix's gate and up 28.1 -> 5.1 us, the low-rank downs (a transposed
+    (768, r) weight read along its rows) 4.3 -> 2.5 us; the low-rank ups (inputs of r <= 128) keep 32
+    outputs a program (1.9 us, the launch's own floor)."""
+    if any(transposed):
+        return (8, 512, 4) if max(ks) >= 256 else (BLOCK_OUT, BLOCK_IN, 4)
+    return 4, 256, 1
 
 
 def _launch(xs, weights, outs, codes, transposed, config=None):
