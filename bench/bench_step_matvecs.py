@@ -4,7 +4,8 @@ against the card's read bandwidth, every launch replayed from a CUDA graph (as t
 runs them: launch latency is the graph's, not Python's).
 
 Groups (one layer step of a 125m block): the time mix's receptance, key and value (three 768 x 768);
-the channel mix's gate and up (two 3072 x 768); the low-rank paths' down sides (x @ down, (768, r) each,
+the channel mix's gate and up (two 3072 x 768); the output (768 x 768) and the channel mix's down
+(768 x 3072) projections, one product a launch; the low-rank paths' down sides (x @ down, (768, r) each,
 with their activations) and up sides ((r, 768) each). Each configuration's outputs are checked
 against the float64 products first (a configuration that disagrees is reported and not timed).
 
@@ -84,6 +85,8 @@ def groups(block, device) -> dict:
         "receptance, key, value": ([x(C) for _ in range(3)], [tm.receptance.weight, tm.key.weight, tm.value.weight],
                                    ["none"] * 3, [False] * 3),
         "gate, up (channel mix)": ([x(C) for _ in range(2)], [cm.gate.weight, cm.up.weight], ["none"] * 2, [False] * 2),
+        "output (one product)": ([x(C)], [tm.output.weight], ["none"], [False]),
+        "down (channel mix, one product)": ([x(cm.down.in_features)], [cm.down.weight], ["none"], [False]),
         "low-rank downs": ([x(C) for _ in paths], [d for d, _, _ in paths], [a for _, _, a in paths], every),
         "low-rank ups": ([x(d.shape[1]) for d, _, _ in paths], [u for _, u, _ in paths], ["none"] * len(paths), every),
     }
