@@ -4,7 +4,8 @@ against the card's read bandwidth, every launch replayed from a CUDA graph (as t
 runs them: launch latency is the graph's, not Python's).
 
 Groups (one layer step of a 125m block): the time mix's receptance, key and value (three 768 x 768);
-the channel mix's gate and up (two 3072 x 768); the output (768 x 768) and the channel mix's down
+the channel mix's gate and up (two 3072 x 768), and the same with the activation and the DeepEmbed gate
+in one launch (`swiglu_triton`); the output (768 x 768) and the channel mix's down
 (768 x 3072) projections, one product a launch; the low-rank paths' down sides (x @ down, (768, r) each,
 with their activations) and up sides ((r, 768) each). Each configuration's outputs are checked
 against the float64 products first (a configuration that disagrees is reported and not timed).
@@ -85,11 +86,44 @@ def groups(block, device) -> dict:
         "receptance, key, value": ([x(C) for _ in range(3)], [tm.receptance.weight, tm.key.weight, tm.value.weight],
                                    ["none"] * 3, [False] * 3),
         "gate, up (channel mix)": ([x(C) for _ in range(2)], [cm.gate.weight, cm.up.weight], ["none"] * 2, [False] * 2),
+        "swiglu: gate, up and silu (one launch)": ([x(C), x(cm.up.out_features)], [cm.gate.weight, cm.up.weight],
+                                                   None, None),
         "output (one product)": ([x(C)], [tm.output.weight], ["none"], [False]),
         "down (channel mix, one product)": ([x(cm.down.in_features)], [cm.down.weight], ["none"], [False]),
         "low-rank downs": ([x(C) for _ in paths], [d for d, _, _ in paths], [a for _, _, a in paths], every),
         "low-rank ups": ([x(d.shape[1]) for d, _, _ in paths], [u for _, u, _ in paths], ["none"] * len(paths), every),
     }
+
+
+def swiglu_rows(name, xs, weights, bandwidth, args) -> list[dict]:
+    """The channel mix's gate, up and activation in one launch (`swiglu_triton`) under each configuration,
+    against cuBLAS's two products and the eager activation; xs = (x, the DeepEmbed gate)."""
+    (x, deep_gate), (w_gate, w_up) = xs, weights
+    nbytes = (w_gate.numel() + w_up.numel() + x.numel() + 2 * deep_gate.numel()) * 4
+    roof_us = nbytes / bandwidth / 1e3
+    want = mv.swiglu_reference(x.double(), w_gate.double(), w_up.double(), deep_gate.double())
+    out = x.new_empty(1, w_gate.shape[0])
+    cublas = graphed_us(lambda: F.silu(F.linear(x, w_gate)) * F.linear(x, w_up) * deep_gate)
+    print(f"\n{name}: {nbytes / 1e6:.2f} MB, roofline {roof_us:.2f} us, cuBLAS (two products, the activation and "
+          f"the gate eager) {cublas:.2f} us", flush=True)
+    rows = []
+    configs = [mv.SWIGLU_CONFIG] + [c for c in itertools.product(args.block_out, args.block_in, args.warps)
+                                    if c != mv.SWIGLU_CONFIG and c[0] <= 16]
+    for config in configs:
+        mv._swiglu_launch(x, w_gate, w_up, deep_gate, out, config)
+        torch.cuda.synchronize()
+        if not torch.allclose(out.double(), want, rtol=1e-4, atol=1e-4):
+            print(f"  {config}: WRONG RESULTS (not timed)", flush=True)
+            rows.append({"group": name, "config": list(config), "correct": False})
+            continue
+        us = graphed_us(lambda: mv._swiglu_launch(x, w_gate, w_up, deep_gate, out, config))
+        default = config == mv.SWIGLU_CONFIG
+        rows.append({"group": name, "config": list(config), "default": default, "correct": True, "us": us,
+                     "gb_per_s": nbytes / us / 1e3, "fraction_of_roofline": roof_us / us, "cublas_us": cublas,
+                     "vs_cublas": cublas / us, "bytes": nbytes})
+        print(f"  {'default ' if default else ''}{config}: {us:7.2f} us  {nbytes / us / 1e3:7.0f} GB/s"
+              f"  {roof_us / us:5.1%} of roofline  {cublas / us:5.2f}x cuBLAS", flush=True)
+    return rows
 
 
 def main() -> None:
@@ -110,6 +144,9 @@ def main() -> None:
     rows = []
     with torch.no_grad():
         for name, (xs, weights, acts, transposed) in groups(block, device).items():
+            if name.startswith("swiglu"):
+                rows += swiglu_rows(name, xs, weights, bandwidth, args)
+                continue
             nbytes = sum(w.numel() * 4 for w in weights) + sum(x.numel() * 4 for x in xs)
             roof_us = nbytes / bandwidth / 1e3
             codes = [mv.ACTIVATIONS.index(a) for a in acts]

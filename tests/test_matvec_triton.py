@@ -11,6 +11,7 @@ bias-free nn.Linear only: a LoRA-wrapped or biased projection keeps its own call
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 import torch
@@ -66,6 +67,34 @@ def test_every_launch_configuration_equals_reference(interpret, config):
     mv._launch(xs, ws, outs, [mv.ACTIVATIONS.index(a) for a in acts], transposed, config)
     for o, r in zip(outs, mv.matvecs_reference(xs, ws, acts, transposed)):
         torch.testing.assert_close(o, r, atol=2e-5, rtol=2e-5, msg=f"seed {seed}, {config}")
+
+
+@pytest.mark.parametrize("B, C, F, deep, config", [(1, 48, 100, True, None), (2, 300, 64, False, None),
+                                                    (3, 16, 7, True, (4, 256, 1)), (1, 130, 33, False, (8, 64, 2))])
+def test_swiglu_kernel_equals_reference(interpret, B, C, F, deep, config):
+    """The gate and up products with their activation in one launch: outputs off the program's block, inputs
+    shorter and longer than one read, with and without the DeepEmbed gate, activations into saturation."""
+    seed = random.SystemRandom().randrange(2**31)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, C, generator=g) * 3
+    w_gate, w_up = torch.randn(F, C, generator=g) / C ** 0.5 * 4, torch.randn(F, C, generator=g) / C ** 0.5
+    deep_gate = torch.randn(B, F, generator=g) if deep else None
+    want = mv.swiglu_reference(x, w_gate, w_up, deep_gate)
+    if config is None:
+        got = mv.swiglu_triton(x, w_gate, w_up, deep_gate)
+    else:
+        got = x.new_empty(B, F)
+        mv._swiglu_launch(x, w_gate, w_up, deep_gate, got, config)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5, msg=f"seed {seed}")
+
+
+def test_swiglu_refusals_are_one_line(interpret):
+    x, w = torch.randn(2, 8), torch.randn(5, 8)
+    for args, words in (((x, w, torch.randn(5, 9)), "two (F, C)"), ((x, w, w, torch.randn(2, 4)), "DeepEmbed gate"),
+                        ((x.double(), w.double(), w.double()), "float32")):
+        with pytest.raises(HierarchosError, match=re.escape(words)) as info:
+            mv.swiglu_triton(*args)
+        assert "\n" not in str(info.value)
 
 
 def test_launch_configuration_rule():
@@ -146,7 +175,7 @@ def test_the_model_takes_it_for_plain_bias_free_linears_only():
 
 def test_the_block_step_takes_it_and_a_wrapped_projection_keeps_its_own_call(interpret, monkeypatch):
     """With the fused step on, one token through an RWKV-7 block runs its r/k/v, gate/up, output and down
-    projections through one launch each (counted) and equals the block without the fused step; a projection
+    projections through one launch each, gate and up with their activation (counted; the down projection stays cuBLAS's) and equals the block without the fused step; a projection
     that is not a plain Linear, or that a hook watches, is called as itself."""
     from hierarchos.config import tiny_config
     from hierarchos.model import HierarchosLM
@@ -160,6 +189,9 @@ def test_the_block_step_takes_it_and_a_wrapped_projection_keeps_its_own_call(int
     monkeypatch.setattr("hierarchos.ops.matvec_triton._matvecs_op",
                         lambda xs, ws, codes, t: calls.append(len(ws) if not any(t) else "low-rank")
                         or real(xs, ws, codes, t))
+    swiglu, real_swiglu = [], mv._swiglu_op
+    monkeypatch.setattr("hierarchos.ops.matvec_triton._swiglu_op",
+                        lambda *a: swiglu.append(1) or real_swiglu(*a))
     C = block.ln_time.normalized_shape[0]
     N = block.time_mix.head_size
     args = (torch.randn(2, 1, C), torch.randn(2, C), torch.randn(2, C // N, N, N) * 0.3, torch.randn(2, C))
@@ -168,18 +200,19 @@ def test_the_block_step_takes_it_and_a_wrapped_projection_keeps_its_own_call(int
         previous = fused.use_fused_step(True)
         try:
             with_kernels = block(*args)
-            # r, k, v; the low-rank paths (2); the output projection; gate, up; the down projection
-            assert calls == [3, "low-rank", "low-rank", 1, 2, 1]
+            # r, k, v; the low-rank paths (2); the output projection (gate and up: one swiglu launch, below)
+            assert calls == [3, "low-rank", "low-rank", 1] and swiglu == [1]
             seen = []
             handle = block.time_mix.output.register_forward_hook(lambda *a: seen.append(1))
             calls.clear()
             block(*args)
-            assert calls == [3, "low-rank", "low-rank", 2, 1] and seen == [1]  # a watched projection: its own call
+            assert calls == [3, "low-rank", "low-rank"] and seen == [1]  # a watched projection: its own call
             handle.remove()
             block.channel_mix.up = nn.Linear(C, block.channel_mix.up.out_features, bias=True)
             calls.clear()
+            swiglu.clear()
             block(*args)
-            assert calls == [3, "low-rank", "low-rank", 1, 1]  # a biased up projection: the channel mix's own calls
+            assert calls == [3, "low-rank", "low-rank", 1] and swiglu == []  # a biased up: the channel mix's own calls
         finally:
             fused.use_fused_step(previous)
     for a, b in zip(plain, with_kernels):
@@ -197,6 +230,20 @@ def test_kernel_on_cuda_equals_reference(B, widths):
     torch.backends.cuda.matmul.allow_tf32 = False
     for o, r in zip(mv.matvecs_triton(xs, ws), mv.matvecs_reference(xs, ws)):
         torch.testing.assert_close(o, r, atol=5e-5, rtol=5e-5, msg=f"seed {seed}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("B, F, deep", [(1, 3072, True), (3, 100, False)])
+def test_swiglu_on_cuda_equals_reference(B, F, deep):
+    seed = random.SystemRandom().randrange(2**31)
+    g = torch.Generator().manual_seed(seed)
+    x, w_gate, w_up = torch.randn(B, 768, generator=g), torch.randn(F, 768, generator=g) / 28, torch.randn(F, 768, generator=g) / 28
+    deep_gate = torch.randn(B, F, generator=g) if deep else None
+    args = [t.cuda() if t is not None else None for t in (x, w_gate, w_up, deep_gate)]
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.testing.assert_close(mv.swiglu_triton(*args), mv.swiglu_reference(*args), atol=5e-5, rtol=5e-5,
+                               msg=f"seed {seed}")
 
 
 def _tf32(t: torch.Tensor) -> torch.Tensor:

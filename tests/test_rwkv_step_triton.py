@@ -63,10 +63,15 @@ def inputs(seed, B=3, H=2, N=8, frozen=True, gate_sigmoid=True):
 @pytest.mark.parametrize("frozen", [False, True])
 @pytest.mark.parametrize("gate_sigmoid", [True, False])
 @pytest.mark.parametrize("shape", [(1, 1, 4), (3, 2, 8), (2, 4, 16)])
-def test_kernel_equals_reference(interpret, frozen, gate_sigmoid, shape):
+@pytest.mark.parametrize("residual", [False, True])
+def test_kernel_equals_reference(interpret, frozen, gate_sigmoid, shape, residual):
     seed = fresh_seed()
     B, H, N = shape
     args = inputs(seed, B, H, N, frozen, gate_sigmoid)
+    if residual:  # x070's value residual (its lerp weight on both sides of 0.5: both of torch.lerp's forms)
+        g = torch.Generator().manual_seed(seed + 1)
+        args["value_residual"] = (torch.randn(B, H * N, generator=g), torch.randn(B, H * N, generator=g) * 3,
+                                  torch.randn(H * N, generator=g))
     if frozen:
         args["frozen"][0] = True  # at least one frozen row
     out_ref, state_ref = fused.timemix_step_reference(**args)
@@ -76,6 +81,21 @@ def test_kernel_equals_reference(interpret, frozen, gate_sigmoid, shape):
     if frozen:
         for b in torch.nonzero(args["frozen"]).flatten().tolist():
             assert torch.equal(state[b], args["state"][b])  # a frozen row writes nothing
+
+
+def test_reference_takes_the_value_residual_as_the_block_does():
+    """The reference's value residual is x070's lerp of the value toward the first layer's, and the same
+    function with that value passed in."""
+    seed = fresh_seed()
+    a = inputs(seed, frozen=False)
+    g = torch.Generator().manual_seed(seed + 1)
+    B, C = a["r"].shape
+    v_first, path, base = torch.randn(B, C, generator=g), torch.randn(B, C, generator=g), torch.randn(C, generator=g)
+    with_residual = fused.timemix_step_reference(**a, value_residual=(v_first, path, base))
+    w = torch.sigmoid(base + path)
+    lerped = fused.timemix_step_reference(**{**a, "v": a["v"] + w * (v_first - a["v"])})
+    for x, y in zip(with_residual, lerped):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-6, msg=f"seed {seed}")
 
 
 def test_reference_equals_the_recurrence_written_out():

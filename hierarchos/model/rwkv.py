@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import TIME_MIXES, TM_GATES, TM_INITS, TM_TOKEN_SHIFTS
 from ..ops import rwkv_step_triton as fused_step
-from ..ops.matvec_triton import matvecs_triton
+from ..ops.matvec_triton import matvecs_triton, swiglu_triton
 from ..ops.amp import to_autocast_dtype
 from ..ops.wkv import wkv7, wkv7_no_grad
 from ..ops.wkv4 import EMPTY_PP, wkv4
@@ -343,13 +343,12 @@ class TimeMix(nn.Module):
         xs, downs, ups, acts = zip(*paths)
         lora = fused_step.lowrank_paths_triton([flat(x) for x in xs], downs, ups, acts)
         gate = flat(self.gate(xg)) if full_gate else lora[2]
-        v = flat(v)
-        if self.value_residual:
-            v = torch.lerp(v, flat(v_first).to(v.dtype), torch.sigmoid(self.value_residual_base + lora[-1]))
+        residual = (flat(v_first).to(v.dtype), lora[-1], self.value_residual_base) if self.value_residual else None
         out, new_wkv = fused_step.timemix_step_triton(
-            flat(r), flat(k), v, lora[0], lora[1], gate, wkv_state,
+            flat(r), flat(k), flat(v), lora[0], lora[1], gate, wkv_state,
             None if frozen is None else frozen.reshape(B), self.decay_base, self.iclr_base, self.removal_scale,
-            self.key_iclr_mix, self.bonus, self.norm.weight, self.norm.bias, self.norm.eps, full_gate)
+            self.key_iclr_mix, self.bonus, self.norm.weight, self.norm.bias, self.norm.eps, full_gate,
+            value_residual=residual)  # (the value residual's lerp inside the kernel: one launch less a layer)
         return _projection(self.output, out.view(B, 1, C), True), new_wkv
 
 
@@ -410,16 +409,16 @@ class ChannelMix(nn.Module):
         x_prev, new_shift = shift_tokens(x, shift_prev.to(x.dtype), frozen)
         xk = torch.addcmul(x, x_prev - x, self.mix.to(x.dtype))
         B, T, C = x.shape
-        fused = T == 1 and fused_step.fits(x)
-        if fused and _plain_linears(self.gate, self.up):  # generation: one launch for both
-            products = matvecs_triton([xk.reshape(B, C)] * 2, [self.gate.weight, self.up.weight])
-            gate, up = (t.view(B, 1, -1) for t in products)
+        fused = T == 1 and fused_step.fits(x) and (deep_gate is None or (
+            deep_gate.dtype == torch.float32 and tuple(deep_gate.shape) == (B, 1, self.up.out_features)))
+        if fused and _plain_linears(self.gate, self.up):  # generation: the products and the activation in one launch
+            hidden = swiglu_triton(xk.reshape(B, C), self.gate.weight, self.up.weight,
+                                   None if deep_gate is None else deep_gate.reshape(B, -1)).view(B, 1, -1)
         else:
-            gate, up = self.gate(xk), self.up(xk)
-        hidden = F.silu(gate) * up
-        if deep_gate is not None:
-            hidden = hidden * deep_gate
-        return _projection(self.down, hidden, fused), new_shift.to(shift_prev.dtype)
+            hidden = F.silu(self.gate(xk)) * self.up(xk)
+            if deep_gate is not None:
+                hidden = hidden * deep_gate
+        return self.down(hidden), new_shift.to(shift_prev.dtype)  # (cuBLAS's launch beat ours at K = 4C)
 
 
 class RWKVBlock(nn.Module):

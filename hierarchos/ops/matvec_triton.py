@@ -10,6 +10,10 @@ path's x @ down), with an optional activation (none, tanh, sigmoid) on each prod
 program (b, p, j) computes outputs j*BLOCK_OUT.. of product p for row b. Products may differ in their
 widths. `matvecs_reference` is the PyTorch form (the tests hold the kernel to it under
 TRITON_INTERPRET=1 on the CPU).
+
+`swiglu_triton` is the channel mix's pair: silu(x W_gate^T) * (x W_up^T), times the token's DeepEmbed
+gate, in one launch (each program reads the gate's and the up's rows of its outputs), so the activation
+costs no launch of its own; `swiglu_reference` is its PyTorch form.
 """
 
 from __future__ import annotations
@@ -83,6 +87,31 @@ if triton is not None:
         acc = tl.where(act == 1, tl.where(acc < 0, -t, t), tl.where(act == 2, sig, acc))
         tl.store(y_ptr + b * n_out + rows, acc, mask=live)
 
+    def _swiglu_kernel(x_ptr, wg_ptr, wu_ptr, dg_ptr, y_ptr, n_out, k_in, KMAX: tl.constexpr, BN: tl.constexpr,
+                       BK: tl.constexpr, HAS_DG: tl.constexpr):
+        """Program (b, j): outputs j*BN.. of row b, y = silu(x W_g^T) * (x W_u^T) (* the DeepEmbed gate dg
+        with HAS_DG); W_g, W_u (n_out, k_in) contiguous, x (B, k_in), dg and y (B, n_out)."""
+        b = tl.program_id(0)
+        j = tl.program_id(1)
+        rows = j * BN + tl.arange(0, BN)
+        live = rows < n_out
+        acc_g = tl.full((BN,), 0.0, tl.float32)
+        acc_u = tl.full((BN,), 0.0, tl.float32)
+        for k0 in range(0, KMAX, BK):
+            cols = k0 + tl.arange(0, BK)
+            inside = cols < k_in
+            x = tl.load(x_ptr + b * k_in + cols, mask=inside, other=0.0)
+            at = rows[:, None] * k_in + cols[None, :]
+            both = live[:, None] & inside[None, :]
+            acc_g += tl.reduce(tl.load(wg_ptr + at, mask=both, other=0.0) * x[None, :], 1, _SUM)
+            acc_u += tl.reduce(tl.load(wu_ptr + at, mask=both, other=0.0) * x[None, :], 1, _SUM)
+        h = tl.exp(-tl.abs(acc_g))  # the sigmoid from exp(-|a|), as the products' kernel forms it
+        sig = tl.where(acc_g < 0, h / (1.0 + h), 1.0 / (1.0 + h))
+        y = acc_g * sig * acc_u
+        if HAS_DG:
+            y = y * tl.load(dg_ptr + b * n_out + rows, mask=live, other=0.0)
+        tl.store(y_ptr + b * n_out + rows, y, mask=live)
+
 
 _KERNELS: dict = {}
 
@@ -92,6 +121,67 @@ def _kernel(interpret: bool):
     if interpret not in _KERNELS:
         _KERNELS[interpret] = InterpretedFunction(_matvecs_kernel) if interpret else triton.JITFunction(_matvecs_kernel)
     return _KERNELS[interpret]
+
+
+SWIGLU_CONFIG = (2, 128, 1)  # outputs a program (each reads a gate and an up row), input columns a read, warps
+
+
+def swiglu_reference(x, w_gate, w_up, deep_gate=None):
+    """silu(x @ w_gate^T) * (x @ w_up^T) (* deep_gate): the channel mix's hidden activation, x (B, C),
+    weights (F, C) as nn.Linear holds them, deep_gate (B, F) or None."""
+    hidden = torch.nn.functional.silu(x @ w_gate.t()) * (x @ w_up.t())
+    return hidden if deep_gate is None else hidden * deep_gate
+
+
+_SWIGLU_KERNELS: dict = {}
+
+
+def _swiglu_launch(x, w_gate, w_up, deep_gate, out, config=None):
+    B, K = x.shape
+    n_out = w_gate.shape[0]
+    block_out, block_in, warps = config or SWIGLU_CONFIG
+    interpret = x.device.type == "cpu"
+    if interpret not in _SWIGLU_KERNELS:
+        _SWIGLU_KERNELS[interpret] = (InterpretedFunction(_swiglu_kernel) if interpret
+                                      else triton.JITFunction(_swiglu_kernel))
+    _SWIGLU_KERNELS[interpret][(B, -(-n_out // block_out))](
+        x, w_gate, w_up, deep_gate if deep_gate is not None else x, out, n_out, K, KMAX=K, BN=block_out,
+        BK=block_in, HAS_DG=deep_gate is not None, num_warps=warps)
+
+
+@torch.library.custom_op("hierarchos::swiglu_matvec", mutates_args=())
+def _swiglu_op(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
+               deep_gate: torch.Tensor | None) -> torch.Tensor:
+    out = x.new_empty(x.shape[0], w_gate.shape[0])
+    _swiglu_launch(x, w_gate, w_up, deep_gate, out)
+    return out
+
+
+@_swiglu_op.register_fake
+def _(x, w_gate, w_up, deep_gate):
+    return x.new_empty(x.shape[0], w_gate.shape[0])
+
+
+def swiglu_triton(x, w_gate, w_up, deep_gate=None):
+    """`swiglu_reference` in one Triton launch (CUDA; the CPU under TRITON_INTERPRET=1): the gate and up
+    products and the activation together, one launch and no round trip of the two products through memory
+    (the fused step's channel mix: BENCHMARKS.md, issue 17). float32, no autograd."""
+    reason = triton_unavailable_reason(x.device)
+    if reason:
+        raise HierarchosError(f"the fused gate and up products cannot run: {reason}")
+    B, K = x.shape
+    if w_gate.shape != w_up.shape or w_gate.dim() != 2 or w_gate.shape[1] != K:
+        raise HierarchosError(f"the fused gate and up products: x {tuple(x.shape)}, gate {tuple(w_gate.shape)}, up "
+                              f"{tuple(w_up.shape)}; want (B, C) and two (F, C)")
+    if deep_gate is not None and tuple(deep_gate.shape) != (B, w_gate.shape[0]):
+        raise HierarchosError(f"the fused gate and up products: the DeepEmbed gate is {tuple(deep_gate.shape)}, "
+                              f"want ({B}, {w_gate.shape[0]})")
+    tensors = [x, w_gate, w_up] + ([] if deep_gate is None else [deep_gate])
+    if any(t.dtype != torch.float32 for t in tensors):
+        raise HierarchosError("the fused gate and up products take float32 tensors; switch the fused step off "
+                              "(use_fused_step(False)) in other dtypes")
+    return _swiglu_op(x.contiguous(), w_gate.contiguous(), w_up.contiguous(),
+                      None if deep_gate is None else deep_gate.contiguous())
 
 
 def launch_config(widths: list[int], ks: list[int], transposed: list[bool]) -> tuple[int, int, int]:

@@ -66,14 +66,19 @@ def enabled() -> bool:
 
 def timemix_step_reference(r, k, v, decay_lora, iclr_lora, gate, state, frozen, decay_base, iclr_base,
                            removal_scale, key_iclr_mix, bonus, norm_weight, norm_bias, eps: float,
-                           gate_sigmoid: bool):
+                           gate_sigmoid: bool, value_residual=None):
     """The fused function in PyTorch, as TimeMix.forward computes it for one token.
 
     r, k, v, decay_lora, iclr_lora, gate: (B, C); state (B, H, N, N) float32; frozen (B,) bool or None;
     decay_base, iclr_base, removal_scale, key_iclr_mix, norm_weight, norm_bias: (C,); bonus (H, N).
+    value_residual: None, or (v_first (B, C), its low-rank path's output (B, C), its base (C,)): the value
+    first goes to lerp(v, v_first, sigmoid(base + path)), as x070's layers after the first take it.
     Returns (out (B, C) in gate's dtype, the next state (B, H, N, N))."""
     from .wkv import wkv7_recurrent_step
 
+    if value_residual is not None:
+        v_first, vr_lora, vr_base = value_residual
+        v = torch.lerp(v, v_first.to(v.dtype), torch.sigmoid(vr_base + vr_lora))
     B, C = r.shape
     H, N = bonus.shape
     f32 = lambda t: t if t.dtype in (torch.float32, torch.float64) else t.float()  # noqa: E731
@@ -109,10 +114,12 @@ def lowrank_paths_reference(xs, downs, ups, acts):
 if triton is not None:
 
     def _timemix_step_kernel(r_ptr, k_ptr, v_ptr, dl_ptr, il_ptr, g_ptr, s_ptr, frozen_ptr, db_ptr, ib_ptr,
-                             rs_ptr, km_ptr, bonus_ptr, nw_ptr, nb_ptr, out_ptr, s_out_ptr, eps,
-                             H: tl.constexpr, N: tl.constexpr, HAS_FROZEN: tl.constexpr,
-                             GATE_SIGMOID: tl.constexpr):
-        """One program per (batch row b, head h): the whole one-token time mix of that head."""
+                             rs_ptr, km_ptr, bonus_ptr, nw_ptr, nb_ptr, vf_ptr, vl_ptr, vb_ptr, out_ptr, s_out_ptr,
+                             eps, H: tl.constexpr, N: tl.constexpr, HAS_FROZEN: tl.constexpr,
+                             GATE_SIGMOID: tl.constexpr, HAS_VR: tl.constexpr):
+        """One program per (batch row b, head h): the whole one-token time mix of that head (with HAS_VR
+        the value residual's lerp first: v + w (v_first - v), w = sigmoid(base + path), as torch.lerp
+        computes it for w < 0.5 and, from the other end, for w >= 0.5)."""
         pid = tl.program_id(0)
         b = pid // H
         h = pid % H
@@ -122,6 +129,10 @@ if triton is not None:
         r = tl.load(r_ptr + vec).to(tl.float32)
         k = tl.load(k_ptr + vec).to(tl.float32)
         v = tl.load(v_ptr + vec).to(tl.float32)
+        if HAS_VR:
+            w = 1.0 / (1.0 + tl.exp(-(tl.load(vb_ptr + par).to(tl.float32) + tl.load(vl_ptr + vec).to(tl.float32))))
+            vf = tl.load(vf_ptr + vec).to(tl.float32)
+            v = tl.where(w < 0.5, v + w * (vf - v), vf - (vf - v) * (1.0 - w))
         x = tl.load(db_ptr + par).to(tl.float32) + tl.load(dl_ptr + vec).to(tl.float32)
         # softplus(-x) as torch computes it (threshold 20), then the soft clamp of the decay
         y = -x
@@ -171,16 +182,20 @@ def _kernel(interpret: bool):
 
 
 def _launch(r, k, v, decay_lora, iclr_lora, gate, state, frozen, decay_base, iclr_base, removal_scale,
-            key_iclr_mix, bonus, norm_weight, norm_bias, eps: float, gate_sigmoid: bool):
+            key_iclr_mix, bonus, norm_weight, norm_bias, eps: float, gate_sigmoid: bool, v_first=None,
+            vr_lora=None, vr_base=None):
     B, C = r.shape
     H, N = bonus.shape
     out = torch.empty(B, C, device=r.device, dtype=torch.float32)
     new_state = torch.empty_like(state)
     frozen_arg = frozen if frozen is not None else r  # an unread pointer without frozen rows
+    has_vr = v_first is not None
     kernel = _kernel(r.device.type == "cpu")
     kernel[(B * H,)](r, k, v, decay_lora, iclr_lora, gate, state, frozen_arg, decay_base, iclr_base,
-                     removal_scale, key_iclr_mix, bonus, norm_weight, norm_bias, out, new_state, float(eps),
-                     H=H, N=N, HAS_FROZEN=frozen is not None, GATE_SIGMOID=bool(gate_sigmoid), num_warps=4)
+                     removal_scale, key_iclr_mix, bonus, norm_weight, norm_bias, v_first if has_vr else r,
+                     vr_lora if has_vr else r, vr_base if has_vr else r, out, new_state, float(eps),
+                     H=H, N=N, HAS_FROZEN=frozen is not None, GATE_SIGMOID=bool(gate_sigmoid), HAS_VR=has_vr,
+                     num_warps=4)
     return out, new_state
 
 
@@ -191,14 +206,16 @@ def _timemix_step_op(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay_lo
                      iclr_lora: torch.Tensor, gate: torch.Tensor, state: torch.Tensor, frozen: torch.Tensor | None,
                      decay_base: torch.Tensor, iclr_base: torch.Tensor, removal_scale: torch.Tensor,
                      key_iclr_mix: torch.Tensor, bonus: torch.Tensor, norm_weight: torch.Tensor,
-                     norm_bias: torch.Tensor, eps: float, gate_sigmoid: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                     norm_bias: torch.Tensor, eps: float, gate_sigmoid: bool, v_first: torch.Tensor | None = None,
+                     vr_lora: torch.Tensor | None = None,
+                     vr_base: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     return _launch(r, k, v, decay_lora, iclr_lora, gate, state, frozen, decay_base, iclr_base, removal_scale,
-                   key_iclr_mix, bonus, norm_weight, norm_bias, eps, gate_sigmoid)
+                   key_iclr_mix, bonus, norm_weight, norm_bias, eps, gate_sigmoid, v_first, vr_lora, vr_base)
 
 
 @_timemix_step_op.register_fake
 def _(r, k, v, decay_lora, iclr_lora, gate, state, frozen, decay_base, iclr_base, removal_scale, key_iclr_mix,
-      bonus, norm_weight, norm_bias, eps, gate_sigmoid):
+      bonus, norm_weight, norm_bias, eps, gate_sigmoid, v_first=None, vr_lora=None, vr_base=None):
     return r.new_empty(r.shape, dtype=torch.float32), torch.empty_like(state)
 
 
@@ -208,7 +225,7 @@ TENSORS = ("r", "k", "v", "decay_lora", "iclr_lora", "gate", "state", "decay_bas
 
 def timemix_step_triton(r, k, v, decay_lora, iclr_lora, gate, state, frozen, decay_base, iclr_base,
                         removal_scale, key_iclr_mix, bonus, norm_weight, norm_bias, eps: float,
-                        gate_sigmoid: bool):
+                        gate_sigmoid: bool, value_residual=None):
     """`timemix_step_reference` in one Triton kernel (CUDA; the CPU under TRITON_INTERPRET=1). float32
     tensors, contiguous; no autograd (generation). Same contract."""
     reason = triton_unavailable_reason(r.device)
@@ -220,6 +237,8 @@ def timemix_step_triton(r, k, v, decay_lora, iclr_lora, gate, state, frozen, dec
                               "switch it off (use_fused_step(False))")
     args = dict(zip(TENSORS, (r, k, v, decay_lora, iclr_lora, gate, state, decay_base, iclr_base, removal_scale,
                               key_iclr_mix, bonus, norm_weight, norm_bias)))
+    if value_residual is not None:
+        args.update(zip(("v_first", "vr_lora", "vr_base"), value_residual))
     bad = [name for name, t in args.items() if t.dtype != torch.float32]
     if bad:
         raise HierarchosError(f"the fused one-token time mix takes float32 tensors ({', '.join(bad)} are not); "
@@ -233,7 +252,8 @@ def timemix_step_triton(r, k, v, decay_lora, iclr_lora, gate, state, frozen, dec
     out, new_state = _timemix_step_op(args["r"], args["k"], args["v"], args["decay_lora"], args["iclr_lora"],
                                       args["gate"], args["state"], frozen, args["decay_base"], args["iclr_base"],
                                       args["removal_scale"], args["key_iclr_mix"], args["bonus"],
-                                      args["norm_weight"], args["norm_bias"], float(eps), bool(gate_sigmoid))
+                                      args["norm_weight"], args["norm_bias"], float(eps), bool(gate_sigmoid),
+                                      args.get("v_first"), args.get("vr_lora"), args.get("vr_base"))
     return out, new_state
 
 
