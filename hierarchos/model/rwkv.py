@@ -158,10 +158,11 @@ def _plain_linears(*modules: nn.Module) -> bool:
                for m in modules)
 
 
-def _projection(linear: nn.Module, x: torch.Tensor, fused: bool) -> torch.Tensor:
-    """linear(x) for x (B, 1, C_in); one token in the fused step goes through `matvecs_triton` (its launch
-    took 1.5-3x less than cuBLAS's matrix-vector kernel at the 125m step's shapes: BENCHMARKS.md, issue 17)."""
-    if fused and _plain_linears(linear):
+def _one_token_projection(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """linear(x) for one token x (B, 1, C_in) in the fused step: through `matvecs_triton` where the module
+    is a plain Linear (the 125m output projection's launch 2.9 against cuBLAS's 3.2 us on an H100, and one
+    kernel kind fewer in the step; BENCHMARKS.md, issue 17)."""
+    if _plain_linears(linear):
         B = x.shape[0]
         return matvecs_triton([x.reshape(B, -1)], [linear.weight])[0].view(B, 1, -1)
     return linear(x)
@@ -349,7 +350,7 @@ class TimeMix(nn.Module):
             None if frozen is None else frozen.reshape(B), self.decay_base, self.iclr_base, self.removal_scale,
             self.key_iclr_mix, self.bonus, self.norm.weight, self.norm.bias, self.norm.eps, full_gate,
             value_residual=residual)  # (the value residual's lerp inside the kernel: one launch less a layer)
-        return _projection(self.output, out.view(B, 1, C), True), new_wkv
+        return _one_token_projection(self.output, out.view(B, 1, C)), new_wkv
 
 
 class TimeMix4(nn.Module):

@@ -6,8 +6,10 @@ mix, the frozen-token masks, the WKV-7 state update and read-out, the per-head g
 and the output gate. Inside a CUDA graph each costs a few microseconds of launch latency whatever its
 size, so a token of the default reasoning config (~96 layer steps) pays for the count, not the work.
 `timemix_step_triton` does all of that in one kernel, one program per (batch row, head) holding the
-head's (N, N) state in registers; the matmuls (receptance, key, value, gate, the low-rank paths, the
-output projection) stay cuBLAS calls around it.
+head's (N, N) state in registers, x070's value residual (the lerp toward the first layer's value)
+included; the products around it are `matvec_triton` launches (receptance, key and value in one, the
+output projection, the low-rank paths below in two; the channel mix's gate and up with their activation
+in one), the full gate's and the channel mix's down projection cuBLAS's.
 
 `timemix_step_reference` is the same function in PyTorch, written as `TimeMix.forward` computes it for
 T = 1 (the ground truth of tests/test_rwkv_step_triton.py, run under TRITON_INTERPRET=1 on the CPU).

@@ -546,6 +546,12 @@ class _TokenProgram:
         self.hook_dicts = [d for m in model.modules() if m is not model for d in (m._forward_hooks,
                                                                                   m._forward_pre_hooks)]
 
+    def __deepcopy__(self, memo):  # its views would not alias the copy's parameters: the copy builds its own
+        return None
+
+    def __reduce__(self):  # pickled models come back without a program (built again on their first token)
+        return (_no_plan, ())
+
     def holds(self, model) -> bool:
         """Whether the model is still what the program was built from (see the class doc)."""
         if model.reasoner is not self.reasoner:
