@@ -194,7 +194,7 @@ def test_eval_device_vulkan_scores_as_the_shader_computes(dirs, tmp_path, capsys
     import numpy as np
 
     from hierarchos.quant import kernel
-    from hierarchos.quant import model as qmodel
+    from hierarchos.quant import model as qmodel, modules as quant_modules
     from hierarchos.quant import vulkan
 
     status = vulkan.vulkan_status()
@@ -210,6 +210,6 @@ def test_eval_device_vulkan_scores_as_the_shader_computes(dirs, tmp_path, capsys
     on_vulkan = json.loads((tmp_path / "vk.json").read_text())["bpb_file"]["bits_per_byte"]
     monkeypatch.setattr(qmodel.kernel, "matmul", lambda data, qtype, cols, x:
                         (x @ kernel.dequantize(data, qtype, cols).T).astype(np.float32))
-    monkeypatch.setattr(qmodel, "activations_as_used", lambda x, qtype: x)
+    monkeypatch.setattr(quant_modules, "activations_as_used", lambda x, qtype: x)
     as_shader = _run_eval(capsys, dirs / "Q4_0", dirs / "text.txt", tmp_path / "cpu.json")["bpb_file"]["bits_per_byte"]
     assert on_vulkan == pytest.approx(as_shader, rel=1e-5)

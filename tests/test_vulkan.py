@@ -240,7 +240,7 @@ def model_dirs(tmp_path_factory):
 # prelude makes the CPU path compute what the shader computes (float x times kernel.dequantize(W)):
 # then only float32 summation order separates the two runs, and the whole reply must be the same.
 _CPU_AS_SHADER = ("import numpy as np\n"
-                  "from hierarchos.quant import kernel as K, model as M\n"
+                  "from hierarchos.quant import kernel as K, modules as M\n"
                   "M.kernel.matmul = lambda data, qtype, cols, x: (x @ K.dequantize(data, qtype, cols).T)"
                   ".astype(np.float32)\n"
                   "M.activations_as_used = lambda x, qtype: x")

@@ -70,7 +70,9 @@ from ..model.rosa import rosa_hint_array
 from ..model.rwkv import RWKVStack, TimeMix
 from ..model.state import HierarchosState
 from . import kernel
+from . import modules as quant_modules
 from .gguf_io import QuantTensor
+from .modules import QuantEmbedding, QuantLinear
 
 ENV_SWITCH = "HIERARCHOS_FUSED_STEP"
 ENV_LOWRANK = "HIERARCHOS_FUSED_LOWRANK"
@@ -84,20 +86,6 @@ FP16_MAX = 65504.0
 def available() -> bool:
     """Whether the fused step can run at all (the C++ kernel built with RwkvStackStep)."""
     return getattr(kernel, "RwkvStackStep", None) is not None
-
-
-def _quant_model():
-    """hierarchos.quant.model, which imports this module (to attach the fused step to every quantized
-    model it builds): imported on first use, then kept (an import statement per token cost ~2 us each)."""
-    global _QUANT_MODEL
-    if _QUANT_MODEL is None:
-        from . import model
-
-        _QUANT_MODEL = model
-    return _QUANT_MODEL
-
-
-_QUANT_MODEL = None
 
 
 def _no_plan() -> None:
@@ -114,8 +102,7 @@ def _quant(m) -> tuple:
 
 
 def _bias_free_quantized(m) -> bool:
-    """A quant.model.QuantLinear without bias, on the CPU (told by its blocks: that module imports
-    this one, to attach the fused step to every quantized model it builds)."""
+    """A QuantLinear without bias, on the CPU (not placed on Vulkan)."""
     return (isinstance(getattr(m, "weight_q", None), QuantTensor) and getattr(m, "bias", None) is None
             and getattr(m, "vk_weight", None) is None)
 
@@ -319,7 +306,7 @@ class FusedMemory(LongTermMemory):
     def _read_applies(self, e, state, pos0) -> bool:
         if e.dim() != 3 or e.shape[1] != 1 or torch.is_grad_enabled():
             return False
-        if e.shape[0] >= _quant_model().DENSE_FROM_ROWS:
+        if e.shape[0] >= quant_modules.DENSE_FROM_ROWS:
             return False
         if (pos0 % self.chunk) + 1 == self.chunk or self._segment_call is not None or self.topk > self.slots:
             return False  # this token's write (or the compiled segment) takes the Python path
@@ -412,7 +399,7 @@ def _read_state(state: dict, surprise: np.ndarray, input_sum: np.ndarray) -> dic
 def _row_reader(module: nn.Module):
     """(rows(ids) -> float32 (n, dim) numpy rows of an embedding module, the tensors whose storage it
     views) for a quantized or a float32 CPU nn.Embedding table; None for anything else."""
-    if type(module) is _quant_model().QuantEmbedding:
+    if type(module) is QuantEmbedding:
         table = module.table
         return (lambda ids: kernel.dequantize_rows(table.data, table.qtype, table.cols, ids)), []
     if type(module) is nn.Embedding and module.max_norm is None and _float_cpu(module.weight):
@@ -580,7 +567,7 @@ class _TokenProgram:
         if torch.is_autocast_enabled("cpu") or tokens.dtype is not torch.int64 or not tokens.is_cpu:
             return None
         B, pos0 = tokens.shape[0], state.pos
-        if B >= _quant_model().DENSE_FROM_ROWS or (pos0 % memory.chunk) + 1 == memory.chunk:
+        if B >= quant_modules.DENSE_FROM_ROWS or (pos0 % memory.chunk) + 1 == memory.chunk:
             return None  # (the chunk's write takes the module-by-module path)
         mem = state.memory
         delta, surprise, input_sum = mem["delta"], mem["surprise"], mem["input_sum"]
@@ -637,7 +624,7 @@ def why_not_fused(model: nn.Module) -> dict[str, str | None]:
 def _linear_spec(linear: nn.Module) -> tuple | None:
     """(data, qtype, cols, bias) of a QuantLinear the shadow call can run as QuantLinear.forward does;
     None when it cannot (not quantized, in a projection group, on Vulkan, or watched by a hook)."""
-    if type(linear) is not _quant_model().QuantLinear or linear.group is not None or linear.vk_weight is not None:
+    if type(linear) is not QuantLinear or linear.group is not None or linear.vk_weight is not None:
         return None
     if linear._forward_hooks or linear._forward_pre_hooks:
         return None
@@ -688,7 +675,7 @@ class FusedShadowReasoner(HierarchicalReasoner):
             return None
         if not self._plan_one_applies(u):
             return None
-        if not isinstance(manager, FusedRWKVStack) or u.shape[0] >= _quant_model().DENSE_FROM_ROWS:
+        if not isinstance(manager, FusedRWKVStack) or u.shape[0] >= quant_modules.DENSE_FROM_ROWS:
             return None
         s = cfg.h_stride
         is_plan = (s - 1 - pos0) % s == 0
@@ -742,7 +729,7 @@ class FusedShadowReasoner(HierarchicalReasoner):
         worker = self.worker
         # the worker's own rule for its fused step (a plan, u one float32 CPU token per row without a
         # graph, float32 CPU states, no autocast, no hooks), for u and every shadow state
-        if not worker._fused_applies(u, {}, None) or u.shape[0] >= _quant_model().DENSE_FROM_ROWS:
+        if not worker._fused_applies(u, {}, None) or u.shape[0] >= quant_modules.DENSE_FROM_ROWS:
             return None
         if context.dtype != torch.float32 or context.device.type != "cpu" or context.requires_grad:
             return None

@@ -9,7 +9,7 @@
     matmul_many([(data, qtype, cols), ...], [x, ...]) -> [y, ...]    # several in one call, same results
     RwkvStackStep(dim, head_size, ffn_dim, layers).step(...)         # C++ only (None without it): fused_step.py
     memory_read(e, query, target, keys, slot_source, k, ...)         # C++ only (None without it): fused_step.py
-    activations_as_used(x (N, cols) f32, qtype) -> f32 (N, cols)      # C++ only (None without it): quant/model.py
+    activations_as_used(x (N, cols) f32, qtype) -> f32 (N, cols)      # C++ only (None without it): quant/modules.py
     set_threads(n) / get_threads(); set_isa(name) / get_isa(); available_isas(); backend_name()
 
 `HIERARCHOS_ISA=scalar|avx2|avx512|neon` forces an ISA of the C++ backend (an ISA this
@@ -89,7 +89,7 @@ else:
     _announce_reference()
     RwkvStackStep = None  # the fused stack step has no numpy version: fused_step.py runs the Python step
     memory_read = None  # nor the fused memory read
-    activations_as_used = None  # quant/model.py has the numpy version
+    activations_as_used = None  # quant/modules.py has the numpy version
     quantize = formats.quantize
     dequantize = formats.dequantize
     dequantize_rows = formats.dequantize_rows
