@@ -116,11 +116,13 @@ if triton is not None:
 _KERNELS: dict = {}
 
 
-def _kernel(interpret: bool):
-    """The kernel as a Triton JIT function, or run by Triton's interpreter on CPU tensors (both kept)."""
-    if interpret not in _KERNELS:
-        _KERNELS[interpret] = InterpretedFunction(_matvecs_kernel) if interpret else triton.JITFunction(_matvecs_kernel)
-    return _KERNELS[interpret]
+def _kernel(interpret: bool, fn=None):
+    """A kernel of this module (`_matvecs_kernel` unless `fn`) as a Triton JIT function, or run by Triton's
+    interpreter on CPU tensors (both kept)."""
+    fn = fn or _matvecs_kernel
+    if (fn, interpret) not in _KERNELS:
+        _KERNELS[fn, interpret] = InterpretedFunction(fn) if interpret else triton.JITFunction(fn)
+    return _KERNELS[fn, interpret]
 
 
 SWIGLU_CONFIG = (2, 128, 1)  # outputs a program (each reads a gate and an up row), input columns a read, warps
@@ -133,18 +135,11 @@ def swiglu_reference(x, w_gate, w_up, deep_gate=None):
     return hidden if deep_gate is None else hidden * deep_gate
 
 
-_SWIGLU_KERNELS: dict = {}
-
-
 def _swiglu_launch(x, w_gate, w_up, deep_gate, out, config=None):
     B, K = x.shape
     n_out = w_gate.shape[0]
     block_out, block_in, warps = config or SWIGLU_CONFIG
-    interpret = x.device.type == "cpu"
-    if interpret not in _SWIGLU_KERNELS:
-        _SWIGLU_KERNELS[interpret] = (InterpretedFunction(_swiglu_kernel) if interpret
-                                      else triton.JITFunction(_swiglu_kernel))
-    _SWIGLU_KERNELS[interpret][(B, -(-n_out // block_out))](
+    _kernel(x.device.type == "cpu", _swiglu_kernel)[(B, -(-n_out // block_out))](
         x, w_gate, w_up, deep_gate if deep_gate is not None else x, out, n_out, K, KMAX=K, BN=block_out,
         BK=block_in, HAS_DG=deep_gate is not None, num_warps=warps)
 

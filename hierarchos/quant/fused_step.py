@@ -97,6 +97,10 @@ def _array(t: torch.Tensor) -> np.ndarray:
     return t.detach().contiguous().numpy()
 
 
+def _float_cpu(t: torch.Tensor) -> bool:
+    return t.dtype is torch.float32 and t.is_cpu
+
+
 def _quant(m) -> tuple:
     return (m.weight_q.data, m.weight_q.qtype, m.in_features)
 
@@ -297,25 +301,31 @@ class FusedMemory(LongTermMemory):
         `encoder` (its spec) and `persistent` the encoder's gelu output u (B, 1, d), else None)."""
         B, D = e.shape[0], e.shape[2]
         read, surprise, input_sum, u = kernel.memory_read(
-            e.reshape(B, D).numpy(), _quant(self.query), _quant(self.target), self.keys.detach().numpy(),
-            self.slot_source.numpy(), self.topk, self.values.detach().numpy(), state["delta"].numpy(),
-            state["surprise"].numpy(), state["input_sum"].numpy(), encoder, persistent)
+            e.reshape(B, D).numpy(), *self._read_args(), state["delta"].numpy(), state["surprise"].numpy(),
+            state["input_sum"].numpy(), encoder, persistent)
         return (torch.from_numpy(read).view(B, 1, self.val_dim), _read_state(state, surprise, input_sum),
                 None if u is None else torch.from_numpy(u).view(B, 1, -1))
+
+    def _read_args(self) -> tuple:
+        """`kernel.memory_read`'s arguments that do not change from token to token (views, specs)."""
+        return (_quant(self.query), _quant(self.target), self.keys.detach().numpy(), self.slot_source.numpy(),
+                self.topk, self.values.detach().numpy())
+
+    def _read_fits(self) -> bool:
+        """Whether the memory itself can take the one-call read (whatever the token): no compiled segment,
+        float32 CPU slots, quantized bias-free projections."""
+        return (self._segment_call is None and self.topk <= self.slots and _float_cpu(self.keys)
+                and _float_cpu(self.values) and self.slot_source.is_cpu
+                and _bias_free_quantized(self.query) and _bias_free_quantized(self.target))
 
     def _read_applies(self, e, state, pos0) -> bool:
         if e.dim() != 3 or e.shape[1] != 1 or torch.is_grad_enabled():
             return False
         if e.shape[0] >= quant_modules.DENSE_FROM_ROWS:
             return False
-        if (pos0 % self.chunk) + 1 == self.chunk or self._segment_call is not None or self.topk > self.slots:
+        if (pos0 % self.chunk) + 1 == self.chunk or not self._read_fits():
             return False  # this token's write (or the compiled segment) takes the Python path
-        tensors = [e, self.keys, self.values, state["delta"], state["surprise"], state["input_sum"]]
-        if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
-            return False
-        if self.slot_source.device.type != "cpu":
-            return False
-        if not (_bias_free_quantized(self.query) and _bias_free_quantized(self.target)):
+        if not all(_float_cpu(t) for t in (e, state["delta"], state["surprise"], state["input_sum"])):
             return False
         if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
             return False
@@ -346,10 +356,6 @@ class FusedTokenLM(HierarchosLM):
             return super().forward(tokens, state, rosa_hint_ids=rosa_hint_ids, last_logits_only=last_logits_only,
                                    **caps)
         return out
-
-
-def _float_cpu(t: torch.Tensor) -> bool:
-    return t.dtype is torch.float32 and t.is_cpu
 
 
 def _stack_arrays(s: dict) -> tuple | None:
@@ -436,29 +442,17 @@ class _TokenProgram:
         if not (isinstance(manager, FusedRWKVStack) and isinstance(worker, FusedRWKVStack)) \
                 or manager._fused_plan is None or worker._fused_plan is None:
             return None
-        if not hasattr(kernel.RwkvStackStep, "round") or getattr(kernel, "memory_read", None) is None:
+        projections = reasoner._round_projections()
+        if projections is None or getattr(kernel, "memory_read", None) is None or not memory._read_fits():
             return None
-        cfg = reasoner.cfg
-        if cfg.halting != "act" or reasoner.halting_record is not None:
-            return None
-        if memory.topk > memory.slots or memory._segment_call is not None:
-            return None
-        if not (_bias_free_quantized(memory.query) and _bias_free_quantized(memory.target)):
-            return None
-        if not (_float_cpu(memory.keys) and _float_cpu(memory.values) and memory.slot_source.is_cpu):
-            return None
-        norm, persistent, halt = model.out_norm, model.persistent, reasoner.h_halt_proj
+        norm, persistent, halt = model.out_norm, model.persistent, projections[-1]
         if type(norm) is not nn.LayerNorm or not norm.elementwise_affine or norm.bias is None:
-            return None
-        if type(halt) is not nn.Linear or halt.bias is None:
             return None
         floats = [norm.weight, norm.bias, persistent, halt.weight, halt.bias]
         if not all(_float_cpu(t) for t in floats):
             return None
-        linears = (model.encoder, model.lm_head, reasoner.h_input_proj, reasoner.h_to_context, reasoner.l_input_proj,
-                   reasoner.l_to_out)
-        specs = [_linear_spec(m) for m in linears]
-        if any(spec is None for spec in specs):
+        specs = [_linear_spec(model.encoder), _linear_spec(model.lm_head), *projections[:-1]]
+        if specs[0] is None or specs[1] is None:
             return None
         tables = {"embed": model.embed, "rosa": model.rosa_embed}
         for name, stack in (("manager", manager), ("worker", worker)):
@@ -492,8 +486,7 @@ class _TokenProgram:
         self.halt_bias = halt.bias.detach().numpy()
         self.round_linears = (h_ctx, l_in, l_out)
         self.persistent = model.persistent.detach().numpy()
-        self.memory_args = (_quant(memory.query), _quant(memory.target), memory.keys.detach().numpy(),
-                            memory.slot_source.numpy(), memory.topk, memory.values.detach().numpy())
+        self.memory_args = memory._read_args()
         self.embed, self.rosa = readers["embed"], readers["rosa"]
         self.gate_readers = {}
         for stack_name, stack in (("manager", self.manager), ("worker", self.worker)):
@@ -671,11 +664,8 @@ class FusedShadowReasoner(HierarchicalReasoner):
         can run in one C++ call (`_round` at T = 1 as `_plan_one` takes it, ACT, no shadow pass, both
         stacks fused, every projection quantized as `_linear_spec` takes it), else None."""
         cfg, manager, worker = self.cfg, self.manager, self.worker
-        if not hasattr(kernel.RwkvStackStep, "round") or self.halting_record is not None or cfg.halting != "act":
-            return None
-        if not self._plan_one_applies(u):
-            return None
-        if not isinstance(manager, FusedRWKVStack) or u.shape[0] >= quant_modules.DENSE_FROM_ROWS:
+        projections = self._round_projections()
+        if projections is None or not self._plan_one_applies(u) or u.shape[0] >= quant_modules.DENSE_FROM_ROWS:
             return None
         s = cfg.h_stride
         is_plan = (s - 1 - pos0) % s == 0
@@ -689,17 +679,28 @@ class FusedShadowReasoner(HierarchicalReasoner):
         plans = (rs["plan_prev"], rs["plan_last"]) + (() if feedback is None else (feedback,))
         if any(t.dtype != torch.float32 or t.device.type != "cpu" or t.requires_grad for t in plans):
             return None
+        fb = _linear_spec(self.l_feedback_proj) if feedback is not None else None
+        if feedback is not None and fb is None:
+            return None
+        h_in, h_ctx, l_in, l_out, halt = projections
+        specs = (h_in, fb, halt.weight.detach().reshape(-1).numpy(), float(halt.bias.detach()[0]), h_ctx, l_in, l_out)
+        return specs, is_plan, one_token_alpha(pos0, s)
+
+    def _round_projections(self) -> tuple | None:
+        """(the specs of h_input_proj, h_to_context, l_input_proj, l_to_out, and the halting head) when the
+        reasoner itself can take the one-call round, whatever the token (the C++ round built, ACT with no
+        record, the manager fused, a float32 CPU halting Linear with bias and no hook, every projection
+        quantized as `_linear_spec` takes it), else None."""
+        if not hasattr(kernel.RwkvStackStep, "round") or self.halting_record is not None or self.cfg.halting != "act":
+            return None
+        if not isinstance(self.manager, FusedRWKVStack):
+            return None
         halt = self.h_halt_proj
         if (type(halt) is not nn.Linear or halt.bias is None or halt._forward_hooks or halt._forward_pre_hooks
                 or halt.weight.dtype != torch.float32 or halt.weight.device.type != "cpu"):
             return None
         linears = [_linear_spec(m) for m in (self.h_input_proj, self.h_to_context, self.l_input_proj, self.l_to_out)]
-        fb = _linear_spec(self.l_feedback_proj) if feedback is not None else None
-        if any(spec is None for spec in linears) or (feedback is not None and fb is None):
-            return None
-        h_in, h_ctx, l_in, l_out = linears
-        specs = (h_in, fb, halt.weight.detach().reshape(-1).numpy(), float(halt.bias.detach()[0]), h_ctx, l_in, l_out)
-        return specs, is_plan, one_token_alpha(pos0, s)
+        return None if any(spec is None for spec in linears) else (*linears, halt)
 
     def _explore(self, u, context, tokens, states, n_explore, grad_on, sync_free, totals):
         # no shadow pass (the minimal depth): nothing for the C++ loop to do, and the Python one only
