@@ -35,6 +35,7 @@ import torch  # noqa: E402
 
 from bench.bench_forward import wkv_case  # noqa: E402
 from hierarchos.ops import wkv as wkv_ops  # noqa: E402
+from hierarchos.ops.wkv_chunk_grad_triton import wkv7_chunk_grad  # noqa: E402
 from hierarchos.ops.wkv_chunk_triton import wkv7_chunk_forward  # noqa: E402
 from hierarchos.ops.wkv_triton import CHUNK, wkv7_triton  # noqa: E402
 
@@ -66,9 +67,14 @@ def carried(fn, split):
     return run
 
 
+def chunk_grad_tf32(*a, state):
+    """The chunk-parallel backward as `wkv7` runs it where TF32 is allowed (this script turns TF32 off)."""
+    return wkv7_chunk_grad(*a, state=state, precision="tf32")
+
+
 def forward_only(name: str) -> bool:
     """The chunk-parallel prefill kernel has no backward: checked and timed as a no-grad forward."""
-    return name.startswith("triton_chunk")
+    return name.startswith("triton_chunk") and not name.startswith("triton_chunk_grad")
 
 
 def fwd_bwd(fn, x, state, d_o, d_s, dtype, grads=True):
@@ -97,7 +103,7 @@ def parity(impls, device, seq_lens, tol, smoke, frozen=0.0, split=None):
         case = make_case(B, T, H, N, seed, device, frozen=frozen)
         ref = fwd_bwd(wkv_ops.wkv7_reference, *case, torch.float64)
         for name, fn in impls.items():
-            limit = tol.get(name.split(" ")[0], tol["*"]) if isinstance(tol, dict) else tol
+            limit = tol.get(name, tol.get(name.split(" ")[0], tol["*"])) if isinstance(tol, dict) else tol
             label = name + (f" carry@{split}" if split else "") + (f" frozen{frozen:g}" if frozen else "")
             try:
                 got = fwd_bwd(carried(fn, split) if split else fn, *case, torch.float32, not forward_only(name))
@@ -239,11 +245,26 @@ def chunk_forward_configs() -> dict:
             "triton_chunk tf32": config(precision="tf32")}
 
 
+def chunk_grad_configs() -> dict:
+    """The chunk-parallel backward's variants (`wkv7_chunk_grad`): chunks of 16 or 32 tokens, the products
+    inside a chunk in TF32 (what `wkv7` runs where TF32 is allowed) or float32 ("ieee": 5-10x slower on an
+    H100), 8 warps for the per-chunk gradients, and the forward forced either way (default: by the call's
+    (batch, head) pairs). The scans across chunks are float32 in every variant."""
+    def config(chunk=16, precision="tf32", forward=None, warps=4):
+        return lambda *a, state: wkv7_chunk_grad(*a, state=state, chunk=chunk, precision=precision, forward=forward,
+                                                 grad_warps=warps)
+    return {f"chunk_grad c{c} {p}{' fwd=' + f if f else ''}{f' warps={w}' if w != 4 else ''}": config(c, p, f, w)
+            for c, p, f, w in [(16, "tf32", None, 4), (32, "tf32", None, 4), (16, "tf32", None, 8),
+                               (16, "tf32", "chunk", 4), (16, "tf32", "sequential", 4), (16, "ieee", None, 4)]}
+
+
 def sweep_configs(kind: str) -> dict:
     """The Triton configs a sweep times: "launch" (rows a program, warps, prefetch, column sums),
     "chunk" (the default launch, checkpoint spacing 8/16/32, the scratch's cache hints), "rows"
     (16 to 64 rows a program, more warps) or "small" (1 to 8 rows a program, one warp: a prefill at
     batch 1 has 12 (batch, head) pairs, so the occupancy rule's smallest block leaves most SMs idle)."""
+    if kind == "chunk-grad":
+        return chunk_grad_configs()
     if kind == "chunk":
         return {f"triton chunk={c} scratch={h}": triton_config(None, None, True, None, c, h)
                 for c in (8, 16, 32) for h in ("none", "keep")}
@@ -268,10 +289,11 @@ def main():
     ap.add_argument("--fla-tol", type=float, default=5e-3,
                     help="fla's Triton dots may run in TF32 (METHOD: tf32 lands near 3e-4 on one product)")
     ap.add_argument("--no-sweep", action="store_true", help="time only the default Triton config")
-    ap.add_argument("--sweep", choices=["launch", "chunk", "rows", "small"], default="launch",
+    ap.add_argument("--sweep", choices=["launch", "chunk", "rows", "small", "chunk-grad"], default="launch",
                     help="launch: rows/warps/prefetch/column sums at the first shape (the best three at the "
                          "others); chunk: checkpoint spacing and scratch cache hints at every shape; rows: "
-                         "row blocks up to a whole state a program, at every shape; small: 1 to 8 rows a program, at every shape")
+                         "row blocks up to a whole state a program, at every shape; small: 1 to 8 rows a program, at every shape; chunk-grad: the chunk-parallel "
+                         "backward's chunk, precision and forward, at every shape")
     ap.add_argument("--fla-variants", nargs="*", default=["fla"], choices=["fla", "fla c64", "fla c64 bf16"],
                     help="fla's variants to check and time (each costs minutes of cold Triton JIT + autotune)")
     ap.add_argument("--no-chunked", action="store_true", help="do not time the chunked PyTorch path")
@@ -293,23 +315,24 @@ def main():
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
     log(f"# {info}")
-    impls = {"triton": wkv7_triton}
+    impls = {"triton": wkv7_triton, "triton_chunk_grad": chunk_grad_tf32}
     if args.chunk_forward:
         impls["triton_chunk"] = wkv7_chunk_forward
     if device == "cuda" and "fla" in wkv_ops.available_impls("cuda"):
         impls.update({n: f for n, f in fla_variants().items() if n in args.fla_variants})
-    tol = {"*": args.tol, "fla": args.fla_tol}
+    tol = {"*": args.tol, "fla": args.fla_tol, "triton_chunk_grad": args.fla_tol}
     result = dict(info=info)
 
     log("## parity (float32 vs float64 reference; fresh leaves per implementation)")
     cases = [dict(seq_lens=[7, 40] if args.smoke else [200, 1000])]
     if not args.smoke:  # frozen tokens, and the state carried between two calls (split off a chunk edge)
         cases += [dict(seq_lens=[333], frozen=0.3), dict(seq_lens=[333], split=77),
-                  dict(seq_lens=[1000], frozen=0.2, split=500)]
+                  dict(seq_lens=[1000], frozen=0.2, split=500), dict(seq_lens=[4096])]
     result["parity"] = [row for case in cases for row in parity(impls, device, tol=tol, smoke=args.smoke, **case)]
     sweep = sweep_configs(args.sweep)
     if not args.smoke and not args.no_sweep:  # every launch config that gets timed is checked too (T=200)
-        result["parity"] += parity(sweep, device, [200], args.tol, args.smoke)
+        sweep_tol = {"*": args.tol, **{n: args.fla_tol for n in sweep if " tf32" in n}}
+        result["parity"] += parity(sweep, device, [200], sweep_tol, args.smoke)
     verdicts = {}
     for row in result["parity"]:
         verdicts.setdefault(row["impl"], []).append(row)
@@ -345,7 +368,7 @@ def main():
             picks = {r["impl"]: sweep[r["impl"]] for r in best} if best else {}
             rows = timing(picks, device, shape, max(5, args.reps // 2), args.warmup)
         reps = args.reps if shape[1] <= 2048 else max(3, args.reps // 4)
-        others = {"triton (default)": wkv7_triton}
+        others = {"triton (default)": wkv7_triton, "triton_chunk_grad (default, TF32)": chunk_grad_tf32}
         if not args.no_chunked:
             others.update({"chunked 32": lambda *a, state: wkv_ops.wkv7_chunked(*a, state=state, chunk_size=32),
                            "chunked 64": lambda *a, state: wkv_ops.wkv7_chunked(*a, state=state, chunk_size=64)})

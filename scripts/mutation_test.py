@@ -120,6 +120,10 @@ MODULES: dict[str, list[str]] = {
     # dispatch rules that pick them
     "hierarchos/ops/wkv_chunk_triton.py": ["tests/test_wkv_chunk_triton.py", "tests/test_wkv_rules.py",
                                            "-m", "not slow and not gpu"],
+    # the chunk-parallel backward: its derivation in PyTorch, and its kernels under the interpreter, device
+    # check and dispatch rule
+    "hierarchos/ops/wkv_chunk_grad.py": ["tests/test_wkv_chunk_grad_triton.py", "-m", "not slow and not gpu"],
+    "hierarchos/ops/wkv_chunk_grad_triton.py": ["tests/test_wkv_chunk_grad_triton.py", "-m", "not slow and not gpu"],
     # the WKV-4 kernels under the interpreter, and their PyTorch reference backward
     "hierarchos/ops/wkv4_triton.py": ["tests/test_wkv4_triton.py", "-m", "not slow and not gpu"],
     "hierarchos/train/rosa_ahead.py": ["tests/test_rosa_ahead.py"],
@@ -131,7 +135,8 @@ MODULES: dict[str, list[str]] = {
 # in the scratch copy of a Triton module, hands the interpreter the function the trampoline would call
 # (the active mutant or the original) and records the stats hit the trampoline would have recorded.
 TRITON_MODULES = ("hierarchos/ops/ce_triton.py", "hierarchos/ops/wkv_triton.py", "hierarchos/ops/rwkv_step_triton.py",
-                  "hierarchos/ops/wkv4_triton.py", "hierarchos/ops/wkv_chunk_triton.py", "hierarchos/ops/matvec_triton.py")
+                  "hierarchos/ops/wkv4_triton.py", "hierarchos/ops/wkv_chunk_triton.py", "hierarchos/ops/matvec_triton.py",
+                  "hierarchos/ops/wkv_chunk_grad_triton.py")
 TRITON_PLUGIN = '''"""mutmut + Triton's interpreter (written by scripts/mutation_test.py for a mutation run only)."""
 import sys
 

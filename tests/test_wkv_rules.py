@@ -188,7 +188,8 @@ def test_errors_name_the_cause(monkeypatch):
         W.resolve_impl("magic", x["r"])
     monkeypatch.setenv(W.ENV_IMPL, "fast-please")
     with pytest.raises(HierarchosError, match=r"^HIERARCHOS_WKV_IMPL='fast-please' is not a wkv7 impl; use one of "
-                                              r"auto, reference, recurrent, cpp_step, chunked, fla, triton, triton_chunk$"):
+                                              r"auto, reference, recurrent, cpp_step, chunked, fla, triton, triton_chunk, "
+                                              r"triton_chunk_grad$"):
         W.resolve_impl("auto", x["r"])
     monkeypatch.delenv(W.ENV_IMPL)
     if not W._fla_importable():

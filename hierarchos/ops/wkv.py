@@ -30,11 +30,13 @@ import torch.nn.functional as F
 from ..errors import HierarchosError
 from .amp import autocast_off
 from .wkv_inputs import prepare as _prepare
+from .wkv_chunk_grad_triton import checked as chunk_grad_checked
+from .wkv_chunk_grad_triton import wkv7_chunk_grad
 from .wkv_chunk_triton import checked as chunk_forward_checked
 from .wkv_chunk_triton import wkv7_chunk_forward
 from .wkv_triton import triton_unavailable_reason, wkv7_triton
 
-IMPLS = ("auto", "reference", "recurrent", "cpp_step", "chunked", "fla", "triton", "triton_chunk")
+IMPLS = ("auto", "reference", "recurrent", "cpp_step", "chunked", "fla", "triton", "triton_chunk", "triton_chunk_grad")
 ENV_IMPL = "HIERARCHOS_WKV_IMPL"
 MAX_CHUNK_SIZE = 64  # |log_w| <= 0.61 keeps exp(0.61 * 64) ~ 1e17 far below float32's max
 LOG_W_MIN = -0.61    # the model's decay bound: log_w = -exp(-softplus(.) - 0.5) > -e^-0.5 = -0.6065
@@ -286,15 +288,19 @@ CHUNK_FORWARD_BELOW_PAIRS = 66
 
 
 def cuda_choice(batch: int, heads: int, triton_ok: bool, fla_ok: bool, seq_len: int = 0,
-                needs_grad: bool = True, head_size: int = 64) -> str:
+                needs_grad: bool = True, head_size: int = 64, tf32: bool = False) -> str:
     """The CUDA path for a call with `batch` x `heads` (batch, head) pairs: without gradients, with
     at least CHUNK_FORWARD_MIN_T tokens and fewer than CHUNK_FORWARD_BELOW_PAIRS pairs our
-    chunk-parallel forward; else fla's chunked kernel
-    when there are too few pairs to fill the GPU (FLA_BELOW_PAIRS), else our Triton kernel; the
+    chunk-parallel forward; with gradients where TF32 is allowed (`tf32`), our chunk-parallel
+    backward with TF32 products inside the chunks (1.7-4.2x the sequential kernel's fwd+bwd on an H100 at
+    the 30M, 125m and T=8192 shapes, relative error ~3e-3 like fla's: BENCHMARKS.md); else fla's chunked
+    kernel when there are too few pairs to fill the GPU (FLA_BELOW_PAIRS), else our Triton kernel; the
     other when only one of them can run; the chunked PyTorch path when neither can."""
     if (triton_ok and not needs_grad and seq_len >= CHUNK_FORWARD_MIN_T and head_size >= 16
             and batch * heads < CHUNK_FORWARD_BELOW_PAIRS):
         return "triton_chunk"
+    if triton_ok and needs_grad and tf32 and head_size >= 16:
+        return "triton_chunk_grad"
     if fla_ok and (batch * heads < FLA_BELOW_PAIRS or not triton_ok):
         return "fla"
     return "triton" if triton_ok else "chunked"
@@ -311,7 +317,9 @@ def resolve_impl(impl: str, r: torch.Tensor, needs_grad: bool = True) -> str:
     tensors (not float64) `cuda_choice`: our chunk-parallel forward for calls that need no gradient
     (`needs_grad` False) of at least CHUNK_FORWARD_MIN_T tokens with few (batch, head) pairs -- a
     prompt's prefill at small batch -- once it has passed its check on the device
-    (`wkv_chunk_triton.checked`); fla-core's chunked kernel (when it imports) for calls with few
+    (`wkv_chunk_triton.checked`); for calls with gradients where torch may use TF32
+    (`torch.backends.cuda.matmul.allow_tf32`, which `train` sets) our chunk-parallel backward
+    (`wkv_chunk_grad_triton`, TF32 products inside a chunk, float32 across chunks); else fla-core's chunked kernel (when it imports) for calls with few
     (batch, head) pairs -- long sequences at small batch -- and heads of at least
     FLA_MIN_HEAD_SIZE; our sequential Triton kernel otherwise; the chunked path on the CPU. fla
     passes our float64 check with TF32-class errors (<= 1.9e-3 relative on outputs, state and all
@@ -332,10 +340,13 @@ def resolve_impl(impl: str, r: torch.Tensor, needs_grad: bool = True) -> str:
         return "recurrent"
     if r.is_cuda and r.dtype != torch.float64:
         choose = functools.partial(cuda_choice, r.shape[0], r.shape[2], _triton_fits_cuda(r.shape[-1]),
-                                   r.shape[-1] >= FLA_MIN_HEAD_SIZE and _fla_importable(), r.shape[1])
-        name = choose(needs_grad, r.shape[-1])
+                                   r.shape[-1] >= FLA_MIN_HEAD_SIZE and _fla_importable(), r.shape[1],
+                                   head_size=r.shape[-1], tf32=torch.backends.cuda.matmul.allow_tf32)
+        name = choose(needs_grad)
         if name == "triton_chunk" and not chunk_forward_checked(r.device):  # did not build or match here
-            name = choose(True, r.shape[-1])
+            name = choose(True, tf32=False)
+        elif name == "triton_chunk_grad" and not chunk_grad_checked(r.device):
+            name = choose(needs_grad, tf32=False)
         return name
     return "chunked"
 
@@ -353,7 +364,8 @@ def wkv7(r, log_w, k, v, a, b, state=None, impl="auto", chunk_size=32):
         if name == "chunked":
             return wkv7_chunked(r, log_w, k, v, a, b, state, chunk_size=chunk_size)
         run = {"reference": wkv7_reference, "recurrent": wkv7_recurrent_step, "cpp_step": wkv7_cpp_step,
-               "fla": wkv7_fla, "triton": wkv7_triton, "triton_chunk": wkv7_chunk_forward}[name]
+               "fla": wkv7_fla, "triton": wkv7_triton, "triton_chunk": wkv7_chunk_forward,
+               "triton_chunk_grad": wkv7_chunk_grad}[name]
         return run(r, log_w, k, v, a, b, state)
 
 

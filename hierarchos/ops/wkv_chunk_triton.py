@@ -51,10 +51,10 @@ except Exception:  # wkv_triton reports why (triton_unavailable_reason)
     triton = None
 
 CHUNK = 16
-PRECISIONS = ("ieee", "tf32")
+PRECISIONS = ("ieee", "tf32x3", "tf32")  # float32; three TF32 products a product; one
 
 
-def _chunk_prep_kernel(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, ws_ptr, q_ptr, g_ptr, T, n_chunks,
+def _wkv7_chunk_prep_kernel(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, ws_ptr, q_ptr, g_ptr, T, n_chunks,
                        H: tl.constexpr, N: tl.constexpr, C: tl.constexpr, SQUARINGS: tl.constexpr,
                        PREC: tl.constexpr):
     """First pass, one program per (b, h, chunk), all chunks at once: everything of a chunk
@@ -112,10 +112,12 @@ def _chunk_prep_kernel(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, ws_ptr, q_ptr, g_ptr, 
     tl.store(g_ptr + pid.to(tl.int64) * N + cols, tl.exp(cl_end))
 
 
-def _chunk_scan_kernel(v_ptr, s0_ptr, ws_ptr, q_ptr, g_ptr, o_ptr, s_out_ptr, T, n_chunks,
-                       H: tl.constexpr, N: tl.constexpr, BI: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr):
+def _wkv7_chunk_scan_kernel(v_ptr, s0_ptr, ws_ptr, q_ptr, g_ptr, o_ptr, s_out_ptr, starts_ptr, T, n_chunks,
+                       H: tl.constexpr, N: tl.constexpr, BI: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr,
+                       STORE_STARTS: tl.constexpr):
     """Second pass: rows [blk*BI, blk*BI + BI) of one (b, h) state through the chunks in order, five
-    small products a chunk (the first pass's docstring has them). Tokens past T load zeros."""
+    small products a chunk (the first pass's docstring has them). Tokens past T load zeros. With
+    STORE_STARTS the state entering each chunk goes to starts[(b, h), chunk] (for a backward)."""
     NB: tl.constexpr = N // BI
     pid = tl.program_id(0)
     bh = pid // NB
@@ -130,6 +132,8 @@ def _chunk_scan_kernel(v_ptr, s0_ptr, ws_ptr, q_ptr, g_ptr, o_ptr, s_out_ptr, T,
     c = 0
     while c < n_chunks:
         chunk_id = bh.to(tl.int64) * n_chunks + c
+        if STORE_STARTS:
+            tl.store(starts_ptr + chunk_id * (N * N) + rows[:, None] * N + cols[None, :], s)
         base = chunk_id * (4 * C * N)
         w = tl.load(ws_ptr + base + tile)
         b_end = tl.load(ws_ptr + base + C * N + tile)
@@ -153,7 +157,7 @@ def _chunk_scan_kernel(v_ptr, s0_ptr, ws_ptr, q_ptr, g_ptr, o_ptr, s_out_ptr, T,
 @functools.lru_cache(maxsize=None)
 def _kernel(interpret: bool):
     """The two kernels as Triton JIT functions, or run by Triton's interpreter on CPU tensors."""
-    kernels = (_chunk_prep_kernel, _chunk_scan_kernel)
+    kernels = (_wkv7_chunk_prep_kernel, _wkv7_chunk_scan_kernel)
     if interpret:
         return tuple(InterpretedFunction(k) for k in kernels)
     return tuple(triton.JITFunction(k, do_not_specialize=["T", "n_chunks"]) for k in kernels)
@@ -164,6 +168,17 @@ def default_rows(head_size: int) -> int:
     return min(head_size, 16)
 
 
+def check_sizes(impl: str, head_size: int, chunk: int, rows: int, precision: str) -> None:
+    """The one-line errors for launch sizes the chunk kernels cannot take (tl.dot tiles are >= 16)."""
+    if chunk < 16 or chunk & (chunk - 1):
+        raise HierarchosError(f"wkv7 impl {impl!r}: chunk={chunk} must be a power of two >= 16")
+    if head_size < 16 or head_size & (head_size - 1) or rows < 16 or rows & (rows - 1) or head_size % rows:
+        raise HierarchosError(f"wkv7 impl {impl!r} needs a power-of-two head size >= 16 (got {head_size}) "
+                              f"and rows a power of two in [16, N] (got {rows}); use impl='triton'")
+    if precision not in PRECISIONS:
+        raise HierarchosError(f"wkv7 impl {impl!r}: precision={precision!r}: use one of {', '.join(PRECISIONS)}")
+
+
 def wkv7_chunk_forward(r, log_w, k, v, a, b, state=None, *, chunk=CHUNK, rows=None, num_warps=None,
                        precision="ieee"):
     """WKV-7 forward through the chunk-parallel Triton kernel (CUDA; CPU only under
@@ -171,7 +186,7 @@ def wkv7_chunk_forward(r, log_w, k, v, a, b, state=None, *, chunk=CHUNK, rows=No
     grad under grad mode is an error). Same contract as `wkv7_reference` otherwise, computing in
     float32 (float64 inputs too); r, k, v may stay bf16/fp16 (upcast as loaded). `chunk` tokens a
     step (a power of two >= 16), `rows` state rows a program (a power of two, 16 <= rows <= N),
-    `precision` of the small products ("ieee" float32, or "tf32" for benchmarks). The two kernels meet
+    `precision` of the small products ("ieee" float32, or "tf32x3" / "tf32" on tensor cores, for benchmarks). The two kernels meet
     in a workspace of ~18 KB a (batch, head, chunk)."""
     reason = triton_unavailable_reason(r.device)
     if reason:
@@ -180,30 +195,55 @@ def wkv7_chunk_forward(r, log_w, k, v, a, b, state=None, *, chunk=CHUNK, rows=No
         raise HierarchosError("wkv7 impl 'triton_chunk' is forward only (no gradients); use impl='triton' "
                               "for training, or call it under torch.no_grad()")
     r, log_w, k, v, a, b, state = kernel_inputs(r, log_w, k, v, a, b, state)
+    seq_len, head_size = r.shape[1], r.shape[-1]
+    rows = rows or default_rows(head_size)
+    check_sizes("triton_chunk", head_size, chunk, rows, precision)
+    if seq_len == 0:
+        return torch.zeros(r.shape, dtype=torch.float32, device=r.device), state
+    return run_chunk_forward(r, log_w, k, v, a, b, state, chunk=chunk, rows=rows, num_warps=num_warps,
+                             precision=precision)
+
+
+def prep_buffers(r: torch.Tensor, chunk: int, n_chunks: int):
+    """The workspace the prep kernel fills for a call of r's shape: ws (pairs * n_chunks, 4, C, N),
+    q (pairs * n_chunks, C, C), g (pairs * n_chunks, N), float32."""
+    batch, _, heads, head_size = r.shape
+    chunks = batch * heads * n_chunks
+    new = functools.partial(torch.empty, dtype=torch.float32, device=r.device)
+    return new((chunks, 4, chunk, head_size)), new((chunks, chunk, chunk)), new((chunks, head_size))
+
+
+def launch_prep(r, log_w, k, a, b, chunk, precision="ieee", num_warps=4):
+    """The first kernel on kernel-ready inputs (`kernel_inputs`, T >= 1): every chunk's (W, B_end, E, P),
+    Q and g (`prep_buffers`)."""
+    batch, seq_len, heads, head_size = r.shape
+    n_chunks = -(-seq_len // chunk)
+    ws, q, g = prep_buffers(r, chunk, n_chunks)
+    prep, _ = _kernel(not r.is_cuda)
+    with torch.cuda.device(r.device) if r.is_cuda else contextlib.nullcontext():
+        prep[(batch * heads * n_chunks,)](r, log_w, k, a, b, ws, q, g, seq_len, n_chunks, H=heads, N=head_size,
+                                          C=chunk, SQUARINGS=chunk.bit_length() - 2,  # (I + L)(I + L^2)...
+                                          PREC=precision, num_warps=num_warps)
+    return ws, q, g
+
+
+def run_chunk_forward(r, log_w, k, v, a, b, state, *, chunk=CHUNK, rows=None, num_warps=None, precision="ieee",
+                      starts=None, scan_precision=None):
+    """Both kernels on kernel-ready inputs (T >= 1, sizes checked): (o, final state). `starts`, a float32
+    (B * H * n_chunks * N * N) buffer, also receives the state entering every chunk. `scan_precision`: the
+    scan's products (default `precision`, which the prep's take)."""
     batch, seq_len, heads, head_size = r.shape
     rows = rows or default_rows(head_size)
-    if chunk < 16 or chunk & (chunk - 1):
-        raise HierarchosError(f"wkv7 impl 'triton_chunk': chunk={chunk} must be a power of two >= 16")
-    if head_size < 16 or head_size & (head_size - 1) or rows < 16 or rows & (rows - 1) or head_size % rows:
-        raise HierarchosError(f"wkv7 impl 'triton_chunk' needs a power-of-two head size >= 16 (got {head_size}) "
-                              f"and rows a power of two in [16, N] (got {rows}); use impl='triton'")
-    if precision not in PRECISIONS:
-        raise HierarchosError(f"wkv7 impl 'triton_chunk': precision={precision!r}: use one of {', '.join(PRECISIONS)}")
+    n_chunks = -(-seq_len // chunk)
     o = torch.empty(r.shape, dtype=torch.float32, device=r.device)
     final = torch.empty_like(state)
-    if seq_len == 0:
-        return o, state
-    n_chunks = -(-seq_len // chunk)
-    prep, scan = _kernel(not r.is_cuda)
-    pairs = batch * heads
-    common = dict(H=heads, N=head_size, C=chunk, PREC=precision, num_warps=num_warps or 4)
-    squarings = chunk.bit_length() - 2  # (I - L)^-1 = (I + L)(I + L^2)...(I + L^(C/2))
-    ws = log_w.new_empty((pairs * n_chunks, 4, chunk, head_size))
-    q = log_w.new_empty((pairs * n_chunks, chunk, chunk))
-    g = log_w.new_empty((pairs * n_chunks, head_size))
+    ws, q, g = launch_prep(r, log_w, k, a, b, chunk, precision, num_warps or 4)
+    _, scan = _kernel(not r.is_cuda)
     with torch.cuda.device(r.device) if r.is_cuda else contextlib.nullcontext():
-        prep[(pairs * n_chunks,)](r, log_w, k, a, b, ws, q, g, seq_len, n_chunks, SQUARINGS=squarings, **common)
-        scan[(pairs * (head_size // rows),)](v, state, ws, q, g, o, final, seq_len, n_chunks, BI=rows, **common)
+        scan[(batch * heads * (head_size // rows),)](
+            v, state, ws, q, g, o, final, final if starts is None else starts, seq_len, n_chunks,
+            H=heads, N=head_size, BI=rows, C=chunk, PREC=scan_precision or precision, STORE_STARTS=starts is not None,
+            num_warps=num_warps or 4)
     return o, final
 
 

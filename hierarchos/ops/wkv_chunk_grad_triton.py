@@ -1,0 +1,321 @@
+"""WKV-7 with gradients, chunk-parallel backward, in Triton (`wkv_chunk_grad.py` derives it).
+
+The sequential kernel's backward (`wkv_triton.py`) walks every token's adjoint one after another, each
+step a handful of reductions across a state tile, and recomputes each checkpoint span's states into a
+scratch buffer first. Here the backward is three kernels:
+
+1. the prep kernel of `wkv_chunk_triton` again: every chunk's state-free W, B_end, P and g at once;
+2. a reverse scan over the chunks, programs owning `rows` rows of one (batch, head) state (the rows are
+   independent): dS_0 = dS_C diag(g) + (dS_C B_end^T) W + dO^T P, three small products a chunk, storing
+   each chunk's end adjoint dS_C;
+3. one program per (batch, head, chunk), all chunks at once: from the chunk's start state S_0 (saved by
+   the forward), its dS_C and dO, every input gradient of its tokens by small matrix products (about
+   thirty, C x N x N at most): no atomics, no scratch, no per-token reductions.
+
+The forward is the sequential kernel with its checkpoints spaced one chunk apart (they are the chunks'
+start states) when the call has enough (batch, head) pairs to fill the GPU, else the chunk-parallel
+forward storing the start states (`run_chunk_forward(starts=...)`). Both hold one N x N float32 state a
+chunk for the backward, as the sequential kernel's checkpoints do.
+
+The products inside a chunk (the prep and the per-chunk gradients) run on tensor cores in TF32 when torch
+may use TF32 for matmuls (`torch.backends.cuda.matmul.allow_tf32`, which `train` turns on), else in full
+float32 (`input_precision="ieee"`); the scans across chunks, which carry the state and its adjoint
+through the whole sequence, stay float32, so the error of one chunk's products (~1e-3 relative with
+TF32, what a TF32 matmul makes) does not compound from chunk to chunk. On an H100 (BENCHMARKS.md) the
+float32 products were 5-10x slower than TF32 ones, slower than the sequential kernel; so `wkv7`'s
+automatic choice takes this path only where TF32 is allowed. "tf32x3" is a launch option for
+benchmarks. Inside a chunk the factors
+exp(+-cl) span exp(C max|log_w|): C = 16 or 32 at the model's |log_w| <= 0.61 (not checked: a check
+would read the GPU). tests/test_wkv_chunk_grad_triton.py holds the kernels to the float64 scan's
+autograd under Triton's interpreter, and to the sequential kernel on a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+
+from ..errors import HierarchosError
+from .device_check import checked_once
+from .wkv_chunk_triton import check_sizes, default_rows, launch_prep, run_chunk_forward
+from .wkv_inputs import kernel_inputs
+from .wkv_triton import _kernels as sequential_kernels
+from .wkv_triton import FORWARD_ROWS, _launch_config, _sm_count, occupancy_rows, triton_unavailable_reason, wkv7_triton
+
+try:
+    import triton
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from .wkv_triton import _SUM
+except Exception:  # wkv_triton reports why (triton_unavailable_reason)
+    triton = None
+
+CHUNK = 16
+SCAN_PRECISION = "ieee"  # the scans across chunks carry the state (forward) and its adjoint (backward)
+# Below this many (batch, head) pairs the forward is the chunk-parallel one (T / C dependent steps a
+# program); from it on the sequential kernel, which then fills the GPU (4 programs an SM of an H100 at
+# 8 rows a program) and was 2x faster than the chunk form at B16 T1024 H12 (BENCHMARKS.md, prefill entry).
+CHUNK_FORWARD_BELOW_PAIRS = 66
+
+
+def _wkv7_chunk_reverse_kernel(do_ptr, ds_final_ptr, ws_ptr, g_ptr, ends_ptr, ds0_ptr, T, n_chunks,
+                         H: tl.constexpr, N: tl.constexpr, BI: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr):
+    """Rows [blk*BI, blk*BI + BI) of one (b, h) adjoint through the chunks in reverse: stores the adjoint
+    at every chunk's end (ends[(b, h), chunk]) and the initial state's (ds0). Tokens past T load dO = 0."""
+    NB: tl.constexpr = N // BI
+    pid = tl.program_id(0)
+    bh = pid // NB
+    blk = pid % NB
+    rows = blk * BI + tl.arange(0, BI)
+    cols = tl.arange(0, N)
+    steps = tl.arange(0, C)
+    tok0 = ((bh // H).to(tl.int64) * T * H + bh % H) * N
+    rows_tile = rows[:, None] * N + cols[None, :]
+    ds = tl.load(ds_final_ptr + bh.to(tl.int64) * N * N + rows_tile)
+    tile = steps[:, None] * N + cols[None, :]
+    c = n_chunks - 1
+    while c >= 0:  # a while loop for the interpreter (wkv_triton's forward says why)
+        chunk_id = bh.to(tl.int64) * n_chunks + c
+        tl.store(ends_ptr + chunk_id * (N * N) + rows_tile, ds)
+        base = chunk_id * (4 * C * N)
+        w = tl.load(ws_ptr + base + tile)
+        b_end = tl.load(ws_ptr + base + C * N + tile)
+        p = tl.load(ws_ptr + base + 3 * C * N + tile)
+        g = tl.load(g_ptr + chunk_id * N + cols)
+        t = c * C + steps
+        off = tok0 + t.to(tl.int64)[:, None] * (H * N)
+        d_ot = tl.load(do_ptr + off + rows[None, :], mask=(t < T)[:, None], other=0.0)     # (C, BI)
+        dsb = tl.dot(ds, tl.trans(b_end), input_precision=PREC)                            # (BI, C)
+        ds = (ds * g[None, :] + tl.dot(dsb, w, input_precision=PREC)
+              + tl.dot(tl.trans(d_ot), p, input_precision=PREC))
+        c -= 1
+    tl.store(ds0_ptr + bh.to(tl.int64) * N * N + rows_tile, ds)
+
+
+def _wkv7_chunk_grad_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, do_ptr, starts_ptr, ends_ptr,
+                       dr_ptr, dw_ptr, dk_ptr, dv_ptr, da_ptr, db_ptr, T, n_chunks,
+                       H: tl.constexpr, N: tl.constexpr, C: tl.constexpr, SQUARINGS: tl.constexpr,
+                       PREC: tl.constexpr):
+    """One (b, h, chunk): the six input gradients of its tokens from its start state S_0, its end adjoint
+    dS_C and dO (`wkv_chunk_grad`'s formulas, names as there). Tokens past T load zeros (frozen) and
+    store nothing."""
+    pid = tl.program_id(0)
+    bh = pid // n_chunks
+    c = pid % n_chunks
+    cols = tl.arange(0, N)
+    steps = tl.arange(0, C)
+    tok0 = ((bh // H).to(tl.int64) * T * H + bh % H) * N
+    t = c * C + steps
+    live = (t < T)[:, None]
+    off = tok0 + t.to(tl.int64)[:, None] * (H * N) + cols[None, :]
+    lw = tl.load(w_ptr + off, mask=live, other=0.0)
+    kt = tl.load(k_ptr + off, mask=live, other=0.0).to(tl.float32)
+    vt = tl.load(v_ptr + off, mask=live, other=0.0).to(tl.float32)
+    at = tl.load(a_ptr + off, mask=live, other=0.0)
+    bt = tl.load(b_ptr + off, mask=live, other=0.0)
+    rt = tl.load(r_ptr + off, mask=live, other=0.0).to(tl.float32)
+    d_o = tl.load(do_ptr + off, mask=live, other=0.0)
+    state_tile = pid.to(tl.int64) * (N * N) + cols[:, None] * N + cols[None, :]
+    s0 = tl.load(starts_ptr + state_tile)
+    ends = tl.load(ends_ptr + state_tile)
+
+    cl = tl.associative_scan(lw, 0, _SUM)
+    cl_end = tl.reduce(lw, 0, _SUM)
+    e_cl = tl.exp(cl)
+    e_x = tl.exp(cl - lw)
+    e_m = tl.exp(-cl)
+    e_end = tl.exp(cl_end[None, :] - cl)
+    a_dec = at * e_x
+    r_dec = rt * e_cl
+    b_inv = bt * e_m
+    k_inv = kt * e_m
+    b_end = bt * e_end
+    k_end = kt * e_end
+    strict = steps[:, None] > steps[None, :]
+    inclusive = steps[:, None] >= steps[None, :]
+    l_ab = tl.where(strict, tl.dot(a_dec, tl.trans(b_inv), input_precision=PREC), 0.0)
+    l_ak = tl.where(strict, tl.dot(a_dec, tl.trans(k_inv), input_precision=PREC), 0.0)
+    m_rb = tl.where(inclusive, tl.dot(r_dec, tl.trans(b_inv), input_precision=PREC), 0.0)
+    m_rk = tl.where(inclusive, tl.dot(r_dec, tl.trans(k_inv), input_precision=PREC), 0.0)
+    inv = tl.where(steps[:, None] == steps[None, :], 1.0, 0.0) + l_ab
+    power = l_ab
+    for _ in tl.static_range(SQUARINGS):  # (I - L)^-1 = (I + L)(I + L^2)... (L^C = 0)
+        power = tl.dot(power, power, input_precision=PREC)
+        inv = inv + tl.dot(inv, power, input_precision=PREC)
+
+    u = tl.dot(inv, tl.dot(a_dec, tl.trans(s0), input_precision=PREC) + tl.dot(l_ak, vt, input_precision=PREC),
+               input_precision=PREC)                                                        # (C, N) rows u_t
+    d_u = tl.dot(tl.trans(m_rb), d_o, input_precision=PREC) + tl.dot(b_end, tl.trans(ends), input_precision=PREC)
+    d_rhs = tl.dot(tl.trans(inv), d_u, input_precision=PREC)
+    d_l_ab = tl.where(strict, tl.dot(d_rhs, tl.trans(u), input_precision=PREC), 0.0)
+    d_l_ak = tl.where(strict, tl.dot(d_rhs, tl.trans(vt), input_precision=PREC), 0.0)
+    d_m_rb = tl.where(inclusive, tl.dot(d_o, tl.trans(u), input_precision=PREC), 0.0)
+    d_m_rk = tl.where(inclusive, tl.dot(d_o, tl.trans(vt), input_precision=PREC), 0.0)
+    d_a_dec = (tl.dot(d_rhs, s0, input_precision=PREC) + tl.dot(d_l_ab, b_inv, input_precision=PREC)
+               + tl.dot(d_l_ak, k_inv, input_precision=PREC))
+    d_r_dec = (tl.dot(d_o, s0, input_precision=PREC) + tl.dot(d_m_rb, b_inv, input_precision=PREC)
+               + tl.dot(d_m_rk, k_inv, input_precision=PREC))
+    d_b_inv = tl.dot(tl.trans(d_l_ab), a_dec, input_precision=PREC) + tl.dot(tl.trans(d_m_rb), r_dec, input_precision=PREC)
+    d_k_inv = tl.dot(tl.trans(d_l_ak), a_dec, input_precision=PREC) + tl.dot(tl.trans(d_m_rk), r_dec, input_precision=PREC)
+    d_b_end = tl.dot(u, ends, input_precision=PREC)
+    d_k_end = tl.dot(vt, ends, input_precision=PREC)
+    d_g = tl.reduce(s0 * ends, 0, _SUM)
+    dv = (tl.dot(tl.trans(m_rk), d_o, input_precision=PREC) + tl.dot(tl.trans(l_ak), d_rhs, input_precision=PREC)
+          + tl.dot(k_end, tl.trans(ends), input_precision=PREC))
+
+    end_terms = d_b_end * b_end + d_k_end * k_end
+    d_cl = d_r_dec * r_dec - d_b_inv * b_inv - d_k_inv * k_inv - end_terms
+    d_clx = d_a_dec * a_dec
+    both = d_cl + d_clx
+    # sum over t >= s as the total less the sum over t < s (an inclusive scan less the term itself)
+    from_here = tl.reduce(both, 0, _SUM)[None, :] - tl.associative_scan(both, 0, _SUM) + both
+    d_lw = from_here - d_clx + (tl.reduce(end_terms, 0, _SUM) + d_g * tl.exp(cl_end))[None, :]
+    tl.store(dr_ptr + off, d_r_dec * e_cl, mask=live)
+    tl.store(dw_ptr + off, d_lw, mask=live)
+    tl.store(dk_ptr + off, d_k_inv * e_m + d_k_end * e_end, mask=live)
+    tl.store(dv_ptr + off, dv, mask=live)
+    tl.store(da_ptr + off, d_a_dec * e_x, mask=live)
+    tl.store(db_ptr + off, d_b_inv * e_m + d_b_end * e_end, mask=live)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(interpret: bool):
+    """The reverse scan and the per-chunk gradients as Triton JIT functions, or run by Triton's
+    interpreter on CPU tensors."""
+    kernels = (_wkv7_chunk_reverse_kernel, _wkv7_chunk_grad_kernel)
+    if interpret:
+        return tuple(InterpretedFunction(k) for k in kernels)
+    return tuple(triton.JITFunction(k, do_not_specialize=["T", "n_chunks"]) for k in kernels)
+
+
+def forward_kind(pairs: int) -> str:
+    """The training forward for a call of `pairs` (batch, head) pairs: "chunk" below
+    CHUNK_FORWARD_BELOW_PAIRS, else "sequential"."""
+    return "chunk" if pairs < CHUNK_FORWARD_BELOW_PAIRS else "sequential"
+
+
+class _WKV7ChunkGrad(torch.autograd.Function):
+    """Kernel-ready inputs (`kernel_inputs`), T >= 1. o, the final state, the saved start states and every
+    buffer of the backward are float32; gradients of bf16/fp16 r, k, v come back in their dtype."""
+
+    @staticmethod
+    def forward(ctx, r, log_w, k, v, a, b, state, chunk, rows, precision, kind, grad_warps, grad_mode):
+        batch, seq_len, heads, head_size = r.shape
+        n_chunks = -(-seq_len // chunk)
+        store = grad_mode and any(ctx.needs_input_grad[:7])
+        starts = state.new_empty(batch * heads * n_chunks * head_size * head_size) if store else None
+        if kind == "chunk":
+            o, final = run_chunk_forward(r, log_w, k, v, a, b, state, chunk=chunk, rows=rows, precision=precision,
+                                         starts=starts, scan_precision=SCAN_PRECISION)
+        else:
+            fwd_rows, warps = _launch_config(head_size, occupancy_rows(
+                head_size, batch * heads, _sm_count(r.device.index or 0), FORWARD_ROWS) if r.is_cuda else 8, None)
+            o = torch.empty_like(r, dtype=torch.float32)
+            final = torch.empty_like(state)
+            fwd, _ = sequential_kernels(not r.is_cuda)
+            fwd[(batch * heads * (head_size // fwd_rows),)](
+                r, log_w, k, v, a, b, state, o, final, final if starts is None else starts, seq_len, n_chunks,
+                H=heads, N=head_size, BI=fwd_rows, C=chunk, STORE_CKPT=store, PREFETCH=True, num_warps=warps)
+        if store:
+            ctx.save_for_backward(r, log_w, k, v, a, b, starts)
+        ctx.config = (chunk, rows, precision, grad_warps)
+        return o, final
+
+    @staticmethod
+    def backward(ctx, d_o, d_final):
+        r, log_w, k, v, a, b, starts = ctx.saved_tensors
+        chunk, rows, precision, grad_warps = ctx.config
+        batch, seq_len, heads, head_size = r.shape
+        n_chunks = -(-seq_len // chunk)
+        d_o = torch.zeros_like(log_w) if d_o is None else d_o.float().contiguous()
+        shape_s = (batch, heads, head_size, head_size)
+        d_final = log_w.new_zeros(shape_s) if d_final is None else d_final.float().contiguous()
+        ws, _, g = launch_prep(r, log_w, k, a, b, chunk, precision)
+        ends = torch.empty_like(starts)
+        d_state = log_w.new_empty(shape_s)
+        grads = [torch.empty_like(log_w) for _ in range(6)]   # dr, dlog_w, dk, dv, da, db: float32
+        scan, per_chunk = _kernel(not r.is_cuda)
+        common = dict(H=heads, N=head_size, C=chunk)
+        with torch.cuda.device(r.device) if r.is_cuda else contextlib.nullcontext():
+            scan[(batch * heads * (head_size // rows),)](d_o, d_final, ws, g, ends, d_state, seq_len, n_chunks,
+                                                         BI=rows, PREC=SCAN_PRECISION, num_warps=4, **common)
+            per_chunk[(batch * heads * n_chunks,)](r, log_w, k, v, a, b, d_o, starts, ends, *grads, seq_len, n_chunks,
+                                                   SQUARINGS=chunk.bit_length() - 2, PREC=precision,
+                                                   num_warps=grad_warps, **common)
+        dr, dlog_w, dk, dv, da, db = grads
+        return (dr.to(r.dtype), dlog_w, dk.to(k.dtype), dv.to(v.dtype), da, db, d_state,
+                None, None, None, None, None, None)
+
+
+def default_precision() -> str:
+    """The products inside a chunk: "tf32" where torch may use TF32 for matmuls, else "ieee"."""
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def wkv7_chunk_grad(r, log_w, k, v, a, b, state=None, *, chunk=CHUNK, rows=None, precision=None, forward=None,
+                    grad_warps=4):
+    """WKV-7 with the chunk-parallel backward (CUDA; CPU only under TRITON_INTERPRET=1). Same contract as
+    `wkv7_reference`, computing in float32 (float64 inputs too; r, k, v may stay bf16/fp16, upcast as
+    loaded). `chunk` tokens a chunk (a power of two >= 16), `rows` state rows a scan program (a power of
+    two in [16, N]), `precision` of the products inside a chunk ("ieee", "tf32x3", "tf32"; default
+    `default_precision()`; the scans across chunks are always float32), `forward` "chunk" or "sequential"
+    (default by the call's (batch, head) pairs: `forward_kind`), `grad_warps` the per-chunk gradient
+    kernel's warps."""
+    reason = triton_unavailable_reason(r.device)
+    if reason:
+        raise HierarchosError(f"wkv7 impl 'triton_chunk_grad' cannot run: {reason}; use impl='chunked'")
+    r, log_w, k, v, a, b, state = kernel_inputs(r, log_w, k, v, a, b, state)
+    batch, seq_len, heads, head_size = r.shape
+    rows = rows or default_rows(head_size)
+    precision = precision or default_precision()
+    check_sizes("triton_chunk_grad", head_size, chunk, rows, precision)
+    kind = forward or forward_kind(batch * heads)
+    if kind not in ("chunk", "sequential"):
+        raise HierarchosError(f"wkv7_chunk_grad forward={kind!r}: use 'chunk' or 'sequential'")
+    if seq_len == 0:
+        return log_w.new_zeros(r.shape), state
+    args = (r, log_w, k, v, a, b, state, chunk, rows, precision, kind, grad_warps, torch.is_grad_enabled())
+    if r.is_cuda:
+        with torch.cuda.device(r.device):
+            return _WKV7ChunkGrad.apply(*args)
+    return _WKV7ChunkGrad.apply(*args)
+
+
+_CHECKED: dict = {}  # device -> whether the kernels built and matched the sequential kernel there
+CHECK_SHAPE = (1, 2 * CHUNK + 5, 2, 64)  # (B, T, H, N): two chunks and a partial third
+CHECK_TOLERANCE = 1e-2  # relative, with TF32 products (measured ~3e-3 on an H100); float32 ones land near 4e-7
+
+
+def checked(device: torch.device | str) -> bool:
+    """Whether the chunk-parallel backward builds on `device` and matches the sequential kernel there with
+    TF32 products (outputs, final state and all seven gradients within CHECK_TOLERANCE relative, frozen
+    tokens and a partial last chunk included, both forwards): what `wkv7`'s automatic choice asks before
+    taking it. Once per device, outside any CUDA graph capture or compile trace (`device_check.checked_once`:
+    there an unchecked device is answered False and the sequential kernel runs); a failure is reported once."""
+    def check(device):
+        gen = torch.Generator().manual_seed(0)
+        shape = CHECK_SHAPE
+        state_shape = (shape[0], shape[2], shape[3], shape[3])
+        kappa = torch.nn.functional.normalize(torch.randn(shape, generator=gen), dim=-1)
+        live = (torch.rand(shape[:2], generator=gen) > 0.2)[:, :, None, None]
+        x = dict(r=torch.randn(shape, generator=gen), log_w=-0.61 * torch.rand(shape, generator=gen) * live,
+                 k=torch.randn(shape, generator=gen) * live, v=torch.randn(shape, generator=gen), a=-kappa,
+                 b=kappa * torch.rand(shape, generator=gen) * live, state=torch.randn(*state_shape, generator=gen))
+        d_o, d_s = torch.randn(shape, generator=gen).to(device), torch.randn(*state_shape, generator=gen).to(device)
+
+        def run(fn):
+            leaves = {n: t.to(device).requires_grad_() for n, t in x.items()}
+            with torch.enable_grad():
+                o, s = fn(**leaves)
+                grads = torch.autograd.grad((o, s), list(leaves.values()), (d_o, d_s))
+            return tuple(t.detach() for t in (o, s, *grads))
+        errors, want = [], run(wkv7_triton)
+        for kind in ("chunk", "sequential"):
+            got = run(functools.partial(wkv7_chunk_grad, precision="tf32", forward=kind))
+            errors += [float((g - w).norm() / w.norm()) for g, w in zip(got, want)]
+        return max(errors) < CHECK_TOLERANCE, f"worst relative error {max(errors):.2e} against the sequential kernel"
+    return checked_once(_CHECKED, device, check, "the chunk-parallel WKV-7 backward",
+                        "calls with gradients keep the sequential kernel there")

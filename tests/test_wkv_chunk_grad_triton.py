@@ -1,0 +1,205 @@
+"""The chunk-parallel WKV-7 backward: its derivation in PyTorch (hierarchos/ops/wkv_chunk_grad.py) against
+autograd of the float64 scan, and its Triton kernels (wkv_chunk_grad_triton.py) against the same under
+Triton's interpreter on CPU tensors (skipped when triton does not import) and against the sequential
+kernel on a GPU (marked gpu). Inputs from a fresh seed each run, printed on failure."""
+
+import random
+
+import pytest
+import torch
+
+from hierarchos.errors import HierarchosError
+from hierarchos.ops import wkv as W
+from hierarchos.ops.wkv import wkv7_reference
+from hierarchos.ops.wkv_chunk_grad import wkv7_chunk_manual_backward
+from hierarchos.ops.wkv_chunk_grad_triton import triton, wkv7_chunk_grad
+from test_wkv import NAMES, freeze, fresh_seed, make_inputs, rel_err
+
+needs_triton = pytest.mark.skipif(triton is None, reason="triton does not import")
+TOL32 = 2e-5
+
+
+@pytest.fixture
+def interpret(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def autograd_of(run, inputs, state, d_o, d_s, dtype):
+    """(o, final state, dr, dlog_w, dk, dv, da, db, d_state0) of `run` on fresh leaves of `dtype`."""
+    leaves = {n: x.detach().to(dtype).clone().requires_grad_() for n, x in inputs.items()}
+    s0 = state.detach().to(dtype).clone().requires_grad_()
+    o, s = run(**leaves, state=s0)
+    grads = torch.autograd.grad((o, s), [*leaves.values(), s0], (d_o.to(o.dtype), d_s.to(s.dtype)))
+    return (o.detach(), s.detach(), *grads)
+
+
+def upstream(seed, inputs, state):
+    gen = torch.Generator().manual_seed(seed + 1)
+    return (torch.randn(inputs["r"].shape, generator=gen, dtype=torch.float64),
+            torch.randn(state.shape, generator=gen, dtype=torch.float64))
+
+
+def errors(got, want):
+    names = ("o", "state", *(f"d{n}" for n in NAMES), "dstate0")
+    return {n: rel_err(g, w) for n, g, w in zip(names, got, want)}
+
+
+@pytest.mark.parametrize("T, chunk", [(1, 16), (16, 16), (45, 16), (45, 8), (70, 32), (33, 64)])
+def test_the_derivation_equals_autograd_of_the_scan_in_float64(T, chunk):
+    seed = fresh_seed()
+    rng = random.Random(seed)
+    inputs, state = make_inputs(seed, B=2, T=T, H=2, N=8)
+    mask = torch.tensor([[rng.random() < 0.2 for _ in range(T)] for _ in range(2)])
+    inputs = freeze(inputs, mask)                     # a fifth of the tokens frozen
+    d_o, d_s = upstream(seed, inputs, state)
+    want = autograd_of(wkv7_reference, inputs, state, d_o, d_s, torch.float64)[2:]
+    got = wkv7_chunk_manual_backward(**inputs, state=state, d_o=d_o, d_state=d_s, chunk=chunk)
+    assert all(x.dtype == torch.float64 for x in got)
+    errs = {n: rel_err(g, w) for n, g, w in zip((*NAMES, "state0"), got, want)}
+    assert max(errs.values()) < 1e-12, f"seed={seed} T={T} chunk={chunk}: {errs}"
+
+
+def test_the_derivation_takes_no_upstream_gradient_as_zeros():
+    seed = fresh_seed()
+    inputs, state = make_inputs(seed, B=1, T=20, H=1, N=8)
+    d_o, _ = upstream(seed, inputs, state)
+    got = wkv7_chunk_manual_backward(**inputs, state=state, d_o=d_o, d_state=None)
+    want = wkv7_chunk_manual_backward(**inputs, state=state, d_o=d_o, d_state=torch.zeros_like(state))
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    nothing = wkv7_chunk_manual_backward(**inputs, state=state, d_o=None, d_state=None)
+    assert all(not g.any() for g in nothing)
+
+
+@needs_triton
+@pytest.mark.parametrize("T, N, chunk, forward", [
+    (1, 16, 16, "chunk"), (16, 16, 16, "sequential"), (45, 16, 16, "chunk"), (45, 16, 16, "sequential"),
+    (70, 32, 32, "chunk"), (33, 64, 16, "sequential"),
+])
+def test_the_kernels_equal_autograd_of_the_float64_scan(interpret, T, N, chunk, forward):
+    seed = fresh_seed()
+    rng = random.Random(seed)
+    inputs, state = make_inputs(seed, B=2, T=T, H=2, N=N)
+    inputs = freeze(inputs, torch.tensor([[rng.random() < 0.2 for _ in range(T)] for _ in range(2)]))
+    d_o, d_s = upstream(seed, inputs, state)
+    want = autograd_of(wkv7_reference, inputs, state, d_o, d_s, torch.float64)
+    run = lambda **kw: wkv7_chunk_grad(**kw, chunk=chunk, forward=forward)  # noqa: E731
+    got = autograd_of(run, inputs, state, d_o, d_s, torch.float32)
+    assert all(x.dtype == torch.float32 for x in got)
+    errs = errors(got, want)
+    assert max(errs.values()) < TOL32, f"seed={seed} T={T} N={N} chunk={chunk} forward={forward}: {errs}"
+
+
+@needs_triton
+def test_at_the_models_decay_bound_and_with_the_state_carried(interpret):
+    """log_w at the model's bound in every channel (the largest exp(-cl) a chunk forms) over 150 tokens, and
+    two calls with the state (and its gradient) carried at a split inside a chunk equal one call."""
+    seed = fresh_seed()
+    inputs, state = make_inputs(seed, B=1, T=150, H=1, N=16)
+    inputs["log_w"] = torch.full_like(inputs["log_w"], -0.61)
+    d_o, d_s = upstream(seed, inputs, state)
+    want = autograd_of(wkv7_reference, inputs, state, d_o, d_s, torch.float64)
+    for chunk in (16, 32):
+        errs = errors(autograd_of(lambda **kw: wkv7_chunk_grad(**kw, chunk=chunk), inputs, state, d_o, d_s,
+                                  torch.float32), want)
+        assert max(errs.values()) < TOL32, f"seed={seed} chunk={chunk}: {errs}"
+    at = random.Random(seed).randrange(1, 150)
+
+    def two_calls(state, **x):
+        o1, mid = wkv7_chunk_grad(**{n: t[:, :at] for n, t in x.items()}, state=state)
+        o2, end = wkv7_chunk_grad(**{n: t[:, at:] for n, t in x.items()}, state=mid)
+        return torch.cat([o1, o2], 1), end
+    errs = errors(autograd_of(two_calls, inputs, state, d_o, d_s, torch.float32), want)
+    assert max(errs.values()) < TOL32, f"seed={seed} carried at {at}: {errs}"
+
+
+@needs_triton
+def test_bf16_rkv_keep_their_dtype_and_no_grad_holds_nothing(interpret, monkeypatch):
+    seed = fresh_seed()
+    inputs, state = make_inputs(seed, B=1, T=21, H=2, N=16, dtype=torch.float32)
+    mixed = {n: x.bfloat16() if n in ("r", "k", "v") else x for n, x in inputs.items()}
+    d_o, d_s = upstream(seed, inputs, state)
+    got = autograd_of(wkv7_chunk_grad, mixed, state, d_o, d_s, torch.float32)   # leaves float32: upcast
+    leaves = {n: x.clone().requires_grad_() for n, x in mixed.items()}
+    o, s = wkv7_chunk_grad(**leaves, state=state)
+    torch.autograd.backward((o, s), (d_o.float(), d_s.float()))
+    assert o.dtype == torch.float32 and leaves["r"].grad.dtype == torch.bfloat16
+    assert rel_err(leaves["v"].grad, got[5]) < 1e-2, f"seed={seed}"
+    saved = []
+    monkeypatch.setattr(torch.autograd.function.FunctionCtx, "save_for_backward",
+                        lambda ctx, *t: saved.append(t))
+    with torch.no_grad():
+        o_ng, s_ng = wkv7_chunk_grad(**leaves, state=state)
+    assert not saved and torch.equal(o_ng, o.detach()) and torch.equal(s_ng, s.detach())
+    empty = wkv7_chunk_grad(**{n: x[:, :0] for n, x in inputs.items()}, state=state)
+    assert empty[0].shape == (1, 0, 2, 16) and torch.equal(empty[1], state)
+
+
+@needs_triton
+def test_bad_calls_are_one_line_errors(interpret):
+    inputs, state = make_inputs(0, B=1, T=5, H=1, N=16, dtype=torch.float32)
+    for kw, what in ((dict(chunk=8), "chunk=8"), (dict(chunk=24), "chunk=24"), (dict(rows=8), "rows"),
+                     (dict(precision="fp8"), "precision"), (dict(forward="both"), "forward='both'")):
+        with pytest.raises(HierarchosError, match=what):
+            wkv7_chunk_grad(**inputs, state=state, **kw)
+    small, small_state = make_inputs(0, B=1, T=5, H=1, N=8, dtype=torch.float32)
+    with pytest.raises(HierarchosError, match="head size"):
+        wkv7_chunk_grad(**small, state=small_state)
+
+
+def test_without_triton_or_cuda_it_says_so(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    inputs, state = make_inputs(0, B=1, T=5, H=1, N=16, dtype=torch.float32)
+    with pytest.raises(HierarchosError, match="impl 'triton_chunk_grad' cannot run"):
+        wkv7_chunk_grad(**inputs, state=state)
+
+
+@needs_triton
+def test_the_device_check_passes_once_and_a_wrong_kernel_is_reported_and_left_alone(interpret, monkeypatch):
+    from hierarchos.ops import wkv_chunk_grad_triton as grad
+
+    monkeypatch.setattr(grad, "CHECK_SHAPE", (1, 37, 1, 16))   # the interpreter is slow at N = 64
+    monkeypatch.setattr(grad, "_CHECKED", {})
+    assert grad.checked("cpu") and grad._CHECKED == {torch.device("cpu"): True}
+    monkeypatch.setattr(grad, "_CHECKED", {})
+    real = grad.wkv7_chunk_grad
+    monkeypatch.setattr(grad, "wkv7_chunk_grad", lambda *a, **kw: [x * 1.05 for x in real(*a, **kw)])
+    with pytest.warns(RuntimeWarning, match="backward failed its check on cpu .*worst relative error"):
+        assert not grad.checked("cpu")
+    assert not grad.checked("cpu")                           # answered from the cache, no second warning
+
+
+def test_the_automatic_choice_takes_it_for_gradients_where_tf32_is_allowed():
+    assert W.cuda_choice(16, 12, triton_ok=True, fla_ok=True, seq_len=1024, tf32=True) == "triton_chunk_grad"
+    assert W.cuda_choice(2, 12, triton_ok=True, fla_ok=False, seq_len=8192, tf32=True) == "triton_chunk_grad"
+    assert W.cuda_choice(16, 12, triton_ok=True, fla_ok=True, seq_len=1024, tf32=False) == "triton"
+    assert W.cuda_choice(2, 12, triton_ok=True, fla_ok=True, seq_len=8192, tf32=False) == "fla"
+    assert W.cuda_choice(1, 12, triton_ok=True, fla_ok=True, seq_len=1024, needs_grad=False, tf32=True) == "triton_chunk"
+    assert W.cuda_choice(16, 12, triton_ok=False, fla_ok=False, tf32=True) == "chunked"
+    assert W.cuda_choice(16, 12, triton_ok=True, fla_ok=False, tf32=True, head_size=8) == "triton"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or triton is None, reason="needs CUDA and triton")
+@pytest.mark.parametrize("B, T, H", [(2, 333, 4), (16, 1024, 12), (1, 4100, 2)])
+def test_on_cuda_equals_the_sequential_kernel(B, T, H):
+    """Float32 products to the sequential kernel within 1e-5, TF32 ones within 1e-2 (both forwards), frozen
+    tokens and a partial last chunk included; and wkv7's automatic choice takes it with TF32 on."""
+    from hierarchos.ops.wkv_triton import wkv7_triton
+
+    seed = fresh_seed()
+    rng = random.Random(seed)
+    inputs, state = make_inputs(seed, B=B, T=T, H=H, N=64, dtype=torch.float32, device="cuda")
+    inputs = freeze(inputs, torch.tensor([[rng.random() < 0.2 for _ in range(T)] for _ in range(B)], device="cuda"))
+    d_o, d_s = (x.cuda() for x in upstream(seed, inputs, state))
+    want = autograd_of(wkv7_triton, inputs, state, d_o, d_s, torch.float32)
+    for precision, tol in (("ieee", 1e-5), ("tf32", 1e-2)):
+        for forward in ("chunk", "sequential"):
+            run = lambda **kw: wkv7_chunk_grad(**kw, precision=precision, forward=forward)  # noqa: E731
+            errs = errors(autograd_of(run, inputs, state, d_o, d_s, torch.float32), want)
+            assert max(errs.values()) < tol, f"seed={seed} {precision} {forward}: {errs}"
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert W.resolve_impl("auto", inputs["r"], needs_grad=True) == "triton_chunk_grad"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
