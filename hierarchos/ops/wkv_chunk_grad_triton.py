@@ -211,8 +211,10 @@ class _WKV7ChunkGrad(torch.autograd.Function):
             o, final = run_chunk_forward(r, log_w, k, v, a, b, state, chunk=chunk, rows=rows, precision=precision,
                                          starts=starts, scan_precision=SCAN_PRECISION)
         else:
-            fwd_rows, warps = _launch_config(head_size, occupancy_rows(
-                head_size, batch * heads, _sm_count(r.device.index or 0), FORWARD_ROWS) if r.is_cuda else 8, None)
+            sms = _sm_count(r.device.index if r.device.index is not None else torch.cuda.current_device()) \
+                if r.is_cuda else None
+            fwd_rows, warps = _launch_config(
+                head_size, occupancy_rows(head_size, batch * heads, sms, FORWARD_ROWS) if sms else 8, None)
             o = torch.empty_like(r, dtype=torch.float32)
             final = torch.empty_like(state)
             fwd, _ = sequential_kernels(not r.is_cuda)
