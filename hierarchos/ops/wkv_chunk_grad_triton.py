@@ -4,7 +4,8 @@ The sequential kernel's backward (`wkv_triton.py`) walks every token's adjoint o
 step a handful of reductions across a state tile, and recomputes each checkpoint span's states into a
 scratch buffer first. Here the backward is three kernels:
 
-1. the prep kernel of `wkv_chunk_triton` again: every chunk's state-free W, B_end, P and g at once;
+1. the prep kernel of `wkv_chunk_triton` again, its state terms only: every chunk's W, B_end, P and g at
+   once;
 2. a reverse scan over the chunks, programs owning `rows` rows of one (batch, head) state (the rows are
    independent): dS_0 = dS_C diag(g) + (dS_C B_end^T) W + dO^T P, three small products a chunk, storing
    each chunk's end adjoint dS_C;
@@ -235,7 +236,7 @@ class _WKV7ChunkGrad(torch.autograd.Function):
         d_o = torch.zeros_like(log_w) if d_o is None else d_o.float().contiguous()
         shape_s = (batch, heads, head_size, head_size)
         d_final = log_w.new_zeros(shape_s) if d_final is None else d_final.float().contiguous()
-        ws, _, g = launch_prep(r, log_w, k, a, b, chunk, precision)
+        ws, _, g = launch_prep(r, log_w, k, a, b, chunk, precision, state_terms_only=True)
         ends = torch.empty_like(starts)
         d_state = log_w.new_empty(shape_s)
         grads = [torch.empty_like(log_w) for _ in range(6)]   # dr, dlog_w, dk, dv, da, db: float32

@@ -56,13 +56,14 @@ PRECISIONS = ("ieee", "tf32x3", "tf32")  # float32; three TF32 products a produc
 
 def _wkv7_chunk_prep_kernel(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, ws_ptr, q_ptr, g_ptr, T, n_chunks,
                        H: tl.constexpr, N: tl.constexpr, C: tl.constexpr, SQUARINGS: tl.constexpr,
-                       PREC: tl.constexpr):
+                       PREC: tl.constexpr, STATE_TERMS_ONLY: tl.constexpr):
     """First pass, one program per (b, h, chunk), all chunks at once: everything of a chunk
     that does not depend on the state entering it (the module's formulas with U and O expanded in S_0):
         W = (I - L_ab)^-1 A_dec, U_v = (I - L_ab)^-1 L_ak            so U = W S_0^T + U_v V
         P = R_dec + M_rb W, Q = M_rb U_v + M_rk                         so O = P S_0^T + Q V
         B_end = b g_C / g, E = U_v^T B_end + k g_C / g                  so S_C = S_0 g_C + (S_0 W^T) B_end + V^T E
-    stored as ws[pid] = (W, B_end, E, P) (4, C, N), q[pid] = Q (C, C), g[pid] = g_C (N)."""
+    stored as ws[pid] = (W, B_end, E, P) (4, C, N), q[pid] = Q (C, C), g[pid] = g_C (N). STATE_TERMS_ONLY
+    (the backward's reverse scan, which needs only W, B_end, P and g): E and Q are neither formed nor stored."""
     pid = tl.program_id(0)
     bh = pid // n_chunks
     c = pid % n_chunks
@@ -88,28 +89,29 @@ def _wkv7_chunk_prep_kernel(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, ws_ptr, q_ptr, g_
     strict = steps[:, None] > steps[None, :]
     inclusive = steps[:, None] >= steps[None, :]
     l_ab = tl.where(strict, tl.dot(a_dec, tl.trans(b_inv), input_precision=PREC), 0.0)
-    l_ak = tl.where(strict, tl.dot(a_dec, tl.trans(k_inv), input_precision=PREC), 0.0)
     m_rb = tl.where(inclusive, tl.dot(r_dec, tl.trans(b_inv), input_precision=PREC), 0.0)
-    m_rk = tl.where(inclusive, tl.dot(r_dec, tl.trans(k_inv), input_precision=PREC), 0.0)
     inv = tl.where(steps[:, None] == steps[None, :], 1.0, 0.0) + l_ab
     power = l_ab
     for _ in tl.static_range(SQUARINGS):
         power = tl.dot(power, power, input_precision=PREC)
         inv = inv + tl.dot(inv, power, input_precision=PREC)
     w = tl.dot(inv, a_dec, input_precision=PREC)                       # (C, N)
-    u_v = tl.dot(inv, l_ak, input_precision=PREC)                      # (C, C)
     p = r_dec + tl.dot(m_rb, w, input_precision=PREC)
-    q = tl.dot(m_rb, u_v, input_precision=PREC) + m_rk
     b_end = bt * to_end
-    e = tl.dot(tl.trans(u_v), b_end, input_precision=PREC) + kt * to_end
     tile = steps[:, None] * N + cols[None, :]
     base = pid.to(tl.int64) * (4 * C * N)
     tl.store(ws_ptr + base + tile, w)
     tl.store(ws_ptr + base + C * N + tile, b_end)
-    tl.store(ws_ptr + base + 2 * C * N + tile, e)
     tl.store(ws_ptr + base + 3 * C * N + tile, p)
-    tl.store(q_ptr + pid.to(tl.int64) * (C * C) + steps[:, None] * C + steps[None, :], q)
     tl.store(g_ptr + pid.to(tl.int64) * N + cols, tl.exp(cl_end))
+    if not STATE_TERMS_ONLY:
+        l_ak = tl.where(strict, tl.dot(a_dec, tl.trans(k_inv), input_precision=PREC), 0.0)
+        m_rk = tl.where(inclusive, tl.dot(r_dec, tl.trans(k_inv), input_precision=PREC), 0.0)
+        u_v = tl.dot(inv, l_ak, input_precision=PREC)                  # (C, C)
+        q = tl.dot(m_rb, u_v, input_precision=PREC) + m_rk
+        e = tl.dot(tl.trans(u_v), b_end, input_precision=PREC) + kt * to_end
+        tl.store(ws_ptr + base + 2 * C * N + tile, e)
+        tl.store(q_ptr + pid.to(tl.int64) * (C * C) + steps[:, None] * C + steps[None, :], q)
 
 
 def _wkv7_chunk_scan_kernel(v_ptr, s0_ptr, ws_ptr, q_ptr, g_ptr, o_ptr, s_out_ptr, starts_ptr, T, n_chunks,
@@ -204,26 +206,28 @@ def wkv7_chunk_forward(r, log_w, k, v, a, b, state=None, *, chunk=CHUNK, rows=No
                              precision=precision)
 
 
-def prep_buffers(r: torch.Tensor, chunk: int, n_chunks: int):
+def prep_buffers(r: torch.Tensor, chunk: int, n_chunks: int, with_q: bool = True):
     """The workspace the prep kernel fills for a call of r's shape: ws (pairs * n_chunks, 4, C, N),
-    q (pairs * n_chunks, C, C), g (pairs * n_chunks, N), float32."""
+    q (pairs * n_chunks, C, C; one element without `with_q`), g (pairs * n_chunks, N), float32."""
     batch, _, heads, head_size = r.shape
     chunks = batch * heads * n_chunks
     new = functools.partial(torch.empty, dtype=torch.float32, device=r.device)
-    return new((chunks, 4, chunk, head_size)), new((chunks, chunk, chunk)), new((chunks, head_size))
+    return (new((chunks, 4, chunk, head_size)), new((chunks, chunk, chunk) if with_q else (1,)),
+            new((chunks, head_size)))
 
 
-def launch_prep(r, log_w, k, a, b, chunk, precision="ieee", num_warps=4):
+def launch_prep(r, log_w, k, a, b, chunk, precision="ieee", num_warps=4, state_terms_only=False):
     """The first kernel on kernel-ready inputs (`kernel_inputs`, T >= 1): every chunk's (W, B_end, E, P),
-    Q and g (`prep_buffers`)."""
+    Q and g (`prep_buffers`); with `state_terms_only` W, B_end, P and g alone (E's slot left unwritten, Q
+    not made)."""
     batch, seq_len, heads, head_size = r.shape
     n_chunks = -(-seq_len // chunk)
-    ws, q, g = prep_buffers(r, chunk, n_chunks)
+    ws, q, g = prep_buffers(r, chunk, n_chunks, with_q=not state_terms_only)
     prep, _ = _kernel(not r.is_cuda)
     with torch.cuda.device(r.device) if r.is_cuda else contextlib.nullcontext():
         prep[(batch * heads * n_chunks,)](r, log_w, k, a, b, ws, q, g, seq_len, n_chunks, H=heads, N=head_size,
                                           C=chunk, SQUARINGS=chunk.bit_length() - 2,  # (I + L)(I + L^2)...
-                                          PREC=precision, num_warps=num_warps)
+                                          PREC=precision, STATE_TERMS_ONLY=state_terms_only, num_warps=num_warps)
     return ws, q, g
 
 
