@@ -51,6 +51,7 @@ from .model.state import HierarchosState, fill_layout, leaf_layout
 from .ops import noise_triton, sampling_kernel
 from .ops.amp import autocast_in
 from .ops.capture import no_collection_during_capture
+from .ops.compile_settings import before_compiling
 from .ops.threads import intra_op_threads
 from .prefill import ChunkedPrefill, require_fixed_size
 
@@ -298,6 +299,7 @@ def compile_step_function(fn: Callable, backend: str = "inductor") -> Callable:
     from .model.rwkv import allow_recompiles
 
     allow_recompiles()
+    before_compiling()
     options = {"mode": "default"} if backend == "inductor" else {}
     return torch.compile(fn, backend=backend, dynamic=False, **options)
 

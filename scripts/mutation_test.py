@@ -127,6 +127,7 @@ MODULES: dict[str, list[str]] = {
     # the WKV-4 kernels under the interpreter, and their PyTorch reference backward
     "hierarchos/ops/wkv4_triton.py": ["tests/test_wkv4_triton.py", "-m", "not slow and not gpu"],
     "hierarchos/train/rosa_ahead.py": ["tests/test_rosa_ahead.py"],
+    "hierarchos/ops/compile_settings.py": ["tests/test_compile_settings.py"],
 }
 
 # Triton's interpreter re-reads a kernel's source (to turn each assignment into a tensor) and runs that

@@ -19,6 +19,8 @@ import time
 import torch
 from torch import nn
 
+from ..ops.compile_settings import before_compiling
+
 # slot_source of a slot grown into the memory but not allocated yet: reads skip it, so growing
 # the memory leaves the function unchanged and no new tensor is needed (old files load as they are)
 DORMANT_SOURCE = -2
@@ -172,6 +174,7 @@ class LongTermMemory(nn.Module):
         tested)."""
         if backend == "inductor" and self.keys.device.type != "cuda":
             return False
+        before_compiling()
         self._segment_call = torch.compile(self._segment, backend=backend, dynamic=None)
         return True
 

@@ -28,6 +28,7 @@ from ..config import TIME_MIXES, TM_GATES, TM_INITS, TM_TOKEN_SHIFTS
 from ..ops import rwkv_step_triton as fused_step
 from ..ops.matvec_triton import matvecs_triton, swiglu_triton
 from ..ops.amp import to_autocast_dtype
+from ..ops.compile_settings import before_compiling
 from ..ops.wkv import wkv7, wkv7_no_grad
 from ..ops.wkv4 import EMPTY_PP, wkv4
 from .deepembed import DeepEmbedTables
@@ -43,8 +44,10 @@ WKV4_MAX_CHUNK = 16
 
 
 def make_recurrence_opaque() -> None:
-    """Before any torch.compile of these blocks: the recurrence becomes a dynamo-disabled call."""
+    """Before any torch.compile of these blocks: the recurrence becomes a dynamo-disabled call (and the
+    compile settings of `ops.compile_settings` are made)."""
     global _wkv7_opaque, _wkv4_opaque
+    before_compiling()
     if _wkv7_opaque is wkv7:
         _wkv7_opaque = torch.compiler.disable(wkv7)
     if _wkv4_opaque is wkv4:
