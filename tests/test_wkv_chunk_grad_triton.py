@@ -173,7 +173,8 @@ def test_the_automatic_choice_takes_it_for_gradients_where_tf32_is_allowed():
     assert W.cuda_choice(2, 12, triton_ok=True, fla_ok=False, seq_len=8192, tf32=True) == "triton_chunk_grad"
     assert W.cuda_choice(16, 12, triton_ok=True, fla_ok=True, seq_len=1024, tf32=False) == "triton"
     assert W.cuda_choice(2, 12, triton_ok=True, fla_ok=True, seq_len=8192, tf32=False) == "fla"
-    assert W.cuda_choice(1, 12, triton_ok=True, fla_ok=True, seq_len=1024, needs_grad=False, tf32=True) == "triton_chunk"
+    assert W.cuda_choice(1, 12, triton_ok=True, fla_ok=True, seq_len=1024, needs_grad=False,
+                         tf32=True) == "triton_chunk"
     assert W.cuda_choice(16, 12, triton_ok=False, fla_ok=False, tf32=True) == "chunked"
     assert W.cuda_choice(16, 12, triton_ok=True, fla_ok=False, tf32=True, head_size=8) == "triton"
 

@@ -32,6 +32,7 @@ from .amp import autocast_off
 from .wkv_inputs import prepare as _prepare
 from .wkv_chunk_grad_triton import checked as chunk_grad_checked
 from .wkv_chunk_grad_triton import wkv7_chunk_grad
+from .wkv_chunk_triton import CHUNK_FORWARD_BELOW_PAIRS
 from .wkv_chunk_triton import checked as chunk_forward_checked
 from .wkv_chunk_triton import wkv7_chunk_forward
 from .wkv_triton import triton_unavailable_reason, wkv7_triton
@@ -282,9 +283,9 @@ FLA_MIN_HEAD_SIZE = 16
 # "A chunk-parallel forward for the prefill"): B=1 T=1024 H=12 0.35-0.42 ms against the sequential
 # kernel's 0.39-0.68, B=1 T=256 0.18 against 0.22; B=16 T=1024 1.77 against 0.87 (with many pairs the
 # sequential kernel already fills the GPU and the chunk form's extra products cost more). The pair
-# bound is FLA_BELOW_PAIRS' (4 programs per SM for the sequential kernel), measured at 12 and 192 only.
+# bound is FLA_BELOW_PAIRS' (4 programs per SM for the sequential kernel), measured at 12 and 192 only;
+# the chunk-parallel backward's forward takes the same bound (`wkv_chunk_grad_triton.forward_kind`).
 CHUNK_FORWARD_MIN_T = 32
-CHUNK_FORWARD_BELOW_PAIRS = 66
 
 
 def cuda_choice(batch: int, heads: int, triton_ok: bool, fla_ok: bool, seq_len: int = 0,

@@ -17,7 +17,7 @@ L_xy = strict_tril(X_dec Y_inv^T), M_xy = tril(X_dec Y_inv^T). Writing U = W S_0
 
     dS_0 = dS_C diag(g) + (dS_C B_end^T) W + dO^T P                                          (1)
 
-a linear map of the adjoint dS_C at the chunk's end: a reverse scan over chunks, five small products a
+a linear map of the adjoint dS_C at the chunk's end: a reverse scan over chunks, three small products a
 chunk, in which every value channel (row of S) is independent. Once every chunk has its S_0 (from the
 forward) and its dS_C (from that scan), the input gradients of all chunks follow at once:
 

@@ -25,10 +25,9 @@ through the whole sequence, stay float32, so the error of one chunk's products (
 TF32, what a TF32 matmul makes) does not compound from chunk to chunk. On an H100 (BENCHMARKS.md) the
 float32 products were 5-10x slower than TF32 ones, slower than the sequential kernel; so `wkv7`'s
 automatic choice takes this path only where TF32 is allowed. "tf32x3" is a launch option for
-benchmarks. Inside a chunk the factors
-exp(+-cl) span exp(C max|log_w|): C = 16 or 32 at the model's |log_w| <= 0.61 (not checked: a check
-would read the GPU). tests/test_wkv_chunk_grad_triton.py holds the kernels to the float64 scan's
-autograd under Triton's interpreter, and to the sequential kernel on a GPU.
+benchmarks. Inside a chunk the factors exp(+-cl) span exp(C max|log_w|): C = 16 or 32 at the model's
+|log_w| <= 0.61 (not checked: a check would read the GPU). tests/test_wkv_chunk_grad_triton.py holds the
+kernels to the float64 scan's autograd under Triton's interpreter, and to the sequential kernel on a GPU.
 """
 
 from __future__ import annotations
@@ -40,7 +39,7 @@ import torch
 
 from ..errors import HierarchosError
 from .device_check import checked_once
-from .wkv_chunk_triton import check_sizes, default_rows, launch_prep, run_chunk_forward
+from .wkv_chunk_triton import CHUNK_FORWARD_BELOW_PAIRS, check_sizes, default_rows, launch_prep, run_chunk_forward
 from .wkv_inputs import kernel_inputs
 from .wkv_triton import _kernels as sequential_kernels
 from .wkv_triton import FORWARD_ROWS, _launch_config, _sm_count, occupancy_rows, triton_unavailable_reason, wkv7_triton
@@ -56,14 +55,11 @@ except Exception:  # wkv_triton reports why (triton_unavailable_reason)
 
 CHUNK = 16
 SCAN_PRECISION = "ieee"  # the scans across chunks carry the state (forward) and its adjoint (backward)
-# Below this many (batch, head) pairs the forward is the chunk-parallel one (T / C dependent steps a
-# program); from it on the sequential kernel, which then fills the GPU (4 programs an SM of an H100 at
-# 8 rows a program) and was 2x faster than the chunk form at B16 T1024 H12 (BENCHMARKS.md, prefill entry).
-CHUNK_FORWARD_BELOW_PAIRS = 66
 
 
 def _wkv7_chunk_reverse_kernel(do_ptr, ds_final_ptr, ws_ptr, g_ptr, ends_ptr, ds0_ptr, T, n_chunks,
-                         H: tl.constexpr, N: tl.constexpr, BI: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr):
+                               H: tl.constexpr, N: tl.constexpr, BI: tl.constexpr, C: tl.constexpr,
+                               PREC: tl.constexpr):
     """Rows [blk*BI, blk*BI + BI) of one (b, h) adjoint through the chunks in reverse: stores the adjoint
     at every chunk's end (ends[(b, h), chunk]) and the initial state's (ds0). Tokens past T load dO = 0."""
     NB: tl.constexpr = N // BI
@@ -97,9 +93,9 @@ def _wkv7_chunk_reverse_kernel(do_ptr, ds_final_ptr, ws_ptr, g_ptr, ends_ptr, ds
 
 
 def _wkv7_chunk_grad_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, do_ptr, starts_ptr, ends_ptr,
-                       dr_ptr, dw_ptr, dk_ptr, dv_ptr, da_ptr, db_ptr, T, n_chunks,
-                       H: tl.constexpr, N: tl.constexpr, C: tl.constexpr, SQUARINGS: tl.constexpr,
-                       PREC: tl.constexpr):
+                            dr_ptr, dw_ptr, dk_ptr, dv_ptr, da_ptr, db_ptr, T, n_chunks,
+                            H: tl.constexpr, N: tl.constexpr, C: tl.constexpr, SQUARINGS: tl.constexpr,
+                            PREC: tl.constexpr):
     """One (b, h, chunk): the six input gradients of its tokens from its start state S_0, its end adjoint
     dS_C and dO (`wkv_chunk_grad`'s formulas, names as there). Tokens past T load zeros (frozen) and
     store nothing."""
@@ -159,8 +155,10 @@ def _wkv7_chunk_grad_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, do_ptr, st
                + tl.dot(d_l_ak, k_inv, input_precision=PREC))
     d_r_dec = (tl.dot(d_o, s0, input_precision=PREC) + tl.dot(d_m_rb, b_inv, input_precision=PREC)
                + tl.dot(d_m_rk, k_inv, input_precision=PREC))
-    d_b_inv = tl.dot(tl.trans(d_l_ab), a_dec, input_precision=PREC) + tl.dot(tl.trans(d_m_rb), r_dec, input_precision=PREC)
-    d_k_inv = tl.dot(tl.trans(d_l_ak), a_dec, input_precision=PREC) + tl.dot(tl.trans(d_m_rk), r_dec, input_precision=PREC)
+    d_b_inv = (tl.dot(tl.trans(d_l_ab), a_dec, input_precision=PREC)
+               + tl.dot(tl.trans(d_m_rb), r_dec, input_precision=PREC))
+    d_k_inv = (tl.dot(tl.trans(d_l_ak), a_dec, input_precision=PREC)
+               + tl.dot(tl.trans(d_m_rk), r_dec, input_precision=PREC))
     d_b_end = tl.dot(u, ends, input_precision=PREC)
     d_k_end = tl.dot(vt, ends, input_precision=PREC)
     d_g = tl.reduce(s0 * ends, 0, _SUM)

@@ -51,12 +51,16 @@ except Exception:  # wkv_triton reports why (triton_unavailable_reason)
     triton = None
 
 CHUNK = 16
+# Calls with fewer (batch, head) pairs than this take the chunk-parallel forward (`wkv.cuda_choice` for
+# the prefill, `wkv_chunk_grad_triton.forward_kind` for training); from it on the sequential kernel fills
+# the GPU (4 programs an SM of an H100 at 8 rows a program) and was 2x faster at B16 T1024 H12.
+CHUNK_FORWARD_BELOW_PAIRS = 66
 PRECISIONS = ("ieee", "tf32x3", "tf32")  # float32; three TF32 products a product; one
 
 
 def _wkv7_chunk_prep_kernel(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, ws_ptr, q_ptr, g_ptr, T, n_chunks,
-                       H: tl.constexpr, N: tl.constexpr, C: tl.constexpr, SQUARINGS: tl.constexpr,
-                       PREC: tl.constexpr, STATE_TERMS_ONLY: tl.constexpr):
+                            H: tl.constexpr, N: tl.constexpr, C: tl.constexpr, SQUARINGS: tl.constexpr,
+                            PREC: tl.constexpr, STATE_TERMS_ONLY: tl.constexpr):
     """First pass, one program per (b, h, chunk), all chunks at once: everything of a chunk
     that does not depend on the state entering it (the module's formulas with U and O expanded in S_0):
         W = (I - L_ab)^-1 A_dec, U_v = (I - L_ab)^-1 L_ak            so U = W S_0^T + U_v V
@@ -115,8 +119,8 @@ def _wkv7_chunk_prep_kernel(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, ws_ptr, q_ptr, g_
 
 
 def _wkv7_chunk_scan_kernel(v_ptr, s0_ptr, ws_ptr, q_ptr, g_ptr, o_ptr, s_out_ptr, starts_ptr, T, n_chunks,
-                       H: tl.constexpr, N: tl.constexpr, BI: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr,
-                       STORE_STARTS: tl.constexpr):
+                            H: tl.constexpr, N: tl.constexpr, BI: tl.constexpr, C: tl.constexpr,
+                            PREC: tl.constexpr, STORE_STARTS: tl.constexpr):
     """Second pass: rows [blk*BI, blk*BI + BI) of one (b, h) state through the chunks in order, five
     small products a chunk (the first pass's docstring has them). Tokens past T load zeros. With
     STORE_STARTS the state entering each chunk goes to starts[(b, h), chunk] (for a backward)."""
@@ -188,8 +192,8 @@ def wkv7_chunk_forward(r, log_w, k, v, a, b, state=None, *, chunk=CHUNK, rows=No
     grad under grad mode is an error). Same contract as `wkv7_reference` otherwise, computing in
     float32 (float64 inputs too); r, k, v may stay bf16/fp16 (upcast as loaded). `chunk` tokens a
     step (a power of two >= 16), `rows` state rows a program (a power of two, 16 <= rows <= N),
-    `precision` of the small products ("ieee" float32, or "tf32x3" / "tf32" on tensor cores, for benchmarks). The two kernels meet
-    in a workspace of ~18 KB a (batch, head, chunk)."""
+    `precision` of the small products ("ieee" float32, or "tf32x3" / "tf32" on tensor cores, for
+    benchmarks). The two kernels meet in a workspace of ~18 KB a (batch, head, chunk)."""
     reason = triton_unavailable_reason(r.device)
     if reason:
         raise HierarchosError(f"wkv7 impl 'triton_chunk' cannot run: {reason}; use impl='chunked'")
