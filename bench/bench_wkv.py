@@ -292,8 +292,9 @@ def main():
     ap.add_argument("--sweep", choices=["launch", "chunk", "rows", "small", "chunk-grad"], default="launch",
                     help="launch: rows/warps/prefetch/column sums at the first shape (the best three at the "
                          "others); chunk: checkpoint spacing and scratch cache hints at every shape; rows: "
-                         "row blocks up to a whole state a program, at every shape; small: 1 to 8 rows a program, at every shape; chunk-grad: the chunk-parallel "
-                         "backward's chunk, precision and forward, at every shape")
+                         "row blocks up to a whole state a program, at every shape; small: 1 to 8 rows a "
+                         "program, at every shape; chunk-grad: the chunk-parallel backward's chunk, precision "
+                         "and forward, at every shape")
     ap.add_argument("--fla-variants", nargs="*", default=["fla"], choices=["fla", "fla c64", "fla c64 bf16"],
                     help="fla's variants to check and time (each costs minutes of cold Triton JIT + autotune)")
     ap.add_argument("--no-chunked", action="store_true", help="do not time the chunked PyTorch path")
