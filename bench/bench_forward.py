@@ -337,6 +337,9 @@ def parity_checks(dev):
     impls = [("chunked", wkv_ops.wkv7_chunked, TOL_CHUNKED)]
     if "triton" in wkv_ops.available_impls(dev):
         impls.append(("triton", wkv_ops.wkv7_triton, TOL_CHUNKED))
+        # the chunk-parallel backward as training runs it (TF32 products inside chunks; TF32 is off here)
+        impls.append(("triton_chunk_grad", lambda *a, **kw: wkv_ops.wkv7_chunk_grad(*a, **kw, precision="tf32"),
+                      TOL_FLA))
     if hasattr(wkv_ops, "wkv7_fla") and "fla" in wkv_ops.available_impls(dev):
         impls.append(("fla", wkv_ops.wkv7_fla, TOL_FLA))
     for name, fn, tol in impls:
@@ -371,7 +374,8 @@ def parity_checks(dev):
     for impl, _, tol in impls:  # the parallel form uses `impl` (T > 2); the step form the recurrent scan
         os.environ[wkv_ops.ENV_IMPL] = impl
         add(f"tiny model parallel==step (wkv {impl})", model_parity, tol)
-        if impl in ("triton", "fla"):  # the blocks' elementwise work in bf16, the recurrence in float32
+        # the blocks' elementwise work in bf16, the recurrence in float32
+        if impl in ("triton", "triton_chunk_grad", "fla"):
             add(f"tiny model parallel==step, bf16 autocast (wkv {impl})", lambda: model_parity(amp=True), 3e-2)
     os.environ.pop(wkv_ops.ENV_IMPL)
     if old is not None:
