@@ -39,10 +39,11 @@ import torch
 
 from ..errors import HierarchosError
 from .device_check import checked_once
-from .wkv_chunk_triton import CHUNK_FORWARD_BELOW_PAIRS, check_sizes, default_rows, launch_prep, run_chunk_forward
+from .wkv_chunk_triton import (CHUNK_FORWARD_BELOW_PAIRS, check_inputs, check_sizes, default_rows, launch_prep,
+                               run_chunk_forward)
 from .wkv_inputs import kernel_inputs
-from .wkv_triton import _kernels as sequential_kernels
-from .wkv_triton import FORWARD_ROWS, _launch_config, _sm_count, occupancy_rows, triton_unavailable_reason, wkv7_triton
+from .wkv_triton import default_forward_launch, triton_unavailable_reason, wkv7_triton
+from .wkv_triton import run_forward as run_sequential_forward
 
 try:
     import triton
@@ -209,17 +210,8 @@ class _WKV7ChunkGrad(torch.autograd.Function):
         if kind == "chunk":
             o, final = run_chunk_forward(r, log_w, k, v, a, b, state, chunk=chunk, rows=rows, precision=precision,
                                          starts=starts, scan_precision=SCAN_PRECISION)
-        else:
-            sms = _sm_count(r.device.index if r.device.index is not None else torch.cuda.current_device()) \
-                if r.is_cuda else None
-            fwd_rows, warps = _launch_config(
-                head_size, occupancy_rows(head_size, batch * heads, sms, FORWARD_ROWS) if sms else 8, None)
-            o = torch.empty_like(r, dtype=torch.float32)
-            final = torch.empty_like(state)
-            fwd, _ = sequential_kernels(not r.is_cuda)
-            fwd[(batch * heads * (head_size // fwd_rows),)](
-                r, log_w, k, v, a, b, state, o, final, final if starts is None else starts, seq_len, n_chunks,
-                H=heads, N=head_size, BI=fwd_rows, C=chunk, STORE_CKPT=store, PREFETCH=True, num_warps=warps)
+        else:  # the sequential kernel's checkpoints, one chunk apart, are the chunks' start states
+            o, final = run_sequential_forward(r, log_w, k, v, a, b, state, chunk, default_forward_launch(r), starts)
         if store:
             ctx.save_for_backward(r, log_w, k, v, a, b, starts)
         ctx.config = (chunk, rows, precision, grad_warps)
@@ -298,14 +290,8 @@ def checked(device: torch.device | str) -> bool:
     there an unchecked device is answered False and the sequential kernel runs); a failure is reported once."""
     def check(device):
         gen = torch.Generator().manual_seed(0)
-        shape = CHECK_SHAPE
-        state_shape = (shape[0], shape[2], shape[3], shape[3])
-        kappa = torch.nn.functional.normalize(torch.randn(shape, generator=gen), dim=-1)
-        live = (torch.rand(shape[:2], generator=gen) > 0.2)[:, :, None, None]
-        x = dict(r=torch.randn(shape, generator=gen), log_w=-0.61 * torch.rand(shape, generator=gen) * live,
-                 k=torch.randn(shape, generator=gen) * live, v=torch.randn(shape, generator=gen), a=-kappa,
-                 b=kappa * torch.rand(shape, generator=gen) * live, state=torch.randn(*state_shape, generator=gen))
-        d_o, d_s = torch.randn(shape, generator=gen).to(device), torch.randn(*state_shape, generator=gen).to(device)
+        x = check_inputs(CHECK_SHAPE, gen)
+        d_o, d_s = (torch.randn(x[n].shape, generator=gen).to(device) for n in ("r", "state"))
 
         def run(fn):
             leaves = {n: t.to(device).requires_grad_() for n, t in x.items()}

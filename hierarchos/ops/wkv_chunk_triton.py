@@ -258,6 +258,17 @@ def run_chunk_forward(r, log_w, k, v, a, b, state, *, chunk=CHUNK, rows=None, nu
 _CHECKED: dict = {}  # device -> whether the kernels built and matched the sequential kernel there
 
 
+def check_inputs(shape: tuple[int, int, int, int], gen: torch.Generator) -> dict:
+    """A device check's call (CPU tensors): the six (B, T, H, N) inputs in the model's ranges with a fifth
+    of the tokens frozen, and an initial state."""
+    kappa = torch.nn.functional.normalize(torch.randn(shape, generator=gen), dim=-1)
+    live = (torch.rand(shape[:2], generator=gen) > 0.2)[:, :, None, None]
+    return dict(r=torch.randn(shape, generator=gen), log_w=-0.61 * torch.rand(shape, generator=gen) * live,
+                k=torch.randn(shape, generator=gen) * live, v=torch.randn(shape, generator=gen), a=-kappa,
+                b=kappa * torch.rand(shape, generator=gen) * live,
+                state=torch.randn(shape[0], shape[2], shape[3], shape[3], generator=gen))
+
+
 def checked(device: torch.device | str) -> bool:
     """Whether the chunk forward builds on `device` and matches the sequential kernel there (relative
     error under 1e-4 on outputs and state, frozen tokens and a partial last chunk included): what
@@ -266,17 +277,10 @@ def checked(device: torch.device | str) -> bool:
     sequential kernel is captured). A failure is reported once and the device keeps the sequential
     kernel for calls without gradients too."""
     def check(device):
-        gen = torch.Generator().manual_seed(0)
-        shape = (1, 2 * CHUNK + 5, 2, 64)
-        kappa = torch.nn.functional.normalize(torch.randn(shape, generator=gen), dim=-1)
-        live = (torch.rand(shape[:2], generator=gen) > 0.2)[:, :, None, None]  # a fifth of the tokens frozen
-        x = dict(r=torch.randn(shape, generator=gen), log_w=-0.61 * torch.rand(shape, generator=gen) * live,
-                 k=torch.randn(shape, generator=gen) * live, v=torch.randn(shape, generator=gen), a=-kappa,
-                 b=kappa * torch.rand(shape, generator=gen) * live)
-        x = {n: t.to(device) for n, t in x.items()}
-        state = torch.randn(1, 2, 64, 64, generator=gen).to(device)
+        inputs = check_inputs((1, 2 * CHUNK + 5, 2, 64), torch.Generator().manual_seed(0))
+        x = {n: t.to(device) for n, t in inputs.items()}
         with torch.no_grad():
-            got, want = wkv7_chunk_forward(**x, state=state), wkv7_triton(**x, state=state)
+            got, want = wkv7_chunk_forward(**x), wkv7_triton(**x)
         errors = [float((g - w).norm() / w.norm()) for g, w in zip(got, want)]
         return max(errors) < 1e-4, f"relative errors {errors} against the sequential kernel"
     return checked_once(_CHECKED, device, check, "the chunk-parallel WKV-7 forward",

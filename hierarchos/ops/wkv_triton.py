@@ -356,6 +356,14 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def sm_count(device: torch.device) -> int | None:
+    """The SM count of a CUDA tensor's device (what the launch rule sizes for); None on the CPU (the
+    interpreter)."""
+    if device.type != "cuda":
+        return None
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def _launches(head_size: int, pairs: int, rows: int | None, num_warps: int | None, sms: int | None):
     """((rows, warps) of the forward, (rows, warps) of the backward) for a call of `pairs` (batch, head)
     pairs: `rows` as given for both, else by occupancy on a GPU of `sms` SMs (None: the interpreter,
@@ -366,10 +374,31 @@ def _launches(head_size: int, pairs: int, rows: int | None, num_warps: int | Non
                  for c in (FORWARD_ROWS, BACKWARD_ROWS))
 
 
+def default_forward_launch(r: torch.Tensor) -> tuple[int, int]:
+    """The forward's (rows, warps) for input r (B, T, H, N) by the default rule (`_launches`)."""
+    return _launches(r.shape[-1], r.shape[0] * r.shape[2], None, None, sm_count(r.device))[0]
+
+
 def _default_column_sums(is_cuda: bool) -> str:
     """Atomics on CUDA (1.1-1.3x faster backward, no N/rows-fold partials), unless the user asked torch
     for deterministic algorithms; the interpreter (CPU tests) adds the parts in order."""
     return "atomic" if is_cuda and not torch.are_deterministic_algorithms_enabled() else "parts"
+
+
+def run_forward(r, log_w, k, v, a, b, state, chunk, launch, checkpoints=None, prefetch=True):
+    """The forward kernel on kernel-ready inputs (T >= 1) with `launch` = (rows, warps): (o, final state)
+    float32. `checkpoints`, a float32 (B * H * n_chunks * N * N) buffer, also receives the state entering
+    every `chunk` tokens (the backward's recompute starts there; the chunk-parallel backward's chunks)."""
+    batch, seq_len, heads, head_size = r.shape
+    rows, num_warps = launch
+    o = torch.empty_like(r, dtype=torch.float32)
+    final = torch.empty_like(state)
+    fwd, _ = _kernels(not r.is_cuda)
+    fwd[(batch * heads * (head_size // rows),)](
+        r, log_w, k, v, a, b, state, o, final, state.new_empty(1) if checkpoints is None else checkpoints, seq_len,
+        -(-seq_len // chunk), H=heads, N=head_size, BI=rows, C=chunk, STORE_CKPT=checkpoints is not None,
+        PREFETCH=prefetch, num_warps=num_warps)
+    return o, final
 
 
 class _WKV7Triton(torch.autograd.Function):
@@ -384,15 +413,8 @@ class _WKV7Triton(torch.autograd.Function):
         # grad_mode: whether the call was made with gradients on (inside forward they are always off, and
         # needs_input_grad says only which inputs require grad: under no_grad nothing is held)
         store = grad_mode and any(ctx.needs_input_grad[:7])
-        o = torch.empty_like(r, dtype=torch.float32)
-        final = torch.empty_like(state)
-        ckpt = state.new_empty((batch * heads * n_chunks * head_size * head_size) if store else 1)
-        fwd, _ = _kernels(not r.is_cuda)
-        (rows, num_warps), _ = launches
-        grid = (batch * heads * (head_size // rows),)
-        fwd[grid](r, log_w, k, v, a, b, state, o, final, ckpt, seq_len, n_chunks,
-                  H=heads, N=head_size, BI=rows, C=chunk, STORE_CKPT=store, PREFETCH=prefetch,
-                  num_warps=num_warps)
+        ckpt = state.new_empty(batch * heads * n_chunks * head_size * head_size) if store else None
+        o, final = run_forward(r, log_w, k, v, a, b, state, chunk, launches[0], ckpt, prefetch)
         if store:
             ctx.save_for_backward(r, log_w, k, v, a, b, ckpt)
         ctx.config = (launches[1], chunk, n_chunks, prefetch, atomic, scratch_hints)  # the backward's rows may differ
@@ -455,9 +477,7 @@ def wkv7_triton(r, log_w, k, v, a, b, state=None, *, rows=None, num_warps=None, 
     r, log_w, k, v, a, b, state = kernel_inputs(r, log_w, k, v, a, b, state)
     if r.shape[1] == 0:
         return log_w.new_zeros(r.shape), state
-    sms = _sm_count(r.device.index if r.device.index is not None else torch.cuda.current_device()) \
-        if r.is_cuda else None
-    launches = _launches(r.shape[-1], r.shape[0] * r.shape[2], rows, num_warps, sms)
+    launches = _launches(r.shape[-1], r.shape[0] * r.shape[2], rows, num_warps, sm_count(r.device))
     column_sums = column_sums or _default_column_sums(r.is_cuda)
     if column_sums not in ("parts", "atomic"):
         raise HierarchosError(f"wkv7_triton column_sums={column_sums!r}: use 'parts' or 'atomic'")
