@@ -248,14 +248,20 @@ def chunk_forward_configs() -> dict:
 def chunk_grad_configs() -> dict:
     """The chunk-parallel backward's variants (`wkv7_chunk_grad`): chunks of 16 or 32 tokens, the products
     inside a chunk in TF32 (what `wkv7` runs where TF32 is allowed) or float32 ("ieee": 5-10x slower on an
-    H100), 8 warps for the per-chunk gradients, and the forward forced either way (default: by the call's
-    (batch, head) pairs). The scans across chunks are float32 in every variant."""
-    def config(chunk=16, precision="tf32", forward=None, warps=4):
+    H100), 8 warps for the per-chunk gradients, the forward forced either way (default: by the call's
+    (batch, head) pairs), and the scans across chunks in float32 (where a name has no "scan="), 3xTF32 or TF32;
+    "triton_chunk_grad (default, TF32)" beside them is `wkv7`'s choice (TF32 scans up to 256 chunks)."""
+    def config(chunk=16, precision="tf32", forward=None, warps=4, scan="ieee"):
         return lambda *a, state: wkv7_chunk_grad(*a, state=state, chunk=chunk, precision=precision, forward=forward,
-                                                 grad_warps=warps)
-    return {f"chunk_grad c{c} {p}{' fwd=' + f if f else ''}{f' warps={w}' if w != 4 else ''}": config(c, p, f, w)
-            for c, p, f, w in [(16, "tf32", None, 4), (32, "tf32", None, 4), (16, "tf32", None, 8),
-                               (16, "tf32", "chunk", 4), (16, "tf32", "sequential", 4), (16, "ieee", None, 4)]}
+                                                 grad_warps=warps, scan_precision=scan)
+
+    def name(c, p, f, w, scan):
+        return (f"chunk_grad c{c} {p}{' fwd=' + f if f else ''}{f' warps={w}' if w != 4 else ''}"
+                f"{' scan=' + scan if scan != 'ieee' else ''}")
+    return {name(*v): config(*v) for v in [(16, "tf32", None, 4, "ieee"), (32, "tf32", None, 4, "ieee"),
+                                            (16, "tf32", None, 8, "ieee"), (16, "tf32", "chunk", 4, "ieee"),
+                                            (16, "tf32", "sequential", 4, "ieee"), (16, "ieee", None, 4, "ieee"),
+                                            (16, "tf32", None, 4, "tf32x3"), (16, "tf32", None, 4, "tf32")]}
 
 
 def sweep_configs(kind: str) -> dict:
@@ -334,6 +340,9 @@ def main():
     if not args.smoke and not args.no_sweep:  # every launch config that gets timed is checked too (T=200)
         sweep_tol = {"*": args.tol, **{n: args.fla_tol for n in sweep if " tf32" in n}}
         result["parity"] += parity(sweep, device, [200], sweep_tol, args.smoke)
+        long_scans = {n: f for n, f in sweep.items() if "scan=" in n}  # does a scan's error compound?
+        if long_scans:
+            result["parity"] += parity(long_scans, device, [4096], sweep_tol, args.smoke)
     verdicts = {}
     for row in result["parity"]:
         verdicts.setdefault(row["impl"], []).append(row)

@@ -268,6 +268,7 @@ def profile_one(spec: str, args, dev, budget: float | None = None) -> dict:
             saved = dict(error=f"{type(exc).__name__}: {exc}"[:300])
         model.zero_grad(set_to_none=True)
     kinds: dict[str, dict] = {}
+    by_kernel: dict[str, list] = {}  # kernel name -> [launches a step, ms a step]
     launches = 0
     for ev in prof.events():
         if ev.device_type == torch.autograd.DeviceType.CUDA:
@@ -276,6 +277,9 @@ def profile_one(spec: str, args, dev, budget: float | None = None) -> dict:
             k["ms"] += us / 1e3 / n
             k["kernels"] += 1
             k["top"][ev.name[:90]] = k["top"].get(ev.name[:90], 0.0) + us / 1e3 / n
+            entry = by_kernel.setdefault(ev.name[:120], [0.0, 0.0])
+            entry[0] += 1 / n
+            entry[1] += us / 1e3 / n
         elif ev.name in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC"):
             launches += 1
     busy = sum(k["ms"] for k in kinds.values())
@@ -293,6 +297,7 @@ def profile_one(spec: str, args, dev, budget: float | None = None) -> dict:
                   first_step_ms=first_ms, tokens_per_s=args.batch * args.seq_len / (step_ms / 1e3),
                   device_busy_ms=busy, busy_fraction=busy / step_ms if step_ms else None,
                   launches_per_step=launches / n, kinds=kinds, top_ops=top_ops, parts=parts, saved_mib=saved,
+                  top_kernels=dict(sorted(by_kernel.items(), key=lambda kv: -kv[1][1])[:args.kernels]),
                   params=getattr(model, "fitted", None) or dict(params=sum(p.numel() for p in model.parameters())))
     del model, fwd
     if dev.type == "cuda":
@@ -328,6 +333,10 @@ def print_result(r: dict) -> None:
             print("  the largest groups of saved storages (part | dtype | shape: tensors, MiB)")
             for group, (count, mib) in m["largest"].items():
                 print(f"    {group:<60} {count:5d} {mib:10,.1f}")
+    if r.get("top_kernels"):
+        print(f"  {'kernel (the largest by device time)':<100} {'launches':>8} {'ms':>7}")
+        for name, (count, ms) in r["top_kernels"].items():
+            print(f"  {name[:100]:<100} {count:8.0f} {ms:7.3f}")
     print(f"  {'aten operator':<40} {'calls':>7} {'device ms':>10} {'cpu ms':>8}")
     for o in r["top_ops"]:
         print(f"  {o['op']:<40} {o['calls']:7.0f} {o['device_ms']:10.2f} {o['cpu_ms']:8.2f}")
@@ -345,6 +354,8 @@ def main() -> None:
                          "fraction of their saved activations (train's --activation-budget)")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--rows", type=int, default=20)
+    ap.add_argument("--kernels", type=int, default=0, metavar="N",
+                    help="also list the N largest device kernels by time a step (name, launches, ms)")
     ap.add_argument("--memory", action="store_true",
                     help="also the MiB one forward saves for its backward, by part, and (CUDA) the step's peak")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

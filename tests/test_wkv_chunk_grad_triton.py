@@ -113,6 +113,21 @@ def test_at_the_models_decay_bound_and_with_the_state_carried(interpret):
 
 
 @needs_triton
+@pytest.mark.parametrize("scan", ["tf32x3", "tf32"])
+def test_the_scans_precision_is_a_launch_option(interpret, scan):
+    """The scans across chunks with products on tensor cores (a benchmark option; the interpreter computes
+    them in float32, so the kernels here are held to the scan's float64 autograd as the default is)."""
+    seed = fresh_seed()
+    inputs, state = make_inputs(seed, B=1, T=50, H=2, N=16)
+    d_o, d_s = upstream(seed, inputs, state)
+    want = autograd_of(wkv7_reference, inputs, state, d_o, d_s, torch.float64)
+    for forward in ("chunk", "sequential"):
+        run = lambda **kw: wkv7_chunk_grad(**kw, forward=forward, scan_precision=scan)  # noqa: E731
+        errs = errors(autograd_of(run, inputs, state, d_o, d_s, torch.float32), want)
+        assert max(errs.values()) < TOL32, f"seed={seed} scan={scan} forward={forward}: {errs}"
+
+
+@needs_triton
 def test_bf16_rkv_keep_their_dtype_and_no_grad_holds_nothing(interpret, monkeypatch):
     seed = fresh_seed()
     inputs, state = make_inputs(seed, B=1, T=21, H=2, N=16, dtype=torch.float32)
@@ -138,7 +153,8 @@ def test_bf16_rkv_keep_their_dtype_and_no_grad_holds_nothing(interpret, monkeypa
 def test_bad_calls_are_one_line_errors(interpret):
     inputs, state = make_inputs(0, B=1, T=5, H=1, N=16, dtype=torch.float32)
     for kw, what in ((dict(chunk=8), "chunk=8"), (dict(chunk=24), "chunk=24"), (dict(rows=8), "rows"),
-                     (dict(precision="fp8"), "precision"), (dict(forward="both"), "forward='both'")):
+                     (dict(precision="fp8"), "precision"), (dict(scan_precision="bf16"), "scan_precision='bf16'"),
+                     (dict(forward="both"), "forward='both'")):
         with pytest.raises(HierarchosError, match=what):
             wkv7_chunk_grad(**inputs, state=state, **kw)
     small, small_state = make_inputs(0, B=1, T=5, H=1, N=8, dtype=torch.float32)
@@ -231,3 +247,12 @@ def test_a_stack_trains_through_it_as_through_the_reference(interpret, monkeypat
     assert rel_err(yc, yr) < 1e-5 and rel_err(wc, wr) < 1e-5, f"seed={seed}"
     bad = {n: rel_err(gc[n], gr[n]) for n in gr if gr[n].norm() > 0 and not rel_err(gc[n], gr[n]) < 1e-4}
     assert not bad, f"seed={seed}: {bad}"
+
+
+def test_the_scans_take_tf32_with_tf32_products_up_to_the_measured_length():
+    from hierarchos.ops.wkv_chunk_grad_triton import TF32_SCAN_MAX_CHUNKS, default_scan_precision
+
+    assert default_scan_precision("tf32", 1) == "tf32"
+    assert default_scan_precision("tf32", TF32_SCAN_MAX_CHUNKS) == "tf32"
+    assert default_scan_precision("tf32", TF32_SCAN_MAX_CHUNKS + 1) == "ieee"
+    assert default_scan_precision("ieee", 1) == "ieee" and default_scan_precision("tf32x3", 2) == "ieee"

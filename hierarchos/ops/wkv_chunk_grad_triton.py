@@ -21,13 +21,15 @@ chunk for the backward, as the sequential kernel's checkpoints do.
 The products inside a chunk (the prep and the per-chunk gradients) run on tensor cores in TF32 when torch
 may use TF32 for matmuls (`torch.backends.cuda.matmul.allow_tf32`, which `train` turns on), else in full
 float32 (`input_precision="ieee"`); the scans across chunks, which carry the state and its adjoint
-through the whole sequence, stay float32, so the error of one chunk's products (~1e-3 relative with
-TF32, what a TF32 matmul makes) does not compound from chunk to chunk. On an H100 (BENCHMARKS.md) the
+through the whole sequence, take TF32 products too up to TF32_SCAN_MAX_CHUNKS chunks (measured on an H100:
+the error of one chunk's products, ~1e-3 relative as a TF32 matmul makes, did not compound from chunk to
+chunk up to T = 4096; the state decays), float32 ones beyond. On an H100 (BENCHMARKS.md) the
 float32 products were 5-10x slower than TF32 ones, slower than the sequential kernel; so `wkv7`'s
-automatic choice takes this path only where TF32 is allowed. "tf32x3" is a launch option for
-benchmarks. Inside a chunk the factors exp(+-cl) span exp(C max|log_w|): C = 16 or 32 at the model's
-|log_w| <= 0.61 (not checked: a check would read the GPU). tests/test_wkv_chunk_grad_triton.py holds the
-kernels to the float64 scan's autograd under Triton's interpreter, and to the sequential kernel on a GPU.
+automatic choice takes this path only where TF32 is allowed. "tf32x3" (three TF32 products a product,
+about float32's accuracy) and `scan_precision` are launch options for benchmarks. Inside a chunk the
+factors exp(+-cl) span exp(C max|log_w|): C = 16 or 32 at the model's |log_w| <= 0.61 (not checked: a
+check would read the GPU). tests/test_wkv_chunk_grad_triton.py holds the kernels to the float64 scan's
+autograd under Triton's interpreter, and to the sequential kernel on a GPU.
 """
 
 from __future__ import annotations
@@ -39,8 +41,8 @@ import torch
 
 from ..errors import HierarchosError
 from .device_check import checked_once
-from .wkv_chunk_triton import (CHUNK_FORWARD_BELOW_PAIRS, check_inputs, check_sizes, default_rows, launch_prep,
-                               run_chunk_forward)
+from .wkv_chunk_triton import (CHUNK_FORWARD_BELOW_PAIRS, PRECISIONS, check_inputs, check_sizes, default_rows,
+                               launch_prep, run_chunk_forward)
 from .wkv_inputs import kernel_inputs
 from .wkv_triton import default_forward_launch, triton_unavailable_reason, wkv7_triton
 from .wkv_triton import run_forward as run_sequential_forward
@@ -55,7 +57,18 @@ except Exception:  # wkv_triton reports why (triton_unavailable_reason)
     triton = None
 
 CHUNK = 16
-SCAN_PRECISION = "ieee"  # the scans across chunks carry the state (forward) and its adjoint (backward)
+# The scans across chunks carry the state (forward) and its adjoint (backward) through the sequence. With
+# TF32 products inside the chunks they run in TF32 too up to TF32_SCAN_MAX_CHUNKS chunks (T = 4096 at 16
+# tokens a chunk, the longest measured: on an H100 the errors at T = 4096 equal those at T = 200, state
+# 7.8e-4 against 8.0e-4, the gradients 3.2e-3 as with float32 scans; the call 10-27% faster), float32 beyond.
+TF32_SCAN_MAX_CHUNKS = 256
+SCAN_PRECISION = "ieee"  # the scans' precision with float32 products, and past TF32_SCAN_MAX_CHUNKS
+
+
+def default_scan_precision(precision: str, n_chunks: int) -> str:
+    """The scans' products: TF32 where the products inside the chunks are TF32 and the call has at most
+    TF32_SCAN_MAX_CHUNKS chunks, else float32 ("ieee")."""
+    return "tf32" if precision == "tf32" and n_chunks <= TF32_SCAN_MAX_CHUNKS else SCAN_PRECISION
 
 
 def _wkv7_chunk_reverse_kernel(do_ptr, ds_final_ptr, ws_ptr, g_ptr, ends_ptr, ds0_ptr, T, n_chunks,
@@ -202,25 +215,25 @@ class _WKV7ChunkGrad(torch.autograd.Function):
     buffer of the backward are float32; gradients of bf16/fp16 r, k, v come back in their dtype."""
 
     @staticmethod
-    def forward(ctx, r, log_w, k, v, a, b, state, chunk, rows, precision, kind, grad_warps, grad_mode):
+    def forward(ctx, r, log_w, k, v, a, b, state, chunk, rows, precision, scan_precision, kind, grad_warps, grad_mode):
         batch, seq_len, heads, head_size = r.shape
         n_chunks = -(-seq_len // chunk)
         store = grad_mode and any(ctx.needs_input_grad[:7])
         starts = state.new_empty(batch * heads * n_chunks * head_size * head_size) if store else None
         if kind == "chunk":
             o, final = run_chunk_forward(r, log_w, k, v, a, b, state, chunk=chunk, rows=rows, precision=precision,
-                                         starts=starts, scan_precision=SCAN_PRECISION)
+                                         starts=starts, scan_precision=scan_precision)
         else:  # the sequential kernel's checkpoints, one chunk apart, are the chunks' start states
             o, final = run_sequential_forward(r, log_w, k, v, a, b, state, chunk, default_forward_launch(r), starts)
         if store:
             ctx.save_for_backward(r, log_w, k, v, a, b, starts)
-        ctx.config = (chunk, rows, precision, grad_warps)
+        ctx.config = (chunk, rows, precision, scan_precision, grad_warps)
         return o, final
 
     @staticmethod
     def backward(ctx, d_o, d_final):
         r, log_w, k, v, a, b, starts = ctx.saved_tensors
-        chunk, rows, precision, grad_warps = ctx.config
+        chunk, rows, precision, scan_precision, grad_warps = ctx.config
         batch, seq_len, heads, head_size = r.shape
         n_chunks = -(-seq_len // chunk)
         d_o = torch.zeros_like(log_w) if d_o is None else d_o.float().contiguous()
@@ -234,13 +247,13 @@ class _WKV7ChunkGrad(torch.autograd.Function):
         common = dict(H=heads, N=head_size, C=chunk)
         with torch.cuda.device(r.device) if r.is_cuda else contextlib.nullcontext():
             scan[(batch * heads * (head_size // rows),)](d_o, d_final, ws, g, ends, d_state, seq_len, n_chunks,
-                                                         BI=rows, PREC=SCAN_PRECISION, num_warps=4, **common)
+                                                         BI=rows, PREC=scan_precision, num_warps=4, **common)
             per_chunk[(batch * heads * n_chunks,)](r, log_w, k, v, a, b, d_o, starts, ends, *grads, seq_len, n_chunks,
                                                    SQUARINGS=chunk.bit_length() - 2, PREC=precision,
                                                    num_warps=grad_warps, **common)
         dr, dlog_w, dk, dv, da, db = grads
         return (dr.to(r.dtype), dlog_w, dk.to(k.dtype), dv.to(v.dtype), da, db, d_state,
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
 
 
 def default_precision() -> str:
@@ -249,12 +262,13 @@ def default_precision() -> str:
 
 
 def wkv7_chunk_grad(r, log_w, k, v, a, b, state=None, *, chunk=CHUNK, rows=None, precision=None, forward=None,
-                    grad_warps=4):
+                    grad_warps=4, scan_precision=None):
     """WKV-7 with the chunk-parallel backward (CUDA; CPU only under TRITON_INTERPRET=1). Same contract as
     `wkv7_reference`, computing in float32 (float64 inputs too; r, k, v may stay bf16/fp16, upcast as
     loaded). `chunk` tokens a chunk (a power of two >= 16), `rows` state rows a scan program (a power of
     two in [16, N]), `precision` of the products inside a chunk ("ieee", "tf32x3", "tf32"; default
-    `default_precision()`; the scans across chunks are always float32), `forward` "chunk" or "sequential"
+    `default_precision()`), `scan_precision` of the scans' products across chunks (default
+    `default_scan_precision`), `forward` "chunk" or "sequential"
     (default by the call's (batch, head) pairs: `forward_kind`), `grad_warps` the per-chunk gradient
     kernel's warps."""
     reason = triton_unavailable_reason(r.device)
@@ -265,12 +279,17 @@ def wkv7_chunk_grad(r, log_w, k, v, a, b, state=None, *, chunk=CHUNK, rows=None,
     rows = rows or default_rows(head_size)
     precision = precision or default_precision()
     check_sizes("triton_chunk_grad", head_size, chunk, rows, precision)
+    scan_precision = scan_precision or default_scan_precision(precision, -(-seq_len // chunk))
+    if scan_precision not in PRECISIONS:
+        raise HierarchosError(f"wkv7 impl 'triton_chunk_grad': scan_precision={scan_precision!r}: use one of "
+                              f"{', '.join(PRECISIONS)}")
     kind = forward or forward_kind(batch * heads)
     if kind not in ("chunk", "sequential"):
         raise HierarchosError(f"wkv7_chunk_grad forward={kind!r}: use 'chunk' or 'sequential'")
     if seq_len == 0:
         return log_w.new_zeros(r.shape), state
-    args = (r, log_w, k, v, a, b, state, chunk, rows, precision, kind, grad_warps, torch.is_grad_enabled())
+    args = (r, log_w, k, v, a, b, state, chunk, rows, precision, scan_precision, kind, grad_warps,
+            torch.is_grad_enabled())
     if r.is_cuda:
         with torch.cuda.device(r.device):
             return _WKV7ChunkGrad.apply(*args)
