@@ -139,6 +139,10 @@ def test_bf16_rkv_keep_their_dtype_and_no_grad_holds_nothing(interpret, monkeypa
     torch.autograd.backward((o, s), (d_o.float(), d_s.float()))
     assert o.dtype == torch.float32 and leaves["r"].grad.dtype == torch.bfloat16
     assert rel_err(leaves["v"].grad, got[5]) < 1e-2, f"seed={seed}"
+    # the kernel stores the bf16 gradients itself: within one bf16 step of the float32 ones (Triton's
+    # interpreter truncates where the GPU rounds to nearest even; the GPU test holds that to .to()'s rounding)
+    for name, i in (("r", 2), ("k", 4), ("v", 5)):
+        torch.testing.assert_close(leaves[name].grad.float(), got[i], rtol=2 ** -7, atol=1e-30)
     saved = []
     monkeypatch.setattr(torch.autograd.function.FunctionCtx, "save_for_backward",
                         lambda ctx, *t: saved.append(t))
@@ -214,6 +218,14 @@ def test_on_cuda_equals_the_sequential_kernel(B, T, H):
             run = lambda **kw: wkv7_chunk_grad(**kw, precision=precision, forward=forward)  # noqa: E731
             errs = errors(autograd_of(run, inputs, state, d_o, d_s, torch.float32), want)
             assert max(errs.values()) < tol, f"seed={seed} {precision} {forward}: {errs}"
+    # bf16 r, k, v (autocast's): their gradients stored in bf16 by the kernel, rounded as .to() rounds
+    mixed = {n: x.bfloat16() if n in ("r", "k", "v") else x for n, x in inputs.items()}
+    upcast = autograd_of(wkv7_chunk_grad, mixed, state, d_o, d_s, torch.float32)
+    leaves = {n: x.clone().requires_grad_() for n, x in mixed.items()}
+    o, s = wkv7_chunk_grad(**leaves, state=state)
+    torch.autograd.backward((o, s), (d_o.float(), d_s.float()))
+    for name, i in (("r", 2), ("k", 4), ("v", 5)):
+        assert torch.equal(leaves[name].grad, upcast[i].bfloat16()), f"seed={seed} d{name}"
     tf32 = torch.backends.cuda.matmul.allow_tf32
     try:
         torch.backends.cuda.matmul.allow_tf32 = True

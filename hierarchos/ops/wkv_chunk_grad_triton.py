@@ -186,10 +186,12 @@ def _wkv7_chunk_grad_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, do_ptr, st
     # sum over t >= s as the total less the sum over t < s (an inclusive scan less the term itself)
     from_here = tl.reduce(both, 0, _SUM)[None, :] - tl.associative_scan(both, 0, _SUM) + both
     d_lw = from_here - d_clx + (tl.reduce(end_terms, 0, _SUM) + d_g * tl.exp(cl_end))[None, :]
-    tl.store(dr_ptr + off, d_r_dec * e_cl, mask=live)
+    # dr, dk, dv stored in their inputs' dtypes, rounded to nearest even as torch's .to() rounds
+    tl.store(dr_ptr + off, (d_r_dec * e_cl).to(dr_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=live)
     tl.store(dw_ptr + off, d_lw, mask=live)
-    tl.store(dk_ptr + off, d_k_inv * e_m + d_k_end * e_end, mask=live)
-    tl.store(dv_ptr + off, dv, mask=live)
+    tl.store(dk_ptr + off, (d_k_inv * e_m + d_k_end * e_end).to(dk_ptr.dtype.element_ty, fp_downcast_rounding="rtne"),
+             mask=live)
+    tl.store(dv_ptr + off, dv.to(dv_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=live)
     tl.store(da_ptr + off, d_a_dec * e_x, mask=live)
     tl.store(db_ptr + off, d_b_inv * e_m + d_b_end * e_end, mask=live)
 
@@ -242,7 +244,9 @@ class _WKV7ChunkGrad(torch.autograd.Function):
         ws, _, g = launch_prep(r, log_w, k, a, b, chunk, precision, state_terms_only=True)
         ends = torch.empty_like(starts)
         d_state = log_w.new_empty(shape_s)
-        grads = [torch.empty_like(log_w) for _ in range(6)]   # dr, dlog_w, dk, dv, da, db: float32
+        # dr, dk, dv in their inputs' dtypes (the kernel's store rounds as .to() would: one pass less a
+        # gradient under autocast, where r and v come in bf16), dlog_w, da, db float32
+        grads = [torch.empty_like(x) for x in (r, log_w, k, v, a, b)]
         scan, per_chunk = _kernel(not r.is_cuda)
         common = dict(H=heads, N=head_size, C=chunk)
         with torch.cuda.device(r.device) if r.is_cuda else contextlib.nullcontext():
@@ -252,7 +256,7 @@ class _WKV7ChunkGrad(torch.autograd.Function):
                                                    SQUARINGS=chunk.bit_length() - 2, PREC=precision,
                                                    num_warps=grad_warps, **common)
         dr, dlog_w, dk, dv, da, db = grads
-        return (dr.to(r.dtype), dlog_w, dk.to(k.dtype), dv.to(v.dtype), da, db, d_state,
+        return (dr, dlog_w, dk, dv, da, db, d_state,
                 None, None, None, None, None, None, None)
 
 
