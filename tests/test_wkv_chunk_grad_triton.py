@@ -218,14 +218,19 @@ def test_on_cuda_equals_the_sequential_kernel(B, T, H):
             run = lambda **kw: wkv7_chunk_grad(**kw, precision=precision, forward=forward)  # noqa: E731
             errs = errors(autograd_of(run, inputs, state, d_o, d_s, torch.float32), want)
             assert max(errs.values()) < tol, f"seed={seed} {precision} {forward}: {errs}"
-    # bf16 r, k, v (autocast's): their gradients stored in bf16 by the kernel, rounded as .to() rounds
+    # bf16 r, k, v (autocast's): their gradients stored in bf16 by the kernel, rounded to nearest as .to()
+    # rounds (kernels specialised for bf16 pointers may differ from the float32 ones in the last float32
+    # bits, so a value near a rounding tie may land one bf16 step away; truncation would move half of them)
     mixed = {n: x.bfloat16() if n in ("r", "k", "v") else x for n, x in inputs.items()}
     upcast = autograd_of(wkv7_chunk_grad, mixed, state, d_o, d_s, torch.float32)
     leaves = {n: x.clone().requires_grad_() for n, x in mixed.items()}
     o, s = wkv7_chunk_grad(**leaves, state=state)
     torch.autograd.backward((o, s), (d_o.float(), d_s.float()))
     for name, i in (("r", 2), ("k", 4), ("v", 5)):
-        assert torch.equal(leaves[name].grad, upcast[i].bfloat16()), f"seed={seed} d{name}"
+        got, want = leaves[name].grad, upcast[i]
+        torch.testing.assert_close(got.float(), want, rtol=2 ** -7, atol=1e-30, msg=f"seed={seed} d{name}")
+        rounded = (got == want.bfloat16()).float().mean().item()
+        assert rounded > 0.99, f"seed={seed} d{name}: {rounded:.4f} of the values rounded to nearest"
     tf32 = torch.backends.cuda.matmul.allow_tf32
     try:
         torch.backends.cuda.matmul.allow_tf32 = True
