@@ -46,10 +46,16 @@ def log(*a):
     print(*a, flush=True)
 
 
-def make_case(B, T, H, N, seed, device, dtype=torch.float32, frozen=0.0):
+def make_case(B, T, H, N, seed, device, dtype=torch.float32, frozen=0.0, slow=0.0):
     """Inputs in the model's ranges (bench_forward's cases), an initial state, output cotangents;
-    with `frozen` > 0 that share of tokens follows the model's frozen-token rule (log_w = k = b = 0)."""
+    with `frozen` > 0 that share of tokens follows the model's frozen-token rule (log_w = k = b = 0); with
+    `slow` > 0 that share of key channels decays a thousand times slower (log_w / 1000: a state that
+    remembers ~thousands of tokens, where an error made in one chunk fades slowest)."""
     x, state, d_o, d_s = wkv_case(device, B, T, H, N, seed, dtype)
+    if slow:
+        g = torch.Generator().manual_seed(seed + 2)
+        scale = torch.where(torch.rand(N, generator=g) < slow, 1e-3, 1.0).to(device=device, dtype=dtype)
+        x = {n: t * scale if n == "log_w" else t for n, t in x.items()}
     if frozen:
         g = torch.Generator().manual_seed(seed + 1)
         live = (torch.rand(B, T, 1, 1, generator=g) >= frozen).to(device=device, dtype=dtype)
@@ -93,18 +99,20 @@ def rel(x, y):
     return ((x.double() - y.double()).norm() / y.double().norm()).item()
 
 
-def parity(impls, device, seq_lens, tol, smoke, frozen=0.0, split=None):
+def parity(impls, device, seq_lens, tol, smoke, frozen=0.0, split=None, slow=0.0):
     """Each impl (float32) vs the float64 scan on fresh inputs; `tol` a number or {impl: number}.
-    `split`: run each impl as two calls with the state carried (see `carried`)."""
+    `split`: run each impl as two calls with the state carried (see `carried`); `frozen`, `slow`: see
+    `make_case`."""
     rows = []
     for T in seq_lens:
         seed = random.SystemRandom().randrange(2**31)
         B, H, N = (1, 1, 16) if smoke else (2, 4, 64)
-        case = make_case(B, T, H, N, seed, device, frozen=frozen)
+        case = make_case(B, T, H, N, seed, device, frozen=frozen, slow=slow)
         ref = fwd_bwd(wkv_ops.wkv7_reference, *case, torch.float64)
         for name, fn in impls.items():
             limit = tol.get(name, tol.get(name.split(" ")[0], tol["*"])) if isinstance(tol, dict) else tol
-            label = name + (f" carry@{split}" if split else "") + (f" frozen{frozen:g}" if frozen else "")
+            label = (name + (f" carry@{split}" if split else "") + (f" frozen{frozen:g}" if frozen else "")
+                     + (f" slow{slow:g}" if slow else ""))
             try:
                 got = fwd_bwd(carried(fn, split) if split else fn, *case, torch.float32, not forward_only(name))
             except Exception as exc:  # noqa: BLE001 - report and go on
@@ -304,6 +312,9 @@ def main():
     ap.add_argument("--fla-variants", nargs="*", default=["fla"], choices=["fla", "fla c64", "fla c64 bf16"],
                     help="fla's variants to check and time (each costs minutes of cold Triton JIT + autotune)")
     ap.add_argument("--no-chunked", action="store_true", help="do not time the chunked PyTorch path")
+    ap.add_argument("--scan-lens", type=int, nargs="+", default=[4096], metavar="T",
+                    help="lengths at which the chunk-grad sweep's scan-precision variants are also checked, with "
+                         "the model's decays and with a quarter of the channels a thousand times slower")
     ap.add_argument("--chunk-forward", action="store_true",
                     help="check and time the chunk-parallel prefill kernel (no-grad forward) at every shape")
     ap.add_argument("--smoke", action="store_true", help="CPU interpreter: tiny parity only")
@@ -342,7 +353,8 @@ def main():
         result["parity"] += parity(sweep, device, [200], sweep_tol, args.smoke)
         long_scans = {n: f for n, f in sweep.items() if "scan=" in n}  # does a scan's error compound?
         if long_scans:
-            result["parity"] += parity(long_scans, device, [4096], sweep_tol, args.smoke)
+            result["parity"] += parity(long_scans, device, args.scan_lens, sweep_tol, args.smoke)
+            result["parity"] += parity(long_scans, device, args.scan_lens, sweep_tol, args.smoke, slow=0.25)
     verdicts = {}
     for row in result["parity"]:
         verdicts.setdefault(row["impl"], []).append(row)

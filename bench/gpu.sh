@@ -11,7 +11,7 @@
 #              fla caches its autotune results on disk, so later suites of the same call start faster);
 #              WKV_ARGS replaces the options (e.g. "--no-chunked --shapes 16,1024,12,64 2,8192,12,64": the
 #              launch sweep, parts vs atomic column sums, at the 125m model's shape; "--sweep chunk-grad": the
-#              chunk-parallel backward's chunk size, product precision and forward), WKV_TIMEOUT the 220 s
+#              chunk-parallel backward's chunk size, product and scan precision and forward), WKV_TIMEOUT the 220 s
 #   wkv-model  hierarchos 125m minimal, full training steps (clip + optimizer), one row per WKV
 #              implementation (triton, fla), T=1024 and 8192, eager and under a CUDA graph (~150 s)
 #   stall      the `train` command at ~30M (byte tokenizer, width 512, 3 + 3 layers, T=512, B=32,

@@ -21,9 +21,9 @@ chunk for the backward, as the sequential kernel's checkpoints do.
 The products inside a chunk (the prep and the per-chunk gradients) run on tensor cores in TF32 when torch
 may use TF32 for matmuls (`torch.backends.cuda.matmul.allow_tf32`, which `train` turns on), else in full
 float32 (`input_precision="ieee"`); the scans across chunks, which carry the state and its adjoint
-through the whole sequence, take TF32 products too up to TF32_SCAN_MAX_CHUNKS chunks (measured on an H100:
-the error of one chunk's products, ~1e-3 relative as a TF32 matmul makes, did not compound from chunk to
-chunk up to T = 4096; the state decays), float32 ones beyond. On an H100 (BENCHMARKS.md) the
+through the whole sequence, take TF32 products too up to TF32_SCAN_MAX_CHUNKS chunks (the error of one
+chunk's products, ~1e-3 relative as a TF32 matmul makes, did not compound from chunk to chunk: measured on
+an H100 to T = 4096, emulated to T = 16384; the state decays), float32 ones beyond. On an H100 (BENCHMARKS.md) the
 float32 products were 5-10x slower than TF32 ones, slower than the sequential kernel; so `wkv7`'s
 automatic choice takes this path only where TF32 is allowed. "tf32x3" (three TF32 products a product,
 about float32's accuracy) and `scan_precision` are launch options for benchmarks. Inside a chunk the
@@ -58,10 +58,13 @@ except Exception:  # wkv_triton reports why (triton_unavailable_reason)
 
 CHUNK = 16
 # The scans across chunks carry the state (forward) and its adjoint (backward) through the sequence. With
-# TF32 products inside the chunks they run in TF32 too up to TF32_SCAN_MAX_CHUNKS chunks (T = 4096 at 16
-# tokens a chunk, the longest measured: on an H100 the errors at T = 4096 equal those at T = 200, state
-# 7.8e-4 against 8.0e-4, the gradients 3.2e-3 as with float32 scans; the call 10-27% faster), float32 beyond.
-TF32_SCAN_MAX_CHUNKS = 256
+# TF32 products inside the chunks they run in TF32 too up to TF32_SCAN_MAX_CHUNKS chunks (T = 16384 at 16
+# tokens a chunk), float32 beyond. On an H100 the errors at T = 4096 equal those at T = 200 (state 7.8e-4
+# against 8.0e-4, the gradients 3.2e-3 as with float32 scans; the call 10-27% faster); on the CPU, the
+# kernels under Triton's interpreter with every dot input truncated to TF32 (the pessimistic rounding) and
+# a quarter of the channels decaying 1000x slower, the errors at T = 16384 equal those at T = 1024 (state
+# 9.5e-4 / 9.7e-4, worst 2.4e-3): the state decays, so one chunk's rounding fades instead of compounding.
+TF32_SCAN_MAX_CHUNKS = 1024
 SCAN_PRECISION = "ieee"  # the scans' precision with float32 products, and past TF32_SCAN_MAX_CHUNKS
 
 
