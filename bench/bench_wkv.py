@@ -269,7 +269,8 @@ def chunk_grad_configs() -> dict:
     return {name(*v): config(*v) for v in [(16, "tf32", None, 4, "ieee"), (32, "tf32", None, 4, "ieee"),
                                             (16, "tf32", None, 8, "ieee"), (16, "tf32", "chunk", 4, "ieee"),
                                             (16, "tf32", "sequential", 4, "ieee"), (16, "ieee", None, 4, "ieee"),
-                                            (16, "tf32", None, 4, "tf32x3"), (16, "tf32", None, 4, "tf32")]}
+                                            (16, "tf32", None, 4, "tf32x3"), (16, "tf32", None, 4, "tf32"),
+                                            (16, "tf32", "chunk", 4, "tf32"), (16, "tf32", "sequential", 4, "tf32")]}
 
 
 def sweep_configs(kind: str) -> dict:
