@@ -258,7 +258,7 @@ def chunk_grad_configs() -> dict:
     inside a chunk in TF32 (what `wkv7` runs where TF32 is allowed) or float32 ("ieee": 5-10x slower on an
     H100), 8 warps for the per-chunk gradients, the forward forced either way (default: by the call's
     (batch, head) pairs), and the scans across chunks in float32 (where a name has no "scan="), 3xTF32 or TF32;
-    "triton_chunk_grad (default, TF32)" beside them is `wkv7`'s choice (TF32 scans up to 256 chunks)."""
+    "triton_chunk_grad (default, TF32)" beside them is `wkv7`'s choice (TF32 scans up to 1,024 chunks)."""
     def config(chunk=16, precision="tf32", forward=None, warps=4, scan="ieee"):
         return lambda *a, state: wkv7_chunk_grad(*a, state=state, chunk=chunk, precision=precision, forward=forward,
                                                  grad_warps=warps, scan_precision=scan)

@@ -23,9 +23,9 @@ may use TF32 for matmuls (`torch.backends.cuda.matmul.allow_tf32`, which `train`
 float32 (`input_precision="ieee"`); the scans across chunks, which carry the state and its adjoint
 through the whole sequence, take TF32 products too up to TF32_SCAN_MAX_CHUNKS chunks (the error of one
 chunk's products, ~1e-3 relative as a TF32 matmul makes, did not compound from chunk to chunk: measured on
-an H100 to T = 4096, emulated to T = 16384; the state decays), float32 ones beyond. On an H100 (BENCHMARKS.md) the
-float32 products were 5-10x slower than TF32 ones, slower than the sequential kernel; so `wkv7`'s
-automatic choice takes this path only where TF32 is allowed. "tf32x3" (three TF32 products a product,
+an H100 to T = 4096, emulated to T = 16384; the state decays), float32 ones beyond. On an H100
+(BENCHMARKS.md) the float32 products were 5-10x slower than TF32 ones, slower than the sequential kernel;
+so `wkv7`'s automatic choice takes this path only where TF32 is allowed. "tf32x3" (three TF32 products a product,
 about float32's accuracy) and `scan_precision` are launch options for benchmarks. Inside a chunk the
 factors exp(+-cl) span exp(C max|log_w|): C = 16 or 32 at the model's |log_w| <= 0.61 (not checked: a
 check would read the GPU). tests/test_wkv_chunk_grad_triton.py holds the kernels to the float64 scan's
