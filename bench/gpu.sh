@@ -30,9 +30,10 @@
 #   table-compiled  the table's graphs rows with the RWKV blocks compiled (what `train` runs on CUDA by default),
 #              against the compiled GPT-2: 125m minimal and default at T=1024, minimal at T=8192 (~300 s)
 #   profile    where a training step's GPU time goes, by kernel kind and by model part (profile_forward.py), and
-#              what a forward saves for its backward, by part, with the step's peak; hierarchos beside GPT-2;
-#              PROFILE_ARGS (default: the train-loop shape, "--size 30m-byte --seq-len 512 --batch 32 --models
-#              hierarchos:minimal gpt2 --compile --memory": compiled blocks, eager, no graph) (~150 s)
+#              what a forward saves for its backward, by part, with the step's peak, and the 40 largest kernels;
+#              hierarchos beside GPT-2; PROFILE_ARGS (default: the train-loop shape, "--size 30m-byte --seq-len 512
+#              --batch 32 --models hierarchos:minimal gpt2 --compile --memory --kernels 40": compiled blocks,
+#              eager, no graph) (~150 s)
 #   tests      the GPU-marked tests (~100 s warm; fla's cold autotune made them outlast 200 s once; 318 s on a
 #              cold H100 with everything compiled afresh); torch's AOT-autograd cache writer segfaulted once in
 #              test_compile.py (BENCHMARKS.md): TORCHINDUCTOR_AUTOGRAD_CACHE=0 runs them without that cache
@@ -174,7 +175,7 @@ for suite in "$@"; do
         | tee "$out/forward_table_compiled_8192.log" ;;
     profile)
       timeout ${PROFILE_TIMEOUT:-240} python3 bench/profile_forward.py --device cuda \
-        ${PROFILE_ARGS:---size 30m-byte --seq-len 512 --batch 32 --models hierarchos:minimal gpt2 --compile --memory} \
+        ${PROFILE_ARGS:---size 30m-byte --seq-len 512 --batch 32 --models hierarchos:minimal gpt2 --compile --memory --kernels 40} \
         --json "$out/profile.json" 2>&1 | tee "$out/profile.log" ;;
     tests)
       timeout ${TESTS_TIMEOUT:-300} python3 -m pytest -q -rf -p no:cacheprovider -m gpu tests 2>&1 | tee "$out/pytest_gpu.log" ;;
