@@ -199,8 +199,9 @@ def run_row(row, make_model, T, B, V, dev, args):
             elif isinstance(model, HierarchosLM):
                 # the RWKV blocks in place (what `train --compile` does): compiling the whole HRM loop
                 # did not finish a first step in 200 s, and in place the CUDA-graph rows compile too
-                compile_blocks(model)
-                compiled, row["compile"] = True, "on (blocks)"
+                compile_blocks(model, memory_budget=args.activation_budget)
+                compiled, row["compile"] = True, "on (blocks)" + (
+                    "" if args.activation_budget is None else f", activation budget {args.activation_budget:g}")
             else:
                 fwd, compiled, row["compile"] = torch.compile(model), True, "on"
 
@@ -460,6 +461,10 @@ def main():
     ap.add_argument("--optimizer", action="store_true",
                     help="time full training steps: clip + optimizer step after the backward (both models)")
     ap.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in both models")
+    ap.add_argument("--activation-budget", type=float, metavar="F",
+                    help="hierarchos' compiled blocks keep about this fraction of their saved activations, and "
+                         "below 1 the recurrence recomputes its chunk states (train's --activation-budget; needs "
+                         "--compile both)")
     ap.add_argument("--cuda-graphs", nargs="*", choices=CONFIGS, default=[], metavar="CONFIG",
                     help="configs that also get a row with forward+backward replayed as a CUDA graph")
     ap.add_argument("--skip-eager", action="store_true",
@@ -470,6 +475,8 @@ def main():
     ap.add_argument("--max-seconds-per-row", type=float, default=120.0)
     ap.add_argument("--json", help="default bench/results/forward_<device>.json")
     args = ap.parse_args()
+    if args.activation_budget is not None and (args.compile != "both" or not 0 < args.activation_budget <= 1):
+        ap.error("--activation-budget needs --compile both and a value in (0, 1]")
     dev = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                        else "cpu")
     tps = args.tokens_per_step or (16384 if dev.type == "cuda" else 2048)

@@ -257,20 +257,23 @@ def chunk_grad_configs() -> dict:
     """The chunk-parallel backward's variants (`wkv7_chunk_grad`): chunks of 16 or 32 tokens, the products
     inside a chunk in TF32 (what `wkv7` runs where TF32 is allowed) or float32 ("ieee": 5-10x slower on an
     H100), 8 warps for the per-chunk gradients, the forward forced either way (default: by the call's
-    (batch, head) pairs), and the scans across chunks in float32 (where a name has no "scan="), 3xTF32 or TF32;
-    "triton_chunk_grad (default, TF32)" beside them is `wkv7`'s choice (TF32 scans up to 1,024 chunks)."""
-    def config(chunk=16, precision="tf32", forward=None, warps=4, scan="ieee"):
+    (batch, head) pairs), the scans across chunks in float32 (where a name has no "scan="), 3xTF32 or TF32,
+    and the start states made again in the backward instead of held ("recompute": its peak is the memory
+    it saves); "triton_chunk_grad (default, TF32)" beside them is `wkv7`'s choice (TF32 scans up to 1,024
+    chunks)."""
+    def config(chunk=16, precision="tf32", forward=None, warps=4, scan="ieee", recompute=False):
         return lambda *a, state: wkv7_chunk_grad(*a, state=state, chunk=chunk, precision=precision, forward=forward,
-                                                 grad_warps=warps, scan_precision=scan)
+                                                 grad_warps=warps, scan_precision=scan, recompute_states=recompute)
 
-    def name(c, p, f, w, scan):
+    def name(c, p, f, w, scan, recompute=False):
         return (f"chunk_grad c{c} {p}{' fwd=' + f if f else ''}{f' warps={w}' if w != 4 else ''}"
-                f"{' scan=' + scan if scan != 'ieee' else ''}")
+                f"{' scan=' + scan if scan != 'ieee' else ''}{' recompute' if recompute else ''}")
     return {name(*v): config(*v) for v in [(16, "tf32", None, 4, "ieee"), (32, "tf32", None, 4, "ieee"),
                                             (16, "tf32", None, 8, "ieee"), (16, "tf32", "chunk", 4, "ieee"),
                                             (16, "tf32", "sequential", 4, "ieee"), (16, "ieee", None, 4, "ieee"),
                                             (16, "tf32", None, 4, "tf32x3"), (16, "tf32", None, 4, "tf32"),
-                                            (16, "tf32", "chunk", 4, "tf32"), (16, "tf32", "sequential", 4, "tf32")]}
+                                            (16, "tf32", "chunk", 4, "tf32"), (16, "tf32", "sequential", 4, "tf32"),
+                                            (16, "tf32", None, 4, "tf32", True), (16, "tf32", "chunk", 4, "tf32", True)]}
 
 
 def sweep_configs(kind: str) -> dict:
@@ -318,6 +321,8 @@ def main():
                          "the model's decays and with a quarter of the channels a thousand times slower")
     ap.add_argument("--chunk-forward", action="store_true",
                     help="check and time the chunk-parallel prefill kernel (no-grad forward) at every shape")
+    ap.add_argument("--variants", nargs="+", metavar="TEXT",
+                    help="time only the sweep's variants whose names contain one of these texts")
     ap.add_argument("--smoke", action="store_true", help="CPU interpreter: tiny parity only")
     ap.add_argument("--shapes", nargs="+", default=["8,2048,12,64", "2,8192,12,64"], metavar="B,T,H,N",
                     help="timed shapes (the sweep runs at the first; 16,1024,12,64 is the 125m model's at T=1024)")
@@ -349,6 +354,8 @@ def main():
                   dict(seq_lens=[1000], frozen=0.2, split=500), dict(seq_lens=[4096])]
     result["parity"] = [row for case in cases for row in parity(impls, device, tol=tol, smoke=args.smoke, **case)]
     sweep = sweep_configs(args.sweep)
+    if args.variants:
+        sweep = {n: f for n, f in sweep.items() if any(v in n for v in args.variants)}
     if not args.smoke and not args.no_sweep:  # every launch config that gets timed is checked too (T=200)
         sweep_tol = {"*": args.tol, **{n: args.fla_tol for n in sweep if " tf32" in n}}
         result["parity"] += parity(sweep, device, [200], sweep_tol, args.smoke)

@@ -35,6 +35,7 @@ from bench.bench_forward import (CONFIGS, SIZES, build_gpt2, fit_gpt2, gpt2_coun
                                  hier_counts, loss_fn, machine_info)
 from hierarchos.model.lm import HierarchosLM  # noqa: E402
 from hierarchos.model.rwkv import compile_blocks  # noqa: E402
+from hierarchos.ops.wkv_chunk_grad_triton import set_recompute_states  # noqa: E402
 
 # first match wins; names are CUDA kernel names (lower-cased)
 KINDS = (
@@ -202,6 +203,7 @@ def profile_one(spec: str, args, dev, budget: float | None = None) -> dict:
 
     torch._dynamo.reset()  # a fresh compile per row: the budget is read when a region compiles
     torch._functorch.config.activation_memory_budget = 1.0
+    set_recompute_states(False)  # (compile_blocks turns it on for a budget below 1)
     torch.manual_seed(0)
     model = make_model(spec, args.size, args.seq_len).to(dev).train()
     fwd = model

@@ -253,14 +253,18 @@ def _block_saved_bytes(budget: float | None) -> tuple[int, dict]:
 
 def test_an_activation_budget_recomputes_instead_of_saving(monkeypatch):
     """compile_blocks(memory_budget=): the compiled block saves less for its backward and computes the
-    same gradients (recomputed in the backward); the setting is torch's process-wide one."""
+    same gradients (recomputed in the backward); the setting is torch's process-wide one, and below 1 the
+    chunk-parallel WKV backward's default recomputes its start states too (also process-wide)."""
     import torch._functorch.config as functorch_config
+    from hierarchos.ops import wkv_chunk_grad_triton as chunk_grad
 
     monkeypatch.setattr(functorch_config, "activation_memory_budget", functorch_config.activation_memory_budget)
+    monkeypatch.setattr(chunk_grad, "RECOMPUTE_STATES", False)
     full, grads = _block_saved_bytes(None)
     assert functorch_config.activation_memory_budget == 1.0  # None leaves torch's setting
+    assert not chunk_grad.RECOMPUTE_STATES
     low, low_grads = _block_saved_bytes(0.1)
-    assert functorch_config.activation_memory_budget == 0.1
+    assert functorch_config.activation_memory_budget == 0.1 and chunk_grad.RECOMPUTE_STATES
     assert 0 < low < 0.75 * full, (low, full)  # (the opaque recurrence saves its own part either way)
     assert low_grads.keys() == grads.keys()
     for name in grads:

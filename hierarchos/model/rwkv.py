@@ -30,6 +30,7 @@ from ..ops.matvec_triton import matvecs_triton, swiglu_triton
 from ..ops.amp import to_autocast_dtype
 from ..ops.compile_settings import before_compiling
 from ..ops.wkv import wkv7, wkv7_no_grad
+from ..ops.wkv_chunk_grad_triton import set_recompute_states
 from ..ops.wkv4 import EMPTY_PP, wkv4
 from .deepembed import DeepEmbedTables
 
@@ -528,7 +529,9 @@ def compile_blocks(model: nn.Module, backend: str = "inductor", fall_back: bool 
     process-wide) instead of raising. `memory_budget` (0 < b <= 1; None leaves torch's setting): the
     compiled regions keep about that fraction of the activations their default partition would save
     for the backward and recompute the rest in it, cheapest first by FLOPs (torch's
-    `activation_memory_budget`, process-wide, read when each region compiles: set before the first call).
+    `activation_memory_budget`, process-wide, read when each region compiles: set before the first call);
+    below 1 the recurrence's chunk-parallel backward also makes its chunks' start states again instead of
+    holding them from the forward (`wkv_chunk_grad_triton.set_recompute_states`, process-wide too).
 
     Blocks, not the whole model: the HRM loop around them has data-dependent pass counts and
     several sequence lengths (watch over T tokens, pondering over T / h_stride plan points, the
@@ -546,6 +549,7 @@ def compile_blocks(model: nn.Module, backend: str = "inductor", fall_back: bool 
         if not 0 < memory_budget <= 1:
             raise ValueError(f"compile_blocks: memory_budget must be in (0, 1], got {memory_budget}")
         torch._functorch.config.activation_memory_budget = float(memory_budget)
+        set_recompute_states(memory_budget < 1)
     if fall_back:
         torch._dynamo.config.suppress_errors = True
     allow_recompiles()

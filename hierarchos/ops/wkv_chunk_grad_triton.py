@@ -42,7 +42,7 @@ import torch
 from ..errors import HierarchosError
 from .device_check import checked_once
 from .wkv_chunk_triton import (CHUNK_FORWARD_BELOW_PAIRS, PRECISIONS, check_inputs, check_sizes, default_rows,
-                               launch_prep, run_chunk_forward)
+                               launch_prep, recompute_starts, run_chunk_forward)
 from .wkv_inputs import kernel_inputs
 from .wkv_triton import default_forward_launch, triton_unavailable_reason, wkv7_triton
 from .wkv_triton import run_forward as run_sequential_forward
@@ -216,35 +216,43 @@ def forward_kind(pairs: int) -> str:
 
 
 class _WKV7ChunkGrad(torch.autograd.Function):
-    """Kernel-ready inputs (`kernel_inputs`), T >= 1. o, the final state, the saved start states and every
-    buffer of the backward are float32; gradients of bf16/fp16 r, k, v come back in their dtype."""
+    """Kernel-ready inputs (`kernel_inputs`), T >= 1. o, the final state, the start states and every
+    buffer of the backward are float32; gradients of bf16/fp16 r, k, v come back in their dtype. With
+    `recompute` the forward holds the initial state in place of the start states, and the backward makes
+    them again (`recompute_starts`)."""
 
     @staticmethod
-    def forward(ctx, r, log_w, k, v, a, b, state, chunk, rows, precision, scan_precision, kind, grad_warps, grad_mode):
+    def forward(ctx, r, log_w, k, v, a, b, state, chunk, rows, precision, scan_precision, kind, grad_warps, grad_mode,
+                recompute):
         batch, seq_len, heads, head_size = r.shape
         n_chunks = -(-seq_len // chunk)
         store = grad_mode and any(ctx.needs_input_grad[:7])
-        starts = state.new_empty(batch * heads * n_chunks * head_size * head_size) if store else None
+        starts = (state.new_empty(batch * heads * n_chunks * head_size * head_size)
+                  if store and not recompute else None)
         if kind == "chunk":
             o, final = run_chunk_forward(r, log_w, k, v, a, b, state, chunk=chunk, rows=rows, precision=precision,
                                          starts=starts, scan_precision=scan_precision)
         else:  # the sequential kernel's checkpoints, one chunk apart, are the chunks' start states
             o, final = run_sequential_forward(r, log_w, k, v, a, b, state, chunk, default_forward_launch(r), starts)
         if store:
-            ctx.save_for_backward(r, log_w, k, v, a, b, starts)
-        ctx.config = (chunk, rows, precision, scan_precision, grad_warps)
+            ctx.save_for_backward(r, log_w, k, v, a, b, state if recompute else starts)
+        ctx.config = (chunk, rows, precision, scan_precision, grad_warps, recompute)
         return o, final
 
     @staticmethod
     def backward(ctx, d_o, d_final):
-        r, log_w, k, v, a, b, starts = ctx.saved_tensors
-        chunk, rows, precision, scan_precision, grad_warps = ctx.config
+        r, log_w, k, v, a, b, held = ctx.saved_tensors
+        chunk, rows, precision, scan_precision, grad_warps, recompute = ctx.config
         batch, seq_len, heads, head_size = r.shape
         n_chunks = -(-seq_len // chunk)
         d_o = torch.zeros_like(log_w) if d_o is None else d_o.float().contiguous()
         shape_s = (batch, heads, head_size, head_size)
         d_final = log_w.new_zeros(shape_s) if d_final is None else d_final.float().contiguous()
-        ws, _, g = launch_prep(r, log_w, k, a, b, chunk, precision, state_terms_only=True)
+        if recompute:  # the start states again, from the initial state (`held`): the prep's E too, no outputs
+            ws, g, starts = recompute_starts(r, log_w, k, v, a, b, held, chunk=chunk, rows=rows, precision=precision,
+                                             scan_precision=scan_precision)
+        else:
+            (ws, _, g), starts = launch_prep(r, log_w, k, a, b, chunk, precision, terms="state"), held
         ends = torch.empty_like(starts)
         d_state = log_w.new_empty(shape_s)
         # dr, dk, dv in their inputs' dtypes (the kernel's store rounds as .to() would: one pass less a
@@ -260,7 +268,22 @@ class _WKV7ChunkGrad(torch.autograd.Function):
                                                    num_warps=grad_warps, **common)
         dr, dlog_w, dk, dv, da, db = grads
         return (dr, dlog_w, dk, dv, da, db, d_state,
-                None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None)
+
+
+# Whether calls that do not say (`wkv7_chunk_grad(recompute_states=None)`, as `wkv7` calls it) make the start
+# states again in the backward instead of holding them from the forward: process-wide, as torch's
+# activation_memory_budget is (`set_recompute_states`; `compile_blocks` turns it on with a budget below 1).
+RECOMPUTE_STATES = False
+
+
+def set_recompute_states(on: bool) -> None:
+    """Make `wkv7_chunk_grad`'s default hold the initial state alone from the forward to the backward and
+    recompute the chunks' start states there (one N x N float32 state a chunk of 16 tokens a (batch, head):
+    16 bytes a token and channel, e.g. 201 MB a layer call at 125m B16 T1024), for the prep's E and a scan of
+    three products a chunk more in the backward."""
+    global RECOMPUTE_STATES
+    RECOMPUTE_STATES = bool(on)
 
 
 def default_precision() -> str:
@@ -269,7 +292,7 @@ def default_precision() -> str:
 
 
 def wkv7_chunk_grad(r, log_w, k, v, a, b, state=None, *, chunk=CHUNK, rows=None, precision=None, forward=None,
-                    grad_warps=4, scan_precision=None):
+                    grad_warps=4, scan_precision=None, recompute_states=None):
     """WKV-7 with the chunk-parallel backward (CUDA; CPU only under TRITON_INTERPRET=1). Same contract as
     `wkv7_reference`, computing in float32 (float64 inputs too; r, k, v may stay bf16/fp16, upcast as
     loaded). `chunk` tokens a chunk (a power of two >= 16), `rows` state rows a scan program (a power of
@@ -277,7 +300,8 @@ def wkv7_chunk_grad(r, log_w, k, v, a, b, state=None, *, chunk=CHUNK, rows=None,
     `default_precision()`), `scan_precision` of the scans' products across chunks (default
     `default_scan_precision`), `forward` "chunk" or "sequential"
     (default by the call's (batch, head) pairs: `forward_kind`), `grad_warps` the per-chunk gradient
-    kernel's warps."""
+    kernel's warps, `recompute_states` whether the backward makes the chunks' start states again instead of
+    holding them from the forward (default `RECOMPUTE_STATES`: `set_recompute_states`)."""
     reason = triton_unavailable_reason(r.device)
     if reason:
         raise HierarchosError(f"wkv7 impl 'triton_chunk_grad' cannot run: {reason}; use impl='chunked'")
@@ -295,8 +319,9 @@ def wkv7_chunk_grad(r, log_w, k, v, a, b, state=None, *, chunk=CHUNK, rows=None,
         raise HierarchosError(f"wkv7_chunk_grad forward={kind!r}: use 'chunk' or 'sequential'")
     if seq_len == 0:
         return log_w.new_zeros(r.shape), state
+    recompute = RECOMPUTE_STATES if recompute_states is None else bool(recompute_states)
     args = (r, log_w, k, v, a, b, state, chunk, rows, precision, scan_precision, kind, grad_warps,
-            torch.is_grad_enabled())
+            torch.is_grad_enabled(), recompute)
     if r.is_cuda:
         with torch.cuda.device(r.device):
             return _WKV7ChunkGrad.apply(*args)

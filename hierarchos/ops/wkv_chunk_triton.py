@@ -60,14 +60,15 @@ PRECISIONS = ("ieee", "tf32x3", "tf32")  # float32; three TF32 products a produc
 
 def _wkv7_chunk_prep_kernel(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, ws_ptr, q_ptr, g_ptr, T, n_chunks,
                             H: tl.constexpr, N: tl.constexpr, C: tl.constexpr, SQUARINGS: tl.constexpr,
-                            PREC: tl.constexpr, STATE_TERMS_ONLY: tl.constexpr):
+                            PREC: tl.constexpr, WITH_E: tl.constexpr, WITH_Q: tl.constexpr):
     """First pass, one program per (b, h, chunk), all chunks at once: everything of a chunk
     that does not depend on the state entering it (the module's formulas with U and O expanded in S_0):
         W = (I - L_ab)^-1 A_dec, U_v = (I - L_ab)^-1 L_ak            so U = W S_0^T + U_v V
         P = R_dec + M_rb W, Q = M_rb U_v + M_rk                         so O = P S_0^T + Q V
         B_end = b g_C / g, E = U_v^T B_end + k g_C / g                  so S_C = S_0 g_C + (S_0 W^T) B_end + V^T E
-    stored as ws[pid] = (W, B_end, E, P) (4, C, N), q[pid] = Q (C, C), g[pid] = g_C (N). STATE_TERMS_ONLY
-    (the backward's reverse scan, which needs only W, B_end, P and g): E and Q are neither formed nor stored."""
+    stored as ws[pid] = (W, B_end, E, P) (4, C, N), q[pid] = Q (C, C), g[pid] = g_C (N). Without WITH_E (the
+    backward's reverse scan needs only W, B_end, P and g) E is neither formed nor stored, without WITH_Q
+    (only the forward's outputs need Q) Q."""
     pid = tl.program_id(0)
     bh = pid // n_chunks
     c = pid % n_chunks
@@ -108,22 +109,25 @@ def _wkv7_chunk_prep_kernel(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, ws_ptr, q_ptr, g_
     tl.store(ws_ptr + base + C * N + tile, b_end)
     tl.store(ws_ptr + base + 3 * C * N + tile, p)
     tl.store(g_ptr + pid.to(tl.int64) * N + cols, tl.exp(cl_end))
-    if not STATE_TERMS_ONLY:
+    if WITH_E:
         l_ak = tl.where(strict, tl.dot(a_dec, tl.trans(k_inv), input_precision=PREC), 0.0)
-        m_rk = tl.where(inclusive, tl.dot(r_dec, tl.trans(k_inv), input_precision=PREC), 0.0)
         u_v = tl.dot(inv, l_ak, input_precision=PREC)                  # (C, C)
-        q = tl.dot(m_rb, u_v, input_precision=PREC) + m_rk
         e = tl.dot(tl.trans(u_v), b_end, input_precision=PREC) + kt * to_end
         tl.store(ws_ptr + base + 2 * C * N + tile, e)
-        tl.store(q_ptr + pid.to(tl.int64) * (C * C) + steps[:, None] * C + steps[None, :], q)
+        if WITH_Q:
+            m_rk = tl.where(inclusive, tl.dot(r_dec, tl.trans(k_inv), input_precision=PREC), 0.0)
+            q = tl.dot(m_rb, u_v, input_precision=PREC) + m_rk
+            tl.store(q_ptr + pid.to(tl.int64) * (C * C) + steps[:, None] * C + steps[None, :], q)
 
 
 def _wkv7_chunk_scan_kernel(v_ptr, s0_ptr, ws_ptr, q_ptr, g_ptr, o_ptr, s_out_ptr, starts_ptr, T, n_chunks,
                             H: tl.constexpr, N: tl.constexpr, BI: tl.constexpr, C: tl.constexpr,
-                            PREC: tl.constexpr, STORE_STARTS: tl.constexpr):
+                            PREC: tl.constexpr, STORE_STARTS: tl.constexpr, OUTPUTS: tl.constexpr):
     """Second pass: rows [blk*BI, blk*BI + BI) of one (b, h) state through the chunks in order, five
     small products a chunk (the first pass's docstring has them). Tokens past T load zeros. With
-    STORE_STARTS the state entering each chunk goes to starts[(b, h), chunk] (for a backward)."""
+    STORE_STARTS the state entering each chunk goes to starts[(b, h), chunk] (for a backward); without
+    OUTPUTS the tokens' outputs are not made (P and Q are not read: three products a chunk), the state alone
+    is carried (a backward's recompute of the start states)."""
     NB: tl.constexpr = N // BI
     pid = tl.program_id(0)
     bh = pid // NB
@@ -144,15 +148,16 @@ def _wkv7_chunk_scan_kernel(v_ptr, s0_ptr, ws_ptr, q_ptr, g_ptr, o_ptr, s_out_pt
         w = tl.load(ws_ptr + base + tile)
         b_end = tl.load(ws_ptr + base + C * N + tile)
         e = tl.load(ws_ptr + base + 2 * C * N + tile)
-        p = tl.load(ws_ptr + base + 3 * C * N + tile)
-        q = tl.load(q_ptr + chunk_id * (C * C) + steps[:, None] * C + steps[None, :])
         g = tl.load(g_ptr + chunk_id * N + cols)
         t = c * C + steps
         live = (t < T)[:, None]
         off = tok0 + t.to(tl.int64)[:, None] * (H * N)
         vt = tl.load(v_ptr + off + rows[None, :], mask=live, other=0.0).to(tl.float32)   # (C, BI)
-        o = tl.dot(p, tl.trans(s), input_precision=PREC) + tl.dot(q, vt, input_precision=PREC)
-        tl.store(o_ptr + off + rows[None, :], o, mask=live)
+        if OUTPUTS:
+            p = tl.load(ws_ptr + base + 3 * C * N + tile)
+            q = tl.load(q_ptr + chunk_id * (C * C) + steps[:, None] * C + steps[None, :])
+            o = tl.dot(p, tl.trans(s), input_precision=PREC) + tl.dot(q, vt, input_precision=PREC)
+            tl.store(o_ptr + off + rows[None, :], o, mask=live)
         sw = tl.dot(s, tl.trans(w), input_precision=PREC)                                # (BI, C)
         s = (s * g[None, :] + tl.dot(sw, b_end, input_precision=PREC)
              + tl.dot(tl.trans(vt), e, input_precision=PREC))
@@ -220,18 +225,25 @@ def prep_buffers(r: torch.Tensor, chunk: int, n_chunks: int, with_q: bool = True
             new((chunks, head_size)))
 
 
-def launch_prep(r, log_w, k, a, b, chunk, precision="ieee", num_warps=4, state_terms_only=False):
+PREP_TERMS = ("all", "state", "state_update")
+
+
+def launch_prep(r, log_w, k, a, b, chunk, precision="ieee", num_warps=4, terms="all"):
     """The first kernel on kernel-ready inputs (`kernel_inputs`, T >= 1): every chunk's (W, B_end, E, P),
-    Q and g (`prep_buffers`); with `state_terms_only` W, B_end, P and g alone (E's slot left unwritten, Q
-    not made)."""
+    Q and g (`prep_buffers`). `terms`: "all" (the forward's), "state" (W, B_end, P and g alone: the
+    backward's reverse scan; E's slot left unwritten, Q not made) or "state_update" (the same and E: what
+    carrying the state through the chunks needs too; Q not made)."""
+    if terms not in PREP_TERMS:
+        raise ValueError(f"launch_prep: terms={terms!r}, use one of {PREP_TERMS}")
     batch, seq_len, heads, head_size = r.shape
     n_chunks = -(-seq_len // chunk)
-    ws, q, g = prep_buffers(r, chunk, n_chunks, with_q=not state_terms_only)
+    ws, q, g = prep_buffers(r, chunk, n_chunks, with_q=terms == "all")
     prep, _ = _kernel(not r.is_cuda)
     with torch.cuda.device(r.device) if r.is_cuda else contextlib.nullcontext():
         prep[(batch * heads * n_chunks,)](r, log_w, k, a, b, ws, q, g, seq_len, n_chunks, H=heads, N=head_size,
                                           C=chunk, SQUARINGS=chunk.bit_length() - 2,  # (I + L)(I + L^2)...
-                                          PREC=precision, STATE_TERMS_ONLY=state_terms_only, num_warps=num_warps)
+                                          PREC=precision, WITH_E=terms != "state", WITH_Q=terms == "all",
+                                          num_warps=num_warps)
     return ws, q, g
 
 
@@ -251,8 +263,27 @@ def run_chunk_forward(r, log_w, k, v, a, b, state, *, chunk=CHUNK, rows=None, nu
         scan[(batch * heads * (head_size // rows),)](
             v, state, ws, q, g, o, final, final if starts is None else starts, seq_len, n_chunks,
             H=heads, N=head_size, BI=rows, C=chunk, PREC=scan_precision or precision, STORE_STARTS=starts is not None,
-            num_warps=num_warps or 4)
+            OUTPUTS=True, num_warps=num_warps or 4)
     return o, final
+
+
+def recompute_starts(r, log_w, k, v, a, b, state, *, chunk=CHUNK, rows=None, precision="ieee", scan_precision=None):
+    """The state entering every chunk, carried from `state` through the chunks without the tokens' outputs
+    (kernel-ready inputs, T >= 1, sizes checked): (ws, g, starts), the prep's W, B_end, E, P and g
+    (`launch_prep(terms="state_update")`, which the backward's reverse scan reads too) and the float32
+    (B * H * n_chunks * N * N) start states, as `run_chunk_forward(starts=...)` stores them."""
+    batch, seq_len, heads, head_size = r.shape
+    rows = rows or default_rows(head_size)
+    n_chunks = -(-seq_len // chunk)
+    ws, q, g = launch_prep(r, log_w, k, a, b, chunk, precision, terms="state_update")
+    starts = state.new_empty(batch * heads * n_chunks * head_size * head_size)
+    final = torch.empty_like(state)
+    _, scan = _kernel(not r.is_cuda)
+    with torch.cuda.device(r.device) if r.is_cuda else contextlib.nullcontext():
+        scan[(batch * heads * (head_size // rows),)](
+            v, state, ws, q, g, final, final, starts, seq_len, n_chunks, H=heads, N=head_size, BI=rows, C=chunk,
+            PREC=scan_precision or precision, STORE_STARTS=True, OUTPUTS=False, num_warps=4)
+    return ws, g, starts
 
 
 _CHECKED: dict = {}  # device -> whether the kernels built and matched the sequential kernel there
