@@ -43,6 +43,7 @@ from hierarchos.config import (DEFAULT_WIRING, MINIMAL_DEPTH, SEED_DEPTH, TIME_M
                                tiny_config)
 from hierarchos.model.lm import HierarchosLM  # noqa: E402
 from hierarchos.model.rwkv import compile_blocks, uncompile_blocks  # noqa: E402
+from hierarchos.ops.wkv_chunk_grad_triton import set_recompute_states  # noqa: E402
 from hierarchos.model.losses import lm_loss  # noqa: E402
 from hierarchos.ops import wkv as wkv_ops  # noqa: E402
 from hierarchos.train.cuda_graph import GraphedWindow  # noqa: E402
@@ -465,6 +466,9 @@ def main():
                     help="hierarchos' compiled blocks keep about this fraction of their saved activations, and "
                          "below 1 the recurrence recomputes its chunk states (train's --activation-budget; needs "
                          "--compile both)")
+    ap.add_argument("--recompute-states", action="store_true",
+                    help="the chunk-parallel WKV backward recomputes its chunks' start states instead of holding "
+                         "them (what an activation budget below 1 turns on), compiled blocks or not")
     ap.add_argument("--cuda-graphs", nargs="*", choices=CONFIGS, default=[], metavar="CONFIG",
                     help="configs that also get a row with forward+backward replayed as a CUDA graph")
     ap.add_argument("--skip-eager", action="store_true",
@@ -477,6 +481,8 @@ def main():
     args = ap.parse_args()
     if args.activation_budget is not None and (args.compile != "both" or not 0 < args.activation_budget <= 1):
         ap.error("--activation-budget needs --compile both and a value in (0, 1]")
+    if args.recompute_states:
+        set_recompute_states(True)
     dev = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                        else "cpu")
     tps = args.tokens_per_step or (16384 if dev.type == "cuda" else 2048)

@@ -16,7 +16,11 @@ scratch buffer first. Here the backward is three kernels:
 The forward is the sequential kernel with its checkpoints spaced one chunk apart (they are the chunks'
 start states) when the call has enough (batch, head) pairs to fill the GPU, else the chunk-parallel
 forward storing the start states (`run_chunk_forward(starts=...)`). Both hold one N x N float32 state a
-chunk for the backward, as the sequential kernel's checkpoints do.
+chunk for the backward, as the sequential kernel's checkpoints do (16 bytes a token and channel at 16
+tokens a chunk: about as much as the call's six inputs together). With `recompute_states` (process-wide
+by `set_recompute_states`, which an activation budget below 1 turns on) the forward holds the initial state
+alone and the backward makes the start states again, the prep forming E too and the chunk forward's scan
+carrying the state without the tokens' outputs (`wkv_chunk_triton.recompute_starts`).
 
 The products inside a chunk (the prep and the per-chunk gradients) run on tensor cores in TF32 when torch
 may use TF32 for matmuls (`torch.backends.cuda.matmul.allow_tf32`, which `train` turns on), else in full
