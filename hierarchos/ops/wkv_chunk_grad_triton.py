@@ -20,7 +20,8 @@ chunk for the backward, as the sequential kernel's checkpoints do (16 bytes a to
 tokens a chunk: about as much as the call's six inputs together). With `recompute_states` (process-wide
 by `set_recompute_states`, which an activation budget below 1 turns on) the forward holds the initial state
 alone and the backward makes the start states again, the prep forming E too and the chunk forward's scan
-carrying the state without the tokens' outputs (`wkv_chunk_triton.recompute_starts`).
+scanning them in the launch of the reverse scan (the two scans are independent: side by side they take
+the GPU's idle slots).
 
 The products inside a chunk (the prep and the per-chunk gradients) run on tensor cores in TF32 when torch
 may use TF32 for matmuls (`torch.backends.cuda.matmul.allow_tf32`, which `train` turns on), else in full
@@ -46,7 +47,7 @@ import torch
 from ..errors import HierarchosError
 from .device_check import checked_once
 from .wkv_chunk_triton import (CHUNK_FORWARD_BELOW_PAIRS, PRECISIONS, check_inputs, check_sizes, default_rows,
-                               launch_prep, recompute_starts, run_chunk_forward)
+                               launch_prep, run_chunk_forward)
 from .wkv_inputs import kernel_inputs
 from .wkv_triton import default_forward_launch, triton_unavailable_reason, wkv7_triton
 from .wkv_triton import run_forward as run_sequential_forward
@@ -78,39 +79,61 @@ def default_scan_precision(precision: str, n_chunks: int) -> str:
     return "tf32" if precision == "tf32" and n_chunks <= TF32_SCAN_MAX_CHUNKS else SCAN_PRECISION
 
 
-def _wkv7_chunk_reverse_kernel(do_ptr, ds_final_ptr, ws_ptr, g_ptr, ends_ptr, ds0_ptr, T, n_chunks,
-                               H: tl.constexpr, N: tl.constexpr, BI: tl.constexpr, C: tl.constexpr,
-                               PREC: tl.constexpr):
-    """Rows [blk*BI, blk*BI + BI) of one (b, h) adjoint through the chunks in reverse: stores the adjoint
-    at every chunk's end (ends[(b, h), chunk]) and the initial state's (ds0). Tokens past T load dO = 0."""
+def _wkv7_chunk_scans_kernel(v_ptr, s0_ptr, do_ptr, ds_final_ptr, ws_ptr, g_ptr, starts_ptr, ends_ptr, ds0_ptr,
+                             T, n_chunks, forward_programs,
+                             H: tl.constexpr, N: tl.constexpr, BI: tl.constexpr, C: tl.constexpr,
+                             PREC: tl.constexpr):
+    """The scans across chunks, programs owning rows [blk*BI, blk*BI + BI) of one (b, h) state. The first
+    `forward_programs` (0, or one per block of rows of every state) carry the state from s0 through the
+    chunks in order, S_C = S_0 diag(g) + (S_0 W^T) B_end + V^T E, storing the state entering each chunk
+    (starts[(b, h), chunk]; the backward's recompute); the others carry the adjoint from ds_final through
+    the chunks in reverse, dS_0 = dS_C diag(g) + (dS_C B_end^T) W + dO^T P, storing it at every chunk's end
+    (ends[(b, h), chunk]) and the initial state's (ds0). The two are the same three products a chunk with
+    the workspace's slots swapped, and independent of each other, so one launch runs both side by side.
+    Tokens past T load V = 0, dO = 0."""
     NB: tl.constexpr = N // BI
     pid = tl.program_id(0)
-    bh = pid // NB
-    blk = pid % NB
+    rev = pid >= forward_programs
+    q = tl.where(rev, pid - forward_programs, pid)
+    bh = q // NB
+    blk = q % NB
     rows = blk * BI + tl.arange(0, BI)
     cols = tl.arange(0, N)
     steps = tl.arange(0, C)
     tok0 = ((bh // H).to(tl.int64) * T * H + bh % H) * N
     rows_tile = rows[:, None] * N + cols[None, :]
-    ds = tl.load(ds_final_ptr + bh.to(tl.int64) * N * N + rows_tile)
+    state = bh.to(tl.int64) * N * N + rows_tile
+    if rev:
+        x = tl.load(ds_final_ptr + state)
+    else:
+        x = tl.load(s0_ptr + state)
+    slot_a = tl.where(rev, C * N, 0)              # (W, B_end) forward, (B_end, W) in reverse
+    slot_b = C * N - slot_a
+    slot_z = tl.where(rev, 3 * C * N, 2 * C * N)  # E forward, P in reverse
     tile = steps[:, None] * N + cols[None, :]
-    c = n_chunks - 1
-    while c >= 0:  # a while loop for the interpreter (wkv_triton's forward says why)
+    i = 0
+    while i < n_chunks:  # a while loop for the interpreter (wkv_triton's forward says why)
+        c = tl.where(rev, n_chunks - 1 - i, i)
         chunk_id = bh.to(tl.int64) * n_chunks + c
-        tl.store(ends_ptr + chunk_id * (N * N) + rows_tile, ds)
-        base = chunk_id * (4 * C * N)
-        w = tl.load(ws_ptr + base + tile)
-        b_end = tl.load(ws_ptr + base + C * N + tile)
-        p = tl.load(ws_ptr + base + 3 * C * N + tile)
-        g = tl.load(g_ptr + chunk_id * N + cols)
         t = c * C + steps
-        off = tok0 + t.to(tl.int64)[:, None] * (H * N)
-        d_ot = tl.load(do_ptr + off + rows[None, :], mask=(t < T)[:, None], other=0.0)     # (C, BI)
-        dsb = tl.dot(ds, tl.trans(b_end), input_precision=PREC)                            # (BI, C)
-        ds = (ds * g[None, :] + tl.dot(dsb, w, input_precision=PREC)
-              + tl.dot(tl.trans(d_ot), p, input_precision=PREC))
-        c -= 1
-    tl.store(ds0_ptr + bh.to(tl.int64) * N * N + rows_tile, ds)
+        live = (t < T)[:, None]
+        off = tok0 + t.to(tl.int64)[:, None] * (H * N) + rows[None, :]
+        if rev:
+            tl.store(ends_ptr + chunk_id * (N * N) + rows_tile, x)
+            y = tl.load(do_ptr + off, mask=live, other=0.0)                              # (C, BI)
+        else:
+            tl.store(starts_ptr + chunk_id * (N * N) + rows_tile, x)
+            y = tl.load(v_ptr + off, mask=live, other=0.0).to(tl.float32)
+        base = chunk_id * (4 * C * N)
+        m_a = tl.load(ws_ptr + base + slot_a + tile)
+        m_b = tl.load(ws_ptr + base + slot_b + tile)
+        z = tl.load(ws_ptr + base + slot_z + tile)
+        g = tl.load(g_ptr + chunk_id * N + cols)
+        xa = tl.dot(x, tl.trans(m_a), input_precision=PREC)                                # (BI, C)
+        x = x * g[None, :] + tl.dot(xa, m_b, input_precision=PREC) + tl.dot(tl.trans(y), z, input_precision=PREC)
+        i += 1
+    if rev:
+        tl.store(ds0_ptr + state, x)
 
 
 def _wkv7_chunk_grad_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, do_ptr, starts_ptr, ends_ptr,
@@ -207,10 +230,11 @@ def _wkv7_chunk_grad_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, do_ptr, st
 def _kernel(interpret: bool):
     """The reverse scan and the per-chunk gradients as Triton JIT functions, or run by Triton's
     interpreter on CPU tensors."""
-    kernels = (_wkv7_chunk_reverse_kernel, _wkv7_chunk_grad_kernel)
+    kernels = (_wkv7_chunk_scans_kernel, _wkv7_chunk_grad_kernel)
     if interpret:
         return tuple(InterpretedFunction(k) for k in kernels)
-    return tuple(triton.JITFunction(k, do_not_specialize=["T", "n_chunks"]) for k in kernels)
+    return tuple(triton.JITFunction(k, do_not_specialize=["T", "n_chunks", "forward_programs"][:3 if k is kernels[0] else 2])
+                 for k in kernels)
 
 
 def forward_kind(pairs: int) -> str:
@@ -222,8 +246,8 @@ def forward_kind(pairs: int) -> str:
 class _WKV7ChunkGrad(torch.autograd.Function):
     """Kernel-ready inputs (`kernel_inputs`), T >= 1. o, the final state, the start states and every
     buffer of the backward are float32; gradients of bf16/fp16 r, k, v come back in their dtype. With
-    `recompute` the forward holds the initial state in place of the start states, and the backward makes
-    them again (`recompute_starts`)."""
+    `recompute` the forward holds the initial state in place of the start states, and the backward's scan
+    launch makes them again beside the reverse scan."""
 
     @staticmethod
     def forward(ctx, r, log_w, k, v, a, b, state, chunk, rows, precision, scan_precision, kind, grad_warps, grad_mode,
@@ -252,21 +276,23 @@ class _WKV7ChunkGrad(torch.autograd.Function):
         d_o = torch.zeros_like(log_w) if d_o is None else d_o.float().contiguous()
         shape_s = (batch, heads, head_size, head_size)
         d_final = log_w.new_zeros(shape_s) if d_final is None else d_final.float().contiguous()
-        if recompute:  # the start states again, from the initial state (`held`): the prep's E too, no outputs
-            ws, g, starts = recompute_starts(r, log_w, k, v, a, b, held, chunk=chunk, rows=rows, precision=precision,
-                                             scan_precision=scan_precision)
-        else:
-            (ws, _, g), starts = launch_prep(r, log_w, k, a, b, chunk, precision, terms="state"), held
+        # with `recompute` the start states are made again (`held` is the initial state) by forward scans
+        # beside the reverse ones, in the same launch: the prep forms E for them too
+        ws, _, g = launch_prep(r, log_w, k, a, b, chunk, precision, terms="state_update" if recompute else "state")
+        starts = log_w.new_empty(batch * heads * n_chunks * head_size * head_size) if recompute else held
         ends = torch.empty_like(starts)
         d_state = log_w.new_empty(shape_s)
         # dr, dk, dv in their inputs' dtypes (the kernel's store rounds as .to() would: one pass less a
         # gradient under autocast, where r and v come in bf16), dlog_w, da, db float32
         grads = [torch.empty_like(x) for x in (r, log_w, k, v, a, b)]
-        scan, per_chunk = _kernel(not r.is_cuda)
+        scans, per_chunk = _kernel(not r.is_cuda)
         common = dict(H=heads, N=head_size, C=chunk)
+        programs = batch * heads * (head_size // rows)
+        forward_programs = programs if recompute else 0
         with torch.cuda.device(r.device) if r.is_cuda else contextlib.nullcontext():
-            scan[(batch * heads * (head_size // rows),)](d_o, d_final, ws, g, ends, d_state, seq_len, n_chunks,
-                                                         BI=rows, PREC=scan_precision, num_warps=4, **common)
+            scans[(forward_programs + programs,)](v, held, d_o, d_final, ws, g, starts, ends, d_state, seq_len,
+                                                  n_chunks, forward_programs, BI=rows, PREC=scan_precision,
+                                                  num_warps=4, **common)
             per_chunk[(batch * heads * n_chunks,)](r, log_w, k, v, a, b, d_o, starts, ends, *grads, seq_len, n_chunks,
                                                    SQUARINGS=chunk.bit_length() - 2, PREC=precision,
                                                    num_warps=grad_warps, **common)

@@ -122,12 +122,10 @@ def _wkv7_chunk_prep_kernel(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, ws_ptr, q_ptr, g_
 
 def _wkv7_chunk_scan_kernel(v_ptr, s0_ptr, ws_ptr, q_ptr, g_ptr, o_ptr, s_out_ptr, starts_ptr, T, n_chunks,
                             H: tl.constexpr, N: tl.constexpr, BI: tl.constexpr, C: tl.constexpr,
-                            PREC: tl.constexpr, STORE_STARTS: tl.constexpr, OUTPUTS: tl.constexpr):
+                            PREC: tl.constexpr, STORE_STARTS: tl.constexpr):
     """Second pass: rows [blk*BI, blk*BI + BI) of one (b, h) state through the chunks in order, five
     small products a chunk (the first pass's docstring has them). Tokens past T load zeros. With
-    STORE_STARTS the state entering each chunk goes to starts[(b, h), chunk] (for a backward); without
-    OUTPUTS the tokens' outputs are not made (P and Q are not read: three products a chunk), the state alone
-    is carried (a backward's recompute of the start states)."""
+    STORE_STARTS the state entering each chunk goes to starts[(b, h), chunk] (for a backward)."""
     NB: tl.constexpr = N // BI
     pid = tl.program_id(0)
     bh = pid // NB
@@ -153,11 +151,10 @@ def _wkv7_chunk_scan_kernel(v_ptr, s0_ptr, ws_ptr, q_ptr, g_ptr, o_ptr, s_out_pt
         live = (t < T)[:, None]
         off = tok0 + t.to(tl.int64)[:, None] * (H * N)
         vt = tl.load(v_ptr + off + rows[None, :], mask=live, other=0.0).to(tl.float32)   # (C, BI)
-        if OUTPUTS:
-            p = tl.load(ws_ptr + base + 3 * C * N + tile)
-            q = tl.load(q_ptr + chunk_id * (C * C) + steps[:, None] * C + steps[None, :])
-            o = tl.dot(p, tl.trans(s), input_precision=PREC) + tl.dot(q, vt, input_precision=PREC)
-            tl.store(o_ptr + off + rows[None, :], o, mask=live)
+        p = tl.load(ws_ptr + base + 3 * C * N + tile)
+        q = tl.load(q_ptr + chunk_id * (C * C) + steps[:, None] * C + steps[None, :])
+        o = tl.dot(p, tl.trans(s), input_precision=PREC) + tl.dot(q, vt, input_precision=PREC)
+        tl.store(o_ptr + off + rows[None, :], o, mask=live)
         sw = tl.dot(s, tl.trans(w), input_precision=PREC)                                # (BI, C)
         s = (s * g[None, :] + tl.dot(sw, b_end, input_precision=PREC)
              + tl.dot(tl.trans(vt), e, input_precision=PREC))
@@ -263,27 +260,8 @@ def run_chunk_forward(r, log_w, k, v, a, b, state, *, chunk=CHUNK, rows=None, nu
         scan[(batch * heads * (head_size // rows),)](
             v, state, ws, q, g, o, final, final if starts is None else starts, seq_len, n_chunks,
             H=heads, N=head_size, BI=rows, C=chunk, PREC=scan_precision or precision, STORE_STARTS=starts is not None,
-            OUTPUTS=True, num_warps=num_warps or 4)
+            num_warps=num_warps or 4)
     return o, final
-
-
-def recompute_starts(r, log_w, k, v, a, b, state, *, chunk=CHUNK, rows=None, precision="ieee", scan_precision=None):
-    """The state entering every chunk, carried from `state` through the chunks without the tokens' outputs
-    (kernel-ready inputs, T >= 1, sizes checked): (ws, g, starts), the prep's W, B_end, E, P and g
-    (`launch_prep(terms="state_update")`, which the backward's reverse scan reads too) and the float32
-    (B * H * n_chunks * N * N) start states, as `run_chunk_forward(starts=...)` stores them."""
-    batch, seq_len, heads, head_size = r.shape
-    rows = rows or default_rows(head_size)
-    n_chunks = -(-seq_len // chunk)
-    ws, q, g = launch_prep(r, log_w, k, a, b, chunk, precision, terms="state_update")
-    starts = state.new_empty(batch * heads * n_chunks * head_size * head_size)
-    final = torch.empty_like(state)
-    _, scan = _kernel(not r.is_cuda)
-    with torch.cuda.device(r.device) if r.is_cuda else contextlib.nullcontext():
-        scan[(batch * heads * (head_size // rows),)](
-            v, state, ws, q, g, final, final, starts, seq_len, n_chunks, H=heads, N=head_size, BI=rows, C=chunk,
-            PREC=scan_precision or precision, STORE_STARTS=True, OUTPUTS=False, num_warps=4)
-    return ws, g, starts
 
 
 _CHECKED: dict = {}  # device -> whether the kernels built and matched the sequential kernel there
