@@ -466,9 +466,10 @@ def main():
                     help="hierarchos' compiled blocks keep about this fraction of their saved activations, and "
                          "below 1 the recurrence recomputes its chunk states (train's --activation-budget; needs "
                          "--compile both)")
-    ap.add_argument("--recompute-states", action="store_true",
-                    help="the chunk-parallel WKV backward recomputes its chunks' start states instead of holding "
-                         "them (what an activation budget below 1 turns on), compiled blocks or not")
+    ap.add_argument("--wkv-states", nargs="+", choices=("held", "recomputed"), default=["held"],
+                    help="one hierarchos row each: the chunk-parallel WKV backward's chunk start states held from "
+                         "the forward, or recomputed in the backward (what an activation budget below 1 turns on: "
+                         "with --activation-budget below 1 every row recomputes)")
     ap.add_argument("--cuda-graphs", nargs="*", choices=CONFIGS, default=[], metavar="CONFIG",
                     help="configs that also get a row with forward+backward replayed as a CUDA graph")
     ap.add_argument("--skip-eager", action="store_true",
@@ -481,8 +482,6 @@ def main():
     args = ap.parse_args()
     if args.activation_budget is not None and (args.compile != "both" or not 0 < args.activation_budget <= 1):
         ap.error("--activation-budget needs --compile both and a value in (0, 1]")
-    if args.recompute_states:
-        set_recompute_states(True)
     dev = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                        else "cpu")
     tps = args.tokens_per_step or (16384 if dev.type == "cuda" else 2048)
@@ -524,11 +523,13 @@ def main():
             for rosa in (True, False) if c in args.no_rosa_for else (True,):
                 cfg = hier_cfg(args.size, c, rosa, block, args.window_size, wiring)
                 n, n_de = hier_counts(cfg)
-                for impl in args.wkv_impls if block == "rwkv7" else ["auto"]:  # the others have no WKV-7
-                    tag = "" if impl == "auto" else f"@{impl}"
+                for impl, states in [(i, st) for i in (args.wkv_impls if block == "rwkv7" else ["auto"])
+                                     for st in args.wkv_states]:  # (the other blocks have no WKV-7)
+                    tag = ("" if impl == "auto" else f"@{impl}") + ("" if states == "held" else "~recompute")
                     jobs.append((dict(model="hierarchos", config=name + ("" if rosa else "-norosa") + tag, params=n,
                                       params_with_deepembed=n_de, reasoning={k: getattr(cfg, k) for k in REASONING},
-                                      blocks=block, wkv=impl, wiring=wiring if block == "rwkv7" else None),
+                                      blocks=block, wkv=impl, wkv_states=states,
+                                      wiring=wiring if block == "rwkv7" else None),
                                  lambda cfg=cfg: HierarchosLM(cfg)))
                     if rosa and c in args.cuda_graphs:
                         jobs.append((dict(jobs[-1][0], config=name + "+graphs" + tag, graphs=True), jobs[-1][1]))
@@ -540,6 +541,7 @@ def main():
             os.environ.pop(wkv_ops.ENV_IMPL, None)
             if row.get("wkv", "auto") != "auto":  # this row's WKV implementation (the model asks for 'auto')
                 os.environ[wkv_ops.ENV_IMPL] = row["wkv"]
+            set_recompute_states(row.get("wkv_states") == "recomputed")  # (an activation budget may turn it on)
             run_row(row, make, T, B, V, dev, args)
             os.environ.pop(wkv_ops.ENV_IMPL, None)
             gpt_tps = row.get("tokens_per_s") if row["model"] == "gpt2" else gpt_tps

@@ -233,6 +233,14 @@ def test_the_automatic_choice_takes_it_for_gradients_where_tf32_is_allowed():
     assert W.cuda_choice(16, 12, triton_ok=True, fla_ok=False, tf32=True, head_size=8) == "triton"
 
 
+def test_the_training_forward_is_the_chunk_one_with_tf32_scans_or_few_pairs():
+    from hierarchos.ops.wkv_chunk_grad_triton import forward_kind
+
+    assert forward_kind(256, "tf32") == forward_kind(8, "tf32") == forward_kind(8, "ieee") == "chunk"
+    assert forward_kind(65, "ieee") == "chunk" and forward_kind(66, "ieee") == "sequential"
+    assert forward_kind(192, "tf32x3") == forward_kind(192) == "sequential"
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or triton is None, reason="needs CUDA and triton")
 @pytest.mark.parametrize("B, T, H", [(2, 333, 4), (16, 1024, 12), (1, 4100, 2)])

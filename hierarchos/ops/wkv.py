@@ -284,7 +284,7 @@ FLA_MIN_HEAD_SIZE = 16
 # kernel's 0.39-0.68, B=1 T=256 0.18 against 0.22; B=16 T=1024 1.77 against 0.87 (with many pairs the
 # sequential kernel already fills the GPU and the chunk form's extra products cost more). The pair
 # bound is FLA_BELOW_PAIRS' (4 programs per SM for the sequential kernel), measured at 12 and 192 only;
-# the chunk-parallel backward's forward takes the same bound (`wkv_chunk_grad_triton.forward_kind`).
+# the chunk-parallel backward's forward takes it where its scans are float32 (`wkv_chunk_grad_triton.forward_kind`).
 CHUNK_FORWARD_MIN_T = 32
 
 

@@ -237,10 +237,13 @@ def _kernel(interpret: bool):
                  for k in kernels)
 
 
-def forward_kind(pairs: int) -> str:
-    """The training forward for a call of `pairs` (batch, head) pairs: "chunk" below
-    CHUNK_FORWARD_BELOW_PAIRS, else "sequential"."""
-    return "chunk" if pairs < CHUNK_FORWARD_BELOW_PAIRS else "sequential"
+def forward_kind(pairs: int, scan_precision: str = SCAN_PRECISION) -> str:
+    """The training forward for a call of `pairs` (batch, head) pairs whose scans take `scan_precision`:
+    "chunk" with TF32 scans or below CHUNK_FORWARD_BELOW_PAIRS pairs, else "sequential". (With TF32 scans
+    the chunk forward made the whole fwd+bwd call 1-7% faster than the sequential kernel's forward at 256
+    and 192 pairs, the 30M and 125m shapes, in two sweeps on H100s: BENCHMARKS.md; with float32 scans the
+    sequential kernel fills the GPU from 66 pairs on and was faster.)"""
+    return "chunk" if scan_precision == "tf32" or pairs < CHUNK_FORWARD_BELOW_PAIRS else "sequential"
 
 
 class _WKV7ChunkGrad(torch.autograd.Function):
@@ -329,7 +332,7 @@ def wkv7_chunk_grad(r, log_w, k, v, a, b, state=None, *, chunk=CHUNK, rows=None,
     two in [16, N]), `precision` of the products inside a chunk ("ieee", "tf32x3", "tf32"; default
     `default_precision()`), `scan_precision` of the scans' products across chunks (default
     `default_scan_precision`), `forward` "chunk" or "sequential"
-    (default by the call's (batch, head) pairs: `forward_kind`), `grad_warps` the per-chunk gradient
+    (default by the call's (batch, head) pairs and scans: `forward_kind`), `grad_warps` the per-chunk gradient
     kernel's warps, `recompute_states` whether the backward makes the chunks' start states again instead of
     holding them from the forward (default `RECOMPUTE_STATES`: `set_recompute_states`)."""
     reason = triton_unavailable_reason(r.device)
@@ -344,7 +347,7 @@ def wkv7_chunk_grad(r, log_w, k, v, a, b, state=None, *, chunk=CHUNK, rows=None,
     if scan_precision not in PRECISIONS:
         raise HierarchosError(f"wkv7 impl 'triton_chunk_grad': scan_precision={scan_precision!r}: use one of "
                               f"{', '.join(PRECISIONS)}")
-    kind = forward or forward_kind(batch * heads)
+    kind = forward or forward_kind(batch * heads, scan_precision)
     if kind not in ("chunk", "sequential"):
         raise HierarchosError(f"wkv7_chunk_grad forward={kind!r}: use 'chunk' or 'sequential'")
     if seq_len == 0:

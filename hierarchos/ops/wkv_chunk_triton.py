@@ -52,8 +52,9 @@ except Exception:  # wkv_triton reports why (triton_unavailable_reason)
 
 CHUNK = 16
 # Calls with fewer (batch, head) pairs than this take the chunk-parallel forward (`wkv.cuda_choice` for
-# the prefill, `wkv_chunk_grad_triton.forward_kind` for training); from it on the sequential kernel fills
-# the GPU (4 programs an SM of an H100 at 8 rows a program) and was 2x faster at B16 T1024 H12.
+# the prefill, `wkv_chunk_grad_triton.forward_kind` for training with float32 scans); from it on the
+# sequential kernel fills the GPU (4 programs an SM of an H100 at 8 rows a program) and was 2x faster at
+# B16 T1024 H12 with float32 products.
 CHUNK_FORWARD_BELOW_PAIRS = 66
 PRECISIONS = ("ieee", "tf32x3", "tf32")  # float32; three TF32 products a product; one
 
