@@ -369,9 +369,10 @@ CHECK_TOLERANCE = 1e-2  # relative, with TF32 products (measured ~3e-3 on an H10
 def checked(device: torch.device | str) -> bool:
     """Whether the chunk-parallel backward builds on `device` and matches the sequential kernel there with
     TF32 products (outputs, final state and all seven gradients within CHECK_TOLERANCE relative, frozen
-    tokens and a partial last chunk included, both forwards): what `wkv7`'s automatic choice asks before
-    taking it. Once per device, outside any CUDA graph capture or compile trace (`device_check.checked_once`:
-    there an unchecked device is answered False and the sequential kernel runs); a failure is reported once."""
+    tokens and a partial last chunk included, both forwards, start states held and recomputed): what
+    `wkv7`'s automatic choice asks before taking it. Once per device, outside any CUDA graph capture or
+    compile trace (`device_check.checked_once`: there an unchecked device is answered False and the sequential
+    kernel runs); a failure is reported once."""
     def check(device):
         gen = torch.Generator().manual_seed(0)
         x = check_inputs(CHECK_SHAPE, gen)
@@ -384,8 +385,8 @@ def checked(device: torch.device | str) -> bool:
                 grads = torch.autograd.grad((o, s), list(leaves.values()), (d_o, d_s))
             return tuple(t.detach() for t in (o, s, *grads))
         errors, want = [], run(wkv7_triton)
-        for kind in ("chunk", "sequential"):
-            got = run(functools.partial(wkv7_chunk_grad, precision="tf32", forward=kind))
+        for kind, recompute in (("chunk", False), ("sequential", False), ("chunk", True)):
+            got = run(functools.partial(wkv7_chunk_grad, precision="tf32", forward=kind, recompute_states=recompute))
             errors += [float((g - w).norm() / w.norm()) for g, w in zip(got, want)]
         return max(errors) < CHECK_TOLERANCE, f"worst relative error {max(errors):.2e} against the sequential kernel"
     return checked_once(_CHECKED, device, check, "the chunk-parallel WKV-7 backward",
