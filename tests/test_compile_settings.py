@@ -1,5 +1,5 @@
 """torch.compile's settings for this project (hierarchos/ops/compile_settings.py): every compile site makes
-them, and with them a stack compiled by inductor over several lengths (dynamic shapes) runs and gives
+them (aliased outputs by as_strided, AOT autograd's cache off), and with them a stack compiled by inductor over several lengths (dynamic shapes) runs and gives
 eager's values and gradients. Without them that run failed in 2 of 3 tries on torch 2.13 (CPU) with a
 garbage view size or a segmentation fault, in AOT autograd's rebuilding of aliased outputs."""
 
@@ -17,8 +17,9 @@ def test_every_compile_site_makes_the_settings(monkeypatch):
                  lambda: LongTermMemory(16, 8, 8, 8, 2, 4, 0.0).compile_segments(backend="eager"),
                  lambda: compile_step_function(lambda x: x + 1, backend="eager")):
         monkeypatch.setattr(aot_config, "view_replay_for_aliased_outputs", True)
+        monkeypatch.setattr(aot_config, "enable_autograd_cache", True)
         make()
-        assert aot_config.view_replay_for_aliased_outputs is False
+        assert aot_config.view_replay_for_aliased_outputs is False and aot_config.enable_autograd_cache is False
 
 
 def test_an_inductor_compiled_stack_over_several_lengths_equals_eager(monkeypatch):

@@ -9,13 +9,22 @@ replay read garbage sizes in torch 2.11 on CUDA and 2.13 on the CPU: "invalid sh
 --size tiny --compile` and 2 of 3 of a two-layer stack compiled and run at four lengths (the test in
 tests/test_compile_settings.py). Rebuilding them with as_strided instead, torch's own default inside
 Meta's fbcode (`view_replay_for_aliased_outputs = not is_fbcode()`), ran clean every time.
+
+AOT autograd's on-disk cache of compiled forward/backward pairs is off: its writer died with a segmentation
+fault on H100s with torch 2.11, once with a Python stack (`autograd_cache.py _pickle_entry`, saving a
+compiled backward, in the GPU tests) and twice without one (a 125m step with compiled blocks under a CUDA
+graph, `bench_forward.py`); with TORCHINDUCTOR_AUTOGRAD_CACHE=0 the same tests and the same step ran clean
+(BENCHMARKS.md). Inductor's own cache of generated kernels stays on, so a second run still skips most of
+the code generation. The environment variable, where set, still decides (torch lets it override).
 """
 
 from __future__ import annotations
 
 
 def before_compiling() -> None:
-    """Rebuild aliased outputs of compiled regions by as_strided, not by view replay (see the module)."""
+    """Rebuild aliased outputs of compiled regions by as_strided, not by view replay, and keep AOT
+    autograd's cache off (see the module)."""
     import torch._functorch.config as aot_config
 
     aot_config.view_replay_for_aliased_outputs = False
+    aot_config.enable_autograd_cache = False
