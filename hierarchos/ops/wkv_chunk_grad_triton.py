@@ -13,15 +13,14 @@ scratch buffer first. Here the backward is three kernels:
    the forward), its dS_C and dO, every input gradient of its tokens by small matrix products (about
    thirty, C x N x N at most): no atomics, no scratch, no per-token reductions.
 
-The forward is the sequential kernel with its checkpoints spaced one chunk apart (they are the chunks'
-start states) when the call has enough (batch, head) pairs to fill the GPU, else the chunk-parallel
-forward storing the start states (`run_chunk_forward(starts=...)`). Both hold one N x N float32 state a
-chunk for the backward, as the sequential kernel's checkpoints do (16 bytes a token and channel at 16
-tokens a chunk: about as much as the call's six inputs together). With `recompute_states` (process-wide
-by `set_recompute_states`, which an activation budget below 1 turns on) the forward holds the initial state
-alone and the backward makes the start states again, the prep forming E too and the chunk forward's scan
-scanning them in the launch of the reverse scan (the two scans are independent: side by side they take
-the GPU's idle slots).
+The forward stores the chunks' start states: the chunk-parallel forward (`run_chunk_forward(starts=...)`)
+where its scans take TF32 products or the call has few (batch, head) pairs, else the sequential kernel
+with its checkpoints spaced one chunk apart (`forward_kind`). Either holds one N x N float32 state a chunk
+for the backward (16 bytes a token and channel at 16 tokens a chunk: about what the call's six inputs take
+together). With `recompute_states` (process-wide by `set_recompute_states`, which an activation budget
+below 1 turns on) the forward holds the initial state alone and the backward makes the start states again:
+the prep forms E as well, and the scan kernel's launch carries the state forward through the chunks beside
+the reverse scan (the two are independent; side by side they take the GPU's idle slots).
 
 The products inside a chunk (the prep and the per-chunk gradients) run on tensor cores in TF32 when torch
 may use TF32 for matmuls (`torch.backends.cuda.matmul.allow_tf32`, which `train` turns on), else in full
@@ -228,13 +227,12 @@ def _wkv7_chunk_grad_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, do_ptr, st
 
 @functools.lru_cache(maxsize=None)
 def _kernel(interpret: bool):
-    """The reverse scan and the per-chunk gradients as Triton JIT functions, or run by Triton's
-    interpreter on CPU tensors."""
-    kernels = (_wkv7_chunk_scans_kernel, _wkv7_chunk_grad_kernel)
+    """The scans and the per-chunk gradients as Triton JIT functions, or run by Triton's interpreter on CPU
+    tensors."""
     if interpret:
-        return tuple(InterpretedFunction(k) for k in kernels)
-    return tuple(triton.JITFunction(k, do_not_specialize=["T", "n_chunks", "forward_programs"][:3 if k is kernels[0] else 2])
-                 for k in kernels)
+        return InterpretedFunction(_wkv7_chunk_scans_kernel), InterpretedFunction(_wkv7_chunk_grad_kernel)
+    return (triton.JITFunction(_wkv7_chunk_scans_kernel, do_not_specialize=["T", "n_chunks", "forward_programs"]),
+            triton.JITFunction(_wkv7_chunk_grad_kernel, do_not_specialize=["T", "n_chunks"]))
 
 
 def forward_kind(pairs: int, scan_precision: str = SCAN_PRECISION) -> str:
