@@ -258,9 +258,10 @@ def chunk_grad_configs() -> dict:
     inside a chunk in TF32 (what `wkv7` runs where TF32 is allowed) or float32 ("ieee": 5-10x slower on an
     H100), 8 warps for the per-chunk gradients, the forward forced either way (default: by the call's
     (batch, head) pairs), the scans across chunks in float32 (where a name has no "scan="), 3xTF32 or TF32,
-    and the start states made again in the backward instead of held ("recompute": its peak is the memory
-    it saves); "triton_chunk_grad (default, TF32)" beside them is `wkv7`'s choice (TF32 scans up to 1,024
-    chunks)."""
+    and the start states made again in the backward instead of held ("recompute": what it saves is held
+    between a step's forward and backward across its layer calls, so a single call's peak does not show it;
+    `bench_forward.py --wkv-states` does); "triton_chunk_grad (default, TF32)" beside them is `wkv7`'s choice
+    (TF32 scans up to 1,024 chunks)."""
     def config(chunk=16, precision="tf32", forward=None, warps=4, scan="ieee", recompute=False):
         return lambda *a, state: wkv7_chunk_grad(*a, state=state, chunk=chunk, precision=precision, forward=forward,
                                                  grad_warps=warps, scan_precision=scan, recompute_states=recompute)
