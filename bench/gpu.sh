@@ -29,6 +29,10 @@
 #              blocks compiled under the CUDA graph) and with --no-compile; TRAIN_LOOP_ARGS adds options (~250 s)
 #   table-compiled  the table's graphs rows with the RWKV blocks compiled (what `train` runs on CUDA by default),
 #              against the compiled GPT-2: 125m minimal and default at T=1024, minimal at T=8192 (~300 s)
+#   memory     the 125m minimal T=1024 step's peak memory against GPT-2's (the issue's memory target): compiled
+#              blocks + graphs with the chunk-parallel WKV's start states held and recomputed (one process),
+#              then under an activation budget (MEMORY_BUDGET, default 0.6, which recomputes the states too)
+#              (~2 x 250 s; MEMORY_TIMEOUT each)
 #   profile    where a training step's GPU time goes, by kernel kind and by model part (profile_forward.py), and
 #              what a forward saves for its backward, by part, with the step's peak, and the 40 largest kernels;
 #              hierarchos beside GPT-2; PROFILE_ARGS (default: the train-loop shape, "--size 30m-byte --seq-len 512
@@ -173,6 +177,16 @@ for suite in "$@"; do
         --configs minimal --no-rosa-for --cuda-graphs minimal --skip-eager --compile both --optimizer --steps 4 \
         --warmup 2 --max-seconds-per-row 120 --no-check --json "$out/forward_table_compiled_8192.json" 2>&1 \
         | tee "$out/forward_table_compiled_8192.log" ;;
+    memory)  # the 125m minimal T=1024 step's peak (compiled blocks + graphs) with the WKV start states held and
+             # recomputed, then with an activation budget (MEMORY_BUDGET, default 0.6; recomputed states), vs GPT-2
+      timeout ${MEMORY_TIMEOUT:-300} python3 bench/bench_forward.py --device cuda --size 125m --seq-lens 1024 \
+        --configs minimal --no-rosa-for --cuda-graphs minimal --skip-eager --compile both --optimizer --steps 4 \
+        --warmup 2 --max-seconds-per-row 120 --no-check --no-flops --wkv-states held recomputed \
+        --json "$out/forward_memory_states.json" 2>&1 | tee "$out/forward_memory_states.log"
+      timeout ${MEMORY_TIMEOUT:-300} python3 bench/bench_forward.py --device cuda --size 125m --seq-lens 1024 \
+        --configs minimal --no-rosa-for --cuda-graphs minimal --skip-eager --compile both --optimizer --steps 4 \
+        --warmup 2 --max-seconds-per-row 120 --no-check --no-flops --activation-budget ${MEMORY_BUDGET:-0.6} \
+        --json "$out/forward_memory_budget.json" 2>&1 | tee "$out/forward_memory_budget.log" ;;
     profile)
       timeout ${PROFILE_TIMEOUT:-240} python3 bench/profile_forward.py --device cuda \
         ${PROFILE_ARGS:---size 30m-byte --seq-len 512 --batch 32 --models hierarchos:minimal gpt2 --compile --memory --kernels 40} \
@@ -353,8 +367,9 @@ PY
           | tee "$out/pytest_vulkan_gpu.log"
         python3 bench/bench_vulkan.py --json "$out/vulkan_gpu.json" ${VULKAN_ARGS:-} 2>&1 | tee "$out/bench_vulkan.log"
       ) ;;
-    *) echo "unknown suite $suite (wkv, wkv-model, stall, table, tests, kernel, generate, prefill, blocks, chat, quality, puzzles,"\
-         "quantmodel, original, forward, train-compile, train-bundled, generate-contexts, host-formats, ddp, vulkan)"; exit 2 ;;
+    *) echo "unknown suite $suite (wkv, wkv-model, stall, table, table-compiled, train-loop, memory, profile, tests, kernel,"\
+         "generate, matvecs, prefill, blocks, chat, quality, puzzles, quantmodel, original, forward, train-compile,"\
+         "train-bundled, generate-contexts, host-formats, ddp, vulkan)"; exit 2 ;;
   esac
   echo "=== suite $suite: $((SECONDS - start)) s" | tee -a "$out/suites.txt"
 done
