@@ -325,3 +325,34 @@ def test_the_scans_take_tf32_with_tf32_products_up_to_the_measured_length():
     assert default_scan_precision("tf32", TF32_SCAN_MAX_CHUNKS) == "tf32"
     assert default_scan_precision("tf32", TF32_SCAN_MAX_CHUNKS + 1) == "ieee"
     assert default_scan_precision("ieee", 1) == "ieee" and default_scan_precision("tf32x3", 2) == "ieee"
+
+
+@needs_triton
+def test_a_models_gradients_are_the_same_with_the_states_recomputed(interpret, monkeypatch):
+    """A tiny model's training step through the chunk-parallel backward (forced: `wkv7` takes it on CUDA only):
+    every parameter's gradient bit for bit the same with the chunks' start states recomputed in the backward
+    as with them held (at the model's few (batch, head) pairs the forward is the chunk one, whose scan is the
+    recompute's), frozen tokens of the manager's pondering pass and a stateful second window included."""
+    from hierarchos.config import tiny_config
+    from hierarchos.model.lm import HierarchosLM
+    from hierarchos.model.losses import lm_loss
+    from hierarchos.ops import wkv_chunk_grad_triton as grad
+
+    monkeypatch.setenv(W.ENV_IMPL, "triton_chunk_grad")
+    torch.manual_seed(fresh_seed())
+    model = HierarchosLM(tiny_config(context_dim=32, h_hidden=32, l_hidden=32, head_size=16, max_h_steps=1,
+                                     max_l_steps=1, h_cycles=1))
+    tokens = torch.randint(0, 64, (2, 37))
+
+    def gradients(recompute):
+        monkeypatch.setattr(grad, "RECOMPUTE_STATES", recompute)
+        model.zero_grad(set_to_none=True)
+        out = model(tokens[:, :18], model.init_state(2))
+        loss, _ = lm_loss(out, tokens[:, 1:19], 1e-4)
+        loss2, _ = lm_loss(model(tokens[:, 18:36], out.state.detach()), tokens[:, 19:37], 1e-4)
+        (loss + loss2).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    held, recomputed = gradients(False), gradients(True)
+    assert held.keys() == recomputed.keys() and len(held) > 10
+    assert [n for n in held if not torch.equal(held[n], recomputed[n])] == []
