@@ -332,7 +332,7 @@ def test_a_models_gradients_are_the_same_with_the_states_recomputed(interpret, m
     """A tiny model's training step through the chunk-parallel backward (forced: `wkv7` takes it on CUDA only):
     every parameter's gradient bit for bit the same with the chunks' start states recomputed in the backward
     as with them held (at the model's few (batch, head) pairs the forward is the chunk one, whose scan is the
-    recompute's), frozen tokens of the manager's pondering pass and a stateful second window included."""
+    recompute's), the manager's pondering pass over the plan points and a stateful second window included."""
     from hierarchos.config import tiny_config
     from hierarchos.model.lm import HierarchosLM
     from hierarchos.model.losses import lm_loss
