@@ -42,5 +42,10 @@ def test_an_inductor_compiled_stack_over_several_lengths_equals_eager(monkeypatc
         (ye, ge), (yc, gc) = outs
         torch.testing.assert_close(yc, ye, rtol=1e-4, atol=1e-4, msg=lambda m: f"seed={seed} T={T}: {m}")
         for n in ge:
-            torch.testing.assert_close(gc[n], ge[n], rtol=1e-3, atol=1e-4, msg=lambda m: f"seed={seed} T={T} {n}: {m}")
+            # float32 sums in another order differ by ~1e-6 of a gradient's scale, up to ~2e-5 where a seed's values
+            # cancel (seed 871304932, T=8: key.weight off by 4.5e-4 on an element of 0.11, its largest 32; eager
+            # itself is that far from the float64 gradient); a wrong graph is off by the scale itself
+            scale = ge[n].abs().max().item()
+            torch.testing.assert_close(gc[n], ge[n], rtol=1e-3, atol=1e-4 + 2e-4 * scale,
+                                       msg=lambda m: f"seed={seed} T={T} {n}: {m}")
     torch._dynamo.reset()
