@@ -24,7 +24,9 @@ read bandwidth measured in the same run (best of several multithreaded reads of 
 torch sum when the kernel is not built). bound tok/s =
 bandwidth / bytes per token; "% of bound" = measured tok/s / bound. --fusion-levels times the first
 quantized format's step at each level of its C++ fusion (a call per stack pass; + the reasoner's round
-and the memory's read; + the encoder and the head: two calls a token) in alternating rounds.
+and the memory's read; + the encoder and the head: two calls a token; those two calls from `generate`'s
+`TokenDecoder`, the state kept as their arrays) in alternating rounds. The generation rows decode as
+`generate` does: through the TokenDecoder where a quantized model opens one, else `step` by `step`.
 
 --batch B (fp32 model): `generate_batch` over B prompts of different lengths around the first context
 (greedy, no EOS, `--new-tokens` steps of the sync-free step, on CUDA captured with --cuda-graph),
@@ -128,14 +130,10 @@ def measure(model, fmt: str, weight_bytes: int, args, device) -> list[dict]:
         after_prefill = memory_mib(device)
         token = greedy_ids(out.logits[:, -1])
         with intra_op_threads(model.step_threads):  # the token loop as `generate` runs it (argmax too)
-            for _ in range(args.warmup):
-                out = model.step(token, state)
-                state, token = out.state, greedy_ids(out.logits)
+            state, token = greedy_tokens(model, state, token, args.warmup)
             sync(device)
             start = time.perf_counter()
-            for _ in range(args.new_tokens):
-                out = model.step(token, state)
-                state, token = out.state, greedy_ids(out.logits)
+            state, token = greedy_tokens(model, state, token, args.new_tokens)
             sync(device)
             elapsed = time.perf_counter() - start
         rows.append({"format": fmt, "weight_bytes": weight_bytes, "context": context,
@@ -148,6 +146,24 @@ def measure(model, fmt: str, weight_bytes: int, args, device) -> list[dict]:
               f"{rows[-1]['memory_after_generation_mib']:8.1f} MiB | state {state.nbytes() / 2**20:.2f} MiB",
               flush=True)
     return rows
+
+
+@torch.no_grad()
+def greedy_tokens(model, state, token: torch.Tensor, n: int):
+    """`n` greedy tokens from `token` (1,) on `state`, the way `generate` decodes them: a quantized model's
+    CPU tokens through its `TokenDecoder` where one opens (the state made at the end), else `step` by
+    `step`. Returns (state, the last token)."""
+    open_decoder = getattr(model, "token_decoder", None)
+    decoder = open_decoder(state) if open_decoder is not None and token.shape[0] == 1 else None
+    if decoder is None:
+        for _ in range(n):
+            out = model.step(token, state)
+            state, token = out.state, greedy_ids(out.logits)
+        return state, token
+    last = int(token[0])
+    for _ in range(n):
+        last = int(greedy_ids(decoder.step(last).logits))
+    return decoder.state(), torch.tensor([last])
 
 
 @torch.no_grad()
@@ -169,16 +185,14 @@ def interleaved_generation(models: dict, args, device) -> dict:
             sync(device)
             start = time.perf_counter()
             with intra_op_threads(model.step_threads):  # as `generate` runs its token loop
-                for _ in range(args.new_tokens):
-                    out = model.step(token, state)
-                    state, token = out.state, greedy_ids(out.logits)
+                state, token = greedy_tokens(model, state, token, args.new_tokens)
             sync(device)
             best[fmt] = min(best[fmt], (time.perf_counter() - start) / args.new_tokens)
             states[fmt], tokens[fmt] = state, token
     return {fmt: 1.0 / seconds for fmt, seconds in best.items()}
 
 
-FUSION_LEVELS = ("stack", "round", "token")
+FUSION_LEVELS = ("stack", "round", "token", "loop")
 
 
 def set_fusion_level(model, level: str) -> None:
@@ -191,13 +205,23 @@ def set_fusion_level(model, level: str) -> None:
     from hierarchos.model.memory import LongTermMemory
     from hierarchos.quant import fused_step
 
-    fused_step.attach_fused_steps(model)
+    fused_step.attach_fused_steps(model)  # (the token level's model; "loop" decodes it through a TokenDecoder)
     model.reasoner.__dict__.pop("_round_call", None)
-    if level != "token" and isinstance(model, fused_step.FusedTokenLM):
+    if level not in ("token", "loop") and isinstance(model, fused_step.FusedTokenLM):
         model.__class__ = HierarchosLM
     if level == "stack":
         model.memory.__class__ = LongTermMemory
         model.reasoner._round_call = lambda *a, **k: None  # the fused shadow loop stays; the round runs in Python
+
+
+def level_tokens(model, level: str, state, token, n: int):
+    """`n` greedy tokens at a fusion level: `step` by `step`, or ("loop") through generate's TokenDecoder."""
+    if level == "loop":
+        return greedy_tokens(model, state, token, n)
+    for _ in range(n):
+        out = model.step(token, state)
+        state, token = out.state, greedy_ids(out.logits)
+    return state, token
 
 
 def fusion_generation(model, args, device) -> dict:
@@ -209,16 +233,12 @@ def fusion_generation(model, args, device) -> dict:
     with torch.no_grad(), intra_op_threads(model.step_threads):
         for level in FUSION_LEVELS:  # warm every path
             set_fusion_level(model, level)
-            for _ in range(args.warmup):
-                out = model.step(token, state)
-                state, token = out.state, greedy_ids(out.logits)
+            state, token = level_tokens(model, level, state, token, args.warmup)
         for _ in range(args.rounds):
             for level in FUSION_LEVELS:
                 set_fusion_level(model, level)
                 start = time.perf_counter()
-                for _ in range(args.new_tokens):
-                    out = model.step(token, state)
-                    state, token = out.state, greedy_ids(out.logits)
+                state, token = level_tokens(model, level, state, token, args.new_tokens)
                 rates[level].append(args.new_tokens / (time.perf_counter() - start))
     set_fusion_level(model, "token")
     return rates
@@ -758,7 +778,7 @@ def main() -> None:
                     help="also time `generate` (chat's CPU loop) with chat's default sampling, per format")
     ap.add_argument("--fusion-levels", action="store_true",
                     help="CPU: also time the first quantized format at each fusion level of its step (stack, "
-                         "round, token: see set_fusion_level) in --rounds alternating rounds")
+                         "round, token, loop: see set_fusion_level) in --rounds alternating rounds")
     ap.add_argument("--tf32", action="store_true",
                     help="CUDA: float32 matmuls on TF32 tensor cores for both models (as `train` runs them)")
     ap.add_argument("--json", default=None, help="default bench/results/generate_<device>.json")
@@ -854,7 +874,8 @@ def print_run(result: dict, args) -> None:
         fusion = result["fusion_levels"]
         print(f"\n{fusion['format']} generation by fusion level ({args.rounds} alternating rounds of {args.new_tokens} "
               "tokens; stack: a C++ call per stack pass; round: + the round and the memory read; token: + encoder "
-              "and head, two calls a token):")
+              "and head, two calls a token; loop: those calls from generate's TokenDecoder, no state between "
+              "tokens):")
         print("| level | tok/s best | tok/s median | rounds |")
         print("|---|---:|---:|---|")
         for level, rates in fusion["tokens_per_s"].items():

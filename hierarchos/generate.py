@@ -213,7 +213,8 @@ def generate(model, prompt_ids: list[int], cfg: SamplingConfig, *, state=None, e
     """Prefill `prompt_ids` on `state`, then sample up to `max_new_tokens` with `step`.
 
     `on_token(token, step_output)` runs after each token went through the model (its output
-    carries the per-token aux totals); returning True ends generation there. `should_stop()` is
+    carries the per-token aux totals: a ModelOutput, or a quantized model's `DecodedToken` with the same
+    logits, totals and state); returning True ends generation there. `should_stop()` is
     checked before each token (Ctrl+C). With `keep_eos` a sampled EOS is appended to the returned
     ids (not fed to the model). `on_first_token(token)` runs as soon as the first token is sampled
     (time to first token). Returns (new token ids, final state). `caps`: reasoning caps."""
@@ -228,6 +229,10 @@ def generate(model, prompt_ids: list[int], cfg: SamplingConfig, *, state=None, e
     seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)  # the ids seen so far
     seen[torch.tensor(prompt_ids, device=logits.device)] = True
     new: list[int] = []
+    # a quantized model's CPU tokens through its two C++ calls, the state kept as their arrays (see
+    # quant/fused_step.TokenDecoder): `step`'s state of tensors is made once, at the end
+    open_decoder = getattr(model, "token_decoder", None)
+    decoder = open_decoder(state, **caps) if open_decoder is not None else None
     # the whole token loop, sampling included, at the step's thread count (a quantized model's: one):
     # torch's OpenMP workers, woken by a two-thread op between steps, spin on the cores the kernel's
     # pool wants next (ops/threads.py); setting the count around the step alone left the sampler at two
@@ -247,10 +252,16 @@ def generate(model, prompt_ids: list[int], cfg: SamplingConfig, *, state=None, e
                 break
             new.append(token)
             seen[token] = True
-            out = model.step(torch.tensor([token], device=device), state, **caps)
-            logits, state = out.logits[0], out.state
+            if decoder is not None:
+                out = decoder.step(token)
+                logits = out.logits
+            else:
+                out = model.step(torch.tensor([token], device=device), state, **caps)
+                logits, state = out.logits[0], out.state
             if on_token is not None and on_token(token, out):
                 break
+    if decoder is not None:
+        state = decoder.state()
     return new, state
 
 

@@ -11,6 +11,7 @@ HIERARCHOS_REQUIRE_KERNEL=1 (CI).
 """
 
 import copy
+import dataclasses
 import os
 import random
 import types
@@ -507,6 +508,100 @@ def test_token_path_matches_python_model(qtype, monkeypatch):
         return diffs
 
     on_some_draw(compare)
+
+
+def assert_same_state(a, b, what):
+    assert a.pos == b.pos and a.rosa is b.rosa, what
+    assert [n for n, _ in a.tensors()] == [n for n, _ in b.tensors()], what
+    for (name, x), (_, y) in zip(a.tensors(), b.tensors()):
+        assert x.dtype == y.dtype and torch.equal(x, y), (what, name)
+
+
+@pytest.mark.parametrize("caps", [{}, {"h_cycles": 1}])
+def test_token_decoder_is_step_bit_for_bit(caps, monkeypatch):
+    """`TokenDecoder` (generate's loop: the state kept as the two calls' arrays, made only when asked) gives
+    `step`'s logits, totals and states bit for bit, token after token over plan points and two chunks'
+    writes (those tokens go through `step`), with ROSA on; a token's state asked later is still its own;
+    and `generate` through it returns `step`'s tokens and final state, sampling or greedy."""
+    from hierarchos.generate import SamplingConfig, generate
+
+    cfg = config(h_cycles=1 if not caps else 2, max_h_steps=2, max_l_steps=0, use_rosa=True)
+    model = quantized(cfg, "Q4_0", 3)
+    calls = TokenCalls(model, monkeypatch)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        out = model(torch.randint(0, cfg.vocab_size, (1, 5), generator=g), model.init_state(1))
+        state = out.state
+        decoder = fused_step.TokenDecoder.open(model, state.clone(), **caps)
+        assert decoder is not None
+        assert_same_state(decoder.state(), decoder.state(), "open")
+        # a fresh state each side: ROSA's automata are extended in place
+        ref_state, steps = state.clone(), []
+        decoder = fused_step.TokenDecoder.open(model, state.clone(), **caps)
+        token = int(out.logits[0, -1].argmax())
+        before = calls.reads
+        for i in range(2 * cfg.ltm_chunk + 1):  # positions 5..21: the chunks' writes at 7, 15
+            got, ref = decoder.step(token), model.step(torch.tensor([token]), ref_state, **caps)
+            what = f"caps={caps} token {i}"
+            assert torch.equal(got.logits, ref.logits[0]), what
+            assert got.totals == {k: (float(t), float(c)) for k, (t, c) in ref.totals.items()}, what
+            assert list(got.totals) == list(ref.totals), what
+            got_state = got.state
+            got_state.rosa = ref.state.rosa = None  # (the automata compared at the end: each side has its own)
+            assert_same_state(got_state, ref.state, what)
+            ref.state.rosa = ref_state.rosa
+            steps.append((got, ref.state))
+            ref_state, token = ref.state, int(ref.logits[0].argmax())
+        assert calls.reads - before == 2 * (2 * cfg.ltm_chunk + 1 - 2)  # each side's 15 tokens but the two writes
+        for i, (got, want) in enumerate(steps):  # asked after later tokens: still that token's state
+            s = got.state
+            s.rosa = None
+            want = dataclasses.replace(want, rosa=None)
+            assert_same_state(s, want, f"token {i} asked later")
+        assert [a.history_len for a in decoder.state().rosa] == [a.history_len for a in ref_state.rosa]
+
+        for sampling in (SamplingConfig(max_new_tokens=20, temperature=0.0),
+                         SamplingConfig(max_new_tokens=20, seed=5)):
+            results, seen = [], []
+            for switch in ("1", "0"):
+                monkeypatch.setenv(fused_step.ENV_DECODER, switch)
+                outs = []
+                ids, final = generate(model, [3, 4, 5], sampling, state=model.init_state(1),
+                                      on_token=lambda t, o: outs.append((t, dict(o.totals))), **caps)
+                results.append((ids, final))
+                seen.append([(t, {k: (float(a), float(b)) for k, (a, b) in tot.items()}) for t, tot in outs])
+            (ids, final), (ref_ids, ref_final) = results
+            assert ids == ref_ids and len(ids) == 20 and seen[0] == seen[1]
+            assert [a.history_len for a in final.rosa] == [a.history_len for a in ref_final.rosa]
+            final.rosa = ref_final.rosa = None
+            assert_same_state(final, ref_final, f"generate {sampling}")
+
+
+def test_token_decoder_opens_only_where_its_calls_apply(monkeypatch):
+    """No decoder (generate steps with `step`) for a model module by module, gradients, hooks anywhere,
+    shadow passes, batches of two, or HIERARCHOS_TOKEN_DECODER=0."""
+    model = quantized(config(h_cycles=1, max_h_steps=1, max_l_steps=0))
+    with torch.no_grad():
+        state = model.init_state(1)
+        assert model.token_decoder(state) is not None
+        assert model.token_decoder(model.init_state(2)) is None
+        assert model.token_decoder(state, max_l_steps=0) is not None
+        for module in (model, model.memory, model.out_norm, model.reasoner.worker.blocks[0]):
+            handle = module.register_forward_pre_hook(lambda *a: None)
+            assert model.token_decoder(state) is None, type(module).__name__
+            handle.remove()
+        monkeypatch.setenv(fused_step.ENV_DECODER, "0")
+        assert model.token_decoder(state) is None
+        monkeypatch.delenv(fused_step.ENV_DECODER)
+        python = copy.deepcopy(model)
+        python.__class__ = HierarchosLM
+        assert not hasattr(python, "token_decoder")
+    with torch.enable_grad():
+        assert model.token_decoder(state) is None
+    shadow = quantized(config(h_cycles=1, max_h_steps=1, max_l_steps=2))
+    with torch.no_grad():
+        assert shadow.token_decoder(shadow.init_state(1)) is None
+        assert shadow.token_decoder(shadow.init_state(1), max_l_steps=0) is not None
 
 
 def test_token_path_falls_back_where_it_does_not_apply(monkeypatch):

@@ -76,6 +76,7 @@ from .modules import QuantEmbedding, QuantLinear
 
 ENV_SWITCH = "HIERARCHOS_FUSED_STEP"
 ENV_LOWRANK = "HIERARCHOS_FUSED_LOWRANK"
+ENV_DECODER = "HIERARCHOS_TOKEN_DECODER"
 LOWRANK_FORMATS = ("fp16", "fp32")
 # the low-rank matrices of a block as RwkvStackStep names them
 LOWRANK_NAMES = ("mix_down", "mix_up", "decay_down", "decay_up", "iclr_down", "iclr_up", "gate_down", "gate_up",
@@ -344,6 +345,13 @@ class FusedTokenLM(HierarchosLM):
 
     _token_program: "_TokenProgram | None" = None
 
+    def token_decoder(self, state, **caps) -> "TokenDecoder | None":
+        """A `TokenDecoder` from `state` at reasoning caps `caps`, or None where its calls do not apply
+        (or HIERARCHOS_TOKEN_DECODER=0): how `generate` decodes this model's tokens."""
+        if os.environ.get(ENV_DECODER, "1") == "0":
+            return None
+        return TokenDecoder.open(self, state, **caps)
+
     def forward(self, tokens, state=None, *, rosa_hint_ids=None, last_logits_only=False, **caps):
         out = None
         if state is not None and tokens.dim() == 2 and tokens.shape[1] == 1 and not torch.is_grad_enabled():
@@ -547,43 +555,40 @@ class _TokenProgram:
                 return False
         return True
 
-    def run(self, model, tokens, state, hint_ids, caps):
-        """The token's ModelOutput through the two calls, or None (nothing changed) where they do not apply."""
-        reasoner, memory, cfg = self.reasoner, self.memory, self.cfg
+    def depth(self, caps: dict) -> tuple | None:
+        """(pondering passes, halting threshold) at the reasoning caps `caps` where the two calls take this
+        model's tokens (one manager cycle, no shadow pass, no hook anywhere, no autocast), else None: what
+        does not change from token to token."""
         if len(caps) and set(caps) - {"h_cycles", "max_h_steps", "max_l_steps", "h_halt_thresh"}:
             return None
-        n_cycles, n_ponder, n_explore, thresh = reasoner.depth(**caps)
+        n_cycles, n_ponder, n_explore, thresh = self.reasoner.depth(**caps)
         if n_cycles != 1 or n_explore != 0:
             return None
         if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks or any(self.hook_dicts):
             return None
-        if torch.is_autocast_enabled("cpu") or tokens.dtype is not torch.int64 or not tokens.is_cpu:
+        if torch.is_autocast_enabled("cpu"):
             return None
-        B, pos0 = tokens.shape[0], state.pos
-        if B >= quant_modules.DENSE_FROM_ROWS or (pos0 % memory.chunk) + 1 == memory.chunk:
-            return None  # (the chunk's write takes the module-by-module path)
-        mem = state.memory
-        delta, surprise, input_sum = mem["delta"], mem["surprise"], mem["input_sum"]
-        if not (_float_cpu(delta) and _float_cpu(surprise) and _float_cpu(input_sum)):
-            return None
-        rs = state.rounds[0]
-        s = cfg.h_stride
-        is_plan = (s - 1 - pos0) % s == 0
-        if is_plan and n_ponder < 1:
-            return None
-        watch, commit = _stack_arrays(rs["watch"]), _stack_arrays(rs["commit"])
-        ponder = [_stack_arrays(p) for p in rs["ponder"][:n_ponder]] if is_plan else []
-        if watch is None or commit is None or any(p is None for p in ponder):
-            return None
-        plan_prev, plan_last = rs["plan_prev"], rs["plan_last"]
-        if not (_float_cpu(plan_prev) and _float_cpu(plan_last)) or plan_prev.requires_grad or plan_last.requires_grad:
-            return None
-        ids = tokens.numpy().reshape(B)
+        return n_ponder, float(thresh)
+
+    def takes(self, pos0: int, B: int, n_ponder: int) -> bool:
+        """Whether the two calls take a token at position `pos0` of `B` rows (a token that closes the
+        memory's chunk writes it, module by module; a plan point needs a pondering pass)."""
+        if B >= quant_modules.DENSE_FROM_ROWS or (pos0 % self.memory.chunk) + 1 == self.memory.chunk:
+            return False
+        return n_ponder >= 1 or not self.is_plan(pos0)
+
+    def is_plan(self, pos0: int) -> bool:
+        s = self.cfg.h_stride
+        return (s - 1 - pos0) % s == 0
+
+    def calls(self, ids: np.ndarray, pos0: int, rosa, hint_ids, n_ponder: int, thresh: float, arrays: "_TokenArrays"):
+        """The token's two calls on `ids` (B,) at `pos0` from the state's arrays: (the round's outputs,
+        the memory's new surprise and input sum, the ROSA automata)."""
+        B = ids.shape[0]
         e = self.embed(ids)
-        rosa = state.rosa
         if self.rosa is not None:  # (ROSA's automata are extended only now that the calls are taken)
             if hint_ids is None:
-                hints, rosa = rosa_hint_array(ids.reshape(B, 1), rosa, cfg.rosa_window, cfg.rosa_none_id)
+                hints, rosa = rosa_hint_array(ids.reshape(B, 1), rosa, self.cfg.rosa_window, self.cfg.rosa_none_id)
             else:
                 hints = hint_ids.detach().to("cpu", torch.int64).numpy()
             e = e + self.rosa(hints.reshape(B))
@@ -591,20 +596,188 @@ class _TokenProgram:
         for name, (per, n_blocks) in self.gate_readers.items():
             rows = [read(ids) for read in per]
             gates[name] = rows * n_blocks if len(rows) == 1 else rows
-        persistent = self.persistent
+        a = arrays
         read, new_surprise, new_input_sum, u = kernel.memory_read(
-            e, *self.memory_args, delta.numpy(), surprise.numpy(), input_sum.numpy(), self.encoder, persistent)
+            e, *self.memory_args, a.delta, a.surprise, a.input_sum, self.encoder, self.persistent)
         h_in, fb, halt_w = self.round_specs
+        s = self.cfg.h_stride
+        is_plan = self.is_plan(pos0)
         outputs = self.worker._fused_plan.step.round(
-            self.manager._fused_plan.step, u.reshape(B, -1), None, watch, commit, ponder, plan_prev.numpy(),
-            plan_last.numpy(), one_token_alpha(pos0, s), is_plan, float(thresh), h_in, fb, halt_w,
+            self.manager._fused_plan.step, u.reshape(B, -1), None, a.watch, a.commit, a.ponder if is_plan else [],
+            a.plan_prev, a.plan_last, one_token_alpha(pos0, s), is_plan, thresh, h_in, fb, halt_w,
             float(self.halt_bias[0]), *self.round_linears, gates.get("manager"), gates.get("worker"), self.head)
+        return outputs, new_surprise, new_input_sum, rosa
+
+    def run(self, model, tokens, state, hint_ids, caps):
+        """The token's ModelOutput through the two calls, or None (nothing changed) where they do not apply."""
+        depth = self.depth(caps)
+        if depth is None or tokens.dtype is not torch.int64 or not tokens.is_cpu:
+            return None
+        n_ponder, thresh = depth
+        B, pos0 = tokens.shape[0], state.pos
+        if not self.takes(pos0, B, n_ponder):
+            return None
+        is_plan = self.is_plan(pos0)
+        arrays = _TokenArrays.read(state, n_ponder if is_plan else 0)
+        if arrays is None:
+            return None
+        outputs, new_surprise, new_input_sum, rosa = self.calls(tokens.numpy().reshape(B), pos0, state.rosa, hint_ids,
+                                                                n_ponder, thresh, arrays)
+        rs = state.rounds[0]
         totals: dict = {}
         _, first, logits = _round_state(rs, outputs, is_plan, B, totals)
         rounds = [first] + [dict(r) for r in state.rounds[1:]]  # (a capped cycle count leaves the others)
-        new_state = HierarchosState(pos=pos0 + 1, memory=_read_state(mem, new_surprise, new_input_sum),
+        new_state = HierarchosState(pos=pos0 + 1, memory=_read_state(state.memory, new_surprise, new_input_sum),
                                     rounds=rounds, rosa=rosa)
         return ModelOutput(logits=logits.view(B, 1, -1), state=new_state, totals=totals)
+
+
+class _TokenArrays:
+    """What the two calls read of a state, as the arrays they take: the first round's watch and commit
+    stacks, its pondering stacks (those a plan point reads), its plans, the memory's delta and open-chunk
+    accumulators."""
+
+    __slots__ = ("watch", "commit", "ponder", "plan_prev", "plan_last", "delta", "surprise", "input_sum")
+
+    @classmethod
+    def read(cls, state: HierarchosState, n_ponder: int) -> "_TokenArrays | None":
+        """The arrays of `state` (its first `n_ponder` pondering stacks), None where the calls cannot read it."""
+        mem = state.memory
+        delta, surprise, input_sum = mem["delta"], mem["surprise"], mem["input_sum"]
+        if not (_float_cpu(delta) and _float_cpu(surprise) and _float_cpu(input_sum)):
+            return None
+        rs = state.rounds[0]
+        watch, commit = _stack_arrays(rs["watch"]), _stack_arrays(rs["commit"])
+        ponder = [_stack_arrays(p) for p in rs["ponder"][:n_ponder]]
+        if watch is None or commit is None or any(p is None for p in ponder):
+            return None
+        plan_prev, plan_last = rs["plan_prev"], rs["plan_last"]
+        if not (_float_cpu(plan_prev) and _float_cpu(plan_last)) or plan_prev.requires_grad or plan_last.requires_grad:
+            return None
+        a = cls()
+        a.watch, a.commit, a.ponder = watch, commit, ponder
+        a.plan_prev, a.plan_last = plan_prev.numpy(), plan_last.numpy()
+        a.delta, a.surprise, a.input_sum = delta.numpy(), surprise.numpy(), input_sum.numpy()
+        return a
+
+
+class DecodedToken:
+    """One token of a `TokenDecoder`: its logits (V,) (a tensor on the decoder's arrays), its aux totals
+    (name -> (sum, count), Python numbers) and, when asked, the state after it (`state`, made then from
+    the arrays the token left, which no later token changes; ROSA's automata are shared and extended in
+    place, as `step`'s states share them)."""
+
+    __slots__ = ("logits", "totals", "_decoder", "_held")
+
+    def __init__(self, logits, totals, decoder, held):
+        self.logits, self.totals, self._decoder, self._held = logits, totals, decoder, held
+
+    @property
+    def state(self) -> HierarchosState:
+        return self._decoder._state_of(self._held)
+
+    @property
+    def aux(self) -> dict:
+        return {name: total / count for name, (total, count) in self.totals.items() if count}
+
+
+class TokenDecoder:
+    """A batch-1 generation loop's tokens through a FusedTokenLM's two calls, the state kept between
+    tokens as the arrays the calls return. `model.step` builds a HierarchosState of tensors and dicts for
+    every token and checks the model and the state again; in a 125m Q4_0 token that Python, run on caches
+    the weights had just flushed, was ~0.3 ms of ~3.5 (BENCHMARKS.md, issue 17). Here the model and the
+    caps are checked when the decoder opens (`TokenDecoder.open`; the model must not change while it is in
+    use), a token costs the lookups and the two calls, and the state is made only when asked (`state()`,
+    or a token's `DecodedToken.state`). A token the calls do not take (one that closes the memory's chunk)
+    goes through `model.step` on the state made then; the loop carries on from its output.
+    `generate` decodes through one wherever it opens (tests/test_quant_fused_step.py holds its tokens,
+    logits, totals and states equal to `step`'s)."""
+
+    def __init__(self, model, program, state, caps, n_ponder, thresh):
+        self.model, self.program, self.caps = model, program, caps
+        self.n_ponder, self.thresh = n_ponder, thresh
+        self._load(state)
+
+    @classmethod
+    def open(cls, model, state: HierarchosState, **caps) -> "TokenDecoder | None":
+        """A decoder from `state` (batch 1, float32 CPU arrays) for `model` at reasoning caps `caps`, or
+        None where its two calls do not apply (then decode with `model.step`)."""
+        if type(model) is not FusedTokenLM or torch.is_grad_enabled() or state is None:
+            return None
+        program = model._token_program
+        if program is None or not program.holds(model):
+            program = model._token_program = _TokenProgram.build(model)
+        if program is None or nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks \
+                or model._forward_hooks or model._forward_pre_hooks:
+            return None
+        depth = program.depth(caps)
+        if depth is None or state.memory["delta"].shape[0] != 1:
+            return None
+        try:
+            return cls(model, program, state, caps, *depth)
+        except _Unreadable:
+            return None
+
+    def _load(self, state: HierarchosState) -> None:
+        arrays = _TokenArrays.read(state, self.n_ponder)
+        if arrays is None:
+            raise _Unreadable
+        rs = state.rounds[0]
+        self.pos, self.arrays, self.rosa = state.pos, arrays, state.rosa
+        self.memory, self.round, self.rest = state.memory, rs, state.rounds[1:]
+        self.last_out = rs["last_out"]
+        self.ponder_rest = list(rs["ponder"][self.n_ponder:])
+        self.ids = np.zeros(1, dtype=np.int64)
+
+    def step(self, token: int) -> DecodedToken:
+        """Consume `token`: its logits and totals (and the state after it, when asked)."""
+        pos0, program = self.pos, self.program
+        if not program.takes(pos0, 1, self.n_ponder):  # (a chunk's write: module by module, then on from there)
+            out = self.model.step(torch.tensor([token]), self.state(), **self.caps)
+            self._load(out.state)
+            return DecodedToken(out.logits[0], {k: (float(t), float(c)) for k, (t, c) in out.totals.items()}, self,
+                                self._held())
+        ids = self.ids = np.array([token], dtype=np.int64)
+        a = self.arrays
+        outputs, surprise, input_sum, self.rosa = program.calls(ids, pos0, self.rosa, None, self.n_ponder, self.thresh, a)
+        y, watch, commit, ponder_new, plan_prev, plan_last, expected, halting, logits = outputs
+        n = _TokenArrays()
+        n.watch, n.commit, n.delta, n.surprise, n.input_sum = watch, commit, a.delta, surprise, input_sum
+        if program.is_plan(pos0):  # (as `_round_state` reports it; a pass not run keeps its state)
+            n.ponder = [s if p is None else p for s, p in zip(a.ponder, ponder_new)] + list(a.ponder[len(ponder_new):])
+            n.plan_prev, n.plan_last = plan_prev, plan_last
+            f32 = np.float32
+            totals = {"ponder": (float(f32(expected)), 1.0), "manager_steps": (float(f32(halting)), 1.0),
+                      "worker_steps": (0.0, 1.0)}
+        else:
+            n.ponder, n.plan_prev, n.plan_last = a.ponder, a.plan_prev, a.plan_last
+            totals = {"worker_steps": (0.0, 1.0)}
+        self.arrays, self.last_out, self.pos = n, y, pos0 + 1
+        return DecodedToken(torch.from_numpy(logits[0]), totals, self, self._held())
+
+    def _held(self) -> tuple:
+        return self.pos, self.arrays, self.last_out, self.memory, self.round, self.rest, self.ponder_rest, self.rosa
+
+    def state(self) -> HierarchosState:
+        """The state after the last token, as `model.step` would have returned it."""
+        return self._state_of(self._held())
+
+    def _state_of(self, held: tuple) -> HierarchosState:
+        pos, a, last_out, memory, rs, rest, ponder_rest, rosa = held
+        new = dict(rs)
+        new["watch"], new["commit"] = _stack_tensors(a.watch), _stack_tensors(a.commit)
+        new["ponder"] = [_stack_tensors(p) for p in a.ponder] + ponder_rest
+        new["plan_prev"], new["plan_last"] = torch.from_numpy(a.plan_prev), torch.from_numpy(a.plan_last)
+        if isinstance(last_out, np.ndarray):
+            dtype = rs["last_out"].dtype
+            last_out = torch.from_numpy(last_out)
+            last_out = last_out if last_out.dtype == dtype else last_out.to(dtype)
+        new["last_out"] = last_out
+        return HierarchosState(pos=pos, memory=_read_state(memory, a.surprise, a.input_sum), rounds=[new] + [dict(r) for r in rest], rosa=rosa)
+
+
+class _Unreadable(Exception):
+    """A state the decoder's calls cannot read."""
 
 
 def why_not_fused(model: nn.Module) -> dict[str, str | None]:
