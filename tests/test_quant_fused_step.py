@@ -503,7 +503,7 @@ def test_token_path_matches_python_model(qtype, monkeypatch):
                         diffs.append((f"{what} {name}", rel_diff(a, b)))
                     state, ref_state = out.state, ref.state
                     token = ref.logits.argmax(-1)
-                assert calls.reads - before == cfg.ltm_chunk  # every token but the one that writes
+                assert calls.reads - before == cfg.ltm_chunk + 1  # the one that writes too
         assert calls.rounds == calls.reads
         return diffs
 
@@ -521,7 +521,7 @@ def assert_same_state(a, b, what):
 def test_token_decoder_is_step_bit_for_bit(caps, monkeypatch):
     """`TokenDecoder` (generate's loop: the state kept as the two calls' arrays, made only when asked) gives
     `step`'s logits, totals and states bit for bit, token after token over plan points and two chunks'
-    writes (those tokens go through `step`), with ROSA on; a token's state asked later is still its own;
+    writes, with ROSA on; a token's state asked later is still its own;
     and `generate` through it returns `step`'s tokens and final state, sampling or greedy."""
     from hierarchos.generate import SamplingConfig, generate
 
@@ -552,7 +552,7 @@ def test_token_decoder_is_step_bit_for_bit(caps, monkeypatch):
             ref.state.rosa = ref_state.rosa
             steps.append((got, ref.state))
             ref_state, token = ref.state, int(ref.logits[0].argmax())
-        assert calls.reads - before == 2 * (2 * cfg.ltm_chunk + 1 - 2)  # each side's 15 tokens but the two writes
+        assert calls.reads - before == 2 * (2 * cfg.ltm_chunk + 1)  # each side's tokens, the two writes too
         for i, (got, want) in enumerate(steps):  # asked after later tokens: still that token's state
             s = got.state
             s.rosa = None
@@ -734,9 +734,45 @@ def test_memory_read_matches_python_read(qtype):
     on_some_draw(compare)
 
 
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0"])
+def test_memory_read_then_write_matches_python_at_a_chunks_end(qtype):
+    """A token that closes a chunk: the fused read, then `close_chunk`'s write on what it left, give
+    `LongTermMemory.forward`'s read and every part of its state (the written values as delta, momentum,
+    write counts, the accumulators zeroed), at batch 1 and 2, with slots whose surprise stays under the
+    write threshold; the inputs are left as they were."""
+    from hierarchos.model.memory import LongTermMemory
+
+    def compare(seed):
+        model = quantized(config(), qtype, seed)
+        memory = model.memory
+        g = torch.Generator().manual_seed(seed)
+        diffs = []
+        for B in (1, 2):
+            e = torch.randn(B, 1, model.cfg.context_dim, generator=g)
+            state = _memory_state(memory, B, g)
+            norms = state["surprise"].norm(dim=-1).flatten().sort().values  # some slots unwritten: a threshold
+            memory.write_threshold = float(norms[len(norms) // 2 - 1: len(norms) // 2 + 1].mean())  # between two
+            kept = {k: v.clone() for k, v in state.items()}
+            pos0 = 8 * 3 + 7  # the last token of a chunk (chunk 8)
+            with torch.no_grad():
+                read, new = memory(e, state, pos0)
+                ref_read, ref_new = LongTermMemory.forward(memory, e, state, pos0)
+            diffs.append((f"{qtype} B={B} read", rel_diff(read, ref_read)))
+            assert list(new) == list(ref_new)
+            for key in ref_new:
+                assert new[key].shape == ref_new[key].shape and new[key].dtype == ref_new[key].dtype, key
+                diffs.append((f"{qtype} B={B} {key}", rel_diff(new[key], ref_new[key])))
+            assert not new["surprise"].any() and not new["input_sum"].any()
+            assert 0 < int((new["writes"] - state["writes"]).sum()) < B * memory.slots
+            assert all(torch.equal(state[k], kept[k]) for k in state)
+        return diffs
+
+    on_some_draw(compare)
+
+
 def test_memory_read_falls_back_where_it_does_not_apply():
-    """A token that closes a chunk (the write), gradients, a prompt, hooks on a projection or any module,
-    and a memory with float projections read in Python; the fused read makes one kernel call a token."""
+    """Gradients, a prompt, hooks on a projection or any module, and a memory with float projections read
+    in Python; the fused read makes one kernel call a token, also the token that closes a chunk."""
     from hierarchos.model.memory import LongTermMemory
 
     model = quantized(config())
@@ -761,7 +797,7 @@ def test_memory_read_falls_back_where_it_does_not_apply():
 
         with torch.no_grad():
             assert reads(lambda: memory(e1, state, 0)) == 1
-            assert reads(lambda: memory(e1, state, 7)) == 0  # closes chunk 0: writes
+            assert reads(lambda: memory(e1, state, 7)) == 1  # closes chunk 0: the read, then the write
             assert reads(lambda: memory(e3, state, 0)) == 0
             handle = memory.target.register_forward_hook(lambda *a: None)
             assert reads(lambda: memory(e1, state, 0)) == 0

@@ -287,15 +287,28 @@ def attach_fused_steps(model: nn.Module, enabled: bool | None = None, lowrank: s
 
 
 class FusedMemory(LongTermMemory):
-    """A long-term memory whose one-token read (a token that closes no chunk: no write) runs in one C++
-    call, `kernel.memory_read` (kernels/memory_step.cpp); the class `attach_fused_steps` gives a
-    memory whose query and target projections are quantized. Everything else runs `forward` as written."""
+    """A long-term memory whose one-token read runs in one C++ call, `kernel.memory_read`
+    (kernels/memory_step.cpp); the class `attach_fused_steps` gives a memory whose query and target
+    projections are quantized. A token that closes a chunk then writes it (`close_chunk`: `_write` on the
+    accumulators the read left, as `forward` writes). Everything else runs `forward` as written."""
 
     def forward(self, e: torch.Tensor, state: dict, pos0: int):
         if not self._read_applies(e, state, pos0):
             return super().forward(e, state, pos0)
         read, new_state, _ = self._read_call(e, state)
+        if (pos0 % self.chunk) + 1 == self.chunk:
+            new_state = self.close_chunk(new_state)
         return read, new_state
+
+    def close_chunk(self, state: dict) -> dict:
+        """The state after a chunk's write, from the state its last token's read left: `_segment`'s write
+        (on learned + delta, the surprise and the input's mean over the chunk), the accumulators zeroed."""
+        surprise, input_sum = state["surprise"], state["input_sum"]
+        learned = self.values.to(surprise.dtype).unsqueeze(0)
+        values, momentum, written = self._write(learned + state["delta"], state["momentum"], surprise,
+                                                input_sum / self.chunk)
+        return {"delta": values - learned, "momentum": momentum, "surprise": torch.zeros_like(surprise),
+                "input_sum": torch.zeros_like(input_sum), "writes": state["writes"] + written.to(state["writes"].dtype)}
 
     def _read_call(self, e, state, encoder=None, persistent=None):
         """The read in one call (`_read_applies` said it applies): (reads (B, 1, Dv), the new state, and with
@@ -324,8 +337,8 @@ class FusedMemory(LongTermMemory):
             return False
         if e.shape[0] >= quant_modules.DENSE_FROM_ROWS:
             return False
-        if (pos0 % self.chunk) + 1 == self.chunk or not self._read_fits():
-            return False  # this token's write (or the compiled segment) takes the Python path
+        if not self._read_fits():
+            return False  # (the compiled segment takes the Python path)
         if not all(_float_cpu(t) for t in (e, state["delta"], state["surprise"], state["input_sum"])):
             return False
         if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
@@ -339,7 +352,7 @@ class FusedTokenLM(HierarchosLM):
     (`kernel.memory_read`), then the reasoner's round with the head after it (`RwkvStackStep.round`).
     The embedding rows, ROSA's hints and the DeepEmbed gates are looked up around them in numpy, the
     calls' fixed arguments come from a `_TokenProgram` kept between tokens. A token the two calls do not
-    cover (a prompt, a chunk's write, gradients, a hook, other depths) runs `forward` as written, module by
+    cover (a prompt, gradients, a hook, other depths) runs `forward` as written, module by
     module (the fused memory and round then still apply on their own). The class `attach_fused_steps`
     gives a model whose memory and reasoner take their fused calls."""
 
@@ -571,11 +584,15 @@ class _TokenProgram:
         return n_ponder, float(thresh)
 
     def takes(self, pos0: int, B: int, n_ponder: int) -> bool:
-        """Whether the two calls take a token at position `pos0` of `B` rows (a token that closes the
-        memory's chunk writes it, module by module; a plan point needs a pondering pass)."""
-        if B >= quant_modules.DENSE_FROM_ROWS or (pos0 % self.memory.chunk) + 1 == self.memory.chunk:
+        """Whether the two calls take a token at position `pos0` of `B` rows (a plan point needs a
+        pondering pass)."""
+        if B >= quant_modules.DENSE_FROM_ROWS:
             return False
         return n_ponder >= 1 or not self.is_plan(pos0)
+
+    def closes(self, pos0: int) -> bool:
+        """Whether the token at `pos0` closes the memory's chunk (after the calls, `FusedMemory.close_chunk`)."""
+        return (pos0 % self.memory.chunk) + 1 == self.memory.chunk
 
     def is_plan(self, pos0: int) -> bool:
         s = self.cfg.h_stride
@@ -627,8 +644,10 @@ class _TokenProgram:
         totals: dict = {}
         _, first, logits = _round_state(rs, outputs, is_plan, B, totals)
         rounds = [first] + [dict(r) for r in state.rounds[1:]]  # (a capped cycle count leaves the others)
-        new_state = HierarchosState(pos=pos0 + 1, memory=_read_state(state.memory, new_surprise, new_input_sum),
-                                    rounds=rounds, rosa=rosa)
+        memory = _read_state(state.memory, new_surprise, new_input_sum)
+        if self.closes(pos0):
+            memory = self.memory.close_chunk(memory)
+        new_state = HierarchosState(pos=pos0 + 1, memory=memory, rounds=rounds, rosa=rosa)
         return ModelOutput(logits=logits.view(B, 1, -1), state=new_state, totals=totals)
 
 
@@ -688,8 +707,9 @@ class TokenDecoder:
     the weights had just flushed, was ~0.3 ms of ~3.5 (BENCHMARKS.md, issue 17). Here the model and the
     caps are checked when the decoder opens (`TokenDecoder.open`; the model must not change while it is in
     use), a token costs the lookups and the two calls, and the state is made only when asked (`state()`,
-    or a token's `DecodedToken.state`). A token the calls do not take (one that closes the memory's chunk)
-    goes through `model.step` on the state made then; the loop carries on from its output.
+    or a token's `DecodedToken.state`). A token that closes the memory's chunk writes it after the calls
+    (`FusedMemory.close_chunk`); one the calls do not take (a plan point capped to no pondering pass) goes
+    through `model.step` on the state made then, and the loop carries on from its output.
     `generate` decodes through one wherever it opens (tests/test_quant_fused_step.py holds its tokens,
     logits, totals and states equal to `step`'s)."""
 
@@ -727,17 +747,16 @@ class TokenDecoder:
         self.memory, self.round, self.rest = state.memory, rs, state.rounds[1:]
         self.last_out = rs["last_out"]
         self.ponder_rest = list(rs["ponder"][self.n_ponder:])
-        self.ids = np.zeros(1, dtype=np.int64)
 
     def step(self, token: int) -> DecodedToken:
         """Consume `token`: its logits and totals (and the state after it, when asked)."""
         pos0, program = self.pos, self.program
-        if not program.takes(pos0, 1, self.n_ponder):  # (a chunk's write: module by module, then on from there)
+        if not program.takes(pos0, 1, self.n_ponder):  # (a plan point with no pondering pass: `step`, on from there)
             out = self.model.step(torch.tensor([token]), self.state(), **self.caps)
             self._load(out.state)
             return DecodedToken(out.logits[0], {k: (float(t), float(c)) for k, (t, c) in out.totals.items()}, self,
                                 self._held())
-        ids = self.ids = np.array([token], dtype=np.int64)
+        ids = np.array([token], dtype=np.int64)
         a = self.arrays
         outputs, surprise, input_sum, self.rosa = program.calls(ids, pos0, self.rosa, None, self.n_ponder, self.thresh, a)
         y, watch, commit, ponder_new, plan_prev, plan_last, expected, halting, logits = outputs
@@ -752,6 +771,11 @@ class TokenDecoder:
         else:
             n.ponder, n.plan_prev, n.plan_last = a.ponder, a.plan_prev, a.plan_last
             totals = {"worker_steps": (0.0, 1.0)}
+        if program.closes(pos0):  # the chunk's write (a few whole-table torch ops, once a chunk)
+            memory = program.memory.close_chunk(_read_state(self.memory, surprise, input_sum))
+            self.memory = memory
+            n.delta, n.surprise, n.input_sum = (memory["delta"].numpy(), memory["surprise"].numpy(),
+                                                memory["input_sum"].numpy())
         self.arrays, self.last_out, self.pos = n, y, pos0 + 1
         return DecodedToken(torch.from_numpy(logits[0]), totals, self, self._held())
 
