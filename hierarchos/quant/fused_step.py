@@ -681,7 +681,7 @@ class _TokenArrays:
 
 
 class DecodedToken:
-    """One token of a `TokenDecoder`: its logits (V,) (a tensor on the decoder's arrays), its aux totals
+    """One token of a `TokenDecoder`: its logits (V,) (a tensor on the round call's array), its aux totals
     (name -> (sum, count), Python numbers) and, when asked, the state after it (`state`, made then from
     the arrays the token left, which no later token changes; ROSA's automata are shared and extended in
     place, as `step`'s states share them)."""
@@ -703,20 +703,24 @@ class DecodedToken:
 class TokenDecoder:
     """A batch-1 generation loop's tokens through a FusedTokenLM's two calls, the state kept between
     tokens as the arrays the calls return. `model.step` builds a HierarchosState of tensors and dicts for
-    every token and checks the model and the state again; in a 125m Q4_0 token that Python, run on caches
-    the weights had just flushed, was ~0.3 ms of ~3.5 (BENCHMARKS.md, issue 17). Here the model and the
-    caps are checked when the decoder opens (`TokenDecoder.open`; the model must not change while it is in
-    use), a token costs the lookups and the two calls, and the state is made only when asked (`state()`,
+    every token and checks the model and the state again: with its wrappers, the Python around a 125m Q4_0
+    token's calls was 0.6-0.85 ms of ~3.5-4, run on caches the weights had just flushed; through a decoder
+    0.3-0.45 (BENCHMARKS.md, "The state kept as the calls' arrays between tokens"). The model, its hooks and
+    the caps are checked when the decoder opens (`TokenDecoder.open`; the model must not change while it is
+    in use), a token costs the lookups and the two calls, and the state is made only when asked (`state()`,
     or a token's `DecodedToken.state`). A token that closes the memory's chunk writes it after the calls
-    (`FusedMemory.close_chunk`); one the calls do not take (a plan point capped to no pondering pass) goes
-    through `model.step` on the state made then, and the loop carries on from its output.
-    `generate` decodes through one wherever it opens (tests/test_quant_fused_step.py holds its tokens,
-    logits, totals and states equal to `step`'s)."""
+    (`FusedMemory.close_chunk`). `generate` decodes through one wherever it opens
+    (tests/test_quant_fused_step.py holds its tokens, logits, totals and states equal to `step`'s)."""
 
-    def __init__(self, model, program, state, caps, n_ponder, thresh):
-        self.model, self.program, self.caps = model, program, caps
-        self.n_ponder, self.thresh = n_ponder, thresh
-        self._load(state)
+    def __init__(self, program, state, n_ponder, thresh):
+        self.program, self.n_ponder, self.thresh = program, n_ponder, thresh
+        arrays = _TokenArrays.read(state, n_ponder)
+        if arrays is None:
+            raise _Unreadable
+        rs = state.rounds[0]
+        self.pos, self.arrays, self.rosa, self.last_out = state.pos, arrays, state.rosa, rs["last_out"]
+        self.memory, self.round, self.rest = state.memory, rs, state.rounds[1:]
+        self.ponder_rest = list(rs["ponder"][n_ponder:])
 
     @classmethod
     def open(cls, model, state: HierarchosState, **caps) -> "TokenDecoder | None":
@@ -731,34 +735,20 @@ class TokenDecoder:
                 or model._forward_hooks or model._forward_pre_hooks:
             return None
         depth = program.depth(caps)
-        if depth is None or state.memory["delta"].shape[0] != 1:
-            return None
+        if depth is None or depth[0] < 1 or state.memory["delta"].shape[0] != 1:
+            return None  # (every plan point needs a pondering pass for the round call to take it)
         try:
-            return cls(model, program, state, caps, *depth)
+            return cls(program, state, *depth)
         except _Unreadable:
             return None
-
-    def _load(self, state: HierarchosState) -> None:
-        arrays = _TokenArrays.read(state, self.n_ponder)
-        if arrays is None:
-            raise _Unreadable
-        rs = state.rounds[0]
-        self.pos, self.arrays, self.rosa = state.pos, arrays, state.rosa
-        self.memory, self.round, self.rest = state.memory, rs, state.rounds[1:]
-        self.last_out = rs["last_out"]
-        self.ponder_rest = list(rs["ponder"][self.n_ponder:])
 
     def step(self, token: int) -> DecodedToken:
         """Consume `token`: its logits and totals (and the state after it, when asked)."""
         pos0, program = self.pos, self.program
-        if not program.takes(pos0, 1, self.n_ponder):  # (a plan point with no pondering pass: `step`, on from there)
-            out = self.model.step(torch.tensor([token]), self.state(), **self.caps)
-            self._load(out.state)
-            return DecodedToken(out.logits[0], {k: (float(t), float(c)) for k, (t, c) in out.totals.items()}, self,
-                                self._held())
         ids = np.array([token], dtype=np.int64)
         a = self.arrays
-        outputs, surprise, input_sum, self.rosa = program.calls(ids, pos0, self.rosa, None, self.n_ponder, self.thresh, a)
+        outputs, surprise, input_sum, self.rosa = program.calls(ids, pos0, self.rosa, None, self.n_ponder,
+                                                                self.thresh, a)
         y, watch, commit, ponder_new, plan_prev, plan_last, expected, halting, logits = outputs
         n = _TokenArrays()
         n.watch, n.commit, n.delta, n.surprise, n.input_sum = watch, commit, a.delta, surprise, input_sum
@@ -797,7 +787,8 @@ class TokenDecoder:
             last_out = torch.from_numpy(last_out)
             last_out = last_out if last_out.dtype == dtype else last_out.to(dtype)
         new["last_out"] = last_out
-        return HierarchosState(pos=pos, memory=_read_state(memory, a.surprise, a.input_sum), rounds=[new] + [dict(r) for r in rest], rosa=rosa)
+        return HierarchosState(pos=pos, memory=_read_state(memory, a.surprise, a.input_sum),
+                               rounds=[new] + [dict(r) for r in rest], rosa=rosa)
 
 
 class _Unreadable(Exception):
