@@ -82,6 +82,9 @@ HK_MEMORY_CLONES float dot(const float *a, const float *b, int64_t n) {
     return s;
 }
 
+// memory_read's pool tasks: the surprise table's copy in pieces of 64 KB, the slots' scores in runs of 128
+constexpr int64_t kCopyFloats = 16384, kScoreSlots = 128;
+
 // The k best of scores (descending; among equal scores the lower index first), as torch.topk picks them.
 void top_k(const float *scores, int64_t n, int64_t k, std::vector<int64_t> &idx) {
     idx.resize(static_cast<size_t>(n));
@@ -128,17 +131,36 @@ py::tuple memory_read(const FloatArray &e, const py::tuple &query, const py::tup
         py::gil_scoped_release release;
         const float *pe = e.data(), *pk = keys.data(), *pv = values.data(), *pd = delta.data();
         const int64_t *source = slot_source.data();
-        std::vector<float> q(static_cast<size_t>(B * Dk)), t(static_cast<size_t>(B * Dv)), scores(static_cast<size_t>(S));
-        matmul_many({{wq.t, wq.data.data(), Dk, D, pe, B, q.data()}, {wt.t, wt.data.data(), Dv, D, pe, B, t.data()}});
+        std::vector<float> q(static_cast<size_t>(B * Dk)), t(static_cast<size_t>(B * Dv)),
+            all_scores(static_cast<size_t>(B * S));
         float *read = read_out.mutable_data(), *sur = surprise_out.mutable_data(), *sum = sum_out.mutable_data();
-        std::copy(surprise.data(), surprise.data() + B * S * Dv, sur);
+        // Two pool jobs, each memory-bound work over both cores: the query and target projections beside
+        // the surprise table's copy (B x slots x val_dim floats, 0.5 MB at 125m), then every slot's score
+        // (the keys, another 0.5 MB). One thread each, they were most of this call (BENCHMARKS.md, issue 17).
+        MatmulBatch projections;
+        projections.prepare(
+            {{wq.t, wq.data.data(), Dk, D, pe, B, q.data()}, {wt.t, wt.data.data(), Dv, D, pe, B, t.data()}});
+        const int64_t n_mm = projections.n_tasks(), copy_len = B * S * Dv;
+        const int64_t n_copy = (copy_len + kCopyFloats - 1) / kCopyFloats;
+        const float *sur_in = surprise.data();
+        parallel_tasks(n_mm + n_copy, [&](int64_t task) {
+            if (task < n_mm) return projections.run_task(task);
+            const int64_t i0 = (task - n_mm) * kCopyFloats, i1 = std::min(copy_len, i0 + kCopyFloats);
+            std::copy(sur_in + i0, sur_in + i1, sur + i0);
+        });
+        const int64_t n_chunks = (S + kScoreSlots - 1) / kScoreSlots;
+        parallel_tasks(B * n_chunks, [&](int64_t task) {
+            const int64_t b = task / n_chunks, s0 = (task % n_chunks) * kScoreSlots, s1 = std::min(S, s0 + kScoreSlots);
+            const float *qb = q.data() + b * Dk;
+            float *scores = all_scores.data() + b * S;
+            for (int64_t s = s0; s < s1; ++s)
+                scores[s] = source[s] != kDormantSource ? dot(qb, pk + s * Dk, Dk) : -std::numeric_limits<float>::infinity();
+        });
         std::vector<int64_t> idx;
         std::vector<float> attn(static_cast<size_t>(k));
         for (int64_t b = 0; b < B; ++b) {
-            const float *qb = q.data() + b * Dk;
-            for (int64_t s = 0; s < S; ++s)
-                scores[s] = source[s] != kDormantSource ? dot(qb, pk + s * Dk, Dk) : -std::numeric_limits<float>::infinity();
-            top_k(scores.data(), S, k, idx);
+            const float *scores = all_scores.data() + b * S;
+            top_k(scores, S, k, idx);
             const float top = scores[idx[0]];
             float total = 0.0f;
             for (int64_t j = 0; j < k; ++j) total += attn[j] = std::exp(scores[idx[j]] - top);
