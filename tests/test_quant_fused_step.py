@@ -734,6 +734,39 @@ def test_memory_read_matches_python_read(qtype):
     on_some_draw(compare)
 
 
+def test_memory_read_scores_many_slots_over_the_pool():
+    """The read's scores go over the pool in runs of slots and its surprise copy in pieces: with 300 slots (three
+    runs, the last short) and 3 rows (a copy in several pieces), the read and state are the Python read's, also
+    where the best slot of a row is the first or last of a run (its key made the row's query, scaled up)."""
+    from hierarchos.model.memory import LongTermMemory
+
+    def compare(seed):
+        model = quantized(config(ltm_slots=300), "Q4_0", seed)
+        memory = model.memory
+        g = torch.Generator().manual_seed(seed)
+        diffs = []
+        for B, best in ((1, None), (3, None), (1, 127), (1, 128), (1, 255), (1, 256), (1, 299), (1, 0)):
+            e = torch.randn(B, 1, model.cfg.context_dim, generator=g)
+            state = _memory_state(memory, B, g)
+            keys = memory.keys.detach().clone()
+            with torch.no_grad():
+                if best is not None:
+                    q = memory.query(e)[0, 0]
+                    memory.keys[best] = 4.0 * q / q.norm() * memory.keys.norm(dim=1).max()
+                read, new = memory(e, state, 8 * 2 + 1)
+                ref_read, ref_new = LongTermMemory.forward(memory, e, state, 8 * 2 + 1)
+                memory.keys.copy_(keys)
+            what = f"B={B} best slot {best}"
+            diffs.append((f"{what} read", rel_diff(read, ref_read)))
+            for key in ("surprise", "input_sum"):
+                diffs.append((f"{what} {key}", rel_diff(new[key], ref_new[key])))
+            if best is not None:
+                assert not torch.equal(ref_new["surprise"][0, best], state["surprise"][0, best]), what  # it was read
+        return diffs
+
+    on_some_draw(compare)
+
+
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0"])
 def test_memory_read_then_write_matches_python_at_a_chunks_end(qtype):
     """A token that closes a chunk: the fused read, then `close_chunk`'s write on what it left, give
