@@ -29,14 +29,16 @@ At the minimal depth (no shadow pass; ACT halting) the reasoner's whole round at
 manager's watch pass, the plans' LERP, at a plan point the pondering passes with their halting and
 the plan's projection, the worker's input projection, commit pass and output projection; it applies
 where both stacks take their fused step and every projection is quantized as the shadow call's are
-(`_round_call` says when). And a quantized memory's read of a token that closes no chunk (no write) is
-one call, `kernel.memory_read` (`FusedMemory`, kernels/memory_step.cpp). Where both apply, a generated
+(`_round_call` says when). And a quantized memory's one-token read is one call, `kernel.memory_read`
+(`FusedMemory`, kernels/memory_step.cpp; a token that closes a chunk then writes it in a few torch ops,
+`FusedMemory.close_chunk`). Where both apply, a generated
 token is those two calls (`FusedTokenLM`, the model's class): the memory's goes on to the encoder, the
 round's to the output norm and the head. At 125m Q4_0 the three took ~25-35% off a ~4.5 ms token
 (BENCHMARKS.md, "The round, the memory's read, the encoder and the head in C++"). The two calls'
 fixed arguments (specs, views of parameters, embedding readers) are made once and kept between tokens
 (`_TokenProgram`, checked by identity each token): looking them up again cost ~0.2-0.3 ms a token,
-Python working on caches the weights had just flushed.
+Python working on caches the weights had just flushed. `generate` goes further with a `TokenDecoder`: the
+model checked once, the state kept between tokens as the calls' arrays and built only when asked.
 
 The low-rank paths' matrices (the token-shift, decay, in-context-rate, gate and value-residual
 mixes: 7.1 MB of float32 per 125m stack pass, a quarter of what a pass streams) go to the C++ step
