@@ -156,14 +156,19 @@ def greedy_tokens(model, state, token: torch.Tensor, n: int):
     open_decoder = getattr(model, "token_decoder", None)
     decoder = open_decoder(state) if open_decoder is not None and token.shape[0] == 1 else None
     if decoder is None:
-        for _ in range(n):
-            out = model.step(token, state)
-            state, token = out.state, greedy_ids(out.logits)
-        return state, token
+        return step_tokens(model, state, token, n)
     last = int(token[0])
     for _ in range(n):
         last = int(greedy_ids(decoder.step(last).logits))
     return decoder.state(), torch.tensor([last])
+
+
+def step_tokens(model, state, token: torch.Tensor, n: int):
+    """`n` greedy tokens from `token` (B,) on `state`, `step` by `step`. Returns (state, the last tokens)."""
+    for _ in range(n):
+        out = model.step(token, state)
+        state, token = out.state, greedy_ids(out.logits)
+    return state, token
 
 
 @torch.no_grad()
@@ -216,12 +221,7 @@ def set_fusion_level(model, level: str) -> None:
 
 def level_tokens(model, level: str, state, token, n: int):
     """`n` greedy tokens at a fusion level: `step` by `step`, or ("loop") through generate's TokenDecoder."""
-    if level == "loop":
-        return greedy_tokens(model, state, token, n)
-    for _ in range(n):
-        out = model.step(token, state)
-        state, token = out.state, greedy_ids(out.logits)
-    return state, token
+    return (greedy_tokens if level == "loop" else step_tokens)(model, state, token, n)
 
 
 def fusion_generation(model, args, device) -> dict:

@@ -1,7 +1,8 @@
 """torch.compile's settings for this project (hierarchos/ops/compile_settings.py): every compile site makes
 them (aliased outputs by as_strided, AOT autograd's cache off), and with them a stack compiled by inductor
-over several lengths (dynamic shapes) runs and gives eager's values and gradients. Without them that run failed in 2 of 3 tries on torch 2.13 (CPU) with a
-garbage view size or a segmentation fault, in AOT autograd's rebuilding of aliased outputs."""
+over several lengths (dynamic shapes) runs and gives eager's values and gradients. Without them that run
+failed in 2 of 3 tries on torch 2.13 (CPU) with a garbage view size or a segmentation fault, in AOT
+autograd's rebuilding of aliased outputs."""
 
 import torch
 import torch._functorch.config as aot_config

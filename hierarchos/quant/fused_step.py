@@ -600,9 +600,9 @@ class _TokenProgram:
         s = self.cfg.h_stride
         return (s - 1 - pos0) % s == 0
 
-    def calls(self, ids: np.ndarray, pos0: int, rosa, hint_ids, n_ponder: int, thresh: float, arrays: "_TokenArrays"):
-        """The token's two calls on `ids` (B,) at `pos0` from the state's arrays: (the round's outputs,
-        the memory's new surprise and input sum, the ROSA automata)."""
+    def calls(self, ids: np.ndarray, pos0: int, is_plan: bool, rosa, hint_ids, thresh: float, arrays: "_TokenArrays"):
+        """The token's two calls on `ids` (B,) at `pos0` (a plan point or not) from the state's arrays: (the
+        round's outputs, the memory's new surprise and input sum, the ROSA automata)."""
         B = ids.shape[0]
         e = self.embed(ids)
         if self.rosa is not None:  # (ROSA's automata are extended only now that the calls are taken)
@@ -620,7 +620,6 @@ class _TokenProgram:
             e, *self.memory_args, a.delta, a.surprise, a.input_sum, self.encoder, self.persistent)
         h_in, fb, halt_w = self.round_specs
         s = self.cfg.h_stride
-        is_plan = self.is_plan(pos0)
         outputs = self.worker._fused_plan.step.round(
             self.manager._fused_plan.step, u.reshape(B, -1), None, a.watch, a.commit, a.ponder if is_plan else [],
             a.plan_prev, a.plan_last, one_token_alpha(pos0, s), is_plan, thresh, h_in, fb, halt_w,
@@ -640,8 +639,8 @@ class _TokenProgram:
         arrays = _TokenArrays.read(state, n_ponder if is_plan else 0)
         if arrays is None:
             return None
-        outputs, new_surprise, new_input_sum, rosa = self.calls(tokens.numpy().reshape(B), pos0, state.rosa, hint_ids,
-                                                                n_ponder, thresh, arrays)
+        outputs, new_surprise, new_input_sum, rosa = self.calls(tokens.numpy().reshape(B), pos0, is_plan, state.rosa,
+                                                                hint_ids, thresh, arrays)
         rs = state.rounds[0]
         totals: dict = {}
         _, first, logits = _round_state(rs, outputs, is_plan, B, totals)
@@ -697,10 +696,6 @@ class DecodedToken:
     def state(self) -> HierarchosState:
         return self._decoder._state_of(self._held)
 
-    @property
-    def aux(self) -> dict:
-        return {name: total / count for name, (total, count) in self.totals.items() if count}
-
 
 class TokenDecoder:
     """A batch-1 generation loop's tokens through a FusedTokenLM's two calls, the state kept between
@@ -749,12 +744,12 @@ class TokenDecoder:
         pos0, program = self.pos, self.program
         ids = np.array([token], dtype=np.int64)
         a = self.arrays
-        outputs, surprise, input_sum, self.rosa = program.calls(ids, pos0, self.rosa, None, self.n_ponder,
-                                                                self.thresh, a)
+        is_plan = program.is_plan(pos0)
+        outputs, surprise, input_sum, self.rosa = program.calls(ids, pos0, is_plan, self.rosa, None, self.thresh, a)
         y, watch, commit, ponder_new, plan_prev, plan_last, expected, halting, logits = outputs
         n = _TokenArrays()
         n.watch, n.commit, n.delta, n.surprise, n.input_sum = watch, commit, a.delta, surprise, input_sum
-        if program.is_plan(pos0):  # (as `_round_state` reports it; a pass not run keeps its state)
+        if is_plan:  # (as `_round_state` reports it; a pass not run keeps its state)
             n.ponder = [s if p is None else p for s, p in zip(a.ponder, ponder_new)] + list(a.ponder[len(ponder_new):])
             n.plan_prev, n.plan_last = plan_prev, plan_last
             f32 = np.float32
