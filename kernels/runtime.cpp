@@ -326,8 +326,14 @@ ThreadPool &pool() {
     return *g_pool;
 }
 
+thread_local int t_serial = 0;  // SerialRegions alive on this thread
+
 void parallel_for(int64_t n_tasks, const std::function<void(int64_t)> &fn, int width = 0) {
     if (n_tasks <= 0) return;
+    if (t_serial > 0) {  // inside a lane of an outer job (SerialRegion): this thread alone, no pool
+        for (int64_t i = 0; i < n_tasks; ++i) fn(i);
+        return;
+    }
     std::lock_guard<std::mutex> serial(g_run_mutex);
     ThreadPool &p = pool();
     p.run(n_tasks, width > 0 ? width : p.size(), fn);
@@ -367,6 +373,9 @@ PoolHold::~PoolHold() {
     // takes time from the caller (or another process), so let them sleep for the next holds
     if (jobs >= 8 && missed * 8 > jobs) g_hold_backoff = kHoldBackoff;
 }
+
+SerialRegion::SerialRegion() : previous_(t_serial) { ++t_serial; }
+SerialRegion::~SerialRegion() { t_serial = previous_; }
 
 void parallel_tasks(int64_t n_tasks, const std::function<void(int64_t)> &fn, int width) {
     parallel_for(n_tasks, fn, width);

@@ -89,6 +89,22 @@ private:
     int64_t jobs0_ = 0, missed0_ = 0;
 };
 
+// While one lives on a thread, the pool's entry points called from that thread (parallel_tasks,
+// matmul, matmul_many, quantize, ...) run all their tasks on it, in task order, without the pool: for
+// a caller that splits its own work into independent lanes, one pool task each (the round's manager
+// and worker stacks, rwkv_step.cpp). Every task computes what it computes on the pool, so the
+// results are the same bits. Nests.
+class SerialRegion {
+public:
+    SerialRegion();
+    ~SerialRegion();
+    SerialRegion(const SerialRegion &) = delete;
+    SerialRegion &operator=(const SerialRegion &) = delete;
+
+private:
+    int previous_;
+};
+
 // Read `bytes` from p with `threads` threads (<= 0: current setting); returns a checksum.
 uint64_t stream_read_parallel(const uint8_t *p, size_t bytes, int threads);
 

@@ -7,7 +7,9 @@
 // the quantized 125m model (BENCHMARKS.md, issue 17). Here the same function runs in C++ on
 // the kernel's thread pool: the projections through hk::matmul / matmul_many (the very
 // integer kernels the Python path calls, on the same 8-bit activations), the float low-rank
-// products split by output columns, the WKV-7 update split by (row, head). The Python step stays
+// products split by output columns, the WKV-7 update split by (row, head). A round (`round`) runs its
+// two stacks side by side instead, one thread each, since the worker never reads what the manager makes
+// in the same token (SerialRegion, runtime.h). The Python step stays
 // the reference (hierarchos/quant/fused_step.py decides when this path applies;
 // tests/test_quant_fused_step.py holds the two equal).
 //
@@ -32,6 +34,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <mutex>
@@ -388,6 +391,14 @@ HK_CLONES void head_gates(const Layer &L, int64_t c0, int64_t n, float *log_w, f
     if (L.value_first) std::copy(v, v + n, vfirst);
 }
 
+bool lanes_by_default() {
+    static const bool on = [] {
+        const char *env = std::getenv("HIERARCHOS_KERNEL_LANES");
+        return !(env && std::string(env) == "0");
+    }();
+    return on;
+}
+
 MatmulJob job(const QMat &m, const float *x, int64_t n, float *out) { return {m.t, m.data, m.rows, m.cols, x, n, out}; }
 
 QType parse_qtype(const std::string &name) {
@@ -407,6 +418,12 @@ public:
     }
 
     int64_t n_layers() const { return static_cast<int64_t>(layers_.size()); }
+
+    // Whether `round` runs the manager's and the worker's stacks side by side, one thread each (see
+    // there): on by default (HIERARCHOS_KERNEL_LANES=0 turns it off for new objects); it takes two
+    // stack objects (one object's scratch cannot serve two threads) and a pool of two threads or more.
+    bool lanes = lanes_by_default();
+    bool two_lanes(const RwkvStackStep &manager) const { return lanes && &manager != this && get_threads() >= 2; }
 
     py::tuple step(const FloatArray &x, const FloatArray &tm, const FloatArray &wkv, const FloatArray &cm,
                    const py::object &gates, const py::object &frozen) {
@@ -613,44 +630,74 @@ public:
             else std::lock(lock_m, lock_w);
             PoolHold hold;
             const float *pu = u.data();
-            std::vector<float> h(static_cast<size_t>(B * HH)), watch_x(static_cast<size_t>(B * HH)),
-                context(static_cast<size_t>(B * D)), x_in(static_cast<size_t>(B * 2 * D)),
-                x(static_cast<size_t>(B * LH)), z(static_cast<size_t>(B * LH));
-            apply(h_in, pu, B, h.data());
-            if (fb.m.data) {
-                std::vector<float> f(static_cast<size_t>(B * HH));
-                apply(fb, fb_array.data(), B, f.data());
-                for (int64_t i = 0; i < B * HH; ++i) h[i] += f[i];
-            }
             const std::vector<uint8_t> none(static_cast<size_t>(B), 0);
-            manager.run(B, h.data(), w_in.tm, w_in.wkv, w_in.cm, m_gates, none.data(), watch_x.data(), w_out.tm_out,
-                        w_out.wkv_out, w_out.cm_out);
-            const float *pp = plan_prev.data(), *pl = plan_last.data();
-            for (int64_t i = 0; i < B * D; ++i) context[i] = pp[i] + alpha * (pl[i] - pp[i]);
-            float *new_prev = prev_out.mutable_data(), *new_last = last_out.mutable_data();
-            if (is_plan) {
-                ponder_act(manager, B, watch_x.data(), p_in, p_out, m_gates, halt_w.data(), halt_b, thresh, h_ctx,
-                           new_last, ran, expected_sum, halting_sum);
-                std::copy(pl, pl + B * D, new_prev);
-            } else {
-                std::copy(pp, pp + B * D, new_prev);
-                std::copy(pl, pl + B * D, new_last);
-            }
-            for (int64_t b = 0; b < B; ++b) {
-                std::copy(pu + b * D, pu + (b + 1) * D, x_in.data() + b * 2 * D);
-                std::copy(context.data() + b * D, context.data() + (b + 1) * D, x_in.data() + b * 2 * D + D);
-            }
-            apply(l_in, x_in.data(), B, x.data());
-            run(B, x.data(), c_in.tm, c_in.wkv, c_in.cm, w_gates, none.data(), z.data(), c_out.tm_out, c_out.wkv_out,
-                c_out.cm_out);
-            float *y = y_out.mutable_data();
-            apply(l_out, z.data(), B, y);
-            for (int64_t i = 0; i < B * D; ++i) y[i] = pu[i] + y[i];
-            if (V) {
+            float *new_prev = prev_out.mutable_data(), *new_last = last_out.mutable_data(), *y = y_out.mutable_data();
+            // The manager's lane: its input, the watch pass, at a plan point the pondering passes and the plan.
+            auto manager_lane = [&] {
+                std::vector<float> h(static_cast<size_t>(B * HH)), watch_x(static_cast<size_t>(B * HH));
+                apply(h_in, pu, B, h.data());
+                if (fb.m.data) {
+                    std::vector<float> f(static_cast<size_t>(B * HH));
+                    apply(fb, fb_array.data(), B, f.data());
+                    for (int64_t i = 0; i < B * HH; ++i) h[i] += f[i];
+                }
+                manager.run(B, h.data(), w_in.tm, w_in.wkv, w_in.cm, m_gates, none.data(), watch_x.data(), w_out.tm_out,
+                            w_out.wkv_out, w_out.cm_out);
+                const float *pp = plan_prev.data(), *pl = plan_last.data();
+                if (is_plan) {
+                    ponder_act(manager, B, watch_x.data(), p_in, p_out, m_gates, halt_w.data(), halt_b, thresh, h_ctx,
+                               new_last, ran, expected_sum, halting_sum);
+                    std::copy(pl, pl + B * D, new_prev);
+                } else {
+                    std::copy(pp, pp + B * D, new_prev);
+                    std::copy(pl, pl + B * D, new_last);
+                }
+            };
+            // The worker's lane: it reads the plans as they were before this token (the context), never the
+            // manager's outputs, so the two lanes are independent.
+            auto worker_lane = [&] {
+                std::vector<float> context(static_cast<size_t>(B * D)), x_in(static_cast<size_t>(B * 2 * D)),
+                    x(static_cast<size_t>(B * LH)), z(static_cast<size_t>(B * LH));
+                const float *pp = plan_prev.data(), *pl = plan_last.data();
+                for (int64_t i = 0; i < B * D; ++i) context[i] = pp[i] + alpha * (pl[i] - pp[i]);
+                for (int64_t b = 0; b < B; ++b) {
+                    std::copy(pu + b * D, pu + (b + 1) * D, x_in.data() + b * 2 * D);
+                    std::copy(context.data() + b * D, context.data() + (b + 1) * D, x_in.data() + b * 2 * D + D);
+                }
+                apply(l_in, x_in.data(), B, x.data());
+                run(B, x.data(), c_in.tm, c_in.wkv, c_in.cm, w_gates, none.data(), z.data(), c_out.tm_out, c_out.wkv_out,
+                    c_out.cm_out);
+                apply(l_out, z.data(), B, y);
+                for (int64_t i = 0; i < B * D; ++i) y[i] = pu[i] + y[i];
+            };
+            auto head_of_y = [&] {
                 std::vector<float> normed(static_cast<size_t>(B * D));
                 for (int64_t b = 0; b < B; ++b)
                     layer_norm(y + b * D, norm_w.data(), norm_b.data(), norm_eps, D, normed.data() + b * D);
                 apply(head_lin, normed.data(), B, logits_out.mutable_data());
+            };
+            if (two_lanes(manager)) {
+                // Each stack on its own thread, every product inside a lane on that thread alone: no pool
+                // hand-off, and one lane's serial work (norms, activation quantization, the heads' state)
+                // overlaps the other's weight stream. At a plan point the manager's lane streams twice
+                // the worker's weights, so the worker's lane takes the head too; elsewhere the head,
+                // once both lanes are done, on the whole pool. The same products in the same order as
+                // the serial path: the same bits.
+                const bool head_in_lane = V && is_plan;
+                parallel_tasks(2, [&](int64_t lane) {
+                    SerialRegion serial;
+                    if (lane == 0) {
+                        manager_lane();
+                    } else {
+                        worker_lane();
+                        if (head_in_lane) head_of_y();
+                    }
+                }, 2);
+                if (V && !head_in_lane) head_of_y();
+            } else {
+                manager_lane();
+                worker_lane();
+                if (V) head_of_y();
             }
         }
         py::list ponder_new;
@@ -1020,6 +1067,8 @@ void register_rwkv_step(py::module_ &m) {
         .def(py::init<int64_t, int64_t, int64_t, const py::list &>(), py::arg("dim"), py::arg("head_size"),
              py::arg("ffn_dim"), py::arg("layers"))
         .def_property_readonly("n_layers", &RwkvStackStep::n_layers)
+        .def_readwrite("lanes", &RwkvStackStep::lanes,
+                       "round: the manager's and the worker's stacks side by side, one thread each (same results)")
         .def("step", &RwkvStackStep::step, py::arg("x"), py::arg("tm_shift"), py::arg("wkv"), py::arg("cm_shift"),
              py::arg("gates") = py::none(), py::arg("frozen") = py::none(),
              "x (B, dim), states (L, B, ...) -> (x, tm_shift, wkv, cm_shift), new arrays; inputs unchanged")

@@ -441,7 +441,7 @@ class TokenCalls:
     went on to the head."""
 
     def __init__(self, model, monkeypatch):
-        self.reads = self.rounds = 0
+        self.reads = self.rounds = self.all_rounds = 0
         real_read = fused_step.kernel.memory_read
         inner = model.reasoner.worker._fused_plan.step
         outer = self
@@ -455,6 +455,7 @@ class TokenCalls:
                 return getattr(inner, name)
 
             def round(self, *args):
+                outer.all_rounds += 1
                 outer.rounds += args[-1] is not None
                 return inner.round(*args)
 
@@ -508,6 +509,44 @@ def test_token_path_matches_python_model(qtype, monkeypatch):
         return diffs
 
     on_some_draw(compare)
+
+
+@pytest.mark.parametrize("depth", ["minimal", "two_cycles", "act_some_halt"])
+def test_round_lanes_give_the_serial_rounds_bits(depth, monkeypatch):
+    """The round's two lanes (the manager's and the worker's stacks side by side, one thread each, the head
+    in the worker's lane at a plan point and on the pool after both elsewhere) give the serial round's
+    logits, totals and state bit for bit, token after token over plan points, at batch 1 and 2."""
+    cfg = config(**ROUND_DEPTHS[depth])
+    model = quantized(cfg, "Q4_0", seed=3)
+    serial = copy.deepcopy(model)
+    assert fused_step.attach_fused_steps(serial) == 2
+    serial.reasoner.worker._fused_plan.step.lanes = False
+    assert model.reasoner.worker._fused_plan.step.lanes  # on by default
+    calls = TokenCalls(model, monkeypatch)
+    threads = fused_step.kernel.get_threads()
+    fused_step.kernel.set_threads(2)  # (lanes need two threads; the results must not depend on the cores)
+    try:
+        g = torch.Generator().manual_seed(3)
+        for B in (1, 2):
+            prompt = torch.randint(0, cfg.vocab_size, (B, 2), generator=g)
+            with torch.no_grad():
+                out, ref = model(prompt), serial(prompt)
+                state, ref_state = out.state, ref.state
+                token = ref.logits[:, -1].argmax(-1)
+                for i in range(2 * cfg.h_stride + 1):
+                    out, ref = model.step(token, state), serial.step(token, ref_state)
+                    what = f"{depth} B={B} token {i}"
+                    assert torch.equal(out.logits, ref.logits), what
+                    assert {k: [float(x) for x in v] for k, v in out.totals.items()} == \
+                           {k: [float(x) for x in v] for k, v in ref.totals.items()}, what
+                    for (name, a), (_, b) in zip(out.state.tensors(), ref.state.tensors()):
+                        assert torch.equal(a, b), (what, name)
+                    state, ref_state = out.state, ref.state
+                    token = ref.logits.argmax(-1)
+    finally:
+        fused_step.kernel.set_threads(threads)
+    assert calls.all_rounds > 0
+    assert (calls.rounds > 0) == (cfg.h_cycles == 1)  # the token path's rounds (with the head) where it applies
 
 
 def assert_same_state(a, b, what):
