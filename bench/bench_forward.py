@@ -464,8 +464,8 @@ def main():
     ap.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in both models")
     ap.add_argument("--activation-budget", type=float, metavar="F",
                     help="hierarchos' compiled blocks keep about this fraction of their saved activations, and "
-                         "below 1 the recurrence recomputes its chunk states (train's --activation-budget; needs "
-                         "--compile both)")
+                         "below 1 the recurrence recomputes its chunk states and the memory its chunks (train's "
+                         "--activation-budget; needs --compile both)")
     ap.add_argument("--wkv-states", nargs="+", choices=("held", "recomputed"), default=["held"],
                     help="one hierarchos row each: the chunk-parallel WKV backward's chunk start states held from "
                          "the forward, or recomputed in the backward (what an activation budget below 1 turns on: "

@@ -272,6 +272,26 @@ def test_an_activation_budget_recomputes_instead_of_saving(monkeypatch):
     torch._dynamo.reset()
 
 
+def test_an_activation_budget_below_1_has_the_memory_recompute_its_chunks(monkeypatch):
+    """compile_blocks(memory_budget=F) turns the long-term memory's recomputed chunks on below 1 and off at 1;
+    without a budget it leaves them as they were."""
+    import torch._functorch.config as functorch_config
+    from hierarchos.ops import wkv_chunk_grad_triton as chunk_grad
+
+    monkeypatch.setattr(functorch_config, "activation_memory_budget", functorch_config.activation_memory_budget)
+    monkeypatch.setattr(chunk_grad, "RECOMPUTE_STATES", False)
+    model = HierarchosLM(tiny_config(vocab_size=64))
+    memory = model.memory
+    assert not memory.recompute
+    compile_blocks(model, backend="aot_eager")
+    assert not memory.recompute
+    compile_blocks(model, backend="aot_eager", memory_budget=0.5)
+    assert memory.recompute
+    compile_blocks(model, backend="aot_eager", memory_budget=1.0)
+    assert not memory.recompute
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("budget", [0.0, -0.5, 1.5])
 def test_compile_blocks_rejects_a_budget_outside_0_1(budget):
     with pytest.raises(ValueError, match=r"memory_budget must be in \(0, 1\]"):

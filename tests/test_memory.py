@@ -421,3 +421,58 @@ def test_reads_add_the_delta_on_the_picked_slots_and_a_call_without_a_write_keep
         assert torch.equal(read, one) and torch.equal(stepped["delta"], delta), f"seed={seed}"
         _, wrote = mem(e[:, 3:4], after, pos0=3)  # closes the chunk: a write
         assert wrote["writes"].sum() > 0 and not torch.equal(wrote["delta"], delta), f"seed={seed}"
+
+
+@pytest.mark.parametrize("pos0", [0, 3])
+def test_recomputed_chunks_give_the_same_values_and_gradients_and_hold_less(pos0):
+    """With `recompute_chunks` a call over several chunks holds only its inputs for the backward and
+    makes its chunks again there: the same reads, state and gradients (every parameter, the input and the
+    incoming state), and fewer bytes saved for the backward than the chunks' own tables."""
+    seed = fresh_seed()
+    mem = make(seed, threshold=0.01)
+    g = torch.Generator().manual_seed(seed)
+    e0 = torch.randn(2, 13, 6, dtype=torch.float64, generator=g)
+    state0 = {k: (torch.randn(v.shape, dtype=v.dtype, generator=g) * 0.1 if v.is_floating_point() else v)
+              for k, v in mem.init_state(2, 6, dtype=torch.float64).items()}
+    weight = torch.randn(2, 13, 3, dtype=torch.float64, generator=g)
+
+    def run(recompute):
+        mem.recompute_chunks(recompute)
+        mem.zero_grad()
+        e = e0.clone().requires_grad_(True)
+        state = {k: v.clone().requires_grad_(k in ("delta", "momentum", "surprise")) for k, v in state0.items()}
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
+                                                      lambda t: t):
+            reads, new = mem(e, state, pos0=pos0)
+        loss = (reads * weight).sum() + sum((new[k] * (i + 1)).sum() for i, k in enumerate(("delta", "momentum")))
+        loss.backward()
+        grads = [p.grad.clone() for p in mem.parameters()] + [e.grad] + [state[k].grad for k in ("delta", "momentum", "surprise")]
+        return reads.detach(), {k: v.detach() for k, v in new.items()}, grads, sum(saved)
+
+    held, recomputed = run(False), run(True)
+    mem.recompute_chunks(False)
+    torch.testing.assert_close(recomputed[0], held[0], rtol=0, atol=0)
+    for k in held[1]:
+        torch.testing.assert_close(recomputed[1][k], held[1][k], rtol=0, atol=0, msg=lambda m: f"{k}: {m}")
+    for a, b in zip(recomputed[2], held[2]):
+        assert b is not None and b.abs().sum() > 0
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda m: f"seed={seed}: {m}")
+    table = 2 * 10 * 3 * 8  # one (B, slots, val_dim) float64 table
+    assert held[3] - recomputed[3] >= 3 * table, (held[3], recomputed[3])
+
+
+def test_recompute_applies_only_to_calls_that_cross_a_chunk_under_autograd():
+    mem = make(fresh_seed())
+    mem.recompute_chunks(True)
+    state = mem.init_state(1, 6, dtype=torch.float64)
+    calls = []
+    real = mem._forward_parts
+    mem._forward_parts = lambda *a: calls.append(1) or real(*a)
+    e = torch.randn(1, 6, 6, dtype=torch.float64)
+    mem(e[:, :2], state, pos0=1)          # inside one chunk: nothing to recompute
+    with torch.no_grad():
+        mem(e, state, pos0=0)            # no autograd
+    assert calls == []
+    mem(e, state, pos0=0)                # crosses the chunk's end at 4
+    assert calls == [1]

@@ -48,6 +48,8 @@ class LongTermMemory(nn.Module):
         self.register_buffer("slot_source", torch.full((slots,), -1, dtype=torch.int64))
         self.source_names: list[str] = []
         self._segment_call = None  # the compiled `_segment` (compile_segments), None: eager
+        # hold only a call's inputs for the backward and make its chunks again there (`recompute_chunks`)
+        self.recompute = False
 
     # ---- state ---------------------------------------------------------------
     def init_state(self, batch_size: int, dim: int, device=None, dtype=torch.float32) -> dict:
@@ -106,8 +108,33 @@ class LongTermMemory(nn.Module):
         return self.gather(attn, idx, values), attn, idx
 
     # ---- forward over a sequence -------------------------------------------------
+    STATE_KEYS = ("delta", "momentum", "surprise", "input_sum", "writes")
+
     def forward(self, e: torch.Tensor, state: dict, pos0: int):
-        """e: (B, T, D) memory inputs at global positions pos0.. -> (reads (B, T, Dv), new state)."""
+        """e: (B, T, D) memory inputs at global positions pos0.. -> (reads (B, T, Dv), new state).
+
+        With `recompute` (`recompute_chunks`) a call that crosses a chunk's end under autograd holds only
+        its inputs for the backward and runs again there (torch's non-reentrant checkpoint): the tables
+        each chunk's reads and write save (B x slots x val_dim floats a table, ~3 a chunk) are made
+        again instead of held. The same values and gradients."""
+        if self.recompute and torch.is_grad_enabled() and e.shape[1] + pos0 % self.chunk > self.chunk:
+            from torch.utils.checkpoint import checkpoint
+
+            keys = self.STATE_KEYS
+            reads, *parts = checkpoint(self._forward_parts, e, pos0, *(state[k] for k in keys), use_reentrant=False)
+            return reads, dict(zip(keys, parts))
+        return self._forward(e, state, pos0)
+
+    def recompute_chunks(self, on: bool = True) -> None:
+        """Whether `forward` under autograd makes its chunks again in the backward instead of holding what
+        they save (`compile_blocks(memory_budget=F)` turns it on for F < 1, as `train --activation-budget`)."""
+        self.recompute = bool(on)
+
+    def _forward_parts(self, e, pos0, *parts):
+        reads, state = self._forward(e, dict(zip(self.STATE_KEYS, parts)), pos0)
+        return (reads, *(state[k] for k in self.STATE_KEYS))
+
+    def _forward(self, e: torch.Tensor, state: dict, pos0: int):
         T = e.shape[1]
         learned = self.values.to(e.dtype).unsqueeze(0)
         # the whole table (learned + delta) is formed only once a chunk's write needs it: until then reads

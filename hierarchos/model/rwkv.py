@@ -531,7 +531,8 @@ def compile_blocks(model: nn.Module, backend: str = "inductor", fall_back: bool 
     for the backward and recompute the rest in it, cheapest first by FLOPs (torch's
     `activation_memory_budget`, process-wide, read when each region compiles: set before the first call);
     below 1 the recurrence's chunk-parallel backward also makes its chunks' start states again instead of
-    holding them from the forward (`wkv_chunk_grad_triton.set_recompute_states`, process-wide too).
+    holding them from the forward (`wkv_chunk_grad_triton.set_recompute_states`, process-wide too), and
+    the memory its chunks' tables (`LongTermMemory.recompute_chunks`).
 
     Blocks, not the whole model: the HRM loop around them has data-dependent pass counts and
     several sequence lengths (watch over T tokens, pondering over T / h_stride plan points, the
@@ -560,6 +561,8 @@ def compile_blocks(model: nn.Module, backend: str = "inductor", fall_back: bool 
             count += 1
         elif hasattr(module, "compile_segments"):  # the memory (no import of model.memory here)
             module.compile_segments(backend)
+            if memory_budget is not None:
+                module.recompute_chunks(memory_budget < 1)
     return count
 
 
