@@ -447,7 +447,8 @@ def test_recomputed_chunks_give_the_same_values_and_gradients_and_hold_less(pos0
             reads, new = mem(e, state, pos0=pos0)
         loss = (reads * weight).sum() + sum((new[k] * (i + 1)).sum() for i, k in enumerate(("delta", "momentum")))
         loss.backward()
-        grads = [p.grad.clone() for p in mem.parameters()] + [e.grad] + [state[k].grad for k in ("delta", "momentum", "surprise")]
+        grads = [p.grad.clone() for p in mem.parameters()] + [e.grad]
+        grads += [state[k].grad for k in ("delta", "momentum", "surprise")]
         return reads.detach(), {k: v.detach() for k, v in new.items()}, grads, sum(saved)
 
     held, recomputed = run(False), run(True)

@@ -195,7 +195,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="compiled blocks keep about this fraction (0 < F <= 1) of the activations they would "
                           "save for the backward and recompute the rest there: less GPU memory for some speed "
                           "(torch's activation_memory_budget; needs the blocks compiled; default: torch's 1.0); "
-                          "below 1 the recurrence's backward also recomputes its per-chunk states, and the memory its chunks")
+                          "below 1 the recurrence's backward also recomputes its per-chunk states, and the "
+                          "memory its chunks")
     run.add_argument("--fsdp", action="store_true", help="under torchrun: shard with FSDP2 instead of DDP")
     run.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                      help="capture each window's forward+backward in a CUDA graph and replay it (default: on "
