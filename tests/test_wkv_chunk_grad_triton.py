@@ -241,6 +241,20 @@ def test_the_training_forward_is_the_chunk_one_with_tf32_scans_or_few_pairs():
     assert forward_kind(192, "tf32x3") == forward_kind(192) == "sequential"
 
 
+def test_the_training_forward_can_be_forced_for_an_ab(monkeypatch):
+    """HIERARCHOS_WKV_TRAIN_FORWARD (read at import into FORCED_FORWARD) overrides the rule either way; a
+    value that is not a kind is a one-line error."""
+    from hierarchos.ops import wkv_chunk_grad_triton as grad
+
+    monkeypatch.setattr(grad, "FORCED_FORWARD", "sequential")
+    assert grad.forward_kind(256, "tf32") == grad.forward_kind(8, "ieee") == "sequential"
+    monkeypatch.setattr(grad, "FORCED_FORWARD", "chunk")
+    assert grad.forward_kind(192, "ieee") == "chunk"
+    monkeypatch.setattr(grad, "FORCED_FORWARD", "fast")
+    with pytest.raises(HierarchosError, match="HIERARCHOS_WKV_TRAIN_FORWARD='fast': use chunk or sequential"):
+        grad.forward_kind(192, "tf32")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or triton is None, reason="needs CUDA and triton")
 @pytest.mark.parametrize("B, T, H", [(2, 333, 4), (16, 1024, 12), (1, 4100, 2)])

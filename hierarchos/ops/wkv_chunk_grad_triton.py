@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 
 import torch
 
@@ -235,12 +236,22 @@ def _kernel(interpret: bool):
             triton.JITFunction(_wkv7_chunk_grad_kernel, do_not_specialize=["T", "n_chunks"]))
 
 
+# HIERARCHOS_WKV_TRAIN_FORWARD=chunk|sequential: every call's training forward of that kind, whatever
+# `forward_kind`'s rule says (an A/B of whole training steps, e.g. bench_forward.py in two processes)
+FORCED_FORWARD = os.environ.get("HIERARCHOS_WKV_TRAIN_FORWARD") or None
+
+
 def forward_kind(pairs: int, scan_precision: str = SCAN_PRECISION) -> str:
     """The training forward for a call of `pairs` (batch, head) pairs whose scans take `scan_precision`:
-    "chunk" with TF32 scans or below CHUNK_FORWARD_BELOW_PAIRS pairs, else "sequential". (With TF32 scans
-    the chunk forward made the whole fwd+bwd call 1-7% faster than the sequential kernel's forward at 256
-    and 192 pairs, the 30M and 125m shapes, in two sweeps on H100s: BENCHMARKS.md; with float32 scans the
-    sequential kernel fills the GPU from 66 pairs on and was faster.)"""
+    "chunk" with TF32 scans or below CHUNK_FORWARD_BELOW_PAIRS pairs, else "sequential" (or FORCED_FORWARD's
+    kind). (With TF32 scans the chunk forward made the whole fwd+bwd call 1-7% faster than the sequential
+    kernel's forward at 256 and 192 pairs, the 30M and 125m shapes, in two sweeps on H100s: BENCHMARKS.md;
+    with float32 scans the sequential kernel fills the GPU from 66 pairs on and was faster.)"""
+    if FORCED_FORWARD is not None:
+        if FORCED_FORWARD not in ("chunk", "sequential"):
+            raise HierarchosError(f"HIERARCHOS_WKV_TRAIN_FORWARD={FORCED_FORWARD!r}: use chunk or sequential, "
+                                  "or unset it for the automatic choice")
+        return FORCED_FORWARD
     return "chunk" if scan_precision == "tf32" or pairs < CHUNK_FORWARD_BELOW_PAIRS else "sequential"
 
 
