@@ -421,9 +421,11 @@ public:
 
     // Whether `round` runs the manager's and the worker's stacks side by side, one thread each (see
     // there): on by default (HIERARCHOS_KERNEL_LANES=0 turns it off for new objects); it takes two
-    // stack objects (one object's scratch cannot serve two threads) and a pool of two threads or more.
+    // stack objects (one object's scratch cannot serve two threads) and a pool of exactly two threads
+    // (measured there; with more, a lane of one thread would leave the others idle where every product
+    // now splits over all of them).
     bool lanes = lanes_by_default();
-    bool two_lanes(const RwkvStackStep &manager) const { return lanes && &manager != this && get_threads() >= 2; }
+    bool two_lanes(const RwkvStackStep &manager) const { return lanes && &manager != this && get_threads() == 2; }
 
     py::tuple step(const FloatArray &x, const FloatArray &tm, const FloatArray &wkv, const FloatArray &cm,
                    const py::object &gates, const py::object &frozen) {
