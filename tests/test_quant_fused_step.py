@@ -524,7 +524,7 @@ def test_round_lanes_give_the_serial_rounds_bits(depth, monkeypatch):
     assert model.reasoner.worker._fused_plan.step.lanes  # on by default
     calls = TokenCalls(model, monkeypatch)
     threads = fused_step.kernel.get_threads()
-    fused_step.kernel.set_threads(2)  # (lanes need two threads; the results must not depend on the cores)
+    fused_step.kernel.set_threads(2)  # (lanes run on a pool of exactly two threads, whatever the cores)
     try:
         g = torch.Generator().manual_seed(3)
         for B in (1, 2):
