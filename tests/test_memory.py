@@ -463,7 +463,7 @@ def test_recomputed_chunks_give_the_same_values_and_gradients_and_hold_less(pos0
     assert held[3] - recomputed[3] >= 3 * table, (held[3], recomputed[3])
 
 
-def test_recompute_applies_only_to_calls_that_cross_a_chunk_under_autograd():
+def test_recompute_applies_only_to_calls_that_close_a_chunk_under_autograd():
     mem = make(fresh_seed())
     mem.recompute_chunks(True)
     state = mem.init_state(1, 6, dtype=torch.float64)
@@ -477,3 +477,5 @@ def test_recompute_applies_only_to_calls_that_cross_a_chunk_under_autograd():
     assert calls == []
     mem(e, state, pos0=0)                # crosses the chunk's end at 4
     assert calls == [1]
+    mem(e[:, :3], state, pos0=1)         # ends exactly at the chunk's end: its write
+    assert calls == [1, 1]

@@ -113,11 +113,11 @@ class LongTermMemory(nn.Module):
     def forward(self, e: torch.Tensor, state: dict, pos0: int):
         """e: (B, T, D) memory inputs at global positions pos0.. -> (reads (B, T, Dv), new state).
 
-        With `recompute` (`recompute_chunks`) a call that crosses a chunk's end under autograd holds only
+        With `recompute` (`recompute_chunks`) a call that closes a chunk under autograd holds only
         its inputs for the backward and runs again there (torch's non-reentrant checkpoint): the tables
         each chunk's reads and write save (B x slots x val_dim floats a table, ~3 a chunk) are made
         again instead of held. The same values and gradients."""
-        if self.recompute and torch.is_grad_enabled() and e.shape[1] + pos0 % self.chunk > self.chunk:
+        if self.recompute and torch.is_grad_enabled() and e.shape[1] + pos0 % self.chunk >= self.chunk:
             from torch.utils.checkpoint import checkpoint
 
             keys = self.STATE_KEYS
